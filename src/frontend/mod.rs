@@ -1,0 +1,1 @@
+//! `.attn` text → `AttentionSpec`: parsing (pest), checking, diagnostics.

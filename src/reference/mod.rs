@@ -1,0 +1,1 @@
+//! The CPU reference: the whole layer in f64, straight from `AttentionSpec`.

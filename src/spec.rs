@@ -1,0 +1,502 @@
+//! `AttentionSpec`: one attention layer, fully resolved and validated.
+//!
+//! This is the contract between the frontend (which builds it from `.attn` text and enforces every
+//! rule of docs/language.md) and everything after it: the CPU reference, the IR, codegen and the
+//! runtime. Code that receives an `AttentionSpec` may assume it is valid; `AttentionSpec::validate`
+//! restates the invariants so that specs built by hand (tests, property generators) are checked too.
+//! It is serialisable so that a kernel library's manifest can carry it to the GPU machine.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttentionSpec {
+    /// Block name; prefixes every kernel symbol.
+    pub name: String,
+    /// E: width of the layer's input and output.
+    pub model_dim: usize,
+    /// d: width of one head, query and key/value alike.
+    pub head_dim: usize,
+    /// Hq: query heads (the latent heads for CCA).
+    pub query_heads: usize,
+    /// Hk: key/value heads. Query head h reads kv head h / (Hq / Hk).
+    pub kv_heads: usize,
+    /// Causal convolution stages over the packed [q0 | k0] channels, applied in order.
+    pub qk_conv: Vec<ConvStage>,
+    /// The q-k mean skip connection (language.md, Semantics step 4).
+    pub qk_mean: bool,
+    /// How many kv heads (the last ones) take their value from the previous token's input.
+    pub value_shift: usize,
+    pub qk_norm: QkNorm,
+    pub key_temperature: KeyTemperature,
+    pub rope: Option<Rope>,
+    pub mask: Mask,
+    /// Multiplies the logits before softmax.
+    pub softmax_scale: f64,
+    /// Added to the squared norm inside the reciprocal square root of the L2 norm.
+    pub norm_eps: f64,
+    pub dtype: DType,
+    /// Biases on the four projections (q, k, v, o).
+    pub bias: bool,
+    /// Entry points the library provides, in a fixed order without duplicates.
+    pub entry_points: Vec<EntryPoint>,
+    /// Shapes that tile selection should favour.
+    pub tune: Option<TuneShape>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvStage {
+    pub kind: ConvKind,
+    /// Taps K; the stage needs K - 1 rows of history.
+    pub width: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConvKind {
+    /// One K-tap filter per channel, with bias (Conv1d with groups = channels).
+    Depthwise,
+    /// For each head, a d×d matrix per tap, with bias (Conv1d with groups = Hq + Hk).
+    PerHead,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    None,
+    L2,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyTemperature {
+    None,
+    /// τ_j = temp_j.
+    Learned,
+    /// τ_j = exp(clamp(temp_j, 1e-7, 2)).
+    LearnedExp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    /// Fraction of each head's channels that rotate, as written in the spec.
+    pub fraction: f64,
+    /// r = head_dim · fraction: the rotated channels (the first r of each head). Even, > 0.
+    pub rotary_dim: usize,
+    pub theta: f64,
+    pub style: RopeStyle,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RopeStyle {
+    /// Rotates the two halves of the rotary slice (GPT-NeoX, Hugging Face `rotate_half`).
+    Neox,
+    /// Rotates adjacent pairs (2i, 2i + 1) (GPT-J, Meta's original LLaMA).
+    Interleaved,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mask {
+    /// Every query sees every key.
+    None,
+    /// Query t sees keys 0..=t.
+    Causal,
+    /// Query t sees the `window` most recent keys including itself: t - window < j <= t
+    /// (the Mistral / Hugging Face `sliding_window` convention).
+    SlidingWindow { window: usize },
+}
+
+impl Mask {
+    /// Whether query `t` sees key `j` (both absolute positions).
+    pub fn allows(self, t: usize, j: usize) -> bool {
+        match self {
+            Mask::None => true,
+            Mask::Causal => j <= t,
+            Mask::SlidingWindow { window } => j <= t && t - j < window,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    Bf16,
+    F16,
+}
+
+impl DType {
+    pub fn size_bytes(self) -> usize {
+        2
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Bf16 => "bf16",
+            DType::F16 => "f16",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryPoint {
+    Forward,
+    Backward,
+    Decode,
+}
+
+impl EntryPoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            EntryPoint::Forward => "forward",
+            EntryPoint::Backward => "backward",
+            EntryPoint::Decode => "decode",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TuneShape {
+    pub batch: Option<usize>,
+    pub seq_len: Option<usize>,
+    pub kv_len: Option<usize>,
+}
+
+/// One learned tensor of the layer, named and shaped as in a PyTorch state dict
+/// (`nn.Linear` weights are [out, in]; `nn.Conv1d` weights are [out, in / groups, K]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParamInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: ParamRole,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum ParamRole {
+    QueryProj,
+    KeyProj,
+    /// Projection of the current token's input into the first Hk - value_shift kv heads
+    /// (all Hk heads when value_shift = 0).
+    ValueProjCurrent,
+    /// Projection of the previous token's input into the last value_shift kv heads.
+    ValueProjDelayed,
+    OutputProj,
+    ConvWeight { stage: usize },
+    ConvBias { stage: usize },
+    KeyTemperature,
+    QueryBias,
+    KeyBias,
+    ValueBiasCurrent,
+    ValueBiasDelayed,
+    OutputBias,
+}
+
+impl AttentionSpec {
+    /// G = Hq / Hk: query heads per kv head.
+    pub fn groups(&self) -> usize {
+        self.query_heads / self.kv_heads
+    }
+    /// kv head read by query head `h`.
+    pub fn kv_head_of(&self, h: usize) -> usize {
+        h / self.groups()
+    }
+    /// Lq = Hq · d.
+    pub fn q_width(&self) -> usize {
+        self.query_heads * self.head_dim
+    }
+    /// Lk = Hk · d (the width of k and of v).
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+    /// P = Lq + Lk: channels of the packed [q0 | k0] tensor the convolutions run on.
+    pub fn packed_width(&self) -> usize {
+        self.q_width() + self.kv_width()
+    }
+    /// T = Σ (K − 1): rows of causal history the convolution stages need.
+    pub fn conv_history(&self) -> usize {
+        self.qk_conv.iter().map(|s| s.width - 1).sum()
+    }
+    /// Query compression factor E / (d · Hq), as a ratio (1 for MHA).
+    pub fn compression(&self) -> f64 {
+        self.model_dim as f64 / self.q_width() as f64
+    }
+    /// Kv heads that read the current token (the first ones).
+    pub fn current_value_heads(&self) -> usize {
+        self.kv_heads - self.value_shift
+    }
+    /// Whether the spec uses any part of CCA (anything beyond plain MHA/GQA/MQA).
+    pub fn has_cca_parts(&self) -> bool {
+        !self.qk_conv.is_empty()
+            || self.qk_mean
+            || self.value_shift > 0
+            || self.qk_norm != QkNorm::None
+            || self.key_temperature != KeyTemperature::None
+    }
+    pub fn emits(&self, entry: EntryPoint) -> bool {
+        self.entry_points.contains(&entry)
+    }
+
+    /// Hugging Face state-dict names of the convolution stages: the first depthwise stage is
+    /// `conv_qk_depthwise`, the first per-head stage `conv_qk_grouped` (ZAYA1's names); later
+    /// stages of the same kind get a suffix `_1`, `_2`, ... in order.
+    pub fn conv_stage_names(&self) -> Vec<String> {
+        let (mut depthwise, mut per_head) = (0, 0);
+        self.qk_conv
+            .iter()
+            .map(|stage| {
+                let (base, count) = match stage.kind {
+                    ConvKind::Depthwise => ("conv_qk_depthwise", &mut depthwise),
+                    ConvKind::PerHead => ("conv_qk_grouped", &mut per_head),
+                };
+                let name = if *count == 0 { base.to_string() } else { format!("{base}_{count}") };
+                *count += 1;
+                name
+            })
+            .collect()
+    }
+
+    /// Every learned tensor, in a fixed order, with Hugging Face's names and PyTorch's shapes.
+    pub fn params(&self) -> Vec<ParamInfo> {
+        let (e, d) = (self.model_dim, self.head_dim);
+        let p = self.packed_width();
+        let mut out = Vec::new();
+        let mut push = |name: &str, shape: Vec<usize>, role: ParamRole| {
+            out.push(ParamInfo { name: name.to_string(), shape, role })
+        };
+        push("q_proj.weight", vec![self.q_width(), e], ParamRole::QueryProj);
+        if self.bias {
+            push("q_proj.bias", vec![self.q_width()], ParamRole::QueryBias);
+        }
+        push("k_proj.weight", vec![self.kv_width(), e], ParamRole::KeyProj);
+        if self.bias {
+            push("k_proj.bias", vec![self.kv_width()], ParamRole::KeyBias);
+        }
+        let current = self.current_value_heads() * d;
+        let delayed = self.value_shift * d;
+        if self.value_shift == 0 {
+            push("v_proj.weight", vec![current, e], ParamRole::ValueProjCurrent);
+            if self.bias {
+                push("v_proj.bias", vec![current], ParamRole::ValueBiasCurrent);
+            }
+        } else {
+            if current > 0 {
+                push("v_proj_current.weight", vec![current, e], ParamRole::ValueProjCurrent);
+                if self.bias {
+                    push("v_proj_current.bias", vec![current], ParamRole::ValueBiasCurrent);
+                }
+            }
+            push("v_proj_delayed.weight", vec![delayed, e], ParamRole::ValueProjDelayed);
+            if self.bias {
+                push("v_proj_delayed.bias", vec![delayed], ParamRole::ValueBiasDelayed);
+            }
+        }
+        for (stage_index, (stage, name)) in
+            self.qk_conv.iter().zip(self.conv_stage_names()).enumerate()
+        {
+            let in_per_group = match stage.kind {
+                ConvKind::Depthwise => 1,
+                ConvKind::PerHead => d,
+            };
+            push(
+                &format!("{name}.weight"),
+                vec![p, in_per_group, stage.width],
+                ParamRole::ConvWeight { stage: stage_index },
+            );
+            push(&format!("{name}.bias"), vec![p], ParamRole::ConvBias { stage: stage_index });
+        }
+        if self.key_temperature != KeyTemperature::None {
+            push("qk_norm.temp", vec![self.kv_heads], ParamRole::KeyTemperature);
+        }
+        push("o_proj.weight", vec![e, self.q_width()], ParamRole::OutputProj);
+        if self.bias {
+            push("o_proj.bias", vec![e], ParamRole::OutputBias);
+        }
+        out
+    }
+
+    /// Total learned scalars.
+    pub fn param_count(&self) -> usize {
+        self.params().iter().map(|p| p.shape.iter().product::<usize>()).sum()
+    }
+
+    /// The plain multi-head layer of the same width that `explain` compares against:
+    /// same model_dim and head_dim, Hq = Hk = model_dim / head_dim, no CCA parts, same mask,
+    /// dtype and bias.
+    pub fn equivalent_mha(&self) -> AttentionSpec {
+        let heads = self.model_dim / self.head_dim;
+        AttentionSpec {
+            name: format!("{}_mha", self.name),
+            query_heads: heads,
+            kv_heads: heads,
+            qk_conv: Vec::new(),
+            qk_mean: false,
+            value_shift: 0,
+            qk_norm: QkNorm::None,
+            key_temperature: KeyTemperature::None,
+            rope: self.rope,
+            softmax_scale: 1.0 / (self.head_dim as f64).sqrt(),
+            ..self.clone()
+        }
+    }
+
+    /// Restates the invariants the checker enforces, for specs built without the frontend.
+    /// The frontend reports each of these with a source location; this only says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let fail = |msg: String| Err(msg);
+        if self.model_dim == 0 || self.head_dim == 0 || self.query_heads == 0 || self.kv_heads == 0 {
+            return fail("model_dim, head_dim, query_heads and kv_heads must be positive".into());
+        }
+        if self.model_dim % self.head_dim != 0 {
+            return fail(format!(
+                "model_dim {} is not a multiple of head_dim {}",
+                self.model_dim, self.head_dim
+            ));
+        }
+        if self.query_heads % self.kv_heads != 0 {
+            return fail(format!(
+                "query_heads {} is not a multiple of kv_heads {}",
+                self.query_heads, self.kv_heads
+            ));
+        }
+        if self.value_shift > self.kv_heads {
+            return fail(format!(
+                "value_shift {} exceeds kv_heads {}",
+                self.value_shift, self.kv_heads
+            ));
+        }
+        if self.qk_conv.iter().any(|s| s.width == 0) {
+            return fail("convolution widths must be positive".into());
+        }
+        if self.key_temperature != KeyTemperature::None && self.qk_norm != QkNorm::L2 {
+            return fail("key_temperature needs qk_norm = l2".into());
+        }
+        if let Some(rope) = &self.rope {
+            if rope.rotary_dim == 0 || rope.rotary_dim % 2 != 0 || rope.rotary_dim > self.head_dim {
+                return fail(format!(
+                    "rotary width {} must be even, positive and at most head_dim",
+                    rope.rotary_dim
+                ));
+            }
+            if !(rope.theta > 0.0 && rope.theta.is_finite()) {
+                return fail("rope theta must be positive and finite".into());
+            }
+        }
+        if let Mask::SlidingWindow { window } = self.mask {
+            if window == 0 {
+                return fail("sliding window must be positive".into());
+            }
+        }
+        if !(self.softmax_scale.is_finite() && self.softmax_scale > 0.0) {
+            return fail("softmax_scale must be positive and finite".into());
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps >= 0.0) {
+            return fail("norm_eps must be finite and not negative".into());
+        }
+        if self.entry_points.is_empty() {
+            return fail("at least one entry point must be emitted".into());
+        }
+        Ok(())
+    }
+}
+
+impl AttentionSpec {
+    /// A plain attention layer with every optional item at its language.md default
+    /// (causal mask, bf16, no CCA parts, scale 1/sqrt(d), forward only). The checker starts
+    /// from the same defaults; tests and property generators build variants from it.
+    pub fn plain(
+        name: &str,
+        model_dim: usize,
+        head_dim: usize,
+        query_heads: usize,
+        kv_heads: usize,
+    ) -> AttentionSpec {
+        AttentionSpec {
+            name: name.to_string(),
+            model_dim,
+            head_dim,
+            query_heads,
+            kv_heads,
+            qk_conv: Vec::new(),
+            qk_mean: false,
+            value_shift: 0,
+            qk_norm: QkNorm::None,
+            key_temperature: KeyTemperature::None,
+            rope: None,
+            mask: Mask::Causal,
+            softmax_scale: 1.0 / (head_dim.max(1) as f64).sqrt(),
+            norm_eps: 1e-12,
+            dtype: DType::Bf16,
+            bias: false,
+            entry_points: vec![EntryPoint::Forward],
+            tune: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zaya1() -> AttentionSpec {
+        AttentionSpec {
+            qk_conv: vec![
+                ConvStage { kind: ConvKind::Depthwise, width: 2 },
+                ConvStage { kind: ConvKind::PerHead, width: 2 },
+            ],
+            qk_mean: true,
+            value_shift: 1,
+            qk_norm: QkNorm::L2,
+            key_temperature: KeyTemperature::Learned,
+            rope: Some(Rope {
+                fraction: 0.5,
+                rotary_dim: 64,
+                theta: 5e6,
+                style: RopeStyle::Neox,
+            }),
+            ..AttentionSpec::plain("zaya1", 2048, 128, 8, 2)
+        }
+    }
+
+    #[test]
+    fn zaya1_parameter_count_matches_the_paper_arithmetic() {
+        let spec = zaya1();
+        spec.validate().unwrap();
+        // cca.md: about 5.6M parameters against 16.8M for MHA of the same width.
+        assert_eq!(spec.param_count(), 5_575_682);
+        assert_eq!(spec.equivalent_mha().param_count(), 4 * 2048 * 2048);
+        assert_eq!(spec.conv_history(), 2);
+        assert_eq!(spec.packed_width(), 1280);
+        let names: Vec<_> = spec.params().into_iter().map(|p| p.name).collect();
+        assert_eq!(
+            names,
+            [
+                "q_proj.weight",
+                "k_proj.weight",
+                "v_proj_current.weight",
+                "v_proj_delayed.weight",
+                "conv_qk_depthwise.weight",
+                "conv_qk_depthwise.bias",
+                "conv_qk_grouped.weight",
+                "conv_qk_grouped.bias",
+                "qk_norm.temp",
+                "o_proj.weight"
+            ]
+        );
+    }
+
+    #[test]
+    fn sliding_window_sees_exactly_window_keys() {
+        let mask = Mask::SlidingWindow { window: 3 };
+        let seen: Vec<usize> = (0..10).filter(|&j| mask.allows(7, j)).collect();
+        assert_eq!(seen, [5, 6, 7]);
+        assert!(Mask::Causal.allows(3, 3) && !Mask::Causal.allows(3, 4));
+    }
+
+    #[test]
+    fn validate_names_the_broken_rule() {
+        let mut spec = zaya1();
+        spec.value_shift = 3;
+        assert!(spec.validate().unwrap_err().contains("value_shift"));
+    }
+}
