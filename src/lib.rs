@@ -6,6 +6,7 @@
 //! in f64 straight from the spec and judges every stage.
 
 pub mod frontend;
+pub mod ir;
 pub mod reference;
 pub mod spec;
 
