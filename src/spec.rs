@@ -256,13 +256,24 @@ impl AttentionSpec {
             .collect()
     }
 
-    /// Every learned tensor, in a fixed order, with Hugging Face's names and PyTorch's shapes.
+    /// Every learned tensor, in a fixed order, with PyTorch's shapes and the names of the
+    /// matching Hugging Face attention module's state dict, so that a checkpoint loads as it is:
+    /// specs with CCA parts follow `ZayaAttention` (q/k/v projections and convolutions under
+    /// `qkv_proj.`, `qk_norm.temp`, `o_proj`); plain specs follow `LlamaAttention`
+    /// (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
     pub fn params(&self) -> Vec<ParamInfo> {
         let (e, d) = (self.model_dim, self.head_dim);
         let p = self.packed_width();
+        let prefix = if self.has_cca_parts() { "qkv_proj." } else { "" };
         let mut out = Vec::new();
         let mut push = |name: &str, shape: Vec<usize>, role: ParamRole| {
-            out.push(ParamInfo { name: name.to_string(), shape, role })
+            let name = match role {
+                ParamRole::KeyTemperature | ParamRole::OutputProj | ParamRole::OutputBias => {
+                    name.to_string()
+                }
+                _ => format!("{prefix}{name}"),
+            };
+            out.push(ParamInfo { name, shape, role })
         };
         push("q_proj.weight", vec![self.q_width(), e], ParamRole::QueryProj);
         if self.bias {
@@ -465,20 +476,21 @@ mod tests {
         // cca.md: about 5.6M parameters against 16.8M for MHA of the same width.
         assert_eq!(spec.param_count(), 5_575_682);
         assert_eq!(spec.equivalent_mha().param_count(), 4 * 2048 * 2048);
+        assert_eq!(spec.equivalent_mha().params()[0].name, "q_proj.weight");
         assert_eq!(spec.conv_history(), 2);
         assert_eq!(spec.packed_width(), 1280);
         let names: Vec<_> = spec.params().into_iter().map(|p| p.name).collect();
         assert_eq!(
             names,
             [
-                "q_proj.weight",
-                "k_proj.weight",
-                "v_proj_current.weight",
-                "v_proj_delayed.weight",
-                "conv_qk_depthwise.weight",
-                "conv_qk_depthwise.bias",
-                "conv_qk_grouped.weight",
-                "conv_qk_grouped.bias",
+                "qkv_proj.q_proj.weight",
+                "qkv_proj.k_proj.weight",
+                "qkv_proj.v_proj_current.weight",
+                "qkv_proj.v_proj_delayed.weight",
+                "qkv_proj.conv_qk_depthwise.weight",
+                "qkv_proj.conv_qk_depthwise.bias",
+                "qkv_proj.conv_qk_grouped.weight",
+                "qkv_proj.conv_qk_grouped.bias",
                 "qk_norm.temp",
                 "o_proj.weight"
             ]
