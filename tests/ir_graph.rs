@@ -12,7 +12,10 @@ fn built(spec: &AttentionSpec) -> Graph {
 }
 
 fn checked_options() -> PipelineOptions {
-    PipelineOptions { print_after_all: true, verify_each_pass: true }
+    PipelineOptions {
+        print_after_all: true,
+        verify_each_pass: true,
+    }
 }
 
 /// The builder's graph and the graph after each pass, as one document.
@@ -58,8 +61,20 @@ fn mnemonics(graph: &Graph) -> Vec<&'static str> {
 
 #[test]
 fn plain_specs_keep_no_cca_op() {
-    let cca_ops = ["token_shift", "concat", "split", "causal_pad", "conv_stage", "qk_mean", "l2_norm"];
-    for spec in [ir_graph_specs::mha(), ir_graph_specs::gqa(), ir_graph_specs::mqa()] {
+    let cca_ops = [
+        "token_shift",
+        "concat",
+        "split",
+        "causal_pad",
+        "conv_stage",
+        "qk_mean",
+        "l2_norm",
+    ];
+    for spec in [
+        ir_graph_specs::mha(),
+        ir_graph_specs::gqa(),
+        ir_graph_specs::mqa(),
+    ] {
         let graph = final_graph(&spec);
         let ops = mnemonics(&graph);
         assert!(
@@ -69,7 +84,18 @@ fn plain_specs_keep_no_cca_op() {
         );
         assert_eq!(
             ops,
-            ["input", "linear", "linear", "linear", "cast", "cast", "cast", "attention", "linear", "cast"],
+            [
+                "input",
+                "linear",
+                "linear",
+                "linear",
+                "cast",
+                "cast",
+                "cast",
+                "attention",
+                "linear",
+                "cast"
+            ],
             "{}",
             spec.name
         );
@@ -98,11 +124,17 @@ fn zaya1_fuses_into_three_groups_with_a_two_row_halo() {
 #[test]
 fn backward_and_decode_are_reported_not_built() {
     let err = graph::build(&ir_graph_specs::zaya1(), EntryPoint::Backward).unwrap_err();
-    assert_eq!(err.to_string(), "the backward entry point is not lowered to graph IR yet");
+    assert_eq!(
+        err.to_string(),
+        "the backward entry point is not lowered to graph IR yet"
+    );
     let mut broken = ir_graph_specs::zaya1();
     broken.value_shift = 5;
     let err = graph::build(&broken, EntryPoint::Forward).unwrap_err();
-    assert_eq!(err.to_string(), "invalid spec: value_shift 5 exceeds kv_heads 2");
+    assert_eq!(
+        err.to_string(),
+        "invalid spec: value_shift 5 exceeds kv_heads 2"
+    );
 }
 
 fn verify_message(graph: &Graph) -> String {
@@ -110,7 +142,11 @@ fn verify_message(graph: &Graph) -> String {
 }
 
 fn op_index(graph: &Graph, mnemonic: &str) -> usize {
-    graph.ops.iter().position(|op| op.kind.mnemonic() == mnemonic).unwrap()
+    graph
+        .ops
+        .iter()
+        .position(|op| op.kind.mnemonic() == mnemonic)
+        .unwrap()
 }
 
 #[test]
@@ -129,7 +165,10 @@ fn verifier_rejects_use_before_definition() {
     graph.ops[first_linear].operands[0] = last;
     assert_eq!(
         verify_message(&graph),
-        format!("op 1 (linear): operand %{} is used before it is defined", last.0)
+        format!(
+            "op 1 (linear): operand %{} is used before it is defined",
+            last.0
+        )
     );
 }
 
@@ -137,14 +176,20 @@ fn verifier_rejects_use_before_definition() {
 fn verifier_rejects_a_value_defined_twice() {
     let mut graph = built(&ir_graph_specs::mha());
     graph.ops[2].results[0] = graph.ops[1].results[0];
-    assert_eq!(verify_message(&graph), "op 2 (linear): result %1 is defined twice");
+    assert_eq!(
+        verify_message(&graph),
+        "op 2 (linear): result %1 is defined twice"
+    );
 }
 
 #[test]
 fn verifier_rejects_unknown_and_misshapen_parameters() {
     let mut graph = built(&ir_graph_specs::zaya1());
     graph.params[0].name = "q_proj.weights".into();
-    assert_eq!(verify_message(&graph), "param @q_proj.weights: spec zaya1 has no such parameter");
+    assert_eq!(
+        verify_message(&graph),
+        "param @q_proj.weights: spec zaya1 has no such parameter"
+    );
 
     let mut graph = built(&ir_graph_specs::zaya1());
     let conv = graph.param_by_name("conv_qk_grouped.weight").unwrap();
@@ -205,9 +250,15 @@ fn verifier_rejects_split_groups_and_missing_outputs() {
     graph.ops[attention + 1].group = graph.ops[attention - 1].group;
     graph.ops[attention - 1].group = attention_group;
     let message = verify_message(&graph);
-    assert!(message.ends_with("is not contiguous: op 8 is separated from the rest"), "{message}");
+    assert!(
+        message.ends_with("is not contiguous: op 8 is separated from the rest"),
+        "{message}"
+    );
 
     let mut graph = built(&ir_graph_specs::mha());
     graph.outputs[0].value = ValueId(99);
-    assert_eq!(verify_message(&graph), "output out: returns %99, which is never defined");
+    assert_eq!(
+        verify_message(&graph),
+        "output out: returns %99, which is never defined"
+    );
 }

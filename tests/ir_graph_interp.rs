@@ -52,14 +52,22 @@ fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
     let stages = rng.below(4);
     let qk_conv = (0..stages)
         .map(|_| ConvStage {
-            kind: if rng.flip() { ConvKind::Depthwise } else { ConvKind::PerHead },
+            kind: if rng.flip() {
+                ConvKind::Depthwise
+            } else {
+                ConvKind::PerHead
+            },
             width: 1 + rng.below(4),
         })
         .collect();
     let qk_norm = if rng.flip() { QkNorm::L2 } else { QkNorm::None };
     let key_temperature = match qk_norm {
         QkNorm::None => KeyTemperature::None,
-        QkNorm::L2 => rng.pick(&[KeyTemperature::None, KeyTemperature::Learned, KeyTemperature::LearnedExp]),
+        QkNorm::L2 => rng.pick(&[
+            KeyTemperature::None,
+            KeyTemperature::Learned,
+            KeyTemperature::LearnedExp,
+        ]),
     };
     let rope = rng.flip().then(|| {
         let rotary_dim = 2 * (1 + rng.below(head_dim / 2));
@@ -67,13 +75,19 @@ fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
             fraction: rotary_dim as f64 / head_dim as f64,
             rotary_dim,
             theta: rng.pick(&[10.0, 1e4, 5e6]),
-            style: if rng.flip() { RopeStyle::Neox } else { RopeStyle::Interleaved },
+            style: if rng.flip() {
+                RopeStyle::Neox
+            } else {
+                RopeStyle::Interleaved
+            },
         }
     });
     let mask = match rng.below(3) {
         0 => Mask::None,
         1 => Mask::Causal,
-        _ => Mask::SlidingWindow { window: 1 + rng.below(6) },
+        _ => Mask::SlidingWindow {
+            window: 1 + rng.below(6),
+        },
     };
     AttentionSpec {
         qk_conv,
@@ -86,13 +100,22 @@ fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
         softmax_scale: rng.uniform(0.2, 1.5),
         norm_eps: rng.pick(&[0.0, 1e-12, 1e-3]),
         bias: rng.flip(),
-        ..AttentionSpec::plain(&format!("case{index}"), model_dim, head_dim, query_heads, kv_heads)
+        ..AttentionSpec::plain(
+            &format!("case{index}"),
+            model_dim,
+            head_dim,
+            query_heads,
+            kv_heads,
+        )
     }
 }
 
 fn random_array(rng: &mut Rng, shape: Vec<usize>, low: f64, high: f64) -> Array {
     let len = shape.iter().product();
-    Array { shape, data: (0..len).map(|_| rng.uniform(low, high)).collect() }
+    Array {
+        shape,
+        data: (0..len).map(|_| rng.uniform(low, high)).collect(),
+    }
 }
 
 fn random_weights(rng: &mut Rng, spec: &AttentionSpec) -> BTreeMap<String, Array> {
@@ -120,11 +143,20 @@ fn random_case(rng: &mut Rng, index: usize) -> Case {
     let seq_len = rng.pick(&[1, 2, 5, 17, 33]);
     let x = random_array(rng, vec![batch, seq_len, spec.model_dim], -1.0, 1.0);
     let weights = random_weights(rng, &spec);
-    Case { spec, batch, seq_len, x, weights }
+    Case {
+        spec,
+        batch,
+        seq_len,
+        x,
+        weights,
+    }
 }
 
 fn run_graph(graph: &Graph, case: &Case) -> BTreeMap<String, Array> {
-    let env = SizeEnv { batch: case.batch as u64, seq_len: case.seq_len as u64 };
+    let env = SizeEnv {
+        batch: case.batch as u64,
+        seq_len: case.seq_len as u64,
+    };
     let inputs = BTreeMap::from([("x".to_string(), case.x.clone())]);
     interp::run(graph, env, &inputs, &case.weights)
         .unwrap_or_else(|e| panic!("{}: {e}\n{graph}", case.spec.name))
@@ -133,8 +165,16 @@ fn run_graph(graph: &Graph, case: &Case) -> BTreeMap<String, Array> {
 /// max |a − b| over the tensor, relative to max |a|.
 fn relative_error(a: &Array, b: &Array) -> f64 {
     assert_eq!(a.shape, b.shape);
-    let scale = a.data.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(f64::MIN_POSITIVE);
-    let diff = a.data.iter().zip(&b.data).fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
+    let scale = a
+        .data
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()))
+        .max(f64::MIN_POSITIVE);
+    let diff = a
+        .data
+        .iter()
+        .zip(&b.data)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()));
     diff / scale
 }
 
@@ -144,10 +184,17 @@ fn assert_outputs_close(
     tolerance: f64,
     what: &str,
 ) {
-    assert_eq!(want.keys().collect::<Vec<_>>(), have.keys().collect::<Vec<_>>(), "{what}");
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        have.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
     for (name, array) in want {
         let error = relative_error(array, &have[name]);
-        assert!(error <= tolerance, "{what}: {name} differs by {error:e} (relative)");
+        assert!(
+            error <= tolerance,
+            "{what}: {name} differs by {error:e} (relative)"
+        );
     }
 }
 
@@ -161,14 +208,27 @@ fn every_pass_preserves_the_result_on_random_specs() {
         graph.verify().unwrap();
         let before = run_graph(&graph, &case);
         for pass in pipeline() {
-            pass.apply(&mut graph).unwrap_or_else(|e| panic!("{:?}: {e}", case.spec));
-            graph.verify().unwrap_or_else(|e| panic!("after {}: {e}\n{graph}", pass.name));
+            pass.apply(&mut graph)
+                .unwrap_or_else(|e| panic!("{:?}: {e}", case.spec));
+            graph
+                .verify()
+                .unwrap_or_else(|e| panic!("after {}: {e}\n{graph}", pass.name));
             let after = run_graph(&graph, &case);
-            assert_outputs_close(&before, &after, 1e-12, &format!("{} after {}", case.spec.name, pass.name));
+            assert_outputs_close(
+                &before,
+                &after,
+                1e-12,
+                &format!("{} after {}", case.spec.name, pass.name),
+            );
         }
         assert_eq!(graph.groups.len(), 3, "{}: three kernels", case.spec.name);
         let per_token = per_token_forward(&case);
-        assert_outputs_close(&per_token, &before, 1e-10, &format!("{} vs per-token", case.spec.name));
+        assert_outputs_close(
+            &per_token,
+            &before,
+            1e-10,
+            &format!("{} vs per-token", case.spec.name),
+        );
     }
 }
 
@@ -176,14 +236,25 @@ fn every_pass_preserves_the_result_on_random_specs() {
 fn tiny_zaya_like_layer_matches_the_per_token_evaluation() {
     let spec = AttentionSpec {
         qk_conv: vec![
-            ConvStage { kind: ConvKind::Depthwise, width: 2 },
-            ConvStage { kind: ConvKind::PerHead, width: 2 },
+            ConvStage {
+                kind: ConvKind::Depthwise,
+                width: 2,
+            },
+            ConvStage {
+                kind: ConvKind::PerHead,
+                width: 2,
+            },
         ],
         qk_mean: true,
         value_shift: 1,
         qk_norm: QkNorm::L2,
         key_temperature: KeyTemperature::Learned,
-        rope: Some(Rope { fraction: 0.5, rotary_dim: 2, theta: 5e6, style: RopeStyle::Neox }),
+        rope: Some(Rope {
+            fraction: 0.5,
+            rotary_dim: 2,
+            theta: 5e6,
+            style: RopeStyle::Neox,
+        }),
         ..AttentionSpec::plain("tiny_zaya", 16, 4, 4, 2)
     };
     check_against_per_token(spec, 2, 7, 11);
@@ -194,7 +265,12 @@ fn tiny_sliding_window_gqa_with_bias_matches_the_per_token_evaluation() {
     let spec = AttentionSpec {
         mask: Mask::SlidingWindow { window: 3 },
         bias: true,
-        rope: Some(Rope { fraction: 1.0, rotary_dim: 4, theta: 1e4, style: RopeStyle::Interleaved }),
+        rope: Some(Rope {
+            fraction: 1.0,
+            rotary_dim: 4,
+            theta: 1e4,
+            style: RopeStyle::Interleaved,
+        }),
         ..AttentionSpec::plain("tiny_swa", 12, 4, 3, 1)
     };
     check_against_per_token(spec, 1, 9, 12);
@@ -204,12 +280,23 @@ fn check_against_per_token(spec: AttentionSpec, batch: usize, seq_len: usize, se
     let mut rng = Rng(seed);
     let x = random_array(&mut rng, vec![batch, seq_len, spec.model_dim], -1.0, 1.0);
     let weights = random_weights(&mut rng, &spec);
-    let case = Case { spec, batch, seq_len, x, weights };
+    let case = Case {
+        spec,
+        batch,
+        seq_len,
+        x,
+        weights,
+    };
     let mut graph = graph::build(&case.spec, EntryPoint::Forward).unwrap();
     for pass in pipeline() {
         pass.apply(&mut graph).unwrap();
     }
-    assert_outputs_close(&per_token_forward(&case), &run_graph(&graph, &case), 1e-12, &case.spec.name);
+    assert_outputs_close(
+        &per_token_forward(&case),
+        &run_graph(&graph, &case),
+        1e-12,
+        &case.spec.name,
+    );
 }
 
 /// Padding once with T rows is not padding each stage: the first stage's bias reaches row 0 of
@@ -219,25 +306,56 @@ fn check_against_per_token(spec: AttentionSpec, batch: usize, seq_len: usize, se
 fn first_stage_bias_reaches_row_zero_of_the_next_stage() {
     let spec = AttentionSpec {
         qk_conv: vec![
-            ConvStage { kind: ConvKind::Depthwise, width: 2 },
-            ConvStage { kind: ConvKind::Depthwise, width: 2 },
+            ConvStage {
+                kind: ConvKind::Depthwise,
+                width: 2,
+            },
+            ConvStage {
+                kind: ConvKind::Depthwise,
+                width: 2,
+            },
         ],
         ..AttentionSpec::plain("pad_once", 2, 2, 1, 1)
     };
     let mut graph = graph::build(&spec, EntryPoint::Forward).unwrap();
-    let split = graph.ops.iter().position(|op| matches!(op.kind, OpKind::Split { .. })).unwrap();
+    let split = graph
+        .ops
+        .iter()
+        .position(|op| matches!(op.kind, OpKind::Split { .. }))
+        .unwrap();
     let conv_out = graph.ops[split].operands[0];
-    graph.outputs.push(GraphOutput { name: "conv".into(), value: conv_out, kind: OutputKind::Result });
+    graph.outputs.push(GraphOutput {
+        name: "conv".into(),
+        value: conv_out,
+        kind: OutputKind::Result,
+    });
     let param = |shape: Vec<usize>, data: Vec<f64>| Array { shape, data };
     let mut weights = BTreeMap::new();
-    for name in ["q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"] {
+    for name in [
+        "q_proj.weight",
+        "k_proj.weight",
+        "v_proj.weight",
+        "o_proj.weight",
+    ] {
         weights.insert(name.to_string(), param(vec![2, 2], vec![0.0; 4]));
     }
     // Channel 0 only matters; channels 1..4 get the same filters.
-    weights.insert("conv_qk_depthwise.weight".into(), param(vec![4, 1, 2], [0.5, 2.0].repeat(4)));
-    weights.insert("conv_qk_depthwise.bias".into(), param(vec![4], vec![3.0; 4]));
-    weights.insert("conv_qk_depthwise_1.weight".into(), param(vec![4, 1, 2], [5.0, 7.0].repeat(4)));
-    weights.insert("conv_qk_depthwise_1.bias".into(), param(vec![4], vec![11.0; 4]));
+    weights.insert(
+        "conv_qk_depthwise.weight".into(),
+        param(vec![4, 1, 2], [0.5, 2.0].repeat(4)),
+    );
+    weights.insert(
+        "conv_qk_depthwise.bias".into(),
+        param(vec![4], vec![3.0; 4]),
+    );
+    weights.insert(
+        "conv_qk_depthwise_1.weight".into(),
+        param(vec![4, 1, 2], [5.0, 7.0].repeat(4)),
+    );
+    weights.insert(
+        "conv_qk_depthwise_1.bias".into(),
+        param(vec![4], vec![11.0; 4]),
+    );
     let case = Case {
         spec,
         batch: 1,
@@ -257,8 +375,13 @@ fn first_stage_bias_reaches_row_zero_of_the_next_stage() {
 /// Returns the graph's outputs: `out` [B, S, E] and `lse` [B, Hq, S].
 fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
     let spec = &case.spec;
-    let (e, d, hq, hk, s_len) =
-        (spec.model_dim, spec.head_dim, spec.query_heads, spec.kv_heads, case.seq_len);
+    let (e, d, hq, hk, s_len) = (
+        spec.model_dim,
+        spec.head_dim,
+        spec.query_heads,
+        spec.kv_heads,
+        case.seq_len,
+    );
     let g = spec.groups();
     let w = |name: &str| &case.weights[name];
     let bias = |name: &str| spec.bias.then(|| w(name));
@@ -288,10 +411,18 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
                 value = project(w("v_proj.weight"), bias("v_proj.bias"), x_at(t));
             } else {
                 if s < hk {
-                    value = project(w("v_proj_current.weight"), bias("v_proj_current.bias"), x_at(t));
+                    value = project(
+                        w("v_proj_current.weight"),
+                        bias("v_proj_current.bias"),
+                        x_at(t),
+                    );
                 }
                 let previous = if t == 0 { &zero_x[..] } else { x_at(t - 1) };
-                value.extend(project(w("v_proj_delayed.weight"), bias("v_proj_delayed.bias"), previous));
+                value.extend(project(
+                    w("v_proj_delayed.weight"),
+                    bias("v_proj_delayed.bias"),
+                    previous,
+                ));
             }
             v.push(value);
         }
@@ -344,9 +475,11 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
         let mut k_final = Vec::new();
         for t in 0..s_len {
             let y = &level[&(t as i64)];
-            let mut q_heads: Vec<Vec<f64>> = (0..hq).map(|h| y[h * d..(h + 1) * d].to_vec()).collect();
-            let mut k_heads: Vec<Vec<f64>> =
-                (0..hk).map(|j| y[hq * d + j * d..hq * d + (j + 1) * d].to_vec()).collect();
+            let mut q_heads: Vec<Vec<f64>> =
+                (0..hq).map(|h| y[h * d..(h + 1) * d].to_vec()).collect();
+            let mut k_heads: Vec<Vec<f64>> = (0..hk)
+                .map(|j| y[hq * d + j * d..hq * d + (j + 1) * d].to_vec())
+                .collect();
             if spec.qk_mean {
                 for h in 0..hq {
                     for c in 0..d {
@@ -355,7 +488,8 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
                 }
                 for j in 0..hk {
                     for c in 0..d {
-                        let mean = (0..g).map(|i| q0[t][(j * g + i) * d + c]).sum::<f64>() / g as f64;
+                        let mean =
+                            (0..g).map(|i| q0[t][(j * g + i) * d + c]).sum::<f64>() / g as f64;
                         k_heads[j][c] += 0.5 * k0[t][j * d + c] + 0.5 * mean;
                     }
                 }
@@ -371,7 +505,9 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
                     let tau = match spec.key_temperature {
                         KeyTemperature::None => 1.0,
                         KeyTemperature::Learned => w("qk_norm.temp").data[j],
-                        KeyTemperature::LearnedExp => w("qk_norm.temp").data[j].clamp(1e-7, 2.0).exp(),
+                        KeyTemperature::LearnedExp => {
+                            w("qk_norm.temp").data[j].clamp(1e-7, 2.0).exp()
+                        }
                     };
                     normalise(head, tau);
                 }
@@ -406,7 +542,11 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
                     .iter()
                     .map(|&u| {
                         spec.softmax_scale
-                            * q_final[t][h].iter().zip(&k_final[u][j]).map(|(a, c)| a * c).sum::<f64>()
+                            * q_final[t][h]
+                                .iter()
+                                .zip(&k_final[u][j])
+                                .map(|(a, c)| a * c)
+                                .sum::<f64>()
                     })
                     .collect();
                 let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);

@@ -18,7 +18,10 @@ pub struct Pass {
 
 impl Pass {
     pub fn apply(&self, graph: &mut Graph) -> Result<(), PassError> {
-        (self.run)(graph).map_err(|message| PassError { pass: self.name, message })
+        (self.run)(graph).map_err(|message| PassError {
+            pass: self.name,
+            message,
+        })
     }
 }
 
@@ -35,22 +38,37 @@ pub fn pipeline() -> Vec<Pass> {
         // spec (a pad of 0 rows, a one-part concat, split(concat(..)), same-type casts). Fusion
         // must see the minimal graph, so that a plain MHA/GQA/MQA spec reaches it with no CCA
         // op left and its projection kernel gets an empty prologue.
-        Pass { name: "canonicalize", run: canonicalize },
+        Pass {
+            name: "canonicalize",
+            run: canonicalize,
+        },
         // Right after canonicalize, which leaves the folded ops without readers, and before any
         // fusion: a dead op would otherwise be pulled into a kernel and cost work there.
-        Pass { name: "dead-code-elimination", run: eliminate_dead_code },
+        Pass {
+            name: "dead-code-elimination",
+            run: eliminate_dead_code,
+        },
         // First fusion: claims every op attention's q, k, v depend on (projections, token
         // shift, pad, convolutions, q-k mean, norms, RoPE, the BSHD stores) as the epilogue of
         // the down-projection GEMM. It runs before attention is fused so that the cut is "all
         // producers of attention's operands", which is the paper's fusion boundary; it fixes the
         // halo each row tile recomputes (T conv rows, or the value shift's one row).
-        Pass { name: "fuse-qkv-projection", run: fuse_qkv_projection },
+        Pass {
+            name: "fuse-qkv-projection",
+            run: fuse_qkv_projection,
+        },
         // Attention alone: flash attention with online softmax, saving the log-sum-exp. After
         // the projection fusion so that its inputs are already kernel-boundary buffers.
-        Pass { name: "fuse-attention", run: fuse_attention },
+        Pass {
+            name: "fuse-attention",
+            run: fuse_attention,
+        },
         // Last: what remains reads attention's o (the output GEMM and its store), so every op
         // except the inputs now belongs to exactly one of three kernels.
-        Pass { name: "fuse-output-projection", run: fuse_output_projection },
+        Pass {
+            name: "fuse-output-projection",
+            run: fuse_output_projection,
+        },
     ]
 }
 
@@ -77,9 +95,14 @@ pub struct PipelineOptions {
     pub verify_each_pass: bool,
 }
 
+// Not derivable: debug builds verify after every pass, release builds do not.
+#[allow(clippy::derivable_impls)]
 impl Default for PipelineOptions {
     fn default() -> PipelineOptions {
-        PipelineOptions { print_after_all: false, verify_each_pass: cfg!(debug_assertions) }
+        PipelineOptions {
+            print_after_all: false,
+            verify_each_pass: cfg!(debug_assertions),
+        }
     }
 }
 
@@ -92,7 +115,10 @@ pub struct PipelineRun {
 
 pub fn run_pipeline(mut graph: Graph, options: &PipelineOptions) -> Result<PipelineRun, PassError> {
     let verify = |graph: &Graph, pass: &'static str| {
-        graph.verify().map_err(|e| PassError { pass, message: format!("verifier: {e}") })
+        graph.verify().map_err(|e| PassError {
+            pass,
+            message: format!("verifier: {e}"),
+        })
     };
     if options.verify_each_pass {
         verify(&graph, "verify-input")?;
@@ -122,10 +148,19 @@ fn canonicalize(graph: &mut Graph) -> Result<(), String> {
                     rewrites.push((op.results[0], op.operands[0]));
                 }
                 OpKind::Split { .. } => {
-                    let Some(def) = graph.defining_op(op.operands[0]) else { continue };
+                    let Some(def) = graph.defining_op(op.operands[0]) else {
+                        continue;
+                    };
                     let producer = &graph.ops[def];
-                    if producer.kind == OpKind::Concat && producer.operands.len() == op.results.len() {
-                        rewrites.extend(op.results.iter().copied().zip(producer.operands.iter().copied()));
+                    if producer.kind == OpKind::Concat
+                        && producer.operands.len() == op.results.len()
+                    {
+                        rewrites.extend(
+                            op.results
+                                .iter()
+                                .copied()
+                                .zip(producer.operands.iter().copied()),
+                        );
                     }
                 }
                 _ => {}
@@ -133,9 +168,8 @@ fn canonicalize(graph: &mut Graph) -> Result<(), String> {
         }
         // A rewrite is an identity only where the types agree (a cast to another dtype, a split
         // along other boundaries than the concat's, stay); one whose value nobody reads is done.
-        let is_read = |v: ValueId| {
-            !graph.users(v).is_empty() || graph.outputs.iter().any(|o| o.value == v)
-        };
+        let is_read =
+            |v: ValueId| !graph.users(v).is_empty() || graph.outputs.iter().any(|o| o.value == v);
         let rewrites: Vec<(ValueId, ValueId)> = rewrites
             .into_iter()
             .filter(|&(from, to)| graph.value(from).ty == graph.value(to).ty && is_read(from))
@@ -160,7 +194,10 @@ fn attention_op(graph: &Graph) -> Result<usize, String> {
         .collect();
     match found.as_slice() {
         [one] => Ok(*one),
-        _ => Err(format!("expected exactly one attention op, found {}", found.len())),
+        _ => Err(format!(
+            "expected exactly one attention op, found {}",
+            found.len()
+        )),
     }
 }
 
@@ -169,7 +206,9 @@ fn fuse_qkv_projection(graph: &mut Graph) -> Result<(), String> {
     let mut members = BTreeSet::new();
     let mut stack = graph.ops[attention].operands.clone();
     while let Some(value) = stack.pop() {
-        let Some(def) = graph.defining_op(value) else { continue };
+        let Some(def) = graph.defining_op(value) else {
+            continue;
+        };
         if matches!(graph.ops[def].kind, OpKind::Input { .. }) || !members.insert(def) {
             continue;
         }

@@ -8,14 +8,25 @@ use ccc::spec::{
 pub fn zaya1() -> AttentionSpec {
     AttentionSpec {
         qk_conv: vec![
-            ConvStage { kind: ConvKind::Depthwise, width: 2 },
-            ConvStage { kind: ConvKind::PerHead, width: 2 },
+            ConvStage {
+                kind: ConvKind::Depthwise,
+                width: 2,
+            },
+            ConvStage {
+                kind: ConvKind::PerHead,
+                width: 2,
+            },
         ],
         qk_mean: true,
         value_shift: 1,
         qk_norm: QkNorm::L2,
         key_temperature: KeyTemperature::Learned,
-        rope: Some(Rope { fraction: 0.5, rotary_dim: 64, theta: 5e6, style: RopeStyle::Neox }),
+        rope: Some(Rope {
+            fraction: 0.5,
+            rotary_dim: 64,
+            theta: 5e6,
+            style: RopeStyle::Neox,
+        }),
         ..AttentionSpec::plain("zaya1", 2048, 128, 8, 2)
     }
 }
@@ -36,13 +47,24 @@ pub fn mqa() -> AttentionSpec {
 pub fn cca() -> AttentionSpec {
     AttentionSpec {
         qk_conv: vec![
-            ConvStage { kind: ConvKind::Depthwise, width: 2 },
-            ConvStage { kind: ConvKind::PerHead, width: 2 },
+            ConvStage {
+                kind: ConvKind::Depthwise,
+                width: 2,
+            },
+            ConvStage {
+                kind: ConvKind::PerHead,
+                width: 2,
+            },
         ],
         qk_mean: true,
         qk_norm: QkNorm::L2,
         key_temperature: KeyTemperature::LearnedExp,
-        rope: Some(Rope { fraction: 1.0, rotary_dim: 128, theta: 1e4, style: RopeStyle::Neox }),
+        rope: Some(Rope {
+            fraction: 1.0,
+            rotary_dim: 128,
+            theta: 1e4,
+            style: RopeStyle::Neox,
+        }),
         ..AttentionSpec::plain("cca", 2048, 128, 4, 4)
     }
 }

@@ -5,7 +5,9 @@
 //! canonicalisation removes them, so the rules for "MHA is CCA with the parts absent" live in
 //! one pass rather than in special cases here.
 
-use super::{ElemType, Graph, GraphOutput, Layout, OpKind, OutputKind, ParamDecl, TensorType, ValueId};
+use super::{
+    ElemType, Graph, GraphOutput, Layout, OpKind, OutputKind, ParamDecl, TensorType, ValueId,
+};
 use crate::spec::{AttentionSpec, EntryPoint, KeyTemperature, QkNorm};
 use std::fmt;
 
@@ -24,7 +26,11 @@ impl fmt::Display for BuildError {
         match self {
             BuildError::InvalidSpec(msg) => write!(f, "invalid spec: {msg}"),
             BuildError::EntryNotLowered(entry) => {
-                write!(f, "the {} entry point is not lowered to graph IR yet", entry.name())
+                write!(
+                    f,
+                    "the {} entry point is not lowered to graph IR yet",
+                    entry.name()
+                )
             }
             BuildError::Internal(msg) => write!(f, "graph builder: {msg}"),
         }
@@ -47,7 +53,10 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
     let params = spec
         .params()
         .into_iter()
-        .map(|p| ParamDecl { ty: TensorType::fixed(&p.shape, storage), name: p.name })
+        .map(|p| ParamDecl {
+            ty: TensorType::fixed(&p.shape, storage),
+            name: p.name,
+        })
         .collect();
     let mut g = Graph {
         spec: spec.clone(),
@@ -59,16 +68,27 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         outputs: Vec::new(),
     };
     let param = |g: &Graph, name: &str| {
-        g.param_by_name(name).ok_or_else(|| format!("spec.params() has no {name}"))
+        g.param_by_name(name)
+            .ok_or_else(|| format!("spec.params() has no {name}"))
     };
     let optional_bias = |g: &Graph, name: &str| -> Result<_, String> {
-        if spec.bias { param(g, name).map(Some) } else { Ok(None) }
+        if spec.bias {
+            param(g, name).map(Some)
+        } else {
+            Ok(None)
+        }
     };
     let one = |results: Vec<ValueId>| results[0];
     let d = spec.head_dim;
 
     // 1. Projections.
-    let x = one(g.push_op(OpKind::Input { name: "x".into(), width: spec.model_dim }, vec![])?);
+    let x = one(g.push_op(
+        OpKind::Input {
+            name: "x".into(),
+            width: spec.model_dim,
+        },
+        vec![],
+    )?);
     let q_proj = OpKind::Linear {
         weight: param(&g, "q_proj.weight")?,
         bias: optional_bias(&g, "q_proj.bias")?,
@@ -83,7 +103,11 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
     // 2. Values: current heads from x, shifted heads from x_prev.
     let mut value_parts = Vec::new();
     if spec.current_value_heads() > 0 {
-        let base = if spec.value_shift == 0 { "v_proj" } else { "v_proj_current" };
+        let base = if spec.value_shift == 0 {
+            "v_proj"
+        } else {
+            "v_proj_current"
+        };
         let proj = OpKind::Linear {
             weight: param(&g, &format!("{base}.weight"))?,
             bias: optional_bias(&g, &format!("{base}.bias"))?,
@@ -102,7 +126,12 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
 
     // 3. Convolutions on the packed [q0 | k0], padded once with T rows.
     let packed = one(g.push_op(OpKind::Concat, vec![q0, k0])?);
-    let mut y = one(g.push_op(OpKind::CausalPad { rows: spec.conv_history() }, vec![packed])?);
+    let mut y = one(g.push_op(
+        OpKind::CausalPad {
+            rows: spec.conv_history(),
+        },
+        vec![packed],
+    )?);
     for (stage, name) in spec.qk_conv.iter().zip(spec.conv_stage_names()) {
         let conv = OpKind::ConvStage {
             kind: stage.kind,
@@ -113,13 +142,18 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         };
         y = one(g.push_op(conv, vec![y])?);
     }
-    let split = OpKind::Split { widths: vec![spec.q_width(), spec.kv_width()] };
+    let split = OpKind::Split {
+        widths: vec![spec.q_width(), spec.kv_width()],
+    };
     let halves = g.push_op(split, vec![y])?;
     let (mut q, mut k) = (halves[0], halves[1]);
 
     // 4. q-k mean skip from the pre-convolution projections.
     if spec.qk_mean {
-        let mean = OpKind::QkMean { groups: spec.groups(), head_dim: d };
+        let mean = OpKind::QkMean {
+            groups: spec.groups(),
+            head_dim: d,
+        };
         let mixed = g.push_op(mean, vec![q, k, q0, k0])?;
         (q, k) = (mixed[0], mixed[1]);
     }
@@ -127,12 +161,26 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
     // 5. L2 normalisation, with the key temperature on keys only.
     if spec.qk_norm == QkNorm::L2 {
         let eps = spec.norm_eps;
-        q = one(g.push_op(OpKind::L2Norm { head_dim: d, eps, temperature: None }, vec![q])?);
+        q = one(g.push_op(
+            OpKind::L2Norm {
+                head_dim: d,
+                eps,
+                temperature: None,
+            },
+            vec![q],
+        )?);
         let temperature = match spec.key_temperature {
             KeyTemperature::None => None,
             kind => Some((param(&g, "qk_norm.temp")?, kind)),
         };
-        k = one(g.push_op(OpKind::L2Norm { head_dim: d, eps, temperature }, vec![k])?);
+        k = one(g.push_op(
+            OpKind::L2Norm {
+                head_dim: d,
+                eps,
+                temperature,
+            },
+            vec![k],
+        )?);
     }
 
     // 6. RoPE at absolute positions.
@@ -149,7 +197,10 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
 
     // q̃, k̃ and v are stored in the storage dtype, heads contiguous (BSHD).
     let store = |g: &mut Graph, value: ValueId, heads: usize, name: &str| {
-        let cast = OpKind::Cast { elem: storage, layout: Layout::Bshd { heads } };
+        let cast = OpKind::Cast {
+            elem: storage,
+            layout: Layout::Bshd { heads },
+        };
         let stored = one(g.push_op(cast, vec![value])?);
         g.values[stored.0].name = Some(name.to_string());
         Ok::<_, String>(stored)
@@ -176,13 +227,24 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         bias: optional_bias(&g, "o_proj.bias")?,
     };
     let out_f32 = one(g.push_op(o_proj, vec![o])?);
-    let cast = OpKind::Cast { elem: storage, layout: Layout::RowMajor };
+    let cast = OpKind::Cast {
+        elem: storage,
+        layout: Layout::RowMajor,
+    };
     let out = one(g.push_op(cast, vec![out_f32])?);
     g.values[out.0].name = Some("out".into());
 
     g.outputs = vec![
-        GraphOutput { name: "out".into(), value: out, kind: OutputKind::Result },
-        GraphOutput { name: "lse".into(), value: lse, kind: OutputKind::Saved },
+        GraphOutput {
+            name: "out".into(),
+            value: out,
+            kind: OutputKind::Result,
+        },
+        GraphOutput {
+            name: "lse".into(),
+            value: lse,
+            kind: OutputKind::Saved,
+        },
     ];
     Ok(g)
 }

@@ -22,7 +22,10 @@ pub struct Array {
 impl Array {
     pub fn zeros(shape: Vec<usize>) -> Array {
         let len = shape.iter().product();
-        Array { shape, data: vec![0.0; len] }
+        Array {
+            shape,
+            data: vec![0.0; len],
+        }
     }
 }
 
@@ -62,8 +65,13 @@ pub fn run(
         }
     }
     let param = |id: super::ParamId| -> Result<&Array, InterpError> {
-        let decl = graph.params.get(id.0).ok_or_else(|| err(format!("no parameter #{}", id.0)))?;
-        params.get(&decl.name).ok_or_else(|| err(format!("parameter {} is missing", decl.name)))
+        let decl = graph
+            .params
+            .get(id.0)
+            .ok_or_else(|| err(format!("no parameter #{}", id.0)))?;
+        params
+            .get(&decl.name)
+            .ok_or_else(|| err(format!("parameter {} is missing", decl.name)))
     };
 
     let mut values: BTreeMap<ValueId, Array> = BTreeMap::new();
@@ -71,11 +79,17 @@ pub fn run(
         let operands: Vec<&Array> = op
             .operands
             .iter()
-            .map(|v| values.get(v).ok_or_else(|| err(format!("op {index} reads undefined %{}", v.0))))
+            .map(|v| {
+                values
+                    .get(v)
+                    .ok_or_else(|| err(format!("op {index} reads undefined %{}", v.0)))
+            })
             .collect::<Result<_, _>>()?;
         let results: Vec<Array> = match &op.kind {
             OpKind::Input { name, .. } => {
-                let array = inputs.get(name).ok_or_else(|| err(format!("input {name} is missing")))?;
+                let array = inputs
+                    .get(name)
+                    .ok_or_else(|| err(format!("input {name} is missing")))?;
                 vec![array.clone()]
             }
             OpKind::Linear { weight, bias } => {
@@ -86,36 +100,77 @@ pub fn run(
             OpKind::Concat => vec![concat(&operands)],
             OpKind::Split { widths } => split(operands[0], widths),
             OpKind::CausalPad { rows } => vec![causal_pad(operands[0], *rows)],
-            OpKind::ConvStage { kind, width, head_dim, weight, bias } => {
+            OpKind::ConvStage {
+                kind,
+                width,
+                head_dim,
+                weight,
+                bias,
+            } => {
                 let group = match kind {
                     ConvKind::Depthwise => 1,
                     ConvKind::PerHead => *head_dim,
                 };
-                vec![conv(operands[0], param(*weight)?, param(*bias)?, *width, group)]
+                vec![conv(
+                    operands[0],
+                    param(*weight)?,
+                    param(*bias)?,
+                    *width,
+                    group,
+                )]
             }
-            OpKind::QkMean { groups, head_dim } => {
-                qk_mean([operands[0], operands[1], operands[2], operands[3]], *groups, *head_dim)
-            }
-            OpKind::L2Norm { head_dim, eps, temperature } => {
+            OpKind::QkMean { groups, head_dim } => qk_mean(
+                [operands[0], operands[1], operands[2], operands[3]],
+                *groups,
+                *head_dim,
+            ),
+            OpKind::L2Norm {
+                head_dim,
+                eps,
+                temperature,
+            } => {
                 let temperature = match temperature {
                     Some((id, kind)) => Some((param(*id)?, *kind)),
                     None => None,
                 };
                 vec![l2_norm(operands[0], *head_dim, *eps, temperature)]
             }
-            OpKind::Rope { head_dim, rotary_dim, theta, style } => {
+            OpKind::Rope {
+                head_dim,
+                rotary_dim,
+                theta,
+                style,
+            } => {
                 vec![rope(operands[0], *head_dim, *rotary_dim, *theta, *style)]
             }
             OpKind::Cast { .. } => vec![operands[0].clone()],
-            OpKind::Attention { mask, groups, head_dim, scale } => {
-                attention(operands[0], operands[1], operands[2], *mask, *groups, *head_dim, *scale)
-            }
+            OpKind::Attention {
+                mask,
+                groups,
+                head_dim,
+                scale,
+            } => attention(
+                operands[0],
+                operands[1],
+                operands[2],
+                *mask,
+                *groups,
+                *head_dim,
+                *scale,
+            ),
         };
         if results.len() != op.results.len() {
-            return Err(err(format!("op {index} produced {} results", results.len())));
+            return Err(err(format!(
+                "op {index} produced {} results",
+                results.len()
+            )));
         }
         for (id, array) in op.results.iter().zip(results) {
-            let ty = &graph.values.get(id.0).ok_or_else(|| err(format!("no value %{}", id.0)))?.ty;
+            let ty = &graph
+                .values
+                .get(id.0)
+                .ok_or_else(|| err(format!("no value %{}", id.0)))?
+                .ty;
             let want = concrete_shape(&ty.shape, &env)?;
             if array.shape != want {
                 return Err(err(format!(
@@ -132,13 +187,18 @@ pub fn run(
         .outputs
         .iter()
         .map(|o| {
-            let array = values.get(&o.value).ok_or_else(|| err(format!("output {} undefined", o.name)))?;
+            let array = values
+                .get(&o.value)
+                .ok_or_else(|| err(format!("output {} undefined", o.name)))?;
             Ok((o.name.clone(), array.clone()))
         })
         .collect()
 }
 
-fn concrete_shape(shape: &[crate::ir::size::SizeExpr], env: &SizeEnv) -> Result<Vec<usize>, InterpError> {
+fn concrete_shape(
+    shape: &[crate::ir::size::SizeExpr],
+    env: &SizeEnv,
+) -> Result<Vec<usize>, InterpError> {
     shape
         .iter()
         .map(|d| {
@@ -206,8 +266,9 @@ fn split(x: &Array, widths: &[usize]) -> Vec<Array> {
         .map(|&width| {
             let mut part = Array::zeros(vec![batch, rows, width]);
             for row in 0..batch * rows {
-                part.data[row * width..(row + 1) * width]
-                    .copy_from_slice(&x.data[row * channels + offset..row * channels + offset + width]);
+                part.data[row * width..(row + 1) * width].copy_from_slice(
+                    &x.data[row * channels + offset..row * channels + offset + width],
+                );
             }
             offset += width;
             part
@@ -260,8 +321,8 @@ fn qk_mean(operands: [&Array; 4], groups: usize, d: usize) -> Vec<Array> {
         for h in 0..kv_heads * groups {
             let j = h / groups;
             for c in 0..d {
-                q.data[row * q_width + h * d + c] +=
-                    0.5 * q0.data[row * q_width + h * d + c] + 0.5 * k0.data[row * k_width + j * d + c];
+                q.data[row * q_width + h * d + c] += 0.5 * q0.data[row * q_width + h * d + c]
+                    + 0.5 * k0.data[row * k_width + j * d + c];
             }
         }
         for j in 0..kv_heads {
@@ -270,7 +331,8 @@ fn qk_mean(operands: [&Array; 4], groups: usize, d: usize) -> Vec<Array> {
                     .map(|g| q0.data[row * q_width + (j * groups + g) * d + c])
                     .sum::<f64>()
                     / groups as f64;
-                k.data[row * k_width + j * d + c] += 0.5 * k0.data[row * k_width + j * d + c] + 0.5 * mean;
+                k.data[row * k_width + j * d + c] +=
+                    0.5 * k0.data[row * k_width + j * d + c] + 0.5 * mean;
             }
         }
     }
@@ -291,8 +353,8 @@ fn l2_norm(x: &Array, d: usize, eps: f64, temperature: Option<(&Array, KeyTemper
                 Some((temp, KeyTemperature::LearnedExp)) => temp.data[h].clamp(1e-7, 2.0).exp(),
             };
             let factor = (d as f64).sqrt() * tau / (squared + eps).sqrt();
-            for c in 0..d {
-                y.data[start + c] = head[c] * factor;
+            for (out, value) in y.data[start..start + d].iter_mut().zip(head) {
+                *out = value * factor;
             }
         }
     }
@@ -346,10 +408,16 @@ fn attention(
                     .filter(|&s| mask.allows(t, s))
                     .map(|s| {
                         let key = &k.data[(b * rows + s) * k_width + j * d..][..d];
-                        (s, scale * query.iter().zip(key).map(|(a, c)| a * c).sum::<f64>())
+                        (
+                            s,
+                            scale * query.iter().zip(key).map(|(a, c)| a * c).sum::<f64>(),
+                        )
                     })
                     .collect();
-                let max = logits.iter().map(|&(_, l)| l).fold(f64::NEG_INFINITY, f64::max);
+                let max = logits
+                    .iter()
+                    .map(|&(_, l)| l)
+                    .fold(f64::NEG_INFINITY, f64::max);
                 let total: f64 = logits.iter().map(|&(_, l)| (l - max).exp()).sum();
                 for &(s, logit) in &logits {
                     let p = (logit - max).exp() / total;

@@ -74,15 +74,27 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(shape: Vec<SizeExpr>, elem: ElemType, layout: Layout) -> TensorType {
-        TensorType { shape, elem, layout }
+        TensorType {
+            shape,
+            elem,
+            layout,
+        }
     }
     /// [B, rows, channels] row-major.
     pub fn activation(rows: SizeExpr, channels: usize, elem: ElemType) -> TensorType {
-        TensorType::new(vec![SizeExpr::batch(), rows, channels.into()], elem, Layout::RowMajor)
+        TensorType::new(
+            vec![SizeExpr::batch(), rows, channels.into()],
+            elem,
+            Layout::RowMajor,
+        )
     }
     /// A tensor of fixed shape (parameters).
     pub fn fixed(shape: &[usize], elem: ElemType) -> TensorType {
-        TensorType::new(shape.iter().map(|&n| n.into()).collect(), elem, Layout::RowMajor)
+        TensorType::new(
+            shape.iter().map(|&n| n.into()).collect(),
+            elem,
+            Layout::RowMajor,
+        )
     }
 }
 
@@ -125,7 +137,10 @@ pub enum OpKind {
     /// A layer input [B, S, width] in the storage dtype.
     Input { name: String, width: usize },
     /// y = x·Wᵀ (+ b), `nn.Linear`'s convention, accumulating in f32.
-    Linear { weight: ParamId, bias: Option<ParamId> },
+    Linear {
+        weight: ParamId,
+        bias: Option<ParamId>,
+    },
     /// y[t] = x[t − rows], zero for t < rows (the value shift's x_prev).
     TokenShift { rows: usize },
     /// Concatenation along the channel axis.
@@ -136,17 +151,37 @@ pub enum OpKind {
     CausalPad { rows: usize },
     /// PyTorch Conv1d with no padding over the sequence axis: the output has `width − 1` rows
     /// fewer than the input. Depthwise: one filter per channel; per-head: a d×d matrix per tap.
-    ConvStage { kind: ConvKind, width: usize, head_dim: usize, weight: ParamId, bias: ParamId },
+    ConvStage {
+        kind: ConvKind,
+        width: usize,
+        head_dim: usize,
+        weight: ParamId,
+        bias: ParamId,
+    },
     /// The q-k mean skip: operands (yq, yk, q0, k0), results (q̂, k̂).
     QkMean { groups: usize, head_dim: usize },
     /// sqrt(d)·x·rsqrt(‖x_h‖² + eps) per head, times the per-head key temperature if given.
-    L2Norm { head_dim: usize, eps: f64, temperature: Option<(ParamId, KeyTemperature)> },
+    L2Norm {
+        head_dim: usize,
+        eps: f64,
+        temperature: Option<(ParamId, KeyTemperature)>,
+    },
     /// Rotary embedding of the first `rotary_dim` channels of every head at absolute positions.
-    Rope { head_dim: usize, rotary_dim: usize, theta: f64, style: RopeStyle },
+    Rope {
+        head_dim: usize,
+        rotary_dim: usize,
+        theta: f64,
+        style: RopeStyle,
+    },
     /// Conversion to another element type and layout (a store at a kernel boundary).
     Cast { elem: ElemType, layout: Layout },
     /// Softmax attention over latent heads: operands (q, k, v), results (o, lse).
-    Attention { mask: Mask, groups: usize, head_dim: usize, scale: f64 },
+    Attention {
+        mask: Mask,
+        groups: usize,
+        head_dim: usize,
+        scale: f64,
+    },
 }
 
 impl OpKind {
@@ -173,7 +208,10 @@ impl OpKind {
         match self {
             OpKind::Linear { weight, bias } => std::iter::once(*weight).chain(*bias).collect(),
             OpKind::ConvStage { weight, bias, .. } => vec![*weight, *bias],
-            OpKind::L2Norm { temperature: Some((temp, _)), .. } => vec![*temp],
+            OpKind::L2Norm {
+                temperature: Some((temp, _)),
+                ..
+            } => vec![*temp],
             _ => Vec::new(),
         }
     }
@@ -193,7 +231,9 @@ pub struct Op {
 pub enum KernelRole {
     /// Down-projection GEMM with the CCA prologue in its epilogue; each row tile recomputes
     /// `halo_rows` rows of history (conv history T, at least the value shift's one row).
-    QkvProjection { halo_rows: usize },
+    QkvProjection {
+        halo_rows: usize,
+    },
     /// Flash attention that also saves the log-sum-exp.
     Attention,
     OutputProjection,
@@ -258,12 +298,23 @@ impl Graph {
     }
     /// Indices of the ops that read `value`.
     pub fn users(&self, value: ValueId) -> Vec<usize> {
-        (0..self.ops.len()).filter(|&i| self.ops[i].operands.contains(&value)).collect()
+        (0..self.ops.len())
+            .filter(|&i| self.ops[i].operands.contains(&value))
+            .collect()
     }
 
     /// Appends an op, creating its result values with the types inference gives.
-    pub fn push_op(&mut self, kind: OpKind, operands: Vec<ValueId>) -> Result<Vec<ValueId>, String> {
-        let op = Op { kind, operands, results: Vec::new(), group: None };
+    pub fn push_op(
+        &mut self,
+        kind: OpKind,
+        operands: Vec<ValueId>,
+    ) -> Result<Vec<ValueId>, String> {
+        let op = Op {
+            kind,
+            operands,
+            results: Vec::new(),
+            group: None,
+        };
         let types = infer_result_types(self, &op)?;
         let results: Vec<ValueId> = types
             .into_iter()
@@ -272,7 +323,10 @@ impl Graph {
                 ValueId(self.values.len() - 1)
             })
             .collect();
-        self.ops.push(Op { results: results.clone(), ..op });
+        self.ops.push(Op {
+            results: results.clone(),
+            ..op
+        });
         Ok(results)
     }
 
@@ -326,7 +380,13 @@ impl Graph {
                 values.push(self.values[result.0].clone());
             }
         }
-        let map = |v: ValueId| new_id.get(v.0).copied().flatten().unwrap_or(ValueId(usize::MAX));
+        let map = |v: ValueId| {
+            new_id
+                .get(v.0)
+                .copied()
+                .flatten()
+                .unwrap_or(ValueId(usize::MAX))
+        };
         for op in &mut self.ops {
             op.operands.iter_mut().for_each(|v| *v = map(*v));
             op.results.iter_mut().for_each(|v| *v = map(*v));
@@ -356,10 +416,11 @@ impl Graph {
         let mut stack: Vec<usize> = members.iter().copied().collect();
         while let Some(index) = stack.pop() {
             for operand in &self.ops[index].operands {
-                if let Some(def) = self.defining_op(*operand) {
-                    if !members.contains(&def) && needed.insert(def) {
-                        stack.push(def);
-                    }
+                if let Some(def) = self.defining_op(*operand)
+                    && !members.contains(&def)
+                    && needed.insert(def)
+                {
+                    stack.push(def);
                 }
             }
         }

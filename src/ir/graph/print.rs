@@ -34,7 +34,11 @@ impl fmt::Display for Graph {
             .outputs
             .iter()
             .map(|o| {
-                let saved = if o.kind == OutputKind::Saved { " saved" } else { "" };
+                let saved = if o.kind == OutputKind::Saved {
+                    " saved"
+                } else {
+                    ""
+                };
                 format!("{}{saved} = %{}", o.name, o.value.0)
             })
             .collect();
@@ -82,7 +86,12 @@ impl Graph {
         if operand_types.is_empty() {
             let _ = write!(line, " : {}", result_types.join(", "));
         } else {
-            let _ = write!(line, " : {} -> {}", operand_types.join(", "), result_types.join(", "));
+            let _ = write!(
+                line,
+                " : {} -> {}",
+                operand_types.join(", "),
+                result_types.join(", ")
+            );
         }
         line
     }
@@ -94,26 +103,46 @@ fn attributes(kind: &OpKind) -> Vec<String> {
         OpKind::TokenShift { rows } | OpKind::CausalPad { rows } => vec![format!("rows = {rows}")],
         OpKind::Split { widths } => vec![format!("widths = {widths:?}")],
         OpKind::ConvStage { kind, width, .. } => {
-            vec![format!("kind = {}", conv_kind_name(*kind)), format!("width = {width}")]
+            vec![
+                format!("kind = {}", conv_kind_name(*kind)),
+                format!("width = {width}"),
+            ]
         }
         OpKind::QkMean { groups, head_dim } => {
-            vec![format!("groups = {groups}"), format!("head_dim = {head_dim}")]
+            vec![
+                format!("groups = {groups}"),
+                format!("head_dim = {head_dim}"),
+            ]
         }
-        OpKind::L2Norm { head_dim, eps, temperature } => {
+        OpKind::L2Norm {
+            head_dim,
+            eps,
+            temperature,
+        } => {
             let mut attrs = vec![format!("head_dim = {head_dim}"), format!("eps = {eps:?}")];
             if let Some((_, kind)) = temperature {
                 attrs.push(format!("temperature = {}", temperature_name(*kind)));
             }
             attrs
         }
-        OpKind::Rope { head_dim, rotary_dim, theta, style } => vec![
+        OpKind::Rope {
+            head_dim,
+            rotary_dim,
+            theta,
+            style,
+        } => vec![
             format!("head_dim = {head_dim}"),
             format!("rotary_dim = {rotary_dim}"),
             format!("theta = {theta:?}"),
             format!("style = {style:?}").to_lowercase(),
         ],
         OpKind::Cast { .. } => Vec::new(),
-        OpKind::Attention { mask, groups, head_dim, scale } => vec![
+        OpKind::Attention {
+            mask,
+            groups,
+            head_dim,
+            scale,
+        } => vec![
             format!("mask = {}", mask_text(*mask)),
             format!("groups = {groups}"),
             format!("head_dim = {head_dim}"),

@@ -32,14 +32,21 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
         if operand_types.len() == count {
             Ok(())
         } else {
-            Err(format!("takes {count} operand(s), has {}", operand_types.len()))
+            Err(format!(
+                "takes {count} operand(s), has {}",
+                operand_types.len()
+            ))
         }
     };
     let storage = ElemType::Storage(graph.spec.dtype);
     match &op.kind {
         OpKind::Input { width, .. } => {
             expect_operands(0)?;
-            Ok(vec![TensorType::activation(SizeExpr::seq_len(), *width, storage)])
+            Ok(vec![TensorType::activation(
+                SizeExpr::seq_len(),
+                *width,
+                storage,
+            )])
         }
         OpKind::Linear { weight, bias } => {
             expect_operands(1)?;
@@ -70,7 +77,11 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
                     ));
                 }
             }
-            Ok(vec![TensorType::activation(rows, outputs as usize, ElemType::F32)])
+            Ok(vec![TensorType::activation(
+                rows,
+                outputs as usize,
+                ElemType::F32,
+            )])
         }
         OpKind::TokenShift { rows } => {
             expect_operands(1)?;
@@ -104,10 +115,15 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
             expect_operands(1)?;
             let (rows, channels) = rows_and_channels(operand_types[0])?;
             if widths.iter().sum::<usize>() != channels || widths.contains(&0) {
-                return Err(format!("widths {widths:?} do not partition {channels} channels"));
+                return Err(format!(
+                    "widths {widths:?} do not partition {channels} channels"
+                ));
             }
             let elem = operand_types[0].elem;
-            Ok(widths.iter().map(|&w| TensorType::activation(rows.clone(), w, elem)).collect())
+            Ok(widths
+                .iter()
+                .map(|&w| TensorType::activation(rows.clone(), w, elem))
+                .collect())
         }
         OpKind::CausalPad { rows } => {
             expect_operands(1)?;
@@ -119,7 +135,13 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
                 operand_types[0].elem,
             )])
         }
-        OpKind::ConvStage { kind, width, head_dim, weight, bias } => {
+        OpKind::ConvStage {
+            kind,
+            width,
+            head_dim,
+            weight,
+            bias,
+        } => {
             expect_operands(1)?;
             let (length, channels) = rows_and_channels(operand_types[0])?;
             expect_f32(operand_types[0])?;
@@ -135,9 +157,15 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
                 ConvKind::PerHead => *head_dim,
             };
             if *head_dim == 0 || channels % head_dim != 0 {
-                return Err(format!("{channels} channels are not whole heads of {head_dim}"));
+                return Err(format!(
+                    "{channels} channels are not whole heads of {head_dim}"
+                ));
             }
-            let want = [SizeExpr::c(channels as u64), in_per_group.into(), (*width).into()];
+            let want = [
+                SizeExpr::c(channels as u64),
+                in_per_group.into(),
+                (*width).into(),
+            ];
             let weight_shape = param_shape(*weight)?;
             if weight_shape != want {
                 return Err(format!(
@@ -148,7 +176,10 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
             }
             let bias_shape = param_shape(*bias)?;
             if bias_shape != [SizeExpr::c(channels as u64)] {
-                return Err(format!("bias {} should be [{channels}]", shape_text(&bias_shape)));
+                return Err(format!(
+                    "bias {} should be [{channels}]",
+                    shape_text(&bias_shape)
+                ));
             }
             Ok(vec![TensorType::activation(
                 seq_plus(history - (width - 1)),
@@ -174,14 +205,20 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
             }
             Ok(vec![yq.clone(), yk.clone()])
         }
-        OpKind::L2Norm { head_dim, eps, temperature } => {
+        OpKind::L2Norm {
+            head_dim,
+            eps,
+            temperature,
+        } => {
             expect_operands(1)?;
             let ty = operand_types[0];
             token_rows(ty)?;
             expect_f32(ty)?;
             let channels = channels_of(ty)?;
             if *head_dim == 0 || channels % head_dim != 0 {
-                return Err(format!("{channels} channels are not whole heads of {head_dim}"));
+                return Err(format!(
+                    "{channels} channels are not whole heads of {head_dim}"
+                ));
             }
             if !(eps.is_finite() && *eps >= 0.0) {
                 return Err(format!("eps {eps:?} must be finite and not negative"));
@@ -198,17 +235,26 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
             }
             Ok(vec![ty.clone()])
         }
-        OpKind::Rope { head_dim, rotary_dim, theta, .. } => {
+        OpKind::Rope {
+            head_dim,
+            rotary_dim,
+            theta,
+            ..
+        } => {
             expect_operands(1)?;
             let ty = operand_types[0];
             token_rows(ty)?;
             expect_f32(ty)?;
             let channels = channels_of(ty)?;
             if *head_dim == 0 || channels % head_dim != 0 {
-                return Err(format!("{channels} channels are not whole heads of {head_dim}"));
+                return Err(format!(
+                    "{channels} channels are not whole heads of {head_dim}"
+                ));
             }
             if *rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
-                return Err(format!("rotary width {rotary_dim} must be even, in 2..={head_dim}"));
+                return Err(format!(
+                    "rotary width {rotary_dim} must be even, in 2..={head_dim}"
+                ));
             }
             if !(theta.is_finite() && *theta > 0.0) {
                 return Err(format!("theta {theta:?} must be positive and finite"));
@@ -227,7 +273,12 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
             }
             Ok(vec![TensorType::new(ty.shape.clone(), *elem, *layout)])
         }
-        OpKind::Attention { groups, head_dim, scale, .. } => {
+        OpKind::Attention {
+            groups,
+            head_dim,
+            scale,
+            ..
+        } => {
             expect_operands(3)?;
             let [q, k, v] = [0, 1, 2].map(|i| operand_types[i]);
             let query_heads = heads_of(q, *head_dim, storage)?;
@@ -257,7 +308,10 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
 fn rows_and_channels(ty: &TensorType) -> Result<(SizeExpr, usize), String> {
     match ty.shape.as_slice() {
         [b, rows, SizeExpr::Const(c)] if *b == SizeExpr::batch() => Ok((rows.clone(), *c as usize)),
-        _ => Err(format!("expects a [B, rows, channels] activation, got {}", type_text(ty))),
+        _ => Err(format!(
+            "expects a [B, rows, channels] activation, got {}",
+            type_text(ty)
+        )),
     }
 }
 
@@ -271,7 +325,10 @@ fn token_rows(ty: &TensorType) -> Result<(), String> {
     if rows == SizeExpr::seq_len() {
         Ok(())
     } else {
-        Err(format!("expects one row per token (S rows), got {}", type_text(ty)))
+        Err(format!(
+            "expects one row per token (S rows), got {}",
+            type_text(ty)
+        ))
     }
 }
 

@@ -23,7 +23,10 @@ impl fmt::Display for VerifyError {
 impl std::error::Error for VerifyError {}
 
 fn fail<T>(location: impl Into<String>, message: impl Into<String>) -> Result<T, VerifyError> {
-    Err(VerifyError { location: location.into(), message: message.into() })
+    Err(VerifyError {
+        location: location.into(),
+        message: message.into(),
+    })
 }
 
 impl Graph {
@@ -37,7 +40,10 @@ impl Graph {
                     return fail(here, format!("operand %{} does not exist", operand.0));
                 }
                 if !defined.contains(operand) {
-                    return fail(here, format!("operand %{} is used before it is defined", operand.0));
+                    return fail(
+                        here,
+                        format!("operand %{} is used before it is defined", operand.0),
+                    );
                 }
             }
             for param in op.kind.params() {
@@ -49,7 +55,11 @@ impl Graph {
             if expected.len() != op.results.len() {
                 return fail(
                     here,
-                    format!("has {} result(s), expected {}", op.results.len(), expected.len()),
+                    format!(
+                        "has {} result(s), expected {}",
+                        op.results.len(),
+                        expected.len()
+                    ),
                 );
             }
             for (result, want) in op.results.iter().zip(&expected) {
@@ -89,7 +99,10 @@ impl Graph {
                 return fail(here, "declared twice");
             }
             let Some(info) = spec_params.iter().find(|p| p.name == decl.name) else {
-                return fail(here, format!("spec {} has no such parameter", self.spec.name));
+                return fail(
+                    here,
+                    format!("spec {} has no such parameter", self.spec.name),
+                );
             };
             let want: Vec<SizeExpr> = info.shape.iter().map(|&n| n.into()).collect();
             if decl.ty.shape != want {
@@ -106,7 +119,11 @@ impl Graph {
             if decl.ty != stored {
                 return fail(
                     here,
-                    format!("declared {}, expected {}", type_text(&decl.ty), type_text(&stored)),
+                    format!(
+                        "declared {}, expected {}",
+                        type_text(&decl.ty),
+                        type_text(&stored)
+                    ),
                 );
             }
         }
@@ -124,7 +141,10 @@ impl Graph {
                 return fail(here, "named twice");
             }
             if !defined.contains(&output.value) {
-                return fail(here, format!("returns %{}, which is never defined", output.value.0));
+                return fail(
+                    here,
+                    format!("returns %{}, which is never defined", output.value.0),
+                );
             }
         }
         Ok(())
@@ -141,7 +161,10 @@ impl Graph {
                 current = op.group;
                 if let Some(group) = current {
                     if group.0 >= self.groups.len() {
-                        return fail(format!("op {index}"), format!("group {} does not exist", group.0));
+                        return fail(
+                            format!("op {index}"),
+                            format!("group {} does not exist", group.0),
+                        );
                     }
                     if closed.contains(&group) {
                         return fail(

@@ -54,7 +54,10 @@ pub struct PlannedKernel {
 pub enum KernelKind {
     /// [q0 | k0 | v] = x·[W_q | W_k | W_v…]ᵀ with the prologue steps in its epilogue. Each row
     /// tile recomputes `halo_rows` rows before its first output row.
-    QkvProjection { halo_rows: usize, prologue: Vec<PrologueStep> },
+    QkvProjection {
+        halo_rows: usize,
+        prologue: Vec<PrologueStep>,
+    },
     Attention {
         mask: Mask,
         query_heads: usize,
@@ -64,7 +67,9 @@ pub enum KernelKind {
         /// Writes the log-sum-exp of every query row (scratch `lse`).
         saves_lse: bool,
     },
-    OutputProjection { bias: bool },
+    OutputProjection {
+        bias: bool,
+    },
 }
 
 impl KernelKind {
@@ -80,16 +85,30 @@ impl KernelKind {
 /// One step of the projection epilogue, in execution order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PrologueStep {
-    /// The delayed value heads read x from `rows` tokens back.
-    TokenShift { rows: usize },
+    /// The last `value_heads` kv heads take their value from x `rows` tokens back.
+    TokenShift {
+        rows: usize,
+        value_heads: usize,
+    },
     /// T zero rows of history before the sequence (padded once).
-    CausalPad { rows: usize },
-    Conv { kind: ConvKind, width: usize },
+    CausalPad {
+        rows: usize,
+    },
+    Conv {
+        kind: ConvKind,
+        width: usize,
+    },
     QkMean,
     /// L2 norm of q and k heads, with the key temperature.
-    L2Norm { key_temperature: KeyTemperature },
+    L2Norm {
+        key_temperature: KeyTemperature,
+    },
     /// RoPE on q and k.
-    Rope { rotary_dim: usize, theta: f64, style: RopeStyle },
+    Rope {
+        rotary_dim: usize,
+        theta: f64,
+        style: RopeStyle,
+    },
 }
 
 /// The default tile: `rows` rows (including `halo_rows` recomputed ones) by `cols` columns.
@@ -135,7 +154,9 @@ impl fmt::Display for PlanError {
 impl std::error::Error for PlanError {}
 
 fn fail<T>(message: impl Into<String>) -> Result<T, PlanError> {
-    Err(PlanError { message: message.into() })
+    Err(PlanError {
+        message: message.into(),
+    })
 }
 
 /// Default tile sizes. Projection row tiles are 128 rows; a halo of 64 rows or more (very wide
@@ -159,32 +180,49 @@ pub fn plan_for(spec: &AttentionSpec, entry: EntryPoint) -> Result<KernelPlan, P
 
 /// One kernel per fusion group of a fully fused graph, in program order.
 pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
-    graph.verify().or_else(|e| fail(format!("graph does not verify: {e}")))?;
+    graph
+        .verify()
+        .or_else(|e| fail(format!("graph does not verify: {e}")))?;
     let spec = &graph.spec;
     if let Some(op) = graph
         .ops
         .iter()
         .find(|op| op.group.is_none() && !matches!(op.kind, OpKind::Input { .. }))
     {
-        return fail(format!("a {} op belongs to no kernel: run the fusion passes", op.kind.mnemonic()));
+        return fail(format!(
+            "a {} op belongs to no kernel: run the fusion passes",
+            op.kind.mnemonic()
+        ));
     }
     let buffer_of = |value: ValueId| -> Result<Buffer, PlanError> {
         let info = graph.value(value);
         match &info.name {
-            Some(name) => Ok(Buffer { name: name.clone(), ty: info.ty.clone() }),
-            None => fail(format!("value %{} crosses a kernel boundary without a buffer name", value.0)),
+            Some(name) => Ok(Buffer {
+                name: name.clone(),
+                ty: info.ty.clone(),
+            }),
+            None => fail(format!(
+                "value %{} crosses a kernel boundary without a buffer name",
+                value.0
+            )),
         }
     };
     let mut inputs = Vec::new();
     for op in &graph.ops {
         if let OpKind::Input { name, .. } = &op.kind {
-            inputs.push(Buffer { name: name.clone(), ty: graph.value(op.results[0]).ty.clone() });
+            inputs.push(Buffer {
+                name: name.clone(),
+                ty: graph.value(op.results[0]).ty.clone(),
+            });
         }
     }
     let input_buffer = |value: ValueId| -> Result<Buffer, PlanError> {
         let def = graph.defining_op(value);
         match def.map(|i| &graph.ops[i].kind) {
-            Some(OpKind::Input { name, .. }) => Ok(Buffer { name: name.clone(), ty: graph.value(value).ty.clone() }),
+            Some(OpKind::Input { name, .. }) => Ok(Buffer {
+                name: name.clone(),
+                ty: graph.value(value).ty.clone(),
+            }),
             _ => buffer_of(value),
         }
     };
@@ -200,7 +238,10 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
             .find(|&i| graph.ops[i].group != Some(group))
             .unwrap_or(graph.ops.len());
         let members = &graph.ops[start..end];
-        let defined: BTreeSet<ValueId> = members.iter().flat_map(|op| op.results.iter().copied()).collect();
+        let defined: BTreeSet<ValueId> = members
+            .iter()
+            .flat_map(|op| op.results.iter().copied())
+            .collect();
 
         let mut kernel_inputs: Vec<Buffer> = Vec::new();
         let mut params: Vec<String> = Vec::new();
@@ -222,7 +263,9 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         }
         let (mut outputs, mut scratch) = (Vec::new(), Vec::new());
         for value in members.iter().flat_map(|op| op.results.iter().copied()) {
-            let read_later = graph.ops[end..].iter().any(|op| op.operands.contains(&value));
+            let read_later = graph.ops[end..]
+                .iter()
+                .any(|op| op.operands.contains(&value));
             let returned = graph.outputs.iter().find(|o| o.value == value);
             if matches!(returned, Some(o) if o.kind == OutputKind::Saved) {
                 scratch.push(buffer_of(value)?);
@@ -234,13 +277,17 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         let role = graph.groups[group.0].role;
         let (kind, tile, grid) = match role {
             KernelRole::QkvProjection { halo_rows } => {
-                let prologue = prologue_steps(members.iter().map(|op| &op.kind));
+                let prologue = prologue_steps(members.iter().map(|op| &op.kind), spec.value_shift);
                 let rows = if halo_rows + MIN_OUTPUT_ROWS <= PROJECTION_ROWS {
                     PROJECTION_ROWS
                 } else {
                     (halo_rows + MIN_OUTPUT_ROWS).div_ceil(MIN_OUTPUT_ROWS) * MIN_OUTPUT_ROWS
                 };
-                let tile = Tile { rows, cols: (spec.groups() + 2) * spec.head_dim, halo_rows };
+                let tile = Tile {
+                    rows,
+                    cols: (spec.groups() + 2) * spec.head_dim,
+                    halo_rows,
+                };
                 // One block per (row tile, kv head, sequence): a kv head's block holds its G
                 // query heads, its key head and its value head, everything the q-k mean and the
                 // per-head norms mix.
@@ -249,11 +296,25 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
                     y: spec.kv_heads.into(),
                     z: SizeExpr::batch(),
                 };
-                (KernelKind::QkvProjection { halo_rows, prologue }, tile, grid)
+                (
+                    KernelKind::QkvProjection {
+                        halo_rows,
+                        prologue,
+                    },
+                    tile,
+                    grid,
+                )
             }
             KernelRole::Attention => {
-                let Some(OpKind::Attention { mask, groups, head_dim, scale }) =
-                    members.iter().map(|op| &op.kind).find(|k| matches!(k, OpKind::Attention { .. }))
+                let Some(OpKind::Attention {
+                    mask,
+                    groups,
+                    head_dim,
+                    scale,
+                }) = members
+                    .iter()
+                    .map(|op| &op.kind)
+                    .find(|k| matches!(k, OpKind::Attention { .. }))
                 else {
                     return fail("the attention kernel has no attention op");
                 };
@@ -265,7 +326,11 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
                     scale: *scale,
                     saves_lse: !scratch.is_empty(),
                 };
-                let tile = Tile { rows: ATTENTION_ROWS, cols: ATTENTION_COLS, halo_rows: 0 };
+                let tile = Tile {
+                    rows: ATTENTION_ROWS,
+                    cols: ATTENTION_COLS,
+                    halo_rows: 0,
+                };
                 let grid = Grid {
                     x: SizeExpr::seq_len().ceil_div(ATTENTION_ROWS as u64),
                     y: (spec.kv_heads * groups).into(),
@@ -274,8 +339,14 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
                 (kind, tile, grid)
             }
             KernelRole::OutputProjection => {
-                let bias = members.iter().any(|op| matches!(op.kind, OpKind::Linear { bias: Some(_), .. }));
-                let tile = Tile { rows: OUTPUT_TILE, cols: OUTPUT_TILE, halo_rows: 0 };
+                let bias = members
+                    .iter()
+                    .any(|op| matches!(op.kind, OpKind::Linear { bias: Some(_), .. }));
+                let tile = Tile {
+                    rows: OUTPUT_TILE,
+                    cols: OUTPUT_TILE,
+                    halo_rows: 0,
+                };
                 let grid = Grid {
                     x: (SizeExpr::batch() * SizeExpr::seq_len()).ceil_div(OUTPUT_TILE as u64),
                     y: SizeExpr::c(spec.model_dim.div_ceil(OUTPUT_TILE) as u64),
@@ -302,30 +373,65 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         .filter(|o| o.kind == OutputKind::Result)
         .map(|o| buffer_of(o.value))
         .collect::<Result<_, _>>()?;
-    let params = graph.params.iter().map(|p| Buffer { name: p.name.clone(), ty: p.ty.clone() }).collect();
-    Ok(KernelPlan { name: spec.name.clone(), entry: graph.entry, inputs, params, outputs, kernels })
+    let params = graph
+        .params
+        .iter()
+        .map(|p| Buffer {
+            name: p.name.clone(),
+            ty: p.ty.clone(),
+        })
+        .collect();
+    Ok(KernelPlan {
+        name: spec.name.clone(),
+        entry: graph.entry,
+        inputs,
+        params,
+        outputs,
+        kernels,
+    })
 }
 
 /// The prologue of a projection kernel: one step per CCA op, q and k halves of the same step
 /// (their norms, their RoPE) merged into one.
-fn prologue_steps<'a>(ops: impl Iterator<Item = &'a OpKind>) -> Vec<PrologueStep> {
+fn prologue_steps<'a>(
+    ops: impl Iterator<Item = &'a OpKind>,
+    value_shift: usize,
+) -> Vec<PrologueStep> {
     let mut steps: Vec<PrologueStep> = Vec::new();
     for kind in ops {
         let step = match kind {
-            OpKind::TokenShift { rows } => PrologueStep::TokenShift { rows: *rows },
+            OpKind::TokenShift { rows } => PrologueStep::TokenShift {
+                rows: *rows,
+                value_heads: value_shift,
+            },
             OpKind::CausalPad { rows } => PrologueStep::CausalPad { rows: *rows },
-            OpKind::ConvStage { kind, width, .. } => PrologueStep::Conv { kind: *kind, width: *width },
+            OpKind::ConvStage { kind, width, .. } => PrologueStep::Conv {
+                kind: *kind,
+                width: *width,
+            },
             OpKind::QkMean { .. } => PrologueStep::QkMean,
             OpKind::L2Norm { temperature, .. } => PrologueStep::L2Norm {
                 key_temperature: temperature.map_or(KeyTemperature::None, |(_, kind)| kind),
             },
-            OpKind::Rope { rotary_dim, theta, style, .. } => {
-                PrologueStep::Rope { rotary_dim: *rotary_dim, theta: *theta, style: *style }
-            }
+            OpKind::Rope {
+                rotary_dim,
+                theta,
+                style,
+                ..
+            } => PrologueStep::Rope {
+                rotary_dim: *rotary_dim,
+                theta: *theta,
+                style: *style,
+            },
             _ => continue,
         };
         match (steps.last_mut(), &step) {
-            (Some(PrologueStep::L2Norm { key_temperature }), PrologueStep::L2Norm { key_temperature: next }) => {
+            (
+                Some(PrologueStep::L2Norm { key_temperature }),
+                PrologueStep::L2Norm {
+                    key_temperature: next,
+                },
+            ) => {
                 if *next != KeyTemperature::None {
                     *key_temperature = *next;
                 }
@@ -372,9 +478,7 @@ impl KernelPlan {
                     Some(b) => {
                         return fail(format!(
                             "kernel {here} reads {} as {}, but it was written as {}",
-                            input.name,
-                            input.ty,
-                            b.ty
+                            input.name, input.ty, b.ty
                         ));
                     }
                     None => {
@@ -392,7 +496,10 @@ impl KernelPlan {
             }
             for buffer in kernel.outputs.iter().chain(&kernel.scratch) {
                 if available.iter().any(|b| b.name == buffer.name) {
-                    return fail(format!("kernel {here} writes {}, which already exists", buffer.name));
+                    return fail(format!(
+                        "kernel {here} writes {}, which already exists",
+                        buffer.name
+                    ));
                 }
                 let degree: u32 = buffer.ty.shape.iter().map(seq_degree).sum();
                 if degree > 1 {
@@ -423,4 +530,3 @@ impl KernelPlan {
         Ok(())
     }
 }
-

@@ -10,7 +10,12 @@ impl fmt::Display for KernelPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.kernels.len();
         let plural = if count == 1 { "" } else { "s" };
-        writeln!(f, "plan @{}.{}: {count} kernel{plural}", self.name, self.entry.name())?;
+        writeln!(
+            f,
+            "plan @{}.{}: {count} kernel{plural}",
+            self.name,
+            self.entry.name()
+        )?;
         for input in &self.inputs {
             writeln!(f, "  input {}", buffer_text(input))?;
         }
@@ -61,16 +66,36 @@ fn write_kernel(f: &mut fmt::Formatter<'_>, kernel: &PlannedKernel) -> fmt::Resu
         writeln!(f, "  tile {}x{}", tile.rows, tile.cols)?;
     }
     let grid = &kernel.grid;
-    writeln!(f, "  grid ({}, {}, {}) = {} blocks", grid.x, grid.y, grid.z, grid.blocks())
+    writeln!(
+        f,
+        "  grid ({}, {}, {}) = {} blocks",
+        grid.x,
+        grid.y,
+        grid.z,
+        grid.blocks()
+    )
 }
 
 fn kind_text(kind: &KernelKind) -> String {
     match kind {
-        KernelKind::QkvProjection { halo_rows, prologue } => {
+        KernelKind::QkvProjection {
+            halo_rows,
+            prologue,
+        } => {
             let steps: Vec<String> = prologue.iter().map(step_text).collect();
-            format!("qkv_projection {{halo_rows = {halo_rows}, prologue = [{}]}}", steps.join(", "))
+            format!(
+                "qkv_projection {{halo_rows = {halo_rows}, prologue = [{}]}}",
+                steps.join(", ")
+            )
         }
-        KernelKind::Attention { mask, query_heads, kv_heads, head_dim, scale, saves_lse } => format!(
+        KernelKind::Attention {
+            mask,
+            query_heads,
+            kv_heads,
+            head_dim,
+            scale,
+            saves_lse,
+        } => format!(
             "attention {{mask = {}, query_heads = {query_heads}, kv_heads = {kv_heads}, \
              groups = {}, head_dim = {head_dim}, scale = {scale:?}, saves_lse = {saves_lse}}}",
             mask_text(*mask),
@@ -82,14 +107,23 @@ fn kind_text(kind: &KernelKind) -> String {
 
 fn step_text(step: &PrologueStep) -> String {
     match step {
-        PrologueStep::TokenShift { rows } => format!("token_shift({rows})"),
+        PrologueStep::TokenShift { rows, value_heads } => {
+            format!("token_shift(rows = {rows}, value_heads = {value_heads})")
+        }
         PrologueStep::CausalPad { rows } => format!("causal_pad({rows})"),
         PrologueStep::Conv { kind, width } => format!("{}({width})", conv_kind_name(*kind)),
         PrologueStep::QkMean => "qk_mean".into(),
         PrologueStep::L2Norm { key_temperature } => {
-            format!("l2_norm(key_temperature = {})", temperature_name(*key_temperature))
+            format!(
+                "l2_norm(key_temperature = {})",
+                temperature_name(*key_temperature)
+            )
         }
-        PrologueStep::Rope { rotary_dim, theta, style } => {
+        PrologueStep::Rope {
+            rotary_dim,
+            theta,
+            style,
+        } => {
             let style = match style {
                 RopeStyle::Neox => "neox",
                 RopeStyle::Interleaved => "interleaved",
