@@ -262,3 +262,18 @@ fn verifier_rejects_split_groups_and_missing_outputs() {
         "output out: returns %99, which is never defined"
     );
 }
+
+#[test]
+fn the_pipeline_verifies_its_input_when_asked() {
+    assert_eq!(
+        PipelineOptions::default().verify_each_pass,
+        cfg!(debug_assertions)
+    );
+    let mut graph = built(&ir_graph_specs::mha());
+    graph.outputs[0].value = ValueId(99);
+    let err = run_pipeline(graph, &checked_options()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pass verify-input: verifier: output out: returns %99, which is never defined"
+    );
+}

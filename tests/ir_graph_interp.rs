@@ -564,3 +564,35 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
     }
     BTreeMap::from([("out".to_string(), out), ("lse".to_string(), lse)])
 }
+
+#[test]
+fn interpreter_reports_bad_inputs_instead_of_panicking() {
+    let spec = AttentionSpec::plain("small", 8, 4, 2, 1);
+    let graph = graph::build(&spec, EntryPoint::Forward).unwrap();
+    let mut rng = Rng(3);
+    let mut weights = random_weights(&mut rng, &spec);
+    let env = SizeEnv {
+        batch: 1,
+        seq_len: 3,
+    };
+    let x = random_array(&mut rng, vec![1, 3, 8], -1.0, 1.0);
+    let inputs = BTreeMap::from([("x".to_string(), x)]);
+    interp::run(&graph, env, &inputs, &weights).unwrap();
+
+    let short = SizeEnv {
+        batch: 1,
+        seq_len: 2,
+    };
+    let err = interp::run(&graph, short, &inputs, &weights).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "graph interpreter: op 0 (input) made %0 with shape [1, 3, 8], its type says [1, 2, 8]"
+    );
+
+    weights.remove("k_proj.weight");
+    let err = interp::run(&graph, env, &inputs, &weights).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "graph interpreter: parameter k_proj.weight is missing"
+    );
+}
