@@ -130,6 +130,10 @@ fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
             spec.name
         );
         assert_eq!(plan.kernels[0].tile.output_rows(), 128);
+        // No head mixing: one block per head of q, k or v, 128 columns wide.
+        assert_eq!(plan.kernels[0].tile.cols, 128);
+        let heads = spec.query_heads + 2 * spec.kv_heads;
+        assert_eq!(plan.kernels[0].grid.y, SizeExpr::c(heads as u64));
     }
 }
 

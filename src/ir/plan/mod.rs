@@ -283,17 +283,24 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
                 } else {
                     (halo_rows + MIN_OUTPUT_ROWS).div_ceil(MIN_OUTPUT_ROWS) * MIN_OUTPUT_ROWS
                 };
+                // Column blocks: the q-k mean mixes a kv head with its G query heads, so with it
+                // a block holds one kv group (G query heads, the key head, the value head);
+                // without it every epilogue step stays inside one head and a block is one head
+                // of q, k or v, a plain GEMM tile.
+                let mixes_heads = prologue.contains(&PrologueStep::QkMean);
+                let (cols, column_blocks) = if mixes_heads {
+                    ((spec.groups() + 2) * spec.head_dim, spec.kv_heads)
+                } else {
+                    (spec.head_dim, spec.query_heads + 2 * spec.kv_heads)
+                };
                 let tile = Tile {
                     rows,
-                    cols: (spec.groups() + 2) * spec.head_dim,
+                    cols,
                     halo_rows,
                 };
-                // One block per (row tile, kv head, sequence): a kv head's block holds its G
-                // query heads, its key head and its value head, everything the q-k mean and the
-                // per-head norms mix.
                 let grid = Grid {
                     x: SizeExpr::seq_len().ceil_div(tile.output_rows() as u64),
-                    y: spec.kv_heads.into(),
+                    y: column_blocks.into(),
                     z: SizeExpr::batch(),
                 };
                 (
