@@ -1,0 +1,539 @@
+//! The kernel plan: which kernels one entry point launches, in order, with the buffers each
+//! reads and writes (shapes as `SizeExpr`s of B and S), its scratch, its default tile and its
+//! launch grid. It is lowered from a fully fused graph, one kernel per fusion group; the kernel
+//! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
+
+use crate::ir::graph::{Graph, KernelRole, OpKind, OutputKind, TensorType, ValueId};
+use crate::ir::passes::{PipelineOptions, run_pipeline};
+use crate::ir::size::{SizeExpr, SizeVar};
+use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
+use std::collections::BTreeSet;
+use std::fmt;
+
+mod print;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelPlan {
+    /// The spec's name: every symbol starts with it.
+    pub name: String,
+    pub entry: EntryPoint,
+    /// Activations the caller passes in (x).
+    pub inputs: Vec<Buffer>,
+    /// Learned tensors, by their state-dict names.
+    pub params: Vec<Buffer>,
+    /// Activations the caller gets back (out).
+    pub outputs: Vec<Buffer>,
+    pub kernels: Vec<PlannedKernel>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Buffer {
+    pub name: String,
+    pub ty: TensorType,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedKernel {
+    /// `{spec.name}_{kernel}`, e.g. `zaya1_qkv_proj`.
+    pub symbol: String,
+    pub kind: KernelKind,
+    /// Activation buffers read (layer inputs or earlier kernels' outputs).
+    pub inputs: Vec<Buffer>,
+    /// Parameter names read, in order.
+    pub params: Vec<String>,
+    /// Activation buffers written for later kernels or the caller.
+    pub outputs: Vec<Buffer>,
+    /// Buffers written for a later entry point (the log-sum-exp for backward): O(B·S·heads).
+    pub scratch: Vec<Buffer>,
+    pub tile: Tile,
+    pub grid: Grid,
+}
+
+/// What the kernel-IR builder needs to know beyond the spec.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KernelKind {
+    /// [q0 | k0 | v] = x·[W_q | W_k | W_v…]ᵀ with the prologue steps in its epilogue. Each row
+    /// tile recomputes `halo_rows` rows before its first output row.
+    QkvProjection {
+        halo_rows: usize,
+        prologue: Vec<PrologueStep>,
+    },
+    Attention {
+        mask: Mask,
+        query_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f64,
+        /// Writes the log-sum-exp of every query row (scratch `lse`).
+        saves_lse: bool,
+    },
+    OutputProjection {
+        bias: bool,
+    },
+}
+
+impl KernelKind {
+    pub fn symbol_suffix(&self) -> &'static str {
+        match self {
+            KernelKind::QkvProjection { .. } => "qkv_proj",
+            KernelKind::Attention { .. } => "attention",
+            KernelKind::OutputProjection { .. } => "out_proj",
+        }
+    }
+}
+
+/// One step of the projection epilogue, in execution order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PrologueStep {
+    /// The last `value_heads` kv heads take their value from x `rows` tokens back.
+    TokenShift {
+        rows: usize,
+        value_heads: usize,
+    },
+    /// T zero rows of history before the sequence (padded once).
+    CausalPad {
+        rows: usize,
+    },
+    Conv {
+        kind: ConvKind,
+        width: usize,
+    },
+    QkMean,
+    /// L2 norm of q and k heads, with the key temperature.
+    L2Norm {
+        key_temperature: KeyTemperature,
+    },
+    /// RoPE on q and k.
+    Rope {
+        rotary_dim: usize,
+        theta: f64,
+        style: RopeStyle,
+    },
+}
+
+/// The default tile: `rows` rows (including `halo_rows` recomputed ones) by `cols` columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tile {
+    pub rows: usize,
+    pub cols: usize,
+    pub halo_rows: usize,
+}
+
+impl Tile {
+    /// Output rows each tile produces.
+    pub fn output_rows(&self) -> usize {
+        self.rows - self.halo_rows
+    }
+}
+
+/// Launch grid in blocks: x, y, z.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grid {
+    pub x: SizeExpr,
+    pub y: SizeExpr,
+    pub z: SizeExpr,
+}
+
+impl Grid {
+    pub fn blocks(&self) -> SizeExpr {
+        self.x.clone() * self.y.clone() * self.z.clone()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanError {
+    pub message: String,
+}
+
+impl fmt::Display for PlanError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "kernel plan: {}", self.message)
+    }
+}
+
+impl std::error::Error for PlanError {}
+
+fn fail<T>(message: impl Into<String>) -> Result<T, PlanError> {
+    Err(PlanError {
+        message: message.into(),
+    })
+}
+
+/// Default tile sizes. Projection row tiles are 128 rows; a halo of 64 rows or more (very wide
+/// convolutions) grows the tile so that at least 64 output rows remain.
+const PROJECTION_ROWS: usize = 128;
+const MIN_OUTPUT_ROWS: usize = 64;
+/// Attention: 128 query rows per block, 128 keys per step (FA3's causal D = 128 choice).
+const ATTENTION_ROWS: usize = 128;
+const ATTENTION_COLS: usize = 128;
+/// Output projection: 128 × 128 output tiles over the B·S rows.
+const OUTPUT_TILE: usize = 128;
+
+/// Builds, optimises and plans one entry point of `spec` with the default pipeline options.
+pub fn plan_for(spec: &AttentionSpec, entry: EntryPoint) -> Result<KernelPlan, PlanError> {
+    let graph = crate::ir::graph::build(spec, entry).or_else(|e| fail(e.to_string()))?;
+    let run = run_pipeline(graph, &PipelineOptions::default()).or_else(|e| fail(e.to_string()))?;
+    let plan = lower(&run.graph)?;
+    plan.verify()?;
+    Ok(plan)
+}
+
+/// One kernel per fusion group of a fully fused graph, in program order.
+pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
+    graph
+        .verify()
+        .or_else(|e| fail(format!("graph does not verify: {e}")))?;
+    let spec = &graph.spec;
+    if let Some(op) = graph
+        .ops
+        .iter()
+        .find(|op| op.group.is_none() && !matches!(op.kind, OpKind::Input { .. }))
+    {
+        return fail(format!(
+            "a {} op belongs to no kernel: run the fusion passes",
+            op.kind.mnemonic()
+        ));
+    }
+    let buffer_of = |value: ValueId| -> Result<Buffer, PlanError> {
+        let info = graph.value(value);
+        match &info.name {
+            Some(name) => Ok(Buffer {
+                name: name.clone(),
+                ty: info.ty.clone(),
+            }),
+            None => fail(format!(
+                "value %{} crosses a kernel boundary without a buffer name",
+                value.0
+            )),
+        }
+    };
+    let mut inputs = Vec::new();
+    for op in &graph.ops {
+        if let OpKind::Input { name, .. } = &op.kind {
+            inputs.push(Buffer {
+                name: name.clone(),
+                ty: graph.value(op.results[0]).ty.clone(),
+            });
+        }
+    }
+    let input_buffer = |value: ValueId| -> Result<Buffer, PlanError> {
+        let def = graph.defining_op(value);
+        match def.map(|i| &graph.ops[i].kind) {
+            Some(OpKind::Input { name, .. }) => Ok(Buffer {
+                name: name.clone(),
+                ty: graph.value(value).ty.clone(),
+            }),
+            _ => buffer_of(value),
+        }
+    };
+
+    let mut kernels = Vec::new();
+    let mut start = 0;
+    while start < graph.ops.len() {
+        let Some(group) = graph.ops[start].group else {
+            start += 1;
+            continue;
+        };
+        let end = (start..graph.ops.len())
+            .find(|&i| graph.ops[i].group != Some(group))
+            .unwrap_or(graph.ops.len());
+        let members = &graph.ops[start..end];
+        let defined: BTreeSet<ValueId> = members
+            .iter()
+            .flat_map(|op| op.results.iter().copied())
+            .collect();
+
+        let mut kernel_inputs: Vec<Buffer> = Vec::new();
+        let mut params: Vec<String> = Vec::new();
+        for op in members {
+            for operand in &op.operands {
+                if !defined.contains(operand) {
+                    let buffer = input_buffer(*operand)?;
+                    if !kernel_inputs.contains(&buffer) {
+                        kernel_inputs.push(buffer);
+                    }
+                }
+            }
+            for param in op.kind.params() {
+                let name = graph.param(param).name.clone();
+                if !params.contains(&name) {
+                    params.push(name);
+                }
+            }
+        }
+        let (mut outputs, mut scratch) = (Vec::new(), Vec::new());
+        for value in members.iter().flat_map(|op| op.results.iter().copied()) {
+            let read_later = graph.ops[end..]
+                .iter()
+                .any(|op| op.operands.contains(&value));
+            let returned = graph.outputs.iter().find(|o| o.value == value);
+            if matches!(returned, Some(o) if o.kind == OutputKind::Saved) {
+                scratch.push(buffer_of(value)?);
+            } else if read_later || returned.is_some() {
+                outputs.push(buffer_of(value)?);
+            }
+        }
+
+        let role = graph.groups[group.0].role;
+        let (kind, tile, grid) = match role {
+            KernelRole::QkvProjection { halo_rows } => {
+                let prologue = prologue_steps(members.iter().map(|op| &op.kind), spec.value_shift);
+                let rows = if halo_rows + MIN_OUTPUT_ROWS <= PROJECTION_ROWS {
+                    PROJECTION_ROWS
+                } else {
+                    (halo_rows + MIN_OUTPUT_ROWS).div_ceil(MIN_OUTPUT_ROWS) * MIN_OUTPUT_ROWS
+                };
+                // Column blocks: the q-k mean mixes a kv head with its G query heads, so with it
+                // a block holds one kv group (G query heads, the key head, the value head);
+                // without it every epilogue step stays inside one head and a block is one head
+                // of q, k or v, a plain GEMM tile.
+                let mixes_heads = prologue.contains(&PrologueStep::QkMean);
+                let (cols, column_blocks) = if mixes_heads {
+                    ((spec.groups() + 2) * spec.head_dim, spec.kv_heads)
+                } else {
+                    (spec.head_dim, spec.query_heads + 2 * spec.kv_heads)
+                };
+                let tile = Tile {
+                    rows,
+                    cols,
+                    halo_rows,
+                };
+                let grid = Grid {
+                    x: SizeExpr::seq_len().ceil_div(tile.output_rows() as u64),
+                    y: column_blocks.into(),
+                    z: SizeExpr::batch(),
+                };
+                (
+                    KernelKind::QkvProjection {
+                        halo_rows,
+                        prologue,
+                    },
+                    tile,
+                    grid,
+                )
+            }
+            KernelRole::Attention => {
+                let Some(OpKind::Attention {
+                    mask,
+                    groups,
+                    head_dim,
+                    scale,
+                }) = members
+                    .iter()
+                    .map(|op| &op.kind)
+                    .find(|k| matches!(k, OpKind::Attention { .. }))
+                else {
+                    return fail("the attention kernel has no attention op");
+                };
+                let kind = KernelKind::Attention {
+                    mask: *mask,
+                    query_heads: spec.kv_heads * groups,
+                    kv_heads: spec.kv_heads,
+                    head_dim: *head_dim,
+                    scale: *scale,
+                    saves_lse: !scratch.is_empty(),
+                };
+                let tile = Tile {
+                    rows: ATTENTION_ROWS,
+                    cols: ATTENTION_COLS,
+                    halo_rows: 0,
+                };
+                let grid = Grid {
+                    x: SizeExpr::seq_len().ceil_div(ATTENTION_ROWS as u64),
+                    y: (spec.kv_heads * groups).into(),
+                    z: SizeExpr::batch(),
+                };
+                (kind, tile, grid)
+            }
+            KernelRole::OutputProjection => {
+                let bias = members
+                    .iter()
+                    .any(|op| matches!(op.kind, OpKind::Linear { bias: Some(_), .. }));
+                let tile = Tile {
+                    rows: OUTPUT_TILE,
+                    cols: OUTPUT_TILE,
+                    halo_rows: 0,
+                };
+                let grid = Grid {
+                    x: (SizeExpr::batch() * SizeExpr::seq_len()).ceil_div(OUTPUT_TILE as u64),
+                    y: SizeExpr::c(spec.model_dim.div_ceil(OUTPUT_TILE) as u64),
+                    z: SizeExpr::c(1),
+                };
+                (KernelKind::OutputProjection { bias }, tile, grid)
+            }
+        };
+        kernels.push(PlannedKernel {
+            symbol: format!("{}_{}", spec.name, role.symbol_suffix()),
+            kind,
+            inputs: kernel_inputs,
+            params,
+            outputs,
+            scratch,
+            tile,
+            grid,
+        });
+        start = end;
+    }
+    let outputs = graph
+        .outputs
+        .iter()
+        .filter(|o| o.kind == OutputKind::Result)
+        .map(|o| buffer_of(o.value))
+        .collect::<Result<_, _>>()?;
+    let params = graph
+        .params
+        .iter()
+        .map(|p| Buffer {
+            name: p.name.clone(),
+            ty: p.ty.clone(),
+        })
+        .collect();
+    Ok(KernelPlan {
+        name: spec.name.clone(),
+        entry: graph.entry,
+        inputs,
+        params,
+        outputs,
+        kernels,
+    })
+}
+
+/// The prologue of a projection kernel: one step per CCA op, q and k halves of the same step
+/// (their norms, their RoPE) merged into one.
+fn prologue_steps<'a>(
+    ops: impl Iterator<Item = &'a OpKind>,
+    value_shift: usize,
+) -> Vec<PrologueStep> {
+    let mut steps: Vec<PrologueStep> = Vec::new();
+    for kind in ops {
+        let step = match kind {
+            OpKind::TokenShift { rows } => PrologueStep::TokenShift {
+                rows: *rows,
+                value_heads: value_shift,
+            },
+            OpKind::CausalPad { rows } => PrologueStep::CausalPad { rows: *rows },
+            OpKind::ConvStage { kind, width, .. } => PrologueStep::Conv {
+                kind: *kind,
+                width: *width,
+            },
+            OpKind::QkMean { .. } => PrologueStep::QkMean,
+            OpKind::L2Norm { temperature, .. } => PrologueStep::L2Norm {
+                key_temperature: temperature.map_or(KeyTemperature::None, |(_, kind)| kind),
+            },
+            OpKind::Rope {
+                rotary_dim,
+                theta,
+                style,
+                ..
+            } => PrologueStep::Rope {
+                rotary_dim: *rotary_dim,
+                theta: *theta,
+                style: *style,
+            },
+            _ => continue,
+        };
+        match (steps.last_mut(), &step) {
+            (
+                Some(PrologueStep::L2Norm { key_temperature }),
+                PrologueStep::L2Norm {
+                    key_temperature: next,
+                },
+            ) => {
+                if *next != KeyTemperature::None {
+                    *key_temperature = *next;
+                }
+            }
+            (Some(last), _) if *last == step && matches!(step, PrologueStep::Rope { .. }) => {}
+            _ => steps.push(step),
+        }
+    }
+    steps
+}
+
+/// How many factors of S a size has: a buffer of degree 2 would be S×S.
+fn seq_degree(expr: &SizeExpr) -> u32 {
+    match expr {
+        SizeExpr::Const(_) => 0,
+        SizeExpr::Var(var) => u32::from(*var == SizeVar::SeqLen),
+        SizeExpr::Add(a, b) => seq_degree(a).max(seq_degree(b)),
+        SizeExpr::Mul(a, b) => seq_degree(a) + seq_degree(b),
+        SizeExpr::CeilDiv(a, _) => seq_degree(a),
+    }
+}
+
+impl KernelPlan {
+    /// Symbols, dataflow between kernels (every buffer read is a layer input or written by an
+    /// earlier kernel, with the same type), parameters, tiles, and that no buffer is S×S.
+    pub fn verify(&self) -> Result<(), PlanError> {
+        if self.kernels.is_empty() {
+            return fail("the plan has no kernels");
+        }
+        let mut available: Vec<Buffer> = self.inputs.clone();
+        let mut symbols = BTreeSet::new();
+        for kernel in &self.kernels {
+            let here = &kernel.symbol;
+            let want = format!("{}_{}", self.name, kernel.kind.symbol_suffix());
+            if *here != want {
+                return fail(format!("kernel {here} should be named {want}"));
+            }
+            if !symbols.insert(here.clone()) {
+                return fail(format!("kernel {here} appears twice"));
+            }
+            for input in &kernel.inputs {
+                match available.iter().find(|b| b.name == input.name) {
+                    Some(b) if b.ty == input.ty => {}
+                    Some(b) => {
+                        return fail(format!(
+                            "kernel {here} reads {} as {}, but it was written as {}",
+                            input.name, input.ty, b.ty
+                        ));
+                    }
+                    None => {
+                        return fail(format!(
+                            "kernel {here} reads {}, which no earlier kernel writes",
+                            input.name
+                        ));
+                    }
+                }
+            }
+            for param in &kernel.params {
+                if !self.params.iter().any(|p| p.name == *param) {
+                    return fail(format!("kernel {here} reads undeclared parameter @{param}"));
+                }
+            }
+            for buffer in kernel.outputs.iter().chain(&kernel.scratch) {
+                if available.iter().any(|b| b.name == buffer.name) {
+                    return fail(format!(
+                        "kernel {here} writes {}, which already exists",
+                        buffer.name
+                    ));
+                }
+                let degree: u32 = buffer.ty.shape.iter().map(seq_degree).sum();
+                if degree > 1 {
+                    return fail(format!(
+                        "kernel {here}: buffer {} is quadratic in S",
+                        buffer.name
+                    ));
+                }
+                available.push(buffer.clone());
+            }
+            if kernel.tile.halo_rows >= kernel.tile.rows {
+                return fail(format!(
+                    "kernel {here}: a tile of {} rows cannot hold a halo of {}",
+                    kernel.tile.rows, kernel.tile.halo_rows
+                ));
+            }
+            for axis in [&kernel.grid.x, &kernel.grid.y, &kernel.grid.z] {
+                if *axis == SizeExpr::c(0) {
+                    return fail(format!("kernel {here} launches an empty grid"));
+                }
+            }
+        }
+        for output in &self.outputs {
+            if !available.iter().any(|b| b == output) {
+                return fail(format!("no kernel writes the layer output {}", output.name));
+            }
+        }
+        Ok(())
+    }
+}

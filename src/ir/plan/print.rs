@@ -1,0 +1,134 @@
+//! The stable text form of the plan (`ccc compile --emit plan`): a header that counts the
+//! kernels, the layer's buffers, then one block per kernel with its kind, buffers, tile and grid.
+
+use super::{Buffer, KernelKind, KernelPlan, PlannedKernel, PrologueStep};
+use crate::ir::graph::print_names::{conv_kind_name, mask_text, temperature_name};
+use crate::spec::RopeStyle;
+use std::fmt;
+
+impl fmt::Display for KernelPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.kernels.len();
+        let plural = if count == 1 { "" } else { "s" };
+        writeln!(
+            f,
+            "plan @{}.{}: {count} kernel{plural}",
+            self.name,
+            self.entry.name()
+        )?;
+        for input in &self.inputs {
+            writeln!(f, "  input {}", buffer_text(input))?;
+        }
+        for output in &self.outputs {
+            writeln!(f, "  output {}", buffer_text(output))?;
+        }
+        for param in &self.params {
+            writeln!(f, "  param @{} : {}", param.name, param.ty)?;
+        }
+        for (index, kernel) in self.kernels.iter().enumerate() {
+            write!(f, "kernel {index} ")?;
+            write_kernel(f, kernel)?;
+        }
+        Ok(())
+    }
+}
+
+fn buffer_text(buffer: &Buffer) -> String {
+    format!("{} : {}", buffer.name, buffer.ty)
+}
+
+fn write_kernel(f: &mut fmt::Formatter<'_>, kernel: &PlannedKernel) -> fmt::Result {
+    writeln!(f, "@{} = {}", kernel.symbol, kind_text(&kernel.kind))?;
+    for input in &kernel.inputs {
+        writeln!(f, "  reads {}", buffer_text(input))?;
+    }
+    if !kernel.params.is_empty() {
+        let params: Vec<String> = kernel.params.iter().map(|p| format!("@{p}")).collect();
+        writeln!(f, "  params {}", params.join(", "))?;
+    }
+    for output in &kernel.outputs {
+        writeln!(f, "  writes {}", buffer_text(output))?;
+    }
+    for scratch in &kernel.scratch {
+        writeln!(f, "  scratch {}", buffer_text(scratch))?;
+    }
+    let tile = &kernel.tile;
+    if tile.halo_rows > 0 {
+        writeln!(
+            f,
+            "  tile {}x{} ({} halo + {} output rows)",
+            tile.rows,
+            tile.cols,
+            tile.halo_rows,
+            tile.output_rows()
+        )?;
+    } else {
+        writeln!(f, "  tile {}x{}", tile.rows, tile.cols)?;
+    }
+    let grid = &kernel.grid;
+    writeln!(
+        f,
+        "  grid ({}, {}, {}) = {} blocks",
+        grid.x,
+        grid.y,
+        grid.z,
+        grid.blocks()
+    )
+}
+
+fn kind_text(kind: &KernelKind) -> String {
+    match kind {
+        KernelKind::QkvProjection {
+            halo_rows,
+            prologue,
+        } => {
+            let steps: Vec<String> = prologue.iter().map(step_text).collect();
+            format!(
+                "qkv_projection {{halo_rows = {halo_rows}, prologue = [{}]}}",
+                steps.join(", ")
+            )
+        }
+        KernelKind::Attention {
+            mask,
+            query_heads,
+            kv_heads,
+            head_dim,
+            scale,
+            saves_lse,
+        } => format!(
+            "attention {{mask = {}, query_heads = {query_heads}, kv_heads = {kv_heads}, \
+             groups = {}, head_dim = {head_dim}, scale = {scale:?}, saves_lse = {saves_lse}}}",
+            mask_text(*mask),
+            query_heads / kv_heads
+        ),
+        KernelKind::OutputProjection { bias } => format!("output_projection {{bias = {bias}}}"),
+    }
+}
+
+fn step_text(step: &PrologueStep) -> String {
+    match step {
+        PrologueStep::TokenShift { rows, value_heads } => {
+            format!("token_shift(rows = {rows}, value_heads = {value_heads})")
+        }
+        PrologueStep::CausalPad { rows } => format!("causal_pad({rows})"),
+        PrologueStep::Conv { kind, width } => format!("{}({width})", conv_kind_name(*kind)),
+        PrologueStep::QkMean => "qk_mean".into(),
+        PrologueStep::L2Norm { key_temperature } => {
+            format!(
+                "l2_norm(key_temperature = {})",
+                temperature_name(*key_temperature)
+            )
+        }
+        PrologueStep::Rope {
+            rotary_dim,
+            theta,
+            style,
+        } => {
+            let style = match style {
+                RopeStyle::Neox => "neox",
+                RopeStyle::Interleaved => "interleaved",
+            };
+            format!("rope(rotary_dim = {rotary_dim}, theta = {theta:?}, {style})")
+        }
+    }
+}

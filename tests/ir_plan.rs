@@ -1,0 +1,217 @@
+//! The kernel plan: snapshots for the example layers, the three forward kernels, grids and
+//! scratch sizes, and the plan verifier on broken plans.
+
+mod ir_graph_specs;
+
+use ccc::ir::graph::{ElemType, Layout, TensorType};
+use ccc::ir::plan::{self, Buffer, KernelKind, KernelPlan, PrologueStep};
+use ccc::ir::size::{SizeEnv, SizeExpr};
+use ccc::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, RopeStyle};
+
+fn planned(spec: &AttentionSpec) -> KernelPlan {
+    plan::plan_for(spec, EntryPoint::Forward).expect("example specs plan")
+}
+
+#[test]
+fn snapshots_of_the_example_plans() {
+    for spec in ir_graph_specs::all() {
+        insta::assert_snapshot!(format!("plan_{}", spec.name), planned(&spec).to_string());
+    }
+}
+
+#[test]
+fn zaya1_has_exactly_three_forward_kernels() {
+    let plan = planned(&ir_graph_specs::zaya1());
+    let symbols: Vec<&str> = plan.kernels.iter().map(|k| k.symbol.as_str()).collect();
+    assert_eq!(
+        symbols,
+        ["zaya1_qkv_proj", "zaya1_attention", "zaya1_out_proj"]
+    );
+    assert!(
+        plan.to_string()
+            .starts_with("plan @zaya1.forward: 3 kernels\n")
+    );
+    assert_eq!(
+        plan.kernels[0].kind,
+        KernelKind::QkvProjection {
+            halo_rows: 2,
+            prologue: vec![
+                PrologueStep::TokenShift {
+                    rows: 1,
+                    value_heads: 1
+                },
+                PrologueStep::CausalPad { rows: 2 },
+                PrologueStep::Conv {
+                    kind: ConvKind::Depthwise,
+                    width: 2
+                },
+                PrologueStep::Conv {
+                    kind: ConvKind::PerHead,
+                    width: 2
+                },
+                PrologueStep::QkMean,
+                PrologueStep::L2Norm {
+                    key_temperature: KeyTemperature::Learned
+                },
+                PrologueStep::Rope {
+                    rotary_dim: 64,
+                    theta: 5e6,
+                    style: RopeStyle::Neox
+                },
+            ],
+        }
+    );
+    // Each 128-row tile recomputes 2 halo rows: ceil(S/126) row tiles per kv head and sequence.
+    let env = SizeEnv {
+        batch: 2,
+        seq_len: 16384,
+    };
+    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(131 * 2 * 2));
+    // Attention: ceil(S/128)·Hq·B blocks.
+    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(128 * 8 * 2));
+    assert_eq!(plan.kernels[1].grid.blocks().to_string(), "ceil(S/128)*8*B");
+}
+
+#[test]
+fn attention_saves_a_linear_size_log_sum_exp() {
+    let plan = planned(&ir_graph_specs::zaya1());
+    let attention = &plan.kernels[1];
+    let lse = TensorType::new(
+        vec![SizeExpr::batch(), 8usize.into(), SizeExpr::seq_len()],
+        ElemType::F32,
+        Layout::RowMajor,
+    );
+    assert_eq!(
+        attention.scratch,
+        [Buffer {
+            name: "lse".into(),
+            ty: lse
+        }]
+    );
+    let env = SizeEnv {
+        batch: 1,
+        seq_len: 16384,
+    };
+    let elements: u64 = attention.scratch[0]
+        .ty
+        .shape
+        .iter()
+        .map(|d| d.eval(&env).unwrap())
+        .product();
+    assert_eq!(elements, 8 * 16384);
+}
+
+#[test]
+fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
+    for spec in [
+        ir_graph_specs::mha(),
+        ir_graph_specs::gqa(),
+        ir_graph_specs::mqa(),
+    ] {
+        let plan = planned(&spec);
+        let suffixes: Vec<&str> = plan
+            .kernels
+            .iter()
+            .map(|k| k.kind.symbol_suffix())
+            .collect();
+        assert_eq!(
+            suffixes,
+            ["qkv_proj", "attention", "out_proj"],
+            "{}",
+            spec.name
+        );
+        assert_eq!(
+            plan.kernels[0].kind,
+            KernelKind::QkvProjection {
+                halo_rows: 0,
+                prologue: vec![]
+            },
+            "{}",
+            spec.name
+        );
+        assert_eq!(plan.kernels[0].tile.output_rows(), 128);
+        // No head mixing: one block per head of q, k or v, 128 columns wide.
+        assert_eq!(plan.kernels[0].tile.cols, 128);
+        let heads = spec.query_heads + 2 * spec.kv_heads;
+        assert_eq!(plan.kernels[0].grid.y, SizeExpr::c(heads as u64));
+    }
+}
+
+#[test]
+fn wide_convolutions_grow_the_projection_tile() {
+    let mut spec = ir_graph_specs::cca();
+    spec.qk_conv = vec![ccc::spec::ConvStage {
+        kind: ConvKind::Depthwise,
+        width: 100,
+    }];
+    let plan = planned(&spec);
+    let tile = plan.kernels[0].tile;
+    assert_eq!(
+        (tile.rows, tile.halo_rows, tile.output_rows()),
+        (192, 99, 93)
+    );
+    assert_eq!(plan.kernels[0].grid.x.to_string(), "ceil(S/93)");
+}
+
+fn verify_message(plan: &KernelPlan) -> String {
+    plan.verify().expect_err("the plan is broken").to_string()
+}
+
+#[test]
+fn plan_verifier_rejects_broken_plans() {
+    let good = planned(&ir_graph_specs::zaya1());
+    good.verify().unwrap();
+
+    let mut plan = good.clone();
+    plan.kernels.swap(0, 1);
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: kernel zaya1_attention reads q, which no earlier kernel writes"
+    );
+
+    let mut plan = good.clone();
+    plan.kernels[1].inputs[1].ty.layout = Layout::Bshd { heads: 1 };
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: kernel zaya1_attention reads k as [B,S,256]xbf16#bshd(1), but it was \
+         written as [B,S,256]xbf16#bshd(2)"
+    );
+
+    let mut plan = good.clone();
+    plan.kernels[1].scratch[0].ty.shape[1] = SizeExpr::seq_len();
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: kernel zaya1_attention: buffer lse is quadratic in S"
+    );
+
+    let mut plan = good.clone();
+    plan.kernels[2].symbol = "zaya1_o_proj".into();
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: kernel zaya1_o_proj should be named zaya1_out_proj"
+    );
+
+    let mut plan = good.clone();
+    plan.kernels[0].params.push("q_proj.bias".into());
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: kernel zaya1_qkv_proj reads undeclared parameter @q_proj.bias"
+    );
+
+    let mut plan = good;
+    plan.kernels.pop();
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: no kernel writes the layer output out"
+    );
+}
+
+#[test]
+fn lowering_an_unfused_graph_is_an_error() {
+    let graph = ccc::ir::graph::build(&ir_graph_specs::mha(), EntryPoint::Forward).unwrap();
+    let err = plan::lower(&graph).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "kernel plan: a linear op belongs to no kernel: run the fusion passes"
+    );
+}
