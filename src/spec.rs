@@ -326,6 +326,11 @@ impl AttentionSpec {
         out
     }
 
+    /// The state-dict name of the parameter with `role`, if the spec has one.
+    pub fn param_name(&self, role: ParamRole) -> Option<String> {
+        self.params().into_iter().find(|p| p.role == role).map(|p| p.name)
+    }
+
     /// Total learned scalars.
     pub fn param_count(&self) -> usize {
         self.params().iter().map(|p| p.shape.iter().product::<usize>()).sum()

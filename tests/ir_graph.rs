@@ -192,11 +192,11 @@ fn verifier_rejects_unknown_and_misshapen_parameters() {
     );
 
     let mut graph = built(&ir_graph_specs::zaya1());
-    let conv = graph.param_by_name("conv_qk_grouped.weight").unwrap();
+    let conv = graph.param_by_name("qkv_proj.conv_qk_grouped.weight").unwrap();
     graph.params[conv.0].ty.shape[1] = 64usize.into();
     assert_eq!(
         verify_message(&graph),
-        "param @conv_qk_grouped.weight: declared [1280,64,2] but the spec's shape is [1280,128,2]"
+        "param @qkv_proj.conv_qk_grouped.weight: declared [1280,64,2] but the spec's shape is [1280,128,2]"
     );
 }
 

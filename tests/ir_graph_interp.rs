@@ -332,28 +332,28 @@ fn first_stage_bias_reaches_row_zero_of_the_next_stage() {
     let param = |shape: Vec<usize>, data: Vec<f64>| Array { shape, data };
     let mut weights = BTreeMap::new();
     for name in [
-        "q_proj.weight",
-        "k_proj.weight",
-        "v_proj.weight",
+        "qkv_proj.q_proj.weight",
+        "qkv_proj.k_proj.weight",
+        "qkv_proj.v_proj.weight",
         "o_proj.weight",
     ] {
         weights.insert(name.to_string(), param(vec![2, 2], vec![0.0; 4]));
     }
     // Channel 0 only matters; channels 1..4 get the same filters.
     weights.insert(
-        "conv_qk_depthwise.weight".into(),
+        "qkv_proj.conv_qk_depthwise.weight".into(),
         param(vec![4, 1, 2], [0.5, 2.0].repeat(4)),
     );
     weights.insert(
-        "conv_qk_depthwise.bias".into(),
+        "qkv_proj.conv_qk_depthwise.bias".into(),
         param(vec![4], vec![3.0; 4]),
     );
     weights.insert(
-        "conv_qk_depthwise_1.weight".into(),
+        "qkv_proj.conv_qk_depthwise_1.weight".into(),
         param(vec![4, 1, 2], [5.0, 7.0].repeat(4)),
     );
     weights.insert(
-        "conv_qk_depthwise_1.bias".into(),
+        "qkv_proj.conv_qk_depthwise_1.bias".into(),
         param(vec![4], vec![11.0; 4]),
     );
     let case = Case {
@@ -383,7 +383,12 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
         case.seq_len,
     );
     let g = spec.groups();
-    let w = |name: &str| &case.weights[name];
+    // Hugging Face names: ZayaAttention keeps q/k/v and the convolutions under `qkv_proj.`.
+    let full_name = |name: &str| {
+        let own = name.starts_with("o_proj") || name.starts_with("qk_norm");
+        if spec.has_cca_parts() && !own { format!("qkv_proj.{name}") } else { name.to_string() }
+    };
+    let w = |name: &str| &case.weights[&full_name(name)];
     let bias = |name: &str| spec.bias.then(|| w(name));
     // y = W·x + b for one token.
     let project = |weight: &Array, b: Option<&Array>, x: &[f64]| -> Vec<f64> {

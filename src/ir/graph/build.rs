@@ -8,7 +8,7 @@
 use super::{
     ElemType, Graph, GraphOutput, Layout, OpKind, OutputKind, ParamDecl, TensorType, ValueId,
 };
-use crate::spec::{AttentionSpec, EntryPoint, KeyTemperature, QkNorm};
+use crate::spec::{AttentionSpec, EntryPoint, KeyTemperature, ParamRole, QkNorm};
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,13 +67,15 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         groups: Vec::new(),
         outputs: Vec::new(),
     };
-    let param = |g: &Graph, name: &str| {
-        g.param_by_name(name)
-            .ok_or_else(|| format!("spec.params() has no {name}"))
+    // Parameters are found by role, so the graph does not depend on the state-dict naming.
+    let param = |g: &Graph, role: ParamRole| {
+        spec.param_name(role)
+            .and_then(|name| g.param_by_name(&name))
+            .ok_or_else(|| format!("spec.params() has no {role:?} parameter"))
     };
-    let optional_bias = |g: &Graph, name: &str| -> Result<_, String> {
+    let optional_bias = |g: &Graph, role: ParamRole| -> Result<_, String> {
         if spec.bias {
-            param(g, name).map(Some)
+            param(g, role).map(Some)
         } else {
             Ok(None)
         }
@@ -90,35 +92,30 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         vec![],
     )?);
     let q_proj = OpKind::Linear {
-        weight: param(&g, "q_proj.weight")?,
-        bias: optional_bias(&g, "q_proj.bias")?,
+        weight: param(&g, ParamRole::QueryProj)?,
+        bias: optional_bias(&g, ParamRole::QueryBias)?,
     };
     let q0 = one(g.push_op(q_proj, vec![x])?);
     let k_proj = OpKind::Linear {
-        weight: param(&g, "k_proj.weight")?,
-        bias: optional_bias(&g, "k_proj.bias")?,
+        weight: param(&g, ParamRole::KeyProj)?,
+        bias: optional_bias(&g, ParamRole::KeyBias)?,
     };
     let k0 = one(g.push_op(k_proj, vec![x])?);
 
     // 2. Values: current heads from x, shifted heads from x_prev.
     let mut value_parts = Vec::new();
     if spec.current_value_heads() > 0 {
-        let base = if spec.value_shift == 0 {
-            "v_proj"
-        } else {
-            "v_proj_current"
-        };
         let proj = OpKind::Linear {
-            weight: param(&g, &format!("{base}.weight"))?,
-            bias: optional_bias(&g, &format!("{base}.bias"))?,
+            weight: param(&g, ParamRole::ValueProjCurrent)?,
+            bias: optional_bias(&g, ParamRole::ValueBiasCurrent)?,
         };
         value_parts.push(one(g.push_op(proj, vec![x])?));
     }
     if spec.value_shift > 0 {
         let x_prev = one(g.push_op(OpKind::TokenShift { rows: 1 }, vec![x])?);
         let proj = OpKind::Linear {
-            weight: param(&g, "v_proj_delayed.weight")?,
-            bias: optional_bias(&g, "v_proj_delayed.bias")?,
+            weight: param(&g, ParamRole::ValueProjDelayed)?,
+            bias: optional_bias(&g, ParamRole::ValueBiasDelayed)?,
         };
         value_parts.push(one(g.push_op(proj, vec![x_prev])?));
     }
@@ -132,13 +129,13 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         },
         vec![packed],
     )?);
-    for (stage, name) in spec.qk_conv.iter().zip(spec.conv_stage_names()) {
+    for (index, stage) in spec.qk_conv.iter().enumerate() {
         let conv = OpKind::ConvStage {
             kind: stage.kind,
             width: stage.width,
             head_dim: d,
-            weight: param(&g, &format!("{name}.weight"))?,
-            bias: param(&g, &format!("{name}.bias"))?,
+            weight: param(&g, ParamRole::ConvWeight { stage: index })?,
+            bias: param(&g, ParamRole::ConvBias { stage: index })?,
         };
         y = one(g.push_op(conv, vec![y])?);
     }
@@ -171,7 +168,7 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
         )?);
         let temperature = match spec.key_temperature {
             KeyTemperature::None => None,
-            kind => Some((param(&g, "qk_norm.temp")?, kind)),
+            kind => Some((param(&g, ParamRole::KeyTemperature)?, kind)),
         };
         k = one(g.push_op(
             OpKind::L2Norm {
@@ -223,8 +220,8 @@ fn build_forward(spec: &AttentionSpec) -> Result<Graph, String> {
 
     // 8. Output projection.
     let o_proj = OpKind::Linear {
-        weight: param(&g, "o_proj.weight")?,
-        bias: optional_bias(&g, "o_proj.bias")?,
+        weight: param(&g, ParamRole::OutputProj)?,
+        bias: optional_bias(&g, ParamRole::OutputBias)?,
     };
     let out_f32 = one(g.push_op(o_proj, vec![o])?);
     let cast = OpKind::Cast {
