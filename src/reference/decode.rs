@@ -96,7 +96,11 @@ pub fn decode_step(
     let layer = Layer::new(spec, weights)?;
     state.check(spec)?;
     if x_t.len() != spec.model_dim {
-        return Err(format!("token has {} values, expected model_dim {}", x_t.len(), spec.model_dim));
+        return Err(format!(
+            "token has {} values, expected model_dim {}",
+            x_t.len(),
+            spec.model_dim
+        ));
     }
     let (p, lq, lk) = (spec.packed_width(), spec.q_width(), spec.kv_width());
     let history = spec.conv_history();
@@ -115,7 +119,8 @@ pub fn decode_step(
     state.values.extend_from_slice(&v);
 
     let kv_len = position + 1;
-    let (mut o, mut lse, mut logits) = (vec![0.0; lq], vec![0.0; spec.query_heads], vec![0.0; kv_len]);
+    let (mut o, mut lse, mut logits) =
+        (vec![0.0; lq], vec![0.0; spec.query_heads], vec![0.0; kv_len]);
     layer.attend(&q, position, &state.keys, &state.values, kv_len, &mut o, &mut lse, &mut logits);
     let mut out = vec![0.0; spec.model_dim];
     layer.project_output(&o, &mut out);

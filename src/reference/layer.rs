@@ -3,6 +3,7 @@
 
 use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, ParamRole, QkNorm, RopeStyle};
 
+use super::parallel::fill_rows;
 use super::weights::Weights;
 
 /// y = W·x (+ b) for one row, W stored [out, in] as in `nn.Linear`.
@@ -16,10 +17,26 @@ impl Linear<'_> {
     fn apply(&self, x: &[f64], y: &mut [f64]) {
         for (o, y_o) in y.iter_mut().enumerate() {
             let row = &self.weight[o * self.inputs..(o + 1) * self.inputs];
-            let dot: f64 = row.iter().zip(x).map(|(w, x)| w * x).sum();
+            let dot = dot(row, x);
             *y_o = dot + self.bias.map_or(0.0, |b| b[o]);
         }
     }
+}
+
+/// Σ a_i·b_i over eight interleaved partial sums: a single running sum is one long chain of
+/// dependent additions, which makes the big inputs of GPU validation several times slower. The
+/// order is fixed, so results stay deterministic.
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    const LANES: usize = 8;
+    let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
+    let mut partial = [0.0f64; LANES];
+    for (x, y) in a_chunks.zip(b_chunks) {
+        for lane in 0..LANES {
+            partial[lane] += x[lane] * y[lane];
+        }
+    }
+    partial.iter().sum::<f64>() + tail
 }
 
 /// One convolution stage: weight [P, inputs_per_group, K], bias [P].
@@ -52,9 +69,8 @@ impl<'a> Layer<'a> {
         spec.validate()?;
         weights.check(spec)?;
         let params = spec.params();
-        let find = |role: ParamRole| {
-            params.iter().find(|p| p.role == role).map(|p| weights.data(&p.name))
-        };
+        let find =
+            |role: ParamRole| params.iter().find(|p| p.role == role).map(|p| weights.data(&p.name));
         let linear = |weight: ParamRole, bias: ParamRole, inputs: usize| {
             find(weight).map(|weight| Linear { weight, bias: find(bias), inputs })
         };
@@ -68,8 +84,10 @@ impl<'a> Layer<'a> {
                 Ok(ConvStage {
                     kind: conv.kind,
                     width: conv.width,
-                    weight: find(ParamRole::ConvWeight { stage }).ok_or_else(|| missing("conv weight"))?,
-                    bias: find(ParamRole::ConvBias { stage }).ok_or_else(|| missing("conv bias"))?,
+                    weight: find(ParamRole::ConvWeight { stage })
+                        .ok_or_else(|| missing("conv weight"))?,
+                    bias: find(ParamRole::ConvBias { stage })
+                        .ok_or_else(|| missing("conv bias"))?,
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
@@ -117,7 +135,8 @@ impl<'a> Layer<'a> {
     /// Step 2: v = [x·W_v1ᵀ | x_prev·W_v2ᵀ] (Hk·d channels); `x_prev` is zeros for the first token,
     /// so the delayed heads still get their bias there.
     pub fn project_value(&self, x: &[f64], x_prev: &[f64], v: &mut [f64]) {
-        let (current, delayed) = v.split_at_mut(self.spec.current_value_heads() * self.spec.head_dim);
+        let (current, delayed) =
+            v.split_at_mut(self.spec.current_value_heads() * self.spec.head_dim);
         if let Some(proj) = &self.v_current {
             proj.apply(x, current);
         }
@@ -137,32 +156,37 @@ impl<'a> Layer<'a> {
         for stage in &self.conv {
             let output_rows = input_rows + 1 - stage.width;
             let mut output = vec![0.0; output_rows * p];
-            for t in 0..output_rows {
-                let window = &input[t * p..(t + stage.width) * p];
-                let out_row = &mut output[t * p..(t + 1) * p];
-                for (c, out) in out_row.iter_mut().enumerate() {
-                    let mut sum = stage.bias[c];
-                    match stage.kind {
-                        // weight[c, 0, k]; cross-correlation: tap 0 reads the oldest row.
-                        ConvKind::Depthwise => {
-                            for k in 0..stage.width {
-                                sum += stage.weight[c * stage.width + k] * window[k * p + c];
+            fill_rows(
+                &mut output,
+                p,
+                || (),
+                |t, out_row, _| {
+                    let window = &input[t * p..(t + stage.width) * p];
+                    for (c, out) in out_row.iter_mut().enumerate() {
+                        let mut sum = stage.bias[c];
+                        match stage.kind {
+                            // weight[c, 0, k]; cross-correlation: tap 0 reads the oldest row.
+                            ConvKind::Depthwise => {
+                                for k in 0..stage.width {
+                                    sum += stage.weight[c * stage.width + k] * window[k * p + c];
+                                }
                             }
-                        }
-                        // weight[c, i, k] mixes input channel i of c's own head.
-                        ConvKind::PerHead => {
-                            let head_start = (c / d) * d;
-                            for i in 0..d {
-                                let taps = &stage.weight[(c * d + i) * stage.width..][..stage.width];
-                                for (k, w) in taps.iter().enumerate() {
-                                    sum += w * window[k * p + head_start + i];
+                            // weight[c, i, k] mixes input channel i of c's own head.
+                            ConvKind::PerHead => {
+                                let head_start = (c / d) * d;
+                                for i in 0..d {
+                                    let taps =
+                                        &stage.weight[(c * d + i) * stage.width..][..stage.width];
+                                    for (k, w) in taps.iter().enumerate() {
+                                        sum += w * window[k * p + head_start + i];
+                                    }
                                 }
                             }
                         }
+                        *out = sum;
                     }
-                    *out = sum;
-                }
-            }
+                },
+            );
             input = output;
             input_rows = output_rows;
         }
@@ -264,7 +288,7 @@ impl<'a> Layer<'a> {
             for (key_position, logit) in logits[..kv_len].iter_mut().enumerate() {
                 *logit = if spec.mask.allows(position, key_position) {
                     let k_j = &keys[key_position * lk + j * d..][..d];
-                    spec.softmax_scale * q_h.iter().zip(k_j).map(|(a, b)| a * b).sum::<f64>()
+                    spec.softmax_scale * dot(q_h, k_j)
                 } else {
                     f64::NEG_INFINITY
                 };

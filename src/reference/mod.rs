@@ -35,6 +35,7 @@ mod decode;
 mod forward;
 mod layer;
 mod numeric;
+mod parallel;
 mod tensor;
 mod weights;
 

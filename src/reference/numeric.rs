@@ -74,7 +74,7 @@ mod tests {
         assert_eq!(bf16(1.0 + 2f64.powi(-8)), 1.0); // tie, 1.0 is even
         assert_eq!(bf16(1.0 + 3.0 * 2f64.powi(-8)), 1.0 + 2f64.powi(-6)); // tie, up to even
         assert_eq!(bf16(1.0 + 2f64.powi(-8) + 2f64.powi(-30)), 1.0 + 2f64.powi(-7)); // above tie
-        assert_eq!(bf16(-3.14159), -3.140625);
+        assert_eq!(bf16(-2.6), -2.59375); // 166 · 2^-6
         assert_eq!(bf16(2f64.powi(-133)), 2f64.powi(-133)); // smallest subnormal
         assert_eq!(bf16(2f64.powi(-134)), 0.0); // tie between 0 and the smallest subnormal
         assert_eq!(bf16(255.0 * 2f64.powi(120)), 255.0 * 2f64.powi(120));
@@ -103,7 +103,8 @@ mod tests {
         assert_ne!(Rng::new(8).next_u64(), Rng::new(7).next_u64());
         let samples: Vec<f64> = (0..20000).map(|_| a.normal()).collect();
         let mean = samples.iter().sum::<f64>() / samples.len() as f64;
-        let var = samples.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / samples.len() as f64;
+        let var =
+            samples.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / samples.len() as f64;
         assert!(mean.abs() < 0.05 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
     }
 }

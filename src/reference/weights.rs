@@ -59,7 +59,8 @@ impl Weights {
             }
             tensor.check_consistent().map_err(|e| format!("weight `{}`: {e}", param.name))?;
         }
-        if let Some(extra) = self.tensors.keys().find(|name| !params.iter().any(|p| &p.name == *name))
+        if let Some(extra) =
+            self.tensors.keys().find(|name| !params.iter().any(|p| &p.name == *name))
         {
             return Err(format!("weight `{extra}` is not a parameter of layer `{}`", spec.name));
         }
