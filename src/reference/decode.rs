@@ -65,11 +65,10 @@ pub fn prefill(
     let layer = Layer::new(spec, weights)?;
     x.check_consistent()?;
     let e = spec.model_dim;
-    let [seq_len, width] = x.shape[..] else {
-        return Err(format!("prompt has shape {:?}, expected [seq_len, {e}]", x.shape));
-    };
+    let wrong_shape = || format!("prompt has shape {:?}, expected [seq_len, {e}]", x.shape);
+    let [seq_len, width] = x.shape[..] else { return Err(wrong_shape()) };
     if width != e {
-        return Err(format!("prompt has shape {:?}, expected [seq_len, {e}]", x.shape));
+        return Err(wrong_shape());
     }
     let sequence = forward_sequence(&layer, &x.data);
     let rows_kept = spec.conv_history() * spec.packed_width();

@@ -32,17 +32,11 @@ pub fn forward(
 ) -> Result<ForwardOutputs, String> {
     let layer = Layer::new(spec, weights)?;
     x.check_consistent()?;
-    let [batch, seq_len, e] = x.shape[..] else {
-        return Err(format!(
-            "input has shape {:?}, expected [batch, seq_len, {}]",
-            x.shape, spec.model_dim
-        ));
-    };
+    let wrong_shape =
+        || format!("input has shape {:?}, expected [batch, seq_len, {}]", x.shape, spec.model_dim);
+    let [batch, seq_len, e] = x.shape[..] else { return Err(wrong_shape()) };
     if e != spec.model_dim {
-        return Err(format!(
-            "input has shape {:?}, expected [batch, seq_len, {}]",
-            x.shape, spec.model_dim
-        ));
+        return Err(wrong_shape());
     }
     let (hq, hk, d) = (spec.query_heads, spec.kv_heads, spec.head_dim);
     let mut outputs = ForwardOutputs {
