@@ -275,4 +275,38 @@ mod reference {
         let mean = x.data.iter().sum::<f64>() / x.data.len() as f64;
         assert!(mean.abs() < 0.2);
     }
+
+    #[test]
+    fn matches_hugging_face_zaya_on_seeded_weights() {
+        // Expected numbers from transformers 5.17 on the GPU machine, all in float64: its
+        // `ZayaCCAProjection` (projections, value shift, both convolutions, q-k mean) and
+        // `ZayaQKNorm` with these exact weights and input (the SplitMix64 streams of
+        // `Weights::random(spec, 5)` and `random_input(spec, 1, 11, 6)` re-generated in Python),
+        // its `apply_rotary_pos_emb` with float64 cos/sin tables, then causal softmax attention and
+        // o_proj. Hugging Face's norm has no eps (it clamps the norm instead), hence the tolerance.
+        let spec = AttentionSpec {
+            rope: Some(Rope {
+                fraction: 0.5,
+                rotary_dim: 8,
+                theta: 10_000.0,
+                style: RopeStyle::Neox,
+            }),
+            ..zaya_like()
+        };
+        let outputs =
+            forward(&spec, &Weights::random(&spec, 5), &random_input(&spec, 1, 11, 6)).unwrap();
+        let squared_sum: f64 = outputs.out.data.iter().map(|v| v * v).sum();
+        assert!((squared_sum / 41.36959921484301 - 1.0).abs() < 1e-12, "{squared_sum}");
+        let last_token =
+            [0.0305285063975992, -0.016637233446342672, -0.21849541764286345, -0.04287938645649131];
+        let first_token = [0.2889276344355821, 0.2893677196321851];
+        for (c, expected) in last_token.iter().enumerate() {
+            let got = outputs.out.at(&[0, 10, c]);
+            assert!((got - expected).abs() < 1e-12, "out[0, 10, {c}] = {got}, expected {expected}");
+        }
+        for (c, expected) in first_token.iter().enumerate() {
+            let got = outputs.out.at(&[0, 0, c]);
+            assert!((got - expected).abs() < 1e-12, "out[0, 0, {c}] = {got}, expected {expected}");
+        }
+    }
 }
