@@ -284,14 +284,24 @@ mod reference {
         // `Weights::random(spec, 5)` and `random_input(spec, 1, 11, 6)` re-generated in Python),
         // its `apply_rotary_pos_emb` with float64 cos/sin tables, then causal softmax attention and
         // o_proj. Hugging Face's norm has no eps (it clamps the norm instead), hence the tolerance.
+        // Spelled out rather than taken from zaya_like(), which other tests may change.
         let spec = AttentionSpec {
+            qk_conv: vec![
+                ConvStage { kind: ConvKind::Depthwise, width: 2 },
+                ConvStage { kind: ConvKind::PerHead, width: 2 },
+            ],
+            qk_mean: true,
+            value_shift: 1,
+            qk_norm: QkNorm::L2,
+            key_temperature: KeyTemperature::Learned,
             rope: Some(Rope {
                 fraction: 0.5,
                 rotary_dim: 8,
                 theta: 10_000.0,
                 style: RopeStyle::Neox,
             }),
-            ..zaya_like()
+            bias: true,
+            ..AttentionSpec::plain("hf_zaya", 64, 16, 4, 2)
         };
         let outputs =
             forward(&spec, &Weights::random(&spec, 5), &random_input(&spec, 1, 11, 6)).unwrap();
