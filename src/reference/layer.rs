@@ -17,8 +17,7 @@ impl Linear<'_> {
     fn apply(&self, x: &[f64], y: &mut [f64]) {
         for (o, y_o) in y.iter_mut().enumerate() {
             let row = &self.weight[o * self.inputs..(o + 1) * self.inputs];
-            let dot = dot(row, x);
-            *y_o = dot + self.bias.map_or(0.0, |b| b[o]);
+            *y_o = dot(row, x) + self.bias.map_or(0.0, |b| b[o]);
         }
     }
 }
