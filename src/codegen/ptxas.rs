@@ -109,3 +109,34 @@ fn number_before(line: &str, marker: &str) -> Result<u32, String> {
         .and_then(|digits| digits.parse().ok())
         .ok_or_else(|| format!("cannot read `{marker}` from ptxas line: {line}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptxas_verbose_report() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'gemm' for 'sm_90a'\n\
+ptxas info    : Function properties for gemm\n\
+    8 bytes stack frame, 12 bytes spill stores, 16 bytes spill loads\n\
+ptxas info    : Used 126 registers, used 1 barriers, 40960 bytes smem, 400 bytes cmem[0]\n\
+ptxas info    : Compiling entry function 'attention' for 'sm_90a'\n\
+ptxas info    : Function properties for attention\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 167 registers, used 1 barriers, 392 bytes cmem[0]\n";
+        let reports = parse_report(log).expect("parse");
+        assert_eq!(
+            reports,
+            vec![
+                PtxasReport { kernel: "gemm".into(), registers: 126, shared_bytes: 40960, spill_stores: 12, spill_loads: 16, stack_frame: 8 },
+                PtxasReport { kernel: "attention".into(), registers: 167, shared_bytes: 0, spill_stores: 0, spill_loads: 0, stack_frame: 0 },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_log_without_kernels_is_an_error() {
+        assert!(parse_report("ptxas info    : 0 bytes gmem\n").is_err());
+    }
+}
