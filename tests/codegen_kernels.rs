@@ -55,11 +55,12 @@ fn codegen_gemm_128x128x32_8_warps_assembles_without_spills() {
     // 2 tiles × 512 chunks / 256 threads, issued in the prologue and in the loop.
     assert_eq!(count(&ptx, "cp.async.cg.shared.global"), 8);
     assert_eq!(count(&ptx, "cp.async.wait_group 1"), 1);
-    assert_eq!(launch, GemmLaunch { threads: 256, static_shared_bytes: 2 * 2 * 128 * 40 * 2, block_m: 128, block_n: 128 });
+    assert_eq!(launch, GemmLaunch { threads: 256, dynamic_shared_bytes: 2 * 2 * 128 * 40 * 2, block_m: 128, block_n: 128 });
+    assert!(ptx.contains(".extern .shared .align 16 .b8 gemm_bf16_128x128x32_shared[]"), "dynamic shared memory");
     assert_eq!(launch.grid(300, 200), [2, 3, 1]);
     let report = assemble_one(&ptx);
     assert_eq!(report.kernel, "gemm_bf16_128x128x32");
-    assert_eq!(report.shared_bytes, launch.static_shared_bytes);
+    assert_eq!(report.shared_bytes, 0, "all shared memory is dynamic");
     assert_no_spills(&report);
     println!("{report:?}");
 }
@@ -70,8 +71,8 @@ fn codegen_gemm_64x128x64_4_warps_f16_assembles_without_spills() {
         GemmConfig { name: "gemm_f16_64x128x64".into(), elem: Elem::F16, block_m: 64, block_n: 128, block_k: 64, warps_m: 2, warps_n: 2 };
     let (ptx, launch) = gemm(&config);
     assert_eq!(count(&ptx, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"), 4 * 2 * 8);
+    assert_eq!(launch.dynamic_shared_bytes, 2 * (64 + 128) * 72 * 2);
     let report = assemble_one(&ptx);
-    assert_eq!(report.shared_bytes, launch.static_shared_bytes);
     assert_no_spills(&report);
     println!("{report:?}");
 }
@@ -100,8 +101,14 @@ fn attention(config: &AttentionConfig) -> (String, AttentionLaunch) {
 
 #[test]
 fn codegen_attention_assembles_without_spills_for_d64_and_d128() {
-    for (head_dim, mask) in [(64, AttentionMask::Causal), (128, AttentionMask::Causal), (128, AttentionMask::Full)] {
-        let config = attention_config(head_dim, mask);
+    for (head_dim, mask, elem) in [
+        (64, AttentionMask::Causal, Elem::Bf16),
+        (128, AttentionMask::Causal, Elem::Bf16),
+        (128, AttentionMask::Full, Elem::Bf16),
+        (128, AttentionMask::Causal, Elem::F16),
+    ] {
+        let config = AttentionConfig { elem, ..attention_config(head_dim, mask) };
+        let kind = elem.name();
         let (ptx, launch) = attention(&config);
         let row_bytes = (head_dim + 8) * 2;
         assert_eq!(launch.threads, 128);
@@ -110,16 +117,16 @@ fn codegen_attention_assembles_without_spills_for_d64_and_d128() {
         assert!(ptx.contains(".extern .shared .align 16 .b8"), "dynamic shared memory");
         assert!(ptx.contains("ex2.approx.ftz.f32"));
         assert!(ptx.contains("shfl.sync.bfly.b32"));
-        assert!(ptx.contains("cvt.rn.bf16x2.f32"));
+        assert!(ptx.contains(&format!("cvt.rn.{kind}x2.f32")));
         assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"), "V is read transposed");
         // Per key tile and warp: S = Q·Kᵀ is (d/16) k steps × 8 n fragments; O += P·V is
         // 4 k steps × (d/8) n fragments. The masked and unmasked paths share them.
         let per_tile = (head_dim / 16) * 8 + 4 * (head_dim / 8);
-        assert_eq!(count(&ptx, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"), per_tile as usize);
+        assert_eq!(count(&ptx, &format!("mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32")), per_tile as usize);
         let report = assemble_one(&ptx);
         assert_eq!(report.shared_bytes, 0, "all shared memory is dynamic");
         assert_no_spills(&report);
-        println!("{} {report:?}", config.name);
+        println!("{} {kind} {report:?}", config.name);
     }
 }
 

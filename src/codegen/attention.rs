@@ -86,10 +86,10 @@ pub fn emit_attention<'ctx>(module: &PtxModule<'ctx>, config: &AttentionConfig) 
     if config.elem == Elem::F32 {
         return unsupported("attention operands are bf16 or f16");
     }
-    if config.kv_heads == 0 || config.q_heads % config.kv_heads != 0 {
+    if config.kv_heads == 0 || !config.q_heads.is_multiple_of(config.kv_heads) {
         return unsupported(format!("{} query heads do not group over {} kv heads", config.q_heads, config.kv_heads));
     }
-    if config.head_dim % 16 != 0 || config.block_n % 16 != 0 {
+    if !config.head_dim.is_multiple_of(16) || !config.block_n.is_multiple_of(16) {
         return unsupported("head_dim and block_n must be multiples of 16");
     }
     let group = config.q_heads / config.kv_heads;

@@ -3,8 +3,9 @@
 //! mma, bounds predicates) and is the shape of `out_proj`.
 //!
 //! Kernel parameters (ABI order): `a`, `b`, `c` (global pointers), `M`, `N`, `K` (i32). Grid
-//! `(ceil(N / block_n), ceil(M / block_m), 1)`, `32 · warps_m · warps_n` threads, static shared
-//! memory only. Any M and N work; K must be a multiple of 8 (16-byte rows for cp.async).
+//! `(ceil(N / block_n), ceil(M / block_m), 1)`, `32 · warps_m · warps_n` threads, dynamic shared
+//! memory of [`GemmLaunch::dynamic_shared_bytes`] (above 48 KiB the runtime must raise the
+//! kernel's limit first). Any M and N work; K must be a multiple of 8 (16-byte rows for cp.async).
 
 use inkwell::values::IntValue;
 
@@ -37,7 +38,7 @@ const STAGES: u32 = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemmLaunch {
     pub threads: u32,
-    pub static_shared_bytes: u32,
+    pub dynamic_shared_bytes: u32,
     pub block_m: u32,
     pub block_n: u32,
 }
@@ -79,7 +80,7 @@ pub fn emit_gemm<'ctx>(module: &PtxModule<'ctx>, config: &GemmConfig) -> Result<
     let a_bytes = SharedTile::footprint_bytes(config.elem, config.block_m, config.block_k, ROW_PADDING);
     let b_bytes = SharedTile::footprint_bytes(config.elem, config.block_n, config.block_k, ROW_PADDING);
     let stage_bytes = a_bytes + b_bytes;
-    let static_shared_bytes = STAGES * stage_bytes;
+    let dynamic_shared_bytes = STAGES * stage_bytes;
 
     let params = [
         ParamKind::GlobalPointer("a".into()),
@@ -89,7 +90,7 @@ pub fn emit_gemm<'ctx>(module: &PtxModule<'ctx>, config: &GemmConfig) -> Result<
         ParamKind::Size("N".into()),
         ParamKind::Size("K".into()),
     ];
-    let shared = module.static_shared(&format!("{}_shared", config.name), static_shared_bytes);
+    let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &params)?;
     let (m, n, k) = (kb.size_param("M")?, kb.size_param("N")?, kb.size_param("K")?);
     let row_start = kb.mul(kb.special_register(SpecialRegister::BlockY)?, kb.i32(config.block_m as i64))?;
@@ -154,5 +155,5 @@ pub fn emit_gemm<'ctx>(module: &PtxModule<'ctx>, config: &GemmConfig) -> Result<
     };
     store_accumulator(&kb, &acc, &c)?;
     kb.finish()?;
-    Ok(GemmLaunch { threads, static_shared_bytes, block_m: config.block_m, block_n: config.block_n })
+    Ok(GemmLaunch { threads, dynamic_shared_bytes, block_m: config.block_m, block_n: config.block_n })
 }

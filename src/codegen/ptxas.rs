@@ -105,7 +105,7 @@ pub fn parse_report(log: &str) -> Result<Vec<PtxasReport>, String> {
 fn number_before(line: &str, marker: &str) -> Result<u32, String> {
     let before = line.split(marker).next().filter(|prefix| prefix.len() < line.len());
     before
-        .and_then(|prefix| prefix.split(|c: char| !c.is_ascii_digit()).filter(|word| !word.is_empty()).last())
+        .and_then(|prefix| prefix.split(|c: char| !c.is_ascii_digit()).rfind(|word| !word.is_empty()))
         .and_then(|digits| digits.parse().ok())
         .ok_or_else(|| format!("cannot read `{marker}` from ptxas line: {line}"))
 }

@@ -50,7 +50,7 @@ impl<'ctx> SharedTile<'ctx> {
     }
 
     fn check_rows_aligned(&self) -> Result<()> {
-        if (self.row_pitch() * self.elem.bytes()) % 16 != 0 {
+        if !(self.row_pitch() * self.elem.bytes()).is_multiple_of(16) {
             return unsupported(format!(
                 "shared tile rows of {} {} elements (with padding) do not start on 16-byte boundaries",
                 self.row_pitch(),
@@ -105,18 +105,18 @@ pub fn copy_global_to_shared_async<'ctx>(
     dst.check_rows_aligned()?;
     let bytes = dst.elem.bytes();
     let chunk_elems = 16 / bytes;
-    if src.alignment_elems % chunk_elems != 0 {
+    if !src.alignment_elems.is_multiple_of(chunk_elems) {
         return unsupported(format!(
             "global rows aligned to {} elements cannot be copied in 16-byte chunks",
             src.alignment_elems
         ));
     }
-    if dst.cols % chunk_elems != 0 {
+    if !dst.cols.is_multiple_of(chunk_elems) {
         return unsupported(format!("tile width {} is not a multiple of {chunk_elems} elements", dst.cols));
     }
     let chunks_per_row = dst.cols / chunk_elems;
     let chunks = dst.rows * chunks_per_row;
-    if threads == 0 || chunks % threads != 0 {
+    if threads == 0 || !chunks.is_multiple_of(threads) {
         return unsupported(format!("{chunks} chunks of a {}×{} tile do not divide over {threads} threads", dst.rows, dst.cols));
     }
     let thread = kb.thread_index()?;
@@ -161,7 +161,7 @@ pub struct AccumulatorShape {
 impl AccumulatorShape {
     pub fn validate(&self) -> Result<()> {
         let MmaAccumulator { warps_m, warps_n } = self.layout;
-        if warps_m == 0 || warps_n == 0 || self.rows % (16 * warps_m) != 0 || self.cols % (8 * warps_n) != 0 {
+        if warps_m == 0 || warps_n == 0 || !self.rows.is_multiple_of(16 * warps_m) || !self.cols.is_multiple_of(8 * warps_n) {
             return unsupported(format!(
                 "a {}×{} accumulator does not split into m16n8 fragments over {warps_m}×{warps_n} warps",
                 self.rows, self.cols
@@ -413,7 +413,7 @@ pub fn convert_to_operand_a<'ctx>(
     elem: Elem,
 ) -> Result<OperandAFragments<'ctx>> {
     let shape = src.shape;
-    if shape.layout.warps_n != 1 || shape.cols % 16 != 0 {
+    if shape.layout.warps_n != 1 || !shape.cols.is_multiple_of(16) {
         return unsupported("an A operand needs whole rows per warp (warps_n = 1) and a width that is a multiple of 16");
     }
     let k_steps = shape.cols / 16;
@@ -473,7 +473,7 @@ pub fn mma<'ctx>(
     if a_elem != b_tile.elem {
         return unsupported("mma operands of different element types");
     }
-    if a_k % 16 != 0 || shape.warp_cols() % 16 != 0 {
+    if a_k % 16 != 0 || !shape.warp_cols().is_multiple_of(16) {
         return unsupported("mma needs K and each warp's N extent to be multiples of 16");
     }
     b_tile.check_rows_aligned()?;
@@ -571,7 +571,7 @@ pub fn store_accumulator<'ctx>(
 ) -> Result<()> {
     let shape = src.shape;
     let place = ThreadPlace::new(kb, &shape)?;
-    let paired = dst.elem != Elem::F32 && dst.alignment_elems % 2 == 0;
+    let paired = dst.elem != Elem::F32 && dst.alignment_elems.is_multiple_of(2);
     for fragment_m in 0..shape.fragments_m() {
         for half in 0..2 {
             let row = kb.add(dst.row_start, place.row(kb, fragment_m * 2 + half)?)?;
