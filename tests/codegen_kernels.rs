@@ -222,3 +222,16 @@ fn codegen_snapshot_small_emitter_kernel() {
     assert_no_spills(&report);
     assert_eq!(report.shared_bytes, 2 * 16 * 24 * 2);
 }
+
+#[test]
+fn codegen_attention_with_two_m_fragments_per_warp_assembles_without_spills() {
+    // 128 query rows over 4 warps: 32 rows (two m16 fragments) per warp, 32-key tiles. The
+    // fastest of the configurations measured on the H200 (d = 128, causal).
+    let config = AttentionConfig { block_m: 128, block_n: 32, ..attention_config(128, AttentionMask::Causal) };
+    let (ptx, launch) = attention(&config);
+    assert_eq!(launch.dynamic_shared_bytes, (128 + 4 * 32) * 136 * 2);
+    assert_eq!(launch.grid[0], SizeExpr::seq_len().ceil_div(128));
+    let report = assemble_one(&ptx);
+    assert_no_spills(&report);
+    println!("{} {report:?}", config.name);
+}

@@ -222,7 +222,10 @@ impl<'ctx> PtxModule<'ctx> {
 }
 
 /// Builds the body of one kernel: scalar arithmetic helpers and structured control flow. The
-/// per-thread instructions are in [`primitives`], the tile operations in [`tile`].
+/// per-thread instructions are in [`primitives`], the tile operations in [`tile`]. The module has
+/// one builder, so kernels are built one after another. Warp- and block-wide operations
+/// (barrier, shuffles, `ldmatrix`, `mma`, row reductions) must only be emitted under conditions
+/// that are uniform over the block, as the loop and branch conditions of the kernels here are.
 pub struct KernelBuilder<'m, 'ctx> {
     module: &'m PtxModule<'ctx>,
     function: FunctionValue<'ctx>,
