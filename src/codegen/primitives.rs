@@ -1,0 +1,293 @@
+//! Per-thread instructions. NVVM intrinsics where LLVM 22 has a convenient one (special
+//! registers, barrier, shuffles, `ex2`/`lg2`/`rsqrt`); inline PTX where the intrinsic is missing or
+//! awkward (`ldmatrix`, `mma.sync`, `cp.async`, packed conversions). Plain LLVM loads and stores of
+//! 16-byte vectors become `ld/st.{global,shared}.v4`.
+//!
+//! Inline PTX that touches memory is marked side-effecting so that LLVM never moves it across a
+//! barrier or hoists it out of a loop; pure register instructions (`mma`, `cvt`) are not, so LLVM
+//! may schedule them freely.
+
+use inkwell::module::Module;
+use inkwell::types::{BasicMetadataTypeEnum, BasicType, BasicTypeEnum};
+use inkwell::values::{BasicValue, BasicValueEnum, CallSiteValue, FloatValue, FunctionValue, IntValue, PointerValue};
+use inkwell::intrinsics::Intrinsic;
+
+use super::{CodegenError, Elem, KernelBuilder, Result, unsupported};
+
+/// Declares an LLVM intrinsic by name (overloaded ones take their types).
+pub(crate) fn intrinsic<'ctx>(module: &Module<'ctx>, name: &str, types: &[BasicTypeEnum<'ctx>]) -> Result<FunctionValue<'ctx>> {
+    let found = Intrinsic::find(name).ok_or_else(|| CodegenError::Llvm(format!("LLVM has no intrinsic `{name}`")))?;
+    found
+        .get_declaration(module, types)
+        .ok_or_else(|| CodegenError::Llvm(format!("cannot declare intrinsic `{name}`")))
+}
+
+pub(crate) fn float_result(call: CallSiteValue<'_>) -> Result<FloatValue<'_>> {
+    match call.try_as_basic_value().basic() {
+        Some(BasicValueEnum::FloatValue(value)) => Ok(value),
+        _ => Err(CodegenError::Llvm("call did not return a float".to_string())),
+    }
+}
+
+fn int_result(call: CallSiteValue<'_>) -> Result<IntValue<'_>> {
+    match call.try_as_basic_value().basic() {
+        Some(BasicValueEnum::IntValue(value)) => Ok(value),
+        _ => Err(CodegenError::Llvm("call did not return an integer".to_string())),
+    }
+}
+
+/// Special registers readable per thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecialRegister {
+    ThreadX,
+    BlockX,
+    BlockY,
+    BlockZ,
+}
+
+impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
+    fn call_intrinsic(&self, name: &str, types: &[BasicTypeEnum<'ctx>], args: &[BasicValueEnum<'ctx>]) -> Result<CallSiteValue<'ctx>> {
+        let function = intrinsic(self.module(), name, types)?;
+        let args: Vec<_> = args.iter().map(|arg| (*arg).into()).collect();
+        Ok(self.builder().build_call(function, &args, "")?)
+    }
+
+    /// Inline PTX. `result` is the LLVM return type (a struct for several outputs).
+    pub fn inline_ptx(
+        &self,
+        result: Option<BasicTypeEnum<'ctx>>,
+        assembly: &str,
+        constraints: &str,
+        args: &[BasicValueEnum<'ctx>],
+        side_effects: bool,
+    ) -> Result<CallSiteValue<'ctx>> {
+        let arg_types: Vec<BasicMetadataTypeEnum> = args.iter().map(|arg| arg.get_type().into()).collect();
+        let function_type = match result {
+            Some(result) => result.fn_type(&arg_types, false),
+            None => self.context().void_type().fn_type(&arg_types, false),
+        };
+        let asm = self.context().create_inline_asm(
+            function_type,
+            assembly.to_string(),
+            constraints.to_string(),
+            side_effects,
+            false,
+            None,
+            false,
+        );
+        let args: Vec<_> = args.iter().map(|arg| (*arg).into()).collect();
+        Ok(self.builder().build_indirect_call(function_type, asm, &args, "")?)
+    }
+
+    fn struct_fields(&self, call: CallSiteValue<'ctx>, count: u32) -> Result<Vec<BasicValueEnum<'ctx>>> {
+        let value = call
+            .try_as_basic_value()
+            .basic()
+            .ok_or_else(|| CodegenError::Llvm("inline PTX returned nothing".to_string()))?
+            .into_struct_value();
+        (0..count)
+            .map(|index| Ok(self.builder().build_extract_value(value, index, "")?))
+            .collect()
+    }
+
+    // ---- thread identity ------------------------------------------------------------------
+
+    pub fn special_register(&self, register: SpecialRegister) -> Result<IntValue<'ctx>> {
+        let name = match register {
+            SpecialRegister::ThreadX => "llvm.nvvm.read.ptx.sreg.tid.x",
+            SpecialRegister::BlockX => "llvm.nvvm.read.ptx.sreg.ctaid.x",
+            SpecialRegister::BlockY => "llvm.nvvm.read.ptx.sreg.ctaid.y",
+            SpecialRegister::BlockZ => "llvm.nvvm.read.ptx.sreg.ctaid.z",
+        };
+        int_result(self.call_intrinsic(name, &[], &[])?)
+    }
+
+    pub fn thread_index(&self) -> Result<IntValue<'ctx>> {
+        self.special_register(SpecialRegister::ThreadX)
+    }
+
+    /// `threadIdx.x % 32`.
+    pub fn lane(&self) -> Result<IntValue<'ctx>> {
+        let thread = self.thread_index()?;
+        self.and(thread, self.i32(31))
+    }
+
+    /// `threadIdx.x / 32`.
+    pub fn warp_index(&self) -> Result<IntValue<'ctx>> {
+        let thread = self.thread_index()?;
+        self.div(thread, self.i32(32))
+    }
+
+    // ---- synchronization and warp exchange --------------------------------------------------
+
+    /// `bar.sync 0` over the whole block (LLVM 22 name of the former `llvm.nvvm.barrier0`).
+    pub fn barrier(&self) -> Result<()> {
+        self.call_intrinsic("llvm.nvvm.barrier.cta.sync.aligned.all", &[], &[self.i32(0).into()])?;
+        Ok(())
+    }
+
+    /// `shfl.sync.bfly.b32` over the full warp: the value of lane `lane ^ lane_mask`.
+    pub fn shuffle_xor_f32(&self, value: FloatValue<'ctx>, lane_mask: u32) -> Result<FloatValue<'ctx>> {
+        let call = self.call_intrinsic(
+            "llvm.nvvm.shfl.sync.bfly.f32",
+            &[],
+            &[self.i32(-1).into(), value.into(), self.i32(lane_mask as i64).into(), self.i32(31).into()],
+        )?;
+        float_result(call)
+    }
+
+    // ---- fast math ----------------------------------------------------------------------------
+
+    /// `ex2.approx.ftz.f32`: 2^x, the softmax exponential once log2(e) is folded into the scale.
+    pub fn exp2_approx(&self, value: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+        let f32_type = self.context().f32_type().into();
+        float_result(self.call_intrinsic("llvm.nvvm.ex2.approx.ftz", &[f32_type], &[value.into()])?)
+    }
+
+    /// `lg2.approx.ftz.f32`.
+    pub fn log2_approx(&self, value: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+        float_result(self.call_intrinsic("llvm.nvvm.lg2.approx.ftz.f", &[], &[value.into()])?)
+    }
+
+    /// `rsqrt.approx.ftz.f32`.
+    pub fn rsqrt_approx(&self, value: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+        float_result(self.call_intrinsic("llvm.nvvm.rsqrt.approx.ftz.f", &[], &[value.into()])?)
+    }
+
+    // ---- shared and global memory ------------------------------------------------------------
+
+    /// The 32-bit shared-window address of a shared pointer, as the `.shared` PTX forms take it.
+    pub fn shared_address(&self, pointer: PointerValue<'ctx>) -> Result<IntValue<'ctx>> {
+        Ok(self.builder().build_ptr_to_int(pointer, self.context().i32_type(), "")?)
+    }
+
+    /// `ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16`: four 8×8 b16 matrices; lane `i` gives
+    /// the address of row `i % 8` of matrix `i / 8`. Returns one b16x2 register per matrix.
+    pub fn ldmatrix_x4(&self, row_address: PointerValue<'ctx>, transpose: bool) -> Result<[IntValue<'ctx>; 4]> {
+        let i32_type = self.context().i32_type();
+        let result = self.context().struct_type(&[i32_type.into(); 4], false);
+        let trans = if transpose { ".trans" } else { "" };
+        let assembly = format!("ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0, $1, $2, $3}}, [$4];");
+        let address = self.shared_address(row_address)?;
+        let call = self.inline_ptx(Some(result.into()), &assembly, "=r,=r,=r,=r,r", &[address.into()], true)?;
+        let fields = self.struct_fields(call, 4)?;
+        Ok([0, 1, 2, 3].map(|index| fields[index].into_int_value()))
+    }
+
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32`: `c + a · b` for one
+    /// warp, with the PTX ISA's fragment layouts (a: 4 b16x2, b: 2 b16x2, c/d: 4 f32).
+    pub fn mma_m16n8k16(
+        &self,
+        elem: Elem,
+        a: [IntValue<'ctx>; 4],
+        b: [IntValue<'ctx>; 2],
+        c: [FloatValue<'ctx>; 4],
+    ) -> Result<[FloatValue<'ctx>; 4]> {
+        let kind = match elem {
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+            Elem::F32 => return unsupported("mma.sync m16n8k16 takes bf16 or f16 operands, not f32"),
+        };
+        let f32_type = self.context().f32_type();
+        let result = self.context().struct_type(&[f32_type.into(); 4], false);
+        let assembly = format!(
+            "mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, {{$10, $11, $12, $13}};"
+        );
+        let mut args: Vec<BasicValueEnum> = Vec::with_capacity(10);
+        args.extend(a.iter().map(|value| BasicValueEnum::from(*value)));
+        args.extend(b.iter().map(|value| BasicValueEnum::from(*value)));
+        args.extend(c.iter().map(|value| BasicValueEnum::from(*value)));
+        let call = self.inline_ptx(Some(result.into()), &assembly, "=f,=f,=f,=f,r,r,r,r,r,r,0,1,2,3", &args, false)?;
+        let fields = self.struct_fields(call, 4)?;
+        Ok([0, 1, 2, 3].map(|index| fields[index].into_float_value()))
+    }
+
+    /// `cp.async.cg.shared.global [dst], [src], 16, src_bytes`: copies `src_bytes` (0 or 16) and
+    /// zero-fills the rest of the 16-byte chunk, so out-of-bounds chunks read as zero.
+    pub fn cp_async_16(&self, shared_dst: PointerValue<'ctx>, global_src: PointerValue<'ctx>, src_bytes: IntValue<'ctx>) -> Result<()> {
+        let dst = self.shared_address(shared_dst)?;
+        let src = self.builder().build_ptr_to_int(global_src, self.context().i64_type(), "")?;
+        self.inline_ptx(
+            None,
+            "cp.async.cg.shared.global [$0], [$1], 16, $2;",
+            "r,l,r,~{memory}",
+            &[dst.into(), src.into(), src_bytes.into()],
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// `cp.async.commit_group`.
+    pub fn cp_async_commit(&self) -> Result<()> {
+        self.inline_ptx(None, "cp.async.commit_group;", "~{memory}", &[], true)?;
+        Ok(())
+    }
+
+    /// `cp.async.wait_group pending`: waits until at most `pending` committed groups are in flight.
+    pub fn cp_async_wait(&self, pending: u32) -> Result<()> {
+        self.inline_ptx(None, &format!("cp.async.wait_group {pending};"), "~{memory}", &[], true)?;
+        Ok(())
+    }
+
+    /// Rounds two f32 to the nearest 16-bit floats and packs them, `low` in bits 0..16
+    /// (`cvt.rn.{bf16x2,f16x2}.f32 d, high, low`).
+    pub fn pack_half2(&self, elem: Elem, low: FloatValue<'ctx>, high: FloatValue<'ctx>) -> Result<IntValue<'ctx>> {
+        let kind = match elem {
+            Elem::Bf16 => "bf16x2",
+            Elem::F16 => "f16x2",
+            Elem::F32 => return unsupported("pack_half2 packs bf16 or f16"),
+        };
+        let assembly = format!("cvt.rn.{kind}.f32 $0, $1, $2;");
+        let i32_type = self.context().i32_type().into();
+        int_result(self.inline_ptx(Some(i32_type), &assembly, "=r,f,f", &[high.into(), low.into()], false)?)
+    }
+
+    /// Rounds one f32 to a 16-bit float, returned in the low 16 bits of an i16.
+    pub fn round_half(&self, elem: Elem, value: FloatValue<'ctx>) -> Result<IntValue<'ctx>> {
+        let kind = match elem {
+            Elem::Bf16 => "bf16",
+            Elem::F16 => "f16",
+            Elem::F32 => return unsupported("round_half rounds to bf16 or f16"),
+        };
+        let assembly = format!("cvt.rn.{kind}.f32 $0, $1;");
+        let i16_type = self.context().i16_type().into();
+        int_result(self.inline_ptx(Some(i16_type), &assembly, "=h,f", &[value.into()], false)?)
+    }
+
+    /// A 16-byte load (`ld.{global,shared}.v4.b32`); the address must be 16-byte aligned.
+    pub fn load_v4(&self, pointer: PointerValue<'ctx>) -> Result<[IntValue<'ctx>; 4]> {
+        let vector_type = self.context().i32_type().vec_type(4);
+        let load = self.builder().build_load(vector_type, pointer, "")?;
+        load.as_instruction_value()
+            .ok_or_else(|| CodegenError::Llvm("load is not an instruction".to_string()))?
+            .set_alignment(16)
+            .map_err(|error| CodegenError::Llvm(error.to_string()))?;
+        let vector = load.into_vector_value();
+        let mut lanes = [self.i32(0); 4];
+        for (index, lane) in lanes.iter_mut().enumerate() {
+            *lane = self.builder().build_extract_element(vector, self.i32(index as i64), "")?.into_int_value();
+        }
+        Ok(lanes)
+    }
+
+    /// A 16-byte store (`st.{global,shared}.v4.b32`); the address must be 16-byte aligned.
+    pub fn store_v4(&self, pointer: PointerValue<'ctx>, lanes: [IntValue<'ctx>; 4]) -> Result<()> {
+        let vector_type = self.context().i32_type().vec_type(4);
+        let mut vector = vector_type.get_undef();
+        for (index, lane) in lanes.iter().enumerate() {
+            vector = self.builder().build_insert_element(vector, *lane, self.i32(index as i64), "")?;
+        }
+        let store = self.builder().build_store(pointer, vector)?;
+        store.set_alignment(16).map_err(|error| CodegenError::Llvm(error.to_string()))?;
+        Ok(())
+    }
+
+    /// A naturally aligned scalar store of an integer (i16 or i32) value.
+    pub fn store_int(&self, pointer: PointerValue<'ctx>, value: IntValue<'ctx>) -> Result<()> {
+        let store = self.builder().build_store(pointer, value)?;
+        store
+            .set_alignment(value.get_type().get_bit_width() / 8)
+            .map_err(|error| CodegenError::Llvm(error.to_string()))?;
+        Ok(())
+    }
+}
