@@ -175,10 +175,10 @@ mod reference {
         assert!(forward(&spec, &weights, &inconsistent).is_err());
 
         let mut missing = weights.clone();
-        missing.tensors.remove("conv_qk_grouped.weight");
+        missing.tensors.remove("qkv_proj.conv_qk_grouped.weight");
         let message = forward(&spec, &missing, &x).unwrap_err();
         assert!(
-            message.contains("conv_qk_grouped.weight") && message.contains("[96, 16, 2]"),
+            message.contains("qkv_proj.conv_qk_grouped.weight") && message.contains("[96, 16, 2]"),
             "{message}"
         );
 
