@@ -5,6 +5,8 @@
 //! feature) → manifest + PTX, loaded by the `ccc-runtime` crate. [`reference`] computes the layer
 //! in f64 straight from the spec and judges every stage.
 
+pub mod cli;
+pub mod explain;
 pub mod frontend;
 pub mod ir;
 pub mod reference;

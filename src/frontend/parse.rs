@@ -1,0 +1,226 @@
+//! `.attn` text → syntax tree, with parse errors in plain words.
+
+use pest::Parser as _;
+use pest::error::{ErrorVariant, InputLocation};
+use pest::iterators::Pair;
+
+use super::ast::{Argument, Block, File, Ident, Item, ItemKind, Span, Value, ValueKind};
+use super::diagnostics::Error;
+
+#[derive(pest_derive::Parser)]
+#[grammar = "../grammar/attn.pest"]
+struct AttnParser;
+
+/// Brackets may nest at most this deep. The grammar and the tree walk recurse once per level, so
+/// the bound keeps hostile input (`[[[[...`) from exhausting the stack; real specs use 3 levels.
+pub const MAX_NESTING: usize = 32;
+
+/// Parses a whole file. On failure returns the first syntax error.
+pub fn parse(source: &str) -> Result<File, Error> {
+    check_nesting(source)?;
+    let mut pairs = AttnParser::parse(Rule::file, source).map_err(|error| describe_error(source, error))?;
+    let file = pairs.next().map(|pair| pair.into_inner()).into_iter().flatten();
+    let blocks = file.filter(|pair| pair.as_rule() == Rule::block).map(block).collect();
+    Ok(File { blocks })
+}
+
+/// Rejects brackets nested deeper than [`MAX_NESTING`], skipping comments.
+fn check_nesting(source: &str) -> Result<(), Error> {
+    let bytes = source.as_bytes();
+    let mut depth = 0usize;
+    let mut index = 0;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'/' if bytes.get(index + 1) == Some(&b'/') => {
+                while index < bytes.len() && bytes[index] != b'\n' {
+                    index += 1;
+                }
+            }
+            b'/' if bytes.get(index + 1) == Some(&b'*') => {
+                // An unterminated comment is the parser's error to report; stop counting here.
+                match source[index + 2..].find("*/") {
+                    Some(offset) => index += 2 + offset + 1,
+                    None => return Ok(()),
+                }
+            }
+            b'{' | b'(' | b'[' => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(Error::new(Span::new(index, index + 1), "brackets nested too deeply")
+                        .label(format!("more than {MAX_NESTING} levels deep"))
+                        .note(format!("`.attn` files may nest `{{`, `(` and `[` at most {MAX_NESTING} levels deep")));
+                }
+            }
+            b'}' | b')' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        index += 1;
+    }
+    Ok(())
+}
+
+/// An `identifier` or a rule that wraps one (`block_name`, `key`, `argument_name`).
+fn ident(pair: Pair<'_, Rule>) -> Ident {
+    Ident { text: pair.as_str().to_string(), span: pair.as_span().into() }
+}
+
+fn block(pair: Pair<'_, Rule>) -> Block {
+    let span = pair.as_span().into();
+    let mut name = None;
+    let mut items = Vec::new();
+    for part in pair.into_inner() {
+        match part.as_rule() {
+            Rule::block_name => name = Some(ident(part)),
+            Rule::body => items = body(part),
+            _ => {}
+        }
+    }
+    // The grammar guarantees a name; an empty one would only make error messages vaguer.
+    let name = name.unwrap_or(Ident { text: String::new(), span });
+    Block { name, items, span }
+}
+
+fn body(pair: Pair<'_, Rule>) -> Vec<Item> {
+    pair.into_inner().filter(|part| part.as_rule() == Rule::item).map(item).collect()
+}
+
+fn item(pair: Pair<'_, Rule>) -> Item {
+    let span: Span = pair.as_span().into();
+    let mut key = None;
+    let mut kind = None;
+    for part in pair.into_inner() {
+        match part.as_rule() {
+            Rule::key => key = Some(ident(part)),
+            Rule::body => kind = Some(ItemKind::Block(body(part))),
+            Rule::arguments => kind = Some(ItemKind::Call(arguments(part))),
+            Rule::value => kind = Some(ItemKind::Assign(value(part))),
+            _ => {}
+        }
+    }
+    let key = key.unwrap_or(Ident { text: String::new(), span });
+    let kind = kind.unwrap_or(ItemKind::Block(Vec::new()));
+    Item { key, kind, span }
+}
+
+fn arguments(pair: Pair<'_, Rule>) -> Vec<Argument> {
+    pair.into_inner().filter(|part| part.as_rule() == Rule::argument).map(argument).collect()
+}
+
+fn argument(pair: Pair<'_, Rule>) -> Argument {
+    let span: Span = pair.as_span().into();
+    let mut name = None;
+    let mut argument_value = None;
+    for part in pair.into_inner() {
+        match part.as_rule() {
+            Rule::argument_name => name = Some(ident(part)),
+            Rule::value => argument_value = Some(value(part)),
+            _ => {}
+        }
+    }
+    let value = argument_value.unwrap_or(Value { kind: ValueKind::List(Vec::new()), span });
+    Argument { name, value }
+}
+
+/// `pair` is a `value`; its single child says which kind.
+fn value(pair: Pair<'_, Rule>) -> Value {
+    let span: Span = pair.as_span().into();
+    let Some(inner) = pair.into_inner().next() else {
+        return Value { kind: ValueKind::List(Vec::new()), span };
+    };
+    let kind = match inner.as_rule() {
+        Rule::number => ValueKind::Number(inner.as_str().to_string()),
+        Rule::boolean => ValueKind::Bool(inner.as_str() == "true"),
+        Rule::name => ValueKind::Name(inner.as_str().to_string()),
+        Rule::list => ValueKind::List(
+            inner.into_inner().filter(|part| part.as_rule() == Rule::value).map(value).collect(),
+        ),
+        Rule::call => {
+            let mut name = None;
+            let mut call_arguments = Vec::new();
+            for part in inner.into_inner() {
+                match part.as_rule() {
+                    Rule::identifier => name = Some(ident(part)),
+                    Rule::arguments => call_arguments = arguments(part),
+                    _ => {}
+                }
+            }
+            let name = name.unwrap_or(Ident { text: String::new(), span });
+            ValueKind::Call { name, arguments: call_arguments }
+        }
+        _ => ValueKind::List(Vec::new()),
+    };
+    Value { kind, span }
+}
+
+/// What the parser wanted, in words a spec author knows.
+fn expected_words(rule: Rule) -> Option<&'static str> {
+    Some(match rule {
+        Rule::attention_keyword | Rule::block => "`attention NAME { ... }`",
+        Rule::block_name => "a block name",
+        Rule::end_of_file => "the end of the file",
+        Rule::item | Rule::key => "an item (`key = value`, `key { ... }` or a stage call)",
+        Rule::separator => "a new line, `;` or `,`",
+        Rule::value | Rule::argument => "a value",
+        Rule::argument_name => "an argument name",
+        Rule::number | Rule::digits => "a number",
+        Rule::open_brace => "`{`",
+        Rule::close_brace => "`}`",
+        Rule::open_paren => "`(`",
+        Rule::close_paren => "`)`",
+        Rule::open_bracket => "`[`",
+        Rule::close_bracket => "`]`",
+        Rule::comma => "`,`",
+        Rule::assign => "`=`",
+        _ => return None,
+    })
+}
+
+/// Describes the text at `position` for "found ..." (one character, a word, or the end).
+fn found_at(source: &str, position: usize) -> (String, Span) {
+    let rest = &source[position..];
+    let Some(first) = rest.chars().next() else {
+        return ("the end of the file".to_string(), Span::new(position, position));
+    };
+    if first == '\n' || first == '\r' {
+        return ("the end of the line".to_string(), Span::new(position, position + first.len_utf8()));
+    }
+    if first.is_ascii_alphanumeric() || first == '_' {
+        let length = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+        return (format!("`{}`", &rest[..length]), Span::new(position, position + length));
+    }
+    if rest.starts_with("/*") {
+        return ("a `/*` comment that is never closed".to_string(), Span::new(position, position + 2));
+    }
+    let shown = if first.is_control() { format!("{:?}", first) } else { format!("`{first}`") };
+    (shown, Span::new(position, position + first.len_utf8()))
+}
+
+fn describe_error(source: &str, error: pest::error::Error<Rule>) -> Error {
+    let position = match error.location {
+        InputLocation::Pos(position) => position,
+        InputLocation::Span((start, _)) => start,
+    };
+    let position = position.min(source.len());
+    let (found, span) = found_at(source, position);
+    let mut expected: Vec<&str> = match &error.variant {
+        ErrorVariant::ParsingError { positives, .. } => {
+            positives.iter().filter_map(|rule| expected_words(*rule)).collect()
+        }
+        ErrorVariant::CustomError { .. } => Vec::new(),
+    };
+    expected.sort_unstable();
+    expected.dedup();
+    let message = match expected.as_slice() {
+        [] => format!("unexpected {found}"),
+        [only] => format!("expected {only}, found {found}"),
+        [init @ .., last] => format!("expected {} or {last}, found {found}", init.join(", ")),
+    };
+    let mut error = Error::new(span, message).label(match expected.as_slice() {
+        [] => "not understood here".to_string(),
+        _ => "unexpected here".to_string(),
+    });
+    if found.contains("never closed") {
+        error = error.help("close the comment with `*/`");
+    }
+    error
+}
