@@ -627,7 +627,7 @@ impl Checker {
         if let ValueKind::Call { name, arguments } = &value.kind {
             if name.text == "sliding_window" {
                 let window = self.single_argument(arguments, value.span, "sliding_window", "window", "4096")?;
-                let window = self.size(window, "sliding window", MAX_SEQUENCE)?;
+                let window = self.size(window, "window", MAX_SEQUENCE)?;
                 return Some(Mask::SlidingWindow { window });
             }
         }

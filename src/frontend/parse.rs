@@ -24,39 +24,64 @@ pub fn parse(source: &str) -> Result<File, Error> {
     Ok(File { blocks })
 }
 
-/// Rejects brackets nested deeper than [`MAX_NESTING`], skipping comments.
+/// Rejects brackets nested deeper than [`MAX_NESTING`].
 fn check_nesting(source: &str) -> Result<(), Error> {
-    let bytes = source.as_bytes();
     let mut depth = 0usize;
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'/' if bytes.get(index + 1) == Some(&b'/') => {
-                while index < bytes.len() && bytes[index] != b'\n' {
-                    index += 1;
-                }
+    for (index, byte) in code_brackets(source) {
+        if matches!(byte, b'{' | b'(' | b'[') {
+            depth += 1;
+            if depth > MAX_NESTING {
+                return Err(Error::new(Span::new(index, index + 1), "brackets nested too deeply")
+                    .label(format!("more than {MAX_NESTING} levels deep"))
+                    .note(format!("`.attn` files may nest `{{`, `(` and `[` at most {MAX_NESTING} levels deep")));
             }
-            b'/' if bytes.get(index + 1) == Some(&b'*') => {
-                // An unterminated comment is the parser's error to report; stop counting here.
-                match source[index + 2..].find("*/") {
-                    Some(offset) => index += 2 + offset + 1,
-                    None => return Ok(()),
-                }
-            }
-            b'{' | b'(' | b'[' => {
-                depth += 1;
-                if depth > MAX_NESTING {
-                    return Err(Error::new(Span::new(index, index + 1), "brackets nested too deeply")
-                        .label(format!("more than {MAX_NESTING} levels deep"))
-                        .note(format!("`.attn` files may nest `{{`, `(` and `[` at most {MAX_NESTING} levels deep")));
-                }
-            }
-            b'}' | b')' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
+        } else {
+            depth = depth.saturating_sub(1);
         }
-        index += 1;
     }
     Ok(())
+}
+
+/// The last `{` before `end` that is not closed before `end`, for "this `{` is never closed".
+fn unclosed_brace(source: &str, end: usize) -> Option<usize> {
+    let mut open = Vec::new();
+    for (index, byte) in code_brackets(source).take_while(|(index, _)| *index < end) {
+        match byte {
+            b'{' => open.push(index),
+            b'}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    open.pop()
+}
+
+/// Positions of the brackets outside comments. An unterminated block comment ends the scan
+/// (the parser reports it).
+fn code_brackets(source: &str) -> impl Iterator<Item = (usize, u8)> + '_ {
+    let bytes = source.as_bytes();
+    let mut index = 0;
+    std::iter::from_fn(move || {
+        while index < bytes.len() {
+            let at = index;
+            index += 1;
+            match bytes[at] {
+                b'/' if bytes.get(at + 1) == Some(&b'/') => {
+                    while index < bytes.len() && bytes[index] != b'\n' {
+                        index += 1;
+                    }
+                }
+                b'/' if bytes.get(at + 1) == Some(&b'*') => match source[at + 2..].find("*/") {
+                    Some(offset) => index = at + 2 + offset + 2,
+                    None => index = bytes.len(),
+                },
+                byte @ (b'{' | b'(' | b'[' | b'}' | b')' | b']') => return Some((at, byte)),
+                _ => {}
+            }
+        }
+        None
+    })
 }
 
 /// An `identifier` or a rule that wraps one (`block_name`, `key`, `argument_name`).
@@ -155,11 +180,13 @@ fn value(pair: Pair<'_, Rule>) -> Value {
 /// What the parser wanted, in words a spec author knows.
 fn expected_words(rule: Rule) -> Option<&'static str> {
     Some(match rule {
-        Rule::attention_keyword | Rule::block => "`attention NAME { ... }`",
+        // `file` is reported when nothing at all could be parsed at the start of the file.
+        Rule::file | Rule::attention_keyword | Rule::block => "`attention NAME { ... }`",
         Rule::block_name => "a block name",
+        Rule::identifier | Rule::name => "a name",
         Rule::end_of_file => "the end of the file",
         Rule::item | Rule::key => "an item (`key = value`, `key { ... }` or a stage call)",
-        Rule::separator => "a new line, `;` or `,`",
+        Rule::separator => "a separator (new line, `;` or `,`)",
         Rule::value | Rule::argument => "a value",
         Rule::argument_name => "an argument name",
         Rule::number | Rule::digits => "a number",
@@ -208,6 +235,11 @@ fn describe_error(source: &str, error: pest::error::Error<Rule>) -> Error {
         }
         ErrorVariant::CustomError { .. } => Vec::new(),
     };
+    let at_end = position >= source.len();
+    if at_end {
+        // Another separator never helps at the end of the file; what is missing is the rest.
+        expected.retain(|words| !words.starts_with("a separator"));
+    }
     expected.sort_unstable();
     expected.dedup();
     let message = match expected.as_slice() {
@@ -222,5 +254,14 @@ fn describe_error(source: &str, error: pest::error::Error<Rule>) -> Error {
     if found.contains("never closed") {
         error = error.help("close the comment with `*/`");
     }
+    if at_end && expected.contains(&"`}`") {
+        if let Some(open) = unclosed_brace(source, position) {
+            error = error.related(Span::new(open, open + 1), "this `{` is never closed");
+        }
+    }
+    if expected.contains(&"`=`") {
+        error = error.help("an item is written `key = value`, `key { ... }` or `stage(width = K)`");
+    }
     error
 }
+
