@@ -190,7 +190,11 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     );
     compare(
         "shift state bytes / sequence".to_string(),
-        format!("{} or {}", this.shift_state_bytes, this.shift_state_projected_bytes),
+        if this.shift_state_bytes == 0 {
+            "0".to_string()
+        } else {
+            format!("{} or {}", this.shift_state_bytes, this.shift_state_projected_bytes)
+        },
         base.shift_state_bytes.to_string(),
         this.shift_state_bytes as f64,
         base.shift_state_bytes as f64,

@@ -51,13 +51,16 @@ pub fn parse(text: &str) -> Number {
             None => return Number::Fraction,
         }
     }
-    // i128 holds 38 decimal digits.
-    if digits.len() as i128 + scale > 38 {
+    // i128 holds up to 39 decimal digits; the bound keeps `scale` from driving a long loop.
+    if digits.len() as i128 + scale > 39 {
         return Number::TooLarge { negative };
     }
     let mut value: i128 = 0;
     for digit in digits.bytes().map(|b| i128::from(b - b'0')).chain((0..scale).map(|_| 0)) {
-        value = value * 10 + digit;
+        match value.checked_mul(10).and_then(|tens| tens.checked_add(digit)) {
+            Some(next) => value = next,
+            None => return Number::TooLarge { negative },
+        }
     }
     Number::Integer(if negative { -value } else { value })
 }
@@ -84,6 +87,8 @@ mod tests {
         assert_eq!(parse("100e-2"), Number::Integer(1));
         assert_eq!(parse("1e38"), Number::Integer(10i128.pow(38)));
         assert_eq!(parse("1e39"), Number::TooLarge { negative: false });
+        assert_eq!(parse("170141183460469231731687303715884105727"), Number::Integer(i128::MAX));
+        assert_eq!(parse("170141183460469231731687303715884105728"), Number::TooLarge { negative: false });
         assert_eq!(parse("99999999999999999999999999999999999999999"), Number::TooLarge { negative: false });
         assert_eq!(parse("1e99999999999999999999"), Number::TooLarge { negative: false });
         assert_eq!(parse("-1e99999999999999999999"), Number::TooLarge { negative: true });
