@@ -30,7 +30,8 @@ impl LayerCosts {
     pub fn of(spec: &AttentionSpec, seq_len: usize) -> LayerCosts {
         let bytes = spec.dtype.size_bytes();
         let (e, d) = (spec.model_dim as f64, spec.head_dim as f64);
-        let (lq, lk, p) = (spec.q_width() as f64, spec.kv_width() as f64, spec.packed_width() as f64);
+        let (lq, lk, p) =
+            (spec.q_width() as f64, spec.kv_width() as f64, spec.packed_width() as f64);
         let projections = 2.0 * e * (lq + 2.0 * lk) + 2.0 * lq * e;
         let convolutions: f64 = spec
             .qk_conv
@@ -102,11 +103,22 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     };
     row(
         "heads",
-        format!("Hq = {}, Hk = {}, G = {}, d = {}", spec.query_heads, spec.kv_heads, spec.groups(), spec.head_dim),
+        format!(
+            "Hq = {}, Hk = {}, G = {}, d = {}",
+            spec.query_heads,
+            spec.kv_heads,
+            spec.groups(),
+            spec.head_dim
+        ),
     );
     row(
         "latent widths",
-        format!("Lq = Hq·d = {}, Lk = Hk·d = {}, P = Lq + Lk = {}", spec.q_width(), spec.kv_width(), spec.packed_width()),
+        format!(
+            "Lq = Hq·d = {}, Lk = Hk·d = {}, P = Lq + Lk = {}",
+            spec.q_width(),
+            spec.kv_width(),
+            spec.packed_width()
+        ),
     );
     row("compression", format!("{} (E / Lq)", ratio_text(spec.compression())));
     let convolution = if spec.qk_conv.is_empty() {
@@ -152,7 +164,14 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
             .replace("Interleaved", "interleaved"),
         },
     );
-    row("softmax scale", format!("{:.6} (1/sqrt(d) = {:.6})", spec.softmax_scale, 1.0 / (spec.head_dim as f64).sqrt()));
+    row(
+        "softmax scale",
+        format!(
+            "{:.6} (1/sqrt(d) = {:.6})",
+            spec.softmax_scale,
+            1.0 / (spec.head_dim as f64).sqrt()
+        ),
+    );
     let mask = match spec.mask {
         Mask::None => "none".to_string(),
         Mask::Causal => "causal".to_string(),
@@ -162,11 +181,17 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
 
     let _ = writeln!(text);
     let mha_heading = format!("MHA ({} heads)", mha.query_heads);
-    let _ = writeln!(text, "  {:<36}{:>16}{:>16}{:>12}", "", "this layer", mha_heading, "MHA / this");
-    let mut compare = |name: String, this: String, base_text: String, this_value: f64, base_value: f64| {
-        let ratio = if this_value > 0.0 && base_value > 0.0 { format!("{:.2}×", base_value / this_value) } else { "—".to_string() };
-        let _ = writeln!(text, "  {name:<36}{this:>16}{base_text:>16}{ratio:>12}");
-    };
+    let _ =
+        writeln!(text, "  {:<36}{:>16}{:>16}{:>12}", "", "this layer", mha_heading, "MHA / this");
+    let mut compare =
+        |name: String, this: String, base_text: String, this_value: f64, base_value: f64| {
+            let ratio = if this_value > 0.0 && base_value > 0.0 {
+                format!("{:.2}×", base_value / this_value)
+            } else {
+                "—".to_string()
+            };
+            let _ = writeln!(text, "  {name:<36}{this:>16}{base_text:>16}{ratio:>12}");
+        };
     compare(
         "parameters".to_string(),
         si(this.parameters as f64),
@@ -233,7 +258,13 @@ fn si(value: f64) -> String {
     } else {
         return format!("{value:.0}");
     };
-    let decimals = if scaled >= 100.0 { 0 } else if scaled >= 10.0 { 1 } else { 2 };
+    let decimals = if scaled >= 100.0 {
+        0
+    } else if scaled >= 10.0 {
+        1
+    } else {
+        2
+    };
     format!("{scaled:.decimals$}{suffix}")
 }
 

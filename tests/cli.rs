@@ -1,7 +1,7 @@
 //! The `ccc` command line: output and exit statuses (0 success, 1 spec errors, 2 usage), in-process
 //! through `ccc::cli::run` and through the built binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ccc::AttentionSpec;
@@ -21,13 +21,14 @@ fn ccc(args: &[&str]) -> (Status, String, String) {
 
 /// A fresh directory under the system's temporary directory.
 fn scratch(name: &str) -> PathBuf {
-    let directory = std::env::temp_dir().join(format!("ccc-cli-test-{}-{name}", std::process::id()));
+    let directory =
+        std::env::temp_dir().join(format!("ccc-cli-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&directory);
     std::fs::create_dir_all(&directory).unwrap();
     directory
 }
 
-fn write_file(directory: &PathBuf, name: &str, text: &str) -> String {
+fn write_file(directory: &Path, name: &str, text: &str) -> String {
     let path = directory.join(name);
     std::fs::write(&path, text).unwrap();
     path.display().to_string()
@@ -35,14 +36,22 @@ fn write_file(directory: &PathBuf, name: &str, text: &str) -> String {
 
 #[test]
 fn check_prints_ok_for_every_layer() {
-    let (status, stdout, stderr) = ccc(&["check", &example("zaya1"), &example("mha"), &example("gqa")]);
-    assert_eq!((status, stdout.as_str(), stderr.as_str()), (Status::Success, "ok: zaya1\nok: mha\nok: gqa\n", ""));
+    let (status, stdout, stderr) =
+        ccc(&["check", &example("zaya1"), &example("mha"), &example("gqa")]);
+    assert_eq!(
+        (status, stdout.as_str(), stderr.as_str()),
+        (Status::Success, "ok: zaya1\nok: mha\nok: gqa\n", "")
+    );
 }
 
 #[test]
 fn check_reports_every_error_and_exits_1() {
     let directory = scratch("check-errors");
-    let bad = write_file(&directory, "bad.attn", "attention a {\n    model_dim = 2048\n    head_dim = 128\n    kv_head = 2\n    mask = causl\n}\n");
+    let bad = write_file(
+        &directory,
+        "bad.attn",
+        "attention a {\n    model_dim = 2048\n    head_dim = 128\n    kv_head = 2\n    mask = causl\n}\n",
+    );
     let (status, stdout, stderr) = ccc(&["check", &bad, &example("mha")]);
     assert_eq!(status, Status::SpecErrors);
     assert_eq!(stdout, "ok: mha\n");
@@ -83,7 +92,15 @@ fn explain_zaya1_compares_with_mha() {
     // language.md's acceptance numbers: 8/2 heads of 128, ~5.6M vs 16.8M parameters,
     // 1024 vs 8192 KV bytes per token (8×).
     assert!(stdout.contains("Hq = 8, Hk = 2, G = 4, d = 128"), "{stdout}");
-    let line = |name: &str| stdout.lines().find(|line| line.contains(name)).unwrap().split_whitespace().collect::<Vec<_>>().join(" ");
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|line| line.contains(name))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     assert!(line("parameters").ends_with("5.58M 16.8M 3.01×"), "{stdout}");
     assert!(line("KV cache").ends_with("1024 8192 8.00×"), "{stdout}");
     assert!(line("FLOPs").contains("(S = 16384)"), "tune.seq_len is the default: {stdout}");
@@ -111,7 +128,9 @@ fn compile_writes_one_spec_json_per_layer() {
     let (status, stdout, stderr) = ccc(&["compile", &source, "-o", &out.display().to_string()]);
     assert_eq!((status, stderr.as_str()), (Status::Success, ""));
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
-    let expected = ccc::frontend::parse_and_check("two.attn", &std::fs::read_to_string(&source).unwrap()).unwrap();
+    let expected =
+        ccc::frontend::parse_and_check("two.attn", &std::fs::read_to_string(&source).unwrap())
+            .unwrap();
     for spec in expected {
         let json = std::fs::read_to_string(out.join(&spec.name).join("spec.json")).unwrap();
         let written: AttentionSpec = serde_json::from_str(&json).unwrap();
@@ -140,7 +159,8 @@ fn colour_is_used_only_when_asked_or_on_a_terminal() {
 fn the_binary_exits_0_1_and_2() {
     let binary = env!("CARGO_BIN_EXE_ccc");
     let directory = scratch("binary");
-    let bad = write_file(&directory, "bad.attn", "attention a { model_dim = 2048, head_dim = 100 }");
+    let bad =
+        write_file(&directory, "bad.attn", "attention a { model_dim = 2048, head_dim = 100 }");
     let status = |args: &[&str]| Command::new(binary).args(args).output().unwrap();
     let ok = status(&["check", &example("zaya1")]);
     assert_eq!(ok.status.code(), Some(0));

@@ -1,7 +1,8 @@
 //! Bounded fuzzing of the frontend inside the normal test suite: random bytes, token soups from
 //! the grammar's vocabulary and mutations of the examples. Every input must come back as specs
 //! that validate, or as errors whose spans lie inside the file on character boundaries; nothing
-//! may panic, and every accepted spec must print, parse back and explain without overflow. A seeded generator keeps failures reproducible (the failing input is printed).
+//! may panic, and every accepted spec must print, parse back and explain without overflow.
+//! A seeded generator keeps failures reproducible (the failing input is printed).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -28,15 +29,95 @@ impl Rng {
 }
 
 const VOCABULARY: &[&str] = &[
-    "attention", "zaya1", "a", "a", "{", "}", "(", ")", "[", "]", "=", ",", ";", "\n", "\n", " ", "\t",
-    "//", "/*", "*/", "model_dim", "head_dim", "query_heads", "kv_heads", "compression", "groups",
-    "qk_conv", "depthwise", "per_head", "width", "qk_mean", "value_shift", "qk_norm", "l2", "none",
-    "key_temperature", "learned", "learned_exp", "rope", "fraction", "theta", "style", "neox",
-    "interleaved", "mask", "causal", "sliding_window", "softmax_scale", "norm_eps", "dtype", "bf16",
-    "f16", "bias", "emit", "forward", "backward", "decode", "tune", "batch", "seq_len", "kv_len",
-    "true", "false", "0", "1", "2", "-2", "3", "8", "16", "128", "2048", "4_096", "0.5", "1e4",
-    "5_000_000", "1e400", "-1e-9", "99999999999999999999999999999999999999999", "1e99999999999999999999",
-    "1_048_576", "é", "\u{0}", "\r\n", "_", "1.", ".5", "e", "+",
+    "attention",
+    "zaya1",
+    "a",
+    "a",
+    "{",
+    "}",
+    "(",
+    ")",
+    "[",
+    "]",
+    "=",
+    ",",
+    ";",
+    "\n",
+    "\n",
+    " ",
+    "\t",
+    "//",
+    "/*",
+    "*/",
+    "model_dim",
+    "head_dim",
+    "query_heads",
+    "kv_heads",
+    "compression",
+    "groups",
+    "qk_conv",
+    "depthwise",
+    "per_head",
+    "width",
+    "qk_mean",
+    "value_shift",
+    "qk_norm",
+    "l2",
+    "none",
+    "key_temperature",
+    "learned",
+    "learned_exp",
+    "rope",
+    "fraction",
+    "theta",
+    "style",
+    "neox",
+    "interleaved",
+    "mask",
+    "causal",
+    "sliding_window",
+    "softmax_scale",
+    "norm_eps",
+    "dtype",
+    "bf16",
+    "f16",
+    "bias",
+    "emit",
+    "forward",
+    "backward",
+    "decode",
+    "tune",
+    "batch",
+    "seq_len",
+    "kv_len",
+    "true",
+    "false",
+    "0",
+    "1",
+    "2",
+    "-2",
+    "3",
+    "8",
+    "16",
+    "128",
+    "2048",
+    "4_096",
+    "0.5",
+    "1e4",
+    "5_000_000",
+    "1e400",
+    "-1e-9",
+    "99999999999999999999999999999999999999999",
+    "1e99999999999999999999",
+    "1_048_576",
+    "é",
+    "\u{0}",
+    "\r\n",
+    "_",
+    "1.",
+    ".5",
+    "e",
+    "+",
 ];
 
 const EXAMPLES: &[&str] = &[
@@ -55,11 +136,14 @@ fn judge(source: &str, render: bool) -> Result<bool, String> {
     match outcome {
         Ok(specs) => {
             for spec in &specs {
-                spec.validate().map_err(|why| format!("accepted an invalid spec ({why}): {spec:?}"))?;
+                spec.validate()
+                    .map_err(|why| format!("accepted an invalid spec ({why}): {spec:?}"))?;
                 // Every accepted spec must also be explainable at the longest sequence allowed.
                 explain_text(spec, MAX_SEQUENCE as usize);
-                let reparsed = parse_and_check("printed.attn", &spec_text(spec))
-                    .map_err(|diagnostics| format!("its printed spec does not parse:\n{}", diagnostics.render()))?;
+                let reparsed =
+                    parse_and_check("printed.attn", &spec_text(spec)).map_err(|diagnostics| {
+                        format!("its printed spec does not parse:\n{}", diagnostics.render())
+                    })?;
                 if reparsed.len() != 1 || reparsed[0] != *spec {
                     return Err(format!("printing and parsing changed the spec {spec:?}"));
                 }
@@ -73,8 +157,14 @@ fn judge(source: &str, render: bool) -> Result<bool, String> {
             for error in diagnostics.errors() {
                 for span in error.spans() {
                     let inside = span.start <= span.end && span.end <= source.len();
-                    if !inside || !source.is_char_boundary(span.start) || !source.is_char_boundary(span.end) {
-                        return Err(format!("error {:?} has span {span:?} outside the file or mid-character", error.message));
+                    if !inside
+                        || !source.is_char_boundary(span.start)
+                        || !source.is_char_boundary(span.end)
+                    {
+                        return Err(format!(
+                            "error {:?} has span {span:?} outside the file or mid-character",
+                            error.message
+                        ));
                     }
                 }
             }
@@ -133,7 +223,7 @@ fn mutate(rng: &mut Rng, base: &str) -> String {
         match rng.below(7) {
             // Delete a range (kept short: long deletions mostly produce the same empty file).
             0 => {
-                let end = boundary(rng, &text[..end.min(start + 24)].to_string()).max(start);
+                let end = boundary(rng, &text[..end.min(start + 24)]).max(start);
                 text.replace_range(start..end, "");
             }
             // Duplicate a range.
@@ -143,7 +233,11 @@ fn mutate(rng: &mut Rng, base: &str) -> String {
             }
             // Change a digit.
             2 => {
-                let digits: Vec<usize> = text.char_indices().filter(|(_, c)| c.is_ascii_digit()).map(|(i, _)| i).collect();
+                let digits: Vec<usize> = text
+                    .char_indices()
+                    .filter(|(_, c)| c.is_ascii_digit())
+                    .map(|(i, _)| i)
+                    .collect();
                 if !digits.is_empty() {
                     let at = digits[rng.below(digits.len())];
                     let digit = (b'0' + rng.below(10) as u8) as char;
@@ -152,10 +246,22 @@ fn mutate(rng: &mut Rng, base: &str) -> String {
             }
             // Replace a number with a huge, negative or odd one.
             3 => {
-                let digits: Vec<usize> = text.char_indices().filter(|(_, c)| c.is_ascii_digit()).map(|(i, _)| i).collect();
+                let digits: Vec<usize> = text
+                    .char_indices()
+                    .filter(|(_, c)| c.is_ascii_digit())
+                    .map(|(i, _)| i)
+                    .collect();
                 if !digits.is_empty() {
                     let at = digits[rng.below(digits.len())];
-                    let huge = rng.pick(&["99999999999999999999999", "1e300", "-7", "0", "1_048_577", "18446744073709551616", "3.5"]);
+                    let huge = rng.pick(&[
+                        "99999999999999999999999",
+                        "1e300",
+                        "-7",
+                        "0",
+                        "1_048_577",
+                        "18446744073709551616",
+                        "3.5",
+                    ]);
                     text.insert_str(at, huge);
                 }
             }
@@ -185,7 +291,8 @@ fn no_input_panics_and_every_error_points_into_the_file() {
     let mut rng = Rng(0x00C0_FFEE_A77E);
     let mut accepted = 0;
     let mut total = 0;
-    let generators: [(&str, usize, fn(&mut Rng) -> String); 5] = [
+    type Generator = fn(&mut Rng) -> String;
+    let generators: [(&str, usize, Generator); 5] = [
         ("random bytes", 20_000, random_bytes),
         ("random ascii", 20_000, random_ascii),
         ("token soup", 30_000, token_soup),
@@ -213,7 +320,12 @@ fn no_input_panics_and_every_error_points_into_the_file() {
         }
     }
     std::panic::set_hook(previous_hook);
-    assert!(failures.is_empty(), "{} failures, first ones:\n{}", failures.len(), failures[..failures.len().min(5)].join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures, first ones:\n{}",
+        failures.len(),
+        failures[..failures.len().min(5)].join("\n\n")
+    );
     assert!(total >= 100_000);
     // The mutations must not be so destructive that nothing valid is ever tried.
     assert!(accepted > 1_000, "only {accepted} of {total} inputs were valid specs");

@@ -26,8 +26,14 @@ pub enum Status {
 }
 
 #[derive(Parser, Debug)]
-#[command(name = "ccc", version, about = "A compiler for attention kernels: .attn specs to PTX for Hopper (sm_90a)")]
-#[command(after_help = "Exit status: 0 success, 1 errors in the spec, 2 wrong usage or unreadable file.")]
+#[command(
+    name = "ccc",
+    version,
+    about = "A compiler for attention kernels: .attn specs to PTX for Hopper (sm_90a)"
+)]
+#[command(
+    after_help = "Exit status: 0 success, 1 errors in the spec, 2 wrong usage or unreadable file."
+)]
 pub struct Cli {
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value_t = ColorWhen::Auto, global = true)]
@@ -112,7 +118,9 @@ where
     };
     let mut session = Session { io, colour };
     match cli.command {
-        Command::Check { files } => files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success),
+        Command::Check { files } => {
+            files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
+        }
         Command::Explain { file, seq_len } => session.explain(&file, seq_len),
         Command::Compile { file, out_dir, emit } => session.compile(&file, &out_dir, emit),
     }
@@ -141,7 +149,9 @@ impl Session<'_, '_> {
     fn load(&mut self, path: &Path) -> Result<Vec<AttentionSpec>, Status> {
         let source = match std::fs::read_to_string(path) {
             Ok(source) => source,
-            Err(error) => return Err(self.usage_error(&format!("cannot read {}: {error}", path.display()))),
+            Err(error) => {
+                return Err(self.usage_error(&format!("cannot read {}: {error}", path.display())));
+            }
         };
         frontend::parse_and_check(&path.display().to_string(), &source).map_err(|diagnostics| {
             self.print_diagnostics(&diagnostics);
@@ -193,7 +203,9 @@ impl Session<'_, '_> {
             let file = directory.join("spec.json");
             // Serialising plain data with finite floats cannot fail; the checker rejects infinities.
             let json = serde_json::to_string_pretty(spec).unwrap_or_default() + "\n";
-            if let Err(error) = std::fs::create_dir_all(&directory).and_then(|()| std::fs::write(&file, json)) {
+            if let Err(error) =
+                std::fs::create_dir_all(&directory).and_then(|()| std::fs::write(&file, json))
+            {
                 return self.usage_error(&format!("cannot write {}: {error}", file.display()));
             }
             let _ = writeln!(self.io.stdout, "wrote {}", file.display());

@@ -75,7 +75,10 @@ pub enum ValueKind {
     Number(String),
     Bool(bool),
     Name(String),
-    Call { name: Ident, arguments: Vec<Argument> },
+    Call {
+        name: Ident,
+        arguments: Vec<Argument>,
+    },
     List(Vec<Value>),
 }
 

@@ -73,7 +73,11 @@ pub fn check(file: &File, source: &str) -> Result<Vec<AttentionSpec>, Vec<Error>
             first_block_named.insert(&block.name.text, &block.name);
         }
         if let Some(spec) = checker.block(block) {
-            debug_assert!(spec.validate().is_ok(), "checker accepted an invalid spec: {:?}", spec.validate());
+            debug_assert!(
+                spec.validate().is_ok(),
+                "checker accepted an invalid spec: {:?}",
+                spec.validate()
+            );
             specs.push(spec);
         }
     }
@@ -106,8 +110,15 @@ impl Checker {
         let errors_before = self.errors.len();
         let items = self.index_items(&block.items, BLOCK_KEYS, "an attention block");
 
-        let model_dim = self.required_size(&items, block, "model_dim", "2048", "the width of the layer's input and output");
-        let head_dim = self.required_size(&items, block, "head_dim", "128", "the width of one head");
+        let model_dim = self.required_size(
+            &items,
+            block,
+            "model_dim",
+            "2048",
+            "the width of the layer's input and output",
+        );
+        let head_dim =
+            self.required_size(&items, block, "head_dim", "128", "the width of one head");
         let heads = self.heads(&items, model_dim, head_dim);
 
         let qk_conv = match items.get("qk_conv") {
@@ -115,7 +126,8 @@ impl Checker {
             None => Some(Vec::new()),
         };
         let qk_mean = self.optional(&items, "qk_mean", false, |c, v| c.boolean(v, "qk_mean"));
-        let value_shift = self.optional_given(&items, "value_shift", |c, v| c.count(v, "value_shift", MAX_DIM));
+        let value_shift =
+            self.optional_given(&items, "value_shift", |c, v| c.count(v, "value_shift", MAX_DIM));
         let qk_norm = self.optional_given(&items, "qk_norm", |c, v| {
             c.choice(v, "qk_norm", &[("none", QkNorm::None), ("l2", QkNorm::L2)])
         });
@@ -138,12 +150,14 @@ impl Checker {
         let softmax_scale = self.optional_given(&items, "softmax_scale", |c, v| {
             c.positive_float(v, "softmax_scale").map(|given| given.value)
         });
-        let norm_eps = self.optional(&items, "norm_eps", 1e-12, |c, v| c.non_negative_float(v, "norm_eps"));
+        let norm_eps =
+            self.optional(&items, "norm_eps", 1e-12, |c, v| c.non_negative_float(v, "norm_eps"));
         let dtype = self.optional(&items, "dtype", DType::Bf16, |c, v| {
             c.choice(v, "dtype", &[("bf16", DType::Bf16), ("f16", DType::F16)])
         });
         let bias = self.optional(&items, "bias", false, |c, v| c.boolean(v, "bias"));
-        let entry_points = self.optional(&items, "emit", vec![EntryPoint::Forward], |c, v| c.entry_points(v));
+        let entry_points =
+            self.optional(&items, "emit", vec![EntryPoint::Forward], |c, v| c.entry_points(v));
         let tune = match items.get("tune") {
             Some(item) => self.tune(item).map(Some),
             None => Some(None),
@@ -151,25 +165,28 @@ impl Checker {
 
         // Rules between items.
         let qk_norm_value = qk_norm.as_ref().map(|given| given.map_or(QkNorm::None, |g| g.value));
-        if let (Some(Some(temperature)), Some(norm)) = (key_temperature, qk_norm_value) {
-            if temperature.value != KeyTemperature::None && norm != QkNorm::L2 {
-                let mut error = Error::new(temperature.span, "`key_temperature` needs `qk_norm = l2`")
-                    .label("a key temperature scales the L2-normalised keys");
-                error = match items.get("qk_norm") {
-                    Some(norm_item) => error.related(norm_item.span, "the keys are not normalised here"),
-                    None => error.help("add `qk_norm = l2`, or remove `key_temperature`"),
-                };
-                self.error(error);
-            }
+        if let (Some(Some(temperature)), Some(norm)) = (key_temperature, qk_norm_value)
+            && temperature.value != KeyTemperature::None
+            && norm != QkNorm::L2
+        {
+            let mut error = Error::new(temperature.span, "`key_temperature` needs `qk_norm = l2`")
+                .label("a key temperature scales the L2-normalised keys");
+            error = match items.get("qk_norm") {
+                Some(norm_item) => {
+                    error.related(norm_item.span, "the keys are not normalised here")
+                }
+                None => error.help("add `qk_norm = l2`, or remove `key_temperature`"),
+            };
+            self.error(error);
         }
-        if let (Some(Some(shift)), Some((_, kv_heads))) = (value_shift, heads) {
-            if shift.value > kv_heads {
-                self.error(
+        if let (Some(Some(shift)), Some((_, kv_heads))) = (value_shift, heads)
+            && shift.value > kv_heads
+        {
+            self.error(
                     Error::new(shift.span, format!("value_shift {} is larger than kv_heads {kv_heads}", shift.value))
                         .label(format!("at most {kv_heads}"))
                         .note("value_shift counts the kv heads (the last ones) whose value comes from the previous token"),
                 );
-            }
         }
 
         if self.errors.len() > errors_before {
@@ -208,9 +225,12 @@ impl Checker {
             let width = heads as u64 * d;
             if width > MAX_WIDTH {
                 self.error(
-                    Error::new(block.name.span, format!("{what} · head_dim = {heads} · {d} = {width} channels is too wide"))
-                        .label("in this block")
-                        .note(format!("at most {MAX_WIDTH} (2^24) channels per projection")),
+                    Error::new(
+                        block.name.span,
+                        format!("{what} · head_dim = {heads} · {d} = {width} channels is too wide"),
+                    )
+                    .label("in this block")
+                    .note(format!("at most {MAX_WIDTH} (2^24) channels per projection")),
                 );
                 return None;
             }
@@ -239,17 +259,25 @@ impl Checker {
     }
 
     /// Maps each known key to its first item; reports unknown and repeated keys.
-    fn index_items<'a>(&mut self, items: &'a [Item], known: &[&str], context: &str) -> HashMap<&'a str, &'a Item> {
+    fn index_items<'a>(
+        &mut self,
+        items: &'a [Item],
+        known: &[&str],
+        context: &str,
+    ) -> HashMap<&'a str, &'a Item> {
         let mut index: HashMap<&str, &Item> = HashMap::new();
         for item in items {
             let key = item.key.text.as_str();
             if !known.contains(&key) {
-                let mut error = Error::new(item.key.span, format!("unknown item `{key}` in {context}"))
-                    .label("not a known item");
+                let mut error =
+                    Error::new(item.key.span, format!("unknown item `{key}` in {context}"))
+                        .label("not a known item");
                 if let Some(suggestion) = did_you_mean(key, known) {
                     error = error.help(format!("did you mean `{suggestion}`?"));
                 } else if STAGES.contains(&key) && known == BLOCK_KEYS {
-                    error = error.help(format!("convolution stages go inside `qk_conv {{ {key}(width = 2) }}`"));
+                    error = error.help(format!(
+                        "convolution stages go inside `qk_conv {{ {key}(width = 2) }}`"
+                    ));
                 } else {
                     error = error.note(format!("known items: {}", known.join(", ")));
                 }
@@ -276,12 +304,11 @@ impl Checker {
             ItemKind::Assign(value) => Some(value),
             other => {
                 let key = &item.key.text;
-                let mut error = Error::new(item.span, format!("`{key}` takes a value, not {}", other.form()))
-                    .label("written as a block or call");
-                if BLOCK_KEYS.contains(&key.as_str()) || ROPE_KEYS.contains(&key.as_str()) || TUNE_KEYS.contains(&key.as_str()) {
-                    error = error.help(format!("write `{key} = ...`"));
-                }
-                self.error(error);
+                self.error(
+                    Error::new(item.span, format!("`{key}` takes a value, not {}", other.form()))
+                        .label("written as a block or call")
+                        .help(format!("write `{key} = ...`")),
+                );
                 None
             }
         }
@@ -347,9 +374,12 @@ impl Checker {
     ) -> Option<Given<usize>> {
         let Some(item) = items.get(key) else {
             self.error(
-                Error::new(block.name.span, format!("attention block `{}` has no `{key}`", block.name.text))
-                    .label(format!("`{key}` is required"))
-                    .help(format!("add `{key} = {example}` ({meaning})")),
+                Error::new(
+                    block.name.span,
+                    format!("attention block `{}` has no `{key}`", block.name.text),
+                )
+                .label(format!("`{key}` is required"))
+                .help(format!("add `{key} = {example}` ({meaning})")),
             );
             return None;
         };
@@ -370,20 +400,25 @@ impl Checker {
             if let (Some(a), Some(b)) = (items.get(explicit), items.get(derived)) {
                 let (first, second) = if a.span.start < b.span.start { (a, b) } else { (b, a) };
                 self.error(
-                    Error::new(second.key.span, format!("give `{explicit}` or `{derived}`, not both"))
-                        .label("second way of giving the same count")
-                        .related(first.key.span, "already given here")
-                        .help(format!("remove `{}`", second.key.text)),
+                    Error::new(
+                        second.key.span,
+                        format!("give `{explicit}` or `{derived}`, not both"),
+                    )
+                    .label("second way of giving the same count")
+                    .related(first.key.span, "already given here")
+                    .help(format!("remove `{}`", second.key.text)),
                 );
             }
         }
-        let query_heads = self.optional_given(items, "query_heads", |c, v| c.size(v, "query_heads", MAX_DIM));
+        let query_heads =
+            self.optional_given(items, "query_heads", |c, v| c.size(v, "query_heads", MAX_DIM));
         let compression = if items.contains_key("query_heads") {
             Some(None)
         } else {
             self.optional_given(items, "compression", |c, v| c.size(v, "compression", MAX_DIM))
         };
-        let kv_heads = self.optional_given(items, "kv_heads", |c, v| c.size(v, "kv_heads", MAX_DIM));
+        let kv_heads =
+            self.optional_given(items, "kv_heads", |c, v| c.size(v, "kv_heads", MAX_DIM));
         let groups = if items.contains_key("kv_heads") {
             Some(None)
         } else {
@@ -394,10 +429,16 @@ impl Checker {
         let (e, d) = (model_dim.value, head_dim.value);
         if e % d != 0 {
             self.error(
-                Error::new(head_dim.span, format!("model_dim {e} is not a multiple of head_dim {d}"))
-                    .label(format!("does not divide {e}"))
-                    .related(model_dim.span, "model_dim given here")
-                    .help(format!("head_dim must divide model_dim: for example {}", divisors_text(e as u64, d as u64))),
+                Error::new(
+                    head_dim.span,
+                    format!("model_dim {e} is not a multiple of head_dim {d}"),
+                )
+                .label(format!("does not divide {e}"))
+                .related(model_dim.span, "model_dim given here")
+                .help(format!(
+                    "head_dim must divide model_dim: for example {}",
+                    divisors_text(e as u64, d as u64)
+                )),
             );
             return None;
         }
@@ -423,9 +464,15 @@ impl Checker {
         let kv_heads = match (kv_heads?, groups?) {
             (Some(given), _) => {
                 if hq % given.value != 0 {
-                    let mut error = Error::new(given.span, format!("query_heads {hq} is not a multiple of kv_heads {}", given.value))
-                        .label("does not divide the query heads")
-                        .help(format!("kv_heads must divide query_heads: {}", divisors_text(hq as u64, given.value as u64)));
+                    let mut error = Error::new(
+                        given.span,
+                        format!("query_heads {hq} is not a multiple of kv_heads {}", given.value),
+                    )
+                    .label("does not divide the query heads")
+                    .help(format!(
+                        "kv_heads must divide query_heads: {}",
+                        divisors_text(hq as u64, given.value as u64)
+                    ));
                     if items.contains_key("query_heads") || items.contains_key("compression") {
                         error = error.related(query_heads.span, format!("{hq} query heads"));
                     }
@@ -438,9 +485,15 @@ impl Checker {
                 let g = groups.value;
                 if hq % g != 0 {
                     self.error(
-                        Error::new(groups.span, format!("groups {g} does not divide query_heads {hq}"))
-                            .label("query heads per kv head must divide the query heads")
-                            .help(format!("use a divisor of {hq}: {}", divisors_text(hq as u64, g as u64))),
+                        Error::new(
+                            groups.span,
+                            format!("groups {g} does not divide query_heads {hq}"),
+                        )
+                        .label("query heads per kv head must divide the query heads")
+                        .help(format!(
+                            "use a divisor of {hq}: {}",
+                            divisors_text(hq as u64, g as u64)
+                        )),
                     );
                     return None;
                 }
@@ -469,9 +522,14 @@ impl Checker {
                 history += stage.width as u64 - 1;
                 if history > MAX_DIM {
                     self.error(
-                        Error::new(stage_item.span, format!("the convolution stages need {history} tokens of history"))
-                            .label("too long")
-                            .note(format!("the total history Σ(width − 1) may be at most {MAX_DIM} (2^20)")),
+                        Error::new(
+                            stage_item.span,
+                            format!("the convolution stages need {history} tokens of history"),
+                        )
+                        .label("too long")
+                        .note(format!(
+                            "the total history Σ(width − 1) may be at most {MAX_DIM} (2^20)"
+                        )),
                     );
                     stages = None;
                 }
@@ -487,8 +545,11 @@ impl Checker {
     fn conv_stage(&mut self, item: &Item) -> Option<ConvStage> {
         let name = item.key.text.as_str();
         let ItemKind::Call(arguments) = &item.kind else {
-            let mut error = Error::new(item.span, format!("`qk_conv` holds stage calls, not {}", item.kind.form()))
-                .label("expected a call such as `depthwise(width = 2)`");
+            let mut error = Error::new(
+                item.span,
+                format!("`qk_conv` holds stage calls, not {}", item.kind.form()),
+            )
+            .label("expected a call such as `depthwise(width = 2)`");
             if STAGES.contains(&name) {
                 error = error.help(format!("write `{name}(width = 2)`"));
             }
@@ -499,11 +560,13 @@ impl Checker {
             "depthwise" => ConvKind::Depthwise,
             "per_head" => ConvKind::PerHead,
             _ => {
-                let mut error = Error::new(item.key.span, format!("unknown convolution stage `{name}`"))
-                    .label("not a stage");
+                let mut error =
+                    Error::new(item.key.span, format!("unknown convolution stage `{name}`"))
+                        .label("not a stage");
                 error = match did_you_mean(name, STAGES) {
                     Some(suggestion) => error.help(format!("did you mean `{suggestion}`?")),
-                    None => error.note("the stages are `depthwise(width = K)` and `per_head(width = K)`"),
+                    None => error
+                        .note("the stages are `depthwise(width = K)` and `per_head(width = K)`"),
                 };
                 self.error(error);
                 return None;
@@ -533,23 +596,27 @@ impl Checker {
             return None;
         };
         let mut ok = true;
-        if let Some(name) = &first.name {
-            if name.text != parameter {
-                let mut error = Error::new(name.span, format!("`{call}` has no argument `{}`", name.text))
+        if let Some(name) = &first.name
+            && name.text != parameter
+        {
+            let mut error =
+                Error::new(name.span, format!("`{call}` has no argument `{}`", name.text))
                     .label("unknown argument");
-                error = match did_you_mean(&name.text, &[parameter]) {
-                    Some(suggestion) => error.help(format!("did you mean `{suggestion}`?")),
-                    None => error.help(format!("its only argument is `{parameter}`")),
-                };
-                self.error(error);
-                ok = false;
-            }
+            error = match did_you_mean(&name.text, &[parameter]) {
+                Some(suggestion) => error.help(format!("did you mean `{suggestion}`?")),
+                None => error.help(format!("its only argument is `{parameter}`")),
+            };
+            self.error(error);
+            ok = false;
         }
         for extra in &arguments[1..] {
             self.error(
-                Error::new(extra.value.span, format!("`{call}` takes one argument, its {parameter}"))
-                    .label("extra argument")
-                    .help(format!("write `{call}({parameter} = {example})`")),
+                Error::new(
+                    extra.value.span,
+                    format!("`{call}` takes one argument, its {parameter}"),
+                )
+                .label("extra argument")
+                .help(format!("write `{call}({parameter} = {example})`")),
             );
             ok = false;
         }
@@ -560,9 +627,15 @@ impl Checker {
         let items = self.block_items(item, "fraction = 0.5, theta = 10000")?;
         let items = self.index_items(items, ROPE_KEYS, "`rope`");
         let fraction = self.optional_given(&items, "fraction", |c, v| c.float(v, "fraction"));
-        let theta = self.optional(&items, "theta", 10_000.0, |c, v| c.positive_float(v, "theta").map(|g| g.value));
+        let theta = self.optional(&items, "theta", 10_000.0, |c, v| {
+            c.positive_float(v, "theta").map(|g| g.value)
+        });
         let style = self.optional(&items, "style", RopeStyle::Neox, |c, v| {
-            c.choice(v, "style", &[("neox", RopeStyle::Neox), ("interleaved", RopeStyle::Interleaved)])
+            c.choice(
+                v,
+                "style",
+                &[("neox", RopeStyle::Neox), ("interleaved", RopeStyle::Interleaved)],
+            )
         });
         let fraction = fraction?;
         let d = head_dim?.value;
@@ -581,12 +654,16 @@ impl Checker {
         let problem = if fraction <= 0.0 {
             Some(format!("rotary width head_dim · fraction = {d} · {fraction} is not positive"))
         } else if fraction > 1.0 {
-            Some(format!("rotary width head_dim · fraction = {d} · {fraction} = {width} is larger than head_dim {d}"))
+            Some(format!(
+                "rotary width head_dim · fraction = {d} · {fraction} = {width} is larger than head_dim {d}"
+            ))
         } else if (width - rounded).abs() > 1e-9 * width.max(1.0) {
-            Some(format!("rotary width head_dim · fraction = {d} · {fraction} = {width} is not a whole number of channels"))
+            Some(format!(
+                "rotary width head_dim · fraction = {d} · {fraction} = {width} is not a whole number of channels"
+            ))
         } else if rounded == 0.0 {
             Some(format!("rotary width head_dim · fraction = {d} · {fraction} is zero"))
-        } else if rounded as usize % 2 != 0 {
+        } else if !(rounded as usize).is_multiple_of(2) {
             Some(format!("rotary width head_dim · fraction = {d} · {fraction} = {rounded} is odd"))
         } else {
             None
@@ -598,7 +675,8 @@ impl Checker {
                     .label("RoPE rotates pairs of channels")
                     .note("the rotary width must be an even number of channels between 2 and head_dim");
                 if d >= 2 {
-                    let nearest_even = ((width / 2.0).round().clamp(1.0, (d / 2) as f64) * 2.0) as usize;
+                    let nearest_even =
+                        ((width / 2.0).round().clamp(1.0, (d / 2) as f64) * 2.0) as usize;
                     error = error.help(format!(
                         "fraction = {} rotates {nearest_even} channels",
                         nearest_even as f64 / d as f64
@@ -614,8 +692,10 @@ impl Checker {
         let items = self.block_items(item, "batch = 1, seq_len = 4096")?;
         let items = self.index_items(items, TUNE_KEYS, "`tune`");
         let batch = self.optional_given(&items, "batch", |c, v| c.size(v, "batch", MAX_DIM));
-        let seq_len = self.optional_given(&items, "seq_len", |c, v| c.size(v, "seq_len", MAX_SEQUENCE));
-        let kv_len = self.optional_given(&items, "kv_len", |c, v| c.size(v, "kv_len", MAX_SEQUENCE));
+        let seq_len =
+            self.optional_given(&items, "seq_len", |c, v| c.size(v, "seq_len", MAX_SEQUENCE));
+        let kv_len =
+            self.optional_given(&items, "kv_len", |c, v| c.size(v, "kv_len", MAX_SEQUENCE));
         Some(TuneShape {
             batch: batch?.map(|g| g.value),
             seq_len: seq_len?.map(|g| g.value),
@@ -624,12 +704,13 @@ impl Checker {
     }
 
     fn mask(&mut self, value: &Value) -> Option<Mask> {
-        if let ValueKind::Call { name, arguments } = &value.kind {
-            if name.text == "sliding_window" {
-                let window = self.single_argument(arguments, value.span, "sliding_window", "window", "4096")?;
-                let window = self.size(window, "window", MAX_SEQUENCE)?;
-                return Some(Mask::SlidingWindow { window });
-            }
+        if let ValueKind::Call { name, arguments } = &value.kind
+            && name.text == "sliding_window"
+        {
+            let window =
+                self.single_argument(arguments, value.span, "sliding_window", "window", "4096")?;
+            let window = self.size(window, "window", MAX_SEQUENCE)?;
+            return Some(Mask::SlidingWindow { window });
         }
         self.choice(value, "mask", &[("none", Mask::None), ("causal", Mask::Causal)])
     }
@@ -647,7 +728,11 @@ impl Checker {
             );
             return None;
         }
-        let options = [("forward", EntryPoint::Forward), ("backward", EntryPoint::Backward), ("decode", EntryPoint::Decode)];
+        let options = [
+            ("forward", EntryPoint::Forward),
+            ("backward", EntryPoint::Backward),
+            ("decode", EntryPoint::Decode),
+        ];
         let mut seen: Vec<(EntryPoint, Span)> = Vec::new();
         let mut ok = true;
         for entry in values {
@@ -655,9 +740,12 @@ impl Checker {
                 Some(point) => match seen.iter().find(|(seen_point, _)| *seen_point == point) {
                     Some((_, first)) => {
                         self.error(
-                            Error::new(entry.span, format!("`{}` is listed twice in `emit`", point.name()))
-                                .label("listed again here")
-                                .related(*first, "first listed here"),
+                            Error::new(
+                                entry.span,
+                                format!("`{}` is listed twice in `emit`", point.name()),
+                            )
+                            .label("listed again here")
+                            .related(*first, "first listed here"),
                         );
                         ok = false;
                     }
@@ -693,12 +781,16 @@ impl Checker {
             self.error(error);
             return None;
         }
-        let mut error = Error::new(value.span, format!("`{key}` must be one of {expected}, found {}", value.kind.describe()))
-            .label("not allowed here");
-        if let ValueKind::Call { name, .. } = &value.kind {
-            if let Some(suggestion) = did_you_mean(&name.text, &["sliding_window"]).filter(|_| key == "mask") {
-                error = error.help(format!("did you mean `{suggestion}(...)`?"));
-            }
+        let mut error = Error::new(
+            value.span,
+            format!("`{key}` must be one of {expected}, found {}", value.kind.describe()),
+        )
+        .label("not allowed here");
+        if let ValueKind::Call { name, .. } = &value.kind
+            && let Some(suggestion) =
+                did_you_mean(&name.text, &["sliding_window"]).filter(|_| key == "mask")
+        {
+            error = error.help(format!("did you mean `{suggestion}(...)`?"));
         }
         self.error(error);
         None
@@ -708,12 +800,15 @@ impl Checker {
         if let ValueKind::Bool(flag) = value.kind {
             return Some(flag);
         }
-        let mut error = Error::new(value.span, format!("`{key}` must be `true` or `false`, found {}", value.kind.describe()))
-            .label("expected a boolean");
-        if let ValueKind::Name(name) = &value.kind {
-            if let Some(suggestion) = did_you_mean(name, &["true", "false"]) {
-                error = error.help(format!("did you mean `{suggestion}`?"));
-            }
+        let mut error = Error::new(
+            value.span,
+            format!("`{key}` must be `true` or `false`, found {}", value.kind.describe()),
+        )
+        .label("expected a boolean");
+        if let ValueKind::Name(name) = &value.kind
+            && let Some(suggestion) = did_you_mean(name, &["true", "false"])
+        {
+            error = error.help(format!("did you mean `{suggestion}`?"));
         }
         self.error(error);
         None
@@ -724,8 +819,11 @@ impl Checker {
             ValueKind::Number(text) => Some(text),
             other => {
                 self.error(
-                    Error::new(value.span, format!("`{key}` must be {expected}, found {}", other.describe()))
-                        .label(format!("expected {expected}")),
+                    Error::new(
+                        value.span,
+                        format!("`{key}` must be {expected}, found {}", other.describe()),
+                    )
+                    .label(format!("expected {expected}")),
                 );
                 None
             }
@@ -756,7 +854,13 @@ impl Checker {
                 let requirement = if least == 0 { "not be negative" } else { "be positive" };
                 self.error(
                     Error::new(value.span, format!("`{key}` must {requirement}, found {text}"))
-                        .label(if least == 0 { "negative" } else if integer == 0 { "zero" } else { "negative" }),
+                        .label(if least == 0 {
+                            "negative"
+                        } else if integer == 0 {
+                            "zero"
+                        } else {
+                            "negative"
+                        }),
                 );
                 None
             }
@@ -771,7 +875,8 @@ impl Checker {
             }
             Number::TooLarge { negative: true } => {
                 self.error(
-                    Error::new(value.span, format!("`{key}` must be positive, found {text}")).label("negative"),
+                    Error::new(value.span, format!("`{key}` must be positive, found {text}"))
+                        .label("negative"),
                 );
                 None
             }
@@ -804,7 +909,8 @@ impl Checker {
         let float = self.float(value, key)?;
         if float <= 0.0 {
             self.error(
-                Error::new(value.span, format!("`{key}` must be positive, found {float}")).label("not positive"),
+                Error::new(value.span, format!("`{key}` must be positive, found {float}"))
+                    .label("not positive"),
             );
             return None;
         }
@@ -815,7 +921,8 @@ impl Checker {
         let float = self.float(value, key)?;
         if float < 0.0 {
             self.error(
-                Error::new(value.span, format!("`{key}` must not be negative, found {float}")).label("negative"),
+                Error::new(value.span, format!("`{key}` must not be negative, found {float}"))
+                    .label("negative"),
             );
             return None;
         }
@@ -828,7 +935,7 @@ fn divisors_text(n: u64, wanted: u64) -> String {
     let mut divisors: Vec<u64> = Vec::new();
     let mut candidate = 1;
     while candidate * candidate <= n {
-        if n % candidate == 0 {
+        if n.is_multiple_of(candidate) {
             divisors.push(candidate);
             divisors.push(n / candidate);
         }

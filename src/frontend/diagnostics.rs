@@ -23,7 +23,13 @@ pub struct Error {
 
 impl Error {
     pub fn new(span: Span, message: impl Into<String>) -> Error {
-        Error { message: message.into(), span, label: String::new(), related: Vec::new(), notes: Vec::new() }
+        Error {
+            message: message.into(),
+            span,
+            label: String::new(),
+            related: Vec::new(),
+            notes: Vec::new(),
+        }
     }
     pub fn label(mut self, label: impl Into<String>) -> Error {
         self.label = label.into();
@@ -50,9 +56,14 @@ impl Error {
     fn to_codespan(&self) -> Diagnostic<()> {
         let mut labels = vec![Label::primary((), self.span.range()).with_message(&self.label)];
         labels.extend(
-            self.related.iter().map(|(span, text)| Label::secondary((), span.range()).with_message(text)),
+            self.related
+                .iter()
+                .map(|(span, text)| Label::secondary((), span.range()).with_message(text)),
         );
-        Diagnostic::error().with_message(&self.message).with_labels(labels).with_notes(self.notes.clone())
+        Diagnostic::error()
+            .with_message(&self.message)
+            .with_labels(labels)
+            .with_notes(self.notes.clone())
     }
 }
 

@@ -29,7 +29,10 @@ pub fn parse(file_name: &str, source: &str) -> Result<ast::File, Diagnostics> {
 
 /// Parses and checks a whole file: one fully resolved, valid `AttentionSpec` per block, in order,
 /// or every error of the file (the first syntax error, or all rule violations).
-pub fn parse_and_check(file_name: &str, source: &str) -> Result<Vec<crate::AttentionSpec>, Diagnostics> {
+pub fn parse_and_check(
+    file_name: &str,
+    source: &str,
+) -> Result<Vec<crate::AttentionSpec>, Diagnostics> {
     let file = parse(file_name, source)?;
     check::check(&file, source).map_err(|errors| Diagnostics::new(file_name, source, errors))
 }

@@ -88,8 +88,14 @@ mod tests {
         assert_eq!(parse("1e38"), Number::Integer(10i128.pow(38)));
         assert_eq!(parse("1e39"), Number::TooLarge { negative: false });
         assert_eq!(parse("170141183460469231731687303715884105727"), Number::Integer(i128::MAX));
-        assert_eq!(parse("170141183460469231731687303715884105728"), Number::TooLarge { negative: false });
-        assert_eq!(parse("99999999999999999999999999999999999999999"), Number::TooLarge { negative: false });
+        assert_eq!(
+            parse("170141183460469231731687303715884105728"),
+            Number::TooLarge { negative: false }
+        );
+        assert_eq!(
+            parse("99999999999999999999999999999999999999999"),
+            Number::TooLarge { negative: false }
+        );
         assert_eq!(parse("1e99999999999999999999"), Number::TooLarge { negative: false });
         assert_eq!(parse("-1e99999999999999999999"), Number::TooLarge { negative: true });
         assert_eq!(parse("1e-99999999999999999999"), Number::Fraction);

@@ -18,7 +18,8 @@ pub const MAX_NESTING: usize = 32;
 /// Parses a whole file. On failure returns the first syntax error.
 pub fn parse(source: &str) -> Result<File, Error> {
     check_nesting(source)?;
-    let mut pairs = AttnParser::parse(Rule::file, source).map_err(|error| describe_error(source, error))?;
+    let mut pairs =
+        AttnParser::parse(Rule::file, source).map_err(|error| describe_error(source, error))?;
     let file = pairs.next().map(|pair| pair.into_inner()).into_iter().flatten();
     let blocks = file.filter(|pair| pair.as_rule() == Rule::block).map(block).collect();
     Ok(File { blocks })
@@ -33,7 +34,9 @@ fn check_nesting(source: &str) -> Result<(), Error> {
             if depth > MAX_NESTING {
                 return Err(Error::new(Span::new(index, index + 1), "brackets nested too deeply")
                     .label(format!("more than {MAX_NESTING} levels deep"))
-                    .note(format!("`.attn` files may nest `{{`, `(` and `[` at most {MAX_NESTING} levels deep")));
+                    .note(format!(
+                        "`.attn` files may nest `{{`, `(` and `[` at most {MAX_NESTING} levels deep"
+                    )));
             }
         } else {
             depth = depth.saturating_sub(1);
@@ -209,14 +212,21 @@ fn found_at(source: &str, position: usize) -> (String, Span) {
         return ("the end of the file".to_string(), Span::new(position, position));
     };
     if first == '\n' || first == '\r' {
-        return ("the end of the line".to_string(), Span::new(position, position + first.len_utf8()));
+        return (
+            "the end of the line".to_string(),
+            Span::new(position, position + first.len_utf8()),
+        );
     }
     if first.is_ascii_alphanumeric() || first == '_' {
-        let length = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
+        let length =
+            rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len());
         return (format!("`{}`", &rest[..length]), Span::new(position, position + length));
     }
     if rest.starts_with("/*") {
-        return ("a `/*` comment that is never closed".to_string(), Span::new(position, position + 2));
+        return (
+            "a `/*` comment that is never closed".to_string(),
+            Span::new(position, position + 2),
+        );
     }
     let shown = if first.is_control() { format!("{:?}", first) } else { format!("`{first}`") };
     (shown, Span::new(position, position + first.len_utf8()))
@@ -254,14 +264,14 @@ fn describe_error(source: &str, error: pest::error::Error<Rule>) -> Error {
     if found.contains("never closed") {
         error = error.help("close the comment with `*/`");
     }
-    if at_end && expected.contains(&"`}`") {
-        if let Some(open) = unclosed_brace(source, position) {
-            error = error.related(Span::new(open, open + 1), "this `{` is never closed");
-        }
+    if at_end
+        && expected.contains(&"`}`")
+        && let Some(open) = unclosed_brace(source, position)
+    {
+        error = error.related(Span::new(open, open + 1), "this `{` is never closed");
     }
     if expected.contains(&"`=`") {
         error = error.help("an item is written `key = value`, `key { ... }` or `stage(width = K)`");
     }
     error
 }
-

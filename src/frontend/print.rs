@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use crate::spec::{AttentionSpec, ConvKind, Mask, QkNorm, RopeStyle, KeyTemperature};
+use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, QkNorm, RopeStyle};
 
 pub fn spec_text(spec: &AttentionSpec) -> String {
     let mut lines: Vec<(String, String)> = Vec::new();
@@ -13,7 +13,10 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
 
     line(format!("{}{}", key("model_dim"), spec.model_dim), String::new());
     line(format!("{}{}", key("head_dim"), spec.head_dim), String::new());
-    line(format!("{}{}", key("query_heads"), spec.query_heads), format!("compression {}", short(spec.compression())));
+    line(
+        format!("{}{}", key("query_heads"), spec.query_heads),
+        format!("compression {}", short(spec.compression())),
+    );
     line(format!("{}{}", key("kv_heads"), spec.kv_heads), format!("groups {}", spec.groups()));
     if !spec.qk_conv.is_empty() {
         line("qk_conv {".to_string(), format!("history T = {} tokens", spec.conv_history()));
@@ -45,7 +48,10 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
             RopeStyle::Interleaved => "interleaved",
         };
         line(
-            format!("rope {{ fraction = {:?}, theta = {:?}, style = {style} }}", rope.fraction, rope.theta),
+            format!(
+                "rope {{ fraction = {:?}, theta = {:?}, style = {style} }}",
+                rope.fraction, rope.theta
+            ),
             format!("rotary width {}", rope.rotary_dim),
         );
     }
@@ -62,14 +68,20 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
     let entries: Vec<&str> = spec.entry_points.iter().map(|entry| entry.name()).collect();
     line(format!("{}[{}]", key("emit"), entries.join(", ")), String::new());
     if let Some(tune) = &spec.tune {
-        let shapes: Vec<String> = [("batch", tune.batch), ("seq_len", tune.seq_len), ("kv_len", tune.kv_len)]
-            .into_iter()
-            .filter_map(|(name, size)| size.map(|size| format!("{name} = {size}")))
-            .collect();
+        let shapes: Vec<String> =
+            [("batch", tune.batch), ("seq_len", tune.seq_len), ("kv_len", tune.kv_len)]
+                .into_iter()
+                .filter_map(|(name, size)| size.map(|size| format!("{name} = {size}")))
+                .collect();
         line(format!("tune {{ {} }}", shapes.join(", ")), String::new());
     }
 
-    let width = lines.iter().filter(|(_, comment)| !comment.is_empty()).map(|(item, _)| item.len()).max().unwrap_or(0);
+    let width = lines
+        .iter()
+        .filter(|(_, comment)| !comment.is_empty())
+        .map(|(item, _)| item.len())
+        .max()
+        .unwrap_or(0);
     let mut text = format!("attention {} {{\n", spec.name);
     for (item, comment) in lines {
         if comment.is_empty() {

@@ -6,7 +6,11 @@ pub fn did_you_mean<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
     known
         .iter()
         .map(|candidate| {
-            let distance = if candidate.eq_ignore_ascii_case(word) { 0 } else { edit_distance(word, candidate) };
+            let distance = if candidate.eq_ignore_ascii_case(word) {
+                0
+            } else {
+                edit_distance(word, candidate)
+            };
             (distance, *candidate)
         })
         .filter(|(distance, candidate)| *distance <= (candidate.chars().count() / 3).max(1))
@@ -28,8 +32,8 @@ pub fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in distance.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        distance[0][j] = j;
+    for (j, cell) in distance[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
