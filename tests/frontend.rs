@@ -425,6 +425,11 @@ const BAD_INPUTS: &[(&str, &str, &str)] = &[
     ),
     // All errors of a file at once, in source order.
     (
+        "syntax_errors_in_several_blocks",
+        "attention a {\n    model_dim = 2048\n    head_dim 128\n}\n\nattention b {\n    model_dim = 2048\n    head_dim = 128\n\nattention c {\n    model_dim = 2050, head_dim = 128\n}\n",
+        "has 3 errors",
+    ),
+    (
         "many_errors_at_once",
         "attention a {\n    model_dim = 2048, head_dim = 128\n    kv_head = 2\n    mask = causl\n    value_shift = 99\n    emit = [forward, forward]\n}\nattention b {\n    head_dim = 0\n}\n",
         "has 6 errors",

@@ -15,14 +15,86 @@ struct AttnParser;
 /// the bound keeps hostile input (`[[[[...`) from exhausting the stack; real specs use 3 levels.
 pub const MAX_NESTING: usize = 32;
 
-/// Parses a whole file. On failure returns the first syntax error.
-pub fn parse(source: &str) -> Result<File, Error> {
-    check_nesting(source)?;
-    let mut pairs =
-        AttnParser::parse(Rule::file, source).map_err(|error| describe_error(source, error))?;
+/// Parses a whole file: the blocks that parse, and the syntax errors (none when the file parses).
+///
+/// pest stops at the first error, so when the file does not parse, each block is parsed again on
+/// its own (a block starts at a line whose first word is `attention`): one syntax error per broken
+/// block, and the blocks that do parse still reach the checker.
+pub fn parse(source: &str) -> (File, Vec<Error>) {
+    if let Err(error) = check_nesting(source) {
+        return (File { blocks: Vec::new() }, vec![error]);
+    }
+    let first_error = match parse_part(source, 0, source.len()) {
+        Ok(blocks) => return (File { blocks }, Vec::new()),
+        Err(error) => error,
+    };
+    let mut bounds = block_starts(source);
+    if bounds.first() != Some(&0) {
+        bounds.insert(0, 0);
+    }
+    bounds.push(source.len());
+    let mut blocks = Vec::new();
+    let mut errors = Vec::new();
+    for part in bounds.windows(2) {
+        match parse_part(source, part[0], part[1]) {
+            Ok(part_blocks) => blocks.extend(part_blocks),
+            Err(error) => errors.push(error),
+        }
+    }
+    if errors.is_empty() {
+        // The parts parse but the whole does not: report the whole file's error alone.
+        return (File { blocks: Vec::new() }, vec![first_error]);
+    }
+    (File { blocks }, errors)
+}
+
+/// Parses `source[start..end]` as a sequence of blocks, with spans into the whole `source`.
+fn parse_part(source: &str, start: usize, end: usize) -> Result<Vec<Block>, Error> {
+    let mut pairs = AttnParser::parse(Rule::file, &source[start..end])
+        .map_err(|error| describe_error(source, start, end, error))?;
+    let walker = Walker { offset: start };
     let file = pairs.next().map(|pair| pair.into_inner()).into_iter().flatten();
-    let blocks = file.filter(|pair| pair.as_rule() == Rule::block).map(block).collect();
-    Ok(File { blocks })
+    Ok(file.filter(|pair| pair.as_rule() == Rule::block).map(|pair| walker.block(pair)).collect())
+}
+
+/// Byte offsets of the lines whose first word (outside comments) is `attention`.
+fn block_starts(source: &str) -> Vec<usize> {
+    let bytes = source.as_bytes();
+    let keyword = b"attention";
+    let mut starts = Vec::new();
+    let mut index = 0;
+    let mut at_line_start = true;
+    while index < bytes.len() {
+        match bytes[index] {
+            b'\n' => {
+                at_line_start = true;
+                index += 1;
+            }
+            b' ' | b'\t' | b'\r' => index += 1,
+            b'/' if bytes.get(index + 1) == Some(&b'/') => {
+                while index < bytes.len() && bytes[index] != b'\n' {
+                    index += 1;
+                }
+            }
+            b'/' if bytes.get(index + 1) == Some(&b'*') => {
+                at_line_start = false;
+                index = match source[index + 2..].find("*/") {
+                    Some(offset) => index + 2 + offset + 2,
+                    None => bytes.len(),
+                };
+            }
+            _ => {
+                let after = bytes.get(index + keyword.len());
+                let word_ends = !after.is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
+                if at_line_start && bytes[index..].starts_with(keyword) && word_ends {
+                    starts.push(index);
+                }
+                at_line_start = false;
+                index += 1;
+            }
+        }
+    }
+    starts
 }
 
 /// Rejects brackets nested deeper than [`MAX_NESTING`].
@@ -87,97 +159,118 @@ fn code_brackets(source: &str) -> impl Iterator<Item = (usize, u8)> + '_ {
     })
 }
 
-/// An `identifier` or a rule that wraps one (`block_name`, `key`, `argument_name`).
-fn ident(pair: Pair<'_, Rule>) -> Ident {
-    Ident { text: pair.as_str().to_string(), span: pair.as_span().into() }
+/// Builds the syntax tree from pest's pairs; `offset` is where the parsed text starts in the file.
+struct Walker {
+    offset: usize,
 }
 
-fn block(pair: Pair<'_, Rule>) -> Block {
-    let span = pair.as_span().into();
-    let mut name = None;
-    let mut items = Vec::new();
-    for part in pair.into_inner() {
-        match part.as_rule() {
-            Rule::block_name => name = Some(ident(part)),
-            Rule::body => items = body(part),
-            _ => {}
-        }
+impl Walker {
+    fn span(&self, pair: &Pair<'_, Rule>) -> Span {
+        Span::new(self.offset + pair.as_span().start(), self.offset + pair.as_span().end())
     }
-    // The grammar guarantees a name; an empty one would only make error messages vaguer.
-    let name = name.unwrap_or(Ident { text: String::new(), span });
-    Block { name, items, span }
-}
 
-fn body(pair: Pair<'_, Rule>) -> Vec<Item> {
-    pair.into_inner().filter(|part| part.as_rule() == Rule::item).map(item).collect()
-}
-
-fn item(pair: Pair<'_, Rule>) -> Item {
-    let span: Span = pair.as_span().into();
-    let mut key = None;
-    let mut kind = None;
-    for part in pair.into_inner() {
-        match part.as_rule() {
-            Rule::key => key = Some(ident(part)),
-            Rule::body => kind = Some(ItemKind::Block(body(part))),
-            Rule::arguments => kind = Some(ItemKind::Call(arguments(part))),
-            Rule::value => kind = Some(ItemKind::Assign(value(part))),
-            _ => {}
-        }
+    /// An `identifier` or a rule that wraps one (`block_name`, `key`, `argument_name`).
+    fn ident(&self, pair: Pair<'_, Rule>) -> Ident {
+        Ident { text: pair.as_str().to_string(), span: self.span(&pair) }
     }
-    let key = key.unwrap_or(Ident { text: String::new(), span });
-    let kind = kind.unwrap_or(ItemKind::Block(Vec::new()));
-    Item { key, kind, span }
-}
 
-fn arguments(pair: Pair<'_, Rule>) -> Vec<Argument> {
-    pair.into_inner().filter(|part| part.as_rule() == Rule::argument).map(argument).collect()
-}
-
-fn argument(pair: Pair<'_, Rule>) -> Argument {
-    let span: Span = pair.as_span().into();
-    let mut name = None;
-    let mut argument_value = None;
-    for part in pair.into_inner() {
-        match part.as_rule() {
-            Rule::argument_name => name = Some(ident(part)),
-            Rule::value => argument_value = Some(value(part)),
-            _ => {}
-        }
-    }
-    let value = argument_value.unwrap_or(Value { kind: ValueKind::List(Vec::new()), span });
-    Argument { name, value }
-}
-
-/// `pair` is a `value`; its single child says which kind.
-fn value(pair: Pair<'_, Rule>) -> Value {
-    let span: Span = pair.as_span().into();
-    let Some(inner) = pair.into_inner().next() else {
-        return Value { kind: ValueKind::List(Vec::new()), span };
-    };
-    let kind = match inner.as_rule() {
-        Rule::number => ValueKind::Number(inner.as_str().to_string()),
-        Rule::boolean => ValueKind::Bool(inner.as_str() == "true"),
-        Rule::name => ValueKind::Name(inner.as_str().to_string()),
-        Rule::list => ValueKind::List(
-            inner.into_inner().filter(|part| part.as_rule() == Rule::value).map(value).collect(),
-        ),
-        Rule::call => {
-            let mut name = None;
-            let mut call_arguments = Vec::new();
-            for part in inner.into_inner() {
-                match part.as_rule() {
-                    Rule::identifier => name = Some(ident(part)),
-                    Rule::arguments => call_arguments = arguments(part),
-                    _ => {}
-                }
+    fn block(&self, pair: Pair<'_, Rule>) -> Block {
+        let span = self.span(&pair);
+        let mut name = None;
+        let mut items = Vec::new();
+        for part in pair.into_inner() {
+            match part.as_rule() {
+                Rule::block_name => name = Some(self.ident(part)),
+                Rule::body => items = self.body(part),
+                _ => {}
             }
-            let name = name.unwrap_or(Ident { text: String::new(), span });
-            ValueKind::Call { name, arguments: call_arguments }
         }
-        _ => ValueKind::List(Vec::new()),
-    };
-    Value { kind, span }
+        // The grammar guarantees a name; an empty one would only make error messages vaguer.
+        let name = name.unwrap_or(Ident { text: String::new(), span });
+        Block { name, items, span }
+    }
+
+    fn body(&self, pair: Pair<'_, Rule>) -> Vec<Item> {
+        pair.into_inner()
+            .filter(|part| part.as_rule() == Rule::item)
+            .map(|part| self.item(part))
+            .collect()
+    }
+
+    fn item(&self, pair: Pair<'_, Rule>) -> Item {
+        let span: Span = self.span(&pair);
+        let mut key = None;
+        let mut kind = None;
+        for part in pair.into_inner() {
+            match part.as_rule() {
+                Rule::key => key = Some(self.ident(part)),
+                Rule::body => kind = Some(ItemKind::Block(self.body(part))),
+                Rule::arguments => kind = Some(ItemKind::Call(self.arguments(part))),
+                Rule::value => kind = Some(ItemKind::Assign(self.value(part))),
+                _ => {}
+            }
+        }
+        let key = key.unwrap_or(Ident { text: String::new(), span });
+        let kind = kind.unwrap_or(ItemKind::Block(Vec::new()));
+        Item { key, kind, span }
+    }
+
+    fn arguments(&self, pair: Pair<'_, Rule>) -> Vec<Argument> {
+        pair.into_inner()
+            .filter(|part| part.as_rule() == Rule::argument)
+            .map(|part| self.argument(part))
+            .collect()
+    }
+
+    fn argument(&self, pair: Pair<'_, Rule>) -> Argument {
+        let span: Span = self.span(&pair);
+        let mut name = None;
+        let mut argument_value = None;
+        for part in pair.into_inner() {
+            match part.as_rule() {
+                Rule::argument_name => name = Some(self.ident(part)),
+                Rule::value => argument_value = Some(self.value(part)),
+                _ => {}
+            }
+        }
+        let value = argument_value.unwrap_or(Value { kind: ValueKind::List(Vec::new()), span });
+        Argument { name, value }
+    }
+
+    /// `pair` is a `value`; its single child says which kind.
+    fn value(&self, pair: Pair<'_, Rule>) -> Value {
+        let span: Span = self.span(&pair);
+        let Some(inner) = pair.into_inner().next() else {
+            return Value { kind: ValueKind::List(Vec::new()), span };
+        };
+        let kind = match inner.as_rule() {
+            Rule::number => ValueKind::Number(inner.as_str().to_string()),
+            Rule::boolean => ValueKind::Bool(inner.as_str() == "true"),
+            Rule::name => ValueKind::Name(inner.as_str().to_string()),
+            Rule::list => ValueKind::List(
+                inner
+                    .into_inner()
+                    .filter(|part| part.as_rule() == Rule::value)
+                    .map(|part| self.value(part))
+                    .collect(),
+            ),
+            Rule::call => {
+                let mut name = None;
+                let mut call_arguments = Vec::new();
+                for part in inner.into_inner() {
+                    match part.as_rule() {
+                        Rule::identifier => name = Some(self.ident(part)),
+                        Rule::arguments => call_arguments = self.arguments(part),
+                        _ => {}
+                    }
+                }
+                let name = name.unwrap_or(Ident { text: String::new(), span });
+                ValueKind::Call { name, arguments: call_arguments }
+            }
+            _ => ValueKind::List(Vec::new()),
+        };
+        Value { kind, span }
+    }
 }
 
 /// What the parser wanted, in words a spec author knows.
@@ -232,12 +325,18 @@ fn found_at(source: &str, position: usize) -> (String, Span) {
     (shown, Span::new(position, position + first.len_utf8()))
 }
 
-fn describe_error(source: &str, error: pest::error::Error<Rule>) -> Error {
+/// Turns pest's error in the part `source[start..end]` into one in words, located in `source`.
+fn describe_error(
+    source: &str,
+    start: usize,
+    end: usize,
+    error: pest::error::Error<Rule>,
+) -> Error {
     let position = match error.location {
         InputLocation::Pos(position) => position,
-        InputLocation::Span((start, _)) => start,
+        InputLocation::Span((span_start, _)) => span_start,
     };
-    let position = position.min(source.len());
+    let position = (start + position).min(end);
     let (found, span) = found_at(source, position);
     let mut expected: Vec<&str> = match &error.variant {
         ErrorVariant::ParsingError { positives, .. } => {
@@ -245,9 +344,9 @@ fn describe_error(source: &str, error: pest::error::Error<Rule>) -> Error {
         }
         ErrorVariant::CustomError { .. } => Vec::new(),
     };
-    let at_end = position >= source.len();
+    let at_end = position >= end;
     if at_end {
-        // Another separator never helps at the end of the file; what is missing is the rest.
+        // Another separator never helps at the end of a block; what is missing is the rest.
         expected.retain(|words| !words.starts_with("a separator"));
     }
     expected.sort_unstable();
