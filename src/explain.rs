@@ -271,3 +271,55 @@ fn si(value: f64) -> String {
 fn ratio_text(value: f64) -> String {
     if value.fract() == 0.0 { format!("{value:.0}×") } else { format!("{value:.3}×") }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{ConvStage, KeyTemperature, QkNorm};
+
+    #[test]
+    fn average_keys_counts_what_the_mask_allows() {
+        for mask in [Mask::None, Mask::Causal, Mask::SlidingWindow { window: 5 }] {
+            for seq_len in [1, 4, 5, 6, 17] {
+                let seen: usize =
+                    (0..seq_len).map(|t| (0..seq_len).filter(|&j| mask.allows(t, j)).count()).sum();
+                let expected = seen as f64 / seq_len as f64;
+                assert!(
+                    (average_keys(mask, seq_len) - expected).abs() < 1e-12,
+                    "{mask:?} {seq_len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn zaya1_costs_match_hand_arithmetic() {
+        let spec = AttentionSpec {
+            qk_conv: vec![
+                ConvStage { kind: ConvKind::Depthwise, width: 2 },
+                ConvStage { kind: ConvKind::PerHead, width: 2 },
+            ],
+            qk_mean: true,
+            value_shift: 1,
+            qk_norm: QkNorm::L2,
+            key_temperature: KeyTemperature::Learned,
+            ..AttentionSpec::plain("zaya1", 2048, 128, 8, 2)
+        };
+        let costs = LayerCosts::of(&spec, 16384);
+        assert_eq!(costs.kv_cache_bytes_per_token, 2 * 2 * 128 * 2);
+        assert_eq!(costs.conv_state_bytes, 1280 * 2 * 2);
+        assert_eq!((costs.shift_state_bytes, costs.shift_state_projected_bytes), (4096, 256));
+        // Projections 2·E·(Lq + 2·Lk) + output 2·Lq·E + depthwise 2·P·K + per-head 2·P·d·K
+        // + attention 4·Lq·(S + 1)/2.
+        let flops = 2.0 * 2048.0 * (1024.0 + 512.0)
+            + 2.0 * 1024.0 * 2048.0
+            + 2.0 * 1280.0 * 2.0
+            + 2.0 * 1280.0 * 128.0 * 2.0
+            + 4.0 * 1024.0 * 16385.0 / 2.0;
+        assert_eq!(costs.forward_flops_per_token, flops);
+        let mha = LayerCosts::of(&spec.equivalent_mha(), 16384);
+        assert_eq!((mha.kv_cache_bytes_per_token, mha.conv_state_bytes), (8192, 0));
+        assert_eq!(kind_name(&spec), "CCGQA");
+        assert_eq!(kind_name(&spec.equivalent_mha()), "MHA");
+    }
+}
