@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::spec::{AttentionSpec, ConvKind, Mask};
+use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, QkNorm, RopeStyle};
 
 /// Sequence length for per-token FLOPs when neither the command line nor `tune.seq_len` gives one.
 pub const DEFAULT_SEQ_LEN: usize = 4096;
@@ -145,11 +145,15 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     if spec.value_shift > 0 {
         extras.push(format!("value_shift {}", spec.value_shift));
     }
-    if spec.qk_norm == crate::spec::QkNorm::L2 {
+    if spec.qk_norm == QkNorm::L2 {
         extras.push(format!("L2 qk norm (eps {:e})", spec.norm_eps));
     }
-    if spec.key_temperature != crate::spec::KeyTemperature::None {
-        extras.push(format!("key temperature {:?}", spec.key_temperature).to_lowercase());
+    if spec.key_temperature != KeyTemperature::None {
+        let temperature = match spec.key_temperature {
+            KeyTemperature::LearnedExp => "learned_exp",
+            _ => "learned",
+        };
+        extras.push(format!("key temperature {temperature}"));
     }
     row("CCA parts", if extras.is_empty() { "none".to_string() } else { extras.join(", ") });
     row(
@@ -157,11 +161,16 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
         match &spec.rope {
             None => "none".to_string(),
             Some(rope) => format!(
-                "{} of {} channels (fraction {}), theta {}, {:?}",
-                rope.rotary_dim, spec.head_dim, rope.fraction, rope.theta, rope.style
-            )
-            .replace("Neox", "neox")
-            .replace("Interleaved", "interleaved"),
+                "{} of {} channels (fraction {}), theta {}, {}",
+                rope.rotary_dim,
+                spec.head_dim,
+                rope.fraction,
+                rope.theta,
+                match rope.style {
+                    RopeStyle::Neox => "neox",
+                    RopeStyle::Interleaved => "interleaved",
+                }
+            ),
         },
     );
     row(
@@ -275,7 +284,7 @@ fn ratio_text(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{ConvStage, KeyTemperature, QkNorm};
+    use crate::spec::ConvStage;
 
     #[test]
     fn average_keys_counts_what_the_mask_allows() {

@@ -46,11 +46,13 @@ pub struct Cli {
 pub enum Command {
     /// Check .attn files: print `ok: NAME` for every layer, or every error.
     Check {
+        /// The .attn files.
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
     },
     /// One screen per layer: heads, widths, parameters, KV cache, state and FLOPs next to MHA.
     Explain {
+        /// The .attn file.
         file: PathBuf,
         /// Sequence length for per-token FLOPs [default: tune.seq_len, else 4096].
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
@@ -61,6 +63,7 @@ pub enum Command {
     /// Today this writes DIR/NAME/spec.json, the resolved spec. The PTX and the kernel manifest
     /// arrive with codegen; `--emit` prints one stage's text instead of writing files.
     Compile {
+        /// The .attn file.
         file: PathBuf,
         /// Output directory; each layer gets a subdirectory named after its block.
         #[arg(short = 'o', long = "out-dir", value_name = "DIR", default_value = "out")]
