@@ -109,6 +109,20 @@ fn several_blocks_come_out_in_order() {
 }
 
 #[test]
+fn blocks_split_only_at_block_headers() {
+    // Two blocks on one line are fine; an item named `attention` is an unknown item, not a block.
+    let specs = check("attention a { model_dim = 256, head_dim = 64 } attention b { model_dim = 256, head_dim = 64 }").unwrap();
+    assert_eq!(specs.len(), 2);
+    let rendered =
+        check("attention a {\n    model_dim = 256, head_dim = 64\nattention = 1\n}\n").unwrap_err();
+    assert!(rendered.contains("unknown item `attention`"), "{rendered}");
+    // A header inside a comment does not start a block.
+    let specs =
+        check("attention a {\n model_dim = 256, head_dim = 64 /*\nattention b {\n*/ }").unwrap();
+    assert_eq!(specs.len(), 1);
+}
+
+#[test]
 fn printed_specs_parse_back_to_the_same_spec() {
     for name in EXAMPLES {
         let spec = example(name);

@@ -17,17 +17,11 @@ pub const MAX_NESTING: usize = 32;
 
 /// Parses a whole file: the blocks that parse, and the syntax errors (none when the file parses).
 ///
-/// pest stops at the first error, so when the file does not parse, each block is parsed again on
-/// its own (a block starts at a line whose first word is `attention`): one syntax error per broken
-/// block, and the blocks that do parse still reach the checker.
+/// Each block is parsed on its own (a block starts at a line that begins `attention NAME {`, which
+/// no valid item can), since pest stops at its first error: one syntax error per broken block, and
+/// the blocks that do parse still reach the checker. Nesting is bounded per part, which is also
+/// what each parse and tree walk recurses over.
 pub fn parse(source: &str) -> (File, Vec<Error>) {
-    if let Err(error) = check_nesting(source) {
-        return (File { blocks: Vec::new() }, vec![error]);
-    }
-    let first_error = match parse_part(source, 0, source.len()) {
-        Ok(blocks) => return (File { blocks }, Vec::new()),
-        Err(error) => error,
-    };
     let mut bounds = block_starts(source);
     if bounds.first() != Some(&0) {
         bounds.insert(0, 0);
@@ -36,14 +30,12 @@ pub fn parse(source: &str) -> (File, Vec<Error>) {
     let mut blocks = Vec::new();
     let mut errors = Vec::new();
     for part in bounds.windows(2) {
-        match parse_part(source, part[0], part[1]) {
+        match check_nesting(source, part[0], part[1])
+            .and_then(|()| parse_part(source, part[0], part[1]))
+        {
             Ok(part_blocks) => blocks.extend(part_blocks),
             Err(error) => errors.push(error),
         }
-    }
-    if errors.is_empty() {
-        // The parts parse but the whole does not: report the whole file's error alone.
-        return (File { blocks: Vec::new() }, vec![first_error]);
     }
     (File { blocks }, errors)
 }
@@ -57,10 +49,9 @@ fn parse_part(source: &str, start: usize, end: usize) -> Result<Vec<Block>, Erro
     Ok(file.filter(|pair| pair.as_rule() == Rule::block).map(|pair| walker.block(pair)).collect())
 }
 
-/// Byte offsets of the lines whose first word (outside comments) is `attention`.
+/// Byte offsets of the lines (outside comments) that begin `attention NAME {`.
 fn block_starts(source: &str) -> Vec<usize> {
     let bytes = source.as_bytes();
-    let keyword = b"attention";
     let mut starts = Vec::new();
     let mut index = 0;
     let mut at_line_start = true;
@@ -84,9 +75,7 @@ fn block_starts(source: &str) -> Vec<usize> {
                 };
             }
             _ => {
-                let after = bytes.get(index + keyword.len());
-                let word_ends = !after.is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_');
-                if at_line_start && bytes[index..].starts_with(keyword) && word_ends {
+                if at_line_start && is_block_header(&bytes[index..]) {
                     starts.push(index);
                 }
                 at_line_start = false;
@@ -97,10 +86,27 @@ fn block_starts(source: &str) -> Vec<usize> {
     starts
 }
 
-/// Rejects brackets nested deeper than [`MAX_NESTING`].
-fn check_nesting(source: &str) -> Result<(), Error> {
+/// Whether `text` begins `attention`, blanks, a name, blanks and `{`.
+fn is_block_header(text: &[u8]) -> bool {
+    let Some(rest) = text.strip_prefix(b"attention") else {
+        return false;
+    };
+    let is_blank = |b: &u8| *b == b' ' || *b == b'\t';
+    let is_name = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
+    let after_keyword = rest.iter().take_while(|b| is_blank(b)).count();
+    let rest = &rest[after_keyword..];
+    let name = rest.iter().take_while(|b| is_name(b)).count();
+    let rest = &rest[name..];
+    let after_name = rest.iter().take_while(|b| is_blank(b)).count();
+    after_keyword > 0 && name > 0 && rest.get(after_name) == Some(&b'{')
+}
+
+/// Rejects brackets nested deeper than [`MAX_NESTING`] in `source[start..end]` (a part never
+/// starts inside a comment, so the part can be scanned alone).
+fn check_nesting(source: &str, start: usize, end: usize) -> Result<(), Error> {
     let mut depth = 0usize;
-    for (index, byte) in code_brackets(source) {
+    for (index, byte) in code_brackets(&source[start..end]) {
+        let index = start + index;
         if matches!(byte, b'{' | b'(' | b'[') {
             depth += 1;
             if depth > MAX_NESTING {
@@ -117,12 +123,12 @@ fn check_nesting(source: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// The last `{` before `end` that is not closed before `end`, for "this `{` is never closed".
-fn unclosed_brace(source: &str, end: usize) -> Option<usize> {
+/// The last `{` of `source[start..end]` that is not closed in it, for "this `{` is never closed".
+fn unclosed_brace(source: &str, start: usize, end: usize) -> Option<usize> {
     let mut open = Vec::new();
-    for (index, byte) in code_brackets(source).take_while(|(index, _)| *index < end) {
+    for (index, byte) in code_brackets(&source[start..end]) {
         match byte {
-            b'{' => open.push(index),
+            b'{' => open.push(start + index),
             b'}' => {
                 open.pop();
             }
@@ -365,7 +371,7 @@ fn describe_error(
     }
     if at_end
         && expected.contains(&"`}`")
-        && let Some(open) = unclosed_brace(source, position)
+        && let Some(open) = unclosed_brace(source, start, position)
     {
         error = error.related(Span::new(open, open + 1), "this `{` is never closed");
     }
