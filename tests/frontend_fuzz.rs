@@ -135,6 +135,12 @@ fn judge(source: &str, render: bool) -> Result<bool, String> {
         .map_err(|_| "the frontend panicked".to_string())?;
     match outcome {
         Ok(specs) => {
+            // No block may be dropped silently.
+            let blocks =
+                ccc::frontend::parse("fuzz.attn", source).map(|file| file.blocks.len()).ok();
+            if blocks != Some(specs.len()) {
+                return Err(format!("{} specs from {blocks:?} blocks", specs.len()));
+            }
             for spec in &specs {
                 spec.validate()
                     .map_err(|why| format!("accepted an invalid spec ({why}): {spec:?}"))?;
