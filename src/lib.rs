@@ -5,8 +5,10 @@
 //! feature) → manifest + PTX, loaded by the `ccc-runtime` crate. [`reference`] computes the layer
 //! in f64 straight from the spec and judges every stage.
 
+pub mod cli;
 #[cfg(feature = "llvm")]
 pub mod codegen;
+pub mod explain;
 pub mod frontend;
 pub mod ir;
 pub mod reference;

@@ -7,12 +7,19 @@ mod reference {
         AttentionSpec, ConvKind, ConvStage, KeyTemperature, Mask, QkNorm, Rope, RopeStyle,
     };
 
-    /// Random weights for `spec` with the named tensors replaced by the given values.
+    /// Random weights for `spec` with the named tensors replaced by the given values. Names are
+    /// the module-local ones (`q_proj.weight`); ZayaAttention keeps q/k/v and the convolutions
+    /// under `qkv_proj.`, so a name is also looked up there.
     fn weights_with(spec: &AttentionSpec, overrides: &[(&str, Vec<f64>)]) -> Weights {
         let mut weights = Weights::random(spec, 1);
         for (name, data) in overrides {
+            let full = if weights.tensors.contains_key(*name) {
+                name.to_string()
+            } else {
+                format!("qkv_proj.{name}")
+            };
             let tensor =
-                weights.tensors.get_mut(*name).unwrap_or_else(|| panic!("no weight {name}"));
+                weights.tensors.get_mut(&full).unwrap_or_else(|| panic!("no weight {name}"));
             assert_eq!(tensor.data.len(), data.len(), "{name}");
             tensor.data = data.clone();
         }

@@ -254,10 +254,10 @@ mod reference {
         assert_eq!(weights, Weights::random(&spec, 51));
         assert_ne!(weights, Weights::random(&spec, 52));
         // Biases are nonzero when the spec has them; temperatures keep logits O(1).
-        assert!(weights.tensors["q_proj.bias"].data.iter().all(|&b| b != 0.0));
+        assert!(weights.tensors["qkv_proj.q_proj.bias"].data.iter().all(|&b| b != 0.0));
         assert!(weights.tensors["qk_norm.temp"].data.iter().all(|&t| (0.5..1.5).contains(&t)));
         let bound = 1.0 / 64f64.sqrt();
-        assert!(weights.tensors["q_proj.weight"].data.iter().all(|w| w.abs() <= bound));
+        assert!(weights.tensors["qkv_proj.q_proj.weight"].data.iter().all(|w| w.abs() <= bound));
 
         let rounded = weights.rounded_to(ccc::spec::DType::Bf16);
         for (name, tensor) in &rounded.tensors {

@@ -1,0 +1,218 @@
+//! The `ccc` command line. `src/main.rs` only calls [`run`]; tests call it in-process with
+//! captured output, and through the built binary.
+//!
+//! Later stages plug in as new [`EmitStage`] variants (printed by `compile --emit STAGE`) and as
+//! more files written by `compile` next to `spec.json`.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use codespan_reporting::term::termcolor;
+
+use crate::explain::{DEFAULT_SEQ_LEN, explain_text};
+use crate::frontend::{self, Diagnostics, MAX_SEQUENCE};
+use crate::spec::AttentionSpec;
+
+/// Exit statuses: what a script calling `ccc` can rely on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Status {
+    Success = 0,
+    /// The spec has errors (they were printed).
+    SpecErrors = 1,
+    /// Wrong usage: bad arguments, a file that cannot be read or written.
+    Usage = 2,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ccc",
+    version,
+    about = "A compiler for attention kernels: .attn specs to PTX for Hopper (sm_90a)"
+)]
+#[command(
+    after_help = "Exit status: 0 success, 1 errors in the spec, 2 wrong usage or unreadable file."
+)]
+pub struct Cli {
+    /// When to colour diagnostics.
+    #[arg(long, value_enum, default_value_t = ColorWhen::Auto, global = true)]
+    pub color: ColorWhen,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check .attn files: print `ok: NAME` for every layer, or every error.
+    Check {
+        /// The .attn files.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+    },
+    /// One screen per layer: heads, widths, parameters, KV cache, state and FLOPs next to MHA.
+    Explain {
+        /// The .attn file.
+        file: PathBuf,
+        /// Sequence length for per-token FLOPs [default: tune.seq_len, else 4096].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
+        seq_len: Option<u64>,
+    },
+    /// Compile every layer of FILE into DIR/NAME/.
+    ///
+    /// Today this writes DIR/NAME/spec.json, the resolved spec. The PTX and the kernel manifest
+    /// arrive with codegen; `--emit` prints one stage's text instead of writing files.
+    Compile {
+        /// The .attn file.
+        file: PathBuf,
+        /// Output directory; each layer gets a subdirectory named after its block.
+        #[arg(short = 'o', long = "out-dir", value_name = "DIR", default_value = "out")]
+        out_dir: PathBuf,
+        /// Print this stage's text to stdout instead of writing files.
+        #[arg(long, value_enum, value_name = "STAGE")]
+        emit: Option<EmitStage>,
+    },
+}
+
+/// The compiler stages whose text `compile --emit` prints. Each stage of the pipeline
+/// (graph, plan, kernel, llvm, ptx) adds its variant when it exists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EmitStage {
+    /// The resolved spec, as canonical `.attn` text with every default written out.
+    Spec,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ColorWhen {
+    /// Colour when stderr is a terminal and NO_COLOR is not set.
+    Auto,
+    Always,
+    Never,
+}
+
+/// Where the command writes; `stderr_is_terminal` decides `--color auto`.
+pub struct Io<'a> {
+    pub stdout: &'a mut dyn Write,
+    pub stderr: &'a mut dyn Write,
+    pub stderr_is_terminal: bool,
+}
+
+/// Runs the command line `args` (the first is the program name) and returns the exit status.
+pub fn run<I, T>(args: I, io: &mut Io<'_>) -> Status
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            // --help and --version come through here too, with exit code 0 and for stdout.
+            let text = error.render().to_string();
+            let status = if error.exit_code() == 0 { Status::Success } else { Status::Usage };
+            let stream: &mut dyn Write = if error.use_stderr() { io.stderr } else { io.stdout };
+            let _ = stream.write_all(text.as_bytes());
+            return status;
+        }
+    };
+    let colour = match cli.color {
+        ColorWhen::Always => true,
+        ColorWhen::Never => false,
+        ColorWhen::Auto => io.stderr_is_terminal && std::env::var_os("NO_COLOR").is_none(),
+    };
+    let mut session = Session { io, colour };
+    match cli.command {
+        Command::Check { files } => {
+            files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
+        }
+        Command::Explain { file, seq_len } => session.explain(&file, seq_len),
+        Command::Compile { file, out_dir, emit } => session.compile(&file, &out_dir, emit),
+    }
+}
+
+struct Session<'a, 'io> {
+    io: &'a mut Io<'io>,
+    colour: bool,
+}
+
+impl Session<'_, '_> {
+    fn usage_error(&mut self, message: &str) -> Status {
+        let _ = writeln!(self.io.stderr, "error: {message}");
+        Status::Usage
+    }
+
+    fn print_diagnostics(&mut self, diagnostics: &Diagnostics) {
+        if self.colour {
+            diagnostics.emit(&mut termcolor::Ansi::new(&mut *self.io.stderr));
+        } else {
+            diagnostics.emit(&mut termcolor::NoColor::new(&mut *self.io.stderr));
+        }
+    }
+
+    /// Reads and checks one file; prints its errors. `Err` is the status to exit with.
+    fn load(&mut self, path: &Path) -> Result<Vec<AttentionSpec>, Status> {
+        let source = match std::fs::read_to_string(path) {
+            Ok(source) => source,
+            Err(error) => {
+                return Err(self.usage_error(&format!("cannot read {}: {error}", path.display())));
+            }
+        };
+        frontend::parse_and_check(&path.display().to_string(), &source).map_err(|diagnostics| {
+            self.print_diagnostics(&diagnostics);
+            Status::SpecErrors
+        })
+    }
+
+    fn check(&mut self, path: &Path) -> Status {
+        match self.load(path) {
+            Ok(specs) => {
+                for spec in specs {
+                    let _ = writeln!(self.io.stdout, "ok: {}", spec.name);
+                }
+                Status::Success
+            }
+            Err(status) => status,
+        }
+    }
+
+    fn explain(&mut self, path: &Path, seq_len: Option<u64>) -> Status {
+        let specs = match self.load(path) {
+            Ok(specs) => specs,
+            Err(status) => return status,
+        };
+        let screens: Vec<String> = specs
+            .iter()
+            .map(|spec| {
+                let from_spec = spec.tune.and_then(|tune| tune.seq_len).unwrap_or(DEFAULT_SEQ_LEN);
+                let seq_len = seq_len.map_or(from_spec, |n| n as usize);
+                explain_text(spec, seq_len)
+            })
+            .collect();
+        let _ = write!(self.io.stdout, "{}", screens.join("\n"));
+        Status::Success
+    }
+
+    fn compile(&mut self, path: &Path, out_dir: &Path, emit: Option<EmitStage>) -> Status {
+        let specs = match self.load(path) {
+            Ok(specs) => specs,
+            Err(status) => return status,
+        };
+        if let Some(EmitStage::Spec) = emit {
+            let texts: Vec<String> = specs.iter().map(frontend::spec_text).collect();
+            let _ = write!(self.io.stdout, "{}", texts.join("\n"));
+            return Status::Success;
+        }
+        for spec in &specs {
+            let directory = out_dir.join(&spec.name);
+            let file = directory.join("spec.json");
+            // Serialising plain data with finite floats cannot fail; the checker rejects infinities.
+            let json = serde_json::to_string_pretty(spec).unwrap_or_default() + "\n";
+            if let Err(error) =
+                std::fs::create_dir_all(&directory).and_then(|()| std::fs::write(&file, json))
+            {
+                return self.usage_error(&format!("cannot write {}: {error}", file.display()));
+            }
+            let _ = writeln!(self.io.stdout, "wrote {}", file.display());
+        }
+        Status::Success
+    }
+}

@@ -1,0 +1,173 @@
+//! The `ccc` command line: output and exit statuses (0 success, 1 spec errors, 2 usage), in-process
+//! through `ccc::cli::run` and through the built binary.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ccc::AttentionSpec;
+use ccc::cli::{Io, Status, run};
+
+fn example(name: &str) -> String {
+    format!("{}/examples/{name}.attn", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Runs `ccc ARGS` in-process; returns the status, stdout and stderr.
+fn ccc(args: &[&str]) -> (Status, String, String) {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut io = Io { stdout: &mut stdout, stderr: &mut stderr, stderr_is_terminal: false };
+    let status = run(std::iter::once("ccc").chain(args.iter().copied()), &mut io);
+    (status, String::from_utf8(stdout).unwrap(), String::from_utf8(stderr).unwrap())
+}
+
+/// A fresh directory under the system's temporary directory.
+fn scratch(name: &str) -> PathBuf {
+    let directory =
+        std::env::temp_dir().join(format!("ccc-cli-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&directory);
+    std::fs::create_dir_all(&directory).unwrap();
+    directory
+}
+
+fn write_file(directory: &Path, name: &str, text: &str) -> String {
+    let path = directory.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn check_prints_ok_for_every_layer() {
+    let (status, stdout, stderr) =
+        ccc(&["check", &example("zaya1"), &example("mha"), &example("gqa")]);
+    assert_eq!(
+        (status, stdout.as_str(), stderr.as_str()),
+        (Status::Success, "ok: zaya1\nok: mha\nok: gqa\n", "")
+    );
+}
+
+#[test]
+fn check_reports_every_error_and_exits_1() {
+    let directory = scratch("check-errors");
+    let bad = write_file(
+        &directory,
+        "bad.attn",
+        "attention a {\n    model_dim = 2048\n    head_dim = 128\n    kv_head = 2\n    mask = causl\n}\n",
+    );
+    let (status, stdout, stderr) = ccc(&["check", &bad, &example("mha")]);
+    assert_eq!(status, Status::SpecErrors);
+    assert_eq!(stdout, "ok: mha\n");
+    insta::assert_snapshot!("check_errors", stderr.replace(&bad, "bad.attn"));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (status, _, stderr) = ccc(&["check", "/nonexistent/x.attn"]);
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.starts_with("error: cannot read /nonexistent/x.attn"), "{stderr}");
+    // The worst status of the files wins.
+    assert_eq!(ccc(&["check", &example("mha"), "/nonexistent/x.attn"]).0, Status::Usage);
+    assert_eq!(ccc(&["frobnicate"]).0, Status::Usage);
+    assert_eq!(ccc(&["check"]).0, Status::Usage);
+    assert_eq!(ccc(&["explain", &example("zaya1"), "--seq-len", "0"]).0, Status::Usage);
+    let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "--emit", "ptx"]);
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.contains("possible values: spec"), "{stderr}");
+}
+
+#[test]
+fn help_goes_to_stdout_and_exits_0() {
+    let (status, stdout, _) = ccc(&["--help"]);
+    assert_eq!(status, Status::Success);
+    for command in ["check", "explain", "compile"] {
+        assert!(stdout.contains(command), "{stdout}");
+    }
+    let (status, stdout, _) = ccc(&["compile", "--help"]);
+    assert_eq!(status, Status::Success);
+    assert!(stdout.contains("PTX and the kernel manifest"), "{stdout}");
+}
+
+#[test]
+fn explain_zaya1_compares_with_mha() {
+    let (status, stdout, stderr) = ccc(&["explain", &example("zaya1")]);
+    assert_eq!((status, stderr.as_str()), (Status::Success, ""));
+    // language.md's acceptance numbers: 8/2 heads of 128, ~5.6M vs 16.8M parameters,
+    // 1024 vs 8192 KV bytes per token (8×).
+    assert!(stdout.contains("Hq = 8, Hk = 2, G = 4, d = 128"), "{stdout}");
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|line| line.contains(name))
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert!(line("parameters").ends_with("5.58M 16.8M 3.01×"), "{stdout}");
+    assert!(line("KV cache").ends_with("1024 8192 8.00×"), "{stdout}");
+    assert!(line("FLOPs").contains("(S = 16384)"), "tune.seq_len is the default: {stdout}");
+    insta::assert_snapshot!("explain_zaya1", stdout);
+}
+
+#[test]
+fn explain_takes_the_sequence_length_from_the_command_line() {
+    let (status, stdout, _) = ccc(&["explain", &example("sliding_window"), "--seq-len", "8192"]);
+    assert_eq!(status, Status::Success);
+    insta::assert_snapshot!("explain_sliding_window_8192", stdout);
+    let (_, stdout, _) = ccc(&["explain", &example("mha")]);
+    assert!(stdout.contains("(S = 4096)"), "4096 without tune.seq_len: {stdout}");
+}
+
+#[test]
+fn compile_writes_one_spec_json_per_layer() {
+    let directory = scratch("compile");
+    let source = write_file(
+        &directory,
+        "two.attn",
+        "attention first { model_dim = 256, head_dim = 64 }\nattention second { model_dim = 512, head_dim = 64, kv_heads = 2 }\n",
+    );
+    let out = directory.join("out");
+    let (status, stdout, stderr) = ccc(&["compile", &source, "-o", &out.display().to_string()]);
+    assert_eq!((status, stderr.as_str()), (Status::Success, ""));
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    let expected =
+        ccc::frontend::parse_and_check("two.attn", &std::fs::read_to_string(&source).unwrap())
+            .unwrap();
+    for spec in expected {
+        let json = std::fs::read_to_string(out.join(&spec.name).join("spec.json")).unwrap();
+        let written: AttentionSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(written, spec);
+    }
+}
+
+#[test]
+fn compile_emit_spec_prints_the_resolved_spec() {
+    let (status, stdout, _) = ccc(&["compile", &example("cca4x"), "--emit", "spec"]);
+    assert_eq!(status, Status::Success);
+    insta::assert_snapshot!("emit_spec_cca4x", stdout);
+}
+
+#[test]
+fn colour_is_used_only_when_asked_or_on_a_terminal() {
+    let directory = scratch("colour");
+    let bad = write_file(&directory, "bad.attn", "attention a { model_dim = 0, head_dim = 128 }");
+    let (_, _, plain) = ccc(&["check", &bad]);
+    assert!(!plain.contains('\u{1b}'));
+    let (_, _, coloured) = ccc(&["--color", "always", "check", &bad]);
+    assert!(coloured.contains('\u{1b}'));
+}
+
+#[test]
+fn the_binary_exits_0_1_and_2() {
+    let binary = env!("CARGO_BIN_EXE_ccc");
+    let directory = scratch("binary");
+    let bad =
+        write_file(&directory, "bad.attn", "attention a { model_dim = 2048, head_dim = 100 }");
+    let status = |args: &[&str]| Command::new(binary).args(args).output().unwrap();
+    let ok = status(&["check", &example("zaya1")]);
+    assert_eq!(ok.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "ok: zaya1\n");
+    let errors = status(&["check", &bad]);
+    assert_eq!(errors.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&errors.stderr).contains("not a multiple of head_dim"));
+    assert_eq!(status(&["check", "/nonexistent/x.attn"]).status.code(), Some(2));
+    assert_eq!(status(&["--no-such-flag"]).status.code(), Some(2));
+}
