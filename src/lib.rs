@@ -7,6 +7,7 @@
 
 pub mod frontend;
 pub mod ir;
+pub mod manifest;
 pub mod reference;
 pub mod spec;
 
