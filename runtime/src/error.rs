@@ -8,18 +8,43 @@ pub enum RuntimeError {
     /// libcuda could not be loaded: no NVIDIA driver on this machine.
     NoDriver,
     /// The driver loaded but no usable GPU answered.
-    NoGpu { detail: String },
-    Io { path: PathBuf, message: String },
-    Manifest { path: PathBuf, message: String },
+    NoGpu {
+        detail: String,
+    },
+    Io {
+        path: PathBuf,
+        message: String,
+    },
+    Manifest {
+        path: PathBuf,
+        message: String,
+    },
     /// A CUDA driver call failed; `during` says what the runtime was doing.
-    Driver { during: String, message: String },
+    Driver {
+        during: String,
+        message: String,
+    },
     /// A tensor's dtype or shape differs from what the manifest expects.
-    TensorMismatch { tensor: String, expected: String, got: String },
+    TensorMismatch {
+        tensor: String,
+        expected: String,
+        got: String,
+    },
     /// The weight set does not match the manifest (missing, extra or mis-shaped tensors).
-    Weights { problems: Vec<String> },
+    Weights {
+        problems: Vec<String>,
+    },
     /// A size or grid that does not fit the kernels' argument types for these (B, S).
-    Size { message: String },
-    EntryPointMissing { entry: &'static str },
+    Size {
+        message: String,
+    },
+    EntryPointMissing {
+        entry: &'static str,
+    },
+    /// The CPU reference refused the inputs.
+    Reference {
+        message: String,
+    },
 }
 
 impl RuntimeError {
@@ -29,7 +54,10 @@ impl RuntimeError {
     }
 
     pub(crate) fn driver(during: impl Into<String>, error: cudarc::driver::DriverError) -> Self {
-        RuntimeError::Driver { during: during.into(), message: error.to_string() }
+        RuntimeError::Driver {
+            during: during.into(),
+            message: error.to_string(),
+        }
     }
 }
 
@@ -43,17 +71,28 @@ impl fmt::Display for RuntimeError {
             RuntimeError::NoGpu { detail } => write!(f, "no usable CUDA GPU: {detail}"),
             RuntimeError::Io { path, message } => write!(f, "{}: {message}", path.display()),
             RuntimeError::Manifest { path, message } => write!(f, "{}: {message}", path.display()),
-            RuntimeError::Driver { during, message } => write!(f, "CUDA error while {during}: {message}"),
-            RuntimeError::TensorMismatch { tensor, expected, got } => {
+            RuntimeError::Driver { during, message } => {
+                write!(f, "CUDA error while {during}: {message}")
+            }
+            RuntimeError::TensorMismatch {
+                tensor,
+                expected,
+                got,
+            } => {
                 write!(f, "tensor `{tensor}`: expected {expected}, got {got}")
             }
             RuntimeError::Weights { problems } => {
-                write!(f, "weights do not match the library: {}", problems.join("; "))
+                write!(
+                    f,
+                    "weights do not match the library: {}",
+                    problems.join("; ")
+                )
             }
             RuntimeError::Size { message } => f.write_str(message),
             RuntimeError::EntryPointMissing { entry } => {
                 write!(f, "the library has no `{entry}` entry point")
             }
+            RuntimeError::Reference { message } => write!(f, "CPU reference: {message}"),
         }
     }
 }

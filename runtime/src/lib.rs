@@ -11,10 +11,13 @@ pub mod error;
 pub mod library;
 pub mod plan;
 pub mod tensor;
+pub mod validate;
 pub mod weights;
 
 pub use error::RuntimeError;
-pub use library::{DeviceTensor, DeviceWeights, Library, MANIFEST_FILE, Outputs, open_device, read_library};
+pub use library::{
+    DeviceTensor, DeviceWeights, Library, MANIFEST_FILE, Outputs, open_device, read_library,
+};
 pub use plan::CallPlan;
 pub use tensor::{HostData, HostTensor};
 pub use weights::WeightSet;

@@ -7,7 +7,9 @@ use crate::weights::{WeightSet, check_tensor};
 use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
 use ccc::spec::EntryPoint;
 use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
 use cudarc::nvrtc::Ptx;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -62,16 +64,25 @@ impl Outputs {
 /// Reads and validates `DIR/manifest.json` and the PTX it names. No GPU needed.
 pub fn read_library(dir: &Path) -> Result<(Manifest, String), RuntimeError> {
     let manifest_path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(|e| RuntimeError::Io { path: manifest_path.clone(), message: e.to_string() })?;
-    let manifest = Manifest::from_json(&text)
-        .map_err(|message| RuntimeError::Manifest { path: manifest_path.clone(), message })?;
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| RuntimeError::Io {
+        path: manifest_path.clone(),
+        message: e.to_string(),
+    })?;
+    let manifest = Manifest::from_json(&text).map_err(|message| RuntimeError::Manifest {
+        path: manifest_path.clone(),
+        message,
+    })?;
     let ptx_path = dir.join(&manifest.ptx_file);
-    let ptx = std::fs::read_to_string(&ptx_path)
-        .map_err(|e| RuntimeError::Io { path: ptx_path.clone(), message: e.to_string() })?;
+    let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| RuntimeError::Io {
+        path: ptx_path.clone(),
+        message: e.to_string(),
+    })?;
     if ptx.contains('\0') {
         // The driver takes the PTX as a C string.
-        return Err(RuntimeError::Io { path: ptx_path, message: "PTX text contains a NUL byte".into() });
+        return Err(RuntimeError::Io {
+            path: ptx_path,
+            message: "PTX text contains a NUL byte".into(),
+        });
     }
     Ok((manifest, ptx))
 }
@@ -82,7 +93,9 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>, RuntimeError> {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(RuntimeError::NoDriver);
     }
-    CudaContext::new(ordinal).map_err(|e| RuntimeError::NoGpu { detail: e.to_string() })
+    CudaContext::new(ordinal).map_err(|e| RuntimeError::NoGpu {
+        detail: e.to_string(),
+    })
 }
 
 pub struct Library {
@@ -100,14 +113,17 @@ impl Library {
         let (manifest, ptx) = read_library(&dir)?;
         let context = open_device(0)?;
         let stream = context.default_stream();
-        let module = context
-            .load_module(Ptx::from_src(ptx))
-            .map_err(|e| RuntimeError::driver(format!("loading {}", dir.join(&manifest.ptx_file).display()), e))?;
+        let module = context.load_module(Ptx::from_src(ptx)).map_err(|e| {
+            RuntimeError::driver(
+                format!("loading {}", dir.join(&manifest.ptx_file).display()),
+                e,
+            )
+        })?;
         let mut functions = BTreeMap::new();
         for kernel in manifest.entry_points.iter().flat_map(|e| &e.kernels) {
-            let function = module
-                .load_function(&kernel.symbol)
-                .map_err(|e| RuntimeError::driver(format!("resolving kernel `{}`", kernel.symbol), e))?;
+            let function = module.load_function(&kernel.symbol).map_err(|e| {
+                RuntimeError::driver(format!("resolving kernel `{}`", kernel.symbol), e)
+            })?;
             if kernel.dynamic_shared_bytes > DEFAULT_SHARED_LIMIT_BYTES {
                 // Above 48 KB a kernel must opt in before launch.
                 function
@@ -117,14 +133,23 @@ impl Library {
                     )
                     .map_err(|e| {
                         RuntimeError::driver(
-                            format!("allowing {} bytes of shared memory for `{}`", kernel.dynamic_shared_bytes, kernel.symbol),
+                            format!(
+                                "allowing {} bytes of shared memory for `{}`",
+                                kernel.dynamic_shared_bytes, kernel.symbol
+                            ),
                             e,
                         )
                     })?;
             }
             functions.insert(kernel.symbol.clone(), function);
         }
-        Ok(Library { dir, manifest, context, stream, functions })
+        Ok(Library {
+            dir,
+            manifest,
+            context,
+            stream,
+            functions,
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -136,7 +161,9 @@ impl Library {
     }
 
     pub fn device_name(&self) -> Result<String, RuntimeError> {
-        self.context.name().map_err(|e| RuntimeError::driver("reading the device name", e))
+        self.context
+            .name()
+            .map_err(|e| RuntimeError::driver("reading the device name", e))
     }
 
     pub fn upload(&self, tensor: &HostTensor) -> Result<DeviceTensor, RuntimeError> {
@@ -144,7 +171,11 @@ impl Library {
             .stream
             .clone_htod(&tensor.to_le_bytes())
             .map_err(|e| RuntimeError::driver("copying a tensor to the GPU", e))?;
-        Ok(DeviceTensor { dtype: tensor.dtype(), shape: tensor.shape.clone(), buffer })
+        Ok(DeviceTensor {
+            dtype: tensor.dtype(),
+            shape: tensor.shape.clone(),
+            buffer,
+        })
     }
 
     pub fn upload_weights(&self, weights: &WeightSet) -> Result<DeviceWeights, RuntimeError> {
@@ -158,10 +189,20 @@ impl Library {
     /// Runs the forward pass on `x` [B, S, E]: checks x and the weights against the manifest,
     /// allocates every other buffer filled with NaN, launches the kernels in order and checks
     /// each one for errors before the next.
-    pub fn forward(&self, x: &DeviceTensor, weights: &DeviceWeights) -> Result<Outputs, RuntimeError> {
-        let plan = CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
+    pub fn forward(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+    ) -> Result<Outputs, RuntimeError> {
+        let plan =
+            CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
         let mut supplied = BTreeMap::from([("x", x)]);
-        supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        supplied.extend(
+            weights
+                .tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+        );
         let owned = self.allocate(&plan)?;
         self.launch_all(&plan, &supplied, &owned, true)?;
         Ok(Outputs { tensors: owned })
@@ -174,7 +215,13 @@ impl Library {
         weights: &WeightSet,
     ) -> Result<BTreeMap<String, (BufferRole, HostTensor)>, RuntimeError> {
         // Checked before uploading so that a wrong x costs no GPU work.
-        CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype(), &x.shape)?;
+        CallPlan::for_input(
+            &self.manifest,
+            EntryPoint::Forward,
+            "x",
+            x.dtype(),
+            &x.shape,
+        )?;
         let x = self.upload(x)?;
         let weights = self.upload_weights(weights)?;
         self.forward(&x, &weights)?.to_host()
@@ -189,9 +236,15 @@ impl Library {
         warmup: usize,
         iterations: usize,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let plan = CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
+        let plan =
+            CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
         let mut supplied = BTreeMap::from([("x", x)]);
-        supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        supplied.extend(
+            weights
+                .tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+        );
         let owned = self.allocate(&plan)?;
         // The first call is checked kernel by kernel so that a faulty library fails clearly.
         self.launch_all(&plan, &supplied, &owned, true)?;
@@ -208,22 +261,38 @@ impl Library {
             let start = event()?;
             self.launch_all(&plan, &supplied, &owned, false)?;
             let end = event()?;
-            times.push(start.elapsed_ms(&end).map_err(|e| RuntimeError::driver("reading a timing event", e))?);
+            times.push(
+                start
+                    .elapsed_ms(&end)
+                    .map_err(|e| RuntimeError::driver("reading a timing event", e))?,
+            );
         }
         self.synchronize("finishing the timed calls")?;
         Ok(times)
     }
 
     /// Allocates every buffer the runtime owns for this call, filled with NaN.
-    fn allocate(&self, plan: &CallPlan) -> Result<BTreeMap<String, (BufferRole, DeviceTensor)>, RuntimeError> {
+    fn allocate(
+        &self,
+        plan: &CallPlan,
+    ) -> Result<BTreeMap<String, (BufferRole, DeviceTensor)>, RuntimeError> {
         let mut owned = BTreeMap::new();
         for buffer in plan.buffers.iter().filter(|b| !b.role.is_caller_supplied()) {
             let elements = buffer.bytes / buffer.dtype.size_bytes();
             let bytes = self
                 .stream
                 .clone_htod(&nan_bytes(buffer.dtype, elements))
-                .map_err(|e| RuntimeError::driver(format!("allocating `{}` ({} bytes)", buffer.name, buffer.bytes), e))?;
-            let tensor = DeviceTensor { dtype: buffer.dtype, shape: buffer.shape.clone(), buffer: bytes };
+                .map_err(|e| {
+                    RuntimeError::driver(
+                        format!("allocating `{}` ({} bytes)", buffer.name, buffer.bytes),
+                        e,
+                    )
+                })?;
+            let tensor = DeviceTensor {
+                dtype: buffer.dtype,
+                shape: buffer.shape.clone(),
+                buffer: bytes,
+            };
             owned.insert(buffer.name.clone(), (buffer.role, tensor));
         }
         Ok(owned)
@@ -241,10 +310,19 @@ impl Library {
         let mut tensors = Vec::with_capacity(plan.buffers.len());
         for buffer in &plan.buffers {
             let tensor = if buffer.role.is_caller_supplied() {
-                let tensor = supplied.get(buffer.name.as_str()).ok_or_else(|| RuntimeError::Weights {
-                    problems: vec![format!("missing `{}`", buffer.name)],
-                })?;
-                check_tensor(&buffer.name, buffer.dtype, &buffer.shape, tensor.dtype, &tensor.shape)?;
+                let tensor =
+                    supplied
+                        .get(buffer.name.as_str())
+                        .ok_or_else(|| RuntimeError::Weights {
+                            problems: vec![format!("missing `{}`", buffer.name)],
+                        })?;
+                check_tensor(
+                    &buffer.name,
+                    buffer.dtype,
+                    &buffer.shape,
+                    tensor.dtype,
+                    &tensor.shape,
+                )?;
                 *tensor
             } else {
                 &owned[&buffer.name].1
@@ -268,16 +346,23 @@ impl Library {
             };
             // SAFETY: the arguments follow the manifest's ABI order and every buffer has the
             // size the manifest states for these (B, S); that contract is codegen's.
-            unsafe { args.launch(config) }
-                .map_err(|e| RuntimeError::driver(format!("launching kernel `{}`", launch.symbol), e))?;
+            unsafe { args.launch(config) }.map_err(|e| {
+                RuntimeError::driver(format!("launching kernel `{}`", launch.symbol), e)
+            })?;
             if check_each {
-                self.synchronize(&format!("running kernel `{}` (launch {} of {count})", launch.symbol, index + 1))?;
+                self.synchronize(&format!(
+                    "running kernel `{}` (launch {} of {count})",
+                    launch.symbol,
+                    index + 1
+                ))?;
             }
         }
         Ok(())
     }
 
     fn synchronize(&self, during: &str) -> Result<(), RuntimeError> {
-        self.stream.synchronize().map_err(|e| RuntimeError::driver(during, e))
+        self.stream
+            .synchronize()
+            .map_err(|e| RuntimeError::driver(during, e))
     }
 }

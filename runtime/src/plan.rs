@@ -5,7 +5,9 @@
 use crate::error::RuntimeError;
 use crate::tensor::describe;
 use ccc::ir::size::{SizeEnv, SizeExpr, SizeVar};
-use ccc::manifest::{BufferRole, EntryPointManifest, KernelParamManifest, Manifest, TensorDType, format_shape};
+use ccc::manifest::{
+    BufferRole, EntryPointManifest, KernelParamManifest, Manifest, TensorDType, format_shape,
+};
 use ccc::spec::EntryPoint;
 
 /// Largest grid extents CUDA accepts in x and in y/z.
@@ -49,15 +51,25 @@ pub enum PlannedArg {
 
 impl CallPlan {
     /// Plans a call of `entry` for explicit sizes.
-    pub fn for_sizes(manifest: &Manifest, entry: EntryPoint, env: SizeEnv) -> Result<CallPlan, RuntimeError> {
+    pub fn for_sizes(
+        manifest: &Manifest,
+        entry: EntryPoint,
+        env: SizeEnv,
+    ) -> Result<CallPlan, RuntimeError> {
         let entry_manifest = entry_of(manifest, entry)?;
         if env.batch == 0 || env.seq_len == 0 {
             return Err(RuntimeError::Size {
-                message: format!("batch ({}) and sequence length ({}) must be positive", env.batch, env.seq_len),
+                message: format!(
+                    "batch ({}) and sequence length ({}) must be positive",
+                    env.batch, env.seq_len
+                ),
             });
         }
         let too_big = |what: &str| RuntimeError::Size {
-            message: format!("{what} overflows for B = {}, S = {}", env.batch, env.seq_len),
+            message: format!(
+                "{what} overflows for B = {}, S = {}",
+                env.batch, env.seq_len
+            ),
         };
         let mut buffers = Vec::with_capacity(entry_manifest.buffers.len());
         for buffer in &entry_manifest.buffers {
@@ -82,8 +94,15 @@ impl CallPlan {
         let mut launches = Vec::with_capacity(entry_manifest.kernels.len());
         for kernel in &entry_manifest.kernels {
             let mut grid = [0u32; 3];
-            for (axis, (expr, limit)) in kernel.grid.iter().zip([MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ]).enumerate() {
-                let blocks = expr.eval(&env).ok_or_else(|| too_big(&format!("the grid of `{}`", kernel.symbol)))?;
+            for (axis, (expr, limit)) in kernel
+                .grid
+                .iter()
+                .zip([MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ])
+                .enumerate()
+            {
+                let blocks = expr
+                    .eval(&env)
+                    .ok_or_else(|| too_big(&format!("the grid of `{}`", kernel.symbol)))?;
                 if blocks == 0 || blocks > limit {
                     return Err(RuntimeError::Size {
                         message: format!(
@@ -104,11 +123,16 @@ impl CallPlan {
                         .position(|b| b.name == *name)
                         .map(PlannedArg::Buffer)
                         .ok_or_else(|| RuntimeError::Size {
-                            message: format!("kernel `{}` names a missing buffer `{name}`", kernel.symbol),
+                            message: format!(
+                                "kernel `{}` names a missing buffer `{name}`",
+                                kernel.symbol
+                            ),
                         }),
                     KernelParamManifest::Size { var } => u32::try_from(env.get(*var))
                         .map(PlannedArg::Size)
-                        .map_err(|_| too_big(&format!("{} as a 32-bit kernel argument", var.symbol()))),
+                        .map_err(|_| {
+                            too_big(&format!("{} as a 32-bit kernel argument", var.symbol()))
+                        }),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             launches.push(PlannedLaunch {
@@ -119,7 +143,12 @@ impl CallPlan {
                 args,
             });
         }
-        Ok(CallPlan { entry, env, buffers, launches })
+        Ok(CallPlan {
+            entry,
+            env,
+            buffers,
+            launches,
+        })
     }
 
     /// Plans a call whose sizes come from the caller's tensor `input` (e.g. `x` of shape
@@ -140,7 +169,11 @@ impl CallPlan {
             })?;
         let mismatch = || RuntimeError::TensorMismatch {
             tensor: input.to_string(),
-            expected: format!("{} {}", declared.dtype.name(), format_shape(&declared.shape)),
+            expected: format!(
+                "{} {}",
+                declared.dtype.name(),
+                format_shape(&declared.shape)
+            ),
             got: describe(dtype, shape),
         };
         if dtype != declared.dtype || shape.len() != declared.shape.len() {
@@ -160,7 +193,11 @@ impl CallPlan {
 }
 
 fn entry_of(manifest: &Manifest, entry: EntryPoint) -> Result<&EntryPointManifest, RuntimeError> {
-    manifest.entry_point(entry).ok_or(RuntimeError::EntryPointMissing { entry: entry.name() })
+    manifest
+        .entry_point(entry)
+        .ok_or(RuntimeError::EntryPointMissing {
+            entry: entry.name(),
+        })
 }
 
 /// Reads B and S off the dimensions declared as plain `B` and `S`. `None` when a size is not
@@ -178,5 +215,8 @@ fn infer_sizes(declared: &[SizeExpr], shape: &[usize]) -> Option<SizeEnv> {
             _ => *slot = Some(dim as u64),
         }
     }
-    Some(SizeEnv { batch: batch?, seq_len: seq_len? })
+    Some(SizeEnv {
+        batch: batch?,
+        seq_len: seq_len?,
+    })
 }

@@ -21,20 +21,32 @@ pub struct HostTensor {
 
 impl HostTensor {
     /// Rounds `values` to `dtype` (round to nearest even, as the GPU's conversions do).
-    pub fn from_f64(dtype: TensorDType, shape: Vec<usize>, values: &[f64]) -> Result<HostTensor, RuntimeError> {
+    pub fn from_f64(
+        dtype: TensorDType,
+        shape: Vec<usize>,
+        values: &[f64],
+    ) -> Result<HostTensor, RuntimeError> {
         check_len(&shape, values.len())?;
         let data = match dtype {
-            TensorDType::Bf16 => HostData::Bf16(values.iter().map(|&v| bf16::from_f64(v)).collect()),
+            TensorDType::Bf16 => {
+                HostData::Bf16(values.iter().map(|&v| bf16::from_f64(v)).collect())
+            }
             TensorDType::F16 => HostData::F16(values.iter().map(|&v| f16::from_f64(v)).collect()),
             TensorDType::F32 => HostData::F32(values.iter().map(|&v| v as f32).collect()),
         };
         Ok(HostTensor { shape, data })
     }
 
-    pub fn from_f32(dtype: TensorDType, shape: Vec<usize>, values: &[f32]) -> Result<HostTensor, RuntimeError> {
+    pub fn from_f32(
+        dtype: TensorDType,
+        shape: Vec<usize>,
+        values: &[f32],
+    ) -> Result<HostTensor, RuntimeError> {
         check_len(&shape, values.len())?;
         let data = match dtype {
-            TensorDType::Bf16 => HostData::Bf16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
+            TensorDType::Bf16 => {
+                HostData::Bf16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
             TensorDType::F16 => HostData::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
             TensorDType::F32 => HostData::F32(values.to_vec()),
         };
@@ -42,20 +54,35 @@ impl HostTensor {
     }
 
     /// Reads little-endian elements of `dtype`, as stored on the device or in safetensors.
-    pub fn from_le_bytes(dtype: TensorDType, shape: Vec<usize>, bytes: &[u8]) -> Result<HostTensor, RuntimeError> {
+    pub fn from_le_bytes(
+        dtype: TensorDType,
+        shape: Vec<usize>,
+        bytes: &[u8],
+    ) -> Result<HostTensor, RuntimeError> {
         let elements = bytes.len() / dtype.size_bytes();
         if bytes.len() % dtype.size_bytes() != 0 {
             return Err(RuntimeError::Size {
-                message: format!("{} bytes are not a whole number of {} elements", bytes.len(), dtype.name()),
+                message: format!(
+                    "{} bytes are not a whole number of {} elements",
+                    bytes.len(),
+                    dtype.name()
+                ),
             });
         }
         check_len(&shape, elements)?;
-        let pairs = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        let pairs = || {
+            bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        };
         let data = match dtype {
             TensorDType::Bf16 => HostData::Bf16(pairs().map(bf16::from_bits).collect()),
             TensorDType::F16 => HostData::F16(pairs().map(f16::from_bits).collect()),
             TensorDType::F32 => HostData::F32(
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             ),
         };
         Ok(HostTensor { shape, data })
@@ -97,15 +124,22 @@ impl HostTensor {
         }
         let data = match (&self.data, dtype) {
             // f32 → 16-bit rounds once, directly; going through f64 would give the same result.
-            (HostData::F32(v), TensorDType::Bf16) => HostData::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect()),
-            (HostData::F32(v), TensorDType::F16) => HostData::F16(v.iter().map(|&x| f16::from_f32(x)).collect()),
+            (HostData::F32(v), TensorDType::Bf16) => {
+                HostData::Bf16(v.iter().map(|&x| bf16::from_f32(x)).collect())
+            }
+            (HostData::F32(v), TensorDType::F16) => {
+                HostData::F16(v.iter().map(|&x| f16::from_f32(x)).collect())
+            }
             _ => {
                 let wide = self.to_f64();
                 return HostTensor::from_f64(dtype, self.shape.clone(), &wide)
                     .expect("same element count as the source tensor");
             }
         };
-        HostTensor { shape: self.shape.clone(), data }
+        HostTensor {
+            shape: self.shape.clone(),
+            data,
+        }
     }
 
     pub fn to_le_bytes(&self) -> Vec<u8> {

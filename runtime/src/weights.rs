@@ -4,7 +4,7 @@ use crate::error::RuntimeError;
 use crate::tensor::{HostTensor, describe};
 use ccc::manifest::{Manifest, TensorDType, WeightManifest};
 use safetensors::{Dtype, SafeTensors};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// Exactly the manifest's weights, each in the manifest's dtype and shape.
@@ -16,20 +16,33 @@ pub struct WeightSet {
 impl WeightSet {
     /// Loads a safetensors file (a Hugging Face / PyTorch state dict of this layer). Tensors
     /// stored as bf16, f16 or f32 are converted to the library's dtype.
-    pub fn from_safetensors_file(path: impl AsRef<Path>, manifest: &Manifest) -> Result<WeightSet, RuntimeError> {
+    pub fn from_safetensors_file(
+        path: impl AsRef<Path>,
+        manifest: &Manifest,
+    ) -> Result<WeightSet, RuntimeError> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path)
-            .map_err(|e| RuntimeError::Io { path: path.to_path_buf(), message: e.to_string() })?;
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::Io {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
         WeightSet::from_safetensors_bytes(&bytes, manifest).map_err(|e| match e {
-            RuntimeError::Size { message } => RuntimeError::Io { path: path.to_path_buf(), message },
+            RuntimeError::Size { message } => RuntimeError::Io {
+                path: path.to_path_buf(),
+                message,
+            },
             other => other,
         })
     }
 
-    pub fn from_safetensors_bytes(bytes: &[u8], manifest: &Manifest) -> Result<WeightSet, RuntimeError> {
-        let file = SafeTensors::deserialize(bytes)
-            .map_err(|e| RuntimeError::Size { message: format!("not a safetensors file: {e}") })?;
+    pub fn from_safetensors_bytes(
+        bytes: &[u8],
+        manifest: &Manifest,
+    ) -> Result<WeightSet, RuntimeError> {
+        let file = SafeTensors::deserialize(bytes).map_err(|e| RuntimeError::Size {
+            message: format!("not a safetensors file: {e}"),
+        })?;
         let mut problems = Vec::new();
+        let mut unreadable = BTreeSet::new();
         let mut tensors = BTreeMap::new();
         for (name, view) in file.iter() {
             let dtype = match view.dtype() {
@@ -37,7 +50,10 @@ impl WeightSet {
                 Dtype::F16 => TensorDType::F16,
                 Dtype::F32 => TensorDType::F32,
                 other => {
-                    problems.push(format!("`{name}` is stored as {other:?}; bf16, f16 or f32 are accepted"));
+                    problems.push(format!(
+                        "`{name}` is stored as {other:?}; bf16, f16 or f32 are accepted"
+                    ));
+                    unreadable.insert(name.to_string());
                     continue;
                 }
             };
@@ -45,10 +61,13 @@ impl WeightSet {
                 Ok(tensor) => {
                     tensors.insert(name.to_string(), tensor);
                 }
-                Err(e) => problems.push(format!("`{name}`: {e}")),
+                Err(e) => {
+                    problems.push(format!("`{name}`: {e}"));
+                    unreadable.insert(name.to_string());
+                }
             }
         }
-        WeightSet::checked(manifest, tensors, problems)
+        WeightSet::checked(manifest, tensors, problems, &unreadable)
     }
 
     /// Builds from host data, e.g. a CPU reference's random weights. Each entry is
@@ -58,6 +77,7 @@ impl WeightSet {
         entries: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f64])>,
     ) -> Result<WeightSet, RuntimeError> {
         let mut problems = Vec::new();
+        let mut unreadable = BTreeSet::new();
         let mut tensors = BTreeMap::new();
         for (name, shape, values) in entries {
             // Rounded straight from f64 to the library dtype: rounding through f32 first could
@@ -67,10 +87,13 @@ impl WeightSet {
                 Ok(tensor) => {
                     tensors.insert(name.to_string(), tensor);
                 }
-                Err(e) => problems.push(format!("`{name}`: {e}")),
+                Err(e) => {
+                    problems.push(format!("`{name}`: {e}"));
+                    unreadable.insert(name.to_string());
+                }
             }
         }
-        WeightSet::checked(manifest, tensors, problems)
+        WeightSet::checked(manifest, tensors, problems, &unreadable)
     }
 
     pub fn from_f32<'a>(
@@ -78,29 +101,36 @@ impl WeightSet {
         entries: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
     ) -> Result<WeightSet, RuntimeError> {
         let mut problems = Vec::new();
+        let mut unreadable = BTreeSet::new();
         let mut tensors = BTreeMap::new();
         for (name, shape, values) in entries {
             match HostTensor::from_f32(TensorDType::F32, shape.to_vec(), values) {
                 Ok(tensor) => {
                     tensors.insert(name.to_string(), tensor);
                 }
-                Err(e) => problems.push(format!("`{name}`: {e}")),
+                Err(e) => {
+                    problems.push(format!("`{name}`: {e}"));
+                    unreadable.insert(name.to_string());
+                }
             }
         }
-        WeightSet::checked(manifest, tensors, problems)
+        WeightSet::checked(manifest, tensors, problems, &unreadable)
     }
 
     /// Checks names and shapes against the manifest, reporting every problem at once, and
-    /// converts each tensor to the manifest's dtype.
+    /// converts each tensor to the manifest's dtype. `unreadable` tensors already have a
+    /// problem reported and are not called missing again.
     fn checked(
         manifest: &Manifest,
         mut tensors: BTreeMap<String, HostTensor>,
         mut problems: Vec<String>,
+        unreadable: &BTreeSet<String>,
     ) -> Result<WeightSet, RuntimeError> {
         let mut checked = BTreeMap::new();
         let mut missing = Vec::new();
         for WeightManifest { name, shape, dtype } in &manifest.weights {
             match tensors.remove(name) {
+                None if unreadable.contains(name) => {}
                 None => missing.push(name.as_str()),
                 Some(tensor) if tensor.shape != *shape => problems.push(format!(
                     "`{name}` has shape {:?}, expected {shape:?}",
@@ -130,16 +160,25 @@ impl WeightSet {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &HostTensor)> {
-        self.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor))
+        self.tensors
+            .iter()
+            .map(|(name, tensor)| (name.as_str(), tensor))
     }
 }
 
 fn weight_dtype(manifest: &Manifest, name: &str) -> Option<TensorDType> {
-    manifest.weights.iter().find(|w| w.name == name).map(|w| w.dtype)
+    manifest
+        .weights
+        .iter()
+        .find(|w| w.name == name)
+        .map(|w| w.dtype)
 }
 
 fn quoted<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    names.map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Checks one tensor's dtype and shape; the error names the tensor, what was expected and what
