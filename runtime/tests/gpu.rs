@@ -114,7 +114,7 @@ fn missing_kernel_symbol_is_named() {
 #[ignore = "needs an NVIDIA GPU"]
 fn ccc_run_bench_runs_the_fixture() {
     let dir = write_fixture("gpu-cli");
-    let output = Command::new(env!("CARGO_BIN_EXE_ccc-run"))
+    let output = common::ccc_run()
         .args([
             "bench",
             "--batch",

@@ -188,8 +188,7 @@ fn safetensors_files_load_in_any_float_dtype() {
             TensorView::new(dtype, shape.clone(), bytes).unwrap(),
         )
     });
-    let path =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fixture-weights.safetensors");
+    let path = common::scratch_dir("safetensors-any-dtype").join("fixture-weights.safetensors");
     safetensors::serialize_to_file(views, None, &path).unwrap();
     let set = WeightSet::from_safetensors_file(&path, &manifest).unwrap();
     for (name, shape, data) in &list {
@@ -218,7 +217,7 @@ fn safetensors_errors_name_the_tensor_or_the_file() {
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("weights do not match the library: `q_proj.weight` is stored as I32; bf16, f16 or f32 are accepted; missing `k_proj.weight`"), "{err}");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("not-safetensors.bin");
+    let path = common::scratch_dir("safetensors-errors").join("not-safetensors.bin");
     std::fs::write(&path, b"hello").unwrap();
     let err = WeightSet::from_safetensors_file(&path, &manifest).unwrap_err();
     assert!(

@@ -6,7 +6,6 @@ mod common;
 
 use ccc_runtime::{Library, RuntimeError, read_library};
 use common::{culib_present, write_fixture};
-use std::process::Command;
 
 const NO_DRIVER: &str = "no CUDA driver: libcuda could not be loaded on this machine; \
                          run on a machine with an NVIDIA GPU and its driver installed";
@@ -53,11 +52,7 @@ fn ccc_run_without_driver_exits_with_code_3() {
         vec!["validate", "--batch", "1,3", "--seq-len", "17"],
         vec!["bench", "--batch", "1", "--seq-len", "8"],
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_ccc-run"))
-            .args(&args)
-            .arg(&dir)
-            .output()
-            .unwrap();
+        let output = common::ccc_run().args(&args).arg(&dir).output().unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(3), "{args:?}: {stderr}");
         assert_eq!(stderr.trim_end(), format!("ccc-run: {NO_DRIVER}"));
@@ -68,7 +63,7 @@ fn ccc_run_without_driver_exits_with_code_3() {
 fn ccc_run_reports_a_broken_library_before_looking_for_a_gpu() {
     let dir = write_fixture("no-gpu-broken");
     std::fs::remove_file(dir.join("fixture.ptx")).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_ccc-run"))
+    let output = common::ccc_run()
         .arg("validate")
         .arg(&dir)
         .output()

@@ -150,8 +150,7 @@ fn weights_can_come_from_a_safetensors_file() {
             safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
         )
     });
-    let path =
-        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("validate-weights.safetensors");
+    let path = common::scratch_dir("validate-weights").join("validate-weights.safetensors");
     safetensors::serialize_to_file(views, None, &path).unwrap();
     let (from_file, set_from_file) = weights_for(&manifest, 999, Some(&path)).unwrap();
     assert_eq!(from_file, random);

@@ -15,7 +15,7 @@ use ccc::manifest::{
     SCHEMA_VERSION, TensorDType,
 };
 use ccc::spec::{AttentionSpec, EntryPoint};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub const MODEL_DIM: usize = 8;
 pub const THREADS: u32 = 64;
@@ -194,11 +194,27 @@ pub fn fixture_manifest() -> Manifest {
     }
 }
 
-/// Writes the fixture library into a fresh directory named `name` under the test's temp dir.
-pub fn write_fixture(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+/// A fresh scratch directory. Under the system temp dir rather than cargo's, because the GPU
+/// test binary is built here and run on a machine without this checkout (docs/gpu-tests.md).
+pub fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir()
+        .join(format!("ccc-runtime-tests-{}", std::process::id()))
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// The `ccc-run` binary: `CCC_RUN` when set (the GPU machine), else the one cargo built.
+pub fn ccc_run() -> std::process::Command {
+    std::process::Command::new(
+        std::env::var("CCC_RUN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ccc-run").to_string()),
+    )
+}
+
+/// Writes the fixture library into a fresh scratch directory named `name`.
+pub fn write_fixture(name: &str) -> PathBuf {
+    let dir = scratch_dir(name);
     std::fs::write(dir.join("manifest.json"), fixture_manifest().to_json()).unwrap();
     std::fs::write(dir.join("fixture.ptx"), FIXTURE_PTX).unwrap();
     dir
