@@ -175,6 +175,24 @@ impl From<DType> for TensorDType {
 }
 
 impl Manifest {
+    /// A version-1 manifest for sm_90a written by this compiler: the weights list follows from
+    /// `spec`, the rest is the caller's.
+    pub fn new(
+        spec: AttentionSpec,
+        ptx_file: impl Into<String>,
+        entry_points: Vec<EntryPointManifest>,
+    ) -> Manifest {
+        Manifest {
+            schema_version: SCHEMA_VERSION,
+            compiler_version: env!("CARGO_PKG_VERSION").to_string(),
+            weights: Manifest::weights_for(&spec),
+            spec,
+            target: "sm_90a".to_string(),
+            ptx_file: ptx_file.into(),
+            entry_points,
+        }
+    }
+
     /// The weights list every manifest for `spec` must carry: `spec.params()` in the spec's dtype.
     pub fn weights_for(spec: &AttentionSpec) -> Vec<WeightManifest> {
         spec.params()
@@ -292,6 +310,19 @@ fn describe_weights(weights: &[WeightManifest]) -> String {
         .map(|w| format!("{} {:?} {}", w.name, w.shape, w.dtype.name()))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl WeightManifest {
+    /// The entry-point buffer through which kernels read this weight.
+    pub fn as_buffer(&self) -> BufferManifest {
+        BufferManifest {
+            name: self.name.clone(),
+            role: BufferRole::Weight,
+            dtype: self.dtype,
+            shape: self.shape.iter().map(|&d| SizeExpr::from(d)).collect(),
+            layout: "row_major".to_string(),
+        }
+    }
 }
 
 impl EntryPointManifest {

@@ -60,16 +60,7 @@ fn gqa_manifest() -> Manifest {
             "BHS",
         ),
     ];
-    for weight in Manifest::weights_for(&spec) {
-        let shape = weight.shape.iter().map(|&d| SizeExpr::from(d)).collect();
-        buffers.push(buffer(
-            &weight.name,
-            BufferRole::Weight,
-            weight.dtype,
-            shape,
-            "row_major",
-        ));
-    }
+    buffers.extend(Manifest::weights_for(&spec).iter().map(|w| w.as_buffer()));
     let sizes = || {
         vec![
             KernelParamManifest::Size {
@@ -125,19 +116,17 @@ fn gqa_manifest() -> Manifest {
             ],
         ),
     ];
-    Manifest {
-        schema_version: SCHEMA_VERSION,
-        compiler_version: "0.1.0".into(),
-        weights: Manifest::weights_for(&spec),
+    let mut manifest = Manifest::new(
         spec,
-        target: "sm_90a".into(),
-        ptx_file: "gqa.ptx".into(),
-        entry_points: vec![EntryPointManifest {
+        "gqa.ptx",
+        vec![EntryPointManifest {
             entry: EntryPoint::Forward,
             kernels,
             buffers,
         }],
-    }
+    );
+    manifest.compiler_version = "0.1.0".into();
+    manifest
 }
 
 /// Serialises, lets `edit` change the JSON tree, and returns the loader's error.
@@ -155,6 +144,7 @@ fn forward(value: &mut serde_json::Value) -> &mut serde_json::Value {
 fn json_round_trip_is_lossless() {
     let manifest = gqa_manifest();
     manifest.validate().unwrap();
+    assert_eq!((manifest.schema_version, manifest.target.as_str()), (SCHEMA_VERSION, "sm_90a"));
     let text = manifest.to_json();
     assert_eq!(Manifest::from_json(&text).unwrap(), manifest);
 }

@@ -139,15 +139,18 @@ fn ccc_run_bench_runs_the_fixture() {
 /// Assembles the fixture with ptxas for sm_90a (CCC_PTXAS, or the project's .venv).
 #[test]
 fn fixture_ptx_assembles_for_sm_90a() {
-    let ptxas = std::env::var("CCC_PTXAS").ok().or_else(|| {
-        let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
-        std::fs::read_dir(venv)
-            .ok()?
-            .flatten()
-            .map(|d| d.path().join("site-packages/nvidia/cu13/bin/ptxas"))
-            .find(|p| p.exists())
-            .map(|p| p.display().to_string())
-    });
+    let ptxas = std::env::var("CCC_PTXAS")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .or_else(|| {
+            let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/lib");
+            std::fs::read_dir(venv)
+                .ok()?
+                .flatten()
+                .map(|d| d.path().join("site-packages/nvidia/cu13/bin/ptxas"))
+                .find(|p| p.exists())
+                .map(|p| p.display().to_string())
+        });
     let Some(ptxas) = ptxas else {
         eprintln!("no ptxas (set CCC_PTXAS or run scripts/setup.sh): fixture PTX not assembled");
         return;
