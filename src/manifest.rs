@@ -433,10 +433,10 @@ impl KernelManifest {
             return Err("the symbol is not a PTX identifier".into());
         }
         for (index, param) in self.params.iter().enumerate() {
-            if let KernelParamManifest::Buffer { name } = param {
-                if !buffers.contains_key(name.as_str()) {
-                    return Err(format!("parameter {index} names a missing buffer `{name}`"));
-                }
+            if let KernelParamManifest::Buffer { name } = param
+                && !buffers.contains_key(name.as_str())
+            {
+                return Err(format!("parameter {index} names a missing buffer `{name}`"));
             }
         }
         if self.block.contains(&0) {

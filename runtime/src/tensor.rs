@@ -60,7 +60,7 @@ impl HostTensor {
         bytes: &[u8],
     ) -> Result<HostTensor, RuntimeError> {
         let elements = bytes.len() / dtype.size_bytes();
-        if bytes.len() % dtype.size_bytes() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size_bytes()) {
             return Err(RuntimeError::Size {
                 message: format!(
                     "{} bytes are not a whole number of {} elements",

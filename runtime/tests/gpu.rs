@@ -11,8 +11,11 @@ use half::bf16;
 use std::process::Command;
 
 /// Weights whose diagonal of o_proj.weight is distinct per column, all exact in bf16.
-fn fixture_weights() -> (Vec<(String, Vec<usize>, Vec<f64>)>, WeightSet) {
-    let list: Vec<(String, Vec<usize>, Vec<f64>)> = fixture_spec()
+/// (name, shape, values) of every weight.
+type WeightList = Vec<(String, Vec<usize>, Vec<f64>)>;
+
+fn fixture_weights() -> (WeightList, WeightSet) {
+    let list: WeightList = fixture_spec()
         .params()
         .into_iter()
         .map(|p| {

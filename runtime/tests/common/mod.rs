@@ -5,6 +5,7 @@
 //!
 //! - `fixture_double(x, o, B, S)`: o = 2·x, elementwise over [B, S, 8].
 //! - `fixture_add_diagonal(o, o_proj.weight, out, B, S)`: out[b, s, e] = o[b, s, e] + W_o[e, e].
+//!
 //! Arithmetic is in f32 with one rounding to bf16 at the store.
 
 #![allow(dead_code)] // each test binary uses a different part
