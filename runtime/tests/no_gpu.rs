@@ -75,3 +75,19 @@ fn ccc_run_reports_a_broken_library_before_looking_for_a_gpu() {
         "{stderr}"
     );
 }
+
+#[test]
+fn ccc_run_plan_shows_a_call_without_a_gpu() {
+    let dir = write_fixture("no-gpu-plan");
+    let output = common::ccc_run()
+        .args(["plan", "--batch", "3", "--seq-len", "17"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    insta::assert_snapshot!(String::from_utf8_lossy(&output.stdout));
+}

@@ -4,13 +4,18 @@
 //!   forward pass on seeded random inputs (and weights, unless a safetensors file is given) and
 //!   compares every output the reference also computes.
 //! - `ccc-run bench DIR --batch B --seq-len S [--warmup N] [--iterations N]` times it.
+//! - `ccc-run plan DIR --batch B --seq-len S` prints what a call would allocate and launch; it
+//!   needs no GPU, so it checks a freshly compiled library on the build machine.
 //!
 //! Exit codes: 0 success, 1 a result out of tolerance or NaN, 2 any other error (arguments,
 //! library files, CUDA), 3 no GPU or driver on this machine.
 
+use ccc::ir::size::SizeEnv;
 use ccc::reference;
+use ccc::spec::EntryPoint;
+use ccc_runtime::plan::PlannedArg;
 use ccc_runtime::validate::{compare_forward, input_for, tolerance, weights_for};
-use ccc_runtime::{Library, RuntimeError, read_library};
+use ccc_runtime::{CallPlan, Library, RuntimeError, read_library};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,6 +67,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Print the buffers and launches of a forward call (no GPU needed).
+    Plan {
+        dir: PathBuf,
+        #[arg(long)]
+        batch: u64,
+        #[arg(long = "seq-len")]
+        seq_len: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -82,6 +95,11 @@ fn main() -> ExitCode {
             iterations,
             seed,
         } => bench(&dir, batch, seq_len, warmup, iterations.max(1), seed),
+        Command::Plan {
+            dir,
+            batch,
+            seq_len,
+        } => plan(&dir, batch, seq_len),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -200,6 +218,50 @@ fn bench(
         times[times.len() - 1],
         times.len()
     );
+    Ok(true)
+}
+
+fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
+    let (manifest, _) = read_library(dir)?;
+    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len })?;
+    let spec = &manifest.spec;
+    println!(
+        "library {} ({}, {}, {}): forward for B={batch} S={seq_len}",
+        spec.name,
+        manifest.target,
+        spec.dtype.name(),
+        manifest.ptx_file
+    );
+    println!("buffers:");
+    for buffer in &plan.buffers {
+        println!(
+            "  {:<28} {:<12} {:<4} {:<20} {:>14} bytes",
+            buffer.name,
+            buffer.role.name(),
+            buffer.dtype.name(),
+            format!("{:?}", buffer.shape),
+            buffer.bytes
+        );
+    }
+    println!("launches, in order:");
+    for launch in &plan.launches {
+        let args: Vec<String> = launch
+            .args
+            .iter()
+            .map(|arg| match arg {
+                PlannedArg::Buffer(index) => plan.buffers[*index].name.clone(),
+                PlannedArg::Size(value) => value.to_string(),
+            })
+            .collect();
+        println!(
+            "  {}<<<{:?}, {:?}, {} B>>>({})",
+            launch.symbol,
+            launch.grid,
+            launch.block,
+            launch.dynamic_shared_bytes,
+            args.join(", ")
+        );
+    }
     Ok(true)
 }
 
