@@ -106,7 +106,7 @@ pub fn compare(name: &str, gpu: &HostTensor, expected: &Tensor, tolerance: f64) 
         passed: false,
         verdict,
     };
-    if gpu.shape != expected.shape {
+    if !same_memory_order(&gpu.shape, &expected.shape) {
         return failed(
             format!(
                 "FAIL: shape {:?}, the reference's is {:?}",
@@ -116,7 +116,7 @@ pub fn compare(name: &str, gpu: &HostTensor, expected: &Tensor, tolerance: f64) 
         );
     }
     let actual = Tensor {
-        shape: gpu.shape.clone(),
+        shape: expected.shape.clone(),
         data: gpu.to_f64(),
     };
     let nans = actual.data.iter().filter(|v| v.is_nan()).count();
@@ -141,6 +141,33 @@ pub fn compare(name: &str, gpu: &HostTensor, expected: &Tensor, tolerance: f64) 
         passed,
         verdict,
     }
+}
+
+/// Whether two dense row-major shapes put the same elements at the same offsets: equal, or one
+/// with runs of adjacent dimensions merged ([B, S, Hq·d] against [B, S, Hq, d]). A transposed
+/// layout ([B, Hq, S, d]) is not.
+pub fn same_memory_order(a: &[usize], b: &[usize]) -> bool {
+    // Row-major offsets agree exactly when every running product of the coarser shape's
+    // dimensions (from the outermost) is also one of the finer shape's.
+    let running = |shape: &[usize]| -> Vec<usize> {
+        shape
+            .iter()
+            .scan(1usize, |acc, &d| {
+                *acc = acc.saturating_mul(d);
+                Some(*acc)
+            })
+            .collect()
+    };
+    let (ra, rb) = (running(a), running(b));
+    if ra.last() != rb.last() {
+        return false;
+    }
+    let (coarse, fine) = if ra.len() <= rb.len() {
+        (&ra, &rb)
+    } else {
+        (&rb, &ra)
+    };
+    coarse.iter().all(|p| fine.contains(p))
 }
 
 /// Compares every runtime-allocated buffer the reference also computes, in the order of

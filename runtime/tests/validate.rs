@@ -104,6 +104,12 @@ fn nan_wrong_values_wrong_shapes_and_missing_out_fail() {
         "FAIL: shape [2, 2, 33, 4], the reference's is [2, 33, 2, 4]"
     );
 
+    // The same memory with the head dimensions merged, as the kernel plan declares q.
+    let mut gpu = as_gpu_outputs(&expected);
+    let merged = vec![q.shape[0], q.shape[1], q.shape[2] * q.shape[3]];
+    gpu.get_mut("q").unwrap().1 = HostTensor::from_f64(TensorDType::Bf16, merged, &q.data).unwrap();
+    assert!(compare_forward(&gpu, &expected, tol)[1].passed);
+
     let mut gpu = as_gpu_outputs(&expected);
     gpu.remove("out");
     let checks = compare_forward(&gpu, &expected, tol);
@@ -155,4 +161,14 @@ fn weights_can_come_from_a_safetensors_file() {
     let (from_file, set_from_file) = weights_for(&manifest, 999, Some(&path)).unwrap();
     assert_eq!(from_file, random);
     assert_eq!(set_from_file, set);
+}
+
+#[test]
+fn merged_dimensions_match_but_transposes_do_not() {
+    use ccc_runtime::validate::same_memory_order;
+    assert!(same_memory_order(&[2, 33, 8], &[2, 33, 2, 4]));
+    assert!(same_memory_order(&[2, 33, 2, 4], &[66, 8]));
+    assert!(same_memory_order(&[2, 4, 33], &[2, 4, 33]));
+    assert!(!same_memory_order(&[2, 2, 33, 4], &[2, 33, 2, 4]));
+    assert!(!same_memory_order(&[2, 33, 9], &[2, 33, 2, 4]));
 }
