@@ -11,6 +11,7 @@ pub mod codegen;
 pub mod explain;
 pub mod frontend;
 pub mod ir;
+pub mod manifest;
 pub mod reference;
 pub mod spec;
 

@@ -1,0 +1,272 @@
+//! `ccc-run`: runs a compiled kernel library on the GPU.
+//!
+//! - `ccc-run validate DIR [--batch B,..] [--seq-len S,..] [--seed N] [--weights FILE]` runs the
+//!   forward pass on seeded random inputs (and weights, unless a safetensors file is given) and
+//!   compares every output the reference also computes.
+//! - `ccc-run bench DIR --batch B --seq-len S [--warmup N] [--iterations N]` times it.
+//! - `ccc-run plan DIR --batch B --seq-len S` prints what a call would allocate and launch; it
+//!   needs no GPU, so it checks a freshly compiled library on the build machine.
+//!
+//! Exit codes: 0 success, 1 a result out of tolerance or NaN, 2 any other error (arguments,
+//! library files, CUDA), 3 no GPU or driver on this machine.
+
+use ccc::ir::size::SizeEnv;
+use ccc::reference;
+use ccc::spec::EntryPoint;
+use ccc_runtime::plan::PlannedArg;
+use ccc_runtime::validate::{compare_forward, input_for, tolerance, weights_for};
+use ccc_runtime::{CallPlan, Library, RuntimeError, read_library};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+const EXIT_OUT_OF_TOLERANCE: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+const EXIT_NO_GPU: u8 = 3;
+
+#[derive(Parser)]
+#[command(
+    name = "ccc-run",
+    about = "Run and check kernel libraries compiled by ccc on an NVIDIA GPU"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare the GPU forward pass with the f64 CPU reference.
+    Validate {
+        /// Library directory (holds manifest.json and the PTX).
+        dir: PathBuf,
+        /// Batch sizes to run, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "2")]
+        batch: Vec<u64>,
+        /// Sequence lengths to run, comma separated.
+        #[arg(long = "seq-len", value_delimiter = ',', default_value = "128")]
+        seq_len: Vec<u64>,
+        /// Seed of the random weights and inputs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Use these weights (safetensors, Hugging Face names) instead of random ones.
+        #[arg(long)]
+        weights: Option<PathBuf>,
+    },
+    /// Time the forward pass with CUDA events.
+    Bench {
+        dir: PathBuf,
+        #[arg(long)]
+        batch: u64,
+        #[arg(long = "seq-len")]
+        seq_len: u64,
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Print the buffers and launches of a forward call (no GPU needed).
+    Plan {
+        dir: PathBuf,
+        #[arg(long)]
+        batch: u64,
+        #[arg(long = "seq-len")]
+        seq_len: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate {
+            dir,
+            batch,
+            seq_len,
+            seed,
+            weights,
+        } => validate(&dir, &batch, &seq_len, seed, weights.as_deref()),
+        Command::Bench {
+            dir,
+            batch,
+            seq_len,
+            warmup,
+            iterations,
+            seed,
+        } => bench(&dir, batch, seq_len, warmup, iterations.max(1), seed),
+        Command::Plan {
+            dir,
+            batch,
+            seq_len,
+        } => plan(&dir, batch, seq_len),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_OUT_OF_TOLERANCE),
+        Err(e) if e.is_no_gpu() => {
+            eprintln!("ccc-run: {e}");
+            ExitCode::from(EXIT_NO_GPU)
+        }
+        Err(e) => {
+            eprintln!("ccc-run: {e}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Loads the library: its files first, so that a broken library is reported even where there is
+/// no GPU, then the GPU.
+fn load(dir: &Path) -> Result<Library, RuntimeError> {
+    read_library(dir)?;
+    Library::load(dir)
+}
+
+fn validate(
+    dir: &Path,
+    batches: &[u64],
+    seq_lens: &[u64],
+    seed: u64,
+    weights: Option<&Path>,
+) -> Result<bool, RuntimeError> {
+    let library = load(dir)?;
+    let manifest = library.manifest();
+    let spec = &manifest.spec;
+    let tol = tolerance(spec.dtype);
+    let (reference_weights, weight_set) = weights_for(manifest, seed, weights)?;
+    println!(
+        "library {} ({}, {}) on {}; tolerance: relative L2 error < {tol:e}",
+        spec.name,
+        dir.display(),
+        spec.dtype.name(),
+        library.device_name()?
+    );
+    println!(
+        "{:>4} {:>6}  {:<6} {:>12} {:>12} {:>9}  status",
+        "B", "S", "tensor", "max abs err", "rel L2 err", "tol"
+    );
+    let mut all_passed = true;
+    for &batch in batches {
+        for &seq_len in seq_lens {
+            let (b, s) = (to_usize(batch)?, to_usize(seq_len)?);
+            let (x, x_host) = input_for(manifest, b, s, seed.wrapping_add(1))?;
+            let gpu = library.forward_host(&x_host, &weight_set)?;
+            let expected = reference::forward(spec, &reference_weights, &x)
+                .map_err(|message| RuntimeError::Reference { message })?;
+            let comparisons = compare_forward(&gpu, &expected, tol);
+            for check in &comparisons {
+                println!(
+                    "{batch:>4} {seq_len:>6}  {:<6} {:>12} {:>12} {tol:>9.0e}  {}",
+                    check.tensor,
+                    check.max_abs.map_or("-".into(), |v| format!("{v:.3e}")),
+                    check.rel_l2.map_or("-".into(), |v| format!("{v:.3e}")),
+                    check.verdict
+                );
+            }
+            let case_passed = comparisons.iter().all(|c| c.passed);
+            // NaN must survive into the summary (f64::max would drop it).
+            let worst = comparisons
+                .iter()
+                .map(|c| c.rel_l2.unwrap_or(f64::INFINITY))
+                .fold(0.0, |worst: f64, e| {
+                    if worst.is_nan() || e.is_nan() {
+                        f64::NAN
+                    } else {
+                        worst.max(e)
+                    }
+                });
+            all_passed &= case_passed;
+            // One line per case for scripts (scripts/gpu-suite.sh reads it).
+            println!(
+                "RESULT library={} B={batch} S={seq_len} max_rel_l2={worst:.3e} status={}",
+                spec.name,
+                if case_passed { "pass" } else { "FAIL" }
+            );
+        }
+    }
+    Ok(all_passed)
+}
+
+fn bench(
+    dir: &Path,
+    batch: u64,
+    seq_len: u64,
+    warmup: usize,
+    iterations: usize,
+    seed: u64,
+) -> Result<bool, RuntimeError> {
+    let library = load(dir)?;
+    let manifest = library.manifest();
+    let spec = &manifest.spec;
+    let (_, weight_set) = weights_for(manifest, seed, None)?;
+    let (_, x) = input_for(
+        manifest,
+        to_usize(batch)?,
+        to_usize(seq_len)?,
+        seed.wrapping_add(1),
+    )?;
+    let x = library.upload(&x)?;
+    let weights = library.upload_weights(&weight_set)?;
+    let mut times = library.time_forward(&x, &weights, warmup, iterations)?;
+    times.sort_by(f32::total_cmp);
+    println!(
+        "library {} on {}: B={batch} S={seq_len}: median {:.4} ms, min {:.4} ms, max {:.4} ms over {} calls ({warmup} warm-up)",
+        spec.name,
+        library.device_name()?,
+        times[times.len() / 2],
+        times[0],
+        times[times.len() - 1],
+        times.len()
+    );
+    Ok(true)
+}
+
+fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
+    let (manifest, _) = read_library(dir)?;
+    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len })?;
+    let spec = &manifest.spec;
+    println!(
+        "library {} ({}, {}, {}): forward for B={batch} S={seq_len}",
+        spec.name,
+        manifest.target,
+        spec.dtype.name(),
+        manifest.ptx_file
+    );
+    println!("buffers:");
+    for buffer in &plan.buffers {
+        println!(
+            "  {:<28} {:<12} {:<4} {:<20} {:>14} bytes",
+            buffer.name,
+            buffer.role.name(),
+            buffer.dtype.name(),
+            format!("{:?}", buffer.shape),
+            buffer.bytes
+        );
+    }
+    println!("launches, in order:");
+    for launch in &plan.launches {
+        let args: Vec<String> = launch
+            .args
+            .iter()
+            .map(|arg| match arg {
+                PlannedArg::Buffer(index) => plan.buffers[*index].name.clone(),
+                PlannedArg::Size(value) => value.to_string(),
+            })
+            .collect();
+        println!(
+            "  {}<<<{:?}, {:?}, {} B>>>({})",
+            launch.symbol,
+            launch.grid,
+            launch.block,
+            launch.dynamic_shared_bytes,
+            args.join(", ")
+        );
+    }
+    Ok(true)
+}
+
+fn to_usize(value: u64) -> Result<usize, RuntimeError> {
+    usize::try_from(value).map_err(|_| RuntimeError::Size {
+        message: format!("{value} does not fit this machine"),
+    })
+}

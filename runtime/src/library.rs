@@ -1,0 +1,368 @@
+//! A loaded kernel library on one GPU: the manifest, the PTX module and its resolved kernels.
+
+use crate::error::RuntimeError;
+use crate::plan::{CallPlan, PlannedArg};
+use crate::tensor::{HostTensor, nan_bytes};
+use crate::weights::{WeightSet, check_tensor};
+use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
+use ccc::spec::EntryPoint;
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use cudarc::nvrtc::Ptx;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The manifest file every library directory holds.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// A tensor in GPU memory: raw bytes with their dtype and shape (dense, row-major).
+pub struct DeviceTensor {
+    pub dtype: TensorDType,
+    pub shape: Vec<usize>,
+    pub buffer: CudaSlice<u8>,
+}
+
+impl DeviceTensor {
+    /// Copies back to the host (waits for the stream).
+    pub fn to_host(&self) -> Result<HostTensor, RuntimeError> {
+        let bytes = self
+            .buffer
+            .stream()
+            .clone_dtoh(&self.buffer)
+            .map_err(|e| RuntimeError::driver("copying a tensor to the host", e))?;
+        HostTensor::from_le_bytes(self.dtype, self.shape.clone(), &bytes)
+    }
+}
+
+/// The library's weights, uploaded once and reused by every call.
+pub struct DeviceWeights {
+    tensors: BTreeMap<String, DeviceTensor>,
+}
+
+/// What one call produced: every buffer the runtime allocated (outputs, intermediates and
+/// scratch), by manifest name, with its role.
+pub struct Outputs {
+    pub tensors: BTreeMap<String, (BufferRole, DeviceTensor)>,
+}
+
+impl Outputs {
+    pub fn get(&self, name: &str) -> Option<&DeviceTensor> {
+        self.tensors.get(name).map(|(_, tensor)| tensor)
+    }
+
+    pub fn to_host(&self) -> Result<BTreeMap<String, (BufferRole, HostTensor)>, RuntimeError> {
+        self.tensors
+            .iter()
+            .map(|(name, (role, tensor))| Ok((name.clone(), (*role, tensor.to_host()?))))
+            .collect()
+    }
+}
+
+/// Reads and validates `DIR/manifest.json` and the PTX it names. No GPU needed.
+pub fn read_library(dir: &Path) -> Result<(Manifest, String), RuntimeError> {
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| RuntimeError::Io {
+        path: manifest_path.clone(),
+        message: e.to_string(),
+    })?;
+    let manifest = Manifest::from_json(&text).map_err(|message| RuntimeError::Manifest {
+        path: manifest_path.clone(),
+        message,
+    })?;
+    let ptx_path = dir.join(&manifest.ptx_file);
+    let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| RuntimeError::Io {
+        path: ptx_path.clone(),
+        message: e.to_string(),
+    })?;
+    if ptx.contains('\0') {
+        // The driver takes the PTX as a C string.
+        return Err(RuntimeError::Io {
+            path: ptx_path,
+            message: "PTX text contains a NUL byte".into(),
+        });
+    }
+    Ok((manifest, ptx))
+}
+
+/// Opens GPU `ordinal`, reporting a missing driver or GPU as such instead of panicking.
+pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>, RuntimeError> {
+    // SAFETY: only tries to dlopen libcuda under its usual names.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(RuntimeError::NoDriver);
+    }
+    CudaContext::new(ordinal).map_err(|e| RuntimeError::NoGpu {
+        detail: e.to_string(),
+    })
+}
+
+pub struct Library {
+    dir: PathBuf,
+    manifest: Manifest,
+    context: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    functions: BTreeMap<String, CudaFunction>,
+}
+
+impl Library {
+    /// Reads the library in `dir`, loads its PTX on GPU 0 and resolves every kernel.
+    pub fn load(dir: impl AsRef<Path>) -> Result<Library, RuntimeError> {
+        let dir = dir.as_ref().to_path_buf();
+        let (manifest, ptx) = read_library(&dir)?;
+        let context = open_device(0)?;
+        let stream = context.default_stream();
+        let module = context.load_module(Ptx::from_src(ptx)).map_err(|e| {
+            RuntimeError::driver(
+                format!("loading {}", dir.join(&manifest.ptx_file).display()),
+                e,
+            )
+        })?;
+        let mut functions = BTreeMap::new();
+        for kernel in manifest.entry_points.iter().flat_map(|e| &e.kernels) {
+            let function = module.load_function(&kernel.symbol).map_err(|e| {
+                RuntimeError::driver(format!("resolving kernel `{}`", kernel.symbol), e)
+            })?;
+            if kernel.dynamic_shared_bytes > DEFAULT_SHARED_LIMIT_BYTES {
+                // Above 48 KB a kernel must opt in before launch.
+                function
+                    .set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        kernel.dynamic_shared_bytes as i32,
+                    )
+                    .map_err(|e| {
+                        RuntimeError::driver(
+                            format!(
+                                "allowing {} bytes of shared memory for `{}`",
+                                kernel.dynamic_shared_bytes, kernel.symbol
+                            ),
+                            e,
+                        )
+                    })?;
+            }
+            functions.insert(kernel.symbol.clone(), function);
+        }
+        Ok(Library {
+            dir,
+            manifest,
+            context,
+            stream,
+            functions,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn device_name(&self) -> Result<String, RuntimeError> {
+        self.context
+            .name()
+            .map_err(|e| RuntimeError::driver("reading the device name", e))
+    }
+
+    pub fn upload(&self, tensor: &HostTensor) -> Result<DeviceTensor, RuntimeError> {
+        let buffer = self
+            .stream
+            .clone_htod(&tensor.to_le_bytes())
+            .map_err(|e| RuntimeError::driver("copying a tensor to the GPU", e))?;
+        Ok(DeviceTensor {
+            dtype: tensor.dtype(),
+            shape: tensor.shape.clone(),
+            buffer,
+        })
+    }
+
+    pub fn upload_weights(&self, weights: &WeightSet) -> Result<DeviceWeights, RuntimeError> {
+        let tensors = weights
+            .iter()
+            .map(|(name, tensor)| Ok((name.to_string(), self.upload(tensor)?)))
+            .collect::<Result<_, RuntimeError>>()?;
+        Ok(DeviceWeights { tensors })
+    }
+
+    /// Runs the forward pass on `x` [B, S, E]: checks x and the weights against the manifest,
+    /// allocates every other buffer filled with NaN, launches the kernels in order and checks
+    /// each one for errors before the next.
+    pub fn forward(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+    ) -> Result<Outputs, RuntimeError> {
+        let plan =
+            CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
+        let mut supplied = BTreeMap::from([("x", x)]);
+        supplied.extend(
+            weights
+                .tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+        );
+        let owned = self.allocate(&plan)?;
+        self.launch_all(&plan, &supplied, &owned, true)?;
+        Ok(Outputs { tensors: owned })
+    }
+
+    /// [`Library::forward`] from and to host memory.
+    pub fn forward_host(
+        &self,
+        x: &HostTensor,
+        weights: &WeightSet,
+    ) -> Result<BTreeMap<String, (BufferRole, HostTensor)>, RuntimeError> {
+        // Checked before uploading so that a wrong x costs no GPU work.
+        CallPlan::for_input(
+            &self.manifest,
+            EntryPoint::Forward,
+            "x",
+            x.dtype(),
+            &x.shape,
+        )?;
+        let x = self.upload(x)?;
+        let weights = self.upload_weights(weights)?;
+        self.forward(&x, &weights)?.to_host()
+    }
+
+    /// Times the forward pass with CUDA events: `warmup` untimed calls, then `iterations` timed
+    /// ones, each a full launch sequence on buffers allocated once. Milliseconds per call.
+    pub fn time_forward(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+        warmup: usize,
+        iterations: usize,
+    ) -> Result<Vec<f32>, RuntimeError> {
+        let plan =
+            CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
+        let mut supplied = BTreeMap::from([("x", x)]);
+        supplied.extend(
+            weights
+                .tensors
+                .iter()
+                .map(|(name, tensor)| (name.as_str(), tensor)),
+        );
+        let owned = self.allocate(&plan)?;
+        // The first call is checked kernel by kernel so that a faulty library fails clearly.
+        self.launch_all(&plan, &supplied, &owned, true)?;
+        for _ in 0..warmup {
+            self.launch_all(&plan, &supplied, &owned, false)?;
+        }
+        let event = || {
+            self.stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| RuntimeError::driver("recording a timing event", e))
+        };
+        let mut times = Vec::with_capacity(iterations);
+        for _ in 0..iterations {
+            let start = event()?;
+            self.launch_all(&plan, &supplied, &owned, false)?;
+            let end = event()?;
+            times.push(
+                start
+                    .elapsed_ms(&end)
+                    .map_err(|e| RuntimeError::driver("reading a timing event", e))?,
+            );
+        }
+        self.synchronize("finishing the timed calls")?;
+        Ok(times)
+    }
+
+    /// Allocates every buffer the runtime owns for this call, filled with NaN.
+    fn allocate(
+        &self,
+        plan: &CallPlan,
+    ) -> Result<BTreeMap<String, (BufferRole, DeviceTensor)>, RuntimeError> {
+        let mut owned = BTreeMap::new();
+        for buffer in plan.buffers.iter().filter(|b| !b.role.is_caller_supplied()) {
+            let elements = buffer.bytes / buffer.dtype.size_bytes();
+            let bytes = self
+                .stream
+                .clone_htod(&nan_bytes(buffer.dtype, elements))
+                .map_err(|e| {
+                    RuntimeError::driver(
+                        format!("allocating `{}` ({} bytes)", buffer.name, buffer.bytes),
+                        e,
+                    )
+                })?;
+            let tensor = DeviceTensor {
+                dtype: buffer.dtype,
+                shape: buffer.shape.clone(),
+                buffer: bytes,
+            };
+            owned.insert(buffer.name.clone(), (buffer.role, tensor));
+        }
+        Ok(owned)
+    }
+
+    /// Launches the plan's kernels in order. Caller-supplied buffers are checked against the
+    /// plan first. With `check_each`, waits after every launch so that a fault names its kernel.
+    fn launch_all(
+        &self,
+        plan: &CallPlan,
+        supplied: &BTreeMap<&str, &DeviceTensor>,
+        owned: &BTreeMap<String, (BufferRole, DeviceTensor)>,
+        check_each: bool,
+    ) -> Result<(), RuntimeError> {
+        let mut tensors = Vec::with_capacity(plan.buffers.len());
+        for buffer in &plan.buffers {
+            let tensor = if buffer.role.is_caller_supplied() {
+                let tensor =
+                    supplied
+                        .get(buffer.name.as_str())
+                        .ok_or_else(|| RuntimeError::Weights {
+                            problems: vec![format!("missing `{}`", buffer.name)],
+                        })?;
+                check_tensor(
+                    &buffer.name,
+                    buffer.dtype,
+                    &buffer.shape,
+                    tensor.dtype,
+                    &tensor.shape,
+                )?;
+                *tensor
+            } else {
+                &owned[&buffer.name].1
+            };
+            tensors.push(tensor);
+        }
+        let count = plan.launches.len();
+        for (index, launch) in plan.launches.iter().enumerate() {
+            let function = &self.functions[&launch.symbol];
+            let mut args = self.stream.launch_builder(function);
+            for arg in &launch.args {
+                match arg {
+                    PlannedArg::Buffer(buffer) => args.arg(&tensors[*buffer].buffer),
+                    PlannedArg::Size(value) => args.arg(value),
+                };
+            }
+            let config = LaunchConfig {
+                grid_dim: launch.grid,
+                block_dim: launch.block,
+                shared_mem_bytes: launch.dynamic_shared_bytes,
+            };
+            // SAFETY: the arguments follow the manifest's ABI order and every buffer has the
+            // size the manifest states for these (B, S); that contract is codegen's.
+            unsafe { args.launch(config) }.map_err(|e| {
+                RuntimeError::driver(format!("launching kernel `{}`", launch.symbol), e)
+            })?;
+            if check_each {
+                self.synchronize(&format!(
+                    "running kernel `{}` (launch {} of {count})",
+                    launch.symbol,
+                    index + 1
+                ))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self, during: &str) -> Result<(), RuntimeError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| RuntimeError::driver(during, e))
+    }
+}

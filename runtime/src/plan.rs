@@ -1,0 +1,222 @@
+//! Host-side preparation of one call: from the manifest and the caller's sizes to concrete
+//! buffer shapes, byte counts, grids and kernel arguments. Everything here runs without a GPU, so
+//! shape and dtype errors are tested on any machine; the GPU side only allocates and launches.
+
+use crate::error::RuntimeError;
+use crate::tensor::describe;
+use ccc::ir::size::{SizeEnv, SizeExpr, SizeVar};
+use ccc::manifest::{
+    BufferRole, EntryPointManifest, KernelParamManifest, Manifest, TensorDType, format_shape,
+};
+use ccc::spec::EntryPoint;
+
+/// Largest grid extents CUDA accepts in x and in y/z.
+const MAX_GRID_X: u64 = (1 << 31) - 1;
+const MAX_GRID_YZ: u64 = 65_535;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallPlan {
+    pub entry: EntryPoint,
+    pub env: SizeEnv,
+    /// One per manifest buffer, in the manifest's order.
+    pub buffers: Vec<PlannedBuffer>,
+    /// One per kernel, in launch order.
+    pub launches: Vec<PlannedLaunch>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedBuffer {
+    pub name: String,
+    pub role: BufferRole,
+    pub dtype: TensorDType,
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedLaunch {
+    pub symbol: String,
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub dynamic_shared_bytes: u32,
+    pub args: Vec<PlannedArg>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PlannedArg {
+    /// Index into [`CallPlan::buffers`].
+    Buffer(usize),
+    Size(u32),
+}
+
+impl CallPlan {
+    /// Plans a call of `entry` for explicit sizes.
+    pub fn for_sizes(
+        manifest: &Manifest,
+        entry: EntryPoint,
+        env: SizeEnv,
+    ) -> Result<CallPlan, RuntimeError> {
+        let entry_manifest = entry_of(manifest, entry)?;
+        if env.batch == 0 || env.seq_len == 0 {
+            return Err(RuntimeError::Size {
+                message: format!(
+                    "batch ({}) and sequence length ({}) must be positive",
+                    env.batch, env.seq_len
+                ),
+            });
+        }
+        let too_big = |what: &str| RuntimeError::Size {
+            message: format!(
+                "{what} overflows for B = {}, S = {}",
+                env.batch, env.seq_len
+            ),
+        };
+        let mut buffers = Vec::with_capacity(entry_manifest.buffers.len());
+        for buffer in &entry_manifest.buffers {
+            let shape = buffer
+                .shape
+                .iter()
+                .map(|d| d.eval(&env).and_then(|v| usize::try_from(v).ok()))
+                .collect::<Option<Vec<usize>>>()
+                .ok_or_else(|| too_big(&format!("the shape of `{}`", buffer.name)))?;
+            let bytes = shape
+                .iter()
+                .try_fold(buffer.dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
+                .ok_or_else(|| too_big(&format!("the size of `{}`", buffer.name)))?;
+            buffers.push(PlannedBuffer {
+                name: buffer.name.clone(),
+                role: buffer.role,
+                dtype: buffer.dtype,
+                shape,
+                bytes,
+            });
+        }
+        let mut launches = Vec::with_capacity(entry_manifest.kernels.len());
+        for kernel in &entry_manifest.kernels {
+            let mut grid = [0u32; 3];
+            for (axis, (expr, limit)) in kernel
+                .grid
+                .iter()
+                .zip([MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ])
+                .enumerate()
+            {
+                let blocks = expr
+                    .eval(&env)
+                    .ok_or_else(|| too_big(&format!("the grid of `{}`", kernel.symbol)))?;
+                if blocks == 0 || blocks > limit {
+                    return Err(RuntimeError::Size {
+                        message: format!(
+                            "kernel `{}`: grid dimension {axis} = {expr} = {blocks} for B = {}, S = {} is outside 1..={limit}",
+                            kernel.symbol, env.batch, env.seq_len
+                        ),
+                    });
+                }
+                grid[axis] = blocks as u32;
+            }
+            let args = kernel
+                .params
+                .iter()
+                .map(|param| match param {
+                    KernelParamManifest::Buffer { name } => entry_manifest
+                        .buffers
+                        .iter()
+                        .position(|b| b.name == *name)
+                        .map(PlannedArg::Buffer)
+                        .ok_or_else(|| RuntimeError::Size {
+                            message: format!(
+                                "kernel `{}` names a missing buffer `{name}`",
+                                kernel.symbol
+                            ),
+                        }),
+                    KernelParamManifest::Size { var } => u32::try_from(env.get(*var))
+                        .map(PlannedArg::Size)
+                        .map_err(|_| {
+                            too_big(&format!("{} as a 32-bit kernel argument", var.symbol()))
+                        }),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            launches.push(PlannedLaunch {
+                symbol: kernel.symbol.clone(),
+                grid: (grid[0], grid[1], grid[2]),
+                block: (kernel.block[0], kernel.block[1], kernel.block[2]),
+                dynamic_shared_bytes: kernel.dynamic_shared_bytes,
+                args,
+            });
+        }
+        Ok(CallPlan {
+            entry,
+            env,
+            buffers,
+            launches,
+        })
+    }
+
+    /// Plans a call whose sizes come from the caller's tensor `input` (e.g. `x` of shape
+    /// [B, S, E]), after checking its dtype and shape against the manifest.
+    pub fn for_input(
+        manifest: &Manifest,
+        entry: EntryPoint,
+        input: &str,
+        dtype: TensorDType,
+        shape: &[usize],
+    ) -> Result<CallPlan, RuntimeError> {
+        let entry_manifest = entry_of(manifest, entry)?;
+        let declared = entry_manifest
+            .buffer(input)
+            .filter(|b| b.role == BufferRole::Input)
+            .ok_or_else(|| RuntimeError::Size {
+                message: format!("the `{}` entry point has no input `{input}`", entry.name()),
+            })?;
+        let mismatch = || RuntimeError::TensorMismatch {
+            tensor: input.to_string(),
+            expected: format!(
+                "{} {}",
+                declared.dtype.name(),
+                format_shape(&declared.shape)
+            ),
+            got: describe(dtype, shape),
+        };
+        if dtype != declared.dtype || shape.len() != declared.shape.len() {
+            return Err(mismatch());
+        }
+        let env = infer_sizes(&declared.shape, shape).ok_or_else(mismatch)?;
+        let plan = CallPlan::for_sizes(manifest, entry, env)?;
+        if plan.buffer(input).map(|b| b.shape.as_slice()) != Some(shape) {
+            return Err(mismatch());
+        }
+        Ok(plan)
+    }
+
+    pub fn buffer(&self, name: &str) -> Option<&PlannedBuffer> {
+        self.buffers.iter().find(|b| b.name == name)
+    }
+}
+
+fn entry_of(manifest: &Manifest, entry: EntryPoint) -> Result<&EntryPointManifest, RuntimeError> {
+    manifest
+        .entry_point(entry)
+        .ok_or(RuntimeError::EntryPointMissing {
+            entry: entry.name(),
+        })
+}
+
+/// Reads B and S off the dimensions declared as plain `B` and `S`. `None` when a size is not
+/// determined or a dimension contradicts another.
+fn infer_sizes(declared: &[SizeExpr], shape: &[usize]) -> Option<SizeEnv> {
+    let (mut batch, mut seq_len) = (None, None);
+    for (expr, &dim) in declared.iter().zip(shape) {
+        let slot = match expr {
+            SizeExpr::Var(SizeVar::Batch) => &mut batch,
+            SizeExpr::Var(SizeVar::SeqLen) => &mut seq_len,
+            _ => continue,
+        };
+        match slot {
+            Some(bound) if *bound != dim as u64 => return None,
+            _ => *slot = Some(dim as u64),
+        }
+    }
+    Some(SizeEnv {
+        batch: batch?,
+        seq_len: seq_len?,
+    })
+}

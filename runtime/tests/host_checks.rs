@@ -1,0 +1,258 @@
+//! Host-side checks that run on any machine: call planning, tensor and weight validation,
+//! safetensors loading, dtype conversions.
+
+mod common;
+
+use ccc::ir::size::SizeEnv;
+use ccc::manifest::{BufferRole, TensorDType};
+use ccc::spec::EntryPoint;
+use ccc_runtime::plan::PlannedArg;
+use ccc_runtime::tensor::{nan_bytes, round_through};
+use ccc_runtime::{CallPlan, HostTensor, RuntimeError, WeightSet};
+use common::{fixture_manifest, fixture_spec};
+use half::bf16;
+use safetensors::{Dtype, tensor::TensorView};
+
+#[test]
+fn plan_evaluates_shapes_grids_and_arguments() {
+    let manifest = fixture_manifest();
+    let plan = CallPlan::for_input(
+        &manifest,
+        EntryPoint::Forward,
+        "x",
+        TensorDType::Bf16,
+        &[3, 17, 8],
+    )
+    .unwrap();
+    assert_eq!(
+        plan.env,
+        SizeEnv {
+            batch: 3,
+            seq_len: 17
+        }
+    );
+    let o = plan.buffer("o").unwrap();
+    assert_eq!(
+        (o.role, o.shape.as_slice(), o.bytes),
+        (BufferRole::Intermediate, &[3, 17, 2, 4][..], 3 * 17 * 8 * 2)
+    );
+    assert_eq!(plan.buffer("o_proj.weight").unwrap().shape, [8, 8]);
+    // 3·17·8 = 408 elements over 64-thread blocks.
+    assert_eq!(plan.launches[0].grid, (7, 1, 1));
+    assert_eq!(
+        plan.launches[1].dynamic_shared_bytes,
+        common::BIG_SHARED_BYTES
+    );
+    let names: Vec<&str> = plan.launches[1]
+        .args
+        .iter()
+        .filter_map(|a| match a {
+            PlannedArg::Buffer(i) => Some(plan.buffers[*i].name.as_str()),
+            PlannedArg::Size(_) => None,
+        })
+        .collect();
+    assert_eq!(names, ["o", "o_proj.weight", "out"]);
+    assert_eq!(
+        plan.launches[1].args[3..],
+        [PlannedArg::Size(3), PlannedArg::Size(17)]
+    );
+}
+
+#[test]
+fn wrong_input_shape_or_dtype_names_the_tensor() {
+    let manifest = fixture_manifest();
+    let plan = |dtype, shape: &[usize]| {
+        CallPlan::for_input(&manifest, EntryPoint::Forward, "x", dtype, shape)
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        plan(TensorDType::Bf16, &[2, 5, 9]),
+        "tensor `x`: expected bf16 [B, S, 8], got bf16 [2, 5, 9]"
+    );
+    assert_eq!(
+        plan(TensorDType::F32, &[2, 5, 8]),
+        "tensor `x`: expected bf16 [B, S, 8], got f32 [2, 5, 8]"
+    );
+    assert_eq!(
+        plan(TensorDType::Bf16, &[10, 8]),
+        "tensor `x`: expected bf16 [B, S, 8], got bf16 [10, 8]"
+    );
+    assert_eq!(
+        plan(TensorDType::Bf16, &[0, 5, 8]),
+        "batch (0) and sequence length (5) must be positive"
+    );
+}
+
+#[test]
+fn sizes_that_do_not_fit_are_errors() {
+    let manifest = fixture_manifest();
+    let plan = |batch, seq_len| {
+        CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len })
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        plan(1 << 40, 1 << 30),
+        "the size of `x` overflows for B = 1099511627776, S = 1073741824"
+    );
+    assert_eq!(
+        plan(1 << 20, 1 << 20),
+        "kernel `fixture_double`: grid dimension 0 = ceil(B*S*8/64) = 137438953472 for B = 1048576, S = 1048576 is outside 1..=2147483647"
+    );
+    assert_eq!(
+        plan(1 << 33, 1),
+        "B as a 32-bit kernel argument overflows for B = 8589934592, S = 1"
+    );
+    let err = CallPlan::for_sizes(
+        &manifest,
+        EntryPoint::Decode,
+        SizeEnv {
+            batch: 1,
+            seq_len: 1,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.to_string(), "the library has no `decode` entry point");
+}
+
+fn fixture_weights(scale: f64) -> Vec<(String, Vec<usize>, Vec<f64>)> {
+    fixture_spec()
+        .params()
+        .into_iter()
+        .map(|p| {
+            let len = p.shape.iter().product::<usize>();
+            (
+                p.name,
+                p.shape,
+                (0..len).map(|i| scale * i as f64).collect(),
+            )
+        })
+        .collect()
+}
+
+fn weight_entries(
+    list: &[(String, Vec<usize>, Vec<f64>)],
+) -> impl Iterator<Item = (&str, &[usize], &[f64])> {
+    list.iter()
+        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+}
+
+#[test]
+fn weight_set_reports_every_missing_extra_and_misshaped_tensor() {
+    let manifest = fixture_manifest();
+    let mut list = fixture_weights(0.01);
+    list.retain(|(name, _, _)| name != "k_proj.weight" && name != "v_proj.weight");
+    list[0].1 = vec![4, 16];
+    list.push(("lm_head.weight".into(), vec![1], vec![0.0]));
+    let err = WeightSet::from_f64(&manifest, weight_entries(&list)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "weights do not match the library: `q_proj.weight` has shape [4, 16], expected [8, 8]; \
+         missing `k_proj.weight`, `v_proj.weight`; unexpected `lm_head.weight`"
+    );
+    let list = fixture_weights(0.01);
+    let set = WeightSet::from_f64(&manifest, weight_entries(&list)).unwrap();
+    let q = set.get("q_proj.weight").unwrap();
+    assert_eq!(q.dtype(), TensorDType::Bf16);
+    assert_eq!(q.to_f64()[3], bf16::from_f64(0.03).to_f64());
+}
+
+#[test]
+fn safetensors_files_load_in_any_float_dtype() {
+    let manifest = fixture_manifest();
+    let list = fixture_weights(0.25); // exact in every dtype
+    // Each tensor stored in a different dtype, as mixed checkpoints sometimes are.
+    let dtypes = [
+        TensorDType::F32,
+        TensorDType::Bf16,
+        TensorDType::F16,
+        TensorDType::F32,
+    ];
+    let stored: Vec<(String, TensorDType, Vec<usize>, Vec<u8>)> = list
+        .iter()
+        .zip(dtypes)
+        .map(|((name, shape, data), dtype)| {
+            let tensor = HostTensor::from_f64(dtype, shape.clone(), data).unwrap();
+            (name.clone(), dtype, shape.clone(), tensor.to_le_bytes())
+        })
+        .collect();
+    let views = stored.iter().map(|(name, dtype, shape, bytes)| {
+        let dtype = match dtype {
+            TensorDType::Bf16 => Dtype::BF16,
+            TensorDType::F16 => Dtype::F16,
+            TensorDType::F32 => Dtype::F32,
+        };
+        (
+            name.clone(),
+            TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+        )
+    });
+    let path = common::scratch_dir("safetensors-any-dtype").join("fixture-weights.safetensors");
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let set = WeightSet::from_safetensors_file(&path, &manifest).unwrap();
+    for (name, shape, data) in &list {
+        let tensor = set.get(name).unwrap();
+        assert_eq!(
+            (tensor.dtype(), &tensor.shape),
+            (TensorDType::Bf16, shape),
+            "{name}"
+        );
+        assert_eq!(&tensor.to_f64(), data, "{name}");
+    }
+    let from_memory = WeightSet::from_f64(&manifest, weight_entries(&list)).unwrap();
+    assert_eq!(set, from_memory);
+}
+
+#[test]
+fn safetensors_errors_name_the_tensor_or_the_file() {
+    let manifest = fixture_manifest();
+    let ints = vec![0u8; 4];
+    let views = [(
+        "q_proj.weight".to_string(),
+        TensorView::new(Dtype::I32, vec![1], &ints).unwrap(),
+    )];
+    let bytes = safetensors::serialize(views, None).unwrap();
+    let err = WeightSet::from_safetensors_bytes(&bytes, &manifest)
+        .unwrap_err()
+        .to_string();
+    assert!(err.starts_with("weights do not match the library: `q_proj.weight` is stored as I32; bf16, f16 or f32 are accepted; missing `k_proj.weight`"), "{err}");
+    let path = common::scratch_dir("safetensors-errors").join("not-safetensors.bin");
+    std::fs::write(&path, b"hello").unwrap();
+    let err = WeightSet::from_safetensors_file(&path, &manifest).unwrap_err();
+    assert!(
+        matches!(&err, RuntimeError::Io { .. })
+            && err.to_string().contains("not a safetensors file"),
+        "{err}"
+    );
+    let err =
+        WeightSet::from_safetensors_file("/nonexistent/w.safetensors", &manifest).unwrap_err();
+    assert!(
+        err.to_string().starts_with("/nonexistent/w.safetensors: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn dtype_conversions_round_to_nearest_even() {
+    // 1 + 2^-8 is halfway between two bf16 values: ties go to the even one, 1.0.
+    let halfway = 1.0 + 2f64.powi(-8);
+    let t = HostTensor::from_f64(TensorDType::Bf16, vec![3], &[halfway, -2.5, 1e-3]).unwrap();
+    assert_eq!(t.to_f64()[..2], [1.0, -2.5]);
+    let mut values = [halfway, 3.0];
+    round_through(TensorDType::Bf16, &mut values);
+    assert_eq!(values, [1.0, 3.0]);
+    let back = HostTensor::from_le_bytes(TensorDType::Bf16, vec![3], &t.to_le_bytes()).unwrap();
+    assert_eq!(back, t);
+    assert_eq!(t.to_dtype(TensorDType::F32).to_dtype(TensorDType::Bf16), t);
+    assert!(HostTensor::from_f64(TensorDType::F16, vec![2, 2], &[1.0]).is_err());
+    assert!(HostTensor::from_le_bytes(TensorDType::F32, vec![1], &[0, 0, 0]).is_err());
+    let poison =
+        HostTensor::from_le_bytes(TensorDType::F16, vec![4], &nan_bytes(TensorDType::F16, 4))
+            .unwrap();
+    assert!(poison.to_f64().iter().all(|v| v.is_nan()));
+    let poison =
+        HostTensor::from_le_bytes(TensorDType::F32, vec![2], &nan_bytes(TensorDType::F32, 2))
+            .unwrap();
+    assert!(poison.to_f64().iter().all(|v| v.is_nan()));
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Runs HERE (the CPU machine with Rust and LLVM). Builds everything the GPU machine needs, since it
+# has neither, into gpu-carry/ (git-ignored; pass it to the remote run as a carried path):
+#   gpu-carry/ccc-run                      the runtime CLI, checked not to link LLVM
+#   gpu-carry/runtime-gpu-tests            the runtime's GPU test binary (tests/gpu.rs)
+#   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
+# Then on the GPU machine: bash scripts/gpu-suite.sh (docs/gpu-tests.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+carry=gpu-carry
+
+# ccc-run in its own cargo invocation: built together with the `ccc` binary, cargo would unify
+# ccc's features and link LLVM into the runtime too.
+cargo build --release -p ccc-runtime --bin ccc-run
+if ldd target/release/ccc-run | grep -i llvm; then
+  echo "gpu-prepare: target/release/ccc-run links LLVM; the GPU machine cannot run it" >&2
+  exit 1
+fi
+gpu_tests=$(cargo test --release -p ccc-runtime --test gpu --no-run --message-format=json |
+  python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "gpu" and m.get("executable"):
+        print(m["executable"])')
+[ -x "$gpu_tests" ] || { echo "gpu-prepare: could not find the GPU test binary" >&2; exit 1; }
+cargo build --release --bin ccc
+
+rm -rf "$carry"
+mkdir -p "$carry/libs"
+cp target/release/ccc-run "$carry/ccc-run"
+cp "$gpu_tests" "$carry/runtime-gpu-tests"
+
+shopt -s nullglob
+examples=(examples/*.attn)
+if [ ${#examples[@]} -eq 0 ]; then
+  echo "gpu-prepare: no examples/*.attn to compile" >&2
+  exit 1
+fi
+failed=()
+for file in "${examples[@]}"; do
+  name=$(basename "$file" .attn)
+  if ! ./target/release/ccc compile "$file" -o "$carry/libs/$name"; then
+    failed+=("$file")
+  fi
+done
+
+echo "gpu-prepare: $carry holds:"
+ls -l "$carry"
+find "$carry/libs" -name manifest.json | sort | sed 's|/manifest.json$||; s|^|  library |'
+du -sh "$carry"
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "gpu-prepare: ccc compile failed for: ${failed[*]}" >&2
+  exit 1
+fi

@@ -1,0 +1,469 @@
+//! The manifest of a compiled kernel library (`manifest.json` next to the PTX).
+//!
+//! Codegen writes it; the Rust runtime (`ccc-runtime`) and any other loader read it. It says
+//! everything a loader needs without knowing the compiler: which kernels to launch in which order,
+//! with which parameters in ABI order, on which grid, and every buffer's dtype, layout and size as a
+//! [`SizeExpr`] over the runtime sizes. docs/manifest.md describes the JSON field by field; keep
+//! the two in step and bump [`SCHEMA_VERSION`] on any change a version-1 reader would misread.
+
+use crate::ir::size::{SizeEnv, SizeExpr, SizeVar};
+use crate::spec::{AttentionSpec, DType, EntryPoint};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Component, Path};
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Hopper's dynamic shared memory limit per block (227 KB).
+pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 232_448;
+
+/// Shared memory a kernel may use without opting in through the function attribute.
+pub const DEFAULT_SHARED_LIMIT_BYTES: u32 = 48 * 1024;
+
+/// Threads per block allowed by every CUDA GPU.
+pub const MAX_THREADS_PER_BLOCK: u32 = 1024;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub schema_version: u32,
+    /// The `ccc` version that wrote the library (informational).
+    pub compiler_version: String,
+    /// The layer the library implements; loaders build the CPU reference from it.
+    pub spec: AttentionSpec,
+    /// The PTX target, e.g. `sm_90a`.
+    pub target: String,
+    /// The PTX file, relative to the manifest's directory.
+    pub ptx_file: String,
+    pub entry_points: Vec<EntryPointManifest>,
+    /// Every learned tensor the caller supplies, in `spec.params()` order.
+    pub weights: Vec<WeightManifest>,
+}
+
+/// One learned tensor: Hugging Face name, PyTorch shape (`nn.Linear` [out, in], `nn.Conv1d`
+/// [out, in / groups, K]), and the dtype the kernels read it in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightManifest {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: TensorDType,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryPointManifest {
+    pub entry: EntryPoint,
+    /// Launched in this order on one stream; each kernel sees the previous ones' writes.
+    pub kernels: Vec<KernelManifest>,
+    /// Every buffer a kernel of this entry point names.
+    pub buffers: Vec<BufferManifest>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KernelManifest {
+    /// The `.entry` name in the PTX.
+    pub symbol: String,
+    /// Kernel parameters in ABI order.
+    pub params: Vec<KernelParamManifest>,
+    /// Blocks in x, y, z.
+    pub grid: [SizeExpr; 3],
+    /// Threads in x, y, z.
+    pub block: [u32; 3],
+    pub dynamic_shared_bytes: u32,
+    /// Resource use reported by `ptxas -v` when codegen ran it.
+    pub ptxas: Option<PtxasStats>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PtxasStats {
+    pub registers: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    /// Static shared memory.
+    pub shared_bytes: u32,
+}
+
+/// One kernel parameter: a device pointer to a named buffer, or a runtime size passed as `u32`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum KernelParamManifest {
+    Buffer { name: String },
+    Size { var: SizeVar },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferManifest {
+    pub name: String,
+    pub role: BufferRole,
+    pub dtype: TensorDType,
+    /// Logical shape, outermost first.
+    pub shape: Vec<SizeExpr>,
+    /// How the shape is laid out in memory, e.g. `BSHD` (row-major over [B, S, H, D]) or
+    /// `row_major`. Always dense: no padding between rows.
+    pub layout: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferRole {
+    /// Supplied by the caller, read only.
+    Input,
+    /// Allocated by the runtime and returned to the caller.
+    Output,
+    /// One of the manifest's `weights`, supplied by the caller.
+    Weight,
+    /// Written by one kernel and read by a later one (q̃, k̃, v, o); loaders may return it for
+    /// checking against the reference.
+    Intermediate,
+    /// Kernel-private or saved-for-later data (e.g. the log-sum-exp `lse`).
+    Scratch,
+}
+
+impl BufferRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            BufferRole::Input => "input",
+            BufferRole::Output => "output",
+            BufferRole::Weight => "weight",
+            BufferRole::Intermediate => "intermediate",
+            BufferRole::Scratch => "scratch",
+        }
+    }
+    /// Whether the caller provides the buffer (the runtime allocates all others).
+    pub fn is_caller_supplied(self) -> bool {
+        matches!(self, BufferRole::Input | BufferRole::Weight)
+    }
+}
+
+/// Element type of a buffer: the spec's storage dtypes plus f32 for statistics like `lse`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TensorDType {
+    Bf16,
+    F16,
+    F32,
+}
+
+impl TensorDType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            TensorDType::Bf16 | TensorDType::F16 => 2,
+            TensorDType::F32 => 4,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TensorDType::Bf16 => "bf16",
+            TensorDType::F16 => "f16",
+            TensorDType::F32 => "f32",
+        }
+    }
+}
+
+impl From<DType> for TensorDType {
+    fn from(dtype: DType) -> TensorDType {
+        match dtype {
+            DType::Bf16 => TensorDType::Bf16,
+            DType::F16 => TensorDType::F16,
+        }
+    }
+}
+
+impl Manifest {
+    /// A version-1 manifest for sm_90a written by this compiler: the weights list follows from
+    /// `spec`, the rest is the caller's.
+    pub fn new(
+        spec: AttentionSpec,
+        ptx_file: impl Into<String>,
+        entry_points: Vec<EntryPointManifest>,
+    ) -> Manifest {
+        Manifest {
+            schema_version: SCHEMA_VERSION,
+            compiler_version: env!("CARGO_PKG_VERSION").to_string(),
+            weights: Manifest::weights_for(&spec),
+            spec,
+            target: "sm_90a".to_string(),
+            ptx_file: ptx_file.into(),
+            entry_points,
+        }
+    }
+
+    /// The weights list every manifest for `spec` must carry: `spec.params()` in the spec's dtype.
+    pub fn weights_for(spec: &AttentionSpec) -> Vec<WeightManifest> {
+        spec.params()
+            .into_iter()
+            .map(|p| WeightManifest {
+                name: p.name,
+                shape: p.shape,
+                dtype: spec.dtype.into(),
+            })
+            .collect()
+    }
+
+    /// Parses and validates. The schema version is checked before the rest, so that a manifest
+    /// from a newer compiler is reported as such rather than as a field error.
+    pub fn from_json(text: &str) -> Result<Manifest, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("manifest is not valid JSON: {e}"))?;
+        match value.get("schema_version").map(|v| v.as_u64()) {
+            None => return Err("manifest has no schema_version".into()),
+            Some(Some(v)) if v == u64::from(SCHEMA_VERSION) => {}
+            Some(Some(v)) => {
+                return Err(format!(
+                    "unknown manifest schema version {v}: this build reads version {SCHEMA_VERSION}"
+                ));
+            }
+            Some(None) => return Err("manifest schema_version is not an unsigned integer".into()),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| format!("malformed manifest: {e}"))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a manifest always serialises")
+    }
+
+    pub fn entry_point(&self, entry: EntryPoint) -> Option<&EntryPointManifest> {
+        self.entry_points.iter().find(|e| e.entry == entry)
+    }
+
+    /// Checks everything a loader relies on; the message names the offending item.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.schema_version != SCHEMA_VERSION {
+            return Err(format!(
+                "unknown manifest schema version {}: this build reads version {SCHEMA_VERSION}",
+                self.schema_version
+            ));
+        }
+        self.spec
+            .validate()
+            .map_err(|e| format!("manifest spec is invalid: {e}"))?;
+        if !self.target.starts_with("sm_") {
+            return Err(format!(
+                "target `{}` is not a CUDA architecture like sm_90a",
+                self.target
+            ));
+        }
+        let ptx = Path::new(&self.ptx_file);
+        if self.ptx_file.is_empty()
+            || !ptx
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(format!(
+                "ptx_file `{}` must be a relative path inside the library directory",
+                self.ptx_file
+            ));
+        }
+        let expected_weights = Manifest::weights_for(&self.spec);
+        if self.weights != expected_weights {
+            return Err(format!(
+                "weights must be the spec's parameters in order, in {}: expected [{}], got [{}]",
+                self.spec.dtype.name(),
+                describe_weights(&expected_weights),
+                describe_weights(&self.weights)
+            ));
+        }
+        let mut seen_entries = BTreeSet::new();
+        let mut seen_symbols = BTreeSet::new();
+        for entry in &self.entry_points {
+            let name = entry.entry.name();
+            if !seen_entries.insert(entry.entry) {
+                return Err(format!("entry point `{name}` is listed twice"));
+            }
+            if !self.spec.emits(entry.entry) {
+                return Err(format!(
+                    "entry point `{name}` is not in the spec's emit list"
+                ));
+            }
+            entry
+                .validate(self)
+                .map_err(|e| format!("entry point `{name}`: {e}"))?;
+            for kernel in &entry.kernels {
+                if !seen_symbols.insert(kernel.symbol.as_str()) {
+                    return Err(format!("kernel symbol `{}` is used twice", kernel.symbol));
+                }
+            }
+        }
+        for entry in &self.spec.entry_points {
+            if !seen_entries.contains(entry) {
+                return Err(format!(
+                    "the spec emits `{}` but the manifest lacks it",
+                    entry.name()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn describe_weights(weights: &[WeightManifest]) -> String {
+    weights
+        .iter()
+        .map(|w| format!("{} {:?} {}", w.name, w.shape, w.dtype.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl WeightManifest {
+    /// The entry-point buffer through which kernels read this weight.
+    pub fn as_buffer(&self) -> BufferManifest {
+        BufferManifest {
+            name: self.name.clone(),
+            role: BufferRole::Weight,
+            dtype: self.dtype,
+            shape: self.shape.iter().map(|&d| SizeExpr::from(d)).collect(),
+            layout: "row_major".to_string(),
+        }
+    }
+}
+
+impl EntryPointManifest {
+    pub fn buffer(&self, name: &str) -> Option<&BufferManifest> {
+        self.buffers.iter().find(|b| b.name == name)
+    }
+
+    fn validate(&self, manifest: &Manifest) -> Result<(), String> {
+        let mut names = BTreeMap::new();
+        for buffer in &self.buffers {
+            if names.insert(buffer.name.as_str(), buffer).is_some() {
+                return Err(format!("buffer `{}` is declared twice", buffer.name));
+            }
+            buffer
+                .validate(manifest)
+                .map_err(|e| format!("buffer `{}`: {e}", buffer.name))?;
+        }
+        if self.entry == EntryPoint::Forward {
+            let spec = &manifest.spec;
+            let token_shape = vec![
+                SizeExpr::batch(),
+                SizeExpr::seq_len(),
+                SizeExpr::from(spec.model_dim),
+            ];
+            for (name, role) in [("x", BufferRole::Input), ("out", BufferRole::Output)] {
+                let expected = BufferManifest {
+                    name: name.to_string(),
+                    role,
+                    dtype: spec.dtype.into(),
+                    shape: token_shape.clone(),
+                    layout: "BSE".to_string(),
+                };
+                match names.get(name) {
+                    Some(&found) if *found == expected => {}
+                    Some(found) => {
+                        return Err(format!(
+                            "buffer `{name}` must be {} {} [B, S, {}] in layout BSE, got {} {} {} in layout {}",
+                            role.name(),
+                            spec.dtype.name(),
+                            spec.model_dim,
+                            found.role.name(),
+                            found.dtype.name(),
+                            format_shape(&found.shape),
+                            found.layout
+                        ));
+                    }
+                    None => return Err(format!("the forward pass needs a buffer `{name}`")),
+                }
+            }
+        }
+        if self.kernels.is_empty() {
+            return Err("no kernels".into());
+        }
+        for kernel in &self.kernels {
+            kernel
+                .validate(&names)
+                .map_err(|e| format!("kernel `{}`: {e}", kernel.symbol))?;
+        }
+        Ok(())
+    }
+}
+
+impl BufferManifest {
+    /// Elements for one call, or `None` on overflow.
+    pub fn elements(&self, env: &SizeEnv) -> Option<u64> {
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, dim| acc.checked_mul(dim.eval(env)?))
+    }
+
+    fn validate(&self, manifest: &Manifest) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("empty name".into());
+        }
+        if self.shape.is_empty() {
+            return Err("shape has no dimensions".into());
+        }
+        if self.layout.is_empty() {
+            return Err("empty layout".into());
+        }
+        if self.role == BufferRole::Weight {
+            let Some(weight) = manifest.weights.iter().find(|w| w.name == self.name) else {
+                return Err("role weight, but no weight of that name in the manifest".into());
+            };
+            let shape: Vec<SizeExpr> = weight.shape.iter().map(|&d| SizeExpr::from(d)).collect();
+            if shape != self.shape || weight.dtype != self.dtype {
+                return Err(format!(
+                    "must match weight {} {:?}, got {} {}",
+                    weight.dtype.name(),
+                    weight.shape,
+                    self.dtype.name(),
+                    format_shape(&self.shape)
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl KernelManifest {
+    fn validate(&self, buffers: &BTreeMap<&str, &BufferManifest>) -> Result<(), String> {
+        let mut chars = self.symbol.chars();
+        let identifier = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$');
+        if !identifier {
+            return Err("the symbol is not a PTX identifier".into());
+        }
+        for (index, param) in self.params.iter().enumerate() {
+            if let KernelParamManifest::Buffer { name } = param
+                && !buffers.contains_key(name.as_str())
+            {
+                return Err(format!("parameter {index} names a missing buffer `{name}`"));
+            }
+        }
+        if self.block.contains(&0) {
+            return Err(format!("block {:?} has a zero dimension", self.block));
+        }
+        let threads = self
+            .block
+            .iter()
+            .try_fold(1u32, |acc, &d| acc.checked_mul(d));
+        if threads.is_none_or(|t| t > MAX_THREADS_PER_BLOCK) {
+            return Err(format!(
+                "block {:?} exceeds {MAX_THREADS_PER_BLOCK} threads",
+                self.block
+            ));
+        }
+        if self.dynamic_shared_bytes > MAX_DYNAMIC_SHARED_BYTES {
+            return Err(format!(
+                "dynamic shared memory {} bytes exceeds the {MAX_DYNAMIC_SHARED_BYTES}-byte limit",
+                self.dynamic_shared_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[B, S, 2048]`: how shapes appear in messages.
+pub fn format_shape(shape: &[SizeExpr]) -> String {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    format!("[{}]", dims.join(", "))
+}

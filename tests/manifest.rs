@@ -1,0 +1,315 @@
+//! The manifest's JSON form and its validation errors.
+
+use ccc::ir::size::{SizeEnv, SizeExpr, SizeVar};
+use ccc::manifest::{
+    BufferManifest, BufferRole, EntryPointManifest, KernelManifest, KernelParamManifest, Manifest,
+    PtxasStats, SCHEMA_VERSION, TensorDType,
+};
+use ccc::spec::{AttentionSpec, EntryPoint};
+
+fn buffer(
+    name: &str,
+    role: BufferRole,
+    dtype: TensorDType,
+    shape: Vec<SizeExpr>,
+    layout: &str,
+) -> BufferManifest {
+    BufferManifest {
+        name: name.into(),
+        role,
+        dtype,
+        shape,
+        layout: layout.into(),
+    }
+}
+
+fn param(name: &str) -> KernelParamManifest {
+    KernelParamManifest::Buffer { name: name.into() }
+}
+
+/// The three-kernel forward pass of a GQA layer, as codegen would describe it.
+fn gqa_manifest() -> Manifest {
+    let spec = AttentionSpec::plain("gqa", 64, 16, 4, 2);
+    let (b, s) = (SizeExpr::batch(), SizeExpr::seq_len());
+    let bf16 = TensorDType::Bf16;
+    let bshd = |heads: usize| vec![b.clone(), s.clone(), heads.into(), 16usize.into()];
+    let mut buffers = vec![
+        buffer(
+            "x",
+            BufferRole::Input,
+            bf16,
+            vec![b.clone(), s.clone(), 64usize.into()],
+            "BSE",
+        ),
+        buffer(
+            "out",
+            BufferRole::Output,
+            bf16,
+            vec![b.clone(), s.clone(), 64usize.into()],
+            "BSE",
+        ),
+        buffer("q", BufferRole::Intermediate, bf16, bshd(4), "BSHD"),
+        buffer("k", BufferRole::Intermediate, bf16, bshd(2), "BSHD"),
+        buffer("v", BufferRole::Intermediate, bf16, bshd(2), "BSHD"),
+        buffer("o", BufferRole::Intermediate, bf16, bshd(4), "BSHD"),
+        buffer(
+            "lse",
+            BufferRole::Scratch,
+            TensorDType::F32,
+            vec![b.clone(), 4usize.into(), s.clone()],
+            "BHS",
+        ),
+    ];
+    buffers.extend(Manifest::weights_for(&spec).iter().map(|w| w.as_buffer()));
+    let sizes = || {
+        vec![
+            KernelParamManifest::Size {
+                var: SizeVar::Batch,
+            },
+            KernelParamManifest::Size {
+                var: SizeVar::SeqLen,
+            },
+        ]
+    };
+    let kernel = |symbol: &str, names: &[&str], grid: [SizeExpr; 3]| KernelManifest {
+        symbol: symbol.into(),
+        params: names.iter().map(|n| param(n)).chain(sizes()).collect(),
+        grid,
+        block: [128, 1, 1],
+        dynamic_shared_bytes: 0,
+        ptxas: None,
+    };
+    let mut attention = kernel(
+        "gqa_attention",
+        &["q", "k", "v", "o", "lse"],
+        [s.clone().ceil_div(64), SizeExpr::c(4), b.clone()],
+    );
+    attention.dynamic_shared_bytes = 64 * 1024;
+    attention.ptxas = Some(PtxasStats {
+        registers: 168,
+        spill_stores: 0,
+        spill_loads: 0,
+        shared_bytes: 0,
+    });
+    let kernels = vec![
+        kernel(
+            "gqa_qkv_proj",
+            &[
+                "x",
+                "q_proj.weight",
+                "k_proj.weight",
+                "v_proj.weight",
+                "q",
+                "k",
+                "v",
+            ],
+            [s.clone().ceil_div(64), b.clone(), SizeExpr::c(2)],
+        ),
+        attention,
+        kernel(
+            "gqa_out_proj",
+            &["o", "o_proj.weight", "out"],
+            [
+                (b.clone() * s.clone()).ceil_div(64),
+                SizeExpr::c(1),
+                SizeExpr::c(1),
+            ],
+        ),
+    ];
+    let mut manifest = Manifest::new(
+        spec,
+        "gqa.ptx",
+        vec![EntryPointManifest {
+            entry: EntryPoint::Forward,
+            kernels,
+            buffers,
+        }],
+    );
+    manifest.compiler_version = "0.1.0".into();
+    manifest
+}
+
+/// Serialises, lets `edit` change the JSON tree, and returns the loader's error.
+fn error_after(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
+    edit(&mut value);
+    Manifest::from_json(&value.to_string()).expect_err("the edited manifest must be rejected")
+}
+
+fn forward(value: &mut serde_json::Value) -> &mut serde_json::Value {
+    &mut value["entry_points"][0]
+}
+
+#[test]
+fn json_round_trip_is_lossless() {
+    let manifest = gqa_manifest();
+    manifest.validate().unwrap();
+    assert_eq!((manifest.schema_version, manifest.target.as_str()), (SCHEMA_VERSION, "sm_90a"));
+    let text = manifest.to_json();
+    assert_eq!(Manifest::from_json(&text).unwrap(), manifest);
+}
+
+#[test]
+fn json_form_stays_simple_for_other_loaders() {
+    let value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
+    let attention = &value["entry_points"][0]["kernels"][1];
+    assert_eq!(value["schema_version"], 1);
+    assert_eq!(value["entry_points"][0]["entry"], "forward");
+    assert_eq!(
+        attention["params"][0],
+        serde_json::json!({"kind": "buffer", "name": "q"})
+    );
+    assert_eq!(
+        attention["params"][5],
+        serde_json::json!({"kind": "size", "var": "B"})
+    );
+    assert_eq!(
+        attention["grid"][0],
+        serde_json::json!({"ceil_div": [{"var": "S"}, 64]})
+    );
+    assert_eq!(attention["grid"][1], serde_json::json!({"const": 4}));
+    assert_eq!(attention["ptxas"]["registers"], 168);
+    let lse = &value["entry_points"][0]["buffers"][6];
+    assert_eq!(lse["dtype"], "f32");
+    assert_eq!(lse["role"], "scratch");
+    assert_eq!(
+        value["weights"][0],
+        serde_json::json!({"name": "q_proj.weight", "shape": [64, 64], "dtype": "bf16"})
+    );
+}
+
+#[test]
+fn buffer_sizes_evaluate_per_call() {
+    let manifest = gqa_manifest();
+    let forward = manifest.entry_point(EntryPoint::Forward).unwrap();
+    let env = SizeEnv {
+        batch: 3,
+        seq_len: 17,
+    };
+    assert_eq!(
+        forward.buffer("q").unwrap().elements(&env),
+        Some(3 * 17 * 4 * 16)
+    );
+    assert_eq!(
+        forward.buffer("lse").unwrap().elements(&env),
+        Some(3 * 4 * 17)
+    );
+    assert_eq!(
+        forward.buffer("o_proj.weight").unwrap().elements(&env),
+        Some(64 * 64)
+    );
+}
+
+#[test]
+fn unknown_schema_version_is_named_before_anything_else() {
+    let err = error_after(|v| {
+        v["schema_version"] = 2.into();
+        v["some_field_of_version_2"] = true.into();
+    });
+    assert_eq!(
+        err,
+        "unknown manifest schema version 2: this build reads version 1"
+    );
+    let err = error_after(|v| {
+        v.as_object_mut().unwrap().remove("schema_version");
+    });
+    assert_eq!(err, "manifest has no schema_version");
+}
+
+#[test]
+fn kernel_param_naming_a_missing_buffer_is_rejected() {
+    let err = error_after(|v| forward(v)["kernels"][2]["params"][1]["name"] = "w_o".into());
+    assert_eq!(
+        err,
+        "entry point `forward`: kernel `gqa_out_proj`: parameter 1 names a missing buffer `w_o`"
+    );
+}
+
+#[test]
+fn weights_must_be_the_spec_parameters() {
+    let err = error_after(|v| v["weights"][1]["shape"] = serde_json::json!([32, 65]));
+    assert!(err.starts_with("weights must be the spec's parameters in order, in bf16: expected [q_proj.weight [64, 64] bf16, k_proj.weight [32, 64] bf16"), "{err}");
+    assert!(
+        err.contains("got [q_proj.weight [64, 64] bf16, k_proj.weight [32, 65] bf16"),
+        "{err}"
+    );
+}
+
+#[test]
+fn weight_buffers_must_match_their_weight() {
+    let err = error_after(|v| forward(v)["buffers"][7]["dtype"] = "f32".into());
+    assert_eq!(
+        err,
+        "entry point `forward`: buffer `q_proj.weight`: must match weight bf16 [64, 64], got f32 [64, 64]"
+    );
+    let err = error_after(|v| forward(v)["buffers"][7]["name"] = "q_weight".into());
+    assert!(
+        err.contains("buffer `q_weight`: role weight, but no weight of that name"),
+        "{err}"
+    );
+}
+
+#[test]
+fn forward_input_and_output_contract_is_enforced() {
+    let err =
+        error_after(|v| forward(v)["buffers"][0]["shape"][2] = serde_json::json!({"const": 63}));
+    assert_eq!(
+        err,
+        "entry point `forward`: buffer `x` must be input bf16 [B, S, 64] in layout BSE, got input bf16 [B, S, 63] in layout BSE"
+    );
+    let err = error_after(|v| {
+        forward(v)["buffers"].as_array_mut().unwrap().remove(1);
+    });
+    assert_eq!(
+        err,
+        "entry point `forward`: the forward pass needs a buffer `out`"
+    );
+}
+
+#[test]
+fn structural_errors_name_the_item() {
+    let err = error_after(|v| forward(v)["kernels"][1]["symbol"] = "gqa_qkv_proj".into());
+    assert_eq!(err, "kernel symbol `gqa_qkv_proj` is used twice");
+    let err = error_after(|v| forward(v)["kernels"][0]["block"] = serde_json::json!([64, 32, 1]));
+    assert_eq!(
+        err,
+        "entry point `forward`: kernel `gqa_qkv_proj`: block [64, 32, 1] exceeds 1024 threads"
+    );
+    let err = error_after(|v| forward(v)["kernels"][1]["dynamic_shared_bytes"] = 300_000.into());
+    assert!(
+        err.contains("dynamic shared memory 300000 bytes exceeds"),
+        "{err}"
+    );
+    let err = error_after(|v| forward(v)["buffers"][3]["name"] = "q".into());
+    assert_eq!(err, "entry point `forward`: buffer `q` is declared twice");
+    let err = error_after(|v| v["ptx_file"] = "../elsewhere.ptx".into());
+    assert!(
+        err.starts_with("ptx_file `../elsewhere.ptx` must be a relative path"),
+        "{err}"
+    );
+    let err = error_after(|v| v["entry_points"][0]["entry"] = "decode".into());
+    assert_eq!(err, "entry point `decode` is not in the spec's emit list");
+    let err = error_after(|v| v["entry_points"] = serde_json::json!([]));
+    assert_eq!(err, "the spec emits `forward` but the manifest lacks it");
+}
+
+#[test]
+fn malformed_json_is_an_error_not_a_panic() {
+    assert!(
+        Manifest::from_json("{")
+            .unwrap_err()
+            .starts_with("manifest is not valid JSON")
+    );
+    let err = error_after(|v| {
+        forward(v)["kernels"][0]["params"][0] = serde_json::json!({"kind": "pointer"})
+    });
+    assert!(
+        err.starts_with("malformed manifest: unknown variant `pointer`"),
+        "{err}"
+    );
+    let err = error_after(|v| v["extra"] = 1.into());
+    assert!(
+        err.starts_with("malformed manifest: unknown field `extra`"),
+        "{err}"
+    );
+}
