@@ -2,4 +2,5 @@
 //! (which kernels run, with their buffers and grids) and kernel IR (one tile-level function per
 //! kernel), each with a verifier and a printer. docs/architecture.md describes the levels.
 
+pub mod kernel;
 pub mod size;

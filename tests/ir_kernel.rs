@@ -1,0 +1,142 @@
+//! Kernel IR: the interpreter against a per-token f64 implementation of the semantics, the
+//! printed IR of the forward kernels (insta), and the verifier on broken functions.
+
+mod ir_kernel_common;
+
+use ccc::ir::kernel::interp::{ForwardOutputs, Rounding, run_forward, run_forward_with};
+use ccc::ir::kernel::{ForwardKernel, Schedule, build_forward, default_schedule};
+use ccc::spec::*;
+use ir_kernel_common::*;
+
+const TOLERANCE: f64 = 1e-10;
+
+fn check_against_reference(spec: &AttentionSpec, outputs: &ForwardOutputs, reference: &Reference, what: &str) {
+    for (name, got, want) in [
+        ("q", &outputs.q, &reference.q),
+        ("k", &outputs.k, &reference.k),
+        ("v", &outputs.v, &reference.v),
+        ("o", &outputs.o, &reference.o),
+        ("lse", &outputs.lse, &reference.lse),
+        ("out", &outputs.out, &reference.out),
+    ] {
+        let err = relative_error(got, want);
+        assert!(err <= TOLERANCE, "{what}: {name} relative error {err:e} > {TOLERANCE:e} for {spec:#?}");
+    }
+}
+
+/// Small tiles: more tiles per sequence, so tile edges, halos and block skipping all happen.
+fn small_schedules(spec: &AttentionSpec) -> [Schedule; 3] {
+    let d = spec.head_dim as u32;
+    [
+        Schedule { block_m: 16, block_n: d, block_k: 16, warps: 1 },
+        Schedule { block_m: 16, block_n: 16, block_k: d, warps: 1 },
+        Schedule { block_m: 16, block_n: 16, block_k: 16, warps: 1 },
+    ]
+}
+
+#[test]
+fn zaya1_like_small_specs_match_the_reference() {
+    let specs = [
+        zaya1_like("zaya_small", 64, 16, 4, 2),
+        zaya1_like("zaya_d32", 128, 32, 8, 2),
+        AttentionSpec { value_shift: 2, ..zaya1_like("zaya_all_shifted", 64, 16, 4, 2) },
+        AttentionSpec { bias: true, key_temperature: KeyTemperature::LearnedExp, ..zaya1_like("zaya_bias", 96, 32, 2, 1) },
+    ];
+    let mut rng = Rng::new(7);
+    for spec in &specs {
+        let weights = random_weights(spec, &mut rng);
+        for (batch, seq_len) in [(1, 1), (2, 17), (1, 65), (2, 129)] {
+            let x = random_input(spec, batch, seq_len, &mut rng);
+            let reference = reference(spec, &weights, &x, batch, seq_len);
+            let outputs = run_forward(spec, &weights, &x, batch, seq_len).unwrap();
+            check_against_reference(spec, &outputs, &reference, &format!("{} B={batch} S={seq_len}", spec.name));
+            let small = run_forward_with(spec, &weights, &x, batch, seq_len, small_schedules(spec), Rounding::Exact)
+                .unwrap();
+            check_against_reference(spec, &small, &reference, &format!("{} small tiles", spec.name));
+        }
+    }
+}
+
+/// Random specs: `count` of them from `seed`, each at one (B, S), alternating default and small
+/// tile schedules.
+fn random_specs_match(seed: u64, count: usize) {
+    let mut rng = Rng::new(seed);
+    for index in 0..count {
+        let spec = random_spec(&mut rng, index);
+        let weights = random_weights(&spec, &mut rng);
+        let batch = rng.range(1, 2);
+        let seq_len = rng.pick(&[1, 17, 63, 64, 65, 129]);
+        let x = random_input(&spec, batch, seq_len, &mut rng);
+        let reference = reference(&spec, &weights, &x, batch, seq_len);
+        let outputs = if index % 2 == 0 {
+            run_forward(&spec, &weights, &x, batch, seq_len)
+        } else {
+            run_forward_with(&spec, &weights, &x, batch, seq_len, small_schedules(&spec), Rounding::Exact)
+        }
+        .unwrap_or_else(|e| panic!("{e}\n{spec:#?}"));
+        check_against_reference(&spec, &outputs, &reference, &format!("seed {seed} spec {index} B={batch} S={seq_len}"));
+    }
+}
+
+#[test]
+fn random_specs_match_the_reference_part_1() {
+    random_specs_match(1, 70);
+}
+
+#[test]
+fn random_specs_match_the_reference_part_2() {
+    random_specs_match(2, 70);
+}
+
+#[test]
+fn random_specs_match_the_reference_part_3() {
+    random_specs_match(3, 70);
+}
+
+#[test]
+fn storage_rounding_stays_within_bf16_error() {
+    let spec = zaya1_like("zaya_small", 64, 16, 4, 2);
+    let mut rng = Rng::new(11);
+    let weights = random_weights(&spec, &mut rng);
+    let x = random_input(&spec, 1, 65, &mut rng);
+    let reference = reference(&spec, &weights, &x, 1, 65);
+    let schedules = ForwardKernel::ALL.map(|k| default_schedule(&spec, k).unwrap());
+    let rounded = run_forward_with(&spec, &weights, &x, 1, 65, schedules, Rounding::Storage).unwrap();
+    let err = relative_error(&rounded.out, &reference.out);
+    // bf16 keeps 8 bits: a few roundings deep the error is ~1e-2, far from exact and far from wrong.
+    assert!(err > 1e-5 && err < 5e-2, "rounded out error {err:e}");
+}
+
+#[test]
+fn default_schedules_fit_head_dims_up_to_256() {
+    for d in [16, 32, 64, 128, 256] {
+        let spec = AttentionSpec {
+            qk_conv: vec![
+                ConvStage { kind: ConvKind::Depthwise, width: 4 },
+                ConvStage { kind: ConvKind::PerHead, width: 4 },
+                ConvStage { kind: ConvKind::PerHead, width: 3 },
+            ],
+            ..zaya1_like("wide", 2048, d, 8, 2)
+        };
+        for which in ForwardKernel::ALL {
+            let schedule = default_schedule(&spec, which).unwrap_or_else(|e| panic!("d = {d}: {e}"));
+            let kernel = build_forward(&spec, which, &schedule).unwrap();
+            assert!(kernel.shared_bytes() <= 227 * 1024, "d = {d}: {} bytes", kernel.shared_bytes());
+        }
+    }
+}
+
+#[test]
+fn schedules_that_do_not_fit_are_rejected() {
+    let spec = zaya1_like("zaya1", 2048, 256, 8, 2);
+    let huge = Schedule { block_m: 256, block_n: 256, block_k: 64, warps: 4 };
+    let err = build_forward(&spec, ForwardKernel::QkvProjection, &huge).unwrap_err();
+    assert!(err.contains("exceeds the 232448-byte limit"), "{err}");
+    let halo_only = Schedule { block_m: 16, block_n: 256, block_k: 32, warps: 1 };
+    let deep = AttentionSpec {
+        qk_conv: vec![ConvStage { kind: ConvKind::Depthwise, width: 17 }],
+        ..spec.clone()
+    };
+    let err = build_forward(&deep, ForwardKernel::QkvProjection, &halo_only).unwrap_err();
+    assert!(err.contains("no output rows"), "{err}");
+}
