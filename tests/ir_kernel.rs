@@ -140,3 +140,28 @@ fn schedules_that_do_not_fit_are_rejected() {
     let err = build_forward(&deep, ForwardKernel::QkvProjection, &halo_only).unwrap_err();
     assert!(err.contains("no output rows"), "{err}");
 }
+
+fn zaya1() -> AttentionSpec {
+    zaya1_like("zaya1", 2048, 128, 8, 2)
+}
+
+fn printed(spec: &AttentionSpec, which: ForwardKernel) -> String {
+    let schedule = default_schedule(spec, which).unwrap();
+    build_forward(spec, which, &schedule).unwrap().to_string()
+}
+
+#[test]
+fn zaya1_kernels_print_stably() {
+    let spec = zaya1();
+    insta::assert_snapshot!("zaya1_qkv_proj", printed(&spec, ForwardKernel::QkvProjection));
+    insta::assert_snapshot!("zaya1_attention", printed(&spec, ForwardKernel::Attention));
+    insta::assert_snapshot!("zaya1_out_proj", printed(&spec, ForwardKernel::OutputProjection));
+}
+
+#[test]
+fn mha_kernels_print_stably() {
+    let spec = AttentionSpec::plain("mha", 2048, 128, 16, 16);
+    insta::assert_snapshot!("mha_qkv_proj", printed(&spec, ForwardKernel::QkvProjection));
+    insta::assert_snapshot!("mha_attention", printed(&spec, ForwardKernel::Attention));
+    insta::assert_snapshot!("mha_out_proj", printed(&spec, ForwardKernel::OutputProjection));
+}

@@ -1,3 +1,6 @@
+// Each test crate that includes this module uses only part of it.
+#![allow(dead_code)]
+
 //! Shared by the kernel IR tests: a small deterministic generator, random weights, and a
 //! straightforward per-token f64 implementation of language.md's forward semantics to judge the
 //! interpreter against.

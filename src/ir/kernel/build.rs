@@ -342,10 +342,14 @@ impl<'a> QkvBuilder<'a> {
         params.extend(size_params());
 
         let mut body = vec![
-            Stmt::Note(format!(
-                "CTA = {} output rows (+{} halo rows recomputed) of batch b for kv group j",
-                self.out_rows, self.halo
-            )),
+            Stmt::Note(if self.halo == 0 {
+                format!("CTA = {} rows of batch b for kv group j", self.out_rows)
+            } else {
+                format!(
+                    "CTA = {} output rows (+{} halo rows recomputed) of batch b for kv group j",
+                    self.out_rows, self.halo
+                )
+            }),
             let_("row_tile", Expr::BlockIdx(Axis::X)),
             let_("b", Expr::BlockIdx(Axis::Y)),
             let_("j", Expr::BlockIdx(Axis::Z)),
@@ -373,7 +377,7 @@ impl<'a> QkvBuilder<'a> {
         let query_weight = self.name(ParamRole::QueryProj);
         let query_rows = var("h") * int(d);
         query_pass.extend(self.head_pass(HeadKind::Query, &query_weight, query_rows));
-        body.push(Stmt::Note(format!("the {g} query heads of group j")));
+        body.push(Stmt::Note(format!("query heads h of group j (G = {g})")));
         body.push(for_("s", int(0), int(g), query_pass));
         body.push(Stmt::Note("key head j".into()));
         body.extend(self.head_pass(HeadKind::Key, &key_weight, key_rows));

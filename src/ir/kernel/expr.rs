@@ -78,6 +78,7 @@ pub enum Expr {
     Row,
     Col,
     /// Inside `Map`: the destination's old value; inside `RowReduce`: the source element.
+    /// Printed `elem`.
     Elem,
     /// A tile element by position in the tile (shared tiles: any position; register tiles: only
     /// the element being mapped).

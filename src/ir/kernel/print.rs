@@ -149,7 +149,7 @@ impl KernelFn {
                 self.expr(value)
             ),
             Stmt::Store { src, dst } => {
-                writeln!(out, "{pad}store {} -> {}", self.global(dst), self.view(src))
+                writeln!(out, "{pad}store {} -> {}", self.view(src), self.global(dst))
             }
             Stmt::Note(text) => writeln!(out, "{pad}// {text}"),
         };
@@ -207,7 +207,7 @@ impl KernelFn {
             Expr::Size(var) => var.symbol().to_string(),
             Expr::Row => "row".into(),
             Expr::Col => "col".into(),
-            Expr::Elem => "x".into(),
+            Expr::Elem => "elem".into(),
             Expr::Tile { tile, row, col } => {
                 let decl = self.tile(*tile);
                 if decl.ty.cols == 1 && **col == Expr::Int(0) {
