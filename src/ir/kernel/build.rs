@@ -499,13 +499,13 @@ impl<'a> QkvBuilder<'a> {
     /// The convolution stages over rows of the staged head; returns the tile holding the result.
     fn conv_stages(&self, out: &mut Vec<Stmt>, input: TileId, channel0: &Expr) -> TileId {
         let st = self.staged.as_ref().expect("convolutions run on staged tiles");
-        let names = self.spec.conv_stage_names();
         let mut src = input;
-        for (index, (stage, name)) in self.spec.qk_conv.iter().zip(names).enumerate() {
+        for (index, stage) in self.spec.qk_conv.iter().enumerate() {
             let dst = st.conv[index % 2];
             let k = stage.width as i64;
-            let weight = format!("{name}.weight");
-            let bias = Expr::global(&format!("{name}.bias"), vec![channel0.clone() + Expr::Col]);
+            let weight = self.name(ParamRole::ConvWeight { stage: index });
+            let bias_name = self.name(ParamRole::ConvBias { stage: index });
+            let bias = Expr::global(&bias_name, vec![channel0.clone() + Expr::Col]);
             let kind = match stage.kind {
                 ConvKind::Depthwise => "depthwise",
                 ConvKind::PerHead => "per_head",
@@ -589,7 +589,8 @@ impl<'a> QkvBuilder<'a> {
         let acc = self.tiles.whole(self.acc);
         let mut scale = Expr::Float((spec.head_dim as f64).sqrt());
         if kind == HeadKind::Key {
-            let temp = || Expr::global("qk_norm.temp", vec![var("j")]);
+            let temp_name = self.name(ParamRole::KeyTemperature);
+            let temp = || Expr::global(&temp_name, vec![var("j")]);
             match spec.key_temperature {
                 KeyTemperature::None => {}
                 KeyTemperature::Learned => scale = scale * temp(),
