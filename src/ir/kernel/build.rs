@@ -589,8 +589,7 @@ impl<'a> QkvBuilder<'a> {
         let acc = self.tiles.whole(self.acc);
         let mut scale = Expr::Float((spec.head_dim as f64).sqrt());
         if kind == HeadKind::Key {
-            let temp_name = self.name(ParamRole::KeyTemperature);
-            let temp = || Expr::global(&temp_name, vec![var("j")]);
+            let temp = || Expr::global(&self.name(ParamRole::KeyTemperature), vec![var("j")]);
             match spec.key_temperature {
                 KeyTemperature::None => {}
                 KeyTemperature::Learned => scale = scale * temp(),
