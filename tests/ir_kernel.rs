@@ -25,7 +25,10 @@ fn check_against_reference(
         ("out", &outputs.out, &reference.out.data),
     ] {
         let err = relative_error(got, want);
-        assert!(err <= TOLERANCE, "{what}: {name} relative error {err:e} > {TOLERANCE:e} for {spec:#?}");
+        assert!(
+            err <= TOLERANCE,
+            "{what}: {name} relative error {err:e} > {TOLERANCE:e} for {spec:#?}"
+        );
     }
 }
 
@@ -33,9 +36,24 @@ fn check_against_reference(
 fn small_schedules(spec: &AttentionSpec) -> [Schedule; 3] {
     let d = spec.head_dim as u32;
     [
-        Schedule { block_m: 16, block_n: d, block_k: 16, warps: 1 },
-        Schedule { block_m: 16, block_n: 16, block_k: d, warps: 1 },
-        Schedule { block_m: 16, block_n: 16, block_k: 16, warps: 1 },
+        Schedule {
+            block_m: 16,
+            block_n: d,
+            block_k: 16,
+            warps: 1,
+        },
+        Schedule {
+            block_m: 16,
+            block_n: 16,
+            block_k: d,
+            warps: 1,
+        },
+        Schedule {
+            block_m: 16,
+            block_n: 16,
+            block_k: 16,
+            warps: 1,
+        },
     ]
 }
 
@@ -44,8 +62,15 @@ fn zaya1_like_small_specs_match_the_reference() {
     let specs = [
         zaya1_like("zaya_small", 64, 16, 4, 2),
         zaya1_like("zaya_d32", 128, 32, 8, 2),
-        AttentionSpec { value_shift: 2, ..zaya1_like("zaya_all_shifted", 64, 16, 4, 2) },
-        AttentionSpec { bias: true, key_temperature: KeyTemperature::LearnedExp, ..zaya1_like("zaya_bias", 96, 32, 2, 1) },
+        AttentionSpec {
+            value_shift: 2,
+            ..zaya1_like("zaya_all_shifted", 64, 16, 4, 2)
+        },
+        AttentionSpec {
+            bias: true,
+            key_temperature: KeyTemperature::LearnedExp,
+            ..zaya1_like("zaya_bias", 96, 32, 2, 1)
+        },
     ];
     let mut rng = Rng::new(7);
     for spec in &specs {
@@ -54,10 +79,28 @@ fn zaya1_like_small_specs_match_the_reference() {
             let x = random_input(spec, batch, seq_len, &mut rng);
             let reference = reference(spec, &weights, &x, batch, seq_len);
             let outputs = run_forward(spec, &weights, &x, batch, seq_len).unwrap();
-            check_against_reference(spec, &outputs, &reference, &format!("{} B={batch} S={seq_len}", spec.name));
-            let small = run_forward_with(spec, &weights, &x, batch, seq_len, small_schedules(spec), Rounding::Exact)
-                .unwrap();
-            check_against_reference(spec, &small, &reference, &format!("{} small tiles", spec.name));
+            check_against_reference(
+                spec,
+                &outputs,
+                &reference,
+                &format!("{} B={batch} S={seq_len}", spec.name),
+            );
+            let small = run_forward_with(
+                spec,
+                &weights,
+                &x,
+                batch,
+                seq_len,
+                small_schedules(spec),
+                Rounding::Exact,
+            )
+            .unwrap();
+            check_against_reference(
+                spec,
+                &small,
+                &reference,
+                &format!("{} small tiles", spec.name),
+            );
         }
     }
 }
@@ -76,10 +119,23 @@ fn random_specs_match(seed: u64, count: usize) {
         let outputs = if index % 2 == 0 {
             run_forward(&spec, &weights, &x, batch, seq_len)
         } else {
-            run_forward_with(&spec, &weights, &x, batch, seq_len, small_schedules(&spec), Rounding::Exact)
+            run_forward_with(
+                &spec,
+                &weights,
+                &x,
+                batch,
+                seq_len,
+                small_schedules(&spec),
+                Rounding::Exact,
+            )
         }
         .unwrap_or_else(|e| panic!("{e}\n{spec:#?}"));
-        check_against_reference(&spec, &outputs, &reference, &format!("seed {seed} spec {index} B={batch} S={seq_len}"));
+        check_against_reference(
+            &spec,
+            &outputs,
+            &reference,
+            &format!("seed {seed} spec {index} B={batch} S={seq_len}"),
+        );
     }
 }
 
@@ -106,7 +162,8 @@ fn storage_rounding_stays_within_bf16_error() {
     let x = random_input(&spec, 1, 65, &mut rng);
     let reference = reference(&spec, &weights, &x, 1, 65);
     let schedules = ForwardKernel::ALL.map(|k| default_schedule(&spec, k).unwrap());
-    let rounded = run_forward_with(&spec, &weights, &x, 1, 65, schedules, Rounding::Storage).unwrap();
+    let rounded =
+        run_forward_with(&spec, &weights, &x, 1, 65, schedules, Rounding::Storage).unwrap();
     let err = relative_error(&rounded.out, &reference.out.data);
     // bf16 keeps 8 bits: a few roundings deep the error is ~1e-2, far from exact and far from wrong.
     assert!(err > 1e-5 && err < 5e-2, "rounded out error {err:e}");
@@ -117,16 +174,30 @@ fn default_schedules_fit_head_dims_up_to_256() {
     for d in [16, 32, 64, 128, 256] {
         let spec = AttentionSpec {
             qk_conv: vec![
-                ConvStage { kind: ConvKind::Depthwise, width: 4 },
-                ConvStage { kind: ConvKind::PerHead, width: 4 },
-                ConvStage { kind: ConvKind::PerHead, width: 3 },
+                ConvStage {
+                    kind: ConvKind::Depthwise,
+                    width: 4,
+                },
+                ConvStage {
+                    kind: ConvKind::PerHead,
+                    width: 4,
+                },
+                ConvStage {
+                    kind: ConvKind::PerHead,
+                    width: 3,
+                },
             ],
             ..zaya1_like("wide", 2048, d, 8, 2)
         };
         for which in ForwardKernel::ALL {
-            let schedule = default_schedule(&spec, which).unwrap_or_else(|e| panic!("d = {d}: {e}"));
+            let schedule =
+                default_schedule(&spec, which).unwrap_or_else(|e| panic!("d = {d}: {e}"));
             let kernel = build_forward(&spec, which, &schedule).unwrap();
-            assert!(kernel.shared_bytes() <= 227 * 1024, "d = {d}: {} bytes", kernel.shared_bytes());
+            assert!(
+                kernel.shared_bytes() <= 227 * 1024,
+                "d = {d}: {} bytes",
+                kernel.shared_bytes()
+            );
         }
     }
 }
@@ -134,12 +205,25 @@ fn default_schedules_fit_head_dims_up_to_256() {
 #[test]
 fn schedules_that_do_not_fit_are_rejected() {
     let spec = zaya1_like("zaya1", 2048, 256, 8, 2);
-    let huge = Schedule { block_m: 256, block_n: 256, block_k: 64, warps: 4 };
+    let huge = Schedule {
+        block_m: 256,
+        block_n: 256,
+        block_k: 64,
+        warps: 4,
+    };
     let err = build_forward(&spec, ForwardKernel::QkvProjection, &huge).unwrap_err();
     assert!(err.contains("exceeds the 232448-byte limit"), "{err}");
-    let halo_only = Schedule { block_m: 16, block_n: 256, block_k: 32, warps: 1 };
+    let halo_only = Schedule {
+        block_m: 16,
+        block_n: 256,
+        block_k: 32,
+        warps: 1,
+    };
     let deep = AttentionSpec {
-        qk_conv: vec![ConvStage { kind: ConvKind::Depthwise, width: 17 }],
+        qk_conv: vec![ConvStage {
+            kind: ConvKind::Depthwise,
+            width: 17,
+        }],
         ..spec.clone()
     };
     let err = build_forward(&deep, ForwardKernel::QkvProjection, &halo_only).unwrap_err();
@@ -158,9 +242,15 @@ fn printed(spec: &AttentionSpec, which: ForwardKernel) -> String {
 #[test]
 fn zaya1_kernels_print_stably() {
     let spec = zaya1();
-    insta::assert_snapshot!("zaya1_qkv_proj", printed(&spec, ForwardKernel::QkvProjection));
+    insta::assert_snapshot!(
+        "zaya1_qkv_proj",
+        printed(&spec, ForwardKernel::QkvProjection)
+    );
     insta::assert_snapshot!("zaya1_attention", printed(&spec, ForwardKernel::Attention));
-    insta::assert_snapshot!("zaya1_out_proj", printed(&spec, ForwardKernel::OutputProjection));
+    insta::assert_snapshot!(
+        "zaya1_out_proj",
+        printed(&spec, ForwardKernel::OutputProjection)
+    );
 }
 
 #[test]
@@ -168,5 +258,8 @@ fn mha_kernels_print_stably() {
     let spec = AttentionSpec::plain("mha", 2048, 128, 16, 16);
     insta::assert_snapshot!("mha_qkv_proj", printed(&spec, ForwardKernel::QkvProjection));
     insta::assert_snapshot!("mha_attention", printed(&spec, ForwardKernel::Attention));
-    insta::assert_snapshot!("mha_out_proj", printed(&spec, ForwardKernel::OutputProjection));
+    insta::assert_snapshot!(
+        "mha_out_proj",
+        printed(&spec, ForwardKernel::OutputProjection)
+    );
 }

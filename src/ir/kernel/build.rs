@@ -13,8 +13,11 @@ pub enum ForwardKernel {
 }
 
 impl ForwardKernel {
-    pub const ALL: [ForwardKernel; 3] =
-        [ForwardKernel::QkvProjection, ForwardKernel::Attention, ForwardKernel::OutputProjection];
+    pub const ALL: [ForwardKernel; 3] = [
+        ForwardKernel::QkvProjection,
+        ForwardKernel::Attention,
+        ForwardKernel::OutputProjection,
+    ];
 
     /// Suffix of the kernel symbol `{spec.name}_{suffix}`.
     pub fn suffix(self) -> &'static str {
@@ -33,14 +36,31 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
     let candidates: Vec<Schedule> = match which {
         ForwardKernel::QkvProjection => [64, 32, 16]
             .into_iter()
-            .flat_map(|m| [4, 2, 1].map(|warps| Schedule { block_m: m, block_n: d, block_k: 32, warps }))
+            .flat_map(|m| {
+                [4, 2, 1].map(|warps| Schedule {
+                    block_m: m,
+                    block_n: d,
+                    block_k: 32,
+                    warps,
+                })
+            })
             .collect(),
         ForwardKernel::Attention => [(64, 4), (32, 2), (16, 1)]
             .into_iter()
-            .map(|(m, warps)| Schedule { block_m: m, block_n: 64, block_k: d, warps })
+            .map(|(m, warps)| Schedule {
+                block_m: m,
+                block_n: 64,
+                block_k: d,
+                warps,
+            })
             .collect(),
         ForwardKernel::OutputProjection => {
-            vec![Schedule { block_m: 64, block_n: 64, block_k: 32, warps: 4 }]
+            vec![Schedule {
+                block_m: 64,
+                block_n: 64,
+                block_k: 32,
+                warps: 4,
+            }]
         }
     };
     let mut last_error = String::from("no candidate schedule");
@@ -50,7 +70,10 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
             Err(e) => last_error = e,
         }
     }
-    Err(format!("no default {} schedule fits: {last_error}", which.suffix()))
+    Err(format!(
+        "no default {} schedule fits: {last_error}",
+        which.suffix()
+    ))
 }
 
 /// Builds one forward kernel of `spec` with `schedule`, verified.
@@ -70,7 +93,11 @@ pub fn build_forward(
         ForwardKernel::OutputProjection => build_out_proj(spec, s)?,
     };
     kernel.verify().map_err(|errors| {
-        format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  "))
+        format!(
+            "{} with {s:?} does not verify:\n  {}",
+            kernel.name,
+            errors.join("\n  ")
+        )
     })?;
     Ok(kernel)
 }
@@ -80,10 +107,12 @@ pub fn build_forward(
 fn warp_grid(rows: u32, cols: u32, warps: u32) -> Result<(u32, u32), String> {
     (1..=warps)
         .rev()
-        .filter(|wm| warps % wm == 0)
+        .filter(|wm| warps.is_multiple_of(*wm))
         .map(|wm| (wm, warps / wm))
-        .find(|&(wm, wn)| rows % (16 * wm) == 0 && cols % (8 * wn) == 0)
-        .ok_or_else(|| format!("{rows}x{cols} cannot be split over {warps} warps in 16x8 fragments"))
+        .find(|&(wm, wn)| rows.is_multiple_of(16 * wm) && cols.is_multiple_of(8 * wn))
+        .ok_or_else(|| {
+            format!("{rows}x{cols} cannot be split over {warps} warps in 16x8 fragments")
+        })
 }
 
 /// Tiles declared while building, plus view helpers.
@@ -95,20 +124,45 @@ impl Tiles {
     fn shared(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32) -> TileId {
         // 16 bytes of padding per row keeps ldmatrix rows on distinct banks.
         let pad = 16 / elem.size_bytes() as u32;
-        self.add(name, TileType { elem, rows, cols, layout: Layout::RowMajor { pad } })
+        self.add(
+            name,
+            TileType {
+                elem,
+                rows,
+                cols,
+                layout: Layout::RowMajor { pad },
+            },
+        )
     }
     fn regs(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32, layout: Layout) -> TileId {
-        self.add(name, TileType { elem, rows, cols, layout })
+        self.add(
+            name,
+            TileType {
+                elem,
+                rows,
+                cols,
+                layout,
+            },
+        )
     }
     fn add(&mut self, name: &str, ty: TileType) -> TileId {
-        self.decls.push(TileDecl { name: name.to_string(), ty });
+        self.decls.push(TileDecl {
+            name: name.to_string(),
+            ty,
+        });
         TileId(self.decls.len() - 1)
     }
     fn whole(&self, id: TileId) -> TileView {
         TileView::whole(id, &self.decls[id.0].ty)
     }
     fn view(&self, id: TileId, row0: Expr, col0: Expr, rows: u32, cols: u32) -> TileView {
-        TileView { tile: id, row0, col0, rows, cols }
+        TileView {
+            tile: id,
+            row0,
+            col0,
+            rows,
+            cols,
+        }
     }
 }
 
@@ -119,13 +173,25 @@ fn var(name: &str) -> Expr {
     Expr::var(name)
 }
 fn let_(name: &str, value: Expr) -> Stmt {
-    Stmt::Let { var: name.to_string(), value }
+    Stmt::Let {
+        var: name.to_string(),
+        value,
+    }
 }
 fn for_(name: &str, start: Expr, end: Expr, body: Vec<Stmt>) -> Stmt {
-    Stmt::For { var: name.to_string(), start, end, body }
+    Stmt::For {
+        var: name.to_string(),
+        start,
+        end,
+        body,
+    }
 }
 fn span(start: Expr, len: u32) -> GlobalDim {
-    GlobalDim::Span { start, len, valid: None }
+    GlobalDim::Span {
+        start,
+        len,
+        valid: None,
+    }
 }
 fn size(v: usize) -> SizeExpr {
     SizeExpr::from(v)
@@ -143,24 +209,42 @@ fn plus(e: Expr, k: i64) -> Expr {
 }
 
 fn tensor(name: &str, elem: ElemType, shape: Vec<SizeExpr>, access: Access) -> KernelParam {
-    KernelParam::Tensor { name: name.to_string(), elem, shape, access }
+    KernelParam::Tensor {
+        name: name.to_string(),
+        elem,
+        shape,
+        access,
+    }
 }
 
 fn weight_params(spec: &AttentionSpec, keep: impl Fn(ParamRole) -> bool) -> Vec<KernelParam> {
     spec.params()
         .into_iter()
         .filter(|p| keep(p.role))
-        .map(|p| tensor(&p.name, spec.dtype.into(), p.shape.into_iter().map(size).collect(), Access::Read))
+        .map(|p| {
+            tensor(
+                &p.name,
+                spec.dtype.into(),
+                p.shape.into_iter().map(size).collect(),
+                Access::Read,
+            )
+        })
         .collect()
 }
 
 fn param_name(spec: &AttentionSpec, role: ParamRole) -> Option<String> {
-    spec.params().into_iter().find(|p| p.role == role).map(|p| p.name)
+    spec.params()
+        .into_iter()
+        .find(|p| p.role == role)
+        .map(|p| p.name)
 }
 
 /// The runtime sizes close every parameter list.
 fn size_params() -> [KernelParam; 2] {
-    [KernelParam::Size(SizeVar::Batch), KernelParam::Size(SizeVar::SeqLen)]
+    [
+        KernelParam::Size(SizeVar::Batch),
+        KernelParam::Size(SizeVar::SeqLen),
+    ]
 }
 
 /// One projection pass: acc = x[rows x_row0 .. +M] · W[w_row0 .. +d]ᵀ over model_dim in
@@ -181,7 +265,10 @@ impl Projection<'_> {
         let bk = self.block_k;
         let chunk = var("kc") * int(bk);
         vec![
-            Stmt::Fill { dst: t.whole(self.acc), value: 0.0 },
+            Stmt::Fill {
+                dst: t.whole(self.acc),
+                value: 0.0,
+            },
             for_(
                 "kc",
                 int(0),
@@ -191,7 +278,11 @@ impl Projection<'_> {
                         dst: t.whole(self.x_s),
                         src: GlobalTile {
                             param: "x".into(),
-                            dims: vec![GlobalDim::At(var("b")), span(x_row0, m), span(chunk.clone(), bk)],
+                            dims: vec![
+                                GlobalDim::At(var("b")),
+                                span(x_row0, m),
+                                span(chunk.clone(), bk),
+                            ],
                         },
                         is_async: true,
                     },
@@ -258,26 +349,47 @@ impl<'a> QkvBuilder<'a> {
     fn new(spec: &'a AttentionSpec, s: &Schedule) -> Result<QkvBuilder<'a>, String> {
         let d = spec.head_dim as u32;
         if s.block_n != d {
-            return Err(format!("qkv_proj computes one head per pass: block_n must be head_dim {d}"));
+            return Err(format!(
+                "qkv_proj computes one head per pass: block_n must be head_dim {d}"
+            ));
         }
-        if s.block_k % 16 != 0 {
+        if !s.block_k.is_multiple_of(16) {
             return Err(format!("block_k {} is not a multiple of 16", s.block_k));
         }
         let halo = spec.conv_history() as u32;
         let m = s.block_m;
         if m <= halo {
-            return Err(format!("block_m {m} leaves no output rows after the {halo}-row halo"));
+            return Err(format!(
+                "block_m {m} leaves no output rows after the {halo}-row halo"
+            ));
         }
         let (wm, wn) = warp_grid(m, d, s.warps)?;
         let storage: ElemType = spec.dtype.into();
-        let lead = spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0);
+        let lead = spec
+            .qk_conv
+            .iter()
+            .map(|c| c.width as u32 - 1)
+            .max()
+            .unwrap_or(0);
         let mut tiles = Tiles { decls: Vec::new() };
         let x_s = tiles.shared("x_s", storage, m, s.block_k);
         let w_s = tiles.shared("w_s", storage, d, s.block_k);
-        let acc_layout = Layout::MmaAccumulator { warps_m: wm, warps_n: wn };
+        let acc_layout = Layout::MmaAccumulator {
+            warps_m: wm,
+            warps_n: wn,
+        };
         let acc = tiles.regs("acc", ElemType::F32, m, d, acc_layout);
         let row_sum = (spec.qk_norm == QkNorm::L2).then(|| {
-            tiles.regs("sum_sq", ElemType::F32, m, 1, Layout::RowVector { warps_m: wm, warps_n: wn })
+            tiles.regs(
+                "sum_sq",
+                ElemType::F32,
+                m,
+                1,
+                Layout::RowVector {
+                    warps_m: wm,
+                    warps_n: wn,
+                },
+            )
         });
         let staged = (!spec.qk_conv.is_empty() || spec.qk_mean).then(|| {
             let rows = lead + m;
@@ -287,10 +399,14 @@ impl<'a> QkvBuilder<'a> {
                 conv: (0..spec.qk_conv.len().min(2))
                     .map(|i| tiles.shared(&format!("conv{i}"), storage, rows, d))
                     .collect(),
-                q_sum: spec.qk_mean.then(|| tiles.shared("q0_sum", ElemType::F32, m, d)),
+                q_sum: spec
+                    .qk_mean
+                    .then(|| tiles.shared("q0_sum", ElemType::F32, m, d)),
             }
         });
-        let rope_s = spec.rope.map(|_| tiles.shared("rope_in", ElemType::F32, m, d));
+        let rope_s = spec
+            .rope
+            .map(|_| tiles.shared("rope_in", ElemType::F32, m, d));
         Ok(QkvBuilder {
             spec,
             schedule: *s,
@@ -322,7 +438,11 @@ impl<'a> QkvBuilder<'a> {
 
     /// Position (token index) of tile row 0.
     fn top(&self) -> Expr {
-        if self.halo == 0 { var("t0") } else { var("top") }
+        if self.halo == 0 {
+            var("t0")
+        } else {
+            var("top")
+        }
     }
 
     fn name(&self, role: ParamRole) -> String {
@@ -334,8 +454,15 @@ impl<'a> QkvBuilder<'a> {
         let (e, d) = (spec.model_dim, spec.head_dim);
         let storage: ElemType = spec.dtype.into();
         let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
-        let mut params = vec![tensor("x", storage, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)], Access::Read)];
-        params.extend(weight_params(spec, |r| !matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)));
+        let mut params = vec![tensor(
+            "x",
+            storage,
+            vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)],
+            Access::Read,
+        )];
+        params.extend(weight_params(spec, |r| {
+            !matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)
+        }));
         params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
         params.push(tensor("v", storage, bsd(spec.kv_heads), Access::Write));
@@ -363,13 +490,18 @@ impl<'a> QkvBuilder<'a> {
             zeroed.extend(st.k0);
             zeroed.extend(&st.conv);
             zeroed.extend(st.q_sum);
-            body.extend(zeroed.into_iter().map(|t| Stmt::Fill { dst: self.tiles.whole(t), value: 0.0 }));
+            body.extend(zeroed.into_iter().map(|t| Stmt::Fill {
+                dst: self.tiles.whole(t),
+                value: 0.0,
+            }));
             body.push(Stmt::Barrier);
         }
         let key_weight = self.name(ParamRole::KeyProj);
         let key_rows = var("j") * int(d);
         if let Some(k0) = self.staged.as_ref().and_then(|st| st.k0) {
-            body.push(Stmt::Note("raw key head k0 of group j (the q-k mean needs it for every query head)".into()));
+            body.push(Stmt::Note(
+                "raw key head k0 of group j (the q-k mean needs it for every query head)".into(),
+            ));
             body.extend(self.projected_head(HeadKind::Key, &key_weight, key_rows.clone(), k0));
         }
         let g = spec.groups();
@@ -401,16 +533,26 @@ impl<'a> QkvBuilder<'a> {
 
     /// Projection of one head into `acc`, bias added, rows before token 0 zeroed (they are the
     /// convolution's left padding), staged into rows lead.. of the shared tile `into`.
-    fn projected_head(&self, kind: HeadKind, weight: &str, w_row0: Expr, into: TileId) -> Vec<Stmt> {
+    fn projected_head(
+        &self,
+        kind: HeadKind,
+        weight: &str,
+        w_row0: Expr,
+        into: TileId,
+    ) -> Vec<Stmt> {
         let mut out = self.projection().stmts(weight, w_row0.clone(), self.top());
         out.extend(self.bias_map(kind, w_row0, true));
-        out.push(Stmt::Convert { dst: self.lead_rows(into), src: self.tiles.whole(self.acc) });
+        out.push(Stmt::Convert {
+            dst: self.lead_rows(into),
+            src: self.tiles.whole(self.acc),
+        });
         out.push(Stmt::Barrier);
         out
     }
 
     fn lead_rows(&self, tile: TileId) -> TileView {
-        self.tiles.view(tile, int(self.lead), int(0), self.m, self.d)
+        self.tiles
+            .view(tile, int(self.lead), int(0), self.m, self.d)
     }
 
     fn bias_map(&self, kind: HeadKind, w_row0: Expr, zero_padding_rows: bool) -> Option<Stmt> {
@@ -421,11 +563,18 @@ impl<'a> QkvBuilder<'a> {
         let bias = param_name(self.spec, role)?;
         let with_bias = Expr::Elem + Expr::global(&bias, vec![w_row0 + Expr::Col]);
         let expr = if zero_padding_rows && self.halo > 0 {
-            Expr::select(int(0).le(self.top() + Expr::Row), with_bias, Expr::Float(0.0))
+            Expr::select(
+                int(0).le(self.top() + Expr::Row),
+                with_bias,
+                Expr::Float(0.0),
+            )
         } else {
             with_bias
         };
-        Some(Stmt::Map { dst: self.tiles.whole(self.acc), expr })
+        Some(Stmt::Map {
+            dst: self.tiles.whole(self.acc),
+            expr,
+        })
     }
 
     /// Everything for one query or key head: projection, prologue, store.
@@ -491,14 +640,22 @@ impl<'a> QkvBuilder<'a> {
             src: self.tiles.whole(self.acc),
             dst: GlobalTile {
                 param: param.into(),
-                dims: vec![GlobalDim::At(var("b")), rows, GlobalDim::At(head), span(int(0), self.d)],
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    rows,
+                    GlobalDim::At(head),
+                    span(int(0), self.d),
+                ],
             },
         }
     }
 
     /// The convolution stages over rows of the staged head; returns the tile holding the result.
     fn conv_stages(&self, out: &mut Vec<Stmt>, input: TileId, channel0: &Expr) -> TileId {
-        let st = self.staged.as_ref().expect("convolutions run on staged tiles");
+        let st = self
+            .staged
+            .as_ref()
+            .expect("convolutions run on staged tiles");
         let mut src = input;
         for (index, stage) in self.spec.qk_conv.iter().enumerate() {
             let dst = st.conv[index % 2];
@@ -510,21 +667,34 @@ impl<'a> QkvBuilder<'a> {
                 ConvKind::Depthwise => "depthwise",
                 ConvKind::PerHead => "per_head",
             };
-            out.push(Stmt::Note(format!("conv stage {index}: {kind}, width {k}, tap 0 = oldest row")));
+            out.push(Stmt::Note(format!(
+                "conv stage {index}: {kind}, width {k}, tap 0 = oldest row"
+            )));
             // Row r of the output reads input rows r - (K-1) .. r.
             let first_tap_row = self.lead as i64 - (k - 1);
             match stage.kind {
                 ConvKind::Depthwise => {
                     let mut expr = bias;
                     for tap in 0..k {
-                        let w = Expr::global(&weight, vec![channel0.clone() + Expr::Col, int(0), int(tap)]);
-                        expr = expr + w * Expr::tile(src, plus(Expr::Row, first_tap_row + tap), Expr::Col);
+                        let w = Expr::global(
+                            &weight,
+                            vec![channel0.clone() + Expr::Col, int(0), int(tap)],
+                        );
+                        expr = expr
+                            + w * Expr::tile(src, plus(Expr::Row, first_tap_row + tap), Expr::Col);
                     }
-                    out.push(Stmt::Map { dst: self.lead_rows(dst), expr });
+                    out.push(Stmt::Map {
+                        dst: self.lead_rows(dst),
+                        expr,
+                    });
                 }
                 ConvKind::PerHead => {
                     let d = self.d;
-                    let chunk = if d % self.schedule.block_k == 0 { self.schedule.block_k } else { 16 };
+                    let chunk = if d.is_multiple_of(self.schedule.block_k) {
+                        self.schedule.block_k
+                    } else {
+                        16
+                    };
                     let col = var("kc") * int(chunk);
                     let tap_loop = for_(
                         "kc",
@@ -546,17 +716,32 @@ impl<'a> QkvBuilder<'a> {
                             Stmt::Barrier,
                             Stmt::Mma {
                                 acc: self.tiles.whole(self.acc),
-                                a: self.tiles.view(src, plus(var("tap"), first_tap_row), col, self.m, chunk),
+                                a: self.tiles.view(
+                                    src,
+                                    plus(var("tap"), first_tap_row),
+                                    col,
+                                    self.m,
+                                    chunk,
+                                ),
                                 b: self.tiles.view(self.w_s, int(0), int(0), d, chunk),
                                 b_transposed: true,
                             },
                             Stmt::Barrier,
                         ],
                     );
-                    out.push(Stmt::Fill { dst: self.tiles.whole(self.acc), value: 0.0 });
+                    out.push(Stmt::Fill {
+                        dst: self.tiles.whole(self.acc),
+                        value: 0.0,
+                    });
                     out.push(for_("tap", int(0), int(k), vec![tap_loop]));
-                    out.push(Stmt::Map { dst: self.tiles.whole(self.acc), expr: Expr::Elem + bias });
-                    out.push(Stmt::Convert { dst: self.lead_rows(dst), src: self.tiles.whole(self.acc) });
+                    out.push(Stmt::Map {
+                        dst: self.tiles.whole(self.acc),
+                        expr: Expr::Elem + bias,
+                    });
+                    out.push(Stmt::Convert {
+                        dst: self.lead_rows(dst),
+                        src: self.tiles.whole(self.acc),
+                    });
                 }
             }
             out.push(Stmt::Barrier);
@@ -580,11 +765,16 @@ impl<'a> QkvBuilder<'a> {
                 }
             };
         }
-        Stmt::Map { dst: self.tiles.whole(self.acc), expr }
+        Stmt::Map {
+            dst: self.tiles.whole(self.acc),
+            expr,
+        }
     }
 
     fn normalize(&self, kind: HeadKind) -> Vec<Stmt> {
-        let Some(sum_sq) = self.row_sum else { return Vec::new() };
+        let Some(sum_sq) = self.row_sum else {
+            return Vec::new();
+        };
         let spec = self.spec;
         let acc = self.tiles.whole(self.acc);
         let mut scale = Expr::Float((spec.head_dim as f64).sqrt());
@@ -600,15 +790,25 @@ impl<'a> QkvBuilder<'a> {
         }
         let norm = (Expr::tile(sum_sq, Expr::Row, int(0)) + Expr::Float(spec.norm_eps)).rsqrt();
         vec![
-            Stmt::RowReduce { dst: sum_sq, src: acc.clone(), op: ReduceOp::Sum, value: Expr::Elem * Expr::Elem },
-            Stmt::Map { dst: acc, expr: Expr::Elem * scale * norm },
+            Stmt::RowReduce {
+                dst: sum_sq,
+                src: acc.clone(),
+                op: ReduceOp::Sum,
+                value: Expr::Elem * Expr::Elem,
+            },
+            Stmt::Map {
+                dst: acc,
+                expr: Expr::Elem * scale * norm,
+            },
         ]
     }
 
     /// RoPE at the absolute position of each row, through shared memory because each element
     /// needs its rotation partner.
     fn rope(&self) -> Vec<Stmt> {
-        let (Some(rope), Some(rope_s)) = (self.spec.rope, self.rope_s) else { return Vec::new() };
+        let (Some(rope), Some(rope_s)) = (self.spec.rope, self.rope_s) else {
+            return Vec::new();
+        };
         let r = rope.rotary_dim as i64;
         let half = r / 2;
         let col = || Expr::Col;
@@ -621,18 +821,29 @@ impl<'a> QkvBuilder<'a> {
             RopeStyle::Interleaved => (
                 col().floor_div(int(2)),
                 col() + int(1) - int(2) * col().modulo(int(2)),
-                Expr::select(col().modulo(int(2)).eq(int(0)), Expr::Float(-1.0), Expr::Float(1.0)),
+                Expr::select(
+                    col().modulo(int(2)).eq(int(0)),
+                    Expr::Float(-1.0),
+                    Expr::Float(1.0),
+                ),
             ),
         };
-        let inv_freq = Expr::Float(rope.theta).pow(freq_index.to_float() * Expr::Float(-2.0 / r as f64));
+        let inv_freq =
+            Expr::Float(rope.theta).pow(freq_index.to_float() * Expr::Float(-2.0 / r as f64));
         let angle = (self.top() + Expr::Row).to_float() * inv_freq;
         let own = Expr::tile(rope_s, Expr::Row, Expr::Col);
         let rotated = own.clone() * angle.clone().cos()
             + sign * Expr::tile(rope_s, Expr::Row, partner) * angle.sin();
         vec![
-            Stmt::Convert { dst: self.tiles.whole(rope_s), src: self.tiles.whole(self.acc) },
+            Stmt::Convert {
+                dst: self.tiles.whole(rope_s),
+                src: self.tiles.whole(self.acc),
+            },
             Stmt::Barrier,
-            Stmt::Map { dst: self.tiles.whole(self.acc), expr: Expr::select(col().lt(int(r)), rotated, own) },
+            Stmt::Map {
+                dst: self.tiles.whole(self.acc),
+                expr: Expr::select(col().lt(int(r)), rotated, own),
+            },
         ]
     }
 
@@ -645,7 +856,9 @@ impl<'a> QkvBuilder<'a> {
         let pass = |weight_role: ParamRole, bias_role: ParamRole, head0: i64, shift: i64| {
             let weight = self.name(weight_role);
             let w_row0 = plus(var("j"), -head0) * int(d);
-            let mut out = self.projection().stmts(&weight, w_row0.clone(), plus(self.top(), -shift));
+            let mut out =
+                self.projection()
+                    .stmts(&weight, w_row0.clone(), plus(self.top(), -shift));
             if let Some(bias) = param_name(spec, bias_role) {
                 out.push(Stmt::Map {
                     dst: self.tiles.whole(self.acc),
@@ -654,8 +867,22 @@ impl<'a> QkvBuilder<'a> {
             }
             out
         };
-        let current_pass = || pass(ParamRole::ValueProjCurrent, ParamRole::ValueBiasCurrent, 0, 0);
-        let delayed_pass = || pass(ParamRole::ValueProjDelayed, ParamRole::ValueBiasDelayed, current, 1);
+        let current_pass = || {
+            pass(
+                ParamRole::ValueProjCurrent,
+                ParamRole::ValueBiasCurrent,
+                0,
+                0,
+            )
+        };
+        let delayed_pass = || {
+            pass(
+                ParamRole::ValueProjDelayed,
+                ParamRole::ValueBiasDelayed,
+                current,
+                1,
+            )
+        };
         let mut out = if spec.value_shift == 0 {
             current_pass()
         } else if current == 0 {
@@ -676,28 +903,52 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let d = spec.head_dim as u32;
     let (bm, bn) = (s.block_m, s.block_n);
     if s.block_k != d {
-        return Err(format!("attention reduces over the whole head: block_k must be head_dim {d}"));
+        return Err(format!(
+            "attention reduces over the whole head: block_k must be head_dim {d}"
+        ));
     }
     // One warp row-band per warp: row statistics then stay inside a warp (quad shuffles).
     let (wm, wn) = (s.warps, 1);
     if bm % (16 * wm) != 0 || bn % 16 != 0 {
-        return Err(format!("attention tiles {bm}x{bn} do not split into 16-row bands over {wm} warps"));
+        return Err(format!(
+            "attention tiles {bm}x{bn} do not split into 16-row bands over {wm} warps"
+        ));
     }
     let storage: ElemType = spec.dtype.into();
     let mut t = Tiles { decls: Vec::new() };
     let q_s = t.shared("q_s", storage, bm, d);
     let k_s = t.shared("k_s", storage, bn, d);
     let v_s = t.shared("v_s", storage, bn, d);
-    let acc = Layout::MmaAccumulator { warps_m: wm, warps_n: wn };
-    let row_vec = Layout::RowVector { warps_m: wm, warps_n: wn };
+    let acc = Layout::MmaAccumulator {
+        warps_m: wm,
+        warps_n: wn,
+    };
+    let row_vec = Layout::RowVector {
+        warps_m: wm,
+        warps_n: wn,
+    };
     let scores = t.regs("scores", ElemType::F32, bm, bn, acc);
-    let probs = t.regs("probs", storage, bm, bn, Layout::MmaOperandA { warps_m: wm, warps_n: wn });
+    let probs = t.regs(
+        "probs",
+        storage,
+        bm,
+        bn,
+        Layout::MmaOperandA {
+            warps_m: wm,
+            warps_n: wn,
+        },
+    );
     let o = t.regs("o", ElemType::F32, bm, d, acc);
     let [m, l, m_new, alpha, tile_max, tile_sum] =
-        ["m", "l", "m_new", "alpha", "tile_max", "tile_sum"].map(|n| t.regs(n, ElemType::F32, bm, 1, row_vec));
+        ["m", "l", "m_new", "alpha", "tile_max", "tile_sum"]
+            .map(|n| t.regs(n, ElemType::F32, bm, 1, row_vec));
     let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
     // exp(x - m) with m = -inf (a row with nothing visible yet) taken as exp(x - 0) = 0.
-    let finite_max = Expr::select(at_row(m_new).eq(Expr::Float(f64::NEG_INFINITY)), Expr::Float(0.0), at_row(m_new));
+    let finite_max = Expr::select(
+        at_row(m_new).eq(Expr::Float(f64::NEG_INFINITY)),
+        Expr::Float(0.0),
+        at_row(m_new),
+    );
 
     let q_row = var("q_row0") + Expr::Row;
     let k_col = var("k_col0") + Expr::Col;
@@ -705,7 +956,10 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         Mask::None => None,
         Mask::Causal => Some(k_col.clone().le(q_row.clone())),
         Mask::SlidingWindow { window } => Some(
-            k_col.clone().le(q_row.clone()).and((q_row.clone() - k_col.clone()).lt(int(window))),
+            k_col
+                .clone()
+                .le(q_row.clone())
+                .and((q_row.clone() - k_col.clone()).lt(int(window))),
         ),
     };
     let in_sequence = k_col.lt(seq());
@@ -726,49 +980,116 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let kv_tiles = seq().ceil_div(int(bn));
     let (kv_start, kv_end) = match spec.mask {
         Mask::None => (int(0), kv_tiles),
-        Mask::Causal => (int(0), kv_tiles.min((var("q_row0") + int(bm)).ceil_div(int(bn)))),
+        Mask::Causal => (
+            int(0),
+            kv_tiles.min((var("q_row0") + int(bm)).ceil_div(int(bn))),
+        ),
         Mask::SlidingWindow { window } => (
-            (var("q_row0") - int(window - 1)).max(int(0)).floor_div(int(bn)),
+            (var("q_row0") - int(window - 1))
+                .max(int(0))
+                .floor_div(int(bn)),
             kv_tiles.min((var("q_row0") + int(bm)).ceil_div(int(bn))),
         ),
     };
     let kv_box = |param: &str| GlobalTile {
         param: param.into(),
-        dims: vec![GlobalDim::At(var("b")), span(var("k_col0"), bn), GlobalDim::At(var("kv_head")), span(int(0), d)],
+        dims: vec![
+            GlobalDim::At(var("b")),
+            span(var("k_col0"), bn),
+            GlobalDim::At(var("kv_head")),
+            span(int(0), d),
+        ],
     };
     let w = |id: TileId| t.whole(id);
     let loop_body = vec![
         let_("k_col0", var("kv_tile") * int(bn)),
-        Stmt::Copy { dst: w(k_s), src: kv_box("k"), is_async: true },
-        Stmt::Copy { dst: w(v_s), src: kv_box("v"), is_async: true },
+        Stmt::Copy {
+            dst: w(k_s),
+            src: kv_box("k"),
+            is_async: true,
+        },
+        Stmt::Copy {
+            dst: w(v_s),
+            src: kv_box("v"),
+            is_async: true,
+        },
         Stmt::AsyncCommit,
         Stmt::AsyncWait { pending: 0 },
         Stmt::Barrier,
-        Stmt::Fill { dst: w(scores), value: 0.0 },
-        Stmt::Mma { acc: w(scores), a: w(q_s), b: w(k_s), b_transposed: true },
+        Stmt::Fill {
+            dst: w(scores),
+            value: 0.0,
+        },
+        Stmt::Mma {
+            acc: w(scores),
+            a: w(q_s),
+            b: w(k_s),
+            b_transposed: true,
+        },
         Stmt::If {
             cond: unmasked,
-            then_body: vec![Stmt::Map { dst: w(scores), expr: Expr::Elem * scale.clone() }],
+            then_body: vec![Stmt::Map {
+                dst: w(scores),
+                expr: Expr::Elem * scale.clone(),
+            }],
             else_body: vec![Stmt::Map {
                 dst: w(scores),
                 expr: Expr::select(visible, Expr::Elem * scale, Expr::Float(f64::NEG_INFINITY)),
             }],
         },
-        Stmt::RowReduce { dst: tile_max, src: w(scores), op: ReduceOp::Max, value: Expr::Elem },
-        Stmt::Map { dst: w(m_new), expr: at_row(m).max(at_row(tile_max)) },
-        Stmt::Map { dst: w(alpha), expr: (at_row(m) - finite_max.clone()).exp() },
-        Stmt::Map { dst: w(scores), expr: (Expr::Elem - finite_max).exp() },
-        Stmt::RowReduce { dst: tile_sum, src: w(scores), op: ReduceOp::Sum, value: Expr::Elem },
-        Stmt::Map { dst: w(l), expr: Expr::Elem * at_row(alpha) + at_row(tile_sum) },
-        Stmt::Map { dst: w(o), expr: Expr::Elem * at_row(alpha) },
-        Stmt::Convert { dst: w(probs), src: w(scores) },
-        Stmt::Mma { acc: w(o), a: w(probs), b: w(v_s), b_transposed: false },
-        Stmt::Map { dst: w(m), expr: at_row(m_new) },
+        Stmt::RowReduce {
+            dst: tile_max,
+            src: w(scores),
+            op: ReduceOp::Max,
+            value: Expr::Elem,
+        },
+        Stmt::Map {
+            dst: w(m_new),
+            expr: at_row(m).max(at_row(tile_max)),
+        },
+        Stmt::Map {
+            dst: w(alpha),
+            expr: (at_row(m) - finite_max.clone()).exp(),
+        },
+        Stmt::Map {
+            dst: w(scores),
+            expr: (Expr::Elem - finite_max).exp(),
+        },
+        Stmt::RowReduce {
+            dst: tile_sum,
+            src: w(scores),
+            op: ReduceOp::Sum,
+            value: Expr::Elem,
+        },
+        Stmt::Map {
+            dst: w(l),
+            expr: Expr::Elem * at_row(alpha) + at_row(tile_sum),
+        },
+        Stmt::Map {
+            dst: w(o),
+            expr: Expr::Elem * at_row(alpha),
+        },
+        Stmt::Convert {
+            dst: w(probs),
+            src: w(scores),
+        },
+        Stmt::Mma {
+            acc: w(o),
+            a: w(probs),
+            b: w(v_s),
+            b_transposed: false,
+        },
+        Stmt::Map {
+            dst: w(m),
+            expr: at_row(m_new),
+        },
         Stmt::Barrier,
     ];
     let g = spec.groups();
     let body = vec![
-        Stmt::Note(format!("CTA = {bm} query rows of head h, batch b; online softmax over key tiles of {bn}")),
+        Stmt::Note(format!(
+            "CTA = {bm} query rows of head h, batch b; online softmax over key tiles of {bn}"
+        )),
         let_("q_tile", Expr::BlockIdx(Axis::X)),
         let_("h", Expr::BlockIdx(Axis::Y)),
         let_("b", Expr::BlockIdx(Axis::Z)),
@@ -778,37 +1099,73 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             dst: w(q_s),
             src: GlobalTile {
                 param: "q".into(),
-                dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(0), d)],
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    span(var("q_row0"), bm),
+                    GlobalDim::At(var("h")),
+                    span(int(0), d),
+                ],
             },
             is_async: true,
         },
         Stmt::AsyncCommit,
         Stmt::AsyncWait { pending: 0 },
         Stmt::Barrier,
-        Stmt::Fill { dst: w(o), value: 0.0 },
-        Stmt::Fill { dst: w(m), value: f64::NEG_INFINITY },
-        Stmt::Fill { dst: w(l), value: 0.0 },
+        Stmt::Fill {
+            dst: w(o),
+            value: 0.0,
+        },
+        Stmt::Fill {
+            dst: w(m),
+            value: f64::NEG_INFINITY,
+        },
+        Stmt::Fill {
+            dst: w(l),
+            value: 0.0,
+        },
         Stmt::Note("only key tiles some row of this tile can see".into()),
         for_("kv_tile", kv_start, kv_end, loop_body),
-        Stmt::Map { dst: w(o), expr: Expr::Elem / at_row(l) },
+        Stmt::Map {
+            dst: w(o),
+            expr: Expr::Elem / at_row(l),
+        },
         Stmt::Store {
             src: w(o),
             dst: GlobalTile {
                 param: "o".into(),
-                dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(0), d)],
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    span(var("q_row0"), bm),
+                    GlobalDim::At(var("h")),
+                    span(int(0), d),
+                ],
             },
         },
         Stmt::Note("lse = m + ln(l), kept for the backward pass".into()),
-        Stmt::Map { dst: w(m), expr: Expr::Elem + at_row(l).log() },
+        Stmt::Map {
+            dst: w(m),
+            expr: Expr::Elem + at_row(l).log(),
+        },
         Stmt::Store {
             src: w(m),
             dst: GlobalTile {
                 param: "lse".into(),
-                dims: vec![GlobalDim::At(var("b")), GlobalDim::At(var("h")), span(var("q_row0"), bm)],
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    GlobalDim::At(var("h")),
+                    span(var("q_row0"), bm),
+                ],
             },
         },
     ];
-    let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(spec.head_dim)];
+    let bsd = |heads: usize| {
+        vec![
+            SizeExpr::batch(),
+            SizeExpr::seq_len(),
+            size(heads),
+            size(spec.head_dim),
+        ]
+    };
     let mut params = vec![
         tensor("q", storage, bsd(spec.query_heads), Access::Read),
         tensor("k", storage, bsd(spec.kv_heads), Access::Read),
@@ -817,7 +1174,11 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         tensor(
             "lse",
             ElemType::F32,
-            vec![SizeExpr::batch(), size(spec.query_heads), SizeExpr::seq_len()],
+            vec![
+                SizeExpr::batch(),
+                size(spec.query_heads),
+                SizeExpr::seq_len(),
+            ],
             Access::Write,
         ),
     ];
@@ -825,7 +1186,11 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     Ok(KernelFn {
         name: format!("{}_{}", spec.name, ForwardKernel::Attention.suffix()),
         params,
-        grid: [SizeExpr::seq_len().ceil_div(bm as u64), size(spec.query_heads), SizeExpr::batch()],
+        grid: [
+            SizeExpr::seq_len().ceil_div(bm as u64),
+            size(spec.query_heads),
+            SizeExpr::batch(),
+        ],
         warps: s.warps,
         tiles: t.decls,
         schedule: *s,
@@ -844,8 +1209,18 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
     let mut t = Tiles { decls: Vec::new() };
     let a_s = t.shared("o_s", storage, bm, bk);
     let w_s = t.shared("w_s", storage, bn, bk);
-    let acc = t.regs("acc", ElemType::F32, bm, bn, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
-    let weight = param_name(spec, ParamRole::OutputProj).expect("every spec has an output projection");
+    let acc = t.regs(
+        "acc",
+        ElemType::F32,
+        bm,
+        bn,
+        Layout::MmaAccumulator {
+            warps_m: wm,
+            warps_n: wn,
+        },
+    );
+    let weight =
+        param_name(spec, ParamRole::OutputProj).expect("every spec has an output projection");
     let chunk = var("kc") * int(bk);
     let mut body = vec![
         Stmt::Note(format!("CTA = rows {bm} x columns {bn} of out for batch b")),
@@ -854,7 +1229,10 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         let_("b", Expr::BlockIdx(Axis::Z)),
         let_("row0", var("row_tile") * int(bm)),
         let_("col0", var("col_tile") * int(bn)),
-        Stmt::Fill { dst: t.whole(acc), value: 0.0 },
+        Stmt::Fill {
+            dst: t.whole(acc),
+            value: 0.0,
+        },
         for_(
             "kc",
             int(0),
@@ -864,19 +1242,31 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
                     dst: t.whole(a_s),
                     src: GlobalTile {
                         param: "o".into(),
-                        dims: vec![GlobalDim::At(var("b")), span(var("row0"), bm), span(chunk.clone(), bk)],
+                        dims: vec![
+                            GlobalDim::At(var("b")),
+                            span(var("row0"), bm),
+                            span(chunk.clone(), bk),
+                        ],
                     },
                     is_async: true,
                 },
                 Stmt::Copy {
                     dst: t.whole(w_s),
-                    src: GlobalTile { param: weight.clone(), dims: vec![span(var("col0"), bn), span(chunk, bk)] },
+                    src: GlobalTile {
+                        param: weight.clone(),
+                        dims: vec![span(var("col0"), bn), span(chunk, bk)],
+                    },
                     is_async: true,
                 },
                 Stmt::AsyncCommit,
                 Stmt::AsyncWait { pending: 0 },
                 Stmt::Barrier,
-                Stmt::Mma { acc: t.whole(acc), a: t.whole(a_s), b: t.whole(w_s), b_transposed: true },
+                Stmt::Mma {
+                    acc: t.whole(acc),
+                    a: t.whole(a_s),
+                    b: t.whole(w_s),
+                    b_transposed: true,
+                },
                 Stmt::Barrier,
             ],
         ),
@@ -884,23 +1274,46 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
     if let Some(bias) = param_name(spec, ParamRole::OutputBias) {
         // Clamped so that columns past E (never stored) still read inside the bias.
         let column = (var("col0") + Expr::Col).min(int(e - 1));
-        body.push(Stmt::Map { dst: t.whole(acc), expr: Expr::Elem + Expr::global(&bias, vec![column]) });
+        body.push(Stmt::Map {
+            dst: t.whole(acc),
+            expr: Expr::Elem + Expr::global(&bias, vec![column]),
+        });
     }
     body.push(Stmt::Store {
         src: t.whole(acc),
         dst: GlobalTile {
             param: "out".into(),
-            dims: vec![GlobalDim::At(var("b")), span(var("row0"), bm), span(var("col0"), bn)],
+            dims: vec![
+                GlobalDim::At(var("b")),
+                span(var("row0"), bm),
+                span(var("col0"), bn),
+            ],
         },
     });
-    let mut params = vec![tensor("o", storage, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(lq)], Access::Read)];
-    params.extend(weight_params(spec, |r| matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)));
-    params.push(tensor("out", storage, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)], Access::Write));
+    let mut params = vec![tensor(
+        "o",
+        storage,
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), size(lq)],
+        Access::Read,
+    )];
+    params.extend(weight_params(spec, |r| {
+        matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)
+    }));
+    params.push(tensor(
+        "out",
+        storage,
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)],
+        Access::Write,
+    ));
     params.extend(size_params());
     Ok(KernelFn {
         name: format!("{}_{}", spec.name, ForwardKernel::OutputProjection.suffix()),
         params,
-        grid: [SizeExpr::seq_len().ceil_div(bm as u64), size(e.div_ceil(bn as usize)), SizeExpr::batch()],
+        grid: [
+            SizeExpr::seq_len().ceil_div(bm as u64),
+            size(e.div_ceil(bn as usize)),
+            SizeExpr::batch(),
+        ],
         warps: s.warps,
         tiles: t.decls,
         schedule: *s,

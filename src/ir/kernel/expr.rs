@@ -82,9 +82,16 @@ pub enum Expr {
     Elem,
     /// A tile element by position in the tile (shared tiles: any position; register tiles: only
     /// the element being mapped).
-    Tile { tile: TileId, row: Box<Expr>, col: Box<Expr> },
+    Tile {
+        tile: TileId,
+        row: Box<Expr>,
+        col: Box<Expr>,
+    },
     /// One element of a global tensor parameter (row-major multi-index).
-    Global { param: String, index: Vec<Expr> },
+    Global {
+        param: String,
+        index: Vec<Expr>,
+    },
     Unary(UnOp, Box<Expr>),
     Binary(BinOp, Box<Expr>, Box<Expr>),
     Select(Box<Expr>, Box<Expr>, Box<Expr>),
@@ -95,10 +102,17 @@ impl Expr {
         Expr::Var(name.to_string())
     }
     pub fn tile(tile: TileId, row: Expr, col: Expr) -> Expr {
-        Expr::Tile { tile, row: Box::new(row), col: Box::new(col) }
+        Expr::Tile {
+            tile,
+            row: Box::new(row),
+            col: Box::new(col),
+        }
     }
     pub fn global(param: &str, index: Vec<Expr>) -> Expr {
-        Expr::Global { param: param.to_string(), index }
+        Expr::Global {
+            param: param.to_string(),
+            index,
+        }
     }
     pub fn unary(op: UnOp, a: Expr) -> Expr {
         Expr::Unary(op, Box::new(a))

@@ -85,24 +85,42 @@ pub fn run_kernel(
     seq_len: usize,
     rounding: Rounding,
 ) -> Result<(), String> {
-    let sizes = SizeEnv { batch: batch as u64, seq_len: seq_len as u64 };
-    let eval = |e: &SizeExpr| e.eval(&sizes).map(|v| v as usize).ok_or_else(|| format!("{e} overflows"));
+    let sizes = SizeEnv {
+        batch: batch as u64,
+        seq_len: seq_len as u64,
+    };
+    let eval = |e: &SizeExpr| {
+        e.eval(&sizes)
+            .map(|v| v as usize)
+            .ok_or_else(|| format!("{e} overflows"))
+    };
     let mut shapes = BTreeMap::new();
     for param in &kernel.params {
-        if let KernelParam::Tensor { name, elem, shape, .. } = param {
+        if let KernelParam::Tensor {
+            name, elem, shape, ..
+        } = param
+        {
             let dims = shape.iter().map(eval).collect::<Result<Vec<_>, _>>()?;
             let len: usize = dims.iter().product();
             match buffers.get(name) {
                 Some(data) if data.len() == len => {}
                 Some(data) => {
-                    return Err(format!("{}: buffer {name} has {} values, its shape needs {len}", kernel.name, data.len()));
+                    return Err(format!(
+                        "{}: buffer {name} has {} values, its shape needs {len}",
+                        kernel.name,
+                        data.len()
+                    ));
                 }
                 None => return Err(format!("{}: no buffer bound to {name}", kernel.name)),
             }
             shapes.insert(name.clone(), (dims, *elem));
         }
     }
-    let grid = [eval(&kernel.grid[0])?, eval(&kernel.grid[1])?, eval(&kernel.grid[2])?];
+    let grid = [
+        eval(&kernel.grid[0])?,
+        eval(&kernel.grid[1])?,
+        eval(&kernel.grid[2])?,
+    ];
     for z in 0..grid[2] {
         for y in 0..grid[1] {
             for x in 0..grid[0] {
@@ -111,7 +129,11 @@ pub fn run_kernel(
                     shapes: &shapes,
                     sizes,
                     block_idx: [x as i64, y as i64, z as i64],
-                    tiles: kernel.tiles.iter().map(|t| vec![0.0; (t.ty.rows * t.ty.cols) as usize]).collect(),
+                    tiles: kernel
+                        .tiles
+                        .iter()
+                        .map(|t| vec![0.0; (t.ty.rows * t.ty.cols) as usize])
+                        .collect(),
                     scope: Vec::new(),
                     rounding,
                 };
@@ -187,7 +209,12 @@ impl<'k> Block<'k> {
                 let v = self.eval(value, None, None)?;
                 self.scope.push((var, v));
             }
-            Stmt::For { var, start, end, body } => {
+            Stmt::For {
+                var,
+                start,
+                end,
+                body,
+            } => {
                 let start = self.eval(start, None, None)?.int()?;
                 let end = self.eval(end, None, None)?.int()?;
                 for i in start..end {
@@ -196,7 +223,11 @@ impl<'k> Block<'k> {
                     self.scope.pop();
                 }
             }
-            Stmt::If { cond, then_body, else_body } => {
+            Stmt::If {
+                cond,
+                then_body,
+                else_body,
+            } => {
                 if self.eval(cond, None, None)?.bool()? {
                     self.exec_block(then_body, buffers)?;
                 } else {
@@ -226,13 +257,22 @@ impl<'k> Block<'k> {
                     }
                 }
             }
-            Stmt::Mma { acc, a, b, b_transposed } => {
+            Stmt::Mma {
+                acc,
+                a,
+                b,
+                b_transposed,
+            } => {
                 let (wc, wa, wb) = (self.window(acc)?, self.window(a)?, self.window(b)?);
                 for i in 0..wc.rows {
                     for j in 0..wc.cols {
                         let mut sum = 0.0;
                         for k in 0..wa.cols {
-                            let bv = if *b_transposed { wb.index(j, k) } else { wb.index(k, j) };
+                            let bv = if *b_transposed {
+                                wb.index(j, k)
+                            } else {
+                                wb.index(k, j)
+                            };
                             sum += self.tiles[wa.tile][wa.index(i, k)] * self.tiles[wb.tile][bv];
                         }
                         self.tiles[wc.tile][wc.index(i, j)] += sum;
@@ -255,13 +295,22 @@ impl<'k> Block<'k> {
                 for r in 0..w.rows {
                     for c in 0..w.cols {
                         let at = w.index(r, c);
-                        let element = Element { row: r as i64, col: c as i64, value: self.tiles[w.tile][at] };
+                        let element = Element {
+                            row: r as i64,
+                            col: c as i64,
+                            value: self.tiles[w.tile][at],
+                        };
                         let v = self.eval(expr, Some(element), Some(buffers))?.float()?;
                         self.tiles[w.tile][at] = round_to(elem, v, self.rounding);
                     }
                 }
             }
-            Stmt::RowReduce { dst, src, op, value } => {
+            Stmt::RowReduce {
+                dst,
+                src,
+                op,
+                value,
+            } => {
                 let w = self.window(src)?;
                 let elem = self.tile_elem(dst.0);
                 for r in 0..w.rows {
@@ -270,8 +319,11 @@ impl<'k> Block<'k> {
                         ReduceOp::Sum => 0.0,
                     };
                     for c in 0..w.cols {
-                        let element =
-                            Element { row: r as i64, col: c as i64, value: self.tiles[w.tile][w.index(r, c)] };
+                        let element = Element {
+                            row: r as i64,
+                            col: c as i64,
+                            value: self.tiles[w.tile][w.index(r, c)],
+                        };
                         let v = self.eval(value, Some(element), Some(buffers))?.float()?;
                         acc = match op {
                             ReduceOp::Max => acc.max(v),
@@ -323,7 +375,10 @@ impl<'k> Block<'k> {
             };
             if index < 0 || index as usize >= *extent {
                 if matches!(dim, GlobalDim::At(_)) {
-                    return Err(format!("index {index} outside dimension {extent} of {}", tile.param));
+                    return Err(format!(
+                        "index {index} outside dimension {extent} of {}",
+                        tile.param
+                    ));
                 }
                 return Ok(None);
             }
@@ -332,9 +387,15 @@ impl<'k> Block<'k> {
         Ok(Some(flat))
     }
 
-    fn eval(&self, expr: &Expr, element: Option<Element>, buffers: Option<&Buffers>) -> Result<Value, String> {
+    fn eval(
+        &self,
+        expr: &Expr,
+        element: Option<Element>,
+        buffers: Option<&Buffers>,
+    ) -> Result<Value, String> {
         let f = |e: &Expr| self.eval(e, element, buffers);
-        let elementwise = || element.ok_or_else(|| "row/col/x used outside an elementwise op".to_string());
+        let elementwise =
+            || element.ok_or_else(|| "row/col/x used outside an elementwise op".to_string());
         Ok(match expr {
             Expr::Int(v) => Value::Int(*v),
             Expr::Float(v) => Value::Float(*v),
@@ -351,7 +412,10 @@ impl<'k> Block<'k> {
                 let ty = &self.kernel.tile(*tile).ty;
                 let (r, c) = (f(row)?.int()?, f(col)?.int()?);
                 if r < 0 || c < 0 || r >= ty.rows as i64 || c >= ty.cols as i64 {
-                    return Err(format!("read of %{}[{r}, {c}] outside the tile", self.kernel.tile(*tile).name));
+                    return Err(format!(
+                        "read of %{}[{r}, {c}] outside the tile",
+                        self.kernel.tile(*tile).name
+                    ));
                 }
                 Value::Float(self.tiles[tile.0][r as usize * ty.cols as usize + c as usize])
             }
@@ -435,7 +499,11 @@ impl<'k> Block<'k> {
 
 fn floor_div(x: i64, y: i64) -> i64 {
     let q = x / y;
-    if x % y != 0 && ((x < 0) != (y < 0)) { q - 1 } else { q }
+    if x % y != 0 && ((x < 0) != (y < 0)) {
+        q - 1
+    } else {
+        q
+    }
 }
 
 /// The forward tensors `run_forward` produces, flat row-major: q, k, v and o are
@@ -463,7 +531,15 @@ pub fn run_forward(
         .map(|which| default_schedule(spec, which))
         .into_iter()
         .collect::<Result<Vec<_>, _>>()?;
-    run_forward_with(spec, weights, x, batch, seq_len, [schedules[0], schedules[1], schedules[2]], Rounding::Exact)
+    run_forward_with(
+        spec,
+        weights,
+        x,
+        batch,
+        seq_len,
+        [schedules[0], schedules[1], schedules[2]],
+        Rounding::Exact,
+    )
 }
 
 /// `run_forward` with explicit schedules (qkv_proj, attention, out_proj) and rounding.
@@ -491,5 +567,12 @@ pub fn run_forward_with(
         run_kernel(&kernel, &mut buffers, batch, seq_len, rounding)?;
     }
     let mut take = |name: &str| buffers.remove(name).expect("allocated above");
-    Ok(ForwardOutputs { q: take("q"), k: take("k"), v: take("v"), o: take("o"), lse: take("lse"), out: take("out") })
+    Ok(ForwardOutputs {
+        q: take("q"),
+        k: take("k"),
+        v: take("v"),
+        o: take("o"),
+        lse: take("lse"),
+        out: take("out"),
+    })
 }

@@ -146,7 +146,12 @@ pub enum Access {
 #[derive(Clone, Debug, PartialEq)]
 pub enum KernelParam {
     /// A dense row-major global tensor.
-    Tensor { name: String, elem: ElemType, shape: Vec<SizeExpr>, access: Access },
+    Tensor {
+        name: String,
+        elem: ElemType,
+        shape: Vec<SizeExpr>,
+        access: Access,
+    },
     /// A runtime size (u32 in the ABI).
     Size(SizeVar),
 }
@@ -167,7 +172,11 @@ pub enum GlobalDim {
     At(Expr),
     /// `len` consecutive indices from `start`. Elements outside the tensor, or outside
     /// `valid = [lo, hi)` when given, read as zero and are not stored.
-    Span { start: Expr, len: u32, valid: Option<(Expr, Expr)> },
+    Span {
+        start: Expr,
+        len: u32,
+        valid: Option<(Expr, Expr)>,
+    },
 }
 
 /// A box of a global tensor seen as a tile: the first `Span` dimension gives the tile's rows,
@@ -206,32 +215,72 @@ pub enum ReduceOp {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Stmt {
     /// A scalar (i32 or f32) named for the rest of the enclosing block.
-    Let { var: String, value: Expr },
+    Let {
+        var: String,
+        value: Expr,
+    },
     /// `var` runs over start..end (step 1); bounds may be runtime expressions.
-    For { var: String, start: Expr, end: Expr, body: Vec<Stmt> },
-    If { cond: Expr, then_body: Vec<Stmt>, else_body: Vec<Stmt> },
+    For {
+        var: String,
+        start: Expr,
+        end: Expr,
+        body: Vec<Stmt>,
+    },
+    If {
+        cond: Expr,
+        then_body: Vec<Stmt>,
+        else_body: Vec<Stmt>,
+    },
     /// Global box → shared tile. `is_async`: cp.async (complete after AsyncCommit + AsyncWait +
     /// Barrier); otherwise a plain cooperative copy (visible after a Barrier).
-    Copy { dst: TileView, src: GlobalTile, is_async: bool },
+    Copy {
+        dst: TileView,
+        src: GlobalTile,
+        is_async: bool,
+    },
     AsyncCommit,
     /// Wait until at most `pending` committed async copy groups are in flight.
-    AsyncWait { pending: u32 },
+    AsyncWait {
+        pending: u32,
+    },
     /// bar.sync over the whole block.
     Barrier,
-    Fill { dst: TileView, value: f64 },
+    Fill {
+        dst: TileView,
+        value: f64,
+    },
     /// acc += a · b (b: [K, N]) or a · bᵀ (b: [N, K]) when `b_transposed`.
-    Mma { acc: TileView, a: TileView, b: TileView, b_transposed: bool },
+    Mma {
+        acc: TileView,
+        a: TileView,
+        b: TileView,
+        b_transposed: bool,
+    },
     /// Elementwise copy with a change of layout/space/type (accumulator → operand A fragment,
     /// registers → shared).
-    Convert { dst: TileView, src: TileView },
+    Convert {
+        dst: TileView,
+        src: TileView,
+    },
     /// dst[r, c] = expr for every element; `Expr::Row`/`Expr::Col` are r, c within the view and
     /// `Expr::Elem` is the old dst[r, c].
-    Map { dst: TileView, expr: Expr },
+    Map {
+        dst: TileView,
+        expr: Expr,
+    },
     /// dst[r] = op over c of value, `Expr::Elem` = src[r, c].
-    RowReduce { dst: TileId, src: TileView, op: ReduceOp, value: Expr },
+    RowReduce {
+        dst: TileId,
+        src: TileView,
+        op: ReduceOp,
+        value: Expr,
+    },
     /// Tile → global box (elements outside the box's valid range are skipped), rounding to the
     /// tensor's element type.
-    Store { src: TileView, dst: GlobalTile },
+    Store {
+        src: TileView,
+        dst: GlobalTile,
+    },
     /// A line of explanation kept in the printed IR.
     Note(String),
 }
@@ -281,7 +330,13 @@ impl KernelFn {
 impl TileView {
     /// The whole tile.
     pub fn whole(tile: TileId, ty: &TileType) -> TileView {
-        TileView { tile, row0: Expr::Int(0), col0: Expr::Int(0), rows: ty.rows, cols: ty.cols }
+        TileView {
+            tile,
+            row0: Expr::Int(0),
+            col0: Expr::Int(0),
+            rows: ty.rows,
+            cols: ty.cols,
+        }
     }
     pub fn is_whole(&self, ty: &TileType) -> bool {
         self.row0 == Expr::Int(0)

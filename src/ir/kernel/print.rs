@@ -32,13 +32,23 @@ impl KernelFn {
         out.push_str("  params (ABI order):\n");
         for (index, param) in self.params.iter().enumerate() {
             let _ = match param {
-                KernelParam::Tensor { name, elem, shape, access } => {
+                KernelParam::Tensor {
+                    name,
+                    elem,
+                    shape,
+                    access,
+                } => {
                     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
                     let access = match access {
                         Access::Read => "in",
                         Access::Write => "out",
                     };
-                    writeln!(out, "    {index:2} {name}: {}[{}] {access}", elem.name(), dims.join(", "))
+                    writeln!(
+                        out,
+                        "    {index:2} {name}: {}[{}] {access}",
+                        elem.name(),
+                        dims.join(", ")
+                    )
                 }
                 KernelParam::Size(var) => writeln!(out, "    {index:2} {}: u32", var.symbol()),
             };
@@ -91,7 +101,12 @@ impl KernelFn {
         let pad = "  ".repeat(depth);
         let _ = match stmt {
             Stmt::Let { var, value } => writeln!(out, "{pad}let {var} = {}", self.expr(value)),
-            Stmt::For { var, start, end, body } => {
+            Stmt::For {
+                var,
+                start,
+                end,
+                body,
+            } => {
                 let _ = writeln!(
                     out,
                     "{pad}for {var} in {}..{} {{",
@@ -101,12 +116,20 @@ impl KernelFn {
                 body.iter().for_each(|s| self.print_stmt(out, s, depth + 1));
                 writeln!(out, "{pad}}}")
             }
-            Stmt::If { cond, then_body, else_body } => {
+            Stmt::If {
+                cond,
+                then_body,
+                else_body,
+            } => {
                 let _ = writeln!(out, "{pad}if {} {{", self.expr(cond));
-                then_body.iter().for_each(|s| self.print_stmt(out, s, depth + 1));
+                then_body
+                    .iter()
+                    .for_each(|s| self.print_stmt(out, s, depth + 1));
                 if !else_body.is_empty() {
                     let _ = writeln!(out, "{pad}}} else {{");
-                    else_body.iter().for_each(|s| self.print_stmt(out, s, depth + 1));
+                    else_body
+                        .iter()
+                        .for_each(|s| self.print_stmt(out, s, depth + 1));
                 }
                 writeln!(out, "{pad}}}")
             }
@@ -123,7 +146,12 @@ impl KernelFn {
             Stmt::Fill { dst, value } => {
                 writeln!(out, "{pad}fill {} = {}", self.view(dst), float_text(*value))
             }
-            Stmt::Mma { acc, a, b, b_transposed } => writeln!(
+            Stmt::Mma {
+                acc,
+                a,
+                b,
+                b_transposed,
+            } => writeln!(
                 out,
                 "{pad}mma {} += {} * {}{}",
                 self.view(acc),
@@ -137,7 +165,12 @@ impl KernelFn {
             Stmt::Map { dst, expr } => {
                 writeln!(out, "{pad}map {} = {}", self.view(dst), self.expr(expr))
             }
-            Stmt::RowReduce { dst, src, op, value } => writeln!(
+            Stmt::RowReduce {
+                dst,
+                src,
+                op,
+                value,
+            } => writeln!(
                 out,
                 "{pad}row_{} %{} <- {} of {}",
                 match op {
@@ -230,12 +263,21 @@ impl KernelFn {
                         self.expr_prec(a, prec),
                         self.expr_prec(b, prec + 1)
                     );
-                    if prec < min_prec { format!("({text})") } else { text }
+                    if prec < min_prec {
+                        format!("({text})")
+                    } else {
+                        text
+                    }
                 }
                 None => format!("{}({}, {})", call_name(*op), self.expr(a), self.expr(b)),
             },
             Expr::Select(c, a, b) => {
-                format!("select({}, {}, {})", self.expr(c), self.expr(a), self.expr(b))
+                format!(
+                    "select({}, {}, {})",
+                    self.expr(c),
+                    self.expr(a),
+                    self.expr(b)
+                )
             }
         }
     }

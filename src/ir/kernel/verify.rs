@@ -45,7 +45,11 @@ struct Verifier<'a> {
 impl KernelFn {
     /// Checks the function; on failure returns every problem found, one message each.
     pub fn verify(&self) -> Result<(), Vec<String>> {
-        let mut v = Verifier { kernel: self, errors: Vec::new(), scope: Vec::new() };
+        let mut v = Verifier {
+            kernel: self,
+            errors: Vec::new(),
+            scope: Vec::new(),
+        };
         v.check_signature();
         v.check_tiles();
         v.check_block(&self.body);
@@ -59,14 +63,22 @@ impl KernelFn {
         }
         let mut seen = BTreeSet::new();
         v.errors.retain(|e| seen.insert(e.clone()));
-        if v.errors.is_empty() { Ok(()) } else { Err(v.errors) }
+        if v.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(v.errors)
+        }
     }
 
     /// The first printed line of a statement (a loop or branch without its body).
     fn stmt_head(&self, stmt: &Stmt) -> String {
         let mut text = String::new();
         self.print_stmt(&mut text, stmt, 0);
-        text.lines().next().unwrap_or("").trim_end_matches(" {").to_string()
+        text.lines()
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(" {")
+            .to_string()
     }
 }
 
@@ -89,11 +101,18 @@ impl<'a> Verifier<'a> {
         let mut names = BTreeSet::new();
         for p in &k.params {
             if !names.insert(p.name().to_string()) {
-                self.errors.push(format!("kernel {}: parameter {} declared twice", k.name, p.name()));
+                self.errors.push(format!(
+                    "kernel {}: parameter {} declared twice",
+                    k.name,
+                    p.name()
+                ));
             }
             if let KernelParam::Tensor { name, shape, .. } = p {
                 if shape.is_empty() {
-                    self.errors.push(format!("kernel {}: tensor {name} has no dimensions", k.name));
+                    self.errors.push(format!(
+                        "kernel {}: tensor {name} has no dimensions",
+                        k.name
+                    ));
                 }
                 for dim in shape {
                     self.check_size_vars(dim, &format!("shape of {name}"));
@@ -104,7 +123,10 @@ impl<'a> Verifier<'a> {
             self.check_size_vars(dim, "grid");
         }
         if k.warps == 0 || k.warps > 32 {
-            self.errors.push(format!("kernel {}: {} warps (must be 1..=32)", k.name, k.warps));
+            self.errors.push(format!(
+                "kernel {}: {} warps (must be 1..=32)",
+                k.name, k.warps
+            ));
         }
         let shared = k.shared_bytes();
         if shared > SHARED_MEMORY_LIMIT_BYTES {
@@ -128,7 +150,7 @@ impl<'a> Verifier<'a> {
     }
 
     fn has_size_param(&self, var: SizeVar) -> bool {
-        self.kernel.params.iter().any(|p| *p == KernelParam::Size(var))
+        self.kernel.params.contains(&KernelParam::Size(var))
     }
 
     fn check_tiles(&mut self) {
@@ -149,26 +171,36 @@ impl<'a> Verifier<'a> {
                 Layout::MmaAccumulator { warps_m, warps_n }
                 | Layout::MmaOperandA { warps_m, warps_n } => {
                     if warps_m * warps_n != warps {
-                        bad(format!("warp grid {warps_m}x{warps_n} does not match {warps} warps"));
+                        bad(format!(
+                            "warp grid {warps_m}x{warps_n} does not match {warps} warps"
+                        ));
                     } else if ty.rows % (16 * warps_m) != 0 || ty.cols % (8 * warps_n) != 0 {
                         bad(format!(
                             "{}x{} over {warps_m}x{warps_n} warps is not made of 16x8 mma fragments",
                             ty.rows, ty.cols
                         ));
                     }
-                    if matches!(ty.layout, Layout::MmaAccumulator { .. }) && ty.elem != ElemType::F32 {
+                    if matches!(ty.layout, Layout::MmaAccumulator { .. })
+                        && ty.elem != ElemType::F32
+                    {
                         bad("mma accumulators are f32".into());
                     }
-                    if matches!(ty.layout, Layout::MmaOperandA { .. }) && !ty.elem.is_mma_operand() {
+                    if matches!(ty.layout, Layout::MmaOperandA { .. }) && !ty.elem.is_mma_operand()
+                    {
                         bad("mma operands are bf16 or f16".into());
                     }
                 }
                 Layout::RowVector { warps_m, warps_n } => {
                     if warps_m * warps_n != warps {
-                        bad(format!("warp grid {warps_m}x{warps_n} does not match {warps} warps"));
+                        bad(format!(
+                            "warp grid {warps_m}x{warps_n} does not match {warps} warps"
+                        ));
                     }
                     if ty.cols != 1 || ty.rows % (16 * warps_m) != 0 {
-                        bad(format!("a row vector is [16k·warps_m, 1], not [{}, {}]", ty.rows, ty.cols));
+                        bad(format!(
+                            "a row vector is [16k·warps_m, 1], not [{}, {}]",
+                            ty.rows, ty.cols
+                        ));
                     }
                 }
             }
@@ -187,20 +219,30 @@ impl<'a> Verifier<'a> {
         }
         let ty = self.ty(view);
         let name = self.kernel.tile(view.tile).name.clone();
-        for (offset, len, extent, what) in
-            [(&view.row0, view.rows, ty.rows, "rows"), (&view.col0, view.cols, ty.cols, "cols")]
-        {
-            self.expect_type(stmt, offset, ScalarType::I32, ExprCtx::Scalar, "view offset");
+        for (offset, len, extent, what) in [
+            (&view.row0, view.rows, ty.rows, "rows"),
+            (&view.col0, view.cols, ty.cols, "cols"),
+        ] {
+            self.expect_type(
+                stmt,
+                offset,
+                ScalarType::I32,
+                ExprCtx::Scalar,
+                "view offset",
+            );
             if len == 0 {
                 self.err(stmt, format!("empty view of %{name}"));
             }
-            if let Expr::Int(start) = offset {
-                if *start < 0 || *start as u64 + len as u64 > extent as u64 {
-                    self.err(
-                        stmt,
-                        format!("{what} {start}..{} outside %{name} ({extent} {what})", *start + len as i64),
-                    );
-                }
+            if let Expr::Int(start) = offset
+                && (*start < 0 || *start as u64 + len as u64 > extent as u64)
+            {
+                self.err(
+                    stmt,
+                    format!(
+                        "{what} {start}..{} outside %{name} ({extent} {what})",
+                        *start + len as i64
+                    ),
+                );
             }
         }
         if ty.space() == Space::Registers && !view.is_whole(&ty) {
@@ -214,22 +256,43 @@ impl<'a> Verifier<'a> {
             self.err(stmt, format!("no parameter named {}", tile.param));
             return None;
         };
-        let KernelParam::Tensor { elem, shape, access: declared, .. } = param.clone() else {
+        let KernelParam::Tensor {
+            elem,
+            shape,
+            access: declared,
+            ..
+        } = param.clone()
+        else {
             self.err(stmt, format!("{} is a size, not a tensor", tile.param));
             return None;
         };
         if declared != access {
-            let verb = if access == Access::Read { "read" } else { "written" };
-            self.err(stmt, format!("{} is {verb} but not declared so", tile.param));
+            let verb = if access == Access::Read {
+                "read"
+            } else {
+                "written"
+            };
+            self.err(
+                stmt,
+                format!("{} is {verb} but not declared so", tile.param),
+            );
         }
         if shape.len() != tile.dims.len() {
             self.err(
                 stmt,
-                format!("{} has {} dimensions, indexed with {}", tile.param, shape.len(), tile.dims.len()),
+                format!(
+                    "{} has {} dimensions, indexed with {}",
+                    tile.param,
+                    shape.len(),
+                    tile.dims.len()
+                ),
             );
         }
         if tile.box_shape().is_none() {
-            self.err(stmt, format!("a box of {} needs one or two spans", tile.param));
+            self.err(
+                stmt,
+                format!("a box of {} needs one or two spans", tile.param),
+            );
         }
         for dim in &tile.dims {
             match dim {
@@ -248,10 +311,23 @@ impl<'a> Verifier<'a> {
         Some(elem)
     }
 
-    fn expect_type(&mut self, stmt: &Stmt, expr: &Expr, want: ScalarType, ctx: ExprCtx, what: &str) {
+    fn expect_type(
+        &mut self,
+        stmt: &Stmt,
+        expr: &Expr,
+        want: ScalarType,
+        ctx: ExprCtx,
+        what: &str,
+    ) {
         match self.expr_type(expr, ctx) {
             Ok(found) if found == want => {}
-            Ok(found) => self.err(stmt, format!("{what} `{}` is {found:?}, expected {want:?}", self.kernel.expr(expr))),
+            Ok(found) => self.err(
+                stmt,
+                format!(
+                    "{what} `{}` is {found:?}, expected {want:?}",
+                    self.kernel.expr(expr)
+                ),
+            ),
             Err(msg) => self.err(stmt, msg),
         }
     }
@@ -260,7 +336,9 @@ impl<'a> Verifier<'a> {
         use ScalarType::*;
         let elementwise = |what: &str| match ctx {
             ExprCtx::Elementwise { .. } => Ok(()),
-            ExprCtx::Scalar => Err(format!("`{what}` is only defined inside map and row reductions")),
+            ExprCtx::Scalar => Err(format!(
+                "`{what}` is only defined inside map and row reductions"
+            )),
         };
         Ok(match expr {
             Expr::Int(_) => I32,
@@ -291,24 +369,35 @@ impl<'a> Verifier<'a> {
                 self.tile_read_rule(*tile, row, col, dst)?;
                 for index in [row, col] {
                     if self.expr_type(index, ctx)? != I32 {
-                        return Err(format!("tile index `{}` is not i32", self.kernel.expr(index)));
+                        return Err(format!(
+                            "tile index `{}` is not i32",
+                            self.kernel.expr(index)
+                        ));
                     }
                 }
                 F32
             }
             Expr::Global { param, index } => {
-                let Some(KernelParam::Tensor { shape, access, .. }) = self.kernel.param(param) else {
+                let Some(KernelParam::Tensor { shape, access, .. }) = self.kernel.param(param)
+                else {
                     return Err(format!("no tensor parameter named {param}"));
                 };
                 if *access != Access::Read {
                     return Err(format!("{param} is an output and cannot be read"));
                 }
                 if shape.len() != index.len() {
-                    return Err(format!("{param} has {} dimensions, indexed with {}", shape.len(), index.len()));
+                    return Err(format!(
+                        "{param} has {} dimensions, indexed with {}",
+                        shape.len(),
+                        index.len()
+                    ));
                 }
                 for i in index {
                     if self.expr_type(i, ctx)? != I32 {
-                        return Err(format!("index `{}` of {param} is not i32", self.kernel.expr(i)));
+                        return Err(format!(
+                            "index `{}` of {param} is not i32",
+                            self.kernel.expr(i)
+                        ));
                     }
                 }
                 F32
@@ -344,11 +433,17 @@ impl<'a> Verifier<'a> {
             }
             Expr::Select(c, a, b) => {
                 if self.expr_type(c, ctx)? != Bool {
-                    return Err(format!("select condition `{}` is not a comparison", self.kernel.expr(c)));
+                    return Err(format!(
+                        "select condition `{}` is not a comparison",
+                        self.kernel.expr(c)
+                    ));
                 }
                 let (ta, tb) = (self.expr_type(a, ctx)?, self.expr_type(b, ctx)?);
                 if ta != tb {
-                    return Err(format!("select arms of `{}` differ: {ta:?} and {tb:?}", self.kernel.expr(expr)));
+                    return Err(format!(
+                        "select arms of `{}` differ: {ta:?} and {tb:?}",
+                        self.kernel.expr(expr)
+                    ));
                 }
                 ta
             }
@@ -357,7 +452,13 @@ impl<'a> Verifier<'a> {
 
     /// Which tile reads a thread can do: shared tiles anywhere (except the destination's own
     /// other elements); register tiles only where the thread holds the mapped element.
-    fn tile_read_rule(&self, tile: TileId, row: &Expr, col: &Expr, dst: &TileView) -> Result<(), String> {
+    fn tile_read_rule(
+        &self,
+        tile: TileId,
+        row: &Expr,
+        col: &Expr,
+        dst: &TileView,
+    ) -> Result<(), String> {
         let Some(decl) = self.kernel.tiles.get(tile.0) else {
             return Err(format!("tile #{} does not exist", tile.0));
         };
@@ -366,29 +467,44 @@ impl<'a> Verifier<'a> {
         match decl.ty.space() {
             Space::Shared => {
                 if tile == dst.tile {
-                    return Err(format!("map reads its own destination %{name} by position; use x"));
+                    return Err(format!(
+                        "map reads its own destination %{name} by position; use x"
+                    ));
                 }
                 Ok(())
             }
             Space::Registers => {
                 if dst_ty.space() != Space::Registers {
-                    return Err(format!("register tile %{name} read by a map into shared memory"));
+                    return Err(format!(
+                        "register tile %{name} read by a map into shared memory"
+                    ));
                 }
                 let holds_row = decl.ty.rows == dst_ty.rows && *row == Expr::Row;
                 let same_warps = |a: Layout, b: Layout| warp_grid(a) == warp_grid(b);
                 match decl.ty.layout {
                     Layout::RowVector { .. } => {
-                        if holds_row && *col == Expr::Int(0) && same_warps(decl.ty.layout, dst_ty.layout) {
+                        if holds_row
+                            && *col == Expr::Int(0)
+                            && same_warps(decl.ty.layout, dst_ty.layout)
+                        {
                             Ok(())
                         } else {
-                            Err(format!("row vector %{name} must be read as %{name}[row] with the destination's warp grid"))
+                            Err(format!(
+                                "row vector %{name} must be read as %{name}[row] with the destination's warp grid"
+                            ))
                         }
                     }
                     layout => {
-                        if holds_row && *col == Expr::Col && decl.ty.cols == dst_ty.cols && layout == dst_ty.layout {
+                        if holds_row
+                            && *col == Expr::Col
+                            && decl.ty.cols == dst_ty.cols
+                            && layout == dst_ty.layout
+                        {
                             Ok(())
                         } else {
-                            Err(format!("register tile %{name} must be read at [row, col] with the destination's shape and layout"))
+                            Err(format!(
+                                "register tile %{name} must be read at [row, col] with the destination's shape and layout"
+                            ))
                         }
                     }
                 }
@@ -400,10 +516,13 @@ impl<'a> Verifier<'a> {
         let depth = self.scope.len();
         for (index, stmt) in body.iter().enumerate() {
             self.check_stmt(stmt);
-            if let Stmt::AsyncWait { .. } = stmt {
-                if body.get(index + 1) != Some(&Stmt::Barrier) {
-                    self.err(stmt, "must be followed by a barrier so that every thread sees the copied tile");
-                }
+            if let Stmt::AsyncWait { .. } = stmt
+                && body.get(index + 1) != Some(&Stmt::Barrier)
+            {
+                self.err(
+                    stmt,
+                    "must be followed by a barrier so that every thread sees the copied tile",
+                );
             }
         }
         self.scope.truncate(depth);
@@ -423,7 +542,12 @@ impl<'a> Verifier<'a> {
                 // Keep later uses from cascading into scope errors.
                 self.scope.push((var.clone(), ScalarType::I32));
             }
-            Stmt::For { var, start, end, body } => {
+            Stmt::For {
+                var,
+                start,
+                end,
+                body,
+            } => {
                 self.expect_type(stmt, start, ScalarType::I32, ExprCtx::Scalar, "loop start");
                 self.expect_type(stmt, end, ScalarType::I32, ExprCtx::Scalar, "loop end");
                 let depth = self.scope.len();
@@ -431,7 +555,11 @@ impl<'a> Verifier<'a> {
                 self.check_block(body);
                 self.scope.truncate(depth);
             }
-            Stmt::If { cond, then_body, else_body } => {
+            Stmt::If {
+                cond,
+                then_body,
+                else_body,
+            } => {
                 self.expect_type(stmt, cond, ScalarType::Bool, ExprCtx::Scalar, "condition");
                 self.check_block(then_body);
                 self.check_block(else_body);
@@ -446,34 +574,60 @@ impl<'a> Verifier<'a> {
                 }
                 if let Some(elem) = self.check_global(stmt, src, Access::Read) {
                     if elem != ty.elem {
-                        self.err(stmt, format!("copy of {} into {} does not convert", elem.name(), ty.elem.name()));
+                        self.err(
+                            stmt,
+                            format!(
+                                "copy of {} into {} does not convert",
+                                elem.name(),
+                                ty.elem.name()
+                            ),
+                        );
                     }
                     if *is_async {
                         let contiguous = matches!(src.dims.last(), Some(GlobalDim::Span { .. }))
                             && src.box_shape().is_some_and(|(_, cols)| cols > 1);
-                        if !contiguous || (dst.cols as usize * elem.size_bytes()) % 16 != 0 {
+                        if !contiguous
+                            || !(dst.cols as usize * elem.size_bytes()).is_multiple_of(16)
+                        {
                             self.err(stmt, "cp.async needs rows of whole 16-byte chunks along the innermost dimension");
                         }
                     }
                 }
-                if let Some(shape) = src.box_shape() {
-                    if shape != (dst.rows, dst.cols) {
-                        self.err(stmt, format!("box {}x{} into view {}x{}", shape.0, shape.1, dst.rows, dst.cols));
-                    }
+                if let Some(shape) = src.box_shape()
+                    && shape != (dst.rows, dst.cols)
+                {
+                    self.err(
+                        stmt,
+                        format!(
+                            "box {}x{} into view {}x{}",
+                            shape.0, shape.1, dst.rows, dst.cols
+                        ),
+                    );
                 }
             }
             Stmt::AsyncCommit | Stmt::AsyncWait { .. } | Stmt::Barrier | Stmt::Note(_) => {}
             Stmt::Fill { dst, .. } => {
                 self.check_view(stmt, dst);
             }
-            Stmt::Mma { acc, a, b, b_transposed } => self.check_mma(stmt, acc, a, b, *b_transposed),
+            Stmt::Mma {
+                acc,
+                a,
+                b,
+                b_transposed,
+            } => self.check_mma(stmt, acc, a, b, *b_transposed),
             Stmt::Convert { dst, src } => {
                 if !(self.check_view(stmt, dst) && self.check_view(stmt, src)) {
                     return;
                 }
                 let (td, ts) = (self.ty(dst), self.ty(src));
                 if (dst.rows, dst.cols) != (src.rows, src.cols) {
-                    self.err(stmt, format!("shapes {}x{} and {}x{} differ", dst.rows, dst.cols, src.rows, src.cols));
+                    self.err(
+                        stmt,
+                        format!(
+                            "shapes {}x{} and {}x{} differ",
+                            dst.rows, dst.cols, src.rows, src.cols
+                        ),
+                    );
                 }
                 match (ts.layout, td.layout) {
                     (Layout::MmaAccumulator { .. }, Layout::RowMajor { .. }) => {}
@@ -492,7 +646,9 @@ impl<'a> Verifier<'a> {
                 let ctx = ExprCtx::Elementwise { dst };
                 self.expect_type(stmt, expr, ScalarType::F32, ctx, "map value");
             }
-            Stmt::RowReduce { dst, src, value, .. } => {
+            Stmt::RowReduce {
+                dst, src, value, ..
+            } => {
                 if dst.0 >= self.kernel.tiles.len() {
                     self.err(stmt, format!("tile #{} does not exist", dst.0));
                     return;
@@ -516,10 +672,16 @@ impl<'a> Verifier<'a> {
                     return;
                 }
                 self.check_global(stmt, dst, Access::Write);
-                if let Some(shape) = dst.box_shape() {
-                    if shape != (src.rows, src.cols) {
-                        self.err(stmt, format!("view {}x{} into box {}x{}", src.rows, src.cols, shape.0, shape.1));
-                    }
+                if let Some(shape) = dst.box_shape()
+                    && shape != (src.rows, src.cols)
+                {
+                    self.err(
+                        stmt,
+                        format!(
+                            "view {}x{} into box {}x{}",
+                            src.rows, src.cols, shape.0, shape.1
+                        ),
+                    );
                 }
             }
         }
@@ -532,7 +694,14 @@ impl<'a> Verifier<'a> {
         self.scope.push((var.to_string(), ty));
     }
 
-    fn check_mma(&mut self, stmt: &Stmt, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) {
+    fn check_mma(
+        &mut self,
+        stmt: &Stmt,
+        acc: &TileView,
+        a: &TileView,
+        b: &TileView,
+        b_transposed: bool,
+    ) {
         if !(self.check_view(stmt, acc) && self.check_view(stmt, a) && self.check_view(stmt, b)) {
             return;
         }
@@ -543,17 +712,34 @@ impl<'a> Verifier<'a> {
         match ta.layout {
             Layout::RowMajor { .. } => {}
             Layout::MmaOperandA { .. } if warp_grid(ta.layout) == warp_grid(tc.layout) => {}
-            _ => self.err(stmt, "operand a must be shared or an mma_a tile with the accumulator's warp grid"),
+            _ => self.err(
+                stmt,
+                "operand a must be shared or an mma_a tile with the accumulator's warp grid",
+            ),
         }
         if tb.space() != Space::Shared {
             self.err(stmt, "operand b must be a shared tile");
         }
         if !ta.elem.is_mma_operand() || ta.elem != tb.elem {
-            self.err(stmt, format!("operands {} and {} (need the same 16-bit type)", ta.elem.name(), tb.elem.name()));
+            self.err(
+                stmt,
+                format!(
+                    "operands {} and {} (need the same 16-bit type)",
+                    ta.elem.name(),
+                    tb.elem.name()
+                ),
+            );
         }
-        let (b_k, b_n) = if b_transposed { (b.cols, b.rows) } else { (b.rows, b.cols) };
+        let (b_k, b_n) = if b_transposed {
+            (b.cols, b.rows)
+        } else {
+            (b.rows, b.cols)
+        };
         if a.rows != acc.rows {
-            self.err(stmt, format!("M of a ({}) != M of acc ({})", a.rows, acc.rows));
+            self.err(
+                stmt,
+                format!("M of a ({}) != M of acc ({})", a.rows, acc.rows),
+            );
         }
         if b_n != acc.cols {
             self.err(stmt, format!("N of b ({b_n}) != N of acc ({})", acc.cols));
@@ -561,8 +747,11 @@ impl<'a> Verifier<'a> {
         if a.cols != b_k {
             self.err(stmt, format!("K of a ({}) != K of b ({b_k})", a.cols));
         }
-        if a.cols % 16 != 0 {
-            self.err(stmt, format!("K = {} is not a multiple of 16 (m16n8k16)", a.cols));
+        if !a.cols.is_multiple_of(16) {
+            self.err(
+                stmt,
+                format!("K = {} is not a multiple of 16 (m16n8k16)", a.cols),
+            );
         }
     }
 
@@ -577,7 +766,11 @@ impl<'a> Verifier<'a> {
                     let twice = self.hazards(body, once.clone().union(&state));
                     twice.union(&state)
                 }
-                Stmt::If { then_body, else_body, .. } => {
+                Stmt::If {
+                    then_body,
+                    else_body,
+                    ..
+                } => {
                     let a = self.hazards(then_body, state.clone());
                     let b = self.hazards(else_body, state);
                     a.union(&b)
@@ -593,22 +786,28 @@ impl<'a> Verifier<'a> {
 
     fn stmt_hazards(&mut self, stmt: &Stmt, state: &mut HazardState) {
         let shared = |k: &KernelFn, v: &TileView| {
-            (v.tile.0 < k.tiles.len() && k.tile(v.tile).ty.space() == Space::Shared).then_some(v.tile)
+            (v.tile.0 < k.tiles.len() && k.tile(v.tile).ty.space() == Space::Shared)
+                .then_some(v.tile)
         };
         let mut reads = Vec::new();
         let mut writes = Vec::new();
         let k = self.kernel;
         let expr_reads = |e: &Expr, reads: &mut Vec<TileId>| {
             e.visit(&mut |sub| {
-                if let Expr::Tile { tile, .. } = sub {
-                    if tile.0 < k.tiles.len() && k.tile(*tile).ty.space() == Space::Shared {
-                        reads.push(*tile);
-                    }
+                if let Expr::Tile { tile, .. } = sub
+                    && tile.0 < k.tiles.len()
+                    && k.tile(*tile).ty.space() == Space::Shared
+                {
+                    reads.push(*tile);
                 }
             })
         };
         match stmt {
-            Stmt::Copy { dst, is_async: true, .. } => {
+            Stmt::Copy {
+                dst,
+                is_async: true,
+                ..
+            } => {
                 if let Some(t) = shared(k, dst) {
                     self.check_write(stmt, t, state);
                     state.async_uncommitted.insert(t);
@@ -646,7 +845,13 @@ impl<'a> Verifier<'a> {
                 expr.visit(&mut |e| uses_elem |= *e == Expr::Elem);
                 if let Some(t) = shared(k, dst) {
                     if uses_elem && state.written.contains(&t) {
-                        self.err(stmt, format!("reads %{} after another write without a barrier", k.tile(t).name));
+                        self.err(
+                            stmt,
+                            format!(
+                                "reads %{} after another write without a barrier",
+                                k.tile(t).name
+                            ),
+                        );
                     }
                     writes.push(t);
                 }
@@ -661,9 +866,15 @@ impl<'a> Verifier<'a> {
         for t in reads {
             let name = &k.tile(t).name;
             if state.async_uncommitted.contains(&t) || state.async_in_flight.contains(&t) {
-                self.err(stmt, format!("reads %{name} before its cp.async is waited for"));
+                self.err(
+                    stmt,
+                    format!("reads %{name} before its cp.async is waited for"),
+                );
             } else if state.written.contains(&t) {
-                self.err(stmt, format!("reads %{name} after a write without a barrier"));
+                self.err(
+                    stmt,
+                    format!("reads %{name} after a write without a barrier"),
+                );
             }
             state.read.insert(t);
         }
@@ -676,9 +887,17 @@ impl<'a> Verifier<'a> {
     fn check_write(&mut self, stmt: &Stmt, t: TileId, state: &HazardState) {
         let name = &self.kernel.tile(t).name;
         if state.async_uncommitted.contains(&t) || state.async_in_flight.contains(&t) {
-            self.err(stmt, format!("writes %{name} while a cp.async into it is in flight"));
+            self.err(
+                stmt,
+                format!("writes %{name} while a cp.async into it is in flight"),
+            );
         } else if state.read.contains(&t) {
-            self.err(stmt, format!("overwrites %{name} while other threads may still read it (missing barrier)"));
+            self.err(
+                stmt,
+                format!(
+                    "overwrites %{name} while other threads may still read it (missing barrier)"
+                ),
+            );
         }
     }
 }
