@@ -156,7 +156,15 @@ fn random_specs_match_the_reference_part_3() {
 
 #[test]
 fn storage_rounding_stays_within_bf16_error() {
-    let spec = zaya1_like("zaya_small", 64, 16, 4, 2);
+    for dtype in [DType::Bf16, DType::F16] {
+        storage_rounding_error_is_that_of(AttentionSpec {
+            dtype,
+            ..zaya1_like("zaya_small", 64, 16, 4, 2)
+        });
+    }
+}
+
+fn storage_rounding_error_is_that_of(spec: AttentionSpec) {
     let mut rng = Rng::new(11);
     let weights = random_weights(&spec, &mut rng);
     let x = random_input(&spec, 1, 65, &mut rng);
@@ -165,8 +173,17 @@ fn storage_rounding_stays_within_bf16_error() {
     let rounded =
         run_forward_with(&spec, &weights, &x, 1, 65, schedules, Rounding::Storage).unwrap();
     let err = relative_error(&rounded.out, &reference.out.data);
-    // bf16 keeps 8 bits: a few roundings deep the error is ~1e-2, far from exact and far from wrong.
-    assert!(err > 1e-5 && err < 5e-2, "rounded out error {err:e}");
+    // bf16 keeps 8 significant bits, f16 11: a few roundings deep the error is ~1e-2 (bf16) or
+    // ~1e-3 (f16), far from exact and far from wrong.
+    let (low, high) = match spec.dtype {
+        DType::Bf16 => (1e-4, 5e-2),
+        DType::F16 => (1e-5, 5e-3),
+    };
+    assert!(
+        err > low && err < high,
+        "{:?}: rounded out error {err:e}",
+        spec.dtype
+    );
 }
 
 #[test]
@@ -261,5 +278,32 @@ fn mha_kernels_print_stably() {
     insta::assert_snapshot!(
         "mha_out_proj",
         printed(&spec, ForwardKernel::OutputProjection)
+    );
+}
+
+#[test]
+fn the_interpreter_reports_bad_bindings() {
+    let spec = AttentionSpec::plain("mha", 64, 16, 4, 4);
+    let schedule = default_schedule(&spec, ForwardKernel::OutputProjection).unwrap();
+    let kernel = build_forward(&spec, ForwardKernel::OutputProjection, &schedule).unwrap();
+    let mut buffers = ccc::ir::kernel::interp::Buffers::new();
+    buffers.insert("o".into(), vec![0.0; 2 * 5 * 64]);
+    buffers.insert("o_proj.weight".into(), vec![0.0; 64 * 64]);
+    let err = ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, 2, 5, Rounding::Exact)
+        .unwrap_err();
+    assert_eq!(err, "mha_out_proj: no buffer bound to out");
+    buffers.insert("out".into(), vec![0.0; 7]);
+    let err = ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, 2, 5, Rounding::Exact)
+        .unwrap_err();
+    assert_eq!(
+        err,
+        "mha_out_proj: buffer out has 7 values, its shape needs 640"
+    );
+    let mut weights = random_weights(&spec, &mut Rng::new(3));
+    weights.remove("o_proj.weight");
+    let x = vec![0.0; 64];
+    assert_eq!(
+        run_forward(&spec, &weights, &x, 1, 1).unwrap_err(),
+        "mha_out_proj: no buffer bound to o_proj.weight"
     );
 }
