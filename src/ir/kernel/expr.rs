@@ -32,10 +32,8 @@ pub enum ScalarType {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UnOp {
-    Neg,
     Exp,
     Log,
-    Sqrt,
     Rsqrt,
     Cos,
     Sin,
@@ -211,25 +209,6 @@ arith!(Sub, sub, Sub);
 arith!(Mul, mul, Mul);
 arith!(Div, div, Div);
 
-impl std::ops::Neg for Expr {
-    type Output = Expr;
-    fn neg(self) -> Expr {
-        Expr::unary(UnOp::Neg, self)
-    }
-}
-
-impl From<i64> for Expr {
-    fn from(v: i64) -> Expr {
-        Expr::Int(v)
-    }
-}
-
-impl From<f64> for Expr {
-    fn from(v: f64) -> Expr {
-        Expr::Float(v)
-    }
-}
-
 pub(super) fn binop_symbol(op: BinOp) -> Option<(&'static str, u8)> {
     // (infix symbol, precedence); None for ops printed as calls.
     Some(match op {
@@ -258,10 +237,8 @@ pub(super) fn call_name(op: BinOp) -> &'static str {
 
 pub(super) fn unop_name(op: UnOp) -> &'static str {
     match op {
-        UnOp::Neg => "-",
         UnOp::Exp => "exp",
         UnOp::Log => "log",
-        UnOp::Sqrt => "sqrt",
         UnOp::Rsqrt => "rsqrt",
         UnOp::Cos => "cos",
         UnOp::Sin => "sin",

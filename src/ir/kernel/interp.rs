@@ -435,14 +435,9 @@ impl<'k> Block<'k> {
             Expr::Unary(op, a) => {
                 let a = f(a)?;
                 match op {
-                    UnOp::Neg => match a {
-                        Value::Int(v) => Value::Int(-v),
-                        other => Value::Float(-other.float()?),
-                    },
                     UnOp::ToFloat => Value::Float(a.int()? as f64),
                     UnOp::Exp => Value::Float(a.float()?.exp()),
                     UnOp::Log => Value::Float(a.float()?.ln()),
-                    UnOp::Sqrt => Value::Float(a.float()?.sqrt()),
                     UnOp::Rsqrt => Value::Float(1.0 / a.float()?.sqrt()),
                     UnOp::Cos => Value::Float(a.float()?.cos()),
                     UnOp::Sin => Value::Float(a.float()?.sin()),

@@ -253,7 +253,6 @@ impl KernelFn {
                 let index: Vec<String> = index.iter().map(|e| self.expr(e)).collect();
                 format!("{param}[{}]", index.join(", "))
             }
-            Expr::Unary(UnOp::Neg, a) => format!("-{}", self.expr_prec(a, 5)),
             Expr::Unary(op, a) => format!("{}({})", unop_name(*op), self.expr(a)),
             Expr::Binary(op, a, b) => match binop_symbol(*op) {
                 Some((symbol, prec)) => {

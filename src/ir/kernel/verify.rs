@@ -405,9 +405,8 @@ impl<'a> Verifier<'a> {
             Expr::Unary(op, a) => {
                 let ta = self.expr_type(a, ctx)?;
                 match op {
-                    UnOp::Neg if ta != Bool => ta,
                     UnOp::ToFloat if ta == I32 => F32,
-                    UnOp::Exp | UnOp::Log | UnOp::Sqrt | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin
+                    UnOp::Exp | UnOp::Log | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin
                         if ta == F32 =>
                     {
                         F32
