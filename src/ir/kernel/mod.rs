@@ -7,6 +7,22 @@
 //! Layouts are part of the tile types so that the LLVM lowering can turn each tile op into
 //! per-thread code without guessing (mma.sync fragments and ldmatrix now; wgmma/TMA later as new
 //! layout variants). The same function runs on the CPU in [`interp`] with whole-tile semantics.
+//!
+//! Rules a lowering may rely on once `KernelFn::verify` passes:
+//! - register tiles are only used whole; a `Map` into a register tile reads other register tiles
+//!   only at the element it writes (same shape and layout) or a row vector at its row, so every
+//!   thread touches only what it holds; shared tiles may be read at any position;
+//! - `Mma`: f32 `mma_acc` accumulator, A shared or `mma_a` with the same warp grid, B shared,
+//!   A/B of one 16-bit type, M/N per warp in 16×8 fragments and K a multiple of 16;
+//! - every `AsyncWait` is followed by a `Barrier`; no shared tile is read before its cp.async was
+//!   waited for, read after another op's write without a barrier in between, or overwritten
+//!   while an earlier op may still read it (checked across loop iterations and branches);
+//! - cp.async boxes are whole 16-byte chunks along the tensor's innermost dimension;
+//! - global boxes read zero and skip stores outside the tensor and outside a span's `valid`
+//!   range (row starts may be negative: the convolution halo and the shifted value rows);
+//! - `select` evaluates only the chosen arm (a predicated load), so an arm may index out of
+//!   range where its condition is false;
+//! - shared memory fits in 227 KB; loop variables and lets are in scope and never shadowed.
 
 mod build;
 mod expr;
