@@ -26,6 +26,7 @@
 
 mod build;
 mod expr;
+mod hazard;
 pub mod interp;
 mod print;
 mod verify;

@@ -15,27 +15,6 @@ enum ExprCtx<'a> {
     Elementwise { dst: &'a TileView },
 }
 
-/// Shared tiles whose state matters for the next barrier.
-#[derive(Clone, Default, PartialEq)]
-struct HazardState {
-    /// Written by a cp.async not yet committed / committed but not waited for.
-    async_uncommitted: BTreeSet<TileId>,
-    async_in_flight: BTreeSet<TileId>,
-    /// Written / read by some threads since the last barrier.
-    written: BTreeSet<TileId>,
-    read: BTreeSet<TileId>,
-}
-
-impl HazardState {
-    fn union(mut self, other: &HazardState) -> HazardState {
-        self.async_uncommitted.extend(&other.async_uncommitted);
-        self.async_in_flight.extend(&other.async_in_flight);
-        self.written.extend(&other.written);
-        self.read.extend(&other.read);
-        self
-    }
-}
-
 struct Verifier<'a> {
     kernel: &'a KernelFn,
     errors: Vec<String>,
@@ -53,14 +32,7 @@ impl KernelFn {
         v.check_signature();
         v.check_tiles();
         v.check_block(&self.body);
-        let end = v.hazards(&self.body, HazardState::default());
-        if !end.async_uncommitted.is_empty() || !end.async_in_flight.is_empty() {
-            v.errors.push(format!(
-                "kernel {}: cp.async into {} never waited for",
-                self.name,
-                v.tile_names(end.async_uncommitted.union(&end.async_in_flight))
-            ));
-        }
+        v.errors.extend(super::hazard::Hazards::check(self));
         let mut seen = BTreeSet::new();
         v.errors.retain(|e| seen.insert(e.clone()));
         if v.errors.is_empty() {
@@ -71,7 +43,7 @@ impl KernelFn {
     }
 
     /// The first printed line of a statement (a loop or branch without its body).
-    fn stmt_head(&self, stmt: &Stmt) -> String {
+    pub(super) fn stmt_head(&self, stmt: &Stmt) -> String {
         let mut text = String::new();
         self.print_stmt(&mut text, stmt, 0);
         text.lines()
@@ -86,14 +58,6 @@ impl<'a> Verifier<'a> {
     fn err(&mut self, stmt: &Stmt, msg: impl std::fmt::Display) {
         let head = self.kernel.stmt_head(stmt);
         self.errors.push(format!("{head}: {msg}"));
-    }
-
-    fn tile_names<'t>(&self, tiles: impl IntoIterator<Item = &'t TileId>) -> String {
-        tiles
-            .into_iter()
-            .map(|t| format!("%{}", self.kernel.tile(*t).name))
-            .collect::<Vec<_>>()
-            .join(", ")
     }
 
     fn check_signature(&mut self) {
@@ -750,152 +714,6 @@ impl<'a> Verifier<'a> {
             self.err(
                 stmt,
                 format!("K = {} is not a multiple of 16 (m16n8k16)", a.cols),
-            );
-        }
-    }
-
-    /// Shared-memory races: reads of a tile before its cp.async landed or before a barrier after
-    /// another thread's write; writes while other threads may still read it.
-    fn hazards(&mut self, body: &[Stmt], mut state: HazardState) -> HazardState {
-        for stmt in body {
-            state = match stmt {
-                Stmt::For { body, .. } => {
-                    // Twice: the second pass sees what the end of an iteration leaves for the next.
-                    let once = self.hazards(body, state.clone());
-                    let twice = self.hazards(body, once.clone().union(&state));
-                    twice.union(&state)
-                }
-                Stmt::If {
-                    then_body,
-                    else_body,
-                    ..
-                } => {
-                    let a = self.hazards(then_body, state.clone());
-                    let b = self.hazards(else_body, state);
-                    a.union(&b)
-                }
-                _ => {
-                    self.stmt_hazards(stmt, &mut state);
-                    state
-                }
-            };
-        }
-        state
-    }
-
-    fn stmt_hazards(&mut self, stmt: &Stmt, state: &mut HazardState) {
-        let shared = |k: &KernelFn, v: &TileView| {
-            (v.tile.0 < k.tiles.len() && k.tile(v.tile).ty.space() == Space::Shared)
-                .then_some(v.tile)
-        };
-        let mut reads = Vec::new();
-        let mut writes = Vec::new();
-        let k = self.kernel;
-        let expr_reads = |e: &Expr, reads: &mut Vec<TileId>| {
-            e.visit(&mut |sub| {
-                if let Expr::Tile { tile, .. } = sub
-                    && tile.0 < k.tiles.len()
-                    && k.tile(*tile).ty.space() == Space::Shared
-                {
-                    reads.push(*tile);
-                }
-            })
-        };
-        match stmt {
-            Stmt::Copy {
-                dst,
-                is_async: true,
-                ..
-            } => {
-                if let Some(t) = shared(k, dst) {
-                    self.check_write(stmt, t, state);
-                    state.async_uncommitted.insert(t);
-                }
-                return;
-            }
-            Stmt::AsyncCommit => {
-                let moved = std::mem::take(&mut state.async_uncommitted);
-                state.async_in_flight.extend(moved);
-                return;
-            }
-            Stmt::AsyncWait { pending: 0 } => {
-                let landed = std::mem::take(&mut state.async_in_flight);
-                state.written.extend(landed);
-                return;
-            }
-            Stmt::Barrier => {
-                state.written.clear();
-                state.read.clear();
-                return;
-            }
-            Stmt::Copy { dst, .. } | Stmt::Fill { dst, .. } => writes.extend(shared(k, dst)),
-            Stmt::Mma { acc, a, b, .. } => {
-                reads.extend(shared(k, a));
-                reads.extend(shared(k, b));
-                writes.extend(shared(k, acc));
-            }
-            Stmt::Convert { dst, src } => {
-                reads.extend(shared(k, src));
-                writes.extend(shared(k, dst));
-            }
-            Stmt::Map { dst, expr } => {
-                expr_reads(expr, &mut reads);
-                let mut uses_elem = false;
-                expr.visit(&mut |e| uses_elem |= *e == Expr::Elem);
-                if let Some(t) = shared(k, dst) {
-                    if uses_elem && state.written.contains(&t) {
-                        self.err(
-                            stmt,
-                            format!(
-                                "reads %{} after another write without a barrier",
-                                k.tile(t).name
-                            ),
-                        );
-                    }
-                    writes.push(t);
-                }
-            }
-            Stmt::RowReduce { src, value, .. } => {
-                reads.extend(shared(k, src));
-                expr_reads(value, &mut reads);
-            }
-            Stmt::Store { src, .. } => reads.extend(shared(k, src)),
-            _ => return,
-        }
-        for t in reads {
-            let name = &k.tile(t).name;
-            if state.async_uncommitted.contains(&t) || state.async_in_flight.contains(&t) {
-                self.err(
-                    stmt,
-                    format!("reads %{name} before its cp.async is waited for"),
-                );
-            } else if state.written.contains(&t) {
-                self.err(
-                    stmt,
-                    format!("reads %{name} after a write without a barrier"),
-                );
-            }
-            state.read.insert(t);
-        }
-        for t in writes {
-            self.check_write(stmt, t, state);
-            state.written.insert(t);
-        }
-    }
-
-    fn check_write(&mut self, stmt: &Stmt, t: TileId, state: &HazardState) {
-        let name = &self.kernel.tile(t).name;
-        if state.async_uncommitted.contains(&t) || state.async_in_flight.contains(&t) {
-            self.err(
-                stmt,
-                format!("writes %{name} while a cp.async into it is in flight"),
-            );
-        } else if state.read.contains(&t) {
-            self.err(
-                stmt,
-                format!(
-                    "overwrites %{name} while other threads may still read it (missing barrier)"
-                ),
             );
         }
     }
