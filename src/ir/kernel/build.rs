@@ -33,35 +33,43 @@ impl ForwardKernel {
 /// kernel verifies, shared memory included, for mma.sync on sm_90a.
 pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Schedule, String> {
     let d = spec.head_dim as u32;
+    // Two stages (copy one tile ahead) where shared memory allows, else one.
     let candidates: Vec<Schedule> = match which {
         ForwardKernel::QkvProjection => [64, 32, 16]
             .into_iter()
-            .flat_map(|m| {
-                [4, 2, 1].map(|warps| Schedule {
-                    block_m: m,
-                    block_n: d,
-                    block_k: 32,
-                    warps,
+            .flat_map(|block_m| {
+                [2, 1].into_iter().flat_map(move |stages| {
+                    [4, 2, 1].map(|warps| Schedule {
+                        block_m,
+                        block_n: d,
+                        block_k: 32,
+                        warps,
+                        stages,
+                    })
                 })
             })
             .collect(),
         ForwardKernel::Attention => [(64, 4), (32, 2), (16, 1)]
             .into_iter()
-            .map(|(m, warps)| Schedule {
-                block_m: m,
-                block_n: 64,
-                block_k: d,
-                warps,
+            .flat_map(|(block_m, warps)| {
+                [2, 1].map(|stages| Schedule {
+                    block_m,
+                    block_n: 64,
+                    block_k: d,
+                    warps,
+                    stages,
+                })
             })
             .collect(),
-        ForwardKernel::OutputProjection => {
-            vec![Schedule {
+        ForwardKernel::OutputProjection => [2, 1]
+            .map(|stages| Schedule {
                 block_m: 64,
                 block_n: 64,
                 block_k: 32,
                 warps: 4,
-            }]
-        }
+                stages,
+            })
+            .to_vec(),
     };
     let mut last_error = String::from("no candidate schedule");
     for schedule in candidates {
@@ -84,7 +92,7 @@ pub fn build_forward(
 ) -> Result<KernelFn, String> {
     spec.validate()?;
     let s = schedule;
-    if s.block_m == 0 || s.block_n == 0 || s.block_k == 0 || s.warps == 0 {
+    if s.block_m == 0 || s.block_n == 0 || s.block_k == 0 || s.warps == 0 || s.stages == 0 {
         return Err(format!("schedule {s:?} has a zero size"));
     }
     let kernel = match which {
@@ -208,6 +216,71 @@ fn plus(e: Expr, k: i64) -> Expr {
     }
 }
 
+/// `e · k`, folded when e is a constant.
+fn times(e: Expr, k: u32) -> Expr {
+    match e {
+        Expr::Int(v) => int(v * k as i64),
+        e => e * int(k),
+    }
+}
+
+/// A loop over `count` tiles whose cp.async copies run `stages − 1` tiles ahead of the compute,
+/// through a ring of `stages` shared buffers (one commit group per tile, so that
+/// `cp.async.wait stages-1` means "the tile about to be used has landed").
+/// `load(tile, slot)` copies tile `tile` into ring slot `slot`; `compute(tile, slot)` uses it.
+fn pipelined_loop(
+    var_name: &str,
+    count: Expr,
+    stages: u32,
+    load: &dyn Fn(Expr, Expr) -> Vec<Stmt>,
+    compute: &dyn Fn(Expr, Expr) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let step = var(var_name);
+    let ahead = stages as i64 - 1;
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    if ahead == 0 {
+        body.extend(load(step.clone(), int(0)));
+    } else {
+        for tile in 0..ahead {
+            out.push(Stmt::If {
+                cond: int(tile).lt(count.clone()),
+                then_body: load(int(tile), int(tile)),
+                else_body: Vec::new(),
+            });
+            out.push(Stmt::AsyncCommit);
+        }
+        let next = plus(step.clone(), ahead);
+        body.push(Stmt::If {
+            cond: next.clone().lt(count.clone()),
+            then_body: load(next.clone(), next.modulo(int(stages))),
+            else_body: Vec::new(),
+        });
+    }
+    body.push(Stmt::AsyncCommit);
+    body.push(Stmt::AsyncWait {
+        pending: ahead as u32,
+    });
+    body.push(Stmt::Barrier);
+    let slot = if ahead == 0 {
+        int(0)
+    } else {
+        step.clone().modulo(int(stages))
+    };
+    body.extend(compute(step, slot));
+    // The next copies overwrite buffers this iteration read.
+    body.push(Stmt::Barrier);
+    out.push(for_(var_name, int(0), count, body));
+    if ahead > 0 {
+        // Copies issued ahead for tiles past the end were never issued, but the groups
+        // committed for them are still counted: drain them so that nothing is in flight after
+        // the loop and the next loop's group count starts from zero.
+        out.push(Stmt::AsyncWait { pending: 0 });
+        out.push(Stmt::Barrier);
+    }
+    out
+}
+
 fn tensor(name: &str, elem: ElemType, shape: Vec<SizeExpr>, access: Access) -> KernelParam {
     KernelParam::Tensor {
         name: name.to_string(),
@@ -255,58 +328,57 @@ struct Projection<'a> {
     acc: TileId,
     tiles: &'a Tiles,
     model_dim: usize,
+    /// Rows of x and of W per pass (one ring slot each).
+    rows: u32,
+    head_dim: u32,
     block_k: u32,
+    stages: u32,
 }
 
 impl Projection<'_> {
     fn stmts(&self, weight: &str, w_row0: Expr, x_row0: Expr) -> Vec<Stmt> {
         let t = self.tiles;
-        let (m, d) = (t.decls[self.x_s.0].ty.rows, t.decls[self.w_s.0].ty.rows);
-        let bk = self.block_k;
-        let chunk = var("kc") * int(bk);
-        vec![
-            Stmt::Fill {
-                dst: t.whole(self.acc),
-                value: 0.0,
-            },
-            for_(
-                "kc",
-                int(0),
-                int(self.model_dim.div_ceil(bk as usize)),
-                vec![
-                    Stmt::Copy {
-                        dst: t.whole(self.x_s),
-                        src: GlobalTile {
-                            param: "x".into(),
-                            dims: vec![
-                                GlobalDim::At(var("b")),
-                                span(x_row0, m),
-                                span(chunk.clone(), bk),
-                            ],
-                        },
-                        is_async: true,
+        let (m, d, bk) = (self.rows, self.head_dim, self.block_k);
+        let load = |chunk: Expr, slot: Expr| {
+            let col = times(chunk, bk);
+            vec![
+                Stmt::Copy {
+                    dst: t.view(self.x_s, times(slot.clone(), m), int(0), m, bk),
+                    src: GlobalTile {
+                        param: "x".into(),
+                        dims: vec![
+                            GlobalDim::At(var("b")),
+                            span(x_row0.clone(), m),
+                            span(col.clone(), bk),
+                        ],
                     },
-                    Stmt::Copy {
-                        dst: t.whole(self.w_s),
-                        src: GlobalTile {
-                            param: weight.into(),
-                            dims: vec![span(w_row0, d), span(chunk, bk)],
-                        },
-                        is_async: true,
+                    is_async: true,
+                },
+                Stmt::Copy {
+                    dst: t.view(self.w_s, times(slot, d), int(0), d, bk),
+                    src: GlobalTile {
+                        param: weight.into(),
+                        dims: vec![span(w_row0.clone(), d), span(col, bk)],
                     },
-                    Stmt::AsyncCommit,
-                    Stmt::AsyncWait { pending: 0 },
-                    Stmt::Barrier,
-                    Stmt::Mma {
-                        acc: t.whole(self.acc),
-                        a: t.whole(self.x_s),
-                        b: t.whole(self.w_s),
-                        b_transposed: true,
-                    },
-                    Stmt::Barrier,
-                ],
-            ),
-        ]
+                    is_async: true,
+                },
+            ]
+        };
+        let compute = |_: Expr, slot: Expr| {
+            vec![Stmt::Mma {
+                acc: t.whole(self.acc),
+                a: t.view(self.x_s, times(slot.clone(), m), int(0), m, bk),
+                b: t.view(self.w_s, times(slot, d), int(0), d, bk),
+                b_transposed: true,
+            }]
+        };
+        let mut out = vec![Stmt::Fill {
+            dst: t.whole(self.acc),
+            value: 0.0,
+        }];
+        let chunks = int(self.model_dim.div_ceil(bk as usize));
+        out.extend(pipelined_loop("kc", chunks, self.stages, &load, &compute));
+        out
     }
 }
 
@@ -372,8 +444,8 @@ impl<'a> QkvBuilder<'a> {
             .max()
             .unwrap_or(0);
         let mut tiles = Tiles { decls: Vec::new() };
-        let x_s = tiles.shared("x_s", storage, m, s.block_k);
-        let w_s = tiles.shared("w_s", storage, d, s.block_k);
+        let x_s = tiles.shared("x_s", storage, s.stages * m, s.block_k);
+        let w_s = tiles.shared("w_s", storage, s.stages * d, s.block_k);
         let acc_layout = Layout::MmaAccumulator {
             warps_m: wm,
             warps_n: wn,
@@ -432,7 +504,10 @@ impl<'a> QkvBuilder<'a> {
             acc: self.acc,
             tiles: &self.tiles,
             model_dim: self.spec.model_dim,
+            rows: self.m,
+            head_dim: self.d,
             block_k: self.schedule.block_k,
+            stages: self.schedule.stages,
         }
     }
 
@@ -917,8 +992,8 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let storage: ElemType = spec.dtype.into();
     let mut t = Tiles { decls: Vec::new() };
     let q_s = t.shared("q_s", storage, bm, d);
-    let k_s = t.shared("k_s", storage, bn, d);
-    let v_s = t.shared("v_s", storage, bn, d);
+    let k_s = t.shared("k_s", storage, s.stages * bn, d);
+    let v_s = t.shared("v_s", storage, s.stages * bn, d);
     let acc = Layout::MmaAccumulator {
         warps_m: wm,
         warps_n: wn,
@@ -991,102 +1066,111 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             kv_tiles.min((var("q_row0") + int(bm)).ceil_div(int(bn))),
         ),
     };
-    let kv_box = |param: &str| GlobalTile {
-        param: param.into(),
-        dims: vec![
-            GlobalDim::At(var("b")),
-            span(var("k_col0"), bn),
-            GlobalDim::At(var("kv_head")),
-            span(int(0), d),
-        ],
-    };
     let w = |id: TileId| t.whole(id);
-    let loop_body = vec![
-        let_("k_col0", var("kv_tile") * int(bn)),
-        Stmt::Copy {
-            dst: w(k_s),
-            src: kv_box("k"),
-            is_async: true,
-        },
-        Stmt::Copy {
-            dst: w(v_s),
-            src: kv_box("v"),
-            is_async: true,
-        },
-        Stmt::AsyncCommit,
-        Stmt::AsyncWait { pending: 0 },
-        Stmt::Barrier,
-        Stmt::Fill {
-            dst: w(scores),
-            value: 0.0,
-        },
-        Stmt::Mma {
-            acc: w(scores),
-            a: w(q_s),
-            b: w(k_s),
-            b_transposed: true,
-        },
-        Stmt::If {
-            cond: unmasked,
-            then_body: vec![Stmt::Map {
+    let slot_view = |tile: TileId, slot: Expr| t.view(tile, times(slot, bn), int(0), bn, d);
+    let load = |tile: Expr, slot: Expr| {
+        let tile = match tile {
+            Expr::Int(k) => plus(var("kv_first"), k),
+            tile => var("kv_first") + tile,
+        };
+        let key0 = times(tile, bn);
+        ["k", "v"]
+            .into_iter()
+            .zip([k_s, v_s])
+            .map(|(param, dst)| Stmt::Copy {
+                dst: slot_view(dst, slot.clone()),
+                src: GlobalTile {
+                    param: param.into(),
+                    dims: vec![
+                        GlobalDim::At(var("b")),
+                        span(key0.clone(), bn),
+                        GlobalDim::At(var("kv_head")),
+                        span(int(0), d),
+                    ],
+                },
+                is_async: true,
+            })
+            .collect()
+    };
+    let compute = |step: Expr, slot: Expr| {
+        vec![
+            let_("k_col0", (var("kv_first") + step) * int(bn)),
+            Stmt::Fill {
                 dst: w(scores),
-                expr: Expr::Elem * scale.clone(),
-            }],
-            else_body: vec![Stmt::Map {
+                value: 0.0,
+            },
+            Stmt::Mma {
+                acc: w(scores),
+                a: w(q_s),
+                b: slot_view(k_s, slot.clone()),
+                b_transposed: true,
+            },
+            Stmt::If {
+                cond: unmasked.clone(),
+                then_body: vec![Stmt::Map {
+                    dst: w(scores),
+                    expr: Expr::Elem * scale.clone(),
+                }],
+                else_body: vec![Stmt::Map {
+                    dst: w(scores),
+                    expr: Expr::select(
+                        visible.clone(),
+                        Expr::Elem * scale.clone(),
+                        Expr::Float(f64::NEG_INFINITY),
+                    ),
+                }],
+            },
+            Stmt::RowReduce {
+                dst: tile_max,
+                src: w(scores),
+                op: ReduceOp::Max,
+                value: Expr::Elem,
+            },
+            Stmt::Map {
+                dst: w(m_new),
+                expr: at_row(m).max(at_row(tile_max)),
+            },
+            Stmt::Map {
+                dst: w(alpha),
+                expr: (at_row(m) - finite_max.clone()).exp(),
+            },
+            Stmt::Map {
                 dst: w(scores),
-                expr: Expr::select(visible, Expr::Elem * scale, Expr::Float(f64::NEG_INFINITY)),
-            }],
-        },
-        Stmt::RowReduce {
-            dst: tile_max,
-            src: w(scores),
-            op: ReduceOp::Max,
-            value: Expr::Elem,
-        },
-        Stmt::Map {
-            dst: w(m_new),
-            expr: at_row(m).max(at_row(tile_max)),
-        },
-        Stmt::Map {
-            dst: w(alpha),
-            expr: (at_row(m) - finite_max.clone()).exp(),
-        },
-        Stmt::Map {
-            dst: w(scores),
-            expr: (Expr::Elem - finite_max).exp(),
-        },
-        Stmt::RowReduce {
-            dst: tile_sum,
-            src: w(scores),
-            op: ReduceOp::Sum,
-            value: Expr::Elem,
-        },
-        Stmt::Map {
-            dst: w(l),
-            expr: Expr::Elem * at_row(alpha) + at_row(tile_sum),
-        },
-        Stmt::Map {
-            dst: w(o),
-            expr: Expr::Elem * at_row(alpha),
-        },
-        Stmt::Convert {
-            dst: w(probs),
-            src: w(scores),
-        },
-        Stmt::Mma {
-            acc: w(o),
-            a: w(probs),
-            b: w(v_s),
-            b_transposed: false,
-        },
-        Stmt::Map {
-            dst: w(m),
-            expr: at_row(m_new),
-        },
-        Stmt::Barrier,
-    ];
+                expr: (Expr::Elem - finite_max.clone()).exp(),
+            },
+            Stmt::RowReduce {
+                dst: tile_sum,
+                src: w(scores),
+                op: ReduceOp::Sum,
+                value: Expr::Elem,
+            },
+            Stmt::Map {
+                dst: w(l),
+                expr: Expr::Elem * at_row(alpha) + at_row(tile_sum),
+            },
+            Stmt::Map {
+                dst: w(o),
+                expr: Expr::Elem * at_row(alpha),
+            },
+            Stmt::Convert {
+                dst: w(probs),
+                src: w(scores),
+            },
+            Stmt::Mma {
+                acc: w(o),
+                a: w(probs),
+                b: slot_view(v_s, slot),
+                b_transposed: false,
+            },
+            Stmt::Map {
+                dst: w(m),
+                expr: at_row(m_new),
+            },
+        ]
+    };
+    let kv_loop = pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute);
     let g = spec.groups();
-    let body = vec![
+    let mut body = vec![
         Stmt::Note(format!(
             "CTA = {bm} query rows of head h, batch b; online softmax over key tiles of {bn}"
         )),
@@ -1124,7 +1208,11 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             value: 0.0,
         },
         Stmt::Note("only key tiles some row of this tile can see".into()),
-        for_("kv_tile", kv_start, kv_end, loop_body),
+        let_("kv_first", kv_start),
+        let_("kv_count", kv_end - var("kv_first")),
+    ];
+    body.extend(kv_loop);
+    body.extend([
         Stmt::Map {
             dst: w(o),
             expr: Expr::Elem / at_row(l),
@@ -1157,7 +1245,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
                 ],
             },
         },
-    ];
+    ]);
     let bsd = |heads: usize| {
         vec![
             SizeExpr::batch(),
@@ -1207,8 +1295,8 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
     let storage: ElemType = spec.dtype.into();
     let (e, lq) = (spec.model_dim, spec.q_width());
     let mut t = Tiles { decls: Vec::new() };
-    let a_s = t.shared("o_s", storage, bm, bk);
-    let w_s = t.shared("w_s", storage, bn, bk);
+    let a_s = t.shared("o_s", storage, s.stages * bm, bk);
+    let w_s = t.shared("w_s", storage, s.stages * bn, bk);
     let acc = t.regs(
         "acc",
         ElemType::F32,
@@ -1221,7 +1309,39 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
     );
     let weight =
         param_name(spec, ParamRole::OutputProj).expect("every spec has an output projection");
-    let chunk = var("kc") * int(bk);
+    let load = |chunk: Expr, slot: Expr| {
+        let col = times(chunk, bk);
+        vec![
+            Stmt::Copy {
+                dst: t.view(a_s, times(slot.clone(), bm), int(0), bm, bk),
+                src: GlobalTile {
+                    param: "o".into(),
+                    dims: vec![
+                        GlobalDim::At(var("b")),
+                        span(var("row0"), bm),
+                        span(col.clone(), bk),
+                    ],
+                },
+                is_async: true,
+            },
+            Stmt::Copy {
+                dst: t.view(w_s, times(slot, bn), int(0), bn, bk),
+                src: GlobalTile {
+                    param: weight.clone(),
+                    dims: vec![span(var("col0"), bn), span(col, bk)],
+                },
+                is_async: true,
+            },
+        ]
+    };
+    let compute = |_: Expr, slot: Expr| {
+        vec![Stmt::Mma {
+            acc: t.whole(acc),
+            a: t.view(a_s, times(slot.clone(), bm), int(0), bm, bk),
+            b: t.view(w_s, times(slot, bn), int(0), bn, bk),
+            b_transposed: true,
+        }]
+    };
     let mut body = vec![
         Stmt::Note(format!("CTA = rows {bm} x columns {bn} of out for batch b")),
         let_("row_tile", Expr::BlockIdx(Axis::X)),
@@ -1233,44 +1353,14 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
             dst: t.whole(acc),
             value: 0.0,
         },
-        for_(
-            "kc",
-            int(0),
-            int(lq.div_ceil(bk as usize)),
-            vec![
-                Stmt::Copy {
-                    dst: t.whole(a_s),
-                    src: GlobalTile {
-                        param: "o".into(),
-                        dims: vec![
-                            GlobalDim::At(var("b")),
-                            span(var("row0"), bm),
-                            span(chunk.clone(), bk),
-                        ],
-                    },
-                    is_async: true,
-                },
-                Stmt::Copy {
-                    dst: t.whole(w_s),
-                    src: GlobalTile {
-                        param: weight.clone(),
-                        dims: vec![span(var("col0"), bn), span(chunk, bk)],
-                    },
-                    is_async: true,
-                },
-                Stmt::AsyncCommit,
-                Stmt::AsyncWait { pending: 0 },
-                Stmt::Barrier,
-                Stmt::Mma {
-                    acc: t.whole(acc),
-                    a: t.whole(a_s),
-                    b: t.whole(w_s),
-                    b_transposed: true,
-                },
-                Stmt::Barrier,
-            ],
-        ),
     ];
+    body.extend(pipelined_loop(
+        "kc",
+        int(lq.div_ceil(bk as usize)),
+        s.stages,
+        &load,
+        &compute,
+    ));
     if let Some(bias) = param_name(spec, ParamRole::OutputBias) {
         // Clamped so that columns past E (never stored) still read inside the bias.
         let column = (var("col0") + Expr::Col).min(int(e - 1));

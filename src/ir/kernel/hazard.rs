@@ -60,7 +60,10 @@ impl State {
     }
 
     fn in_flight(&self, region: &Region) -> bool {
-        self.uncommitted.iter().chain(self.groups.iter().flatten()).any(|r| r.overlaps(region))
+        self.uncommitted
+            .iter()
+            .chain(self.groups.iter().flatten())
+            .any(|r| r.overlaps(region))
     }
 }
 
@@ -73,7 +76,11 @@ pub(super) struct Hazards<'k> {
 
 impl<'k> Hazards<'k> {
     pub fn check(kernel: &'k KernelFn) -> Vec<String> {
-        let mut h = Hazards { kernel, known: Vec::new(), errors: Vec::new() };
+        let mut h = Hazards {
+            kernel,
+            known: Vec::new(),
+            errors: Vec::new(),
+        };
         let end = h.block(&kernel.body, State::default());
         let pending: BTreeSet<&str> = end
             .uncommitted
@@ -119,12 +126,33 @@ impl<'k> Hazards<'k> {
         }
     }
 
+    fn truth(&self, cond: &Expr) -> Option<bool> {
+        match cond {
+            Expr::Binary(BinOp::And, a, b) => match (self.truth(a), self.truth(b)) {
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                (Some(true), Some(true)) => Some(true),
+                _ => None,
+            },
+            Expr::Binary(op @ (BinOp::Lt | BinOp::Le | BinOp::Eq), a, b) => {
+                let (a, b) = (self.value(a)?, self.value(b)?);
+                Some(match op {
+                    BinOp::Lt => a < b,
+                    BinOp::Le => a <= b,
+                    _ => a == b,
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The shared rows a view covers; None for register tiles.
     fn region(&self, view: &TileView) -> Option<Region> {
         let ty = &self.kernel.tiles.get(view.tile.0)?.ty;
         (ty.space() == Space::Shared).then(|| Region {
             tile: view.tile,
-            rows: self.value(&view.row0).map(|start| (start, start + view.rows as i64)),
+            rows: self
+                .value(&view.row0)
+                .map(|start| (start, start + view.rows as i64)),
         })
     }
 
@@ -137,11 +165,24 @@ impl<'k> Hazards<'k> {
                     self.known.push((var, v));
                     state
                 }
-                Stmt::For { var, start, end, body } => self.for_loop(var, start, end, body, state),
-                Stmt::If { then_body, else_body, .. } => {
-                    let taken = self.block(then_body, state.clone());
-                    taken.merge(self.block(else_body, state))
-                }
+                Stmt::For {
+                    var,
+                    start,
+                    end,
+                    body,
+                } => self.for_loop(var, start, end, body, state),
+                Stmt::If {
+                    cond,
+                    then_body,
+                    else_body,
+                } => match self.truth(cond) {
+                    Some(true) => self.block(then_body, state),
+                    Some(false) => self.block(else_body, state),
+                    None => {
+                        let taken = self.block(then_body, state.clone());
+                        taken.merge(self.block(else_body, state))
+                    }
+                },
                 _ => {
                     self.stmt(stmt, &mut state);
                     state
@@ -153,9 +194,18 @@ impl<'k> Hazards<'k> {
     }
 
     /// Unrolls the first iterations (concrete values of `var` when the start is known), so that
-    /// what one iteration leaves in flight is checked against the next ones.
-    fn for_loop(&mut self, var: &'k str, start: &Expr, end: &Expr, body: &'k [Stmt], state: State) -> State {
-        let (start, end) = (self.value(start), self.value(end));
+    /// what one iteration leaves in flight is checked against the next ones. When the end is a
+    /// variable not known here, each iteration is also run as the last one (end = var + 1), so
+    /// that copies guarded by "is there a next tile" are not taken to outlive the loop.
+    fn for_loop(
+        &mut self,
+        var: &'k str,
+        start: &Expr,
+        end_expr: &'k Expr,
+        body: &'k [Stmt],
+        state: State,
+    ) -> State {
+        let (start, end) = (self.value(start), self.value(end_expr));
         let iterations: Vec<Option<i64>> = match start {
             Some(s) => {
                 let last = end.map_or(s + UNROLLED_ITERATIONS, |e| e.min(s + UNROLLED_ITERATIONS));
@@ -168,11 +218,29 @@ impl<'k> Hazards<'k> {
         if may_skip {
             exits.push(state.clone());
         }
+        let unknown_end = match end_expr {
+            Expr::Var(name) if end.is_none() => Some(name.as_str()),
+            _ => None,
+        };
+        // A constant trip count within the unrolled iterations leaves only after the last one.
+        let exact = matches!((start, end), (Some(s), Some(e)) if e - s <= UNROLLED_ITERATIONS);
         let mut state = state;
         for value in iterations {
             self.known.push((var, value));
-            state = self.block(body, state);
+            if let (Some(end_var), Some(v)) = (unknown_end, value) {
+                self.known.push((end_var, Some(v + 1)));
+                exits.push(self.block(body, state.clone()));
+                self.known.pop();
+                state = self.block(body, state);
+            } else {
+                state = self.block(body, state);
+                if !exact {
+                    exits.push(state.clone());
+                }
+            }
             self.known.pop();
+        }
+        if exact {
             exits.push(state.clone());
         }
         exits.into_iter().reduce(State::merge).unwrap_or(state)
@@ -183,15 +251,26 @@ impl<'k> Hazards<'k> {
         let mut writes = Vec::new();
         let shared_reads = |e: &Expr, reads: &mut Vec<Region>| {
             e.visit(&mut |sub| {
-                if let Expr::Tile { tile, .. } = sub {
-                    if self.kernel.tiles.get(tile.0).is_some_and(|t| t.ty.space() == Space::Shared) {
-                        reads.push(Region { tile: *tile, rows: None });
+                if let Expr::Tile { tile, .. } = sub
+                    && self
+                        .kernel
+                        .tiles
+                        .get(tile.0)
+                        .is_some_and(|t| t.ty.space() == Space::Shared)
+                    {
+                        reads.push(Region {
+                            tile: *tile,
+                            rows: None,
+                        });
                     }
-                }
             })
         };
         match stmt {
-            Stmt::Copy { dst, is_async: true, .. } => {
+            Stmt::Copy {
+                dst,
+                is_async: true,
+                ..
+            } => {
                 if let Some(region) = self.region(dst) {
                     self.check_write(stmt, &region, state);
                     state.uncommitted.insert(region);
@@ -232,7 +311,10 @@ impl<'k> Hazards<'k> {
                     expr.visit(&mut |e| uses_elem |= *e == Expr::Elem);
                     if uses_elem && state.written.iter().any(|w| w.overlaps(&region)) {
                         let name = &self.kernel.tile(region.tile).name;
-                        self.err(stmt, format!("reads %{name} after another write without a barrier"));
+                        self.err(
+                            stmt,
+                            format!("reads %{name} after another write without a barrier"),
+                        );
                     }
                     writes.push(region);
                 }
@@ -247,9 +329,15 @@ impl<'k> Hazards<'k> {
         for region in reads {
             let name = &self.kernel.tile(region.tile).name;
             if state.in_flight(&region) {
-                self.err(stmt, format!("reads %{name} before its cp.async is waited for"));
+                self.err(
+                    stmt,
+                    format!("reads %{name} before its cp.async is waited for"),
+                );
             } else if state.written.iter().any(|w| w.overlaps(&region)) {
-                self.err(stmt, format!("reads %{name} after a write without a barrier"));
+                self.err(
+                    stmt,
+                    format!("reads %{name} after a write without a barrier"),
+                );
             }
             state.read.insert(region);
         }
@@ -262,11 +350,16 @@ impl<'k> Hazards<'k> {
     fn check_write(&mut self, stmt: &Stmt, region: &Region, state: &State) {
         let name = &self.kernel.tile(region.tile).name;
         if state.in_flight(region) {
-            self.err(stmt, format!("writes %{name} while a cp.async into it is in flight"));
+            self.err(
+                stmt,
+                format!("writes %{name} while a cp.async into it is in flight"),
+            );
         } else if state.read.iter().any(|r| r.overlaps(region)) {
             self.err(
                 stmt,
-                format!("overwrites %{name} while other threads may still read it (missing barrier)"),
+                format!(
+                    "overwrites %{name} while other threads may still read it (missing barrier)"
+                ),
             );
         }
     }

@@ -306,13 +306,16 @@ pub enum Stmt {
 /// qkv_proj: block_m = rows of the projected tile incl. the convolution halo, block_n = columns
 /// per projection pass (head_dim), block_k = model_dim chunk; attention: block_m query rows,
 /// block_n keys per tile, block_k = head_dim; out_proj: block_m rows × block_n output columns,
-/// block_k = reduction chunk.
+/// block_k = reduction chunk. A ring of `stages` buffers holds the streamed tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Schedule {
     pub block_m: u32,
     pub block_n: u32,
     pub block_k: u32,
     pub warps: u32,
+    /// Shared buffers of each streamed operand: copies run `stages - 1` tiles ahead of the
+    /// matrix multiplies (1 = copy, wait, compute).
+    pub stages: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -65,8 +65,8 @@ impl KernelFn {
         let s = &self.schedule;
         let _ = writeln!(
             out,
-            "  schedule: block_m={} block_n={} block_k={} warps={}",
-            s.block_m, s.block_n, s.block_k, s.warps
+            "  schedule: block_m={} block_n={} block_k={} warps={} stages={}",
+            s.block_m, s.block_n, s.block_k, s.warps, s.stages
         );
         out.push_str("  tiles:\n");
         for tile in &self.tiles {

@@ -370,11 +370,7 @@ impl<'a> Verifier<'a> {
                 let ta = self.expr_type(a, ctx)?;
                 match op {
                     UnOp::ToFloat if ta == I32 => F32,
-                    UnOp::Exp | UnOp::Log | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin
-                        if ta == F32 =>
-                    {
-                        F32
-                    }
+                    UnOp::Exp | UnOp::Log | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin if ta == F32 => F32,
                     _ => return Err(format!("`{}` applied to {ta:?}", self.kernel.expr(expr))),
                 }
             }
