@@ -243,11 +243,16 @@ fn pipelined_loop(
         body.extend(load(step.clone(), int(0)));
     } else {
         for tile in 0..ahead {
-            out.push(Stmt::If {
-                cond: int(tile).lt(count.clone()),
-                then_body: load(int(tile), int(tile)),
-                else_body: Vec::new(),
-            });
+            match count {
+                // A constant trip count decides the prologue's copies here.
+                Expr::Int(tiles) if tile < tiles => out.extend(load(int(tile), int(tile))),
+                Expr::Int(_) => {}
+                _ => out.push(Stmt::If {
+                    cond: int(tile).lt(count.clone()),
+                    then_body: load(int(tile), int(tile)),
+                    else_body: Vec::new(),
+                }),
+            }
             out.push(Stmt::AsyncCommit);
         }
         let next = plus(step.clone(), ahead);

@@ -257,12 +257,12 @@ impl<'k> Hazards<'k> {
                         .tiles
                         .get(tile.0)
                         .is_some_and(|t| t.ty.space() == Space::Shared)
-                    {
-                        reads.push(Region {
-                            tile: *tile,
-                            rows: None,
-                        });
-                    }
+                {
+                    reads.push(Region {
+                        tile: *tile,
+                        rows: None,
+                    });
+                }
             })
         };
         match stmt {
