@@ -263,6 +263,19 @@ fn printed(spec: &AttentionSpec, which: ForwardKernel) -> String {
 }
 
 #[test]
+fn forward_kernels_are_named_after_the_spec_in_run_order() {
+    let names: Vec<String> = ccc::ir::kernel::forward_kernels(&zaya1())
+        .unwrap()
+        .into_iter()
+        .map(|k| k.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["zaya1_qkv_proj", "zaya1_attention", "zaya1_out_proj"]
+    );
+}
+
+#[test]
 fn zaya1_kernels_print_stably() {
     let spec = zaya1();
     insta::assert_snapshot!(

@@ -84,6 +84,15 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
     ))
 }
 
+/// The three forward kernels of `spec` (qkv_proj, attention, out_proj, the order they run in),
+/// each with its default schedule: what `ccc compile --emit kernel` prints.
+pub fn forward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
+    ForwardKernel::ALL
+        .into_iter()
+        .map(|which| build_forward(spec, which, &default_schedule(spec, which)?))
+        .collect()
+}
+
 /// Builds one forward kernel of `spec` with `schedule`, verified.
 pub fn build_forward(
     spec: &AttentionSpec,

@@ -31,7 +31,7 @@ pub mod interp;
 mod print;
 mod verify;
 
-pub use build::{ForwardKernel, build_forward, default_schedule};
+pub use build::{ForwardKernel, build_forward, default_schedule, forward_kernels};
 pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
 
 use crate::ir::size::{SizeExpr, SizeVar};
