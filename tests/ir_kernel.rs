@@ -326,3 +326,12 @@ fn the_interpreter_reports_bad_bindings() {
         "mha_out_proj: no buffer bound to o_proj.weight"
     );
 }
+
+#[test]
+fn head_dims_mma_cannot_tile_are_errors_not_panics() {
+    for d in [8, 24, 40] {
+        let spec = zaya1_like("odd", 4 * d, d, 2, 1);
+        let err = ccc::ir::kernel::forward_kernels(&spec).unwrap_err();
+        assert!(err.contains("no default"), "d = {d}: {err}");
+    }
+}
