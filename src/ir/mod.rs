@@ -3,6 +3,7 @@
 //! kernel), each with a verifier and a printer. docs/architecture.md describes the levels.
 
 pub mod graph;
+pub mod kernel;
 pub mod passes;
 pub mod plan;
 pub mod size;

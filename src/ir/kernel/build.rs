@@ -1,0 +1,1426 @@
+//! Builders of the three forward kernels of a layer: `qkv_proj` (projections with the fused CCA
+//! prologue), `attention` (flash attention, online softmax) and `out_proj` (tiled GEMM).
+
+use super::*;
+use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, ParamRole, QkNorm, RopeStyle};
+
+/// Which forward kernel to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForwardKernel {
+    QkvProjection,
+    Attention,
+    OutputProjection,
+}
+
+impl ForwardKernel {
+    pub const ALL: [ForwardKernel; 3] = [
+        ForwardKernel::QkvProjection,
+        ForwardKernel::Attention,
+        ForwardKernel::OutputProjection,
+    ];
+
+    /// Suffix of the kernel symbol `{spec.name}_{suffix}`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            ForwardKernel::QkvProjection => "qkv_proj",
+            ForwardKernel::Attention => "attention",
+            ForwardKernel::OutputProjection => "out_proj",
+        }
+    }
+}
+
+/// The schedule a kernel gets unless told otherwise: the largest tiles (and most warps) whose
+/// kernel verifies, shared memory included, for mma.sync on sm_90a.
+pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Schedule, String> {
+    let d = spec.head_dim as u32;
+    // Two stages (copy one tile ahead) where shared memory allows, else one.
+    let candidates: Vec<Schedule> = match which {
+        ForwardKernel::QkvProjection => [64, 32, 16]
+            .into_iter()
+            .flat_map(|block_m| {
+                [2, 1].into_iter().flat_map(move |stages| {
+                    [4, 2, 1].map(|warps| Schedule {
+                        block_m,
+                        block_n: d,
+                        block_k: 32,
+                        warps,
+                        stages,
+                    })
+                })
+            })
+            .collect(),
+        ForwardKernel::Attention => [(64, 4), (32, 2), (16, 1)]
+            .into_iter()
+            .flat_map(|(block_m, warps)| {
+                [2, 1].map(|stages| Schedule {
+                    block_m,
+                    block_n: 64,
+                    block_k: d,
+                    warps,
+                    stages,
+                })
+            })
+            .collect(),
+        ForwardKernel::OutputProjection => [2, 1]
+            .map(|stages| Schedule {
+                block_m: 64,
+                block_n: 64,
+                block_k: 32,
+                warps: 4,
+                stages,
+            })
+            .to_vec(),
+    };
+    let mut last_error = String::from("no candidate schedule");
+    for schedule in candidates {
+        match build_forward(spec, which, &schedule) {
+            Ok(_) => return Ok(schedule),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(format!(
+        "no default {} schedule fits: {last_error}",
+        which.suffix()
+    ))
+}
+
+/// The three forward kernels of `spec` (qkv_proj, attention, out_proj, the order they run in),
+/// each with its default schedule: what `ccc compile --emit kernel` prints.
+pub fn forward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
+    ForwardKernel::ALL
+        .into_iter()
+        .map(|which| build_forward(spec, which, &default_schedule(spec, which)?))
+        .collect()
+}
+
+/// Builds one forward kernel of `spec` with `schedule`, verified.
+pub fn build_forward(
+    spec: &AttentionSpec,
+    which: ForwardKernel,
+    schedule: &Schedule,
+) -> Result<KernelFn, String> {
+    spec.validate()?;
+    let s = schedule;
+    if s.block_m == 0 || s.block_n == 0 || s.block_k == 0 || s.warps == 0 || s.stages == 0 {
+        return Err(format!("schedule {s:?} has a zero size"));
+    }
+    let kernel = match which {
+        ForwardKernel::QkvProjection => QkvBuilder::new(spec, s)?.build(),
+        ForwardKernel::Attention => build_attention(spec, s)?,
+        ForwardKernel::OutputProjection => build_out_proj(spec, s)?,
+    };
+    kernel.verify().map_err(|errors| {
+        format!(
+            "{} with {s:?} does not verify:\n  {}",
+            kernel.name,
+            errors.join("\n  ")
+        )
+    })?;
+    Ok(kernel)
+}
+
+/// Splits `warps` into a warps_m × warps_n grid whose per-warp share of a rows × cols
+/// accumulator is made of whole 16×8 fragments, preferring warps along rows.
+fn warp_grid(rows: u32, cols: u32, warps: u32) -> Result<(u32, u32), String> {
+    (1..=warps)
+        .rev()
+        .filter(|wm| warps.is_multiple_of(*wm))
+        .map(|wm| (wm, warps / wm))
+        .find(|&(wm, wn)| rows.is_multiple_of(16 * wm) && cols.is_multiple_of(8 * wn))
+        .ok_or_else(|| {
+            format!("{rows}x{cols} cannot be split over {warps} warps in 16x8 fragments")
+        })
+}
+
+/// Tiles declared while building, plus view helpers.
+struct Tiles {
+    decls: Vec<TileDecl>,
+}
+
+impl Tiles {
+    fn shared(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32) -> TileId {
+        // 16 bytes of padding per row keeps ldmatrix rows on distinct banks.
+        let pad = 16 / elem.size_bytes() as u32;
+        self.add(
+            name,
+            TileType {
+                elem,
+                rows,
+                cols,
+                layout: Layout::RowMajor { pad },
+            },
+        )
+    }
+    fn regs(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32, layout: Layout) -> TileId {
+        self.add(
+            name,
+            TileType {
+                elem,
+                rows,
+                cols,
+                layout,
+            },
+        )
+    }
+    fn add(&mut self, name: &str, ty: TileType) -> TileId {
+        self.decls.push(TileDecl {
+            name: name.to_string(),
+            ty,
+        });
+        TileId(self.decls.len() - 1)
+    }
+    fn whole(&self, id: TileId) -> TileView {
+        TileView::whole(id, &self.decls[id.0].ty)
+    }
+    fn view(&self, id: TileId, row0: Expr, col0: Expr, rows: u32, cols: u32) -> TileView {
+        TileView {
+            tile: id,
+            row0,
+            col0,
+            rows,
+            cols,
+        }
+    }
+}
+
+fn int(v: impl TryInto<i64>) -> Expr {
+    Expr::Int(v.try_into().unwrap_or(i64::MAX))
+}
+fn var(name: &str) -> Expr {
+    Expr::var(name)
+}
+fn let_(name: &str, value: Expr) -> Stmt {
+    Stmt::Let {
+        var: name.to_string(),
+        value,
+    }
+}
+fn for_(name: &str, start: Expr, end: Expr, body: Vec<Stmt>) -> Stmt {
+    Stmt::For {
+        var: name.to_string(),
+        start,
+        end,
+        body,
+    }
+}
+fn span(start: Expr, len: u32) -> GlobalDim {
+    GlobalDim::Span {
+        start,
+        len,
+        valid: None,
+    }
+}
+fn size(v: usize) -> SizeExpr {
+    SizeExpr::from(v)
+}
+fn seq() -> Expr {
+    Expr::Size(SizeVar::SeqLen)
+}
+/// `e + k` printed as `e - |k|` for negative k, and as `e` for 0.
+fn plus(e: Expr, k: i64) -> Expr {
+    match k {
+        0 => e,
+        k if k < 0 => e - int(-k),
+        k => e + int(k),
+    }
+}
+
+/// `e · k`, folded when e is a constant.
+fn times(e: Expr, k: u32) -> Expr {
+    match e {
+        Expr::Int(v) => int(v * k as i64),
+        e => e * int(k),
+    }
+}
+
+/// A loop over `count` tiles whose cp.async copies run `stages − 1` tiles ahead of the compute,
+/// through a ring of `stages` shared buffers (one commit group per tile, so that
+/// `cp.async.wait stages-1` means "the tile about to be used has landed").
+/// `load(tile, slot)` copies tile `tile` into ring slot `slot`; `compute(tile, slot)` uses it.
+fn pipelined_loop(
+    var_name: &str,
+    count: Expr,
+    stages: u32,
+    load: &dyn Fn(Expr, Expr) -> Vec<Stmt>,
+    compute: &dyn Fn(Expr, Expr) -> Vec<Stmt>,
+) -> Vec<Stmt> {
+    let step = var(var_name);
+    let ahead = stages as i64 - 1;
+    let mut out = Vec::new();
+    let mut body = Vec::new();
+    if ahead == 0 {
+        body.extend(load(step.clone(), int(0)));
+    } else {
+        for tile in 0..ahead {
+            match count {
+                // A constant trip count decides the prologue's copies here.
+                Expr::Int(tiles) if tile < tiles => out.extend(load(int(tile), int(tile))),
+                Expr::Int(_) => {}
+                _ => out.push(Stmt::If {
+                    cond: int(tile).lt(count.clone()),
+                    then_body: load(int(tile), int(tile)),
+                    else_body: Vec::new(),
+                }),
+            }
+            out.push(Stmt::AsyncCommit);
+        }
+        let next = plus(step.clone(), ahead);
+        body.push(Stmt::If {
+            cond: next.clone().lt(count.clone()),
+            then_body: load(next.clone(), next.modulo(int(stages))),
+            else_body: Vec::new(),
+        });
+    }
+    body.push(Stmt::AsyncCommit);
+    body.push(Stmt::AsyncWait {
+        pending: ahead as u32,
+    });
+    body.push(Stmt::Barrier);
+    let slot = if ahead == 0 {
+        int(0)
+    } else {
+        step.clone().modulo(int(stages))
+    };
+    body.extend(compute(step, slot));
+    // The next copies overwrite buffers this iteration read.
+    body.push(Stmt::Barrier);
+    out.push(for_(var_name, int(0), count, body));
+    if ahead > 0 {
+        // Copies issued ahead for tiles past the end were never issued, but the groups
+        // committed for them are still counted: drain them so that nothing is in flight after
+        // the loop and the next loop's group count starts from zero.
+        out.push(Stmt::AsyncWait { pending: 0 });
+        out.push(Stmt::Barrier);
+    }
+    out
+}
+
+fn tensor(name: &str, elem: ElemType, shape: Vec<SizeExpr>, access: Access) -> KernelParam {
+    KernelParam::Tensor {
+        name: name.to_string(),
+        elem,
+        shape,
+        access,
+    }
+}
+
+fn weight_params(spec: &AttentionSpec, keep: impl Fn(ParamRole) -> bool) -> Vec<KernelParam> {
+    spec.params()
+        .into_iter()
+        .filter(|p| keep(p.role))
+        .map(|p| {
+            tensor(
+                &p.name,
+                spec.dtype.into(),
+                p.shape.into_iter().map(size).collect(),
+                Access::Read,
+            )
+        })
+        .collect()
+}
+
+fn param_name(spec: &AttentionSpec, role: ParamRole) -> Option<String> {
+    spec.params()
+        .into_iter()
+        .find(|p| p.role == role)
+        .map(|p| p.name)
+}
+
+/// The runtime sizes close every parameter list.
+fn size_params() -> [KernelParam; 2] {
+    [
+        KernelParam::Size(SizeVar::Batch),
+        KernelParam::Size(SizeVar::SeqLen),
+    ]
+}
+
+/// One projection pass: acc = x[rows x_row0 .. +M] · W[w_row0 .. +d]ᵀ over model_dim in
+/// block_k chunks.
+struct Projection<'a> {
+    x_s: TileId,
+    w_s: TileId,
+    acc: TileId,
+    tiles: &'a Tiles,
+    model_dim: usize,
+    /// Rows of x and of W per pass (one ring slot each).
+    rows: u32,
+    head_dim: u32,
+    block_k: u32,
+    stages: u32,
+}
+
+impl Projection<'_> {
+    fn stmts(&self, weight: &str, w_row0: Expr, x_row0: Expr) -> Vec<Stmt> {
+        let t = self.tiles;
+        let (m, d, bk) = (self.rows, self.head_dim, self.block_k);
+        let load = |chunk: Expr, slot: Expr| {
+            let col = times(chunk, bk);
+            vec![
+                Stmt::Copy {
+                    dst: t.view(self.x_s, times(slot.clone(), m), int(0), m, bk),
+                    src: GlobalTile {
+                        param: "x".into(),
+                        dims: vec![
+                            GlobalDim::At(var("b")),
+                            span(x_row0.clone(), m),
+                            span(col.clone(), bk),
+                        ],
+                    },
+                    is_async: true,
+                },
+                Stmt::Copy {
+                    dst: t.view(self.w_s, times(slot, d), int(0), d, bk),
+                    src: GlobalTile {
+                        param: weight.into(),
+                        dims: vec![span(w_row0.clone(), d), span(col, bk)],
+                    },
+                    is_async: true,
+                },
+            ]
+        };
+        let compute = |_: Expr, slot: Expr| {
+            vec![Stmt::Mma {
+                acc: t.whole(self.acc),
+                a: t.view(self.x_s, times(slot.clone(), m), int(0), m, bk),
+                b: t.view(self.w_s, times(slot, d), int(0), d, bk),
+                b_transposed: true,
+            }]
+        };
+        let mut out = vec![Stmt::Fill {
+            dst: t.whole(self.acc),
+            value: 0.0,
+        }];
+        let chunks = int(self.model_dim.div_ceil(bk as usize));
+        out.extend(pipelined_loop("kc", chunks, self.stages, &load, &compute));
+        out
+    }
+}
+
+/// Which head a `qkv_proj` pass produces.
+#[derive(Clone, Copy, PartialEq)]
+enum HeadKind {
+    Query,
+    Key,
+}
+
+struct QkvBuilder<'a> {
+    spec: &'a AttentionSpec,
+    schedule: Schedule,
+    tiles: Tiles,
+    /// Tile rows M (incl. the halo), halo T, output rows M − T, zero rows R in front of staged
+    /// tiles (the widest convolution's K − 1, so shifted taps stay inside the tile).
+    m: u32,
+    halo: u32,
+    out_rows: u32,
+    lead: u32,
+    d: u32,
+    x_s: TileId,
+    w_s: TileId,
+    acc: TileId,
+    row_sum: Option<TileId>,
+    rope_s: Option<TileId>,
+    /// Shared tiles of the prologue: raw projection P0 of the head, raw k0 of the key head
+    /// (q-k mean), convolution ping-pong buffers, the running sum of the group's q0.
+    staged: Option<Staged>,
+}
+
+struct Staged {
+    p0: TileId,
+    k0: Option<TileId>,
+    conv: Vec<TileId>,
+    q_sum: Option<TileId>,
+}
+
+impl<'a> QkvBuilder<'a> {
+    fn new(spec: &'a AttentionSpec, s: &Schedule) -> Result<QkvBuilder<'a>, String> {
+        let d = spec.head_dim as u32;
+        if s.block_n != d {
+            return Err(format!(
+                "qkv_proj computes one head per pass: block_n must be head_dim {d}"
+            ));
+        }
+        if !s.block_k.is_multiple_of(16) {
+            return Err(format!("block_k {} is not a multiple of 16", s.block_k));
+        }
+        let halo = spec.conv_history() as u32;
+        let m = s.block_m;
+        if m <= halo {
+            return Err(format!(
+                "block_m {m} leaves no output rows after the {halo}-row halo"
+            ));
+        }
+        let (wm, wn) = warp_grid(m, d, s.warps)?;
+        let storage: ElemType = spec.dtype.into();
+        let lead = spec
+            .qk_conv
+            .iter()
+            .map(|c| c.width as u32 - 1)
+            .max()
+            .unwrap_or(0);
+        let mut tiles = Tiles { decls: Vec::new() };
+        let x_s = tiles.shared("x_s", storage, s.stages * m, s.block_k);
+        let w_s = tiles.shared("w_s", storage, s.stages * d, s.block_k);
+        let acc_layout = Layout::MmaAccumulator {
+            warps_m: wm,
+            warps_n: wn,
+        };
+        let acc = tiles.regs("acc", ElemType::F32, m, d, acc_layout);
+        let row_sum = (spec.qk_norm == QkNorm::L2).then(|| {
+            tiles.regs(
+                "sum_sq",
+                ElemType::F32,
+                m,
+                1,
+                Layout::RowVector {
+                    warps_m: wm,
+                    warps_n: wn,
+                },
+            )
+        });
+        let staged = (!spec.qk_conv.is_empty() || spec.qk_mean).then(|| {
+            let rows = lead + m;
+            Staged {
+                p0: tiles.shared("p0", storage, rows, d),
+                k0: spec.qk_mean.then(|| tiles.shared("k0", storage, rows, d)),
+                conv: (0..spec.qk_conv.len().min(2))
+                    .map(|i| tiles.shared(&format!("conv{i}"), storage, rows, d))
+                    .collect(),
+                q_sum: spec
+                    .qk_mean
+                    .then(|| tiles.shared("q0_sum", ElemType::F32, m, d)),
+            }
+        });
+        let rope_s = spec
+            .rope
+            .map(|_| tiles.shared("rope_in", ElemType::F32, m, d));
+        Ok(QkvBuilder {
+            spec,
+            schedule: *s,
+            tiles,
+            m,
+            halo,
+            out_rows: m - halo,
+            lead,
+            d,
+            x_s,
+            w_s,
+            acc,
+            row_sum,
+            rope_s,
+            staged,
+        })
+    }
+
+    fn projection(&self) -> Projection<'_> {
+        Projection {
+            x_s: self.x_s,
+            w_s: self.w_s,
+            acc: self.acc,
+            tiles: &self.tiles,
+            model_dim: self.spec.model_dim,
+            rows: self.m,
+            head_dim: self.d,
+            block_k: self.schedule.block_k,
+            stages: self.schedule.stages,
+        }
+    }
+
+    /// Position (token index) of tile row 0.
+    fn top(&self) -> Expr {
+        if self.halo == 0 {
+            var("t0")
+        } else {
+            var("top")
+        }
+    }
+
+    fn name(&self, role: ParamRole) -> String {
+        param_name(self.spec, role).expect("roles asked for exist in spec.params()")
+    }
+
+    fn build(self) -> KernelFn {
+        let spec = self.spec;
+        let (e, d) = (spec.model_dim, spec.head_dim);
+        let storage: ElemType = spec.dtype.into();
+        let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
+        let mut params = vec![tensor(
+            "x",
+            storage,
+            vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)],
+            Access::Read,
+        )];
+        params.extend(weight_params(spec, |r| {
+            !matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)
+        }));
+        params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
+        params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
+        params.push(tensor("v", storage, bsd(spec.kv_heads), Access::Write));
+        params.extend(size_params());
+
+        let mut body = vec![
+            Stmt::Note(if self.halo == 0 {
+                format!("CTA = {} rows of batch b for kv group j", self.out_rows)
+            } else {
+                format!(
+                    "CTA = {} output rows (+{} halo rows recomputed) of batch b for kv group j",
+                    self.out_rows, self.halo
+                )
+            }),
+            let_("row_tile", Expr::BlockIdx(Axis::X)),
+            let_("b", Expr::BlockIdx(Axis::Y)),
+            let_("j", Expr::BlockIdx(Axis::Z)),
+            let_("t0", var("row_tile") * int(self.out_rows)),
+        ];
+        if self.halo > 0 {
+            body.push(let_("top", var("t0") - int(self.halo)));
+        }
+        if let Some(st) = &self.staged {
+            let mut zeroed = vec![st.p0];
+            zeroed.extend(st.k0);
+            zeroed.extend(&st.conv);
+            zeroed.extend(st.q_sum);
+            body.extend(zeroed.into_iter().map(|t| Stmt::Fill {
+                dst: self.tiles.whole(t),
+                value: 0.0,
+            }));
+            body.push(Stmt::Barrier);
+        }
+        let key_weight = self.name(ParamRole::KeyProj);
+        let key_rows = var("j") * int(d);
+        if let Some(k0) = self.staged.as_ref().and_then(|st| st.k0) {
+            body.push(Stmt::Note(
+                "raw key head k0 of group j (the q-k mean needs it for every query head)".into(),
+            ));
+            body.extend(self.projected_head(HeadKind::Key, &key_weight, key_rows.clone(), k0));
+        }
+        let g = spec.groups();
+        let mut query_pass = vec![let_("h", var("j") * int(g) + var("s"))];
+        let query_weight = self.name(ParamRole::QueryProj);
+        let query_rows = var("h") * int(d);
+        query_pass.extend(self.head_pass(HeadKind::Query, &query_weight, query_rows));
+        body.push(Stmt::Note(format!("query heads h of group j (G = {g})")));
+        body.push(for_("s", int(0), int(g), query_pass));
+        body.push(Stmt::Note("key head j".into()));
+        body.extend(self.head_pass(HeadKind::Key, &key_weight, key_rows));
+        body.push(Stmt::Note("value head j".into()));
+        body.extend(self.value_pass());
+
+        KernelFn {
+            name: format!("{}_{}", spec.name, ForwardKernel::QkvProjection.suffix()),
+            params,
+            grid: [
+                SizeExpr::seq_len().ceil_div(self.out_rows as u64),
+                SizeExpr::batch(),
+                size(spec.kv_heads),
+            ],
+            warps: self.schedule.warps,
+            tiles: self.tiles.decls,
+            schedule: self.schedule,
+            body,
+        }
+    }
+
+    /// Projection of one head into `acc`, bias added, rows before token 0 zeroed (they are the
+    /// convolution's left padding), staged into rows lead.. of the shared tile `into`.
+    fn projected_head(
+        &self,
+        kind: HeadKind,
+        weight: &str,
+        w_row0: Expr,
+        into: TileId,
+    ) -> Vec<Stmt> {
+        let mut out = self.projection().stmts(weight, w_row0.clone(), self.top());
+        out.extend(self.bias_map(kind, w_row0, true));
+        out.push(Stmt::Convert {
+            dst: self.lead_rows(into),
+            src: self.tiles.whole(self.acc),
+        });
+        out.push(Stmt::Barrier);
+        out
+    }
+
+    fn lead_rows(&self, tile: TileId) -> TileView {
+        self.tiles
+            .view(tile, int(self.lead), int(0), self.m, self.d)
+    }
+
+    fn bias_map(&self, kind: HeadKind, w_row0: Expr, zero_padding_rows: bool) -> Option<Stmt> {
+        let role = match kind {
+            HeadKind::Query => ParamRole::QueryBias,
+            HeadKind::Key => ParamRole::KeyBias,
+        };
+        let bias = param_name(self.spec, role)?;
+        let with_bias = Expr::Elem + Expr::global(&bias, vec![w_row0 + Expr::Col]);
+        let expr = if zero_padding_rows && self.halo > 0 {
+            Expr::select(
+                int(0).le(self.top() + Expr::Row),
+                with_bias,
+                Expr::Float(0.0),
+            )
+        } else {
+            with_bias
+        };
+        Some(Stmt::Map {
+            dst: self.tiles.whole(self.acc),
+            expr,
+        })
+    }
+
+    /// Everything for one query or key head: projection, prologue, store.
+    fn head_pass(&self, kind: HeadKind, weight: &str, w_row0: Expr) -> Vec<Stmt> {
+        let spec = self.spec;
+        let d = spec.head_dim as i64;
+        let channel0 = match kind {
+            HeadKind::Query => var("h") * int(d),
+            HeadKind::Key => int(spec.q_width()) + var("j") * int(d),
+        };
+        let mut out = Vec::new();
+        match &self.staged {
+            None => {
+                out.extend(self.projection().stmts(weight, w_row0.clone(), self.top()));
+                out.extend(self.bias_map(kind, w_row0, false));
+            }
+            Some(st) => {
+                let raw = match (kind, st.k0) {
+                    (HeadKind::Key, Some(k0)) => k0,
+                    _ => {
+                        out.extend(self.projected_head(kind, weight, w_row0, st.p0));
+                        st.p0
+                    }
+                };
+                let y = self.conv_stages(&mut out, raw, &channel0);
+                out.push(self.combine(kind, st, raw, y));
+                if let (HeadKind::Query, Some(q_sum)) = (kind, st.q_sum) {
+                    out.push(Stmt::Map {
+                        dst: self.tiles.whole(q_sum),
+                        expr: Expr::Elem + self.lead_read(st.p0),
+                    });
+                }
+            }
+        }
+        out.extend(self.normalize(kind));
+        out.extend(self.rope());
+        let (out_param, head) = match kind {
+            HeadKind::Query => ("q", var("h")),
+            HeadKind::Key => ("k", var("j")),
+        };
+        out.push(self.store_rows(out_param, head));
+        // The next pass overwrites the staged tiles this one read.
+        out.push(Stmt::Barrier);
+        out
+    }
+
+    /// Reads the staged tile at the mapped element's row (shifted by the lead rows).
+    fn lead_read(&self, tile: TileId) -> Expr {
+        Expr::tile(tile, plus(Expr::Row, self.lead as i64), Expr::Col)
+    }
+
+    fn store_rows(&self, param: &str, head: Expr) -> Stmt {
+        let rows = if self.halo == 0 {
+            span(self.top(), self.m)
+        } else {
+            GlobalDim::Span {
+                start: self.top(),
+                len: self.m,
+                valid: Some((var("t0"), var("t0") + int(self.out_rows))),
+            }
+        };
+        Stmt::Store {
+            src: self.tiles.whole(self.acc),
+            dst: GlobalTile {
+                param: param.into(),
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    rows,
+                    GlobalDim::At(head),
+                    span(int(0), self.d),
+                ],
+            },
+        }
+    }
+
+    /// The convolution stages over rows of the staged head; returns the tile holding the result.
+    fn conv_stages(&self, out: &mut Vec<Stmt>, input: TileId, channel0: &Expr) -> TileId {
+        let st = self
+            .staged
+            .as_ref()
+            .expect("convolutions run on staged tiles");
+        let mut src = input;
+        for (index, stage) in self.spec.qk_conv.iter().enumerate() {
+            let dst = st.conv[index % 2];
+            let k = stage.width as i64;
+            let weight = self.name(ParamRole::ConvWeight { stage: index });
+            let bias_name = self.name(ParamRole::ConvBias { stage: index });
+            let bias = Expr::global(&bias_name, vec![channel0.clone() + Expr::Col]);
+            let kind = match stage.kind {
+                ConvKind::Depthwise => "depthwise",
+                ConvKind::PerHead => "per_head",
+            };
+            out.push(Stmt::Note(format!(
+                "conv stage {index}: {kind}, width {k}, tap 0 = oldest row"
+            )));
+            // Row r of the output reads input rows r - (K-1) .. r.
+            let first_tap_row = self.lead as i64 - (k - 1);
+            match stage.kind {
+                ConvKind::Depthwise => {
+                    let mut expr = bias;
+                    for tap in 0..k {
+                        let w = Expr::global(
+                            &weight,
+                            vec![channel0.clone() + Expr::Col, int(0), int(tap)],
+                        );
+                        expr = expr
+                            + w * Expr::tile(src, plus(Expr::Row, first_tap_row + tap), Expr::Col);
+                    }
+                    out.push(Stmt::Map {
+                        dst: self.lead_rows(dst),
+                        expr,
+                    });
+                }
+                ConvKind::PerHead => {
+                    let d = self.d;
+                    let chunk = if d.is_multiple_of(self.schedule.block_k) {
+                        self.schedule.block_k
+                    } else {
+                        16
+                    };
+                    let col = var("kc") * int(chunk);
+                    let tap_loop = for_(
+                        "kc",
+                        int(0),
+                        int(d / chunk),
+                        vec![
+                            Stmt::Copy {
+                                dst: self.tiles.view(self.w_s, int(0), int(0), d, chunk),
+                                src: GlobalTile {
+                                    param: weight.clone(),
+                                    dims: vec![
+                                        span(channel0.clone(), d),
+                                        span(col.clone(), chunk),
+                                        GlobalDim::At(var("tap")),
+                                    ],
+                                },
+                                is_async: false,
+                            },
+                            Stmt::Barrier,
+                            Stmt::Mma {
+                                acc: self.tiles.whole(self.acc),
+                                a: self.tiles.view(
+                                    src,
+                                    plus(var("tap"), first_tap_row),
+                                    col,
+                                    self.m,
+                                    chunk,
+                                ),
+                                b: self.tiles.view(self.w_s, int(0), int(0), d, chunk),
+                                b_transposed: true,
+                            },
+                            Stmt::Barrier,
+                        ],
+                    );
+                    out.push(Stmt::Fill {
+                        dst: self.tiles.whole(self.acc),
+                        value: 0.0,
+                    });
+                    out.push(for_("tap", int(0), int(k), vec![tap_loop]));
+                    out.push(Stmt::Map {
+                        dst: self.tiles.whole(self.acc),
+                        expr: Expr::Elem + bias,
+                    });
+                    out.push(Stmt::Convert {
+                        dst: self.lead_rows(dst),
+                        src: self.tiles.whole(self.acc),
+                    });
+                }
+            }
+            out.push(Stmt::Barrier);
+            src = dst;
+        }
+        src
+    }
+
+    /// acc = convolution output (+ the q-k mean terms from the raw projections).
+    fn combine(&self, kind: HeadKind, st: &Staged, raw: TileId, y: TileId) -> Stmt {
+        let mut expr = self.lead_read(y);
+        if let Some(k0) = st.k0 {
+            let half = |e: Expr| Expr::Float(0.5) * e;
+            expr = match kind {
+                HeadKind::Query => expr + half(self.lead_read(raw)) + half(self.lead_read(k0)),
+                HeadKind::Key => {
+                    let q_sum = st.q_sum.expect("q-k mean keeps the sum of q0");
+                    let mean_scale = 0.5 / self.spec.groups() as f64;
+                    expr + half(self.lead_read(k0))
+                        + Expr::Float(mean_scale) * Expr::tile(q_sum, Expr::Row, Expr::Col)
+                }
+            };
+        }
+        Stmt::Map {
+            dst: self.tiles.whole(self.acc),
+            expr,
+        }
+    }
+
+    fn normalize(&self, kind: HeadKind) -> Vec<Stmt> {
+        let Some(sum_sq) = self.row_sum else {
+            return Vec::new();
+        };
+        let spec = self.spec;
+        let acc = self.tiles.whole(self.acc);
+        let mut scale = Expr::Float((spec.head_dim as f64).sqrt());
+        if kind == HeadKind::Key {
+            let temp = || Expr::global(&self.name(ParamRole::KeyTemperature), vec![var("j")]);
+            match spec.key_temperature {
+                KeyTemperature::None => {}
+                KeyTemperature::Learned => scale = scale * temp(),
+                KeyTemperature::LearnedExp => {
+                    scale = scale * temp().max(Expr::Float(1e-7)).min(Expr::Float(2.0)).exp()
+                }
+            }
+        }
+        let norm = (Expr::tile(sum_sq, Expr::Row, int(0)) + Expr::Float(spec.norm_eps)).rsqrt();
+        vec![
+            Stmt::RowReduce {
+                dst: sum_sq,
+                src: acc.clone(),
+                op: ReduceOp::Sum,
+                value: Expr::Elem * Expr::Elem,
+            },
+            Stmt::Map {
+                dst: acc,
+                expr: Expr::Elem * scale * norm,
+            },
+        ]
+    }
+
+    /// RoPE at the absolute position of each row, through shared memory because each element
+    /// needs its rotation partner.
+    fn rope(&self) -> Vec<Stmt> {
+        let (Some(rope), Some(rope_s)) = (self.spec.rope, self.rope_s) else {
+            return Vec::new();
+        };
+        let r = rope.rotary_dim as i64;
+        let half = r / 2;
+        let col = || Expr::Col;
+        let (freq_index, partner, sign) = match rope.style {
+            RopeStyle::Neox => (
+                col().modulo(int(half)),
+                Expr::select(col().lt(int(half)), col() + int(half), col() - int(half)),
+                Expr::select(col().lt(int(half)), Expr::Float(-1.0), Expr::Float(1.0)),
+            ),
+            RopeStyle::Interleaved => (
+                col().floor_div(int(2)),
+                col() + int(1) - int(2) * col().modulo(int(2)),
+                Expr::select(
+                    col().modulo(int(2)).eq(int(0)),
+                    Expr::Float(-1.0),
+                    Expr::Float(1.0),
+                ),
+            ),
+        };
+        let inv_freq =
+            Expr::Float(rope.theta).pow(freq_index.to_float() * Expr::Float(-2.0 / r as f64));
+        let angle = (self.top() + Expr::Row).to_float() * inv_freq;
+        let own = Expr::tile(rope_s, Expr::Row, Expr::Col);
+        let rotated = own.clone() * angle.clone().cos()
+            + sign * Expr::tile(rope_s, Expr::Row, partner) * angle.sin();
+        vec![
+            Stmt::Convert {
+                dst: self.tiles.whole(rope_s),
+                src: self.tiles.whole(self.acc),
+            },
+            Stmt::Barrier,
+            Stmt::Map {
+                dst: self.tiles.whole(self.acc),
+                expr: Expr::select(col().lt(int(r)), rotated, own),
+            },
+        ]
+    }
+
+    /// Value head j: the current token's x, or x of the previous token for the last
+    /// value_shift heads.
+    fn value_pass(&self) -> Vec<Stmt> {
+        let spec = self.spec;
+        let d = spec.head_dim as i64;
+        let current = spec.current_value_heads() as i64;
+        let pass = |weight_role: ParamRole, bias_role: ParamRole, head0: i64, shift: i64| {
+            let weight = self.name(weight_role);
+            let w_row0 = plus(var("j"), -head0) * int(d);
+            let mut out =
+                self.projection()
+                    .stmts(&weight, w_row0.clone(), plus(self.top(), -shift));
+            if let Some(bias) = param_name(spec, bias_role) {
+                out.push(Stmt::Map {
+                    dst: self.tiles.whole(self.acc),
+                    expr: Expr::Elem + Expr::global(&bias, vec![w_row0 + Expr::Col]),
+                });
+            }
+            out
+        };
+        let current_pass = || {
+            pass(
+                ParamRole::ValueProjCurrent,
+                ParamRole::ValueBiasCurrent,
+                0,
+                0,
+            )
+        };
+        let delayed_pass = || {
+            pass(
+                ParamRole::ValueProjDelayed,
+                ParamRole::ValueBiasDelayed,
+                current,
+                1,
+            )
+        };
+        let mut out = if spec.value_shift == 0 {
+            current_pass()
+        } else if current == 0 {
+            delayed_pass()
+        } else {
+            vec![Stmt::If {
+                cond: var("j").lt(int(current)),
+                then_body: current_pass(),
+                else_body: delayed_pass(),
+            }]
+        };
+        out.push(self.store_rows("v", var("j")));
+        out
+    }
+}
+
+fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
+    let d = spec.head_dim as u32;
+    let (bm, bn) = (s.block_m, s.block_n);
+    if s.block_k != d {
+        return Err(format!(
+            "attention reduces over the whole head: block_k must be head_dim {d}"
+        ));
+    }
+    // One warp row-band per warp: row statistics then stay inside a warp (quad shuffles).
+    let (wm, wn) = (s.warps, 1);
+    if bm % (16 * wm) != 0 || bn % 16 != 0 {
+        return Err(format!(
+            "attention tiles {bm}x{bn} do not split into 16-row bands over {wm} warps"
+        ));
+    }
+    let storage: ElemType = spec.dtype.into();
+    let mut t = Tiles { decls: Vec::new() };
+    let q_s = t.shared("q_s", storage, bm, d);
+    let k_s = t.shared("k_s", storage, s.stages * bn, d);
+    let v_s = t.shared("v_s", storage, s.stages * bn, d);
+    let acc = Layout::MmaAccumulator {
+        warps_m: wm,
+        warps_n: wn,
+    };
+    let row_vec = Layout::RowVector {
+        warps_m: wm,
+        warps_n: wn,
+    };
+    let scores = t.regs("scores", ElemType::F32, bm, bn, acc);
+    let probs = t.regs(
+        "probs",
+        storage,
+        bm,
+        bn,
+        Layout::MmaOperandA {
+            warps_m: wm,
+            warps_n: wn,
+        },
+    );
+    let o = t.regs("o", ElemType::F32, bm, d, acc);
+    let [m, l, m_new, alpha, tile_max, tile_sum] =
+        ["m", "l", "m_new", "alpha", "tile_max", "tile_sum"]
+            .map(|n| t.regs(n, ElemType::F32, bm, 1, row_vec));
+    let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
+    // exp(x - m) with m = -inf (a row with nothing visible yet) taken as exp(x - 0) = 0.
+    let finite_max = Expr::select(
+        at_row(m_new).eq(Expr::Float(f64::NEG_INFINITY)),
+        Expr::Float(0.0),
+        at_row(m_new),
+    );
+
+    let q_row = var("q_row0") + Expr::Row;
+    let k_col = var("k_col0") + Expr::Col;
+    let allowed = match spec.mask {
+        Mask::None => None,
+        Mask::Causal => Some(k_col.clone().le(q_row.clone())),
+        Mask::SlidingWindow { window } => Some(
+            k_col
+                .clone()
+                .le(q_row.clone())
+                .and((q_row.clone() - k_col.clone()).lt(int(window))),
+        ),
+    };
+    let in_sequence = k_col.lt(seq());
+    let visible = match allowed {
+        Some(a) => a.and(in_sequence),
+        None => in_sequence,
+    };
+    let scale = Expr::Float(spec.softmax_scale);
+    // The tile needs no mask when every key is in the sequence and visible to every query row.
+    let last_key = var("k_col0") + int(bn - 1);
+    let mut unmasked = (var("k_col0") + int(bn)).le(seq());
+    if spec.mask != Mask::None {
+        unmasked = unmasked.and(last_key.le(var("q_row0")));
+    }
+    if let Mask::SlidingWindow { window } = spec.mask {
+        unmasked = unmasked.and((var("q_row0") + int(bm - 1) - var("k_col0")).lt(int(window)));
+    }
+    let kv_tiles = seq().ceil_div(int(bn));
+    let (kv_start, kv_end) = match spec.mask {
+        Mask::None => (int(0), kv_tiles),
+        Mask::Causal => (
+            int(0),
+            kv_tiles.min((var("q_row0") + int(bm)).ceil_div(int(bn))),
+        ),
+        Mask::SlidingWindow { window } => (
+            (var("q_row0") - int(window - 1))
+                .max(int(0))
+                .floor_div(int(bn)),
+            kv_tiles.min((var("q_row0") + int(bm)).ceil_div(int(bn))),
+        ),
+    };
+    let w = |id: TileId| t.whole(id);
+    let slot_view = |tile: TileId, slot: Expr| t.view(tile, times(slot, bn), int(0), bn, d);
+    let load = |tile: Expr, slot: Expr| {
+        let tile = match tile {
+            Expr::Int(k) => plus(var("kv_first"), k),
+            tile => var("kv_first") + tile,
+        };
+        let key0 = times(tile, bn);
+        ["k", "v"]
+            .into_iter()
+            .zip([k_s, v_s])
+            .map(|(param, dst)| Stmt::Copy {
+                dst: slot_view(dst, slot.clone()),
+                src: GlobalTile {
+                    param: param.into(),
+                    dims: vec![
+                        GlobalDim::At(var("b")),
+                        span(key0.clone(), bn),
+                        GlobalDim::At(var("kv_head")),
+                        span(int(0), d),
+                    ],
+                },
+                is_async: true,
+            })
+            .collect()
+    };
+    let compute = |step: Expr, slot: Expr| {
+        vec![
+            let_("k_col0", (var("kv_first") + step) * int(bn)),
+            Stmt::Fill {
+                dst: w(scores),
+                value: 0.0,
+            },
+            Stmt::Mma {
+                acc: w(scores),
+                a: w(q_s),
+                b: slot_view(k_s, slot.clone()),
+                b_transposed: true,
+            },
+            Stmt::If {
+                cond: unmasked.clone(),
+                then_body: vec![Stmt::Map {
+                    dst: w(scores),
+                    expr: Expr::Elem * scale.clone(),
+                }],
+                else_body: vec![Stmt::Map {
+                    dst: w(scores),
+                    expr: Expr::select(
+                        visible.clone(),
+                        Expr::Elem * scale.clone(),
+                        Expr::Float(f64::NEG_INFINITY),
+                    ),
+                }],
+            },
+            Stmt::RowReduce {
+                dst: tile_max,
+                src: w(scores),
+                op: ReduceOp::Max,
+                value: Expr::Elem,
+            },
+            Stmt::Map {
+                dst: w(m_new),
+                expr: at_row(m).max(at_row(tile_max)),
+            },
+            Stmt::Map {
+                dst: w(alpha),
+                expr: (at_row(m) - finite_max.clone()).exp(),
+            },
+            Stmt::Map {
+                dst: w(scores),
+                expr: (Expr::Elem - finite_max.clone()).exp(),
+            },
+            Stmt::RowReduce {
+                dst: tile_sum,
+                src: w(scores),
+                op: ReduceOp::Sum,
+                value: Expr::Elem,
+            },
+            Stmt::Map {
+                dst: w(l),
+                expr: Expr::Elem * at_row(alpha) + at_row(tile_sum),
+            },
+            Stmt::Map {
+                dst: w(o),
+                expr: Expr::Elem * at_row(alpha),
+            },
+            Stmt::Convert {
+                dst: w(probs),
+                src: w(scores),
+            },
+            Stmt::Mma {
+                acc: w(o),
+                a: w(probs),
+                b: slot_view(v_s, slot),
+                b_transposed: false,
+            },
+            Stmt::Map {
+                dst: w(m),
+                expr: at_row(m_new),
+            },
+        ]
+    };
+    let kv_loop = pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute);
+    let g = spec.groups();
+    let mut body = vec![
+        Stmt::Note(format!(
+            "CTA = {bm} query rows of head h, batch b; online softmax over key tiles of {bn}"
+        )),
+        let_("q_tile", Expr::BlockIdx(Axis::X)),
+        let_("h", Expr::BlockIdx(Axis::Y)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("kv_head", var("h").floor_div(int(g))),
+        let_("q_row0", var("q_tile") * int(bm)),
+        Stmt::Copy {
+            dst: w(q_s),
+            src: GlobalTile {
+                param: "q".into(),
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    span(var("q_row0"), bm),
+                    GlobalDim::At(var("h")),
+                    span(int(0), d),
+                ],
+            },
+            is_async: true,
+        },
+        Stmt::AsyncCommit,
+        Stmt::AsyncWait { pending: 0 },
+        Stmt::Barrier,
+        Stmt::Fill {
+            dst: w(o),
+            value: 0.0,
+        },
+        Stmt::Fill {
+            dst: w(m),
+            value: f64::NEG_INFINITY,
+        },
+        Stmt::Fill {
+            dst: w(l),
+            value: 0.0,
+        },
+        Stmt::Note("only key tiles some row of this tile can see".into()),
+        let_("kv_first", kv_start),
+        let_("kv_count", kv_end - var("kv_first")),
+    ];
+    body.extend(kv_loop);
+    body.extend([
+        Stmt::Map {
+            dst: w(o),
+            expr: Expr::Elem / at_row(l),
+        },
+        Stmt::Store {
+            src: w(o),
+            dst: GlobalTile {
+                param: "o".into(),
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    span(var("q_row0"), bm),
+                    GlobalDim::At(var("h")),
+                    span(int(0), d),
+                ],
+            },
+        },
+        Stmt::Note("lse = m + ln(l), kept for the backward pass".into()),
+        Stmt::Map {
+            dst: w(m),
+            expr: Expr::Elem + at_row(l).log(),
+        },
+        Stmt::Store {
+            src: w(m),
+            dst: GlobalTile {
+                param: "lse".into(),
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    GlobalDim::At(var("h")),
+                    span(var("q_row0"), bm),
+                ],
+            },
+        },
+    ]);
+    let bsd = |heads: usize| {
+        vec![
+            SizeExpr::batch(),
+            SizeExpr::seq_len(),
+            size(heads),
+            size(spec.head_dim),
+        ]
+    };
+    let mut params = vec![
+        tensor("q", storage, bsd(spec.query_heads), Access::Read),
+        tensor("k", storage, bsd(spec.kv_heads), Access::Read),
+        tensor("v", storage, bsd(spec.kv_heads), Access::Read),
+        tensor("o", storage, bsd(spec.query_heads), Access::Write),
+        tensor(
+            "lse",
+            ElemType::F32,
+            vec![
+                SizeExpr::batch(),
+                size(spec.query_heads),
+                SizeExpr::seq_len(),
+            ],
+            Access::Write,
+        ),
+    ];
+    params.extend(size_params());
+    Ok(KernelFn {
+        name: format!("{}_{}", spec.name, ForwardKernel::Attention.suffix()),
+        params,
+        grid: [
+            SizeExpr::seq_len().ceil_div(bm as u64),
+            size(spec.query_heads),
+            SizeExpr::batch(),
+        ],
+        warps: s.warps,
+        tiles: t.decls,
+        schedule: *s,
+        body,
+    })
+}
+
+fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
+    let (bm, bn, bk) = (s.block_m, s.block_n, s.block_k);
+    if bk % 16 != 0 {
+        return Err(format!("block_k {bk} is not a multiple of 16"));
+    }
+    let (wm, wn) = warp_grid(bm, bn, s.warps)?;
+    let storage: ElemType = spec.dtype.into();
+    let (e, lq) = (spec.model_dim, spec.q_width());
+    let mut t = Tiles { decls: Vec::new() };
+    let a_s = t.shared("o_s", storage, s.stages * bm, bk);
+    let w_s = t.shared("w_s", storage, s.stages * bn, bk);
+    let acc = t.regs(
+        "acc",
+        ElemType::F32,
+        bm,
+        bn,
+        Layout::MmaAccumulator {
+            warps_m: wm,
+            warps_n: wn,
+        },
+    );
+    let weight =
+        param_name(spec, ParamRole::OutputProj).expect("every spec has an output projection");
+    let load = |chunk: Expr, slot: Expr| {
+        let col = times(chunk, bk);
+        vec![
+            Stmt::Copy {
+                dst: t.view(a_s, times(slot.clone(), bm), int(0), bm, bk),
+                src: GlobalTile {
+                    param: "o".into(),
+                    dims: vec![
+                        GlobalDim::At(var("b")),
+                        span(var("row0"), bm),
+                        span(col.clone(), bk),
+                    ],
+                },
+                is_async: true,
+            },
+            Stmt::Copy {
+                dst: t.view(w_s, times(slot, bn), int(0), bn, bk),
+                src: GlobalTile {
+                    param: weight.clone(),
+                    dims: vec![span(var("col0"), bn), span(col, bk)],
+                },
+                is_async: true,
+            },
+        ]
+    };
+    let compute = |_: Expr, slot: Expr| {
+        vec![Stmt::Mma {
+            acc: t.whole(acc),
+            a: t.view(a_s, times(slot.clone(), bm), int(0), bm, bk),
+            b: t.view(w_s, times(slot, bn), int(0), bn, bk),
+            b_transposed: true,
+        }]
+    };
+    let mut body = vec![
+        Stmt::Note(format!("CTA = rows {bm} x columns {bn} of out for batch b")),
+        let_("row_tile", Expr::BlockIdx(Axis::X)),
+        let_("col_tile", Expr::BlockIdx(Axis::Y)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("row0", var("row_tile") * int(bm)),
+        let_("col0", var("col_tile") * int(bn)),
+        Stmt::Fill {
+            dst: t.whole(acc),
+            value: 0.0,
+        },
+    ];
+    body.extend(pipelined_loop(
+        "kc",
+        int(lq.div_ceil(bk as usize)),
+        s.stages,
+        &load,
+        &compute,
+    ));
+    if let Some(bias) = param_name(spec, ParamRole::OutputBias) {
+        // Clamped so that columns past E (never stored) still read inside the bias.
+        let column = (var("col0") + Expr::Col).min(int(e - 1));
+        body.push(Stmt::Map {
+            dst: t.whole(acc),
+            expr: Expr::Elem + Expr::global(&bias, vec![column]),
+        });
+    }
+    body.push(Stmt::Store {
+        src: t.whole(acc),
+        dst: GlobalTile {
+            param: "out".into(),
+            dims: vec![
+                GlobalDim::At(var("b")),
+                span(var("row0"), bm),
+                span(var("col0"), bn),
+            ],
+        },
+    });
+    let mut params = vec![tensor(
+        "o",
+        storage,
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), size(lq)],
+        Access::Read,
+    )];
+    params.extend(weight_params(spec, |r| {
+        matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)
+    }));
+    params.push(tensor(
+        "out",
+        storage,
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)],
+        Access::Write,
+    ));
+    params.extend(size_params());
+    Ok(KernelFn {
+        name: format!("{}_{}", spec.name, ForwardKernel::OutputProjection.suffix()),
+        params,
+        grid: [
+            SizeExpr::seq_len().ceil_div(bm as u64),
+            size(e.div_ceil(bn as usize)),
+            SizeExpr::batch(),
+        ],
+        warps: s.warps,
+        tiles: t.decls,
+        schedule: *s,
+        body,
+    })
+}

@@ -1,0 +1,367 @@
+//! Kernel IR: one function per GPU kernel, at tile level.
+//!
+//! A `KernelFn` names its parameters (the ABI: global tensors with symbolic shapes, then the
+//! runtime sizes B and S), its launch grid, its tiles (each with an element type, a shape, a memory
+//! space and a layout) and a body of tile statements: loops, async copies global → shared,
+//! barriers, matrix multiply-accumulate on tiles, elementwise maps, row reductions and stores.
+//! Layouts are part of the tile types so that the LLVM lowering can turn each tile op into
+//! per-thread code without guessing (mma.sync fragments and ldmatrix now; wgmma/TMA later as new
+//! layout variants). The same function runs on the CPU in [`interp`] with whole-tile semantics.
+//!
+//! Rules a lowering may rely on once `KernelFn::verify` passes:
+//! - register tiles are only used whole; a `Map` into a register tile reads other register tiles
+//!   only at the element it writes (same shape and layout) or a row vector at its row, so every
+//!   thread touches only what it holds; shared tiles may be read at any position;
+//! - `Mma`: f32 `mma_acc` accumulator, A shared or `mma_a` with the same warp grid, B shared,
+//!   A/B of one 16-bit type, M/N per warp in 16×8 fragments and K a multiple of 16;
+//! - every `AsyncWait` is followed by a `Barrier`; no shared tile is read before its cp.async was
+//!   waited for, read after another op's write without a barrier in between, or overwritten
+//!   while an earlier op may still read it (checked across loop iterations and branches);
+//! - cp.async boxes are whole 16-byte chunks along the tensor's innermost dimension;
+//! - global boxes read zero and skip stores outside the tensor and outside a span's `valid`
+//!   range (row starts may be negative: the convolution halo and the shifted value rows);
+//! - `select` evaluates only the chosen arm (a predicated load), so an arm may index out of
+//!   range where its condition is false;
+//! - shared memory fits in 227 KB; loop variables and lets are in scope and never shadowed.
+
+mod build;
+mod expr;
+mod hazard;
+pub mod interp;
+mod print;
+mod verify;
+
+pub use build::{ForwardKernel, build_forward, default_schedule, forward_kernels};
+pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
+
+use crate::ir::size::{SizeExpr, SizeVar};
+use crate::spec::DType;
+
+/// Shared memory one CTA may use on sm_90 (227 KB of the SM's 228 KB).
+pub const SHARED_MEMORY_LIMIT_BYTES: usize = 227 * 1024;
+
+/// Element type of a tile or a global tensor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ElemType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ElemType {
+    pub fn size_bytes(self) -> usize {
+        match self {
+            ElemType::F32 => 4,
+            ElemType::Bf16 | ElemType::F16 => 2,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            ElemType::F32 => "f32",
+            ElemType::Bf16 => "bf16",
+            ElemType::F16 => "f16",
+        }
+    }
+    /// Whether mma.sync m16n8k16 takes this type as an A/B operand.
+    pub fn is_mma_operand(self) -> bool {
+        matches!(self, ElemType::Bf16 | ElemType::F16)
+    }
+}
+
+impl From<DType> for ElemType {
+    fn from(dtype: DType) -> ElemType {
+        match dtype {
+            DType::Bf16 => ElemType::Bf16,
+            DType::F16 => ElemType::F16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    Shared,
+    Registers,
+}
+
+/// How a tile's elements are placed in its memory space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// Shared memory, row-major, each row padded by `pad` elements against bank conflicts
+    /// (what ldmatrix and cp.async use).
+    RowMajor { pad: u32 },
+    /// Registers: the m16n8k16 C fragment of a tile spread over a warps_m × warps_n grid of warps,
+    /// each warp owning (rows / warps_m) × (cols / warps_n).
+    MmaAccumulator { warps_m: u32, warps_n: u32 },
+    /// Registers: the m16n8k16 A fragment (P of P·V kept in registers), same warp grid.
+    MmaOperandA { warps_m: u32, warps_n: u32 },
+    /// Registers: one value per row of an accumulator with this warp grid (a [rows, 1] tile),
+    /// replicated over the threads that hold the row.
+    RowVector { warps_m: u32, warps_n: u32 },
+}
+
+impl Layout {
+    pub fn space(self) -> Space {
+        match self {
+            Layout::RowMajor { .. } => Space::Shared,
+            _ => Space::Registers,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileType {
+    pub elem: ElemType,
+    pub rows: u32,
+    pub cols: u32,
+    pub layout: Layout,
+}
+
+impl TileType {
+    pub fn space(&self) -> Space {
+        self.layout.space()
+    }
+    /// Bytes the tile takes in shared memory (0 for register tiles).
+    pub fn shared_bytes(&self) -> usize {
+        match self.layout {
+            Layout::RowMajor { pad } => {
+                self.rows as usize * (self.cols + pad) as usize * self.elem.size_bytes()
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// Index of a tile in `KernelFn::tiles`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TileId(pub usize);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TileDecl {
+    pub name: String,
+    pub ty: TileType,
+}
+
+/// A rectangular window of a tile: rows [row0, row0 + rows), cols [col0, col0 + cols).
+/// Offsets may depend on loop variables (a shifted conv tap, a column chunk); register tiles are
+/// only ever used whole.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TileView {
+    pub tile: TileId,
+    pub row0: Expr,
+    pub col0: Expr,
+    pub rows: u32,
+    pub cols: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// One kernel argument, in ABI order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KernelParam {
+    /// A dense row-major global tensor.
+    Tensor {
+        name: String,
+        elem: ElemType,
+        shape: Vec<SizeExpr>,
+        access: Access,
+    },
+    /// A runtime size (u32 in the ABI).
+    Size(SizeVar),
+}
+
+impl KernelParam {
+    pub fn name(&self) -> &str {
+        match self {
+            KernelParam::Tensor { name, .. } => name,
+            KernelParam::Size(var) => var.symbol(),
+        }
+    }
+}
+
+/// One dimension of a box in a global tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GlobalDim {
+    /// A single index.
+    At(Expr),
+    /// `len` consecutive indices from `start`. Elements outside the tensor, or outside
+    /// `valid = [lo, hi)` when given, read as zero and are not stored.
+    Span {
+        start: Expr,
+        len: u32,
+        valid: Option<(Expr, Expr)>,
+    },
+}
+
+/// A box of a global tensor seen as a tile: the first `Span` dimension gives the tile's rows,
+/// the second (if any) its columns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GlobalTile {
+    pub param: String,
+    pub dims: Vec<GlobalDim>,
+}
+
+impl GlobalTile {
+    /// (rows, cols) of the box: spans in order, a missing second span counting as 1 column.
+    pub fn box_shape(&self) -> Option<(u32, u32)> {
+        let spans: Vec<u32> = self
+            .dims
+            .iter()
+            .filter_map(|d| match d {
+                GlobalDim::Span { len, .. } => Some(*len),
+                GlobalDim::At(_) => None,
+            })
+            .collect();
+        match spans.as_slice() {
+            [rows] => Some((*rows, 1)),
+            [rows, cols] => Some((*rows, *cols)),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReduceOp {
+    Max,
+    Sum,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Stmt {
+    /// A scalar (i32 or f32) named for the rest of the enclosing block.
+    Let {
+        var: String,
+        value: Expr,
+    },
+    /// `var` runs over start..end (step 1); bounds may be runtime expressions.
+    For {
+        var: String,
+        start: Expr,
+        end: Expr,
+        body: Vec<Stmt>,
+    },
+    If {
+        cond: Expr,
+        then_body: Vec<Stmt>,
+        else_body: Vec<Stmt>,
+    },
+    /// Global box → shared tile. `is_async`: cp.async (complete after AsyncCommit + AsyncWait +
+    /// Barrier); otherwise a plain cooperative copy (visible after a Barrier).
+    Copy {
+        dst: TileView,
+        src: GlobalTile,
+        is_async: bool,
+    },
+    AsyncCommit,
+    /// Wait until at most `pending` committed async copy groups are in flight.
+    AsyncWait {
+        pending: u32,
+    },
+    /// bar.sync over the whole block.
+    Barrier,
+    Fill {
+        dst: TileView,
+        value: f64,
+    },
+    /// acc += a · b (b: [K, N]) or a · bᵀ (b: [N, K]) when `b_transposed`.
+    Mma {
+        acc: TileView,
+        a: TileView,
+        b: TileView,
+        b_transposed: bool,
+    },
+    /// Elementwise copy with a change of layout/space/type (accumulator → operand A fragment,
+    /// registers → shared).
+    Convert {
+        dst: TileView,
+        src: TileView,
+    },
+    /// dst[r, c] = expr for every element; `Expr::Row`/`Expr::Col` are r, c within the view and
+    /// `Expr::Elem` is the old dst[r, c].
+    Map {
+        dst: TileView,
+        expr: Expr,
+    },
+    /// dst[r] = op over c of value, `Expr::Elem` = src[r, c].
+    RowReduce {
+        dst: TileId,
+        src: TileView,
+        op: ReduceOp,
+        value: Expr,
+    },
+    /// Tile → global box (elements outside the box's valid range are skipped), rounding to the
+    /// tensor's element type.
+    Store {
+        src: TileView,
+        dst: GlobalTile,
+    },
+    /// A line of explanation kept in the printed IR.
+    Note(String),
+}
+
+/// Tile sizes and warps of one kernel. What each size means depends on the kernel:
+/// qkv_proj: block_m = rows of the projected tile incl. the convolution halo, block_n = columns
+/// per projection pass (head_dim), block_k = model_dim chunk; attention: block_m query rows,
+/// block_n keys per tile, block_k = head_dim; out_proj: block_m rows × block_n output columns,
+/// block_k = reduction chunk. A ring of `stages` buffers holds the streamed tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Schedule {
+    pub block_m: u32,
+    pub block_n: u32,
+    pub block_k: u32,
+    pub warps: u32,
+    /// Shared buffers of each streamed operand: copies run `stages - 1` tiles ahead of the
+    /// matrix multiplies (1 = copy, wait, compute).
+    pub stages: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KernelFn {
+    pub name: String,
+    pub params: Vec<KernelParam>,
+    /// CTAs along x, y, z.
+    pub grid: [SizeExpr; 3],
+    /// Threads per CTA = 32 · warps.
+    pub warps: u32,
+    pub tiles: Vec<TileDecl>,
+    pub schedule: Schedule,
+    pub body: Vec<Stmt>,
+}
+
+impl KernelFn {
+    pub fn threads(&self) -> u32 {
+        self.warps * 32
+    }
+    pub fn tile(&self, id: TileId) -> &TileDecl {
+        &self.tiles[id.0]
+    }
+    pub fn param(&self, name: &str) -> Option<&KernelParam> {
+        self.params.iter().find(|p| p.name() == name)
+    }
+    /// Static shared memory of one CTA.
+    pub fn shared_bytes(&self) -> usize {
+        self.tiles.iter().map(|t| t.ty.shared_bytes()).sum()
+    }
+}
+
+impl TileView {
+    /// The whole tile.
+    pub fn whole(tile: TileId, ty: &TileType) -> TileView {
+        TileView {
+            tile,
+            row0: Expr::Int(0),
+            col0: Expr::Int(0),
+            rows: ty.rows,
+            cols: ty.cols,
+        }
+    }
+    pub fn is_whole(&self, ty: &TileType) -> bool {
+        self.row0 == Expr::Int(0)
+            && self.col0 == Expr::Int(0)
+            && self.rows == ty.rows
+            && self.cols == ty.cols
+    }
+}

@@ -1,0 +1,725 @@
+//! `KernelFn::verify`: types, shapes, layouts, scopes and shared-memory hazards.
+//!
+//! Every message starts with the statement it is about (its first printed line) so that a
+//! failure points at the IR text.
+
+use super::*;
+use std::collections::BTreeSet;
+
+/// Where an expression is evaluated: which implicit operands it may use.
+#[derive(Clone, Copy)]
+enum ExprCtx<'a> {
+    /// Bounds, indices, conditions: no tile elements.
+    Scalar,
+    /// Inside `Map` (dst given) or `RowReduce` (the source given as `elem_of`).
+    Elementwise { dst: &'a TileView },
+}
+
+struct Verifier<'a> {
+    kernel: &'a KernelFn,
+    errors: Vec<String>,
+    scope: Vec<(String, ScalarType)>,
+}
+
+impl KernelFn {
+    /// Checks the function; on failure returns every problem found, one message each.
+    pub fn verify(&self) -> Result<(), Vec<String>> {
+        let mut v = Verifier {
+            kernel: self,
+            errors: Vec::new(),
+            scope: Vec::new(),
+        };
+        v.check_signature();
+        v.check_tiles();
+        v.check_block(&self.body);
+        v.errors.extend(super::hazard::Hazards::check(self));
+        let mut seen = BTreeSet::new();
+        v.errors.retain(|e| seen.insert(e.clone()));
+        if v.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(v.errors)
+        }
+    }
+
+    /// The first printed line of a statement (a loop or branch without its body).
+    pub(super) fn stmt_head(&self, stmt: &Stmt) -> String {
+        let mut text = String::new();
+        self.print_stmt(&mut text, stmt, 0);
+        text.lines()
+            .next()
+            .unwrap_or("")
+            .trim_end_matches(" {")
+            .to_string()
+    }
+}
+
+impl<'a> Verifier<'a> {
+    fn err(&mut self, stmt: &Stmt, msg: impl std::fmt::Display) {
+        let head = self.kernel.stmt_head(stmt);
+        self.errors.push(format!("{head}: {msg}"));
+    }
+
+    fn check_signature(&mut self) {
+        let k = self.kernel;
+        let mut names = BTreeSet::new();
+        for p in &k.params {
+            if !names.insert(p.name().to_string()) {
+                self.errors.push(format!(
+                    "kernel {}: parameter {} declared twice",
+                    k.name,
+                    p.name()
+                ));
+            }
+            if let KernelParam::Tensor { name, shape, .. } = p {
+                if shape.is_empty() {
+                    self.errors.push(format!(
+                        "kernel {}: tensor {name} has no dimensions",
+                        k.name
+                    ));
+                }
+                for dim in shape {
+                    self.check_size_vars(dim, &format!("shape of {name}"));
+                }
+            }
+        }
+        for dim in &k.grid {
+            self.check_size_vars(dim, "grid");
+        }
+        if k.warps == 0 || k.warps > 32 {
+            self.errors.push(format!(
+                "kernel {}: {} warps (must be 1..=32)",
+                k.name, k.warps
+            ));
+        }
+        let shared = k.shared_bytes();
+        if shared > SHARED_MEMORY_LIMIT_BYTES {
+            self.errors.push(format!(
+                "kernel {}: shared memory {shared} bytes exceeds the {SHARED_MEMORY_LIMIT_BYTES}-byte limit",
+                k.name
+            ));
+        }
+    }
+
+    fn check_size_vars(&mut self, size: &SizeExpr, what: &str) {
+        for var in [SizeVar::Batch, SizeVar::SeqLen] {
+            if size.uses(var) && !self.has_size_param(var) {
+                self.errors.push(format!(
+                    "kernel {}: {what} uses {} but it is not a parameter",
+                    self.kernel.name,
+                    var.symbol()
+                ));
+            }
+        }
+    }
+
+    fn has_size_param(&self, var: SizeVar) -> bool {
+        self.kernel.params.contains(&KernelParam::Size(var))
+    }
+
+    fn check_tiles(&mut self) {
+        let warps = self.kernel.warps;
+        let mut names = BTreeSet::new();
+        for decl in &self.kernel.tiles {
+            let ty = &decl.ty;
+            let name = &decl.name;
+            let mut bad = |msg: String| self.errors.push(format!("tile %{name}: {msg}"));
+            if !names.insert(name.clone()) {
+                bad("declared twice".into());
+            }
+            if ty.rows == 0 || ty.cols == 0 {
+                bad("empty shape".into());
+            }
+            match ty.layout {
+                Layout::RowMajor { .. } => {}
+                Layout::MmaAccumulator { warps_m, warps_n }
+                | Layout::MmaOperandA { warps_m, warps_n } => {
+                    if warps_m * warps_n != warps {
+                        bad(format!(
+                            "warp grid {warps_m}x{warps_n} does not match {warps} warps"
+                        ));
+                    } else if ty.rows % (16 * warps_m) != 0 || ty.cols % (8 * warps_n) != 0 {
+                        bad(format!(
+                            "{}x{} over {warps_m}x{warps_n} warps is not made of 16x8 mma fragments",
+                            ty.rows, ty.cols
+                        ));
+                    }
+                    if matches!(ty.layout, Layout::MmaAccumulator { .. })
+                        && ty.elem != ElemType::F32
+                    {
+                        bad("mma accumulators are f32".into());
+                    }
+                    if matches!(ty.layout, Layout::MmaOperandA { .. }) && !ty.elem.is_mma_operand()
+                    {
+                        bad("mma operands are bf16 or f16".into());
+                    }
+                }
+                Layout::RowVector { warps_m, warps_n } => {
+                    if warps_m * warps_n != warps {
+                        bad(format!(
+                            "warp grid {warps_m}x{warps_n} does not match {warps} warps"
+                        ));
+                    }
+                    if ty.cols != 1 || ty.rows % (16 * warps_m) != 0 {
+                        bad(format!(
+                            "a row vector is [16k·warps_m, 1], not [{}, {}]",
+                            ty.rows, ty.cols
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    fn ty(&self, view: &TileView) -> TileType {
+        self.kernel.tile(view.tile).ty
+    }
+
+    /// Checks a view's offsets and bounds; returns false when the tile does not exist.
+    fn check_view(&mut self, stmt: &Stmt, view: &TileView) -> bool {
+        if view.tile.0 >= self.kernel.tiles.len() {
+            self.err(stmt, format!("tile #{} does not exist", view.tile.0));
+            return false;
+        }
+        let ty = self.ty(view);
+        let name = self.kernel.tile(view.tile).name.clone();
+        for (offset, len, extent, what) in [
+            (&view.row0, view.rows, ty.rows, "rows"),
+            (&view.col0, view.cols, ty.cols, "cols"),
+        ] {
+            self.expect_type(
+                stmt,
+                offset,
+                ScalarType::I32,
+                ExprCtx::Scalar,
+                "view offset",
+            );
+            if len == 0 {
+                self.err(stmt, format!("empty view of %{name}"));
+            }
+            if let Expr::Int(start) = offset
+                && (*start < 0 || *start as u64 + len as u64 > extent as u64)
+            {
+                self.err(
+                    stmt,
+                    format!(
+                        "{what} {start}..{} outside %{name} ({extent} {what})",
+                        *start + len as i64
+                    ),
+                );
+            }
+        }
+        if ty.space() == Space::Registers && !view.is_whole(&ty) {
+            self.err(stmt, format!("register tile %{name} must be used whole"));
+        }
+        true
+    }
+
+    fn check_global(&mut self, stmt: &Stmt, tile: &GlobalTile, access: Access) -> Option<ElemType> {
+        let Some(param) = self.kernel.param(&tile.param) else {
+            self.err(stmt, format!("no parameter named {}", tile.param));
+            return None;
+        };
+        let KernelParam::Tensor {
+            elem,
+            shape,
+            access: declared,
+            ..
+        } = param.clone()
+        else {
+            self.err(stmt, format!("{} is a size, not a tensor", tile.param));
+            return None;
+        };
+        if declared != access {
+            let verb = if access == Access::Read {
+                "read"
+            } else {
+                "written"
+            };
+            self.err(
+                stmt,
+                format!("{} is {verb} but not declared so", tile.param),
+            );
+        }
+        if shape.len() != tile.dims.len() {
+            self.err(
+                stmt,
+                format!(
+                    "{} has {} dimensions, indexed with {}",
+                    tile.param,
+                    shape.len(),
+                    tile.dims.len()
+                ),
+            );
+        }
+        if tile.box_shape().is_none() {
+            self.err(
+                stmt,
+                format!("a box of {} needs one or two spans", tile.param),
+            );
+        }
+        for dim in &tile.dims {
+            match dim {
+                GlobalDim::At(index) => {
+                    self.expect_type(stmt, index, ScalarType::I32, ExprCtx::Scalar, "index")
+                }
+                GlobalDim::Span { start, valid, .. } => {
+                    self.expect_type(stmt, start, ScalarType::I32, ExprCtx::Scalar, "span start");
+                    if let Some((lo, hi)) = valid {
+                        self.expect_type(stmt, lo, ScalarType::I32, ExprCtx::Scalar, "bound");
+                        self.expect_type(stmt, hi, ScalarType::I32, ExprCtx::Scalar, "bound");
+                    }
+                }
+            }
+        }
+        Some(elem)
+    }
+
+    fn expect_type(
+        &mut self,
+        stmt: &Stmt,
+        expr: &Expr,
+        want: ScalarType,
+        ctx: ExprCtx,
+        what: &str,
+    ) {
+        match self.expr_type(expr, ctx) {
+            Ok(found) if found == want => {}
+            Ok(found) => self.err(
+                stmt,
+                format!(
+                    "{what} `{}` is {found:?}, expected {want:?}",
+                    self.kernel.expr(expr)
+                ),
+            ),
+            Err(msg) => self.err(stmt, msg),
+        }
+    }
+
+    fn expr_type(&self, expr: &Expr, ctx: ExprCtx) -> Result<ScalarType, String> {
+        use ScalarType::*;
+        let elementwise = |what: &str| match ctx {
+            ExprCtx::Elementwise { .. } => Ok(()),
+            ExprCtx::Scalar => Err(format!(
+                "`{what}` is only defined inside map and row reductions"
+            )),
+        };
+        Ok(match expr {
+            Expr::Int(_) => I32,
+            Expr::Float(_) => F32,
+            Expr::BlockIdx(_) => I32,
+            Expr::Var(name) => match self.scope.iter().rev().find(|(n, _)| n == name) {
+                Some((_, ty)) => *ty,
+                None => return Err(format!("variable {name} is not in scope")),
+            },
+            Expr::Size(var) => {
+                if !self.has_size_param(*var) {
+                    return Err(format!("size {} is not a parameter", var.symbol()));
+                }
+                I32
+            }
+            Expr::Row | Expr::Col => {
+                elementwise(if *expr == Expr::Row { "row" } else { "col" })?;
+                I32
+            }
+            Expr::Elem => {
+                elementwise("x")?;
+                F32
+            }
+            Expr::Tile { tile, row, col } => {
+                let ExprCtx::Elementwise { dst, .. } = ctx else {
+                    return Err("tile elements are only read inside map and row reductions".into());
+                };
+                self.tile_read_rule(*tile, row, col, dst)?;
+                for index in [row, col] {
+                    if self.expr_type(index, ctx)? != I32 {
+                        return Err(format!(
+                            "tile index `{}` is not i32",
+                            self.kernel.expr(index)
+                        ));
+                    }
+                }
+                F32
+            }
+            Expr::Global { param, index } => {
+                let Some(KernelParam::Tensor { shape, access, .. }) = self.kernel.param(param)
+                else {
+                    return Err(format!("no tensor parameter named {param}"));
+                };
+                if *access != Access::Read {
+                    return Err(format!("{param} is an output and cannot be read"));
+                }
+                if shape.len() != index.len() {
+                    return Err(format!(
+                        "{param} has {} dimensions, indexed with {}",
+                        shape.len(),
+                        index.len()
+                    ));
+                }
+                for i in index {
+                    if self.expr_type(i, ctx)? != I32 {
+                        return Err(format!(
+                            "index `{}` of {param} is not i32",
+                            self.kernel.expr(i)
+                        ));
+                    }
+                }
+                F32
+            }
+            Expr::Unary(op, a) => {
+                let ta = self.expr_type(a, ctx)?;
+                match op {
+                    UnOp::ToFloat if ta == I32 => F32,
+                    UnOp::Exp | UnOp::Log | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin if ta == F32 => F32,
+                    _ => return Err(format!("`{}` applied to {ta:?}", self.kernel.expr(expr))),
+                }
+            }
+            Expr::Binary(op, a, b) => {
+                let (ta, tb) = (self.expr_type(a, ctx)?, self.expr_type(b, ctx)?);
+                let mismatch = || format!("`{}` mixes {ta:?} and {tb:?}", self.kernel.expr(expr));
+                match op {
+                    BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Min | BinOp::Max
+                        if ta == tb && ta != Bool =>
+                    {
+                        ta
+                    }
+                    BinOp::Div | BinOp::Pow if ta == F32 && tb == F32 => F32,
+                    BinOp::FloorDiv | BinOp::CeilDiv | BinOp::Mod if ta == I32 && tb == I32 => I32,
+                    BinOp::Lt | BinOp::Le | BinOp::Eq if ta == tb && ta != Bool => Bool,
+                    BinOp::And if ta == Bool && tb == Bool => Bool,
+                    _ => return Err(mismatch()),
+                }
+            }
+            Expr::Select(c, a, b) => {
+                if self.expr_type(c, ctx)? != Bool {
+                    return Err(format!(
+                        "select condition `{}` is not a comparison",
+                        self.kernel.expr(c)
+                    ));
+                }
+                let (ta, tb) = (self.expr_type(a, ctx)?, self.expr_type(b, ctx)?);
+                if ta != tb {
+                    return Err(format!(
+                        "select arms of `{}` differ: {ta:?} and {tb:?}",
+                        self.kernel.expr(expr)
+                    ));
+                }
+                ta
+            }
+        })
+    }
+
+    /// Which tile reads a thread can do: shared tiles anywhere (except the destination's own
+    /// other elements); register tiles only where the thread holds the mapped element.
+    fn tile_read_rule(
+        &self,
+        tile: TileId,
+        row: &Expr,
+        col: &Expr,
+        dst: &TileView,
+    ) -> Result<(), String> {
+        let Some(decl) = self.kernel.tiles.get(tile.0) else {
+            return Err(format!("tile #{} does not exist", tile.0));
+        };
+        let dst_ty = self.ty(dst);
+        let name = &decl.name;
+        match decl.ty.space() {
+            Space::Shared => {
+                if tile == dst.tile {
+                    return Err(format!(
+                        "map reads its own destination %{name} by position; use x"
+                    ));
+                }
+                Ok(())
+            }
+            Space::Registers => {
+                if dst_ty.space() != Space::Registers {
+                    return Err(format!(
+                        "register tile %{name} read by a map into shared memory"
+                    ));
+                }
+                let holds_row = decl.ty.rows == dst_ty.rows && *row == Expr::Row;
+                let same_warps = |a: Layout, b: Layout| warp_grid(a) == warp_grid(b);
+                match decl.ty.layout {
+                    Layout::RowVector { .. } => {
+                        if holds_row
+                            && *col == Expr::Int(0)
+                            && same_warps(decl.ty.layout, dst_ty.layout)
+                        {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "row vector %{name} must be read as %{name}[row] with the destination's warp grid"
+                            ))
+                        }
+                    }
+                    layout => {
+                        if holds_row
+                            && *col == Expr::Col
+                            && decl.ty.cols == dst_ty.cols
+                            && layout == dst_ty.layout
+                        {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "register tile %{name} must be read at [row, col] with the destination's shape and layout"
+                            ))
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_block(&mut self, body: &[Stmt]) {
+        let depth = self.scope.len();
+        for (index, stmt) in body.iter().enumerate() {
+            self.check_stmt(stmt);
+            if let Stmt::AsyncWait { .. } = stmt
+                && body.get(index + 1) != Some(&Stmt::Barrier)
+            {
+                self.err(
+                    stmt,
+                    "must be followed by a barrier so that every thread sees the copied tile",
+                );
+            }
+        }
+        self.scope.truncate(depth);
+    }
+
+    fn check_stmt(&mut self, stmt: &Stmt) {
+        match stmt {
+            Stmt::Let { var, value } => {
+                match self.expr_type(value, ExprCtx::Scalar) {
+                    Ok(ScalarType::Bool) => self.err(stmt, "let binds i32 or f32 values"),
+                    Ok(ty) => {
+                        self.declare(stmt, var, ty);
+                        return;
+                    }
+                    Err(msg) => self.err(stmt, msg),
+                }
+                // Keep later uses from cascading into scope errors.
+                self.scope.push((var.clone(), ScalarType::I32));
+            }
+            Stmt::For {
+                var,
+                start,
+                end,
+                body,
+            } => {
+                self.expect_type(stmt, start, ScalarType::I32, ExprCtx::Scalar, "loop start");
+                self.expect_type(stmt, end, ScalarType::I32, ExprCtx::Scalar, "loop end");
+                let depth = self.scope.len();
+                self.declare(stmt, var, ScalarType::I32);
+                self.check_block(body);
+                self.scope.truncate(depth);
+            }
+            Stmt::If {
+                cond,
+                then_body,
+                else_body,
+            } => {
+                self.expect_type(stmt, cond, ScalarType::Bool, ExprCtx::Scalar, "condition");
+                self.check_block(then_body);
+                self.check_block(else_body);
+            }
+            Stmt::Copy { dst, src, is_async } => {
+                if !self.check_view(stmt, dst) {
+                    return;
+                }
+                let ty = self.ty(dst);
+                if ty.space() != Space::Shared {
+                    self.err(stmt, "copies from global memory go to shared tiles");
+                }
+                if let Some(elem) = self.check_global(stmt, src, Access::Read) {
+                    if elem != ty.elem {
+                        self.err(
+                            stmt,
+                            format!(
+                                "copy of {} into {} does not convert",
+                                elem.name(),
+                                ty.elem.name()
+                            ),
+                        );
+                    }
+                    if *is_async {
+                        let contiguous = matches!(src.dims.last(), Some(GlobalDim::Span { .. }))
+                            && src.box_shape().is_some_and(|(_, cols)| cols > 1);
+                        if !contiguous
+                            || !(dst.cols as usize * elem.size_bytes()).is_multiple_of(16)
+                        {
+                            self.err(stmt, "cp.async needs rows of whole 16-byte chunks along the innermost dimension");
+                        }
+                    }
+                }
+                if let Some(shape) = src.box_shape()
+                    && shape != (dst.rows, dst.cols)
+                {
+                    self.err(
+                        stmt,
+                        format!(
+                            "box {}x{} into view {}x{}",
+                            shape.0, shape.1, dst.rows, dst.cols
+                        ),
+                    );
+                }
+            }
+            Stmt::AsyncCommit | Stmt::AsyncWait { .. } | Stmt::Barrier | Stmt::Note(_) => {}
+            Stmt::Fill { dst, .. } => {
+                self.check_view(stmt, dst);
+            }
+            Stmt::Mma {
+                acc,
+                a,
+                b,
+                b_transposed,
+            } => self.check_mma(stmt, acc, a, b, *b_transposed),
+            Stmt::Convert { dst, src } => {
+                if !(self.check_view(stmt, dst) && self.check_view(stmt, src)) {
+                    return;
+                }
+                let (td, ts) = (self.ty(dst), self.ty(src));
+                if (dst.rows, dst.cols) != (src.rows, src.cols) {
+                    self.err(
+                        stmt,
+                        format!(
+                            "shapes {}x{} and {}x{} differ",
+                            dst.rows, dst.cols, src.rows, src.cols
+                        ),
+                    );
+                }
+                match (ts.layout, td.layout) {
+                    (Layout::MmaAccumulator { .. }, Layout::RowMajor { .. }) => {}
+                    (Layout::MmaAccumulator { .. }, Layout::MmaOperandA { .. })
+                        if warp_grid(ts.layout) == warp_grid(td.layout) => {}
+                    (from, to) => self.err(
+                        stmt,
+                        format!("no conversion from {from:?} to {to:?} (accumulator → shared or → operand A)"),
+                    ),
+                }
+            }
+            Stmt::Map { dst, expr } => {
+                if !self.check_view(stmt, dst) {
+                    return;
+                }
+                let ctx = ExprCtx::Elementwise { dst };
+                self.expect_type(stmt, expr, ScalarType::F32, ctx, "map value");
+            }
+            Stmt::RowReduce {
+                dst, src, value, ..
+            } => {
+                if dst.0 >= self.kernel.tiles.len() {
+                    self.err(stmt, format!("tile #{} does not exist", dst.0));
+                    return;
+                }
+                if !self.check_view(stmt, src) {
+                    return;
+                }
+                let (td, ts) = (self.kernel.tile(*dst).ty, self.ty(src));
+                let ok = matches!(td.layout, Layout::RowVector { .. })
+                    && matches!(ts.layout, Layout::MmaAccumulator { .. })
+                    && warp_grid(td.layout) == warp_grid(ts.layout)
+                    && td.rows == ts.rows;
+                if !ok {
+                    self.err(stmt, "reduces an mma accumulator into a row vector of the same rows and warp grid");
+                }
+                let ctx = ExprCtx::Elementwise { dst: src };
+                self.expect_type(stmt, value, ScalarType::F32, ctx, "reduced value");
+            }
+            Stmt::Store { src, dst } => {
+                if !self.check_view(stmt, src) {
+                    return;
+                }
+                self.check_global(stmt, dst, Access::Write);
+                if let Some(shape) = dst.box_shape()
+                    && shape != (src.rows, src.cols)
+                {
+                    self.err(
+                        stmt,
+                        format!(
+                            "view {}x{} into box {}x{}",
+                            src.rows, src.cols, shape.0, shape.1
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn declare(&mut self, stmt: &Stmt, var: &str, ty: ScalarType) {
+        if self.scope.iter().any(|(n, _)| n == var) {
+            self.err(stmt, format!("{var} shadows a variable in scope"));
+        }
+        self.scope.push((var.to_string(), ty));
+    }
+
+    fn check_mma(
+        &mut self,
+        stmt: &Stmt,
+        acc: &TileView,
+        a: &TileView,
+        b: &TileView,
+        b_transposed: bool,
+    ) {
+        if !(self.check_view(stmt, acc) && self.check_view(stmt, a) && self.check_view(stmt, b)) {
+            return;
+        }
+        let (tc, ta, tb) = (self.ty(acc), self.ty(a), self.ty(b));
+        if !matches!(tc.layout, Layout::MmaAccumulator { .. }) {
+            self.err(stmt, "the accumulator must be an mma_acc register tile");
+        }
+        match ta.layout {
+            Layout::RowMajor { .. } => {}
+            Layout::MmaOperandA { .. } if warp_grid(ta.layout) == warp_grid(tc.layout) => {}
+            _ => self.err(
+                stmt,
+                "operand a must be shared or an mma_a tile with the accumulator's warp grid",
+            ),
+        }
+        if tb.space() != Space::Shared {
+            self.err(stmt, "operand b must be a shared tile");
+        }
+        if !ta.elem.is_mma_operand() || ta.elem != tb.elem {
+            self.err(
+                stmt,
+                format!(
+                    "operands {} and {} (need the same 16-bit type)",
+                    ta.elem.name(),
+                    tb.elem.name()
+                ),
+            );
+        }
+        let (b_k, b_n) = if b_transposed {
+            (b.cols, b.rows)
+        } else {
+            (b.rows, b.cols)
+        };
+        if a.rows != acc.rows {
+            self.err(
+                stmt,
+                format!("M of a ({}) != M of acc ({})", a.rows, acc.rows),
+            );
+        }
+        if b_n != acc.cols {
+            self.err(stmt, format!("N of b ({b_n}) != N of acc ({})", acc.cols));
+        }
+        if a.cols != b_k {
+            self.err(stmt, format!("K of a ({}) != K of b ({b_k})", a.cols));
+        }
+        if !a.cols.is_multiple_of(16) {
+            self.err(
+                stmt,
+                format!("K = {} is not a multiple of 16 (m16n8k16)", a.cols),
+            );
+        }
+    }
+}
+
+fn warp_grid(layout: Layout) -> Option<(u32, u32)> {
+    match layout {
+        Layout::RowMajor { .. } => None,
+        Layout::MmaAccumulator { warps_m, warps_n }
+        | Layout::MmaOperandA { warps_m, warps_n }
+        | Layout::RowVector { warps_m, warps_n } => Some((warps_m, warps_n)),
+    }
+}

@@ -1,0 +1,205 @@
+// Each test crate that includes this module uses only part of it.
+#![allow(dead_code)]
+
+//! Shared by the kernel IR tests: a small deterministic generator of specs, weights and inputs,
+//! and the CPU reference run on them.
+
+use ccc::ir::kernel::interp::Buffers;
+use ccc::reference::{ForwardOutputs, Tensor, Weights, forward};
+use ccc::spec::*;
+
+/// xorshift64*: deterministic, no dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in [lo, hi).
+    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in lo..=hi.
+    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
+    }
+    pub fn coin(&mut self) -> bool {
+        self.next_u64() & 1 == 1
+    }
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.range(0, items.len() - 1)]
+    }
+}
+
+pub fn zaya1_like(
+    name: &str,
+    model_dim: usize,
+    head_dim: usize,
+    hq: usize,
+    hk: usize,
+) -> AttentionSpec {
+    AttentionSpec {
+        qk_conv: vec![
+            ConvStage {
+                kind: ConvKind::Depthwise,
+                width: 2,
+            },
+            ConvStage {
+                kind: ConvKind::PerHead,
+                width: 2,
+            },
+        ],
+        qk_mean: true,
+        value_shift: 1,
+        qk_norm: QkNorm::L2,
+        key_temperature: KeyTemperature::Learned,
+        rope: Some(Rope {
+            fraction: 0.5,
+            rotary_dim: head_dim / 2,
+            theta: 5e6,
+            style: RopeStyle::Neox,
+        }),
+        ..AttentionSpec::plain(name, model_dim, head_dim, hq, hk)
+    }
+}
+
+/// A random valid spec with head_dim a multiple of 16.
+pub fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
+    let d = if rng.range(0, 9) == 0 {
+        64
+    } else {
+        rng.pick(&[16, 32])
+    };
+    let kv_heads = rng.range(1, 3);
+    let groups = rng.range(1, 3);
+    let model_dim = d * rng.range(1, 4);
+    let mut spec = AttentionSpec::plain(
+        &format!("random{index}"),
+        model_dim,
+        d,
+        kv_heads * groups,
+        kv_heads,
+    );
+    spec.qk_conv = (0..rng.range(0, 3))
+        .map(|_| ConvStage {
+            kind: if rng.coin() {
+                ConvKind::Depthwise
+            } else {
+                ConvKind::PerHead
+            },
+            width: rng.range(1, 4),
+        })
+        .collect();
+    spec.qk_mean = rng.coin();
+    spec.value_shift = rng.range(0, kv_heads);
+    if rng.coin() {
+        spec.qk_norm = QkNorm::L2;
+        spec.key_temperature = rng.pick(&[
+            KeyTemperature::None,
+            KeyTemperature::Learned,
+            KeyTemperature::LearnedExp,
+        ]);
+        spec.norm_eps = rng.pick(&[1e-12, 1e-6]);
+    }
+    if rng.range(0, 3) > 0 {
+        let rotary_dim = 2 * rng.range(1, d / 2);
+        spec.rope = Some(Rope {
+            fraction: rotary_dim as f64 / d as f64,
+            rotary_dim,
+            theta: rng.pick(&[100.0, 10_000.0, 5e6]),
+            style: if rng.coin() {
+                RopeStyle::Neox
+            } else {
+                RopeStyle::Interleaved
+            },
+        });
+    }
+    spec.mask = match rng.range(0, 3) {
+        0 => Mask::None,
+        1 => Mask::Causal,
+        _ => Mask::SlidingWindow {
+            window: rng.pick(&[1, 3, 7, 16, 20, 64, 70, 100]),
+        },
+    };
+    if rng.coin() {
+        spec.softmax_scale = rng.uniform(0.05, 0.5);
+    }
+    spec.dtype = if rng.coin() { DType::Bf16 } else { DType::F16 };
+    spec.bias = rng.coin();
+    spec.validate()
+        .expect("the generator only builds valid specs");
+    spec
+}
+
+pub fn random_weights(spec: &AttentionSpec, rng: &mut Rng) -> Buffers {
+    spec.params()
+        .into_iter()
+        .map(|p| {
+            let n: usize = p.shape.iter().product();
+            let (lo, hi) = match p.role {
+                ParamRole::KeyTemperature => match spec.key_temperature {
+                    // learned_exp: values on both sides of the clamp.
+                    KeyTemperature::LearnedExp => (-1.0, 3.0),
+                    _ => (0.5, 1.5),
+                },
+                ParamRole::ConvWeight { .. } => (-0.6, 0.6),
+                _ => {
+                    let fan_in = *p.shape.last().unwrap_or(&1) as f64;
+                    (-1.0 / fan_in.sqrt(), 1.0 / fan_in.sqrt())
+                }
+            };
+            (p.name, (0..n).map(|_| rng.uniform(lo, hi)).collect())
+        })
+        .collect()
+}
+
+pub fn random_input(spec: &AttentionSpec, batch: usize, seq_len: usize, rng: &mut Rng) -> Vec<f64> {
+    (0..batch * seq_len * spec.model_dim)
+        .map(|_| rng.uniform(-1.0, 1.0))
+        .collect()
+}
+
+/// The CPU reference (`ccc::reference::forward`) on the same weights and input.
+pub fn reference(
+    spec: &AttentionSpec,
+    w: &Buffers,
+    x: &[f64],
+    batch: usize,
+    seq_len: usize,
+) -> ForwardOutputs {
+    let tensors = spec
+        .params()
+        .into_iter()
+        .map(|p| {
+            let data = w[&p.name].clone();
+            (
+                p.name,
+                Tensor {
+                    shape: p.shape,
+                    data,
+                },
+            )
+        })
+        .collect();
+    let x = Tensor {
+        shape: vec![batch, seq_len, spec.model_dim],
+        data: x.to_vec(),
+    };
+    forward(spec, &Weights { tensors }, &x).expect("the reference accepts every valid spec")
+}
+
+/// max |a − b| / max(1e-300, max |b|).
+pub fn relative_error(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-300);
+    a.iter()
+        .zip(b)
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}

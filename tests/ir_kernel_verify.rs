@@ -1,0 +1,264 @@
+//! The kernel IR verifier on deliberately broken functions: each mutation of a valid kernel must
+//! be reported with a message that names the statement and the rule.
+
+mod ir_kernel_common;
+
+use ccc::ir::kernel::*;
+use ccc::spec::AttentionSpec;
+use ir_kernel_common::zaya1_like;
+
+fn attention() -> KernelFn {
+    let spec = AttentionSpec::plain("mha", 256, 64, 4, 4);
+    let schedule = default_schedule(&spec, ForwardKernel::Attention).unwrap();
+    build_forward(&spec, ForwardKernel::Attention, &schedule).unwrap()
+}
+
+fn tile_id(kernel: &KernelFn, name: &str) -> TileId {
+    TileId(kernel.tiles.iter().position(|t| t.name == name).unwrap())
+}
+
+/// The body of the key-tile loop (a ring of 2 cp.async buffers by default).
+fn kv_loop(kernel: &mut KernelFn) -> &mut Vec<Stmt> {
+    kernel
+        .body
+        .iter_mut()
+        .find_map(|s| match s {
+            Stmt::For { var, body, .. } if var == "kv_step" => Some(body),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn errors(kernel: &KernelFn) -> Vec<String> {
+    kernel
+        .verify()
+        .expect_err("the broken kernel must not verify")
+}
+
+fn assert_reports(kernel: &KernelFn, expected: &str) {
+    let errors = errors(kernel);
+    assert!(
+        errors.iter().any(|e| e == expected),
+        "expected\n  {expected}\namong\n  {}",
+        errors.join("\n  ")
+    );
+}
+
+#[test]
+fn the_built_kernels_verify() {
+    attention().verify().unwrap();
+    let spec = zaya1_like("zaya1", 2048, 128, 8, 2);
+    for which in ForwardKernel::ALL {
+        let schedule = default_schedule(&spec, which).unwrap();
+        build_forward(&spec, which, &schedule)
+            .unwrap()
+            .verify()
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_wait_without_a_barrier_is_reported() {
+    let mut kernel = attention();
+    let body = kv_loop(&mut kernel);
+    let wait = body
+        .iter()
+        .position(|s| matches!(s, Stmt::AsyncWait { .. }))
+        .unwrap();
+    body.remove(wait + 1);
+    assert_reports(
+        &kernel,
+        "cp.async.wait 1: must be followed by a barrier so that every thread sees the copied tile",
+    );
+    assert_reports(
+        &kernel,
+        "mma %scores += %q_s * %k_s[kv_step % 2 * 64 .. +64, :]^T: reads %k_s after a write without a barrier",
+    );
+}
+
+#[test]
+fn reading_before_the_copy_is_waited_for_is_reported() {
+    let expected = "mma %scores += %q_s * %k_s[kv_step % 2 * 64 .. +64, :]^T: \
+                    reads %k_s before its cp.async is waited for";
+    // Waiting for all but the two newest groups leaves the tile about to be used in flight.
+    let mut kernel = attention();
+    for stmt in kv_loop(&mut kernel).iter_mut() {
+        if let Stmt::AsyncWait { pending } = stmt {
+            *pending = 2;
+        }
+    }
+    assert_reports(&kernel, expected);
+    let mut kernel = attention();
+    kv_loop(&mut kernel).retain(|s| !matches!(s, Stmt::AsyncWait { .. }));
+    assert_reports(&kernel, expected);
+}
+
+#[test]
+fn overwriting_a_tile_still_being_read_is_reported() {
+    let mut kernel = attention();
+    let body = kv_loop(&mut kernel);
+    assert_eq!(body.pop(), Some(Stmt::Barrier));
+    assert_reports(
+        &kernel,
+        "cp.async %k_s[(kv_step + 1) % 2 * 64 .. +64, :] <- \
+         k[b, (kv_first + (kv_step + 1)) * 64 .. +64, kv_head, 0 .. +64]: \
+         overwrites %k_s while other threads may still read it (missing barrier)",
+    );
+}
+
+#[test]
+fn mma_and_copy_shapes_must_agree() {
+    let mut kernel = attention();
+    let q_s = tile_id(&kernel, "q_s");
+    for stmt in kv_loop(&mut kernel).iter_mut() {
+        if let Stmt::Mma {
+            a,
+            b_transposed: true,
+            ..
+        } = stmt
+        {
+            *a = TileView {
+                tile: q_s,
+                row0: Expr::Int(0),
+                col0: Expr::Int(0),
+                rows: 64,
+                cols: 48,
+            };
+        }
+    }
+    for stmt in kernel.body.iter_mut() {
+        if let Stmt::Copy { src, .. } = stmt {
+            src.dims[3] = GlobalDim::Span {
+                start: Expr::Int(0),
+                len: 32,
+                valid: None,
+            };
+        }
+    }
+    assert_reports(
+        &kernel,
+        "mma %scores += %q_s[:, 0 .. +48] * %k_s[kv_step % 2 * 64 .. +64, :]^T: K of a (48) != K of b (64)",
+    );
+    assert_reports(
+        &kernel,
+        "cp.async %q_s <- q[b, q_row0 .. +64, h, 0 .. +32]: box 64x32 into view 64x64",
+    );
+}
+
+#[test]
+fn mma_fragments_and_warp_grids_are_checked() {
+    let mut kernel = attention();
+    let scores = tile_id(&kernel, "scores");
+    kernel.tiles[scores.0].ty.rows = 48;
+    assert_reports(
+        &kernel,
+        "tile %scores: 48x64 over 4x1 warps is not made of 16x8 mma fragments",
+    );
+    let mut kernel = attention();
+    kernel.warps = 2;
+    assert_reports(
+        &kernel,
+        "tile %scores: warp grid 4x1 does not match 2 warps",
+    );
+}
+
+#[test]
+fn the_accumulator_must_live_in_registers() {
+    let mut kernel = attention();
+    let v_s = tile_id(&kernel, "v_s");
+    let body = kv_loop(&mut kernel);
+    for stmt in body.iter_mut() {
+        if let Stmt::Mma {
+            acc,
+            b_transposed: false,
+            ..
+        } = stmt
+        {
+            acc.tile = v_s;
+        }
+    }
+    let errors = errors(&kernel);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.ends_with("the accumulator must be an mma_acc register tile")),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn shared_memory_over_the_limit_is_reported() {
+    let mut kernel = attention();
+    let k_s = tile_id(&kernel, "k_s");
+    kernel.tiles[k_s.0].ty.rows = 2048;
+    assert_reports(
+        &kernel,
+        "kernel mha_attention: shared memory 322560 bytes exceeds the 232448-byte limit",
+    );
+}
+
+#[test]
+fn loop_variables_are_scoped_to_their_loop() {
+    let mut kernel = attention();
+    kernel.body.push(Stmt::Let {
+        var: "late".into(),
+        value: Expr::var("kv_tile"),
+    });
+    assert_reports(
+        &kernel,
+        "let late = kv_tile: variable kv_tile is not in scope",
+    );
+}
+
+#[test]
+fn parameters_must_exist_and_be_used_as_declared() {
+    let mut kernel = attention();
+    for stmt in kernel.body.iter_mut() {
+        if let Stmt::Store { dst, .. } = stmt {
+            if dst.param == "o" {
+                dst.param = "out".into();
+            } else {
+                dst.param = "q".into();
+            }
+        }
+    }
+    let errors = errors(&kernel);
+    assert!(
+        errors.contains(
+            &"store %o -> out[b, q_row0 .. +64, h, 0 .. +64]: no parameter named out".to_string()
+        ),
+        "{errors:?}"
+    );
+    assert!(
+        errors.contains(
+            &"store %m -> q[b, h, q_row0 .. +64]: q is written but not declared so".to_string()
+        ),
+        "{errors:?}"
+    );
+    assert!(
+        errors.contains(
+            &"store %m -> q[b, h, q_row0 .. +64]: q has 4 dimensions, indexed with 3".to_string()
+        ),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn elementwise_reads_respect_thread_ownership_and_types() {
+    let mut kernel = attention();
+    let (k_s, scores) = (tile_id(&kernel, "k_s"), tile_id(&kernel, "scores"));
+    let k_view = TileView::whole(k_s, &kernel.tiles[k_s.0].ty);
+    kernel.body.push(Stmt::Map {
+        dst: k_view.clone(),
+        expr: Expr::tile(scores, Expr::Row, Expr::Col),
+    });
+    kernel.body.push(Stmt::Map {
+        dst: k_view,
+        expr: Expr::Elem + Expr::Int(1),
+    });
+    assert_reports(
+        &kernel,
+        "map %k_s = %scores[row, col]: register tile %scores read by a map into shared memory",
+    );
+    assert_reports(&kernel, "map %k_s = elem + 1: `elem + 1` mixes F32 and I32");
+}
