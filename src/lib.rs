@@ -8,6 +8,7 @@
 pub mod cli;
 #[cfg(feature = "llvm")]
 pub mod codegen;
+pub mod driver;
 pub mod explain;
 pub mod frontend;
 pub mod ir;

@@ -171,3 +171,58 @@ fn the_binary_exits_0_1_and_2() {
     assert_eq!(status(&["check", "/nonexistent/x.attn"]).status.code(), Some(2));
     assert_eq!(status(&["--no-such-flag"]).status.code(), Some(2));
 }
+
+#[test]
+fn emit_prints_every_stage_of_every_example() {
+    for name in ["zaya1", "mha", "gqa", "mqa", "cca4x", "sliding_window"] {
+        for stage in ["spec", "graph", "plan", "kernel"] {
+            let (status, stdout, stderr) = ccc(&["compile", &example(name), "--emit", stage]);
+            assert_eq!((status, stderr.as_str()), (Status::Success, ""), "{name} {stage}");
+            assert!(!stdout.is_empty(), "{name} {stage}");
+        }
+    }
+    let (_, plan, _) = ccc(&["compile", &example("zaya1"), "--emit", "plan"]);
+    assert!(plan.starts_with("plan @zaya1.forward: 3 kernels\n"), "{plan}");
+    let kernels: Vec<&str> = plan.lines().filter(|l| l.starts_with("kernel ")).collect();
+    assert_eq!(kernels.len(), 3);
+    assert!(kernels[0].starts_with("kernel 0 @zaya1_qkv_proj = qkv_projection"));
+    assert!(kernels[1].starts_with("kernel 1 @zaya1_attention = attention"));
+    assert!(kernels[2].starts_with("kernel 2 @zaya1_out_proj = output_projection"));
+}
+
+#[test]
+fn print_after_all_shows_the_graph_after_every_pass() {
+    let (status, stdout, _) =
+        ccc(&["compile", &example("zaya1"), "--emit", "graph", "--print-after-all"]);
+    assert_eq!(status, Status::Success);
+    let headers: Vec<&str> = stdout.lines().filter(|l| l.starts_with("// -----")).collect();
+    assert_eq!(
+        headers,
+        [
+            "// ----- forward before any pass",
+            "// ----- forward after canonicalize",
+            "// ----- forward after dead-code-elimination",
+            "// ----- forward after fuse-qkv-projection",
+            "// ----- forward after fuse-attention",
+            "// ----- forward after fuse-output-projection",
+        ]
+    );
+    let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "--print-after-all"]);
+    assert_eq!((status, stderr.as_str()), (Status::Usage, "error: --print-after-all needs --emit graph\n"));
+}
+
+#[test]
+fn an_entry_point_not_lowered_yet_is_a_compile_error_with_status_1() {
+    let directory = scratch("decode-entry");
+    let spec = write_file(
+        &directory,
+        "decode.attn",
+        "attention d {\n    model_dim = 256\n    head_dim = 64\n    emit = [forward, decode]\n}\n",
+    );
+    let (status, _, stderr) = ccc(&["compile", &spec, "--emit", "plan"]);
+    assert_eq!(status, Status::SpecErrors);
+    assert_eq!(
+        stderr,
+        "error: cannot compile `d` (plan): the decode entry point is not implemented yet (only forward)\n"
+    );
+}

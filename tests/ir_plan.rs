@@ -61,15 +61,16 @@ fn zaya1_has_exactly_three_forward_kernels() {
             ],
         }
     );
-    // Each 128-row tile recomputes 2 halo rows: ceil(S/126) row tiles per kv head and sequence.
+    // Each 64-row tile recomputes 2 halo rows: ceil(S/62) row tiles per kv group and sequence.
     let env = SizeEnv {
         batch: 2,
         seq_len: 16384,
     };
-    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(131 * 2 * 2));
-    // Attention: ceil(S/128)·Hq·B blocks.
-    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(128 * 8 * 2));
-    assert_eq!(plan.kernels[1].grid.blocks().to_string(), "ceil(S/128)*8*B");
+    assert_eq!(plan.kernels[0].schedule.block_m, 64);
+    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(265 * 2 * 2));
+    // Attention: ceil(S/64)·Hq·B blocks.
+    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(256 * 8 * 2));
+    assert_eq!(plan.kernels[1].grid.blocks().to_string(), "ceil(S/64)*8*B");
 }
 
 #[test]
@@ -129,28 +130,22 @@ fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
             "{}",
             spec.name
         );
-        assert_eq!(plan.kernels[0].tile.output_rows(), 128);
-        // No head mixing: one block per head of q, k or v, 128 columns wide.
-        assert_eq!(plan.kernels[0].tile.cols, 128);
-        let heads = spec.query_heads + 2 * spec.kv_heads;
-        assert_eq!(plan.kernels[0].grid.y, SizeExpr::c(heads as u64));
+        // No halo: every projected row is an output row; one block per kv group.
+        let rows = plan.kernels[0].schedule.block_m as u64;
+        assert_eq!(plan.kernels[0].grid.x, SizeExpr::seq_len().ceil_div(rows));
+        assert_eq!(plan.kernels[0].grid.z, SizeExpr::c(spec.kv_heads as u64));
     }
 }
 
 #[test]
-fn wide_convolutions_grow_the_projection_tile() {
+fn a_halo_wider_than_any_projection_tile_is_a_clear_error() {
     let mut spec = ir_graph_specs::cca();
     spec.qk_conv = vec![ccc::spec::ConvStage {
         kind: ConvKind::Depthwise,
         width: 100,
     }];
-    let plan = planned(&spec);
-    let tile = plan.kernels[0].tile;
-    assert_eq!(
-        (tile.rows, tile.halo_rows, tile.output_rows()),
-        (192, 99, 93)
-    );
-    assert_eq!(plan.kernels[0].grid.x.to_string(), "ceil(S/93)");
+    let error = plan::plan_for(&spec, EntryPoint::Forward).unwrap_err().to_string();
+    assert!(error.contains("no default qkv_proj schedule fits"), "{error}");
 }
 
 fn verify_message(plan: &KernelPlan) -> String {

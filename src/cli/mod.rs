@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand, ValueEnum};
 use codespan_reporting::term::termcolor;
 
+use crate::driver;
 use crate::explain::{DEFAULT_SEQ_LEN, explain_text};
 use crate::frontend::{self, Diagnostics, MAX_SEQUENCE};
 use crate::spec::AttentionSpec;
@@ -71,15 +72,23 @@ pub enum Command {
         /// Print this stage's text to stdout instead of writing files.
         #[arg(long, value_enum, value_name = "STAGE")]
         emit: Option<EmitStage>,
+        /// With `--emit graph`: print the graph after every pass of the pipeline.
+        #[arg(long)]
+        print_after_all: bool,
     },
 }
 
-/// The compiler stages whose text `compile --emit` prints. Each stage of the pipeline
-/// (graph, plan, kernel, llvm, ptx) adds its variant when it exists.
+/// The compiler stages whose text `compile --emit` prints, in pipeline order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EmitStage {
     /// The resolved spec, as canonical `.attn` text with every default written out.
     Spec,
+    /// Graph IR as built from the spec (with --print-after-all: after every pass).
+    Graph,
+    /// The kernel plan: kernels in launch order with buffers, schedules and grids.
+    Plan,
+    /// Kernel IR: one tile-level function per kernel.
+    Kernel,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -125,7 +134,9 @@ where
             files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
         }
         Command::Explain { file, seq_len } => session.explain(&file, seq_len),
-        Command::Compile { file, out_dir, emit } => session.compile(&file, &out_dir, emit),
+        Command::Compile { file, out_dir, emit, print_after_all } => {
+            session.compile(&file, &out_dir, emit, print_after_all)
+        }
     }
 }
 
@@ -135,6 +146,13 @@ struct Session<'a, 'io> {
 }
 
 impl Session<'_, '_> {
+    /// A spec the checker accepted that a later stage cannot compile: an error in the spec as
+    /// far as this compiler goes (status 1), named by layer and stage.
+    fn compile_error(&mut self, error: &driver::CompileError) -> Status {
+        let _ = writeln!(self.io.stderr, "error: {error}");
+        Status::SpecErrors
+    }
+
     fn usage_error(&mut self, message: &str) -> Status {
         let _ = writeln!(self.io.stderr, "error: {message}");
         Status::Usage
@@ -191,13 +209,36 @@ impl Session<'_, '_> {
         Status::Success
     }
 
-    fn compile(&mut self, path: &Path, out_dir: &Path, emit: Option<EmitStage>) -> Status {
+    fn compile(
+        &mut self,
+        path: &Path,
+        out_dir: &Path,
+        emit: Option<EmitStage>,
+        print_after_all: bool,
+    ) -> Status {
         let specs = match self.load(path) {
             Ok(specs) => specs,
             Err(status) => return status,
         };
-        if let Some(EmitStage::Spec) = emit {
-            let texts: Vec<String> = specs.iter().map(frontend::spec_text).collect();
+        if print_after_all && emit != Some(EmitStage::Graph) {
+            return self.usage_error("--print-after-all needs --emit graph");
+        }
+        if let Some(stage) = emit {
+            let mut texts = Vec::new();
+            for spec in &specs {
+                let text = match stage {
+                    EmitStage::Spec => Ok(frontend::spec_text(spec)),
+                    EmitStage::Graph => driver::graph_text(spec, print_after_all),
+                    EmitStage::Plan => driver::plans(spec)
+                        .map(|plans| plans.iter().map(|p| p.to_string()).collect()),
+                    EmitStage::Kernel => driver::kernels(spec)
+                        .map(|kernels| kernels.iter().map(|k| k.to_string()).collect()),
+                };
+                match text {
+                    Ok(text) => texts.push(text),
+                    Err(error) => return self.compile_error(&error),
+                }
+            }
             let _ = write!(self.io.stdout, "{}", texts.join("\n"));
             return Status::Success;
         }

@@ -1,9 +1,10 @@
 //! The kernel plan: which kernels one entry point launches, in order, with the buffers each
-//! reads and writes (shapes as `SizeExpr`s of B and S), its scratch, its default tile and its
+//! reads and writes (shapes as `SizeExpr`s of B and S), its scratch, its schedule and its
 //! launch grid. It is lowered from a fully fused graph, one kernel per fusion group; the kernel
 //! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
 
 use crate::ir::graph::{Graph, KernelRole, OpKind, OutputKind, TensorType, ValueId};
+use crate::ir::kernel::{self, ForwardKernel, Schedule};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::size::{SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
@@ -45,7 +46,10 @@ pub struct PlannedKernel {
     pub outputs: Vec<Buffer>,
     /// Buffers written for a later entry point (the log-sum-exp for backward): O(B·S·heads).
     pub scratch: Vec<Buffer>,
-    pub tile: Tile,
+    /// Tile sizes, warps and pipeline depth: chosen by the kernel-IR builder's resource check
+    /// (`kernel::default_schedule`) so that the plan and the kernel IR never disagree.
+    pub schedule: Schedule,
+    /// The launch grid of the kernel built with `schedule`.
     pub grid: Grid,
 }
 
@@ -70,6 +74,17 @@ pub enum KernelKind {
     OutputProjection {
         bias: bool,
     },
+}
+
+impl PlannedKernel {
+    /// Which kernel-IR builder builds this kernel.
+    pub fn forward_kernel(&self) -> ForwardKernel {
+        match self.kind {
+            KernelKind::QkvProjection { .. } => ForwardKernel::QkvProjection,
+            KernelKind::Attention { .. } => ForwardKernel::Attention,
+            KernelKind::OutputProjection { .. } => ForwardKernel::OutputProjection,
+        }
+    }
 }
 
 impl KernelKind {
@@ -111,21 +126,6 @@ pub enum PrologueStep {
     },
 }
 
-/// The default tile: `rows` rows (including `halo_rows` recomputed ones) by `cols` columns.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Tile {
-    pub rows: usize,
-    pub cols: usize,
-    pub halo_rows: usize,
-}
-
-impl Tile {
-    /// Output rows each tile produces.
-    pub fn output_rows(&self) -> usize {
-        self.rows - self.halo_rows
-    }
-}
-
 /// Launch grid in blocks: x, y, z.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grid {
@@ -158,16 +158,6 @@ fn fail<T>(message: impl Into<String>) -> Result<T, PlanError> {
         message: message.into(),
     })
 }
-
-/// Default tile sizes. Projection row tiles are 128 rows; a halo of 64 rows or more (very wide
-/// convolutions) grows the tile so that at least 64 output rows remain.
-const PROJECTION_ROWS: usize = 128;
-const MIN_OUTPUT_ROWS: usize = 64;
-/// Attention: 128 query rows per block, 128 keys per step (FA3's causal D = 128 choice).
-const ATTENTION_ROWS: usize = 128;
-const ATTENTION_COLS: usize = 128;
-/// Output projection: 128 × 128 output tiles over the B·S rows.
-const OUTPUT_TILE: usize = 128;
 
 /// Builds, optimises and plans one entry point of `spec` with the default pipeline options.
 pub fn plan_for(spec: &AttentionSpec, entry: EntryPoint) -> Result<KernelPlan, PlanError> {
@@ -275,41 +265,15 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         }
 
         let role = graph.groups[group.0].role;
-        let (kind, tile, grid) = match role {
+        let (kind, which) = match role {
             KernelRole::QkvProjection { halo_rows } => {
                 let prologue = prologue_steps(members.iter().map(|op| &op.kind), spec.value_shift);
-                let rows = if halo_rows + MIN_OUTPUT_ROWS <= PROJECTION_ROWS {
-                    PROJECTION_ROWS
-                } else {
-                    (halo_rows + MIN_OUTPUT_ROWS).div_ceil(MIN_OUTPUT_ROWS) * MIN_OUTPUT_ROWS
-                };
-                // Column blocks: the q-k mean mixes a kv head with its G query heads, so with it
-                // a block holds one kv group (G query heads, the key head, the value head);
-                // without it every epilogue step stays inside one head and a block is one head
-                // of q, k or v, a plain GEMM tile.
-                let mixes_heads = prologue.contains(&PrologueStep::QkMean);
-                let (cols, column_blocks) = if mixes_heads {
-                    ((spec.groups() + 2) * spec.head_dim, spec.kv_heads)
-                } else {
-                    (spec.head_dim, spec.query_heads + 2 * spec.kv_heads)
-                };
-                let tile = Tile {
-                    rows,
-                    cols,
-                    halo_rows,
-                };
-                let grid = Grid {
-                    x: SizeExpr::seq_len().ceil_div(tile.output_rows() as u64),
-                    y: column_blocks.into(),
-                    z: SizeExpr::batch(),
-                };
                 (
                     KernelKind::QkvProjection {
                         halo_rows,
                         prologue,
                     },
-                    tile,
-                    grid,
+                    ForwardKernel::QkvProjection,
                 )
             }
             KernelRole::Attention => {
@@ -333,35 +297,21 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
                     scale: *scale,
                     saves_lse: !scratch.is_empty(),
                 };
-                let tile = Tile {
-                    rows: ATTENTION_ROWS,
-                    cols: ATTENTION_COLS,
-                    halo_rows: 0,
-                };
-                let grid = Grid {
-                    x: SizeExpr::seq_len().ceil_div(ATTENTION_ROWS as u64),
-                    y: (spec.kv_heads * groups).into(),
-                    z: SizeExpr::batch(),
-                };
-                (kind, tile, grid)
+                (kind, ForwardKernel::Attention)
             }
             KernelRole::OutputProjection => {
                 let bias = members
                     .iter()
                     .any(|op| matches!(op.kind, OpKind::Linear { bias: Some(_), .. }));
-                let tile = Tile {
-                    rows: OUTPUT_TILE,
-                    cols: OUTPUT_TILE,
-                    halo_rows: 0,
-                };
-                let grid = Grid {
-                    x: (SizeExpr::batch() * SizeExpr::seq_len()).ceil_div(OUTPUT_TILE as u64),
-                    y: SizeExpr::c(spec.model_dim.div_ceil(OUTPUT_TILE) as u64),
-                    z: SizeExpr::c(1),
-                };
-                (KernelKind::OutputProjection { bias }, tile, grid)
+                (KernelKind::OutputProjection { bias }, ForwardKernel::OutputProjection)
             }
         };
+        // Tile choice lives with the kernel builders, which check it against shared memory and
+        // the warp layout; the grid is the one of the kernel they build.
+        let schedule = kernel::default_schedule(spec, which).or_else(|e| fail(e))?;
+        let built = kernel::build_forward(spec, which, &schedule).or_else(|e| fail(e))?;
+        let [x, y, z] = built.grid;
+        let grid = Grid { x, y, z };
         kernels.push(PlannedKernel {
             symbol: format!("{}_{}", spec.name, role.symbol_suffix()),
             kind,
@@ -369,7 +319,7 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
             params,
             outputs,
             scratch,
-            tile,
+            schedule,
             grid,
         });
         start = end;
@@ -517,10 +467,12 @@ impl KernelPlan {
                 }
                 available.push(buffer.clone());
             }
-            if kernel.tile.halo_rows >= kernel.tile.rows {
+            if let KernelKind::QkvProjection { halo_rows, .. } = kernel.kind
+                && halo_rows >= kernel.schedule.block_m as usize
+            {
                 return fail(format!(
-                    "kernel {here}: a tile of {} rows cannot hold a halo of {}",
-                    kernel.tile.rows, kernel.tile.halo_rows
+                    "kernel {here}: a tile of {} rows cannot hold a halo of {halo_rows}",
+                    kernel.schedule.block_m
                 ));
             }
             for axis in [&kernel.grid.x, &kernel.grid.y, &kernel.grid.z] {

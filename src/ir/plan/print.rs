@@ -1,5 +1,5 @@
 //! The stable text form of the plan (`ccc compile --emit plan`): a header that counts the
-//! kernels, the layer's buffers, then one block per kernel with its kind, buffers, tile and grid.
+//! kernels, the layer's buffers, then one block per kernel with its kind, buffers, schedule and grid.
 
 use super::{Buffer, KernelKind, KernelPlan, PlannedKernel, PrologueStep};
 use crate::ir::graph::print_names::{conv_kind_name, mask_text, temperature_name};
@@ -52,19 +52,12 @@ fn write_kernel(f: &mut fmt::Formatter<'_>, kernel: &PlannedKernel) -> fmt::Resu
     for scratch in &kernel.scratch {
         writeln!(f, "  scratch {}", buffer_text(scratch))?;
     }
-    let tile = &kernel.tile;
-    if tile.halo_rows > 0 {
-        writeln!(
-            f,
-            "  tile {}x{} ({} halo + {} output rows)",
-            tile.rows,
-            tile.cols,
-            tile.halo_rows,
-            tile.output_rows()
-        )?;
-    } else {
-        writeln!(f, "  tile {}x{}", tile.rows, tile.cols)?;
-    }
+    let schedule = &kernel.schedule;
+    writeln!(
+        f,
+        "  schedule block_m={} block_n={} block_k={} warps={} stages={}",
+        schedule.block_m, schedule.block_n, schedule.block_k, schedule.warps, schedule.stages
+    )?;
     let grid = &kernel.grid;
     writeln!(
         f,
