@@ -1,37 +1,54 @@
 """Peer systems for the side-by-side benchmark: the same layer or attention core as PyTorch users
-run it today. Each builder returns a zero-argument callable that runs one forward pass on
-preallocated inputs, so the harness can time every system the same way."""
+run it today. Each builder allocates its inputs and returns a zero-argument callable that runs one
+forward pass on them, so the harness times every system the same way; weights are built once per
+system by the caller and passed in (they stay resident across shapes, as in a model)."""
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "fa2": SDPBackend.FLASH_ATTENTION}
 
-def sdpa_core(backend, batch, seq_len, q_heads, kv_heads, head_dim, causal=True, dtype=torch.bfloat16):
-    """Attention core alone through torch SDPA with one backend (cuDNN or FlashAttention-2)."""
+
+def sdpa_core(backend, batch, seq_len, q_heads, kv_heads, head_dim, causal=True,
+              dtype=torch.bfloat16):
+    """Attention core alone through torch SDPA with one backend ("cudnn" or "fa2"), inputs in
+    SDPA's [B, H, S, D] layout."""
     q = torch.randn(batch, q_heads, seq_len, head_dim, device="cuda", dtype=dtype)
     k = torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=dtype)
     v = torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=dtype)
     gqa = q_heads != kv_heads
-    if gqa and backend == SDPBackend.CUDNN_ATTENTION:
+    if gqa and backend == "cudnn":
         # cuDNN through SDPA takes GQA only as repeated heads; the repeat is outside the timing.
         k = k.repeat_interleave(q_heads // kv_heads, dim=1)
         v = v.repeat_interleave(q_heads // kv_heads, dim=1)
         gqa = False
+    chosen = [BACKENDS[backend]]
 
     def run():
-        with sdpa_kernel([backend]):
+        with sdpa_kernel(chosen):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
     return run
 
 
-def mha_layer(batch, seq_len, model_dim, head_dim, dtype=torch.bfloat16):
-    """The MHA layer of the same width: fused qkv GEMM, cuDNN SDPA (causal), output GEMM."""
+def mha_layer_weights(model_dim, dtype=torch.bfloat16, seed=0):
+    """Fused [W_q | W_k | W_v] and W_o of the MHA layer of width model_dim."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    scale = model_dim**-0.5
+    w_qkv = torch.randn(3 * model_dim, model_dim, device="cuda", dtype=dtype,
+                        generator=generator) * scale
+    w_o = torch.randn(model_dim, model_dim, device="cuda", dtype=dtype,
+                      generator=generator) * scale
+    return w_qkv, w_o
+
+
+def mha_layer(weights, batch, seq_len, model_dim, head_dim, dtype=torch.bfloat16):
+    """The MHA layer of the same width: fused qkv GEMM, cuDNN SDPA (causal), output GEMM. No RoPE
+    (it would only add elementwise work to the peer)."""
+    w_qkv, w_o = weights
     heads = model_dim // head_dim
     x = torch.randn(batch, seq_len, model_dim, device="cuda", dtype=dtype)
-    w_qkv = torch.randn(3 * model_dim, model_dim, device="cuda", dtype=dtype) * model_dim**-0.5
-    w_o = torch.randn(model_dim, model_dim, device="cuda", dtype=dtype) * model_dim**-0.5
 
     def run():
         qkv = F.linear(x, w_qkv).view(batch, seq_len, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
@@ -42,44 +59,14 @@ def mha_layer(batch, seq_len, model_dim, head_dim, dtype=torch.bfloat16):
     return run
 
 
-def zaya_config(model_dim=2048, q_heads=8, kv_heads=2, head_dim=128):
-    from transformers import ZayaConfig
+def zaya_layer(zaya, batch, seq_len, module=None, dtype=torch.bfloat16):
+    """Hugging Face's ZayaAttention forward (its PyTorch prologue + SDPA) on fresh x, with the
+    rotary tables computed outside the timing as the model does once for all layers. `zaya` is a
+    ccc.hf.ZayaLayer; `module` optionally replaces its module (e.g. by torch.compile of it)."""
+    x = torch.randn(batch, seq_len, zaya.config.hidden_size, device="cuda", dtype=dtype)
+    embeddings = zaya.position_embeddings(x)
 
-    return ZayaConfig(
-        hidden_size=model_dim,
-        num_attention_heads=q_heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        num_hidden_layers=1,
-        vocab_size=128,
-        num_experts=2,
-    )
-
-
-def zaya_attention_module(config, dtype=torch.bfloat16, attn_impl="sdpa"):
-    """Hugging Face's ZayaAttention (layer 0) with random weights, on the GPU."""
-    from transformers.models.zaya.modeling_zaya import ZayaAttention, ZayaRotaryEmbedding
-
-    config._attn_implementation = attn_impl
-    layer = ZayaAttention(config, layer_idx=0).to(device="cuda", dtype=dtype).eval()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5 if p.dim() > 1 else torch.rand_like(p) + 0.5)
-    rotary = ZayaRotaryEmbedding(config).to("cuda")
-    return layer, rotary
-
-
-def zaya_layer(batch, seq_len, compiled=False, dtype=torch.bfloat16, module=None):
-    """Hugging Face's ZAYA1 CCGQA layer forward (its PyTorch prologue + SDPA), optionally compiled."""
-    config = zaya_config()
-    layer, rotary = module if module is not None else zaya_attention_module(config, dtype)
-    x = torch.randn(batch, seq_len, config.hidden_size, device="cuda", dtype=dtype)
-    positions = torch.arange(seq_len, device="cuda")[None].expand(batch, -1)
-    cos, sin = rotary(x, positions, layer_type=config.layer_types[0])
-    fwd = torch.compile(layer) if compiled else layer
-
-    @torch.no_grad()
     def run():
-        return fwd(x, attention_mask=None, position_embeddings=(cos, sin))[0]
+        return zaya.forward(x, module=module, position_embeddings=embeddings)
 
     return run
