@@ -42,8 +42,8 @@ import ccc  # noqa: E402
 import peers  # noqa: E402
 from ccc.flops import core_flops, layer_flops  # noqa: E402
 from ccc.hf import ZayaLayer, zaya_incompatibility  # noqa: E402
-from ccc.library import TORCH_DTYPES  # noqa: E402
-from ccc.spec import Mask  # noqa: E402
+from ccc.library import TORCH_DTYPES, random_state_dict  # noqa: E402
+from ccc.spec import Mask, parse_spec  # noqa: E402
 
 FULL_SEQ_LENS = (1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_SEQ_LENS = (1024, 4096, 16384)
@@ -85,7 +85,10 @@ def ours(layer, weights):
 
     def setup_core(batch, seq_len):
         call = bound_call(batch, seq_len)
-        attention = next(l for l in call.plan.launches if l.symbol.endswith("_attention"))
+        attention = next((l for l in call.plan.launches
+                          if l.symbol == f"{layer.name}_attention"), None)
+        if attention is None:
+            raise RuntimeError(f"the library has no kernel `{layer.name}_attention`")
         touched = {call.plan.buffers[index].name for kind, index in attention.args
                    if kind == "buffer"}
         core_bytes = sum(b.bytes for b in call.plan.buffers if b.name in touched)
@@ -129,8 +132,7 @@ def spec_equivalent_mha(spec):
         softmax_scale=spec.head_dim**-0.5, mask=Mask("causal"))
 
 
-def hf_peers(layer, weights):
-    spec = layer.spec
+def hf_peers(spec, weights):
     zaya = ZayaLayer(spec, weights, TORCH_DTYPES[spec.dtype])
     compiled = torch.compile(zaya.module)
 
@@ -171,8 +173,7 @@ def time_calls(run, flush, warmup, target_s, min_iters, max_iters):
 
 def measure(system, batch, seq_len, flush, settings):
     """One (system, B, S) point: a result dict (with `error` set when it could not run)."""
-    result = {"system": system.name, "kind": system.kind, "library": system.library,
-              "batch": batch, "seq_len": seq_len, "flops": system.flops(batch, seq_len)}
+    result = {"flops": system.flops(batch, seq_len)}
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.synchronize()
@@ -238,8 +239,8 @@ def peer_ratios(result, by_key):
             continue
         same_library = other["library"] == result["library"] and result["library"] is not None
         if result["kind"] == "layer" and other["kind"] == "layer" and (
-                other["system"].startswith("mha-cudnn")
-                or (same_library and other["system"].startswith("hf-zaya:"))):
+                other["system"] == f"mha-cudnn:E{result['model_dim']}"
+                or (same_library and other["system"].startswith("hf-zaya"))):
             ratios[other["system"]] = other["ms"] / result["ms"]
         if result["kind"] == "core" and other["kind"] == "core" and same_library and (
                 not other["system"].startswith("ccc")):
@@ -331,22 +332,33 @@ def write_plot(path, results, batches):
     figure.savefig(path, dpi=110, bbox_inches="tight")
 
 
+def open_target(path):
+    """A library directory (manifest.json + PTX), or a spec alone (spec.json, or a directory
+    holding one, as `ccc compile` writes before codegen): then only the peers run."""
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        layer = ccc.load(path)
+        return layer, layer.spec
+    spec_path = path if path.endswith(".json") else os.path.join(path, "spec.json")
+    with open(spec_path) as file:
+        return None, parse_spec(json.load(file))
+
+
 def build_systems(args):
     systems = []
-    mha_widths = {}
-    for directory in args.libraries:
-        layer = ccc.load(directory)
-        spec = layer.spec
+    mha_widths = set()
+    for path in args.libraries:
+        layer, spec = open_target(path)
         dtype = TORCH_DTYPES[spec.dtype]
-        weights = layer.random_state_dict(args.seed)
-        systems += ours(layer, weights)
+        weights = random_state_dict(spec, args.seed)
+        if layer is not None:
+            systems += ours(layer, weights)
         if spec.mask.kind == "causal":
             systems += core_peers(spec, dtype)
         if (spec.model_dim, spec.head_dim, spec.dtype) not in mha_widths:
-            mha_widths[(spec.model_dim, spec.head_dim, spec.dtype)] = True
+            mha_widths.add((spec.model_dim, spec.head_dim, spec.dtype))
             systems.append(mha_peer(spec, dtype))
         if spec.has_cca_parts() and zaya_incompatibility(spec) is None:
-            systems += hf_peers(layer, weights)
+            systems += hf_peers(spec, weights)
     if args.systems:
         patterns = [p.strip() for p in args.systems.split(",") if p.strip()]
         systems = [s for s in systems if any(fnmatch.fnmatch(s.name, p) for p in patterns)]
@@ -355,7 +367,9 @@ def build_systems(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("libraries", nargs="+", help="compiled library directories (DIR/<name>)")
+    parser.add_argument("libraries", nargs="+",
+                        help="compiled library directories (DIR/<name>); a spec.json alone "
+                             "benchmarks only the peers for it")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench-out"),
                         help="output folder (default $OUT)")
     parser.add_argument("--seq-lens", help="comma-separated, e.g. 1024,16384")
@@ -378,9 +392,9 @@ def main(argv=None):
     settings = (dict(warmup=3, target_s=0.2, min_iters=5, max_iters=30) if args.quick
                 else dict(warmup=5, target_s=0.5, min_iters=10, max_iters=100))
     os.makedirs(args.out, exist_ok=True)
-    started = time.monotonic()
     torch.manual_seed(args.seed)
     systems = build_systems(args)
+    started = time.monotonic()
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device="cuda")
     results = []
     failed_at = {}  # (system, batch) -> seq_len where it ran out of memory
@@ -396,7 +410,7 @@ def main(argv=None):
                     if result.get("error") == "out of memory":
                         failed_at[(system.name, batch)] = seq_len
                 result.update(system=system.name, kind=system.kind, library=system.library,
-                              batch=batch, seq_len=seq_len)
+                              model_dim=system.spec.model_dim, batch=batch, seq_len=seq_len)
                 results.append(result)
                 shown = (f"{result['ms']:9.3f} ms {result['tflops']:7.1f} TFLOP/s "
                          f"{result['peak_mib']:8.0f} MiB" if "ms" in result else result["error"])
