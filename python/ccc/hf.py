@@ -73,6 +73,8 @@ class ZayaLayer:
 
     @torch.no_grad()
     def forward(self, x, module=None, position_embeddings=None):
-        embeddings = position_embeddings or self.position_embeddings(x)
-        return (module or self.module)(x, attention_mask=None,
-                                       position_embeddings=embeddings)[0]
+        # `is None`, not `or`: truth-testing a torch.compile wrapper asks the module for len().
+        if position_embeddings is None:
+            position_embeddings = self.position_embeddings(x)
+        module = self.module if module is None else module
+        return module(x, attention_mask=None, position_embeddings=position_embeddings)[0]
