@@ -7,8 +7,8 @@ For each library and shape: seeded random x (the spec's dtype) and weights; our 
 runtime-owned buffer NaN-poisoned and each kernel checked; relative L2 error of out, q, k, v, o and
 lse against the reference (each must be below --tolerance, 1e-2 for bf16/f16 storage; a NaN left in
 any buffer fails). For ZayaAttention-compatible specs also: HF in float64 vs the reference (checks
-the reference itself; expect ~1e-7 from HF's float32 RoPE tables) and HF in the spec's dtype vs
-ours. Prints a table; exits 1 when anything fails, 2 on a setup error."""
+the reference itself; expect ~1e-7 from HF's float32 RoPE tables), our out vs HF in float64 (same
+tolerance), and for scale, not pass/fail: HF in the spec's dtype vs HF float64 and vs ours. Prints a table; exits 1 when anything fails, 2 on a setup error."""
 
 import argparse
 import os
@@ -65,10 +65,12 @@ def validate_library(directory, shapes, seed, tolerance, hf_max_seq_len):
             error = relative_l2(ours["out"], hf64)
             rows.append((spec.name, shape, "out vs HF ZayaAttention f64", error, tolerance,
                          error < tolerance))
+            # For scale only: how far HF's own layer in storage precision is from float64.
             hf_native = ZayaLayer(spec, weights, x.dtype).forward(x)
-            error = relative_l2(hf_native, hf64)
-            rows.append((spec.name, shape, f"HF {spec.dtype} vs HF f64 (for scale)", error,
-                         tolerance, error < tolerance))
+            rows.append((spec.name, shape, f"(info) HF {spec.dtype} vs HF f64",
+                         relative_l2(hf_native, hf64), None, True))
+            rows.append((spec.name, shape, f"(info) out vs HF {spec.dtype}",
+                         relative_l2(ours["out"], hf_native), None, True))
             del hf64, hf_native
         del ours, reference
         torch.cuda.empty_cache()
