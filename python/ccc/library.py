@@ -1,0 +1,214 @@
+"""A compiled library loaded on a GPU, driven from PyTorch.
+
+Mirrors the Rust runtime (runtime/src/library.rs): kernels launch in manifest order on one stream
+(here torch's current stream, so they order with the caller's torch work), buffers the runtime owns
+are allocated with torch (so they show in torch's memory counters), kernels that ask for more than
+48 KB of dynamic shared memory get the function attribute raised at load time, and in validate
+mode every runtime-owned buffer is filled with NaN first and every launch is checked before the
+next, so that an unwritten element or a faulting kernel is reported as such. Nothing is copied:
+kernels receive the `data_ptr()` of the caller's tensors."""
+
+import numpy
+import torch
+
+from .errors import KernelFault, TensorMismatch
+from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_supplied, plan_for_input,
+                       read_library)
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+
+# Names the validator knows (docs/manifest.md) with their logical [.., heads, head_dim] split.
+HEAD_SPLIT_BUFFERS = {"q": "query_heads", "k": "kv_heads", "v": "kv_heads", "o": "query_heads"}
+
+
+def tensor_info(tensor):
+    return TensorInfo(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).replace("torch.", "")),
+                      tuple(tensor.shape), str(tensor.device), tensor.is_contiguous())
+
+
+class BoundCall:
+    """One (x, weights) call with every runtime-owned buffer allocated: `run()` launches the whole
+    entry point again on the same buffers, `run_kernel(suffix)` a single kernel (e.g. `attention`
+    on the q, k, v a previous `run()` wrote). For timing without allocation in the loop."""
+
+    def __init__(self, layer, plan, tensors, device):
+        self.layer = layer
+        self.plan = plan
+        self.tensors = tensors  # manifest name -> torch tensor, caller's and runtime's
+        self.device = device
+        self._arguments = [self._kernel_arguments(launch) for launch in plan.launches]
+
+    def _kernel_arguments(self, launch):
+        args = []
+        for kind, value in launch.args:
+            if kind == "buffer":
+                args.append(numpy.uint64(self.tensors[self.plan.buffers[value].name].data_ptr()))
+            else:
+                args.append(numpy.uint32(value))
+        return tuple(args)
+
+    def run(self, check_each=None):
+        """Launches every kernel in order on torch's current stream."""
+        self._launch(range(len(self.plan.launches)), check_each)
+
+    def run_kernel(self, suffix, check_each=None):
+        """Launches only the kernel whose symbol is `<name>_<suffix>`."""
+        symbol = f"{self.layer.name}_{suffix}"
+        for index, launch in enumerate(self.plan.launches):
+            if launch.symbol == symbol:
+                return self._launch([index], check_each)
+        raise KeyError(f"the library has no kernel `{symbol}`; it has "
+                       + ", ".join(l.symbol for l in self.plan.launches))
+
+    def _launch(self, indices, check_each):
+        import cupy
+
+        check = self.layer.validate if check_each is None else check_each
+        stream = torch.cuda.current_stream(self.device)
+        with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(
+                stream.cuda_stream, self.device.index):
+            for index in indices:
+                launch = self.plan.launches[index]
+                function = self.layer._function(launch.symbol, self.device)
+                try:
+                    function(launch.grid, launch.block, self._arguments[index],
+                             shared_mem=launch.dynamic_shared_bytes)
+                except Exception as error:
+                    raise KernelFault(f"launching kernel `{launch.symbol}` (grid {launch.grid}, "
+                                      f"block {launch.block}): {error}") from error
+                if check:
+                    try:
+                        stream.synchronize()
+                    except Exception as error:
+                        raise KernelFault(
+                            f"running kernel `{launch.symbol}` (launch {index + 1} of "
+                            f"{len(self.plan.launches)}): {error}") from error
+
+    def outputs(self):
+        """Runtime-owned buffers by manifest name; q, k, v, o viewed as [B, S, heads, head_dim]."""
+        spec = self.layer.spec
+        result = {}
+        for buffer in self.plan.buffers:
+            if buffer.role in ("input", "weight"):
+                continue
+            tensor = self.tensors[buffer.name]
+            if buffer.name in HEAD_SPLIT_BUFFERS and tensor.dim() == 3:
+                heads = getattr(spec, HEAD_SPLIT_BUFFERS[buffer.name])
+                tensor = tensor.view(*tensor.shape[:2], heads, spec.head_dim)
+            result[buffer.name] = tensor
+        return result
+
+
+class Layer:
+    """The forward entry point of one library. Build with `ccc.load(directory)`."""
+
+    def __init__(self, directory, validate=False):
+        self.directory = str(directory)
+        self.manifest, self.ptx_path = read_library(self.directory)
+        self.spec = self.manifest.spec
+        self.name = self.spec.name
+        self.validate = validate
+        self._modules = {}  # device index -> (cupy RawModule, {symbol: RawKernel})
+
+    @property
+    def weights(self):
+        """(name, shape, dtype) of every weight the forward pass takes, in spec order."""
+        return [(w.name, w.shape, w.dtype) for w in self.manifest.weights]
+
+    def __repr__(self):
+        return (f"<ccc layer {self.name} from {self.directory}: "
+                f"{len(self.manifest.entry_point('forward').kernels)} kernels>")
+
+    def _function(self, symbol, device):
+        if device.index not in self._modules:
+            self._modules[device.index] = self._load_module(device)
+        return self._modules[device.index][1][symbol]
+
+    def _load_module(self, device):
+        import cupy
+
+        functions = {}
+        with cupy.cuda.Device(device.index):
+            module = cupy.RawModule(path=self.ptx_path)
+            for entry in self.manifest.entry_points:
+                for kernel in entry.kernels:
+                    try:
+                        function = module.get_function(kernel.symbol)
+                    except Exception as error:
+                        raise KernelFault(f"resolving kernel `{kernel.symbol}` in "
+                                          f"{self.ptx_path}: {error}") from error
+                    if kernel.dynamic_shared_bytes > DEFAULT_SHARED_LIMIT_BYTES:
+                        # Above 48 KB a kernel must opt in before launch.
+                        function.max_dynamic_shared_size_bytes = kernel.dynamic_shared_bytes
+                    functions[kernel.symbol] = function
+        # The module is kept with its functions: they are only valid while it is loaded.
+        return module, functions
+
+    def bind(self, x, state_dict, poison=None):
+        """Checks x [B, S, E] and the weights, allocates every runtime-owned buffer (NaN-filled in
+        validate mode or with poison=True, else uninitialised) and returns a BoundCall."""
+        info = tensor_info(x)
+        plan = plan_for_input(self.manifest, "forward", "x", info.dtype, info.shape)
+        supplied = {"x": info}
+        supplied.update((name, tensor_info(t)) for name, t in state_dict.items())
+        check_supplied(self.manifest, plan, supplied)
+        device = x.device
+        poison = self.validate if poison is None else poison
+        tensors = {"x": x}
+        tensors.update(state_dict)
+        for buffer in plan.buffers:
+            if buffer.role in ("input", "weight"):
+                continue
+            dtype = TORCH_DTYPES[buffer.dtype]
+            if poison:
+                tensors[buffer.name] = torch.full(buffer.shape, float("nan"), dtype=dtype,
+                                                  device=device)
+            else:
+                tensors[buffer.name] = torch.empty(buffer.shape, dtype=dtype, device=device)
+        return BoundCall(self, plan, tensors, device)
+
+    def forward(self, x, state_dict):
+        """out [B, S, E] = the layer applied to x [B, S, E] with the given weights (a dict of
+        Hugging Face state-dict names to CUDA tensors in the spec's dtype)."""
+        call = self.bind(x, state_dict)
+        call.run()
+        return call.tensors["out"]
+
+    __call__ = forward
+
+    def forward_with_intermediates(self, x, state_dict, poison=True):
+        """Like forward, returning every runtime-owned buffer by name: out, q, k, v, o (as
+        [B, S, heads, head_dim]) and lse [B, Hq, S] (f32), NaN-poisoned before the launch by
+        default so that unwritten elements show."""
+        call = self.bind(x, state_dict, poison=poison)
+        call.run()
+        return call.outputs()
+
+    def random_state_dict(self, seed, device="cuda"):
+        """Random weights of the right names, shapes and dtype, at scales that keep activations
+        O(1): linear weights ~ N(0, 1/in), convolution taps and biases small, temperatures in
+        [0.5, 1.5]."""
+        return random_state_dict(self.spec, seed, device)
+
+
+def random_state_dict(spec, seed, device="cuda"):
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    dtype = TORCH_DTYPES[spec.dtype]
+    weights = {}
+    for param in spec.params():
+        shape = param.shape
+        if param.role == "key_temperature":
+            value = torch.rand(shape, generator=generator, dtype=torch.float64) + 0.5
+        elif param.role.startswith("conv_weight"):
+            fan_in = shape[1] * shape[2]
+            value = torch.randn(shape, generator=generator, dtype=torch.float64) / fan_in**0.5
+        elif len(shape) == 1:  # biases
+            value = 0.1 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        else:
+            value = torch.randn(shape, generator=generator, dtype=torch.float64) / shape[1]**0.5
+        weights[param.name] = value.to(dtype=dtype, device=device).contiguous()
+    return weights
+
+
+__all__ = ["Layer", "BoundCall", "TensorMismatch", "random_state_dict", "tensor_info"]

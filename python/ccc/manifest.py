@@ -1,0 +1,501 @@
+"""Reading, validating and planning calls of a kernel library manifest (schema version 1,
+docs/manifest.md), in plain Python so that it runs and is tested without a GPU or torch.
+
+`read_library(dir)` parses and validates `dir/manifest.json` with the rules of
+`Manifest::from_json` (src/manifest.rs); `plan_for_input` turns the caller's input shape into a
+`CallPlan` (every buffer's concrete shape and byte count, every launch's grid and arguments) with
+the checks of the Rust runtime's `CallPlan::for_input`; `check_supplied` checks the caller's
+tensors (x and the weights) by name, dtype, shape, device and contiguity, listing every problem."""
+
+import json
+import os
+import re
+from collections import namedtuple
+from dataclasses import dataclass
+
+from .errors import ManifestError, SizeError, TensorMismatch
+from .sizes import U64_MAX, format_shape, parse_size_expr
+from .spec import parse_spec
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+MAX_DYNAMIC_SHARED_BYTES = 232_448
+DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024
+MAX_THREADS_PER_BLOCK = 1024
+MAX_GRID = (2**31 - 1, 65_535, 65_535)
+U32_MAX = 2**32 - 1
+
+ROLES = ("input", "output", "weight", "intermediate", "scratch")
+CALLER_SUPPLIED_ROLES = ("input", "weight")
+TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}
+PTX_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
+
+
+@dataclass(frozen=True)
+class WeightInfo:
+    name: str
+    shape: tuple
+    dtype: str
+
+
+@dataclass(frozen=True)
+class BufferManifest:
+    name: str
+    role: str
+    dtype: str
+    shape: tuple  # of SizeExpr
+    layout: str
+
+
+@dataclass(frozen=True)
+class KernelManifest:
+    symbol: str
+    params: tuple  # ("buffer", name) or ("size", "B" | "S")
+    grid: tuple  # three SizeExpr
+    block: tuple
+    dynamic_shared_bytes: int
+    ptxas: object  # dict or None
+
+
+@dataclass(frozen=True)
+class EntryPointManifest:
+    entry: str
+    kernels: tuple
+    buffers: tuple
+
+    def buffer(self, name):
+        return next((b for b in self.buffers if b.name == name), None)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    compiler_version: str
+    spec: object
+    target: str
+    ptx_file: str
+    entry_points: tuple
+    weights: tuple
+
+    def entry_point(self, entry):
+        return next((e for e in self.entry_points if e.entry == entry), None)
+
+
+def _object(value, where, required, optional=()):
+    """Checks that `value` is an object with every required key and no unknown one."""
+    if not isinstance(value, dict):
+        raise ManifestError(f"malformed manifest: {where}: expected an object, got {value!r}")
+    unknown = [k for k in value if k not in required and k not in optional]
+    if unknown:
+        raise ManifestError(f"malformed manifest: {where}: unknown field `{unknown[0]}`, "
+                            f"expected one of {', '.join(required + optional)}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ManifestError(f"malformed manifest: {where}: missing field `{missing[0]}`")
+    return value
+
+
+def _typed(value, kind, where):
+    checks = {
+        "uint": lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= U32_MAX,
+        "str": lambda v: isinstance(v, str),
+        "list": lambda v: isinstance(v, list),
+    }
+    if not checks[kind](value):
+        raise ManifestError(f"malformed manifest: {where}: expected {kind}, got {value!r}")
+    return value
+
+
+def _variant(value, choices, where):
+    if value not in choices:
+        raise ManifestError(f"malformed manifest: {where}: unknown variant {value!r}, "
+                            f"expected one of {', '.join(choices)}")
+    return value
+
+
+def _parse_buffer(obj, where):
+    _object(obj, where, ("name", "role", "dtype", "shape", "layout"))
+    shape = tuple(parse_size_expr(d, f"{where}.shape[{i}]")
+                  for i, d in enumerate(_typed(obj["shape"], "list", f"{where}.shape")))
+    return BufferManifest(
+        name=_typed(obj["name"], "str", f"{where}.name"),
+        role=_variant(obj["role"], ROLES, f"{where}.role"),
+        dtype=_variant(obj["dtype"], tuple(TENSOR_DTYPES), f"{where}.dtype"),
+        shape=shape,
+        layout=_typed(obj["layout"], "str", f"{where}.layout"),
+    )
+
+
+def _parse_param(obj, where):
+    if not isinstance(obj, dict) or obj.get("kind") not in ("buffer", "size"):
+        raise ManifestError(f"malformed manifest: {where}: expected "
+                            f"{{\"kind\": \"buffer\", \"name\": ..}} or "
+                            f"{{\"kind\": \"size\", \"var\": \"B\" | \"S\"}}, got {obj!r}")
+    if obj["kind"] == "buffer":
+        _object(obj, where, ("kind", "name"))
+        return ("buffer", _typed(obj["name"], "str", f"{where}.name"))
+    _object(obj, where, ("kind", "var"))
+    return ("size", _variant(obj["var"], ("B", "S"), f"{where}.var"))
+
+
+def _parse_kernel(obj, where):
+    _object(obj, where, ("symbol", "params", "grid", "block", "dynamic_shared_bytes"), ("ptxas",))
+    grid = _typed(obj["grid"], "list", f"{where}.grid")
+    block = _typed(obj["block"], "list", f"{where}.block")
+    if len(grid) != 3 or len(block) != 3:
+        raise ManifestError(f"malformed manifest: {where}: grid and block have three items")
+    ptxas = obj.get("ptxas")
+    if ptxas is not None:
+        _object(ptxas, f"{where}.ptxas",
+                ("registers", "spill_stores", "spill_loads", "shared_bytes"))
+        for key, value in ptxas.items():
+            _typed(value, "uint", f"{where}.ptxas.{key}")
+    return KernelManifest(
+        symbol=_typed(obj["symbol"], "str", f"{where}.symbol"),
+        params=tuple(_parse_param(p, f"{where}.params[{i}]")
+                     for i, p in enumerate(_typed(obj["params"], "list", f"{where}.params"))),
+        grid=tuple(parse_size_expr(g, f"{where}.grid[{i}]") for i, g in enumerate(grid)),
+        block=tuple(_typed(b, "uint", f"{where}.block[{i}]") for i, b in enumerate(block)),
+        dynamic_shared_bytes=_typed(obj["dynamic_shared_bytes"], "uint",
+                                    f"{where}.dynamic_shared_bytes"),
+        ptxas=ptxas,
+    )
+
+
+def parse_manifest(text):
+    """Parses and validates manifest JSON text; raises ManifestError naming the rule broken."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ManifestError(f"manifest is not valid JSON: {error}") from None
+    if not isinstance(value, dict) or "schema_version" not in value:
+        raise ManifestError("manifest has no schema_version")
+    version = value["schema_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ManifestError("manifest schema_version is not an unsigned integer")
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"unknown manifest schema version {version}: "
+                            f"this build reads version {SCHEMA_VERSION}")
+    _object(value, "manifest", ("schema_version", "compiler_version", "spec", "target",
+                                "ptx_file", "entry_points", "weights"))
+    weights = []
+    for i, w in enumerate(_typed(value["weights"], "list", "weights")):
+        where = f"weights[{i}]"
+        _object(w, where, ("name", "shape", "dtype"))
+        weights.append(WeightInfo(
+            _typed(w["name"], "str", f"{where}.name"),
+            tuple(_typed(d, "uint", f"{where}.shape")
+                  for d in _typed(w["shape"], "list", f"{where}.shape")),
+            _variant(w["dtype"], tuple(TENSOR_DTYPES), f"{where}.dtype")))
+    entries = []
+    for i, e in enumerate(_typed(value["entry_points"], "list", "entry_points")):
+        where = f"entry_points[{i}]"
+        _object(e, where, ("entry", "kernels", "buffers"))
+        entries.append(EntryPointManifest(
+            entry=_variant(e["entry"], ("forward", "backward", "decode"), f"{where}.entry"),
+            kernels=tuple(_parse_kernel(k, f"{where}.kernels[{j}]") for j, k in
+                          enumerate(_typed(e["kernels"], "list", f"{where}.kernels"))),
+            buffers=tuple(_parse_buffer(b, f"{where}.buffers[{j}]") for j, b in
+                          enumerate(_typed(e["buffers"], "list", f"{where}.buffers")))))
+    manifest = Manifest(
+        schema_version=version,
+        compiler_version=_typed(value["compiler_version"], "str", "compiler_version"),
+        spec=parse_spec(value["spec"]),
+        target=_typed(value["target"], "str", "target"),
+        ptx_file=_typed(value["ptx_file"], "str", "ptx_file"),
+        entry_points=tuple(entries),
+        weights=tuple(weights),
+    )
+    validate_manifest(manifest)
+    return manifest
+
+
+def _describe_weights(weights):
+    return ", ".join(f"{w.name} {list(w.shape)} {w.dtype}" for w in weights)
+
+
+def expected_weights(spec):
+    """The weights list every manifest for `spec` carries: `spec.params()` in the spec's dtype."""
+    return tuple(WeightInfo(p.name, p.shape, spec.dtype) for p in spec.params())
+
+
+def validate_manifest(manifest):
+    """Rules 3 to 7 of docs/manifest.md (parsing covers 1 and 2)."""
+    spec = manifest.spec
+    if not manifest.target.startswith("sm_"):
+        raise ManifestError(f"target `{manifest.target}` is not a CUDA architecture like sm_90a")
+    parts = manifest.ptx_file.replace("\\", "/").split("/")
+    if (not manifest.ptx_file or os.path.isabs(manifest.ptx_file)
+            or any(part == ".." for part in parts)):
+        raise ManifestError(f"ptx_file `{manifest.ptx_file}` must be a relative path inside the "
+                            "library directory")
+    expected = expected_weights(spec)
+    if manifest.weights != expected:
+        raise ManifestError(
+            f"weights must be the spec's parameters in order, in {spec.dtype}: "
+            f"expected [{_describe_weights(expected)}], got [{_describe_weights(manifest.weights)}]")
+    seen_entries, seen_symbols = set(), set()
+    for entry in manifest.entry_points:
+        if entry.entry in seen_entries:
+            raise ManifestError(f"entry point `{entry.entry}` is listed twice")
+        seen_entries.add(entry.entry)
+        if entry.entry not in spec.entry_points:
+            raise ManifestError(f"entry point `{entry.entry}` is not in the spec's emit list")
+        try:
+            _validate_entry(entry, manifest)
+        except ManifestError as error:
+            raise ManifestError(f"entry point `{entry.entry}`: {error}") from None
+        for kernel in entry.kernels:
+            if kernel.symbol in seen_symbols:
+                raise ManifestError(f"kernel symbol `{kernel.symbol}` is used twice")
+            seen_symbols.add(kernel.symbol)
+    for entry in spec.entry_points:
+        if entry not in seen_entries:
+            raise ManifestError(f"the spec emits `{entry}` but the manifest lacks it")
+
+
+def _validate_entry(entry, manifest):
+    spec = manifest.spec
+    names = {}
+    for buffer in entry.buffers:
+        if buffer.name in names:
+            raise ManifestError(f"buffer `{buffer.name}` is declared twice")
+        names[buffer.name] = buffer
+        problem = _buffer_problem(buffer, manifest)
+        if problem:
+            raise ManifestError(f"buffer `{buffer.name}`: {problem}")
+    if entry.entry == "forward":
+        token_shape = (parse_size_expr({"var": "B"}, ""), parse_size_expr({"var": "S"}, ""),
+                       parse_size_expr({"const": spec.model_dim}, ""))
+        for name, role in (("x", "input"), ("out", "output")):
+            found = names.get(name)
+            if found is None:
+                raise ManifestError(f"the forward pass needs a buffer `{name}`")
+            if (found.role, found.dtype, found.shape, found.layout) != (
+                    role, spec.dtype, token_shape, "BSE"):
+                raise ManifestError(
+                    f"buffer `{name}` must be {role} {spec.dtype} [B, S, {spec.model_dim}] in "
+                    f"layout BSE, got {found.role} {found.dtype} {format_shape(found.shape)} in "
+                    f"layout {found.layout}")
+    if not entry.kernels:
+        raise ManifestError("no kernels")
+    for kernel in entry.kernels:
+        problem = _kernel_problem(kernel, names)
+        if problem:
+            raise ManifestError(f"kernel `{kernel.symbol}`: {problem}")
+
+
+def _buffer_problem(buffer, manifest):
+    if not buffer.name:
+        return "empty name"
+    if not buffer.shape:
+        return "shape has no dimensions"
+    if not buffer.layout:
+        return "empty layout"
+    if buffer.role == "weight":
+        weight = next((w for w in manifest.weights if w.name == buffer.name), None)
+        if weight is None:
+            return "role weight, but no weight of that name in the manifest"
+        declared = tuple(d.eval({}) if d.op == "const" else None for d in buffer.shape)
+        if declared != weight.shape or buffer.dtype != weight.dtype:
+            return (f"must match weight {weight.dtype} {list(weight.shape)}, got {buffer.dtype} "
+                    f"{format_shape(buffer.shape)}")
+    return None
+
+
+def _kernel_problem(kernel, buffers):
+    if not PTX_IDENTIFIER.match(kernel.symbol):
+        return "the symbol is not a PTX identifier"
+    for index, (kind, value) in enumerate(kernel.params):
+        if kind == "buffer" and value not in buffers:
+            return f"parameter {index} names a missing buffer `{value}`"
+    if 0 in kernel.block:
+        return f"block {list(kernel.block)} has a zero dimension"
+    threads = kernel.block[0] * kernel.block[1] * kernel.block[2]
+    if threads > MAX_THREADS_PER_BLOCK:
+        return f"block {list(kernel.block)} exceeds {MAX_THREADS_PER_BLOCK} threads"
+    if kernel.dynamic_shared_bytes > MAX_DYNAMIC_SHARED_BYTES:
+        return (f"dynamic shared memory {kernel.dynamic_shared_bytes} bytes exceeds the "
+                f"{MAX_DYNAMIC_SHARED_BYTES}-byte limit")
+    return None
+
+
+def read_library(directory):
+    """Reads and validates `directory/manifest.json`; returns (manifest, path of the PTX file).
+    Needs no GPU."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise ManifestError(f"{path}: {error.strerror or error}") from None
+    try:
+        manifest = parse_manifest(text)
+    except ManifestError as error:
+        raise ManifestError(f"{path}: {error}") from None
+    ptx_path = os.path.join(directory, manifest.ptx_file)
+    if not os.path.isfile(ptx_path):
+        raise ManifestError(f"{ptx_path}: the PTX file the manifest names does not exist")
+    return manifest, ptx_path
+
+
+# --- Planning one call -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PlannedBuffer:
+    name: str
+    role: str
+    dtype: str
+    shape: tuple  # of int
+    bytes: int
+    layout: str
+
+
+@dataclass(frozen=True)
+class PlannedLaunch:
+    symbol: str
+    grid: tuple
+    block: tuple
+    dynamic_shared_bytes: int
+    args: tuple  # ("buffer", index into CallPlan.buffers) or ("size", u32 value)
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    entry: str
+    batch: int
+    seq_len: int
+    buffers: tuple
+    launches: tuple
+
+    def buffer(self, name):
+        return next((b for b in self.buffers if b.name == name), None)
+
+
+def _entry_of(manifest, entry):
+    found = manifest.entry_point(entry)
+    if found is None:
+        raise ManifestError(f"the library has no `{entry}` entry point")
+    return found
+
+
+def plan_call(manifest, entry, batch, seq_len):
+    """Concrete shapes, byte counts, grids and kernel arguments of one call of `entry`."""
+    entry_manifest = _entry_of(manifest, entry)
+    if batch <= 0 or seq_len <= 0:
+        raise SizeError(f"batch ({batch}) and sequence length ({seq_len}) must be positive")
+    env = {"B": batch, "S": seq_len}
+
+    def too_big(what):
+        return SizeError(f"{what} overflows for B = {batch}, S = {seq_len}")
+
+    buffers = []
+    for buffer in entry_manifest.buffers:
+        shape = tuple(d.eval(env) for d in buffer.shape)
+        if None in shape:
+            raise too_big(f"the shape of `{buffer.name}`")
+        size = TENSOR_DTYPES[buffer.dtype]
+        for dim in shape:
+            size *= dim
+        if size > U64_MAX:
+            raise too_big(f"the size of `{buffer.name}`")
+        buffers.append(PlannedBuffer(buffer.name, buffer.role, buffer.dtype, shape, size,
+                                     buffer.layout))
+    index_of = {b.name: i for i, b in enumerate(buffers)}
+    launches = []
+    for kernel in entry_manifest.kernels:
+        grid = []
+        for axis, (expr, limit) in enumerate(zip(kernel.grid, MAX_GRID)):
+            blocks = expr.eval(env)
+            if blocks is None:
+                raise too_big(f"the grid of `{kernel.symbol}`")
+            if not 1 <= blocks <= limit:
+                raise SizeError(
+                    f"kernel `{kernel.symbol}`: grid dimension {axis} = {expr} = {blocks} for "
+                    f"B = {batch}, S = {seq_len} is outside 1..={limit}")
+            grid.append(blocks)
+        args = []
+        for kind, value in kernel.params:
+            if kind == "buffer":
+                args.append(("buffer", index_of[value]))
+            elif env[value] > U32_MAX:
+                raise too_big(f"{value} as a 32-bit kernel argument")
+            else:
+                args.append(("size", env[value]))
+        launches.append(PlannedLaunch(kernel.symbol, tuple(grid), kernel.block,
+                                      kernel.dynamic_shared_bytes, tuple(args)))
+    return CallPlan(entry, batch, seq_len, tuple(buffers), tuple(launches))
+
+
+def describe(dtype, shape):
+    return f"{dtype} {format_shape(shape)}"
+
+
+def plan_for_input(manifest, entry, input_name, dtype, shape):
+    """Plans a call whose B and S are read off the caller's `input_name` tensor, after checking its
+    dtype and shape against the manifest (`tensor `x`: expected bf16 [B, S, 2048], got ...`)."""
+    entry_manifest = _entry_of(manifest, entry)
+    declared = entry_manifest.buffer(input_name)
+    if declared is None or declared.role != "input":
+        raise ManifestError(f"the `{entry}` entry point has no input `{input_name}`")
+    shape = tuple(shape)
+    mismatch = TensorMismatch([f"tensor `{input_name}`: expected "
+                               f"{describe(declared.dtype, declared.shape)}, got "
+                               f"{describe(dtype, shape)}"])
+    if dtype != declared.dtype or len(shape) != len(declared.shape):
+        raise mismatch
+    sizes = {}
+    for expr, dim in zip(declared.shape, shape):
+        if expr.op == "var":
+            if sizes.setdefault(expr.args[0], dim) != dim:
+                raise mismatch
+    if "B" not in sizes or "S" not in sizes:
+        raise mismatch
+    plan = plan_call(manifest, entry, sizes["B"], sizes["S"])
+    if plan.buffer(input_name).shape != shape:
+        raise mismatch
+    return plan
+
+
+# --- Checking the caller's tensors -------------------------------------------------------------
+
+TensorInfo = namedtuple("TensorInfo", "dtype shape device contiguous")
+TensorInfo.__doc__ = ("What the checks need to know of a caller's tensor: dtype name (bf16, f16, "
+                      "f32, or another name for anything else), shape, device (`cuda:0`, `cpu`) "
+                      "and whether it is dense row-major.")
+
+
+def check_supplied(manifest, plan, supplied):
+    """Checks every caller-supplied buffer of `plan` (x and the weights) against `supplied`, a dict
+    name -> TensorInfo, and that `supplied` holds nothing else. All tensors must be dense and on
+    x's CUDA device. Raises TensorMismatch listing every problem."""
+    problems = []
+    inputs = [b for b in plan.buffers if b.role == "input"]
+    device = supplied[inputs[0].name].device if inputs and inputs[0].name in supplied else None
+    if device is not None and not str(device).startswith("cuda"):
+        problems.append(f"tensor `{inputs[0].name}` is on {device}: the kernels need CUDA tensors")
+        device = None
+    expected = [(b.name, b.dtype, b.shape) for b in inputs]
+    expected += [(w.name, w.dtype, w.shape) for w in manifest.weights]
+    for name, dtype, shape in expected:
+        info = supplied.get(name)
+        if info is None:
+            problems.append(f"missing weight `{name}` ({describe(dtype, shape)})")
+            continue
+        if info.dtype != dtype or tuple(info.shape) != tuple(shape):
+            problems.append(f"tensor `{name}`: expected {describe(dtype, shape)}, got "
+                            f"{describe(info.dtype, tuple(info.shape))}")
+        if device is not None and str(info.device) != str(device):
+            problems.append(f"tensor `{name}` is on {info.device}, expected {device} "
+                            f"(where `{inputs[0].name}` is)")
+        if not info.contiguous:
+            problems.append(f"tensor `{name}` is not contiguous: the kernels read dense "
+                            f"row-major memory (pass `.contiguous()`)")
+    known = {name for name, _, _ in expected}
+    extra = sorted(name for name in supplied if name not in known)
+    if extra:
+        problems.append("unexpected weight" + ("s " if len(extra) > 1 else " ")
+                        + ", ".join(f"`{n}`" for n in extra) + " (the library's weights are "
+                        + ", ".join(w.name for w in manifest.weights) + ")")
+    if problems:
+        raise TensorMismatch(problems)

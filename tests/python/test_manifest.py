@@ -1,0 +1,388 @@
+"""The pure-Python parts of the loader: size expressions, the spec's parameter list, manifest
+parsing and validation, call planning and the checks of the caller's tensors. Stdlib only:
+`python3 -m unittest discover -s tests/python` (scripts/test.sh runs it)."""
+
+import copy
+import json
+import os
+import sys
+import tempfile
+import unittest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
+
+from ccc.errors import ManifestError, SizeError, TensorMismatch  # noqa: E402
+from ccc.flops import core_flops, layer_flops  # noqa: E402
+from ccc.manifest import (TensorInfo, check_supplied, parse_manifest, plan_call,  # noqa: E402
+                          plan_for_input, read_library)
+from ccc.sizes import parse_size_expr  # noqa: E402
+from ccc.spec import parse_spec  # noqa: E402
+
+FIXTURES = os.path.join(HERE, "fixtures")
+# The runtime's test library (runtime/tests/common/mod.rs) as `Manifest::to_json` writes it.
+FIXTURE_LIBRARY = os.path.join(FIXTURES, "fixture")
+
+
+def fixture_json():
+    with open(os.path.join(FIXTURE_LIBRARY, "manifest.json")) as file:
+        return json.load(file)
+
+
+def load_spec_json(name):
+    with open(os.path.join(FIXTURES, f"{name}_spec.json")) as file:
+        return json.load(file)
+
+
+def B():
+    return {"var": "B"}
+
+
+def S():
+    return {"var": "S"}
+
+
+def c(value):
+    return {"const": value}
+
+
+def mul(a, b):
+    return {"mul": [a, b]}
+
+
+def zaya1_manifest_json():
+    """ZAYA1's forward library as the kernel plan lays it out (tests/snapshots/ir_plan__plan_zaya1
+    .snap): three kernels, q/k/v/o intermediates with merged head dimensions, lse scratch."""
+    spec_json = load_spec_json("zaya1")
+    spec = parse_spec(spec_json)
+    weights = [{"name": p.name, "shape": list(p.shape), "dtype": "bf16"} for p in spec.params()]
+
+    def buffer(name, role, shape, layout, dtype="bf16"):
+        return {"name": name, "role": role, "dtype": dtype, "shape": shape, "layout": layout}
+
+    def kernel(symbol, buffers, grid, shared=0):
+        params = [{"kind": "buffer", "name": n} for n in buffers]
+        params += [{"kind": "size", "var": "B"}, {"kind": "size", "var": "S"}]
+        return {"symbol": symbol, "params": params, "grid": grid, "block": [256, 1, 1],
+                "dynamic_shared_bytes": shared, "ptxas": None}
+
+    projection_weights = [w["name"] for w in weights if w["name"] != "o_proj.weight"]
+    buffers = [
+        buffer("x", "input", [B(), S(), c(2048)], "BSE"),
+        buffer("out", "output", [B(), S(), c(2048)], "BSE"),
+        buffer("q", "intermediate", [B(), S(), c(1024)], "BSHD"),
+        buffer("k", "intermediate", [B(), S(), c(256)], "BSHD"),
+        buffer("v", "intermediate", [B(), S(), c(256)], "BSHD"),
+        buffer("o", "intermediate", [B(), S(), c(1024)], "BSHD"),
+        buffer("lse", "scratch", [B(), c(8), S()], "BHS", dtype="f32"),
+    ] + [buffer(w["name"], "weight", [c(d) for d in w["shape"]], "row_major") for w in weights]
+    kernels = [
+        kernel("zaya1_qkv_proj", ["x"] + projection_weights + ["q", "k", "v"],
+               [{"ceil_div": [S(), 126]}, c(2), B()], shared=200_000),
+        kernel("zaya1_attention", ["q", "k", "v", "o", "lse"],
+               [{"ceil_div": [S(), 128]}, c(8), B()], shared=98_304),
+        kernel("zaya1_out_proj", ["o", "o_proj.weight", "out"],
+               [{"ceil_div": [mul(B(), S()), 128]}, c(16), c(1)]),
+    ]
+    return {"schema_version": 1, "compiler_version": "test", "spec": spec_json,
+            "target": "sm_90a", "ptx_file": "zaya1.ptx",
+            "entry_points": [{"entry": "forward", "kernels": kernels, "buffers": buffers}],
+            "weights": weights}
+
+
+def parse(value):
+    return parse_manifest(json.dumps(value))
+
+
+class SizeExpressions(unittest.TestCase):
+    def test_grid_expression_prints_and_evaluates(self):
+        tiles = parse_size_expr(mul(mul({"ceil_div": [S(), 64]}, B()), c(8)), "grid")
+        self.assertEqual(str(tiles), "ceil(S/64)*B*8")
+        self.assertEqual(tiles.eval({"B": 3, "S": 4097}), 65 * 3 * 8)
+        self.assertTrue(tiles.uses("B") and tiles.uses("S"))
+
+    def test_precedence_matches_the_rust_printer(self):
+        expr = parse_size_expr(mul({"add": [B(), c(1)]}, S()), "shape")
+        self.assertEqual(str(expr), "(B + 1)*S")
+        self.assertEqual(expr.eval({"B": 2, "S": 5}), 15)
+
+    def test_overflow_is_none(self):
+        big = parse_size_expr(mul(B(), S()), "shape")
+        self.assertIsNone(big.eval({"B": 2**64 - 1, "S": 2}))
+        self.assertEqual(big.eval({"B": 2**32, "S": 2**31}), 2**63)
+
+    def test_malformed_trees_are_rejected_with_the_field(self):
+        cases = [
+            ({"var": "T"}, "unknown size variable 'T'"),
+            ({"ceil_div": [S(), 0]}, "divisor must be a positive integer"),
+            ({"pow": [S(), 2]}, "unknown size expression 'pow'"),
+            ({"const": -1}, "const must be an unsigned integer"),
+            ({"const": True}, "const must be an unsigned integer"),
+            ({"add": [S()]}, "add takes a list of two items"),
+            ({"const": 1, "var": "B"}, "one key"),
+        ]
+        for value, message in cases:
+            with self.subTest(value=value):
+                with self.assertRaises(ManifestError) as raised:
+                    parse_size_expr(value, "buffer `q`.shape[0]")
+                self.assertIn(message, str(raised.exception))
+                self.assertIn("buffer `q`.shape[0]", str(raised.exception))
+
+
+class SpecParameters(unittest.TestCase):
+    def test_zaya1_parameters_are_zaya_attention_names(self):
+        spec = parse_spec(load_spec_json("zaya1"))
+        names = [p.name for p in spec.params()]
+        self.assertEqual(names, [
+            "qkv_proj.q_proj.weight", "qkv_proj.k_proj.weight",
+            "qkv_proj.v_proj_current.weight", "qkv_proj.v_proj_delayed.weight",
+            "qkv_proj.conv_qk_depthwise.weight", "qkv_proj.conv_qk_depthwise.bias",
+            "qkv_proj.conv_qk_grouped.weight", "qkv_proj.conv_qk_grouped.bias",
+            "qk_norm.temp", "o_proj.weight"])
+        # The count src/spec.rs checks against the paper's arithmetic.
+        total = sum(_product(p.shape) for p in spec.params())
+        self.assertEqual(total, 5_575_682)
+        self.assertEqual(spec.conv_history, 2)
+        self.assertEqual(spec.packed_width, 1280)
+        self.assertEqual(spec.params()[6].shape, (1280, 128, 2))
+
+    def test_plain_specs_use_llama_names(self):
+        spec_json = load_spec_json("zaya1")
+        spec_json.update(qk_conv=[], qk_mean=False, value_shift=0, qk_norm="none",
+                         key_temperature="none", bias=True)
+        names = [p.name for p in parse_spec(spec_json).params()]
+        self.assertEqual(names, ["q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+                                 "v_proj.weight", "v_proj.bias", "o_proj.weight", "o_proj.bias"])
+
+    def test_cca4x_shifts_half_the_value_heads(self):
+        spec = parse_spec(load_spec_json("cca4x"))
+        shapes = {p.name: p.shape for p in spec.params()}
+        self.assertEqual(shapes["qkv_proj.v_proj_current.weight"], (256, 2048))
+        self.assertEqual(shapes["qkv_proj.v_proj_delayed.weight"], (256, 2048))
+        self.assertEqual(shapes["qk_norm.temp"], (4,))
+
+    def test_sliding_window_mask_parses(self):
+        spec_json = load_spec_json("zaya1")
+        spec_json["mask"] = {"sliding_window": {"window": 4096}}
+        mask = parse_spec(spec_json).mask
+        self.assertEqual((mask.kind, mask.window, str(mask)),
+                         ("sliding_window", 4096, "sliding_window(4096)"))
+
+    def test_invalid_spec_names_the_rule(self):
+        spec_json = load_spec_json("zaya1")
+        spec_json["value_shift"] = 3
+        with self.assertRaisesRegex(ManifestError, "value_shift 3 exceeds kv_heads 2"):
+            parse_spec(spec_json)
+        spec_json = load_spec_json("zaya1")
+        spec_json["qk_norm"] = "l1"
+        with self.assertRaisesRegex(ManifestError, "spec.qk_norm: unknown variant 'l1'"):
+            parse_spec(spec_json)
+
+
+def _product(shape):
+    result = 1
+    for dim in shape:
+        result *= dim
+    return result
+
+
+class ManifestValidation(unittest.TestCase):
+    def test_the_runtime_fixture_parses(self):
+        manifest = parse(fixture_json())
+        self.assertEqual(manifest.spec.name, "fixture")
+        forward = manifest.entry_point("forward")
+        self.assertEqual([k.symbol for k in forward.kernels],
+                         ["fixture_double", "fixture_add_diagonal"])
+        self.assertEqual(forward.kernels[1].dynamic_shared_bytes, 65536)
+        self.assertEqual(str(forward.kernels[0].grid[0]), "ceil(B*S*8/64)")
+
+    def test_a_zaya1_library_parses(self):
+        manifest = parse(zaya1_manifest_json())
+        self.assertEqual(len(manifest.weights), 10)
+        self.assertEqual(manifest.weights[8].name, "qk_norm.temp")
+
+    def test_schema_version_is_checked_first(self):
+        self.assertRaisesRegex(ManifestError, "^unknown manifest schema version 7: this build "
+                               "reads version 1$", parse_manifest, '{"schema_version": 7}')
+        self.assertRaisesRegex(ManifestError, "no schema_version", parse_manifest, "{}")
+        self.assertRaisesRegex(ManifestError, "not valid JSON", parse_manifest, "{")
+
+    def broken(self, edit, message):
+        value = fixture_json()
+        edit(value)
+        with self.assertRaises(ManifestError) as raised:
+            parse(value)
+        self.assertIn(message, str(raised.exception))
+
+    def test_each_rule_names_what_is_wrong(self):
+        forward = lambda m: m["entry_points"][0]  # noqa: E731
+        cases = [
+            (lambda m: m.update(extra=1), "unknown field `extra`"),
+            (lambda m: forward(m)["kernels"][0].update(registers=3),
+             "entry_points[0].kernels[0]: unknown field `registers`"),
+            (lambda m: forward(m)["kernels"][0].pop("block"), "missing field `block`"),
+            (lambda m: forward(m)["buffers"][2].update(role="temporary"),
+             "unknown variant 'temporary'"),
+            (lambda m: m.update(target="compute_90"), "target `compute_90` is not a CUDA"),
+            (lambda m: m.update(ptx_file="../elsewhere.ptx"), "must be a relative path"),
+            (lambda m: m.update(ptx_file="/abs.ptx"), "must be a relative path"),
+            (lambda m: m["weights"].pop(), "weights must be the spec's parameters in order"),
+            (lambda m: m["weights"][0].update(dtype="f16"), "expected [q_proj.weight [8, 8] bf16"),
+            (lambda m: m["entry_points"].append(copy.deepcopy(forward(m))),
+             "entry point `forward` is listed twice"),
+            (lambda m: m.update(entry_points=[]), "the spec emits `forward` but the manifest"),
+            (lambda m: forward(m)["buffers"].append(copy.deepcopy(forward(m)["buffers"][2])),
+             "entry point `forward`: buffer `o` is declared twice"),
+            (lambda m: forward(m)["buffers"][3]["shape"].reverse() or
+             forward(m)["buffers"][3]["shape"].__setitem__(0, c(9)),
+             "buffer `o_proj.weight`: must match weight bf16 [8, 8], got bf16 [9, 8]"),
+            (lambda m: forward(m)["buffers"][0].update(dtype="f32"),
+             "buffer `x` must be input bf16 [B, S, 8] in layout BSE, got input f32 [B, S, 8]"),
+            (lambda m: forward(m)["buffers"].pop(1), "the forward pass needs a buffer `out`"),
+            (lambda m: forward(m).update(kernels=[]), "no kernels"),
+            (lambda m: forward(m)["kernels"][0].update(symbol="9lives"),
+             "kernel `9lives`: the symbol is not a PTX identifier"),
+            (lambda m: forward(m)["kernels"][1].update(symbol="fixture_double"),
+             "kernel symbol `fixture_double` is used twice"),
+            (lambda m: forward(m)["kernels"][0]["params"].append({"kind": "buffer", "name": "y"}),
+             "parameter 4 names a missing buffer `y`"),
+            (lambda m: forward(m)["kernels"][0].update(block=[64, 32, 1]),
+             "block [64, 32, 1] exceeds 1024 threads"),
+            (lambda m: forward(m)["kernels"][0].update(block=[64, 0, 1]), "has a zero dimension"),
+            (lambda m: forward(m)["kernels"][0].update(dynamic_shared_bytes=232449),
+             "dynamic shared memory 232449 bytes exceeds the 232448-byte limit"),
+            (lambda m: forward(m)["kernels"][0]["params"].append({"kind": "size", "var": "T"}),
+             "unknown variant 'T'"),
+        ]
+        for edit, message in cases:
+            with self.subTest(message=message):
+                self.broken(edit, message)
+
+    def test_read_library_names_the_file(self):
+        manifest, ptx_path = read_library(FIXTURE_LIBRARY)
+        self.assertTrue(ptx_path.endswith("fixture.ptx"))
+        with tempfile.TemporaryDirectory() as directory:
+            with open(os.path.join(directory, "manifest.json"), "w") as file:
+                json.dump(fixture_json(), file)
+            with self.assertRaisesRegex(ManifestError, "fixture.ptx: the PTX file the manifest "
+                                        "names does not exist"):
+                read_library(directory)
+            with self.assertRaisesRegex(ManifestError, "absent/manifest.json"):
+                read_library(os.path.join(directory, "absent"))
+
+
+class CallPlanning(unittest.TestCase):
+    def setUp(self):
+        self.fixture = parse(fixture_json())
+        self.zaya1 = parse(zaya1_manifest_json())
+
+    def test_fixture_plan_reads_b_and_s_off_x(self):
+        plan = plan_for_input(self.fixture, "forward", "x", "bf16", (2, 17, 8))
+        self.assertEqual((plan.batch, plan.seq_len), (2, 17))
+        self.assertEqual(plan.buffer("o").shape, (2, 17, 2, 4))
+        self.assertEqual(plan.buffer("o").bytes, 2 * 17 * 8 * 2)
+        first, second = plan.launches
+        self.assertEqual(first.grid, (5, 1, 1))  # ceil(2·17·8 / 64)
+        names = [plan.buffers[v].name if k == "buffer" else v for k, v in second.args]
+        self.assertEqual(names, ["o", "o_proj.weight", "out", 2, 17])
+        self.assertEqual(second.dynamic_shared_bytes, 65536)
+
+    def test_zaya1_plan_at_16k(self):
+        plan = plan_call(self.zaya1, "forward", 8, 16384)
+        grids = [launch.grid for launch in plan.launches]
+        self.assertEqual(grids, [(131, 2, 8), (128, 8, 8), (1024, 16, 1)])
+        self.assertEqual(plan.buffer("lse").shape, (8, 8, 16384))
+        self.assertEqual(plan.buffer("lse").bytes, 8 * 8 * 16384 * 4)
+
+    def test_wrong_input_is_described_like_the_rust_runtime(self):
+        cases = [("f32", (2, 17, 8)), ("bf16", (2, 17, 9)), ("bf16", (17, 8))]
+        for dtype, shape in cases:
+            with self.subTest(dtype=dtype, shape=shape):
+                with self.assertRaises(TensorMismatch) as raised:
+                    plan_for_input(self.fixture, "forward", "x", dtype, shape)
+                self.assertEqual(str(raised.exception),
+                                 f"tensor `x`: expected bf16 [B, S, 8], got {dtype} "
+                                 f"[{', '.join(map(str, shape))}]")
+
+    def test_sizes_out_of_range(self):
+        self.assertRaisesRegex(SizeError, r"batch \(0\) and sequence length \(5\) must be positive",
+                               plan_call, self.fixture, "forward", 0, 5)
+        with self.assertRaises(SizeError) as raised:
+            plan_call(self.fixture, "forward", 1, 2**35)
+        self.assertIn("kernel `fixture_double`: grid dimension 0 = ceil(B*S*8/64) = 4294967296 "
+                      "for B = 1, S = 34359738368 is outside 1..=2147483647",
+                      str(raised.exception))
+        with self.assertRaisesRegex(SizeError, "B as a 32-bit kernel argument overflows"):
+            plan_call(self.fixture, "forward", 2**32, 1)
+        self.assertRaisesRegex(ManifestError, "no `decode` entry point",
+                               plan_call, self.fixture, "decode", 1, 1)
+
+
+def info(dtype, shape, device="cuda:0", contiguous=True):
+    return TensorInfo(dtype, tuple(shape), device, contiguous)
+
+
+class SuppliedTensors(unittest.TestCase):
+    def setUp(self):
+        self.manifest = parse(zaya1_manifest_json())
+        self.plan = plan_for_input(self.manifest, "forward", "x", "bf16", (1, 64, 2048))
+        self.supplied = {"x": info("bf16", (1, 64, 2048))}
+        self.supplied.update((w.name, info("bf16", w.shape)) for w in self.manifest.weights)
+
+    def problems(self):
+        with self.assertRaises(TensorMismatch) as raised:
+            check_supplied(self.manifest, self.plan, self.supplied)
+        return raised.exception.problems
+
+    def test_matching_tensors_pass(self):
+        check_supplied(self.manifest, self.plan, self.supplied)
+
+    def test_every_problem_is_listed(self):
+        del self.supplied["qk_norm.temp"]
+        self.supplied["o_proj.weight"] = info("bf16", (1024, 2048))
+        self.supplied["qkv_proj.k_proj.weight"] = info("f32", (256, 2048))
+        self.supplied["qkv_proj.q_proj.weight"] = info("bf16", (1024, 2048), device="cuda:1")
+        self.supplied["qkv_proj.conv_qk_grouped.weight"] = info("bf16", (1280, 128, 2),
+                                                                contiguous=False)
+        self.supplied["q_proj.weight"] = info("bf16", (1024, 2048))
+        self.assertEqual(self.problems(), [
+            "tensor `qkv_proj.q_proj.weight` is on cuda:1, expected cuda:0 (where `x` is)",
+            "tensor `qkv_proj.k_proj.weight`: expected bf16 [256, 2048], got f32 [256, 2048]",
+            "tensor `qkv_proj.conv_qk_grouped.weight` is not contiguous: the kernels read dense "
+            "row-major memory (pass `.contiguous()`)",
+            "missing weight `qk_norm.temp` (bf16 [2])",
+            "tensor `o_proj.weight`: expected bf16 [2048, 1024], got bf16 [1024, 2048]",
+            "unexpected weight `q_proj.weight` (the library's weights are "
+            "qkv_proj.q_proj.weight, qkv_proj.k_proj.weight, qkv_proj.v_proj_current.weight, "
+            "qkv_proj.v_proj_delayed.weight, qkv_proj.conv_qk_depthwise.weight, "
+            "qkv_proj.conv_qk_depthwise.bias, qkv_proj.conv_qk_grouped.weight, "
+            "qkv_proj.conv_qk_grouped.bias, qk_norm.temp, o_proj.weight)",
+        ])
+
+    def test_x_on_the_cpu_is_refused(self):
+        self.supplied["x"] = info("bf16", (1, 64, 2048), device="cpu")
+        self.assertIn("tensor `x` is on cpu: the kernels need CUDA tensors", self.problems())
+
+
+class Flops(unittest.TestCase):
+    def test_flash_attention_convention(self):
+        spec = parse_spec(load_spec_json("zaya1"))
+        # 4·B·S²·H·D halved for causal: 8 heads of 128 at 16k, batch 1.
+        self.assertEqual(core_flops(spec, 1, 16384), 2 * 16384**2 * 8 * 128)
+        tokens = 16384
+        projections = 2 * tokens * 2048 * (1024 + 256 + 256) + 2 * tokens * 1024 * 2048
+        conv = 2 * tokens * 1280 * 2 + 2 * tokens * 1280 * 128 * 2
+        self.assertEqual(layer_flops(spec, 1, tokens),
+                         projections + conv + core_flops(spec, 1, tokens))
+
+    def test_sliding_window_counts_window_keys(self):
+        spec_json = load_spec_json("zaya1")
+        spec_json["mask"] = {"sliding_window": {"window": 4096}}
+        spec = parse_spec(spec_json)
+        self.assertEqual(core_flops(spec, 1, 2048), 2 * 2048**2 * 8 * 128)
+        self.assertEqual(core_flops(spec, 1, 16384),
+                         4 * 8 * 128 * (16384 * 4096 - 4096**2 / 2))
+
+
+if __name__ == "__main__":
+    unittest.main()
