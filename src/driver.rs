@@ -3,9 +3,13 @@
 //! kernel library (PTX + manifest).
 
 use crate::ir::graph;
-use crate::ir::kernel::{self, KernelFn};
+use crate::ir::kernel::{self, Access, ElemType, KernelFn, KernelParam};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::plan::{self, KernelPlan};
+use crate::manifest::{
+    BufferManifest, BufferRole, EntryPointManifest, KernelManifest, KernelParamManifest, Manifest,
+    PtxasStats, TensorDType, WeightManifest,
+};
 use crate::spec::{AttentionSpec, EntryPoint};
 use std::fmt;
 
@@ -83,4 +87,77 @@ pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
         }
     }
     Ok(out)
+}
+
+/// How one kernel is launched, as the lowering decided it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchInfo {
+    pub threads: u32,
+    pub dynamic_shared_bytes: u32,
+}
+
+/// The manifest's description of one entry point: its kernels in launch order (parameters in ABI
+/// order, grids as size expressions) and every buffer they touch, with its role.
+pub fn entry_point_manifest(
+    spec: &AttentionSpec,
+    entry: EntryPoint,
+    kernels: &[KernelFn],
+    launches: &[LaunchInfo],
+    ptxas: &[Option<PtxasStats>],
+) -> Result<EntryPointManifest, CompileError> {
+    let weight_names: Vec<String> = spec.params().into_iter().map(|p| p.name).collect();
+    let mut buffers: Vec<BufferManifest> =
+        Manifest::weights_for(spec).iter().map(WeightManifest::as_buffer).collect();
+    let mut kernel_manifests = Vec::new();
+    for (index, kernel) in kernels.iter().enumerate() {
+        let mut params = Vec::new();
+        for param in &kernel.params {
+            match param {
+                KernelParam::Size(var) => params.push(KernelParamManifest::Size { var: *var }),
+                KernelParam::Tensor { name, elem, shape, access } => {
+                    params.push(KernelParamManifest::Buffer { name: name.clone() });
+                    if weight_names.contains(name) || buffers.iter().any(|b| &b.name == name) {
+                        continue;
+                    }
+                    let (role, layout) = match (name.as_str(), access) {
+                        ("x", _) => (BufferRole::Input, "BSE"),
+                        ("out", _) => (BufferRole::Output, "BSE"),
+                        ("lse", _) => (BufferRole::Scratch, "BHS"),
+                        (_, Access::Write) => (BufferRole::Intermediate, "BSHD"),
+                        (_, Access::Read) => {
+                            return Err(error(
+                                spec,
+                                "manifest",
+                                format!("kernel {} reads `{name}`, which nothing writes", kernel.name),
+                            ));
+                        }
+                    };
+                    let dtype = match elem {
+                        ElemType::F32 => TensorDType::F32,
+                        ElemType::Bf16 => TensorDType::Bf16,
+                        ElemType::F16 => TensorDType::F16,
+                    };
+                    buffers.push(BufferManifest {
+                        name: name.clone(),
+                        role,
+                        dtype,
+                        shape: shape.clone(),
+                        layout: layout.to_string(),
+                    });
+                }
+            }
+        }
+        let launch = launches.get(index).ok_or_else(|| {
+            error(spec, "manifest", format!("no launch information for {}", kernel.name))
+        })?;
+        kernel_manifests.push(KernelManifest {
+            symbol: kernel.name.clone(),
+            params,
+            grid: kernel.grid.clone(),
+            block: [launch.threads, 1, 1],
+            dynamic_shared_bytes: launch.dynamic_shared_bytes,
+            ptxas: ptxas.get(index).copied().flatten(),
+        });
+    }
+    Ok(EntryPointManifest { entry, kernels: kernel_manifests, buffers })
 }
