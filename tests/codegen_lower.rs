@@ -8,7 +8,7 @@ mod common;
 use ccc::codegen::lower::{LoweredModule, lower_kernels};
 use ccc::codegen::ptxas::{self, PtxasReport};
 use ccc::codegen::CodegenError;
-use ccc::ir::kernel::{KernelFn, Stmt, forward_kernels};
+use ccc::ir::kernel::{ForwardKernel, KernelFn, Schedule, Stmt, build_forward, forward_kernels};
 use ccc::spec::*;
 use common::Rng;
 
@@ -158,32 +158,34 @@ fn tiny_spec() -> AttentionSpec {
     spec
 }
 
-/// The LLVM IR and PTX of one kernel of the tiny spec, lowered alone.
-fn lowered_alone(which: usize) -> LoweredModule {
-    let spec = tiny_spec();
-    let kernels = forward_kernels(&spec).unwrap();
-    let lowered = lower_kernels("tiny", &kernels[which..=which]).unwrap();
+/// The LLVM IR and PTX of one kernel of a plain causal spec with d = 16, E = 32, with one warp
+/// on 16×16 tiles: the smallest kernels of each kind, to keep the snapshots reviewable.
+fn lowered_alone(which: ForwardKernel) -> LoweredModule {
+    let spec = AttentionSpec::plain("tiny", 32, 16, 2, 1);
+    let schedule = Schedule { block_m: 16, block_n: 16, block_k: 16, warps: 1, stages: 2 };
+    let kernel = build_forward(&spec, which, &schedule).unwrap();
+    let lowered = lower_kernels("tiny", &[kernel]).unwrap();
     assemble_clean(&spec, &lowered);
     lowered
 }
 
 #[test]
 fn codegen_lower_snapshot_qkv_proj() {
-    let lowered = lowered_alone(0);
+    let lowered = lowered_alone(ForwardKernel::QkvProjection);
     insta::assert_snapshot!("tiny_qkv_proj_llvm_ir", lowered.llvm_ir);
     insta::assert_snapshot!("tiny_qkv_proj_ptx", lowered.ptx);
 }
 
 #[test]
 fn codegen_lower_snapshot_attention() {
-    let lowered = lowered_alone(1);
+    let lowered = lowered_alone(ForwardKernel::Attention);
     insta::assert_snapshot!("tiny_attention_llvm_ir", lowered.llvm_ir);
     insta::assert_snapshot!("tiny_attention_ptx", lowered.ptx);
 }
 
 #[test]
 fn codegen_lower_snapshot_out_proj() {
-    let lowered = lowered_alone(2);
+    let lowered = lowered_alone(ForwardKernel::OutputProjection);
     insta::assert_snapshot!("tiny_out_proj_llvm_ir", lowered.llvm_ir);
     insta::assert_snapshot!("tiny_out_proj_ptx", lowered.ptx);
 }

@@ -170,7 +170,7 @@ impl<'ctx> PtxModule<'ctx> {
         }
         let entry = self.context.append_basic_block(function, "entry");
         self.builder.position_at_end(entry);
-        Ok(KernelBuilder { module: self, function, params: params.to_vec() })
+        Ok(KernelBuilder { module: self, function, params: params.to_vec(), thread_index_per_use: std::cell::Cell::new(false) })
     }
 
     /// Dynamic shared memory: an external zero-length array whose size is given at launch.
@@ -244,6 +244,7 @@ pub struct KernelBuilder<'m, 'ctx> {
     module: &'m PtxModule<'ctx>,
     function: FunctionValue<'ctx>,
     params: Vec<ParamKind>,
+    thread_index_per_use: std::cell::Cell<bool>,
 }
 
 impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {

@@ -652,7 +652,7 @@ pub fn mma<'ctx>(
             let registers = match (&a, a_lane_base) {
                 (OperandA::Shared(tile), Some(lane_base)) => {
                     let offset = (fragment_m * 16 * tile.row_pitch() + k_step * 16) as i64 * bytes;
-                    kb.ldmatrix_x4(kb.byte_pointer(lane_base, kb.i32(offset))?, false)?
+                    kb.ldmatrix_x4_at(lane_base, offset as i32, false)?
                 }
                 (OperandA::Registers(fragments), _) => {
                     let first = ((fragment_m * (a_k / 16) + k_step) * 4) as usize;
@@ -668,7 +668,7 @@ pub fn mma<'ctx>(
             } else {
                 (fragment_pair * 16 * b_tile.row_pitch() + k_step * 16) as i64
             };
-            let b_registers = kb.ldmatrix_x4(kb.byte_pointer(b_lane_base, kb.i32(offset * bytes))?, b_transposed_in_memory)?;
+            let b_registers = kb.ldmatrix_x4_at(b_lane_base, (offset * bytes) as i32, b_transposed_in_memory)?;
             for (half, b_fragment) in [[b_registers[0], b_registers[1]], [b_registers[2], b_registers[3]]].into_iter().enumerate() {
                 let fragment_n = fragment_pair * 2 + half as u32;
                 for (fragment_m, a_fragment) in a_fragments.iter().enumerate() {

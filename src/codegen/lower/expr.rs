@@ -74,6 +74,22 @@ const TWO_PI_LOW: f64 = std::f64::consts::TAU - TWO_PI_HIGH as f64;
 
 impl<'k, 'ctx> Lowering<'k, 'ctx> {
     pub(super) fn eval(&self, kb: &KernelBuilder<'_, 'ctx>, expr: &Expr, site: &ElementSite<'ctx>) -> Result<Value<'ctx>> {
+        self.eval_guarded(kb, expr, site, false)
+    }
+
+    /// `eval`, `in_select_arm` inside either arm of a `select`. Both arms are evaluated and the
+    /// result chosen without a branch; an arm may index out of range where it is not chosen,
+    /// so its loads clamp every index into its dimension. The clamped load is harmless where
+    /// the arm is dropped and exact where it is chosen, and unlike an address selected by the
+    /// condition it stays the same for all elements that share the index (one load, CSE).
+    fn eval_guarded(
+        &self,
+        kb: &KernelBuilder<'_, 'ctx>,
+        expr: &Expr,
+        site: &ElementSite<'ctx>,
+        in_select_arm: bool,
+    ) -> Result<Value<'ctx>> {
+        let eval = |e: &Expr| self.eval_guarded(kb, e, site, in_select_arm);
         let outside = |what: &str| unsupported(format!("`{what}` outside an elementwise statement"));
         Ok(match expr {
             Expr::Int(value) => {
@@ -107,97 +123,40 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 ElementSite::Accumulator { value, .. } | ElementSite::Row { value, .. } | ElementSite::Shared { value, .. } => *value,
                 ElementSite::None => return outside("elem"),
             }),
-            Expr::Tile { tile, row, col } => Value::Float(self.tile_read(kb, *tile, row, col, site)?),
+            Expr::Tile { tile, row, col } => Value::Float(self.tile_read(kb, *tile, row, col, site, in_select_arm)?),
             Expr::Global { param, index } => {
-                let index = index
-                    .iter()
-                    .map(|i| self.eval(kb, i, site)?.int())
-                    .collect::<Result<Vec<_>>>()?;
                 let tensor = self.tensor(kb, param)?;
-                let pointer = tensor.element(kb, &index)?;
+                let mut indices = Vec::with_capacity(index.len());
+                for (i, extent) in index.iter().zip(tensor.extents()) {
+                    let i = eval(i)?.int()?;
+                    indices.push(if in_select_arm { clamp(kb, i, *extent)? } else { i });
+                }
+                let pointer = tensor.element(kb, &indices)?;
                 Value::Float(super::memory::load_as_f32(kb, pointer, tensor.elem)?)
             }
-            Expr::Unary(op, a) => self.unary(kb, *op, self.eval(kb, a, site)?)?,
+            Expr::Unary(op, a) => self.unary(kb, *op, eval(a)?)?,
             Expr::Binary(BinOp::Pow, base, exponent) => {
-                let exponent = self.eval(kb, exponent, site)?.float()?;
+                let exponent = eval(exponent)?.float()?;
                 // A constant base folds log2(base) at compile time: one multiply and one ex2.
                 let log2_base = match base.as_ref() {
                     Expr::Float(base) if *base > 0.0 => kb.f32(base.log2()),
-                    base => kb.log2_approx(self.eval(kb, base, site)?.float()?)?,
+                    base => kb.log2_approx(eval(base)?.float()?)?,
                 };
                 Value::Float(kb.exp2_approx(kb.fmul(exponent, log2_base)?)?)
             }
-            Expr::Binary(op, a, b) => {
-                let (a, b) = (self.eval(kb, a, site)?, self.eval(kb, b, site)?);
-                binary(kb, *op, a, b)?
-            }
+            Expr::Binary(op, a, b) => binary(kb, *op, eval(a)?, eval(b)?)?,
             Expr::Select(cond, then, otherwise) => {
-                let cond = self.eval(kb, cond, site)?.bool()?;
-                if self.reads_memory(then) || self.reads_memory(otherwise) {
-                    self.select_branch(kb, cond, then, otherwise, site)?
-                } else {
-                    let (a, b) = (self.eval(kb, then, site)?, self.eval(kb, otherwise, site)?);
-                    let chosen = kb.builder().build_select(cond, a.basic(), b.basic(), "")?;
-                    match (a, b) {
-                        (Value::Int(_), Value::Int(_)) => Value::Int(chosen.into_int_value()),
-                        (Value::Float(_), Value::Float(_)) => Value::Float(chosen.into_float_value()),
-                        (Value::Bool(_), Value::Bool(_)) => Value::Bool(chosen.into_int_value()),
-                        (a, b) => return unsupported(format!("select between {} and {}", a.kind(), b.kind())),
-                    }
+                let cond = eval(cond)?.bool()?;
+                let a = self.eval_guarded(kb, then, site, true)?;
+                let b = self.eval_guarded(kb, otherwise, site, true)?;
+                let chosen = kb.builder().build_select(cond, a.basic(), b.basic(), "")?;
+                match (a, b) {
+                    (Value::Int(_), Value::Int(_)) => Value::Int(chosen.into_int_value()),
+                    (Value::Float(_), Value::Float(_)) => Value::Float(chosen.into_float_value()),
+                    (Value::Bool(_), Value::Bool(_)) => Value::Bool(chosen.into_int_value()),
+                    (a, b) => return unsupported(format!("select between {} and {}", a.kind(), b.kind())),
                 }
             }
-        })
-    }
-
-    /// Whether evaluating `expr` loads from memory (then a `select` must not evaluate it when
-    /// its condition is false: the index may be out of range).
-    fn reads_memory(&self, expr: &Expr) -> bool {
-        let mut reads = false;
-        expr.visit(&mut |e| match e {
-            Expr::Global { .. } => reads = true,
-            Expr::Tile { tile, .. } if matches!(self.tiles[tile.0], TileStorage::Shared { .. }) => reads = true,
-            _ => {}
-        });
-        reads
-    }
-
-    /// `select` as a branch: only the chosen arm runs (a predicated load).
-    fn select_branch(
-        &self,
-        kb: &KernelBuilder<'_, 'ctx>,
-        cond: IntValue<'ctx>,
-        then: &Expr,
-        otherwise: &Expr,
-        site: &ElementSite<'ctx>,
-    ) -> Result<Value<'ctx>> {
-        let builder = kb.builder();
-        let context = kb.context();
-        let then_block = context.append_basic_block(kb.function(), "select.then");
-        let else_block = context.append_basic_block(kb.function(), "select.else");
-        let join = context.append_basic_block(kb.function(), "select.join");
-        builder.build_conditional_branch(cond, then_block, else_block)?;
-        let arm = |block, expr: &Expr| -> Result<(Value<'ctx>, inkwell::basic_block::BasicBlock<'ctx>)> {
-            builder.position_at_end(block);
-            let value = self.eval(kb, expr, site)?;
-            let end = builder.get_insert_block().ok_or_else(|| CodegenError::Llvm("builder not positioned".into()))?;
-            builder.build_unconditional_branch(join)?;
-            Ok((value, end))
-        };
-        let (a, a_end) = arm(then_block, then)?;
-        let (b, b_end) = arm(else_block, otherwise)?;
-        builder.position_at_end(join);
-        let ty: BasicTypeEnum = match (a, b) {
-            (Value::Int(v), Value::Int(_)) | (Value::Bool(v), Value::Bool(_)) => v.get_type().into(),
-            (Value::Float(v), Value::Float(_)) => v.get_type().into(),
-            (a, b) => return unsupported(format!("select between {} and {}", a.kind(), b.kind())),
-        };
-        let phi = builder.build_phi(ty, "")?;
-        phi.add_incoming(&[(&a.basic(), a_end), (&b.basic(), b_end)]);
-        let joined = phi.as_basic_value();
-        Ok(match a {
-            Value::Int(_) => Value::Int(joined.into_int_value()),
-            Value::Bool(_) => Value::Bool(joined.into_int_value()),
-            Value::Float(_) => Value::Float(joined.into_float_value()),
         })
     }
 
@@ -209,6 +168,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         row: &Expr,
         col: &Expr,
         site: &ElementSite<'ctx>,
+        in_select_arm: bool,
     ) -> Result<FloatValue<'ctx>> {
         let decl = self.kernel.tile(tile);
         match (&self.tiles[tile.0], site) {
@@ -216,7 +176,12 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let Layout::RowMajor { pad } = decl.ty.layout else {
                     return unsupported(format!("shared tile %{} without a row-major layout", decl.name));
                 };
-                let (r, c) = (self.eval(kb, row, site)?.int()?, self.eval(kb, col, site)?.int()?);
+                let mut r = self.eval_guarded(kb, row, site, in_select_arm)?.int()?;
+                let mut c = self.eval_guarded(kb, col, site, in_select_arm)?.int()?;
+                if in_select_arm {
+                    r = clamp(kb, r, kb.i32(decl.ty.rows as i64))?;
+                    c = clamp(kb, c, kb.i32(decl.ty.cols as i64))?;
+                }
                 let elem = elem_of(decl.ty.elem);
                 let index = kb.add(kb.mul(r, kb.i32((decl.ty.cols + pad) as i64))?, c)?;
                 let pointer = kb.element_pointer(self.shared_tile_base(kb, *offset)?, elem, index)?;
@@ -255,6 +220,13 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             UnOp::ToFloat => unreachable!("handled above"),
         }))
     }
+}
+
+/// `index` clamped into `0 .. extent` (signed; extent ≥ 1).
+fn clamp<'ctx>(kb: &KernelBuilder<'_, 'ctx>, index: IntValue<'ctx>, extent: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+    let last = kb.sub(extent, kb.i32(1))?;
+    let at_least_zero = kb.select_int(kb.lt(index, kb.i32(0))?, kb.i32(0), index)?;
+    kb.min(at_least_zero, last)
 }
 
 fn call_float<'ctx>(

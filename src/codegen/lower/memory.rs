@@ -48,6 +48,11 @@ pub(super) struct Tensor<'ctx> {
 }
 
 impl<'ctx> Tensor<'ctx> {
+    /// Extents (i32), outermost first.
+    pub(super) fn extents(&self) -> &[IntValue<'ctx>] {
+        &self.extents
+    }
+
     /// Address of the element at a full multi-index (i32 each, offset computed in i64).
     pub(super) fn element(&self, kb: &KernelBuilder<'_, 'ctx>, index: &[IntValue<'ctx>]) -> Result<PointerValue<'ctx>> {
         if index.len() != self.strides.len() {

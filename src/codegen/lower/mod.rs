@@ -131,9 +131,13 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     };
 
     let kb = module.declare_kernel(&kernel.name, &params)?;
-    // ptxas may then use all registers a 128-thread block allows without guessing the block size.
-    let max_threads = kb.context().create_string_attribute("nvvm.maxntid", &kernel.threads().to_string());
-    kb.function().add_attribute(AttributeLoc::Function, max_threads);
+    kb.read_thread_index_per_use();
+    // The block size, and one resident CTA per SM as the only occupancy goal: with .maxntid
+    // alone ptxas caps registers to fit more CTAs and spills instead.
+    for (name, value) in [("nvvm.maxntid", kernel.threads()), ("nvvm.minctasm", 1)] {
+        let attribute = kb.context().create_string_attribute(name, &value.to_string());
+        kb.function().add_attribute(AttributeLoc::Function, attribute);
+    }
 
     let mut tiles = Vec::with_capacity(kernel.tiles.len());
     for (decl, offset) in kernel.tiles.iter().zip(&offsets) {
