@@ -17,6 +17,13 @@
 //!   stores where the box allows);
 //! - `For`/`If`/`Let` → structured LLVM control flow; `Barrier`/`AsyncCommit`/`AsyncWait` →
 //!   `bar.sync` / `cp.async.commit_group` / `cp.async.wait_group`.
+//!
+//! Register pressure is what decides whether a kernel runs (ptxas spills otherwise), so:
+//! loops around barriers/mma and the per-thread window loops stay rolled; `select` evaluates
+//! both arms without a branch, with the loads of its arms clamped into range (the kernel IR's
+//! "only the chosen arm" promise holds for every value that is used); the thread index is read
+//! per use so that lane offsets are not shared, and kept live, across the whole kernel; and the
+//! entry carries `.maxntid` with `.minnctapersm 1` so ptxas may use all 255 registers.
 
 mod expr;
 mod memory;
