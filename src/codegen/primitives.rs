@@ -106,7 +106,16 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     pub fn thread_index(&self) -> Result<IntValue<'ctx>> {
         if self.thread_index_per_use.get() {
             let i32_type = self.context().i32_type().into();
-            int_result(self.inline_ptx(Some(i32_type), "mov.u32 $0, %tid.x;", "=r", &[], true)?)
+            let call = self.inline_ptx(Some(i32_type), "mov.u32 $0, %tid.x;", "=r", &[], true)?;
+            // threadIdx.x < 1024: with the range LLVM still folds (tid + k·threads) / c and the like.
+            let range = self.context().metadata_node(&[self.i32(0).into(), self.i32(1024).into()]);
+            let instruction = call.try_as_basic_value().basic().and_then(|v| v.as_instruction_value());
+            if let Some(instruction) = instruction {
+                instruction
+                    .set_metadata(range, self.context().get_kind_id("range"))
+                    .map_err(|error| CodegenError::Llvm(error.to_string()))?;
+            }
+            int_result(call)
         } else {
             self.special_register(SpecialRegister::ThreadX)
         }

@@ -78,11 +78,17 @@ struct BoxAxis<'ctx> {
     innermost: bool,
     /// The start when it is a compile-time constant.
     constant_start: Option<i64>,
+    /// Every index of the span is known at compile time to be inside the tensor (a constant
+    /// start, a constant extent, no valid range): no checks are emitted.
+    always_inside: bool,
 }
 
 impl<'ctx> BoxAxis<'ctx> {
     /// Whether tensor index `start + offset` is inside the tensor and the valid range (i1).
     fn inside(&self, kb: &KernelBuilder<'_, 'ctx>, offset: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+        if self.always_inside {
+            return Ok(kb.context().bool_type().const_all_ones());
+        }
         let index = kb.add(self.start, offset)?;
         let mut inside = kb.and(kb.le(kb.i32(0), index)?, kb.lt(index, self.extent)?)?;
         if let Some((low, high)) = self.valid {
@@ -182,6 +188,13 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         if tile.dims.len() != tensor.extents.len() {
             return unsupported(format!("box of rank {} in tensor `{}` of rank {}", tile.dims.len(), tile.param, tensor.extents.len()));
         }
+        let constant_extent = |param: &str, dim: usize| match self.kernel.param(param) {
+            Some(KernelParam::Tensor { shape, .. }) => match shape.get(dim) {
+                Some(SizeExpr::Const(extent)) => Some(*extent),
+                _ => None,
+            },
+            _ => None,
+        };
         let shape = tile
             .box_shape()
             .ok_or_else(|| CodegenError::Unsupported(format!("box of `{}` without one or two spans", tile.param)))?;
@@ -196,7 +209,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     let wide = builder.build_int_s_extend(index, kb.context().i64_type(), "")?;
                     fixed = builder.build_int_add(fixed, builder.build_int_mul(wide, tensor.strides[dim], "")?, "")?;
                 }
-                GlobalDim::Span { start, valid, .. } => {
+                GlobalDim::Span { start, len, valid } => {
                     let valid = match valid {
                         Some((low, high)) => Some((
                             self.eval(kb, low, &ElementSite::None)?.int()?,
@@ -204,16 +217,22 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                         )),
                         None => None,
                     };
+                    let constant_start = match start {
+                        Expr::Int(value) => Some(*value),
+                        _ => None,
+                    };
+                    let always_inside = match (constant_start, valid, constant_extent(&tile.param, dim)) {
+                        (Some(first), None, Some(extent)) => first >= 0 && first + *len as i64 <= extent as i64,
+                        _ => false,
+                    };
                     axes.push(BoxAxis {
                         start: self.eval(kb, start, &ElementSite::None)?.int()?,
                         extent: tensor.extents[dim],
                         stride: tensor.strides[dim],
                         valid,
                         innermost: dim == last,
-                        constant_start: match start {
-                            Expr::Int(value) => Some(*value),
-                            _ => None,
-                        },
+                        constant_start,
+                        always_inside,
                     });
                 }
             }
