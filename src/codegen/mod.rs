@@ -9,11 +9,13 @@
 //! - [`tile`]: tile-op emitters over the design note's layouts (`RowMajor` shared tiles,
 //!   `MmaAccumulator` register tiles, row vectors, `MmaOperandA` fragments).
 //! - [`gemm`] and [`attention`]: kernels built only from the tile emitters.
+//! - [`lower`]: kernel IR (`ir::kernel::KernelFn`) to LLVM IR and PTX through the tile emitters.
 //! - [`ptxas`] checks PTX with NVIDIA's assembler; [`cache`] keeps emitted PTX on disk.
 
 pub mod attention;
 pub mod cache;
 pub mod gemm;
+pub mod lower;
 pub mod primitives;
 pub mod ptxas;
 pub mod tile;
@@ -168,7 +170,7 @@ impl<'ctx> PtxModule<'ctx> {
         }
         let entry = self.context.append_basic_block(function, "entry");
         self.builder.position_at_end(entry);
-        Ok(KernelBuilder { module: self, function, params: params.to_vec() })
+        Ok(KernelBuilder { module: self, function, params: params.to_vec(), thread_index_per_use: std::cell::Cell::new(false) })
     }
 
     /// Dynamic shared memory: an external zero-length array whose size is given at launch.
@@ -212,6 +214,18 @@ impl<'ctx> PtxModule<'ctx> {
     /// Verifies, optimizes and writes the module as PTX text.
     pub fn to_ptx(&self) -> Result<String> {
         self.optimize()?;
+        self.write_ptx()
+    }
+
+    /// Optimizes once and returns the optimized LLVM IR together with the PTX written from it
+    /// (PTX emission itself rewrites the module, so the IR is printed first).
+    pub fn optimized_ir_and_ptx(&self) -> Result<(String, String)> {
+        self.optimize()?;
+        let llvm_ir = self.llvm_ir();
+        Ok((llvm_ir, self.write_ptx()?))
+    }
+
+    fn write_ptx(&self) -> Result<String> {
         let buffer = self
             .machine
             .write_to_memory_buffer(&self.module, FileType::Assembly)
@@ -230,6 +244,7 @@ pub struct KernelBuilder<'m, 'ctx> {
     module: &'m PtxModule<'ctx>,
     function: FunctionValue<'ctx>,
     params: Vec<ParamKind>,
+    thread_index_per_use: std::cell::Cell<bool>,
 }
 
 impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
@@ -448,7 +463,29 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         &self,
         start: IntValue<'ctx>,
         end: IntValue<'ctx>,
+        body: impl FnMut(&Self, IntValue<'ctx>) -> Result<()>,
+    ) -> Result<()> {
+        self.emit_loop(start, end, body, false)
+    }
+
+    /// [`KernelBuilder::for_range`] that LLVM must not unroll (`llvm.loop.unroll.disable`): for
+    /// loops around barriers and matrix multiplies, whose unrolled copies only raise register
+    /// pressure until ptxas spills.
+    pub fn for_range_rolled(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        body: impl FnMut(&Self, IntValue<'ctx>) -> Result<()>,
+    ) -> Result<()> {
+        self.emit_loop(start, end, body, true)
+    }
+
+    fn emit_loop(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
         mut body: impl FnMut(&Self, IntValue<'ctx>) -> Result<()>,
+        keep_rolled: bool,
     ) -> Result<()> {
         let builder = self.builder();
         let context = self.context();
@@ -471,10 +508,38 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         let latch = builder
             .get_insert_block()
             .ok_or_else(|| CodegenError::Llvm("builder not positioned".to_string()))?;
-        builder.build_unconditional_branch(header)?;
+        let back_edge = builder.build_unconditional_branch(header)?;
+        if keep_rolled {
+            self.disable_unrolling(back_edge);
+        }
         index.add_incoming(&[(&next, latch)]);
         builder.position_at_end(exit);
         Ok(())
+    }
+
+    /// Attaches the loop ID `!{self, !{"llvm.loop.unroll.disable"}}` to a loop's back edge. A
+    /// loop ID must refer to itself, which inkwell cannot build, hence the LLVM C API.
+    fn disable_unrolling(&self, back_edge: inkwell::values::InstructionValue<'ctx>) {
+        use inkwell::llvm_sys::core::{
+            LLVMGetMDKindIDInContext, LLVMMDNodeInContext2, LLVMMDStringInContext2, LLVMMetadataAsValue, LLVMSetMetadata,
+        };
+        use inkwell::llvm_sys::debuginfo::{LLVMMetadataReplaceAllUsesWith, LLVMTemporaryMDNode};
+        use inkwell::values::AsValueRef;
+        const UNROLL_DISABLE: &str = "llvm.loop.unroll.disable";
+        const LOOP_KIND: &str = "llvm.loop";
+        let context = self.context().raw();
+        // SAFETY: every reference comes from this live context; the temporary node is replaced
+        // (and thereby freed) before anything else can see it.
+        unsafe {
+            let placeholder = LLVMTemporaryMDNode(context, std::ptr::null_mut(), 0);
+            let mut disable = [LLVMMDStringInContext2(context, UNROLL_DISABLE.as_ptr().cast(), UNROLL_DISABLE.len())];
+            let disable_node = LLVMMDNodeInContext2(context, disable.as_mut_ptr(), 1);
+            let mut operands = [placeholder, disable_node];
+            let loop_id = LLVMMDNodeInContext2(context, operands.as_mut_ptr(), 2);
+            LLVMMetadataReplaceAllUsesWith(placeholder, loop_id);
+            let kind = LLVMGetMDKindIDInContext(context, LOOP_KIND.as_ptr().cast(), LOOP_KIND.len() as u32);
+            LLVMSetMetadata(back_edge.as_value_ref(), kind, LLVMMetadataAsValue(context, loop_id));
+        }
     }
 
     /// `if (cond) then_body() else else_body()`.

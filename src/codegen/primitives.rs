@@ -102,8 +102,31 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         int_result(self.call_intrinsic(name, &[], &[])?)
     }
 
+    /// `threadIdx.x`; with [`KernelBuilder::read_thread_index_per_use`] an opaque read each time.
     pub fn thread_index(&self) -> Result<IntValue<'ctx>> {
-        self.special_register(SpecialRegister::ThreadX)
+        if self.thread_index_per_use.get() {
+            let i32_type = self.context().i32_type().into();
+            let call = self.inline_ptx(Some(i32_type), "mov.u32 $0, %tid.x;", "=r", &[], true)?;
+            // threadIdx.x < 1024: with the range LLVM still folds (tid + k·threads) / c and the like.
+            let range = self.context().metadata_node(&[self.i32(0).into(), self.i32(1024).into()]);
+            let instruction = call.try_as_basic_value().basic().and_then(|v| v.as_instruction_value());
+            if let Some(instruction) = instruction {
+                instruction
+                    .set_metadata(range, self.context().get_kind_id("range"))
+                    .map_err(|error| CodegenError::Llvm(error.to_string()))?;
+            }
+            int_result(call)
+        } else {
+            self.special_register(SpecialRegister::ThreadX)
+        }
+    }
+
+    /// From now on every [`KernelBuilder::thread_index`] is a fresh read LLVM cannot merge with
+    /// the others. Otherwise GVN shares the per-thread row/column offsets of every tile op over
+    /// the whole kernel, and in long kernels (the fused projection's passes) those shared values
+    /// stay live across all the loops until ptxas spills.
+    pub fn read_thread_index_per_use(&self) {
+        self.thread_index_per_use.set(true);
     }
 
     /// `threadIdx.x % 32`.
@@ -164,10 +187,21 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     /// `ldmatrix.sync.aligned.m8n8.x4{.trans}.shared.b16`: four 8×8 b16 matrices; lane `i` gives
     /// the address of row `i % 8` of matrix `i / 8`. Returns one b16x2 register per matrix.
     pub fn ldmatrix_x4(&self, row_address: PointerValue<'ctx>, transpose: bool) -> Result<[IntValue<'ctx>; 4]> {
+        self.ldmatrix_x4_at(row_address, 0, transpose)
+    }
+
+    /// [`KernelBuilder::ldmatrix_x4`] at `row_address + byte_offset`, the constant offset folded
+    /// into the instruction (`[$4+offset]`): the loads of one mma share one address register
+    /// instead of keeping one per fragment live across the loop.
+    pub fn ldmatrix_x4_at(&self, row_address: PointerValue<'ctx>, byte_offset: i32, transpose: bool) -> Result<[IntValue<'ctx>; 4]> {
         let i32_type = self.context().i32_type();
         let result = self.context().struct_type(&[i32_type.into(); 4], false);
         let trans = if transpose { ".trans" } else { "" };
-        let assembly = format!("ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0, $1, $2, $3}}, [$4];");
+        let displacement = match byte_offset {
+            0 => String::new(),
+            offset => format!("+{offset}"),
+        };
+        let assembly = format!("ldmatrix.sync.aligned.m8n8.x4{trans}.shared.b16 {{$0, $1, $2, $3}}, [$4{displacement}];");
         let address = self.shared_address(row_address)?;
         let call = self.inline_ptx(Some(result.into()), &assembly, "=r,=r,=r,=r,r", &[address.into()], true)?;
         let fields = self.struct_fields(call, 4)?;

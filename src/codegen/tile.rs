@@ -253,6 +253,90 @@ impl<'ctx> AccumulatorTile<'ctx> {
     pub fn fill(&self, kb: &KernelBuilder<'_, 'ctx>, value: f64) -> Result<()> {
         self.slots.iter().try_for_each(|slot| kb.store_f32(*slot, kb.f32(value)))
     }
+
+    /// The value this thread holds at `element_slot` (from [`ElementPosition::element_slot`] of a
+    /// map over a tile with the same shape and layout).
+    pub fn element(&self, kb: &KernelBuilder<'_, 'ctx>, element_slot: usize) -> Result<FloatValue<'ctx>> {
+        match self.slots.get(element_slot) {
+            Some(slot) => kb.load_f32(*slot),
+            None => unsupported(format!("element slot {element_slot} of {}", self.slots.len())),
+        }
+    }
+}
+
+/// Two horizontally adjacent accumulator elements a thread holds: (row, col) and (row, col + 1),
+/// `col` even.
+#[derive(Debug, Clone, Copy)]
+pub struct ElementPair<'ctx> {
+    /// Tile-local (i32).
+    pub row: IntValue<'ctx>,
+    pub col: IntValue<'ctx>,
+    pub row_slot: u32,
+    pub low: FloatValue<'ctx>,
+    pub high: FloatValue<'ctx>,
+}
+
+/// Calls `f` on every element pair of the accumulator this thread holds (stores, conversions).
+pub fn for_each_accumulator_pair<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    tile: &AccumulatorTile<'ctx>,
+    mut f: impl FnMut(&KernelBuilder<'_, 'ctx>, &ElementPair<'ctx>) -> Result<()>,
+) -> Result<()> {
+    let shape = tile.shape;
+    let place = ThreadPlace::new(kb, &shape)?;
+    for fragment_m in 0..shape.fragments_m() {
+        for half in 0..2 {
+            let row_slot = fragment_m * 2 + half;
+            let row = place.row(kb, row_slot)?;
+            for fragment_n in 0..shape.fragments_n() {
+                let pair = ElementPair {
+                    row,
+                    col: place.col(kb, fragment_n)?,
+                    row_slot,
+                    low: kb.load_f32(tile.slots[shape.slot(fragment_m, fragment_n, 2 * half)])?,
+                    high: kb.load_f32(tile.slots[shape.slot(fragment_m, fragment_n, 2 * half + 1)])?,
+                };
+                f(kb, &pair)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `Convert { dst: shared, src: accumulator }`: every element rounded to the shared tile's type
+/// and written at the same (row, col) of `dst`, a tile or a window of one with the accumulator's
+/// shape. 16-bit pairs are written as one 32-bit word when `pairs_aligned` (even row pitch and
+/// an even first column).
+pub fn store_accumulator_to_shared<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    src: &AccumulatorTile<'ctx>,
+    dst: &SharedTile<'ctx>,
+    pairs_aligned: bool,
+) -> Result<()> {
+    if dst.rows != src.shape.rows || dst.cols != src.shape.cols {
+        return unsupported(format!(
+            "convert of a {}×{} accumulator into a {}×{} shared window",
+            src.shape.rows, src.shape.cols, dst.rows, dst.cols
+        ));
+    }
+    let pitch = kb.i32(dst.row_pitch() as i64);
+    for_each_accumulator_pair(kb, src, |kb, pair| {
+        let offset = kb.add(kb.mul(pair.row, pitch)?, pair.col)?;
+        let low_address = kb.element_pointer(dst.base, dst.elem, offset)?;
+        match dst.elem {
+            Elem::F32 => {
+                kb.store_f32(low_address, pair.low)?;
+                let high_address = kb.element_pointer(low_address, Elem::F32, kb.i32(1))?;
+                kb.store_f32(high_address, pair.high)
+            }
+            half if pairs_aligned => kb.store_int(low_address, kb.pack_half2(half, pair.low, pair.high)?),
+            half => {
+                kb.store_int(low_address, kb.round_half(half, pair.low)?)?;
+                let high_address = kb.element_pointer(low_address, half, kb.i32(1))?;
+                kb.store_int(high_address, kb.round_half(half, pair.high)?)
+            }
+        }
+    })
 }
 
 /// A per-row f32 vector over an accumulator layout (running max, sum, scale).
@@ -291,6 +375,24 @@ impl<'ctx> RowVector<'ctx> {
         self.slots.iter().try_for_each(|slot| kb.store_f32(*slot, kb.f32(value)))
     }
 
+    /// Tile-local row (i32) of `slot` for the calling thread.
+    pub fn row_of_slot(&self, kb: &KernelBuilder<'_, 'ctx>, slot: u32) -> Result<IntValue<'ctx>> {
+        ThreadPlace::new(kb, &self.of)?.row(kb, slot)
+    }
+
+    /// Whether the calling thread is the first of the quad that holds its rows (the one that
+    /// stores a replicated row value), as an i1.
+    pub fn is_row_owner(&self, kb: &KernelBuilder<'_, 'ctx>) -> Result<IntValue<'ctx>> {
+        let place = ThreadPlace::new(kb, &self.of)?;
+        let first_col = kb.builder().build_int_compare(inkwell::IntPredicate::EQ, place.pair_col, kb.i32(0), "")?;
+        if self.of.layout.warps_n == 1 {
+            return Ok(first_col);
+        }
+        // With several warps along columns every one of them holds the row: the first stores it.
+        let first_warp = kb.builder().build_int_compare(inkwell::IntPredicate::EQ, place.warp_col, kb.i32(0), "")?;
+        kb.and(first_col, first_warp)
+    }
+
     /// Elementwise map over the vector: `f(kb, slot, value)`.
     pub fn map(
         &self,
@@ -314,6 +416,9 @@ pub struct ElementPosition<'ctx> {
     pub col: IntValue<'ctx>,
     /// The [`RowVector`] slot of this element's row.
     pub row_slot: u32,
+    /// Index of this element among the thread's slots of any accumulator of the same shape and
+    /// layout (see [`AccumulatorTile::element`]).
+    pub element_slot: usize,
 }
 
 /// `Map { dst, expr }` over an accumulator tile: each element becomes `f(kb, position, value)`.
@@ -329,12 +434,14 @@ pub fn map_accumulator<'ctx>(
             let pair_col = place.col(kb, fragment_n)?;
             for element in 0..4 {
                 let row_slot = fragment_m * 2 + element / 2;
+                let element_slot = shape.slot(fragment_m, fragment_n, element);
                 let position = ElementPosition {
                     row: place.row(kb, row_slot)?,
                     col: kb.add(pair_col, kb.i32((element % 2) as i64))?,
                     row_slot,
+                    element_slot,
                 };
-                let slot = tile.slots[shape.slot(fragment_m, fragment_n, element)];
+                let slot = tile.slots[element_slot];
                 let value = kb.load_f32(slot)?;
                 let mapped = f(kb, &position, value)?;
                 kb.store_f32(slot, mapped)?;
@@ -360,6 +467,18 @@ pub fn row_reduce<'ctx>(
     op: RowReduction,
     dst: &RowVector<'ctx>,
 ) -> Result<()> {
+    row_reduce_with(kb, src, op, dst, |_, _, value| Ok(value))
+}
+
+/// [`row_reduce`] of `value(position, element)` instead of the elements themselves
+/// (`RowReduce { value }`, e.g. the sum of squares of an L2 norm).
+pub fn row_reduce_with<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    src: &AccumulatorTile<'ctx>,
+    op: RowReduction,
+    dst: &RowVector<'ctx>,
+    mut value: impl FnMut(&KernelBuilder<'_, 'ctx>, &ElementPosition<'ctx>, FloatValue<'ctx>) -> Result<FloatValue<'ctx>>,
+) -> Result<()> {
     let shape = src.shape;
     if shape.layout.warps_n != 1 {
         return unsupported("row reductions need whole rows per warp (warps_n = 1)");
@@ -371,15 +490,26 @@ pub fn row_reduce<'ctx>(
         RowReduction::Max => kb.fmax(a, b),
         RowReduction::Sum => kb.fadd(a, b),
     };
+    let place = ThreadPlace::new(kb, &shape)?;
     for row_slot in 0..shape.row_slots() {
         let (fragment_m, half) = (row_slot / 2, row_slot % 2);
+        let row = place.row(kb, row_slot)?;
         let mut partial: Option<FloatValue<'ctx>> = None;
         for fragment_n in 0..shape.fragments_n() {
+            let pair_col = place.col(kb, fragment_n)?;
             for element in [2 * half, 2 * half + 1] {
-                let value = kb.load_f32(src.slots[shape.slot(fragment_m, fragment_n, element)])?;
+                let element_slot = shape.slot(fragment_m, fragment_n, element);
+                let position = ElementPosition {
+                    row,
+                    col: kb.add(pair_col, kb.i32((element % 2) as i64))?,
+                    row_slot,
+                    element_slot,
+                };
+                let element_value = kb.load_f32(src.slots[element_slot])?;
+                let term = value(kb, &position, element_value)?;
                 partial = Some(match partial {
-                    Some(so_far) => combine(so_far, value)?,
-                    None => value,
+                    Some(so_far) => combine(so_far, term)?,
+                    None => term,
                 });
             }
         }
@@ -522,7 +652,7 @@ pub fn mma<'ctx>(
             let registers = match (&a, a_lane_base) {
                 (OperandA::Shared(tile), Some(lane_base)) => {
                     let offset = (fragment_m * 16 * tile.row_pitch() + k_step * 16) as i64 * bytes;
-                    kb.ldmatrix_x4(kb.byte_pointer(lane_base, kb.i32(offset))?, false)?
+                    kb.ldmatrix_x4_at(lane_base, offset as i32, false)?
                 }
                 (OperandA::Registers(fragments), _) => {
                     let first = ((fragment_m * (a_k / 16) + k_step) * 4) as usize;
@@ -538,7 +668,7 @@ pub fn mma<'ctx>(
             } else {
                 (fragment_pair * 16 * b_tile.row_pitch() + k_step * 16) as i64
             };
-            let b_registers = kb.ldmatrix_x4(kb.byte_pointer(b_lane_base, kb.i32(offset * bytes))?, b_transposed_in_memory)?;
+            let b_registers = kb.ldmatrix_x4_at(b_lane_base, (offset * bytes) as i32, b_transposed_in_memory)?;
             for (half, b_fragment) in [[b_registers[0], b_registers[1]], [b_registers[2], b_registers[3]]].into_iter().enumerate() {
                 let fragment_n = fragment_pair * 2 + half as u32;
                 for (fragment_m, a_fragment) in a_fragments.iter().enumerate() {

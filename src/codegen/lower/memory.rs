@@ -1,0 +1,413 @@
+//! Global tensors and boxes (addresses, bounds, `valid` ranges), copies into shared tiles,
+//! per-thread loops over shared windows, and stores of register tiles.
+
+use inkwell::values::{FloatValue, IntValue, PointerValue};
+
+use super::super::tile::{ElementPair, SharedTile, for_each_accumulator_pair};
+use super::expr::ElementSite;
+use super::{Lowering, TileStorage, elem_of};
+use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
+use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, TileView};
+use crate::ir::size::SizeExpr;
+
+/// Loads one element and widens it to f32 (bf16 by moving its bits up, f16 by `cvt`).
+pub(super) fn load_as_f32<'ctx>(kb: &KernelBuilder<'_, 'ctx>, pointer: PointerValue<'ctx>, elem: Elem) -> Result<FloatValue<'ctx>> {
+    let builder = kb.builder();
+    let context = kb.context();
+    Ok(match elem {
+        Elem::F32 => kb.load_f32(pointer)?,
+        Elem::Bf16 => {
+            let bits = builder.build_load(context.i16_type(), pointer, "")?.into_int_value();
+            let wide = builder.build_int_z_extend(bits, context.i32_type(), "")?;
+            let shifted = builder.build_left_shift(wide, kb.i32(16), "")?;
+            builder.build_bit_cast(shifted, context.f32_type(), "")?.into_float_value()
+        }
+        Elem::F16 => {
+            let half = builder.build_load(context.f16_type(), pointer, "")?.into_float_value();
+            builder.build_float_ext(half, context.f32_type(), "")?
+        }
+    })
+}
+
+/// Rounds an f32 to `elem` (round to nearest even) and stores it.
+fn store_from_f32<'ctx>(kb: &KernelBuilder<'_, 'ctx>, pointer: PointerValue<'ctx>, elem: Elem, value: FloatValue<'ctx>) -> Result<()> {
+    match elem {
+        Elem::F32 => kb.store_f32(pointer, value),
+        half => kb.store_int(pointer, kb.round_half(half, value)?),
+    }
+}
+
+/// A tensor parameter for this call: base pointer, extents (i32) and row-major strides (i64).
+pub(super) struct Tensor<'ctx> {
+    pub(super) base: PointerValue<'ctx>,
+    pub(super) elem: Elem,
+    extents: Vec<IntValue<'ctx>>,
+    strides: Vec<IntValue<'ctx>>,
+    /// Innermost extent when it is a compile-time constant.
+    innermost_constant: Option<u64>,
+}
+
+impl<'ctx> Tensor<'ctx> {
+    /// Extents (i32), outermost first.
+    pub(super) fn extents(&self) -> &[IntValue<'ctx>] {
+        &self.extents
+    }
+
+    /// Address of the element at a full multi-index (i32 each, offset computed in i64).
+    pub(super) fn element(&self, kb: &KernelBuilder<'_, 'ctx>, index: &[IntValue<'ctx>]) -> Result<PointerValue<'ctx>> {
+        if index.len() != self.strides.len() {
+            return unsupported(format!("{} indices into a tensor of rank {}", index.len(), self.strides.len()));
+        }
+        let builder = kb.builder();
+        let mut offset = kb.context().i64_type().const_zero();
+        for (i, stride) in index.iter().zip(&self.strides) {
+            let wide = builder.build_int_s_extend(*i, kb.context().i64_type(), "")?;
+            offset = builder.build_int_add(offset, builder.build_int_mul(wide, *stride, "")?, "")?;
+        }
+        kb.element_pointer(self.base, self.elem, offset)
+    }
+}
+
+/// One span of a global box: element `i` of the axis is tensor index `start + i`.
+struct BoxAxis<'ctx> {
+    start: IntValue<'ctx>,
+    extent: IntValue<'ctx>,
+    stride: IntValue<'ctx>,
+    valid: Option<(IntValue<'ctx>, IntValue<'ctx>)>,
+    /// The tensor's innermost dimension (stride 1).
+    innermost: bool,
+    /// The start when it is a compile-time constant.
+    constant_start: Option<i64>,
+    /// Every index of the span is known at compile time to be inside the tensor (a constant
+    /// start, a constant extent, no valid range): no checks are emitted.
+    always_inside: bool,
+}
+
+impl<'ctx> BoxAxis<'ctx> {
+    /// Whether tensor index `start + offset` is inside the tensor and the valid range (i1).
+    fn inside(&self, kb: &KernelBuilder<'_, 'ctx>, offset: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+        if self.always_inside {
+            return Ok(kb.context().bool_type().const_all_ones());
+        }
+        let index = kb.add(self.start, offset)?;
+        let mut inside = kb.and(kb.le(kb.i32(0), index)?, kb.lt(index, self.extent)?)?;
+        if let Some((low, high)) = self.valid {
+            inside = kb.and(inside, kb.and(kb.le(low, index)?, kb.lt(index, high)?)?)?;
+        }
+        Ok(inside)
+    }
+
+    fn offset(&self, kb: &KernelBuilder<'_, 'ctx>, offset: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+        let index = kb.builder().build_int_s_extend(kb.add(self.start, offset)?, kb.context().i64_type(), "")?;
+        Ok(kb.builder().build_int_mul(index, self.stride, "")?)
+    }
+}
+
+/// A box of a global tensor seen as a rows × cols tile (a missing column span is one column).
+pub(super) struct GlobalBox<'ctx> {
+    tensor: Tensor<'ctx>,
+    /// Offset (i64 elements) of the fixed (`At`) indices.
+    fixed: IntValue<'ctx>,
+    rows: BoxAxis<'ctx>,
+    cols: Option<BoxAxis<'ctx>>,
+    pub(super) shape: (u32, u32),
+}
+
+impl<'ctx> GlobalBox<'ctx> {
+    /// Whether box element (row, col) exists and may be read or written (i1).
+    fn inside(&self, kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+        let row_inside = self.rows.inside(kb, row)?;
+        match &self.cols {
+            Some(cols) => kb.and(row_inside, cols.inside(kb, col)?),
+            None => Ok(row_inside),
+        }
+    }
+
+    fn pointer(&self, kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>) -> Result<PointerValue<'ctx>> {
+        let builder = kb.builder();
+        let mut offset = builder.build_int_add(self.fixed, self.rows.offset(kb, row)?, "")?;
+        if let Some(cols) = &self.cols {
+            offset = builder.build_int_add(offset, cols.offset(kb, col)?, "")?;
+        }
+        kb.element_pointer(self.tensor.base, self.tensor.elem, offset)
+    }
+
+    /// Elements along the columns that are consecutive in memory and start at a multiple of
+    /// `elems` (as far as can be proven here; runtime starts are the verifier's promise).
+    fn columns_contiguous_in(&self, elems: u64) -> bool {
+        match &self.cols {
+            Some(cols) => {
+                cols.innermost
+                    && self.tensor.innermost_constant.is_some_and(|extent| extent.is_multiple_of(elems))
+                    && cols.constant_start.is_none_or(|start| start.rem_euclid(elems as i64) == 0)
+            }
+            None => false,
+        }
+    }
+}
+
+impl<'k, 'ctx> Lowering<'k, 'ctx> {
+    fn size_value(&self, kb: &KernelBuilder<'_, 'ctx>, size: &SizeExpr) -> Result<IntValue<'ctx>> {
+        Ok(match size {
+            SizeExpr::Const(value) => {
+                let value = i32::try_from(*value)
+                    .map_err(|_| CodegenError::Unsupported(format!("size {value} does not fit in i32")))?;
+                kb.i32(value as i64)
+            }
+            SizeExpr::Var(var) => kb.size_param(var.symbol())?,
+            SizeExpr::Add(a, b) => kb.add(self.size_value(kb, a)?, self.size_value(kb, b)?)?,
+            SizeExpr::Mul(a, b) => kb.mul(self.size_value(kb, a)?, self.size_value(kb, b)?)?,
+            SizeExpr::CeilDiv(a, divisor) => {
+                let divisor = u32::try_from(*divisor)
+                    .map_err(|_| CodegenError::Unsupported(format!("divisor {divisor} does not fit in i32")))?;
+                kb.ceil_div(self.size_value(kb, a)?, divisor)?
+            }
+        })
+    }
+
+    pub(super) fn tensor(&self, kb: &KernelBuilder<'_, 'ctx>, param: &str) -> Result<Tensor<'ctx>> {
+        let Some(KernelParam::Tensor { elem, shape, .. }) = self.kernel.param(param) else {
+            return unsupported(format!("`{param}` is not a tensor parameter of `{}`", self.kernel.name));
+        };
+        let extents = shape.iter().map(|size| self.size_value(kb, size)).collect::<Result<Vec<_>>>()?;
+        let i64_type = kb.context().i64_type();
+        let mut strides = vec![i64_type.const_int(1, false); extents.len()];
+        for dim in (0..extents.len().saturating_sub(1)).rev() {
+            let inner = kb.builder().build_int_z_extend(extents[dim + 1], i64_type, "")?;
+            strides[dim] = kb.builder().build_int_mul(strides[dim + 1], inner, "")?;
+        }
+        let innermost_constant = match shape.last() {
+            Some(SizeExpr::Const(value)) => Some(*value),
+            _ => None,
+        };
+        Ok(Tensor { base: kb.pointer_param(param)?, elem: elem_of(*elem), extents, strides, innermost_constant })
+    }
+
+    fn global_box(&self, kb: &KernelBuilder<'_, 'ctx>, tile: &GlobalTile) -> Result<GlobalBox<'ctx>> {
+        let tensor = self.tensor(kb, &tile.param)?;
+        if tile.dims.len() != tensor.extents.len() {
+            return unsupported(format!("box of rank {} in tensor `{}` of rank {}", tile.dims.len(), tile.param, tensor.extents.len()));
+        }
+        let constant_extent = |param: &str, dim: usize| match self.kernel.param(param) {
+            Some(KernelParam::Tensor { shape, .. }) => match shape.get(dim) {
+                Some(SizeExpr::Const(extent)) => Some(*extent),
+                _ => None,
+            },
+            _ => None,
+        };
+        let shape = tile
+            .box_shape()
+            .ok_or_else(|| CodegenError::Unsupported(format!("box of `{}` without one or two spans", tile.param)))?;
+        let builder = kb.builder();
+        let mut fixed = kb.context().i64_type().const_zero();
+        let mut axes = Vec::with_capacity(2);
+        let last = tile.dims.len() - 1;
+        for (dim, global_dim) in tile.dims.iter().enumerate() {
+            match global_dim {
+                GlobalDim::At(index) => {
+                    let index = self.eval(kb, index, &ElementSite::None)?.int()?;
+                    let wide = builder.build_int_s_extend(index, kb.context().i64_type(), "")?;
+                    fixed = builder.build_int_add(fixed, builder.build_int_mul(wide, tensor.strides[dim], "")?, "")?;
+                }
+                GlobalDim::Span { start, len, valid } => {
+                    let valid = match valid {
+                        Some((low, high)) => Some((
+                            self.eval(kb, low, &ElementSite::None)?.int()?,
+                            self.eval(kb, high, &ElementSite::None)?.int()?,
+                        )),
+                        None => None,
+                    };
+                    let constant_start = match start {
+                        Expr::Int(value) => Some(*value),
+                        _ => None,
+                    };
+                    let always_inside = match (constant_start, valid, constant_extent(&tile.param, dim)) {
+                        (Some(first), None, Some(extent)) => first >= 0 && first + *len as i64 <= extent as i64,
+                        _ => false,
+                    };
+                    axes.push(BoxAxis {
+                        start: self.eval(kb, start, &ElementSite::None)?.int()?,
+                        extent: tensor.extents[dim],
+                        stride: tensor.strides[dim],
+                        valid,
+                        innermost: dim == last,
+                        constant_start,
+                        always_inside,
+                    });
+                }
+            }
+        }
+        let mut axes = axes.into_iter();
+        let rows = axes.next().ok_or_else(|| CodegenError::Unsupported(format!("box of `{}` without a span", tile.param)))?;
+        Ok(GlobalBox { tensor, fixed, rows, cols: axes.next(), shape })
+    }
+
+    /// Runs `body(kb, row, col)` for every element of a `rows × cols` window, spread over the
+    /// block's threads: element `i · threads + thread` in round `i`.
+    fn for_each_window_element(
+        &self,
+        kb: &KernelBuilder<'_, 'ctx>,
+        rows: u32,
+        cols: u32,
+        mut body: impl FnMut(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<()>,
+    ) -> Result<()> {
+        let threads = self.kernel.threads();
+        let count = rows * cols;
+        let rounds = count.div_ceil(threads);
+        let thread = kb.thread_index()?;
+        // Kept rolled: fully unrolled, the rounds' loads and addresses all stay live at once
+        // next to the accumulators (the strided conv-weight copies spilled that way).
+        kb.for_range_rolled(kb.i32(0), kb.i32(rounds as i64), |kb, round| {
+            let index = kb.add(kb.mul(round, kb.i32(threads as i64))?, thread)?;
+            let row = kb.div(index, kb.i32(cols as i64))?;
+            let col = kb.rem(index, kb.i32(cols as i64))?;
+            if count.is_multiple_of(threads) {
+                body(kb, row, col)
+            } else {
+                let inside = kb.lt(index, kb.i32(count as i64))?;
+                kb.if_then(inside, |kb| body(kb, row, col))
+            }
+        })
+    }
+
+    /// `Map`/`Fill` over a shared window: each thread takes every `threads`-th element.
+    pub(super) fn map_shared(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, expr: &Expr) -> Result<()> {
+        let window = self.shared_window(kb, dst)?;
+        let pitch = kb.i32(window.row_pitch() as i64);
+        self.for_each_window_element(kb, window.rows, window.cols, |kb, row, col| {
+            let pointer = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
+            let old = load_as_f32(kb, pointer, window.elem)?;
+            let value = self.eval(kb, expr, &ElementSite::Shared { row, col, value: old })?.float()?;
+            store_from_f32(kb, pointer, window.elem, value)
+        })
+    }
+
+    /// `Copy`: cp.async in 16-byte chunks when the box allows it, else element by element.
+    pub(super) fn copy(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, src: &GlobalTile, is_async: bool) -> Result<()> {
+        if !matches!(self.tiles[dst.tile.0], TileStorage::Shared { .. }) {
+            return unsupported(format!("copy into register tile %{}", self.tile_name(dst.tile)));
+        }
+        let window = self.shared_window(kb, dst)?;
+        let global = self.global_box(kb, src)?;
+        if global.shape != (window.rows, window.cols) {
+            return unsupported(format!(
+                "copy of a {:?} box of `{}` into a {}×{} window",
+                global.shape, src.param, window.rows, window.cols
+            ));
+        }
+        let chunk_elems = 16 / window.elem.bytes();
+        let chunkable = is_async
+            && global.tensor.elem == window.elem
+            && window.cols.is_multiple_of(chunk_elems)
+            && (window.row_pitch() * window.elem.bytes()).is_multiple_of(16)
+            && matches!(dst.col0, Expr::Int(c) if (c as u64).is_multiple_of(chunk_elems as u64))
+            && global.columns_contiguous_in(chunk_elems as u64);
+        if chunkable {
+            self.copy_chunks_async(kb, &window, &global)
+        } else {
+            self.copy_elements(kb, &window, &global)
+        }
+    }
+
+    fn copy_chunks_async(&self, kb: &KernelBuilder<'_, 'ctx>, window: &SharedTile<'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
+        let chunk_elems = 16 / window.elem.bytes();
+        let chunks_per_row = window.cols / chunk_elems;
+        let chunks = window.rows * chunks_per_row;
+        let threads = self.kernel.threads();
+        let thread = kb.thread_index()?;
+        let cols = global.cols.as_ref().ok_or_else(|| CodegenError::Llvm("chunked copy without columns".into()))?;
+        for round in 0..chunks.div_ceil(threads) {
+            let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
+            let issue = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+                let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
+                let col = kb.mul(kb.rem(chunk, kb.i32(chunks_per_row as i64))?, kb.i32(chunk_elems as i64))?;
+                let last_col = kb.add(col, kb.i32(chunk_elems as i64 - 1))?;
+                // A chunk is read only if all of it is inside; otherwise it is zero-filled.
+                let inside = kb.and(global.rows.inside(kb, row)?, kb.and(cols.inside(kb, col)?, cols.inside(kb, last_col)?)?)?;
+                let source = global.pointer(kb, row, col)?;
+                // Out of bounds, point at the tensor's first element so no stray address is formed.
+                let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
+                let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
+                let shared_offset = kb.add(kb.mul(row, kb.i32(window.row_pitch() as i64))?, col)?;
+                kb.cp_async_16(kb.element_pointer(window.base, window.elem, shared_offset)?, source, bytes)
+            };
+            if (round + 1) * threads <= chunks {
+                issue(kb)?;
+            } else {
+                kb.if_then(kb.lt(chunk, kb.i32(chunks as i64))?, issue)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Element-wise copy (strided boxes, 1-column boxes, conversions): outside elements read 0.
+    fn copy_elements(&self, kb: &KernelBuilder<'_, 'ctx>, window: &SharedTile<'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
+        let pitch = kb.i32(window.row_pitch() as i64);
+        self.for_each_window_element(kb, window.rows, window.cols, |kb, row, col| {
+            let inside = global.inside(kb, row, col)?;
+            let source = global.pointer(kb, row, col)?;
+            // The load always happens, from the tensor's first element when outside.
+            let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
+            let target = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
+            if global.tensor.elem == window.elem && window.elem != Elem::F32 {
+                let bits = kb.builder().build_load(kb.context().i16_type(), source, "")?.into_int_value();
+                let zero = kb.context().i16_type().const_zero();
+                kb.store_int(target, kb.select_int(inside, bits, zero)?)
+            } else {
+                let value = load_as_f32(kb, source, global.tensor.elem)?;
+                store_from_f32(kb, target, window.elem, kb.select_f32(inside, value, kb.f32(0.0))?)
+            }
+        })
+    }
+
+    /// `Store` of a register tile: every element inside the box (tensor bounds, `valid`) is
+    /// rounded to the tensor's type and written by the thread that holds it.
+    pub(super) fn store(&self, kb: &KernelBuilder<'_, 'ctx>, src: &TileView, dst: &GlobalTile) -> Result<()> {
+        self.whole_register_tile(src)?;
+        let global = self.global_box(kb, dst)?;
+        let ty = &self.kernel.tile(src.tile).ty;
+        if global.shape != (ty.rows, ty.cols) {
+            return unsupported(format!("store of a {}×{} tile into a {:?} box of `{}`", ty.rows, ty.cols, global.shape, dst.param));
+        }
+        let elem = global.tensor.elem;
+        match &self.tiles[src.tile.0] {
+            TileStorage::Accumulator(acc) => {
+                let paired = elem != Elem::F32 && global.columns_contiguous_in(2);
+                for_each_accumulator_pair(kb, acc, |kb, pair| store_pair(kb, &global, pair, paired))
+            }
+            TileStorage::Rows(rows) => {
+                let owner = rows.is_row_owner(kb)?;
+                for slot in 0..rows.slot_count() {
+                    let row = rows.row_of_slot(kb, slot)?;
+                    let col = kb.i32(0);
+                    let store = kb.and(owner, global.inside(kb, row, col)?)?;
+                    let value = rows.get(kb, slot)?;
+                    kb.if_then(store, |kb| store_from_f32(kb, global.pointer(kb, row, col)?, elem, value))?;
+                }
+                Ok(())
+            }
+            _ => unsupported(format!("store from %{}: only accumulators and row vectors are stored", self.tile_name(src.tile))),
+        }
+    }
+}
+
+fn store_pair<'ctx>(kb: &KernelBuilder<'_, 'ctx>, global: &GlobalBox<'ctx>, pair: &ElementPair<'ctx>, paired: bool) -> Result<()> {
+    let elem = global.tensor.elem;
+    let high_col = kb.add(pair.col, kb.i32(1))?;
+    let low_inside = global.inside(kb, pair.row, pair.col)?;
+    let high_inside = global.inside(kb, pair.row, high_col)?;
+    let one_by_one = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        kb.if_then(low_inside, |kb| store_from_f32(kb, global.pointer(kb, pair.row, pair.col)?, elem, pair.low))?;
+        kb.if_then(high_inside, |kb| store_from_f32(kb, global.pointer(kb, pair.row, high_col)?, elem, pair.high))
+    };
+    if paired {
+        let both = kb.and(low_inside, high_inside)?;
+        kb.if_else(
+            both,
+            |kb| kb.store_int(global.pointer(kb, pair.row, pair.col)?, kb.pack_half2(elem, pair.low, pair.high)?),
+            one_by_one,
+        )
+    } else {
+        one_by_one(kb)
+    }
+}

@@ -1,0 +1,398 @@
+//! Kernel IR → LLVM IR → PTX: each verified [`KernelFn`] becomes one `.entry`, each statement
+//! one of the tile emitters of [`super::tile`] or a per-thread loop.
+//!
+//! Mapping (statement → emitter):
+//! - register tiles: `MmaAccumulator` → [`AccumulatorTile`], `RowVector` → [`RowVector`],
+//!   `MmaOperandA` → [`OperandAFragments`] (made by the `Convert` that fills it);
+//! - shared tiles (`RowMajor { pad }`) live in ONE dynamic shared allocation, each at a
+//!   128-byte aligned offset, and are seen as [`SharedTile`] windows for mma;
+//! - `Copy` (async, whole 16-byte chunks along the innermost dimension) → `cp.async` per chunk
+//!   with the box's predicates (negative row starts, `valid` ranges, tensor ends) zero-filling;
+//!   any other copy → a per-element loop over the box (predicated loads, conversion);
+//! - `Mma` → [`tile::mma`] (A shared or registers, B `NByK`/`KByN`, runtime view offsets);
+//! - `Map`/`Fill` over register tiles → [`map_accumulator`] / [`RowVector::map`] with the
+//!   expression compiler of [`expr`]; over shared tiles → a strided per-thread loop;
+//! - `RowReduce` → [`row_reduce_with`]; `Convert` → [`convert_to_operand_a`] or
+//!   [`store_accumulator_to_shared`]; `Store` → per-element predicated stores (paired 16-bit
+//!   stores where the box allows);
+//! - `For`/`If`/`Let` → structured LLVM control flow; `Barrier`/`AsyncCommit`/`AsyncWait` →
+//!   `bar.sync` / `cp.async.commit_group` / `cp.async.wait_group`.
+//!
+//! Register pressure is what decides whether a kernel runs (ptxas spills otherwise), so:
+//! loops around barriers/mma and the per-thread window loops stay rolled; `select` evaluates
+//! both arms without a branch, with the loads of its arms clamped into range (the kernel IR's
+//! "only the chosen arm" promise holds for every value that is used); the thread index is read
+//! per use so that lane offsets are not shared, and kept live, across the whole kernel; and the
+//! entry carries `.maxntid` with `.minnctapersm 1` so ptxas may use all 255 registers.
+
+mod expr;
+mod memory;
+
+use inkwell::attributes::AttributeLoc;
+use inkwell::context::Context;
+use inkwell::values::PointerValue;
+
+use super::tile::{
+    AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector,
+    SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
+};
+use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
+use crate::ir::kernel::{
+    ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, Stmt, TileId, TileView,
+};
+use expr::{ElementSite, Value};
+
+/// Every tile starts at a multiple of this many bytes of the dynamic shared allocation.
+const SHARED_TILE_ALIGNMENT: u32 = 128;
+
+/// What the runtime needs to launch one lowered kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoweredKernel {
+    /// The `.entry` name (the kernel's `name`).
+    pub symbol: String,
+    pub threads: u32,
+    /// Above 48 KiB the runtime raises the kernel's dynamic shared memory limit first.
+    pub dynamic_shared_bytes: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoweredModule {
+    /// The module after LLVM's O3 pipeline (what `--emit llvm` prints).
+    pub llvm_ir: String,
+    pub ptx: String,
+    /// In the order of the input kernels.
+    pub kernels: Vec<LoweredKernel>,
+}
+
+/// Lowers `kernels` into one PTX module named `module_name`. Each kernel is verified first; a
+/// kernel that does not verify, or uses a construct the emitters cannot lower, is an error.
+pub fn lower_kernels(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredModule> {
+    let context = Context::create();
+    let module = PtxModule::new(&context, module_name)?;
+    let mut lowered = Vec::with_capacity(kernels.len());
+    for kernel in kernels {
+        kernel.verify().map_err(|errors| {
+            CodegenError::Unsupported(format!("kernel `{}` does not verify:\n  {}", kernel.name, errors.join("\n  ")))
+        })?;
+        lowered.push(lower_kernel(&module, kernel)?);
+    }
+    let (llvm_ir, ptx) = module.optimized_ir_and_ptx()?;
+    Ok(LoweredModule { llvm_ir, ptx, kernels: lowered })
+}
+
+/// Storage of one tile while its kernel is being emitted.
+enum TileStorage<'ctx> {
+    /// At `offset` bytes into the dynamic shared allocation.
+    Shared { offset: u32 },
+    Accumulator(AccumulatorTile<'ctx>),
+    Rows(RowVector<'ctx>),
+    /// Filled by a `Convert`; the verifier makes sure none is read before.
+    OperandA(Option<OperandAFragments<'ctx>>),
+}
+
+fn elem_of(elem: ElemType) -> Elem {
+    match elem {
+        ElemType::F32 => Elem::F32,
+        ElemType::Bf16 => Elem::Bf16,
+        ElemType::F16 => Elem::F16,
+    }
+}
+
+fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<LoweredKernel> {
+    let params: Vec<ParamKind> = kernel
+        .params
+        .iter()
+        .map(|param| match param {
+            KernelParam::Tensor { name, .. } => ParamKind::GlobalPointer(name.clone()),
+            KernelParam::Size(var) => ParamKind::Size(var.symbol().to_string()),
+        })
+        .collect();
+
+    // Shared tiles: one allocation, 128-byte aligned offsets in declaration order.
+    let mut offsets = Vec::with_capacity(kernel.tiles.len());
+    let mut shared_bytes: u32 = 0;
+    for decl in &kernel.tiles {
+        if decl.ty.space() == crate::ir::kernel::Space::Shared {
+            let offset = shared_bytes.next_multiple_of(SHARED_TILE_ALIGNMENT);
+            offsets.push(Some(offset));
+            shared_bytes = offset + decl.ty.shared_bytes() as u32;
+        } else {
+            offsets.push(None);
+        }
+    }
+    if shared_bytes as usize > SHARED_MEMORY_LIMIT_BYTES {
+        return unsupported(format!(
+            "kernel `{}` needs {shared_bytes} bytes of shared memory with 128-byte aligned tiles (limit {SHARED_MEMORY_LIMIT_BYTES})",
+            kernel.name
+        ));
+    }
+    let shared_base = if shared_bytes > 0 {
+        let name = format!("{}_shared", kernel.name);
+        let base = module.dynamic_shared(&name);
+        if let Some(global) = module_global(module, &name) {
+            global.set_alignment(SHARED_TILE_ALIGNMENT);
+        }
+        Some(base)
+    } else {
+        None
+    };
+
+    let kb = module.declare_kernel(&kernel.name, &params)?;
+    kb.read_thread_index_per_use();
+    // The block size, and one resident CTA per SM as the only occupancy goal: with .maxntid
+    // alone ptxas caps registers to fit more CTAs and spills instead.
+    for (name, value) in [("nvvm.maxntid", kernel.threads()), ("nvvm.minctasm", 1)] {
+        let attribute = kb.context().create_string_attribute(name, &value.to_string());
+        kb.function().add_attribute(AttributeLoc::Function, attribute);
+    }
+
+    let mut tiles = Vec::with_capacity(kernel.tiles.len());
+    for (decl, offset) in kernel.tiles.iter().zip(&offsets) {
+        let ty = &decl.ty;
+        tiles.push(match (ty.layout, offset) {
+            (Layout::RowMajor { .. }, Some(offset)) => TileStorage::Shared { offset: *offset },
+            (Layout::MmaAccumulator { warps_m, warps_n }, _) => {
+                if ty.elem != ElemType::F32 {
+                    return unsupported(format!("accumulator %{} is {}, not f32", decl.name, ty.elem.name()));
+                }
+                let shape = AccumulatorShape { rows: ty.rows, cols: ty.cols, layout: MmaAccumulator { warps_m, warps_n } };
+                TileStorage::Accumulator(AccumulatorTile::new(&kb, shape)?)
+            }
+            (Layout::RowVector { warps_m, warps_n }, _) => {
+                let shape = AccumulatorShape { rows: ty.rows, cols: 8 * warps_n, layout: MmaAccumulator { warps_m, warps_n } };
+                TileStorage::Rows(RowVector::new(&kb, shape)?)
+            }
+            (Layout::MmaOperandA { .. }, _) => TileStorage::OperandA(None),
+            (Layout::RowMajor { .. }, None) => return unsupported(format!("shared tile %{} without an offset", decl.name)),
+        });
+    }
+
+    let mut lowering = Lowering { kernel, shared_base, tiles, scope: Vec::new() };
+    lowering.block(&kb, &kernel.body)?;
+    kb.finish()?;
+    Ok(LoweredKernel { symbol: kernel.name.clone(), threads: kernel.threads(), dynamic_shared_bytes: shared_bytes })
+}
+
+/// Whether a statement (or one nested in it) waits at a barrier or multiplies tiles.
+fn synchronizes(stmt: &Stmt) -> bool {
+    match stmt {
+        Stmt::Barrier | Stmt::Mma { .. } | Stmt::AsyncWait { .. } => true,
+        Stmt::For { body, .. } => body.iter().any(synchronizes),
+        Stmt::If { then_body, else_body, .. } => then_body.iter().chain(else_body).any(synchronizes),
+        _ => false,
+    }
+}
+
+fn module_global<'ctx>(module: &PtxModule<'ctx>, name: &str) -> Option<inkwell::values::GlobalValue<'ctx>> {
+    module.module.get_global(name)
+}
+
+/// The state of one kernel's lowering: tiles, and the loop variables and lets in scope.
+struct Lowering<'k, 'ctx> {
+    kernel: &'k KernelFn,
+    shared_base: Option<PointerValue<'ctx>>,
+    tiles: Vec<TileStorage<'ctx>>,
+    scope: Vec<(String, Value<'ctx>)>,
+}
+
+impl<'k, 'ctx> Lowering<'k, 'ctx> {
+    fn block(&mut self, kb: &KernelBuilder<'_, 'ctx>, body: &[Stmt]) -> Result<()> {
+        let depth = self.scope.len();
+        for stmt in body {
+            self.stmt(kb, stmt)?;
+        }
+        self.scope.truncate(depth);
+        Ok(())
+    }
+
+    fn tile_name(&self, tile: TileId) -> &str {
+        &self.kernel.tile(tile).name
+    }
+
+    fn stmt(&mut self, kb: &KernelBuilder<'_, 'ctx>, stmt: &Stmt) -> Result<()> {
+        match stmt {
+            Stmt::Let { var, value } => {
+                let value = self.eval(kb, value, &ElementSite::None)?;
+                self.scope.push((var.clone(), value));
+            }
+            Stmt::For { var, start, end, body } => {
+                let start = self.eval(kb, start, &ElementSite::None)?.int()?;
+                let end = self.eval(kb, end, &ElementSite::None)?.int()?;
+                let loop_body = |kb: &KernelBuilder<'_, 'ctx>, index| {
+                    self.scope.push((var.clone(), Value::Int(index)));
+                    self.block(kb, body)?;
+                    self.scope.pop();
+                    Ok(())
+                };
+                // Unrolled copies of loops around barriers and mma only add register pressure.
+                if body.iter().any(synchronizes) {
+                    kb.for_range_rolled(start, end, loop_body)?;
+                } else {
+                    kb.for_range(start, end, loop_body)?;
+                }
+            }
+            Stmt::If { cond, then_body, else_body } => {
+                let cond = self.eval(kb, cond, &ElementSite::None)?.bool()?;
+                // Both closures need the lowering state; they run one after the other.
+                let this = std::cell::RefCell::new(&mut *self);
+                kb.if_else(cond, |kb| this.borrow_mut().block(kb, then_body), |kb| this.borrow_mut().block(kb, else_body))?;
+            }
+            Stmt::Copy { dst, src, is_async } => self.copy(kb, dst, src, *is_async)?,
+            Stmt::AsyncCommit => kb.cp_async_commit()?,
+            Stmt::AsyncWait { pending } => kb.cp_async_wait(*pending)?,
+            Stmt::Barrier => kb.barrier()?,
+            Stmt::Fill { dst, value } => self.fill(kb, dst, *value)?,
+            Stmt::Mma { acc, a, b, b_transposed } => self.mma(kb, acc, a, b, *b_transposed)?,
+            Stmt::Convert { dst, src } => self.convert(kb, dst, src)?,
+            Stmt::Map { dst, expr } => self.map(kb, dst, expr)?,
+            Stmt::RowReduce { dst, src, op, value } => self.row_reduce(kb, *dst, src, *op, value)?,
+            Stmt::Store { src, dst } => self.store(kb, src, dst)?,
+            Stmt::Note(_) => {}
+        }
+        Ok(())
+    }
+
+    fn accumulator(&self, tile: TileId) -> Result<&AccumulatorTile<'ctx>> {
+        match &self.tiles[tile.0] {
+            TileStorage::Accumulator(acc) => Ok(acc),
+            _ => unsupported(format!("%{} is not an accumulator tile", self.tile_name(tile))),
+        }
+    }
+
+    fn row_vector(&self, tile: TileId) -> Result<&RowVector<'ctx>> {
+        match &self.tiles[tile.0] {
+            TileStorage::Rows(rows) => Ok(rows),
+            _ => unsupported(format!("%{} is not a row vector", self.tile_name(tile))),
+        }
+    }
+
+    /// A register tile must be used whole (the verifier's rule; checked again because the
+    /// emitters have no notion of a register window).
+    fn whole_register_tile(&self, view: &TileView) -> Result<()> {
+        if view.is_whole(&self.kernel.tile(view.tile).ty) {
+            Ok(())
+        } else {
+            unsupported(format!("a window of register tile %{}", self.tile_name(view.tile)))
+        }
+    }
+
+    /// The shared window `view` as a [`SharedTile`] whose base is its first element.
+    fn shared_window(&self, kb: &KernelBuilder<'_, 'ctx>, view: &TileView) -> Result<SharedTile<'ctx>> {
+        let decl = self.kernel.tile(view.tile);
+        let (TileStorage::Shared { offset }, Layout::RowMajor { pad }) = (&self.tiles[view.tile.0], decl.ty.layout) else {
+            return unsupported(format!("%{} is not a shared tile", decl.name));
+        };
+        let base = self.shared_tile_base(kb, *offset)?;
+        let elem = elem_of(decl.ty.elem);
+        let pitch = decl.ty.cols + pad;
+        let row0 = self.eval(kb, &view.row0, &ElementSite::None)?.int()?;
+        let col0 = self.eval(kb, &view.col0, &ElementSite::None)?.int()?;
+        let first = kb.add(kb.mul(row0, kb.i32(pitch as i64))?, col0)?;
+        Ok(SharedTile {
+            base: kb.element_pointer(base, elem, first)?,
+            elem,
+            rows: view.rows,
+            cols: view.cols,
+            layout: SharedLayout::RowMajor { pad_elems: pitch - view.cols },
+        })
+    }
+
+    fn shared_tile_base(&self, kb: &KernelBuilder<'_, 'ctx>, offset: u32) -> Result<PointerValue<'ctx>> {
+        let base = self.shared_base.ok_or_else(|| CodegenError::Llvm("shared tile without shared memory".into()))?;
+        kb.byte_pointer(base, kb.i32(offset as i64))
+    }
+
+    fn fill(&mut self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, value: f64) -> Result<()> {
+        match &self.tiles[dst.tile.0] {
+            TileStorage::Accumulator(acc) => {
+                self.whole_register_tile(dst)?;
+                acc.fill(kb, value)
+            }
+            TileStorage::Rows(rows) => {
+                self.whole_register_tile(dst)?;
+                rows.fill(kb, value)
+            }
+            TileStorage::Shared { .. } => self.map_shared(kb, dst, &Expr::Float(value)),
+            TileStorage::OperandA(_) => unsupported(format!("fill of operand fragments %{}", self.tile_name(dst.tile))),
+        }
+    }
+
+    fn mma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
+        self.whole_register_tile(acc)?;
+        let accumulator = self.accumulator(acc.tile)?;
+        let b_tile = self.shared_window(kb, b)?;
+        let b_operand = if b_transposed { OperandB::NByK(&b_tile) } else { OperandB::KByN(&b_tile) };
+        match &self.tiles[a.tile.0] {
+            TileStorage::Shared { .. } => {
+                let a_tile = self.shared_window(kb, a)?;
+                mma(kb, accumulator, OperandA::Shared(&a_tile), b_operand)
+            }
+            TileStorage::OperandA(Some(fragments)) => {
+                self.whole_register_tile(a)?;
+                mma(kb, accumulator, OperandA::Registers(fragments), b_operand)
+            }
+            TileStorage::OperandA(None) => {
+                unsupported(format!("mma reads operand fragments %{} before a convert fills them", self.tile_name(a.tile)))
+            }
+            _ => unsupported(format!("mma A operand %{} is neither shared nor operand fragments", self.tile_name(a.tile))),
+        }
+    }
+
+    fn convert(&mut self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, src: &TileView) -> Result<()> {
+        self.whole_register_tile(src)?;
+        let dst_decl = self.kernel.tile(dst.tile);
+        match &self.tiles[dst.tile.0] {
+            TileStorage::OperandA(_) => {
+                self.whole_register_tile(dst)?;
+                let fragments = convert_to_operand_a(kb, self.accumulator(src.tile)?, elem_of(dst_decl.ty.elem))?;
+                self.tiles[dst.tile.0] = TileStorage::OperandA(Some(fragments));
+                Ok(())
+            }
+            TileStorage::Shared { .. } => {
+                let window = self.shared_window(kb, dst)?;
+                // Packed 32-bit stores need every pair on a 4-byte boundary.
+                let even_col0 = matches!(dst.col0, Expr::Int(c) if c % 2 == 0);
+                let pairs_aligned = even_col0 && window.row_pitch().is_multiple_of(2);
+                store_accumulator_to_shared(kb, self.accumulator(src.tile)?, &window, pairs_aligned)
+            }
+            _ => unsupported(format!(
+                "convert %{} <- %{}: only accumulator → operand fragments or → shared tile",
+                dst_decl.name,
+                self.tile_name(src.tile)
+            )),
+        }
+    }
+
+    fn map(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, expr: &Expr) -> Result<()> {
+        match &self.tiles[dst.tile.0] {
+            TileStorage::Accumulator(acc) => {
+                self.whole_register_tile(dst)?;
+                map_accumulator(kb, acc, |kb, position, value| {
+                    let site = ElementSite::Accumulator { tile: dst.tile, position: *position, value };
+                    self.eval(kb, expr, &site)?.float()
+                })
+            }
+            TileStorage::Rows(rows) => {
+                self.whole_register_tile(dst)?;
+                rows.map(kb, |kb, slot, value| {
+                    let site = ElementSite::Row { row: rows.row_of_slot(kb, slot)?, row_slot: slot, value };
+                    self.eval(kb, expr, &site)?.float()
+                })
+            }
+            TileStorage::Shared { .. } => self.map_shared(kb, dst, expr),
+            TileStorage::OperandA(_) => unsupported(format!("map over operand fragments %{}", self.tile_name(dst.tile))),
+        }
+    }
+
+    fn row_reduce(&self, kb: &KernelBuilder<'_, 'ctx>, dst: TileId, src: &TileView, op: ReduceOp, value: &Expr) -> Result<()> {
+        self.whole_register_tile(src)?;
+        let op = match op {
+            ReduceOp::Max => RowReduction::Max,
+            ReduceOp::Sum => RowReduction::Sum,
+        };
+        row_reduce_with(kb, self.accumulator(src.tile)?, op, self.row_vector(dst)?, |kb, position, element| {
+            let site = ElementSite::Accumulator { tile: src.tile, position: *position, value: element };
+            self.eval(kb, value, &site)?.float()
+        })
+    }
+}
