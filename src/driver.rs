@@ -161,3 +161,125 @@ pub fn entry_point_manifest(
     }
     Ok(EntryPointManifest { entry, kernels: kernel_manifests, buffers })
 }
+
+/// A compiled kernel library: what `ccc compile` writes into DIR/NAME/.
+#[cfg(feature = "llvm")]
+#[derive(Clone, Debug)]
+pub struct Library {
+    pub manifest: Manifest,
+    pub ptx: String,
+}
+
+#[cfg(feature = "llvm")]
+#[derive(Clone, Debug, Default)]
+pub struct CompileOptions {
+    /// Where compiled PTX is cached; `None` compiles every time.
+    pub cache: Option<crate::codegen::cache::PtxCache>,
+    /// Assemble the PTX with ptxas and record registers, shared memory and spills per kernel in
+    /// the manifest; a kernel that spills is an error.
+    pub ptxas: bool,
+}
+
+/// LLVM IR and PTX of every kernel of `spec` (what `--emit llvm` and `--emit ptx` print).
+#[cfg(feature = "llvm")]
+pub fn lowered(spec: &AttentionSpec) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
+    let kernels = kernels(spec)?;
+    crate::codegen::lower::lower_kernels(&spec.name, &kernels).map_err(|e| error(spec, "codegen", e))
+}
+
+/// Identifies this build of the compiler in cache keys, so that a rebuilt compiler never reads
+/// PTX an older build wrote under the same version number.
+#[cfg(feature = "llvm")]
+fn build_fingerprint() -> String {
+    let executable = std::env::current_exe().and_then(std::fs::metadata);
+    match executable {
+        Ok(meta) => {
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{} bytes, modified {modified}", meta.len())
+        }
+        Err(_) => "unknown build".to_string(),
+    }
+}
+
+/// Every stage, from the spec to PTX and a validated manifest.
+#[cfg(feature = "llvm")]
+pub fn compile_library(
+    spec: &AttentionSpec,
+    options: &CompileOptions,
+) -> Result<Library, CompileError> {
+    use crate::codegen::lower::{launch_of, lower_kernels};
+    let kernels = kernels(spec)?;
+    let emit = || lower_kernels(&spec.name, &kernels).map(|module| module.ptx);
+    let ptx = match &options.cache {
+        Some(cache) => {
+            // The kernel IR text determines the PTX for a given build of the compiler.
+            let description = format!(
+                "{}\n{}",
+                build_fingerprint(),
+                kernels.iter().map(|k| k.to_string()).collect::<Vec<_>>().join("\n")
+            );
+            cache.get_or_emit(&description, emit)
+        }
+        None => emit(),
+    }
+    .map_err(|e| error(spec, "codegen", e))?;
+
+    let launches: Vec<LaunchInfo> = kernels
+        .iter()
+        .map(|k| {
+            let launch = launch_of(k);
+            LaunchInfo { threads: launch.threads, dynamic_shared_bytes: launch.dynamic_shared_bytes }
+        })
+        .collect();
+    let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, &kernels)? } else { vec![None; kernels.len()] };
+    let ptx_file = format!("{}.ptx", spec.name);
+    let entry = entry_point_manifest(spec, EntryPoint::Forward, &kernels, &launches, &ptxas)?;
+    let manifest = Manifest::new(spec.clone(), ptx_file, vec![entry]);
+    manifest.validate().map_err(|e| error(spec, "manifest", e))?;
+    Ok(Library { manifest, ptx })
+}
+
+#[cfg(feature = "llvm")]
+fn ptxas_stats(
+    spec: &AttentionSpec,
+    ptx: &str,
+    kernels: &[KernelFn],
+) -> Result<Vec<Option<PtxasStats>>, CompileError> {
+    let reports = crate::codegen::ptxas::assemble(ptx).map_err(|e| error(spec, "ptxas", e))?;
+    kernels
+        .iter()
+        .map(|kernel| {
+            let report = reports.iter().find(|r| r.kernel == kernel.name).ok_or_else(|| {
+                error(spec, "ptxas", format!("ptxas reported nothing for {}", kernel.name))
+            })?;
+            if report.spill_stores > 0 || report.spill_loads > 0 || report.stack_frame > 0 {
+                return Err(error(
+                    spec,
+                    "ptxas",
+                    format!(
+                        "{} spills ({} bytes stored, {} loaded, {} bytes of stack)",
+                        kernel.name, report.spill_stores, report.spill_loads, report.stack_frame
+                    ),
+                ));
+            }
+            Ok(Some(PtxasStats {
+                registers: report.registers,
+                spill_stores: report.spill_stores,
+                spill_loads: report.spill_loads,
+                shared_bytes: report.shared_bytes,
+            }))
+        })
+        .collect()
+}
+
+/// Writes `library` into `directory` (manifest.json and the PTX file it names).
+#[cfg(feature = "llvm")]
+pub fn write_library(library: &Library, directory: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(directory)?;
+    std::fs::write(directory.join(&library.manifest.ptx_file), &library.ptx)?;
+    std::fs::write(directory.join("manifest.json"), library.manifest.to_json() + "\n")
+}

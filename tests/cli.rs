@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ccc::AttentionSpec;
 use ccc::cli::{Io, Status, run};
 
 fn example(name: &str) -> String {
@@ -68,9 +67,9 @@ fn usage_errors_exit_2() {
     assert_eq!(ccc(&["frobnicate"]).0, Status::Usage);
     assert_eq!(ccc(&["check"]).0, Status::Usage);
     assert_eq!(ccc(&["explain", &example("zaya1"), "--seq-len", "0"]).0, Status::Usage);
-    let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "--emit", "ptx"]);
+    let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "--emit", "sass"]);
     assert_eq!(status, Status::Usage);
-    assert!(stderr.contains("possible values: spec"), "{stderr}");
+    assert!(stderr.contains("possible values: spec, graph, plan, kernel, llvm, ptx"), "{stderr}");
 }
 
 #[test]
@@ -82,7 +81,7 @@ fn help_goes_to_stdout_and_exits_0() {
     }
     let (status, stdout, _) = ccc(&["compile", "--help"]);
     assert_eq!(status, Status::Success);
-    assert!(stdout.contains("PTX and the kernel manifest"), "{stdout}");
+    assert!(stdout.contains("manifest.json + NAME.ptx"), "{stdout}");
 }
 
 #[test]
@@ -116,8 +115,9 @@ fn explain_takes_the_sequence_length_from_the_command_line() {
     assert!(stdout.contains("(S = 4096)"), "4096 without tune.seq_len: {stdout}");
 }
 
+#[cfg(feature = "llvm")]
 #[test]
-fn compile_writes_one_spec_json_per_layer() {
+fn compile_writes_one_library_per_layer() {
     let directory = scratch("compile");
     let source = write_file(
         &directory,
@@ -125,17 +125,49 @@ fn compile_writes_one_spec_json_per_layer() {
         "attention first { model_dim = 256, head_dim = 64 }\nattention second { model_dim = 512, head_dim = 64, kv_heads = 2 }\n",
     );
     let out = directory.join("out");
-    let (status, stdout, stderr) = ccc(&["compile", &source, "-o", &out.display().to_string()]);
+    let (status, stdout, stderr) =
+        ccc(&["compile", &source, "-o", &out.display().to_string(), "--no-cache"]);
     assert_eq!((status, stderr.as_str()), (Status::Success, ""));
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
     let expected =
         ccc::frontend::parse_and_check("two.attn", &std::fs::read_to_string(&source).unwrap())
             .unwrap();
     for spec in expected {
-        let json = std::fs::read_to_string(out.join(&spec.name).join("spec.json")).unwrap();
-        let written: AttentionSpec = serde_json::from_str(&json).unwrap();
-        assert_eq!(written, spec);
+        let library = out.join(&spec.name);
+        let json = std::fs::read_to_string(library.join("manifest.json")).unwrap();
+        let manifest = ccc::manifest::Manifest::from_json(&json).unwrap();
+        assert_eq!(manifest.spec, spec);
+        let symbols: Vec<String> =
+            manifest.entry_points[0].kernels.iter().map(|k| k.symbol.clone()).collect();
+        let ptx = std::fs::read_to_string(library.join(&manifest.ptx_file)).unwrap();
+        for symbol in &symbols {
+            assert!(ptx.contains(&format!(".entry {symbol}(")), "{symbol} missing from the PTX");
+        }
+        assert_eq!(symbols.len(), 3);
     }
+}
+
+#[cfg(feature = "llvm")]
+#[test]
+fn a_second_compile_reads_the_ptx_cache() {
+    let directory = scratch("cache");
+    let cache = directory.join("cache");
+    let out = directory.join("out").display().to_string();
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_ccc"))
+            .args(["compile", &example("zaya1"), "-o", &out])
+            .env("CCC_CACHE_DIR", &cache)
+            .output()
+            .unwrap()
+    };
+    assert!(run().status.success());
+    let entries = std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(entries, 1, "one cached module");
+    let started = std::time::Instant::now();
+    assert!(run().status.success());
+    // A hit skips LLVM: the whole second compile is a parse, a few IR builds and two writes.
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1);
 }
 
 #[test]

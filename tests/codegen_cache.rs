@@ -1,3 +1,4 @@
+#![cfg(feature = "llvm")]
 //! The PTX disk cache: keys, hits, misses, corrupted entries, atomic replacement.
 
 use ccc::codegen::cache::PtxCache;

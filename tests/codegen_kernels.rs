@@ -1,3 +1,4 @@
+#![cfg(feature = "llvm")]
 //! The GEMM and flash-attention kernels, built only from the tile emitters, must assemble with
 //! ptxas for sm_90a without spills; a small emitter kernel is snapshotted as LLVM IR and PTX.
 

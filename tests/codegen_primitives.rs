@@ -1,3 +1,4 @@
+#![cfg(feature = "llvm")]
 //! Per-thread primitives that the tile kernels do not all use: each must lower to the intended
 //! PTX instruction and assemble.
 

@@ -1,3 +1,4 @@
+#![cfg(feature = "llvm")]
 //! Without ptxas the checks must fail loudly and say how to get it. A separate test binary,
 //! because it changes the process environment.
 

@@ -59,10 +59,10 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
         seq_len: Option<u64>,
     },
-    /// Compile every layer of FILE into DIR/NAME/.
+    /// Compile every layer of FILE into a kernel library DIR/NAME/ (manifest.json + NAME.ptx).
     ///
-    /// Today this writes DIR/NAME/spec.json, the resolved spec. The PTX and the kernel manifest
-    /// arrive with codegen; `--emit` prints one stage's text instead of writing files.
+    /// Compiled PTX is cached under $CCC_CACHE_DIR, else $XDG_CACHE_HOME/ccc, else ~/.cache/ccc;
+    /// `--emit` prints one stage's text instead of writing files.
     Compile {
         /// The .attn file.
         file: PathBuf,
@@ -75,6 +75,13 @@ pub enum Command {
         /// With `--emit graph`: print the graph after every pass of the pipeline.
         #[arg(long)]
         print_after_all: bool,
+        /// Assemble the PTX with ptxas (CCC_PTXAS, else the project's .venv) and record
+        /// registers and spills per kernel in the manifest; a kernel that spills is an error.
+        #[arg(long)]
+        ptxas: bool,
+        /// Do not read or write the PTX cache.
+        #[arg(long)]
+        no_cache: bool,
     },
 }
 
@@ -89,6 +96,10 @@ pub enum EmitStage {
     Plan,
     /// Kernel IR: one tile-level function per kernel.
     Kernel,
+    /// LLVM IR of the library's module, after optimisation (needs the `llvm` feature).
+    Llvm,
+    /// The PTX for sm_90a (needs the `llvm` feature).
+    Ptx,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -97,6 +108,30 @@ pub enum ColorWhen {
     Auto,
     Always,
     Never,
+}
+
+/// Options of `compile` beyond the stage to print.
+// Without LLVM nothing is written, so the codegen options go unread.
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+struct CompileFlags {
+    print_after_all: bool,
+    ptxas: bool,
+    cache: bool,
+}
+
+const NO_LLVM: &str = "this ccc was built without the `llvm` feature: it cannot emit LLVM IR or PTX";
+
+/// The LLVM IR or PTX text of `spec`'s library; `None` in a build without LLVM.
+#[cfg(feature = "llvm")]
+fn lowered_text(spec: &AttentionSpec, stage: EmitStage) -> Option<Result<String, driver::CompileError>> {
+    Some(driver::lowered(spec).map(|module| {
+        if stage == EmitStage::Llvm { module.llvm_ir } else { module.ptx }
+    }))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn lowered_text(_: &AttentionSpec, _: EmitStage) -> Option<Result<String, driver::CompileError>> {
+    None
 }
 
 /// Where the command writes; `stderr_is_terminal` decides `--color auto`.
@@ -134,8 +169,9 @@ where
             files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
         }
         Command::Explain { file, seq_len } => session.explain(&file, seq_len),
-        Command::Compile { file, out_dir, emit, print_after_all } => {
-            session.compile(&file, &out_dir, emit, print_after_all)
+        Command::Compile { file, out_dir, emit, print_after_all, ptxas, no_cache } => {
+            let options = CompileFlags { print_after_all, ptxas, cache: !no_cache };
+            session.compile(&file, &out_dir, emit, options)
         }
     }
 }
@@ -214,8 +250,9 @@ impl Session<'_, '_> {
         path: &Path,
         out_dir: &Path,
         emit: Option<EmitStage>,
-        print_after_all: bool,
+        flags: CompileFlags,
     ) -> Status {
+        let print_after_all = flags.print_after_all;
         let specs = match self.load(path) {
             Ok(specs) => specs,
             Err(status) => return status,
@@ -233,6 +270,10 @@ impl Session<'_, '_> {
                         .map(|plans| plans.iter().map(|p| p.to_string()).collect()),
                     EmitStage::Kernel => driver::kernels(spec)
                         .map(|kernels| kernels.iter().map(|k| k.to_string()).collect()),
+                    EmitStage::Llvm | EmitStage::Ptx => match lowered_text(spec, stage) {
+                        Some(text) => text,
+                        None => return self.usage_error(NO_LLVM),
+                    },
                 };
                 match text {
                     Ok(text) => texts.push(text),
@@ -242,18 +283,43 @@ impl Session<'_, '_> {
             let _ = write!(self.io.stdout, "{}", texts.join("\n"));
             return Status::Success;
         }
-        for spec in &specs {
+        self.write_libraries(&specs, out_dir, &flags)
+    }
+
+    #[cfg(feature = "llvm")]
+    fn write_libraries(
+        &mut self,
+        specs: &[AttentionSpec],
+        out_dir: &Path,
+        flags: &CompileFlags,
+    ) -> Status {
+        use crate::codegen::cache::PtxCache;
+        let options = driver::CompileOptions {
+            cache: if flags.cache { PtxCache::from_env() } else { None },
+            ptxas: flags.ptxas,
+        };
+        for spec in specs {
+            let library = match driver::compile_library(spec, &options) {
+                Ok(library) => library,
+                Err(error) => return self.compile_error(&error),
+            };
             let directory = out_dir.join(&spec.name);
-            let file = directory.join("spec.json");
-            // Serialising plain data with finite floats cannot fail; the checker rejects infinities.
-            let json = serde_json::to_string_pretty(spec).unwrap_or_default() + "\n";
-            if let Err(error) =
-                std::fs::create_dir_all(&directory).and_then(|()| std::fs::write(&file, json))
-            {
-                return self.usage_error(&format!("cannot write {}: {error}", file.display()));
+            if let Err(error) = driver::write_library(&library, &directory) {
+                return self.usage_error(&format!("cannot write {}: {error}", directory.display()));
             }
-            let _ = writeln!(self.io.stdout, "wrote {}", file.display());
+            let kernels = library.manifest.entry_points.iter().map(|e| e.kernels.len()).sum::<usize>();
+            let _ = writeln!(
+                self.io.stdout,
+                "wrote {} ({kernels} kernels, {} bytes of PTX)",
+                directory.display(),
+                library.ptx.len()
+            );
         }
         Status::Success
+    }
+
+    #[cfg(not(feature = "llvm"))]
+    fn write_libraries(&mut self, _: &[AttentionSpec], _: &Path, _: &CompileFlags) -> Status {
+        self.usage_error(NO_LLVM)
     }
 }

@@ -80,6 +80,33 @@ pub fn lower_kernels(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredM
     Ok(LoweredModule { llvm_ir, ptx, kernels: lowered })
 }
 
+/// Where each tile lives in the kernel's one dynamic shared allocation (128-byte aligned offsets
+/// in declaration order; `None` for register tiles) and the allocation's size.
+pub fn shared_layout(kernel: &KernelFn) -> (Vec<Option<u32>>, u32) {
+    let mut offsets = Vec::with_capacity(kernel.tiles.len());
+    let mut shared_bytes: u32 = 0;
+    for decl in &kernel.tiles {
+        if decl.ty.space() == crate::ir::kernel::Space::Shared {
+            let offset = shared_bytes.next_multiple_of(SHARED_TILE_ALIGNMENT);
+            offsets.push(Some(offset));
+            shared_bytes = offset + decl.ty.shared_bytes() as u32;
+        } else {
+            offsets.push(None);
+        }
+    }
+    (offsets, shared_bytes)
+}
+
+/// How `kernel` is launched once lowered: known from the kernel IR alone, so that a PTX cache
+/// hit needs no LLVM.
+pub fn launch_of(kernel: &KernelFn) -> LoweredKernel {
+    LoweredKernel {
+        symbol: kernel.name.clone(),
+        threads: kernel.threads(),
+        dynamic_shared_bytes: shared_layout(kernel).1,
+    }
+}
+
 /// Storage of one tile while its kernel is being emitted.
 enum TileStorage<'ctx> {
     /// At `offset` bytes into the dynamic shared allocation.
@@ -108,18 +135,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         })
         .collect();
 
-    // Shared tiles: one allocation, 128-byte aligned offsets in declaration order.
-    let mut offsets = Vec::with_capacity(kernel.tiles.len());
-    let mut shared_bytes: u32 = 0;
-    for decl in &kernel.tiles {
-        if decl.ty.space() == crate::ir::kernel::Space::Shared {
-            let offset = shared_bytes.next_multiple_of(SHARED_TILE_ALIGNMENT);
-            offsets.push(Some(offset));
-            shared_bytes = offset + decl.ty.shared_bytes() as u32;
-        } else {
-            offsets.push(None);
-        }
-    }
+    let (offsets, shared_bytes) = shared_layout(kernel);
     if shared_bytes as usize > SHARED_MEMORY_LIMIT_BYTES {
         return unsupported(format!(
             "kernel `{}` needs {shared_bytes} bytes of shared memory with 128-byte aligned tiles (limit {SHARED_MEMORY_LIMIT_BYTES})",
