@@ -25,7 +25,7 @@ for line in sys.stdin:
 [ -x "$gpu_tests" ] || { echo "gpu-prepare: could not find the GPU test binary" >&2; exit 1; }
 cargo build --release --bin ccc
 
-rm -rf "$carry"
+rm -rf "$carry/libs" "$carry/ccc-run" "$carry/runtime-gpu-tests"
 mkdir -p "$carry/libs"
 cp target/release/ccc-run "$carry/ccc-run"
 cp "$gpu_tests" "$carry/runtime-gpu-tests"
@@ -39,7 +39,7 @@ fi
 failed=()
 for file in "${examples[@]}"; do
   name=$(basename "$file" .attn)
-  if ! ./target/release/ccc compile "$file" -o "$carry/libs/$name"; then
+  if ! ./target/release/ccc compile "$file" -o "$carry/libs/$name" --ptxas; then
     failed+=("$file")
   fi
 done
