@@ -14,6 +14,7 @@
 pub mod attention;
 pub mod cache;
 pub mod gemm;
+pub mod hopper;
 pub mod primitives;
 pub mod ptxas;
 pub mod tile;

@@ -1,0 +1,484 @@
+//! Flash-attention forward on wgmma, with the ABI of [`crate::codegen::attention::emit_attention`]
+//! so that it can replace it on Hopper.
+//!
+//! One CTA computes `block_m` query rows of one query head of one batch element with
+//! `block_m / 64` warpgroups, each owning 64 rows. Q and streamed K/V tiles live in 128-byte
+//! swizzled shared tiles ([`Swizzle128BTile`]), copied with cp.async through `stages` buffers.
+//! Per key tile and warpgroup: `S = Q · Kᵀ` with wgmma from shared memory (both K-major),
+//! the mask only on tiles that cross the causal diagonal or the sequence end, online softmax on
+//! the accumulator fragments in log2 units (`exp2(s · scale · log2 e − m)` as one FMA + `ex2`),
+//! `P` rounded to bf16/f16 in registers, and `O += P · V` with wgmma taking A from registers and
+//! V from shared memory as an MN-major operand (no transpose pass). Row sums stay per thread
+//! until the end. Query tiles are processed last-first so that the long causal rows start early.
+//!
+//! Parameters (ABI order): `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, `v [B, S, Hk, d]`,
+//! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32).
+//! Grid `(ceil(S / block_m), Hq, B)`; [`HopperAttentionLaunch::dynamic_shared_bytes`] of dynamic
+//! shared memory (raise the kernel's limit first: it is above 48 KiB).
+
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
+use inkwell::IntPredicate;
+
+use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
+use crate::codegen::primitives::{float_result, intrinsic};
+use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
+use crate::ir::size::SizeExpr;
+
+/// Rows of Q one consumer warpgroup owns (the wgmma M).
+pub const WARPGROUP_ROWS: u32 = 64;
+const WARPGROUP_THREADS: u32 = 128;
+/// Shared memory one CTA may use on sm_90 (227 KiB).
+const MAX_SHARED_BYTES: u32 = 227 * 1024;
+
+/// The inputs that shape the wgmma attention kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HopperAttentionConfig {
+    pub name: String,
+    /// Storage type of q, k, v, o (bf16 or f16).
+    pub elem: Elem,
+    /// 64 or 128.
+    pub head_dim: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub causal: bool,
+    /// Multiplies q·k before the softmax (usually 1/√d).
+    pub softmax_scale: f64,
+    /// Query rows per CTA: 64 per consumer warpgroup.
+    pub block_m: u32,
+    /// Keys per K/V tile (the N of `S = Q · Kᵀ`, the K of `O += P · V`).
+    pub block_n: u32,
+    /// K/V shared buffers in flight (2 = double buffering).
+    pub stages: u32,
+}
+
+impl HopperAttentionConfig {
+    /// A human-readable description used as part of a cache key.
+    pub fn describe(&self) -> String {
+        format!(
+            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={}",
+            self.name,
+            self.elem.name(),
+            self.head_dim,
+            self.q_heads,
+            self.kv_heads,
+            self.causal,
+            self.softmax_scale,
+            self.block_m,
+            self.block_n,
+            self.stages
+        )
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.elem == Elem::F32 {
+            return unsupported("attention operands are bf16 or f16");
+        }
+        if self.kv_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
+            return unsupported(format!("{} query heads do not group over {} kv heads", self.q_heads, self.kv_heads));
+        }
+        if self.head_dim != 64 && self.head_dim != 128 {
+            return unsupported(format!("the wgmma attention kernel takes head_dim 64 or 128, not {}", self.head_dim));
+        }
+        if self.block_m == 0 || !self.block_m.is_multiple_of(WARPGROUP_ROWS) || self.block_m > 3 * WARPGROUP_ROWS {
+            return unsupported(format!("block_m must be 64, 128 or 192 (64 rows per warpgroup), not {}", self.block_m));
+        }
+        if self.block_n == 0 || !self.block_n.is_multiple_of(WGMMA_K) || self.block_n > 256 {
+            return unsupported(format!("block_n must be a multiple of 16 up to 256, not {}", self.block_n));
+        }
+        if self.stages < 2 {
+            return unsupported("the K/V pipeline needs at least 2 stages");
+        }
+        Ok(())
+    }
+}
+
+/// What the runtime needs to launch an emitted wgmma attention kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopperAttentionLaunch {
+    pub threads: u32,
+    /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes.
+    pub dynamic_shared_bytes: u32,
+    /// `[ceil(S / block_m), Hq, B]`.
+    pub grid: [SizeExpr; 3],
+}
+
+/// Shared tiles of one CTA, at byte offsets from the 1024-aligned base.
+struct SharedPlan {
+    q: Swizzle128BTile,
+    kv: Swizzle128BTile,
+    stage_bytes: u32,
+    total_bytes: u32,
+}
+
+impl SharedPlan {
+    fn new(config: &HopperAttentionConfig) -> Result<Self> {
+        let q = Swizzle128BTile::new(config.elem, config.block_m, config.head_dim)?;
+        let kv = Swizzle128BTile::new(config.elem, config.block_n, config.head_dim)?;
+        let stage_bytes = 2 * kv.footprint_bytes();
+        let total_bytes = q.footprint_bytes() + config.stages * stage_bytes;
+        if total_bytes + TILE_ALIGNMENT > MAX_SHARED_BYTES {
+            return unsupported(format!(
+                "Q and {} stages of K/V take {} bytes of shared memory, more than {MAX_SHARED_BYTES}",
+                config.stages,
+                total_bytes + TILE_ALIGNMENT
+            ));
+        }
+        Ok(SharedPlan { q, kv, stage_bytes, total_bytes })
+    }
+
+    fn k_offset(&self, stage: u32) -> u32 {
+        self.q.footprint_bytes() + stage * self.stage_bytes
+    }
+}
+
+/// Where one [B, S, H, d] tensor's rows for one (batch, head) are: a base pointer and the
+/// element stride between sequence positions.
+struct HeadRows<'ctx> {
+    base: PointerValue<'ctx>,
+    row_stride: u32,
+}
+
+/// Emits the wgmma attention forward kernel into `module`.
+pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAttentionConfig) -> Result<HopperAttentionLaunch> {
+    config.validate()?;
+    let plan = SharedPlan::new(config)?;
+    let warpgroups = config.block_m / WARPGROUP_ROWS;
+    let threads = warpgroups * WARPGROUP_THREADS;
+    let group = config.q_heads / config.kv_heads;
+    let d = config.head_dim;
+    let scores_shape = WgmmaShape { n: config.block_n, elem: config.elem };
+    let output_shape = WgmmaShape { n: d, elem: config.elem };
+    scores_shape.validate()?;
+    output_shape.validate()?;
+
+    let params = [
+        ParamKind::GlobalPointer("q".into()),
+        ParamKind::GlobalPointer("k".into()),
+        ParamKind::GlobalPointer("v".into()),
+        ParamKind::GlobalPointer("o".into()),
+        ParamKind::GlobalPointer("lse".into()),
+        ParamKind::Size("B".into()),
+        ParamKind::Size("S".into()),
+    ];
+    let shared = module.dynamic_shared(&format!("{}_shared", config.name));
+    let kb = module.declare_kernel(&config.name, &params)?;
+    let seq_len = kb.size_param("S")?;
+    let thread = kb.thread_index()?;
+    let lane = kb.lane()?;
+    let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
+    let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
+    let query_tiles = kb.ceil_div(seq_len, config.block_m)?;
+    let query_tile = kb.sub(kb.sub(query_tiles, kb.i32(1))?, kb.special_register(SpecialRegister::BlockX)?)?;
+    let query_start = kb.mul(query_tile, kb.i32(config.block_m as i64))?;
+    let head = kb.special_register(SpecialRegister::BlockY)?;
+    let batch = kb.special_register(SpecialRegister::BlockZ)?;
+    let kv_head = kb.div(head, kb.i32(group as i64))?;
+
+    // The swizzle pattern is a function of address bits 4..9: align the tiles to 1024 bytes.
+    let raw_address = kb.shared_address(shared)?;
+    let aligned_address =
+        kb.and(kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?, kb.i32(-(TILE_ALIGNMENT as i64)))?;
+    let aligned = kb.byte_pointer(shared, kb.sub(aligned_address, raw_address)?)?;
+
+    let head_rows = |name: &str, heads: u32, head: IntValue<'ctx>| -> Result<HeadRows<'ctx>> {
+        let i64_type = kb.context().i64_type();
+        let rows_before = kb.builder().build_int_mul(kb.to_i64(batch)?, kb.to_i64(seq_len)?, "")?;
+        let head_index = kb.builder().build_int_add(
+            kb.builder().build_int_mul(rows_before, i64_type.const_int(heads as u64, false), "")?,
+            kb.to_i64(head)?,
+            "",
+        )?;
+        let offset = kb.builder().build_int_mul(head_index, i64_type.const_int(d as u64, false), "")?;
+        Ok(HeadRows { base: kb.element_pointer(kb.pointer_param(name)?, config.elem, offset)?, row_stride: heads * d })
+    };
+    let q_rows = head_rows("q", config.q_heads, head)?;
+    let k_rows = head_rows("k", config.kv_heads, kv_head)?;
+    let v_rows = head_rows("v", config.kv_heads, kv_head)?;
+    let o_rows = head_rows("o", config.q_heads, head)?;
+
+    // Thread-local row of accumulator half `h` (registers with (i / 2) % 2 == h) and the column
+    // of register 0; see `KernelBuilder::wgmma`.
+    let fragment_row = kb.add(
+        kb.add(kb.mul(warpgroup, kb.i32(WARPGROUP_ROWS as i64))?, kb.mul(warp_in_group, kb.i32(16))?)?,
+        kb.div(lane, kb.i32(4))?,
+    )?;
+    let rows = [fragment_row, kb.add(fragment_row, kb.i32(8))?];
+    let pair_col = kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?;
+
+    let key_tiles_in_sequence = kb.ceil_div(seq_len, config.block_n)?;
+    let key_tiles = if config.causal {
+        let query_end = kb.add(query_start, kb.i32(config.block_m as i64))?;
+        kb.min(kb.ceil_div(query_end, config.block_n)?, key_tiles_in_sequence)?
+    } else {
+        key_tiles_in_sequence
+    };
+
+    let issue_q = || copy_tile_async(&kb, &q_rows, query_start, seq_len, &plan.q, aligned, 0, threads);
+    let issue_kv = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+        let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+        let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
+        let k_offset = kb.add(kb.i32(plan.k_offset(0) as i64), kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
+        let k_base = kb.byte_pointer(aligned, k_offset)?;
+        copy_tile_async(kb, &k_rows, key_start, seq_len, &plan.kv, k_base, 0, threads)?;
+        copy_tile_async(kb, &v_rows, key_start, seq_len, &plan.kv, k_base, plan.kv.footprint_bytes(), threads)
+    };
+
+    let output = (0..output_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
+    let scores = (0..scores_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
+    let running_max = [kb.register_slot()?, kb.register_slot()?];
+    let running_sum = [kb.register_slot()?, kb.register_slot()?];
+    for slot in &output {
+        kb.store_f32(*slot, kb.f32(0.0))?;
+    }
+    for h in 0..2 {
+        kb.store_f32(running_max[h], kb.f32(f64::NEG_INFINITY))?;
+        kb.store_f32(running_sum[h], kb.f32(0.0))?;
+    }
+    let scale_log2 = config.softmax_scale * std::f64::consts::LOG2_E;
+    let q_warpgroup_address = kb.add(aligned_address, kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?)?;
+
+    // Prologue: Q and the first `stages - 1` K/V tiles, one cp.async group each.
+    issue_q()?;
+    for tile in 0..config.stages - 1 {
+        let tile = kb.i32(tile as i64);
+        kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
+        kb.cp_async_commit()?;
+    }
+    kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+        let ahead = kb.add(tile, kb.i32(config.stages as i64 - 1))?;
+        kb.if_then(kb.lt(ahead, key_tiles)?, |kb| issue_kv(kb, ahead))?;
+        // Always commit (an empty group near the end) so that the wait count is constant.
+        kb.cp_async_commit()?;
+        kb.cp_async_wait(config.stages - 1)?;
+        // cp.async wrote through the generic proxy; wgmma reads through the async one.
+        kb.fence_proxy_async_shared()?;
+        kb.barrier()?;
+        let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
+        let k_address =
+            kb.add(kb.add(aligned_address, kb.i32(plan.k_offset(0) as i64))?, kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
+        let v_address = kb.add(k_address, kb.i32(plan.kv.footprint_bytes() as i64))?;
+
+        // S = Q · Kᵀ for this warpgroup's 64 rows.
+        let undefined = kb.context().f32_type().get_undef();
+        let mut s: Vec<FloatValue<'ctx>> = vec![undefined; scores_shape.accumulator_registers() as usize];
+        kb.wgmma_fence(&[])?;
+        for k_step in 0..d / WGMMA_K {
+            let a_desc = plan.q.k_major_descriptor(0, k_step * WGMMA_K)?;
+            let a = descriptor(kb, q_warpgroup_address, a_desc.constant_bits(), a_desc.start_offset)?;
+            let b_desc = plan.kv.k_major_descriptor(0, k_step * WGMMA_K)?;
+            let b = descriptor(kb, k_address, b_desc.constant_bits(), b_desc.start_offset)?;
+            let accumulate = if k_step == 0 { Accumulate::Overwrite } else { Accumulate::Add };
+            s = kb.wgmma(scores_shape, WgmmaA::Shared(a), b, OperandMajor::K, accumulate, &s)?;
+        }
+        kb.wgmma_commit_group()?;
+        let s = kb.wgmma_wait(0, &s)?;
+        for (slot, value) in scores.iter().zip(&s) {
+            kb.store_f32(*slot, *value)?;
+        }
+
+        // Mask only tiles that reach past the sequence end or (causal) past the first query row.
+        let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+        let key_end = kb.add(key_start, kb.i32(config.block_n as i64))?;
+        let mut needs_mask = kb.lt(seq_len, key_end)?;
+        if config.causal {
+            needs_mask = kb.or(needs_mask, kb.lt(kb.add(query_start, kb.i32(1))?, key_end)?)?;
+        }
+        kb.if_then(needs_mask, |kb| {
+            for (index, slot) in scores.iter().enumerate() {
+                let index = index as u32;
+                let col = kb.add(pair_col, kb.i32((8 * (index / 4) + index % 2) as i64))?;
+                let key = kb.add(key_start, col)?;
+                let mut allowed = kb.lt(key, seq_len)?;
+                if config.causal {
+                    let query = kb.add(query_start, rows[((index / 2) % 2) as usize])?;
+                    allowed = kb.and(allowed, kb.le(key, query)?)?;
+                }
+                let value = kb.load_f32(*slot)?;
+                kb.store_f32(*slot, kb.select_f32(allowed, value, kb.f32(f64::NEG_INFINITY))?)?;
+            }
+            Ok(())
+        })?;
+        let s: Vec<FloatValue<'ctx>> = scores.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
+
+        // Online softmax per row half; the quad (4 lanes) shares a row.
+        let mut shift = [kb.f32(0.0); 2];
+        let mut rescale = [kb.f32(0.0); 2];
+        for h in 0..2 {
+            let mut tile_max = kb.f32(f64::NEG_INFINITY);
+            for (index, value) in s.iter().enumerate() {
+                if (index / 2) % 2 == h {
+                    tile_max = kb.fmax(tile_max, *value)?;
+                }
+            }
+            tile_max = kb.fmax(tile_max, kb.shuffle_xor_f32(tile_max, 1)?)?;
+            tile_max = kb.fmax(tile_max, kb.shuffle_xor_f32(tile_max, 2)?)?;
+            let previous = kb.load_f32(running_max[h])?;
+            let new_max = kb.fmax(previous, kb.fmul(tile_max, kb.f32(scale_log2))?)?;
+            // A row without any allowed key so far keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
+            let no_keys = kb.feq(new_max, kb.f32(f64::NEG_INFINITY))?;
+            shift[h] = kb.select_f32(no_keys, kb.f32(0.0), new_max)?;
+            rescale[h] = kb.exp2_approx(kb.fsub(previous, shift[h])?)?;
+            kb.store_f32(running_max[h], new_max)?;
+        }
+        let negative_shift = [kb.fsub(kb.f32(0.0), shift[0])?, kb.fsub(kb.f32(0.0), shift[1])?];
+        let mut p = Vec::with_capacity(s.len());
+        let mut partial_sum = [kb.f32(0.0); 2];
+        for (index, value) in s.iter().enumerate() {
+            let h = (index / 2) % 2;
+            let exponent = fma(kb, *value, kb.f32(scale_log2), negative_shift[h])?;
+            let probability = kb.exp2_approx(exponent)?;
+            partial_sum[h] = kb.fadd(partial_sum[h], probability)?;
+            p.push(probability);
+        }
+        for h in 0..2 {
+            // Thread-partial sums: the quad's lanes are added once at the end.
+            let decayed = kb.fmul(kb.load_f32(running_sum[h])?, rescale[h])?;
+            kb.store_f32(running_sum[h], kb.fadd(decayed, partial_sum[h])?)?;
+        }
+        let rescaled: Vec<FloatValue<'ctx>> = output
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| kb.fmul(kb.load_f32(*slot)?, rescale[(index / 2) % 2]))
+            .collect::<Result<_>>()?;
+
+        // P as wgmma A fragments: n8 column blocks 2t and 2t + 1 form k16 step t. They and the
+        // rescaled O pass through the fence together.
+        let mut fenced: Vec<BasicValueEnum<'ctx>> = rescaled.iter().map(|value| (*value).into()).collect();
+        for k_step in 0..(config.block_n / WGMMA_K) as usize {
+            let (low, high) = (8 * k_step, 8 * k_step + 4);
+            for first in [low, low + 2, high, high + 2] {
+                fenced.push(kb.pack_half2(config.elem, p[first], p[first + 1])?.into());
+            }
+        }
+        let fenced = kb.wgmma_fence(&fenced)?;
+        let (o_fenced, p_fenced) = fenced.split_at(rescaled.len());
+        let mut o: Vec<FloatValue<'ctx>> = o_fenced.iter().map(|value| value.into_float_value()).collect();
+        for (k_step, a) in p_fenced.chunks(4).enumerate() {
+            let a = [a[0].into_int_value(), a[1].into_int_value(), a[2].into_int_value(), a[3].into_int_value()];
+            let b_desc = plan.kv.mn_major_descriptor(k_step as u32 * WGMMA_K, 0)?;
+            let b = descriptor(kb, v_address, b_desc.constant_bits(), b_desc.start_offset)?;
+            o = kb.wgmma(output_shape, WgmmaA::Registers(a), b, OperandMajor::MN, Accumulate::Add, &o)?;
+        }
+        kb.wgmma_commit_group()?;
+        let o = kb.wgmma_wait(0, &o)?;
+        for (slot, value) in output.iter().zip(&o) {
+            kb.store_f32(*slot, *value)?;
+        }
+        // The next iteration's copy overwrites the stage just read.
+        kb.barrier()
+    })?;
+
+    // O / l and lse = (m + log2 l) · ln 2; rows without any key (l = 0) give O = 0, lse = -inf.
+    let mut inverse_sum = [kb.f32(0.0); 2];
+    let mut log_sum_exp = [kb.f32(0.0); 2];
+    for h in 0..2 {
+        let mut sum = kb.load_f32(running_sum[h])?;
+        sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 1)?)?;
+        sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 2)?)?;
+        let empty = kb.feq(sum, kb.f32(0.0))?;
+        inverse_sum[h] = kb.select_f32(empty, kb.f32(0.0), kb.fdiv(kb.f32(1.0), sum)?)?;
+        let lse = kb.fmul(kb.fadd(kb.load_f32(running_max[h])?, kb.log2_approx(sum)?)?, kb.f32(std::f64::consts::LN_2))?;
+        log_sum_exp[h] = kb.select_f32(empty, kb.f32(f64::NEG_INFINITY), lse)?;
+    }
+    for h in 0..2 {
+        let query = kb.add(query_start, rows[h])?;
+        let inside = kb.lt(query, seq_len)?;
+        kb.if_then(inside, |kb| {
+            let row_offset = kb.builder().build_int_mul(kb.to_i64(query)?, kb.context().i64_type().const_int(o_rows.row_stride as u64, false), "")?;
+            let row_base = kb.element_pointer(o_rows.base, config.elem, row_offset)?;
+            for fragment in 0..d / 8 {
+                let first = (4 * fragment + 2 * h as u32) as usize;
+                let low = kb.fmul(kb.load_f32(output[first])?, inverse_sum[h])?;
+                let high = kb.fmul(kb.load_f32(output[first + 1])?, inverse_sum[h])?;
+                let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
+                let address = kb.element_pointer(row_base, config.elem, col)?;
+                kb.store_int(address, kb.pack_half2(config.elem, low, high)?)?;
+            }
+            Ok(())
+        })?;
+    }
+    let lse_row_base = {
+        let rows_before = kb.builder().build_int_mul(
+            kb.to_i64(kb.add(kb.mul(batch, kb.i32(config.q_heads as i64))?, head)?)?,
+            kb.to_i64(seq_len)?,
+            "",
+        )?;
+        kb.element_pointer(kb.pointer_param("lse")?, Elem::F32, rows_before)?
+    };
+    let first_of_quad = kb.builder().build_int_compare(IntPredicate::EQ, pair_col, kb.i32(0), "")?;
+    for h in 0..2 {
+        let query = kb.add(query_start, rows[h])?;
+        let inside = kb.and(first_of_quad, kb.lt(query, seq_len)?)?;
+        let value = log_sum_exp[h];
+        kb.if_then(inside, |kb| kb.store_f32(kb.element_pointer(lse_row_base, Elem::F32, kb.to_i64(query)?)?, value))?;
+    }
+    kb.finish()?;
+    Ok(HopperAttentionLaunch {
+        threads,
+        dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
+        grid: [SizeExpr::seq_len().ceil_div(config.block_m as u64), SizeExpr::c(config.q_heads as u64), SizeExpr::batch()],
+    })
+}
+
+/// A descriptor for the runtime tile base `tile_address` (a 1024-aligned shared-window address):
+/// the constant fields plus `(tile_address + start_offset) >> 4` in the start-address field.
+fn descriptor<'ctx>(kb: &KernelBuilder<'_, 'ctx>, tile_address: IntValue<'ctx>, constant_bits: u64, start_offset: u32) -> Result<IntValue<'ctx>> {
+    let start = kb.builder().build_right_shift(kb.add(tile_address, kb.i32(start_offset as i64))?, kb.i32(4), false, "")?;
+    let i64_type = kb.context().i64_type();
+    Ok(kb.builder().build_int_add(kb.to_i64(start)?, i64_type.const_int(constant_bits, false), "")?)
+}
+
+/// `a · b + c` rounded once (`fma.rn.f32`).
+fn fma<'ctx>(kb: &KernelBuilder<'_, 'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+    let f32_type = kb.context().f32_type().into();
+    let function = intrinsic(kb.module(), "llvm.fma", &[f32_type])?;
+    float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
+}
+
+/// cp.async of rows `row_start ..` (`tile.rows` of them, zero-filled at and past `row_limit`) of
+/// one head's [S, d] view into a swizzled tile at `tile_base + byte_offset`, by `threads` threads.
+#[allow(clippy::too_many_arguments)]
+fn copy_tile_async<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    rows: &HeadRows<'ctx>,
+    row_start: IntValue<'ctx>,
+    row_limit: IntValue<'ctx>,
+    tile: &Swizzle128BTile,
+    tile_base: PointerValue<'ctx>,
+    byte_offset: u32,
+    threads: u32,
+) -> Result<()> {
+    let chunks_per_row = tile.cols / tile.chunk_elems();
+    let chunks = tile.rows * chunks_per_row;
+    if !chunks.is_multiple_of(threads) {
+        return Err(CodegenError::Unsupported(format!("{chunks} chunks of a {}×{} tile do not divide over {threads} threads", tile.rows, tile.cols)));
+    }
+    let thread = kb.thread_index()?;
+    for round in 0..chunks / threads {
+        let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
+        let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
+        let chunk_col = kb.rem(chunk, kb.i32(chunks_per_row as i64))?;
+        // The swizzled position (see `Swizzle128BTile::chunk_offset`).
+        let panel = kb.div(chunk_col, kb.i32(8))?;
+        let in_line = kb.builder().build_xor(kb.rem(chunk_col, kb.i32(8))?, kb.rem(row, kb.i32(8))?, "")?;
+        let shared_offset = kb.add(
+            kb.add(kb.mul(panel, kb.i32(tile.panel_bytes() as i64))?, kb.mul(row, kb.i32(128))?)?,
+            kb.add(kb.mul(in_line, kb.i32(16))?, kb.i32(byte_offset as i64))?,
+        )?;
+        let shared_address = kb.byte_pointer(tile_base, shared_offset)?;
+        let global_row = kb.add(row_start, row)?;
+        let inside = kb.lt(global_row, row_limit)?;
+        let element = kb.builder().build_int_add(
+            kb.builder().build_int_mul(kb.to_i64(global_row)?, kb.context().i64_type().const_int(rows.row_stride as u64, false), "")?,
+            kb.to_i64(kb.mul(chunk_col, kb.i32(tile.chunk_elems() as i64))?)?,
+            "",
+        )?;
+        let in_bounds = kb.element_pointer(rows.base, tile.elem, element)?;
+        // Out of bounds, point at the view's first element so no stray address is ever formed.
+        let address = kb.builder().build_select(inside, in_bounds, rows.base, "")?.into_pointer_value();
+        let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
+        kb.cp_async_16(shared_address, address, bytes)?;
+    }
+    Ok(())
+}
