@@ -44,7 +44,7 @@ pub struct HopperAttentionConfig {
     pub causal: bool,
     /// Multiplies q·k before the softmax (usually 1/√d).
     pub softmax_scale: f64,
-    /// Query rows per CTA: 64 per consumer warpgroup.
+    /// Query rows per CTA: 64 per warpgroup, one or two warpgroups.
     pub block_m: u32,
     /// Keys per K/V tile (the N of `S = Q · Kᵀ`, the K of `O += P · V`).
     pub block_n: u32,
@@ -80,8 +80,10 @@ impl HopperAttentionConfig {
         if self.head_dim != 64 && self.head_dim != 128 {
             return unsupported(format!("the wgmma attention kernel takes head_dim 64 or 128, not {}", self.head_dim));
         }
-        if self.block_m == 0 || !self.block_m.is_multiple_of(WARPGROUP_ROWS) || self.block_m > 3 * WARPGROUP_ROWS {
-            return unsupported(format!("block_m must be 64, 128 or 192 (64 rows per warpgroup), not {}", self.block_m));
+        // Three warpgroups would leave 170 registers per thread: S, O and P do not fit without
+        // warp specialization and setmaxnreg.
+        if self.block_m != WARPGROUP_ROWS && self.block_m != 2 * WARPGROUP_ROWS {
+            return unsupported(format!("block_m must be 64 or 128 (64 rows per warpgroup), not {}", self.block_m));
         }
         if self.block_n == 0 || !self.block_n.is_multiple_of(WGMMA_K) || self.block_n > 256 {
             return unsupported(format!("block_n must be a multiple of 16 up to 256, not {}", self.block_n));
