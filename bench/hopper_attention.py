@@ -121,8 +121,9 @@ def sdpa_time(backend, q, k, v, group, causal):
         return None
 
 
-def benchmark(kernel, batch, seq):
-    spec = kernel[0]
+def benchmark(kernel_variants, batch, seq):
+    """Times each kernel variant (same shape) and the two SDPA backends: {name: (ms, TFLOP/s)}."""
+    spec = kernel_variants[0][1][0]
     d = spec["head_dim"]
     q = torch.randn(batch, seq, spec["q_heads"], d, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, seq, spec["kv_heads"], d, device="cuda", dtype=torch.bfloat16)
@@ -131,7 +132,9 @@ def benchmark(kernel, batch, seq):
     lse = torch.empty(batch, spec["q_heads"], seq, device="cuda", dtype=torch.float32)
     flops = 4 * batch * seq * seq * spec["q_heads"] * d / (2 if spec["causal"] else 1)
     group = spec["q_heads"] // spec["kv_heads"]
-    results = {"ccc wgmma": time_ms(lambda: launch(kernel, q, k, v, o, lse))}
+    results = {}
+    for label, kernel in kernel_variants:
+        results[label] = time_ms(lambda: launch(kernel, q, k, v, o, lse))
     results["cuDNN"] = sdpa_time(SDPBackend.CUDNN_ATTENTION, q, k, v, group, spec["causal"])
     results["FA2"] = sdpa_time(SDPBackend.FLASH_ATTENTION, q, k, v, group, spec["causal"])
     return {name: (ms, flops / (ms * 1e-3) / 1e12 if ms else None) for name, ms in results.items()}
@@ -156,22 +159,26 @@ def main():
             print(f"  {'ok  ' if ok else 'FAIL'} {name:40s} B={batch} S={seq:5d}  o {o_error:.2e}  lse {lse_error:.2e}")
             report["correctness"].append(dict(kernel=name, B=batch, S=seq, ok=ok, o_rel_l2=o_error, lse_max_abs=lse_error))
     if not args.skip_timing:
-        print("\ntiming (median of 20, ms and TFLOP/s)")
-        print(f"  {'kernel':40s} {'B':>2s} {'S':>6s} | {'ccc wgmma':>17s} | {'cuDNN':>17s} | {'FA2':>17s}")
+        print("\ntiming (median of 20, ms and TFLOP/s; serial / overlap = ccc wgmma schedules)")
+        columns = ["serial", "overlap", "cuDNN", "FA2"]
+        print(f"  {'shape':36s} {'B':>2s} {'S':>6s} | " + " | ".join(f"{c:>17s}" for c in columns))
         for name, batch, seq in [
             ("attention_wgmma_d128_causal_h16_16", 1, 8192),
             ("attention_wgmma_d128_causal_h16_16", 1, 16384),
             ("attention_wgmma_d128_causal_h8_2", 1, 16384),
             ("attention_wgmma_d128_causal_h8_2", 4, 4096),
             ("attention_wgmma_d128_full_h8_2", 1, 16384),
+            ("attention_wgmma_d64_causal_h8_2", 1, 16384),
         ]:
-            if name not in kernels:
+            variants = [(label, kernels[n]) for label, n in [("serial", name), ("overlap", name + "_overlap")] if n in kernels]
+            if not variants:
                 continue
-            results = benchmark(kernels[name], batch, seq)
-            cells = " | ".join(
-                f"{ms:7.3f} {tflops:6.1f} TF" if ms else f"{'n/a':>17s}" for ms, tflops in results.values()
-            )
-            print(f"  {name:40s} {batch:2d} {seq:6d} | {cells}")
+            results = benchmark(variants, batch, seq)
+            cells = []
+            for column in columns:
+                ms, tflops = results.get(column, (None, None))
+                cells.append(f"{ms:7.3f} {tflops:6.1f} TF" if ms else f"{'n/a':>17s}")
+            print(f"  {name[len('attention_wgmma_'):]:36s} {batch:2d} {seq:6d} | " + " | ".join(cells))
             report["timing"].append(dict(kernel=name, B=batch, S=seq, results=results))
     if args.out:
         with open(args.out, "w") as handle:

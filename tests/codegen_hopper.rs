@@ -7,8 +7,8 @@ use std::process::Command;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    HopperAttentionConfig, HopperAttentionLaunch, MatrixDescriptor, OperandMajor, Swizzle128BTile, WgmmaA, WgmmaShape,
-    emit_attention_wgmma,
+    HopperAttentionConfig, HopperAttentionLaunch, MatrixDescriptor, OperandMajor, Schedule, Swizzle128BTile, WgmmaA,
+    WgmmaShape, emit_attention_wgmma,
 };
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
 use ccc::ir::size::SizeExpr;
@@ -110,7 +110,7 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
         let a = [kb.i32(0x3c00_3c00); 4];
         let acc = kb.wgmma(shape, WgmmaA::Registers(a), descriptor(OperandMajor::MN, 16, 0)?, OperandMajor::MN, Accumulate::Add, &acc)?;
         kb.wgmma_commit_group()?;
-        let acc = kb.wgmma_wait(0, &acc)?;
+        let acc = kb.wgmma_wait_accumulators(0, &acc)?;
         let mut total = kb.f32(0.0);
         for value in acc {
             total = kb.fadd(total, value)?;
@@ -161,7 +161,12 @@ fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAtt
         block_m: 128,
         block_n: 128,
         stages: 2,
+        schedule: Schedule::Serial,
     }
+}
+
+fn overlapped(config: HopperAttentionConfig) -> HopperAttentionConfig {
+    HopperAttentionConfig { name: format!("{}_overlap", config.name), stages: 3, schedule: Schedule::OverlapSoftmax, ..config }
 }
 
 fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) {
@@ -173,7 +178,16 @@ fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) 
 
 /// The kernels the GPU script checks and times.
 fn bench_configs() -> Vec<HopperAttentionConfig> {
-    vec![config(128, true, 16, 16), config(128, true, 8, 2), config(128, false, 8, 2), config(64, true, 8, 2)]
+    vec![
+        config(128, true, 16, 16),
+        config(128, true, 8, 2),
+        config(128, false, 8, 2),
+        config(64, true, 8, 2),
+        overlapped(config(128, true, 16, 16)),
+        overlapped(config(128, true, 8, 2)),
+        overlapped(config(128, false, 8, 2)),
+        overlapped(config(64, true, 8, 2)),
+    ]
 }
 
 #[test]
@@ -188,19 +202,35 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
         assert_eq!(launch.threads, 128 * warpgroups);
         assert_eq!(launch.dynamic_shared_bytes, tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + 1024);
         assert_eq!(launch.grid, [SizeExpr::seq_len().ceil_div(config.block_m as u64), SizeExpr::c(config.q_heads as u64), SizeExpr::batch()]);
-        // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}.
+        // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}. The
+        // overlapped schedule peels S of the first tile and P·V of the last one off the loop.
+        let copies = match config.schedule {
+            Schedule::Serial => 1,
+            Schedule::OverlapSoftmax => 2,
+        };
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
         let rs = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.head_dim);
         if config.block_n == config.head_dim {
-            assert_eq!(count(&ptx, &ss), (config.head_dim / 16 + config.block_n / 16) as usize);
+            assert_eq!(count(&ptx, &ss), copies * (config.head_dim / 16 + config.block_n / 16) as usize);
         } else {
-            assert_eq!(count(&ptx, &ss), (config.head_dim / 16) as usize);
-            assert_eq!(count(&ptx, &rs), (config.block_n / 16) as usize);
+            assert_eq!(count(&ptx, &ss), copies * (config.head_dim / 16) as usize);
+            assert_eq!(count(&ptx, &rs), copies * (config.block_n / 16) as usize);
         }
-        assert_eq!(count(&ptx, "wgmma.fence.sync.aligned;"), 2);
-        assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 2);
-        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 1);
-        assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 1)), 1);
+        assert_eq!(count(&ptx, "wgmma.fence.sync.aligned;"), 2 * copies);
+        assert_eq!(count(&ptx, "wgmma.commit_group.sync.aligned;"), 2 * copies);
+        match config.schedule {
+            Schedule::Serial => {
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 2);
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 1);
+                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 1)), 1);
+            }
+            Schedule::OverlapSoftmax => {
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 3);
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 1, "softmax waits only for S");
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 2);
+                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 2);
+            }
+        }
         let log = ptxas_log(&ptx, &config.name);
         let report = ptxas::parse_report(&log).expect("report").remove(0);
         assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
@@ -239,6 +269,7 @@ fn codegen_hopper_attention_rejects_bad_configurations() {
         HopperAttentionConfig { block_m: 192, ..good.clone() },
         HopperAttentionConfig { block_n: 72, ..good.clone() },
         HopperAttentionConfig { stages: 1, ..good.clone() },
+        HopperAttentionConfig { stages: 2, schedule: Schedule::OverlapSoftmax, ..good.clone() },
         HopperAttentionConfig { elem: Elem::F32, ..good.clone() },
         // Q + 4 stages of 256-key K and V tiles: 288 KiB.
         HopperAttentionConfig { block_n: 256, stages: 4, ..good.clone() },

@@ -48,15 +48,29 @@ pub struct HopperAttentionConfig {
     pub block_m: u32,
     /// Keys per K/V tile (the N of `S = Q · Kᵀ`, the K of `O += P · V`).
     pub block_n: u32,
-    /// K/V shared buffers in flight (2 = double buffering).
+    /// K/V shared buffers (at least 2 for [`Schedule::Serial`], 3 for [`Schedule::OverlapSoftmax`]).
     pub stages: u32,
+    pub schedule: Schedule,
+}
+
+/// How each warpgroup orders its two GEMMs and the softmax within one key tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Schedule {
+    /// `S = Q·Kᵀ`, wait, softmax, `O += P·V`, wait: the tensor cores idle during the softmax
+    /// unless the other warpgroup happens to fill them.
+    Serial,
+    /// Iteration j issues `S_j = Q·K_jᵀ` and `O += P_{j-1}·V_{j-1}` back to back, waits only for
+    /// `S_j`, and runs the softmax of tile j while `P·V` is still on the tensor cores
+    /// (FlashAttention-3's intra-warpgroup overlap). Keeps P of two tiles live, and V of tile
+    /// j - 1 in shared memory while tile j + 1 loads, so it needs 3 stages.
+    OverlapSoftmax,
 }
 
 impl HopperAttentionConfig {
     /// A human-readable description used as part of a cache key.
     pub fn describe(&self) -> String {
         format!(
-            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={}",
+            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?}",
             self.name,
             self.elem.name(),
             self.head_dim,
@@ -66,7 +80,8 @@ impl HopperAttentionConfig {
             self.softmax_scale,
             self.block_m,
             self.block_n,
-            self.stages
+            self.stages,
+            self.schedule
         )
     }
 
@@ -88,8 +103,12 @@ impl HopperAttentionConfig {
         if self.block_n == 0 || !self.block_n.is_multiple_of(WGMMA_K) || self.block_n > 256 {
             return unsupported(format!("block_n must be a multiple of 16 up to 256, not {}", self.block_n));
         }
-        if self.stages < 2 {
-            return unsupported("the K/V pipeline needs at least 2 stages");
+        let least_stages = match self.schedule {
+            Schedule::Serial => 2,
+            Schedule::OverlapSoftmax => 3,
+        };
+        if self.stages < least_stages {
+            return unsupported(format!("the {:?} schedule needs at least {least_stages} K/V stages", self.schedule));
         }
         Ok(())
     }
@@ -228,6 +247,8 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
 
     let output = (0..output_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
     let scores = (0..scores_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
+    // P packed as b16x2, kept as f32 bit patterns (the slots are f32) between iterations.
+    let probabilities = (0..config.block_n / 4).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
     let running_max = [kb.register_slot()?, kb.register_slot()?];
     let running_sum = [kb.register_slot()?, kb.register_slot()?];
     for slot in &output {
@@ -239,29 +260,15 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     }
     let scale_log2 = config.softmax_scale * std::f64::consts::LOG2_E;
     let q_warpgroup_address = kb.add(aligned_address, kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?)?;
-
-    // Prologue: Q and the first `stages - 1` K/V tiles, one cp.async group each.
-    issue_q()?;
-    for tile in 0..config.stages - 1 {
-        let tile = kb.i32(tile as i64);
-        kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
-        kb.cp_async_commit()?;
-    }
-    kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
-        let ahead = kb.add(tile, kb.i32(config.stages as i64 - 1))?;
-        kb.if_then(kb.lt(ahead, key_tiles)?, |kb| issue_kv(kb, ahead))?;
-        // Always commit (an empty group near the end) so that the wait count is constant.
-        kb.cp_async_commit()?;
-        kb.cp_async_wait(config.stages - 1)?;
-        // cp.async wrote through the generic proxy; wgmma reads through the async one.
-        kb.fence_proxy_async_shared()?;
-        kb.barrier()?;
+    let stage_addresses = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<(IntValue<'ctx>, IntValue<'ctx>)> {
         let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
         let k_address =
             kb.add(kb.add(aligned_address, kb.i32(plan.k_offset(0) as i64))?, kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
-        let v_address = kb.add(k_address, kb.i32(plan.kv.footprint_bytes() as i64))?;
+        Ok((k_address, kb.add(k_address, kb.i32(plan.kv.footprint_bytes() as i64))?))
+    };
 
-        // S = Q · Kᵀ for this warpgroup's 64 rows.
+    // S = Q · Kᵀ for this warpgroup's 64 rows, issued and committed as one wgmma group.
+    let issue_scores = |kb: &KernelBuilder<'_, 'ctx>, k_address: IntValue<'ctx>| -> Result<Vec<FloatValue<'ctx>>> {
         let undefined = kb.context().f32_type().get_undef();
         let mut s: Vec<FloatValue<'ctx>> = vec![undefined; scores_shape.accumulator_registers() as usize];
         kb.wgmma_fence(&[])?;
@@ -274,12 +281,48 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             s = kb.wgmma(scores_shape, WgmmaA::Shared(a), b, OperandMajor::K, accumulate, &s)?;
         }
         kb.wgmma_commit_group()?;
-        let s = kb.wgmma_wait(0, &s)?;
-        for (slot, value) in scores.iter().zip(&s) {
+        Ok(s)
+    };
+
+    // O += P · V from the slots, issued as one wgmma group. Returns O and P as they left the
+    // fence: wgmma keeps reading P after issue, so P must stay live until the group's wait.
+    let issue_output = |kb: &KernelBuilder<'_, 'ctx>, v_address: IntValue<'ctx>| -> Result<(Vec<FloatValue<'ctx>>, Vec<BasicValueEnum<'ctx>>)> {
+        let mut fenced: Vec<BasicValueEnum<'ctx>> = output.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
+        for slot in &probabilities {
+            let bits = kb.builder().build_bit_cast(kb.load_f32(*slot)?, kb.context().i32_type(), "")?;
+            fenced.push(bits);
+        }
+        let fenced = kb.wgmma_fence(&fenced)?;
+        let (o_fenced, p_fenced) = fenced.split_at(output.len());
+        let mut o: Vec<FloatValue<'ctx>> = o_fenced.iter().map(|value| value.into_float_value()).collect();
+        for (k_step, a) in p_fenced.chunks(4).enumerate() {
+            let a = [a[0].into_int_value(), a[1].into_int_value(), a[2].into_int_value(), a[3].into_int_value()];
+            let b_desc = plan.kv.mn_major_descriptor(k_step as u32 * WGMMA_K, 0)?;
+            let b = descriptor(kb, v_address, b_desc.constant_bits(), b_desc.start_offset)?;
+            o = kb.wgmma(output_shape, WgmmaA::Registers(a), b, OperandMajor::MN, Accumulate::Add, &o)?;
+        }
+        kb.wgmma_commit_group()?;
+        Ok((o, p_fenced.to_vec()))
+    };
+
+    // Waits for the output group (and all before it), keeping P live until then; stores O.
+    let finish_output = |kb: &KernelBuilder<'_, 'ctx>, o: &[FloatValue<'ctx>], p: &[BasicValueEnum<'ctx>]| -> Result<()> {
+        let mut pending: Vec<BasicValueEnum<'ctx>> = o.iter().map(|value| (*value).into()).collect();
+        pending.extend_from_slice(p);
+        let waited = kb.wgmma_wait(0, &pending)?;
+        for (slot, value) in output.iter().zip(&waited) {
+            kb.store_f32(*slot, value.into_float_value())?;
+        }
+        Ok(())
+    };
+
+    // Mask (only on tiles that reach past the sequence end or, causal, past the first query row),
+    // online softmax per row half (the quad of 4 lanes shares a row), P packed into the slots.
+    // Returns the factor by which O must be rescaled.
+    let softmax = |kb: &KernelBuilder<'_, 'ctx>, s: &[FloatValue<'ctx>], tile: IntValue<'ctx>| -> Result<[FloatValue<'ctx>; 2]> {
+        for (slot, value) in scores.iter().zip(s) {
             kb.store_f32(*slot, *value)?;
         }
-
-        // Mask only tiles that reach past the sequence end or (causal) past the first query row.
         let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
         let key_end = kb.add(key_start, kb.i32(config.block_n as i64))?;
         let mut needs_mask = kb.lt(seq_len, key_end)?;
@@ -302,8 +345,6 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             Ok(())
         })?;
         let s: Vec<FloatValue<'ctx>> = scores.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
-
-        // Online softmax per row half; the quad (4 lanes) shares a row.
         let mut shift = [kb.f32(0.0); 2];
         let mut rescale = [kb.f32(0.0); 2];
         for h in 0..2 {
@@ -328,8 +369,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         let mut partial_sum = [kb.f32(0.0); 2];
         for (index, value) in s.iter().enumerate() {
             let h = (index / 2) % 2;
-            let exponent = fma(kb, *value, kb.f32(scale_log2), negative_shift[h])?;
-            let probability = kb.exp2_approx(exponent)?;
+            let probability = kb.exp2_approx(fma(kb, *value, kb.f32(scale_log2), negative_shift[h])?)?;
             partial_sum[h] = kb.fadd(partial_sum[h], probability)?;
             p.push(probability);
         }
@@ -338,38 +378,104 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             let decayed = kb.fmul(kb.load_f32(running_sum[h])?, rescale[h])?;
             kb.store_f32(running_sum[h], kb.fadd(decayed, partial_sum[h])?)?;
         }
-        let rescaled: Vec<FloatValue<'ctx>> = output
-            .iter()
-            .enumerate()
-            .map(|(index, slot)| kb.fmul(kb.load_f32(*slot)?, rescale[(index / 2) % 2]))
-            .collect::<Result<_>>()?;
-
-        // P as wgmma A fragments: n8 column blocks 2t and 2t + 1 form k16 step t. They and the
-        // rescaled O pass through the fence together.
-        let mut fenced: Vec<BasicValueEnum<'ctx>> = rescaled.iter().map(|value| (*value).into()).collect();
+        // wgmma A fragments: n8 column blocks 2t and 2t + 1 form k16 step t.
+        let mut packed = probabilities.iter();
         for k_step in 0..(config.block_n / WGMMA_K) as usize {
             let (low, high) = (8 * k_step, 8 * k_step + 4);
             for first in [low, low + 2, high, high + 2] {
-                fenced.push(kb.pack_half2(config.elem, p[first], p[first + 1])?.into());
+                let bits = kb.pack_half2(config.elem, p[first], p[first + 1])?;
+                let slot = packed.next().ok_or_else(|| CodegenError::Llvm("P slots run out".to_string()))?;
+                kb.store_f32(*slot, kb.builder().build_bit_cast(bits, kb.context().f32_type(), "")?.into_float_value())?;
             }
         }
-        let fenced = kb.wgmma_fence(&fenced)?;
-        let (o_fenced, p_fenced) = fenced.split_at(rescaled.len());
-        let mut o: Vec<FloatValue<'ctx>> = o_fenced.iter().map(|value| value.into_float_value()).collect();
-        for (k_step, a) in p_fenced.chunks(4).enumerate() {
-            let a = [a[0].into_int_value(), a[1].into_int_value(), a[2].into_int_value(), a[3].into_int_value()];
-            let b_desc = plan.kv.mn_major_descriptor(k_step as u32 * WGMMA_K, 0)?;
-            let b = descriptor(kb, v_address, b_desc.constant_bits(), b_desc.start_offset)?;
-            o = kb.wgmma(output_shape, WgmmaA::Registers(a), b, OperandMajor::MN, Accumulate::Add, &o)?;
+        Ok(rescale)
+    };
+    let rescale_output = |kb: &KernelBuilder<'_, 'ctx>, rescale: [FloatValue<'ctx>; 2]| -> Result<()> {
+        for (index, slot) in output.iter().enumerate() {
+            kb.store_f32(*slot, kb.fmul(kb.load_f32(*slot)?, rescale[(index / 2) % 2])?)?;
         }
-        kb.wgmma_commit_group()?;
-        let o = kb.wgmma_wait(0, &o)?;
-        for (slot, value) in output.iter().zip(&o) {
-            kb.store_f32(*slot, *value)?;
-        }
-        // The next iteration's copy overwrites the stage just read.
+        Ok(())
+    };
+    // cp.async wrote through the generic proxy and wgmma reads through the async one: wait,
+    // fence, then the barrier publishes the tile to both warpgroups.
+    let publish_tile = |kb: &KernelBuilder<'_, 'ctx>, pending: u32| -> Result<()> {
+        kb.cp_async_wait(pending)?;
+        kb.fence_proxy_async_shared()?;
         kb.barrier()
-    })?;
+    };
+
+    issue_q()?;
+    match config.schedule {
+        Schedule::Serial => {
+            // Prologue: Q and the first `stages - 1` K/V tiles, one cp.async group each.
+            for tile in 0..config.stages - 1 {
+                let tile = kb.i32(tile as i64);
+                kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
+                kb.cp_async_commit()?;
+            }
+            kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                let ahead = kb.add(tile, kb.i32(config.stages as i64 - 1))?;
+                kb.if_then(kb.lt(ahead, key_tiles)?, |kb| issue_kv(kb, ahead))?;
+                // Always commit (an empty group near the end) so that the wait count is constant.
+                kb.cp_async_commit()?;
+                publish_tile(kb, config.stages - 1)?;
+                let (k_address, v_address) = stage_addresses(kb, tile)?;
+                let s = issue_scores(kb, k_address)?;
+                let s = kb.wgmma_wait_accumulators(0, &s)?;
+                let rescale = softmax(kb, &s, tile)?;
+                rescale_output(kb, rescale)?;
+                let (o, p) = issue_output(kb, v_address)?;
+                finish_output(kb, &o, &p)?;
+                // The next iteration's copy overwrites the stage just read.
+                kb.barrier()
+            })?;
+        }
+        Schedule::OverlapSoftmax => {
+            // Tile j's stage is reloaded with tile j + stages only after P·V of tile j, which
+            // runs in iteration j + 1: `stages - 2` tiles are loaded ahead. Tile j + stages - 2
+            // is issued right after the barrier of iteration j, when every warpgroup has
+            // finished iteration j - 1 and with it P·V of tile j - 2, the stage's last reader.
+            let ahead = config.stages - 2;
+            for tile in 0..ahead {
+                let tile = kb.i32(tile as i64);
+                kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
+                kb.cp_async_commit()?;
+            }
+            let start_tile = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                publish_tile(kb, ahead - 1)?;
+                let next = kb.add(tile, kb.i32(ahead as i64))?;
+                kb.if_then(kb.lt(next, key_tiles)?, |kb| issue_kv(kb, next))?;
+                kb.cp_async_commit()
+            };
+            let any_tiles = kb.lt(kb.i32(0), key_tiles)?;
+            kb.if_then(any_tiles, |kb| {
+                let first = kb.i32(0);
+                start_tile(kb, first)?;
+                let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
+                let s = kb.wgmma_wait_accumulators(0, &s)?;
+                // O is still zero: no rescale.
+                softmax(kb, &s, first)?;
+                Ok(())
+            })?;
+            kb.for_range(kb.i32(1), key_tiles, |kb, tile| {
+                start_tile(kb, tile)?;
+                let (k_address, _) = stage_addresses(kb, tile)?;
+                let (_, previous_v_address) = stage_addresses(kb, kb.sub(tile, kb.i32(1))?)?;
+                // S of this tile and P·V of the previous one run while this tile's softmax does.
+                let s = issue_scores(kb, k_address)?;
+                let (o, p) = issue_output(kb, previous_v_address)?;
+                let s = kb.wgmma_wait_accumulators(1, &s)?;
+                let rescale = softmax(kb, &s, tile)?;
+                finish_output(kb, &o, &p)?;
+                rescale_output(kb, rescale)
+            })?;
+            kb.if_then(any_tiles, |kb| {
+                let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
+                let (o, p) = issue_output(kb, last_v_address)?;
+                finish_output(kb, &o, &p)
+            })?;
+        }
+    }
 
     // O / l and lse = (m + log2 l) · ln 2; rows without any key (l = 0) give O = 0, lse = -inf.
     let mut inverse_sum = [kb.f32(0.0); 2];

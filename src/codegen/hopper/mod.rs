@@ -12,6 +12,6 @@ pub mod attention;
 pub mod layout;
 pub mod primitives;
 
-pub use attention::{HopperAttentionConfig, HopperAttentionLaunch, emit_attention_wgmma};
+pub use attention::{HopperAttentionConfig, HopperAttentionLaunch, Schedule, emit_attention_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{WgmmaA, WgmmaShape};

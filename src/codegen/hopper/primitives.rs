@@ -104,12 +104,18 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
-    /// `wgmma.wait_group.sync.aligned pending`: waits until at most `pending` groups are in flight;
-    /// returns `registers` (the accumulators written by the finished groups) from the wait.
-    pub fn wgmma_wait(&self, pending: u32, registers: &[FloatValue<'ctx>]) -> Result<Vec<FloatValue<'ctx>>> {
-        let values: Vec<BasicValueEnum<'ctx>> = registers.iter().map(|value| (*value).into()).collect();
-        let waited = self.ptx_passing_registers(&format!("wgmma.wait_group.sync.aligned {pending};"), &values)?;
-        Ok(waited.into_iter().map(|value| value.into_float_value()).collect())
+    /// `wgmma.wait_group.sync.aligned pending`: waits until at most `pending` groups are in flight.
+    /// Pass the accumulators of the finished groups (read after the wait) and the A-fragment
+    /// registers that their wgmma read (which must not be reused before it): they come back from
+    /// the wait.
+    pub fn wgmma_wait(&self, pending: u32, registers: &[BasicValueEnum<'ctx>]) -> Result<Vec<BasicValueEnum<'ctx>>> {
+        self.ptx_passing_registers(&format!("wgmma.wait_group.sync.aligned {pending};"), registers)
+    }
+
+    /// [`Self::wgmma_wait`] for accumulators only.
+    pub fn wgmma_wait_accumulators(&self, pending: u32, accumulators: &[FloatValue<'ctx>]) -> Result<Vec<FloatValue<'ctx>>> {
+        let values: Vec<BasicValueEnum<'ctx>> = accumulators.iter().map(|value| (*value).into()).collect();
+        Ok(self.wgmma_wait(pending, &values)?.into_iter().map(|value| value.into_float_value()).collect())
     }
 
     /// `wgmma.mma_async.sync.aligned.m64nNk16.f32.{bf16,f16}.{bf16,f16}`:
