@@ -203,10 +203,11 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
         assert_eq!(launch.dynamic_shared_bytes, tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + 1024);
         assert_eq!(launch.grid, [SizeExpr::seq_len().ceil_div(config.block_m as u64), SizeExpr::c(config.q_heads as u64), SizeExpr::batch()]);
         // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}. The
-        // overlapped schedule peels S of the first tile and P·V of the last one off the loop.
+        // overlapped schedule peels S of the first tile and P·V of the last one off its two loops
+        // (unmasked tiles, masked tiles).
         let copies = match config.schedule {
             Schedule::Serial => 1,
-            Schedule::OverlapSoftmax => 2,
+            Schedule::OverlapSoftmax => 3,
         };
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
         let rs = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.head_dim);
@@ -225,10 +226,10 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 1)), 1);
             }
             Schedule::OverlapSoftmax => {
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 3);
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 1, "softmax waits only for S");
-                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 2);
-                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 2);
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
+                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 3);
             }
         }
         let log = ptxas_log(&ptx, &config.name);

@@ -124,6 +124,15 @@ pub struct HopperAttentionLaunch {
     pub grid: [SizeExpr; 3],
 }
 
+/// Whether the softmax of a tile applies the mask (sequence end, causal diagonal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Masking {
+    Never,
+    Always,
+    /// Branches on whether the tile needs it (only where no wgmma is in flight).
+    WhenNeeded,
+}
+
 /// Shared tiles of one CTA, at byte offsets from the 1024-aligned base.
 struct SharedPlan {
     q: Swizzle128BTile,
@@ -234,6 +243,15 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     } else {
         key_tiles_in_sequence
     };
+    // Tiles below this one need no mask: they end at or before the sequence end and (causal)
+    // at or before the first query row of the CTA + 1.
+    let whole_tiles_in_sequence = kb.div(seq_len, kb.i32(config.block_n as i64))?;
+    let unmasked_tiles = if config.causal {
+        let below_diagonal = kb.div(kb.add(query_start, kb.i32(1))?, kb.i32(config.block_n as i64))?;
+        kb.min(kb.min(below_diagonal, whole_tiles_in_sequence)?, key_tiles)?
+    } else {
+        kb.min(whole_tiles_in_sequence, key_tiles)?
+    };
 
     let issue_q = || copy_tile_async(&kb, &q_rows, query_start, seq_len, &plan.q, aligned, 0, threads);
     let issue_kv = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
@@ -319,17 +337,13 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     // Mask (only on tiles that reach past the sequence end or, causal, past the first query row),
     // online softmax per row half (the quad of 4 lanes shares a row), P packed into the slots.
     // Returns the factor by which O must be rescaled.
-    let softmax = |kb: &KernelBuilder<'_, 'ctx>, s: &[FloatValue<'ctx>], tile: IntValue<'ctx>| -> Result<[FloatValue<'ctx>; 2]> {
+    let softmax = |kb: &KernelBuilder<'_, 'ctx>, s: &[FloatValue<'ctx>], tile: IntValue<'ctx>, masking: Masking| -> Result<[FloatValue<'ctx>; 2]> {
         for (slot, value) in scores.iter().zip(s) {
             kb.store_f32(*slot, *value)?;
         }
         let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
-        let key_end = kb.add(key_start, kb.i32(config.block_n as i64))?;
-        let mut needs_mask = kb.lt(seq_len, key_end)?;
-        if config.causal {
-            needs_mask = kb.or(needs_mask, kb.lt(kb.add(query_start, kb.i32(1))?, key_end)?)?;
-        }
-        kb.if_then(needs_mask, |kb| {
+        let needs_mask = kb.le(unmasked_tiles, tile)?;
+        let apply_mask = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
             for (index, slot) in scores.iter().enumerate() {
                 let index = index as u32;
                 let col = kb.add(pair_col, kb.i32((8 * (index / 4) + index % 2) as i64))?;
@@ -343,7 +357,12 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 kb.store_f32(*slot, kb.select_f32(allowed, value, kb.f32(f64::NEG_INFINITY))?)?;
             }
             Ok(())
-        })?;
+        };
+        match masking {
+            Masking::Never => {}
+            Masking::Always => apply_mask(kb)?,
+            Masking::WhenNeeded => kb.if_then(needs_mask, apply_mask)?,
+        }
         let s: Vec<FloatValue<'ctx>> = scores.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
         let mut shift = [kb.f32(0.0); 2];
         let mut rescale = [kb.f32(0.0); 2];
@@ -422,7 +441,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 let (k_address, v_address) = stage_addresses(kb, tile)?;
                 let s = issue_scores(kb, k_address)?;
                 let s = kb.wgmma_wait_accumulators(0, &s)?;
-                let rescale = softmax(kb, &s, tile)?;
+                let rescale = softmax(kb, &s, tile, Masking::WhenNeeded)?;
                 rescale_output(kb, rescale)?;
                 let (o, p) = issue_output(kb, v_address)?;
                 finish_output(kb, &o, &p)?;
@@ -454,10 +473,12 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
                 let s = kb.wgmma_wait_accumulators(0, &s)?;
                 // O is still zero: no rescale.
-                softmax(kb, &s, first)?;
+                softmax(kb, &s, first, Masking::WhenNeeded)?;
                 Ok(())
             })?;
-            kb.for_range(kb.i32(1), key_tiles, |kb, tile| {
+            // While P·V is in flight the softmax must not branch: ptxas waits for all wgmma
+            // at a join. So the tiles after the first run in two loops, without and with mask.
+            let steady_state = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, masking: Masking| -> Result<()> {
                 start_tile(kb, tile)?;
                 let (k_address, _) = stage_addresses(kb, tile)?;
                 let (_, previous_v_address) = stage_addresses(kb, kb.sub(tile, kb.i32(1))?)?;
@@ -465,10 +486,13 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 let s = issue_scores(kb, k_address)?;
                 let (o, p) = issue_output(kb, previous_v_address)?;
                 let s = kb.wgmma_wait_accumulators(1, &s)?;
-                let rescale = softmax(kb, &s, tile)?;
+                let rescale = softmax(kb, &s, tile, masking)?;
                 finish_output(kb, &o, &p)?;
                 rescale_output(kb, rescale)
-            })?;
+            };
+            let first_masked = kb.select_int(kb.lt(unmasked_tiles, kb.i32(1))?, kb.i32(1), unmasked_tiles)?;
+            kb.for_range(kb.i32(1), first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
+            kb.for_range(first_masked, key_tiles, |kb, tile| steady_state(kb, tile, Masking::Always))?;
             kb.if_then(any_tiles, |kb| {
                 let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
                 let (o, p) = issue_output(kb, last_v_address)?;
