@@ -169,6 +169,10 @@ fn overlapped(config: HopperAttentionConfig) -> HopperAttentionConfig {
     HopperAttentionConfig { name: format!("{}_overlap", config.name), stages: 3, schedule: Schedule::OverlapSoftmax, ..config }
 }
 
+fn warp_specialized(config: HopperAttentionConfig) -> HopperAttentionConfig {
+    HopperAttentionConfig { name: format!("{}_ws", config.name), stages: 3, schedule: Schedule::WarpSpecialized, ..config }
+}
+
 fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) {
     let context = Context::create();
     let module = PtxModule::new(&context, &config.name).expect("module");
@@ -187,6 +191,10 @@ fn bench_configs() -> Vec<HopperAttentionConfig> {
         overlapped(config(128, true, 8, 2)),
         overlapped(config(128, false, 8, 2)),
         overlapped(config(64, true, 8, 2)),
+        warp_specialized(config(128, true, 16, 16)),
+        warp_specialized(config(128, true, 8, 2)),
+        warp_specialized(config(128, false, 8, 2)),
+        warp_specialized(config(64, true, 8, 2)),
     ]
 }
 
@@ -196,18 +204,30 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
     variants.push(HopperAttentionConfig { name: "attention_wgmma_f16_m64_s3".into(), elem: Elem::F16, block_m: 64, stages: 3, ..config(128, true, 8, 2) });
     for config in &variants {
         let (ptx, launch) = attention(config);
+        if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
+            // For bench/hopper_attention.py (see there).
+            std::fs::create_dir_all(&dir).expect("output dir");
+            std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", config.name)), &ptx).expect("write ptx");
+        }
         let kind = config.elem.name();
         let warpgroups = config.block_m / 64;
         let tile_bytes = |rows: u32| rows * config.head_dim * 2;
-        assert_eq!(launch.threads, 128 * warpgroups);
-        assert_eq!(launch.dynamic_shared_bytes, tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + 1024);
+        let (producers, barrier_bytes) = match config.schedule {
+            Schedule::WarpSpecialized => (1, 2 * config.stages * 8),
+            Schedule::Serial | Schedule::OverlapSoftmax => (0, 0),
+        };
+        assert_eq!(launch.threads, 128 * (warpgroups + producers));
+        assert_eq!(
+            launch.dynamic_shared_bytes,
+            tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + barrier_bytes + 1024
+        );
         assert_eq!(launch.grid, [SizeExpr::seq_len().ceil_div(config.block_m as u64), SizeExpr::c(config.q_heads as u64), SizeExpr::batch()]);
         // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}. The
         // overlapped schedule peels S of the first tile and P·V of the last one off its two loops
         // (unmasked tiles, masked tiles).
         let copies = match config.schedule {
             Schedule::Serial => 1,
-            Schedule::OverlapSoftmax => 3,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized => 3,
         };
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
         let rs = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.head_dim);
@@ -231,17 +251,25 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
                 assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 3);
             }
+            Schedule::WarpSpecialized => {
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
+                // The producer publishes each tile after its copies landed: in the loop and after it.
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 2);
+                assert_eq!(count(&ptx, "cp.async.wait_group 1;"), 1);
+                assert_eq!(count(&ptx, "cp.async.wait_group 0;"), 1);
+                assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * config.stages as usize);
+                assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 40;"), 1);
+                assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 232;"), 1);
+                assert!(ptx.contains(&format!(".maxntid {}", launch.threads)), "register cap at entry");
+                assert_eq!(count(&ptx, "bar.sync"), 1, "only the barrier after the mbarrier set-up");
+            }
         }
         let log = ptxas_log(&ptx, &config.name);
         let report = ptxas::parse_report(&log).expect("report").remove(0);
         assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
         assert!(!log.contains("C75"), "ptxas had to serialize or fence wgmma itself:\n{log}");
         println!("{} {report:?} smem {}", config.name, launch.dynamic_shared_bytes);
-        if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
-            // For bench/hopper_attention.py (see there).
-            std::fs::create_dir_all(&dir).expect("output dir");
-            std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", config.name)), &ptx).expect("write ptx");
-        }
     }
     if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
         let specs: Vec<_> = variants

@@ -18,6 +18,7 @@
 
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 use inkwell::IntPredicate;
+use inkwell::attributes::AttributeLoc;
 
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
@@ -64,7 +65,19 @@ pub enum Schedule {
     /// (FlashAttention-3's intra-warpgroup overlap). Keeps P of two tiles live, and V of tile
     /// j - 1 in shared memory while tile j + 1 loads, so it needs 3 stages.
     OverlapSoftmax,
+    /// [`Schedule::OverlapSoftmax`] in the consumer warpgroups, plus one producer warpgroup that
+    /// does all cp.async copies (Q with the first tile) and hands stages over through `mbarrier`s
+    /// (full: producer → consumers, empty: consumers → producer) instead of CTA-wide barriers,
+    /// so that the consumer warpgroups drift apart and one's softmax overlaps the other's GEMMs.
+    /// `setmaxnreg` moves registers from the producer (40) to the consumers (232).
+    WarpSpecialized,
 }
+
+/// Per-thread registers of the producer warpgroup of [`Schedule::WarpSpecialized`]: values
+/// computed before the role split stay live in it, and with 24 or 32 ptxas spills some.
+const PRODUCER_REGISTERS: u32 = 40;
+/// Per-thread registers of its consumer warpgroups (2 · 128 · 232 + 128 · 40 ≤ 65536).
+const CONSUMER_REGISTERS: u32 = 232;
 
 impl HopperAttentionConfig {
     /// A human-readable description used as part of a cache key.
@@ -105,7 +118,7 @@ impl HopperAttentionConfig {
         }
         let least_stages = match self.schedule {
             Schedule::Serial => 2,
-            Schedule::OverlapSoftmax => 3,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized => 3,
         };
         if self.stages < least_stages {
             return unsupported(format!("the {:?} schedule needs at least {least_stages} K/V stages", self.schedule));
@@ -138,6 +151,8 @@ struct SharedPlan {
     q: Swizzle128BTile,
     kv: Swizzle128BTile,
     stage_bytes: u32,
+    /// Where the `mbarrier`s start (after the tiles): `full[stages]`, then `empty[stages]`.
+    barriers_offset: u32,
     total_bytes: u32,
 }
 
@@ -146,7 +161,12 @@ impl SharedPlan {
         let q = Swizzle128BTile::new(config.elem, config.block_m, config.head_dim)?;
         let kv = Swizzle128BTile::new(config.elem, config.block_n, config.head_dim)?;
         let stage_bytes = 2 * kv.footprint_bytes();
-        let total_bytes = q.footprint_bytes() + config.stages * stage_bytes;
+        let barriers_offset = q.footprint_bytes() + config.stages * stage_bytes;
+        let barrier_bytes = match config.schedule {
+            Schedule::WarpSpecialized => 2 * config.stages * 8,
+            Schedule::Serial | Schedule::OverlapSoftmax => 0,
+        };
+        let total_bytes = barriers_offset + barrier_bytes;
         if total_bytes + TILE_ALIGNMENT > MAX_SHARED_BYTES {
             return unsupported(format!(
                 "Q and {} stages of K/V take {} bytes of shared memory, more than {MAX_SHARED_BYTES}",
@@ -154,7 +174,7 @@ impl SharedPlan {
                 total_bytes + TILE_ALIGNMENT
             ));
         }
-        Ok(SharedPlan { q, kv, stage_bytes, total_bytes })
+        Ok(SharedPlan { q, kv, stage_bytes, barriers_offset, total_bytes })
     }
 
     fn k_offset(&self, stage: u32) -> u32 {
@@ -174,7 +194,12 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     config.validate()?;
     let plan = SharedPlan::new(config)?;
     let warpgroups = config.block_m / WARPGROUP_ROWS;
-    let threads = warpgroups * WARPGROUP_THREADS;
+    // Threads that compute (and, without a producer, also copy).
+    let consumer_threads = warpgroups * WARPGROUP_THREADS;
+    let threads = match config.schedule {
+        Schedule::WarpSpecialized => consumer_threads + WARPGROUP_THREADS,
+        Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
+    };
     let group = config.q_heads / config.kv_heads;
     let d = config.head_dim;
     let scores_shape = WgmmaShape { n: config.block_n, elem: config.elem };
@@ -193,6 +218,12 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     ];
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &params)?;
+    if config.schedule == Schedule::WarpSpecialized {
+        // setmaxnreg needs a register cap at entry: `.maxntid` with one CTA per SM.
+        for (key, value) in [("nvvm.maxntid", threads.to_string()), ("nvvm.minctasm", "1".to_string())] {
+            kb.function().add_attribute(AttributeLoc::Function, kb.context().create_string_attribute(key, &value));
+        }
+    }
     let seq_len = kb.size_param("S")?;
     let thread = kb.thread_index()?;
     let lane = kb.lane()?;
@@ -253,14 +284,21 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         kb.min(whole_tiles_in_sequence, key_tiles)?
     };
 
-    let issue_q = || copy_tile_async(&kb, &q_rows, query_start, seq_len, &plan.q, aligned, 0, threads);
+    // Which threads copy: all of them, or the producer warpgroup's.
+    let (copy_thread, copy_threads) = match config.schedule {
+        Schedule::WarpSpecialized => (kb.sub(thread, kb.i32(consumer_threads as i64))?, WARPGROUP_THREADS),
+        Schedule::Serial | Schedule::OverlapSoftmax => (thread, consumer_threads),
+    };
+    let issue_q = |kb: &KernelBuilder<'_, 'ctx>| {
+        copy_tile_async(kb, &q_rows, query_start, seq_len, &plan.q, aligned, 0, copy_thread, copy_threads)
+    };
     let issue_kv = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
         let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
         let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
         let k_offset = kb.add(kb.i32(plan.k_offset(0) as i64), kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
         let k_base = kb.byte_pointer(aligned, k_offset)?;
-        copy_tile_async(kb, &k_rows, key_start, seq_len, &plan.kv, k_base, 0, threads)?;
-        copy_tile_async(kb, &v_rows, key_start, seq_len, &plan.kv, k_base, plan.kv.footprint_bytes(), threads)
+        copy_tile_async(kb, &k_rows, key_start, seq_len, &plan.kv, k_base, 0, copy_thread, copy_threads)?;
+        copy_tile_async(kb, &v_rows, key_start, seq_len, &plan.kv, k_base, plan.kv.footprint_bytes(), copy_thread, copy_threads)
     };
 
     let output = (0..output_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
@@ -423,10 +461,100 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         kb.barrier()
     };
 
-    issue_q()?;
+    // O / l and lse = (m + log2 l) · ln 2; rows without any key (l = 0) give O = 0, lse = -inf.
+    let store_results = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        let mut inverse_sum = [kb.f32(0.0); 2];
+        let mut log_sum_exp = [kb.f32(0.0); 2];
+        for h in 0..2 {
+            let mut sum = kb.load_f32(running_sum[h])?;
+            sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 1)?)?;
+            sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 2)?)?;
+            let empty = kb.feq(sum, kb.f32(0.0))?;
+            inverse_sum[h] = kb.select_f32(empty, kb.f32(0.0), kb.fdiv(kb.f32(1.0), sum)?)?;
+            let lse = kb.fmul(kb.fadd(kb.load_f32(running_max[h])?, kb.log2_approx(sum)?)?, kb.f32(std::f64::consts::LN_2))?;
+            log_sum_exp[h] = kb.select_f32(empty, kb.f32(f64::NEG_INFINITY), lse)?;
+        }
+        for h in 0..2 {
+            let query = kb.add(query_start, rows[h])?;
+            let inside = kb.lt(query, seq_len)?;
+            kb.if_then(inside, |kb| {
+                let row_offset = kb.builder().build_int_mul(kb.to_i64(query)?, kb.context().i64_type().const_int(o_rows.row_stride as u64, false), "")?;
+                let row_base = kb.element_pointer(o_rows.base, config.elem, row_offset)?;
+                for fragment in 0..d / 8 {
+                    let first = (4 * fragment + 2 * h as u32) as usize;
+                    let low = kb.fmul(kb.load_f32(output[first])?, inverse_sum[h])?;
+                    let high = kb.fmul(kb.load_f32(output[first + 1])?, inverse_sum[h])?;
+                    let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
+                    let address = kb.element_pointer(row_base, config.elem, col)?;
+                    kb.store_int(address, kb.pack_half2(config.elem, low, high)?)?;
+                }
+                Ok(())
+            })?;
+        }
+        let lse_row_base = {
+            let rows_before = kb.builder().build_int_mul(
+                kb.to_i64(kb.add(kb.mul(batch, kb.i32(config.q_heads as i64))?, head)?)?,
+                kb.to_i64(seq_len)?,
+                "",
+            )?;
+            kb.element_pointer(kb.pointer_param("lse")?, Elem::F32, rows_before)?
+        };
+        let first_of_quad = kb.builder().build_int_compare(IntPredicate::EQ, pair_col, kb.i32(0), "")?;
+        for h in 0..2 {
+            let query = kb.add(query_start, rows[h])?;
+            let inside = kb.and(first_of_quad, kb.lt(query, seq_len)?)?;
+            let value = log_sum_exp[h];
+            kb.if_then(inside, |kb| kb.store_f32(kb.element_pointer(lse_row_base, Elem::F32, kb.to_i64(query)?)?, value))?;
+        }
+        Ok(())
+    };
+
+    // The overlapped loop of one consumer warpgroup. `acquire(tile)` makes the tile's stage
+    // readable; `release(tile)` runs once P·V of the tile has finished reading its stage.
+    let overlapped_tiles = |kb: &KernelBuilder<'_, 'ctx>,
+                            acquire: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>,
+                            release: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>|
+     -> Result<()> {
+        let any_tiles = kb.lt(kb.i32(0), key_tiles)?;
+        kb.if_then(any_tiles, |kb| {
+            let first = kb.i32(0);
+            acquire(kb, first)?;
+            let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
+            let s = kb.wgmma_wait_accumulators(0, &s)?;
+            // O is still zero: no rescale.
+            softmax(kb, &s, first, Masking::WhenNeeded)?;
+            Ok(())
+        })?;
+        // While P·V is in flight the softmax must not branch: ptxas waits for all wgmma at a
+        // join. So the tiles after the first run in two loops, without and with mask.
+        let steady_state = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, masking: Masking| -> Result<()> {
+            acquire(kb, tile)?;
+            let previous = kb.sub(tile, kb.i32(1))?;
+            let (k_address, _) = stage_addresses(kb, tile)?;
+            let (_, previous_v_address) = stage_addresses(kb, previous)?;
+            // S of this tile and P·V of the previous one run while this tile's softmax does.
+            let s = issue_scores(kb, k_address)?;
+            let (o, p) = issue_output(kb, previous_v_address)?;
+            let s = kb.wgmma_wait_accumulators(1, &s)?;
+            let rescale = softmax(kb, &s, tile, masking)?;
+            finish_output(kb, &o, &p)?;
+            release(kb, previous)?;
+            rescale_output(kb, rescale)
+        };
+        let first_masked = kb.select_int(kb.lt(unmasked_tiles, kb.i32(1))?, kb.i32(1), unmasked_tiles)?;
+        kb.for_range(kb.i32(1), first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
+        kb.for_range(first_masked, key_tiles, |kb, tile| steady_state(kb, tile, Masking::Always))?;
+        kb.if_then(any_tiles, |kb| {
+            let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
+            let (o, p) = issue_output(kb, last_v_address)?;
+            finish_output(kb, &o, &p)
+        })
+    };
+
     match config.schedule {
         Schedule::Serial => {
             // Prologue: Q and the first `stages - 1` K/V tiles, one cp.async group each.
+            issue_q(&kb)?;
             for tile in 0..config.stages - 1 {
                 let tile = kb.i32(tile as i64);
                 kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
@@ -448,6 +576,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 // The next iteration's copy overwrites the stage just read.
                 kb.barrier()
             })?;
+            store_results(&kb)?;
         }
         Schedule::OverlapSoftmax => {
             // Tile j's stage is reloaded with tile j + stages only after P·V of tile j, which
@@ -455,95 +584,74 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             // is issued right after the barrier of iteration j, when every warpgroup has
             // finished iteration j - 1 and with it P·V of tile j - 2, the stage's last reader.
             let ahead = config.stages - 2;
+            issue_q(&kb)?;
             for tile in 0..ahead {
                 let tile = kb.i32(tile as i64);
                 kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
                 kb.cp_async_commit()?;
             }
-            let start_tile = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+            let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
                 publish_tile(kb, ahead - 1)?;
                 let next = kb.add(tile, kb.i32(ahead as i64))?;
                 kb.if_then(kb.lt(next, key_tiles)?, |kb| issue_kv(kb, next))?;
                 kb.cp_async_commit()
             };
-            let any_tiles = kb.lt(kb.i32(0), key_tiles)?;
-            kb.if_then(any_tiles, |kb| {
-                let first = kb.i32(0);
-                start_tile(kb, first)?;
-                let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
-                let s = kb.wgmma_wait_accumulators(0, &s)?;
-                // O is still zero: no rescale.
-                softmax(kb, &s, first, Masking::WhenNeeded)?;
+            overlapped_tiles(&kb, &acquire, &|_, _| Ok(()))?;
+            store_results(&kb)?;
+        }
+        Schedule::WarpSpecialized => {
+            let barrier = |index: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
+                kb.byte_pointer(aligned, kb.add(kb.i32(plan.barriers_offset as i64), kb.mul(index, kb.i32(8))?)?)
+            };
+            let stages = kb.i32(config.stages as i64);
+            let full = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.rem(tile, stages)?);
+            let empty = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.add(kb.rem(tile, stages)?, stages)?);
+            // Tile t is the (t / stages)-th use of its stage: its full phase has parity
+            // (t / stages) % 2, and the producer waits for the empty phase of tile t - stages.
+            let parity = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| kb.and(kb.div(tile, stages)?, kb.i32(1));
+            kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
+                for stage in 0..config.stages {
+                    kb.mbarrier_init(barrier(kb.i32(stage as i64))?, WARPGROUP_THREADS)?;
+                    kb.mbarrier_init(barrier(kb.i32((config.stages + stage) as i64))?, consumer_threads)?;
+                }
                 Ok(())
             })?;
-            // While P·V is in flight the softmax must not branch: ptxas waits for all wgmma
-            // at a join. So the tiles after the first run in two loops, without and with mask.
-            let steady_state = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, masking: Masking| -> Result<()> {
-                start_tile(kb, tile)?;
-                let (k_address, _) = stage_addresses(kb, tile)?;
-                let (_, previous_v_address) = stage_addresses(kb, kb.sub(tile, kb.i32(1))?)?;
-                // S of this tile and P·V of the previous one run while this tile's softmax does.
-                let s = issue_scores(kb, k_address)?;
-                let (o, p) = issue_output(kb, previous_v_address)?;
-                let s = kb.wgmma_wait_accumulators(1, &s)?;
-                let rescale = softmax(kb, &s, tile, masking)?;
-                finish_output(kb, &o, &p)?;
-                rescale_output(kb, rescale)
-            };
-            let first_masked = kb.select_int(kb.lt(unmasked_tiles, kb.i32(1))?, kb.i32(1), unmasked_tiles)?;
-            kb.for_range(kb.i32(1), first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
-            kb.for_range(first_masked, key_tiles, |kb, tile| steady_state(kb, tile, Masking::Always))?;
-            kb.if_then(any_tiles, |kb| {
-                let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
-                let (o, p) = issue_output(kb, last_v_address)?;
-                finish_output(kb, &o, &p)
-            })?;
+            kb.barrier()?;
+            let is_producer = kb.le(kb.i32(consumer_threads as i64), thread)?;
+            kb.if_else(
+                is_producer,
+                |kb| {
+                    kb.set_max_registers(false, PRODUCER_REGISTERS)?;
+                    // Q goes into the first tile's cp.async group. Each tile's group is
+                    // published one tile later, so that two are in flight.
+                    issue_q(kb)?;
+                    let publish = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, pending: u32| -> Result<()> {
+                        kb.cp_async_wait(pending)?;
+                        kb.fence_proxy_async_shared()?;
+                        kb.mbarrier_arrive(full(kb, tile)?)
+                    };
+                    kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                        kb.if_then(kb.le(stages, tile)?, |kb| {
+                            let reused = kb.sub(tile, stages)?;
+                            kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
+                        })?;
+                        issue_kv(kb, tile)?;
+                        kb.cp_async_commit()?;
+                        kb.if_then(kb.lt(kb.i32(0), tile)?, |kb| publish(kb, kb.sub(tile, kb.i32(1))?, 1))
+                    })?;
+                    kb.if_then(kb.lt(kb.i32(0), key_tiles)?, |kb| publish(kb, kb.sub(key_tiles, kb.i32(1))?, 0))
+                },
+                |kb| {
+                    kb.set_max_registers(true, CONSUMER_REGISTERS)?;
+                    let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                        kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)
+                    };
+                    let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> { kb.mbarrier_arrive(empty(kb, tile)?) };
+                    overlapped_tiles(kb, &acquire, &release)?;
+                    store_results(kb)
+                },
+            )?;
         }
-    }
-
-    // O / l and lse = (m + log2 l) · ln 2; rows without any key (l = 0) give O = 0, lse = -inf.
-    let mut inverse_sum = [kb.f32(0.0); 2];
-    let mut log_sum_exp = [kb.f32(0.0); 2];
-    for h in 0..2 {
-        let mut sum = kb.load_f32(running_sum[h])?;
-        sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 1)?)?;
-        sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 2)?)?;
-        let empty = kb.feq(sum, kb.f32(0.0))?;
-        inverse_sum[h] = kb.select_f32(empty, kb.f32(0.0), kb.fdiv(kb.f32(1.0), sum)?)?;
-        let lse = kb.fmul(kb.fadd(kb.load_f32(running_max[h])?, kb.log2_approx(sum)?)?, kb.f32(std::f64::consts::LN_2))?;
-        log_sum_exp[h] = kb.select_f32(empty, kb.f32(f64::NEG_INFINITY), lse)?;
-    }
-    for h in 0..2 {
-        let query = kb.add(query_start, rows[h])?;
-        let inside = kb.lt(query, seq_len)?;
-        kb.if_then(inside, |kb| {
-            let row_offset = kb.builder().build_int_mul(kb.to_i64(query)?, kb.context().i64_type().const_int(o_rows.row_stride as u64, false), "")?;
-            let row_base = kb.element_pointer(o_rows.base, config.elem, row_offset)?;
-            for fragment in 0..d / 8 {
-                let first = (4 * fragment + 2 * h as u32) as usize;
-                let low = kb.fmul(kb.load_f32(output[first])?, inverse_sum[h])?;
-                let high = kb.fmul(kb.load_f32(output[first + 1])?, inverse_sum[h])?;
-                let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
-                let address = kb.element_pointer(row_base, config.elem, col)?;
-                kb.store_int(address, kb.pack_half2(config.elem, low, high)?)?;
-            }
-            Ok(())
-        })?;
-    }
-    let lse_row_base = {
-        let rows_before = kb.builder().build_int_mul(
-            kb.to_i64(kb.add(kb.mul(batch, kb.i32(config.q_heads as i64))?, head)?)?,
-            kb.to_i64(seq_len)?,
-            "",
-        )?;
-        kb.element_pointer(kb.pointer_param("lse")?, Elem::F32, rows_before)?
-    };
-    let first_of_quad = kb.builder().build_int_compare(IntPredicate::EQ, pair_col, kb.i32(0), "")?;
-    for h in 0..2 {
-        let query = kb.add(query_start, rows[h])?;
-        let inside = kb.and(first_of_quad, kb.lt(query, seq_len)?)?;
-        let value = log_sum_exp[h];
-        kb.if_then(inside, |kb| kb.store_f32(kb.element_pointer(lse_row_base, Elem::F32, kb.to_i64(query)?)?, value))?;
     }
     kb.finish()?;
     Ok(HopperAttentionLaunch {
@@ -569,7 +677,11 @@ fn fma<'ctx>(kb: &KernelBuilder<'_, 'ctx>, a: FloatValue<'ctx>, b: FloatValue<'c
 }
 
 /// cp.async of rows `row_start ..` (`tile.rows` of them, zero-filled at and past `row_limit`) of
-/// one head's [S, d] view into a swizzled tile at `tile_base + byte_offset`, by `threads` threads.
+/// one head's [S, d] view into a swizzled tile at `tile_base + byte_offset`, by `threads` threads
+/// of which the calling one is number `thread`. Each thread copies the same 16-byte column chunk
+/// of rows `threads / chunks_per_row` apart, so its addresses differ by constants from one row to
+/// the next (cheap in registers) and its swizzled position stays the same (that step is a
+/// multiple of the 8-row swizzle atom).
 #[allow(clippy::too_many_arguments)]
 fn copy_tile_async<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
@@ -579,34 +691,45 @@ fn copy_tile_async<'ctx>(
     tile: &Swizzle128BTile,
     tile_base: PointerValue<'ctx>,
     byte_offset: u32,
+    thread: IntValue<'ctx>,
     threads: u32,
 ) -> Result<()> {
     let chunks_per_row = tile.cols / tile.chunk_elems();
-    let chunks = tile.rows * chunks_per_row;
-    if !chunks.is_multiple_of(threads) {
-        return Err(CodegenError::Unsupported(format!("{chunks} chunks of a {}×{} tile do not divide over {threads} threads", tile.rows, tile.cols)));
+    if !threads.is_multiple_of(chunks_per_row) || !(threads / chunks_per_row).is_multiple_of(8) || !tile.rows.is_multiple_of(threads / chunks_per_row) {
+        return Err(CodegenError::Unsupported(format!(
+            "{threads} threads do not copy a {}×{} tile in whole 8-row steps",
+            tile.rows, tile.cols
+        )));
     }
-    let thread = kb.thread_index()?;
-    for round in 0..chunks / threads {
-        let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
-        let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
-        let chunk_col = kb.rem(chunk, kb.i32(chunks_per_row as i64))?;
-        // The swizzled position (see `Swizzle128BTile::chunk_offset`).
-        let panel = kb.div(chunk_col, kb.i32(8))?;
-        let in_line = kb.builder().build_xor(kb.rem(chunk_col, kb.i32(8))?, kb.rem(row, kb.i32(8))?, "")?;
-        let shared_offset = kb.add(
-            kb.add(kb.mul(panel, kb.i32(tile.panel_bytes() as i64))?, kb.mul(row, kb.i32(128))?)?,
-            kb.add(kb.mul(in_line, kb.i32(16))?, kb.i32(byte_offset as i64))?,
-        )?;
-        let shared_address = kb.byte_pointer(tile_base, shared_offset)?;
-        let global_row = kb.add(row_start, row)?;
-        let inside = kb.lt(global_row, row_limit)?;
-        let element = kb.builder().build_int_add(
-            kb.builder().build_int_mul(kb.to_i64(global_row)?, kb.context().i64_type().const_int(rows.row_stride as u64, false), "")?,
+    let rows_per_round = threads / chunks_per_row;
+    let first_row = kb.div(thread, kb.i32(chunks_per_row as i64))?;
+    let chunk_col = kb.rem(thread, kb.i32(chunks_per_row as i64))?;
+    // The swizzled position (see `Swizzle128BTile::chunk_offset`).
+    let panel = kb.div(chunk_col, kb.i32(8))?;
+    let in_line = kb.builder().build_xor(kb.rem(chunk_col, kb.i32(8))?, kb.rem(first_row, kb.i32(8))?, "")?;
+    let shared_first = kb.add(
+        kb.add(kb.mul(panel, kb.i32(tile.panel_bytes() as i64))?, kb.mul(first_row, kb.i32(128))?)?,
+        kb.add(kb.mul(in_line, kb.i32(16))?, kb.i32(byte_offset as i64))?,
+    )?;
+    let shared_first = kb.byte_pointer(tile_base, shared_first)?;
+    let global_first_row = kb.add(row_start, first_row)?;
+    let i64_type = kb.context().i64_type();
+    let global_first = kb.element_pointer(
+        rows.base,
+        tile.elem,
+        kb.builder().build_int_add(
+            kb.builder().build_int_mul(kb.to_i64(global_first_row)?, i64_type.const_int(rows.row_stride as u64, false), "")?,
             kb.to_i64(kb.mul(chunk_col, kb.i32(tile.chunk_elems() as i64))?)?,
             "",
-        )?;
-        let in_bounds = kb.element_pointer(rows.base, tile.elem, element)?;
+        )?,
+    )?;
+    for round in 0..tile.rows / rows_per_round {
+        let row_step = round * rows_per_round;
+        let shared_address = kb.byte_pointer(shared_first, kb.i32((row_step * 128) as i64))?;
+        let global_row = kb.add(global_first_row, kb.i32(row_step as i64))?;
+        let inside = kb.lt(global_row, row_limit)?;
+        let step_bytes = row_step as u64 * rows.row_stride as u64 * tile.elem.bytes() as u64;
+        let in_bounds = kb.byte_pointer(global_first, i64_type.const_int(step_bytes, false))?;
         // Out of bounds, point at the view's first element so no stray address is ever formed.
         let address = kb.builder().build_select(inside, in_bounds, rows.base, "")?.into_pointer_value();
         let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
