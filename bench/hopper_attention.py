@@ -1,6 +1,6 @@
 """Checks and times the wgmma attention kernels (ccc::codegen::hopper) on the GPU.
 
-Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--out FILE] [--skip-timing]
+Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing]
 
 DIR holds `<kernel>.ptx` and `kernels.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper attention_assembles`):
@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -28,11 +29,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
-def load_kernels(ptx_dir):
+def load_kernels(ptx_dir, pattern):
     with open(os.path.join(ptx_dir, "kernels.json")) as handle:
         specs = json.load(handle)
     kernels = {}
     for spec in specs:
+        if not re.search(pattern, spec["name"]):
+            continue
         module = cupy.RawModule(path=os.path.join(ptx_dir, spec["name"] + ".ptx"))
         function = module.get_function(spec["name"])
         function.max_dynamic_shared_size_bytes = spec["dynamic_shared_bytes"]
@@ -143,11 +146,12 @@ def benchmark(kernel_variants, batch, seq):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ptx-dir", required=True)
+    parser.add_argument("--kernels", default="", help="only kernels whose name matches this regex")
     parser.add_argument("--out")
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())
-    kernels = load_kernels(args.ptx_dir)
+    kernels = load_kernels(args.ptx_dir, args.kernels)
     generator = torch.Generator(device="cuda").manual_seed(0)
     report = {"correctness": [], "timing": []}
     all_ok = True
@@ -159,8 +163,8 @@ def main():
             print(f"  {'ok  ' if ok else 'FAIL'} {name:40s} B={batch} S={seq:5d}  o {o_error:.2e}  lse {lse_error:.2e}")
             report["correctness"].append(dict(kernel=name, B=batch, S=seq, ok=ok, o_rel_l2=o_error, lse_max_abs=lse_error))
     if not args.skip_timing:
-        print("\ntiming (median of 20, ms and TFLOP/s; serial / overlap = ccc wgmma schedules)")
-        columns = ["serial", "overlap", "cuDNN", "FA2"]
+        print("\ntiming (median of 20, ms and TFLOP/s; serial / overlap / ws = ccc wgmma schedules)")
+        columns = ["serial", "overlap", "ws", "cuDNN", "FA2"]
         print(f"  {'shape':36s} {'B':>2s} {'S':>6s} | " + " | ".join(f"{c:>17s}" for c in columns))
         for name, batch, seq in [
             ("attention_wgmma_d128_causal_h16_16", 1, 8192),
@@ -170,7 +174,7 @@ def main():
             ("attention_wgmma_d128_full_h8_2", 1, 16384),
             ("attention_wgmma_d64_causal_h8_2", 1, 16384),
         ]:
-            variants = [(label, kernels[n]) for label, n in [("serial", name), ("overlap", name + "_overlap")] if n in kernels]
+            variants = [(label, kernels[n]) for label, n in [("serial", name), ("overlap", name + "_overlap"), ("ws", name + "_ws")] if n in kernels]
             if not variants:
                 continue
             results = benchmark(variants, batch, seq)
