@@ -173,6 +173,10 @@ fn warp_specialized(config: HopperAttentionConfig) -> HopperAttentionConfig {
     HopperAttentionConfig { name: format!("{}_ws", config.name), stages: 3, schedule: Schedule::WarpSpecialized, ..config }
 }
 
+fn ping_pong(config: HopperAttentionConfig) -> HopperAttentionConfig {
+    HopperAttentionConfig { name: format!("{}_pingpong", config.name), stages: 3, schedule: Schedule::PingPong, ..config }
+}
+
 fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) {
     let context = Context::create();
     let module = PtxModule::new(&context, &config.name).expect("module");
@@ -195,6 +199,10 @@ fn bench_configs() -> Vec<HopperAttentionConfig> {
         warp_specialized(config(128, true, 8, 2)),
         warp_specialized(config(128, false, 8, 2)),
         warp_specialized(config(64, true, 8, 2)),
+        ping_pong(config(128, true, 16, 16)),
+        ping_pong(config(128, true, 8, 2)),
+        ping_pong(config(128, false, 8, 2)),
+        ping_pong(config(64, true, 8, 2)),
     ]
 }
 
@@ -213,7 +221,7 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
         let warpgroups = config.block_m / 64;
         let tile_bytes = |rows: u32| rows * config.head_dim * 2;
         let (producers, barrier_bytes) = match config.schedule {
-            Schedule::WarpSpecialized => (1, 2 * config.stages * 8),
+            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8),
             Schedule::Serial | Schedule::OverlapSoftmax => (0, 0),
         };
         assert_eq!(launch.threads, 128 * (warpgroups + producers));
@@ -227,7 +235,7 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
         // (unmasked tiles, masked tiles).
         let copies = match config.schedule {
             Schedule::Serial => 1,
-            Schedule::OverlapSoftmax | Schedule::WarpSpecialized => 3,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 3,
         };
         let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
         let rs = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.head_dim);
@@ -251,7 +259,7 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
                 assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 3);
             }
-            Schedule::WarpSpecialized => {
+            Schedule::WarpSpecialized | Schedule::PingPong => {
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
                 // The producer publishes each tile after its copies landed: in the loop and after it.
@@ -262,7 +270,14 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 40;"), 1);
                 assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 232;"), 1);
                 assert!(ptx.contains(&format!(".maxntid {}", launch.threads)), "register cap at entry");
-                assert_eq!(count(&ptx, "bar.sync"), 1, "only the barrier after the mbarrier set-up");
+                if config.schedule == Schedule::PingPong {
+                    // A turn is taken before each of the 4 GEMM issue points and passed after it
+                    // (plus warpgroup 1's opening pass); bar.sync 0 follows the mbarrier set-up.
+                    assert_eq!(count(&ptx, "bar.sync"), 1 + 4);
+                    assert_eq!(count(&ptx, "bar.arrive"), 1 + 4);
+                } else {
+                    assert_eq!(count(&ptx, "bar.sync"), 1, "only the barrier after the mbarrier set-up");
+                }
             }
         }
         let log = ptxas_log(&ptx, &config.name);
@@ -299,6 +314,7 @@ fn codegen_hopper_attention_rejects_bad_configurations() {
         HopperAttentionConfig { block_n: 72, ..good.clone() },
         HopperAttentionConfig { stages: 1, ..good.clone() },
         HopperAttentionConfig { stages: 2, schedule: Schedule::OverlapSoftmax, ..good.clone() },
+        HopperAttentionConfig { block_m: 64, schedule: Schedule::PingPong, stages: 3, ..good.clone() },
         HopperAttentionConfig { elem: Elem::F32, ..good.clone() },
         // Q + 4 stages of 256-key K and V tiles: 288 KiB.
         HopperAttentionConfig { block_n: 256, stages: 4, ..good.clone() },

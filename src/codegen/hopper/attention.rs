@@ -71,6 +71,10 @@ pub enum Schedule {
     /// so that the consumer warpgroups drift apart and one's softmax overlaps the other's GEMMs.
     /// `setmaxnreg` moves registers from the producer (40) to the consumers (232).
     WarpSpecialized,
+    /// [`Schedule::WarpSpecialized`] with two consumer warpgroups taking turns to issue their
+    /// GEMMs (named barriers 1 and 2, FlashAttention-3's ping-pong): each one's softmax then
+    /// runs while the other's GEMMs occupy the tensor cores.
+    PingPong,
 }
 
 /// Per-thread registers of the producer warpgroup of [`Schedule::WarpSpecialized`]: values
@@ -118,8 +122,11 @@ impl HopperAttentionConfig {
         }
         let least_stages = match self.schedule {
             Schedule::Serial => 2,
-            Schedule::OverlapSoftmax | Schedule::WarpSpecialized => 3,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 3,
         };
+        if self.schedule == Schedule::PingPong && self.block_m != 2 * WARPGROUP_ROWS {
+            return unsupported("the ping-pong schedule alternates two consumer warpgroups: block_m must be 128");
+        }
         if self.stages < least_stages {
             return unsupported(format!("the {:?} schedule needs at least {least_stages} K/V stages", self.schedule));
         }
@@ -163,7 +170,7 @@ impl SharedPlan {
         let stage_bytes = 2 * kv.footprint_bytes();
         let barriers_offset = q.footprint_bytes() + config.stages * stage_bytes;
         let barrier_bytes = match config.schedule {
-            Schedule::WarpSpecialized => 2 * config.stages * 8,
+            Schedule::WarpSpecialized | Schedule::PingPong => 2 * config.stages * 8,
             Schedule::Serial | Schedule::OverlapSoftmax => 0,
         };
         let total_bytes = barriers_offset + barrier_bytes;
@@ -196,8 +203,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     let warpgroups = config.block_m / WARPGROUP_ROWS;
     // Threads that compute (and, without a producer, also copy).
     let consumer_threads = warpgroups * WARPGROUP_THREADS;
+    let warp_specialized = matches!(config.schedule, Schedule::WarpSpecialized | Schedule::PingPong);
     let threads = match config.schedule {
-        Schedule::WarpSpecialized => consumer_threads + WARPGROUP_THREADS,
+        Schedule::WarpSpecialized | Schedule::PingPong => consumer_threads + WARPGROUP_THREADS,
         Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
     };
     let group = config.q_heads / config.kv_heads;
@@ -218,7 +226,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     ];
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &params)?;
-    if config.schedule == Schedule::WarpSpecialized {
+    if warp_specialized {
         // setmaxnreg needs a register cap at entry: `.maxntid` with one CTA per SM.
         for (key, value) in [("nvvm.maxntid", threads.to_string()), ("nvvm.minctasm", "1".to_string())] {
             kb.function().add_attribute(AttributeLoc::Function, kb.context().create_string_attribute(key, &value));
@@ -286,7 +294,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
 
     // Which threads copy: all of them, or the producer warpgroup's.
     let (copy_thread, copy_threads) = match config.schedule {
-        Schedule::WarpSpecialized => (kb.sub(thread, kb.i32(consumer_threads as i64))?, WARPGROUP_THREADS),
+        Schedule::WarpSpecialized | Schedule::PingPong => (kb.sub(thread, kb.i32(consumer_threads as i64))?, WARPGROUP_THREADS),
         Schedule::Serial | Schedule::OverlapSoftmax => (thread, consumer_threads),
     };
     let issue_q = |kb: &KernelBuilder<'_, 'ctx>| {
@@ -510,16 +518,22 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     };
 
     // The overlapped loop of one consumer warpgroup. `acquire(tile)` makes the tile's stage
-    // readable; `release(tile)` runs once P·V of the tile has finished reading its stage.
+    // readable; `release(tile)` runs once P·V of the tile has finished reading its stage;
+    // `take_turn(last)` and `pass_turn(last)` bracket each issue of GEMMs (`last` for the final
+    // one).
     let overlapped_tiles = |kb: &KernelBuilder<'_, 'ctx>,
                             acquire: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>,
-                            release: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>|
+                            release: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>,
+                            take_turn: &dyn Fn(&KernelBuilder<'_, 'ctx>) -> Result<()>,
+                            pass_turn: &dyn Fn(&KernelBuilder<'_, 'ctx>, bool) -> Result<()>|
      -> Result<()> {
         let any_tiles = kb.lt(kb.i32(0), key_tiles)?;
         kb.if_then(any_tiles, |kb| {
             let first = kb.i32(0);
             acquire(kb, first)?;
+            take_turn(kb)?;
             let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
+            pass_turn(kb, false)?;
             let s = kb.wgmma_wait_accumulators(0, &s)?;
             // O is still zero: no rescale.
             softmax(kb, &s, first, Masking::WhenNeeded)?;
@@ -533,8 +547,10 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             let (k_address, _) = stage_addresses(kb, tile)?;
             let (_, previous_v_address) = stage_addresses(kb, previous)?;
             // S of this tile and P·V of the previous one run while this tile's softmax does.
+            take_turn(kb)?;
             let s = issue_scores(kb, k_address)?;
             let (o, p) = issue_output(kb, previous_v_address)?;
+            pass_turn(kb, false)?;
             let s = kb.wgmma_wait_accumulators(1, &s)?;
             let rescale = softmax(kb, &s, tile, masking)?;
             finish_output(kb, &o, &p)?;
@@ -546,10 +562,14 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         kb.for_range(first_masked, key_tiles, |kb, tile| steady_state(kb, tile, Masking::Always))?;
         kb.if_then(any_tiles, |kb| {
             let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
+            take_turn(kb)?;
             let (o, p) = issue_output(kb, last_v_address)?;
+            pass_turn(kb, true)?;
             finish_output(kb, &o, &p)
         })
     };
+    let no_turns = |_: &KernelBuilder<'_, 'ctx>| Ok(());
+    let no_turn_passing = |_: &KernelBuilder<'_, 'ctx>, _: bool| Ok(());
 
     match config.schedule {
         Schedule::Serial => {
@@ -596,10 +616,10 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 kb.if_then(kb.lt(next, key_tiles)?, |kb| issue_kv(kb, next))?;
                 kb.cp_async_commit()
             };
-            overlapped_tiles(&kb, &acquire, &|_, _| Ok(()))?;
+            overlapped_tiles(&kb, &acquire, &|_, _| Ok(()), &no_turns, &no_turn_passing)?;
             store_results(&kb)?;
         }
-        Schedule::WarpSpecialized => {
+        Schedule::WarpSpecialized | Schedule::PingPong => {
             let barrier = |index: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
                 kb.byte_pointer(aligned, kb.add(kb.i32(plan.barriers_offset as i64), kb.mul(index, kb.i32(8))?)?)
             };
@@ -647,7 +667,29 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                         kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)
                     };
                     let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> { kb.mbarrier_arrive(empty(kb, tile)?) };
-                    overlapped_tiles(kb, &acquire, &release)?;
+                    if config.schedule == Schedule::WarpSpecialized {
+                        overlapped_tiles(kb, &acquire, &release, &no_turns, &no_turn_passing)?;
+                        return store_results(kb);
+                    }
+                    // Ping-pong: warpgroup w waits at named barrier 1 + w for its turn and passes
+                    // the turn at the other's barrier (128 syncing + 128 arriving threads).
+                    // Warpgroup 1 opens with a pass so that warpgroup 0 issues first; it skips
+                    // its very last pass, which nobody would wait for, so both issue the same
+                    // number of times and every barrier phase completes.
+                    let own_turn = kb.add(warpgroup, kb.i32(1))?;
+                    let other_turn = kb.sub(kb.i32(2), warpgroup)?;
+                    let is_second = kb.lt(kb.i32(0), warpgroup)?;
+                    let pair = 2 * WARPGROUP_THREADS;
+                    kb.if_then(is_second, |kb| kb.named_barrier_arrive(other_turn, pair))?;
+                    let take_turn = |kb: &KernelBuilder<'_, 'ctx>| kb.named_barrier_sync(own_turn, pair);
+                    let pass_turn = |kb: &KernelBuilder<'_, 'ctx>, last: bool| -> Result<()> {
+                        if last {
+                            kb.if_then(kb.lt(warpgroup, kb.i32(1))?, |kb| kb.named_barrier_arrive(other_turn, pair))
+                        } else {
+                            kb.named_barrier_arrive(other_turn, pair)
+                        }
+                    };
+                    overlapped_tiles(kb, &acquire, &release, &take_turn, &pass_turn)?;
                     store_results(kb)
                 },
             )?;

@@ -203,6 +203,19 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
+    /// `bar.sync id, threads`: waits at named barrier `id` (1..=15; 0 is [`KernelBuilder::barrier`])
+    /// until `threads` threads (a multiple of 32) have arrived or synced there.
+    pub fn named_barrier_sync(&self, id: IntValue<'ctx>, threads: u32) -> Result<()> {
+        self.inline_ptx(None, "bar.sync $0, $1;", "r,r,~{memory}", &[id.into(), self.i32(threads as i64).into()], true)?;
+        Ok(())
+    }
+
+    /// `bar.arrive id, threads`: counts this thread at named barrier `id` without waiting.
+    pub fn named_barrier_arrive(&self, id: IntValue<'ctx>, threads: u32) -> Result<()> {
+        self.inline_ptx(None, "bar.arrive $0, $1;", "r,r,~{memory}", &[id.into(), self.i32(threads as i64).into()], true)?;
+        Ok(())
+    }
+
     /// `mbarrier.init.shared::cta.b64 [barrier], arrivals` on an 8-byte aligned shared word.
     pub fn mbarrier_init(&self, barrier: PointerValue<'ctx>, arrivals: u32) -> Result<()> {
         let address = self.shared_address(barrier)?;
