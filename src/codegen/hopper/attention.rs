@@ -315,6 +315,8 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     let probabilities = (0..config.block_n / 4).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
     let running_max = [kb.register_slot()?, kb.register_slot()?];
     let running_sum = [kb.register_slot()?, kb.register_slot()?];
+    // The overlapped schedules apply a tile's O rescale only when P·V of that tile is issued.
+    let pending_rescale = [kb.register_slot()?, kb.register_slot()?];
     for slot in &output {
         kb.store_f32(*slot, kb.f32(0.0))?;
     }
@@ -382,8 +384,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
 
     // Mask (only on tiles that reach past the sequence end or, causal, past the first query row),
     // online softmax per row half (the quad of 4 lanes shares a row), P packed into the slots.
-    // Returns the factor by which O must be rescaled.
-    let softmax = |kb: &KernelBuilder<'_, 'ctx>, s: &[FloatValue<'ctx>], tile: IntValue<'ctx>, masking: Masking| -> Result<[FloatValue<'ctx>; 2]> {
+    // Returns P (f32) and the factor by which O must be rescaled before P·V is added.
+    type Probabilities<'ctx> = (Vec<FloatValue<'ctx>>, [FloatValue<'ctx>; 2]);
+    let softmax = |kb: &KernelBuilder<'_, 'ctx>, s: &[FloatValue<'ctx>], tile: IntValue<'ctx>, masking: Masking| -> Result<Probabilities<'ctx>> {
         for (slot, value) in scores.iter().zip(s) {
             kb.store_f32(*slot, *value)?;
         }
@@ -443,7 +446,11 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             let decayed = kb.fmul(kb.load_f32(running_sum[h])?, rescale[h])?;
             kb.store_f32(running_sum[h], kb.fadd(decayed, partial_sum[h])?)?;
         }
-        // wgmma A fragments: n8 column blocks 2t and 2t + 1 form k16 step t.
+        Ok((p, rescale))
+    };
+    // P rounded and packed into the slots as wgmma A fragments: n8 column blocks 2t and 2t + 1
+    // form k16 step t.
+    let pack_probabilities = |kb: &KernelBuilder<'_, 'ctx>, p: &[FloatValue<'ctx>]| -> Result<()> {
         let mut packed = probabilities.iter();
         for k_step in 0..(config.block_n / WGMMA_K) as usize {
             let (low, high) = (8 * k_step, 8 * k_step + 4);
@@ -453,7 +460,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 kb.store_f32(*slot, kb.builder().build_bit_cast(bits, kb.context().f32_type(), "")?.into_float_value())?;
             }
         }
-        Ok(rescale)
+        Ok(())
     };
     let rescale_output = |kb: &KernelBuilder<'_, 'ctx>, rescale: [FloatValue<'ctx>; 2]| -> Result<()> {
         for (index, slot) in output.iter().enumerate() {
@@ -517,6 +524,13 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         Ok(())
     };
 
+    let remember_rescale = |kb: &KernelBuilder<'_, 'ctx>, rescale: [FloatValue<'ctx>; 2]| -> Result<()> {
+        kb.store_f32(pending_rescale[0], rescale[0])?;
+        kb.store_f32(pending_rescale[1], rescale[1])
+    };
+    let apply_pending_rescale = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        rescale_output(kb, [kb.load_f32(pending_rescale[0])?, kb.load_f32(pending_rescale[1])?])
+    };
     // The overlapped loop of one consumer warpgroup. `acquire(tile)` makes the tile's stage
     // readable; `release(tile)` runs once P·V of the tile has finished reading its stage;
     // `take_turn(last)` and `pass_turn(last)` bracket each issue of GEMMs (`last` for the final
@@ -535,9 +549,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
             pass_turn(kb, false)?;
             let s = kb.wgmma_wait_accumulators(0, &s)?;
-            // O is still zero: no rescale.
-            softmax(kb, &s, first, Masking::WhenNeeded)?;
-            Ok(())
+            let (p, rescale) = softmax(kb, &s, first, Masking::WhenNeeded)?;
+            remember_rescale(kb, rescale)?;
+            pack_probabilities(kb, &p)
         })?;
         // While P·V is in flight the softmax must not branch: ptxas waits for all wgmma at a
         // join. So the tiles after the first run in two loops, without and with mask.
@@ -547,15 +561,20 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             let (k_address, _) = stage_addresses(kb, tile)?;
             let (_, previous_v_address) = stage_addresses(kb, previous)?;
             // S of this tile and P·V of the previous one run while this tile's softmax does.
+            // Like FlashAttention-3, O is rescaled for the previous tile before its P·V is
+            // issued, and this tile's P is packed only after that P·V finished: the new P can
+            // then take the registers of the old one.
             take_turn(kb)?;
             let s = issue_scores(kb, k_address)?;
-            let (o, p) = issue_output(kb, previous_v_address)?;
+            apply_pending_rescale(kb)?;
+            let (o, previous_p) = issue_output(kb, previous_v_address)?;
             pass_turn(kb, false)?;
             let s = kb.wgmma_wait_accumulators(1, &s)?;
-            let rescale = softmax(kb, &s, tile, masking)?;
-            finish_output(kb, &o, &p)?;
+            let (p, rescale) = softmax(kb, &s, tile, masking)?;
+            remember_rescale(kb, rescale)?;
+            finish_output(kb, &o, &previous_p)?;
             release(kb, previous)?;
-            rescale_output(kb, rescale)
+            pack_probabilities(kb, &p)
         };
         let first_masked = kb.select_int(kb.lt(unmasked_tiles, kb.i32(1))?, kb.i32(1), unmasked_tiles)?;
         kb.for_range(kb.i32(1), first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
@@ -563,6 +582,7 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         kb.if_then(any_tiles, |kb| {
             let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
             take_turn(kb)?;
+            apply_pending_rescale(kb)?;
             let (o, p) = issue_output(kb, last_v_address)?;
             pass_turn(kb, true)?;
             finish_output(kb, &o, &p)
@@ -589,8 +609,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                 let (k_address, v_address) = stage_addresses(kb, tile)?;
                 let s = issue_scores(kb, k_address)?;
                 let s = kb.wgmma_wait_accumulators(0, &s)?;
-                let rescale = softmax(kb, &s, tile, Masking::WhenNeeded)?;
+                let (p, rescale) = softmax(kb, &s, tile, Masking::WhenNeeded)?;
                 rescale_output(kb, rescale)?;
+                pack_probabilities(kb, &p)?;
                 let (o, p) = issue_output(kb, v_address)?;
                 finish_output(kb, &o, &p)?;
                 // The next iteration's copy overwrites the stage just read.
