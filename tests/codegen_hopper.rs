@@ -64,7 +64,10 @@ fn codegen_hopper_descriptors_encode_the_ptx_bit_fields() {
     let tile = Swizzle128BTile::new(Elem::Bf16, 128, 128).expect("tile");
     // K-major, k16 step 5: panel 1, 32 bytes into the line; leading offset unused (1), stride 1024.
     let k_major = tile.descriptor(OperandMajor::K, 64, 80).expect("descriptor");
-    assert_eq!(k_major, MatrixDescriptor { start_offset: 16384 + 64 * 128 + 32, leading_byte_offset: 16, stride_byte_offset: 1024 });
+    assert_eq!(
+        k_major,
+        MatrixDescriptor { start_offset: 16384 + 64 * 128 + 32, leading_byte_offset: 16, stride_byte_offset: 1024 }
+    );
     let bits = k_major.encode(0x400);
     assert_eq!(bits & 0x3fff, ((0x400 + 16384 + 8192 + 32) >> 4) as u64);
     assert_eq!((bits >> 16) & 0x3fff, 1);
@@ -73,7 +76,10 @@ fn codegen_hopper_descriptors_encode_the_ptx_bit_fields() {
     assert_eq!(k_major.constant_bits() + ((0x400 + k_major.start_offset) >> 4) as u64, bits);
     // MN-major (V in P·V): 16 key rows from row 32, N across panels 16 KiB apart.
     let mn_major = tile.descriptor(OperandMajor::MN, 32, 0).expect("descriptor");
-    assert_eq!(mn_major, MatrixDescriptor { start_offset: 32 * 128, leading_byte_offset: 16384, stride_byte_offset: 1024 });
+    assert_eq!(
+        mn_major,
+        MatrixDescriptor { start_offset: 32 * 128, leading_byte_offset: 16384, stride_byte_offset: 1024 }
+    );
     assert_eq!((mn_major.encode(0) >> 16) & 0x3fff, 1024);
     assert!(tile.descriptor(OperandMajor::K, 4, 0).is_err(), "rows start on an atom");
     assert!(tile.descriptor(OperandMajor::K, 0, 120).is_err(), "k16 step past the columns");
@@ -100,15 +106,38 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
         let tile = Swizzle128BTile::new(Elem::F16, 64, 64)?;
         let descriptor = |major, row, col| -> ccc::codegen::Result<_> {
             let fields = tile.descriptor(major, row, col)?;
-            let start = kb.builder().build_right_shift(kb.add(address, kb.i32(fields.start_offset as i64))?, kb.i32(4), false, "")?;
-            Ok(kb.builder().build_int_add(kb.to_i64(start)?, kb.context().i64_type().const_int(fields.constant_bits(), false), "")?)
+            let start = kb.builder().build_right_shift(
+                kb.add(address, kb.i32(fields.start_offset as i64))?,
+                kb.i32(4),
+                false,
+                "",
+            )?;
+            Ok(kb.builder().build_int_add(
+                kb.to_i64(start)?,
+                kb.context().i64_type().const_int(fields.constant_bits(), false),
+                "",
+            )?)
         };
         let shape = WgmmaShape { n: 64, elem: Elem::F16 };
         let zero = vec![kb.f32(0.0); 32];
         kb.wgmma_fence(&[])?;
-        let acc = kb.wgmma(shape, WgmmaA::Shared(descriptor(OperandMajor::K, 0, 0)?), descriptor(OperandMajor::K, 0, 16)?, OperandMajor::K, Accumulate::Overwrite, &zero)?;
+        let acc = kb.wgmma(
+            shape,
+            WgmmaA::Shared(descriptor(OperandMajor::K, 0, 0)?),
+            descriptor(OperandMajor::K, 0, 16)?,
+            OperandMajor::K,
+            Accumulate::Overwrite,
+            &zero,
+        )?;
         let a = [kb.i32(0x3c00_3c00); 4];
-        let acc = kb.wgmma(shape, WgmmaA::Registers(a), descriptor(OperandMajor::MN, 16, 0)?, OperandMajor::MN, Accumulate::Add, &acc)?;
+        let acc = kb.wgmma(
+            shape,
+            WgmmaA::Registers(a),
+            descriptor(OperandMajor::MN, 16, 0)?,
+            OperandMajor::MN,
+            Accumulate::Add,
+            &acc,
+        )?;
         kb.wgmma_commit_group()?;
         let acc = kb.wgmma_wait_accumulators(0, &acc)?;
         let mut total = kb.f32(0.0);
@@ -166,15 +195,30 @@ fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAtt
 }
 
 fn overlapped(config: HopperAttentionConfig) -> HopperAttentionConfig {
-    HopperAttentionConfig { name: format!("{}_overlap", config.name), stages: 3, schedule: Schedule::OverlapSoftmax, ..config }
+    HopperAttentionConfig {
+        name: format!("{}_overlap", config.name),
+        stages: 3,
+        schedule: Schedule::OverlapSoftmax,
+        ..config
+    }
 }
 
 fn warp_specialized(config: HopperAttentionConfig) -> HopperAttentionConfig {
-    HopperAttentionConfig { name: format!("{}_ws", config.name), stages: 3, schedule: Schedule::WarpSpecialized, ..config }
+    HopperAttentionConfig {
+        name: format!("{}_ws", config.name),
+        stages: 3,
+        schedule: Schedule::WarpSpecialized,
+        ..config
+    }
 }
 
 fn ping_pong(config: HopperAttentionConfig) -> HopperAttentionConfig {
-    HopperAttentionConfig { name: format!("{}_pingpong", config.name), stages: 3, schedule: Schedule::PingPong, ..config }
+    HopperAttentionConfig {
+        name: format!("{}_pingpong", config.name),
+        stages: 3,
+        schedule: Schedule::PingPong,
+        ..config
+    }
 }
 
 fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) {
@@ -209,7 +253,13 @@ fn bench_configs() -> Vec<HopperAttentionConfig> {
 #[test]
 fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
     let mut variants = bench_configs();
-    variants.push(HopperAttentionConfig { name: "attention_wgmma_f16_m64_s3".into(), elem: Elem::F16, block_m: 64, stages: 3, ..config(128, true, 8, 2) });
+    variants.push(HopperAttentionConfig {
+        name: "attention_wgmma_f16_m64_s3".into(),
+        elem: Elem::F16,
+        block_m: 64,
+        stages: 3,
+        ..config(128, true, 8, 2)
+    });
     for config in &variants {
         let (ptx, launch) = attention(config);
         if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
@@ -229,7 +279,14 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
             launch.dynamic_shared_bytes,
             tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + barrier_bytes + 1024
         );
-        assert_eq!(launch.grid, [SizeExpr::seq_len().ceil_div(config.block_m as u64), SizeExpr::c(config.q_heads as u64), SizeExpr::batch()]);
+        assert_eq!(
+            launch.grid,
+            [
+                SizeExpr::seq_len().ceil_div(config.block_m as u64),
+                SizeExpr::c(config.q_heads as u64),
+                SizeExpr::batch()
+            ]
+        );
         // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}. The
         // overlapped schedule peels S of the first tile and P·V of the last one off its two loops
         // (unmasked tiles, masked tiles).
@@ -298,7 +355,11 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 })
             })
             .collect();
-        std::fs::write(std::path::Path::new(&dir).join("kernels.json"), serde_json::to_string_pretty(&specs).expect("json")).expect("write json");
+        std::fs::write(
+            std::path::Path::new(&dir).join("kernels.json"),
+            serde_json::to_string_pretty(&specs).expect("json"),
+        )
+        .expect("write json");
     }
 }
 

@@ -16,9 +16,9 @@
 //! Grid `(ceil(S / block_m), Hq, B)`; [`HopperAttentionLaunch::dynamic_shared_bytes`] of dynamic
 //! shared memory (raise the kernel's limit first: it is above 48 KiB).
 
-use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 use inkwell::IntPredicate;
 use inkwell::attributes::AttributeLoc;
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
@@ -197,7 +197,10 @@ struct HeadRows<'ctx> {
 }
 
 /// Emits the wgmma attention forward kernel into `module`.
-pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAttentionConfig) -> Result<HopperAttentionLaunch> {
+pub fn emit_attention_wgmma<'ctx>(
+    module: &PtxModule<'ctx>,
+    config: &HopperAttentionConfig,
+) -> Result<HopperAttentionLaunch> {
     config.validate()?;
     let plan = SharedPlan::new(config)?;
     let warpgroups = config.block_m / WARPGROUP_ROWS;
@@ -294,7 +297,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
 
     // Which threads copy: all of them, or the producer warpgroup's.
     let (copy_thread, copy_threads) = match config.schedule {
-        Schedule::WarpSpecialized | Schedule::PingPong => (kb.sub(thread, kb.i32(consumer_threads as i64))?, WARPGROUP_THREADS),
+        Schedule::WarpSpecialized | Schedule::PingPong => {
+            (kb.sub(thread, kb.i32(consumer_threads as i64))?, WARPGROUP_THREADS)
+        }
         Schedule::Serial | Schedule::OverlapSoftmax => (thread, consumer_threads),
     };
     let issue_q = |kb: &KernelBuilder<'_, 'ctx>| {
@@ -306,7 +311,17 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
         let k_offset = kb.add(kb.i32(plan.k_offset(0) as i64), kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
         let k_base = kb.byte_pointer(aligned, k_offset)?;
         copy_tile_async(kb, &k_rows, key_start, seq_len, &plan.kv, k_base, 0, copy_thread, copy_threads)?;
-        copy_tile_async(kb, &v_rows, key_start, seq_len, &plan.kv, k_base, plan.kv.footprint_bytes(), copy_thread, copy_threads)
+        copy_tile_async(
+            kb,
+            &v_rows,
+            key_start,
+            seq_len,
+            &plan.kv,
+            k_base,
+            plan.kv.footprint_bytes(),
+            copy_thread,
+            copy_threads,
+        )
     };
 
     let output = (0..output_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
@@ -326,12 +341,15 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     }
     let scale_log2 = config.softmax_scale * std::f64::consts::LOG2_E;
     let q_warpgroup_address = kb.add(aligned_address, kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?)?;
-    let stage_addresses = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<(IntValue<'ctx>, IntValue<'ctx>)> {
-        let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
-        let k_address =
-            kb.add(kb.add(aligned_address, kb.i32(plan.k_offset(0) as i64))?, kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
-        Ok((k_address, kb.add(k_address, kb.i32(plan.kv.footprint_bytes() as i64))?))
-    };
+    let stage_addresses =
+        |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
+            let k_address = kb.add(
+                kb.add(aligned_address, kb.i32(plan.k_offset(0) as i64))?,
+                kb.mul(stage, kb.i32(plan.stage_bytes as i64))?,
+            )?;
+            Ok((k_address, kb.add(k_address, kb.i32(plan.kv.footprint_bytes() as i64))?))
+        };
 
     // S = Q · Kᵀ for this warpgroup's 64 rows, issued and committed as one wgmma group.
     let issue_scores = |kb: &KernelBuilder<'_, 'ctx>, k_address: IntValue<'ctx>| -> Result<Vec<FloatValue<'ctx>>> {
@@ -352,8 +370,11 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
 
     // O += P · V from the slots, issued as one wgmma group. Returns O and P as they left the
     // fence: wgmma keeps reading P after issue, so P must stay live until the group's wait.
-    let issue_output = |kb: &KernelBuilder<'_, 'ctx>, v_address: IntValue<'ctx>| -> Result<(Vec<FloatValue<'ctx>>, Vec<BasicValueEnum<'ctx>>)> {
-        let mut fenced: Vec<BasicValueEnum<'ctx>> = output.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
+    let issue_output = |kb: &KernelBuilder<'_, 'ctx>,
+                        v_address: IntValue<'ctx>|
+     -> Result<(Vec<FloatValue<'ctx>>, Vec<BasicValueEnum<'ctx>>)> {
+        let mut fenced: Vec<BasicValueEnum<'ctx>> =
+            output.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
         for slot in &probabilities {
             let bits = kb.builder().build_bit_cast(kb.load_f32(*slot)?, kb.context().i32_type(), "")?;
             fenced.push(bits);
@@ -372,21 +393,26 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     };
 
     // Waits for the output group (and all before it), keeping P live until then; stores O.
-    let finish_output = |kb: &KernelBuilder<'_, 'ctx>, o: &[FloatValue<'ctx>], p: &[BasicValueEnum<'ctx>]| -> Result<()> {
-        let mut pending: Vec<BasicValueEnum<'ctx>> = o.iter().map(|value| (*value).into()).collect();
-        pending.extend_from_slice(p);
-        let waited = kb.wgmma_wait(0, &pending)?;
-        for (slot, value) in output.iter().zip(&waited) {
-            kb.store_f32(*slot, value.into_float_value())?;
-        }
-        Ok(())
-    };
+    let finish_output =
+        |kb: &KernelBuilder<'_, 'ctx>, o: &[FloatValue<'ctx>], p: &[BasicValueEnum<'ctx>]| -> Result<()> {
+            let mut pending: Vec<BasicValueEnum<'ctx>> = o.iter().map(|value| (*value).into()).collect();
+            pending.extend_from_slice(p);
+            let waited = kb.wgmma_wait(0, &pending)?;
+            for (slot, value) in output.iter().zip(&waited) {
+                kb.store_f32(*slot, value.into_float_value())?;
+            }
+            Ok(())
+        };
 
     // Mask (only on tiles that reach past the sequence end or, causal, past the first query row),
     // online softmax per row half (the quad of 4 lanes shares a row), P packed into the slots.
     // Returns P (f32) and the factor by which O must be rescaled before P·V is added.
     type Probabilities<'ctx> = (Vec<FloatValue<'ctx>>, [FloatValue<'ctx>; 2]);
-    let softmax = |kb: &KernelBuilder<'_, 'ctx>, s: &[FloatValue<'ctx>], tile: IntValue<'ctx>, masking: Masking| -> Result<Probabilities<'ctx>> {
+    let softmax = |kb: &KernelBuilder<'_, 'ctx>,
+                   s: &[FloatValue<'ctx>],
+                   tile: IntValue<'ctx>,
+                   masking: Masking|
+     -> Result<Probabilities<'ctx>> {
         for (slot, value) in scores.iter().zip(s) {
             kb.store_f32(*slot, *value)?;
         }
@@ -457,7 +483,10 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             for first in [low, low + 2, high, high + 2] {
                 let bits = kb.pack_half2(config.elem, p[first], p[first + 1])?;
                 let slot = packed.next().ok_or_else(|| CodegenError::Llvm("P slots run out".to_string()))?;
-                kb.store_f32(*slot, kb.builder().build_bit_cast(bits, kb.context().f32_type(), "")?.into_float_value())?;
+                kb.store_f32(
+                    *slot,
+                    kb.builder().build_bit_cast(bits, kb.context().f32_type(), "")?.into_float_value(),
+                )?;
             }
         }
         Ok(())
@@ -486,14 +515,19 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 2)?)?;
             let empty = kb.feq(sum, kb.f32(0.0))?;
             inverse_sum[h] = kb.select_f32(empty, kb.f32(0.0), kb.fdiv(kb.f32(1.0), sum)?)?;
-            let lse = kb.fmul(kb.fadd(kb.load_f32(running_max[h])?, kb.log2_approx(sum)?)?, kb.f32(std::f64::consts::LN_2))?;
+            let lse =
+                kb.fmul(kb.fadd(kb.load_f32(running_max[h])?, kb.log2_approx(sum)?)?, kb.f32(std::f64::consts::LN_2))?;
             log_sum_exp[h] = kb.select_f32(empty, kb.f32(f64::NEG_INFINITY), lse)?;
         }
         for h in 0..2 {
             let query = kb.add(query_start, rows[h])?;
             let inside = kb.lt(query, seq_len)?;
             kb.if_then(inside, |kb| {
-                let row_offset = kb.builder().build_int_mul(kb.to_i64(query)?, kb.context().i64_type().const_int(o_rows.row_stride as u64, false), "")?;
+                let row_offset = kb.builder().build_int_mul(
+                    kb.to_i64(query)?,
+                    kb.context().i64_type().const_int(o_rows.row_stride as u64, false),
+                    "",
+                )?;
                 let row_base = kb.element_pointer(o_rows.base, config.elem, row_offset)?;
                 for fragment in 0..d / 8 {
                     let first = (4 * fragment + 2 * h as u32) as usize;
@@ -519,7 +553,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             let query = kb.add(query_start, rows[h])?;
             let inside = kb.and(first_of_quad, kb.lt(query, seq_len)?)?;
             let value = log_sum_exp[h];
-            kb.if_then(inside, |kb| kb.store_f32(kb.element_pointer(lse_row_base, Elem::F32, kb.to_i64(query)?)?, value))?;
+            kb.if_then(inside, |kb| {
+                kb.store_f32(kb.element_pointer(lse_row_base, Elem::F32, kb.to_i64(query)?)?, value)
+            })?;
         }
         Ok(())
     };
@@ -646,7 +682,8 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
             };
             let stages = kb.i32(config.stages as i64);
             let full = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.rem(tile, stages)?);
-            let empty = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.add(kb.rem(tile, stages)?, stages)?);
+            let empty =
+                |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.add(kb.rem(tile, stages)?, stages)?);
             // Tile t is the (t / stages)-th use of its stage: its full phase has parity
             // (t / stages) % 2, and the producer waits for the empty phase of tile t - stages.
             let parity = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| kb.and(kb.div(tile, stages)?, kb.i32(1));
@@ -687,7 +724,9 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
                     let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
                         kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)
                     };
-                    let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> { kb.mbarrier_arrive(empty(kb, tile)?) };
+                    let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                        kb.mbarrier_arrive(empty(kb, tile)?)
+                    };
                     if config.schedule == Schedule::WarpSpecialized {
                         overlapped_tiles(kb, &acquire, &release, &no_turns, &no_turn_passing)?;
                         return store_results(kb);
@@ -720,20 +759,35 @@ pub fn emit_attention_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperAtten
     Ok(HopperAttentionLaunch {
         threads,
         dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
-        grid: [SizeExpr::seq_len().ceil_div(config.block_m as u64), SizeExpr::c(config.q_heads as u64), SizeExpr::batch()],
+        grid: [
+            SizeExpr::seq_len().ceil_div(config.block_m as u64),
+            SizeExpr::c(config.q_heads as u64),
+            SizeExpr::batch(),
+        ],
     })
 }
 
 /// A descriptor for the runtime tile base `tile_address` (a 1024-aligned shared-window address):
 /// the constant fields plus `(tile_address + start_offset) >> 4` in the start-address field.
-fn descriptor<'ctx>(kb: &KernelBuilder<'_, 'ctx>, tile_address: IntValue<'ctx>, constant_bits: u64, start_offset: u32) -> Result<IntValue<'ctx>> {
-    let start = kb.builder().build_right_shift(kb.add(tile_address, kb.i32(start_offset as i64))?, kb.i32(4), false, "")?;
+fn descriptor<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    tile_address: IntValue<'ctx>,
+    constant_bits: u64,
+    start_offset: u32,
+) -> Result<IntValue<'ctx>> {
+    let start =
+        kb.builder().build_right_shift(kb.add(tile_address, kb.i32(start_offset as i64))?, kb.i32(4), false, "")?;
     let i64_type = kb.context().i64_type();
     Ok(kb.builder().build_int_add(kb.to_i64(start)?, i64_type.const_int(constant_bits, false), "")?)
 }
 
 /// `a · b + c` rounded once (`fma.rn.f32`).
-fn fma<'ctx>(kb: &KernelBuilder<'_, 'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+fn fma<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    a: FloatValue<'ctx>,
+    b: FloatValue<'ctx>,
+    c: FloatValue<'ctx>,
+) -> Result<FloatValue<'ctx>> {
     let f32_type = kb.context().f32_type().into();
     let function = intrinsic(kb.module(), "llvm.fma", &[f32_type])?;
     float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
@@ -758,7 +812,10 @@ fn copy_tile_async<'ctx>(
     threads: u32,
 ) -> Result<()> {
     let chunks_per_row = tile.cols / tile.chunk_elems();
-    if !threads.is_multiple_of(chunks_per_row) || !(threads / chunks_per_row).is_multiple_of(8) || !tile.rows.is_multiple_of(threads / chunks_per_row) {
+    if !threads.is_multiple_of(chunks_per_row)
+        || !(threads / chunks_per_row).is_multiple_of(8)
+        || !tile.rows.is_multiple_of(threads / chunks_per_row)
+    {
         return Err(CodegenError::Unsupported(format!(
             "{threads} threads do not copy a {}×{} tile in whole 8-row steps",
             tile.rows, tile.cols
@@ -781,7 +838,11 @@ fn copy_tile_async<'ctx>(
         rows.base,
         tile.elem,
         kb.builder().build_int_add(
-            kb.builder().build_int_mul(kb.to_i64(global_first_row)?, i64_type.const_int(rows.row_stride as u64, false), "")?,
+            kb.builder().build_int_mul(
+                kb.to_i64(global_first_row)?,
+                i64_type.const_int(rows.row_stride as u64, false),
+                "",
+            )?,
             kb.to_i64(kb.mul(chunk_col, kb.i32(tile.chunk_elems() as i64))?)?,
             "",
         )?,

@@ -142,7 +142,10 @@ impl Swizzle128BTile {
     /// shape takes) by the 16 columns `k_start .. k_start + 16` (one wgmma's K).
     pub fn k_major_descriptor(&self, row_start: u32, k_start: u32) -> Result<MatrixDescriptor> {
         if !row_start.is_multiple_of(ATOM_ROWS) || row_start >= self.rows {
-            return unsupported(format!("K-major slice must start on an {ATOM_ROWS}-row atom inside {} rows", self.rows));
+            return unsupported(format!(
+                "K-major slice must start on an {ATOM_ROWS}-row atom inside {} rows",
+                self.rows
+            ));
         }
         if !k_start.is_multiple_of(WGMMA_K) || k_start + WGMMA_K > self.cols {
             return unsupported(format!("K slice at column {k_start} is not a k16 step inside {} columns", self.cols));

@@ -14,4 +14,4 @@ pub mod primitives;
 
 pub use attention::{HopperAttentionConfig, HopperAttentionLaunch, Schedule, emit_attention_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
-pub use primitives::{WgmmaA, WgmmaShape};
+pub use primitives::{Accumulate, WgmmaA, WgmmaShape};

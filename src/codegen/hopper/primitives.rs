@@ -8,9 +8,9 @@
 //! CUTLASS's `warpgroup_fence_operand`). All of them are side-effecting so that they keep their
 //! order among themselves.
 
+use inkwell::IntPredicate;
 use inkwell::types::BasicTypeEnum;
 use inkwell::values::{BasicValueEnum, CallSiteValue, FloatValue, IntValue, PointerValue};
-use inkwell::IntPredicate;
 
 use super::layout::OperandMajor;
 use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
@@ -58,7 +58,10 @@ pub enum Accumulate {
 
 impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     fn struct_outputs(&self, call: CallSiteValue<'ctx>, count: usize) -> Result<Vec<BasicValueEnum<'ctx>>> {
-        let value = call.try_as_basic_value().basic().ok_or_else(|| CodegenError::Llvm("inline PTX returned nothing".to_string()))?;
+        let value = call
+            .try_as_basic_value()
+            .basic()
+            .ok_or_else(|| CodegenError::Llvm("inline PTX returned nothing".to_string()))?;
         if count == 1 {
             return Ok(vec![value]);
         }
@@ -68,14 +71,19 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
 
     /// Inline PTX that reads and rewrites `registers` (f32 or i32) in place through tied operands
     /// and has side effects; returns the registers as the instruction leaves them.
-    fn ptx_passing_registers(&self, assembly: &str, registers: &[BasicValueEnum<'ctx>]) -> Result<Vec<BasicValueEnum<'ctx>>> {
+    fn ptx_passing_registers(
+        &self,
+        assembly: &str,
+        registers: &[BasicValueEnum<'ctx>],
+    ) -> Result<Vec<BasicValueEnum<'ctx>>> {
         if registers.is_empty() {
             self.inline_ptx(None, assembly, "~{memory}", &[], true)?;
             return Ok(Vec::new());
         }
         let count = registers.len();
         let types: Vec<BasicTypeEnum<'ctx>> = registers.iter().map(|value| value.get_type()).collect();
-        let result: BasicTypeEnum = if count == 1 { types[0] } else { self.context().struct_type(&types, false).into() };
+        let result: BasicTypeEnum =
+            if count == 1 { types[0] } else { self.context().struct_type(&types, false).into() };
         let mut constraints = Vec::with_capacity(2 * count + 1);
         for value in registers {
             constraints.push(match value {
@@ -113,7 +121,11 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     }
 
     /// [`Self::wgmma_wait`] for accumulators only.
-    pub fn wgmma_wait_accumulators(&self, pending: u32, accumulators: &[FloatValue<'ctx>]) -> Result<Vec<FloatValue<'ctx>>> {
+    pub fn wgmma_wait_accumulators(
+        &self,
+        pending: u32,
+        accumulators: &[FloatValue<'ctx>],
+    ) -> Result<Vec<FloatValue<'ctx>>> {
         let values: Vec<BasicValueEnum<'ctx>> = accumulators.iter().map(|value| (*value).into()).collect();
         Ok(self.wgmma_wait(pending, &values)?.into_iter().map(|value| value.into_float_value()).collect())
     }
@@ -206,13 +218,25 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     /// `bar.sync id, threads`: waits at named barrier `id` (1..=15; 0 is [`KernelBuilder::barrier`])
     /// until `threads` threads (a multiple of 32) have arrived or synced there.
     pub fn named_barrier_sync(&self, id: IntValue<'ctx>, threads: u32) -> Result<()> {
-        self.inline_ptx(None, "bar.sync $0, $1;", "r,r,~{memory}", &[id.into(), self.i32(threads as i64).into()], true)?;
+        self.inline_ptx(
+            None,
+            "bar.sync $0, $1;",
+            "r,r,~{memory}",
+            &[id.into(), self.i32(threads as i64).into()],
+            true,
+        )?;
         Ok(())
     }
 
     /// `bar.arrive id, threads`: counts this thread at named barrier `id` without waiting.
     pub fn named_barrier_arrive(&self, id: IntValue<'ctx>, threads: u32) -> Result<()> {
-        self.inline_ptx(None, "bar.arrive $0, $1;", "r,r,~{memory}", &[id.into(), self.i32(threads as i64).into()], true)?;
+        self.inline_ptx(
+            None,
+            "bar.arrive $0, $1;",
+            "r,r,~{memory}",
+            &[id.into(), self.i32(threads as i64).into()],
+            true,
+        )?;
         Ok(())
     }
 
@@ -252,7 +276,11 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
 
     /// `mbarrier.try_wait.parity.shared::cta.b64`: whether the phase with parity `parity` (0 or 1,
     /// i32) has completed; an i1. The instruction itself may suspend the thread for a while.
-    pub fn mbarrier_try_wait_parity(&self, barrier: PointerValue<'ctx>, parity: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+    pub fn mbarrier_try_wait_parity(
+        &self,
+        barrier: PointerValue<'ctx>,
+        parity: IntValue<'ctx>,
+    ) -> Result<IntValue<'ctx>> {
         let address = self.shared_address(barrier)?;
         let i32_type: BasicTypeEnum = self.context().i32_type().into();
         let call = self.inline_ptx(
