@@ -2,8 +2,10 @@
 //! so that it can replace it on Hopper.
 //!
 //! One CTA computes `block_m` query rows of one query head of one batch element with
-//! `block_m / 64` warpgroups, each owning 64 rows. Q and streamed K/V tiles live in 128-byte
+//! `block_m / 64` consumer warpgroups, each owning 64 rows (plus, in the warp-specialized
+//! schedules, a producer warpgroup that only copies). Q and streamed K/V tiles live in 128-byte
 //! swizzled shared tiles ([`Swizzle128BTile`]), copied with cp.async through `stages` buffers.
+//! How the GEMMs, the softmax and the copies are ordered is the [`Schedule`].
 //! Per key tile and warpgroup: `S = Q · Kᵀ` with wgmma from shared memory (both K-major),
 //! the mask only on tiles that cross the causal diagonal or the sequence end, online softmax on
 //! the accumulator fragments in log2 units (`exp2(s · scale · log2 e − m)` as one FMA + `ex2`),
@@ -13,8 +15,9 @@
 //!
 //! Parameters (ABI order): `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, `v [B, S, Hk, d]`,
 //! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32).
-//! Grid `(ceil(S / block_m), Hq, B)`; [`HopperAttentionLaunch::dynamic_shared_bytes`] of dynamic
-//! shared memory (raise the kernel's limit first: it is above 48 KiB).
+//! Grid `(ceil(S / block_m), Hq, B)`, [`HopperAttentionLaunch::threads`] threads,
+//! [`HopperAttentionLaunch::dynamic_shared_bytes`] of dynamic shared memory (raise the kernel's
+//! limit first: it is above 48 KiB).
 
 use inkwell::IntPredicate;
 use inkwell::attributes::AttributeLoc;
