@@ -1,11 +1,13 @@
 """Checks and times the wgmma attention kernels (ccc::codegen::hopper) on the GPU.
 
-Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing]
+Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing] [--sass]
 
 DIR holds `<kernel>.ptx` and `kernels.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper attention_assembles`):
 for each kernel its name, elem (bf16/f16), head_dim, q_heads, kv_heads, causal, softmax_scale, block_m, threads and
-dynamic_shared_bytes. Correctness: o and lse against a float32 reference on the same bf16
+dynamic_shared_bytes. With --sass, each `<kernel>.cubin` beside the PTX (assembled with
+`ptxas -arch=sm_90a`) is disassembled with nvdisasm: the count of HGMMA (warpgroup MMA) and of
+LDL/STL (local-memory spills) instructions. Correctness: o and lse against a float32 reference on the same bf16
 inputs (relative L2 of o < 1e-2, max |lse error| < 2e-2 on rows that exist). Timing: CUDA events,
 3 warm-up runs, median of 20, against torch SDPA with the cuDNN and FlashAttention-2 backends
 (GQA: kv heads repeated outside the timed region). FLOPs of causal attention: 4·B·S²·Hq·d / 2.
@@ -16,7 +18,9 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 
 import cupy
@@ -96,6 +100,21 @@ def check(kernel, batch, seq, generator):
     return ok, o_error, lse_error
 
 
+def sass_counts(ptx_dir, names):
+    """{kernel: (HGMMA count, LDL/STL count)} from nvdisasm, for kernels with a cubin."""
+    nvdisasm = shutil.which("nvdisasm") or "/usr/local/cuda/bin/nvdisasm"
+    if not os.path.exists(nvdisasm):
+        print("  nvdisasm not found: no SASS check")
+        return {}
+    counts = {}
+    for name in names:
+        cubin = os.path.join(ptx_dir, name + ".cubin")
+        if os.path.exists(cubin):
+            sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+            counts[name] = (len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\b(LDL|STL)\b", sass)))
+    return counts
+
+
 def time_ms(fn, reps=20, warmup=3):
     for _ in range(warmup):
         fn()
@@ -149,12 +168,20 @@ def main():
     parser.add_argument("--kernels", default="", help="only kernels whose name matches this regex")
     parser.add_argument("--out")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--sass", action="store_true", help="count HGMMA and LDL/STL in the cubins' SASS")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())
     kernels = load_kernels(args.ptx_dir, args.kernels)
     generator = torch.Generator(device="cuda").manual_seed(0)
-    report = {"correctness": [], "timing": []}
+    report = {"correctness": [], "timing": [], "sass": {}}
     all_ok = True
+    if args.sass:
+        print("\nSASS (HGMMA instructions, LDL/STL spill instructions)")
+        for name, (hgmma, local) in sass_counts(args.ptx_dir, kernels).items():
+            ok = hgmma > 0 and local == 0
+            all_ok &= ok
+            print(f"  {'ok  ' if ok else 'FAIL'} {name:45s} HGMMA {hgmma:3d}  LDL/STL {local}")
+            report["sass"][name] = dict(hgmma=hgmma, local_memory=local)
     print("\ncorrectness (o: relative L2 < 1e-2; lse: max abs error < 2e-2)")
     for name, kernel in kernels.items():
         for batch, seq in [(2, 1), (2, 17), (2, 200), (1, 4097)]:

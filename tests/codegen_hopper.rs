@@ -102,6 +102,16 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
         kb.mbarrier_wait_parity(barrier, kb.i32(0))?;
         kb.mbarrier_arrive(barrier)?;
         kb.set_max_registers(true, 240)?;
+        // A TMA copy of box (32, 7) of the tensor whose map is in global memory at `out`.
+        let map = kb.builder().build_address_space_cast(
+            kb.pointer_param("out")?,
+            kb.context().ptr_type(Default::default()),
+            "",
+        )?;
+        let map = kb.builder().build_ptr_to_int(map, kb.context().i64_type(), "")?;
+        kb.cp_async_bulk_tensor_2d(kb.byte_pointer(shared, kb.i32(1024))?, map, kb.i32(32), kb.i32(7), barrier)?;
+        kb.named_barrier_sync(kb.i32(1), 64)?;
+        kb.named_barrier_arrive(kb.i32(2), 64)?;
         let address = kb.shared_address(kb.byte_pointer(shared, kb.i32(1024))?)?;
         let tile = Swizzle128BTile::new(Elem::F16, 64, 64)?;
         let descriptor = |major, row, col| -> ccc::codegen::Result<_> {
@@ -157,6 +167,8 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
         "mbarrier.arrive.shared::cta.b64",
         "fence.proxy.async.shared::cta;",
         "setmaxnreg.inc.sync.aligned.u32 240;",
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "bar.arrive",
         "wgmma.fence.sync.aligned;",
         "wgmma.commit_group.sync.aligned;",
         "wgmma.wait_group.sync.aligned 0;",

@@ -1,5 +1,5 @@
 //! Hopper instructions as inline PTX: warpgroup MMA and its fences, `mbarrier` on shared `b64`,
-//! the async-proxy fence and `setmaxnreg`.
+//! the async-proxy fence, `setmaxnreg`, named barriers and the 2-D TMA copy.
 //!
 //! wgmma runs asynchronously to the issuing threads, but LLVM sees inline assembly as finished
 //! when it returns. So [`KernelBuilder::wgmma_fence`] and [`KernelBuilder::wgmma_wait`] take the
@@ -269,6 +269,33 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
             "mbarrier.arrive.expect_tx.shared::cta.b64 _, [$0], $1;",
             "r,r,~{memory}",
             &[address.into(), bytes.into()],
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// `cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes`: the tensor
+    /// engine (TMA) copies the box at coordinates (`x`, `y`) (i32, innermost first) of the tensor
+    /// described by the 128-byte tensor map at generic address `tensor_map` (i64) into shared
+    /// memory at `shared_dst`, and counts the bytes on `barrier` (whose phase must expect them,
+    /// [`Self::mbarrier_arrive_expect_tx`]). The map can live in global memory or be a kernel
+    /// parameter: LLVM 22 lowers a `ptr byval([128 x i8]) align 64 "nvvm.grid_constant"`
+    /// parameter to `.param .align 64 .b8 name[128]` and its address to `cvta.param.u64`.
+    pub fn cp_async_bulk_tensor_2d(
+        &self,
+        shared_dst: PointerValue<'ctx>,
+        tensor_map: IntValue<'ctx>,
+        x: IntValue<'ctx>,
+        y: IntValue<'ctx>,
+        barrier: PointerValue<'ctx>,
+    ) -> Result<()> {
+        let dst = self.shared_address(shared_dst)?;
+        let barrier = self.shared_address(barrier)?;
+        self.inline_ptx(
+            None,
+            "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
+            "r,l,r,r,r,~{memory}",
+            &[dst.into(), tensor_map.into(), x.into(), y.into(), barrier.into()],
             true,
         )?;
         Ok(())
