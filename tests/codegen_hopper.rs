@@ -282,9 +282,11 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
         let kind = config.elem.name();
         let warpgroups = config.block_m / 64;
         let tile_bytes = |rows: u32| rows * config.head_dim * 2;
+        // Warp-specialized schedules add full/empty mbarriers; overlapped ones an 8-byte anchor word.
         let (producers, barrier_bytes) = match config.schedule {
-            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8),
-            Schedule::Serial | Schedule::OverlapSoftmax => (0, 0),
+            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8 + 8),
+            Schedule::OverlapSoftmax => (0, 8),
+            Schedule::Serial => (0, 0),
         };
         assert_eq!(launch.threads, 128 * (warpgroups + producers));
         assert_eq!(
@@ -323,12 +325,14 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 1)), 1);
             }
             Schedule::OverlapSoftmax => {
+                assert_eq!(count(&ptx, "st.volatile.shared.f32"), 2, "one wait anchor per steady-state loop");
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
                 assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
                 assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 3);
             }
             Schedule::WarpSpecialized | Schedule::PingPong => {
+                assert_eq!(count(&ptx, "st.volatile.shared.f32"), 2, "one wait anchor per steady-state loop");
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
                 // The producer publishes each tile after its copies landed: in the loop and after it.

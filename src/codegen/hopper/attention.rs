@@ -163,6 +163,8 @@ struct SharedPlan {
     stage_bytes: u32,
     /// Where the `mbarrier`s start (after the tiles): `full[stages]`, then `empty[stages]`.
     barriers_offset: u32,
+    /// A 4-byte word the overlapped schedules store to as a scheduling anchor (after the barriers).
+    anchor_offset: u32,
     total_bytes: u32,
 }
 
@@ -176,7 +178,12 @@ impl SharedPlan {
             Schedule::WarpSpecialized | Schedule::PingPong => 2 * config.stages * 8,
             Schedule::Serial | Schedule::OverlapSoftmax => 0,
         };
-        let total_bytes = barriers_offset + barrier_bytes;
+        let anchor_offset = barriers_offset + barrier_bytes;
+        let anchor_bytes = match config.schedule {
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 8,
+            Schedule::Serial => 0,
+        };
+        let total_bytes = anchor_offset + anchor_bytes;
         if total_bytes + TILE_ALIGNMENT > MAX_SHARED_BYTES {
             return unsupported(format!(
                 "Q and {} stages of K/V take {} bytes of shared memory, more than {MAX_SHARED_BYTES}",
@@ -184,7 +191,7 @@ impl SharedPlan {
                 total_bytes + TILE_ALIGNMENT
             ));
         }
-        Ok(SharedPlan { q, kv, stage_bytes, barriers_offset, total_bytes })
+        Ok(SharedPlan { q, kv, stage_bytes, barriers_offset, anchor_offset, total_bytes })
     }
 
     fn k_offset(&self, stage: u32) -> u32 {
@@ -563,6 +570,22 @@ pub fn emit_attention_wgmma<'ctx>(
         Ok(())
     };
 
+    // ptxas hoists `wgmma.wait_group` as far up as it may (it has no operands), which would put
+    // the wait for P·V before the softmax's exponentials and undo the overlap; it does not move
+    // it above a shared-memory store. So a volatile store of a value that depends on every
+    // exponential of the tile (the sum of both running row sums) goes right before the wait.
+    let anchor_address = kb.add(aligned_address, kb.i32(plan.anchor_offset as i64))?;
+    let anchor_wait = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        let sums = kb.fadd(kb.load_f32(running_sum[0])?, kb.load_f32(running_sum[1])?)?;
+        kb.inline_ptx(
+            None,
+            "st.volatile.shared.f32 [$0], $1;",
+            "r,f,~{memory}",
+            &[anchor_address.into(), sums.into()],
+            true,
+        )?;
+        Ok(())
+    };
     let remember_rescale = |kb: &KernelBuilder<'_, 'ctx>, rescale: [FloatValue<'ctx>; 2]| -> Result<()> {
         kb.store_f32(pending_rescale[0], rescale[0])?;
         kb.store_f32(pending_rescale[1], rescale[1])
@@ -611,6 +634,7 @@ pub fn emit_attention_wgmma<'ctx>(
             let s = kb.wgmma_wait_accumulators(1, &s)?;
             let (p, rescale) = softmax(kb, &s, tile, masking)?;
             remember_rescale(kb, rescale)?;
+            anchor_wait(kb)?;
             finish_output(kb, &o, &previous_p)?;
             release(kb, previous)?;
             pack_probabilities(kb, &p)
