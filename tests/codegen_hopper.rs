@@ -399,3 +399,65 @@ fn codegen_hopper_attention_rejects_bad_configurations() {
         assert!(matches!(emit_attention_wgmma(&module, &bad), Err(CodegenError::Unsupported(_))), "{bad:?}");
     }
 }
+
+/// nvdisasm from `$CCC_NVDISASM` or the project virtualenv (`nvidia-cuda-nvdisasm` wheel).
+fn find_nvdisasm() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("CCC_NVDISASM") {
+        return Some(path.into());
+    }
+    let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path().join("site-packages/nvidia/cu13/bin/nvdisasm"))
+        .find(|path| path.is_file())
+}
+
+/// The SASS of one kernel, assembled by ptxas and disassembled by nvdisasm.
+fn sass(ptx: &str, name: &str) -> String {
+    let nvdisasm = find_nvdisasm().expect("nvdisasm: set CCC_NVDISASM or install nvidia-cuda-nvdisasm into .venv");
+    let ptxas = ptxas::find_ptxas().unwrap_or_else(|error| panic!("{error}"));
+    let dir = std::env::temp_dir().join(format!("ccc-hopper-sass-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (input, cubin) = (dir.join("kernel.ptx"), dir.join("kernel.cubin"));
+    std::fs::write(&input, ptx).expect("write ptx");
+    let assembled = Command::new(ptxas).arg("-arch=sm_90a").arg(&input).arg("-o").arg(&cubin).status().expect("ptxas");
+    assert!(assembled.success());
+    let disassembled = Command::new(nvdisasm).arg("-c").arg(&cubin).output().expect("run nvdisasm");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(disassembled.status.success(), "{}", String::from_utf8_lossy(&disassembled.stderr));
+    String::from_utf8_lossy(&disassembled.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs nvdisasm (pip wheel nvidia-cuda-nvdisasm, not yet installed by scripts/setup.sh)"]
+fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
+    for config in bench_configs() {
+        let (ptx, _) = attention(&config);
+        let sass = sass(&ptx, &config.name);
+        let instructions: Vec<&str> = sass.lines().filter_map(|line| line.split("*/").nth(1)).map(str::trim).collect();
+        let hgmma = instructions.iter().filter(|text| text.starts_with("HGMMA.")).count();
+        let local = instructions.iter().filter(|text| text.starts_with("LDL") || text.starts_with("STL")).count();
+        assert!(hgmma > 0 && local == 0, "{}: {hgmma} HGMMA, {local} LDL/STL", config.name);
+        if config.schedule == Schedule::Serial {
+            continue;
+        }
+        // Each wait for S alone (gsb0 ≤ 1) must be followed by the tile's exponentials before
+        // the wait for P·V (gsb0 ≤ 0): ptxas must not have hoisted that wait.
+        let mut exponentials_since_wait_for_s = None;
+        let mut overlapped_loops = 0;
+        for text in &instructions {
+            if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
+                exponentials_since_wait_for_s = Some(0);
+            } else if text.starts_with("MUFU.EX2") {
+                exponentials_since_wait_for_s = exponentials_since_wait_for_s.map(|count| count + 1);
+            } else if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x0") {
+                if let Some(count) = exponentials_since_wait_for_s.take() {
+                    assert!(count >= config.block_n / 2, "{}: only {count} ex2 overlap P·V", config.name);
+                    overlapped_loops += 1;
+                }
+            }
+        }
+        assert_eq!(overlapped_loops, 2, "{}: unmasked and masked loops", config.name);
+    }
+}
