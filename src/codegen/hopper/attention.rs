@@ -1,0 +1,890 @@
+//! Flash-attention forward on wgmma, with the ABI of [`crate::codegen::attention::emit_attention`]
+//! so that it can replace it on Hopper.
+//!
+//! One CTA computes `block_m` query rows of one query head of one batch element with
+//! `block_m / 64` consumer warpgroups, each owning 64 rows (plus, in the warp-specialized
+//! schedules, a producer warpgroup that only copies). Q and streamed K/V tiles live in 128-byte
+//! swizzled shared tiles ([`Swizzle128BTile`]), copied with cp.async through `stages` buffers.
+//! How the GEMMs, the softmax and the copies are ordered is the [`Schedule`].
+//! Per key tile and warpgroup: `S = Q · Kᵀ` with wgmma from shared memory (both K-major),
+//! the mask only on tiles that cross the causal diagonal or the sequence end, online softmax on
+//! the accumulator fragments in log2 units (`exp2(s · scale · log2 e − m)` as one FMA + `ex2`),
+//! `P` rounded to bf16/f16 in registers, and `O += P · V` with wgmma taking A from registers and
+//! V from shared memory as an MN-major operand (no transpose pass). Row sums stay per thread
+//! until the end. Query tiles are processed last-first so that the long causal rows start early.
+//!
+//! Parameters (ABI order): `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, `v [B, S, Hk, d]`,
+//! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32).
+//! Grid `(ceil(S / block_m), Hq, B)`, [`HopperAttentionLaunch::threads`] threads,
+//! [`HopperAttentionLaunch::dynamic_shared_bytes`] of dynamic shared memory (raise the kernel's
+//! limit first: it is above 48 KiB).
+
+use inkwell::IntPredicate;
+use inkwell::attributes::AttributeLoc;
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
+
+use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
+use crate::codegen::primitives::{float_result, intrinsic};
+use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
+use crate::ir::size::SizeExpr;
+
+/// Rows of Q one consumer warpgroup owns (the wgmma M).
+pub const WARPGROUP_ROWS: u32 = 64;
+const WARPGROUP_THREADS: u32 = 128;
+/// Shared memory one CTA may use on sm_90 (227 KiB).
+const MAX_SHARED_BYTES: u32 = 227 * 1024;
+
+/// The inputs that shape the wgmma attention kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HopperAttentionConfig {
+    pub name: String,
+    /// Storage type of q, k, v, o (bf16 or f16).
+    pub elem: Elem,
+    /// 64 or 128.
+    pub head_dim: u32,
+    pub q_heads: u32,
+    pub kv_heads: u32,
+    pub causal: bool,
+    /// Multiplies q·k before the softmax (usually 1/√d).
+    pub softmax_scale: f64,
+    /// Query rows per CTA: 64 per warpgroup, one or two warpgroups.
+    pub block_m: u32,
+    /// Keys per K/V tile (the N of `S = Q · Kᵀ`, the K of `O += P · V`).
+    pub block_n: u32,
+    /// K/V shared buffers (at least 2 for [`Schedule::Serial`], 3 for [`Schedule::OverlapSoftmax`]).
+    pub stages: u32,
+    pub schedule: Schedule,
+}
+
+/// How each warpgroup orders its two GEMMs and the softmax within one key tile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Schedule {
+    /// `S = Q·Kᵀ`, wait, softmax, `O += P·V`, wait: the tensor cores idle during the softmax
+    /// unless the other warpgroup happens to fill them.
+    Serial,
+    /// Iteration j issues `S_j = Q·K_jᵀ` and `O += P_{j-1}·V_{j-1}` back to back, waits only for
+    /// `S_j`, and runs the softmax of tile j while `P·V` is still on the tensor cores
+    /// (FlashAttention-3's intra-warpgroup overlap). Keeps P of two tiles live, and V of tile
+    /// j - 1 in shared memory while tile j + 1 loads, so it needs 3 stages.
+    OverlapSoftmax,
+    /// [`Schedule::OverlapSoftmax`] in the consumer warpgroups, plus one producer warpgroup that
+    /// does all cp.async copies (Q with the first tile) and hands stages over through `mbarrier`s
+    /// (full: producer → consumers, empty: consumers → producer) instead of CTA-wide barriers,
+    /// so that the consumer warpgroups drift apart and one's softmax overlaps the other's GEMMs.
+    /// `setmaxnreg` moves registers from the producer (40) to the consumers (232).
+    WarpSpecialized,
+    /// [`Schedule::WarpSpecialized`] with two consumer warpgroups taking turns to issue their
+    /// GEMMs (named barriers 1 and 2, FlashAttention-3's ping-pong): each one's softmax then
+    /// runs while the other's GEMMs occupy the tensor cores.
+    PingPong,
+}
+
+/// Per-thread registers of the producer warpgroup of [`Schedule::WarpSpecialized`]: values
+/// computed before the role split stay live in it, and with 24 or 32 ptxas spills some.
+const PRODUCER_REGISTERS: u32 = 40;
+/// Per-thread registers of its consumer warpgroups (2 · 128 · 232 + 128 · 40 ≤ 65536).
+const CONSUMER_REGISTERS: u32 = 232;
+
+impl HopperAttentionConfig {
+    /// A human-readable description used as part of a cache key.
+    pub fn describe(&self) -> String {
+        format!(
+            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?}",
+            self.name,
+            self.elem.name(),
+            self.head_dim,
+            self.q_heads,
+            self.kv_heads,
+            self.causal,
+            self.softmax_scale,
+            self.block_m,
+            self.block_n,
+            self.stages,
+            self.schedule
+        )
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.elem == Elem::F32 {
+            return unsupported("attention operands are bf16 or f16");
+        }
+        if self.kv_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
+            return unsupported(format!("{} query heads do not group over {} kv heads", self.q_heads, self.kv_heads));
+        }
+        if self.head_dim != 64 && self.head_dim != 128 {
+            return unsupported(format!("the wgmma attention kernel takes head_dim 64 or 128, not {}", self.head_dim));
+        }
+        // Three warpgroups would leave 170 registers per thread: S, O and P do not fit without
+        // warp specialization and setmaxnreg.
+        if self.block_m != WARPGROUP_ROWS && self.block_m != 2 * WARPGROUP_ROWS {
+            return unsupported(format!("block_m must be 64 or 128 (64 rows per warpgroup), not {}", self.block_m));
+        }
+        if self.block_n == 0 || !self.block_n.is_multiple_of(WGMMA_K) || self.block_n > 256 {
+            return unsupported(format!("block_n must be a multiple of 16 up to 256, not {}", self.block_n));
+        }
+        let least_stages = match self.schedule {
+            Schedule::Serial => 2,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 3,
+        };
+        if self.schedule == Schedule::PingPong && self.block_m != 2 * WARPGROUP_ROWS {
+            return unsupported("the ping-pong schedule alternates two consumer warpgroups: block_m must be 128");
+        }
+        if self.stages < least_stages {
+            return unsupported(format!("the {:?} schedule needs at least {least_stages} K/V stages", self.schedule));
+        }
+        Ok(())
+    }
+}
+
+/// What the runtime needs to launch an emitted wgmma attention kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopperAttentionLaunch {
+    pub threads: u32,
+    /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes.
+    pub dynamic_shared_bytes: u32,
+    /// `[ceil(S / block_m), Hq, B]`.
+    pub grid: [SizeExpr; 3],
+}
+
+/// Whether the softmax of a tile applies the mask (sequence end, causal diagonal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Masking {
+    Never,
+    Always,
+    /// Branches on whether the tile needs it (only where no wgmma is in flight).
+    WhenNeeded,
+}
+
+/// Shared tiles of one CTA, at byte offsets from the 1024-aligned base.
+struct SharedPlan {
+    q: Swizzle128BTile,
+    kv: Swizzle128BTile,
+    stage_bytes: u32,
+    /// Where the `mbarrier`s start (after the tiles): `full[stages]`, then `empty[stages]`.
+    barriers_offset: u32,
+    /// A 4-byte word the overlapped schedules store to as a scheduling anchor (after the barriers).
+    anchor_offset: u32,
+    total_bytes: u32,
+}
+
+impl SharedPlan {
+    fn new(config: &HopperAttentionConfig) -> Result<Self> {
+        let q = Swizzle128BTile::new(config.elem, config.block_m, config.head_dim)?;
+        let kv = Swizzle128BTile::new(config.elem, config.block_n, config.head_dim)?;
+        let stage_bytes = 2 * kv.footprint_bytes();
+        let barriers_offset = q.footprint_bytes() + config.stages * stage_bytes;
+        let barrier_bytes = match config.schedule {
+            Schedule::WarpSpecialized | Schedule::PingPong => 2 * config.stages * 8,
+            Schedule::Serial | Schedule::OverlapSoftmax => 0,
+        };
+        let anchor_offset = barriers_offset + barrier_bytes;
+        let anchor_bytes = match config.schedule {
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 8,
+            Schedule::Serial => 0,
+        };
+        let total_bytes = anchor_offset + anchor_bytes;
+        if total_bytes + TILE_ALIGNMENT > MAX_SHARED_BYTES {
+            return unsupported(format!(
+                "Q and {} stages of K/V take {} bytes of shared memory, more than {MAX_SHARED_BYTES}",
+                config.stages,
+                total_bytes + TILE_ALIGNMENT
+            ));
+        }
+        Ok(SharedPlan { q, kv, stage_bytes, barriers_offset, anchor_offset, total_bytes })
+    }
+
+    fn k_offset(&self, stage: u32) -> u32 {
+        self.q.footprint_bytes() + stage * self.stage_bytes
+    }
+}
+
+/// Where one [B, S, H, d] tensor's rows for one (batch, head) are: a base pointer and the
+/// element stride between sequence positions.
+struct HeadRows<'ctx> {
+    base: PointerValue<'ctx>,
+    row_stride: u32,
+}
+
+/// Emits the wgmma attention forward kernel into `module`.
+pub fn emit_attention_wgmma<'ctx>(
+    module: &PtxModule<'ctx>,
+    config: &HopperAttentionConfig,
+) -> Result<HopperAttentionLaunch> {
+    config.validate()?;
+    let plan = SharedPlan::new(config)?;
+    let warpgroups = config.block_m / WARPGROUP_ROWS;
+    // Threads that compute (and, without a producer, also copy).
+    let consumer_threads = warpgroups * WARPGROUP_THREADS;
+    let warp_specialized = matches!(config.schedule, Schedule::WarpSpecialized | Schedule::PingPong);
+    let threads = match config.schedule {
+        Schedule::WarpSpecialized | Schedule::PingPong => consumer_threads + WARPGROUP_THREADS,
+        Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
+    };
+    let group = config.q_heads / config.kv_heads;
+    let d = config.head_dim;
+    let scores_shape = WgmmaShape { n: config.block_n, elem: config.elem };
+    let output_shape = WgmmaShape { n: d, elem: config.elem };
+    scores_shape.validate()?;
+    output_shape.validate()?;
+
+    let params = [
+        ParamKind::GlobalPointer("q".into()),
+        ParamKind::GlobalPointer("k".into()),
+        ParamKind::GlobalPointer("v".into()),
+        ParamKind::GlobalPointer("o".into()),
+        ParamKind::GlobalPointer("lse".into()),
+        ParamKind::Size("B".into()),
+        ParamKind::Size("S".into()),
+    ];
+    let shared = module.dynamic_shared(&format!("{}_shared", config.name));
+    let kb = module.declare_kernel(&config.name, &params)?;
+    if warp_specialized {
+        // setmaxnreg needs a register cap at entry: `.maxntid` with one CTA per SM.
+        for (key, value) in [("nvvm.maxntid", threads.to_string()), ("nvvm.minctasm", "1".to_string())] {
+            kb.function().add_attribute(AttributeLoc::Function, kb.context().create_string_attribute(key, &value));
+        }
+    }
+    let seq_len = kb.size_param("S")?;
+    let thread = kb.thread_index()?;
+    let lane = kb.lane()?;
+    let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
+    let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
+    let query_tiles = kb.ceil_div(seq_len, config.block_m)?;
+    let query_tile = kb.sub(kb.sub(query_tiles, kb.i32(1))?, kb.special_register(SpecialRegister::BlockX)?)?;
+    let query_start = kb.mul(query_tile, kb.i32(config.block_m as i64))?;
+    let head = kb.special_register(SpecialRegister::BlockY)?;
+    let batch = kb.special_register(SpecialRegister::BlockZ)?;
+    let kv_head = kb.div(head, kb.i32(group as i64))?;
+
+    // The swizzle pattern is a function of address bits 4..9: align the tiles to 1024 bytes.
+    let raw_address = kb.shared_address(shared)?;
+    let aligned_address =
+        kb.and(kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?, kb.i32(-(TILE_ALIGNMENT as i64)))?;
+    let aligned = kb.byte_pointer(shared, kb.sub(aligned_address, raw_address)?)?;
+
+    let head_rows = |name: &str, heads: u32, head: IntValue<'ctx>| -> Result<HeadRows<'ctx>> {
+        let i64_type = kb.context().i64_type();
+        let rows_before = kb.builder().build_int_mul(kb.to_i64(batch)?, kb.to_i64(seq_len)?, "")?;
+        let head_index = kb.builder().build_int_add(
+            kb.builder().build_int_mul(rows_before, i64_type.const_int(heads as u64, false), "")?,
+            kb.to_i64(head)?,
+            "",
+        )?;
+        let offset = kb.builder().build_int_mul(head_index, i64_type.const_int(d as u64, false), "")?;
+        Ok(HeadRows { base: kb.element_pointer(kb.pointer_param(name)?, config.elem, offset)?, row_stride: heads * d })
+    };
+    let q_rows = head_rows("q", config.q_heads, head)?;
+    let k_rows = head_rows("k", config.kv_heads, kv_head)?;
+    let v_rows = head_rows("v", config.kv_heads, kv_head)?;
+    let o_rows = head_rows("o", config.q_heads, head)?;
+
+    // Thread-local row of accumulator half `h` (registers with (i / 2) % 2 == h) and the column
+    // of register 0; see `KernelBuilder::wgmma`.
+    let fragment_row = kb.add(
+        kb.add(kb.mul(warpgroup, kb.i32(WARPGROUP_ROWS as i64))?, kb.mul(warp_in_group, kb.i32(16))?)?,
+        kb.div(lane, kb.i32(4))?,
+    )?;
+    let rows = [fragment_row, kb.add(fragment_row, kb.i32(8))?];
+    let pair_col = kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?;
+
+    let key_tiles_in_sequence = kb.ceil_div(seq_len, config.block_n)?;
+    let key_tiles = if config.causal {
+        let query_end = kb.add(query_start, kb.i32(config.block_m as i64))?;
+        kb.min(kb.ceil_div(query_end, config.block_n)?, key_tiles_in_sequence)?
+    } else {
+        key_tiles_in_sequence
+    };
+    // Tiles below this one need no mask: they end at or before the sequence end and (causal)
+    // at or before the first query row of the CTA + 1.
+    let whole_tiles_in_sequence = kb.div(seq_len, kb.i32(config.block_n as i64))?;
+    let unmasked_tiles = if config.causal {
+        let below_diagonal = kb.div(kb.add(query_start, kb.i32(1))?, kb.i32(config.block_n as i64))?;
+        kb.min(kb.min(below_diagonal, whole_tiles_in_sequence)?, key_tiles)?
+    } else {
+        kb.min(whole_tiles_in_sequence, key_tiles)?
+    };
+
+    // Which threads copy: all of them, or the producer warpgroup's.
+    let (copy_thread, copy_threads) = match config.schedule {
+        Schedule::WarpSpecialized | Schedule::PingPong => {
+            (kb.sub(thread, kb.i32(consumer_threads as i64))?, WARPGROUP_THREADS)
+        }
+        Schedule::Serial | Schedule::OverlapSoftmax => (thread, consumer_threads),
+    };
+    let issue_q = |kb: &KernelBuilder<'_, 'ctx>| {
+        copy_tile_async(kb, &q_rows, query_start, seq_len, &plan.q, aligned, 0, copy_thread, copy_threads)
+    };
+    let issue_kv = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+        let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+        let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
+        let k_offset = kb.add(kb.i32(plan.k_offset(0) as i64), kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
+        let k_base = kb.byte_pointer(aligned, k_offset)?;
+        copy_tile_async(kb, &k_rows, key_start, seq_len, &plan.kv, k_base, 0, copy_thread, copy_threads)?;
+        copy_tile_async(
+            kb,
+            &v_rows,
+            key_start,
+            seq_len,
+            &plan.kv,
+            k_base,
+            plan.kv.footprint_bytes(),
+            copy_thread,
+            copy_threads,
+        )
+    };
+
+    let output = (0..output_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
+    let scores = (0..scores_shape.accumulator_registers()).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
+    // P packed as b16x2, kept as f32 bit patterns (the slots are f32) between iterations.
+    let probabilities = (0..config.block_n / 4).map(|_| kb.register_slot()).collect::<Result<Vec<_>>>()?;
+    let running_max = [kb.register_slot()?, kb.register_slot()?];
+    let running_sum = [kb.register_slot()?, kb.register_slot()?];
+    // The overlapped schedules apply a tile's O rescale only when P·V of that tile is issued.
+    let pending_rescale = [kb.register_slot()?, kb.register_slot()?];
+    for slot in &output {
+        kb.store_f32(*slot, kb.f32(0.0))?;
+    }
+    for h in 0..2 {
+        kb.store_f32(running_max[h], kb.f32(f64::NEG_INFINITY))?;
+        kb.store_f32(running_sum[h], kb.f32(0.0))?;
+    }
+    let scale_log2 = config.softmax_scale * std::f64::consts::LOG2_E;
+    let q_warpgroup_address = kb.add(aligned_address, kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?)?;
+    let stage_addresses =
+        |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<(IntValue<'ctx>, IntValue<'ctx>)> {
+            let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
+            let k_address = kb.add(
+                kb.add(aligned_address, kb.i32(plan.k_offset(0) as i64))?,
+                kb.mul(stage, kb.i32(plan.stage_bytes as i64))?,
+            )?;
+            Ok((k_address, kb.add(k_address, kb.i32(plan.kv.footprint_bytes() as i64))?))
+        };
+
+    // S = Q · Kᵀ for this warpgroup's 64 rows, issued and committed as one wgmma group.
+    let issue_scores = |kb: &KernelBuilder<'_, 'ctx>, k_address: IntValue<'ctx>| -> Result<Vec<FloatValue<'ctx>>> {
+        let undefined = kb.context().f32_type().get_undef();
+        let mut s: Vec<FloatValue<'ctx>> = vec![undefined; scores_shape.accumulator_registers() as usize];
+        kb.wgmma_fence(&[])?;
+        for k_step in 0..d / WGMMA_K {
+            let a_desc = plan.q.k_major_descriptor(0, k_step * WGMMA_K)?;
+            let a = descriptor(kb, q_warpgroup_address, a_desc.constant_bits(), a_desc.start_offset)?;
+            let b_desc = plan.kv.k_major_descriptor(0, k_step * WGMMA_K)?;
+            let b = descriptor(kb, k_address, b_desc.constant_bits(), b_desc.start_offset)?;
+            let accumulate = if k_step == 0 { Accumulate::Overwrite } else { Accumulate::Add };
+            s = kb.wgmma(scores_shape, WgmmaA::Shared(a), b, OperandMajor::K, accumulate, &s)?;
+        }
+        kb.wgmma_commit_group()?;
+        Ok(s)
+    };
+
+    // O += P · V from the slots, issued as one wgmma group. Returns O and P as they left the
+    // fence: wgmma keeps reading P after issue, so P must stay live until the group's wait.
+    let issue_output = |kb: &KernelBuilder<'_, 'ctx>,
+                        v_address: IntValue<'ctx>|
+     -> Result<(Vec<FloatValue<'ctx>>, Vec<BasicValueEnum<'ctx>>)> {
+        let mut fenced: Vec<BasicValueEnum<'ctx>> =
+            output.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
+        for slot in &probabilities {
+            let bits = kb.builder().build_bit_cast(kb.load_f32(*slot)?, kb.context().i32_type(), "")?;
+            fenced.push(bits);
+        }
+        let fenced = kb.wgmma_fence(&fenced)?;
+        let (o_fenced, p_fenced) = fenced.split_at(output.len());
+        let mut o: Vec<FloatValue<'ctx>> = o_fenced.iter().map(|value| value.into_float_value()).collect();
+        for (k_step, a) in p_fenced.chunks(4).enumerate() {
+            let a = [a[0].into_int_value(), a[1].into_int_value(), a[2].into_int_value(), a[3].into_int_value()];
+            let b_desc = plan.kv.mn_major_descriptor(k_step as u32 * WGMMA_K, 0)?;
+            let b = descriptor(kb, v_address, b_desc.constant_bits(), b_desc.start_offset)?;
+            o = kb.wgmma(output_shape, WgmmaA::Registers(a), b, OperandMajor::MN, Accumulate::Add, &o)?;
+        }
+        kb.wgmma_commit_group()?;
+        Ok((o, p_fenced.to_vec()))
+    };
+
+    // Waits for the output group (and all before it), keeping P live until then; stores O.
+    let finish_output =
+        |kb: &KernelBuilder<'_, 'ctx>, o: &[FloatValue<'ctx>], p: &[BasicValueEnum<'ctx>]| -> Result<()> {
+            let mut pending: Vec<BasicValueEnum<'ctx>> = o.iter().map(|value| (*value).into()).collect();
+            pending.extend_from_slice(p);
+            let waited = kb.wgmma_wait(0, &pending)?;
+            for (slot, value) in output.iter().zip(&waited) {
+                kb.store_f32(*slot, value.into_float_value())?;
+            }
+            Ok(())
+        };
+
+    // Mask (only on tiles that reach past the sequence end or, causal, past the first query row),
+    // online softmax per row half (the quad of 4 lanes shares a row), P packed into the slots.
+    // Returns P (f32) and the factor by which O must be rescaled before P·V is added.
+    type Probabilities<'ctx> = (Vec<FloatValue<'ctx>>, [FloatValue<'ctx>; 2]);
+    let softmax = |kb: &KernelBuilder<'_, 'ctx>,
+                   s: &[FloatValue<'ctx>],
+                   tile: IntValue<'ctx>,
+                   masking: Masking|
+     -> Result<Probabilities<'ctx>> {
+        for (slot, value) in scores.iter().zip(s) {
+            kb.store_f32(*slot, *value)?;
+        }
+        let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+        let needs_mask = kb.le(unmasked_tiles, tile)?;
+        let apply_mask = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+            for (index, slot) in scores.iter().enumerate() {
+                let index = index as u32;
+                let col = kb.add(pair_col, kb.i32((8 * (index / 4) + index % 2) as i64))?;
+                let key = kb.add(key_start, col)?;
+                let mut allowed = kb.lt(key, seq_len)?;
+                if config.causal {
+                    let query = kb.add(query_start, rows[((index / 2) % 2) as usize])?;
+                    allowed = kb.and(allowed, kb.le(key, query)?)?;
+                }
+                let value = kb.load_f32(*slot)?;
+                kb.store_f32(*slot, kb.select_f32(allowed, value, kb.f32(f64::NEG_INFINITY))?)?;
+            }
+            Ok(())
+        };
+        match masking {
+            Masking::Never => {}
+            Masking::Always => apply_mask(kb)?,
+            Masking::WhenNeeded => kb.if_then(needs_mask, apply_mask)?,
+        }
+        let s: Vec<FloatValue<'ctx>> = scores.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
+        let mut shift = [kb.f32(0.0); 2];
+        let mut rescale = [kb.f32(0.0); 2];
+        for h in 0..2 {
+            let mut tile_max = kb.f32(f64::NEG_INFINITY);
+            for (index, value) in s.iter().enumerate() {
+                if (index / 2) % 2 == h {
+                    tile_max = kb.fmax(tile_max, *value)?;
+                }
+            }
+            tile_max = kb.fmax(tile_max, kb.shuffle_xor_f32(tile_max, 1)?)?;
+            tile_max = kb.fmax(tile_max, kb.shuffle_xor_f32(tile_max, 2)?)?;
+            let previous = kb.load_f32(running_max[h])?;
+            let new_max = kb.fmax(previous, kb.fmul(tile_max, kb.f32(scale_log2))?)?;
+            // A row without any allowed key so far keeps max -inf; shift by 0 so exp2 gives 0, not NaN.
+            let no_keys = kb.feq(new_max, kb.f32(f64::NEG_INFINITY))?;
+            shift[h] = kb.select_f32(no_keys, kb.f32(0.0), new_max)?;
+            rescale[h] = kb.exp2_approx(kb.fsub(previous, shift[h])?)?;
+            kb.store_f32(running_max[h], new_max)?;
+        }
+        let negative_shift = [kb.fsub(kb.f32(0.0), shift[0])?, kb.fsub(kb.f32(0.0), shift[1])?];
+        let mut p = Vec::with_capacity(s.len());
+        let mut partial_sum = [kb.f32(0.0); 2];
+        for (index, value) in s.iter().enumerate() {
+            let h = (index / 2) % 2;
+            let probability = kb.exp2_approx(fma(kb, *value, kb.f32(scale_log2), negative_shift[h])?)?;
+            partial_sum[h] = kb.fadd(partial_sum[h], probability)?;
+            p.push(probability);
+        }
+        for h in 0..2 {
+            // Thread-partial sums: the quad's lanes are added once at the end.
+            let decayed = kb.fmul(kb.load_f32(running_sum[h])?, rescale[h])?;
+            kb.store_f32(running_sum[h], kb.fadd(decayed, partial_sum[h])?)?;
+        }
+        Ok((p, rescale))
+    };
+    // P rounded and packed into the slots as wgmma A fragments: n8 column blocks 2t and 2t + 1
+    // form k16 step t.
+    let pack_probabilities = |kb: &KernelBuilder<'_, 'ctx>, p: &[FloatValue<'ctx>]| -> Result<()> {
+        let mut packed = probabilities.iter();
+        for k_step in 0..(config.block_n / WGMMA_K) as usize {
+            let (low, high) = (8 * k_step, 8 * k_step + 4);
+            for first in [low, low + 2, high, high + 2] {
+                let bits = kb.pack_half2(config.elem, p[first], p[first + 1])?;
+                let slot = packed.next().ok_or_else(|| CodegenError::Llvm("P slots run out".to_string()))?;
+                kb.store_f32(
+                    *slot,
+                    kb.builder().build_bit_cast(bits, kb.context().f32_type(), "")?.into_float_value(),
+                )?;
+            }
+        }
+        Ok(())
+    };
+    let rescale_output = |kb: &KernelBuilder<'_, 'ctx>, rescale: [FloatValue<'ctx>; 2]| -> Result<()> {
+        for (index, slot) in output.iter().enumerate() {
+            kb.store_f32(*slot, kb.fmul(kb.load_f32(*slot)?, rescale[(index / 2) % 2])?)?;
+        }
+        Ok(())
+    };
+    // cp.async wrote through the generic proxy and wgmma reads through the async one: wait,
+    // fence, then the barrier publishes the tile to both warpgroups.
+    let publish_tile = |kb: &KernelBuilder<'_, 'ctx>, pending: u32| -> Result<()> {
+        kb.cp_async_wait(pending)?;
+        kb.fence_proxy_async_shared()?;
+        kb.barrier()
+    };
+
+    // O / l and lse = (m + log2 l) · ln 2; rows without any key (l = 0) give O = 0, lse = -inf.
+    let store_results = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        let mut inverse_sum = [kb.f32(0.0); 2];
+        let mut log_sum_exp = [kb.f32(0.0); 2];
+        for h in 0..2 {
+            let mut sum = kb.load_f32(running_sum[h])?;
+            sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 1)?)?;
+            sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, 2)?)?;
+            let empty = kb.feq(sum, kb.f32(0.0))?;
+            inverse_sum[h] = kb.select_f32(empty, kb.f32(0.0), kb.fdiv(kb.f32(1.0), sum)?)?;
+            let lse =
+                kb.fmul(kb.fadd(kb.load_f32(running_max[h])?, kb.log2_approx(sum)?)?, kb.f32(std::f64::consts::LN_2))?;
+            log_sum_exp[h] = kb.select_f32(empty, kb.f32(f64::NEG_INFINITY), lse)?;
+        }
+        for h in 0..2 {
+            let query = kb.add(query_start, rows[h])?;
+            let inside = kb.lt(query, seq_len)?;
+            kb.if_then(inside, |kb| {
+                let row_offset = kb.builder().build_int_mul(
+                    kb.to_i64(query)?,
+                    kb.context().i64_type().const_int(o_rows.row_stride as u64, false),
+                    "",
+                )?;
+                let row_base = kb.element_pointer(o_rows.base, config.elem, row_offset)?;
+                for fragment in 0..d / 8 {
+                    let first = (4 * fragment + 2 * h as u32) as usize;
+                    let low = kb.fmul(kb.load_f32(output[first])?, inverse_sum[h])?;
+                    let high = kb.fmul(kb.load_f32(output[first + 1])?, inverse_sum[h])?;
+                    let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
+                    let address = kb.element_pointer(row_base, config.elem, col)?;
+                    kb.store_int(address, kb.pack_half2(config.elem, low, high)?)?;
+                }
+                Ok(())
+            })?;
+        }
+        let lse_row_base = {
+            let rows_before = kb.builder().build_int_mul(
+                kb.to_i64(kb.add(kb.mul(batch, kb.i32(config.q_heads as i64))?, head)?)?,
+                kb.to_i64(seq_len)?,
+                "",
+            )?;
+            kb.element_pointer(kb.pointer_param("lse")?, Elem::F32, rows_before)?
+        };
+        let first_of_quad = kb.builder().build_int_compare(IntPredicate::EQ, pair_col, kb.i32(0), "")?;
+        for h in 0..2 {
+            let query = kb.add(query_start, rows[h])?;
+            let inside = kb.and(first_of_quad, kb.lt(query, seq_len)?)?;
+            let value = log_sum_exp[h];
+            kb.if_then(inside, |kb| {
+                kb.store_f32(kb.element_pointer(lse_row_base, Elem::F32, kb.to_i64(query)?)?, value)
+            })?;
+        }
+        Ok(())
+    };
+
+    // ptxas hoists `wgmma.wait_group` as far up as it may (it has no operands), which would put
+    // the wait for P·V before the softmax's exponentials and undo the overlap; it does not move
+    // it above a shared-memory store. So a volatile store of a value that depends on every
+    // exponential of the tile (the sum of both running row sums) goes right before the wait.
+    let anchor_address = kb.add(aligned_address, kb.i32(plan.anchor_offset as i64))?;
+    let anchor_wait = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        let sums = kb.fadd(kb.load_f32(running_sum[0])?, kb.load_f32(running_sum[1])?)?;
+        kb.inline_ptx(
+            None,
+            "st.volatile.shared.f32 [$0], $1;",
+            "r,f,~{memory}",
+            &[anchor_address.into(), sums.into()],
+            true,
+        )?;
+        Ok(())
+    };
+    let remember_rescale = |kb: &KernelBuilder<'_, 'ctx>, rescale: [FloatValue<'ctx>; 2]| -> Result<()> {
+        kb.store_f32(pending_rescale[0], rescale[0])?;
+        kb.store_f32(pending_rescale[1], rescale[1])
+    };
+    let apply_pending_rescale = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+        rescale_output(kb, [kb.load_f32(pending_rescale[0])?, kb.load_f32(pending_rescale[1])?])
+    };
+    // The overlapped loop of one consumer warpgroup. `acquire(tile)` makes the tile's stage
+    // readable; `release(tile)` runs once P·V of the tile has finished reading its stage;
+    // `take_turn(last)` and `pass_turn(last)` bracket each issue of GEMMs (`last` for the final
+    // one).
+    let overlapped_tiles = |kb: &KernelBuilder<'_, 'ctx>,
+                            acquire: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>,
+                            release: &dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>) -> Result<()>,
+                            take_turn: &dyn Fn(&KernelBuilder<'_, 'ctx>) -> Result<()>,
+                            pass_turn: &dyn Fn(&KernelBuilder<'_, 'ctx>, bool) -> Result<()>|
+     -> Result<()> {
+        let any_tiles = kb.lt(kb.i32(0), key_tiles)?;
+        kb.if_then(any_tiles, |kb| {
+            let first = kb.i32(0);
+            acquire(kb, first)?;
+            take_turn(kb)?;
+            let s = issue_scores(kb, stage_addresses(kb, first)?.0)?;
+            pass_turn(kb, false)?;
+            let s = kb.wgmma_wait_accumulators(0, &s)?;
+            let (p, rescale) = softmax(kb, &s, first, Masking::WhenNeeded)?;
+            remember_rescale(kb, rescale)?;
+            pack_probabilities(kb, &p)
+        })?;
+        // While P·V is in flight the softmax must not branch: ptxas waits for all wgmma at a
+        // join. So the tiles after the first run in two loops, without and with mask.
+        let steady_state = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, masking: Masking| -> Result<()> {
+            acquire(kb, tile)?;
+            let previous = kb.sub(tile, kb.i32(1))?;
+            let (k_address, _) = stage_addresses(kb, tile)?;
+            let (_, previous_v_address) = stage_addresses(kb, previous)?;
+            // S of this tile and P·V of the previous one run while this tile's softmax does.
+            // Like FlashAttention-3, O is rescaled for the previous tile before its P·V is
+            // issued, and this tile's P is packed only after that P·V finished: the new P can
+            // then take the registers of the old one.
+            take_turn(kb)?;
+            let s = issue_scores(kb, k_address)?;
+            apply_pending_rescale(kb)?;
+            let (o, previous_p) = issue_output(kb, previous_v_address)?;
+            pass_turn(kb, false)?;
+            let s = kb.wgmma_wait_accumulators(1, &s)?;
+            let (p, rescale) = softmax(kb, &s, tile, masking)?;
+            remember_rescale(kb, rescale)?;
+            anchor_wait(kb)?;
+            finish_output(kb, &o, &previous_p)?;
+            release(kb, previous)?;
+            pack_probabilities(kb, &p)
+        };
+        let first_masked = kb.select_int(kb.lt(unmasked_tiles, kb.i32(1))?, kb.i32(1), unmasked_tiles)?;
+        kb.for_range(kb.i32(1), first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
+        kb.for_range(first_masked, key_tiles, |kb, tile| steady_state(kb, tile, Masking::Always))?;
+        kb.if_then(any_tiles, |kb| {
+            let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
+            take_turn(kb)?;
+            apply_pending_rescale(kb)?;
+            let (o, p) = issue_output(kb, last_v_address)?;
+            pass_turn(kb, true)?;
+            finish_output(kb, &o, &p)
+        })
+    };
+    let no_turns = |_: &KernelBuilder<'_, 'ctx>| Ok(());
+    let no_turn_passing = |_: &KernelBuilder<'_, 'ctx>, _: bool| Ok(());
+
+    match config.schedule {
+        Schedule::Serial => {
+            // Prologue: Q and the first `stages - 1` K/V tiles, one cp.async group each.
+            issue_q(&kb)?;
+            for tile in 0..config.stages - 1 {
+                let tile = kb.i32(tile as i64);
+                kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
+                kb.cp_async_commit()?;
+            }
+            kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                let ahead = kb.add(tile, kb.i32(config.stages as i64 - 1))?;
+                kb.if_then(kb.lt(ahead, key_tiles)?, |kb| issue_kv(kb, ahead))?;
+                // Always commit (an empty group near the end) so that the wait count is constant.
+                kb.cp_async_commit()?;
+                publish_tile(kb, config.stages - 1)?;
+                let (k_address, v_address) = stage_addresses(kb, tile)?;
+                let s = issue_scores(kb, k_address)?;
+                let s = kb.wgmma_wait_accumulators(0, &s)?;
+                let (p, rescale) = softmax(kb, &s, tile, Masking::WhenNeeded)?;
+                rescale_output(kb, rescale)?;
+                pack_probabilities(kb, &p)?;
+                let (o, p) = issue_output(kb, v_address)?;
+                finish_output(kb, &o, &p)?;
+                // The next iteration's copy overwrites the stage just read.
+                kb.barrier()
+            })?;
+            store_results(&kb)?;
+        }
+        Schedule::OverlapSoftmax => {
+            // Tile j's stage is reloaded with tile j + stages only after P·V of tile j, which
+            // runs in iteration j + 1: `stages - 2` tiles are loaded ahead. Tile j + stages - 2
+            // is issued right after the barrier of iteration j, when every warpgroup has
+            // finished iteration j - 1 and with it P·V of tile j - 2, the stage's last reader.
+            let ahead = config.stages - 2;
+            issue_q(&kb)?;
+            for tile in 0..ahead {
+                let tile = kb.i32(tile as i64);
+                kb.if_then(kb.lt(tile, key_tiles)?, |kb| issue_kv(kb, tile))?;
+                kb.cp_async_commit()?;
+            }
+            let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                publish_tile(kb, ahead - 1)?;
+                let next = kb.add(tile, kb.i32(ahead as i64))?;
+                kb.if_then(kb.lt(next, key_tiles)?, |kb| issue_kv(kb, next))?;
+                kb.cp_async_commit()
+            };
+            overlapped_tiles(&kb, &acquire, &|_, _| Ok(()), &no_turns, &no_turn_passing)?;
+            store_results(&kb)?;
+        }
+        Schedule::WarpSpecialized | Schedule::PingPong => {
+            let barrier = |index: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
+                kb.byte_pointer(aligned, kb.add(kb.i32(plan.barriers_offset as i64), kb.mul(index, kb.i32(8))?)?)
+            };
+            let stages = kb.i32(config.stages as i64);
+            let full = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.rem(tile, stages)?);
+            let empty =
+                |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb.add(kb.rem(tile, stages)?, stages)?);
+            // Tile t is the (t / stages)-th use of its stage: its full phase has parity
+            // (t / stages) % 2, and the producer waits for the empty phase of tile t - stages.
+            let parity = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| kb.and(kb.div(tile, stages)?, kb.i32(1));
+            kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
+                for stage in 0..config.stages {
+                    kb.mbarrier_init(barrier(kb.i32(stage as i64))?, WARPGROUP_THREADS)?;
+                    kb.mbarrier_init(barrier(kb.i32((config.stages + stage) as i64))?, consumer_threads)?;
+                }
+                Ok(())
+            })?;
+            kb.barrier()?;
+            let is_producer = kb.le(kb.i32(consumer_threads as i64), thread)?;
+            kb.if_else(
+                is_producer,
+                |kb| {
+                    kb.set_max_registers(false, PRODUCER_REGISTERS)?;
+                    // Q goes into the first tile's cp.async group. Each tile's group is
+                    // published one tile later, so that two are in flight.
+                    issue_q(kb)?;
+                    let publish = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, pending: u32| -> Result<()> {
+                        kb.cp_async_wait(pending)?;
+                        kb.fence_proxy_async_shared()?;
+                        kb.mbarrier_arrive(full(kb, tile)?)
+                    };
+                    kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                        kb.if_then(kb.le(stages, tile)?, |kb| {
+                            let reused = kb.sub(tile, stages)?;
+                            kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
+                        })?;
+                        issue_kv(kb, tile)?;
+                        kb.cp_async_commit()?;
+                        kb.if_then(kb.lt(kb.i32(0), tile)?, |kb| publish(kb, kb.sub(tile, kb.i32(1))?, 1))
+                    })?;
+                    kb.if_then(kb.lt(kb.i32(0), key_tiles)?, |kb| publish(kb, kb.sub(key_tiles, kb.i32(1))?, 0))
+                },
+                |kb| {
+                    kb.set_max_registers(true, CONSUMER_REGISTERS)?;
+                    let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                        kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)
+                    };
+                    let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                        kb.mbarrier_arrive(empty(kb, tile)?)
+                    };
+                    if config.schedule == Schedule::WarpSpecialized {
+                        overlapped_tiles(kb, &acquire, &release, &no_turns, &no_turn_passing)?;
+                        return store_results(kb);
+                    }
+                    // Ping-pong: warpgroup w waits at named barrier 1 + w for its turn and passes
+                    // the turn at the other's barrier (128 syncing + 128 arriving threads).
+                    // Warpgroup 1 opens with a pass so that warpgroup 0 issues first; it skips
+                    // its very last pass, which nobody would wait for, so both issue the same
+                    // number of times and every barrier phase completes.
+                    let own_turn = kb.add(warpgroup, kb.i32(1))?;
+                    let other_turn = kb.sub(kb.i32(2), warpgroup)?;
+                    let is_second = kb.lt(kb.i32(0), warpgroup)?;
+                    let pair = 2 * WARPGROUP_THREADS;
+                    kb.if_then(is_second, |kb| kb.named_barrier_arrive(other_turn, pair))?;
+                    let take_turn = |kb: &KernelBuilder<'_, 'ctx>| kb.named_barrier_sync(own_turn, pair);
+                    let pass_turn = |kb: &KernelBuilder<'_, 'ctx>, last: bool| -> Result<()> {
+                        if last {
+                            kb.if_then(kb.lt(warpgroup, kb.i32(1))?, |kb| kb.named_barrier_arrive(other_turn, pair))
+                        } else {
+                            kb.named_barrier_arrive(other_turn, pair)
+                        }
+                    };
+                    overlapped_tiles(kb, &acquire, &release, &take_turn, &pass_turn)?;
+                    store_results(kb)
+                },
+            )?;
+        }
+    }
+    kb.finish()?;
+    Ok(HopperAttentionLaunch {
+        threads,
+        dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
+        grid: [
+            SizeExpr::seq_len().ceil_div(config.block_m as u64),
+            SizeExpr::c(config.q_heads as u64),
+            SizeExpr::batch(),
+        ],
+    })
+}
+
+/// A descriptor for the runtime tile base `tile_address` (a 1024-aligned shared-window address):
+/// the constant fields plus `(tile_address + start_offset) >> 4` in the start-address field.
+fn descriptor<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    tile_address: IntValue<'ctx>,
+    constant_bits: u64,
+    start_offset: u32,
+) -> Result<IntValue<'ctx>> {
+    let start =
+        kb.builder().build_right_shift(kb.add(tile_address, kb.i32(start_offset as i64))?, kb.i32(4), false, "")?;
+    let i64_type = kb.context().i64_type();
+    Ok(kb.builder().build_int_add(kb.to_i64(start)?, i64_type.const_int(constant_bits, false), "")?)
+}
+
+/// `a · b + c` rounded once (`fma.rn.f32`).
+fn fma<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    a: FloatValue<'ctx>,
+    b: FloatValue<'ctx>,
+    c: FloatValue<'ctx>,
+) -> Result<FloatValue<'ctx>> {
+    let f32_type = kb.context().f32_type().into();
+    let function = intrinsic(kb.module(), "llvm.fma", &[f32_type])?;
+    float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
+}
+
+/// cp.async of rows `row_start ..` (`tile.rows` of them, zero-filled at and past `row_limit`) of
+/// one head's [S, d] view into a swizzled tile at `tile_base + byte_offset`, by `threads` threads
+/// of which the calling one is number `thread`. Each thread copies the same 16-byte column chunk
+/// of rows `threads / chunks_per_row` apart, so its addresses differ by constants from one row to
+/// the next (cheap in registers) and its swizzled position stays the same (that step is a
+/// multiple of the 8-row swizzle atom).
+#[allow(clippy::too_many_arguments)]
+fn copy_tile_async<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    rows: &HeadRows<'ctx>,
+    row_start: IntValue<'ctx>,
+    row_limit: IntValue<'ctx>,
+    tile: &Swizzle128BTile,
+    tile_base: PointerValue<'ctx>,
+    byte_offset: u32,
+    thread: IntValue<'ctx>,
+    threads: u32,
+) -> Result<()> {
+    let chunks_per_row = tile.cols / tile.chunk_elems();
+    if !threads.is_multiple_of(chunks_per_row)
+        || !(threads / chunks_per_row).is_multiple_of(8)
+        || !tile.rows.is_multiple_of(threads / chunks_per_row)
+    {
+        return Err(CodegenError::Unsupported(format!(
+            "{threads} threads do not copy a {}×{} tile in whole 8-row steps",
+            tile.rows, tile.cols
+        )));
+    }
+    let rows_per_round = threads / chunks_per_row;
+    let first_row = kb.div(thread, kb.i32(chunks_per_row as i64))?;
+    let chunk_col = kb.rem(thread, kb.i32(chunks_per_row as i64))?;
+    // The swizzled position (see `Swizzle128BTile::chunk_offset`).
+    let panel = kb.div(chunk_col, kb.i32(8))?;
+    let in_line = kb.builder().build_xor(kb.rem(chunk_col, kb.i32(8))?, kb.rem(first_row, kb.i32(8))?, "")?;
+    let shared_first = kb.add(
+        kb.add(kb.mul(panel, kb.i32(tile.panel_bytes() as i64))?, kb.mul(first_row, kb.i32(128))?)?,
+        kb.add(kb.mul(in_line, kb.i32(16))?, kb.i32(byte_offset as i64))?,
+    )?;
+    let shared_first = kb.byte_pointer(tile_base, shared_first)?;
+    let global_first_row = kb.add(row_start, first_row)?;
+    let i64_type = kb.context().i64_type();
+    let global_first = kb.element_pointer(
+        rows.base,
+        tile.elem,
+        kb.builder().build_int_add(
+            kb.builder().build_int_mul(
+                kb.to_i64(global_first_row)?,
+                i64_type.const_int(rows.row_stride as u64, false),
+                "",
+            )?,
+            kb.to_i64(kb.mul(chunk_col, kb.i32(tile.chunk_elems() as i64))?)?,
+            "",
+        )?,
+    )?;
+    for round in 0..tile.rows / rows_per_round {
+        let row_step = round * rows_per_round;
+        let shared_address = kb.byte_pointer(shared_first, kb.i32((row_step * 128) as i64))?;
+        let global_row = kb.add(global_first_row, kb.i32(row_step as i64))?;
+        let inside = kb.lt(global_row, row_limit)?;
+        let step_bytes = row_step as u64 * rows.row_stride as u64 * tile.elem.bytes() as u64;
+        let in_bounds = kb.byte_pointer(global_first, i64_type.const_int(step_bytes, false))?;
+        // Out of bounds, point at the view's first element so no stray address is ever formed.
+        let address = kb.builder().build_select(inside, in_bounds, rows.base, "")?.into_pointer_value();
+        let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
+        kb.cp_async_16(shared_address, address, bytes)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,463 @@
+//! The Hopper wgmma path: swizzle offsets and descriptors as numbers, the primitives as PTX that
+//! ptxas accepts, and the wgmma attention kernel assembled for sm_90a without spills and without
+//! ptxas having to serialize or re-fence the wgmma (its C75xx notes).
+
+use std::collections::HashSet;
+use std::process::Command;
+
+use ccc::codegen::hopper::primitives::Accumulate;
+use ccc::codegen::hopper::{
+    HopperAttentionConfig, HopperAttentionLaunch, MatrixDescriptor, OperandMajor, Schedule, Swizzle128BTile, WgmmaA,
+    WgmmaShape, emit_attention_wgmma,
+};
+use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
+use ccc::ir::size::SizeExpr;
+use inkwell::context::Context;
+
+fn count(ptx: &str, needle: &str) -> usize {
+    ptx.matches(needle).count()
+}
+
+/// Runs ptxas -v itself (the shared helper drops the log) and returns the log; fails on errors.
+fn ptxas_log(ptx: &str, name: &str) -> String {
+    let ptxas = ptxas::find_ptxas().unwrap_or_else(|error| panic!("{error}"));
+    let dir = std::env::temp_dir().join(format!("ccc-hopper-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let input = dir.join("kernel.ptx");
+    std::fs::write(&input, ptx).expect("write ptx");
+    let run = Command::new(ptxas)
+        .args(["-arch=sm_90a", "-v"])
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.join("kernel.cubin"))
+        .output()
+        .expect("run ptxas");
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "ptxas failed:\n{log}");
+    log
+}
+
+#[test]
+fn codegen_hopper_swizzle_places_every_chunk_once_and_xors_rows() {
+    let tile = Swizzle128BTile::new(Elem::Bf16, 64, 128).expect("tile");
+    assert_eq!((tile.panel_cols(), tile.panels(), tile.panel_bytes(), tile.footprint_bytes()), (64, 2, 8192, 16384));
+    let mut seen = HashSet::new();
+    for row in 0..64 {
+        for chunk in 0..16 {
+            let offset = tile.chunk_offset(row, chunk);
+            assert!(offset < tile.footprint_bytes() && offset.is_multiple_of(16));
+            assert!(seen.insert(offset), "chunk ({row}, {chunk}) collides");
+        }
+    }
+    // Row 3, columns 8..15 (chunk 1) sit at chunk position 1 ^ 3 = 2 of line 3 of panel 0;
+    // column 64 + 17 is chunk 2 of panel 1, element 1 in it, at position 2 ^ 5 = 7 of line 5.
+    assert_eq!(tile.element_offset(3, 8), 3 * 128 + 2 * 16);
+    assert_eq!(tile.element_offset(5, 64 + 17), 8192 + 5 * 128 + 7 * 16 + 2);
+    assert!(Swizzle128BTile::new(Elem::Bf16, 12, 64).is_err(), "rows must fill 8-row atoms");
+    assert!(Swizzle128BTile::new(Elem::F16, 64, 96).is_err(), "columns must fill 128-byte lines");
+    assert!(Swizzle128BTile::new(Elem::F32, 64, 64).is_err());
+}
+
+#[test]
+fn codegen_hopper_descriptors_encode_the_ptx_bit_fields() {
+    let tile = Swizzle128BTile::new(Elem::Bf16, 128, 128).expect("tile");
+    // K-major, k16 step 5: panel 1, 32 bytes into the line; leading offset unused (1), stride 1024.
+    let k_major = tile.descriptor(OperandMajor::K, 64, 80).expect("descriptor");
+    assert_eq!(
+        k_major,
+        MatrixDescriptor { start_offset: 16384 + 64 * 128 + 32, leading_byte_offset: 16, stride_byte_offset: 1024 }
+    );
+    let bits = k_major.encode(0x400);
+    assert_eq!(bits & 0x3fff, ((0x400 + 16384 + 8192 + 32) >> 4) as u64);
+    assert_eq!((bits >> 16) & 0x3fff, 1);
+    assert_eq!((bits >> 32) & 0x3fff, 64);
+    assert_eq!(bits >> 62, 1, "128-byte swizzle");
+    assert_eq!(k_major.constant_bits() + ((0x400 + k_major.start_offset) >> 4) as u64, bits);
+    // MN-major (V in P·V): 16 key rows from row 32, N across panels 16 KiB apart.
+    let mn_major = tile.descriptor(OperandMajor::MN, 32, 0).expect("descriptor");
+    assert_eq!(
+        mn_major,
+        MatrixDescriptor { start_offset: 32 * 128, leading_byte_offset: 16384, stride_byte_offset: 1024 }
+    );
+    assert_eq!((mn_major.encode(0) >> 16) & 0x3fff, 1024);
+    assert!(tile.descriptor(OperandMajor::K, 4, 0).is_err(), "rows start on an atom");
+    assert!(tile.descriptor(OperandMajor::K, 0, 120).is_err(), "k16 step past the columns");
+    assert!(tile.descriptor(OperandMajor::MN, 8, 0).is_err(), "k16 steps start on multiples of 16");
+    assert!(tile.descriptor(OperandMajor::MN, 0, 32).is_err(), "N starts on a panel");
+}
+
+#[test]
+fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
+    let context = Context::create();
+    let module = PtxModule::new(&context, "hopper_primitives").expect("module");
+    let shared = module.static_shared("hopper_staging", 3 * 8192);
+    let kb = module.declare_kernel("hopper_primitives", &[ParamKind::GlobalPointer("out".into())]).expect("kernel");
+    let emit = || -> ccc::codegen::Result<()> {
+        let barrier = kb.byte_pointer(shared, kb.i32(0))?;
+        kb.if_then(kb.lt(kb.thread_index()?, kb.i32(1))?, |kb| kb.mbarrier_init(barrier, 128))?;
+        kb.fence_proxy_async_shared()?;
+        kb.barrier()?;
+        kb.mbarrier_arrive_expect_tx(barrier, kb.i32(0))?;
+        kb.mbarrier_wait_parity(barrier, kb.i32(0))?;
+        kb.mbarrier_arrive(barrier)?;
+        kb.set_max_registers(true, 240)?;
+        // A TMA copy of box (32, 7) of the tensor whose map is in global memory at `out`.
+        let map = kb.builder().build_address_space_cast(
+            kb.pointer_param("out")?,
+            kb.context().ptr_type(Default::default()),
+            "",
+        )?;
+        let map = kb.builder().build_ptr_to_int(map, kb.context().i64_type(), "")?;
+        kb.cp_async_bulk_tensor_2d(kb.byte_pointer(shared, kb.i32(1024))?, map, kb.i32(32), kb.i32(7), barrier)?;
+        kb.named_barrier_sync(kb.i32(1), 64)?;
+        kb.named_barrier_arrive(kb.i32(2), 64)?;
+        let address = kb.shared_address(kb.byte_pointer(shared, kb.i32(1024))?)?;
+        let tile = Swizzle128BTile::new(Elem::F16, 64, 64)?;
+        let descriptor = |major, row, col| -> ccc::codegen::Result<_> {
+            let fields = tile.descriptor(major, row, col)?;
+            let start = kb.builder().build_right_shift(
+                kb.add(address, kb.i32(fields.start_offset as i64))?,
+                kb.i32(4),
+                false,
+                "",
+            )?;
+            Ok(kb.builder().build_int_add(
+                kb.to_i64(start)?,
+                kb.context().i64_type().const_int(fields.constant_bits(), false),
+                "",
+            )?)
+        };
+        let shape = WgmmaShape { n: 64, elem: Elem::F16 };
+        let zero = vec![kb.f32(0.0); 32];
+        kb.wgmma_fence(&[])?;
+        let acc = kb.wgmma(
+            shape,
+            WgmmaA::Shared(descriptor(OperandMajor::K, 0, 0)?),
+            descriptor(OperandMajor::K, 0, 16)?,
+            OperandMajor::K,
+            Accumulate::Overwrite,
+            &zero,
+        )?;
+        let a = [kb.i32(0x3c00_3c00); 4];
+        let acc = kb.wgmma(
+            shape,
+            WgmmaA::Registers(a),
+            descriptor(OperandMajor::MN, 16, 0)?,
+            OperandMajor::MN,
+            Accumulate::Add,
+            &acc,
+        )?;
+        kb.wgmma_commit_group()?;
+        let acc = kb.wgmma_wait_accumulators(0, &acc)?;
+        let mut total = kb.f32(0.0);
+        for value in acc {
+            total = kb.fadd(total, value)?;
+        }
+        kb.store_f32(kb.element_pointer(kb.pointer_param("out")?, Elem::F32, kb.thread_index()?)?, total)?;
+        Ok(())
+    };
+    emit().expect("emit");
+    kb.finish().expect("finish");
+    let ptx = module.to_ptx().expect("ptx");
+    for instruction in [
+        "mbarrier.init.shared::cta.b64",
+        "mbarrier.arrive.expect_tx.shared::cta.b64",
+        "mbarrier.try_wait.parity.shared::cta.b64",
+        "mbarrier.arrive.shared::cta.b64",
+        "fence.proxy.async.shared::cta;",
+        "setmaxnreg.inc.sync.aligned.u32 240;",
+        "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes",
+        "bar.arrive",
+        "wgmma.fence.sync.aligned;",
+        "wgmma.commit_group.sync.aligned;",
+        "wgmma.wait_group.sync.aligned 0;",
+    ] {
+        assert_eq!(count(&ptx, instruction), 1, "{instruction} in\n{ptx}");
+    }
+    assert_eq!(count(&ptx, "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"), 2);
+    assert!(ptx.contains("p, 1, 1, 0, 0;"), "shared A, K-major B");
+    assert!(ptx.contains("p, 1, 1, 1;"), "register A, MN-major (transposed) B");
+    let log = ptxas_log(&ptx, "primitives");
+    assert!(log.contains("Compiling entry function 'hopper_primitives'"), "{log}");
+}
+
+#[test]
+fn codegen_hopper_wgmma_rejects_bad_shapes() {
+    assert!(WgmmaShape { n: 136, elem: Elem::Bf16 }.validate().is_ok());
+    assert!(WgmmaShape { n: 12, elem: Elem::Bf16 }.validate().is_err());
+    assert!(WgmmaShape { n: 264, elem: Elem::Bf16 }.validate().is_err());
+    assert!(WgmmaShape { n: 64, elem: Elem::F32 }.validate().is_err());
+}
+
+fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAttentionConfig {
+    HopperAttentionConfig {
+        name: format!("attention_wgmma_d{head_dim}_{}_h{q_heads}_{kv_heads}", if causal { "causal" } else { "full" }),
+        elem: Elem::Bf16,
+        head_dim,
+        q_heads,
+        kv_heads,
+        causal,
+        softmax_scale: 1.0 / (head_dim as f64).sqrt(),
+        block_m: 128,
+        block_n: 128,
+        stages: 2,
+        schedule: Schedule::Serial,
+    }
+}
+
+fn overlapped(config: HopperAttentionConfig) -> HopperAttentionConfig {
+    HopperAttentionConfig {
+        name: format!("{}_overlap", config.name),
+        stages: 3,
+        schedule: Schedule::OverlapSoftmax,
+        ..config
+    }
+}
+
+fn warp_specialized(config: HopperAttentionConfig) -> HopperAttentionConfig {
+    HopperAttentionConfig {
+        name: format!("{}_ws", config.name),
+        stages: 3,
+        schedule: Schedule::WarpSpecialized,
+        ..config
+    }
+}
+
+fn ping_pong(config: HopperAttentionConfig) -> HopperAttentionConfig {
+    HopperAttentionConfig {
+        name: format!("{}_pingpong", config.name),
+        stages: 3,
+        schedule: Schedule::PingPong,
+        ..config
+    }
+}
+
+fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) {
+    let context = Context::create();
+    let module = PtxModule::new(&context, &config.name).expect("module");
+    let launch = emit_attention_wgmma(&module, config).expect("emit");
+    (module.to_ptx().expect("ptx"), launch)
+}
+
+/// The kernels the GPU script checks and times.
+fn bench_configs() -> Vec<HopperAttentionConfig> {
+    vec![
+        config(128, true, 16, 16),
+        config(128, true, 8, 2),
+        config(128, false, 8, 2),
+        config(64, true, 8, 2),
+        overlapped(config(128, true, 16, 16)),
+        overlapped(config(128, true, 8, 2)),
+        overlapped(config(128, false, 8, 2)),
+        overlapped(config(64, true, 8, 2)),
+        warp_specialized(config(128, true, 16, 16)),
+        warp_specialized(config(128, true, 8, 2)),
+        warp_specialized(config(128, false, 8, 2)),
+        warp_specialized(config(64, true, 8, 2)),
+        ping_pong(config(128, true, 16, 16)),
+        ping_pong(config(128, true, 8, 2)),
+        ping_pong(config(128, false, 8, 2)),
+        ping_pong(config(64, true, 8, 2)),
+    ]
+}
+
+#[test]
+fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
+    let mut variants = bench_configs();
+    variants.push(HopperAttentionConfig {
+        name: "attention_wgmma_f16_m64_s3".into(),
+        elem: Elem::F16,
+        block_m: 64,
+        stages: 3,
+        ..config(128, true, 8, 2)
+    });
+    for config in &variants {
+        let (ptx, launch) = attention(config);
+        if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
+            // For bench/hopper_attention.py (see there).
+            std::fs::create_dir_all(&dir).expect("output dir");
+            std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", config.name)), &ptx).expect("write ptx");
+        }
+        let kind = config.elem.name();
+        let warpgroups = config.block_m / 64;
+        let tile_bytes = |rows: u32| rows * config.head_dim * 2;
+        // Warp-specialized schedules add full/empty mbarriers; overlapped ones an 8-byte anchor word.
+        let (producers, barrier_bytes) = match config.schedule {
+            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8 + 8),
+            Schedule::OverlapSoftmax => (0, 8),
+            Schedule::Serial => (0, 0),
+        };
+        assert_eq!(launch.threads, 128 * (warpgroups + producers));
+        assert_eq!(
+            launch.dynamic_shared_bytes,
+            tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + barrier_bytes + 1024
+        );
+        assert_eq!(
+            launch.grid,
+            [
+                SizeExpr::seq_len().ceil_div(config.block_m as u64),
+                SizeExpr::c(config.q_heads as u64),
+                SizeExpr::batch()
+            ]
+        );
+        // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}. The
+        // overlapped schedule peels S of the first tile and P·V of the last one off its two loops
+        // (unmasked tiles, masked tiles).
+        let copies = match config.schedule {
+            Schedule::Serial => 1,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 3,
+        };
+        let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
+        let rs = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.head_dim);
+        if config.block_n == config.head_dim {
+            assert_eq!(count(&ptx, &ss), copies * (config.head_dim / 16 + config.block_n / 16) as usize);
+        } else {
+            assert_eq!(count(&ptx, &ss), copies * (config.head_dim / 16) as usize);
+            assert_eq!(count(&ptx, &rs), copies * (config.block_n / 16) as usize);
+        }
+        assert_eq!(count(&ptx, "wgmma.fence.sync.aligned;"), 2 * copies);
+        assert_eq!(count(&ptx, "wgmma.commit_group.sync.aligned;"), 2 * copies);
+        match config.schedule {
+            Schedule::Serial => {
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 2);
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 1);
+                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 1)), 1);
+            }
+            Schedule::OverlapSoftmax => {
+                assert_eq!(count(&ptx, "st.volatile.shared.f32"), 2, "one wait anchor per steady-state loop");
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
+                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), 3);
+            }
+            Schedule::WarpSpecialized | Schedule::PingPong => {
+                assert_eq!(count(&ptx, "st.volatile.shared.f32"), 2, "one wait anchor per steady-state loop");
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
+                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
+                // The producer publishes each tile after its copies landed: in the loop and after it.
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 2);
+                assert_eq!(count(&ptx, "cp.async.wait_group 1;"), 1);
+                assert_eq!(count(&ptx, "cp.async.wait_group 0;"), 1);
+                assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * config.stages as usize);
+                assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 40;"), 1);
+                assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 232;"), 1);
+                assert!(ptx.contains(&format!(".maxntid {}", launch.threads)), "register cap at entry");
+                if config.schedule == Schedule::PingPong {
+                    // A turn is taken before each of the 4 GEMM issue points and passed after it
+                    // (plus warpgroup 1's opening pass); bar.sync 0 follows the mbarrier set-up.
+                    assert_eq!(count(&ptx, "bar.sync"), 1 + 4);
+                    assert_eq!(count(&ptx, "bar.arrive"), 1 + 4);
+                } else {
+                    assert_eq!(count(&ptx, "bar.sync"), 1, "only the barrier after the mbarrier set-up");
+                }
+            }
+        }
+        let log = ptxas_log(&ptx, &config.name);
+        let report = ptxas::parse_report(&log).expect("report").remove(0);
+        assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
+        assert!(!log.contains("C75"), "ptxas had to serialize or fence wgmma itself:\n{log}");
+        println!("{} {report:?} smem {}", config.name, launch.dynamic_shared_bytes);
+    }
+    if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
+        let specs: Vec<_> = variants
+            .iter()
+            .map(|config| {
+                let (_, launch) = attention(config);
+                serde_json::json!({
+                    "name": config.name, "elem": config.elem.name(), "head_dim": config.head_dim, "q_heads": config.q_heads,
+                    "kv_heads": config.kv_heads, "causal": config.causal, "softmax_scale": config.softmax_scale,
+                    "block_m": config.block_m, "threads": launch.threads, "dynamic_shared_bytes": launch.dynamic_shared_bytes,
+                })
+            })
+            .collect();
+        std::fs::write(
+            std::path::Path::new(&dir).join("kernels.json"),
+            serde_json::to_string_pretty(&specs).expect("json"),
+        )
+        .expect("write json");
+    }
+}
+
+#[test]
+fn codegen_hopper_attention_rejects_bad_configurations() {
+    let context = Context::create();
+    let module = PtxModule::new(&context, "bad").expect("module");
+    let good = config(128, true, 8, 2);
+    for bad in [
+        HopperAttentionConfig { kv_heads: 3, ..good.clone() },
+        HopperAttentionConfig { head_dim: 96, ..good.clone() },
+        HopperAttentionConfig { block_m: 192, ..good.clone() },
+        HopperAttentionConfig { block_n: 72, ..good.clone() },
+        HopperAttentionConfig { stages: 1, ..good.clone() },
+        HopperAttentionConfig { stages: 2, schedule: Schedule::OverlapSoftmax, ..good.clone() },
+        HopperAttentionConfig { block_m: 64, schedule: Schedule::PingPong, stages: 3, ..good.clone() },
+        HopperAttentionConfig { elem: Elem::F32, ..good.clone() },
+        // Q + 4 stages of 256-key K and V tiles: 288 KiB.
+        HopperAttentionConfig { block_n: 256, stages: 4, ..good.clone() },
+    ] {
+        assert!(matches!(emit_attention_wgmma(&module, &bad), Err(CodegenError::Unsupported(_))), "{bad:?}");
+    }
+}
+
+/// nvdisasm from `$CCC_NVDISASM` or the project virtualenv (`nvidia-cuda-nvdisasm` wheel).
+fn find_nvdisasm() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("CCC_NVDISASM") {
+        return Some(path.into());
+    }
+    let lib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/lib");
+    std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.path().join("site-packages/nvidia/cu13/bin/nvdisasm"))
+        .find(|path| path.is_file())
+}
+
+/// The SASS of one kernel, assembled by ptxas and disassembled by nvdisasm.
+fn sass(ptx: &str, name: &str) -> String {
+    let nvdisasm = find_nvdisasm().expect("nvdisasm: set CCC_NVDISASM or install nvidia-cuda-nvdisasm into .venv");
+    let ptxas = ptxas::find_ptxas().unwrap_or_else(|error| panic!("{error}"));
+    let dir = std::env::temp_dir().join(format!("ccc-hopper-sass-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (input, cubin) = (dir.join("kernel.ptx"), dir.join("kernel.cubin"));
+    std::fs::write(&input, ptx).expect("write ptx");
+    let assembled = Command::new(ptxas).arg("-arch=sm_90a").arg(&input).arg("-o").arg(&cubin).status().expect("ptxas");
+    assert!(assembled.success());
+    let disassembled = Command::new(nvdisasm).arg("-c").arg(&cubin).output().expect("run nvdisasm");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(disassembled.status.success(), "{}", String::from_utf8_lossy(&disassembled.stderr));
+    String::from_utf8_lossy(&disassembled.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs nvdisasm (pip wheel nvidia-cuda-nvdisasm, not yet installed by scripts/setup.sh)"]
+fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
+    for config in bench_configs() {
+        let (ptx, _) = attention(&config);
+        let sass = sass(&ptx, &config.name);
+        let instructions: Vec<&str> = sass.lines().filter_map(|line| line.split("*/").nth(1)).map(str::trim).collect();
+        let hgmma = instructions.iter().filter(|text| text.starts_with("HGMMA.")).count();
+        let local = instructions.iter().filter(|text| text.starts_with("LDL") || text.starts_with("STL")).count();
+        assert!(hgmma > 0 && local == 0, "{}: {hgmma} HGMMA, {local} LDL/STL", config.name);
+        if config.schedule == Schedule::Serial {
+            continue;
+        }
+        // Each wait for S alone (gsb0 ≤ 1) must be followed by the tile's exponentials before
+        // the wait for P·V (gsb0 ≤ 0): ptxas must not have hoisted that wait.
+        let mut exponentials_since_wait_for_s = None;
+        let mut overlapped_loops = 0;
+        for text in &instructions {
+            if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x1") {
+                exponentials_since_wait_for_s = Some(0);
+            } else if text.starts_with("MUFU.EX2") {
+                exponentials_since_wait_for_s = exponentials_since_wait_for_s.map(|count| count + 1);
+            } else if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x0") {
+                if let Some(count) = exponentials_since_wait_for_s.take() {
+                    assert!(count >= config.block_n / 2, "{}: only {count} ex2 overlap P·V", config.name);
+                    overlapped_loops += 1;
+                }
+            }
+        }
+        assert_eq!(overlapped_loops, 2, "{}: unmasked and masked loops", config.name);
+    }
+}
