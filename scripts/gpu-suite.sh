@@ -13,6 +13,7 @@
 #   GPU_SUITE_SEQ_LENS  default "1 17 128 1000 4097"
 #   GPU_SUITE_LIBS      only libraries whose path contains this text (default: all)
 #   GPU_SUITE_SKIP_TESTS=1  skip step 1
+#   GPU_SUITE_FAULT=0   skip the deliberately broken library (a wrong mask that must FAIL)
 # Exit status: 0 when every case passes, 1 otherwise, 2 when the artifacts are missing, 3 when
 # this machine has no usable GPU.
 set -uo pipefail
@@ -97,6 +98,22 @@ for lib in "${libraries[@]}"; do
     done
   done
 done
+
+# A library whose kernels disagree with its spec must be caught: flip the mask of a causal
+# library's spec to `none` (its kernels stay causal) and expect validate to report FAIL (exit 1).
+broken_from=$(grep -l '"mask": "causal"' "${libraries[@]/%//manifest.json}" 2>/dev/null | head -1)
+if [ -n "$broken_from" ] && [ "${GPU_SUITE_FAULT:-1}" = 1 ]; then
+  broken=$(mktemp -d)/wrong_mask
+  cp -r "$(dirname "$broken_from")" "$broken"
+  sed -i 's/"mask": "causal"/"mask": "none"/' "$broken/manifest.json"
+  started=$SECONDS
+  output=$("$run" validate "$broken" --batch 1 --seq-len 128 --seed 0 2>&1)
+  code=$?
+  printf '### deliberately wrong mask (exit %s)\n%s\n\n' "$code" "$output" >>"$log"
+  if [ $code -eq 1 ]; then status="pass (caught: validate failed as it must)"; else status="FAIL (not caught, exit $code)"; failures=$((failures + 1)); fi
+  rows+=("| $(dirname "${broken_from#"$carry/libs/"}") with mask flipped to none | 1 | 128 | - | $status | $((SECONDS - started)) |")
+  echo "${rows[-1]}"
+fi
 
 table=$(printf '%s\n' "$header" "${rows[@]}")
 echo

@@ -206,7 +206,7 @@ fn the_binary_exits_0_1_and_2() {
 
 #[test]
 fn emit_prints_every_stage_of_every_example() {
-    for name in ["zaya1", "mha", "gqa", "mqa", "cca4x", "sliding_window"] {
+    for name in ["zaya1", "mha", "gqa", "mqa", "cca4x", "sliding_window", "encoder"] {
         for stage in ["spec", "graph", "plan", "kernel"] {
             let (status, stdout, stderr) = ccc(&["compile", &example(name), "--emit", stage]);
             assert_eq!((status, stderr.as_str()), (Status::Success, ""), "{name} {stage}");

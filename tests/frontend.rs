@@ -6,7 +6,7 @@ use ccc::AttentionSpec;
 use ccc::frontend::{parse_and_check, spec_text};
 use ccc::spec::{ConvKind, EntryPoint, KeyTemperature, Mask, QkNorm, RopeStyle};
 
-const EXAMPLES: &[&str] = &["zaya1", "mha", "gqa", "mqa", "cca4x", "sliding_window"];
+const EXAMPLES: &[&str] = &["zaya1", "mha", "gqa", "mqa", "cca4x", "sliding_window", "encoder"];
 
 fn example(name: &str) -> AttentionSpec {
     let path = format!("{}/examples/{name}.attn", env!("CARGO_MANIFEST_DIR"));
