@@ -29,6 +29,8 @@ rm -rf "$carry/libs" "$carry/ccc-run" "$carry/runtime-gpu-tests"
 mkdir -p "$carry/libs"
 cp target/release/ccc-run "$carry/ccc-run"
 cp "$gpu_tests" "$carry/runtime-gpu-tests"
+# Line tables are of no use there and the carried tree is size-limited.
+strip "$carry/ccc-run" "$carry/runtime-gpu-tests"
 
 shopt -s nullglob
 examples=(examples/*.attn)
