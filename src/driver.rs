@@ -10,7 +10,7 @@ use crate::manifest::{
     BufferManifest, BufferRole, EntryPointManifest, KernelManifest, KernelParamManifest, Manifest,
     PtxasStats, TensorDType, WeightManifest,
 };
-use crate::spec::{AttentionSpec, EntryPoint};
+use crate::spec::{AttentionSpec, EntryPoint, Mask};
 use std::fmt;
 
 /// A stage failed for a spec the checker accepted (e.g. a shape the kernels cannot tile yet).
@@ -90,10 +90,32 @@ pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
 }
 
 /// How one kernel is launched, as the lowering decided it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LaunchInfo {
     pub threads: u32,
     pub dynamic_shared_bytes: u32,
+    pub grid: [crate::ir::size::SizeExpr; 3],
+}
+
+/// Whether the attention kernel of `spec` comes from the Hopper fast path (the wgmma,
+/// warp-specialized ping-pong kernel of `codegen::hopper`) rather than from lowering its kernel
+/// IR (mma.sync): head_dim 64 or 128, and a causal or no mask. Same ABI and grid shape either way.
+pub fn uses_wgmma_attention(spec: &AttentionSpec) -> bool {
+    matches!(spec.head_dim, 64 | 128) && matches!(spec.mask, Mask::Causal | Mask::None)
+}
+
+/// Kernel IR text, with a note on the kernels whose PTX does not come from it.
+pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
+    let mut out = String::new();
+    for kernel in kernels(spec)? {
+        if uses_wgmma_attention(spec) && kernel.name.ends_with("_attention") {
+            out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
+                    // warp-specialized ping-pong, 128x128 tiles); this kernel IR is its mma.sync\n\
+                    // equivalent, which the interpreter checks and other targets lower.\n";
+        }
+        out += &kernel.to_string();
+    }
+    Ok(out)
 }
 
 /// The manifest's description of one entry point: its kernels in launch order (parameters in ABI
@@ -153,7 +175,7 @@ pub fn entry_point_manifest(
         kernel_manifests.push(KernelManifest {
             symbol: kernel.name.clone(),
             params,
-            grid: kernel.grid.clone(),
+            grid: launch.grid.clone(),
             block: [launch.threads, 1, 1],
             dynamic_shared_bytes: launch.dynamic_shared_bytes,
             ptxas: ptxas.get(index).copied().flatten(),
@@ -180,11 +202,108 @@ pub struct CompileOptions {
     pub ptxas: bool,
 }
 
+/// The wgmma attention kernel's configuration for `spec`, named after the planned kernel.
+#[cfg(feature = "llvm")]
+fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::hopper::HopperAttentionConfig {
+    use crate::codegen::{Elem, hopper};
+    hopper::HopperAttentionConfig {
+        name: kernel.name.clone(),
+        elem: match spec.dtype {
+            crate::spec::DType::Bf16 => Elem::Bf16,
+            crate::spec::DType::F16 => Elem::F16,
+        },
+        head_dim: spec.head_dim as u32,
+        q_heads: spec.query_heads as u32,
+        kv_heads: spec.kv_heads as u32,
+        causal: spec.mask == Mask::Causal,
+        softmax_scale: spec.softmax_scale,
+        // The fastest schedule measured on the H200 (BENCHMARKS.md).
+        block_m: 128,
+        block_n: 128,
+        stages: 3,
+        schedule: hopper::Schedule::PingPong,
+    }
+}
+
+/// Every kernel of `spec` with the source its PTX comes from.
+#[cfg(feature = "llvm")]
+struct PlannedSources {
+    kernels: Vec<KernelFn>,
+    wgmma: Vec<Option<crate::codegen::hopper::HopperAttentionConfig>>,
+}
+
+#[cfg(feature = "llvm")]
+impl PlannedSources {
+    fn of(spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
+        let kernels = kernels(spec)?;
+        let wgmma = kernels
+            .iter()
+            .map(|k| {
+                (uses_wgmma_attention(spec) && k.name.ends_with("_attention"))
+                    .then(|| wgmma_attention(spec, k))
+            })
+            .collect();
+        Ok(PlannedSources { kernels, wgmma })
+    }
+
+    fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
+        use crate::codegen::lower::KernelSource;
+        self.kernels
+            .iter()
+            .zip(&self.wgmma)
+            .map(|(kernel, wgmma)| match wgmma {
+                Some(config) => KernelSource::WgmmaAttention(config),
+                None => KernelSource::Ir(kernel),
+            })
+            .collect()
+    }
+
+    /// What determines the PTX, for the cache key.
+    fn description(&self) -> String {
+        self.kernels
+            .iter()
+            .zip(&self.wgmma)
+            .map(|(kernel, wgmma)| match wgmma {
+                Some(config) => config.describe(),
+                None => kernel.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Launches, known without LLVM.
+    fn launches(&self, spec: &AttentionSpec) -> Result<Vec<LaunchInfo>, CompileError> {
+        self.kernels
+            .iter()
+            .zip(&self.wgmma)
+            .map(|(kernel, wgmma)| match wgmma {
+                Some(config) => {
+                    let launch = config.launch().map_err(|e| error(spec, "codegen", e))?;
+                    Ok(LaunchInfo {
+                        threads: launch.threads,
+                        dynamic_shared_bytes: launch.dynamic_shared_bytes,
+                        grid: launch.grid,
+                    })
+                }
+                None => {
+                    let launch = crate::codegen::lower::launch_of(kernel);
+                    Ok(LaunchInfo {
+                        threads: launch.threads,
+                        dynamic_shared_bytes: launch.dynamic_shared_bytes,
+                        grid: kernel.grid.clone(),
+                    })
+                }
+            })
+            .collect()
+    }
+}
+
 /// LLVM IR and PTX of every kernel of `spec` (what `--emit llvm` and `--emit ptx` print).
 #[cfg(feature = "llvm")]
 pub fn lowered(spec: &AttentionSpec) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
-    let kernels = kernels(spec)?;
-    crate::codegen::lower::lower_kernels(&spec.name, &kernels).map_err(|e| error(spec, "codegen", e))
+    let planned = PlannedSources::of(spec)?;
+    crate::codegen::lower::lower_sources(&spec.name, &planned.sources())
+        .map_err(|e| error(spec, "codegen", e))
 }
 
 /// Identifies this build of the compiler in cache keys, so that a rebuilt compiler never reads
@@ -211,33 +330,23 @@ pub fn compile_library(
     spec: &AttentionSpec,
     options: &CompileOptions,
 ) -> Result<Library, CompileError> {
-    use crate::codegen::lower::{launch_of, lower_kernels};
-    let kernels = kernels(spec)?;
-    let emit = || lower_kernels(&spec.name, &kernels).map(|module| module.ptx);
+    let planned = PlannedSources::of(spec)?;
+    let emit = || {
+        crate::codegen::lower::lower_sources(&spec.name, &planned.sources()).map(|module| module.ptx)
+    };
     let ptx = match &options.cache {
+        // The kernel descriptions determine the PTX for a given build of the compiler.
         Some(cache) => {
-            // The kernel IR text determines the PTX for a given build of the compiler.
-            let description = format!(
-                "{}\n{}",
-                build_fingerprint(),
-                kernels.iter().map(|k| k.to_string()).collect::<Vec<_>>().join("\n")
-            );
-            cache.get_or_emit(&description, emit)
+            cache.get_or_emit(&format!("{}\n{}", build_fingerprint(), planned.description()), emit)
         }
         None => emit(),
     }
     .map_err(|e| error(spec, "codegen", e))?;
-
-    let launches: Vec<LaunchInfo> = kernels
-        .iter()
-        .map(|k| {
-            let launch = launch_of(k);
-            LaunchInfo { threads: launch.threads, dynamic_shared_bytes: launch.dynamic_shared_bytes }
-        })
-        .collect();
-    let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, &kernels)? } else { vec![None; kernels.len()] };
+    let launches = planned.launches(spec)?;
+    let kernels = &planned.kernels;
+    let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, kernels)? } else { vec![None; kernels.len()] };
     let ptx_file = format!("{}.ptx", spec.name);
-    let entry = entry_point_manifest(spec, EntryPoint::Forward, &kernels, &launches, &ptxas)?;
+    let entry = entry_point_manifest(spec, EntryPoint::Forward, kernels, &launches, &ptxas)?;
     let manifest = Manifest::new(spec.clone(), ptx_file, vec![entry]);
     manifest.validate().map_err(|e| error(spec, "manifest", e))?;
     Ok(Library { manifest, ptx })

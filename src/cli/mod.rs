@@ -268,8 +268,7 @@ impl Session<'_, '_> {
                     EmitStage::Graph => driver::graph_text(spec, print_after_all),
                     EmitStage::Plan => driver::plans(spec)
                         .map(|plans| plans.iter().map(|p| p.to_string()).collect()),
-                    EmitStage::Kernel => driver::kernels(spec)
-                        .map(|kernels| kernels.iter().map(|k| k.to_string()).collect()),
+                    EmitStage::Kernel => driver::kernel_text(spec),
                     EmitStage::Llvm | EmitStage::Ptx => match lowered_text(spec, stage) {
                         Some(text) => text,
                         None => return self.usage_error(NO_LLVM),

@@ -105,6 +105,27 @@ impl HopperAttentionConfig {
         )
     }
 
+    /// Threads, shared memory and grid of the kernel this config emits, without emitting it
+    /// (what a PTX cache hit needs for the manifest).
+    pub fn launch(&self) -> Result<HopperAttentionLaunch> {
+        self.validate()?;
+        let plan = SharedPlan::new(self)?;
+        let consumer_threads = self.block_m / WARPGROUP_ROWS * WARPGROUP_THREADS;
+        let threads = match self.schedule {
+            Schedule::WarpSpecialized | Schedule::PingPong => consumer_threads + WARPGROUP_THREADS,
+            Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
+        };
+        Ok(HopperAttentionLaunch {
+            threads,
+            dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
+            grid: [
+                SizeExpr::seq_len().ceil_div(self.block_m as u64),
+                SizeExpr::c(self.q_heads as u64),
+                SizeExpr::batch(),
+            ],
+        })
+    }
+
     fn validate(&self) -> Result<()> {
         if self.elem == Elem::F32 {
             return unsupported("attention operands are bf16 or f16");
@@ -783,15 +804,9 @@ pub fn emit_attention_wgmma<'ctx>(
         }
     }
     kb.finish()?;
-    Ok(HopperAttentionLaunch {
-        threads,
-        dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
-        grid: [
-            SizeExpr::seq_len().ceil_div(config.block_m as u64),
-            SizeExpr::c(config.q_heads as u64),
-            SizeExpr::batch(),
-        ],
-    })
+    let launch = config.launch()?;
+    debug_assert_eq!(launch.threads, threads);
+    Ok(launch)
 }
 
 /// A descriptor for the runtime tile base `tile_address` (a 1024-aligned shared-window address):

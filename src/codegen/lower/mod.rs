@@ -36,6 +36,7 @@ use super::tile::{
     AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector,
     SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
+use super::hopper::attention::{HopperAttentionConfig, emit_attention_wgmma};
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
 use crate::ir::kernel::{
     ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, Stmt, TileId, TileView,
@@ -67,14 +68,46 @@ pub struct LoweredModule {
 /// Lowers `kernels` into one PTX module named `module_name`. Each kernel is verified first; a
 /// kernel that does not verify, or uses a construct the emitters cannot lower, is an error.
 pub fn lower_kernels(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredModule> {
+    let sources: Vec<KernelSource> = kernels.iter().map(KernelSource::Ir).collect();
+    lower_sources(module_name, &sources)
+}
+
+/// Where one kernel of a module comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum KernelSource<'a> {
+    /// Kernel IR, lowered statement by statement through the tile emitters.
+    Ir(&'a KernelFn),
+    /// The hand-scheduled wgmma flash-attention kernel of the Hopper fast path
+    /// (`codegen::hopper`), until the kernel IR can express warp-specialized wgmma pipelines.
+    WgmmaAttention(&'a HopperAttentionConfig),
+}
+
+/// Lowers every source into one PTX module named `module_name`, in order.
+pub fn lower_sources(module_name: &str, sources: &[KernelSource]) -> Result<LoweredModule> {
     let context = Context::create();
     let module = PtxModule::new(&context, module_name)?;
-    let mut lowered = Vec::with_capacity(kernels.len());
-    for kernel in kernels {
-        kernel.verify().map_err(|errors| {
-            CodegenError::Unsupported(format!("kernel `{}` does not verify:\n  {}", kernel.name, errors.join("\n  ")))
-        })?;
-        lowered.push(lower_kernel(&module, kernel)?);
+    let mut lowered = Vec::with_capacity(sources.len());
+    for source in sources {
+        lowered.push(match source {
+            KernelSource::Ir(kernel) => {
+                kernel.verify().map_err(|errors| {
+                    CodegenError::Unsupported(format!(
+                        "kernel `{}` does not verify:\n  {}",
+                        kernel.name,
+                        errors.join("\n  ")
+                    ))
+                })?;
+                lower_kernel(&module, kernel)?
+            }
+            KernelSource::WgmmaAttention(config) => {
+                let launch = emit_attention_wgmma(&module, config)?;
+                LoweredKernel {
+                    symbol: config.name.clone(),
+                    threads: launch.threads,
+                    dynamic_shared_bytes: launch.dynamic_shared_bytes,
+                }
+            }
+        });
     }
     let (llvm_ir, ptx) = module.optimized_ir_and_ptx()?;
     Ok(LoweredModule { llvm_ir, ptx, kernels: lowered })
