@@ -21,7 +21,8 @@ else
 fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-if ! ls .venv/lib/python3*/site-packages/nvidia/cu13/bin/ptxas >/dev/null 2>&1; then
+tools=.venv/lib/python3*/site-packages/nvidia/cu13/bin
+if ! ls $tools/ptxas >/dev/null 2>&1; then
   # Pin the companions too, or pip pulls newer ones than the GPU machine's 13.0 driver stack.
   echo "setup: installing ptxas (CUDA 13.0 wheels) into .venv"
   .venv/bin/pip install -q 'nvidia-cuda-nvcc==13.0.*' 'nvidia-nvvm==13.0.*' 'nvidia-cuda-crt==13.0.*' \
@@ -29,5 +30,14 @@ if ! ls .venv/lib/python3*/site-packages/nvidia/cu13/bin/ptxas >/dev/null 2>&1; 
 else
   echo "setup: ptxas present"
 fi
-ls .venv/lib/python3*/site-packages/nvidia/cu13/bin/ptxas >/dev/null
+if ! ls $tools/nvdisasm >/dev/null 2>&1; then
+  # nvdisasm turns ptxas's cubins into SASS for the tests that look for HGMMA and local-memory
+  # traffic. Its wheels start at 13.2; any of them reads sm_90a code. --no-deps keeps the
+  # pinned 13.0 companions above.
+  echo "setup: installing nvdisasm into .venv"
+  .venv/bin/pip install -q --no-deps 'nvidia-cuda-nvdisasm==13.2.*'
+else
+  echo "setup: nvdisasm present"
+fi
+ls $tools/ptxas $tools/nvdisasm >/dev/null
 echo "setup: done"

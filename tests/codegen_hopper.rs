@@ -430,7 +430,6 @@ fn sass(ptx: &str, name: &str) -> String {
 }
 
 #[test]
-#[ignore = "needs nvdisasm (pip wheel nvidia-cuda-nvdisasm, not yet installed by scripts/setup.sh)"]
 fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
     for config in bench_configs() {
         let (ptx, _) = attention(&config);
