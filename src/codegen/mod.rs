@@ -8,15 +8,12 @@
 //!   `ldmatrix`, `mma.sync`, `cp.async`, bf16/f16 packing, 128-bit loads and stores).
 //! - [`tile`]: tile-op emitters over the design note's layouts (`RowMajor` shared tiles,
 //!   `MmaAccumulator` register tiles, row vectors, `MmaOperandA` fragments).
-//! - [`gemm`] and [`attention`]: kernels built only from the tile emitters.
 //! - [`hopper`]: wgmma / mbarrier / setmaxnreg primitives, 128B-swizzled layouts and the
 //!   wgmma flash-attention kernel (sm_90a fast path).
 //! - [`lower`]: kernel IR (`ir::kernel::KernelFn`) to LLVM IR and PTX through the tile emitters.
 //! - [`ptxas`] checks PTX with NVIDIA's assembler; [`cache`] keeps emitted PTX on disk.
 
-pub mod attention;
 pub mod cache;
-pub mod gemm;
 pub mod hopper;
 pub mod lower;
 pub mod primitives;

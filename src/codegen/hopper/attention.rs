@@ -1,5 +1,5 @@
-//! Flash-attention forward on wgmma, with the ABI of [`crate::codegen::attention::emit_attention`]
-//! so that it can replace it on Hopper.
+//! Flash-attention forward on wgmma, with the ABI of the kernel-IR attention kernel
+//! (q, k, v, o, lse, B, S) so that it can replace it on Hopper.
 //!
 //! One CTA computes `block_m` query rows of one query head of one batch element with
 //! `block_m / 64` consumer warpgroups, each owning 64 rows (plus, in the warp-specialized

@@ -1,7 +1,7 @@
 //! The Hopper (sm_90a) fast path: warpgroup MMA (`wgmma.mma_async`) on 128-byte-swizzled shared
 //! tiles, the synchronization it needs (wgmma fences and groups, `mbarrier`, async-proxy fences,
-//! `setmaxnreg`), and a flash-attention forward kernel built on them with the same ABI as
-//! [`super::attention::emit_attention`].
+//! `setmaxnreg`), and a flash-attention forward kernel built on them with the same ABI and grid
+//! shape as the kernel-IR attention kernel (`ir::kernel::build_forward(.., Attention, ..)`).
 //!
 //! - [`layout`]: the shared-memory layout as a Rust type ([`layout::Swizzle128BTile`]) and the
 //!   64-bit matrix descriptors wgmma reads it through.
