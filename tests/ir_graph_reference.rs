@@ -151,7 +151,16 @@ struct Case<'a> {
 /// or the graph fails to build, pass or run.
 fn worst_error(case: &Case) -> (f64, String) {
     let spec = case.graph_spec;
-    let weights = Weights::random(spec, case.seed);
+    let mut weights = Weights::random(spec, case.seed);
+    // `Weights::random` keeps temperatures in (0.5, 1.5); spread them across learned_exp's clamp
+    // to [1e-7, 2] at both ends, so the clamp is compared too.
+    if let Some(temperature) = weights.tensors.get_mut("qk_norm.temp") {
+        let mut rng = Rng(case.seed ^ 0x7E39);
+        temperature
+            .data
+            .iter_mut()
+            .for_each(|t| *t = rng.uniform(-0.5, 2.5));
+    }
     let x = random_input(spec, case.batch, case.seq_len, case.seed ^ 0xA11CE);
     let want = reference::forward(case.reference_spec, &weights, &x)
         .unwrap_or_else(|e| panic!("{}: reference: {e}", spec.name));
@@ -244,6 +253,8 @@ fn every_example_matches_the_reference_after_every_pass() {
 fn random_specs_match_the_reference_after_every_pass() {
     let mut rng = Rng(0x6EF_CCA1);
     let cases = 220;
+    // Which features the cases exercised, so a generator change cannot silently drop one.
+    let mut seen = std::collections::BTreeSet::new();
     for index in 0..cases {
         let spec = random_spec(&mut rng, index);
         spec.validate()
@@ -251,7 +262,110 @@ fn random_specs_match_the_reference_after_every_pass() {
         let batch = 1 + rng.below(2);
         let seq_len = rng.pick(&[1, 2, 5, 17, 33]);
         assert_matches_reference(&spec, batch, seq_len, rng.next());
+        seen.extend(features(&spec, batch, seq_len));
     }
+    let wanted = [
+        "B=1",
+        "B=2",
+        "S=1",
+        "S=2",
+        "S=5",
+        "S=17",
+        "S=33",
+        "d=2",
+        "d=4",
+        "d=8",
+        "d=16",
+        "gqa",
+        "mqa",
+        "mha",
+        "depthwise",
+        "per_head",
+        "3 stages",
+        "width 1",
+        "width 4",
+        "qk_mean",
+        "value_shift 0",
+        "value_shift partial",
+        "value_shift all",
+        "temperature none",
+        "temperature learned",
+        "temperature learned_exp",
+        "rope neox",
+        "rope interleaved",
+        "rope partial",
+        "mask none",
+        "mask causal",
+        "window 1",
+        "window 3",
+        "window 7",
+        "bias",
+        "bf16",
+        "f16",
+    ];
+    let missing: Vec<_> = wanted.iter().filter(|f| !seen.contains(**f)).collect();
+    assert!(missing.is_empty(), "no random case had {missing:?}");
+}
+
+/// The features of one random case, named as `random_specs_match_the_reference_after_every_pass`
+/// requires them.
+fn features(spec: &AttentionSpec, batch: usize, seq_len: usize) -> Vec<String> {
+    let mut features = vec![
+        format!("B={batch}"),
+        format!("S={seq_len}"),
+        format!("d={}", spec.head_dim),
+        format!("{} stages", spec.qk_conv.len()),
+        format!(
+            "temperature {}",
+            match spec.key_temperature {
+                KeyTemperature::None => "none",
+                KeyTemperature::Learned => "learned",
+                KeyTemperature::LearnedExp => "learned_exp",
+            }
+        ),
+        match spec.mask {
+            Mask::None => "mask none".to_string(),
+            Mask::Causal => "mask causal".to_string(),
+            Mask::SlidingWindow { window } => format!("window {window}"),
+        },
+        match spec.dtype {
+            DType::Bf16 => "bf16".to_string(),
+            DType::F16 => "f16".to_string(),
+        },
+    ];
+    features.push(match (spec.kv_heads, spec.query_heads) {
+        (1, hq) if hq > 1 => "mqa".to_string(),
+        (hk, hq) if hk == hq => "mha".to_string(),
+        _ => "gqa".to_string(),
+    });
+    for stage in &spec.qk_conv {
+        features.push(format!("width {}", stage.width));
+        features.push(match stage.kind {
+            ConvKind::Depthwise => "depthwise".to_string(),
+            ConvKind::PerHead => "per_head".to_string(),
+        });
+    }
+    features.push(match spec.value_shift {
+        0 => "value_shift 0".to_string(),
+        s if s == spec.kv_heads => "value_shift all".to_string(),
+        _ => "value_shift partial".to_string(),
+    });
+    if let Some(rope) = spec.rope {
+        features.push(match rope.style {
+            RopeStyle::Neox => "rope neox".to_string(),
+            RopeStyle::Interleaved => "rope interleaved".to_string(),
+        });
+        if rope.rotary_dim < spec.head_dim {
+            features.push("rope partial".to_string());
+        }
+    }
+    if spec.qk_mean {
+        features.push("qk_mean".to_string());
+    }
+    if spec.bias {
+        features.push("bias".to_string());
+    }
+    features
 }
 
 /// The comparison can fail: a reference told a different mask, RoPE or key temperature than the
