@@ -244,8 +244,16 @@ fn examples() -> Vec<AttentionSpec> {
 
 #[test]
 fn every_example_matches_the_reference_after_every_pass() {
+    // The examples are full-size layers (E = 2048): B = 2, S = 17 takes ~12 s in release but
+    // minutes unoptimised, so a debug `cargo test` runs one short sequence (still longer than
+    // the convolution history, so the halo and the shifted values are exercised).
+    let (batch, seq_len) = if cfg!(debug_assertions) {
+        (1, 5)
+    } else {
+        (2, 17)
+    };
     for (index, spec) in examples().iter().enumerate() {
-        assert_matches_reference(spec, 2, 17, 100 + index as u64);
+        assert_matches_reference(spec, batch, seq_len, 100 + index as u64);
     }
 }
 
