@@ -363,13 +363,13 @@ impl AttentionSpec {
         if self.model_dim == 0 || self.head_dim == 0 || self.query_heads == 0 || self.kv_heads == 0 {
             return fail("model_dim, head_dim, query_heads and kv_heads must be positive".into());
         }
-        if self.model_dim % self.head_dim != 0 {
+        if !self.model_dim.is_multiple_of(self.head_dim) {
             return fail(format!(
                 "model_dim {} is not a multiple of head_dim {}",
                 self.model_dim, self.head_dim
             ));
         }
-        if self.query_heads % self.kv_heads != 0 {
+        if !self.query_heads.is_multiple_of(self.kv_heads) {
             return fail(format!(
                 "query_heads {} is not a multiple of kv_heads {}",
                 self.query_heads, self.kv_heads
@@ -398,10 +398,8 @@ impl AttentionSpec {
                 return fail("rope theta must be positive and finite".into());
             }
         }
-        if let Mask::SlidingWindow { window } = self.mask {
-            if window == 0 {
-                return fail("sliding window must be positive".into());
-            }
+        if let Mask::SlidingWindow { window: 0 } = self.mask {
+            return fail("sliding window must be positive".into());
         }
         if !(self.softmax_scale.is_finite() && self.softmax_scale > 0.0) {
             return fail("softmax_scale must be positive and finite".into());

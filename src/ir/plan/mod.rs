@@ -308,8 +308,8 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         };
         // Tile choice lives with the kernel builders, which check it against shared memory and
         // the warp layout; the grid is the one of the kernel they build.
-        let schedule = kernel::default_schedule(spec, which).or_else(|e| fail(e))?;
-        let built = kernel::build_forward(spec, which, &schedule).or_else(|e| fail(e))?;
+        let schedule = kernel::default_schedule(spec, which).or_else(fail)?;
+        let built = kernel::build_forward(spec, which, &schedule).or_else(fail)?;
         let [x, y, z] = built.grid;
         let grid = Grid { x, y, z };
         kernels.push(PlannedKernel {
