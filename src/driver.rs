@@ -332,7 +332,8 @@ pub fn compile_library(
 ) -> Result<Library, CompileError> {
     let planned = PlannedSources::of(spec)?;
     let emit = || {
-        crate::codegen::lower::lower_sources(&spec.name, &planned.sources()).map(|module| module.ptx)
+        crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
+            .map(|module| module.ptx)
     };
     let ptx = match &options.cache {
         // The kernel descriptions determine the PTX for a given build of the compiler.

@@ -217,15 +217,8 @@ impl<'ctx> PtxModule<'ctx> {
         self.write_ptx()
     }
 
-    /// Optimizes once and returns the optimized LLVM IR together with the PTX written from it
-    /// (PTX emission itself rewrites the module, so the IR is printed first).
-    pub fn optimized_ir_and_ptx(&self) -> Result<(String, String)> {
-        self.optimize()?;
-        let llvm_ir = self.llvm_ir();
-        Ok((llvm_ir, self.write_ptx()?))
-    }
-
-    fn write_ptx(&self) -> Result<String> {
+    /// PTX of the module as it is (run [`PtxModule::optimize`] first).
+    pub fn write_ptx(&self) -> Result<String> {
         let buffer = self
             .machine
             .write_to_memory_buffer(&self.module, FileType::Assembly)

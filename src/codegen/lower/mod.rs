@@ -84,6 +84,20 @@ pub enum KernelSource<'a> {
 
 /// Lowers every source into one PTX module named `module_name`, in order.
 pub fn lower_sources(module_name: &str, sources: &[KernelSource]) -> Result<LoweredModule> {
+    lower_sources_with(module_name, sources, true)
+}
+
+/// [`lower_sources`] without printing the LLVM IR (megabytes for a fused CCA kernel), for
+/// compiles that only need the PTX; `llvm_ir` is left empty.
+pub fn lower_sources_to_ptx(module_name: &str, sources: &[KernelSource]) -> Result<LoweredModule> {
+    lower_sources_with(module_name, sources, false)
+}
+
+fn lower_sources_with(
+    module_name: &str,
+    sources: &[KernelSource],
+    print_llvm_ir: bool,
+) -> Result<LoweredModule> {
     let context = Context::create();
     let module = PtxModule::new(&context, module_name)?;
     let mut lowered = Vec::with_capacity(sources.len());
@@ -109,8 +123,9 @@ pub fn lower_sources(module_name: &str, sources: &[KernelSource]) -> Result<Lowe
             }
         });
     }
-    let (llvm_ir, ptx) = module.optimized_ir_and_ptx()?;
-    Ok(LoweredModule { llvm_ir, ptx, kernels: lowered })
+    module.optimize()?;
+    let llvm_ir = if print_llvm_ir { module.llvm_ir() } else { String::new() };
+    Ok(LoweredModule { llvm_ir, ptx: module.write_ptx()?, kernels: lowered })
 }
 
 /// Where each tile lives in the kernel's one dynamic shared allocation (128-byte aligned offsets
