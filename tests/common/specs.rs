@@ -7,6 +7,20 @@ use ccc::spec::{
     AttentionSpec, ConvKind, ConvStage, DType, KeyTemperature, Mask, QkNorm, Rope, RopeStyle,
 };
 
+/// ZAYA1's convolution: depthwise then per-head, both of width 2.
+fn zaya1_convolution() -> Vec<ConvStage> {
+    vec![
+        ConvStage {
+            kind: ConvKind::Depthwise,
+            width: 2,
+        },
+        ConvStage {
+            kind: ConvKind::PerHead,
+            width: 2,
+        },
+    ]
+}
+
 /// A layer with ZAYA1's CCA parts (both convolutions, q-k mean, one shifted value head, L2
 /// norm with learned temperature, NeoX RoPE on half the head at θ = 5e6) at any sizes.
 pub fn zaya1_like(
@@ -17,16 +31,7 @@ pub fn zaya1_like(
     kv_heads: usize,
 ) -> AttentionSpec {
     AttentionSpec {
-        qk_conv: vec![
-            ConvStage {
-                kind: ConvKind::Depthwise,
-                width: 2,
-            },
-            ConvStage {
-                kind: ConvKind::PerHead,
-                width: 2,
-            },
-        ],
+        qk_conv: zaya1_convolution(),
         qk_mean: true,
         value_shift: 1,
         qk_norm: QkNorm::L2,
@@ -77,16 +82,7 @@ pub fn mqa() -> AttentionSpec {
 /// Plain CCA: 4× query compression, one query head per kv head, no value shift.
 pub fn cca() -> AttentionSpec {
     AttentionSpec {
-        qk_conv: vec![
-            ConvStage {
-                kind: ConvKind::Depthwise,
-                width: 2,
-            },
-            ConvStage {
-                kind: ConvKind::PerHead,
-                width: 2,
-            },
-        ],
+        qk_conv: zaya1_convolution(),
         qk_mean: true,
         qk_norm: QkNorm::L2,
         key_temperature: KeyTemperature::LearnedExp,
