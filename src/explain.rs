@@ -284,7 +284,6 @@ fn ratio_text(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::ConvStage;
 
     #[test]
     fn average_keys_counts_what_the_mask_allows() {
@@ -303,17 +302,7 @@ mod tests {
 
     #[test]
     fn zaya1_costs_match_hand_arithmetic() {
-        let spec = AttentionSpec {
-            qk_conv: vec![
-                ConvStage { kind: ConvKind::Depthwise, width: 2 },
-                ConvStage { kind: ConvKind::PerHead, width: 2 },
-            ],
-            qk_mean: true,
-            value_shift: 1,
-            qk_norm: QkNorm::L2,
-            key_temperature: KeyTemperature::Learned,
-            ..AttentionSpec::plain("zaya1", 2048, 128, 8, 2)
-        };
+        let spec = crate::frontend::zaya1_example();
         let costs = LayerCosts::of(&spec, 16384);
         assert_eq!(costs.kv_cache_bytes_per_token, 2 * 2 * 128 * 2);
         assert_eq!(costs.conv_state_bytes, 1280 * 2 * 2);

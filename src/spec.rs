@@ -452,29 +452,9 @@ impl AttentionSpec {
 mod tests {
     use super::*;
 
-    fn zaya1() -> AttentionSpec {
-        AttentionSpec {
-            qk_conv: vec![
-                ConvStage { kind: ConvKind::Depthwise, width: 2 },
-                ConvStage { kind: ConvKind::PerHead, width: 2 },
-            ],
-            qk_mean: true,
-            value_shift: 1,
-            qk_norm: QkNorm::L2,
-            key_temperature: KeyTemperature::Learned,
-            rope: Some(Rope {
-                fraction: 0.5,
-                rotary_dim: 64,
-                theta: 5e6,
-                style: RopeStyle::Neox,
-            }),
-            ..AttentionSpec::plain("zaya1", 2048, 128, 8, 2)
-        }
-    }
-
     #[test]
     fn zaya1_parameter_count_matches_the_paper_arithmetic() {
-        let spec = zaya1();
+        let spec = crate::frontend::zaya1_example();
         spec.validate().unwrap();
         // cca.md: about 5.6M parameters against 16.8M for MHA of the same width.
         assert_eq!(spec.param_count(), 5_575_682);
@@ -510,7 +490,7 @@ mod tests {
 
     #[test]
     fn validate_names_the_broken_rule() {
-        let mut spec = zaya1();
+        let mut spec = crate::frontend::zaya1_example();
         spec.value_shift = 3;
         assert!(spec.validate().unwrap_err().contains("value_shift"));
     }

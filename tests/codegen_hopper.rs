@@ -1,6 +1,7 @@
 //! The Hopper wgmma path: swizzle offsets and descriptors as numbers, the primitives as PTX that
 //! ptxas accepts, and the wgmma attention kernel assembled for sm_90a without spills and without
 //! ptxas having to serialize or re-fence the wgmma (its C75xx notes).
+#![cfg(feature = "llvm")]
 
 use std::collections::HashSet;
 use std::process::Command;

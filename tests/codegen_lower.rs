@@ -2,7 +2,6 @@
 //! with ptxas for sm_90a and spill nothing; a tiny spec's kernels are snapshotted.
 #![cfg(feature = "llvm")]
 
-#[path = "ir_kernel_common/mod.rs"]
 mod common;
 
 use ccc::codegen::lower::{LoweredModule, lower_kernels};
@@ -10,7 +9,8 @@ use ccc::codegen::ptxas::{self, PtxasReport};
 use ccc::codegen::CodegenError;
 use ccc::ir::kernel::{ForwardKernel, KernelFn, Schedule, Stmt, build_forward, forward_kernels};
 use ccc::spec::*;
-use common::Rng;
+use common::rng::XorShift64Star;
+use common::specs::example_files;
 
 fn lower_spec(spec: &AttentionSpec) -> (Vec<KernelFn>, LoweredModule) {
     let kernels = forward_kernels(spec).unwrap_or_else(|error| panic!("{}: {error}", spec.name));
@@ -47,30 +47,11 @@ fn assemble_clean(spec: &AttentionSpec, lowered: &LoweredModule) -> Vec<PtxasRep
     reports
 }
 
-fn example_specs() -> Vec<AttentionSpec> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|e| e == "attn"))
-        .collect();
-    paths.sort();
-    assert!(paths.len() >= 6, "examples/*.attn missing");
-    paths
-        .iter()
-        .flat_map(|path| {
-            let source = std::fs::read_to_string(path).unwrap();
-            ccc::frontend::parse_and_check(&path.display().to_string(), &source)
-                .unwrap_or_else(|diagnostics| panic!("{}", diagnostics.render()))
-        })
-        .collect()
-}
-
 #[test]
 fn codegen_lower_examples_assemble_without_spills() {
     let mut table = String::from("kernel                          threads  dyn smem B  registers  spills\n");
     let mut spilling = Vec::new();
-    for spec in example_specs() {
+    for spec in example_files() {
         let (_, lowered) = lower_spec(&spec);
         assert_eq!(lowered.kernels.len(), 3);
         let reports = assemble(&spec, &lowered);
@@ -93,7 +74,7 @@ fn codegen_lower_examples_assemble_without_spills() {
 
 /// A random valid spec over the whole language: d in {16, 32, 64, 128}, conv stages, masks
 /// (sliding windows too), q-k mean, value shift, norms, rope styles, bias, f16/bf16.
-fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
+fn random_spec(rng: &mut XorShift64Star, index: usize) -> AttentionSpec {
     let d = rng.pick(&[16, 32, 64, 128]);
     let kv_heads = rng.range(1, 3);
     let groups = rng.range(1, 3);
@@ -134,7 +115,7 @@ fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
 
 #[test]
 fn codegen_lower_random_specs_assemble_without_spills() {
-    let mut rng = Rng::new(4);
+    let mut rng = XorShift64Star::new(4);
     let mut lowered_count = 0;
     for index in 0..32 {
         let spec = random_spec(&mut rng, index);

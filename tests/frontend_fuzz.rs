@@ -9,24 +9,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use ccc::explain::explain_text;
 use ccc::frontend::{MAX_SEQUENCE, parse_and_check, spec_text};
 
-/// SplitMix64: small, seedable, good enough to spread inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
-        items[self.below(items.len())]
-    }
-}
+mod common;
+use common::rng::SplitMix64;
 
 const VOCABULARY: &[&str] = &[
     "attention",
@@ -183,19 +167,19 @@ fn judge(source: &str, render: bool) -> Result<bool, String> {
     }
 }
 
-fn random_bytes(rng: &mut Rng) -> String {
+fn random_bytes(rng: &mut SplitMix64) -> String {
     let length = rng.below(120);
     let bytes: Vec<u8> = (0..length).map(|_| rng.next() as u8).collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// Random ASCII drawn mostly from the characters the grammar uses.
-fn random_ascii(rng: &mut Rng) -> String {
+fn random_ascii(rng: &mut SplitMix64) -> String {
     const CHARACTERS: &[u8] = b"attention{}()[]=,;\n _/*0123456789.eE-+abcdlq";
     (0..rng.below(160)).map(|_| CHARACTERS[rng.below(CHARACTERS.len())] as char).collect()
 }
 
-fn token_soup(rng: &mut Rng) -> String {
+fn token_soup(rng: &mut SplitMix64) -> String {
     let mut text = String::new();
     if rng.below(2) == 0 {
         text.push_str("attention a {\n");
@@ -213,7 +197,7 @@ fn token_soup(rng: &mut Rng) -> String {
 }
 
 /// A random char boundary of `text`.
-fn boundary(rng: &mut Rng, text: &str) -> usize {
+fn boundary(rng: &mut SplitMix64, text: &str) -> usize {
     let mut at = rng.below(text.len() + 1);
     while !text.is_char_boundary(at) {
         at -= 1;
@@ -221,7 +205,15 @@ fn boundary(rng: &mut Rng, text: &str) -> usize {
     at
 }
 
-fn mutate(rng: &mut Rng, base: &str) -> String {
+/// Byte offsets of the ASCII digits in `text`.
+fn digit_positions(text: &str) -> Vec<usize> {
+    text.char_indices()
+        .filter(|(_, c)| c.is_ascii_digit())
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn mutate(rng: &mut SplitMix64, base: &str) -> String {
     let mut text = base.to_string();
     for _ in 0..1 + rng.below(4) {
         let (a, b) = (boundary(rng, &text), boundary(rng, &text));
@@ -239,11 +231,7 @@ fn mutate(rng: &mut Rng, base: &str) -> String {
             }
             // Change a digit.
             2 => {
-                let digits: Vec<usize> = text
-                    .char_indices()
-                    .filter(|(_, c)| c.is_ascii_digit())
-                    .map(|(i, _)| i)
-                    .collect();
+                let digits = digit_positions(&text);
                 if !digits.is_empty() {
                     let at = digits[rng.below(digits.len())];
                     let digit = (b'0' + rng.below(10) as u8) as char;
@@ -252,11 +240,7 @@ fn mutate(rng: &mut Rng, base: &str) -> String {
             }
             // Replace a number with a huge, negative or odd one.
             3 => {
-                let digits: Vec<usize> = text
-                    .char_indices()
-                    .filter(|(_, c)| c.is_ascii_digit())
-                    .map(|(i, _)| i)
-                    .collect();
+                let digits = digit_positions(&text);
                 if !digits.is_empty() {
                     let at = digits[rng.below(digits.len())];
                     let huge = rng.pick(&[
@@ -294,10 +278,10 @@ fn mutate(rng: &mut Rng, base: &str) -> String {
 
 #[test]
 fn no_input_panics_and_every_error_points_into_the_file() {
-    let mut rng = Rng(0x00C0_FFEE_A77E);
+    let mut rng = SplitMix64(0x00C0_FFEE_A77E);
     let mut accepted = 0;
     let mut total = 0;
-    type Generator = fn(&mut Rng) -> String;
+    type Generator = fn(&mut SplitMix64) -> String;
     let generators: [(&str, usize, Generator); 5] = [
         ("random bytes", 20_000, random_bytes),
         ("random ascii", 20_000, random_ascii),

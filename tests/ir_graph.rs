@@ -1,11 +1,12 @@
 //! Graph IR: printed snapshots after every pass for the example layers, canonical forms, and
 //! the verifier on broken graphs.
 
-mod ir_graph_specs;
+mod common;
 
 use ccc::ir::graph::{self, Graph, OpKind, ValueId};
 use ccc::ir::passes::{PipelineOptions, pipeline, run_pipeline};
 use ccc::spec::{AttentionSpec, EntryPoint};
+use common::specs;
 
 fn built(spec: &AttentionSpec) -> Graph {
     graph::build(spec, EntryPoint::Forward).expect("example specs build")
@@ -31,7 +32,7 @@ fn pipeline_dump(spec: &AttentionSpec) -> String {
 
 #[test]
 fn snapshots_after_every_pass() {
-    for spec in ir_graph_specs::all() {
+    for spec in specs::all() {
         insta::assert_snapshot!(format!("graph_passes_{}", spec.name), pipeline_dump(&spec));
     }
 }
@@ -71,9 +72,9 @@ fn plain_specs_keep_no_cca_op() {
         "l2_norm",
     ];
     for spec in [
-        ir_graph_specs::mha(),
-        ir_graph_specs::gqa(),
-        ir_graph_specs::mqa(),
+        specs::mha(),
+        specs::gqa(),
+        specs::mqa(),
     ] {
         let graph = final_graph(&spec);
         let ops = mnemonics(&graph);
@@ -104,7 +105,7 @@ fn plain_specs_keep_no_cca_op() {
 
 #[test]
 fn zaya1_fuses_into_three_groups_with_a_two_row_halo() {
-    let graph = final_graph(&ir_graph_specs::zaya1());
+    let graph = final_graph(&specs::zaya1());
     assert_eq!(graph.groups.len(), 3);
     let roles: Vec<_> = graph.groups.iter().map(|g| g.role).collect();
     assert_eq!(
@@ -123,12 +124,12 @@ fn zaya1_fuses_into_three_groups_with_a_two_row_halo() {
 
 #[test]
 fn backward_and_decode_are_reported_not_built() {
-    let err = graph::build(&ir_graph_specs::zaya1(), EntryPoint::Backward).unwrap_err();
+    let err = graph::build(&specs::zaya1(), EntryPoint::Backward).unwrap_err();
     assert_eq!(
         err.to_string(),
         "the backward entry point is not lowered to graph IR yet"
     );
-    let mut broken = ir_graph_specs::zaya1();
+    let mut broken = specs::zaya1();
     broken.value_shift = 5;
     let err = graph::build(&broken, EntryPoint::Forward).unwrap_err();
     assert_eq!(
@@ -151,7 +152,7 @@ fn op_index(graph: &Graph, mnemonic: &str) -> usize {
 
 #[test]
 fn verifier_accepts_every_example_before_and_after_passes() {
-    for spec in ir_graph_specs::all() {
+    for spec in specs::all() {
         built(&spec).verify().unwrap();
         final_graph(&spec).verify().unwrap();
     }
@@ -159,7 +160,7 @@ fn verifier_accepts_every_example_before_and_after_passes() {
 
 #[test]
 fn verifier_rejects_use_before_definition() {
-    let mut graph = built(&ir_graph_specs::zaya1());
+    let mut graph = built(&specs::zaya1());
     let first_linear = op_index(&graph, "linear");
     let last = ValueId(graph.values.len() - 1);
     graph.ops[first_linear].operands[0] = last;
@@ -174,7 +175,7 @@ fn verifier_rejects_use_before_definition() {
 
 #[test]
 fn verifier_rejects_a_value_defined_twice() {
-    let mut graph = built(&ir_graph_specs::mha());
+    let mut graph = built(&specs::mha());
     graph.ops[2].results[0] = graph.ops[1].results[0];
     assert_eq!(
         verify_message(&graph),
@@ -184,14 +185,14 @@ fn verifier_rejects_a_value_defined_twice() {
 
 #[test]
 fn verifier_rejects_unknown_and_misshapen_parameters() {
-    let mut graph = built(&ir_graph_specs::zaya1());
+    let mut graph = built(&specs::zaya1());
     graph.params[0].name = "q_proj.weights".into();
     assert_eq!(
         verify_message(&graph),
         "param @q_proj.weights: spec zaya1 has no such parameter"
     );
 
-    let mut graph = built(&ir_graph_specs::zaya1());
+    let mut graph = built(&specs::zaya1());
     let conv = graph.param_by_name("qkv_proj.conv_qk_grouped.weight").unwrap();
     graph.params[conv.0].ty.shape[1] = 64usize.into();
     assert_eq!(
@@ -202,7 +203,7 @@ fn verifier_rejects_unknown_and_misshapen_parameters() {
 
 #[test]
 fn verifier_rejects_a_wrong_result_type() {
-    let mut graph = built(&ir_graph_specs::zaya1());
+    let mut graph = built(&specs::zaya1());
     let pad = op_index(&graph, "causal_pad");
     let result = graph.ops[pad].results[0];
     graph.values[result.0].ty.shape[1] = ccc::ir::graph::seq_plus(1);
@@ -218,7 +219,7 @@ fn verifier_rejects_a_wrong_result_type() {
 #[test]
 fn verifier_rejects_operands_of_the_wrong_kind() {
     // Attention fed the f32 value before its store to bf16.
-    let mut graph = built(&ir_graph_specs::mha());
+    let mut graph = built(&specs::mha());
     let attention = op_index(&graph, "attention");
     let v_store = graph.defining_op(graph.ops[attention].operands[2]).unwrap();
     graph.ops[attention].operands[2] = graph.ops[v_store].operands[0];
@@ -231,7 +232,7 @@ fn verifier_rejects_operands_of_the_wrong_kind() {
     );
 
     // A conv stage with more taps than the history left before it.
-    let mut graph = built(&ir_graph_specs::zaya1());
+    let mut graph = built(&specs::zaya1());
     let conv = op_index(&graph, "conv_stage");
     if let OpKind::ConvStage { width, .. } = &mut graph.ops[conv].kind {
         *width = 4;
@@ -244,7 +245,7 @@ fn verifier_rejects_operands_of_the_wrong_kind() {
 
 #[test]
 fn verifier_rejects_split_groups_and_missing_outputs() {
-    let mut graph = final_graph(&ir_graph_specs::mha());
+    let mut graph = final_graph(&specs::mha());
     let attention = op_index(&graph, "attention");
     let attention_group = graph.ops[attention].group;
     graph.ops[attention + 1].group = graph.ops[attention - 1].group;
@@ -255,7 +256,7 @@ fn verifier_rejects_split_groups_and_missing_outputs() {
         "{message}"
     );
 
-    let mut graph = built(&ir_graph_specs::mha());
+    let mut graph = built(&specs::mha());
     graph.outputs[0].value = ValueId(99);
     assert_eq!(
         verify_message(&graph),
@@ -269,7 +270,7 @@ fn the_pipeline_verifies_its_input_when_asked() {
         PipelineOptions::default().verify_each_pass,
         cfg!(debug_assertions)
     );
-    let mut graph = built(&ir_graph_specs::mha());
+    let mut graph = built(&specs::mha());
     graph.outputs[0].value = ValueId(99);
     let err = run_pipeline(graph, &checked_options()).unwrap_err();
     assert_eq!(

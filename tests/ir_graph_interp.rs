@@ -10,30 +10,9 @@ use ccc::spec::{
 };
 use std::collections::BTreeMap;
 
-/// SplitMix64: a seeded generator, so every failure names a reproducible case.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-    fn uniform(&mut self, low: f64, high: f64) -> f64 {
-        low + (high - low) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn flip(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-}
+mod common;
+use common::rng::SplitMix64;
+use common::specs::{SmallSpecChoices, random_small_spec, zaya1_like};
 
 struct Case {
     spec: AttentionSpec,
@@ -43,74 +22,14 @@ struct Case {
     weights: BTreeMap<String, Array>,
 }
 
-fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
-    let head_dim = rng.pick(&[2, 4, 8]);
-    let kv_heads = 1 + rng.below(3);
-    let groups = 1 + rng.below(3);
-    let query_heads = kv_heads * groups;
-    let model_dim = head_dim * (1 + rng.below(2 * query_heads));
-    let stages = rng.below(4);
-    let qk_conv = (0..stages)
-        .map(|_| ConvStage {
-            kind: if rng.flip() {
-                ConvKind::Depthwise
-            } else {
-                ConvKind::PerHead
-            },
-            width: 1 + rng.below(4),
-        })
-        .collect();
-    let qk_norm = if rng.flip() { QkNorm::L2 } else { QkNorm::None };
-    let key_temperature = match qk_norm {
-        QkNorm::None => KeyTemperature::None,
-        QkNorm::L2 => rng.pick(&[
-            KeyTemperature::None,
-            KeyTemperature::Learned,
-            KeyTemperature::LearnedExp,
-        ]),
-    };
-    let rope = rng.flip().then(|| {
-        let rotary_dim = 2 * (1 + rng.below(head_dim / 2));
-        Rope {
-            fraction: rotary_dim as f64 / head_dim as f64,
-            rotary_dim,
-            theta: rng.pick(&[10.0, 1e4, 5e6]),
-            style: if rng.flip() {
-                RopeStyle::Neox
-            } else {
-                RopeStyle::Interleaved
-            },
-        }
-    });
-    let mask = match rng.below(3) {
-        0 => Mask::None,
-        1 => Mask::Causal,
-        _ => Mask::SlidingWindow {
-            window: 1 + rng.below(6),
-        },
-    };
-    AttentionSpec {
-        qk_conv,
-        qk_mean: rng.flip(),
-        value_shift: rng.below(kv_heads + 1),
-        qk_norm,
-        key_temperature,
-        rope,
-        mask,
-        softmax_scale: rng.uniform(0.2, 1.5),
-        norm_eps: rng.pick(&[0.0, 1e-12, 1e-3]),
-        bias: rng.flip(),
-        ..AttentionSpec::plain(
-            &format!("case{index}"),
-            model_dim,
-            head_dim,
-            query_heads,
-            kv_heads,
-        )
-    }
-}
+/// Heads of width 2..8 and windows of 1..6 tokens.
+const SMALL_SPECS: SmallSpecChoices = SmallSpecChoices {
+    head_dims: &[2, 4, 8],
+    windows: &[1, 2, 3, 4, 5, 6],
+    random_dtype: false,
+};
 
-fn random_array(rng: &mut Rng, shape: Vec<usize>, low: f64, high: f64) -> Array {
+fn random_array(rng: &mut SplitMix64, shape: Vec<usize>, low: f64, high: f64) -> Array {
     let len = shape.iter().product();
     Array {
         shape,
@@ -118,7 +37,7 @@ fn random_array(rng: &mut Rng, shape: Vec<usize>, low: f64, high: f64) -> Array 
     }
 }
 
-fn random_weights(rng: &mut Rng, spec: &AttentionSpec) -> BTreeMap<String, Array> {
+fn random_weights(rng: &mut SplitMix64, spec: &AttentionSpec) -> BTreeMap<String, Array> {
     spec.params()
         .into_iter()
         .map(|p| {
@@ -136,8 +55,8 @@ fn random_weights(rng: &mut Rng, spec: &AttentionSpec) -> BTreeMap<String, Array
         .collect()
 }
 
-fn random_case(rng: &mut Rng, index: usize) -> Case {
-    let spec = random_spec(rng, index);
+fn random_case(rng: &mut SplitMix64, index: usize) -> Case {
+    let spec = random_small_spec(rng, index, &SMALL_SPECS);
     spec.validate().expect("the generator makes valid specs");
     let batch = 1 + rng.below(2);
     let seq_len = rng.pick(&[1, 2, 5, 17, 33]);
@@ -200,7 +119,7 @@ fn assert_outputs_close(
 
 #[test]
 fn every_pass_preserves_the_result_on_random_specs() {
-    let mut rng = Rng(0x5EED_CCA0);
+    let mut rng = SplitMix64(0x5EED_CCA0);
     let cases = 240;
     for index in 0..cases {
         let case = random_case(&mut rng, index);
@@ -234,29 +153,7 @@ fn every_pass_preserves_the_result_on_random_specs() {
 
 #[test]
 fn tiny_zaya_like_layer_matches_the_per_token_evaluation() {
-    let spec = AttentionSpec {
-        qk_conv: vec![
-            ConvStage {
-                kind: ConvKind::Depthwise,
-                width: 2,
-            },
-            ConvStage {
-                kind: ConvKind::PerHead,
-                width: 2,
-            },
-        ],
-        qk_mean: true,
-        value_shift: 1,
-        qk_norm: QkNorm::L2,
-        key_temperature: KeyTemperature::Learned,
-        rope: Some(Rope {
-            fraction: 0.5,
-            rotary_dim: 2,
-            theta: 5e6,
-            style: RopeStyle::Neox,
-        }),
-        ..AttentionSpec::plain("tiny_zaya", 16, 4, 4, 2)
-    };
+    let spec = zaya1_like("tiny_zaya", 16, 4, 4, 2);
     check_against_per_token(spec, 2, 7, 11);
 }
 
@@ -277,7 +174,7 @@ fn tiny_sliding_window_gqa_with_bias_matches_the_per_token_evaluation() {
 }
 
 fn check_against_per_token(spec: AttentionSpec, batch: usize, seq_len: usize, seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let x = random_array(&mut rng, vec![batch, seq_len, spec.model_dim], -1.0, 1.0);
     let weights = random_weights(&mut rng, &spec);
     let case = Case {
@@ -574,7 +471,7 @@ fn per_token_forward(case: &Case) -> BTreeMap<String, Array> {
 fn interpreter_reports_bad_inputs_instead_of_panicking() {
     let spec = AttentionSpec::plain("small", 8, 4, 2, 1);
     let graph = graph::build(&spec, EntryPoint::Forward).unwrap();
-    let mut rng = Rng(3);
+    let mut rng = SplitMix64(3);
     let mut weights = random_weights(&mut rng, &spec);
     let env = SizeEnv {
         batch: 1,

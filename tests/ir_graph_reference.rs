@@ -16,101 +16,20 @@ use ccc::spec::{
 };
 use std::collections::BTreeMap;
 
+mod common;
+use common::rng::SplitMix64;
+use common::specs::{SmallSpecChoices, example_files, random_small_spec};
+
 /// Relative L2 error allowed between the graph interpreter and the reference: both run in f64,
 /// so anything above rounding noise is a semantic difference.
 const TOLERANCE: f64 = 1e-10;
 
-/// SplitMix64: a seeded generator, so every failure names a reproducible case.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len())]
-    }
-    fn uniform(&mut self, low: f64, high: f64) -> f64 {
-        low + (high - low) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn flip(&mut self) -> bool {
-        self.next() & 1 == 1
-    }
-}
-
-fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
-    let head_dim = rng.pick(&[2, 4, 8, 16]);
-    let kv_heads = 1 + rng.below(3);
-    let query_heads = kv_heads * (1 + rng.below(3));
-    let model_dim = head_dim * (1 + rng.below(2 * query_heads));
-    let qk_conv = (0..rng.below(4))
-        .map(|_| ConvStage {
-            kind: if rng.flip() {
-                ConvKind::Depthwise
-            } else {
-                ConvKind::PerHead
-            },
-            width: 1 + rng.below(4),
-        })
-        .collect();
-    let qk_norm = if rng.flip() { QkNorm::L2 } else { QkNorm::None };
-    let key_temperature = match qk_norm {
-        QkNorm::None => KeyTemperature::None,
-        QkNorm::L2 => rng.pick(&[
-            KeyTemperature::None,
-            KeyTemperature::Learned,
-            KeyTemperature::LearnedExp,
-        ]),
-    };
-    let rope = rng.flip().then(|| {
-        // Any even rotary width up to d: fractions from 2/d to 1.
-        let rotary_dim = 2 * (1 + rng.below(head_dim / 2));
-        Rope {
-            fraction: rotary_dim as f64 / head_dim as f64,
-            rotary_dim,
-            theta: rng.pick(&[10.0, 1e4, 5e6]),
-            style: if rng.flip() {
-                RopeStyle::Neox
-            } else {
-                RopeStyle::Interleaved
-            },
-        }
-    });
-    let mask = match rng.below(3) {
-        0 => Mask::None,
-        1 => Mask::Causal,
-        _ => Mask::SlidingWindow {
-            window: rng.pick(&[1, 3, 7]),
-        },
-    };
-    AttentionSpec {
-        qk_conv,
-        qk_mean: rng.flip(),
-        value_shift: rng.below(kv_heads + 1),
-        qk_norm,
-        key_temperature,
-        rope,
-        mask,
-        softmax_scale: rng.uniform(0.2, 1.5),
-        norm_eps: rng.pick(&[0.0, 1e-12, 1e-3]),
-        dtype: rng.pick(&[DType::Bf16, DType::F16]),
-        bias: rng.flip(),
-        ..AttentionSpec::plain(
-            &format!("case{index}"),
-            model_dim,
-            head_dim,
-            query_heads,
-            kv_heads,
-        )
-    }
-}
+/// Heads of width 2..16, windows of 1, 3 or 7 tokens, both dtypes.
+const SMALL_SPECS: SmallSpecChoices = SmallSpecChoices {
+    head_dims: &[2, 4, 8, 16],
+    windows: &[1, 3, 7],
+    random_dtype: true,
+};
 
 fn to_array(tensor: &Tensor) -> Array {
     Array {
@@ -155,7 +74,7 @@ fn worst_error(case: &Case) -> (f64, String) {
     // `Weights::random` keeps temperatures in (0.5, 1.5); spread them across learned_exp's clamp
     // to [1e-7, 2] at both ends, so the clamp is compared too.
     if let Some(temperature) = weights.tensors.get_mut("qk_norm.temp") {
-        let mut rng = Rng(case.seed ^ 0x7E39);
+        let mut rng = SplitMix64(case.seed ^ 0x7E39);
         temperature
             .data
             .iter_mut()
@@ -223,25 +142,6 @@ fn assert_matches_reference(spec: &AttentionSpec, batch: usize, seq_len: usize, 
     );
 }
 
-fn examples() -> Vec<AttentionSpec> {
-    let directory = format!("{}/examples", env!("CARGO_MANIFEST_DIR"));
-    let mut paths: Vec<_> = std::fs::read_dir(&directory)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "attn"))
-        .collect();
-    paths.sort();
-    assert!(paths.len() >= 7, "examples/*.attn: found only {paths:?}");
-    paths
-        .iter()
-        .flat_map(|path| {
-            let text = std::fs::read_to_string(path).unwrap();
-            ccc::frontend::parse_and_check(&path.display().to_string(), &text)
-                .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
-        })
-        .collect()
-}
-
 #[test]
 fn every_example_matches_the_reference_after_every_pass() {
     // The examples are full-size layers (E = 2048): B = 2, S = 17 takes ~12 s in release but
@@ -252,19 +152,19 @@ fn every_example_matches_the_reference_after_every_pass() {
     } else {
         (2, 17)
     };
-    for (index, spec) in examples().iter().enumerate() {
+    for (index, spec) in example_files().iter().enumerate() {
         assert_matches_reference(spec, batch, seq_len, 100 + index as u64);
     }
 }
 
 #[test]
 fn random_specs_match_the_reference_after_every_pass() {
-    let mut rng = Rng(0x6EF_CCA1);
+    let mut rng = SplitMix64(0x6EF_CCA1);
     let cases = 220;
     // Which features the cases exercised, so a generator change cannot silently drop one.
     let mut seen = std::collections::BTreeSet::new();
     for index in 0..cases {
-        let spec = random_spec(&mut rng, index);
+        let spec = random_small_spec(&mut rng, index, &SMALL_SPECS);
         spec.validate()
             .unwrap_or_else(|e| panic!("the generator made an invalid spec: {e}\n{spec:?}"));
         let batch = 1 + rng.below(2);

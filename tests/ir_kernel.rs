@@ -1,12 +1,14 @@
 //! Kernel IR: the interpreter against the CPU reference (`ccc::reference`), the
 //! printed IR of the forward kernels (insta), and the verifier on broken functions.
 
-mod ir_kernel_common;
+mod common;
 
 use ccc::ir::kernel::interp::{ForwardOutputs, Rounding, run_forward, run_forward_with};
 use ccc::ir::kernel::{ForwardKernel, Schedule, build_forward, default_schedule};
 use ccc::spec::*;
-use ir_kernel_common::*;
+use common::kernel::*;
+use common::rng::XorShift64Star;
+use common::specs::zaya1_like;
 
 const TOLERANCE: f64 = 1e-10;
 
@@ -76,7 +78,7 @@ fn zaya1_like_small_specs_match_the_reference() {
             ..zaya1_like("zaya_bias", 96, 32, 2, 1)
         },
     ];
-    let mut rng = Rng::new(7);
+    let mut rng = XorShift64Star::new(7);
     for spec in &specs {
         let weights = random_weights(spec, &mut rng);
         for (batch, seq_len) in [(1, 1), (2, 17), (1, 65), (2, 129)] {
@@ -112,7 +114,7 @@ fn zaya1_like_small_specs_match_the_reference() {
 /// Random specs: `count` of them from `seed`, each at one (B, S), alternating default and small
 /// tile schedules (copy rings of 1 or 2 stages).
 fn random_specs_match(seed: u64, count: usize) {
-    let mut rng = Rng::new(seed);
+    let mut rng = XorShift64Star::new(seed);
     for index in 0..count {
         let spec = random_spec(&mut rng, index);
         let weights = random_weights(&spec, &mut rng);
@@ -169,7 +171,7 @@ fn storage_rounding_stays_within_bf16_error() {
 }
 
 fn storage_rounding_error_is_that_of(spec: AttentionSpec) {
-    let mut rng = Rng::new(11);
+    let mut rng = XorShift64Star::new(11);
     let weights = random_weights(&spec, &mut rng);
     let x = random_input(&spec, 1, 65, &mut rng);
     let reference = reference(&spec, &weights, &x, 1, 65);
@@ -318,7 +320,7 @@ fn the_interpreter_reports_bad_bindings() {
         err,
         "mha_out_proj: buffer out has 7 values, its shape needs 640"
     );
-    let mut weights = random_weights(&spec, &mut Rng::new(3));
+    let mut weights = random_weights(&spec, &mut XorShift64Star::new(3));
     weights.remove("o_proj.weight");
     let x = vec![0.0; 64];
     assert_eq!(

@@ -1,11 +1,11 @@
 //! The kernel IR verifier on deliberately broken functions: each mutation of a valid kernel must
 //! be reported with a message that names the statement and the rule.
 
-mod ir_kernel_common;
+mod common;
 
 use ccc::ir::kernel::*;
 use ccc::spec::AttentionSpec;
-use ir_kernel_common::zaya1_like;
+use common::specs::zaya1_like;
 
 fn attention() -> KernelFn {
     let spec = AttentionSpec::plain("mha", 256, 64, 4, 4);

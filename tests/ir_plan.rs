@@ -1,12 +1,13 @@
 //! The kernel plan: snapshots for the example layers, the three forward kernels, grids and
 //! scratch sizes, and the plan verifier on broken plans.
 
-mod ir_graph_specs;
+mod common;
 
 use ccc::ir::graph::{ElemType, Layout, TensorType};
 use ccc::ir::plan::{self, Buffer, KernelKind, KernelPlan, PrologueStep};
 use ccc::ir::size::{SizeEnv, SizeExpr};
 use ccc::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, RopeStyle};
+use common::specs;
 
 fn planned(spec: &AttentionSpec) -> KernelPlan {
     plan::plan_for(spec, EntryPoint::Forward).expect("example specs plan")
@@ -14,14 +15,14 @@ fn planned(spec: &AttentionSpec) -> KernelPlan {
 
 #[test]
 fn snapshots_of_the_example_plans() {
-    for spec in ir_graph_specs::all() {
+    for spec in specs::all() {
         insta::assert_snapshot!(format!("plan_{}", spec.name), planned(&spec).to_string());
     }
 }
 
 #[test]
 fn zaya1_has_exactly_three_forward_kernels() {
-    let plan = planned(&ir_graph_specs::zaya1());
+    let plan = planned(&specs::zaya1());
     let symbols: Vec<&str> = plan.kernels.iter().map(|k| k.symbol.as_str()).collect();
     assert_eq!(
         symbols,
@@ -75,7 +76,7 @@ fn zaya1_has_exactly_three_forward_kernels() {
 
 #[test]
 fn attention_saves_a_linear_size_log_sum_exp() {
-    let plan = planned(&ir_graph_specs::zaya1());
+    let plan = planned(&specs::zaya1());
     let attention = &plan.kernels[1];
     let lse = TensorType::new(
         vec![SizeExpr::batch(), 8usize.into(), SizeExpr::seq_len()],
@@ -105,9 +106,9 @@ fn attention_saves_a_linear_size_log_sum_exp() {
 #[test]
 fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
     for spec in [
-        ir_graph_specs::mha(),
-        ir_graph_specs::gqa(),
-        ir_graph_specs::mqa(),
+        specs::mha(),
+        specs::gqa(),
+        specs::mqa(),
     ] {
         let plan = planned(&spec);
         let suffixes: Vec<&str> = plan
@@ -139,7 +140,7 @@ fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
 
 #[test]
 fn a_halo_wider_than_any_projection_tile_is_a_clear_error() {
-    let mut spec = ir_graph_specs::cca();
+    let mut spec = specs::cca();
     spec.qk_conv = vec![ccc::spec::ConvStage {
         kind: ConvKind::Depthwise,
         width: 100,
@@ -154,7 +155,7 @@ fn verify_message(plan: &KernelPlan) -> String {
 
 #[test]
 fn plan_verifier_rejects_broken_plans() {
-    let good = planned(&ir_graph_specs::zaya1());
+    let good = planned(&specs::zaya1());
     good.verify().unwrap();
 
     let mut plan = good.clone();
@@ -203,7 +204,7 @@ fn plan_verifier_rejects_broken_plans() {
 
 #[test]
 fn lowering_an_unfused_graph_is_an_error() {
-    let graph = ccc::ir::graph::build(&ir_graph_specs::mha(), EntryPoint::Forward).unwrap();
+    let graph = ccc::ir::graph::build(&specs::mha(), EntryPoint::Forward).unwrap();
     let err = plan::lower(&graph).unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -1,37 +1,17 @@
 //! Prefill + decode against one forward pass, the S = 1 edge, and errors on bad input.
 
+mod common;
+
 // Inside `mod reference` so that `cargo test reference` selects these tests.
 mod reference {
     use ccc::reference::{
         DecodeState, Tensor, Weights, decode_step, forward, prefill, random_input,
     };
-    use ccc::spec::{
-        AttentionSpec, ConvKind, ConvStage, KeyTemperature, Mask, QkNorm, Rope, RopeStyle,
-    };
-
-    fn zaya_like() -> AttentionSpec {
-        AttentionSpec {
-            qk_conv: vec![
-                ConvStage { kind: ConvKind::Depthwise, width: 2 },
-                ConvStage { kind: ConvKind::PerHead, width: 2 },
-            ],
-            qk_mean: true,
-            value_shift: 1,
-            qk_norm: QkNorm::L2,
-            key_temperature: KeyTemperature::Learned,
-            rope: Some(Rope {
-                fraction: 0.5,
-                rotary_dim: 8,
-                theta: 10_000.0,
-                style: RopeStyle::Neox,
-            }),
-            bias: true,
-            ..AttentionSpec::plain("zaya_like", 64, 16, 4, 2)
-        }
-    }
+    use crate::common::specs::small_zaya_like;
+    use ccc::spec::{AttentionSpec, ConvKind, ConvStage, KeyTemperature, Mask, Rope, RopeStyle};
 
     fn variants() -> Vec<(&'static str, AttentionSpec)> {
-        let base = zaya_like();
+        let base = small_zaya_like("zaya_like");
         vec![
             ("zaya_like", base.clone()),
             ("bias off", AttentionSpec { bias: false, ..base.clone() }),
@@ -130,7 +110,7 @@ mod reference {
                 ConvStage { kind: ConvKind::Depthwise, width: 3 },
                 ConvStage { kind: ConvKind::PerHead, width: 4 },
             ],
-            ..zaya_like()
+            ..small_zaya_like("zaya_like")
         };
         let weights = Weights::random(&spec, 71);
         let x = random_input(&spec, 1, 6, 72);
@@ -159,7 +139,7 @@ mod reference {
 
     #[test]
     fn bad_shapes_and_weights_are_errors_that_name_the_culprit() {
-        let spec = zaya_like();
+        let spec = small_zaya_like("zaya_like");
         let weights = Weights::random(&spec, 81);
         let x = random_input(&spec, 1, 4, 82);
 

@@ -1,36 +1,20 @@
 //! Prefill + decode against one forward pass, on every example layer at its real sizes
 //! (tests/reference_decode.rs does the same on small hand-made variants).
 
+mod common;
+
 // Inside `mod reference` so that `cargo test reference` selects these tests.
 mod reference {
     use ccc::reference::{
         Tensor, Weights, decode_step, forward, prefill, random_input, rel_l2_error,
     };
-    use ccc::spec::{AttentionSpec, Mask};
+    use crate::common::specs::example_files;
+    use ccc::spec::Mask;
 
     /// Both sides run in f64 on the same numbers; only summation order may differ.
     const TOLERANCE: f64 = 1e-10;
     const PREFILL_LEN: usize = 5;
     const DECODE_STEPS: usize = 4;
-
-    fn examples() -> Vec<AttentionSpec> {
-        let directory = format!("{}/examples", env!("CARGO_MANIFEST_DIR"));
-        let mut paths: Vec<_> = std::fs::read_dir(&directory)
-            .unwrap()
-            .map(|entry| entry.unwrap().path())
-            .filter(|path| path.extension().is_some_and(|ext| ext == "attn"))
-            .collect();
-        paths.sort();
-        assert!(paths.len() >= 7, "examples/*.attn: found only {paths:?}");
-        paths
-            .iter()
-            .flat_map(|path| {
-                let text = std::fs::read_to_string(path).unwrap();
-                ccc::frontend::parse_and_check(&path.display().to_string(), &text)
-                    .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
-            })
-            .collect()
-    }
 
     fn rows(tensor: &Tensor, first: usize, count: usize, width: usize) -> Tensor {
         Tensor {
@@ -42,7 +26,7 @@ mod reference {
     #[test]
     fn prefill_then_decode_matches_forward_on_every_example() {
         let mut checked = Vec::new();
-        for (index, spec) in examples().iter().enumerate() {
+        for (index, spec) in example_files().iter().enumerate() {
             // Decode is causal by construction: a decoded token sees only the tokens so far, so
             // under mask `none` (the encoder example) it cannot equal a bidirectional forward
             // pass over the whole sequence. Those layers are skipped.

@@ -1,35 +1,13 @@
 //! Properties of the reference that hold for any weights: agreement with textbook attention,
 //! head symmetry, causality, batch independence.
 
+mod common;
+
 // Inside `mod reference` so that `cargo test reference` selects these tests.
 mod reference {
     use ccc::reference::{ForwardOutputs, Tensor, Weights, forward, max_abs_diff, random_input};
-    use ccc::spec::{
-        AttentionSpec, ConvKind, ConvStage, KeyTemperature, Mask, ParamRole, QkNorm, Rope,
-        RopeStyle,
-    };
-
-    /// A ZAYA1-like layer in miniature: every CCA part on.
-    fn zaya_like() -> AttentionSpec {
-        AttentionSpec {
-            qk_conv: vec![
-                ConvStage { kind: ConvKind::Depthwise, width: 2 },
-                ConvStage { kind: ConvKind::PerHead, width: 2 },
-            ],
-            qk_mean: true,
-            value_shift: 1,
-            qk_norm: QkNorm::L2,
-            key_temperature: KeyTemperature::Learned,
-            rope: Some(Rope {
-                fraction: 0.5,
-                rotary_dim: 8,
-                theta: 10_000.0,
-                style: RopeStyle::Neox,
-            }),
-            bias: true,
-            ..AttentionSpec::plain("zaya_like", 64, 16, 4, 2)
-        }
-    }
+    use crate::common::specs::small_zaya_like;
+    use ccc::spec::{AttentionSpec, Mask, ParamRole, Rope, RopeStyle};
 
     /// softmax(Q·Kᵀ·scale + mask)·V per head, GQA by h / G, then o_proj: written the textbook way
     /// with nested vectors, sharing nothing with the reference. Returns (out [S][E], lse [h][t]).
@@ -129,7 +107,7 @@ mod reference {
     #[test]
     fn heads_with_identical_weights_each_compute_the_single_head_layer() {
         let heads = 3;
-        // Value shift would make the heads differ, so it is off; everything else of zaya_like is on.
+        // Value shift would make the heads differ, so it is off; everything else of small_zaya_like is on.
         let single = AttentionSpec {
             model_dim: 16,
             head_dim: 4,
@@ -142,7 +120,7 @@ mod reference {
                 theta: 10_000.0,
                 style: RopeStyle::Neox,
             }),
-            ..zaya_like()
+            ..small_zaya_like("zaya_like")
         };
         let multi = AttentionSpec { query_heads: heads, kv_heads: heads, ..single.clone() };
         let weights = Weights::random(&single, 21);
@@ -199,7 +177,7 @@ mod reference {
     fn causal_outputs_do_not_depend_on_later_tokens() {
         let t0 = 5;
         for mask in [Mask::Causal, Mask::SlidingWindow { window: 3 }] {
-            let spec = AttentionSpec { mask, ..zaya_like() };
+            let spec = AttentionSpec { mask, ..small_zaya_like("zaya_like") };
             let weights = Weights::random(&spec, 31);
             let x = random_input(&spec, 1, 12, 32);
             let before = forward(&spec, &weights, &x).unwrap();
@@ -217,7 +195,7 @@ mod reference {
             assert_eq!(lse_up_to(&before, t0), lse_up_to(&after, t0));
         }
         // Without a mask the same perturbation does reach earlier outputs: the check above has teeth.
-        let spec = AttentionSpec { mask: Mask::None, ..zaya_like() };
+        let spec = AttentionSpec { mask: Mask::None, ..small_zaya_like("zaya_like") };
         let weights = Weights::random(&spec, 31);
         let x = random_input(&spec, 1, 12, 32);
         let before = forward(&spec, &weights, &x).unwrap();
@@ -227,7 +205,7 @@ mod reference {
 
     #[test]
     fn batch_elements_are_independent() {
-        let spec = zaya_like();
+        let spec = small_zaya_like("zaya_like");
         let weights = Weights::random(&spec, 41);
         let (batch, seq_len, e) = (3, 9, spec.model_dim);
         let x = random_input(&spec, batch, seq_len, 42);
@@ -248,7 +226,7 @@ mod reference {
 
     #[test]
     fn random_weights_follow_the_parameter_list_and_rounding_is_exact() {
-        let spec = zaya_like();
+        let spec = small_zaya_like("zaya_like");
         let weights = Weights::random(&spec, 51);
         weights.check(&spec).unwrap();
         assert_eq!(weights, Weights::random(&spec, 51));
@@ -284,25 +262,8 @@ mod reference {
         // `Weights::random(spec, 5)` and `random_input(spec, 1, 11, 6)` re-generated in Python),
         // its `apply_rotary_pos_emb` with float64 cos/sin tables, then causal softmax attention and
         // o_proj. Hugging Face's norm has no eps (it clamps the norm instead), hence the tolerance.
-        // Spelled out rather than taken from zaya_like(), which other tests may change.
-        let spec = AttentionSpec {
-            qk_conv: vec![
-                ConvStage { kind: ConvKind::Depthwise, width: 2 },
-                ConvStage { kind: ConvKind::PerHead, width: 2 },
-            ],
-            qk_mean: true,
-            value_shift: 1,
-            qk_norm: QkNorm::L2,
-            key_temperature: KeyTemperature::Learned,
-            rope: Some(Rope {
-                fraction: 0.5,
-                rotary_dim: 8,
-                theta: 10_000.0,
-                style: RopeStyle::Neox,
-            }),
-            bias: true,
-            ..AttentionSpec::plain("hf_zaya", 64, 16, 4, 2)
-        };
+        // small_zaya_like() is pinned to these numbers.
+        let spec = small_zaya_like("hf_zaya");
         let outputs =
             forward(&spec, &Weights::random(&spec, 5), &random_input(&spec, 1, 11, 6)).unwrap();
         let squared_sum: f64 = outputs.out.data.iter().map(|v| v * v).sum();

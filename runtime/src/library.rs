@@ -194,6 +194,19 @@ impl Library {
         x: &DeviceTensor,
         weights: &DeviceWeights,
     ) -> Result<Outputs, RuntimeError> {
+        let (plan, supplied) = self.forward_call(x, weights)?;
+        let owned = self.allocate(&plan)?;
+        self.launch_all(&plan, &supplied, &owned, true)?;
+        Ok(Outputs { tensors: owned })
+    }
+
+    /// The forward pass's plan for `x`, and the tensors the caller supplies to it by name:
+    /// `x` and every weight.
+    fn forward_call<'a>(
+        &self,
+        x: &'a DeviceTensor,
+        weights: &'a DeviceWeights,
+    ) -> Result<(CallPlan, BTreeMap<&'a str, &'a DeviceTensor>), RuntimeError> {
         let plan =
             CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
         let mut supplied = BTreeMap::from([("x", x)]);
@@ -203,9 +216,7 @@ impl Library {
                 .iter()
                 .map(|(name, tensor)| (name.as_str(), tensor)),
         );
-        let owned = self.allocate(&plan)?;
-        self.launch_all(&plan, &supplied, &owned, true)?;
-        Ok(Outputs { tensors: owned })
+        Ok((plan, supplied))
     }
 
     /// [`Library::forward`] from and to host memory.
@@ -236,15 +247,7 @@ impl Library {
         warmup: usize,
         iterations: usize,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let plan =
-            CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
-        let mut supplied = BTreeMap::from([("x", x)]);
-        supplied.extend(
-            weights
-                .tensors
-                .iter()
-                .map(|(name, tensor)| (name.as_str(), tensor)),
-        );
+        let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
         // The first call is checked kernel by kernel so that a faulty library fails clearly.
         self.launch_all(&plan, &supplied, &owned, true)?;

@@ -41,33 +41,22 @@ impl WeightSet {
         let file = SafeTensors::deserialize(bytes).map_err(|e| RuntimeError::Size {
             message: format!("not a safetensors file: {e}"),
         })?;
-        let mut problems = Vec::new();
-        let mut unreadable = BTreeSet::new();
-        let mut tensors = BTreeMap::new();
-        for (name, view) in file.iter() {
-            let dtype = match view.dtype() {
-                Dtype::BF16 => TensorDType::Bf16,
-                Dtype::F16 => TensorDType::F16,
-                Dtype::F32 => TensorDType::F32,
-                other => {
-                    problems.push(format!(
-                        "`{name}` is stored as {other:?}; bf16, f16 or f32 are accepted"
-                    ));
-                    unreadable.insert(name.to_string());
-                    continue;
-                }
-            };
-            match HostTensor::from_le_bytes(dtype, view.shape().to_vec(), view.data()) {
-                Ok(tensor) => {
-                    tensors.insert(name.to_string(), tensor);
-                }
-                Err(e) => {
-                    problems.push(format!("`{name}`: {e}"));
-                    unreadable.insert(name.to_string());
-                }
+        let converted = file.iter().map(|(name, view)| {
+            let tensor = match view.dtype() {
+                Dtype::BF16 => Ok(TensorDType::Bf16),
+                Dtype::F16 => Ok(TensorDType::F16),
+                Dtype::F32 => Ok(TensorDType::F32),
+                other => Err(format!(
+                    "`{name}` is stored as {other:?}; bf16, f16 or f32 are accepted"
+                )),
             }
-        }
-        WeightSet::checked(manifest, tensors, problems, &unreadable)
+            .and_then(|dtype| {
+                HostTensor::from_le_bytes(dtype, view.shape().to_vec(), view.data())
+                    .map_err(|e| format!("`{name}`: {e}"))
+            });
+            (name.to_string(), tensor)
+        });
+        WeightSet::from_converted(manifest, converted)
     }
 
     /// Builds from host data, e.g. a CPU reference's random weights. Each entry is
@@ -76,41 +65,46 @@ impl WeightSet {
         manifest: &Manifest,
         entries: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f64])>,
     ) -> Result<WeightSet, RuntimeError> {
-        let mut problems = Vec::new();
-        let mut unreadable = BTreeSet::new();
-        let mut tensors = BTreeMap::new();
-        for (name, shape, values) in entries {
+        let converted = entries.into_iter().map(|(name, shape, values)| {
             // Rounded straight from f64 to the library dtype: rounding through f32 first could
             // differ in the last bit. Names the manifest lacks are reported by `checked`.
             let dtype = weight_dtype(manifest, name).unwrap_or(TensorDType::F32);
-            match HostTensor::from_f64(dtype, shape.to_vec(), values) {
-                Ok(tensor) => {
-                    tensors.insert(name.to_string(), tensor);
-                }
-                Err(e) => {
-                    problems.push(format!("`{name}`: {e}"));
-                    unreadable.insert(name.to_string());
-                }
-            }
-        }
-        WeightSet::checked(manifest, tensors, problems, &unreadable)
+            let tensor = HostTensor::from_f64(dtype, shape.to_vec(), values)
+                .map_err(|e| format!("`{name}`: {e}"));
+            (name.to_string(), tensor)
+        });
+        WeightSet::from_converted(manifest, converted)
     }
 
     pub fn from_f32<'a>(
         manifest: &Manifest,
         entries: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>,
     ) -> Result<WeightSet, RuntimeError> {
+        let converted = entries.into_iter().map(|(name, shape, values)| {
+            let tensor = HostTensor::from_f32(TensorDType::F32, shape.to_vec(), values)
+                .map_err(|e| format!("`{name}`: {e}"));
+            (name.to_string(), tensor)
+        });
+        WeightSet::from_converted(manifest, converted)
+    }
+
+    /// Collects converted tensors, each failed conversion as a problem (the tensor is then
+    /// unreadable rather than missing), and checks them against the manifest.
+    fn from_converted(
+        manifest: &Manifest,
+        converted: impl IntoIterator<Item = (String, Result<HostTensor, String>)>,
+    ) -> Result<WeightSet, RuntimeError> {
         let mut problems = Vec::new();
         let mut unreadable = BTreeSet::new();
         let mut tensors = BTreeMap::new();
-        for (name, shape, values) in entries {
-            match HostTensor::from_f32(TensorDType::F32, shape.to_vec(), values) {
+        for (name, tensor) in converted {
+            match tensor {
                 Ok(tensor) => {
-                    tensors.insert(name.to_string(), tensor);
+                    tensors.insert(name, tensor);
                 }
-                Err(e) => {
-                    problems.push(format!("`{name}`: {e}"));
-                    unreadable.insert(name.to_string());
+                Err(problem) => {
+                    problems.push(problem);
+                    unreadable.insert(name);
                 }
             }
         }

@@ -6,33 +6,16 @@ mod common;
 
 use ccc::manifest::{BufferRole, TensorDType};
 use ccc_runtime::{HostTensor, Library, RuntimeError, WeightSet};
-use common::{FIXTURE_PTX, fixture_manifest, fixture_spec, write_fixture};
+use common::{
+    FIXTURE_PTX, WeightList, fixture_manifest, fixture_weight_list, weight_entries, write_fixture,
+};
 use half::bf16;
 use std::process::Command;
 
 /// Weights whose diagonal of o_proj.weight is distinct per column, all exact in bf16.
-/// (name, shape, values) of every weight.
-type WeightList = Vec<(String, Vec<usize>, Vec<f64>)>;
-
 fn fixture_weights() -> (WeightList, WeightSet) {
-    let list: WeightList = fixture_spec()
-        .params()
-        .into_iter()
-        .map(|p| {
-            let len = p.shape.iter().product::<usize>();
-            (
-                p.name,
-                p.shape,
-                (0..len).map(|i| (i % 13) as f64 * 0.125 - 0.75).collect(),
-            )
-        })
-        .collect();
-    let set = WeightSet::from_f64(
-        &fixture_manifest(),
-        list.iter()
-            .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())),
-    )
-    .unwrap();
+    let list = fixture_weight_list(|i| (i % 13) as f64 * 0.125 - 0.75);
+    let set = WeightSet::from_f64(&fixture_manifest(), weight_entries(&list)).unwrap();
     (list, set)
 }
 

@@ -9,7 +9,7 @@ use ccc::spec::EntryPoint;
 use ccc_runtime::plan::PlannedArg;
 use ccc_runtime::tensor::{nan_bytes, round_through};
 use ccc_runtime::{CallPlan, HostTensor, RuntimeError, WeightSet};
-use common::{fixture_manifest, fixture_spec};
+use common::{WeightList, fixture_manifest, fixture_weight_list, weight_entries};
 use half::bf16;
 use safetensors::{Dtype, tensor::TensorView};
 
@@ -116,26 +116,8 @@ fn sizes_that_do_not_fit_are_errors() {
     assert_eq!(err.to_string(), "the library has no `decode` entry point");
 }
 
-fn fixture_weights(scale: f64) -> Vec<(String, Vec<usize>, Vec<f64>)> {
-    fixture_spec()
-        .params()
-        .into_iter()
-        .map(|p| {
-            let len = p.shape.iter().product::<usize>();
-            (
-                p.name,
-                p.shape,
-                (0..len).map(|i| scale * i as f64).collect(),
-            )
-        })
-        .collect()
-}
-
-fn weight_entries(
-    list: &[(String, Vec<usize>, Vec<f64>)],
-) -> impl Iterator<Item = (&str, &[usize], &[f64])> {
-    list.iter()
-        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+fn fixture_weights(scale: f64) -> WeightList {
+    fixture_weight_list(|i| scale * i as f64)
 }
 
 #[test]

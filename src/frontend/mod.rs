@@ -46,3 +46,14 @@ pub fn parse_and_check(
         }
     }
 }
+
+/// ZAYA1's layer as examples/zaya1.attn describes it, for the unit tests that need a real CCA
+/// spec: parsing the example keeps them on the same layer as the CLI and integration tests.
+#[cfg(test)]
+pub(crate) fn zaya1_example() -> crate::AttentionSpec {
+    let text = include_str!("../../examples/zaya1.attn");
+    let mut specs = parse_and_check("examples/zaya1.attn", text)
+        .unwrap_or_else(|diagnostics| panic!("{}", diagnostics.render()));
+    assert_eq!(specs.len(), 1, "examples/zaya1.attn holds one layer");
+    specs.remove(0)
+}

@@ -116,6 +116,29 @@ add_done:
 }
 "#;
 
+/// (name, shape, values) of every weight.
+pub type WeightList = Vec<(String, Vec<usize>, Vec<f64>)>;
+
+/// Every weight of the fixture, element i of each tensor set to `value(i)`.
+pub fn fixture_weight_list(value: impl Fn(usize) -> f64) -> WeightList {
+    fixture_spec()
+        .params()
+        .into_iter()
+        .map(|p| {
+            let len = p.shape.iter().product::<usize>();
+            (p.name, p.shape, (0..len).map(&value).collect())
+        })
+        .collect()
+}
+
+/// A weight list as the borrowed entries `WeightSet::from_f64` takes.
+pub fn weight_entries(
+    list: &[(String, Vec<usize>, Vec<f64>)],
+) -> impl Iterator<Item = (&str, &[usize], &[f64])> {
+    list.iter()
+        .map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice()))
+}
+
 /// MHA with E = 8, d = 4, two heads: the smallest spec whose manifest passes validation.
 pub fn fixture_spec() -> AttentionSpec {
     AttentionSpec::plain("fixture", MODEL_DIM, 4, 2, 2)

@@ -156,11 +156,7 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
                 ConvKind::Depthwise => 1,
                 ConvKind::PerHead => *head_dim,
             };
-            if *head_dim == 0 || channels % head_dim != 0 {
-                return Err(format!(
-                    "{channels} channels are not whole heads of {head_dim}"
-                ));
-            }
+            check_whole_heads(channels, *head_dim)?;
             let want = [
                 SizeExpr::c(channels as u64),
                 in_per_group.into(),
@@ -212,14 +208,7 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
         } => {
             expect_operands(1)?;
             let ty = operand_types[0];
-            token_rows(ty)?;
-            expect_f32(ty)?;
-            let channels = channels_of(ty)?;
-            if *head_dim == 0 || channels % head_dim != 0 {
-                return Err(format!(
-                    "{channels} channels are not whole heads of {head_dim}"
-                ));
-            }
+            let channels = per_token_head_channels(ty, *head_dim)?;
             if !(eps.is_finite() && *eps >= 0.0) {
                 return Err(format!("eps {eps:?} must be finite and not negative"));
             }
@@ -243,14 +232,7 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
         } => {
             expect_operands(1)?;
             let ty = operand_types[0];
-            token_rows(ty)?;
-            expect_f32(ty)?;
-            let channels = channels_of(ty)?;
-            if *head_dim == 0 || channels % head_dim != 0 {
-                return Err(format!(
-                    "{channels} channels are not whole heads of {head_dim}"
-                ));
-            }
+            per_token_head_channels(ty, *head_dim)?;
             if *rotary_dim == 0 || rotary_dim % 2 != 0 || rotary_dim > head_dim {
                 return Err(format!(
                     "rotary width {rotary_dim} must be even, in 2..={head_dim}"
@@ -330,6 +312,24 @@ fn token_rows(ty: &TensorType) -> Result<(), String> {
             type_text(ty)
         ))
     }
+}
+
+fn check_whole_heads(channels: usize, head_dim: usize) -> Result<(), String> {
+    if head_dim == 0 || channels % head_dim != 0 {
+        return Err(format!(
+            "{channels} channels are not whole heads of {head_dim}"
+        ));
+    }
+    Ok(())
+}
+
+/// Channels of a per-token f32 operand (S rows) that holds whole heads of `head_dim`.
+fn per_token_head_channels(ty: &TensorType, head_dim: usize) -> Result<usize, String> {
+    token_rows(ty)?;
+    expect_f32(ty)?;
+    let channels = channels_of(ty)?;
+    check_whole_heads(channels, head_dim)?;
+    Ok(channels)
 }
 
 fn history_rows(length: &SizeExpr) -> Result<usize, String> {

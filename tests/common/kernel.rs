@@ -1,76 +1,13 @@
-// Each test crate that includes this module uses only part of it.
-#![allow(dead_code)]
+//! The kernel IR tests' generator of specs, weights and inputs, and the CPU reference run on
+//! them.
 
-//! Shared by the kernel IR tests: a small deterministic generator of specs, weights and inputs,
-//! and the CPU reference run on them.
-
+use super::rng::XorShift64Star;
 use ccc::ir::kernel::interp::Buffers;
 use ccc::reference::{ForwardOutputs, Tensor, Weights, forward};
 use ccc::spec::*;
 
-/// xorshift64*: deterministic, no dependency.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    /// Uniform in [lo, hi).
-    pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Uniform in lo..=hi.
-    pub fn range(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next_u64() % (hi - lo + 1) as u64) as usize
-    }
-    pub fn coin(&mut self) -> bool {
-        self.next_u64() & 1 == 1
-    }
-    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.range(0, items.len() - 1)]
-    }
-}
-
-pub fn zaya1_like(
-    name: &str,
-    model_dim: usize,
-    head_dim: usize,
-    hq: usize,
-    hk: usize,
-) -> AttentionSpec {
-    AttentionSpec {
-        qk_conv: vec![
-            ConvStage {
-                kind: ConvKind::Depthwise,
-                width: 2,
-            },
-            ConvStage {
-                kind: ConvKind::PerHead,
-                width: 2,
-            },
-        ],
-        qk_mean: true,
-        value_shift: 1,
-        qk_norm: QkNorm::L2,
-        key_temperature: KeyTemperature::Learned,
-        rope: Some(Rope {
-            fraction: 0.5,
-            rotary_dim: head_dim / 2,
-            theta: 5e6,
-            style: RopeStyle::Neox,
-        }),
-        ..AttentionSpec::plain(name, model_dim, head_dim, hq, hk)
-    }
-}
-
 /// A random valid spec with head_dim a multiple of 16.
-pub fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
+pub fn random_spec(rng: &mut XorShift64Star, index: usize) -> AttentionSpec {
     let d = if rng.range(0, 9) == 0 {
         64
     } else {
@@ -137,7 +74,7 @@ pub fn random_spec(rng: &mut Rng, index: usize) -> AttentionSpec {
     spec
 }
 
-pub fn random_weights(spec: &AttentionSpec, rng: &mut Rng) -> Buffers {
+pub fn random_weights(spec: &AttentionSpec, rng: &mut XorShift64Star) -> Buffers {
     spec.params()
         .into_iter()
         .map(|p| {
@@ -159,7 +96,7 @@ pub fn random_weights(spec: &AttentionSpec, rng: &mut Rng) -> Buffers {
         .collect()
 }
 
-pub fn random_input(spec: &AttentionSpec, batch: usize, seq_len: usize, rng: &mut Rng) -> Vec<f64> {
+pub fn random_input(spec: &AttentionSpec, batch: usize, seq_len: usize, rng: &mut XorShift64Star) -> Vec<f64> {
     (0..batch * seq_len * spec.model_dim)
         .map(|_| rng.uniform(-1.0, 1.0))
         .collect()
