@@ -77,6 +77,19 @@ pub fn plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
 
 /// The kernel IR of every planned kernel, in launch order.
 pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
+    // Said up front in the user's terms; the builders would otherwise report it as a
+    // schedule that does not verify.
+    if !spec.head_dim.is_multiple_of(16) {
+        return Err(error(
+            spec,
+            "kernel",
+            format!(
+                "head_dim {} is not supported by the sm_90a kernels yet: it must be a multiple of 16 \
+                 (the k-step of the tensor-core instructions)",
+                spec.head_dim
+            ),
+        ));
+    }
     let mut out = Vec::new();
     for plan in plans(spec)? {
         for planned in &plan.kernels {

@@ -258,3 +258,16 @@ fn an_entry_point_not_lowered_yet_is_a_compile_error_with_status_1() {
         "error: cannot compile `d` (plan): the decode entry point is not implemented yet (only forward)\n"
     );
 }
+
+#[test]
+fn a_head_dim_the_kernels_cannot_tile_is_a_compile_error_in_the_users_terms() {
+    let directory = scratch("head-dim");
+    let spec = write_file(&directory, "d24.attn", "attention narrow {\n    model_dim = 96\n    head_dim = 24\n}\n");
+    let (status, _, stderr) = ccc(&["compile", &spec, "--emit", "kernel"]);
+    assert_eq!(status, Status::SpecErrors);
+    assert_eq!(
+        stderr,
+        "error: cannot compile `narrow` (kernel): head_dim 24 is not supported by the sm_90a kernels yet: \
+         it must be a multiple of 16 (the k-step of the tensor-core instructions)\n"
+    );
+}
