@@ -348,8 +348,8 @@ def write_plot(path, results, batches):
 
 
 def open_target(path):
-    """A library directory (manifest.json + PTX), or a spec alone (spec.json, or a directory
-    holding one, as `ccc compile` writes before codegen): then only the peers run."""
+    """A library directory (manifest.json + PTX), or a spec alone (a spec.json holding a
+    manifest's `spec` object, or a directory holding one): then only the peers run."""
     if os.path.isfile(os.path.join(path, "manifest.json")):
         layer = ccc.load(path)
         return layer, layer.spec

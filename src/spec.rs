@@ -456,7 +456,7 @@ mod tests {
     fn zaya1_parameter_count_matches_the_paper_arithmetic() {
         let spec = crate::frontend::zaya1_example();
         spec.validate().unwrap();
-        // cca.md: about 5.6M parameters against 16.8M for MHA of the same width.
+        // The paper's figure: about 5.6M parameters against 16.8M for MHA of the same width.
         assert_eq!(spec.param_count(), 5_575_682);
         assert_eq!(spec.equivalent_mha().param_count(), 4 * 2048 * 2048);
         assert_eq!(spec.equivalent_mha().params()[0].name, "q_proj.weight");

@@ -197,7 +197,7 @@ fn check_against_per_token(spec: AttentionSpec, batch: usize, seq_len: usize, se
 }
 
 /// Padding once with T rows is not padding each stage: the first stage's bias reaches row 0 of
-/// the second (cca.md's exactness pitfall). With zero projections, row 0 of two width-2
+/// the second (the exactness pitfall of docs/language.md, Semantics step 3). With zero projections, row 0 of two width-2
 /// depthwise stages is b2 + (w2[0] + w2[1])·b1, not b2 + w2[1]·b1.
 #[test]
 fn first_stage_bias_reaches_row_zero_of_the_next_stage() {

@@ -2,7 +2,7 @@
 //! captured output, and through the built binary.
 //!
 //! Later stages plug in as new [`EmitStage`] variants (printed by `compile --emit STAGE`) and as
-//! more files written by `compile` next to `spec.json`.
+//! more files written by `compile` next to `manifest.json` and `NAME.ptx`.
 
 use std::ffi::OsString;
 use std::io::Write;

@@ -6,7 +6,7 @@
 //!   shared memory (address space 3), scalar helpers, structured loops and branches.
 //! - [`primitives`]: per-thread instructions (special registers, barrier, shuffles, `ex2`,
 //!   `ldmatrix`, `mma.sync`, `cp.async`, bf16/f16 packing, 128-bit loads and stores).
-//! - [`tile`]: tile-op emitters over the design note's layouts (`RowMajor` shared tiles,
+//! - [`tile`]: tile-op emitters over the kernel IR's layouts (`RowMajor` shared tiles,
 //!   `MmaAccumulator` register tiles, row vectors, `MmaOperandA` fragments).
 //! - [`hopper`]: wgmma / mbarrier / setmaxnreg primitives, 128B-swizzled layouts and the
 //!   wgmma flash-attention kernel (sm_90a fast path).

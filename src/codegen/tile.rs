@@ -1,7 +1,7 @@
 //! Tile-op emitters: each lowers one tile operation of the kernel IR to per-thread code, given its
 //! operands' shapes and layouts as plain structs (the kernel IR's types map onto these).
 //!
-//! Layouts (see KERNEL_IR_DESIGN.md):
+//! Layouts (the kernel IR's, docs/architecture.md "Kernel IR"):
 //! - [`SharedTile`] with [`SharedLayout::RowMajor`]: row `r` starts at element `r * (cols + pad)`;
 //!   rows must start on 16-byte boundaries (cp.async chunks, ldmatrix rows).
 //! - [`AccumulatorTile`] with [`MmaAccumulator`]: an f32 tile spread over a `warps_m × warps_n`

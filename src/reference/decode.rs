@@ -1,4 +1,4 @@
-//! Prefill and token-by-token decode of one sequence (language.md, "Decode state"; cca.md (c)).
+//! Prefill and token-by-token decode of one sequence (docs/language.md, "Decode state").
 //!
 //! Decode continues a sequence exactly: the convolution state plays the part of the T zero rows
 //! of the forward pass, and the shift state that of the zero x_prev row, so prefill of S tokens

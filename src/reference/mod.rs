@@ -2,7 +2,7 @@
 //!
 //! It judges every later stage (IR interpreter, GPU kernels, the PyTorch loader), so it shares no
 //! code with the IR and is written to be read against docs/language.md, "Semantics" (step numbers
-//! below are that list's) and docs/cca.md, section (a). Everything is f64, including what the
+//! below are that list's). Everything is f64, including what the
 //! GPU does in f32 (norm, softmax) or in bf16/f16 (storage); round inputs and weights with
 //! [`round_to_dtype`] / [`Weights::rounded_to`] so that both sides start from the same numbers.
 //!
