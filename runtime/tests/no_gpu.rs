@@ -91,3 +91,21 @@ fn ccc_run_plan_shows_a_call_without_a_gpu() {
     );
     insta::assert_snapshot!(String::from_utf8_lossy(&output.stdout));
 }
+
+#[test]
+fn ccc_run_plan_into_a_closed_pipe_ends_quietly() {
+    let dir = write_fixture("no-gpu-pipe");
+    let mut child = common::ccc_run()
+        .args(["plan", "--batch", "3", "--seq-len", "17"])
+        .arg(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the first line is written, as `| head -0` would.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

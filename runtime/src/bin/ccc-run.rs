@@ -10,6 +10,19 @@
 //! Exit codes: 0 success, 1 a result out of tolerance or NaN, 2 any other error (arguments,
 //! library files, CUDA), 3 no GPU or driver on this machine.
 
+/// Prints a line to stdout. A closed pipe (`ccc-run plan DIR | head`) ends the program quietly,
+/// where `println!` would panic.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 use ccc::ir::size::SizeEnv;
 use ccc::reference;
 use ccc::spec::EntryPoint;
@@ -134,14 +147,14 @@ fn validate(
     let spec = &manifest.spec;
     let tol = tolerance(spec.dtype);
     let (reference_weights, weight_set) = weights_for(manifest, seed, weights)?;
-    println!(
+    say!(
         "library {} ({}, {}) on {}; tolerance: relative L2 error < {tol:e}",
         spec.name,
         dir.display(),
         spec.dtype.name(),
         library.device_name()?
     );
-    println!(
+    say!(
         "{:>4} {:>6}  {:<6} {:>12} {:>12} {:>9}  status",
         "B", "S", "tensor", "max abs err", "rel L2 err", "tol"
     );
@@ -155,7 +168,7 @@ fn validate(
                 .map_err(|message| RuntimeError::Reference { message })?;
             let comparisons = compare_forward(&gpu, &expected, tol);
             for check in &comparisons {
-                println!(
+                say!(
                     "{batch:>4} {seq_len:>6}  {:<6} {:>12} {:>12} {tol:>9.0e}  {}",
                     check.tensor,
                     check.max_abs.map_or("-".into(), |v| format!("{v:.3e}")),
@@ -177,7 +190,7 @@ fn validate(
                 });
             all_passed &= case_passed;
             // One line per case for scripts (scripts/gpu-suite.sh reads it).
-            println!(
+            say!(
                 "RESULT library={} B={batch} S={seq_len} max_rel_l2={worst:.3e} status={}",
                 spec.name,
                 if case_passed { "pass" } else { "FAIL" }
@@ -209,7 +222,7 @@ fn bench(
     let weights = library.upload_weights(&weight_set)?;
     let mut times = library.time_forward(&x, &weights, warmup, iterations)?;
     times.sort_by(f32::total_cmp);
-    println!(
+    say!(
         "library {} on {}: B={batch} S={seq_len}: median {:.4} ms, min {:.4} ms, max {:.4} ms over {} calls ({warmup} warm-up)",
         spec.name,
         library.device_name()?,
@@ -225,16 +238,16 @@ fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
     let (manifest, _) = read_library(dir)?;
     let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len })?;
     let spec = &manifest.spec;
-    println!(
+    say!(
         "library {} ({}, {}, {}): forward for B={batch} S={seq_len}",
         spec.name,
         manifest.target,
         spec.dtype.name(),
         manifest.ptx_file
     );
-    println!("buffers:");
+    say!("buffers:");
     for buffer in &plan.buffers {
-        println!(
+        say!(
             "  {:<28} {:<12} {:<4} {:<20} {:>14} bytes",
             buffer.name,
             buffer.role.name(),
@@ -243,7 +256,7 @@ fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
             buffer.bytes
         );
     }
-    println!("launches, in order:");
+    say!("launches, in order:");
     for launch in &plan.launches {
         let args: Vec<String> = launch
             .args
@@ -253,7 +266,7 @@ fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
                 PlannedArg::Size(value) => value.to_string(),
             })
             .collect();
-        println!(
+        say!(
             "  {}<<<{:?}, {:?}, {} B>>>({})",
             launch.symbol,
             launch.grid,
