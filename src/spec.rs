@@ -59,6 +59,16 @@ pub enum ConvKind {
     PerHead,
 }
 
+impl ConvKind {
+    /// Input channels each output channel reads per tap (Conv1d's in_channels / groups).
+    pub fn inputs_per_output(self, head_dim: usize) -> usize {
+        match self {
+            ConvKind::Depthwise => 1,
+            ConvKind::PerHead => head_dim,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QkNorm {
@@ -305,10 +315,7 @@ impl AttentionSpec {
         for (stage_index, (stage, name)) in
             self.qk_conv.iter().zip(self.conv_stage_names()).enumerate()
         {
-            let in_per_group = match stage.kind {
-                ConvKind::Depthwise => 1,
-                ConvKind::PerHead => d,
-            };
+            let in_per_group = stage.kind.inputs_per_output(d);
             push(
                 &format!("{name}.weight"),
                 vec![p, in_per_group, stage.width],

@@ -245,10 +245,7 @@ impl Checker {
         let packed = lq + lk;
         let mut total = 2 * e * lq + 2 * e * lk + u128::from(spec.bias) * (lq + 2 * lk + e);
         for stage in &spec.qk_conv {
-            let inputs = match stage.kind {
-                ConvKind::Depthwise => 1,
-                ConvKind::PerHead => d as u128,
-            };
+            let inputs = stage.kind.inputs_per_output(spec.head_dim) as u128;
             total += packed * inputs * stage.width as u128 + packed;
         }
         total += spec.kv_heads as u128;

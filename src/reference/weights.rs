@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::spec::{AttentionSpec, ConvKind, DType, ParamRole};
+use crate::spec::{AttentionSpec, DType, ParamRole};
 
 use super::numeric::Rng;
 use super::tensor::Tensor;
@@ -86,10 +86,7 @@ impl Weights {
 /// Inputs of one output channel of convolution stage `stage`: taps × input channels per group.
 fn conv_fan_in(spec: &AttentionSpec, stage: usize) -> usize {
     let conv = spec.qk_conv[stage];
-    let inputs_per_group = match conv.kind {
-        ConvKind::Depthwise => 1,
-        ConvKind::PerHead => spec.head_dim,
-    };
+    let inputs_per_group = conv.kind.inputs_per_output(spec.head_dim);
     inputs_per_group * conv.width
 }
 

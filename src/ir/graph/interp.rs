@@ -8,7 +8,7 @@
 
 use super::{Graph, OpKind, ValueId};
 use crate::ir::size::SizeEnv;
-use crate::spec::{ConvKind, KeyTemperature, RopeStyle};
+use crate::spec::{KeyTemperature, RopeStyle};
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -107,10 +107,7 @@ pub fn run(
                 weight,
                 bias,
             } => {
-                let group = match kind {
-                    ConvKind::Depthwise => 1,
-                    ConvKind::PerHead => *head_dim,
-                };
+                let group = kind.inputs_per_output(*head_dim);
                 vec![conv(
                     operands[0],
                     param(*weight)?,

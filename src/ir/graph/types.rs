@@ -4,7 +4,6 @@
 
 use super::{ElemType, Graph, Layout, Op, OpKind, ParamId, TensorType, seq_offset, seq_plus};
 use crate::ir::size::SizeExpr;
-use crate::spec::ConvKind;
 
 type Rule = Result<Vec<TensorType>, String>;
 
@@ -152,10 +151,7 @@ pub fn infer_result_types(graph: &Graph, op: &Op) -> Rule {
                     width.saturating_sub(1)
                 ));
             }
-            let in_per_group = match kind {
-                ConvKind::Depthwise => 1,
-                ConvKind::PerHead => *head_dim,
-            };
+            let in_per_group = kind.inputs_per_output(*head_dim);
             check_whole_heads(channels, *head_dim)?;
             let want = [
                 SizeExpr::c(channels as u64),
