@@ -23,6 +23,7 @@ use inkwell::IntPredicate;
 use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
+use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::primitives::{float_result, intrinsic};
@@ -220,13 +221,6 @@ impl SharedPlan {
     }
 }
 
-/// Where one [B, S, H, d] tensor's rows for one (batch, head) are: a base pointer and the
-/// element stride between sequence positions.
-struct HeadRows<'ctx> {
-    base: PointerValue<'ctx>,
-    row_stride: u32,
-}
-
 /// Emits the wgmma attention forward kernel into `module`.
 pub fn emit_attention_wgmma<'ctx>(
     module: &PtxModule<'ctx>,
@@ -284,7 +278,7 @@ pub fn emit_attention_wgmma<'ctx>(
         kb.and(kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?, kb.i32(-(TILE_ALIGNMENT as i64)))?;
     let aligned = kb.byte_pointer(shared, kb.sub(aligned_address, raw_address)?)?;
 
-    let head_rows = |name: &str, heads: u32, head: IntValue<'ctx>| -> Result<HeadRows<'ctx>> {
+    let head_rows = |name: &str, heads: u32, head: IntValue<'ctx>| -> Result<RowSource<'ctx>> {
         let i64_type = kb.context().i64_type();
         let rows_before = kb.builder().build_int_mul(kb.to_i64(batch)?, kb.to_i64(seq_len)?, "")?;
         let head_index = kb.builder().build_int_add(
@@ -293,7 +287,7 @@ pub fn emit_attention_wgmma<'ctx>(
             "",
         )?;
         let offset = kb.builder().build_int_mul(head_index, i64_type.const_int(d as u64, false), "")?;
-        Ok(HeadRows { base: kb.element_pointer(kb.pointer_param(name)?, config.elem, offset)?, row_stride: heads * d })
+        Ok(RowSource { base: kb.element_pointer(kb.pointer_param(name)?, config.elem, offset)?, row_stride: heads * d })
     };
     let q_rows = head_rows("q", config.q_heads, head)?;
     let k_rows = head_rows("k", config.kv_heads, kv_head)?;
@@ -333,20 +327,22 @@ pub fn emit_attention_wgmma<'ctx>(
         }
         Schedule::Serial | Schedule::OverlapSoftmax => (thread, consumer_threads),
     };
+    // Rows past the sequence end read as zeros.
+    let sequence = Bounds { first_row: None, row_limit: seq_len, columns: None };
     let issue_q = |kb: &KernelBuilder<'_, 'ctx>| {
-        copy_tile_async(kb, &q_rows, query_start, seq_len, &plan.q, aligned, 0, copy_thread, copy_threads)
+        copy_tile_async(kb, &q_rows, query_start, &sequence, &plan.q, aligned, 0, copy_thread, copy_threads)
     };
     let issue_kv = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
         let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
         let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
         let k_offset = kb.add(kb.i32(plan.k_offset(0) as i64), kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
         let k_base = kb.byte_pointer(aligned, k_offset)?;
-        copy_tile_async(kb, &k_rows, key_start, seq_len, &plan.kv, k_base, 0, copy_thread, copy_threads)?;
+        copy_tile_async(kb, &k_rows, key_start, &sequence, &plan.kv, k_base, 0, copy_thread, copy_threads)?;
         copy_tile_async(
             kb,
             &v_rows,
             key_start,
-            seq_len,
+            &sequence,
             &plan.kv,
             k_base,
             plan.kv.footprint_bytes(),
@@ -809,20 +805,6 @@ pub fn emit_attention_wgmma<'ctx>(
     Ok(launch)
 }
 
-/// A descriptor for the runtime tile base `tile_address` (a 1024-aligned shared-window address):
-/// the constant fields plus `(tile_address + start_offset) >> 4` in the start-address field.
-fn descriptor<'ctx>(
-    kb: &KernelBuilder<'_, 'ctx>,
-    tile_address: IntValue<'ctx>,
-    constant_bits: u64,
-    start_offset: u32,
-) -> Result<IntValue<'ctx>> {
-    let start =
-        kb.builder().build_right_shift(kb.add(tile_address, kb.i32(start_offset as i64))?, kb.i32(4), false, "")?;
-    let i64_type = kb.context().i64_type();
-    Ok(kb.builder().build_int_add(kb.to_i64(start)?, i64_type.const_int(constant_bits, false), "")?)
-}
-
 /// `a · b + c` rounded once (`fma.rn.f32`).
 fn fma<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
@@ -833,73 +815,4 @@ fn fma<'ctx>(
     let f32_type = kb.context().f32_type().into();
     let function = intrinsic(kb.module(), "llvm.fma", &[f32_type])?;
     float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
-}
-
-/// cp.async of rows `row_start ..` (`tile.rows` of them, zero-filled at and past `row_limit`) of
-/// one head's [S, d] view into a swizzled tile at `tile_base + byte_offset`, by `threads` threads
-/// of which the calling one is number `thread`. Each thread copies the same 16-byte column chunk
-/// of rows `threads / chunks_per_row` apart, so its addresses differ by constants from one row to
-/// the next (cheap in registers) and its swizzled position stays the same (that step is a
-/// multiple of the 8-row swizzle atom).
-#[allow(clippy::too_many_arguments)]
-fn copy_tile_async<'ctx>(
-    kb: &KernelBuilder<'_, 'ctx>,
-    rows: &HeadRows<'ctx>,
-    row_start: IntValue<'ctx>,
-    row_limit: IntValue<'ctx>,
-    tile: &Swizzle128BTile,
-    tile_base: PointerValue<'ctx>,
-    byte_offset: u32,
-    thread: IntValue<'ctx>,
-    threads: u32,
-) -> Result<()> {
-    let chunks_per_row = tile.cols / tile.chunk_elems();
-    if !threads.is_multiple_of(chunks_per_row)
-        || !(threads / chunks_per_row).is_multiple_of(8)
-        || !tile.rows.is_multiple_of(threads / chunks_per_row)
-    {
-        return Err(CodegenError::Unsupported(format!(
-            "{threads} threads do not copy a {}×{} tile in whole 8-row steps",
-            tile.rows, tile.cols
-        )));
-    }
-    let rows_per_round = threads / chunks_per_row;
-    let first_row = kb.div(thread, kb.i32(chunks_per_row as i64))?;
-    let chunk_col = kb.rem(thread, kb.i32(chunks_per_row as i64))?;
-    // The swizzled position (see `Swizzle128BTile::chunk_offset`).
-    let panel = kb.div(chunk_col, kb.i32(8))?;
-    let in_line = kb.builder().build_xor(kb.rem(chunk_col, kb.i32(8))?, kb.rem(first_row, kb.i32(8))?, "")?;
-    let shared_first = kb.add(
-        kb.add(kb.mul(panel, kb.i32(tile.panel_bytes() as i64))?, kb.mul(first_row, kb.i32(128))?)?,
-        kb.add(kb.mul(in_line, kb.i32(16))?, kb.i32(byte_offset as i64))?,
-    )?;
-    let shared_first = kb.byte_pointer(tile_base, shared_first)?;
-    let global_first_row = kb.add(row_start, first_row)?;
-    let i64_type = kb.context().i64_type();
-    let global_first = kb.element_pointer(
-        rows.base,
-        tile.elem,
-        kb.builder().build_int_add(
-            kb.builder().build_int_mul(
-                kb.to_i64(global_first_row)?,
-                i64_type.const_int(rows.row_stride as u64, false),
-                "",
-            )?,
-            kb.to_i64(kb.mul(chunk_col, kb.i32(tile.chunk_elems() as i64))?)?,
-            "",
-        )?,
-    )?;
-    for round in 0..tile.rows / rows_per_round {
-        let row_step = round * rows_per_round;
-        let shared_address = kb.byte_pointer(shared_first, kb.i32((row_step * 128) as i64))?;
-        let global_row = kb.add(global_first_row, kb.i32(row_step as i64))?;
-        let inside = kb.lt(global_row, row_limit)?;
-        let step_bytes = row_step as u64 * rows.row_stride as u64 * tile.elem.bytes() as u64;
-        let in_bounds = kb.byte_pointer(global_first, i64_type.const_int(step_bytes, false))?;
-        // Out of bounds, point at the view's first element so no stray address is ever formed.
-        let address = kb.builder().build_select(inside, in_bounds, rows.base, "")?.into_pointer_value();
-        let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
-        kb.cp_async_16(shared_address, address, bytes)?;
-    }
-    Ok(())
 }

@@ -9,6 +9,8 @@
 //! - [`attention`]: the wgmma attention kernel.
 
 pub mod attention;
+mod copy;
+pub mod gemm;
 pub mod layout;
 pub mod primitives;
 

@@ -1,0 +1,563 @@
+//! Projection GEMMs on wgmma: `dest = a · Wᵀ + bias` for the `nn.Linear` layers of a layer
+//! (`a` = x or o, [B, S, K] in the storage type; W [cols, K] row-major, as PyTorch stores it),
+//! with the ABI of the kernel-IR projection kernels so that it can replace them on Hopper.
+//!
+//! The output columns are a list of [`GemmSegment`]s, each with its own weight, bias and
+//! destination (qkv_proj writes q0 and k0 into one packed buffer and the value heads into v; the
+//! delayed value heads read x one row up). One CTA computes a `128 × block_n` tile inside one
+//! segment: grid `(column tiles, ceil(S / 128), B)`, column tiles fastest so that the CTAs that
+//! run together share their rows of `a` in L2 while all of W stays there.
+//!
+//! Warp-specialized like the attention kernel: a producer warpgroup copies `a` and W tiles of
+//! 64 columns (one 128-byte swizzle panel) with cp.async into `stages` shared buffers and hands
+//! them over through `full` mbarriers; two consumer warpgroups each run `m64nNk16` wgmma on 64
+//! rows and return a stage through its `empty` mbarrier once the wgmma group that read it has
+//! finished, with one group in flight. The epilogue adds the bias, rounds once to the storage
+//! type and stores straight from the accumulator fragments, rows past S and columns past the
+//! segment masked.
+
+use inkwell::attributes::AttributeLoc;
+use inkwell::values::{FloatValue, IntValue, PointerValue};
+
+use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
+use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
+use crate::codegen::{Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
+use crate::ir::size::SizeExpr;
+
+const WARPGROUP_THREADS: u32 = 128;
+/// Rows of one consumer warpgroup (the wgmma M) and of the CTA (two consumer warpgroups).
+const WARPGROUP_ROWS: u32 = 64;
+pub const GEMM_BLOCK_M: u32 = 2 * WARPGROUP_ROWS;
+/// K of one stage: one 128-byte panel of 16-bit elements.
+pub const GEMM_BLOCK_K: u32 = 64;
+const THREADS: u32 = 3 * WARPGROUP_THREADS;
+const MAX_SHARED_BYTES: u32 = 227 * 1024;
+/// One CTA per SM: ptxas allocates the whole kernel under the entry cap (65536 / 384 = 170
+/// registers), so a second CTA (cap 85) would not hold a 64 × 128 accumulator tile per thread.
+/// `setmaxnreg` then moves registers from the producer warpgroup, which only computes addresses,
+/// to the consumers (128 · 40 + 2 · 128 · 232 ≤ 65536).
+const PRODUCER_REGISTERS: u32 = 40;
+const CONSUMER_REGISTERS: u32 = 232;
+
+/// One run of output columns with its own weight, bias and destination.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GemmSegment {
+    /// Weight parameter [cols, K].
+    pub weight: String,
+    /// Bias parameter [cols], if any.
+    pub bias: Option<String>,
+    pub cols: u32,
+    /// Destination parameter [B, S, dest_width]; this segment writes columns
+    /// `dest_col .. dest_col + cols` of it.
+    pub dest: String,
+    pub dest_width: u32,
+    pub dest_col: u32,
+    /// Output row t reads `a` row t − row_shift (rows before 0 read as zeros): 1 for the value
+    /// heads that take the previous token.
+    pub row_shift: u32,
+}
+
+/// The inputs that shape the wgmma projection kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HopperGemmConfig {
+    pub name: String,
+    /// Storage type of `a`, the weights, the biases and the destinations (bf16 or f16).
+    pub elem: Elem,
+    /// Kernel parameters in ABI order (those of the kernel-IR kernel it replaces); must include
+    /// `a`, every segment's weight, bias and destination, and the sizes `B` and `S`.
+    pub params: Vec<ParamKind>,
+    /// The A operand [B, S, k].
+    pub a: String,
+    /// The reduction width K (a multiple of 8: cp.async moves 16-byte chunks).
+    pub k: u32,
+    pub segments: Vec<GemmSegment>,
+    /// Output columns per CTA: the wgmma N (a multiple of 8 up to 256).
+    pub block_n: u32,
+    /// Shared-memory buffers of `a` and W tiles.
+    pub stages: u32,
+}
+
+/// What the runtime needs to launch an emitted wgmma projection kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopperGemmLaunch {
+    pub threads: u32,
+    /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes.
+    pub dynamic_shared_bytes: u32,
+    /// `[column tiles, ceil(S / 128), B]`.
+    pub grid: [SizeExpr; 3],
+}
+
+/// Shared tiles of one CTA at byte offsets from the 1024-aligned base: `stages` × (a tile, W
+/// tile), then the mbarriers `full[stages]` and `empty[stages]`.
+struct SharedPlan {
+    a: Swizzle128BTile,
+    w: Swizzle128BTile,
+    stage_bytes: u32,
+    barriers_offset: u32,
+    total_bytes: u32,
+}
+
+impl SharedPlan {
+    fn new(config: &HopperGemmConfig) -> Result<Self> {
+        let a = Swizzle128BTile::new(config.elem, GEMM_BLOCK_M, GEMM_BLOCK_K)?;
+        let w = Swizzle128BTile::new(config.elem, config.block_n, GEMM_BLOCK_K)?;
+        let stage_bytes = a.footprint_bytes() + w.footprint_bytes();
+        let barriers_offset = config.stages * stage_bytes;
+        let total_bytes = barriers_offset + 2 * config.stages * 8;
+        if total_bytes + TILE_ALIGNMENT > MAX_SHARED_BYTES {
+            return unsupported(format!(
+                "{} stages of {}-row a and {}-row W tiles take {} bytes of shared memory, more than {MAX_SHARED_BYTES}",
+                config.stages,
+                GEMM_BLOCK_M,
+                config.block_n,
+                total_bytes + TILE_ALIGNMENT
+            ));
+        }
+        Ok(SharedPlan { a, w, stage_bytes, barriers_offset, total_bytes })
+    }
+}
+
+impl HopperGemmConfig {
+    /// A human-readable description used as part of a cache key.
+    pub fn describe(&self) -> String {
+        let segments: Vec<String> = self
+            .segments
+            .iter()
+            .map(|s| {
+                format!(
+                    "{}+{}:{}->{}[{}@{}]>>{}",
+                    s.weight,
+                    s.bias.as_deref().unwrap_or("-"),
+                    s.cols,
+                    s.dest,
+                    s.dest_width,
+                    s.dest_col,
+                    s.row_shift
+                )
+            })
+            .collect();
+        format!(
+            "gemm-wgmma {} elem={} params={:?} a={} k={} segments=[{}] block_n={} stages={}",
+            self.name,
+            self.elem.name(),
+            self.params,
+            self.a,
+            self.k,
+            segments.join(", "),
+            self.block_n,
+            self.stages
+        )
+    }
+
+    /// Column tiles over all segments (each tile inside one segment).
+    pub fn column_tiles(&self) -> u32 {
+        self.segments.iter().map(|s| s.cols.div_ceil(self.block_n)).sum()
+    }
+
+    /// Threads, shared memory and grid of the kernel this config emits, without emitting it.
+    pub fn launch(&self) -> Result<HopperGemmLaunch> {
+        self.validate()?;
+        let plan = SharedPlan::new(self)?;
+        Ok(HopperGemmLaunch {
+            threads: THREADS,
+            dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
+            grid: [
+                SizeExpr::c(self.column_tiles() as u64),
+                SizeExpr::seq_len().ceil_div(GEMM_BLOCK_M as u64),
+                SizeExpr::batch(),
+            ],
+        })
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.elem == Elem::F32 {
+            return unsupported("projection operands are bf16 or f16");
+        }
+        if self.k == 0 || !self.k.is_multiple_of(8) {
+            return unsupported(format!("the reduction width {} is not a multiple of 8", self.k));
+        }
+        WgmmaShape { n: self.block_n, elem: self.elem }.validate()?;
+        if self.segments.is_empty() || self.segments.iter().any(|s| s.cols == 0 || !s.cols.is_multiple_of(2)) {
+            return unsupported("every segment needs an even, non-zero number of columns");
+        }
+        if let Some(s) = self.segments.iter().find(|s| s.dest_col + s.cols > s.dest_width || s.dest_col % 2 != 0) {
+            return unsupported(format!("segment {} does not fit (evenly aligned) in its destination", s.weight));
+        }
+        if self.stages < 3 {
+            return unsupported("the producer needs at least 3 stages (one tile in flight while one is read)");
+        }
+        let named = |name: &str| {
+            self.params.iter().any(|p| matches!(p, ParamKind::GlobalPointer(n) if n == name))
+        };
+        let sized = |name: &str| self.params.iter().any(|p| matches!(p, ParamKind::Size(n) if n == name));
+        for name in std::iter::once(&self.a)
+            .chain(self.segments.iter().flat_map(|s| [&s.weight, &s.dest]))
+            .chain(self.segments.iter().filter_map(|s| s.bias.as_ref()))
+        {
+            if !named(name) {
+                return unsupported(format!("the projection kernel has no tensor parameter `{name}`"));
+            }
+        }
+        if !sized("B") || !sized("S") {
+            return unsupported("the projection kernel needs the size parameters B and S");
+        }
+        Ok(())
+    }
+}
+
+/// The values that depend on which segment the CTA's column tile is in (uniform over the CTA).
+struct SegmentValues<'ctx> {
+    weight: PointerValue<'ctx>,
+    /// A valid pointer even without a bias (then never read).
+    bias: PointerValue<'ctx>,
+    has_bias: IntValue<'ctx>,
+    dest: PointerValue<'ctx>,
+    dest_width: IntValue<'ctx>,
+    dest_col: IntValue<'ctx>,
+    cols: IntValue<'ctx>,
+    first_tile: IntValue<'ctx>,
+    row_shift: IntValue<'ctx>,
+}
+
+/// Emits the wgmma projection kernel into `module`.
+pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig) -> Result<HopperGemmLaunch> {
+    config.validate()?;
+    let plan = SharedPlan::new(config)?;
+    let shape = WgmmaShape { n: config.block_n, elem: config.elem };
+    let shared = module.dynamic_shared(&format!("{}_shared", config.name));
+    let kb = module.declare_kernel(&config.name, &config.params)?;
+    // setmaxnreg needs a register cap at entry: `.maxntid` and the CTAs per SM.
+    for (key, value) in [("nvvm.maxntid", THREADS.to_string()), ("nvvm.minctasm", "1".to_string())] {
+        kb.function().add_attribute(AttributeLoc::Function, kb.context().create_string_attribute(key, &value));
+    }
+    let seq_len = kb.size_param("S")?;
+    let thread = kb.thread_index()?;
+    let lane = kb.lane()?;
+    let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
+    let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
+    let column_tile = kb.special_register(SpecialRegister::BlockX)?;
+    let row_start = kb.mul(kb.special_register(SpecialRegister::BlockY)?, kb.i32(GEMM_BLOCK_M as i64))?;
+    let batch = kb.special_register(SpecialRegister::BlockZ)?;
+    let segment = select_segment(&kb, config, column_tile)?;
+    let col_start = kb.mul(kb.sub(column_tile, segment.first_tile)?, kb.i32(config.block_n as i64))?;
+
+    let raw_address = kb.shared_address(shared)?;
+    let aligned_address =
+        kb.and(kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?, kb.i32(-(TILE_ALIGNMENT as i64)))?;
+    let aligned = kb.byte_pointer(shared, kb.sub(aligned_address, raw_address)?)?;
+    let barrier = |kb: &KernelBuilder<'_, 'ctx>, index: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
+        kb.byte_pointer(aligned, kb.add(kb.i32(plan.barriers_offset as i64), kb.mul(index, kb.i32(8))?)?)
+    };
+    let stages = kb.i32(config.stages as i64);
+    let full = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb, kb.rem(tile, stages)?);
+    let empty = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb, kb.add(kb.rem(tile, stages)?, stages)?);
+    // Tile t is the (t / stages)-th use of its stage: its full phase has parity (t / stages) % 2.
+    let parity = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| kb.and(kb.div(tile, stages)?, kb.i32(1));
+    let stage_address = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<IntValue<'ctx>> {
+        kb.add(aligned_address, kb.mul(kb.rem(tile, stages)?, kb.i32(plan.stage_bytes as i64))?)
+    };
+    let k_tiles = kb.i32(config.k.div_ceil(GEMM_BLOCK_K) as i64);
+
+    kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
+        for stage in 0..config.stages {
+            kb.mbarrier_init(barrier(kb, kb.i32(stage as i64))?, WARPGROUP_THREADS)?;
+            kb.mbarrier_init(barrier(kb, kb.i32((config.stages + stage) as i64))?, 2 * WARPGROUP_THREADS)?;
+        }
+        Ok(())
+    })?;
+    kb.barrier()?;
+
+    let consumer_threads = 2 * WARPGROUP_THREADS;
+    let is_producer = kb.le(kb.i32(consumer_threads as i64), thread)?;
+    kb.if_else(
+        is_producer,
+        |kb| {
+            kb.set_max_registers(false, PRODUCER_REGISTERS)?;
+            let copy_thread = kb.sub(thread, kb.i32(consumer_threads as i64))?;
+            let i64_type = kb.context().i64_type();
+            let a_rows = RowSource {
+                base: kb.element_pointer(
+                    kb.pointer_param(&config.a)?,
+                    config.elem,
+                    kb.builder().build_int_mul(
+                        kb.builder().build_int_mul(kb.to_i64(batch)?, kb.to_i64(seq_len)?, "")?,
+                        i64_type.const_int(config.k as u64, false),
+                        "",
+                    )?,
+                )?,
+                row_stride: config.k,
+            };
+            let w_rows = RowSource { base: segment.weight, row_stride: config.k };
+            let a_row_start = kb.sub(row_start, segment.row_shift)?;
+            let ragged_k = !config.k.is_multiple_of(GEMM_BLOCK_K);
+            // Tiles whose copies stay in flight while the next ones are issued. A stage comes
+            // back one tile late (its wgmma group is waited for during the next tile), so
+            // waiting for the stage of tile t - stages needs tile t - stages + 1 published:
+            // with more than `stages - 2` tiles in flight, that publication would come after
+            // the wait.
+            let lookahead = config.stages - 2;
+            // Rows before 0 exist only in shifted segments.
+            let first_row = config.segments.iter().any(|s| s.row_shift > 0).then(|| kb.i32(0));
+            let issue = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                let k_start = kb.mul(tile, kb.i32(GEMM_BLOCK_K as i64))?;
+                // A ragged K reads its last tile's columns from the row start and zero-fills
+                // those past K; otherwise the views start at the tile's first column.
+                let (columns, view_col) =
+                    if ragged_k { (Some((k_start, config.k)), kb.i32(0)) } else { (None, k_start) };
+                let a_bounds = Bounds { first_row, row_limit: seq_len, columns };
+                let w_bounds = Bounds { first_row: None, row_limit: kb.sub(segment.cols, col_start)?, columns };
+                let base = kb.byte_pointer(aligned, kb.sub(stage_address(kb, tile)?, aligned_address)?)?;
+                let a_source = RowSource {
+                    base: kb.element_pointer(a_rows.base, config.elem, kb.to_i64(view_col)?)?,
+                    row_stride: a_rows.row_stride,
+                };
+                let w_source = RowSource {
+                    base: kb.element_pointer(
+                        w_rows.base,
+                        config.elem,
+                        kb.builder().build_int_add(
+                            kb.builder().build_int_mul(
+                                kb.to_i64(col_start)?,
+                                i64_type.const_int(config.k as u64, false),
+                                "",
+                            )?,
+                            kb.to_i64(view_col)?,
+                            "",
+                        )?,
+                    )?,
+                    row_stride: w_rows.row_stride,
+                };
+                copy_tile_async(kb, &a_source, a_row_start, &a_bounds, &plan.a, base, 0, copy_thread, WARPGROUP_THREADS)?;
+                copy_tile_async(
+                    kb,
+                    &w_source,
+                    kb.i32(0),
+                    &w_bounds,
+                    &plan.w,
+                    base,
+                    plan.a.footprint_bytes(),
+                    copy_thread,
+                    WARPGROUP_THREADS,
+                )
+            };
+            let publish = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+                kb.fence_proxy_async_shared()?;
+                kb.mbarrier_arrive(full(kb, tile)?)
+            };
+            kb.for_range_rolled(kb.i32(0), k_tiles, |kb, tile| {
+                kb.if_then(kb.le(stages, tile)?, |kb| {
+                    let reused = kb.sub(tile, stages)?;
+                    kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
+                })?;
+                issue(kb, tile)?;
+                kb.cp_async_commit()?;
+                kb.if_then(kb.le(kb.i32(lookahead as i64), tile)?, |kb| {
+                    kb.cp_async_wait(lookahead)?;
+                    publish(kb, kb.sub(tile, kb.i32(lookahead as i64))?)
+                })
+            })?;
+            // The last `lookahead` tiles (fewer when K is short) are still in flight.
+            kb.cp_async_wait(0)?;
+            let first_unpublished = kb.sub(k_tiles, kb.i32(lookahead as i64))?;
+            let first_unpublished = kb.select_int(kb.lt(first_unpublished, kb.i32(0))?, kb.i32(0), first_unpublished)?;
+            kb.for_range(first_unpublished, k_tiles, |kb, tile| publish(kb, tile))
+        },
+        |kb| {
+            kb.set_max_registers(true, CONSUMER_REGISTERS)?;
+            let slots = (0..shape.accumulator_registers())
+                .map(|_| kb.register_slot())
+                .collect::<Result<Vec<PointerValue<'ctx>>>>()?;
+            for slot in &slots {
+                kb.store_f32(*slot, kb.f32(0.0))?;
+            }
+            let a_warpgroup_offset = kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?;
+            kb.for_range_rolled(kb.i32(0), k_tiles, |kb, tile| {
+                kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)?;
+                let a_address = kb.add(stage_address(kb, tile)?, a_warpgroup_offset)?;
+                let w_address = kb.add(stage_address(kb, tile)?, kb.i32(plan.a.footprint_bytes() as i64))?;
+                let loaded: Vec<_> = slots.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
+                let mut acc: Vec<FloatValue<'ctx>> =
+                    kb.wgmma_fence(&loaded)?.into_iter().map(|value| value.into_float_value()).collect();
+                for k_step in 0..GEMM_BLOCK_K / WGMMA_K {
+                    let a_desc = plan.a.k_major_descriptor(0, k_step * WGMMA_K)?;
+                    let a = descriptor(kb, a_address, a_desc.constant_bits(), a_desc.start_offset)?;
+                    let w_desc = plan.w.k_major_descriptor(0, k_step * WGMMA_K)?;
+                    let w = descriptor(kb, w_address, w_desc.constant_bits(), w_desc.start_offset)?;
+                    acc = kb.wgmma(shape, WgmmaA::Shared(a), w, OperandMajor::K, Accumulate::Add, &acc)?;
+                }
+                kb.wgmma_commit_group()?;
+                // The group before this one has finished reading its stage.
+                kb.wgmma_wait(1, &[])?;
+                kb.if_then(kb.lt(kb.i32(0), tile)?, |kb| kb.mbarrier_arrive(empty(kb, kb.sub(tile, kb.i32(1))?)?))?;
+                for (slot, value) in slots.iter().zip(&acc) {
+                    kb.store_f32(*slot, *value)?;
+                }
+                Ok(())
+            })?;
+            let last: Vec<FloatValue<'ctx>> =
+                slots.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
+            let accumulators = kb.wgmma_wait_accumulators(0, &last)?;
+            store_tile(kb, config, &segment, &accumulators, batch, seq_len, row_start, col_start, warpgroup, warp_in_group, lane)
+        },
+    )?;
+    kb.finish()?;
+    config.launch()
+}
+
+/// The segment that column tile `column_tile` falls in: a chain of selects from the last
+/// segment back to the first, so that the first segment whose tiles reach past it wins.
+fn select_segment<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    config: &HopperGemmConfig,
+    column_tile: IntValue<'ctx>,
+) -> Result<SegmentValues<'ctx>> {
+    let mut first_tiles = Vec::new();
+    let mut end = 0;
+    for segment in &config.segments {
+        first_tiles.push(end);
+        end += segment.cols.div_ceil(config.block_n);
+    }
+    let values = |index: usize| -> Result<SegmentValues<'ctx>> {
+        let segment = &config.segments[index];
+        let weight = kb.pointer_param(&segment.weight)?;
+        let (bias, has_bias) = match &segment.bias {
+            Some(name) => (kb.pointer_param(name)?, kb.context().bool_type().const_int(1, false)),
+            None => (weight, kb.context().bool_type().const_int(0, false)),
+        };
+        Ok(SegmentValues {
+            weight,
+            bias,
+            has_bias,
+            dest: kb.pointer_param(&segment.dest)?,
+            dest_width: kb.i32(segment.dest_width as i64),
+            dest_col: kb.i32(segment.dest_col as i64),
+            cols: kb.i32(segment.cols as i64),
+            first_tile: kb.i32(first_tiles[index] as i64),
+            row_shift: kb.i32(segment.row_shift as i64),
+        })
+    };
+    let last = config.segments.len() - 1;
+    let mut chosen = values(last)?;
+    for index in (0..last).rev() {
+        let end_tile = first_tiles[index] + config.segments[index].cols.div_ceil(config.block_n);
+        let inside = kb.lt(column_tile, kb.i32(end_tile as i64))?;
+        let this = values(index)?;
+        let pick_pointer = |a: PointerValue<'ctx>, b: PointerValue<'ctx>| -> Result<PointerValue<'ctx>> {
+            Ok(kb.builder().build_select(inside, a, b, "")?.into_pointer_value())
+        };
+        let pick = |a: IntValue<'ctx>, b: IntValue<'ctx>| kb.select_int(inside, a, b);
+        chosen = SegmentValues {
+            weight: pick_pointer(this.weight, chosen.weight)?,
+            bias: pick_pointer(this.bias, chosen.bias)?,
+            has_bias: pick(this.has_bias, chosen.has_bias)?,
+            dest: pick_pointer(this.dest, chosen.dest)?,
+            dest_width: pick(this.dest_width, chosen.dest_width)?,
+            dest_col: pick(this.dest_col, chosen.dest_col)?,
+            cols: pick(this.cols, chosen.cols)?,
+            first_tile: pick(this.first_tile, chosen.first_tile)?,
+            row_shift: pick(this.row_shift, chosen.row_shift)?,
+        };
+    }
+    Ok(chosen)
+}
+
+/// Bias, one rounding, and the store of one consumer warpgroup's 64 × block_n accumulators:
+/// register `i` of a thread is row `16·warp + lane / 4 + 8·((i / 2) % 2)`, column
+/// `8·(i / 4) + 2·(lane % 4) + i % 2` (see `KernelBuilder::wgmma`); each thread stores its
+/// column pairs as one 4-byte word.
+#[allow(clippy::too_many_arguments)]
+fn store_tile<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    config: &HopperGemmConfig,
+    segment: &SegmentValues<'ctx>,
+    accumulators: &[FloatValue<'ctx>],
+    batch: IntValue<'ctx>,
+    seq_len: IntValue<'ctx>,
+    row_start: IntValue<'ctx>,
+    col_start: IntValue<'ctx>,
+    warpgroup: IntValue<'ctx>,
+    warp_in_group: IntValue<'ctx>,
+    lane: IntValue<'ctx>,
+) -> Result<()> {
+    let elem = config.elem;
+    let pair_col = kb.add(col_start, kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?)?;
+    let fragments = config.block_n / 8;
+    // Bias of this thread's column pairs (zero without a bias or past the segment).
+    let bias_slots =
+        (0..2 * fragments).map(|_| kb.register_slot()).collect::<Result<Vec<PointerValue<'ctx>>>>()?;
+    for slot in &bias_slots {
+        kb.store_f32(*slot, kb.f32(0.0))?;
+    }
+    kb.if_then(segment.has_bias, |kb| {
+        for fragment in 0..fragments {
+            let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
+            kb.if_then(kb.lt(col, segment.cols)?, |kb| {
+                let pointer = kb.element_pointer(segment.bias, elem, kb.to_i64(col)?)?;
+                let (low, high) = load_pair_as_f32(kb, pointer, elem)?;
+                kb.store_f32(bias_slots[2 * fragment as usize], low)?;
+                kb.store_f32(bias_slots[2 * fragment as usize + 1], high)
+            })?;
+        }
+        Ok(())
+    })?;
+    let bias: Vec<FloatValue<'ctx>> = bias_slots.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
+    let first_row = kb.add(
+        kb.add(row_start, kb.mul(warpgroup, kb.i32(WARPGROUP_ROWS as i64))?)?,
+        kb.add(kb.mul(warp_in_group, kb.i32(16))?, kb.div(lane, kb.i32(4))?)?,
+    )?;
+    for half in 0..2u32 {
+        let row = kb.add(first_row, kb.i32(8 * half as i64))?;
+        kb.if_then(kb.lt(row, seq_len)?, |kb| {
+            let flat_row = kb.builder().build_int_add(
+                kb.builder().build_int_mul(kb.to_i64(batch)?, kb.to_i64(seq_len)?, "")?,
+                kb.to_i64(row)?,
+                "",
+            )?;
+            let row_offset = kb.builder().build_int_add(
+                kb.builder().build_int_mul(flat_row, kb.to_i64(segment.dest_width)?, "")?,
+                kb.to_i64(segment.dest_col)?,
+                "",
+            )?;
+            let row_base = kb.element_pointer(segment.dest, elem, row_offset)?;
+            for fragment in 0..fragments {
+                let first = (4 * fragment + 2 * half) as usize;
+                let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
+                let low = kb.fadd(accumulators[first], bias[2 * fragment as usize])?;
+                let high = kb.fadd(accumulators[first + 1], bias[2 * fragment as usize + 1])?;
+                kb.if_then(kb.lt(col, segment.cols)?, |kb| {
+                    let address = kb.element_pointer(row_base, elem, kb.to_i64(col)?)?;
+                    kb.store_int(address, kb.pack_half2(elem, low, high)?)
+                })?;
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
+/// Two consecutive 16-bit elements at `pointer` (4-byte aligned) widened to f32.
+fn load_pair_as_f32<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    pointer: PointerValue<'ctx>,
+    elem: Elem,
+) -> Result<(FloatValue<'ctx>, FloatValue<'ctx>)> {
+    let builder = kb.builder();
+    let context = kb.context();
+    let word = builder.build_load(context.i32_type(), pointer, "")?.into_int_value();
+    let low_bits = builder.build_int_truncate(word, context.i16_type(), "")?;
+    let high_bits = builder.build_int_truncate(builder.build_right_shift(word, kb.i32(16), false, "")?, context.i16_type(), "")?;
+    let widen = |bits: IntValue<'ctx>| -> Result<FloatValue<'ctx>> {
+        Ok(match elem {
+            Elem::Bf16 | Elem::F32 => {
+                let wide = builder.build_left_shift(builder.build_int_z_extend(bits, context.i32_type(), "")?, kb.i32(16), "")?;
+                builder.build_bit_cast(wide, context.f32_type(), "")?.into_float_value()
+            }
+            Elem::F16 => {
+                let half = builder.build_bit_cast(bits, context.f16_type(), "")?.into_float_value();
+                builder.build_float_ext(half, context.f32_type(), "")?
+            }
+        })
+    };
+    Ok((widen(low_bits)?, widen(high_bits)?))
+}
