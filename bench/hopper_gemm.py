@@ -3,7 +3,7 @@
 Usage: python3 bench/hopper_gemm.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing]
 
 DIR holds `<kernel>.ptx` and `gemms.json` (written by
-`CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper_gemm`): for each kernel its
+`CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper gemm`): for each kernel its
 parameters in ABI order, the A operand and K, the column segments (weight, bias, cols,
 destination, its width, the first column written, the row shift), threads and dynamic shared
 memory. Correctness: every destination is poisoned with NaN, then compared column by column with

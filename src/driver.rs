@@ -218,13 +218,10 @@ pub struct CompileOptions {
 /// The wgmma attention kernel's configuration for `spec`, named after the planned kernel.
 #[cfg(feature = "llvm")]
 fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::hopper::HopperAttentionConfig {
-    use crate::codegen::{Elem, hopper};
+    use crate::codegen::hopper;
     hopper::HopperAttentionConfig {
         name: kernel.name.clone(),
-        elem: match spec.dtype {
-            crate::spec::DType::Bf16 => Elem::Bf16,
-            crate::spec::DType::F16 => Elem::F16,
-        },
+        elem: storage_elem(spec),
         head_dim: spec.head_dim as u32,
         q_heads: spec.query_heads as u32,
         kv_heads: spec.kv_heads as u32,
@@ -238,34 +235,84 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
     }
 }
 
+/// The wgmma projection GEMM for a projection kernel of `spec` (same ABI), or `None` where the
+/// kernel IR's mma.sync kernel stays (a reduction width that 16-byte copies cannot tile).
+#[cfg(feature = "llvm")]
+fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperGemmConfig> {
+    use crate::codegen::hopper::{GemmSegment, HopperGemmConfig};
+    use crate::spec::ParamRole;
+    let name = |role: ParamRole| spec.param_name(role);
+    let (a, k, segments) = if kernel.name.ends_with("_out_proj") {
+        let e = spec.model_dim as u32;
+        let segment = GemmSegment {
+            weight: name(ParamRole::OutputProj)?,
+            bias: name(ParamRole::OutputBias),
+            cols: e,
+            dest: "out".to_string(),
+            dest_width: e,
+            dest_col: 0,
+            row_shift: 0,
+        };
+        ("o", spec.q_width() as u32, vec![segment])
+    } else {
+        return None;
+    };
+    let block_n = if segments.iter().all(|s| s.cols.is_multiple_of(256)) { 256 } else { 128 };
+    let config = HopperGemmConfig {
+        name: kernel.name.clone(),
+        elem: storage_elem(spec),
+        params: crate::codegen::lower::param_kinds(kernel),
+        a: a.to_string(),
+        k,
+        segments,
+        // The fastest of the configurations measured on the H200 (BENCHMARKS.md).
+        block_n,
+        stages: 4,
+    };
+    config.launch().is_ok().then_some(config)
+}
+
+#[cfg(feature = "llvm")]
+fn storage_elem(spec: &AttentionSpec) -> crate::codegen::Elem {
+    match spec.dtype {
+        crate::spec::DType::Bf16 => crate::codegen::Elem::Bf16,
+        crate::spec::DType::F16 => crate::codegen::Elem::F16,
+    }
+}
+
 /// Every kernel of `spec` with the source its PTX comes from.
 #[cfg(feature = "llvm")]
 struct PlannedSources {
     kernels: Vec<KernelFn>,
-    wgmma: Vec<Option<crate::codegen::hopper::HopperAttentionConfig>>,
+    /// The Hopper fast-path kernel that replaces each kernel's IR, if any.
+    hopper: Vec<Option<crate::codegen::hopper::HopperKernel>>,
 }
 
 #[cfg(feature = "llvm")]
 impl PlannedSources {
     fn of(spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
+        use crate::codegen::hopper::HopperKernel;
         let kernels = kernels(spec)?;
-        let wgmma = kernels
+        let hopper = kernels
             .iter()
             .map(|k| {
-                (uses_wgmma_attention(spec) && k.name.ends_with("_attention"))
-                    .then(|| wgmma_attention(spec, k))
+                if k.name.ends_with("_attention") {
+                    uses_wgmma_attention(spec).then(|| HopperKernel::Attention(wgmma_attention(spec, k)))
+                } else {
+                    wgmma_projection(spec, k).map(HopperKernel::Gemm)
+                }
             })
             .collect();
-        Ok(PlannedSources { kernels, wgmma })
+        Ok(PlannedSources { kernels, hopper })
     }
 
     fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
         use crate::codegen::lower::KernelSource;
         self.kernels
             .iter()
-            .zip(&self.wgmma)
-            .map(|(kernel, wgmma)| match wgmma {
-                Some(config) => KernelSource::WgmmaAttention(config),
+            .zip(&self.hopper)
+            .map(|(kernel, hopper)| match hopper {
+                Some(fast) => KernelSource::Hopper(fast),
                 None => KernelSource::Ir(kernel),
             })
             .collect()
@@ -275,9 +322,9 @@ impl PlannedSources {
     fn description(&self) -> String {
         self.kernels
             .iter()
-            .zip(&self.wgmma)
-            .map(|(kernel, wgmma)| match wgmma {
-                Some(config) => config.describe(),
+            .zip(&self.hopper)
+            .map(|(kernel, hopper)| match hopper {
+                Some(fast) => fast.describe(),
                 None => kernel.to_string(),
             })
             .collect::<Vec<_>>()
@@ -288,10 +335,10 @@ impl PlannedSources {
     fn launches(&self, spec: &AttentionSpec) -> Result<Vec<LaunchInfo>, CompileError> {
         self.kernels
             .iter()
-            .zip(&self.wgmma)
-            .map(|(kernel, wgmma)| match wgmma {
-                Some(config) => {
-                    let launch = config.launch().map_err(|e| error(spec, "codegen", e))?;
+            .zip(&self.hopper)
+            .map(|(kernel, hopper)| match hopper {
+                Some(fast) => {
+                    let launch = fast.launch().map_err(|e| error(spec, "codegen", e))?;
                     Ok(LaunchInfo {
                         threads: launch.threads,
                         dynamic_shared_bytes: launch.dynamic_shared_bytes,

@@ -7,6 +7,7 @@
 //!   64-bit matrix descriptors wgmma reads it through.
 //! - [`primitives`]: per-thread (per-warpgroup) instructions as inline PTX.
 //! - [`attention`]: the wgmma attention kernel.
+//! - [`gemm`]: the wgmma projection GEMM (qkv_proj, out_proj).
 
 pub mod attention;
 mod copy;
@@ -15,5 +16,68 @@ pub mod layout;
 pub mod primitives;
 
 pub use attention::{HopperAttentionConfig, HopperAttentionLaunch, Schedule, emit_attention_wgmma};
+pub use gemm::{GemmSegment, HopperGemmConfig, HopperGemmLaunch, emit_gemm_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
+
+use crate::codegen::{PtxModule, Result};
+use crate::ir::size::SizeExpr;
+
+/// A kernel of a library whose PTX comes from this fast path instead of its kernel IR.
+#[derive(Debug, Clone, PartialEq)]
+pub enum HopperKernel {
+    Attention(HopperAttentionConfig),
+    Gemm(HopperGemmConfig),
+}
+
+/// Threads, dynamic shared memory and grid of a [`HopperKernel`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopperLaunch {
+    pub threads: u32,
+    pub dynamic_shared_bytes: u32,
+    pub grid: [SizeExpr; 3],
+}
+
+impl HopperKernel {
+    pub fn name(&self) -> &str {
+        match self {
+            HopperKernel::Attention(config) => &config.name,
+            HopperKernel::Gemm(config) => &config.name,
+        }
+    }
+
+    /// What determines the PTX, for cache keys.
+    pub fn describe(&self) -> String {
+        match self {
+            HopperKernel::Attention(config) => config.describe(),
+            HopperKernel::Gemm(config) => config.describe(),
+        }
+    }
+
+    /// How the kernel is launched, known without emitting it (a PTX cache hit needs no LLVM).
+    pub fn launch(&self) -> Result<HopperLaunch> {
+        Ok(match self {
+            HopperKernel::Attention(config) => {
+                let launch = config.launch()?;
+                HopperLaunch { threads: launch.threads, dynamic_shared_bytes: launch.dynamic_shared_bytes, grid: launch.grid }
+            }
+            HopperKernel::Gemm(config) => {
+                let launch = config.launch()?;
+                HopperLaunch { threads: launch.threads, dynamic_shared_bytes: launch.dynamic_shared_bytes, grid: launch.grid }
+            }
+        })
+    }
+
+    /// Emits the kernel into `module`.
+    pub fn emit(&self, module: &PtxModule<'_>) -> Result<HopperLaunch> {
+        match self {
+            HopperKernel::Attention(config) => {
+                emit_attention_wgmma(module, config)?;
+            }
+            HopperKernel::Gemm(config) => {
+                emit_gemm_wgmma(module, config)?;
+            }
+        }
+        self.launch()
+    }
+}

@@ -36,7 +36,7 @@ use super::tile::{
     AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector,
     SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
-use super::hopper::attention::{HopperAttentionConfig, emit_attention_wgmma};
+use super::hopper::HopperKernel;
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
 use crate::ir::kernel::{
     ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, Stmt, TileId, TileView,
@@ -77,9 +77,9 @@ pub fn lower_kernels(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredM
 pub enum KernelSource<'a> {
     /// Kernel IR, lowered statement by statement through the tile emitters.
     Ir(&'a KernelFn),
-    /// The hand-scheduled wgmma flash-attention kernel of the Hopper fast path
-    /// (`codegen::hopper`), until the kernel IR can express warp-specialized wgmma pipelines.
-    WgmmaAttention(&'a HopperAttentionConfig),
+    /// A hand-scheduled wgmma kernel of the Hopper fast path (`codegen::hopper`: flash attention,
+    /// projection GEMMs), until the kernel IR can express warp-specialized wgmma pipelines.
+    Hopper(&'a HopperKernel),
 }
 
 /// Lowers every source into one PTX module named `module_name`, in order.
@@ -113,10 +113,10 @@ fn lower_sources_with(
                 })?;
                 lower_kernel(&module, kernel)?
             }
-            KernelSource::WgmmaAttention(config) => {
-                let launch = emit_attention_wgmma(&module, config)?;
+            KernelSource::Hopper(kernel) => {
+                let launch = kernel.emit(&module)?;
                 LoweredKernel {
-                    symbol: config.name.clone(),
+                    symbol: kernel.name().to_string(),
                     threads: launch.threads,
                     dynamic_shared_bytes: launch.dynamic_shared_bytes,
                 }
@@ -173,15 +173,20 @@ fn elem_of(elem: ElemType) -> Elem {
     }
 }
 
-fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<LoweredKernel> {
-    let params: Vec<ParamKind> = kernel
+/// The kernel's parameters as PTX entry parameters, in ABI order.
+pub fn param_kinds(kernel: &KernelFn) -> Vec<ParamKind> {
+    kernel
         .params
         .iter()
         .map(|param| match param {
             KernelParam::Tensor { name, .. } => ParamKind::GlobalPointer(name.clone()),
             KernelParam::Size(var) => ParamKind::Size(var.symbol().to_string()),
         })
-        .collect();
+        .collect()
+}
+
+fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<LoweredKernel> {
+    let params = param_kinds(kernel);
 
     let (offsets, shared_bytes) = shared_layout(kernel);
     if shared_bytes as usize > SHARED_MEMORY_LIMIT_BYTES {
