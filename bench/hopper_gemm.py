@@ -66,7 +66,7 @@ def launch(kernel, tensors, batch, seq):
             args.append(numpy.uint32(seq))
         else:
             args.append(numpy.uint64(tensors[name].data_ptr()))
-    grid = (spec["column_tiles"], math.ceil(seq / 128), batch)
+    grid = tuple(spec["grid"])
     function(grid, (spec["threads"],), tuple(args), shared_mem=spec["dynamic_shared_bytes"])
 
 

@@ -566,7 +566,7 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         let (ptx, launch) = gemm(config);
         let tiles = config.column_tiles();
         assert_eq!(launch.threads, 384);
-        assert_eq!(launch.grid, [SizeExpr::c(tiles as u64), SizeExpr::seq_len().ceil_div(128), SizeExpr::batch()]);
+        assert_eq!(launch.grid, [SizeExpr::c(132), SizeExpr::c(1), SizeExpr::c(1)], "persistent");
         let stage_bytes = (128 + config.block_n) * 64 * 2;
         assert_eq!(launch.dynamic_shared_bytes, config.stages * stage_bytes + 2 * config.stages * 8 + 1024);
         // One k-tile of 64: four k16 steps, fenced, committed, and the previous group waited for.
@@ -576,6 +576,8 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         assert_eq!(ptx.matches("wgmma.fence.sync.aligned;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 1;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 1);
+        // Released in the k loop and, for the last k-tile, right after the tile's final wait.
+        assert_eq!(ptx.matches("mbarrier.arrive.shared::cta.b64").count() >= 3, true);
         assert_eq!(ptx.matches("mbarrier.init.shared::cta.b64").count(), 2 * config.stages as usize);
         assert!(ptx.contains("setmaxnreg.inc.sync.aligned.u32 232;"), "{}", config.name);
         assert!(ptx.contains(".maxntid 384"), "{}", config.name);
@@ -604,7 +606,7 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
                 .collect();
             specs.push(serde_json::json!({
                 "name": config.name, "elem": kind, "params": params, "a": config.a, "k": config.k,
-                "segments": segments, "block_n": config.block_n, "column_tiles": tiles,
+                "segments": segments, "block_n": config.block_n, "column_tiles": tiles, "grid": [132, 1, 1],
                 "threads": launch.threads, "dynamic_shared_bytes": launch.dynamic_shared_bytes,
             }));
         }

@@ -32,6 +32,10 @@ pub const GEMM_BLOCK_M: u32 = 2 * WARPGROUP_ROWS;
 /// K of one stage: one 128-byte panel of 16-bit elements.
 pub const GEMM_BLOCK_K: u32 = 64;
 const THREADS: u32 = 3 * WARPGROUP_THREADS;
+/// CTAs of the persistent grid: one per SM of an H100 / H200 SXM (132). Each loops over output
+/// tiles, so the producer fills the next tile's stages while the consumers store the last one;
+/// on a GPU with more SMs some would idle, with fewer the tail runs as a second wave.
+pub const PERSISTENT_CTAS: u32 = 132;
 const MAX_SHARED_BYTES: u32 = 227 * 1024;
 /// One CTA per SM: ptxas allocates the whole kernel under the entry cap (65536 / 384 = 170
 /// registers), so a second CTA (cap 85) would not hold a 64 × 128 accumulator tile per thread.
@@ -84,7 +88,7 @@ pub struct HopperGemmLaunch {
     pub threads: u32,
     /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes.
     pub dynamic_shared_bytes: u32,
-    /// `[column tiles, ceil(S / 128), B]`.
+    /// `[PERSISTENT_CTAS, 1, 1]`: the CTAs loop over the output tiles.
     pub grid: [SizeExpr; 3],
 }
 
@@ -163,9 +167,9 @@ impl HopperGemmConfig {
             threads: THREADS,
             dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
             grid: [
-                SizeExpr::c(self.column_tiles() as u64),
-                SizeExpr::seq_len().ceil_div(GEMM_BLOCK_M as u64),
-                SizeExpr::batch(),
+                SizeExpr::c(PERSISTENT_CTAS as u64),
+                SizeExpr::c(1),
+                SizeExpr::c(1),
             ],
         })
     }
@@ -220,6 +224,15 @@ struct SegmentValues<'ctx> {
     row_shift: IntValue<'ctx>,
 }
 
+/// The output tile a CTA works on: which segment, where its rows and columns start.
+struct OutputTile<'ctx> {
+    segment: SegmentValues<'ctx>,
+    batch: IntValue<'ctx>,
+    row_start: IntValue<'ctx>,
+    /// First column inside the segment.
+    col_start: IntValue<'ctx>,
+}
+
 /// Emits the wgmma projection kernel into `module`.
 pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig) -> Result<HopperGemmLaunch> {
     config.validate()?;
@@ -227,20 +240,42 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     let shape = WgmmaShape { n: config.block_n, elem: config.elem };
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &config.params)?;
-    // setmaxnreg needs a register cap at entry: `.maxntid` and the CTAs per SM.
+    // setmaxnreg needs a register cap at entry: `.maxntid` with one CTA per SM.
     for (key, value) in [("nvvm.maxntid", THREADS.to_string()), ("nvvm.minctasm", "1".to_string())] {
         kb.function().add_attribute(AttributeLoc::Function, kb.context().create_string_attribute(key, &value));
     }
     let seq_len = kb.size_param("S")?;
+    let batches = kb.size_param("B")?;
     let thread = kb.thread_index()?;
     let lane = kb.lane()?;
     let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
     let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
-    let column_tile = kb.special_register(SpecialRegister::BlockX)?;
-    let row_start = kb.mul(kb.special_register(SpecialRegister::BlockY)?, kb.i32(GEMM_BLOCK_M as i64))?;
-    let batch = kb.special_register(SpecialRegister::BlockZ)?;
-    let segment = select_segment(&kb, config, column_tile)?;
-    let col_start = kb.mul(kb.sub(column_tile, segment.first_tile)?, kb.i32(config.block_n as i64))?;
+
+    // Tiles in raster order (column tile fastest, then row tile, then batch element), dealt
+    // round-robin to the persistent CTAs: CTA c takes tiles c, c + CTAs, ...
+    let column_tiles = config.column_tiles();
+    let row_tiles = kb.ceil_div(seq_len, GEMM_BLOCK_M)?;
+    let tiles = kb.mul(kb.mul(row_tiles, batches)?, kb.i32(column_tiles as i64))?;
+    let first_tile = kb.special_register(SpecialRegister::BlockX)?;
+    // This CTA's tiles: ceil((tiles - first) / CTAs), none when first ≥ tiles.
+    let own_tiles = kb.div(
+        kb.add(kb.sub(tiles, first_tile)?, kb.i32(PERSISTENT_CTAS as i64 - 1))?,
+        kb.i32(PERSISTENT_CTAS as i64),
+    )?;
+    let own_tiles = kb.select_int(kb.lt(own_tiles, kb.i32(0))?, kb.i32(0), own_tiles)?;
+    let output_tile = |kb: &KernelBuilder<'_, 'ctx>, ordinal: IntValue<'ctx>| -> Result<OutputTile<'ctx>> {
+        let tile = kb.add(first_tile, kb.mul(ordinal, kb.i32(PERSISTENT_CTAS as i64))?)?;
+        let column_tile = kb.rem(tile, kb.i32(column_tiles as i64))?;
+        let rest = kb.div(tile, kb.i32(column_tiles as i64))?;
+        let segment = select_segment(kb, config, column_tile)?;
+        let col_start = kb.mul(kb.sub(column_tile, segment.first_tile)?, kb.i32(config.block_n as i64))?;
+        Ok(OutputTile {
+            batch: kb.div(rest, row_tiles)?,
+            row_start: kb.mul(kb.rem(rest, row_tiles)?, kb.i32(GEMM_BLOCK_M as i64))?,
+            col_start,
+            segment,
+        })
+    };
 
     let raw_address = kb.shared_address(shared)?;
     let aligned_address =
@@ -249,15 +284,17 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     let barrier = |kb: &KernelBuilder<'_, 'ctx>, index: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
         kb.byte_pointer(aligned, kb.add(kb.i32(plan.barriers_offset as i64), kb.mul(index, kb.i32(8))?)?)
     };
+    // The stage ring runs on across output tiles: step = ordinal · k_tiles + k-tile.
     let stages = kb.i32(config.stages as i64);
-    let full = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb, kb.rem(tile, stages)?);
-    let empty = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| barrier(kb, kb.add(kb.rem(tile, stages)?, stages)?);
-    // Tile t is the (t / stages)-th use of its stage: its full phase has parity (t / stages) % 2.
-    let parity = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| kb.and(kb.div(tile, stages)?, kb.i32(1));
-    let stage_address = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<IntValue<'ctx>> {
-        kb.add(aligned_address, kb.mul(kb.rem(tile, stages)?, kb.i32(plan.stage_bytes as i64))?)
+    let full = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| barrier(kb, kb.rem(step, stages)?);
+    let empty = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| barrier(kb, kb.add(kb.rem(step, stages)?, stages)?);
+    // Step s is the (s / stages)-th use of its stage: its full phase has parity (s / stages) % 2.
+    let parity = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| kb.and(kb.div(step, stages)?, kb.i32(1));
+    let stage_address = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| -> Result<IntValue<'ctx>> {
+        kb.add(aligned_address, kb.mul(kb.rem(step, stages)?, kb.i32(plan.stage_bytes as i64))?)
     };
-    let k_tiles = kb.i32(config.k.div_ceil(GEMM_BLOCK_K) as i64);
+    let k_tiles = config.k.div_ceil(GEMM_BLOCK_K);
+    let steps = kb.mul(own_tiles, kb.i32(k_tiles as i64))?;
 
     kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
         for stage in 0..config.stages {
@@ -276,58 +313,45 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
             kb.set_max_registers(false, PRODUCER_REGISTERS)?;
             let copy_thread = kb.sub(thread, kb.i32(consumer_threads as i64))?;
             let i64_type = kb.context().i64_type();
-            let a_rows = RowSource {
-                base: kb.element_pointer(
-                    kb.pointer_param(&config.a)?,
-                    config.elem,
-                    kb.builder().build_int_mul(
-                        kb.builder().build_int_mul(kb.to_i64(batch)?, kb.to_i64(seq_len)?, "")?,
-                        i64_type.const_int(config.k as u64, false),
-                        "",
-                    )?,
-                )?,
-                row_stride: config.k,
-            };
-            let w_rows = RowSource { base: segment.weight, row_stride: config.k };
-            let a_row_start = kb.sub(row_start, segment.row_shift)?;
             let ragged_k = !config.k.is_multiple_of(GEMM_BLOCK_K);
-            // Tiles whose copies stay in flight while the next ones are issued. A stage comes
-            // back one tile late (its wgmma group is waited for during the next tile), so
-            // waiting for the stage of tile t - stages needs tile t - stages + 1 published:
-            // with more than `stages - 2` tiles in flight, that publication would come after
+            // Steps whose copies stay in flight while the next ones are issued. A stage comes
+            // back one step late (its wgmma group is waited for during the next step), so
+            // waiting for the stage of step s - stages needs step s - stages + 1 published:
+            // with more than `stages - 2` steps in flight, that publication would come after
             // the wait.
             let lookahead = config.stages - 2;
             // Rows before 0 exist only in shifted segments.
             let first_row = config.segments.iter().any(|s| s.row_shift > 0).then(|| kb.i32(0));
-            let issue = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
-                let k_start = kb.mul(tile, kb.i32(GEMM_BLOCK_K as i64))?;
+            let issue = |kb: &KernelBuilder<'_, 'ctx>, tile: &OutputTile<'ctx>, k_tile: IntValue<'ctx>, step: IntValue<'ctx>| -> Result<()> {
+                let k_start = kb.mul(k_tile, kb.i32(GEMM_BLOCK_K as i64))?;
                 // A ragged K reads its last tile's columns from the row start and zero-fills
                 // those past K; otherwise the views start at the tile's first column.
                 let (columns, view_col) =
                     if ragged_k { (Some((k_start, config.k)), kb.i32(0)) } else { (None, k_start) };
                 let a_bounds = Bounds { first_row, row_limit: seq_len, columns };
-                let w_bounds = Bounds { first_row: None, row_limit: kb.sub(segment.cols, col_start)?, columns };
-                let base = kb.byte_pointer(aligned, kb.sub(stage_address(kb, tile)?, aligned_address)?)?;
-                let a_source = RowSource {
-                    base: kb.element_pointer(a_rows.base, config.elem, kb.to_i64(view_col)?)?,
-                    row_stride: a_rows.row_stride,
-                };
-                let w_source = RowSource {
-                    base: kb.element_pointer(
-                        w_rows.base,
-                        config.elem,
-                        kb.builder().build_int_add(
-                            kb.builder().build_int_mul(
-                                kb.to_i64(col_start)?,
-                                i64_type.const_int(config.k as u64, false),
-                                "",
-                            )?,
-                            kb.to_i64(view_col)?,
-                            "",
-                        )?,
+                let w_bounds = Bounds { first_row: None, row_limit: kb.sub(tile.segment.cols, tile.col_start)?, columns };
+                let base = kb.byte_pointer(aligned, kb.sub(stage_address(kb, step)?, aligned_address)?)?;
+                let a_offset = kb.builder().build_int_add(
+                    kb.builder().build_int_mul(
+                        kb.builder().build_int_mul(kb.to_i64(tile.batch)?, kb.to_i64(seq_len)?, "")?,
+                        i64_type.const_int(config.k as u64, false),
+                        "",
                     )?,
-                    row_stride: w_rows.row_stride,
+                    kb.to_i64(view_col)?,
+                    "",
+                )?;
+                let a_source = RowSource {
+                    base: kb.element_pointer(kb.pointer_param(&config.a)?, config.elem, a_offset)?,
+                    row_stride: config.k,
                 };
+                let w_offset = kb.builder().build_int_add(
+                    kb.builder().build_int_mul(kb.to_i64(tile.col_start)?, i64_type.const_int(config.k as u64, false), "")?,
+                    kb.to_i64(view_col)?,
+                    "",
+                )?;
+                let w_source =
+                    RowSource { base: kb.element_pointer(tile.segment.weight, config.elem, w_offset)?, row_stride: config.k };
+                let a_row_start = kb.sub(tile.row_start, tile.segment.row_shift)?;
                 copy_tile_async(kb, &a_source, a_row_start, &a_bounds, &plan.a, base, 0, copy_thread, WARPGROUP_THREADS)?;
                 copy_tile_async(
                     kb,
@@ -341,64 +365,78 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     WARPGROUP_THREADS,
                 )
             };
-            let publish = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
+            let publish = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| -> Result<()> {
                 kb.fence_proxy_async_shared()?;
-                kb.mbarrier_arrive(full(kb, tile)?)
+                kb.mbarrier_arrive(full(kb, step)?)
             };
-            kb.for_range_rolled(kb.i32(0), k_tiles, |kb, tile| {
-                kb.if_then(kb.le(stages, tile)?, |kb| {
-                    let reused = kb.sub(tile, stages)?;
-                    kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
-                })?;
-                issue(kb, tile)?;
-                kb.cp_async_commit()?;
-                kb.if_then(kb.le(kb.i32(lookahead as i64), tile)?, |kb| {
-                    kb.cp_async_wait(lookahead)?;
-                    publish(kb, kb.sub(tile, kb.i32(lookahead as i64))?)
+            kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
+                let tile = output_tile(kb, ordinal)?;
+                let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
+                kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
+                    let step = kb.add(first_step, k_tile)?;
+                    kb.if_then(kb.le(stages, step)?, |kb| {
+                        let reused = kb.sub(step, stages)?;
+                        kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
+                    })?;
+                    issue(kb, &tile, k_tile, step)?;
+                    kb.cp_async_commit()?;
+                    kb.if_then(kb.le(kb.i32(lookahead as i64), step)?, |kb| {
+                        kb.cp_async_wait(lookahead)?;
+                        publish(kb, kb.sub(step, kb.i32(lookahead as i64))?)
+                    })
                 })
             })?;
-            // The last `lookahead` tiles (fewer when K is short) are still in flight.
+            // The last `lookahead` steps (fewer when there are fewer) are still in flight.
             kb.cp_async_wait(0)?;
-            let first_unpublished = kb.sub(k_tiles, kb.i32(lookahead as i64))?;
+            let first_unpublished = kb.sub(steps, kb.i32(lookahead as i64))?;
             let first_unpublished = kb.select_int(kb.lt(first_unpublished, kb.i32(0))?, kb.i32(0), first_unpublished)?;
-            kb.for_range(first_unpublished, k_tiles, |kb, tile| publish(kb, tile))
+            kb.for_range(first_unpublished, steps, |kb, step| publish(kb, step))
         },
         |kb| {
             kb.set_max_registers(true, CONSUMER_REGISTERS)?;
             let slots = (0..shape.accumulator_registers())
                 .map(|_| kb.register_slot())
                 .collect::<Result<Vec<PointerValue<'ctx>>>>()?;
-            for slot in &slots {
-                kb.store_f32(*slot, kb.f32(0.0))?;
-            }
             let a_warpgroup_offset = kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?;
-            kb.for_range_rolled(kb.i32(0), k_tiles, |kb, tile| {
-                kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)?;
-                let a_address = kb.add(stage_address(kb, tile)?, a_warpgroup_offset)?;
-                let w_address = kb.add(stage_address(kb, tile)?, kb.i32(plan.a.footprint_bytes() as i64))?;
-                let loaded: Vec<_> = slots.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
-                let mut acc: Vec<FloatValue<'ctx>> =
-                    kb.wgmma_fence(&loaded)?.into_iter().map(|value| value.into_float_value()).collect();
-                for k_step in 0..GEMM_BLOCK_K / WGMMA_K {
-                    let a_desc = plan.a.k_major_descriptor(0, k_step * WGMMA_K)?;
-                    let a = descriptor(kb, a_address, a_desc.constant_bits(), a_desc.start_offset)?;
-                    let w_desc = plan.w.k_major_descriptor(0, k_step * WGMMA_K)?;
-                    let w = descriptor(kb, w_address, w_desc.constant_bits(), w_desc.start_offset)?;
-                    acc = kb.wgmma(shape, WgmmaA::Shared(a), w, OperandMajor::K, Accumulate::Add, &acc)?;
+            kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
+                let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
+                for slot in &slots {
+                    kb.store_f32(*slot, kb.f32(0.0))?;
                 }
-                kb.wgmma_commit_group()?;
-                // The group before this one has finished reading its stage.
-                kb.wgmma_wait(1, &[])?;
-                kb.if_then(kb.lt(kb.i32(0), tile)?, |kb| kb.mbarrier_arrive(empty(kb, kb.sub(tile, kb.i32(1))?)?))?;
-                for (slot, value) in slots.iter().zip(&acc) {
-                    kb.store_f32(*slot, *value)?;
-                }
-                Ok(())
-            })?;
-            let last: Vec<FloatValue<'ctx>> =
-                slots.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
-            let accumulators = kb.wgmma_wait_accumulators(0, &last)?;
-            store_tile(kb, config, &segment, &accumulators, batch, seq_len, row_start, col_start, warpgroup, warp_in_group, lane)
+                kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
+                    let step = kb.add(first_step, k_tile)?;
+                    kb.mbarrier_wait_parity(full(kb, step)?, parity(kb, step)?)?;
+                    let a_address = kb.add(stage_address(kb, step)?, a_warpgroup_offset)?;
+                    let w_address = kb.add(stage_address(kb, step)?, kb.i32(plan.a.footprint_bytes() as i64))?;
+                    let loaded: Vec<_> =
+                        slots.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
+                    let mut acc: Vec<FloatValue<'ctx>> =
+                        kb.wgmma_fence(&loaded)?.into_iter().map(|value| value.into_float_value()).collect();
+                    for k_step in 0..GEMM_BLOCK_K / WGMMA_K {
+                        let a_desc = plan.a.k_major_descriptor(0, k_step * WGMMA_K)?;
+                        let a = descriptor(kb, a_address, a_desc.constant_bits(), a_desc.start_offset)?;
+                        let w_desc = plan.w.k_major_descriptor(0, k_step * WGMMA_K)?;
+                        let w = descriptor(kb, w_address, w_desc.constant_bits(), w_desc.start_offset)?;
+                        acc = kb.wgmma(shape, WgmmaA::Shared(a), w, OperandMajor::K, Accumulate::Add, &acc)?;
+                    }
+                    kb.wgmma_commit_group()?;
+                    // The group before this one has finished reading its stage.
+                    kb.wgmma_wait(1, &[])?;
+                    kb.if_then(kb.lt(kb.i32(0), k_tile)?, |kb| kb.mbarrier_arrive(empty(kb, kb.sub(step, kb.i32(1))?)?))?;
+                    for (slot, value) in slots.iter().zip(&acc) {
+                        kb.store_f32(*slot, *value)?;
+                    }
+                    Ok(())
+                })?;
+                let last: Vec<FloatValue<'ctx>> = slots.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
+                let accumulators = kb.wgmma_wait_accumulators(0, &last)?;
+                // The tile's last stage is free once its group finished: the producer may
+                // already fill it for the next tile while this one is stored.
+                let last_step = kb.add(first_step, kb.i32(k_tiles as i64 - 1))?;
+                kb.mbarrier_arrive(empty(kb, last_step)?)?;
+                let tile = output_tile(kb, ordinal)?;
+                store_tile(kb, config, &tile, &accumulators, seq_len, warpgroup, warp_in_group, lane)
+            })
         },
     )?;
     kb.finish()?;
@@ -470,18 +508,16 @@ fn select_segment<'ctx>(
 fn store_tile<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
     config: &HopperGemmConfig,
-    segment: &SegmentValues<'ctx>,
+    tile: &OutputTile<'ctx>,
     accumulators: &[FloatValue<'ctx>],
-    batch: IntValue<'ctx>,
     seq_len: IntValue<'ctx>,
-    row_start: IntValue<'ctx>,
-    col_start: IntValue<'ctx>,
     warpgroup: IntValue<'ctx>,
     warp_in_group: IntValue<'ctx>,
     lane: IntValue<'ctx>,
 ) -> Result<()> {
     let elem = config.elem;
-    let pair_col = kb.add(col_start, kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?)?;
+    let (segment, batch, row_start) = (&tile.segment, tile.batch, tile.row_start);
+    let pair_col = kb.add(tile.col_start, kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?)?;
     let fragments = config.block_n / 8;
     // Bias of this thread's column pairs (zero without a bias or past the segment).
     let bias_slots =
