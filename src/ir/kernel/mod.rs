@@ -31,7 +31,10 @@ pub mod interp;
 mod print;
 mod verify;
 
-pub use build::{ForwardKernel, build_forward, default_schedule, forward_kernels};
+pub use build::{
+    ForwardKernel, PROJECTION_BUFFER, ProjectionSegment, build_forward, default_schedule,
+    forward_kernels, has_qk_prologue, projection_segments,
+};
 pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
 
 use crate::ir::size::{SizeExpr, SizeVar};
