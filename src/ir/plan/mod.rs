@@ -4,7 +4,7 @@
 //! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
 
 use crate::ir::graph::{Graph, KernelRole, OpKind, OutputKind, TensorType, ValueId};
-use crate::ir::kernel::{self, ForwardKernel, ProjectionSegment, Schedule};
+use crate::ir::kernel::{self, ForwardKernel, KernelParam, ProjectionSegment, Schedule};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::size::{SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
@@ -313,6 +313,27 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         // the warp layout; the grid is the one of the kernel they build.
         let schedule = kernel::default_schedule(spec, which).or_else(fail)?;
         let built = kernel::build_forward(spec, which, &schedule).or_else(fail)?;
+        // The graph's cut and the kernel builder's parameters must name the same tensors (p0
+        // or q and k, weights included), or the launch would bind the wrong buffers.
+        let planned: BTreeSet<&str> = kernel_inputs
+            .iter()
+            .chain(&outputs)
+            .chain(&scratch)
+            .map(|b| b.name.as_str())
+            .chain(params.iter().map(String::as_str))
+            .collect();
+        let bound: BTreeSet<&str> = built
+            .params
+            .iter()
+            .filter(|p| matches!(p, KernelParam::Tensor { .. }))
+            .map(KernelParam::name)
+            .collect();
+        if planned != bound {
+            return fail(format!(
+                "{}: the fusion group reads and writes {planned:?}, the kernel binds {bound:?}",
+                built.name
+            ));
+        }
         let [x, y, z] = built.grid;
         let grid = Grid { x, y, z };
         kernels.push(PlannedKernel {
