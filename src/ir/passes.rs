@@ -37,7 +37,8 @@ impl fmt::Debug for Pass {
 pub fn pipeline() -> Vec<Pass> {
     vec![
         // First, on the builder's literal graph: folds the steps that are identities for this
-        // spec (a pad of 0 rows, a one-part concat, split(concat(..)), same-type casts). Fusion
+        // spec (a pad of 0 rows, a one-part concat, split(concat(..)), concat(split(..)),
+        // same-type casts). Fusion
         // must see the minimal graph, so that a plain MHA/GQA/MQA spec reaches it with no CCA
         // op left and its projection kernel gets an empty prologue.
         Pass {
@@ -285,7 +286,7 @@ fn materialize_projection_output(graph: &mut Graph) -> Result<(), String> {
             }
         }
     }
-    // The convolutions' concat of the two halves is p0 itself.
+    // The convolutions' concat of the two halves read back is the loaded p0 itself.
     canonicalize(graph)?;
     graph.remove_dead_ops();
     Ok(())
