@@ -158,7 +158,22 @@ pub fn entry_point_manifest(
                         ("x", _) => (BufferRole::Input, "BSE"),
                         ("out", _) => (BufferRole::Output, "BSE"),
                         ("lse", _) => (BufferRole::Scratch, "BHS"),
-                        (_, Access::Write) => (BufferRole::Intermediate, "BSHD"),
+                        // Named by rank: heads split out (q, k, v, o) or channels (p0).
+                        (_, Access::Write) => match shape.len() {
+                            4 => (BufferRole::Intermediate, "BSHD"),
+                            3 => (BufferRole::Intermediate, "BSC"),
+                            rank => {
+                                return Err(error(
+                                    spec,
+                                    "manifest",
+                                    format!(
+                                        "kernel {} writes `{name}` with {rank} dimensions; \
+                                         intermediates are [B, S, heads, d] or [B, S, channels]",
+                                        kernel.name
+                                    ),
+                                ));
+                            }
+                        },
                         (_, Access::Read) => {
                             return Err(error(
                                 spec,

@@ -136,14 +136,15 @@ fn compile_writes_one_library_per_layer() {
         let library = out.join(&spec.name);
         let json = std::fs::read_to_string(library.join("manifest.json")).unwrap();
         let manifest = ccc::manifest::Manifest::from_json(&json).unwrap();
-        assert_eq!(manifest.spec, spec);
         let symbols: Vec<String> =
             manifest.entry_points[0].kernels.iter().map(|k| k.symbol.clone()).collect();
         let ptx = std::fs::read_to_string(library.join(&manifest.ptx_file)).unwrap();
         for symbol in &symbols {
             assert!(ptx.contains(&format!(".entry {symbol}(")), "{symbol} missing from the PTX");
         }
-        assert_eq!(symbols.len(), 3);
+        assert_eq!(manifest.spec, spec);
+        let launched = ccc::ir::kernel::ForwardKernel::launched_by(&spec);
+        assert_eq!(symbols.len(), launched.len());
     }
 }
 
@@ -214,12 +215,13 @@ fn emit_prints_every_stage_of_every_example() {
         }
     }
     let (_, plan, _) = ccc(&["compile", &example("zaya1"), "--emit", "plan"]);
-    assert!(plan.starts_with("plan @zaya1.forward: 3 kernels\n"), "{plan}");
+    assert!(plan.starts_with("plan @zaya1.forward: 4 kernels\n"), "{plan}");
     let kernels: Vec<&str> = plan.lines().filter(|l| l.starts_with("kernel ")).collect();
-    assert_eq!(kernels.len(), 3);
+    assert_eq!(kernels.len(), 4);
     assert!(kernels[0].starts_with("kernel 0 @zaya1_qkv_proj = qkv_projection"));
-    assert!(kernels[1].starts_with("kernel 1 @zaya1_attention = attention"));
-    assert!(kernels[2].starts_with("kernel 2 @zaya1_out_proj = output_projection"));
+    assert!(kernels[1].starts_with("kernel 1 @zaya1_qk_prologue = qk_prologue"));
+    assert!(kernels[2].starts_with("kernel 2 @zaya1_attention = attention"));
+    assert!(kernels[3].starts_with("kernel 3 @zaya1_out_proj = output_projection"));
 }
 
 #[test]
@@ -234,7 +236,9 @@ fn print_after_all_shows_the_graph_after_every_pass() {
             "// ----- forward before any pass",
             "// ----- forward after canonicalize",
             "// ----- forward after dead-code-elimination",
+            "// ----- forward after materialize-projection-output",
             "// ----- forward after fuse-qkv-projection",
+            "// ----- forward after fuse-qk-prologue",
             "// ----- forward after fuse-attention",
             "// ----- forward after fuse-output-projection",
         ]

@@ -45,7 +45,9 @@ fn pass_list_is_in_the_documented_order() {
         [
             "canonicalize",
             "dead-code-elimination",
+            "materialize-projection-output",
             "fuse-qkv-projection",
+            "fuse-qk-prologue",
             "fuse-attention",
             "fuse-output-projection"
         ]
@@ -104,14 +106,15 @@ fn plain_specs_keep_no_cca_op() {
 }
 
 #[test]
-fn zaya1_fuses_into_three_groups_with_a_two_row_halo() {
+fn zaya1_fuses_into_four_groups_with_a_two_row_prologue_halo() {
     let graph = final_graph(&specs::zaya1());
-    assert_eq!(graph.groups.len(), 3);
+    assert_eq!(graph.groups.len(), 4);
     let roles: Vec<_> = graph.groups.iter().map(|g| g.role).collect();
     assert_eq!(
         roles,
         [
-            graph::KernelRole::QkvProjection { halo_rows: 2 },
+            graph::KernelRole::QkvProjection,
+            graph::KernelRole::QkPrologue { halo_rows: 2 },
             graph::KernelRole::Attention,
             graph::KernelRole::OutputProjection
         ]

@@ -36,31 +36,22 @@ fn check_against_reference(
 
 /// Small tiles: more tiles per sequence, so tile edges, halos, block skipping and every phase of
 /// the copy ring all happen.
-fn small_schedules(spec: &AttentionSpec, stages: u32) -> [Schedule; 3] {
+fn small_schedule(spec: &AttentionSpec, stages: u32, which: ForwardKernel) -> Schedule {
     let d = spec.head_dim as u32;
-    [
-        Schedule {
-            block_m: 16,
-            block_n: d,
-            block_k: 16,
-            warps: 1,
-            stages,
-        },
-        Schedule {
-            block_m: 16,
-            block_n: 16,
-            block_k: d,
-            warps: 1,
-            stages,
-        },
-        Schedule {
-            block_m: 16,
-            block_n: 16,
-            block_k: 16,
-            warps: 1,
-            stages,
-        },
-    ]
+    let (block_n, block_k, stages) = match which {
+        ForwardKernel::QkvProjection => (16, 16, stages),
+        // The prologue streams nothing: one buffer.
+        ForwardKernel::QkPrologue => (d, 16, 1),
+        ForwardKernel::Attention => (16, d, stages),
+        ForwardKernel::OutputProjection => (16, 16, stages),
+    };
+    Schedule {
+        block_m: 16,
+        block_n,
+        block_k,
+        warps: 1,
+        stages,
+    }
 }
 
 #[test]
@@ -97,7 +88,7 @@ fn zaya1_like_small_specs_match_the_reference() {
                 &x,
                 batch,
                 seq_len,
-                small_schedules(spec, 3),
+                &|which| small_schedule(spec, 3, which),
                 Rounding::Exact,
             )
             .unwrap();
@@ -131,7 +122,7 @@ fn random_specs_match(seed: u64, count: usize) {
                 &x,
                 batch,
                 seq_len,
-                small_schedules(&spec, index as u32 % 3),
+                &|which| small_schedule(&spec, index as u32 % 3, which),
                 Rounding::Exact,
             )
         }
@@ -175,9 +166,9 @@ fn storage_rounding_error_is_that_of(spec: AttentionSpec) {
     let weights = random_weights(&spec, &mut rng);
     let x = random_input(&spec, 1, 65, &mut rng);
     let reference = reference(&spec, &weights, &x, 1, 65);
-    let schedules = ForwardKernel::ALL.map(|k| default_schedule(&spec, k).unwrap());
+    let default = |which| default_schedule(&spec, which).unwrap();
     let rounded =
-        run_forward_with(&spec, &weights, &x, 1, 65, schedules, Rounding::Storage).unwrap();
+        run_forward_with(&spec, &weights, &x, 1, 65, &default, Rounding::Storage).unwrap();
     let err = relative_error(&rounded.out, &reference.out.data);
     // bf16 keeps 8 significant bits, f16 11: a few roundings deep the error is ~1e-2 (bf16) or
     // ~1e-3 (f16), far from exact and far from wrong.
@@ -212,7 +203,7 @@ fn default_schedules_fit_head_dims_up_to_256() {
             ],
             ..zaya1_like("wide", 2048, d, 8, 2)
         };
-        for which in ForwardKernel::ALL {
+        for which in ForwardKernel::launched_by(&spec) {
             let schedule =
                 default_schedule(&spec, which).unwrap_or_else(|e| panic!("d = {d}: {e}"));
             let kernel = build_forward(&spec, which, &schedule).unwrap();
@@ -235,7 +226,7 @@ fn schedules_that_do_not_fit_are_rejected() {
         warps: 4,
         stages: 1,
     };
-    let err = build_forward(&spec, ForwardKernel::QkvProjection, &huge).unwrap_err();
+    let err = build_forward(&spec, ForwardKernel::QkPrologue, &huge).unwrap_err();
     assert!(err.contains("exceeds the 232448-byte limit"), "{err}");
     let halo_only = Schedule {
         block_m: 16,
@@ -251,8 +242,46 @@ fn schedules_that_do_not_fit_are_rejected() {
         }],
         ..spec.clone()
     };
-    let err = build_forward(&deep, ForwardKernel::QkvProjection, &halo_only).unwrap_err();
+    let err = build_forward(&deep, ForwardKernel::QkPrologue, &halo_only).unwrap_err();
     assert!(err.contains("no output rows"), "{err}");
+    let straddling = Schedule {
+        block_m: 64,
+        block_n: 96,
+        block_k: 32,
+        warps: 4,
+        stages: 2,
+    };
+    let err = build_forward(&spec, ForwardKernel::QkvProjection, &straddling).unwrap_err();
+    assert!(err.contains("block_n must divide head_dim"), "{err}");
+}
+
+#[test]
+fn only_specs_with_a_qk_step_launch_a_prologue() {
+    let plain = AttentionSpec::plain("mha", 256, 64, 4, 4);
+    assert_eq!(
+        ForwardKernel::launched_by(&plain),
+        [
+            ForwardKernel::QkvProjection,
+            ForwardKernel::Attention,
+            ForwardKernel::OutputProjection
+        ]
+    );
+    let schedule = default_schedule(&plain, ForwardKernel::QkvProjection).unwrap();
+    let err = build_forward(&plain, ForwardKernel::QkPrologue, &schedule).unwrap_err();
+    assert!(err.contains("launches no qk_prologue"), "{err}");
+    let with_rope = AttentionSpec {
+        rope: Some(Rope {
+            fraction: 1.0,
+            rotary_dim: 64,
+            theta: 10000.0,
+            style: RopeStyle::Neox,
+        }),
+        ..plain
+    };
+    assert_eq!(
+        ForwardKernel::launched_by(&with_rope)[..2],
+        [ForwardKernel::QkvProjection, ForwardKernel::QkPrologue]
+    );
 }
 
 fn zaya1() -> AttentionSpec {
@@ -273,7 +302,12 @@ fn forward_kernels_are_named_after_the_spec_in_run_order() {
         .collect();
     assert_eq!(
         names,
-        ["zaya1_qkv_proj", "zaya1_attention", "zaya1_out_proj"]
+        [
+            "zaya1_qkv_proj",
+            "zaya1_qk_prologue",
+            "zaya1_attention",
+            "zaya1_out_proj"
+        ]
     );
 }
 
@@ -283,6 +317,10 @@ fn zaya1_kernels_print_stably() {
     insta::assert_snapshot!(
         "zaya1_qkv_proj",
         printed(&spec, ForwardKernel::QkvProjection)
+    );
+    insta::assert_snapshot!(
+        "zaya1_qk_prologue",
+        printed(&spec, ForwardKernel::QkPrologue)
     );
     insta::assert_snapshot!("zaya1_attention", printed(&spec, ForwardKernel::Attention));
     insta::assert_snapshot!(

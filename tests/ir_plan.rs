@@ -1,9 +1,10 @@
-//! The kernel plan: snapshots for the example layers, the three forward kernels, grids and
+//! The kernel plan: snapshots for the example layers, the forward kernels, grids and
 //! scratch sizes, and the plan verifier on broken plans.
 
 mod common;
 
 use ccc::ir::graph::{ElemType, Layout, TensorType};
+use ccc::ir::kernel::ProjectionSegment;
 use ccc::ir::plan::{self, Buffer, KernelKind, KernelPlan, PrologueStep};
 use ccc::ir::size::{SizeEnv, SizeExpr};
 use ccc::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, RopeStyle};
@@ -20,27 +21,66 @@ fn snapshots_of_the_example_plans() {
     }
 }
 
+fn segment(
+    weight: &str,
+    output: &str,
+    column0: usize,
+    width: usize,
+    row_shift: usize,
+) -> ProjectionSegment {
+    ProjectionSegment {
+        weight: weight.into(),
+        bias: None,
+        output: output.into(),
+        column0,
+        width,
+        row_shift,
+    }
+}
+
 #[test]
-fn zaya1_has_exactly_three_forward_kernels() {
+fn zaya1_has_a_projection_gemm_and_a_prologue_before_attention() {
     let plan = planned(&specs::zaya1());
     let symbols: Vec<&str> = plan.kernels.iter().map(|k| k.symbol.as_str()).collect();
     assert_eq!(
         symbols,
-        ["zaya1_qkv_proj", "zaya1_attention", "zaya1_out_proj"]
+        [
+            "zaya1_qkv_proj",
+            "zaya1_qk_prologue",
+            "zaya1_attention",
+            "zaya1_out_proj"
+        ]
     );
     assert!(
         plan.to_string()
-            .starts_with("plan @zaya1.forward: 3 kernels\n")
+            .starts_with("plan @zaya1.forward: 4 kernels\n")
     );
     assert_eq!(
         plan.kernels[0].kind,
         KernelKind::QkvProjection {
+            segments: vec![
+                segment("qkv_proj.q_proj.weight", "p0", 0, 1024, 0),
+                segment("qkv_proj.k_proj.weight", "p0", 1024, 256, 0),
+                segment("qkv_proj.v_proj_current.weight", "v", 0, 128, 0),
+                segment("qkv_proj.v_proj_delayed.weight", "v", 128, 128, 1),
+            ],
+        }
+    );
+    let p0 = TensorType::new(
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), 1280usize.into()],
+        ElemType::Storage(ccc::spec::DType::Bf16),
+        Layout::RowMajor,
+    );
+    let names = |buffers: &[Buffer]| buffers.iter().map(|b| b.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&plan.kernels[0].outputs), ["p0", "v"]);
+    assert_eq!(plan.kernels[0].outputs[0].ty, p0);
+    assert_eq!(plan.kernels[1].inputs[0].ty, p0);
+    assert_eq!(names(&plan.kernels[1].outputs), ["q", "k"]);
+    assert_eq!(
+        plan.kernels[1].kind,
+        KernelKind::QkPrologue {
             halo_rows: 2,
             prologue: vec![
-                PrologueStep::TokenShift {
-                    rows: 1,
-                    value_heads: 1
-                },
                 PrologueStep::CausalPad { rows: 2 },
                 PrologueStep::Conv {
                     kind: ConvKind::Depthwise,
@@ -62,22 +102,29 @@ fn zaya1_has_exactly_three_forward_kernels() {
             ],
         }
     );
-    // Each 64-row tile recomputes 2 halo rows: ceil(S/62) row tiles per kv group and sequence.
     let env = SizeEnv {
         batch: 2,
         seq_len: 16384,
     };
-    assert_eq!(plan.kernels[0].schedule.block_m, 64);
-    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(265 * 2 * 2));
+    // The GEMM: (1024 + 256 + 256) / 64 column tiles, ceil(S/64) row tiles, B.
+    assert_eq!(plan.kernels[0].grid.x, SizeExpr::c(24));
+    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(24 * 256 * 2));
+    // Each 64-row prologue tile re-reads 2 halo rows: ceil(S/62) row tiles per kv group and
+    // sequence.
+    assert_eq!(plan.kernels[1].schedule.block_m, 64);
+    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(265 * 2 * 2));
     // Attention: ceil(S/64)·Hq·B blocks.
-    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(256 * 8 * 2));
-    assert_eq!(plan.kernels[1].grid.blocks().to_string(), "ceil(S/64)*8*B");
+    assert_eq!(plan.kernels[2].grid.blocks().eval(&env), Some(256 * 8 * 2));
+    assert_eq!(plan.kernels[2].grid.blocks().to_string(), "ceil(S/64)*8*B");
+    // The output GEMM: column tiles fastest, then row tiles, then B.
+    assert_eq!(plan.kernels[3].grid.x, SizeExpr::c(2048 / 64));
+    assert_eq!(plan.kernels[3].grid.y, SizeExpr::seq_len().ceil_div(64));
 }
 
 #[test]
 fn attention_saves_a_linear_size_log_sum_exp() {
     let plan = planned(&specs::zaya1());
-    let attention = &plan.kernels[1];
+    let attention = &plan.kernels[2];
     let lse = TensorType::new(
         vec![SizeExpr::batch(), 8usize.into(), SizeExpr::seq_len()],
         ElemType::F32,
@@ -104,7 +151,7 @@ fn attention_saves_a_linear_size_log_sum_exp() {
 }
 
 #[test]
-fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
+fn plain_layers_have_three_kernels_and_project_straight_into_q_k_v() {
     for spec in [
         specs::mha(),
         specs::gqa(),
@@ -122,19 +169,23 @@ fn plain_layers_have_the_same_three_kernels_with_no_prologue() {
             "{}",
             spec.name
         );
-        assert_eq!(
-            plan.kernels[0].kind,
-            KernelKind::QkvProjection {
-                halo_rows: 0,
-                prologue: vec![]
-            },
-            "{}",
-            spec.name
-        );
-        // No halo: every projected row is an output row; one block per kv group.
-        let rows = plan.kernels[0].schedule.block_m as u64;
-        assert_eq!(plan.kernels[0].grid.x, SizeExpr::seq_len().ceil_div(rows));
-        assert_eq!(plan.kernels[0].grid.z, SizeExpr::c(spec.kv_heads as u64));
+        let KernelKind::QkvProjection { segments } = &plan.kernels[0].kind else {
+            panic!("{}: kernel 0 is {:?}", spec.name, plan.kernels[0].kind);
+        };
+        let outputs: Vec<&str> = segments.iter().map(|s| s.output.as_str()).collect();
+        assert_eq!(outputs, ["q", "k", "v"], "{}", spec.name);
+        assert!(segments.iter().all(|s| s.row_shift == 0 && s.column0 == 0));
+        let written: Vec<&str> = plan.kernels[0]
+            .outputs
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        assert_eq!(written, ["q", "k", "v"], "{}", spec.name);
+        // One block per 64 columns of [q | k | v], 64 rows and batch element.
+        let columns = (spec.query_heads + 2 * spec.kv_heads) * spec.head_dim;
+        assert_eq!(plan.kernels[0].grid.x, SizeExpr::c(columns as u64 / 64));
+        assert_eq!(plan.kernels[0].grid.y, SizeExpr::seq_len().ceil_div(64));
+        assert_eq!(plan.kernels[0].grid.z, SizeExpr::batch());
     }
 }
 
@@ -146,7 +197,7 @@ fn a_halo_wider_than_any_projection_tile_is_a_clear_error() {
         width: 100,
     }];
     let error = plan::plan_for(&spec, EntryPoint::Forward).unwrap_err().to_string();
-    assert!(error.contains("no default qkv_proj schedule fits"), "{error}");
+    assert!(error.contains("no default qk_prologue schedule fits"), "{error}");
 }
 
 fn verify_message(plan: &KernelPlan) -> String {
@@ -159,14 +210,21 @@ fn plan_verifier_rejects_broken_plans() {
     good.verify().unwrap();
 
     let mut plan = good.clone();
-    plan.kernels.swap(0, 1);
+    plan.kernels.swap(1, 2);
     assert_eq!(
         verify_message(&plan),
         "kernel plan: kernel zaya1_attention reads q, which no earlier kernel writes"
     );
 
     let mut plan = good.clone();
-    plan.kernels[1].inputs[1].ty.layout = Layout::Bshd { heads: 1 };
+    plan.kernels.swap(0, 1);
+    assert_eq!(
+        verify_message(&plan),
+        "kernel plan: kernel zaya1_qk_prologue reads p0, which no earlier kernel writes"
+    );
+
+    let mut plan = good.clone();
+    plan.kernels[2].inputs[1].ty.layout = Layout::Bshd { heads: 1 };
     assert_eq!(
         verify_message(&plan),
         "kernel plan: kernel zaya1_attention reads k as [B,S,256]xbf16#bshd(1), but it was \
@@ -174,14 +232,14 @@ fn plan_verifier_rejects_broken_plans() {
     );
 
     let mut plan = good.clone();
-    plan.kernels[1].scratch[0].ty.shape[1] = SizeExpr::seq_len();
+    plan.kernels[2].scratch[0].ty.shape[1] = SizeExpr::seq_len();
     assert_eq!(
         verify_message(&plan),
         "kernel plan: kernel zaya1_attention: buffer lse is quadratic in S"
     );
 
     let mut plan = good.clone();
-    plan.kernels[2].symbol = "zaya1_o_proj".into();
+    plan.kernels[3].symbol = "zaya1_o_proj".into();
     assert_eq!(
         verify_message(&plan),
         "kernel plan: kernel zaya1_o_proj should be named zaya1_out_proj"

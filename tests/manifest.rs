@@ -7,6 +7,8 @@ use ccc::manifest::{
 };
 use ccc::spec::{AttentionSpec, EntryPoint};
 
+mod common;
+
 fn buffer(
     name: &str,
     role: BufferRole,
@@ -103,17 +105,13 @@ fn gqa_manifest() -> Manifest {
                 "k",
                 "v",
             ],
-            [s.clone().ceil_div(64), b.clone(), SizeExpr::c(2)],
+            [SizeExpr::c(8), s.clone().ceil_div(64), b.clone()],
         ),
         attention,
         kernel(
             "gqa_out_proj",
             &["o", "o_proj.weight", "out"],
-            [
-                (b.clone() * s.clone()).ceil_div(64),
-                SizeExpr::c(1),
-                SizeExpr::c(1),
-            ],
+            [SizeExpr::c(1), s.clone().ceil_div(64), b.clone()],
         ),
     ];
     let mut manifest = Manifest::new(
@@ -312,4 +310,57 @@ fn malformed_json_is_an_error_not_a_panic() {
         err.starts_with("malformed manifest: unknown field `extra`"),
         "{err}"
     );
+}
+
+/// The driver describes every buffer the planned kernels touch: p0, the projection GEMM's
+/// output read by the q/k prologue, is an intermediate laid out [B, S, channels].
+#[test]
+fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
+    let spec = common::specs::zaya1();
+    let kernels = ccc::driver::kernels(&spec).unwrap();
+    let launches: Vec<ccc::driver::LaunchInfo> = kernels
+        .iter()
+        .map(|k| ccc::driver::LaunchInfo {
+            threads: k.threads(),
+            dynamic_shared_bytes: 0,
+            grid: k.grid.clone(),
+        })
+        .collect();
+    let ptxas = vec![None; kernels.len()];
+    let entry =
+        ccc::driver::entry_point_manifest(&spec, EntryPoint::Forward, &kernels, &launches, &ptxas)
+            .unwrap();
+    let symbols: Vec<&str> = entry.kernels.iter().map(|k| k.symbol.as_str()).collect();
+    assert_eq!(
+        symbols,
+        [
+            "zaya1_qkv_proj",
+            "zaya1_qk_prologue",
+            "zaya1_attention",
+            "zaya1_out_proj"
+        ]
+    );
+    let (b, s) = (SizeExpr::batch(), SizeExpr::seq_len());
+    assert_eq!(
+        entry.buffer("p0"),
+        Some(&buffer(
+            "p0",
+            BufferRole::Intermediate,
+            TensorDType::Bf16,
+            vec![b.clone(), s.clone(), 1280usize.into()],
+            "BSC",
+        ))
+    );
+    assert_eq!(
+        entry.buffer("q"),
+        Some(&buffer(
+            "q",
+            BufferRole::Intermediate,
+            TensorDType::Bf16,
+            vec![b, s, 8usize.into(), 128usize.into()],
+            "BSHD",
+        ))
+    );
+    let manifest = Manifest::new(spec, "zaya1.ptx", vec![entry]);
+    manifest.validate().unwrap();
 }

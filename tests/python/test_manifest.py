@@ -66,10 +66,14 @@ def zaya1_manifest_json():
         return {"symbol": symbol, "params": params, "grid": grid, "block": [256, 1, 1],
                 "dynamic_shared_bytes": shared, "ptxas": None}
 
-    projection_weights = [w["name"] for w in weights if w["name"] != "o_proj.weight"]
+    prologue_weights = [w["name"] for w in weights
+                        if "conv" in w["name"] or w["name"] == "qk_norm.temp"]
+    projection_weights = [w["name"] for w in weights
+                          if w["name"] != "o_proj.weight" and w["name"] not in prologue_weights]
     buffers = [
         buffer("x", "input", [B(), S(), c(2048)], "BSE"),
         buffer("out", "output", [B(), S(), c(2048)], "BSE"),
+        buffer("p0", "intermediate", [B(), S(), c(1280)], "BSC"),
         buffer("q", "intermediate", [B(), S(), c(1024)], "BSHD"),
         buffer("k", "intermediate", [B(), S(), c(256)], "BSHD"),
         buffer("v", "intermediate", [B(), S(), c(256)], "BSHD"),
@@ -77,12 +81,14 @@ def zaya1_manifest_json():
         buffer("lse", "scratch", [B(), c(8), S()], "BHS", dtype="f32"),
     ] + [buffer(w["name"], "weight", [c(d) for d in w["shape"]], "row_major") for w in weights]
     kernels = [
-        kernel("zaya1_qkv_proj", ["x"] + projection_weights + ["q", "k", "v"],
-               [{"ceil_div": [S(), 126]}, c(2), B()], shared=200_000),
+        kernel("zaya1_qkv_proj", ["x"] + projection_weights + ["p0", "v"],
+               [c(24), {"ceil_div": [S(), 64]}, B()]),
+        kernel("zaya1_qk_prologue", ["p0"] + prologue_weights + ["q", "k"],
+               [{"ceil_div": [S(), 62]}, B(), c(2)], shared=148_544),
         kernel("zaya1_attention", ["q", "k", "v", "o", "lse"],
                [{"ceil_div": [S(), 128]}, c(8), B()], shared=98_304),
         kernel("zaya1_out_proj", ["o", "o_proj.weight", "out"],
-               [{"ceil_div": [mul(B(), S()), 128]}, c(16), c(1)]),
+               [c(32), {"ceil_div": [S(), 64]}, B()]),
     ]
     return {"schema_version": 1, "compiler_version": "test", "spec": spec_json,
             "target": "sm_90a", "ptx_file": "zaya1.ptx",
@@ -290,7 +296,10 @@ class CallPlanning(unittest.TestCase):
     def test_zaya1_plan_at_16k(self):
         plan = plan_call(self.zaya1, "forward", 8, 16384)
         grids = [launch.grid for launch in plan.launches]
-        self.assertEqual(grids, [(131, 2, 8), (128, 8, 8), (1024, 16, 1)])
+        self.assertEqual(grids, [(24, 256, 8), (265, 8, 2), (128, 8, 8), (32, 256, 8)])
+        # The projection GEMM's packed [q0 | k0], allocated like any other intermediate.
+        self.assertEqual(plan.buffer("p0").shape, (8, 16384, 1280))
+        self.assertEqual(plan.buffer("p0").bytes, 8 * 16384 * 1280 * 2)
         self.assertEqual(plan.buffer("lse").shape, (8, 8, 16384))
         self.assertEqual(plan.buffer("lse").bytes, 8 * 8 * 16384 * 4)
 

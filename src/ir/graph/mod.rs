@@ -229,9 +229,13 @@ pub struct Op {
 /// The kernel a fusion group becomes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KernelRole {
-    /// Down-projection GEMM with the CCA prologue in its epilogue; each row tile recomputes
-    /// `halo_rows` rows of history (conv history T, at least the value shift's one row).
-    QkvProjection {
+    /// The projection GEMM: x·[W_q | W_k | W_v…]ᵀ (+ biases), the delayed value heads reading
+    /// the previous token's x; it writes the packed [q0 | k0] (`p0`) when a q/k prologue follows,
+    /// else q and k, and always v.
+    QkvProjection,
+    /// The CCA prologue on `p0` (convolutions, q-k mean, norms, RoPE), writing q and k; each row
+    /// tile re-reads `halo_rows` rows of history (the convolutions' T).
+    QkPrologue {
         halo_rows: usize,
     },
     /// Flash attention that also saves the log-sum-exp.
@@ -243,7 +247,8 @@ impl KernelRole {
     /// The suffix of the kernel symbol (`{spec.name}_{suffix}`).
     pub fn symbol_suffix(self) -> &'static str {
         match self {
-            KernelRole::QkvProjection { .. } => "qkv_proj",
+            KernelRole::QkvProjection => "qkv_proj",
+            KernelRole::QkPrologue { .. } => "qk_prologue",
             KernelRole::Attention => "attention",
             KernelRole::OutputProjection => "out_proj",
         }
@@ -330,6 +335,20 @@ impl Graph {
         Ok(results)
     }
 
+    /// Inserts an op before the op at `index` (so that it runs before that op's readers),
+    /// creating its result values with the types inference gives.
+    pub fn insert_op(
+        &mut self,
+        index: usize,
+        kind: OpKind,
+        operands: Vec<ValueId>,
+    ) -> Result<Vec<ValueId>, String> {
+        let results = self.push_op(kind, operands)?;
+        let op = self.ops.pop().expect("push_op appended the op");
+        self.ops.insert(index, op);
+        Ok(results)
+    }
+
     /// Makes every reader of `from` (ops and graph outputs) read `to` instead.
     pub fn replace_all_uses(&mut self, from: ValueId, to: ValueId) {
         for op in &mut self.ops {
@@ -410,16 +429,24 @@ impl Graph {
 
     /// Reorders ops so that `members` are contiguous: first the ops they depend on, then the
     /// members, then everything else, each part in its old order (a valid SSA order, since the
-    /// first part is closed under dependencies).
+    /// first part is closed under dependencies). A fusion group the members depend on moves
+    /// before them whole, so that it stays contiguous too.
     pub fn make_contiguous(&mut self, members: &BTreeSet<usize>) {
         let mut needed: BTreeSet<usize> = BTreeSet::new();
         let mut stack: Vec<usize> = members.iter().copied().collect();
         while let Some(index) = stack.pop() {
-            for operand in &self.ops[index].operands {
-                if let Some(def) = self.defining_op(*operand)
-                    && !members.contains(&def)
-                    && needed.insert(def)
-                {
+            let mut deps: Vec<usize> = self.ops[index]
+                .operands
+                .iter()
+                .filter_map(|operand| self.defining_op(*operand))
+                .collect();
+            if let Some(group) = self.ops[index].group
+                && needed.contains(&index)
+            {
+                deps.extend((0..self.ops.len()).filter(|&i| self.ops[i].group == Some(group)));
+            }
+            for def in deps {
+                if !members.contains(&def) && needed.insert(def) {
                     stack.push(def);
                 }
             }

@@ -49,8 +49,8 @@ impl fmt::Display for Graph {
 
 fn role_text(role: Option<KernelRole>) -> String {
     match role {
-        Some(KernelRole::QkvProjection { halo_rows }) => {
-            format!("qkv_proj {{halo_rows = {halo_rows}}}")
+        Some(KernelRole::QkPrologue { halo_rows }) => {
+            format!("qk_prologue {{halo_rows = {halo_rows}}}")
         }
         Some(role) => role.symbol_suffix().to_string(),
         None => "<missing group>".to_string(),

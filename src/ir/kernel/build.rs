@@ -1,32 +1,114 @@
-//! Builders of the three forward kernels of a layer: `qkv_proj` (projections with the fused CCA
-//! prologue), `attention` (flash attention, online softmax) and `out_proj` (tiled GEMM).
+//! Builders of the forward kernels of a layer: `qkv_proj` (the projection GEMM, column segments
+//! for q, k and the current and delayed value heads), `qk_prologue` (the CCA steps on the packed
+//! [q0 | k0], when the spec has any), `attention` (flash attention, online softmax) and
+//! `out_proj` (tiled GEMM).
 
 use super::*;
 use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, ParamRole, QkNorm, RopeStyle};
 
 /// Which forward kernel to build.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ForwardKernel {
     QkvProjection,
+    QkPrologue,
     Attention,
     OutputProjection,
 }
 
 impl ForwardKernel {
-    pub const ALL: [ForwardKernel; 3] = [
-        ForwardKernel::QkvProjection,
-        ForwardKernel::Attention,
-        ForwardKernel::OutputProjection,
-    ];
+    /// The kernels one forward call of `spec` launches, in launch order: `qk_prologue` only
+    /// when q or k have a step after the projection.
+    pub fn launched_by(spec: &AttentionSpec) -> Vec<ForwardKernel> {
+        let mut kernels = vec![ForwardKernel::QkvProjection];
+        if has_qk_prologue(spec) {
+            kernels.push(ForwardKernel::QkPrologue);
+        }
+        kernels.extend([ForwardKernel::Attention, ForwardKernel::OutputProjection]);
+        kernels
+    }
 
     /// Suffix of the kernel symbol `{spec.name}_{suffix}`.
     pub fn suffix(self) -> &'static str {
         match self {
             ForwardKernel::QkvProjection => "qkv_proj",
+            ForwardKernel::QkPrologue => "qk_prologue",
             ForwardKernel::Attention => "attention",
             ForwardKernel::OutputProjection => "out_proj",
         }
     }
+}
+
+/// Whether q or k have a step between the projection and attention (convolutions, q-k mean, L2
+/// norm, RoPE): then the projection writes the packed [q0 | k0] as `p0` and `qk_prologue`
+/// turns it into q and k.
+pub fn has_qk_prologue(spec: &AttentionSpec) -> bool {
+    !spec.qk_conv.is_empty() || spec.qk_mean || spec.qk_norm == QkNorm::L2 || spec.rope.is_some()
+}
+
+/// The buffer `qkv_proj` writes for `qk_prologue`: [B, S, lq + lk], q0 then k0 of each token.
+pub const PROJECTION_BUFFER: &str = "p0";
+
+/// One column range of the projection GEMM: `output`[b, t, column0 .. column0 + width] =
+/// x[b, t − row_shift]·weightᵀ + bias, with x of rows before token 0 read as zero. Channels of
+/// a [B, S, heads, d] output count heads·d.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProjectionSegment {
+    pub weight: String,
+    pub bias: Option<String>,
+    /// `p0`, or `q`, `k`, `v`.
+    pub output: String,
+    pub column0: usize,
+    pub width: usize,
+    /// 1 for the delayed value heads (the previous token's x), else 0.
+    pub row_shift: usize,
+}
+
+/// The segments of `qkv_proj` in column order: q, k (into `p0` when the spec has a q/k
+/// prologue), the current value heads, the delayed value heads; none of zero width.
+pub fn projection_segments(spec: &AttentionSpec) -> Vec<ProjectionSegment> {
+    let name = |role| param_name(spec, role);
+    let packed = has_qk_prologue(spec);
+    let (lq, lk) = (spec.q_width(), spec.kv_width());
+    let current = spec.current_value_heads() * spec.head_dim;
+    let segment = |weight: ParamRole, bias, output: &str, column0, width, row_shift| {
+        name(weight).map(|weight| ProjectionSegment {
+            weight,
+            bias: name(bias),
+            output: output.to_string(),
+            column0,
+            width,
+            row_shift,
+        })
+    };
+    let (q_out, k_out, k0) = if packed {
+        (PROJECTION_BUFFER, PROJECTION_BUFFER, lq)
+    } else {
+        ("q", "k", 0)
+    };
+    [
+        segment(ParamRole::QueryProj, ParamRole::QueryBias, q_out, 0, lq, 0),
+        segment(ParamRole::KeyProj, ParamRole::KeyBias, k_out, k0, lk, 0),
+        segment(
+            ParamRole::ValueProjCurrent,
+            ParamRole::ValueBiasCurrent,
+            "v",
+            0,
+            current,
+            0,
+        ),
+        segment(
+            ParamRole::ValueProjDelayed,
+            ParamRole::ValueBiasDelayed,
+            "v",
+            current,
+            spec.kv_width() - current,
+            1,
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|s| s.width > 0)
+    .collect()
 }
 
 /// The schedule a kernel gets unless told otherwise: the largest tiles (and most warps) whose
@@ -34,18 +116,32 @@ impl ForwardKernel {
 pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Schedule, String> {
     let d = spec.head_dim as u32;
     // Two stages (copy one tile ahead) where shared memory allows, else one.
+    let gemm = |block_n: u32| {
+        [2, 1].map(|stages| Schedule {
+            block_m: 64,
+            block_n,
+            block_k: 32,
+            warps: 4,
+            stages,
+        })
+    };
     let candidates: Vec<Schedule> = match which {
+        // Column tiles must not straddle a head (the v segments are stored per head).
         ForwardKernel::QkvProjection => [64, 32, 16]
             .into_iter()
+            .filter(|block_n| d.is_multiple_of(*block_n))
+            .flat_map(gemm)
+            .collect(),
+        // Nothing is streamed: one buffer of each staged tile.
+        ForwardKernel::QkPrologue => [64, 32, 16]
+            .into_iter()
             .flat_map(|block_m| {
-                [2, 1].into_iter().flat_map(move |stages| {
-                    [4, 2, 1].map(|warps| Schedule {
-                        block_m,
-                        block_n: d,
-                        block_k: 32,
-                        warps,
-                        stages,
-                    })
+                [4, 2, 1].map(|warps| Schedule {
+                    block_m,
+                    block_n: d,
+                    block_k: 32,
+                    warps,
+                    stages: 1,
                 })
             })
             .collect(),
@@ -61,15 +157,7 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
                 })
             })
             .collect(),
-        ForwardKernel::OutputProjection => [2, 1]
-            .map(|stages| Schedule {
-                block_m: 64,
-                block_n: 64,
-                block_k: 32,
-                warps: 4,
-                stages,
-            })
-            .to_vec(),
+        ForwardKernel::OutputProjection => gemm(64).to_vec(),
     };
     let mut last_error = String::from("no candidate schedule");
     for schedule in candidates {
@@ -84,10 +172,10 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
     ))
 }
 
-/// The three forward kernels of `spec` (qkv_proj, attention, out_proj, the order they run in),
-/// each with its default schedule: what `ccc compile --emit kernel` prints.
+/// The forward kernels of `spec` in launch order, each with its default schedule: what
+/// `ccc compile --emit kernel` prints.
 pub fn forward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
-    ForwardKernel::ALL
+    ForwardKernel::launched_by(spec)
         .into_iter()
         .map(|which| build_forward(spec, which, &default_schedule(spec, which)?))
         .collect()
@@ -105,7 +193,16 @@ pub fn build_forward(
         return Err(format!("schedule {s:?} has a zero size"));
     }
     let kernel = match which {
-        ForwardKernel::QkvProjection => QkvBuilder::new(spec, s)?.build(),
+        ForwardKernel::QkvProjection => build_qkv_proj(spec, s)?,
+        ForwardKernel::QkPrologue => {
+            if !has_qk_prologue(spec) {
+                return Err(format!(
+                    "{} has no q/k step after the projection: it launches no qk_prologue",
+                    spec.name
+                ));
+            }
+            PrologueBuilder::new(spec, s)?.build()
+        }
         ForwardKernel::Attention => build_attention(spec, s)?,
         ForwardKernel::OutputProjection => build_out_proj(spec, s)?,
     };
@@ -334,45 +431,46 @@ fn size_params() -> [KernelParam; 2] {
     ]
 }
 
-/// One projection pass: acc = x[rows x_row0 .. +M] · W[w_row0 .. +d]ᵀ over model_dim in
-/// block_k chunks.
-struct Projection<'a> {
-    x_s: TileId,
+/// One GEMM tile: acc = a[b, a_row0 .. +rows, :] · W[w_row0 .. +cols, :]ᵀ over the `depth`
+/// columns of a in block_k chunks, through a ring of `stages` shared buffers.
+struct GemmTile<'a> {
+    a_s: TileId,
     w_s: TileId,
     acc: TileId,
     tiles: &'a Tiles,
-    model_dim: usize,
-    /// Rows of x and of W per pass (one ring slot each).
+    /// The [B, S, depth] activation read.
+    a_param: &'a str,
+    depth: usize,
     rows: u32,
-    head_dim: u32,
+    cols: u32,
     block_k: u32,
     stages: u32,
 }
 
-impl Projection<'_> {
-    fn stmts(&self, weight: &str, w_row0: Expr, x_row0: Expr) -> Vec<Stmt> {
+impl GemmTile<'_> {
+    fn stmts(&self, weight: &str, w_row0: Expr, a_row0: Expr) -> Vec<Stmt> {
         let t = self.tiles;
-        let (m, d, bk) = (self.rows, self.head_dim, self.block_k);
+        let (m, n, bk) = (self.rows, self.cols, self.block_k);
         let load = |chunk: Expr, slot: Expr| {
             let col = times(chunk, bk);
             vec![
                 Stmt::Copy {
-                    dst: t.view(self.x_s, times(slot.clone(), m), int(0), m, bk),
+                    dst: t.view(self.a_s, times(slot.clone(), m), int(0), m, bk),
                     src: GlobalTile {
-                        param: "x".into(),
+                        param: self.a_param.into(),
                         dims: vec![
                             GlobalDim::At(var("b")),
-                            span(x_row0.clone(), m),
+                            span(a_row0.clone(), m),
                             span(col.clone(), bk),
                         ],
                     },
                     is_async: true,
                 },
                 Stmt::Copy {
-                    dst: t.view(self.w_s, times(slot, d), int(0), d, bk),
+                    dst: t.view(self.w_s, times(slot, n), int(0), n, bk),
                     src: GlobalTile {
                         param: weight.into(),
-                        dims: vec![span(w_row0.clone(), d), span(col, bk)],
+                        dims: vec![span(w_row0.clone(), n), span(col, bk)],
                     },
                     is_async: true,
                 },
@@ -381,8 +479,8 @@ impl Projection<'_> {
         let compute = |_: Expr, slot: Expr| {
             vec![Stmt::Mma {
                 acc: t.whole(self.acc),
-                a: t.view(self.x_s, times(slot.clone(), m), int(0), m, bk),
-                b: t.view(self.w_s, times(slot, d), int(0), d, bk),
+                a: t.view(self.a_s, times(slot.clone(), m), int(0), m, bk),
+                b: t.view(self.w_s, times(slot, n), int(0), n, bk),
                 b_transposed: true,
             }]
         };
@@ -390,20 +488,232 @@ impl Projection<'_> {
             dst: t.whole(self.acc),
             value: 0.0,
         }];
-        let chunks = int(self.model_dim.div_ceil(bk as usize));
+        let chunks = int(self.depth.div_ceil(bk as usize));
         out.extend(pipelined_loop("kc", chunks, self.stages, &load, &compute));
         out
     }
 }
 
-/// Which head a `qkv_proj` pass produces.
+/// The tiles of a GEMM kernel: the streamed a and W rings and the accumulator.
+struct GemmTiles {
+    tiles: Tiles,
+    a_s: TileId,
+    w_s: TileId,
+    acc: TileId,
+}
+
+impl GemmTiles {
+    fn new(spec: &AttentionSpec, s: &Schedule, a_name: &str) -> Result<GemmTiles, String> {
+        let (bm, bn, bk) = (s.block_m, s.block_n, s.block_k);
+        if bk % 16 != 0 {
+            return Err(format!("block_k {bk} is not a multiple of 16"));
+        }
+        let (wm, wn) = warp_grid(bm, bn, s.warps)?;
+        let storage: ElemType = spec.dtype.into();
+        let mut tiles = Tiles { decls: Vec::new() };
+        let a_s = tiles.shared(a_name, storage, s.stages * bm, bk);
+        let w_s = tiles.shared("w_s", storage, s.stages * bn, bk);
+        let acc = tiles.regs(
+            "acc",
+            ElemType::F32,
+            bm,
+            bn,
+            Layout::MmaAccumulator {
+                warps_m: wm,
+                warps_n: wn,
+            },
+        );
+        Ok(GemmTiles {
+            tiles,
+            a_s,
+            w_s,
+            acc,
+        })
+    }
+
+    fn tile<'a>(&'a self, s: &Schedule, a_param: &'a str, depth: usize) -> GemmTile<'a> {
+        GemmTile {
+            a_s: self.a_s,
+            w_s: self.w_s,
+            acc: self.acc,
+            tiles: &self.tiles,
+            a_param,
+            depth,
+            rows: s.block_m,
+            cols: s.block_n,
+            block_k: s.block_k,
+            stages: s.stages,
+        }
+    }
+}
+
+/// `qkv_proj`: x·Wᵀ + bias over the column segments of `projection_segments`; CTA (column
+/// tile, row tile, batch), column tiles fastest so that the CTAs running together share x rows.
+fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
+    let (bm, bn) = (s.block_m, s.block_n);
+    let d = spec.head_dim;
+    // Every column tile then lies inside one head, so a per-head store covers it.
+    if !d.is_multiple_of(bn as usize) {
+        return Err(format!(
+            "qkv_proj column tiles of {bn} straddle heads of {d}: block_n must divide head_dim"
+        ));
+    }
+    let gemm = GemmTiles::new(spec, s, "x_s")?;
+    let storage: ElemType = spec.dtype.into();
+    let tile = gemm.tile(s, "x", spec.model_dim);
+    let t = &gemm.tiles;
+    let segments = projection_segments(spec);
+    // Segment i owns column tiles first_tiles[i] .. first_tiles[i + 1].
+    let mut first_tiles = Vec::new();
+    let mut column_tiles = 0;
+    for segment in &segments {
+        first_tiles.push(column_tiles);
+        column_tiles += segment.width / bn as usize;
+    }
+    // Built from the last segment outwards: if col_tile < first_tiles[1] { q } else if ...
+    let mut chain: Vec<Stmt> = Vec::new();
+    for (index, segment) in segments.iter().enumerate().rev() {
+        let w_row0 = times(plus(var("col_tile"), -(first_tiles[index] as i64)), bn);
+        let mut body = vec![Stmt::Note(format!(
+            "{}[.., {}..{}] = x{}·{}ᵀ{}",
+            segment.output,
+            segment.column0,
+            segment.column0 + segment.width,
+            if segment.row_shift == 0 {
+                String::new()
+            } else {
+                format!("[t - {}]", segment.row_shift)
+            },
+            segment.weight,
+            segment
+                .bias
+                .as_ref()
+                .map_or(String::new(), |bias| format!(" + {bias}")),
+        ))];
+        body.extend(tile.stmts(
+            &segment.weight,
+            w_row0.clone(),
+            plus(var("row0"), -(segment.row_shift as i64)),
+        ));
+        if let Some(bias) = &segment.bias {
+            body.push(Stmt::Map {
+                dst: t.whole(gemm.acc),
+                expr: Expr::Elem + Expr::global(bias, vec![w_row0.clone() + Expr::Col]),
+            });
+        }
+        let channel0 = plus(w_row0, segment.column0 as i64);
+        let columns = if segment.output == PROJECTION_BUFFER {
+            vec![span(channel0, bn)]
+        } else {
+            vec![
+                GlobalDim::At(channel0.clone().floor_div(int(d))),
+                span(channel0.modulo(int(d)), bn),
+            ]
+        };
+        let mut dims = vec![GlobalDim::At(var("b")), span(var("row0"), bm)];
+        dims.extend(columns);
+        body.push(Stmt::Store {
+            src: t.whole(gemm.acc),
+            dst: GlobalTile {
+                param: segment.output.clone(),
+                dims,
+            },
+        });
+        chain = if chain.is_empty() {
+            body
+        } else {
+            vec![Stmt::If {
+                cond: var("col_tile").lt(int(first_tiles[index + 1])),
+                then_body: body,
+                else_body: chain,
+            }]
+        };
+    }
+    let mut body = vec![
+        Stmt::Note(format!(
+            "CTA = rows {bm} x columns {bn} of one projection segment for batch b"
+        )),
+        let_("col_tile", Expr::BlockIdx(Axis::X)),
+        let_("row_tile", Expr::BlockIdx(Axis::Y)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("row0", var("row_tile") * int(bm)),
+    ];
+    body.extend(chain);
+
+    let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
+    let mut params = vec![tensor(
+        "x",
+        storage,
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.model_dim)],
+        Access::Read,
+    )];
+    params.extend(weight_params(spec, is_projection_param));
+    if has_qk_prologue(spec) {
+        params.push(tensor(
+            PROJECTION_BUFFER,
+            storage,
+            vec![
+                SizeExpr::batch(),
+                SizeExpr::seq_len(),
+                size(spec.q_width() + spec.kv_width()),
+            ],
+            Access::Write,
+        ));
+    } else {
+        params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
+        params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
+    }
+    params.push(tensor("v", storage, bsd(spec.kv_heads), Access::Write));
+    params.extend(size_params());
+    Ok(KernelFn {
+        name: format!("{}_{}", spec.name, ForwardKernel::QkvProjection.suffix()),
+        params,
+        grid: [
+            size(column_tiles),
+            SizeExpr::seq_len().ceil_div(bm as u64),
+            SizeExpr::batch(),
+        ],
+        warps: s.warps,
+        tiles: gemm.tiles.decls,
+        schedule: *s,
+        body,
+    })
+}
+
+/// The q, k and v projection weights and biases (what `qkv_proj` reads).
+fn is_projection_param(role: ParamRole) -> bool {
+    matches!(
+        role,
+        ParamRole::QueryProj
+            | ParamRole::QueryBias
+            | ParamRole::KeyProj
+            | ParamRole::KeyBias
+            | ParamRole::ValueProjCurrent
+            | ParamRole::ValueBiasCurrent
+            | ParamRole::ValueProjDelayed
+            | ParamRole::ValueBiasDelayed
+    )
+}
+
+/// The convolution weights and biases and the key temperature (what `qk_prologue` reads).
+fn is_prologue_param(role: ParamRole) -> bool {
+    matches!(
+        role,
+        ParamRole::ConvWeight { .. } | ParamRole::ConvBias { .. } | ParamRole::KeyTemperature
+    )
+}
+
+/// Which head a `qk_prologue` pass produces.
 #[derive(Clone, Copy, PartialEq)]
 enum HeadKind {
     Query,
     Key,
 }
 
-struct QkvBuilder<'a> {
+/// `qk_prologue`: one CTA per (row tile, batch, kv group) turns the group's heads of `p0` into
+/// q̃ and k̃ (convolutions, q-k mean, L2 norm, RoPE), re-reading the T halo rows before its
+/// first output row.
+struct PrologueBuilder<'a> {
     spec: &'a AttentionSpec,
     schedule: Schedule,
     tiles: Tiles,
@@ -414,14 +724,14 @@ struct QkvBuilder<'a> {
     out_rows: u32,
     lead: u32,
     d: u32,
-    x_s: TileId,
-    w_s: TileId,
+    /// Staging of the per-head convolutions' weights, one block_k chunk of one tap.
+    w_s: Option<TileId>,
     acc: TileId,
     row_sum: Option<TileId>,
     rope_s: Option<TileId>,
-    /// Shared tiles of the prologue: raw projection P0 of the head, raw k0 of the key head
-    /// (q-k mean), convolution ping-pong buffers, the running sum of the group's q0.
-    staged: Option<Staged>,
+    /// Shared tiles: the head read from p0, raw k0 of the key head (q-k mean), convolution
+    /// ping-pong buffers, the running sum of the group's q0.
+    staged: Staged,
 }
 
 struct Staged {
@@ -431,12 +741,12 @@ struct Staged {
     q_sum: Option<TileId>,
 }
 
-impl<'a> QkvBuilder<'a> {
-    fn new(spec: &'a AttentionSpec, s: &Schedule) -> Result<QkvBuilder<'a>, String> {
+impl<'a> PrologueBuilder<'a> {
+    fn new(spec: &'a AttentionSpec, s: &Schedule) -> Result<PrologueBuilder<'a>, String> {
         let d = spec.head_dim as u32;
         if s.block_n != d {
             return Err(format!(
-                "qkv_proj computes one head per pass: block_n must be head_dim {d}"
+                "qk_prologue works on one head at a time: block_n must be head_dim {d}"
             ));
         }
         if !s.block_k.is_multiple_of(16) {
@@ -458,8 +768,11 @@ impl<'a> QkvBuilder<'a> {
             .max()
             .unwrap_or(0);
         let mut tiles = Tiles { decls: Vec::new() };
-        let x_s = tiles.shared("x_s", storage, s.stages * m, s.block_k);
-        let w_s = tiles.shared("w_s", storage, s.stages * d, s.block_k);
+        let w_s = spec
+            .qk_conv
+            .iter()
+            .any(|c| c.kind == ConvKind::PerHead)
+            .then(|| tiles.shared("w_s", storage, d, Self::conv_chunk(d, s.block_k)));
         let acc_layout = Layout::MmaAccumulator {
             warps_m: wm,
             warps_n: wn,
@@ -477,23 +790,21 @@ impl<'a> QkvBuilder<'a> {
                 },
             )
         });
-        let staged = (!spec.qk_conv.is_empty() || spec.qk_mean).then(|| {
-            let rows = lead + m;
-            Staged {
-                p0: tiles.shared("p0", storage, rows, d),
-                k0: spec.qk_mean.then(|| tiles.shared("k0", storage, rows, d)),
-                conv: (0..spec.qk_conv.len().min(2))
-                    .map(|i| tiles.shared(&format!("conv{i}"), storage, rows, d))
-                    .collect(),
-                q_sum: spec
-                    .qk_mean
-                    .then(|| tiles.shared("q0_sum", ElemType::F32, m, d)),
-            }
-        });
+        let rows = lead + m;
+        let staged = Staged {
+            p0: tiles.shared("p0_s", storage, rows, d),
+            k0: spec.qk_mean.then(|| tiles.shared("k0", storage, rows, d)),
+            conv: (0..spec.qk_conv.len().min(2))
+                .map(|i| tiles.shared(&format!("conv{i}"), storage, rows, d))
+                .collect(),
+            q_sum: spec
+                .qk_mean
+                .then(|| tiles.shared("q0_sum", ElemType::F32, m, d)),
+        };
         let rope_s = spec
             .rope
             .map(|_| tiles.shared("rope_in", ElemType::F32, m, d));
-        Ok(QkvBuilder {
+        Ok(PrologueBuilder {
             spec,
             schedule: *s,
             tiles,
@@ -502,7 +813,6 @@ impl<'a> QkvBuilder<'a> {
             out_rows: m - halo,
             lead,
             d,
-            x_s,
             w_s,
             acc,
             row_sum,
@@ -511,18 +821,10 @@ impl<'a> QkvBuilder<'a> {
         })
     }
 
-    fn projection(&self) -> Projection<'_> {
-        Projection {
-            x_s: self.x_s,
-            w_s: self.w_s,
-            acc: self.acc,
-            tiles: &self.tiles,
-            model_dim: self.spec.model_dim,
-            rows: self.m,
-            head_dim: self.d,
-            block_k: self.schedule.block_k,
-            stages: self.schedule.stages,
-        }
+    /// Channels of a per-head convolution's weight staged at once: block_k where it divides
+    /// head_dim, else 16 (head_dim is a multiple of 16 wherever mma tiles it).
+    fn conv_chunk(d: u32, block_k: u32) -> u32 {
+        if d.is_multiple_of(block_k) { block_k } else { 16 }
     }
 
     /// Position (token index) of tile row 0.
@@ -540,21 +842,22 @@ impl<'a> QkvBuilder<'a> {
 
     fn build(self) -> KernelFn {
         let spec = self.spec;
-        let (e, d) = (spec.model_dim, spec.head_dim);
+        let d = spec.head_dim;
         let storage: ElemType = spec.dtype.into();
         let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
         let mut params = vec![tensor(
-            "x",
+            PROJECTION_BUFFER,
             storage,
-            vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)],
+            vec![
+                SizeExpr::batch(),
+                SizeExpr::seq_len(),
+                size(spec.q_width() + spec.kv_width()),
+            ],
             Access::Read,
         )];
-        params.extend(weight_params(spec, |r| {
-            !matches!(r, ParamRole::OutputProj | ParamRole::OutputBias)
-        }));
+        params.extend(weight_params(spec, is_prologue_param));
         params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
-        params.push(tensor("v", storage, bsd(spec.kv_heads), Access::Write));
         params.extend(size_params());
 
         let mut body = vec![
@@ -562,7 +865,7 @@ impl<'a> QkvBuilder<'a> {
                 format!("CTA = {} rows of batch b for kv group j", self.out_rows)
             } else {
                 format!(
-                    "CTA = {} output rows (+{} halo rows recomputed) of batch b for kv group j",
+                    "CTA = {} output rows (+{} halo rows re-read) of batch b for kv group j",
                     self.out_rows, self.halo
                 )
             }),
@@ -574,7 +877,10 @@ impl<'a> QkvBuilder<'a> {
         if self.halo > 0 {
             body.push(let_("top", var("t0") - int(self.halo)));
         }
-        if let Some(st) = &self.staged {
+        let st = &self.staged;
+        if self.lead > 0 || st.q_sum.is_some() {
+            // The lead rows above each staged tile are the convolution taps before its first
+            // row; the sum of q0 starts from zero.
             let mut zeroed = vec![st.p0];
             zeroed.extend(st.k0);
             zeroed.extend(&st.conv);
@@ -585,28 +891,23 @@ impl<'a> QkvBuilder<'a> {
             }));
             body.push(Stmt::Barrier);
         }
-        let key_weight = self.name(ParamRole::KeyProj);
-        let key_rows = var("j") * int(d);
-        if let Some(k0) = self.staged.as_ref().and_then(|st| st.k0) {
+        let key_channel0 = int(spec.q_width()) + var("j") * int(d);
+        if let Some(k0) = st.k0 {
             body.push(Stmt::Note(
                 "raw key head k0 of group j (the q-k mean needs it for every query head)".into(),
             ));
-            body.extend(self.projected_head(HeadKind::Key, &key_weight, key_rows.clone(), k0));
+            body.extend(self.read_head(key_channel0.clone(), k0));
         }
         let g = spec.groups();
         let mut query_pass = vec![let_("h", var("j") * int(g) + var("s"))];
-        let query_weight = self.name(ParamRole::QueryProj);
-        let query_rows = var("h") * int(d);
-        query_pass.extend(self.head_pass(HeadKind::Query, &query_weight, query_rows));
+        query_pass.extend(self.head_pass(HeadKind::Query, var("h") * int(d)));
         body.push(Stmt::Note(format!("query heads h of group j (G = {g})")));
         body.push(for_("s", int(0), int(g), query_pass));
         body.push(Stmt::Note("key head j".into()));
-        body.extend(self.head_pass(HeadKind::Key, &key_weight, key_rows));
-        body.push(Stmt::Note("value head j".into()));
-        body.extend(self.value_pass());
+        body.extend(self.head_pass(HeadKind::Key, key_channel0));
 
         KernelFn {
-            name: format!("{}_{}", spec.name, ForwardKernel::QkvProjection.suffix()),
+            name: format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
             params,
             grid: [
                 SizeExpr::seq_len().ceil_div(self.out_rows as u64),
@@ -620,23 +921,26 @@ impl<'a> QkvBuilder<'a> {
         }
     }
 
-    /// Projection of one head into `acc`, bias added, rows before token 0 zeroed (they are the
-    /// convolution's left padding), staged into rows lead.. of the shared tile `into`.
-    fn projected_head(
-        &self,
-        kind: HeadKind,
-        weight: &str,
-        w_row0: Expr,
-        into: TileId,
-    ) -> Vec<Stmt> {
-        let mut out = self.projection().stmts(weight, w_row0.clone(), self.top());
-        out.extend(self.bias_map(kind, w_row0, true));
-        out.push(Stmt::Convert {
-            dst: self.lead_rows(into),
-            src: self.tiles.whole(self.acc),
-        });
-        out.push(Stmt::Barrier);
-        out
+    /// Channels channel0 .. +d of rows top .. top + M of p0 into rows lead.. of the shared tile
+    /// `into`; rows before token 0 (the convolution's padding) and from S on read as zero.
+    fn read_head(&self, channel0: Expr, into: TileId) -> Vec<Stmt> {
+        vec![
+            Stmt::Copy {
+                dst: self.lead_rows(into),
+                src: GlobalTile {
+                    param: PROJECTION_BUFFER.into(),
+                    dims: vec![
+                        GlobalDim::At(var("b")),
+                        span(self.top(), self.m),
+                        span(channel0, self.d),
+                    ],
+                },
+                is_async: true,
+            },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+        ]
     }
 
     fn lead_rows(&self, tile: TileId) -> TileView {
@@ -644,59 +948,24 @@ impl<'a> QkvBuilder<'a> {
             .view(tile, int(self.lead), int(0), self.m, self.d)
     }
 
-    fn bias_map(&self, kind: HeadKind, w_row0: Expr, zero_padding_rows: bool) -> Option<Stmt> {
-        let role = match kind {
-            HeadKind::Query => ParamRole::QueryBias,
-            HeadKind::Key => ParamRole::KeyBias,
-        };
-        let bias = param_name(self.spec, role)?;
-        let with_bias = Expr::Elem + Expr::global(&bias, vec![w_row0 + Expr::Col]);
-        let expr = if zero_padding_rows && self.halo > 0 {
-            Expr::select(
-                int(0).le(self.top() + Expr::Row),
-                with_bias,
-                Expr::Float(0.0),
-            )
-        } else {
-            with_bias
-        };
-        Some(Stmt::Map {
-            dst: self.tiles.whole(self.acc),
-            expr,
-        })
-    }
-
-    /// Everything for one query or key head: projection, prologue, store.
-    fn head_pass(&self, kind: HeadKind, weight: &str, w_row0: Expr) -> Vec<Stmt> {
-        let spec = self.spec;
-        let d = spec.head_dim as i64;
-        let channel0 = match kind {
-            HeadKind::Query => var("h") * int(d),
-            HeadKind::Key => int(spec.q_width()) + var("j") * int(d),
-        };
+    /// Everything for one query or key head: read, prologue, store.
+    fn head_pass(&self, kind: HeadKind, channel0: Expr) -> Vec<Stmt> {
+        let st = &self.staged;
         let mut out = Vec::new();
-        match &self.staged {
-            None => {
-                out.extend(self.projection().stmts(weight, w_row0.clone(), self.top()));
-                out.extend(self.bias_map(kind, w_row0, false));
+        let raw = match (kind, st.k0) {
+            (HeadKind::Key, Some(k0)) => k0,
+            _ => {
+                out.extend(self.read_head(channel0.clone(), st.p0));
+                st.p0
             }
-            Some(st) => {
-                let raw = match (kind, st.k0) {
-                    (HeadKind::Key, Some(k0)) => k0,
-                    _ => {
-                        out.extend(self.projected_head(kind, weight, w_row0, st.p0));
-                        st.p0
-                    }
-                };
-                let y = self.conv_stages(&mut out, raw, &channel0);
-                out.push(self.combine(kind, st, raw, y));
-                if let (HeadKind::Query, Some(q_sum)) = (kind, st.q_sum) {
-                    out.push(Stmt::Map {
-                        dst: self.tiles.whole(q_sum),
-                        expr: Expr::Elem + self.lead_read(st.p0),
-                    });
-                }
-            }
+        };
+        let y = self.conv_stages(&mut out, raw, &channel0);
+        out.push(self.combine(kind, st, raw, y));
+        if let (HeadKind::Query, Some(q_sum)) = (kind, st.q_sum) {
+            out.push(Stmt::Map {
+                dst: self.tiles.whole(q_sum),
+                expr: Expr::Elem + self.lead_read(st.p0),
+            });
         }
         out.extend(self.normalize(kind));
         out.extend(self.rope());
@@ -741,10 +1010,7 @@ impl<'a> QkvBuilder<'a> {
 
     /// The convolution stages over rows of the staged head; returns the tile holding the result.
     fn conv_stages(&self, out: &mut Vec<Stmt>, input: TileId, channel0: &Expr) -> TileId {
-        let st = self
-            .staged
-            .as_ref()
-            .expect("convolutions run on staged tiles");
+        let st = &self.staged;
         let mut src = input;
         for (index, stage) in self.spec.qk_conv.iter().enumerate() {
             let dst = st.conv[index % 2];
@@ -779,11 +1045,8 @@ impl<'a> QkvBuilder<'a> {
                 }
                 ConvKind::PerHead => {
                     let d = self.d;
-                    let chunk = if d.is_multiple_of(self.schedule.block_k) {
-                        self.schedule.block_k
-                    } else {
-                        16
-                    };
+                    let chunk = Self::conv_chunk(d, self.schedule.block_k);
+                    let w_s = self.w_s.expect("a per-head stage stages its weights");
                     let col = var("kc") * int(chunk);
                     let tap_loop = for_(
                         "kc",
@@ -791,7 +1054,7 @@ impl<'a> QkvBuilder<'a> {
                         int(d / chunk),
                         vec![
                             Stmt::Copy {
-                                dst: self.tiles.view(self.w_s, int(0), int(0), d, chunk),
+                                dst: self.tiles.view(w_s, int(0), int(0), d, chunk),
                                 src: GlobalTile {
                                     param: weight.clone(),
                                     dims: vec![
@@ -812,7 +1075,7 @@ impl<'a> QkvBuilder<'a> {
                                     self.m,
                                     chunk,
                                 ),
-                                b: self.tiles.view(self.w_s, int(0), int(0), d, chunk),
+                                b: self.tiles.view(w_s, int(0), int(0), d, chunk),
                                 b_transposed: true,
                             },
                             Stmt::Barrier,
@@ -934,57 +1197,6 @@ impl<'a> QkvBuilder<'a> {
                 expr: Expr::select(col().lt(int(r)), rotated, own),
             },
         ]
-    }
-
-    /// Value head j: the current token's x, or x of the previous token for the last
-    /// value_shift heads.
-    fn value_pass(&self) -> Vec<Stmt> {
-        let spec = self.spec;
-        let d = spec.head_dim as i64;
-        let current = spec.current_value_heads() as i64;
-        let pass = |weight_role: ParamRole, bias_role: ParamRole, head0: i64, shift: i64| {
-            let weight = self.name(weight_role);
-            let w_row0 = plus(var("j"), -head0) * int(d);
-            let mut out =
-                self.projection()
-                    .stmts(&weight, w_row0.clone(), plus(self.top(), -shift));
-            if let Some(bias) = param_name(spec, bias_role) {
-                out.push(Stmt::Map {
-                    dst: self.tiles.whole(self.acc),
-                    expr: Expr::Elem + Expr::global(&bias, vec![w_row0 + Expr::Col]),
-                });
-            }
-            out
-        };
-        let current_pass = || {
-            pass(
-                ParamRole::ValueProjCurrent,
-                ParamRole::ValueBiasCurrent,
-                0,
-                0,
-            )
-        };
-        let delayed_pass = || {
-            pass(
-                ParamRole::ValueProjDelayed,
-                ParamRole::ValueBiasDelayed,
-                current,
-                1,
-            )
-        };
-        let mut out = if spec.value_shift == 0 {
-            current_pass()
-        } else if current == 0 {
-            delayed_pass()
-        } else {
-            vec![Stmt::If {
-                cond: var("j").lt(int(current)),
-                then_body: current_pass(),
-                else_body: delayed_pass(),
-            }]
-        };
-        out.push(self.store_rows("v", var("j")));
-        out
     }
 }
 
@@ -1301,90 +1513,32 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
 }
 
 fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
-    let (bm, bn, bk) = (s.block_m, s.block_n, s.block_k);
-    if bk % 16 != 0 {
-        return Err(format!("block_k {bk} is not a multiple of 16"));
-    }
-    let (wm, wn) = warp_grid(bm, bn, s.warps)?;
+    let (bm, bn) = (s.block_m, s.block_n);
     let storage: ElemType = spec.dtype.into();
     let (e, lq) = (spec.model_dim, spec.q_width());
-    let mut t = Tiles { decls: Vec::new() };
-    let a_s = t.shared("o_s", storage, s.stages * bm, bk);
-    let w_s = t.shared("w_s", storage, s.stages * bn, bk);
-    let acc = t.regs(
-        "acc",
-        ElemType::F32,
-        bm,
-        bn,
-        Layout::MmaAccumulator {
-            warps_m: wm,
-            warps_n: wn,
-        },
-    );
+    let gemm = GemmTiles::new(spec, s, "o_s")?;
+    let t = &gemm.tiles;
     let weight =
         param_name(spec, ParamRole::OutputProj).expect("every spec has an output projection");
-    let load = |chunk: Expr, slot: Expr| {
-        let col = times(chunk, bk);
-        vec![
-            Stmt::Copy {
-                dst: t.view(a_s, times(slot.clone(), bm), int(0), bm, bk),
-                src: GlobalTile {
-                    param: "o".into(),
-                    dims: vec![
-                        GlobalDim::At(var("b")),
-                        span(var("row0"), bm),
-                        span(col.clone(), bk),
-                    ],
-                },
-                is_async: true,
-            },
-            Stmt::Copy {
-                dst: t.view(w_s, times(slot, bn), int(0), bn, bk),
-                src: GlobalTile {
-                    param: weight.clone(),
-                    dims: vec![span(var("col0"), bn), span(col, bk)],
-                },
-                is_async: true,
-            },
-        ]
-    };
-    let compute = |_: Expr, slot: Expr| {
-        vec![Stmt::Mma {
-            acc: t.whole(acc),
-            a: t.view(a_s, times(slot.clone(), bm), int(0), bm, bk),
-            b: t.view(w_s, times(slot, bn), int(0), bn, bk),
-            b_transposed: true,
-        }]
-    };
     let mut body = vec![
         Stmt::Note(format!("CTA = rows {bm} x columns {bn} of out for batch b")),
-        let_("row_tile", Expr::BlockIdx(Axis::X)),
-        let_("col_tile", Expr::BlockIdx(Axis::Y)),
+        let_("col_tile", Expr::BlockIdx(Axis::X)),
+        let_("row_tile", Expr::BlockIdx(Axis::Y)),
         let_("b", Expr::BlockIdx(Axis::Z)),
         let_("row0", var("row_tile") * int(bm)),
         let_("col0", var("col_tile") * int(bn)),
-        Stmt::Fill {
-            dst: t.whole(acc),
-            value: 0.0,
-        },
     ];
-    body.extend(pipelined_loop(
-        "kc",
-        int(lq.div_ceil(bk as usize)),
-        s.stages,
-        &load,
-        &compute,
-    ));
+    body.extend(gemm.tile(s, "o", lq).stmts(&weight, var("col0"), var("row0")));
     if let Some(bias) = param_name(spec, ParamRole::OutputBias) {
         // Clamped so that columns past E (never stored) still read inside the bias.
         let column = (var("col0") + Expr::Col).min(int(e - 1));
         body.push(Stmt::Map {
-            dst: t.whole(acc),
+            dst: t.whole(gemm.acc),
             expr: Expr::Elem + Expr::global(&bias, vec![column]),
         });
     }
     body.push(Stmt::Store {
-        src: t.whole(acc),
+        src: t.whole(gemm.acc),
         dst: GlobalTile {
             param: "out".into(),
             dims: vec![
@@ -1414,12 +1568,12 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         name: format!("{}_{}", spec.name, ForwardKernel::OutputProjection.suffix()),
         params,
         grid: [
-            SizeExpr::seq_len().ceil_div(bm as u64),
             size(e.div_ceil(bn as usize)),
+            SizeExpr::seq_len().ceil_div(bm as u64),
             SizeExpr::batch(),
         ],
         warps: s.warps,
-        tiles: t.decls,
+        tiles: gemm.tiles.decls,
         schedule: *s,
         body,
     })

@@ -513,7 +513,7 @@ pub struct ForwardOutputs {
     pub out: Vec<f64>,
 }
 
-/// Runs the three forward kernels of `spec` with their default schedules, in exact mode.
+/// Runs the forward kernels of `spec` with their default schedules, in exact mode.
 /// `weights` holds every tensor of `spec.params()` by name; `x` is [B, S, E].
 pub fn run_forward(
     spec: &AttentionSpec,
@@ -522,52 +522,76 @@ pub fn run_forward(
     batch: usize,
     seq_len: usize,
 ) -> Result<ForwardOutputs, String> {
-    let schedules = ForwardKernel::ALL
-        .map(|which| default_schedule(spec, which))
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut schedules = BTreeMap::new();
+    for which in ForwardKernel::launched_by(spec) {
+        schedules.insert(which, default_schedule(spec, which)?);
+    }
     run_forward_with(
         spec,
         weights,
         x,
         batch,
         seq_len,
-        [schedules[0], schedules[1], schedules[2]],
+        &|which| schedules[&which],
         Rounding::Exact,
     )
 }
 
-/// `run_forward` with explicit schedules (qkv_proj, attention, out_proj) and rounding.
+/// `run_forward` with an explicit schedule for each kernel it launches, and rounding. Every
+/// buffer a kernel writes that is not there yet (q, k, v, p0, o, lse, out) is allocated from
+/// its parameter's shape, zero-filled.
 pub fn run_forward_with(
     spec: &AttentionSpec,
     weights: &Buffers,
     x: &[f64],
     batch: usize,
     seq_len: usize,
-    schedules: [Schedule; 3],
+    schedule_of: &dyn Fn(ForwardKernel) -> Schedule,
     rounding: Rounding,
 ) -> Result<ForwardOutputs, String> {
-    let (b, s, d) = (batch, seq_len, spec.head_dim);
+    let sizes = SizeEnv {
+        batch: batch as u64,
+        seq_len: seq_len as u64,
+    };
     let mut buffers = weights.clone();
     buffers.insert("x".into(), x.to_vec());
-    let zeros = |n: usize| vec![0.0; n];
-    buffers.insert("q".into(), zeros(b * s * spec.query_heads * d));
-    buffers.insert("k".into(), zeros(b * s * spec.kv_heads * d));
-    buffers.insert("v".into(), zeros(b * s * spec.kv_heads * d));
-    buffers.insert("o".into(), zeros(b * s * spec.query_heads * d));
-    buffers.insert("lse".into(), zeros(b * spec.query_heads * s));
-    buffers.insert("out".into(), zeros(b * s * spec.model_dim));
-    for (which, schedule) in ForwardKernel::ALL.into_iter().zip(schedules) {
-        let kernel = build_forward(spec, which, &schedule)?;
+    for which in ForwardKernel::launched_by(spec) {
+        let kernel = build_forward(spec, which, &schedule_of(which))?;
+        for param in &kernel.params {
+            if let KernelParam::Tensor {
+                name,
+                shape,
+                access: Access::Write,
+                ..
+            } = param
+                && !buffers.contains_key(name)
+            {
+                let mut len = 1usize;
+                for dim in shape {
+                    let extent = dim
+                        .eval(&sizes)
+                        .and_then(|v| usize::try_from(v).ok())
+                        .ok_or_else(|| format!("{}: {dim} overflows", kernel.name))?;
+                    len = len
+                        .checked_mul(extent)
+                        .ok_or_else(|| format!("{}: buffer {name} overflows", kernel.name))?;
+                }
+                buffers.insert(name.clone(), vec![0.0; len]);
+            }
+        }
         run_kernel(&kernel, &mut buffers, batch, seq_len, rounding)?;
     }
-    let mut take = |name: &str| buffers.remove(name).expect("allocated above");
+    let mut take = |name: &str| {
+        buffers
+            .remove(name)
+            .ok_or_else(|| format!("no forward kernel of {} writes {name}", spec.name))
+    };
     Ok(ForwardOutputs {
-        q: take("q"),
-        k: take("k"),
-        v: take("v"),
-        o: take("o"),
-        lse: take("lse"),
-        out: take("out"),
+        q: take("q")?,
+        k: take("k")?,
+        v: take("v")?,
+        o: take("o")?,
+        lse: take("lse")?,
+        out: take("out")?,
     })
 }

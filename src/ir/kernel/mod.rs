@@ -31,7 +31,10 @@ pub mod interp;
 mod print;
 mod verify;
 
-pub use build::{ForwardKernel, build_forward, default_schedule, forward_kernels};
+pub use build::{
+    ForwardKernel, PROJECTION_BUFFER, ProjectionSegment, build_forward, default_schedule,
+    forward_kernels, has_qk_prologue, projection_segments,
+};
 pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
 
 use crate::ir::size::{SizeExpr, SizeVar};
@@ -303,10 +306,11 @@ pub enum Stmt {
 }
 
 /// Tile sizes and warps of one kernel. What each size means depends on the kernel:
-/// qkv_proj: block_m = rows of the projected tile incl. the convolution halo, block_n = columns
-/// per projection pass (head_dim), block_k = model_dim chunk; attention: block_m query rows,
-/// block_n keys per tile, block_k = head_dim; out_proj: block_m rows × block_n output columns,
-/// block_k = reduction chunk. A ring of `stages` buffers holds the streamed tiles.
+/// qkv_proj and out_proj: block_m rows × block_n output columns, block_k = reduction chunk;
+/// qk_prologue: block_m = rows of the tile incl. the convolution halo, block_n = head_dim,
+/// block_k = channels of a per-head convolution's weights staged at once; attention: block_m
+/// query rows, block_n keys per tile, block_k = head_dim. A ring of `stages` buffers holds the
+/// streamed tiles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Schedule {
     pub block_m: u32,

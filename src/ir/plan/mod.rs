@@ -4,7 +4,7 @@
 //! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
 
 use crate::ir::graph::{Graph, KernelRole, OpKind, OutputKind, TensorType, ValueId};
-use crate::ir::kernel::{self, ForwardKernel, Schedule};
+use crate::ir::kernel::{self, ForwardKernel, KernelParam, ProjectionSegment, Schedule};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::size::{SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
@@ -56,9 +56,12 @@ pub struct PlannedKernel {
 /// What the kernel-IR builder needs to know beyond the spec.
 #[derive(Clone, Debug, PartialEq)]
 pub enum KernelKind {
-    /// [q0 | k0 | v] = x·[W_q | W_k | W_v…]ᵀ with the prologue steps in its epilogue. Each row
-    /// tile recomputes `halo_rows` rows before its first output row.
-    QkvProjection {
+    /// The projection GEMM: each column segment is x (or the previous token's x)·Wᵀ + bias
+    /// into a range of channels of p0 (or q, k) and v.
+    QkvProjection { segments: Vec<ProjectionSegment> },
+    /// The CCA prologue on p0, writing q and k. Each row tile re-reads `halo_rows` rows of p0
+    /// before its first output row.
+    QkPrologue {
         halo_rows: usize,
         prologue: Vec<PrologueStep>,
     },
@@ -81,6 +84,7 @@ impl PlannedKernel {
     pub fn forward_kernel(&self) -> ForwardKernel {
         match self.kind {
             KernelKind::QkvProjection { .. } => ForwardKernel::QkvProjection,
+            KernelKind::QkPrologue { .. } => ForwardKernel::QkPrologue,
             KernelKind::Attention { .. } => ForwardKernel::Attention,
             KernelKind::OutputProjection { .. } => ForwardKernel::OutputProjection,
         }
@@ -91,20 +95,16 @@ impl KernelKind {
     pub fn symbol_suffix(&self) -> &'static str {
         match self {
             KernelKind::QkvProjection { .. } => "qkv_proj",
+            KernelKind::QkPrologue { .. } => "qk_prologue",
             KernelKind::Attention { .. } => "attention",
             KernelKind::OutputProjection { .. } => "out_proj",
         }
     }
 }
 
-/// One step of the projection epilogue, in execution order.
+/// One step of the q/k prologue, in execution order.
 #[derive(Clone, Debug, PartialEq)]
 pub enum PrologueStep {
-    /// The last `value_heads` kv heads take their value from x `rows` tokens back.
-    TokenShift {
-        rows: usize,
-        value_heads: usize,
-    },
     /// T zero rows of history before the sequence (padded once).
     CausalPad {
         rows: usize,
@@ -266,16 +266,19 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
 
         let role = graph.groups[group.0].role;
         let (kind, which) = match role {
-            KernelRole::QkvProjection { halo_rows } => {
-                let prologue = prologue_steps(members.iter().map(|op| &op.kind), spec.value_shift);
-                (
-                    KernelKind::QkvProjection {
-                        halo_rows,
-                        prologue,
-                    },
-                    ForwardKernel::QkvProjection,
-                )
-            }
+            KernelRole::QkvProjection => (
+                KernelKind::QkvProjection {
+                    segments: kernel::projection_segments(spec),
+                },
+                ForwardKernel::QkvProjection,
+            ),
+            KernelRole::QkPrologue { halo_rows } => (
+                KernelKind::QkPrologue {
+                    halo_rows,
+                    prologue: prologue_steps(members.iter().map(|op| &op.kind)),
+                },
+                ForwardKernel::QkPrologue,
+            ),
             KernelRole::Attention => {
                 let Some(OpKind::Attention {
                     mask,
@@ -310,6 +313,27 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         // the warp layout; the grid is the one of the kernel they build.
         let schedule = kernel::default_schedule(spec, which).or_else(fail)?;
         let built = kernel::build_forward(spec, which, &schedule).or_else(fail)?;
+        // The graph's cut and the kernel builder's parameters must name the same tensors (p0
+        // or q and k, weights included), or the launch would bind the wrong buffers.
+        let planned: BTreeSet<&str> = kernel_inputs
+            .iter()
+            .chain(&outputs)
+            .chain(&scratch)
+            .map(|b| b.name.as_str())
+            .chain(params.iter().map(String::as_str))
+            .collect();
+        let bound: BTreeSet<&str> = built
+            .params
+            .iter()
+            .filter(|p| matches!(p, KernelParam::Tensor { .. }))
+            .map(KernelParam::name)
+            .collect();
+        if planned != bound {
+            return fail(format!(
+                "{}: the fusion group reads and writes {planned:?}, the kernel binds {bound:?}",
+                built.name
+            ));
+        }
         let [x, y, z] = built.grid;
         let grid = Grid { x, y, z };
         kernels.push(PlannedKernel {
@@ -348,19 +372,12 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
     })
 }
 
-/// The prologue of a projection kernel: one step per CCA op, q and k halves of the same step
-/// (their norms, their RoPE) merged into one.
-fn prologue_steps<'a>(
-    ops: impl Iterator<Item = &'a OpKind>,
-    value_shift: usize,
-) -> Vec<PrologueStep> {
+/// The steps of the q/k prologue: one per CCA op, q and k halves of the same step (their
+/// norms, their RoPE) merged into one.
+fn prologue_steps<'a>(ops: impl Iterator<Item = &'a OpKind>) -> Vec<PrologueStep> {
     let mut steps: Vec<PrologueStep> = Vec::new();
     for kind in ops {
         let step = match kind {
-            OpKind::TokenShift { rows } => PrologueStep::TokenShift {
-                rows: *rows,
-                value_heads: value_shift,
-            },
             OpKind::CausalPad { rows } => PrologueStep::CausalPad { rows: *rows },
             OpKind::ConvStage { kind, width, .. } => PrologueStep::Conv {
                 kind: *kind,
@@ -467,7 +484,7 @@ impl KernelPlan {
                 }
                 available.push(buffer.clone());
             }
-            if let KernelKind::QkvProjection { halo_rows, .. } = kernel.kind
+            if let KernelKind::QkPrologue { halo_rows, .. } = kernel.kind
                 && halo_rows >= kernel.schedule.block_m as usize
             {
                 return fail(format!(

@@ -1,7 +1,7 @@
 //! The stable text form of the plan (`ccc compile --emit plan`): a header that counts the
 //! kernels, the layer's buffers, then one block per kernel with its kind, buffers, schedule and grid.
 
-use super::{Buffer, KernelKind, KernelPlan, PlannedKernel, PrologueStep};
+use super::{Buffer, KernelKind, KernelPlan, PlannedKernel, PrologueStep, ProjectionSegment};
 use crate::ir::graph::print_names::{conv_kind_name, mask_text, temperature_name};
 use crate::spec::RopeStyle;
 use std::fmt;
@@ -71,13 +71,17 @@ fn write_kernel(f: &mut fmt::Formatter<'_>, kernel: &PlannedKernel) -> fmt::Resu
 
 fn kind_text(kind: &KernelKind) -> String {
     match kind {
-        KernelKind::QkvProjection {
+        KernelKind::QkvProjection { segments } => {
+            let segments: Vec<String> = segments.iter().map(segment_text).collect();
+            format!("qkv_projection {{segments = [{}]}}", segments.join(", "))
+        }
+        KernelKind::QkPrologue {
             halo_rows,
             prologue,
         } => {
             let steps: Vec<String> = prologue.iter().map(step_text).collect();
             format!(
-                "qkv_projection {{halo_rows = {halo_rows}, prologue = [{}]}}",
+                "qk_prologue {{halo_rows = {halo_rows}, steps = [{}]}}",
                 steps.join(", ")
             )
         }
@@ -98,11 +102,28 @@ fn kind_text(kind: &KernelKind) -> String {
     }
 }
 
+/// `v[0..256] = x[t - 1]·@v_proj_delayed.weight + @v_proj_delayed.bias`: the channels of the
+/// output a segment writes and what it computes.
+fn segment_text(segment: &ProjectionSegment) -> String {
+    let shift = match segment.row_shift {
+        0 => String::new(),
+        rows => format!("[t - {rows}]"),
+    };
+    let bias = segment
+        .bias
+        .as_ref()
+        .map_or(String::new(), |bias| format!(" + @{bias}"));
+    format!(
+        "{}[{}..{}] = x{shift}·@{}ᵀ{bias}",
+        segment.output,
+        segment.column0,
+        segment.column0 + segment.width,
+        segment.weight
+    )
+}
+
 fn step_text(step: &PrologueStep) -> String {
     match step {
-        PrologueStep::TokenShift { rows, value_heads } => {
-            format!("token_shift(rows = {rows}, value_heads = {value_heads})")
-        }
         PrologueStep::CausalPad { rows } => format!("causal_pad({rows})"),
         PrologueStep::Conv { kind, width } => format!("{}({width})", conv_kind_name(*kind)),
         PrologueStep::QkMean => "qk_mean".into(),
