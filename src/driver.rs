@@ -117,6 +117,17 @@ pub fn uses_wgmma_attention(spec: &AttentionSpec) -> bool {
     matches!(spec.head_dim, 64 | 128) && matches!(spec.mask, Mask::Causal | Mask::None)
 }
 
+/// Whether the projection GEMMs of `spec` (qkv_proj, out_proj) come from the Hopper fast path
+/// (the persistent wgmma GEMM of `codegen::hopper`): its 16-byte copies need reduction widths
+/// (model_dim and the query width) that are multiples of 8 elements. Same ABI either way.
+pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
+    spec.model_dim.is_multiple_of(8) && spec.q_width().is_multiple_of(8)
+}
+
+fn is_projection(kernel: &KernelFn) -> bool {
+    kernel.name.ends_with("_qkv_proj") || kernel.name.ends_with("_out_proj")
+}
+
 /// Kernel IR text, with a note on the kernels whose PTX does not come from it.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     let mut out = String::new();
@@ -125,6 +136,11 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
                     // warp-specialized ping-pong, 128x128 tiles); this kernel IR is its mma.sync\n\
                     // equivalent, which the interpreter checks and other targets lower.\n";
+        }
+        if uses_wgmma_projection(spec) && is_projection(&kernel) {
+            out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: persistent\n\
+                    // warp-specialized wgmma GEMM, 128-row tiles, one CTA per SM); this kernel IR is\n\
+                    // its mma.sync equivalent, which the interpreter checks and other targets lower.\n";
         }
         out += &kernel.to_string();
     }
@@ -257,6 +273,9 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
     use crate::codegen::hopper::{GemmSegment, HopperGemmConfig};
     use crate::spec::ParamRole;
     let name = |role: ParamRole| spec.param_name(role);
+    if !uses_wgmma_projection(spec) || !is_projection(kernel) {
+        return None;
+    }
     let (a, k, segments) = if kernel.name.ends_with("_out_proj") {
         let e = spec.model_dim as u32;
         let segment = GemmSegment {
@@ -270,7 +289,25 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         };
         ("o", spec.q_width() as u32, vec![segment])
     } else {
-        return None;
+        // Every destination is [B, S, channels] row-major ([B, S, heads, d] counts heads·d).
+        let width_of = |output: &str| match output {
+            "q" => spec.q_width(),
+            "k" | "v" => spec.kv_width(),
+            _ => spec.q_width() + spec.kv_width(),
+        };
+        let segments = kernel::projection_segments(spec)
+            .into_iter()
+            .map(|s| GemmSegment {
+                dest_width: width_of(&s.output) as u32,
+                weight: s.weight,
+                bias: s.bias,
+                cols: s.width as u32,
+                dest: s.output,
+                dest_col: s.column0 as u32,
+                row_shift: s.row_shift as u32,
+            })
+            .collect();
+        ("x", spec.model_dim as u32, segments)
     };
     let block_n = if segments.iter().all(|s| s.cols.is_multiple_of(256)) { 256 } else { 128 };
     let config = HopperGemmConfig {
@@ -284,7 +321,7 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         block_n,
         stages: 4,
     };
-    config.launch().is_ok().then_some(config)
+    Some(config)
 }
 
 #[cfg(feature = "llvm")]

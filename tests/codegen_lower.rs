@@ -72,6 +72,39 @@ fn codegen_lower_examples_assemble_without_spills() {
     assert!(spilling.is_empty(), "kernels spill: {spilling:#?}");
 }
 
+/// The PTX of each `.entry` of a module, by symbol.
+fn entries(ptx: &str) -> Vec<(String, String)> {
+    ptx.split(".entry ")
+        .skip(1)
+        .map(|text| (text.split('(').next().unwrap_or_default().trim().to_string(), text.to_string()))
+        .collect()
+}
+
+#[test]
+fn codegen_libraries_take_projections_and_attention_from_the_hopper_path() {
+    for spec in example_files() {
+        let lowered = ccc::driver::lowered(&spec).unwrap_or_else(|error| panic!("{error}"));
+        for (symbol, text) in entries(&lowered.ptx) {
+            let wgmma = text.contains("wgmma.mma_async");
+            let expected = if symbol.ends_with("_attention") {
+                ccc::driver::uses_wgmma_attention(&spec)
+            } else if symbol.ends_with("_qkv_proj") || symbol.ends_with("_out_proj") {
+                ccc::driver::uses_wgmma_projection(&spec)
+            } else {
+                false
+            };
+            assert_eq!(wgmma, expected, "{symbol}: wgmma {wgmma}");
+        }
+        for report in assemble_all(&lowered.ptx) {
+            assert!(!spills(&report), "{} spills: {report:?}", report.kernel);
+        }
+    }
+}
+
+fn assemble_all(ptx: &str) -> Vec<PtxasReport> {
+    ptxas::assemble(ptx).unwrap_or_else(|error| panic!("ptxas: {error}"))
+}
+
 /// A random valid spec over the whole language: d in {16, 32, 64, 128}, conv stages, masks
 /// (sliding windows too), q-k mean, value shift, norms, rope styles, bias, f16/bf16.
 fn random_spec(rng: &mut XorShift64Star, index: usize) -> AttentionSpec {

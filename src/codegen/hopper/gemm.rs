@@ -213,7 +213,7 @@ impl HopperGemmConfig {
 /// The values that depend on which segment the CTA's column tile is in (uniform over the CTA).
 struct SegmentValues<'ctx> {
     weight: PointerValue<'ctx>,
-    /// A valid pointer even without a bias (then never read).
+    /// Without a bias, the weight (as many leading elements; read and ignored).
     bias: PointerValue<'ctx>,
     has_bias: IntValue<'ctx>,
     dest: PointerValue<'ctx>,
@@ -519,25 +519,6 @@ fn store_tile<'ctx>(
     let (segment, batch, row_start) = (&tile.segment, tile.batch, tile.row_start);
     let pair_col = kb.add(tile.col_start, kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?)?;
     let fragments = config.block_n / 8;
-    // Bias of this thread's column pairs (zero without a bias or past the segment).
-    let bias_slots =
-        (0..2 * fragments).map(|_| kb.register_slot()).collect::<Result<Vec<PointerValue<'ctx>>>>()?;
-    for slot in &bias_slots {
-        kb.store_f32(*slot, kb.f32(0.0))?;
-    }
-    kb.if_then(segment.has_bias, |kb| {
-        for fragment in 0..fragments {
-            let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
-            kb.if_then(kb.lt(col, segment.cols)?, |kb| {
-                let pointer = kb.element_pointer(segment.bias, elem, kb.to_i64(col)?)?;
-                let (low, high) = load_pair_as_f32(kb, pointer, elem)?;
-                kb.store_f32(bias_slots[2 * fragment as usize], low)?;
-                kb.store_f32(bias_slots[2 * fragment as usize + 1], high)
-            })?;
-        }
-        Ok(())
-    })?;
-    let bias: Vec<FloatValue<'ctx>> = bias_slots.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
     let first_row = kb.add(
         kb.add(row_start, kb.mul(warpgroup, kb.i32(WARPGROUP_ROWS as i64))?)?,
         kb.add(kb.mul(warp_in_group, kb.i32(16))?, kb.div(lane, kb.i32(4))?)?,
@@ -559,9 +540,15 @@ fn store_tile<'ctx>(
             for fragment in 0..fragments {
                 let first = (4 * fragment + 2 * half) as usize;
                 let col = kb.add(pair_col, kb.i32((8 * fragment) as i64))?;
-                let low = kb.fadd(accumulators[first], bias[2 * fragment as usize])?;
-                let high = kb.fadd(accumulators[first + 1], bias[2 * fragment as usize + 1])?;
                 kb.if_then(kb.lt(col, segment.cols)?, |kb| {
+                    // Loaded where it is added (an L1 hit after the first row): held for the
+                    // whole tile, block_n / 4 bias values per thread would spill at n256.
+                    // Without a bias the pointer is the weight's, in bounds and ignored.
+                    let (bias_low, bias_high) =
+                        load_pair_as_f32(kb, kb.element_pointer(segment.bias, elem, kb.to_i64(col)?)?, elem)?;
+                    let low = kb.fadd(accumulators[first], kb.select_f32(segment.has_bias, bias_low, kb.f32(0.0))?)?;
+                    let high =
+                        kb.fadd(accumulators[first + 1], kb.select_f32(segment.has_bias, bias_high, kb.f32(0.0))?)?;
                     let address = kb.element_pointer(row_base, elem, kb.to_i64(col)?)?;
                     kb.store_int(address, kb.pack_half2(elem, low, high)?)
                 })?;
