@@ -10,6 +10,16 @@ use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, TileView};
 use crate::ir::size::SizeExpr;
 
+/// Elements one thread copies per iteration of an element-wise copy (loads in flight at once).
+const COPY_BATCH: u32 = 8;
+
+/// One element of an element-wise copy between its load and its store.
+enum CopiedElement<'ctx> {
+    /// Same 16-bit type on both sides: the bits.
+    Bits(IntValue<'ctx>),
+    Float(FloatValue<'ctx>),
+}
+
 /// Loads one element and widens it to f32 (bf16 by moving its bits up, f16 by `cvt`).
 pub(super) fn load_as_f32<'ctx>(kb: &KernelBuilder<'_, 'ctx>, pointer: PointerValue<'ctx>, elem: Elem) -> Result<FloatValue<'ctx>> {
     let builder = kb.builder();
@@ -341,22 +351,60 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 
     /// Element-wise copy (strided boxes, 1-column boxes, conversions): outside elements read 0.
+    /// Each thread takes every `threads`-th element, [`COPY_BATCH`] of them per loop iteration:
+    /// all their loads are issued before the first store, so their latencies overlap (one load
+    /// and store per iteration waited a full L2 round trip per element: the per-head conv
+    /// weights, copied this way, were most of the CCA prologue's time).
     fn copy_elements(&self, kb: &KernelBuilder<'_, 'ctx>, window: &SharedTile<'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
         let pitch = kb.i32(window.row_pitch() as i64);
-        self.for_each_window_element(kb, window.rows, window.cols, |kb, row, col| {
-            let inside = global.inside(kb, row, col)?;
-            let source = global.pointer(kb, row, col)?;
-            // The load always happens, from the tensor's first element when outside.
-            let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
-            let target = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
-            if global.tensor.elem == window.elem && window.elem != Elem::F32 {
-                let bits = kb.builder().build_load(kb.context().i16_type(), source, "")?.into_int_value();
-                let zero = kb.context().i16_type().const_zero();
-                kb.store_int(target, kb.select_int(inside, bits, zero)?)
-            } else {
-                let value = load_as_f32(kb, source, global.tensor.elem)?;
-                store_from_f32(kb, target, window.elem, kb.select_f32(inside, value, kb.f32(0.0))?)
+        let threads = self.kernel.threads();
+        let count = window.rows * window.cols;
+        let rounds = count.div_ceil(threads);
+        let batch = rounds.min(COPY_BATCH);
+        let batches = rounds.div_ceil(batch);
+        // Every (round, thread) of every batch is an element unless the last batch or round is
+        // partial.
+        let exact = count.is_multiple_of(threads) && rounds.is_multiple_of(batch);
+        let thread = kb.thread_index()?;
+        let same_type = global.tensor.elem == window.elem && window.elem != Elem::F32;
+        kb.for_range_rolled(kb.i32(0), kb.i32(batches as i64), |kb, batch_index| {
+            let mut pending = Vec::with_capacity(batch as usize);
+            for step in 0..batch {
+                let round = kb.add(kb.mul(batch_index, kb.i32(batch as i64))?, kb.i32(step as i64))?;
+                let index = kb.add(kb.mul(round, kb.i32(threads as i64))?, thread)?;
+                let exists = if exact { None } else { Some(kb.lt(index, kb.i32(count as i64))?) };
+                // A missing element reads element 0 of the window's box and is not stored.
+                let index = match exists {
+                    Some(exists) => kb.select_int(exists, index, kb.i32(0))?,
+                    None => index,
+                };
+                let row = kb.div(index, kb.i32(window.cols as i64))?;
+                let col = kb.rem(index, kb.i32(window.cols as i64))?;
+                let inside = global.inside(kb, row, col)?;
+                let source = global.pointer(kb, row, col)?;
+                // The load always happens, from the tensor's first element when outside.
+                let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
+                let value = if same_type {
+                    let bits = kb.builder().build_load(kb.context().i16_type(), source, "")?.into_int_value();
+                    CopiedElement::Bits(kb.select_int(inside, bits, kb.context().i16_type().const_zero())?)
+                } else {
+                    let value = load_as_f32(kb, source, global.tensor.elem)?;
+                    CopiedElement::Float(kb.select_f32(inside, value, kb.f32(0.0))?)
+                };
+                let target = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
+                pending.push((exists, target, value));
             }
+            for (exists, target, value) in pending {
+                let store = |kb: &KernelBuilder<'_, 'ctx>| match value {
+                    CopiedElement::Bits(bits) => kb.store_int(target, bits),
+                    CopiedElement::Float(value) => store_from_f32(kb, target, window.elem, value),
+                };
+                match exists {
+                    Some(exists) => kb.if_then(exists, store)?,
+                    None => store(kb)?,
+                }
+            }
+            Ok(())
         })
     }
 
