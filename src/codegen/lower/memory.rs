@@ -10,8 +10,9 @@ use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, TileView};
 use crate::ir::size::SizeExpr;
 
-/// Elements one thread copies per iteration of an element-wise copy (loads in flight at once).
-const COPY_BATCH: u32 = 8;
+/// Elements of a shared window one thread loads per loop iteration before storing them (the
+/// loads in flight at once), see `for_each_window_element`.
+const ELEMENT_BATCH: u32 = 8;
 
 /// One element of an element-wise copy between its load and its store.
 enum CopiedElement<'ctx> {
@@ -252,31 +253,52 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         Ok(GlobalBox { tensor, fixed, rows, cols: axes.next(), shape })
     }
 
-    /// Runs `body(kb, row, col)` for every element of a `rows × cols` window, spread over the
-    /// block's threads: element `i · threads + thread` in round `i`.
-    fn for_each_window_element(
+    /// Runs `load(kb, row, col)` then `store(kb, loaded)` for every element of a `rows × cols`
+    /// window, spread over the block's threads (element `i · threads + thread` in round `i`),
+    /// [`ELEMENT_BATCH`] rounds per loop iteration: all loads of an iteration are issued before
+    /// its first store, so their latencies overlap. (One load and store per iteration waited a
+    /// full L2 round trip per element: the per-head conv weights, copied element by element
+    /// because their tap dimension is innermost, were most of the CCA prologue's time.) The loop
+    /// stays rolled: fully unrolled, all rounds' values would be live at once next to the
+    /// accumulators (the strided conv-weight copies spilled that way).
+    fn for_each_window_element<T>(
         &self,
         kb: &KernelBuilder<'_, 'ctx>,
         rows: u32,
         cols: u32,
-        mut body: impl FnMut(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<()>,
+        mut load: impl FnMut(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<T>,
+        mut store: impl FnMut(&KernelBuilder<'_, 'ctx>, T) -> Result<()>,
     ) -> Result<()> {
         let threads = self.kernel.threads();
         let count = rows * cols;
         let rounds = count.div_ceil(threads);
+        let batch = rounds.min(ELEMENT_BATCH);
+        let batches = rounds.div_ceil(batch);
+        // Every (round, thread) of every batch is an element unless a round or batch is partial.
+        let exact = count.is_multiple_of(threads) && rounds.is_multiple_of(batch);
         let thread = kb.thread_index()?;
-        // Kept rolled: fully unrolled, the rounds' loads and addresses all stay live at once
-        // next to the accumulators (the strided conv-weight copies spilled that way).
-        kb.for_range_rolled(kb.i32(0), kb.i32(rounds as i64), |kb, round| {
-            let index = kb.add(kb.mul(round, kb.i32(threads as i64))?, thread)?;
-            let row = kb.div(index, kb.i32(cols as i64))?;
-            let col = kb.rem(index, kb.i32(cols as i64))?;
-            if count.is_multiple_of(threads) {
-                body(kb, row, col)
-            } else {
-                let inside = kb.lt(index, kb.i32(count as i64))?;
-                kb.if_then(inside, |kb| body(kb, row, col))
+        kb.for_range_rolled(kb.i32(0), kb.i32(batches as i64), |kb, batch_index| {
+            let mut pending = Vec::with_capacity(batch as usize);
+            for step in 0..batch {
+                let round = kb.add(kb.mul(batch_index, kb.i32(batch as i64))?, kb.i32(step as i64))?;
+                let index = kb.add(kb.mul(round, kb.i32(threads as i64))?, thread)?;
+                let exists = if exact { None } else { Some(kb.lt(index, kb.i32(count as i64))?) };
+                // A missing element loads as element (0, 0) and is not stored.
+                let index = match exists {
+                    Some(exists) => kb.select_int(exists, index, kb.i32(0))?,
+                    None => index,
+                };
+                let row = kb.div(index, kb.i32(cols as i64))?;
+                let col = kb.rem(index, kb.i32(cols as i64))?;
+                pending.push((exists, load(kb, row, col)?));
             }
+            for (exists, loaded) in pending {
+                match exists {
+                    Some(exists) => kb.if_then(exists, |kb| store(kb, loaded))?,
+                    None => store(kb, loaded)?,
+                }
+            }
+            Ok(())
         })
     }
 
@@ -284,12 +306,18 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     pub(super) fn map_shared(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, expr: &Expr) -> Result<()> {
         let window = self.shared_window(kb, dst)?;
         let pitch = kb.i32(window.row_pitch() as i64);
-        self.for_each_window_element(kb, window.rows, window.cols, |kb, row, col| {
-            let pointer = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
-            let old = load_as_f32(kb, pointer, window.elem)?;
-            let value = self.eval(kb, expr, &ElementSite::Shared { row, col, value: old })?.float()?;
-            store_from_f32(kb, pointer, window.elem, value)
-        })
+        self.for_each_window_element(
+            kb,
+            window.rows,
+            window.cols,
+            |kb, row, col| {
+                let pointer = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
+                let old = load_as_f32(kb, pointer, window.elem)?;
+                let value = self.eval(kb, expr, &ElementSite::Shared { row, col, value: old })?.float()?;
+                Ok((pointer, value))
+            },
+            |kb, (pointer, value)| store_from_f32(kb, pointer, window.elem, value),
+        )
     }
 
     /// `Copy`: cp.async in 16-byte chunks when the box allows it, else element by element.
@@ -351,39 +379,19 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 
     /// Element-wise copy (strided boxes, 1-column boxes, conversions): outside elements read 0.
-    /// Each thread takes every `threads`-th element, [`COPY_BATCH`] of them per loop iteration:
-    /// all their loads are issued before the first store, so their latencies overlap (one load
-    /// and store per iteration waited a full L2 round trip per element: the per-head conv
-    /// weights, copied this way, were most of the CCA prologue's time).
     fn copy_elements(&self, kb: &KernelBuilder<'_, 'ctx>, window: &SharedTile<'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
         let pitch = kb.i32(window.row_pitch() as i64);
-        let threads = self.kernel.threads();
-        let count = window.rows * window.cols;
-        let rounds = count.div_ceil(threads);
-        let batch = rounds.min(COPY_BATCH);
-        let batches = rounds.div_ceil(batch);
-        // Every (round, thread) of every batch is an element unless the last batch or round is
-        // partial.
-        let exact = count.is_multiple_of(threads) && rounds.is_multiple_of(batch);
-        let thread = kb.thread_index()?;
         let same_type = global.tensor.elem == window.elem && window.elem != Elem::F32;
-        kb.for_range_rolled(kb.i32(0), kb.i32(batches as i64), |kb, batch_index| {
-            let mut pending = Vec::with_capacity(batch as usize);
-            for step in 0..batch {
-                let round = kb.add(kb.mul(batch_index, kb.i32(batch as i64))?, kb.i32(step as i64))?;
-                let index = kb.add(kb.mul(round, kb.i32(threads as i64))?, thread)?;
-                let exists = if exact { None } else { Some(kb.lt(index, kb.i32(count as i64))?) };
-                // A missing element reads element 0 of the window's box and is not stored.
-                let index = match exists {
-                    Some(exists) => kb.select_int(exists, index, kb.i32(0))?,
-                    None => index,
-                };
-                let row = kb.div(index, kb.i32(window.cols as i64))?;
-                let col = kb.rem(index, kb.i32(window.cols as i64))?;
+        self.for_each_window_element(
+            kb,
+            window.rows,
+            window.cols,
+            |kb, row, col| {
                 let inside = global.inside(kb, row, col)?;
                 let source = global.pointer(kb, row, col)?;
                 // The load always happens, from the tensor's first element when outside.
                 let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
+                let target = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
                 let value = if same_type {
                     let bits = kb.builder().build_load(kb.context().i16_type(), source, "")?.into_int_value();
                     CopiedElement::Bits(kb.select_int(inside, bits, kb.context().i16_type().const_zero())?)
@@ -391,21 +399,13 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     let value = load_as_f32(kb, source, global.tensor.elem)?;
                     CopiedElement::Float(kb.select_f32(inside, value, kb.f32(0.0))?)
                 };
-                let target = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
-                pending.push((exists, target, value));
-            }
-            for (exists, target, value) in pending {
-                let store = |kb: &KernelBuilder<'_, 'ctx>| match value {
-                    CopiedElement::Bits(bits) => kb.store_int(target, bits),
-                    CopiedElement::Float(value) => store_from_f32(kb, target, window.elem, value),
-                };
-                match exists {
-                    Some(exists) => kb.if_then(exists, store)?,
-                    None => store(kb)?,
-                }
-            }
-            Ok(())
-        })
+                Ok((target, value))
+            },
+            |kb, (target, value)| match value {
+                CopiedElement::Bits(bits) => kb.store_int(target, bits),
+                CopiedElement::Float(value) => store_from_f32(kb, target, window.elem, value),
+            },
+        )
     }
 
     /// `Store` of a register tile: every element inside the box (tensor bounds, `valid`) is
