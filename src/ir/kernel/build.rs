@@ -728,10 +728,19 @@ struct PrologueBuilder<'a> {
     w_s: Option<TileId>,
     acc: TileId,
     row_sum: Option<TileId>,
-    rope_s: Option<TileId>,
+    rope_s: Option<RopeStaging>,
     /// Shared tiles: the head read from p0, raw k0 of the key head (q-k mean), convolution
     /// ping-pong buffers, the running sum of the group's q0.
     staged: Staged,
+}
+
+/// Where RoPE stages the normalized head in shared memory (each element needs its partner).
+struct RopeStaging {
+    tile: TileId,
+    /// Tile row of the head's first row.
+    first_row: u32,
+    /// The first conv buffer, free by then: it may still be read as the last stage's output.
+    reuses_conv: bool,
 }
 
 struct Staged {
@@ -801,9 +810,14 @@ impl<'a> PrologueBuilder<'a> {
                 .qk_mean
                 .then(|| tiles.shared("q0_sum", ElemType::F32, m, d)),
         };
-        let rope_s = spec
-            .rope
-            .map(|_| tiles.shared("rope_in", ElemType::F32, m, d));
+        // RoPE stages the normalized head in shared memory (each element needs its partner).
+        // With convolutions it reuses the first conv buffer, free by then, in the storage type:
+        // a separate f32 tile (32 KiB for 64 rows of 128) would keep ZAYA1's prologue at one
+        // CTA per SM.
+        let rope_s = spec.rope.map(|_| match staged.conv.first() {
+            Some(conv0) => RopeStaging { tile: *conv0, first_row: lead, reuses_conv: true },
+            None => RopeStaging { tile: tiles.shared("rope_in", ElemType::F32, m, d), first_row: 0, reuses_conv: false },
+        });
         Ok(PrologueBuilder {
             spec,
             schedule: *s,
@@ -1158,9 +1172,10 @@ impl<'a> PrologueBuilder<'a> {
     /// RoPE at the absolute position of each row, through shared memory because each element
     /// needs its rotation partner.
     fn rope(&self) -> Vec<Stmt> {
-        let (Some(rope), Some(rope_s)) = (self.spec.rope, self.rope_s) else {
+        let (Some(rope), Some(staging)) = (self.spec.rope, &self.rope_s) else {
             return Vec::new();
         };
+        let (rope_s, first_row) = (staging.tile, staging.first_row);
         let r = rope.rotary_dim as i64;
         let half = r / 2;
         let col = || Expr::Col;
@@ -1183,12 +1198,19 @@ impl<'a> PrologueBuilder<'a> {
         let inv_freq =
             Expr::Float(rope.theta).pow(freq_index.to_float() * Expr::Float(-2.0 / r as f64));
         let angle = (self.top() + Expr::Row).to_float() * inv_freq;
-        let own = Expr::tile(rope_s, Expr::Row, Expr::Col);
+        let staged_row = || plus(Expr::Row, first_row as i64);
+        let own = Expr::tile(rope_s, staged_row(), Expr::Col);
         let rotated = own.clone() * angle.clone().cos()
-            + sign * Expr::tile(rope_s, Expr::Row, partner) * angle.sin();
-        vec![
+            + sign * Expr::tile(rope_s, staged_row(), partner) * angle.sin();
+        let mut out = Vec::new();
+        if staging.reuses_conv {
+            // The reused conv buffer may still be read (as the last stage's output) by other
+            // threads.
+            out.push(Stmt::Barrier);
+        }
+        out.extend([
             Stmt::Convert {
-                dst: self.tiles.whole(rope_s),
+                dst: self.tiles.view(rope_s, int(first_row), int(0), self.m, self.d),
                 src: self.tiles.whole(self.acc),
             },
             Stmt::Barrier,
@@ -1196,7 +1218,8 @@ impl<'a> PrologueBuilder<'a> {
                 dst: self.tiles.whole(self.acc),
                 expr: Expr::select(col().lt(int(r)), rotated, own),
             },
-        ]
+        ]);
+        out
     }
 }
 
