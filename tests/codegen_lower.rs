@@ -234,3 +234,18 @@ fn codegen_lower_rejects_a_kernel_that_does_not_verify() {
         other => panic!("expected a verification error, got {other:?}"),
     }
 }
+
+/// A compile emits each kernel in an LLVM module of its own, in parallel, and joins the PTX
+/// texts: the result must be the one-module text (what `--emit ptx` prints) byte for byte,
+/// the Hopper wgmma kernel of an example included.
+#[test]
+fn codegen_lower_kernels_emitted_apart_join_to_the_one_module_ptx() {
+    let zaya1 = example_files().into_iter().find(|spec| spec.name == "zaya1").expect("examples/zaya1.attn");
+    for spec in [tiny_spec(), zaya1] {
+        let one_module = ccc::driver::lowered(&spec).unwrap_or_else(|error| panic!("{}: {error}", spec.name));
+        let library = ccc::driver::compile_library(&spec, &ccc::driver::CompileOptions::default())
+            .unwrap_or_else(|error| panic!("{}: {error}", spec.name));
+        assert!(library.ptx.matches(".visible .entry ").count() >= 3, "{}", spec.name);
+        assert_eq!(library.ptx, one_module.ptx, "{}", spec.name);
+    }
+}

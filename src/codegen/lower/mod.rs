@@ -89,8 +89,83 @@ pub fn lower_sources(module_name: &str, sources: &[KernelSource]) -> Result<Lowe
 
 /// [`lower_sources`] without printing the LLVM IR (megabytes for a fused CCA kernel), for
 /// compiles that only need the PTX; `llvm_ir` is left empty.
+///
+/// Kernels share nothing but the module, so each is optimized and emitted in an LLVM module of
+/// its own on a thread of its own (LLVM's passes dominate a cold compile), and the PTX texts are
+/// joined into the text one module would have given.
 pub fn lower_sources_to_ptx(module_name: &str, sources: &[KernelSource]) -> Result<LoweredModule> {
-    lower_sources_with(module_name, sources, false)
+    if sources.len() < 2 {
+        return lower_sources_with(module_name, sources, false);
+    }
+    let parts: Vec<Result<LoweredModule>> = std::thread::scope(|scope| {
+        let threads: Vec<_> = sources
+            .iter()
+            .map(|source| {
+                std::thread::Builder::new()
+                    // LLVM recurses deeply on large kernels; match a main thread's stack.
+                    .stack_size(KERNEL_THREAD_STACK_BYTES)
+                    .spawn_scoped(scope, move || lower_sources_with(module_name, std::slice::from_ref(source), false))
+            })
+            .collect();
+        threads
+            .into_iter()
+            .map(|spawned| match spawned {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|_| Err(CodegenError::Llvm("a kernel's emission thread panicked".to_string()))),
+                Err(error) => Err(CodegenError::Llvm(format!("cannot start an emission thread: {error}"))),
+            })
+            .collect()
+    });
+    let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+    let ptx = join_ptx(parts.iter().map(|part| part.ptx.as_str()))?;
+    let kernels = parts.into_iter().flat_map(|part| part.kernels).collect();
+    Ok(LoweredModule { llvm_ir: String::new(), ptx, kernels })
+}
+
+const KERNEL_THREAD_STACK_BYTES: usize = 8 << 20;
+
+/// One PTX text from the texts of single-kernel modules, exactly as LLVM prints one module with
+/// all of them: the first header (up to `.address_size`), the first kernel's `.globl` note, every
+/// module's declarations (shared-memory symbols), then the kernels, each after its `.globl`
+/// note, with basic-block labels numbered by the kernel's place in the module.
+fn join_ptx<'a>(parts: impl Iterator<Item = &'a str>) -> Result<String> {
+    const HEADER_END: &str = ".address_size 64\n\n";
+    const KERNEL_START: &str = "\n.visible .entry ";
+    const GLOBL_NOTE: &str = "\t// .globl";
+    const FIRST_KERNEL_LABELS: &str = "$L__BB0_";
+    let malformed = || CodegenError::Llvm("the PTX of a kernel does not have the layout of LLVM's NVPTX printer".to_string());
+    let mut header = None;
+    let mut declarations = String::new();
+    let mut kernels = String::new();
+    for (index, ptx) in parts.enumerate() {
+        let body_start = ptx.find(HEADER_END).ok_or_else(malformed)? + HEADER_END.len();
+        let kernel_start = ptx[body_start..].find(KERNEL_START).ok_or_else(malformed)? + body_start + 1;
+        header.get_or_insert(&ptx[..body_start]);
+        let mut globl_note = "";
+        for line in ptx[body_start..kernel_start].lines().filter(|line| !line.is_empty()) {
+            if line.starts_with(GLOBL_NOTE) {
+                globl_note = line;
+            } else {
+                declarations.push_str(line);
+                declarations.push('\n');
+            }
+        }
+        if globl_note.is_empty() {
+            return Err(malformed());
+        }
+        let kernel = &ptx[kernel_start..];
+        if index == 0 {
+            declarations.insert_str(0, &format!("{globl_note}\n"));
+            kernels.push_str(kernel);
+        } else {
+            kernels.push_str(globl_note);
+            kernels.push('\n');
+            kernels.push_str(&kernel.replace(FIRST_KERNEL_LABELS, &format!("$L__BB{index}_")));
+        }
+    }
+    let header = header.ok_or_else(|| CodegenError::Llvm("no PTX to join".to_string()))?;
+    Ok(format!("{header}{declarations}\n{kernels}"))
 }
 
 fn lower_sources_with(
