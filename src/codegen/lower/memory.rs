@@ -11,8 +11,12 @@ use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, TileView};
 use crate::ir::size::SizeExpr;
 
 /// Elements of a shared window one thread loads per loop iteration before storing them (the
-/// loads in flight at once), see `for_each_window_element`.
-const ELEMENT_BATCH: u32 = 8;
+/// loads in flight at once), see `for_each_window_element`. Copies are small per element and
+/// wait on L2 (the per-head conv weights): many at once. A map evaluates its expression per
+/// element, mostly on shared memory and L1: a few at once, to keep code size (and compile
+/// time) down.
+const COPY_BATCH: u32 = 16;
+const MAP_BATCH: u32 = 4;
 
 /// One element of an element-wise copy between its load and its store.
 enum CopiedElement<'ctx> {
@@ -255,7 +259,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
 
     /// Runs `load(kb, row, col)` then `store(kb, loaded)` for every element of a `rows × cols`
     /// window, spread over the block's threads (element `i · threads + thread` in round `i`),
-    /// [`ELEMENT_BATCH`] rounds per loop iteration: all loads of an iteration are issued before
+    /// `batch` rounds per loop iteration: all loads of an iteration are issued before
     /// its first store, so their latencies overlap. (One load and store per iteration waited a
     /// full L2 round trip per element: the per-head conv weights, copied element by element
     /// because their tap dimension is innermost, were most of the CCA prologue's time.) The loop
@@ -266,13 +270,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         kb: &KernelBuilder<'_, 'ctx>,
         rows: u32,
         cols: u32,
+        batch: u32,
         mut load: impl FnMut(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<T>,
         mut store: impl FnMut(&KernelBuilder<'_, 'ctx>, T) -> Result<()>,
     ) -> Result<()> {
         let threads = self.kernel.threads();
         let count = rows * cols;
         let rounds = count.div_ceil(threads);
-        let batch = rounds.min(ELEMENT_BATCH);
+        let batch = rounds.min(batch);
         let batches = rounds.div_ceil(batch);
         // Every (round, thread) of every batch is an element unless a round or batch is partial.
         let exact = count.is_multiple_of(threads) && rounds.is_multiple_of(batch);
@@ -310,6 +315,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             kb,
             window.rows,
             window.cols,
+            MAP_BATCH,
             |kb, row, col| {
                 let pointer = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
                 let old = load_as_f32(kb, pointer, window.elem)?;
@@ -386,6 +392,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             kb,
             window.rows,
             window.cols,
+            COPY_BATCH,
             |kb, row, col| {
                 let inside = global.inside(kb, row, col)?;
                 let source = global.pointer(kb, row, col)?;
