@@ -214,6 +214,21 @@ impl<'ctx> PtxModule<'ctx> {
             .map_err(|message| CodegenError::Llvm(format!("optimization: {message}")))
     }
 
+    /// Marks kernel `name` `optnone` (with the `noinline` it requires): code generation then
+    /// selects its instructions without optimizing. Only after [`PtxModule::optimize`]: the IR
+    /// pipeline skips `optnone` functions too.
+    pub fn skip_codegen_optimization(&self, name: &str) -> Result<()> {
+        let function = self
+            .module
+            .get_function(name)
+            .ok_or_else(|| CodegenError::Llvm(format!("no kernel `{name}` in the module")))?;
+        for attribute in ["optnone", "noinline"] {
+            let kind = inkwell::attributes::Attribute::get_named_enum_kind_id(attribute);
+            function.add_attribute(inkwell::attributes::AttributeLoc::Function, self.context.create_enum_attribute(kind, 0));
+        }
+        Ok(())
+    }
+
     /// Verifies, optimizes and writes the module as PTX text.
     pub fn to_ptx(&self) -> Result<String> {
         self.optimize()?;

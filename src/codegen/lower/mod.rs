@@ -199,6 +199,16 @@ fn lower_sources_with(
         });
     }
     module.optimize()?;
+    // Kernel-IR kernels are code-generated without optimization once LLVM's IR pipeline has
+    // run: their long straight-line per-element code made NVPTX's code-generation passes
+    // (straight-line strength reduction above all) half of a cold compile, and ptxas optimizes
+    // the PTX again anyway. The Hopper kernels keep optimized code generation: without it the
+    // wgmma attention kernel spills.
+    for (source, kernel) in sources.iter().zip(&lowered) {
+        if matches!(source, KernelSource::Ir(_)) {
+            module.skip_codegen_optimization(&kernel.symbol)?;
+        }
+    }
     let llvm_ir = if print_llvm_ir { module.llvm_ir() } else { String::new() };
     Ok(LoweredModule { llvm_ir, ptx: module.write_ptx()?, kernels: lowered })
 }
