@@ -577,7 +577,7 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 1;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 1);
         // Released in the k loop and, for the last k-tile, right after the tile's final wait.
-        assert_eq!(ptx.matches("mbarrier.arrive.shared::cta.b64").count() >= 3, true);
+        assert!(ptx.matches("mbarrier.arrive.shared::cta.b64").count() >= 3, "{}", config.name);
         assert_eq!(ptx.matches("mbarrier.init.shared::cta.b64").count(), 2 * config.stages as usize);
         assert!(ptx.contains("setmaxnreg.inc.sync.aligned.u32 232;"), "{}", config.name);
         assert!(ptx.contains(".maxntid 384"), "{}", config.name);

@@ -4,17 +4,19 @@
 //!
 //! The output columns are a list of [`GemmSegment`]s, each with its own weight, bias and
 //! destination (qkv_proj writes q0 and k0 into one packed buffer and the value heads into v; the
-//! delayed value heads read x one row up). One CTA computes a `128 × block_n` tile inside one
-//! segment: grid `(column tiles, ceil(S / 128), B)`, column tiles fastest so that the CTAs that
+//! delayed value heads read x one row up). An output tile is `128 × block_n` inside one segment.
+//! The grid is persistent ([`PERSISTENT_CTAS`] CTAs): CTA c computes tiles c, c + CTAs, ... in
+//! raster order (column tile fastest, then row tile, then batch element), so that the CTAs that
 //! run together share their rows of `a` in L2 while all of W stays there.
 //!
 //! Warp-specialized like the attention kernel: a producer warpgroup copies `a` and W tiles of
 //! 64 columns (one 128-byte swizzle panel) with cp.async into `stages` shared buffers and hands
 //! them over through `full` mbarriers; two consumer warpgroups each run `m64nNk16` wgmma on 64
 //! rows and return a stage through its `empty` mbarrier once the wgmma group that read it has
-//! finished, with one group in flight. The epilogue adds the bias, rounds once to the storage
-//! type and stores straight from the accumulator fragments, rows past S and columns past the
-//! segment masked.
+//! finished, with one group in flight. The stage ring runs on from one output tile to the next,
+//! so the producer loads the next tile while the consumers store this one. The epilogue adds
+//! the bias, rounds once to the storage type and stores straight from the accumulator fragments,
+//! rows past S and columns past the segment masked.
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::values::{FloatValue, IntValue, PointerValue};

@@ -311,7 +311,7 @@ fn token_rows(ty: &TensorType) -> Result<(), String> {
 }
 
 fn check_whole_heads(channels: usize, head_dim: usize) -> Result<(), String> {
-    if head_dim == 0 || channels % head_dim != 0 {
+    if head_dim == 0 || !channels.is_multiple_of(head_dim) {
         return Err(format!(
             "{channels} channels are not whole heads of {head_dim}"
         ));
