@@ -309,7 +309,11 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
             .collect();
         ("x", spec.model_dim as u32, segments)
     };
-    let block_n = if segments.iter().all(|s| s.cols.is_multiple_of(256)) { 256 } else { 128 };
+    // 128-wide tiles: 256-wide ones (128 accumulators per consumer thread) were up to 13% faster
+    // on the H200 where the segments fill them (BENCHMARKS.md), but their epilogue spills for
+    // some shapes (random specs: with a bias, or K = 576), so they wait for an epilogue that
+    // holds fewer values live.
+    let block_n = 128;
     let config = HopperGemmConfig {
         name: kernel.name.clone(),
         elem: storage_elem(spec),
@@ -317,8 +321,8 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         a: a.to_string(),
         k,
         segments,
-        // The fastest of the configurations measured on the H200 (BENCHMARKS.md).
         block_n,
+        // 4 and 5 measured alike on the H200 (BENCHMARKS.md).
         stages: 4,
     };
     Some(config)

@@ -163,6 +163,31 @@ fn codegen_lower_random_specs_assemble_without_spills() {
     assert!(lowered_count >= 30, "only {lowered_count} of 32 random specs built kernels");
 }
 
+/// The libraries of random specs (the Hopper kernels included: projection GEMMs with segments of
+/// every width, biases and row shifts; the wgmma attention) assemble without spills: ptxas as
+/// `ccc compile --ptxas` runs it, which fails on any spill.
+#[test]
+fn codegen_random_spec_libraries_assemble_without_spills() {
+    let mut rng = XorShift64Star::new(11);
+    let options = ccc::driver::CompileOptions { cache: None, ptxas: true };
+    let mut compiled = 0;
+    for index in 0..24 {
+        let mut spec = random_spec(&mut rng, index);
+        // Wider layers too, where every projection segment is a multiple of 256 columns.
+        if index % 2 == 1 {
+            spec.model_dim = spec.head_dim * 8;
+            spec.validate().expect("a wider layer is still valid");
+        }
+        if ccc::driver::kernels(&spec).is_err() {
+            // The kernel IR builders reject a few schedules (reported by their own tests).
+            continue;
+        }
+        ccc::driver::compile_library(&spec, &options).unwrap_or_else(|error| panic!("{spec:?}: {error}"));
+        compiled += 1;
+    }
+    assert!(compiled >= 22, "only {compiled} of 24 random specs compiled");
+}
+
 fn tiny_spec() -> AttentionSpec {
     let mut spec = AttentionSpec::plain("tiny", 32, 16, 2, 1);
     spec.rope = Some(Rope { fraction: 1.0, rotary_dim: 16, theta: 10_000.0, style: RopeStyle::Neox });
