@@ -4,6 +4,8 @@
 #   gpu-carry/ccc-run                      the runtime CLI, checked not to link LLVM
 #   gpu-carry/runtime-gpu-tests            the runtime's GPU test binary (tests/gpu.rs)
 #   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
+#   gpu-carry/libs/random_<i>/random_<i>/  with GPU_PREPARE_RANDOM=N: N seeded random specs
+#                                          (scripts/random-specs.py, seed GPU_PREPARE_RANDOM_SEED)
 # Then on the GPU machine: bash scripts/gpu-suite.sh (docs/gpu-tests.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,6 +39,12 @@ examples=(examples/*.attn)
 if [ ${#examples[@]} -eq 0 ]; then
   echo "gpu-prepare: no examples/*.attn to compile" >&2
   exit 1
+fi
+if [ "${GPU_PREPARE_RANDOM:-0}" -gt 0 ]; then
+  rm -rf target/random-specs
+  python3 scripts/random-specs.py --count "$GPU_PREPARE_RANDOM" --seed "${GPU_PREPARE_RANDOM_SEED:-0}" \
+    --out target/random-specs
+  examples+=(target/random-specs/*.attn)
 fi
 failed=()
 for file in "${examples[@]}"; do
