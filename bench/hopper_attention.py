@@ -19,32 +19,18 @@ import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 
-import cupy
 import numpy
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kernel_bench import load_kernels, median_ms
+
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
-
-
-def load_kernels(ptx_dir, pattern):
-    with open(os.path.join(ptx_dir, "kernels.json")) as handle:
-        specs = json.load(handle)
-    kernels = {}
-    for spec in specs:
-        if not re.search(pattern, spec["name"]):
-            continue
-        module = cupy.RawModule(path=os.path.join(ptx_dir, spec["name"] + ".ptx"))
-        function = module.get_function(spec["name"])
-        function.max_dynamic_shared_size_bytes = spec["dynamic_shared_bytes"]
-        kernels[spec["name"]] = (spec, module, function)
-    return kernels
 
 
 def launch(kernel, q, k, v, o, lse):
@@ -115,21 +101,6 @@ def sass_counts(ptx_dir, names):
     return counts
 
 
-def time_ms(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def sdpa_time(backend, q, k, v, group, causal):
     # SDPA takes [B, H, S, d]; layout changes and kv repetition stay outside the timing.
     qt = q.transpose(1, 2).contiguous()
@@ -137,7 +108,7 @@ def sdpa_time(backend, q, k, v, group, causal):
     vt = v.transpose(1, 2).repeat_interleave(group, dim=1).contiguous()
     try:
         with sdpa_kernel(backend):
-            return time_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+            return median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
     except RuntimeError as error:
         print(f"  {backend}: unavailable ({str(error).splitlines()[0][:100]})")
         return None
@@ -156,7 +127,7 @@ def benchmark(kernel_variants, batch, seq):
     group = spec["q_heads"] // spec["kv_heads"]
     results = {}
     for label, kernel in kernel_variants:
-        results[label] = time_ms(lambda: launch(kernel, q, k, v, o, lse))
+        results[label] = median_ms(lambda: launch(kernel, q, k, v, o, lse))
     results["cuDNN"] = sdpa_time(SDPBackend.CUDNN_ATTENTION, q, k, v, group, spec["causal"])
     results["FA2"] = sdpa_time(SDPBackend.FLASH_ATTENTION, q, k, v, group, spec["causal"])
     return {name: (ms, flops / (ms * 1e-3) / 1e12 if ms else None) for name, ms in results.items()}
@@ -171,7 +142,7 @@ def main():
     parser.add_argument("--sass", action="store_true", help="count HGMMA and LDL/STL in the cubins' SASS")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())
-    kernels = load_kernels(args.ptx_dir, args.kernels)
+    kernels = load_kernels(args.ptx_dir, "kernels.json", args.kernels)
     generator = torch.Generator(device="cuda").manual_seed(0)
     report = {"correctness": [], "timing": [], "sass": {}}
     all_ok = True

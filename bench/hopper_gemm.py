@@ -16,31 +16,15 @@ weights concatenated (the same FLOPs). FLOPs: 2·B·S·K·(Σ cols).
 import argparse
 import json
 import math
-import os
-import re
-import statistics
 import sys
 
-import cupy
 import numpy
 import torch
 import torch.nn.functional as F
 
+from kernel_bench import load_kernels, median_ms
+
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
-
-
-def load_kernels(ptx_dir, pattern):
-    with open(os.path.join(ptx_dir, "gemms.json")) as handle:
-        specs = json.load(handle)
-    kernels = {}
-    for spec in specs:
-        if not re.search(pattern, spec["name"]):
-            continue
-        module = cupy.RawModule(path=os.path.join(ptx_dir, spec["name"] + ".ptx"))
-        function = module.get_function(spec["name"])
-        function.max_dynamic_shared_size_bytes = spec["dynamic_shared_bytes"]
-        kernels[spec["name"]] = (spec, module, function)
-    return kernels
 
 
 def make_tensors(spec, batch, seq, generator):
@@ -93,33 +77,18 @@ def check(kernel, batch, seq, generator):
     return ok, worst
 
 
-def time_ms(fn, reps=20, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def benchmark(kernel, batch, seq, generator):
     spec = kernel[0]
     tensors = make_tensors(spec, batch, seq, generator)
     cols = sum(s["cols"] for s in spec["segments"])
     flops = 2 * batch * seq * spec["k"] * cols
-    ours = time_ms(lambda: launch(kernel, tensors, batch, seq))
+    ours = median_ms(lambda: launch(kernel, tensors, batch, seq))
     weight = torch.cat([tensors[s["weight"]] for s in spec["segments"]])
     bias = None
     if all(s["bias"] for s in spec["segments"]):
         bias = torch.cat([tensors[s["bias"]] for s in spec["segments"]])
     a = tensors[spec["a"]]
-    cublas = time_ms(lambda: F.linear(a, weight, bias))
+    cublas = median_ms(lambda: F.linear(a, weight, bias))
     return {"ccc": (ours, flops / ours / 1e9), "cuBLAS": (cublas, flops / cublas / 1e9)}
 
 
@@ -131,7 +100,7 @@ def main():
     parser.add_argument("--skip-timing", action="store_true")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    kernels = load_kernels(args.ptx_dir, args.kernels)
+    kernels = load_kernels(args.ptx_dir, "gemms.json", args.kernels)
     generator = torch.Generator(device="cuda").manual_seed(0)
     report = {"correctness": [], "timing": []}
     all_ok = True

@@ -10,28 +10,14 @@ CUDA events, 5 warm-ups, median of 30. Prints ms per kernel and its share of the
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import ccc  # noqa: E402
-
-
-def median_ms(fn, reps=30, warmup=5):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from ccc.library import TORCH_DTYPES  # noqa: E402
+from kernel_bench import median_ms  # noqa: E402
 
 
 def main():
@@ -46,14 +32,14 @@ def main():
         weights = layer.random_state_dict(seed=0)
         for shape in args.shapes.split(","):
             batch, seq = (int(v) for v in shape.split("x"))
-            x = torch.randn(batch, seq, layer.spec.model_dim, device="cuda").to(weights[next(iter(weights))].dtype)
+            x = torch.randn(batch, seq, layer.spec.model_dim, device="cuda").to(TORCH_DTYPES[layer.spec.dtype])
             call = layer.bind(x, weights, poison=False)
             call.run(check_each=False)
-            total = median_ms(lambda: call.run(check_each=False))
+            total = median_ms(lambda: call.run(check_each=False), reps=30, warmup=5)
             kernels = {}
             for launch in call.plan.launches:
                 suffix = launch.symbol[len(layer.name) + 1:]
-                kernels[suffix] = median_ms(lambda: call.run_kernel(suffix, check_each=False))
+                kernels[suffix] = median_ms(lambda: call.run_kernel(suffix, check_each=False), reps=30, warmup=5)
             parts = sum(kernels.values())
             print(f"{layer.name} B={batch} S={seq}: whole forward {total:.3f} ms (kernels alone sum {parts:.3f})")
             for suffix, ms in kernels.items():

@@ -252,7 +252,7 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
     use crate::codegen::hopper;
     hopper::HopperAttentionConfig {
         name: kernel.name.clone(),
-        elem: storage_elem(spec),
+        elem: ElemType::from(spec.dtype).into(),
         head_dim: spec.head_dim as u32,
         q_heads: spec.query_heads as u32,
         kv_heads: spec.kv_heads as u32,
@@ -316,7 +316,7 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
     let block_n = 128;
     let config = HopperGemmConfig {
         name: kernel.name.clone(),
-        elem: storage_elem(spec),
+        elem: ElemType::from(spec.dtype).into(),
         params: crate::codegen::lower::param_kinds(kernel),
         a: a.to_string(),
         k,
@@ -326,14 +326,6 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         stages: 4,
     };
     Some(config)
-}
-
-#[cfg(feature = "llvm")]
-fn storage_elem(spec: &AttentionSpec) -> crate::codegen::Elem {
-    match spec.dtype {
-        crate::spec::DType::Bf16 => crate::codegen::Elem::Bf16,
-        crate::spec::DType::F16 => crate::codegen::Elem::F16,
-    }
 }
 
 /// Every kernel of `spec` with the source its PTX comes from.

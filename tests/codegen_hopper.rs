@@ -11,7 +11,7 @@ use std::process::Command;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    GemmSegment, HopperAttentionConfig, HopperAttentionLaunch, HopperGemmConfig, HopperGemmLaunch, MatrixDescriptor,
+    GemmSegment, HopperAttentionConfig, HopperGemmConfig, HopperLaunch, MatrixDescriptor,
     OperandMajor, Schedule, Swizzle128BTile, WgmmaA, WgmmaShape, emit_attention_wgmma, emit_gemm_wgmma,
 };
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
@@ -210,34 +210,18 @@ fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAtt
     }
 }
 
-fn overlapped(config: HopperAttentionConfig) -> HopperAttentionConfig {
-    HopperAttentionConfig {
-        name: format!("{}_overlap", config.name),
-        stages: 3,
-        schedule: Schedule::OverlapSoftmax,
-        ..config
-    }
+/// `config` with one of the overlapped schedules (3 K/V stages), named after it.
+fn scheduled(config: HopperAttentionConfig, schedule: Schedule) -> HopperAttentionConfig {
+    let suffix = match schedule {
+        Schedule::Serial => return config,
+        Schedule::OverlapSoftmax => "overlap",
+        Schedule::WarpSpecialized => "ws",
+        Schedule::PingPong => "pingpong",
+    };
+    HopperAttentionConfig { name: format!("{}_{suffix}", config.name), stages: 3, schedule, ..config }
 }
 
-fn warp_specialized(config: HopperAttentionConfig) -> HopperAttentionConfig {
-    HopperAttentionConfig {
-        name: format!("{}_ws", config.name),
-        stages: 3,
-        schedule: Schedule::WarpSpecialized,
-        ..config
-    }
-}
-
-fn ping_pong(config: HopperAttentionConfig) -> HopperAttentionConfig {
-    HopperAttentionConfig {
-        name: format!("{}_pingpong", config.name),
-        stages: 3,
-        schedule: Schedule::PingPong,
-        ..config
-    }
-}
-
-fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) {
+fn attention(config: &HopperAttentionConfig) -> (String, HopperLaunch) {
     let context = Context::create();
     let module = PtxModule::new(&context, &config.name).expect("module");
     let launch = emit_attention_wgmma(&module, config).expect("emit");
@@ -246,24 +230,13 @@ fn attention(config: &HopperAttentionConfig) -> (String, HopperAttentionLaunch) 
 
 /// The kernels the GPU script checks and times.
 fn bench_configs() -> Vec<HopperAttentionConfig> {
-    vec![
-        config(128, true, 16, 16),
-        config(128, true, 8, 2),
-        config(128, false, 8, 2),
-        config(64, true, 8, 2),
-        overlapped(config(128, true, 16, 16)),
-        overlapped(config(128, true, 8, 2)),
-        overlapped(config(128, false, 8, 2)),
-        overlapped(config(64, true, 8, 2)),
-        warp_specialized(config(128, true, 16, 16)),
-        warp_specialized(config(128, true, 8, 2)),
-        warp_specialized(config(128, false, 8, 2)),
-        warp_specialized(config(64, true, 8, 2)),
-        ping_pong(config(128, true, 16, 16)),
-        ping_pong(config(128, true, 8, 2)),
-        ping_pong(config(128, false, 8, 2)),
-        ping_pong(config(64, true, 8, 2)),
-    ]
+    let shapes = [(128, true, 16, 16), (128, true, 8, 2), (128, false, 8, 2), (64, true, 8, 2)];
+    [Schedule::Serial, Schedule::OverlapSoftmax, Schedule::WarpSpecialized, Schedule::PingPong]
+        .into_iter()
+        .flat_map(|schedule| {
+            shapes.map(|(head_dim, causal, q_heads, kv_heads)| scheduled(config(head_dim, causal, q_heads, kv_heads), schedule))
+        })
+        .collect()
 }
 
 #[test]
@@ -551,7 +524,7 @@ fn gemm_bench_configs() -> Vec<HopperGemmConfig> {
     ]
 }
 
-fn gemm(config: &HopperGemmConfig) -> (String, HopperGemmLaunch) {
+fn gemm(config: &HopperGemmConfig) -> (String, HopperLaunch) {
     let context = Context::create();
     let module = PtxModule::new(&context, &config.name).expect("module");
     let launch = emit_gemm_wgmma(&module, config).expect("emit");

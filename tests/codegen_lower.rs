@@ -95,14 +95,8 @@ fn codegen_libraries_take_projections_and_attention_from_the_hopper_path() {
             };
             assert_eq!(wgmma, expected, "{symbol}: wgmma {wgmma}");
         }
-        for report in assemble_all(&lowered.ptx) {
-            assert!(!spills(&report), "{} spills: {report:?}", report.kernel);
-        }
+        assemble_clean(&spec, &lowered);
     }
-}
-
-fn assemble_all(ptx: &str) -> Vec<PtxasReport> {
-    ptxas::assemble(ptx).unwrap_or_else(|error| panic!("ptxas: {error}"))
 }
 
 /// A random valid spec over the whole language: d in {16, 32, 64, 128}, conv stages, masks

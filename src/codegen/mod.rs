@@ -84,6 +84,17 @@ pub enum Elem {
     F32,
 }
 
+impl From<crate::ir::kernel::ElemType> for Elem {
+    fn from(elem: crate::ir::kernel::ElemType) -> Self {
+        use crate::ir::kernel::ElemType;
+        match elem {
+            ElemType::F32 => Elem::F32,
+            ElemType::Bf16 => Elem::Bf16,
+            ElemType::F16 => Elem::F16,
+        }
+    }
+}
+
 impl Elem {
     pub fn bytes(self) -> u32 {
         match self {

@@ -288,6 +288,25 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         int_result(self.inline_ptx(Some(i16_type), &assembly, "=h,f", &[value.into()], false)?)
     }
 
+    /// Widens the 16-bit float in `bits` (an i16) to f32: bf16 by moving its bits up, f16 by
+    /// `cvt`.
+    pub fn widen_half(&self, elem: Elem, bits: IntValue<'ctx>) -> Result<FloatValue<'ctx>> {
+        let builder = self.builder();
+        let context = self.context();
+        Ok(match elem {
+            Elem::Bf16 => {
+                let wide = builder.build_int_z_extend(bits, context.i32_type(), "")?;
+                let shifted = builder.build_left_shift(wide, self.i32(16), "")?;
+                builder.build_bit_cast(shifted, context.f32_type(), "")?.into_float_value()
+            }
+            Elem::F16 => {
+                let half = builder.build_bit_cast(bits, context.f16_type(), "")?.into_float_value();
+                builder.build_float_ext(half, context.f32_type(), "")?
+            }
+            Elem::F32 => return unsupported("widen_half widens bf16 or f16"),
+        })
+    }
+
     /// A 16-byte load (`ld.{global,shared}.v4.b32`); the address must be 16-byte aligned.
     pub fn load_v4(&self, pointer: PointerValue<'ctx>) -> Result<[IntValue<'ctx>; 4]> {
         let vector_type = self.context().i32_type().vec_type(4);

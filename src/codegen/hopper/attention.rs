@@ -15,14 +15,15 @@
 //!
 //! Parameters (ABI order): `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, `v [B, S, Hk, d]`,
 //! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32).
-//! Grid `(ceil(S / block_m), Hq, B)`, [`HopperAttentionLaunch::threads`] threads,
-//! [`HopperAttentionLaunch::dynamic_shared_bytes`] of dynamic shared memory (raise the kernel's
+//! Grid `(ceil(S / block_m), Hq, B)`, [`HopperLaunch::threads`] threads,
+//! [`HopperLaunch::dynamic_shared_bytes`] of dynamic shared memory (raise the kernel's
 //! limit first: it is above 48 KiB).
 
 use inkwell::IntPredicate;
 use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
+use super::HopperLaunch;
 use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
@@ -108,7 +109,7 @@ impl HopperAttentionConfig {
 
     /// Threads, shared memory and grid of the kernel this config emits, without emitting it
     /// (what a PTX cache hit needs for the manifest).
-    pub fn launch(&self) -> Result<HopperAttentionLaunch> {
+    pub fn launch(&self) -> Result<HopperLaunch> {
         self.validate()?;
         let plan = SharedPlan::new(self)?;
         let consumer_threads = self.block_m / WARPGROUP_ROWS * WARPGROUP_THREADS;
@@ -116,7 +117,7 @@ impl HopperAttentionConfig {
             Schedule::WarpSpecialized | Schedule::PingPong => consumer_threads + WARPGROUP_THREADS,
             Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
         };
-        Ok(HopperAttentionLaunch {
+        Ok(HopperLaunch {
             threads,
             dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
             grid: [
@@ -159,15 +160,6 @@ impl HopperAttentionConfig {
     }
 }
 
-/// What the runtime needs to launch an emitted wgmma attention kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HopperAttentionLaunch {
-    pub threads: u32,
-    /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes.
-    pub dynamic_shared_bytes: u32,
-    /// `[ceil(S / block_m), Hq, B]`.
-    pub grid: [SizeExpr; 3],
-}
 
 /// Whether the softmax of a tile applies the mask (sequence end, causal diagonal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,7 +217,7 @@ impl SharedPlan {
 pub fn emit_attention_wgmma<'ctx>(
     module: &PtxModule<'ctx>,
     config: &HopperAttentionConfig,
-) -> Result<HopperAttentionLaunch> {
+) -> Result<HopperLaunch> {
     config.validate()?;
     let plan = SharedPlan::new(config)?;
     let warpgroups = config.block_m / WARPGROUP_ROWS;

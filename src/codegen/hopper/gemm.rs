@@ -21,6 +21,7 @@
 use inkwell::attributes::AttributeLoc;
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 
+use super::HopperLaunch;
 use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
@@ -84,15 +85,6 @@ pub struct HopperGemmConfig {
     pub stages: u32,
 }
 
-/// What the runtime needs to launch an emitted wgmma projection kernel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HopperGemmLaunch {
-    pub threads: u32,
-    /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes.
-    pub dynamic_shared_bytes: u32,
-    /// `[PERSISTENT_CTAS, 1, 1]`: the CTAs loop over the output tiles.
-    pub grid: [SizeExpr; 3],
-}
 
 /// Shared tiles of one CTA at byte offsets from the 1024-aligned base: `stages` × (a tile, W
 /// tile), then the mbarriers `full[stages]` and `empty[stages]`.
@@ -161,11 +153,12 @@ impl HopperGemmConfig {
         self.segments.iter().map(|s| s.cols.div_ceil(self.block_n)).sum()
     }
 
-    /// Threads, shared memory and grid of the kernel this config emits, without emitting it.
-    pub fn launch(&self) -> Result<HopperGemmLaunch> {
+    /// Threads, shared memory and grid (`[PERSISTENT_CTAS, 1, 1]`: the CTAs loop over the output
+    /// tiles) of the kernel this config emits, without emitting it.
+    pub fn launch(&self) -> Result<HopperLaunch> {
         self.validate()?;
         let plan = SharedPlan::new(self)?;
-        Ok(HopperGemmLaunch {
+        Ok(HopperLaunch {
             threads: THREADS,
             dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
             grid: [
@@ -236,7 +229,7 @@ struct OutputTile<'ctx> {
 }
 
 /// Emits the wgmma projection kernel into `module`.
-pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig) -> Result<HopperGemmLaunch> {
+pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig) -> Result<HopperLaunch> {
     config.validate()?;
     let plan = SharedPlan::new(config)?;
     let shape = WgmmaShape { n: config.block_n, elem: config.elem };
@@ -572,17 +565,5 @@ fn load_pair_as_f32<'ctx>(
     let word = builder.build_load(context.i32_type(), pointer, "")?.into_int_value();
     let low_bits = builder.build_int_truncate(word, context.i16_type(), "")?;
     let high_bits = builder.build_int_truncate(builder.build_right_shift(word, kb.i32(16), false, "")?, context.i16_type(), "")?;
-    let widen = |bits: IntValue<'ctx>| -> Result<FloatValue<'ctx>> {
-        Ok(match elem {
-            Elem::Bf16 | Elem::F32 => {
-                let wide = builder.build_left_shift(builder.build_int_z_extend(bits, context.i32_type(), "")?, kb.i32(16), "")?;
-                builder.build_bit_cast(wide, context.f32_type(), "")?.into_float_value()
-            }
-            Elem::F16 => {
-                let half = builder.build_bit_cast(bits, context.f16_type(), "")?.into_float_value();
-                builder.build_float_ext(half, context.f32_type(), "")?
-            }
-        })
-    };
-    Ok((widen(low_bits)?, widen(high_bits)?))
+    Ok((kb.widen_half(elem, low_bits)?, kb.widen_half(elem, high_bits)?))
 }

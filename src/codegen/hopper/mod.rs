@@ -15,8 +15,8 @@ pub mod gemm;
 pub mod layout;
 pub mod primitives;
 
-pub use attention::{HopperAttentionConfig, HopperAttentionLaunch, Schedule, emit_attention_wgmma};
-pub use gemm::{GemmSegment, HopperGemmConfig, HopperGemmLaunch, emit_gemm_wgmma};
+pub use attention::{HopperAttentionConfig, Schedule, emit_attention_wgmma};
+pub use gemm::{GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
 
@@ -30,10 +30,12 @@ pub enum HopperKernel {
     Gemm(HopperGemmConfig),
 }
 
-/// Threads, dynamic shared memory and grid of a [`HopperKernel`].
+/// What the runtime needs to launch a kernel of this fast path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopperLaunch {
     pub threads: u32,
+    /// Includes up to 1 KiB to align the swizzled tiles to 1024 bytes (raise the kernel's limit
+    /// first: it is above 48 KiB).
     pub dynamic_shared_bytes: u32,
     pub grid: [SizeExpr; 3],
 }
@@ -56,28 +58,17 @@ impl HopperKernel {
 
     /// How the kernel is launched, known without emitting it (a PTX cache hit needs no LLVM).
     pub fn launch(&self) -> Result<HopperLaunch> {
-        Ok(match self {
-            HopperKernel::Attention(config) => {
-                let launch = config.launch()?;
-                HopperLaunch { threads: launch.threads, dynamic_shared_bytes: launch.dynamic_shared_bytes, grid: launch.grid }
-            }
-            HopperKernel::Gemm(config) => {
-                let launch = config.launch()?;
-                HopperLaunch { threads: launch.threads, dynamic_shared_bytes: launch.dynamic_shared_bytes, grid: launch.grid }
-            }
-        })
+        match self {
+            HopperKernel::Attention(config) => config.launch(),
+            HopperKernel::Gemm(config) => config.launch(),
+        }
     }
 
     /// Emits the kernel into `module`.
     pub fn emit(&self, module: &PtxModule<'_>) -> Result<HopperLaunch> {
         match self {
-            HopperKernel::Attention(config) => {
-                emit_attention_wgmma(module, config)?;
-            }
-            HopperKernel::Gemm(config) => {
-                emit_gemm_wgmma(module, config)?;
-            }
+            HopperKernel::Attention(config) => emit_attention_wgmma(module, config),
+            HopperKernel::Gemm(config) => emit_gemm_wgmma(module, config),
         }
-        self.launch()
     }
 }

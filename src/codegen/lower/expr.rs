@@ -11,8 +11,8 @@ use inkwell::{FloatPredicate, IntPredicate};
 
 use super::super::primitives::{float_result, intrinsic};
 use super::super::tile::ElementPosition;
-use super::{Lowering, TileStorage, elem_of};
-use crate::codegen::{CodegenError, KernelBuilder, Result, SpecialRegister, unsupported};
+use super::{Lowering, TileStorage};
+use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, SpecialRegister, unsupported};
 use crate::ir::kernel::{Axis, BinOp, Expr, Layout, TileId, UnOp};
 
 /// A scalar of one thread.
@@ -182,7 +182,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     r = clamp(kb, r, kb.i32(decl.ty.rows as i64))?;
                     c = clamp(kb, c, kb.i32(decl.ty.cols as i64))?;
                 }
-                let elem = elem_of(decl.ty.elem);
+                let elem = Elem::from(decl.ty.elem);
                 let index = kb.add(kb.mul(r, kb.i32((decl.ty.cols + pad) as i64))?, c)?;
                 let pointer = kb.element_pointer(self.shared_tile_base(kb, *offset)?, elem, index)?;
                 super::memory::load_as_f32(kb, pointer, elem)

@@ -5,7 +5,7 @@ use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::super::tile::{ElementPair, SharedTile, for_each_accumulator_pair};
 use super::expr::ElementSite;
-use super::{Lowering, TileStorage, elem_of};
+use super::{Lowering, TileStorage};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, TileView};
 use crate::ir::size::SizeExpr;
@@ -25,23 +25,15 @@ enum CopiedElement<'ctx> {
     Float(FloatValue<'ctx>),
 }
 
-/// Loads one element and widens it to f32 (bf16 by moving its bits up, f16 by `cvt`).
+/// Loads one element and widens it to f32.
 pub(super) fn load_as_f32<'ctx>(kb: &KernelBuilder<'_, 'ctx>, pointer: PointerValue<'ctx>, elem: Elem) -> Result<FloatValue<'ctx>> {
-    let builder = kb.builder();
-    let context = kb.context();
-    Ok(match elem {
-        Elem::F32 => kb.load_f32(pointer)?,
-        Elem::Bf16 => {
-            let bits = builder.build_load(context.i16_type(), pointer, "")?.into_int_value();
-            let wide = builder.build_int_z_extend(bits, context.i32_type(), "")?;
-            let shifted = builder.build_left_shift(wide, kb.i32(16), "")?;
-            builder.build_bit_cast(shifted, context.f32_type(), "")?.into_float_value()
+    match elem {
+        Elem::F32 => kb.load_f32(pointer),
+        half => {
+            let bits = kb.builder().build_load(kb.context().i16_type(), pointer, "")?.into_int_value();
+            kb.widen_half(half, bits)
         }
-        Elem::F16 => {
-            let half = builder.build_load(context.f16_type(), pointer, "")?.into_float_value();
-            builder.build_float_ext(half, context.f32_type(), "")?
-        }
-    })
+    }
 }
 
 /// Rounds an f32 to `elem` (round to nearest even) and stores it.
@@ -195,7 +187,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Some(SizeExpr::Const(value)) => Some(*value),
             _ => None,
         };
-        Ok(Tensor { base: kb.pointer_param(param)?, elem: elem_of(*elem), extents, strides, innermost_constant })
+        Ok(Tensor { base: kb.pointer_param(param)?, elem: Elem::from(*elem), extents, strides, innermost_constant })
     }
 
     fn global_box(&self, kb: &KernelBuilder<'_, 'ctx>, tile: &GlobalTile) -> Result<GlobalBox<'ctx>> {

@@ -250,14 +250,6 @@ enum TileStorage<'ctx> {
     OperandA(Option<OperandAFragments<'ctx>>),
 }
 
-fn elem_of(elem: ElemType) -> Elem {
-    match elem {
-        ElemType::F32 => Elem::F32,
-        ElemType::Bf16 => Elem::Bf16,
-        ElemType::F16 => Elem::F16,
-    }
-}
-
 /// The kernel's parameters as PTX entry parameters, in ABI order.
 pub fn param_kinds(kernel: &KernelFn) -> Vec<ParamKind> {
     kernel
@@ -437,7 +429,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             return unsupported(format!("%{} is not a shared tile", decl.name));
         };
         let base = self.shared_tile_base(kb, *offset)?;
-        let elem = elem_of(decl.ty.elem);
+        let elem = Elem::from(decl.ty.elem);
         let pitch = decl.ty.cols + pad;
         let row0 = self.eval(kb, &view.row0, &ElementSite::None)?.int()?;
         let col0 = self.eval(kb, &view.col0, &ElementSite::None)?.int()?;
@@ -498,7 +490,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         match &self.tiles[dst.tile.0] {
             TileStorage::OperandA(_) => {
                 self.whole_register_tile(dst)?;
-                let fragments = convert_to_operand_a(kb, self.accumulator(src.tile)?, elem_of(dst_decl.ty.elem))?;
+                let fragments = convert_to_operand_a(kb, self.accumulator(src.tile)?, Elem::from(dst_decl.ty.elem))?;
                 self.tiles[dst.tile.0] = TileStorage::OperandA(Some(fragments));
                 Ok(())
             }
