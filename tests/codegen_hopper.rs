@@ -312,13 +312,15 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, "st.volatile.shared.f32"), 2, "one wait anchor per steady-state loop");
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
-                // The producer publishes each tile after its copies landed: in the loop and after it.
-                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 2);
-                assert_eq!(count(&ptx, "cp.async.wait_group 1;"), 1);
-                assert_eq!(count(&ptx, "cp.async.wait_group 0;"), 1);
+                // The copies publish each tile themselves as they land; the producer never waits
+                // for them before its end. Consumers fence after each of their 3 acquires.
+                assert_eq!(count(&ptx, "cp.async.mbarrier.arrive.noinc.shared::cta.b64"), 1);
+                assert_eq!(count(&ptx, "cp.async.wait_group"), 0);
+                assert_eq!(count(&ptx, "cp.async.wait_all;"), 1);
+                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
                 assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * config.stages as usize);
-                assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 40;"), 1);
-                assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 232;"), 1);
+                assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 56;"), 1);
+                assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 224;"), 1);
                 assert!(ptx.contains(&format!(".maxntid {}", launch.threads)), "register cap at entry");
                 if config.schedule == Schedule::PingPong {
                     // A turn is taken before each of the 4 GEMM issue points and passed after it
@@ -514,10 +516,10 @@ fn ragged() -> HopperGemmConfig {
 fn gemm_bench_configs() -> Vec<HopperGemmConfig> {
     vec![
         zaya1_qkv(128, 4),
-        zaya1_qkv(128, 5),
+        zaya1_qkv(128, 6),
         zaya1_qkv(256, 4),
         out_proj(1024, 2048, 128, 4),
-        out_proj(1024, 2048, 128, 5),
+        out_proj(1024, 2048, 128, 6),
         out_proj(1024, 2048, 256, 4),
         out_proj(2048, 2048, 256, 4),
         ragged(),
@@ -549,9 +551,15 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         assert_eq!(ptx.matches("wgmma.fence.sync.aligned;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 1;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 1);
-        // Released in the k loop and, for the last k-tile, right after the tile's final wait.
-        assert!(ptx.matches("mbarrier.arrive.shared::cta.b64").count() >= 3, "{}", config.name);
+        // The consumers release in the k loop and, for the last k-tile, right after the tile's
+        // final wait.
+        assert_eq!(ptx.matches("mbarrier.arrive.shared::cta.b64").count(), 2, "{}", config.name);
         assert_eq!(ptx.matches("mbarrier.init.shared::cta.b64").count(), 2 * config.stages as usize);
+        // Each producer thread's copies of a step arrive on its full barrier as they land; the
+        // consumers fence the async proxy after waiting there.
+        assert_eq!(ptx.matches("cp.async.mbarrier.arrive.noinc.shared::cta.b64").count(), 1, "{}", config.name);
+        assert_eq!(ptx.matches("cp.async.wait_group").count(), 0, "{}", config.name);
+        assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 1, "{}", config.name);
         assert!(ptx.contains("setmaxnreg.inc.sync.aligned.u32 232;"), "{}", config.name);
         assert!(ptx.contains(".maxntid 384"), "{}", config.name);
         let log = ptxas_log(&ptx, &config.name);

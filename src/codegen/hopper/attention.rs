@@ -72,9 +72,10 @@ pub enum Schedule {
     OverlapSoftmax,
     /// [`Schedule::OverlapSoftmax`] in the consumer warpgroups, plus one producer warpgroup that
     /// does all cp.async copies (Q with the first tile) and hands stages over through `mbarrier`s
-    /// (full: producer → consumers, empty: consumers → producer) instead of CTA-wide barriers,
+    /// (full: the copies arrive on it as they land, `cp.async.mbarrier.arrive`; empty:
+    /// consumers → producer) instead of CTA-wide barriers,
     /// so that the consumer warpgroups drift apart and one's softmax overlaps the other's GEMMs.
-    /// `setmaxnreg` moves registers from the producer (40) to the consumers (232).
+    /// `setmaxnreg` moves registers from the producer (56) to the consumers (224).
     WarpSpecialized,
     /// [`Schedule::WarpSpecialized`] with two consumer warpgroups taking turns to issue their
     /// GEMMs (named barriers 1 and 2, FlashAttention-3's ping-pong): each one's softmax then
@@ -83,10 +84,11 @@ pub enum Schedule {
 }
 
 /// Per-thread registers of the producer warpgroup of [`Schedule::WarpSpecialized`]: values
-/// computed before the role split stay live in it, and with 24 or 32 ptxas spills some.
-const PRODUCER_REGISTERS: u32 = 40;
-/// Per-thread registers of its consumer warpgroups (2 · 128 · 232 + 128 · 40 ≤ 65536).
-const CONSUMER_REGISTERS: u32 = 232;
+/// computed before the role split stay live in it, and with 40 ptxas spills one of them.
+const PRODUCER_REGISTERS: u32 = 56;
+/// Per-thread registers of its consumer warpgroups: the rest of the CTA's 3 · 168.
+const CONSUMER_REGISTERS: u32 = 224;
+const _: () = assert!(super::registers_fit(PRODUCER_REGISTERS, CONSUMER_REGISTERS));
 
 impl HopperAttentionConfig {
     /// A human-readable description used as part of a cache key.
@@ -736,29 +738,28 @@ pub fn emit_attention_wgmma<'ctx>(
                 is_producer,
                 |kb| {
                     kb.set_max_registers(false, PRODUCER_REGISTERS)?;
-                    // Q goes into the first tile's cp.async group. Each tile's group is
-                    // published one tile later, so that two are in flight.
+                    // Q lands with the first tile. Each thread's copies of a tile arrive on the
+                    // tile's full barrier by themselves once they land, so the producer never
+                    // waits for a copy, only for a free stage: publishing a tile does not queue
+                    // behind the wait for the next one's stage.
                     issue_q(kb)?;
-                    let publish = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, pending: u32| -> Result<()> {
-                        kb.cp_async_wait(pending)?;
-                        kb.fence_proxy_async_shared()?;
-                        kb.mbarrier_arrive(full(kb, tile)?)
-                    };
                     kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
                         kb.if_then(kb.le(stages, tile)?, |kb| {
                             let reused = kb.sub(tile, stages)?;
                             kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
                         })?;
                         issue_kv(kb, tile)?;
-                        kb.cp_async_commit()?;
-                        kb.if_then(kb.lt(kb.i32(0), tile)?, |kb| publish(kb, kb.sub(tile, kb.i32(1))?, 1))
+                        kb.cp_async_mbarrier_arrive(full(kb, tile)?)
                     })?;
-                    kb.if_then(kb.lt(kb.i32(0), key_tiles)?, |kb| publish(kb, kb.sub(key_tiles, kb.i32(1))?, 0))
+                    // The arrivals ride on this thread's copies: it stays until they landed.
+                    kb.cp_async_wait_all()
                 },
                 |kb| {
                     kb.set_max_registers(true, CONSUMER_REGISTERS)?;
+                    // The copies were made by the generic proxy: fence before wgmma reads them.
                     let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
-                        kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)
+                        kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)?;
+                        kb.fence_proxy_async_shared()
                     };
                     let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
                         kb.mbarrier_arrive(empty(kb, tile)?)

@@ -11,7 +11,8 @@
 //!
 //! Warp-specialized like the attention kernel: a producer warpgroup copies `a` and W tiles of
 //! 64 columns (one 128-byte swizzle panel) with cp.async into `stages` shared buffers and hands
-//! them over through `full` mbarriers; two consumer warpgroups each run `m64nNk16` wgmma on 64
+//! them over through `full` mbarriers (the copies arrive on them as they land,
+//! `cp.async.mbarrier.arrive`); two consumer warpgroups each run `m64nNk16` wgmma on 64
 //! rows and return a stage through its `empty` mbarrier once the wgmma group that read it has
 //! finished, with one group in flight. The stage ring runs on from one output tile to the next,
 //! so the producer loads the next tile while the consumers store this one. The epilogue adds
@@ -43,9 +44,10 @@ const MAX_SHARED_BYTES: u32 = 227 * 1024;
 /// One CTA per SM: ptxas allocates the whole kernel under the entry cap (65536 / 384 = 170
 /// registers), so a second CTA (cap 85) would not hold a 64 × 128 accumulator tile per thread.
 /// `setmaxnreg` then moves registers from the producer warpgroup, which only computes addresses,
-/// to the consumers (128 · 40 + 2 · 128 · 232 ≤ 65536).
+/// to the consumers (40 + 2 · 232 = 3 · 168, the CTA's whole allotment).
 const PRODUCER_REGISTERS: u32 = 40;
 const CONSUMER_REGISTERS: u32 = 232;
+const _: () = assert!(super::registers_fit(PRODUCER_REGISTERS, CONSUMER_REGISTERS));
 
 /// One run of output columns with its own weight, bias and destination.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -184,7 +186,9 @@ impl HopperGemmConfig {
             return unsupported(format!("segment {} does not fit (evenly aligned) in its destination", s.weight));
         }
         if self.stages < 3 {
-            return unsupported("the producer needs at least 3 stages (one tile in flight while one is read)");
+            // The consumers hold two stages (the one read and the one its in-flight predecessor
+            // group still reads): a third one loads.
+            return unsupported("the producer needs at least 3 stages (one loading while two are read)");
         }
         let named = |name: &str| {
             self.params.iter().any(|p| matches!(p, ParamKind::GlobalPointer(n) if n == name))
@@ -289,7 +293,6 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
         kb.add(aligned_address, kb.mul(kb.rem(step, stages)?, kb.i32(plan.stage_bytes as i64))?)
     };
     let k_tiles = config.k.div_ceil(GEMM_BLOCK_K);
-    let steps = kb.mul(own_tiles, kb.i32(k_tiles as i64))?;
 
     kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
         for stage in 0..config.stages {
@@ -309,12 +312,6 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
             let copy_thread = kb.sub(thread, kb.i32(consumer_threads as i64))?;
             let i64_type = kb.context().i64_type();
             let ragged_k = !config.k.is_multiple_of(GEMM_BLOCK_K);
-            // Steps whose copies stay in flight while the next ones are issued. A stage comes
-            // back one step late (its wgmma group is waited for during the next step), so
-            // waiting for the stage of step s - stages needs step s - stages + 1 published:
-            // with more than `stages - 2` steps in flight, that publication would come after
-            // the wait.
-            let lookahead = config.stages - 2;
             // Rows before 0 exist only in shifted segments.
             let first_row = config.segments.iter().any(|s| s.row_shift > 0).then(|| kb.i32(0));
             let issue = |kb: &KernelBuilder<'_, 'ctx>, tile: &OutputTile<'ctx>, k_tile: IntValue<'ctx>, step: IntValue<'ctx>| -> Result<()> {
@@ -360,10 +357,9 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     WARPGROUP_THREADS,
                 )
             };
-            let publish = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| -> Result<()> {
-                kb.fence_proxy_async_shared()?;
-                kb.mbarrier_arrive(full(kb, step)?)
-            };
+            // Each thread's copies of a step arrive on the step's full barrier by themselves
+            // once they land: the producer only ever waits for a free stage, so a stage that
+            // comes back late never holds up the publication of steps already copied.
             kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
                 let tile = output_tile(kb, ordinal)?;
                 let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
@@ -374,18 +370,11 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                         kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
                     })?;
                     issue(kb, &tile, k_tile, step)?;
-                    kb.cp_async_commit()?;
-                    kb.if_then(kb.le(kb.i32(lookahead as i64), step)?, |kb| {
-                        kb.cp_async_wait(lookahead)?;
-                        publish(kb, kb.sub(step, kb.i32(lookahead as i64))?)
-                    })
+                    kb.cp_async_mbarrier_arrive(full(kb, step)?)
                 })
             })?;
-            // The last `lookahead` steps (fewer when there are fewer) are still in flight.
-            kb.cp_async_wait(0)?;
-            let first_unpublished = kb.sub(steps, kb.i32(lookahead as i64))?;
-            let first_unpublished = kb.select_int(kb.lt(first_unpublished, kb.i32(0))?, kb.i32(0), first_unpublished)?;
-            kb.for_range(first_unpublished, steps, |kb, step| publish(kb, step))
+            // The arrivals ride on this thread's copies: it stays until they landed.
+            kb.cp_async_wait_all()
         },
         |kb| {
             kb.set_max_registers(true, CONSUMER_REGISTERS)?;
@@ -401,6 +390,8 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                 kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
                     let step = kb.add(first_step, k_tile)?;
                     kb.mbarrier_wait_parity(full(kb, step)?, parity(kb, step)?)?;
+                    // The copies were made by the generic proxy: fence before wgmma reads them.
+                    kb.fence_proxy_async_shared()?;
                     let a_address = kb.add(stage_address(kb, step)?, a_warpgroup_offset)?;
                     let w_address = kb.add(stage_address(kb, step)?, kb.i32(plan.a.footprint_bytes() as i64))?;
                     let loaded: Vec<_> =

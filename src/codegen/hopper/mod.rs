@@ -23,6 +23,18 @@ pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{PtxModule, Result};
 use crate::ir::size::SizeExpr;
 
+/// Registers per thread a CTA of one producer and two consumer warpgroups (384 threads under
+/// `.maxntid 384`) holds: 65536 / 384, rounded down to ptxas' allocation unit of 8. `setmaxnreg`
+/// only moves registers inside the CTA's allotment: an increase beyond what the other warpgroups
+/// gave back waits forever (a hang, not an error).
+pub(super) const REGISTERS_PER_THREAD_384: u32 = 168;
+
+/// Whether `setmaxnreg` to `producer` registers in one warpgroup and `consumer` in two others
+/// stays inside the CTA's allotment.
+pub(super) const fn registers_fit(producer: u32, consumer: u32) -> bool {
+    producer + 2 * consumer <= 3 * REGISTERS_PER_THREAD_384
+}
+
 /// A kernel of a library whose PTX comes from this fast path instead of its kernel IR.
 #[derive(Debug, Clone, PartialEq)]
 pub enum HopperKernel {

@@ -260,6 +260,28 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
+    /// `cp.async.mbarrier.arrive.noinc.shared::cta.b64`: one arrival on `barrier` once every
+    /// cp.async this thread issued before has landed, without the thread waiting for them (the
+    /// barrier's expected count includes this arrival: `.noinc`). Readers must still fence the
+    /// async proxy after their wait before wgmma reads the data.
+    pub fn cp_async_mbarrier_arrive(&self, barrier: PointerValue<'ctx>) -> Result<()> {
+        let address = self.shared_address(barrier)?;
+        self.inline_ptx(
+            None,
+            "cp.async.mbarrier.arrive.noinc.shared::cta.b64 [$0];",
+            "r,~{memory}",
+            &[address.into()],
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// `cp.async.wait_all`: waits for every cp.async this thread issued, committed or not.
+    pub fn cp_async_wait_all(&self) -> Result<()> {
+        self.inline_ptx(None, "cp.async.wait_all;", "~{memory}", &[], true)?;
+        Ok(())
+    }
+
     /// `mbarrier.arrive.expect_tx.shared::cta.b64`: one arrival that also tells the barrier to
     /// wait for `bytes` more bytes of asynchronous copies (TMA) completing on it.
     pub fn mbarrier_arrive_expect_tx(&self, barrier: PointerValue<'ctx>, bytes: IntValue<'ctx>) -> Result<()> {
