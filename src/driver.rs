@@ -270,7 +270,7 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
 /// kernel IR's mma.sync kernel stays (a reduction width that 16-byte copies cannot tile).
 #[cfg(feature = "llvm")]
 fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperGemmConfig> {
-    use crate::codegen::hopper::{GemmSegment, HopperGemmConfig};
+    use crate::codegen::hopper::{self, GemmSegment, HopperGemmConfig};
     use crate::spec::ParamRole;
     let name = |role: ParamRole| spec.param_name(role);
     if !uses_wgmma_projection(spec) || !is_projection(kernel) {
@@ -324,6 +324,7 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         block_n,
         // 4 and 5 measured alike on the H200 (BENCHMARKS.md).
         stages: 4,
+        schedule: hopper::GemmSchedule::Cooperative,
     };
     Some(config)
 }

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    GemmSegment, HopperAttentionConfig, HopperGemmConfig, HopperLaunch, MatrixDescriptor,
+    GemmSchedule, GemmSegment, HopperAttentionConfig, HopperGemmConfig, HopperLaunch, MatrixDescriptor,
     OperandMajor, Schedule, Swizzle128BTile, WgmmaA, WgmmaShape, emit_attention_wgmma, emit_gemm_wgmma,
 };
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
@@ -477,6 +477,7 @@ fn zaya1_qkv(block_n: u32, stages: u32) -> HopperGemmConfig {
         ],
         block_n,
         stages,
+        schedule: GemmSchedule::Cooperative,
     }
 }
 
@@ -491,6 +492,7 @@ fn out_proj(k: u32, cols: u32, block_n: u32, stages: u32) -> HopperGemmConfig {
         segments: vec![segment("w", Some("bias"), cols, "out", cols, 0, 0)],
         block_n,
         stages,
+        schedule: GemmSchedule::Cooperative,
     }
 }
 
@@ -510,19 +512,29 @@ fn ragged() -> HopperGemmConfig {
         ],
         block_n: 128,
         stages: 3,
+        schedule: GemmSchedule::Cooperative,
     }
+}
+
+/// `config` with each warpgroup taking whole tiles in turn, named after it.
+fn ping_pong(config: HopperGemmConfig) -> HopperGemmConfig {
+    HopperGemmConfig { name: format!("{}_pingpong", config.name), schedule: GemmSchedule::PingPong, ..config }
 }
 
 fn gemm_bench_configs() -> Vec<HopperGemmConfig> {
     vec![
         zaya1_qkv(128, 4),
-        zaya1_qkv(128, 6),
+        ping_pong(zaya1_qkv(128, 4)),
+        ping_pong(zaya1_qkv(128, 6)),
         zaya1_qkv(256, 4),
         out_proj(1024, 2048, 128, 4),
-        out_proj(1024, 2048, 128, 6),
+        ping_pong(out_proj(1024, 2048, 128, 4)),
+        ping_pong(out_proj(1024, 2048, 128, 6)),
         out_proj(1024, 2048, 256, 4),
         out_proj(2048, 2048, 256, 4),
+        ping_pong(out_proj(2048, 2048, 128, 6)),
         ragged(),
+        ping_pong(ragged()),
     ]
 }
 
@@ -544,10 +556,15 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         assert_eq!(launch.grid, [SizeExpr::c(132), SizeExpr::c(1), SizeExpr::c(1)], "persistent");
         let stage_bytes = (128 + config.block_n) * 64 * 2;
         assert_eq!(launch.dynamic_shared_bytes, config.stages * stage_bytes + 2 * config.stages * 8 + 1024);
-        // One k-tile of 64: four k16 steps, fenced, committed, and the previous group waited for.
+        // One k-tile of 64: four k16 steps (for each of a ping-pong warpgroup's two 64-row
+        // blocks), fenced, committed, and the previous group waited for.
         let kind = config.elem.name();
         let mma = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
-        assert_eq!(ptx.matches(&mma).count(), 4, "{}", config.name);
+        let row_blocks = match config.schedule {
+            GemmSchedule::Cooperative => 1,
+            GemmSchedule::PingPong => 2,
+        };
+        assert_eq!(ptx.matches(&mma).count(), 4 * row_blocks, "{}", config.name);
         assert_eq!(ptx.matches("wgmma.fence.sync.aligned;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 1;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 1);
@@ -606,6 +623,7 @@ fn codegen_hopper_gemm_rejects_bad_configurations() {
         HopperGemmConfig { k: 1020, ..good.clone() },
         HopperGemmConfig { block_n: 260, ..good.clone() },
         HopperGemmConfig { stages: 2, ..good.clone() },
+        HopperGemmConfig { block_n: 256, schedule: GemmSchedule::PingPong, ..good.clone() },
         HopperGemmConfig { stages: 6, block_n: 256, ..good.clone() },
         HopperGemmConfig { a: "x".into(), ..good.clone() },
         HopperGemmConfig { segments: vec![segment("w", None, 2048, "out", 2000, 0, 0)], ..good.clone() },

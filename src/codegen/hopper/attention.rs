@@ -11,7 +11,8 @@
 //! the accumulator fragments in log2 units (`exp2(s · scale · log2 e − m)` as one FMA + `ex2`),
 //! `P` rounded to bf16/f16 in registers, and `O += P · V` with wgmma taking A from registers and
 //! V from shared memory as an MN-major operand (no transpose pass). Row sums stay per thread
-//! until the end. Query tiles are processed last-first so that the long causal rows start early.
+//! until the end. CTAs take query tiles longest first within groups of heads whose K/V fits
+//! L2 ([`work_item`]).
 //!
 //! Parameters (ABI order): `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, `v [B, S, Hk, d]`,
 //! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32).
@@ -260,9 +261,8 @@ pub fn emit_attention_wgmma<'ctx>(
     let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
     let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
     let query_tiles = kb.ceil_div(seq_len, config.block_m)?;
-    let query_tile = kb.sub(kb.sub(query_tiles, kb.i32(1))?, kb.special_register(SpecialRegister::BlockX)?)?;
+    let (head, query_tile) = work_item(&kb, config, seq_len, query_tiles)?;
     let query_start = kb.mul(query_tile, kb.i32(config.block_m as i64))?;
-    let head = kb.special_register(SpecialRegister::BlockY)?;
     let batch = kb.special_register(SpecialRegister::BlockZ)?;
     let kv_head = kb.div(head, kb.i32(group as i64))?;
 
@@ -796,6 +796,44 @@ pub fn emit_attention_wgmma<'ctx>(
     let launch = config.launch()?;
     debug_assert_eq!(launch.threads, threads);
     Ok(launch)
+}
+
+/// K and V bytes of the heads that one group of CTAs works on together (see [`work_item`]):
+/// a third of the H100 / H200's 50 MB L2, so that two groups in flight at a boundary still fit.
+const L2_GROUP_BYTES: u32 = 16 << 20;
+
+/// Which query head and query tile the CTA computes, from its place in launch order
+/// (`blockIdx.x + query_tiles · blockIdx.y` within its batch element `blockIdx.z`).
+/// The hardware starts CTAs about in launch order, each SM taking the next one as one ends, so
+/// launching the longest causal rows first keeps the tail short (longest processing time first).
+/// Over all heads at once, though, the K/V that the CTAs in flight read would outgrow L2 for
+/// many heads at long S. So heads go in groups (whole kv heads with their query heads) whose
+/// K/V fits [`L2_GROUP_BYTES`]; within a group, query tiles go longest first with the group's
+/// heads innermost. The last group may be smaller.
+fn work_item<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    config: &HopperAttentionConfig,
+    seq_len: IntValue<'ctx>,
+    query_tiles: IntValue<'ctx>,
+) -> Result<(IntValue<'ctx>, IntValue<'ctx>)> {
+    // (bytes / bytes per token) / S: no product that could overflow.
+    let kv_token_bytes = 2 * config.head_dim * config.elem.bytes();
+    let kv_heads_per_group = kb.div(kb.i32((L2_GROUP_BYTES / kv_token_bytes) as i64), seq_len)?;
+    let kv_heads_per_group = kb.select_int(kb.lt(kv_heads_per_group, kb.i32(1))?, kb.i32(1), kv_heads_per_group)?;
+    let kv_heads_per_group = kb.min(kv_heads_per_group, kb.i32(config.kv_heads as i64))?;
+    let group_heads = kb.mul(kv_heads_per_group, kb.i32((config.q_heads / config.kv_heads) as i64))?;
+    let ordinal = kb.add(
+        kb.special_register(SpecialRegister::BlockX)?,
+        kb.mul(query_tiles, kb.special_register(SpecialRegister::BlockY)?)?,
+    )?;
+    let group = kb.div(ordinal, kb.mul(group_heads, query_tiles)?)?;
+    let first_head = kb.mul(group, group_heads)?;
+    let in_group = kb.sub(ordinal, kb.mul(first_head, query_tiles)?)?;
+    let heads_here = kb.min(group_heads, kb.sub(kb.i32(config.q_heads as i64), first_head)?)?;
+    let rank = kb.div(in_group, heads_here)?;
+    let head = kb.add(first_head, kb.sub(in_group, kb.mul(rank, heads_here)?)?)?;
+    let query_tile = kb.sub(kb.sub(query_tiles, kb.i32(1))?, rank)?;
+    Ok((head, query_tile))
 }
 
 /// `a · b + c` rounded once (`fma.rn.f32`).

@@ -12,10 +12,11 @@
 //! Warp-specialized like the attention kernel: a producer warpgroup copies `a` and W tiles of
 //! 64 columns (one 128-byte swizzle panel) with cp.async into `stages` shared buffers and hands
 //! them over through `full` mbarriers (the copies arrive on them as they land,
-//! `cp.async.mbarrier.arrive`); two consumer warpgroups each run `m64nNk16` wgmma on 64
-//! rows and return a stage through its `empty` mbarrier once the wgmma group that read it has
-//! finished, with one group in flight. The stage ring runs on from one output tile to the next,
-//! so the producer loads the next tile while the consumers store this one. The epilogue adds
+//! `cp.async.mbarrier.arrive`); two consumer warpgroups run `m64nNk16` wgmma and return a
+//! stage through its `empty` mbarrier once the wgmma group that read it has finished, with one
+//! group in flight. Either both work on each tile, 64 rows each, or each takes every other tile
+//! whole ([`GemmSchedule`]). The stage ring runs on from one output tile to the next, so the
+//! producer loads the next tile while a tile is stored. The epilogue adds
 //! the bias, rounds once to the storage type and stores straight from the accumulator fragments,
 //! rows past S and columns past the segment masked.
 
@@ -85,6 +86,19 @@ pub struct HopperGemmConfig {
     pub block_n: u32,
     /// Shared-memory buffers of `a` and W tiles.
     pub stages: u32,
+    pub schedule: GemmSchedule,
+}
+
+/// How the two consumer warpgroups share the output tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GemmSchedule {
+    /// Both work on each tile, 64 rows each: they finish together, and the tensor cores idle
+    /// while both store.
+    Cooperative,
+    /// Each takes every other tile of the CTA whole (two m64 blocks, 2 · block_n / 2
+    /// accumulators per thread, so block_n ≤ 128): the stage ring hands them their tiles in
+    /// turn, so one's mainloop runs while the other stores its tile.
+    PingPong,
 }
 
 
@@ -138,7 +152,7 @@ impl HopperGemmConfig {
             })
             .collect();
         format!(
-            "gemm-wgmma {} elem={} params={:?} a={} k={} segments=[{}] block_n={} stages={}",
+            "gemm-wgmma {} elem={} params={:?} a={} k={} segments=[{}] block_n={} stages={} schedule={:?}",
             self.name,
             self.elem.name(),
             self.params,
@@ -146,7 +160,8 @@ impl HopperGemmConfig {
             self.k,
             segments.join(", "),
             self.block_n,
-            self.stages
+            self.stages,
+            self.schedule
         )
     }
 
@@ -184,6 +199,12 @@ impl HopperGemmConfig {
         }
         if let Some(s) = self.segments.iter().find(|s| s.dest_col + s.cols > s.dest_width || s.dest_col % 2 != 0) {
             return unsupported(format!("segment {} does not fit (evenly aligned) in its destination", s.weight));
+        }
+        if self.schedule == GemmSchedule::PingPong && self.block_n > 128 {
+            return unsupported(format!(
+                "a ping-pong warpgroup holds a whole 128 × {} tile: more accumulators than registers (block_n ≤ 128)",
+                self.block_n
+            ));
         }
         if self.stages < 3 {
             // The consumers hold two stages (the one read and the one its in-flight predecessor
@@ -297,7 +318,12 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
         for stage in 0..config.stages {
             kb.mbarrier_init(barrier(kb, kb.i32(stage as i64))?, WARPGROUP_THREADS)?;
-            kb.mbarrier_init(barrier(kb, kb.i32((config.stages + stage) as i64))?, 2 * WARPGROUP_THREADS)?;
+            // A stage is read by both consumer warpgroups, or (ping-pong) by the one whose tile it holds.
+            let readers = match config.schedule {
+                GemmSchedule::Cooperative => 2 * WARPGROUP_THREADS,
+                GemmSchedule::PingPong => WARPGROUP_THREADS,
+            };
+            kb.mbarrier_init(barrier(kb, kb.i32((config.stages + stage) as i64))?, readers)?;
         }
         Ok(())
     })?;
@@ -378,11 +404,27 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
         },
         |kb| {
             kb.set_max_registers(true, CONSUMER_REGISTERS)?;
-            let slots = (0..shape.accumulator_registers())
+            // The 64-row blocks of a tile this warpgroup computes, and which of the CTA's tiles.
+            let (row_blocks, first_ordinal, ordinal_step) = match config.schedule {
+                GemmSchedule::Cooperative => (vec![warpgroup], kb.i32(0), 1),
+                GemmSchedule::PingPong => (vec![kb.i32(0), kb.i32(1)], warpgroup, 2),
+            };
+            let block_registers = shape.accumulator_registers() as usize;
+            let slots = (0..row_blocks.len() * block_registers)
                 .map(|_| kb.register_slot())
                 .collect::<Result<Vec<PointerValue<'ctx>>>>()?;
-            let a_warpgroup_offset = kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * 128) as i64))?;
-            kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
+            let row_block_offsets: Vec<IntValue<'ctx>> = row_blocks
+                .iter()
+                .map(|block| kb.mul(*block, kb.i32((WARPGROUP_ROWS * 128) as i64)))
+                .collect::<Result<_>>()?;
+            // ceil((own_tiles - first_ordinal) / ordinal_step), none when negative.
+            let my_tiles = kb.div(
+                kb.add(kb.sub(own_tiles, first_ordinal)?, kb.i32(ordinal_step as i64 - 1))?,
+                kb.i32(ordinal_step as i64),
+            )?;
+            let my_tiles = kb.select_int(kb.lt(own_tiles, kb.add(first_ordinal, kb.i32(1))?)?, kb.i32(0), my_tiles)?;
+            kb.for_range_rolled(kb.i32(0), my_tiles, |kb, index| {
+                let ordinal = kb.add(first_ordinal, kb.mul(index, kb.i32(ordinal_step as i64))?)?;
                 let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
                 for slot in &slots {
                     kb.store_f32(*slot, kb.f32(0.0))?;
@@ -392,18 +434,23 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     kb.mbarrier_wait_parity(full(kb, step)?, parity(kb, step)?)?;
                     // The copies were made by the generic proxy: fence before wgmma reads them.
                     kb.fence_proxy_async_shared()?;
-                    let a_address = kb.add(stage_address(kb, step)?, a_warpgroup_offset)?;
                     let w_address = kb.add(stage_address(kb, step)?, kb.i32(plan.a.footprint_bytes() as i64))?;
                     let loaded: Vec<_> =
                         slots.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
                     let mut acc: Vec<FloatValue<'ctx>> =
                         kb.wgmma_fence(&loaded)?.into_iter().map(|value| value.into_float_value()).collect();
                     for k_step in 0..GEMM_BLOCK_K / WGMMA_K {
-                        let a_desc = plan.a.k_major_descriptor(0, k_step * WGMMA_K)?;
-                        let a = descriptor(kb, a_address, a_desc.constant_bits(), a_desc.start_offset)?;
                         let w_desc = plan.w.k_major_descriptor(0, k_step * WGMMA_K)?;
                         let w = descriptor(kb, w_address, w_desc.constant_bits(), w_desc.start_offset)?;
-                        acc = kb.wgmma(shape, WgmmaA::Shared(a), w, OperandMajor::K, Accumulate::Add, &acc)?;
+                        for (block, offset) in row_block_offsets.iter().enumerate() {
+                            let a_address = kb.add(stage_address(kb, step)?, *offset)?;
+                            let a_desc = plan.a.k_major_descriptor(0, k_step * WGMMA_K)?;
+                            let a = descriptor(kb, a_address, a_desc.constant_bits(), a_desc.start_offset)?;
+                            let range = block * block_registers..(block + 1) * block_registers;
+                            let updated =
+                                kb.wgmma(shape, WgmmaA::Shared(a), w, OperandMajor::K, Accumulate::Add, &acc[range.clone()])?;
+                            acc.splice(range, updated);
+                        }
                     }
                     kb.wgmma_commit_group()?;
                     // The group before this one has finished reading its stage.
@@ -421,7 +468,11 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                 let last_step = kb.add(first_step, kb.i32(k_tiles as i64 - 1))?;
                 kb.mbarrier_arrive(empty(kb, last_step)?)?;
                 let tile = output_tile(kb, ordinal)?;
-                store_tile(kb, config, &tile, &accumulators, seq_len, warpgroup, warp_in_group, lane)
+                for (block, row_block) in row_blocks.iter().enumerate() {
+                    let values = &accumulators[block * block_registers..(block + 1) * block_registers];
+                    store_tile(kb, config, &tile, values, seq_len, *row_block, warp_in_group, lane)?;
+                }
+                Ok(())
             })
         },
     )?;
@@ -486,7 +537,8 @@ fn select_segment<'ctx>(
     Ok(chosen)
 }
 
-/// Bias, one rounding, and the store of one consumer warpgroup's 64 × block_n accumulators:
+/// Bias, one rounding, and the store of the 64 × block_n accumulators of 64-row block
+/// `row_block` of a tile:
 /// register `i` of a thread is row `16·warp + lane / 4 + 8·((i / 2) % 2)`, column
 /// `8·(i / 4) + 2·(lane % 4) + i % 2` (see `KernelBuilder::wgmma`); each thread stores its
 /// column pairs as one 4-byte word.
@@ -497,7 +549,7 @@ fn store_tile<'ctx>(
     tile: &OutputTile<'ctx>,
     accumulators: &[FloatValue<'ctx>],
     seq_len: IntValue<'ctx>,
-    warpgroup: IntValue<'ctx>,
+    row_block: IntValue<'ctx>,
     warp_in_group: IntValue<'ctx>,
     lane: IntValue<'ctx>,
 ) -> Result<()> {
@@ -506,7 +558,7 @@ fn store_tile<'ctx>(
     let pair_col = kb.add(tile.col_start, kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?)?;
     let fragments = config.block_n / 8;
     let first_row = kb.add(
-        kb.add(row_start, kb.mul(warpgroup, kb.i32(WARPGROUP_ROWS as i64))?)?,
+        kb.add(row_start, kb.mul(row_block, kb.i32(WARPGROUP_ROWS as i64))?)?,
         kb.add(kb.mul(warp_in_group, kb.i32(16))?, kb.div(lane, kb.i32(4))?)?,
     )?;
     for half in 0..2u32 {

@@ -16,7 +16,7 @@ pub mod layout;
 pub mod primitives;
 
 pub use attention::{HopperAttentionConfig, Schedule, emit_attention_wgmma};
-pub use gemm::{GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
+pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
 
