@@ -384,9 +384,10 @@ pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::
             theta: rope.theta,
             style: rope.style,
         }),
-        // Four 64-row tiles per CTA: the per-head weights are staged once for 256 rows, and at
-        // S = 16384 the grid still has ~2.5 waves of two CTAs per SM for ZAYA1's 10 heads.
-        tiles_per_cta: 4,
+        // Two 64-row tiles per CTA: the per-head weights are staged once for 128 rows, and at
+        // S = 16384 ZAYA1's 10 heads make 1280 CTAs, 4.85 waves of two per SM (with four tiles,
+        // 2.42 waves would leave the third one 58% idle).
+        tiles_per_cta: 2,
     };
     config.launch().is_ok().then_some(config)
 }

@@ -705,7 +705,7 @@ fn codegen_hopper_prologue_is_chosen_for_every_example_and_variant() {
         let config = prologue_config(spec).unwrap_or_else(|| panic!("{}: no Hopper prologue", spec.name));
         let launch = config.launch().expect("launch");
         let out_rows = config.out_rows().expect("out rows");
-        assert_eq!(launch.threads, 128);
+        assert_eq!(launch.threads, 256);
         assert_eq!(
             launch.grid,
             [
@@ -748,8 +748,9 @@ fn codegen_hopper_prologue_assembles_without_spills_or_wgmma_serialization() {
         let report = ptxas::parse_report(&log).expect("report").remove(0);
         println!("{} {report:?} smem {}", spec.name, launch.dynamic_shared_bytes);
         let kind = config.elem.name();
-        let mma = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", spec.head_dim);
-        // One k16 step per 16 input channels and tap, one commit and wait per tap.
+        // Each of the two warpgroups computes half of the columns: one k16 step per 16 input
+        // channels and tap, one commit and wait per tap.
+        let mma = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", spec.head_dim / 2);
         let taps: u32 = per_head.iter().sum();
         assert_eq!(count(&ptx, &mma) as u32, taps * spec.head_dim as u32 / 16, "{}", spec.name);
         assert_eq!(count(&ptx, "wgmma.commit_group.sync.aligned;") as u32, taps, "{}", spec.name);

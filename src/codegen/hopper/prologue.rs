@@ -7,7 +7,7 @@
 //! key head), the convolution weights `[channels, d or 1, K]` and biases and the key temperature
 //! in `AttentionSpec::params` order, `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, then `B`, `S`.
 //!
-//! One CTA of one warpgroup works on one head (query or key) of one batch element, over
+//! One CTA of two warpgroups works on one head (query or key) of one batch element, over
 //! `tiles_per_cta` consecutive row tiles of `out_rows` tokens. The loop order is chosen so that
 //! what is staged is reused:
 //! - The per-head convolution weights (`[out, in, tap]`, tap innermost) are staged once per CTA:
@@ -18,11 +18,13 @@
 //!   before token 0 and past the tile) come in with 16-byte cp.async into a swizzled tile.
 //! - Depthwise stages and the epilogue work on 16-byte chunks (8 channels of one row per thread,
 //!   `d / 8` consecutive lanes per row), reading and writing shared tiles as 16-byte vectors.
-//! - A per-head stage is one `m64nDk16` wgmma chain per tap: A (64 rows, shifted by the tap)
-//!   comes from the staged rows through `ldmatrix` into registers (a shift by any row is just
-//!   another row address, which a shared-memory descriptor could not take), B is the tap's
-//!   weight tile. Bias, rounding to the storage type and the store back to shared memory happen
-//!   on the accumulator fragments.
+//! - A per-head stage is one `m64n(D/2)k16` wgmma chain per tap and warpgroup (each computes
+//!   half of the output columns, so that the CTA has 8 warps for the element-wise work with 64
+//!   accumulator registers or fewer): A (64 rows, shifted by the tap) comes from the staged rows
+//!   through `ldmatrix` into registers (a shift by any row is just another row address, which a
+//!   shared-memory descriptor could not take), B is the warpgroup's half of the tap's weight
+//!   tile. Bias, rounding to the storage type and the store back to shared memory happen on the
+//!   accumulator fragments.
 //! - The epilogue adds the q-k mean terms (the other heads' raw projections read straight from
 //!   `p0` in global memory: the CTAs of all heads of the same rows run together, so those reads
 //!   hit L2), reduces the squared norm across the row's lanes with shuffles, rounds, applies
@@ -49,8 +51,12 @@ use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Re
 use crate::ir::size::SizeExpr;
 use crate::spec::{ConvKind, RopeStyle};
 
-const THREADS: u32 = 128;
-/// Rows of one per-head convolution GEMM: the wgmma M of the one warpgroup.
+/// Two warpgroups: each computes half of the per-head GEMM's columns, and the element-wise
+/// work is spread over both.
+const WARPGROUPS: u32 = 2;
+const WARPGROUP_THREADS: u32 = 128;
+const THREADS: u32 = WARPGROUPS * WARPGROUP_THREADS;
+/// Rows of one per-head convolution GEMM: the wgmma M.
 const GEMM_ROWS: u32 = 64;
 /// Shared memory one CTA may use on sm_90 (227 KiB).
 const MAX_SHARED_BYTES: u32 = 227 * 1024;
@@ -512,7 +518,9 @@ pub fn emit_prologue_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperProlog
     let kb = module.declare_kernel(&config.name, &config.params)?;
     for (key, value) in [
         ("nvvm.maxntid", THREADS.to_string()),
-        ("nvvm.minctasm", "1".to_string()),
+        // Two CTAs per SM (what shared memory allows with ZAYA1's per-head weights): at most
+        // 128 registers per thread.
+        ("nvvm.minctasm", "2".to_string()),
     ] {
         kb.function().add_attribute(
             AttributeLoc::Function,
@@ -741,12 +749,17 @@ fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, in
     let elem = config.elem;
     let d = plan.d;
     let taps = stage.width;
-    let shape = WgmmaShape { n: d, elem };
+    // Warpgroup w computes the output columns w·d/2 .. (w + 1)·d/2: rows w·d/2.. of each
+    // weight tile.
+    let columns = d / WARPGROUPS;
+    let shape = WgmmaShape { n: columns, elem };
     let weights_offset = plan.weight_offsets[index].expect("a per-head stage has weight tiles");
     let (input, output) = plan.stage_io[index];
     let first_valid = plan.stage_rows[index];
     let lane = kb.and(cx.thread, kb.i32(31))?;
-    let warp = kb.div(cx.thread, kb.i32(32))?;
+    let warp = kb.and(kb.div(cx.thread, kb.i32(32))?, kb.i32(3))?;
+    let warpgroup = kb.div(cx.thread, kb.i32(WARPGROUP_THREADS as i64))?;
+    let first_col = kb.mul(warpgroup, kb.i32(columns as i64))?;
     // ldmatrix.x4 of a 16×16 A block: lane L gives row L % 16, columns 8 · (L / 16) ...
     let block_row = kb.add(kb.mul(warp, kb.i32(16))?, kb.and(lane, kb.i32(15))?)?;
     let high_chunk = kb.div(lane, kb.i32(16))?;
@@ -772,7 +785,7 @@ fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, in
             acc = acc_fenced.iter().map(|value| value.into_float_value()).collect();
         }
         let tile_address = kb.add(
-            cx.base_address,
+            kb.add(cx.base_address, kb.mul(first_col, kb.i32(SWIZZLE_BYTES as i64))?)?,
             kb.i32((weights_offset + tap * plan.weight_tile.footprint_bytes()) as i64),
         )?;
         for (k_step, a) in fragments.chunks(4).enumerate() {
@@ -806,15 +819,16 @@ fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, in
         kb.barrier()?;
     }
     // Register i of thread t: row 16·warp + lane / 4 + 8·((i / 2) % 2), column
-    // 8·(i / 4) + 2·(lane % 4) + i % 2 (see `KernelBuilder::wgmma`).
+    // 8·(i / 4) + 2·(lane % 4) + i % 2 (see `KernelBuilder::wgmma`) after the warpgroup's first.
     let bias = kb.pointer_param(&stage.bias)?;
     let pair_col = kb.mul(kb.and(lane, kb.i32(3))?, kb.i32(2))?;
     let fragment_row = kb.add(
         kb.add(kb.mul(warp, kb.i32(16))?, kb.div(lane, kb.i32(4))?)?,
         kb.i32(first_valid as i64),
     )?;
-    let channel0 = cx.channel0(kb)?;
-    for group in 0..d / 8 {
+    let channel0 = kb.add(cx.channel0(kb)?, first_col)?;
+    let first_chunk = kb.div(first_col, kb.i32(CHUNK_ELEMS as i64))?;
+    for group in 0..columns / 8 {
         let col = kb.add(pair_col, kb.i32((8 * group) as i64))?;
         let bias_word = kb.builder().build_load(
             kb.context().i32_type(),
@@ -830,8 +844,13 @@ fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, in
                 kb.fadd(acc[first + 1], bias_pair[1])?,
             )?;
             let row = kb.add(fragment_row, kb.i32((8 * half) as i64))?;
-            let chunk_pointer =
-                cx.chunk_pointer(kb, &plan.rows, plan.buffer_offset(output), row, kb.i32(group as i64))?;
+            let chunk_pointer = cx.chunk_pointer(
+                kb,
+                &plan.rows,
+                plan.buffer_offset(output),
+                row,
+                kb.add(first_chunk, kb.i32(group as i64))?,
+            )?;
             let pointer = kb.byte_pointer(chunk_pointer, kb.mul(pair_col, kb.i32(elem.bytes() as i64))?)?;
             kb.store_int(pointer, word)?;
         }
