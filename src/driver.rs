@@ -128,6 +128,7 @@ fn is_projection(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qkv_proj") || kernel.name.ends_with("_out_proj")
 }
 
+#[cfg(feature = "llvm")]
 fn is_prologue(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qk_prologue")
 }

@@ -503,7 +503,7 @@ fn round_chunk<'ctx>(
 /// Element `index` (16 bits) of `words`, in the low half of an i32.
 fn half_of<'ctx>(kb: &KernelBuilder<'_, 'ctx>, words: &[IntValue<'ctx>], index: usize) -> Result<IntValue<'ctx>> {
     let word = words[index / 2];
-    if index % 2 == 0 {
+    if index.is_multiple_of(2) {
         kb.and(word, kb.i32(0xffff))
     } else {
         Ok(kb.builder().build_right_shift(word, kb.i32(16), false, "")?)
