@@ -34,9 +34,11 @@
 //! Heads are the fastest grid dimension (`(Hq + Hk, row groups, B)`) so that the CTAs running
 //! together read the same rows of `p0`.
 //!
-//! Numerics follow the kernel IR exactly: f32 arithmetic; every convolution stage's output is
-//! rounded to the storage type; with RoPE the normalized head is rounded before the rotation
-//! and again at the store; sin/cos reduce their argument to [−π, π] before the approximations.
+//! Numerics follow the kernel IR's rounding steps: f32 arithmetic (with fused multiply-adds
+//! where the kernel IR rounds the product and the sum separately, and the norm's scale folded
+//! into one factor: differences of an f32 ulp); every convolution stage's output is rounded to
+//! the storage type; with RoPE the normalized head is rounded before the rotation and again at
+//! the store; sin/cos reduce their argument to [−π, π] before the approximations.
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
@@ -474,6 +476,17 @@ fn widen_chunk<'ctx>(
 ) -> Result<Vec<FloatValue<'ctx>>> {
     let i16_type = kb.context().i16_type();
     let mut values = Vec::with_capacity(2 * words.len());
+    if elem == Elem::Bf16 {
+        // A bf16 is the high half of the f32 with the same value: one shift or mask each.
+        let f32_type = kb.context().f32_type();
+        for word in words {
+            let low = kb.builder().build_left_shift(*word, kb.i32(16), "")?;
+            let high = kb.and(*word, kb.i32(0xffff_0000))?;
+            values.push(kb.builder().build_bit_cast(low, f32_type, "")?.into_float_value());
+            values.push(kb.builder().build_bit_cast(high, f32_type, "")?.into_float_value());
+        }
+        return Ok(values);
+    }
     for word in words {
         let low = kb.builder().build_int_truncate(*word, i16_type, "")?;
         let high = kb.builder().build_int_truncate(
@@ -485,6 +498,17 @@ fn widen_chunk<'ctx>(
         values.push(kb.widen_half(elem, high)?);
     }
     Ok(values)
+}
+
+/// `a · b + c` rounded once (`fma.rn.f32`).
+fn fma<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    a: FloatValue<'ctx>,
+    b: FloatValue<'ctx>,
+    c: FloatValue<'ctx>,
+) -> Result<FloatValue<'ctx>> {
+    let function = intrinsic(kb.module(), "llvm.fma", &[kb.context().f32_type().into()])?;
+    float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
 }
 
 /// Rounds 8 f32 to the storage type, packed as 4 b16x2 words.
@@ -724,7 +748,7 @@ fn depthwise_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, i
                         kb.load_v4(cx.chunk_pointer(kb, &plan.rows, plan.buffer_offset(input), source_row, chunk)?)?;
                     let values = widen_chunk(kb, elem, &words)?;
                     for (e, sum) in sums.iter_mut().enumerate() {
-                        *sum = kb.fadd(*sum, kb.fmul(weights[e * taps as usize + tap as usize], values[e])?)?;
+                        *sum = fma(kb, weights[e * taps as usize + tap as usize], values[e], *sum)?;
                     }
                 }
                 let words = round_chunk(kb, elem, &sums)?;
@@ -1031,23 +1055,23 @@ fn epilogue<'ctx>(
                     }
                 };
                 for ((value, raw), other) in values.iter_mut().zip(raw).zip(other) {
-                    let with_raw = kb.fadd(*value, kb.fmul(kb.f32(0.5), raw)?)?;
-                    *value = kb.fadd(with_raw, kb.fmul(kb.f32(factor), other)?)?;
+                    let with_raw = fma(kb, kb.f32(0.5), raw, *value)?;
+                    *value = fma(kb, kb.f32(factor), other, with_raw)?;
                 }
             }
             if let Some((scale, eps)) = scale {
                 let mut sum = kb.fmul(values[0], values[0])?;
                 for value in &values[1..] {
-                    sum = kb.fadd(sum, kb.fmul(*value, *value)?)?;
+                    sum = fma(kb, *value, *value, sum)?;
                 }
                 let mut mask = 1;
                 while mask < d / CHUNK_ELEMS {
                     sum = kb.fadd(sum, kb.shuffle_xor_f32(sum, mask)?)?;
                     mask *= 2;
                 }
-                let norm = kb.rsqrt_approx(kb.fadd(sum, eps)?)?;
+                let factor = kb.fmul(scale, kb.rsqrt_approx(kb.fadd(sum, eps)?)?)?;
                 for value in values.iter_mut() {
-                    *value = kb.fmul(kb.fmul(*value, scale)?, norm)?;
+                    *value = kb.fmul(*value, factor)?;
                 }
             }
             let words = round_chunk(kb, elem, &values)?;
@@ -1128,10 +1152,7 @@ fn epilogue<'ctx>(
                         let mut rotated = Vec::with_capacity(CHUNK_ELEMS as usize);
                         for e in 0..CHUNK_ELEMS as usize {
                             let (cos, sin) = cos_sin(kb, kb.fmul(position, constants.inverse_frequency[e])?)?;
-                            let turned = kb.fadd(
-                                kb.fmul(own[e], cos)?,
-                                kb.fmul(kb.fmul(constants.sign[e], partners[e])?, sin)?,
-                            )?;
+                            let turned = fma(kb, kb.fmul(constants.sign[e], partners[e])?, sin, kb.fmul(own[e], cos)?)?;
                             rotated.push(kb.select_f32(constants.rotates[e], turned, own[e])?);
                         }
                         kb.store_v4(destination, round_chunk(kb, elem, &rotated)?)
