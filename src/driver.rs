@@ -128,6 +128,11 @@ fn is_projection(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qkv_proj") || kernel.name.ends_with("_out_proj")
 }
 
+#[cfg(feature = "llvm")]
+fn is_prologue(kernel: &KernelFn) -> bool {
+    kernel.name.ends_with("_qk_prologue")
+}
+
 /// Kernel IR text, with a note on the kernels whose PTX does not come from it.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     let mut out = String::new();
@@ -329,6 +334,66 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
     Some(config)
 }
 
+/// The Hopper prologue for the `qk_prologue` kernel of `spec` (same ABI), or `None` where the
+/// kernel IR's mma.sync kernel stays: head_dim other than 64 and 128, or per-head convolution
+/// weights and row tiles that do not fit in shared memory.
+#[cfg(feature = "llvm")]
+pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperPrologueConfig> {
+    use crate::codegen::hopper::{
+        HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature,
+    };
+    use crate::spec::{KeyTemperature, ParamRole, QkNorm};
+    if !is_prologue(kernel) {
+        return None;
+    }
+    let name = |role: ParamRole| spec.param_name(role);
+    let stages = spec
+        .qk_conv
+        .iter()
+        .enumerate()
+        .map(|(stage, conv)| {
+            Some(PrologueConvStage {
+                kind: conv.kind,
+                width: conv.width as u32,
+                weight: name(ParamRole::ConvWeight { stage })?,
+                bias: name(ParamRole::ConvBias { stage })?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let norm = match spec.qk_norm {
+        QkNorm::None => None,
+        QkNorm::L2 => Some(PrologueNorm {
+            eps: spec.norm_eps,
+            temperature: match spec.key_temperature {
+                KeyTemperature::None => PrologueTemperature::None,
+                KeyTemperature::Learned => PrologueTemperature::Learned(name(ParamRole::KeyTemperature)?),
+                KeyTemperature::LearnedExp => PrologueTemperature::LearnedExp(name(ParamRole::KeyTemperature)?),
+            },
+        }),
+    };
+    let config = HopperPrologueConfig {
+        name: kernel.name.clone(),
+        elem: ElemType::from(spec.dtype).into(),
+        params: crate::codegen::lower::param_kinds(kernel),
+        head_dim: spec.head_dim as u32,
+        q_heads: spec.query_heads as u32,
+        kv_heads: spec.kv_heads as u32,
+        stages,
+        qk_mean: spec.qk_mean,
+        norm,
+        rope: spec.rope.map(|rope| PrologueRope {
+            rotary_dim: rope.rotary_dim as u32,
+            theta: rope.theta,
+            style: rope.style,
+        }),
+        // Two 64-row tiles per CTA: the per-head weights are staged once for 128 rows, and at
+        // S = 16384 ZAYA1's 10 heads make 1280 CTAs, 4.85 waves of two per SM (with four tiles,
+        // 2.42 waves would leave the third one 58% idle).
+        tiles_per_cta: 2,
+    };
+    config.launch().is_ok().then_some(config)
+}
+
 /// Every kernel of `spec` with the source its PTX comes from.
 #[cfg(feature = "llvm")]
 struct PlannedSources {
@@ -347,6 +412,8 @@ impl PlannedSources {
             .map(|k| {
                 if k.name.ends_with("_attention") {
                     uses_wgmma_attention(spec).then(|| HopperKernel::Attention(wgmma_attention(spec, k)))
+                } else if is_prologue(k) {
+                    wgmma_prologue(spec, k).map(HopperKernel::Prologue)
                 } else {
                     wgmma_projection(spec, k).map(HopperKernel::Gemm)
                 }

@@ -8,17 +8,22 @@
 //! - [`primitives`]: per-thread (per-warpgroup) instructions as inline PTX.
 //! - [`attention`]: the wgmma attention kernel.
 //! - [`gemm`]: the wgmma projection GEMM (qkv_proj, out_proj).
+//! - [`prologue`]: the q/k prologue (convolutions on wgmma, q-k mean, L2 norm, RoPE).
 
 pub mod attention;
 mod copy;
 pub mod gemm;
 pub mod layout;
 pub mod primitives;
+pub mod prologue;
 
 pub use attention::{HopperAttentionConfig, Schedule, emit_attention_wgmma};
 pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
+pub use prologue::{
+    HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature, emit_prologue_wgmma,
+};
 
 use crate::codegen::{PtxModule, Result};
 use crate::ir::size::SizeExpr;
@@ -40,6 +45,7 @@ pub(super) const fn registers_fit(producer: u32, consumer: u32) -> bool {
 pub enum HopperKernel {
     Attention(HopperAttentionConfig),
     Gemm(HopperGemmConfig),
+    Prologue(HopperPrologueConfig),
 }
 
 /// What the runtime needs to launch a kernel of this fast path.
@@ -57,6 +63,7 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => &config.name,
             HopperKernel::Gemm(config) => &config.name,
+            HopperKernel::Prologue(config) => &config.name,
         }
     }
 
@@ -65,6 +72,7 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => config.describe(),
             HopperKernel::Gemm(config) => config.describe(),
+            HopperKernel::Prologue(config) => config.describe(),
         }
     }
 
@@ -73,6 +81,7 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => config.launch(),
             HopperKernel::Gemm(config) => config.launch(),
+            HopperKernel::Prologue(config) => config.launch(),
         }
     }
 
@@ -81,6 +90,7 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => emit_attention_wgmma(module, config),
             HopperKernel::Gemm(config) => emit_gemm_wgmma(module, config),
+            HopperKernel::Prologue(config) => emit_prologue_wgmma(module, config),
         }
     }
 }

@@ -240,6 +240,13 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
+    /// `bar.warp.sync 0xffffffff`: the whole warp meets here, and its shared-memory writes before
+    /// it are visible to its reads after it.
+    pub fn warp_sync(&self) -> Result<()> {
+        self.inline_ptx(None, "bar.warp.sync -1;", "~{memory}", &[], true)?;
+        Ok(())
+    }
+
     /// `mbarrier.init.shared::cta.b64 [barrier], arrivals` on an 8-byte aligned shared word.
     pub fn mbarrier_init(&self, barrier: PointerValue<'ctx>, arrivals: u32) -> Result<()> {
         let address = self.shared_address(barrier)?;

@@ -241,7 +241,7 @@ fn call_float<'ctx>(
 }
 
 /// x − 2π·rint(x / 2π), the multiple of 2π taken off in two fma steps (high part exact in f32).
-fn reduce_angle<'ctx>(kb: &KernelBuilder<'_, 'ctx>, x: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+pub(crate) fn reduce_angle<'ctx>(kb: &KernelBuilder<'_, 'ctx>, x: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
     let f32_type: BasicTypeEnum = kb.context().f32_type().into();
     let turns = call_float(kb, "llvm.rint", &[f32_type], &[kb.fmul(x, kb.f32(1.0 / std::f64::consts::TAU))?])?;
     let negative_turns = kb.builder().build_float_neg(turns, "")?;

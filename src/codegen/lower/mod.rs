@@ -25,7 +25,7 @@
 //! per use so that lane offsets are not shared, and kept live, across the whole kernel; and the
 //! entry carries `.maxntid` with `.minnctapersm 1` so ptxas may use all 255 registers.
 
-mod expr;
+pub(crate) mod expr;
 mod memory;
 
 use inkwell::attributes::AttributeLoc;
