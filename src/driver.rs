@@ -329,6 +329,7 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         block_n,
         // 4 and 5 measured alike on the H200 (BENCHMARKS.md).
         stages: 4,
+        // The ping-pong schedule has not passed the GPU check yet (BENCHMARKS.md).
         schedule: hopper::GemmSchedule::Cooperative,
     };
     Some(config)
