@@ -571,6 +571,14 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
             GemmSchedule::PingPong => 2,
         };
         assert_eq!(ptx.matches(&mma).count(), 4 * row_blocks, "{}", config.name);
+        // Ping-pong turns: one sync per tile, one opening and one per-tile hand-over arrival
+        // (besides the barrier after the mbarrier set-up).
+        let (turn_syncs, turn_arrivals) = match config.schedule {
+            GemmSchedule::Cooperative => (0, 0),
+            GemmSchedule::PingPong => (1, 2),
+        };
+        assert_eq!(ptx.matches("bar.sync").count(), 1 + turn_syncs, "{}", config.name);
+        assert_eq!(ptx.matches("bar.arrive").count(), turn_arrivals, "{}", config.name);
         assert_eq!(ptx.matches("wgmma.fence.sync.aligned;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 1;").count(), 1);
         assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 1);

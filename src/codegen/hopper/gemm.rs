@@ -96,8 +96,9 @@ pub enum GemmSchedule {
     /// while both store.
     Cooperative,
     /// Each takes every other tile of the CTA whole (two m64 blocks, 2 · block_n / 2
-    /// accumulators per thread, so block_n ≤ 128): the stage ring hands them their tiles in
-    /// turn, so one's mainloop runs while the other stores its tile.
+    /// accumulators per thread, so block_n ≤ 128), their mainloops taking turns (named
+    /// barriers), so that one's mainloop runs while the other stores its tile. Not yet checked
+    /// on a GPU in this form (BENCHMARKS.md): the driver does not select it.
     PingPong,
 }
 
@@ -423,11 +424,26 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                 kb.i32(ordinal_step as i64),
             )?;
             let my_tiles = kb.select_int(kb.lt(own_tiles, kb.add(first_ordinal, kb.i32(1))?)?, kb.i32(0), my_tiles)?;
+            // Ping-pong turns: a full barrier's parity wait is only right within one phase of
+            // the barrier's current one, so a warpgroup waits for its tile's stages only once
+            // the other has waited for all of the tile before (named barrier 1 + warpgroup,
+            // 128 syncing + 128 arriving threads). The tile with ordinal n hands the turn on
+            // only if tile n + 1 exists, so that every arrival is matched by a sync.
+            let own_turn = kb.add(warpgroup, kb.i32(1))?;
+            let other_turn = kb.sub(kb.i32(2), warpgroup)?;
+            let pair = 2 * WARPGROUP_THREADS;
+            if config.schedule == GemmSchedule::PingPong {
+                let opens = kb.and(kb.lt(kb.i32(0), warpgroup)?, kb.lt(kb.i32(0), own_tiles)?)?;
+                kb.if_then(opens, |kb| kb.named_barrier_arrive(other_turn, pair))?;
+            }
             kb.for_range_rolled(kb.i32(0), my_tiles, |kb, index| {
                 let ordinal = kb.add(first_ordinal, kb.mul(index, kb.i32(ordinal_step as i64))?)?;
                 let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
                 for slot in &slots {
                     kb.store_f32(*slot, kb.f32(0.0))?;
+                }
+                if config.schedule == GemmSchedule::PingPong {
+                    kb.named_barrier_sync(own_turn, pair)?;
                 }
                 kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
                     let step = kb.add(first_step, k_tile)?;
@@ -461,6 +477,10 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     }
                     Ok(())
                 })?;
+                if config.schedule == GemmSchedule::PingPong {
+                    let next_exists = kb.lt(kb.add(ordinal, kb.i32(1))?, own_tiles)?;
+                    kb.if_then(next_exists, |kb| kb.named_barrier_arrive(other_turn, pair))?;
+                }
                 let last: Vec<FloatValue<'ctx>> = slots.iter().map(|slot| kb.load_f32(*slot)).collect::<Result<_>>()?;
                 let accumulators = kb.wgmma_wait_accumulators(0, &last)?;
                 // The tile's last stage is free once its group finished: the producer may
