@@ -191,10 +191,10 @@ impl Plan {
         for stage in &config.stages {
             let output = if stage.kind == ConvKind::PerHead && !(current == 0 && config.qk_mean) {
                 current
+            } else if current == 1 {
+                2
             } else {
-                (1..)
-                    .find(|&b| b != current)
-                    .expect("an unbounded range has another buffer")
+                1
             };
             buffers = buffers.max(output + 1);
             stage_io.push((current, output));
@@ -777,7 +777,9 @@ fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, in
     // weight tile.
     let columns = d / WARPGROUPS;
     let shape = WgmmaShape { n: columns, elem };
-    let weights_offset = plan.weight_offsets[index].expect("a per-head stage has weight tiles");
+    let Some(weights_offset) = plan.weight_offsets[index] else {
+        return unsupported(format!("conv stage {index} is per-head but has no weight tiles in the plan"));
+    };
     let (input, output) = plan.stage_io[index];
     let first_valid = plan.stage_rows[index];
     let lane = kb.and(cx.thread, kb.i32(31))?;
