@@ -6,6 +6,9 @@
 #   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
 #   gpu-carry/libs/random_<i>/random_<i>/  with GPU_PREPARE_RANDOM=N: N seeded random specs
 #                                          (scripts/random-specs.py, seed GPU_PREPARE_RANDOM_SEED)
+#   gpu-carry/hopper-ptx/                  with GPU_PREPARE_HOPPER_PTX=1: the Hopper kernel
+#                                          variants of tests/codegen_hopper.rs, for
+#                                          bench/hopper_attention.py and bench/hopper_gemm.py
 # Then on the GPU machine: bash scripts/gpu-suite.sh (docs/gpu-tests.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +56,11 @@ for file in "${examples[@]}"; do
     failed+=("$file")
   fi
 done
+
+rm -rf "$carry/hopper-ptx"
+if [ "${GPU_PREPARE_HOPPER_PTX:-0}" = 1 ]; then
+  CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test codegen_hopper assembles >/dev/null
+fi
 
 echo "gpu-prepare: $carry holds:"
 ls -l "$carry"
