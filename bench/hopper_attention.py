@@ -161,18 +161,22 @@ def main():
             print(f"  {'ok  ' if ok else 'FAIL'} {name:40s} B={batch} S={seq:5d}  o {o_error:.2e}  lse {lse_error:.2e}")
             report["correctness"].append(dict(kernel=name, B=batch, S=seq, ok=ok, o_rel_l2=o_error, lse_max_abs=lse_error))
     if not args.skip_timing:
-        print("\ntiming (median of 20, ms and TFLOP/s; serial / overlap / ws / pingpong = ccc wgmma schedules)")
-        columns = ["serial", "overlap", "ws", "pingpong", "cuDNN", "FA2"]
+        print("\ntiming (median of 20, ms and TFLOP/s; serial / overlap / ws / pingpong = ccc wgmma schedules;"
+              " pp-l2-N = pingpong with CTAs ordered in L2 groups of N MB of K/V, pingpong's own groups being 16 MB)")
+        suffixes = [("serial", ""), ("overlap", "_overlap"), ("ws", "_ws"), ("pingpong", "_pingpong"),
+                    ("pp-l2-8", "_pingpong_l2_8mb"), ("pp-l2-4", "_pingpong_l2_4mb")]
+        columns = [label for label, _ in suffixes] + ["cuDNN", "FA2"]
         print(f"  {'shape':36s} {'B':>2s} {'S':>6s} | " + " | ".join(f"{c:>17s}" for c in columns))
         for name, batch, seq in [
             ("attention_wgmma_d128_causal_h16_16", 1, 8192),
             ("attention_wgmma_d128_causal_h16_16", 1, 16384),
+            ("attention_wgmma_d128_causal_h8_2", 1, 8192),
             ("attention_wgmma_d128_causal_h8_2", 1, 16384),
             ("attention_wgmma_d128_causal_h8_2", 4, 4096),
             ("attention_wgmma_d128_full_h8_2", 1, 16384),
             ("attention_wgmma_d64_causal_h8_2", 1, 16384),
         ]:
-            variants = [(label, kernels[n]) for label, n in [("serial", name), ("overlap", name + "_overlap"), ("ws", name + "_ws"), ("pingpong", name + "_pingpong")] if n in kernels]
+            variants = [(label, kernels[name + suffix]) for label, suffix in suffixes if name + suffix in kernels]
             if not variants:
                 continue
             results = benchmark(variants, batch, seq)

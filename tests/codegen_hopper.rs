@@ -213,6 +213,7 @@ fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAtt
         block_n: 128,
         stages: 2,
         schedule: Schedule::Serial,
+        l2_group_bytes: 16 << 20,
     }
 }
 
@@ -234,15 +235,31 @@ fn attention(config: &HopperAttentionConfig) -> (String, HopperLaunch) {
     (module.to_ptx().expect("ptx"), launch)
 }
 
-/// The kernels the GPU script checks and times.
+/// The kernels the GPU script checks and times: every schedule on four shapes, and the
+/// ping-pong kernel with smaller L2 groups of heads (the CTA work order) for the causal d = 128
+/// shapes.
 fn bench_configs() -> Vec<HopperAttentionConfig> {
     let shapes = [(128, true, 16, 16), (128, true, 8, 2), (128, false, 8, 2), (64, true, 8, 2)];
-    [Schedule::Serial, Schedule::OverlapSoftmax, Schedule::WarpSpecialized, Schedule::PingPong]
-        .into_iter()
-        .flat_map(|schedule| {
-            shapes.map(|(head_dim, causal, q_heads, kv_heads)| scheduled(config(head_dim, causal, q_heads, kv_heads), schedule))
-        })
-        .collect()
+    let mut configs: Vec<HopperAttentionConfig> =
+        [Schedule::Serial, Schedule::OverlapSoftmax, Schedule::WarpSpecialized, Schedule::PingPong]
+            .into_iter()
+            .flat_map(|schedule| {
+                shapes.map(|(head_dim, causal, q_heads, kv_heads)| {
+                    scheduled(config(head_dim, causal, q_heads, kv_heads), schedule)
+                })
+            })
+            .collect();
+    for (q_heads, kv_heads) in [(16, 16), (8, 2)] {
+        for megabytes in [4, 8] {
+            let pingpong = scheduled(config(128, true, q_heads, kv_heads), Schedule::PingPong);
+            configs.push(HopperAttentionConfig {
+                name: format!("{}_l2_{megabytes}mb", pingpong.name),
+                l2_group_bytes: megabytes << 20,
+                ..pingpong
+            });
+        }
+    }
+    configs
 }
 
 #[test]

@@ -58,6 +58,9 @@ pub struct HopperAttentionConfig {
     /// K/V shared buffers (at least 2 for [`Schedule::Serial`], 3 for [`Schedule::OverlapSoftmax`]).
     pub stages: u32,
     pub schedule: Schedule,
+    /// K/V bytes of the heads that CTAs work on together (see [`work_item`]): whole kv heads,
+    /// at least one.
+    pub l2_group_bytes: u32,
 }
 
 /// How each warpgroup orders its two GEMMs and the softmax within one key tile.
@@ -95,7 +98,7 @@ impl HopperAttentionConfig {
     /// A human-readable description used as part of a cache key.
     pub fn describe(&self) -> String {
         format!(
-            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?}",
+            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?} l2-group={}",
             self.name,
             self.elem.name(),
             self.head_dim,
@@ -106,7 +109,8 @@ impl HopperAttentionConfig {
             self.block_m,
             self.block_n,
             self.stages,
-            self.schedule
+            self.schedule,
+            self.l2_group_bytes
         )
     }
 
@@ -798,17 +802,13 @@ pub fn emit_attention_wgmma<'ctx>(
     Ok(launch)
 }
 
-/// K and V bytes of the heads that one group of CTAs works on together (see [`work_item`]):
-/// a third of the H100 / H200's 50 MB L2, so that two groups in flight at a boundary still fit.
-const L2_GROUP_BYTES: u32 = 16 << 20;
-
 /// Which query head and query tile the CTA computes, from its place in launch order
 /// (`blockIdx.x + query_tiles · blockIdx.y` within its batch element `blockIdx.z`).
 /// The hardware starts CTAs about in launch order, each SM taking the next one as one ends, so
 /// launching the longest causal rows first keeps the tail short (longest processing time first).
 /// Over all heads at once, though, the K/V that the CTAs in flight read would outgrow L2 for
 /// many heads at long S. So heads go in groups (whole kv heads with their query heads) whose
-/// K/V fits [`L2_GROUP_BYTES`]; within a group, query tiles go longest first with the group's
+/// K/V fits `l2_group_bytes`; within a group, query tiles go longest first with the group's
 /// heads innermost. The last group may be smaller.
 fn work_item<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
@@ -818,7 +818,7 @@ fn work_item<'ctx>(
 ) -> Result<(IntValue<'ctx>, IntValue<'ctx>)> {
     // (bytes / bytes per token) / S: no product that could overflow.
     let kv_token_bytes = 2 * config.head_dim * config.elem.bytes();
-    let kv_heads_per_group = kb.div(kb.i32((L2_GROUP_BYTES / kv_token_bytes) as i64), seq_len)?;
+    let kv_heads_per_group = kb.div(kb.i32((config.l2_group_bytes / kv_token_bytes) as i64), seq_len)?;
     let kv_heads_per_group = kb.select_int(kb.lt(kv_heads_per_group, kb.i32(1))?, kb.i32(1), kv_heads_per_group)?;
     let kv_heads_per_group = kb.min(kv_heads_per_group, kb.i32(config.kv_heads as i64))?;
     let group_heads = kb.mul(kv_heads_per_group, kb.i32((config.q_heads / config.kv_heads) as i64))?;
