@@ -33,11 +33,54 @@ from kernel_bench import load_kernels, median_ms
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
+# cuTensorMapEncodeTiled's enums (CUDA driver API).
+TENSOR_MAP_DTYPES = {torch.float16: 6, torch.bfloat16: 9}
+TENSOR_MAP_SWIZZLE_128B = 3
+TENSOR_MAP_L2_PROMOTION_256B = 3
+_tensor_maps = {}
+
+
+def tensor_map(t, box_rows):
+    """The 128-byte TMA descriptor of a [B, S, H, d] tensor seen as the 4-d (d, H, S, B), innermost
+    first, with boxes of one 128-byte panel × 1 head × box_rows rows × 1 batch element, 128-byte
+    swizzle and zero fill (what TileLoads::Tma kernels expect), in device memory. Encoded with
+    libcuda's cuTensorMapEncodeTiled; cached per tensor and box."""
+    import ctypes
+
+    key = (t.data_ptr(), tuple(t.shape), t.dtype, box_rows)
+    if key in _tensor_maps:
+        return _tensor_maps[key]
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    encode = libcuda.cuTensorMapEncodeTiled
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    encode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
+                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    encode.restype = ctypes.c_int
+    batch, seq, heads, d = t.shape
+    size = t.element_size()
+    descriptor = (ctypes.c_uint64 * 16)()
+    result = encode(
+        ctypes.addressof(descriptor), TENSOR_MAP_DTYPES[t.dtype], 4, ctypes.c_void_p(t.data_ptr()),
+        (ctypes.c_uint64 * 4)(d, heads, seq, batch),
+        (ctypes.c_uint64 * 3)(d * size, heads * d * size, seq * heads * d * size),
+        (ctypes.c_uint32 * 4)(128 // size, 1, box_rows, 1),
+        (ctypes.c_uint32 * 4)(1, 1, 1, 1),
+        0, TENSOR_MAP_SWIZZLE_128B, TENSOR_MAP_L2_PROMOTION_256B, 0)
+    if result != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {result}")
+    on_device = torch.frombuffer(bytearray(bytes(descriptor)), dtype=torch.uint8).to(t.device)
+    _tensor_maps[key] = on_device
+    return on_device
+
+
 def launch(kernel, q, k, v, o, lse):
     spec, _, function = kernel
     batch, seq, _, _ = q.shape
     grid = (math.ceil(seq / spec["block_m"]), spec["q_heads"], batch)
     args = tuple(numpy.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (numpy.uint32(batch), numpy.uint32(seq))
+    if spec.get("tma"):
+        maps = (tensor_map(q, spec["block_m"]), tensor_map(k, spec["block_n"]), tensor_map(v, spec["block_n"]))
+        args += tuple(numpy.uint64(m.data_ptr()) for m in maps)
     function(grid, (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
 
 
@@ -162,9 +205,10 @@ def main():
             report["correctness"].append(dict(kernel=name, B=batch, S=seq, ok=ok, o_rel_l2=o_error, lse_max_abs=lse_error))
     if not args.skip_timing:
         print("\ntiming (median of 20, ms and TFLOP/s; serial / overlap / ws / pingpong = ccc wgmma schedules;"
-              " pp-l2-N = pingpong with CTAs ordered in L2 groups of N MB of K/V, pingpong's own groups being 16 MB)")
+              " pp-l2-N = pingpong with CTAs ordered in L2 groups of N MB of K/V, pingpong's own groups being 16 MB;"
+              " pp-tma = pingpong with TMA loads)")
         suffixes = [("serial", ""), ("overlap", "_overlap"), ("ws", "_ws"), ("pingpong", "_pingpong"),
-                    ("pp-l2-8", "_pingpong_l2_8mb"), ("pp-l2-4", "_pingpong_l2_4mb")]
+                    ("pp-l2-8", "_pingpong_l2_8mb"), ("pp-l2-4", "_pingpong_l2_4mb"), ("pp-tma", "_pingpong_tma")]
         columns = [label for label, _ in suffixes] + ["cuDNN", "FA2"]
         print(f"  {'shape':36s} {'B':>2s} {'S':>6s} | " + " | ".join(f"{c:>17s}" for c in columns))
         for name, batch, seq in [

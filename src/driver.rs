@@ -273,6 +273,9 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         // (BENCHMARKS.md, 16:20 UTC run); 8 and 4 MB are among the variants that
         // bench/hopper_attention.py times (tests/codegen_hopper.rs, `bench_configs`).
         l2_group_bytes: 16 << 20,
+        // TMA loads need tensor maps from the runtime, which it does not build yet; they are
+        // timed standalone (bench/hopper_attention.py).
+        loads: hopper::TileLoads::CpAsync,
     }
 }
 

@@ -15,7 +15,7 @@ mod common;
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
     GemmSchedule, GemmSegment, HopperAttentionConfig, HopperGemmConfig, HopperLaunch, HopperPrologueConfig,
-    MatrixDescriptor, OperandMajor, PrologueConvStage, PrologueRope, Schedule, Swizzle128BTile, WgmmaA, WgmmaShape,
+    MatrixDescriptor, OperandMajor, PrologueConvStage, PrologueRope, Schedule, Swizzle128BTile, TileLoads, WgmmaA, WgmmaShape,
     emit_attention_wgmma, emit_gemm_wgmma, emit_prologue_wgmma,
 };
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
@@ -119,7 +119,7 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
             "",
         )?;
         let map = kb.builder().build_ptr_to_int(map, kb.context().i64_type(), "")?;
-        kb.cp_async_bulk_tensor_2d(kb.byte_pointer(shared, kb.i32(1024))?, map, kb.i32(32), kb.i32(7), barrier)?;
+        kb.cp_async_bulk_tensor(kb.byte_pointer(shared, kb.i32(1024))?, map, &[kb.i32(32), kb.i32(7)], barrier)?;
         kb.named_barrier_sync(kb.i32(1), 64)?;
         kb.named_barrier_arrive(kb.i32(2), 64)?;
         let address = kb.shared_address(kb.byte_pointer(shared, kb.i32(1024))?)?;
@@ -214,6 +214,7 @@ fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAtt
         stages: 2,
         schedule: Schedule::Serial,
         l2_group_bytes: 16 << 20,
+        loads: TileLoads::CpAsync,
     }
 }
 
@@ -250,15 +251,18 @@ fn bench_configs() -> Vec<HopperAttentionConfig> {
             })
             .collect();
     for (q_heads, kv_heads) in [(16, 16), (8, 2)] {
+        let pingpong = scheduled(config(128, true, q_heads, kv_heads), Schedule::PingPong);
         for megabytes in [4, 8] {
-            let pingpong = scheduled(config(128, true, q_heads, kv_heads), Schedule::PingPong);
             configs.push(HopperAttentionConfig {
                 name: format!("{}_l2_{megabytes}mb", pingpong.name),
                 l2_group_bytes: megabytes << 20,
-                ..pingpong
+                ..pingpong.clone()
             });
         }
+        configs.push(HopperAttentionConfig { name: format!("{}_tma", pingpong.name), loads: TileLoads::Tma, ..pingpong });
     }
+    let d64 = scheduled(config(64, true, 8, 2), Schedule::PingPong);
+    configs.push(HopperAttentionConfig { name: format!("{}_tma", d64.name), loads: TileLoads::Tma, ..d64 });
     configs
 }
 
@@ -335,12 +339,26 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(count(&ptx, "st.volatile.shared.f32"), 2, "one wait anchor per steady-state loop");
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 4);
                 assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 2, "softmax waits only for S");
-                // The copies publish each tile themselves as they land; the producer never waits
-                // for them before its end. Consumers fence after each of their 3 acquires.
-                assert_eq!(count(&ptx, "cp.async.mbarrier.arrive.noinc.shared::cta.b64"), 1);
-                assert_eq!(count(&ptx, "cp.async.wait_group"), 0);
-                assert_eq!(count(&ptx, "cp.async.wait_all;"), 1);
-                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
+                match config.loads {
+                    TileLoads::CpAsync => {
+                        // The copies publish each tile themselves as they land; the producer
+                        // never waits for them before its end. Consumers fence after each of
+                        // their 3 acquires.
+                        assert_eq!(count(&ptx, "cp.async.mbarrier.arrive.noinc.shared::cta.b64"), 1);
+                        assert_eq!(count(&ptx, "cp.async.wait_group"), 0);
+                        assert_eq!(count(&ptx, "cp.async.wait_all;"), 1);
+                        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 3);
+                    }
+                    TileLoads::Tma => {
+                        // One expect_tx per tile; one box per 64-column panel of Q, K and V; no
+                        // thread-issued copies and no proxy fence (TMA writes in the async proxy).
+                        let panels = (config.head_dim / 64) as usize;
+                        assert_eq!(count(&ptx, "mbarrier.arrive.expect_tx.shared::cta.b64"), 1);
+                        assert_eq!(count(&ptx, "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"), 3 * panels);
+                        assert_eq!(count(&ptx, "cp.async.cg"), 0);
+                        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 0);
+                    }
+                }
                 assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * config.stages as usize);
                 assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 56;"), 1);
                 assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 224;"), 1);
@@ -369,7 +387,8 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                 serde_json::json!({
                     "name": config.name, "elem": config.elem.name(), "head_dim": config.head_dim, "q_heads": config.q_heads,
                     "kv_heads": config.kv_heads, "causal": config.causal, "softmax_scale": config.softmax_scale,
-                    "block_m": config.block_m, "threads": launch.threads, "dynamic_shared_bytes": launch.dynamic_shared_bytes,
+                    "block_m": config.block_m, "block_n": config.block_n, "threads": launch.threads,
+                    "dynamic_shared_bytes": launch.dynamic_shared_bytes, "tma": config.loads == TileLoads::Tma,
                 })
             })
             .collect();
@@ -392,6 +411,7 @@ fn codegen_hopper_attention_rejects_bad_configurations() {
         HopperAttentionConfig { block_m: 192, ..good.clone() },
         HopperAttentionConfig { block_n: 72, ..good.clone() },
         HopperAttentionConfig { stages: 1, ..good.clone() },
+        HopperAttentionConfig { loads: TileLoads::Tma, ..good.clone() },
         HopperAttentionConfig { stages: 2, schedule: Schedule::OverlapSoftmax, ..good.clone() },
         HopperAttentionConfig { block_m: 64, schedule: Schedule::PingPong, stages: 3, ..good.clone() },
         HopperAttentionConfig { elem: Elem::F32, ..good.clone() },
@@ -452,11 +472,11 @@ fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
                 exponentials_since_wait_for_s = Some(0);
             } else if text.starts_with("MUFU.EX2") {
                 exponentials_since_wait_for_s = exponentials_since_wait_for_s.map(|count| count + 1);
-            } else if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x0") {
-                if let Some(count) = exponentials_since_wait_for_s.take() {
-                    assert!(count >= config.block_n / 2, "{}: only {count} ex2 overlap P·V", config.name);
-                    overlapped_loops += 1;
-                }
+            } else if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x0")
+                && let Some(count) = exponentials_since_wait_for_s.take()
+            {
+                assert!(count >= config.block_n / 2, "{}: only {count} ex2 overlap P·V", config.name);
+                overlapped_loops += 1;
             }
         }
         assert_eq!(overlapped_loops, 2, "{}: unmasked and masked loops", config.name);

@@ -61,6 +61,22 @@ pub struct HopperAttentionConfig {
     /// K/V bytes of the heads that CTAs work on together (see [`work_item`]): whole kv heads,
     /// at least one.
     pub l2_group_bytes: u32,
+    pub loads: TileLoads,
+}
+
+/// How the producer warpgroup of the warp-specialized schedules fills the shared tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TileLoads {
+    /// Its 128 threads copy 16-byte chunks (cp.async); each thread's copies arrive on the tile's
+    /// full barrier as they land.
+    CpAsync,
+    /// One thread issues TMA box copies (`cp.async.bulk.tensor.4d`, one per 64-column panel of
+    /// Q, K and V) that count their bytes on the full barrier. The kernel then takes three more
+    /// parameters after `S`: global pointers `q_map`, `k_map`, `v_map` to 128-byte tensor maps
+    /// (`cuTensorMapEncodeTiled`) of q, k and v seen as 4-d tensors (d, heads, S, B), innermost
+    /// first, with boxes of 64 × 1 × rows × 1 (rows: block_m for q, block_n for k and v),
+    /// 128-byte swizzle and zero fill: rows past S read as zeros, as with cp.async.
+    Tma,
 }
 
 /// How each warpgroup orders its two GEMMs and the softmax within one key tile.
@@ -98,7 +114,7 @@ impl HopperAttentionConfig {
     /// A human-readable description used as part of a cache key.
     pub fn describe(&self) -> String {
         format!(
-            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?} l2-group={}",
+            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?} l2-group={} loads={:?}",
             self.name,
             self.elem.name(),
             self.head_dim,
@@ -110,7 +126,8 @@ impl HopperAttentionConfig {
             self.block_n,
             self.stages,
             self.schedule,
-            self.l2_group_bytes
+            self.l2_group_bytes,
+            self.loads
         )
     }
 
@@ -159,6 +176,9 @@ impl HopperAttentionConfig {
         };
         if self.schedule == Schedule::PingPong && self.block_m != 2 * WARPGROUP_ROWS {
             return unsupported("the ping-pong schedule alternates two consumer warpgroups: block_m must be 128");
+        }
+        if self.loads == TileLoads::Tma && !matches!(self.schedule, Schedule::WarpSpecialized | Schedule::PingPong) {
+            return unsupported("TMA loads are issued by the producer warpgroup of the warp-specialized schedules");
         }
         if self.stages < least_stages {
             return unsupported(format!("the {:?} schedule needs at least {least_stages} K/V stages", self.schedule));
@@ -251,6 +271,11 @@ pub fn emit_attention_wgmma<'ctx>(
         ParamKind::Size("B".into()),
         ParamKind::Size("S".into()),
     ];
+    let tensor_maps = ["q_map", "k_map", "v_map"];
+    let params: Vec<ParamKind> = match config.loads {
+        TileLoads::CpAsync => params.to_vec(),
+        TileLoads::Tma => params.into_iter().chain(tensor_maps.map(|name| ParamKind::GlobalPointer(name.into()))).collect(),
+    };
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &params)?;
     if warp_specialized {
@@ -731,7 +756,12 @@ pub fn emit_attention_wgmma<'ctx>(
             let parity = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| kb.and(kb.div(tile, stages)?, kb.i32(1));
             kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
                 for stage in 0..config.stages {
-                    kb.mbarrier_init(barrier(kb.i32(stage as i64))?, WARPGROUP_THREADS)?;
+                    // Full: one arrival per producer thread (cp.async) or the TMA issuer's one.
+                    let producers = match config.loads {
+                        TileLoads::CpAsync => WARPGROUP_THREADS,
+                        TileLoads::Tma => 1,
+                    };
+                    kb.mbarrier_init(barrier(kb.i32(stage as i64))?, producers)?;
                     kb.mbarrier_init(barrier(kb.i32((config.stages + stage) as i64))?, consumer_threads)?;
                 }
                 Ok(())
@@ -742,28 +772,101 @@ pub fn emit_attention_wgmma<'ctx>(
                 is_producer,
                 |kb| {
                     kb.set_max_registers(false, PRODUCER_REGISTERS)?;
-                    // Q lands with the first tile. Each thread's copies of a tile arrive on the
-                    // tile's full barrier by themselves once they land, so the producer never
-                    // waits for a copy, only for a free stage: publishing a tile does not queue
-                    // behind the wait for the next one's stage.
-                    issue_q(kb)?;
-                    kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                    let wait_for_stage = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
                         kb.if_then(kb.le(stages, tile)?, |kb| {
                             let reused = kb.sub(tile, stages)?;
                             kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
-                        })?;
-                        issue_kv(kb, tile)?;
-                        kb.cp_async_mbarrier_arrive(full(kb, tile)?)
-                    })?;
-                    // The arrivals ride on this thread's copies: it stays until they landed.
-                    kb.cp_async_wait_all()
+                        })
+                    };
+                    match config.loads {
+                        TileLoads::CpAsync => {
+                            // Q lands with the first tile. Each thread's copies of a tile arrive
+                            // on the tile's full barrier by themselves once they land, so the
+                            // producer never waits for a copy, only for a free stage: publishing
+                            // a tile does not queue behind the wait for the next one's stage.
+                            issue_q(kb)?;
+                            kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                                wait_for_stage(kb, tile)?;
+                                issue_kv(kb, tile)?;
+                                kb.cp_async_mbarrier_arrive(full(kb, tile)?)
+                            })?;
+                            // The arrivals ride on this thread's copies: it stays until they landed.
+                            kb.cp_async_wait_all()
+                        }
+                        TileLoads::Tma => {
+                            let issuer = kb.builder().build_int_compare(
+                                IntPredicate::EQ,
+                                thread,
+                                kb.i32(consumer_threads as i64),
+                                "",
+                            )?;
+                            kb.if_then(issuer, |kb| {
+                                let map_address = |name: &str| -> Result<IntValue<'ctx>> {
+                                    let generic = kb.builder().build_address_space_cast(
+                                        kb.pointer_param(name)?,
+                                        kb.context().ptr_type(Default::default()),
+                                        "",
+                                    )?;
+                                    Ok(kb.builder().build_ptr_to_int(generic, kb.context().i64_type(), "")?)
+                                };
+                                let [q_map, k_map, v_map] = tensor_maps.map(map_address);
+                                let (q_map, k_map, v_map) = (q_map?, k_map?, v_map?);
+                                // One box per 64-column panel: (column, head, row, batch).
+                                let load_panels = |kb: &KernelBuilder<'_, 'ctx>,
+                                                   map: IntValue<'ctx>,
+                                                   tile: &Swizzle128BTile,
+                                                   base: IntValue<'ctx>,
+                                                   head: IntValue<'ctx>,
+                                                   first_row: IntValue<'ctx>,
+                                                   barrier: PointerValue<'ctx>|
+                                 -> Result<()> {
+                                    for panel in 0..tile.panels() {
+                                        let destination = kb.byte_pointer(
+                                            aligned,
+                                            kb.add(base, kb.i32((panel * tile.panel_bytes()) as i64))?,
+                                        )?;
+                                        let column = kb.i32((panel * tile.panel_cols()) as i64);
+                                        kb.cp_async_bulk_tensor(destination, map, &[column, head, first_row, batch], barrier)?;
+                                    }
+                                    Ok(())
+                                };
+                                let kv_bytes = 2 * plan.kv.footprint_bytes();
+                                kb.for_range(kb.i32(0), key_tiles, |kb, tile| {
+                                    wait_for_stage(kb, tile)?;
+                                    let first = kb.builder().build_int_compare(IntPredicate::EQ, tile, kb.i32(0), "")?;
+                                    let bytes = kb.select_int(
+                                        first,
+                                        kb.i32((kv_bytes + plan.q.footprint_bytes()) as i64),
+                                        kb.i32(kv_bytes as i64),
+                                    )?;
+                                    kb.mbarrier_arrive_expect_tx(full(kb, tile)?, bytes)?;
+                                    // Q lands with the first tile.
+                                    kb.if_then(first, |kb| {
+                                        load_panels(kb, q_map, &plan.q, kb.i32(0), head, query_start, full(kb, tile)?)
+                                    })?;
+                                    let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+                                    let stage = kb.rem(tile, stages)?;
+                                    let k_base = kb.add(
+                                        kb.i32(plan.k_offset(0) as i64),
+                                        kb.mul(stage, kb.i32(plan.stage_bytes as i64))?,
+                                    )?;
+                                    let v_base = kb.add(k_base, kb.i32(plan.kv.footprint_bytes() as i64))?;
+                                    load_panels(kb, k_map, &plan.kv, k_base, kv_head, key_start, full(kb, tile)?)?;
+                                    load_panels(kb, v_map, &plan.kv, v_base, kv_head, key_start, full(kb, tile)?)
+                                })
+                            })
+                        }
+                    }
                 },
                 |kb| {
                     kb.set_max_registers(true, CONSUMER_REGISTERS)?;
-                    // The copies were made by the generic proxy: fence before wgmma reads them.
                     let acquire = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
                         kb.mbarrier_wait_parity(full(kb, tile)?, parity(kb, tile)?)?;
-                        kb.fence_proxy_async_shared()
+                        match config.loads {
+                            // cp.async writes through the generic proxy: fence before wgmma reads.
+                            TileLoads::CpAsync => kb.fence_proxy_async_shared(),
+                            TileLoads::Tma => Ok(()),
+                        }
                     };
                     let release = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
                         kb.mbarrier_arrive(empty(kb, tile)?)

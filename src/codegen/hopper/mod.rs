@@ -17,7 +17,7 @@ pub mod layout;
 pub mod primitives;
 pub mod prologue;
 
-pub use attention::{HopperAttentionConfig, Schedule, emit_attention_wgmma};
+pub use attention::{HopperAttentionConfig, Schedule, TileLoads, emit_attention_wgmma};
 pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};

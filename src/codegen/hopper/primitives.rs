@@ -303,30 +303,38 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
-    /// `cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes`: the tensor
-    /// engine (TMA) copies the box at coordinates (`x`, `y`) (i32, innermost first) of the tensor
-    /// described by the 128-byte tensor map at generic address `tensor_map` (i64) into shared
-    /// memory at `shared_dst`, and counts the bytes on `barrier` (whose phase must expect them,
-    /// [`Self::mbarrier_arrive_expect_tx`]). The map can live in global memory or be a kernel
-    /// parameter: LLVM 22 lowers a `ptr byval([128 x i8]) align 64 "nvvm.grid_constant"`
-    /// parameter to `.param .align 64 .b8 name[128]` and its address to `cvta.param.u64`.
-    pub fn cp_async_bulk_tensor_2d(
+    /// `cp.async.bulk.tensor.Nd.shared::cluster.global.mbarrier::complete_tx::bytes`: the tensor
+    /// engine (TMA) copies the box at `coordinates` (i32, innermost first; 1 to 5 of them) of the
+    /// tensor described by the 128-byte tensor map at generic address `tensor_map` (i64) into
+    /// shared memory at `shared_dst`, and counts the bytes on `barrier` (whose phase must expect
+    /// them, [`Self::mbarrier_arrive_expect_tx`]). Elements outside the tensor land as zeros and
+    /// count too. The map can live in global memory or be a kernel parameter: LLVM 22 lowers a
+    /// `ptr byval([128 x i8]) align 64 "nvvm.grid_constant"` parameter to
+    /// `.param .align 64 .b8 name[128]` and its address to `cvta.param.u64`.
+    pub fn cp_async_bulk_tensor(
         &self,
         shared_dst: PointerValue<'ctx>,
         tensor_map: IntValue<'ctx>,
-        x: IntValue<'ctx>,
-        y: IntValue<'ctx>,
+        coordinates: &[IntValue<'ctx>],
         barrier: PointerValue<'ctx>,
     ) -> Result<()> {
+        let rank = coordinates.len();
+        if !(1..=5).contains(&rank) {
+            return unsupported(format!("a TMA box has 1 to 5 coordinates, not {rank}"));
+        }
         let dst = self.shared_address(shared_dst)?;
         let barrier = self.shared_address(barrier)?;
-        self.inline_ptx(
-            None,
-            "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1, {$2, $3}], [$4];",
-            "r,l,r,r,r,~{memory}",
-            &[dst.into(), tensor_map.into(), x.into(), y.into(), barrier.into()],
-            true,
-        )?;
+        let coordinate_operands: Vec<String> = (0..rank).map(|i| format!("${}", 2 + i)).collect();
+        let assembly = format!(
+            "cp.async.bulk.tensor.{rank}d.shared::cluster.global.mbarrier::complete_tx::bytes [$0], [$1, {{{}}}], [${}];",
+            coordinate_operands.join(", "),
+            2 + rank
+        );
+        let constraints = format!("r,l,{}r,~{{memory}}", "r,".repeat(rank));
+        let mut args: Vec<BasicValueEnum<'ctx>> = vec![dst.into(), tensor_map.into()];
+        args.extend(coordinates.iter().map(|c| BasicValueEnum::from(*c)));
+        args.push(barrier.into());
+        self.inline_ptx(None, &assembly, &constraints, &args, true)?;
         Ok(())
     }
 
