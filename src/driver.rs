@@ -344,8 +344,9 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
 }
 
 /// The Hopper prologue for the `qk_prologue` kernel of `spec` (same ABI), or `None` where the
-/// kernel IR's mma.sync kernel stays: head_dim other than 64 and 128, or per-head convolution
-/// weights and row tiles that do not fit in shared memory.
+/// kernel IR's mma.sync kernel stays: head_dim other than 64 and 128, convolutions wider than 4
+/// taps, more history after a per-head stage than its 64 rows leave room for, or per-head
+/// convolution weights and row tiles that do not fit in shared memory.
 #[cfg(feature = "llvm")]
 pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperPrologueConfig> {
     use crate::codegen::hopper::{

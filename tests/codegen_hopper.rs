@@ -851,6 +851,14 @@ fn codegen_hopper_prologue_rejects_bad_configurations() {
             ..good.clone()
         },
         HopperPrologueConfig { params: pointers(&["p0", "q", "k"]), ..good.clone() },
+        // A per-head stage followed by 66 rows of history: its 64 rows leave no output row.
+        HopperPrologueConfig {
+            stages: std::iter::once(good.stages[1].clone())
+                .chain(std::iter::repeat_n(PrologueConvStage { width: 4, ..good.stages[0].clone() }, 22))
+                .collect(),
+            ..good.clone()
+        },
+        HopperPrologueConfig { tiles_per_cta: u32::MAX, ..good.clone() },
     ];
     for config in bad {
         let context = Context::create();

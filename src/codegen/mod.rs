@@ -416,6 +416,14 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         self.float_intrinsic2("llvm.maxnum", a, b)
     }
 
+    /// `a · b + c` rounded once (`fma.rn.f32`).
+    pub fn fma(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+        let f32_type: BasicTypeEnum = self.context().f32_type().into();
+        let function = primitives::intrinsic(self.module(), "llvm.fma", &[f32_type])?;
+        let call = self.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?;
+        primitives::float_result(call)
+    }
+
     pub fn feq(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> Result<IntValue<'ctx>> {
         Ok(self.builder().build_float_compare(FloatPredicate::OEQ, a, b, "")?)
     }

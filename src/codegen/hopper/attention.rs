@@ -28,7 +28,6 @@ use super::HopperLaunch;
 use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
-use crate::codegen::primitives::{float_result, intrinsic};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
 use crate::ir::size::SizeExpr;
 
@@ -58,8 +57,8 @@ pub struct HopperAttentionConfig {
     /// K/V shared buffers (at least 2 for [`Schedule::Serial`], 3 for [`Schedule::OverlapSoftmax`]).
     pub stages: u32,
     pub schedule: Schedule,
-    /// K/V bytes of the heads that CTAs work on together (see [`work_item`]): whole kv heads,
-    /// at least one.
+    /// K/V bytes of the heads that CTAs work on together (the CTA work order: longest causal
+    /// rows first within each group of heads); whole kv heads, at least one.
     pub l2_group_bytes: u32,
     pub loads: TileLoads,
 }
@@ -513,7 +512,7 @@ pub fn emit_attention_wgmma<'ctx>(
         let mut partial_sum = [kb.f32(0.0); 2];
         for (index, value) in s.iter().enumerate() {
             let h = (index / 2) % 2;
-            let probability = kb.exp2_approx(fma(kb, *value, kb.f32(scale_log2), negative_shift[h])?)?;
+            let probability = kb.exp2_approx(kb.fma(*value, kb.f32(scale_log2), negative_shift[h])?)?;
             partial_sum[h] = kb.fadd(partial_sum[h], probability)?;
             p.push(probability);
         }
@@ -939,14 +938,3 @@ fn work_item<'ctx>(
     Ok((head, query_tile))
 }
 
-/// `a · b + c` rounded once (`fma.rn.f32`).
-fn fma<'ctx>(
-    kb: &KernelBuilder<'_, 'ctx>,
-    a: FloatValue<'ctx>,
-    b: FloatValue<'ctx>,
-    c: FloatValue<'ctx>,
-) -> Result<FloatValue<'ctx>> {
-    let f32_type = kb.context().f32_type().into();
-    let function = intrinsic(kb.module(), "llvm.fma", &[f32_type])?;
-    float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
-}

@@ -25,7 +25,7 @@ use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
 use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
-use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
 use crate::ir::size::SizeExpr;
@@ -212,22 +212,10 @@ impl HopperGemmConfig {
             // group still reads): a third one loads.
             return unsupported("the producer needs at least 3 stages (one loading while two are read)");
         }
-        let named = |name: &str| {
-            self.params.iter().any(|p| matches!(p, ParamKind::GlobalPointer(n) if n == name))
-        };
-        let sized = |name: &str| self.params.iter().any(|p| matches!(p, ParamKind::Size(n) if n == name));
-        for name in std::iter::once(&self.a)
+        let tensors = std::iter::once(&self.a)
             .chain(self.segments.iter().flat_map(|s| [&s.weight, &s.dest]))
-            .chain(self.segments.iter().filter_map(|s| s.bias.as_ref()))
-        {
-            if !named(name) {
-                return unsupported(format!("the projection kernel has no tensor parameter `{name}`"));
-            }
-        }
-        if !sized("B") || !sized("S") {
-            return unsupported("the projection kernel needs the size parameters B and S");
-        }
-        Ok(())
+            .chain(self.segments.iter().filter_map(|s| s.bias.as_ref()));
+        super::require_params(&self.params, "projection", tensors.map(String::as_str))
     }
 }
 
@@ -278,12 +266,12 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     let row_tiles = kb.ceil_div(seq_len, GEMM_BLOCK_M)?;
     let tiles = kb.mul(kb.mul(row_tiles, batches)?, kb.i32(column_tiles as i64))?;
     let first_tile = kb.special_register(SpecialRegister::BlockX)?;
-    // This CTA's tiles: ceil((tiles - first) / CTAs), none when first ≥ tiles.
+    // This CTA's tiles: ceil((tiles - first) / CTAs), none when first ≥ tiles (the dividend is
+    // never negative: first < CTAs).
     let own_tiles = kb.div(
         kb.add(kb.sub(tiles, first_tile)?, kb.i32(PERSISTENT_CTAS as i64 - 1))?,
         kb.i32(PERSISTENT_CTAS as i64),
     )?;
-    let own_tiles = kb.select_int(kb.lt(own_tiles, kb.i32(0))?, kb.i32(0), own_tiles)?;
     let output_tile = |kb: &KernelBuilder<'_, 'ctx>, ordinal: IntValue<'ctx>| -> Result<OutputTile<'ctx>> {
         let tile = kb.add(first_tile, kb.mul(ordinal, kb.i32(PERSISTENT_CTAS as i64))?)?;
         let column_tile = kb.rem(tile, kb.i32(column_tiles as i64))?;
@@ -416,23 +404,26 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                 .collect::<Result<Vec<PointerValue<'ctx>>>>()?;
             let row_block_offsets: Vec<IntValue<'ctx>> = row_blocks
                 .iter()
-                .map(|block| kb.mul(*block, kb.i32((WARPGROUP_ROWS * 128) as i64)))
+                .map(|block| kb.mul(*block, kb.i32((WARPGROUP_ROWS * SWIZZLE_BYTES) as i64)))
                 .collect::<Result<_>>()?;
-            // ceil((own_tiles - first_ordinal) / ordinal_step), none when negative.
+            // ceil((own_tiles - first_ordinal) / ordinal_step); the dividend is never negative
+            // (first_ordinal < ordinal_step).
             let my_tiles = kb.div(
                 kb.add(kb.sub(own_tiles, first_ordinal)?, kb.i32(ordinal_step as i64 - 1))?,
                 kb.i32(ordinal_step as i64),
             )?;
-            let my_tiles = kb.select_int(kb.lt(own_tiles, kb.add(first_ordinal, kb.i32(1))?)?, kb.i32(0), my_tiles)?;
             // Ping-pong turns: a full barrier's parity wait is only right within one phase of
             // the barrier's current one, so a warpgroup waits for its tile's stages only once
             // the other has waited for all of the tile before (named barrier 1 + warpgroup,
-            // 128 syncing + 128 arriving threads). The tile with ordinal n hands the turn on
-            // only if tile n + 1 exists, so that every arrival is matched by a sync.
-            let own_turn = kb.add(warpgroup, kb.i32(1))?;
-            let other_turn = kb.sub(kb.i32(2), warpgroup)?;
+            // 128 syncing + 128 arriving threads: own turn, other's turn). The tile with ordinal
+            // n hands the turn on only if tile n + 1 exists, so that every arrival is matched by
+            // a sync.
             let pair = 2 * WARPGROUP_THREADS;
-            if config.schedule == GemmSchedule::PingPong {
+            let turns = match config.schedule {
+                GemmSchedule::Cooperative => None,
+                GemmSchedule::PingPong => Some((kb.add(warpgroup, kb.i32(1))?, kb.sub(kb.i32(2), warpgroup)?)),
+            };
+            if let Some((_, other_turn)) = turns {
                 let opens = kb.and(kb.lt(kb.i32(0), warpgroup)?, kb.lt(kb.i32(0), own_tiles)?)?;
                 kb.if_then(opens, |kb| kb.named_barrier_arrive(other_turn, pair))?;
             }
@@ -442,7 +433,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                 for slot in &slots {
                     kb.store_f32(*slot, kb.f32(0.0))?;
                 }
-                if config.schedule == GemmSchedule::PingPong {
+                if let Some((own_turn, _)) = turns {
                     kb.named_barrier_sync(own_turn, pair)?;
                 }
                 kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
@@ -477,7 +468,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     }
                     Ok(())
                 })?;
-                if config.schedule == GemmSchedule::PingPong {
+                if let Some((_, other_turn)) = turns {
                     let next_exists = kb.lt(kb.add(ordinal, kb.i32(1))?, own_tiles)?;
                     kb.if_then(next_exists, |kb| kb.named_barrier_arrive(other_turn, pair))?;
                 }

@@ -25,19 +25,38 @@ pub use prologue::{
     HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature, emit_prologue_wgmma,
 };
 
-use crate::codegen::{PtxModule, Result};
+use crate::codegen::{ParamKind, PtxModule, Result, unsupported};
 use crate::ir::size::SizeExpr;
 
 /// Registers per thread a CTA of one producer and two consumer warpgroups (384 threads under
 /// `.maxntid 384`) holds: 65536 / 384, rounded down to ptxas' allocation unit of 8. `setmaxnreg`
 /// only moves registers inside the CTA's allotment: an increase beyond what the other warpgroups
 /// gave back waits forever (a hang, not an error).
-pub(super) const REGISTERS_PER_THREAD_384: u32 = 168;
+const REGISTERS_PER_THREAD_384: u32 = 168;
 
 /// Whether `setmaxnreg` to `producer` registers in one warpgroup and `consumer` in two others
 /// stays inside the CTA's allotment.
-pub(super) const fn registers_fit(producer: u32, consumer: u32) -> bool {
+const fn registers_fit(producer: u32, consumer: u32) -> bool {
     producer + 2 * consumer <= 3 * REGISTERS_PER_THREAD_384
+}
+
+/// Checks that `params` (a kernel's ABI) holds every tensor in `tensors` as a global pointer and
+/// the sizes B and S, which the emitters look up by name; `kernel` names the kernel in errors.
+fn require_params<'a>(
+    params: &[ParamKind],
+    kernel: &str,
+    tensors: impl IntoIterator<Item = &'a str>,
+) -> Result<()> {
+    for name in tensors {
+        if !params.iter().any(|p| matches!(p, ParamKind::GlobalPointer(n) if n == name)) {
+            return unsupported(format!("the {kernel} kernel has no tensor parameter `{name}`"));
+        }
+    }
+    let sized = |name: &str| params.iter().any(|p| matches!(p, ParamKind::Size(n) if n == name));
+    if !sized("B") || !sized("S") {
+        return unsupported(format!("the {kernel} kernel needs the size parameters B and S"));
+    }
+    Ok(())
 }
 
 /// A kernel of a library whose PTX comes from this fast path instead of its kernel IR.

@@ -62,6 +62,8 @@ const THREADS: u32 = WARPGROUPS * WARPGROUP_THREADS;
 const GEMM_ROWS: u32 = 64;
 /// Shared memory one CTA may use on sm_90 (227 KiB).
 const MAX_SHARED_BYTES: u32 = 227 * 1024;
+/// Shared memory of one SM (sm_90), which the CTAs resident on it share.
+const SM_SHARED_BYTES: u32 = 228 * 1024;
 /// Elements of one 16-byte chunk.
 const CHUNK_ELEMS: u32 = 8;
 
@@ -140,7 +142,7 @@ struct Plan {
     rows: Swizzle128BTile,
     /// Per stage: its first valid output row (`Σ_{j ≤ i} (K_j − 1)`), input and output buffer,
     /// and for per-head stages the offset of its weight tiles (one `d × d` tile per tap).
-    stage_rows: Vec<u32>,
+    first_valid_rows: Vec<u32>,
     stage_io: Vec<(u32, u32)>,
     weight_offsets: Vec<Option<u32>>,
     weight_tile: Swizzle128BTile,
@@ -151,22 +153,24 @@ struct Plan {
 
 impl Plan {
     fn new(config: &HopperPrologueConfig) -> Result<Plan> {
+        config.validate()?;
         let d = config.head_dim;
         let halo: u32 = config.stages.iter().map(|s| s.width - 1).sum();
-        let mut stage_rows = Vec::new();
+        let mut first_valid_rows = Vec::new();
         let mut first = 0;
         for stage in &config.stages {
             first += stage.width - 1;
-            stage_rows.push(first);
+            first_valid_rows.push(first);
         }
         // A per-head GEMM computes 64 rows from its first valid one; the rows after it that the
         // later stages still consume as history must fit in them.
         let out_rows = config
             .stages
             .iter()
-            .zip(&stage_rows)
+            .zip(&first_valid_rows)
             .filter(|(stage, _)| stage.kind == ConvKind::PerHead)
-            .map(|(_, first)| GEMM_ROWS + first - halo)
+            // More history after a per-head stage than its 64 rows leaves none.
+            .map(|(_, first)| (GEMM_ROWS + first).saturating_sub(halo))
             .min()
             .unwrap_or(GEMM_ROWS);
         if out_rows < 16 {
@@ -177,7 +181,7 @@ impl Plan {
         let needed = config
             .stages
             .iter()
-            .zip(&stage_rows)
+            .zip(&first_valid_rows)
             .filter(|(stage, _)| stage.kind == ConvKind::PerHead)
             .map(|(_, first)| first + GEMM_ROWS)
             .fold(halo + out_rows.next_multiple_of(rows_per_pass), u32::max);
@@ -226,13 +230,19 @@ impl Plan {
             halo,
             out_rows,
             rows,
-            stage_rows,
+            first_valid_rows,
             stage_io,
             weight_offsets,
             weight_tile,
             buffers_offset,
             total_bytes,
         })
+    }
+
+    /// CTAs that fit on one SM by shared memory (228 KiB, 1 KiB of it reserved per CTA), at most 2.
+    fn ctas_per_sm(&self) -> u32 {
+        let per_cta = self.total_bytes + TILE_ALIGNMENT + 1024;
+        (SM_SHARED_BYTES / per_cta).clamp(1, 2)
     }
 
     fn buffer_offset(&self, buffer: u32) -> u32 {
@@ -272,14 +282,16 @@ impl HopperPrologueConfig {
     /// Threads, shared memory and grid (`(Hq + Hk, ceil(S / (out_rows · tiles_per_cta)), B)`) of
     /// the kernel this config emits, without emitting it; an error for a config it cannot emit.
     pub fn launch(&self) -> Result<HopperLaunch> {
-        self.validate()?;
         let plan = Plan::new(self)?;
+        let Some(rows_per_cta) = plan.out_rows.checked_mul(self.tiles_per_cta) else {
+            return unsupported(format!("{} row tiles per CTA are too many", self.tiles_per_cta));
+        };
         Ok(HopperLaunch {
             threads: THREADS,
             dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
             grid: [
                 SizeExpr::c((self.q_heads + self.kv_heads) as u64),
-                SizeExpr::seq_len().ceil_div((plan.out_rows * self.tiles_per_cta) as u64),
+                SizeExpr::seq_len().ceil_div(rows_per_cta as u64),
                 SizeExpr::batch(),
             ],
         })
@@ -309,35 +321,21 @@ impl HopperPrologueConfig {
         {
             return unsupported(format!("rotary width {} is not even inside the head", rope.rotary_dim));
         }
-        let named = |name: &str| {
-            self.params
-                .iter()
-                .any(|p| matches!(p, ParamKind::GlobalPointer(n) if n == name))
-        };
-        let sized = |name: &str| self.params.iter().any(|p| matches!(p, ParamKind::Size(n) if n == name));
         let temperature = self.norm.as_ref().and_then(|norm| match &norm.temperature {
             PrologueTemperature::None => None,
             PrologueTemperature::Learned(name) | PrologueTemperature::LearnedExp(name) => Some(name),
         });
-        for name in ["p0", "q", "k"]
+        let tensors = ["p0", "q", "k"]
             .into_iter()
             .chain(self.stages.iter().flat_map(|s| [s.weight.as_str(), s.bias.as_str()]))
-            .chain(temperature.map(String::as_str))
-        {
-            if !named(name) {
-                return unsupported(format!("the prologue kernel has no tensor parameter `{name}`"));
-            }
-        }
-        if !sized("B") || !sized("S") {
-            return unsupported("the prologue kernel needs the size parameters B and S");
-        }
-        Ok(())
+            .chain(temperature.map(String::as_str));
+        super::require_params(&self.params, "prologue", tensors)
     }
 }
 
 /// Values every part of the kernel needs.
 #[derive(Clone, Copy)]
-struct Context<'a, 'ctx> {
+struct KernelEnv<'a, 'ctx> {
     config: &'a HopperPrologueConfig,
     plan: &'a Plan,
     seq_len: IntValue<'ctx>,
@@ -353,11 +351,11 @@ struct Context<'a, 'ctx> {
     raw_address: IntValue<'ctx>,
 }
 
-impl<'a, 'ctx> Context<'a, 'ctx> {
+impl<'a, 'ctx> KernelEnv<'a, 'ctx> {
     /// This context with the thread index and the shared base read afresh, opaque to LLVM:
     /// otherwise every address and wgmma descriptor derived from them is loop-invariant, and
     /// LLVM hoists them all out of the row-tile loop where they stay live until ptxas spills.
-    fn fresh(&self, kb: &KernelBuilder<'_, 'ctx>) -> Result<Context<'a, 'ctx>> {
+    fn fresh(&self, kb: &KernelBuilder<'_, 'ctx>) -> Result<KernelEnv<'a, 'ctx>> {
         let i32_type = kb.context().i32_type().into();
         let call = kb.inline_ptx(
             Some(i32_type),
@@ -375,7 +373,7 @@ impl<'a, 'ctx> Context<'a, 'ctx> {
             kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?,
             kb.i32(-(TILE_ALIGNMENT as i64)),
         )?;
-        Ok(Context {
+        Ok(KernelEnv {
             thread: kb.thread_index()?,
             base: kb.byte_pointer(self.shared, kb.sub(base_address, self.raw_address)?)?,
             base_address,
@@ -500,17 +498,6 @@ fn widen_chunk<'ctx>(
     Ok(values)
 }
 
-/// `a · b + c` rounded once (`fma.rn.f32`).
-fn fma<'ctx>(
-    kb: &KernelBuilder<'_, 'ctx>,
-    a: FloatValue<'ctx>,
-    b: FloatValue<'ctx>,
-    c: FloatValue<'ctx>,
-) -> Result<FloatValue<'ctx>> {
-    let function = intrinsic(kb.module(), "llvm.fma", &[kb.context().f32_type().into()])?;
-    float_result(kb.builder().build_call(function, &[a.into(), b.into(), c.into()], "")?)
-}
-
 /// Rounds 8 f32 to the storage type, packed as 4 b16x2 words.
 fn round_chunk<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
@@ -536,15 +523,14 @@ fn half_of<'ctx>(kb: &KernelBuilder<'_, 'ctx>, words: &[IntValue<'ctx>], index: 
 
 /// Emits the Hopper prologue kernel into `module`.
 pub fn emit_prologue_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperPrologueConfig) -> Result<HopperLaunch> {
-    config.validate()?;
     let plan = Plan::new(config)?;
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &config.params)?;
     for (key, value) in [
         ("nvvm.maxntid", THREADS.to_string()),
-        // Two CTAs per SM (what shared memory allows with ZAYA1's per-head weights): at most
-        // 128 registers per thread.
-        ("nvvm.minctasm", "2".to_string()),
+        // As many CTAs per SM as shared memory allows, up to two (ZAYA1's plan: two): ptxas then
+        // keeps registers to what they leave (128 per thread for two).
+        ("nvvm.minctasm", plan.ctas_per_sm().to_string()),
     ] {
         kb.function().add_attribute(
             AttributeLoc::Function,
@@ -556,7 +542,7 @@ pub fn emit_prologue_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperProlog
         kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?,
         kb.i32(-(TILE_ALIGNMENT as i64)),
     )?;
-    let cx = Context {
+    let cx = KernelEnv {
         config,
         plan: &plan,
         seq_len: kb.size_param("S")?,
@@ -615,7 +601,7 @@ pub fn emit_prologue_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperProlog
 
 /// cp.async of the head's p0 rows `t0 − T ..` into buffer 0: zeros before token 0 (the
 /// convolutions' padding) and from `t0 + out_rows` or S on (never read for an output row).
-fn copy_rows<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, t0: IntValue<'ctx>) -> Result<()> {
+fn copy_rows<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &KernelEnv<'_, 'ctx>, t0: IntValue<'ctx>) -> Result<()> {
     let cx = &cx.fresh(kb)?;
     let plan = cx.plan;
     let width = (cx.config.q_heads + cx.config.kv_heads) * plan.d;
@@ -652,7 +638,7 @@ fn copy_rows<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, t0: Int
 /// Loads are issued in batches before their stores so that several are in flight.
 fn stage_per_head_weights<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
-    cx: &Context<'_, 'ctx>,
+    cx: &KernelEnv<'_, 'ctx>,
     stage: &PrologueConvStage,
     offset: u32,
 ) -> Result<()> {
@@ -704,7 +690,7 @@ fn stage_per_head_weights<'ctx>(
 
 /// One depthwise stage on 16-byte chunks: output row ρ (from the stage's first valid row to the
 /// last row an output needs) = bias + Σ_tap w_tap · input row ρ − (K − 1) + tap, rounded.
-fn depthwise_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, index: usize) -> Result<()> {
+fn depthwise_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &KernelEnv<'_, 'ctx>, index: usize) -> Result<()> {
     let cx = &cx.fresh(kb)?;
     let plan = cx.plan;
     let stage = &cx.config.stages[index];
@@ -726,7 +712,7 @@ fn depthwise_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, i
     let bias_words = kb.load_v4(kb.element_pointer(kb.pointer_param(&stage.bias)?, elem, kb.to_i64(channel)?)?)?;
     let bias = widen_chunk(kb, elem, &bias_words)?;
     let (input, output) = plan.stage_io[index];
-    let first_valid = plan.stage_rows[index];
+    let first_valid = plan.first_valid_rows[index];
     let end = plan.halo + plan.out_rows;
     let step = cx.rows_per_pass();
     // Rolled over pairs of rows, like the epilogue; rows past `end` are skipped.
@@ -748,7 +734,7 @@ fn depthwise_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, i
                         kb.load_v4(cx.chunk_pointer(kb, &plan.rows, plan.buffer_offset(input), source_row, chunk)?)?;
                     let values = widen_chunk(kb, elem, &words)?;
                     for (e, sum) in sums.iter_mut().enumerate() {
-                        *sum = fma(kb, weights[e * taps as usize + tap as usize], values[e], *sum)?;
+                        *sum = kb.fma(weights[e * taps as usize + tap as usize], values[e], *sum)?;
                     }
                 }
                 let words = round_chunk(kb, elem, &sums)?;
@@ -765,7 +751,7 @@ fn depthwise_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, i
 /// One per-head stage: for the 64 rows from the stage's first valid one, acc = Σ_tap
 /// rows(ρ − (K − 1) + tap) · W_tapᵀ on wgmma (A from `ldmatrix`, one group per tap), then bias,
 /// rounding and the store into the output buffer.
-fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, index: usize) -> Result<()> {
+fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &KernelEnv<'_, 'ctx>, index: usize) -> Result<()> {
     let cx = &cx.fresh(kb)?;
     let plan = cx.plan;
     let config = cx.config;
@@ -781,7 +767,7 @@ fn per_head_stage<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cx: &Context<'_, 'ctx>, in
         return unsupported(format!("conv stage {index} is per-head but has no weight tiles in the plan"));
     };
     let (input, output) = plan.stage_io[index];
-    let first_valid = plan.stage_rows[index];
+    let first_valid = plan.first_valid_rows[index];
     let lane = kb.and(cx.thread, kb.i32(31))?;
     let warp = kb.and(kb.div(cx.thread, kb.i32(32))?, kb.i32(3))?;
     let warpgroup = kb.div(cx.thread, kb.i32(WARPGROUP_THREADS as i64))?;
@@ -956,7 +942,7 @@ fn cos_sin<'ctx>(
 /// thread and row; the `d / 8` lanes of a row are consecutive in one warp.
 fn epilogue<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
-    cx: &Context<'_, 'ctx>,
+    cx: &KernelEnv<'_, 'ctx>,
     t0: IntValue<'ctx>,
     kind: HeadKind,
 ) -> Result<()> {
@@ -1057,14 +1043,14 @@ fn epilogue<'ctx>(
                     }
                 };
                 for ((value, raw), other) in values.iter_mut().zip(raw).zip(other) {
-                    let with_raw = fma(kb, kb.f32(0.5), raw, *value)?;
-                    *value = fma(kb, kb.f32(factor), other, with_raw)?;
+                    let with_raw = kb.fma(kb.f32(0.5), raw, *value)?;
+                    *value = kb.fma(kb.f32(factor), other, with_raw)?;
                 }
             }
             if let Some((scale, eps)) = scale {
                 let mut sum = kb.fmul(values[0], values[0])?;
                 for value in &values[1..] {
-                    sum = fma(kb, *value, *value, sum)?;
+                    sum = kb.fma(*value, *value, sum)?;
                 }
                 let mut mask = 1;
                 while mask < d / CHUNK_ELEMS {
@@ -1154,7 +1140,7 @@ fn epilogue<'ctx>(
                         let mut rotated = Vec::with_capacity(CHUNK_ELEMS as usize);
                         for e in 0..CHUNK_ELEMS as usize {
                             let (cos, sin) = cos_sin(kb, kb.fmul(position, constants.inverse_frequency[e])?)?;
-                            let turned = fma(kb, kb.fmul(constants.sign[e], partners[e])?, sin, kb.fmul(own[e], cos)?)?;
+                            let turned = kb.fma(kb.fmul(constants.sign[e], partners[e])?, sin, kb.fmul(own[e], cos)?)?;
                             rotated.push(kb.select_f32(constants.rotates[e], turned, own[e])?);
                         }
                         kb.store_v4(destination, round_chunk(kb, elem, &rotated)?)
