@@ -25,7 +25,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
-use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
@@ -294,10 +294,8 @@ pub fn emit_attention_wgmma<'ctx>(
     let batch = kb.special_register(SpecialRegister::BlockZ)?;
     let kv_head = kb.div(head, kb.i32(group as i64))?;
 
-    // The swizzle pattern is a function of address bits 4..9: align the tiles to 1024 bytes.
     let raw_address = kb.shared_address(shared)?;
-    let aligned_address =
-        kb.and(kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?, kb.i32(-(TILE_ALIGNMENT as i64)))?;
+    let aligned_address = aligned_tile_address(&kb, raw_address)?;
     let aligned = kb.byte_pointer(shared, kb.sub(aligned_address, raw_address)?)?;
 
     let head_rows = |name: &str, heads: u32, head: IntValue<'ctx>| -> Result<RowSource<'ctx>> {

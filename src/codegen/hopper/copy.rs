@@ -4,8 +4,15 @@
 
 use inkwell::values::{IntValue, PointerValue};
 
-use super::layout::Swizzle128BTile;
+use super::layout::{Swizzle128BTile, TILE_ALIGNMENT};
 use crate::codegen::{CodegenError, KernelBuilder, Result};
+
+/// The first 1024-byte-aligned shared-window address at or after `raw_address`: the 128-byte
+/// swizzle is a function of address bits 4..9, so swizzled tiles start there.
+pub(super) fn aligned_tile_address<'ctx>(kb: &KernelBuilder<'_, 'ctx>, raw_address: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+    let alignment = TILE_ALIGNMENT as i64;
+    kb.and(kb.add(raw_address, kb.i32(alignment - 1))?, kb.i32(-alignment))
+}
 
 /// Rows of a row-major global tensor: the pointer to row 0, column 0 of the view and the element
 /// stride between rows.

@@ -24,7 +24,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
-use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
@@ -287,8 +287,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     };
 
     let raw_address = kb.shared_address(shared)?;
-    let aligned_address =
-        kb.and(kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?, kb.i32(-(TILE_ALIGNMENT as i64)))?;
+    let aligned_address = aligned_tile_address(&kb, raw_address)?;
     let aligned = kb.byte_pointer(shared, kb.sub(aligned_address, raw_address)?)?;
     let barrier = |kb: &KernelBuilder<'_, 'ctx>, index: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
         kb.byte_pointer(aligned, kb.add(kb.i32(plan.barriers_offset as i64), kb.mul(index, kb.i32(8))?)?)

@@ -44,7 +44,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
-use super::copy::{Bounds, RowSource, copy_tile_async, descriptor};
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::lower::expr::reduce_angle;
@@ -369,10 +369,7 @@ impl<'a, 'ctx> KernelEnv<'a, 'ctx> {
             .basic()
             .ok_or_else(|| CodegenError::Llvm("inline PTX returned nothing".to_string()))?
             .into_int_value();
-        let base_address = kb.and(
-            kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?,
-            kb.i32(-(TILE_ALIGNMENT as i64)),
-        )?;
+        let base_address = aligned_tile_address(kb, raw_address)?;
         Ok(KernelEnv {
             thread: kb.thread_index()?,
             base: kb.byte_pointer(self.shared, kb.sub(base_address, self.raw_address)?)?,
@@ -538,10 +535,7 @@ pub fn emit_prologue_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperProlog
         );
     }
     let raw_address = kb.shared_address(shared)?;
-    let base_address = kb.and(
-        kb.add(raw_address, kb.i32(TILE_ALIGNMENT as i64 - 1))?,
-        kb.i32(-(TILE_ALIGNMENT as i64)),
-    )?;
+    let base_address = aligned_tile_address(&kb, raw_address)?;
     let cx = KernelEnv {
         config,
         plan: &plan,
