@@ -128,7 +128,6 @@ fn is_projection(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qkv_proj") || kernel.name.ends_with("_out_proj")
 }
 
-#[cfg(feature = "llvm")]
 fn is_prologue(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qk_prologue")
 }
@@ -146,6 +145,13 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: persistent\n\
                     // warp-specialized wgmma GEMM, 128-row tiles, one CTA per SM); this kernel IR is\n\
                     // its mma.sync equivalent, which the interpreter checks and other targets lower.\n";
+        }
+        // Whether the plan fits is known only to the LLVM build; the head width is the first gate.
+        if matches!(spec.head_dim, 64 | 128) && is_prologue(&kernel) {
+            out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper::prologue:\n\
+                    // wgmma per-head convolutions, 16-byte staging) wherever its plan fits (convolutions\n\
+                    // of up to 4 taps, weights and row tiles within 227 KB of shared memory), else from\n\
+                    // this kernel IR, which the interpreter checks either way.\n";
         }
         out += &kernel.to_string();
     }
