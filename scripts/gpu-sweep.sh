@@ -3,7 +3,7 @@
 # step under its own time limit so that a hung kernel costs that step, not the call.
 #   1. with gpu-carry/hopper-ptx (GPU_PREPARE_HOPPER_PTX=1): the standalone Hopper kernels,
 #      correctness only (bench/hopper_gemm.py, bench/hopper_attention.py --skip-timing): a hang
-#      shows here first, in under a minute;
+#      shows here first, within its step's limit;
 #   2. the GPU suite (scripts/gpu-suite.sh): B 1 and 3 × S 1, 17, 1000, then B 1 × S 4097;
 #   3. python/validate.py on zaya1 and mha at 1×4096 (ZAYA1 also against Hugging Face's layer);
 #   4. bench/kernel_times.py (each kernel alone) on zaya1 and mha at 1×16384;
@@ -34,8 +34,8 @@ for s in $steps; do
   case $s in
     hopper)
       if [ -d gpu-carry/hopper-ptx ]; then
-        step hopper-gemm 60 python3 -u -W ignore bench/hopper_gemm.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
-        step hopper-attention 60 python3 -u -W ignore bench/hopper_attention.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
+        step hopper-gemm 90 python3 -u -W ignore bench/hopper_gemm.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
+        step hopper-attention 150 python3 -u -W ignore bench/hopper_attention.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
       fi
       ;;
     suite)
