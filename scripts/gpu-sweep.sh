@@ -8,7 +8,7 @@
 #   3. python/validate.py on zaya1 and mha at 1×4096 (ZAYA1 also against Hugging Face's layer);
 #   4. bench/kernel_times.py (each kernel alone) on zaya1 and mha at 1×16384;
 #   5. bench/bench.py on zaya1 and mha at S 4096, 8192, 16384, B 1, with the peers.
-# Everything is written under $OUT (default sweep-out). About 5 minutes on an H200.
+# Everything is written under $OUT (default sweep-out). About 5 to 6 minutes on an H200.
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]    (steps: hopper suite validate times bench)
 set -uo pipefail
 cd "$(dirname "$0")/.."
