@@ -8,7 +8,7 @@
 The manifest parsing, validation and call planning (ccc.manifest, ccc.sizes, ccc.spec) are plain
 Python; launching needs torch and cupy and is imported on first use."""
 
-from .errors import CccError, KernelFault, ManifestError, SizeError, TensorMismatch
+from .errors import CccError, KernelFault, ManifestError, SizeError, TensorMismatch, UnsupportedDevice
 from .manifest import CallPlan, Manifest, plan_call, plan_for_input, read_library
 from .spec import Spec, parse_spec
 
@@ -22,6 +22,6 @@ def load(directory, validate=False):
     return Layer(directory, validate=validate)
 
 
-__all__ = ["load", "CccError", "KernelFault", "ManifestError", "SizeError", "TensorMismatch",
+__all__ = ["load", "CccError", "KernelFault", "ManifestError", "SizeError", "TensorMismatch", "UnsupportedDevice",
            "CallPlan", "Manifest", "Spec", "parse_spec", "plan_call", "plan_for_input",
            "read_library"]

@@ -27,3 +27,7 @@ class TensorMismatch(CccError, ValueError):
 class KernelFault(CccError, RuntimeError):
     """A kernel that failed to launch or faulted while running (checked per kernel in validate
     mode)."""
+
+
+class UnsupportedDevice(CccError, RuntimeError):
+    """A GPU that cannot run the library's PTX target (e.g. sm_90a code on a non-Hopper GPU)."""

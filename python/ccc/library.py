@@ -12,7 +12,7 @@ import numpy
 import torch
 
 from .errors import KernelFault, TensorMismatch
-from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_supplied, plan_for_input,
+from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, plan_for_input,
                        read_library)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
@@ -128,6 +128,8 @@ class Layer:
     def _load_module(self, device):
         import cupy
 
+        check_device(self.manifest.target, torch.cuda.get_device_capability(device),
+                     f"GPU {device.index} ({torch.cuda.get_device_name(device)})")
         functions = {}
         with cupy.cuda.Device(device.index):
             module = cupy.RawModule(path=self.ptx_path)

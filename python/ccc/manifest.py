@@ -13,7 +13,7 @@ import re
 from collections import namedtuple
 from dataclasses import dataclass
 
-from .errors import ManifestError, SizeError, TensorMismatch
+from .errors import ManifestError, SizeError, TensorMismatch, UnsupportedDevice
 from .sizes import U64_MAX, format_shape, parse_size_expr
 from .spec import parse_spec
 
@@ -499,3 +499,29 @@ def check_supplied(manifest, plan, supplied):
                         + ", ".join(w.name for w in manifest.weights) + ")")
     if problems:
         raise TensorMismatch(problems)
+
+
+def target_capability(target):
+    """The compute capability a PTX target such as `sm_90a` needs: (major, minor, exact), exact
+    for arch-specific targets (the `a` suffix), whose features only that capability has; None for
+    a string that is not such a target."""
+    match = re.fullmatch(r"sm_(\d+)(\d)(a?)", target)
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)), match.group(3) == "a"
+
+
+def check_device(target, capability, device_name):
+    """Raises UnsupportedDevice unless a GPU of compute capability (major, minor) runs PTX for
+    `target`: that capability for arch-specific targets, it or a later one otherwise."""
+    needed = target_capability(target)
+    if needed is not None:
+        major, minor, exact = needed
+        if (tuple(capability) == (major, minor)) if exact else (tuple(capability) >= (major, minor)):
+            return
+        need = f"compute capability exactly {major}.{minor}" if exact else f"compute capability {major}.{minor} or later"
+    else:
+        need = "a CUDA architecture such as sm_90a as its target"
+    raise UnsupportedDevice(
+        f"the library was compiled for {target}, which {device_name} (compute capability "
+        f"{capability[0]}.{capability[1]}) cannot run; it needs {need}")

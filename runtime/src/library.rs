@@ -1,6 +1,6 @@
 //! A loaded kernel library on one GPU: the manifest, the PTX module and its resolved kernels.
 
-use crate::error::RuntimeError;
+use crate::error::{RuntimeError, runs_target};
 use crate::plan::{CallPlan, PlannedArg};
 use crate::tensor::{HostTensor, nan_bytes};
 use crate::weights::{WeightSet, check_tensor};
@@ -112,6 +112,13 @@ impl Library {
         let dir = dir.as_ref().to_path_buf();
         let (manifest, ptx) = read_library(&dir)?;
         let context = open_device(0)?;
+        let capability = context
+            .compute_capability()
+            .map_err(|e| RuntimeError::driver("reading the GPU's compute capability", e))?;
+        if !runs_target(&manifest.target, capability) {
+            let device = context.name().unwrap_or_else(|_| "unnamed".to_string());
+            return Err(RuntimeError::WrongGpu { target: manifest.target.clone(), device, capability });
+        }
         let stream = context.default_stream();
         let module = context.load_module(Ptx::from_src(ptx)).map_err(|e| {
             RuntimeError::driver(

@@ -8,7 +8,8 @@
 //!   needs no GPU, so it checks a freshly compiled library on the build machine.
 //!
 //! Exit codes: 0 success, 1 a result out of tolerance or NaN, 2 any other error (arguments,
-//! library files, CUDA), 3 no GPU or driver on this machine.
+//! library files, CUDA), 3 no GPU or driver on this machine, or a GPU that cannot run the
+//! library's target (sm_90a needs compute capability 9.0 exactly).
 
 /// Prints a line to stdout. A closed pipe (`ccc-run plan DIR | head`) ends the program quietly,
 /// where `println!` would panic.
