@@ -4,7 +4,8 @@
 //! One CTA computes `block_m` query rows of one query head of one batch element with
 //! `block_m / 64` consumer warpgroups, each owning 64 rows (plus, in the warp-specialized
 //! schedules, a producer warpgroup that only copies). Q and streamed K/V tiles live in 128-byte
-//! swizzled shared tiles ([`Swizzle128BTile`]), copied with cp.async through `stages` buffers.
+//! swizzled shared tiles ([`Swizzle128BTile`]), copied through `stages` buffers with cp.async
+//! or, as an option of the warp-specialized schedules, with TMA ([`TileLoads`]).
 //! How the GEMMs, the softmax and the copies are ordered is the [`Schedule`].
 //! Per key tile and warpgroup: `S = Q · Kᵀ` with wgmma from shared memory (both K-major),
 //! the mask only on tiles that cross the causal diagonal or the sequence end, online softmax on
@@ -15,7 +16,8 @@
 //! L2 ([`work_item`]).
 //!
 //! Parameters (ABI order): `q [B, S, Hq, d]`, `k [B, S, Hk, d]`, `v [B, S, Hk, d]`,
-//! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32).
+//! `o [B, S, Hq, d]` in the storage type, `lse [B, Hq, S]` f32 (natural log), then `B`, `S` (u32)
+//! (with TMA loads, then the tensor maps `q_map`, `k_map`, `v_map`).
 //! Grid `(ceil(S / block_m), Hq, B)`, [`HopperLaunch::threads`] threads,
 //! [`HopperLaunch::dynamic_shared_bytes`] of dynamic shared memory (raise the kernel's
 //! limit first: it is above 48 KiB).
