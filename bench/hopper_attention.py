@@ -14,20 +14,18 @@ inputs (relative L2 of o < 1e-2, max |lse error| < 2e-2 on rows that exist). Tim
 """
 
 import argparse
-import json
 import math
 import os
 import re
 import shutil
 import subprocess
-import sys
 
 import numpy
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import load_kernels, median_ms
+from kernel_bench import finish, load_kernels, median_ms
 
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
@@ -230,11 +228,7 @@ def main():
                 cells.append(f"{ms:7.3f} {tflops:6.1f} TF" if ms else f"{'n/a':>17s}")
             print(f"  {name[len('attention_wgmma_'):]:36s} {batch:2d} {seq:6d} | " + " | ".join(cells))
             report["timing"].append(dict(kernel=name, B=batch, S=seq, results=results))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
-    print("\nall correct" if all_ok else "\nSOME CHECKS FAILED")
-    sys.exit(0 if all_ok else 1)
+    finish(report, args.out, all_ok)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ weights concatenated (the same FLOPs). FLOPs: 2·B·S·K·(Σ cols).
 """
 
 import argparse
-import json
 import math
-import sys
 
 import numpy
 import torch
 import torch.nn.functional as F
 
-from kernel_bench import load_kernels, median_ms
+from kernel_bench import finish, load_kernels, median_ms
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -121,11 +119,7 @@ def main():
                 cells = "  ".join(f"{label} {ms:7.3f} ms {tf:6.1f} TF" for label, (ms, tf) in results.items())
                 print(f"  {name:36s} B={batch} S={seq:5d}  {cells}")
                 report["timing"].append(dict(kernel=name, B=batch, S=seq, results=results))
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(report, handle, indent=1)
-    print("\nall correct" if all_ok else "\nSOME CHECKS FAILED")
-    sys.exit(0 if all_ok else 1)
+    finish(report, args.out, all_ok)
 
 
 if __name__ == "__main__":

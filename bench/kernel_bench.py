@@ -1,11 +1,12 @@
 """What the standalone kernel scripts share (bench/hopper_attention.py, bench/hopper_gemm.py,
-bench/kernel_times.py): loading PTX kernels described by a JSON index, and the median of
-CUDA-event timings. (bench/bench.py has its own timer: it flushes the L2 and adapts the count.)"""
+bench/kernel_times.py): loading PTX kernels described by a JSON index, the median of
+CUDA-event timings, and the closing report of the checking scripts. (bench/bench.py has its own timer: it flushes the L2 and adapts the count.)"""
 
 import json
 import os
 import re
 import statistics
+import sys
 
 import torch
 
@@ -43,3 +44,13 @@ def median_ms(fn, reps=20, warmup=3):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def finish(report, out, all_ok):
+    """Writes `report` as JSON to `out` (when given), prints the verdict and exits: 0 when every
+    check passed, 1 otherwise."""
+    if out:
+        with open(out, "w") as handle:
+            json.dump(report, handle, indent=1)
+    print("\nall correct" if all_ok else "\nSOME CHECKS FAILED")
+    sys.exit(0 if all_ok else 1)

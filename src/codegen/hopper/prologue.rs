@@ -1091,28 +1091,18 @@ fn epilogue<'ctx>(
                     let slot = staged(result_buffer)?;
                     kb.store_v4(slot, words)?;
                     kb.warp_sync()?;
+                    // The staged chunk that holds column `col` of this row.
+                    let chunk_holding = |col: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
+                        let chunk = kb.div(col, kb.i32(CHUNK_ELEMS as i64))?;
+                        cx.chunk_pointer(kb, &plan.rows, plan.buffer_offset(result_buffer), staged_row, chunk)
+                    };
                     let half = rope.rotary_dim / 2;
                     if half.is_multiple_of(CHUNK_ELEMS) {
-                        let partner_chunk = kb.div(constants.partner_col[0], kb.i32(CHUNK_ELEMS as i64))?;
-                        let pointer = cx.chunk_pointer(
-                            kb,
-                            &plan.rows,
-                            plan.buffer_offset(result_buffer),
-                            staged_row,
-                            partner_chunk,
-                        )?;
-                        widen_chunk(kb, elem, &kb.load_v4(pointer)?)?
+                        widen_chunk(kb, elem, &kb.load_v4(chunk_holding(constants.partner_col[0])?)?)?
                     } else {
                         let mut partners = Vec::new();
                         for partner_col in &constants.partner_col {
-                            let partner_chunk = kb.div(*partner_col, kb.i32(CHUNK_ELEMS as i64))?;
-                            let chunk_pointer = cx.chunk_pointer(
-                                kb,
-                                &plan.rows,
-                                plan.buffer_offset(result_buffer),
-                                staged_row,
-                                partner_chunk,
-                            )?;
+                            let chunk_pointer = chunk_holding(*partner_col)?;
                             let in_chunk = kb.and(*partner_col, kb.i32(CHUNK_ELEMS as i64 - 1))?;
                             let pointer =
                                 kb.byte_pointer(chunk_pointer, kb.mul(in_chunk, kb.i32(elem.bytes() as i64))?)?;
