@@ -1,6 +1,7 @@
 """Checks and times the wgmma attention kernels (ccc::codegen::hopper) on the GPU.
 
 Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing] [--sass]
+       python3 bench/hopper_attention.py --ptx-dir DIR --kernels REGEX --launch-only B:S   (under ncu)
 
 DIR holds `<kernel>.ptx` and `kernels.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper attention_assembles`):
@@ -142,21 +143,21 @@ def sass_counts(ptx_dir, names):
     return counts
 
 
-def sdpa_time(backend, q, k, v, group, causal):
+def sdpa_time(backend, q, k, v, group, causal, reps=20, warmup=3):
     # SDPA takes [B, H, S, d]; layout changes and kv repetition stay outside the timing.
     qt = q.transpose(1, 2).contiguous()
     kt = k.transpose(1, 2).repeat_interleave(group, dim=1).contiguous()
     vt = v.transpose(1, 2).repeat_interleave(group, dim=1).contiguous()
     try:
         with sdpa_kernel(backend):
-            return median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
+            return median_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal), reps, warmup)
     except RuntimeError as error:
         print(f"  {backend}: unavailable ({str(error).splitlines()[0][:100]})")
         return None
 
 
-def benchmark(kernel_variants, batch, seq):
-    """Times each kernel variant (same shape) and the two SDPA backends: {name: (ms, TFLOP/s)}."""
+def benchmark(kernel_variants, batch, seq, reps=20, warmup=3, peers=("cuDNN", "FA2")):
+    """Times each kernel variant (same shape) and the SDPA backends `peers`: {name: (ms, TFLOP/s)}."""
     spec = kernel_variants[0][1][0]
     d = spec["head_dim"]
     q = torch.randn(batch, seq, spec["q_heads"], d, device="cuda", dtype=torch.bfloat16)
@@ -168,9 +169,10 @@ def benchmark(kernel_variants, batch, seq):
     group = spec["q_heads"] // spec["kv_heads"]
     results = {}
     for label, kernel in kernel_variants:
-        results[label] = median_ms(lambda: launch(kernel, q, k, v, o, lse))
-    results["cuDNN"] = sdpa_time(SDPBackend.CUDNN_ATTENTION, q, k, v, group, spec["causal"])
-    results["FA2"] = sdpa_time(SDPBackend.FLASH_ATTENTION, q, k, v, group, spec["causal"])
+        results[label] = median_ms(lambda: launch(kernel, q, k, v, o, lse), reps, warmup)
+    backends = {"cuDNN": SDPBackend.CUDNN_ATTENTION, "FA2": SDPBackend.FLASH_ATTENTION}
+    for peer in peers:
+        results[peer] = sdpa_time(backends[peer], q, k, v, group, spec["causal"], reps, warmup)
     return {name: (ms, flops / (ms * 1e-3) / 1e12 if ms else None) for name, ms in results.items()}
 
 
@@ -181,9 +183,16 @@ def main():
     parser.add_argument("--out")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--sass", action="store_true", help="count HGMMA and LDL/STL in the cubins' SASS")
+    parser.add_argument("--launch-only", metavar="B:S",
+                        help="no checks: launch each selected kernel and cuDNN once at this shape (for ncu)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "cuDNN", torch.backends.cudnn.version())
     kernels = load_kernels(args.ptx_dir, "kernels.json", args.kernels)
+    if args.launch_only:
+        batch, seq = map(int, args.launch_only.split(":"))
+        for name, kernel in kernels.items():
+            print(name, benchmark([(name, kernel)], batch, seq, reps=1, warmup=0, peers=("cuDNN",)))
+        return
     generator = torch.Generator(device="cuda").manual_seed(0)
     report = {"correctness": [], "timing": [], "sass": {}}
     all_ok = True

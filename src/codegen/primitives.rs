@@ -159,6 +159,19 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         float_result(call)
     }
 
+    /// `value` as lane 0 holds it (`shfl.sync.idx.b32`, full warp), for a value that is already
+    /// the same in every lane (a warp or warpgroup index): ptxas cannot prove that of anything
+    /// derived from `%tid`, but it can of a broadcast, and then keeps the value, the branches on
+    /// it and what is computed from it under them in uniform registers (CUTLASS does the same).
+    pub fn warp_uniform(&self, value: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+        let call = self.call_intrinsic(
+            "llvm.nvvm.shfl.sync.idx.i32",
+            &[],
+            &[self.i32(-1).into(), value.into(), self.i32(0).into(), self.i32(31).into()],
+        )?;
+        int_result(call)
+    }
+
     // ---- fast math ----------------------------------------------------------------------------
 
     /// `ex2.approx.ftz.f32`: 2^x, the softmax exponential once log2(e) is folded into the scale.

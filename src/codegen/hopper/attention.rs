@@ -288,7 +288,7 @@ pub fn emit_attention_wgmma<'ctx>(
     let seq_len = kb.size_param("S")?;
     let thread = kb.thread_index()?;
     let lane = kb.lane()?;
-    let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
+    let warpgroup = kb.warp_uniform(kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?)?;
     let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
     let query_tiles = kb.ceil_div(seq_len, config.block_m)?;
     let (head, query_tile) = work_item(&kb, config, seq_len, query_tiles)?;
@@ -491,12 +491,9 @@ pub fn emit_attention_wgmma<'ctx>(
         let mut shift = [kb.f32(0.0); 2];
         let mut rescale = [kb.f32(0.0); 2];
         for h in 0..2 {
-            let mut tile_max = kb.f32(f64::NEG_INFINITY);
-            for (index, value) in s.iter().enumerate() {
-                if (index / 2) % 2 == h {
-                    tile_max = kb.fmax(tile_max, *value)?;
-                }
-            }
+            let half: Vec<FloatValue<'ctx>> =
+                s.iter().enumerate().filter(|(index, _)| (index / 2) % 2 == h).map(|(_, value)| *value).collect();
+            let mut tile_max = pairwise(&half, |a, b| kb.fmax(a, b))?;
             tile_max = kb.fmax(tile_max, kb.shuffle_xor_f32(tile_max, 1)?)?;
             tile_max = kb.fmax(tile_max, kb.shuffle_xor_f32(tile_max, 2)?)?;
             let previous = kb.load_f32(running_max[h])?;
@@ -508,13 +505,16 @@ pub fn emit_attention_wgmma<'ctx>(
             kb.store_f32(running_max[h], new_max)?;
         }
         let negative_shift = [kb.fsub(kb.f32(0.0), shift[0])?, kb.fsub(kb.f32(0.0), shift[1])?];
-        let mut p = Vec::with_capacity(s.len());
+        let p = s
+            .iter()
+            .enumerate()
+            .map(|(index, value)| kb.exp2_approx(kb.fma(*value, kb.f32(scale_log2), negative_shift[(index / 2) % 2])?))
+            .collect::<Result<Vec<_>>>()?;
         let mut partial_sum = [kb.f32(0.0); 2];
-        for (index, value) in s.iter().enumerate() {
-            let h = (index / 2) % 2;
-            let probability = kb.exp2_approx(kb.fma(*value, kb.f32(scale_log2), negative_shift[h])?)?;
-            partial_sum[h] = kb.fadd(partial_sum[h], probability)?;
-            p.push(probability);
+        for (h, sum) in partial_sum.iter_mut().enumerate() {
+            let half: Vec<FloatValue<'ctx>> =
+                p.iter().enumerate().filter(|(index, _)| (index / 2) % 2 == h).map(|(_, value)| *value).collect();
+            *sum = pairwise(&half, |a, b| kb.fadd(a, b))?;
         }
         for h in 0..2 {
             // Thread-partial sums: the quad's lanes are added once at the end.
@@ -766,7 +766,7 @@ pub fn emit_attention_wgmma<'ctx>(
                 Ok(())
             })?;
             kb.barrier()?;
-            let is_producer = kb.le(kb.i32(consumer_threads as i64), thread)?;
+            let is_producer = kb.le(kb.i32(warpgroups as i64), warpgroup)?;
             kb.if_else(
                 is_producer,
                 |kb| {
@@ -902,6 +902,20 @@ pub fn emit_attention_wgmma<'ctx>(
     let launch = config.launch()?;
     debug_assert_eq!(launch.threads, threads);
     Ok(launch)
+}
+
+/// `values` combined by `op` as a balanced tree: each row's max and sum over a thread's scores
+/// is then a chain of log2(n) dependent instructions instead of n, which the profile showed on
+/// the consumers' critical path (BENCHMARKS.md).
+fn pairwise<'ctx>(
+    values: &[FloatValue<'ctx>],
+    op: impl Fn(FloatValue<'ctx>, FloatValue<'ctx>) -> Result<FloatValue<'ctx>>,
+) -> Result<FloatValue<'ctx>> {
+    let mut level = values.to_vec();
+    while level.len() > 1 {
+        level = level.chunks(2).map(|pair| if pair.len() == 2 { op(pair[0], pair[1]) } else { Ok(pair[0]) }).collect::<Result<_>>()?;
+    }
+    level.pop().ok_or_else(|| CodegenError::Llvm("a reduction over no values".to_string()))
 }
 
 /// Which query head and query tile the CTA computes, from its place in launch order

@@ -121,17 +121,29 @@ pub(super) fn copy_tile_async<'ctx>(
     Ok(())
 }
 
-/// A wgmma descriptor for the runtime tile base `tile_address` (a 1024-aligned shared-window
-/// address): the constant fields plus `(tile_address + start_offset) >> 4` in the start-address
-/// field.
+/// A wgmma descriptor for the runtime tile base `tile_address` (a 16-byte aligned shared-window
+/// address; tiles are 1024-aligned): the constant fields plus `(tile_address + start_offset) >> 4`
+/// in the start-address field. Built as `tile_address >> 4` (shared by every descriptor of the
+/// tile) plus a constant in the low word, the high word a constant: one integer add per
+/// descriptor where a 64-bit add chain per wgmma had kept the issuing warps busy (BENCHMARKS.md).
+/// The start field (bits 0..13) cannot carry into the leading-offset field: shared-window
+/// addresses stay below 2^18.
 pub(super) fn descriptor<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
     tile_address: IntValue<'ctx>,
     constant_bits: u64,
     start_offset: u32,
 ) -> Result<IntValue<'ctx>> {
-    let start =
-        kb.builder().build_right_shift(kb.add(tile_address, kb.i32(start_offset as i64))?, kb.i32(4), false, "")?;
+    if !start_offset.is_multiple_of(16) || constant_bits & 0x3fff != 0 {
+        return Err(CodegenError::Llvm(format!(
+            "a descriptor start offset of {start_offset} bytes is not a multiple of 16, or its constant bits {constant_bits:#x} hold a start address"
+        )));
+    }
+    let builder = kb.builder();
+    let tile_start = builder.build_right_shift(tile_address, kb.i32(4), false, "")?;
+    let low_constant = (constant_bits & 0xffff_ffff) + (start_offset >> 4) as u64;
+    let low = kb.add(tile_start, kb.i32(low_constant as i64))?;
     let i64_type = kb.context().i64_type();
-    Ok(kb.builder().build_int_add(kb.to_i64(start)?, i64_type.const_int(constant_bits, false), "")?)
+    let high = i64_type.const_int(constant_bits & !0xffff_ffff, false);
+    Ok(builder.build_or(builder.build_int_z_extend(low, i64_type, "")?, high, "")?)
 }

@@ -97,8 +97,8 @@ pub enum GemmSchedule {
     Cooperative,
     /// Each takes every other tile of the CTA whole (two m64 blocks, 2 · block_n / 2
     /// accumulators per thread, so block_n ≤ 128), their mainloops taking turns (named
-    /// barriers), so that one's mainloop runs while the other stores its tile. Not yet checked
-    /// on a GPU in this form (BENCHMARKS.md): the driver does not select it.
+    /// barriers), so that one's mainloop runs while the other stores its tile. The driver's
+    /// choice (faster on the H200, BENCHMARKS.md).
     PingPong,
 }
 
@@ -257,7 +257,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     let batches = kb.size_param("B")?;
     let thread = kb.thread_index()?;
     let lane = kb.lane()?;
-    let warpgroup = kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?;
+    let warpgroup = kb.warp_uniform(kb.div(thread, kb.i32(WARPGROUP_THREADS as i64))?)?;
     let warp_in_group = kb.rem(kb.div(thread, kb.i32(32))?, kb.i32(4))?;
 
     // Tiles in raster order (column tile fastest, then row tile, then batch element), dealt
@@ -318,7 +318,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     kb.barrier()?;
 
     let consumer_threads = 2 * WARPGROUP_THREADS;
-    let is_producer = kb.le(kb.i32(consumer_threads as i64), thread)?;
+    let is_producer = kb.le(kb.i32(2), warpgroup)?;
     kb.if_else(
         is_producer,
         |kb| {
