@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy
 import torch
@@ -28,48 +29,23 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernel_bench import finish, load_kernels, median_ms
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from ccc import tensor_map  # noqa: E402
+
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
-# cuTensorMapEncodeTiled's enums (CUDA driver API).
-TENSOR_MAP_DTYPES = {torch.float16: 6, torch.bfloat16: 9}
-TENSOR_MAP_SWIZZLE_128B = 3
-TENSOR_MAP_L2_PROMOTION_256B = 3
 _tensor_maps = {}
 
 
-def tensor_map(t, box_rows):
-    """The 128-byte TMA descriptor of a [B, S, H, d] tensor seen as the 4-d (d, H, S, B), innermost
-    first, with boxes of one 128-byte panel × 1 head × box_rows rows × 1 batch element, 128-byte
-    swizzle and zero fill (what TileLoads::Tma kernels expect), in device memory. Encoded with
-    libcuda's cuTensorMapEncodeTiled; cached per tensor and box."""
-    import ctypes
-
+def cached_tensor_map(t, box_rows):
+    """The device copy of the TMA descriptor `TileLoads::Tma` kernels expect for `t` (see
+    python/ccc/tensor_map.py), cached per tensor and box."""
     key = (t.data_ptr(), tuple(t.shape), t.dtype, box_rows)
-    if key in _tensor_maps:
-        return _tensor_maps[key]
-    libcuda = ctypes.CDLL("libcuda.so.1")
-    encode = libcuda.cuTensorMapEncodeTiled
-    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-    encode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p, u32p, u32p,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-    encode.restype = ctypes.c_int
-    batch, seq, heads, d = t.shape
-    size = t.element_size()
-    descriptor = (ctypes.c_uint64 * 16)()
-    result = encode(
-        ctypes.addressof(descriptor), TENSOR_MAP_DTYPES[t.dtype], 4, ctypes.c_void_p(t.data_ptr()),
-        (ctypes.c_uint64 * 4)(d, heads, seq, batch),
-        (ctypes.c_uint64 * 3)(d * size, heads * d * size, seq * heads * d * size),
-        (ctypes.c_uint32 * 4)(128 // size, 1, box_rows, 1),
-        (ctypes.c_uint32 * 4)(1, 1, 1, 1),
-        0, TENSOR_MAP_SWIZZLE_128B, TENSOR_MAP_L2_PROMOTION_256B, 0)
-    if result != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {result}")
-    on_device = torch.frombuffer(bytearray(bytes(descriptor)), dtype=torch.uint8).to(t.device)
-    _tensor_maps[key] = on_device
-    return on_device
+    if key not in _tensor_maps:
+        _tensor_maps[key] = tensor_map.on_device(t, box_rows)
+    return _tensor_maps[key]
 
 
 def launch(kernel, q, k, v, o, lse):
@@ -78,7 +54,8 @@ def launch(kernel, q, k, v, o, lse):
     grid = (math.ceil(seq / spec["block_m"]), spec["q_heads"], batch)
     args = tuple(numpy.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (numpy.uint32(batch), numpy.uint32(seq))
     if spec.get("tma"):
-        maps = (tensor_map(q, spec["block_m"]), tensor_map(k, spec["block_n"]), tensor_map(v, spec["block_n"]))
+        maps = (cached_tensor_map(q, spec["block_m"]), cached_tensor_map(k, spec["block_n"]),
+                cached_tensor_map(v, spec["block_n"]))
         args += tuple(numpy.uint64(m.data_ptr()) for m in maps)
     function(grid, (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
 

@@ -87,13 +87,23 @@ pub struct PtxasStats {
     pub shared_bytes: u32,
 }
 
-/// One kernel parameter: a device pointer to a named buffer, or a runtime size passed as `u32`.
+/// One kernel parameter: a device pointer to a named buffer, a runtime size passed as `u32`, or
+/// a device pointer to a TMA descriptor of a named buffer that the runtime encodes for the call.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KernelParamManifest {
     Buffer { name: String },
     Size { var: SizeVar },
+    /// The 128-byte `CUtensorMap` (`cuTensorMapEncodeTiled`) of buffer `buffer`, a dense
+    /// [B, S, H, D] tensor of a 16-bit dtype, seen as the 4-d tensor (D, H, S, B) innermost
+    /// first, with boxes of one 128-byte panel of D × 1 head × `box_rows` rows × 1 batch element,
+    /// 128-byte swizzle, 256-byte L2 promotion, and zeros for elements outside the tensor; passed
+    /// as a pointer to it in global memory.
+    TensorMap { buffer: String, box_rows: u32 },
 }
+
+/// Most rows a TMA box may span (`cuTensorMapEncodeTiled`: every box dimension ≤ 256).
+pub const MAX_TENSOR_MAP_BOX_ROWS: u32 = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -433,10 +443,18 @@ impl KernelManifest {
             return Err("the symbol is not a PTX identifier".into());
         }
         for (index, param) in self.params.iter().enumerate() {
-            if let KernelParamManifest::Buffer { name } = param
-                && !buffers.contains_key(name.as_str())
-            {
-                return Err(format!("parameter {index} names a missing buffer `{name}`"));
+            match param {
+                KernelParamManifest::Buffer { name } if !buffers.contains_key(name.as_str()) => {
+                    return Err(format!("parameter {index} names a missing buffer `{name}`"));
+                }
+                KernelParamManifest::TensorMap { buffer, box_rows } => {
+                    let Some(target) = buffers.get(buffer.as_str()) else {
+                        return Err(format!("parameter {index} maps a missing buffer `{buffer}`"));
+                    };
+                    tensor_map_target(target, *box_rows)
+                        .map_err(|why| format!("parameter {index}: tensor map of `{buffer}`: {why}"))?;
+                }
+                _ => {}
             }
         }
         if self.block.contains(&0) {
@@ -460,6 +478,26 @@ impl KernelManifest {
         }
         Ok(())
     }
+}
+
+/// Checks that `buffer` can be seen through a [`KernelParamManifest::TensorMap`]: [B, S, H, D]
+/// with a 16-bit dtype and rows of whole 128-byte panels (D a multiple of 64), and a box of 1 to
+/// [`MAX_TENSOR_MAP_BOX_ROWS`] rows.
+fn tensor_map_target(buffer: &BufferManifest, box_rows: u32) -> Result<(), String> {
+    if buffer.layout != "BSHD" || buffer.shape.len() != 4 {
+        return Err(format!("needs a [B, S, H, D] buffer, got {} {}", buffer.layout, format_shape(&buffer.shape)));
+    }
+    if !matches!(buffer.dtype, TensorDType::Bf16 | TensorDType::F16) {
+        return Err(format!("needs bf16 or f16, got {}", buffer.dtype.name()));
+    }
+    let panel_elements = 128 / buffer.dtype.size_bytes() as u64;
+    if !matches!(buffer.shape[3], SizeExpr::Const(d) if d > 0 && d % panel_elements == 0) {
+        return Err(format!("D = {} is not a constant multiple of {panel_elements}", buffer.shape[3]));
+    }
+    if box_rows == 0 || box_rows > MAX_TENSOR_MAP_BOX_ROWS {
+        return Err(format!("a box of {box_rows} rows (1 to {MAX_TENSOR_MAP_BOX_ROWS})"));
+    }
+    Ok(())
 }
 
 /// `[B, S, 2048]`: how shapes appear in messages.

@@ -6,11 +6,13 @@ are allocated with torch (so they show in torch's memory counters), kernels that
 48 KB of dynamic shared memory get the function attribute raised at load time, and in validate
 mode every runtime-owned buffer is filled with NaN first and every launch is checked before the
 next, so that an unwritten element or a faulting kernel is reported as such. Nothing is copied:
-kernels receive the `data_ptr()` of the caller's tensors."""
+kernels receive the `data_ptr()` of the caller's tensors (and, for `tensor_map` parameters, a
+device copy of the TMA descriptor of one, encoded when the call is bound)."""
 
 import numpy
 import torch
 
+from . import tensor_map
 from .errors import KernelFault, TensorMismatch
 from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, plan_for_input,
                        read_library)
@@ -37,6 +39,7 @@ class BoundCall:
         self.plan = plan
         self.tensors = tensors  # manifest name -> torch tensor, caller's and runtime's
         self.device = device
+        self._descriptors = []  # TMA descriptors on the device, alive as long as the call
         self._arguments = [self._kernel_arguments(launch) for launch in plan.launches]
 
     def _kernel_arguments(self, launch):
@@ -44,6 +47,11 @@ class BoundCall:
         for kind, value in launch.args:
             if kind == "buffer":
                 args.append(numpy.uint64(self.tensors[self.plan.buffers[value].name].data_ptr()))
+            elif kind == "tensor_map":
+                index, box_rows = value
+                descriptor = tensor_map.on_device(self.tensors[self.plan.buffers[index].name], box_rows)
+                self._descriptors.append(descriptor)
+                args.append(numpy.uint64(descriptor.data_ptr()))
             else:
                 args.append(numpy.uint32(value))
         return tuple(args)

@@ -24,6 +24,7 @@ DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024
 MAX_THREADS_PER_BLOCK = 1024
 MAX_GRID = (2**31 - 1, 65_535, 65_535)
 U32_MAX = 2**32 - 1
+MAX_TENSOR_MAP_BOX_ROWS = 256  # cuTensorMapEncodeTiled: every box dimension <= 256
 
 ROLES = ("input", "output", "weight", "intermediate", "scratch")
 CALLER_SUPPLIED_ROLES = ("input", "weight")
@@ -127,13 +128,18 @@ def _parse_buffer(obj, where):
 
 
 def _parse_param(obj, where):
-    if not isinstance(obj, dict) or obj.get("kind") not in ("buffer", "size"):
+    if not isinstance(obj, dict) or obj.get("kind") not in ("buffer", "size", "tensor_map"):
         raise ManifestError(f"malformed manifest: {where}: expected "
-                            f"{{\"kind\": \"buffer\", \"name\": ..}} or "
-                            f"{{\"kind\": \"size\", \"var\": \"B\" | \"S\"}}, got {obj!r}")
+                            f"{{\"kind\": \"buffer\", \"name\": ..}}, "
+                            f"{{\"kind\": \"size\", \"var\": \"B\" | \"S\"}} or "
+                            f"{{\"kind\": \"tensor_map\", \"buffer\": .., \"box_rows\": ..}}, got {obj!r}")
     if obj["kind"] == "buffer":
         _object(obj, where, ("kind", "name"))
         return ("buffer", _typed(obj["name"], "str", f"{where}.name"))
+    if obj["kind"] == "tensor_map":
+        _object(obj, where, ("kind", "buffer", "box_rows"))
+        return ("tensor_map", (_typed(obj["buffer"], "str", f"{where}.buffer"),
+                               _typed(obj["box_rows"], "uint", f"{where}.box_rows")))
     _object(obj, where, ("kind", "var"))
     return ("size", _variant(obj["var"], ("B", "S"), f"{where}.var"))
 
@@ -303,12 +309,34 @@ def _buffer_problem(buffer, manifest):
     return None
 
 
+def _tensor_map_problem(buffer, box_rows):
+    """What keeps `buffer` from being read through a tensor map (see ccc.tensor_map), if anything."""
+    if buffer.layout != "BSHD" or len(buffer.shape) != 4:
+        return f"needs a [B, S, H, D] buffer, got {buffer.layout} {format_shape(buffer.shape)}"
+    if buffer.dtype not in ("bf16", "f16"):
+        return f"needs bf16 or f16, got {buffer.dtype}"
+    panel = 128 // TENSOR_DTYPES[buffer.dtype]
+    head_dim = buffer.shape[3]
+    if head_dim.op != "const" or head_dim.eval({}) == 0 or head_dim.eval({}) % panel:
+        return f"D = {head_dim} is not a constant multiple of {panel}"
+    if not 1 <= box_rows <= MAX_TENSOR_MAP_BOX_ROWS:
+        return f"a box of {box_rows} rows (1 to {MAX_TENSOR_MAP_BOX_ROWS})"
+    return None
+
+
 def _kernel_problem(kernel, buffers):
     if not PTX_IDENTIFIER.match(kernel.symbol):
         return "the symbol is not a PTX identifier"
     for index, (kind, value) in enumerate(kernel.params):
         if kind == "buffer" and value not in buffers:
             return f"parameter {index} names a missing buffer `{value}`"
+        if kind == "tensor_map":
+            name, box_rows = value
+            if name not in buffers:
+                return f"parameter {index} maps a missing buffer `{name}`"
+            problem = _tensor_map_problem(buffers[name], box_rows)
+            if problem:
+                return f"parameter {index}: tensor map of `{name}`: {problem}"
     if 0 in kernel.block:
         return f"block {list(kernel.block)} has a zero dimension"
     threads = kernel.block[0] * kernel.block[1] * kernel.block[2]
@@ -357,7 +385,9 @@ class PlannedLaunch:
     grid: tuple
     block: tuple
     dynamic_shared_bytes: int
-    args: tuple  # ("buffer", index into CallPlan.buffers) or ("size", u32 value)
+    # ("buffer", index into CallPlan.buffers), ("size", u32 value) or
+    # ("tensor_map", (index into CallPlan.buffers, box rows))
+    args: tuple
 
 
 @dataclass(frozen=True)
@@ -418,6 +448,8 @@ def plan_call(manifest, entry, batch, seq_len):
         for kind, value in kernel.params:
             if kind == "buffer":
                 args.append(("buffer", index_of[value]))
+            elif kind == "tensor_map":
+                args.append(("tensor_map", (index_of[value[0]], value[1])))
             elif env[value] > U32_MAX:
                 raise too_big(f"{value} as a 32-bit kernel argument")
             else:

@@ -11,6 +11,7 @@ pub mod error;
 pub mod library;
 pub mod plan;
 pub mod tensor;
+pub mod tensor_map;
 pub mod validate;
 pub mod weights;
 

@@ -3,12 +3,13 @@
 use crate::error::{RuntimeError, runs_target};
 use crate::plan::{CallPlan, PlannedArg};
 use crate::tensor::{HostTensor, nan_bytes};
+use crate::tensor_map::{self, TENSOR_MAP_BYTES};
 use crate::weights::{WeightSet, check_tensor};
 use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
 use ccc::spec::EntryPoint;
 use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::BTreeMap;
@@ -339,6 +340,16 @@ impl Library {
             };
             tensors.push(tensor);
         }
+        // One descriptor per tensor-map argument, in launch and argument order.
+        let tensor_maps = self.upload_tensor_maps(plan, &tensors)?;
+        let descriptors: Vec<_> = tensor_maps
+            .iter()
+            .flat_map(|maps| {
+                (0..maps.len() / TENSOR_MAP_BYTES)
+                    .map(|i| maps.slice(i * TENSOR_MAP_BYTES..(i + 1) * TENSOR_MAP_BYTES))
+            })
+            .collect();
+        let mut next_descriptor = 0;
         let count = plan.launches.len();
         for (index, launch) in plan.launches.iter().enumerate() {
             let function = &self.functions[&launch.symbol];
@@ -347,6 +358,10 @@ impl Library {
                 match arg {
                     PlannedArg::Buffer(buffer) => args.arg(&tensors[*buffer].buffer),
                     PlannedArg::Size(value) => args.arg(value),
+                    PlannedArg::TensorMap { .. } => {
+                        next_descriptor += 1;
+                        args.arg(&descriptors[next_descriptor - 1])
+                    }
                 };
             }
             let config = LaunchConfig {
@@ -368,6 +383,34 @@ impl Library {
             }
         }
         Ok(())
+    }
+
+    /// Encodes the TMA descriptor of every tensor-map argument of the plan, in launch and
+    /// argument order, into one device buffer (`None` when there are none). The buffer is freed
+    /// in stream order once dropped, after the launches that read it.
+    fn upload_tensor_maps(
+        &self,
+        plan: &CallPlan,
+        tensors: &[&DeviceTensor],
+    ) -> Result<Option<CudaSlice<u8>>, RuntimeError> {
+        let mut encoded = Vec::new();
+        for launch in &plan.launches {
+            for arg in &launch.args {
+                if let PlannedArg::TensorMap { buffer, box_rows } = *arg {
+                    let planned = &plan.buffers[buffer];
+                    let geometry = tensor_map::geometry(planned, box_rows)?;
+                    let (address, _read) = tensors[buffer].buffer.device_ptr(&self.stream);
+                    encoded.extend(tensor_map::encode(&geometry, address, &planned.name)?);
+                }
+            }
+        }
+        if encoded.is_empty() {
+            return Ok(None);
+        }
+        self.stream
+            .clone_htod(&encoded)
+            .map(Some)
+            .map_err(|e| RuntimeError::driver("copying tensor maps to the GPU", e))
     }
 
     fn synchronize(&self, during: &str) -> Result<(), RuntimeError> {

@@ -47,6 +47,9 @@ pub enum PlannedArg {
     /// Index into [`CallPlan::buffers`].
     Buffer(usize),
     Size(u32),
+    /// A pointer to the TMA descriptor of buffer `buffer` (index into [`CallPlan::buffers`]) with
+    /// boxes of `box_rows` rows, encoded at launch ([`crate::tensor_map`]).
+    TensorMap { buffer: usize, box_rows: u32 },
 }
 
 impl CallPlan {
@@ -113,21 +116,18 @@ impl CallPlan {
                 }
                 grid[axis] = blocks as u32;
             }
+            let buffer_index = |name: &str| {
+                entry_manifest.buffers.iter().position(|b| b.name == name).ok_or_else(|| RuntimeError::Size {
+                    message: format!("kernel `{}` names a missing buffer `{name}`", kernel.symbol),
+                })
+            };
             let args = kernel
                 .params
                 .iter()
                 .map(|param| match param {
-                    KernelParamManifest::Buffer { name } => entry_manifest
-                        .buffers
-                        .iter()
-                        .position(|b| b.name == *name)
-                        .map(PlannedArg::Buffer)
-                        .ok_or_else(|| RuntimeError::Size {
-                            message: format!(
-                                "kernel `{}` names a missing buffer `{name}`",
-                                kernel.symbol
-                            ),
-                        }),
+                    KernelParamManifest::Buffer { name } => buffer_index(name).map(PlannedArg::Buffer),
+                    KernelParamManifest::TensorMap { buffer, box_rows } => buffer_index(buffer)
+                        .map(|buffer| PlannedArg::TensorMap { buffer, box_rows: *box_rows }),
                     KernelParamManifest::Size { var } => u32::try_from(env.get(*var))
                         .map(PlannedArg::Size)
                         .map_err(|_| {

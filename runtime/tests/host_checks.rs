@@ -4,7 +4,7 @@
 mod common;
 
 use ccc::ir::size::SizeEnv;
-use ccc::manifest::{BufferRole, TensorDType};
+use ccc::manifest::{BufferRole, KernelParamManifest, TensorDType};
 use ccc::spec::EntryPoint;
 use ccc_runtime::plan::PlannedArg;
 use ccc_runtime::tensor::{nan_bytes, round_through};
@@ -48,7 +48,7 @@ fn plan_evaluates_shapes_grids_and_arguments() {
         .iter()
         .filter_map(|a| match a {
             PlannedArg::Buffer(i) => Some(plan.buffers[*i].name.as_str()),
-            PlannedArg::Size(_) => None,
+            PlannedArg::Size(_) | PlannedArg::TensorMap { .. } => None,
         })
         .collect();
     assert_eq!(names, ["o", "o_proj.weight", "out"]);
@@ -56,6 +56,23 @@ fn plan_evaluates_shapes_grids_and_arguments() {
         plan.launches[1].args[3..],
         [PlannedArg::Size(3), PlannedArg::Size(17)]
     );
+}
+
+#[test]
+fn plan_passes_tensor_maps_with_their_buffer_and_box() {
+    let mut manifest = fixture_manifest();
+    let forward = &mut manifest.entry_points[0];
+    let o = forward.buffers.iter_mut().find(|b| b.name == "o").unwrap();
+    o.shape[3] = ccc::ir::size::SizeExpr::c(64);
+    forward.kernels[1].params.push(KernelParamManifest::TensorMap { buffer: "o".into(), box_rows: 64 });
+    manifest.validate().unwrap();
+    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 2, seq_len: 5 }).unwrap();
+    let Some(&PlannedArg::TensorMap { buffer, box_rows }) = plan.launches[1].args.last() else {
+        panic!("the last argument is the tensor map: {:?}", plan.launches[1].args);
+    };
+    assert_eq!((plan.buffers[buffer].name.as_str(), plan.buffers[buffer].shape.as_slice(), box_rows), ("o", &[2, 5, 2, 64][..], 64));
+    let geometry = ccc_runtime::tensor_map::geometry(&plan.buffers[buffer], box_rows).unwrap();
+    assert_eq!((geometry.dims, geometry.box_dims), ([64, 2, 5, 2], [64, 1, 64, 1]));
 }
 
 #[test]

@@ -18,6 +18,7 @@ from ccc.manifest import (TensorInfo, check_supplied, parse_manifest, plan_call,
                           plan_for_input, read_library)
 from ccc.sizes import parse_size_expr  # noqa: E402
 from ccc.spec import parse_spec  # noqa: E402
+from ccc.tensor_map import geometry  # noqa: E402
 
 FIXTURES = os.path.join(HERE, "fixtures")
 # The runtime's test library (runtime/tests/common/mod.rs) as `Manifest::to_json` writes it.
@@ -94,6 +95,10 @@ def zaya1_manifest_json():
             "target": "sm_90a", "ptx_file": "zaya1.ptx",
             "entry_points": [{"entry": "forward", "kernels": kernels, "buffers": buffers}],
             "weights": weights}
+
+
+def tensor_map(buffer, box_rows):
+    return {"kind": "tensor_map", "buffer": buffer, "box_rows": box_rows}
 
 
 def parse(value):
@@ -259,6 +264,14 @@ class ManifestValidation(unittest.TestCase):
              "dynamic shared memory 232449 bytes exceeds the 232448-byte limit"),
             (lambda m: forward(m)["kernels"][0]["params"].append({"kind": "size", "var": "T"}),
              "unknown variant 'T'"),
+            (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("y", 64)),
+             "parameter 4 maps a missing buffer `y`"),
+            (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("o", 64)),
+             "parameter 4: tensor map of `o`: D = 4 is not a constant multiple of 64"),
+            (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("x", 64)),
+             "parameter 4: tensor map of `x`: needs a [B, S, H, D] buffer, got BSE [B, S, 8]"),
+            (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("o", -1)),
+             "box_rows: expected uint, got -1"),
         ]
         for edit, message in cases:
             with self.subTest(message=message):
@@ -281,6 +294,24 @@ class CallPlanning(unittest.TestCase):
     def setUp(self):
         self.fixture = parse(fixture_json())
         self.zaya1 = parse(zaya1_manifest_json())
+
+    def test_tensor_map_arguments_name_their_buffer_and_box(self):
+        value = zaya1_manifest_json()
+        forward = value["entry_points"][0]
+        next(b for b in forward["buffers"] if b["name"] == "q")["shape"] = [B(), S(), c(8), c(128)]
+        forward["kernels"][2]["params"].append(tensor_map("q", 128))
+        plan = plan_call(parse(value), "forward", 2, 1000)
+        kind, (index, box_rows) = plan.launches[2].args[-1]
+        self.assertEqual((kind, plan.buffers[index].name, plan.buffers[index].shape, box_rows),
+                         ("tensor_map", "q", (2, 1000, 8, 128), 128))
+
+    def test_tensor_map_geometry_matches_the_rust_runtime(self):
+        # runtime/src/tensor_map.rs, geometry_views_bshd_as_d_h_s_b_with_one_panel_per_box_row
+        self.assertEqual(geometry("bf16", (3, 17, 8, 128), 128),
+                         ((128, 8, 17, 3), (256, 2048, 17 * 2048), (64, 1, 128, 1)))
+        self.assertRaisesRegex(ValueError, "bf16 or f16", geometry, "f32", (1, 4, 2, 64), 64)
+        self.assertRaisesRegex(ValueError, "128-byte panels, got D = 48", geometry, "bf16",
+                               (1, 4, 2, 48), 64)
 
     def test_fixture_plan_reads_b_and_s_off_x(self):
         plan = plan_for_input(self.fixture, "forward", "x", "bf16", (2, 17, 8))

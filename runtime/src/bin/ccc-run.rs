@@ -265,6 +265,9 @@ fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
             .map(|arg| match arg {
                 PlannedArg::Buffer(index) => plan.buffers[*index].name.clone(),
                 PlannedArg::Size(value) => value.to_string(),
+                PlannedArg::TensorMap { buffer, box_rows } => {
+                    format!("tensor_map({}, {box_rows} rows)", plan.buffers[*buffer].name)
+                }
             })
             .collect();
         say!(

@@ -32,6 +32,7 @@ use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
 use crate::ir::size::SizeExpr;
+use crate::manifest::KernelParamManifest;
 
 /// Rows of Q one consumer warpgroup owns (the wgmma M).
 pub const WARPGROUP_ROWS: u32 = 64;
@@ -142,6 +143,12 @@ impl HopperAttentionConfig {
             Schedule::WarpSpecialized | Schedule::PingPong => consumer_threads + WARPGROUP_THREADS,
             Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
         };
+        let extra_params = match self.loads {
+            TileLoads::CpAsync => Vec::new(),
+            TileLoads::Tma => [("q", self.block_m), ("k", self.block_n), ("v", self.block_n)]
+                .map(|(buffer, box_rows)| KernelParamManifest::TensorMap { buffer: buffer.to_string(), box_rows })
+                .to_vec(),
+        };
         Ok(HopperLaunch {
             threads,
             dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
@@ -150,6 +157,7 @@ impl HopperAttentionConfig {
                 SizeExpr::c(self.q_heads as u64),
                 SizeExpr::batch(),
             ],
+            extra_params,
         })
     }
 

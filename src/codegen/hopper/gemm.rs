@@ -184,6 +184,7 @@ impl HopperGemmConfig {
                 SizeExpr::c(1),
                 SizeExpr::c(1),
             ],
+            extra_params: Vec::new(),
         })
     }
 

@@ -75,6 +75,9 @@ pub struct HopperLaunch {
     /// first: it is above 48 KiB).
     pub dynamic_shared_bytes: u32,
     pub grid: [SizeExpr; 3],
+    /// Parameters the kernel takes after those of the kernel IR it replaces (TMA descriptors),
+    /// as the manifest lists them.
+    pub extra_params: Vec<crate::manifest::KernelParamManifest>,
 }
 
 impl HopperKernel {

@@ -294,6 +294,7 @@ impl HopperPrologueConfig {
                 SizeExpr::seq_len().ceil_div(rows_per_cta as u64),
                 SizeExpr::batch(),
             ],
+            extra_params: Vec::new(),
         })
     }
 
