@@ -36,26 +36,14 @@ from ccc import tensor_map  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
-_tensor_maps = {}
-
-
-def cached_tensor_map(t, box_rows):
-    """The device copy of the TMA descriptor `TileLoads::Tma` kernels expect for `t` (see
-    python/ccc/tensor_map.py), cached per tensor and box."""
-    key = (t.data_ptr(), tuple(t.shape), t.dtype, box_rows)
-    if key not in _tensor_maps:
-        _tensor_maps[key] = tensor_map.on_device(t, box_rows)
-    return _tensor_maps[key]
-
-
 def launch(kernel, q, k, v, o, lse):
     spec, _, function = kernel
     batch, seq, _, _ = q.shape
     grid = (math.ceil(seq / spec["block_m"]), spec["q_heads"], batch)
     args = tuple(numpy.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (numpy.uint32(batch), numpy.uint32(seq))
     if spec.get("tma"):
-        maps = (cached_tensor_map(q, spec["block_m"]), cached_tensor_map(k, spec["block_n"]),
-                cached_tensor_map(v, spec["block_n"]))
+        maps = (tensor_map.on_device(q, spec["block_m"]), tensor_map.on_device(k, spec["block_n"]),
+                tensor_map.on_device(v, spec["block_n"]))
         args += tuple(numpy.uint64(m.data_ptr()) for m in maps)
     function(grid, (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
 

@@ -1,12 +1,15 @@
 """Checks and times the wgmma projection GEMMs (ccc::codegen::hopper::gemm) on the GPU.
 
 Usage: python3 bench/hopper_gemm.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing]
+       python3 bench/hopper_gemm.py --ptx-dir DIR --kernels REGEX --launch-only B:S   (under ncu)
 
 DIR holds `<kernel>.ptx` and `gemms.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper gemm`): for each kernel its
 parameters in ABI order, the A operand and K, the column segments (weight, bias, cols,
 destination, its width, the first column written, the row shift), threads and dynamic shared
-memory. Correctness: every destination is poisoned with NaN, then compared column by column with
+memory, and for TMA kernels the tensor maps they take after their ABI parameters ([buffer, box
+rows], encoded with python/ccc/tensor_map.py; `a` seen as [B, S, K / d, d] when `a_head_dim` is
+set). Correctness: every destination is poisoned with NaN, then compared column by column with
 a float32 reference on the same inputs (`a` shifted down by row_shift rows with zeros in front,
 times Wᵀ, plus bias), relative L2 < 1e-2 per segment and no NaN left. Timing: CUDA events, 3
 warm-ups, median of 20, against torch.nn.functional.linear (cuBLAS) on all of the kernel's
@@ -15,12 +18,17 @@ weights concatenated (the same FLOPs). FLOPs: 2·B·S·K·(Σ cols).
 
 import argparse
 import math
+import os
+import sys
 
 import numpy
 import torch
 import torch.nn.functional as F
 
 from kernel_bench import finish, load_kernels, median_ms
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from ccc import tensor_map  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -38,6 +46,16 @@ def make_tensors(spec, batch, seq, generator):
     return tensors
 
 
+def descriptor(spec, tensors, buffer, box_rows):
+    """The device copy of the TMA descriptor of `buffer` (python/ccc/tensor_map.py): `a` as
+    [B, S, K / d, d] when the kernel addresses it by head (`a_head_dim`), else as it is."""
+    t = tensors[buffer]
+    if buffer == spec["a"] and spec.get("a_head_dim"):
+        d = spec["a_head_dim"]
+        t = t.view(t.shape[0], t.shape[1], t.shape[2] // d, d)
+    return tensor_map.on_device(t, box_rows)
+
+
 def launch(kernel, tensors, batch, seq):
     spec, _, function = kernel
     args = []
@@ -48,6 +66,8 @@ def launch(kernel, tensors, batch, seq):
             args.append(numpy.uint32(seq))
         else:
             args.append(numpy.uint64(tensors[name].data_ptr()))
+    for buffer, box_rows in spec.get("tensor_maps", []):
+        args.append(numpy.uint64(descriptor(spec, tensors, buffer, box_rows).data_ptr()))
     grid = tuple(spec["grid"])
     function(grid, (spec["threads"],), tuple(args), shared_mem=spec["dynamic_shared_bytes"])
 
@@ -75,18 +95,18 @@ def check(kernel, batch, seq, generator):
     return ok, worst
 
 
-def benchmark(kernel, batch, seq, generator):
+def benchmark(kernel, batch, seq, generator, reps=20, warmup=3):
     spec = kernel[0]
     tensors = make_tensors(spec, batch, seq, generator)
     cols = sum(s["cols"] for s in spec["segments"])
     flops = 2 * batch * seq * spec["k"] * cols
-    ours = median_ms(lambda: launch(kernel, tensors, batch, seq))
+    ours = median_ms(lambda: launch(kernel, tensors, batch, seq), reps, warmup)
     weight = torch.cat([tensors[s["weight"]] for s in spec["segments"]])
     bias = None
     if all(s["bias"] for s in spec["segments"]):
         bias = torch.cat([tensors[s["bias"]] for s in spec["segments"]])
     a = tensors[spec["a"]]
-    cublas = median_ms(lambda: F.linear(a, weight, bias))
+    cublas = median_ms(lambda: F.linear(a, weight, bias), reps, warmup)
     return {"ccc": (ours, flops / ours / 1e9), "cuBLAS": (cublas, flops / cublas / 1e9)}
 
 
@@ -96,10 +116,17 @@ def main():
     parser.add_argument("--kernels", default="")
     parser.add_argument("--out")
     parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--launch-only", metavar="B:S",
+                        help="no checks: launch each selected kernel and cuBLAS once at this shape (for ncu)")
     args = parser.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     kernels = load_kernels(args.ptx_dir, "gemms.json", args.kernels)
     generator = torch.Generator(device="cuda").manual_seed(0)
+    if args.launch_only:
+        batch, seq = map(int, args.launch_only.split(":"))
+        for name, kernel in kernels.items():
+            print(name, benchmark(kernel, batch, seq, generator, reps=1, warmup=0))
+        return
     report = {"correctness": [], "timing": []}
     all_ok = True
     print("\ncorrectness (relative L2 per segment < 1e-2, no NaN left in any destination)")

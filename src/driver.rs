@@ -351,6 +351,16 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         // (BENCHMARKS.md, 2026-11-28 17:20 UTC) the out projection at 16k took 0.145 ms against
         // 0.181 cooperative, the qkv projection 0.213 against 0.215.
         schedule: hopper::GemmSchedule::PingPong,
+        // o is [B, S, Hq, d]; x is [B, S, E].
+        a_head_dim: (a == "o").then_some(spec.head_dim as u32),
+        // TMA: one producer thread instead of 128 computing addresses and bounds for 16-byte
+        // copies, which the profile showed could not keep the consumers fed (BENCHMARKS.md);
+        // its 64-column boxes need the heads of o to be whole boxes.
+        loads: hopper::TileLoads::Tma,
+    };
+    let config = match config.launch() {
+        Ok(_) => config,
+        Err(_) => HopperGemmConfig { loads: hopper::TileLoads::CpAsync, ..config },
     };
     Some(config)
 }

@@ -94,11 +94,12 @@ pub struct PtxasStats {
 pub enum KernelParamManifest {
     Buffer { name: String },
     Size { var: SizeVar },
-    /// The 128-byte `CUtensorMap` (`cuTensorMapEncodeTiled`) of buffer `buffer`, a dense
-    /// [B, S, H, D] tensor of a 16-bit dtype, seen as the 4-d tensor (D, H, S, B) innermost
-    /// first, with boxes of one 128-byte panel of D × 1 head × `box_rows` rows × 1 batch element,
-    /// 128-byte swizzle, 256-byte L2 promotion, and zeros for elements outside the tensor; passed
-    /// as a pointer to it in global memory.
+    /// The 128-byte `CUtensorMap` (`cuTensorMapEncodeTiled`) of buffer `buffer`, a dense tensor
+    /// of a 16-bit dtype ([B, S, H, D] `BSHD`, [B, S, C] `BSE`/`BSC`, or a row-major weight
+    /// [R, C]) seen with its dimensions innermost first, with boxes of one 128-byte panel of the
+    /// innermost dimension × `box_rows` along the row dimension (S, or R of a weight) × 1 along
+    /// any other, 128-byte swizzle, 256-byte L2 promotion, and zeros for elements outside the
+    /// tensor; passed as a pointer to it in global memory.
     TensorMap { buffer: String, box_rows: u32 },
 }
 
@@ -480,19 +481,31 @@ impl KernelManifest {
     }
 }
 
-/// Checks that `buffer` can be seen through a [`KernelParamManifest::TensorMap`]: [B, S, H, D]
-/// with a 16-bit dtype and rows of whole 128-byte panels (D a multiple of 64), and a box of 1 to
-/// [`MAX_TENSOR_MAP_BOX_ROWS`] rows.
+/// Checks that `buffer` can be seen through a [`KernelParamManifest::TensorMap`]: `BSHD` of rank
+/// 4, `BSE`/`BSC` of rank 3 or a `row_major` weight of rank 2, a 16-bit dtype, an innermost
+/// dimension whose rows are a non-zero multiple of 16 bytes (TMA's stride rule), and a box of 1
+/// to [`MAX_TENSOR_MAP_BOX_ROWS`] rows.
 fn tensor_map_target(buffer: &BufferManifest, box_rows: u32) -> Result<(), String> {
-    if buffer.layout != "BSHD" || buffer.shape.len() != 4 {
-        return Err(format!("needs a [B, S, H, D] buffer, got {} {}", buffer.layout, format_shape(&buffer.shape)));
+    let rank = match buffer.layout.as_str() {
+        "BSHD" => 4,
+        "BSE" | "BSC" => 3,
+        "row_major" => 2,
+        _ => 0,
+    };
+    if rank != buffer.shape.len() {
+        return Err(format!(
+            "needs a [B, S, H, D], [B, S, C] or row-major [R, C] buffer, got {} {}",
+            buffer.layout,
+            format_shape(&buffer.shape)
+        ));
     }
     if !matches!(buffer.dtype, TensorDType::Bf16 | TensorDType::F16) {
         return Err(format!("needs bf16 or f16, got {}", buffer.dtype.name()));
     }
-    let panel_elements = 128 / buffer.dtype.size_bytes() as u64;
-    if !matches!(buffer.shape[3], SizeExpr::Const(d) if d > 0 && d % panel_elements == 0) {
-        return Err(format!("D = {} is not a constant multiple of {panel_elements}", buffer.shape[3]));
+    let alignment_elements = 16 / buffer.dtype.size_bytes() as u64;
+    let innermost = &buffer.shape[rank - 1];
+    if !matches!(innermost, SizeExpr::Const(d) if *d > 0 && d % alignment_elements == 0) {
+        return Err(format!("the innermost dimension {innermost} is not a constant multiple of {alignment_elements}"));
     }
     if box_rows == 0 || box_rows > MAX_TENSOR_MAP_BOX_ROWS {
         return Err(format!("a box of {box_rows} rows (1 to {MAX_TENSOR_MAP_BOX_ROWS})"));

@@ -21,6 +21,7 @@ use ccc::codegen::hopper::{
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
 use ccc::ir::kernel::has_qk_prologue;
 use ccc::ir::size::SizeExpr;
+use ccc::manifest::KernelParamManifest;
 use ccc::spec::{AttentionSpec, ConvKind, ConvStage, DType, KeyTemperature, QkNorm, Rope, RopeStyle};
 use inkwell::context::Context;
 
@@ -523,6 +524,8 @@ fn zaya1_qkv(block_n: u32, stages: u32) -> HopperGemmConfig {
         block_n,
         stages,
         schedule: GemmSchedule::Cooperative,
+        a_head_dim: None,
+        loads: TileLoads::CpAsync,
     }
 }
 
@@ -538,6 +541,8 @@ fn out_proj(k: u32, cols: u32, block_n: u32, stages: u32) -> HopperGemmConfig {
         block_n,
         stages,
         schedule: GemmSchedule::Cooperative,
+        a_head_dim: None,
+        loads: TileLoads::CpAsync,
     }
 }
 
@@ -558,6 +563,8 @@ fn ragged() -> HopperGemmConfig {
         block_n: 128,
         stages: 3,
         schedule: GemmSchedule::Cooperative,
+        a_head_dim: None,
+        loads: TileLoads::CpAsync,
     }
 }
 
@@ -566,8 +573,17 @@ fn ping_pong(config: HopperGemmConfig) -> HopperGemmConfig {
     HopperGemmConfig { name: format!("{}_pingpong", config.name), schedule: GemmSchedule::PingPong, ..config }
 }
 
+/// `config` with TMA loads, `a` addressed as [B, S, K / d, d] when `a_head_dim` is given.
+fn tma(config: HopperGemmConfig, a_head_dim: Option<u32>) -> HopperGemmConfig {
+    HopperGemmConfig { name: format!("{}_tma", config.name), loads: TileLoads::Tma, a_head_dim, ..config }
+}
+
 fn gemm_bench_configs() -> Vec<HopperGemmConfig> {
     vec![
+        tma(ping_pong(zaya1_qkv(128, 4)), None),
+        tma(ping_pong(out_proj(1024, 2048, 128, 4)), Some(128)),
+        tma(ping_pong(out_proj(2048, 2048, 128, 4)), Some(128)),
+        tma(ping_pong(ragged()), None),
         zaya1_qkv(128, 4),
         ping_pong(zaya1_qkv(128, 4)),
         ping_pong(zaya1_qkv(128, 6)),
@@ -625,11 +641,25 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         // final wait.
         assert_eq!(ptx.matches("mbarrier.arrive.shared::cta.b64").count(), 2, "{}", config.name);
         assert_eq!(ptx.matches("mbarrier.init.shared::cta.b64").count(), 2 * config.stages as usize);
-        // Each producer thread's copies of a step arrive on its full barrier as they land; the
-        // consumers fence the async proxy after waiting there.
-        assert_eq!(ptx.matches("cp.async.mbarrier.arrive.noinc.shared::cta.b64").count(), 1, "{}", config.name);
+        match config.loads {
+            // Each producer thread's copies of a step arrive on its full barrier as they land;
+            // the consumers fence the async proxy after waiting there.
+            TileLoads::CpAsync => {
+                assert_eq!(ptx.matches("cp.async.mbarrier.arrive.noinc.shared::cta.b64").count(), 1, "{}", config.name);
+                assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 1, "{}", config.name);
+                assert_eq!(ptx.matches("cp.async.bulk.tensor").count(), 0, "{}", config.name);
+            }
+            // One thread expects the step's bytes and issues a box of `a` and one of W.
+            TileLoads::Tma => {
+                assert_eq!(ptx.matches("mbarrier.arrive.expect_tx").count(), 1, "{}", config.name);
+                let a_rank = if config.a_head_dim.is_some() { 4 } else { 3 };
+                assert_eq!(ptx.matches(&format!("cp.async.bulk.tensor.{a_rank}d")).count(), 1, "{}", config.name);
+                assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 1, "{}", config.name);
+                assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 0, "{}", config.name);
+                assert_eq!(ptx.matches("cp.async.ca").count() + ptx.matches("cp.async.cg").count(), 0, "{}", config.name);
+            }
+        }
         assert_eq!(ptx.matches("cp.async.wait_group").count(), 0, "{}", config.name);
-        assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 1, "{}", config.name);
         assert!(ptx.contains("setmaxnreg.inc.sync.aligned.u32 232;"), "{}", config.name);
         assert!(ptx.contains(".maxntid 384"), "{}", config.name);
         let log = ptxas_log(&ptx, &config.name);
@@ -647,6 +677,14 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
                     ParamKind::GlobalPointer(name) | ParamKind::Size(name) => name.clone(),
                 })
                 .collect();
+            let tensor_maps: Vec<_> = launch
+                .extra_params
+                .iter()
+                .map(|param| match param {
+                    KernelParamManifest::TensorMap { buffer, box_rows } => serde_json::json!([buffer, box_rows]),
+                    other => panic!("a GEMM takes only tensor maps after its ABI, not {other:?}"),
+                })
+                .collect();
             let segments: Vec<_> = config
                 .segments
                 .iter()
@@ -659,6 +697,7 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
                 "name": config.name, "elem": kind, "params": params, "a": config.a, "k": config.k,
                 "segments": segments, "block_n": config.block_n, "column_tiles": tiles, "grid": [132, 1, 1],
                 "threads": launch.threads, "dynamic_shared_bytes": launch.dynamic_shared_bytes,
+                "a_head_dim": config.a_head_dim, "tensor_maps": tensor_maps,
             }));
         }
     }

@@ -369,31 +369,34 @@ fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
 #[test]
 fn tensor_map_params_round_trip_and_name_what_the_kernel_cannot_map() {
     let map = |buffer: &str, box_rows: u32| serde_json::json!({"kind": "tensor_map", "buffer": buffer, "box_rows": box_rows});
-    // q as [B, S, 4, 64]: whole 128-byte panels.
+    // q [B, S, 4, 16], x [B, S, 64] and a weight [64, 64]: rows of whole 16-byte chunks.
     let mut value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
-    forward(&mut value)["buffers"][2]["shape"][3] = serde_json::json!({"const": 64});
-    forward(&mut value)["kernels"][1]["params"].as_array_mut().unwrap().push(map("q", 128));
+    let params = || [map("q", 128), map("x", 128), map("q_proj.weight", 64)];
+    forward(&mut value)["kernels"][1]["params"].as_array_mut().unwrap().extend(params());
     let manifest = Manifest::from_json(&value.to_string()).unwrap();
-    assert_eq!(
-        manifest.entry_points[0].kernels[1].params.last(),
-        Some(&KernelParamManifest::TensorMap { buffer: "q".into(), box_rows: 128 })
-    );
+    let expected: Vec<KernelParamManifest> = [("q", 128), ("x", 128), ("q_proj.weight", 64)]
+        .map(|(buffer, box_rows)| KernelParamManifest::TensorMap { buffer: buffer.into(), box_rows })
+        .to_vec();
+    assert_eq!(manifest.entry_points[0].kernels[1].params[7..], expected[..]);
     let prefix = "entry point `forward`: kernel `gqa_attention`: parameter 7";
     let cases = [
         (map("w", 64), format!("{prefix} maps a missing buffer `w`")),
-        (map("q", 64), format!("{prefix}: tensor map of `q`: D = 16 is not a constant multiple of 64")),
-        (map("lse", 64), format!("{prefix}: tensor map of `lse`: needs a [B, S, H, D] buffer, got BHS [B, 4, S]")),
-        (map("x", 64), format!("{prefix}: tensor map of `x`: needs a [B, S, H, D] buffer, got BSE [B, S, 64]")),
+        (
+            map("lse", 64),
+            format!("{prefix}: tensor map of `lse`: needs a [B, S, H, D], [B, S, C] or row-major [R, C] buffer, got BHS [B, 4, S]"),
+        ),
     ];
     for (param, expected) in cases {
         let err = error_after(|v| forward(v)["kernels"][1]["params"].as_array_mut().unwrap().push(param));
         assert_eq!(err, expected);
     }
+    let err = error_after(|v| {
+        forward(v)["buffers"][2]["shape"][3] = serde_json::json!({"const": 12});
+        forward(v)["kernels"][1]["params"].as_array_mut().unwrap().push(map("q", 64));
+    });
+    assert_eq!(err, format!("{prefix}: tensor map of `q`: the innermost dimension 12 is not a constant multiple of 8"));
     for box_rows in [0, 257] {
-        let err = error_after(|v| {
-            forward(v)["buffers"][2]["shape"][3] = serde_json::json!({"const": 64});
-            forward(v)["kernels"][1]["params"].as_array_mut().unwrap().push(map("q", box_rows));
-        });
+        let err = error_after(|v| forward(v)["kernels"][1]["params"].as_array_mut().unwrap().push(map("q", box_rows)));
         assert_eq!(err, format!("{prefix}: tensor map of `q`: a box of {box_rows} rows (1 to 256)"));
     }
 }

@@ -311,14 +311,16 @@ def _buffer_problem(buffer, manifest):
 
 def _tensor_map_problem(buffer, box_rows):
     """What keeps `buffer` from being read through a tensor map (see ccc.tensor_map), if anything."""
-    if buffer.layout != "BSHD" or len(buffer.shape) != 4:
-        return f"needs a [B, S, H, D] buffer, got {buffer.layout} {format_shape(buffer.shape)}"
+    rank = {"BSHD": 4, "BSE": 3, "BSC": 3, "row_major": 2}.get(buffer.layout)
+    if rank != len(buffer.shape):
+        return (f"needs a [B, S, H, D], [B, S, C] or row-major [R, C] buffer, got {buffer.layout} "
+                f"{format_shape(buffer.shape)}")
     if buffer.dtype not in ("bf16", "f16"):
         return f"needs bf16 or f16, got {buffer.dtype}"
-    panel = 128 // TENSOR_DTYPES[buffer.dtype]
-    head_dim = buffer.shape[3]
-    if head_dim.op != "const" or head_dim.eval({}) == 0 or head_dim.eval({}) % panel:
-        return f"D = {head_dim} is not a constant multiple of {panel}"
+    alignment = 16 // TENSOR_DTYPES[buffer.dtype]
+    innermost = buffer.shape[-1]
+    if innermost.op != "const" or innermost.eval({}) == 0 or innermost.eval({}) % alignment:
+        return f"the innermost dimension {innermost} is not a constant multiple of {alignment}"
     if not 1 <= box_rows <= MAX_TENSOR_MAP_BOX_ROWS:
         return f"a box of {box_rows} rows (1 to {MAX_TENSOR_MAP_BOX_ROWS})"
     return None

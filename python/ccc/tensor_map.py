@@ -1,14 +1,16 @@
 """TMA descriptors for the manifest's `tensor_map` kernel parameters, as the Rust runtime encodes
-them (runtime/src/tensor_map.rs): a dense [B, S, H, D] tensor of a 16-bit dtype seen as the 4-d
-tensor (D, H, S, B), innermost first, boxes of one 128-byte panel of D x 1 head x `box_rows` rows
-x 1 batch element, 128-byte swizzle, 256-byte L2 promotion, zeros outside the tensor. Encoded by
-the CUDA driver (`cuTensorMapEncodeTiled`, through ctypes) and handed to the kernel as a pointer
-to a copy in device memory."""
+them (runtime/src/tensor_map.rs): a dense tensor of a 16-bit dtype ([B, S, H, D], [B, S, C] or a
+row-major weight [R, C]) seen with its dimensions innermost first, boxes of one 128-byte panel of
+the innermost dimension x `box_rows` along the row dimension (S, or R of a weight) x 1 along any
+other, 128-byte swizzle, 256-byte L2 promotion, zeros outside the tensor. Encoded by the CUDA
+driver (`cuTensorMapEncodeTiled`, through ctypes) and handed to the kernel as a pointer to a copy
+in device memory."""
 
 import ctypes
 
 TENSOR_MAP_BYTES = 128
 PANEL_BYTES = 128
+STRIDE_ALIGNMENT = 16  # TMA's rule for the byte strides of the outer dimensions
 # cuTensorMapEncodeTiled's enums (CUDA driver API).
 _DATA_TYPES = {"bf16": 9, "f16": 6}
 _INTERLEAVE_NONE = 0
@@ -33,42 +35,62 @@ def _encoder():
 
 
 def geometry(dtype, shape, box_rows):
-    """(dims, byte strides of the outer three, box) of the map of a [B, S, H, D] tensor of
-    `dtype` ("bf16" or "f16"); ValueError for what the kernels cannot read."""
-    if len(shape) != 4 or dtype not in ("bf16", "f16"):
-        raise ValueError(f"a tensor map needs a bf16 or f16 [B, S, H, D] tensor, got {dtype} {list(shape)}")
-    batch, seq, heads, head_dim = shape
-    row_bytes = head_dim * 2
-    if row_bytes % PANEL_BYTES:
-        raise ValueError(f"a tensor map needs rows of whole {PANEL_BYTES}-byte panels, got D = {head_dim}")
-    dims = (head_dim, heads, seq, batch)
-    strides = (row_bytes, row_bytes * heads, row_bytes * heads * seq)
-    box = (PANEL_BYTES // 2, 1, box_rows, 1)
-    return dims, strides, box
+    """(dims, byte strides of all but the innermost, box), innermost first, of the map of a
+    [B, S, H, D], [B, S, C] or [R, C] tensor of `dtype` ("bf16" or "f16"); ValueError for what
+    the kernels cannot read."""
+    if not 2 <= len(shape) <= 4 or dtype not in ("bf16", "f16"):
+        raise ValueError(f"a tensor map needs a bf16 or f16 [B, S, H, D], [B, S, C] or [R, C] tensor, "
+                         f"got {dtype} {list(shape)}")
+    dims = tuple(reversed(shape))
+    if dims[0] == 0 or dims[0] * 2 % STRIDE_ALIGNMENT:
+        raise ValueError(f"a tensor map needs rows of whole {STRIDE_ALIGNMENT}-byte chunks, got "
+                         f"{list(shape)}")
+    strides = []
+    stride = 2
+    for dim in dims[:-1]:
+        stride *= dim
+        strides.append(stride)
+    row_dimension = 1 if len(dims) == 2 else len(dims) - 2  # S, or R of a weight
+    box = tuple(PANEL_BYTES // 2 if i == 0 else box_rows if i == row_dimension else 1
+                for i in range(len(dims)))
+    return dims, tuple(strides), box
 
 
 def encode(address, dtype, shape, box_rows):
     """The 128-byte descriptor of the tensor at device address `address`, as bytes."""
     dims, strides, box = geometry(dtype, shape, box_rows)
     descriptor = (ctypes.c_uint64 * (TENSOR_MAP_BYTES // 8))()
+    rank = len(dims)
     status = _encoder()(
-        ctypes.addressof(descriptor), _DATA_TYPES[dtype], 4, ctypes.c_void_p(address),
-        (ctypes.c_uint64 * 4)(*dims), (ctypes.c_uint64 * 3)(*strides), (ctypes.c_uint32 * 4)(*box),
-        (ctypes.c_uint32 * 4)(1, 1, 1, 1), _INTERLEAVE_NONE, _SWIZZLE_128B, _L2_PROMOTION_256B,
-        _OOB_FILL_ZEROS)
+        ctypes.addressof(descriptor), _DATA_TYPES[dtype], rank, ctypes.c_void_p(address),
+        (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides),
+        (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)), _INTERLEAVE_NONE,
+        _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
     if status != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for a {dtype} "
                            f"{list(shape)} tensor at {address:#x} (boxes of {box_rows} rows)")
     return bytes(descriptor)
 
 
+# Descriptors already on a device, by (device, address, dtype, shape, box rows): a descriptor
+# depends on nothing else, so a call on the same buffers (weights, and the intermediates torch's
+# allocator hands out again) reuses it instead of encoding and copying it again.
+_on_device = {}
+_MAX_CACHED = 1024
+
+
 def on_device(tensor, box_rows):
-    """The descriptor of torch tensor `tensor` ([B, S, H, D], contiguous) in a uint8 tensor on its
+    """The descriptor of torch tensor `tensor` (see `geometry`, contiguous) in a uint8 tensor on its
     device: keep it alive for as long as kernels may read it."""
     import torch
 
     dtype = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(tensor.dtype, str(tensor.dtype))
     if not tensor.is_contiguous():
         raise ValueError("a tensor map needs a contiguous tensor")
-    descriptor = encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
-    return torch.frombuffer(bytearray(descriptor), dtype=torch.uint8).to(tensor.device)
+    key = (str(tensor.device), tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
+    if key not in _on_device:
+        if len(_on_device) >= _MAX_CACHED:
+            _on_device.pop(next(iter(_on_device)))  # the oldest; stream order keeps pending reads safe
+        descriptor = encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
+        _on_device[key] = torch.frombuffer(bytearray(descriptor), dtype=torch.uint8).to(tensor.device)
+    return _on_device[key]

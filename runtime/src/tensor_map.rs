@@ -1,7 +1,9 @@
 //! TMA descriptors for the manifest's `tensor_map` kernel parameters
-//! ([`ccc::manifest::KernelParamManifest::TensorMap`]): a dense [B, S, H, D] buffer of a 16-bit
-//! dtype seen as the 4-d tensor (D, H, S, B), innermost first, boxes of one 128-byte panel of D ×
-//! 1 head × `box_rows` rows × 1 batch element, 128-byte swizzle, zeros outside the tensor.
+//! ([`ccc::manifest::KernelParamManifest::TensorMap`]): a dense tensor of a 16-bit dtype
+//! ([B, S, H, D], [B, S, C] or a row-major weight [R, C]) seen with its dimensions innermost
+//! first, boxes of one 128-byte panel of the innermost dimension × `box_rows` along the row
+//! dimension (S, or R of a weight) × 1 along any other, 128-byte swizzle, zeros outside the
+//! tensor.
 //!
 //! The geometry comes from the call plan (host only, tested without a GPU); the 128-byte
 //! descriptor itself is encoded by the driver (`cuTensorMapEncodeTiled`) from the buffer's
@@ -16,40 +18,51 @@ use cudarc::driver::sys;
 pub const TENSOR_MAP_BYTES: usize = 128;
 /// Bytes of one box row: one 128-byte swizzle panel.
 const PANEL_BYTES: u64 = 128;
+/// TMA's rule for the byte strides of the outer dimensions.
+const STRIDE_ALIGNMENT: u64 = 16;
 
-/// Everything `cuTensorMapEncodeTiled` needs besides the address.
+/// Everything `cuTensorMapEncodeTiled` needs besides the address; dimensions innermost first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorMapGeometry {
     pub dtype: TensorDType,
-    /// Extents, innermost first: (D, H, S, B).
-    pub dims: [u64; 4],
-    /// Byte strides of the three outer dimensions (H, S, B).
-    pub strides_bytes: [u64; 3],
-    /// Box extents, innermost first: (elements of 128 bytes, 1, box_rows, 1).
-    pub box_dims: [u32; 4],
+    pub dims: Vec<u64>,
+    /// Byte strides of every dimension but the innermost.
+    pub strides_bytes: Vec<u64>,
+    pub box_dims: Vec<u32>,
 }
 
-/// The geometry of `buffer`'s map with boxes of `box_rows` rows; the manifest was validated
-/// (shape [B, S, H, D], bf16 or f16, D a multiple of a panel), so an error here means a
-/// manifest the validator let through.
+/// The geometry of `buffer`'s map with boxes of `box_rows` rows. The row dimension is S of a
+/// [B, S, H, D] or [B, S, C] buffer (second outermost) and R of a weight [R, C] (outermost).
+/// The manifest was validated, so an error here means a manifest the validator let through.
 pub fn geometry(buffer: &PlannedBuffer, box_rows: u32) -> Result<TensorMapGeometry, RuntimeError> {
     let mismatch = |why: &str| RuntimeError::Size {
         message: format!("tensor map of `{}` {:?}: {why}", buffer.name, buffer.shape),
     };
-    let &[batch, seq, heads, head_dim] = buffer.shape.as_slice() else {
-        return Err(mismatch("not a [B, S, H, D] buffer"));
-    };
-    let element = buffer.dtype.size_bytes() as u64;
-    if element != 2 || (head_dim as u64 * element) % PANEL_BYTES != 0 {
-        return Err(mismatch("needs 16-bit elements and rows of whole 128-byte panels"));
+    if !(2..=4).contains(&buffer.shape.len()) {
+        return Err(mismatch("not a [B, S, H, D], [B, S, C] or [R, C] buffer"));
     }
-    let row_bytes = head_dim as u64 * element;
-    Ok(TensorMapGeometry {
-        dtype: buffer.dtype,
-        dims: [head_dim as u64, heads as u64, seq as u64, batch as u64],
-        strides_bytes: [row_bytes, row_bytes * heads as u64, row_bytes * heads as u64 * seq as u64],
-        box_dims: [(PANEL_BYTES / element) as u32, 1, box_rows, 1],
-    })
+    let element = buffer.dtype.size_bytes() as u64;
+    let dims: Vec<u64> = buffer.shape.iter().rev().map(|&d| d as u64).collect();
+    if element != 2 || dims[0] == 0 || (dims[0] * element) % STRIDE_ALIGNMENT != 0 {
+        return Err(mismatch("needs 16-bit elements and rows of whole 16-byte chunks"));
+    }
+    let strides_bytes: Vec<u64> = dims
+        .iter()
+        .scan(element, |stride, &d| {
+            *stride *= d;
+            Some(*stride)
+        })
+        .take(dims.len() - 1)
+        .collect();
+    let row_dimension = if dims.len() == 2 { 1 } else { dims.len() - 2 };
+    let box_dims = (0..dims.len())
+        .map(|i| match i {
+            0 => (PANEL_BYTES / element) as u32,
+            i if i == row_dimension => box_rows,
+            _ => 1,
+        })
+        .collect();
+    Ok(TensorMapGeometry { dtype: buffer.dtype, dims, strides_bytes, box_dims })
 }
 
 /// Encodes the descriptor of the tensor at device address `address` (needs the driver).
@@ -61,7 +74,7 @@ pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<
             return Err(RuntimeError::Size { message: format!("tensor map of `{name}`: f32 is not mapped") });
         }
     };
-    let element_strides = [1u32; 4];
+    let element_strides = vec![1u32; geometry.dims.len()];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
     // SAFETY: every pointer is to a live array of the length the rank (4) implies; the driver
     // writes only the descriptor.
@@ -69,7 +82,7 @@ pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<
         sys::cuTensorMapEncodeTiled(
             &mut map,
             data_type,
-            4,
+            geometry.dims.len() as u32,
             address as *mut std::ffi::c_void,
             geometry.dims.as_ptr(),
             geometry.strides_bytes.as_ptr(),
@@ -100,20 +113,24 @@ mod tests {
     }
 
     #[test]
-    fn geometry_views_bshd_as_d_h_s_b_with_one_panel_per_box_row() {
-        let geometry = geometry(&buffer(TensorDType::Bf16, vec![3, 17, 8, 128]), 128).unwrap();
-        assert_eq!(geometry.dims, [128, 8, 17, 3]);
-        assert_eq!(geometry.strides_bytes, [256, 2048, 17 * 2048]);
-        assert_eq!(geometry.box_dims, [64, 1, 128, 1]);
+    fn geometry_sees_dimensions_innermost_first_with_boxes_along_the_rows() {
+        let bshd = geometry(&buffer(TensorDType::Bf16, vec![3, 17, 8, 128]), 128).unwrap();
+        assert_eq!(bshd.dims, [128, 8, 17, 3]);
+        assert_eq!(bshd.strides_bytes, [256, 2048, 17 * 2048]);
+        assert_eq!(bshd.box_dims, [64, 1, 128, 1]);
+        let bse = geometry(&buffer(TensorDType::Bf16, vec![2, 1000, 2048]), 128).unwrap();
+        assert_eq!((bse.dims, bse.strides_bytes, bse.box_dims), (vec![2048, 1000, 2], vec![4096, 4096 * 1000], vec![64, 128, 1]));
+        let weight = geometry(&buffer(TensorDType::F16, vec![1280, 576]), 128).unwrap();
+        assert_eq!((weight.dims, weight.strides_bytes, weight.box_dims), (vec![576, 1280], vec![1152], vec![64, 128]));
     }
 
     #[test]
     fn geometry_refuses_what_the_kernel_cannot_read() {
         let error = geometry(&buffer(TensorDType::F32, vec![1, 4, 2, 64]), 64).unwrap_err().to_string();
         assert!(error.contains("tensor map of `q`") && error.contains("16-bit"), "{error}");
-        let error = geometry(&buffer(TensorDType::Bf16, vec![1, 4, 2, 48]), 64).unwrap_err().to_string();
-        assert!(error.contains("128-byte panels"), "{error}");
-        let error = geometry(&buffer(TensorDType::Bf16, vec![4, 2, 64]), 64).unwrap_err().to_string();
-        assert!(error.contains("[B, S, H, D]"), "{error}");
+        let error = geometry(&buffer(TensorDType::Bf16, vec![1, 4, 2, 12]), 64).unwrap_err().to_string();
+        assert!(error.contains("16-byte chunks"), "{error}");
+        let error = geometry(&buffer(TensorDType::Bf16, vec![64]), 64).unwrap_err().to_string();
+        assert!(error.contains("[B, S, H, D], [B, S, C] or [R, C]"), "{error}");
     }
 }

@@ -72,7 +72,7 @@ fn plan_passes_tensor_maps_with_their_buffer_and_box() {
     };
     assert_eq!((plan.buffers[buffer].name.as_str(), plan.buffers[buffer].shape.as_slice(), box_rows), ("o", &[2, 5, 2, 64][..], 64));
     let geometry = ccc_runtime::tensor_map::geometry(&plan.buffers[buffer], box_rows).unwrap();
-    assert_eq!((geometry.dims, geometry.box_dims), ([64, 2, 5, 2], [64, 1, 64, 1]));
+    assert_eq!((geometry.dims, geometry.box_dims), (vec![64, 2, 5, 2], vec![64, 1, 64, 1]));
 }
 
 #[test]

@@ -267,9 +267,11 @@ class ManifestValidation(unittest.TestCase):
             (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("y", 64)),
              "parameter 4 maps a missing buffer `y`"),
             (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("o", 64)),
-             "parameter 4: tensor map of `o`: D = 4 is not a constant multiple of 64"),
-            (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("x", 64)),
-             "parameter 4: tensor map of `x`: needs a [B, S, H, D] buffer, got BSE [B, S, 8]"),
+             "parameter 4: tensor map of `o`: the innermost dimension 4 is not a constant multiple "
+             "of 8"),
+            (lambda m: forward(m)["buffers"][2].update(layout="BSC") or
+             forward(m)["kernels"][0]["params"].append(tensor_map("o", 64)),
+             "needs a [B, S, H, D], [B, S, C] or row-major [R, C] buffer, got BSC [B, S, 2, 4]"),
             (lambda m: forward(m)["kernels"][0]["params"].append(tensor_map("o", -1)),
              "box_rows: expected uint, got -1"),
         ]
@@ -307,11 +309,14 @@ class CallPlanning(unittest.TestCase):
 
     def test_tensor_map_geometry_matches_the_rust_runtime(self):
         # runtime/src/tensor_map.rs, geometry_views_bshd_as_d_h_s_b_with_one_panel_per_box_row
+        # and geometry_sees_dimensions_innermost_first_with_boxes_along_the_rows.
         self.assertEqual(geometry("bf16", (3, 17, 8, 128), 128),
                          ((128, 8, 17, 3), (256, 2048, 17 * 2048), (64, 1, 128, 1)))
+        self.assertEqual(geometry("bf16", (2, 1000, 2048), 128),
+                         ((2048, 1000, 2), (4096, 4096 * 1000), (64, 128, 1)))
+        self.assertEqual(geometry("f16", (1280, 576), 128), ((576, 1280), (1152,), (64, 128)))
         self.assertRaisesRegex(ValueError, "bf16 or f16", geometry, "f32", (1, 4, 2, 64), 64)
-        self.assertRaisesRegex(ValueError, "128-byte panels, got D = 48", geometry, "bf16",
-                               (1, 4, 2, 48), 64)
+        self.assertRaisesRegex(ValueError, "16-byte chunks", geometry, "bf16", (1, 4, 2, 12), 64)
 
     def test_fixture_plan_reads_b_and_s_off_x(self):
         plan = plan_for_input(self.fixture, "forward", "x", "bf16", (2, 17, 8))

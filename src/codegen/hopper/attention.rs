@@ -27,7 +27,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
-use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor, tensor_map_address};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
@@ -808,15 +808,7 @@ pub fn emit_attention_wgmma<'ctx>(
                                 "",
                             )?;
                             kb.if_then(issuer, |kb| {
-                                let map_address = |name: &str| -> Result<IntValue<'ctx>> {
-                                    let generic = kb.builder().build_address_space_cast(
-                                        kb.pointer_param(name)?,
-                                        kb.context().ptr_type(Default::default()),
-                                        "",
-                                    )?;
-                                    Ok(kb.builder().build_ptr_to_int(generic, kb.context().i64_type(), "")?)
-                                };
-                                let [q_map, k_map, v_map] = tensor_maps.map(map_address);
+                                let [q_map, k_map, v_map] = tensor_maps.map(|name| tensor_map_address(kb, name));
                                 let (q_map, k_map, v_map) = (q_map?, k_map?, v_map?);
                                 // One box per 64-column panel: (column, head, row, batch).
                                 let load_panels = |kb: &KernelBuilder<'_, 'ctx>,

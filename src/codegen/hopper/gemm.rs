@@ -20,14 +20,17 @@
 //! the bias, rounds once to the storage type and stores straight from the accumulator fragments,
 //! rows past S and columns past the segment masked.
 
+use inkwell::IntPredicate;
 use inkwell::attributes::AttributeLoc;
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
-use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
+use super::attention::TileLoads;
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor, tensor_map_address};
 use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
-use crate::codegen::{Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
+use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
+use crate::manifest::KernelParamManifest;
 use crate::ir::size::SizeExpr;
 
 const WARPGROUP_THREADS: u32 = 128;
@@ -87,6 +90,10 @@ pub struct HopperGemmConfig {
     /// Shared-memory buffers of `a` and W tiles.
     pub stages: u32,
     pub schedule: GemmSchedule,
+    /// `Some(d)` when `a` is [B, S, H, d] (the attention output, K = H·d), `None` when it is
+    /// [B, S, K]: what the TMA boxes of `a` address.
+    pub a_head_dim: Option<u32>,
+    pub loads: TileLoads,
 }
 
 /// How the two consumer warpgroups share the output tiles.
@@ -153,7 +160,7 @@ impl HopperGemmConfig {
             })
             .collect();
         format!(
-            "gemm-wgmma {} elem={} params={:?} a={} k={} segments=[{}] block_n={} stages={} schedule={:?}",
+            "gemm-wgmma {} elem={} params={:?} a={} k={} segments=[{}] block_n={} stages={} schedule={:?} a-head-dim={:?} loads={:?}",
             self.name,
             self.elem.name(),
             self.params,
@@ -162,7 +169,9 @@ impl HopperGemmConfig {
             segments.join(", "),
             self.block_n,
             self.stages,
-            self.schedule
+            self.schedule,
+            self.a_head_dim,
+            self.loads
         )
     }
 
@@ -184,8 +193,28 @@ impl HopperGemmConfig {
                 SizeExpr::c(1),
                 SizeExpr::c(1),
             ],
-            extra_params: Vec::new(),
+            extra_params: self
+                .tensor_maps()
+                .into_iter()
+                .map(|(buffer, box_rows, _)| KernelParamManifest::TensorMap { buffer, box_rows })
+                .collect(),
         })
+    }
+
+    /// With TMA loads, the tensor maps the kernel takes after its ABI parameters: (buffer, box
+    /// rows, parameter name) for `a` (128-row boxes), then each distinct segment weight (block_n
+    /// rows).
+    fn tensor_maps(&self) -> Vec<(String, u32, String)> {
+        if self.loads == TileLoads::CpAsync {
+            return Vec::new();
+        }
+        let mut maps = vec![(self.a.clone(), GEMM_BLOCK_M, tensor_map_param(&self.a))];
+        for segment in &self.segments {
+            if !maps.iter().any(|(buffer, _, _)| *buffer == segment.weight) {
+                maps.push((segment.weight.clone(), self.block_n, tensor_map_param(&segment.weight)));
+            }
+        }
+        maps
     }
 
     fn validate(&self) -> Result<()> {
@@ -206,6 +235,12 @@ impl HopperGemmConfig {
             return unsupported(format!(
                 "a ping-pong warpgroup holds a whole 128 × {} tile: more accumulators than registers (block_n ≤ 128)",
                 self.block_n
+            ));
+        }
+        if self.loads == TileLoads::Tma && self.a_head_dim.is_some_and(|d| d == 0 || !d.is_multiple_of(GEMM_BLOCK_K)) {
+            return unsupported(format!(
+                "TMA boxes of {GEMM_BLOCK_K} columns of a [B, S, H, d] operand need d a multiple of {GEMM_BLOCK_K}, not {:?}",
+                self.a_head_dim
             ));
         }
         if self.stages < 3 {
@@ -232,6 +267,8 @@ struct SegmentValues<'ctx> {
     cols: IntValue<'ctx>,
     first_tile: IntValue<'ctx>,
     row_shift: IntValue<'ctx>,
+    /// The generic address of the weight's tensor map (TMA loads only).
+    weight_map: Option<IntValue<'ctx>>,
 }
 
 /// The output tile a CTA works on: which segment, where its rows and columns start.
@@ -249,7 +286,13 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
     let plan = SharedPlan::new(config)?;
     let shape = WgmmaShape { n: config.block_n, elem: config.elem };
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
-    let kb = module.declare_kernel(&config.name, &config.params)?;
+    let params: Vec<ParamKind> = config
+        .params
+        .iter()
+        .cloned()
+        .chain(config.tensor_maps().into_iter().map(|(_, _, param)| ParamKind::GlobalPointer(param)))
+        .collect();
+    let kb = module.declare_kernel(&config.name, &params)?;
     // setmaxnreg needs a register cap at entry: `.maxntid` with one CTA per SM.
     for (key, value) in [("nvvm.maxntid", THREADS.to_string()), ("nvvm.minctasm", "1".to_string())] {
         kb.function().add_attribute(AttributeLoc::Function, kb.context().create_string_attribute(key, &value));
@@ -306,7 +349,12 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
 
     kb.if_then(kb.lt(thread, kb.i32(1))?, |kb| {
         for stage in 0..config.stages {
-            kb.mbarrier_init(barrier(kb, kb.i32(stage as i64))?, WARPGROUP_THREADS)?;
+            // Full: one arrival per producer thread (cp.async) or the TMA issuer's one.
+            let producers = match config.loads {
+                TileLoads::CpAsync => WARPGROUP_THREADS,
+                TileLoads::Tma => 1,
+            };
+            kb.mbarrier_init(barrier(kb, kb.i32(stage as i64))?, producers)?;
             // A stage is read by both consumer warpgroups, or (ping-pong) by the one whose tile it holds.
             let readers = match config.schedule {
                 GemmSchedule::Cooperative => 2 * WARPGROUP_THREADS,
@@ -372,24 +420,73 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     WARPGROUP_THREADS,
                 )
             };
-            // Each thread's copies of a step arrive on the step's full barrier by themselves
-            // once they land: the producer only ever waits for a free stage, so a stage that
-            // comes back late never holds up the publication of steps already copied.
-            kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
-                let tile = output_tile(kb, ordinal)?;
-                let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
-                kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
-                    let step = kb.add(first_step, k_tile)?;
-                    kb.if_then(kb.le(stages, step)?, |kb| {
-                        let reused = kb.sub(step, stages)?;
-                        kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
-                    })?;
-                    issue(kb, &tile, k_tile, step)?;
-                    kb.cp_async_mbarrier_arrive(full(kb, step)?)
+            let wait_for_stage = |kb: &KernelBuilder<'_, 'ctx>, step: IntValue<'ctx>| {
+                kb.if_then(kb.le(stages, step)?, |kb| {
+                    let reused = kb.sub(step, stages)?;
+                    kb.mbarrier_wait_parity(empty(kb, reused)?, parity(kb, reused)?)
                 })
-            })?;
-            // The arrivals ride on this thread's copies: it stays until they landed.
-            kb.cp_async_wait_all()
+            };
+            match config.loads {
+                TileLoads::CpAsync => {
+                    // Each thread's copies of a step arrive on the step's full barrier by
+                    // themselves once they land: the producer only ever waits for a free stage,
+                    // so a stage that comes back late never holds up the publication of steps
+                    // already copied.
+                    kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
+                        let tile = output_tile(kb, ordinal)?;
+                        let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
+                        kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
+                            let step = kb.add(first_step, k_tile)?;
+                            wait_for_stage(kb, step)?;
+                            issue(kb, &tile, k_tile, step)?;
+                            kb.cp_async_mbarrier_arrive(full(kb, step)?)
+                        })
+                    })?;
+                    // The arrivals ride on this thread's copies: it stays until they landed.
+                    kb.cp_async_wait_all()
+                }
+                TileLoads::Tma => {
+                    // One thread issues a box of `a` and one of W per step; the full barrier
+                    // expects both boxes' bytes (elements outside a tensor arrive as zeros and
+                    // count: rows past S, before 0 in shifted segments, columns past K, weight
+                    // rows past the segment).
+                    let issuer = kb.builder().build_int_compare(IntPredicate::EQ, copy_thread, kb.i32(0), "")?;
+                    kb.if_then(issuer, |kb| {
+                        let a_map = tensor_map_address(kb, &tensor_map_param(&config.a))?;
+                        let step_bytes = kb.i32((plan.a.footprint_bytes() + plan.w.footprint_bytes()) as i64);
+                        kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
+                            let tile = output_tile(kb, ordinal)?;
+                            let weight_map = tile.segment.weight_map.ok_or_else(|| {
+                                CodegenError::Llvm("a TMA GEMM without a weight tensor map".to_string())
+                            })?;
+                            let first_step = kb.mul(ordinal, kb.i32(k_tiles as i64))?;
+                            let a_row = kb.sub(tile.row_start, tile.segment.row_shift)?;
+                            kb.for_range_rolled(kb.i32(0), kb.i32(k_tiles as i64), |kb, k_tile| {
+                                let step = kb.add(first_step, k_tile)?;
+                                wait_for_stage(kb, step)?;
+                                kb.mbarrier_arrive_expect_tx(full(kb, step)?, step_bytes)?;
+                                let k_start = kb.mul(k_tile, kb.i32(GEMM_BLOCK_K as i64))?;
+                                let a_coordinates = match config.a_head_dim {
+                                    // (column in the head, head, row, batch)
+                                    Some(d) => vec![
+                                        kb.rem(k_start, kb.i32(d as i64))?,
+                                        kb.div(k_start, kb.i32(d as i64))?,
+                                        a_row,
+                                        tile.batch,
+                                    ],
+                                    // (column, row, batch)
+                                    None => vec![k_start, a_row, tile.batch],
+                                };
+                                let base = kb.sub(stage_address(kb, step)?, aligned_address)?;
+                                kb.cp_async_bulk_tensor(kb.byte_pointer(aligned, base)?, a_map, &a_coordinates, full(kb, step)?)?;
+                                let w_destination =
+                                    kb.byte_pointer(aligned, kb.add(base, kb.i32(plan.a.footprint_bytes() as i64))?)?;
+                                kb.cp_async_bulk_tensor(w_destination, weight_map, &[k_start, tile.col_start], full(kb, step)?)
+                            })
+                        })
+                    })
+                }
+            }
         },
         |kb| {
             kb.set_max_registers(true, CONSUMER_REGISTERS)?;
@@ -440,7 +537,9 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     let step = kb.add(first_step, k_tile)?;
                     kb.mbarrier_wait_parity(full(kb, step)?, parity(kb, step)?)?;
                     // The copies were made by the generic proxy: fence before wgmma reads them.
-                    kb.fence_proxy_async_shared()?;
+                    if config.loads == TileLoads::CpAsync {
+                        kb.fence_proxy_async_shared()?;
+                    }
                     let w_address = kb.add(stage_address(kb, step)?, kb.i32(plan.a.footprint_bytes() as i64))?;
                     let loaded: Vec<_> =
                         slots.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?;
@@ -521,6 +620,10 @@ fn select_segment<'ctx>(
             cols: kb.i32(segment.cols as i64),
             first_tile: kb.i32(first_tiles[index] as i64),
             row_shift: kb.i32(segment.row_shift as i64),
+            weight_map: match config.loads {
+                TileLoads::CpAsync => None,
+                TileLoads::Tma => Some(tensor_map_address(kb, &tensor_map_param(&segment.weight))?),
+            },
         })
     };
     let last = config.segments.len() - 1;
@@ -543,9 +646,18 @@ fn select_segment<'ctx>(
             cols: pick(this.cols, chosen.cols)?,
             first_tile: pick(this.first_tile, chosen.first_tile)?,
             row_shift: pick(this.row_shift, chosen.row_shift)?,
+            weight_map: match (this.weight_map, chosen.weight_map) {
+                (Some(this), Some(chosen)) => Some(pick(this, chosen)?),
+                _ => None,
+            },
         };
     }
     Ok(chosen)
+}
+
+/// The name of the kernel parameter that points to `buffer`'s tensor map.
+fn tensor_map_param(buffer: &str) -> String {
+    format!("{buffer}.tensor_map")
 }
 
 /// Bias, one rounding, and the store of the 64 × block_n accumulators of 64-row block
