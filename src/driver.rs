@@ -261,7 +261,7 @@ pub struct CompileOptions {
 #[cfg(feature = "llvm")]
 fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::hopper::HopperAttentionConfig {
     use crate::codegen::hopper;
-    hopper::HopperAttentionConfig {
+    let base = hopper::HopperAttentionConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),
         head_dim: spec.head_dim as u32,
@@ -269,7 +269,7 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         kv_heads: spec.kv_heads as u32,
         causal: spec.mask == Mask::Causal,
         softmax_scale: spec.softmax_scale,
-        // The fastest schedule measured on the H200 (BENCHMARKS.md).
+        // Replaced by the resource model's choice below (`hopper::tiles`).
         block_m: 128,
         block_n: 128,
         stages: 3,
@@ -282,7 +282,8 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         // TMA loads need tensor maps from the runtime, which it does not build yet; they are
         // timed standalone (bench/hopper_attention.py).
         loads: hopper::TileLoads::CpAsync,
-    }
+    };
+    hopper::best_attention(&base, hopper::ProblemShape::of(spec)).unwrap_or(base)
 }
 
 /// The wgmma projection GEMM for a projection kernel of `spec` (same ABI), or `None` where the
@@ -328,26 +329,19 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
             .collect();
         ("x", spec.model_dim as u32, segments)
     };
-    // 128-wide tiles: 256-wide ones (128 accumulators per consumer thread) were up to 13% faster
-    // on the H200 where the segments fill them (BENCHMARKS.md), but their epilogue spills for
-    // some shapes (random specs: with a bias, or K = 576), so they wait for an epilogue that
-    // holds fewer values live.
-    let block_n = 128;
-    let config = HopperGemmConfig {
+    let base = HopperGemmConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),
         params: crate::codegen::lower::param_kinds(kernel),
         a: a.to_string(),
         k,
         segments,
-        block_n,
-        // 4 and 5 measured alike on the H200 (BENCHMARKS.md).
+        // Tile, stages and schedule: the resource model's choice (`hopper::tiles`).
+        block_n: 128,
         stages: 4,
-        // Ping-pong: one warpgroup's mainloop runs while the other stores its tile. On the H200
-        // (BENCHMARKS.md, 2026-11-28 17:20 UTC) the out projection at 16k took 0.145 ms against
-        // 0.181 cooperative, the qkv projection 0.213 against 0.215.
         schedule: hopper::GemmSchedule::PingPong,
     };
+    let config = hopper::best_gemm(&base, hopper::ProblemShape::of(spec)).unwrap_or(base);
     Some(config)
 }
 
@@ -410,6 +404,42 @@ pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::
         tiles_per_cta: 2,
     };
     config.launch().is_ok().then_some(config)
+}
+
+/// The kernels of `spec` whose PTX comes from the Hopper fast path, with the configurations the
+/// driver chose (in launch order).
+#[cfg(feature = "llvm")]
+pub fn hopper_kernels(spec: &AttentionSpec) -> Result<Vec<crate::codegen::hopper::HopperKernel>, CompileError> {
+    Ok(PlannedSources::of(spec)?.hopper.into_iter().flatten().collect())
+}
+
+/// The tile candidates of every Hopper attention and GEMM kernel of `spec`, ranked by the resource
+/// model at `shape` (the spec's tuning shape unless given): what `ccc tune --list` prints.
+#[cfg(feature = "llvm")]
+pub fn tile_listing(
+    spec: &AttentionSpec,
+    shape: Option<crate::codegen::hopper::ProblemShape>,
+) -> Result<String, CompileError> {
+    use crate::codegen::hopper::{self, HopperKernel, ProblemShape, tiles};
+    let shape = shape.unwrap_or_else(|| ProblemShape::of(spec));
+    let mut sections = Vec::new();
+    for fast in &hopper_kernels(spec)? {
+        match fast {
+            HopperKernel::Attention(config) => {
+                let candidates = hopper::attention_candidates(config, shape);
+                sections.push(tiles::listing(&config.name, "attention", shape, &candidates));
+            }
+            HopperKernel::Gemm(config) => {
+                let candidates = hopper::gemm_candidates(config, shape);
+                sections.push(tiles::listing(&config.name, "projection GEMM", shape, &candidates));
+            }
+            HopperKernel::Prologue(_) => {}
+        }
+    }
+    if sections.is_empty() {
+        sections.push(format!("{}: no kernel comes from the Hopper fast path (nothing to tune)\n", spec.name));
+    }
+    Ok(sections.join("\n"))
 }
 
 /// Every kernel of `spec` with the source its PTX comes from.

@@ -275,3 +275,26 @@ fn a_head_dim_the_kernels_cannot_tile_is_a_compile_error_in_the_users_terms() {
          it must be a multiple of 16 (the k-step of the tensor-core instructions)\n"
     );
 }
+
+#[test]
+#[cfg(feature = "llvm")]
+fn tune_list_ranks_the_tile_candidates_of_every_hopper_kernel() {
+    let (status, stdout, stderr) = ccc(&["tune", "--list", &example("zaya1")]);
+    assert_eq!(status, Status::Success, "{stderr}");
+    insta::assert_snapshot!("tune_list_zaya1", stdout);
+    // The command line's shape overrides the spec's `tune` block.
+    let (status, stdout, _) = ccc(&["tune", "--list", &example("zaya1"), "--batch", "8", "--seq-len", "4096"]);
+    assert_eq!(status, Status::Success);
+    assert!(stdout.starts_with("zaya1_qkv_proj: projection GEMM, estimated at B = 8, S = 4096\n"), "{stdout}");
+}
+
+#[test]
+fn tune_usage_errors_exit_2() {
+    let (status, _, stderr) = ccc(&["tune", &example("zaya1")]);
+    assert_eq!(status, Status::Usage);
+    assert_eq!(stderr, "error: tune needs --list\n");
+    assert_eq!(ccc(&["tune", "--list", &example("zaya1"), "--seq-len", "0"]).0, Status::Usage);
+    let (status, _, stderr) = ccc(&["tune", "--list", "/nonexistent/x.attn"]);
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.starts_with("error: cannot read /nonexistent/x.attn"), "{stderr}");
+}

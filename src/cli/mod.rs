@@ -83,6 +83,22 @@ pub enum Command {
         #[arg(long)]
         no_cache: bool,
     },
+    /// Tile choice of the Hopper kernels: with `--list`, every candidate configuration of each
+    /// attention and projection-GEMM kernel, ranked by the resource model (shared memory,
+    /// registers, estimated time), and the rejected ones with their reason.
+    Tune {
+        /// The .attn file.
+        file: PathBuf,
+        /// Print the ranked candidates per kernel.
+        #[arg(long)]
+        list: bool,
+        /// Batch size to rank for [default: tune.batch, else 1].
+        #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
+        batch: Option<u64>,
+        /// Sequence length to rank for [default: tune.seq_len, else 16384].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
+        seq_len: Option<u64>,
+    },
 }
 
 /// The compiler stages whose text `compile --emit` prints, in pipeline order.
@@ -134,6 +150,25 @@ fn lowered_text(_: &AttentionSpec, _: EmitStage) -> Option<Result<String, driver
     None
 }
 
+/// `ccc tune --list`'s text for `spec`, at the spec's tuning shape with `batch` and `seq_len`
+/// overriding it; `None` in a build without LLVM (the model checks configs through the emitters).
+#[cfg(feature = "llvm")]
+fn tile_listing(
+    spec: &AttentionSpec,
+    batch: Option<u64>,
+    seq_len: Option<u64>,
+) -> Option<Result<String, driver::CompileError>> {
+    let mut shape = crate::codegen::hopper::ProblemShape::of(spec);
+    shape.batch = batch.unwrap_or(shape.batch);
+    shape.seq_len = seq_len.unwrap_or(shape.seq_len);
+    Some(driver::tile_listing(spec, Some(shape)))
+}
+
+#[cfg(not(feature = "llvm"))]
+fn tile_listing(_: &AttentionSpec, _: Option<u64>, _: Option<u64>) -> Option<Result<String, driver::CompileError>> {
+    None
+}
+
 /// Where the command writes; `stderr_is_terminal` decides `--color auto`.
 pub struct Io<'a> {
     pub stdout: &'a mut dyn Write,
@@ -173,6 +208,7 @@ where
             let options = CompileFlags { print_after_all, ptxas, cache: !no_cache };
             session.compile(&file, &out_dir, emit, options)
         }
+        Command::Tune { file, list, batch, seq_len } => session.tune(&file, list, batch, seq_len),
     }
 }
 
@@ -283,6 +319,26 @@ impl Session<'_, '_> {
             return Status::Success;
         }
         self.write_libraries(&specs, out_dir, &flags)
+    }
+
+    fn tune(&mut self, path: &Path, list: bool, batch: Option<u64>, seq_len: Option<u64>) -> Status {
+        if !list {
+            return self.usage_error("tune needs --list");
+        }
+        let specs = match self.load(path) {
+            Ok(specs) => specs,
+            Err(status) => return status,
+        };
+        for spec in &specs {
+            match tile_listing(spec, batch, seq_len) {
+                Some(Ok(text)) => {
+                    let _ = write!(self.io.stdout, "{text}");
+                }
+                Some(Err(error)) => return self.compile_error(&error),
+                None => return self.usage_error(NO_LLVM),
+            }
+        }
+        Status::Success
     }
 
     #[cfg(feature = "llvm")]
