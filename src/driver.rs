@@ -255,6 +255,9 @@ pub struct CompileOptions {
     /// Assemble the PTX with ptxas and record registers, shared memory and spills per kernel in
     /// the manifest; a kernel that spills is an error.
     pub ptxas: bool,
+    /// Tiles per Hopper kernel (by name) instead of the resource model's choice: from a tuning
+    /// result (`ccc compile --tuning`) or a candidate of `ccc tune`.
+    pub tiles: Vec<(String, crate::tuning::TileChoice)>,
 }
 
 /// The wgmma attention kernel's configuration for `spec`, named after the planned kernel.
@@ -442,6 +445,63 @@ pub fn tile_listing(
     Ok(sections.join("\n"))
 }
 
+/// Compiles the top `top` candidates of every Hopper attention and GEMM kernel of `spec` (ranked
+/// at `shape`) into candidate libraries `directory/KERNEL/RANK/`, each the whole layer with only
+/// that kernel's tiles changed, and writes their index `directory/tune-index.json`
+/// (`crate::tuning`). The outer error is a compile error, the inner one a file that cannot be
+/// written.
+#[cfg(feature = "llvm")]
+pub fn write_tuning_candidates(
+    spec: &AttentionSpec,
+    shape: crate::codegen::hopper::ProblemShape,
+    top: usize,
+    options: &CompileOptions,
+    directory: &std::path::Path,
+) -> Result<std::io::Result<crate::tuning::TuneIndex>, CompileError> {
+    use crate::codegen::hopper::{self, HopperKernel, tiles};
+    use crate::tuning::{INDEX_FILE, INDEX_FORMAT, IndexCandidate, IndexKernel, TuneIndex, spec_fingerprint};
+    let mut kernels = Vec::new();
+    let mut libraries = Vec::new();
+    for kernel in hopper_kernels(spec)? {
+        let ranked: Vec<_> = match &kernel {
+            HopperKernel::Attention(config) => hopper::attention_candidates(config, shape)
+                .into_iter()
+                .filter_map(|c| Some((tiles::attention_tiles(&c.config), c.verdict.ok()?.micros)))
+                .collect(),
+            HopperKernel::Gemm(config) => hopper::gemm_candidates(config, shape)
+                .into_iter()
+                .filter_map(|c| Some((tiles::gemm_tiles(&c.config), c.verdict.ok()?.micros)))
+                .collect(),
+            HopperKernel::Prologue(_) => continue,
+        };
+        let mut candidates = Vec::new();
+        for (rank, (choice, estimate_us)) in ranked.into_iter().take(top).enumerate() {
+            let library_options = CompileOptions { tiles: vec![(kernel.name().to_string(), choice.clone())], ..options.clone() };
+            let library = compile_library(spec, &library_options)?;
+            let relative = format!("{}/{}", kernel.name(), rank + 1);
+            libraries.push((directory.join(&relative), library));
+            candidates.push(IndexCandidate { rank: rank + 1, library: relative, tiles: choice, estimate_us });
+        }
+        kernels.push(IndexKernel { kernel: kernel.name().to_string(), candidates });
+    }
+    let index = TuneIndex {
+        format: INDEX_FORMAT.to_string(),
+        layer: spec.name.clone(),
+        spec_fingerprint: spec_fingerprint(spec),
+        batch: shape.batch,
+        seq_len: shape.seq_len,
+        kernels,
+    };
+    let write = || -> std::io::Result<()> {
+        for (library_directory, library) in &libraries {
+            write_library(library, library_directory)?;
+        }
+        let text = serde_json::to_string_pretty(&index).map_err(std::io::Error::other)?;
+        std::fs::write(directory.join(INDEX_FILE), text + "\n")
+    };
+    Ok(write().map(|()| index))
+}
+
 /// Every kernel of `spec` with the source its PTX comes from.
 #[cfg(feature = "llvm")]
 struct PlannedSources {
@@ -468,6 +528,44 @@ impl PlannedSources {
             })
             .collect();
         Ok(PlannedSources { kernels, hopper })
+    }
+
+    /// Replaces the tiles of the named kernels; a name that is not a Hopper attention or GEMM
+    /// kernel of `spec`, or tiles the resource rules reject, is an error.
+    fn with_tiles(
+        mut self,
+        spec: &AttentionSpec,
+        tiles: &[(String, crate::tuning::TileChoice)],
+    ) -> Result<PlannedSources, CompileError> {
+        use crate::codegen::hopper::{HopperKernel, tiles};
+        for (name, choice) in tiles {
+            let kernel = self.hopper.iter_mut().flatten().find(|k| k.name() == name);
+            let tuned = match kernel {
+                Some(HopperKernel::Attention(config)) => {
+                    tiles::with_attention_tiles(config, choice).map(HopperKernel::Attention)
+                }
+                Some(HopperKernel::Gemm(config)) => tiles::with_gemm_tiles(config, choice).map(HopperKernel::Gemm),
+                _ => {
+                    let tunable: Vec<&str> = self
+                        .hopper
+                        .iter()
+                        .flatten()
+                        .filter(|k| !matches!(k, HopperKernel::Prologue(_)))
+                        .map(HopperKernel::name)
+                        .collect();
+                    Err(format!(
+                        "the tuning names kernel `{name}`, which is not a Hopper attention or GEMM kernel of this \
+                         layer (those are: {})",
+                        if tunable.is_empty() { "none".to_string() } else { tunable.join(", ") }
+                    ))
+                }
+            }
+            .map_err(|message| error(spec, "tuning", message))?;
+            if let Some(slot) = self.hopper.iter_mut().flatten().find(|k| k.name() == name) {
+                *slot = tuned;
+            }
+        }
+        Ok(self)
     }
 
     fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
@@ -554,7 +652,7 @@ pub fn compile_library(
     spec: &AttentionSpec,
     options: &CompileOptions,
 ) -> Result<Library, CompileError> {
-    let planned = PlannedSources::of(spec)?;
+    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?;
     let emit = || {
         crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
             .map(|module| module.ptx)

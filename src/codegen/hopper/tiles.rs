@@ -561,3 +561,56 @@ pub fn listing<C: TileColumns>(kernel: &str, kind: &str, shape: ProblemShape, ca
     }
     out
 }
+
+// ----- tuning files ----------------------------------------------------------------------------
+
+use crate::tuning::TileChoice;
+
+/// The tiles of `config` as a tuning file names them.
+pub fn attention_tiles(config: &HopperAttentionConfig) -> TileChoice {
+    TileChoice::Attention {
+        block_m: config.block_m,
+        block_n: config.block_n,
+        stages: config.stages,
+        schedule: format!("{:?}", config.schedule),
+    }
+}
+
+/// The tiles of `config` as a tuning file names them.
+pub fn gemm_tiles(config: &HopperGemmConfig) -> TileChoice {
+    TileChoice::Gemm { block_n: config.block_n, stages: config.stages, schedule: format!("{:?}", config.schedule) }
+}
+
+/// `config` with the tiles of `choice`, checked against the resource rules; errors say why not.
+pub fn with_attention_tiles(config: &HopperAttentionConfig, choice: &TileChoice) -> Result<HopperAttentionConfig, String> {
+    let TileChoice::Attention { block_m, block_n, stages, schedule } = choice else {
+        return Err(format!("{} is an attention kernel; the tuning gives it GEMM tiles ({choice})", config.name));
+    };
+    let schedule = ATTENTION_SCHEDULES.into_iter().find(|s| format!("{s:?}") == *schedule).ok_or_else(|| {
+        format!(
+            "unknown attention schedule `{schedule}` for {} (one of {})",
+            config.name,
+            ATTENTION_SCHEDULES.map(|s| format!("{s:?}")).join(", ")
+        )
+    })?;
+    let tuned = HopperAttentionConfig { block_m: *block_m, block_n: *block_n, stages: *stages, schedule, ..config.clone() };
+    check_attention(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
+    Ok(tuned)
+}
+
+/// `config` with the tiles of `choice`, checked against the resource rules; errors say why not.
+pub fn with_gemm_tiles(config: &HopperGemmConfig, choice: &TileChoice) -> Result<HopperGemmConfig, String> {
+    let TileChoice::Gemm { block_n, stages, schedule } = choice else {
+        return Err(format!("{} is a projection GEMM; the tuning gives it attention tiles ({choice})", config.name));
+    };
+    let schedule = GEMM_SCHEDULES.into_iter().find(|s| format!("{s:?}") == *schedule).ok_or_else(|| {
+        format!(
+            "unknown GEMM schedule `{schedule}` for {} (one of {})",
+            config.name,
+            GEMM_SCHEDULES.map(|s| format!("{s:?}")).join(", ")
+        )
+    })?;
+    let tuned = HopperGemmConfig { block_n: *block_n, stages: *stages, schedule, ..config.clone() };
+    check_gemm(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
+    Ok(tuned)
+}
