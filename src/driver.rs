@@ -480,6 +480,8 @@ pub fn write_tuning_candidates(
             let library = compile_library(spec, &library_options)?;
             let relative = format!("{}/{}", kernel.name(), rank + 1);
             libraries.push((directory.join(&relative), library));
+            // To 0.1 µs: the model is not more precise than that.
+            let estimate_us = (estimate_us * 10.0).round() / 10.0;
             candidates.push(IndexCandidate { rank: rank + 1, library: relative, tiles: choice, estimate_us });
         }
         kernels.push(IndexKernel { kernel: kernel.name().to_string(), candidates });

@@ -214,3 +214,24 @@ fn a_short_sequence_is_ranked_without_overflow_or_panic() {
     let listing = tiles::listing("x", "projection GEMM", ProblemShape { batch: 3, seq_len: 1 }, &gemm_candidates(&gemm_of("mha", "_qkv_proj"), ProblemShape { batch: 3, seq_len: 1 }));
     assert!(listing.starts_with("x: projection GEMM, estimated at B = 3, S = 1\n"), "{listing}");
 }
+
+#[test]
+fn the_largest_shapes_the_language_allows_are_estimated_quickly() {
+    // tune.batch up to 2^20 and tune.seq_len up to 2^30 (docs/language.md).
+    let huge = ProblemShape { batch: 1 << 20, seq_len: 1 << 30 };
+    let started = std::time::Instant::now();
+    let attention = attention_candidates(&attention_of("zaya1"), huge);
+    let gemm = gemm_candidates(&gemm_of("zaya1", "_qkv_proj"), huge);
+    assert!(started.elapsed().as_secs_f64() < 5.0, "{:?}", started.elapsed());
+    for micros in attention.iter().filter_map(|c| c.verdict.as_ref().ok().map(|f| f.micros)) {
+        assert!(micros.is_finite() && micros > 0.0, "{micros}");
+    }
+    for micros in gemm.iter().filter_map(|c| c.verdict.as_ref().ok().map(|f| f.micros)) {
+        assert!(micros.is_finite() && micros > 0.0, "{micros}");
+    }
+    // Past 2^20 tokens the attention estimate grows with the square of the sequence.
+    let config = attention_of("mha");
+    let fit = check_attention(&config).expect("feasible");
+    let at = |seq_len| attention_micros(&config, fit.ctas_per_sm, ProblemShape { batch: 1, seq_len });
+    assert!(relative_error(at(1 << 21), 4.0 * at(1 << 20)) < 1e-9);
+}

@@ -2,8 +2,9 @@
 //! spec, every candidate configuration (tile shape, K/V or operand stages, schedule) is checked
 //! against the rules of the hardware and of the emitters, and the feasible ones are ranked by an
 //! estimate of their time on an H200 at the spec's tuning shape (`tune { batch, seq_len }`, else
-//! [`DEFAULT_BATCH`] × [`DEFAULT_SEQ_LEN`]). The driver takes the first; `ccc tune --list` prints
-//! the whole table and `ccc tune` times the top few on the GPU.
+//! [`DEFAULT_BATCH`] × [`DEFAULT_SEQ_LEN`]). The driver takes the first that has run on the GPU;
+//! `ccc tune --list` prints the whole table and `ccc tune -o` compiles the top few for
+//! `ccc-run tune` to check and time on the GPU.
 //!
 //! A candidate is rejected, with the reason, when
 //! - its wgmma shape is not one the instructions take ([`Rejection::WgmmaShape`]): N a multiple of
@@ -31,7 +32,9 @@
 //!   Causal masks give query tile `i` only the key tiles up to its diagonal, so ragged and
 //!   diagonal tiles cost whole tiles. The CTAs are then placed longest first on 132 SMs × the
 //!   CTAs that fit on one (registers, shared memory), CTAs sharing an SM running at its shared
-//!   rate: wave quantization and the causal tail come out of that placement.
+//!   rate: wave quantization and the causal tail come out of that placement (beyond 64 waves the
+//!   work is spread evenly instead, and beyond 2^20 tokens it is scaled from 2^20, so that any
+//!   shape the language allows is estimated in moments).
 //! - **Projection GEMMs**: the persistent grid gives each of the 132 CTAs every 132nd output tile
 //!   (`128 × block_n`), so the time is `ceil(tiles / 132)` tiles. A tile is `ceil(K / 64)`
 //!   stages, each at the measured rate ([`GEMM_STAGE_NS`] for a 128-wide tile, proportional to
@@ -53,13 +56,16 @@
 //! tuning file it writes can select any of them (`ccc compile --tuning`).
 //!
 //! Calibration (`tests/codegen_tiles.rs` checks these): at B = 1, S = 16384 the model estimates
-//! the MHA attention kernel (16 heads, d = 128, causal) at 1.76 ms against 1.752 measured
-//! standalone, ZAYA1's (8 heads) at 0.88 ms against 0.871, ZAYA1's out projection at 0.145 ms
-//! (0.145 ping-pong) and 0.181 ms cooperative (0.181), its qkv projection at 0.22 ms (0.213).
-//! The ranking then puts the configurations the measurements chose first for every example:
+//! the MHA attention kernel (16 heads, d = 128, causal) at 1.772 ms against 1.752 measured
+//! standalone, ZAYA1's (8 query heads) at 0.888 ms against 0.871, the schedules' ratios as
+//! measured; ZAYA1's out projection at 0.149 ms ping-pong (0.145 measured) and 0.183 cooperative
+//! (0.181), its qkv projection at 0.220 ms ping-pong (0.213) and 0.244 cooperative (0.215: that
+//! one hid most of its epilogue, which the model exposes in full). The 256-wide cooperative out
+//! projection comes out at 0.181 ms against 0.162 measured (15:39 UTC), still behind ping-pong as
+//! measured. The ranking puts the configurations the measurements chose first for every example:
 //! attention 128 × 128, 3 stages, ping-pong (measured ahead of warp-specialized by 5% and of the
 //! overlapped schedule by 9%); GEMMs 128 wide, 4 stages, ping-pong (ahead of cooperative by 20%
-//! on the out projection; 4, 5 and 6 stages alike).
+//! on the out projection; 4, 5 and 6 stages alike, the tie going to 4).
 
 use super::attention::{self, HopperAttentionConfig, Schedule, WARPGROUP_ROWS};
 use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig, PERSISTENT_CTAS};
@@ -187,8 +193,7 @@ pub struct Candidate<C> {
     pub verdict: Result<Fit, Rejection>,
 }
 
-/// Every candidate for `base` (whose tile, stage and schedule fields are replaced), feasible ones
-/// first, fastest first.
+/// `candidates` in rank order: feasible ones fastest first, then the rejected ones.
 fn ranked<C>(mut candidates: Vec<Candidate<C>>) -> Vec<Candidate<C>> {
     // Stable: equal keys keep enumeration order.
     candidates.sort_by(|a, b| match (&a.verdict, &b.verdict) {
@@ -291,8 +296,21 @@ pub fn check_attention(config: &HopperAttentionConfig) -> Result<Fit, Rejection>
     })
 }
 
+/// Longest sequence the attention estimate places CTAs for; beyond it the time grows with the
+/// square of the sequence (the work of both masks), at many waves where placement no longer
+/// matters.
+const ATTENTION_MODEL_MAX_SEQ_LEN: u64 = 1 << 20;
+/// Waves beyond which CTAs are not placed one by one: the time is then the work spread evenly
+/// over the slots, or the longest CTA if that is longer.
+const PLACEMENT_MAX_WAVES: u64 = 64;
+
 /// Estimated time of a feasible attention configuration at `shape` (see the module doc).
 pub fn attention_micros(config: &HopperAttentionConfig, ctas_per_sm: u32, shape: ProblemShape) -> f64 {
+    if shape.seq_len > ATTENTION_MODEL_MAX_SEQ_LEN {
+        let scale = shape.seq_len as f64 / ATTENTION_MODEL_MAX_SEQ_LEN as f64;
+        let at_most = ProblemShape { seq_len: ATTENTION_MODEL_MAX_SEQ_LEN, ..shape };
+        return attention_micros(config, ctas_per_sm, at_most) * scale * scale;
+    }
     let (bm, bn, d) = (config.block_m as u64, config.block_n as u64, config.head_dim as u64);
     let consumer_warpgroups_per_sm = ctas_per_sm * config.block_m / WARPGROUP_ROWS;
     let occupancy = (consumer_warpgroups_per_sm as f64 / 2.0).min(1.0);
@@ -309,11 +327,17 @@ pub fn attention_micros(config: &HopperAttentionConfig, ctas_per_sm: u32, shape:
     let ctas_per_query_tile = shape.batch * config.q_heads as u64;
     // Each of the co-resident CTAs gets its share of the SM.
     let share = ctas_per_sm as f64;
-    let slots = (SMS * ctas_per_sm as u64) as usize;
-    longest_first_makespan(
-        key_tiles.iter().map(|&tiles| ((tiles as f64 * key_tile_ns) * share + ATTENTION_CTA_NS, ctas_per_query_tile)),
-        slots,
-    ) / 1e3
+    let slots = SMS * ctas_per_sm as u64;
+    let jobs = key_tiles.iter().map(|&tiles| ((tiles as f64 * key_tile_ns) * share + ATTENTION_CTA_NS, ctas_per_query_tile));
+    let ctas = query_tiles.saturating_mul(ctas_per_query_tile);
+    let makespan_ns = if ctas > PLACEMENT_MAX_WAVES * slots {
+        let (work, longest) =
+            jobs.fold((0.0, 0.0_f64), |(work, longest), (duration, count)| (work + duration * count as f64, longest.max(duration)));
+        (work / slots as f64).max(longest)
+    } else {
+        longest_first_makespan(jobs, slots as usize)
+    };
+    makespan_ns / 1e3
 }
 
 /// Makespan (ns) of jobs `(duration, count)`, given longest first, placed greedily on the
