@@ -374,6 +374,9 @@ fn tune(dir: &Path, run: TuneRun, out: Option<&Path>) -> Result<bool, RuntimeErr
     let mut gpu = None;
     let mut kernels = Vec::new();
     let mut all_found = true;
+    // Weights, the check's input and the reference's outputs: the same for every candidate (one
+    // spec, checked above), computed once, after the first library loaded on a GPU.
+    let mut check = None;
     for (kernel, paths) in index.kernels.iter().zip(&libraries) {
         let mut times = Vec::new();
         for (candidate, path) in kernel.candidates.iter().zip(paths) {
@@ -381,11 +384,18 @@ fn tune(dir: &Path, run: TuneRun, out: Option<&Path>) -> Result<bool, RuntimeErr
             let device = library.device_name()?;
             let manifest = library.manifest();
             let spec = &manifest.spec;
-            let (reference_weights, weight_set) = weights_for(manifest, run.seed, None)?;
-            let (x, x_host) = input_for(manifest, TUNE_CHECK_BATCH, TUNE_CHECK_SEQ_LEN, run.seed.wrapping_add(1))?;
+            let (weight_set, x_host, expected) = match check.take() {
+                Some(computed) => computed,
+                None => {
+                    let (reference_weights, weight_set) = weights_for(manifest, run.seed, None)?;
+                    let (x, x_host) =
+                        input_for(manifest, TUNE_CHECK_BATCH, TUNE_CHECK_SEQ_LEN, run.seed.wrapping_add(1))?;
+                    let expected = reference::forward(spec, &reference_weights, &x)
+                        .map_err(|message| RuntimeError::Reference { message })?;
+                    (weight_set, x_host, expected)
+                }
+            };
             let gpu_outputs = library.forward_host(&x_host, &weight_set)?;
-            let expected = reference::forward(spec, &reference_weights, &x)
-                .map_err(|message| RuntimeError::Reference { message })?;
             let correct = compare_forward(&gpu_outputs, &expected, tolerance(spec.dtype))
                 .iter()
                 .all(|c| c.passed);
@@ -415,6 +425,7 @@ fn tune(dir: &Path, run: TuneRun, out: Option<&Path>) -> Result<bool, RuntimeErr
                     None => "- (wrong results: not timed)".to_string(),
                 }
             );
+            check = Some((weight_set, x_host, expected));
             gpu.get_or_insert(device);
             times.push(TimedCandidate {
                 tiles: candidate.tiles.clone(),
