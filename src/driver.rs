@@ -264,7 +264,7 @@ pub struct CompileOptions {
 #[cfg(feature = "llvm")]
 fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::hopper::HopperAttentionConfig {
     use crate::codegen::hopper;
-    let base = hopper::HopperAttentionConfig {
+    hopper::HopperAttentionConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),
         head_dim: spec.head_dim as u32,
@@ -272,7 +272,8 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         kv_heads: spec.kv_heads as u32,
         causal: spec.mask == Mask::Causal,
         softmax_scale: spec.softmax_scale,
-        // Replaced by the resource model's choice below (`hopper::tiles`).
+        // The resource model's start; `PlannedSources::of` replaces the tile, stages and
+        // schedule with its choice (`hopper::tiles`).
         block_m: 128,
         block_n: 128,
         stages: 3,
@@ -285,8 +286,7 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         // TMA loads need tensor maps from the runtime, which it does not build yet; they are
         // timed standalone (bench/hopper_attention.py).
         loads: hopper::TileLoads::CpAsync,
-    };
-    hopper::best_attention(&base, hopper::ProblemShape::of(spec)).unwrap_or(base)
+    }
 }
 
 /// The wgmma projection GEMM for a projection kernel of `spec` (same ABI), or `None` where the
@@ -521,7 +521,11 @@ impl PlannedSources {
             .iter()
             .map(|k| {
                 if k.name.ends_with("_attention") {
-                    uses_wgmma_attention(spec).then(|| HopperKernel::Attention(wgmma_attention(spec, k)))
+                    uses_wgmma_attention(spec).then(|| {
+                        let base = wgmma_attention(spec, k);
+                        let shape = crate::codegen::hopper::ProblemShape::of(spec);
+                        HopperKernel::Attention(crate::codegen::hopper::best_attention(&base, shape).unwrap_or(base))
+                    })
                 } else if is_prologue(k) {
                     wgmma_prologue(spec, k).map(HopperKernel::Prologue)
                 } else {
