@@ -102,9 +102,11 @@ const GEMM_REGISTER_RESERVE: u32 = 48;
 /// Dense bf16/f16 tensor work one SM does per second in the attention kernel's key loop, fitted to
 /// the MHA kernel at 16k (1.752 ms standalone, 17:33 UTC run).
 const ATTENTION_FLOPS_PER_SM: f64 = 5.1e12;
-/// Per key tile and CTA, independent of the tile's size.
+/// Per key tile and CTA, independent of the tile's size (an estimate of ~200 cycles of barrier
+/// hand-offs and the O rescale; not measured on its own).
 const ATTENTION_KEY_TILE_NS: f64 = 100.0;
-/// Per CTA: the Q tile's load latency and the store of O and the log-sum-exp.
+/// Per CTA: the Q tile's load latency and the store of O and the log-sum-exp (an estimate, not
+/// measured on its own).
 const ATTENTION_CTA_NS: f64 = 1500.0;
 
 /// One 64-deep stage of a 128 × 128 output tile, fitted to the ping-pong out projection at 16k
@@ -117,7 +119,8 @@ const GEMM_LOAD_LATENCY_NS: f64 = 1200.0;
 /// about what Hopper's L2 delivers): a 128-wide stage (32 KiB) arrives in 546 ns, just inside its
 /// 560 ns of tensor work; a 64-wide one (24 KiB for half the work) cannot keep up.
 const GEMM_L2_BYTES_PER_NS_PER_SM: f64 = 60.0;
-/// Per output tile: accumulators zeroed, the turn barrier, the first stage's wait.
+/// Per output tile: accumulators zeroed, the turn barrier, the first stage's wait (an estimate, not
+/// measured on its own).
 const GEMM_TILE_NS: f64 = 200.0;
 /// Epilogue per output column of a 128-row tile, fitted to the cooperative out projection at 16k
 /// (0.181 ms against 0.145 ping-pong: 2.25 µs per 128-wide tile).
