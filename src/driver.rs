@@ -258,6 +258,9 @@ pub struct CompileOptions {
     /// Assemble the PTX with ptxas and record registers, shared memory and spills per kernel in
     /// the manifest; a kernel that spills is an error.
     pub ptxas: bool,
+    /// Tiles per Hopper kernel (by name) instead of the resource model's choice: from a tuning
+    /// result (`ccc compile --tuning`) or a candidate of `ccc tune`.
+    pub tiles: Vec<(String, crate::tuning::TileChoice)>,
 }
 
 /// The wgmma attention kernel's configuration for `spec`, named after the planned kernel.
@@ -272,7 +275,8 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         kv_heads: spec.kv_heads as u32,
         causal: spec.mask == Mask::Causal,
         softmax_scale: spec.softmax_scale,
-        // The fastest schedule measured on the H200 (BENCHMARKS.md).
+        // The resource model's start; `PlannedSources::of` replaces the tile, stages and
+        // schedule with its choice (`hopper::tiles`).
         block_m: 128,
         block_n: 128,
         stages: 3,
@@ -332,24 +336,16 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
             .collect();
         ("x", spec.model_dim as u32, segments)
     };
-    // 128-wide tiles: 256-wide ones (128 accumulators per consumer thread) were up to 13% faster
-    // on the H200 where the segments fill them (BENCHMARKS.md), but their epilogue spills for
-    // some shapes (random specs: with a bias, or K = 576), so they wait for an epilogue that
-    // holds fewer values live.
-    let block_n = 128;
-    let config = HopperGemmConfig {
+    let base = HopperGemmConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),
         params: crate::codegen::lower::param_kinds(kernel),
         a: a.to_string(),
         k,
         segments,
-        block_n,
-        // 4 and 5 measured alike on the H200 (BENCHMARKS.md).
+        // Tile, stages and schedule: the resource model's choice (`hopper::tiles`).
+        block_n: 128,
         stages: 4,
-        // Ping-pong: one warpgroup's mainloop runs while the other stores its tile. On the H200
-        // (BENCHMARKS.md, 2026-11-28 17:20 UTC) the out projection at 16k took 0.145 ms against
-        // 0.181 cooperative, the qkv projection 0.213 against 0.215.
         schedule: hopper::GemmSchedule::PingPong,
         // o is [B, S, Hq, d]; x is [B, S, E].
         a_head_dim: (a == "o").then_some(spec.head_dim as u32),
@@ -358,10 +354,11 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
         // its 64-column boxes need the heads of o to be whole boxes.
         loads: hopper::TileLoads::Tma,
     };
-    let config = match config.launch() {
-        Ok(_) => config,
-        Err(_) => HopperGemmConfig { loads: hopper::TileLoads::CpAsync, ..config },
+    let base = match base.launch() {
+        Ok(_) => base,
+        Err(_) => HopperGemmConfig { loads: hopper::TileLoads::CpAsync, ..base },
     };
+    let config = hopper::best_gemm(&base, hopper::ProblemShape::of(spec)).unwrap_or(base);
     Some(config)
 }
 
@@ -426,6 +423,101 @@ pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::
     config.launch().is_ok().then_some(config)
 }
 
+/// The kernels of `spec` whose PTX comes from the Hopper fast path, with the configurations the
+/// driver chose (in launch order).
+#[cfg(feature = "llvm")]
+pub fn hopper_kernels(spec: &AttentionSpec) -> Result<Vec<crate::codegen::hopper::HopperKernel>, CompileError> {
+    Ok(PlannedSources::of(spec)?.hopper.into_iter().flatten().collect())
+}
+
+/// The tile candidates of every Hopper attention and GEMM kernel of `spec`, ranked by the resource
+/// model at `shape` (the spec's tuning shape unless given): what `ccc tune --list` prints.
+#[cfg(feature = "llvm")]
+pub fn tile_listing(
+    spec: &AttentionSpec,
+    shape: Option<crate::codegen::hopper::ProblemShape>,
+) -> Result<String, CompileError> {
+    use crate::codegen::hopper::{self, HopperKernel, ProblemShape, tiles};
+    let shape = shape.unwrap_or_else(|| ProblemShape::of(spec));
+    let mut sections = Vec::new();
+    for fast in &hopper_kernels(spec)? {
+        match fast {
+            HopperKernel::Attention(config) => {
+                let candidates = hopper::attention_candidates(config, shape);
+                sections.push(tiles::listing(&config.name, "attention", shape, &candidates));
+            }
+            HopperKernel::Gemm(config) => {
+                let candidates = hopper::gemm_candidates(config, shape);
+                sections.push(tiles::listing(&config.name, "projection GEMM", shape, &candidates));
+            }
+            HopperKernel::Prologue(_) => {}
+        }
+    }
+    if sections.is_empty() {
+        sections.push(format!("{}: no kernel comes from the Hopper fast path (nothing to tune)\n", spec.name));
+    }
+    Ok(sections.join("\n"))
+}
+
+/// Compiles the top `top` candidates of every Hopper attention and GEMM kernel of `spec` (ranked
+/// at `shape`) into candidate libraries `directory/KERNEL/RANK/`, each the whole layer with only
+/// that kernel's tiles changed, and writes their index `directory/tune-index.json`
+/// (`crate::tuning`). The outer error is a compile error, the inner one a file that cannot be
+/// written.
+#[cfg(feature = "llvm")]
+pub fn write_tuning_candidates(
+    spec: &AttentionSpec,
+    shape: crate::codegen::hopper::ProblemShape,
+    top: usize,
+    options: &CompileOptions,
+    directory: &std::path::Path,
+) -> Result<std::io::Result<crate::tuning::TuneIndex>, CompileError> {
+    use crate::codegen::hopper::{self, HopperKernel, tiles};
+    use crate::tuning::{INDEX_FILE, INDEX_FORMAT, IndexCandidate, IndexKernel, TuneIndex, spec_fingerprint};
+    let mut kernels = Vec::new();
+    let mut libraries = Vec::new();
+    for kernel in hopper_kernels(spec)? {
+        let ranked: Vec<_> = match &kernel {
+            HopperKernel::Attention(config) => hopper::attention_candidates(config, shape)
+                .into_iter()
+                .filter_map(|c| Some((tiles::attention_tiles(&c.config), c.verdict.ok()?.micros)))
+                .collect(),
+            HopperKernel::Gemm(config) => hopper::gemm_candidates(config, shape)
+                .into_iter()
+                .filter_map(|c| Some((tiles::gemm_tiles(&c.config), c.verdict.ok()?.micros)))
+                .collect(),
+            HopperKernel::Prologue(_) => continue,
+        };
+        let mut candidates = Vec::new();
+        for (rank, (choice, estimate_us)) in ranked.into_iter().take(top).enumerate() {
+            let library_options = CompileOptions { tiles: vec![(kernel.name().to_string(), choice.clone())], ..options.clone() };
+            let library = compile_library(spec, &library_options)?;
+            let relative = format!("{}/{}", kernel.name(), rank + 1);
+            libraries.push((directory.join(&relative), library));
+            // To 0.1 µs: the model is not more precise than that.
+            let estimate_us = (estimate_us * 10.0).round() / 10.0;
+            candidates.push(IndexCandidate { rank: rank + 1, library: relative, tiles: choice, estimate_us });
+        }
+        kernels.push(IndexKernel { kernel: kernel.name().to_string(), candidates });
+    }
+    let index = TuneIndex {
+        format: INDEX_FORMAT.to_string(),
+        layer: spec.name.clone(),
+        spec_fingerprint: spec_fingerprint(spec),
+        batch: shape.batch,
+        seq_len: shape.seq_len,
+        kernels,
+    };
+    let write = || -> std::io::Result<()> {
+        for (library_directory, library) in &libraries {
+            write_library(library, library_directory)?;
+        }
+        let text = serde_json::to_string_pretty(&index).map_err(std::io::Error::other)?;
+        std::fs::write(directory.join(INDEX_FILE), text + "\n")
+    };
+    Ok(write().map(|()| index))
+}
+
 /// Every kernel of `spec` with the source its PTX comes from.
 #[cfg(feature = "llvm")]
 struct PlannedSources {
@@ -443,7 +535,11 @@ impl PlannedSources {
             .iter()
             .map(|k| {
                 if k.name.ends_with("_attention") {
-                    uses_wgmma_attention(spec).then(|| HopperKernel::Attention(wgmma_attention(spec, k)))
+                    uses_wgmma_attention(spec).then(|| {
+                        let base = wgmma_attention(spec, k);
+                        let shape = crate::codegen::hopper::ProblemShape::of(spec);
+                        HopperKernel::Attention(crate::codegen::hopper::best_attention(&base, shape).unwrap_or(base))
+                    })
                 } else if is_prologue(k) {
                     wgmma_prologue(spec, k).map(HopperKernel::Prologue)
                 } else {
@@ -452,6 +548,44 @@ impl PlannedSources {
             })
             .collect();
         Ok(PlannedSources { kernels, hopper })
+    }
+
+    /// Replaces the tiles of the named kernels; a name that is not a Hopper attention or GEMM
+    /// kernel of `spec`, or tiles the resource rules reject, is an error.
+    fn with_tiles(
+        mut self,
+        spec: &AttentionSpec,
+        tiles: &[(String, crate::tuning::TileChoice)],
+    ) -> Result<PlannedSources, CompileError> {
+        use crate::codegen::hopper::{HopperKernel, tiles};
+        for (name, choice) in tiles {
+            let kernel = self.hopper.iter_mut().flatten().find(|k| k.name() == name);
+            let tuned = match kernel {
+                Some(HopperKernel::Attention(config)) => {
+                    tiles::with_attention_tiles(config, choice).map(HopperKernel::Attention)
+                }
+                Some(HopperKernel::Gemm(config)) => tiles::with_gemm_tiles(config, choice).map(HopperKernel::Gemm),
+                _ => {
+                    let tunable: Vec<&str> = self
+                        .hopper
+                        .iter()
+                        .flatten()
+                        .filter(|k| !matches!(k, HopperKernel::Prologue(_)))
+                        .map(HopperKernel::name)
+                        .collect();
+                    Err(format!(
+                        "the tuning names kernel `{name}`, which is not a Hopper attention or GEMM kernel of this \
+                         layer (those are: {})",
+                        if tunable.is_empty() { "none".to_string() } else { tunable.join(", ") }
+                    ))
+                }
+            }
+            .map_err(|message| error(spec, "tuning", message))?;
+            if let Some(slot) = self.hopper.iter_mut().flatten().find(|k| k.name() == name) {
+                *slot = tuned;
+            }
+        }
+        Ok(self)
     }
 
     fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
@@ -540,7 +674,7 @@ pub fn compile_library(
     spec: &AttentionSpec,
     options: &CompileOptions,
 ) -> Result<Library, CompileError> {
-    let planned = PlannedSources::of(spec)?;
+    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?;
     let emit = || {
         crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
             .map(|module| module.ptx)

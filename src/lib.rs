@@ -15,5 +15,6 @@ pub mod ir;
 pub mod manifest;
 pub mod reference;
 pub mod spec;
+pub mod tuning;
 
 pub use spec::AttentionSpec;

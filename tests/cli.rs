@@ -275,3 +275,246 @@ fn a_head_dim_the_kernels_cannot_tile_is_a_compile_error_in_the_users_terms() {
          it must be a multiple of 16 (the k-step of the tensor-core instructions)\n"
     );
 }
+
+#[test]
+#[cfg(feature = "llvm")]
+fn tune_list_ranks_the_tile_candidates_of_every_hopper_kernel() {
+    let (status, stdout, stderr) = ccc(&["tune", "--list", &example("zaya1")]);
+    assert_eq!(status, Status::Success, "{stderr}");
+    insta::assert_snapshot!("tune_list_zaya1", stdout);
+    // The command line's shape overrides the spec's `tune` block.
+    let (status, stdout, _) = ccc(&["tune", "--list", &example("zaya1"), "--batch", "8", "--seq-len", "4096"]);
+    assert_eq!(status, Status::Success);
+    assert!(stdout.starts_with("zaya1_qkv_proj: projection GEMM, estimated at B = 8, S = 4096\n"), "{stdout}");
+}
+
+#[test]
+fn tune_usage_errors_exit_2() {
+    let (status, _, stderr) = ccc(&["tune", &example("zaya1")]);
+    assert_eq!(status, Status::Usage);
+    assert_eq!(stderr, "error: tune needs --list or -o DIR\n");
+    assert_eq!(ccc(&["tune", "--list", &example("zaya1"), "--seq-len", "0"]).0, Status::Usage);
+    let (status, _, stderr) = ccc(&["tune", "--list", "/nonexistent/x.attn"]);
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.starts_with("error: cannot read /nonexistent/x.attn"), "{stderr}");
+}
+
+/// A tuning result for ZAYA1 as `ccc-run tune` writes it, choosing `tiles` for `kernel`.
+#[cfg(feature = "llvm")]
+fn zaya1_tuning(fingerprint: &str, kernel: &str, tiles: ccc::tuning::TileChoice) -> String {
+    use ccc::tuning::{RESULT_FORMAT, TimedCandidate, TunedKernel, TuningResult};
+    let result = TuningResult {
+        format: RESULT_FORMAT.to_string(),
+        layer: "zaya1".to_string(),
+        spec_fingerprint: fingerprint.to_string(),
+        gpu: "NVIDIA H200".to_string(),
+        batch: 1,
+        seq_len: 16384,
+        kernels: vec![TunedKernel {
+            kernel: kernel.to_string(),
+            chosen: tiles.clone(),
+            times: vec![TimedCandidate {
+                tiles,
+                library: format!("{kernel}/2"),
+                estimate_us: 219.7,
+                correct: true,
+                median_ms: Some(0.2),
+            }],
+        }],
+    };
+    serde_json::to_string_pretty(&result).unwrap()
+}
+
+#[cfg(feature = "llvm")]
+fn zaya1_fingerprint() -> String {
+    let spec = common_example_spec("zaya1");
+    ccc::tuning::spec_fingerprint(&spec)
+}
+
+#[cfg(feature = "llvm")]
+fn common_example_spec(name: &str) -> ccc::spec::AttentionSpec {
+    let path = example(name);
+    let text = std::fs::read_to_string(&path).unwrap();
+    ccc::frontend::parse_and_check(&path, &text).unwrap().remove(0)
+}
+
+#[cfg(feature = "llvm")]
+fn manifest_kernel(directory: &Path, symbol: &str) -> serde_json::Value {
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(directory.join("manifest.json")).unwrap()).unwrap();
+    manifest["entry_points"][0]["kernels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["symbol"] == symbol)
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+#[cfg(feature = "llvm")]
+fn tune_writes_candidate_libraries_and_their_index() {
+    use ccc::tuning::{INDEX_FILE, TileChoice, TuneIndex};
+    let out = scratch("tune-out");
+    let (status, stdout, stderr) = ccc(&["tune", &example("zaya1"), "-o", out.to_str().unwrap(), "--top", "2"]);
+    assert_eq!(status, Status::Success, "{stderr}");
+    let layer = out.join("zaya1");
+    assert_eq!(
+        stdout,
+        format!(
+            "wrote {} (3 kernels, 6 candidate libraries); time them on the GPU with `ccc-run tune {} --batch 1 --seq-len 16384`\n",
+            layer.join(INDEX_FILE).display(),
+            layer.display()
+        )
+    );
+    let index_path = layer.join(INDEX_FILE);
+    let index = TuneIndex::parse(&std::fs::read_to_string(&index_path).unwrap(), "index").unwrap();
+    assert_eq!(index.layer, "zaya1");
+    assert_eq!(index.spec_fingerprint, zaya1_fingerprint());
+    let kernels: Vec<&str> = index.kernels.iter().map(|k| k.kernel.as_str()).collect();
+    assert_eq!(kernels, ["zaya1_qkv_proj", "zaya1_attention", "zaya1_out_proj"]);
+    let attention = &index.kernels[1];
+    assert_eq!(
+        attention.candidates[0].tiles,
+        TileChoice::Attention { block_m: 128, block_n: 128, stages: 3, schedule: "PingPong".into() }
+    );
+    assert_eq!(
+        attention.candidates[1].tiles,
+        TileChoice::Attention { block_m: 128, block_n: 128, stages: 3, schedule: "WarpSpecialized".into() }
+    );
+    // Each candidate library differs from the default one in its kernel only.
+    let default = scratch("tune-default");
+    assert_eq!(ccc(&["compile", &example("zaya1"), "-o", default.to_str().unwrap()]).0, Status::Success);
+    let default_ptx = std::fs::read_to_string(default.join("zaya1/zaya1.ptx")).unwrap();
+    for kernel in &index.kernels {
+        let first = std::fs::read_to_string(layer.join(&kernel.candidates[0].library).join("zaya1.ptx")).unwrap();
+        assert_eq!(first, default_ptx, "{}: rank 1 is the default", kernel.kernel);
+        let second_dir = layer.join(&kernel.candidates[1].library);
+        assert_ne!(std::fs::read_to_string(second_dir.join("zaya1.ptx")).unwrap(), default_ptx);
+    }
+    // The qkv projection's second candidate has 5 stages: more shared memory than the default.
+    let second = manifest_kernel(&layer.join("zaya1_qkv_proj/2"), "zaya1_qkv_proj");
+    assert_eq!(second["dynamic_shared_bytes"], 164944);
+    assert_eq!(manifest_kernel(&default.join("zaya1"), "zaya1_qkv_proj")["dynamic_shared_bytes"], 132160);
+}
+
+#[test]
+#[cfg(feature = "llvm")]
+fn compile_applies_a_tuning_result_for_its_spec() {
+    use ccc::tuning::{TileChoice, TuningResult};
+    let directory = scratch("tuning-apply");
+    let six_stages = TileChoice::Gemm { block_n: 128, stages: 6, schedule: "PingPong".into() };
+    let file = write_file(
+        &directory,
+        &TuningResult::file_name("NVIDIA H200"),
+        &zaya1_tuning(&zaya1_fingerprint(), "zaya1_qkv_proj", six_stages),
+    );
+    assert!(file.ends_with("tuning-NVIDIA-H200.json"), "{file}");
+    // From the file, and from the directory that holds it.
+    for tuning in [file.as_str(), directory.to_str().unwrap()] {
+        let out = scratch("tuning-apply-out");
+        let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "-o", out.to_str().unwrap(), "--tuning", tuning]);
+        assert_eq!(status, Status::Success, "{stderr}");
+        assert_eq!(manifest_kernel(&out.join("zaya1"), "zaya1_qkv_proj")["dynamic_shared_bytes"], 197728);
+        assert_eq!(manifest_kernel(&out.join("zaya1"), "zaya1_out_proj")["dynamic_shared_bytes"], 132160);
+    }
+}
+
+#[test]
+#[cfg(feature = "llvm")]
+fn bad_tuning_files_are_reported_not_applied() {
+    use ccc::tuning::TileChoice;
+    let directory = scratch("tuning-bad");
+    let out = scratch("tuning-bad-out");
+    let out = out.to_str().unwrap();
+    let gemm = |block_n, schedule: &str| TileChoice::Gemm { block_n, stages: 4, schedule: schedule.into() };
+    let compile = |tuning: &str| ccc(&["compile", &example("zaya1"), "-o", out, "--tuning", tuning]);
+
+    let wrong_spec = write_file(&directory, "wrong-spec.json", &zaya1_tuning("feedface0000ffff", "zaya1_qkv_proj", gemm(128, "PingPong")));
+    let (status, _, stderr) = compile(&wrong_spec);
+    assert_eq!(status, Status::Usage);
+    let fingerprint = zaya1_fingerprint();
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {wrong_spec} was measured for a different spec (layer `zaya1`, fingerprint feedface0000), \
+             not for layer `zaya1` (fingerprint {}); run `ccc tune` again for this spec\n",
+            &fingerprint[..12]
+        )
+    );
+
+    let unknown = write_file(&directory, "unknown.json", &zaya1_tuning(&fingerprint, "zaya1_qk_prologue", gemm(128, "PingPong")));
+    let (status, _, stderr) = compile(&unknown);
+    assert_eq!(status, Status::SpecErrors);
+    assert_eq!(
+        stderr,
+        "error: cannot compile `zaya1` (tuning): the tuning names kernel `zaya1_qk_prologue`, which is not a Hopper \
+         attention or GEMM kernel of this layer (those are: zaya1_qkv_proj, zaya1_attention, zaya1_out_proj)\n"
+    );
+
+    let rejected = write_file(&directory, "rejected.json", &zaya1_tuning(&fingerprint, "zaya1_qkv_proj", gemm(256, "PingPong")));
+    let (status, _, stderr) = compile(&rejected);
+    assert_eq!(status, Status::SpecErrors);
+    assert_eq!(
+        stderr,
+        "error: cannot compile `zaya1` (tuning): the tiles 128x256, 4 stages, PingPong of zaya1_qkv_proj are rejected: \
+         registers: 304 per consumer thread, budget 232\n"
+    );
+
+    let schedule = write_file(&directory, "schedule.json", &zaya1_tuning(&fingerprint, "zaya1_qkv_proj", gemm(128, "Zigzag")));
+    let (status, _, stderr) = compile(&schedule);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.ends_with("unknown GEMM schedule `Zigzag` for zaya1_qkv_proj (one of PingPong, Cooperative)\n"), "{stderr}");
+
+    let kind = write_file(&directory, "kind.json", &zaya1_tuning(&fingerprint, "zaya1_attention", gemm(128, "PingPong")));
+    let (status, _, stderr) = compile(&kind);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.ends_with("zaya1_attention is an attention kernel; the tuning gives it GEMM tiles (128x128, 4 stages, PingPong)\n"), "{stderr}");
+
+    let garbage = write_file(&directory, "garbage.json", "{\"layer\": 3}");
+    let (status, _, stderr) = compile(&garbage);
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.starts_with(&format!("error: {garbage} is not a tuning result: ")), "{stderr}");
+
+    let other_format = zaya1_tuning(&fingerprint, "zaya1_qkv_proj", gemm(128, "PingPong")).replace("ccc-tuning/1", "ccc-tuning/0");
+    let other_format = write_file(&directory, "format.json", &other_format);
+    let (status, _, stderr) = compile(&other_format);
+    assert_eq!(status, Status::Usage);
+    assert_eq!(stderr, format!("error: {other_format} has format `ccc-tuning/0`, expected `ccc-tuning/1`\n"));
+
+    let (status, _, stderr) = ccc(&["compile", &example("mha"), "-o", out, "--tuning", &unknown]);
+    assert_eq!(status, Status::Usage);
+    assert_eq!(stderr, format!("error: {unknown} holds tiles for layer `zaya1`, which this file does not define (it defines mha)\n"));
+
+    let (status, _, stderr) = compile("/nonexistent/tuning.json");
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.starts_with("error: cannot read /nonexistent/tuning.json"), "{stderr}");
+
+    let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "--emit", "ptx", "--tuning", &unknown]);
+    assert_eq!(status, Status::Usage);
+    assert_eq!(stderr, "error: --tuning applies to the libraries compile writes, not to --emit\n");
+
+    // Directories: none for this spec, or one per GPU.
+    let empty = scratch("tuning-empty");
+    let (status, _, stderr) = compile(empty.to_str().unwrap());
+    assert_eq!(status, Status::Usage);
+    assert_eq!(
+        stderr,
+        format!("error: {} holds no tuning result for layer `zaya1` (fingerprint {})\n", empty.display(), &fingerprint[..12])
+    );
+    let two_gpus = scratch("tuning-two-gpus");
+    for gpu in ["NVIDIA H200", "NVIDIA H100 80GB HBM3"] {
+        let text = zaya1_tuning(&fingerprint, "zaya1_qkv_proj", gemm(128, "PingPong")).replace("NVIDIA H200", gpu);
+        write_file(&two_gpus, &ccc::tuning::TuningResult::file_name(gpu), &text);
+    }
+    let (status, _, stderr) = compile(two_gpus.to_str().unwrap());
+    assert_eq!(status, Status::Usage);
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {} holds tuning results for layer `zaya1` from several GPUs (NVIDIA H100 80GB HBM3, NVIDIA H200): \
+             pass one file to --tuning\n",
+            two_gpus.display()
+        )
+    );
+}

@@ -166,7 +166,7 @@ fn codegen_lower_random_specs_assemble_without_spills() {
 #[test]
 fn codegen_random_spec_libraries_assemble_without_spills() {
     let mut rng = XorShift64Star::new(11);
-    let options = ccc::driver::CompileOptions { cache: None, ptxas: true };
+    let options = ccc::driver::CompileOptions { cache: None, ptxas: true, ..Default::default() };
     let mut compiled = 0;
     for index in 0..24 {
         let mut spec = random_spec(&mut rng, index);

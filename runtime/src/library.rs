@@ -9,7 +9,7 @@ use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDTyp
 use ccc::spec::EntryPoint;
 use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::Ptx;
 use std::collections::BTreeMap;
@@ -204,7 +204,7 @@ impl Library {
     ) -> Result<Outputs, RuntimeError> {
         let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
-        self.launch_all(&plan, &supplied, &owned, true)?;
+        self.launch_all(&plan, &supplied, &owned, true, None)?;
         Ok(Outputs { tensors: owned })
     }
 
@@ -258,9 +258,9 @@ impl Library {
         let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
         // The first call is checked kernel by kernel so that a faulty library fails clearly.
-        self.launch_all(&plan, &supplied, &owned, true)?;
+        self.launch_all(&plan, &supplied, &owned, true, None)?;
         for _ in 0..warmup {
-            self.launch_all(&plan, &supplied, &owned, false)?;
+            self.launch_all(&plan, &supplied, &owned, false, None)?;
         }
         let event = || {
             self.stream
@@ -270,13 +270,48 @@ impl Library {
         let mut times = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let start = event()?;
-            self.launch_all(&plan, &supplied, &owned, false)?;
+            self.launch_all(&plan, &supplied, &owned, false, None)?;
             let end = event()?;
             times.push(
                 start
                     .elapsed_ms(&end)
                     .map_err(|e| RuntimeError::driver("reading a timing event", e))?,
             );
+        }
+        self.synchronize("finishing the timed calls")?;
+        Ok(times)
+    }
+
+    /// Times each kernel of the forward pass with CUDA events recorded between consecutive
+    /// launches: `warmup` untimed calls, then `iterations` timed ones on buffers allocated once.
+    /// Per kernel in launch order: its symbol and milliseconds per call.
+    pub fn time_kernels(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+        warmup: usize,
+        iterations: usize,
+    ) -> Result<Vec<(String, Vec<f32>)>, RuntimeError> {
+        let (plan, supplied) = self.forward_call(x, weights)?;
+        let owned = self.allocate(&plan)?;
+        self.launch_all(&plan, &supplied, &owned, true, None)?;
+        for _ in 0..warmup {
+            self.launch_all(&plan, &supplied, &owned, false, None)?;
+        }
+        let mut times: Vec<(String, Vec<f32>)> = plan
+            .launches
+            .iter()
+            .map(|launch| (launch.symbol.clone(), Vec::with_capacity(iterations)))
+            .collect();
+        for _ in 0..iterations {
+            let mut events = Vec::with_capacity(plan.launches.len() + 1);
+            self.launch_all(&plan, &supplied, &owned, false, Some(&mut events))?;
+            for (kernel, pair) in times.iter_mut().zip(events.windows(2)) {
+                let elapsed = pair[0]
+                    .elapsed_ms(&pair[1])
+                    .map_err(|e| RuntimeError::driver("reading a timing event", e))?;
+                kernel.1.push(elapsed);
+            }
         }
         self.synchronize("finishing the timed calls")?;
         Ok(times)
@@ -311,13 +346,23 @@ impl Library {
 
     /// Launches the plan's kernels in order. Caller-supplied buffers are checked against the
     /// plan first. With `check_each`, waits after every launch so that a fault names its kernel.
+    /// With `events`, records one before each launch and one after the last.
     fn launch_all(
         &self,
         plan: &CallPlan,
         supplied: &BTreeMap<&str, &DeviceTensor>,
         owned: &BTreeMap<String, (BufferRole, DeviceTensor)>,
         check_each: bool,
+        mut events: Option<&mut Vec<CudaEvent>>,
     ) -> Result<(), RuntimeError> {
+        let record = |events: &mut Vec<CudaEvent>| -> Result<(), RuntimeError> {
+            let event = self
+                .stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| RuntimeError::driver("recording a timing event", e))?;
+            events.push(event);
+            Ok(())
+        };
         let mut tensors = Vec::with_capacity(plan.buffers.len());
         for buffer in &plan.buffers {
             let tensor = if buffer.role.is_caller_supplied() {
@@ -352,6 +397,9 @@ impl Library {
         let mut next_descriptor = 0;
         let count = plan.launches.len();
         for (index, launch) in plan.launches.iter().enumerate() {
+            if let Some(events) = events.as_deref_mut() {
+                record(events)?;
+            }
             let function = &self.functions[&launch.symbol];
             let mut args = self.stream.launch_builder(function);
             for arg in &launch.args {
@@ -381,6 +429,9 @@ impl Library {
                     index + 1
                 ))?;
             }
+        }
+        if let Some(events) = events {
+            record(events)?;
         }
         Ok(())
     }

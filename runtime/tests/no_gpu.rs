@@ -109,3 +109,78 @@ fn ccc_run_plan_into_a_closed_pipe_ends_quietly() {
     assert!(output.status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// A tuning directory as `ccc tune -o` writes it, with the fixture library as the one candidate
+/// of `kernel`, and the index's fingerprint `fingerprint`.
+fn write_tuning_dir(name: &str, kernel: &str, fingerprint: &str) -> std::path::PathBuf {
+    use ccc::tuning::{INDEX_FILE, INDEX_FORMAT, IndexCandidate, IndexKernel, TileChoice, TuneIndex};
+    let dir = common::scratch_dir(name);
+    let library = write_fixture(&format!("{name}-library"));
+    let candidate_dir = dir.join(kernel).join("1");
+    std::fs::create_dir_all(&candidate_dir).unwrap();
+    for file in ["manifest.json", "fixture.ptx"] {
+        std::fs::copy(library.join(file), candidate_dir.join(file)).unwrap();
+    }
+    let index = TuneIndex {
+        format: INDEX_FORMAT.to_string(),
+        layer: "fixture".to_string(),
+        spec_fingerprint: fingerprint.to_string(),
+        batch: 1,
+        seq_len: 8,
+        kernels: vec![IndexKernel {
+            kernel: kernel.to_string(),
+            candidates: vec![IndexCandidate {
+                rank: 1,
+                library: format!("{kernel}/1"),
+                tiles: TileChoice::Gemm { block_n: 128, stages: 4, schedule: "PingPong".to_string() },
+                estimate_us: 1.0,
+            }],
+        }],
+    };
+    std::fs::write(dir.join(INDEX_FILE), serde_json::to_string_pretty(&index).unwrap()).unwrap();
+    dir
+}
+
+fn ccc_run_tune(dir: &std::path::Path) -> (Option<i32>, String) {
+    let output = common::ccc_run()
+        .args(["tune", "--batch", "1", "--seq-len", "8"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+#[test]
+fn ccc_run_tune_checks_the_candidates_before_looking_for_a_gpu() {
+    let fingerprint = ccc::tuning::spec_fingerprint(&common::fixture_spec());
+    // A sound tuning directory gets as far as the GPU.
+    let dir = write_tuning_dir("tune-sound", "fixture_add_diagonal", &fingerprint);
+    let (code, stderr) = ccc_run_tune(&dir);
+    if !culib_present() {
+        assert_eq!(code, Some(3), "{stderr}");
+        assert_eq!(stderr.trim_end(), format!("ccc-run: {NO_DRIVER}"));
+    }
+    // A library of another spec than the index's.
+    let dir = write_tuning_dir("tune-other-spec", "fixture_add_diagonal", "0123abcd");
+    let (code, stderr) = ccc_run_tune(&dir);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.trim_end().ends_with("manifest.json: this library is not layer `fixture` of the index (its spec differs)"),
+        "{stderr}"
+    );
+    // A kernel the candidate library does not have.
+    let dir = write_tuning_dir("tune-unknown-kernel", "fixture_attention", &fingerprint);
+    let (code, stderr) = ccc_run_tune(&dir);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.trim_end().ends_with("manifest.json: this library has no kernel `fixture_attention`"), "{stderr}");
+    // No index, or not one.
+    let empty = common::scratch_dir("tune-empty");
+    let (code, stderr) = ccc_run_tune(&empty);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("tune-index.json: No such file"), "{stderr}");
+    assert!(stderr.contains("a directory written by `ccc tune -o`?"), "{stderr}");
+    std::fs::write(empty.join("tune-index.json"), "{\"format\": \"ccc-tune-index/9\"}").unwrap();
+    let (code, stderr) = ccc_run_tune(&empty);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("is not a tuning index"), "{stderr}");
+}

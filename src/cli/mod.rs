@@ -82,6 +82,36 @@ pub enum Command {
         /// Do not read or write the PTX cache.
         #[arg(long)]
         no_cache: bool,
+        /// Tiles measured by `ccc-run tune`: a tuning result file (applied to the layer it names,
+        /// which must be this spec's: same fingerprint), or a directory holding `tuning-*.json`
+        /// files (each layer takes the one measured for it).
+        #[arg(long, value_name = "FILE|DIR")]
+        tuning: Option<PathBuf>,
+    },
+    /// Tile choice of the Hopper kernels. With `--list`: every candidate configuration of each
+    /// attention and projection-GEMM kernel, ranked by the resource model (shared memory,
+    /// registers, estimated time), and the rejected ones with their reason. With `-o DIR`: the
+    /// top K candidates of each kernel compiled into DIR/LAYER/KERNEL/RANK/ with an index
+    /// DIR/LAYER/tune-index.json, for `ccc-run tune DIR/LAYER` to time on the GPU; its result
+    /// goes to `ccc compile --tuning`.
+    Tune {
+        /// The .attn file.
+        file: PathBuf,
+        /// Print the ranked candidates per kernel.
+        #[arg(long, conflicts_with = "out_dir")]
+        list: bool,
+        /// Write candidate libraries and the index here.
+        #[arg(short = 'o', long = "out-dir", value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+        /// Candidates per kernel to compile, best estimate first.
+        #[arg(long, value_name = "K", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
+        top: u64,
+        /// Batch size to rank for [default: tune.batch, else 1].
+        #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
+        batch: Option<u64>,
+        /// Sequence length to rank for [default: tune.seq_len, else 16384].
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
+        seq_len: Option<u64>,
     },
 }
 
@@ -117,6 +147,18 @@ struct CompileFlags {
     print_after_all: bool,
     ptxas: bool,
     cache: bool,
+    tuning: Option<PathBuf>,
+}
+
+/// What `ccc tune` was asked for.
+// Without LLVM neither form runs, so the fields go unread.
+#[cfg_attr(not(feature = "llvm"), allow(dead_code))]
+struct TuneRequest {
+    list: bool,
+    out_dir: Option<PathBuf>,
+    top: usize,
+    batch: Option<u64>,
+    seq_len: Option<u64>,
 }
 
 const NO_LLVM: &str = "this ccc was built without the `llvm` feature: it cannot emit LLVM IR or PTX";
@@ -169,9 +211,12 @@ where
             files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
         }
         Command::Explain { file, seq_len } => session.explain(&file, seq_len),
-        Command::Compile { file, out_dir, emit, print_after_all, ptxas, no_cache } => {
-            let options = CompileFlags { print_after_all, ptxas, cache: !no_cache };
+        Command::Compile { file, out_dir, emit, print_after_all, ptxas, no_cache, tuning } => {
+            let options = CompileFlags { print_after_all, ptxas, cache: !no_cache, tuning };
             session.compile(&file, &out_dir, emit, options)
+        }
+        Command::Tune { file, list, out_dir, top, batch, seq_len } => {
+            session.tune(&file, TuneRequest { list, out_dir, top: top as usize, batch, seq_len })
         }
     }
 }
@@ -260,6 +305,9 @@ impl Session<'_, '_> {
         if print_after_all && emit != Some(EmitStage::Graph) {
             return self.usage_error("--print-after-all needs --emit graph");
         }
+        if emit.is_some() && flags.tuning.is_some() {
+            return self.usage_error("--tuning applies to the libraries compile writes, not to --emit");
+        }
         if let Some(stage) = emit {
             let mut texts = Vec::new();
             for spec in &specs {
@@ -285,6 +333,95 @@ impl Session<'_, '_> {
         self.write_libraries(&specs, out_dir, &flags)
     }
 
+    fn tune(&mut self, path: &Path, request: TuneRequest) -> Status {
+        if !request.list && request.out_dir.is_none() {
+            return self.usage_error("tune needs --list or -o DIR");
+        }
+        let specs = match self.load(path) {
+            Ok(specs) => specs,
+            Err(status) => return status,
+        };
+        self.tune_specs(&specs, &request)
+    }
+
+    #[cfg(feature = "llvm")]
+    fn tune_specs(&mut self, specs: &[AttentionSpec], request: &TuneRequest) -> Status {
+        use crate::codegen::hopper::ProblemShape;
+        for spec in specs {
+            let mut shape = ProblemShape::of(spec);
+            shape.batch = request.batch.unwrap_or(shape.batch);
+            shape.seq_len = request.seq_len.unwrap_or(shape.seq_len);
+            if request.list {
+                match driver::tile_listing(spec, Some(shape)) {
+                    Ok(text) => {
+                        let _ = write!(self.io.stdout, "{text}");
+                    }
+                    Err(error) => return self.compile_error(&error),
+                }
+                continue;
+            }
+            let Some(out_dir) = &request.out_dir else { continue };
+            let options = driver::CompileOptions {
+                cache: crate::codegen::cache::PtxCache::from_env(),
+                ..driver::CompileOptions::default()
+            };
+            let directory = out_dir.join(&spec.name);
+            let written = driver::write_tuning_candidates(spec, shape, request.top, &options, &directory);
+            match written {
+                Ok(Ok(index)) => {
+                    let libraries: usize = index.kernels.iter().map(|k| k.candidates.len()).sum();
+                    let _ = writeln!(
+                        self.io.stdout,
+                        "wrote {} ({} kernels, {libraries} candidate libraries); time them on the GPU with \
+                         `ccc-run tune {} --batch {} --seq-len {}`",
+                        directory.join(crate::tuning::INDEX_FILE).display(),
+                        index.kernels.len(),
+                        directory.display(),
+                        shape.batch,
+                        shape.seq_len
+                    );
+                }
+                Ok(Err(error)) => return self.usage_error(&format!("cannot write {}: {error}", directory.display())),
+                Err(error) => return self.compile_error(&error),
+            }
+        }
+        Status::Success
+    }
+
+    #[cfg(not(feature = "llvm"))]
+    fn tune_specs(&mut self, _: &[AttentionSpec], _: &TuneRequest) -> Status {
+        self.usage_error(NO_LLVM)
+    }
+
+    /// The tiles `--tuning` gives `spec`: none without the flag, or for another layer's file.
+    #[cfg(feature = "llvm")]
+    fn tuned_tiles(
+        &mut self,
+        spec: &AttentionSpec,
+        tuning: Option<&Path>,
+    ) -> Result<Vec<(String, crate::tuning::TileChoice)>, Status> {
+        use crate::tuning::{TuningResult, find_result};
+        let Some(path) = tuning else { return Ok(Vec::new()) };
+        let (source, result) = if path.is_dir() {
+            match find_result(path, spec) {
+                Ok((file, result)) => (file.display().to_string(), result),
+                Err(message) => return Err(self.usage_error(&message)),
+            }
+        } else {
+            let text = match std::fs::read_to_string(path) {
+                Ok(text) => text,
+                Err(error) => return Err(self.usage_error(&format!("cannot read {}: {error}", path.display()))),
+            };
+            let source = path.display().to_string();
+            match TuningResult::parse(&text, &source) {
+                Ok(result) if result.layer != spec.name => return Ok(Vec::new()),
+                Ok(result) => (source, result),
+                Err(message) => return Err(self.usage_error(&message)),
+            }
+        };
+        result.tiles_for(spec, &source).map_err(|message| self.usage_error(&message))
+    }
+
     #[cfg(feature = "llvm")]
     fn write_libraries(
         &mut self,
@@ -293,11 +430,35 @@ impl Session<'_, '_> {
         flags: &CompileFlags,
     ) -> Status {
         use crate::codegen::cache::PtxCache;
-        let options = driver::CompileOptions {
-            cache: if flags.cache { PtxCache::from_env() } else { None },
-            ptxas: flags.ptxas,
-        };
+        if let Some(path) = flags.tuning.as_deref().filter(|path| !path.is_dir()) {
+            // A result file names its layer: one of these must be it.
+            let layer = std::fs::read_to_string(path)
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))
+                .and_then(|text| crate::tuning::TuningResult::parse(&text, &path.display().to_string()))
+                .map(|result| result.layer);
+            match layer {
+                Ok(layer) if specs.iter().any(|spec| spec.name == layer) => {}
+                Ok(layer) => {
+                    let names: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
+                    return self.usage_error(&format!(
+                        "{} holds tiles for layer `{layer}`, which this file does not define (it defines {})",
+                        path.display(),
+                        names.join(", ")
+                    ));
+                }
+                Err(message) => return self.usage_error(&message),
+            }
+        }
         for spec in specs {
+            let tiles = match self.tuned_tiles(spec, flags.tuning.as_deref()) {
+                Ok(tiles) => tiles,
+                Err(status) => return status,
+            };
+            let options = driver::CompileOptions {
+                cache: if flags.cache { PtxCache::from_env() } else { None },
+                ptxas: flags.ptxas,
+                tiles,
+            };
             let library = match driver::compile_library(spec, &options) {
                 Ok(library) => library,
                 Err(error) => return self.compile_error(&error),

@@ -4,6 +4,10 @@
 //!   forward pass on seeded random inputs (and weights, unless a safetensors file is given) and
 //!   compares every output the reference also computes.
 //! - `ccc-run bench DIR --batch B --seq-len S [--warmup N] [--iterations N]` times it.
+//! - `ccc-run tune DIR --batch B --seq-len S [--out FILE]` takes the candidate libraries `ccc tune
+//!   -o` wrote for one layer (DIR holds `tune-index.json`), checks each against the reference,
+//!   times each candidate's kernel and writes the fastest correct tiles per kernel to
+//!   `DIR/tuning-GPU.json` (for `ccc compile --tuning`).
 //! - `ccc-run plan DIR --batch B --seq-len S` prints what a call would allocate and launch; it
 //!   needs no GPU, so it checks a freshly compiled library on the build machine.
 //!
@@ -27,6 +31,9 @@ macro_rules! say {
 use ccc::ir::size::SizeEnv;
 use ccc::reference;
 use ccc::spec::EntryPoint;
+use ccc::tuning::{
+    INDEX_FILE, RESULT_FORMAT, TimedCandidate, TuneIndex, TunedKernel, TuningResult, spec_fingerprint,
+};
 use ccc_runtime::plan::PlannedArg;
 use ccc_runtime::validate::{compare_forward, input_for, tolerance, weights_for};
 use ccc_runtime::{CallPlan, Library, RuntimeError, read_library};
@@ -81,6 +88,24 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Time the candidate libraries of `ccc tune -o` and write the fastest correct tiles per kernel.
+    Tune {
+        /// The layer's tuning directory (holds tune-index.json).
+        dir: PathBuf,
+        #[arg(long)]
+        batch: u64,
+        #[arg(long = "seq-len")]
+        seq_len: u64,
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        #[arg(long, default_value_t = 30)]
+        iterations: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Where to write the result [default: DIR/tuning-GPU.json, GPU the device's name].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print the buffers and launches of a forward call (no GPU needed).
     Plan {
         dir: PathBuf,
@@ -114,6 +139,19 @@ fn main() -> ExitCode {
             batch,
             seq_len,
         } => plan(&dir, batch, seq_len),
+        Command::Tune {
+            dir,
+            batch,
+            seq_len,
+            warmup,
+            iterations,
+            seed,
+            out,
+        } => tune(
+            &dir,
+            TuneRun { batch, seq_len, warmup, iterations: iterations.max(1), seed },
+            out.as_deref(),
+        ),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -280,6 +318,161 @@ fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
         );
     }
     Ok(true)
+}
+
+/// The shape and repetitions of `ccc-run tune`.
+struct TuneRun {
+    batch: u64,
+    seq_len: u64,
+    warmup: usize,
+    iterations: usize,
+    seed: u64,
+}
+
+/// Shape of the correctness check each candidate passes before it is timed: two batch elements,
+/// and a sequence that ends inside a 128-row tile.
+const TUNE_CHECK_BATCH: usize = 2;
+const TUNE_CHECK_SEQ_LEN: usize = 257;
+
+/// Reads the index and every candidate library's files (no GPU needed), checking that each
+/// library is the indexed layer (same spec fingerprint) and has the kernel it is a candidate of.
+fn read_tuning_index(dir: &Path) -> Result<(TuneIndex, Vec<Vec<PathBuf>>), RuntimeError> {
+    let index_path = dir.join(INDEX_FILE);
+    let text = std::fs::read_to_string(&index_path).map_err(|e| RuntimeError::Io {
+        path: index_path.clone(),
+        message: format!("{e} (is {} a directory written by `ccc tune -o`?)", dir.display()),
+    })?;
+    let index = TuneIndex::parse(&text, &index_path.display().to_string()).map_err(|message| {
+        RuntimeError::Manifest { path: index_path.clone(), message }
+    })?;
+    let mut libraries = Vec::new();
+    for kernel in &index.kernels {
+        let mut paths = Vec::new();
+        for candidate in &kernel.candidates {
+            let path = dir.join(&candidate.library);
+            let (manifest, _) = read_library(&path)?;
+            let problem = |message: String| RuntimeError::Manifest { path: path.join("manifest.json"), message };
+            if spec_fingerprint(&manifest.spec) != index.spec_fingerprint {
+                return Err(problem(format!(
+                    "this library is not layer `{}` of the index (its spec differs)",
+                    index.layer
+                )));
+            }
+            let has_kernel = manifest
+                .entry_points
+                .iter()
+                .any(|entry| entry.kernels.iter().any(|k| k.symbol == kernel.kernel));
+            if !has_kernel {
+                return Err(problem(format!("this library has no kernel `{}`", kernel.kernel)));
+            }
+            paths.push(path);
+        }
+        libraries.push(paths);
+    }
+    Ok((index, libraries))
+}
+
+fn tune(dir: &Path, run: TuneRun, out: Option<&Path>) -> Result<bool, RuntimeError> {
+    let (index, libraries) = read_tuning_index(dir)?;
+    let mut gpu = None;
+    let mut kernels = Vec::new();
+    let mut all_found = true;
+    // Weights, the check's input and the reference's outputs: the same for every candidate (one
+    // spec, checked above), computed once, after the first library loaded on a GPU.
+    let mut check = None;
+    for (kernel, paths) in index.kernels.iter().zip(&libraries) {
+        let mut times = Vec::new();
+        for (candidate, path) in kernel.candidates.iter().zip(paths) {
+            let library = load(path)?;
+            let device = library.device_name()?;
+            let manifest = library.manifest();
+            let spec = &manifest.spec;
+            let (weight_set, x_host, expected) = match check.take() {
+                Some(computed) => computed,
+                None => {
+                    let (reference_weights, weight_set) = weights_for(manifest, run.seed, None)?;
+                    let (x, x_host) =
+                        input_for(manifest, TUNE_CHECK_BATCH, TUNE_CHECK_SEQ_LEN, run.seed.wrapping_add(1))?;
+                    let expected = reference::forward(spec, &reference_weights, &x)
+                        .map_err(|message| RuntimeError::Reference { message })?;
+                    (weight_set, x_host, expected)
+                }
+            };
+            let gpu_outputs = library.forward_host(&x_host, &weight_set)?;
+            let correct = compare_forward(&gpu_outputs, &expected, tolerance(spec.dtype))
+                .iter()
+                .all(|c| c.passed);
+            let median_ms = if correct {
+                let (_, x) = input_for(manifest, to_usize(run.batch)?, to_usize(run.seq_len)?, run.seed.wrapping_add(1))?;
+                let x = library.upload(&x)?;
+                let weights = library.upload_weights(&weight_set)?;
+                let per_kernel = library.time_kernels(&x, &weights, run.warmup, run.iterations)?;
+                let mut samples = per_kernel
+                    .into_iter()
+                    .find(|(symbol, _)| *symbol == kernel.kernel)
+                    .map(|(_, samples)| samples)
+                    .unwrap_or_default();
+                samples.sort_by(f32::total_cmp);
+                samples.get(samples.len() / 2).map(|&ms| f64::from(ms))
+            } else {
+                None
+            };
+            say!(
+                "{} #{} ({}): model {:.1} us, measured {}",
+                kernel.kernel,
+                candidate.rank,
+                candidate.tiles,
+                candidate.estimate_us,
+                match median_ms {
+                    Some(ms) => format!("{ms:.4} ms"),
+                    None => "- (wrong results: not timed)".to_string(),
+                }
+            );
+            check = Some((weight_set, x_host, expected));
+            gpu.get_or_insert(device);
+            times.push(TimedCandidate {
+                tiles: candidate.tiles.clone(),
+                library: candidate.library.clone(),
+                estimate_us: candidate.estimate_us,
+                correct,
+                median_ms,
+            });
+        }
+        times.sort_by(|a, b| match (a.median_ms, b.median_ms) {
+            (Some(x), Some(y)) => x.total_cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        });
+        match times.first().filter(|t| t.median_ms.is_some()) {
+            Some(fastest) => {
+                let chosen = fastest.tiles.clone();
+                kernels.push(TunedKernel { kernel: kernel.kernel.clone(), chosen, times });
+            }
+            None => {
+                eprintln!("ccc-run: no candidate of {} gave correct results; it is left out of the result", kernel.kernel);
+                all_found = false;
+            }
+        }
+    }
+    let gpu = gpu.unwrap_or_default();
+    let result = TuningResult {
+        format: RESULT_FORMAT.to_string(),
+        layer: index.layer.clone(),
+        spec_fingerprint: index.spec_fingerprint.clone(),
+        gpu: gpu.clone(),
+        batch: run.batch,
+        seq_len: run.seq_len,
+        kernels,
+    };
+    let path = out.map_or_else(|| dir.join(TuningResult::file_name(&gpu)), Path::to_path_buf);
+    let text = serde_json::to_string_pretty(&result).map_err(|e| RuntimeError::Io {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(&path, text + "\n").map_err(|e| RuntimeError::Io { path: path.clone(), message: e.to_string() })?;
+    say!("wrote {} (layer {} on {gpu}, B={} S={})", path.display(), result.layer, run.batch, run.seq_len);
+    Ok(all_found)
 }
 
 fn to_usize(value: u64) -> Result<usize, RuntimeError> {

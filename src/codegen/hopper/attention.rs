@@ -109,7 +109,7 @@ pub enum Schedule {
 /// computed before the role split stay live in it, and with 40 ptxas spills one of them.
 const PRODUCER_REGISTERS: u32 = 56;
 /// Per-thread registers of its consumer warpgroups: the rest of the CTA's 3 · 168.
-const CONSUMER_REGISTERS: u32 = 224;
+pub(crate) const CONSUMER_REGISTERS: u32 = 224;
 const _: () = assert!(super::registers_fit(PRODUCER_REGISTERS, CONSUMER_REGISTERS));
 
 impl HopperAttentionConfig {
@@ -161,7 +161,7 @@ impl HopperAttentionConfig {
         })
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.elem == Elem::F32 {
             return unsupported("attention operands are bf16 or f16");
         }

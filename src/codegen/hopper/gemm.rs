@@ -50,7 +50,7 @@ const MAX_SHARED_BYTES: u32 = 227 * 1024;
 /// `setmaxnreg` then moves registers from the producer warpgroup, which only computes addresses,
 /// to the consumers (40 + 2 · 232 = 3 · 168, the CTA's whole allotment).
 const PRODUCER_REGISTERS: u32 = 40;
-const CONSUMER_REGISTERS: u32 = 232;
+pub(crate) const CONSUMER_REGISTERS: u32 = 232;
 const _: () = assert!(super::registers_fit(PRODUCER_REGISTERS, CONSUMER_REGISTERS));
 
 /// One run of output columns with its own weight, bias and destination.
@@ -217,7 +217,7 @@ impl HopperGemmConfig {
         maps
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         if self.elem == Elem::F32 {
             return unsupported("projection operands are bf16 or f16");
         }

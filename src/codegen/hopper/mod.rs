@@ -9,6 +9,8 @@
 //! - [`attention`]: the wgmma attention kernel.
 //! - [`gemm`]: the wgmma projection GEMM (qkv_proj, out_proj).
 //! - [`prologue`]: the q/k prologue (convolutions on wgmma, q-k mean, L2 norm, RoPE).
+//! - [`tiles`]: the tile choice for the attention kernel and the GEMMs: candidates checked against
+//!   shared memory, registers and the wgmma shape rules, ranked by a cost model.
 
 pub mod attention;
 mod copy;
@@ -16,11 +18,16 @@ pub mod gemm;
 pub mod layout;
 pub mod primitives;
 pub mod prologue;
+pub mod tiles;
 
 pub use attention::{HopperAttentionConfig, Schedule, TileLoads, emit_attention_wgmma};
 pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
 pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
+pub use tiles::{
+    Candidate, Fit, ProblemShape, Rejection, attention_candidates, best_attention, best_gemm, check_attention,
+    check_gemm, gemm_candidates,
+};
 pub use prologue::{
     HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature, emit_prologue_wgmma,
 };
