@@ -35,18 +35,18 @@ pub fn spec_fingerprint(spec: &AttentionSpec) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TileChoice {
-    Attention { block_m: u32, block_n: u32, stages: u32, schedule: String },
-    Gemm { block_n: u32, stages: u32, schedule: String },
+    Attention { block_m: u32, block_n: u32, stages: u32, schedule: String, loads: String },
+    Gemm { block_n: u32, stages: u32, schedule: String, loads: String },
 }
 
 impl std::fmt::Display for TileChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            TileChoice::Attention { block_m, block_n, stages, schedule } => {
-                write!(f, "{block_m}x{block_n}, {stages} stages, {schedule}")
+            TileChoice::Attention { block_m, block_n, stages, schedule, loads } => {
+                write!(f, "{block_m}x{block_n}, {stages} stages, {schedule}, {loads}")
             }
-            TileChoice::Gemm { block_n, stages, schedule } => {
-                write!(f, "128x{block_n}, {stages} stages, {schedule}")
+            TileChoice::Gemm { block_n, stages, schedule, loads } => {
+                write!(f, "128x{block_n}, {stages} stages, {schedule}, {loads}")
             }
         }
     }

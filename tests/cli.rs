@@ -376,11 +376,11 @@ fn tune_writes_candidate_libraries_and_their_index() {
     let attention = &index.kernels[1];
     assert_eq!(
         attention.candidates[0].tiles,
-        TileChoice::Attention { block_m: 128, block_n: 128, stages: 3, schedule: "PingPong".into() }
+        TileChoice::Attention { block_m: 128, block_n: 128, stages: 3, schedule: "PingPong".into(), loads: "Tma".into() }
     );
     assert_eq!(
         attention.candidates[1].tiles,
-        TileChoice::Attention { block_m: 128, block_n: 128, stages: 3, schedule: "WarpSpecialized".into() }
+        TileChoice::Attention { block_m: 128, block_n: 128, stages: 3, schedule: "WarpSpecialized".into(), loads: "Tma".into() }
     );
     // Each candidate library differs from the default one in its kernel only.
     let default = scratch("tune-default");
@@ -403,7 +403,7 @@ fn tune_writes_candidate_libraries_and_their_index() {
 fn compile_applies_a_tuning_result_for_its_spec() {
     use ccc::tuning::{TileChoice, TuningResult};
     let directory = scratch("tuning-apply");
-    let six_stages = TileChoice::Gemm { block_n: 128, stages: 6, schedule: "PingPong".into() };
+    let six_stages = TileChoice::Gemm { block_n: 128, stages: 6, schedule: "PingPong".into(), loads: "Tma".into() };
     let file = write_file(
         &directory,
         &TuningResult::file_name("NVIDIA H200"),
@@ -427,7 +427,7 @@ fn bad_tuning_files_are_reported_not_applied() {
     let directory = scratch("tuning-bad");
     let out = scratch("tuning-bad-out");
     let out = out.to_str().unwrap();
-    let gemm = |block_n, schedule: &str| TileChoice::Gemm { block_n, stages: 4, schedule: schedule.into() };
+    let gemm = |block_n, schedule: &str| TileChoice::Gemm { block_n, stages: 4, schedule: schedule.into(), loads: "Tma".into() };
     let compile = |tuning: &str| ccc(&["compile", &example("zaya1"), "-o", out, "--tuning", tuning]);
 
     let wrong_spec = write_file(&directory, "wrong-spec.json", &zaya1_tuning("feedface0000ffff", "zaya1_qkv_proj", gemm(128, "PingPong")));
@@ -457,9 +457,15 @@ fn bad_tuning_files_are_reported_not_applied() {
     assert_eq!(status, Status::SpecErrors);
     assert_eq!(
         stderr,
-        "error: cannot compile `zaya1` (tuning): the tiles 128x256, 4 stages, PingPong of zaya1_qkv_proj are rejected: \
+        "error: cannot compile `zaya1` (tuning): the tiles 128x256, 4 stages, PingPong, Tma of zaya1_qkv_proj are rejected: \
          registers: 304 per consumer thread, budget 232\n"
     );
+
+    let loads = TileChoice::Gemm { block_n: 128, stages: 4, schedule: "PingPong".into(), loads: "Bulk".into() };
+    let loads = write_file(&directory, "loads.json", &zaya1_tuning(&fingerprint, "zaya1_qkv_proj", loads));
+    let (status, _, stderr) = compile(&loads);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.ends_with("unknown loads `Bulk` for zaya1_qkv_proj (one of CpAsync, Tma)\n"), "{stderr}");
 
     let schedule = write_file(&directory, "schedule.json", &zaya1_tuning(&fingerprint, "zaya1_qkv_proj", gemm(128, "Zigzag")));
     let (status, _, stderr) = compile(&schedule);
@@ -469,7 +475,7 @@ fn bad_tuning_files_are_reported_not_applied() {
     let kind = write_file(&directory, "kind.json", &zaya1_tuning(&fingerprint, "zaya1_attention", gemm(128, "PingPong")));
     let (status, _, stderr) = compile(&kind);
     assert_eq!(status, Status::SpecErrors);
-    assert!(stderr.ends_with("zaya1_attention is an attention kernel; the tuning gives it GEMM tiles (128x128, 4 stages, PingPong)\n"), "{stderr}");
+    assert!(stderr.ends_with("zaya1_attention is an attention kernel; the tuning gives it GEMM tiles (128x128, 4 stages, PingPong, Tma)\n"), "{stderr}");
 
     let garbage = write_file(&directory, "garbage.json", "{\"layer\": 3}");
     let (status, _, stderr) = compile(&garbage);

@@ -132,7 +132,7 @@ fn write_tuning_dir(name: &str, kernel: &str, fingerprint: &str) -> std::path::P
             candidates: vec![IndexCandidate {
                 rank: 1,
                 library: format!("{kernel}/1"),
-                tiles: TileChoice::Gemm { block_n: 128, stages: 4, schedule: "PingPong".to_string() },
+                tiles: TileChoice::Gemm { block_n: 128, stages: 4, schedule: "PingPong".to_string(), loads: "Tma".to_string() },
                 estimate_us: 1.0,
             }],
         }],

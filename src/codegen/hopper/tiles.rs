@@ -606,17 +606,31 @@ pub fn attention_tiles(config: &HopperAttentionConfig) -> TileChoice {
         block_n: config.block_n,
         stages: config.stages,
         schedule: format!("{:?}", config.schedule),
+        loads: format!("{:?}", config.loads),
     }
 }
 
 /// The tiles of `config` as a tuning file names them.
 pub fn gemm_tiles(config: &HopperGemmConfig) -> TileChoice {
-    TileChoice::Gemm { block_n: config.block_n, stages: config.stages, schedule: format!("{:?}", config.schedule) }
+    TileChoice::Gemm {
+        block_n: config.block_n,
+        stages: config.stages,
+        schedule: format!("{:?}", config.schedule),
+        loads: format!("{:?}", config.loads),
+    }
+}
+
+/// How a tuning file names the loads (`CpAsync` or `Tma`): they were part of what it measured.
+fn tile_loads(name: &str, kernel: &str) -> Result<TileLoads, String> {
+    [TileLoads::CpAsync, TileLoads::Tma]
+        .into_iter()
+        .find(|loads| format!("{loads:?}") == name)
+        .ok_or_else(|| format!("unknown loads `{name}` for {kernel} (one of CpAsync, Tma)"))
 }
 
 /// `config` with the tiles of `choice`, checked against the resource rules; errors say why not.
 pub fn with_attention_tiles(config: &HopperAttentionConfig, choice: &TileChoice) -> Result<HopperAttentionConfig, String> {
-    let TileChoice::Attention { block_m, block_n, stages, schedule } = choice else {
+    let TileChoice::Attention { block_m, block_n, stages, schedule, loads } = choice else {
         return Err(format!("{} is an attention kernel; the tuning gives it GEMM tiles ({choice})", config.name));
     };
     let schedule = ATTENTION_SCHEDULES.into_iter().find(|s| format!("{s:?}") == *schedule).ok_or_else(|| {
@@ -626,14 +640,16 @@ pub fn with_attention_tiles(config: &HopperAttentionConfig, choice: &TileChoice)
             ATTENTION_SCHEDULES.map(|s| format!("{s:?}")).join(", ")
         )
     })?;
-    let tuned = HopperAttentionConfig { block_m: *block_m, block_n: *block_n, stages: *stages, schedule, ..config.clone() };
+    let loads = tile_loads(loads, &config.name)?;
+    let tuned =
+        HopperAttentionConfig { block_m: *block_m, block_n: *block_n, stages: *stages, schedule, loads, ..config.clone() };
     check_attention(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
     Ok(tuned)
 }
 
 /// `config` with the tiles of `choice`, checked against the resource rules; errors say why not.
 pub fn with_gemm_tiles(config: &HopperGemmConfig, choice: &TileChoice) -> Result<HopperGemmConfig, String> {
-    let TileChoice::Gemm { block_n, stages, schedule } = choice else {
+    let TileChoice::Gemm { block_n, stages, schedule, loads } = choice else {
         return Err(format!("{} is a projection GEMM; the tuning gives it attention tiles ({choice})", config.name));
     };
     let schedule = GEMM_SCHEDULES.into_iter().find(|s| format!("{s:?}") == *schedule).ok_or_else(|| {
@@ -643,7 +659,8 @@ pub fn with_gemm_tiles(config: &HopperGemmConfig, choice: &TileChoice) -> Result
             GEMM_SCHEDULES.map(|s| format!("{s:?}")).join(", ")
         )
     })?;
-    let tuned = HopperGemmConfig { block_n: *block_n, stages: *stages, schedule, ..config.clone() };
+    let loads = tile_loads(loads, &config.name)?;
+    let tuned = HopperGemmConfig { block_n: *block_n, stages: *stages, schedule, loads, ..config.clone() };
     check_gemm(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
     Ok(tuned)
 }
