@@ -177,13 +177,22 @@ fn short(fingerprint: &str) -> &str {
     fingerprint.get(..12).unwrap_or(fingerprint)
 }
 
-/// Finds the tuning result for `spec` in `directory`: the one `tuning-*.json` whose fingerprint
-/// is the spec's. Several (one per GPU) are an error that names them.
+/// Finds the tuning result for `spec` in `directory` or in its subdirectory named after the
+/// layer (where `ccc tune -o DIR` puts a layer's candidates and `ccc-run tune` its result): the
+/// one `tuning-*.json` whose fingerprint is the spec's. Several (one per GPU) are an error that
+/// names them.
 pub fn find_result(directory: &std::path::Path, spec: &AttentionSpec) -> Result<(std::path::PathBuf, TuningResult), String> {
     let fingerprint = spec_fingerprint(spec);
-    let entries = std::fs::read_dir(directory).map_err(|e| format!("cannot read {}: {e}", directory.display()))?;
+    let mut entries: Vec<std::fs::DirEntry> =
+        std::fs::read_dir(directory).map_err(|e| format!("cannot read {}: {e}", directory.display()))?.flatten().collect();
+    let layer_directory = directory.join(&spec.name);
+    if layer_directory.is_dir() {
+        let layer_entries = std::fs::read_dir(&layer_directory)
+            .map_err(|e| format!("cannot read {}: {e}", layer_directory.display()))?;
+        entries.extend(layer_entries.flatten());
+    }
     let mut found = Vec::new();
-    for entry in entries.flatten() {
+    for entry in entries {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if !(name.starts_with("tuning-") && name.ends_with(".json")) {

@@ -294,6 +294,10 @@ fn tune_usage_errors_exit_2() {
     assert_eq!(status, Status::Usage);
     assert_eq!(stderr, "error: tune needs --list or -o DIR\n");
     assert_eq!(ccc(&["tune", "--list", &example("zaya1"), "--seq-len", "0"]).0, Status::Usage);
+    // Batches past the language's own bound on `tune { batch }` (2^20).
+    let (status, _, stderr) = ccc(&["tune", "--list", &example("zaya1"), "--batch", "1073741824"]);
+    assert_eq!(status, Status::Usage);
+    assert!(stderr.contains("1073741824 is not in 1..=1048576"), "{stderr}");
     let (status, _, stderr) = ccc(&["tune", "--list", "/nonexistent/x.attn"]);
     assert_eq!(status, Status::Usage);
     assert!(stderr.starts_with("error: cannot read /nonexistent/x.attn"), "{stderr}");
@@ -410,8 +414,12 @@ fn compile_applies_a_tuning_result_for_its_spec() {
         &zaya1_tuning(&zaya1_fingerprint(), "zaya1_qkv_proj", six_stages),
     );
     assert!(file.ends_with("tuning-NVIDIA-H200.json"), "{file}");
-    // From the file, and from the directory that holds it.
-    for tuning in [file.as_str(), directory.to_str().unwrap()] {
+    // The layout `ccc tune -o OUT` and `ccc-run tune OUT/zaya1` leave: OUT/zaya1/tuning-GPU.json.
+    let tune_out = scratch("tuning-apply-tune-out");
+    std::fs::create_dir_all(tune_out.join("zaya1")).unwrap();
+    std::fs::copy(&file, tune_out.join("zaya1").join(TuningResult::file_name("NVIDIA H200"))).unwrap();
+    // From the file, from the directory that holds it, and from the tune output above it.
+    for tuning in [file.as_str(), directory.to_str().unwrap(), tune_out.to_str().unwrap()] {
         let out = scratch("tuning-apply-out");
         let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "-o", out.to_str().unwrap(), "--tuning", tuning]);
         assert_eq!(status, Status::Success, "{stderr}");
@@ -460,6 +468,23 @@ fn bad_tuning_files_are_reported_not_applied() {
         "error: cannot compile `zaya1` (tuning): the tiles 128x256, 4 stages, PingPong, Tma of zaya1_qkv_proj are rejected: \
          registers: 304 per consumer thread, budget 232\n"
     );
+
+    let stages = TileChoice::Gemm { block_n: 128, stages: 1 << 28, schedule: "PingPong".into(), loads: "Tma".into() };
+    let stages = write_file(&directory, "stages.json", &zaya1_tuning(&fingerprint, "zaya1_qkv_proj", stages));
+    let (status, _, stderr) = compile(&stages);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.ends_with("268435456 stages: at most 16\n"), "{stderr}");
+    let stages = TileChoice::Attention {
+        block_m: 128,
+        block_n: 128,
+        stages: 1 << 28,
+        schedule: "PingPong".into(),
+        loads: "Tma".into(),
+    };
+    let stages = write_file(&directory, "attention-stages.json", &zaya1_tuning(&fingerprint, "zaya1_attention", stages));
+    let (status, _, stderr) = compile(&stages);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.ends_with("268435456 K/V stages: at most 16\n"), "{stderr}");
 
     let loads = TileChoice::Gemm { block_n: 128, stages: 4, schedule: "PingPong".into(), loads: "Bulk".into() };
     let loads = write_file(&directory, "loads.json", &zaya1_tuning(&fingerprint, "zaya1_qkv_proj", loads));

@@ -76,7 +76,7 @@ pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<
     };
     let element_strides = vec![1u32; geometry.dims.len()];
     let mut map = sys::CUtensorMap { opaque: [0; 16] };
-    // SAFETY: every pointer is to a live array of the length the rank (4) implies; the driver
+    // SAFETY: every pointer is to a live array of the length the rank (the length of `dims`, 2 to 4) implies; the driver
     // writes only the descriptor.
     let status = unsafe {
         sys::cuTensorMapEncodeTiled(

@@ -13,7 +13,7 @@ use codespan_reporting::term::termcolor;
 
 use crate::driver;
 use crate::explain::{DEFAULT_SEQ_LEN, explain_text};
-use crate::frontend::{self, Diagnostics, MAX_SEQUENCE};
+use crate::frontend::{self, Diagnostics, MAX_DIM, MAX_SEQUENCE};
 use crate::spec::AttentionSpec;
 
 /// Exit statuses: what a script calling `ccc` can rely on.
@@ -84,7 +84,8 @@ pub enum Command {
         no_cache: bool,
         /// Tiles measured by `ccc-run tune`: a tuning result file (applied to the layer it names,
         /// which must be this spec's: same fingerprint), or a directory holding `tuning-*.json`
-        /// files (each layer takes the one measured for it).
+        /// files directly or in a subdirectory per layer, as `ccc tune -o DIR` lays them out
+        /// (each layer takes the one measured for it; every layer needs one).
         #[arg(long, value_name = "FILE|DIR")]
         tuning: Option<PathBuf>,
     },
@@ -107,7 +108,7 @@ pub enum Command {
         #[arg(long, value_name = "K", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=64))]
         top: u64,
         /// Batch size to rank for [default: tune.batch, else 1].
-        #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
+        #[arg(long, value_name = "B", value_parser = clap::value_parser!(u64).range(1..=MAX_DIM))]
         batch: Option<u64>,
         /// Sequence length to rank for [default: tune.seq_len, else 16384].
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]

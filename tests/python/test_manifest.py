@@ -308,8 +308,7 @@ class CallPlanning(unittest.TestCase):
                          ("tensor_map", "q", (2, 1000, 8, 128), 128))
 
     def test_tensor_map_geometry_matches_the_rust_runtime(self):
-        # runtime/src/tensor_map.rs, geometry_views_bshd_as_d_h_s_b_with_one_panel_per_box_row
-        # and geometry_sees_dimensions_innermost_first_with_boxes_along_the_rows.
+        # runtime/src/tensor_map.rs, geometry_sees_dimensions_innermost_first_with_boxes_along_the_rows
         self.assertEqual(geometry("bf16", (3, 17, 8, 128), 128),
                          ((128, 8, 17, 3), (256, 2048, 17 * 2048), (64, 1, 128, 1)))
         self.assertEqual(geometry("bf16", (2, 1000, 2048), 128),

@@ -189,6 +189,9 @@ impl HopperAttentionConfig {
         if self.loads == TileLoads::Tma && !matches!(self.schedule, Schedule::WarpSpecialized | Schedule::PingPong) {
             return unsupported("TMA loads are issued by the producer warpgroup of the warp-specialized schedules");
         }
+        if self.stages > super::MAX_STAGES {
+            return unsupported(format!("{} K/V stages: at most {}", self.stages, super::MAX_STAGES));
+        }
         if self.stages < least_stages {
             return unsupported(format!("the {:?} schedule needs at least {least_stages} K/V stages", self.schedule));
         }

@@ -243,6 +243,9 @@ impl HopperGemmConfig {
                 self.a_head_dim
             ));
         }
+        if self.stages > super::MAX_STAGES {
+            return unsupported(format!("{} stages: at most {}", self.stages, super::MAX_STAGES));
+        }
         if self.stages < 3 {
             // The consumers hold two stages (the one read and the one its in-flight predecessor
             // group still reads): a third one loads.

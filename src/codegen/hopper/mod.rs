@@ -74,6 +74,11 @@ pub enum HopperKernel {
     Prologue(HopperPrologueConfig),
 }
 
+/// Most shared-memory stages a pipelined kernel takes: none of these kernels fits more in 227 KiB
+/// (the smallest stage, a 128 × 64 and a 64 × 64 tile of 16-bit elements, is 24 KiB); the bound
+/// keeps a tuning file's stage count from overflowing the shared-memory arithmetic.
+pub const MAX_STAGES: u32 = 16;
+
 /// What the runtime needs to launch a kernel of this fast path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopperLaunch {

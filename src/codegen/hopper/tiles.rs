@@ -381,7 +381,13 @@ pub fn attention_candidates(base: &HopperAttentionConfig, shape: ProblemShape) -
         for block_m in ATTENTION_BLOCK_M {
             for block_n in ATTENTION_BLOCK_N {
                 for stages in ATTENTION_STAGES {
-                    let config = HopperAttentionConfig { block_m, block_n, stages, schedule, ..base.clone() };
+                    // TMA boxes are issued by a producer warpgroup, which only the
+                    // warp-specialized schedules have: the others load with cp.async.
+                    let loads = match schedule {
+                        Schedule::WarpSpecialized | Schedule::PingPong => base.loads,
+                        Schedule::Serial | Schedule::OverlapSoftmax => TileLoads::CpAsync,
+                    };
+                    let config = HopperAttentionConfig { block_m, block_n, stages, schedule, loads, ..base.clone() };
                     let verdict = check_attention(&config).map(|fit| Fit {
                         micros: attention_micros(&config, fit.ctas_per_sm, shape),
                         ..fit
@@ -458,9 +464,9 @@ pub fn check_gemm(config: &HopperGemmConfig) -> Result<Fit, Rejection> {
 
 /// Estimated time of a feasible GEMM configuration at `shape` (see the module doc).
 pub fn gemm_micros(config: &HopperGemmConfig, shape: ProblemShape) -> f64 {
-    let row_tiles = shape.batch * shape.seq_len.div_ceil(GEMM_BLOCK_M as u64);
-    let tiles = row_tiles * config.column_tiles() as u64;
-    let tiles_per_cta = tiles.div_ceil(SMS) as f64;
+    // In f64: B · S / 128 · column tiles passes u64 at the largest shapes `ccc tune` accepts.
+    let row_tiles = shape.batch as f64 * shape.seq_len.div_ceil(GEMM_BLOCK_M as u64) as f64;
+    let tiles_per_cta = (row_tiles * config.column_tiles() as f64 / SMS as f64).ceil();
     let width = config.block_n as f64 / 128.0;
     let in_flight = config.stages.saturating_sub(1).max(1) as f64;
     let stage_bytes = ((GEMM_BLOCK_M + config.block_n) * GEMM_BLOCK_K * config.elem.bytes()) as f64;
@@ -526,19 +532,32 @@ pub trait TileColumns {
 
 impl TileColumns for HopperAttentionConfig {
     fn headings() -> String {
-        format!("{:>7} {:>7} {:>6} {:<15}", "block_m", "block_n", "stages", "schedule")
+        format!("{:>7} {:>7} {:>6} {:<15} {:<7}", "block_m", "block_n", "stages", "schedule", "loads")
     }
     fn columns(&self) -> String {
-        format!("{:>7} {:>7} {:>6} {:<15}", self.block_m, self.block_n, self.stages, format!("{:?}", self.schedule))
+        format!(
+            "{:>7} {:>7} {:>6} {:<15} {:<7}",
+            self.block_m,
+            self.block_n,
+            self.stages,
+            format!("{:?}", self.schedule),
+            format!("{:?}", self.loads)
+        )
     }
 }
 
 impl TileColumns for HopperGemmConfig {
     fn headings() -> String {
-        format!("{:>7} {:>6} {:<15}", "block_n", "stages", "schedule")
+        format!("{:>7} {:>6} {:<15} {:<7}", "block_n", "stages", "schedule", "loads")
     }
     fn columns(&self) -> String {
-        format!("{:>7} {:>6} {:<15}", self.block_n, self.stages, format!("{:?}", self.schedule))
+        format!(
+            "{:>7} {:>6} {:<15} {:<7}",
+            self.block_n,
+            self.stages,
+            format!("{:?}", self.schedule),
+            format!("{:?}", self.loads)
+        )
     }
 }
 
