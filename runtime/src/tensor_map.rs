@@ -43,7 +43,7 @@ pub fn geometry(buffer: &PlannedBuffer, box_rows: u32) -> Result<TensorMapGeomet
     }
     let element = buffer.dtype.size_bytes() as u64;
     let dims: Vec<u64> = buffer.shape.iter().rev().map(|&d| d as u64).collect();
-    if element != 2 || dims[0] == 0 || (dims[0] * element) % STRIDE_ALIGNMENT != 0 {
+    if element != 2 || dims[0] == 0 || !(dims[0] * element).is_multiple_of(STRIDE_ALIGNMENT) {
         return Err(mismatch("needs 16-bit elements and rows of whole 16-byte chunks"));
     }
     let strides_bytes: Vec<u64> = dims

@@ -36,7 +36,7 @@ use ccc::tuning::{
 };
 use ccc_runtime::plan::PlannedArg;
 use ccc_runtime::validate::{compare_forward, input_for, tolerance, weights_for};
-use ccc_runtime::{CallPlan, Library, RuntimeError, read_library};
+use ccc_runtime::{CallPlan, HostTensor, Library, RuntimeError, WeightSet, read_library};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -372,64 +372,86 @@ fn read_tuning_index(dir: &Path) -> Result<(TuneIndex, Vec<Vec<PathBuf>>), Runti
     Ok((index, libraries))
 }
 
+/// What the correctness check of every candidate compares against: the weights, the check's
+/// input and the reference's outputs (one spec, so the same for all candidates).
+type TuneCheck = (WeightSet, HostTensor, reference::ForwardOutputs);
+
+/// How one candidate did: whether its outputs matched the reference and, if so, the median time
+/// of its kernel (`None` when the forward pass did not launch it).
+struct CandidateOutcome {
+    device: String,
+    correct: bool,
+    median_ms: Option<f64>,
+}
+
+/// Loads the candidate library at `path`, checks it against the reference (computing `check`
+/// on the first call) and, if correct, times `kernel` alone.
+fn run_candidate(
+    path: &Path,
+    kernel: &str,
+    run: &TuneRun,
+    check: &mut Option<TuneCheck>,
+) -> Result<CandidateOutcome, RuntimeError> {
+    let library = load(path)?;
+    let device = library.device_name()?;
+    let manifest = library.manifest();
+    let spec = &manifest.spec;
+    let computed = match check.take() {
+        Some(computed) => computed,
+        None => {
+            let (reference_weights, weight_set) = weights_for(manifest, run.seed, None)?;
+            let (x, x_host) = input_for(manifest, TUNE_CHECK_BATCH, TUNE_CHECK_SEQ_LEN, run.seed.wrapping_add(1))?;
+            let expected = reference::forward(spec, &reference_weights, &x)
+                .map_err(|message| RuntimeError::Reference { message })?;
+            (weight_set, x_host, expected)
+        }
+    };
+    let (weight_set, x_host, expected) = &*check.insert(computed);
+    let gpu_outputs = library.forward_host(x_host, weight_set)?;
+    let correct = compare_forward(&gpu_outputs, expected, tolerance(spec.dtype)).iter().all(|c| c.passed);
+    if !correct {
+        return Ok(CandidateOutcome { device, correct, median_ms: None });
+    }
+    let (_, x) = input_for(manifest, to_usize(run.batch)?, to_usize(run.seq_len)?, run.seed.wrapping_add(1))?;
+    let x = library.upload(&x)?;
+    let weights = library.upload_weights(weight_set)?;
+    let per_kernel = library.time_kernels(&x, &weights, run.warmup, run.iterations)?;
+    let mut samples =
+        per_kernel.into_iter().find(|(symbol, _)| symbol == kernel).map(|(_, samples)| samples).unwrap_or_default();
+    samples.sort_by(f32::total_cmp);
+    let median_ms = samples.get(samples.len() / 2).map(|&ms| f64::from(ms));
+    Ok(CandidateOutcome { device, correct, median_ms })
+}
+
 fn tune(dir: &Path, run: TuneRun, out: Option<&Path>) -> Result<bool, RuntimeError> {
     let (index, libraries) = read_tuning_index(dir)?;
     let mut gpu = None;
     let mut kernels = Vec::new();
     let mut all_found = true;
-    // Weights, the check's input and the reference's outputs: the same for every candidate (one
-    // spec, checked above), computed once, after the first library loaded on a GPU.
     let mut check = None;
     for (kernel, paths) in index.kernels.iter().zip(&libraries) {
         let mut times = Vec::new();
         for (candidate, path) in kernel.candidates.iter().zip(paths) {
-            let library = load(path)?;
-            let device = library.device_name()?;
-            let manifest = library.manifest();
-            let spec = &manifest.spec;
-            let (weight_set, x_host, expected) = match check.take() {
-                Some(computed) => computed,
-                None => {
-                    let (reference_weights, weight_set) = weights_for(manifest, run.seed, None)?;
-                    let (x, x_host) =
-                        input_for(manifest, TUNE_CHECK_BATCH, TUNE_CHECK_SEQ_LEN, run.seed.wrapping_add(1))?;
-                    let expected = reference::forward(spec, &reference_weights, &x)
-                        .map_err(|message| RuntimeError::Reference { message })?;
-                    (weight_set, x_host, expected)
+            // Candidates that never ran on a GPU are what tuning is for: one that fails to load
+            // or launch is recorded as failed and the others still run. No GPU at all ends it.
+            let label = format!("{} #{} ({})", kernel.kernel, candidate.rank, candidate.tiles);
+            let (correct, median_ms) = match run_candidate(path, &kernel.kernel, &run, &mut check) {
+                Ok(outcome) => {
+                    let measured = match (outcome.correct, outcome.median_ms) {
+                        (true, Some(ms)) => format!("{ms:.4} ms"),
+                        (true, None) => "- (correct, but the forward pass did not launch it)".to_string(),
+                        (false, _) => "- (wrong results: not timed)".to_string(),
+                    };
+                    say!("{label}: model {:.1} us, measured {measured}", candidate.estimate_us);
+                    gpu.get_or_insert(outcome.device);
+                    (outcome.correct, outcome.median_ms)
+                }
+                Err(error) if error.is_no_gpu() => return Err(error),
+                Err(error) => {
+                    say!("{label}: failed: {error}");
+                    (false, None)
                 }
             };
-            let gpu_outputs = library.forward_host(&x_host, &weight_set)?;
-            let correct = compare_forward(&gpu_outputs, &expected, tolerance(spec.dtype))
-                .iter()
-                .all(|c| c.passed);
-            let median_ms = if correct {
-                let (_, x) = input_for(manifest, to_usize(run.batch)?, to_usize(run.seq_len)?, run.seed.wrapping_add(1))?;
-                let x = library.upload(&x)?;
-                let weights = library.upload_weights(&weight_set)?;
-                let per_kernel = library.time_kernels(&x, &weights, run.warmup, run.iterations)?;
-                let mut samples = per_kernel
-                    .into_iter()
-                    .find(|(symbol, _)| *symbol == kernel.kernel)
-                    .map(|(_, samples)| samples)
-                    .unwrap_or_default();
-                samples.sort_by(f32::total_cmp);
-                samples.get(samples.len() / 2).map(|&ms| f64::from(ms))
-            } else {
-                None
-            };
-            say!(
-                "{} #{} ({}): model {:.1} us, measured {}",
-                kernel.kernel,
-                candidate.rank,
-                candidate.tiles,
-                candidate.estimate_us,
-                match median_ms {
-                    Some(ms) => format!("{ms:.4} ms"),
-                    None => "- (wrong results: not timed)".to_string(),
-                }
-            );
-            check = Some((weight_set, x_host, expected));
-            gpu.get_or_insert(device);
             times.push(TimedCandidate {
                 tiles: candidate.tiles.clone(),
                 library: candidate.library.clone(),
