@@ -43,6 +43,15 @@ pub struct DeviceWeights {
     tensors: BTreeMap<String, DeviceTensor>,
 }
 
+/// One call's arguments on the device ([`Library::bind`]); the descriptor buffer is freed in
+/// stream order when it is dropped, after the launches that read it.
+struct BoundCall<'a> {
+    /// Every buffer of the plan, in plan order.
+    tensors: Vec<&'a DeviceTensor>,
+    /// The encoded TMA descriptors, `None` when the plan has no tensor-map arguments.
+    tensor_maps: Option<CudaSlice<u8>>,
+}
+
 /// What one call produced: every buffer the runtime allocated (outputs, intermediates and
 /// scratch), by manifest name, with its role.
 pub struct Outputs {
@@ -204,7 +213,10 @@ impl Library {
     ) -> Result<Outputs, RuntimeError> {
         let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
-        self.launch_all(&plan, &supplied, &owned, true, None)?;
+        {
+            let call = self.bind(&plan, &supplied, &owned)?;
+            self.launch_all(&plan, &call, true, None)?;
+        }
         Ok(Outputs { tensors: owned })
     }
 
@@ -257,10 +269,11 @@ impl Library {
     ) -> Result<Vec<f32>, RuntimeError> {
         let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
+        let call = self.bind(&plan, &supplied, &owned)?;
         // The first call is checked kernel by kernel so that a faulty library fails clearly.
-        self.launch_all(&plan, &supplied, &owned, true, None)?;
+        self.launch_all(&plan, &call, true, None)?;
         for _ in 0..warmup {
-            self.launch_all(&plan, &supplied, &owned, false, None)?;
+            self.launch_all(&plan, &call, false, None)?;
         }
         let event = || {
             self.stream
@@ -270,7 +283,7 @@ impl Library {
         let mut times = Vec::with_capacity(iterations);
         for _ in 0..iterations {
             let start = event()?;
-            self.launch_all(&plan, &supplied, &owned, false, None)?;
+            self.launch_all(&plan, &call, false, None)?;
             let end = event()?;
             times.push(
                 start
@@ -294,9 +307,10 @@ impl Library {
     ) -> Result<Vec<(String, Vec<f32>)>, RuntimeError> {
         let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
-        self.launch_all(&plan, &supplied, &owned, true, None)?;
+        let call = self.bind(&plan, &supplied, &owned)?;
+        self.launch_all(&plan, &call, true, None)?;
         for _ in 0..warmup {
-            self.launch_all(&plan, &supplied, &owned, false, None)?;
+            self.launch_all(&plan, &call, false, None)?;
         }
         let mut times: Vec<(String, Vec<f32>)> = plan
             .launches
@@ -305,7 +319,7 @@ impl Library {
             .collect();
         for _ in 0..iterations {
             let mut events = Vec::with_capacity(plan.launches.len() + 1);
-            self.launch_all(&plan, &supplied, &owned, false, Some(&mut events))?;
+            self.launch_all(&plan, &call, false, Some(&mut events))?;
             for (kernel, pair) in times.iter_mut().zip(events.windows(2)) {
                 let elapsed = pair[0]
                     .elapsed_ms(&pair[1])
@@ -344,25 +358,15 @@ impl Library {
         Ok(owned)
     }
 
-    /// Launches the plan's kernels in order. Caller-supplied buffers are checked against the
-    /// plan first. With `check_each`, waits after every launch so that a fault names its kernel.
-    /// With `events`, records one before each launch and one after the last.
-    fn launch_all(
+    /// The arguments of one call: the plan's buffers, caller-supplied ones checked against the
+    /// plan, and the TMA descriptors of its tensor-map arguments, encoded and uploaded once for
+    /// every launch sequence on these buffers.
+    fn bind<'a>(
         &self,
         plan: &CallPlan,
-        supplied: &BTreeMap<&str, &DeviceTensor>,
-        owned: &BTreeMap<String, (BufferRole, DeviceTensor)>,
-        check_each: bool,
-        mut events: Option<&mut Vec<CudaEvent>>,
-    ) -> Result<(), RuntimeError> {
-        let record = |events: &mut Vec<CudaEvent>| -> Result<(), RuntimeError> {
-            let event = self
-                .stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| RuntimeError::driver("recording a timing event", e))?;
-            events.push(event);
-            Ok(())
-        };
+        supplied: &BTreeMap<&str, &'a DeviceTensor>,
+        owned: &'a BTreeMap<String, (BufferRole, DeviceTensor)>,
+    ) -> Result<BoundCall<'a>, RuntimeError> {
         let mut tensors = Vec::with_capacity(plan.buffers.len());
         for buffer in &plan.buffers {
             let tensor = if buffer.role.is_caller_supplied() {
@@ -385,9 +389,32 @@ impl Library {
             };
             tensors.push(tensor);
         }
-        // One descriptor per tensor-map argument, in launch and argument order.
         let tensor_maps = self.upload_tensor_maps(plan, &tensors)?;
-        let descriptors: Vec<_> = tensor_maps
+        Ok(BoundCall { tensors, tensor_maps })
+    }
+
+    /// Launches the plan's kernels in order on the buffers of `call`. With `check_each`, waits
+    /// after every launch so that a fault names its kernel. With `events`, records one before
+    /// each launch and one after the last.
+    fn launch_all(
+        &self,
+        plan: &CallPlan,
+        call: &BoundCall<'_>,
+        check_each: bool,
+        mut events: Option<&mut Vec<CudaEvent>>,
+    ) -> Result<(), RuntimeError> {
+        let record = |events: &mut Vec<CudaEvent>| -> Result<(), RuntimeError> {
+            let event = self
+                .stream
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(|e| RuntimeError::driver("recording a timing event", e))?;
+            events.push(event);
+            Ok(())
+        };
+        let tensors = &call.tensors;
+        // One descriptor per tensor-map argument, in launch and argument order.
+        let descriptors: Vec<_> = call
+            .tensor_maps
             .iter()
             .flat_map(|maps| {
                 (0..maps.len() / TENSOR_MAP_BYTES)
@@ -437,8 +464,7 @@ impl Library {
     }
 
     /// Encodes the TMA descriptor of every tensor-map argument of the plan, in launch and
-    /// argument order, into one device buffer (`None` when there are none). The buffer is freed
-    /// in stream order once dropped, after the launches that read it.
+    /// argument order, into one device buffer (`None` when there are none).
     fn upload_tensor_maps(
         &self,
         plan: &CallPlan,

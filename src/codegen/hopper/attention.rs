@@ -143,12 +143,11 @@ impl HopperAttentionConfig {
             Schedule::WarpSpecialized | Schedule::PingPong => consumer_threads + WARPGROUP_THREADS,
             Schedule::Serial | Schedule::OverlapSoftmax => consumer_threads,
         };
-        let extra_params = match self.loads {
-            TileLoads::CpAsync => Vec::new(),
-            TileLoads::Tma => [("q", self.block_m), ("k", self.block_n), ("v", self.block_n)]
-                .map(|(buffer, box_rows)| KernelParamManifest::TensorMap { buffer: buffer.to_string(), box_rows })
-                .to_vec(),
-        };
+        let extra_params = self
+            .tensor_maps()
+            .into_iter()
+            .map(|(buffer, box_rows, _)| KernelParamManifest::TensorMap { buffer: buffer.to_string(), box_rows })
+            .collect();
         Ok(HopperLaunch {
             threads,
             dynamic_shared_bytes: plan.total_bytes + TILE_ALIGNMENT,
@@ -159,6 +158,15 @@ impl HopperAttentionConfig {
             ],
             extra_params,
         })
+    }
+
+    /// With TMA loads, the tensor maps the kernel takes after `S`: (buffer, box rows, parameter
+    /// name) for q (block_m rows), k and v (block_n rows).
+    fn tensor_maps(&self) -> Vec<(&'static str, u32, &'static str)> {
+        match self.loads {
+            TileLoads::CpAsync => Vec::new(),
+            TileLoads::Tma => vec![("q", self.block_m, "q_map"), ("k", self.block_n, "k_map"), ("v", self.block_n, "v_map")],
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {
@@ -283,11 +291,9 @@ pub fn emit_attention_wgmma<'ctx>(
         ParamKind::Size("B".into()),
         ParamKind::Size("S".into()),
     ];
-    let tensor_maps = ["q_map", "k_map", "v_map"];
-    let params: Vec<ParamKind> = match config.loads {
-        TileLoads::CpAsync => params.to_vec(),
-        TileLoads::Tma => params.into_iter().chain(tensor_maps.map(|name| ParamKind::GlobalPointer(name.into()))).collect(),
-    };
+    let tensor_map_params: Vec<&str> = config.tensor_maps().into_iter().map(|(_, _, param)| param).collect();
+    let params: Vec<ParamKind> =
+        params.into_iter().chain(tensor_map_params.iter().map(|name| ParamKind::GlobalPointer(name.to_string()))).collect();
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &params)?;
     if warp_specialized {
@@ -811,8 +817,13 @@ pub fn emit_attention_wgmma<'ctx>(
                                 "",
                             )?;
                             kb.if_then(issuer, |kb| {
-                                let [q_map, k_map, v_map] = tensor_maps.map(|name| tensor_map_address(kb, name));
-                                let (q_map, k_map, v_map) = (q_map?, k_map?, v_map?);
+                                let maps: Vec<IntValue<'ctx>> = tensor_map_params
+                                    .iter()
+                                    .map(|name| tensor_map_address(kb, name))
+                                    .collect::<Result<_>>()?;
+                                let [q_map, k_map, v_map] = maps[..] else {
+                                    return unsupported("TMA attention takes the tensor maps of q, k and v");
+                                };
                                 // One box per 64-column panel: (column, head, row, batch).
                                 let load_panels = |kb: &KernelBuilder<'_, 'ctx>,
                                                    map: IntValue<'ctx>,

@@ -639,12 +639,16 @@ pub fn gemm_tiles(config: &HopperGemmConfig) -> TileChoice {
     }
 }
 
-/// How a tuning file names the loads (`CpAsync` or `Tma`): they were part of what it measured.
-fn tile_loads(name: &str, kernel: &str) -> Result<TileLoads, String> {
-    [TileLoads::CpAsync, TileLoads::Tma]
-        .into_iter()
-        .find(|loads| format!("{loads:?}") == name)
-        .ok_or_else(|| format!("unknown loads `{name}` for {kernel} (one of CpAsync, Tma)"))
+/// The loads a tuning file may name.
+const TILE_LOADS: [TileLoads; 2] = [TileLoads::CpAsync, TileLoads::Tma];
+
+/// The choice a tuning file names `name` (schedules and loads by their Rust names); `what` and
+/// `kernel` say in the error which field of which kernel it was.
+fn named<T: Copy + fmt::Debug>(choices: &[T], name: &str, what: &str, kernel: &str) -> Result<T, String> {
+    choices.iter().copied().find(|choice| format!("{choice:?}") == name).ok_or_else(|| {
+        let names: Vec<String> = choices.iter().map(|choice| format!("{choice:?}")).collect();
+        format!("unknown {what} `{name}` for {kernel} (one of {})", names.join(", "))
+    })
 }
 
 /// `config` with the tiles of `choice`, checked against the resource rules; errors say why not.
@@ -652,14 +656,8 @@ pub fn with_attention_tiles(config: &HopperAttentionConfig, choice: &TileChoice)
     let TileChoice::Attention { block_m, block_n, stages, schedule, loads } = choice else {
         return Err(format!("{} is an attention kernel; the tuning gives it GEMM tiles ({choice})", config.name));
     };
-    let schedule = ATTENTION_SCHEDULES.into_iter().find(|s| format!("{s:?}") == *schedule).ok_or_else(|| {
-        format!(
-            "unknown attention schedule `{schedule}` for {} (one of {})",
-            config.name,
-            ATTENTION_SCHEDULES.map(|s| format!("{s:?}")).join(", ")
-        )
-    })?;
-    let loads = tile_loads(loads, &config.name)?;
+    let schedule = named(&ATTENTION_SCHEDULES, schedule, "attention schedule", &config.name)?;
+    let loads = named(&TILE_LOADS, loads, "loads", &config.name)?;
     let tuned =
         HopperAttentionConfig { block_m: *block_m, block_n: *block_n, stages: *stages, schedule, loads, ..config.clone() };
     check_attention(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
@@ -671,14 +669,8 @@ pub fn with_gemm_tiles(config: &HopperGemmConfig, choice: &TileChoice) -> Result
     let TileChoice::Gemm { block_n, stages, schedule, loads } = choice else {
         return Err(format!("{} is a projection GEMM; the tuning gives it attention tiles ({choice})", config.name));
     };
-    let schedule = GEMM_SCHEDULES.into_iter().find(|s| format!("{s:?}") == *schedule).ok_or_else(|| {
-        format!(
-            "unknown GEMM schedule `{schedule}` for {} (one of {})",
-            config.name,
-            GEMM_SCHEDULES.map(|s| format!("{s:?}")).join(", ")
-        )
-    })?;
-    let loads = tile_loads(loads, &config.name)?;
+    let schedule = named(&GEMM_SCHEDULES, schedule, "GEMM schedule", &config.name)?;
+    let loads = named(&TILE_LOADS, loads, "loads", &config.name)?;
     let tuned = HopperGemmConfig { block_n: *block_n, stages: *stages, schedule, loads, ..config.clone() };
     check_gemm(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
     Ok(tuned)
