@@ -42,9 +42,8 @@ def launch(kernel, q, k, v, o, lse):
     grid = (math.ceil(seq / spec["block_m"]), spec["q_heads"], batch)
     args = tuple(numpy.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (numpy.uint32(batch), numpy.uint32(seq))
     if spec.get("tma"):
-        maps = (tensor_map.on_device(q, spec["block_m"]), tensor_map.on_device(k, spec["block_n"]),
-                tensor_map.on_device(v, spec["block_n"]))
-        args += tuple(numpy.uint64(m.data_ptr()) for m in maps)
+        args += (tensor_map.kernel_argument(q, spec["block_m"]), tensor_map.kernel_argument(k, spec["block_n"]),
+                 tensor_map.kernel_argument(v, spec["block_n"]))
     function(grid, (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
 
 

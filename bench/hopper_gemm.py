@@ -47,13 +47,13 @@ def make_tensors(spec, batch, seq, generator):
 
 
 def descriptor(spec, tensors, buffer, box_rows):
-    """The device copy of the TMA descriptor of `buffer` (python/ccc/tensor_map.py): `a` as
+    """The TMA descriptor of `buffer` as a by-value argument (python/ccc/tensor_map.py): `a` as
     [B, S, K / d, d] when the kernel addresses it by head (`a_head_dim`), else as it is."""
     t = tensors[buffer]
     if buffer == spec["a"] and spec.get("a_head_dim"):
         d = spec["a_head_dim"]
         t = t.view(t.shape[0], t.shape[1], t.shape[2] // d, d)
-    return tensor_map.on_device(t, box_rows)
+    return tensor_map.kernel_argument(t, box_rows)
 
 
 def launch(kernel, tensors, batch, seq):
@@ -67,7 +67,7 @@ def launch(kernel, tensors, batch, seq):
         else:
             args.append(numpy.uint64(tensors[name].data_ptr()))
     for buffer, box_rows in spec.get("tensor_maps", []):
-        args.append(numpy.uint64(descriptor(spec, tensors, buffer, box_rows).data_ptr()))
+        args.append(descriptor(spec, tensors, buffer, box_rows))
     grid = tuple(spec["grid"])
     function(grid, (spec["threads"],), tuple(args), shared_mem=spec["dynamic_shared_bytes"])
 

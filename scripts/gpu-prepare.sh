@@ -9,6 +9,9 @@
 #   gpu-carry/hopper-ptx/                  with GPU_PREPARE_HOPPER_PTX=1: the Hopper kernel
 #                                          variants of tests/codegen_hopper.rs, for
 #                                          bench/hopper_attention.py and bench/hopper_gemm.py
+#   gpu-carry/tune/zaya1/                  with GPU_PREPARE_TUNE=1: the candidate libraries of
+#                                          `ccc tune examples/zaya1.attn --top 6`, for the
+#                                          sweep's `tune` step (ccc-run tune)
 # Then on the GPU machine: bash scripts/gpu-suite.sh (docs/gpu-tests.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +63,11 @@ done
 rm -rf "$carry/hopper-ptx"
 if [ "${GPU_PREPARE_HOPPER_PTX:-0}" = 1 ]; then
   CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test codegen_hopper assembles >/dev/null
+fi
+
+rm -rf "$carry/tune"
+if [ "${GPU_PREPARE_TUNE:-0}" = 1 ]; then
+  ./target/release/ccc tune examples/zaya1.attn -o "$carry/tune" --top 6 >/dev/null
 fi
 
 echo "gpu-prepare: $carry holds:"

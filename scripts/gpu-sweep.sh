@@ -7,9 +7,11 @@
 #   2. the GPU suite (scripts/gpu-suite.sh): B 1 and 3 × S 1, 17, 1000, then B 1 × S 4097;
 #   3. python/validate.py on zaya1 and mha at 1×4096 (ZAYA1 also against Hugging Face's layer);
 #   4. bench/kernel_times.py (each kernel alone) on zaya1 and mha at 1×16384;
-#   5. bench/bench.py on zaya1 and mha at S 4096, 8192, 16384, B 1, with the peers.
+#   5. bench/bench.py on zaya1 and mha at S 4096, 8192, 16384, B 1, with the peers;
+#   6. with gpu-carry/tune (GPU_PREPARE_TUNE=1): ccc-run tune over ZAYA1's candidates at
+#      1×16384, writing tuning-<GPU>.json under $OUT/tune (not part of the default steps).
 # Everything is written under $OUT (default sweep-out). About 5 to 6 minutes on an H200.
-# Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]    (steps: hopper suite validate times bench)
+# Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]  (steps: hopper suite validate times bench tune)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -49,7 +51,14 @@ for s in $steps; do
       step bench 150 python3 -u -W ignore bench/bench.py "$libs/zaya1/zaya1" "$libs/mha/mha" --out "$out/bench" \
         --seq-lens 4096,8192,16384 --batches 1
       ;;
-    *) echo "gpu-sweep: unknown step $s (hopper suite validate times bench)" >&2; exit 2 ;;
+    tune)
+      if [ -d gpu-carry/tune/zaya1 ]; then
+        mkdir -p "$out/tune"
+        step tune 240 gpu-carry/ccc-run tune gpu-carry/tune/zaya1 --batch 1 --seq-len 16384 \
+          --out "$out/tune/tuning.json"
+      fi
+      ;;
+    *) echo "gpu-sweep: unknown step $s (hopper suite validate times bench tune)" >&2; exit 2 ;;
   esac
 done
 exit "$failed"

@@ -4,7 +4,8 @@
 //! everything a loader needs without knowing the compiler: which kernels to launch in which order,
 //! with which parameters in ABI order, on which grid, and every buffer's dtype, layout and size as a
 //! [`SizeExpr`] over the runtime sizes. docs/manifest.md describes the JSON field by field; keep
-//! the two in step and bump [`SCHEMA_VERSION`] on any change a version-1 reader would misread.
+//! the two in step and bump [`SCHEMA_VERSION`] on any change an older reader would misread (version 2: tensor
+//! maps passed by value instead of through a device pointer).
 
 use crate::ir::size::{SizeEnv, SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, DType, EntryPoint};
@@ -13,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Hopper's dynamic shared memory limit per block (227 KB).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 232_448;
@@ -88,7 +89,7 @@ pub struct PtxasStats {
 }
 
 /// One kernel parameter: a device pointer to a named buffer, a runtime size passed as `u32`, or
-/// a device pointer to a TMA descriptor of a named buffer that the runtime encodes for the call.
+/// a TMA descriptor of a named buffer that the runtime encodes for the call and passes by value.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum KernelParamManifest {
@@ -99,7 +100,7 @@ pub enum KernelParamManifest {
     /// [R, C]) seen with its dimensions innermost first, with boxes of one 128-byte panel of the
     /// innermost dimension × `box_rows` along the row dimension (S, or R of a weight) × 1 along
     /// any other, 128-byte swizzle, 256-byte L2 promotion, and zeros for elements outside the
-    /// tensor; passed as a pointer to it in global memory.
+    /// tensor; passed by value (128 bytes, a `__grid_constant__` parameter aligned to 64).
     TensorMap { buffer: String, box_rows: u32 },
 }
 

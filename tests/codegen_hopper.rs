@@ -360,6 +360,9 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
                         assert_eq!(count(&ptx, "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"), 3 * panels);
                         assert_eq!(count(&ptx, "cp.async.cg"), 0);
                         assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 0);
+                        // q, k, v maps arrive by value (`__grid_constant__`): no global copy to fence.
+                        assert_eq!(count(&ptx, ".param .align 64 .b8"), 3);
+                        assert_eq!(count(&ptx, "cvta.param.u64"), 3);
                     }
                 }
                 assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * config.stages as usize);
@@ -657,6 +660,9 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
                 assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 1, "{}", config.name);
                 assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 0, "{}", config.name);
                 assert_eq!(ptx.matches("cp.async.ca").count() + ptx.matches("cp.async.cg").count(), 0, "{}", config.name);
+                // One by-value (`__grid_constant__`) map for `a` and one per weight.
+                let weights: std::collections::BTreeSet<_> = config.segments.iter().map(|s| &s.weight).collect();
+                assert_eq!(ptx.matches(".param .align 64 .b8").count(), 1 + weights.len(), "{}", config.name);
             }
         }
         assert_eq!(ptx.matches("cp.async.wait_group").count(), 0, "{}", config.name);
@@ -670,13 +676,7 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
             std::fs::create_dir_all(&dir).expect("output dir");
             std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", config.name)), &ptx).expect("write ptx");
-            let params: Vec<String> = config
-                .params
-                .iter()
-                .map(|param| match param {
-                    ParamKind::GlobalPointer(name) | ParamKind::Size(name) => name.clone(),
-                })
-                .collect();
+            let params: Vec<String> = config.params.iter().map(|param| param.name().to_string()).collect();
             let tensor_maps: Vec<_> = launch
                 .extra_params
                 .iter()

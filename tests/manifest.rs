@@ -151,7 +151,7 @@ fn json_round_trip_is_lossless() {
 fn json_form_stays_simple_for_other_loaders() {
     let value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
     let attention = &value["entry_points"][0]["kernels"][1];
-    assert_eq!(value["schema_version"], 1);
+    assert_eq!(value["schema_version"], 2);
     assert_eq!(value["entry_points"][0]["entry"], "forward");
     assert_eq!(
         attention["params"][0],
@@ -201,12 +201,12 @@ fn buffer_sizes_evaluate_per_call() {
 #[test]
 fn unknown_schema_version_is_named_before_anything_else() {
     let err = error_after(|v| {
-        v["schema_version"] = 2.into();
-        v["some_field_of_version_2"] = true.into();
+        v["schema_version"] = 3.into();
+        v["some_field_of_version_3"] = true.into();
     });
     assert_eq!(
         err,
-        "unknown manifest schema version 2: this build reads version 1"
+        "unknown manifest schema version 3: this build reads version 2"
     );
     let err = error_after(|v| {
         v.as_object_mut().unwrap().remove("schema_version");

@@ -39,7 +39,6 @@ class BoundCall:
         self.plan = plan
         self.tensors = tensors  # manifest name -> torch tensor, caller's and runtime's
         self.device = device
-        self._descriptors = []  # TMA descriptors on the device, alive as long as the call
         self._arguments = [self._kernel_arguments(launch) for launch in plan.launches]
 
     def _kernel_arguments(self, launch):
@@ -49,9 +48,8 @@ class BoundCall:
                 args.append(numpy.uint64(self.tensors[self.plan.buffers[value].name].data_ptr()))
             elif kind == "tensor_map":
                 index, box_rows = value
-                descriptor = tensor_map.on_device(self.tensors[self.plan.buffers[index].name], box_rows)
-                self._descriptors.append(descriptor)
-                args.append(numpy.uint64(descriptor.data_ptr()))
+                args.append(tensor_map.kernel_argument(self.tensors[self.plan.buffers[index].name],
+                                                       box_rows))
             else:
                 args.append(numpy.uint32(value))
         return tuple(args)

@@ -3,10 +3,12 @@ them (runtime/src/tensor_map.rs): a dense tensor of a 16-bit dtype ([B, S, H, D]
 row-major weight [R, C]) seen with its dimensions innermost first, boxes of one 128-byte panel of
 the innermost dimension x `box_rows` along the row dimension (S, or R of a weight) x 1 along any
 other, 128-byte swizzle, 256-byte L2 promotion, zeros outside the tensor. Encoded by the CUDA
-driver (`cuTensorMapEncodeTiled`, through ctypes) and handed to the kernel as a pointer to a copy
-in device memory."""
+driver (`cuTensorMapEncodeTiled`, through ctypes) and handed to the kernel by value: its 128 bytes
+fill a `.param .align 64 .b8 [128]` kernel parameter (a `__grid_constant__` map), so nothing is
+copied to device memory."""
 
 import ctypes
+import functools
 
 TENSOR_MAP_BYTES = 128
 PANEL_BYTES = 128
@@ -56,6 +58,10 @@ def geometry(dtype, shape, box_rows):
     return dims, tuple(strides), box
 
 
+# A descriptor depends on nothing but these arguments, so a call on the same buffers (weights, and
+# the intermediates torch's allocator hands out again) reuses the host bytes instead of encoding
+# them again.
+@functools.lru_cache(maxsize=1024)
 def encode(address, dtype, shape, box_rows):
     """The 128-byte descriptor of the tensor at device address `address`, as bytes."""
     dims, strides, box = geometry(dtype, shape, box_rows)
@@ -72,25 +78,14 @@ def encode(address, dtype, shape, box_rows):
     return bytes(descriptor)
 
 
-# Descriptors already on a device, by (device, address, dtype, shape, box rows): a descriptor
-# depends on nothing else, so a call on the same buffers (weights, and the intermediates torch's
-# allocator hands out again) reuses it instead of encoding and copying it again.
-_on_device = {}
-_MAX_CACHED = 1024
-
-
-def on_device(tensor, box_rows):
-    """The descriptor of torch tensor `tensor` (see `geometry`, contiguous) in a uint8 tensor on its
-    device: keep it alive for as long as kernels may read it."""
+def kernel_argument(tensor, box_rows):
+    """The descriptor of torch tensor `tensor` (see `geometry`, contiguous) as a by-value cupy
+    kernel argument: a numpy array of one 128-byte element, which cupy passes by value."""
+    import numpy
     import torch
 
     dtype = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(tensor.dtype, str(tensor.dtype))
     if not tensor.is_contiguous():
         raise ValueError("a tensor map needs a contiguous tensor")
-    key = (str(tensor.device), tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
-    if key not in _on_device:
-        if len(_on_device) >= _MAX_CACHED:
-            _on_device.pop(next(iter(_on_device)))  # the oldest; stream order keeps pending reads safe
-        descriptor = encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
-        _on_device[key] = torch.frombuffer(bytearray(descriptor), dtype=torch.uint8).to(tensor.device)
-    return _on_device[key]
+    descriptor = encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
+    return numpy.frombuffer(descriptor, dtype=numpy.dtype([("descriptor", numpy.uint8, (TENSOR_MAP_BYTES,))]))

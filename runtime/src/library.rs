@@ -3,7 +3,7 @@
 use crate::error::{RuntimeError, runs_target};
 use crate::plan::{CallPlan, PlannedArg};
 use crate::tensor::{HostTensor, nan_bytes};
-use crate::tensor_map::{self, TENSOR_MAP_BYTES};
+use crate::tensor_map::{self, EncodedTensorMap};
 use crate::weights::{WeightSet, check_tensor};
 use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
 use ccc::spec::EntryPoint;
@@ -43,13 +43,13 @@ pub struct DeviceWeights {
     tensors: BTreeMap<String, DeviceTensor>,
 }
 
-/// One call's arguments on the device ([`Library::bind`]); the descriptor buffer is freed in
-/// stream order when it is dropped, after the launches that read it.
+/// One call's arguments ([`Library::bind`]).
 struct BoundCall<'a> {
     /// Every buffer of the plan, in plan order.
     tensors: Vec<&'a DeviceTensor>,
-    /// The encoded TMA descriptors, `None` when the plan has no tensor-map arguments.
-    tensor_maps: Option<CudaSlice<u8>>,
+    /// The encoded TMA descriptors of the plan's tensor-map arguments, in launch and argument
+    /// order; each launch copies its own into the kernel's parameters.
+    tensor_maps: Vec<EncodedTensorMap>,
 }
 
 /// What one call produced: every buffer the runtime allocated (outputs, intermediates and
@@ -359,8 +359,8 @@ impl Library {
     }
 
     /// The arguments of one call: the plan's buffers, caller-supplied ones checked against the
-    /// plan, and the TMA descriptors of its tensor-map arguments, encoded and uploaded once for
-    /// every launch sequence on these buffers.
+    /// plan, and the TMA descriptors of its tensor-map arguments, encoded once for every launch
+    /// sequence on these buffers.
     fn bind<'a>(
         &self,
         plan: &CallPlan,
@@ -389,7 +389,7 @@ impl Library {
             };
             tensors.push(tensor);
         }
-        let tensor_maps = self.upload_tensor_maps(plan, &tensors)?;
+        let tensor_maps = self.encode_tensor_maps(plan, &tensors)?;
         Ok(BoundCall { tensors, tensor_maps })
     }
 
@@ -412,16 +412,7 @@ impl Library {
             Ok(())
         };
         let tensors = &call.tensors;
-        // One descriptor per tensor-map argument, in launch and argument order.
-        let descriptors: Vec<_> = call
-            .tensor_maps
-            .iter()
-            .flat_map(|maps| {
-                (0..maps.len() / TENSOR_MAP_BYTES)
-                    .map(|i| maps.slice(i * TENSOR_MAP_BYTES..(i + 1) * TENSOR_MAP_BYTES))
-            })
-            .collect();
-        let mut next_descriptor = 0;
+        let mut descriptors = call.tensor_maps.iter();
         let count = plan.launches.len();
         for (index, launch) in plan.launches.iter().enumerate() {
             if let Some(events) = events.as_deref_mut() {
@@ -433,10 +424,9 @@ impl Library {
                 match arg {
                     PlannedArg::Buffer(buffer) => args.arg(&tensors[*buffer].buffer),
                     PlannedArg::Size(value) => args.arg(value),
-                    PlannedArg::TensorMap { .. } => {
-                        next_descriptor += 1;
-                        args.arg(&descriptors[next_descriptor - 1])
-                    }
+                    PlannedArg::TensorMap { .. } => args.arg(
+                        descriptors.next().expect("bind encodes one descriptor per tensor-map argument"),
+                    ),
                 };
             }
             let config = LaunchConfig {
@@ -464,12 +454,12 @@ impl Library {
     }
 
     /// Encodes the TMA descriptor of every tensor-map argument of the plan, in launch and
-    /// argument order, into one device buffer (`None` when there are none).
-    fn upload_tensor_maps(
+    /// argument order.
+    fn encode_tensor_maps(
         &self,
         plan: &CallPlan,
         tensors: &[&DeviceTensor],
-    ) -> Result<Option<CudaSlice<u8>>, RuntimeError> {
+    ) -> Result<Vec<EncodedTensorMap>, RuntimeError> {
         let mut encoded = Vec::new();
         for launch in &plan.launches {
             for arg in &launch.args {
@@ -477,17 +467,11 @@ impl Library {
                     let planned = &plan.buffers[buffer];
                     let geometry = tensor_map::geometry(planned, box_rows)?;
                     let (address, _read) = tensors[buffer].buffer.device_ptr(&self.stream);
-                    encoded.extend(tensor_map::encode(&geometry, address, &planned.name)?);
+                    encoded.push(tensor_map::encode(&geometry, address, &planned.name)?);
                 }
             }
         }
-        if encoded.is_empty() {
-            return Ok(None);
-        }
-        self.stream
-            .clone_htod(&encoded)
-            .map(Some)
-            .map_err(|e| RuntimeError::driver("copying tensor maps to the GPU", e))
+        Ok(encoded)
     }
 
     fn synchronize(&self, during: &str) -> Result<(), RuntimeError> {

@@ -7,15 +7,23 @@
 //!
 //! The geometry comes from the call plan (host only, tested without a GPU); the 128-byte
 //! descriptor itself is encoded by the driver (`cuTensorMapEncodeTiled`) from the buffer's
-//! device address, for each call, and reaches the kernel through global memory.
+//! device address, for each call, and reaches the kernel by value as a `__grid_constant__`
+//! parameter (no device copy, so no proxy fence before the kernel's first TMA copy).
 
 use crate::error::RuntimeError;
 use crate::plan::PlannedBuffer;
 use ccc::manifest::TensorDType;
-use cudarc::driver::sys;
+use cudarc::driver::{DeviceRepr, sys};
 
-/// Bytes of one encoded descriptor (`CUtensorMap`).
-pub const TENSOR_MAP_BYTES: usize = 128;
+/// One encoded descriptor, pushed to `cuLaunchKernel` as a 128-byte by-value argument (the
+/// kernel's `.param .align 64 .b8 name[128]`).
+#[repr(C, align(64))]
+pub struct EncodedTensorMap(sys::CUtensorMap);
+
+// SAFETY: plain bytes of the size and alignment of the kernel parameter it fills.
+unsafe impl DeviceRepr for EncodedTensorMap {}
+
+const _: () = assert!(std::mem::size_of::<EncodedTensorMap>() == 128);
 /// Bytes of one box row: one 128-byte swizzle panel.
 const PANEL_BYTES: u64 = 128;
 /// TMA's rule for the byte strides of the outer dimensions.
@@ -66,7 +74,7 @@ pub fn geometry(buffer: &PlannedBuffer, box_rows: u32) -> Result<TensorMapGeomet
 }
 
 /// Encodes the descriptor of the tensor at device address `address` (needs the driver).
-pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<[u8; TENSOR_MAP_BYTES], RuntimeError> {
+pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<EncodedTensorMap, RuntimeError> {
     let data_type = match geometry.dtype {
         TensorDType::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         TensorDType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
@@ -95,11 +103,7 @@ pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<
         )
     };
     status.result().map_err(|e| RuntimeError::driver(format!("encoding the tensor map of `{name}` ({geometry:?})"), e))?;
-    let mut bytes = [0u8; TENSOR_MAP_BYTES];
-    for (chunk, word) in bytes.chunks_exact_mut(8).zip(map.opaque) {
-        chunk.copy_from_slice(&word.to_le_bytes());
-    }
-    Ok(bytes)
+    Ok(EncodedTensorMap(map))
 }
 
 #[cfg(test)]

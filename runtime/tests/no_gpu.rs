@@ -21,7 +21,7 @@ fn library_files_are_read_and_checked_without_a_gpu() {
     assert!(matches!(err, RuntimeError::Manifest { .. }));
     assert!(
         err.to_string().ends_with(
-            "manifest.json: unknown manifest schema version 7: this build reads version 1"
+            "manifest.json: unknown manifest schema version 7: this build reads version 2"
         ),
         "{err}"
     );

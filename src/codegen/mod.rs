@@ -119,7 +119,25 @@ pub enum ParamKind {
     GlobalPointer(String),
     /// A runtime size (`B`, `S`, `M`, ...) as i32.
     Size(String),
+    /// A 128-byte TMA descriptor (`CUtensorMap`) passed by value as a `__grid_constant__`
+    /// parameter: `ptr byval([128 x i8]) align 64 "nvvm.grid_constant"`, which NVPTX emits as
+    /// `.param .align 64 .b8 name[128]`. The kernel takes its generic address (`cvta.param`)
+    /// for `cp.async.bulk.tensor`; parameter space needs no proxy fence, unlike a map that host
+    /// copies wrote to global memory.
+    TensorMap(String),
 }
+
+impl ParamKind {
+    pub fn name(&self) -> &str {
+        match self {
+            ParamKind::GlobalPointer(name) | ParamKind::Size(name) | ParamKind::TensorMap(name) => name,
+        }
+    }
+}
+
+/// Bytes of a `CUtensorMap`, and the alignment a kernel parameter holding one needs.
+pub const TENSOR_MAP_BYTES: u32 = 128;
+pub const TENSOR_MAP_ALIGN: u32 = 64;
 
 /// One LLVM module for the NVPTX target: the context is borrowed so that values can outlive the
 /// module-building calls that created them.
@@ -165,26 +183,44 @@ impl<'ctx> PtxModule<'ctx> {
             return unsupported(format!("kernel `{name}` declared twice"));
         }
         let global_ptr = self.context.ptr_type(AddressSpace::from(GLOBAL_ADDRESS_SPACE));
+        let generic_ptr = self.context.ptr_type(AddressSpace::default());
         let i32_type = self.context.i32_type();
         let param_types: Vec<_> = params
             .iter()
             .map(|param| match param {
                 ParamKind::GlobalPointer(_) => global_ptr.into(),
                 ParamKind::Size(_) => i32_type.into(),
+                ParamKind::TensorMap(_) => generic_ptr.into(),
             })
             .collect();
         let function_type = self.context.void_type().fn_type(&param_types, false);
         let function = self.module.add_function(name, function_type, None);
         function.set_call_conventions(PTX_KERNEL_CALLING_CONVENTION);
-        for (value, param) in function.get_param_iter().zip(params) {
-            let param_name = match param {
-                ParamKind::GlobalPointer(name) | ParamKind::Size(name) => name,
-            };
-            value.set_name(param_name);
+        for (index, (value, param)) in function.get_param_iter().zip(params).enumerate() {
+            value.set_name(param.name());
+            if let ParamKind::TensorMap(_) = param {
+                self.mark_grid_constant_tensor_map(function, index as u32);
+            }
         }
         let entry = self.context.append_basic_block(function, "entry");
         self.builder.position_at_end(entry);
         Ok(KernelBuilder { module: self, function, params: params.to_vec(), thread_index_per_use: std::cell::Cell::new(false) })
+    }
+
+    /// Parameter `index` of `function` becomes a by-value 128-byte `__grid_constant__` blob.
+    fn mark_grid_constant_tensor_map(&self, function: FunctionValue<'ctx>, index: u32) {
+        use inkwell::attributes::{Attribute, AttributeLoc};
+        let location = AttributeLoc::Param(index);
+        let blob = self.context.i8_type().array_type(TENSOR_MAP_BYTES);
+        function.add_attribute(
+            location,
+            self.context.create_type_attribute(Attribute::get_named_enum_kind_id("byval"), blob.into()),
+        );
+        function.add_attribute(
+            location,
+            self.context.create_enum_attribute(Attribute::get_named_enum_kind_id("align"), TENSOR_MAP_ALIGN.into()),
+        );
+        function.add_attribute(location, self.context.create_string_attribute("nvvm.grid_constant", ""));
     }
 
     /// Dynamic shared memory: an external zero-length array whose size is given at launch.
@@ -290,7 +326,7 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         let index = self
             .params
             .iter()
-            .position(|param| matches!(param, ParamKind::GlobalPointer(n) | ParamKind::Size(n) if n == name))
+            .position(|param| param.name() == name)
             .ok_or_else(|| CodegenError::Unsupported(format!("kernel has no parameter `{name}`")))?;
         self.function
             .get_nth_param(index as u32)
@@ -299,10 +335,25 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
 
     /// A global-memory tensor parameter by name.
     pub fn pointer_param(&self, name: &str) -> Result<PointerValue<'ctx>> {
-        match self.param(name)? {
-            BasicValueEnum::PointerValue(pointer) => Ok(pointer),
-            _ => unsupported(format!("parameter `{name}` is not a pointer")),
+        match (self.param_kind(name), self.param(name)?) {
+            (Some(ParamKind::GlobalPointer(_)), BasicValueEnum::PointerValue(pointer)) => Ok(pointer),
+            _ => unsupported(format!("parameter `{name}` is not a global pointer")),
         }
+    }
+
+    /// The generic address (i64) of a [`ParamKind::TensorMap`] parameter, as
+    /// `cp.async.bulk.tensor` and `prefetch.tensormap` take it.
+    pub fn tensor_map_param_address(&self, name: &str) -> Result<IntValue<'ctx>> {
+        match (self.param_kind(name), self.param(name)?) {
+            (Some(ParamKind::TensorMap(_)), BasicValueEnum::PointerValue(pointer)) => {
+                Ok(self.builder().build_ptr_to_int(pointer, self.context().i64_type(), "")?)
+            }
+            _ => unsupported(format!("parameter `{name}` is not a tensor map")),
+        }
+    }
+
+    fn param_kind(&self, name: &str) -> Option<&ParamKind> {
+        self.params.iter().find(|param| param.name() == name)
     }
 
     /// A runtime size parameter (i32) by name.

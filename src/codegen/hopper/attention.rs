@@ -27,7 +27,7 @@ use inkwell::attributes::AttributeLoc;
 use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
-use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor, tensor_map_address};
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
@@ -293,7 +293,7 @@ pub fn emit_attention_wgmma<'ctx>(
     ];
     let tensor_map_params: Vec<&str> = config.tensor_maps().into_iter().map(|(_, _, param)| param).collect();
     let params: Vec<ParamKind> =
-        params.into_iter().chain(tensor_map_params.iter().map(|name| ParamKind::GlobalPointer(name.to_string()))).collect();
+        params.into_iter().chain(tensor_map_params.iter().map(|name| ParamKind::TensorMap(name.to_string()))).collect();
     let shared = module.dynamic_shared(&format!("{}_shared", config.name));
     let kb = module.declare_kernel(&config.name, &params)?;
     if warp_specialized {
@@ -819,7 +819,7 @@ pub fn emit_attention_wgmma<'ctx>(
                             kb.if_then(issuer, |kb| {
                                 let maps: Vec<IntValue<'ctx>> = tensor_map_params
                                     .iter()
-                                    .map(|name| tensor_map_address(kb, name))
+                                    .map(|name| kb.tensor_map_param_address(name))
                                     .collect::<Result<_>>()?;
                                 let [q_map, k_map, v_map] = maps[..] else {
                                     return unsupported("TMA attention takes the tensor maps of q, k and v");

@@ -147,11 +147,3 @@ pub(super) fn descriptor<'ctx>(
     let high = i64_type.const_int(constant_bits & !0xffff_ffff, false);
     Ok(builder.build_or(builder.build_int_z_extend(low, i64_type, "")?, high, "")?)
 }
-
-/// The generic address (i64) of the TMA descriptor that pointer parameter `name` points to, as
-/// `cp.async.bulk.tensor` takes it.
-pub(super) fn tensor_map_address<'ctx>(kb: &KernelBuilder<'_, 'ctx>, name: &str) -> Result<IntValue<'ctx>> {
-    let generic =
-        kb.builder().build_address_space_cast(kb.pointer_param(name)?, kb.context().ptr_type(Default::default()), "")?;
-    Ok(kb.builder().build_ptr_to_int(generic, kb.context().i64_type(), "")?)
-}

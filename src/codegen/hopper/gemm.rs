@@ -26,7 +26,7 @@ use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
 use super::attention::TileLoads;
-use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor, tensor_map_address};
+use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
 use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
@@ -293,7 +293,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
         .params
         .iter()
         .cloned()
-        .chain(config.tensor_maps().into_iter().map(|(_, _, param)| ParamKind::GlobalPointer(param)))
+        .chain(config.tensor_maps().into_iter().map(|(_, _, param)| ParamKind::TensorMap(param)))
         .collect();
     let kb = module.declare_kernel(&config.name, &params)?;
     // setmaxnreg needs a register cap at entry: `.maxntid` with one CTA per SM.
@@ -455,7 +455,7 @@ pub fn emit_gemm_wgmma<'ctx>(module: &PtxModule<'ctx>, config: &HopperGemmConfig
                     // rows past the segment).
                     let issuer = kb.builder().build_int_compare(IntPredicate::EQ, copy_thread, kb.i32(0), "")?;
                     kb.if_then(issuer, |kb| {
-                        let a_map = tensor_map_address(kb, &tensor_map_param(&config.a))?;
+                        let a_map = kb.tensor_map_param_address(&tensor_map_param(&config.a))?;
                         let step_bytes = kb.i32((plan.a.footprint_bytes() + plan.w.footprint_bytes()) as i64);
                         kb.for_range_rolled(kb.i32(0), own_tiles, |kb, ordinal| {
                             let tile = output_tile(kb, ordinal)?;
@@ -625,7 +625,7 @@ fn select_segment<'ctx>(
             row_shift: kb.i32(segment.row_shift as i64),
             weight_map: match config.loads {
                 TileLoads::CpAsync => None,
-                TileLoads::Tma => Some(tensor_map_address(kb, &tensor_map_param(&segment.weight))?),
+                TileLoads::Tma => Some(kb.tensor_map_param_address(&tensor_map_param(&segment.weight))?),
             },
         })
     };
