@@ -11,6 +11,7 @@ Systems (filter with --systems, shell-style patterns on the names):
   hf-zaya-compiled:<lib>   torch.compile of it
   cudnn-core:<lib>         cuDNN SDPA on the same attention core (kv heads repeated outside timing)
   fa2-core:<lib>           FlashAttention-2 SDPA on the same attention core (native GQA)
+  flex-core:<lib>          FlexAttention (torch.compile) on the same sliding-window core
 
 Timing: CUDA events around each call on torch's current stream, L2 flushed (256 MiB write) before
 each timed call, warm-up calls first (torch.compile compiles there), median of the timed calls.
@@ -110,6 +111,17 @@ def core_peers(spec, dtype):
 
     return [System(f"{backend}-core:{spec.name}", "core", spec.name, spec, builder(backend))
             for backend in ("cudnn", "fa2")]
+
+
+def window_peer(spec, dtype):
+    """FlexAttention on the same sliding window (cuDNN and FlashAttention through SDPA take only
+    causal or no masks)."""
+
+    def setup(batch, seq_len):
+        return peers.flex_window_core(batch, seq_len, spec.query_heads, spec.kv_heads, spec.head_dim,
+                                      spec.mask.window, dtype=dtype), None
+
+    return System(f"flex-core:{spec.name}", "core", spec.name, spec, setup)
 
 
 def mha_peer(spec, dtype):
@@ -369,6 +381,8 @@ def build_systems(args):
             systems += ours(layer, weights)
         if spec.mask.kind == "causal":
             systems += core_peers(spec, dtype)
+        if spec.mask.kind == "sliding_window":
+            systems.append(window_peer(spec, dtype))
         if (spec.model_dim, spec.head_dim, spec.dtype) not in mha_widths:
             mha_widths.add((spec.model_dim, spec.head_dim, spec.dtype))
             systems.append(mha_peer(spec, dtype))

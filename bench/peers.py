@@ -32,6 +32,29 @@ def sdpa_core(backend, batch, seq_len, q_heads, kv_heads, head_dim, causal=True,
     return run
 
 
+def flex_window_core(batch, seq_len, q_heads, kv_heads, head_dim, window, dtype=torch.bfloat16):
+    """Sliding-window attention core through FlexAttention (PyTorch's Triton kernels, compiled
+    with torch.compile, skipping the key blocks its block mask rules out): query i sees keys
+    i - window + 1 .. i. Inputs in [B, H, S, D]; compiled before the timing starts."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q = torch.randn(batch, q_heads, seq_len, head_dim, device="cuda", dtype=dtype)
+    k = torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=dtype)
+
+    def in_window(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+    block_mask = create_block_mask(in_window, None, None, seq_len, seq_len, device="cuda")
+    attend = torch.compile(flex_attention)
+
+    def run():
+        return attend(q, k, v, block_mask=block_mask, enable_gqa=q_heads != kv_heads)
+
+    run()
+    return run
+
+
 def mha_layer_weights(model_dim, dtype=torch.bfloat16, seed=0):
     """Fused [W_q | W_k | W_v] and W_o of the MHA layer of width model_dim."""
     generator = torch.Generator(device="cuda").manual_seed(seed)

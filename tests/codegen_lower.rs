@@ -86,13 +86,15 @@ fn codegen_libraries_take_projections_and_attention_from_the_hopper_path() {
         let lowered = ccc::driver::lowered(&spec).unwrap_or_else(|error| panic!("{error}"));
         for (symbol, text) in entries(&lowered.ptx) {
             let wgmma = text.contains("wgmma.mma_async");
+            let kernel = ccc::driver::kernels(&spec).unwrap().into_iter().find(|k| k.name == symbol).unwrap();
             let expected = if symbol.ends_with("_attention") {
-                ccc::driver::uses_wgmma_attention(&spec)
+                // The Hopper kernel, or the kernel-IR one with swizzled operands (sliding window).
+                let swizzled = kernel.tiles.iter().any(|tile| tile.ty.layout == ccc::ir::kernel::Layout::Swizzled128B);
+                ccc::driver::uses_wgmma_attention(&spec) || swizzled
             } else if symbol.ends_with("_qkv_proj") || symbol.ends_with("_out_proj") {
                 ccc::driver::uses_wgmma_projection(&spec)
             } else {
                 // The Hopper prologue runs its per-head convolutions on wgmma.
-                let kernel = ccc::driver::kernels(&spec).unwrap().into_iter().find(|k| k.name == symbol).unwrap();
                 let per_head = spec.qk_conv.iter().any(|stage| stage.kind == ConvKind::PerHead);
                 ccc::driver::wgmma_prologue(&spec, &kernel).is_some() && per_head
             };

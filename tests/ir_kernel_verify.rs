@@ -193,7 +193,7 @@ fn shared_memory_over_the_limit_is_reported() {
     kernel.tiles[k_s.0].ty.rows = 2048;
     assert_reports(
         &kernel,
-        "kernel mha_attention: shared memory 322560 bytes exceeds the 232448-byte limit",
+        "kernel mha_attention: shared memory 286720 bytes exceeds the 232448-byte limit",
     );
 }
 
@@ -261,4 +261,49 @@ fn elementwise_reads_respect_thread_ownership_and_types() {
         "map %k_s = %scores[row, col]: register tile %scores read by a map into shared memory",
     );
     assert_reports(&kernel, "map %k_s = elem + 1: `elem + 1` mixes F32 and I32");
+}
+
+#[test]
+fn swizzled_tiles_follow_the_wgmma_rules() {
+    // Written by copy, read by mma only.
+    let mut kernel = attention();
+    let q_s = tile_id(&kernel, "q_s");
+    assert_eq!(kernel.tile(q_s).ty.layout, Layout::Swizzled128B, "the attention operands are swizzled for wgmma");
+    let whole = TileView::whole(q_s, &kernel.tile(q_s).ty);
+    kernel.body.push(Stmt::Map { dst: whole, expr: Expr::Elem });
+    assert_reports(&kernel, "map %q_s = elem: swizzled128b tile %q_s is only written by copy and read by mma");
+    // Windows of whole 8-row atoms.
+    let mut kernel = attention();
+    let k_s = tile_id(&kernel, "k_s");
+    let span = |len| GlobalDim::Span { start: Expr::Int(0), len, valid: None };
+    kernel.body.push(Stmt::Copy {
+        dst: TileView { tile: k_s, row0: Expr::Int(4), col0: Expr::Int(0), rows: 64, cols: 64 },
+        src: GlobalTile { param: "k".into(), dims: vec![GlobalDim::At(Expr::Int(0)), span(64), GlobalDim::At(Expr::Int(0)), span(64)] },
+        is_async: true,
+    });
+    assert_reports(
+        &kernel,
+        "cp.async %k_s[4 .. +64, :] <- k[0, 0 .. +64, 0, 0 .. +64]: a window of swizzled128b tile %k_s spans whole \
+         8-row atoms and 64-column panels (row offset a multiple of 8, constant column offset)",
+    );
+    // Whole 128-byte panels.
+    let mut kernel = attention();
+    kernel.tiles[q_s.0].ty.cols = 96;
+    assert_reports(&kernel, "tile %q_s: a 128-byte swizzled tile of bf16 needs a multiple of 64 columns, not 96");
+    // A swizzled A needs a swizzled B (wgmma).
+    let mut kernel = attention();
+    kernel.tiles[k_s.0].ty.layout = Layout::RowMajor { pad: 8 };
+    assert_reports(
+        &kernel,
+        "mma %scores += %q_s * %k_s[kv_step % 2 * 64 .. +64, :]^T: a swizzled128b operand a needs a swizzled128b operand b (wgmma)",
+    );
+    // Whole warpgroups along M, one 16-row band per warp.
+    let mut kernel = attention();
+    let scores = tile_id(&kernel, "scores");
+    kernel.tiles[scores.0].ty.layout = Layout::MmaAccumulator { warps_m: 2, warps_n: 2 };
+    assert_reports(
+        &kernel,
+        "mma %scores += %q_s * %k_s[kv_step % 2 * 64 .. +64, :]^T: wgmma needs whole warpgroups along M with one \
+         16-row band per warp, not 2x2 warps over 64 rows",
+    );
 }

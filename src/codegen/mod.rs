@@ -95,6 +95,23 @@ impl From<crate::ir::kernel::ElemType> for Elem {
     }
 }
 
+impl From<Elem> for crate::ir::kernel::ElemType {
+    fn from(elem: Elem) -> Self {
+        use crate::ir::kernel::ElemType;
+        match elem {
+            Elem::F32 => ElemType::F32,
+            Elem::Bf16 => ElemType::Bf16,
+            Elem::F16 => ElemType::F16,
+        }
+    }
+}
+
+impl From<crate::ir::kernel::layout::LayoutError> for CodegenError {
+    fn from(error: crate::ir::kernel::layout::LayoutError) -> Self {
+        CodegenError::Unsupported(error.0)
+    }
+}
+
 impl Elem {
     pub fn bytes(self) -> u32 {
         match self {

@@ -17,7 +17,8 @@ use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::{Elem, KernelBuilder, Result, unsupported};
 
-/// Layout of a tile in shared memory. Open for the Hopper `Swizzled128B` layout later.
+/// Layout of a row-major tile in shared memory (swizzled tiles are addressed by
+/// `lower::wgmma`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SharedLayout {
     /// Row-major with `pad_elems` unused elements after each row (against bank conflicts).
@@ -252,6 +253,20 @@ impl<'ctx> AccumulatorTile<'ctx> {
     /// `Fill { dst, value }`.
     pub fn fill(&self, kb: &KernelBuilder<'_, 'ctx>, value: f64) -> Result<()> {
         self.slots.iter().try_for_each(|slot| kb.store_f32(*slot, kb.f32(value)))
+    }
+
+    /// Every value this thread holds, in slot order: with one 16-row band per warp that is the
+    /// register order of a wgmma D fragment (n8 column block, then the m16n8 C-fragment element).
+    pub fn load_all(&self, kb: &KernelBuilder<'_, 'ctx>) -> Result<Vec<FloatValue<'ctx>>> {
+        self.slots.iter().map(|slot| kb.load_f32(*slot)).collect()
+    }
+
+    /// Stores `values` in slot order (see [`Self::load_all`]).
+    pub fn store_all(&self, kb: &KernelBuilder<'_, 'ctx>, values: &[FloatValue<'ctx>]) -> Result<()> {
+        if values.len() != self.slots.len() {
+            return unsupported(format!("{} values for {} accumulator slots", values.len(), self.slots.len()));
+        }
+        self.slots.iter().zip(values).try_for_each(|(slot, value)| kb.store_f32(*slot, *value))
     }
 
     /// The value this thread holds at `element_slot` (from [`ElementPosition::element_slot`] of a
@@ -532,6 +547,21 @@ pub struct OperandAFragments<'ctx> {
     pub layout: MmaAccumulator,
     /// Index `(fragment_m * k_steps + k_step) * 4 + register`.
     registers: Vec<IntValue<'ctx>>,
+}
+
+impl<'ctx> OperandAFragments<'ctx> {
+    /// The four registers of k16 step `k_step` of a warp's only 16-row band: the A fragment of
+    /// an `mma.m16n8k16`, which is also the warp's part of a wgmma `m64k16` A operand.
+    pub fn band_k_step(&self, k_step: u32) -> Result<[IntValue<'ctx>; 4]> {
+        if self.rows != 16 * self.layout.warps_m {
+            return unsupported(format!("{} rows over {} warps are not one 16-row band per warp", self.rows, self.layout.warps_m));
+        }
+        let start = (k_step * 4) as usize;
+        match self.registers.get(start..start + 4) {
+            Some(&[a, b, c, d]) => Ok([a, b, c, d]),
+            _ => unsupported(format!("k16 step {k_step} of an A operand {} wide", self.cols)),
+        }
+    }
 }
 
 /// `Convert { dst, src }` from an f32 accumulator to A fragments in registers. The C fragments

@@ -28,7 +28,7 @@ use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
 use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
-use super::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use crate::ir::kernel::layout::{OperandMajor, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
 use crate::ir::size::SizeExpr;

@@ -4,12 +4,12 @@
 
 use inkwell::values::{IntValue, PointerValue};
 
-use super::layout::{Swizzle128BTile, TILE_ALIGNMENT};
+use crate::ir::kernel::layout::{Swizzle128BTile, TILE_ALIGNMENT};
 use crate::codegen::{CodegenError, KernelBuilder, Result};
 
 /// The first 1024-byte-aligned shared-window address at or after `raw_address`: the 128-byte
 /// swizzle is a function of address bits 4..9, so swizzled tiles start there.
-pub(super) fn aligned_tile_address<'ctx>(kb: &KernelBuilder<'_, 'ctx>, raw_address: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+pub(crate) fn aligned_tile_address<'ctx>(kb: &KernelBuilder<'_, 'ctx>, raw_address: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
     let alignment = TILE_ALIGNMENT as i64;
     kb.and(kb.add(raw_address, kb.i32(alignment - 1))?, kb.i32(-alignment))
 }
@@ -89,7 +89,7 @@ pub(super) fn copy_tile_async<'ctx>(
     };
     let global_first = kb.element_pointer(
         rows.base,
-        tile.elem,
+        tile.elem.into(),
         kb.builder().build_int_add(
             kb.builder().build_int_mul(
                 row_index_i64,
@@ -111,7 +111,7 @@ pub(super) fn copy_tile_async<'ctx>(
         if let Some(column_inside) = column_inside {
             inside = kb.and(inside, column_inside)?;
         }
-        let step_bytes = row_step as u64 * rows.row_stride as u64 * tile.elem.bytes() as u64;
+        let step_bytes = row_step as u64 * rows.row_stride as u64 * tile.elem.size_bytes() as u64;
         let in_bounds = kb.byte_pointer(global_first, i64_type.const_int(step_bytes, false))?;
         // Out of bounds, point at the view's first element so no stray address is ever formed.
         let address = kb.builder().build_select(inside, in_bounds, rows.base, "")?.into_pointer_value();
@@ -128,7 +128,7 @@ pub(super) fn copy_tile_async<'ctx>(
 /// descriptor where a 64-bit add chain per wgmma had kept the issuing warps busy (BENCHMARKS.md).
 /// The start field (bits 0..13) cannot carry into the leading-offset field: shared-window
 /// addresses stay below 2^18.
-pub(super) fn descriptor<'ctx>(
+pub(crate) fn descriptor<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
     tile_address: IntValue<'ctx>,
     constant_bits: u64,

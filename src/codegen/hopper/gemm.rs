@@ -27,7 +27,7 @@ use inkwell::values::{FloatValue, IntValue, PointerValue};
 use super::HopperLaunch;
 use super::attention::TileLoads;
 use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
-use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use crate::ir::kernel::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, SpecialRegister, unsupported};
 use crate::manifest::KernelParamManifest;

@@ -3,8 +3,8 @@
 //! `setmaxnreg`), and a flash-attention forward kernel built on them with the same ABI and grid
 //! shape as the kernel-IR attention kernel (`ir::kernel::build_forward(.., Attention, ..)`).
 //!
-//! - [`layout`]: the shared-memory layout as a Rust type ([`layout::Swizzle128BTile`]) and the
-//!   64-bit matrix descriptors wgmma reads it through.
+//! The shared-memory layout these kernels use, 128-byte swizzle, and the 64-bit matrix
+//! descriptors wgmma reads it through are kernel-IR types (`ir::kernel::layout`).
 //! - [`primitives`]: per-thread (per-warpgroup) instructions as inline PTX.
 //! - [`attention`]: the wgmma attention kernel.
 //! - [`gemm`]: the wgmma projection GEMM (qkv_proj, out_proj).
@@ -13,16 +13,15 @@
 //!   shared memory, registers and the wgmma shape rules, ranked by a cost model.
 
 pub mod attention;
-mod copy;
+pub(crate) mod copy;
 pub mod gemm;
-pub mod layout;
 pub mod primitives;
 pub mod prologue;
 pub mod tiles;
 
 pub use attention::{HopperAttentionConfig, Schedule, TileLoads, emit_attention_wgmma};
 pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
-pub use layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
+pub use crate::ir::kernel::layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
 pub use tiles::{
     Candidate, Fit, ProblemShape, Rejection, attention_candidates, best_attention, best_gemm, check_attention,

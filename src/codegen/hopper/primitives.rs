@@ -12,7 +12,7 @@ use inkwell::IntPredicate;
 use inkwell::types::BasicTypeEnum;
 use inkwell::values::{BasicValueEnum, CallSiteValue, FloatValue, IntValue, PointerValue};
 
-use super::layout::OperandMajor;
+use crate::ir::kernel::layout::OperandMajor;
 use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
 
 /// The wgmma shapes this emitter uses: `m64nNk16` with 16-bit inputs and f32 accumulators.

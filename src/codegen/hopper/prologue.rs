@@ -45,7 +45,7 @@ use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::HopperLaunch;
 use super::copy::{Bounds, RowSource, aligned_tile_address, copy_tile_async, descriptor};
-use super::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
+use crate::ir::kernel::layout::{OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, TILE_ALIGNMENT, WGMMA_K};
 use super::primitives::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::lower::expr::reduce_angle;
 use crate::codegen::primitives::{float_result, intrinsic};

@@ -70,7 +70,7 @@
 use super::attention::{self, HopperAttentionConfig, Schedule, TileLoads, WARPGROUP_ROWS};
 use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig, PERSISTENT_CTAS};
 use super::primitives::WgmmaShape;
-use super::layout::WGMMA_K;
+use crate::ir::kernel::layout::WGMMA_K;
 use crate::codegen::CodegenError;
 use std::fmt;
 

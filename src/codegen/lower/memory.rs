@@ -3,11 +3,11 @@
 
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 
-use super::super::tile::{ElementPair, SharedTile, for_each_accumulator_pair};
+use super::super::tile::{ElementPair, for_each_accumulator_pair};
 use super::expr::ElementSite;
 use super::{Lowering, TileStorage};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
-use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, TileView};
+use crate::ir::kernel::{Expr, GlobalDim, GlobalTile, KernelParam, Layout, TileView};
 use crate::ir::size::SizeExpr;
 
 /// Elements of a shared window one thread loads per loop iteration before storing them (the
@@ -17,6 +17,18 @@ use crate::ir::size::SizeExpr;
 /// time) down.
 const COPY_BATCH: u32 = 16;
 const MAP_BATCH: u32 = 4;
+
+/// A shared window as `Copy` fills it: its shape and element type, and where element (row, col)
+/// of it lives (row-major with padding, or swizzled).
+struct CopyWindow<'a, 'ctx> {
+    rows: u32,
+    cols: u32,
+    elem: Elem,
+    /// Whether every row starts on a 16-byte boundary (cp.async chunks).
+    rows_16_byte_aligned: bool,
+    #[allow(clippy::type_complexity)]
+    address: Box<dyn Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<PointerValue<'ctx>> + 'a>,
+}
 
 /// One element of an element-wise copy between its load and its store.
 enum CopiedElement<'ctx> {
@@ -323,7 +335,27 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         if !matches!(self.tiles[dst.tile.0], TileStorage::Shared { .. }) {
             return unsupported(format!("copy into register tile %{}", self.tile_name(dst.tile)));
         }
-        let window = self.shared_window(kb, dst)?;
+        let window = if self.kernel.tile(dst.tile).ty.layout == Layout::Swizzled128B {
+            let window = self.swizzled_window(kb, dst)?;
+            CopyWindow {
+                rows: dst.rows,
+                cols: dst.cols,
+                elem: window.elem(),
+                rows_16_byte_aligned: true,
+                address: Box::new(move |kb, row, col| window.element_address(kb, row, col)),
+            }
+        } else {
+            let window = self.shared_window(kb, dst)?;
+            CopyWindow {
+                rows: window.rows,
+                cols: window.cols,
+                elem: window.elem,
+                rows_16_byte_aligned: (window.row_pitch() * window.elem.bytes()).is_multiple_of(16),
+                address: Box::new(move |kb, row, col| {
+                    kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, kb.i32(window.row_pitch() as i64))?, col)?)
+                }),
+            }
+        };
         let global = self.global_box(kb, src)?;
         if global.shape != (window.rows, window.cols) {
             return unsupported(format!(
@@ -335,7 +367,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         let chunkable = is_async
             && global.tensor.elem == window.elem
             && window.cols.is_multiple_of(chunk_elems)
-            && (window.row_pitch() * window.elem.bytes()).is_multiple_of(16)
+            && window.rows_16_byte_aligned
             && matches!(dst.col0, Expr::Int(c) if (c as u64).is_multiple_of(chunk_elems as u64))
             && global.columns_contiguous_in(chunk_elems as u64);
         if chunkable {
@@ -345,7 +377,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         }
     }
 
-    fn copy_chunks_async(&self, kb: &KernelBuilder<'_, 'ctx>, window: &SharedTile<'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
+    fn copy_chunks_async(&self, kb: &KernelBuilder<'_, 'ctx>, window: &CopyWindow<'_, 'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
         let chunk_elems = 16 / window.elem.bytes();
         let chunks_per_row = window.cols / chunk_elems;
         let chunks = window.rows * chunks_per_row;
@@ -364,8 +396,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 // Out of bounds, point at the tensor's first element so no stray address is formed.
                 let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
                 let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
-                let shared_offset = kb.add(kb.mul(row, kb.i32(window.row_pitch() as i64))?, col)?;
-                kb.cp_async_16(kb.element_pointer(window.base, window.elem, shared_offset)?, source, bytes)
+                kb.cp_async_16((window.address)(kb, row, col)?, source, bytes)
             };
             if (round + 1) * threads <= chunks {
                 issue(kb)?;
@@ -377,8 +408,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 
     /// Element-wise copy (strided boxes, 1-column boxes, conversions): outside elements read 0.
-    fn copy_elements(&self, kb: &KernelBuilder<'_, 'ctx>, window: &SharedTile<'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
-        let pitch = kb.i32(window.row_pitch() as i64);
+    fn copy_elements(&self, kb: &KernelBuilder<'_, 'ctx>, window: &CopyWindow<'_, 'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
         let same_type = global.tensor.elem == window.elem && window.elem != Elem::F32;
         self.for_each_window_element(
             kb,
@@ -390,7 +420,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let source = global.pointer(kb, row, col)?;
                 // The load always happens, from the tensor's first element when outside.
                 let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
-                let target = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
+                let target = (window.address)(kb, row, col)?;
                 let value = if same_type {
                     let bits = kb.builder().build_load(kb.context().i16_type(), source, "")?.into_int_value();
                     CopiedElement::Bits(kb.select_int(inside, bits, kb.context().i16_type().const_zero())?)

@@ -5,18 +5,21 @@
 //! - register tiles: `MmaAccumulator` → [`AccumulatorTile`], `RowVector` → [`RowVector`],
 //!   `MmaOperandA` → [`OperandAFragments`] (made by the `Convert` that fills it);
 //! - shared tiles (`RowMajor { pad }`) live in ONE dynamic shared allocation, each at a
-//!   128-byte aligned offset, and are seen as [`SharedTile`] windows for mma;
+//!   128-byte aligned offset, and are seen as [`SharedTile`] windows for mma; `Swizzled128B`
+//!   tiles at 1024-byte aligned offsets from a 1024-aligned base ([`wgmma`]);
 //! - `Copy` (async, whole 16-byte chunks along the innermost dimension) → `cp.async` per chunk
 //!   with the box's predicates (negative row starts, `valid` ranges, tensor ends) zero-filling;
 //!   any other copy → a per-element loop over the box (predicated loads, conversion);
-//! - `Mma` → [`tile::mma`] (A shared or registers, B `NByK`/`KByN`, runtime view offsets);
+//! - `Mma` → [`tile::mma`] (A shared or registers, B `NByK`/`KByN`, runtime view offsets); with
+//!   a swizzled B → wgmma per warpgroup ([`wgmma`]);
 //! - `Map`/`Fill` over register tiles → [`map_accumulator`] / [`RowVector::map`] with the
 //!   expression compiler of [`expr`]; over shared tiles → a strided per-thread loop;
 //! - `RowReduce` → [`row_reduce_with`]; `Convert` → [`convert_to_operand_a`] or
 //!   [`store_accumulator_to_shared`]; `Store` → per-element predicated stores (paired 16-bit
 //!   stores where the box allows);
 //! - `For`/`If`/`Let` → structured LLVM control flow; `Barrier`/`AsyncCommit`/`AsyncWait` →
-//!   `bar.sync` / `cp.async.commit_group` / `cp.async.wait_group`.
+//!   `bar.sync` (after `fence.proxy.async` in kernels with swizzled tiles) /
+//!   `cp.async.commit_group` / `cp.async.wait_group`.
 //!
 //! Register pressure is what decides whether a kernel runs (ptxas spills otherwise), so:
 //! loops around barriers/mma and the per-thread window loops stay rolled; `select` evaluates
@@ -27,6 +30,7 @@
 
 pub(crate) mod expr;
 mod memory;
+mod wgmma;
 
 use inkwell::attributes::AttributeLoc;
 use inkwell::context::Context;
@@ -37,7 +41,9 @@ use super::tile::{
     SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
 use super::hopper::HopperKernel;
+use super::hopper::copy::aligned_tile_address;
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
+use crate::ir::kernel::layout::TILE_ALIGNMENT;
 use crate::ir::kernel::{
     ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, Stmt, TileId, TileView,
 };
@@ -213,21 +219,30 @@ fn lower_sources_with(
     Ok(LoweredModule { llvm_ir, ptx: module.write_ptx()?, kernels: lowered })
 }
 
-/// Where each tile lives in the kernel's one dynamic shared allocation (128-byte aligned offsets
-/// in declaration order; `None` for register tiles) and the allocation's size.
+/// Where each tile lives in the kernel's one dynamic shared allocation (offsets in declaration
+/// order, 128-byte aligned, 1024 for swizzled tiles; `None` for register tiles) and the
+/// allocation's size. With swizzled tiles the offsets count from the first 1024-byte boundary
+/// of the allocation, which holds up to 1 KiB more for it.
 pub fn shared_layout(kernel: &KernelFn) -> (Vec<Option<u32>>, u32) {
     let mut offsets = Vec::with_capacity(kernel.tiles.len());
     let mut shared_bytes: u32 = 0;
     for decl in &kernel.tiles {
         if decl.ty.space() == crate::ir::kernel::Space::Shared {
-            let offset = shared_bytes.next_multiple_of(SHARED_TILE_ALIGNMENT);
+            let offset = shared_bytes.next_multiple_of(SHARED_TILE_ALIGNMENT.max(decl.ty.shared_alignment()));
             offsets.push(Some(offset));
             shared_bytes = offset + decl.ty.shared_bytes() as u32;
         } else {
             offsets.push(None);
         }
     }
+    if needs_aligned_base(kernel) {
+        shared_bytes += TILE_ALIGNMENT;
+    }
     (offsets, shared_bytes)
+}
+
+fn needs_aligned_base(kernel: &KernelFn) -> bool {
+    kernel.tiles.iter().any(|decl| decl.ty.layout == Layout::Swizzled128B)
 }
 
 /// How `kernel` is launched once lowered: known from the kernel IR alone, so that a PTX cache
@@ -285,6 +300,14 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
 
     let kb = module.declare_kernel(&kernel.name, &params)?;
     kb.read_thread_index_per_use();
+    let shared_base = match shared_base {
+        Some(raw) if needs_aligned_base(kernel) => {
+            let raw_address = kb.shared_address(raw)?;
+            let padding = kb.sub(aligned_tile_address(&kb, raw_address)?, raw_address)?;
+            Some(kb.byte_pointer(raw, padding)?)
+        }
+        base => base,
+    };
     // The block size, and one resident CTA per SM as the only occupancy goal: with .maxntid
     // alone ptxas caps registers to fit more CTAs and spills instead.
     for (name, value) in [("nvvm.maxntid", kernel.threads()), ("nvvm.minctasm", 1)] {
@@ -296,7 +319,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     for (decl, offset) in kernel.tiles.iter().zip(&offsets) {
         let ty = &decl.ty;
         tiles.push(match (ty.layout, offset) {
-            (Layout::RowMajor { .. }, Some(offset)) => TileStorage::Shared { offset: *offset },
+            (Layout::RowMajor { .. } | Layout::Swizzled128B, Some(offset)) => TileStorage::Shared { offset: *offset },
             (Layout::MmaAccumulator { warps_m, warps_n }, _) => {
                 if ty.elem != ElemType::F32 {
                     return unsupported(format!("accumulator %{} is {}, not f32", decl.name, ty.elem.name()));
@@ -309,7 +332,9 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
                 TileStorage::Rows(RowVector::new(&kb, shape)?)
             }
             (Layout::MmaOperandA { .. }, _) => TileStorage::OperandA(None),
-            (Layout::RowMajor { .. }, None) => return unsupported(format!("shared tile %{} without an offset", decl.name)),
+            (Layout::RowMajor { .. } | Layout::Swizzled128B, None) => {
+                return unsupported(format!("shared tile %{} without an offset", decl.name));
+            }
         });
     }
 
@@ -386,9 +411,20 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Stmt::Copy { dst, src, is_async } => self.copy(kb, dst, src, *is_async)?,
             Stmt::AsyncCommit => kb.cp_async_commit()?,
             Stmt::AsyncWait { pending } => kb.cp_async_wait(*pending)?,
-            Stmt::Barrier => kb.barrier()?,
+            Stmt::Barrier => {
+                if self.has_swizzled_tiles() {
+                    kb.fence_proxy_async_shared()?;
+                }
+                kb.barrier()?
+            }
             Stmt::Fill { dst, value } => self.fill(kb, dst, *value)?,
-            Stmt::Mma { acc, a, b, b_transposed } => self.mma(kb, acc, a, b, *b_transposed)?,
+            Stmt::Mma { acc, a, b, b_transposed } => {
+                if self.kernel.tile(b.tile).ty.layout == Layout::Swizzled128B {
+                    self.wgmma(kb, acc, a, b, *b_transposed)?
+                } else {
+                    self.mma(kb, acc, a, b, *b_transposed)?
+                }
+            }
             Stmt::Convert { dst, src } => self.convert(kb, dst, src)?,
             Stmt::Map { dst, expr } => self.map(kb, dst, expr)?,
             Stmt::RowReduce { dst, src, op, value } => self.row_reduce(kb, *dst, src, *op, value)?,

@@ -248,6 +248,18 @@ impl Tiles {
             },
         )
     }
+    /// A shared tile in the 128-byte-swizzled layout that wgmma reads.
+    fn swizzled(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32) -> TileId {
+        self.add(
+            name,
+            TileType {
+                elem,
+                rows,
+                cols,
+                layout: Layout::Swizzled128B,
+            },
+        )
+    }
     fn regs(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32, layout: Layout) -> TileId {
         self.add(
             name,
@@ -1240,9 +1252,25 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     }
     let storage: ElemType = spec.dtype.into();
     let mut t = Tiles { decls: Vec::new() };
-    let q_s = t.shared("q_s", storage, bm, d);
-    let k_s = t.shared("k_s", storage, s.stages * bn, d);
-    let v_s = t.shared("v_s", storage, s.stages * bn, d);
+    // Q, K and V in the swizzled layout make both GEMMs wgmma where its shapes allow: whole
+    // warpgroups of one 16-row band per warp, head_dim in whole 128-byte panels, N up to 256.
+    let panel = layout::SWIZZLE_BYTES / storage.size_bytes() as u32;
+    let wgmma = wm.is_multiple_of(4)
+        && bm == 16 * wm
+        && d.is_multiple_of(panel)
+        && d <= 256
+        && bn.is_multiple_of(layout::ATOM_ROWS)
+        && bn <= 256;
+    let mut operand = |name: &str, rows: u32| {
+        if wgmma {
+            t.swizzled(name, storage, rows, d)
+        } else {
+            t.shared(name, storage, rows, d)
+        }
+    };
+    let q_s = operand("q_s", bm);
+    let k_s = operand("k_s", s.stages * bn);
+    let v_s = operand("v_s", s.stages * bn);
     let acc = Layout::MmaAccumulator {
         warps_m: wm,
         warps_n: wn,

@@ -5,15 +5,21 @@
 //! space and a layout) and a body of tile statements: loops, async copies global → shared,
 //! barriers, matrix multiply-accumulate on tiles, elementwise maps, row reductions and stores.
 //! Layouts are part of the tile types so that the LLVM lowering can turn each tile op into
-//! per-thread code without guessing (mma.sync fragments and ldmatrix now; wgmma/TMA later as new
-//! layout variants). The same function runs on the CPU in [`interp`] with whole-tile semantics.
+//! per-thread code without guessing (mma.sync fragments and ldmatrix for row-major shared tiles;
+//! wgmma with matrix descriptors for 128-byte-swizzled ones, [`layout`]). The same function runs
+//! on the CPU in [`interp`] with whole-tile semantics.
 //!
 //! Rules a lowering may rely on once `KernelFn::verify` passes:
 //! - register tiles are only used whole; a `Map` into a register tile reads other register tiles
 //!   only at the element it writes (same shape and layout) or a row vector at its row, so every
 //!   thread touches only what it holds; shared tiles may be read at any position;
 //! - `Mma`: f32 `mma_acc` accumulator, A shared or `mma_a` with the same warp grid, B shared,
-//!   A/B of one 16-bit type, M/N per warp in 16×8 fragments and K a multiple of 16;
+//!   A/B of one 16-bit type, M/N per warp in 16×8 fragments and K a multiple of 16; with a
+//!   `swizzled128b` B (wgmma): A `swizzled128b` or `mma_a`, warps in whole warpgroups along M
+//!   (warps_m a multiple of 4, warps_n 1), one 16-row band per warp, N 8 to 256;
+//! - a `swizzled128b` tile is only written by `Copy` and read by `Mma`, through windows of whole
+//!   8-row atoms (row offset a multiple of 8) and whole 128-byte panels (column offset a
+//!   multiple of the panel);
 //! - every `AsyncWait` is followed by a `Barrier`; no shared tile is read before its cp.async was
 //!   waited for, read after another op's write without a barrier in between, or overwritten
 //!   while an earlier op may still read it (checked across loop iterations and branches);
@@ -28,6 +34,7 @@ mod build;
 mod expr;
 mod hazard;
 pub mod interp;
+pub mod layout;
 mod print;
 mod verify;
 
@@ -92,6 +99,11 @@ pub enum Layout {
     /// Shared memory, row-major, each row padded by `pad` elements against bank conflicts
     /// (what ldmatrix and cp.async use).
     RowMajor { pad: u32 },
+    /// Shared memory in 128-byte column panels with the 128-byte swizzle
+    /// ([`layout::Swizzle128BTile`]), 1024-byte aligned: what wgmma reads through matrix
+    /// descriptors ([`layout::MatrixDescriptor`]) and TMA writes. An `Mma` whose B operand has
+    /// this layout is a warpgroup MMA (wgmma).
+    Swizzled128B,
     /// Registers: the m16n8k16 C fragment of a tile spread over a warps_m × warps_n grid of warps,
     /// each warp owning (rows / warps_m) × (cols / warps_n).
     MmaAccumulator { warps_m: u32, warps_n: u32 },
@@ -105,7 +117,7 @@ pub enum Layout {
 impl Layout {
     pub fn space(self) -> Space {
         match self {
-            Layout::RowMajor { .. } => Space::Shared,
+            Layout::RowMajor { .. } | Layout::Swizzled128B => Space::Shared,
             _ => Space::Registers,
         }
     }
@@ -129,7 +141,22 @@ impl TileType {
             Layout::RowMajor { pad } => {
                 self.rows as usize * (self.cols + pad) as usize * self.elem.size_bytes()
             }
+            Layout::Swizzled128B => self.rows as usize * self.cols as usize * self.elem.size_bytes(),
             _ => 0,
+        }
+    }
+    /// Where a shared tile must start, in bytes from a 1024-aligned base.
+    pub fn shared_alignment(&self) -> u32 {
+        match self.layout {
+            Layout::Swizzled128B => layout::TILE_ALIGNMENT,
+            _ => 16,
+        }
+    }
+    /// The swizzled geometry of a [`Layout::Swizzled128B`] tile (`None` for other layouts).
+    pub fn swizzled(&self) -> Option<Result<layout::Swizzle128BTile, layout::LayoutError>> {
+        match self.layout {
+            Layout::Swizzled128B => Some(layout::Swizzle128BTile::new(self.elem, self.rows, self.cols)),
+            _ => None,
         }
     }
 }

@@ -20,6 +20,7 @@ impl fmt::Display for KernelFn {
 fn layout_text(layout: Layout) -> String {
     match layout {
         Layout::RowMajor { pad } => format!("row_major(pad {pad})"),
+        Layout::Swizzled128B => "swizzled128b".to_string(),
         Layout::MmaAccumulator { warps_m, warps_n } => format!("mma_acc({warps_m}x{warps_n})"),
         Layout::MmaOperandA { warps_m, warps_n } => format!("mma_a({warps_m}x{warps_n})"),
         Layout::RowVector { warps_m, warps_n } => format!("row_vector({warps_m}x{warps_n})"),

@@ -132,6 +132,11 @@ impl<'a> Verifier<'a> {
             }
             match ty.layout {
                 Layout::RowMajor { .. } => {}
+                Layout::Swizzled128B => {
+                    if let Some(Err(error)) = ty.swizzled() {
+                        bad(error.0);
+                    }
+                }
                 Layout::MmaAccumulator { warps_m, warps_n }
                 | Layout::MmaOperandA { warps_m, warps_n } => {
                     if warps_m * warps_n != warps {
@@ -212,7 +217,30 @@ impl<'a> Verifier<'a> {
         if ty.space() == Space::Registers && !view.is_whole(&ty) {
             self.err(stmt, format!("register tile %{name} must be used whole"));
         }
+        if let Some(Ok(swizzled)) = ty.swizzled() {
+            let panel = swizzled.panel_cols();
+            let whole_atoms = view.rows.is_multiple_of(layout::ATOM_ROWS) && is_multiple_of(&view.row0, layout::ATOM_ROWS);
+            let whole_panels = view.cols.is_multiple_of(panel) && matches!(view.col0, Expr::Int(c) if c % panel as i64 == 0);
+            if !whole_atoms || !whole_panels {
+                self.err(
+                    stmt,
+                    format!(
+                        "a window of swizzled128b tile %{name} spans whole {}-row atoms and {panel}-column panels (row offset a multiple of {}, constant column offset)",
+                        layout::ATOM_ROWS,
+                        layout::ATOM_ROWS
+                    ),
+                );
+            }
+        }
         true
+    }
+
+    /// Swizzled tiles are written by `Copy` and read by `Mma` only.
+    fn not_swizzled(&mut self, stmt: &Stmt, view: &TileView) {
+        if view.tile.0 < self.kernel.tiles.len() && self.ty(view).layout == Layout::Swizzled128B {
+            let name = &self.kernel.tile(view.tile).name;
+            self.err(stmt, format!("swizzled128b tile %{name} is only written by copy and read by mma"));
+        }
     }
 
     fn check_global(&mut self, stmt: &Stmt, tile: &GlobalTile, access: Access) -> Option<ElemType> {
@@ -425,6 +453,9 @@ impl<'a> Verifier<'a> {
         let name = &decl.name;
         match decl.ty.space() {
             Space::Shared => {
+                if decl.ty.layout == Layout::Swizzled128B {
+                    return Err(format!("swizzled128b tile %{name} is only read by mma"));
+                }
                 if tile == dst.tile {
                     return Err(format!(
                         "map reads its own destination %{name} by position; use x"
@@ -566,6 +597,7 @@ impl<'a> Verifier<'a> {
             }
             Stmt::AsyncCommit | Stmt::AsyncWait { .. } | Stmt::Barrier | Stmt::Note(_) => {}
             Stmt::Fill { dst, .. } => {
+                self.not_swizzled(stmt, dst);
                 self.check_view(stmt, dst);
             }
             Stmt::Mma {
@@ -575,6 +607,7 @@ impl<'a> Verifier<'a> {
                 b_transposed,
             } => self.check_mma(stmt, acc, a, b, *b_transposed),
             Stmt::Convert { dst, src } => {
+                self.not_swizzled(stmt, dst);
                 if !(self.check_view(stmt, dst) && self.check_view(stmt, src)) {
                     return;
                 }
@@ -599,6 +632,7 @@ impl<'a> Verifier<'a> {
                 }
             }
             Stmt::Map { dst, expr } => {
+                self.not_swizzled(stmt, dst);
                 if !self.check_view(stmt, dst) {
                     return;
                 }
@@ -627,6 +661,7 @@ impl<'a> Verifier<'a> {
                 self.expect_type(stmt, value, ScalarType::F32, ctx, "reduced value");
             }
             Stmt::Store { src, dst } => {
+                self.not_swizzled(stmt, src);
                 if !self.check_view(stmt, src) {
                     return;
                 }
@@ -668,8 +703,13 @@ impl<'a> Verifier<'a> {
         if !matches!(tc.layout, Layout::MmaAccumulator { .. }) {
             self.err(stmt, "the accumulator must be an mma_acc register tile");
         }
+        if tb.layout == Layout::Swizzled128B {
+            self.check_wgmma(stmt, acc, &tc, &ta);
+        } else if ta.layout == Layout::Swizzled128B {
+            self.err(stmt, "a swizzled128b operand a needs a swizzled128b operand b (wgmma)");
+        }
         match ta.layout {
-            Layout::RowMajor { .. } => {}
+            Layout::RowMajor { .. } | Layout::Swizzled128B => {}
             Layout::MmaOperandA { .. } if warp_grid(ta.layout) == warp_grid(tc.layout) => {}
             _ => self.err(
                 stmt,
@@ -715,9 +755,41 @@ impl<'a> Verifier<'a> {
     }
 }
 
+impl Verifier<'_> {
+    /// An `Mma` with a swizzled B is one wgmma m64nNk16 per warpgroup and k16 step: whole
+    /// warpgroups along M, each warp one 16-row band (the wgmma D and A fragments are then the
+    /// mma.sync ones of that band), N a wgmma width.
+    fn check_wgmma(&mut self, stmt: &Stmt, acc: &TileView, tc: &TileType, ta: &TileType) {
+        if let Layout::MmaAccumulator { warps_m, warps_n } = tc.layout
+            && (warps_n != 1 || !warps_m.is_multiple_of(4) || tc.rows != 16 * warps_m)
+        {
+            self.err(
+                stmt,
+                format!("wgmma needs whole warpgroups along M with one 16-row band per warp, not {}x{} warps over {} rows", warps_m, warps_n, tc.rows),
+            );
+        }
+        if !(8..=256).contains(&acc.cols) || !acc.cols.is_multiple_of(8) {
+            self.err(stmt, format!("wgmma N = {} is not a multiple of 8 in 8..=256", acc.cols));
+        }
+        if !matches!(ta.layout, Layout::Swizzled128B | Layout::MmaOperandA { .. }) {
+            self.err(stmt, "wgmma reads operand a from a swizzled128b tile or mma_a registers");
+        }
+    }
+}
+
+/// Whether `expr` is a multiple of `k` whatever its variables are.
+fn is_multiple_of(expr: &Expr, k: u32) -> bool {
+    match expr {
+        Expr::Int(value) => value % k as i64 == 0,
+        Expr::Binary(BinOp::Mul, a, b) => is_multiple_of(a, k) || is_multiple_of(b, k),
+        Expr::Binary(BinOp::Add | BinOp::Sub, a, b) => is_multiple_of(a, k) && is_multiple_of(b, k),
+        _ => false,
+    }
+}
+
 fn warp_grid(layout: Layout) -> Option<(u32, u32)> {
     match layout {
-        Layout::RowMajor { .. } => None,
+        Layout::RowMajor { .. } | Layout::Swizzled128B => None,
         Layout::MmaAccumulator { warps_m, warps_n }
         | Layout::MmaOperandA { warps_m, warps_n }
         | Layout::RowVector { warps_m, warps_n } => Some((warps_m, warps_n)),

@@ -1,4 +1,6 @@
-//! Shared-memory layout for wgmma operands: 128-byte swizzle.
+//! The shared-memory layout of wgmma and TMA operands, 128-byte swizzle, as a type of the kernel
+//! IR ([`super::Layout::Swizzled128B`]), and the wgmma matrix descriptors that read it. The
+//! Hopper kernels of `codegen::hopper` place their tiles with the same types.
 //!
 //! A [`Swizzle128BTile`] stores a `rows × cols` matrix whose `cols` are contiguous in global memory
 //! (row-major there) as column panels of 128 bytes (64 bf16/f16 elements): panel `p` holds columns
@@ -13,7 +15,23 @@
 //! - MN-major ([`OperandMajor::MN`]): the columns are the M/N dimension and rows are K (V of
 //!   attention in `O = P · V`; wgmma reads it with the transpose bit).
 
-use crate::codegen::{Elem, Result, unsupported};
+use super::ElemType;
+
+/// Why a tile or a slice of it does not fit the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayoutError(pub String);
+
+impl std::fmt::Display for LayoutError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+type Result<T> = std::result::Result<T, LayoutError>;
+
+fn unsupported<T>(message: impl Into<String>) -> Result<T> {
+    Err(LayoutError(message.into()))
+}
 
 /// Bytes of one swizzled line (a row of one panel).
 pub const SWIZZLE_BYTES: u32 = 128;
@@ -36,7 +54,7 @@ pub enum OperandMajor {
 /// A 16-bit matrix in shared memory in the 128-byte swizzled panel layout (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Swizzle128BTile {
-    pub elem: Elem,
+    pub elem: ElemType,
     pub rows: u32,
     pub cols: u32,
 }
@@ -77,14 +95,14 @@ impl MatrixDescriptor {
 }
 
 impl Swizzle128BTile {
-    pub fn new(elem: Elem, rows: u32, cols: u32) -> Result<Self> {
-        let tile = Swizzle128BTile { elem, rows, cols };
+    pub fn new(elem: impl Into<ElemType>, rows: u32, cols: u32) -> Result<Self> {
+        let tile = Swizzle128BTile { elem: elem.into(), rows, cols };
         tile.validate()?;
         Ok(tile)
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.elem == Elem::F32 {
+        if self.elem == ElemType::F32 {
             return unsupported("128-byte swizzled wgmma tiles hold bf16 or f16");
         }
         if self.rows == 0 || !self.rows.is_multiple_of(ATOM_ROWS) {
@@ -103,7 +121,7 @@ impl Swizzle128BTile {
 
     /// Elements per 128-byte line.
     pub fn panel_cols(&self) -> u32 {
-        SWIZZLE_BYTES / self.elem.bytes()
+        SWIZZLE_BYTES / self.elem.size_bytes() as u32
     }
 
     pub fn panels(&self) -> u32 {
@@ -121,7 +139,7 @@ impl Swizzle128BTile {
 
     /// Elements per 16-byte chunk (the unit that the swizzle permutes and cp.async copies).
     pub fn chunk_elems(&self) -> u32 {
-        16 / self.elem.bytes()
+        16 / self.elem.size_bytes() as u32
     }
 
     /// Byte offset of the 16-byte chunk holding elements `(row, chunk * chunk_elems ..)`.
@@ -135,7 +153,7 @@ impl Swizzle128BTile {
     /// Byte offset of element `(row, col)`.
     pub fn element_offset(&self, row: u32, col: u32) -> u32 {
         let chunk_elems = self.chunk_elems();
-        self.chunk_offset(row, col / chunk_elems) + (col % chunk_elems) * self.elem.bytes()
+        self.chunk_offset(row, col / chunk_elems) + (col % chunk_elems) * self.elem.size_bytes() as u32
     }
 
     /// Descriptor of a K-major operand slice: rows `row_start ..` (M or N, as many as the wgmma
@@ -151,7 +169,7 @@ impl Swizzle128BTile {
             return unsupported(format!("K slice at column {k_start} is not a k16 step inside {} columns", self.cols));
         }
         let panel = k_start / self.panel_cols();
-        let in_line = (k_start % self.panel_cols()) * self.elem.bytes();
+        let in_line = (k_start % self.panel_cols()) * self.elem.size_bytes() as u32;
         Ok(MatrixDescriptor {
             start_offset: panel * self.panel_bytes() + row_start * SWIZZLE_BYTES + in_line,
             leading_byte_offset: 16,

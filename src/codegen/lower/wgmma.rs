@@ -1,0 +1,143 @@
+//! The kernel IR's 128-byte-swizzled shared tiles ([`Layout::Swizzled128B`]): where a window's
+//! elements live (for `Copy`), and `Mma` with a swizzled B operand as warpgroup MMA: one
+//! `wgmma.mma_async m64nNk16` per warpgroup and k16 step, from matrix descriptors of the
+//! tiles' layout type ([`Swizzle128BTile`]), waited for before the statement ends so that the
+//! IR's synchronous `Mma` semantics hold.
+//!
+//! Proxies: wgmma reads shared memory through the async proxy, the copies write it through the
+//! generic one; the lowering of `Barrier` in a kernel with swizzled tiles fences the two
+//! (`fence.proxy.async.shared::cta`) before `bar.sync`, so what one thread wrote before a barrier
+//! is what every warpgroup's wgmma reads after it, and a wgmma's reads end before later copies
+//! (every `Mma` waits for its wgmma; the verifier puts a barrier between it and the next write).
+
+use inkwell::values::{BasicValueEnum, IntValue, PointerValue};
+
+use super::expr::ElementSite;
+use super::{Lowering, TileStorage};
+use crate::codegen::hopper::copy::descriptor;
+use crate::codegen::hopper::{Accumulate, WgmmaA, WgmmaShape};
+use crate::codegen::{Elem, KernelBuilder, Result, unsupported};
+use crate::ir::kernel::layout::{ATOM_ROWS, OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, WGMMA_K};
+use crate::ir::kernel::{Expr, Layout, TileView};
+
+/// Rows of one wgmma (a warpgroup's band of the accumulator).
+const WARPGROUP_ROWS: u32 = 64;
+const WARPS_PER_WARPGROUP: u32 = 4;
+
+/// A window of a swizzled tile: whole 8-row atoms and whole panels (the verifier's rule), so its
+/// first line is where the tile's layout puts row `row0` of panel `col0 / 64`.
+pub(super) struct SwizzledWindow<'ctx> {
+    base: PointerValue<'ctx>,
+    /// The whole tile: its panels are `panel_bytes` apart whatever the window.
+    tile: Swizzle128BTile,
+}
+
+impl<'ctx> SwizzledWindow<'ctx> {
+    pub(super) fn elem(&self) -> Elem {
+        self.tile.elem.into()
+    }
+
+    /// Address of window element (row, col) (i32 each): panel, line, then the 16-byte chunk
+    /// at `chunk ^ (row % 8)` (the window starts on an atom, so `row % 8` is the tile's).
+    pub(super) fn element_address(&self, kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>) -> Result<PointerValue<'ctx>> {
+        let panel_cols = kb.i32(self.tile.panel_cols() as i64);
+        let chunk_elems = kb.i32(self.tile.chunk_elems() as i64);
+        let in_panel = kb.rem(col, panel_cols)?;
+        let chunk = kb.builder().build_xor(kb.div(in_panel, chunk_elems)?, kb.rem(row, kb.i32(ATOM_ROWS as i64))?, "")?;
+        let bytes = [
+            kb.mul(kb.div(col, panel_cols)?, kb.i32(self.tile.panel_bytes() as i64))?,
+            kb.mul(row, kb.i32(SWIZZLE_BYTES as i64))?,
+            kb.mul(chunk, kb.i32(16))?,
+            kb.mul(kb.rem(in_panel, chunk_elems)?, kb.i32(self.elem().bytes() as i64))?,
+        ];
+        let offset = bytes[1..].iter().try_fold(bytes[0], |sum, part| kb.add(sum, *part))?;
+        kb.byte_pointer(self.base, offset)
+    }
+}
+
+impl<'k, 'ctx> Lowering<'k, 'ctx> {
+    pub(super) fn swizzled_window(&self, kb: &KernelBuilder<'_, 'ctx>, view: &TileView) -> Result<SwizzledWindow<'ctx>> {
+        let decl = self.kernel.tile(view.tile);
+        let (TileStorage::Shared { offset }, Some(tile)) = (&self.tiles[view.tile.0], decl.ty.swizzled()) else {
+            return unsupported(format!("%{} is not a swizzled shared tile", decl.name));
+        };
+        let tile = tile?;
+        let Expr::Int(col0) = view.col0 else {
+            return unsupported(format!("a window of swizzled %{} at a runtime column", decl.name));
+        };
+        let panel_offset = (col0 as u32 / tile.panel_cols()) * tile.panel_bytes();
+        let row0 = self.eval(kb, &view.row0, &ElementSite::None)?.int()?;
+        let line_offset = kb.mul(row0, kb.i32(SWIZZLE_BYTES as i64))?;
+        let tile_base = self.shared_tile_base(kb, *offset + panel_offset)?;
+        Ok(SwizzledWindow { base: kb.byte_pointer(tile_base, line_offset)?, tile })
+    }
+
+    /// `Mma { acc, a, b }` with a swizzled B: `acc += a · op(b)` on the tensor cores, each
+    /// warpgroup its 64 rows of `acc` (the verifier checked the warp grid and the shapes).
+    pub(super) fn wgmma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
+        self.whole_register_tile(acc)?;
+        let accumulator = self.accumulator(acc.tile)?;
+        let b_window = self.swizzled_window(kb, b)?;
+        let shape = WgmmaShape { n: acc.cols, elem: b_window.elem() };
+        let b_address = kb.shared_address(b_window.base)?;
+        // B [N, K] (Kᵀ of Q·Kᵀ) has its lines along K; B [K, N] (V of P·V) along N.
+        let b_major = if b_transposed { OperandMajor::K } else { OperandMajor::MN };
+        let steps = a.cols / WGMMA_K;
+        let b_descriptor = |step: u32| -> Result<IntValue<'ctx>> {
+            let slice = match b_major {
+                OperandMajor::K => b_window.tile.k_major_descriptor(0, step * WGMMA_K)?,
+                OperandMajor::MN => b_window.tile.mn_major_descriptor(step * WGMMA_K, 0)?,
+            };
+            descriptor(kb, b_address, slice.constant_bits(), slice.start_offset)
+        };
+        enum AOperand<'ctx> {
+            Shared { address: IntValue<'ctx>, tile: Swizzle128BTile },
+            Registers(Vec<[IntValue<'ctx>; 4]>),
+        }
+        let a_operand = match &self.tiles[a.tile.0] {
+            TileStorage::Shared { .. } => {
+                let window = self.swizzled_window(kb, a)?;
+                // Warpgroup g multiplies rows 64g .. 64g + 63 of A (a warp-uniform value).
+                let warpgroup = kb.warp_uniform(kb.div(kb.warp_index()?, kb.i32(WARPS_PER_WARPGROUP as i64))?)?;
+                let band = kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * SWIZZLE_BYTES) as i64))?;
+                AOperand::Shared { address: kb.add(kb.shared_address(window.base)?, band)?, tile: window.tile }
+            }
+            TileStorage::OperandA(Some(fragments)) => {
+                self.whole_register_tile(a)?;
+                AOperand::Registers((0..steps).map(|step| fragments.band_k_step(step)).collect::<Result<_>>()?)
+            }
+            _ => return unsupported(format!("wgmma reads operand a %{} before it is filled", self.tile_name(a.tile))),
+        };
+        // The fence orders this thread's register writes (accumulator, A fragments) before the
+        // wgmma that read them; the values come back from it so none is computed below it.
+        let mut fenced: Vec<BasicValueEnum<'ctx>> = accumulator.load_all(kb)?.into_iter().map(Into::into).collect();
+        let acc_count = fenced.len();
+        if let AOperand::Registers(steps) = &a_operand {
+            fenced.extend(steps.iter().flatten().map(|register| BasicValueEnum::from(*register)));
+        }
+        let fenced = kb.wgmma_fence(&fenced)?;
+        let mut values: Vec<_> = fenced[..acc_count].iter().map(|value| value.into_float_value()).collect();
+        let a_registers: Vec<IntValue<'ctx>> = fenced[acc_count..].iter().map(|value| value.into_int_value()).collect();
+        for step in 0..steps {
+            let a_step = match &a_operand {
+                AOperand::Shared { address, tile } => {
+                    let slice = tile.k_major_descriptor(0, step * WGMMA_K)?;
+                    WgmmaA::Shared(descriptor(kb, *address, slice.constant_bits(), slice.start_offset)?)
+                }
+                AOperand::Registers(_) => {
+                    let at = (step * 4) as usize;
+                    WgmmaA::Registers([a_registers[at], a_registers[at + 1], a_registers[at + 2], a_registers[at + 3]])
+                }
+            };
+            values = kb.wgmma(shape, a_step, b_descriptor(step)?, b_major, Accumulate::Add, &values)?;
+        }
+        kb.wgmma_commit_group()?;
+        let values = kb.wgmma_wait_accumulators(0, &values)?;
+        accumulator.store_all(kb, &values)
+    }
+
+    /// Whether the kernel holds swizzled tiles (whose barriers fence the async proxy).
+    pub(super) fn has_swizzled_tiles(&self) -> bool {
+        self.kernel.tiles.iter().any(|decl| decl.ty.layout == Layout::Swizzled128B)
+    }
+}
