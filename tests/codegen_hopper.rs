@@ -924,3 +924,25 @@ fn codegen_hopper_prologue_sass_uses_hgmma_without_local_memory() {
     assert!(count_of("LDG.E.U16") <= 1, "no 16-bit global loads but the key temperature");
     println!("{} SASS instructions", instructions.len());
 }
+
+/// The kernel-IR attention with swizzled Q/K/V (a sliding window, which the Hopper attention
+/// kernel does not take) lowers its GEMMs to HGMMA, without local memory.
+#[test]
+fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
+    use ccc::ir::kernel::{ForwardKernel, Layout, build_forward, default_schedule};
+    for (head_dim, dtype) in [(128, DType::Bf16), (64, DType::F16)] {
+        let mut spec = AttentionSpec::plain("window", 16 * head_dim, head_dim, 16, 4);
+        spec.mask = ccc::spec::Mask::SlidingWindow { window: 4096 };
+        spec.dtype = dtype;
+        let schedule = default_schedule(&spec, ForwardKernel::Attention).expect("schedule");
+        let kernel = build_forward(&spec, ForwardKernel::Attention, &schedule).expect("kernel");
+        assert!(kernel.tiles.iter().filter(|tile| tile.ty.layout == Layout::Swizzled128B).count() == 3, "q_s, k_s, v_s swizzled");
+        let lowered = ccc::codegen::lower::lower_kernels("window", &[kernel]).expect("lowers");
+        let sass = sass(&lowered.ptx, &format!("window_d{head_dim}"));
+        let instructions: Vec<&str> = sass.lines().filter_map(|line| line.split("*/").nth(1)).map(str::trim).collect();
+        let hgmma = instructions.iter().filter(|text| text.starts_with("HGMMA.")).count();
+        let local = instructions.iter().filter(|text| text.starts_with("LDL") || text.starts_with("STL")).count();
+        let mma_sync = instructions.iter().filter(|text| text.starts_with("HMMA.")).count();
+        assert!(hgmma > 0 && local == 0 && mma_sync == 0, "d {head_dim}: {hgmma} HGMMA, {mma_sync} HMMA, {local} LDL/STL");
+    }
+}
