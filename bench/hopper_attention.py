@@ -5,7 +5,8 @@ Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--kernels REGEX] [--out 
 
 DIR holds `<kernel>.ptx` and `kernels.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper attention_assembles`):
-for each kernel its name, elem (bf16/f16), head_dim, q_heads, kv_heads, causal, softmax_scale, block_m, threads and
+for each kernel its name, elem (bf16/f16), head_dim, q_heads, kv_heads, causal, window (a sliding
+window of that many keys, or null), softmax_scale, block_m, threads and
 dynamic_shared_bytes. With --sass, each `<kernel>.cubin` beside the PTX (assembled with
 `ptxas -arch=sm_90a`) is disassembled with nvdisasm: the count of HGMMA (warpgroup MMA) and of
 LDL/STL (local-memory spills) instructions. Correctness: o and lse against a float32 reference on the same bf16
@@ -68,7 +69,10 @@ def reference(spec, q, k, v):
     for head in range(qf.shape[1]):  # one head at a time keeps S = 4097 within memory
         scores = qf[:, head] @ kf[:, head].transpose(-1, -2) * spec["softmax_scale"]
         if spec["causal"]:
-            mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+            everything = torch.ones(seq, seq, dtype=torch.bool, device=q.device)
+            mask = everything.tril()
+            if spec.get("window"):
+                mask &= ~everything.tril(-spec["window"])  # keys j > i - window
             scores = scores.masked_fill(~mask, float("-inf"))
         lses.append(torch.logsumexp(scores, dim=-1))
         outputs.append(torch.softmax(scores, dim=-1) @ vf[:, head])

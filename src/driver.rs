@@ -114,9 +114,10 @@ pub struct LaunchInfo {
 
 /// Whether the attention kernel of `spec` comes from the Hopper fast path (the wgmma,
 /// warp-specialized ping-pong kernel of `codegen::hopper`) rather than from lowering its kernel
-/// IR (mma.sync): head_dim 64 or 128, and a causal or no mask. Same ABI and grid shape either way.
+/// IR: head_dim 64 or 128, with any mask (no mask, causal, sliding window). Same ABI and grid
+/// shape either way.
 pub fn uses_wgmma_attention(spec: &AttentionSpec) -> bool {
-    matches!(spec.head_dim, 64 | 128) && matches!(spec.mask, Mask::Causal | Mask::None)
+    matches!(spec.head_dim, 64 | 128)
 }
 
 /// Whether the projection GEMMs of `spec` (qkv_proj, out_proj) come from the Hopper fast path
@@ -140,7 +141,7 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     for kernel in kernels(spec)? {
         if uses_wgmma_attention(spec) && kernel.name.ends_with("_attention") {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
-                    // warp-specialized ping-pong, 128x128 tiles); this kernel IR is its mma.sync\n\
+                    // warp-specialized ping-pong, 128x128 tiles); this kernel IR is its one-warpgroup\n\
                     // equivalent, which the interpreter checks and other targets lower.\n";
         }
         if uses_wgmma_projection(spec) && is_projection(&kernel) {
@@ -273,7 +274,12 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         head_dim: spec.head_dim as u32,
         q_heads: spec.query_heads as u32,
         kv_heads: spec.kv_heads as u32,
-        causal: spec.mask == Mask::Causal,
+        causal: matches!(spec.mask, Mask::Causal | Mask::SlidingWindow { .. }),
+        window: match spec.mask {
+            // A window longer than any sequence the kernel's i32 positions reach is causal.
+            Mask::SlidingWindow { window } => Some(window.min(i32::MAX as usize) as u32),
+            _ => None,
+        },
         softmax_scale: spec.softmax_scale,
         // The resource model's start; `PlannedSources::of` replaces the tile, stages and
         // schedule with its choice (`hopper::tiles`).

@@ -8,7 +8,8 @@
 //! or, as an option of the warp-specialized schedules, with TMA ([`TileLoads`]).
 //! How the GEMMs, the softmax and the copies are ordered is the [`Schedule`].
 //! Per key tile and warpgroup: `S = Q · Kᵀ` with wgmma from shared memory (both K-major),
-//! the mask only on tiles that cross the causal diagonal or the sequence end, online softmax on
+//! the mask only on tiles that cross the causal diagonal, a sliding window's start or the
+//! sequence end (a window's CTA skips the key tiles before it), online softmax on
 //! the accumulator fragments in log2 units (`exp2(s · scale · log2 e − m)` as one FMA + `ex2`),
 //! `P` rounded to bf16/f16 in registers, and `O += P · V` with wgmma taking A from registers and
 //! V from shared memory as an MN-major operand (no transpose pass). Row sums stay per thread
@@ -51,6 +52,9 @@ pub struct HopperAttentionConfig {
     pub q_heads: u32,
     pub kv_heads: u32,
     pub causal: bool,
+    /// A sliding window on top of the causal mask: query t sees keys t − window + 1 ..= t. The
+    /// CTA then runs only the key tiles that meet its rows' windows, masking those at either end.
+    pub window: Option<u32>,
     /// Multiplies q·k before the softmax (usually 1/√d).
     pub softmax_scale: f64,
     /// Query rows per CTA: 64 per warpgroup, one or two warpgroups.
@@ -116,13 +120,14 @@ impl HopperAttentionConfig {
     /// A human-readable description used as part of a cache key.
     pub fn describe(&self) -> String {
         format!(
-            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} scale={:e} tile={}x{} stages={} schedule={:?} l2-group={} loads={:?}",
+            "attention-wgmma {} elem={} d={} hq={} hk={} causal={} window={:?} scale={:e} tile={}x{} stages={} schedule={:?} l2-group={} loads={:?}",
             self.name,
             self.elem.name(),
             self.head_dim,
             self.q_heads,
             self.kv_heads,
             self.causal,
+            self.window,
             self.softmax_scale,
             self.block_m,
             self.block_n,
@@ -169,9 +174,25 @@ impl HopperAttentionConfig {
         }
     }
 
+    /// Key tiles the CTA of query tile `query_tile` runs over a sequence of `seq` tokens (what
+    /// the kernel's loop bounds compute, for the cost model).
+    pub fn key_tiles_of(&self, query_tile: u64, seq: u64) -> u64 {
+        let (bm, bn) = (self.block_m as u64, self.block_n as u64);
+        let query_start = query_tile * bm;
+        let end = if self.causal { (query_start + bm).min(seq).div_ceil(bn) } else { seq.div_ceil(bn) };
+        let first = match self.window {
+            Some(window) => (query_start + 1).saturating_sub(window as u64) / bn,
+            None => 0,
+        };
+        end.saturating_sub(first)
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         if self.elem == Elem::F32 {
             return unsupported("attention operands are bf16 or f16");
+        }
+        if self.window.is_some_and(|window| window == 0 || !self.causal) {
+            return unsupported("a sliding window is a causal mask of at least one key");
         }
         if self.kv_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return unsupported(format!("{} query heads do not group over {} kv heads", self.q_heads, self.kv_heads));
@@ -342,21 +363,48 @@ pub fn emit_attention_wgmma<'ctx>(
     let rows = [fragment_row, kb.add(fragment_row, kb.i32(8))?];
     let pair_col = kb.mul(kb.rem(lane, kb.i32(4))?, kb.i32(2))?;
 
+    // The CTA's key tiles are `first_tile + i` for i in 0..key_tiles: the loops, stages and
+    // barrier phases count i, the keys come from first_tile + i (0 unless a sliding window
+    // leaves the first tiles out).
+    let block_n = kb.i32(config.block_n as i64);
+    let not_below_zero = |kb: &KernelBuilder<'_, 'ctx>, value: IntValue<'ctx>| -> Result<IntValue<'ctx>> {
+        kb.select_int(kb.lt(value, kb.i32(0))?, kb.i32(0), value)
+    };
+    let first_tile = match config.window {
+        // The first key of the first row's window, max(0, query_start − window + 1).
+        Some(window) => kb.div(not_below_zero(&kb, kb.sub(query_start, kb.i32(window as i64 - 1))?)?, block_n)?,
+        None => kb.i32(0),
+    };
     let key_tiles_in_sequence = kb.ceil_div(seq_len, config.block_n)?;
-    let key_tiles = if config.causal {
+    let end_tile = if config.causal {
         let query_end = kb.add(query_start, kb.i32(config.block_m as i64))?;
         kb.min(kb.ceil_div(query_end, config.block_n)?, key_tiles_in_sequence)?
     } else {
         key_tiles_in_sequence
     };
-    // Tiles below this one need no mask: they end at or before the sequence end and (causal)
+    let key_tiles = kb.sub(end_tile, first_tile)?;
+    // Tiles i below this one need no mask: they end at or before the sequence end and (causal)
     // at or before the first query row of the CTA + 1.
-    let whole_tiles_in_sequence = kb.div(seq_len, kb.i32(config.block_n as i64))?;
-    let unmasked_tiles = if config.causal {
-        let below_diagonal = kb.div(kb.add(query_start, kb.i32(1))?, kb.i32(config.block_n as i64))?;
-        kb.min(kb.min(below_diagonal, whole_tiles_in_sequence)?, key_tiles)?
+    let whole_tiles_in_sequence = kb.div(seq_len, block_n)?;
+    let unmasked_end = if config.causal {
+        let below_diagonal = kb.div(kb.add(query_start, kb.i32(1))?, block_n)?;
+        kb.min(kb.min(below_diagonal, whole_tiles_in_sequence)?, end_tile)?
     } else {
-        kb.min(whole_tiles_in_sequence, key_tiles)?
+        kb.min(whole_tiles_in_sequence, end_tile)?
+    };
+    let unmasked_tiles = match config.window {
+        Some(_) => not_below_zero(&kb, kb.sub(unmasked_end, first_tile)?)?,
+        None => unmasked_end,
+    };
+    // With a window, tiles i from this one on need no window mask: every key of tile
+    // first_tile + i is in the window of the CTA's last row, ceil((query_start + block_m −
+    // window) / block_n) on.
+    let window_unmasked_from = match config.window {
+        Some(window) => {
+            let last_row_reach = not_below_zero(&kb, kb.sub(kb.add(query_start, kb.i32(config.block_m as i64))?, kb.i32(window as i64))?)?;
+            Some(not_below_zero(&kb, kb.sub(kb.ceil_div(last_row_reach, config.block_n)?, first_tile)?)?)
+        }
+        None => None,
     };
 
     // Which threads copy: all of them, or the producer warpgroup's.
@@ -372,7 +420,7 @@ pub fn emit_attention_wgmma<'ctx>(
         copy_tile_async(kb, &q_rows, query_start, &sequence, &plan.q, aligned, 0, copy_thread, copy_threads)
     };
     let issue_kv = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>| -> Result<()> {
-        let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+        let key_start = kb.mul(kb.add(first_tile, tile)?, block_n)?;
         let stage = kb.rem(tile, kb.i32(config.stages as i64))?;
         let k_offset = kb.add(kb.i32(plan.k_offset(0) as i64), kb.mul(stage, kb.i32(plan.stage_bytes as i64))?)?;
         let k_base = kb.byte_pointer(aligned, k_offset)?;
@@ -482,8 +530,11 @@ pub fn emit_attention_wgmma<'ctx>(
         for (slot, value) in scores.iter().zip(s) {
             kb.store_f32(*slot, *value)?;
         }
-        let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
-        let needs_mask = kb.le(unmasked_tiles, tile)?;
+        let key_start = kb.mul(kb.add(first_tile, tile)?, block_n)?;
+        let mut needs_mask = kb.le(unmasked_tiles, tile)?;
+        if let Some(from) = window_unmasked_from {
+            needs_mask = kb.or(needs_mask, kb.lt(tile, from)?)?;
+        }
         let apply_mask = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
             for (index, slot) in scores.iter().enumerate() {
                 let index = index as u32;
@@ -493,6 +544,9 @@ pub fn emit_attention_wgmma<'ctx>(
                 if config.causal {
                     let query = kb.add(query_start, rows[((index / 2) % 2) as usize])?;
                     allowed = kb.and(allowed, kb.le(key, query)?)?;
+                    if let Some(window) = config.window {
+                        allowed = kb.and(allowed, kb.lt(kb.sub(query, key)?, kb.i32(window as i64))?)?;
+                    }
                 }
                 let value = kb.load_f32(*slot)?;
                 kb.store_f32(*slot, kb.select_f32(allowed, value, kb.f32(f64::NEG_INFINITY))?)?;
@@ -695,8 +749,20 @@ pub fn emit_attention_wgmma<'ctx>(
             release(kb, previous)?;
             pack_probabilities(kb, &p)
         };
-        let first_masked = kb.select_int(kb.lt(unmasked_tiles, kb.i32(1))?, kb.i32(1), unmasked_tiles)?;
-        kb.for_range(kb.i32(1), first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
+        let at_least_one = |kb: &KernelBuilder<'_, 'ctx>, value: IntValue<'ctx>| -> Result<IntValue<'ctx>> {
+            kb.select_int(kb.lt(value, kb.i32(1))?, kb.i32(1), value)
+        };
+        // A window's first tiles (up to `unmasked_from`) need its mask too.
+        let unmasked_from = match window_unmasked_from {
+            Some(from) => {
+                let from = kb.min(at_least_one(kb, from)?, at_least_one(kb, key_tiles)?)?;
+                kb.for_range(kb.i32(1), from, |kb, tile| steady_state(kb, tile, Masking::Always))?;
+                from
+            }
+            None => kb.i32(1),
+        };
+        let first_masked = kb.select_int(kb.lt(unmasked_tiles, unmasked_from)?, unmasked_from, unmasked_tiles)?;
+        kb.for_range(unmasked_from, first_masked, |kb, tile| steady_state(kb, tile, Masking::Never))?;
         kb.for_range(first_masked, key_tiles, |kb, tile| steady_state(kb, tile, Masking::Always))?;
         kb.if_then(any_tiles, |kb| {
             let (_, last_v_address) = stage_addresses(kb, kb.sub(key_tiles, kb.i32(1))?)?;
@@ -857,7 +923,7 @@ pub fn emit_attention_wgmma<'ctx>(
                                     kb.if_then(first, |kb| {
                                         load_panels(kb, q_map, &plan.q, kb.i32(0), head, query_start, full(kb, tile)?)
                                     })?;
-                                    let key_start = kb.mul(tile, kb.i32(config.block_n as i64))?;
+                                    let key_start = kb.mul(kb.add(first_tile, tile)?, block_n)?;
                                     let stage = kb.rem(tile, stages)?;
                                     let k_base = kb.add(
                                         kb.i32(plan.k_offset(0) as i64),

@@ -324,7 +324,7 @@ pub fn attention_micros(config: &HopperAttentionConfig, ctas_per_sm: u32, shape:
     // Key tiles per query tile, longest first (the kernel's order).
     let mut key_tiles: Vec<u64> = (0..query_tiles)
         .rev()
-        .map(|i| if config.causal { ((i + 1) * bm).min(seq).div_ceil(bn) } else { seq.div_ceil(bn) })
+        .map(|i| config.key_tiles_of(i, seq))
         .collect();
     key_tiles.sort_unstable_by(|a, b| b.cmp(a));
     let ctas_per_query_tile = shape.batch * config.q_heads as u64;
