@@ -7,7 +7,8 @@
 #   2. the GPU suite (scripts/gpu-suite.sh): B 1 and 3 × S 1, 17, 1000, then B 1 × S 4097;
 #   3. python/validate.py on zaya1 and mha at 1×4096 (ZAYA1 also against Hugging Face's layer);
 #   4. bench/kernel_times.py (each kernel alone) on zaya1 and mha at 1×16384;
-#   5. bench/bench.py on zaya1 and mha at S 4096, 8192, 16384, B 1, with the peers;
+#   5. bench/bench.py on zaya1, mha and sliding_window at S 4096, 8192, 16384, B 1, with the
+#      peers (FlexAttention for the window);
 #   6. with gpu-carry/tune (GPU_PREPARE_TUNE=1): ccc-run tune over ZAYA1's candidates at
 #      1×16384, writing tuning-<GPU>.json under $OUT/tune (not part of the default steps).
 # Everything is written under $OUT (default sweep-out). About 5 to 6 minutes on an H200.
@@ -48,8 +49,8 @@ for s in $steps; do
     validate) step validate 90 python3 -u -W ignore python/validate.py "$libs/zaya1/zaya1" "$libs/mha/mha" --shapes 1x4096 ;;
     times) step times 60 python3 -u -W ignore bench/kernel_times.py "$libs/zaya1/zaya1" "$libs/mha/mha" --shapes 1x16384 ;;
     bench)
-      step bench 150 python3 -u -W ignore bench/bench.py "$libs/zaya1/zaya1" "$libs/mha/mha" --out "$out/bench" \
-        --seq-lens 4096,8192,16384 --batches 1
+      step bench 200 python3 -u -W ignore bench/bench.py "$libs/zaya1/zaya1" "$libs/mha/mha" \
+        "$libs/sliding_window/sliding_window" --out "$out/bench" --seq-lens 4096,8192,16384 --batches 1
       ;;
     tune)
       if [ -d gpu-carry/tune/zaya1 ]; then
