@@ -10,7 +10,7 @@
 #   5. bench/bench.py on zaya1, mha and sliding_window at S 4096, 8192, 16384, B 1, with the
 #      peers (FlexAttention for the window);
 #   6. with gpu-carry/tune (GPU_PREPARE_TUNE=1): ccc-run tune over ZAYA1's candidates at
-#      1×16384, writing tuning-<GPU>.json under $OUT/tune (not part of the default steps).
+#      1×16384, writing $OUT/tune/tuning.json (not part of the default steps).
 # Everything is written under $OUT (default sweep-out). About 5 to 6 minutes on an H200.
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]  (steps: hopper suite validate times bench tune)
 set -uo pipefail

@@ -235,9 +235,11 @@ fn codegen_lower_reports_launch_facts_in_abi_order() {
     for (kernel, fact) in kernels.iter().zip(&lowered.kernels) {
         assert_eq!(fact.symbol, kernel.name);
         assert_eq!(fact.threads, kernel.threads());
-        // Tiles are 128-byte aligned in one allocation: at least their sum, less than 128 B more each.
-        let sum = kernel.shared_bytes() as u32;
-        assert!(fact.dynamic_shared_bytes >= sum && fact.dynamic_shared_bytes < sum + 128 * kernel.tiles.len() as u32);
+        // The launch asks for the kernel IR's placement of its tiles (alignment included), which
+        // is at least their sum and less than 128 B more each (the tiny spec has no swizzled ones).
+        let sum: usize = kernel.tiles.iter().map(|tile| tile.ty.shared_bytes()).sum();
+        assert_eq!(fact.dynamic_shared_bytes as usize, kernel.shared_bytes());
+        assert!(kernel.shared_bytes() >= sum && kernel.shared_bytes() < sum + 128 * kernel.tiles.len());
         // Parameters appear in the PTX entry in ABI order.
         let entry = lowered.ptx.find(&format!(".entry {}(", kernel.name)).unwrap();
         let params_end = entry + lowered.ptx[entry..].find(')').unwrap();

@@ -193,7 +193,7 @@ fn shared_memory_over_the_limit_is_reported() {
     kernel.tiles[k_s.0].ty.rows = 2048;
     assert_reports(
         &kernel,
-        "kernel mha_attention: shared memory 286720 bytes exceeds the 232448-byte limit",
+        "kernel mha_attention: shared memory 287744 bytes exceeds the 232448-byte limit",
     );
 }
 

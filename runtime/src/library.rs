@@ -424,9 +424,13 @@ impl Library {
                 match arg {
                     PlannedArg::Buffer(buffer) => args.arg(&tensors[*buffer].buffer),
                     PlannedArg::Size(value) => args.arg(value),
-                    PlannedArg::TensorMap { .. } => args.arg(
-                        descriptors.next().expect("bind encodes one descriptor per tensor-map argument"),
-                    ),
+                    PlannedArg::TensorMap { .. } => {
+                        let descriptor = descriptors.next().ok_or_else(|| RuntimeError::Driver {
+                            during: format!("launching kernel `{}`", launch.symbol),
+                            message: "a tensor-map argument has no encoded descriptor".into(),
+                        })?;
+                        args.arg(descriptor)
+                    }
                 };
             }
             let config = LaunchConfig {

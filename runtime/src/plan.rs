@@ -47,8 +47,9 @@ pub enum PlannedArg {
     /// Index into [`CallPlan::buffers`].
     Buffer(usize),
     Size(u32),
-    /// A pointer to the TMA descriptor of buffer `buffer` (index into [`CallPlan::buffers`]) with
-    /// boxes of `box_rows` rows, encoded at launch ([`crate::tensor_map`]).
+    /// The TMA descriptor of buffer `buffer` (index into [`CallPlan::buffers`]) with boxes of
+    /// `box_rows` rows, passed by value; encoded when the call's buffers are bound
+    /// ([`crate::tensor_map`]).
     TensorMap { buffer: usize, box_rows: u32 },
 }
 

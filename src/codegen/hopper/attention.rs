@@ -78,8 +78,9 @@ pub enum TileLoads {
     CpAsync,
     /// One thread issues TMA box copies (`cp.async.bulk.tensor.4d`, one per 64-column panel of
     /// Q, K and V) that count their bytes on the full barrier. The kernel then takes three more
-    /// parameters after `S`: global pointers `q_map`, `k_map`, `v_map` to 128-byte tensor maps
-    /// (`cuTensorMapEncodeTiled`) of q, k and v seen as 4-d tensors (d, heads, S, B), innermost
+    /// parameters after `S`: `q_map`, `k_map`, `v_map`, the 128-byte tensor maps
+    /// (`cuTensorMapEncodeTiled`, by value as `__grid_constant__` parameters) of q, k and v seen
+    /// as 4-d tensors (d, heads, S, B), innermost
     /// first, with boxes of 64 × 1 × rows × 1 (rows: block_m for q, block_n for k and v),
     /// 128-byte swizzle and zero fill: rows past S read as zeros, as with cp.async.
     Tma,
@@ -383,8 +384,9 @@ pub fn emit_attention_wgmma<'ctx>(
         key_tiles_in_sequence
     };
     let key_tiles = kb.sub(end_tile, first_tile)?;
-    // Tiles i below this one need no mask: they end at or before the sequence end and (causal)
-    // at or before the first query row of the CTA + 1.
+    // Tiles i below this one need no causal or sequence-end mask: they end at or before the
+    // sequence end and (causal) at or before the first query row of the CTA + 1. (A window's
+    // leading tiles may still need its mask: `window_unmasked_from`.)
     let whole_tiles_in_sequence = kb.div(seq_len, block_n)?;
     let unmasked_end = if config.causal {
         let below_diagonal = kb.div(kb.add(query_start, kb.i32(1))?, block_n)?;
@@ -518,7 +520,8 @@ pub fn emit_attention_wgmma<'ctx>(
             Ok(())
         };
 
-    // Mask (only on tiles that reach past the sequence end or, causal, past the first query row),
+    // Mask (only on tiles that reach past the sequence end or, causal, past the first query row,
+    // or that a window's start crosses),
     // online softmax per row half (the quad of 4 lanes shares a row), P packed into the slots.
     // Returns P (f32) and the factor by which O must be rescaled before P·V is added.
     type Probabilities<'ctx> = (Vec<FloatValue<'ctx>>, [FloatValue<'ctx>; 2]);
@@ -726,7 +729,8 @@ pub fn emit_attention_wgmma<'ctx>(
             pack_probabilities(kb, &p)
         })?;
         // While P·V is in flight the softmax must not branch: ptxas waits for all wgmma at a
-        // join. So the tiles after the first run in two loops, without and with mask.
+        // join. So the tiles after the first run in loops that mask all or nothing: a window's
+        // leading tiles (masked), the unmasked middle, the trailing tiles (masked).
         let steady_state = |kb: &KernelBuilder<'_, 'ctx>, tile: IntValue<'ctx>, masking: Masking| -> Result<()> {
             acquire(kb, tile)?;
             let previous = kb.sub(tile, kb.i32(1))?;

@@ -43,14 +43,12 @@ use super::tile::{
 use super::hopper::HopperKernel;
 use super::hopper::copy::aligned_tile_address;
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
-use crate::ir::kernel::layout::TILE_ALIGNMENT;
 use crate::ir::kernel::{
-    ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, Stmt, TileId, TileView,
+    ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, SHARED_TILE_ALIGNMENT, Stmt,
+    TileId, TileView,
 };
 use expr::{ElementSite, Value};
 
-/// Every tile starts at a multiple of this many bytes of the dynamic shared allocation.
-const SHARED_TILE_ALIGNMENT: u32 = 128;
 
 /// What the runtime needs to launch one lowered kernel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -219,30 +217,11 @@ fn lower_sources_with(
     Ok(LoweredModule { llvm_ir, ptx: module.write_ptx()?, kernels: lowered })
 }
 
-/// Where each tile lives in the kernel's one dynamic shared allocation (offsets in declaration
-/// order, 128-byte aligned, 1024 for swizzled tiles; `None` for register tiles) and the
-/// allocation's size. With swizzled tiles the offsets count from the first 1024-byte boundary
-/// of the allocation, which holds up to 1 KiB more for it.
+/// Where each tile lives in the kernel's one dynamic shared allocation and its size
+/// ([`KernelFn::shared_layout`]), in the u32 bytes of the launch.
 pub fn shared_layout(kernel: &KernelFn) -> (Vec<Option<u32>>, u32) {
-    let mut offsets = Vec::with_capacity(kernel.tiles.len());
-    let mut shared_bytes: u32 = 0;
-    for decl in &kernel.tiles {
-        if decl.ty.space() == crate::ir::kernel::Space::Shared {
-            let offset = shared_bytes.next_multiple_of(SHARED_TILE_ALIGNMENT.max(decl.ty.shared_alignment()));
-            offsets.push(Some(offset));
-            shared_bytes = offset + decl.ty.shared_bytes() as u32;
-        } else {
-            offsets.push(None);
-        }
-    }
-    if needs_aligned_base(kernel) {
-        shared_bytes += TILE_ALIGNMENT;
-    }
-    (offsets, shared_bytes)
-}
-
-fn needs_aligned_base(kernel: &KernelFn) -> bool {
-    kernel.tiles.iter().any(|decl| decl.ty.layout == Layout::Swizzled128B)
+    let (offsets, bytes) = kernel.shared_layout();
+    (offsets.into_iter().map(|offset| offset.map(|o| o as u32)).collect(), bytes as u32)
 }
 
 /// How `kernel` is launched once lowered: known from the kernel IR alone, so that a PTX cache
@@ -283,7 +262,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     let (offsets, shared_bytes) = shared_layout(kernel);
     if shared_bytes as usize > SHARED_MEMORY_LIMIT_BYTES {
         return unsupported(format!(
-            "kernel `{}` needs {shared_bytes} bytes of shared memory with 128-byte aligned tiles (limit {SHARED_MEMORY_LIMIT_BYTES})",
+            "kernel `{}` needs {shared_bytes} bytes of shared memory with its tiles aligned (limit {SHARED_MEMORY_LIMIT_BYTES})",
             kernel.name
         ));
     }
@@ -291,7 +270,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         let name = format!("{}_shared", kernel.name);
         let base = module.dynamic_shared(&name);
         if let Some(global) = module_global(module, &name) {
-            global.set_alignment(SHARED_TILE_ALIGNMENT);
+            global.set_alignment(SHARED_TILE_ALIGNMENT as u32);
         }
         Some(base)
     } else {
@@ -301,7 +280,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     let kb = module.declare_kernel(&kernel.name, &params)?;
     kb.read_thread_index_per_use();
     let shared_base = match shared_base {
-        Some(raw) if needs_aligned_base(kernel) => {
+        Some(raw) if kernel.has_swizzled_tiles() => {
             let raw_address = kb.shared_address(raw)?;
             let padding = kb.sub(aligned_tile_address(&kb, raw_address)?, raw_address)?;
             Some(kb.byte_pointer(raw, padding)?)
@@ -412,7 +391,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Stmt::AsyncCommit => kb.cp_async_commit()?,
             Stmt::AsyncWait { pending } => kb.cp_async_wait(*pending)?,
             Stmt::Barrier => {
-                if self.has_swizzled_tiles() {
+                if self.kernel.has_swizzled_tiles() {
                     kb.fence_proxy_async_shared()?;
                 }
                 kb.barrier()?

@@ -18,7 +18,7 @@ use crate::codegen::hopper::copy::descriptor;
 use crate::codegen::hopper::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::layout::{ATOM_ROWS, OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, WGMMA_K};
-use crate::ir::kernel::{Expr, Layout, TileView};
+use crate::ir::kernel::{Expr, TileView};
 
 /// Rows of one wgmma (a warpgroup's band of the accumulator).
 const WARPGROUP_ROWS: u32 = 64;
@@ -132,12 +132,13 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             values = kb.wgmma(shape, a_step, b_descriptor(step)?, b_major, Accumulate::Add, &values)?;
         }
         kb.wgmma_commit_group()?;
-        let values = kb.wgmma_wait_accumulators(0, &values)?;
+        // The A fragments pass through the wait with the accumulators: wgmma reads them until
+        // it completes, so nothing may reuse their registers before.
+        let mut pending: Vec<BasicValueEnum<'ctx>> = values.iter().map(|value| (*value).into()).collect();
+        pending.extend(a_registers.iter().map(|register| BasicValueEnum::from(*register)));
+        let waited = kb.wgmma_wait(0, &pending)?;
+        let values: Vec<_> = waited[..values.len()].iter().map(|value| value.into_float_value()).collect();
         accumulator.store_all(kb, &values)
     }
 
-    /// Whether the kernel holds swizzled tiles (whose barriers fence the async proxy).
-    pub(super) fn has_swizzled_tiles(&self) -> bool {
-        self.kernel.tiles.iter().any(|decl| decl.ty.layout == Layout::Swizzled128B)
-    }
 }

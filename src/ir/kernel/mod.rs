@@ -49,6 +49,8 @@ use crate::spec::DType;
 
 /// Shared memory one CTA may use on sm_90 (227 KB of the SM's 228 KB).
 pub const SHARED_MEMORY_LIMIT_BYTES: usize = 227 * 1024;
+/// Every shared tile starts at a multiple of this many bytes of the kernel's allocation.
+pub const SHARED_TILE_ALIGNMENT: usize = 128;
 
 /// Element type of a tile or a global tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -372,9 +374,34 @@ impl KernelFn {
     pub fn param(&self, name: &str) -> Option<&KernelParam> {
         self.params.iter().find(|p| p.name() == name)
     }
-    /// Static shared memory of one CTA.
+    /// Where each tile lives in the kernel's one shared allocation (offsets in declaration
+    /// order, each a multiple of [`SHARED_TILE_ALIGNMENT`] and of its layout's alignment; `None`
+    /// for register tiles) and the allocation's size. With swizzled tiles the offsets count from
+    /// the first 1024-byte boundary of the allocation, which holds up to 1 KiB more for it.
+    pub fn shared_layout(&self) -> (Vec<Option<usize>>, usize) {
+        let mut offsets = Vec::with_capacity(self.tiles.len());
+        let mut bytes: usize = 0;
+        for decl in &self.tiles {
+            if decl.ty.space() == Space::Shared {
+                let offset = bytes.next_multiple_of(SHARED_TILE_ALIGNMENT.max(decl.ty.shared_alignment() as usize));
+                offsets.push(Some(offset));
+                bytes = offset + decl.ty.shared_bytes();
+            } else {
+                offsets.push(None);
+            }
+        }
+        if self.has_swizzled_tiles() {
+            bytes += layout::TILE_ALIGNMENT as usize;
+        }
+        (offsets, bytes)
+    }
+    /// Shared memory of one CTA, alignment included (what the launch asks for).
     pub fn shared_bytes(&self) -> usize {
-        self.tiles.iter().map(|t| t.ty.shared_bytes()).sum()
+        self.shared_layout().1
+    }
+    /// Whether the kernel holds 128-byte-swizzled tiles (wgmma operands).
+    pub fn has_swizzled_tiles(&self) -> bool {
+        self.tiles.iter().any(|decl| decl.ty.layout == Layout::Swizzled128B)
     }
 }
 
