@@ -29,8 +29,9 @@
 //!   shrink with the tile (barrier hand-offs, the rescale of O, the row reductions' shuffles).
 //!   The measured schedules all had two consumer warpgroups per SM; with fewer, the tensor cores
 //!   idle while the only warpgroup runs its softmax, modelled as proportionally slower.
-//!   Causal masks give query tile `i` only the key tiles up to its diagonal, so ragged and
-//!   diagonal tiles cost whole tiles. The CTAs are then placed longest first on 132 SMs × the
+//!   Causal masks give query tile `i` only the key tiles up to its diagonal, sliding windows
+//!   only those from its first row's window start on (`HopperAttentionConfig::key_tiles_of`, the
+//!   kernel's own loop bounds), so ragged and edge tiles cost whole tiles. The CTAs are then placed longest first on 132 SMs × the
 //!   CTAs that fit on one (registers, shared memory), CTAs sharing an SM running at its shared
 //!   rate: wave quantization and the causal tail come out of that placement (beyond 64 waves the
 //!   work is spread evenly instead, and beyond 2^20 tokens it is scaled from 2^20, so that any
