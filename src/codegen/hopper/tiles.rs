@@ -47,6 +47,10 @@
 //!   cooperative schedule (both warpgroups store while the tensor cores idle), hidden by
 //!   ping-pong behind the other warpgroup's mainloop except for the last tile.
 //!
+//! - **Loads**: the rates above were fitted with cp.async loads; TMA loads scale the attention
+//!   key tile by [`ATTENTION_TMA_FACTOR`] and the GEMM mainloop by [`GEMM_TMA_MAINLOOP_FACTOR`],
+//!   the ratios measured side by side.
+//!
 //! Equal estimates go to the candidate with less shared memory (a deeper pipeline that buys
 //! nothing only takes room), then to enumeration order.
 //!
@@ -66,7 +70,11 @@
 //! measured. The ranking puts the configurations the measurements chose first for every example:
 //! attention 128 × 128, 3 stages, ping-pong (measured ahead of warp-specialized by 5% and of the
 //! overlapped schedule by 9%); GEMMs 128 wide, 4 stages, ping-pong (ahead of cooperative by 20%
-//! on the out projection; 4, 5 and 6 stages alike, the tie going to 4).
+//! on the out projection; 4, 5 and 6 stages alike, the tie going to 4). With TMA (what the
+//! driver compiles) the estimates are ZAYA1's attention 0.836 ms, qkv projection 0.172 and out
+//! projection 0.117, against 0.766 to 0.878, 0.154 to 0.186 and 0.115 to 0.168 measured for
+//! each kernel inside the layer in this session's runs (`ccc-run tune` and
+//! `bench/kernel_times.py`, BENCHMARKS.md).
 
 use super::attention::{self, HopperAttentionConfig, Schedule, TileLoads, WARPGROUP_ROWS};
 use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig, PERSISTENT_CTAS};
@@ -126,6 +134,14 @@ const GEMM_TILE_NS: f64 = 200.0;
 /// Epilogue per output column of a 128-row tile, fitted to the cooperative out projection at 16k
 /// (0.181 ms against 0.145 ping-pong: 2.25 µs per 128-wide tile).
 const GEMM_EPILOGUE_NS_PER_COLUMN: f64 = 2250.0 / 128.0;
+
+/// What TMA loads take off the cp.async-fitted rates above: the kernels measured side by side in
+/// the same process (BENCHMARKS.md). Attention: 0.821 against 0.871 ms standalone (ZAYA1, 16k,
+/// 17:33 UTC). GEMM mainloop: ZAYA1's qkv and out projections inside the layer, 0.165 against
+/// 0.212 and 0.133 against 0.174 ms at 16k (18:19 UTC), about 0.8 of the whole kernel with the
+/// epilogue left as it was.
+const ATTENTION_TMA_FACTOR: f64 = 0.94;
+const GEMM_TMA_MAINLOOP_FACTOR: f64 = 0.78;
 
 /// The problem size the estimate is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,7 +335,11 @@ pub fn attention_micros(config: &HopperAttentionConfig, ctas_per_sm: u32, shape:
     let consumer_warpgroups_per_sm = ctas_per_sm * config.block_m / WARPGROUP_ROWS;
     let occupancy = (consumer_warpgroups_per_sm as f64 / 2.0).min(1.0);
     let rate = ATTENTION_FLOPS_PER_SM * schedule_efficiency(config.schedule) * occupancy;
-    let key_tile_ns = (4 * bm * bn * d) as f64 / rate * 1e9 + ATTENTION_KEY_TILE_NS;
+    let loads = match config.loads {
+        TileLoads::Tma => ATTENTION_TMA_FACTOR,
+        TileLoads::CpAsync => 1.0,
+    };
+    let key_tile_ns = ((4 * bm * bn * d) as f64 / rate * 1e9 + ATTENTION_KEY_TILE_NS) * loads;
     let seq = shape.seq_len.max(1);
     let query_tiles = seq.div_ceil(bm);
     // Key tiles per query tile, longest first (the kernel's order).
@@ -474,7 +494,11 @@ pub fn gemm_micros(config: &HopperGemmConfig, shape: ProblemShape) -> f64 {
     let stage_ns = (GEMM_STAGE_NS * width)
         .max(stage_bytes / GEMM_L2_BYTES_PER_NS_PER_SM)
         .max(GEMM_LOAD_LATENCY_NS / in_flight);
-    let mainloop_ns = config.k.div_ceil(GEMM_BLOCK_K) as f64 * stage_ns;
+    let loads = match config.loads {
+        TileLoads::Tma => GEMM_TMA_MAINLOOP_FACTOR,
+        TileLoads::CpAsync => 1.0,
+    };
+    let mainloop_ns = config.k.div_ceil(GEMM_BLOCK_K) as f64 * stage_ns * loads;
     let epilogue_ns = GEMM_EPILOGUE_NS_PER_COLUMN * config.block_n as f64;
     let total_ns = match config.schedule {
         GemmSchedule::Cooperative => tiles_per_cta * (GEMM_TILE_NS + mainloop_ns + epilogue_ns),
