@@ -114,10 +114,11 @@ pub struct LaunchInfo {
 
 /// Whether the attention kernel of `spec` comes from the Hopper fast path (the wgmma,
 /// warp-specialized ping-pong kernel of `codegen::hopper`) rather than from lowering its kernel
-/// IR: head_dim 64 or 128, with any mask (no mask, causal, sliding window). Same ABI and grid
-/// shape either way.
+/// IR: head_dim 64, 128, 192 or 256 (each with a tile configuration checked on the GPU,
+/// `hopper::tiles::gpu_checked_attention`), with any mask (no mask, causal, sliding window).
+/// Same ABI and grid shape either way.
 pub fn uses_wgmma_attention(spec: &AttentionSpec) -> bool {
-    matches!(spec.head_dim, 64 | 128)
+    matches!(spec.head_dim, 64 | 128 | 192 | 256)
 }
 
 /// Whether the projection GEMMs of `spec` (qkv_proj, out_proj) come from the Hopper fast path
@@ -141,8 +142,8 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     for kernel in kernels(spec)? {
         if uses_wgmma_attention(spec) && kernel.name.ends_with("_attention") {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
-                    // warp-specialized ping-pong, 128x128 tiles); this kernel IR is its one-warpgroup\n\
-                    // equivalent, which the interpreter checks and other targets lower.\n";
+                    // warp-specialized, tiles from the resource model); this kernel IR is its\n\
+                    // one-warpgroup equivalent, which the interpreter checks and other targets lower.\n";
         }
         if uses_wgmma_projection(spec) && is_projection(&kernel) {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: persistent\n\
@@ -541,11 +542,15 @@ impl PlannedSources {
             .iter()
             .map(|k| {
                 if k.name.ends_with("_attention") {
-                    uses_wgmma_attention(spec).then(|| {
-                        let base = wgmma_attention(spec, k);
-                        let shape = crate::codegen::hopper::ProblemShape::of(spec);
-                        HopperKernel::Attention(crate::codegen::hopper::best_attention(&base, shape).unwrap_or(base))
-                    })
+                    // The best configuration that has run on the GPU; without one (a head width
+                    // none fits), the kernel IR's attention.
+                    uses_wgmma_attention(spec)
+                        .then(|| {
+                            let base = wgmma_attention(spec, k);
+                            let shape = crate::codegen::hopper::ProblemShape::of(spec);
+                            crate::codegen::hopper::best_attention(&base, shape).map(HopperKernel::Attention)
+                        })
+                        .flatten()
                 } else if is_prologue(k) {
                     wgmma_prologue(spec, k).map(HopperKernel::Prologue)
                 } else {

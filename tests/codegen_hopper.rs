@@ -267,6 +267,23 @@ fn bench_configs() -> Vec<HopperAttentionConfig> {
     {
         configs.push(HopperAttentionConfig { name: format!("{}_tma", pingpong.name), loads: TileLoads::Tma, ..pingpong });
     }
+    // Head widths 192 and 256, in the tiles the resource model gives them.
+    for (head_dim, block_m, block_n, stages, schedule, loads, suffix) in [
+        (192, 128, 64, 3, Schedule::PingPong, TileLoads::Tma, "pingpong_tma"),
+        (256, 128, 64, 2, Schedule::Serial, TileLoads::CpAsync, "serial"),
+        (256, 64, 64, 3, Schedule::WarpSpecialized, TileLoads::Tma, "ws_tma"),
+    ] {
+        let base = config(head_dim, true, 8, 2);
+        configs.push(HopperAttentionConfig {
+            name: format!("{}_m{block_m}_n{block_n}_{suffix}", base.name),
+            block_m,
+            block_n,
+            stages,
+            schedule,
+            loads,
+            ..base
+        });
+    }
     // Sliding windows: edges inside a tile (300, 129, 1000), shorter than a tile (64, 7), on
     // every schedule and both loads.
     for (head_dim, window, schedule, loads) in [

@@ -246,3 +246,26 @@ fn the_largest_shapes_the_language_allows_are_estimated_quickly() {
     let at = |seq_len| attention_micros(&config, fit.ctas_per_sm, ProblemShape { batch: 1, seq_len });
     assert!(relative_error(at(1 << 21), 4.0 * at(1 << 20)) < 1e-9);
 }
+
+#[test]
+fn wide_heads_take_the_configurations_checked_on_the_gpu() {
+    // head_dim 192 and 256 fit only narrower key tiles; the driver compiles the one checked for
+    // each (BENCHMARKS.md, 20:40 UTC), and head widths the fast path does not take (96) keep the
+    // kernel-IR attention.
+    for (head_dim, expected) in [(192, (128, 64, 3, Schedule::PingPong)), (256, (128, 64, 2, Schedule::Serial))] {
+        let mut spec = ccc::spec::AttentionSpec::plain("wide", 4 * head_dim, head_dim, 4, 2);
+        spec.mask = ccc::spec::Mask::Causal;
+        let attention = driver::hopper_kernels(&spec)
+            .expect("hopper kernels")
+            .into_iter()
+            .find_map(|k| match k {
+                HopperKernel::Attention(c) => Some(c),
+                _ => None,
+            })
+            .expect("a Hopper attention kernel");
+        assert_eq!((attention.block_m, attention.block_n, attention.stages, attention.schedule), expected, "d {head_dim}");
+        assert!(tiles::gpu_checked_attention(&attention));
+    }
+    let narrow = ccc::spec::AttentionSpec::plain("narrow", 4 * 96, 96, 4, 2);
+    assert!(!driver::hopper_kernels(&narrow).expect("kernels").iter().any(|k| matches!(k, HopperKernel::Attention(_))));
+}

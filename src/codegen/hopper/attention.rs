@@ -198,8 +198,11 @@ impl HopperAttentionConfig {
         if self.kv_heads == 0 || !self.q_heads.is_multiple_of(self.kv_heads) {
             return unsupported(format!("{} query heads do not group over {} kv heads", self.q_heads, self.kv_heads));
         }
-        if self.head_dim != 64 && self.head_dim != 128 {
-            return unsupported(format!("the wgmma attention kernel takes head_dim 64 or 128, not {}", self.head_dim));
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(64) || self.head_dim > 256 {
+            return unsupported(format!(
+                "the wgmma attention kernel takes head_dim 64, 128, 192 or 256 (whole 128-byte panels, wgmma N ≤ 256), not {}",
+                self.head_dim
+            ));
         }
         // Three warpgroups would leave 170 registers per thread: S, O and P do not fit without
         // warp specialization and setmaxnreg.

@@ -423,12 +423,24 @@ pub fn attention_candidates(base: &HopperAttentionConfig, shape: ProblemShape) -
 
 /// Whether the attention kernel with this tile, stage count and schedule has been checked
 /// correct on the GPU: the configurations `bench/hopper_attention.py` checks against cuDNN
-/// (`tests/codegen_hopper.rs`, `bench_configs`; BENCHMARKS.md): 128 × 128 tiles, 2 stages for the
-/// serial schedule and 3 for the others; with TMA loads only the ping-pong one.
+/// (`tests/codegen_hopper.rs`, `bench_configs`; BENCHMARKS.md): for head_dim 64 and 128, 128 × 128
+/// tiles, 2 stages for the serial schedule and 3 for the others, with TMA loads only the ping-pong
+/// one; for 192 and 256, the one or two configurations each that fit.
 pub fn gpu_checked_attention(config: &HopperAttentionConfig) -> bool {
-    let stages = if config.schedule == Schedule::Serial { 2 } else { 3 };
-    let loads_checked = config.loads == TileLoads::CpAsync || config.schedule == Schedule::PingPong;
-    config.block_m == 128 && config.block_n == 128 && config.stages == stages && loads_checked
+    let shape = (config.head_dim, config.block_m, config.block_n, config.stages, config.schedule, config.loads);
+    match shape {
+        // Wider heads need narrower key tiles to fit shared memory and registers (the
+        // `*_d192_*` and `*_d256_*` kernels, 2026-11-28 20:40 UTC).
+        (192, 128, 64, 3, Schedule::PingPong, TileLoads::Tma) => true,
+        (256, 128, 64, 2, Schedule::Serial, TileLoads::CpAsync) => true,
+        (256, 64, 64, 3, Schedule::WarpSpecialized, TileLoads::Tma) => true,
+        (192 | 256, ..) => false,
+        (_, 128, 128, stages, schedule, loads) => {
+            let least = if schedule == Schedule::Serial { 2 } else { 3 };
+            stages == least && (loads == TileLoads::CpAsync || schedule == Schedule::PingPong)
+        }
+        _ => false,
+    }
 }
 
 /// The configuration the driver compiles: the top-ranked feasible candidate that has been checked
@@ -624,10 +636,13 @@ pub fn listing<C: TileColumns>(kernel: &str, kind: &str, shape: ProblemShape, ca
             );
         }
     }
+    // Without a choice the driver compiles the kernel IR's attention, or the GEMM's default.
+    let fallback =
+        if kind == "attention" { "the kernel IR's attention is compiled instead" } else { "the kernel keeps its default configuration" };
     if rank == 0 {
-        out += "  (no feasible candidate: the kernel keeps its default configuration)\n";
+        out += &format!("  (no feasible candidate: {fallback})\n");
     } else if !chose {
-        out += "  (no feasible candidate has run on the GPU: the kernel keeps its default configuration)\n";
+        out += &format!("  (no feasible candidate has run on the GPU: {fallback})\n");
     }
     let rejected: Vec<_> = candidates.iter().filter_map(|c| c.verdict.as_ref().err().map(|r| (c, r))).collect();
     if !rejected.is_empty() {
