@@ -10,7 +10,7 @@ use crate::manifest::{
     BufferManifest, BufferRole, EntryPointManifest, KernelManifest, KernelParamManifest, Manifest,
     PtxasStats, TensorDType, WeightManifest,
 };
-use crate::spec::{AttentionSpec, EntryPoint, Mask};
+use crate::spec::{AttentionSpec, EntryPoint};
 use std::fmt;
 
 /// A stage failed for a spec the checker accepted (e.g. a shape the kernels cannot tile yet).
@@ -269,6 +269,7 @@ pub struct CompileOptions {
 #[cfg(feature = "llvm")]
 fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::hopper::HopperAttentionConfig {
     use crate::codegen::hopper;
+    use crate::spec::Mask;
     hopper::HopperAttentionConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),

@@ -267,32 +267,25 @@ impl Library {
         warmup: usize,
         iterations: usize,
     ) -> Result<Vec<f32>, RuntimeError> {
-        let (plan, supplied) = self.forward_call(x, weights)?;
-        let owned = self.allocate(&plan)?;
-        let call = self.bind(&plan, &supplied, &owned)?;
-        // The first call is checked kernel by kernel so that a faulty library fails clearly.
-        self.launch_all(&plan, &call, true, None)?;
-        for _ in 0..warmup {
-            self.launch_all(&plan, &call, false, None)?;
-        }
-        let event = || {
-            self.stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| RuntimeError::driver("recording a timing event", e))
-        };
-        let mut times = Vec::with_capacity(iterations);
-        for _ in 0..iterations {
-            let start = event()?;
-            self.launch_all(&plan, &call, false, None)?;
-            let end = event()?;
-            times.push(
-                start
-                    .elapsed_ms(&end)
-                    .map_err(|e| RuntimeError::driver("reading a timing event", e))?,
-            );
-        }
-        self.synchronize("finishing the timed calls")?;
-        Ok(times)
+        self.timed_calls(x, weights, warmup, |plan, call| {
+            let event = || {
+                self.stream
+                    .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(|e| RuntimeError::driver("recording a timing event", e))
+            };
+            let mut times = Vec::with_capacity(iterations);
+            for _ in 0..iterations {
+                let start = event()?;
+                self.launch_all(plan, call, false, None)?;
+                let end = event()?;
+                times.push(
+                    start
+                        .elapsed_ms(&end)
+                        .map_err(|e| RuntimeError::driver("reading a timing event", e))?,
+                );
+            }
+            Ok(times)
+        })
     }
 
     /// Times each kernel of the forward pass with CUDA events recorded between consecutive
@@ -305,6 +298,36 @@ impl Library {
         warmup: usize,
         iterations: usize,
     ) -> Result<Vec<(String, Vec<f32>)>, RuntimeError> {
+        self.timed_calls(x, weights, warmup, |plan, call| {
+            let mut times: Vec<(String, Vec<f32>)> = plan
+                .launches
+                .iter()
+                .map(|launch| (launch.symbol.clone(), Vec::with_capacity(iterations)))
+                .collect();
+            for _ in 0..iterations {
+                let mut events = Vec::with_capacity(plan.launches.len() + 1);
+                self.launch_all(plan, call, false, Some(&mut events))?;
+                for (kernel, pair) in times.iter_mut().zip(events.windows(2)) {
+                    let elapsed = pair[0]
+                        .elapsed_ms(&pair[1])
+                        .map_err(|e| RuntimeError::driver("reading a timing event", e))?;
+                    kernel.1.push(elapsed);
+                }
+            }
+            Ok(times)
+        })
+    }
+
+    /// Runs `timed` on the forward pass's buffers, allocated and bound once, after one call
+    /// checked kernel by kernel (so that a faulty library fails clearly) and `warmup` untimed
+    /// ones; waits for the stream before returning what `timed` measured.
+    fn timed_calls<T>(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+        warmup: usize,
+        timed: impl FnOnce(&CallPlan, &BoundCall<'_>) -> Result<T, RuntimeError>,
+    ) -> Result<T, RuntimeError> {
         let (plan, supplied) = self.forward_call(x, weights)?;
         let owned = self.allocate(&plan)?;
         let call = self.bind(&plan, &supplied, &owned)?;
@@ -312,23 +335,9 @@ impl Library {
         for _ in 0..warmup {
             self.launch_all(&plan, &call, false, None)?;
         }
-        let mut times: Vec<(String, Vec<f32>)> = plan
-            .launches
-            .iter()
-            .map(|launch| (launch.symbol.clone(), Vec::with_capacity(iterations)))
-            .collect();
-        for _ in 0..iterations {
-            let mut events = Vec::with_capacity(plan.launches.len() + 1);
-            self.launch_all(&plan, &call, false, Some(&mut events))?;
-            for (kernel, pair) in times.iter_mut().zip(events.windows(2)) {
-                let elapsed = pair[0]
-                    .elapsed_ms(&pair[1])
-                    .map_err(|e| RuntimeError::driver("reading a timing event", e))?;
-                kernel.1.push(elapsed);
-            }
-        }
+        let measured = timed(&plan, &call)?;
         self.synchronize("finishing the timed calls")?;
-        Ok(times)
+        Ok(measured)
     }
 
     /// Allocates every buffer the runtime owns for this call, filled with NaN.

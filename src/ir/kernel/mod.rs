@@ -148,10 +148,10 @@ impl TileType {
         }
     }
     /// Where a shared tile must start, in bytes from a 1024-aligned base.
-    pub fn shared_alignment(&self) -> u32 {
+    pub fn shared_alignment(&self) -> usize {
         match self.layout {
-            Layout::Swizzled128B => layout::TILE_ALIGNMENT,
-            _ => 16,
+            Layout::Swizzled128B => layout::TILE_ALIGNMENT as usize,
+            _ => SHARED_TILE_ALIGNMENT,
         }
     }
     /// The swizzled geometry of a [`Layout::Swizzled128B`] tile (`None` for other layouts).
@@ -375,7 +375,7 @@ impl KernelFn {
         self.params.iter().find(|p| p.name() == name)
     }
     /// Where each tile lives in the kernel's one shared allocation (offsets in declaration
-    /// order, each a multiple of [`SHARED_TILE_ALIGNMENT`] and of its layout's alignment; `None`
+    /// order, each a multiple of its layout's alignment ([`TileType::shared_alignment`]); `None`
     /// for register tiles) and the allocation's size. With swizzled tiles the offsets count from
     /// the first 1024-byte boundary of the allocation, which holds up to 1 KiB more for it.
     pub fn shared_layout(&self) -> (Vec<Option<usize>>, usize) {
@@ -383,7 +383,7 @@ impl KernelFn {
         let mut bytes: usize = 0;
         for decl in &self.tiles {
             if decl.ty.space() == Space::Shared {
-                let offset = bytes.next_multiple_of(SHARED_TILE_ALIGNMENT.max(decl.ty.shared_alignment() as usize));
+                let offset = bytes.next_multiple_of(decl.ty.shared_alignment());
                 offsets.push(Some(offset));
                 bytes = offset + decl.ty.shared_bytes();
             } else {
