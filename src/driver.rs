@@ -128,6 +128,7 @@ pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
     spec.model_dim.is_multiple_of(8) && spec.q_width().is_multiple_of(8)
 }
 
+#[cfg(feature = "llvm")]
 fn is_projection(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qkv_proj") || kernel.name.ends_with("_out_proj")
 }
@@ -136,19 +137,20 @@ fn is_prologue(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qk_prologue")
 }
 
-/// Kernel IR text, with a note on the kernels whose PTX does not come from it.
+/// Kernel IR text of the kernels that ship (with codegen, the projection GEMMs are the
+/// warp-specialized ones the driver builds), with a note on the kernels whose PTX does not come
+/// from it.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
+    #[cfg(feature = "llvm")]
+    let shipped = PlannedSources::of(spec)?.into_kernel_ir(spec).kernels;
+    #[cfg(not(feature = "llvm"))]
+    let shipped = kernels(spec)?;
     let mut out = String::new();
-    for kernel in kernels(spec)? {
+    for kernel in shipped {
         if uses_wgmma_attention(spec) && kernel.name.ends_with("_attention") {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
                     // warp-specialized, tiles from the resource model); this kernel IR is its\n\
                     // one-warpgroup equivalent, which the interpreter checks and other targets lower.\n";
-        }
-        if uses_wgmma_projection(spec) && is_projection(&kernel) {
-            out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: persistent\n\
-                    // warp-specialized wgmma GEMM, 128-row tiles, one CTA per SM); this kernel IR is\n\
-                    // its mma.sync equivalent, which the interpreter checks and other targets lower.\n";
         }
         // Whether the plan fits is known only to the LLVM build; the head width is the first gate.
         if matches!(spec.head_dim, 64 | 128) && is_prologue(&kernel) {
@@ -180,6 +182,9 @@ pub fn entry_point_manifest(
         for param in &kernel.params {
             match param {
                 KernelParam::Size(var) => params.push(KernelParamManifest::Size { var: *var }),
+                KernelParam::TensorMap { tensor, box_rows, .. } => {
+                    params.push(KernelParamManifest::TensorMap { buffer: tensor.clone(), box_rows: *box_rows })
+                }
                 KernelParam::Tensor { name, elem, shape, access } => {
                     params.push(KernelParamManifest::Buffer { name: name.clone() });
                     if weight_names.contains(name) || buffers.iter().any(|b| &b.name == name) {
@@ -600,6 +605,26 @@ impl PlannedSources {
         Ok(self)
     }
 
+    /// Builds the kernel IR of every Hopper kernel that has a kernel-IR builder (the projection
+    /// GEMMs), in place of its tiled kernel; where the builder rejects the shape (an `o` whose
+    /// heads are not whole TMA boxes) the tiled kernel stays.
+    fn into_kernel_ir(mut self, spec: &AttentionSpec) -> PlannedSources {
+        use crate::codegen::hopper::{GemmSchedule, HopperKernel};
+        for (kernel, hopper) in self.kernels.iter_mut().zip(self.hopper.iter_mut()) {
+            let Some(HopperKernel::Gemm(config)) = hopper else { continue };
+            let schedule = kernel::WgmmaGemmSchedule {
+                block_n: config.block_n,
+                stages: config.stages,
+                ping_pong: config.schedule == GemmSchedule::PingPong,
+            };
+            if let Ok(built) = kernel::build_wgmma_projection(spec, kernel, &schedule) {
+                *kernel = built;
+            }
+            *hopper = None;
+        }
+        self
+    }
+
     fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
         use crate::codegen::lower::KernelSource;
         self.kernels
@@ -657,7 +682,7 @@ impl PlannedSources {
 /// LLVM IR and PTX of every kernel of `spec` (what `--emit llvm` and `--emit ptx` print).
 #[cfg(feature = "llvm")]
 pub fn lowered(spec: &AttentionSpec) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
-    let planned = PlannedSources::of(spec)?;
+    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec);
     crate::codegen::lower::lower_sources(&spec.name, &planned.sources())
         .map_err(|e| error(spec, "codegen", e))
 }
@@ -686,7 +711,7 @@ pub fn compile_library(
     spec: &AttentionSpec,
     options: &CompileOptions,
 ) -> Result<Library, CompileError> {
-    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?;
+    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?.into_kernel_ir(spec);
     let emit = || {
         crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
             .map(|module| module.ptx)

@@ -326,10 +326,12 @@ fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
         let kind = config.elem.name();
         let warpgroups = config.block_m / 64;
         let tile_bytes = |rows: u32| rows * config.head_dim * 2;
-        // Warp-specialized schedules add full/empty mbarriers; overlapped ones an 8-byte anchor word.
+        // Warp-specialized schedules add full/empty mbarriers; overlapped ones a 4-byte anchor
+        // word per consumer thread.
+        let anchor = warpgroups * 128 * 4;
         let (producers, barrier_bytes) = match config.schedule {
-            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8 + 8),
-            Schedule::OverlapSoftmax => (0, 8),
+            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8 + anchor),
+            Schedule::OverlapSoftmax => (0, anchor),
             Schedule::Serial => (0, 0),
         };
         assert_eq!(launch.threads, 128 * (warpgroups + producers));

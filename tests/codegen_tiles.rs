@@ -169,7 +169,7 @@ fn attention_candidates_are_rejected_for_each_reason() {
     assert!(matches!(shared, Rejection::SharedMemory(_)), "{shared:?}");
     assert_eq!(
         shared.to_string(),
-        "shared memory: Q and 4 stages of K/V take 296008 bytes of shared memory, more than 232448"
+        "shared memory: Q and 4 stages of K/V take 297024 bytes of shared memory, more than 232448"
     );
     // The same shapes as a search: every rejected candidate carries one of these reasons.
     let candidates = attention_candidates(&base, AT_16K);

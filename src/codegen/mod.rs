@@ -221,7 +221,7 @@ impl<'ctx> PtxModule<'ctx> {
         }
         let entry = self.context.append_basic_block(function, "entry");
         self.builder.position_at_end(entry);
-        Ok(KernelBuilder { module: self, function, params: params.to_vec(), thread_index_per_use: std::cell::Cell::new(false) })
+        Ok(KernelBuilder { module: self, function, params: params.to_vec(), thread_index_per_use: std::cell::Cell::new(false), thread_group: std::cell::Cell::new(None) })
     }
 
     /// Parameter `index` of `function` becomes a by-value 128-byte `__grid_constant__` blob.
@@ -320,6 +320,7 @@ pub struct KernelBuilder<'m, 'ctx> {
     function: FunctionValue<'ctx>,
     params: Vec<ParamKind>,
     thread_index_per_use: std::cell::Cell<bool>,
+    thread_group: std::cell::Cell<Option<u32>>,
 }
 
 impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {

@@ -43,6 +43,10 @@ pub enum SpecialRegister {
     BlockX,
     BlockY,
     BlockZ,
+    /// `%nctaid.x`: CTAs in the grid along x.
+    GridX,
+    GridY,
+    GridZ,
 }
 
 impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
@@ -98,12 +102,33 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
             SpecialRegister::BlockX => "llvm.nvvm.read.ptx.sreg.ctaid.x",
             SpecialRegister::BlockY => "llvm.nvvm.read.ptx.sreg.ctaid.y",
             SpecialRegister::BlockZ => "llvm.nvvm.read.ptx.sreg.ctaid.z",
+            SpecialRegister::GridX => "llvm.nvvm.read.ptx.sreg.nctaid.x",
+            SpecialRegister::GridY => "llvm.nvvm.read.ptx.sreg.nctaid.y",
+            SpecialRegister::GridZ => "llvm.nvvm.read.ptx.sreg.nctaid.z",
         };
         int_result(self.call_intrinsic(name, &[], &[])?)
     }
 
-    /// `threadIdx.x`; with [`KernelBuilder::read_thread_index_per_use`] an opaque read each time.
+    /// `threadIdx.x`, or within a thread group ([`KernelBuilder::set_thread_group`]) the
+    /// thread's index in its group; with [`KernelBuilder::read_thread_index_per_use`] an opaque
+    /// read each time.
     pub fn thread_index(&self) -> Result<IntValue<'ctx>> {
+        let thread = self.cta_thread_index()?;
+        match self.thread_group.get() {
+            Some(threads) => self.and(thread, self.i32(threads as i64 - 1)),
+            None => Ok(thread),
+        }
+    }
+
+    /// From now on (until set back to `None`) tile operations are collective over aligned groups
+    /// of `threads` threads (a power of two: the warpgroups of a warp-specialized role), and
+    /// [`KernelBuilder::thread_index`] counts within the group.
+    pub fn set_thread_group(&self, threads: Option<u32>) {
+        self.thread_group.set(threads);
+    }
+
+    /// `threadIdx.x` whatever the thread group.
+    pub fn cta_thread_index(&self) -> Result<IntValue<'ctx>> {
         if self.thread_index_per_use.get() {
             let i32_type = self.context().i32_type().into();
             let call = self.inline_ptx(Some(i32_type), "mov.u32 $0, %tid.x;", "=r", &[], true)?;

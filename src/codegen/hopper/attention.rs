@@ -249,7 +249,8 @@ struct SharedPlan {
     stage_bytes: u32,
     /// Where the `mbarrier`s start (after the tiles): `full[stages]`, then `empty[stages]`.
     barriers_offset: u32,
-    /// A 4-byte word the overlapped schedules store to as a scheduling anchor (after the barriers).
+    /// 4-byte words, one per consumer thread, the overlapped schedules store to as a scheduling
+    /// anchor (after the barriers).
     anchor_offset: u32,
     total_bytes: u32,
 }
@@ -265,8 +266,12 @@ impl SharedPlan {
             Schedule::Serial | Schedule::OverlapSoftmax => 0,
         };
         let anchor_offset = barriers_offset + barrier_bytes;
+        // One word per consumer thread: a word all of them stored to would be a write-write
+        // race (compute-sanitizer's racecheck reports it), though nothing reads it.
         let anchor_bytes = match config.schedule {
-            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 8,
+            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => {
+                config.block_m / WARPGROUP_ROWS * WARPGROUP_THREADS * 4
+            }
             Schedule::Serial => 0,
         };
         let total_bytes = anchor_offset + anchor_bytes;
@@ -690,7 +695,8 @@ pub fn emit_attention_wgmma<'ctx>(
     // the wait for P·V before the softmax's exponentials and undo the overlap; it does not move
     // it above a shared-memory store. So a volatile store of a value that depends on every
     // exponential of the tile (the sum of both running row sums) goes right before the wait.
-    let anchor_address = kb.add(aligned_address, kb.i32(plan.anchor_offset as i64))?;
+    let anchor_address =
+        kb.add(kb.add(aligned_address, kb.i32(plan.anchor_offset as i64))?, kb.mul(thread, kb.i32(4))?)?;
     let anchor_wait = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
         let sums = kb.fadd(kb.load_f32(running_sum[0])?, kb.load_f32(running_sum[1])?)?;
         kb.inline_ptx(

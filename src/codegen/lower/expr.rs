@@ -103,6 +103,11 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 Axis::Y => SpecialRegister::BlockY,
                 Axis::Z => SpecialRegister::BlockZ,
             })?),
+            Expr::GridDim(axis) => Value::Int(kb.special_register(match axis {
+                Axis::X => SpecialRegister::GridX,
+                Axis::Y => SpecialRegister::GridY,
+                Axis::Z => SpecialRegister::GridZ,
+            })?),
             Expr::Var(name) => match self.scope.iter().rev().find(|(bound, _)| bound == name) {
                 Some((_, value)) => *value,
                 None => return unsupported(format!("variable `{name}` is not in scope")),

@@ -29,6 +29,7 @@
 //! entry carries `.maxntid` with `.minnctapersm 1` so ptxas may use all 255 registers.
 
 pub(crate) mod expr;
+mod hopper;
 mod memory;
 mod wgmma;
 
@@ -206,10 +207,10 @@ fn lower_sources_with(
     // Kernel-IR kernels are code-generated without optimization once LLVM's IR pipeline has
     // run: their long straight-line per-element code made NVPTX's code-generation passes
     // (straight-line strength reduction above all) half of a cold compile, and ptxas optimizes
-    // the PTX again anyway. The Hopper kernels keep optimized code generation: without it the
-    // wgmma attention kernel spills.
+    // the PTX again anyway. Warp-specialized kernels keep optimized code generation: without it
+    // the wgmma attention kernel spills.
     for (source, kernel) in sources.iter().zip(&lowered) {
-        if matches!(source, KernelSource::Ir(_)) {
+        if matches!(source, KernelSource::Ir(ir) if !ir.has_roles()) {
             module.skip_codegen_optimization(&kernel.symbol)?;
         }
     }
@@ -252,6 +253,7 @@ pub fn param_kinds(kernel: &KernelFn) -> Vec<ParamKind> {
         .map(|param| match param {
             KernelParam::Tensor { name, .. } => ParamKind::GlobalPointer(name.clone()),
             KernelParam::Size(var) => ParamKind::Size(var.symbol().to_string()),
+            KernelParam::TensorMap { name, .. } => ParamKind::TensorMap(name.clone()),
         })
         .collect()
 }
@@ -278,7 +280,11 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     };
 
     let kb = module.declare_kernel(&kernel.name, &params)?;
-    kb.read_thread_index_per_use();
+    // Warp-specialized kernels keep one read: their roles are short loops, and the warpgroup
+    // index must be one value that ptxas sees as uniform.
+    if !kernel.has_roles() {
+        kb.read_thread_index_per_use();
+    }
     let shared_base = match shared_base {
         Some(raw) if kernel.has_swizzled_tiles() => {
             let raw_address = kb.shared_address(raw)?;
@@ -318,6 +324,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     }
 
     let mut lowering = Lowering { kernel, shared_base, tiles, scope: Vec::new() };
+    lowering.init_barriers(&kb)?;
     lowering.block(&kb, &kernel.body)?;
     kb.finish()?;
     Ok(LoweredKernel { symbol: kernel.name.clone(), threads: kernel.threads(), dynamic_shared_bytes: shared_bytes })
@@ -326,8 +333,15 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
 /// Whether a statement (or one nested in it) waits at a barrier or multiplies tiles.
 fn synchronizes(stmt: &Stmt) -> bool {
     match stmt {
-        Stmt::Barrier | Stmt::Mma { .. } | Stmt::AsyncWait { .. } => true,
-        Stmt::For { body, .. } => body.iter().any(synchronizes),
+        Stmt::Barrier
+        | Stmt::Mma { .. }
+        | Stmt::AsyncWait { .. }
+        | Stmt::MmaAsync { .. }
+        | Stmt::MmaWait { .. }
+        | Stmt::WaitParity { .. }
+        | Stmt::NamedBarrier { .. }
+        | Stmt::TmaLoad { .. } => true,
+        Stmt::For { body, .. } | Stmt::Elect { body } => body.iter().any(synchronizes),
         Stmt::If { then_body, else_body, .. } => then_body.iter().chain(else_body).any(synchronizes),
         _ => false,
     }
@@ -409,6 +423,25 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Stmt::RowReduce { dst, src, op, value } => self.row_reduce(kb, *dst, src, *op, value)?,
             Stmt::Store { src, dst } => self.store(kb, src, dst)?,
             Stmt::Note(_) => {}
+            Stmt::Roles(roles) => self.roles(kb, roles)?,
+            Stmt::Elect { body } => self.elect(kb, body)?,
+            Stmt::TmaLoad { dst, map, coords, barrier } => self.tma_load(kb, dst, map, coords, barrier)?,
+            Stmt::ArriveExpectTx { barrier, bytes } => {
+                let bytes = self.eval(kb, bytes, &ElementSite::None)?.int()?;
+                kb.mbarrier_arrive_expect_tx(self.barrier_pointer(kb, barrier)?, bytes)?
+            }
+            Stmt::Arrive { barrier } => kb.mbarrier_arrive(self.barrier_pointer(kb, barrier)?)?,
+            Stmt::WaitParity { barrier, parity } => {
+                let parity = self.eval(kb, parity, &ElementSite::None)?.int()?;
+                kb.mbarrier_wait_parity(self.barrier_pointer(kb, barrier)?, parity)?
+            }
+            Stmt::MmaAsync { acc, a, b, b_transposed } => self.wgmma_async(kb, acc, a, b, *b_transposed)?,
+            Stmt::MmaCommit => kb.wgmma_commit_group()?,
+            Stmt::MmaWait { pending } => self.wgmma_wait(kb, *pending)?,
+            Stmt::NamedBarrier { id, threads, sync } => {
+                let id = self.eval(kb, id, &ElementSite::None)?.int()?;
+                if *sync { kb.named_barrier_sync(id, *threads)? } else { kb.named_barrier_arrive(id, *threads)? }
+            }
         }
         Ok(())
     }

@@ -10,7 +10,7 @@
 //! is what every warpgroup's wgmma reads after it, and a wgmma's reads end before later copies
 //! (every `Mma` waits for its wgmma; the verifier puts a barrier between it and the next write).
 
-use inkwell::values::{BasicValueEnum, IntValue, PointerValue};
+use inkwell::values::{BasicValueEnum, FloatValue, IntValue, PointerValue};
 
 use super::expr::ElementSite;
 use super::{Lowering, TileStorage};
@@ -18,7 +18,7 @@ use crate::codegen::hopper::copy::descriptor;
 use crate::codegen::hopper::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::layout::{ATOM_ROWS, OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, WGMMA_K};
-use crate::ir::kernel::{Expr, TileView};
+use crate::ir::kernel::{Expr, Stmt, TileId, TileView};
 
 /// Rows of one wgmma (a warpgroup's band of the accumulator).
 const WARPGROUP_ROWS: u32 = 64;
@@ -33,6 +33,12 @@ pub(super) struct SwizzledWindow<'ctx> {
 }
 
 impl<'ctx> SwizzledWindow<'ctx> {
+    pub(super) fn base(&self) -> PointerValue<'ctx> {
+        self.base
+    }
+    pub(super) fn tile(&self) -> Swizzle128BTile {
+        self.tile
+    }
     pub(super) fn elem(&self) -> Elem {
         self.tile.elem.into()
     }
@@ -73,8 +79,79 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 
     /// `Mma { acc, a, b }` with a swizzled B: `acc += a · op(b)` on the tensor cores, each
-    /// warpgroup its 64 rows of `acc` (the verifier checked the warp grid and the shapes).
+    /// warpgroup its 64 rows of `acc` (the verifier checked the warp grid and the shapes), issued
+    /// and waited for.
     pub(super) fn wgmma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
+        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, b_transposed)?;
+        kb.wgmma_commit_group()?;
+        // The A fragments pass through the wait with the accumulators: wgmma reads them until
+        // it completes, so nothing may reuse their registers before.
+        let mut pending: Vec<BasicValueEnum<'ctx>> = values.iter().map(|value| (*value).into()).collect();
+        pending.extend(a_registers.iter().map(|register| BasicValueEnum::from(*register)));
+        let waited = kb.wgmma_wait(0, &pending)?;
+        let values: Vec<_> = waited[..values.len()].iter().map(|value| value.into_float_value()).collect();
+        self.accumulator(acc.tile)?.store_all(kb, &values)
+    }
+
+    /// `MmaAsync`: the wgmma of [`Self::wgmma`] left in flight in the open group; the accumulator
+    /// slots take the values the instructions return, which the group's wait ties down.
+    pub(super) fn wgmma_async(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
+        let (values, _) = self.wgmma_issue(kb, acc, a, b, b_transposed)?;
+        self.accumulator(acc.tile)?.store_all(kb, &values)
+    }
+
+    /// `MmaWait`: `wgmma.wait_group pending` with every accumulator an asynchronous MMA of the
+    /// kernel writes passed through it, so that no read of one moves above the wait.
+    pub(super) fn wgmma_wait(&self, kb: &KernelBuilder<'_, 'ctx>, pending: u32) -> Result<()> {
+        let tiles = self.async_accumulators();
+        let mut values: Vec<BasicValueEnum<'ctx>> = Vec::new();
+        for tile in &tiles {
+            values.extend(self.accumulator(*tile)?.load_all(kb)?.into_iter().map(BasicValueEnum::from));
+        }
+        let waited = kb.wgmma_wait(pending, &values)?;
+        let mut rest = &waited[..];
+        for tile in &tiles {
+            let accumulator = self.accumulator(*tile)?;
+            let count = accumulator.load_all(kb)?.len();
+            let values: Vec<_> = rest[..count].iter().map(|value| value.into_float_value()).collect();
+            accumulator.store_all(kb, &values)?;
+            rest = &rest[count..];
+        }
+        Ok(())
+    }
+
+    /// The accumulators that `MmaAsync` statements of the kernel write, in tile order.
+    fn async_accumulators(&self) -> Vec<TileId> {
+        fn visit(body: &[Stmt], out: &mut Vec<TileId>) {
+            for stmt in body {
+                match stmt {
+                    Stmt::MmaAsync { acc, .. } if !out.contains(&acc.tile) => out.push(acc.tile),
+                    Stmt::For { body, .. } | Stmt::Elect { body } => visit(body, out),
+                    Stmt::If { then_body, else_body, .. } => {
+                        visit(then_body, out);
+                        visit(else_body, out);
+                    }
+                    Stmt::Roles(roles) => roles.iter().for_each(|role| visit(&role.body, out)),
+                    _ => {}
+                }
+            }
+        }
+        let mut out = Vec::new();
+        visit(&self.kernel.body, &mut out);
+        out.sort();
+        out
+    }
+
+    /// Issues `acc += a · op(b)` (fence, one wgmma per k16 step); returns the accumulator values
+    /// and the A registers the instructions read.
+    fn wgmma_issue(
+        &self,
+        kb: &KernelBuilder<'_, 'ctx>,
+        acc: &TileView,
+        a: &TileView,
+        b: &TileView,
+        b_transposed: bool,
+    ) -> Result<(Vec<FloatValue<'ctx>>, Vec<IntValue<'ctx>>)> {
         self.whole_register_tile(acc)?;
         let accumulator = self.accumulator(acc.tile)?;
         let b_window = self.swizzled_window(kb, b)?;
@@ -131,14 +208,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             };
             values = kb.wgmma(shape, a_step, b_descriptor(step)?, b_major, Accumulate::Add, &values)?;
         }
-        kb.wgmma_commit_group()?;
-        // The A fragments pass through the wait with the accumulators: wgmma reads them until
-        // it completes, so nothing may reuse their registers before.
-        let mut pending: Vec<BasicValueEnum<'ctx>> = values.iter().map(|value| (*value).into()).collect();
-        pending.extend(a_registers.iter().map(|register| BasicValueEnum::from(*register)));
-        let waited = kb.wgmma_wait(0, &pending)?;
-        let values: Vec<_> = waited[..values.len()].iter().map(|value| value.into_float_value()).collect();
-        accumulator.store_all(kb, &values)
+        Ok((values, a_registers))
     }
 
 }

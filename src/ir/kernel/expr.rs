@@ -69,6 +69,8 @@ pub enum Expr {
     Int(i64),
     Float(f64),
     BlockIdx(Axis),
+    /// CTAs in the grid along an axis (a persistent kernel's stride over its work).
+    GridDim(Axis),
     /// A loop variable or a `Let`.
     Var(String),
     Size(SizeVar),

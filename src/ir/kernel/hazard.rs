@@ -325,6 +325,20 @@ impl<'k> Hazards<'k> {
             }
             Stmt::Store { src, .. } => reads.extend(self.region(src)),
             Stmt::Let { .. } | Stmt::For { .. } | Stmt::If { .. } | Stmt::Note(_) => return,
+            // Warpgroups of different roles order their accesses through mbarriers and named
+            // barriers, which this analysis does not follow: the interpreter checks role bodies
+            // as it runs them (copies land only when their barrier is waited for, and a wgmma
+            // group's operands may not be overwritten while it is in flight).
+            Stmt::Roles(_)
+            | Stmt::Elect { .. }
+            | Stmt::TmaLoad { .. }
+            | Stmt::ArriveExpectTx { .. }
+            | Stmt::Arrive { .. }
+            | Stmt::WaitParity { .. }
+            | Stmt::MmaAsync { .. }
+            | Stmt::MmaCommit
+            | Stmt::MmaWait { .. }
+            | Stmt::NamedBarrier { .. } => return,
         }
         for region in reads {
             let name = &self.kernel.tile(region.tile).name;

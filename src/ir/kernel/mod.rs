@@ -39,8 +39,9 @@ mod print;
 mod verify;
 
 pub use build::{
-    ForwardKernel, PROJECTION_BUFFER, ProjectionSegment, build_forward, default_schedule,
-    forward_kernels, has_qk_prologue, projection_segments,
+    ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
+    WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule, forward_kernels, gemm_operands,
+    has_qk_prologue, projection_segments, tensor_map_param,
 };
 pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
 
@@ -51,6 +52,12 @@ use crate::spec::DType;
 pub const SHARED_MEMORY_LIMIT_BYTES: usize = 227 * 1024;
 /// Every shared tile starts at a multiple of this many bytes of the kernel's allocation.
 pub const SHARED_TILE_ALIGNMENT: usize = 128;
+/// Bytes of one mbarrier.
+pub const MBARRIER_BYTES: usize = 8;
+/// Threads of a warpgroup (the unit of wgmma and of warp-specialized roles).
+pub const WARPGROUP_THREADS: u32 = 128;
+/// Registers one SM holds per CTA (65536 32-bit registers).
+pub const REGISTERS_PER_CTA: u32 = 65536;
 
 /// Element type of a tile or a global tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -203,6 +210,36 @@ pub enum KernelParam {
     },
     /// A runtime size (u32 in the ABI).
     Size(SizeVar),
+    /// The TMA descriptor of tensor parameter `tensor`, passed by value (`__grid_constant__`)
+    /// after every tensor and size; the loaders encode it per call ([`TensorMapBox`]).
+    TensorMap { name: String, tensor: String, box_rows: u32 },
+}
+
+/// The box a tensor map copies, as the manifest, the runtime and the Python loader encode it:
+/// the tensor's dimensions innermost first (`[B, S, H, d]` → (d, H, S, B), `[B, S, C]` →
+/// (C, S, B), a weight `[N, K]` → (K, N)); the box is one 128-byte swizzle panel wide
+/// (`panel_cols` elements) and `box_rows` long along the row dimension ([`Self::row_dim`]: S,
+/// or N for a weight), one element along the others. Elements outside the tensor arrive as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMapBox {
+    pub rank: usize,
+    pub panel_cols: u32,
+    pub box_rows: u32,
+}
+
+impl TensorMapBox {
+    /// The coordinate (innermost first) along which the box is `box_rows` long.
+    pub fn row_dim(&self) -> usize {
+        if self.rank == 4 { 2 } else { 1 }
+    }
+    /// The box's extent along coordinate `dim` (innermost first).
+    pub fn extent(&self, dim: usize) -> u32 {
+        match dim {
+            0 => self.panel_cols,
+            d if d == self.row_dim() => self.box_rows,
+            _ => 1,
+        }
+    }
 }
 
 impl KernelParam {
@@ -210,6 +247,7 @@ impl KernelParam {
         match self {
             KernelParam::Tensor { name, .. } => name,
             KernelParam::Size(var) => var.symbol(),
+            KernelParam::TensorMap { name, .. } => name,
         }
     }
 }
@@ -332,6 +370,70 @@ pub enum Stmt {
     },
     /// A line of explanation kept in the printed IR.
     Note(String),
+    /// Warp specialization: the CTA's warpgroups split into roles, each running its own body
+    /// (its warpgroups in order of the list, 128 threads each). Inside a role, tile statements
+    /// are collective over one warpgroup (register tiles are that warpgroup's own) and the
+    /// warpgroups synchronize only through mbarriers and named barriers.
+    Roles(Vec<Role>),
+    /// The body runs on one thread of the enclosing role's warpgroup (TMA issue, expect-tx):
+    /// only scalar, TMA and mbarrier statements.
+    Elect { body: Vec<Stmt> },
+    /// A TMA box copy global → shared: `dst` (whole 128-byte panels of a swizzled tile) from
+    /// tensor map `map` at `coords` (innermost first, the box's first element; one box per
+    /// panel, the panel's columns added to coordinate 0). Completes asynchronously, counting its
+    /// bytes on `barrier`; elements outside the tensor arrive as zeros.
+    TmaLoad { dst: TileView, map: String, coords: Vec<Expr>, barrier: BarrierRef },
+    /// `mbarrier.arrive.expect_tx`: one arrival that also expects `bytes` more copied bytes in
+    /// the current phase (inside `Elect`).
+    ArriveExpectTx { barrier: BarrierRef, bytes: Expr },
+    /// `mbarrier.arrive` by every thread that runs it.
+    Arrive { barrier: BarrierRef },
+    /// Waits until the barrier's phase of parity `parity` (0 or 1) has completed.
+    WaitParity { barrier: BarrierRef, parity: Expr },
+    /// `acc += a · b` (or `a · bᵀ`) issued on the tensor cores without waiting (wgmma, b
+    /// swizzled): part of the open group until `MmaCommit`; `acc` may be read, and the shared
+    /// operands overwritten, only once an `MmaWait` has retired the group.
+    MmaAsync { acc: TileView, a: TileView, b: TileView, b_transposed: bool },
+    /// Closes the open group of asynchronous MMAs.
+    MmaCommit,
+    /// Waits until at most `pending` committed groups of this warpgroup are in flight.
+    MmaWait { pending: u32 },
+    /// Named barrier `id` (1..16; 0 is `Barrier`) for `threads` threads: `sync` arrives and
+    /// waits for the barrier to complete, otherwise it only arrives.
+    NamedBarrier { id: Expr, threads: u32, sync: bool },
+}
+
+/// One role of a warp-specialized kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Role {
+    pub name: String,
+    /// Warpgroups (128 threads each) that run the body; `index` is bound to 0..warpgroups.
+    pub warpgroups: u32,
+    pub index: String,
+    /// Registers per thread after `setmaxnreg` (a multiple of 8 in 24..=256); the roles'
+    /// budgets must fit the CTA's allotment.
+    pub registers: u32,
+    pub body: Vec<Stmt>,
+}
+
+/// A ring of mbarriers in shared memory, initialized before the body runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarrierDecl {
+    pub name: String,
+    pub slots: u32,
+    /// Arrivals that complete a phase (threads that arrive; `ArriveExpectTx` counts one).
+    pub arrivals: u32,
+}
+
+/// Index of a ring in `KernelFn::barriers`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BarrierId(pub usize);
+
+/// Slot `slot` (taken modulo the ring's size) of a barrier ring.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BarrierRef {
+    pub ring: BarrierId,
+    pub slot: Expr,
 }
 
 /// Tile sizes and warps of one kernel. What each size means depends on the kernel:
@@ -360,6 +462,8 @@ pub struct KernelFn {
     /// Threads per CTA = 32 · warps.
     pub warps: u32,
     pub tiles: Vec<TileDecl>,
+    /// mbarrier rings, placed after the tiles (8 bytes per slot).
+    pub barriers: Vec<BarrierDecl>,
     pub schedule: Schedule,
     pub body: Vec<Stmt>,
 }
@@ -390,10 +494,40 @@ impl KernelFn {
                 offsets.push(None);
             }
         }
+        if !self.barriers.is_empty() {
+            bytes = bytes.next_multiple_of(MBARRIER_BYTES) + self.barrier_slots() * MBARRIER_BYTES;
+        }
         if self.has_swizzled_tiles() {
             bytes += layout::TILE_ALIGNMENT as usize;
         }
         (offsets, bytes)
+    }
+    /// Where barrier ring `ring` starts in the shared allocation (after the tiles).
+    pub fn barrier_offset(&self, ring: BarrierId) -> usize {
+        let mut bytes: usize = 0;
+        for decl in self.tiles.iter().filter(|decl| decl.ty.space() == Space::Shared) {
+            bytes = bytes.next_multiple_of(decl.ty.shared_alignment()) + decl.ty.shared_bytes();
+        }
+        let before: u32 = self.barriers[..ring.0].iter().map(|b| b.slots).sum();
+        bytes.next_multiple_of(MBARRIER_BYTES) + before as usize * MBARRIER_BYTES
+    }
+    fn barrier_slots(&self) -> usize {
+        self.barriers.iter().map(|b| b.slots as usize).sum()
+    }
+    pub fn barrier(&self, id: BarrierId) -> &BarrierDecl {
+        &self.barriers[id.0]
+    }
+    /// Whether the body splits into warp-specialized roles.
+    pub fn has_roles(&self) -> bool {
+        fn any(body: &[Stmt]) -> bool {
+            body.iter().any(|stmt| match stmt {
+                Stmt::Roles(_) => true,
+                Stmt::For { body, .. } | Stmt::Elect { body } => any(body),
+                Stmt::If { then_body, else_body, .. } => any(then_body) || any(else_body),
+                _ => false,
+            })
+        }
+        any(&self.body)
     }
     /// Shared memory of one CTA, alignment included (what the launch asks for).
     pub fn shared_bytes(&self) -> usize {

@@ -52,6 +52,9 @@ impl KernelFn {
                     )
                 }
                 KernelParam::Size(var) => writeln!(out, "    {index:2} {}: u32", var.symbol()),
+                KernelParam::TensorMap { name, tensor, box_rows } => {
+                    writeln!(out, "    {index:2} {name}: tensor_map({tensor}, box_rows {box_rows})")
+                }
             };
         }
         let _ = writeln!(
@@ -89,6 +92,12 @@ impl KernelFn {
                 let _ = write!(out, "  ({} B)", ty.shared_bytes());
             }
             out.push('\n');
+        }
+        if !self.barriers.is_empty() {
+            out.push_str("  barriers:\n");
+            for barrier in &self.barriers {
+                let _ = writeln!(out, "    @{}[{}]: mbarrier, {} arrivals", barrier.name, barrier.slots, barrier.arrivals);
+            }
         }
         let _ = writeln!(
             out,
@@ -186,7 +195,56 @@ impl KernelFn {
                 writeln!(out, "{pad}store {} -> {}", self.view(src), self.global(dst))
             }
             Stmt::Note(text) => writeln!(out, "{pad}// {text}"),
+            Stmt::Roles(roles) => {
+                let _ = writeln!(out, "{pad}roles {{");
+                for role in roles {
+                    let _ = writeln!(
+                        out,
+                        "{pad}  role {} x{} ({} in 0..{}, {} registers) {{",
+                        role.name, role.warpgroups, role.index, role.warpgroups, role.registers
+                    );
+                    role.body.iter().for_each(|s| self.print_stmt(out, s, depth + 2));
+                    let _ = writeln!(out, "{pad}  }}");
+                }
+                writeln!(out, "{pad}}}")
+            }
+            Stmt::Elect { body } => {
+                let _ = writeln!(out, "{pad}elect one thread {{");
+                body.iter().for_each(|s| self.print_stmt(out, s, depth + 1));
+                writeln!(out, "{pad}}}")
+            }
+            Stmt::TmaLoad { dst, map, coords, barrier } => {
+                let coords: Vec<String> = coords.iter().map(|c| self.expr(c)).collect();
+                writeln!(out, "{pad}tma {} <- {map}({}) on {}", self.view(dst), coords.join(", "), self.barrier_ref(barrier))
+            }
+            Stmt::ArriveExpectTx { barrier, bytes } => {
+                writeln!(out, "{pad}arrive.expect_tx {} + {} bytes", self.barrier_ref(barrier), self.expr(bytes))
+            }
+            Stmt::Arrive { barrier } => writeln!(out, "{pad}arrive {}", self.barrier_ref(barrier)),
+            Stmt::WaitParity { barrier, parity } => {
+                writeln!(out, "{pad}wait {} parity {}", self.barrier_ref(barrier), self.expr(parity))
+            }
+            Stmt::MmaAsync { acc, a, b, b_transposed } => writeln!(
+                out,
+                "{pad}mma.async {} += {} * {}{}",
+                self.view(acc),
+                self.view(a),
+                self.view(b),
+                if *b_transposed { "^T" } else { "" }
+            ),
+            Stmt::MmaCommit => writeln!(out, "{pad}mma.commit"),
+            Stmt::MmaWait { pending } => writeln!(out, "{pad}mma.wait {pending}"),
+            Stmt::NamedBarrier { id, threads, sync } => writeln!(
+                out,
+                "{pad}{} {} ({threads} threads)",
+                if *sync { "named_barrier.sync" } else { "named_barrier.arrive" },
+                self.expr(id)
+            ),
         };
+    }
+
+    fn barrier_ref(&self, barrier: &BarrierRef) -> String {
+        format!("@{}[{}]", self.barrier(barrier.ring).name, self.expr(&barrier.slot))
     }
 
     fn view(&self, view: &TileView) -> String {
@@ -237,6 +295,7 @@ impl KernelFn {
             Expr::Int(v) => v.to_string(),
             Expr::Float(v) => float_text(*v),
             Expr::BlockIdx(axis) => format!("blockIdx.{}", axis.name()),
+            Expr::GridDim(axis) => format!("gridDim.{}", axis.name()),
             Expr::Var(name) => name.clone(),
             Expr::Size(var) => var.symbol().to_string(),
             Expr::Row => "row".into(),

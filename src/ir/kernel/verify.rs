@@ -19,6 +19,9 @@ struct Verifier<'a> {
     kernel: &'a KernelFn,
     errors: Vec<String>,
     scope: Vec<(String, ScalarType)>,
+    /// Inside a role of `Roles`, and inside its `Elect`.
+    in_role: bool,
+    in_elect: bool,
 }
 
 impl KernelFn {
@@ -28,6 +31,8 @@ impl KernelFn {
             kernel: self,
             errors: Vec::new(),
             scope: Vec::new(),
+            in_role: false,
+            in_elect: false,
         };
         v.check_signature();
         v.check_tiles();
@@ -86,6 +91,34 @@ impl<'a> Verifier<'a> {
         for dim in &k.grid {
             self.check_size_vars(dim, "grid");
         }
+        for p in &k.params {
+            if let KernelParam::TensorMap { name, tensor, box_rows } = p {
+                match k.param(tensor) {
+                    Some(KernelParam::Tensor { shape, .. }) if (2..=4).contains(&shape.len()) => {}
+                    _ => self.errors.push(format!(
+                        "kernel {}: tensor map {name} describes {tensor}, which is not a tensor of 2 to 4 dimensions",
+                        k.name
+                    )),
+                }
+                if *box_rows == 0 || *box_rows > 256 {
+                    self.errors.push(format!("kernel {}: tensor map {name} has a box of {box_rows} rows (1..=256)", k.name));
+                }
+            }
+        }
+        let mut barrier_names = BTreeSet::new();
+        for barrier in &k.barriers {
+            if !barrier_names.insert(barrier.name.clone()) {
+                self.errors.push(format!("kernel {}: barrier @{} declared twice", k.name, barrier.name));
+            }
+            if barrier.slots == 0 || barrier.arrivals == 0 || barrier.arrivals > k.threads() {
+                self.errors.push(format!(
+                    "kernel {}: barrier @{} needs at least one slot and 1..={} arrivals",
+                    k.name,
+                    barrier.name,
+                    k.threads()
+                ));
+            }
+        }
         if k.warps == 0 || k.warps > 32 {
             self.errors.push(format!(
                 "kernel {}: {} warps (must be 1..=32)",
@@ -118,7 +151,8 @@ impl<'a> Verifier<'a> {
     }
 
     fn check_tiles(&mut self) {
-        let warps = self.kernel.warps;
+        // In a warp-specialized kernel each warpgroup of a role holds its own register tiles.
+        let warps = if self.kernel.has_roles() { WARPGROUP_THREADS / 32 } else { self.kernel.warps };
         let mut names = BTreeSet::new();
         for decl in &self.kernel.tiles {
             let ty = &decl.ty;
@@ -335,7 +369,7 @@ impl<'a> Verifier<'a> {
         Ok(match expr {
             Expr::Int(_) => I32,
             Expr::Float(_) => F32,
-            Expr::BlockIdx(_) => I32,
+            Expr::BlockIdx(_) | Expr::GridDim(_) => I32,
             Expr::Var(name) => match self.scope.iter().rev().find(|(n, _)| n == name) {
                 Some((_, ty)) => *ty,
                 None => return Err(format!("variable {name} is not in scope")),
@@ -519,6 +553,7 @@ impl<'a> Verifier<'a> {
     }
 
     fn check_stmt(&mut self, stmt: &Stmt) {
+        self.check_placement(stmt);
         match stmt {
             Stmt::Let { var, value } => {
                 match self.expr_type(value, ExprCtx::Scalar) {
@@ -660,6 +695,45 @@ impl<'a> Verifier<'a> {
                 let ctx = ExprCtx::Elementwise { dst: src };
                 self.expect_type(stmt, value, ScalarType::F32, ctx, "reduced value");
             }
+            Stmt::Roles(roles) => self.check_roles(stmt, roles),
+            Stmt::Elect { body } => {
+                let outer = self.in_elect;
+                self.in_elect = true;
+                self.check_block(body);
+                self.check_transaction_bytes(body);
+                self.in_elect = outer;
+            }
+            Stmt::TmaLoad { dst, map, coords, barrier } => self.check_tma(stmt, dst, map, coords, barrier),
+            Stmt::ArriveExpectTx { barrier, bytes } => {
+                self.check_barrier(stmt, barrier);
+                self.expect_type(stmt, bytes, ScalarType::I32, ExprCtx::Scalar, "transaction bytes");
+            }
+            Stmt::Arrive { barrier } => self.check_barrier(stmt, barrier),
+            Stmt::WaitParity { barrier, parity } => {
+                self.check_barrier(stmt, barrier);
+                self.expect_type(stmt, parity, ScalarType::I32, ExprCtx::Scalar, "parity");
+            }
+            Stmt::MmaAsync { acc, a, b, b_transposed } => {
+                self.check_mma(stmt, acc, a, b, *b_transposed);
+                if b.tile.0 < self.kernel.tiles.len() && self.ty(b).layout != Layout::Swizzled128B {
+                    self.err(stmt, "an asynchronous mma is a wgmma: operand b must be a swizzled128b tile");
+                }
+            }
+            Stmt::MmaCommit | Stmt::MmaWait { .. } => {}
+            Stmt::NamedBarrier { id, threads, .. } => {
+                self.expect_type(stmt, id, ScalarType::I32, ExprCtx::Scalar, "barrier id");
+                if let Expr::Int(id) = id
+                    && !(1..16).contains(id)
+                {
+                    self.err(stmt, format!("named barrier {id} is not in 1..16 (0 is the CTA barrier)"));
+                }
+                if *threads == 0 || !threads.is_multiple_of(WARPGROUP_THREADS) || *threads > self.kernel.threads() {
+                    self.err(
+                        stmt,
+                        format!("{threads} threads: whole warpgroups of the kernel's {}", self.kernel.threads()),
+                    );
+                }
+            }
             Stmt::Store { src, dst } => {
                 self.not_swizzled(stmt, src);
                 if !self.check_view(stmt, src) {
@@ -677,6 +751,158 @@ impl<'a> Verifier<'a> {
                         ),
                     );
                 }
+            }
+        }
+    }
+
+    /// Where each statement may stand: roles at the top of the body, the Hopper synchronization
+    /// inside roles, only scalar, TMA and mbarrier statements on the one thread of `Elect`, and
+    /// no CTA-wide synchronization (or cp.async groups) inside roles.
+    fn check_placement(&mut self, stmt: &Stmt) {
+        let role_only = matches!(
+            stmt,
+            Stmt::Elect { .. }
+                | Stmt::MmaAsync { .. }
+                | Stmt::MmaCommit
+                | Stmt::MmaWait { .. }
+                | Stmt::NamedBarrier { .. }
+        );
+        if role_only && !self.in_role {
+            self.err(stmt, "only inside a role of `roles`");
+        }
+        if matches!(stmt, Stmt::TmaLoad { .. } | Stmt::ArriveExpectTx { .. }) && !self.in_elect {
+            self.err(stmt, "issued by one thread: only inside `elect`");
+        }
+        let single_thread_ok = matches!(
+            stmt,
+            Stmt::Let { .. }
+                | Stmt::For { .. }
+                | Stmt::If { .. }
+                | Stmt::Note(_)
+                | Stmt::TmaLoad { .. }
+                | Stmt::ArriveExpectTx { .. }
+                | Stmt::Arrive { .. }
+                | Stmt::WaitParity { .. }
+        );
+        if self.in_elect && !single_thread_ok {
+            self.err(stmt, "one thread of `elect` runs only scalar, TMA and mbarrier statements");
+        }
+        let cta_wide = matches!(
+            stmt,
+            Stmt::Barrier | Stmt::AsyncCommit | Stmt::AsyncWait { .. } | Stmt::Copy { is_async: true, .. } | Stmt::Roles(_)
+        );
+        if self.in_role && cta_wide {
+            self.err(stmt, "inside a role, warpgroups synchronize through mbarriers and named barriers only");
+        }
+    }
+
+    fn check_roles(&mut self, stmt: &Stmt, roles: &[Role]) {
+        let kernel = self.kernel;
+        let warpgroups: u32 = roles.iter().map(|role| role.warpgroups).sum();
+        if roles.is_empty() || warpgroups * WARPGROUP_THREADS != kernel.threads() {
+            self.err(
+                stmt,
+                format!("the roles hold {warpgroups} warpgroups; the kernel's {} threads are {}", kernel.threads(), kernel.threads() / WARPGROUP_THREADS),
+            );
+        }
+        // `setmaxnreg` only moves registers within the CTA's allotment (what the entry's
+        // `.maxntid` gives each thread, rounded down to ptxas' unit of 8); a role asking for
+        // more than the others gave back waits forever.
+        let allotment = (REGISTERS_PER_CTA / kernel.threads().max(1)) / 8 * 8;
+        let budget: u32 = roles.iter().map(|role| role.warpgroups * role.registers).sum();
+        if budget > allotment * warpgroups {
+            self.err(
+                stmt,
+                format!("register budgets of {budget} per warpgroup row exceed the CTA's {} ({allotment} per thread)", allotment * warpgroups),
+            );
+        }
+        for role in roles {
+            if role.warpgroups == 0 {
+                self.err(stmt, format!("role {} has no warpgroup", role.name));
+            }
+            if !(24..=256).contains(&role.registers) || !role.registers.is_multiple_of(8) {
+                self.err(stmt, format!("role {}: setmaxnreg takes a multiple of 8 in 24..=256, not {}", role.name, role.registers));
+            }
+            let depth = self.scope.len();
+            self.declare(stmt, &role.index, ScalarType::I32);
+            self.in_role = true;
+            self.check_block(&role.body);
+            self.in_role = false;
+            self.scope.truncate(depth);
+        }
+    }
+
+    fn check_barrier(&mut self, stmt: &Stmt, barrier: &BarrierRef) {
+        if barrier.ring.0 >= self.kernel.barriers.len() {
+            self.err(stmt, format!("barrier ring #{} does not exist", barrier.ring.0));
+        }
+        self.expect_type(stmt, &barrier.slot, ScalarType::I32, ExprCtx::Scalar, "barrier slot");
+    }
+
+    fn check_tma(&mut self, stmt: &Stmt, dst: &TileView, map: &str, coords: &[Expr], barrier: &BarrierRef) {
+        self.check_barrier(stmt, barrier);
+        for coord in coords {
+            self.expect_type(stmt, coord, ScalarType::I32, ExprCtx::Scalar, "coordinate");
+        }
+        if !self.check_view(stmt, dst) {
+            return;
+        }
+        let ty = self.ty(dst);
+        let Some(Ok(swizzled)) = ty.swizzled() else {
+            self.err(stmt, "TMA writes swizzled128b shared tiles");
+            return;
+        };
+        let Some(KernelParam::TensorMap { tensor, box_rows, .. }) = self.kernel.param(map).cloned() else {
+            self.err(stmt, format!("{map} is not a tensor map parameter"));
+            return;
+        };
+        if let Some(KernelParam::Tensor { elem, shape, .. }) = self.kernel.param(&tensor).cloned() {
+            if elem != ty.elem {
+                self.err(stmt, format!("{tensor} holds {}, the tile {}", elem.name(), ty.elem.name()));
+            }
+            if shape.len() != coords.len() {
+                self.err(stmt, format!("{tensor} has {} dimensions, {} coordinates given", shape.len(), coords.len()));
+            }
+        }
+        if dst.rows != box_rows || !dst.cols.is_multiple_of(swizzled.panel_cols()) {
+            self.err(
+                stmt,
+                format!(
+                    "a view of {}x{} is not whole boxes of {box_rows} rows x {} columns",
+                    dst.rows,
+                    dst.cols,
+                    swizzled.panel_cols()
+                ),
+            );
+        }
+    }
+
+    /// Within one block of `elect`, an `arrive.expect_tx` with constant bytes must expect what
+    /// the TMA copies of that block count on the same barrier slot.
+    fn check_transaction_bytes(&mut self, body: &[Stmt]) {
+        for stmt in body {
+            match stmt {
+                Stmt::For { body, .. } => self.check_transaction_bytes(body),
+                Stmt::If { then_body, else_body, .. } => {
+                    self.check_transaction_bytes(then_body);
+                    self.check_transaction_bytes(else_body);
+                }
+                _ => {}
+            }
+        }
+        for stmt in body {
+            let Stmt::ArriveExpectTx { barrier, bytes: Expr::Int(bytes) } = stmt else { continue };
+            let copied: i64 = body
+                .iter()
+                .filter_map(|other| match other {
+                    Stmt::TmaLoad { dst, barrier: target, .. } if target == barrier && dst.tile.0 < self.kernel.tiles.len() => {
+                        Some((dst.rows * dst.cols) as i64 * self.ty(dst).elem.size_bytes() as i64)
+                    }
+                    _ => None,
+                })
+                .sum();
+            if copied != *bytes {
+                self.err(stmt, format!("expects {bytes} bytes, the TMA copies of its block on that barrier bring {copied}"));
             }
         }
     }

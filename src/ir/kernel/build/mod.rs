@@ -3,6 +3,13 @@
 //! [q0 | k0], when the spec has any), `attention` (flash attention, online softmax) and
 //! `out_proj` (tiled GEMM).
 
+mod wgmma_gemm;
+
+pub use wgmma_gemm::{
+    GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_CTAS, WgmmaGemmSchedule, build_wgmma_projection, gemm_operands,
+    tensor_map_param,
+};
+
 use super::*;
 use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, ParamRole, QkNorm, RopeStyle};
 
@@ -687,6 +694,7 @@ fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         ],
         warps: s.warps,
         tiles: gemm.tiles.decls,
+        barriers: Vec::new(),
         schedule: *s,
         body,
     })
@@ -942,6 +950,7 @@ impl<'a> PrologueBuilder<'a> {
             ],
             warps: self.schedule.warps,
             tiles: self.tiles.decls,
+            barriers: Vec::new(),
             schedule: self.schedule,
             body,
         }
@@ -1558,6 +1567,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         ],
         warps: s.warps,
         tiles: t.decls,
+        barriers: Vec::new(),
         schedule: *s,
         body,
     })
@@ -1625,6 +1635,7 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         ],
         warps: s.warps,
         tiles: gemm.tiles.decls,
+        barriers: Vec::new(),
         schedule: *s,
         body,
     })

@@ -2,9 +2,15 @@
 //! in f64. Async copies complete at once (the verifier checks that the IR waits for them), so
 //! the interpreter checks tiling, halos, masking and the online softmax, not timing.
 //!
+//! Warp-specialized kernels ([`Stmt::Roles`]) run their warpgroups as cooperating tasks
+//! ([`roles`]): TMA copies land only when their barrier is waited for, wgmma groups are tracked
+//! until their wait, and a misuse of a barrier or a deadlock is an error, not a hang.
+//!
 //! `Rounding::Exact` never rounds (it must agree with the f64 reference to ~1e-12);
 //! `Rounding::Storage` rounds every value written to a tile or tensor to its element type, as the
 //! GPU stores it.
+
+mod roles;
 
 use super::*;
 use crate::spec::AttentionSpec;
@@ -69,9 +75,13 @@ struct Block<'k> {
     shapes: &'k BTreeMap<String, (Vec<usize>, ElemType)>,
     sizes: SizeEnv,
     block_idx: [i64; 3],
+    grid: [i64; 3],
     tiles: Vec<Vec<f64>>,
     scope: Vec<(&'k str, Value)>,
     rounding: Rounding,
+    /// State of the running warpgroup task, mbarriers, named barriers and TMA copies in flight
+    /// (warp-specialized kernels only).
+    sync: roles::SyncState,
 }
 
 use crate::ir::size::SizeEnv;
@@ -129,13 +139,20 @@ pub fn run_kernel(
                     shapes: &shapes,
                     sizes,
                     block_idx: [x as i64, y as i64, z as i64],
+                    grid: [grid[0] as i64, grid[1] as i64, grid[2] as i64],
                     tiles: kernel
                         .tiles
                         .iter()
-                        .map(|t| vec![0.0; (t.ty.rows * t.ty.cols) as usize])
+                        .map(|t| {
+                            // Shared tiles of a warp-specialized kernel start poisoned: a
+                            // warpgroup that reads a stage before its copies landed sees NaN.
+                            let poisoned = !kernel.barriers.is_empty() && t.ty.space() == Space::Shared;
+                            vec![if poisoned { f64::NAN } else { 0.0 }; (t.ty.rows * t.ty.cols) as usize]
+                        })
                         .collect(),
                     scope: Vec::new(),
                     rounding,
+                    sync: roles::SyncState::new(kernel),
                 };
                 block
                     .exec_block(&kernel.body, buffers)
@@ -147,7 +164,7 @@ pub fn run_kernel(
 }
 
 /// A tile view with its offsets evaluated.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct Window {
     tile: usize,
     row0: usize,
@@ -204,6 +221,7 @@ impl<'k> Block<'k> {
     }
 
     fn exec(&mut self, stmt: &'k Stmt, buffers: &mut Buffers) -> Result<(), String> {
+        self.check_in_flight(stmt)?;
         match stmt {
             Stmt::Let { var, value } => {
                 let v = self.eval(value, None, None)?;
@@ -262,23 +280,7 @@ impl<'k> Block<'k> {
                 a,
                 b,
                 b_transposed,
-            } => {
-                let (wc, wa, wb) = (self.window(acc)?, self.window(a)?, self.window(b)?);
-                for i in 0..wc.rows {
-                    for j in 0..wc.cols {
-                        let mut sum = 0.0;
-                        for k in 0..wa.cols {
-                            let bv = if *b_transposed {
-                                wb.index(j, k)
-                            } else {
-                                wb.index(k, j)
-                            };
-                            sum += self.tiles[wa.tile][wa.index(i, k)] * self.tiles[wb.tile][bv];
-                        }
-                        self.tiles[wc.tile][wc.index(i, j)] += sum;
-                    }
-                }
-            }
+            } => self.multiply(acc, a, b, *b_transposed)?,
             Stmt::Convert { dst, src } => {
                 let (wd, ws) = (self.window(dst)?, self.window(src)?);
                 let elem = self.tile_elem(wd.tile);
@@ -333,6 +335,18 @@ impl<'k> Block<'k> {
                     self.tiles[dst.0][r] = round_to(elem, acc, self.rounding);
                 }
             }
+            Stmt::Roles(roles) => self.run_roles(roles, buffers)?,
+            Stmt::Elect { .. }
+            | Stmt::TmaLoad { .. }
+            | Stmt::ArriveExpectTx { .. }
+            | Stmt::Arrive { .. }
+            | Stmt::WaitParity { .. }
+            | Stmt::MmaAsync { .. }
+            | Stmt::MmaCommit
+            | Stmt::MmaWait { .. }
+            | Stmt::NamedBarrier { .. } => {
+                return Err(format!("`{}` outside a role", self.kernel.stmt_head(stmt)));
+            }
             Stmt::Store { src, dst } => {
                 let w = self.window(src)?;
                 let elem = self.shapes[&dst.param].1;
@@ -345,6 +359,22 @@ impl<'k> Block<'k> {
                         }
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `acc += a · b` (or `a · bᵀ`) on whole windows.
+    fn multiply(&mut self, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<(), String> {
+        let (wc, wa, wb) = (self.window(acc)?, self.window(a)?, self.window(b)?);
+        for i in 0..wc.rows {
+            for j in 0..wc.cols {
+                let mut sum = 0.0;
+                for k in 0..wa.cols {
+                    let bv = if b_transposed { wb.index(j, k) } else { wb.index(k, j) };
+                    sum += self.tiles[wa.tile][wa.index(i, k)] * self.tiles[wb.tile][bv];
+                }
+                self.tiles[wc.tile][wc.index(i, j)] += sum;
             }
         }
         Ok(())
@@ -400,6 +430,7 @@ impl<'k> Block<'k> {
             Expr::Int(v) => Value::Int(*v),
             Expr::Float(v) => Value::Float(*v),
             Expr::BlockIdx(axis) => Value::Int(self.block_idx[axis.index()]),
+            Expr::GridDim(axis) => Value::Int(self.grid[axis.index()]),
             Expr::Var(name) => match self.scope.iter().rev().find(|(n, _)| n == name) {
                 Some((_, v)) => *v,
                 None => return Err(format!("variable {name} is not bound")),
@@ -549,14 +580,32 @@ pub fn run_forward_with(
     schedule_of: &dyn Fn(ForwardKernel) -> Schedule,
     rounding: Rounding,
 ) -> Result<ForwardOutputs, String> {
+    let kernels = ForwardKernel::launched_by(spec)
+        .into_iter()
+        .map(|which| build_forward(spec, which, &schedule_of(which)))
+        .collect::<Result<Vec<_>, String>>()?;
+    run_kernels(spec, &kernels, weights, x, batch, seq_len, rounding)
+}
+
+/// Runs `kernels` in order as one forward call of `spec` (the kernels of [`run_forward_with`],
+/// or any that replace them with the same buffers). Every buffer a kernel writes that is not
+/// there yet is allocated from its parameter's shape, zero-filled.
+pub fn run_kernels(
+    spec: &AttentionSpec,
+    kernels: &[KernelFn],
+    weights: &Buffers,
+    x: &[f64],
+    batch: usize,
+    seq_len: usize,
+    rounding: Rounding,
+) -> Result<ForwardOutputs, String> {
     let sizes = SizeEnv {
         batch: batch as u64,
         seq_len: seq_len as u64,
     };
     let mut buffers = weights.clone();
     buffers.insert("x".into(), x.to_vec());
-    for which in ForwardKernel::launched_by(spec) {
-        let kernel = build_forward(spec, which, &schedule_of(which))?;
+    for kernel in kernels {
         for param in &kernel.params {
             if let KernelParam::Tensor {
                 name,
@@ -579,7 +628,7 @@ pub fn run_forward_with(
                 buffers.insert(name.clone(), vec![0.0; len]);
             }
         }
-        run_kernel(&kernel, &mut buffers, batch, seq_len, rounding)?;
+        run_kernel(kernel, &mut buffers, batch, seq_len, rounding)?;
     }
     let mut take = |name: &str| {
         buffers

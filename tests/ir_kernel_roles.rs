@@ -1,0 +1,273 @@
+//! Warp-specialized kernel IR (roles, TMA, mbarriers, asynchronous wgmma, named barriers): the
+//! projection GEMM that ships for Hopper run by the interpreter against the CPU reference, the
+//! interpreter catching broken synchronization (a missing wait, a deadlock, a premature read),
+//! and the verifier's rules, one test per message.
+
+mod common;
+
+use ccc::ir::kernel::interp::{ForwardOutputs, Rounding, run_forward, run_kernels};
+use ccc::ir::kernel::*;
+use ccc::spec::*;
+use common::kernel::*;
+use common::rng::XorShift64Star;
+use common::specs::zaya1_like;
+
+const TOLERANCE: f64 = 1e-10;
+
+fn schedules() -> [WgmmaGemmSchedule; 4] {
+    [
+        WgmmaGemmSchedule { block_n: 128, stages: 4, ping_pong: true },
+        WgmmaGemmSchedule { block_n: 64, stages: 3, ping_pong: true },
+        WgmmaGemmSchedule { block_n: 128, stages: 3, ping_pong: false },
+        WgmmaGemmSchedule { block_n: 192, stages: 5, ping_pong: false },
+    ]
+}
+
+/// The forward kernels of `spec` with both projections replaced by the wgmma GEMM of `schedule`.
+fn with_wgmma_projections(spec: &AttentionSpec, schedule: &WgmmaGemmSchedule) -> Result<Vec<KernelFn>, String> {
+    ForwardKernel::launched_by(spec)
+        .into_iter()
+        .map(|which| {
+            let base = build_forward(spec, which, &default_schedule(spec, which)?)?;
+            match which {
+                ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
+                    build_wgmma_projection(spec, &base, schedule)
+                }
+                _ => Ok(base),
+            }
+        })
+        .collect()
+}
+
+fn assert_close(spec: &AttentionSpec, got: &ForwardOutputs, want: &ForwardOutputs, what: &str) {
+    for (name, a, b) in [("q", &got.q, &want.q), ("k", &got.k, &want.k), ("v", &got.v, &want.v), ("o", &got.o, &want.o), ("out", &got.out, &want.out)] {
+        let error = relative_error(a, b);
+        assert!(error <= TOLERANCE, "{what}: {name} relative error {error:e} for {}", spec.name);
+    }
+}
+
+fn specs() -> Vec<AttentionSpec> {
+    let mut plain = AttentionSpec::plain("mha_bias", 192, 64, 3, 3);
+    plain.bias = true;
+    let mut shifted = zaya1_like("zaya_d64", 256, 64, 4, 2);
+    shifted.bias = true;
+    vec![shifted, plain, zaya1_like("zaya_d128", 256, 128, 2, 1)]
+}
+
+#[test]
+fn wgmma_projection_gemms_match_the_reference() {
+    let mut rng = XorShift64Star::new(7);
+    for spec in specs() {
+        let weights = random_weights(&spec, &mut rng);
+        for (batch, seq_len) in [(2, 17), (1, 130), (1, 1)] {
+            let x = random_input(&spec, batch, seq_len, &mut rng);
+            let want = run_forward(&spec, &weights, &x, batch, seq_len).unwrap();
+            let reference = reference(&spec, &weights, &x, batch, seq_len);
+            assert!(relative_error(&want.out, &reference.out.data) <= TOLERANCE);
+            for (index, schedule) in schedules().into_iter().enumerate() {
+                let mut kernels = with_wgmma_projections(&spec, &schedule).unwrap();
+                // The kernels read their grid size: fewer CTAs than tiles make each loop over
+                // several tiles, so the ring runs on across tiles and the ping-pong turns pass.
+                if index % 2 == 1 {
+                    for kernel in kernels.iter_mut().filter(|k| k.has_roles()) {
+                        kernel.grid[0] = ccc::ir::size::SizeExpr::c(1 + index as u64);
+                    }
+                }
+                let got = run_kernels(&spec, &kernels, &weights, &x, batch, seq_len, Rounding::Exact)
+                    .unwrap_or_else(|e| panic!("{} {schedule:?}: {e}", spec.name));
+                assert_close(&spec, &got, &want, &format!("{schedule:?} B {batch} S {seq_len}"));
+            }
+        }
+    }
+}
+
+/// The qkv projection of a small ZAYA1-like spec with one statement of the consumer role or
+/// the kernel changed by `mutate`, run at B 1 × S 130; the interpreter's error.
+fn broken_run(mutate: impl Fn(&mut KernelFn)) -> String {
+    let spec = zaya1_like("zaya_d64", 256, 64, 4, 2);
+    let schedule = WgmmaGemmSchedule { block_n: 64, stages: 3, ping_pong: true };
+    let mut kernels = with_wgmma_projections(&spec, &schedule).unwrap();
+    // Two CTAs: each runs many tiles, so stages are reused and both consumers take turns.
+    kernels[0].grid[0] = ccc::ir::size::SizeExpr::c(2);
+    mutate(&mut kernels[0]);
+    let mut rng = XorShift64Star::new(3);
+    let weights = random_weights(&spec, &mut rng);
+    let x = random_input(&spec, 1, 130, &mut rng);
+    let want = run_forward(&spec, &weights, &x, 1, 130).unwrap();
+    match run_kernels(&spec, &kernels, &weights, &x, 1, 130, Rounding::Exact) {
+        Err(error) => error,
+        Ok(got) => {
+            let error = relative_error(&got.out, &want.out);
+            assert!(!(error <= TOLERANCE), "the broken kernel still matched (error {error:e})");
+            format!("wrong result: relative error {error:e}")
+        }
+    }
+}
+
+/// Applies `f` to every statement list of the kernel's body, depth first.
+fn edit_blocks(body: &mut Vec<Stmt>, f: &dyn Fn(&mut Vec<Stmt>)) {
+    f(body);
+    for stmt in body.iter_mut() {
+        match stmt {
+            Stmt::For { body, .. } | Stmt::Elect { body } => edit_blocks(body, f),
+            Stmt::If { then_body, else_body, .. } => {
+                edit_blocks(then_body, f);
+                edit_blocks(else_body, f);
+            }
+            Stmt::Roles(roles) => roles.iter_mut().for_each(|role| edit_blocks(&mut role.body, f)),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_consumer_that_does_not_wait_for_its_copies_reads_poison() {
+    let error = broken_run(|kernel| {
+        edit_blocks(&mut kernel.body, &|block| {
+            block.retain(|stmt| !matches!(stmt, Stmt::WaitParity { barrier, .. } if barrier.ring == BarrierId(0)))
+        })
+    });
+    // Whichever comes first: it reads the poison the shared tiles start with, it runs so far
+    // ahead that the barriers' phases alias and nobody moves, or copies nobody waited for
+    // leave a phase over-full.
+    assert!(
+        (error.contains("wrong result") && error.contains("NaN")) || error.contains("deadlock") || error.contains("arrivals on @full"),
+        "{error}"
+    );
+}
+
+#[test]
+fn reading_an_accumulator_before_its_group_retires_is_an_error() {
+    let error = broken_run(|kernel| {
+        edit_blocks(&mut kernel.body, &|block| block.retain(|stmt| *stmt != Stmt::MmaWait { pending: 0 }))
+    });
+    assert!(error.contains("while a wgmma group writing it is in flight"), "{error}");
+}
+
+#[test]
+fn releasing_a_stage_before_its_group_retires_lets_tma_overwrite_it() {
+    // Waiting for no group but the newest to retire keeps the group that read the released
+    // slot in flight when the producer refills it.
+    let error = broken_run(|kernel| {
+        edit_blocks(&mut kernel.body, &|block| {
+            for stmt in block.iter_mut() {
+                if *stmt == (Stmt::MmaWait { pending: 1 }) {
+                    *stmt = Stmt::MmaWait { pending: 2 };
+                }
+            }
+        })
+    });
+    assert!(error.contains("TMA overwrites") && error.contains("while a wgmma group still reads it"), "{error}");
+}
+
+#[test]
+fn too_many_arrivals_for_a_phase_is_an_error() {
+    let error = broken_run(|kernel| kernel.barriers[1].arrivals = 64);
+    assert!(error.contains("arrivals on @empty"), "{error}");
+}
+
+#[test]
+fn a_barrier_that_never_fills_is_a_deadlock() {
+    let error = broken_run(|kernel| kernel.barriers[1].arrivals = 256);
+    assert!(error.starts_with("zaya_d64_qkv_proj block") && error.contains("deadlock"), "{error}");
+    assert!(error.contains("waits on @empty"), "{error}");
+}
+
+#[test]
+fn a_ping_pong_turn_never_passed_is_a_deadlock() {
+    // Without warpgroup 1's opening pass, warpgroup 0 waits for its first turn forever.
+    let error = broken_run(|kernel| {
+        let Stmt::Roles(roles) = kernel.body.last_mut().unwrap() else { panic!("roles last") };
+        roles[0].body.remove(0);
+    });
+    assert!(error.contains("deadlock") && error.contains("named barrier 1"), "{error}");
+}
+
+/// The verifier's messages about a kernel with `mutate` applied to the shipped GEMM.
+fn verify_errors(mutate: impl Fn(&mut KernelFn)) -> String {
+    let spec = zaya1_like("zaya_d64", 256, 64, 4, 2);
+    let schedule = WgmmaGemmSchedule { block_n: 64, stages: 3, ping_pong: true };
+    let mut kernel = with_wgmma_projections(&spec, &schedule).unwrap().remove(0);
+    kernel.verify().expect("the shipped kernel verifies");
+    mutate(&mut kernel);
+    kernel.verify().expect_err("the broken kernel verifies").join("\n")
+}
+
+fn consumer(kernel: &mut KernelFn) -> &mut Vec<Stmt> {
+    let Some(Stmt::Roles(roles)) = kernel.body.last_mut() else { panic!("roles last") };
+    &mut roles[0].body
+}
+
+#[test]
+fn verifier_rules_of_warp_specialized_kernels() {
+    let cases: Vec<(Box<dyn Fn(&mut KernelFn)>, &str)> = vec![
+        (Box::new(|k| k.warps = 16), "the roles hold 3 warpgroups; the kernel's 512 threads are 4"),
+        (Box::new(|k| { let Some(Stmt::Roles(roles)) = k.body.last_mut() else { return }; roles[1].registers = 240 }), "register budgets"),
+        (Box::new(|k| { let Some(Stmt::Roles(roles)) = k.body.last_mut() else { return }; roles[1].registers = 20 }), "setmaxnreg takes a multiple of 8 in 24..=256"),
+        (Box::new(|k| consumer(k).insert(0, Stmt::Barrier)), "warpgroups synchronize through mbarriers and named barriers only"),
+        (Box::new(|k| consumer(k).insert(0, Stmt::NamedBarrier { id: Expr::Int(0), threads: 256, sync: true })), "named barrier 0 is not in 1..16"),
+        (Box::new(|k| consumer(k).insert(0, Stmt::NamedBarrier { id: Expr::Int(3), threads: 96, sync: true })), "96 threads: whole warpgroups"),
+        (Box::new(|k| k.body.insert(0, Stmt::MmaCommit)), "only inside a role of `roles`"),
+        (
+            Box::new(|k| {
+                let arrive = Stmt::ArriveExpectTx { barrier: BarrierRef { ring: BarrierId(0), slot: Expr::Int(0) }, bytes: Expr::Int(8) };
+                consumer(k).insert(0, arrive)
+            }),
+            "issued by one thread: only inside `elect`",
+        ),
+        (
+            Box::new(|k| consumer(k).insert(0, Stmt::Elect { body: vec![Stmt::MmaCommit] })),
+            "one thread of `elect` runs only scalar, TMA and mbarrier statements",
+        ),
+        (
+            Box::new(|k| {
+                // The producer's expect_tx of the first segment one byte short of its copies.
+                let Some(Stmt::Roles(roles)) = k.body.last_mut() else { return };
+                edit_blocks(&mut roles[1].body, &|block| {
+                    for stmt in block.iter_mut() {
+                        if let Stmt::ArriveExpectTx { bytes: Expr::Int(bytes), .. } = stmt {
+                            *bytes -= 1;
+                        }
+                    }
+                })
+            }),
+            "the TMA copies of its block on that barrier bring",
+        ),
+        (Box::new(|k| k.barriers[0].arrivals = 0), "barrier @full needs at least one slot"),
+        (
+            Box::new(|k| {
+                for param in k.params.iter_mut() {
+                    if let KernelParam::TensorMap { box_rows, .. } = param {
+                        *box_rows = 64;
+                    }
+                }
+            }),
+            "is not whole boxes of 64 rows",
+        ),
+    ];
+    for (mutate, message) in cases {
+        let errors = verify_errors(mutate);
+        assert!(errors.contains(message), "expected `{message}` in:\n{errors}");
+    }
+}
+
+#[test]
+fn random_specs_run_the_wgmma_projections() {
+    // Every random spec whose shapes the wgmma GEMM takes (K a multiple of 8, head widths of
+    // whole 64-column boxes), ping-pong and cooperative.
+    let mut rng = XorShift64Star::new(11);
+    let mut ran = 0;
+    for index in 0..80 {
+        let spec = random_spec(&mut rng, index);
+        let schedule = WgmmaGemmSchedule { block_n: 64, stages: 3, ping_pong: index % 2 == 0 };
+        let Ok(kernels) = with_wgmma_projections(&spec, &schedule) else { continue };
+        let weights = random_weights(&spec, &mut rng);
+        let x = random_input(&spec, 2, 33, &mut rng);
+        let want = run_forward(&spec, &weights, &x, 2, 33).unwrap();
+        let got = run_kernels(&spec, &kernels, &weights, &x, 2, 33, Rounding::Exact)
+            .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+        assert_close(&spec, &got, &want, "random");
+        ran += 1;
+    }
+    assert!(ran >= 12, "only {ran} random specs take the wgmma projections");
+}
