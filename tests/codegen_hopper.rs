@@ -14,14 +14,16 @@ mod common;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    GemmSchedule, GemmSegment, HopperAttentionConfig, HopperGemmConfig, HopperLaunch, HopperPrologueConfig,
-    MatrixDescriptor, OperandMajor, PrologueConvStage, PrologueRope, Schedule, Swizzle128BTile, TileLoads, WgmmaA, WgmmaShape,
-    emit_attention_wgmma, emit_gemm_wgmma, emit_prologue_wgmma,
+    HopperAttentionConfig, HopperLaunch, HopperPrologueConfig, MatrixDescriptor, OperandMajor, PrologueConvStage,
+    PrologueRope, Schedule, Swizzle128BTile, TileLoads, WgmmaA, WgmmaShape, emit_attention_wgmma, emit_prologue_wgmma,
+};
+use ccc::ir::kernel::{
+    ForwardKernel, KernelFn, KernelParam, WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule,
+    gemm_operands,
 };
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
 use ccc::ir::kernel::has_qk_prologue;
 use ccc::ir::size::SizeExpr;
-use ccc::manifest::KernelParamManifest;
 use ccc::spec::{AttentionSpec, ConvKind, ConvStage, DType, KeyTemperature, QkNorm, Rope, RopeStyle};
 use inkwell::context::Context;
 
@@ -532,216 +534,106 @@ fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
     }
 }
 
-// ---- the projection GEMM ------------------------------------------------------------------
+// ---- the projection GEMM (a kernel-IR builder, lowered like every kernel) ------------------
 
-fn segment(weight: &str, bias: Option<&str>, cols: u32, dest: &str, dest_width: u32, dest_col: u32, row_shift: u32) -> GemmSegment {
-    GemmSegment {
-        weight: weight.into(),
-        bias: bias.map(Into::into),
-        cols,
-        dest: dest.into(),
-        dest_width,
-        dest_col,
-        row_shift,
+/// A layer for the GEMM checks, from its `.attn` text.
+fn layer(text: &str) -> AttentionSpec {
+    let mut specs = ccc::frontend::parse_and_check("gemm.attn", text).unwrap_or_else(|e| panic!("{}", e.render()));
+    specs.remove(0)
+}
+
+/// The wgmma GEMM of one projection of `spec` with `schedule`, named `name`.
+fn ir_gemm(spec: &AttentionSpec, out_proj: bool, schedule: WgmmaGemmSchedule, name: &str) -> KernelFn {
+    let which = if out_proj { ForwardKernel::OutputProjection } else { ForwardKernel::QkvProjection };
+    let base = build_forward(spec, which, &default_schedule(spec, which).expect("schedule")).expect("tiled kernel");
+    let mut kernel = build_wgmma_projection(spec, &base, &schedule).unwrap_or_else(|e| panic!("{name}: {e}"));
+    kernel.name = name.to_string();
+    kernel
+}
+
+/// ZAYA1's projections, an MHA-width output projection (K = 2048), and awkward shapes for the
+/// GPU check (K not a multiple of 64, segments not a multiple of the tile, f16, biases, a
+/// shifted segment, d = 64 heads stored a head at a time).
+fn gemm_bench_kernels() -> Vec<(AttentionSpec, bool, KernelFn)> {
+    let zaya1 = layer(include_str!("../examples/zaya1.attn"));
+    let mha = layer("attention mha { model_dim = 2048, head_dim = 128, query_heads = 16, kv_heads = 16 }");
+    let ragged = layer(
+        "attention ragged { model_dim = 1040, head_dim = 80, query_heads = 6, kv_heads = 3\n\
+         qk_norm = l2, value_shift = 1, bias = true, dtype = f16 }",
+    );
+    let narrow = layer("attention narrow { model_dim = 576, head_dim = 64, query_heads = 5, kv_heads = 5, bias = true }");
+    let pp = |block_n, stages| WgmmaGemmSchedule { block_n, stages, ping_pong: true };
+    let coop = |block_n, stages| WgmmaGemmSchedule { block_n, stages, ping_pong: false };
+    let mut out = Vec::new();
+    for (spec, out_proj, schedule, name) in [
+        (&zaya1, false, pp(128, 4), "gemm_zaya1_qkv_n128_s4_pingpong_tma"),
+        (&zaya1, false, pp(128, 6), "gemm_zaya1_qkv_n128_s6_pingpong_tma"),
+        (&zaya1, false, coop(256, 4), "gemm_zaya1_qkv_n256_s4_tma"),
+        (&zaya1, true, pp(128, 4), "gemm_out_k1024_n128_s4_pingpong_tma"),
+        (&zaya1, true, coop(256, 4), "gemm_out_k1024_n256_s4_tma"),
+        (&mha, true, pp(128, 4), "gemm_out_k2048_n128_s4_pingpong_tma"),
+        (&mha, true, pp(128, 6), "gemm_out_k2048_n128_s6_pingpong_tma"),
+        (&ragged, false, pp(128, 4), "gemm_ragged_qkv_n128_s4_pingpong_tma"),
+        (&ragged, false, coop(64, 3), "gemm_ragged_qkv_n64_s3_tma"),
+        (&narrow, false, pp(128, 4), "gemm_narrow_qkv_n128_s4_pingpong_tma"),
+        (&narrow, true, pp(128, 4), "gemm_narrow_out_n128_s4_pingpong_tma"),
+    ] {
+        out.push((spec.clone(), out_proj, ir_gemm(spec, out_proj, schedule, name)));
     }
+    out
 }
 
-fn pointers(names: &[&str]) -> Vec<ParamKind> {
-    let mut params: Vec<ParamKind> = names.iter().map(|name| ParamKind::GlobalPointer(name.to_string())).collect();
-    params.push(ParamKind::Size("B".into()));
-    params.push(ParamKind::Size("S".into()));
-    params
-}
-
-/// ZAYA1's qkv_proj: q0 | k0 into p0, current and delayed value heads into v.
-fn zaya1_qkv(block_n: u32, stages: u32) -> HopperGemmConfig {
-    HopperGemmConfig {
-        name: format!("gemm_zaya1_qkv_n{block_n}_s{stages}"),
-        elem: Elem::Bf16,
-        params: pointers(&["x", "wq", "wk", "wv1", "wv2", "p0", "v"]),
-        a: "x".into(),
-        k: 2048,
-        segments: vec![
-            segment("wq", None, 1024, "p0", 1280, 0, 0),
-            segment("wk", None, 256, "p0", 1280, 1024, 0),
-            segment("wv1", None, 128, "v", 256, 0, 0),
-            segment("wv2", None, 128, "v", 256, 128, 1),
-        ],
-        block_n,
-        stages,
-        schedule: GemmSchedule::Cooperative,
-        a_head_dim: None,
-        loads: TileLoads::CpAsync,
-    }
-}
-
-/// An output projection [S, k] · [cols, k]ᵀ with a bias.
-fn out_proj(k: u32, cols: u32, block_n: u32, stages: u32) -> HopperGemmConfig {
-    HopperGemmConfig {
-        name: format!("gemm_out_k{k}_c{cols}_n{block_n}_s{stages}"),
-        elem: Elem::Bf16,
-        params: pointers(&["o", "w", "bias", "out"]),
-        a: "o".into(),
-        k,
-        segments: vec![segment("w", Some("bias"), cols, "out", cols, 0, 0)],
-        block_n,
-        stages,
-        schedule: GemmSchedule::Cooperative,
-        a_head_dim: None,
-        loads: TileLoads::CpAsync,
-    }
-}
-
-/// Awkward shapes for the GPU check: K not a multiple of 64, segments not a multiple of the
-/// tile, f16, biases on some segments, a shifted segment.
-fn ragged() -> HopperGemmConfig {
-    HopperGemmConfig {
-        name: "gemm_ragged_f16".into(),
-        elem: Elem::F16,
-        params: pointers(&["x", "w0", "b0", "w1", "w2", "b2", "y", "z"]),
-        a: "x".into(),
-        k: 200,
-        segments: vec![
-            segment("w0", Some("b0"), 96, "y", 160, 0, 0),
-            segment("w1", None, 64, "y", 160, 96, 1),
-            segment("w2", Some("b2"), 136, "z", 136, 0, 0),
-        ],
-        block_n: 128,
-        stages: 3,
-        schedule: GemmSchedule::Cooperative,
-        a_head_dim: None,
-        loads: TileLoads::CpAsync,
-    }
-}
-
-/// `config` with each warpgroup taking whole tiles in turn, named after it.
-fn ping_pong(config: HopperGemmConfig) -> HopperGemmConfig {
-    HopperGemmConfig { name: format!("{}_pingpong", config.name), schedule: GemmSchedule::PingPong, ..config }
-}
-
-/// `config` with TMA loads, `a` addressed as [B, S, K / d, d] when `a_head_dim` is given.
-fn tma(config: HopperGemmConfig, a_head_dim: Option<u32>) -> HopperGemmConfig {
-    HopperGemmConfig { name: format!("{}_tma", config.name), loads: TileLoads::Tma, a_head_dim, ..config }
-}
-
-fn gemm_bench_configs() -> Vec<HopperGemmConfig> {
-    vec![
-        tma(ping_pong(zaya1_qkv(128, 4)), None),
-        tma(ping_pong(out_proj(1024, 2048, 128, 4)), Some(128)),
-        tma(ping_pong(out_proj(2048, 2048, 128, 4)), Some(128)),
-        tma(ping_pong(ragged()), None),
-        zaya1_qkv(128, 4),
-        ping_pong(zaya1_qkv(128, 4)),
-        ping_pong(zaya1_qkv(128, 6)),
-        zaya1_qkv(256, 4),
-        out_proj(1024, 2048, 128, 4),
-        ping_pong(out_proj(1024, 2048, 128, 4)),
-        ping_pong(out_proj(1024, 2048, 128, 6)),
-        out_proj(1024, 2048, 256, 4),
-        out_proj(2048, 2048, 256, 4),
-        ping_pong(out_proj(2048, 2048, 128, 6)),
-        ragged(),
-        ping_pong(ragged()),
-    ]
-}
-
-fn gemm(config: &HopperGemmConfig) -> (String, HopperLaunch) {
-    let context = Context::create();
-    let module = PtxModule::new(&context, &config.name).expect("module");
-    let launch = emit_gemm_wgmma(&module, config).expect("emit");
-    (module.to_ptx().expect("ptx"), launch)
+fn lowered_ptx(kernel: &KernelFn) -> String {
+    ccc::codegen::lower::lower_kernels(&kernel.name, std::slice::from_ref(kernel)).expect("lowered").ptx
 }
 
 #[test]
 fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
-    let configs = gemm_bench_configs();
     let mut specs = Vec::new();
-    for config in &configs {
-        let (ptx, launch) = gemm(config);
-        let tiles = config.column_tiles();
-        assert_eq!(launch.threads, 384);
-        assert_eq!(launch.grid, [SizeExpr::c(132), SizeExpr::c(1), SizeExpr::c(1)], "persistent");
-        let stage_bytes = (128 + config.block_n) * 64 * 2;
-        assert_eq!(launch.dynamic_shared_bytes, config.stages * stage_bytes + 2 * config.stages * 8 + 1024);
-        // One k-tile of 64: four k16 steps (for each of a ping-pong warpgroup's two 64-row
-        // blocks), fenced, committed, and the previous group waited for.
-        let kind = config.elem.name();
-        let mma = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
-        let row_blocks = match config.schedule {
-            GemmSchedule::Cooperative => 1,
-            GemmSchedule::PingPong => 2,
-        };
-        assert_eq!(ptx.matches(&mma).count(), 4 * row_blocks, "{}", config.name);
-        // Ping-pong turns: one sync per tile, one opening and one per-tile hand-over arrival
-        // (besides the barrier after the mbarrier set-up).
-        let (turn_syncs, turn_arrivals) = match config.schedule {
-            GemmSchedule::Cooperative => (0, 0),
-            GemmSchedule::PingPong => (1, 2),
-        };
-        assert_eq!(ptx.matches("bar.sync").count(), 1 + turn_syncs, "{}", config.name);
-        assert_eq!(ptx.matches("bar.arrive").count(), turn_arrivals, "{}", config.name);
-        assert_eq!(ptx.matches("wgmma.fence.sync.aligned;").count(), 1);
-        assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 1;").count(), 1);
-        assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 1);
-        // The consumers release in the k loop and, for the last k-tile, right after the tile's
-        // final wait.
-        assert_eq!(ptx.matches("mbarrier.arrive.shared::cta.b64").count(), 2, "{}", config.name);
-        assert_eq!(ptx.matches("mbarrier.init.shared::cta.b64").count(), 2 * config.stages as usize);
-        match config.loads {
-            // Each producer thread's copies of a step arrive on its full barrier as they land;
-            // the consumers fence the async proxy after waiting there.
-            TileLoads::CpAsync => {
-                assert_eq!(ptx.matches("cp.async.mbarrier.arrive.noinc.shared::cta.b64").count(), 1, "{}", config.name);
-                assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 1, "{}", config.name);
-                assert_eq!(ptx.matches("cp.async.bulk.tensor").count(), 0, "{}", config.name);
-            }
-            // One thread expects the step's bytes and issues a box of `a` and one of W.
-            TileLoads::Tma => {
-                assert_eq!(ptx.matches("mbarrier.arrive.expect_tx").count(), 1, "{}", config.name);
-                let a_rank = if config.a_head_dim.is_some() { 4 } else { 3 };
-                assert_eq!(ptx.matches(&format!("cp.async.bulk.tensor.{a_rank}d")).count(), 1, "{}", config.name);
-                assert_eq!(ptx.matches("cp.async.bulk.tensor.2d").count(), 1, "{}", config.name);
-                assert_eq!(ptx.matches("fence.proxy.async.shared::cta;").count(), 0, "{}", config.name);
-                assert_eq!(ptx.matches("cp.async.ca").count() + ptx.matches("cp.async.cg").count(), 0, "{}", config.name);
-                // One by-value (`__grid_constant__`) map for `a` and one per weight.
-                let weights: std::collections::BTreeSet<_> = config.segments.iter().map(|s| &s.weight).collect();
-                assert_eq!(ptx.matches(".param .align 64 .b8").count(), 1 + weights.len(), "{}", config.name);
-            }
-        }
-        assert_eq!(ptx.matches("cp.async.wait_group").count(), 0, "{}", config.name);
-        assert!(ptx.contains("setmaxnreg.inc.sync.aligned.u32 232;"), "{}", config.name);
-        assert!(ptx.contains(".maxntid 384"), "{}", config.name);
-        let log = ptxas_log(&ptx, &config.name);
+    for (spec, out_proj, kernel) in gemm_bench_kernels() {
+        let ptx = lowered_ptx(&kernel);
+        let name = &kernel.name;
+        assert_eq!(kernel.threads(), 384);
+        assert_eq!(kernel.grid, [SizeExpr::c(132), SizeExpr::c(1), SizeExpr::c(1)], "persistent");
+        let schedule = kernel.schedule;
+        let stage_bytes = (128 + schedule.block_n) * 64 * 2;
+        assert_eq!(kernel.shared_bytes() as u32, schedule.stages * stage_bytes + 2 * schedule.stages * 8 + 1024);
+        // One k-tile of 64: four k16 steps per accumulator, one fence for all of them,
+        // committed, and the previous group waited for.
+        let accumulators: Vec<_> =
+            kernel.tiles.iter().filter(|tile| tile.ty.space() == ccc::ir::kernel::Space::Registers).collect();
+        let kind = if spec.dtype == DType::F16 { "f16" } else { "bf16" };
+        let wgmmas: usize = accumulators
+            .iter()
+            .map(|tile| count(&ptx, &format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", tile.ty.cols)))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .sum();
+        assert_eq!(wgmmas, 4 * accumulators.len(), "{name}");
+        assert_eq!(count(&ptx, "wgmma.fence.sync.aligned;"), 1, "{name}");
+        assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), 1, "{name}");
+        assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 1, "{name}");
+        assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * schedule.stages as usize, "{name}");
+        assert!(count(&ptx, "mbarrier.arrive.expect_tx") >= 1, "{name}");
+        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 0, "{name}");
+        assert_eq!(count(&ptx, "cp.async.ca") + count(&ptx, "cp.async.cg") + count(&ptx, "cp.async.wait_group"), 0, "{name}");
+        // One by-value (`__grid_constant__`) map for `a` and one per weight.
+        let maps = kernel.params.iter().filter(|p| matches!(p, KernelParam::TensorMap { .. })).count();
+        assert_eq!(count(&ptx, ".param .align 64 .b8"), maps, "{name}");
+        assert!(ptx.contains("setmaxnreg.inc.sync.aligned.u32 232;"), "{name}");
+        assert!(ptx.contains("setmaxnreg.dec.sync.aligned.u32 40;"), "{name}");
+        assert!(ptx.contains(".maxntid 384"), "{name}");
+        let log = ptxas_log(&ptx, name);
         let report = ptxas::parse_report(&log).expect("report").remove(0);
-        assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", config.name);
-        assert!(!log.contains("C75"), "{}: ptxas had to serialize or fence wgmma itself:\n{log}", config.name);
-        println!("{} {report:?} smem {} tiles {tiles}", config.name, launch.dynamic_shared_bytes);
+        assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{name}: {report:?}");
+        assert!(!log.contains("C75"), "{name}: ptxas had to serialize or fence wgmma itself:\n{log}");
+        println!("{name} {report:?} smem {}", kernel.shared_bytes());
+        if std::env::var_os("CCC_HOPPER_PTX_OUT").is_some() {
+            specs.push(gemm_description(&spec, out_proj, &kernel, kind));
+        }
         if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
             std::fs::create_dir_all(&dir).expect("output dir");
-            std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", config.name)), &ptx).expect("write ptx");
-            let params: Vec<String> = config.params.iter().map(|param| param.name().to_string()).collect();
-            let tensor_maps: Vec<_> = launch
-                .extra_params
-                .iter()
-                .map(|param| match param {
-                    KernelParamManifest::TensorMap { buffer, box_rows } => serde_json::json!([buffer, box_rows]),
-                    other => panic!("a GEMM takes only tensor maps after its ABI, not {other:?}"),
-                })
-                .collect();
-            let segments: Vec<_> = config
-                .segments
-                .iter()
-                .map(|s| {
-                    serde_json::json!({"weight": s.weight, "bias": s.bias, "cols": s.cols, "dest": s.dest,
-                        "dest_width": s.dest_width, "dest_col": s.dest_col, "row_shift": s.row_shift})
-                })
-                .collect();
-            specs.push(serde_json::json!({
-                "name": config.name, "elem": kind, "params": params, "a": config.a, "k": config.k,
-                "segments": segments, "block_n": config.block_n, "column_tiles": tiles, "grid": [132, 1, 1],
-                "threads": launch.threads, "dynamic_shared_bytes": launch.dynamic_shared_bytes,
-                "a_head_dim": config.a_head_dim, "tensor_maps": tensor_maps,
-            }));
+            std::fs::write(std::path::Path::new(&dir).join(format!("{name}.ptx")), &ptx).expect("write ptx");
         }
     }
     if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
@@ -750,38 +642,77 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
     }
 }
 
+/// What bench/hopper_gemm.py needs to run `kernel` standalone: its parameters, segments,
+/// launch and tensor maps.
+fn gemm_description(spec: &AttentionSpec, out_proj: bool, kernel: &KernelFn, kind: &str) -> serde_json::Value {
+    let (a, k, a_head_dim, segments) = gemm_operands(spec, out_proj).expect("operands");
+    let params: Vec<&str> =
+        kernel.params.iter().filter(|p| !matches!(p, KernelParam::TensorMap { .. })).map(KernelParam::name).collect();
+    let tensor_maps: Vec<_> = kernel
+        .params
+        .iter()
+        .filter_map(|p| match p {
+            KernelParam::TensorMap { tensor, box_rows, .. } => Some(serde_json::json!([tensor, box_rows])),
+            _ => None,
+        })
+        .collect();
+    let block_n = kernel.schedule.block_n;
+    let segments_json: Vec<_> = segments
+        .iter()
+        .map(|s| {
+            serde_json::json!({"weight": s.weight, "bias": s.bias, "cols": s.cols, "dest": s.dest,
+                "dest_width": s.dest_width, "dest_col": s.dest_col, "row_shift": s.row_shift})
+        })
+        .collect();
+    let column_tiles: u32 = segments.iter().map(|s| s.cols.div_ceil(block_n)).sum();
+    serde_json::json!({
+        "name": kernel.name, "elem": kind, "params": params, "a": a, "k": k,
+        "segments": segments_json, "block_n": block_n, "column_tiles": column_tiles, "grid": [132, 1, 1],
+        "threads": kernel.threads(), "dynamic_shared_bytes": kernel.shared_bytes(),
+        "a_head_dim": a_head_dim, "tensor_maps": tensor_maps,
+    })
+}
+
 #[test]
-fn codegen_hopper_gemm_rejects_bad_configurations() {
-    let good = out_proj(1024, 2048, 128, 4);
-    let bad = [
-        HopperGemmConfig { elem: Elem::F32, ..good.clone() },
-        HopperGemmConfig { k: 1020, ..good.clone() },
-        HopperGemmConfig { block_n: 260, ..good.clone() },
-        HopperGemmConfig { stages: 2, ..good.clone() },
-        HopperGemmConfig { block_n: 256, schedule: GemmSchedule::PingPong, ..good.clone() },
-        HopperGemmConfig { stages: 6, block_n: 256, ..good.clone() },
-        HopperGemmConfig { a: "x".into(), ..good.clone() },
-        HopperGemmConfig { segments: vec![segment("w", None, 2048, "out", 2000, 0, 0)], ..good.clone() },
-        HopperGemmConfig { segments: Vec::new(), ..good.clone() },
-        HopperGemmConfig { params: pointers(&["o", "w", "bias", "out"])[..4].to_vec(), ..good.clone() },
-    ];
-    for config in bad {
-        let context = Context::create();
-        let module = PtxModule::new(&context, "bad").expect("module");
-        assert!(matches!(emit_gemm_wgmma(&module, &config), Err(CodegenError::Unsupported(_))), "{config:?}");
+fn codegen_hopper_gemm_rejects_bad_schedules() {
+    let zaya1 = layer(include_str!("../examples/zaya1.attn"));
+    let base = build_forward(&zaya1, ForwardKernel::OutputProjection, &default_schedule(&zaya1, ForwardKernel::OutputProjection).unwrap())
+        .unwrap();
+    for (schedule, message) in [
+        (WgmmaGemmSchedule { block_n: 260, stages: 4, ping_pong: false }, "block_n 260"),
+        (WgmmaGemmSchedule { block_n: 256, stages: 3, ping_pong: true }, "block_n 256"),
+        (WgmmaGemmSchedule { block_n: 128, stages: 2, ping_pong: true }, "at least 3 stages"),
+        (WgmmaGemmSchedule { block_n: 256, stages: 6, ping_pong: false }, "shared memory"),
+    ] {
+        let error = build_wgmma_projection(&zaya1, &base, &schedule).expect_err("rejected");
+        assert!(error.contains(message), "{schedule:?}: {error}");
     }
+    // An `o` whose heads are not whole 64-column boxes keeps the tiled kernel.
+    let d96 = layer("attention d96 { model_dim = 768, head_dim = 96, query_heads = 8, kv_heads = 8 }");
+    let base = build_forward(&d96, ForwardKernel::OutputProjection, &default_schedule(&d96, ForwardKernel::OutputProjection).unwrap())
+        .unwrap();
+    let error = build_wgmma_projection(&d96, &base, &WgmmaGemmSchedule { block_n: 128, stages: 4, ping_pong: true })
+        .expect_err("rejected");
+    assert!(error.contains("d a multiple of 64"), "{error}");
 }
 
 #[test]
 fn codegen_hopper_gemm_sass_uses_hgmma_without_local_memory() {
-    for config in gemm_bench_configs() {
-        let (ptx, _) = gemm(&config);
-        let sass = sass(&ptx, &config.name);
+    for (_, _, kernel) in gemm_bench_kernels() {
+        let ptx = lowered_ptx(&kernel);
+        let sass = sass(&ptx, &kernel.name);
         let instructions: Vec<&str> = sass.lines().filter_map(|line| line.split("*/").nth(1)).map(str::trim).collect();
         let hgmma = instructions.iter().filter(|text| text.starts_with("HGMMA.")).count();
         let local = instructions.iter().filter(|text| text.starts_with("LDL") || text.starts_with("STL")).count();
-        assert!(hgmma > 0 && local == 0, "{}: {hgmma} HGMMA, {local} LDL/STL", config.name);
+        assert!(hgmma > 0 && local == 0, "{}: {hgmma} HGMMA, {local} LDL/STL", kernel.name);
     }
+}
+
+fn pointers(names: &[&str]) -> Vec<ParamKind> {
+    let mut params: Vec<ParamKind> = names.iter().map(|name| ParamKind::GlobalPointer(name.to_string())).collect();
+    params.push(ParamKind::Size("B".into()));
+    params.push(ParamKind::Size("S".into()));
+    params
 }
 
 /// The Hopper prologue config the driver picks for `spec`, if it takes one.

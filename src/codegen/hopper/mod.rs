@@ -20,7 +20,7 @@ pub mod prologue;
 pub mod tiles;
 
 pub use attention::{HopperAttentionConfig, Schedule, TileLoads, emit_attention_wgmma};
-pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, emit_gemm_wgmma};
+pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig};
 pub use crate::ir::kernel::layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
 pub use tiles::{
@@ -122,7 +122,11 @@ impl HopperKernel {
     pub fn emit(&self, module: &PtxModule<'_>) -> Result<HopperLaunch> {
         match self {
             HopperKernel::Attention(config) => emit_attention_wgmma(module, config),
-            HopperKernel::Gemm(config) => emit_gemm_wgmma(module, config),
+            // The driver builds it as kernel IR (`ir::kernel::build_wgmma_projection`).
+            HopperKernel::Gemm(config) => unsupported(format!(
+                "{}: the projection GEMM is a kernel-IR builder, not an emitter",
+                config.name
+            )),
             HopperKernel::Prologue(config) => emit_prologue_wgmma(module, config),
         }
     }

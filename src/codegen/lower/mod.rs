@@ -362,8 +362,18 @@ struct Lowering<'k, 'ctx> {
 impl<'k, 'ctx> Lowering<'k, 'ctx> {
     fn block(&mut self, kb: &KernelBuilder<'_, 'ctx>, body: &[Stmt]) -> Result<()> {
         let depth = self.scope.len();
-        for stmt in body {
-            self.stmt(kb, stmt)?;
+        let mut index = 0;
+        while index < body.len() {
+            // Consecutive asynchronous MMAs share one wgmma fence.
+            let run: Vec<&Stmt> =
+                body[index..].iter().take_while(|stmt| matches!(stmt, Stmt::MmaAsync { .. })).collect();
+            if run.is_empty() {
+                self.stmt(kb, &body[index])?;
+                index += 1;
+            } else {
+                self.wgmma_async_run(kb, &run)?;
+                index += run.len();
+            }
         }
         self.scope.truncate(depth);
         Ok(())
@@ -435,7 +445,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let parity = self.eval(kb, parity, &ElementSite::None)?.int()?;
                 kb.mbarrier_wait_parity(self.barrier_pointer(kb, barrier)?, parity)?
             }
-            Stmt::MmaAsync { acc, a, b, b_transposed } => self.wgmma_async(kb, acc, a, b, *b_transposed)?,
+            Stmt::MmaAsync { .. } => self.wgmma_async_run(kb, &[stmt])?,
             Stmt::MmaCommit => kb.wgmma_commit_group()?,
             Stmt::MmaWait { pending } => self.wgmma_wait(kb, *pending)?,
             Stmt::NamedBarrier { id, threads, sync } => {

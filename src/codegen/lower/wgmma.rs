@@ -82,7 +82,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// warpgroup its 64 rows of `acc` (the verifier checked the warp grid and the shapes), issued
     /// and waited for.
     pub(super) fn wgmma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
-        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, b_transposed)?;
+        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, b_transposed, true)?;
         kb.wgmma_commit_group()?;
         // The A fragments pass through the wait with the accumulators: wgmma reads them until
         // it completes, so nothing may reuse their registers before.
@@ -93,11 +93,42 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         self.accumulator(acc.tile)?.store_all(kb, &values)
     }
 
-    /// `MmaAsync`: the wgmma of [`Self::wgmma`] left in flight in the open group; the accumulator
-    /// slots take the values the instructions return, which the group's wait ties down.
-    pub(super) fn wgmma_async(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
-        let (values, _) = self.wgmma_issue(kb, acc, a, b, b_transposed)?;
-        self.accumulator(acc.tile)?.store_all(kb, &values)
+    /// A run of consecutive `MmaAsync` statements: one fence over every accumulator they add to
+    /// (so that no register write, not even a zero an accumulator starts from, falls between it
+    /// and the wgmma that read it), then each statement's wgmma in order, left in flight in the
+    /// open group. The accumulator slots take the values the instructions return, which the
+    /// group's wait ties down.
+    pub(super) fn wgmma_async_run(&self, kb: &KernelBuilder<'_, 'ctx>, run: &[&Stmt]) -> Result<()> {
+        let mut tiles: Vec<TileId> = Vec::new();
+        for stmt in run {
+            if let Stmt::MmaAsync { acc, .. } = stmt
+                && !tiles.contains(&acc.tile)
+            {
+                tiles.push(acc.tile);
+            }
+        }
+        let mut values: Vec<BasicValueEnum<'ctx>> = Vec::new();
+        let mut counts = Vec::new();
+        for tile in &tiles {
+            let loaded = self.accumulator(*tile)?.load_all(kb)?;
+            counts.push(loaded.len());
+            values.extend(loaded.into_iter().map(BasicValueEnum::from));
+        }
+        let fenced = kb.wgmma_fence(&values)?;
+        let mut rest = &fenced[..];
+        for (tile, count) in tiles.iter().zip(counts) {
+            let values: Vec<_> = rest[..count].iter().map(|value| value.into_float_value()).collect();
+            self.accumulator(*tile)?.store_all(kb, &values)?;
+            rest = &rest[count..];
+        }
+        for stmt in run {
+            let Stmt::MmaAsync { acc, a, b, b_transposed } = stmt else {
+                return unsupported("a run of asynchronous MMAs holds another statement");
+            };
+            let (values, _) = self.wgmma_issue(kb, acc, a, b, *b_transposed, false)?;
+            self.accumulator(acc.tile)?.store_all(kb, &values)?;
+        }
+        Ok(())
     }
 
     /// `MmaWait`: `wgmma.wait_group pending` with every accumulator an asynchronous MMA of the
@@ -151,6 +182,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         a: &TileView,
         b: &TileView,
         b_transposed: bool,
+        fence: bool,
     ) -> Result<(Vec<FloatValue<'ctx>>, Vec<IntValue<'ctx>>)> {
         self.whole_register_tile(acc)?;
         let accumulator = self.accumulator(acc.tile)?;
@@ -192,7 +224,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         if let AOperand::Registers(steps) = &a_operand {
             fenced.extend(steps.iter().flatten().map(|register| BasicValueEnum::from(*register)));
         }
-        let fenced = kb.wgmma_fence(&fenced)?;
+        let fenced = if fence { kb.wgmma_fence(&fenced)? } else { fenced };
         let mut values: Vec<_> = fenced[..acc_count].iter().map(|value| value.into_float_value()).collect();
         let a_registers: Vec<IntValue<'ctx>> = fenced[acc_count..].iter().map(|value| value.into_int_value()).collect();
         for step in 0..steps {
