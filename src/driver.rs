@@ -137,12 +137,20 @@ fn is_prologue(kernel: &KernelFn) -> bool {
     kernel.name.ends_with("_qk_prologue")
 }
 
+/// The kernel IR of every kernel of `spec` in launch order: the kernels whose PTX the library
+/// ships from it (the projection GEMMs built for the chosen tiles), and the kernel-IR form of
+/// those the Hopper emitters still replace. What the interpreter runs to check what ships.
+#[cfg(feature = "llvm")]
+pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
+    Ok(PlannedSources::of(spec)?.into_kernel_ir(spec).kernels)
+}
+
 /// Kernel IR text of the kernels that ship (with codegen, the projection GEMMs are the
 /// warp-specialized ones the driver builds), with a note on the kernels whose PTX does not come
 /// from it.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     #[cfg(feature = "llvm")]
-    let shipped = PlannedSources::of(spec)?.into_kernel_ir(spec).kernels;
+    let shipped = planned_kernel_ir(spec)?;
     #[cfg(not(feature = "llvm"))]
     let shipped = kernels(spec)?;
     let mut out = String::new();

@@ -271,3 +271,38 @@ fn random_specs_run_the_wgmma_projections() {
     }
     assert!(ran >= 12, "only {ran} random specs take the wgmma projections");
 }
+
+/// What ships: the driver's kernel IR for every example and 120 random specs (the projection
+/// GEMMs with the tiles the resource model chose, the other kernels in their kernel-IR form), run
+/// by the interpreter against the CPU reference at B 2 × S 17 and B 1 × S 130.
+#[cfg(feature = "llvm")]
+#[test]
+fn the_planned_kernel_ir_of_every_example_and_random_spec_matches_the_reference() {
+    let mut rng = XorShift64Star::new(29);
+    let mut specs = common::specs::example_files();
+    let examples = specs.len();
+    specs.extend((0..120).map(|index| random_spec(&mut rng, index)));
+    let mut with_roles = 0;
+    for (index, spec) in specs.iter().enumerate() {
+        let Ok(kernels) = ccc::driver::planned_kernel_ir(spec) else {
+            assert!(index >= examples, "{}: every example compiles", spec.name);
+            continue;
+        };
+        if kernels.iter().any(KernelFn::has_roles) {
+            with_roles += 1;
+        }
+        let weights = random_weights(spec, &mut rng);
+        let shapes: &[(usize, usize)] = if index < examples { &[(2, 17)] } else { &[(2, 17), (1, 130)] };
+        for &(batch, seq_len) in shapes {
+            let x = random_input(spec, batch, seq_len, &mut rng);
+            let got = run_kernels(spec, &kernels, &weights, &x, batch, seq_len, Rounding::Exact)
+                .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+            let want = reference(spec, &weights, &x, batch, seq_len);
+            for (name, a, b) in [("q", &got.q, &want.q.data), ("k", &got.k, &want.k.data), ("v", &got.v, &want.v.data), ("o", &got.o, &want.attn.data), ("lse", &got.lse, &want.lse.data), ("out", &got.out, &want.out.data)] {
+                let error = relative_error(a, b);
+                assert!(error <= TOLERANCE, "{} B {batch} S {seq_len}: {name} relative error {error:e}", spec.name);
+            }
+        }
+    }
+    assert!(with_roles >= examples + 40, "only {with_roles} specs ship a warp-specialized GEMM");
+}
