@@ -314,73 +314,35 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
     }
 }
 
-/// The wgmma projection GEMM for a projection kernel of `spec` (same ABI), or `None` where the
-/// kernel IR's mma.sync kernel stays (a reduction width that 16-byte copies cannot tile).
+/// The tiles of the wgmma projection GEMM for a projection kernel of `spec` (same ABI) as the
+/// resource model ranks them, or `None` where the tiled kernel stays (reduction widths that
+/// 16-byte rows cannot tile, an `o` whose heads are not whole 64-column TMA boxes).
 #[cfg(feature = "llvm")]
 fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperGemmConfig> {
-    use crate::codegen::hopper::{self, GemmSegment, HopperGemmConfig};
-    use crate::spec::ParamRole;
-    let name = |role: ParamRole| spec.param_name(role);
+    use crate::codegen::hopper::{self, HopperGemmConfig};
     if !uses_wgmma_projection(spec) || !is_projection(kernel) {
         return None;
     }
-    let (a, k, segments) = if kernel.name.ends_with("_out_proj") {
-        let e = spec.model_dim as u32;
-        let segment = GemmSegment {
-            weight: name(ParamRole::OutputProj)?,
-            bias: name(ParamRole::OutputBias),
-            cols: e,
-            dest: "out".to_string(),
-            dest_width: e,
-            dest_col: 0,
-            row_shift: 0,
-        };
-        ("o", spec.q_width() as u32, vec![segment])
-    } else {
-        // Every destination is [B, S, channels] row-major ([B, S, heads, d] counts heads·d).
-        let width_of = |output: &str| match output {
-            "q" => spec.q_width(),
-            "k" | "v" => spec.kv_width(),
-            _ => spec.q_width() + spec.kv_width(),
-        };
-        let segments = kernel::projection_segments(spec)
-            .into_iter()
-            .map(|s| GemmSegment {
-                dest_width: width_of(&s.output) as u32,
-                weight: s.weight,
-                bias: s.bias,
-                cols: s.width as u32,
-                dest: s.output,
-                dest_col: s.column0 as u32,
-                row_shift: s.row_shift as u32,
-            })
-            .collect();
-        ("x", spec.model_dim as u32, segments)
-    };
+    let out_proj = kernel.name.ends_with(kernel::ForwardKernel::OutputProjection.suffix());
+    let (a, k, a_head_dim, segments) = kernel::gemm_operands(spec, out_proj)?;
     let base = HopperGemmConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),
         params: crate::codegen::lower::param_kinds(kernel),
-        a: a.to_string(),
+        a,
         k,
         segments,
         // Tile, stages and schedule: the resource model's choice (`hopper::tiles`).
         block_n: 128,
         stages: 4,
         schedule: hopper::GemmSchedule::PingPong,
-        // o is [B, S, Hq, d]; x is [B, S, E].
-        a_head_dim: (a == "o").then_some(spec.head_dim as u32),
+        a_head_dim,
         // TMA: one producer thread instead of 128 computing addresses and bounds for 16-byte
-        // copies, which the profile showed could not keep the consumers fed (BENCHMARKS.md);
-        // its 64-column boxes need the heads of o to be whole boxes.
+        // copies, which the profile showed could not keep the consumers fed (BENCHMARKS.md).
         loads: hopper::TileLoads::Tma,
     };
-    let base = match base.launch() {
-        Ok(_) => base,
-        Err(_) => HopperGemmConfig { loads: hopper::TileLoads::CpAsync, ..base },
-    };
-    let config = hopper::best_gemm(&base, hopper::ProblemShape::of(spec)).unwrap_or(base);
-    Some(config)
+    base.launch().ok()?;
+    Some(hopper::best_gemm(&base, hopper::ProblemShape::of(spec)).unwrap_or(base))
 }
 
 /// The Hopper prologue for the `qk_prologue` kernel of `spec` (same ABI), or `None` where the
