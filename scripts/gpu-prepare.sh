@@ -4,6 +4,9 @@
 #   gpu-carry/ccc-run                      the runtime CLI, checked not to link LLVM
 #   gpu-carry/runtime-gpu-tests            the runtime's GPU test binary (tests/gpu.rs)
 #   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
+#   gpu-carry/libs/short_windows/<block>/  sliding windows of 7 and 100 keys (d 128 and 64),
+#                                          written below: the examples' only window (4096) is
+#                                          not shorter than the suite's S but at 4097
 #   gpu-carry/libs/random_<i>/random_<i>/  with GPU_PREPARE_RANDOM=N: N seeded random specs
 #                                          (scripts/random-specs.py, seed GPU_PREPARE_RANDOM_SEED)
 #   gpu-carry/hopper-ptx/                  with GPU_PREPARE_HOPPER_PTX=1: the Hopper kernel
@@ -46,6 +49,37 @@ if [ ${#examples[@]} -eq 0 ]; then
   echo "gpu-prepare: no examples/*.attn to compile" >&2
   exit 1
 fi
+# Windows shorter than every suite length but 1 (S 17, 1000, 4097), so that a window bound off
+# by one key changes many rows: each of d 128 and 64 with a window of 7 and of 100, over both
+# dtypes, a plain GQA/MHA/MQA core and one with a prologue (RoPE, L2 norm, q-k mean). Not
+# examples: examples/ are the bundled user-facing specs, these exist for the GPU suite only.
+extra=$(mktemp -d)
+cat >"$extra/short_windows.attn" <<'ATTN'
+// scripts/gpu-prepare.sh: sliding windows shorter than the GPU suite's sequence lengths.
+attention window7_d128 {
+    model_dim = 1024, head_dim = 128, query_heads = 8, kv_heads = 2
+    rope { theta = 10_000 }
+    mask = sliding_window(7)
+}
+attention window100_d128 {
+    model_dim = 1024, head_dim = 128, query_heads = 8, kv_heads = 8
+    mask = sliding_window(100)
+    dtype = f16
+}
+attention window7_d64 {
+    model_dim = 512, head_dim = 64, query_heads = 8, kv_heads = 1
+    rope { theta = 500_000, style = interleaved }
+    mask = sliding_window(7)
+    dtype = f16
+}
+attention window100_d64 {
+    model_dim = 512, head_dim = 64, query_heads = 8, kv_heads = 4
+    qk_mean = true, qk_norm = l2, key_temperature = learned
+    rope { fraction = 0.5 }
+    mask = sliding_window(100)
+}
+ATTN
+examples+=("$extra/short_windows.attn")
 if [ "${GPU_PREPARE_RANDOM:-0}" -gt 0 ]; then
   rm -rf target/random-specs
   python3 scripts/random-specs.py --count "$GPU_PREPARE_RANDOM" --seed "${GPU_PREPARE_RANDOM_SEED:-0}" \

@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine: one session's whole check-and-benchmark sweep in one remote call, each
 # step under its own time limit so that a hung kernel costs that step, not the call.
-#   1. with gpu-carry/hopper-ptx (GPU_PREPARE_HOPPER_PTX=1): the standalone Hopper kernels,
-#      correctness only (bench/hopper_gemm.py, bench/hopper_attention.py --skip-timing): a hang
-#      shows here first, within its step's limit;
-#   2. the GPU suite (scripts/gpu-suite.sh): B 1 and 3 × S 1, 17, 1000, then B 1 × S 4097;
-#   3. python/validate.py on zaya1 and mha at 1×4096 (ZAYA1 also against Hugging Face's layer);
-#   4. bench/kernel_times.py (each kernel alone) on zaya1 and mha at 1×16384;
-#   5. bench/bench.py on zaya1, mha and sliding_window at S 4096, 8192, 16384, B 1, with the
-#      peers (FlexAttention for the window);
-#   6. with gpu-carry/tune (GPU_PREPARE_TUNE=1): ccc-run tune over ZAYA1's candidates at
-#      1×16384, writing $OUT/tune/tuning.json (not part of the default steps).
-# Everything is written under $OUT (default sweep-out). About 5 to 6 minutes on an H200.
-# Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]  (steps: hopper suite validate times bench tune)
+#   1. hopper: with gpu-carry/hopper-ptx (GPU_PREPARE_HOPPER_PTX=1): the standalone Hopper
+#      kernels, correctness only (bench/hopper_gemm.py, bench/hopper_attention.py --skip-timing):
+#      a hang shows here first, within its step's limit;
+#   2. runtime-tests: the runtime's GPU tests (gpu-carry/runtime-gpu-tests: the hand-written PTX
+#      fixture through load, launch, NaN poisoning, timing, and ccc-run's CLI); the suite then
+#      skips them, so that they run once;
+#   3. suite: the GPU suite (scripts/gpu-suite.sh): B 1 and 3 × S 1, 17, 1000, then B 1 × S 4097;
+#   4. python-gpu: tests/python/gpu_smoke.py (the Python loader on the fixture library, its error
+#      messages, the torch reference against Hugging Face's ZayaAttention);
+#   5. validate: python/validate.py (f64, storage-rounded and lse checks, docs/gpu-tests.md) on
+#      zaya1 and mha at 1×4096 (ZAYA1 also against Hugging Face's layer) and on the sliding
+#      windows (the example's 4096 and gpu-prepare.sh's short ones) at 2×1000;
+#   6. times: bench/kernel_times.py (each kernel alone) on zaya1 and mha at 1×16384;
+#   7. bench: bench/bench.py on zaya1, mha and sliding_window at S 4096, 8192, 16384, B 1, with
+#      the peers (FlexAttention for the window);
+#   8. tune (not default): with gpu-carry/tune (GPU_PREPARE_TUNE=1): ccc-run tune over ZAYA1's
+#      candidates at 1×16384, writing $OUT/tune/tuning.json;
+#   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
+#      memcheck, racecheck, synccheck and initcheck over every non-random library at 2×300 and
+#      1×1000, the table in $OUT/sanitize.md.
+# Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
+# Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
+#   (steps: hopper runtime-tests suite python-gpu validate times bench tune sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
 mkdir -p "$out"
 libs=gpu-carry/libs
-steps=${*:-hopper suite validate times bench}
+steps=${*:-hopper runtime-tests suite python-gpu validate times bench}
+# gpu-suite.sh runs the runtime's GPU tests first unless told not to: not twice in one sweep.
+suite_skip_tests=0
+[[ " $steps " == *" runtime-tests "* ]] && suite_skip_tests=1
 failed=0
 step() {
   local name=$1 limit=$2
@@ -41,12 +55,25 @@ for s in $steps; do
         step hopper-attention 150 python3 -u -W ignore bench/hopper_attention.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
       fi
       ;;
+    runtime-tests)
+      # --include-ignored: the GPU tests are #[ignore]d so that plain `cargo test` skips them.
+      step runtime-tests 120 env CCC_RUN="$PWD/gpu-carry/ccc-run" CCC_PTXAS="$(command -v ptxas || true)" \
+        gpu-carry/runtime-gpu-tests --include-ignored --test-threads 1
+      ;;
     suite)
-      step suite 200 env OUT="$out/suite" GPU_SUITE_SEQ_LENS="1 17 1000" bash scripts/gpu-suite.sh
+      step suite 200 env OUT="$out/suite" GPU_SUITE_SKIP_TESTS=$suite_skip_tests GPU_SUITE_SEQ_LENS="1 17 1000" \
+        bash scripts/gpu-suite.sh
       step suite-4097 90 env OUT="$out/suite-4097" GPU_SUITE_SKIP_TESTS=1 GPU_SUITE_FAULT=0 GPU_SUITE_BATCHES=1 \
         GPU_SUITE_SEQ_LENS=4097 bash scripts/gpu-suite.sh
       ;;
-    validate) step validate 90 python3 -u -W ignore python/validate.py "$libs/zaya1/zaya1" "$libs/mha/mha" --shapes 1x4096 ;;
+    python-gpu) step python-gpu 120 python3 -u -W ignore tests/python/gpu_smoke.py ;;
+    validate)
+      step validate 90 python3 -u -W ignore python/validate.py "$libs/zaya1/zaya1" "$libs/mha/mha" --shapes 1x4096
+      # Windows shorter than S, where a window bound off by one key changes many rows' lse.
+      windows=("$libs/sliding_window/sliding_window")
+      [ -d "$libs/short_windows" ] && windows+=("$libs"/short_windows/*/)
+      step validate-windows 90 python3 -u -W ignore python/validate.py "${windows[@]}" --shapes 2x1000
+      ;;
     times) step times 60 python3 -u -W ignore bench/kernel_times.py "$libs/zaya1/zaya1" "$libs/mha/mha" --shapes 1x16384 ;;
     bench)
       step bench 200 python3 -u -W ignore bench/bench.py "$libs/zaya1/zaya1" "$libs/mha/mha" \
@@ -59,7 +86,11 @@ for s in $steps; do
           --out "$out/tune/tuning.json"
       fi
       ;;
-    *) echo "gpu-sweep: unknown step $s (hopper suite validate times bench tune)" >&2; exit 2 ;;
+    sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
+    *)
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench tune sanitize)" >&2
+      exit 2
+      ;;
   esac
 done
 exit "$failed"

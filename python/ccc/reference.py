@@ -4,9 +4,16 @@ libraries at sequence lengths where the Rust f64 reference (src/reference) is to
 Written from the semantics, not from the Hugging Face module it is checked against: explicit
 convolution taps over T zero rows padded once, the q-k mean, the L2 norm with eps inside the square
 root, RoPE angles computed in float64, and attention in query blocks so that memory stays bounded
-at 32k tokens. Every tensor comes back in the layout of the manifest's named buffers."""
+at 32k tokens. Every tensor comes back in the layout of the manifest's named buffers.
+
+With storage_dtype ("bf16" or "f16") the same computation rounds to that type wherever the GPU
+kernels store a tensor in it (see `reference_forward`), so that python/validate.py can compare
+the kernels with a reference that carries the same unavoidable rounding and set a tolerance a
+few times the small remainder instead of the storage precision."""
 
 import torch
+
+from .mask_rule import block_key_range, key_range
 
 # Logits of one query block are at most this many bytes (float64).
 LOGITS_BUDGET_BYTES = 2 << 30
@@ -28,9 +35,10 @@ def _linear(x, weights, weight_role, bias_role):
     return y
 
 
-def _convolve(spec, weights, packed):
+def _convolve(spec, weights, packed, rounded):
     """Step 3: pad [q0 | k0] with T zero rows once, then every stage without further padding
-    (cross-correlation: tap 0 multiplies the oldest row)."""
+    (cross-correlation: tap 0 multiplies the oldest row). `rounded` is applied to every stage's
+    output (the kernels store each stage in the storage type)."""
     batch, seq_len, channels = packed.shape
     d = spec.head_dim
     rows = torch.nn.functional.pad(packed, (0, 0, spec.conv_history, 0))
@@ -50,7 +58,7 @@ def _convolve(spec, weights, packed):
                 mixed = torch.einsum("bthi,hoi->btho", window.reshape(batch, out_rows, heads, d),
                                      per_head)
                 result += mixed.reshape(batch, out_rows, channels)
-        rows = result
+        rows = rounded(result)
     return rows
 
 
@@ -76,8 +84,10 @@ def _rotate(heads, spec, positions):
     return torch.cat([rotated, heads[..., r:]], dim=-1)
 
 
-def _attend(spec, q, k, v):
-    """Step 7 over query blocks: o [B, S, Hq, d] and lse [B, Hq, S]."""
+def _attend(spec, q, k, v, mask_kind, window):
+    """Step 7 over query blocks: o [B, S, Hq, d] and lse [B, Hq, S]. Which keys each query sees
+    comes from ccc.mask_rule (the rule written out from docs/language.md), not from the spec's
+    block structure: (mask_kind, window) may be one of its deliberately wrong masks."""
     batch, seq_len, hq, d = q.shape
     hk, groups = spec.kv_heads, spec.groups
     # [B, Hk, G, S, d] queries against [B, Hk, S, d] keys and values: query head h reads h // G.
@@ -88,21 +98,19 @@ def _attend(spec, q, k, v):
     lse = torch.empty(batch, hk, groups, seq_len, dtype=torch.float64, device=q.device)
     block = max(1, min(seq_len, LOGITS_BUDGET_BYTES // (8 * batch * hq * seq_len)))
     positions = torch.arange(seq_len, device=q.device)
-    mask = spec.mask
     for start in range(0, seq_len, block):
         end = min(seq_len, start + block)
-        key_start = 0
-        key_end = seq_len if mask.kind == "none" else end
-        if mask.kind == "sliding_window":
-            key_start = max(0, start - mask.window + 1)
+        key_start, key_end = block_key_range(mask_kind, window, start, end, seq_len)
         logits = spec.softmax_scale * torch.einsum(
             "bjgtd,bjsd->bjgts", q[:, :, :, start:end], k[:, :, key_start:key_end])
-        if mask.kind != "none":
-            t = positions[start:end, None]
-            j = positions[None, key_start:key_end]
-            allowed = j <= t
-            if mask.kind == "sliding_window":
-                allowed &= (t - j) < mask.window
+        # Per query row, its run [first, last] of allowed keys; -inf outside it (a row with no
+        # key would give NaN, which no mask here produces).
+        runs = [key_range(mask_kind, window, t, seq_len) or (seq_len, -1) for t in range(start, end)]
+        first = torch.tensor([run[0] for run in runs], device=q.device)[:, None]
+        last = torch.tensor([run[1] for run in runs], device=q.device)[:, None]
+        j = positions[None, key_start:key_end]
+        allowed = (j >= first) & (j <= last)
+        if not bool(allowed.all()):
             logits = logits.masked_fill(~allowed, float("-inf"))
         block_lse = torch.logsumexp(logits, dim=-1)
         weights = torch.exp(logits - block_lse[..., None])
@@ -113,29 +121,76 @@ def _attend(spec, q, k, v):
     return o, lse.reshape(batch, hq, seq_len)
 
 
-def reference_forward(spec, state_dict, x):
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+
+def storage_rounding(storage_dtype):
+    """The function that rounds a float64 tensor to `storage_dtype` ("bf16", "f16" or None) and
+    widens it back to float64, round to nearest even as the kernels' cvt.rn does; the identity
+    for None. (torch goes from float64 through float32 on the way, a double rounding that the
+    kernels' f32 values also take.)"""
+    if storage_dtype is None:
+        return lambda tensor: tensor
+    dtype = STORAGE_DTYPES[storage_dtype]
+    return lambda tensor: tensor.to(dtype).to(torch.float64)
+
+
+def reference_attention(spec, q, k, v, mask=None):
+    """Step 7 alone, in float64, on given q [B, S, Hq, d], k and v [B, S, Hk, d] (e.g. the
+    kernels' own q̃, k̃ and v, so that only the attention kernel's arithmetic is compared):
+    (o [B, S, Hq, d], lse [B, Hq, S]). mask: (kind, window) as for reference_forward."""
+    if mask is None:
+        mask = (spec.mask.kind, spec.mask.window)
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    return _attend(spec, q, k, v, *mask)
+
+
+def reference_forward(spec, state_dict, x, storage_dtype=None, mask=None, round_before_rope=True):
     """The layer on x [B, S, E] in float64 on x's device. Returns a dict with out [B, S, E],
     q [B, S, Hq, d], k [B, S, Hk, d], v [B, S, Hk, d], o [B, S, Hq, d] and lse [B, Hq, S], all
-    float64 (the names of docs/manifest.md)."""
+    float64 (the names of docs/manifest.md).
+
+    storage_dtype ("bf16" or "f16"; None: exact float64 throughout) rounds where the GPU
+    kernels store a tensor in the storage type (docs/architecture.md, src/codegen/hopper/
+    prologue.rs's "Numerics"), and nowhere else:
+    - the projections q0, k0 (`p0`, or q and k directly when there is no prologue) and v;
+    - the output of every convolution stage;
+    - with RoPE and round_before_rope, the head after the q-k mean and the norm, before the
+      rotation, and q and k after it (the `q`, `k` stores). The two prologues differ here: the
+      Hopper one (head_dim 64, 128) always rotates the rounded head; the kernel-IR one rotates
+      it in f32 unless the spec has convolutions (then its staging buffer is the storage-typed
+      conv buffer). It only matters with a q-k mean or norm and no convolution, where
+      validate.py tries both;
+    - o (stored by the attention kernel, read by the output projection) and out.
+    Inside the attention the kernels also round P to the storage type before P·V, against a
+    running row maximum that depends on their key tiles; that is not modelled (it is the main
+    reason o and out keep an error of about the storage precision). lse stays float64 (the
+    kernels keep it in f32).
+
+    mask: (kind, window) from ccc.mask_rule instead of the spec's mask, for the deliberately
+    wrong masks of validate.py's self-check."""
+    rounded = storage_rounding(storage_dtype)
+    if mask is None:
+        mask = (spec.mask.kind, spec.mask.window)
     weights = _params_by_role(spec, {n: t.to(x.device) for n, t in state_dict.items()})
     x = x.to(torch.float64)
     batch, seq_len, _ = x.shape
     hq, hk, d = spec.query_heads, spec.kv_heads, spec.head_dim
 
     # Steps 1 and 2.
-    q0 = _linear(x, weights, "query_proj", "query_bias")
-    k0 = _linear(x, weights, "key_proj", "key_bias")
+    q0 = rounded(_linear(x, weights, "query_proj", "query_bias"))
+    k0 = rounded(_linear(x, weights, "key_proj", "key_bias"))
     values = []
     if "value_proj_current" in weights:
         values.append(_linear(x, weights, "value_proj_current", "value_bias_current"))
     if "value_proj_delayed" in weights:
         previous = torch.nn.functional.pad(x[:, :-1], (0, 0, 1, 0))
         values.append(_linear(previous, weights, "value_proj_delayed", "value_bias_delayed"))
-    v = torch.cat(values, dim=-1).view(batch, seq_len, hk, d)
+    v = rounded(torch.cat(values, dim=-1).view(batch, seq_len, hk, d))
 
     # Step 3.
     packed = torch.cat([q0, k0], dim=-1)
-    convolved = _convolve(spec, weights, packed) if spec.qk_conv else packed
+    convolved = _convolve(spec, weights, packed, rounded) if spec.qk_conv else packed
     q = convolved[..., :spec.q_width].reshape(batch, seq_len, hq, d)
     k = convolved[..., spec.q_width:].reshape(batch, seq_len, hk, d)
 
@@ -165,12 +220,16 @@ def reference_forward(spec, state_dict, x):
     # Step 6.
     if spec.rope is not None:
         positions = torch.arange(seq_len, device=x.device)
-        q = _rotate(q, spec, positions)
-        k = _rotate(k, spec, positions)
+        before = rounded if round_before_rope else (lambda tensor: tensor)
+        q = _rotate(before(q), spec, positions)
+        k = _rotate(before(k), spec, positions)
+    q, k = rounded(q), rounded(k)
 
     # Steps 7 and 8.
-    o, lse = _attend(spec, q, k, v)
-    out = _linear(o.reshape(batch, seq_len, spec.q_width), weights, "output_proj", "output_bias")
+    o, lse = _attend(spec, q, k, v, *mask)
+    o = rounded(o)
+    out = rounded(_linear(o.reshape(batch, seq_len, spec.q_width), weights, "output_proj",
+                          "output_bias"))
     return {"out": out, "q": q, "k": k, "v": v, "o": o, "lse": lse}
 
 
