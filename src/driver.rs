@@ -75,6 +75,55 @@ pub fn plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
         .collect()
 }
 
+/// Plan text of every entry point: with codegen, each kernel's schedule and grid as the library
+/// launches it ([`launched_plans`]), so that `--emit plan` and the manifest agree.
+pub fn plan_text(spec: &AttentionSpec) -> Result<String, CompileError> {
+    #[cfg(feature = "llvm")]
+    let plans = launched_plans(spec)?;
+    #[cfg(not(feature = "llvm"))]
+    let plans = plans(spec)?;
+    Ok(plans.iter().map(|plan| plan.to_string()).collect())
+}
+
+/// The kernel plan of every entry point with each kernel's schedule and grid replaced by those of
+/// the kernel that runs: the kernel IR built for the chosen tiles (the projection GEMMs), or the
+/// Hopper kernel that replaces the planned one (its tiles, warps and grid).
+#[cfg(feature = "llvm")]
+pub fn launched_plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
+    use crate::codegen::hopper::HopperKernel;
+    let mut plans = plans(spec)?;
+    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec);
+    let launches = planned.launches(spec)?;
+    let mut shipped = planned.kernels.iter().zip(&planned.hopper).zip(&launches);
+    for planned_kernel in plans.iter_mut().flat_map(|plan| plan.kernels.iter_mut()) {
+        let Some(((ir, hopper), launch)) = shipped.next() else {
+            return Err(error(spec, "plan", "fewer kernels built than planned"));
+        };
+        let warps = launch.threads / 32;
+        planned_kernel.schedule = match hopper {
+            None => ir.schedule,
+            Some(HopperKernel::Attention(config)) => kernel::Schedule {
+                block_m: config.block_m,
+                block_n: config.block_n,
+                block_k: config.head_dim,
+                warps,
+                stages: config.stages,
+            },
+            Some(HopperKernel::Prologue(config)) => kernel::Schedule {
+                block_m: config.rows_per_cta().map_err(|e| error(spec, "plan", e))?,
+                warps,
+                ..planned_kernel.schedule
+            },
+            Some(HopperKernel::Gemm(config)) => {
+                return Err(error(spec, "plan", format!("{} was not built as kernel IR", config.name)));
+            }
+        };
+        let [x, y, z] = launch.grid.clone();
+        planned_kernel.grid = plan::Grid { x, y, z };
+    }
+    Ok(plans)
+}
+
 /// The kernel IR of every planned kernel, in launch order.
 pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
     // Said up front in the user's terms; the builders would otherwise report it as a

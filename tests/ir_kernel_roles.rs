@@ -306,3 +306,25 @@ fn the_planned_kernel_ir_of_every_example_and_random_spec_matches_the_reference(
     }
     assert!(with_roles >= examples + 40, "only {with_roles} specs ship a warp-specialized GEMM");
 }
+
+/// `--emit plan` shows the launches the manifest makes: every kernel's grid and threads, for
+/// every example and 40 random specs.
+#[cfg(feature = "llvm")]
+#[test]
+fn the_plan_launches_what_the_manifest_launches() {
+    let mut rng = XorShift64Star::new(5);
+    let mut specs = common::specs::example_files();
+    specs.extend((0..40).map(|index| random_spec(&mut rng, index)));
+    for spec in specs {
+        let Ok(plans) = ccc::driver::launched_plans(&spec) else { continue };
+        let library = ccc::driver::compile_library(&spec, &Default::default()).unwrap();
+        let launched = &library.manifest.entry_points[0].kernels;
+        assert_eq!(plans[0].kernels.len(), launched.len(), "{}", spec.name);
+        for (planned, launched) in plans[0].kernels.iter().zip(launched) {
+            assert_eq!(planned.symbol, launched.symbol);
+            let grid = [planned.grid.x.clone(), planned.grid.y.clone(), planned.grid.z.clone()];
+            assert_eq!(grid, launched.grid, "{}", planned.symbol);
+            assert_eq!([planned.schedule.warps * 32, 1, 1], launched.block, "{}", planned.symbol);
+        }
+    }
+}

@@ -315,8 +315,7 @@ impl Session<'_, '_> {
                 let text = match stage {
                     EmitStage::Spec => Ok(frontend::spec_text(spec)),
                     EmitStage::Graph => driver::graph_text(spec, print_after_all),
-                    EmitStage::Plan => driver::plans(spec)
-                        .map(|plans| plans.iter().map(|p| p.to_string()).collect()),
+                    EmitStage::Plan => driver::plan_text(spec),
                     EmitStage::Kernel => driver::kernel_text(spec),
                     EmitStage::Llvm | EmitStage::Ptx => match lowered_text(spec, stage) {
                         Some(text) => text,

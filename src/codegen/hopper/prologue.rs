@@ -284,6 +284,15 @@ impl HopperPrologueConfig {
 
     /// Threads, shared memory and grid (`(Hq + Hk, ceil(S / (out_rows · tiles_per_cta)), B)`) of
     /// the kernel this config emits, without emitting it; an error for a config it cannot emit.
+    /// Output rows one CTA computes (`tiles_per_cta` row tiles).
+    pub fn rows_per_cta(&self) -> Result<u32> {
+        let plan = Plan::new(self)?;
+        match plan.out_rows.checked_mul(self.tiles_per_cta) {
+            Some(rows) => Ok(rows),
+            None => unsupported(format!("{} row tiles per CTA are too many", self.tiles_per_cta)),
+        }
+    }
+
     pub fn launch(&self) -> Result<HopperLaunch> {
         let plan = Plan::new(self)?;
         let Some(rows_per_cta) = plan.out_rows.checked_mul(self.tiles_per_cta) else {
