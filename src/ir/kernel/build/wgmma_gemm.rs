@@ -224,20 +224,38 @@ pub fn build_wgmma_projection(
         ]
     };
     // The segment of column tile `column_tile`: `then(segment, first tile)` in an if-chain.
-    let by_segment = |column_tile: Expr, then: &dyn Fn(&GemmSegment, u32) -> Vec<Stmt>| -> Vec<Stmt> {
-        let mut first_tiles = Vec::new();
-        let mut end = 0;
-        for segment in &segments {
-            first_tiles.push(end);
-            end += segment.cols.div_ceil(block_n);
+    // The column segments with the column tile each starts at.
+    let mut parts = Vec::new();
+    let mut end = 0;
+    for segment in &segments {
+        parts.push((segment.clone(), end));
+        end += segment.cols.div_ceil(block_n);
+    }
+    // For the stores: runs of segments that continue each other in one destination, each but the
+    // last of whole tiles, store as one (ZAYA1: q0 | k0 into p0, both value halves into v), which
+    // keeps the epilogue's code (and the compile) small.
+    let mut store_parts: Vec<(GemmSegment, u32)> = Vec::new();
+    for (segment, first_tile) in &parts {
+        match store_parts.last_mut() {
+            Some((run, _))
+                if run.dest == segment.dest
+                    && run.dest_col + run.cols == segment.dest_col
+                    && run.cols.is_multiple_of(block_n) =>
+            {
+                run.cols += segment.cols;
+            }
+            _ => store_parts.push((segment.clone(), *first_tile)),
         }
-        let last = segments.len() - 1;
-        let mut chain = then(&segments[last], first_tiles[last]);
-        for index in (0..last).rev() {
-            let end_tile = first_tiles[index] + segments[index].cols.div_ceil(block_n);
+    }
+    // `then(part, first tile)` for the part that column tile `column_tile` falls in: an if-chain.
+    let by_segment = |parts: &[(GemmSegment, u32)], column_tile: Expr, then: &dyn Fn(&GemmSegment, u32) -> Vec<Stmt>| {
+        let (last, rest) = parts.split_last().expect("at least one segment");
+        let mut chain = then(&last.0, last.1);
+        for (segment, first_tile) in rest.iter().rev() {
+            let end_tile = first_tile + segment.cols.div_ceil(block_n);
             chain = vec![Stmt::If {
                 cond: lt(column_tile.clone(), int(end_tile)),
-                then_body: then(&segments[index], first_tiles[index]),
+                then_body: then(segment, *first_tile),
                 else_body: chain,
             }];
         }
@@ -291,7 +309,7 @@ pub fn build_wgmma_projection(
                     else_body: Vec::new(),
                 },
             ],
-            by_segment(v("p_column_tile"), &issue),
+            by_segment(&parts, v("p_column_tile"), &issue),
         ]
         .concat(),
     });
@@ -420,7 +438,7 @@ pub fn build_wgmma_projection(
             .collect()
     };
     if segments.iter().any(|segment| segment.bias.is_some()) {
-        consumer_tile.extend(by_segment(v("c_column_tile"), &initialize));
+        consumer_tile.extend(by_segment(&parts, v("c_column_tile"), &initialize));
     } else {
         consumer_tile.extend(initialize(&segments[0], 0));
     }
@@ -441,7 +459,7 @@ pub fn build_wgmma_projection(
         // the next tile while this one is stored.
         Stmt::Arrive { barrier: slot(empty, add(v("first_step"), int(k_tiles - 1))) },
     ]);
-    consumer_tile.extend(by_segment(v("c_column_tile"), &store));
+    consumer_tile.extend(by_segment(&store_parts, v("c_column_tile"), &store));
     let mut consumer = Vec::new();
     if ping_pong {
         consumer.push(Stmt::If {
