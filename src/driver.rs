@@ -3,7 +3,7 @@
 //! kernel library (PTX + manifest).
 
 use crate::ir::graph;
-use crate::ir::kernel::{self, Access, ElemType, KernelFn, KernelParam};
+use crate::ir::kernel::{self, Access, ElemType, ForwardKernel, KernelFn, KernelParam};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::plan::{self, KernelPlan};
 use crate::manifest::{
@@ -139,13 +139,18 @@ pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
             ),
         ));
     }
+    Ok(identified_kernels(spec)?.into_iter().map(|(_, kernel)| kernel).collect())
+}
+
+/// [`kernels`] with the identity of each: which forward kernel its plan entry asked for.
+fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
     let mut out = Vec::new();
     for plan in plans(spec)? {
         for planned in &plan.kernels {
             let which = planned.forward_kernel();
             let built = kernel::build_forward(spec, which, &planned.schedule)
                 .map_err(|e| error(spec, "kernel", e))?;
-            out.push(built);
+            out.push((which, built));
         }
     }
     Ok(out)
@@ -177,15 +182,6 @@ pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
     spec.model_dim.is_multiple_of(8) && spec.q_width().is_multiple_of(8)
 }
 
-#[cfg(feature = "llvm")]
-fn is_projection(kernel: &KernelFn) -> bool {
-    kernel.name.ends_with("_qkv_proj") || kernel.name.ends_with("_out_proj")
-}
-
-fn is_prologue(kernel: &KernelFn) -> bool {
-    kernel.name.ends_with("_qk_prologue")
-}
-
 /// The kernel IR of every kernel of `spec` in launch order: the kernels whose PTX the library
 /// ships from it (the projection GEMMs built for the chosen tiles), and the kernel-IR form of
 /// those the Hopper emitters still replace. What the interpreter runs to check what ships.
@@ -199,18 +195,21 @@ pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileE
 /// from it.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     #[cfg(feature = "llvm")]
-    let shipped = planned_kernel_ir(spec)?;
+    let shipped = {
+        let planned = PlannedSources::of(spec)?.into_kernel_ir(spec);
+        planned.which.into_iter().zip(planned.kernels).collect::<Vec<_>>()
+    };
     #[cfg(not(feature = "llvm"))]
-    let shipped = kernels(spec)?;
+    let shipped = identified_kernels(spec)?;
     let mut out = String::new();
-    for kernel in shipped {
-        if uses_wgmma_attention(spec) && kernel.name.ends_with("_attention") {
+    for (which, kernel) in shipped {
+        if uses_wgmma_attention(spec) && which == ForwardKernel::Attention {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
                     // warp-specialized, tiles from the resource model); this kernel IR is its\n\
                     // one-warpgroup equivalent, which the interpreter checks and other targets lower.\n";
         }
         // Whether the plan fits is known only to the LLVM build; the head width is the first gate.
-        if matches!(spec.head_dim, 64 | 128) && is_prologue(&kernel) {
+        if matches!(spec.head_dim, 64 | 128) && which == ForwardKernel::QkPrologue {
             out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper::prologue:\n\
                     // wgmma per-head convolutions, 16-byte staging) wherever its plan fits (convolutions\n\
                     // of up to 4 taps, weights and row tiles within 227 KB of shared memory), else from\n\
@@ -367,12 +366,20 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
 /// resource model ranks them, or `None` where the tiled kernel stays (reduction widths that
 /// 16-byte rows cannot tile, an `o` whose heads are not whole 64-column TMA boxes).
 #[cfg(feature = "llvm")]
-fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperGemmConfig> {
+fn wgmma_projection(
+    spec: &AttentionSpec,
+    which: ForwardKernel,
+    kernel: &KernelFn,
+) -> Option<crate::codegen::hopper::HopperGemmConfig> {
     use crate::codegen::hopper::{self, HopperGemmConfig};
-    if !uses_wgmma_projection(spec) || !is_projection(kernel) {
+    if !uses_wgmma_projection(spec) {
         return None;
     }
-    let out_proj = kernel.name.ends_with(kernel::ForwardKernel::OutputProjection.suffix());
+    let out_proj = match which {
+        ForwardKernel::QkvProjection => false,
+        ForwardKernel::OutputProjection => true,
+        ForwardKernel::QkPrologue | ForwardKernel::Attention => return None,
+    };
     let (a, k, a_head_dim, segments) = kernel::gemm_operands(spec, out_proj)?;
     let base = HopperGemmConfig {
         name: kernel.name.clone(),
@@ -394,7 +401,7 @@ fn wgmma_projection(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::co
     Some(hopper::best_gemm(&base, hopper::ProblemShape::of(spec)).unwrap_or(base))
 }
 
-/// The Hopper prologue for the `qk_prologue` kernel of `spec` (same ABI), or `None` where the
+/// The Hopper prologue for `kernel`, the `qk_prologue` kernel of `spec` (same ABI), or `None` where the
 /// kernel IR's mma.sync kernel stays: head_dim other than 64 and 128, convolutions wider than 4
 /// taps, more history after a per-head stage than its 64 rows leave room for, or per-head
 /// convolution weights and row tiles that do not fit in shared memory.
@@ -404,9 +411,6 @@ pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::
         HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature,
     };
     use crate::spec::{KeyTemperature, ParamRole, QkNorm};
-    if !is_prologue(kernel) {
-        return None;
-    }
     let name = |role: ParamRole| spec.param_name(role);
     let stages = spec
         .qk_conv
@@ -553,6 +557,8 @@ pub fn write_tuning_candidates(
 /// Every kernel of `spec` with the source its PTX comes from.
 #[cfg(feature = "llvm")]
 struct PlannedSources {
+    /// Which forward kernel each is (the plan's identity, in launch order).
+    which: Vec<ForwardKernel>,
     kernels: Vec<KernelFn>,
     /// The Hopper fast-path kernel that replaces each kernel's IR, if any.
     hopper: Vec<Option<crate::codegen::hopper::HopperKernel>>,
@@ -562,28 +568,27 @@ struct PlannedSources {
 impl PlannedSources {
     fn of(spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
         use crate::codegen::hopper::HopperKernel;
-        let kernels = kernels(spec)?;
-        let hopper = kernels
+        let (which, kernels): (Vec<ForwardKernel>, Vec<KernelFn>) = identified_kernels(spec)?.into_iter().unzip();
+        let hopper = which
             .iter()
-            .map(|k| {
-                if k.name.ends_with("_attention") {
-                    // The best configuration that has run on the GPU; without one (a head width
-                    // none fits), the kernel IR's attention.
-                    uses_wgmma_attention(spec)
-                        .then(|| {
-                            let base = wgmma_attention(spec, k);
-                            let shape = crate::codegen::hopper::ProblemShape::of(spec);
-                            crate::codegen::hopper::best_attention(&base, shape).map(HopperKernel::Attention)
-                        })
-                        .flatten()
-                } else if is_prologue(k) {
-                    wgmma_prologue(spec, k).map(HopperKernel::Prologue)
-                } else {
-                    wgmma_projection(spec, k).map(HopperKernel::Gemm)
+            .zip(&kernels)
+            .map(|(which, k)| match which {
+                // The best configuration that has run on the GPU; without one (a head width none
+                // fits), the kernel IR's attention.
+                ForwardKernel::Attention => uses_wgmma_attention(spec)
+                    .then(|| {
+                        let base = wgmma_attention(spec, k);
+                        let shape = crate::codegen::hopper::ProblemShape::of(spec);
+                        crate::codegen::hopper::best_attention(&base, shape).map(HopperKernel::Attention)
+                    })
+                    .flatten(),
+                ForwardKernel::QkPrologue => wgmma_prologue(spec, k).map(HopperKernel::Prologue),
+                ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
+                    wgmma_projection(spec, *which, k).map(HopperKernel::Gemm)
                 }
             })
             .collect();
-        Ok(PlannedSources { kernels, hopper })
+        Ok(PlannedSources { which, kernels, hopper })
     }
 
     /// Replaces the tiles of the named kernels; a name that is not a Hopper attention or GEMM
@@ -629,14 +634,14 @@ impl PlannedSources {
     /// heads are not whole TMA boxes) the tiled kernel stays.
     fn into_kernel_ir(mut self, spec: &AttentionSpec) -> PlannedSources {
         use crate::codegen::hopper::{GemmSchedule, HopperKernel};
-        for (kernel, hopper) in self.kernels.iter_mut().zip(self.hopper.iter_mut()) {
+        for ((which, kernel), hopper) in self.which.iter().zip(self.kernels.iter_mut()).zip(self.hopper.iter_mut()) {
             let Some(HopperKernel::Gemm(config)) = hopper else { continue };
             let schedule = kernel::WgmmaGemmSchedule {
                 block_n: config.block_n,
                 stages: config.stages,
                 ping_pong: config.schedule == GemmSchedule::PingPong,
             };
-            if let Ok(built) = kernel::build_wgmma_projection(spec, kernel, &schedule) {
+            if let Ok(built) = kernel::build_wgmma_projection(spec, *which, kernel, &schedule) {
                 *kernel = built;
             }
             *hopper = None;

@@ -546,7 +546,7 @@ fn layer(text: &str) -> AttentionSpec {
 fn ir_gemm(spec: &AttentionSpec, out_proj: bool, schedule: WgmmaGemmSchedule, name: &str) -> KernelFn {
     let which = if out_proj { ForwardKernel::OutputProjection } else { ForwardKernel::QkvProjection };
     let base = build_forward(spec, which, &default_schedule(spec, which).expect("schedule")).expect("tiled kernel");
-    let mut kernel = build_wgmma_projection(spec, &base, &schedule).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let mut kernel = build_wgmma_projection(spec, which, &base, &schedule).unwrap_or_else(|e| panic!("{name}: {e}"));
     kernel.name = name.to_string();
     kernel
 }
@@ -684,14 +684,14 @@ fn codegen_hopper_gemm_rejects_bad_schedules() {
         (WgmmaGemmSchedule { block_n: 128, stages: 2, ping_pong: true }, "at least 3 stages"),
         (WgmmaGemmSchedule { block_n: 256, stages: 6, ping_pong: false }, "shared memory"),
     ] {
-        let error = build_wgmma_projection(&zaya1, &base, &schedule).expect_err("rejected");
+        let error = build_wgmma_projection(&zaya1, ForwardKernel::OutputProjection, &base, &schedule).expect_err("rejected");
         assert!(error.contains(message), "{schedule:?}: {error}");
     }
     // An `o` whose heads are not whole 64-column boxes keeps the tiled kernel.
     let d96 = layer("attention d96 { model_dim = 768, head_dim = 96, query_heads = 8, kv_heads = 8 }");
     let base = build_forward(&d96, ForwardKernel::OutputProjection, &default_schedule(&d96, ForwardKernel::OutputProjection).unwrap())
         .unwrap();
-    let error = build_wgmma_projection(&d96, &base, &WgmmaGemmSchedule { block_n: 128, stages: 4, ping_pong: true })
+    let error = build_wgmma_projection(&d96, ForwardKernel::OutputProjection, &base, &WgmmaGemmSchedule { block_n: 128, stages: 4, ping_pong: true })
         .expect_err("rejected");
     assert!(error.contains("d a multiple of 64"), "{error}");
 }

@@ -31,7 +31,7 @@ fn with_wgmma_projections(spec: &AttentionSpec, schedule: &WgmmaGemmSchedule) ->
             let base = build_forward(spec, which, &default_schedule(spec, which)?)?;
             match which {
                 ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
-                    build_wgmma_projection(spec, &base, schedule)
+                    build_wgmma_projection(spec, which, &base, schedule)
                 }
                 _ => Ok(base),
             }

@@ -161,7 +161,7 @@ fn plain_layers_have_three_kernels_and_project_straight_into_q_k_v() {
         let suffixes: Vec<&str> = plan
             .kernels
             .iter()
-            .map(|k| k.kind.symbol_suffix())
+            .map(|k| k.forward_kernel().suffix())
             .collect();
         assert_eq!(
             suffixes,

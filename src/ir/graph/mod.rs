@@ -244,14 +244,20 @@ pub enum KernelRole {
 }
 
 impl KernelRole {
+    /// The kernel this group becomes (its identity through plan, kernel IR and manifest).
+    pub fn kernel(self) -> crate::ir::kernel::ForwardKernel {
+        use crate::ir::kernel::ForwardKernel;
+        match self {
+            KernelRole::QkvProjection => ForwardKernel::QkvProjection,
+            KernelRole::QkPrologue { .. } => ForwardKernel::QkPrologue,
+            KernelRole::Attention => ForwardKernel::Attention,
+            KernelRole::OutputProjection => ForwardKernel::OutputProjection,
+        }
+    }
+
     /// The suffix of the kernel symbol (`{spec.name}_{suffix}`).
     pub fn symbol_suffix(self) -> &'static str {
-        match self {
-            KernelRole::QkvProjection => "qkv_proj",
-            KernelRole::QkPrologue { .. } => "qk_prologue",
-            KernelRole::Attention => "attention",
-            KernelRole::OutputProjection => "out_proj",
-        }
+        self.kernel().suffix()
     }
 }
 

@@ -91,16 +91,6 @@ impl PlannedKernel {
     }
 }
 
-impl KernelKind {
-    pub fn symbol_suffix(&self) -> &'static str {
-        match self {
-            KernelKind::QkvProjection { .. } => "qkv_proj",
-            KernelKind::QkPrologue { .. } => "qk_prologue",
-            KernelKind::Attention { .. } => "attention",
-            KernelKind::OutputProjection { .. } => "out_proj",
-        }
-    }
-}
 
 /// One step of the q/k prologue, in execution order.
 #[derive(Clone, Debug, PartialEq)]
@@ -439,7 +429,7 @@ impl KernelPlan {
         let mut symbols = BTreeSet::new();
         for kernel in &self.kernels {
             let here = &kernel.symbol;
-            let want = format!("{}_{}", self.name, kernel.kind.symbol_suffix());
+            let want = format!("{}_{}", self.name, kernel.forward_kernel().suffix());
             if *here != want {
                 return fail(format!("kernel {here} should be named {want}"));
             }

@@ -104,15 +104,20 @@ pub fn tensor_map_param(buffer: &str) -> String {
     format!("{buffer}.tensor_map")
 }
 
-/// Builds the wgmma projection GEMM that replaces the tiled projection kernel `base` of `spec`
-/// (same name, same parameters, then the tensor maps). Errors name what the shape or the
+/// Builds the wgmma projection GEMM `which` that replaces the tiled projection kernel `base` of
+/// `spec` (same name, same parameters, then the tensor maps). Errors name what the shape or the
 /// schedule does not allow.
 pub fn build_wgmma_projection(
     spec: &AttentionSpec,
+    which: ForwardKernel,
     base: &KernelFn,
     schedule: &WgmmaGemmSchedule,
 ) -> Result<KernelFn, String> {
-    let out_proj = base.name.ends_with(ForwardKernel::OutputProjection.suffix());
+    let out_proj = match which {
+        ForwardKernel::QkvProjection => false,
+        ForwardKernel::OutputProjection => true,
+        other => return Err(format!("{}: the wgmma GEMM builds projections, not {other:?}", base.name)),
+    };
     let (a, k, a_head_dim, segments) =
         gemm_operands(spec, out_proj).ok_or_else(|| format!("{}: a projection without its weights", base.name))?;
     let elem = ElemType::from(spec.dtype);
