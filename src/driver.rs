@@ -126,6 +126,11 @@ pub fn launched_plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileEr
 
 /// The kernel IR of every planned kernel, in launch order.
 pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
+    Ok(identified_kernels(spec)?.into_iter().map(|(_, kernel)| kernel).collect())
+}
+
+/// [`kernels`] with the identity of each: which forward kernel its plan entry asked for.
+fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
     // Said up front in the user's terms; the builders would otherwise report it as a
     // schedule that does not verify.
     if !spec.head_dim.is_multiple_of(16) {
@@ -139,11 +144,6 @@ pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
             ),
         ));
     }
-    Ok(identified_kernels(spec)?.into_iter().map(|(_, kernel)| kernel).collect())
-}
-
-/// [`kernels`] with the identity of each: which forward kernel its plan entry asked for.
-fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
     let mut out = Vec::new();
     for plan in plans(spec)? {
         for planned in &plan.kernels {
