@@ -328,3 +328,130 @@ fn the_plan_launches_what_the_manifest_launches() {
         }
     }
 }
+
+/// One warpgroup: TMA loads Q, K, V (64 × 64 each), then S = Q·Kᵀ and O = P·V as asynchronous
+/// wgmma with P = S converted to A fragments in registers; `overwrite_p_early` converts into P
+/// again while the P·V group still reads it.
+fn register_operand_kernel(overwrite_p_early: bool) -> KernelFn {
+    use ccc::ir::size::SizeExpr;
+    let n = 64u32;
+    let square = || vec![SizeExpr::c(n as u64), SizeExpr::c(n as u64)];
+    let tensor = |name: &str, elem, access| KernelParam::Tensor { name: name.into(), elem, shape: square(), access };
+    let map = |tensor: &str| KernelParam::TensorMap { name: format!("{tensor}.tensor_map"), tensor: tensor.into(), box_rows: n };
+    let swizzled = |name: &str| TileDecl { name: name.into(), ty: TileType { elem: ElemType::Bf16, rows: n, cols: n, layout: Layout::Swizzled128B } };
+    let registers = |name: &str, elem, layout| TileDecl { name: name.into(), ty: TileType { elem, rows: n, cols: n, layout } };
+    let acc_layout = Layout::MmaAccumulator { warps_m: 4, warps_n: 1 };
+    let tiles = vec![
+        swizzled("q"),
+        swizzled("k"),
+        swizzled("v"),
+        registers("s", ElemType::F32, acc_layout),
+        registers("p", ElemType::Bf16, Layout::MmaOperandA { warps_m: 4, warps_n: 1 }),
+        registers("o", ElemType::F32, acc_layout),
+    ];
+    let whole = |id: usize| TileView::whole(TileId(id), &tiles[id].ty);
+    let full = BarrierRef { ring: BarrierId(0), slot: Expr::Int(0) };
+    let load = |tile: usize, tensor: &str| Stmt::TmaLoad {
+        dst: whole(tile),
+        map: format!("{tensor}.tensor_map"),
+        coords: vec![Expr::Int(0), Expr::Int(0)],
+        barrier: full.clone(),
+    };
+    let mut body = vec![
+        Stmt::Elect {
+            body: vec![
+                Stmt::ArriveExpectTx { barrier: full.clone(), bytes: Expr::Int(3 * 64 * 64 * 2) },
+                load(0, "q"),
+                load(1, "k"),
+                load(2, "v"),
+            ],
+        },
+        Stmt::WaitParity { barrier: full.clone(), parity: Expr::Int(0) },
+        Stmt::Fill { dst: whole(3), value: 0.0 },
+        Stmt::Fill { dst: whole(5), value: 0.0 },
+        Stmt::MmaAsync { acc: whole(3), a: whole(0), b: whole(1), b_transposed: true },
+        Stmt::MmaCommit,
+        Stmt::MmaWait { pending: 0 },
+        Stmt::Convert { dst: whole(4), src: whole(3) },
+        Stmt::MmaAsync { acc: whole(5), a: whole(4), b: whole(2), b_transposed: false },
+        Stmt::MmaCommit,
+    ];
+    if overwrite_p_early {
+        body.push(Stmt::Convert { dst: whole(4), src: whole(3) });
+    }
+    body.extend([
+        Stmt::MmaWait { pending: 0 },
+        Stmt::Store {
+            src: whole(5),
+            dst: GlobalTile {
+                param: "o".into(),
+                dims: vec![
+                    GlobalDim::Span { start: Expr::Int(0), len: n, valid: None },
+                    GlobalDim::Span { start: Expr::Int(0), len: n, valid: None },
+                ],
+            },
+        },
+    ]);
+    KernelFn {
+        name: "pv_async".into(),
+        params: vec![
+            tensor("q", ElemType::Bf16, Access::Read),
+            tensor("k", ElemType::Bf16, Access::Read),
+            tensor("v", ElemType::Bf16, Access::Read),
+            tensor("o", ElemType::F32, Access::Write),
+            map("q"),
+            map("k"),
+            map("v"),
+        ],
+        grid: [SizeExpr::c(1), SizeExpr::c(1), SizeExpr::c(1)],
+        warps: 4,
+        tiles,
+        barriers: vec![BarrierDecl { name: "full".into(), slots: 1, arrivals: 1 }],
+        schedule: Schedule { block_m: 64, block_n: 64, block_k: 64, warps: 4, stages: 1 },
+        body: vec![Stmt::Roles(vec![Role { name: "consumer".into(), warpgroups: 1, index: "wg".into(), registers: 240, body }])],
+    }
+}
+
+#[test]
+fn register_operand_a_passes_through_asynchronous_groups() {
+    let kernel = register_operand_kernel(false);
+    kernel.verify().unwrap_or_else(|errors| panic!("{}", errors.join("\n")));
+    let mut rng = XorShift64Star::new(17);
+    let mut random = |len: usize| (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect::<Vec<f64>>();
+    let (q, k, v) = (random(64 * 64), random(64 * 64), random(64 * 64));
+    let mut buffers = ccc::ir::kernel::interp::Buffers::new();
+    for (name, data) in [("q", &q), ("k", &k), ("v", &v)] {
+        buffers.insert(name.into(), data.clone());
+    }
+    buffers.insert("o".into(), vec![f64::NAN; 64 * 64]);
+    ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, 1, 1, Rounding::Exact).unwrap();
+    let mut want = vec![0.0; 64 * 64];
+    for i in 0..64 {
+        for j in 0..64 {
+            for t in 0..64 {
+                let s: f64 = (0..64).map(|c| q[i * 64 + c] * k[t * 64 + c]).sum();
+                want[i * 64 + j] += s * v[t * 64 + j];
+            }
+        }
+    }
+    assert!(relative_error(&buffers["o"], &want) <= TOLERANCE);
+    // Converting into P while the P·V group reads it is caught.
+    let broken = register_operand_kernel(true);
+    buffers.insert("o".into(), vec![f64::NAN; 64 * 64]);
+    let error = ccc::ir::kernel::interp::run_kernel(&broken, &mut buffers, 1, 1, Rounding::Exact).unwrap_err();
+    assert!(error.contains("overwrites %p while a wgmma group still reads it"), "{error}");
+}
+
+/// The same kernel lowered: wgmma with A from registers, no spills, one fence per issue.
+#[cfg(feature = "llvm")]
+#[test]
+fn register_operand_a_lowers_to_wgmma_from_registers() {
+    let kernel = register_operand_kernel(false);
+    let ptx = ccc::codegen::lower::lower_kernels("pv_async", std::slice::from_ref(&kernel)).expect("lowered").ptx;
+    assert_eq!(ptx.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16").count(), 8);
+    assert_eq!(ptx.matches("wgmma.fence.sync.aligned;").count(), 2);
+    assert_eq!(ptx.matches("wgmma.wait_group.sync.aligned 0;").count(), 2);
+    let reports = ccc::codegen::ptxas::assemble(&ptx).expect("ptxas");
+    let report = &reports[0];
+    assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
+}

@@ -550,6 +550,17 @@ pub struct OperandAFragments<'ctx> {
 }
 
 impl<'ctx> OperandAFragments<'ctx> {
+    /// Every register, in `band_k_step` order.
+    pub fn registers(&self) -> &[IntValue<'ctx>] {
+        &self.registers
+    }
+
+    /// Fragments of an `elem` tile of `rows` × `cols` over `layout` held in `registers`
+    /// (`band_k_step` order), e.g. as loaded back from slots.
+    pub fn from_registers(elem: Elem, rows: u32, cols: u32, layout: MmaAccumulator, registers: Vec<IntValue<'ctx>>) -> Self {
+        OperandAFragments { elem, rows, cols, layout, registers }
+    }
+
     /// The four registers of k16 step `k_step` of a warp's only 16-row band: the A fragment of
     /// an `mma.m16n8k16`, which is also the warp's part of a wgmma `m64k16` A operand.
     pub fn band_k_step(&self, k_step: u32) -> Result<[IntValue<'ctx>; 4]> {

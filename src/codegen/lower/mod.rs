@@ -243,6 +243,10 @@ enum TileStorage<'ctx> {
     Rows(RowVector<'ctx>),
     /// Filled by a `Convert`; the verifier makes sure none is read before.
     OperandA(Option<OperandAFragments<'ctx>>),
+    /// An operand-A tile that asynchronous MMAs read: its registers live in slots, so that the
+    /// fragments a `Convert` made survive into later loop iterations (P of one key tile is
+    /// multiplied in the next) and pass through every `mma.wait` until their group retires.
+    AsyncOperandA { slots: Vec<PointerValue<'ctx>> },
 }
 
 /// The kernel's parameters as PTX entry parameters, in ABI order.
@@ -300,6 +304,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         kb.function().add_attribute(AttributeLoc::Function, attribute);
     }
 
+    let async_operands = async_operand_tiles(kernel);
     let mut tiles = Vec::with_capacity(kernel.tiles.len());
     for (decl, offset) in kernel.tiles.iter().zip(&offsets) {
         let ty = &decl.ty;
@@ -316,6 +321,16 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
                 let shape = AccumulatorShape { rows: ty.rows, cols: 8 * warps_n, layout: MmaAccumulator { warps_m, warps_n } };
                 TileStorage::Rows(RowVector::new(&kb, shape)?)
             }
+            (Layout::MmaOperandA { .. }, _) if async_operands.contains(&decl.name) => {
+                // m16n8k16 A fragments: 4 registers per k16 step per 16-row band.
+                let count = (ty.rows / 16) * (ty.cols / 16) * 4;
+                let count = count / match ty.layout {
+                    Layout::MmaOperandA { warps_m, .. } => warps_m,
+                    _ => 1,
+                };
+                let slots = (0..count).map(|_| kb.register_slot()).collect::<Result<_>>()?;
+                TileStorage::AsyncOperandA { slots }
+            }
             (Layout::MmaOperandA { .. }, _) => TileStorage::OperandA(None),
             (Layout::RowMajor { .. } | Layout::Swizzled128B, None) => {
                 return unsupported(format!("shared tile %{} without an offset", decl.name));
@@ -328,6 +343,29 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
     lowering.block(&kb, &kernel.body)?;
     kb.finish()?;
     Ok(LoweredKernel { symbol: kernel.name.clone(), threads: kernel.threads(), dynamic_shared_bytes: shared_bytes })
+}
+
+/// Names of the register tiles that asynchronous MMAs read as operand a.
+fn async_operand_tiles(kernel: &KernelFn) -> Vec<String> {
+    fn visit(kernel: &KernelFn, body: &[Stmt], out: &mut Vec<String>) {
+        for stmt in body {
+            match stmt {
+                Stmt::MmaAsync { a, .. } if kernel.tile(a.tile).ty.space() == crate::ir::kernel::Space::Registers => {
+                    out.push(kernel.tile(a.tile).name.clone())
+                }
+                Stmt::For { body, .. } | Stmt::Elect { body } => visit(kernel, body, out),
+                Stmt::If { then_body, else_body, .. } => {
+                    visit(kernel, then_body, out);
+                    visit(kernel, else_body, out);
+                }
+                Stmt::Roles(roles) => roles.iter().for_each(|role| visit(kernel, &role.body, out)),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    visit(kernel, &kernel.body, &mut out);
+    out
 }
 
 /// Whether a statement (or one nested in it) waits at a barrier or multiplies tiles.
@@ -517,7 +555,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 rows.fill(kb, value)
             }
             TileStorage::Shared { .. } => self.map_shared(kb, dst, &Expr::Float(value)),
-            TileStorage::OperandA(_) => unsupported(format!("fill of operand fragments %{}", self.tile_name(dst.tile))),
+            TileStorage::OperandA(_) | TileStorage::AsyncOperandA { .. } => {
+                unsupported(format!("fill of operand fragments %{}", self.tile_name(dst.tile)))
+            }
         }
     }
 
@@ -552,6 +592,18 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 self.tiles[dst.tile.0] = TileStorage::OperandA(Some(fragments));
                 Ok(())
             }
+            TileStorage::AsyncOperandA { slots, .. } => {
+                self.whole_register_tile(dst)?;
+                let fragments = convert_to_operand_a(kb, self.accumulator(src.tile)?, Elem::from(dst_decl.ty.elem))?;
+                if fragments.registers().len() != slots.len() {
+                    return unsupported(format!("%{}: {} A registers for {} slots", dst_decl.name, fragments.registers().len(), slots.len()));
+                }
+                for (slot, register) in slots.iter().zip(fragments.registers()) {
+                    let bits = kb.builder().build_bit_cast(*register, kb.context().f32_type(), "")?.into_float_value();
+                    kb.store_f32(*slot, bits)?;
+                }
+                Ok(())
+            }
             TileStorage::Shared { .. } => {
                 let window = self.shared_window(kb, dst)?;
                 // Packed 32-bit stores need every pair on a 4-byte boundary.
@@ -584,7 +636,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 })
             }
             TileStorage::Shared { .. } => self.map_shared(kb, dst, expr),
-            TileStorage::OperandA(_) => unsupported(format!("map over operand fragments %{}", self.tile_name(dst.tile))),
+            TileStorage::OperandA(_) | TileStorage::AsyncOperandA { .. } => {
+                unsupported(format!("map over operand fragments %{}", self.tile_name(dst.tile)))
+            }
         }
     }
 

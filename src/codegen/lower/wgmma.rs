@@ -18,7 +18,8 @@ use crate::codegen::hopper::copy::descriptor;
 use crate::codegen::hopper::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::layout::{ATOM_ROWS, OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, WGMMA_K};
-use crate::ir::kernel::{Expr, Stmt, TileId, TileView};
+use crate::codegen::tile::{MmaAccumulator, OperandAFragments};
+use crate::ir::kernel::{Expr, Layout, Stmt, TileId, TileView};
 
 /// Rows of one wgmma (a warpgroup's band of the accumulator).
 const WARPGROUP_ROWS: u32 = 64;
@@ -107,20 +108,16 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 tiles.push(acc.tile);
             }
         }
-        let mut values: Vec<BasicValueEnum<'ctx>> = Vec::new();
-        let mut counts = Vec::new();
-        for tile in &tiles {
-            let loaded = self.accumulator(*tile)?.load_all(kb)?;
-            counts.push(loaded.len());
-            values.extend(loaded.into_iter().map(BasicValueEnum::from));
+        // Register operands a: their packing must land before the fence too.
+        for stmt in run {
+            if let Stmt::MmaAsync { a, .. } = stmt
+                && matches!(self.tiles[a.tile.0], TileStorage::AsyncOperandA { .. })
+                && !tiles.contains(&a.tile)
+            {
+                tiles.push(a.tile);
+            }
         }
-        let fenced = kb.wgmma_fence(&values)?;
-        let mut rest = &fenced[..];
-        for (tile, count) in tiles.iter().zip(counts) {
-            let values: Vec<_> = rest[..count].iter().map(|value| value.into_float_value()).collect();
-            self.accumulator(*tile)?.store_all(kb, &values)?;
-            rest = &rest[count..];
-        }
+        self.pass_registers(kb, &tiles, |kb, values| kb.wgmma_fence(values))?;
         for stmt in run {
             let Stmt::MmaAsync { acc, a, b, b_transposed } = stmt else {
                 return unsupported("a run of asynchronous MMAs holds another statement");
@@ -132,23 +129,69 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 
     /// `MmaWait`: `wgmma.wait_group pending` with every accumulator an asynchronous MMA of the
-    /// kernel writes passed through it, so that no read of one moves above the wait.
+    /// kernel writes, and every register operand one reads, passed through it, so that no read of
+    /// an accumulator moves above the wait and no operand's registers are reused before it.
     pub(super) fn wgmma_wait(&self, kb: &KernelBuilder<'_, 'ctx>, pending: u32) -> Result<()> {
-        let tiles = self.async_accumulators();
+        let mut tiles = self.async_accumulators();
+        tiles.extend(
+            (0..self.tiles.len())
+                .filter(|index| matches!(self.tiles[*index], TileStorage::AsyncOperandA { .. }))
+                .map(TileId),
+        );
+        self.pass_registers(kb, &tiles, |kb, values| kb.wgmma_wait(pending, values))
+    }
+
+    /// Loads every register of `tiles` (accumulators, slot-held operands a), passes them through
+    /// `through` (an instruction that ties them down) and stores what it returns back.
+    fn pass_registers(
+        &self,
+        kb: &KernelBuilder<'_, 'ctx>,
+        tiles: &[TileId],
+        through: impl FnOnce(&KernelBuilder<'_, 'ctx>, &[BasicValueEnum<'ctx>]) -> Result<Vec<BasicValueEnum<'ctx>>>,
+    ) -> Result<()> {
         let mut values: Vec<BasicValueEnum<'ctx>> = Vec::new();
-        for tile in &tiles {
-            values.extend(self.accumulator(*tile)?.load_all(kb)?.into_iter().map(BasicValueEnum::from));
+        let mut counts = Vec::new();
+        for tile in tiles {
+            let loaded: Vec<BasicValueEnum<'ctx>> = match &self.tiles[tile.0] {
+                TileStorage::AsyncOperandA { slots } => {
+                    slots.iter().map(|slot| Ok(kb.load_f32(*slot)?.into())).collect::<Result<_>>()?
+                }
+                _ => self.accumulator(*tile)?.load_all(kb)?.into_iter().map(BasicValueEnum::from).collect(),
+            };
+            counts.push(loaded.len());
+            values.extend(loaded);
         }
-        let waited = kb.wgmma_wait(pending, &values)?;
-        let mut rest = &waited[..];
-        for tile in &tiles {
-            let accumulator = self.accumulator(*tile)?;
-            let count = accumulator.load_all(kb)?.len();
-            let values: Vec<_> = rest[..count].iter().map(|value| value.into_float_value()).collect();
-            accumulator.store_all(kb, &values)?;
+        let passed = through(kb, &values)?;
+        let mut rest = &passed[..];
+        for (tile, count) in tiles.iter().zip(counts) {
+            let values: Vec<FloatValue<'ctx>> = rest[..count].iter().map(|value| value.into_float_value()).collect();
+            match &self.tiles[tile.0] {
+                TileStorage::AsyncOperandA { slots } => {
+                    for (slot, value) in slots.iter().zip(&values) {
+                        kb.store_f32(*slot, *value)?;
+                    }
+                }
+                _ => self.accumulator(*tile)?.store_all(kb, &values)?,
+            }
             rest = &rest[count..];
         }
         Ok(())
+    }
+
+    /// The A fragments of a slot-held operand tile, loaded from its slots.
+    fn async_operand_a(&self, kb: &KernelBuilder<'_, 'ctx>, tile: TileId) -> Result<OperandAFragments<'ctx>> {
+        let TileStorage::AsyncOperandA { slots } = &self.tiles[tile.0] else {
+            return unsupported(format!("%{} is not an operand of asynchronous MMAs", self.tile_name(tile)));
+        };
+        let ty = self.kernel.tile(tile).ty;
+        let Layout::MmaOperandA { warps_m, warps_n } = ty.layout else {
+            return unsupported(format!("%{} is not an mma_a tile", self.tile_name(tile)));
+        };
+        let registers = slots
+            .iter()
+            .map(|slot| Ok(kb.builder().build_bit_cast(kb.load_f32(*slot)?, kb.context().i32_type(), "")?.into_int_value()))
+            .collect::<Result<Vec<IntValue<'ctx>>>>()?;
+        Ok(OperandAFragments::from_registers(Elem::from(ty.elem), ty.rows, ty.cols, MmaAccumulator { warps_m, warps_n }, registers))
     }
 
     /// The accumulators that `MmaAsync` statements of the kernel write, in tile order.
@@ -213,6 +256,11 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             }
             TileStorage::OperandA(Some(fragments)) => {
                 self.whole_register_tile(a)?;
+                AOperand::Registers((0..steps).map(|step| fragments.band_k_step(step)).collect::<Result<_>>()?)
+            }
+            TileStorage::AsyncOperandA { .. } => {
+                self.whole_register_tile(a)?;
+                let fragments = self.async_operand_a(kb, a.tile)?;
                 AOperand::Registers((0..steps).map(|step| fragments.band_k_step(step)).collect::<Result<_>>()?)
             }
             _ => return unsupported(format!("wgmma reads operand a %{} before it is filled", self.tile_name(a.tile))),

@@ -718,11 +718,7 @@ impl<'a> Verifier<'a> {
                 if b.tile.0 < self.kernel.tiles.len() && self.ty(b).layout != Layout::Swizzled128B {
                     self.err(stmt, "an asynchronous mma is a wgmma: operand b must be a swizzled128b tile");
                 }
-                // Register A fragments would have to stay live until the group's wait, which
-                // the lowering does not track yet.
-                if a.tile.0 < self.kernel.tiles.len() && self.ty(a).layout != Layout::Swizzled128B {
-                    self.err(stmt, "an asynchronous mma reads operand a from a swizzled128b tile");
-                }
+
             }
             Stmt::MmaCommit | Stmt::MmaWait { .. } => {}
             Stmt::NamedBarrier { id, threads, .. } => {

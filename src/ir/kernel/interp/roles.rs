@@ -64,10 +64,12 @@ impl Region {
     }
 }
 
-/// One wgmma group: the register tiles it writes and the shared windows it reads.
+/// One wgmma group: the register tiles it writes and reads (operand a) and the shared windows
+/// it reads.
 #[derive(Clone, Debug, Default)]
 struct Group {
     writes: Vec<usize>,
+    register_reads: Vec<usize>,
     reads: Vec<Region>,
 }
 
@@ -82,7 +84,7 @@ impl Groups {
         std::iter::once(&self.open).chain(self.committed.iter())
     }
     fn is_empty(&self) -> bool {
-        self.in_flight().all(|group| group.writes.is_empty() && group.reads.is_empty())
+        self.in_flight().all(|group| group.writes.is_empty() && group.reads.is_empty() && group.register_reads.is_empty())
     }
 }
 
@@ -375,9 +377,13 @@ impl<'k> Block<'k> {
                         return Err(format!("mma.async reads %{} while a wgmma group writes it", self.kernel.tiles[a_tile].name));
                     }
                     self.multiply(acc, a, b, *b_transposed)?;
+                    let a_in_registers = self.kernel.tiles[a_tile].ty.space() == Space::Registers;
                     let group = &mut self.sync.groups[self.sync.current].open;
                     if !group.writes.contains(&acc.tile.0) {
                         group.writes.push(acc.tile.0);
+                    }
+                    if a_in_registers && !group.register_reads.contains(&a_tile) {
+                        group.register_reads.push(a_tile);
                     }
                     group.reads.extend(reads);
                     frame.next += 1;
@@ -564,6 +570,15 @@ impl<'k> Block<'k> {
             _ => {}
         }
         let own = &self.sync.groups[self.sync.current];
+        if let Some(dst) = written
+            && own.in_flight().any(|group| group.register_reads.contains(&dst.tile.0))
+        {
+            return Err(format!(
+                "`{}` overwrites %{} while a wgmma group still reads it (mma.wait first)",
+                self.kernel.stmt_head(stmt),
+                self.kernel.tiles[dst.tile.0].name
+            ));
+        }
         for tile in tiles {
             if own.in_flight().any(|group| group.writes.contains(&tile)) {
                 return Err(format!(
