@@ -400,3 +400,21 @@ fn tensor_map_params_round_trip_and_name_what_the_kernel_cannot_map() {
         assert_eq!(err, format!("{prefix}: tensor map of `q`: a box of {box_rows} rows (1 to 256)"));
     }
 }
+
+/// The spec fixtures of the Python tests (tests/python/fixtures/*_spec.json) are the examples'
+/// specs as the Rust manifest writer serializes them. `CCC_UPDATE_FIXTURES=1` rewrites them.
+#[test]
+fn the_python_spec_fixtures_are_written_by_the_rust_serializer() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for example in ["zaya1", "cca4x"] {
+        let text = std::fs::read_to_string(root.join(format!("examples/{example}.attn"))).unwrap();
+        let spec = ccc::frontend::parse_and_check(example, &text).unwrap().remove(0);
+        let want = serde_json::to_string_pretty(&spec).unwrap() + "\n";
+        let path = root.join(format!("tests/python/fixtures/{example}_spec.json"));
+        if std::env::var_os("CCC_UPDATE_FIXTURES").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap();
+        assert!(have == want, "{} differs from the Rust serializer's; CCC_UPDATE_FIXTURES=1 rewrites it", path.display());
+    }
+}

@@ -255,3 +255,24 @@ fn dtype_conversions_round_to_nearest_even() {
             .unwrap();
     assert!(poison.to_f64().iter().all(|v| v.is_nan()));
 }
+
+/// The Python loader's test fixture (tests/python/fixtures/fixture/) is what the Rust manifest
+/// writer and the runtime's fixture PTX give, byte for byte, so that the two loaders are tested
+/// on one library. `CCC_UPDATE_FIXTURES=1` rewrites the files from the Rust side.
+#[test]
+fn the_python_fixture_library_is_written_by_the_rust_manifest_writer() {
+    let directory = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/fixtures/fixture");
+    let files = [("manifest.json", common::fixture_manifest().to_json() + "\n"), ("fixture.ptx", common::FIXTURE_PTX.to_string())];
+    for (name, want) in files {
+        let path = directory.join(name);
+        if std::env::var_os("CCC_UPDATE_FIXTURES").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            have == want,
+            "{} differs from what the Rust writer gives; run with CCC_UPDATE_FIXTURES=1 to rewrite it",
+            path.display()
+        );
+    }
+}
