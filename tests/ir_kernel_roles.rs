@@ -234,6 +234,22 @@ fn verifier_rules_of_warp_specialized_kernels() {
             "the TMA copies of its block on that barrier bring",
         ),
         (Box::new(|k| k.barriers[0].arrivals = 0), "barrier @full needs at least one slot"),
+        (Box::new(|k| k.barriers[0].slots = 4), "taken modulo 3, but the ring has 4 slots"),
+        (
+            Box::new(|k| {
+                // The consumers' full-barrier wait one phase off.
+                edit_blocks(consumer(k), &|block| {
+                    for stmt in block.iter_mut() {
+                        if let Stmt::WaitParity { barrier, parity } = stmt
+                            && barrier.ring == BarrierId(0)
+                        {
+                            *parity = Expr::binary(BinOp::Sub, Expr::Int(1), parity.clone());
+                        }
+                    }
+                })
+            }),
+            "the phase of use n of a slot is (n / 3) % 2",
+        ),
         (
             Box::new(|k| {
                 for param in k.params.iter_mut() {

@@ -712,6 +712,7 @@ impl<'a> Verifier<'a> {
             Stmt::WaitParity { barrier, parity } => {
                 self.check_barrier(stmt, barrier);
                 self.expect_type(stmt, parity, ScalarType::I32, ExprCtx::Scalar, "parity");
+                self.check_parity(stmt, barrier, parity);
             }
             Stmt::MmaAsync { acc, a, b, b_transposed } => {
                 self.check_mma(stmt, acc, a, b, *b_transposed);
@@ -834,10 +835,53 @@ impl<'a> Verifier<'a> {
     }
 
     fn check_barrier(&mut self, stmt: &Stmt, barrier: &BarrierRef) {
-        if barrier.ring.0 >= self.kernel.barriers.len() {
+        let Some(ring) = self.kernel.barriers.get(barrier.ring.0) else {
             self.err(stmt, format!("barrier ring #{} does not exist", barrier.ring.0));
-        }
+            return;
+        };
         self.expect_type(stmt, &barrier.slot, ScalarType::I32, ExprCtx::Scalar, "barrier slot");
+        // A ring is indexed by its use count n as n % slots.
+        if let Expr::Binary(BinOp::Mod, _, modulus) = &barrier.slot
+            && **modulus != Expr::Int(ring.slots as i64)
+        {
+            self.err(
+                stmt,
+                format!("slot of @{} taken modulo {}, but the ring has {} slots", ring.name, self.kernel.expr(modulus), ring.slots),
+            );
+        }
+    }
+
+    /// Use n of a ring's slot n % slots is that slot's phase n / slots: a wait on it names the
+    /// parity (n / slots) % 2 of the same n. (A slot given as a constant may wait on any parity.)
+    fn check_parity(&mut self, stmt: &Stmt, barrier: &BarrierRef, parity: &Expr) {
+        let Some(ring) = self.kernel.barriers.get(barrier.ring.0) else { return };
+        let slots = Expr::Int(ring.slots as i64);
+        match &barrier.slot {
+            Expr::Int(_) => {}
+            Expr::Binary(BinOp::Mod, use_count, _) => {
+                let want = Expr::binary(
+                    BinOp::Mod,
+                    Expr::binary(BinOp::FloorDiv, (**use_count).clone(), slots),
+                    Expr::Int(2),
+                );
+                if *parity != want {
+                    self.err(
+                        stmt,
+                        format!(
+                            "waits for parity `{}` on slot `{}`: the phase of use n of a slot is (n / {}) % 2, `{}`",
+                            self.kernel.expr(parity),
+                            self.kernel.expr(&barrier.slot),
+                            ring.slots,
+                            self.kernel.expr(&want)
+                        ),
+                    );
+                }
+            }
+            other => self.err(
+                stmt,
+                format!("slot `{}` of @{} is neither a constant nor n % {}", self.kernel.expr(other), ring.name, ring.slots),
+            ),
+        }
     }
 
     fn check_tma(&mut self, stmt: &Stmt, dst: &TileView, map: &str, coords: &[Expr], barrier: &BarrierRef) {
