@@ -244,7 +244,23 @@ fn print_after_all_shows_the_graph_after_every_pass() {
         ]
     );
     let (status, _, stderr) = ccc(&["compile", &example("zaya1"), "--print-after-all"]);
-    assert_eq!((status, stderr.as_str()), (Status::Usage, "error: --print-after-all needs --emit graph\n"));
+    assert_eq!(
+        (status, stderr.as_str()),
+        (Status::Usage, "error: --print-after-all needs --emit STAGE (it prints every stage up to that one)\n")
+    );
+}
+
+#[test]
+fn print_after_all_shows_every_stage_up_to_the_one_emitted() {
+    let (status, stdout, _) = ccc(&["compile", &example("zaya1"), "--emit", "kernel", "--print-after-all"]);
+    assert_eq!(status, Status::Success);
+    let headers: Vec<&str> = stdout.lines().filter(|l| l.starts_with("// =====")).collect();
+    assert_eq!(headers, ["// ===== zaya1 spec", "// ===== zaya1 plan", "// ===== zaya1 kernel"]);
+    assert_eq!(stdout.lines().filter(|l| l.starts_with("// ----- forward after")).count(), 7);
+    // The kernel stage is the kernel IR that ships: warp roles, TMA and asynchronous wgmma.
+    for statement in ["roles {", "tma %a_ring", "mma.async", "wait @full", "named_barrier.sync"] {
+        assert!(stdout.contains(statement), "no `{statement}` in the kernel stage");
+    }
 }
 
 #[test]

@@ -72,7 +72,8 @@ pub enum Command {
         /// Print this stage's text to stdout instead of writing files.
         #[arg(long, value_enum, value_name = "STAGE")]
         emit: Option<EmitStage>,
-        /// With `--emit graph`: print the graph after every pass of the pipeline.
+        /// With `--emit STAGE`: print every stage from the spec up to STAGE, in the order the
+        /// compiler runs them, the graph after every pass.
         #[arg(long)]
         print_after_all: bool,
         /// Assemble the PTX with ptxas (CCC_PTXAS, else the project's .venv) and record
@@ -131,6 +132,23 @@ pub enum EmitStage {
     Llvm,
     /// The PTX for sm_90a (needs the `llvm` feature).
     Ptx,
+}
+
+impl EmitStage {
+    /// The stages in the order the compiler runs them.
+    pub const IN_ORDER: [EmitStage; 6] =
+        [EmitStage::Spec, EmitStage::Graph, EmitStage::Plan, EmitStage::Kernel, EmitStage::Llvm, EmitStage::Ptx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EmitStage::Spec => "spec",
+            EmitStage::Graph => "graph",
+            EmitStage::Plan => "plan",
+            EmitStage::Kernel => "kernel",
+            EmitStage::Llvm => "llvm",
+            EmitStage::Ptx => "ptx",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -303,28 +321,41 @@ impl Session<'_, '_> {
             Ok(specs) => specs,
             Err(status) => return status,
         };
-        if print_after_all && emit != Some(EmitStage::Graph) {
-            return self.usage_error("--print-after-all needs --emit graph");
+        if print_after_all && emit.is_none() {
+            return self.usage_error("--print-after-all needs --emit STAGE (it prints every stage up to that one)");
         }
         if emit.is_some() && flags.tuning.is_some() {
             return self.usage_error("--tuning applies to the libraries compile writes, not to --emit");
         }
-        if let Some(stage) = emit {
+        if let Some(emit) = emit {
+            // With --print-after-all, every stage from the spec up to the one asked for, in the
+            // order the compiler runs them, the graph after every pass.
+            let stages: Vec<EmitStage> = if print_after_all {
+                EmitStage::IN_ORDER.iter().copied().take_while(|stage| *stage != emit).chain([emit]).collect()
+            } else {
+                vec![emit]
+            };
             let mut texts = Vec::new();
             for spec in &specs {
-                let text = match stage {
-                    EmitStage::Spec => Ok(frontend::spec_text(spec)),
-                    EmitStage::Graph => driver::graph_text(spec, print_after_all),
-                    EmitStage::Plan => driver::plan_text(spec),
-                    EmitStage::Kernel => driver::kernel_text(spec),
-                    EmitStage::Llvm | EmitStage::Ptx => match lowered_text(spec, stage) {
-                        Some(text) => text,
-                        None => return self.usage_error(NO_LLVM),
-                    },
-                };
-                match text {
-                    Ok(text) => texts.push(text),
-                    Err(error) => return self.compile_error(&error),
+                for &stage in &stages {
+                    let text = match stage {
+                        EmitStage::Spec => Ok(frontend::spec_text(spec)),
+                        EmitStage::Graph => driver::graph_text(spec, print_after_all),
+                        EmitStage::Plan => driver::plan_text(spec),
+                        EmitStage::Kernel => driver::kernel_text(spec),
+                        EmitStage::Llvm | EmitStage::Ptx => match lowered_text(spec, stage) {
+                            Some(text) => text,
+                            None => return self.usage_error(NO_LLVM),
+                        },
+                    };
+                    match text {
+                        // The graph stage heads each of its passes itself.
+                        Ok(text) if print_after_all && stage != EmitStage::Graph => {
+                            texts.push(format!("// ===== {} {}\n{text}", spec.name, stage.name()))
+                        }
+                        Ok(text) => texts.push(text),
+                        Err(error) => return self.compile_error(&error),
+                    }
                 }
             }
             let _ = write!(self.io.stdout, "{}", texts.join("\n"));
