@@ -39,7 +39,7 @@ use crate::manifest::KernelParamManifest;
 pub const WARPGROUP_ROWS: u32 = 64;
 const WARPGROUP_THREADS: u32 = 128;
 /// Shared memory one CTA may use on sm_90 (227 KiB).
-const MAX_SHARED_BYTES: u32 = 227 * 1024;
+const MAX_SHARED_BYTES: u32 = crate::ir::kernel::SHARED_MEMORY_LIMIT_BYTES as u32;
 
 /// The inputs that shape the wgmma attention kernel.
 #[derive(Debug, Clone, PartialEq)]

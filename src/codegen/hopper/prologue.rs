@@ -64,7 +64,7 @@ const THREADS: u32 = WARPGROUPS * WARPGROUP_THREADS;
 /// Rows of one per-head convolution GEMM: the wgmma M.
 const GEMM_ROWS: u32 = 64;
 /// Shared memory one CTA may use on sm_90 (227 KiB).
-const MAX_SHARED_BYTES: u32 = 227 * 1024;
+const MAX_SHARED_BYTES: u32 = crate::ir::kernel::SHARED_MEMORY_LIMIT_BYTES as u32;
 /// Shared memory of one SM (sm_90), which the CTAs resident on it share.
 const SM_SHARED_BYTES: u32 = 228 * 1024;
 /// Elements of one 16-byte chunk.
