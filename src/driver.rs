@@ -91,9 +91,9 @@ pub fn plan_text(spec: &AttentionSpec) -> Result<String, CompileError> {
 #[cfg(feature = "llvm")]
 pub fn launched_plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
     use crate::codegen::hopper::HopperKernel;
-    let mut plans = plans(spec)?;
-    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec);
+    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
     let launches = planned.launches(spec)?;
+    let mut plans = planned.plans.clone();
     let mut shipped = planned.kernels.iter().zip(&planned.hopper).zip(&launches);
     for planned_kernel in plans.iter_mut().flat_map(|plan| plan.kernels.iter_mut()) {
         let Some(((ir, hopper), launch)) = shipped.next() else {
@@ -131,8 +131,13 @@ pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
 
 /// [`kernels`] with the identity of each: which forward kernel its plan entry asked for.
 fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
-    // Said up front in the user's terms; the builders would otherwise report it as a
-    // schedule that does not verify.
+    tileable_head_dim(spec)?;
+    build_planned(spec, &plans(spec)?)
+}
+
+/// The kernels' first rule, said up front in the user's terms: the planner and the builders would
+/// otherwise report it as a schedule that does not fit.
+fn tileable_head_dim(spec: &AttentionSpec) -> Result<(), CompileError> {
     if !spec.head_dim.is_multiple_of(16) {
         return Err(error(
             spec,
@@ -144,8 +149,13 @@ fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(ForwardKernel, Kernel
             ),
         ));
     }
+    Ok(())
+}
+
+/// The kernel IR of every kernel of `plans` with its identity, in launch order.
+fn build_planned(spec: &AttentionSpec, plans: &[KernelPlan]) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
     let mut out = Vec::new();
-    for plan in plans(spec)? {
+    for plan in plans {
         for planned in &plan.kernels {
             let which = planned.forward_kernel();
             let built = kernel::build_forward(spec, which, &planned.schedule)
@@ -187,7 +197,7 @@ pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
 /// those the Hopper emitters still replace. What the interpreter runs to check what ships.
 #[cfg(feature = "llvm")]
 pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
-    Ok(PlannedSources::of(spec)?.into_kernel_ir(spec).kernels)
+    Ok(PlannedSources::of(spec)?.into_kernel_ir(spec)?.kernels)
 }
 
 /// Kernel IR text of the kernels that ship (with codegen, the projection GEMMs are the
@@ -196,7 +206,7 @@ pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileE
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     #[cfg(feature = "llvm")]
     let shipped = {
-        let planned = PlannedSources::of(spec)?.into_kernel_ir(spec);
+        let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
         planned.which.into_iter().zip(planned.kernels).collect::<Vec<_>>()
     };
     #[cfg(not(feature = "llvm"))]
@@ -557,6 +567,8 @@ pub fn write_tuning_candidates(
 /// Every kernel of `spec` with the source its PTX comes from.
 #[cfg(feature = "llvm")]
 struct PlannedSources {
+    /// The plan of every entry point, which the kernels below were built from.
+    plans: Vec<KernelPlan>,
     /// Which forward kernel each is (the plan's identity, in launch order).
     which: Vec<ForwardKernel>,
     kernels: Vec<KernelFn>,
@@ -568,7 +580,9 @@ struct PlannedSources {
 impl PlannedSources {
     fn of(spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
         use crate::codegen::hopper::HopperKernel;
-        let (which, kernels): (Vec<ForwardKernel>, Vec<KernelFn>) = identified_kernels(spec)?.into_iter().unzip();
+        tileable_head_dim(spec)?;
+        let plans = plans(spec)?;
+        let (which, kernels): (Vec<ForwardKernel>, Vec<KernelFn>) = build_planned(spec, &plans)?.into_iter().unzip();
         let hopper = which
             .iter()
             .zip(&kernels)
@@ -588,7 +602,7 @@ impl PlannedSources {
                 }
             })
             .collect();
-        Ok(PlannedSources { which, kernels, hopper })
+        Ok(PlannedSources { plans, which, kernels, hopper })
     }
 
     /// Replaces the tiles of the named kernels; a name that is not a Hopper attention or GEMM
@@ -630,9 +644,9 @@ impl PlannedSources {
     }
 
     /// Builds the kernel IR of every Hopper kernel that has a kernel-IR builder (the projection
-    /// GEMMs), in place of its tiled kernel; where the builder rejects the shape (an `o` whose
-    /// heads are not whole TMA boxes) the tiled kernel stays.
-    fn into_kernel_ir(mut self, spec: &AttentionSpec) -> PlannedSources {
+    /// GEMMs, for the tiles chosen) in place of its tiled kernel. `wgmma_projection` only picks
+    /// shapes the builder takes, so a builder error is a compiler bug, reported as such.
+    fn into_kernel_ir(mut self, spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
         use crate::codegen::hopper::{GemmSchedule, HopperKernel};
         for ((which, kernel), hopper) in self.which.iter().zip(self.kernels.iter_mut()).zip(self.hopper.iter_mut()) {
             let Some(HopperKernel::Gemm(config)) = hopper else { continue };
@@ -641,12 +655,11 @@ impl PlannedSources {
                 stages: config.stages,
                 ping_pong: config.schedule == GemmSchedule::PingPong,
             };
-            if let Ok(built) = kernel::build_wgmma_projection(spec, *which, kernel, &schedule) {
-                *kernel = built;
-            }
+            *kernel = kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
+                .map_err(|e| error(spec, "kernel", e))?;
             *hopper = None;
         }
-        self
+        Ok(self)
     }
 
     fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
@@ -706,7 +719,7 @@ impl PlannedSources {
 /// LLVM IR and PTX of every kernel of `spec` (what `--emit llvm` and `--emit ptx` print).
 #[cfg(feature = "llvm")]
 pub fn lowered(spec: &AttentionSpec) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
-    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec);
+    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
     crate::codegen::lower::lower_sources(&spec.name, &planned.sources())
         .map_err(|e| error(spec, "codegen", e))
 }
@@ -735,7 +748,7 @@ pub fn compile_library(
     spec: &AttentionSpec,
     options: &CompileOptions,
 ) -> Result<Library, CompileError> {
-    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?.into_kernel_ir(spec);
+    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?.into_kernel_ir(spec)?;
     let emit = || {
         crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
             .map(|module| module.ptx)

@@ -19,7 +19,7 @@ const MAX_SHARED_BYTES: u32 = SHARED_MEMORY_LIMIT_BYTES as u32;
 const THREADS: u32 = 3 * WARPGROUP_THREADS;
 /// Registers per thread of the consumer warpgroups (the kernel-IR builder's budget; the
 /// resource model checks the accumulators against it).
-pub(crate) const CONSUMER_REGISTERS: u32 = 232;
+pub(crate) const CONSUMER_REGISTERS: u32 = crate::ir::kernel::GEMM_CONSUMER_REGISTERS;
 
 /// The inputs that shape the wgmma projection kernel.
 #[derive(Debug, Clone, PartialEq)]

@@ -45,8 +45,8 @@ use super::hopper::HopperKernel;
 use super::hopper::copy::aligned_tile_address;
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
 use crate::ir::kernel::{
-    ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, SHARED_TILE_ALIGNMENT, Stmt,
-    TileId, TileView,
+    ElemType, Expr, KernelFn, KernelParam, Layout, ReduceOp, SHARED_MEMORY_LIMIT_BYTES, SHARED_TILE_ALIGNMENT, Space, Stmt,
+    TileId, TileView, for_each_stmt,
 };
 use expr::{ElementSite, Value};
 
@@ -304,9 +304,9 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         kb.function().add_attribute(AttributeLoc::Function, attribute);
     }
 
-    let async_operands = async_operand_tiles(kernel);
+    let (async_accumulators, async_operands) = async_mma_tiles(kernel);
     let mut tiles = Vec::with_capacity(kernel.tiles.len());
-    for (decl, offset) in kernel.tiles.iter().zip(&offsets) {
+    for (index, (decl, offset)) in kernel.tiles.iter().zip(&offsets).enumerate() {
         let ty = &decl.ty;
         tiles.push(match (ty.layout, offset) {
             (Layout::RowMajor { .. } | Layout::Swizzled128B, Some(offset)) => TileStorage::Shared { offset: *offset },
@@ -321,13 +321,9 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
                 let shape = AccumulatorShape { rows: ty.rows, cols: 8 * warps_n, layout: MmaAccumulator { warps_m, warps_n } };
                 TileStorage::Rows(RowVector::new(&kb, shape)?)
             }
-            (Layout::MmaOperandA { .. }, _) if async_operands.contains(&decl.name) => {
-                // m16n8k16 A fragments: 4 registers per k16 step per 16-row band.
-                let count = (ty.rows / 16) * (ty.cols / 16) * 4;
-                let count = count / match ty.layout {
-                    Layout::MmaOperandA { warps_m, .. } => warps_m,
-                    _ => 1,
-                };
+            (Layout::MmaOperandA { warps_m, .. }, _) if async_operands.contains(&TileId(index)) => {
+                // m16n8k16 A fragments: 4 registers per k16 step of each of the warp's 16-row bands.
+                let count = ty.rows / 16 / warps_m * (ty.cols / 16) * 4;
                 let slots = (0..count).map(|_| kb.register_slot()).collect::<Result<_>>()?;
                 TileStorage::AsyncOperandA { slots }
             }
@@ -338,34 +334,30 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         });
     }
 
-    let mut lowering = Lowering { kernel, shared_base, tiles, scope: Vec::new() };
+    let mut lowering = Lowering { kernel, shared_base, tiles, async_accumulators, scope: Vec::new() };
     lowering.init_barriers(&kb)?;
     lowering.block(&kb, &kernel.body)?;
     kb.finish()?;
     Ok(LoweredKernel { symbol: kernel.name.clone(), threads: kernel.threads(), dynamic_shared_bytes: shared_bytes })
 }
 
-/// Names of the register tiles that asynchronous MMAs read as operand a.
-fn async_operand_tiles(kernel: &KernelFn) -> Vec<String> {
-    fn visit(kernel: &KernelFn, body: &[Stmt], out: &mut Vec<String>) {
-        for stmt in body {
-            match stmt {
-                Stmt::MmaAsync { a, .. } if kernel.tile(a.tile).ty.space() == crate::ir::kernel::Space::Registers => {
-                    out.push(kernel.tile(a.tile).name.clone())
-                }
-                Stmt::For { body, .. } | Stmt::Elect { body } => visit(kernel, body, out),
-                Stmt::If { then_body, else_body, .. } => {
-                    visit(kernel, then_body, out);
-                    visit(kernel, else_body, out);
-                }
-                Stmt::Roles(roles) => roles.iter().for_each(|role| visit(kernel, &role.body, out)),
-                _ => {}
+/// The tiles asynchronous MMAs use: the accumulators they write and the register tiles they read
+/// as operand a, each once, in tile order.
+fn async_mma_tiles(kernel: &KernelFn) -> (Vec<TileId>, Vec<TileId>) {
+    let (mut accumulators, mut operands) = (Vec::new(), Vec::new());
+    for_each_stmt(&kernel.body, &mut |stmt| {
+        if let Stmt::MmaAsync { acc, a, .. } = stmt {
+            accumulators.push(acc.tile);
+            if kernel.tile(a.tile).ty.space() == Space::Registers {
+                operands.push(a.tile);
             }
         }
+    });
+    for tiles in [&mut accumulators, &mut operands] {
+        tiles.sort();
+        tiles.dedup();
     }
-    let mut out = Vec::new();
-    visit(kernel, &kernel.body, &mut out);
-    out
+    (accumulators, operands)
 }
 
 /// Whether a statement (or one nested in it) waits at a barrier or multiplies tiles.
@@ -394,6 +386,8 @@ struct Lowering<'k, 'ctx> {
     kernel: &'k KernelFn,
     shared_base: Option<PointerValue<'ctx>>,
     tiles: Vec<TileStorage<'ctx>>,
+    /// The accumulators asynchronous MMAs write: each `mma.wait` ties them down.
+    async_accumulators: Vec<TileId>,
     scope: Vec<(String, Value<'ctx>)>,
 }
 

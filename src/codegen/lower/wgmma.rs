@@ -132,7 +132,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// kernel writes, and every register operand one reads, passed through it, so that no read of
     /// an accumulator moves above the wait and no operand's registers are reused before it.
     pub(super) fn wgmma_wait(&self, kb: &KernelBuilder<'_, 'ctx>, pending: u32) -> Result<()> {
-        let mut tiles = self.async_accumulators();
+        let mut tiles = self.async_accumulators.clone();
         tiles.extend(
             (0..self.tiles.len())
                 .filter(|index| matches!(self.tiles[*index], TileStorage::AsyncOperandA { .. }))
@@ -192,28 +192,6 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             .map(|slot| Ok(kb.builder().build_bit_cast(kb.load_f32(*slot)?, kb.context().i32_type(), "")?.into_int_value()))
             .collect::<Result<Vec<IntValue<'ctx>>>>()?;
         Ok(OperandAFragments::from_registers(Elem::from(ty.elem), ty.rows, ty.cols, MmaAccumulator { warps_m, warps_n }, registers))
-    }
-
-    /// The accumulators that `MmaAsync` statements of the kernel write, in tile order.
-    fn async_accumulators(&self) -> Vec<TileId> {
-        fn visit(body: &[Stmt], out: &mut Vec<TileId>) {
-            for stmt in body {
-                match stmt {
-                    Stmt::MmaAsync { acc, .. } if !out.contains(&acc.tile) => out.push(acc.tile),
-                    Stmt::For { body, .. } | Stmt::Elect { body } => visit(body, out),
-                    Stmt::If { then_body, else_body, .. } => {
-                        visit(then_body, out);
-                        visit(else_body, out);
-                    }
-                    Stmt::Roles(roles) => roles.iter().for_each(|role| visit(&role.body, out)),
-                    _ => {}
-                }
-            }
-        }
-        let mut out = Vec::new();
-        visit(&self.kernel.body, &mut out);
-        out.sort();
-        out
     }
 
     /// Issues `acc += a · op(b)` (fence, one wgmma per k16 step); returns the accumulator values

@@ -39,7 +39,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
+    ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
     WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule, forward_kernels, gemm_operands,
     has_qk_prologue, projection_segments, tensor_map_param,
 };
@@ -403,6 +403,23 @@ pub enum Stmt {
     NamedBarrier { id: Expr, threads: u32, sync: bool },
 }
 
+/// Calls `f` on every statement of `body` and of the blocks nested in it (loops, branches,
+/// `elect`, role bodies), outer statements first.
+pub fn for_each_stmt(body: &[Stmt], f: &mut dyn FnMut(&Stmt)) {
+    for stmt in body {
+        f(stmt);
+        match stmt {
+            Stmt::For { body, .. } | Stmt::Elect { body } => for_each_stmt(body, f),
+            Stmt::If { then_body, else_body, .. } => {
+                for_each_stmt(then_body, f);
+                for_each_stmt(else_body, f);
+            }
+            Stmt::Roles(roles) => roles.iter().for_each(|role| for_each_stmt(&role.body, f)),
+            _ => {}
+        }
+    }
+}
+
 /// One role of a warp-specialized kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Role {
@@ -483,6 +500,19 @@ impl KernelFn {
     /// for register tiles) and the allocation's size. With swizzled tiles the offsets count from
     /// the first 1024-byte boundary of the allocation, which holds up to 1 KiB more for it.
     pub fn shared_layout(&self) -> (Vec<Option<usize>>, usize) {
+        let (offsets, tiles_end) = self.tile_offsets();
+        let mut bytes = tiles_end;
+        if !self.barriers.is_empty() {
+            bytes = bytes.next_multiple_of(MBARRIER_BYTES) + self.barrier_slots() * MBARRIER_BYTES;
+        }
+        if self.has_swizzled_tiles() {
+            bytes += layout::TILE_ALIGNMENT as usize;
+        }
+        (offsets, bytes)
+    }
+    /// Each tile's offset (shared tiles in declaration order, each aligned for its layout) and
+    /// where the last one ends.
+    fn tile_offsets(&self) -> (Vec<Option<usize>>, usize) {
         let mut offsets = Vec::with_capacity(self.tiles.len());
         let mut bytes: usize = 0;
         for decl in &self.tiles {
@@ -494,22 +524,12 @@ impl KernelFn {
                 offsets.push(None);
             }
         }
-        if !self.barriers.is_empty() {
-            bytes = bytes.next_multiple_of(MBARRIER_BYTES) + self.barrier_slots() * MBARRIER_BYTES;
-        }
-        if self.has_swizzled_tiles() {
-            bytes += layout::TILE_ALIGNMENT as usize;
-        }
         (offsets, bytes)
     }
     /// Where barrier ring `ring` starts in the shared allocation (after the tiles).
     pub fn barrier_offset(&self, ring: BarrierId) -> usize {
-        let mut bytes: usize = 0;
-        for decl in self.tiles.iter().filter(|decl| decl.ty.space() == Space::Shared) {
-            bytes = bytes.next_multiple_of(decl.ty.shared_alignment()) + decl.ty.shared_bytes();
-        }
         let before: u32 = self.barriers[..ring.0].iter().map(|b| b.slots).sum();
-        bytes.next_multiple_of(MBARRIER_BYTES) + before as usize * MBARRIER_BYTES
+        self.tile_offsets().1.next_multiple_of(MBARRIER_BYTES) + before as usize * MBARRIER_BYTES
     }
     fn barrier_slots(&self) -> usize {
         self.barriers.iter().map(|b| b.slots as usize).sum()
@@ -519,15 +539,9 @@ impl KernelFn {
     }
     /// Whether the body splits into warp-specialized roles.
     pub fn has_roles(&self) -> bool {
-        fn any(body: &[Stmt]) -> bool {
-            body.iter().any(|stmt| match stmt {
-                Stmt::Roles(_) => true,
-                Stmt::For { body, .. } | Stmt::Elect { body } => any(body),
-                Stmt::If { then_body, else_body, .. } => any(then_body) || any(else_body),
-                _ => false,
-            })
-        }
-        any(&self.body)
+        let mut found = false;
+        for_each_stmt(&self.body, &mut |stmt| found |= matches!(stmt, Stmt::Roles(_)));
+        found
     }
     /// Shared memory of one CTA, alignment included (what the launch asks for).
     pub fn shared_bytes(&self) -> usize {

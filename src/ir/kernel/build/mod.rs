@@ -6,7 +6,7 @@
 mod wgmma_gemm;
 
 pub use wgmma_gemm::{
-    GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_CTAS, WgmmaGemmSchedule, build_wgmma_projection, gemm_operands,
+    GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, WgmmaGemmSchedule, build_wgmma_projection, gemm_operands,
     tensor_map_param,
 };
 

@@ -28,10 +28,12 @@ pub const GEMM_BLOCK_M: u32 = 128;
 pub const GEMM_BLOCK_K: u32 = 64;
 /// Rows one consumer warpgroup multiplies at a time (the wgmma M).
 const WARPGROUP_ROWS: u32 = 64;
+/// Warps of the CTA: two consumer warpgroups and one producer.
+const WARPS: u32 = 3 * WARPGROUP_THREADS / 32;
 /// Registers per thread of the producer (it only computes coordinates) and of the consumers
 /// (40 + 2 · 232 = 3 · 168, the allotment of a 384-thread CTA).
 const PRODUCER_REGISTERS: u32 = 40;
-const CONSUMER_REGISTERS: u32 = 232;
+pub const GEMM_CONSUMER_REGISTERS: u32 = 232;
 
 /// The tiles, ring depth and consumer schedule of the wgmma projection GEMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,10 +162,7 @@ pub fn build_wgmma_projection(
     let is_4d = |name: &str| {
         base.params.iter().any(|p| matches!(p, KernelParam::Tensor { name: n, shape, .. } if n == name && shape.len() == 4))
     };
-    // Chunks of at most 128 columns: the epilogue of a 256-wide accumulator in one piece keeps
-    // more bias values and addresses live than the consumers' registers hold (it spills).
     let chunk = if segments.iter().any(|s| is_4d(&s.dest)) { gcd(block_n, head_dim) } else { block_n };
-    let chunk = gcd(chunk, 128);
     let chunks = block_n / chunk;
     let mut maps = vec![(a.clone(), GEMM_BLOCK_M)];
     for segment in &segments {
@@ -228,7 +227,6 @@ pub fn build_wgmma_projection(
             let_(&format!("{prefix}row_start"), mul(rem(v(&format!("{prefix}rest")), v("row_tiles")), int(GEMM_BLOCK_M))),
         ]
     };
-    // The segment of column tile `column_tile`: `then(segment, first tile)` in an if-chain.
     // The column segments with the column tile each starts at.
     let mut parts = Vec::new();
     let mut end = 0;
@@ -376,7 +374,6 @@ pub fn build_wgmma_projection(
                 let segment_col = add(col_start.clone(), int(chunk_index * chunk));
                 let dest_col = add(int(segment.dest_col), segment_col.clone());
                 let end = int(segment.dest_col + segment.cols);
-                let mut out = Vec::new();
                 let rows = GlobalDim::Span {
                     start: add(v("c_row_start"), mul(row_block, int(WARPGROUP_ROWS))),
                     len: WARPGROUP_ROWS,
@@ -402,13 +399,13 @@ pub fn build_wgmma_projection(
                         GlobalDim::Span { start: dest_col.clone(), len: chunk, valid: Some((dest_col, end)) },
                     ]
                 };
-                out.push(Stmt::Store { src: acc_view, dst: GlobalTile { param: segment.dest.clone(), dims } });
+                let store = Stmt::Store { src: acc_view, dst: GlobalTile { param: segment.dest.clone(), dims } };
                 if chunks == 1 {
-                    return out;
+                    return vec![store];
                 }
                 // A chunk past the segment's end (a narrow segment in a wide tile) would address
                 // a head that is not there.
-                vec![Stmt::If { cond: lt(segment_col, int(segment.cols)), then_body: out, else_body: Vec::new() }]
+                vec![Stmt::If { cond: lt(segment_col, int(segment.cols)), then_body: vec![store], else_body: Vec::new() }]
             })
             .collect()
     };
@@ -492,7 +489,7 @@ pub fn build_wgmma_projection(
             div(add(sub(v("tiles"), Expr::BlockIdx(Axis::X)), sub(Expr::GridDim(Axis::X), int(1))), Expr::GridDim(Axis::X)),
         ),
         Stmt::Roles(vec![
-            Role { name: "consumer".to_string(), warpgroups: 2, index: "wg".to_string(), registers: CONSUMER_REGISTERS, body: consumer },
+            Role { name: "consumer".to_string(), warpgroups: 2, index: "wg".to_string(), registers: GEMM_CONSUMER_REGISTERS, body: consumer },
             Role { name: "producer".to_string(), warpgroups: 1, index: "p".to_string(), registers: PRODUCER_REGISTERS, body: producer },
         ]),
     ];
@@ -500,10 +497,10 @@ pub fn build_wgmma_projection(
         name: base.name.clone(),
         params,
         grid: [SizeExpr::c(PERSISTENT_CTAS), SizeExpr::c(1), SizeExpr::c(1)],
-        warps: 3 * WARPGROUP_THREADS / 32,
+        warps: WARPS,
         tiles,
         barriers,
-        schedule: Schedule { block_m: GEMM_BLOCK_M, block_n, block_k: GEMM_BLOCK_K, warps: 12, stages },
+        schedule: Schedule { block_m: GEMM_BLOCK_M, block_n, block_k: GEMM_BLOCK_K, warps: WARPS, stages },
         body,
     };
     kernel.verify().map_err(|errors| format!("{} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
