@@ -207,23 +207,15 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     #[cfg(feature = "llvm")]
     let shipped = {
         let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
-        planned.which.into_iter().zip(planned.kernels).collect::<Vec<_>>()
+        planned.kernels.into_iter().zip(planned.hopper.into_iter().map(|hopper| hopper.is_some())).collect::<Vec<_>>()
     };
     #[cfg(not(feature = "llvm"))]
-    let shipped = identified_kernels(spec)?;
+    let shipped = identified_kernels(spec)?.into_iter().map(|(_, kernel)| (kernel, false)).collect::<Vec<_>>();
     let mut out = String::new();
-    for (which, kernel) in shipped {
-        if uses_wgmma_attention(spec) && which == ForwardKernel::Attention {
-            out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper: wgmma,\n\
-                    // warp-specialized, tiles from the resource model); this kernel IR is its\n\
-                    // one-warpgroup equivalent, which the interpreter checks and other targets lower.\n";
-        }
-        // Whether the plan fits is known only to the LLVM build; the head width is the first gate.
-        if matches!(spec.head_dim, 64 | 128) && which == ForwardKernel::QkPrologue {
-            out += "// PTX for this kernel comes from the Hopper fast path (codegen::hopper::prologue:\n\
-                    // wgmma per-head convolutions, 16-byte staging) wherever its plan fits (convolutions\n\
-                    // of up to 4 taps, weights and row tiles within 227 KB of shared memory), else from\n\
-                    // this kernel IR, which the interpreter checks either way.\n";
+    for (kernel, emitted) in shipped {
+        if emitted {
+            out += "// PTX for this kernel comes from a hand-written Hopper emitter (codegen::hopper);\n\
+                    // this kernel IR is its equivalent, which the interpreter checks.\n";
         }
         out += &kernel.to_string();
     }
@@ -644,19 +636,36 @@ impl PlannedSources {
     }
 
     /// Builds the kernel IR of every Hopper kernel that has a kernel-IR builder (the projection
-    /// GEMMs, for the tiles chosen) in place of its tiled kernel. `wgmma_projection` only picks
-    /// shapes the builder takes, so a builder error is a compiler bug, reported as such.
+    /// GEMMs and the warp-specialized TMA attention, for the tiles chosen) in place of its tiled
+    /// kernel. The driver only picks shapes the builders take, so a builder error is a compiler
+    /// bug, reported as such.
     fn into_kernel_ir(mut self, spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
-        use crate::codegen::hopper::{GemmSchedule, HopperKernel};
+        use crate::codegen::hopper::{GemmSchedule, HopperKernel, Schedule, TileLoads};
         for ((which, kernel), hopper) in self.which.iter().zip(self.kernels.iter_mut()).zip(self.hopper.iter_mut()) {
-            let Some(HopperKernel::Gemm(config)) = hopper else { continue };
-            let schedule = kernel::WgmmaGemmSchedule {
-                block_n: config.block_n,
-                stages: config.stages,
-                ping_pong: config.schedule == GemmSchedule::PingPong,
+            let built = match hopper {
+                Some(HopperKernel::Gemm(config)) => {
+                    let schedule = kernel::WgmmaGemmSchedule {
+                        block_n: config.block_n,
+                        stages: config.stages,
+                        ping_pong: config.schedule == GemmSchedule::PingPong,
+                    };
+                    kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
+                }
+                Some(HopperKernel::Attention(config))
+                    if config.loads == TileLoads::Tma && matches!(config.schedule, Schedule::WarpSpecialized | Schedule::PingPong) =>
+                {
+                    let schedule = kernel::WgmmaAttentionSchedule {
+                        block_m: config.block_m,
+                        block_n: config.block_n,
+                        stages: config.stages,
+                        ping_pong: config.schedule == Schedule::PingPong,
+                        l2_group_bytes: config.l2_group_bytes,
+                    };
+                    kernel::build_wgmma_attention(spec, kernel, &schedule)
+                }
+                _ => continue,
             };
-            *kernel = kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
-                .map_err(|e| error(spec, "kernel", e))?;
+            *kernel = built.map_err(|e| error(spec, "kernel", e))?;
             *hopper = None;
         }
         Ok(self)

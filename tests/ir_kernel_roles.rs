@@ -139,7 +139,7 @@ fn a_consumer_that_does_not_wait_for_its_copies_reads_poison() {
 #[test]
 fn reading_an_accumulator_before_its_group_retires_is_an_error() {
     let error = broken_run(|kernel| {
-        edit_blocks(&mut kernel.body, &|block| block.retain(|stmt| *stmt != Stmt::MmaWait { pending: 0 }))
+        edit_blocks(&mut kernel.body, &|block| block.retain(|stmt| *stmt != Stmt::MmaWait { pending: 0, after: None }))
     });
     assert!(error.contains("while a wgmma group writing it is in flight"), "{error}");
 }
@@ -151,8 +151,8 @@ fn releasing_a_stage_before_its_group_retires_lets_tma_overwrite_it() {
     let error = broken_run(|kernel| {
         edit_blocks(&mut kernel.body, &|block| {
             for stmt in block.iter_mut() {
-                if *stmt == (Stmt::MmaWait { pending: 1 }) {
-                    *stmt = Stmt::MmaWait { pending: 2 };
+                if *stmt == (Stmt::MmaWait { pending: 1, after: None }) {
+                    *stmt = Stmt::MmaWait { pending: 2, after: None };
                 }
             }
         })
@@ -387,7 +387,7 @@ fn register_operand_kernel(overwrite_p_early: bool) -> KernelFn {
         Stmt::Fill { dst: whole(5), value: 0.0 },
         Stmt::MmaAsync { acc: whole(3), a: whole(0), b: whole(1), b_transposed: true },
         Stmt::MmaCommit,
-        Stmt::MmaWait { pending: 0 },
+        Stmt::MmaWait { pending: 0, after: None },
         Stmt::Convert { dst: whole(4), src: whole(3) },
         Stmt::MmaAsync { acc: whole(5), a: whole(4), b: whole(2), b_transposed: false },
         Stmt::MmaCommit,
@@ -396,7 +396,7 @@ fn register_operand_kernel(overwrite_p_early: bool) -> KernelFn {
         body.push(Stmt::Convert { dst: whole(4), src: whole(3) });
     }
     body.extend([
-        Stmt::MmaWait { pending: 0 },
+        Stmt::MmaWait { pending: 0, after: None },
         Stmt::Store {
             src: whole(5),
             dst: GlobalTile {
@@ -470,4 +470,56 @@ fn register_operand_a_lowers_to_wgmma_from_registers() {
     let reports = ccc::codegen::ptxas::assemble(&ptx).expect("ptxas");
     let report = &reports[0];
     assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
+}
+
+fn attention_schedules() -> [WgmmaAttentionSchedule; 4] {
+    let l2_group_bytes = 16 << 20;
+    [
+        WgmmaAttentionSchedule { block_m: 128, block_n: 128, stages: 3, ping_pong: true, l2_group_bytes },
+        WgmmaAttentionSchedule { block_m: 128, block_n: 64, stages: 4, ping_pong: false, l2_group_bytes },
+        WgmmaAttentionSchedule { block_m: 64, block_n: 48, stages: 3, ping_pong: false, l2_group_bytes },
+        // A group of one kv head at these lengths: the longest-first order within each head.
+        WgmmaAttentionSchedule { block_m: 128, block_n: 32, stages: 3, ping_pong: true, l2_group_bytes: 4096 },
+    ]
+}
+
+/// The forward kernels of `spec` with attention replaced by the wgmma kernel of `schedule`.
+fn with_wgmma_attention(spec: &AttentionSpec, schedule: &WgmmaAttentionSchedule) -> Result<Vec<KernelFn>, String> {
+    ForwardKernel::launched_by(spec)
+        .into_iter()
+        .map(|which| {
+            let base = build_forward(spec, which, &default_schedule(spec, which)?)?;
+            match which {
+                ForwardKernel::Attention => build_wgmma_attention(spec, &base, schedule),
+                _ => Ok(base),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn wgmma_attention_matches_the_reference_for_every_mask_and_schedule() {
+    let mut rng = XorShift64Star::new(17);
+    let mut windowed = zaya1_like("zaya_window", 256, 64, 4, 2);
+    windowed.mask = Mask::SlidingWindow { window: 40 };
+    let mut unmasked = AttentionSpec::plain("plain_none", 128, 64, 2, 1);
+    unmasked.mask = Mask::None;
+    let mut long_window = AttentionSpec::plain("plain_long_window", 128, 128, 1, 1);
+    long_window.mask = Mask::SlidingWindow { window: 1000 };
+    for spec in [zaya1_like("zaya_d128", 256, 128, 2, 1), windowed, unmasked, long_window] {
+        let weights = random_weights(&spec, &mut rng);
+        for (batch, seq_len) in [(2, 17), (1, 200), (1, 1)] {
+            let x = random_input(&spec, batch, seq_len, &mut rng);
+            let want = reference(&spec, &weights, &x, batch, seq_len);
+            for schedule in attention_schedules() {
+                let kernels = with_wgmma_attention(&spec, &schedule).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
+                let got = run_kernels(&spec, &kernels, &weights, &x, batch, seq_len, Rounding::Exact)
+                    .unwrap_or_else(|e| panic!("{} {schedule:?}: {e}", spec.name));
+                for (name, a, b) in [("o", &got.o, &want.attn.data), ("lse", &got.lse, &want.lse.data), ("out", &got.out, &want.out.data)] {
+                    let error = relative_error(a, b);
+                    assert!(error <= TOLERANCE, "{} {schedule:?} B {batch} S {seq_len}: {name} relative error {error:e}", spec.name);
+                }
+            }
+        }
+    }
 }

@@ -482,7 +482,7 @@ pub fn row_reduce<'ctx>(
     op: RowReduction,
     dst: &RowVector<'ctx>,
 ) -> Result<()> {
-    row_reduce_with(kb, src, op, dst, |_, _, value| Ok(value))
+    row_reduce_with(kb, src, op, dst, true, |_, _, value| Ok(value))
 }
 
 /// [`row_reduce`] of `value(position, element)` instead of the elements themselves
@@ -492,6 +492,7 @@ pub fn row_reduce_with<'ctx>(
     src: &AccumulatorTile<'ctx>,
     op: RowReduction,
     dst: &RowVector<'ctx>,
+    across_threads: bool,
     mut value: impl FnMut(&KernelBuilder<'_, 'ctx>, &ElementPosition<'ctx>, FloatValue<'ctx>) -> Result<FloatValue<'ctx>>,
 ) -> Result<()> {
     let shape = src.shape;
@@ -509,7 +510,7 @@ pub fn row_reduce_with<'ctx>(
     for row_slot in 0..shape.row_slots() {
         let (fragment_m, half) = (row_slot / 2, row_slot % 2);
         let row = place.row(kb, row_slot)?;
-        let mut partial: Option<FloatValue<'ctx>> = None;
+        let mut terms: Vec<FloatValue<'ctx>> = Vec::new();
         for fragment_n in 0..shape.fragments_n() {
             let pair_col = place.col(kb, fragment_n)?;
             for element in [2 * half, 2 * half + 1] {
@@ -521,21 +522,27 @@ pub fn row_reduce_with<'ctx>(
                     element_slot,
                 };
                 let element_value = kb.load_f32(src.slots[element_slot])?;
-                let term = value(kb, &position, element_value)?;
-                partial = Some(match partial {
-                    Some(so_far) => combine(so_far, term)?,
-                    None => term,
-                });
+                terms.push(value(kb, &position, element_value)?);
             }
         }
-        let mut total = partial.ok_or_else(|| super::CodegenError::Unsupported("empty row".to_string()))?;
-        for lane_mask in [1, 2] {
-            let other = kb.shuffle_xor_f32(total, lane_mask)?;
+        // A balanced tree: log2(n) dependent instructions instead of n on the softmax's path.
+        while terms.len() > 1 {
+            terms = terms.chunks(2).map(|pair| if pair.len() == 2 { combine(pair[0], pair[1]) } else { Ok(pair[0]) }).collect::<Result<_>>()?;
+        }
+        let mut total = terms.pop().ok_or_else(|| super::CodegenError::Unsupported("empty row".to_string()))?;
+        for lane_mask in if across_threads { [1, 2].as_slice() } else { &[] } {
+            let other = kb.shuffle_xor_f32(total, *lane_mask)?;
             total = combine(total, other)?;
         }
         dst.set(kb, row_slot, total)?;
     }
     Ok(())
+}
+
+/// The sum of `value` over the quad of lanes that hold one accumulator row.
+pub fn quad_sum<'ctx>(kb: &KernelBuilder<'_, 'ctx>, value: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
+    let pair = kb.fadd(value, kb.shuffle_xor_f32(value, 1)?)?;
+    kb.fadd(pair, kb.shuffle_xor_f32(pair, 2)?)
 }
 
 /// An accumulator tile rounded to a 16-bit type and repacked as m16n8k16 A fragments

@@ -1,7 +1,7 @@
 //! The expression compiler: an [`Expr`] becomes an i32, f32 or i1 value of the calling thread.
 //!
 //! Math follows the kernel IR interpreter's semantics with the GPU's fast instructions:
-//! `exp`/`log`/`pow` go through `ex2.approx`/`lg2.approx`, `rsqrt` is `rsqrt.approx`, and
+//! `exp`/`log`/`pow` go through `ex2.approx`/`lg2.approx`, `a · b ± c` is one fma, `rsqrt` is `rsqrt.approx`, and
 //! `sin`/`cos` reduce their argument to [−π, π] (Cody–Waite with a two-part 2π and fma) before
 //! `sin.approx`/`cos.approx`, so that RoPE angles of 10^5 rad keep their accuracy.
 
@@ -149,6 +149,19 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 };
                 Value::Float(kb.exp2_approx(kb.fmul(exponent, log2_base)?)?)
             }
+            // a · b + c and a · b − c as one fma (the softmax's scale-and-shift of every score).
+            Expr::Binary(op @ (BinOp::Add | BinOp::Sub), product, c)
+                if matches!(product.as_ref(), Expr::Binary(BinOp::Mul, ..)) =>
+            {
+                let Expr::Binary(_, a, b) = product.as_ref() else { unreachable!("matched a product") };
+                match (eval(a)?, eval(b)?, eval(c)?) {
+                    (Value::Float(a), Value::Float(b), Value::Float(c)) => {
+                        let c = if *op == BinOp::Sub { kb.builder().build_float_neg(c, "")? } else { c };
+                        Value::Float(kb.fma(a, b, c)?)
+                    }
+                    (a, b, c) => binary(kb, *op, binary(kb, BinOp::Mul, a, b)?, c)?,
+                }
+            }
             Expr::Binary(op, a, b) => binary(kb, *op, eval(a)?, eval(b)?)?,
             Expr::Select(cond, then, otherwise) => {
                 let cond = eval(cond)?.bool()?;
@@ -216,6 +229,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         Ok(Value::Float(match op {
             UnOp::Exp => kb.exp2_approx(kb.fmul(x, kb.f32(std::f64::consts::LOG2_E))?)?,
             UnOp::Log => kb.fmul(kb.log2_approx(x)?, kb.f32(std::f64::consts::LN_2))?,
+            UnOp::Exp2 => kb.exp2_approx(x)?,
+            UnOp::Log2 => kb.log2_approx(x)?,
             UnOp::Rsqrt => kb.rsqrt_approx(x)?,
             UnOp::Cos | UnOp::Sin => {
                 let reduced = reduce_angle(kb, x)?;

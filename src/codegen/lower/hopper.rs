@@ -70,6 +70,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 kb.set_max_registers(role.registers > allotment, role.registers)?;
             }
             kb.set_thread_group(Some(WARPGROUP_THREADS));
+            // Each role's warpgroups start with no MMA in flight.
+            this.in_flight.borrow_mut().clear();
             this.scope.push((role.index.clone(), Value::Int(kb.sub(warpgroup, kb.i32(first as i64))?)));
             let lowered = this.block(kb, &role.body);
             this.scope.pop();

@@ -33,12 +33,14 @@ mod hopper;
 mod memory;
 mod wgmma;
 
+use std::cell::RefCell;
+
 use inkwell::attributes::AttributeLoc;
 use inkwell::context::Context;
 use inkwell::values::PointerValue;
 
 use super::tile::{
-    AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector,
+    AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector, quad_sum,
     SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
 use super::hopper::HopperKernel;
@@ -304,7 +306,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         kb.function().add_attribute(AttributeLoc::Function, attribute);
     }
 
-    let (async_accumulators, async_operands) = async_mma_tiles(kernel);
+    let (_, async_operands) = async_mma_tiles(kernel, &kernel.body);
     let mut tiles = Vec::with_capacity(kernel.tiles.len());
     for (index, (decl, offset)) in kernel.tiles.iter().zip(&offsets).enumerate() {
         let ty = &decl.ty;
@@ -317,7 +319,7 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
                 let shape = AccumulatorShape { rows: ty.rows, cols: ty.cols, layout: MmaAccumulator { warps_m, warps_n } };
                 TileStorage::Accumulator(AccumulatorTile::new(&kb, shape)?)
             }
-            (Layout::RowVector { warps_m, warps_n }, _) => {
+            (Layout::RowVector { warps_m, warps_n } | Layout::RowShares { warps_m, warps_n }, _) => {
                 let shape = AccumulatorShape { rows: ty.rows, cols: 8 * warps_n, layout: MmaAccumulator { warps_m, warps_n } };
                 TileStorage::Rows(RowVector::new(&kb, shape)?)
             }
@@ -334,18 +336,18 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         });
     }
 
-    let mut lowering = Lowering { kernel, shared_base, tiles, async_accumulators, scope: Vec::new() };
+    let mut lowering = Lowering { kernel, shared_base, tiles, in_flight: RefCell::new(Vec::new()), scope: Vec::new() };
     lowering.init_barriers(&kb)?;
     lowering.block(&kb, &kernel.body)?;
     kb.finish()?;
     Ok(LoweredKernel { symbol: kernel.name.clone(), threads: kernel.threads(), dynamic_shared_bytes: shared_bytes })
 }
 
-/// The tiles asynchronous MMAs use: the accumulators they write and the register tiles they read
-/// as operand a, each once, in tile order.
-fn async_mma_tiles(kernel: &KernelFn) -> (Vec<TileId>, Vec<TileId>) {
+/// The tiles the asynchronous MMAs of `body` use: the accumulators they write and the register
+/// tiles they read as operand a, each once, in tile order.
+fn async_mma_tiles(kernel: &KernelFn, body: &[Stmt]) -> (Vec<TileId>, Vec<TileId>) {
     let (mut accumulators, mut operands) = (Vec::new(), Vec::new());
-    for_each_stmt(&kernel.body, &mut |stmt| {
+    for_each_stmt(body, &mut |stmt| {
         if let Stmt::MmaAsync { acc, a, .. } = stmt {
             accumulators.push(acc.tile);
             if kernel.tile(a.tile).ty.space() == Space::Registers {
@@ -386,8 +388,11 @@ struct Lowering<'k, 'ctx> {
     kernel: &'k KernelFn,
     shared_base: Option<PointerValue<'ctx>>,
     tiles: Vec<TileStorage<'ctx>>,
-    /// The accumulators asynchronous MMAs write: each `mma.wait` ties them down.
-    async_accumulators: Vec<TileId>,
+    /// The accumulators and register operands of asynchronous MMAs that may be in flight at the
+    /// statement being lowered (those issued since the last `mma.wait 0`, and, in a loop, those
+    /// its body issues): each `mma.wait` ties them down, and only them, since ptxas inserts
+    /// waits of its own before writes to registers it cannot prove free of a group in flight.
+    in_flight: RefCell<Vec<TileId>>,
     scope: Vec<(String, Value<'ctx>)>,
 }
 
@@ -396,19 +401,48 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         let depth = self.scope.len();
         let mut index = 0;
         while index < body.len() {
+            // Accumulators zeroed right before the asynchronous MMAs that add to them: the first
+            // wgmma overwrites instead (scale-d 0), and the zeros are never written.
+            let zeroed: Vec<TileId> = body[index..]
+                .iter()
+                .map_while(|stmt| match stmt {
+                    Stmt::Fill { dst, value } if *value == 0.0 && matches!(self.tiles[dst.tile.0], TileStorage::Accumulator(_)) => {
+                        Some(dst.tile)
+                    }
+                    _ => None,
+                })
+                .collect();
             // Consecutive asynchronous MMAs share one wgmma fence.
-            let run: Vec<&Stmt> =
-                body[index..].iter().take_while(|stmt| matches!(stmt, Stmt::MmaAsync { .. })).collect();
-            if run.is_empty() {
+            let run: Vec<&Stmt> = body[index + zeroed.len()..]
+                .iter()
+                .take_while(|stmt| matches!(stmt, Stmt::MmaAsync { .. }))
+                .collect();
+            let overwritten = |tile: &TileId| run.iter().any(|stmt| matches!(stmt, Stmt::MmaAsync { acc, .. } if acc.tile == *tile));
+            if !zeroed.is_empty() && !run.is_empty() && zeroed.iter().all(overwritten) {
+                self.wgmma_async_run(kb, &run, &zeroed)?;
+                index += zeroed.len() + run.len();
+            } else if matches!(body[index], Stmt::MmaAsync { .. }) {
+                let run: Vec<&Stmt> = body[index..].iter().take_while(|stmt| matches!(stmt, Stmt::MmaAsync { .. })).collect();
+                self.wgmma_async_run(kb, &run, &[])?;
+                index += run.len();
+            } else {
                 self.stmt(kb, &body[index])?;
                 index += 1;
-            } else {
-                self.wgmma_async_run(kb, &run)?;
-                index += run.len();
             }
         }
         self.scope.truncate(depth);
         Ok(())
+    }
+
+    /// Adds tiles to those whose asynchronous MMAs may be in flight.
+    fn note_in_flight(&self, tiles: impl IntoIterator<Item = TileId>) {
+        let mut in_flight = self.in_flight.borrow_mut();
+        for tile in tiles {
+            if !in_flight.contains(&tile) {
+                in_flight.push(tile);
+            }
+        }
+        in_flight.sort();
     }
 
     fn tile_name(&self, tile: TileId) -> &str {
@@ -424,6 +458,11 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Stmt::For { var, start, end, body } => {
                 let start = self.eval(kb, start, &ElementSite::None)?.int()?;
                 let end = self.eval(kb, end, &ElementSite::None)?.int()?;
+                // A group the body issues may still be in flight at its start (the iteration before
+                // issued it), and any may be after the loop.
+                let (issued_accumulators, issued_operands) = async_mma_tiles(self.kernel, body);
+                self.note_in_flight(issued_accumulators.iter().chain(&issued_operands).copied());
+                let entry = self.in_flight.borrow().clone();
                 let loop_body = |kb: &KernelBuilder<'_, 'ctx>, index| {
                     self.scope.push((var.clone(), Value::Int(index)));
                     self.block(kb, body)?;
@@ -436,12 +475,25 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 } else {
                     kb.for_range(start, end, loop_body)?;
                 }
+                self.note_in_flight(entry);
             }
             Stmt::If { cond, then_body, else_body } => {
                 let cond = self.eval(kb, cond, &ElementSite::None)?.bool()?;
                 // Both closures need the lowering state; they run one after the other.
+                let entry = self.in_flight.borrow().clone();
                 let this = std::cell::RefCell::new(&mut *self);
-                kb.if_else(cond, |kb| this.borrow_mut().block(kb, then_body), |kb| this.borrow_mut().block(kb, else_body))?;
+                let mut after_then = Vec::new();
+                kb.if_else(
+                    cond,
+                    |kb| {
+                        let mut this = this.borrow_mut();
+                        let lowered = this.block(kb, then_body);
+                        after_then = this.in_flight.replace(entry.clone());
+                        lowered
+                    },
+                    |kb| this.borrow_mut().block(kb, else_body),
+                )?;
+                self.note_in_flight(after_then);
             }
             Stmt::Copy { dst, src, is_async } => self.copy(kb, dst, src, *is_async)?,
             Stmt::AsyncCommit => kb.cp_async_commit()?,
@@ -477,9 +529,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let parity = self.eval(kb, parity, &ElementSite::None)?.int()?;
                 kb.mbarrier_wait_parity(self.barrier_pointer(kb, barrier)?, parity)?
             }
-            Stmt::MmaAsync { .. } => self.wgmma_async_run(kb, &[stmt])?,
+            Stmt::MmaAsync { .. } => self.wgmma_async_run(kb, &[stmt], &[])?,
             Stmt::MmaCommit => kb.wgmma_commit_group()?,
-            Stmt::MmaWait { pending } => self.wgmma_wait(kb, *pending)?,
+            Stmt::MmaWait { pending, after } => self.wgmma_wait(kb, *pending, *after)?,
             Stmt::NamedBarrier { id, threads, sync } => {
                 let id = self.eval(kb, id, &ElementSite::None)?.int()?;
                 if *sync { kb.named_barrier_sync(id, *threads)? } else { kb.named_barrier_arrive(id, *threads)? }
@@ -598,6 +650,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 }
                 Ok(())
             }
+            TileStorage::Rows(rows) => {
+                // Row shares → row vector: the shares of each row added across its threads.
+                let shares = self.row_vector(src.tile)?;
+                for slot in 0..rows.of.row_slots() {
+                    rows.set(kb, slot, quad_sum(kb, shares.get(kb, slot)?)?)?;
+                }
+                Ok(())
+            }
             TileStorage::Shared { .. } => {
                 let window = self.shared_window(kb, dst)?;
                 // Packed 32-bit stores need every pair on a 4-byte boundary.
@@ -642,7 +702,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             ReduceOp::Max => RowReduction::Max,
             ReduceOp::Sum => RowReduction::Sum,
         };
-        row_reduce_with(kb, self.accumulator(src.tile)?, op, self.row_vector(dst)?, |kb, position, element| {
+        // Row shares keep each thread's part; a row vector adds the parts across the threads.
+        let across_threads = !matches!(self.kernel.tile(dst).ty.layout, Layout::RowShares { .. });
+        row_reduce_with(kb, self.accumulator(src.tile)?, op, self.row_vector(dst)?, across_threads, |kb, position, element| {
             let site = ElementSite::Accumulator { tile: src.tile, position: *position, value: element };
             self.eval(kb, value, &site)?.float()
         })

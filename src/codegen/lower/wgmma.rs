@@ -19,7 +19,7 @@ use crate::codegen::hopper::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::layout::{ATOM_ROWS, OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, WGMMA_K};
 use crate::codegen::tile::{MmaAccumulator, OperandAFragments};
-use crate::ir::kernel::{Expr, Layout, Stmt, TileId, TileView};
+use crate::ir::kernel::{ANCHOR_BYTES, Expr, Layout, Stmt, TileId, TileView};
 
 /// Rows of one wgmma (a warpgroup's band of the accumulator).
 const WARPGROUP_ROWS: u32 = 64;
@@ -83,7 +83,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// warpgroup its 64 rows of `acc` (the verifier checked the warp grid and the shapes), issued
     /// and waited for.
     pub(super) fn wgmma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
-        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, b_transposed, true)?;
+        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, b_transposed, true, false)?;
         kb.wgmma_commit_group()?;
         // The A fragments pass through the wait with the accumulators: wgmma reads them until
         // it completes, so nothing may reuse their registers before.
@@ -98,12 +98,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// (so that no register write, not even a zero an accumulator starts from, falls between it
     /// and the wgmma that read it), then each statement's wgmma in order, left in flight in the
     /// open group. The accumulator slots take the values the instructions return, which the
-    /// group's wait ties down.
-    pub(super) fn wgmma_async_run(&self, kb: &KernelBuilder<'_, 'ctx>, run: &[&Stmt]) -> Result<()> {
+    /// group's wait ties down. The accumulators in `zeroed` start at zero: the first wgmma into
+    /// each overwrites it, and they stay out of the fence.
+    pub(super) fn wgmma_async_run(&self, kb: &KernelBuilder<'_, 'ctx>, run: &[&Stmt], zeroed: &[TileId]) -> Result<()> {
         let mut tiles: Vec<TileId> = Vec::new();
         for stmt in run {
             if let Stmt::MmaAsync { acc, .. } = stmt
                 && !tiles.contains(&acc.tile)
+                && !zeroed.contains(&acc.tile)
             {
                 tiles.push(acc.tile);
             }
@@ -118,12 +120,17 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             }
         }
         self.pass_registers(kb, &tiles, |kb, values| kb.wgmma_fence(values))?;
+        let mut started: Vec<TileId> = Vec::new();
         for stmt in run {
             let Stmt::MmaAsync { acc, a, b, b_transposed } = stmt else {
                 return unsupported("a run of asynchronous MMAs holds another statement");
             };
-            let (values, _) = self.wgmma_issue(kb, acc, a, b, *b_transposed, false)?;
+            let overwrite = zeroed.contains(&acc.tile) && !started.contains(&acc.tile);
+            started.push(acc.tile);
+            let (values, _) = self.wgmma_issue(kb, acc, a, b, *b_transposed, false, overwrite)?;
             self.accumulator(acc.tile)?.store_all(kb, &values)?;
+            let operand = matches!(self.tiles[a.tile.0], TileStorage::AsyncOperandA { .. }).then_some(a.tile);
+            self.note_in_flight([acc.tile].into_iter().chain(operand));
         }
         Ok(())
     }
@@ -131,13 +138,25 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// `MmaWait`: `wgmma.wait_group pending` with every accumulator an asynchronous MMA of the
     /// kernel writes, and every register operand one reads, passed through it, so that no read of
     /// an accumulator moves above the wait and no operand's registers are reused before it.
-    pub(super) fn wgmma_wait(&self, kb: &KernelBuilder<'_, 'ctx>, pending: u32) -> Result<()> {
-        let mut tiles = self.async_accumulators.clone();
-        tiles.extend(
-            (0..self.tiles.len())
-                .filter(|index| matches!(self.tiles[*index], TileStorage::AsyncOperandA { .. }))
-                .map(TileId),
-        );
+    /// With `after`, a volatile store of the sum of the thread's elements of that tile to the
+    /// thread's anchor word comes first: ptxas keeps the wait below it.
+    pub(super) fn wgmma_wait(&self, kb: &KernelBuilder<'_, 'ctx>, pending: u32, after: Option<TileId>) -> Result<()> {
+        let tiles = self.in_flight.borrow().clone();
+        if pending == 0 {
+            self.in_flight.borrow_mut().clear();
+        }
+        if let Some(tile) = after {
+            let values: Vec<FloatValue<'ctx>> = match &self.tiles[tile.0] {
+                TileStorage::Rows(rows) => (0..rows.of.row_slots()).map(|slot| rows.get(kb, slot)).collect::<Result<_>>()?,
+                _ => self.accumulator(tile)?.load_all(kb)?,
+            };
+            let sum = values.iter().skip(1).try_fold(values[0], |sum, value| kb.fadd(sum, *value))?;
+            let offset = self.kernel.anchor_offset() as i64;
+            let word = kb.add(kb.i32(offset), kb.mul(kb.cta_thread_index()?, kb.i32(ANCHOR_BYTES as i64))?)?;
+            let base = self.shared_base.ok_or_else(|| crate::codegen::CodegenError::Llvm("an anchor without shared memory".into()))?;
+            let address = kb.shared_address(kb.byte_pointer(base, word)?)?;
+            kb.inline_ptx(None, "st.volatile.shared.f32 [$0], $1;", "r,f,~{memory}", &[address.into(), sum.into()], true)?;
+        }
         self.pass_registers(kb, &tiles, |kb, values| kb.wgmma_wait(pending, values))
     }
 
@@ -194,8 +213,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         Ok(OperandAFragments::from_registers(Elem::from(ty.elem), ty.rows, ty.cols, MmaAccumulator { warps_m, warps_n }, registers))
     }
 
-    /// Issues `acc += a · op(b)` (fence, one wgmma per k16 step); returns the accumulator values
-    /// and the A registers the instructions read.
+    /// Issues `acc += a · op(b)` (fence, one wgmma per k16 step), or `acc = a · op(b)` when
+    /// `overwrite` (the first step ignores the accumulator); returns the accumulator values and
+    /// the A registers the instructions read.
     fn wgmma_issue(
         &self,
         kb: &KernelBuilder<'_, 'ctx>,
@@ -204,6 +224,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         b: &TileView,
         b_transposed: bool,
         fence: bool,
+        overwrite: bool,
     ) -> Result<(Vec<FloatValue<'ctx>>, Vec<IntValue<'ctx>>)> {
         self.whole_register_tile(acc)?;
         let accumulator = self.accumulator(acc.tile)?;
@@ -245,7 +266,12 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         };
         // The fence orders this thread's register writes (accumulator, A fragments) before the
         // wgmma that read them; the values come back from it so none is computed below it.
-        let mut fenced: Vec<BasicValueEnum<'ctx>> = accumulator.load_all(kb)?.into_iter().map(Into::into).collect();
+        let mut fenced: Vec<BasicValueEnum<'ctx>> = if overwrite {
+            let undefined = kb.context().f32_type().get_undef();
+            vec![undefined.into(); (accumulator.shape.fragments_m() * accumulator.shape.fragments_n() * 4) as usize]
+        } else {
+            accumulator.load_all(kb)?.into_iter().map(Into::into).collect()
+        };
         let acc_count = fenced.len();
         if let AOperand::Registers(steps) = &a_operand {
             fenced.extend(steps.iter().flatten().map(|register| BasicValueEnum::from(*register)));
@@ -264,7 +290,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     WgmmaA::Registers([a_registers[at], a_registers[at + 1], a_registers[at + 2], a_registers[at + 3]])
                 }
             };
-            values = kb.wgmma(shape, a_step, b_descriptor(step)?, b_major, Accumulate::Add, &values)?;
+            let accumulate = if overwrite && step == 0 { Accumulate::Overwrite } else { Accumulate::Add };
+            values = kb.wgmma(shape, a_step, b_descriptor(step)?, b_major, accumulate, &values)?;
         }
         Ok((values, a_registers))
     }

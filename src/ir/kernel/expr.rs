@@ -34,6 +34,9 @@ pub enum ScalarType {
 pub enum UnOp {
     Exp,
     Log,
+    /// 2^x and log2 x: softmax in base 2 takes one fma and one `ex2` per score.
+    Exp2,
+    Log2,
     Rsqrt,
     Cos,
     Sin,
@@ -162,6 +165,12 @@ impl Expr {
     pub fn log(self) -> Expr {
         Expr::unary(UnOp::Log, self)
     }
+    pub fn exp2(self) -> Expr {
+        Expr::unary(UnOp::Exp2, self)
+    }
+    pub fn log2(self) -> Expr {
+        Expr::unary(UnOp::Log2, self)
+    }
     pub fn rsqrt(self) -> Expr {
         Expr::unary(UnOp::Rsqrt, self)
     }
@@ -241,6 +250,8 @@ pub(super) fn unop_name(op: UnOp) -> &'static str {
     match op {
         UnOp::Exp => "exp",
         UnOp::Log => "log",
+        UnOp::Exp2 => "exp2",
+        UnOp::Log2 => "log2",
         UnOp::Rsqrt => "rsqrt",
         UnOp::Cos => "cos",
         UnOp::Sin => "sin",

@@ -39,7 +39,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
+    ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
     WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule, forward_kernels, gemm_operands,
     has_qk_prologue, projection_segments, tensor_map_param,
 };
@@ -54,6 +54,9 @@ pub const SHARED_MEMORY_LIMIT_BYTES: usize = 227 * 1024;
 pub const SHARED_TILE_ALIGNMENT: usize = 128;
 /// Bytes of one mbarrier.
 pub const MBARRIER_BYTES: usize = 8;
+/// Bytes of the word each thread stores to before an ordered `mma.wait` (one per thread: a word
+/// all of them stored to would be a write-write race to the race checker).
+pub const ANCHOR_BYTES: usize = 4;
 /// Threads of a warpgroup (the unit of wgmma and of warp-specialized roles).
 pub const WARPGROUP_THREADS: u32 = 128;
 /// Registers one SM holds per CTA (65536 32-bit registers).
@@ -121,6 +124,13 @@ pub enum Layout {
     /// Registers: one value per row of an accumulator with this warp grid (a [rows, 1] tile),
     /// replicated over the threads that hold the row.
     RowVector { warps_m: u32, warps_n: u32 },
+    /// Registers: a row vector whose rows are split into shares over the threads that hold the
+    /// row, the value being their sum (a softmax's running row sums, added up across threads
+    /// once at the end instead of at every key tile). Only sums reach it: `RowReduce` with
+    /// `Sum`, maps linear in shares (each term a share times a row-uniform factor, no constant
+    /// term), `Fill` with 0; it is read only by such maps, by `Convert` into a row vector (which
+    /// adds the shares) and as the anchor of an ordered `mma.wait`.
+    RowShares { warps_m: u32, warps_n: u32 },
 }
 
 impl Layout {
@@ -396,8 +406,12 @@ pub enum Stmt {
     MmaAsync { acc: TileView, a: TileView, b: TileView, b_transposed: bool },
     /// Closes the open group of asynchronous MMAs.
     MmaCommit,
-    /// Waits until at most `pending` committed groups of this warpgroup are in flight.
-    MmaWait { pending: u32 },
+    /// Waits until at most `pending` committed groups of this warpgroup are in flight; with
+    /// `after`, only once every element of that register tile has been computed. ptxas hoists
+    /// the wait as far up as it may, which would put it above math meant to overlap the group
+    /// (the softmax beside `P·V`); it does not move it above a shared-memory store, so the
+    /// lowering stores a value computed from the tile to a word of the thread's first.
+    MmaWait { pending: u32, after: Option<TileId> },
     /// Named barrier `id` (1..16; 0 is `Barrier`) for `threads` threads: `sync` arrives and
     /// waits for the barrier to complete, otherwise it only arrives.
     NamedBarrier { id: Expr, threads: u32, sync: bool },
@@ -500,10 +514,10 @@ impl KernelFn {
     /// for register tiles) and the allocation's size. With swizzled tiles the offsets count from
     /// the first 1024-byte boundary of the allocation, which holds up to 1 KiB more for it.
     pub fn shared_layout(&self) -> (Vec<Option<usize>>, usize) {
-        let (offsets, tiles_end) = self.tile_offsets();
-        let mut bytes = tiles_end;
-        if !self.barriers.is_empty() {
-            bytes = bytes.next_multiple_of(MBARRIER_BYTES) + self.barrier_slots() * MBARRIER_BYTES;
+        let (offsets, _) = self.tile_offsets();
+        let mut bytes = self.anchor_offset();
+        if self.has_ordered_waits() {
+            bytes += self.threads() as usize * ANCHOR_BYTES;
         }
         if self.has_swizzled_tiles() {
             bytes += layout::TILE_ALIGNMENT as usize;
@@ -530,6 +544,20 @@ impl KernelFn {
     pub fn barrier_offset(&self, ring: BarrierId) -> usize {
         let before: u32 = self.barriers[..ring.0].iter().map(|b| b.slots).sum();
         self.tile_offsets().1.next_multiple_of(MBARRIER_BYTES) + before as usize * MBARRIER_BYTES
+    }
+    /// Where the threads' anchor words of ordered `mma.wait`s start (after the barriers).
+    pub fn anchor_offset(&self) -> usize {
+        let tiles_end = self.tile_offsets().1;
+        if self.barriers.is_empty() {
+            return tiles_end;
+        }
+        tiles_end.next_multiple_of(MBARRIER_BYTES) + self.barrier_slots() * MBARRIER_BYTES
+    }
+    /// Whether some `mma.wait` is ordered after a tile (and so needs the anchor words).
+    pub fn has_ordered_waits(&self) -> bool {
+        let mut found = false;
+        for_each_stmt(&self.body, &mut |stmt| found |= matches!(stmt, Stmt::MmaWait { after: Some(_), .. }));
+        found
     }
     fn barrier_slots(&self) -> usize {
         self.barriers.iter().map(|b| b.slots as usize).sum()

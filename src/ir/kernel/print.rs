@@ -24,6 +24,7 @@ fn layout_text(layout: Layout) -> String {
         Layout::MmaAccumulator { warps_m, warps_n } => format!("mma_acc({warps_m}x{warps_n})"),
         Layout::MmaOperandA { warps_m, warps_n } => format!("mma_a({warps_m}x{warps_n})"),
         Layout::RowVector { warps_m, warps_n } => format!("row_vector({warps_m}x{warps_n})"),
+        Layout::RowShares { warps_m, warps_n } => format!("row_shares({warps_m}x{warps_n})"),
     }
 }
 
@@ -233,7 +234,10 @@ impl KernelFn {
                 if *b_transposed { "^T" } else { "" }
             ),
             Stmt::MmaCommit => writeln!(out, "{pad}mma.commit"),
-            Stmt::MmaWait { pending } => writeln!(out, "{pad}mma.wait {pending}"),
+            Stmt::MmaWait { pending, after: None } => writeln!(out, "{pad}mma.wait {pending}"),
+            Stmt::MmaWait { pending, after: Some(tile) } => {
+                writeln!(out, "{pad}mma.wait {pending} after %{}", self.tile(*tile).name)
+            }
             Stmt::NamedBarrier { id, threads, sync } => writeln!(
                 out,
                 "{pad}{} {} ({threads} threads)",

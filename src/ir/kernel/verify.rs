@@ -193,7 +193,7 @@ impl<'a> Verifier<'a> {
                         bad("mma operands are bf16 or f16".into());
                     }
                 }
-                Layout::RowVector { warps_m, warps_n } => {
+                Layout::RowVector { warps_m, warps_n } | Layout::RowShares { warps_m, warps_n } => {
                     if warps_m * warps_n != warps {
                         bad(format!(
                             "warp grid {warps_m}x{warps_n} does not match {warps} warps"
@@ -432,7 +432,7 @@ impl<'a> Verifier<'a> {
                 let ta = self.expr_type(a, ctx)?;
                 match op {
                     UnOp::ToFloat if ta == I32 => F32,
-                    UnOp::Exp | UnOp::Log | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin if ta == F32 => F32,
+                    UnOp::Exp | UnOp::Log | UnOp::Exp2 | UnOp::Log2 | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin if ta == F32 => F32,
                     _ => return Err(format!("`{}` applied to {ta:?}", self.kernel.expr(expr))),
                 }
             }
@@ -505,8 +505,13 @@ impl<'a> Verifier<'a> {
                 }
                 let holds_row = decl.ty.rows == dst_ty.rows && *row == Expr::Row;
                 let same_warps = |a: Layout, b: Layout| warp_grid(a) == warp_grid(b);
+                let shares_into_shares =
+                    matches!(dst_ty.layout, Layout::RowShares { .. }) || !matches!(decl.ty.layout, Layout::RowShares { .. });
+                if !shares_into_shares {
+                    return Err(format!("row shares %{name} are read only by maps into row shares (convert them to a row vector first)"));
+                }
                 match decl.ty.layout {
-                    Layout::RowVector { .. } => {
+                    Layout::RowVector { .. } | Layout::RowShares { .. } => {
                         if holds_row
                             && *col == Expr::Int(0)
                             && same_warps(decl.ty.layout, dst_ty.layout)
@@ -631,9 +636,11 @@ impl<'a> Verifier<'a> {
                 }
             }
             Stmt::AsyncCommit | Stmt::AsyncWait { .. } | Stmt::Barrier | Stmt::Note(_) => {}
-            Stmt::Fill { dst, .. } => {
+            Stmt::Fill { dst, value } => {
                 self.not_swizzled(stmt, dst);
-                self.check_view(stmt, dst);
+                if self.check_view(stmt, dst) && matches!(self.ty(dst).layout, Layout::RowShares { .. }) && *value != 0.0 {
+                    self.err(stmt, "row shares start at 0 (each thread's share of another value is not defined)");
+                }
             }
             Stmt::Mma {
                 acc,
@@ -659,6 +666,7 @@ impl<'a> Verifier<'a> {
                 match (ts.layout, td.layout) {
                     (Layout::MmaAccumulator { .. }, Layout::RowMajor { .. }) => {}
                     (Layout::MmaAccumulator { .. }, Layout::MmaOperandA { .. })
+                    | (Layout::RowShares { .. }, Layout::RowVector { .. })
                         if warp_grid(ts.layout) == warp_grid(td.layout) => {}
                     (from, to) => self.err(
                         stmt,
@@ -673,9 +681,12 @@ impl<'a> Verifier<'a> {
                 }
                 let ctx = ExprCtx::Elementwise { dst };
                 self.expect_type(stmt, expr, ScalarType::F32, ctx, "map value");
+                if matches!(self.ty(dst).layout, Layout::RowShares { .. }) && self.share_degree(expr) != Some(ShareDegree::Linear) {
+                    self.err(stmt, "a map into row shares must be linear in shares: each term a share (elem or another row-shares tile at [row]) times a row-uniform factor, no constant term");
+                }
             }
             Stmt::RowReduce {
-                dst, src, value, ..
+                dst, src, value, op
             } => {
                 if dst.0 >= self.kernel.tiles.len() {
                     self.err(stmt, format!("tile #{} does not exist", dst.0));
@@ -685,12 +696,17 @@ impl<'a> Verifier<'a> {
                     return;
                 }
                 let (td, ts) = (self.kernel.tile(*dst).ty, self.ty(src));
-                let ok = matches!(td.layout, Layout::RowVector { .. })
+                let into_rows = match td.layout {
+                    Layout::RowVector { .. } => true,
+                    Layout::RowShares { .. } => *op == ReduceOp::Sum,
+                    _ => false,
+                };
+                let ok = into_rows
                     && matches!(ts.layout, Layout::MmaAccumulator { .. })
                     && warp_grid(td.layout) == warp_grid(ts.layout)
                     && td.rows == ts.rows;
                 if !ok {
-                    self.err(stmt, "reduces an mma accumulator into a row vector of the same rows and warp grid");
+                    self.err(stmt, "reduces an mma accumulator into a row vector (or row shares, by sum) of the same rows and warp grid");
                 }
                 let ctx = ExprCtx::Elementwise { dst: src };
                 self.expect_type(stmt, value, ScalarType::F32, ctx, "reduced value");
@@ -721,7 +737,17 @@ impl<'a> Verifier<'a> {
                 }
 
             }
-            Stmt::MmaCommit | Stmt::MmaWait { .. } => {}
+            Stmt::MmaCommit | Stmt::MmaWait { after: None, .. } => {}
+            Stmt::MmaWait { after: Some(tile), .. } => {
+                if tile.0 >= self.kernel.tiles.len() {
+                    self.err(stmt, format!("tile #{} does not exist", tile.0));
+                    return;
+                }
+                let ty = self.kernel.tile(*tile).ty;
+                if ty.space() != Space::Registers || ty.elem != ElemType::F32 {
+                    self.err(stmt, format!("mma.wait after %{}: an f32 register tile", self.kernel.tile(*tile).name));
+                }
+            }
             Stmt::NamedBarrier { id, threads, .. } => {
                 self.expect_type(stmt, id, ScalarType::I32, ExprCtx::Scalar, "barrier id");
                 if let Expr::Int(id) = id
@@ -1058,11 +1084,60 @@ fn is_multiple_of(expr: &Expr, k: u32) -> bool {
     }
 }
 
+/// How an expression of a map into row shares depends on the shares: not at all (the same for
+/// every thread of a row), or linearly (so that the threads' results add up to the row's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ShareDegree {
+    Uniform,
+    Linear,
+}
+
+impl Verifier<'_> {
+    fn share_degree(&self, expr: &Expr) -> Option<ShareDegree> {
+        use ShareDegree::{Linear, Uniform};
+        let both = |a: &Expr, b: &Expr| Some((self.share_degree(a)?, self.share_degree(b)?));
+        match expr {
+            Expr::Elem => Some(Linear),
+            Expr::Col => None,
+            Expr::Tile { tile, .. } => match self.kernel.tiles.get(tile.0)?.ty.layout {
+                Layout::RowShares { .. } => Some(Linear),
+                _ => Some(Uniform),
+            },
+            Expr::Unary(_, a) => (self.share_degree(a)? == Uniform).then_some(Uniform),
+            Expr::Binary(BinOp::Add | BinOp::Sub, a, b) => match both(a, b)? {
+                (x, y) if x == y => Some(x),
+                _ => None,
+            },
+            Expr::Binary(BinOp::Mul, a, b) => match both(a, b)? {
+                (Uniform, Uniform) => Some(Uniform),
+                (Linear, Linear) => None,
+                _ => Some(Linear),
+            },
+            Expr::Binary(BinOp::Div, a, b) => match both(a, b)? {
+                (degree, Uniform) => Some(degree),
+                _ => None,
+            },
+            Expr::Binary(_, a, b) => (both(a, b)? == (Uniform, Uniform)).then_some(Uniform),
+            Expr::Select(c, a, b) => {
+                if self.share_degree(c)? != Uniform {
+                    return None;
+                }
+                match both(a, b)? {
+                    (x, y) if x == y => Some(x),
+                    _ => None,
+                }
+            }
+            _ => Some(Uniform),
+        }
+    }
+}
+
 fn warp_grid(layout: Layout) -> Option<(u32, u32)> {
     match layout {
         Layout::RowMajor { .. } | Layout::Swizzled128B => None,
         Layout::MmaAccumulator { warps_m, warps_n }
         | Layout::MmaOperandA { warps_m, warps_n }
-        | Layout::RowVector { warps_m, warps_n } => Some((warps_m, warps_n)),
+        | Layout::RowVector { warps_m, warps_n }
+        | Layout::RowShares { warps_m, warps_n } => Some((warps_m, warps_n)),
     }
 }

@@ -354,7 +354,7 @@ pub fn build_wgmma_projection(
         vec![
             Stmt::MmaCommit,
             // The group before this one has finished reading its slot.
-            Stmt::MmaWait { pending: 1 },
+            Stmt::MmaWait { pending: 1, after: None },
             Stmt::If {
                 cond: lt(int(0), v("k_tile")),
                 then_body: vec![Stmt::Arrive { barrier: slot(empty, sub(v("step"), int(1))) }],
@@ -456,7 +456,7 @@ pub fn build_wgmma_projection(
         });
     }
     consumer_tile.extend([
-        Stmt::MmaWait { pending: 0 },
+        Stmt::MmaWait { pending: 0, after: None },
         // The tile's last slot is free once its group retired: the producer may fill it for
         // the next tile while this one is stored.
         Stmt::Arrive { barrier: slot(empty, add(v("first_step"), int(k_tiles - 1))) },

@@ -469,6 +469,8 @@ impl<'k> Block<'k> {
                     UnOp::ToFloat => Value::Float(a.int()? as f64),
                     UnOp::Exp => Value::Float(a.float()?.exp()),
                     UnOp::Log => Value::Float(a.float()?.ln()),
+                    UnOp::Exp2 => Value::Float(a.float()?.exp2()),
+                    UnOp::Log2 => Value::Float(a.float()?.log2()),
                     UnOp::Rsqrt => Value::Float(1.0 / a.float()?.sqrt()),
                     UnOp::Cos => Value::Float(a.float()?.cos()),
                     UnOp::Sin => Value::Float(a.float()?.sin()),

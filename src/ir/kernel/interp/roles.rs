@@ -394,7 +394,7 @@ impl<'k> Block<'k> {
                     groups.committed.push_back(open);
                     frame.next += 1;
                 }
-                Stmt::MmaWait { pending } => {
+                Stmt::MmaWait { pending, .. } => {
                     let groups = &mut self.sync.groups[self.sync.current];
                     while groups.committed.len() > *pending as usize {
                         groups.committed.pop_front();
