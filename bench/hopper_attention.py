@@ -1,4 +1,4 @@
-"""Checks and times the wgmma attention kernels (ccc::codegen::hopper) on the GPU.
+"""Checks and times variants of the wgmma attention kernel (ccc::ir::kernel::build_wgmma_attention) on the GPU.
 
 Usage: python3 bench/hopper_attention.py --ptx-dir DIR [--kernels REGEX] [--out FILE] [--skip-timing] [--sass]
        python3 bench/hopper_attention.py --ptx-dir DIR --kernels REGEX --launch-only B:S   (under ncu)

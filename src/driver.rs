@@ -345,7 +345,6 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
             Mask::SlidingWindow { window } => Some(window.min(i32::MAX as usize) as u32),
             _ => None,
         },
-        softmax_scale: spec.softmax_scale,
         // The resource model's start; `PlannedSources::of` replaces the tile, stages and
         // schedule with its choice (`hopper::tiles`).
         block_m: 128,
@@ -357,10 +356,6 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         // (BENCHMARKS.md, 16:20 UTC run); 8 and 4 MB are among the variants that
         // bench/hopper_attention.py times (tests/codegen_hopper.rs, `bench_configs`).
         l2_group_bytes: 16 << 20,
-        // TMA: one producer thread instead of 128 issuing copies; 6% faster than cp.async
-        // standalone on the H200 (BENCHMARKS.md, 17:33 UTC). The runtime encodes the tensor maps
-        // the manifest asks for (`tensor_map` parameters) for each call.
-        loads: hopper::TileLoads::Tma,
     }
 }
 
@@ -640,7 +635,7 @@ impl PlannedSources {
     /// kernel. The driver only picks shapes the builders take, so a builder error is a compiler
     /// bug, reported as such.
     fn into_kernel_ir(mut self, spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
-        use crate::codegen::hopper::{GemmSchedule, HopperKernel, Schedule, TileLoads};
+        use crate::codegen::hopper::{GemmSchedule, HopperKernel};
         for ((which, kernel), hopper) in self.which.iter().zip(self.kernels.iter_mut()).zip(self.hopper.iter_mut()) {
             let built = match hopper {
                 Some(HopperKernel::Gemm(config)) => {
@@ -651,18 +646,7 @@ impl PlannedSources {
                     };
                     kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
                 }
-                Some(HopperKernel::Attention(config))
-                    if config.loads == TileLoads::Tma && matches!(config.schedule, Schedule::WarpSpecialized | Schedule::PingPong) =>
-                {
-                    let schedule = kernel::WgmmaAttentionSchedule {
-                        block_m: config.block_m,
-                        block_n: config.block_n,
-                        stages: config.stages,
-                        ping_pong: config.schedule == Schedule::PingPong,
-                        l2_group_bytes: config.l2_group_bytes,
-                    };
-                    kernel::build_wgmma_attention(spec, kernel, &schedule)
-                }
+                Some(HopperKernel::Attention(config)) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
                 _ => continue,
             };
             *kernel = built.map_err(|e| error(spec, "kernel", e))?;

@@ -1,5 +1,5 @@
 //! The Hopper wgmma path: swizzle offsets and descriptors as numbers, the primitives as PTX that
-//! ptxas accepts, and the wgmma attention and projection GEMM kernels assembled for sm_90a
+//! ptxas accepts, and the kernel-IR wgmma attention and projection GEMM kernels assembled for sm_90a
 //! without spills and without ptxas having to serialize or re-fence the wgmma (its C75xx notes),
 //! their SASS with HGMMA and no local memory. `CCC_HOPPER_PTX_OUT=DIR` also writes each
 //! benchmarked kernel's PTX and a JSON description for bench/hopper_attention.py and
@@ -14,17 +14,17 @@ mod common;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    HopperAttentionConfig, HopperLaunch, HopperPrologueConfig, MatrixDescriptor, OperandMajor, PrologueConvStage,
-    PrologueRope, Schedule, Swizzle128BTile, TileLoads, WgmmaA, WgmmaShape, emit_attention_wgmma, emit_prologue_wgmma,
+    HopperLaunch, HopperPrologueConfig, MatrixDescriptor, OperandMajor, PrologueConvStage, PrologueRope, Swizzle128BTile,
+    WgmmaA, WgmmaShape, emit_prologue_wgmma,
 };
 use ccc::ir::kernel::{
-    ForwardKernel, KernelFn, KernelParam, WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule,
-    gemm_operands,
+    ForwardKernel, KernelFn, KernelParam, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward, build_wgmma_attention,
+    build_wgmma_projection, default_schedule, gemm_operands, wgmma_attention_footprint,
 };
 use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
 use ccc::ir::kernel::has_qk_prologue;
 use ccc::ir::size::SizeExpr;
-use ccc::spec::{AttentionSpec, ConvKind, ConvStage, DType, KeyTemperature, QkNorm, Rope, RopeStyle};
+use ccc::spec::{AttentionSpec, ConvKind, ConvStage, DType, KeyTemperature, Mask, QkNorm, Rope, RopeStyle};
 use inkwell::context::Context;
 
 fn count(ptx: &str, needle: &str) -> usize {
@@ -203,274 +203,185 @@ fn codegen_hopper_wgmma_rejects_bad_shapes() {
     assert!(WgmmaShape { n: 64, elem: Elem::F32 }.validate().is_err());
 }
 
-fn config(head_dim: u32, causal: bool, q_heads: u32, kv_heads: u32) -> HopperAttentionConfig {
-    HopperAttentionConfig {
-        name: format!("attention_wgmma_d{head_dim}_{}_h{q_heads}_{kv_heads}", if causal { "causal" } else { "full" }),
-        elem: Elem::Bf16,
-        head_dim,
-        q_heads,
-        kv_heads,
-        causal,
-        window: None,
-        softmax_scale: 1.0 / (head_dim as f64).sqrt(),
-        block_m: 128,
-        block_n: 128,
-        stages: 2,
-        schedule: Schedule::Serial,
-        l2_group_bytes: 16 << 20,
-        loads: TileLoads::CpAsync,
-    }
+/// One attention kernel variant the GPU script checks and times: the layer it is built for and
+/// the builder's schedule.
+struct AttentionVariant {
+    name: String,
+    spec: AttentionSpec,
+    schedule: WgmmaAttentionSchedule,
 }
 
-/// `config` with one of the overlapped schedules (3 K/V stages), named after it.
-fn scheduled(config: HopperAttentionConfig, schedule: Schedule) -> HopperAttentionConfig {
-    let suffix = match schedule {
-        Schedule::Serial => return config,
-        Schedule::OverlapSoftmax => "overlap",
-        Schedule::WarpSpecialized => "ws",
-        Schedule::PingPong => "pingpong",
+fn attention_spec(head_dim: usize, mask: Mask, q_heads: usize, kv_heads: usize, dtype: DType) -> AttentionSpec {
+    let mut spec = AttentionSpec::plain("variant", head_dim * q_heads, head_dim, q_heads, kv_heads);
+    spec.mask = mask;
+    spec.dtype = dtype;
+    spec
+}
+
+fn attention_kernel(variant: &AttentionVariant) -> KernelFn {
+    let spec = &variant.spec;
+    let base = build_forward(spec, ForwardKernel::Attention, &default_schedule(spec, ForwardKernel::Attention).expect("schedule"))
+        .expect("tiled kernel");
+    let mut kernel = build_wgmma_attention(spec, &base, &variant.schedule).unwrap_or_else(|e| panic!("{}: {e}", variant.name));
+    kernel.name = variant.name.clone();
+    kernel
+}
+
+/// The kernels the GPU script checks and times: both schedules on four shapes, the ping-pong
+/// kernel with smaller L2 groups of heads (the CTA work order), head widths 192 and 256 in the
+/// tiles that fit, sliding windows with edges inside a tile and shorter than one, and an f16
+/// kernel of one consumer warpgroup.
+fn attention_variants() -> Vec<AttentionVariant> {
+    let schedule = |block_m, block_n, ping_pong| WgmmaAttentionSchedule { block_m, block_n, stages: 3, ping_pong, l2_group_bytes: 16 << 20 };
+    let mask_name = |mask: Mask| match mask {
+        Mask::Causal => "causal".to_string(),
+        Mask::None => "full".to_string(),
+        Mask::SlidingWindow { window } => format!("window{window}"),
     };
-    HopperAttentionConfig { name: format!("{}_{suffix}", config.name), stages: 3, schedule, ..config }
-}
-
-fn attention(config: &HopperAttentionConfig) -> (String, HopperLaunch) {
-    let context = Context::create();
-    let module = PtxModule::new(&context, &config.name).expect("module");
-    let launch = emit_attention_wgmma(&module, config).expect("emit");
-    (module.to_ptx().expect("ptx"), launch)
-}
-
-/// The kernels the GPU script checks and times: every schedule on four shapes, and the
-/// ping-pong kernel with smaller L2 groups of heads (the CTA work order) for the causal d = 128
-/// shapes, and with TMA loads for all but the full-mask MHA shape.
-fn bench_configs() -> Vec<HopperAttentionConfig> {
-    let shapes = [(128, true, 16, 16), (128, true, 8, 2), (128, false, 8, 2), (64, true, 8, 2)];
-    let mut configs: Vec<HopperAttentionConfig> =
-        [Schedule::Serial, Schedule::OverlapSoftmax, Schedule::WarpSpecialized, Schedule::PingPong]
-            .into_iter()
-            .flat_map(|schedule| {
-                shapes.map(|(head_dim, causal, q_heads, kv_heads)| {
-                    scheduled(config(head_dim, causal, q_heads, kv_heads), schedule)
-                })
-            })
-            .collect();
-    for (q_heads, kv_heads) in [(16, 16), (8, 2)] {
-        let pingpong = scheduled(config(128, true, q_heads, kv_heads), Schedule::PingPong);
-        for megabytes in [4, 8] {
-            configs.push(HopperAttentionConfig {
-                name: format!("{}_l2_{megabytes}mb", pingpong.name),
-                l2_group_bytes: megabytes << 20,
-                ..pingpong.clone()
-            });
-        }
-        configs.push(HopperAttentionConfig { name: format!("{}_tma", pingpong.name), loads: TileLoads::Tma, ..pingpong });
-    }
-    for pingpong in [scheduled(config(64, true, 8, 2), Schedule::PingPong), scheduled(config(128, false, 8, 2), Schedule::PingPong)]
-    {
-        configs.push(HopperAttentionConfig { name: format!("{}_tma", pingpong.name), loads: TileLoads::Tma, ..pingpong });
-    }
-    // Head widths 192 and 256, in the tiles the resource model gives them.
-    for (head_dim, block_m, block_n, stages, schedule, loads, suffix) in [
-        (192, 128, 64, 3, Schedule::PingPong, TileLoads::Tma, "pingpong_tma"),
-        (256, 128, 64, 2, Schedule::Serial, TileLoads::CpAsync, "serial"),
-        (256, 64, 64, 3, Schedule::WarpSpecialized, TileLoads::Tma, "ws_tma"),
-    ] {
-        let base = config(head_dim, true, 8, 2);
-        configs.push(HopperAttentionConfig {
-            name: format!("{}_m{block_m}_n{block_n}_{suffix}", base.name),
-            block_m,
-            block_n,
-            stages,
+    let mut variants = Vec::new();
+    let mut push = |head_dim, mask, q_heads, kv_heads, dtype: DType, schedule: WgmmaAttentionSchedule, suffix: &str| {
+        let kind = if schedule.ping_pong { "pingpong" } else { "ws" };
+        variants.push(AttentionVariant {
+            name: format!(
+                "attention_d{head_dim}_{}_h{q_heads}_{kv_heads}_{}_m{}_n{}_{kind}{suffix}",
+                mask_name(mask),
+                dtype.name(),
+                schedule.block_m,
+                schedule.block_n
+            ),
+            spec: attention_spec(head_dim, mask, q_heads, kv_heads, dtype),
             schedule,
-            loads,
-            ..base
         });
+    };
+    for ping_pong in [true, false] {
+        for (head_dim, mask, q_heads, kv_heads) in
+            [(128, Mask::Causal, 16, 16), (128, Mask::Causal, 8, 2), (128, Mask::None, 8, 2), (64, Mask::Causal, 8, 2)]
+        {
+            push(head_dim, mask, q_heads, kv_heads, DType::Bf16, schedule(128, 128, ping_pong), "");
+        }
     }
-    // Sliding windows: edges inside a tile (300, 129, 1000), shorter than a tile (64, 7), on
-    // every schedule and both loads.
-    for (head_dim, window, schedule, loads) in [
-        (128, 300, Schedule::PingPong, TileLoads::Tma),
-        (128, 7, Schedule::PingPong, TileLoads::Tma),
-        (64, 129, Schedule::PingPong, TileLoads::Tma),
-        (128, 64, Schedule::WarpSpecialized, TileLoads::CpAsync),
-        (128, 1000, Schedule::OverlapSoftmax, TileLoads::CpAsync),
-        (64, 200, Schedule::Serial, TileLoads::CpAsync),
-    ] {
-        let base = scheduled(config(head_dim, true, 8, 2), schedule);
-        let loads_name = if loads == TileLoads::Tma { "_tma" } else { "" };
-        configs.push(HopperAttentionConfig {
-            name: format!("{}{loads_name}_window{window}", base.name),
-            window: Some(window),
-            loads,
-            ..base
-        });
+    for (q_heads, kv_heads) in [(16, 16), (8, 2)] {
+        for megabytes in [4, 8] {
+            let grouped = WgmmaAttentionSchedule { l2_group_bytes: megabytes << 20, ..schedule(128, 128, true) };
+            push(128, Mask::Causal, q_heads, kv_heads, DType::Bf16, grouped, &format!("_l2_{megabytes}mb"));
+        }
     }
-    configs
+    push(192, Mask::Causal, 8, 2, DType::Bf16, schedule(128, 64, true), "");
+    push(256, Mask::Causal, 8, 2, DType::Bf16, schedule(64, 64, false), "");
+    for (head_dim, window, ping_pong) in [(128, 300, true), (128, 7, true), (64, 129, true), (128, 64, false), (128, 1000, false)] {
+        push(head_dim, Mask::SlidingWindow { window }, 8, 2, DType::Bf16, schedule(128, 128, ping_pong), "");
+    }
+    push(128, Mask::Causal, 8, 2, DType::F16, schedule(64, 128, false), "");
+    variants
 }
 
 #[test]
 fn codegen_hopper_attention_assembles_without_spills_or_wgmma_serialization() {
-    let mut variants = bench_configs();
-    variants.push(HopperAttentionConfig {
-        name: "attention_wgmma_f16_m64_s3".into(),
-        elem: Elem::F16,
-        block_m: 64,
-        stages: 3,
-        ..config(128, true, 8, 2)
-    });
-    for config in &variants {
-        let (ptx, launch) = attention(config);
+    let mut descriptions = Vec::new();
+    for variant in attention_variants() {
+        let kernel = attention_kernel(&variant);
+        let ptx = lowered_ptx(&kernel);
+        let (spec, schedule) = (&variant.spec, &variant.schedule);
         if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
             // For bench/hopper_attention.py (see there).
             std::fs::create_dir_all(&dir).expect("output dir");
-            std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", config.name)), &ptx).expect("write ptx");
+            std::fs::write(std::path::Path::new(&dir).join(format!("{}.ptx", kernel.name)), &ptx).expect("write ptx");
         }
-        let kind = config.elem.name();
-        let warpgroups = config.block_m / 64;
-        let tile_bytes = |rows: u32| rows * config.head_dim * 2;
-        // Warp-specialized schedules add full/empty mbarriers; overlapped ones a 4-byte anchor
-        // word per consumer thread.
-        let anchor = warpgroups * 128 * 4;
-        let (producers, barrier_bytes) = match config.schedule {
-            Schedule::WarpSpecialized | Schedule::PingPong => (1, 2 * config.stages * 8 + anchor),
-            Schedule::OverlapSoftmax => (0, anchor),
-            Schedule::Serial => (0, 0),
-        };
-        assert_eq!(launch.threads, 128 * (warpgroups + producers));
+        let (d, kind) = (spec.head_dim as u32, spec.dtype.name());
+        let consumers = schedule.block_m / 64;
+        assert_eq!(kernel.threads(), 128 * (consumers + 1));
+        let footprint = wgmma_attention_footprint(spec.dtype.into(), d, schedule).expect("footprint");
+        assert_eq!(footprint, (kernel.threads(), kernel.shared_bytes()), "the resource model's footprint is the kernel's");
+        let tile_bytes = |rows: u32| (rows * d * 2) as usize;
+        let barriers = (1 + 2 * schedule.stages as usize) * 8;
+        let anchors = 4 * kernel.threads() as usize;
         assert_eq!(
-            launch.dynamic_shared_bytes,
-            tile_bytes(config.block_m) + config.stages * 2 * tile_bytes(config.block_n) + barrier_bytes + 1024
+            kernel.shared_bytes(),
+            tile_bytes(schedule.block_m) + schedule.stages as usize * 2 * tile_bytes(schedule.block_n) + barriers + anchors + 1024
         );
         assert_eq!(
-            launch.grid,
-            [
-                SizeExpr::seq_len().ceil_div(config.block_m as u64),
-                SizeExpr::c(config.q_heads as u64),
-                SizeExpr::batch()
-            ]
+            kernel.grid,
+            [SizeExpr::seq_len().ceil_div(schedule.block_m as u64), SizeExpr::c(spec.query_heads as u64), SizeExpr::batch()]
         );
-        // Per key tile: d/16 SS steps of m64n{block_n} and block_n/16 RS steps of m64n{d}. The
-        // overlapped schedule peels S of the first tile and P·V of the last one off its two loops
-        // (unmasked tiles, masked tiles).
-        // Steady-state loops: unmasked and masked tiles, plus a window's leading masked tiles.
-        let loops = 2 + config.window.is_some() as usize;
-        let copies = match config.schedule {
-            Schedule::Serial => 1,
-            Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => loops + 1,
-        };
-        let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.block_n);
-        let rs = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", config.head_dim);
-        if config.block_n == config.head_dim {
-            assert_eq!(count(&ptx, &ss), copies * (config.head_dim / 16 + config.block_n / 16) as usize);
+        // Per key tile: d/16 steps of S = Q·Kᵀ (m64n{block_n}) and block_n/16 steps of P·V
+        // (m64n{d}), in the first tile (S), each steady-state loop (both) and the last P·V.
+        let loops = 2 + matches!(spec.mask, Mask::SlidingWindow { .. }) as usize;
+        let ss = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", schedule.block_n);
+        let rs = format!("wgmma.mma_async.sync.aligned.m64n{d}k16.f32.{kind}.{kind}");
+        let (s_steps, pv_steps) = ((d / 16) as usize, (schedule.block_n / 16) as usize);
+        if schedule.block_n == d {
+            assert_eq!(count(&ptx, &ss), (loops + 1) * s_steps + (loops + 1) * pv_steps);
         } else {
-            assert_eq!(count(&ptx, &ss), copies * (config.head_dim / 16) as usize);
-            assert_eq!(count(&ptx, &rs), copies * (config.block_n / 16) as usize);
+            assert_eq!(count(&ptx, &ss), (loops + 1) * s_steps);
+            assert_eq!(count(&ptx, &rs), (loops + 1) * pv_steps);
         }
-        assert_eq!(count(&ptx, "wgmma.fence.sync.aligned;"), 2 * copies);
-        assert_eq!(count(&ptx, "wgmma.commit_group.sync.aligned;"), 2 * copies);
-        match config.schedule {
-            Schedule::Serial => {
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), 2);
-                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 1);
-                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 1)), 1);
-            }
-            Schedule::OverlapSoftmax => {
-                assert_eq!(count(&ptx, "st.volatile.shared.f32"), loops, "one wait anchor per steady-state loop");
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), loops + 2);
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), loops, "softmax waits only for S");
-                assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), loops + 1);
-                assert_eq!(count(&ptx, &format!("cp.async.wait_group {};", config.stages - 3)), loops + 1);
-            }
-            Schedule::WarpSpecialized | Schedule::PingPong => {
-                assert_eq!(count(&ptx, "st.volatile.shared.f32"), loops, "one wait anchor per steady-state loop");
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), loops + 2);
-                assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), loops, "softmax waits only for S");
-                match config.loads {
-                    TileLoads::CpAsync => {
-                        // The copies publish each tile themselves as they land; the producer
-                        // never waits for them before its end. Consumers fence after each of
-                        // their acquires (first tile, each loop).
-                        assert_eq!(count(&ptx, "cp.async.mbarrier.arrive.noinc.shared::cta.b64"), 1);
-                        assert_eq!(count(&ptx, "cp.async.wait_group"), 0);
-                        assert_eq!(count(&ptx, "cp.async.wait_all;"), 1);
-                        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), loops + 1);
-                    }
-                    TileLoads::Tma => {
-                        // One expect_tx per tile; one box per 64-column panel of Q, K and V; no
-                        // thread-issued copies and no proxy fence (TMA writes in the async proxy).
-                        let panels = (config.head_dim / 64) as usize;
-                        assert_eq!(count(&ptx, "mbarrier.arrive.expect_tx.shared::cta.b64"), 1);
-                        assert_eq!(count(&ptx, "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"), 3 * panels);
-                        assert_eq!(count(&ptx, "cp.async.cg"), 0);
-                        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 0);
-                        // q, k, v maps arrive by value (`__grid_constant__`): no global copy to fence.
-                        assert_eq!(count(&ptx, ".param .align 64 .b8"), 3);
-                        assert_eq!(count(&ptx, "cvta.param.u64"), 3);
-                    }
-                }
-                assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 2 * config.stages as usize);
-                assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 56;"), 1);
-                assert_eq!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 224;"), 1);
-                assert!(ptx.contains(&format!(".maxntid {}", launch.threads)), "register cap at entry");
-                if config.schedule == Schedule::PingPong {
-                    // A turn is taken before each GEMM issue point (first tile, each loop, last
-                    // P·V) and passed after it (plus warpgroup 1's opening pass); bar.sync 0
-                    // follows the mbarrier set-up.
-                    assert_eq!(count(&ptx, "bar.sync"), 1 + loops + 2);
-                    assert_eq!(count(&ptx, "bar.arrive"), 1 + loops + 2);
-                } else {
-                    assert_eq!(count(&ptx, "bar.sync"), 1, "only the barrier after the mbarrier set-up");
-                }
-            }
+        assert_eq!(count(&ptx, "wgmma.fence.sync.aligned;"), 2 * loops + 2);
+        assert_eq!(count(&ptx, "wgmma.commit_group.sync.aligned;"), 2 * loops + 2);
+        assert_eq!(count(&ptx, "st.volatile.shared.f32"), loops, "one wait anchor per steady-state loop");
+        assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 0;"), loops + 2);
+        assert_eq!(count(&ptx, "wgmma.wait_group.sync.aligned 1;"), loops, "softmax waits only for S");
+        // Q once and one expect_tx per key tile; one box per 64-column panel of Q, K and V; no
+        // thread-issued copies and no proxy fence (TMA writes in the async proxy).
+        let panels = (d / 64) as usize;
+        assert_eq!(count(&ptx, "mbarrier.arrive.expect_tx.shared::cta.b64"), 2);
+        assert_eq!(count(&ptx, "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"), 3 * panels);
+        assert_eq!(count(&ptx, "cp.async.cg"), 0);
+        assert_eq!(count(&ptx, "fence.proxy.async.shared::cta;"), 0);
+        assert_eq!(count(&ptx, "mbarrier.init.shared::cta.b64"), 1 + 2 * schedule.stages as usize);
+        assert_eq!(count(&ptx, "setmaxnreg.dec.sync.aligned.u32 56;"), 1);
+        assert!(count(&ptx, "setmaxnreg.inc.sync.aligned.u32 224;") == 1 || consumers == 1);
+        assert!(ptx.contains(&format!(".maxntid {}", kernel.threads())), "register cap at entry");
+        if schedule.ping_pong {
+            // A turn is taken before each GEMM issue point (first tile, each loop, last P·V) and
+            // passed after it (plus warpgroup 1's opening pass); bar.sync 0 follows the mbarrier
+            // set-up.
+            assert_eq!(count(&ptx, "bar.sync"), 1 + loops + 2);
+            assert_eq!(count(&ptx, "bar.arrive"), 1 + loops + 2);
+        } else {
+            assert_eq!(count(&ptx, "bar.sync"), 1, "only the barrier after the mbarrier set-up");
         }
-        let log = ptxas_log(&ptx, &config.name);
+        let log = ptxas_log(&ptx, &kernel.name);
         let report = ptxas::parse_report(&log).expect("report").remove(0);
         assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
         assert!(!log.contains("C75"), "ptxas had to serialize or fence wgmma itself:\n{log}");
-        println!("{} {report:?} smem {}", config.name, launch.dynamic_shared_bytes);
+        println!("{} {report:?} smem {}", kernel.name, kernel.shared_bytes());
+        descriptions.push(serde_json::json!({
+            "name": kernel.name, "elem": kind, "head_dim": d, "q_heads": spec.query_heads,
+            "kv_heads": spec.kv_heads, "causal": spec.mask != Mask::None,
+            "window": match spec.mask { Mask::SlidingWindow { window } => Some(window), _ => None },
+            "softmax_scale": spec.softmax_scale,
+            "block_m": schedule.block_m, "block_n": schedule.block_n, "threads": kernel.threads(),
+            "dynamic_shared_bytes": kernel.shared_bytes(), "tma": true,
+        }));
     }
     if let Some(dir) = std::env::var_os("CCC_HOPPER_PTX_OUT") {
-        let specs: Vec<_> = variants
-            .iter()
-            .map(|config| {
-                let (_, launch) = attention(config);
-                serde_json::json!({
-                    "name": config.name, "elem": config.elem.name(), "head_dim": config.head_dim, "q_heads": config.q_heads,
-                    "kv_heads": config.kv_heads, "causal": config.causal, "window": config.window,
-                    "softmax_scale": config.softmax_scale,
-                    "block_m": config.block_m, "block_n": config.block_n, "threads": launch.threads,
-                    "dynamic_shared_bytes": launch.dynamic_shared_bytes, "tma": config.loads == TileLoads::Tma,
-                })
-            })
-            .collect();
-        std::fs::write(
-            std::path::Path::new(&dir).join("kernels.json"),
-            serde_json::to_string_pretty(&specs).expect("json"),
-        )
-        .expect("write json");
+        std::fs::write(std::path::Path::new(&dir).join("kernels.json"), serde_json::to_string_pretty(&descriptions).expect("json"))
+            .expect("write json");
     }
 }
 
 #[test]
-fn codegen_hopper_attention_rejects_bad_configurations() {
-    let context = Context::create();
-    let module = PtxModule::new(&context, "bad").expect("module");
-    let good = config(128, true, 8, 2);
-    for bad in [
-        HopperAttentionConfig { kv_heads: 3, ..good.clone() },
-        HopperAttentionConfig { head_dim: 96, ..good.clone() },
-        HopperAttentionConfig { block_m: 192, ..good.clone() },
-        HopperAttentionConfig { block_n: 72, ..good.clone() },
-        HopperAttentionConfig { stages: 1, ..good.clone() },
-        HopperAttentionConfig { loads: TileLoads::Tma, ..good.clone() },
-        HopperAttentionConfig { stages: 2, schedule: Schedule::OverlapSoftmax, ..good.clone() },
-        HopperAttentionConfig { block_m: 64, schedule: Schedule::PingPong, stages: 3, ..good.clone() },
-        HopperAttentionConfig { elem: Elem::F32, ..good.clone() },
+fn codegen_hopper_attention_rejects_bad_schedules() {
+    let spec = attention_spec(128, Mask::Causal, 8, 2, DType::Bf16);
+    let base = build_forward(&spec, ForwardKernel::Attention, &default_schedule(&spec, ForwardKernel::Attention).expect("schedule"))
+        .expect("tiled kernel");
+    let good = WgmmaAttentionSchedule { block_m: 128, block_n: 128, stages: 3, ping_pong: true, l2_group_bytes: 16 << 20 };
+    assert!(build_wgmma_attention(&spec, &base, &good).is_ok());
+    for (bad, why) in [
+        (WgmmaAttentionSchedule { block_m: 192, ..good }, "block_m must be 64 or 128"),
+        (WgmmaAttentionSchedule { block_n: 72, ..good }, "block_n must be a multiple of 16"),
+        (WgmmaAttentionSchedule { stages: 2, ..good }, "K/V stages"),
+        (WgmmaAttentionSchedule { block_m: 64, ..good }, "ping-pong"),
         // Q + 4 stages of 256-key K and V tiles: 288 KiB.
-        HopperAttentionConfig { block_n: 256, stages: 4, ..good.clone() },
+        (WgmmaAttentionSchedule { block_n: 256, stages: 4, ..good }, "shared memory"),
     ] {
-        assert!(matches!(emit_attention_wgmma(&module, &bad), Err(CodegenError::Unsupported(_))), "{bad:?}");
+        let error = build_wgmma_attention(&spec, &base, &bad).expect_err("rejected");
+        assert!(error.contains(why), "{bad:?}: {error}");
     }
+    let wide = attention_spec(96, Mask::Causal, 8, 2, DType::Bf16);
+    let base = build_forward(&wide, ForwardKernel::Attention, &default_schedule(&wide, ForwardKernel::Attention).expect("schedule"))
+        .expect("tiled kernel");
+    assert!(build_wgmma_attention(&wide, &base, &good).expect_err("d 96").contains("head_dim"));
 }
 
 /// nvdisasm from `$CCC_NVDISASM` or the project virtualenv (`nvidia-cuda-nvdisasm` wheel).
@@ -504,16 +415,13 @@ fn sass(ptx: &str, name: &str) -> String {
 
 #[test]
 fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
-    for config in bench_configs() {
-        let (ptx, _) = attention(&config);
-        let sass = sass(&ptx, &config.name);
+    for variant in attention_variants() {
+        let kernel = attention_kernel(&variant);
+        let sass = sass(&lowered_ptx(&kernel), &kernel.name);
         let instructions: Vec<&str> = sass.lines().filter_map(|line| line.split("*/").nth(1)).map(str::trim).collect();
         let hgmma = instructions.iter().filter(|text| text.starts_with("HGMMA.")).count();
         let local = instructions.iter().filter(|text| text.starts_with("LDL") || text.starts_with("STL")).count();
-        assert!(hgmma > 0 && local == 0, "{}: {hgmma} HGMMA, {local} LDL/STL", config.name);
-        if config.schedule == Schedule::Serial {
-            continue;
-        }
+        assert!(hgmma > 0 && local == 0, "{}: {hgmma} HGMMA, {local} LDL/STL", kernel.name);
         // Each wait for S alone (gsb0 ≤ 1) must be followed by the tile's exponentials before
         // the wait for P·V (gsb0 ≤ 0): ptxas must not have hoisted that wait.
         let mut exponentials_since_wait_for_s = None;
@@ -526,11 +434,12 @@ fn codegen_hopper_sass_uses_hgmma_and_overlaps_the_softmax_with_p_v() {
             } else if text.starts_with("WARPGROUP.DEPBAR.LE gsb0, 0x0")
                 && let Some(count) = exponentials_since_wait_for_s.take()
             {
-                assert!(count >= config.block_n / 2, "{}: only {count} ex2 overlap P·V", config.name);
+                assert!(count >= variant.schedule.block_n / 2, "{}: only {count} ex2 overlap P·V", kernel.name);
                 overlapped_loops += 1;
             }
         }
-        assert_eq!(overlapped_loops, 2 + config.window.is_some() as usize, "{}: every steady-state loop", config.name);
+        let windowed = matches!(variant.spec.mask, Mask::SlidingWindow { .. });
+        assert_eq!(overlapped_loops, 2 + windowed as usize, "{}: every steady-state loop", kernel.name);
     }
 }
 

@@ -79,26 +79,26 @@ fn the_model_ranks_the_measured_configurations_first_for_every_example() {
 #[test]
 fn attention_estimates_match_the_h200_measurements() {
     // Standalone kernels at B = 1, S = 16384, cp.async ping-pong (BENCHMARKS.md, 17:33 UTC):
-    // MHA (16 heads) 1.752 ms, ZAYA1 (8 query heads, 2 kv heads) 0.871 ms. The model has no term
-    // for the loads (TMA measured 6% faster): it is calibrated on cp.async.
+    // MHA (16 heads) 1.752 ms, ZAYA1 (8 query heads, 2 kv heads) 0.871 ms. The model was fitted
+    // on those cp.async loads and scales them by the measured TMA factor: without it, the
+    // estimates match them.
     for (example, measured_us) in [("mha", 1752.0), ("zaya1", 871.0)] {
-        let config = HopperAttentionConfig { loads: TileLoads::CpAsync, ..attention_of(example) };
+        let config = attention_of(example);
         let fit = check_attention(&config).expect("feasible");
-        let estimate = attention_micros(&config, fit.ctas_per_sm, AT_16K);
+        let estimate = attention_micros(&config, fit.ctas_per_sm, AT_16K) / tiles::ATTENTION_TMA_FACTOR;
         assert!(relative_error(estimate, measured_us) < 0.05, "{example}: {estimate} µs against {measured_us}");
     }
     // The schedules at 128 × 128 (12:33 UTC, 16 heads, d = 128, causal, 16k): ping-pong 2.236 ms,
-    // warp-specialized 2.364, overlapped softmax 2.461; the model keeps their order and ratios.
-    let pingpong = HopperAttentionConfig { loads: TileLoads::CpAsync, ..attention_of("mha") };
+    // warp-specialized 2.364; the model keeps their order and ratio.
+    let pingpong = attention_of("mha");
     let time = |schedule| {
         let config = HopperAttentionConfig { schedule, ..pingpong.clone() };
         let fit = check_attention(&config).expect("feasible");
         attention_micros(&config, fit.ctas_per_sm, AT_16K)
     };
-    let (pp, ws, overlap) = (time(Schedule::PingPong), time(Schedule::WarpSpecialized), time(Schedule::OverlapSoftmax));
-    assert!(pp < ws && ws < overlap, "{pp} {ws} {overlap}");
+    let (pp, ws) = (time(Schedule::PingPong), time(Schedule::WarpSpecialized));
+    assert!(pp < ws, "{pp} {ws}");
     assert!(relative_error(ws / pp, 2.364 / 2.236) < 0.02, "{}", ws / pp);
-    assert!(relative_error(overlap / pp, 2.461 / 2.236) < 0.02, "{}", overlap / pp);
 }
 
 #[test]
@@ -169,11 +169,11 @@ fn attention_candidates_are_rejected_for_each_reason() {
     assert!(matches!(shared, Rejection::SharedMemory(_)), "{shared:?}");
     assert_eq!(
         shared.to_string(),
-        "shared memory: Q and 4 stages of K/V take 297024 bytes of shared memory, more than 232448"
+        "shared memory: Q and 4 stages of K/V take 297544 bytes of shared memory, more than 232448"
     );
     // The same shapes as a search: every rejected candidate carries one of these reasons.
     let candidates = attention_candidates(&base, AT_16K);
-    assert_eq!(candidates.len(), 4 * 2 * 3 * 4);
+    assert_eq!(candidates.len(), 2 * 2 * 3 * 3);
     for kind in ["registers", "schedule", "shared memory"] {
         assert!(
             candidates.iter().any(|c| c.verdict.as_ref().is_err_and(|r| r.to_string().starts_with(kind))),
@@ -252,7 +252,7 @@ fn wide_heads_take_the_configurations_checked_on_the_gpu() {
     // head_dim 192 and 256 fit only narrower key tiles; the driver compiles the one checked for
     // each (BENCHMARKS.md, 20:40 UTC), and head widths the fast path does not take (96) keep the
     // kernel-IR attention.
-    for (head_dim, expected) in [(192, (128, 64, 3, Schedule::PingPong)), (256, (128, 64, 2, Schedule::Serial))] {
+    for (head_dim, expected) in [(192, (128, 64, 3, Schedule::PingPong)), (256, (64, 64, 3, Schedule::WarpSpecialized))] {
         let mut spec = ccc::spec::AttentionSpec::plain("wide", 4 * head_dim, head_dim, 4, 2);
         spec.mask = ccc::spec::Mask::Causal;
         let attention = driver::hopper_kernels(&spec)

@@ -6,7 +6,6 @@
 //! a ring of swizzled stages, two consumer warpgroups on wgmma, ping-pong or cooperative.
 
 use super::HopperLaunch;
-use super::attention::TileLoads;
 use super::primitives::WgmmaShape;
 use crate::codegen::{Elem, ParamKind, Result, unsupported};
 use crate::ir::kernel::layout::{Swizzle128BTile, TILE_ALIGNMENT};
@@ -44,6 +43,16 @@ pub struct HopperGemmConfig {
     /// [B, S, K]: what the TMA boxes of `a` address.
     pub a_head_dim: Option<u32>,
     pub loads: TileLoads,
+}
+
+/// How the producer warpgroup fills the shared tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TileLoads {
+    /// 16-byte cp.async copies by the producer's 128 threads.
+    CpAsync,
+    /// TMA box copies issued by one producer thread, counting their bytes on the stage's full
+    /// barrier.
+    Tma,
 }
 
 /// How the two consumer warpgroups share the output tiles.

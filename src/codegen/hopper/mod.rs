@@ -1,14 +1,14 @@
-//! The Hopper (sm_90a) fast path: warpgroup MMA (`wgmma.mma_async`) on 128-byte-swizzled shared
-//! tiles, the synchronization it needs (wgmma fences and groups, `mbarrier`, async-proxy fences,
-//! `setmaxnreg`), and a flash-attention forward kernel built on them with the same ABI and grid
-//! shape as the kernel-IR attention kernel (`ir::kernel::build_forward(.., Attention, ..)`).
+//! Hopper (sm_90a) specifics: warpgroup MMA (`wgmma.mma_async`) on 128-byte-swizzled shared
+//! tiles and the synchronization it needs (wgmma fences and groups, `mbarrier`, async-proxy
+//! fences, `setmaxnreg`) as per-thread primitives the kernel-IR lowering uses, the tiles of the
+//! kernel-IR builders' Hopper kernels, and the one kernel still emitted by hand.
 //!
 //! The shared-memory layout these kernels use, 128-byte swizzle, and the 64-bit matrix
 //! descriptors wgmma reads it through are kernel-IR types (`ir::kernel::layout`).
 //! - [`primitives`]: per-thread (per-warpgroup) instructions as inline PTX.
-//! - [`attention`]: the wgmma attention kernel.
-//! - [`gemm`]: the wgmma projection GEMM (qkv_proj, out_proj).
-//! - [`prologue`]: the q/k prologue (convolutions on wgmma, q-k mean, L2 norm, RoPE).
+//! - [`attention`]: the tiles of the wgmma attention kernel (`ir::kernel::build_wgmma_attention`).
+//! - [`gemm`]: the tiles of the wgmma projection GEMM (`ir::kernel::build_wgmma_projection`).
+//! - [`prologue`]: the q/k prologue (convolutions on wgmma, q-k mean, L2 norm, RoPE), emitted.
 //! - [`tiles`]: the tile choice for the attention kernel and the GEMMs: candidates checked against
 //!   shared memory, registers and the wgmma shape rules, ranked by a cost model.
 
@@ -19,8 +19,8 @@ pub mod primitives;
 pub mod prologue;
 pub mod tiles;
 
-pub use attention::{HopperAttentionConfig, Schedule, TileLoads, emit_attention_wgmma};
-pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig};
+pub use attention::{HopperAttentionConfig, Schedule};
+pub use gemm::{GemmSchedule, GemmSegment, HopperGemmConfig, TileLoads};
 pub use crate::ir::kernel::layout::{MatrixDescriptor, OperandMajor, Swizzle128BTile};
 pub use primitives::{Accumulate, WgmmaA, WgmmaShape};
 pub use tiles::{
@@ -33,18 +33,6 @@ pub use prologue::{
 
 use crate::codegen::{ParamKind, PtxModule, Result, unsupported};
 use crate::ir::size::SizeExpr;
-
-/// Registers per thread a CTA of one producer and two consumer warpgroups (384 threads under
-/// `.maxntid 384`) holds: 65536 / 384, rounded down to ptxas' allocation unit of 8. `setmaxnreg`
-/// only moves registers inside the CTA's allotment: an increase beyond what the other warpgroups
-/// gave back waits forever (a hang, not an error).
-const REGISTERS_PER_THREAD_384: u32 = 168;
-
-/// Whether `setmaxnreg` to `producer` registers in one warpgroup and `consumer` in two others
-/// stays inside the CTA's allotment.
-const fn registers_fit(producer: u32, consumer: u32) -> bool {
-    producer + 2 * consumer <= 3 * REGISTERS_PER_THREAD_384
-}
 
 /// Checks that `params` (a kernel's ABI) holds every tensor in `tensors` as a global pointer and
 /// the sizes B and S, which the emitters look up by name; `kernel` names the kernel in errors.
@@ -103,7 +91,7 @@ impl HopperKernel {
     /// What determines the PTX, for cache keys.
     pub fn describe(&self) -> String {
         match self {
-            HopperKernel::Attention(config) => config.describe(),
+            HopperKernel::Attention(config) => format!("{config:?}"),
             HopperKernel::Gemm(config) => config.describe(),
             HopperKernel::Prologue(config) => config.describe(),
         }
@@ -121,11 +109,11 @@ impl HopperKernel {
     /// Emits the kernel into `module`.
     pub fn emit(&self, module: &PtxModule<'_>) -> Result<HopperLaunch> {
         match self {
-            HopperKernel::Attention(config) => emit_attention_wgmma(module, config),
-            // The driver builds it as kernel IR (`ir::kernel::build_wgmma_projection`).
-            HopperKernel::Gemm(config) => unsupported(format!(
-                "{}: the projection GEMM is a kernel-IR builder, not an emitter",
-                config.name
+            // The driver builds these as kernel IR (`ir::kernel::build_wgmma_attention`,
+            // `ir::kernel::build_wgmma_projection`).
+            HopperKernel::Attention(_) | HopperKernel::Gemm(_) => unsupported(format!(
+                "{}: the kernel is a kernel-IR builder, not an emitter",
+                self.name()
             )),
             HopperKernel::Prologue(config) => emit_prologue_wgmma(module, config),
         }

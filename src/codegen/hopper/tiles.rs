@@ -76,7 +76,8 @@
 //! each kernel inside the layer in this session's runs (`ccc-run tune` and
 //! `bench/kernel_times.py`, BENCHMARKS.md).
 
-use super::attention::{self, HopperAttentionConfig, Schedule, TileLoads, WARPGROUP_ROWS};
+use super::attention::{HopperAttentionConfig, Schedule, WARPGROUP_ROWS};
+use super::gemm::TileLoads;
 use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig, PERSISTENT_CTAS};
 use super::primitives::WgmmaShape;
 use crate::ir::kernel::layout::WGMMA_K;
@@ -91,13 +92,6 @@ pub const DEFAULT_SEQ_LEN: u64 = 16384;
 
 /// SMs of an H100 / H200 SXM.
 const SMS: u64 = PERSISTENT_CTAS as u64;
-/// Registers per SM and the most one thread may have.
-const REGISTERS_PER_SM: u32 = 65536;
-const MAX_REGISTERS_PER_THREAD: u32 = 255;
-/// Shared memory per SM (the 227 KiB a block may use plus 1 KiB the hardware reserves per block).
-const SHARED_BYTES_PER_SM: u32 = 228 * 1024;
-const SHARED_RESERVED_PER_BLOCK: u32 = 1024;
-const MAX_THREADS_PER_SM: u32 = 2048;
 
 /// Registers per consumer thread besides the accumulators (addresses, loop state, the softmax's
 /// row statistics): the most that still admits the 128 × 128, d = 128 ping-pong attention kernel
@@ -140,7 +134,7 @@ const GEMM_EPILOGUE_NS_PER_COLUMN: f64 = 2250.0 / 128.0;
 /// 17:33 UTC). GEMM mainloop: ZAYA1's qkv and out projections inside the layer, 0.165 against
 /// 0.212 and 0.133 against 0.174 ms at 16k (18:19 UTC), about 0.8 of the whole kernel with the
 /// epilogue left as it was.
-const ATTENTION_TMA_FACTOR: f64 = 0.94;
+pub const ATTENTION_TMA_FACTOR: f64 = 0.94;
 const GEMM_TMA_MAINLOOP_FACTOR: f64 = 0.78;
 
 /// The problem size the estimate is for.
@@ -235,44 +229,22 @@ pub const ATTENTION_BLOCK_M: [u32; 2] = [64, 128];
 /// power-of-two sequence lengths end on a tile boundary. Other multiples of 16 pass the checks
 /// ([`check_attention`]) but were never run on the GPU.
 pub const ATTENTION_BLOCK_N: [u32; 3] = [64, 128, 256];
-pub const ATTENTION_STAGES: std::ops::RangeInclusive<u32> = 2..=5;
-pub const ATTENTION_SCHEDULES: [Schedule; 4] =
-    [Schedule::PingPong, Schedule::WarpSpecialized, Schedule::OverlapSoftmax, Schedule::Serial];
+pub const ATTENTION_STAGES: std::ops::RangeInclusive<u32> = 3..=5;
+pub const ATTENTION_SCHEDULES: [Schedule; 2] = [Schedule::PingPong, Schedule::WarpSpecialized];
 
 /// Measured tensor efficiency of each schedule relative to ping-pong (BENCHMARKS.md, 12:33 UTC,
-/// d = 128 causal, 16 heads, S = 16384: ping-pong 2.236 ms, warp-specialized 2.364, overlapped
-/// softmax 2.461). Serial was not timed; it runs each warpgroup's GEMMs and softmax back to back,
-/// so it is set below the overlapped schedule.
+/// d = 128 causal, 16 heads, S = 16384: ping-pong 2.236 ms, warp-specialized 2.364).
 pub fn schedule_efficiency(schedule: Schedule) -> f64 {
     match schedule {
         Schedule::PingPong => 1.0,
         Schedule::WarpSpecialized => 2.236 / 2.364,
-        Schedule::OverlapSoftmax => 2.236 / 2.461,
-        Schedule::Serial => 0.8,
     }
 }
 
-/// Accumulator registers per consumer thread: S (`block_n / 2` f32), O (`d / 2` f32) and P
-/// (`block_n / 4` packed pairs; two tiles' worth where `P·V` of the previous tile overlaps).
+/// Accumulator registers per consumer thread: S (`block_n / 2` f32), O (`d / 2` f32) and P of
+/// two tiles (`block_n / 4` packed pairs each: `P·V` of the previous tile overlaps the softmax).
 fn attention_accumulators(config: &HopperAttentionConfig) -> u32 {
-    let p_tiles = match config.schedule {
-        Schedule::Serial => 1,
-        Schedule::OverlapSoftmax | Schedule::WarpSpecialized | Schedule::PingPong => 2,
-    };
-    config.block_n / 2 + config.head_dim / 2 + p_tiles * config.block_n / 4
-}
-
-fn warp_specialized(schedule: Schedule) -> bool {
-    matches!(schedule, Schedule::WarpSpecialized | Schedule::PingPong)
-}
-
-/// CTAs of `threads` threads using `registers` each and `shared` bytes that fit on one SM.
-fn ctas_per_sm(threads: u32, registers: u32, shared: u32) -> u32 {
-    let allocated = registers.div_ceil(8) * 8;
-    let by_registers = REGISTERS_PER_SM / (threads * allocated).max(1);
-    let by_shared = SHARED_BYTES_PER_SM / (shared + SHARED_RESERVED_PER_BLOCK);
-    let by_threads = MAX_THREADS_PER_SM / threads;
-    by_registers.min(by_shared).min(by_threads)
+    config.block_n / 2 + config.head_dim / 2 + 2 * config.block_n / 4
 }
 
 /// Checks one attention configuration against the resource rules; `Ok` carries its resources
@@ -287,30 +259,22 @@ pub fn check_attention(config: &HopperAttentionConfig) -> Result<Fit, Rejection>
             config.block_n
         )));
     }
-    let warpgroups = config.block_m.div_ceil(WARPGROUP_ROWS).max(1);
-    let threads = (warpgroups + u32::from(warp_specialized(config.schedule))) * 128;
-    let budget = if warp_specialized(config.schedule) {
-        attention::CONSUMER_REGISTERS
-    } else {
-        (REGISTERS_PER_SM / threads).min(MAX_REGISTERS_PER_THREAD)
-    };
+    let budget = crate::ir::kernel::ATTENTION_CONSUMER_REGISTERS;
     let needed = attention_accumulators(config) + ATTENTION_REGISTER_RESERVE;
     if needed > budget {
         return Err(Rejection::Registers { needed, budget });
     }
-    config.validate().map_err(|e| Rejection::Schedule(reason(e)))?;
-    let launch = config.launch().map_err(|e| Rejection::SharedMemory(reason(e)))?;
-    let ctas = if warp_specialized(config.schedule) {
-        // `.maxntid` with one CTA per SM: setmaxnreg hands out the whole register file.
-        1
-    } else {
-        ctas_per_sm(launch.threads, needed, launch.dynamic_shared_bytes)
-    };
+    // The builder's own checks: the schedule's rules, then shared memory.
+    let launch = config.launch().map_err(|e| {
+        let why = reason(e);
+        if why.contains("shared memory") { Rejection::SharedMemory(why) } else { Rejection::Schedule(why) }
+    })?;
     Ok(Fit {
         dynamic_shared_bytes: launch.dynamic_shared_bytes,
         registers: needed,
         register_budget: budget,
-        ctas_per_sm: ctas.max(1),
+        // `.maxntid` with one CTA per SM: setmaxnreg hands out the whole register file.
+        ctas_per_sm: 1,
         micros: 0.0,
         gpu_checked: gpu_checked_attention(config),
     })
@@ -335,11 +299,7 @@ pub fn attention_micros(config: &HopperAttentionConfig, ctas_per_sm: u32, shape:
     let consumer_warpgroups_per_sm = ctas_per_sm * config.block_m / WARPGROUP_ROWS;
     let occupancy = (consumer_warpgroups_per_sm as f64 / 2.0).min(1.0);
     let rate = ATTENTION_FLOPS_PER_SM * schedule_efficiency(config.schedule) * occupancy;
-    let loads = match config.loads {
-        TileLoads::Tma => ATTENTION_TMA_FACTOR,
-        TileLoads::CpAsync => 1.0,
-    };
-    let key_tile_ns = ((4 * bm * bn * d) as f64 / rate * 1e9 + ATTENTION_KEY_TILE_NS) * loads;
+    let key_tile_ns = ((4 * bm * bn * d) as f64 / rate * 1e9 + ATTENTION_KEY_TILE_NS) * ATTENTION_TMA_FACTOR;
     let seq = shape.seq_len.max(1);
     let query_tiles = seq.div_ceil(bm);
     // Key tiles per query tile, longest first (the kernel's order).
@@ -402,13 +362,7 @@ pub fn attention_candidates(base: &HopperAttentionConfig, shape: ProblemShape) -
         for block_m in ATTENTION_BLOCK_M {
             for block_n in ATTENTION_BLOCK_N {
                 for stages in ATTENTION_STAGES {
-                    // TMA boxes are issued by a producer warpgroup, which only the
-                    // warp-specialized schedules have: the others load with cp.async.
-                    let loads = match schedule {
-                        Schedule::WarpSpecialized | Schedule::PingPong => base.loads,
-                        Schedule::Serial | Schedule::OverlapSoftmax => TileLoads::CpAsync,
-                    };
-                    let config = HopperAttentionConfig { block_m, block_n, stages, schedule, loads, ..base.clone() };
+                    let config = HopperAttentionConfig { block_m, block_n, stages, schedule, ..base.clone() };
                     let verdict = check_attention(&config).map(|fit| Fit {
                         micros: attention_micros(&config, fit.ctas_per_sm, shape),
                         ..fit
@@ -422,25 +376,18 @@ pub fn attention_candidates(base: &HopperAttentionConfig, shape: ProblemShape) -
 }
 
 /// Whether the attention kernel with this tile, stage count and schedule has been checked
-/// correct on the GPU: the configurations `bench/hopper_attention.py` checks against cuDNN
-/// (`tests/codegen_hopper.rs`, `bench_configs`; BENCHMARKS.md): for head_dim 64 and 128, 128 × 128
-/// tiles, 2 stages for the serial schedule and 3 for the others, with TMA loads only the ping-pong
-/// one; for 192 and 256, the one or two configurations each that fit.
+/// correct on the GPU (BENCHMARKS.md, docs/gpu-tests.md): for head_dim 64 and 128, 128 × 128
+/// ping-pong tiles with 3 stages (the examples' kernels, through the GPU suite); for 192, 128 × 64
+/// ping-pong and for 256, 64 × 64 warp-specialized, with 3 stages (the configurations that fit;
+/// bench/hopper_attention.py checks them).
 pub fn gpu_checked_attention(config: &HopperAttentionConfig) -> bool {
-    let shape = (config.head_dim, config.block_m, config.block_n, config.stages, config.schedule, config.loads);
-    match shape {
-        // Wider heads need narrower key tiles to fit shared memory and registers (the
-        // `*_d192_*` and `*_d256_*` kernels, 2026-11-28 20:40 UTC).
-        (192, 128, 64, 3, Schedule::PingPong, TileLoads::Tma) => true,
-        (256, 128, 64, 2, Schedule::Serial, TileLoads::CpAsync) => true,
-        (256, 64, 64, 3, Schedule::WarpSpecialized, TileLoads::Tma) => true,
-        (192 | 256, ..) => false,
-        (_, 128, 128, stages, schedule, loads) => {
-            let least = if schedule == Schedule::Serial { 2 } else { 3 };
-            stages == least && (loads == TileLoads::CpAsync || schedule == Schedule::PingPong)
-        }
-        _ => false,
-    }
+    let shape = (config.head_dim, config.block_m, config.block_n, config.stages, config.schedule);
+    matches!(
+        shape,
+        (64 | 128, 128, 128, 3, Schedule::PingPong)
+            | (192, 128, 64, 3, Schedule::PingPong)
+            | (256, 64, 64, 3, Schedule::WarpSpecialized)
+    )
 }
 
 /// The configuration the driver compiles: the top-ranked feasible candidate that has been checked
@@ -572,14 +519,7 @@ impl TileColumns for HopperAttentionConfig {
         format!("{:>7} {:>7} {:>6} {:<15} {:<7}", "block_m", "block_n", "stages", "schedule", "loads")
     }
     fn columns(&self) -> String {
-        format!(
-            "{:>7} {:>7} {:>6} {:<15} {:<7}",
-            self.block_m,
-            self.block_n,
-            self.stages,
-            format!("{:?}", self.schedule),
-            format!("{:?}", self.loads)
-        )
+        format!("{:>7} {:>7} {:>6} {:<15} {:<7}", self.block_m, self.block_n, self.stages, format!("{:?}", self.schedule), "Tma")
     }
 }
 
@@ -665,7 +605,7 @@ pub fn attention_tiles(config: &HopperAttentionConfig) -> TileChoice {
         block_n: config.block_n,
         stages: config.stages,
         schedule: format!("{:?}", config.schedule),
-        loads: format!("{:?}", config.loads),
+        loads: format!("{:?}", TileLoads::Tma),
     }
 }
 
@@ -697,9 +637,9 @@ pub fn with_attention_tiles(config: &HopperAttentionConfig, choice: &TileChoice)
         return Err(format!("{} is an attention kernel; the tuning gives it GEMM tiles ({choice})", config.name));
     };
     let schedule = named(&ATTENTION_SCHEDULES, schedule, "attention schedule", &config.name)?;
-    let loads = named(&TILE_LOADS, loads, "loads", &config.name)?;
-    let tuned =
-        HopperAttentionConfig { block_m: *block_m, block_n: *block_n, stages: *stages, schedule, loads, ..config.clone() };
+    // The attention kernel loads with TMA only.
+    named(&[TileLoads::Tma], loads, "attention loads", &config.name)?;
+    let tuned = HopperAttentionConfig { block_m: *block_m, block_n: *block_n, stages: *stages, schedule, ..config.clone() };
     check_attention(&tuned).map_err(|rejection| format!("the tiles {choice} of {} are rejected: {rejection}", config.name))?;
     Ok(tuned)
 }

@@ -39,7 +39,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
+    ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, wgmma_attention_footprint, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
     WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule, forward_kernels, gemm_operands,
     has_qk_prologue, projection_segments, tensor_map_param,
 };

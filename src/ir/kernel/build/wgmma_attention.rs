@@ -25,6 +25,11 @@ use super::*;
 
 /// Rows of Q one consumer warpgroup owns (the wgmma M).
 const WARPGROUP_ROWS: u32 = 64;
+/// K/V stages the kernel takes: the tile read by `S`, the one `P·V` still reads, one loading; at
+/// most what 227 KiB could hold of the smallest tiles (the bound keeps a tuning file's count from
+/// overflowing the shared-memory arithmetic).
+pub const MIN_STAGES: u32 = 3;
+pub const MAX_STAGES: u32 = 16;
 /// Registers per thread of the producer (it only computes coordinates) and of the consumers
 /// (56 + 2 · 224 = 3 · 168, the allotment of a 384-thread CTA).
 const PRODUCER_REGISTERS: u32 = 56;
@@ -45,6 +50,107 @@ pub struct WgmmaAttentionSchedule {
     pub l2_group_bytes: u32,
 }
 
+/// The shared and register tiles and the barrier rings of the kernel for one schedule.
+struct Storage {
+    tiles: Tiles,
+    barriers: Vec<BarrierDecl>,
+    warps: u32,
+    consumers: u32,
+    q_s: TileId,
+    k_s: TileId,
+    v_s: TileId,
+    scores: TileId,
+    probs: TileId,
+    o: TileId,
+    m: TileId,
+    m_new: TileId,
+    shift: TileId,
+    alpha: TileId,
+    tile_max: TileId,
+    row_sum: TileId,
+    l: TileId,
+    tile_sum: TileId,
+}
+
+impl Storage {
+    /// Checks the schedule against what the kernel takes and declares its storage.
+    fn new(elem: ElemType, d: u32, schedule: &WgmmaAttentionSchedule) -> Result<Storage, String> {
+        let WgmmaAttentionSchedule { block_m: bm, block_n: bn, stages, ping_pong, .. } = *schedule;
+        let panel = layout::SWIZZLE_BYTES / elem.size_bytes() as u32;
+        if !elem.is_mma_operand() {
+            return Err("attention operands are bf16 or f16".to_string());
+        }
+        if d == 0 || !d.is_multiple_of(panel) || d > 256 {
+            return Err(format!("the wgmma attention kernel takes head_dim in whole {panel}-column panels up to 256, not {d}"));
+        }
+        if bm != WARPGROUP_ROWS && bm != 2 * WARPGROUP_ROWS {
+            return Err(format!("block_m must be 64 or 128 (64 rows per consumer warpgroup), not {bm}"));
+        }
+        if bn == 0 || !bn.is_multiple_of(16) || bn > 256 {
+            return Err(format!("block_n must be a multiple of 16 up to 256, not {bn}"));
+        }
+        if !(MIN_STAGES..=MAX_STAGES).contains(&stages) {
+            return Err(format!("{stages} K/V stages: the overlapped loop needs {MIN_STAGES} to {MAX_STAGES}"));
+        }
+        if ping_pong && bm != 2 * WARPGROUP_ROWS {
+            return Err("the ping-pong schedule alternates two consumer warpgroups: block_m must be 128".to_string());
+        }
+        let consumers = bm / WARPGROUP_ROWS;
+        let mut t = Tiles { decls: Vec::new() };
+        let q_s = t.swizzled("q_s", elem, bm, d);
+        let k_s = t.swizzled("k_s", elem, stages * bn, d);
+        let v_s = t.swizzled("v_s", elem, stages * bn, d);
+        let acc = Layout::MmaAccumulator { warps_m: 4, warps_n: 1 };
+        let rows = Layout::RowVector { warps_m: 4, warps_n: 1 };
+        let scores = t.regs("scores", ElemType::F32, WARPGROUP_ROWS, bn, acc);
+        let probs = t.regs("probs", elem, WARPGROUP_ROWS, bn, Layout::MmaOperandA { warps_m: 4, warps_n: 1 });
+        let o = t.regs("o", ElemType::F32, WARPGROUP_ROWS, d, acc);
+        // m: the running maximum in log2 units (of s · scale · log2 e); shift: m, or 0 while a
+        // row has seen no key (so that 2^(−∞ − shift) is 0, not NaN); alpha: the factor O and l
+        // decay by.
+        let [m, m_new, shift, alpha, tile_max, row_sum] =
+            ["m", "m_new", "shift", "alpha", "tile_max", "row_sum"].map(|name| t.regs(name, ElemType::F32, WARPGROUP_ROWS, 1, rows));
+        // The running row sums l stay split over the threads of each row until the end: adding
+        // them up at every key tile would put shuffles on the softmax's path.
+        let shares = Layout::RowShares { warps_m: 4, warps_n: 1 };
+        let [l, tile_sum] = ["l", "tile_sum"].map(|name| t.regs(name, ElemType::F32, WARPGROUP_ROWS, 1, shares));
+        let barriers = vec![
+            BarrierDecl { name: "q_full".to_string(), slots: 1, arrivals: 1 },
+            // The elected producer thread's `arrive.expect_tx` per use of a slot.
+            BarrierDecl { name: "full".to_string(), slots: stages, arrivals: 1 },
+            // Every consumer thread, once `P·V` of the slot's tile has retired.
+            BarrierDecl { name: "empty".to_string(), slots: stages, arrivals: consumers * WARPGROUP_THREADS },
+        ];
+        let warps = (consumers + 1) * WARPGROUP_THREADS / 32;
+        Ok(Storage {
+            tiles: t, barriers, warps, consumers, q_s, k_s, v_s, scores, probs, o, m, m_new, shift, alpha, tile_max, row_sum, l, tile_sum,
+        })
+    }
+}
+
+/// Threads and shared memory (alignment included) of the kernel `schedule` builds for heads of
+/// `head_dim` elements of `elem`: what the resource model and tuning check candidates with.
+/// Errors say what the schedule does not allow.
+pub fn wgmma_attention_footprint(elem: ElemType, head_dim: u32, schedule: &WgmmaAttentionSchedule) -> Result<(u32, usize), String> {
+    let storage = Storage::new(elem, head_dim, schedule)?;
+    // The storage alone, with one ordered wait: the kernel's anchor words count too.
+    let skeleton = KernelFn {
+        name: String::new(),
+        params: Vec::new(),
+        grid: [SizeExpr::c(1), SizeExpr::c(1), SizeExpr::c(1)],
+        warps: storage.warps,
+        tiles: storage.tiles.decls,
+        barriers: storage.barriers,
+        schedule: Schedule { block_m: schedule.block_m, block_n: schedule.block_n, block_k: head_dim, warps: storage.warps, stages: schedule.stages },
+        body: vec![Stmt::MmaWait { pending: 0, after: Some(storage.l) }],
+    };
+    let bytes = skeleton.shared_bytes();
+    if bytes > SHARED_MEMORY_LIMIT_BYTES {
+        return Err(format!("Q and {} stages of K/V take {bytes} bytes of shared memory, more than {SHARED_MEMORY_LIMIT_BYTES}", schedule.stages));
+    }
+    Ok((skeleton.threads(), bytes))
+}
+
 /// Builds the wgmma attention kernel that replaces the tiled attention kernel `base` of `spec`
 /// (same name, same parameters, then the tensor maps of q, k and v). Errors name what the shape
 /// or the schedule does not allow.
@@ -52,24 +158,8 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     let WgmmaAttentionSchedule { block_m: bm, block_n: bn, stages, ping_pong, l2_group_bytes } = *schedule;
     let d = spec.head_dim as u32;
     let elem = ElemType::from(spec.dtype);
-    let panel = layout::SWIZZLE_BYTES / elem.size_bytes() as u32;
-    if d == 0 || !d.is_multiple_of(panel) || d > 256 {
-        return Err(format!("the wgmma attention kernel takes head_dim in whole {panel}-column panels up to 256, not {d}"));
-    }
-    if bm != WARPGROUP_ROWS && bm != 2 * WARPGROUP_ROWS {
-        return Err(format!("block_m must be 64 or 128 (64 rows per consumer warpgroup), not {bm}"));
-    }
-    if bn == 0 || !bn.is_multiple_of(16) || bn > 256 {
-        return Err(format!("block_n must be a multiple of 16 up to 256, not {bn}"));
-    }
-    if stages < 3 {
-        return Err(format!("{stages} K/V stages: the overlapped loop needs at least 3"));
-    }
-    if ping_pong && bm != 2 * WARPGROUP_ROWS {
-        return Err("the ping-pong schedule alternates two consumer warpgroups: block_m must be 128".to_string());
-    }
-    let consumers = bm / WARPGROUP_ROWS;
-    let warps = (consumers + 1) * WARPGROUP_THREADS / 32;
+    let Storage { tiles: t, barriers, warps, consumers, q_s, k_s, v_s, scores, probs, o, m, m_new, shift, alpha, tile_max, row_sum, l, tile_sum } =
+        Storage::new(elem, d, schedule)?;
     let group = spec.groups() as u32;
     let (hq, hk) = (spec.query_heads as u32, spec.kv_heads as u32);
 
@@ -77,30 +167,6 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     for (tensor, box_rows) in [("q", bm), ("k", bn), ("v", bn)] {
         params.push(KernelParam::TensorMap { name: tensor_map_param(tensor), tensor: tensor.to_string(), box_rows });
     }
-    let mut t = Tiles { decls: Vec::new() };
-    let q_s = t.swizzled("q_s", elem, bm, d);
-    let k_s = t.swizzled("k_s", elem, stages * bn, d);
-    let v_s = t.swizzled("v_s", elem, stages * bn, d);
-    let acc = Layout::MmaAccumulator { warps_m: 4, warps_n: 1 };
-    let rows = Layout::RowVector { warps_m: 4, warps_n: 1 };
-    let scores = t.regs("scores", ElemType::F32, WARPGROUP_ROWS, bn, acc);
-    let probs = t.regs("probs", elem, WARPGROUP_ROWS, bn, Layout::MmaOperandA { warps_m: 4, warps_n: 1 });
-    let o = t.regs("o", ElemType::F32, WARPGROUP_ROWS, d, acc);
-    // m: the running maximum in log2 units (of s · scale · log2 e); shift: m, or 0 while a row
-    // has seen no key (so that 2^(−∞ − shift) is 0, not NaN); alpha: the factor O and l decay by.
-    let [m, m_new, shift, alpha, tile_max, row_sum] =
-        ["m", "m_new", "shift", "alpha", "tile_max", "row_sum"].map(|name| t.regs(name, ElemType::F32, WARPGROUP_ROWS, 1, rows));
-    // The running row sums l stay split over the threads of each row until the end: adding
-    // them up at every key tile would put shuffles on the softmax's path.
-    let shares = Layout::RowShares { warps_m: 4, warps_n: 1 };
-    let [l, tile_sum] = ["l", "tile_sum"].map(|name| t.regs(name, ElemType::F32, WARPGROUP_ROWS, 1, shares));
-    let barriers = vec![
-        BarrierDecl { name: "q_full".to_string(), slots: 1, arrivals: 1 },
-        // The elected producer thread's `arrive.expect_tx` per use of a slot.
-        BarrierDecl { name: "full".to_string(), slots: stages, arrivals: 1 },
-        // Every consumer thread, once `P·V` of the slot's tile has retired.
-        BarrierDecl { name: "empty".to_string(), slots: stages, arrivals: consumers * WARPGROUP_THREADS },
-    ];
     let (q_full, full, empty) = (BarrierId(0), BarrierId(1), BarrierId(2));
     let slot = |ring: BarrierId, tile: Expr| BarrierRef { ring, slot: tile.modulo(int(stages)) };
     // Key tile j is use j / stages of its slot: its phase has that parity.
