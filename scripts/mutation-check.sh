@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Plants known kernel bugs in the kernel-IR builders, one at a time, and checks that the CPU tests
+# catch each (the interpreter against the f64 reference, tests/ir_kernel_roles.rs): a causal mask
+# that leaks key t + 1, the q-k mean's ½ turned into 1, the RoPE styles swapped. Each file is
+# restored from git afterwards, also when interrupted. Exit status 0 when every mutation failed
+# the tests, 1 when one slipped through. About two minutes per mutation (a release build of the
+# tests, then the run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+attention=src/ir/kernel/build/wgmma_attention.rs
+builders=src/ir/kernel/build/mod.rs
+for file in "$attention" "$builders"; do
+  if ! git diff --quiet -- "$file"; then
+    echo "mutation-check: $file has uncommitted changes; commit or stash them first" >&2
+    exit 2
+  fi
+done
+trap 'git checkout -q -- "$attention" "$builders"' EXIT
+
+# name | file | text | replacement
+mutations=(
+  "causal mask leaks key t+1|$attention|visible = visible.and(key.clone().le(query.clone()));|visible = visible.and(key.clone().le(query.clone() + int(1)));"
+  "q-k mean ½ becomes 1|$builders|let half = |e: Expr| Expr::Float(0.5) * e;|let half = |e: Expr| Expr::Float(1.0) * e;"
+  "RoPE styles swapped|$builders|RopeStyle::Neox => (|RopeStyle::Swapped => ("
+)
+failed=0
+for mutation in "${mutations[@]}"; do
+  IFS='|' read -r name file text replacement <<<"$mutation"
+  MUTATION_FILE="$file" MUTATION_TEXT="$text" MUTATION_REPLACEMENT="$replacement" python3 - <<'PY'
+import os
+path, text, replacement = os.environ["MUTATION_FILE"], os.environ["MUTATION_TEXT"], os.environ["MUTATION_REPLACEMENT"]
+source = open(path).read()
+if source.count(text) != 1:
+    raise SystemExit(f"mutation-check: `{text}` is not in {path} exactly once; update the script")
+source = source.replace(text, replacement)
+if replacement.startswith("RopeStyle::Swapped"):
+    # Swap the two arms: Neox takes Interleaved's pattern and the other way round.
+    source = source.replace("RopeStyle::Interleaved => (", "RopeStyle::Neox => (").replace("RopeStyle::Swapped => (", "RopeStyle::Interleaved => (")
+open(path, "w").write(source)
+PY
+  [ $? -eq 0 ] || exit 2
+  if cargo test --release -q --test ir_kernel_roles -- the_planned_kernel_ir wgmma_attention_matches >/tmp/mutation-check.log 2>&1; then
+    echo "MISSED  $name: the tests passed with it"
+    failed=1
+  else
+    echo "caught  $name: $(grep -m1 -oE 'relative error [0-9.e+-]+|does not verify|error\[E[0-9]+\]' /tmp/mutation-check.log || echo 'tests failed')"
+  fi
+  git checkout -q -- "$file"
+done
+exit $failed
