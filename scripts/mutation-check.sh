@@ -18,15 +18,15 @@ for file in "$attention" "$builders"; do
 done
 trap 'git checkout -q -- "$attention" "$builders"' EXIT
 
-# name | file | text | replacement
+# name, file, text, replacement (tab-separated: the texts hold `|`)
 mutations=(
-  "causal mask leaks key t+1|$attention|visible = visible.and(key.clone().le(query.clone()));|visible = visible.and(key.clone().le(query.clone() + int(1)));"
-  "q-k mean ½ becomes 1|$builders|let half = |e: Expr| Expr::Float(0.5) * e;|let half = |e: Expr| Expr::Float(1.0) * e;"
-  "RoPE styles swapped|$builders|RopeStyle::Neox => (|RopeStyle::Swapped => ("
+  $'causal mask leaks key t+1\t'"$attention"$'\tvisible = visible.and(key.clone().le(query.clone()));\tvisible = visible.and(key.clone().le(query.clone() + int(1)));'
+  $'q-k mean ½ becomes 1\t'"$builders"$'\tlet half = |e: Expr| Expr::Float(0.5) * e;\tlet half = |e: Expr| Expr::Float(1.0) * e;'
+  $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => ('
 )
 failed=0
 for mutation in "${mutations[@]}"; do
-  IFS='|' read -r name file text replacement <<<"$mutation"
+  IFS=$'\t' read -r name file text replacement <<<"$mutation"
   MUTATION_FILE="$file" MUTATION_TEXT="$text" MUTATION_REPLACEMENT="$replacement" python3 - <<'PY'
 import os
 path, text, replacement = os.environ["MUTATION_FILE"], os.environ["MUTATION_TEXT"], os.environ["MUTATION_REPLACEMENT"]
