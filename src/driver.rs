@@ -176,11 +176,10 @@ pub struct LaunchInfo {
     pub extra_params: Vec<KernelParamManifest>,
 }
 
-/// Whether the attention kernel of `spec` comes from the Hopper fast path (the wgmma,
-/// warp-specialized ping-pong kernel of `codegen::hopper`) rather than from lowering its kernel
-/// IR: head_dim 64, 128, 192 or 256 (each with a tile configuration checked on the GPU,
-/// `hopper::tiles::gpu_checked_attention`), with any mask (no mask, causal, sliding window).
-/// Same ABI and grid shape either way.
+/// Whether the attention kernel of `spec` is the warp-specialized wgmma kernel
+/// (`ir::kernel::build_wgmma_attention`) rather than the tiled kernel-IR attention: head_dim 64,
+/// 128, 192 or 256 (each with tiles checked on the GPU, `hopper::tiles::gpu_checked_attention`),
+/// with any mask (no mask, causal, sliding window). Same ABI and grid shape either way.
 pub fn uses_wgmma_attention(spec: &AttentionSpec) -> bool {
     matches!(spec.head_dim, 64 | 128 | 192 | 256)
 }

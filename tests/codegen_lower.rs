@@ -88,7 +88,7 @@ fn codegen_libraries_take_projections_and_attention_from_the_hopper_path() {
             let wgmma = text.contains("wgmma.mma_async");
             let kernel = ccc::driver::kernels(&spec).unwrap().into_iter().find(|k| k.name == symbol).unwrap();
             let expected = if symbol.ends_with("_attention") {
-                // The Hopper kernel, or the kernel-IR one with swizzled operands (d 192, 256).
+                // The warp-specialized kernel, or the tiled one with swizzled operands.
                 let swizzled = kernel.tiles.iter().any(|tile| tile.ty.layout == ccc::ir::kernel::Layout::Swizzled128B);
                 ccc::driver::uses_wgmma_attention(&spec) || swizzled
             } else if symbol.ends_with("_qkv_proj") || symbol.ends_with("_out_proj") {

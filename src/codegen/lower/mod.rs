@@ -84,8 +84,8 @@ pub fn lower_kernels(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredM
 pub enum KernelSource<'a> {
     /// Kernel IR, lowered statement by statement through the tile emitters.
     Ir(&'a KernelFn),
-    /// A hand-scheduled wgmma kernel of the Hopper fast path (`codegen::hopper`: flash attention,
-    /// projection GEMMs), until the kernel IR can express warp-specialized wgmma pipelines.
+    /// The hand-written Hopper prologue (`codegen::hopper::prologue`), until it is a kernel-IR
+    /// builder like the attention kernel and the projection GEMMs.
     Hopper(&'a HopperKernel),
 }
 
