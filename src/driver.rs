@@ -75,53 +75,84 @@ pub fn plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
         .collect()
 }
 
-/// Plan text of every entry point: with codegen, each kernel's schedule and grid as the library
-/// launches it ([`launched_plans`]), so that `--emit plan` and the manifest agree.
-pub fn plan_text(spec: &AttentionSpec) -> Result<String, CompileError> {
-    #[cfg(feature = "llvm")]
-    let plans = launched_plans(spec)?;
-    #[cfg(not(feature = "llvm"))]
-    let plans = plans(spec)?;
-    Ok(plans.iter().map(|plan| plan.to_string()).collect())
+/// The compiler's stages after the spec, in the order they run. `compile --emit STAGE` prints
+/// one, `--print-after-all` every one up to it; `compile` runs them all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// The resolved spec, as canonical `.attn` text with every default written out.
+    Spec,
+    /// Graph IR as built from the spec, then after every pass.
+    Graph,
+    /// The kernel plan: kernels in launch order with buffers, schedules and grids.
+    Plan,
+    /// Kernel IR: one tile-level function per kernel, as the library builds it.
+    Kernel,
+    /// LLVM IR of the library's module (needs the `llvm` feature).
+    Llvm,
+    /// The PTX for sm_90a (needs the `llvm` feature).
+    Ptx,
 }
 
-/// The kernel plan of every entry point with each kernel's schedule and grid replaced by those of
-/// the kernel that runs: the kernel IR built for the chosen tiles (the projection GEMMs), or the
-/// Hopper kernel that replaces the planned one (its tiles, warps and grid).
+impl Stage {
+    pub const IN_ORDER: [Stage; 6] = [Stage::Spec, Stage::Graph, Stage::Plan, Stage::Kernel, Stage::Llvm, Stage::Ptx];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Spec => "spec",
+            Stage::Graph => "graph",
+            Stage::Plan => "plan",
+            Stage::Kernel => "kernel",
+            Stage::Llvm => "llvm",
+            Stage::Ptx => "ptx",
+        }
+    }
+}
+
+/// The text of each of `stages` for `spec`, from one run of the compiler: the plan and the kernels
+/// are built once, and every stage printed is the one that ships. `Ok(None)` for LLVM IR or PTX in
+/// a build without LLVM. With `print_after_all`, the graph after every pass.
+pub fn stage_texts(spec: &AttentionSpec, stages: &[Stage], print_after_all: bool) -> Result<Option<Vec<String>>, CompileError> {
+    #[cfg(feature = "llvm")]
+    let mut compilation: Option<Compilation> = None;
+    let mut texts = Vec::new();
+    for &stage in stages {
+        texts.push(match stage {
+            Stage::Spec => crate::frontend::spec_text(spec),
+            Stage::Graph => graph_text(spec, print_after_all)?,
+            #[cfg(feature = "llvm")]
+            later => {
+                if compilation.is_none() {
+                    compilation = Some(Compilation::new(spec, &[])?);
+                }
+                let compilation = compilation.as_ref().expect("built above");
+                match later {
+                    Stage::Plan => compilation.plan_text()?,
+                    Stage::Kernel => compilation.kernel_text(),
+                    Stage::Llvm => compilation.lowered()?.llvm_ir,
+                    _ => compilation.lowered()?.ptx,
+                }
+            }
+            #[cfg(not(feature = "llvm"))]
+            Stage::Plan => plans(spec)?.iter().map(|plan| plan.to_string()).collect(),
+            #[cfg(not(feature = "llvm"))]
+            Stage::Kernel => identified_kernels(spec)?.into_iter().map(|(_, kernel)| kernel.to_string()).collect(),
+            #[cfg(not(feature = "llvm"))]
+            Stage::Llvm | Stage::Ptx => return Ok(None),
+        });
+    }
+    Ok(Some(texts))
+}
+
+/// Plan text of every entry point: with codegen, each kernel's schedule and grid as the library
+/// launches it ([`Compilation::launched_plans`]), so that `--emit plan` and the manifest agree.
+pub fn plan_text(spec: &AttentionSpec) -> Result<String, CompileError> {
+    Ok(stage_texts(spec, &[Stage::Plan], false)?.expect("plans need no LLVM").remove(0))
+}
+
+/// The kernel plan of every entry point as the library launches it ([`Compilation::launched_plans`]).
 #[cfg(feature = "llvm")]
 pub fn launched_plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
-    use crate::codegen::hopper::HopperKernel;
-    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
-    let launches = planned.launches(spec)?;
-    let mut plans = planned.plans.clone();
-    let mut shipped = planned.kernels.iter().zip(&planned.hopper).zip(&launches);
-    for planned_kernel in plans.iter_mut().flat_map(|plan| plan.kernels.iter_mut()) {
-        let Some(((ir, hopper), launch)) = shipped.next() else {
-            return Err(error(spec, "plan", "fewer kernels built than planned"));
-        };
-        let warps = launch.threads / 32;
-        planned_kernel.schedule = match hopper {
-            None => ir.schedule,
-            Some(HopperKernel::Attention(config)) => kernel::Schedule {
-                block_m: config.block_m,
-                block_n: config.block_n,
-                block_k: config.head_dim,
-                warps,
-                stages: config.stages,
-            },
-            Some(HopperKernel::Prologue(config)) => kernel::Schedule {
-                block_m: config.rows_per_cta().map_err(|e| error(spec, "plan", e))?,
-                warps,
-                ..planned_kernel.schedule
-            },
-            Some(HopperKernel::Gemm(config)) => {
-                return Err(error(spec, "plan", format!("{} was not built as kernel IR", config.name)));
-            }
-        };
-        let [x, y, z] = launch.grid.clone();
-        planned_kernel.grid = plan::Grid { x, y, z };
-    }
-    Ok(plans)
+    Compilation::new(spec, &[])?.launched_plans()
 }
 
 /// The kernel IR of every planned kernel, in launch order.
@@ -192,33 +223,18 @@ pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
 }
 
 /// The kernel IR of every kernel of `spec` in launch order: the kernels whose PTX the library
-/// ships from it (the projection GEMMs built for the chosen tiles), and the kernel-IR form of
-/// those the Hopper emitters still replace. What the interpreter runs to check what ships.
+/// ships from it (attention and the projection GEMMs built for the chosen tiles), and the
+/// kernel-IR form of the prologue where the hand-written emitter still replaces it. What the
+/// interpreter runs to check what ships.
 #[cfg(feature = "llvm")]
 pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
-    Ok(PlannedSources::of(spec)?.into_kernel_ir(spec)?.kernels)
+    Ok(Compilation::new(spec, &[])?.sources.kernels)
 }
 
-/// Kernel IR text of the kernels that ship (with codegen, the projection GEMMs are the
-/// warp-specialized ones the driver builds), with a note on the kernels whose PTX does not come
+/// Kernel IR text of the kernels that ship, with a note on the kernel whose PTX does not come
 /// from it.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
-    #[cfg(feature = "llvm")]
-    let shipped = {
-        let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
-        planned.kernels.into_iter().zip(planned.hopper.into_iter().map(|hopper| hopper.is_some())).collect::<Vec<_>>()
-    };
-    #[cfg(not(feature = "llvm"))]
-    let shipped = identified_kernels(spec)?.into_iter().map(|(_, kernel)| (kernel, false)).collect::<Vec<_>>();
-    let mut out = String::new();
-    for (kernel, emitted) in shipped {
-        if emitted {
-            out += "// PTX for this kernel comes from a hand-written Hopper emitter (codegen::hopper);\n\
-                    // this kernel IR is its equivalent, which the interpreter checks.\n";
-        }
-        out += &kernel.to_string();
-    }
-    Ok(out)
+    Ok(stage_texts(spec, &[Stage::Kernel], false)?.expect("kernel IR needs no LLVM").remove(0))
 }
 
 /// The manifest's description of one entry point: its kernels in launch order (parameters in ABI
@@ -711,9 +727,7 @@ impl PlannedSources {
 /// LLVM IR and PTX of every kernel of `spec` (what `--emit llvm` and `--emit ptx` print).
 #[cfg(feature = "llvm")]
 pub fn lowered(spec: &AttentionSpec) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
-    let planned = PlannedSources::of(spec)?.into_kernel_ir(spec)?;
-    crate::codegen::lower::lower_sources(&spec.name, &planned.sources())
-        .map_err(|e| error(spec, "codegen", e))
+    Compilation::new(spec, &[])?.lowered()
 }
 
 /// Identifies this build of the compiler in cache keys, so that a rebuilt compiler never reads
@@ -740,27 +754,112 @@ pub fn compile_library(
     spec: &AttentionSpec,
     options: &CompileOptions,
 ) -> Result<Library, CompileError> {
-    let planned = PlannedSources::of(spec)?.with_tiles(spec, &options.tiles)?.into_kernel_ir(spec)?;
-    let emit = || {
-        crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
-            .map(|module| module.ptx)
-    };
-    let ptx = match &options.cache {
-        // The kernel descriptions determine the PTX for a given build of the compiler.
-        Some(cache) => {
-            cache.get_or_emit(&format!("{}\n{}", build_fingerprint(), planned.description()), emit)
-        }
-        None => emit(),
+    Compilation::new(spec, &options.tiles)?.library(options)
+}
+
+/// One spec through the stages after it, run once in order: graph IR and passes → kernel plan →
+/// kernel IR (each kernel built for its chosen tiles: the resource model's, or a tuning's) →
+/// LLVM IR and PTX on demand. What `compile`, `--emit` and the tests read, so that every stage
+/// they print or check is the one that ships.
+#[cfg(feature = "llvm")]
+pub struct Compilation<'s> {
+    spec: &'s AttentionSpec,
+    sources: PlannedSources,
+}
+
+#[cfg(feature = "llvm")]
+impl<'s> Compilation<'s> {
+    /// Plans and builds every kernel, with `tiles` in place of the resource model's choice for the
+    /// kernels they name.
+    pub fn new(spec: &'s AttentionSpec, tiles: &[(String, crate::tuning::TileChoice)]) -> Result<Compilation<'s>, CompileError> {
+        let sources = PlannedSources::of(spec)?.with_tiles(spec, tiles)?.into_kernel_ir(spec)?;
+        Ok(Compilation { spec, sources })
     }
-    .map_err(|e| error(spec, "codegen", e))?;
-    let launches = planned.launches(spec)?;
-    let kernels = &planned.kernels;
-    let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, kernels)? } else { vec![None; kernels.len()] };
-    let ptx_file = format!("{}.ptx", spec.name);
-    let entry = entry_point_manifest(spec, EntryPoint::Forward, kernels, &launches, &ptxas)?;
-    let manifest = Manifest::new(spec.clone(), ptx_file, vec![entry]);
-    manifest.validate().map_err(|e| error(spec, "manifest", e))?;
-    Ok(Library { manifest, ptx })
+
+    /// The kernel IR of every kernel, in launch order.
+    pub fn kernels(&self) -> &[KernelFn] {
+        &self.sources.kernels
+    }
+
+    /// The kernel plan of every entry point with each kernel's schedule and grid replaced by those
+    /// of the kernel that runs (the kernel IR built for the chosen tiles, or the prologue emitter's
+    /// tiles, warps and grid), so that `--emit plan` and the manifest agree.
+    pub fn launched_plans(&self) -> Result<Vec<KernelPlan>, CompileError> {
+        use crate::codegen::hopper::HopperKernel;
+        let (spec, planned) = (self.spec, &self.sources);
+        let launches = planned.launches(spec)?;
+        let mut plans = planned.plans.clone();
+        let mut shipped = planned.kernels.iter().zip(&planned.hopper).zip(&launches);
+        for planned_kernel in plans.iter_mut().flat_map(|plan| plan.kernels.iter_mut()) {
+            let Some(((ir, hopper), launch)) = shipped.next() else {
+                return Err(error(spec, "plan", "fewer kernels built than planned"));
+            };
+            planned_kernel.schedule = match hopper {
+                None => ir.schedule,
+                Some(HopperKernel::Prologue(config)) => kernel::Schedule {
+                    block_m: config.rows_per_cta().map_err(|e| error(spec, "plan", e))?,
+                    warps: launch.threads / 32,
+                    ..planned_kernel.schedule
+                },
+                Some(other) => {
+                    return Err(error(spec, "plan", format!("{} was not built as kernel IR", other.name())));
+                }
+            };
+            let [x, y, z] = launch.grid.clone();
+            planned_kernel.grid = plan::Grid { x, y, z };
+        }
+        Ok(plans)
+    }
+
+    pub fn plan_text(&self) -> Result<String, CompileError> {
+        Ok(self.launched_plans()?.iter().map(|plan| plan.to_string()).collect())
+    }
+
+    /// The kernel IR of every kernel, with a note on the kernel whose PTX comes from the
+    /// hand-written prologue emitter instead.
+    pub fn kernel_text(&self) -> String {
+        let mut out = String::new();
+        for (kernel, hopper) in self.sources.kernels.iter().zip(&self.sources.hopper) {
+            if hopper.is_some() {
+                out += "// PTX for this kernel comes from a hand-written Hopper emitter (codegen::hopper);\n\
+                        // this kernel IR is its equivalent, which the interpreter checks.\n";
+            }
+            out += &kernel.to_string();
+        }
+        out
+    }
+
+    /// LLVM IR and PTX of every kernel.
+    pub fn lowered(&self) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
+        crate::codegen::lower::lower_sources(&self.spec.name, &self.sources.sources())
+            .map_err(|e| error(self.spec, "codegen", e))
+    }
+
+    /// The PTX (through the cache when given), ptxas' report when asked for, and the validated
+    /// manifest, written from the plan's kernels and launches.
+    pub fn library(&self, options: &CompileOptions) -> Result<Library, CompileError> {
+        let (spec, planned) = (self.spec, &self.sources);
+        let emit = || {
+            crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
+                .map(|module| module.ptx)
+        };
+        let ptx = match &options.cache {
+            // The kernel descriptions determine the PTX for a given build of the compiler.
+            Some(cache) => {
+                cache.get_or_emit(&format!("{}\n{}", build_fingerprint(), planned.description()), emit)
+            }
+            None => emit(),
+        }
+        .map_err(|e| error(spec, "codegen", e))?;
+        let launches = planned.launches(spec)?;
+        let kernels = &planned.kernels;
+        let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, kernels)? } else { vec![None; kernels.len()] };
+        let ptx_file = format!("{}.ptx", spec.name);
+        let entry = entry_point_manifest(spec, EntryPoint::Forward, kernels, &launches, &ptxas)?;
+        let manifest = Manifest::new(spec.clone(), ptx_file, vec![entry]);
+        manifest.validate().map_err(|e| error(spec, "manifest", e))?;
+        Ok(Library { manifest, ptx })
+    }
 }
 
 #[cfg(feature = "llvm")]

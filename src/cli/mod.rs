@@ -135,18 +135,15 @@ pub enum EmitStage {
 }
 
 impl EmitStage {
-    /// The stages in the order the compiler runs them.
-    pub const IN_ORDER: [EmitStage; 6] =
-        [EmitStage::Spec, EmitStage::Graph, EmitStage::Plan, EmitStage::Kernel, EmitStage::Llvm, EmitStage::Ptx];
-
-    pub fn name(self) -> &'static str {
+    /// The driver's stage (the one list of stages, in the order the compiler runs them).
+    pub fn stage(self) -> driver::Stage {
         match self {
-            EmitStage::Spec => "spec",
-            EmitStage::Graph => "graph",
-            EmitStage::Plan => "plan",
-            EmitStage::Kernel => "kernel",
-            EmitStage::Llvm => "llvm",
-            EmitStage::Ptx => "ptx",
+            EmitStage::Spec => driver::Stage::Spec,
+            EmitStage::Graph => driver::Stage::Graph,
+            EmitStage::Plan => driver::Stage::Plan,
+            EmitStage::Kernel => driver::Stage::Kernel,
+            EmitStage::Llvm => driver::Stage::Llvm,
+            EmitStage::Ptx => driver::Stage::Ptx,
         }
     }
 }
@@ -181,19 +178,6 @@ struct TuneRequest {
 }
 
 const NO_LLVM: &str = "this ccc was built without the `llvm` feature: it cannot emit LLVM IR or PTX";
-
-/// The LLVM IR or PTX text of `spec`'s library; `None` in a build without LLVM.
-#[cfg(feature = "llvm")]
-fn lowered_text(spec: &AttentionSpec, stage: EmitStage) -> Option<Result<String, driver::CompileError>> {
-    Some(driver::lowered(spec).map(|module| {
-        if stage == EmitStage::Llvm { module.llvm_ir } else { module.ptx }
-    }))
-}
-
-#[cfg(not(feature = "llvm"))]
-fn lowered_text(_: &AttentionSpec, _: EmitStage) -> Option<Result<String, driver::CompileError>> {
-    None
-}
 
 /// Where the command writes; `stderr_is_terminal` decides `--color auto`.
 pub struct Io<'a> {
@@ -330,31 +314,25 @@ impl Session<'_, '_> {
         if let Some(emit) = emit {
             // With --print-after-all, every stage from the spec up to the one asked for, in the
             // order the compiler runs them, the graph after every pass.
-            let stages: Vec<EmitStage> = if print_after_all {
-                EmitStage::IN_ORDER.iter().copied().take_while(|stage| *stage != emit).chain([emit]).collect()
+            let emit = emit.stage();
+            let stages: Vec<driver::Stage> = if print_after_all {
+                driver::Stage::IN_ORDER.iter().copied().take_while(|stage| *stage != emit).chain([emit]).collect()
             } else {
                 vec![emit]
             };
             let mut texts = Vec::new();
             for spec in &specs {
-                for &stage in &stages {
-                    let text = match stage {
-                        EmitStage::Spec => Ok(frontend::spec_text(spec)),
-                        EmitStage::Graph => driver::graph_text(spec, print_after_all),
-                        EmitStage::Plan => driver::plan_text(spec),
-                        EmitStage::Kernel => driver::kernel_text(spec),
-                        EmitStage::Llvm | EmitStage::Ptx => match lowered_text(spec, stage) {
-                            Some(text) => text,
-                            None => return self.usage_error(NO_LLVM),
-                        },
-                    };
-                    match text {
-                        // The graph stage heads each of its passes itself.
-                        Ok(text) if print_after_all && stage != EmitStage::Graph => {
-                            texts.push(format!("// ===== {} {}\n{text}", spec.name, stage.name()))
-                        }
-                        Ok(text) => texts.push(text),
-                        Err(error) => return self.compile_error(&error),
+                let stage_texts = match driver::stage_texts(spec, &stages, print_after_all) {
+                    Ok(Some(stage_texts)) => stage_texts,
+                    Ok(None) => return self.usage_error(NO_LLVM),
+                    Err(error) => return self.compile_error(&error),
+                };
+                for (stage, text) in stages.iter().zip(stage_texts) {
+                    // The graph stage heads each of its passes itself.
+                    if print_after_all && *stage != driver::Stage::Graph {
+                        texts.push(format!("// ===== {} {}\n{text}", spec.name, stage.name()));
+                    } else {
+                        texts.push(text);
                     }
                 }
             }
