@@ -75,13 +75,13 @@ pub fn plans(spec: &AttentionSpec) -> Result<Vec<KernelPlan>, CompileError> {
         .collect()
 }
 
-/// The compiler's stages after the spec, in the order they run. `compile --emit STAGE` prints
-/// one, `--print-after-all` every one up to it; `compile` runs them all.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The compiler's stages, in the order they run. `compile --emit STAGE` prints one,
+/// `--print-after-all` every one up to it; `compile` runs them all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Stage {
     /// The resolved spec, as canonical `.attn` text with every default written out.
     Spec,
-    /// Graph IR as built from the spec, then after every pass.
+    /// Graph IR as built from the spec (with --print-after-all: after every pass).
     Graph,
     /// The kernel plan: kernels in launch order with buffers, schedules and grids.
     Plan,

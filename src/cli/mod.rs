@@ -1,7 +1,7 @@
 //! The `ccc` command line. `src/main.rs` only calls [`run`]; tests call it in-process with
 //! captured output, and through the built binary.
 //!
-//! Later stages plug in as new [`EmitStage`] variants (printed by `compile --emit STAGE`) and as
+//! Later stages plug in as new [`driver::Stage`] variants (printed by `compile --emit STAGE`) and as
 //! more files written by `compile` next to `manifest.json` and `NAME.ptx`.
 
 use std::ffi::OsString;
@@ -71,7 +71,7 @@ pub enum Command {
         out_dir: PathBuf,
         /// Print this stage's text to stdout instead of writing files.
         #[arg(long, value_enum, value_name = "STAGE")]
-        emit: Option<EmitStage>,
+        emit: Option<driver::Stage>,
         /// With `--emit STAGE`: print every stage from the spec up to STAGE, in the order the
         /// compiler runs them, the graph after every pass.
         #[arg(long)]
@@ -115,37 +115,6 @@ pub enum Command {
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=MAX_SEQUENCE))]
         seq_len: Option<u64>,
     },
-}
-
-/// The compiler stages whose text `compile --emit` prints, in pipeline order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum EmitStage {
-    /// The resolved spec, as canonical `.attn` text with every default written out.
-    Spec,
-    /// Graph IR as built from the spec (with --print-after-all: after every pass).
-    Graph,
-    /// The kernel plan: kernels in launch order with buffers, schedules and grids.
-    Plan,
-    /// Kernel IR: one tile-level function per kernel.
-    Kernel,
-    /// LLVM IR of the library's module, after optimisation (needs the `llvm` feature).
-    Llvm,
-    /// The PTX for sm_90a (needs the `llvm` feature).
-    Ptx,
-}
-
-impl EmitStage {
-    /// The driver's stage (the one list of stages, in the order the compiler runs them).
-    pub fn stage(self) -> driver::Stage {
-        match self {
-            EmitStage::Spec => driver::Stage::Spec,
-            EmitStage::Graph => driver::Stage::Graph,
-            EmitStage::Plan => driver::Stage::Plan,
-            EmitStage::Kernel => driver::Stage::Kernel,
-            EmitStage::Llvm => driver::Stage::Llvm,
-            EmitStage::Ptx => driver::Stage::Ptx,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -297,7 +266,7 @@ impl Session<'_, '_> {
         &mut self,
         path: &Path,
         out_dir: &Path,
-        emit: Option<EmitStage>,
+        emit: Option<driver::Stage>,
         flags: CompileFlags,
     ) -> Status {
         let print_after_all = flags.print_after_all;
@@ -314,7 +283,6 @@ impl Session<'_, '_> {
         if let Some(emit) = emit {
             // With --print-after-all, every stage from the spec up to the one asked for, in the
             // order the compiler runs them, the graph after every pass.
-            let emit = emit.stage();
             let stages: Vec<driver::Stage> = if print_after_all {
                 driver::Stage::IN_ORDER.iter().copied().take_while(|stage| *stage != emit).chain([emit]).collect()
             } else {
