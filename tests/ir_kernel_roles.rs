@@ -523,3 +523,82 @@ fn wgmma_attention_matches_the_reference_for_every_mask_and_schedule() {
         }
     }
 }
+
+/// The verifier's messages about the wgmma attention kernel with `mutate` applied.
+fn attention_verify_errors(mutate: impl Fn(&mut KernelFn)) -> String {
+    let spec = zaya1_like("zaya_d128", 256, 128, 2, 1);
+    let schedule = WgmmaAttentionSchedule { block_m: 128, block_n: 64, stages: 3, ping_pong: true, l2_group_bytes: 16 << 20 };
+    let mut kernel = with_wgmma_attention(&spec, &schedule).unwrap().remove(2);
+    kernel.verify().expect("the shipped kernel verifies");
+    mutate(&mut kernel);
+    kernel.verify().expect_err("the broken kernel verifies").join("\n")
+}
+
+fn tile_named(kernel: &KernelFn, name: &str) -> TileId {
+    TileId(kernel.tiles.iter().position(|tile| tile.name == name).unwrap_or_else(|| panic!("no tile {name}")))
+}
+
+/// Replaces every statement of the consumer role that `edit` maps to `Some`.
+fn edit_consumer(kernel: &mut KernelFn, edit: &dyn Fn(&Stmt) -> Option<Stmt>) {
+    edit_blocks(consumer(kernel), &|block| {
+        for stmt in block.iter_mut() {
+            if let Some(new) = edit(stmt) {
+                *stmt = new;
+            }
+        }
+    })
+}
+
+#[test]
+fn verifier_rules_of_ordered_waits_and_row_shares() {
+    let cases: Vec<(Box<dyn Fn(&mut KernelFn)>, &str)> = vec![
+        (
+            Box::new(|k| {
+                let q_s = tile_named(k, "q_s");
+                edit_consumer(k, &|stmt| matches!(stmt, Stmt::MmaWait { after: Some(_), .. }).then_some(Stmt::MmaWait { pending: 0, after: Some(q_s) }))
+            }),
+            "mma.wait after %q_s: an f32 register tile",
+        ),
+        (
+            Box::new(|k| {
+                let l = tile_named(k, "l");
+                let whole = TileView::whole(l, &k.tile(l).ty);
+                consumer(k).insert(1, Stmt::Fill { dst: whole, value: 1.0 })
+            }),
+            "row shares start at 0",
+        ),
+        (
+            Box::new(|k| {
+                // l + 1 adds the constant once per thread of the row.
+                let l = tile_named(k, "l");
+                let whole = TileView::whole(l, &k.tile(l).ty);
+                consumer(k).insert(1, Stmt::Map { dst: whole, expr: Expr::Elem + Expr::Float(1.0) })
+            }),
+            "a map into row shares must be linear in shares",
+        ),
+        (
+            Box::new(|k| {
+                let (l, alpha) = (tile_named(k, "l"), tile_named(k, "alpha"));
+                let whole = TileView::whole(alpha, &k.tile(alpha).ty);
+                consumer(k).insert(1, Stmt::Map { dst: whole, expr: Expr::tile(l, Expr::Row, Expr::Int(0)) })
+            }),
+            "row shares %l are read only by maps into row shares",
+        ),
+        (
+            Box::new(|k| {
+                let tile_sum = tile_named(k, "tile_sum");
+                edit_consumer(k, &|stmt| match stmt {
+                    Stmt::RowReduce { dst, src, value, .. } if *dst == tile_sum => {
+                        Some(Stmt::RowReduce { dst: *dst, src: src.clone(), op: ReduceOp::Max, value: value.clone() })
+                    }
+                    _ => None,
+                })
+            }),
+            "reduces an mma accumulator into a row vector (or row shares, by sum)",
+        ),
+    ];
+    for (mutate, message) in cases {
+        let errors = attention_verify_errors(mutate);
+        assert!(errors.contains(message), "expected `{message}` in:\n{errors}");
+    }
+}
