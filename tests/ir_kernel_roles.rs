@@ -602,3 +602,32 @@ fn verifier_rules_of_ordered_waits_and_row_shares() {
         assert!(errors.contains(message), "expected `{message}` in:\n{errors}");
     }
 }
+
+/// `--emit kernel` of every example shows the kernel IR whose PTX ships: the attention kernel and
+/// both projections as warp-specialized kernel IR (roles, TMA, mbarrier waits, asynchronous
+/// wgmma); only the prologue may carry the note of a hand-written emitter.
+#[cfg(feature = "llvm")]
+#[test]
+fn emitted_kernel_ir_is_what_ships_for_every_example() {
+    for spec in common::specs::example_files() {
+        let text = ccc::driver::kernel_text(&spec).unwrap_or_else(|e| panic!("{e}"));
+        let kernels: Vec<&str> = text.split("\nkernel ").collect();
+        for suffix in ["qkv_proj", "attention", "out_proj"] {
+            let name = format!("{}_{suffix}", spec.name);
+            let kernel = kernels
+                .iter()
+                .find(|k| k.starts_with(&name) || k.starts_with(&format!("kernel {name}")))
+                .unwrap_or_else(|| panic!("{name} missing from --emit kernel"));
+            for construct in ["roles {", "tma %", "wait @full", "mma.async", "mma.wait"] {
+                assert!(kernel.contains(construct), "{name}: no `{construct}` in its kernel IR");
+            }
+        }
+        let attention = kernels.iter().find(|k| k.contains("_attention\n")).expect("attention");
+        assert!(attention.contains("mma.wait 0 after %l"), "{}: the softmax's ordered wait", spec.name);
+        // A note describes the kernel right after it: only the prologue may have one.
+        for (at, _) in text.match_indices("hand-written") {
+            let described = text[at..].split("\nkernel ").nth(1).expect("a kernel follows the note");
+            assert!(described.starts_with(&format!("{}_qk_prologue", spec.name)), "{}: a note before {described:.40}", spec.name);
+        }
+    }
+}
