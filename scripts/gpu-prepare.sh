@@ -15,6 +15,10 @@
 #   gpu-carry/tune/zaya1/                  with GPU_PREPARE_TUNE=1: the candidate libraries of
 #                                          `ccc tune examples/zaya1.attn --top 6`, for the
 #                                          sweep's `tune` step (ccc-run tune)
+#   gpu-carry/old/<example>/               with GPU_PREPARE_OLD=REV: zaya1, mha and
+#                                          sliding_window compiled by the compiler of git
+#                                          revision REV (built in a worktree under target/), for
+#                                          the sweep's `ab` step (bench/ab_kernels.py)
 # Then on the GPU machine: bash scripts/gpu-suite.sh (docs/gpu-tests.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -102,6 +106,19 @@ fi
 rm -rf "$carry/tune"
 if [ "${GPU_PREPARE_TUNE:-0}" = 1 ]; then
   ./target/release/ccc tune examples/zaya1.attn -o "$carry/tune" --top 6 >/dev/null
+fi
+
+rm -rf "$carry/old"
+if [ -n "${GPU_PREPARE_OLD:-}" ]; then
+  old_tree=target/old-compiler
+  rm -rf "$old_tree"
+  git worktree prune
+  git worktree add --detach "$old_tree" "$GPU_PREPARE_OLD" >/dev/null
+  CARGO_TARGET_DIR="$PWD/target/old-compiler-target" cargo build --release --bin ccc --manifest-path "$old_tree/Cargo.toml"
+  for name in zaya1 mha sliding_window; do
+    target/old-compiler-target/release/ccc compile "examples/$name.attn" -o "$carry/old" --no-cache || failed+=("old $name")
+  done
+  git worktree remove --force "$old_tree"
 fi
 
 echo "gpu-prepare: $carry holds:"

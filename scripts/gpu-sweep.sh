@@ -18,12 +18,15 @@
 #      the peers (FlexAttention for the window);
 #   8. tune (not default): with gpu-carry/tune (GPU_PREPARE_TUNE=1): ccc-run tune over ZAYA1's
 #      candidates at 1×16384, writing $OUT/tune/tuning.json;
+#   ab (not default): with gpu-carry/old (GPU_PREPARE_OLD=REV): bench/ab_kernels.py, every kernel
+#      of zaya1, mha and sliding_window against the same examples compiled at REV, alternating
+#      rounds at 1×16384 (a kernel change must stay within 3% of the build before it);
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
 #      memcheck, racecheck, synccheck and initcheck over every non-random library at 2×300 and
 #      1×1000, the table in $OUT/sanitize.md.
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
-#   (steps: hopper runtime-tests suite python-gpu validate times bench tune sanitize)
+#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -86,9 +89,18 @@ for s in $steps; do
           --out "$out/tune/tuning.json"
       fi
       ;;
+    ab)
+      if [ -d gpu-carry/old ]; then
+        pairs=()
+        for name in zaya1 mha sliding_window; do
+          [ -d "gpu-carry/old/$name" ] && pairs+=("$libs/$name/$name" "gpu-carry/old/$name")
+        done
+        step ab 150 python3 -u -W ignore bench/ab_kernels.py "${pairs[@]}" --shapes 1x16384 --rounds 5
+      fi
+      ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench tune sanitize)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune sanitize)" >&2
       exit 2
       ;;
   esac
