@@ -114,6 +114,8 @@ impl Stage {
 pub fn stage_texts(spec: &AttentionSpec, stages: &[Stage], print_after_all: bool) -> Result<Option<Vec<String>>, CompileError> {
     #[cfg(feature = "llvm")]
     let mut compilation: Option<Compilation> = None;
+    #[cfg(feature = "llvm")]
+    let mut lowered: Option<crate::codegen::lower::LoweredModule> = None;
     let mut texts = Vec::new();
     for &stage in stages {
         texts.push(match stage {
@@ -128,8 +130,13 @@ pub fn stage_texts(spec: &AttentionSpec, stages: &[Stage], print_after_all: bool
                 match later {
                     Stage::Plan => compilation.plan_text()?,
                     Stage::Kernel => compilation.kernel_text(),
-                    Stage::Llvm => compilation.lowered()?.llvm_ir,
-                    _ => compilation.lowered()?.ptx,
+                    llvm_or_ptx => {
+                        if lowered.is_none() {
+                            lowered = Some(compilation.lowered()?);
+                        }
+                        let module = lowered.as_ref().expect("lowered above");
+                        if llvm_or_ptx == Stage::Llvm { module.llvm_ir.clone() } else { module.ptx.clone() }
+                    }
                 }
             }
             #[cfg(not(feature = "llvm"))]
@@ -347,19 +354,15 @@ pub struct CompileOptions {
 #[cfg(feature = "llvm")]
 fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::hopper::HopperAttentionConfig {
     use crate::codegen::hopper;
-    use crate::spec::Mask;
+    let (causal, window) = kernel::causal_window(spec.mask);
     hopper::HopperAttentionConfig {
         name: kernel.name.clone(),
         elem: ElemType::from(spec.dtype).into(),
         head_dim: spec.head_dim as u32,
         q_heads: spec.query_heads as u32,
         kv_heads: spec.kv_heads as u32,
-        causal: matches!(spec.mask, Mask::Causal | Mask::SlidingWindow { .. }),
-        window: match spec.mask {
-            // A window longer than any sequence the kernel's i32 positions reach is causal.
-            Mask::SlidingWindow { window } => Some(window.min(i32::MAX as usize) as u32),
-            _ => None,
-        },
+        causal,
+        window,
         // The resource model's start; `PlannedSources::of` replaces the tile, stages and
         // schedule with its choice (`hopper::tiles`).
         block_m: 128,
@@ -774,11 +777,6 @@ impl<'s> Compilation<'s> {
     pub fn new(spec: &'s AttentionSpec, tiles: &[(String, crate::tuning::TileChoice)]) -> Result<Compilation<'s>, CompileError> {
         let sources = PlannedSources::of(spec)?.with_tiles(spec, tiles)?.into_kernel_ir(spec)?;
         Ok(Compilation { spec, sources })
-    }
-
-    /// The kernel IR of every kernel, in launch order.
-    pub fn kernels(&self) -> &[KernelFn] {
-        &self.sources.kernels
     }
 
     /// The kernel plan of every entry point with each kernel's schedule and grid replaced by those

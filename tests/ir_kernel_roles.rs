@@ -23,20 +23,27 @@ fn schedules() -> [WgmmaGemmSchedule; 4] {
     ]
 }
 
-/// The forward kernels of `spec` with both projections replaced by the wgmma GEMM of `schedule`.
-fn with_wgmma_projections(spec: &AttentionSpec, schedule: &WgmmaGemmSchedule) -> Result<Vec<KernelFn>, String> {
+/// The forward kernels of `spec` in their tiled form, each that `replace` builds another kernel
+/// for (from the tiled one, whose ABI it keeps) replaced by it.
+fn forward_kernels_with(
+    spec: &AttentionSpec,
+    replace: impl Fn(ForwardKernel, &KernelFn) -> Option<Result<KernelFn, String>>,
+) -> Result<Vec<KernelFn>, String> {
     ForwardKernel::launched_by(spec)
         .into_iter()
         .map(|which| {
             let base = build_forward(spec, which, &default_schedule(spec, which)?)?;
-            match which {
-                ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
-                    build_wgmma_projection(spec, which, &base, schedule)
-                }
-                _ => Ok(base),
-            }
+            replace(which, &base).unwrap_or(Ok(base))
         })
         .collect()
+}
+
+/// The forward kernels of `spec` with both projections replaced by the wgmma GEMM of `schedule`.
+fn with_wgmma_projections(spec: &AttentionSpec, schedule: &WgmmaGemmSchedule) -> Result<Vec<KernelFn>, String> {
+    forward_kernels_with(spec, |which, base| {
+        matches!(which, ForwardKernel::QkvProjection | ForwardKernel::OutputProjection)
+            .then(|| build_wgmma_projection(spec, which, base, schedule))
+    })
 }
 
 fn assert_close(spec: &AttentionSpec, got: &ForwardOutputs, want: &ForwardOutputs, what: &str) {
@@ -485,16 +492,7 @@ fn attention_schedules() -> [WgmmaAttentionSchedule; 4] {
 
 /// The forward kernels of `spec` with attention replaced by the wgmma kernel of `schedule`.
 fn with_wgmma_attention(spec: &AttentionSpec, schedule: &WgmmaAttentionSchedule) -> Result<Vec<KernelFn>, String> {
-    ForwardKernel::launched_by(spec)
-        .into_iter()
-        .map(|which| {
-            let base = build_forward(spec, which, &default_schedule(spec, which)?)?;
-            match which {
-                ForwardKernel::Attention => build_wgmma_attention(spec, &base, schedule),
-                _ => Ok(base),
-            }
-        })
-        .collect()
+    forward_kernels_with(spec, |which, base| (which == ForwardKernel::Attention).then(|| build_wgmma_attention(spec, base, schedule)))
 }
 
 #[test]

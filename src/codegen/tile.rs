@@ -530,19 +530,22 @@ pub fn row_reduce_with<'ctx>(
             terms = terms.chunks(2).map(|pair| if pair.len() == 2 { combine(pair[0], pair[1]) } else { Ok(pair[0]) }).collect::<Result<_>>()?;
         }
         let mut total = terms.pop().ok_or_else(|| super::CodegenError::Unsupported("empty row".to_string()))?;
-        for lane_mask in if across_threads { [1, 2].as_slice() } else { &[] } {
-            let other = kb.shuffle_xor_f32(total, *lane_mask)?;
-            total = combine(total, other)?;
+        if across_threads {
+            total = across_quad(kb, total, combine)?;
         }
         dst.set(kb, row_slot, total)?;
     }
     Ok(())
 }
 
-/// The sum of `value` over the quad of lanes that hold one accumulator row.
-pub fn quad_sum<'ctx>(kb: &KernelBuilder<'_, 'ctx>, value: FloatValue<'ctx>) -> Result<FloatValue<'ctx>> {
-    let pair = kb.fadd(value, kb.shuffle_xor_f32(value, 1)?)?;
-    kb.fadd(pair, kb.shuffle_xor_f32(pair, 2)?)
+/// `value` combined by `combine` over the quad of lanes that hold one accumulator row.
+pub fn across_quad<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    value: FloatValue<'ctx>,
+    combine: impl Fn(FloatValue<'ctx>, FloatValue<'ctx>) -> Result<FloatValue<'ctx>>,
+) -> Result<FloatValue<'ctx>> {
+    let pair = combine(value, kb.shuffle_xor_f32(value, 1)?)?;
+    combine(pair, kb.shuffle_xor_f32(pair, 2)?)
 }
 
 /// An accumulator tile rounded to a 16-bit type and repacked as m16n8k16 A fragments

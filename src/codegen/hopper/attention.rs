@@ -56,8 +56,8 @@ impl HopperAttentionConfig {
         }
     }
 
-    /// Threads, shared memory and grid of the kernel these tiles build; errors say what the
-    /// builder does not take.
+    /// Threads, shared memory (which may exceed the limit: the resource model checks it) and grid
+    /// of the kernel these tiles build; errors say what the builder does not take.
     pub fn launch(&self) -> Result<HopperLaunch> {
         let (threads, shared) = kernel::wgmma_attention_footprint(self.elem.into(), self.head_dim, &self.kernel_schedule())
             .map_err(crate::codegen::CodegenError::Unsupported)?;

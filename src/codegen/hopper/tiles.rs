@@ -80,6 +80,7 @@ use super::attention::{HopperAttentionConfig, Schedule, WARPGROUP_ROWS};
 use super::gemm::TileLoads;
 use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig, PERSISTENT_CTAS};
 use super::primitives::WgmmaShape;
+use crate::ir::kernel::SHARED_MEMORY_LIMIT_BYTES;
 use crate::ir::kernel::layout::WGMMA_K;
 use crate::codegen::CodegenError;
 use std::fmt;
@@ -264,11 +265,14 @@ pub fn check_attention(config: &HopperAttentionConfig) -> Result<Fit, Rejection>
     if needed > budget {
         return Err(Rejection::Registers { needed, budget });
     }
-    // The builder's own checks: the schedule's rules, then shared memory.
-    let launch = config.launch().map_err(|e| {
-        let why = reason(e);
-        if why.contains("shared memory") { Rejection::SharedMemory(why) } else { Rejection::Schedule(why) }
-    })?;
+    // The builder's own rules, then its shared memory against the limit.
+    let launch = config.launch().map_err(|e| Rejection::Schedule(reason(e)))?;
+    if launch.dynamic_shared_bytes as usize > SHARED_MEMORY_LIMIT_BYTES {
+        return Err(Rejection::SharedMemory(format!(
+            "Q and {} stages of K/V take {} bytes of shared memory, more than {SHARED_MEMORY_LIMIT_BYTES}",
+            config.stages, launch.dynamic_shared_bytes
+        )));
+    }
     Ok(Fit {
         dynamic_shared_bytes: launch.dynamic_shared_bytes,
         registers: needed,

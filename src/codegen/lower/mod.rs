@@ -40,7 +40,7 @@ use inkwell::context::Context;
 use inkwell::values::PointerValue;
 
 use super::tile::{
-    AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector, quad_sum,
+    AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector, across_quad,
     SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
 use super::hopper::HopperKernel;
@@ -418,13 +418,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 .take_while(|stmt| matches!(stmt, Stmt::MmaAsync { .. }))
                 .collect();
             let overwritten = |tile: &TileId| run.iter().any(|stmt| matches!(stmt, Stmt::MmaAsync { acc, .. } if acc.tile == *tile));
-            if !zeroed.is_empty() && !run.is_empty() && zeroed.iter().all(overwritten) {
+            if !run.is_empty() && zeroed.iter().all(overwritten) {
                 self.wgmma_async_run(kb, &run, &zeroed)?;
                 index += zeroed.len() + run.len();
-            } else if matches!(body[index], Stmt::MmaAsync { .. }) {
-                let run: Vec<&Stmt> = body[index..].iter().take_while(|stmt| matches!(stmt, Stmt::MmaAsync { .. })).collect();
-                self.wgmma_async_run(kb, &run, &[])?;
-                index += run.len();
             } else {
                 self.stmt(kb, &body[index])?;
                 index += 1;
@@ -654,7 +650,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 // Row shares → row vector: the shares of each row added across its threads.
                 let shares = self.row_vector(src.tile)?;
                 for slot in 0..rows.of.row_slots() {
-                    rows.set(kb, slot, quad_sum(kb, shares.get(kb, slot)?)?)?;
+                    rows.set(kb, slot, across_quad(kb, shares.get(kb, slot)?, |a, b| kb.fadd(a, b))?)?;
                 }
                 Ok(())
             }

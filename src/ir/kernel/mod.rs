@@ -39,9 +39,10 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, wgmma_attention_footprint, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment,
-    WgmmaGemmSchedule, build_forward, build_wgmma_projection, default_schedule, forward_kernels, gemm_operands,
-    has_qk_prologue, projection_segments, tensor_map_param,
+    ATTENTION_CONSUMER_REGISTERS, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
+    PERSISTENT_CTAS, PROJECTION_BUFFER, ProjectionSegment, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward,
+    build_wgmma_attention, build_wgmma_projection, causal_window, default_schedule, forward_kernels, gemm_operands,
+    has_qk_prologue, projection_segments, tensor_map_param, wgmma_attention_footprint,
 };
 pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
 
@@ -514,8 +515,8 @@ impl KernelFn {
     /// for register tiles) and the allocation's size. With swizzled tiles the offsets count from
     /// the first 1024-byte boundary of the allocation, which holds up to 1 KiB more for it.
     pub fn shared_layout(&self) -> (Vec<Option<usize>>, usize) {
-        let (offsets, _) = self.tile_offsets();
-        let mut bytes = self.anchor_offset();
+        let (offsets, tiles_end) = self.tile_offsets();
+        let mut bytes = self.after_barriers(tiles_end);
         if self.has_ordered_waits() {
             bytes += self.threads() as usize * ANCHOR_BYTES;
         }
@@ -547,7 +548,10 @@ impl KernelFn {
     }
     /// Where the threads' anchor words of ordered `mma.wait`s start (after the barriers).
     pub fn anchor_offset(&self) -> usize {
-        let tiles_end = self.tile_offsets().1;
+        self.after_barriers(self.tile_offsets().1)
+    }
+    /// Where the barrier rings end, for tiles that end at `tiles_end`.
+    fn after_barriers(&self, tiles_end: usize) -> usize {
         if self.barriers.is_empty() {
             return tiles_end;
         }

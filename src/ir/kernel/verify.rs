@@ -735,7 +735,6 @@ impl<'a> Verifier<'a> {
                 if b.tile.0 < self.kernel.tiles.len() && self.ty(b).layout != Layout::Swizzled128B {
                     self.err(stmt, "an asynchronous mma is a wgmma: operand b must be a swizzled128b tile");
                 }
-
             }
             Stmt::MmaCommit | Stmt::MmaWait { after: None, .. } => {}
             Stmt::MmaWait { after: Some(tile), .. } => {

@@ -129,8 +129,8 @@ impl Storage {
 }
 
 /// Threads and shared memory (alignment included) of the kernel `schedule` builds for heads of
-/// `head_dim` elements of `elem`: what the resource model and tuning check candidates with.
-/// Errors say what the schedule does not allow.
+/// `head_dim` elements of `elem`: what the resource model and tuning check candidates with
+/// (against [`SHARED_MEMORY_LIMIT_BYTES`] too). Errors say what the schedule does not allow.
 pub fn wgmma_attention_footprint(elem: ElemType, head_dim: u32, schedule: &WgmmaAttentionSchedule) -> Result<(u32, usize), String> {
     let storage = Storage::new(elem, head_dim, schedule)?;
     // The storage alone, with one ordered wait: the kernel's anchor words count too.
@@ -144,11 +144,17 @@ pub fn wgmma_attention_footprint(elem: ElemType, head_dim: u32, schedule: &Wgmma
         schedule: Schedule { block_m: schedule.block_m, block_n: schedule.block_n, block_k: head_dim, warps: storage.warps, stages: schedule.stages },
         body: vec![Stmt::MmaWait { pending: 0, after: Some(storage.l) }],
     };
-    let bytes = skeleton.shared_bytes();
-    if bytes > SHARED_MEMORY_LIMIT_BYTES {
-        return Err(format!("Q and {} stages of K/V take {bytes} bytes of shared memory, more than {SHARED_MEMORY_LIMIT_BYTES}", schedule.stages));
+    Ok((skeleton.threads(), skeleton.shared_bytes()))
+}
+
+/// Whether `mask` is causal, and its sliding window in keys (a window longer than any sequence
+/// the kernel's i32 positions reach is causal).
+pub fn causal_window(mask: Mask) -> (bool, Option<u32>) {
+    match mask {
+        Mask::None => (false, None),
+        Mask::Causal => (true, None),
+        Mask::SlidingWindow { window } => (true, Some(window.min(i32::MAX as usize) as u32)),
     }
-    Ok((skeleton.threads(), bytes))
 }
 
 /// Builds the wgmma attention kernel that replaces the tiled attention kernel `base` of `spec`
@@ -178,12 +184,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
 
     // The CTA's work: which head and query tile (longest first within an L2 group of heads),
     // and its key tiles kv_first + j for j in 0..kv_count (every CTA has at least one).
-    let (causal, window) = match spec.mask {
-        Mask::None => (false, None),
-        Mask::Causal => (true, None),
-        // A window longer than any sequence the i32 positions reach is causal.
-        Mask::SlidingWindow { window } => (true, Some(window.min(i32::MAX as usize) as u32)),
-    };
+    let (causal, window) = causal_window(spec.mask);
     let kv_token_bytes = 2 * d * elem.size_bytes() as u32;
     let mut body = vec![
         Stmt::Note(format!(
