@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 attention=src/ir/kernel/build/wgmma_attention.rs
-builders=src/ir/kernel/build/mod.rs
+builders=src/ir/kernel/build/qk_prologue.rs
 for file in "$attention" "$builders"; do
   if ! git diff --quiet -- "$file"; then
     echo "mutation-check: $file has uncommitted changes; commit or stash them first" >&2

@@ -307,3 +307,20 @@ fn swizzled_tiles_follow_the_wgmma_rules() {
          16-row band per warp, not 2x2 warps over 64 rows",
     );
 }
+
+/// Shapes the lowering cannot take are verifier errors, so that `check` and the schedule search
+/// see them: a row reduction over warps split along the columns (the L2 norm of a 64-row
+/// prologue on 8 warps), an mma.sync whose warps hold fewer than 16 columns each.
+#[test]
+fn warp_splits_the_lowering_cannot_take_are_reported() {
+    let spec = zaya1_like("zaya1", 2048, 128, 8, 2);
+    let split = Schedule { block_m: 64, block_n: 128, block_k: 32, warps: 8, stages: 1 };
+    let error = build_forward(&spec, ForwardKernel::QkPrologue, &split).unwrap_err();
+    assert!(
+        error.contains("a row reduction needs whole rows per warp: the accumulator's warps are split 2 ways along the columns"),
+        "{error}"
+    );
+    let narrow = zaya1_like("narrow", 256, 16, 12, 4);
+    let error = build_forward(&narrow, ForwardKernel::QkPrologue, &Schedule { block_n: 16, ..split }).unwrap_err();
+    assert!(error.contains("each warp's N extent (16 columns over 2 warps) is not a multiple of 16"), "{error}");
+}

@@ -109,10 +109,10 @@ fn zaya1_has_a_projection_gemm_and_a_prologue_before_attention() {
     // The GEMM: (1024 + 256 + 256) / 64 column tiles, ceil(S/64) row tiles, B.
     assert_eq!(plan.kernels[0].grid.x, SizeExpr::c(24));
     assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(24 * 256 * 2));
-    // Each 64-row prologue tile re-reads 2 halo rows: ceil(S/62) row tiles per kv group and
-    // sequence.
-    assert_eq!(plan.kernels[1].schedule.block_m, 64);
-    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(265 * 2 * 2));
+    // Each 128-row prologue tile re-reads 2 halo rows, and a CTA takes two tiles (its per-head
+    // weights staged once): ceil(S/252) row groups per head (8 + 2) and sequence.
+    assert_eq!(plan.kernels[1].schedule.block_m, 128);
+    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(66 * 10 * 2));
     // Attention: ceil(S/64)·Hq·B blocks.
     assert_eq!(plan.kernels[2].grid.blocks().eval(&env), Some(256 * 8 * 2));
     assert_eq!(plan.kernels[2].grid.blocks().to_string(), "ceil(S/64)*8*B");
@@ -194,7 +194,7 @@ fn a_halo_wider_than_any_projection_tile_is_a_clear_error() {
     let mut spec = specs::cca();
     spec.qk_conv = vec![ccc::spec::ConvStage {
         kind: ConvKind::Depthwise,
-        width: 100,
+        width: 200,
     }];
     let error = plan::plan_for(&spec, EntryPoint::Forward).unwrap_err().to_string();
     assert!(error.contains("no default qk_prologue schedule fits"), "{error}");

@@ -708,6 +708,11 @@ impl<'a> Verifier<'a> {
                 if !ok {
                     self.err(stmt, "reduces an mma accumulator into a row vector (or row shares, by sum) of the same rows and warp grid");
                 }
+                if let Layout::MmaAccumulator { warps_n, .. } = ts.layout
+                    && warps_n != 1
+                {
+                    self.err(stmt, format!("a row reduction needs whole rows per warp: the accumulator's warps are split {warps_n} ways along the columns"));
+                }
                 let ctx = ExprCtx::Elementwise { dst: src };
                 self.expect_type(stmt, value, ScalarType::F32, ctx, "reduced value");
             }
@@ -1047,6 +1052,13 @@ impl<'a> Verifier<'a> {
                 stmt,
                 format!("K = {} is not a multiple of 16 (m16n8k16)", a.cols),
             );
+        }
+        // mma.sync reads B in 16-column ldmatrix pairs per warp.
+        if let Layout::MmaAccumulator { warps_n, .. } = tc.layout
+            && tb.layout != Layout::Swizzled128B
+            && !(acc.cols / warps_n.max(1)).is_multiple_of(16)
+        {
+            self.err(stmt, format!("each warp's N extent ({} columns over {warps_n} warps) is not a multiple of 16", acc.cols));
         }
     }
 }

@@ -1,0 +1,531 @@
+//! `qk_prologue`: the CCA steps between the projection and attention (causal convolutions over
+//! the sequence, q-k mean, L2 norm with key temperature, RoPE) on the packed `p0 = [q0 | k0]`.
+//!
+//! One CTA produces one head (query or key) of one batch element over `row_tiles` consecutive
+//! row tiles; heads are the fastest grid dimension, `(Hq + Hk, row groups, B)`, so that the CTAs
+//! running together read the same rows of `p0` and the q-k mean's reads of the other heads hit
+//! L2. Per row tile of `block_m` rows (the convolutions' T halo rows first, recomputed and not
+//! stored):
+//! - the head's rows of `p0` are copied (cp.async, zero before token 0 and past S) below `lead`
+//!   zero rows, so that a shifted convolution tap stays inside the staged tile;
+//! - a depthwise stage is an element-wise map between two staged tiles; a per-head stage is one
+//!   mma per tap with A the staged rows shifted by the tap (any row offset: ldmatrix takes row
+//!   addresses) and B the tap's `[out, in]` weights. The weights are staged once per CTA where
+//!   shared memory allows (then a CTA takes two row tiles, so that staging them is amortized),
+//!   else per tap and 32-channel chunk inside the mma loop;
+//! - the q-k mean adds half the raw head and half the mean of the other side (the key head of a
+//!   query head; the G query heads of a key head), read straight from `p0`;
+//! - the L2 norm reduces each row's squares; RoPE reads each element's partner through shared
+//!   memory; the store skips the halo rows and rows past S.
+//! Every convolution stage's output is rounded to the storage type, as the reference does.
+
+use super::*;
+
+/// Which side of the q-k mean, norm and store a CTA's head is on.
+#[derive(Clone, Copy, PartialEq)]
+enum HeadKind {
+    Query,
+    Key,
+}
+
+/// Where the per-head convolution weights live.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum WeightStaging {
+    /// All taps of every per-head stage, staged once per CTA: `[tap · d + out, in]`.
+    Resident,
+    /// One tap's `chunk` input channels at a time, inside the mma loop.
+    Streamed,
+}
+
+/// Row tiles per CTA when the per-head weights are staged once per CTA: the staging is shared by
+/// twice the rows while the grid keeps several waves at 16k tokens (more tiles per CTA would
+/// leave a last wave mostly idle).
+const RESIDENT_ROW_TILES: u32 = 2;
+
+pub(super) struct PrologueBuilder<'a> {
+    spec: &'a AttentionSpec,
+    schedule: Schedule,
+    tiles: Tiles,
+    /// Tile rows M (incl. the halo), halo T, output rows M − T, zero rows in front of staged
+    /// tiles (the widest convolution's K − 1, so shifted taps stay inside the tile).
+    m: u32,
+    halo: u32,
+    out_rows: u32,
+    lead: u32,
+    d: u32,
+    row_tiles: u32,
+    staging: WeightStaging,
+    /// Input channels per mma of a per-head stage.
+    chunk: u32,
+    /// Per convolution stage: its weight tile (per-head stages).
+    weights: Vec<Option<TileId>>,
+    acc: TileId,
+    row_sum: Option<TileId>,
+    /// The head's raw rows (kept for the q-k mean), then the convolution stages' outputs.
+    p0_s: TileId,
+    /// Per stage: the tile it writes.
+    stage_out: Vec<TileId>,
+    rope_s: Option<RopeStaging>,
+}
+
+/// Where RoPE stages the normalized head in shared memory (each element needs its partner).
+struct RopeStaging {
+    tile: TileId,
+    /// Tile row of the head's first row.
+    first_row: u32,
+}
+
+impl<'a> PrologueBuilder<'a> {
+    pub(super) fn new(spec: &'a AttentionSpec, s: &Schedule) -> Result<PrologueBuilder<'a>, String> {
+        let d = spec.head_dim as u32;
+        if s.block_n != d {
+            return Err(format!("qk_prologue works on one head at a time: block_n must be head_dim {d}"));
+        }
+        if !s.block_k.is_multiple_of(16) {
+            return Err(format!("block_k {} is not a multiple of 16", s.block_k));
+        }
+        let halo = spec.conv_history() as u32;
+        let m = s.block_m;
+        if m <= halo {
+            return Err(format!("block_m {m} leaves no output rows after the {halo}-row halo"));
+        }
+        let (wm, wn) = warp_grid(m, d, s.warps)?;
+        let storage: ElemType = spec.dtype.into();
+        let lead = spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0);
+        let mut tiles = Tiles { decls: Vec::new() };
+        let rows = lead + m;
+        let p0_s = tiles.shared("p0_s", storage, rows, d);
+        // A per-head stage writes over its input once its mmas have read it, except over the
+        // raw rows the q-k mean still needs; a depthwise stage needs another buffer.
+        let mut conv: Vec<TileId> = Vec::new();
+        let mut stage_out = Vec::new();
+        let mut current = p0_s;
+        for stage in &spec.qk_conv {
+            let in_place = stage.kind == ConvKind::PerHead && !(current == p0_s && spec.qk_mean);
+            let out = if in_place {
+                current
+            } else {
+                match conv.iter().find(|t| **t != current) {
+                    Some(free) => *free,
+                    None => {
+                        let t = tiles.shared(&format!("conv{}", conv.len()), storage, rows, d);
+                        conv.push(t);
+                        t
+                    }
+                }
+            };
+            stage_out.push(out);
+            current = out;
+        }
+        let acc_layout = Layout::MmaAccumulator { warps_m: wm, warps_n: wn };
+        let acc = tiles.regs("acc", ElemType::F32, m, d, acc_layout);
+        let row_sum = (spec.qk_norm == QkNorm::L2)
+            .then(|| tiles.regs("sum_sq", ElemType::F32, m, 1, Layout::RowVector { warps_m: wm, warps_n: wn }));
+        // RoPE stages the normalized head, rounded to the storage type, in p0_s: by then the
+        // q-k mean has read the raw rows.
+        let rope_s = spec.rope.map(|_| RopeStaging { tile: p0_s, first_row: lead });
+        // The per-head weights: resident where they fit beside the row buffers, else streamed.
+        let per_head_taps: u32 =
+            spec.qk_conv.iter().filter(|c| c.kind == ConvKind::PerHead).map(|c| c.width as u32).sum();
+        let resident_bytes = {
+            let mut with_weights = Tiles { decls: tiles.decls.clone() };
+            with_weights.shared("w", storage, per_head_taps * d, d);
+            with_weights.decls.iter().map(|t| t.ty.shared_bytes().next_multiple_of(SHARED_TILE_ALIGNMENT)).sum::<usize>()
+        };
+        let staging = if resident_bytes <= SHARED_MEMORY_LIMIT_BYTES {
+            WeightStaging::Resident
+        } else {
+            WeightStaging::Streamed
+        };
+        // Input channels per mma: block_k where it divides head_dim, else 16 (head_dim is a
+        // multiple of 16 wherever mma tiles it).
+        let chunk = 16;
+        let weights = spec
+            .qk_conv
+            .iter()
+            .enumerate()
+            .map(|(index, conv)| {
+                (conv.kind == ConvKind::PerHead).then(|| match staging {
+                    WeightStaging::Resident => {
+                        tiles.shared(&format!("w{index}"), storage, conv.width as u32 * d, d)
+                    }
+                    WeightStaging::Streamed => tiles.shared(&format!("w{index}"), storage, d, chunk),
+                })
+            })
+            .collect();
+        let row_tiles = if staging == WeightStaging::Resident && per_head_taps > 0 { RESIDENT_ROW_TILES } else { 1 };
+        Ok(PrologueBuilder {
+            spec,
+            schedule: *s,
+            tiles,
+            m,
+            halo,
+            out_rows: m - halo,
+            lead,
+            d,
+            row_tiles,
+            staging,
+            chunk,
+            weights,
+            acc,
+            row_sum,
+            p0_s,
+            stage_out,
+            rope_s,
+        })
+    }
+
+    fn name(&self, role: ParamRole) -> String {
+        param_name(self.spec, role).expect("roles asked for exist in spec.params()")
+    }
+
+    pub(super) fn build(self) -> KernelFn {
+        let spec = self.spec;
+        let d = spec.head_dim;
+        let storage: ElemType = spec.dtype.into();
+        let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
+        let mut params = vec![tensor(
+            PROJECTION_BUFFER,
+            storage,
+            vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.q_width() + spec.kv_width())],
+            Access::Read,
+        )];
+        params.extend(weight_params(spec, is_prologue_param));
+        params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
+        params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
+        params.extend(size_params());
+
+        let rows_per_cta = self.out_rows * self.row_tiles;
+        let mut body = vec![
+            Stmt::Note(format!(
+                "CTA = head {}, rows of batch b in {} tile(s) of {} output rows{}",
+                "`head` (query heads first)",
+                self.row_tiles,
+                self.out_rows,
+                if self.halo > 0 { format!(" (+{} halo rows re-read)", self.halo) } else { String::new() }
+            )),
+            let_("head", Expr::BlockIdx(Axis::X)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+            let_("channel0", var("head") * int(d)),
+            let_("first_row", Expr::BlockIdx(Axis::Y) * int(rows_per_cta)),
+        ];
+        // The lead rows above each staged tile are the convolution taps before its first row.
+        if self.lead > 0 {
+            let mut zeroed = vec![self.p0_s];
+            for out in &self.stage_out {
+                if !zeroed.contains(out) {
+                    zeroed.push(*out);
+                }
+            }
+            body.extend(zeroed.into_iter().map(|t| Stmt::Fill {
+                dst: self.tiles.view(t, int(0), int(0), self.lead, self.d),
+                value: 0.0,
+            }));
+        }
+        if self.staging == WeightStaging::Resident {
+            body.extend(self.stage_resident_weights());
+        }
+        body.push(Stmt::Barrier);
+
+        let mut tile_body = vec![let_("t0", var("first_row") + var("tile") * int(self.out_rows))];
+        if self.halo > 0 {
+            tile_body.push(let_("top", var("t0") - int(self.halo)));
+        }
+        tile_body.extend(self.read_head());
+        let y = self.conv_stages(&mut tile_body);
+        tile_body.push(Stmt::If {
+            cond: var("head").lt(int(spec.query_heads)),
+            then_body: self.epilogue(HeadKind::Query, y),
+            else_body: self.epilogue(HeadKind::Key, y),
+        });
+        // The next tile's copy overwrites the staged tiles this one read.
+        tile_body.push(Stmt::Barrier);
+        let own_tiles = int(self.row_tiles).min(seq().ceil_div(int(self.out_rows)) - Expr::BlockIdx(Axis::Y) * int(self.row_tiles));
+        body.push(for_("tile", int(0), own_tiles, tile_body));
+
+        KernelFn {
+            name: format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
+            params,
+            grid: [
+                size(spec.query_heads + spec.kv_heads),
+                SizeExpr::seq_len().ceil_div(rows_per_cta as u64),
+                SizeExpr::batch(),
+            ],
+            warps: self.schedule.warps,
+            tiles: self.tiles.decls,
+            barriers: Vec::new(),
+            schedule: self.schedule,
+            body,
+        }
+    }
+
+    /// Position (token index) of tile row 0.
+    fn top(&self) -> Expr {
+        if self.halo == 0 { var("t0") } else { var("top") }
+    }
+
+    /// Every tap of every per-head stage, `[channel0 + out, in, tap]` → rows `tap · d + out`.
+    fn stage_resident_weights(&self) -> Vec<Stmt> {
+        let mut out = Vec::new();
+        for (index, stage) in self.spec.qk_conv.iter().enumerate() {
+            let Some(w) = self.weights[index] else { continue };
+            let weight = self.name(ParamRole::ConvWeight { stage: index });
+            out.push(Stmt::Note(format!("per-head weights of conv stage {index}, staged once per CTA")));
+            for tap in 0..stage.width as u32 {
+                out.push(Stmt::Copy {
+                    dst: self.tiles.view(w, int(tap * self.d), int(0), self.d, self.d),
+                    src: GlobalTile {
+                        param: weight.clone(),
+                        dims: vec![span(var("channel0"), self.d), span(int(0), self.d), GlobalDim::At(int(tap))],
+                    },
+                    is_async: false,
+                });
+            }
+        }
+        out
+    }
+
+    /// The head's rows top .. top + M of p0 into rows lead.. of p0_s; rows before token 0 (the
+    /// convolution's padding) and from S on read as zero.
+    fn read_head(&self) -> Vec<Stmt> {
+        vec![
+            Stmt::Copy {
+                dst: self.lead_rows(self.p0_s),
+                src: GlobalTile {
+                    param: PROJECTION_BUFFER.into(),
+                    dims: vec![GlobalDim::At(var("b")), span(self.top(), self.m), span(var("channel0"), self.d)],
+                },
+                is_async: true,
+            },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+        ]
+    }
+
+    fn lead_rows(&self, tile: TileId) -> TileView {
+        self.tiles.view(tile, int(self.lead), int(0), self.m, self.d)
+    }
+
+    /// Reads the staged tile at the mapped element's row (shifted by the lead rows).
+    fn lead_read(&self, tile: TileId) -> Expr {
+        Expr::tile(tile, plus(Expr::Row, self.lead as i64), Expr::Col)
+    }
+
+    /// The convolution stages over the staged head; returns the tile holding the result.
+    fn conv_stages(&self, out: &mut Vec<Stmt>) -> TileId {
+        let mut src = self.p0_s;
+        for (index, stage) in self.spec.qk_conv.iter().enumerate() {
+            let dst = self.stage_out[index];
+            let k = stage.width as i64;
+            let weight = self.name(ParamRole::ConvWeight { stage: index });
+            let bias_name = self.name(ParamRole::ConvBias { stage: index });
+            let bias = Expr::global(&bias_name, vec![var("channel0") + Expr::Col]);
+            let kind = match stage.kind {
+                ConvKind::Depthwise => "depthwise",
+                ConvKind::PerHead => "per_head",
+            };
+            out.push(Stmt::Note(format!("conv stage {index}: {kind}, width {k}, tap 0 = oldest row")));
+            // Row r of the output reads input rows r - (K-1) .. r.
+            let first_tap_row = self.lead as i64 - (k - 1);
+            match stage.kind {
+                ConvKind::Depthwise => {
+                    let mut expr = bias;
+                    for tap in 0..k {
+                        let w = Expr::global(&weight, vec![var("channel0") + Expr::Col, int(0), int(tap)]);
+                        expr = expr + w * Expr::tile(src, plus(Expr::Row, first_tap_row + tap), Expr::Col);
+                    }
+                    out.push(Stmt::Map { dst: self.lead_rows(dst), expr });
+                }
+                ConvKind::PerHead => {
+                    let w = self.weights[index].expect("a per-head stage has a weight tile");
+                    let acc = self.tiles.whole(self.acc);
+                    let shifted = |col: Expr, cols: u32| {
+                        self.tiles.view(src, plus(var("tap"), first_tap_row), col, self.m, cols)
+                    };
+                    let tap_body = match self.staging {
+                        WeightStaging::Resident => {
+                            let chunk = self.chunk;
+                            let col = var("kc") * int(chunk);
+                            vec![for_(
+                                "kc",
+                                int(0),
+                                int(self.d / chunk),
+                                vec![Stmt::Mma {
+                                    acc: acc.clone(),
+                                    a: shifted(col.clone(), chunk),
+                                    b: self.tiles.view(w, var("tap") * int(self.d), col, self.d, chunk),
+                                    b_transposed: true,
+                                }],
+                            )]
+                        }
+                        WeightStaging::Streamed => {
+                            let chunk = self.chunk;
+                            let col = var("kc") * int(chunk);
+                            vec![for_(
+                                "kc",
+                                int(0),
+                                int(self.d / chunk),
+                                vec![
+                                    Stmt::Copy {
+                                        dst: self.tiles.whole(w),
+                                        src: GlobalTile {
+                                            param: weight.clone(),
+                                            dims: vec![
+                                                span(var("channel0"), self.d),
+                                                span(col.clone(), chunk),
+                                                GlobalDim::At(var("tap")),
+                                            ],
+                                        },
+                                        is_async: false,
+                                    },
+                                    Stmt::Barrier,
+                                    Stmt::Mma { acc: acc.clone(), a: shifted(col, chunk), b: self.tiles.whole(w), b_transposed: true },
+                                    Stmt::Barrier,
+                                ],
+                            )]
+                        }
+                    };
+                    out.push(Stmt::Fill { dst: acc.clone(), value: 0.0 });
+                    out.push(for_("tap", int(0), int(k), tap_body));
+                    out.push(Stmt::Map { dst: acc.clone(), expr: Expr::Elem + bias });
+                    if dst == src {
+                        // Every warp's mmas have read the rows written over next.
+                        out.push(Stmt::Barrier);
+                    }
+                    out.push(Stmt::Convert { dst: self.lead_rows(dst), src: acc });
+                }
+            }
+            out.push(Stmt::Barrier);
+            src = dst;
+        }
+        src
+    }
+
+    /// Element `col` of head `head` at the mapped row's token in p0 (clamped into the sequence:
+    /// halo rows before token 0 and rows past S are computed but never stored).
+    fn raw(&self, head: Expr) -> Expr {
+        let token = (self.top() + Expr::Row).max(int(0)).min(seq() - int(1));
+        Expr::global(PROJECTION_BUFFER, vec![var("b"), token, head * int(self.d) + Expr::Col])
+    }
+
+    /// q-k mean, norm, RoPE and store of a query or key head.
+    fn epilogue(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
+        let spec = self.spec;
+        let g = spec.groups() as i64;
+        let hq = spec.query_heads as i64;
+        let mut out = vec![match kind {
+            HeadKind::Query => let_("kv", var("head").floor_div(int(g))),
+            HeadKind::Key => let_("kv", var("head") - int(hq)),
+        }];
+        // acc = convolution output (+ the q-k mean terms). A key head adds its G query heads one
+        // per iteration: all G reads of an element in one map would be in flight together, and
+        // their registers beside the accumulator's spill.
+        let mut expr = self.lead_read(y);
+        let mut group_sum = None;
+        if spec.qk_mean {
+            let half = |e: Expr| Expr::Float(0.5) * e;
+            expr = expr + half(self.lead_read(self.p0_s));
+            match kind {
+                HeadKind::Query => expr = expr + half(self.raw(int(hq) + var("kv"))),
+                HeadKind::Key => {
+                    group_sum = Some(for_(
+                        "s",
+                        int(0),
+                        int(g),
+                        vec![Stmt::Map {
+                            dst: self.tiles.whole(self.acc),
+                            expr: Expr::Elem + Expr::Float(0.5 / g as f64) * self.raw(var("kv") * int(g) + var("s")),
+                        }],
+                    ))
+                }
+            }
+        }
+        out.push(Stmt::Map { dst: self.tiles.whole(self.acc), expr });
+        out.extend(group_sum);
+        out.extend(self.normalize(kind));
+        out.extend(self.rope());
+        let (param, head) = match kind {
+            HeadKind::Query => ("q", var("head")),
+            HeadKind::Key => ("k", var("kv")),
+        };
+        out.push(self.store_rows(param, head));
+        out
+    }
+
+    fn normalize(&self, kind: HeadKind) -> Vec<Stmt> {
+        let Some(sum_sq) = self.row_sum else {
+            return Vec::new();
+        };
+        let spec = self.spec;
+        let acc = self.tiles.whole(self.acc);
+        let mut scale = Expr::Float((spec.head_dim as f64).sqrt());
+        if kind == HeadKind::Key {
+            let temp = || Expr::global(&self.name(ParamRole::KeyTemperature), vec![var("kv")]);
+            match spec.key_temperature {
+                KeyTemperature::None => {}
+                KeyTemperature::Learned => scale = scale * temp(),
+                KeyTemperature::LearnedExp => {
+                    scale = scale * temp().max(Expr::Float(1e-7)).min(Expr::Float(2.0)).exp()
+                }
+            }
+        }
+        let norm = (Expr::tile(sum_sq, Expr::Row, int(0)) + Expr::Float(spec.norm_eps)).rsqrt();
+        vec![
+            Stmt::RowReduce { dst: sum_sq, src: acc.clone(), op: ReduceOp::Sum, value: Expr::Elem * Expr::Elem },
+            Stmt::Map { dst: acc, expr: Expr::Elem * scale * norm },
+        ]
+    }
+
+    /// RoPE at the absolute position of each row, through shared memory because each element
+    /// needs its rotation partner.
+    fn rope(&self) -> Vec<Stmt> {
+        let (Some(rope), Some(staging)) = (self.spec.rope, &self.rope_s) else {
+            return Vec::new();
+        };
+        let (rope_s, first_row) = (staging.tile, staging.first_row);
+        let r = rope.rotary_dim as i64;
+        let half = r / 2;
+        let col = || Expr::Col;
+        let (freq_index, partner, sign) = match rope.style {
+            RopeStyle::Neox => (
+                col().modulo(int(half)),
+                Expr::select(col().lt(int(half)), col() + int(half), col() - int(half)),
+                Expr::select(col().lt(int(half)), Expr::Float(-1.0), Expr::Float(1.0)),
+            ),
+            RopeStyle::Interleaved => (
+                col().floor_div(int(2)),
+                col() + int(1) - int(2) * col().modulo(int(2)),
+                Expr::select(col().modulo(int(2)).eq(int(0)), Expr::Float(-1.0), Expr::Float(1.0)),
+            ),
+        };
+        let inv_freq = Expr::Float(rope.theta).pow(freq_index.to_float() * Expr::Float(-2.0 / r as f64));
+        let angle = (self.top() + Expr::Row).to_float() * inv_freq;
+        let staged_row = || plus(Expr::Row, first_row as i64);
+        let own = Expr::tile(rope_s, staged_row(), Expr::Col);
+        let rotated = own.clone() * angle.clone().cos() + sign * Expr::tile(rope_s, staged_row(), partner) * angle.sin();
+        // Other threads may still be reading the staged rows for the q-k mean.
+        let mut out = vec![Stmt::Barrier];
+        out.extend([
+            Stmt::Convert { dst: self.tiles.view(rope_s, int(first_row), int(0), self.m, self.d), src: self.tiles.whole(self.acc) },
+            Stmt::Barrier,
+            Stmt::Map { dst: self.tiles.whole(self.acc), expr: Expr::select(col().lt(int(r)), rotated, own) },
+        ]);
+        out
+    }
+
+    fn store_rows(&self, param: &str, head: Expr) -> Stmt {
+        let rows = if self.halo == 0 {
+            span(self.top(), self.m)
+        } else {
+            GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), var("t0") + int(self.out_rows))) }
+        };
+        Stmt::Store {
+            src: self.tiles.whole(self.acc),
+            dst: GlobalTile {
+                param: param.into(),
+                dims: vec![GlobalDim::At(var("b")), rows, GlobalDim::At(head), span(int(0), self.d)],
+            },
+        }
+    }
+}
