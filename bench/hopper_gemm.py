@@ -7,11 +7,12 @@ DIR holds `<kernel>.ptx` and `gemms.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper gemm`): for each kernel its
 parameters in ABI order, the A operand and K, the column segments (weight, bias, cols,
 destination, its width, the first column written, the row shift), threads and dynamic shared
-memory, and for TMA kernels the tensor maps they take after their ABI parameters ([buffer, box
-rows], encoded with python/ccc/tensor_map.py; `a` seen as [B, S, K / d, d] when `a_head_dim` is
-set). Correctness: every destination is poisoned with NaN, then compared column by column with
-a float32 reference on the same inputs (`a` shifted down by row_shift rows with zeros in front,
-times Wᵀ, plus bias), relative L2 < 1e-2 per segment and no NaN left. Timing: CUDA events, 3
+memory, the grid (size expressions: one CTA per SM of the GPU), and for TMA kernels the tensor
+maps they take after their ABI parameters ([buffer, box rows], encoded with
+python/ccc/tensor_map.py; `a` seen as [B, S, K / d, d] when `a_head_dim` is set). Correctness:
+every destination is poisoned with NaN, then compared column by column with a float32 reference
+on the same inputs (`a` shifted down by row_shift rows with zeros in front, times Wᵀ, plus
+bias), relative L2 < 1e-2 per segment and no NaN left. Timing: CUDA events, 3
 warm-ups, median of 20, against torch.nn.functional.linear (cuBLAS) on all of the kernel's
 weights concatenated (the same FLOPs). FLOPs: 2·B·S·K·(Σ cols).
 """
@@ -29,6 +30,7 @@ from kernel_bench import finish, load_kernels, median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from ccc import tensor_map  # noqa: E402
+from ccc.sizes import parse_size_expr  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -68,7 +70,9 @@ def launch(kernel, tensors, batch, seq):
             args.append(numpy.uint64(tensors[name].data_ptr()))
     for buffer, box_rows in spec.get("tensor_maps", []):
         args.append(descriptor(spec, tensors, buffer, box_rows))
-    grid = tuple(spec["grid"])
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    env = {"B": batch, "S": seq, "SMs": sms}
+    grid = tuple(parse_size_expr(g, "grid").eval(env) for g in spec["grid"])
     function(grid, (spec["threads"],), tuple(args), shared_mem=spec["dynamic_shared_bytes"])
 
 

@@ -5,16 +5,17 @@
 //! with which parameters in ABI order, on which grid, and every buffer's dtype, layout and size as a
 //! [`SizeExpr`] over the runtime sizes. docs/manifest.md describes the JSON field by field; keep
 //! the two in step and bump [`SCHEMA_VERSION`] on any change an older reader would misread (version 2: tensor
-//! maps passed by value instead of through a device pointer).
+//! maps passed by value instead of through a device pointer; version 3: sizes may use `SMs`, the
+//! SM count of the device the library runs on, which persistent grids are made of).
 
-use crate::ir::size::{SizeEnv, SizeExpr, SizeVar};
+use crate::ir::size::{EvalError, SizeEnv, SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, DType, EntryPoint};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Hopper's dynamic shared memory limit per block (227 KB).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 232_448;
@@ -69,7 +70,7 @@ pub struct KernelManifest {
     pub symbol: String,
     /// Kernel parameters in ABI order.
     pub params: Vec<KernelParamManifest>,
-    /// Blocks in x, y, z.
+    /// Blocks in x, y, z: over B and S, or `SMs` (the device's SM count) for a persistent grid.
     pub grid: [SizeExpr; 3],
     /// Threads in x, y, z.
     pub block: [u32; 3],
@@ -187,8 +188,8 @@ impl From<DType> for TensorDType {
 }
 
 impl Manifest {
-    /// A version-1 manifest for sm_90a written by this compiler: the weights list follows from
-    /// `spec`, the rest is the caller's.
+    /// A manifest of this schema version for sm_90a written by this compiler: the weights list
+    /// follows from `spec`, the rest is the caller's.
     pub fn new(
         spec: AttentionSpec,
         ptx_file: impl Into<String>,
@@ -398,11 +399,11 @@ impl EntryPointManifest {
 }
 
 impl BufferManifest {
-    /// Elements for one call, or `None` on overflow.
-    pub fn elements(&self, env: &SizeEnv) -> Option<u64> {
+    /// Elements for one call.
+    pub fn elements(&self, env: &SizeEnv) -> Result<u64, EvalError> {
         self.shape
             .iter()
-            .try_fold(1u64, |acc, dim| acc.checked_mul(dim.eval(env)?))
+            .try_fold(1u64, |acc, dim| acc.checked_mul(dim.eval(env)?).ok_or(EvalError::Overflow))
     }
 
     fn validate(&self, manifest: &Manifest) -> Result<(), String> {

@@ -145,6 +145,15 @@ fn compile_writes_one_library_per_layer() {
         assert_eq!(manifest.spec, spec);
         let launched = ccc::ir::kernel::ForwardKernel::launched_by(&spec);
         assert_eq!(symbols.len(), launched.len());
+        // The projections' persistent grids are written as the device's SM count.
+        let sms = [ccc::ir::size::SizeExpr::sms(), 1u64.into(), 1u64.into()];
+        let persistent: Vec<&str> = manifest.entry_points[0]
+            .kernels
+            .iter()
+            .filter(|k| k.grid == sms)
+            .map(|k| k.symbol.as_str())
+            .collect();
+        assert_eq!(persistent, [format!("{}_qkv_proj", spec.name), format!("{}_out_proj", spec.name)]);
     }
 }
 
@@ -222,6 +231,8 @@ fn emit_prints_every_stage_of_every_example() {
     assert!(kernels[1].starts_with("kernel 1 @zaya1_qk_prologue = qk_prologue"));
     assert!(kernels[2].starts_with("kernel 2 @zaya1_attention = attention"));
     assert!(kernels[3].starts_with("kernel 3 @zaya1_out_proj = output_projection"));
+    let persistent = plan.lines().filter(|l| *l == "  grid (SMs, 1, 1) = SMs blocks").count();
+    assert_eq!(persistent, 2, "both projections run one CTA per SM:\n{plan}");
 }
 
 #[test]

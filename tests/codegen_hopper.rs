@@ -503,7 +503,7 @@ fn codegen_hopper_gemm_assembles_without_spills_or_wgmma_serialization() {
         let ptx = lowered_ptx(&kernel);
         let name = &kernel.name;
         assert_eq!(kernel.threads(), 384);
-        assert_eq!(kernel.grid, [SizeExpr::c(132), SizeExpr::c(1), SizeExpr::c(1)], "persistent");
+        assert_eq!(kernel.grid, [SizeExpr::sms(), SizeExpr::c(1), SizeExpr::c(1)], "persistent");
         let schedule = kernel.schedule;
         let stage_bytes = (128 + schedule.block_n) * 64 * 2;
         assert_eq!(kernel.shared_bytes() as u32, schedule.stages * stage_bytes + 2 * schedule.stages * 8 + 1024);
@@ -576,7 +576,7 @@ fn gemm_description(spec: &AttentionSpec, out_proj: bool, kernel: &KernelFn, kin
     let column_tiles: u32 = segments.iter().map(|s| s.cols.div_ceil(block_n)).sum();
     serde_json::json!({
         "name": kernel.name, "elem": kind, "params": params, "a": a, "k": k,
-        "segments": segments_json, "block_n": block_n, "column_tiles": column_tiles, "grid": [132, 1, 1],
+        "segments": segments_json, "block_n": block_n, "column_tiles": column_tiles, "grid": kernel.grid,
         "threads": kernel.threads(), "dynamic_shared_bytes": kernel.shared_bytes(),
         "a_head_dim": a_head_dim, "tensor_maps": tensor_maps,
     })

@@ -75,6 +75,7 @@ fn run_graph(graph: &Graph, case: &Case) -> BTreeMap<String, Array> {
     let env = SizeEnv {
         batch: case.batch as u64,
         seq_len: case.seq_len as u64,
+        sms: None,
     };
     let inputs = BTreeMap::from([("x".to_string(), case.x.clone())]);
     interp::run(graph, env, &inputs, &case.weights)
@@ -482,6 +483,7 @@ fn interpreter_reports_bad_inputs_instead_of_panicking() {
     let env = SizeEnv {
         batch: 1,
         seq_len: 3,
+        sms: None,
     };
     let x = random_array(&mut rng, vec![1, 3, 8], -1.0, 1.0);
     let inputs = BTreeMap::from([("x".to_string(), x)]);
@@ -490,6 +492,7 @@ fn interpreter_reports_bad_inputs_instead_of_panicking() {
     let short = SizeEnv {
         batch: 1,
         seq_len: 2,
+        sms: None,
     };
     let err = interp::run(&graph, short, &inputs, &weights).unwrap_err();
     assert_eq!(

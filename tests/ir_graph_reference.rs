@@ -88,6 +88,7 @@ fn worst_error(case: &Case) -> (f64, String) {
     let env = SizeEnv {
         batch: case.batch as u64,
         seq_len: case.seq_len as u64,
+        sms: None,
     };
 
     let compare = |graph: &Graph, stage: &str| -> (f64, String) {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use ccc::ir::kernel::interp::{ForwardOutputs, Rounding, run_forward, run_forward_with};
+use ccc::ir::kernel::interp::{ForwardOutputs, Rounding, launch_sizes, run_forward, run_forward_with};
 use ccc::ir::kernel::{ForwardKernel, Schedule, build_forward, default_schedule};
 use ccc::spec::*;
 use common::kernel::*;
@@ -348,11 +348,11 @@ fn the_interpreter_reports_bad_bindings() {
     let mut buffers = ccc::ir::kernel::interp::Buffers::new();
     buffers.insert("o".into(), vec![0.0; 2 * 5 * 64]);
     buffers.insert("o_proj.weight".into(), vec![0.0; 64 * 64]);
-    let err = ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, 2, 5, Rounding::Exact)
+    let err = ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, launch_sizes(2, 5), Rounding::Exact)
         .unwrap_err();
     assert_eq!(err, "mha_out_proj: no buffer bound to out");
     buffers.insert("out".into(), vec![0.0; 7]);
-    let err = ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, 2, 5, Rounding::Exact)
+    let err = ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, launch_sizes(2, 5), Rounding::Exact)
         .unwrap_err();
     assert_eq!(
         err,

@@ -5,7 +5,8 @@
 
 mod common;
 
-use ccc::ir::kernel::interp::{ForwardOutputs, Rounding, run_forward, run_kernels};
+use ccc::ir::kernel::interp::{ForwardOutputs, INTERPRETER_SMS, Rounding, launch_sizes, run_forward, run_kernels};
+use ccc::ir::size::{SizeEnv, SizeExpr};
 use ccc::ir::kernel::*;
 use ccc::spec::*;
 use common::kernel::*;
@@ -72,20 +73,47 @@ fn wgmma_projection_gemms_match_the_reference() {
             let reference = reference(&spec, &weights, &x, batch, seq_len);
             assert!(relative_error(&want.out, &reference.out.data) <= TOLERANCE);
             for (index, schedule) in schedules().into_iter().enumerate() {
-                let mut kernels = with_wgmma_projections(&spec, &schedule).unwrap();
-                // The kernels read their grid size: fewer CTAs than tiles make each loop over
-                // several tiles, so the ring runs on across tiles and the ping-pong turns pass.
-                if index % 2 == 1 {
-                    for kernel in kernels.iter_mut().filter(|k| k.has_roles()) {
-                        kernel.grid[0] = ccc::ir::size::SizeExpr::c(1 + index as u64);
-                    }
-                }
-                let got = run_kernels(&spec, &kernels, &weights, &x, batch, seq_len, Rounding::Exact)
-                    .unwrap_or_else(|e| panic!("{} {schedule:?}: {e}", spec.name));
+                let kernels = with_wgmma_projections(&spec, &schedule).unwrap();
+                // One CTA per SM, each looping over the tiles: on a few SMs each takes several
+                // (the ring runs on across tiles, the ping-pong turns pass); on an H100's 132 most
+                // take none.
+                let sms = if index % 2 == 1 { 1 + index as u64 } else { 132 };
+                let sizes = SizeEnv { sms: Some(sms), ..launch_sizes(batch, seq_len) };
+                let got = run_kernels(&spec, &kernels, &weights, &x, sizes, Rounding::Exact)
+                    .unwrap_or_else(|e| panic!("{} {schedule:?} on {sms} SMs: {e}", spec.name));
                 assert_close(&spec, &got, &want, &format!("{schedule:?} B {batch} S {seq_len}"));
             }
         }
     }
+}
+
+#[test]
+fn the_projection_grid_is_one_cta_per_sm_of_the_device() {
+    let spec = zaya1_like("zaya_d64", 256, 64, 4, 2);
+    let schedule = WgmmaGemmSchedule { block_n: 64, stages: 3, ping_pong: true };
+    let kernels = with_wgmma_projections(&spec, &schedule).unwrap();
+    let projections = [&kernels[0], kernels.last().unwrap()];
+    for kernel in projections {
+        assert_eq!(kernel.grid, [SizeExpr::sms(), SizeExpr::c(1), SizeExpr::c(1)], "{}", kernel.name);
+        let on_7 = SizeEnv { sms: Some(7), ..launch_sizes(2, 33) };
+        assert_eq!(kernel.grid.each_ref().map(|d| d.eval(&on_7)), [Ok(7), Ok(1), Ok(1)]);
+    }
+    // At S 130 (two row tiles) the interpreter's few SMs leave every CTA several tiles.
+    for out_proj in [false, true] {
+        let (_, _, _, segments) = gemm_operands(&spec, out_proj).unwrap();
+        let tiles: u32 = 2 * segments.iter().map(|s| s.cols.div_ceil(schedule.block_n)).sum::<u32>();
+        assert!(u64::from(tiles) >= 2 * INTERPRETER_SMS, "{tiles} tiles");
+    }
+    let mut rng = XorShift64Star::new(5);
+    let weights = random_weights(&spec, &mut rng);
+    let x = random_input(&spec, 1, 130, &mut rng);
+    let got = run_kernels(&spec, &kernels, &weights, &x, launch_sizes(1, 130), Rounding::Exact).unwrap();
+    let want = reference(&spec, &weights, &x, 1, 130);
+    assert!(relative_error(&got.out, &want.out.data) <= TOLERANCE);
+    // Without a device there is no SM count, and the launch says which kernel needs it.
+    let sizes = SizeEnv { sms: None, ..launch_sizes(1, 130) };
+    let error = run_kernels(&spec, &kernels, &weights, &x, sizes, Rounding::Exact).unwrap_err();
+    assert_eq!(error, "zaya_d64_qkv_proj: grid dimension 0 = SMs needs SMs, the device's SM count, which is not given");
 }
 
 /// The qkv projection of a small ZAYA1-like spec with one statement of the consumer role or
@@ -94,14 +122,14 @@ fn broken_run(mutate: impl Fn(&mut KernelFn)) -> String {
     let spec = zaya1_like("zaya_d64", 256, 64, 4, 2);
     let schedule = WgmmaGemmSchedule { block_n: 64, stages: 3, ping_pong: true };
     let mut kernels = with_wgmma_projections(&spec, &schedule).unwrap();
-    // Two CTAs: each runs many tiles, so stages are reused and both consumers take turns.
-    kernels[0].grid[0] = ccc::ir::size::SizeExpr::c(2);
     mutate(&mut kernels[0]);
     let mut rng = XorShift64Star::new(3);
     let weights = random_weights(&spec, &mut rng);
     let x = random_input(&spec, 1, 130, &mut rng);
     let want = run_forward(&spec, &weights, &x, 1, 130).unwrap();
-    match run_kernels(&spec, &kernels, &weights, &x, 1, 130, Rounding::Exact) {
+    // Two SMs: each CTA runs many tiles, so stages are reused and both consumers take turns.
+    let sizes = SizeEnv { sms: Some(2), ..launch_sizes(1, 130) };
+    match run_kernels(&spec, &kernels, &weights, &x, sizes, Rounding::Exact) {
         Err(error) => error,
         Ok(got) => {
             let error = relative_error(&got.out, &want.out);
@@ -287,7 +315,7 @@ fn random_specs_run_the_wgmma_projections() {
         let weights = random_weights(&spec, &mut rng);
         let x = random_input(&spec, 2, 33, &mut rng);
         let want = run_forward(&spec, &weights, &x, 2, 33).unwrap();
-        let got = run_kernels(&spec, &kernels, &weights, &x, 2, 33, Rounding::Exact)
+        let got = run_kernels(&spec, &kernels, &weights, &x, launch_sizes(2, 33), Rounding::Exact)
             .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
         assert_close(&spec, &got, &want, "random");
         ran += 1;
@@ -318,7 +346,7 @@ fn the_planned_kernel_ir_of_every_example_and_random_spec_matches_the_reference(
         let shapes: &[(usize, usize)] = if index < examples { &[(2, 17)] } else { &[(2, 17), (1, 130)] };
         for &(batch, seq_len) in shapes {
             let x = random_input(spec, batch, seq_len, &mut rng);
-            let got = run_kernels(spec, &kernels, &weights, &x, batch, seq_len, Rounding::Exact)
+            let got = run_kernels(spec, &kernels, &weights, &x, launch_sizes(batch, seq_len), Rounding::Exact)
                 .unwrap_or_else(|e| panic!("{}: {e}", spec.name));
             let want = reference(spec, &weights, &x, batch, seq_len);
             for (name, a, b) in [("q", &got.q, &want.q.data), ("k", &got.k, &want.k.data), ("v", &got.v, &want.v.data), ("o", &got.o, &want.attn.data), ("lse", &got.lse, &want.lse.data), ("out", &got.out, &want.out.data)] {
@@ -447,7 +475,7 @@ fn register_operand_a_passes_through_asynchronous_groups() {
         buffers.insert(name.into(), data.clone());
     }
     buffers.insert("o".into(), vec![f64::NAN; 64 * 64]);
-    ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, 1, 1, Rounding::Exact).unwrap();
+    ccc::ir::kernel::interp::run_kernel(&kernel, &mut buffers, launch_sizes(1, 1), Rounding::Exact).unwrap();
     let mut want = vec![0.0; 64 * 64];
     for i in 0..64 {
         for j in 0..64 {
@@ -461,7 +489,7 @@ fn register_operand_a_passes_through_asynchronous_groups() {
     // Converting into P while the P·V group reads it is caught.
     let broken = register_operand_kernel(true);
     buffers.insert("o".into(), vec![f64::NAN; 64 * 64]);
-    let error = ccc::ir::kernel::interp::run_kernel(&broken, &mut buffers, 1, 1, Rounding::Exact).unwrap_err();
+    let error = ccc::ir::kernel::interp::run_kernel(&broken, &mut buffers, launch_sizes(1, 1), Rounding::Exact).unwrap_err();
     assert!(error.contains("overwrites %p while a wgmma group still reads it"), "{error}");
 }
 
@@ -511,7 +539,7 @@ fn wgmma_attention_matches_the_reference_for_every_mask_and_schedule() {
             let want = reference(&spec, &weights, &x, batch, seq_len);
             for schedule in attention_schedules() {
                 let kernels = with_wgmma_attention(&spec, &schedule).unwrap_or_else(|e| panic!("{}: {e}", spec.name));
-                let got = run_kernels(&spec, &kernels, &weights, &x, batch, seq_len, Rounding::Exact)
+                let got = run_kernels(&spec, &kernels, &weights, &x, launch_sizes(batch, seq_len), Rounding::Exact)
                     .unwrap_or_else(|e| panic!("{} {schedule:?}: {e}", spec.name));
                 for (name, a, b) in [("o", &got.o, &want.attn.data), ("lse", &got.lse, &want.lse.data), ("out", &got.out, &want.out.data)] {
                     let error = relative_error(a, b);

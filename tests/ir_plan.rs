@@ -105,16 +105,17 @@ fn zaya1_has_a_projection_gemm_and_a_prologue_before_attention() {
     let env = SizeEnv {
         batch: 2,
         seq_len: 16384,
+        sms: None,
     };
     // The GEMM: (1024 + 256 + 256) / 64 column tiles, ceil(S/64) row tiles, B.
     assert_eq!(plan.kernels[0].grid.x, SizeExpr::c(24));
-    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Some(24 * 256 * 2));
+    assert_eq!(plan.kernels[0].grid.blocks().eval(&env), Ok(24 * 256 * 2));
     // Each 128-row prologue tile re-reads 2 halo rows, and a CTA takes two tiles (its per-head
     // weights staged once): ceil(S/252) row groups per head (8 + 2) and sequence.
     assert_eq!(plan.kernels[1].schedule.block_m, 128);
-    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Some(66 * 10 * 2));
+    assert_eq!(plan.kernels[1].grid.blocks().eval(&env), Ok(66 * 10 * 2));
     // Attention: ceil(S/64)·Hq·B blocks.
-    assert_eq!(plan.kernels[2].grid.blocks().eval(&env), Some(256 * 8 * 2));
+    assert_eq!(plan.kernels[2].grid.blocks().eval(&env), Ok(256 * 8 * 2));
     assert_eq!(plan.kernels[2].grid.blocks().to_string(), "ceil(S/64)*8*B");
     // The output GEMM: column tiles fastest, then row tiles, then B.
     assert_eq!(plan.kernels[3].grid.x, SizeExpr::c(2048 / 64));
@@ -140,6 +141,7 @@ fn attention_saves_a_linear_size_log_sum_exp() {
     let env = SizeEnv {
         batch: 1,
         seq_len: 16384,
+        sms: None,
     };
     let elements: u64 = attention.scratch[0]
         .ty

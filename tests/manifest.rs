@@ -151,7 +151,7 @@ fn json_round_trip_is_lossless() {
 fn json_form_stays_simple_for_other_loaders() {
     let value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
     let attention = &value["entry_points"][0]["kernels"][1];
-    assert_eq!(value["schema_version"], 2);
+    assert_eq!(value["schema_version"], 3);
     assert_eq!(value["entry_points"][0]["entry"], "forward");
     assert_eq!(
         attention["params"][0],
@@ -183,30 +183,31 @@ fn buffer_sizes_evaluate_per_call() {
     let env = SizeEnv {
         batch: 3,
         seq_len: 17,
+        sms: None,
     };
     assert_eq!(
         forward.buffer("q").unwrap().elements(&env),
-        Some(3 * 17 * 4 * 16)
+        Ok(3 * 17 * 4 * 16)
     );
     assert_eq!(
         forward.buffer("lse").unwrap().elements(&env),
-        Some(3 * 4 * 17)
+        Ok(3 * 4 * 17)
     );
     assert_eq!(
         forward.buffer("o_proj.weight").unwrap().elements(&env),
-        Some(64 * 64)
+        Ok(64 * 64)
     );
 }
 
 #[test]
 fn unknown_schema_version_is_named_before_anything_else() {
     let err = error_after(|v| {
-        v["schema_version"] = 3.into();
-        v["some_field_of_version_3"] = true.into();
+        v["schema_version"] = 4.into();
+        v["some_field_of_version_4"] = true.into();
     });
     assert_eq!(
         err,
-        "unknown manifest schema version 3: this build reads version 2"
+        "unknown manifest schema version 4: this build reads version 3"
     );
     let err = error_after(|v| {
         v.as_object_mut().unwrap().remove("schema_version");

@@ -14,8 +14,8 @@ import torch
 
 from . import tensor_map
 from .errors import KernelFault, TensorMismatch
-from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, plan_for_input,
-                       read_library)
+from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, off_gpu_problem,
+                       plan_for_input, read_library)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
@@ -157,7 +157,12 @@ class Layer:
         """Checks x [B, S, E] and the weights, allocates every runtime-owned buffer (NaN-filled in
         validate mode or with poison=True, else uninitialised) and returns a BoundCall."""
         info = tensor_info(x)
-        plan = plan_for_input(self.manifest, "forward", "x", info.dtype, info.shape)
+        # Before planning: persistent grids have one CTA per SM of x's GPU.
+        problem = off_gpu_problem("x", x.device)
+        if problem:
+            raise TensorMismatch([problem])
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        plan = plan_for_input(self.manifest, "forward", "x", info.dtype, info.shape, sms)
         supplied = {"x": info}
         supplied.update((name, tensor_info(t)) for name, t in state_dict.items())
         check_supplied(self.manifest, plan, supplied)

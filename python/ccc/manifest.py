@@ -1,4 +1,4 @@
-"""Reading, validating and planning calls of a kernel library manifest (schema version 2,
+"""Reading, validating and planning calls of a kernel library manifest (schema version 3,
 docs/manifest.md), in plain Python so that it runs and is tested without a GPU or torch.
 
 `read_library(dir)` parses and validates `dir/manifest.json` with the rules of
@@ -14,10 +14,10 @@ from collections import namedtuple
 from dataclasses import dataclass
 
 from .errors import ManifestError, SizeError, TensorMismatch, UnsupportedDevice
-from .sizes import U64_MAX, format_shape, parse_size_expr
+from .sizes import SIZE_VARS, U64_MAX, Unbound, format_shape, parse_size_expr
 from .spec import parse_spec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 MAX_DYNAMIC_SHARED_BYTES = 232_448
 DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024
@@ -51,7 +51,7 @@ class BufferManifest:
 @dataclass(frozen=True)
 class KernelManifest:
     symbol: str
-    params: tuple  # ("buffer", name) or ("size", "B" | "S")
+    params: tuple  # ("buffer", name), ("size", "B" | "S" | "SMs") or ("tensor_map", (name, rows))
     grid: tuple  # three SizeExpr
     block: tuple
     dynamic_shared_bytes: int
@@ -131,7 +131,7 @@ def _parse_param(obj, where):
     if not isinstance(obj, dict) or obj.get("kind") not in ("buffer", "size", "tensor_map"):
         raise ManifestError(f"malformed manifest: {where}: expected "
                             f"{{\"kind\": \"buffer\", \"name\": ..}}, "
-                            f"{{\"kind\": \"size\", \"var\": \"B\" | \"S\"}} or "
+                            f"{{\"kind\": \"size\", \"var\": \"B\" | \"S\" | \"SMs\"}} or "
                             f"{{\"kind\": \"tensor_map\", \"buffer\": .., \"box_rows\": ..}}, got {obj!r}")
     if obj["kind"] == "buffer":
         _object(obj, where, ("kind", "name"))
@@ -141,7 +141,7 @@ def _parse_param(obj, where):
         return ("tensor_map", (_typed(obj["buffer"], "str", f"{where}.buffer"),
                                _typed(obj["box_rows"], "uint", f"{where}.box_rows")))
     _object(obj, where, ("kind", "var"))
-    return ("size", _variant(obj["var"], ("B", "S"), f"{where}.var"))
+    return ("size", _variant(obj["var"], tuple(SIZE_VARS), f"{where}.var"))
 
 
 def _parse_kernel(obj, where):
@@ -397,6 +397,7 @@ class CallPlan:
     entry: str
     batch: int
     seq_len: int
+    sms: object  # the GPU's SM count, or None when planned without one
     buffers: tuple
     launches: tuple
 
@@ -411,19 +412,26 @@ def _entry_of(manifest, entry):
     return found
 
 
-def plan_call(manifest, entry, batch, seq_len):
-    """Concrete shapes, byte counts, grids and kernel arguments of one call of `entry`."""
+def plan_call(manifest, entry, batch, seq_len, sms):
+    """Concrete shapes, byte counts, grids and kernel arguments of one call of `entry` on a GPU of
+    `sms` SMs (None: no GPU, which libraries with a persistent grid refuse)."""
     entry_manifest = _entry_of(manifest, entry)
     if batch <= 0 or seq_len <= 0:
         raise SizeError(f"batch ({batch}) and sequence length ({seq_len}) must be positive")
-    env = {"B": batch, "S": seq_len}
+    env = {"B": batch, "S": seq_len, "SMs": sms}
 
     def too_big(what):
         return SizeError(f"{what} overflows for B = {batch}, S = {seq_len}")
 
+    def evaluate(expr, what):
+        try:
+            return expr.eval(env)
+        except Unbound as unbound:
+            raise SizeError(f"{what} {unbound}") from None
+
     buffers = []
     for buffer in entry_manifest.buffers:
-        shape = tuple(d.eval(env) for d in buffer.shape)
+        shape = tuple(evaluate(d, f"the shape of `{buffer.name}`") for d in buffer.shape)
         if None in shape:
             raise too_big(f"the shape of `{buffer.name}`")
         size = TENSOR_DTYPES[buffer.dtype]
@@ -438,7 +446,7 @@ def plan_call(manifest, entry, batch, seq_len):
     for kernel in entry_manifest.kernels:
         grid = []
         for axis, (expr, limit) in enumerate(zip(kernel.grid, MAX_GRID)):
-            blocks = expr.eval(env)
+            blocks = evaluate(expr, f"kernel `{kernel.symbol}`: grid dimension {axis} = {expr}")
             if blocks is None:
                 raise too_big(f"the grid of `{kernel.symbol}`")
             if not 1 <= blocks <= limit:
@@ -447,27 +455,30 @@ def plan_call(manifest, entry, batch, seq_len):
                     f"B = {batch}, S = {seq_len} is outside 1..={limit}")
             grid.append(blocks)
         args = []
-        for kind, value in kernel.params:
+        for index, (kind, value) in enumerate(kernel.params):
             if kind == "buffer":
                 args.append(("buffer", index_of[value]))
             elif kind == "tensor_map":
                 args.append(("tensor_map", (index_of[value[0]], value[1])))
+            elif env[value] is None:
+                raise SizeError(f"kernel `{kernel.symbol}`: parameter {index} {Unbound(value)}")
             elif env[value] > U32_MAX:
                 raise too_big(f"{value} as a 32-bit kernel argument")
             else:
                 args.append(("size", env[value]))
         launches.append(PlannedLaunch(kernel.symbol, tuple(grid), kernel.block,
                                       kernel.dynamic_shared_bytes, tuple(args)))
-    return CallPlan(entry, batch, seq_len, tuple(buffers), tuple(launches))
+    return CallPlan(entry, batch, seq_len, sms, tuple(buffers), tuple(launches))
 
 
 def describe(dtype, shape):
     return f"{dtype} {format_shape(shape)}"
 
 
-def plan_for_input(manifest, entry, input_name, dtype, shape):
+def plan_for_input(manifest, entry, input_name, dtype, shape, sms):
     """Plans a call whose B and S are read off the caller's `input_name` tensor, after checking its
-    dtype and shape against the manifest (`tensor `x`: expected bf16 [B, S, 2048], got ...`)."""
+    dtype and shape against the manifest (`tensor `x`: expected bf16 [B, S, 2048], got ...`), on a
+    GPU of `sms` SMs (None: no GPU)."""
     entry_manifest = _entry_of(manifest, entry)
     declared = entry_manifest.buffer(input_name)
     if declared is None or declared.role != "input":
@@ -485,7 +496,7 @@ def plan_for_input(manifest, entry, input_name, dtype, shape):
                 raise mismatch
     if "B" not in sizes or "S" not in sizes:
         raise mismatch
-    plan = plan_call(manifest, entry, sizes["B"], sizes["S"])
+    plan = plan_call(manifest, entry, sizes["B"], sizes["S"], sms)
     if plan.buffer(input_name).shape != shape:
         raise mismatch
     return plan
@@ -499,6 +510,13 @@ TensorInfo.__doc__ = ("What the checks need to know of a caller's tensor: dtype 
                       "and whether it is dense row-major.")
 
 
+def off_gpu_problem(name, device):
+    """What is wrong with tensor `name` on `device` when that is not a CUDA device, else None."""
+    if str(device).startswith("cuda"):
+        return None
+    return f"tensor `{name}` is on {device}: the kernels need CUDA tensors"
+
+
 def check_supplied(manifest, plan, supplied):
     """Checks every caller-supplied buffer of `plan` (x and the weights) against `supplied`, a dict
     name -> TensorInfo, and that `supplied` holds nothing else. All tensors must be dense and on
@@ -506,8 +524,9 @@ def check_supplied(manifest, plan, supplied):
     problems = []
     inputs = [b for b in plan.buffers if b.role == "input"]
     device = supplied[inputs[0].name].device if inputs and inputs[0].name in supplied else None
-    if device is not None and not str(device).startswith("cuda"):
-        problems.append(f"tensor `{inputs[0].name}` is on {device}: the kernels need CUDA tensors")
+    off_gpu = off_gpu_problem(inputs[0].name, device) if device is not None else None
+    if off_gpu:
+        problems.append(off_gpu)
         device = None
     expected = [(b.name, b.dtype, b.shape) for b in inputs]
     expected += [(w.name, w.dtype, w.shape) for w in manifest.weights]

@@ -1,5 +1,6 @@
-"""Size expressions (`SizeExpr` in src/ir/size.rs): small trees over the runtime sizes B (batch) and
-S (sequence length) that give every buffer shape and launch grid of a library for one call.
+"""Size expressions (`SizeExpr` in src/ir/size.rs): small trees over the runtime sizes B (batch), S
+(sequence length) and SMs (the GPU's SM count, of which persistent grids are made) that give every
+buffer shape and launch grid of a library for one call.
 
 JSON form, externally tagged: {"const": 64}, {"var": "B"}, {"add": [a, b]}, {"mul": [a, b]},
 {"ceil_div": [a, 64]}. Evaluation is in unsigned 64-bit arithmetic with overflow reported, as the
@@ -8,13 +9,26 @@ Rust runtime does, so that both loaders accept and reject the same calls."""
 from .errors import ManifestError
 
 U64_MAX = 2**64 - 1
-SIZE_VARS = ("B", "S")
+# Each variable with what it stands for in messages (`SizeVar::meaning`).
+SIZE_VARS = {"B": "the batch size", "S": "the sequence length", "SMs": "the device's SM count"}
+
+
+class Unbound(Exception):
+    """Raised by `SizeExpr.eval` for a variable the environment does not give (None or absent)."""
+
+    def __init__(self, var):
+        super().__init__(var)
+        self.var = var
+
+    def __str__(self):
+        return f"needs {self.var}, {SIZE_VARS[self.var]}, which is not given"
 
 
 class SizeExpr:
-    """A parsed size expression. `eval(env)` returns the value for env = {"B": .., "S": ..}, or
-    None when an intermediate value leaves the u64 range; `str()` prints it as the Rust side
-    does (`ceil(S/126)*2*B`)."""
+    """A parsed size expression. `eval(env)` returns the value for env = {"B": .., "S": ..,
+    "SMs": ..}, or None when an intermediate value leaves the u64 range, and raises Unbound for a
+    variable that env lacks or maps to None; `str()` prints it as the Rust side does
+    (`ceil(S/126)*2*B`)."""
 
     __slots__ = ("op", "args")
 
@@ -26,7 +40,10 @@ class SizeExpr:
         if self.op == "const":
             return self.args[0]
         if self.op == "var":
-            return env[self.args[0]]
+            value = env.get(self.args[0])
+            if value is None:
+                raise Unbound(self.args[0])
+            return value
         if self.op == "ceil_div":
             value = self.args[0].eval(env)
             return None if value is None else -(-value // self.args[1])
@@ -87,7 +104,8 @@ def parse_size_expr(value, where):
         return SizeExpr("const", (arg,))
     if op == "var":
         if arg not in SIZE_VARS:
-            raise ManifestError(f"{where}: unknown size variable {arg!r}, expected one of B, S")
+            raise ManifestError(f"{where}: unknown size variable {arg!r}, expected one of "
+                                f"{', '.join(SIZE_VARS)}")
         return SizeExpr("var", (arg,))
     if op in ("add", "mul", "ceil_div"):
         if not isinstance(arg, list) or len(arg) != 2:

@@ -7,7 +7,7 @@ use crate::tensor_map::{self, EncodedTensorMap};
 use crate::weights::{WeightSet, check_tensor};
 use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
 use ccc::spec::EntryPoint;
-use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
     CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
@@ -108,10 +108,24 @@ pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>, RuntimeError> {
     })
 }
 
+/// The SM count of the context's GPU (`CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT`).
+fn device_sms(context: &CudaContext) -> Result<u64, RuntimeError> {
+    let during = "reading the GPU's SM count";
+    let count = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| RuntimeError::driver(during, e))?;
+    u64::try_from(count).map_err(|_| RuntimeError::Driver {
+        during: during.to_string(),
+        message: format!("the driver reported {count} SMs"),
+    })
+}
+
 pub struct Library {
     dir: PathBuf,
     manifest: Manifest,
     context: Arc<CudaContext>,
+    /// SMs of the GPU: persistent grids launch one CTA on each.
+    sms: u64,
     stream: Arc<CudaStream>,
     functions: BTreeMap<String, CudaFunction>,
 }
@@ -129,6 +143,7 @@ impl Library {
             let device = context.name().unwrap_or_else(|_| "unnamed".to_string());
             return Err(RuntimeError::WrongGpu { target: manifest.target.clone(), device, capability });
         }
+        let sms = device_sms(&context)?;
         let stream = context.default_stream();
         let module = context.load_module(Ptx::from_src(ptx)).map_err(|e| {
             RuntimeError::driver(
@@ -164,6 +179,7 @@ impl Library {
             dir,
             manifest,
             context,
+            sms,
             stream,
             functions,
         })
@@ -181,6 +197,11 @@ impl Library {
         self.context
             .name()
             .map_err(|e| RuntimeError::driver("reading the device name", e))
+    }
+
+    /// SMs of the GPU the library is loaded on (the size `SMs` of its calls).
+    pub fn sms(&self) -> u64 {
+        self.sms
     }
 
     pub fn upload(&self, tensor: &HostTensor) -> Result<DeviceTensor, RuntimeError> {
@@ -227,8 +248,7 @@ impl Library {
         x: &'a DeviceTensor,
         weights: &'a DeviceWeights,
     ) -> Result<(CallPlan, BTreeMap<&'a str, &'a DeviceTensor>), RuntimeError> {
-        let plan =
-            CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape)?;
+        let plan = CallPlan::for_input(&self.manifest, EntryPoint::Forward, "x", x.dtype, &x.shape, Some(self.sms))?;
         let mut supplied = BTreeMap::from([("x", x)]);
         supplied.extend(
             weights
@@ -252,6 +272,7 @@ impl Library {
             "x",
             x.dtype(),
             &x.shape,
+            Some(self.sms),
         )?;
         let x = self.upload(x)?;
         let weights = self.upload_weights(weights)?;

@@ -4,7 +4,7 @@
 
 use crate::error::RuntimeError;
 use crate::tensor::describe;
-use ccc::ir::size::{SizeEnv, SizeExpr, SizeVar};
+use ccc::ir::size::{EvalError, SizeEnv, SizeExpr, SizeVar};
 use ccc::manifest::{
     BufferRole, EntryPointManifest, KernelParamManifest, Manifest, TensorDType, format_shape,
 };
@@ -54,7 +54,8 @@ pub enum PlannedArg {
 }
 
 impl CallPlan {
-    /// Plans a call of `entry` for explicit sizes.
+    /// Plans a call of `entry` for explicit sizes (`env.sms`: the SM count of the device it
+    /// runs on, which persistent grids need).
     pub fn for_sizes(
         manifest: &Manifest,
         entry: EntryPoint,
@@ -75,14 +76,21 @@ impl CallPlan {
                 env.batch, env.seq_len
             ),
         };
+        let unbound = |what: &str, var: SizeVar| RuntimeError::Size {
+            message: format!("{what} {}", EvalError::Unbound(var)),
+        };
         let mut buffers = Vec::with_capacity(entry_manifest.buffers.len());
         for buffer in &entry_manifest.buffers {
+            let what = format!("the shape of `{}`", buffer.name);
             let shape = buffer
                 .shape
                 .iter()
-                .map(|d| d.eval(&env).and_then(|v| usize::try_from(v).ok()))
-                .collect::<Option<Vec<usize>>>()
-                .ok_or_else(|| too_big(&format!("the shape of `{}`", buffer.name)))?;
+                .map(|d| match d.eval(&env) {
+                    Ok(v) => usize::try_from(v).map_err(|_| too_big(&what)),
+                    Err(EvalError::Overflow) => Err(too_big(&what)),
+                    Err(EvalError::Unbound(var)) => Err(unbound(&what, var)),
+                })
+                .collect::<Result<Vec<usize>, _>>()?;
             let bytes = shape
                 .iter()
                 .try_fold(buffer.dtype.size_bytes(), |acc, &d| acc.checked_mul(d))
@@ -104,9 +112,12 @@ impl CallPlan {
                 .zip([MAX_GRID_X, MAX_GRID_YZ, MAX_GRID_YZ])
                 .enumerate()
             {
-                let blocks = expr
-                    .eval(&env)
-                    .ok_or_else(|| too_big(&format!("the grid of `{}`", kernel.symbol)))?;
+                let blocks = expr.eval(&env).map_err(|error| match error {
+                    EvalError::Overflow => too_big(&format!("the grid of `{}`", kernel.symbol)),
+                    EvalError::Unbound(var) => {
+                        unbound(&format!("kernel `{}`: grid dimension {axis} = {expr}", kernel.symbol), var)
+                    }
+                })?;
                 if blocks == 0 || blocks > limit {
                     return Err(RuntimeError::Size {
                         message: format!(
@@ -125,15 +136,19 @@ impl CallPlan {
             let args = kernel
                 .params
                 .iter()
-                .map(|param| match param {
+                .enumerate()
+                .map(|(index, param)| match param {
                     KernelParamManifest::Buffer { name } => buffer_index(name).map(PlannedArg::Buffer),
                     KernelParamManifest::TensorMap { buffer, box_rows } => buffer_index(buffer)
                         .map(|buffer| PlannedArg::TensorMap { buffer, box_rows: *box_rows }),
-                    KernelParamManifest::Size { var } => u32::try_from(env.get(*var))
-                        .map(PlannedArg::Size)
-                        .map_err(|_| {
+                    KernelParamManifest::Size { var } => {
+                        let value = env
+                            .get(*var)
+                            .ok_or_else(|| unbound(&format!("kernel `{}`: parameter {index}", kernel.symbol), *var))?;
+                        u32::try_from(value).map(PlannedArg::Size).map_err(|_| {
                             too_big(&format!("{} as a 32-bit kernel argument", var.symbol()))
-                        }),
+                        })
+                    }
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             launches.push(PlannedLaunch {
@@ -152,14 +167,16 @@ impl CallPlan {
         })
     }
 
-    /// Plans a call whose sizes come from the caller's tensor `input` (e.g. `x` of shape
-    /// [B, S, E]), after checking its dtype and shape against the manifest.
+    /// Plans a call whose B and S come from the caller's tensor `input` (e.g. `x` of shape
+    /// [B, S, E]), after checking its dtype and shape against the manifest, on a device of
+    /// `sms` SMs (`None`: no device, which libraries with a persistent grid refuse).
     pub fn for_input(
         manifest: &Manifest,
         entry: EntryPoint,
         input: &str,
         dtype: TensorDType,
         shape: &[usize],
+        sms: Option<u64>,
     ) -> Result<CallPlan, RuntimeError> {
         let entry_manifest = entry_of(manifest, entry)?;
         let declared = entry_manifest
@@ -180,7 +197,7 @@ impl CallPlan {
         if dtype != declared.dtype || shape.len() != declared.shape.len() {
             return Err(mismatch());
         }
-        let env = infer_sizes(&declared.shape, shape).ok_or_else(mismatch)?;
+        let env = infer_sizes(&declared.shape, shape, sms).ok_or_else(mismatch)?;
         let plan = CallPlan::for_sizes(manifest, entry, env)?;
         if plan.buffer(input).map(|b| b.shape.as_slice()) != Some(shape) {
             return Err(mismatch());
@@ -203,7 +220,7 @@ fn entry_of(manifest: &Manifest, entry: EntryPoint) -> Result<&EntryPointManifes
 
 /// Reads B and S off the dimensions declared as plain `B` and `S`. `None` when a size is not
 /// determined or a dimension contradicts another.
-fn infer_sizes(declared: &[SizeExpr], shape: &[usize]) -> Option<SizeEnv> {
+fn infer_sizes(declared: &[SizeExpr], shape: &[usize], sms: Option<u64>) -> Option<SizeEnv> {
     let (mut batch, mut seq_len) = (None, None);
     for (expr, &dim) in declared.iter().zip(shape) {
         let slot = match expr {
@@ -219,5 +236,6 @@ fn infer_sizes(declared: &[SizeExpr], shape: &[usize]) -> Option<SizeEnv> {
     Some(SizeEnv {
         batch: batch?,
         seq_len: seq_len?,
+        sms,
     })
 }

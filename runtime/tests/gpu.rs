@@ -60,6 +60,24 @@ fn fixture_library_runs_and_matches_host_arithmetic() {
     }
 }
 
+/// The runtime launches a persistent grid with one CTA per SM of the GPU it loaded on: the
+/// persistent fixture's 64-thread CTAs write 64·SMs elements of `out` and leave the rest poisoned.
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn a_persistent_grid_launches_one_cta_per_sm_of_the_gpu() {
+    let library = Library::load(common::write_library("gpu-persistent", &common::persistent_fixture())).unwrap();
+    let sms = library.sms() as usize;
+    assert!((1..=1024).contains(&sms), "{sms} SMs");
+    let (_, weights) = fixture_weights();
+    for seq_len in [8 * sms, 8 * sms + 8] {
+        let outputs = library.forward_host(&input(1, seq_len), &weights).unwrap();
+        let out = outputs["out"].1.to_f64();
+        let written = out.iter().take_while(|v| !v.is_nan()).count();
+        assert_eq!(written, 64 * sms, "S={seq_len} on {sms} SMs");
+        assert!(out[written..].iter().all(|v| v.is_nan()), "S={seq_len}: writes past 64·SMs");
+    }
+}
+
 #[test]
 #[ignore = "needs an NVIDIA GPU"]
 fn device_side_checks_and_timing() {

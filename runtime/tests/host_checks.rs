@@ -3,13 +3,13 @@
 
 mod common;
 
-use ccc::ir::size::SizeEnv;
+use ccc::ir::size::{SizeEnv, SizeVar};
 use ccc::manifest::{BufferRole, KernelParamManifest, TensorDType};
 use ccc::spec::EntryPoint;
 use ccc_runtime::plan::PlannedArg;
 use ccc_runtime::tensor::{nan_bytes, round_through};
 use ccc_runtime::{CallPlan, HostTensor, RuntimeError, WeightSet};
-use common::{WeightList, fixture_manifest, fixture_weight_list, weight_entries};
+use common::{WeightList, fixture_manifest, fixture_weight_list, persistent_fixture, weight_entries};
 use half::bf16;
 use safetensors::{Dtype, tensor::TensorView};
 
@@ -22,13 +22,15 @@ fn plan_evaluates_shapes_grids_and_arguments() {
         "x",
         TensorDType::Bf16,
         &[3, 17, 8],
+        Some(132),
     )
     .unwrap();
     assert_eq!(
         plan.env,
         SizeEnv {
             batch: 3,
-            seq_len: 17
+            seq_len: 17,
+            sms: Some(132)
         }
     );
     let o = plan.buffer("o").unwrap();
@@ -66,7 +68,7 @@ fn plan_passes_tensor_maps_with_their_buffer_and_box() {
     o.shape[3] = ccc::ir::size::SizeExpr::c(64);
     forward.kernels[1].params.push(KernelParamManifest::TensorMap { buffer: "o".into(), box_rows: 64 });
     manifest.validate().unwrap();
-    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 2, seq_len: 5 }).unwrap();
+    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 2, seq_len: 5, sms: None }).unwrap();
     let Some(&PlannedArg::TensorMap { buffer, box_rows }) = plan.launches[1].args.last() else {
         panic!("the last argument is the tensor map: {:?}", plan.launches[1].args);
     };
@@ -79,7 +81,7 @@ fn plan_passes_tensor_maps_with_their_buffer_and_box() {
 fn wrong_input_shape_or_dtype_names_the_tensor() {
     let manifest = fixture_manifest();
     let plan = |dtype, shape: &[usize]| {
-        CallPlan::for_input(&manifest, EntryPoint::Forward, "x", dtype, shape)
+        CallPlan::for_input(&manifest, EntryPoint::Forward, "x", dtype, shape, None)
             .unwrap_err()
             .to_string()
     };
@@ -105,7 +107,7 @@ fn wrong_input_shape_or_dtype_names_the_tensor() {
 fn sizes_that_do_not_fit_are_errors() {
     let manifest = fixture_manifest();
     let plan = |batch, seq_len| {
-        CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len })
+        CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len, sms: None })
             .unwrap_err()
             .to_string()
     };
@@ -127,10 +129,52 @@ fn sizes_that_do_not_fit_are_errors() {
         SizeEnv {
             batch: 1,
             seq_len: 1,
+            sms: None,
         },
     )
     .unwrap_err();
     assert_eq!(err.to_string(), "the library has no `decode` entry point");
+}
+
+/// The persistent fixture whose second kernel also takes the SM count, as its last argument.
+fn persistent_fixture_taking_sms() -> ccc::manifest::Manifest {
+    let mut manifest = persistent_fixture();
+    manifest.entry_points[0].kernels[1].params.push(KernelParamManifest::Size { var: SizeVar::SmCount });
+    manifest
+}
+
+#[test]
+fn a_persistent_grid_takes_the_sm_count_of_the_device() {
+    let manifest = persistent_fixture_taking_sms();
+    let plan = CallPlan::for_input(&manifest, EntryPoint::Forward, "x", TensorDType::Bf16, &[3, 17, 8], Some(5)).unwrap();
+    assert_eq!((plan.launches[0].grid, plan.launches[1].grid), ((7, 1, 1), (5, 1, 1)));
+    assert_eq!(plan.launches[1].args.last(), Some(&PlannedArg::Size(5)));
+    let on_132 = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 1000, sms: Some(132) }).unwrap();
+    assert_eq!((on_132.launches[0].grid, on_132.launches[1].grid), ((375, 1, 1), (132, 1, 1)));
+}
+
+#[test]
+fn a_persistent_grid_without_an_sm_count_names_the_kernel_and_the_size() {
+    let manifest = persistent_fixture_taking_sms();
+    let err = CallPlan::for_input(&manifest, EntryPoint::Forward, "x", TensorDType::Bf16, &[3, 17, 8], None).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "kernel `fixture_add_diagonal`: grid dimension 0 = SMs needs SMs, the device's SM count, which is not given"
+    );
+    let mut as_argument_only = manifest.clone();
+    as_argument_only.entry_points[0].kernels[1].grid = fixture_manifest().entry_points[0].kernels[1].grid.clone();
+    let err = CallPlan::for_sizes(&as_argument_only, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 17, sms: None })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "kernel `fixture_add_diagonal`: parameter 5 needs SMs, the device's SM count, which is not given"
+    );
+    let err = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 17, sms: Some(0) })
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "kernel `fixture_add_diagonal`: grid dimension 0 = SMs = 0 for B = 3, S = 17 is outside 1..=2147483647"
+    );
 }
 
 fn fixture_weights(scale: f64) -> WeightList {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use ccc::manifest::SCHEMA_VERSION;
 use ccc_runtime::{Library, RuntimeError, read_library};
 use common::{culib_present, write_fixture};
 
@@ -20,9 +21,9 @@ fn library_files_are_read_and_checked_without_a_gpu() {
     let err = read_library(&dir).unwrap_err();
     assert!(matches!(err, RuntimeError::Manifest { .. }));
     assert!(
-        err.to_string().ends_with(
-            "manifest.json: unknown manifest schema version 7: this build reads version 2"
-        ),
+        err.to_string().ends_with(&format!(
+            "manifest.json: unknown manifest schema version 7: this build reads version {SCHEMA_VERSION}"
+        )),
         "{err}"
     );
     let err = read_library(&dir.join("absent")).unwrap_err().to_string();
@@ -90,6 +91,26 @@ fn ccc_run_plan_shows_a_call_without_a_gpu() {
         String::from_utf8_lossy(&output.stderr)
     );
     insta::assert_snapshot!(String::from_utf8_lossy(&output.stdout));
+}
+
+#[test]
+fn ccc_run_plan_of_a_persistent_grid_takes_the_sm_count() {
+    let dir = common::write_library("no-gpu-persistent", &common::persistent_fixture());
+    let plan = |sms: &[&str]| {
+        common::ccc_run().args(["plan", "--batch", "3", "--seq-len", "17"]).args(sms).arg(&dir).output().unwrap()
+    };
+    let output = plan(&["--sms", "5"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("forward for B=3 S=17 on 5 SMs"), "{stdout}");
+    assert!(stdout.contains("fixture_add_diagonal<<<(5, 1, 1), (64, 1, 1), 65536 B>>>(o, o_proj.weight, out, 3, 17)"), "{stdout}");
+    let output = plan(&[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("kernel `fixture_add_diagonal`: grid dimension 0 = SMs needs SMs, the device's SM count, which is not given"),
+        "{stderr}"
+    );
 }
 
 #[test]

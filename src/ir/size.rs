@@ -1,8 +1,8 @@
 //! Symbolic sizes: expressions over the sizes that stay runtime values (batch, sequence length,
-//! KV length), so that one compiled library serves every shape. Shapes, launch grids and scratch
-//! sizes in the plan, the kernel IR and the manifest are all `SizeExpr`s; the runtime and the
-//! Python loader evaluate them per call. The JSON form is a small tree so that any loader can
-//! evaluate it without a parser.
+//! the device's SM count), so that one compiled library serves every shape on every GPU. Shapes,
+//! launch grids and scratch sizes in the plan, the kernel IR and the manifest are all
+//! `SizeExpr`s; the runtime and the Python loader evaluate them per call. The JSON form is a small
+//! tree so that any loader can evaluate it without a parser.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -16,13 +16,29 @@ pub enum SizeVar {
     /// S: tokens per sequence in this call.
     #[serde(rename = "S")]
     SeqLen,
+    /// SMs: streaming multiprocessors of the device the library runs on, read by the loader when
+    /// it loads (a persistent grid has one CTA per SM).
+    #[serde(rename = "SMs")]
+    SmCount,
 }
 
 impl SizeVar {
+    pub const ALL: [SizeVar; 3] = [SizeVar::Batch, SizeVar::SeqLen, SizeVar::SmCount];
+
     pub fn symbol(self) -> &'static str {
         match self {
             SizeVar::Batch => "B",
             SizeVar::SeqLen => "S",
+            SizeVar::SmCount => "SMs",
+        }
+    }
+
+    /// What the variable stands for, in messages.
+    pub fn meaning(self) -> &'static str {
+        match self {
+            SizeVar::Batch => "the batch size",
+            SizeVar::SeqLen => "the sequence length",
+            SizeVar::SmCount => "the device's SM count",
         }
     }
 }
@@ -43,13 +59,36 @@ pub enum SizeExpr {
 pub struct SizeEnv {
     pub batch: u64,
     pub seq_len: u64,
+    /// SMs of the device the call runs on; `None` where there is none (graph shapes, planning
+    /// without a GPU), which makes any size that uses it an error.
+    pub sms: Option<u64>,
 }
 
 impl SizeEnv {
-    pub fn get(&self, var: SizeVar) -> u64 {
+    /// The value of `var`, `None` when it is not given.
+    pub fn get(&self, var: SizeVar) -> Option<u64> {
         match var {
-            SizeVar::Batch => self.batch,
-            SizeVar::SeqLen => self.seq_len,
+            SizeVar::Batch => Some(self.batch),
+            SizeVar::SeqLen => Some(self.seq_len),
+            SizeVar::SmCount => self.sms,
+        }
+    }
+}
+
+/// Why a size has no value in an environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvalError {
+    /// An intermediate value leaves the u64 range.
+    Overflow,
+    /// The size uses a variable the environment does not give.
+    Unbound(SizeVar),
+}
+
+impl fmt::Display for EvalError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EvalError::Overflow => f.write_str("overflows"),
+            EvalError::Unbound(var) => write!(f, "needs {}, {}, which is not given", var.symbol(), var.meaning()),
         }
     }
 }
@@ -64,6 +103,9 @@ impl SizeExpr {
     pub fn seq_len() -> SizeExpr {
         SizeExpr::Var(SizeVar::SeqLen)
     }
+    pub fn sms() -> SizeExpr {
+        SizeExpr::Var(SizeVar::SmCount)
+    }
     pub fn ceil_div(self, divisor: u64) -> SizeExpr {
         assert!(divisor > 0, "ceil_div by zero is a compiler bug");
         match self {
@@ -77,14 +119,14 @@ impl SizeExpr {
         factors.into_iter().fold(SizeExpr::Const(1), |acc, f| acc * f)
     }
 
-    /// The value for one call, or `None` on overflow.
-    pub fn eval(&self, env: &SizeEnv) -> Option<u64> {
+    /// The value for one call.
+    pub fn eval(&self, env: &SizeEnv) -> Result<u64, EvalError> {
         match self {
-            SizeExpr::Const(v) => Some(*v),
-            SizeExpr::Var(var) => Some(env.get(*var)),
-            SizeExpr::Add(a, b) => a.eval(env)?.checked_add(b.eval(env)?),
-            SizeExpr::Mul(a, b) => a.eval(env)?.checked_mul(b.eval(env)?),
-            SizeExpr::CeilDiv(a, d) => Some(a.eval(env)?.div_ceil(*d)),
+            SizeExpr::Const(v) => Ok(*v),
+            SizeExpr::Var(var) => env.get(*var).ok_or(EvalError::Unbound(*var)),
+            SizeExpr::Add(a, b) => a.eval(env)?.checked_add(b.eval(env)?).ok_or(EvalError::Overflow),
+            SizeExpr::Mul(a, b) => a.eval(env)?.checked_mul(b.eval(env)?).ok_or(EvalError::Overflow),
+            SizeExpr::CeilDiv(a, d) => Ok(a.eval(env)?.div_ceil(*d)),
         }
     }
 
@@ -173,8 +215,8 @@ mod tests {
     fn grid_expression_prints_and_evaluates() {
         let tiles = SizeExpr::seq_len().ceil_div(64) * SizeExpr::batch() * SizeExpr::c(8);
         assert_eq!(tiles.to_string(), "ceil(S/64)*B*8");
-        let env = SizeEnv { batch: 3, seq_len: 4097 };
-        assert_eq!(tiles.eval(&env), Some(65 * 3 * 8));
+        let env = SizeEnv { batch: 3, seq_len: 4097, sms: None };
+        assert_eq!(tiles.eval(&env), Ok(65 * 3 * 8));
         let json = serde_json::to_string(&tiles).unwrap();
         assert_eq!(serde_json::from_str::<SizeExpr>(&json).unwrap(), tiles);
     }
@@ -183,7 +225,21 @@ mod tests {
     fn constants_fold_and_overflow_is_reported() {
         assert_eq!(SizeExpr::c(6) * SizeExpr::c(7) + SizeExpr::c(0), SizeExpr::c(42));
         let big = SizeExpr::batch() * SizeExpr::seq_len();
-        assert_eq!(big.eval(&SizeEnv { batch: u64::MAX, seq_len: 2 }), None);
+        assert_eq!(big.eval(&SizeEnv { batch: u64::MAX, seq_len: 2, sms: None }), Err(EvalError::Overflow));
         assert_eq!((SizeExpr::batch() + SizeExpr::c(1) * SizeExpr::seq_len()).to_string(), "B + S");
+    }
+
+    #[test]
+    fn the_sm_count_is_a_variable_that_an_environment_may_lack() {
+        let grid = SizeExpr::sms() * SizeExpr::c(2);
+        assert_eq!(grid.to_string(), "SMs*2");
+        assert_eq!(serde_json::to_string(&SizeExpr::sms()).unwrap(), r#"{"var":"SMs"}"#);
+        assert_eq!(grid.eval(&SizeEnv { batch: 1, seq_len: 1, sms: Some(7) }), Ok(14));
+        let without = SizeEnv { batch: 1, seq_len: 1, sms: None };
+        assert_eq!(grid.eval(&without), Err(EvalError::Unbound(SizeVar::SmCount)));
+        assert_eq!(
+            EvalError::Unbound(SizeVar::SmCount).to_string(),
+            "needs SMs, the device's SM count, which is not given"
+        );
     }
 }

@@ -1,13 +1,16 @@
 """GPU smoke test of the loader and the torch reference, without a compiled attention library:
 runs the runtime's two-kernel fixture library (runtime/tests/common/mod.rs) through ccc.load and
-checks its output bit for bit, checks the error messages on a wrong call, and checks the torch
-float64 reference against Hugging Face's ZayaAttention in float64 on ZAYA1's shape.
+checks its output bit for bit, checks the error messages on a wrong call, checks that a persistent
+grid launches one CTA per SM of the GPU, and checks the torch float64 reference against Hugging
+Face's ZayaAttention in float64 on ZAYA1's shape.
 
     python3 tests/python/gpu_smoke.py      (needs a CUDA GPU, torch, cupy, transformers)"""
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
@@ -67,6 +70,30 @@ def fixture_library():
     return results
 
 
+def persistent_grid():
+    """The fixture with its second kernel on [SMs, 1, 1] (runtime/tests/common/mod.rs,
+    persistent_fixture): its 64-thread CTAs do not loop, so they write the first 64·SMs elements
+    of out and leave the rest NaN-poisoned, which shows the grid the loader launched."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    with tempfile.TemporaryDirectory() as directory:
+        shutil.copytree(os.path.join(FIXTURES, "fixture"), directory, dirs_exist_ok=True)
+        path = os.path.join(directory, "manifest.json")
+        with open(path) as file:
+            manifest = json.load(file)
+        manifest["entry_points"][0]["kernels"][1]["grid"] = [{"var": "SMs"}, {"const": 1},
+                                                             {"const": 1}]
+        with open(path, "w") as file:
+            json.dump(manifest, file)
+        layer = ccc.load(directory, validate=True)
+        weights = layer.random_state_dict(seed=1)
+        x = torch.randn(1, 8 * sms + 8, 8, device="cuda").to(torch.bfloat16)
+        out = layer.forward(x, weights).flatten()
+    written = int((~out.isnan()).sum())
+    return [check(written == 64 * sms and not out[:written].isnan().any(),
+                  f"a persistent grid runs one CTA per SM: {written} of {out.numel()} written, "
+                  f"64 x {sms} SMs expected")]
+
+
 def reference_against_hf():
     with open(os.path.join(FIXTURES, "zaya1_spec.json")) as file:
         spec = parse_spec(json.load(file))
@@ -84,6 +111,6 @@ def reference_against_hf():
 
 if __name__ == "__main__":
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    outcomes = fixture_library() + reference_against_hf()
+    outcomes = fixture_library() + persistent_grid() + reference_against_hf()
     print(f"{sum(outcomes)} of {len(outcomes)} passed")
     sys.exit(0 if all(outcomes) else 1)

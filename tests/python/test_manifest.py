@@ -16,7 +16,7 @@ from ccc.errors import ManifestError, SizeError, TensorMismatch  # noqa: E402
 from ccc.flops import core_flops, layer_flops  # noqa: E402
 from ccc.manifest import (TensorInfo, check_supplied, parse_manifest, plan_call,  # noqa: E402
                           plan_for_input, read_library)
-from ccc.sizes import parse_size_expr  # noqa: E402
+from ccc.sizes import Unbound, parse_size_expr  # noqa: E402
 from ccc.spec import parse_spec  # noqa: E402
 from ccc.tensor_map import geometry  # noqa: E402
 
@@ -91,7 +91,7 @@ def zaya1_manifest_json():
         kernel("zaya1_out_proj", ["o", "o_proj.weight", "out"],
                [c(32), {"ceil_div": [S(), 64]}, B()]),
     ]
-    return {"schema_version": 2, "compiler_version": "test", "spec": spec_json,
+    return {"schema_version": 3, "compiler_version": "test", "spec": spec_json,
             "target": "sm_90a", "ptx_file": "zaya1.ptx",
             "entry_points": [{"entry": "forward", "kernels": kernels, "buffers": buffers}],
             "weights": weights}
@@ -116,6 +116,16 @@ class SizeExpressions(unittest.TestCase):
         expr = parse_size_expr(mul({"add": [B(), c(1)]}, S()), "shape")
         self.assertEqual(str(expr), "(B + 1)*S")
         self.assertEqual(expr.eval({"B": 2, "S": 5}), 15)
+
+    def test_the_sm_count_is_a_variable_an_environment_may_lack(self):
+        grid = parse_size_expr(mul({"var": "SMs"}, c(2)), "grid")
+        self.assertEqual(str(grid), "SMs*2")
+        self.assertEqual(grid.eval({"B": 1, "S": 1, "SMs": 7}), 14)
+        for env in ({"B": 1, "S": 1, "SMs": None}, {"B": 1, "S": 1}):
+            with self.assertRaises(Unbound) as raised:
+                grid.eval(env)
+            self.assertEqual(str(raised.exception),
+                             "needs SMs, the device's SM count, which is not given")
 
     def test_overflow_is_none(self):
         big = parse_size_expr(mul(B(), S()), "shape")
@@ -214,7 +224,7 @@ class ManifestValidation(unittest.TestCase):
 
     def test_schema_version_is_checked_first(self):
         self.assertRaisesRegex(ManifestError, "^unknown manifest schema version 7: this build "
-                               "reads version 2$", parse_manifest, '{"schema_version": 7}')
+                               "reads version 3$", parse_manifest, '{"schema_version": 7}')
         self.assertRaisesRegex(ManifestError, "no schema_version", parse_manifest, "{}")
         self.assertRaisesRegex(ManifestError, "not valid JSON", parse_manifest, "{")
 
@@ -302,7 +312,7 @@ class CallPlanning(unittest.TestCase):
         forward = value["entry_points"][0]
         next(b for b in forward["buffers"] if b["name"] == "q")["shape"] = [B(), S(), c(8), c(128)]
         forward["kernels"][2]["params"].append(tensor_map("q", 128))
-        plan = plan_call(parse(value), "forward", 2, 1000)
+        plan = plan_call(parse(value), "forward", 2, 1000, None)
         kind, (index, box_rows) = plan.launches[2].args[-1]
         self.assertEqual((kind, plan.buffers[index].name, plan.buffers[index].shape, box_rows),
                          ("tensor_map", "q", (2, 1000, 8, 128), 128))
@@ -318,8 +328,8 @@ class CallPlanning(unittest.TestCase):
         self.assertRaisesRegex(ValueError, "16-byte chunks", geometry, "bf16", (1, 4, 2, 12), 64)
 
     def test_fixture_plan_reads_b_and_s_off_x(self):
-        plan = plan_for_input(self.fixture, "forward", "x", "bf16", (2, 17, 8))
-        self.assertEqual((plan.batch, plan.seq_len), (2, 17))
+        plan = plan_for_input(self.fixture, "forward", "x", "bf16", (2, 17, 8), 132)
+        self.assertEqual((plan.batch, plan.seq_len, plan.sms), (2, 17, 132))
         self.assertEqual(plan.buffer("o").shape, (2, 17, 2, 4))
         self.assertEqual(plan.buffer("o").bytes, 2 * 17 * 8 * 2)
         first, second = plan.launches
@@ -329,7 +339,7 @@ class CallPlanning(unittest.TestCase):
         self.assertEqual(second.dynamic_shared_bytes, 65536)
 
     def test_zaya1_plan_at_16k(self):
-        plan = plan_call(self.zaya1, "forward", 8, 16384)
+        plan = plan_call(self.zaya1, "forward", 8, 16384, None)
         grids = [launch.grid for launch in plan.launches]
         self.assertEqual(grids, [(24, 256, 8), (265, 8, 2), (128, 8, 8), (32, 256, 8)])
         # The projection GEMM's packed [q0 | k0], allocated like any other intermediate.
@@ -343,23 +353,47 @@ class CallPlanning(unittest.TestCase):
         for dtype, shape in cases:
             with self.subTest(dtype=dtype, shape=shape):
                 with self.assertRaises(TensorMismatch) as raised:
-                    plan_for_input(self.fixture, "forward", "x", dtype, shape)
+                    plan_for_input(self.fixture, "forward", "x", dtype, shape, None)
                 self.assertEqual(str(raised.exception),
                                  f"tensor `x`: expected bf16 [B, S, 8], got {dtype} "
                                  f"[{', '.join(map(str, shape))}]")
 
     def test_sizes_out_of_range(self):
         self.assertRaisesRegex(SizeError, r"batch \(0\) and sequence length \(5\) must be positive",
-                               plan_call, self.fixture, "forward", 0, 5)
+                               plan_call, self.fixture, "forward", 0, 5, None)
         with self.assertRaises(SizeError) as raised:
-            plan_call(self.fixture, "forward", 1, 2**35)
+            plan_call(self.fixture, "forward", 1, 2**35, None)
         self.assertIn("kernel `fixture_double`: grid dimension 0 = ceil(B*S*8/64) = 4294967296 "
                       "for B = 1, S = 34359738368 is outside 1..=2147483647",
                       str(raised.exception))
         with self.assertRaisesRegex(SizeError, "B as a 32-bit kernel argument overflows"):
-            plan_call(self.fixture, "forward", 2**32, 1)
+            plan_call(self.fixture, "forward", 2**32, 1, None)
         self.assertRaisesRegex(ManifestError, "no `decode` entry point",
-                               plan_call, self.fixture, "decode", 1, 1)
+                               plan_call, self.fixture, "decode", 1, 1, None)
+
+    def test_persistent_grids_take_the_gpus_sm_count(self):
+        # The projections as they ship: one CTA per SM; out_proj also takes the count.
+        value = zaya1_manifest_json()
+        kernels = value["entry_points"][0]["kernels"]
+        for kernel in (kernels[0], kernels[3]):
+            kernel["grid"] = [{"var": "SMs"}, c(1), c(1)]
+        kernels[3]["params"].append({"kind": "size", "var": "SMs"})
+        manifest = parse(value)
+        self.assertEqual(str(manifest.entry_points[0].kernels[0].grid[0]), "SMs")
+        plan = plan_for_input(manifest, "forward", "x", "bf16", (8, 16384, 2048), 7)
+        grids = [launch.grid for launch in plan.launches]
+        self.assertEqual(grids, [(7, 1, 1), (265, 8, 2), (128, 8, 8), (7, 1, 1)])
+        self.assertEqual(plan.launches[3].args[-1], ("size", 7))
+        with self.assertRaises(SizeError) as raised:
+            plan_call(manifest, "forward", 8, 16384, None)
+        self.assertEqual(str(raised.exception), "kernel `zaya1_qkv_proj`: grid dimension 0 = SMs "
+                         "needs SMs, the device's SM count, which is not given")
+        kernels[0]["grid"] = [c(24), {"ceil_div": [S(), 64]}, B()]
+        kernels[3]["grid"] = [c(32), {"ceil_div": [S(), 64]}, B()]
+        with self.assertRaises(SizeError) as raised:
+            plan_call(parse(value), "forward", 8, 16384, None)
+        self.assertEqual(str(raised.exception), "kernel `zaya1_out_proj`: parameter 5 needs SMs, "
+                         "the device's SM count, which is not given")
 
 
 def info(dtype, shape, device="cuda:0", contiguous=True):
@@ -369,7 +403,7 @@ def info(dtype, shape, device="cuda:0", contiguous=True):
 class SuppliedTensors(unittest.TestCase):
     def setUp(self):
         self.manifest = parse(zaya1_manifest_json())
-        self.plan = plan_for_input(self.manifest, "forward", "x", "bf16", (1, 64, 2048))
+        self.plan = plan_for_input(self.manifest, "forward", "x", "bf16", (1, 64, 2048), None)
         self.supplied = {"x": info("bf16", (1, 64, 2048))}
         self.supplied.update((w.name, info("bf16", w.shape)) for w in self.manifest.weights)
 

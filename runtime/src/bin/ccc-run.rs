@@ -8,8 +8,9 @@
 //!   -o` wrote for one layer (DIR holds `tune-index.json`), checks each against the reference,
 //!   times each candidate's kernel and writes the fastest correct tiles per kernel to
 //!   `DIR/tuning-GPU.json` (for `ccc compile --tuning`).
-//! - `ccc-run plan DIR --batch B --seq-len S` prints what a call would allocate and launch; it
-//!   needs no GPU, so it checks a freshly compiled library on the build machine.
+//! - `ccc-run plan DIR --batch B --seq-len S [--sms N]` prints what a call would allocate and
+//!   launch on a GPU of N SMs; it needs no GPU, so it checks a freshly compiled library on the
+//!   build machine.
 //!
 //! Exit codes: 0 success, 1 a result out of tolerance or NaN, 2 any other error (arguments,
 //! library files, CUDA), 3 no GPU or driver on this machine, or a GPU that cannot run the
@@ -113,6 +114,9 @@ enum Command {
         batch: u64,
         #[arg(long = "seq-len")]
         seq_len: u64,
+        /// SMs of the GPU to plan for (132 on an H100 or H200 SXM): the CTAs of persistent grids.
+        #[arg(long)]
+        sms: Option<u64>,
     },
 }
 
@@ -138,7 +142,8 @@ fn main() -> ExitCode {
             dir,
             batch,
             seq_len,
-        } => plan(&dir, batch, seq_len),
+            sms,
+        } => plan(&dir, SizeEnv { batch, seq_len, sms }),
         Command::Tune {
             dir,
             batch,
@@ -187,11 +192,12 @@ fn validate(
     let tol = tolerance(spec.dtype);
     let (reference_weights, weight_set) = weights_for(manifest, seed, weights)?;
     say!(
-        "library {} ({}, {}) on {}; tolerance: relative L2 error < {tol:e}",
+        "library {} ({}, {}) on {} ({} SMs); tolerance: relative L2 error < {tol:e}",
         spec.name,
         dir.display(),
         spec.dtype.name(),
-        library.device_name()?
+        library.device_name()?,
+        library.sms()
     );
     say!(
         "{:>4} {:>6}  {:<6} {:>12} {:>12} {:>9}  status",
@@ -273,16 +279,19 @@ fn bench(
     Ok(true)
 }
 
-fn plan(dir: &Path, batch: u64, seq_len: u64) -> Result<bool, RuntimeError> {
+fn plan(dir: &Path, env: SizeEnv) -> Result<bool, RuntimeError> {
     let (manifest, _) = read_library(dir)?;
-    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len })?;
+    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, env)?;
     let spec = &manifest.spec;
+    let on = env.sms.map(|sms| format!(" on {sms} SMs")).unwrap_or_default();
     say!(
-        "library {} ({}, {}, {}): forward for B={batch} S={seq_len}",
+        "library {} ({}, {}, {}): forward for B={} S={}{on}",
         spec.name,
         manifest.target,
         spec.dtype.name(),
-        manifest.ptx_file
+        manifest.ptx_file,
+        env.batch,
+        env.seq_len
     );
     say!("buffers:");
     for buffer in &plan.buffers {

@@ -238,10 +238,24 @@ pub fn ccc_run() -> std::process::Command {
 
 /// Writes the fixture library into a fresh scratch directory named `name`.
 pub fn write_fixture(name: &str) -> PathBuf {
+    write_library(name, &fixture_manifest())
+}
+
+/// Writes `manifest` with the fixture's PTX into a fresh scratch directory named `name`.
+pub fn write_library(name: &str, manifest: &Manifest) -> PathBuf {
     let dir = scratch_dir(name);
-    std::fs::write(dir.join("manifest.json"), fixture_manifest().to_json()).unwrap();
+    std::fs::write(dir.join("manifest.json"), manifest.to_json()).unwrap();
     std::fs::write(dir.join("fixture.ptx"), FIXTURE_PTX).unwrap();
     dir
+}
+
+/// The fixture with its second kernel on a grid of one CTA per SM, `[SMs, 1, 1]`. Its CTAs do not
+/// loop: they write the first 64·SMs elements of `out`, which shows the grid a call launched.
+pub fn persistent_fixture() -> Manifest {
+    let mut manifest = fixture_manifest();
+    manifest.entry_points[0].kernels[1].grid = [SizeExpr::sms(), SizeExpr::c(1), SizeExpr::c(1)];
+    manifest.validate().unwrap();
+    manifest
 }
 
 pub fn culib_present() -> bool {

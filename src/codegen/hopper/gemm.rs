@@ -9,9 +9,8 @@ use super::HopperLaunch;
 use super::primitives::WgmmaShape;
 use crate::codegen::{Elem, ParamKind, Result, unsupported};
 use crate::ir::kernel::layout::{Swizzle128BTile, TILE_ALIGNMENT};
-pub use crate::ir::kernel::{GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_CTAS};
+pub use crate::ir::kernel::{GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_GRID};
 use crate::ir::kernel::{SHARED_MEMORY_LIMIT_BYTES, WARPGROUP_THREADS, tensor_map_param};
-use crate::ir::size::SizeExpr;
 use crate::manifest::KernelParamManifest;
 
 const MAX_SHARED_BYTES: u32 = SHARED_MEMORY_LIMIT_BYTES as u32;
@@ -124,19 +123,15 @@ impl HopperGemmConfig {
         self.segments.iter().map(|s| s.cols.div_ceil(self.block_n)).sum()
     }
 
-    /// Threads, shared memory and grid (`[PERSISTENT_CTAS, 1, 1]`: the CTAs loop over the output
-    /// tiles) of the kernel this config emits, without emitting it.
+    /// Threads, shared memory and grid ([`PERSISTENT_GRID`]: one CTA per SM of the device, looping
+    /// over the output tiles) of the kernel this config emits, without emitting it.
     pub fn launch(&self) -> Result<HopperLaunch> {
         self.validate()?;
         let dynamic_shared_bytes = shared_bytes(self)?;
         Ok(HopperLaunch {
             threads: THREADS,
             dynamic_shared_bytes,
-            grid: [
-                SizeExpr::c(PERSISTENT_CTAS),
-                SizeExpr::c(1),
-                SizeExpr::c(1),
-            ],
+            grid: PERSISTENT_GRID,
             extra_params: self
                 .tensor_maps()
                 .into_iter()

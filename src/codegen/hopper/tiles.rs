@@ -19,8 +19,9 @@
 //!
 //! # The cost model
 //!
-//! Times are in microseconds on 132 SMs, with rates fitted to the H200 measurements of
-//! BENCHMARKS.md (2026-11-28; clocks as found). What it models, and why:
+//! Times are in microseconds on the [`SMS`] (132) SMs of an H100 / H200 SXM, with rates fitted
+//! to the H200 measurements of BENCHMARKS.md (2026-11-28; clocks as found). What it models, and
+//! why:
 //!
 //! - **Attention**: a CTA's time is its key tiles times the time of one key tile plus a fixed
 //!   cost per CTA (load Q, store O and the log-sum-exp). One key tile costs its tensor work
@@ -31,15 +32,16 @@
 //!   idle while the only warpgroup runs its softmax, modelled as proportionally slower.
 //!   Causal masks give query tile `i` only the key tiles up to its diagonal, sliding windows
 //!   only those from its first row's window start on (`HopperAttentionConfig::key_tiles_of`, the
-//!   kernel's own loop bounds), so ragged and edge tiles cost whole tiles. The CTAs are then placed longest first on 132 SMs × the
-//!   CTAs that fit on one (registers, shared memory), CTAs sharing an SM running at its shared
-//!   rate: wave quantization and the causal tail come out of that placement (beyond 64 waves the
-//!   work is spread evenly instead, and beyond 2^20 tokens it is scaled from 2^20, so that any
-//!   shape the language allows is estimated in moments).
-//! - **Projection GEMMs**: the persistent grid gives each of the 132 CTAs every 132nd output tile
-//!   (`128 × block_n`), so the time is `ceil(tiles / 132)` tiles. A tile is `ceil(K / 64)`
-//!   stages, each at the measured rate ([`GEMM_STAGE_NS`] for a 128-wide tile, proportional to
-//!   the width), but no faster than L2 delivers its a and W tiles
+//!   kernel's own loop bounds), so ragged and edge tiles cost whole tiles. The CTAs are then
+//!   placed longest first on the SMs × the CTAs that fit on one (registers, shared memory),
+//!   CTAs sharing an SM running at its shared rate: wave quantization and the causal tail come
+//!   out of that placement (beyond 64 waves the work is spread evenly instead, and beyond 2^20
+//!   tokens it is scaled from 2^20, so that any shape the language allows is estimated in
+//!   moments).
+//! - **Projection GEMMs**: the persistent grid (one CTA per SM) gives each CTA every `SMS`-th
+//!   output tile (`128 × block_n`), so the time is `ceil(tiles / SMS)` tiles. A tile is
+//!   `ceil(K / 64)` stages, each at the measured rate ([`GEMM_STAGE_NS`] for a 128-wide tile,
+//!   proportional to the width), but no faster than L2 delivers its a and W tiles
 //!   ([`GEMM_L2_BYTES_PER_NS_PER_SM`]: narrow tiles re-read a for fewer columns) and than the
 //!   `stages − 1` loads in flight can deliver over a load latency of [`GEMM_LOAD_LATENCY_NS`]
 //!   (Little's law), plus [`GEMM_TILE_NS`] per tile, plus the
@@ -78,7 +80,7 @@
 
 use super::attention::{HopperAttentionConfig, Schedule, WARPGROUP_ROWS};
 use super::gemm::TileLoads;
-use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig, PERSISTENT_CTAS};
+use super::gemm::{self, GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSchedule, HopperGemmConfig};
 use super::primitives::WgmmaShape;
 use crate::ir::kernel::SHARED_MEMORY_LIMIT_BYTES;
 use crate::ir::kernel::layout::WGMMA_K;
@@ -91,8 +93,10 @@ pub const DEFAULT_BATCH: u64 = 1;
 /// measurements (BENCHMARKS.md) and of issue 7's targets.
 pub const DEFAULT_SEQ_LEN: u64 = 16384;
 
-/// SMs of an H100 / H200 SXM.
-const SMS: u64 = PERSISTENT_CTAS as u64;
+/// SMs of the H100 / H200 SXM that the model is fitted to and tunes for: a property of that
+/// target. Launches do not use it; a persistent grid has as many CTAs as the device has SMs
+/// (`SizeVar::SmCount`, read by the loader).
+const SMS: u64 = 132;
 
 /// Registers per consumer thread besides the accumulators (addresses, loop state, the softmax's
 /// row statistics): the most that still admits the 128 × 128, d = 128 ping-pong attention kernel

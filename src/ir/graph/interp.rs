@@ -200,8 +200,8 @@ fn concrete_shape(
         .iter()
         .map(|d| {
             d.eval(env)
-                .and_then(|n| usize::try_from(n).ok())
-                .ok_or_else(|| InterpError(format!("size {d} overflows")))
+                .map_err(|error| InterpError(format!("size {d} {error}")))
+                .and_then(|n| usize::try_from(n).map_err(|_| InterpError(format!("size {d} overflows"))))
         })
         .collect()
 }

@@ -84,12 +84,13 @@ impl<'a> Verifier<'a> {
                     ));
                 }
                 for dim in shape {
-                    self.check_size_vars(dim, &format!("shape of {name}"));
+                    self.check_size_vars(dim, &format!("shape of {name}"), &SizeVar::ALL);
                 }
             }
         }
         for dim in &k.grid {
-            self.check_size_vars(dim, "grid");
+            // A grid of SMs CTAs needs no SMs parameter: the kernel reads its grid size.
+            self.check_size_vars(dim, "grid", &[SizeVar::Batch, SizeVar::SeqLen]);
         }
         for p in &k.params {
             if let KernelParam::TensorMap { name, tensor, box_rows } = p {
@@ -134,8 +135,9 @@ impl<'a> Verifier<'a> {
         }
     }
 
-    fn check_size_vars(&mut self, size: &SizeExpr, what: &str) {
-        for var in [SizeVar::Batch, SizeVar::SeqLen] {
+    /// Each of `vars` that `size` uses must be a parameter.
+    fn check_size_vars(&mut self, size: &SizeExpr, what: &str, vars: &[SizeVar]) {
+        for &var in vars {
             if size.uses(var) && !self.has_size_param(var) {
                 self.errors.push(format!(
                     "kernel {}: {what} uses {} but it is not a parameter",

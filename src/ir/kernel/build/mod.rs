@@ -12,7 +12,7 @@ pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,
 };
 pub use wgmma_gemm::{
-    GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_CTAS, WgmmaGemmSchedule, build_wgmma_projection, gemm_operands,
+    GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment, PERSISTENT_GRID, WgmmaGemmSchedule, build_wgmma_projection, gemm_operands,
     tensor_map_param,
 };
 

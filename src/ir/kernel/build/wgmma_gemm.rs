@@ -19,9 +19,9 @@
 
 use super::*;
 
-/// CTAs of the persistent grid: one per SM of an H100 / H200 SXM (132). The kernel reads its
-/// grid size (`gridDim.x`), so a launch may use another count.
-pub const PERSISTENT_CTAS: u64 = 132;
+/// The persistent grid: one CTA per SM of the device, whose count the loader reads when it loads
+/// the library. The kernel reads its grid size (`gridDim.x`), so any count covers every tile.
+pub const PERSISTENT_GRID: [SizeExpr; 3] = [SizeExpr::Var(SizeVar::SmCount), SizeExpr::Const(1), SizeExpr::Const(1)];
 /// Rows of an output tile (two consumer warpgroups of 64 rows).
 pub const GEMM_BLOCK_M: u32 = 128;
 /// Columns of `a` and W per stage: one 128-byte swizzle panel of 16-bit elements.
@@ -496,7 +496,7 @@ pub fn build_wgmma_projection(
     let kernel = KernelFn {
         name: base.name.clone(),
         params,
-        grid: [SizeExpr::c(PERSISTENT_CTAS), SizeExpr::c(1), SizeExpr::c(1)],
+        grid: PERSISTENT_GRID,
         warps: WARPS,
         tiles,
         barriers,

@@ -84,25 +84,23 @@ struct Block<'k> {
     sync: roles::SyncState,
 }
 
-use crate::ir::size::SizeEnv;
+use crate::ir::size::{EvalError, SizeEnv};
 
-/// Runs `kernel` over its whole grid. Every tensor parameter must be in `buffers` with the
-/// length its shape gives for (batch, seq_len); outputs are written in place.
-pub fn run_kernel(
-    kernel: &KernelFn,
-    buffers: &mut Buffers,
-    batch: usize,
-    seq_len: usize,
-    rounding: Rounding,
-) -> Result<(), String> {
-    let sizes = SizeEnv {
-        batch: batch as u64,
-        seq_len: seq_len as u64,
-    };
-    let eval = |e: &SizeExpr| {
-        e.eval(&sizes)
-            .map(|v| v as usize)
-            .ok_or_else(|| format!("{e} overflows"))
+/// SMs of the device the interpreter launches on: few, so that at test sizes every CTA of a
+/// persistent grid takes several tiles and its loop runs (the ring across tiles, ping-pong turns).
+pub const INTERPRETER_SMS: u64 = 3;
+
+/// The sizes of an interpreted call of `batch` sequences of `seq_len` tokens, on
+/// [`INTERPRETER_SMS`] SMs.
+pub fn launch_sizes(batch: usize, seq_len: usize) -> SizeEnv {
+    SizeEnv { batch: batch as u64, seq_len: seq_len as u64, sms: Some(INTERPRETER_SMS) }
+}
+
+/// Runs `kernel` over its whole grid for `sizes`. Every tensor parameter must be in `buffers`
+/// with the length its shape gives; outputs are written in place.
+pub fn run_kernel(kernel: &KernelFn, buffers: &mut Buffers, sizes: SizeEnv, rounding: Rounding) -> Result<(), String> {
+    let eval = |e: &SizeExpr, what: &str| {
+        e.eval(&sizes).map(|v| v as usize).map_err(|error| format!("{}: {what} = {e} {error}", kernel.name))
     };
     let mut shapes = BTreeMap::new();
     for param in &kernel.params {
@@ -110,7 +108,10 @@ pub fn run_kernel(
             name, elem, shape, ..
         } = param
         {
-            let dims = shape.iter().map(eval).collect::<Result<Vec<_>, _>>()?;
+            let dims = shape
+                .iter()
+                .map(|dim| eval(dim, &format!("a dimension of {name}")))
+                .collect::<Result<Vec<_>, _>>()?;
             let len: usize = dims.iter().product();
             match buffers.get(name) {
                 Some(data) if data.len() == len => {}
@@ -127,9 +128,9 @@ pub fn run_kernel(
         }
     }
     let grid = [
-        eval(&kernel.grid[0])?,
-        eval(&kernel.grid[1])?,
-        eval(&kernel.grid[2])?,
+        eval(&kernel.grid[0], "grid dimension 0")?,
+        eval(&kernel.grid[1], "grid dimension 1")?,
+        eval(&kernel.grid[2], "grid dimension 2")?,
     ];
     for z in 0..grid[2] {
         for y in 0..grid[1] {
@@ -435,7 +436,10 @@ impl<'k> Block<'k> {
                 Some((_, v)) => *v,
                 None => return Err(format!("variable {name} is not bound")),
             },
-            Expr::Size(var) => Value::Int(self.sizes.get(*var) as i64),
+            Expr::Size(var) => match self.sizes.get(*var) {
+                Some(value) => Value::Int(value as i64),
+                None => return Err(format!("the kernel {}", EvalError::Unbound(*var))),
+            },
             Expr::Row => Value::Int(elementwise()?.row),
             Expr::Col => Value::Int(elementwise()?.col),
             Expr::Elem => Value::Float(elementwise()?.value),
@@ -586,25 +590,20 @@ pub fn run_forward_with(
         .into_iter()
         .map(|which| build_forward(spec, which, &schedule_of(which)))
         .collect::<Result<Vec<_>, String>>()?;
-    run_kernels(spec, &kernels, weights, x, batch, seq_len, rounding)
+    run_kernels(spec, &kernels, weights, x, launch_sizes(batch, seq_len), rounding)
 }
 
-/// Runs `kernels` in order as one forward call of `spec` (the kernels of [`run_forward_with`],
-/// or any that replace them with the same buffers). Every buffer a kernel writes that is not
-/// there yet is allocated from its parameter's shape, zero-filled.
+/// Runs `kernels` in order as one forward call of `spec` for `sizes` (the kernels of
+/// [`run_forward_with`], or any that replace them with the same buffers). Every buffer a kernel
+/// writes that is not there yet is allocated from its parameter's shape, zero-filled.
 pub fn run_kernels(
     spec: &AttentionSpec,
     kernels: &[KernelFn],
     weights: &Buffers,
     x: &[f64],
-    batch: usize,
-    seq_len: usize,
+    sizes: SizeEnv,
     rounding: Rounding,
 ) -> Result<ForwardOutputs, String> {
-    let sizes = SizeEnv {
-        batch: batch as u64,
-        seq_len: seq_len as u64,
-    };
     let mut buffers = weights.clone();
     buffers.insert("x".into(), x.to_vec());
     for kernel in kernels {
@@ -621,8 +620,8 @@ pub fn run_kernels(
                 for dim in shape {
                     let extent = dim
                         .eval(&sizes)
-                        .and_then(|v| usize::try_from(v).ok())
-                        .ok_or_else(|| format!("{}: {dim} overflows", kernel.name))?;
+                        .map_err(|error| format!("{}: a dimension of {name} = {dim} {error}", kernel.name))?
+                        as usize;
                     len = len
                         .checked_mul(extent)
                         .ok_or_else(|| format!("{}: buffer {name} overflows", kernel.name))?;
@@ -630,7 +629,7 @@ pub fn run_kernels(
                 buffers.insert(name.clone(), vec![0.0; len]);
             }
         }
-        run_kernel(kernel, &mut buffers, batch, seq_len, rounding)?;
+        run_kernel(kernel, &mut buffers, sizes, rounding)?;
     }
     let mut take = |name: &str| {
         buffers
