@@ -236,8 +236,10 @@ fn codegen_lower_reports_launch_facts_in_abi_order() {
         assert_eq!(fact.symbol, kernel.name);
         assert_eq!(fact.threads, kernel.threads());
         // The launch asks for the kernel IR's placement of its tiles (alignment included), which
-        // is at least their sum and less than 128 B more each (the tiny spec has no swizzled ones).
-        let sum: usize = kernel.tiles.iter().map(|tile| tile.ty.shared_bytes()).sum();
+        // is at least their sum and less than 128 B more each (the tiny spec has no swizzled ones),
+        // plus the words where row reductions across warps meet.
+        let sum: usize =
+            kernel.tiles.iter().map(|tile| tile.ty.shared_bytes()).sum::<usize>() + kernel.row_reduce_scratch_bytes();
         assert_eq!(fact.dynamic_shared_bytes as usize, kernel.shared_bytes());
         assert!(kernel.shared_bytes() >= sum && kernel.shared_bytes() < sum + 128 * kernel.tiles.len());
         // Parameters appear in the PTX entry in ABI order.

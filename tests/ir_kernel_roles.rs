@@ -459,6 +459,7 @@ fn register_operand_kernel(overwrite_p_early: bool) -> KernelFn {
         tiles,
         barriers: vec![BarrierDecl { name: "full".into(), slots: 1, arrivals: 1 }],
         schedule: Schedule { block_m: 64, block_n: 64, block_k: 64, warps: 4, stages: 1 },
+        ctas_per_sm: 1,
         body: vec![Stmt::Roles(vec![Role { name: "consumer".into(), warpgroups: 1, index: "wg".into(), registers: 240, body }])],
     }
 }

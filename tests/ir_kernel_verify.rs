@@ -309,18 +309,37 @@ fn swizzled_tiles_follow_the_wgmma_rules() {
 }
 
 /// Shapes the lowering cannot take are verifier errors, so that `check` and the schedule search
-/// see them: a row reduction over warps split along the columns (the L2 norm of a 64-row
-/// prologue on 8 warps), an mma.sync whose warps hold fewer than 16 columns each.
+/// see them: an mma.sync whose warps hold fewer than 16 columns each; a row reduction over warps
+/// split along the columns (which meet in shared memory between CTA barriers) into row shares.
+/// The same reduction into a row vector verifies, and the shared layout holds its words.
 #[test]
 fn warp_splits_the_lowering_cannot_take_are_reported() {
     let spec = zaya1_like("zaya1", 2048, 128, 8, 2);
     let split = Schedule { block_m: 64, block_n: 128, block_k: 32, warps: 8, stages: 1 };
-    let error = build_forward(&spec, ForwardKernel::QkPrologue, &split).unwrap_err();
+    let mut kernel = build_forward(&spec, ForwardKernel::QkPrologue, &split).unwrap();
+    assert_eq!(kernel.row_reduce_scratch_bytes(), 64 * 2 * 4);
+    let sum_sq = tile_id(&kernel, "sum_sq");
+    kernel.tiles[sum_sq.0].ty.layout = Layout::RowShares { warps_m: 4, warps_n: 2 };
+    let errors = errors(&kernel);
     assert!(
-        error.contains("a row reduction needs whole rows per warp: the accumulator's warps are split 2 ways along the columns"),
-        "{error}"
+        errors.iter().any(|e| e.ends_with("a row reduction over warps split 2 ways along the columns needs the whole CTA and a row vector (not inside a role, not into row shares)")),
+        "{errors:?}"
     );
     let narrow = zaya1_like("narrow", 256, 16, 12, 4);
     let error = build_forward(&narrow, ForwardKernel::QkPrologue, &Schedule { block_n: 16, ..split }).unwrap_err();
     assert!(error.contains("each warp's N extent (16 columns over 2 warps) is not a multiple of 16"), "{error}");
+}
+
+/// The occupancy goal must fit one SM: shared memory (with the 1 KiB kept per CTA) and threads.
+#[test]
+fn an_occupancy_goal_that_does_not_fit_is_reported() {
+    let spec = zaya1_like("zaya1", 2048, 128, 8, 2);
+    let mut kernel = build_forward(&spec, ForwardKernel::QkPrologue, &default_schedule(&spec, ForwardKernel::QkPrologue).unwrap()).unwrap();
+    assert_eq!(kernel.ctas_per_sm, 2, "ZAYA1's prologue fits two CTAs per SM");
+    kernel.ctas_per_sm = 3;
+    let errors = errors(&kernel);
+    assert!(
+        errors.iter().any(|e| e.starts_with("kernel zaya1_qk_prologue: 3 resident CTAs per SM do not fit (256 threads and")),
+        "{errors:?}"
+    );
 }

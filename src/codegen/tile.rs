@@ -482,23 +482,36 @@ pub fn row_reduce<'ctx>(
     op: RowReduction,
     dst: &RowVector<'ctx>,
 ) -> Result<()> {
-    row_reduce_with(kb, src, op, dst, true, |_, _, value| Ok(value))
+    row_reduce_with(kb, src, op, dst, true, AcrossWarps::No, |_, _, value| Ok(value))
+}
+
+/// Where a row reduction over warps split along the columns combines their parts: `rows ×
+/// warps_n` f32 words of shared memory, which the whole CTA reaches (two CTA barriers).
+#[derive(Clone, Copy)]
+pub enum AcrossWarps<'ctx> {
+    /// Whole rows per warp: the quad shuffles finish the reduction.
+    No,
+    Through(PointerValue<'ctx>),
 }
 
 /// [`row_reduce`] of `value(position, element)` instead of the elements themselves
-/// (`RowReduce { value }`, e.g. the sum of squares of an L2 norm).
+/// (`RowReduce { value }`, e.g. the sum of squares of an L2 norm). With `across_threads` false,
+/// each thread keeps its own part (row shares).
 pub fn row_reduce_with<'ctx>(
     kb: &KernelBuilder<'_, 'ctx>,
     src: &AccumulatorTile<'ctx>,
     op: RowReduction,
     dst: &RowVector<'ctx>,
     across_threads: bool,
+    across_warps: AcrossWarps<'ctx>,
     mut value: impl FnMut(&KernelBuilder<'_, 'ctx>, &ElementPosition<'ctx>, FloatValue<'ctx>) -> Result<FloatValue<'ctx>>,
 ) -> Result<()> {
     let shape = src.shape;
-    if shape.layout.warps_n != 1 {
-        return unsupported("row reductions need whole rows per warp (warps_n = 1)");
-    }
+    let scratch = match across_warps {
+        AcrossWarps::Through(scratch) if shape.layout.warps_n > 1 && across_threads => Some(scratch),
+        AcrossWarps::No if shape.layout.warps_n == 1 => None,
+        _ => return unsupported("a row reduction over warps split along the columns needs shared scratch, and a row vector"),
+    };
     if dst.of.rows != shape.rows || dst.of.layout != shape.layout {
         return unsupported("row vector belongs to a different accumulator layout");
     }
@@ -534,6 +547,30 @@ pub fn row_reduce_with<'ctx>(
             total = across_quad(kb, total, combine)?;
         }
         dst.set(kb, row_slot, total)?;
+    }
+    if let Some(scratch) = scratch {
+        // Each warp column's part to word (row, column), then every thread adds a row's parts in
+        // column order, so that all warps of a row hold the same total.
+        let warps_n = shape.layout.warps_n;
+        let word = |row: IntValue<'ctx>, column: IntValue<'ctx>| -> Result<PointerValue<'ctx>> {
+            let index = kb.add(kb.mul(row, kb.i32(warps_n as i64))?, column)?;
+            kb.byte_pointer(scratch, kb.mul(index, kb.i32(4))?)
+        };
+        let column = kb.rem(kb.warp_index()?, kb.i32(warps_n as i64))?;
+        for row_slot in 0..shape.row_slots() {
+            kb.store_f32(word(place.row(kb, row_slot)?, column)?, dst.get(kb, row_slot)?)?;
+        }
+        kb.barrier()?;
+        for row_slot in 0..shape.row_slots() {
+            let row = place.row(kb, row_slot)?;
+            let mut total = kb.load_f32(word(row, kb.i32(0))?)?;
+            for other in 1..warps_n {
+                total = combine(total, kb.load_f32(word(row, kb.i32(other as i64))?)?)?;
+            }
+            dst.set(kb, row_slot, total)?;
+        }
+        // The next reduction writes the same words.
+        kb.barrier()?;
     }
     Ok(())
 }

@@ -438,8 +438,12 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 
     /// `Store` of a register tile: every element inside the box (tensor bounds, `valid`) is
-    /// rounded to the tensor's type and written by the thread that holds it.
+    /// rounded to the tensor's type and written by the thread that holds it. Of a shared window:
+    /// see [`Lowering::store_shared`].
     pub(super) fn store(&self, kb: &KernelBuilder<'_, 'ctx>, src: &TileView, dst: &GlobalTile) -> Result<()> {
+        if matches!(self.tiles[src.tile.0], TileStorage::Shared { .. }) {
+            return self.store_shared(kb, src, dst);
+        }
         self.whole_register_tile(src)?;
         let global = self.global_box(kb, dst)?;
         let ty = &self.kernel.tile(src.tile).ty;
@@ -465,6 +469,79 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             }
             _ => unsupported(format!("store from %{}: only accumulators and row vectors are stored", self.tile_name(src.tile))),
         }
+    }
+}
+
+impl<'ctx> Lowering<'_, 'ctx> {
+    /// `Store` of a shared window: 16-byte chunks spread over the CTA (each warp writes whole
+    /// rows, where an accumulator's fragments write 4 bytes per row and thread) when the types
+    /// match and rows and box columns allow it; a chunk not wholly inside the box is written
+    /// element by element. Otherwise element by element, rounded to the tensor's type.
+    fn store_shared(&self, kb: &KernelBuilder<'_, 'ctx>, src: &TileView, dst: &GlobalTile) -> Result<()> {
+        let window = self.shared_window(kb, src)?;
+        let global = self.global_box(kb, dst)?;
+        if global.shape != (window.rows, window.cols) {
+            return unsupported(format!("store of a {}×{} window into a {:?} box of `{}`", window.rows, window.cols, global.shape, dst.param));
+        }
+        let elem = global.tensor.elem;
+        let element_address = |kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>| {
+            kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, kb.i32(window.row_pitch() as i64))?, col)?)
+        };
+        let store_element = |kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>| -> Result<()> {
+            let inside = global.inside(kb, row, col)?;
+            kb.if_then(inside, |kb| {
+                let value = load_as_f32(kb, element_address(kb, row, col)?, window.elem)?;
+                store_from_f32(kb, global.pointer(kb, row, col)?, elem, value)
+            })
+        };
+        let chunk_elems = 16 / window.elem.bytes();
+        let chunkable = elem == window.elem
+            && window.cols.is_multiple_of(chunk_elems)
+            && (window.row_pitch() * window.elem.bytes()).is_multiple_of(16)
+            && matches!(src.col0, Expr::Int(c) if (c as u64).is_multiple_of(chunk_elems as u64))
+            && global.columns_contiguous_in(chunk_elems as u64);
+        let Some(cols) = global.cols.as_ref().filter(|_| chunkable) else {
+            let threads = self.kernel.threads();
+            let thread = kb.thread_index()?;
+            for round in 0..(window.rows * window.cols).div_ceil(threads) {
+                let element = kb.add(thread, kb.i32((round * threads) as i64))?;
+                let store = |kb: &KernelBuilder<'_, 'ctx>| {
+                    let row = kb.div(element, kb.i32(window.cols as i64))?;
+                    store_element(kb, row, kb.rem(element, kb.i32(window.cols as i64))?)
+                };
+                kb.if_then(kb.lt(element, kb.i32((window.rows * window.cols) as i64))?, store)?;
+            }
+            return Ok(());
+        };
+        let chunks_per_row = window.cols / chunk_elems;
+        let chunks = window.rows * chunks_per_row;
+        let threads = self.kernel.threads();
+        let thread = kb.thread_index()?;
+        for round in 0..chunks.div_ceil(threads) {
+            let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
+            let store = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+                let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
+                let col = kb.mul(kb.rem(chunk, kb.i32(chunks_per_row as i64))?, kb.i32(chunk_elems as i64))?;
+                let last_col = kb.add(col, kb.i32(chunk_elems as i64 - 1))?;
+                let whole = kb.and(global.rows.inside(kb, row)?, kb.and(cols.inside(kb, col)?, cols.inside(kb, last_col)?)?)?;
+                kb.if_else(
+                    whole,
+                    |kb| kb.store_v4(global.pointer(kb, row, col)?, kb.load_v4(element_address(kb, row, col)?)?),
+                    |kb| {
+                        for offset in 0..chunk_elems {
+                            store_element(kb, row, kb.add(col, kb.i32(offset as i64))?)?;
+                        }
+                        Ok(())
+                    },
+                )
+            };
+            if (round + 1) * threads <= chunks {
+                store(kb)?;
+            } else {
+                kb.if_then(kb.lt(chunk, kb.i32(chunks as i64))?, store)?;
+            }
+        }
+        Ok(())
     }
 }
 

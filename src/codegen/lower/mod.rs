@@ -41,7 +41,7 @@ use inkwell::values::PointerValue;
 
 use super::tile::{
     AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector, across_quad,
-    SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
+    AcrossWarps, SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
 use super::hopper::HopperKernel;
 use super::hopper::copy::aligned_tile_address;
@@ -299,9 +299,9 @@ fn lower_kernel<'ctx>(module: &PtxModule<'ctx>, kernel: &KernelFn) -> Result<Low
         }
         base => base,
     };
-    // The block size, and one resident CTA per SM as the only occupancy goal: with .maxntid
-    // alone ptxas caps registers to fit more CTAs and spills instead.
-    for (name, value) in [("nvvm.maxntid", kernel.threads()), ("nvvm.minctasm", 1)] {
+    // The block size and the kernel's occupancy goal: with .maxntid alone ptxas caps registers
+    // to fit more CTAs and spills instead.
+    for (name, value) in [("nvvm.maxntid", kernel.threads()), ("nvvm.minctasm", kernel.ctas_per_sm)] {
         let attribute = kb.context().create_string_attribute(name, &value.to_string());
         kb.function().add_attribute(AttributeLoc::Function, attribute);
     }
@@ -700,7 +700,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         };
         // Row shares keep each thread's part; a row vector adds the parts across the threads.
         let across_threads = !matches!(self.kernel.tile(dst).ty.layout, Layout::RowShares { .. });
-        row_reduce_with(kb, self.accumulator(src.tile)?, op, self.row_vector(dst)?, across_threads, |kb, position, element| {
+        let across_warps = match self.kernel.tile(src.tile).ty.layout {
+            Layout::MmaAccumulator { warps_n, .. } if warps_n > 1 => {
+                let base = self.shared_base.ok_or_else(|| CodegenError::Llvm("a row reduction across warps without shared memory".into()))?;
+                AcrossWarps::Through(kb.byte_pointer(base, kb.i32(self.kernel.row_reduce_scratch_offset() as i64))?)
+            }
+            _ => AcrossWarps::No,
+        };
+        row_reduce_with(kb, self.accumulator(src.tile)?, op, self.row_vector(dst)?, across_threads, across_warps, |kb, position, element| {
             let site = ElementSite::Accumulator { tile: src.tile, position: *position, value: element };
             self.eval(kb, value, &site)?.float()
         })

@@ -58,6 +58,12 @@ pub const MBARRIER_BYTES: usize = 8;
 /// Bytes of the word each thread stores to before an ordered `mma.wait` (one per thread: a word
 /// all of them stored to would be a write-write race to the race checker).
 pub const ANCHOR_BYTES: usize = 4;
+/// Shared memory of one SM (sm_90), which its resident CTAs share, and what the hardware keeps
+/// of it per CTA.
+pub const SM_SHARED_MEMORY_BYTES: usize = 228 * 1024;
+pub const SHARED_MEMORY_RESERVED_PER_CTA: usize = 1024;
+/// Threads one SM holds.
+pub const SM_THREADS: u32 = 2048;
 /// Threads of a warpgroup (the unit of wgmma and of warp-specialized roles).
 pub const WARPGROUP_THREADS: u32 = 128;
 /// Registers one SM holds per CTA (65536 32-bit registers).
@@ -497,6 +503,9 @@ pub struct KernelFn {
     /// mbarrier rings, placed after the tiles (8 bytes per slot).
     pub barriers: Vec<BarrierDecl>,
     pub schedule: Schedule,
+    /// The occupancy goal given to ptxas (`.minnctapersm`): it keeps registers to what this many
+    /// resident CTAs per SM leave each thread. 1 lets a thread take all 255.
+    pub ctas_per_sm: u32,
     pub body: Vec<Stmt>,
 }
 
@@ -520,6 +529,7 @@ impl KernelFn {
         if self.has_ordered_waits() {
             bytes += self.threads() as usize * ANCHOR_BYTES;
         }
+        bytes += self.row_reduce_scratch_bytes();
         if self.has_swizzled_tiles() {
             bytes += layout::TILE_ALIGNMENT as usize;
         }
@@ -556,6 +566,34 @@ impl KernelFn {
             return tiles_end;
         }
         tiles_end.next_multiple_of(MBARRIER_BYTES) + self.barrier_slots() * MBARRIER_BYTES
+    }
+    /// Whether `ctas` CTAs of this kernel fit on one SM at once (shared memory and threads).
+    pub fn fits_ctas_per_sm(&self, ctas: u32) -> bool {
+        let ctas = ctas as usize;
+        ctas > 0
+            && ctas * (self.shared_bytes() + SHARED_MEMORY_RESERVED_PER_CTA) <= SM_SHARED_MEMORY_BYTES
+            && ctas as u32 * self.threads() <= SM_THREADS
+    }
+    /// Where the partial row results of row reductions across warps go: after the anchor words.
+    pub fn row_reduce_scratch_offset(&self) -> usize {
+        let anchors = if self.has_ordered_waits() { self.threads() as usize * ANCHOR_BYTES } else { 0 };
+        (self.anchor_offset() + anchors).next_multiple_of(4)
+    }
+    /// Bytes of the partial row results (f32 per row and warp column) of the widest row
+    /// reduction whose rows are split over several warps; 0 when every reduction has whole rows
+    /// per warp (combined with shuffles alone).
+    pub fn row_reduce_scratch_bytes(&self) -> usize {
+        let mut bytes = 0;
+        for_each_stmt(&self.body, &mut |stmt| {
+            if let Stmt::RowReduce { src, .. } = stmt
+                && let Some(decl) = self.tiles.get(src.tile.0)
+                && let Layout::MmaAccumulator { warps_n, .. } = decl.ty.layout
+                && warps_n > 1
+            {
+                bytes = bytes.max(decl.ty.rows as usize * warps_n as usize * 4);
+            }
+        });
+        bytes
     }
     /// Whether some `mma.wait` is ordered after a tile (and so needs the anchor words).
     pub fn has_ordered_waits(&self) -> bool {

@@ -67,6 +67,9 @@ impl KernelFn {
             self.threads(),
             self.warps
         );
+        if self.ctas_per_sm > 1 {
+            let _ = writeln!(out, "  occupancy goal: {} CTAs per SM", self.ctas_per_sm);
+        }
         let s = &self.schedule;
         let _ = writeln!(
             out,

@@ -127,6 +127,14 @@ impl<'a> Verifier<'a> {
             ));
         }
         let shared = k.shared_bytes();
+        if !k.fits_ctas_per_sm(k.ctas_per_sm) {
+            self.errors.push(format!(
+                "kernel {}: {} resident CTAs per SM do not fit ({} threads and {shared} bytes of shared memory each)",
+                k.name,
+                k.ctas_per_sm,
+                k.threads()
+            ));
+        }
         if shared > SHARED_MEMORY_LIMIT_BYTES {
             self.errors.push(format!(
                 "kernel {}: shared memory {shared} bytes exceeds the {SHARED_MEMORY_LIMIT_BYTES}-byte limit",
@@ -710,10 +718,13 @@ impl<'a> Verifier<'a> {
                 if !ok {
                     self.err(stmt, "reduces an mma accumulator into a row vector (or row shares, by sum) of the same rows and warp grid");
                 }
+                // Warps split along the columns combine their parts through shared memory
+                // between two CTA barriers.
                 if let Layout::MmaAccumulator { warps_n, .. } = ts.layout
-                    && warps_n != 1
+                    && warps_n > 1
+                    && (self.in_role || !matches!(td.layout, Layout::RowVector { .. }))
                 {
-                    self.err(stmt, format!("a row reduction needs whole rows per warp: the accumulator's warps are split {warps_n} ways along the columns"));
+                    self.err(stmt, format!("a row reduction over warps split {warps_n} ways along the columns needs the whole CTA and a row vector (not inside a role, not into row shares)"));
                 }
                 let ctx = ExprCtx::Elementwise { dst: src };
                 self.expect_type(stmt, value, ScalarType::F32, ctx, "reduced value");

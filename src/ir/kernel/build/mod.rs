@@ -145,9 +145,9 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
             .filter(|block_n| d.is_multiple_of(*block_n))
             .flat_map(gemm)
             .collect(),
-        // Tall row tiles first: fewer halo rows re-read, and 8 warps for the element-wise work
-        // (a row reduction needs whole rows per warp, so 8 warps need 128 rows).
-        ForwardKernel::QkPrologue => [128, 64, 32, 16]
+        // 64-row tiles on 8 warps first: 8 warps for the element-wise work, and shared memory
+        // left for a second CTA per SM; taller tiles where the halo leaves 64 rows too few.
+        ForwardKernel::QkPrologue => [64, 128, 32, 16]
             .into_iter()
             .flat_map(|block_m| {
                 [8, 4, 2, 1].map(|warps| Schedule {
@@ -703,6 +703,7 @@ fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         tiles: gemm.tiles.decls,
         barriers: Vec::new(),
         schedule: *s,
+        ctas_per_sm: 1,
         body,
     })
 }
@@ -1055,6 +1056,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         tiles: t.decls,
         barriers: Vec::new(),
         schedule: *s,
+        ctas_per_sm: 1,
         body,
     })
 }
@@ -1123,6 +1125,7 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         tiles: gemm.tiles.decls,
         barriers: Vec::new(),
         schedule: *s,
+        ctas_per_sm: 1,
         body,
     })
 }

@@ -42,6 +42,9 @@ enum WeightStaging {
 /// leave a last wave mostly idle).
 const RESIDENT_ROW_TILES: u32 = 2;
 
+/// The prologue's occupancy goal where shared memory allows it.
+const PROLOGUE_CTAS_PER_SM: u32 = 2;
+
 pub(super) struct PrologueBuilder<'a> {
     spec: &'a AttentionSpec,
     schedule: Schedule,
@@ -243,7 +246,7 @@ impl<'a> PrologueBuilder<'a> {
         let own_tiles = int(self.row_tiles).min(seq().ceil_div(int(self.out_rows)) - Expr::BlockIdx(Axis::Y) * int(self.row_tiles));
         body.push(for_("tile", int(0), own_tiles, tile_body));
 
-        KernelFn {
+        let mut kernel = KernelFn {
             name: format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
             params,
             grid: [
@@ -255,8 +258,13 @@ impl<'a> PrologueBuilder<'a> {
             tiles: self.tiles.decls,
             barriers: Vec::new(),
             schedule: self.schedule,
+            ctas_per_sm: 1,
             body,
-        }
+        };
+        // Two CTAs per SM where shared memory allows: the steps of one CTA wait on each other
+        // (copy, convolutions, epilogue), the other's fill the gaps.
+        kernel.ctas_per_sm = (1..=PROLOGUE_CTAS_PER_SM).rev().find(|ctas| kernel.fits_ctas_per_sm(*ctas)).unwrap_or(1);
+        kernel
     }
 
     /// Position (token index) of tile row 0.
@@ -449,7 +457,7 @@ impl<'a> PrologueBuilder<'a> {
             HeadKind::Query => ("q", var("head")),
             HeadKind::Key => ("k", var("kv")),
         };
-        out.push(self.store_rows(param, head));
+        out.extend(self.store_rows(param, head));
         out
     }
 
@@ -514,18 +522,25 @@ impl<'a> PrologueBuilder<'a> {
         out
     }
 
-    fn store_rows(&self, param: &str, head: Expr) -> Stmt {
+    /// The rounded head through p0_s (free again once every thread is past its last read), so
+    /// that the store writes whole rows in 16-byte chunks.
+    fn store_rows(&self, param: &str, head: Expr) -> Vec<Stmt> {
         let rows = if self.halo == 0 {
             span(self.top(), self.m)
         } else {
             GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), var("t0") + int(self.out_rows))) }
         };
-        Stmt::Store {
-            src: self.tiles.whole(self.acc),
-            dst: GlobalTile {
-                param: param.into(),
-                dims: vec![GlobalDim::At(var("b")), rows, GlobalDim::At(head), span(int(0), self.d)],
+        vec![
+            Stmt::Barrier,
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
+            Stmt::Barrier,
+            Stmt::Store {
+                src: self.lead_rows(self.p0_s),
+                dst: GlobalTile {
+                    param: param.into(),
+                    dims: vec![GlobalDim::At(var("b")), rows, GlobalDim::At(head), span(int(0), self.d)],
+                },
             },
-        }
+        ]
     }
 }

@@ -142,6 +142,7 @@ pub fn wgmma_attention_footprint(elem: ElemType, head_dim: u32, schedule: &Wgmma
         tiles: storage.tiles.decls,
         barriers: storage.barriers,
         schedule: Schedule { block_m: schedule.block_m, block_n: schedule.block_n, block_k: head_dim, warps: storage.warps, stages: schedule.stages },
+        ctas_per_sm: 1,
         body: vec![Stmt::MmaWait { pending: 0, after: Some(storage.l) }],
     };
     Ok((skeleton.threads(), skeleton.shared_bytes()))
@@ -432,6 +433,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
         tiles: t.decls,
         barriers,
         schedule: Schedule { block_m: bm, block_n: bn, block_k: d, warps, stages },
+        ctas_per_sm: 1,
         body,
     };
     kernel.verify().map_err(|errors| format!("{} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;

@@ -501,6 +501,7 @@ pub fn build_wgmma_projection(
         tiles,
         barriers,
         schedule: Schedule { block_m: GEMM_BLOCK_M, block_n, block_k: GEMM_BLOCK_K, warps: WARPS, stages },
+        ctas_per_sm: 1,
         body,
     };
     kernel.verify().map_err(|errors| format!("{} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
