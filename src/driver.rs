@@ -235,7 +235,7 @@ pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
 /// interpreter runs to check what ships.
 #[cfg(feature = "llvm")]
 pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
-    Ok(Compilation::new(spec, &[])?.sources.kernels)
+    Ok(Compilation::new(spec, &[])?.kernels)
 }
 
 /// Kernel IR text of the kernels that ship, with a note on the kernel whose PTX does not come
@@ -416,64 +416,6 @@ fn wgmma_projection(
     Some(hopper::best_gemm(&base, hopper::ProblemShape::of(spec)).unwrap_or(base))
 }
 
-/// The Hopper prologue for `kernel`, the `qk_prologue` kernel of `spec` (same ABI), or `None` where the
-/// kernel IR's mma.sync kernel stays: head_dim other than 64 and 128, convolutions wider than 4
-/// taps, more history after a per-head stage than its 64 rows leave room for, or per-head
-/// convolution weights and row tiles that do not fit in shared memory.
-#[cfg(feature = "llvm")]
-pub fn wgmma_prologue(spec: &AttentionSpec, kernel: &KernelFn) -> Option<crate::codegen::hopper::HopperPrologueConfig> {
-    use crate::codegen::hopper::{
-        HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature,
-    };
-    use crate::spec::{KeyTemperature, ParamRole, QkNorm};
-    let name = |role: ParamRole| spec.param_name(role);
-    let stages = spec
-        .qk_conv
-        .iter()
-        .enumerate()
-        .map(|(stage, conv)| {
-            Some(PrologueConvStage {
-                kind: conv.kind,
-                width: conv.width as u32,
-                weight: name(ParamRole::ConvWeight { stage })?,
-                bias: name(ParamRole::ConvBias { stage })?,
-            })
-        })
-        .collect::<Option<Vec<_>>>()?;
-    let norm = match spec.qk_norm {
-        QkNorm::None => None,
-        QkNorm::L2 => Some(PrologueNorm {
-            eps: spec.norm_eps,
-            temperature: match spec.key_temperature {
-                KeyTemperature::None => PrologueTemperature::None,
-                KeyTemperature::Learned => PrologueTemperature::Learned(name(ParamRole::KeyTemperature)?),
-                KeyTemperature::LearnedExp => PrologueTemperature::LearnedExp(name(ParamRole::KeyTemperature)?),
-            },
-        }),
-    };
-    let config = HopperPrologueConfig {
-        name: kernel.name.clone(),
-        elem: ElemType::from(spec.dtype).into(),
-        params: crate::codegen::lower::param_kinds(kernel),
-        head_dim: spec.head_dim as u32,
-        q_heads: spec.query_heads as u32,
-        kv_heads: spec.kv_heads as u32,
-        stages,
-        qk_mean: spec.qk_mean,
-        norm,
-        rope: spec.rope.map(|rope| PrologueRope {
-            rotary_dim: rope.rotary_dim as u32,
-            theta: rope.theta,
-            style: rope.style,
-        }),
-        // Two 64-row tiles per CTA: the per-head weights are staged once for 128 rows, and at
-        // S = 16384 ZAYA1's 10 heads make 1280 CTAs, 4.85 waves of two per SM (with four tiles,
-        // 2.42 waves would leave the third one 58% idle).
-        tiles_per_cta: 2,
-    };
-    config.launch().is_ok().then_some(config)
-}
-
 /// The kernels of `spec` whose PTX comes from the Hopper fast path, with the configurations the
 /// driver chose (in launch order).
 #[cfg(feature = "llvm")]
@@ -501,7 +443,6 @@ pub fn tile_listing(
                 let candidates = hopper::gemm_candidates(config, shape);
                 sections.push(tiles::listing(&config.name, "projection GEMM", shape, &candidates));
             }
-            HopperKernel::Prologue(_) => {}
         }
     }
     if sections.is_empty() {
@@ -537,7 +478,6 @@ pub fn write_tuning_candidates(
                 .into_iter()
                 .filter_map(|c| Some((tiles::gemm_tiles(&c.config), c.verdict.ok()?.micros)))
                 .collect(),
-            HopperKernel::Prologue(_) => continue,
         };
         let mut candidates = Vec::new();
         for (rank, (choice, estimate_us)) in ranked.into_iter().take(top).enumerate() {
@@ -601,7 +541,7 @@ impl PlannedSources {
                         crate::codegen::hopper::best_attention(&base, shape).map(HopperKernel::Attention)
                     })
                     .flatten(),
-                ForwardKernel::QkPrologue => wgmma_prologue(spec, k).map(HopperKernel::Prologue),
+                ForwardKernel::QkPrologue => None,
                 ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
                     wgmma_projection(spec, *which, k).map(HopperKernel::Gemm)
                 }
@@ -630,7 +570,6 @@ impl PlannedSources {
                         .hopper
                         .iter()
                         .flatten()
-                        .filter(|k| !matches!(k, HopperKernel::Prologue(_)))
                         .map(HopperKernel::name)
                         .collect();
                     Err(format!(
@@ -648,13 +587,13 @@ impl PlannedSources {
         Ok(self)
     }
 
-    /// Builds the kernel IR of every Hopper kernel that has a kernel-IR builder (the projection
-    /// GEMMs and the warp-specialized TMA attention, for the tiles chosen) in place of its tiled
-    /// kernel. The driver only picks shapes the builders take, so a builder error is a compiler
-    /// bug, reported as such.
-    fn into_kernel_ir(mut self, spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
+    /// The kernel IR of every kernel: the Hopper attention and GEMM configurations built by their
+    /// kernel-IR builders for the tiles chosen, the other kernels as planned. The driver only
+    /// picks shapes the builders take, so a builder error is a compiler bug, reported as such.
+    fn into_kernel_ir(self, spec: &AttentionSpec) -> Result<(Vec<KernelPlan>, Vec<KernelFn>), CompileError> {
         use crate::codegen::hopper::{GemmSchedule, HopperKernel};
-        for ((which, kernel), hopper) in self.which.iter().zip(self.kernels.iter_mut()).zip(self.hopper.iter_mut()) {
+        let PlannedSources { plans, which, mut kernels, hopper } = self;
+        for ((which, kernel), hopper) in which.iter().zip(kernels.iter_mut()).zip(hopper) {
             let built = match hopper {
                 Some(HopperKernel::Gemm(config)) => {
                     let schedule = kernel::WgmmaGemmSchedule {
@@ -665,65 +604,11 @@ impl PlannedSources {
                     kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
                 }
                 Some(HopperKernel::Attention(config)) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
-                _ => continue,
+                None => continue,
             };
             *kernel = built.map_err(|e| error(spec, "kernel", e))?;
-            *hopper = None;
         }
-        Ok(self)
-    }
-
-    fn sources(&self) -> Vec<crate::codegen::lower::KernelSource<'_>> {
-        use crate::codegen::lower::KernelSource;
-        self.kernels
-            .iter()
-            .zip(&self.hopper)
-            .map(|(kernel, hopper)| match hopper {
-                Some(fast) => KernelSource::Hopper(fast),
-                None => KernelSource::Ir(kernel),
-            })
-            .collect()
-    }
-
-    /// What determines the PTX, for the cache key.
-    fn description(&self) -> String {
-        self.kernels
-            .iter()
-            .zip(&self.hopper)
-            .map(|(kernel, hopper)| match hopper {
-                Some(fast) => fast.describe(),
-                None => kernel.to_string(),
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    /// Launches, known without LLVM.
-    fn launches(&self, spec: &AttentionSpec) -> Result<Vec<LaunchInfo>, CompileError> {
-        self.kernels
-            .iter()
-            .zip(&self.hopper)
-            .map(|(kernel, hopper)| match hopper {
-                Some(fast) => {
-                    let launch = fast.launch().map_err(|e| error(spec, "codegen", e))?;
-                    Ok(LaunchInfo {
-                        threads: launch.threads,
-                        dynamic_shared_bytes: launch.dynamic_shared_bytes,
-                        grid: launch.grid,
-                        extra_params: launch.extra_params,
-                    })
-                }
-                None => {
-                    let launch = crate::codegen::lower::launch_of(kernel);
-                    Ok(LaunchInfo {
-                        threads: launch.threads,
-                        dynamic_shared_bytes: launch.dynamic_shared_bytes,
-                        grid: kernel.grid.clone(),
-                        extra_params: Vec::new(),
-                    })
-                }
-            })
-            .collect()
+        Ok((plans, kernels))
     }
 }
 
@@ -767,7 +652,10 @@ pub fn compile_library(
 #[cfg(feature = "llvm")]
 pub struct Compilation<'s> {
     spec: &'s AttentionSpec,
-    sources: PlannedSources,
+    /// The plan of every entry point, which the kernels were built from.
+    plans: Vec<KernelPlan>,
+    /// The kernel IR of every kernel in launch order: what becomes PTX.
+    kernels: Vec<KernelFn>,
 }
 
 #[cfg(feature = "llvm")]
@@ -775,35 +663,21 @@ impl<'s> Compilation<'s> {
     /// Plans and builds every kernel, with `tiles` in place of the resource model's choice for the
     /// kernels they name.
     pub fn new(spec: &'s AttentionSpec, tiles: &[(String, crate::tuning::TileChoice)]) -> Result<Compilation<'s>, CompileError> {
-        let sources = PlannedSources::of(spec)?.with_tiles(spec, tiles)?.into_kernel_ir(spec)?;
-        Ok(Compilation { spec, sources })
+        let (plans, kernels) = PlannedSources::of(spec)?.with_tiles(spec, tiles)?.into_kernel_ir(spec)?;
+        Ok(Compilation { spec, plans, kernels })
     }
 
     /// The kernel plan of every entry point with each kernel's schedule and grid replaced by those
-    /// of the kernel that runs (the kernel IR built for the chosen tiles, or the prologue emitter's
-    /// tiles, warps and grid), so that `--emit plan` and the manifest agree.
+    /// of the kernel IR built for it, so that `--emit plan` and the manifest agree.
     pub fn launched_plans(&self) -> Result<Vec<KernelPlan>, CompileError> {
-        use crate::codegen::hopper::HopperKernel;
-        let (spec, planned) = (self.spec, &self.sources);
-        let launches = planned.launches(spec)?;
-        let mut plans = planned.plans.clone();
-        let mut shipped = planned.kernels.iter().zip(&planned.hopper).zip(&launches);
+        let mut plans = self.plans.clone();
+        let mut shipped = self.kernels.iter();
         for planned_kernel in plans.iter_mut().flat_map(|plan| plan.kernels.iter_mut()) {
-            let Some(((ir, hopper), launch)) = shipped.next() else {
-                return Err(error(spec, "plan", "fewer kernels built than planned"));
+            let Some(kernel) = shipped.next() else {
+                return Err(error(self.spec, "plan", "fewer kernels built than planned"));
             };
-            planned_kernel.schedule = match hopper {
-                None => ir.schedule,
-                Some(HopperKernel::Prologue(config)) => kernel::Schedule {
-                    block_m: config.rows_per_cta().map_err(|e| error(spec, "plan", e))?,
-                    warps: launch.threads / 32,
-                    ..planned_kernel.schedule
-                },
-                Some(other) => {
-                    return Err(error(spec, "plan", format!("{} was not built as kernel IR", other.name())));
-                }
-            };
-            let [x, y, z] = launch.grid.clone();
+            planned_kernel.schedule = kernel.schedule;
+            let [x, y, z] = kernel.grid.clone();
             planned_kernel.grid = plan::Grid { x, y, z };
         }
         Ok(plans)
@@ -813,44 +687,47 @@ impl<'s> Compilation<'s> {
         Ok(self.launched_plans()?.iter().map(|plan| plan.to_string()).collect())
     }
 
-    /// The kernel IR of every kernel, with a note on the kernel whose PTX comes from the
-    /// hand-written prologue emitter instead.
+    /// The kernel IR of every kernel.
     pub fn kernel_text(&self) -> String {
-        let mut out = String::new();
-        for (kernel, hopper) in self.sources.kernels.iter().zip(&self.sources.hopper) {
-            if hopper.is_some() {
-                out += "// PTX for this kernel comes from a hand-written Hopper emitter (codegen::hopper);\n\
-                        // this kernel IR is its equivalent, which the interpreter checks.\n";
-            }
-            out += &kernel.to_string();
-        }
-        out
+        self.kernels.iter().map(|kernel| kernel.to_string()).collect()
+    }
+
+    /// The kernel IR of every kernel, in launch order.
+    pub fn kernels(&self) -> &[KernelFn] {
+        &self.kernels
     }
 
     /// LLVM IR and PTX of every kernel.
     pub fn lowered(&self) -> Result<crate::codegen::lower::LoweredModule, CompileError> {
-        crate::codegen::lower::lower_sources(&self.spec.name, &self.sources.sources())
-            .map_err(|e| error(self.spec, "codegen", e))
+        crate::codegen::lower::lower_kernels(&self.spec.name, &self.kernels).map_err(|e| error(self.spec, "codegen", e))
     }
 
     /// The PTX (through the cache when given), ptxas' report when asked for, and the validated
     /// manifest, written from the plan's kernels and launches.
     pub fn library(&self, options: &CompileOptions) -> Result<Library, CompileError> {
-        let (spec, planned) = (self.spec, &self.sources);
-        let emit = || {
-            crate::codegen::lower::lower_sources_to_ptx(&spec.name, &planned.sources())
-                .map(|module| module.ptx)
-        };
+        let (spec, kernels) = (self.spec, &self.kernels);
+        let emit = || crate::codegen::lower::lower_kernels_to_ptx(&spec.name, kernels).map(|module| module.ptx);
         let ptx = match &options.cache {
-            // The kernel descriptions determine the PTX for a given build of the compiler.
+            // The kernel IR determines the PTX for a given build of the compiler.
             Some(cache) => {
-                cache.get_or_emit(&format!("{}\n{}", build_fingerprint(), planned.description()), emit)
+                let description: String = kernels.iter().map(|kernel| kernel.to_string()).collect::<Vec<_>>().join("\n");
+                cache.get_or_emit(&format!("{}\n{description}", build_fingerprint()), emit)
             }
             None => emit(),
         }
         .map_err(|e| error(spec, "codegen", e))?;
-        let launches = planned.launches(spec)?;
-        let kernels = &planned.kernels;
+        let launches: Vec<LaunchInfo> = kernels
+            .iter()
+            .map(|kernel| {
+                let launch = crate::codegen::lower::launch_of(kernel);
+                LaunchInfo {
+                    threads: launch.threads,
+                    dynamic_shared_bytes: launch.dynamic_shared_bytes,
+                    grid: kernel.grid.clone(),
+                    extra_params: Vec::new(),
+                }
+            })
+            .collect();
         let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, kernels)? } else { vec![None; kernels.len()] };
         let ptx_file = format!("{}.ptx", spec.name);
         let entry = entry_point_manifest(spec, EntryPoint::Forward, kernels, &launches, &ptxas)?;

@@ -4,7 +4,7 @@
 //! their SASS with HGMMA and no local memory. `CCC_HOPPER_PTX_OUT=DIR` also writes each
 //! benchmarked kernel's PTX and a JSON description for bench/hopper_attention.py and
 //! bench/hopper_gemm.py (the GPU checks and benchmarks). The q/k prologue kernel for every
-//! example and a set of variants: chosen by the driver, assembled without spills.
+//! example and a set of variants: assembled without spills at its occupancy goal.
 #![cfg(feature = "llvm")]
 
 use std::collections::HashSet;
@@ -14,14 +14,13 @@ mod common;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    HopperLaunch, HopperPrologueConfig, MatrixDescriptor, OperandMajor, PrologueConvStage, PrologueRope, Swizzle128BTile,
-    WgmmaA, WgmmaShape, emit_prologue_wgmma,
+    MatrixDescriptor, OperandMajor, Swizzle128BTile, WgmmaA, WgmmaShape,
 };
 use ccc::ir::kernel::{
     ForwardKernel, KernelFn, KernelParam, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward, build_wgmma_attention,
     build_wgmma_projection, default_schedule, gemm_operands, wgmma_attention_footprint,
 };
-use ccc::codegen::{CodegenError, Elem, ParamKind, PtxModule, ptxas};
+use ccc::codegen::{Elem, ParamKind, PtxModule, ptxas};
 use ccc::ir::kernel::has_qk_prologue;
 use ccc::ir::size::SizeExpr;
 use ccc::spec::{AttentionSpec, ConvKind, ConvStage, DType, KeyTemperature, Mask, QkNorm, Rope, RopeStyle};
@@ -617,22 +616,6 @@ fn codegen_hopper_gemm_sass_uses_hgmma_without_local_memory() {
     }
 }
 
-fn pointers(names: &[&str]) -> Vec<ParamKind> {
-    let mut params: Vec<ParamKind> = names.iter().map(|name| ParamKind::GlobalPointer(name.to_string())).collect();
-    params.push(ParamKind::Size("B".into()));
-    params.push(ParamKind::Size("S".into()));
-    params
-}
-
-/// The Hopper prologue config the driver picks for `spec`, if it takes one.
-fn prologue_config(spec: &AttentionSpec) -> Option<HopperPrologueConfig> {
-    let kernel = ccc::driver::kernels(spec)
-        .expect("kernels")
-        .into_iter()
-        .find(|kernel| kernel.name.ends_with("_qk_prologue"))?;
-    ccc::driver::wgmma_prologue(spec, &kernel)
-}
-
 /// Prologue variants at ZAYA1's sizes (and d = 64): every stage order of up to two depthwise and
 /// per-head stages of widths 1 to 4, q-k mean on and off, each key temperature, RoPE NeoX with
 /// aligned and unaligned halves, interleaved with an odd number of pairs, or none; bf16 and f16.
@@ -683,129 +666,30 @@ fn prologue_variants() -> Vec<AttentionSpec> {
     specs
 }
 
-fn prologue(config: &HopperPrologueConfig) -> (String, HopperLaunch) {
-    let context = Context::create();
-    let module = PtxModule::new(&context, &config.name).expect("module");
-    let launch = emit_prologue_wgmma(&module, config).expect("emit");
-    (module.to_ptx().expect("ptx"), launch)
-}
-
+/// The prologue every example and variant ships: the kernel-IR builder's, lowered and assembled
+/// without spills, at its occupancy goal, storing q and k in 16-byte chunks and nothing narrower.
 #[test]
-fn codegen_hopper_prologue_is_chosen_for_every_example_and_variant() {
+fn codegen_prologue_of_every_example_and_variant_assembles_without_spills() {
     let examples = common::specs::example_files();
     let with_prologue: Vec<_> =
         examples.iter().chain(&prologue_variants()).filter(|spec| has_qk_prologue(spec)).cloned().collect();
     assert!(with_prologue.len() >= 16);
     for spec in &with_prologue {
-        let config = prologue_config(spec).unwrap_or_else(|| panic!("{}: no Hopper prologue", spec.name));
-        let launch = config.launch().expect("launch");
-        let out_rows = config.out_rows().expect("out rows");
-        assert_eq!(launch.threads, 256);
-        assert_eq!(
-            launch.grid,
-            [
-                SizeExpr::c((spec.query_heads + spec.kv_heads) as u64),
-                SizeExpr::seq_len().ceil_div((out_rows * config.tiles_per_cta) as u64),
-                SizeExpr::batch()
-            ],
-            "{}",
-            spec.name
-        );
-        // 64 GEMM rows less the history the stages after the first per-head one still need.
-        let mut history_after = 0;
-        let mut expected = 64;
-        for stage in spec.qk_conv.iter().rev() {
-            if stage.kind == ConvKind::PerHead {
-                expected = expected.min(64 - history_after);
-            }
-            history_after += stage.width as u32 - 1;
-        }
-        assert_eq!(out_rows, expected, "{}", spec.name);
-    }
-    // d = 32 keeps the kernel-IR prologue.
-    let mut narrow = common::specs::zaya1();
-    narrow.head_dim = 32;
-    narrow.model_dim = 32 * 16;
-    narrow.rope = None;
-    assert!(prologue_config(&narrow).is_none());
-}
-
-#[test]
-fn codegen_hopper_prologue_assembles_without_spills_or_wgmma_serialization() {
-    let examples = common::specs::example_files();
-    for spec in examples.iter().chain(&prologue_variants()).filter(|spec| has_qk_prologue(spec)) {
-        let config = prologue_config(spec).expect("a Hopper prologue");
-        let (ptx, launch) = prologue(&config);
-        assert_eq!(launch, config.launch().expect("launch"));
-        let per_head: Vec<u32> =
-            spec.qk_conv.iter().filter(|s| s.kind == ConvKind::PerHead).map(|s| s.width as u32).collect();
-        let log = ptxas_log(&ptx, &config.name);
+        let kernel = ccc::driver::kernels(spec)
+            .expect("kernels")
+            .into_iter()
+            .find(|kernel| kernel.name.ends_with("_qk_prologue"))
+            .expect("a prologue");
+        let lowered = ccc::codegen::lower::lower_kernels(&kernel.name, std::slice::from_ref(&kernel)).expect("lowered");
+        let ptx = lowered.ptx;
+        assert!(ptx.contains(&format!(".minnctapersm {}", kernel.ctas_per_sm)), "{}", spec.name);
+        let log = ptxas_log(&ptx, &kernel.name);
         let report = ptxas::parse_report(&log).expect("report").remove(0);
-        println!("{} {report:?} smem {}", spec.name, launch.dynamic_shared_bytes);
-        let kind = config.elem.name();
-        // Each of the two warpgroups computes half of the columns: one k16 step per 16 input
-        // channels and tap, one commit and wait per tap.
-        let mma = format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.{kind}.{kind}", spec.head_dim / 2);
-        let taps: u32 = per_head.iter().sum();
-        assert_eq!(count(&ptx, &mma) as u32, taps * spec.head_dim as u32 / 16, "{}", spec.name);
-        assert_eq!(count(&ptx, "wgmma.commit_group.sync.aligned;") as u32, taps, "{}", spec.name);
-        assert!(count(&ptx, "ldmatrix.sync.aligned.m8n8.x4.shared.b16") as u32 >= taps * spec.head_dim as u32 / 16);
-        // 16-byte stores of q and k, none narrower to global memory.
+        println!("{} {report:?} smem {} ctas/SM {}", spec.name, kernel.shared_bytes(), kernel.ctas_per_sm);
         assert!(count(&ptx, "st.global.v4.b32") >= 2, "{}", spec.name);
         assert_eq!(count(&ptx, "st.global.b16") + count(&ptx, "st.global.u16"), 0, "{}", spec.name);
         assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", spec.name);
-        assert!(!log.contains("C75"), "{}: ptxas had to serialize or fence wgmma itself:\n{log}", spec.name);
     }
-}
-
-#[test]
-fn codegen_hopper_prologue_rejects_bad_configurations() {
-    let good = prologue_config(&common::specs::zaya1()).expect("ZAYA1 takes the Hopper prologue");
-    let wide_per_head = PrologueConvStage { kind: ConvKind::PerHead, width: 4, ..good.stages[1].clone() };
-    let bad = [
-        HopperPrologueConfig { elem: Elem::F32, ..good.clone() },
-        HopperPrologueConfig { head_dim: 96, ..good.clone() },
-        HopperPrologueConfig { kv_heads: 3, ..good.clone() },
-        HopperPrologueConfig { tiles_per_cta: 0, ..good.clone() },
-        HopperPrologueConfig { stages: vec![PrologueConvStage { width: 5, ..good.stages[0].clone() }], ..good.clone() },
-        // Two per-head stages of 4 taps: 256 KiB of weight tiles.
-        HopperPrologueConfig { stages: vec![wide_per_head.clone(), wide_per_head], ..good.clone() },
-        HopperPrologueConfig {
-            rope: Some(PrologueRope { rotary_dim: 130, ..good.rope.expect("ZAYA1 has RoPE") }),
-            ..good.clone()
-        },
-        HopperPrologueConfig { params: pointers(&["p0", "q", "k"]), ..good.clone() },
-        // A per-head stage followed by 66 rows of history: its 64 rows leave no output row.
-        HopperPrologueConfig {
-            stages: std::iter::once(good.stages[1].clone())
-                .chain(std::iter::repeat_n(PrologueConvStage { width: 4, ..good.stages[0].clone() }, 22))
-                .collect(),
-            ..good.clone()
-        },
-        HopperPrologueConfig { tiles_per_cta: u32::MAX, ..good.clone() },
-    ];
-    for config in bad {
-        let context = Context::create();
-        let module = PtxModule::new(&context, "bad").expect("module");
-        assert!(matches!(emit_prologue_wgmma(&module, &config), Err(CodegenError::Unsupported(_))), "{config:?}");
-        assert!(config.launch().is_err(), "{config:?}");
-    }
-}
-
-#[test]
-fn codegen_hopper_prologue_sass_uses_hgmma_without_local_memory() {
-    let config = prologue_config(&common::specs::zaya1()).expect("ZAYA1 takes the Hopper prologue");
-    let (ptx, _) = prologue(&config);
-    let sass = sass(&ptx, &config.name);
-    let instructions: Vec<&str> = sass.lines().filter_map(|line| line.split("*/").nth(1)).map(str::trim).collect();
-    let count_of = |prefix: &str| instructions.iter().filter(|text| text.starts_with(prefix)).count();
-    // Two taps × eight k16 steps; the tile's p0 rows in 16-byte cp.async, stores 16 bytes wide.
-    assert_eq!(count_of("HGMMA."), 16);
-    assert!(count_of("LDGSTS.E.BYPASS.128") > 0);
-    assert_eq!(count_of("LDL") + count_of("STL"), 0);
-    assert_eq!(count_of("STG.E.U16"), 0, "16-byte stores only");
-    assert!(count_of("LDG.E.U16") <= 1, "no 16-bit global loads but the key temperature");
-    println!("{} SASS instructions", instructions.len());
 }
 
 /// The kernel-IR attention with swizzled Q/K/V (what head widths other than 64 and 128 run when

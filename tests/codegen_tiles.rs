@@ -70,7 +70,6 @@ fn the_model_ranks_the_measured_configurations_first_for_every_example() {
                     assert_eq!((c.block_n, c.stages, c.schedule), (128, 4, GemmSchedule::PingPong), "{}", config.name);
                     assert_eq!(&config, c, "the driver compiles the top-ranked candidate");
                 }
-                HopperKernel::Prologue(_) => {}
             }
         }
     }

@@ -1,14 +1,13 @@
 //! Hopper (sm_90a) specifics: warpgroup MMA (`wgmma.mma_async`) on 128-byte-swizzled shared
 //! tiles and the synchronization it needs (wgmma fences and groups, `mbarrier`, async-proxy
-//! fences, `setmaxnreg`) as per-thread primitives the kernel-IR lowering uses, the tiles of the
-//! kernel-IR builders' Hopper kernels, and the one kernel still emitted by hand.
+//! fences, `setmaxnreg`) as per-thread primitives the kernel-IR lowering uses, and the tiles of
+//! the kernel-IR builders' Hopper kernels.
 //!
 //! The shared-memory layout these kernels use, 128-byte swizzle, and the 64-bit matrix
 //! descriptors wgmma reads it through are kernel-IR types (`ir::kernel::layout`).
 //! - [`primitives`]: per-thread (per-warpgroup) instructions as inline PTX.
 //! - [`attention`]: the tiles of the wgmma attention kernel (`ir::kernel::build_wgmma_attention`).
 //! - [`gemm`]: the tiles of the wgmma projection GEMM (`ir::kernel::build_wgmma_projection`).
-//! - [`prologue`]: the q/k prologue (convolutions on wgmma, q-k mean, L2 norm, RoPE), emitted.
 //! - [`tiles`]: the tile choice for the attention kernel and the GEMMs: candidates checked against
 //!   shared memory, registers and the wgmma shape rules, ranked by a cost model.
 
@@ -16,7 +15,6 @@ pub mod attention;
 pub(crate) mod copy;
 pub mod gemm;
 pub mod primitives;
-pub mod prologue;
 pub mod tiles;
 
 pub use attention::{HopperAttentionConfig, Schedule};
@@ -27,11 +25,8 @@ pub use tiles::{
     Candidate, Fit, ProblemShape, Rejection, attention_candidates, best_attention, best_gemm, check_attention,
     check_gemm, gemm_candidates,
 };
-pub use prologue::{
-    HopperPrologueConfig, PrologueConvStage, PrologueNorm, PrologueRope, PrologueTemperature, emit_prologue_wgmma,
-};
 
-use crate::codegen::{ParamKind, PtxModule, Result, unsupported};
+use crate::codegen::{ParamKind, Result, unsupported};
 use crate::ir::size::SizeExpr;
 
 /// Checks that `params` (a kernel's ABI) holds every tensor in `tensors` as a global pointer and
@@ -58,7 +53,6 @@ fn require_params<'a>(
 pub enum HopperKernel {
     Attention(HopperAttentionConfig),
     Gemm(HopperGemmConfig),
-    Prologue(HopperPrologueConfig),
 }
 
 /// Most shared-memory stages a pipelined kernel takes: none of these kernels fits more in 227 KiB
@@ -84,7 +78,6 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => &config.name,
             HopperKernel::Gemm(config) => &config.name,
-            HopperKernel::Prologue(config) => &config.name,
         }
     }
 
@@ -93,7 +86,6 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => format!("{config:?}"),
             HopperKernel::Gemm(config) => config.describe(),
-            HopperKernel::Prologue(config) => config.describe(),
         }
     }
 
@@ -102,20 +94,6 @@ impl HopperKernel {
         match self {
             HopperKernel::Attention(config) => config.launch(),
             HopperKernel::Gemm(config) => config.launch(),
-            HopperKernel::Prologue(config) => config.launch(),
-        }
-    }
-
-    /// Emits the kernel into `module`.
-    pub fn emit(&self, module: &PtxModule<'_>) -> Result<HopperLaunch> {
-        match self {
-            // The driver builds these as kernel IR (`ir::kernel::build_wgmma_attention`,
-            // `ir::kernel::build_wgmma_projection`).
-            HopperKernel::Attention(_) | HopperKernel::Gemm(_) => unsupported(format!(
-                "{}: the kernel is a kernel-IR builder, not an emitter",
-                self.name()
-            )),
-            HopperKernel::Prologue(config) => emit_prologue_wgmma(module, config),
         }
     }
 }

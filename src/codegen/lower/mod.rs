@@ -43,7 +43,6 @@ use super::tile::{
     AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector, across_quad,
     AcrossWarps, SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
 };
-use super::hopper::HopperKernel;
 use super::hopper::copy::aligned_tile_address;
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
 use crate::ir::kernel::{
@@ -72,46 +71,31 @@ pub struct LoweredModule {
     pub kernels: Vec<LoweredKernel>,
 }
 
-/// Lowers `kernels` into one PTX module named `module_name`. Each kernel is verified first; a
-/// kernel that does not verify, or uses a construct the emitters cannot lower, is an error.
+/// Lowers `kernels` into one PTX module named `module_name`, in order. Each kernel is verified
+/// first; a kernel that does not verify, or uses a construct the lowering cannot take, is an
+/// error.
 pub fn lower_kernels(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredModule> {
-    let sources: Vec<KernelSource> = kernels.iter().map(KernelSource::Ir).collect();
-    lower_sources(module_name, &sources)
+    lower_kernels_with(module_name, kernels, true)
 }
 
-/// Where one kernel of a module comes from.
-#[derive(Clone, Copy, Debug)]
-pub enum KernelSource<'a> {
-    /// Kernel IR, lowered statement by statement through the tile emitters.
-    Ir(&'a KernelFn),
-    /// The hand-written Hopper prologue (`codegen::hopper::prologue`), until it is a kernel-IR
-    /// builder like the attention kernel and the projection GEMMs.
-    Hopper(&'a HopperKernel),
-}
-
-/// Lowers every source into one PTX module named `module_name`, in order.
-pub fn lower_sources(module_name: &str, sources: &[KernelSource]) -> Result<LoweredModule> {
-    lower_sources_with(module_name, sources, true)
-}
-
-/// [`lower_sources`] without printing the LLVM IR (megabytes for a fused CCA kernel), for
+/// [`lower_kernels`] without printing the LLVM IR (megabytes for a fused CCA kernel), for
 /// compiles that only need the PTX; `llvm_ir` is left empty.
 ///
 /// Kernels share nothing but the module, so each is optimized and emitted in an LLVM module of
 /// its own on a thread of its own (LLVM's passes dominate a cold compile), and the PTX texts are
 /// joined into the text one module would have given.
-pub fn lower_sources_to_ptx(module_name: &str, sources: &[KernelSource]) -> Result<LoweredModule> {
-    if sources.len() < 2 {
-        return lower_sources_with(module_name, sources, false);
+pub fn lower_kernels_to_ptx(module_name: &str, kernels: &[KernelFn]) -> Result<LoweredModule> {
+    if kernels.len() < 2 {
+        return lower_kernels_with(module_name, kernels, false);
     }
     let parts: Vec<Result<LoweredModule>> = std::thread::scope(|scope| {
-        let threads: Vec<_> = sources
+        let threads: Vec<_> = kernels
             .iter()
-            .map(|source| {
+            .map(|kernel| {
                 std::thread::Builder::new()
                     // LLVM recurses deeply on large kernels; match a main thread's stack.
                     .stack_size(KERNEL_THREAD_STACK_BYTES)
-                    .spawn_scoped(scope, move || lower_sources_with(module_name, std::slice::from_ref(source), false))
+                    .spawn_scoped(scope, move || lower_kernels_with(module_name, std::slice::from_ref(kernel), false))
             })
             .collect();
         threads
@@ -175,35 +159,15 @@ fn join_ptx<'a>(parts: impl Iterator<Item = &'a str>) -> Result<String> {
     Ok(format!("{header}{declarations}\n{kernels}"))
 }
 
-fn lower_sources_with(
-    module_name: &str,
-    sources: &[KernelSource],
-    print_llvm_ir: bool,
-) -> Result<LoweredModule> {
+fn lower_kernels_with(module_name: &str, kernels: &[KernelFn], print_llvm_ir: bool) -> Result<LoweredModule> {
     let context = Context::create();
     let module = PtxModule::new(&context, module_name)?;
-    let mut lowered = Vec::with_capacity(sources.len());
-    for source in sources {
-        lowered.push(match source {
-            KernelSource::Ir(kernel) => {
-                kernel.verify().map_err(|errors| {
-                    CodegenError::Unsupported(format!(
-                        "kernel `{}` does not verify:\n  {}",
-                        kernel.name,
-                        errors.join("\n  ")
-                    ))
-                })?;
-                lower_kernel(&module, kernel)?
-            }
-            KernelSource::Hopper(kernel) => {
-                let launch = kernel.emit(&module)?;
-                LoweredKernel {
-                    symbol: kernel.name().to_string(),
-                    threads: launch.threads,
-                    dynamic_shared_bytes: launch.dynamic_shared_bytes,
-                }
-            }
-        });
+    let mut lowered = Vec::with_capacity(kernels.len());
+    for kernel in kernels {
+        kernel.verify().map_err(|errors| {
+            CodegenError::Unsupported(format!("kernel `{}` does not verify:\n  {}", kernel.name, errors.join("\n  ")))
+        })?;
+        lowered.push(lower_kernel(&module, kernel)?);
     }
     module.optimize()?;
     // Kernel-IR kernels are code-generated without optimization once LLVM's IR pipeline has
@@ -211,9 +175,9 @@ fn lower_sources_with(
     // (straight-line strength reduction above all) half of a cold compile, and ptxas optimizes
     // the PTX again anyway. Warp-specialized kernels keep optimized code generation: without it
     // the wgmma attention kernel spills.
-    for (source, kernel) in sources.iter().zip(&lowered) {
-        if matches!(source, KernelSource::Ir(ir) if !ir.has_roles()) {
-            module.skip_codegen_optimization(&kernel.symbol)?;
+    for (kernel, lowered) in kernels.iter().zip(&lowered) {
+        if !kernel.has_roles() {
+            module.skip_codegen_optimization(&lowered.symbol)?;
         }
     }
     let llvm_ir = if print_llvm_ir { module.llvm_ir() } else { String::new() };
