@@ -210,8 +210,6 @@ pub struct LaunchInfo {
     pub threads: u32,
     pub dynamic_shared_bytes: u32,
     pub grid: [crate::ir::size::SizeExpr; 3],
-    /// Parameters after those of the kernel's IR (a Hopper kernel's TMA descriptors).
-    pub extra_params: Vec<KernelParamManifest>,
 }
 
 /// Whether the attention kernel of `spec` is the warp-specialized wgmma kernel
@@ -316,7 +314,6 @@ pub fn entry_point_manifest(
         let launch = launches.get(index).ok_or_else(|| {
             error(spec, "manifest", format!("no launch information for {}", kernel.name))
         })?;
-        params.extend(launch.extra_params.iter().cloned());
         kernel_manifests.push(KernelManifest {
             symbol: kernel.name.clone(),
             params,
@@ -363,7 +360,7 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         kv_heads: spec.kv_heads as u32,
         causal,
         window,
-        // The resource model's start; `PlannedSources::of` replaces the tile, stages and
+        // The resource model's start; `PlannedTiles::of` replaces the tile, stages and
         // schedule with its choice (`hopper::tiles`).
         block_m: 128,
         block_n: 128,
@@ -419,8 +416,8 @@ fn wgmma_projection(
 /// The kernels of `spec` whose PTX comes from the Hopper fast path, with the configurations the
 /// driver chose (in launch order).
 #[cfg(feature = "llvm")]
-pub fn hopper_kernels(spec: &AttentionSpec) -> Result<Vec<crate::codegen::hopper::HopperKernel>, CompileError> {
-    Ok(PlannedSources::of(spec)?.hopper.into_iter().flatten().collect())
+pub fn tile_configs(spec: &AttentionSpec) -> Result<Vec<crate::codegen::hopper::TileConfig>, CompileError> {
+    Ok(PlannedTiles::of(spec)?.tiles.into_iter().flatten().collect())
 }
 
 /// The tile candidates of every Hopper attention and GEMM kernel of `spec`, ranked by the resource
@@ -430,16 +427,16 @@ pub fn tile_listing(
     spec: &AttentionSpec,
     shape: Option<crate::codegen::hopper::ProblemShape>,
 ) -> Result<String, CompileError> {
-    use crate::codegen::hopper::{self, HopperKernel, ProblemShape, tiles};
+    use crate::codegen::hopper::{self, TileConfig, ProblemShape, tiles};
     let shape = shape.unwrap_or_else(|| ProblemShape::of(spec));
     let mut sections = Vec::new();
-    for fast in &hopper_kernels(spec)? {
+    for fast in &tile_configs(spec)? {
         match fast {
-            HopperKernel::Attention(config) => {
+            TileConfig::Attention(config) => {
                 let candidates = hopper::attention_candidates(config, shape);
                 sections.push(tiles::listing(&config.name, "attention", shape, &candidates));
             }
-            HopperKernel::Gemm(config) => {
+            TileConfig::Gemm(config) => {
                 let candidates = hopper::gemm_candidates(config, shape);
                 sections.push(tiles::listing(&config.name, "projection GEMM", shape, &candidates));
             }
@@ -464,17 +461,17 @@ pub fn write_tuning_candidates(
     options: &CompileOptions,
     directory: &std::path::Path,
 ) -> Result<std::io::Result<crate::tuning::TuneIndex>, CompileError> {
-    use crate::codegen::hopper::{self, HopperKernel, tiles};
+    use crate::codegen::hopper::{self, TileConfig, tiles};
     use crate::tuning::{INDEX_FILE, INDEX_FORMAT, IndexCandidate, IndexKernel, TuneIndex, spec_fingerprint};
     let mut kernels = Vec::new();
     let mut libraries = Vec::new();
-    for kernel in hopper_kernels(spec)? {
+    for kernel in tile_configs(spec)? {
         let ranked: Vec<_> = match &kernel {
-            HopperKernel::Attention(config) => hopper::attention_candidates(config, shape)
+            TileConfig::Attention(config) => hopper::attention_candidates(config, shape)
                 .into_iter()
                 .filter_map(|c| Some((tiles::attention_tiles(&c.config), c.verdict.ok()?.micros)))
                 .collect(),
-            HopperKernel::Gemm(config) => hopper::gemm_candidates(config, shape)
+            TileConfig::Gemm(config) => hopper::gemm_candidates(config, shape)
                 .into_iter()
                 .filter_map(|c| Some((tiles::gemm_tiles(&c.config), c.verdict.ok()?.micros)))
                 .collect(),
@@ -509,45 +506,46 @@ pub fn write_tuning_candidates(
     Ok(write().map(|()| index))
 }
 
-/// Every kernel of `spec` with the source its PTX comes from.
+/// The tile-choice stage: every planned kernel with its kernel IR at the default schedule and,
+/// where a Hopper builder builds it, the tiles chosen for that builder.
 #[cfg(feature = "llvm")]
-struct PlannedSources {
+struct PlannedTiles {
     /// The plan of every entry point, which the kernels below were built from.
     plans: Vec<KernelPlan>,
     /// Which forward kernel each is (the plan's identity, in launch order).
     which: Vec<ForwardKernel>,
     kernels: Vec<KernelFn>,
-    /// The Hopper fast-path kernel that replaces each kernel's IR, if any.
-    hopper: Vec<Option<crate::codegen::hopper::HopperKernel>>,
+    /// The tiles of each kernel a Hopper builder builds (attention, projections).
+    tiles: Vec<Option<crate::codegen::hopper::TileConfig>>,
 }
 
 #[cfg(feature = "llvm")]
-impl PlannedSources {
-    fn of(spec: &AttentionSpec) -> Result<PlannedSources, CompileError> {
-        use crate::codegen::hopper::HopperKernel;
+impl PlannedTiles {
+    fn of(spec: &AttentionSpec) -> Result<PlannedTiles, CompileError> {
+        use crate::codegen::hopper::TileConfig;
         tileable_head_dim(spec)?;
         let plans = plans(spec)?;
         let (which, kernels): (Vec<ForwardKernel>, Vec<KernelFn>) = build_planned(spec, &plans)?.into_iter().unzip();
-        let hopper = which
+        let tiles = which
             .iter()
             .zip(&kernels)
             .map(|(which, k)| match which {
                 // The best configuration that has run on the GPU; without one (a head width none
-                // fits), the kernel IR's attention.
+                // fits), the tiled kernel IR's attention.
                 ForwardKernel::Attention => uses_wgmma_attention(spec)
                     .then(|| {
                         let base = wgmma_attention(spec, k);
                         let shape = crate::codegen::hopper::ProblemShape::of(spec);
-                        crate::codegen::hopper::best_attention(&base, shape).map(HopperKernel::Attention)
+                        crate::codegen::hopper::best_attention(&base, shape).map(TileConfig::Attention)
                     })
                     .flatten(),
                 ForwardKernel::QkPrologue => None,
                 ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
-                    wgmma_projection(spec, *which, k).map(HopperKernel::Gemm)
+                    wgmma_projection(spec, *which, k).map(TileConfig::Gemm)
                 }
             })
             .collect();
-        Ok(PlannedSources { plans, which, kernels, hopper })
+        Ok(PlannedTiles { plans, which, kernels, tiles })
     }
 
     /// Replaces the tiles of the named kernels; a name that is not a Hopper attention or GEMM
@@ -556,21 +554,21 @@ impl PlannedSources {
         mut self,
         spec: &AttentionSpec,
         tiles: &[(String, crate::tuning::TileChoice)],
-    ) -> Result<PlannedSources, CompileError> {
-        use crate::codegen::hopper::{HopperKernel, tiles};
+    ) -> Result<PlannedTiles, CompileError> {
+        use crate::codegen::hopper::{TileConfig, tiles};
         for (name, choice) in tiles {
-            let kernel = self.hopper.iter_mut().flatten().find(|k| k.name() == name);
+            let kernel = self.tiles.iter_mut().flatten().find(|k| k.name() == name);
             let tuned = match kernel {
-                Some(HopperKernel::Attention(config)) => {
-                    tiles::with_attention_tiles(config, choice).map(HopperKernel::Attention)
+                Some(TileConfig::Attention(config)) => {
+                    tiles::with_attention_tiles(config, choice).map(TileConfig::Attention)
                 }
-                Some(HopperKernel::Gemm(config)) => tiles::with_gemm_tiles(config, choice).map(HopperKernel::Gemm),
+                Some(TileConfig::Gemm(config)) => tiles::with_gemm_tiles(config, choice).map(TileConfig::Gemm),
                 _ => {
                     let tunable: Vec<&str> = self
-                        .hopper
+                        .tiles
                         .iter()
                         .flatten()
-                        .map(HopperKernel::name)
+                        .map(TileConfig::name)
                         .collect();
                     Err(format!(
                         "the tuning names kernel `{name}`, which is not a Hopper attention or GEMM kernel of this \
@@ -580,7 +578,7 @@ impl PlannedSources {
                 }
             }
             .map_err(|message| error(spec, "tuning", message))?;
-            if let Some(slot) = self.hopper.iter_mut().flatten().find(|k| k.name() == name) {
+            if let Some(slot) = self.tiles.iter_mut().flatten().find(|k| k.name() == name) {
                 *slot = tuned;
             }
         }
@@ -591,11 +589,11 @@ impl PlannedSources {
     /// kernel-IR builders for the tiles chosen, the other kernels as planned. The driver only
     /// picks shapes the builders take, so a builder error is a compiler bug, reported as such.
     fn into_kernel_ir(self, spec: &AttentionSpec) -> Result<(Vec<KernelPlan>, Vec<KernelFn>), CompileError> {
-        use crate::codegen::hopper::{GemmSchedule, HopperKernel};
-        let PlannedSources { plans, which, mut kernels, hopper } = self;
-        for ((which, kernel), hopper) in which.iter().zip(kernels.iter_mut()).zip(hopper) {
-            let built = match hopper {
-                Some(HopperKernel::Gemm(config)) => {
+        use crate::codegen::hopper::{GemmSchedule, TileConfig};
+        let PlannedTiles { plans, which, mut kernels, tiles } = self;
+        for ((which, kernel), chosen) in which.iter().zip(kernels.iter_mut()).zip(tiles) {
+            let built = match chosen {
+                Some(TileConfig::Gemm(config)) => {
                     let schedule = kernel::WgmmaGemmSchedule {
                         block_n: config.block_n,
                         stages: config.stages,
@@ -603,7 +601,7 @@ impl PlannedSources {
                     };
                     kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
                 }
-                Some(HopperKernel::Attention(config)) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
+                Some(TileConfig::Attention(config)) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
                 None => continue,
             };
             *kernel = built.map_err(|e| error(spec, "kernel", e))?;
@@ -663,7 +661,7 @@ impl<'s> Compilation<'s> {
     /// Plans and builds every kernel, with `tiles` in place of the resource model's choice for the
     /// kernels they name.
     pub fn new(spec: &'s AttentionSpec, tiles: &[(String, crate::tuning::TileChoice)]) -> Result<Compilation<'s>, CompileError> {
-        let (plans, kernels) = PlannedSources::of(spec)?.with_tiles(spec, tiles)?.into_kernel_ir(spec)?;
+        let (plans, kernels) = PlannedTiles::of(spec)?.with_tiles(spec, tiles)?.into_kernel_ir(spec)?;
         Ok(Compilation { spec, plans, kernels })
     }
 
@@ -724,7 +722,6 @@ impl<'s> Compilation<'s> {
                     threads: launch.threads,
                     dynamic_shared_bytes: launch.dynamic_shared_bytes,
                     grid: kernel.grid.clone(),
-                    extra_params: Vec::new(),
                 }
             })
             .collect();

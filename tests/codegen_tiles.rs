@@ -8,7 +8,7 @@ mod common;
 use ccc::codegen::Elem;
 use ccc::codegen::hopper::tiles::{self, attention_micros, gemm_micros};
 use ccc::codegen::hopper::{
-    GemmSchedule, HopperAttentionConfig, HopperGemmConfig, HopperKernel, ProblemShape, Rejection, Schedule, TileLoads,
+    GemmSchedule, HopperAttentionConfig, HopperGemmConfig, TileConfig, ProblemShape, Rejection, Schedule, TileLoads,
     attention_candidates, check_attention, check_gemm, gemm_candidates,
 };
 use ccc::driver;
@@ -16,16 +16,16 @@ use ccc::driver;
 const AT_16K: ProblemShape = ProblemShape { batch: 1, seq_len: 16384 };
 
 /// The Hopper kernels of an example layer as the driver configures them.
-fn example_kernels(name: &str) -> Vec<HopperKernel> {
+fn example_kernels(name: &str) -> Vec<TileConfig> {
     let spec = common::specs::example_files().into_iter().find(|s| s.name == name).expect("example");
-    driver::hopper_kernels(&spec).expect("hopper kernels")
+    driver::tile_configs(&spec).expect("hopper kernels")
 }
 
 fn attention_of(name: &str) -> HopperAttentionConfig {
     example_kernels(name)
         .into_iter()
         .find_map(|k| match k {
-            HopperKernel::Attention(c) => Some(c),
+            TileConfig::Attention(c) => Some(c),
             _ => None,
         })
         .expect("attention kernel")
@@ -35,7 +35,7 @@ fn gemm_of(name: &str, kernel: &str) -> HopperGemmConfig {
     example_kernels(name)
         .into_iter()
         .find_map(|k| match k {
-            HopperKernel::Gemm(c) if c.name.ends_with(kernel) => Some(c),
+            TileConfig::Gemm(c) if c.name.ends_with(kernel) => Some(c),
             _ => None,
         })
         .expect("gemm kernel")
@@ -49,9 +49,9 @@ fn relative_error(estimate: f64, measured: f64) -> f64 {
 fn the_model_ranks_the_measured_configurations_first_for_every_example() {
     for spec in common::specs::example_files() {
         let shape = ProblemShape::of(&spec);
-        for kernel in driver::hopper_kernels(&spec).expect("hopper kernels") {
+        for kernel in driver::tile_configs(&spec).expect("hopper kernels") {
             match kernel {
-                HopperKernel::Attention(config) => {
+                TileConfig::Attention(config) => {
                     let top = attention_candidates(&config, shape).into_iter().next().expect("candidates");
                     assert!(top.verdict.is_ok(), "{}: {:?}", config.name, top.verdict);
                     let c = &top.config;
@@ -63,7 +63,7 @@ fn the_model_ranks_the_measured_configurations_first_for_every_example() {
                     );
                     assert_eq!(&config, c, "the driver compiles the top-ranked candidate");
                 }
-                HopperKernel::Gemm(config) => {
+                TileConfig::Gemm(config) => {
                     let top = gemm_candidates(&config, shape).into_iter().next().expect("candidates");
                     assert!(top.verdict.is_ok(), "{}: {:?}", config.name, top.verdict);
                     let c = &top.config;
@@ -254,11 +254,11 @@ fn wide_heads_take_the_configurations_checked_on_the_gpu() {
     for (head_dim, expected) in [(192, (128, 64, 3, Schedule::PingPong)), (256, (64, 64, 3, Schedule::WarpSpecialized))] {
         let mut spec = ccc::spec::AttentionSpec::plain("wide", 4 * head_dim, head_dim, 4, 2);
         spec.mask = ccc::spec::Mask::Causal;
-        let attention = driver::hopper_kernels(&spec)
+        let attention = driver::tile_configs(&spec)
             .expect("hopper kernels")
             .into_iter()
             .find_map(|k| match k {
-                HopperKernel::Attention(c) => Some(c),
+                TileConfig::Attention(c) => Some(c),
                 _ => None,
             })
             .expect("a Hopper attention kernel");
@@ -266,5 +266,5 @@ fn wide_heads_take_the_configurations_checked_on_the_gpu() {
         assert!(tiles::gpu_checked_attention(&attention));
     }
     let narrow = ccc::spec::AttentionSpec::plain("narrow", 4 * 96, 96, 4, 2);
-    assert!(!driver::hopper_kernels(&narrow).expect("kernels").iter().any(|k| matches!(k, HopperKernel::Attention(_))));
+    assert!(!driver::tile_configs(&narrow).expect("kernels").iter().any(|k| matches!(k, TileConfig::Attention(_))));
 }

@@ -325,7 +325,6 @@ fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
             threads: k.threads(),
             dynamic_shared_bytes: 0,
             grid: k.grid.clone(),
-            extra_params: Vec::new(),
         })
         .collect();
     let ptxas = vec![None; kernels.len()];

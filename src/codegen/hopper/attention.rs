@@ -65,7 +65,6 @@ impl HopperAttentionConfig {
             threads,
             dynamic_shared_bytes: shared as u32,
             grid: [SizeExpr::seq_len().ceil_div(self.block_m as u64), SizeExpr::c(self.q_heads as u64), SizeExpr::batch()],
-            extra_params: Vec::new(),
         })
     }
 

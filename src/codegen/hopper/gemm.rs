@@ -10,8 +10,7 @@ use super::primitives::WgmmaShape;
 use crate::codegen::{Elem, ParamKind, Result, unsupported};
 use crate::ir::kernel::layout::{Swizzle128BTile, TILE_ALIGNMENT};
 pub use crate::ir::kernel::{GEMM_BLOCK_K, GEMM_BLOCK_M, GemmSegment, PERSISTENT_GRID};
-use crate::ir::kernel::{SHARED_MEMORY_LIMIT_BYTES, WARPGROUP_THREADS, tensor_map_param};
-use crate::manifest::KernelParamManifest;
+use crate::ir::kernel::{SHARED_MEMORY_LIMIT_BYTES, WARPGROUP_THREADS};
 
 const MAX_SHARED_BYTES: u32 = SHARED_MEMORY_LIMIT_BYTES as u32;
 const THREADS: u32 = 3 * WARPGROUP_THREADS;
@@ -84,40 +83,6 @@ fn shared_bytes(config: &HopperGemmConfig) -> Result<u32> {
 }
 
 impl HopperGemmConfig {
-    /// A human-readable description used as part of a cache key.
-    pub fn describe(&self) -> String {
-        let segments: Vec<String> = self
-            .segments
-            .iter()
-            .map(|s| {
-                format!(
-                    "{}+{}:{}->{}[{}@{}]>>{}",
-                    s.weight,
-                    s.bias.as_deref().unwrap_or("-"),
-                    s.cols,
-                    s.dest,
-                    s.dest_width,
-                    s.dest_col,
-                    s.row_shift
-                )
-            })
-            .collect();
-        format!(
-            "gemm-wgmma {} elem={} params={:?} a={} k={} segments=[{}] block_n={} stages={} schedule={:?} a-head-dim={:?} loads={:?}",
-            self.name,
-            self.elem.name(),
-            self.params,
-            self.a,
-            self.k,
-            segments.join(", "),
-            self.block_n,
-            self.stages,
-            self.schedule,
-            self.a_head_dim,
-            self.loads
-        )
-    }
-
     /// Column tiles over all segments (each tile inside one segment).
     pub fn column_tiles(&self) -> u32 {
         self.segments.iter().map(|s| s.cols.div_ceil(self.block_n)).sum()
@@ -132,28 +97,7 @@ impl HopperGemmConfig {
             threads: THREADS,
             dynamic_shared_bytes,
             grid: PERSISTENT_GRID,
-            extra_params: self
-                .tensor_maps()
-                .into_iter()
-                .map(|(buffer, box_rows, _)| KernelParamManifest::TensorMap { buffer, box_rows })
-                .collect(),
         })
-    }
-
-    /// With TMA loads, the tensor maps the kernel takes after its ABI parameters: (buffer, box
-    /// rows, parameter name) for `a` (128-row boxes), then each distinct segment weight (block_n
-    /// rows).
-    fn tensor_maps(&self) -> Vec<(String, u32, String)> {
-        if self.loads == TileLoads::CpAsync {
-            return Vec::new();
-        }
-        let mut maps = vec![(self.a.clone(), GEMM_BLOCK_M, tensor_map_param(&self.a))];
-        for segment in &self.segments {
-            if !maps.iter().any(|(buffer, _, _)| *buffer == segment.weight) {
-                maps.push((segment.weight.clone(), self.block_n, tensor_map_param(&segment.weight)));
-            }
-        }
-        maps
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

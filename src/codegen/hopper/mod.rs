@@ -48,9 +48,10 @@ fn require_params<'a>(
     Ok(())
 }
 
-/// A kernel of a library whose PTX comes from this fast path instead of its kernel IR.
+/// The tiles chosen for a kernel that a Hopper kernel-IR builder builds (the resource model's
+/// choice or a tuning's), before the builder turns them into kernel IR.
 #[derive(Debug, Clone, PartialEq)]
-pub enum HopperKernel {
+pub enum TileConfig {
     Attention(HopperAttentionConfig),
     Gemm(HopperGemmConfig),
 }
@@ -60,7 +61,8 @@ pub enum HopperKernel {
 /// keeps a tuning file's stage count from overflowing the shared-memory arithmetic.
 pub const MAX_STAGES: u32 = 16;
 
-/// What the runtime needs to launch a kernel of this fast path.
+/// Threads, shared memory and grid of the kernel a tile configuration builds, known without
+/// building it (what the resource model checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HopperLaunch {
     pub threads: u32,
@@ -68,32 +70,14 @@ pub struct HopperLaunch {
     /// first: it is above 48 KiB).
     pub dynamic_shared_bytes: u32,
     pub grid: [SizeExpr; 3],
-    /// Parameters the kernel takes after those of the kernel IR it replaces (TMA descriptors),
-    /// as the manifest lists them.
-    pub extra_params: Vec<crate::manifest::KernelParamManifest>,
 }
 
-impl HopperKernel {
+impl TileConfig {
     pub fn name(&self) -> &str {
         match self {
-            HopperKernel::Attention(config) => &config.name,
-            HopperKernel::Gemm(config) => &config.name,
+            TileConfig::Attention(config) => &config.name,
+            TileConfig::Gemm(config) => &config.name,
         }
     }
 
-    /// What determines the PTX, for cache keys.
-    pub fn describe(&self) -> String {
-        match self {
-            HopperKernel::Attention(config) => format!("{config:?}"),
-            HopperKernel::Gemm(config) => config.describe(),
-        }
-    }
-
-    /// How the kernel is launched, known without emitting it (a PTX cache hit needs no LLVM).
-    pub fn launch(&self) -> Result<HopperLaunch> {
-        match self {
-            HopperKernel::Attention(config) => config.launch(),
-            HopperKernel::Gemm(config) => config.launch(),
-        }
-    }
 }
