@@ -21,12 +21,14 @@
 #   ab (not default): with gpu-carry/old (GPU_PREPARE_OLD=REV): bench/ab_kernels.py, every kernel
 #      of zaya1, mha and sliding_window against the same examples compiled at REV, alternating
 #      rounds at 1×16384 (a kernel change must stay within 3% of the build before it);
+#   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
+#      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
 #      memcheck, racecheck, synccheck and initcheck over every non-random library at 2×300 and
 #      1×1000, the table in $OUT/sanitize.md.
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
-#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune sanitize)
+#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune profile sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -98,9 +100,17 @@ for s in $steps; do
         step ab 150 python3 -u -W ignore bench/ab_kernels.py "${pairs[@]}" --shapes 1x16384 --rounds 5
       fi
       ;;
+    profile)
+      profiled=("$libs/zaya1/zaya1" "$libs/mha/mha")
+      for name in zaya1 mha; do
+        [ -d "gpu-carry/old/$name" ] && profiled+=("gpu-carry/old/$name")
+      done
+      step profile 300 python3 -u -W ignore bench/profile_kernels.py "${profiled[@]}" --kernels qk_prologue,attention \
+        --out "$out/profile"
+      ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune sanitize)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune profile sanitize)" >&2
       exit 2
       ;;
   esac
