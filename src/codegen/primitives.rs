@@ -326,6 +326,17 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         int_result(self.inline_ptx(Some(i16_type), &assembly, "=h,f", &[value.into()], false)?)
     }
 
+    /// Loads one element of type `elem` and widens it to f32.
+    pub fn load_as_f32(&self, pointer: PointerValue<'ctx>, elem: Elem) -> Result<FloatValue<'ctx>> {
+        match elem {
+            Elem::F32 => self.load_f32(pointer),
+            half => {
+                let bits = self.builder().build_load(self.context().i16_type(), pointer, "")?.into_int_value();
+                self.widen_half(half, bits)
+            }
+        }
+    }
+
     /// Widens the 16-bit float in `bits` (an i16) to f32: bf16 by moving its bits up, f16 by
     /// `cvt`.
     pub fn widen_half(&self, elem: Elem, bits: IntValue<'ctx>) -> Result<FloatValue<'ctx>> {

@@ -137,7 +137,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     indices.push(if in_select_arm { clamp(kb, i, *extent)? } else { i });
                 }
                 let pointer = tensor.element(kb, &indices)?;
-                Value::Float(super::memory::load_as_f32(kb, pointer, tensor.elem)?)
+                Value::Float(kb.load_as_f32(pointer, tensor.elem)?)
             }
             Expr::Unary(op, a) => self.unary(kb, *op, eval(a)?)?,
             Expr::Binary(BinOp::Pow, base, exponent) => {
@@ -203,7 +203,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let elem = Elem::from(decl.ty.elem);
                 let index = kb.add(kb.mul(r, kb.i32((decl.ty.cols + pad) as i64))?, c)?;
                 let pointer = kb.element_pointer(self.shared_tile_base(kb, *offset)?, elem, index)?;
-                super::memory::load_as_f32(kb, pointer, elem)
+                kb.load_as_f32(pointer, elem)
             }
             (TileStorage::Accumulator(acc), ElementSite::Accumulator { tile: mapped, position, .. }) => {
                 if self.accumulator(*mapped)?.shape != acc.shape {

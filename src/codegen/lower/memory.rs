@@ -37,17 +37,6 @@ enum CopiedElement<'ctx> {
     Float(FloatValue<'ctx>),
 }
 
-/// Loads one element and widens it to f32.
-pub(super) fn load_as_f32<'ctx>(kb: &KernelBuilder<'_, 'ctx>, pointer: PointerValue<'ctx>, elem: Elem) -> Result<FloatValue<'ctx>> {
-    match elem {
-        Elem::F32 => kb.load_f32(pointer),
-        half => {
-            let bits = kb.builder().build_load(kb.context().i16_type(), pointer, "")?.into_int_value();
-            kb.widen_half(half, bits)
-        }
-    }
-}
-
 /// Rounds an f32 to `elem` (round to nearest even) and stores it.
 fn store_from_f32<'ctx>(kb: &KernelBuilder<'_, 'ctx>, pointer: PointerValue<'ctx>, elem: Elem, value: FloatValue<'ctx>) -> Result<()> {
     match elem {
@@ -322,7 +311,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             MAP_BATCH,
             |kb, row, col| {
                 let pointer = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
-                let old = load_as_f32(kb, pointer, window.elem)?;
+                let old = kb.load_as_f32(pointer, window.elem)?;
                 let value = self.eval(kb, expr, &ElementSite::Shared { row, col, value: old })?.float()?;
                 Ok((pointer, value))
             },
@@ -425,7 +414,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     let bits = kb.builder().build_load(kb.context().i16_type(), source, "")?.into_int_value();
                     CopiedElement::Bits(kb.select_int(inside, bits, kb.context().i16_type().const_zero())?)
                 } else {
-                    let value = load_as_f32(kb, source, global.tensor.elem)?;
+                    let value = kb.load_as_f32(source, global.tensor.elem)?;
                     CopiedElement::Float(kb.select_f32(inside, value, kb.f32(0.0))?)
                 };
                 Ok((target, value))
@@ -490,7 +479,7 @@ impl<'ctx> Lowering<'_, 'ctx> {
         let store_element = |kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>| -> Result<()> {
             let inside = global.inside(kb, row, col)?;
             kb.if_then(inside, |kb| {
-                let value = load_as_f32(kb, element_address(kb, row, col)?, window.elem)?;
+                let value = kb.load_as_f32(element_address(kb, row, col)?, window.elem)?;
                 store_from_f32(kb, global.pointer(kb, row, col)?, elem, value)
             })
         };
