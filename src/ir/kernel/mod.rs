@@ -62,6 +62,8 @@ pub const ANCHOR_BYTES: usize = 4;
 /// of it per CTA.
 pub const SM_SHARED_MEMORY_BYTES: usize = 228 * 1024;
 pub const SHARED_MEMORY_RESERVED_PER_CTA: usize = 1024;
+/// The unit an SM hands out shared memory in, per CTA.
+pub const SHARED_MEMORY_ALLOCATION_UNIT: usize = 128;
 /// Threads one SM holds.
 pub const SM_THREADS: u32 = 2048;
 /// Threads of a warpgroup (the unit of wgmma and of warp-specialized roles).
@@ -571,7 +573,8 @@ impl KernelFn {
     pub fn fits_ctas_per_sm(&self, ctas: u32) -> bool {
         let ctas = ctas as usize;
         ctas > 0
-            && ctas * (self.shared_bytes() + SHARED_MEMORY_RESERVED_PER_CTA) <= SM_SHARED_MEMORY_BYTES
+            && ctas * (self.shared_bytes().next_multiple_of(SHARED_MEMORY_ALLOCATION_UNIT) + SHARED_MEMORY_RESERVED_PER_CTA)
+                <= SM_SHARED_MEMORY_BYTES
             && ctas as u32 * self.threads() <= SM_THREADS
     }
     /// Where the partial row results of row reductions across warps go: after the anchor words.
