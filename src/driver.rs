@@ -227,17 +227,15 @@ pub fn uses_wgmma_projection(spec: &AttentionSpec) -> bool {
     spec.model_dim.is_multiple_of(8) && spec.q_width().is_multiple_of(8)
 }
 
-/// The kernel IR of every kernel of `spec` in launch order: the kernels whose PTX the library
-/// ships from it (attention and the projection GEMMs built for the chosen tiles), and the
-/// kernel-IR form of the prologue where the hand-written emitter still replaces it. What the
-/// interpreter runs to check what ships.
+/// The kernel IR of every kernel of `spec` in launch order, as the library ships it (attention
+/// and the projection GEMMs built for the chosen tiles): what the interpreter runs to check what
+/// ships.
 #[cfg(feature = "llvm")]
 pub fn planned_kernel_ir(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
     Ok(Compilation::new(spec, &[])?.kernels)
 }
 
-/// Kernel IR text of the kernels that ship, with a note on the kernel whose PTX does not come
-/// from it.
+/// Kernel IR text of the kernels that ship.
 pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     Ok(stage_texts(spec, &[Stage::Kernel], false)?.expect("kernel IR needs no LLVM").remove(0))
 }
@@ -688,11 +686,6 @@ impl<'s> Compilation<'s> {
     /// The kernel IR of every kernel.
     pub fn kernel_text(&self) -> String {
         self.kernels.iter().map(|kernel| kernel.to_string()).collect()
-    }
-
-    /// The kernel IR of every kernel, in launch order.
-    pub fn kernels(&self) -> &[KernelFn] {
-        &self.kernels
     }
 
     /// LLVM IR and PTX of every kernel.

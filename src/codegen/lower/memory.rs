@@ -300,6 +300,38 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         })
     }
 
+    /// Runs `each(kb, row, col, last_col)` for every 16-byte chunk (`chunk_elems` elements of a
+    /// row) of a `rows × cols` window, spread over the block's threads (chunk `i · threads +
+    /// thread` in round `i`, so adjacent threads take adjacent chunks); a partial last round is
+    /// guarded.
+    fn for_each_window_chunk(
+        &self,
+        kb: &KernelBuilder<'_, 'ctx>,
+        rows: u32,
+        cols: u32,
+        chunk_elems: u32,
+        each: impl Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<()>,
+    ) -> Result<()> {
+        let chunks_per_row = cols / chunk_elems;
+        let chunks = rows * chunks_per_row;
+        let threads = self.kernel.threads();
+        let thread = kb.thread_index()?;
+        for round in 0..chunks.div_ceil(threads) {
+            let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
+            let visit = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+                let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
+                let col = kb.mul(kb.rem(chunk, kb.i32(chunks_per_row as i64))?, kb.i32(chunk_elems as i64))?;
+                each(kb, row, col, kb.add(col, kb.i32(chunk_elems as i64 - 1))?)
+            };
+            if (round + 1) * threads <= chunks {
+                visit(kb)?;
+            } else {
+                kb.if_then(kb.lt(chunk, kb.i32(chunks as i64))?, visit)?;
+            }
+        }
+        Ok(())
+    }
+
     /// `Map`/`Fill` over a shared window: each thread takes every `threads`-th element.
     pub(super) fn map_shared(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, expr: &Expr) -> Result<()> {
         let window = self.shared_window(kb, dst)?;
@@ -368,32 +400,16 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
 
     fn copy_chunks_async(&self, kb: &KernelBuilder<'_, 'ctx>, window: &CopyWindow<'_, 'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
         let chunk_elems = 16 / window.elem.bytes();
-        let chunks_per_row = window.cols / chunk_elems;
-        let chunks = window.rows * chunks_per_row;
-        let threads = self.kernel.threads();
-        let thread = kb.thread_index()?;
         let cols = global.cols.as_ref().ok_or_else(|| CodegenError::Llvm("chunked copy without columns".into()))?;
-        for round in 0..chunks.div_ceil(threads) {
-            let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
-            let issue = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
-                let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
-                let col = kb.mul(kb.rem(chunk, kb.i32(chunks_per_row as i64))?, kb.i32(chunk_elems as i64))?;
-                let last_col = kb.add(col, kb.i32(chunk_elems as i64 - 1))?;
-                // A chunk is read only if all of it is inside; otherwise it is zero-filled.
-                let inside = kb.and(global.rows.inside(kb, row)?, kb.and(cols.inside(kb, col)?, cols.inside(kb, last_col)?)?)?;
-                let source = global.pointer(kb, row, col)?;
-                // Out of bounds, point at the tensor's first element so no stray address is formed.
-                let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
-                let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
-                kb.cp_async_16((window.address)(kb, row, col)?, source, bytes)
-            };
-            if (round + 1) * threads <= chunks {
-                issue(kb)?;
-            } else {
-                kb.if_then(kb.lt(chunk, kb.i32(chunks as i64))?, issue)?;
-            }
-        }
-        Ok(())
+        self.for_each_window_chunk(kb, window.rows, window.cols, chunk_elems, |kb, row, col, last_col| {
+            // A chunk is read only if all of it is inside; otherwise it is zero-filled.
+            let inside = kb.and(global.rows.inside(kb, row)?, kb.and(cols.inside(kb, col)?, cols.inside(kb, last_col)?)?)?;
+            let source = global.pointer(kb, row, col)?;
+            // Out of bounds, point at the tensor's first element so no stray address is formed.
+            let source = kb.builder().build_select(inside, source, global.tensor.base, "")?.into_pointer_value();
+            let bytes = kb.select_int(inside, kb.i32(16), kb.i32(0))?;
+            kb.cp_async_16((window.address)(kb, row, col)?, source, bytes)
+        })
     }
 
     /// Element-wise copy (strided boxes, 1-column boxes, conversions): outside elements read 0.
@@ -502,35 +518,19 @@ impl<'ctx> Lowering<'_, 'ctx> {
             }
             return Ok(());
         };
-        let chunks_per_row = window.cols / chunk_elems;
-        let chunks = window.rows * chunks_per_row;
-        let threads = self.kernel.threads();
-        let thread = kb.thread_index()?;
-        for round in 0..chunks.div_ceil(threads) {
-            let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
-            let store = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
-                let row = kb.div(chunk, kb.i32(chunks_per_row as i64))?;
-                let col = kb.mul(kb.rem(chunk, kb.i32(chunks_per_row as i64))?, kb.i32(chunk_elems as i64))?;
-                let last_col = kb.add(col, kb.i32(chunk_elems as i64 - 1))?;
-                let whole = kb.and(global.rows.inside(kb, row)?, kb.and(cols.inside(kb, col)?, cols.inside(kb, last_col)?)?)?;
-                kb.if_else(
-                    whole,
-                    |kb| kb.store_v4(global.pointer(kb, row, col)?, kb.load_v4(element_address(kb, row, col)?)?),
-                    |kb| {
-                        for offset in 0..chunk_elems {
-                            store_element(kb, row, kb.add(col, kb.i32(offset as i64))?)?;
-                        }
-                        Ok(())
-                    },
-                )
-            };
-            if (round + 1) * threads <= chunks {
-                store(kb)?;
-            } else {
-                kb.if_then(kb.lt(chunk, kb.i32(chunks as i64))?, store)?;
-            }
-        }
-        Ok(())
+        self.for_each_window_chunk(kb, window.rows, window.cols, chunk_elems, |kb, row, col, last_col| {
+            let whole = kb.and(global.rows.inside(kb, row)?, kb.and(cols.inside(kb, col)?, cols.inside(kb, last_col)?)?)?;
+            kb.if_else(
+                whole,
+                |kb| kb.store_v4(global.pointer(kb, row, col)?, kb.load_v4(element_address(kb, row, col)?)?),
+                |kb| {
+                    for offset in 0..chunk_elems {
+                        store_element(kb, row, kb.add(col, kb.i32(offset as i64))?)?;
+                    }
+                    Ok(())
+                },
+            )
+        })
     }
 }
 

@@ -153,7 +153,9 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
                 [8, 4, 2, 1].map(|warps| Schedule {
                     block_m,
                     block_n: d,
-                    block_k: 32,
+                    // 16 input channels per mma of a per-head stage: what the prologue's
+                    // occupancy goal (128 registers) was assembled without spills with.
+                    block_k: 16,
                     warps,
                     stages: 1,
                 })

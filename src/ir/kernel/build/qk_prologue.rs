@@ -68,14 +68,6 @@ pub(super) struct PrologueBuilder<'a> {
     p0_s: TileId,
     /// Per stage: the tile it writes.
     stage_out: Vec<TileId>,
-    rope_s: Option<RopeStaging>,
-}
-
-/// Where RoPE stages the normalized head in shared memory (each element needs its partner).
-struct RopeStaging {
-    tile: TileId,
-    /// Tile row of the head's first row.
-    first_row: u32,
 }
 
 impl<'a> PrologueBuilder<'a> {
@@ -124,9 +116,6 @@ impl<'a> PrologueBuilder<'a> {
         let acc = tiles.regs("acc", ElemType::F32, m, d, acc_layout);
         let row_sum = (spec.qk_norm == QkNorm::L2)
             .then(|| tiles.regs("sum_sq", ElemType::F32, m, 1, Layout::RowVector { warps_m: wm, warps_n: wn }));
-        // RoPE stages the normalized head, rounded to the storage type, in p0_s: by then the
-        // q-k mean has read the raw rows.
-        let rope_s = spec.rope.map(|_| RopeStaging { tile: p0_s, first_row: lead });
         // The per-head weights: resident where they fit beside the row buffers, else streamed.
         let per_head_taps: u32 =
             spec.qk_conv.iter().filter(|c| c.kind == ConvKind::PerHead).map(|c| c.width as u32).sum();
@@ -142,7 +131,7 @@ impl<'a> PrologueBuilder<'a> {
         };
         // Input channels per mma: block_k where it divides head_dim, else 16 (head_dim is a
         // multiple of 16 wherever mma tiles it).
-        let chunk = 16;
+        let chunk = if d.is_multiple_of(s.block_k) { s.block_k } else { 16 };
         let weights = spec
             .qk_conv
             .iter()
@@ -174,7 +163,6 @@ impl<'a> PrologueBuilder<'a> {
             row_sum,
             p0_s,
             stage_out,
-            rope_s,
         })
     }
 
@@ -201,8 +189,7 @@ impl<'a> PrologueBuilder<'a> {
         let rows_per_cta = self.out_rows * self.row_tiles;
         let mut body = vec![
             Stmt::Note(format!(
-                "CTA = head {}, rows of batch b in {} tile(s) of {} output rows{}",
-                "`head` (query heads first)",
+                "CTA = head `head` (query heads first), rows of batch b in {} tile(s) of {} output rows{}",
                 self.row_tiles,
                 self.out_rows,
                 if self.halo > 0 { format!(" (+{} halo rows re-read)", self.halo) } else { String::new() }
@@ -351,49 +338,30 @@ impl<'a> PrologueBuilder<'a> {
                     let shifted = |col: Expr, cols: u32| {
                         self.tiles.view(src, plus(var("tap"), first_tap_row), col, self.m, cols)
                     };
-                    let tap_body = match self.staging {
-                        WeightStaging::Resident => {
-                            let chunk = self.chunk;
-                            let col = var("kc") * int(chunk);
-                            vec![for_(
-                                "kc",
-                                int(0),
-                                int(self.d / chunk),
-                                vec![Stmt::Mma {
-                                    acc: acc.clone(),
-                                    a: shifted(col.clone(), chunk),
-                                    b: self.tiles.view(w, var("tap") * int(self.d), col, self.d, chunk),
-                                    b_transposed: true,
-                                }],
-                            )]
-                        }
-                        WeightStaging::Streamed => {
-                            let chunk = self.chunk;
-                            let col = var("kc") * int(chunk);
-                            vec![for_(
-                                "kc",
-                                int(0),
-                                int(self.d / chunk),
-                                vec![
-                                    Stmt::Copy {
-                                        dst: self.tiles.whole(w),
-                                        src: GlobalTile {
-                                            param: weight.clone(),
-                                            dims: vec![
-                                                span(var("channel0"), self.d),
-                                                span(col.clone(), chunk),
-                                                GlobalDim::At(var("tap")),
-                                            ],
-                                        },
-                                        is_async: false,
-                                    },
-                                    Stmt::Barrier,
-                                    Stmt::Mma { acc: acc.clone(), a: shifted(col, chunk), b: self.tiles.whole(w), b_transposed: true },
-                                    Stmt::Barrier,
-                                ],
-                            )]
-                        }
+                    // Per tap, chunk input channels per mma; streamed weights are copied per
+                    // chunk first (and read by every warp before the next copy).
+                    let chunk = self.chunk;
+                    let col = var("kc") * int(chunk);
+                    let (b, copy) = match self.staging {
+                        WeightStaging::Resident => (self.tiles.view(w, var("tap") * int(self.d), col.clone(), self.d, chunk), None),
+                        WeightStaging::Streamed => (
+                            self.tiles.whole(w),
+                            Some(Stmt::Copy {
+                                dst: self.tiles.whole(w),
+                                src: GlobalTile {
+                                    param: weight.clone(),
+                                    dims: vec![span(var("channel0"), self.d), span(col.clone(), chunk), GlobalDim::At(var("tap"))],
+                                },
+                                is_async: false,
+                            }),
+                        ),
                     };
+                    let mma = Stmt::Mma { acc: acc.clone(), a: shifted(col, chunk), b, b_transposed: true };
+                    let chunk_body = match copy {
+                        Some(copy) => vec![copy, Stmt::Barrier, mma, Stmt::Barrier],
+                        None => vec![mma],
+                    };
+                    let tap_body = vec![for_("kc", int(0), int(self.d / chunk), chunk_body)];
                     out.push(Stmt::Fill { dst: acc.clone(), value: 0.0 });
                     out.push(for_("tap", int(0), int(k), tap_body));
                     out.push(Stmt::Map { dst: acc.clone(), expr: Expr::Elem + bias });
@@ -488,10 +456,12 @@ impl<'a> PrologueBuilder<'a> {
     /// RoPE at the absolute position of each row, through shared memory because each element
     /// needs its rotation partner.
     fn rope(&self) -> Vec<Stmt> {
-        let (Some(rope), Some(staging)) = (self.spec.rope, &self.rope_s) else {
+        let Some(rope) = self.spec.rope else {
             return Vec::new();
         };
-        let (rope_s, first_row) = (staging.tile, staging.first_row);
+        // The normalized head, rounded to the storage type, is staged in p0_s: by then the q-k
+        // mean has read the raw rows.
+        let (rope_s, first_row) = (self.p0_s, self.lead);
         let r = rope.rotary_dim as i64;
         let half = r / 2;
         let col = || Expr::Col;
