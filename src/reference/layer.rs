@@ -7,10 +7,10 @@ use super::parallel::fill_rows;
 use super::weights::Weights;
 
 /// y = W·x (+ b) for one row, W stored [out, in] as in `nn.Linear`.
-struct Linear<'a> {
-    weight: &'a [f64],
-    bias: Option<&'a [f64]>,
-    inputs: usize,
+pub(super) struct Linear<'a> {
+    pub weight: &'a [f64],
+    pub bias: Option<&'a [f64]>,
+    pub inputs: usize,
 }
 
 impl Linear<'_> {
@@ -25,7 +25,7 @@ impl Linear<'_> {
 /// Σ a_i·b_i over eight interleaved partial sums: a single running sum is one long chain of
 /// dependent additions, which makes the big inputs of GPU validation several times slower. The
 /// order is fixed, so results stay deterministic.
-fn dot(a: &[f64], b: &[f64]) -> f64 {
+pub(super) fn dot(a: &[f64], b: &[f64]) -> f64 {
     const LANES: usize = 8;
     let (a_chunks, b_chunks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let tail: f64 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(x, y)| x * y).sum();
@@ -39,26 +39,28 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// One convolution stage: weight [P, inputs_per_group, K], bias [P].
-struct ConvStage<'a> {
-    kind: ConvKind,
-    width: usize,
-    weight: &'a [f64],
-    bias: &'a [f64],
+pub(super) struct ConvStage<'a> {
+    pub kind: ConvKind,
+    pub width: usize,
+    pub weight: &'a [f64],
+    pub bias: &'a [f64],
 }
 
 /// A spec with its parameters resolved by role; built only from a valid spec and checked weights.
 pub(super) struct Layer<'a> {
     pub spec: &'a AttentionSpec,
-    q_proj: Linear<'a>,
-    k_proj: Linear<'a>,
+    pub(super) q_proj: Linear<'a>,
+    pub(super) k_proj: Linear<'a>,
     /// Absent when every kv head is shifted.
-    v_current: Option<Linear<'a>>,
+    pub(super) v_current: Option<Linear<'a>>,
     /// Absent when no kv head is shifted.
-    v_delayed: Option<Linear<'a>>,
-    o_proj: Linear<'a>,
-    conv: Vec<ConvStage<'a>>,
+    pub(super) v_delayed: Option<Linear<'a>>,
+    pub(super) o_proj: Linear<'a>,
+    pub(super) conv: Vec<ConvStage<'a>>,
     /// τ_j per kv head (step 5), already through the clamp and exp of `learned_exp`.
-    key_scale: Vec<f64>,
+    pub(super) key_scale: Vec<f64>,
+    /// The temperature parameter as stored (empty without one).
+    pub(super) temperature: &'a [f64],
     /// θ^(−2i/r) for i < r/2 (step 6).
     rope_inverse_frequencies: Vec<f64>,
 }
@@ -101,6 +103,7 @@ impl<'a> Layer<'a> {
                 .map(|t| t.clamp(1e-7, 2.0).exp())
                 .collect(),
         };
+        let temperature = find(ParamRole::KeyTemperature).unwrap_or(&[]);
         let rope_inverse_frequencies = match spec.rope {
             None => Vec::new(),
             Some(rope) => {
@@ -120,6 +123,7 @@ impl<'a> Layer<'a> {
                 .ok_or_else(|| missing("o_proj"))?,
             conv,
             key_scale,
+            temperature,
             rope_inverse_frequencies,
         })
     }
@@ -148,11 +152,18 @@ impl<'a> Layer<'a> {
     /// result has rows − T rows. The caller puts the T rows of history first (zeros before the
     /// start of a sequence), which is the "pad once" rule. Without stages this returns the input.
     pub fn convolve(&self, padded: &[f64], rows: usize) -> Vec<f64> {
+        self.convolve_stages(padded, rows).pop().expect("the input is always there")
+    }
+
+    /// [`Layer::convolve`] keeping every stage's input: the padded input first, the result last
+    /// (one entry per stage plus one).
+    pub fn convolve_stages(&self, padded: &[f64], rows: usize) -> Vec<Vec<f64>> {
         let p = self.spec.packed_width();
         let d = self.spec.head_dim;
-        let mut input = padded[..rows * p].to_vec();
+        let mut activations = vec![padded[..rows * p].to_vec()];
         let mut input_rows = rows;
         for stage in &self.conv {
+            let input = activations.last().expect("the input is always there");
             let output_rows = input_rows + 1 - stage.width;
             let mut output = vec![0.0; output_rows * p];
             fill_rows(
@@ -186,10 +197,10 @@ impl<'a> Layer<'a> {
                     }
                 },
             );
-            input = output;
+            activations.push(output);
             input_rows = output_rows;
         }
-        input
+        activations
     }
 
     /// Steps 4 to 6 for one token at absolute `position`: from its P0 row and its convolved row y,
@@ -202,13 +213,20 @@ impl<'a> Layer<'a> {
         q: &mut [f64],
         k: &mut [f64],
     ) {
+        self.mix_query_and_key(packed, convolved, q, k);
+        self.normalise(q, k);
+        self.rotate_heads(q, k, position, false);
+    }
+
+    /// Step 4 for one token: q̂ [Hq·d] and k̂ [Hk·d] from its P0 row and its convolved row y.
+    pub fn mix_query_and_key(&self, packed: &[f64], convolved: &[f64], q: &mut [f64], k: &mut [f64]) {
         let spec = self.spec;
         let (d, lq) = (spec.head_dim, spec.q_width());
         let (q0, k0) = packed.split_at(lq);
         q.copy_from_slice(&convolved[..lq]);
         k.copy_from_slice(&convolved[lq..]);
 
-        // Step 4: q̂_h += ½·q0_h + ½·k0_g(h); k̂_j += ½·k0_j + ½·mean of q0 over j's query heads.
+        // q̂_h += ½·q0_h + ½·k0_g(h); k̂_j += ½·k0_j + ½·mean of q0 over j's query heads.
         if spec.qk_mean {
             let groups = spec.groups();
             for h in 0..spec.query_heads {
@@ -224,33 +242,48 @@ impl<'a> Layer<'a> {
                 }
             }
         }
+    }
 
-        // Step 5: sqrt(d)·x·rsqrt(‖x‖² + eps), keys also × τ_j.
-        if spec.qk_norm == QkNorm::L2 {
-            let sqrt_d = (d as f64).sqrt();
-            let normalise = |head: &mut [f64], scale: f64| {
-                let squared_norm: f64 = head.iter().map(|x| x * x).sum();
-                let factor = scale / (squared_norm + spec.norm_eps).sqrt();
-                head.iter_mut().for_each(|x| *x *= factor);
-            };
-            q.chunks_mut(d).for_each(|head| normalise(head, sqrt_d));
-            for (head, tau) in k.chunks_mut(d).zip(&self.key_scale) {
-                normalise(head, sqrt_d * tau);
-            }
+    /// Step 5 in place: sqrt(d)·x·rsqrt(‖x‖² + eps) per head, keys also × τ_j.
+    pub fn normalise(&self, q: &mut [f64], k: &mut [f64]) {
+        let spec = self.spec;
+        if spec.qk_norm != QkNorm::L2 {
+            return;
         }
+        let d = spec.head_dim;
+        let sqrt_d = (d as f64).sqrt();
+        let normalise = |head: &mut [f64], scale: f64| {
+            let factor = scale / self.norm(head);
+            head.iter_mut().for_each(|x| *x *= factor);
+        };
+        q.chunks_mut(d).for_each(|head| normalise(head, sqrt_d));
+        for (head, tau) in k.chunks_mut(d).zip(&self.key_scale) {
+            normalise(head, sqrt_d * tau);
+        }
+    }
 
-        // Step 6: rotate the first r channels of every head by angles p·θ^(−2i/r).
-        if let Some(rope) = spec.rope {
+    /// sqrt(‖x‖² + eps) of one head.
+    pub fn norm(&self, head: &[f64]) -> f64 {
+        let squared_norm: f64 = head.iter().map(|x| x * x).sum();
+        (squared_norm + self.spec.norm_eps).sqrt()
+    }
+
+    /// Step 6 in place: rotates the first r channels of every head by angles p·θ^(−2i/r), or by
+    /// their negatives when `inverse` (the rotation's transpose, which the backward applies).
+    pub fn rotate_heads(&self, q: &mut [f64], k: &mut [f64], position: usize, inverse: bool) {
+        let d = self.spec.head_dim;
+        if let Some(rope) = self.spec.rope {
             for head in q.chunks_mut(d).chain(k.chunks_mut(d)) {
-                self.rotate(&mut head[..rope.rotary_dim], rope.style, position);
+                self.rotate(&mut head[..rope.rotary_dim], rope.style, position, inverse);
             }
         }
     }
 
-    fn rotate(&self, slice: &mut [f64], style: RopeStyle, position: usize) {
+    fn rotate(&self, slice: &mut [f64], style: RopeStyle, position: usize, inverse: bool) {
         let half = slice.len() / 2;
+        let direction = if inverse { -1.0 } else { 1.0 };
         for (i, inverse_frequency) in self.rope_inverse_frequencies.iter().enumerate() {
-            let (sin, cos) = (position as f64 * inverse_frequency).sin_cos();
+            let (sin, cos) = (direction * position as f64 * inverse_frequency).sin_cos();
             // The two channels that rotate together with frequency i.
             let (a, b) = match style {
                 RopeStyle::Neox => (i, i + half),

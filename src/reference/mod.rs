@@ -26,11 +26,15 @@
 //!    each row's scaled, masked logits is kept for checking the kernels' saved statistics.
 //! 8. `out = o·W_oᵀ` (+ bias).
 //!
+//! [`backward`] gives dL/dx and every parameter's gradient for a given dL/dout, derived by hand
+//! step by step in reverse (see its module) and checked against finite differences.
+//!
 //! [`forward`] runs a batch; [`prefill`] and [`decode_step`] run one sequence with a
 //! [`DecodeState`] (KV cache, the raw P0 rows of the last T tokens, the previous x), and give the
 //! same numbers as one forward pass over the whole sequence. Large inputs are spread over the
 //! CPU's cores row by row; results do not depend on the thread count.
 
+mod backward;
 mod decode;
 mod forward;
 mod layer;
@@ -39,6 +43,7 @@ mod parallel;
 mod tensor;
 mod weights;
 
+pub use backward::{Gradients, backward};
 pub use decode::{DecodeState, decode_step, prefill};
 pub use forward::{ForwardOutputs, forward};
 pub use numeric::{Rng, round_to_dtype};
