@@ -5,20 +5,20 @@
 //!
 //! - Step 8: `dattn = dout·W_o`, `dW_o = Σ_t doutᵀ·attn`, `db_o = Σ_t dout`.
 //! - Step 7: Attention, per query head h and its kv head j = g(h), with P = softmax(scale·q·kᵀ + mask),
-//!    D_t = ⟨do_t, o_t⟩: `dS = P ∘ (do·vᵀ − D)`, `dq = scale·dS·k`, `dk_j += scale·dSᵀ·q`,
-//!    `dv_j += Pᵀ·do` (dK and dV summed over the group). P is rebuilt from the saved lse.
+//!   D_t = ⟨do_t, o_t⟩: `dS = P ∘ (do·vᵀ − D)`, `dq = scale·dS·k`, `dk_j += scale·dSᵀ·q`,
+//!   `dv_j += Pᵀ·do` (dK and dV summed over the group). P is rebuilt from the saved lse.
 //! - Step 6: RoPE: the transposed rotation, the same pairs turned by −p·θ^(−2i/r).
 //! - Step 5: L2 norm, y = s·x/n with n = sqrt(‖x‖² + eps): `dx = (s/n)·(dy − x·⟨x, dy⟩/n²)`; keys have
-//!    s = √d·τ_j and `dτ_j = Σ_t ⟨dy, √d·x/n⟩`, times exp(temp_j) for `learned_exp` where the
-//!    clamp passes the gradient (1e-7 ≤ temp_j ≤ 2, as PyTorch's clamp does).
+//!   s = √d·τ_j and `dτ_j = Σ_t ⟨dy, √d·x/n⟩`, times exp(temp_j) for `learned_exp` where the
+//!   clamp passes the gradient (1e-7 ≤ temp_j ≤ 2, as PyTorch's clamp does).
 //! - Step 4: q-k mean: `dyq = dq̂`, `dyk = dk̂`, `dq0_h += ½·dq̂_h + (½/G)·dk̂_g(h)`,
-//!    `dk0_j += ½·dk̂_j + ½·Σ_{g(h)=j} dq̂_h`.
+//!   `dk0_j += ½·dk̂_j + ½·Σ_{g(h)=j} dq̂_h`.
 //! - Step 3: Each convolution stage backward in time: an input row r feeds output rows r − k for every
-//!    tap k, so `dI[r] = Σ_k dO[r − k]·w[·, ·, k]`; `dw[c, i, k] = Σ_t dO[t, c]·I[t + k, i]`,
-//!    `db = Σ_t dO[t]` over every output row, including rows that read the zero padding (how a
-//!    stage's bias reaches the rows of the next one). The padding rows' own gradient is dropped.
+//!   tap k, so `dI[r] = Σ_k dO[r − k]·w[·, ·, k]`; `dw[c, i, k] = Σ_t dO[t, c]·I[t + k, i]`,
+//!   `db = Σ_t dO[t]` over every output row, including rows that read the zero padding (how a
+//!   stage's bias reaches the rows of the next one). The padding rows' own gradient is dropped.
 //! - Steps 2 and 1: `dx[t] = dq0[t]·W_q + dk0[t]·W_k + dva[t]·W_v1 + dvb[t + 1]·W_v2` (the
-//!    delayed heads read the previous token), and each weight's `Σ_t dyᵀ·input`, bias `Σ_t dy`.
+//!   delayed heads read the previous token), and each weight's `Σ_t dyᵀ·input`, bias `Σ_t dy`.
 
 use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, ParamRole, QkNorm};
 
