@@ -714,3 +714,21 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
         assert!(hgmma > 0 && local == 0 && mma_sync == 0, "d {head_dim}: {hgmma} HGMMA, {mma_sync} HMMA, {local} LDL/STL");
     }
 }
+
+/// The attention backward kernels of every example (the mma.sync form) lower and assemble
+/// without spills.
+#[test]
+fn codegen_attention_backward_of_every_example_assembles_without_spills() {
+    use ccc::ir::kernel::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
+    for spec in common::specs::example_files() {
+        for which in AttentionBackwardKernel::LAUNCH_ORDER {
+            let schedule = default_attention_backward_schedule(&spec, which).expect("schedule");
+            let kernel = build_attention_backward(&spec, which, &schedule).expect("kernel");
+            let ptx = lowered_ptx(&kernel);
+            let log = ptxas_log(&ptx, &kernel.name);
+            let report = ptxas::parse_report(&log).expect("report").remove(0);
+            println!("{} {schedule:?} smem {} {report:?}", kernel.name, kernel.shared_bytes());
+            assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
+        }
+    }
+}

@@ -179,7 +179,7 @@ fn sequence_backward(layer: &Layer, x: &[f64], dout: &[f64]) -> SequenceGradient
     parameters.o_proj = linear_gradient(&layer.o_proj, dout, &activations.attn);
 
     // Step 7.
-    let (dq, dk, dv) = attention_backward(layer, &activations.q, &activations.k, &activations.v,
+    let (dq, dk, dv) = sequence_attention_backward(spec, &activations.q, &activations.k, &activations.v,
         &activations.attn, &activations.lse, &dattn, seq_len);
 
     // Steps 6 to 4, token by token; each row is [dy (P) | dP0 from the q-k mean (P) | dL/dτ (Hk)].
@@ -324,12 +324,66 @@ fn linear_gradient(linear: &Linear, dy: &[f64], input: &[f64]) -> LinearGradient
     LinearGradient { weight, bias }
 }
 
+/// The attention core's backward alone (step 7): (dq, dk, dv) of softmax attention given q, k,
+/// v, its output o and lse (as [`super::ForwardOutputs`] holds them: [B, S, heads, d] and
+/// [B, Hq, S]) and do = dL/do [B, S, Hq, d]; dk and dv are summed over each group.
+pub fn attention_backward(
+    spec: &AttentionSpec,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    d_o: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor), String> {
+    let [batch, seq_len, hq, d] = q.shape[..] else {
+        return Err(format!("q has shape {:?}, expected [batch, seq_len, heads, head_dim]", q.shape));
+    };
+    let hk = spec.kv_heads;
+    for (name, tensor, shape) in [
+        ("q", q, vec![batch, seq_len, spec.query_heads, spec.head_dim]),
+        ("k", k, vec![batch, seq_len, hk, d]),
+        ("v", v, vec![batch, seq_len, hk, d]),
+        ("o", o, vec![batch, seq_len, hq, d]),
+        ("do", d_o, vec![batch, seq_len, hq, d]),
+        ("lse", lse, vec![batch, hq, seq_len]),
+    ] {
+        tensor.check_consistent()?;
+        if tensor.shape != shape {
+            return Err(format!("{name} has shape {:?}, expected {shape:?}", tensor.shape));
+        }
+    }
+    let (mut dq, mut dk, mut dv) = (Tensor::zeros(q.shape.clone()), Tensor::zeros(k.shape.clone()), Tensor::zeros(v.shape.clone()));
+    let (q_len, kv_len) = (seq_len * hq * d, seq_len * hk * d);
+    for b in 0..batch {
+        let queries = b * q_len..(b + 1) * q_len;
+        let keys = b * kv_len..(b + 1) * kv_len;
+        // The sequence pass keeps lse token-major.
+        let lse_rows: Vec<f64> =
+            (0..seq_len * hq).map(|i| lse.data[(b * hq + i % hq) * seq_len + i / hq]).collect();
+        let (dq_b, dk_b, dv_b) = sequence_attention_backward(
+            spec,
+            &q.data[queries.clone()],
+            &k.data[keys.clone()],
+            &v.data[keys.clone()],
+            &o.data[queries.clone()],
+            &lse_rows,
+            &d_o.data[queries.clone()],
+            seq_len,
+        );
+        dq.data[queries].copy_from_slice(&dq_b);
+        dk.data[keys.clone()].copy_from_slice(&dk_b);
+        dv.data[keys].copy_from_slice(&dv_b);
+    }
+    Ok((dq, dk, dv))
+}
+
 /// Step 7 backward for one sequence: (dq [S·Lq], dk [S·Lk], dv [S·Lk]), the final q and k's
 /// gradients and v's. One pass over query rows gives dq, one over key rows gives dk and dv; each
 /// rebuilds P from the lse.
 #[allow(clippy::too_many_arguments)]
-fn attention_backward(
-    layer: &Layer,
+fn sequence_attention_backward(
+    spec: &AttentionSpec,
     q: &[f64],
     k: &[f64],
     v: &[f64],
@@ -338,7 +392,6 @@ fn attention_backward(
     dout: &[f64],
     seq_len: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let spec = layer.spec;
     let (d, lq, lk, hq) = (spec.head_dim, spec.q_width(), spec.kv_width(), spec.query_heads);
     let scale = spec.softmax_scale;
     // D[t, h] = ⟨do, o⟩, the row sum of dP ∘ P.

@@ -43,7 +43,7 @@ mod parallel;
 mod tensor;
 mod weights;
 
-pub use backward::{Gradients, backward};
+pub use backward::{Gradients, attention_backward, backward};
 pub use decode::{DecodeState, decode_step, prefill};
 pub use forward::{ForwardOutputs, forward};
 pub use numeric::{Rng, round_to_dtype};

@@ -39,7 +39,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
+    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
     PERSISTENT_GRID, PROJECTION_BUFFER, ProjectionSegment, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward,
     build_wgmma_attention, build_wgmma_projection, causal_window, default_schedule, forward_kernels, gemm_operands,
     has_qk_prologue, projection_segments, tensor_map_param, wgmma_attention_footprint,

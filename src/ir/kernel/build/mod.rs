@@ -3,11 +3,13 @@
 //! [q0 | k0], when the spec has any), `attention` (flash attention, online softmax) and
 //! `out_proj` (tiled GEMM).
 
+mod attention_backward;
 mod qk_prologue;
 use qk_prologue::PrologueBuilder;
 mod wgmma_attention;
 mod wgmma_gemm;
 
+pub use attention_backward::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
 pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,
 };

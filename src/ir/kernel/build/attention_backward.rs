@@ -1,0 +1,435 @@
+//! Builders of the attention backward (FlashAttention-2's, in its deterministic two-pass form):
+//!
+//! - `attention_bwd_delta`: D = rowsum(dO ∘ O) per query row and head, the pre-pass;
+//! - `attention_bwd_dq`: per query tile, P and dS rebuilt from the saved lse and D over the key
+//!   tiles it sees, dQ = scale·dS·K accumulated in registers;
+//! - `attention_bwd_dkdv`: per key tile with K and V resident in shared memory, over the query
+//!   tiles of every query head of its group in a fixed order, dV = Pᵀ·dO and dK = scale·dSᵀ·Q
+//!   (summed over the group without atomics).
+//!
+//! Every sum runs in a fixed order, so results do not depend on scheduling. dS and P enter the
+//! matrix multiplies in the storage type, as in the forward's P·V; dQ, dK and dV leave in f32
+//! for the prologue and projection backward after them.
+
+use super::*;
+
+/// Which attention backward kernel to build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum AttentionBackwardKernel {
+    Delta,
+    Dq,
+    DkDv,
+}
+
+impl AttentionBackwardKernel {
+    /// The kernels one attention backward launches, in order (D first: both others read it).
+    pub const LAUNCH_ORDER: [AttentionBackwardKernel; 3] =
+        [AttentionBackwardKernel::Delta, AttentionBackwardKernel::Dq, AttentionBackwardKernel::DkDv];
+
+    /// Suffix of the kernel symbol `{spec.name}_{suffix}`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            AttentionBackwardKernel::Delta => "attention_bwd_delta",
+            AttentionBackwardKernel::Dq => "attention_bwd_dq",
+            AttentionBackwardKernel::DkDv => "attention_bwd_dkdv",
+        }
+    }
+}
+
+/// The schedule an attention backward kernel gets unless told otherwise: 64-row tiles on 4
+/// warps with a two-stage copy ring, smaller where those do not verify. `DkDv` steps over 32
+/// query rows: its dK and dV accumulators take 128 registers a thread at head_dim 128, and
+/// 64-query steps then spill.
+pub fn default_attention_backward_schedule(
+    spec: &AttentionSpec,
+    which: AttentionBackwardKernel,
+) -> Result<Schedule, String> {
+    let d = spec.head_dim as u32;
+    let query_step = |block: u32| match which {
+        AttentionBackwardKernel::DkDv => block.min(32),
+        _ => block,
+    };
+    let candidates = [(64, 4, 2), (64, 4, 1), (32, 2, 1), (16, 1, 1)].map(|(block, warps, stages)| Schedule {
+        block_m: query_step(block),
+        block_n: block,
+        block_k: d,
+        warps,
+        stages,
+    });
+    let mut last_error = String::from("no candidate schedule");
+    for schedule in candidates {
+        match build_attention_backward(spec, which, &schedule) {
+            Ok(_) => return Ok(schedule),
+            Err(e) => last_error = e,
+        }
+    }
+    Err(format!("no default {} schedule fits: {last_error}", which.suffix()))
+}
+
+/// Builds one attention backward kernel of `spec` with `schedule`, verified. For `Delta` and
+/// `Dq`, block_m query rows per CTA (block_n key rows per step of `Dq`); for `DkDv`, block_n
+/// key rows per CTA and block_m query rows per step. block_k must be head_dim.
+pub fn build_attention_backward(
+    spec: &AttentionSpec,
+    which: AttentionBackwardKernel,
+    schedule: &Schedule,
+) -> Result<KernelFn, String> {
+    spec.validate()?;
+    let s = schedule;
+    if s.block_m == 0 || s.block_n == 0 || s.warps == 0 || s.stages == 0 {
+        return Err(format!("schedule {s:?} has a zero size"));
+    }
+    if s.block_k != spec.head_dim as u32 {
+        return Err(format!("attention backward reduces over whole heads: block_k must be head_dim {}", spec.head_dim));
+    }
+    let builder = AttentionBackward { spec, s, storage: spec.dtype.into(), d: spec.head_dim as u32 };
+    let kernel = match which {
+        AttentionBackwardKernel::Delta => builder.delta()?,
+        AttentionBackwardKernel::Dq => builder.dq()?,
+        AttentionBackwardKernel::DkDv => builder.dkdv()?,
+    };
+    kernel
+        .verify()
+        .map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
+    Ok(kernel)
+}
+
+struct AttentionBackward<'a> {
+    spec: &'a AttentionSpec,
+    s: &'a Schedule,
+    storage: ElemType,
+    d: u32,
+}
+
+impl AttentionBackward<'_> {
+    fn bsd(&self, heads: usize) -> Vec<SizeExpr> {
+        vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(self.spec.head_dim)]
+    }
+
+    /// [B, Hq, S] f32: the lse the forward saved, and D.
+    fn row_statistic(&self, name: &str, access: Access) -> KernelParam {
+        tensor(name, ElemType::F32, vec![SizeExpr::batch(), size(self.spec.query_heads), SizeExpr::seq_len()], access)
+    }
+
+    /// Rows [row0, row0 + rows) of head `head` of a [B, S, heads, d] tensor.
+    fn head_rows(&self, param: &str, row0: Expr, rows: u32, head: Expr) -> GlobalTile {
+        GlobalTile {
+            param: param.into(),
+            dims: vec![GlobalDim::At(var("b")), span(row0, rows), GlobalDim::At(head), span(int(0), self.d)],
+        }
+    }
+
+    /// Rows [row0, row0 + rows) of query head h of a [B, Hq, S] row statistic.
+    fn statistic_rows(&self, param: &str, row0: Expr, rows: u32) -> GlobalTile {
+        GlobalTile { param: param.into(), dims: vec![GlobalDim::At(var("b")), GlobalDim::At(var("h")), span(row0, rows)] }
+    }
+
+    /// Row statistic `param` of query `query` of head h, clamped into the sequence: rows past
+    /// its end are masked or never stored, and must only read inside the tensor.
+    fn statistic_at(&self, param: &str, query: Expr) -> Expr {
+        Expr::global(param, vec![var("b"), var("h"), query.min(seq() - int(1))])
+    }
+
+    /// Whether key `key` is visible to query `query` and inside the sequence (queries past the
+    /// end are excluded too: their rows of Q and dO are zeros, but their lse and D are not).
+    fn visible(&self, query: Expr, key: Expr) -> Expr {
+        let in_sequence = key.clone().lt(seq()).and(query.clone().lt(seq()));
+        match self.spec.mask {
+            Mask::None => in_sequence,
+            Mask::Causal => key.le(query).and(in_sequence),
+            Mask::SlidingWindow { window } => {
+                key.clone().le(query.clone()).and((query - key).lt(int(window))).and(in_sequence)
+            }
+        }
+    }
+
+    fn kernel(&self, which: AttentionBackwardKernel, params: Vec<KernelParam>, grid: [SizeExpr; 3], tiles: Tiles, body: Vec<Stmt>) -> KernelFn {
+        let mut params = params;
+        params.extend(size_params());
+        KernelFn {
+            name: format!("{}_{}", self.spec.name, which.suffix()),
+            params,
+            grid,
+            warps: self.s.warps,
+            tiles: tiles.decls,
+            barriers: Vec::new(),
+            schedule: *self.s,
+            ctas_per_sm: 1,
+            body,
+        }
+    }
+
+    /// One warp row-band per warp along `rows`: row statistics stay inside a warp.
+    fn row_bands(&self, rows: u32, cols: u32) -> Result<(Layout, Layout, Layout), String> {
+        let warps = self.s.warps;
+        if rows % (16 * warps) != 0 || cols % 16 != 0 || self.d % 16 != 0 {
+            return Err(format!(
+                "attention backward tiles {rows}x{cols} (head_dim {}) do not split into 16-row bands over {warps} warps",
+                self.d
+            ));
+        }
+        Ok((
+            Layout::MmaAccumulator { warps_m: warps, warps_n: 1 },
+            Layout::MmaOperandA { warps_m: warps, warps_n: 1 },
+            Layout::RowVector { warps_m: warps, warps_n: 1 },
+        ))
+    }
+
+    /// D[b, h, t] = Σ_c dO[b, t, h, c]·O[b, t, h, c]; CTA = block_m query rows of head h.
+    fn delta(&self) -> Result<KernelFn, String> {
+        let (bm, d) = (self.s.block_m, self.d);
+        let (acc, _, row_vec) = self.row_bands(bm, d)?;
+        let mut t = Tiles { decls: Vec::new() };
+        let o_s = t.shared("o_s", self.storage, bm, d);
+        let do_s = t.shared("do_s", self.storage, bm, d);
+        let product = t.regs("product", ElemType::F32, bm, d, acc);
+        let delta = t.regs("delta", ElemType::F32, bm, 1, row_vec);
+        let at = |tile: TileId| Expr::tile(tile, Expr::Row, Expr::Col);
+        let body = vec![
+            Stmt::Note(format!("CTA = {bm} query rows of head h, batch b: D = rowsum(dO ∘ O)")),
+            let_("q_tile", Expr::BlockIdx(Axis::X)),
+            let_("h", Expr::BlockIdx(Axis::Y)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+            let_("q_row0", var("q_tile") * int(bm)),
+            Stmt::Copy { dst: t.whole(o_s), src: self.head_rows("o", var("q_row0"), bm, var("h")), is_async: true },
+            Stmt::Copy { dst: t.whole(do_s), src: self.head_rows("do", var("q_row0"), bm, var("h")), is_async: true },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+            Stmt::Map { dst: t.whole(product), expr: at(o_s) * at(do_s) },
+            Stmt::RowReduce { dst: delta, src: t.whole(product), op: ReduceOp::Sum, value: Expr::Elem },
+            Stmt::Store { src: t.whole(delta), dst: self.statistic_rows("delta", var("q_row0"), bm) },
+        ];
+        let hq = self.spec.query_heads;
+        let params = vec![
+            tensor("o", self.storage, self.bsd(hq), Access::Read),
+            tensor("do", self.storage, self.bsd(hq), Access::Read),
+            self.row_statistic("delta", Access::Write),
+        ];
+        let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
+        Ok(self.kernel(AttentionBackwardKernel::Delta, params, grid, t, body))
+    }
+
+    /// dQ = scale·dS·K for block_m query rows of head h over the key tiles they see, with
+    /// P = exp(scale·Q·Kᵀ − lse) and dS = P ∘ (dO·Vᵀ − D).
+    fn dq(&self) -> Result<KernelFn, String> {
+        let (spec, s, d) = (self.spec, self.s, self.d);
+        let (bm, bn) = (s.block_m, s.block_n);
+        let (acc, operand, row_vec) = self.row_bands(bm, bn)?;
+        let mut t = Tiles { decls: Vec::new() };
+        let q_s = t.shared("q_s", self.storage, bm, d);
+        let do_s = t.shared("do_s", self.storage, bm, d);
+        let k_s = t.shared("k_s", self.storage, s.stages * bn, d);
+        let v_s = t.shared("v_s", self.storage, s.stages * bn, d);
+        let probs = t.regs("probs", ElemType::F32, bm, bn, acc);
+        let dscores = t.regs("dscores", ElemType::F32, bm, bn, acc);
+        let dscores_a = t.regs("dscores_a", self.storage, bm, bn, operand);
+        let dq = t.regs("dq", ElemType::F32, bm, d, acc);
+        let lse = t.regs("lse", ElemType::F32, bm, 1, row_vec);
+        let delta = t.regs("delta", ElemType::F32, bm, 1, row_vec);
+        let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
+        let scale = Expr::Float(spec.softmax_scale);
+        let query = var("q_row0") + Expr::Row;
+        let key = var("k_col0") + Expr::Col;
+        let slot_view = |tile: TileId, slot: Expr| t.view(tile, times(slot, bn), int(0), bn, d);
+        let load = |step: Expr, slot: Expr| {
+            let key0 = times(var("kv_first") + step, bn);
+            [("k", k_s), ("v", v_s)]
+                .map(|(param, dst)| Stmt::Copy {
+                    dst: slot_view(dst, slot.clone()),
+                    src: self.head_rows(param, key0.clone(), bn, var("kv_head")),
+                    is_async: true,
+                })
+                .to_vec()
+        };
+        let compute = |step: Expr, slot: Expr| {
+            vec![
+                let_("k_col0", (var("kv_first") + step) * int(bn)),
+                Stmt::Fill { dst: t.whole(probs), value: 0.0 },
+                Stmt::Mma { acc: t.whole(probs), a: t.whole(q_s), b: slot_view(k_s, slot.clone()), b_transposed: true },
+                Stmt::Map {
+                    dst: t.whole(probs),
+                    expr: Expr::select(
+                        self.visible(query.clone(), key.clone()),
+                        (Expr::Elem * scale.clone() - at_row(lse)).exp(),
+                        Expr::Float(0.0),
+                    ),
+                },
+                Stmt::Fill { dst: t.whole(dscores), value: 0.0 },
+                Stmt::Mma { acc: t.whole(dscores), a: t.whole(do_s), b: slot_view(v_s, slot.clone()), b_transposed: true },
+                Stmt::Map {
+                    dst: t.whole(dscores),
+                    expr: Expr::tile(probs, Expr::Row, Expr::Col) * (Expr::Elem - at_row(delta)),
+                },
+                Stmt::Convert { dst: t.whole(dscores_a), src: t.whole(dscores) },
+                Stmt::Mma { acc: t.whole(dq), a: t.whole(dscores_a), b: slot_view(k_s, slot), b_transposed: false },
+            ]
+        };
+        let (kv_first, kv_end) = key_tiles_seen(spec.mask, bm, bn);
+        let mut body = vec![
+            Stmt::Note(format!("CTA = {bm} query rows of head h, batch b; key tiles of {bn}")),
+            let_("q_tile", Expr::BlockIdx(Axis::X)),
+            let_("h", Expr::BlockIdx(Axis::Y)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+            let_("kv_head", var("h").floor_div(int(spec.groups()))),
+            let_("q_row0", var("q_tile") * int(bm)),
+            Stmt::Copy { dst: t.whole(q_s), src: self.head_rows("q", var("q_row0"), bm, var("h")), is_async: true },
+            Stmt::Copy { dst: t.whole(do_s), src: self.head_rows("do", var("q_row0"), bm, var("h")), is_async: true },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+            Stmt::Map { dst: t.whole(lse), expr: self.statistic_at("lse", query.clone()) },
+            Stmt::Map { dst: t.whole(delta), expr: self.statistic_at("delta", query.clone()) },
+            Stmt::Fill { dst: t.whole(dq), value: 0.0 },
+            let_("kv_first", kv_first),
+            let_("kv_count", kv_end - var("kv_first")),
+        ];
+        body.extend(pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute));
+        body.extend([
+            Stmt::Map { dst: t.whole(dq), expr: Expr::Elem * scale },
+            Stmt::Store { src: t.whole(dq), dst: self.head_rows("dq", var("q_row0"), bm, var("h")) },
+        ]);
+        let (hq, hk) = (spec.query_heads, spec.kv_heads);
+        let params = vec![
+            tensor("q", self.storage, self.bsd(hq), Access::Read),
+            tensor("k", self.storage, self.bsd(hk), Access::Read),
+            tensor("v", self.storage, self.bsd(hk), Access::Read),
+            tensor("do", self.storage, self.bsd(hq), Access::Read),
+            self.row_statistic("lse", Access::Read),
+            self.row_statistic("delta", Access::Read),
+            tensor("dq", ElemType::F32, self.bsd(hq), Access::Write),
+        ];
+        let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
+        Ok(self.kernel(AttentionBackwardKernel::Dq, params, grid, t, body))
+    }
+
+    /// dV = Pᵀ·dO and dK = scale·dSᵀ·Q for block_n key rows of kv head j, over the query tiles
+    /// that see them of each of its G query heads in turn (Pᵀ and dSᵀ computed key-major:
+    /// Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ).
+    fn dkdv(&self) -> Result<KernelFn, String> {
+        let (spec, s, d) = (self.spec, self.s, self.d);
+        let (bm, bn) = (s.block_m, s.block_n);
+        let (acc, operand, _) = self.row_bands(bn, bm)?;
+        let mut t = Tiles { decls: Vec::new() };
+        let k_s = t.shared("k_s", self.storage, bn, d);
+        let v_s = t.shared("v_s", self.storage, bn, d);
+        let q_s = t.shared("q_s", self.storage, s.stages * bm, d);
+        let do_s = t.shared("do_s", self.storage, s.stages * bm, d);
+        let probs_t = t.regs("probs_t", ElemType::F32, bn, bm, acc);
+        let probs_a = t.regs("probs_a", self.storage, bn, bm, operand);
+        let dscores_t = t.regs("dscores_t", ElemType::F32, bn, bm, acc);
+        let dscores_a = t.regs("dscores_a", self.storage, bn, bm, operand);
+        let dk = t.regs("dk", ElemType::F32, bn, d, acc);
+        let dv = t.regs("dv", ElemType::F32, bn, d, acc);
+        let scale = Expr::Float(spec.softmax_scale);
+        let key = var("k_row0") + Expr::Row;
+        let query = var("q_col0") + Expr::Col;
+        let slot_view = |tile: TileId, slot: Expr| t.view(tile, times(slot, bm), int(0), bm, d);
+        let load = |step: Expr, slot: Expr| {
+            let query0 = times(var("q_first") + step, bm);
+            [("q", q_s), ("do", do_s)]
+                .map(|(param, dst)| Stmt::Copy {
+                    dst: slot_view(dst, slot.clone()),
+                    src: self.head_rows(param, query0.clone(), bm, var("h")),
+                    is_async: true,
+                })
+                .to_vec()
+        };
+        let compute = |step: Expr, slot: Expr| {
+            vec![
+                let_("q_col0", (var("q_first") + step) * int(bm)),
+                Stmt::Fill { dst: t.whole(probs_t), value: 0.0 },
+                Stmt::Mma { acc: t.whole(probs_t), a: t.whole(k_s), b: slot_view(q_s, slot.clone()), b_transposed: true },
+                Stmt::Map {
+                    dst: t.whole(probs_t),
+                    expr: Expr::select(
+                        self.visible(query.clone(), key.clone()),
+                        (Expr::Elem * scale.clone() - self.statistic_at("lse", query.clone())).exp(),
+                        Expr::Float(0.0),
+                    ),
+                },
+                Stmt::Convert { dst: t.whole(probs_a), src: t.whole(probs_t) },
+                Stmt::Mma { acc: t.whole(dv), a: t.whole(probs_a), b: slot_view(do_s, slot.clone()), b_transposed: false },
+                Stmt::Fill { dst: t.whole(dscores_t), value: 0.0 },
+                Stmt::Mma { acc: t.whole(dscores_t), a: t.whole(v_s), b: slot_view(do_s, slot.clone()), b_transposed: true },
+                Stmt::Map {
+                    dst: t.whole(dscores_t),
+                    expr: Expr::tile(probs_t, Expr::Row, Expr::Col)
+                        * (Expr::Elem - self.statistic_at("delta", query.clone())),
+                },
+                Stmt::Convert { dst: t.whole(dscores_a), src: t.whole(dscores_t) },
+                Stmt::Mma { acc: t.whole(dk), a: t.whole(dscores_a), b: slot_view(q_s, slot), b_transposed: false },
+            ]
+        };
+        let (q_first, q_end) = query_tiles_seeing(spec.mask, bm, bn);
+        let mut per_head = vec![
+            let_("h", var("kv_head") * int(spec.groups()) + var("g")),
+            let_("q_first", q_first),
+            let_("q_count", q_end - var("q_first")),
+        ];
+        per_head.extend(pipelined_loop("q_step", var("q_count"), s.stages, &load, &compute));
+        let mut body = vec![
+            Stmt::Note(format!(
+                "CTA = {bn} key rows of kv head kv_head, batch b; query tiles of {bm} of each query head of the group"
+            )),
+            let_("k_tile", Expr::BlockIdx(Axis::X)),
+            let_("kv_head", Expr::BlockIdx(Axis::Y)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+            let_("k_row0", var("k_tile") * int(bn)),
+            Stmt::Copy { dst: t.whole(k_s), src: self.head_rows("k", var("k_row0"), bn, var("kv_head")), is_async: true },
+            Stmt::Copy { dst: t.whole(v_s), src: self.head_rows("v", var("k_row0"), bn, var("kv_head")), is_async: true },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+            Stmt::Fill { dst: t.whole(dk), value: 0.0 },
+            Stmt::Fill { dst: t.whole(dv), value: 0.0 },
+            for_("g", int(0), int(spec.groups()), per_head),
+            Stmt::Map { dst: t.whole(dk), expr: Expr::Elem * scale },
+            Stmt::Store { src: t.whole(dk), dst: self.head_rows("dk", var("k_row0"), bn, var("kv_head")) },
+            Stmt::Store { src: t.whole(dv), dst: self.head_rows("dv", var("k_row0"), bn, var("kv_head")) },
+        ];
+        body.insert(0, Stmt::Note("dK and dV summed over the group's query heads in order: no atomics".into()));
+        let (hq, hk) = (spec.query_heads, spec.kv_heads);
+        let params = vec![
+            tensor("q", self.storage, self.bsd(hq), Access::Read),
+            tensor("k", self.storage, self.bsd(hk), Access::Read),
+            tensor("v", self.storage, self.bsd(hk), Access::Read),
+            tensor("do", self.storage, self.bsd(hq), Access::Read),
+            self.row_statistic("lse", Access::Read),
+            self.row_statistic("delta", Access::Read),
+            tensor("dk", ElemType::F32, self.bsd(hk), Access::Write),
+            tensor("dv", ElemType::F32, self.bsd(hk), Access::Write),
+        ];
+        let grid = [SizeExpr::seq_len().ceil_div(bn as u64), size(hk), SizeExpr::batch()];
+        Ok(self.kernel(AttentionBackwardKernel::DkDv, params, grid, t, body))
+    }
+}
+
+/// [first, end) of the key tiles of `bn` that some query of the tile at `q_row0` (`bm` rows)
+/// sees, as expressions of `q_row0` and S.
+fn key_tiles_seen(mask: Mask, bm: u32, bn: u32) -> (Expr, Expr) {
+    let all = seq().ceil_div(int(bn));
+    let through_diagonal = all.clone().min((var("q_row0") + int(bm)).ceil_div(int(bn)));
+    match mask {
+        Mask::None => (int(0), all),
+        Mask::Causal => (int(0), through_diagonal),
+        Mask::SlidingWindow { window } => {
+            ((var("q_row0") - int(window - 1)).max(int(0)).floor_div(int(bn)), through_diagonal)
+        }
+    }
+}
+
+/// [first, end) of the query tiles of `bm` with some query that sees a key of the tile at
+/// `k_row0` (`bn` rows), as expressions of `k_row0` and S.
+fn query_tiles_seeing(mask: Mask, bm: u32, bn: u32) -> (Expr, Expr) {
+    let all = seq().ceil_div(int(bm));
+    match mask {
+        Mask::None => (int(0), all),
+        Mask::Causal => (var("k_row0").floor_div(int(bm)), all),
+        // The last query that sees the tile's last key is k_row0 + bn − 1 + window − 1.
+        Mask::SlidingWindow { window } => (
+            var("k_row0").floor_div(int(bm)),
+            all.min((var("k_row0") + int(bn as usize + window - 1)).ceil_div(int(bm))),
+        ),
+    }
+}
