@@ -162,7 +162,7 @@ impl AttentionBackward<'_> {
     /// One warp row-band per warp along `rows`: row statistics stay inside a warp.
     fn row_bands(&self, rows: u32, cols: u32) -> Result<(Layout, Layout, Layout), String> {
         let warps = self.s.warps;
-        if rows % (16 * warps) != 0 || cols % 16 != 0 || self.d % 16 != 0 {
+        if !rows.is_multiple_of(16 * warps) || !cols.is_multiple_of(16) || !self.d.is_multiple_of(16) {
             return Err(format!(
                 "attention backward tiles {rows}x{cols} (head_dim {}) do not split into 16-row bands over {warps} warps",
                 self.d
