@@ -716,10 +716,14 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
 }
 
 /// The attention backward kernels of every example (the mma.sync form) lower and assemble
-/// without spills.
+/// without spills. With `CCC_HOPPER_PTX_OUT=DIR` each is written there with
+/// `attention_backward.json` (for bench/attention_backward.py: per kernel its example, stage,
+/// parameters in ABI order, tile rows, threads and shared memory).
 #[test]
 fn codegen_attention_backward_of_every_example_assembles_without_spills() {
-    use ccc::ir::kernel::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
+    use ccc::ir::kernel::{AttentionBackwardKernel, KernelParam, build_attention_backward, default_attention_backward_schedule};
+    let out = std::env::var_os("CCC_HOPPER_PTX_OUT").map(std::path::PathBuf::from);
+    let mut descriptions = Vec::new();
     for spec in common::specs::example_files() {
         for which in AttentionBackwardKernel::LAUNCH_ORDER {
             let schedule = default_attention_backward_schedule(&spec, which).expect("schedule");
@@ -729,6 +733,27 @@ fn codegen_attention_backward_of_every_example_assembles_without_spills() {
             let report = ptxas::parse_report(&log).expect("report").remove(0);
             println!("{} {schedule:?} smem {} {report:?}", kernel.name, kernel.shared_bytes());
             assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
+            if let Some(dir) = &out {
+                std::fs::create_dir_all(dir).expect("output dir");
+                std::fs::write(dir.join(format!("{}.ptx", kernel.name)), &ptx).expect("write ptx");
+                let rows = match which {
+                    AttentionBackwardKernel::DkDv => schedule.block_n,
+                    _ => schedule.block_m,
+                };
+                descriptions.push(serde_json::json!({
+                    "name": kernel.name, "layer": spec.name, "stage": which.suffix(), "elem": spec.dtype.name(),
+                    "head_dim": spec.head_dim, "q_heads": spec.query_heads, "kv_heads": spec.kv_heads,
+                    "causal": spec.mask != Mask::None,
+                    "window": match spec.mask { Mask::SlidingWindow { window } => Some(window), _ => None },
+                    "softmax_scale": spec.softmax_scale,
+                    "params": kernel.params.iter().map(KernelParam::name).collect::<Vec<_>>(),
+                    "block_rows": rows, "threads": kernel.threads(), "dynamic_shared_bytes": kernel.shared_bytes(),
+                }));
+            }
         }
+    }
+    if let Some(dir) = &out {
+        std::fs::write(dir.join("attention_backward.json"), serde_json::to_string_pretty(&descriptions).expect("json"))
+            .expect("write json");
     }
 }
