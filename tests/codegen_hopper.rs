@@ -715,6 +715,29 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
     }
 }
 
+/// The projection-gradient GEMMs of every example (dYᵀ read transposed with ldmatrix.trans)
+/// lower and assemble without spills.
+#[test]
+fn codegen_gradient_gemms_of_every_example_assemble_without_spills() {
+    use ccc::ir::kernel::{build_input_gradient, build_weight_gradient, projection_gradients, with_default_gradient_schedule};
+    for spec in common::specs::example_files() {
+        let (inputs, weights) = projection_gradients(&spec);
+        let mut kernels: Vec<_> =
+            inputs.iter().map(|g| with_default_gradient_schedule(|s| build_input_gradient(g, s)).expect("input gradient")).collect();
+        kernels.extend(weights.iter().map(|g| with_default_gradient_schedule(|s| build_weight_gradient(g, s)).expect("weight gradient")));
+        for kernel in kernels {
+            let ptx = lowered_ptx(&kernel);
+            if kernel.name.contains("dweight") {
+                assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"), "{}", kernel.name);
+            }
+            let log = ptxas_log(&ptx, &kernel.name);
+            let report = ptxas::parse_report(&log).expect("report").remove(0);
+            println!("{} {:?} {report:?}", kernel.name, kernel.schedule);
+            assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
+        }
+    }
+}
+
 /// The attention backward kernels of every example (the mma.sync form) lower and assemble
 /// without spills. With `CCC_HOPPER_PTX_OUT=DIR` each is written there with
 /// `attention_backward.json` (for bench/attention_backward.py: per kernel its example, stage,

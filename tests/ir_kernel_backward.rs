@@ -14,6 +14,20 @@ use common::specs::zaya1_like;
 /// Exact mode: the kernels and the reference differ only in the order of f64 sums.
 const TOLERANCE: f64 = 1e-10;
 
+/// `got` within TOLERANCE of `want` relative to its largest value (at least 1e-4: a gradient
+/// that is zero in exact arithmetic, like a key bias's under softmax, is rounding noise on both
+/// sides), and every value written: `relative_error` alone would pass over a NaN left in a
+/// poisoned buffer.
+fn assert_close(got: &[f64], want: &[f64], what: &str) {
+    if let Some(index) = got.iter().position(|v| !v.is_finite()) {
+        panic!("{what}: value {index} is {} (never written?)", got[index]);
+    }
+    assert_eq!(got.len(), want.len(), "{what}");
+    let scale = want.iter().fold(1e-4f64, |m, v| m.max(v.abs()));
+    let error = got.iter().zip(want).fold(0.0f64, |m, (a, b)| m.max((a - b).abs())) / scale;
+    assert!(error <= TOLERANCE, "{what}: relative error {error:e} > {TOLERANCE:e}");
+}
+
 /// Runs the three kernels on the forward's q, k, v, o and lse with a random dO and compares dq,
 /// dk and dv with the reference.
 fn check(spec: &AttentionSpec, batch: usize, seq_len: usize, schedule_of: &dyn Fn(AttentionBackwardKernel) -> Schedule, rng: &mut XorShift64Star, what: &str) {
@@ -45,8 +59,7 @@ fn check(spec: &AttentionSpec, batch: usize, seq_len: usize, schedule_of: &dyn F
         run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
     for (name, want) in [("dq", &dq), ("dk", &dk), ("dv", &dv)] {
-        let error = relative_error(&buffers[name], &want.data);
-        assert!(error <= TOLERANCE, "{what}: {name} relative error {error:e} > {TOLERANCE:e}\n{spec:#?}");
+        assert_close(&buffers[name], &want.data, &format!("{what}: {name} of {spec:#?}"));
     }
 }
 
@@ -99,4 +112,212 @@ fn attention_backward_rejects_bad_schedules() {
     let ragged = Schedule { block_m: 24, ..small(&spec, 1) };
     let error = build_attention_backward(&spec, AttentionBackwardKernel::DkDv, &ragged).unwrap_err();
     assert!(error.contains("do not split into 16-row bands"), "{error}");
+}
+
+mod gemm {
+    use super::*;
+    use ccc::ir::kernel::{ElemType, GradientTerm, InputGradient, WeightGradient, build_input_gradient, build_weight_gradient};
+
+    fn random(rng: &mut XorShift64Star, len: usize) -> Vec<f64> {
+        (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
+    }
+
+    fn schedule(block_m: u32, block_n: u32, block_k: u32, warps: u32, stages: u32) -> Schedule {
+        Schedule { block_m, block_n, block_k, warps, stages }
+    }
+
+    /// dx of a q/k/v-like projection: three segments of two gradient tensors, the last read one
+    /// token later, against the sum written out.
+    #[test]
+    fn input_gradient_matches_the_sum_of_products() {
+        let (inputs, p, lv) = (48, 96, 64);
+        let terms = vec![
+            GradientTerm { dy: "dp0".into(), dy_columns: p, column0: 0, width: 64, weight: "w_q".into(), row_shift: 0 },
+            GradientTerm { dy: "dp0".into(), dy_columns: p, column0: 64, width: 32, weight: "w_k".into(), row_shift: 0 },
+            GradientTerm { dy: "dv".into(), dy_columns: lv, column0: 32, width: 32, weight: "w_v2".into(), row_shift: 1 },
+        ];
+        let gradient = InputGradient { name: "dx".into(), terms: terms.clone(), inputs, output: "dx".into(), storage: ElemType::Bf16 };
+        let mut rng = XorShift64Star::new(5);
+        for (batch, seq_len, sched) in [(1, 1, schedule(16, 16, 16, 1, 1)), (3, 17, schedule(16, 32, 32, 2, 2)), (2, 65, schedule(64, 16, 16, 4, 3))] {
+            let mut buffers: Buffers = Buffers::new();
+            buffers.insert("dp0".into(), random(&mut rng, batch * seq_len * p));
+            buffers.insert("dv".into(), random(&mut rng, batch * seq_len * lv));
+            for term in &terms {
+                buffers.insert(term.weight.clone(), random(&mut rng, term.width * inputs));
+            }
+            buffers.insert("dx".into(), vec![f64::NAN; batch * seq_len * inputs]);
+            let kernel = build_input_gradient(&gradient, &sched).unwrap();
+            run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
+            let mut want = vec![0.0; batch * seq_len * inputs];
+            for b in 0..batch {
+                for t in 0..seq_len {
+                    for term in &terms {
+                        let source = t + term.row_shift;
+                        if source >= seq_len {
+                            continue;
+                        }
+                        for o in 0..term.width {
+                            let g = buffers[&term.dy][(b * seq_len + source) * term.dy_columns + term.column0 + o];
+                            for i in 0..inputs {
+                                want[(b * seq_len + t) * inputs + i] += g * buffers[&term.weight][o * inputs + i];
+                            }
+                        }
+                    }
+                }
+            }
+            assert_close(&buffers["dx"], &want, &format!("B={batch} S={seq_len} {sched:?}"));
+        }
+    }
+
+    /// dW and db of a segment of dy against x one token earlier, summed over every token of the
+    /// batch, against the sums written out.
+    #[test]
+    fn weight_gradient_matches_the_sum_over_tokens() {
+        let (inputs, columns) = (40, 96);
+        let mut rng = XorShift64Star::new(9);
+        for (batch, seq_len, row_shift, sched) in [
+            (1, 1, 0, schedule(16, 16, 16, 1, 1)),
+            (3, 17, 1, schedule(32, 16, 16, 2, 2)),
+            (2, 65, 0, schedule(32, 32, 32, 2, 3)),
+        ] {
+            let gradient = WeightGradient {
+                name: "dw".into(),
+                dy: "dy".into(),
+                dy_columns: columns,
+                column0: 32,
+                width: 64,
+                x: "x".into(),
+                inputs,
+                row_shift,
+                output: "dw".into(),
+                bias_output: Some("db".into()),
+                storage: ElemType::Bf16,
+            };
+            let mut buffers: Buffers = Buffers::new();
+            buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
+            buffers.insert("x".into(), random(&mut rng, batch * seq_len * inputs));
+            buffers.insert("dw".into(), vec![f64::NAN; 64 * inputs]);
+            buffers.insert("db".into(), vec![f64::NAN; 64]);
+            let kernel = build_weight_gradient(&gradient, &sched).unwrap();
+            run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
+            let (mut dw, mut db) = (vec![0.0; 64 * inputs], vec![0.0; 64]);
+            for b in 0..batch {
+                for t in 0..seq_len {
+                    for o in 0..64 {
+                        let g = buffers["dy"][(b * seq_len + t) * columns + 32 + o];
+                        db[o] += g;
+                        if t >= row_shift {
+                            for i in 0..inputs {
+                                dw[o * inputs + i] += g * buffers["x"][(b * seq_len + t - row_shift) * inputs + i];
+                            }
+                        }
+                    }
+                }
+            }
+            for (name, want) in [("dw", &dw), ("db", &db)] {
+                assert_close(&buffers[name], want, &format!("{name} B={batch} S={seq_len} shift {row_shift} {sched:?}"));
+            }
+        }
+    }
+
+    #[test]
+    fn gradient_gemms_reject_segments_that_straddle_tiles() {
+        let gradient = WeightGradient {
+            name: "dw".into(),
+            dy: "dy".into(),
+            dy_columns: 96,
+            column0: 0,
+            width: 48,
+            x: "x".into(),
+            inputs: 32,
+            row_shift: 0,
+            output: "dw".into(),
+            bias_output: None,
+            storage: ElemType::Bf16,
+        };
+        let error = build_weight_gradient(&gradient, &schedule(32, 16, 16, 2, 1)).unwrap_err();
+        assert!(error.contains("48 weight rows are not a whole number of 32-row tiles"), "{error}");
+        let input = InputGradient {
+            name: "dx".into(),
+            terms: vec![GradientTerm { dy: "dy".into(), dy_columns: 96, column0: 0, width: 48, weight: "w".into(), row_shift: 0 }],
+            inputs: 32,
+            output: "dx".into(),
+            storage: ElemType::Bf16,
+        };
+        let error = build_input_gradient(&input, &schedule(16, 16, 32, 1, 1)).unwrap_err();
+        assert!(error.contains("not a whole number of 32-column chunks"), "{error}");
+    }
+}
+
+/// The whole backward of layers without a q/k prologue (o_proj's input and weight gradients,
+/// the attention backward, dx and every projection weight's gradient) in the interpreter,
+/// against the reference's hand-derived backward of the whole layer.
+mod layer {
+    use super::*;
+    use ccc::ir::kernel::interp::run_forward;
+    use ccc::ir::kernel::{
+        build_input_gradient, build_weight_gradient, gradient_name, has_qk_prologue, projection_gradients,
+        with_default_gradient_schedule,
+    };
+    use ccc::reference::{Weights, backward};
+
+    fn check_layer(spec: &AttentionSpec, batch: usize, seq_len: usize, rng: &mut XorShift64Star, what: &str) {
+        let weights = random_weights(spec, rng);
+        let x = random_input(spec, batch, seq_len, rng);
+        let dout: Vec<f64> = (0..x.len()).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let forward = run_forward(spec, &weights, &x, batch, seq_len).unwrap();
+        let mut buffers: Buffers = weights.clone();
+        for (name, data) in [("x", x.clone()), ("dout", dout.clone()), ("q", forward.q), ("k", forward.k), ("v", forward.v), ("o", forward.o), ("lse", forward.lse)] {
+            buffers.insert(name.into(), data);
+        }
+        let (inputs, weight_gradients) = projection_gradients(spec);
+        let mut kernels = vec![with_default_gradient_schedule(|s| build_input_gradient(&inputs[0], s)).unwrap()];
+        for which in AttentionBackwardKernel::LAUNCH_ORDER {
+            kernels.push(build_attention_backward(spec, which, &default_attention_backward_schedule(spec, which).unwrap()).unwrap());
+        }
+        kernels.push(with_default_gradient_schedule(|s| build_input_gradient(&inputs[1], s)).unwrap());
+        for gradient in &weight_gradients {
+            kernels.push(with_default_gradient_schedule(|s| build_weight_gradient(gradient, s)).unwrap());
+        }
+        let sizes = launch_sizes(batch, seq_len);
+        for kernel in &kernels {
+            for param in &kernel.params {
+                if let ccc::ir::kernel::KernelParam::Tensor { name, shape, access: ccc::ir::kernel::Access::Write, .. } = param {
+                    let len: u64 = shape.iter().map(|dim| dim.eval(&sizes).unwrap()).product();
+                    buffers.entry(name.clone()).or_insert_with(|| vec![f64::NAN; len as usize]);
+                }
+            }
+            run_kernel(kernel, &mut buffers, sizes, Rounding::Exact).unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+        let tensors = spec
+            .params()
+            .into_iter()
+            .map(|p| (p.name.clone(), Tensor { shape: p.shape, data: weights[&p.name].clone() }))
+            .collect();
+        let x = Tensor { shape: vec![batch, seq_len, spec.model_dim], data: x };
+        let dout = Tensor { shape: x.shape.clone(), data: dout };
+        let want = backward(spec, &Weights { tensors }, &x, &dout).unwrap();
+        assert_close(&buffers["dx"], &want.dx.data, &format!("{what}: dx"));
+        for (name, tensor) in &want.weights.tensors {
+            assert_close(&buffers[&gradient_name(name)], &tensor.data, &format!("{what}: {}", gradient_name(name)));
+        }
+    }
+
+    #[test]
+    fn layers_without_a_prologue_match_the_reference_backward() {
+        let mut rng = XorShift64Star::new(0x1A7E);
+        let mut checked = 0;
+        let mut index = 0;
+        while checked < 24 {
+            let spec = random_spec(&mut rng, index);
+            index += 1;
+            if has_qk_prologue(&spec) {
+                continue;
+            }
+            let batch = rng.range(1, 3);
+            let seq_len = rng.pick(&[1, 17, 65]);
+            check_layer(&spec, batch, seq_len, &mut rng, &format!("{} B={batch} S={seq_len}", spec.name));
+            checked += 1;
+        }
+    }
 }

@@ -652,6 +652,8 @@ pub fn convert_to_operand_a<'ctx>(
 pub enum OperandA<'a, 'ctx> {
     /// Row-major shared tile, loaded with `ldmatrix.x4`.
     Shared(&'a SharedTile<'ctx>),
+    /// Stored `[K, M]` row-major: `acc += Aᵀ · B` (a weight gradient's dYᵀ). `ldmatrix.trans`.
+    SharedKByM(&'a SharedTile<'ctx>),
     /// Fragments already in registers (see [`convert_to_operand_a`]).
     Registers(&'a OperandAFragments<'ctx>),
 }
@@ -680,6 +682,7 @@ pub fn mma<'ctx>(
     let (b_n, b_k) = if b_transposed_in_memory { (b_tile.cols, b_tile.rows) } else { (b_tile.rows, b_tile.cols) };
     let (a_rows, a_k, a_elem) = match &a {
         OperandA::Shared(tile) => (tile.rows, tile.cols, tile.elem),
+        OperandA::SharedKByM(tile) => (tile.cols, tile.rows, tile.elem),
         OperandA::Registers(fragments) => (fragments.rows, fragments.cols, fragments.elem),
     };
     if a_rows != shape.rows || b_n != shape.cols || a_k != b_k {
@@ -708,6 +711,16 @@ pub fn mma<'ctx>(
             let row = kb.add(place.warp_row, kb.rem(place.lane, kb.i32(16))?)?;
             let col = eighth_elems(kb.div(place.lane, kb.i32(16))?)?;
             let offset = kb.add(kb.mul(row, kb.i32(tile.row_pitch() as i64))?, col)?;
+            Some(kb.element_pointer(tile.base, tile.elem, offset)?)
+        }
+        OperandA::SharedKByM(tile) => {
+            tile.check_rows_aligned()?;
+            // Matrices (m 0-7, k 0-7), (m 8-15, k 0-7), (m 0-7, k 8-15), (m 8-15, k 8-15), each
+            // read transposed from 8 memory rows k: lane l gives row k = 8·(l / 16) + l % 8 at
+            // column m = 8·((l / 8) % 2).
+            let k = kb.add(eighth_elems(kb.div(place.lane, kb.i32(16))?)?, lane_low)?;
+            let m = kb.add(place.warp_row, eighth_elems(kb.rem(lane_quarter, kb.i32(2))?)?)?;
+            let offset = kb.add(kb.mul(k, kb.i32(tile.row_pitch() as i64))?, m)?;
             Some(kb.element_pointer(tile.base, tile.elem, offset)?)
         }
         OperandA::Registers(fragments) => {
@@ -742,11 +755,17 @@ pub fn mma<'ctx>(
                     let offset = (fragment_m * 16 * tile.row_pitch() + k_step * 16) as i64 * bytes;
                     kb.ldmatrix_x4_at(lane_base, offset as i32, false)?
                 }
+                (OperandA::SharedKByM(tile), Some(lane_base)) => {
+                    let offset = (k_step * 16 * tile.row_pitch() + fragment_m * 16) as i64 * bytes;
+                    kb.ldmatrix_x4_at(lane_base, offset as i32, true)?
+                }
                 (OperandA::Registers(fragments), _) => {
                     let first = ((fragment_m * (a_k / 16) + k_step) * 4) as usize;
                     [0, 1, 2, 3].map(|register| fragments.registers[first + register])
                 }
-                (OperandA::Shared(_), None) => return unsupported("shared A operand without an address"),
+                (OperandA::Shared(_) | OperandA::SharedKByM(_), None) => {
+                    return unsupported("shared A operand without an address");
+                }
             };
             a_fragments.push(registers);
         }

@@ -465,11 +465,11 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 kb.barrier()?
             }
             Stmt::Fill { dst, value } => self.fill(kb, dst, *value)?,
-            Stmt::Mma { acc, a, b, b_transposed } => {
+            Stmt::Mma { acc, a, b, a_transposed, b_transposed } => {
                 if self.kernel.tile(b.tile).ty.layout == Layout::Swizzled128B {
                     self.wgmma(kb, acc, a, b, *b_transposed)?
                 } else {
-                    self.mma(kb, acc, a, b, *b_transposed)?
+                    self.mma(kb, acc, a, b, *a_transposed, *b_transposed)?
                 }
             }
             Stmt::Convert { dst, src } => self.convert(kb, dst, src)?,
@@ -567,7 +567,15 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         }
     }
 
-    fn mma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
+    fn mma(
+        &self,
+        kb: &KernelBuilder<'_, 'ctx>,
+        acc: &TileView,
+        a: &TileView,
+        b: &TileView,
+        a_transposed: bool,
+        b_transposed: bool,
+    ) -> Result<()> {
         self.whole_register_tile(acc)?;
         let accumulator = self.accumulator(acc.tile)?;
         let b_tile = self.shared_window(kb, b)?;
@@ -575,7 +583,11 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         match &self.tiles[a.tile.0] {
             TileStorage::Shared { .. } => {
                 let a_tile = self.shared_window(kb, a)?;
-                mma(kb, accumulator, OperandA::Shared(&a_tile), b_operand)
+                let a_operand = if a_transposed { OperandA::SharedKByM(&a_tile) } else { OperandA::Shared(&a_tile) };
+                mma(kb, accumulator, a_operand, b_operand)
+            }
+            _ if a_transposed => {
+                unsupported(format!("mma reads %{} transposed: only a shared A can be", self.tile_name(a.tile)))
             }
             TileStorage::OperandA(Some(fragments)) => {
                 self.whole_register_tile(a)?;

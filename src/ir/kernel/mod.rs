@@ -39,7 +39,9 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
+    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, GradientTerm, InputGradient, WeightGradient, build_attention_backward,
+    build_input_gradient, build_weight_gradient, default_attention_backward_schedule, gradient_name, projection_gradients,
+    with_default_gradient_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
     PERSISTENT_GRID, PROJECTION_BUFFER, ProjectionSegment, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward,
     build_wgmma_attention, build_wgmma_projection, causal_window, default_schedule, forward_kernels, gemm_operands,
     has_qk_prologue, projection_segments, tensor_map_param, wgmma_attention_footprint,
@@ -355,11 +357,14 @@ pub enum Stmt {
         dst: TileView,
         value: f64,
     },
-    /// acc += a · b (b: [K, N]) or a · bᵀ (b: [N, K]) when `b_transposed`.
+    /// acc += op(a) · op(b): a is [M, K], or [K, M] read transposed when `a_transposed` (a
+    /// row-major shared tile: a weight gradient's dYᵀ, whose rows are tokens); b is [K, N], or
+    /// [N, K] read transposed when `b_transposed`.
     Mma {
         acc: TileView,
         a: TileView,
         b: TileView,
+        a_transposed: bool,
         b_transposed: bool,
     },
     /// Elementwise copy with a change of layout/space/type (accumulator → operand A fragment,

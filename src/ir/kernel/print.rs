@@ -160,16 +160,12 @@ impl KernelFn {
             Stmt::Fill { dst, value } => {
                 writeln!(out, "{pad}fill {} = {}", self.view(dst), float_text(*value))
             }
-            Stmt::Mma {
-                acc,
-                a,
-                b,
-                b_transposed,
-            } => writeln!(
+            Stmt::Mma { acc, a, b, a_transposed, b_transposed } => writeln!(
                 out,
-                "{pad}mma {} += {} * {}{}",
+                "{pad}mma {} += {}{} * {}{}",
                 self.view(acc),
                 self.view(a),
+                if *a_transposed { "^T" } else { "" },
                 self.view(b),
                 if *b_transposed { "^T" } else { "" }
             ),

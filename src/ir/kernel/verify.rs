@@ -652,12 +652,9 @@ impl<'a> Verifier<'a> {
                     self.err(stmt, "row shares start at 0 (each thread's share of another value is not defined)");
                 }
             }
-            Stmt::Mma {
-                acc,
-                a,
-                b,
-                b_transposed,
-            } => self.check_mma(stmt, acc, a, b, *b_transposed),
+            Stmt::Mma { acc, a, b, a_transposed, b_transposed } => {
+                self.check_mma(stmt, acc, a, b, *a_transposed, *b_transposed)
+            }
             Stmt::Convert { dst, src } => {
                 self.not_swizzled(stmt, dst);
                 if !(self.check_view(stmt, dst) && self.check_view(stmt, src)) {
@@ -749,7 +746,7 @@ impl<'a> Verifier<'a> {
                 self.check_parity(stmt, barrier, parity);
             }
             Stmt::MmaAsync { acc, a, b, b_transposed } => {
-                self.check_mma(stmt, acc, a, b, *b_transposed);
+                self.check_mma(stmt, acc, a, b, false, *b_transposed);
                 if b.tile.0 < self.kernel.tiles.len() && self.ty(b).layout != Layout::Swizzled128B {
                     self.err(stmt, "an asynchronous mma is a wgmma: operand b must be a swizzled128b tile");
                 }
@@ -1008,11 +1005,19 @@ impl<'a> Verifier<'a> {
         acc: &TileView,
         a: &TileView,
         b: &TileView,
+        a_transposed: bool,
         b_transposed: bool,
     ) {
         if !(self.check_view(stmt, acc) && self.check_view(stmt, a) && self.check_view(stmt, b)) {
             return;
         }
+        // ldmatrix.trans reads a transposed A from a row-major shared tile (mma.sync only).
+        if a_transposed
+            && (!matches!(self.ty(a).layout, Layout::RowMajor { .. }) || self.ty(b).layout == Layout::Swizzled128B)
+        {
+            self.err(stmt, "a transposed operand a must be a row-major shared tile, with a row-major b (mma.sync)");
+        }
+        let (a_m, a_k) = if a_transposed { (a.cols, a.rows) } else { (a.rows, a.cols) };
         let (tc, ta, tb) = (self.ty(acc), self.ty(a), self.ty(b));
         if !matches!(tc.layout, Layout::MmaAccumulator { .. }) {
             self.err(stmt, "the accumulator must be an mma_acc register tile");
@@ -1048,23 +1053,17 @@ impl<'a> Verifier<'a> {
         } else {
             (b.rows, b.cols)
         };
-        if a.rows != acc.rows {
-            self.err(
-                stmt,
-                format!("M of a ({}) != M of acc ({})", a.rows, acc.rows),
-            );
+        if a_m != acc.rows {
+            self.err(stmt, format!("M of a ({a_m}) != M of acc ({})", acc.rows));
         }
         if b_n != acc.cols {
             self.err(stmt, format!("N of b ({b_n}) != N of acc ({})", acc.cols));
         }
-        if a.cols != b_k {
-            self.err(stmt, format!("K of a ({}) != K of b ({b_k})", a.cols));
+        if a_k != b_k {
+            self.err(stmt, format!("K of a ({a_k}) != K of b ({b_k})"));
         }
-        if !a.cols.is_multiple_of(16) {
-            self.err(
-                stmt,
-                format!("K = {} is not a multiple of 16 (m16n8k16)", a.cols),
-            );
+        if !a_k.is_multiple_of(16) {
+            self.err(stmt, format!("K = {a_k} is not a multiple of 16 (m16n8k16)"));
         }
         // mma.sync reads B in 16-column ldmatrix pairs per warp.
         if let Layout::MmaAccumulator { warps_n, .. } = tc.layout

@@ -3,13 +3,17 @@
 //! [q0 | k0], when the spec has any), `attention` (flash attention, online softmax) and
 //! `out_proj` (tiled GEMM).
 
-mod attention_backward;
+mod backward;
 mod qk_prologue;
 use qk_prologue::PrologueBuilder;
 mod wgmma_attention;
 mod wgmma_gemm;
 
-pub use attention_backward::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
+pub use backward::{
+    AttentionBackwardKernel, GradientTerm, InputGradient, WeightGradient, build_attention_backward, build_input_gradient,
+    build_weight_gradient, default_attention_backward_schedule, gradient_name, projection_gradients,
+    with_default_gradient_schedule,
+};
 pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,
 };
@@ -511,6 +515,7 @@ impl GemmTile<'_> {
                 acc: t.whole(self.acc),
                 a: t.view(self.a_s, times(slot.clone(), m), int(0), m, bk),
                 b: t.view(self.w_s, times(slot, n), int(0), n, bk),
+                a_transposed: false,
                 b_transposed: true,
             }]
         };
@@ -880,6 +885,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
                 acc: w(scores),
                 a: w(q_s),
                 b: slot_view(k_s, slot.clone()),
+                a_transposed: false,
                 b_transposed: true,
             },
             Stmt::If {
@@ -937,6 +943,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
                 acc: w(o),
                 a: w(probs),
                 b: slot_view(v_s, slot),
+                a_transposed: false,
                 b_transposed: false,
             },
             Stmt::Map {

@@ -356,7 +356,7 @@ impl<'a> PrologueBuilder<'a> {
                             }),
                         ),
                     };
-                    let mma = Stmt::Mma { acc: acc.clone(), a: shifted(col, chunk), b, b_transposed: true };
+                    let mma = Stmt::Mma { acc: acc.clone(), a: shifted(col, chunk), b, a_transposed: false, b_transposed: true };
                     let chunk_body = match copy {
                         Some(copy) => vec![copy, Stmt::Barrier, mma, Stmt::Barrier],
                         None => vec![mma],

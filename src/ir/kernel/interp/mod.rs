@@ -276,12 +276,9 @@ impl<'k> Block<'k> {
                     }
                 }
             }
-            Stmt::Mma {
-                acc,
-                a,
-                b,
-                b_transposed,
-            } => self.multiply(acc, a, b, *b_transposed)?,
+            Stmt::Mma { acc, a, b, a_transposed, b_transposed } => {
+                self.multiply(acc, a, b, *a_transposed, *b_transposed)?
+            }
             Stmt::Convert { dst, src } => {
                 let (wd, ws) = (self.window(dst)?, self.window(src)?);
                 let elem = self.tile_elem(wd.tile);
@@ -366,14 +363,16 @@ impl<'k> Block<'k> {
     }
 
     /// `acc += a · b` (or `a · bᵀ`) on whole windows.
-    fn multiply(&mut self, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<(), String> {
+    fn multiply(&mut self, acc: &TileView, a: &TileView, b: &TileView, a_transposed: bool, b_transposed: bool) -> Result<(), String> {
         let (wc, wa, wb) = (self.window(acc)?, self.window(a)?, self.window(b)?);
+        let depth = if a_transposed { wa.rows } else { wa.cols };
         for i in 0..wc.rows {
             for j in 0..wc.cols {
                 let mut sum = 0.0;
-                for k in 0..wa.cols {
+                for k in 0..depth {
+                    let av = if a_transposed { wa.index(k, i) } else { wa.index(i, k) };
                     let bv = if b_transposed { wb.index(j, k) } else { wb.index(k, j) };
-                    sum += self.tiles[wa.tile][wa.index(i, k)] * self.tiles[wb.tile][bv];
+                    sum += self.tiles[wa.tile][av] * self.tiles[wb.tile][bv];
                 }
                 self.tiles[wc.tile][wc.index(i, j)] += sum;
             }

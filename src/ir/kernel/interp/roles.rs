@@ -376,7 +376,7 @@ impl<'k> Block<'k> {
                     if self.sync.groups[self.sync.current].in_flight().any(|group| group.writes.contains(&a_tile)) {
                         return Err(format!("mma.async reads %{} while a wgmma group writes it", self.kernel.tiles[a_tile].name));
                     }
-                    self.multiply(acc, a, b, *b_transposed)?;
+                    self.multiply(acc, a, b, false, *b_transposed)?;
                     let a_in_registers = self.kernel.tiles[a_tile].ty.space() == Space::Registers;
                     let group = &mut self.sync.groups[self.sync.current].open;
                     if !group.writes.contains(&acc.tile.0) {

@@ -8,10 +8,10 @@
 //!   (summed over the group without atomics).
 //!
 //! Every sum runs in a fixed order, so results do not depend on scheduling. dS and P enter the
-//! matrix multiplies in the storage type, as in the forward's P·V; dQ, dK and dV leave in f32
-//! for the prologue and projection backward after them.
+//! matrix multiplies in the storage type, as in the forward's P·V; dQ, dK and dV are accumulated
+//! in f32 and stored in the storage type, the operand type of the GEMMs after them.
 
-use super::*;
+use super::super::*;
 
 /// Which attention backward kernel to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -246,7 +246,7 @@ impl AttentionBackward<'_> {
             vec![
                 let_("k_col0", (var("kv_first") + step) * int(bn)),
                 Stmt::Fill { dst: t.whole(probs), value: 0.0 },
-                Stmt::Mma { acc: t.whole(probs), a: t.whole(q_s), b: slot_view(k_s, slot.clone()), b_transposed: true },
+                Stmt::Mma { acc: t.whole(probs), a: t.whole(q_s), b: slot_view(k_s, slot.clone()), a_transposed: false, b_transposed: true },
                 Stmt::Map {
                     dst: t.whole(probs),
                     expr: Expr::select(
@@ -256,13 +256,13 @@ impl AttentionBackward<'_> {
                     ),
                 },
                 Stmt::Fill { dst: t.whole(dscores), value: 0.0 },
-                Stmt::Mma { acc: t.whole(dscores), a: t.whole(do_s), b: slot_view(v_s, slot.clone()), b_transposed: true },
+                Stmt::Mma { acc: t.whole(dscores), a: t.whole(do_s), b: slot_view(v_s, slot.clone()), a_transposed: false, b_transposed: true },
                 Stmt::Map {
                     dst: t.whole(dscores),
                     expr: Expr::tile(probs, Expr::Row, Expr::Col) * (Expr::Elem - at_row(delta)),
                 },
                 Stmt::Convert { dst: t.whole(dscores_a), src: t.whole(dscores) },
-                Stmt::Mma { acc: t.whole(dq), a: t.whole(dscores_a), b: slot_view(k_s, slot), b_transposed: false },
+                Stmt::Mma { acc: t.whole(dq), a: t.whole(dscores_a), b: slot_view(k_s, slot), a_transposed: false, b_transposed: false },
             ]
         };
         let (kv_first, kv_end) = key_tiles_seen(spec.mask, bm, bn);
@@ -297,7 +297,7 @@ impl AttentionBackward<'_> {
             tensor("do", self.storage, self.bsd(hq), Access::Read),
             self.row_statistic("lse", Access::Read),
             self.row_statistic("delta", Access::Read),
-            tensor("dq", ElemType::F32, self.bsd(hq), Access::Write),
+            tensor("dq", self.storage, self.bsd(hq), Access::Write),
         ];
         let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
         Ok(self.kernel(AttentionBackwardKernel::Dq, params, grid, t, body))
@@ -339,7 +339,7 @@ impl AttentionBackward<'_> {
             vec![
                 let_("q_col0", (var("q_first") + step) * int(bm)),
                 Stmt::Fill { dst: t.whole(probs_t), value: 0.0 },
-                Stmt::Mma { acc: t.whole(probs_t), a: t.whole(k_s), b: slot_view(q_s, slot.clone()), b_transposed: true },
+                Stmt::Mma { acc: t.whole(probs_t), a: t.whole(k_s), b: slot_view(q_s, slot.clone()), a_transposed: false, b_transposed: true },
                 Stmt::Map {
                     dst: t.whole(probs_t),
                     expr: Expr::select(
@@ -349,16 +349,16 @@ impl AttentionBackward<'_> {
                     ),
                 },
                 Stmt::Convert { dst: t.whole(probs_a), src: t.whole(probs_t) },
-                Stmt::Mma { acc: t.whole(dv), a: t.whole(probs_a), b: slot_view(do_s, slot.clone()), b_transposed: false },
+                Stmt::Mma { acc: t.whole(dv), a: t.whole(probs_a), b: slot_view(do_s, slot.clone()), a_transposed: false, b_transposed: false },
                 Stmt::Fill { dst: t.whole(dscores_t), value: 0.0 },
-                Stmt::Mma { acc: t.whole(dscores_t), a: t.whole(v_s), b: slot_view(do_s, slot.clone()), b_transposed: true },
+                Stmt::Mma { acc: t.whole(dscores_t), a: t.whole(v_s), b: slot_view(do_s, slot.clone()), a_transposed: false, b_transposed: true },
                 Stmt::Map {
                     dst: t.whole(dscores_t),
                     expr: Expr::tile(probs_t, Expr::Row, Expr::Col)
                         * (Expr::Elem - self.statistic_at("delta", query.clone())),
                 },
                 Stmt::Convert { dst: t.whole(dscores_a), src: t.whole(dscores_t) },
-                Stmt::Mma { acc: t.whole(dk), a: t.whole(dscores_a), b: slot_view(q_s, slot), b_transposed: false },
+                Stmt::Mma { acc: t.whole(dk), a: t.whole(dscores_a), b: slot_view(q_s, slot), a_transposed: false, b_transposed: false },
             ]
         };
         let (q_first, q_end) = query_tiles_seeing(spec.mask, bm, bn);
@@ -397,8 +397,8 @@ impl AttentionBackward<'_> {
             tensor("do", self.storage, self.bsd(hq), Access::Read),
             self.row_statistic("lse", Access::Read),
             self.row_statistic("delta", Access::Read),
-            tensor("dk", ElemType::F32, self.bsd(hk), Access::Write),
-            tensor("dv", ElemType::F32, self.bsd(hk), Access::Write),
+            tensor("dk", self.storage, self.bsd(hk), Access::Write),
+            tensor("dv", self.storage, self.bsd(hk), Access::Write),
         ];
         let grid = [SizeExpr::seq_len().ceil_div(bn as u64), size(hk), SizeExpr::batch()];
         Ok(self.kernel(AttentionBackwardKernel::DkDv, params, grid, t, body))

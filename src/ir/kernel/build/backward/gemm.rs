@@ -1,0 +1,300 @@
+//! The GEMMs of the projections' backward, on activations seen as [B, S, columns]:
+//!
+//! - an input gradient `dinput[b, t, :] = Σ_terms dy[b, t + shift, segment]·W` (dx through the
+//!   q, k and value projections, the delayed value heads reading dy one token later; do through
+//!   o_proj), each term a segment of columns of a gradient times its weight [width, inputs];
+//! - a weight gradient `dW = Σ_{b, t} dy[b, t, segment]ᵀ·x[b, t − shift]` (and, with a bias,
+//!   `db = Σ_{b, t} dy[b, t, segment]`), reducing over every token of the batch in one CTA in a
+//!   fixed order: no atomics, the same bits every run. dyᵀ is read transposed from shared memory.
+//!
+//! Gradients between kernels are in the storage type (as PyTorch's bf16 autograd keeps them);
+//! weight gradients leave in f32.
+
+use super::super::*;
+
+/// One product of an input gradient: `dy[b, t + row_shift, column0 .. column0 + width]·weight`,
+/// weight [width, inputs].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GradientTerm {
+    pub dy: String,
+    /// Columns of the whole dy tensor.
+    pub dy_columns: usize,
+    pub column0: usize,
+    pub width: usize,
+    pub weight: String,
+    /// 1 where the forward read the previous token (the delayed value heads), else 0.
+    pub row_shift: usize,
+}
+
+/// `output[b, t, :] = Σ_terms term`, [B, S, inputs] in the storage type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InputGradient {
+    pub name: String,
+    pub terms: Vec<GradientTerm>,
+    pub inputs: usize,
+    pub output: String,
+    pub storage: ElemType,
+}
+
+/// `output = Σ_{b, t} dy[b, t, column0 .. column0 + width]ᵀ·x[b, t − row_shift]` [width, inputs],
+/// and `bias_output = Σ_{b, t} dy[b, t, column0 ..]` [width] when given; both f32.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WeightGradient {
+    pub name: String,
+    pub dy: String,
+    pub dy_columns: usize,
+    pub column0: usize,
+    pub width: usize,
+    pub x: String,
+    pub inputs: usize,
+    pub row_shift: usize,
+    pub output: String,
+    pub bias_output: Option<String>,
+    pub storage: ElemType,
+}
+
+fn activation(name: &str, elem: ElemType, columns: usize, access: Access) -> KernelParam {
+    tensor(name, elem, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(columns)], access)
+}
+
+fn check_schedule(s: &Schedule) -> Result<(u32, u32), String> {
+    if s.block_m == 0 || s.block_n == 0 || s.block_k == 0 || s.warps == 0 || s.stages == 0 {
+        return Err(format!("schedule {s:?} has a zero size"));
+    }
+    if !s.block_k.is_multiple_of(16) {
+        return Err(format!("block_k {} is not a multiple of 16", s.block_k));
+    }
+    warp_grid(s.block_m, s.block_n, s.warps)
+}
+
+/// Builds an input-gradient GEMM with `schedule` (block_m rows × block_n input columns per CTA,
+/// block_k-wide chunks of each term's segment), verified. Every segment is a whole number of
+/// chunks, so a chunk never reads the next segment's columns.
+pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Result<KernelFn, String> {
+    let s = schedule;
+    let (wm, wn) = check_schedule(s)?;
+    let (bm, bn, bk) = (s.block_m, s.block_n, s.block_k);
+    if let Some(term) = gradient.terms.iter().find(|term| !term.width.is_multiple_of(bk as usize)) {
+        return Err(format!("{}: segment of {} columns of {} is not a whole number of {bk}-column chunks", gradient.name, term.width, term.dy));
+    }
+    let mut t = Tiles { decls: Vec::new() };
+    let dy_s = t.shared("dy_s", gradient.storage, s.stages * bm, bk);
+    let w_s = t.shared("w_s", gradient.storage, s.stages * bk, bn);
+    let acc = t.regs("acc", ElemType::F32, bm, bn, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
+    let mut body = vec![
+        Stmt::Note(format!("CTA = rows {bm} x input columns {bn} of {} for batch b", gradient.output)),
+        let_("col_tile", Expr::BlockIdx(Axis::X)),
+        let_("row_tile", Expr::BlockIdx(Axis::Y)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("row0", var("row_tile") * int(bm)),
+        let_("col0", var("col_tile") * int(bn)),
+        Stmt::Fill { dst: t.whole(acc), value: 0.0 },
+    ];
+    for term in &gradient.terms {
+        body.push(Stmt::Note(format!(
+            "+= {}[t{}, {}..{}]·{}",
+            term.dy,
+            if term.row_shift == 0 { String::new() } else { format!(" + {}", term.row_shift) },
+            term.column0,
+            term.column0 + term.width,
+            term.weight
+        )));
+        let load = |chunk: Expr, slot: Expr| {
+            let k0 = times(chunk, bk);
+            vec![
+                Stmt::Copy {
+                    dst: t.view(dy_s, times(slot.clone(), bm), int(0), bm, bk),
+                    src: GlobalTile {
+                        param: term.dy.clone(),
+                        dims: vec![
+                            GlobalDim::At(var("b")),
+                            span(plus(var("row0"), term.row_shift as i64), bm),
+                            span(plus(k0.clone(), term.column0 as i64), bk),
+                        ],
+                    },
+                    is_async: true,
+                },
+                Stmt::Copy {
+                    dst: t.view(w_s, times(slot, bk), int(0), bk, bn),
+                    src: GlobalTile { param: term.weight.clone(), dims: vec![span(k0, bk), span(var("col0"), bn)] },
+                    is_async: true,
+                },
+            ]
+        };
+        let compute = |_: Expr, slot: Expr| {
+            vec![Stmt::Mma {
+                acc: t.whole(acc),
+                a: t.view(dy_s, times(slot.clone(), bm), int(0), bm, bk),
+                b: t.view(w_s, times(slot, bk), int(0), bk, bn),
+                a_transposed: false,
+                b_transposed: false,
+            }]
+        };
+        body.extend(pipelined_loop("kc", int(term.width / bk as usize), s.stages, &load, &compute));
+    }
+    body.push(Stmt::Store {
+        src: t.whole(acc),
+        dst: GlobalTile {
+            param: gradient.output.clone(),
+            dims: vec![GlobalDim::At(var("b")), span(var("row0"), bm), span(var("col0"), bn)],
+        },
+    });
+    let mut params = Vec::new();
+    for term in &gradient.terms {
+        if !params.iter().any(|p: &KernelParam| p.name() == term.dy) {
+            params.push(activation(&term.dy, gradient.storage, term.dy_columns, Access::Read));
+        }
+    }
+    for term in &gradient.terms {
+        params.push(tensor(&term.weight, gradient.storage, vec![size(term.width), size(gradient.inputs)], Access::Read));
+    }
+    params.push(activation(&gradient.output, gradient.storage, gradient.inputs, Access::Write));
+    params.extend(size_params());
+    let kernel = KernelFn {
+        name: gradient.name.clone(),
+        params,
+        grid: [size(gradient.inputs.div_ceil(bn as usize)), SizeExpr::seq_len().ceil_div(bm as u64), SizeExpr::batch()],
+        warps: s.warps,
+        tiles: t.decls,
+        barriers: Vec::new(),
+        schedule: *s,
+        ctas_per_sm: 1,
+        body,
+    };
+    verified(kernel, s)
+}
+
+/// Builds a weight-gradient GEMM with `schedule` (block_m weight rows × block_n input columns per
+/// CTA, block_k tokens per step), verified. The weight's rows are a whole number of tiles.
+pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> Result<KernelFn, String> {
+    let s = schedule;
+    let (wm, wn) = check_schedule(s)?;
+    let (bm, bn, bk) = (s.block_m, s.block_n, s.block_k);
+    if !gradient.width.is_multiple_of(bm as usize) {
+        return Err(format!("{}: {} weight rows are not a whole number of {bm}-row tiles", gradient.name, gradient.width));
+    }
+    let mut t = Tiles { decls: Vec::new() };
+    let dy_s = t.shared("dy_s", gradient.storage, s.stages * bk, bm);
+    let x_s = t.shared("x_s", gradient.storage, s.stages * bk, bn);
+    let acc = t.regs("acc", ElemType::F32, bm, bn, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
+    // The bias gradient as one more product: dyᵀ·e0 with e0 a [bk, 16] tile whose first column
+    // is ones, then the row sums of the 16 columns (one of them nonzero).
+    let bias = gradient.bias_output.as_ref().map(|output| {
+        let ones = t.shared("e0_s", gradient.storage, bk, 16);
+        let acc = t.regs("bias_acc", ElemType::F32, bm, 16, Layout::MmaAccumulator { warps_m: s.warps, warps_n: 1 });
+        let sums = t.regs("bias_sums", ElemType::F32, bm, 1, Layout::RowVector { warps_m: s.warps, warps_n: 1 });
+        (output, ones, acc, sums)
+    });
+    let dy_view = |slot: Expr| t.view(dy_s, times(slot, bk), int(0), bk, bm);
+    if bias.is_some() && !bm.is_multiple_of(16 * s.warps) {
+        return Err(format!("{}: the bias sums need {bm} rows in 16-row bands over {} warps", gradient.name, s.warps));
+    }
+    let load = |step: Expr, slot: Expr| {
+        let token0 = times(step.clone().modulo(var("chunks")), bk);
+        let b = step.floor_div(var("chunks"));
+        vec![
+            Stmt::Copy {
+                dst: dy_view(slot.clone()),
+                src: GlobalTile {
+                    param: gradient.dy.clone(),
+                    dims: vec![
+                        GlobalDim::At(b.clone()),
+                        span(token0.clone(), bk),
+                        span(plus(var("row0"), gradient.column0 as i64), bm),
+                    ],
+                },
+                is_async: true,
+            },
+            Stmt::Copy {
+                dst: t.view(x_s, times(slot, bk), int(0), bk, bn),
+                src: GlobalTile {
+                    param: gradient.x.clone(),
+                    dims: vec![GlobalDim::At(b), span(plus(token0, -(gradient.row_shift as i64)), bk), span(var("col0"), bn)],
+                },
+                is_async: true,
+            },
+        ]
+    };
+    let compute = |_: Expr, slot: Expr| {
+        let mut out = vec![Stmt::Mma {
+            acc: t.whole(acc),
+            a: dy_view(slot.clone()),
+            b: t.view(x_s, times(slot.clone(), bk), int(0), bk, bn),
+            a_transposed: true,
+            b_transposed: false,
+        }];
+        if let Some((_, ones, bias_acc, _)) = &bias {
+            out.push(Stmt::If {
+                cond: var("col_tile").eq(int(0)),
+                then_body: vec![Stmt::Mma {
+                    acc: t.whole(*bias_acc),
+                    a: dy_view(slot),
+                    b: t.whole(*ones),
+                    a_transposed: true,
+                    b_transposed: false,
+                }],
+                else_body: Vec::new(),
+            });
+        }
+        out
+    };
+    let mut body = vec![
+        Stmt::Note(format!(
+            "CTA = weight rows {bm} x input columns {bn} of {}, summed over every token of the batch in order",
+            gradient.output
+        )),
+        let_("col_tile", Expr::BlockIdx(Axis::X)),
+        let_("row_tile", Expr::BlockIdx(Axis::Y)),
+        let_("row0", var("row_tile") * int(bm)),
+        let_("col0", var("col_tile") * int(bn)),
+        let_("chunks", seq().ceil_div(int(bk))),
+        Stmt::Fill { dst: t.whole(acc), value: 0.0 },
+    ];
+    if let Some((_, ones, bias_acc, _)) = &bias {
+        body.extend([
+            Stmt::Fill { dst: t.whole(*bias_acc), value: 0.0 },
+            Stmt::Map { dst: t.whole(*ones), expr: Expr::select(Expr::Col.eq(int(0)), Expr::Float(1.0), Expr::Float(0.0)) },
+        ]);
+    }
+    body.extend(pipelined_loop("step", Expr::Size(SizeVar::Batch) * var("chunks"), s.stages, &load, &compute));
+    body.push(Stmt::Store {
+        src: t.whole(acc),
+        dst: GlobalTile { param: gradient.output.clone(), dims: vec![span(var("row0"), bm), span(var("col0"), bn)] },
+    });
+    if let Some((output, _, bias_acc, sums)) = &bias {
+        body.push(Stmt::If {
+            cond: var("col_tile").eq(int(0)),
+            then_body: vec![
+                Stmt::RowReduce { dst: *sums, src: t.whole(*bias_acc), op: ReduceOp::Sum, value: Expr::Elem },
+                Stmt::Store { src: t.whole(*sums), dst: GlobalTile { param: output.to_string(), dims: vec![span(var("row0"), bm)] } },
+            ],
+            else_body: Vec::new(),
+        });
+    }
+    let mut params = vec![
+        activation(&gradient.dy, gradient.storage, gradient.dy_columns, Access::Read),
+        activation(&gradient.x, gradient.storage, gradient.inputs, Access::Read),
+        tensor(&gradient.output, ElemType::F32, vec![size(gradient.width), size(gradient.inputs)], Access::Write),
+    ];
+    if let Some(output) = &gradient.bias_output {
+        params.push(tensor(output, ElemType::F32, vec![size(gradient.width)], Access::Write));
+    }
+    params.extend(size_params());
+    let kernel = KernelFn {
+        name: gradient.name.clone(),
+        params,
+        grid: [size(gradient.inputs.div_ceil(bn as usize)), size(gradient.width / bm as usize), size(1)],
+        warps: s.warps,
+        tiles: t.decls,
+        barriers: Vec::new(),
+        schedule: *s,
+        ctas_per_sm: 1,
+        body,
+    };
+    verified(kernel, s)
+}
+
+fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
+    kernel.verify().map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
+    Ok(kernel)
+}
