@@ -21,10 +21,12 @@
 #   ab (not default): with gpu-carry/old (GPU_PREPARE_OLD=REV): bench/ab_kernels.py, every kernel
 #      of zaya1, mha and sliding_window against the same examples compiled at REV, alternating
 #      rounds at 1×16384 (a kernel change must stay within 3% of the build before it);
-#   attention-backward (not default): with gpu-carry/hopper-ptx (GPU_PREPARE_HOPPER_PTX=1):
+#   backward (not default): with gpu-carry/hopper-ptx (GPU_PREPARE_HOPPER_PTX=1):
 #      bench/attention_backward.py, every example's attention backward kernels against PyTorch's
 #      float32 autograd (beside its bf16 SDPA backward) at B 1, 3, 2, 1 × S 1, 17, 1000, 4097, and
-#      timed at 1×8192 and 1×16384 beside SDPA's cuDNN and FlashAttention-2 backward;
+#      timed at 1×8192 and 1×16384 beside SDPA's cuDNN and FlashAttention-2 backward; then
+#      bench/layer_backward.py, the whole backward of the layers without a q/k prologue (dx and
+#      every weight gradient) against float32 autograd beside PyTorch's bf16 autograd, timed;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
@@ -32,7 +34,7 @@
 #      1×1000, the table in $OUT/sanitize.md.
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
-#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune attention-backward profile
+#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward profile
 #    sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -105,10 +107,12 @@ for s in $steps; do
         step ab 150 python3 -u -W ignore bench/ab_kernels.py "${pairs[@]}" --shapes 1x16384 --rounds 5
       fi
       ;;
-    attention-backward)
+    backward)
       if [ -f gpu-carry/hopper-ptx/attention_backward.json ]; then
-        step attention-backward 300 python3 -u -W ignore bench/attention_backward.py --ptx-dir gpu-carry/hopper-ptx \
+        step attention-backward 240 python3 -u -W ignore bench/attention_backward.py --ptx-dir gpu-carry/hopper-ptx \
           --out "$out/attention-backward.json"
+        step layer-backward 180 python3 -u -W ignore bench/layer_backward.py --ptx-dir gpu-carry/hopper-ptx \
+          --out "$out/layer-backward.json"
       fi
       ;;
     profile)
@@ -121,7 +125,7 @@ for s in $steps; do
       ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune attention-backward profile sanitize)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward profile sanitize)" >&2
       exit 2
       ;;
   esac
