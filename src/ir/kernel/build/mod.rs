@@ -11,8 +11,8 @@ mod wgmma_gemm;
 
 pub use backward::{
     AttentionBackwardKernel, GradientTerm, InputGradient, WeightGradient, build_attention_backward, build_input_gradient,
-    build_weight_gradient, default_attention_backward_schedule, gradient_name, projection_gradients,
-    with_default_gradient_schedule,
+    build_prologue_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule, gradient_name,
+    projection_gradients, prologue_backward_output, with_default_gradient_schedule,
 };
 pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,

@@ -21,6 +21,24 @@
 
 use super::*;
 
+/// The buffer the prologue's backward writes: dL/dp0 itself when nothing but RoPE and the norm
+/// sits between p0 and q/k, else `dmixed`, the gradient at the q-k mean's output, which the
+/// convolution and q-k mean backward take further.
+pub fn prologue_backward_output(spec: &AttentionSpec) -> &'static str {
+    if spec.qk_conv.is_empty() && !spec.qk_mean { "dp0" } else { "dmixed" }
+}
+
+/// The backward's tiles beside the forward's.
+struct BackwardTiles {
+    /// The gradient of the head's rows, from the final q/k back to the norm's input.
+    dy: TileId,
+    /// ⟨x̂, dy⟩ per row (with the norm).
+    dot: Option<TileId>,
+    /// dL/dtemp per row (key heads with a temperature).
+    dtemp: Option<TileId>,
+    output: &'static str,
+}
+
 /// Which side of the q-k mean, norm and store a CTA's head is on.
 #[derive(Clone, Copy, PartialEq)]
 enum HeadKind {
@@ -185,18 +203,39 @@ impl<'a> PrologueBuilder<'a> {
         params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
         params.extend(size_params());
+        let mut kernel = self.kernel_over_rows(
+            format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
+            params,
+            "the CCA steps of each row",
+            &|builder, kind, y| builder.epilogue(kind, y),
+        );
+        // Two CTAs per SM where shared memory allows: the steps of one CTA wait on each other
+        // (copy, convolutions, epilogue), the other's fill the gaps.
+        kernel.ctas_per_sm = (1..=PROLOGUE_CTAS_PER_SM).rev().find(|ctas| kernel.fits_ctas_per_sm(*ctas)).unwrap_or(1);
+        kernel
+    }
 
+    /// The kernel both directions share: per head and row tile, the head's rows staged and
+    /// convolved, then `epilogue` (given the tile holding the convolution output).
+    fn kernel_over_rows(
+        self,
+        name: String,
+        params: Vec<KernelParam>,
+        what: &str,
+        epilogue: &dyn Fn(&Self, HeadKind, TileId) -> Vec<Stmt>,
+    ) -> KernelFn {
+        let spec = self.spec;
         let rows_per_cta = self.out_rows * self.row_tiles;
         let mut body = vec![
             Stmt::Note(format!(
-                "CTA = head `head` (query heads first), rows of batch b in {} tile(s) of {} output rows{}",
+                "CTA = head `head` (query heads first), rows of batch b in {} tile(s) of {} output rows{}: {what}",
                 self.row_tiles,
                 self.out_rows,
                 if self.halo > 0 { format!(" (+{} halo rows re-read)", self.halo) } else { String::new() }
             )),
             let_("head", Expr::BlockIdx(Axis::X)),
             let_("b", Expr::BlockIdx(Axis::Z)),
-            let_("channel0", var("head") * int(d)),
+            let_("channel0", var("head") * int(self.d)),
             let_("first_row", Expr::BlockIdx(Axis::Y) * int(rows_per_cta)),
         ];
         // The lead rows above each staged tile are the convolution taps before its first row.
@@ -225,16 +264,16 @@ impl<'a> PrologueBuilder<'a> {
         let y = self.conv_stages(&mut tile_body);
         tile_body.push(Stmt::If {
             cond: var("head").lt(int(spec.query_heads)),
-            then_body: self.epilogue(HeadKind::Query, y),
-            else_body: self.epilogue(HeadKind::Key, y),
+            then_body: epilogue(&self, HeadKind::Query, y),
+            else_body: epilogue(&self, HeadKind::Key, y),
         });
         // The next tile's copy overwrites the staged tiles this one read.
         tile_body.push(Stmt::Barrier);
         let own_tiles = int(self.row_tiles).min(seq().ceil_div(int(self.out_rows)) - Expr::BlockIdx(Axis::Y) * int(self.row_tiles));
         body.push(for_("tile", int(0), own_tiles, tile_body));
 
-        let mut kernel = KernelFn {
-            name: format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
+        KernelFn {
+            name,
             params,
             grid: [
                 size(spec.query_heads + spec.kv_heads),
@@ -247,11 +286,147 @@ impl<'a> PrologueBuilder<'a> {
             schedule: self.schedule,
             ctas_per_sm: 1,
             body,
+        }
+    }
+
+    /// The backward of the prologue's per-row steps (RoPE, then the L2 norm and key temperature)
+    /// on the same grid: each head's rows are recomputed up to the norm's input x̂ (convolutions
+    /// and q-k mean, halo included), and `dq`/`dk` (the gradients of the final q and k) go back
+    /// through the transposed rotation and the norm, `dx̂ = (s/n)·(dy − x̂·⟨x̂, dy⟩/n²)`, into
+    /// [`prologue_backward_output`] [B, S, P]; key heads also write dL/dtemp of each row to
+    /// `dtemp_rows` [B, S, Hk] (f32), summed over tokens by a later kernel.
+    pub(super) fn build_backward(mut self) -> KernelFn {
+        let spec = self.spec;
+        let d = spec.head_dim;
+        let storage: ElemType = spec.dtype.into();
+        let (wm, wn) = match self.tiles.decls[self.acc.0].ty.layout {
+            Layout::MmaAccumulator { warps_m, warps_n } => (warps_m, warps_n),
+            _ => unreachable!("acc is an accumulator"),
         };
-        // Two CTAs per SM where shared memory allows: the steps of one CTA wait on each other
-        // (copy, convolutions, epilogue), the other's fill the gaps.
+        let dy = self.tiles.regs("dy", ElemType::F32, self.m, self.d, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
+        let row_vector = Layout::RowVector { warps_m: wm, warps_n: wn };
+        let dot = self.row_sum.map(|_| self.tiles.regs("dot", ElemType::F32, self.m, 1, row_vector));
+        let dtemp = (self.row_sum.is_some() && spec.key_temperature != KeyTemperature::None)
+            .then(|| self.tiles.regs("dtemp", ElemType::F32, self.m, 1, row_vector));
+        let output = prologue_backward_output(spec);
+        let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
+        let packed = vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.q_width() + spec.kv_width())];
+        let mut params = vec![tensor(PROJECTION_BUFFER, storage, packed.clone(), Access::Read)];
+        params.extend(weight_params(spec, is_prologue_param));
+        params.push(tensor("dq", storage, bsd(spec.query_heads), Access::Read));
+        params.push(tensor("dk", storage, bsd(spec.kv_heads), Access::Read));
+        params.push(tensor(output, storage, packed, Access::Write));
+        if dtemp.is_some() {
+            params.push(tensor(
+                "dtemp_rows",
+                ElemType::F32,
+                vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.kv_heads)],
+                Access::Write,
+            ));
+        }
+        params.extend(size_params());
+        let grads = BackwardTiles { dy, dot, dtemp, output };
+        let mut kernel = self.kernel_over_rows(
+            format!("{}_qk_prologue_bwd", spec.name),
+            params,
+            "gradients of the final q/k back through RoPE and the norm",
+            &|builder, kind, y| builder.backward_epilogue(kind, y, &grads),
+        );
         kernel.ctas_per_sm = (1..=PROLOGUE_CTAS_PER_SM).rev().find(|ctas| kernel.fits_ctas_per_sm(*ctas)).unwrap_or(1);
         kernel
+    }
+
+    /// The backward's steps for one query or key head: x̂ recomputed into acc, dy = the
+    /// transposed rotation of the head's gradient rows (staged in p0_s once the q-k mean has read
+    /// the raw rows), then through the norm, stored like the forward's q and k.
+    fn backward_epilogue(&self, kind: HeadKind, y: TileId, grads: &BackwardTiles) -> Vec<Stmt> {
+        let spec = self.spec;
+        let mut out = self.mixed(kind, y);
+        let acc = self.tiles.whole(self.acc);
+        let dy = self.tiles.whole(grads.dy);
+        let (param, head) = match kind {
+            HeadKind::Query => ("dq", var("head")),
+            HeadKind::Key => ("dk", var("kv")),
+        };
+        out.extend([
+            // Other threads may still be reading the staged raw rows for the q-k mean.
+            Stmt::Barrier,
+            Stmt::Copy {
+                dst: self.lead_rows(self.p0_s),
+                src: GlobalTile {
+                    param: param.into(),
+                    dims: vec![GlobalDim::At(var("b")), span(self.top(), self.m), GlobalDim::At(head), span(int(0), self.d)],
+                },
+                is_async: true,
+            },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+            Stmt::Map { dst: dy.clone(), expr: self.rotated(self.p0_s, true).unwrap_or_else(|| self.lead_read(self.p0_s)) },
+        ]);
+        if let (Some(sum_sq), Some(dot)) = (self.row_sum, grads.dot) {
+            let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
+            let inverse_norm = (at_row(sum_sq) + Expr::Float(spec.norm_eps)).rsqrt();
+            out.extend([
+                Stmt::RowReduce { dst: sum_sq, src: acc.clone(), op: ReduceOp::Sum, value: Expr::Elem * Expr::Elem },
+                Stmt::RowReduce {
+                    dst: dot,
+                    src: acc.clone(),
+                    op: ReduceOp::Sum,
+                    value: Expr::Elem * Expr::tile(grads.dy, Expr::Row, Expr::Col),
+                },
+            ]);
+            if let (HeadKind::Key, Some(dtemp)) = (kind, grads.dtemp) {
+                // dL/dτ = ⟨dy, √d·x̂/n⟩; learned_exp: τ = exp(clamp(temp)), which passes the
+                // gradient only inside the clamp.
+                let temp = || Expr::global(&self.name(ParamRole::KeyTemperature), vec![var("kv")]);
+                let dtau_dtemp = match spec.key_temperature {
+                    KeyTemperature::LearnedExp => Expr::select(
+                        Expr::Float(1e-7).le(temp()).and(temp().le(Expr::Float(2.0))),
+                        temp().exp(),
+                        Expr::Float(0.0),
+                    ),
+                    _ => Expr::Float(1.0),
+                };
+                let sqrt_d = Expr::Float((spec.head_dim as f64).sqrt());
+                out.extend([
+                    Stmt::Map { dst: self.tiles.whole(dtemp), expr: sqrt_d * at_row(dot) * inverse_norm.clone() * dtau_dtemp },
+                    Stmt::Store {
+                        src: self.tiles.whole(dtemp),
+                        dst: GlobalTile { param: "dtemp_rows".into(), dims: vec![GlobalDim::At(var("b")), self.stored_rows(), GlobalDim::At(var("kv"))] },
+                    },
+                ]);
+            }
+            let x_hat = Expr::tile(self.acc, Expr::Row, Expr::Col);
+            out.push(Stmt::Map {
+                dst: dy.clone(),
+                expr: self.norm_scale(kind)
+                    * inverse_norm.clone()
+                    * (Expr::Elem - x_hat * at_row(dot) * inverse_norm.clone() * inverse_norm),
+            });
+        }
+        out.extend([
+            Stmt::Barrier,
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: dy },
+            Stmt::Barrier,
+            Stmt::Store {
+                src: self.lead_rows(self.p0_s),
+                dst: GlobalTile {
+                    param: grads.output.into(),
+                    dims: vec![GlobalDim::At(var("b")), self.stored_rows(), span(var("channel0"), self.d)],
+                },
+            },
+        ]);
+        out
+    }
+
+    /// The tile's rows in a global tensor, the halo rows excluded.
+    fn stored_rows(&self) -> GlobalDim {
+        if self.halo == 0 {
+            span(self.top(), self.m)
+        } else {
+            GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), var("t0") + int(self.out_rows))) }
+        }
     }
 
     /// Position (token index) of tile row 0.
@@ -387,6 +562,20 @@ impl<'a> PrologueBuilder<'a> {
 
     /// q-k mean, norm, RoPE and store of a query or key head.
     fn epilogue(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
+        let mut out = self.mixed(kind, y);
+        out.extend(self.normalize(kind));
+        out.extend(self.rope());
+        let (param, head) = match kind {
+            HeadKind::Query => ("q", var("head")),
+            HeadKind::Key => ("k", var("kv")),
+        };
+        out.extend(self.store_rows(param, head));
+        out
+    }
+
+    /// `kv` (the head's kv head, or its index among the key heads) and acc = the head before
+    /// the norm: the convolution output `y` plus the q-k mean's terms.
+    fn mixed(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
         let spec = self.spec;
         let g = spec.groups() as i64;
         let hq = spec.query_heads as i64;
@@ -419,22 +608,12 @@ impl<'a> PrologueBuilder<'a> {
         }
         out.push(Stmt::Map { dst: self.tiles.whole(self.acc), expr });
         out.extend(group_sum);
-        out.extend(self.normalize(kind));
-        out.extend(self.rope());
-        let (param, head) = match kind {
-            HeadKind::Query => ("q", var("head")),
-            HeadKind::Key => ("k", var("kv")),
-        };
-        out.extend(self.store_rows(param, head));
         out
     }
 
-    fn normalize(&self, kind: HeadKind) -> Vec<Stmt> {
-        let Some(sum_sq) = self.row_sum else {
-            return Vec::new();
-        };
+    /// The norm's factor besides 1/‖x‖: √d, times τ of the key head `kv` for keys.
+    fn norm_scale(&self, kind: HeadKind) -> Expr {
         let spec = self.spec;
-        let acc = self.tiles.whole(self.acc);
         let mut scale = Expr::Float((spec.head_dim as f64).sqrt());
         if kind == HeadKind::Key {
             let temp = || Expr::global(&self.name(ParamRole::KeyTemperature), vec![var("kv")]);
@@ -446,6 +625,16 @@ impl<'a> PrologueBuilder<'a> {
                 }
             }
         }
+        scale
+    }
+
+    fn normalize(&self, kind: HeadKind) -> Vec<Stmt> {
+        let Some(sum_sq) = self.row_sum else {
+            return Vec::new();
+        };
+        let spec = self.spec;
+        let acc = self.tiles.whole(self.acc);
+        let scale = self.norm_scale(kind);
         let norm = (Expr::tile(sum_sq, Expr::Row, int(0)) + Expr::Float(spec.norm_eps)).rsqrt();
         vec![
             Stmt::RowReduce { dst: sum_sq, src: acc.clone(), op: ReduceOp::Sum, value: Expr::Elem * Expr::Elem },
@@ -456,12 +645,27 @@ impl<'a> PrologueBuilder<'a> {
     /// RoPE at the absolute position of each row, through shared memory because each element
     /// needs its rotation partner.
     fn rope(&self) -> Vec<Stmt> {
-        let Some(rope) = self.spec.rope else {
-            return Vec::new();
-        };
         // The normalized head, rounded to the storage type, is staged in p0_s: by then the q-k
         // mean has read the raw rows.
-        let (rope_s, first_row) = (self.p0_s, self.lead);
+        let Some(rotated) = self.rotated(self.p0_s, false) else {
+            return Vec::new();
+        };
+        // Other threads may still be reading the staged rows for the q-k mean.
+        let mut out = vec![Stmt::Barrier];
+        out.extend([
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
+            Stmt::Barrier,
+            Stmt::Map { dst: self.tiles.whole(self.acc), expr: rotated },
+        ]);
+        out
+    }
+
+    /// Each element of the head staged in `staged` (from row `lead`) after RoPE at its row's
+    /// position: turned by p·θ^(−2i/r), or by its negative when `inverse` (the rotation's
+    /// transpose); channels from r on pass through. None without RoPE.
+    fn rotated(&self, staged: TileId, inverse: bool) -> Option<Expr> {
+        let rope = self.spec.rope?;
+        let (rope_s, first_row) = (staged, self.lead);
         let r = rope.rotary_dim as i64;
         let half = r / 2;
         let col = || Expr::Col;
@@ -481,25 +685,16 @@ impl<'a> PrologueBuilder<'a> {
         let angle = (self.top() + Expr::Row).to_float() * inv_freq;
         let staged_row = || plus(Expr::Row, first_row as i64);
         let own = Expr::tile(rope_s, staged_row(), Expr::Col);
+        // The transpose turns the other way: sin(−a) = −sin(a).
+        let sign = if inverse { Expr::Float(-1.0) * sign } else { sign };
         let rotated = own.clone() * angle.clone().cos() + sign * Expr::tile(rope_s, staged_row(), partner) * angle.sin();
-        // Other threads may still be reading the staged rows for the q-k mean.
-        let mut out = vec![Stmt::Barrier];
-        out.extend([
-            Stmt::Convert { dst: self.tiles.view(rope_s, int(first_row), int(0), self.m, self.d), src: self.tiles.whole(self.acc) },
-            Stmt::Barrier,
-            Stmt::Map { dst: self.tiles.whole(self.acc), expr: Expr::select(col().lt(int(r)), rotated, own) },
-        ]);
-        out
+        Some(Expr::select(col().lt(int(r)), rotated, own))
     }
 
     /// The rounded head through p0_s (free again once every thread is past its last read), so
     /// that the store writes whole rows in 16-byte chunks.
     fn store_rows(&self, param: &str, head: Expr) -> Vec<Stmt> {
-        let rows = if self.halo == 0 {
-            span(self.top(), self.m)
-        } else {
-            GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), var("t0") + int(self.out_rows))) }
-        };
+        let rows = self.stored_rows();
         vec![
             Stmt::Barrier,
             Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },

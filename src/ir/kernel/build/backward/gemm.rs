@@ -161,7 +161,7 @@ pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Re
         ctas_per_sm: 1,
         body,
     };
-    verified(kernel, s)
+    super::verified(kernel, s)
 }
 
 /// Builds a weight-gradient GEMM with `schedule` (block_m weight rows × block_n input columns per
@@ -291,10 +291,5 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
         ctas_per_sm: 1,
         body,
     };
-    verified(kernel, s)
-}
-
-fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
-    kernel.verify().map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
-    Ok(kernel)
+    super::verified(kernel, s)
 }

@@ -1,5 +1,7 @@
-//! Builders of the backward kernels: the attention backward ([`attention`]) and the GEMMs of the
-//! projections' backward ([`gemm`]: input gradients dY·W, weight gradients dYᵀ·X), and which of
+//! Builders of the backward kernels: the attention backward ([`attention`]), the prologue's
+//! per-row steps backward (RoPE and the norm: `qk_prologue`'s builder run the other way,
+//! [`build_prologue_backward`]), sums over tokens ([`build_token_sum`]) and the GEMMs of the
+//! projections' backward ([`gemm`]: input gradients dY·W, weight gradients dYᵀ·X), with which of
 //! them a layer's backward runs ([`projection_gradients`]).
 
 mod attention;
@@ -8,7 +10,86 @@ mod gemm;
 pub use attention::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
 pub use gemm::{GradientTerm, InputGradient, WeightGradient, build_input_gradient, build_weight_gradient};
 
+use super::qk_prologue::PrologueBuilder;
 use super::*;
+
+pub use super::qk_prologue::prologue_backward_output;
+
+/// The backward of the prologue's RoPE and norm for `spec` with `schedule` (a `qk_prologue`
+/// schedule), verified: see `PrologueBuilder::build_backward`.
+pub fn build_prologue_backward(spec: &AttentionSpec, schedule: &Schedule) -> Result<KernelFn, String> {
+    spec.validate()?;
+    if !has_qk_prologue(spec) {
+        return Err(format!("{} has no q/k step after the projection: its backward has no prologue", spec.name));
+    }
+    verified(PrologueBuilder::new(spec, schedule)?.build_backward(), schedule)
+}
+
+/// `output[c] = Σ_{b, t} input[b, t, c]` for an f32 input [B, S, columns], in one CTA in a fixed
+/// order (dL/dtemp from its rows): 16-token chunks staged in shared memory and added, transposed,
+/// to a [columns, 16] accumulator whose rows are summed at the end.
+pub fn build_token_sum(name: &str, input: &str, output: &str, columns: usize) -> Result<KernelFn, String> {
+    const CHUNK: u32 = 16;
+    let rows = (columns as u32).next_multiple_of(16);
+    let mut t = Tiles { decls: Vec::new() };
+    let chunk_s = t.shared("chunk_s", ElemType::F32, CHUNK, rows);
+    let acc = t.regs("acc", ElemType::F32, rows, CHUNK, Layout::MmaAccumulator { warps_m: 1, warps_n: 1 });
+    let sums = t.regs("sums", ElemType::F32, rows, 1, Layout::RowVector { warps_m: 1, warps_n: 1 });
+    let chunks = seq().ceil_div(int(CHUNK));
+    let step = var("step");
+    let body = vec![
+        Stmt::Note(format!("{output}[c] = Σ over every token of {input}[b, t, c]")),
+        Stmt::Fill { dst: t.whole(acc), value: 0.0 },
+        for_(
+            "step",
+            int(0),
+            Expr::Size(SizeVar::Batch) * chunks.clone(),
+            vec![
+                Stmt::Copy {
+                    dst: t.whole(chunk_s),
+                    src: GlobalTile {
+                        param: input.into(),
+                        dims: vec![
+                            GlobalDim::At(step.clone().floor_div(chunks.clone())),
+                            span(times(step.modulo(chunks), CHUNK), CHUNK),
+                            span(int(0), rows),
+                        ],
+                    },
+                    is_async: false,
+                },
+                Stmt::Barrier,
+                Stmt::Map { dst: t.whole(acc), expr: Expr::Elem + Expr::tile(chunk_s, Expr::Col, Expr::Row) },
+                // The next copy overwrites what every thread read.
+                Stmt::Barrier,
+            ],
+        ),
+        Stmt::RowReduce { dst: sums, src: t.whole(acc), op: ReduceOp::Sum, value: Expr::Elem },
+        Stmt::Store { src: t.whole(sums), dst: GlobalTile { param: output.into(), dims: vec![span(int(0), rows)] } },
+    ];
+    let schedule = Schedule { block_m: rows, block_n: CHUNK, block_k: CHUNK, warps: 1, stages: 1 };
+    let mut params = vec![
+        tensor(input, ElemType::F32, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(columns)], Access::Read),
+        tensor(output, ElemType::F32, vec![size(columns)], Access::Write),
+    ];
+    params.extend(size_params());
+    let kernel = KernelFn {
+        name: name.into(),
+        params,
+        grid: [size(1), size(1), size(1)],
+        warps: 1,
+        tiles: t.decls,
+        barriers: Vec::new(),
+        schedule,
+        ctas_per_sm: 1,
+        body,
+    };
+    verified(kernel, &schedule)
+}
+
+fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
+    kernel.verify().map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
+    Ok(kernel)
+}
 
 /// The buffer holding dL/d`name`: `d` before an activation (`dq`, `dp0`, `do`), `grad.` before
 /// a parameter's name (`grad.o_proj.weight`).
