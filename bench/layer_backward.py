@@ -1,16 +1,17 @@
-"""Checks and times the whole backward of layers without a q/k prologue (o_proj's input gradient,
-the attention backward, dx and every weight gradient: ccc::ir::kernel::projection_gradients and
-build_attention_backward, the mma.sync forms) on the GPU, against PyTorch autograd.
+"""Checks and times the whole backward of layers without convolutions or q-k mean (o_proj's input
+gradient, the attention backward, RoPE's backward, dx and every weight gradient:
+ccc::ir::kernel::backward_kernels, the mma.sync forms) on the GPU, against PyTorch autograd.
 
 Usage: python3 bench/layer_backward.py --ptx-dir DIR [--shapes 1x1,3x17,...] [--time-shapes ...] [--out FILE]
 
 DIR holds `<kernel>.ptx` and `layer_backward.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper each_gradient`): per layer its
-sizes, parameters (name, shape, role) and kernels in launch order (parameters in ABI order, grid as
-size expressions, threads, dynamic shared memory).
+sizes, RoPE, parameters (name, shape, role) and kernels in launch order (parameters in ABI order,
+grid as size expressions, threads, dynamic shared memory). Layers with an L2 norm are skipped here
+(the interpreter checks them).
 
-Correctness: random bf16 x, weights and dout; q, k, v, o and lse from a float32 forward of those
-values, rounded where the forward stores them; every kernel output NaN-poisoned; dx and every
+Correctness: random x, weights and dout in the layer's dtype; p0, q, k, v, o and lse from a
+float32 forward of those values, rounded where the forward stores them; every kernel output NaN-poisoned; dx and every
 weight gradient against float32 autograd of the layer, as relative L2 errors, beside PyTorch's own
 bf16 autograd (SDPA) against the same float32 gradients. Passes when ours are at most 1.5× PyTorch's
 (+1e-3). Timing (CUDA events, median of 20): our kernels together against PyTorch's bf16 autograd
@@ -38,9 +39,29 @@ def by_role(layer, weights):
     return {p["role"]: weights[p["name"]] for p in layer["params"]}
 
 
-def forward(layer, x, weights, dtype, with_lse=False):
-    """The layer in `dtype` (float32: by hand, with lse; bf16: through SDPA), returning
-    (out, q, k, v, o, lse) with q, k, v, o as [B, S, heads, d]."""
+def rope(layer, heads):
+    """RoPE of [B, S, H, d] heads at positions 0..S-1 (NeoX halves or interleaved pairs of the
+    first rotary_dim channels)."""
+    spec = layer["rope"]
+    if spec is None:
+        return heads
+    r, seq = spec["rotary_dim"], heads.shape[1]
+    inverse_frequency = spec["theta"] ** (-torch.arange(0, r // 2, device=heads.device, dtype=torch.float64) * 2 / r)
+    angle = torch.arange(seq, device=heads.device, dtype=torch.float64)[:, None] * inverse_frequency
+    cos, sin = (f(angle).to(heads.dtype)[None, :, None, :] for f in (torch.cos, torch.sin))
+    rotary, rest = heads[..., :r], heads[..., r:]
+    if spec["neox"]:
+        x1, x2 = rotary[..., : r // 2], rotary[..., r // 2:]
+        rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = rotary[..., 0::2], rotary[..., 1::2]
+        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def forward(layer, x, weights, dtype):
+    """The layer in `dtype` (float32: by hand, with lse; 16-bit: through SDPA), returning
+    (out, p0, q, k, v, o, lse) with q, k, v, o as [B, S, heads, d] and p0 = [q0 | k0]."""
     role = by_role(layer, weights)
     d, hq, hk = layer["head_dim"], layer["q_heads"], layer["kv_heads"]
     batch, seq, _ = x.shape
@@ -49,8 +70,9 @@ def forward(layer, x, weights, dtype, with_lse=False):
         y = inp @ role[weight].t()
         return y + role[bias] if bias in role else y
 
-    q = linear(x, "QueryProj", "QueryBias").view(batch, seq, hq, d)
-    k = linear(x, "KeyProj", "KeyBias").view(batch, seq, hk, d)
+    q0, k0 = linear(x, "QueryProj", "QueryBias"), linear(x, "KeyProj", "KeyBias")
+    p0 = torch.cat([q0, k0], dim=-1)
+    q, k = rope(layer, q0.view(batch, seq, hq, d)), rope(layer, k0.view(batch, seq, hk, d))
     parts = []
     if "ValueProjCurrent" in role:
         parts.append(linear(x, "ValueProjCurrent", "ValueBiasCurrent"))
@@ -74,7 +96,7 @@ def forward(layer, x, weights, dtype, with_lse=False):
                                            scale=layer["softmax_scale"])
     o = o.transpose(1, 2)
     out = linear(o.reshape(batch, seq, hq * d), "OutputProj", "OutputBias")
-    return out, q, k, v, o, lse
+    return out, p0, q, k, v, o, lse
 
 
 def autograd(layer, x, weights, dout, dtype):
@@ -102,13 +124,14 @@ class Chain:
     def outputs(self, batch, seq, device, fill):
         layer = self.layer
         d, hq, hk, e = layer["head_dim"], layer["q_heads"], layer["kv_heads"], layer["model_dim"]
-        bf16 = dict(device=device, dtype=torch.bfloat16)
-        made = {"do": torch.full((batch, seq, hq * d), fill, **bf16),
+        storage = dict(device=device, dtype=dtype_of(layer))
+        made = {"do": torch.full((batch, seq, hq * d), fill, **storage),
                 "delta": torch.full((batch, hq, seq), fill, device=device),
-                "dq": torch.full((batch, seq, hq, d), fill, **bf16),
-                "dk": torch.full((batch, seq, hk, d), fill, **bf16),
-                "dv": torch.full((batch, seq, hk, d), fill, **bf16),
-                "dx": torch.full((batch, seq, e), fill, **bf16)}
+                "dq": torch.full((batch, seq, hq, d), fill, **storage),
+                "dk": torch.full((batch, seq, hk, d), fill, **storage),
+                "dv": torch.full((batch, seq, hk, d), fill, **storage),
+                "dp0": torch.full((batch, seq, (hq + hk) * d), fill, **storage),
+                "dx": torch.full((batch, seq, e), fill, **storage)}
         for p in layer["params"]:
             made["grad." + p["name"]] = torch.full(p["shape"], fill, device=device)
         return made
@@ -121,24 +144,28 @@ class Chain:
             function(tuple(g.eval(env) for g in grid), (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
 
 
+def dtype_of(layer):
+    return {"bf16": torch.bfloat16, "f16": torch.float16}[layer["elem"]]
+
+
 def inputs(layer, batch, seq, device):
-    e = layer["model_dim"]
+    e, dtype = layer["model_dim"], dtype_of(layer)
     weights = {}
     for p in layer["params"]:
         fan_in = p["shape"][-1] if len(p["shape"]) > 1 else e
-        weights[p["name"]] = ((torch.rand(p["shape"], device=device) * 2 - 1) / math.sqrt(fan_in)).bfloat16()
-    x = torch.randn(batch, seq, e, device=device).bfloat16()
-    dout = torch.randn(batch, seq, e, device=device).bfloat16()
+        weights[p["name"]] = ((torch.rand(p["shape"], device=device) * 2 - 1) / math.sqrt(fan_in)).to(dtype)
+    x = torch.randn(batch, seq, e, device=device).to(dtype)
+    dout = torch.randn(batch, seq, e, device=device).to(dtype)
     return weights, x, dout
 
 
-def saved(layer, x, weights, device):
-    """What the forward keeps for the backward, from a float32 forward of the bf16 values."""
+def saved(layer, x, weights):
+    """What the forward keeps for the backward, from a float32 forward of the 16-bit values."""
     with torch.no_grad():
-        _, q, k, v, o, lse = forward(layer, x.float(), {n: w.float() for n, w in weights.items()}, torch.float32)
+        _, p0, q, k, v, o, lse = forward(layer, x.float(), {n: w.float() for n, w in weights.items()}, torch.float32)
     batch, seq = x.shape[:2]
-    return {"q": q.bfloat16().contiguous(), "k": k.bfloat16().contiguous(), "v": v.bfloat16().contiguous(),
-            "o": o.reshape(batch, seq, -1).bfloat16().contiguous(), "lse": lse.contiguous()}
+    stored = {"p0": p0, "q": q, "k": k, "v": v, "o": o.reshape(batch, seq, -1)}
+    return {**{n: t.to(x.dtype).contiguous() for n, t in stored.items()}, "lse": lse.contiguous()}
 
 
 def main():
@@ -154,16 +181,18 @@ def main():
     device = "cuda"
     report, all_ok = [], True
     for layer in layers:
+        if layer["qk_norm"]:
+            continue
         chain = Chain(args.ptx_dir, layer)
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
             weights, x, dout = inputs(layer, batch, seq, device)
-            buffers = {"x": x, "dout": dout, **weights, **saved(layer, x, weights, device),
+            buffers = {"x": x, "dout": dout, **weights, **saved(layer, x, weights),
                        **chain.outputs(batch, seq, device, float("nan"))}
             chain.run(buffers, batch, seq)
             torch.cuda.synchronize()
             exact = autograd(layer, x, weights, dout, torch.float32)
-            peer = autograd(layer, x, weights, dout, torch.bfloat16)
+            peer = autograd(layer, x, weights, dout, dtype_of(layer))
             row, failures = {"layer": layer["layer"], "shape": shape}, []
             for name in exact:
                 ours = buffers["dx" if name == "dx" else "grad." + name].float().view(exact[name].shape)
@@ -182,19 +211,20 @@ def main():
             batch, seq = map(int, shape.split("x"))
             weights, x, dout = inputs(layer, batch, seq, device)
             with torch.no_grad():
-                _, q, k, v, o, _ = forward(layer, x, weights, torch.bfloat16)
-            buffers = {"x": x, "dout": dout, **weights, "q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous(),
+                _, p0, q, k, v, o, _ = forward(layer, x, weights, dtype_of(layer))
+            buffers = {"x": x, "dout": dout, **weights, "p0": p0.contiguous(), "q": q.contiguous(), "k": k.contiguous(),
+                       "v": v.contiguous(),
                        "o": o.reshape(batch, seq, -1).contiguous(),
                        "lse": torch.randn(batch, layer["q_heads"], seq, device=device) + 10,
                        **chain.outputs(batch, seq, device, 0.0)}
             ours = median_ms(lambda: chain.run(buffers, batch, seq))
             leaves = {n: w.detach().requires_grad_() for n, w in weights.items()}
             x_leaf = x.detach().requires_grad_()
-            out = forward(layer, x_leaf, leaves, torch.bfloat16)[0]
+            out = forward(layer, x_leaf, leaves, dtype_of(layer))[0]
             targets = [x_leaf] + list(leaves.values())
             theirs = median_ms(lambda: torch.autograd.grad(out, targets, dout, retain_graph=True))
-            report.append({"layer": layer["layer"], "timed": shape, "ccc_ms": ours, "torch_bf16_autograd_ms": theirs})
-            print(f"{layer['layer']} {shape} backward: ccc {ours:.3f} ms, torch bf16 autograd {theirs:.3f} ms", flush=True)
+            report.append({"layer": layer["layer"], "timed": shape, "ccc_ms": ours, "torch_autograd_ms": theirs})
+            print(f"{layer['layer']} {shape} backward: ccc {ours:.3f} ms, torch autograd {theirs:.3f} ms", flush=True)
     finish(report, args.out, all_ok)
 
 

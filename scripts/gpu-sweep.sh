@@ -25,7 +25,7 @@
 #      bench/attention_backward.py, every example's attention backward kernels against PyTorch's
 #      float32 autograd (beside its bf16 SDPA backward) at B 1, 3, 2, 1 × S 1, 17, 1000, 4097, and
 #      timed at 1×8192 and 1×16384 beside SDPA's cuDNN and FlashAttention-2 backward; then
-#      bench/layer_backward.py, the whole backward of the layers without a q/k prologue (dx and
+#      bench/layer_backward.py, the whole backward of the layers without convolutions or q-k mean (dx and
 #      every weight gradient) against float32 autograd beside PyTorch's bf16 autograd, timed;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
@@ -111,7 +111,7 @@ for s in $steps; do
       if [ -f gpu-carry/hopper-ptx/attention_backward.json ]; then
         step attention-backward 240 python3 -u -W ignore bench/attention_backward.py --ptx-dir gpu-carry/hopper-ptx \
           --out "$out/attention-backward.json"
-        step layer-backward 180 python3 -u -W ignore bench/layer_backward.py --ptx-dir gpu-carry/hopper-ptx \
+        step layer-backward 240 python3 -u -W ignore bench/layer_backward.py --ptx-dir gpu-carry/hopper-ptx --time-shapes 1x16384 \
           --out "$out/layer-backward.json"
       fi
       ;;

@@ -717,20 +717,18 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
 
 /// The projection-gradient GEMMs of every example (dYᵀ read transposed with ldmatrix.trans)
 /// lower and assemble without spills. With `CCC_HOPPER_PTX_OUT=DIR`, the whole backward of each
-/// layer without a q/k prologue (o_proj's input gradient, the attention backward, dx, every
-/// weight gradient) is written there in launch order with `layer_backward.json` (for
-/// bench/layer_backward.py: the layer's sizes and parameters, each kernel's parameters, grid as
-/// size expressions, threads and shared memory): every example has RoPE, so two plain layers
-/// stand in until the prologue has its backward (MHA at ZAYA1's width; GQA with biases, a
-/// shifted value head and a window).
+/// layer that has one (`backward_kernels`: every example without convolutions or q-k mean, and
+/// two plain layers: MHA at ZAYA1's width; GQA with biases, a shifted value head and a window)
+/// is written there in launch order with `layer_backward.json` (for bench/layer_backward.py: the
+/// layer's sizes, RoPE and parameters, each kernel's parameters, grid as size expressions,
+/// threads and shared memory).
 #[test]
 fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
     use ccc::ir::kernel::{
-        AttentionBackwardKernel, KernelParam, build_attention_backward, build_input_gradient, build_weight_gradient,
-        default_attention_backward_schedule, has_qk_prologue, projection_gradients, with_default_gradient_schedule,
+        KernelParam, backward_kernels, build_input_gradient, build_weight_gradient, projection_gradients,
+        with_default_gradient_schedule,
     };
     let out = std::env::var_os("CCC_HOPPER_PTX_OUT").map(std::path::PathBuf::from);
-    let mut layers = Vec::new();
     let mha_plain = AttentionSpec::plain("mha_plain", 2048, 128, 16, 16);
     let gqa_plain = AttentionSpec {
         bias: true,
@@ -738,50 +736,50 @@ fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
         mask: Mask::SlidingWindow { window: 300 },
         ..AttentionSpec::plain("gqa_plain", 1024, 128, 8, 2)
     };
+    let mut layers = Vec::new();
     for spec in common::specs::example_files().into_iter().chain([mha_plain, gqa_plain]) {
         let (inputs, weights) = projection_gradients(&spec);
-        let input_kernel = |index: usize| with_default_gradient_schedule(|s| build_input_gradient(&inputs[index], s)).expect("input gradient");
-        let mut chain = vec![input_kernel(0)];
-        chain.extend(AttentionBackwardKernel::LAUNCH_ORDER.map(|which| {
-            build_attention_backward(&spec, which, &default_attention_backward_schedule(&spec, which).expect("schedule")).expect("kernel")
-        }));
-        chain.push(input_kernel(1));
-        chain.extend(weights.iter().map(|g| with_default_gradient_schedule(|s| build_weight_gradient(g, s)).expect("weight gradient")));
-        let mut described = Vec::new();
-        for kernel in &chain {
+        let mut gemms: Vec<_> =
+            inputs.iter().map(|g| with_default_gradient_schedule(|s| build_input_gradient(g, s)).expect("input gradient")).collect();
+        gemms.extend(weights.iter().map(|g| with_default_gradient_schedule(|s| build_weight_gradient(g, s)).expect("weight gradient")));
+        for kernel in &gemms {
             let ptx = lowered_ptx(kernel);
             if kernel.name.contains("dweight") {
                 assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"), "{}", kernel.name);
-            }
-            if let Some(dir) = out.as_ref().filter(|_| !has_qk_prologue(&spec)) {
-                std::fs::create_dir_all(dir).expect("output dir");
-                std::fs::write(dir.join(format!("{}.ptx", kernel.name)), &ptx).expect("write ptx");
-            }
-            if kernel.name.contains("_bwd_") {
-                continue; // assembled by the attention backward test
             }
             let log = ptxas_log(&ptx, &kernel.name);
             let report = ptxas::parse_report(&log).expect("report").remove(0);
             println!("{} {:?} {report:?}", kernel.name, kernel.schedule);
             assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
         }
+        let (Some(dir), Ok(chain)) = (&out, backward_kernels(&spec)) else { continue };
+        std::fs::create_dir_all(dir).expect("output dir");
+        let mut described = Vec::new();
         for kernel in &chain {
+            let ptx = lowered_ptx(kernel);
+            if kernel.name.contains("qk_prologue_bwd") {
+                let report = ptxas::parse_report(&ptxas_log(&ptx, &kernel.name)).expect("report").remove(0);
+                println!("{} {:?} {report:?}", kernel.name, kernel.schedule);
+                assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
+            }
+            std::fs::write(dir.join(format!("{}.ptx", kernel.name)), ptx).expect("write ptx");
             described.push(serde_json::json!({
                 "name": kernel.name,
                 "params": kernel.params.iter().map(KernelParam::name).collect::<Vec<_>>(),
                 "grid": kernel.grid, "threads": kernel.threads(), "dynamic_shared_bytes": kernel.shared_bytes(),
             }));
         }
-        if !has_qk_prologue(&spec) {
-            layers.push(serde_json::json!({
-                "layer": spec.name, "model_dim": spec.model_dim, "head_dim": spec.head_dim, "q_heads": spec.query_heads,
-                "kv_heads": spec.kv_heads, "value_shift": spec.value_shift, "causal": spec.mask != Mask::None,
-                "window": match spec.mask { Mask::SlidingWindow { window } => Some(window), _ => None },
-                "softmax_scale": spec.softmax_scale, "elem": spec.dtype.name(),
-                "params": spec.params().iter().map(|p| serde_json::json!({"name": p.name, "shape": p.shape, "role": format!("{:?}", p.role)})).collect::<Vec<_>>(),
-                "kernels": described,
-            }));
-        }
+        layers.push(serde_json::json!({
+            "layer": spec.name, "model_dim": spec.model_dim, "head_dim": spec.head_dim, "q_heads": spec.query_heads,
+            "kv_heads": spec.kv_heads, "value_shift": spec.value_shift, "causal": spec.mask != Mask::None,
+            "window": match spec.mask { Mask::SlidingWindow { window } => Some(window), _ => None },
+            "softmax_scale": spec.softmax_scale, "elem": spec.dtype.name(), "qk_norm": spec.qk_norm != QkNorm::None,
+            "rope": spec.rope.map(|rope| serde_json::json!({
+                "rotary_dim": rope.rotary_dim, "theta": rope.theta, "neox": rope.style == RopeStyle::Neox,
+            })),
+            "params": spec.params().iter().map(|p| serde_json::json!({"name": p.name, "shape": p.shape, "role": format!("{:?}", p.role)})).collect::<Vec<_>>(),
+            "kernels": described,
+        }));
     }
     if let Some(dir) = &out {
         std::fs::write(dir.join("layer_backward.json"), serde_json::to_string_pretty(&layers).expect("json")).expect("write json");

@@ -256,10 +256,7 @@ mod gemm {
 mod layer {
     use super::*;
     use ccc::ir::kernel::interp::run_forward;
-    use ccc::ir::kernel::{
-        ForwardKernel, build_input_gradient, build_prologue_backward, build_token_sum, build_weight_gradient, default_schedule,
-        gradient_name, has_qk_prologue, projection_gradients, with_default_gradient_schedule,
-    };
+    use ccc::ir::kernel::{backward_kernels, gradient_name, has_qk_prologue};
     use ccc::reference::{Weights, backward};
 
     fn check_layer(spec: &AttentionSpec, batch: usize, seq_len: usize, rng: &mut XorShift64Star, what: &str) {
@@ -274,22 +271,7 @@ mod layer {
         if has_qk_prologue(spec) {
             buffers.insert("p0".into(), packed_projection(spec, &weights, &x));
         }
-        let (inputs, weight_gradients) = projection_gradients(spec);
-        let mut kernels = vec![with_default_gradient_schedule(|s| build_input_gradient(&inputs[0], s)).unwrap()];
-        for which in AttentionBackwardKernel::LAUNCH_ORDER {
-            kernels.push(build_attention_backward(spec, which, &default_attention_backward_schedule(spec, which).unwrap()).unwrap());
-        }
-        if has_qk_prologue(spec) {
-            let schedule = default_schedule(spec, ForwardKernel::QkPrologue).unwrap();
-            kernels.push(build_prologue_backward(spec, &schedule).unwrap_or_else(|e| panic!("{what}: {e}")));
-            if let Some(temperature) = spec.params().iter().find(|p| p.role == ParamRole::KeyTemperature) {
-                kernels.push(build_token_sum("dtemp_sum", "dtemp_rows", &gradient_name(&temperature.name), spec.kv_heads).unwrap());
-            }
-        }
-        kernels.push(with_default_gradient_schedule(|s| build_input_gradient(&inputs[1], s)).unwrap());
-        for gradient in &weight_gradients {
-            kernels.push(with_default_gradient_schedule(|s| build_weight_gradient(gradient, s)).unwrap());
-        }
+        let kernels = backward_kernels(spec).unwrap_or_else(|e| panic!("{what}: {e}"));
         let sizes = launch_sizes(batch, seq_len);
         for kernel in &kernels {
             for param in &kernel.params {
@@ -341,6 +323,8 @@ mod layer {
             let spec = random_spec(&mut rng, index);
             index += 1;
             if !spec.qk_conv.is_empty() || spec.qk_mean {
+                let error = backward_kernels(&spec).unwrap_err();
+                assert!(error.contains("not built yet"), "{error}");
                 continue;
             }
             let batch = rng.range(1, 3);

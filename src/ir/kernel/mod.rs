@@ -39,7 +39,8 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, GradientTerm, InputGradient, WeightGradient, build_attention_backward,
+    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, GradientTerm, InputGradient, WeightGradient, backward_kernels,
+    build_attention_backward,
     build_input_gradient, build_prologue_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule,
     gradient_name, projection_gradients, prologue_backward_output, with_default_gradient_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
     PERSISTENT_GRID, PROJECTION_BUFFER, ProjectionSegment, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward,

@@ -86,6 +86,37 @@ pub fn build_token_sum(name: &str, input: &str, output: &str, columns: usize) ->
     verified(kernel, &schedule)
 }
 
+/// The kernels of one backward call of `spec` in launch order, each with its default schedule:
+/// o_proj's input gradient (`do`), the attention backward, the prologue's RoPE and norm backward
+/// with dL/dtemp summed over tokens, dx, then every weight gradient. Reads the forward's saved
+/// `q`, `k`, `v`, `o`, `lse` and (with a prologue) `p0`, with `x` and `dout`. Layers with
+/// convolutions or the q-k mean are refused: their backward is not built yet.
+pub fn backward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
+    if !spec.qk_conv.is_empty() || spec.qk_mean {
+        return Err(format!(
+            "{}: the backward of the convolutions and the q-k mean is not built yet (layers without them have one)",
+            spec.name
+        ));
+    }
+    let (inputs, weights) = projection_gradients(spec);
+    let mut kernels = vec![with_default_gradient_schedule(|s| build_input_gradient(&inputs[0], s))?];
+    for which in AttentionBackwardKernel::LAUNCH_ORDER {
+        kernels.push(build_attention_backward(spec, which, &default_attention_backward_schedule(spec, which)?)?);
+    }
+    if has_qk_prologue(spec) {
+        kernels.push(build_prologue_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?);
+        if let Some(temperature) = param_name(spec, ParamRole::KeyTemperature) {
+            let name = format!("{}_temperature_grad", spec.name);
+            kernels.push(build_token_sum(&name, "dtemp_rows", &gradient_name(&temperature), spec.kv_heads)?);
+        }
+    }
+    kernels.push(with_default_gradient_schedule(|s| build_input_gradient(&inputs[1], s))?);
+    for gradient in &weights {
+        kernels.push(with_default_gradient_schedule(|s| build_weight_gradient(gradient, s))?);
+    }
+    Ok(kernels)
+}
+
 fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
     kernel.verify().map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
     Ok(kernel)
