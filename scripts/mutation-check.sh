@@ -1,32 +1,41 @@
 #!/usr/bin/env bash
 # Plants known kernel bugs in the kernel-IR builders, one at a time, and checks that the CPU tests
-# catch each (the interpreter against the f64 reference, tests/ir_kernel_roles.rs): a causal mask
-# that leaks key t + 1, the q-k mean's ½ turned into 1, the RoPE styles swapped. Each file is
-# restored from git afterwards, also when interrupted. Exit status 0 when every mutation failed
-# the tests, 1 when one slipped through. About two minutes per mutation (a release build of the
-# tests, then the run).
+# catch each (the interpreter against the f64 reference): in the forward (tests/ir_kernel_roles.rs)
+# a causal mask that leaks key t + 1, the q-k mean's ½ turned into 1, the RoPE styles swapped; in
+# the backward (tests/ir_kernel_backward.rs) the dK/dV kernel's causal mask leaking key t + 1 and
+# RoPE's backward turning the same way as the forward. Each file is restored from git afterwards,
+# also when interrupted. Exit status 0 when every mutation failed the tests, 1 when one slipped
+# through. About two minutes per mutation (a release build of the tests, then the run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 attention=src/ir/kernel/build/wgmma_attention.rs
 builders=src/ir/kernel/build/qk_prologue.rs
-for file in "$attention" "$builders"; do
+attention_backward=src/ir/kernel/build/backward/attention.rs
+for file in "$attention" "$builders" "$attention_backward"; do
   if ! git diff --quiet -- "$file"; then
     echo "mutation-check: $file has uncommitted changes; commit or stash them first" >&2
     exit 2
   fi
 done
-trap 'git checkout -q -- "$attention" "$builders"' EXIT
+trap 'git checkout -q -- "$attention" "$builders" "$attention_backward"' EXIT
 
-# name, file, text, replacement (tab-separated: the texts hold `|`)
+forward_tests=$'--test\tir_kernel_roles\t--\tthe_planned_kernel_ir\twgmma_attention_matches'
+backward_tests=$'--test\tir_kernel_backward'
+# name, file, text, replacement, test arguments (tab-separated: the texts hold `|`; the test
+# arguments are the last fields)
 mutations=(
-  $'causal mask leaks key t+1\t'"$attention"$'\tvisible = visible.and(key.clone().le(query.clone()));\tvisible = visible.and(key.clone().le(query.clone() + int(1)));'
-  $'q-k mean ½ becomes 1\t'"$builders"$'\tlet half = |e: Expr| Expr::Float(0.5) * e;\tlet half = |e: Expr| Expr::Float(1.0) * e;'
-  $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => ('
+  $'causal mask leaks key t+1\t'"$attention"$'\tvisible = visible.and(key.clone().le(query.clone()));\tvisible = visible.and(key.clone().le(query.clone() + int(1)));\t'"$forward_tests"
+  $'q-k mean ½ becomes 1\t'"$builders"$'\tlet half = |e: Expr| Expr::Float(0.5) * e;\tlet half = |e: Expr| Expr::Float(1.0) * e;\t'"$forward_tests"
+  $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => (\t'"$forward_tests"
+  $'backward: dK/dV causal mask leaks key t+1\t'"$attention_backward"$'\tMask::Causal => key.le(query).and(in_sequence),\tMask::Causal => key.le(query + int(1)).and(in_sequence),\t'"$backward_tests"
+  $'backward: RoPE turned forward\t'"$builders"$'\tlet sign = if inverse { Expr::Float(-1.0) * sign } else { sign };\tlet sign = sign;\t'"$backward_tests"
 )
 failed=0
 for mutation in "${mutations[@]}"; do
-  IFS=$'\t' read -r name file text replacement <<<"$mutation"
+  IFS=$'\t' read -r -a fields <<<"$mutation"
+  name=${fields[0]} file=${fields[1]} text=${fields[2]} replacement=${fields[3]}
+  test_args=("${fields[@]:4}")
   MUTATION_FILE="$file" MUTATION_TEXT="$text" MUTATION_REPLACEMENT="$replacement" python3 - <<'PY'
 import os
 path, text, replacement = os.environ["MUTATION_FILE"], os.environ["MUTATION_TEXT"], os.environ["MUTATION_REPLACEMENT"]
@@ -40,7 +49,7 @@ if replacement.startswith("RopeStyle::Swapped"):
 open(path, "w").write(source)
 PY
   [ $? -eq 0 ] || exit 2
-  if cargo test --release -q --test ir_kernel_roles -- the_planned_kernel_ir wgmma_attention_matches >/tmp/mutation-check.log 2>&1; then
+  if cargo test --release -q "${test_args[@]}" >/tmp/mutation-check.log 2>&1; then
     echo "MISSED  $name: the tests passed with it"
     failed=1
   else
