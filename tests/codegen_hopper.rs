@@ -752,6 +752,18 @@ fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
             println!("{} {:?} {report:?}", kernel.name, kernel.schedule);
             assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
         }
+        if !spec.qk_conv.is_empty() || spec.qk_mean {
+            // The prologue's backward of a CCA layer: RoPE and norm, then convolutions and mean.
+            let schedule = ccc::ir::kernel::default_schedule(&spec, ccc::ir::kernel::ForwardKernel::QkPrologue).expect("schedule");
+            for kernel in [
+                ccc::ir::kernel::build_prologue_backward(&spec, &schedule).expect("prologue backward"),
+                ccc::ir::kernel::build_prologue_conv_backward(&spec, &schedule).expect("convolution backward"),
+            ] {
+                let report = ptxas::parse_report(&ptxas_log(&lowered_ptx(&kernel), &kernel.name)).expect("report").remove(0);
+                println!("{} {:?} smem {} {report:?}", kernel.name, kernel.schedule, kernel.shared_bytes());
+                assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
+            }
+        }
         let (Some(dir), Ok(chain)) = (&out, backward_kernels(&spec)) else { continue };
         std::fs::create_dir_all(dir).expect("output dir");
         let mut described = Vec::new();

@@ -11,7 +11,7 @@ mod wgmma_gemm;
 
 pub use backward::{
     AttentionBackwardKernel, GradientTerm, InputGradient, WeightGradient, backward_kernels, build_attention_backward, build_input_gradient,
-    build_prologue_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule, gradient_name,
+    build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule, gradient_name,
     projection_gradients, prologue_backward_output, with_default_gradient_schedule,
 };
 pub use wgmma_attention::{

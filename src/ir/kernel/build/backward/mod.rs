@@ -6,8 +6,10 @@
 
 mod attention;
 mod gemm;
+mod prologue;
 
 pub use attention::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
+pub use prologue::build_prologue_conv_backward;
 pub use gemm::{GradientTerm, InputGradient, WeightGradient, build_input_gradient, build_weight_gradient};
 
 use super::qk_prologue::PrologueBuilder;
