@@ -17,7 +17,9 @@
 //!   query head; the G query heads of a key head), read straight from `p0`;
 //! - the L2 norm reduces each row's squares; RoPE reads each element's partner through shared
 //!   memory; the store skips the halo rows and rows past S.
-//! Every convolution stage's output is rounded to the storage type, as the reference does.
+//!
+//! Every convolution stage's output is rounded to the storage type, as the reference does. The
+//! same builder, run the other way (`build_backward`), is the backward of RoPE and the norm.
 
 use super::*;
 
@@ -26,6 +28,12 @@ use super::*;
 /// convolution and q-k mean backward take further.
 pub fn prologue_backward_output(spec: &AttentionSpec) -> &'static str {
     if spec.qk_conv.is_empty() && !spec.qk_mean { "dp0" } else { "dmixed" }
+}
+
+/// The buffer holding convolution stage `stage`'s input for the backward (stage ≥ 1: the output
+/// of the stage before), [B, T + S, P] with row T at token 0.
+pub fn stage_input_name(stage: usize) -> String {
+    format!("conv{stage}_in")
 }
 
 /// The backward's tiles beside the forward's.
@@ -86,6 +94,8 @@ pub(super) struct PrologueBuilder<'a> {
     p0_s: TileId,
     /// Per stage: the tile it writes.
     stage_out: Vec<TileId>,
+    /// The backward keeps each stage's input (after the first) for the weight gradients.
+    keep_stage_inputs: bool,
 }
 
 impl<'a> PrologueBuilder<'a> {
@@ -181,6 +191,7 @@ impl<'a> PrologueBuilder<'a> {
             row_sum,
             p0_s,
             stage_out,
+            keep_stage_inputs: false,
         })
     }
 
@@ -296,6 +307,7 @@ impl<'a> PrologueBuilder<'a> {
     /// [`prologue_backward_output`] [B, S, P]; key heads also write dL/dtemp of each row to
     /// `dtemp_rows` [B, S, Hk] (f32), summed over tokens by a later kernel.
     pub(super) fn build_backward(mut self) -> KernelFn {
+        self.keep_stage_inputs = true;
         let spec = self.spec;
         let d = spec.head_dim;
         let storage: ElemType = spec.dtype.into();
@@ -316,6 +328,10 @@ impl<'a> PrologueBuilder<'a> {
         params.push(tensor("dq", storage, bsd(spec.query_heads), Access::Read));
         params.push(tensor("dk", storage, bsd(spec.kv_heads), Access::Read));
         params.push(tensor(output, storage, packed, Access::Write));
+        let padded = vec![SizeExpr::batch(), SizeExpr::seq_len() + size(self.halo as usize), size(spec.packed_width())];
+        for stage in 1..spec.qk_conv.len() {
+            params.push(tensor(&stage_input_name(stage), storage, padded.clone(), Access::Write));
+        }
         if dtemp.is_some() {
             params.push(tensor(
                 "dtemp_rows",
@@ -548,9 +564,37 @@ impl<'a> PrologueBuilder<'a> {
                 }
             }
             out.push(Stmt::Barrier);
+            if self.keep_stage_inputs && index + 1 < self.spec.qk_conv.len() {
+                out.push(self.store_stage_input(index + 1, dst));
+            }
             src = dst;
         }
         src
+    }
+
+    /// The backward's copy of stage `stage`'s input (the previous stage's output, in `tile`) into
+    /// [`stage_input_name`]: this tile's output rows, and for the first tile also the T rows
+    /// before token 0, where the input comes from the zero padding and is not 0. (Rows before the
+    /// first token the stage reads meet only zero gradients in the weight gradients' sums; they
+    /// are written so that those sums read finite values.)
+    fn store_stage_input(&self, stage: usize, tile: TileId) -> Stmt {
+        let history = self.halo as i64;
+        let first = Expr::select(var("t0").eq(int(0)), int(0), var("t0") + int(history));
+        Stmt::Store {
+            src: self.lead_rows(tile),
+            dst: GlobalTile {
+                param: stage_input_name(stage),
+                dims: vec![
+                    GlobalDim::At(var("b")),
+                    GlobalDim::Span {
+                        start: self.top() + int(history),
+                        len: self.m,
+                        valid: Some((first, var("t0") + int(history + self.out_rows as i64))),
+                    },
+                    span(var("channel0"), self.d),
+                ],
+            },
+        }
     }
 
     /// Element `col` of head `head` at the mapped row's token in p0 (clamped into the sequence:

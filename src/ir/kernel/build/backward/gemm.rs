@@ -36,19 +36,34 @@ pub struct InputGradient {
     pub storage: ElemType,
 }
 
-/// `output = Σ_{b, t} dy[b, t, column0 .. column0 + width]ᵀ·x[b, t − row_shift]` [width, inputs],
-/// and `bias_output = Σ_{b, t} dy[b, t, column0 ..]` [width] when given; both f32.
+/// `output = Σ_{b, t} dy[b, t, column0 .. column0 + width]ᵀ·x[b, t − row_shift, x_column0 ..
+/// x_column0 + inputs]` [width, inputs], and `bias_output = Σ_{b, t} dy[b, t, column0 ..]`
+/// [width] when given; both f32. t runs over every row of dy, those before token 0 included
+/// (the padded stage gradients of the convolutions).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightGradient {
     pub name: String,
     pub dy: String,
     pub dy_columns: usize,
+    /// Rows of dy (and of x) before token 0: dy and x are [B, rows_before + S, columns], row
+    /// rows_before holding token 0. 0 for activations.
+    pub dy_rows_before: usize,
     pub column0: usize,
     pub width: usize,
     pub x: String,
+    pub x_columns: usize,
+    pub x_rows_before: usize,
+    pub x_column0: usize,
     pub inputs: usize,
+    /// 1 for the delayed value heads (the previous token's x), K − 1 − tap for a convolution tap.
     pub row_shift: usize,
+    /// One GEMM per head along the grid's z, (heads, head width): head z adds z·width to both
+    /// column starts and to the output's first row (a per-head convolution's [P, d, K] weight).
+    pub heads: Option<(usize, usize)>,
     pub output: String,
+    /// [rows, inputs], or [rows, inputs, taps] with `output_tap` the tap written.
+    pub output_shape: Vec<usize>,
+    pub output_tap: Option<usize>,
     pub bias_output: Option<String>,
     pub storage: ElemType,
 }
@@ -189,19 +204,18 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     if bias.is_some() && !bm.is_multiple_of(16 * s.warps) {
         return Err(format!("{}: the bias sums need {bm} rows in 16-row bands over {} warps", gradient.name, s.warps));
     }
+    // dy row r is token r − dy_rows_before; x holds token t − row_shift at row
+    // t − row_shift + x_rows_before.
+    let x_row_offset = gradient.x_rows_before as i64 - gradient.dy_rows_before as i64 - gradient.row_shift as i64;
     let load = |step: Expr, slot: Expr| {
-        let token0 = times(step.clone().modulo(var("chunks")), bk);
+        let row0 = times(step.clone().modulo(var("chunks")), bk);
         let b = step.floor_div(var("chunks"));
         vec![
             Stmt::Copy {
                 dst: dy_view(slot.clone()),
                 src: GlobalTile {
                     param: gradient.dy.clone(),
-                    dims: vec![
-                        GlobalDim::At(b.clone()),
-                        span(token0.clone(), bk),
-                        span(plus(var("row0"), gradient.column0 as i64), bm),
-                    ],
+                    dims: vec![GlobalDim::At(b.clone()), span(row0.clone(), bk), span(var("dy_col0"), bm)],
                 },
                 is_async: true,
             },
@@ -209,7 +223,7 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
                 dst: t.view(x_s, times(slot, bk), int(0), bk, bn),
                 src: GlobalTile {
                     param: gradient.x.clone(),
-                    dims: vec![GlobalDim::At(b), span(plus(token0, -(gradient.row_shift as i64)), bk), span(var("col0"), bn)],
+                    dims: vec![GlobalDim::At(b), span(plus(row0, x_row_offset), bk), span(var("x_col0"), bn)],
                 },
                 is_async: true,
             },
@@ -238,6 +252,10 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
         }
         out
     };
+    let head_offset = match gradient.heads {
+        Some((_, width)) => Expr::BlockIdx(Axis::Z) * int(width),
+        None => int(0),
+    };
     let mut body = vec![
         Stmt::Note(format!(
             "CTA = weight rows {bm} x input columns {bn} of {}, summed over every token of the batch in order",
@@ -245,9 +263,11 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
         )),
         let_("col_tile", Expr::BlockIdx(Axis::X)),
         let_("row_tile", Expr::BlockIdx(Axis::Y)),
-        let_("row0", var("row_tile") * int(bm)),
+        let_("row0", head_offset.clone() + var("row_tile") * int(bm)),
         let_("col0", var("col_tile") * int(bn)),
-        let_("chunks", seq().ceil_div(int(bk))),
+        let_("dy_col0", plus(var("row0"), gradient.column0 as i64)),
+        let_("x_col0", plus(head_offset + var("col0"), gradient.x_column0 as i64)),
+        let_("chunks", plus(seq(), gradient.dy_rows_before as i64).ceil_div(int(bk))),
         Stmt::Fill { dst: t.whole(acc), value: 0.0 },
     ];
     if let Some((_, ones, bias_acc, _)) = &bias {
@@ -257,10 +277,9 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
         ]);
     }
     body.extend(pipelined_loop("step", Expr::Size(SizeVar::Batch) * var("chunks"), s.stages, &load, &compute));
-    body.push(Stmt::Store {
-        src: t.whole(acc),
-        dst: GlobalTile { param: gradient.output.clone(), dims: vec![span(var("row0"), bm), span(var("col0"), bn)] },
-    });
+    let mut output_dims = vec![span(var("row0"), bm), span(var("col0"), bn)];
+    output_dims.extend(gradient.output_tap.map(|tap| GlobalDim::At(int(tap))));
+    body.push(Stmt::Store { src: t.whole(acc), dst: GlobalTile { param: gradient.output.clone(), dims: output_dims } });
     if let Some((output, _, bias_acc, sums)) = &bias {
         body.push(Stmt::If {
             cond: var("col_tile").eq(int(0)),
@@ -271,10 +290,23 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
             else_body: Vec::new(),
         });
     }
+    let padded = |columns: usize, rows_before: usize| {
+        vec![SizeExpr::batch(), SizeExpr::seq_len() + size(rows_before), size(columns)]
+    };
+    let dy_shape = if gradient.dy_rows_before == 0 {
+        activation(&gradient.dy, gradient.storage, gradient.dy_columns, Access::Read)
+    } else {
+        tensor(&gradient.dy, gradient.storage, padded(gradient.dy_columns, gradient.dy_rows_before), Access::Read)
+    };
+    let x_shape = if gradient.x_rows_before == 0 {
+        activation(&gradient.x, gradient.storage, gradient.x_columns, Access::Read)
+    } else {
+        tensor(&gradient.x, gradient.storage, padded(gradient.x_columns, gradient.x_rows_before), Access::Read)
+    };
     let mut params = vec![
-        activation(&gradient.dy, gradient.storage, gradient.dy_columns, Access::Read),
-        activation(&gradient.x, gradient.storage, gradient.inputs, Access::Read),
-        tensor(&gradient.output, ElemType::F32, vec![size(gradient.width), size(gradient.inputs)], Access::Write),
+        dy_shape,
+        x_shape,
+        tensor(&gradient.output, ElemType::F32, gradient.output_shape.iter().map(|n| size(*n)).collect(), Access::Write),
     ];
     if let Some(output) = &gradient.bias_output {
         params.push(tensor(output, ElemType::F32, vec![size(gradient.width)], Access::Write));
@@ -283,7 +315,11 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     let kernel = KernelFn {
         name: gradient.name.clone(),
         params,
-        grid: [size(gradient.inputs.div_ceil(bn as usize)), size(gradient.width / bm as usize), size(1)],
+        grid: [
+            size(gradient.inputs.div_ceil(bn as usize)),
+            size(gradient.width / bm as usize),
+            size(gradient.heads.map_or(1, |(heads, _)| heads)),
+        ],
         warps: s.warps,
         tiles: t.decls,
         barriers: Vec::new(),

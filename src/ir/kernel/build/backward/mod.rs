@@ -9,13 +9,13 @@ mod gemm;
 mod prologue;
 
 pub use attention::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
-pub use prologue::build_prologue_conv_backward;
+pub use prologue::{build_prologue_conv_backward, stage_gradient_name};
 pub use gemm::{GradientTerm, InputGradient, WeightGradient, build_input_gradient, build_weight_gradient};
 
 use super::qk_prologue::PrologueBuilder;
 use super::*;
 
-pub use super::qk_prologue::prologue_backward_output;
+pub use super::qk_prologue::{prologue_backward_output, stage_input_name};
 
 /// The backward of the prologue's RoPE and norm for `spec` with `schedule` (a `qk_prologue`
 /// schedule), verified: see `PrologueBuilder::build_backward`.
@@ -27,58 +27,85 @@ pub fn build_prologue_backward(spec: &AttentionSpec, schedule: &Schedule) -> Res
     verified(PrologueBuilder::new(spec, schedule)?.build_backward(), schedule)
 }
 
-/// `output[c] = Σ_{b, t} input[b, t, c]` for an f32 input [B, S, columns], in one CTA in a fixed
-/// order (dL/dtemp from its rows): 16-token chunks staged in shared memory and added, transposed,
-/// to a [columns, 16] accumulator whose rows are summed at the end.
-pub fn build_token_sum(name: &str, input: &str, output: &str, columns: usize) -> Result<KernelFn, String> {
+/// `output[c] = Σ_{b, r} input[b, r, c]·factor[b, r − shift, c]` over every row of the input
+/// (without a factor: the plain sum): dL/dtemp from its rows, a convolution's bias gradient from
+/// its stage gradient, a depthwise tap's weight gradient from the stage gradient and the stage
+/// input. Inputs may have rows before token 0 (`rows_before`, as in the convolutions' padded
+/// stage tensors; the factor's row is its own token's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenSum {
+    pub name: String,
+    pub input: String,
+    pub elem: ElemType,
+    pub columns: usize,
+    pub rows_before: usize,
+    /// (tensor, its rows before token 0, token shift): the input's token t meets its token t − shift.
+    pub factor: Option<(String, usize, usize)>,
+    pub output: String,
+    /// [columns], or [columns, 1, taps] with `output_tap` the tap written.
+    pub output_shape: Vec<usize>,
+    pub output_tap: Option<usize>,
+}
+
+/// Builds a [`TokenSum`]: one CTA per 64 columns, 16-row chunks of every batch element in order,
+/// staged in shared memory and added, transposed, to a [64, 16] accumulator whose rows are summed
+/// at the end.
+pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
     const CHUNK: u32 = 16;
-    let rows = (columns as u32).next_multiple_of(16);
+    const COLUMNS: u32 = 64;
+    const WARPS: u32 = 4;
     let mut t = Tiles { decls: Vec::new() };
-    let chunk_s = t.shared("chunk_s", ElemType::F32, CHUNK, rows);
-    let acc = t.regs("acc", ElemType::F32, rows, CHUNK, Layout::MmaAccumulator { warps_m: 1, warps_n: 1 });
-    let sums = t.regs("sums", ElemType::F32, rows, 1, Layout::RowVector { warps_m: 1, warps_n: 1 });
-    let chunks = seq().ceil_div(int(CHUNK));
-    let step = var("step");
+    let input_s = t.shared("input_s", sum.elem, CHUNK, COLUMNS);
+    let factor_s = sum.factor.as_ref().map(|_| t.shared("factor_s", sum.elem, CHUNK, COLUMNS));
+    let acc = t.regs("acc", ElemType::F32, COLUMNS, CHUNK, Layout::MmaAccumulator { warps_m: WARPS, warps_n: 1 });
+    let sums = t.regs("sums", ElemType::F32, COLUMNS, 1, Layout::RowVector { warps_m: WARPS, warps_n: 1 });
+    let chunks = plus(seq(), sum.rows_before as i64).ceil_div(int(CHUNK));
+    let (b, row0) = (var("step").floor_div(var("chunks")), times(var("step").modulo(var("chunks")), CHUNK));
+    let rows_of = |param: &str, start: Expr| GlobalTile {
+        param: param.into(),
+        dims: vec![GlobalDim::At(b.clone()), span(start, CHUNK), span(var("col0"), COLUMNS)],
+    };
+    let mut step = vec![Stmt::Copy { dst: t.whole(input_s), src: rows_of(&sum.input, row0.clone()), is_async: false }];
+    let mut value = Expr::tile(input_s, Expr::Col, Expr::Row);
+    if let (Some((factor, factor_before, shift)), Some(factor_s)) = (&sum.factor, factor_s) {
+        let offset = *factor_before as i64 - sum.rows_before as i64 - *shift as i64;
+        step.push(Stmt::Copy { dst: t.whole(factor_s), src: rows_of(factor, plus(row0, offset)), is_async: false });
+        value = value * Expr::tile(factor_s, Expr::Col, Expr::Row);
+    }
+    step.extend([
+        Stmt::Barrier,
+        Stmt::Map { dst: t.whole(acc), expr: Expr::Elem + value },
+        // The next copy overwrites what every thread read.
+        Stmt::Barrier,
+    ]);
+    let mut output_dims = vec![span(var("col0"), COLUMNS)];
+    if let Some(tap) = sum.output_tap {
+        output_dims.extend([GlobalDim::At(int(0)), GlobalDim::At(int(tap))]);
+    }
     let body = vec![
-        Stmt::Note(format!("{output}[c] = Σ over every token of {input}[b, t, c]")),
+        Stmt::Note(format!("{}[c] = Σ over every row of {}[b, r, c]{}", sum.output, sum.input, if sum.factor.is_some() { " · factor" } else { "" })),
+        let_("col0", Expr::BlockIdx(Axis::X) * int(COLUMNS)),
+        let_("chunks", chunks),
         Stmt::Fill { dst: t.whole(acc), value: 0.0 },
-        for_(
-            "step",
-            int(0),
-            Expr::Size(SizeVar::Batch) * chunks.clone(),
-            vec![
-                Stmt::Copy {
-                    dst: t.whole(chunk_s),
-                    src: GlobalTile {
-                        param: input.into(),
-                        dims: vec![
-                            GlobalDim::At(step.clone().floor_div(chunks.clone())),
-                            span(times(step.modulo(chunks), CHUNK), CHUNK),
-                            span(int(0), rows),
-                        ],
-                    },
-                    is_async: false,
-                },
-                Stmt::Barrier,
-                Stmt::Map { dst: t.whole(acc), expr: Expr::Elem + Expr::tile(chunk_s, Expr::Col, Expr::Row) },
-                // The next copy overwrites what every thread read.
-                Stmt::Barrier,
-            ],
-        ),
+        for_("step", int(0), Expr::Size(SizeVar::Batch) * var("chunks"), step),
         Stmt::RowReduce { dst: sums, src: t.whole(acc), op: ReduceOp::Sum, value: Expr::Elem },
-        Stmt::Store { src: t.whole(sums), dst: GlobalTile { param: output.into(), dims: vec![span(int(0), rows)] } },
+        Stmt::Store { src: t.whole(sums), dst: GlobalTile { param: sum.output.clone(), dims: output_dims } },
     ];
-    let schedule = Schedule { block_m: rows, block_n: CHUNK, block_k: CHUNK, warps: 1, stages: 1 };
-    let mut params = vec![
-        tensor(input, ElemType::F32, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(columns)], Access::Read),
-        tensor(output, ElemType::F32, vec![size(columns)], Access::Write),
-    ];
+    let shape = |rows_before: usize| {
+        vec![SizeExpr::batch(), SizeExpr::seq_len() + size(rows_before), size(sum.columns)]
+    };
+    let mut params = vec![tensor(&sum.input, sum.elem, shape(sum.rows_before), Access::Read)];
+    if let Some((factor, factor_before, _)) = &sum.factor {
+        params.push(tensor(factor, sum.elem, shape(*factor_before), Access::Read));
+    }
+    params.push(tensor(&sum.output, ElemType::F32, sum.output_shape.iter().map(|n| size(*n)).collect(), Access::Write));
     params.extend(size_params());
+    let schedule = Schedule { block_m: COLUMNS, block_n: CHUNK, block_k: CHUNK, warps: WARPS, stages: 1 };
     let kernel = KernelFn {
-        name: name.into(),
+        name: sum.name.clone(),
         params,
-        grid: [size(1), size(1), size(1)],
-        warps: 1,
+        grid: [size(sum.columns.div_ceil(COLUMNS as usize)), size(1), size(1)],
+        warps: WARPS,
         tiles: t.decls,
         barriers: Vec::new(),
         schedule,
@@ -90,16 +117,10 @@ pub fn build_token_sum(name: &str, input: &str, output: &str, columns: usize) ->
 
 /// The kernels of one backward call of `spec` in launch order, each with its default schedule:
 /// o_proj's input gradient (`do`), the attention backward, the prologue's RoPE and norm backward
-/// with dL/dtemp summed over tokens, dx, then every weight gradient. Reads the forward's saved
-/// `q`, `k`, `v`, `o`, `lse` and (with a prologue) `p0`, with `x` and `dout`. Layers with
-/// convolutions or the q-k mean are refused: their backward is not built yet.
+/// with dL/dtemp summed over tokens, the convolutions' and q-k mean's backward into dp0 with the
+/// convolutions' weight and bias gradients, dx, then every projection's weight gradient. Reads
+/// the forward's saved `q`, `k`, `v`, `o`, `lse` and (with a prologue) `p0`, with `x` and `dout`.
 pub fn backward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
-    if !spec.qk_conv.is_empty() || spec.qk_mean {
-        return Err(format!(
-            "{}: the backward of the convolutions and the q-k mean is not built yet (layers without them have one)",
-            spec.name
-        ));
-    }
     let (inputs, weights) = projection_gradients(spec);
     let mut kernels = vec![with_default_gradient_schedule(|s| build_input_gradient(&inputs[0], s))?];
     for which in AttentionBackwardKernel::LAUNCH_ORDER {
@@ -109,7 +130,11 @@ pub fn backward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
         kernels.push(build_prologue_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?);
         if let Some(temperature) = param_name(spec, ParamRole::KeyTemperature) {
             let name = format!("{}_temperature_grad", spec.name);
-            kernels.push(build_token_sum(&name, "dtemp_rows", &gradient_name(&temperature), spec.kv_heads)?);
+            kernels.push(build_token_sum(&temperature_sum(spec, name, &temperature))?);
+        }
+        if !spec.qk_conv.is_empty() || spec.qk_mean {
+            kernels.push(build_prologue_conv_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?);
+            kernels.extend(conv_gradient_kernels(spec)?);
         }
     }
     kernels.push(with_default_gradient_schedule(|s| build_input_gradient(&inputs[1], s))?);
@@ -117,6 +142,91 @@ pub fn backward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
         kernels.push(with_default_gradient_schedule(|s| build_weight_gradient(gradient, s))?);
     }
     Ok(kernels)
+}
+
+/// The convolution stages' weight and bias gradients, from each stage's output gradient
+/// ([`stage_gradient_name`]) and input (p0, or [`stage_input_name`]), both read over every row
+/// from T before token 0 on: a per-head tap is a GEMM per head (dW[:, :, tap] = Σ dOᵀ·I shifted
+/// by K − 1 − tap), a depthwise tap a token sum of products, a bias a token sum.
+fn conv_gradient_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
+    let storage: ElemType = spec.dtype.into();
+    let (p, d, history) = (spec.packed_width(), spec.head_dim, spec.conv_history());
+    let Some(last) = spec.qk_conv.len().checked_sub(1) else { return Ok(Vec::new()) };
+    let mut kernels = Vec::new();
+    for (stage, conv) in spec.qk_conv.iter().enumerate() {
+        let dy = stage_gradient_name(spec, stage);
+        let dy_rows_before = if stage == last { 0 } else { history };
+        let (x, x_rows_before) = if stage == 0 { (PROJECTION_BUFFER.to_string(), 0) } else { (stage_input_name(stage), history) };
+        let weight = param_name(spec, ParamRole::ConvWeight { stage }).expect("every stage has a weight");
+        let bias = param_name(spec, ParamRole::ConvBias { stage }).expect("every stage has a bias");
+        for tap in 0..conv.width {
+            let name = format!("{}_conv{stage}_dweight_tap{tap}", spec.name);
+            let row_shift = conv.width - 1 - tap;
+            kernels.push(match conv.kind {
+                ConvKind::PerHead => {
+                    let gradient = WeightGradient {
+                        name,
+                        dy: dy.clone(),
+                        dy_columns: p,
+                        dy_rows_before,
+                        column0: 0,
+                        width: d,
+                        x: x.clone(),
+                        x_columns: p,
+                        x_rows_before,
+                        x_column0: 0,
+                        inputs: d,
+                        row_shift,
+                        heads: Some((spec.query_heads + spec.kv_heads, d)),
+                        output: gradient_name(&weight),
+                        output_shape: vec![p, d, conv.width],
+                        output_tap: Some(tap),
+                        bias_output: None,
+                        storage,
+                    };
+                    with_default_gradient_schedule(|s| build_weight_gradient(&gradient, s))?
+                }
+                ConvKind::Depthwise => build_token_sum(&TokenSum {
+                    name,
+                    input: dy.clone(),
+                    elem: storage,
+                    columns: p,
+                    rows_before: dy_rows_before,
+                    factor: Some((x.clone(), x_rows_before, row_shift)),
+                    output: gradient_name(&weight),
+                    output_shape: vec![p, 1, conv.width],
+                    output_tap: Some(tap),
+                })?,
+            });
+        }
+        kernels.push(build_token_sum(&TokenSum {
+            name: format!("{}_conv{stage}_dbias", spec.name),
+            input: dy,
+            elem: storage,
+            columns: p,
+            rows_before: dy_rows_before,
+            factor: None,
+            output: gradient_name(&bias),
+            output_shape: vec![p],
+            output_tap: None,
+        })?);
+    }
+    Ok(kernels)
+}
+
+/// dL/dtemp [Hk] from the prologue backward's rows.
+fn temperature_sum(spec: &AttentionSpec, name: String, temperature: &str) -> TokenSum {
+    TokenSum {
+        name,
+        input: "dtemp_rows".into(),
+        elem: ElemType::F32,
+        columns: spec.kv_heads,
+        rows_before: 0,
+        factor: None,
+        output: gradient_name(temperature),
+        output_shape: vec![spec.kv_heads],
+        output_tap: None,
+    }
 }
 
 fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
@@ -178,12 +288,19 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
         name: format!("{}_out_proj_dweight", spec.name),
         dy: "dout".into(),
         dy_columns: e,
+        dy_rows_before: 0,
         column0: 0,
         width: e,
         x: "o".into(),
+        x_columns: lq,
+        x_rows_before: 0,
+        x_column0: 0,
         inputs: lq,
         row_shift: 0,
+        heads: None,
         output: gradient_name(&output_weight),
+        output_shape: vec![e, lq],
+        output_tap: None,
         bias_output: param_name(spec, ParamRole::OutputBias).map(|bias| gradient_name(&bias)),
         storage,
     }];
@@ -192,12 +309,19 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
             name: format!("{}_qkv_proj_dweight{index}", spec.name),
             dy: gradient_name(&segment.output),
             dy_columns: columns_of(&segment.output),
+            dy_rows_before: 0,
             column0: segment.column0,
             width: segment.width,
             x: "x".into(),
+            x_columns: e,
+            x_rows_before: 0,
+            x_column0: 0,
             inputs: e,
             row_shift: segment.row_shift,
+            heads: None,
             output: gradient_name(&segment.weight),
+            output_shape: vec![segment.width, e],
+            output_tap: None,
             bias_output: segment.bias.as_deref().map(gradient_name),
             storage,
         });

@@ -14,9 +14,19 @@
 //! - the q-k mean's fan-in is added from `dmixed` in global memory (the query head's kv head at
 //!   (½/G), a key head's G query heads at ½ each) with the identity path's ½ of the own head, and
 //!   the tile's rows without the halo are stored to `dp0`.
-//! Rows before token 0 play no part: a gradient at token t only flows to tokens ≤ t.
+//!
+//! The tiles start T rows before token 0: the gradients of the stage outputs that later stages
+//! read from the padding (tokens −R .. −1, R the later stages' history) feed the weight and bias
+//! gradients, so each stage's gradient is kept in [`stage_gradient_name`] ([B, T + S, P], row T
+//! at token 0).
 
 use super::super::*;
+
+/// The buffer holding the gradient of convolution stage `stage`'s output: `dmixed` for the last
+/// stage, else [B, T + S, P] with row T at token 0.
+pub fn stage_gradient_name(spec: &AttentionSpec, stage: usize) -> String {
+    if stage + 1 == spec.qk_conv.len() { "dmixed".into() } else { format!("dconv{stage}") }
+}
 
 /// Zero rows below each staged tile: the widest convolution's K − 1.
 fn trail(spec: &AttentionSpec) -> u32 {
@@ -86,7 +96,7 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
         let_("head", Expr::BlockIdx(Axis::X)),
         let_("b", Expr::BlockIdx(Axis::Z)),
         let_("channel0", var("head") * int(d)),
-        let_("t0", Expr::BlockIdx(Axis::Y) * int(out_rows)),
+        let_("t0", Expr::BlockIdx(Axis::Y) * int(out_rows) - int(halo)),
     ];
     if trail > 0 {
         let mut zeroed = vec![grad_s];
@@ -151,11 +161,35 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
             }
         }
         body.push(Stmt::Barrier);
+        if index > 0 {
+            // dst holds the gradient of stage index − 1's output, kept for the weight gradients.
+            // It is zero before the first token a later stage reads (−R): the gradient reaches a
+            // token only from the tokens after it, and dmixed is zero before token 0.
+            let history = halo as i64;
+            body.extend([
+                Stmt::Store {
+                    src: t.view(dst, int(0), int(0), m, d),
+                    dst: GlobalTile {
+                        param: stage_gradient_name(spec, index - 1),
+                        dims: vec![
+                            GlobalDim::At(var("b")),
+                            GlobalDim::Span {
+                                start: var("t0") + int(history),
+                                len: m,
+                                // From token −T on: the zeros too, which the sums over rows read.
+                                valid: Some((var("t0") + int(history), var("t0") + int(history + out_rows as i64))),
+                            },
+                            span(var("channel0"), d),
+                        ],
+                    },
+                },
+            ]);
+        }
     }
     // The identity path (or the convolutions' result) plus the q-k mean's fan-in.
     let g = spec.groups() as i64;
     let hq = spec.query_heads as i64;
-    let token = (var("t0") + Expr::Row).min(seq() - int(1));
+    let token = (var("t0") + Expr::Row).max(int(0)).min(seq() - int(1));
     let dmixed_at = |head: Expr| Expr::global("dmixed", vec![var("b"), token.clone(), head * int(d) + Expr::Col]);
     let own = Expr::tile(current, Expr::Row, Expr::Col);
     let mut query_expr = own.clone();
@@ -186,7 +220,7 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
             param: "dp0".into(),
             dims: vec![
                 GlobalDim::At(var("b")),
-                GlobalDim::Span { start: var("t0"), len: m, valid: Some((var("t0"), var("t0") + int(out_rows))) },
+                GlobalDim::Span { start: var("t0"), len: m, valid: Some((var("t0").max(int(0)), var("t0") + int(out_rows))) },
                 span(var("channel0"), d),
             ],
         },
@@ -195,11 +229,19 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
     let mut params = vec![tensor("dmixed", storage, packed(), Access::Read)];
     params.extend(weight_params(spec, |role| matches!(role, ParamRole::ConvWeight { .. })));
     params.push(tensor("dp0", storage, packed(), Access::Write));
+    for stage in 0..spec.qk_conv.len().saturating_sub(1) {
+        let padded = vec![SizeExpr::batch(), SizeExpr::seq_len() + size(halo as usize), size(spec.packed_width())];
+        params.push(tensor(&stage_gradient_name(spec, stage), storage, padded, Access::Write));
+    }
     params.extend(size_params());
     let kernel = KernelFn {
         name: format!("{}_qk_prologue_bwd_conv", spec.name),
         params,
-        grid: [size(spec.query_heads + spec.kv_heads), SizeExpr::seq_len().ceil_div(out_rows as u64), SizeExpr::batch()],
+        grid: [
+            size(spec.query_heads + spec.kv_heads),
+            (SizeExpr::seq_len() + size(halo as usize)).ceil_div(out_rows as u64),
+            SizeExpr::batch(),
+        ],
         warps: s.warps,
         tiles: t.decls,
         barriers: Vec::new(),
