@@ -362,12 +362,14 @@ mod layer {
         p0
     }
 
+    /// With the CCA layers' test below: 100 random specs, the whole backward against the
+    /// reference to 1e-10.
     #[test]
     fn layers_without_convolutions_or_mean_match_the_reference_backward() {
         let mut rng = XorShift64Star::new(0x1A7E);
         let mut checked = 0;
         let mut index = 0;
-        while checked < 32 {
+        while checked < 50 {
             let spec = random_spec(&mut rng, index);
             index += 1;
             if !spec.qk_conv.is_empty() || spec.qk_mean {
@@ -440,7 +442,7 @@ mod layer {
         }
         let mut checked = 0;
         let mut index = 0;
-        while checked < 24 {
+        while checked < 50 {
             let spec = random_spec(&mut rng, 1000 + index);
             index += 1;
             if spec.qk_conv.is_empty() && !spec.qk_mean {
