@@ -1,21 +1,20 @@
-//! Builders of the backward kernels: the attention backward ([`attention`]), the prologue's
-//! per-row steps backward (RoPE and the norm: `qk_prologue`'s builder run the other way,
-//! [`build_prologue_backward`]), sums over tokens ([`build_token_sum`]) and the GEMMs of the
-//! projections' backward ([`gemm`]: input gradients dY·W, weight gradients dYᵀ·X), with which of
-//! them a layer's backward runs ([`projection_gradients`]).
+//! Builders of the backward kernels and the list of one backward call ([`backward_kernels`]): the
+//! attention backward ([`attention`]), the prologue's per-row steps backward (RoPE and the norm:
+//! `qk_prologue`'s builder run the other way, [`build_prologue_backward`]), the convolutions' and
+//! q-k mean's backward ([`prologue`]), sums over tokens ([`build_token_sum`]) and the GEMMs of the
+//! projections' and per-head convolutions' weight gradients and of the input gradients ([`gemm`]).
 
 mod attention;
 mod gemm;
 mod prologue;
 
+pub use super::qk_prologue::{prologue_backward_output, stage_input_name};
 pub use attention::{AttentionBackwardKernel, build_attention_backward, default_attention_backward_schedule};
-pub use prologue::{build_prologue_conv_backward, stage_gradient_name};
 pub use gemm::{GradientTerm, InputGradient, WeightGradient, build_input_gradient, build_weight_gradient};
+pub use prologue::{build_prologue_conv_backward, stage_gradient_name};
 
 use super::qk_prologue::PrologueBuilder;
 use super::*;
-
-pub use super::qk_prologue::{prologue_backward_output, stage_input_name};
 
 /// The backward of the prologue's RoPE and norm for `spec` with `schedule` (a `qk_prologue`
 /// schedule), verified: see `PrologueBuilder::build_backward`.
