@@ -1,22 +1,23 @@
-"""Checks and times the whole backward of layers without CCA steps (o_proj's input gradient, the
-attention backward, RoPE's backward, dx and every weight gradient:
-ccc::ir::kernel::backward_kernels, the mma.sync forms) on the GPU, against PyTorch autograd.
+"""Checks and times the whole backward of every example layer and two plain ones (o_proj's input
+gradient, the attention backward, the prologue's backward through RoPE, the norm, the q-k mean and
+the convolutions, dx and every weight gradient: ccc::ir::kernel::backward_kernels, the mma.sync
+forms) on the GPU, against PyTorch autograd.
 
 Usage: python3 bench/layer_backward.py --ptx-dir DIR [--shapes 1x1,3x17,...] [--time-shapes ...] [--out FILE]
 
 DIR holds `<kernel>.ptx` and `layer_backward.json` (written by
 `CCC_HOPPER_PTX_OUT=DIR cargo test --release --test codegen_hopper each_gradient`): per layer its
-sizes, RoPE, parameters (name, shape, role) and kernels in launch order (parameters in ABI order,
-grid as size expressions, threads, dynamic shared memory). Layers with an L2 norm, convolutions or
-the q-k mean are skipped here (the interpreter checks them; ZAYA1's through Hugging Face's layer
-is the next step).
+spec, sizes, RoPE, parameters (name, shape, role) and kernels in launch order (parameters in ABI
+order, tensors with type and shape, grid as size expressions, threads, dynamic shared memory).
 
-Correctness: random x, weights and dout in the layer's dtype; p0, q, k, v, o and lse from a
-float32 forward of those values, rounded where the forward stores them; every kernel output NaN-poisoned; dx and every
-weight gradient against float32 autograd of the layer, as relative L2 errors, beside PyTorch's own
-bf16 autograd (SDPA) against the same float32 gradients. Passes when ours are at most 1.5× PyTorch's
-(+1e-3). Timing (CUDA events, median of 20): our kernels together against PyTorch's bf16 autograd
-backward of the same layer (SDPA, cuDNN backend where it runs).
+Correctness: random x, weights and dout in the layer's dtype; p0, q, k, v, o and lse from
+python/ccc/reference.py's float64 forward of those values, rounded where the forward stores them;
+every buffer a kernel writes NaN-poisoned; dx and every weight gradient against float64 autograd
+through that reference, as relative L2 errors. Layers without CCA steps or norm are also run
+through PyTorch's own 16-bit autograd (SDPA) and pass when ours are at most 1.5× its error
+(+1e-3); the others pass under 5e-2 (the interpreter's storage-rounding bound is 3e-2), until a
+Hugging Face peer is wired in. Timing (CUDA events, median of 20): our kernels together, beside
+PyTorch's 16-bit autograd backward of the same layer where it exists (SDPA, cuDNN where it runs).
 """
 
 import argparse
@@ -33,7 +34,9 @@ from attention_backward import mask_of, rel_l2
 from kernel_bench import finish, median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from ccc.reference import reference_forward  # noqa: E402
 from ccc.sizes import parse_size_expr  # noqa: E402
+from ccc.spec import parse_spec  # noqa: E402
 
 
 def by_role(layer, weights):
@@ -123,18 +126,14 @@ class Chain:
             self.kernels.append((spec, module, function, grid))
 
     def outputs(self, batch, seq, device, fill):
-        layer = self.layer
-        d, hq, hk, e = layer["head_dim"], layer["q_heads"], layer["kv_heads"], layer["model_dim"]
-        storage = dict(device=device, dtype=dtype_of(layer))
-        made = {"do": torch.full((batch, seq, hq * d), fill, **storage),
-                "delta": torch.full((batch, hq, seq), fill, device=device),
-                "dq": torch.full((batch, seq, hq, d), fill, **storage),
-                "dk": torch.full((batch, seq, hk, d), fill, **storage),
-                "dv": torch.full((batch, seq, hk, d), fill, **storage),
-                "dp0": torch.full((batch, seq, (hq + hk) * d), fill, **storage),
-                "dx": torch.full((batch, seq, e), fill, **storage)}
-        for p in layer["params"]:
-            made["grad." + p["name"]] = torch.full(p["shape"], fill, device=device)
+        """Every buffer a kernel of the chain writes, `fill`ed, shaped from the kernels' tensors."""
+        env, made = {"B": batch, "S": seq}, {}
+        types = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+        for spec, _, _, _ in self.kernels:
+            for tensor in spec["tensors"]:
+                if tensor["write"] and tensor["name"] not in made:
+                    shape = [parse_size_expr(dim, tensor["name"]).eval(env) for dim in tensor["shape"]]
+                    made[tensor["name"]] = torch.full(shape, fill, device=device, dtype=types[tensor["elem"]])
         return made
 
     def run(self, buffers, batch, seq):
@@ -153,20 +152,45 @@ def inputs(layer, batch, seq, device):
     e, dtype = layer["model_dim"], dtype_of(layer)
     weights = {}
     for p in layer["params"]:
-        fan_in = p["shape"][-1] if len(p["shape"]) > 1 else e
-        weights[p["name"]] = ((torch.rand(p["shape"], device=device) * 2 - 1) / math.sqrt(fan_in)).to(dtype)
+        if p["role"] == "KeyTemperature":
+            weights[p["name"]] = (torch.rand(p["shape"], device=device) + 0.5).to(dtype)
+            continue
+        # Fan-in: a projection's input width; a convolution's taps × inputs per group.
+        shape = p["shape"]
+        fan_in = shape[1] * shape[2] if len(shape) == 3 else shape[-1] if len(shape) == 2 else e
+        weights[p["name"]] = ((torch.rand(shape, device=device) * 2 - 1) / math.sqrt(fan_in)).to(dtype)
     x = torch.randn(batch, seq, e, device=device).to(dtype)
     dout = torch.randn(batch, seq, e, device=device).to(dtype)
     return weights, x, dout
 
 
-def saved(layer, x, weights):
-    """What the forward keeps for the backward, from a float32 forward of the 16-bit values."""
+def saved(layer, spec, x, weights):
+    """What the forward keeps for the backward, from the float64 reference forward of the 16-bit
+    values, rounded where the forward stores them."""
     with torch.no_grad():
-        _, p0, q, k, v, o, lse = forward(layer, x.float(), {n: w.float() for n, w in weights.items()}, torch.float32)
+        forward64 = reference_forward(spec, weights, x, storage_dtype=layer["elem"])
+        role = by_role(layer, {n: w.double() for n, w in weights.items()})
+        x64 = x.double()
+
+        def projected(weight, bias):
+            y = x64 @ role[weight].t()
+            return y + role[bias] if bias in role else y
+
+        p0 = torch.cat([projected("QueryProj", "QueryBias"), projected("KeyProj", "KeyBias")], dim=-1)
     batch, seq = x.shape[:2]
-    stored = {"p0": p0, "q": q, "k": k, "v": v, "o": o.reshape(batch, seq, -1)}
-    return {**{n: t.to(x.dtype).contiguous() for n, t in stored.items()}, "lse": lse.contiguous()}
+    stored = {"p0": p0, "q": forward64["q"], "k": forward64["k"], "v": forward64["v"],
+              "o": forward64["o"].reshape(batch, seq, -1)}
+    return {**{n: t.to(x.dtype).contiguous() for n, t in stored.items()}, "lse": forward64["lse"].float().contiguous()}
+
+
+def exact_gradients(spec, x, weights, dout):
+    """dx and every weight's gradient through float64 autograd of the reference forward."""
+    leaves = {name: w.detach().double().requires_grad_() for name, w in weights.items()}
+    x_leaf = x.detach().double().requires_grad_()
+    out = reference_forward(spec, leaves, x_leaf)["out"]
+    names = list(leaves)
+    grads = torch.autograd.grad(out, [x_leaf] + [leaves[n] for n in names], dout.double())
+    return {"dx": grads[0], **dict(zip(names, grads[1:]))}
 
 
 def main():
@@ -182,50 +206,57 @@ def main():
     device = "cuda"
     report, all_ok = [], True
     for layer in layers:
-        if layer["qk_norm"] or layer["cca"]:
-            continue
+        spec = parse_spec(layer["spec"])
+        has_peer = not (layer["qk_norm"] or layer["cca"])
         chain = Chain(args.ptx_dir, layer)
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
             weights, x, dout = inputs(layer, batch, seq, device)
-            buffers = {"x": x, "dout": dout, **weights, **saved(layer, x, weights),
+            buffers = {"x": x, "dout": dout, **weights, **saved(layer, spec, x, weights),
                        **chain.outputs(batch, seq, device, float("nan"))}
             chain.run(buffers, batch, seq)
             torch.cuda.synchronize()
-            exact = autograd(layer, x, weights, dout, torch.float32)
-            peer = autograd(layer, x, weights, dout, dtype_of(layer))
+            exact = exact_gradients(spec, x, weights, dout)
+            peer = autograd(layer, x, weights, dout, dtype_of(layer)) if has_peer else None
             row, failures = {"layer": layer["layer"], "shape": shape}, []
             for name in exact:
-                ours = buffers["dx" if name == "dx" else "grad." + name].float().view(exact[name].shape)
-                error, peer_error = rel_l2(ours, exact[name]), rel_l2(peer[name], exact[name])
-                ok = bool(torch.isfinite(ours).all()) and error <= 1.5 * peer_error + 1e-3
+                ours = buffers["dx" if name == "dx" else "grad." + name].double().view(exact[name].shape)
+                error = rel_l2(ours, exact[name])
+                peer_error = rel_l2(peer[name].double(), exact[name]) if peer else None
+                bound = 1.5 * peer_error + 1e-3 if peer else 5e-2
+                ok = bool(torch.isfinite(ours).all()) and error <= bound
                 all_ok &= ok
-                row[name] = {"error": error, "torch_bf16_error": peer_error, "ok": ok}
+                row[name] = {"error": error, "torch_error": peer_error, "bound": bound, "ok": ok}
                 if not ok:
                     failures.append(name)
             report.append(row)
             worst = max((n for n in exact), key=lambda n: row[n]["error"])
-            print(f"{layer['layer']} {shape}: dx {row['dx']['error']:.2e} (torch {row['dx']['torch_bf16_error']:.2e}); "
-                  f"worst {worst} {row[worst]['error']:.2e} (torch {row[worst]['torch_bf16_error']:.2e})"
-                  + (f"; FAILED {failures}" if failures else ""), flush=True)
+            print(f"{layer['layer']} {shape}: dx {row['dx']['error']:.2e}; worst {worst} {row[worst]['error']:.2e} "
+                  f"(bound {row[worst]['bound']:.2e})" + (f"; FAILED {failures}" if failures else ""), flush=True)
         for shape in args.time_shapes.split(",") if args.time_shapes else []:
             batch, seq = map(int, shape.split("x"))
             weights, x, dout = inputs(layer, batch, seq, device)
-            with torch.no_grad():
-                _, p0, q, k, v, o, _ = forward(layer, x, weights, dtype_of(layer))
-            buffers = {"x": x, "dout": dout, **weights, "p0": p0.contiguous(), "q": q.contiguous(), "k": k.contiguous(),
-                       "v": v.contiguous(),
-                       "o": o.reshape(batch, seq, -1).contiguous(),
-                       "lse": torch.randn(batch, layer["q_heads"], seq, device=device) + 10,
+            d, hq, hk = layer["head_dim"], layer["q_heads"], layer["kv_heads"]
+
+            def random16(*shape):
+                return torch.randn(*shape, device=device).to(dtype_of(layer))
+
+            buffers = {"x": x, "dout": dout, **weights, "p0": random16(batch, seq, (hq + hk) * d),
+                       "q": random16(batch, seq, hq, d), "k": random16(batch, seq, hk, d),
+                       "v": random16(batch, seq, hk, d), "o": random16(batch, seq, hq * d),
+                       "lse": torch.randn(batch, hq, seq, device=device) + 10,
                        **chain.outputs(batch, seq, device, 0.0)}
             ours = median_ms(lambda: chain.run(buffers, batch, seq))
-            leaves = {n: w.detach().requires_grad_() for n, w in weights.items()}
-            x_leaf = x.detach().requires_grad_()
-            out = forward(layer, x_leaf, leaves, dtype_of(layer))[0]
-            targets = [x_leaf] + list(leaves.values())
-            theirs = median_ms(lambda: torch.autograd.grad(out, targets, dout, retain_graph=True))
-            report.append({"layer": layer["layer"], "timed": shape, "ccc_ms": ours, "torch_autograd_ms": theirs})
-            print(f"{layer['layer']} {shape} backward: ccc {ours:.3f} ms, torch autograd {theirs:.3f} ms", flush=True)
+            row = {"layer": layer["layer"], "timed": shape, "ccc_ms": ours}
+            if has_peer:
+                leaves = {n: w.detach().requires_grad_() for n, w in weights.items()}
+                x_leaf = x.detach().requires_grad_()
+                out = forward(layer, x_leaf, leaves, dtype_of(layer))[0]
+                targets = [x_leaf] + list(leaves.values())
+                row["torch_autograd_ms"] = median_ms(lambda: torch.autograd.grad(out, targets, dout, retain_graph=True))
+            report.append(row)
+            peer_text = f", torch autograd {row['torch_autograd_ms']:.3f} ms" if has_peer else ""
+            print(f"{layer['layer']} {shape} backward: ccc {ours:.3f} ms{peer_text}", flush=True)
     finish(report, args.out, all_ok)
 
 

@@ -25,8 +25,9 @@
 #      bench/attention_backward.py, every example's attention backward kernels against PyTorch's
 #      float32 autograd (beside its bf16 SDPA backward) at B 1, 3, 2, 1 × S 1, 17, 1000, 4097, and
 #      timed at 1×8192 and 1×16384 beside SDPA's cuDNN and FlashAttention-2 backward; then
-#      bench/layer_backward.py, the whole backward of the layers without convolutions or q-k mean (dx and
-#      every weight gradient) against float32 autograd beside PyTorch's bf16 autograd, timed;
+#      bench/layer_backward.py, the whole backward of every example (and two plain layers): dx and
+#      every weight gradient against float64 autograd of python/ccc/reference.py (beside PyTorch's
+#      16-bit autograd for the layers without CCA steps), timed;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's

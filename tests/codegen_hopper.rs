@@ -726,7 +726,7 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
 #[test]
 fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
     use ccc::ir::kernel::{
-        KernelParam, backward_kernels, build_input_gradient, build_weight_gradient, projection_gradients,
+        Access, KernelParam, backward_kernels, build_input_gradient, build_weight_gradient, projection_gradients,
         with_default_gradient_schedule,
     };
     let out = std::env::var_os("CCC_HOPPER_PTX_OUT").map(std::path::PathBuf::from);
@@ -768,13 +768,27 @@ fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
             if let Some(dir) = &out {
                 std::fs::write(dir.join(format!("{}.ptx", kernel.name)), ptx).expect("write ptx");
             }
+            // Each tensor with its type and shape, so that the script can allocate what a
+            // kernel writes.
+            let tensors: Vec<_> = kernel
+                .params
+                .iter()
+                .filter_map(|param| match param {
+                    KernelParam::Tensor { name, elem, shape, access } => Some(serde_json::json!({
+                        "name": name, "elem": elem.name(), "shape": shape, "write": *access == Access::Write,
+                    })),
+                    _ => None,
+                })
+                .collect();
             described.push(serde_json::json!({
                 "name": kernel.name,
                 "params": kernel.params.iter().map(KernelParam::name).collect::<Vec<_>>(),
+                "tensors": tensors,
                 "grid": kernel.grid, "threads": kernel.threads(), "dynamic_shared_bytes": kernel.shared_bytes(),
             }));
         }
         layers.push(serde_json::json!({
+            "spec": spec,
             "layer": spec.name, "model_dim": spec.model_dim, "head_dim": spec.head_dim, "q_heads": spec.query_heads,
             "kv_heads": spec.kv_heads, "value_shift": spec.value_shift, "causal": spec.mask != Mask::None,
             "window": match spec.mask { Mask::SlidingWindow { window } => Some(window), _ => None },
