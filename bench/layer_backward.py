@@ -225,6 +225,12 @@ def main():
                 peer_error = rel_l2(peer[name].double(), exact[name]) if peer else None
                 bound = 1.5 * peer_error + 1e-3 if peer else 5e-2
                 ok = bool(torch.isfinite(ours).all()) and error <= bound
+                # A gradient that is zero in exact arithmetic (q and k of one token, whose softmax
+                # has one key; a key bias) has no relative error: its RMS must be rounding noise.
+                rms = lambda t: (t.norm() / math.sqrt(t.numel())).item()  # noqa: E731
+                if rms(exact[name]) < 1e-12:
+                    error, bound = rms(ours), 1e-4
+                    ok = bool(torch.isfinite(ours).all()) and error <= bound
                 all_ok &= ok
                 row[name] = {"error": error, "torch_error": peer_error, "bound": bound, "ok": ok}
                 if not ok:
