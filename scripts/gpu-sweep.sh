@@ -27,7 +27,8 @@
 #      timed at 1×8192 and 1×16384 beside SDPA's cuDNN and FlashAttention-2 backward; then
 #      bench/layer_backward.py, the whole backward of every example (and two plain layers): dx and
 #      every weight gradient against float64 autograd of python/ccc/reference.py (beside PyTorch's
-#      16-bit autograd for the layers without CCA steps), timed;
+#      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
+#      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
@@ -114,6 +115,7 @@ for s in $steps; do
           --out "$out/attention-backward.json"
         step layer-backward 240 python3 -u -W ignore bench/layer_backward.py --ptx-dir gpu-carry/hopper-ptx --time-shapes 1x16384 \
           --out "$out/layer-backward.json"
+        step backward-stages 90 python3 -u -W ignore bench/backward_stages.py --ptx-dir gpu-carry/hopper-ptx
       fi
       ;;
     profile)
