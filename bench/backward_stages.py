@@ -22,7 +22,7 @@ import sys
 import torch
 
 from attention_backward import rel_l2
-from layer_backward import Chain, inputs, saved
+from layer_backward import Chain, run_checked
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from ccc.spec import parse_spec  # noqa: E402
@@ -95,11 +95,7 @@ def main():
         history = spec.conv_history
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
-            weights, x, dout = inputs(layer, batch, seq, device)
-            buffers = {"x": x, "dout": dout, **weights, **saved(layer, spec, x, weights),
-                       **chain.outputs(batch, seq, device, float("nan"))}
-            chain.run(buffers, batch, seq)
-            torch.cuda.synchronize()
+            weights, _, _, buffers = run_checked(chain, layer, spec, batch, seq, device)
             leaves = {n: w.detach().double().requires_grad_() for n, w in weights.items()}
             p0 = buffers["p0"].double().requires_grad_()
             positions = torch.arange(seq, device=device)

@@ -183,6 +183,17 @@ def saved(layer, spec, x, weights):
     return {**{n: t.to(x.dtype).contiguous() for n, t in stored.items()}, "lse": forward64["lse"].float().contiguous()}
 
 
+def run_checked(chain, layer, spec, batch, seq, device):
+    """The chain on random inputs and the forward's saved tensors, every output NaN-poisoned
+    first: (weights, x, dout, buffers)."""
+    weights, x, dout = inputs(layer, batch, seq, device)
+    buffers = {"x": x, "dout": dout, **weights, **saved(layer, spec, x, weights),
+               **chain.outputs(batch, seq, device, float("nan"))}
+    chain.run(buffers, batch, seq)
+    torch.cuda.synchronize()
+    return weights, x, dout, buffers
+
+
 def exact_gradients(spec, x, weights, dout):
     """dx and every weight's gradient through float64 autograd of the reference forward."""
     leaves = {name: w.detach().double().requires_grad_() for name, w in weights.items()}
@@ -211,11 +222,7 @@ def main():
         chain = Chain(args.ptx_dir, layer)
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
-            weights, x, dout = inputs(layer, batch, seq, device)
-            buffers = {"x": x, "dout": dout, **weights, **saved(layer, spec, x, weights),
-                       **chain.outputs(batch, seq, device, float("nan"))}
-            chain.run(buffers, batch, seq)
-            torch.cuda.synchronize()
+            weights, x, dout, buffers = run_checked(chain, layer, spec, batch, seq, device)
             exact = exact_gradients(spec, x, weights, dout)
             peer = autograd(layer, x, weights, dout, dtype_of(layer)) if has_peer else None
             row, failures = {"layer": layer["layer"], "shape": shape}, []

@@ -181,17 +181,54 @@ pub fn default_schedule(spec: &AttentionSpec, which: ForwardKernel) -> Result<Sc
             .collect(),
         ForwardKernel::OutputProjection => gemm(64).to_vec(),
     };
+    first_that_builds(candidates, |schedule| build_forward(spec, which, schedule))
+        .map(|(schedule, _)| schedule)
+        .map_err(|last_error| format!("no default {} schedule fits: {last_error}", which.suffix()))
+}
+
+/// The first of `candidates` that `build` accepts, with what it built; else the last error.
+fn first_that_builds<T>(
+    candidates: impl IntoIterator<Item = Schedule>,
+    build: impl Fn(&Schedule) -> Result<T, String>,
+) -> Result<(Schedule, T), String> {
     let mut last_error = String::from("no candidate schedule");
     for schedule in candidates {
-        match build_forward(spec, which, &schedule) {
-            Ok(_) => return Ok(schedule),
-            Err(e) => last_error = e,
+        match build(&schedule) {
+            Ok(built) => return Ok((schedule, built)),
+            Err(error) => last_error = error,
         }
     }
-    Err(format!(
-        "no default {} schedule fits: {last_error}",
-        which.suffix()
-    ))
+    Err(last_error)
+}
+
+/// A kernel of `schedule`'s warps with the runtime sizes closing its parameter list, no
+/// mbarriers and one CTA per SM asked for: what every tiled builder returns.
+fn tiled_kernel(
+    name: String,
+    mut params: Vec<KernelParam>,
+    grid: [SizeExpr; 3],
+    schedule: &Schedule,
+    tiles: Tiles,
+    body: Vec<Stmt>,
+) -> KernelFn {
+    params.extend(size_params());
+    KernelFn {
+        name,
+        params,
+        grid,
+        warps: schedule.warps,
+        tiles: tiles.decls,
+        barriers: Vec::new(),
+        schedule: *schedule,
+        ctas_per_sm: 1,
+        body,
+    }
+}
+
+/// `kernel` once its verifier passes.
+fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
+    kernel.verify().map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
+    Ok(kernel)
 }
 
 /// The forward kernels of `spec` in launch order, each with its default schedule: what
@@ -228,14 +265,7 @@ pub fn build_forward(
         ForwardKernel::Attention => build_attention(spec, s)?,
         ForwardKernel::OutputProjection => build_out_proj(spec, s)?,
     };
-    kernel.verify().map_err(|errors| {
-        format!(
-            "{} with {s:?} does not verify:\n  {}",
-            kernel.name,
-            errors.join("\n  ")
-        )
-    })?;
-    Ok(kernel)
+    verified(kernel, s)
 }
 
 /// Splits `warps` into a warps_m × warps_n grid whose per-warp share of a rows × cols
@@ -699,22 +729,9 @@ fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
     }
     params.push(tensor("v", storage, bsd(spec.kv_heads), Access::Write));
-    params.extend(size_params());
-    Ok(KernelFn {
-        name: format!("{}_{}", spec.name, ForwardKernel::QkvProjection.suffix()),
-        params,
-        grid: [
-            size(column_tiles),
-            SizeExpr::seq_len().ceil_div(bm as u64),
-            SizeExpr::batch(),
-        ],
-        warps: s.warps,
-        tiles: gemm.tiles.decls,
-        barriers: Vec::new(),
-        schedule: *s,
-        ctas_per_sm: 1,
-        body,
-    })
+    let grid = [size(column_tiles), SizeExpr::seq_len().ceil_div(bm as u64), SizeExpr::batch()];
+    let name = format!("{}_{}", spec.name, ForwardKernel::QkvProjection.suffix());
+    Ok(tiled_kernel(name, params, grid, s, gemm.tiles, body))
 }
 
 /// The q, k and v projection weights and biases (what `qkv_proj` reads).
@@ -1038,7 +1055,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             size(spec.head_dim),
         ]
     };
-    let mut params = vec![
+    let params = vec![
         tensor("q", storage, bsd(spec.query_heads), Access::Read),
         tensor("k", storage, bsd(spec.kv_heads), Access::Read),
         tensor("v", storage, bsd(spec.kv_heads), Access::Read),
@@ -1054,22 +1071,9 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             Access::Write,
         ),
     ];
-    params.extend(size_params());
-    Ok(KernelFn {
-        name: format!("{}_{}", spec.name, ForwardKernel::Attention.suffix()),
-        params,
-        grid: [
-            SizeExpr::seq_len().ceil_div(bm as u64),
-            size(spec.query_heads),
-            SizeExpr::batch(),
-        ],
-        warps: s.warps,
-        tiles: t.decls,
-        barriers: Vec::new(),
-        schedule: *s,
-        ctas_per_sm: 1,
-        body,
-    })
+    let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(spec.query_heads), SizeExpr::batch()];
+    let name = format!("{}_{}", spec.name, ForwardKernel::Attention.suffix());
+    Ok(tiled_kernel(name, params, grid, s, t, body))
 }
 
 fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
@@ -1123,20 +1127,7 @@ fn build_out_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         vec![SizeExpr::batch(), SizeExpr::seq_len(), size(e)],
         Access::Write,
     ));
-    params.extend(size_params());
-    Ok(KernelFn {
-        name: format!("{}_{}", spec.name, ForwardKernel::OutputProjection.suffix()),
-        params,
-        grid: [
-            size(e.div_ceil(bn as usize)),
-            SizeExpr::seq_len().ceil_div(bm as u64),
-            SizeExpr::batch(),
-        ],
-        warps: s.warps,
-        tiles: gemm.tiles.decls,
-        barriers: Vec::new(),
-        schedule: *s,
-        ctas_per_sm: 1,
-        body,
-    })
+    let grid = [size(e.div_ceil(bn as usize)), SizeExpr::seq_len().ceil_div(bm as u64), SizeExpr::batch()];
+    let name = format!("{}_{}", spec.name, ForwardKernel::OutputProjection.suffix());
+    Ok(tiled_kernel(name, params, grid, s, gemm.tiles, body))
 }

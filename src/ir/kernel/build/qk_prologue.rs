@@ -30,6 +30,12 @@ pub fn prologue_backward_output(spec: &AttentionSpec) -> &'static str {
     if spec.qk_conv.is_empty() && !spec.qk_mean { "dp0" } else { "dmixed" }
 }
 
+/// The widest convolution's K − 1: the zero rows a staged tile keeps beside its rows so that a
+/// shifted tap stays inside it (before them in the forward, after them in the backward).
+pub(super) fn widest_tap_reach(spec: &AttentionSpec) -> u32 {
+    spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0)
+}
+
 /// The buffer holding convolution stage `stage`'s input for the backward (stage ≥ 1: the output
 /// of the stage before), [B, T + S, P] with row T at token 0.
 pub fn stage_input_name(stage: usize) -> String {
@@ -96,6 +102,8 @@ pub(super) struct PrologueBuilder<'a> {
     stage_out: Vec<TileId>,
     /// The backward keeps each stage's input (after the first) for the weight gradients.
     keep_stage_inputs: bool,
+    /// The accumulator's warps along rows and columns.
+    warp_grid: (u32, u32),
 }
 
 impl<'a> PrologueBuilder<'a> {
@@ -114,7 +122,7 @@ impl<'a> PrologueBuilder<'a> {
         }
         let (wm, wn) = warp_grid(m, d, s.warps)?;
         let storage: ElemType = spec.dtype.into();
-        let lead = spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0);
+        let lead = widest_tap_reach(spec);
         let mut tiles = Tiles { decls: Vec::new() };
         let rows = lead + m;
         let p0_s = tiles.shared("p0_s", storage, rows, d);
@@ -192,6 +200,7 @@ impl<'a> PrologueBuilder<'a> {
             p0_s,
             stage_out,
             keep_stage_inputs: false,
+            warp_grid: (wm, wn),
         })
     }
 
@@ -213,21 +222,17 @@ impl<'a> PrologueBuilder<'a> {
         params.extend(weight_params(spec, is_prologue_param));
         params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
-        params.extend(size_params());
-        let mut kernel = self.kernel_over_rows(
+        self.kernel_over_rows(
             format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
             params,
             "the CCA steps of each row",
             &|builder, kind, y| builder.epilogue(kind, y),
-        );
-        // Two CTAs per SM where shared memory allows: the steps of one CTA wait on each other
-        // (copy, convolutions, epilogue), the other's fill the gaps.
-        kernel.ctas_per_sm = (1..=PROLOGUE_CTAS_PER_SM).rev().find(|ctas| kernel.fits_ctas_per_sm(*ctas)).unwrap_or(1);
-        kernel
+        )
     }
 
     /// The kernel both directions share: per head and row tile, the head's rows staged and
-    /// convolved, then `epilogue` (given the tile holding the convolution output).
+    /// convolved, then `epilogue` (given the tile holding the convolution output); `params`
+    /// without the runtime sizes.
     fn kernel_over_rows(
         self,
         name: String,
@@ -283,21 +288,16 @@ impl<'a> PrologueBuilder<'a> {
         let own_tiles = int(self.row_tiles).min(seq().ceil_div(int(self.out_rows)) - Expr::BlockIdx(Axis::Y) * int(self.row_tiles));
         body.push(for_("tile", int(0), own_tiles, tile_body));
 
-        KernelFn {
-            name,
-            params,
-            grid: [
-                size(spec.query_heads + spec.kv_heads),
-                SizeExpr::seq_len().ceil_div(rows_per_cta as u64),
-                SizeExpr::batch(),
-            ],
-            warps: self.schedule.warps,
-            tiles: self.tiles.decls,
-            barriers: Vec::new(),
-            schedule: self.schedule,
-            ctas_per_sm: 1,
-            body,
-        }
+        let grid = [
+            size(spec.query_heads + spec.kv_heads),
+            SizeExpr::seq_len().ceil_div(rows_per_cta as u64),
+            SizeExpr::batch(),
+        ];
+        let mut kernel = tiled_kernel(name, params, grid, &self.schedule, self.tiles, body);
+        // Two CTAs per SM where shared memory allows: the steps of one CTA wait on each other
+        // (copy, convolutions, epilogue), the other's fill the gaps.
+        kernel.ctas_per_sm = (1..=PROLOGUE_CTAS_PER_SM).rev().find(|ctas| kernel.fits_ctas_per_sm(*ctas)).unwrap_or(1);
+        kernel
     }
 
     /// The backward of the prologue's per-row steps (RoPE, then the L2 norm and key temperature)
@@ -311,10 +311,7 @@ impl<'a> PrologueBuilder<'a> {
         let spec = self.spec;
         let d = spec.head_dim;
         let storage: ElemType = spec.dtype.into();
-        let (wm, wn) = match self.tiles.decls[self.acc.0].ty.layout {
-            Layout::MmaAccumulator { warps_m, warps_n } => (warps_m, warps_n),
-            _ => unreachable!("acc is an accumulator"),
-        };
+        let (wm, wn) = self.warp_grid;
         let dy = self.tiles.regs("dy", ElemType::F32, self.m, self.d, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
         let row_vector = Layout::RowVector { warps_m: wm, warps_n: wn };
         let dot = self.row_sum.map(|_| self.tiles.regs("dot", ElemType::F32, self.m, 1, row_vector));
@@ -340,16 +337,13 @@ impl<'a> PrologueBuilder<'a> {
                 Access::Write,
             ));
         }
-        params.extend(size_params());
         let grads = BackwardTiles { dy, dot, dtemp, output };
-        let mut kernel = self.kernel_over_rows(
+        self.kernel_over_rows(
             format!("{}_qk_prologue_bwd", spec.name),
             params,
             "gradients of the final q/k back through RoPE and the norm",
             &|builder, kind, y| builder.backward_epilogue(kind, y, &grads),
-        );
-        kernel.ctas_per_sm = (1..=PROLOGUE_CTAS_PER_SM).rev().find(|ctas| kernel.fits_ctas_per_sm(*ctas)).unwrap_or(1);
-        kernel
+        )
     }
 
     /// The backward's steps for one query or key head: x̂ recomputed into acc, dy = the

@@ -56,14 +56,9 @@ pub fn default_attention_backward_schedule(
         warps,
         stages,
     });
-    let mut last_error = String::from("no candidate schedule");
-    for schedule in candidates {
-        match build_attention_backward(spec, which, &schedule) {
-            Ok(_) => return Ok(schedule),
-            Err(e) => last_error = e,
-        }
-    }
-    Err(format!("no default {} schedule fits: {last_error}", which.suffix()))
+    first_that_builds(candidates, |schedule| build_attention_backward(spec, which, schedule))
+        .map(|(schedule, _)| schedule)
+        .map_err(|last_error| format!("no default {} schedule fits: {last_error}", which.suffix()))
 }
 
 /// Builds one attention backward kernel of `spec` with `schedule`, verified. For `Delta` and
@@ -88,10 +83,7 @@ pub fn build_attention_backward(
         AttentionBackwardKernel::Dq => builder.dq()?,
         AttentionBackwardKernel::DkDv => builder.dkdv()?,
     };
-    kernel
-        .verify()
-        .map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
-    Ok(kernel)
+    verified(kernel, s)
 }
 
 struct AttentionBackward<'a> {
@@ -144,19 +136,7 @@ impl AttentionBackward<'_> {
     }
 
     fn kernel(&self, which: AttentionBackwardKernel, params: Vec<KernelParam>, grid: [SizeExpr; 3], tiles: Tiles, body: Vec<Stmt>) -> KernelFn {
-        let mut params = params;
-        params.extend(size_params());
-        KernelFn {
-            name: format!("{}_{}", self.spec.name, which.suffix()),
-            params,
-            grid,
-            warps: self.s.warps,
-            tiles: tiles.decls,
-            barriers: Vec::new(),
-            schedule: *self.s,
-            ctas_per_sm: 1,
-            body,
-        }
+        tiled_kernel(format!("{}_{}", self.spec.name, which.suffix()), params, grid, self.s, tiles, body)
     }
 
     /// One warp row-band per warp along `rows`: row statistics stay inside a warp.

@@ -164,19 +164,8 @@ pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Re
         params.push(tensor(&term.weight, gradient.storage, vec![size(term.width), size(gradient.inputs)], Access::Read));
     }
     params.push(activation(&gradient.output, gradient.storage, gradient.inputs, Access::Write));
-    params.extend(size_params());
-    let kernel = KernelFn {
-        name: gradient.name.clone(),
-        params,
-        grid: [size(gradient.inputs.div_ceil(bn as usize)), SizeExpr::seq_len().ceil_div(bm as u64), SizeExpr::batch()],
-        warps: s.warps,
-        tiles: t.decls,
-        barriers: Vec::new(),
-        schedule: *s,
-        ctas_per_sm: 1,
-        body,
-    };
-    super::verified(kernel, s)
+    let grid = [size(gradient.inputs.div_ceil(bn as usize)), SizeExpr::seq_len().ceil_div(bm as u64), SizeExpr::batch()];
+    verified(tiled_kernel(gradient.name.clone(), params, grid, s, t, body), s)
 }
 
 /// Builds a weight-gradient GEMM with `schedule` (block_m weight rows × block_n input columns per
@@ -311,21 +300,10 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     if let Some(output) = &gradient.bias_output {
         params.push(tensor(output, ElemType::F32, vec![size(gradient.width)], Access::Write));
     }
-    params.extend(size_params());
-    let kernel = KernelFn {
-        name: gradient.name.clone(),
-        params,
-        grid: [
-            size(gradient.inputs.div_ceil(bn as usize)),
-            size(gradient.width / bm as usize),
-            size(gradient.heads.map_or(1, |(heads, _)| heads)),
-        ],
-        warps: s.warps,
-        tiles: t.decls,
-        barriers: Vec::new(),
-        schedule: *s,
-        ctas_per_sm: 1,
-        body,
-    };
-    super::verified(kernel, s)
+    let grid = [
+        size(gradient.inputs.div_ceil(bn as usize)),
+        size(gradient.width / bm as usize),
+        size(gradient.heads.map_or(1, |(heads, _)| heads)),
+    ];
+    verified(tiled_kernel(gradient.name.clone(), params, grid, s, t, body), s)
 }

@@ -98,20 +98,9 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
         params.push(tensor(factor, sum.elem, shape(*factor_before), Access::Read));
     }
     params.push(tensor(&sum.output, ElemType::F32, sum.output_shape.iter().map(|n| size(*n)).collect(), Access::Write));
-    params.extend(size_params());
     let schedule = Schedule { block_m: COLUMNS, block_n: CHUNK, block_k: CHUNK, warps: WARPS, stages: 1 };
-    let kernel = KernelFn {
-        name: sum.name.clone(),
-        params,
-        grid: [size(sum.columns.div_ceil(COLUMNS as usize)), size(1), size(1)],
-        warps: WARPS,
-        tiles: t.decls,
-        barriers: Vec::new(),
-        schedule,
-        ctas_per_sm: 1,
-        body,
-    };
-    verified(kernel, &schedule)
+    let grid = [size(sum.columns.div_ceil(COLUMNS as usize)), size(1), size(1)];
+    verified(tiled_kernel(sum.name.clone(), params, grid, &schedule, t, body), &schedule)
 }
 
 /// The kernels of one backward call of `spec` in launch order, each with its default schedule:
@@ -228,11 +217,6 @@ fn temperature_sum(spec: &AttentionSpec, name: String, temperature: &str) -> Tok
     }
 }
 
-fn verified(kernel: KernelFn, s: &Schedule) -> Result<KernelFn, String> {
-    kernel.verify().map_err(|errors| format!("{} with {s:?} does not verify:\n  {}", kernel.name, errors.join("\n  ")))?;
-    Ok(kernel)
-}
-
 /// The buffer holding dL/d`name`: `d` before an activation (`dq`, `dp0`, `do`), `grad.` before
 /// a parameter's name (`grad.o_proj.weight`).
 pub fn gradient_name(name: &str) -> String {
@@ -332,14 +316,8 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
 /// 32 × 32 and 16 × 16 tiles (4, 2, 1 warps; 32-wide chunks, else 16) with a two-stage copy ring
 /// that `build` accepts (segments must be whole tiles and chunks).
 pub fn with_default_gradient_schedule(build: impl Fn(&Schedule) -> Result<KernelFn, String>) -> Result<KernelFn, String> {
-    let mut last_error = String::from("no candidate schedule");
-    for (block, warps) in [(64, 4), (32, 2), (16, 1)] {
-        for block_k in [32, 16] {
-            match build(&Schedule { block_m: block, block_n: block, block_k, warps, stages: 2 }) {
-                Ok(kernel) => return Ok(kernel),
-                Err(error) => last_error = error,
-            }
-        }
-    }
-    Err(last_error)
+    let candidates = [(64, 4), (32, 2), (16, 1)].into_iter().flat_map(|(block, warps)| {
+        [32, 16].map(move |block_k| Schedule { block_m: block, block_n: block, block_k, warps, stages: 2 })
+    });
+    first_that_builds(candidates, build).map(|(_, kernel)| kernel)
 }

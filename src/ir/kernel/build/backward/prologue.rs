@@ -20,17 +20,13 @@
 //! gradients, so each stage's gradient is kept in [`stage_gradient_name`] ([B, T + S, P], row T
 //! at token 0).
 
+use super::super::qk_prologue::widest_tap_reach;
 use super::super::*;
 
 /// The buffer holding the gradient of convolution stage `stage`'s output: `dmixed` for the last
 /// stage, else [B, T + S, P] with row T at token 0.
 pub fn stage_gradient_name(spec: &AttentionSpec, stage: usize) -> String {
     if stage + 1 == spec.qk_conv.len() { "dmixed".into() } else { format!("dconv{stage}") }
-}
-
-/// Zero rows below each staged tile: the widest convolution's K − 1.
-fn trail(spec: &AttentionSpec) -> u32 {
-    spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0)
 }
 
 /// Builds `qk_prologue_bwd_conv` for `spec` with `schedule` (block_m rows per tile including the
@@ -52,7 +48,7 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
     }
     let (wm, wn) = warp_grid(m, d, s.warps)?;
     let storage: ElemType = spec.dtype.into();
-    let trail = trail(spec);
+    let trail = widest_tap_reach(spec);
     let out_rows = m - halo;
     let mut t = Tiles { decls: Vec::new() };
     let rows = m + trail;
@@ -233,21 +229,10 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
         let padded = vec![SizeExpr::batch(), SizeExpr::seq_len() + size(halo as usize), size(spec.packed_width())];
         params.push(tensor(&stage_gradient_name(spec, stage), storage, padded, Access::Write));
     }
-    params.extend(size_params());
-    let kernel = KernelFn {
-        name: format!("{}_qk_prologue_bwd_conv", spec.name),
-        params,
-        grid: [
-            size(spec.query_heads + spec.kv_heads),
-            (SizeExpr::seq_len() + size(halo as usize)).ceil_div(out_rows as u64),
-            SizeExpr::batch(),
-        ],
-        warps: s.warps,
-        tiles: t.decls,
-        barriers: Vec::new(),
-        schedule: *s,
-        ctas_per_sm: 1,
-        body,
-    };
-    super::verified(kernel, s)
+    let grid = [
+        size(spec.query_heads + spec.kv_heads),
+        (SizeExpr::seq_len() + size(halo as usize)).ceil_div(out_rows as u64),
+        SizeExpr::batch(),
+    ];
+    verified(tiled_kernel(format!("{}_qk_prologue_bwd_conv", spec.name), params, grid, s, t, body), s)
 }
