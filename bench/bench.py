@@ -18,6 +18,10 @@ each timed call, warm-up calls first (torch.compile compiles there), median of t
 Peak memory: what the call allocates above what was resident before it (weights excluded; inputs,
 outputs, intermediates and workspace included), from torch's allocator counters; for ccc-core it is
 the attention kernel's own buffers (q, k, v, o, lse), which is all it touches.
+With --train (libraries compiled with `emit = [forward, backward]`): a layer system runs its
+forward and backward (dx and every weight's gradient; the peers through autograd) and a core
+system its backward alone (the forward once outside the timing); FLOPs are 3× the forward's for
+a layer and 2.5× for a core (FlashAttention's convention: five matrix products against two).
 Outputs: OUT/bench.md (tables, ratios at 16k), OUT/bench.json, OUT/bench.png."""
 
 import argparse
@@ -57,8 +61,9 @@ class System:
     """One benchmarked system: `setup(batch, seq_len)` allocates its inputs and returns
     (callable, bytes to report instead of the measured peak or None)."""
 
-    def __init__(self, name, kind, library, spec, setup):
+    def __init__(self, name, kind, library, spec, setup, train=False):
         self.name = name
+        self.train = train
         self.kind = kind  # "layer" or "core"
         self.library = library  # library name this system is compared within, or None
         self.spec = spec  # the layer whose FLOPs it is credited with
@@ -66,11 +71,11 @@ class System:
 
     def flops(self, batch, seq_len):
         if self.kind == "core":
-            return core_flops(self.spec, batch, seq_len)
-        return layer_flops(self.spec, batch, seq_len)
+            return core_flops(self.spec, batch, seq_len) * (2.5 if self.train else 1)
+        return layer_flops(self.spec, batch, seq_len) * (3 if self.train else 1)
 
 
-def ours(layer, weights):
+def ours(layer, weights, train):
     def bound_call(batch, seq_len):
         x = torch.randn(batch, seq_len, layer.spec.model_dim, device="cuda",
                         dtype=TORCH_DTYPES[layer.spec.dtype])
@@ -82,7 +87,33 @@ def ours(layer, weights):
 
     def setup_layer(batch, seq_len):
         call = bound_call(batch, seq_len)
+        if train:
+            backward = bound_backward(call)
+
+            def step():
+                call.run(check_each=False)
+                backward.run(check_each=False)
+            return step, None
         return (lambda: call.run(check_each=False)), None
+
+    def bound_backward(call):
+        """The backward call on what `call` saved, for a random dout, checked once."""
+        saved = {b.name: call.tensors[b.name] for b in call.plan.buffers if b.role == "saved"}
+        x = call.tensors["x"]
+        backward = layer.bind_backward(x, weights, saved, torch.randn_like(x))
+        backward.run(check_each=True)
+        if not torch.isfinite(backward.tensors["dx"]).all():
+            raise RuntimeError("non-finite dx")
+        return backward
+
+    def setup_core_backward(batch, seq_len):
+        backward = bound_backward(bound_call(batch, seq_len))
+        kernels = ("attention_bwd_delta", "attention_bwd_dq", "attention_bwd_dkdv")
+
+        def run():
+            for kernel in kernels:
+                backward.run_kernel(kernel, check_each=False)
+        return run, None
 
     def setup_core(batch, seq_len):
         call = bound_call(batch, seq_len)
@@ -96,42 +127,44 @@ def ours(layer, weights):
         return (lambda: call.run_kernel("attention", check_each=False)), core_bytes
 
     name = layer.name
-    return [System(f"ccc:{name}", "layer", name, layer.spec, setup_layer),
-            System(f"ccc-core:{name}", "core", name, layer.spec, setup_core)]
+    return [System(f"ccc:{name}", "layer", name, layer.spec, setup_layer, train),
+            System(f"ccc-core:{name}", "core", name, layer.spec,
+                   setup_core_backward if train else setup_core, train)]
 
 
-def core_peers(spec, dtype):
+def core_peers(spec, dtype, train):
     causal = spec.mask.kind == "causal"
 
     def builder(backend):
         def setup(batch, seq_len):
             return peers.sdpa_core(backend, batch, seq_len, spec.query_heads, spec.kv_heads,
-                                   spec.head_dim, causal=causal, dtype=dtype), None
+                                   spec.head_dim, causal=causal, dtype=dtype, train=train), None
         return setup
 
-    return [System(f"{backend}-core:{spec.name}", "core", spec.name, spec, builder(backend))
+    return [System(f"{backend}-core:{spec.name}", "core", spec.name, spec, builder(backend), train)
             for backend in ("cudnn", "fa2")]
 
 
-def window_peer(spec, dtype):
+def window_peer(spec, dtype, train):
     """FlexAttention on the same sliding window (cuDNN and FlashAttention through SDPA take only
     causal or no masks)."""
 
     def setup(batch, seq_len):
         return peers.flex_window_core(batch, seq_len, spec.query_heads, spec.kv_heads, spec.head_dim,
-                                      spec.mask.window, dtype=dtype), None
+                                      spec.mask.window, dtype=dtype, train=train), None
 
-    return System(f"flex-core:{spec.name}", "core", spec.name, spec, setup)
+    return System(f"flex-core:{spec.name}", "core", spec.name, spec, setup, train)
 
 
-def mha_peer(spec, dtype):
+def mha_peer(spec, dtype, train):
     mha = spec_equivalent_mha(spec)
     weights = peers.mha_layer_weights(spec.model_dim, dtype)
 
     def setup(batch, seq_len):
-        return peers.mha_layer(weights, batch, seq_len, spec.model_dim, spec.head_dim, dtype), None
+        return peers.mha_layer(weights, batch, seq_len, spec.model_dim, spec.head_dim, dtype,
+                               train=train), None
 
-    return System(f"mha-cudnn:E{spec.model_dim}", "layer", None, mha, setup)
+    return System(f"mha-cudnn:E{spec.model_dim}", "layer", None, mha, setup, train)
 
 
 def spec_equivalent_mha(spec):
@@ -144,18 +177,18 @@ def spec_equivalent_mha(spec):
         softmax_scale=spec.head_dim**-0.5, mask=Mask("causal"))
 
 
-def hf_peers(spec, weights):
+def hf_peers(spec, weights, train):
     zaya = ZayaLayer(spec, weights, TORCH_DTYPES[spec.dtype])
     compiled = torch.compile(zaya.module)
 
     def builder(module):
         def setup(batch, seq_len):
             return peers.zaya_layer(zaya, batch, seq_len, module=module,
-                                    dtype=TORCH_DTYPES[spec.dtype]), None
+                                    dtype=TORCH_DTYPES[spec.dtype], train=train), None
         return setup
 
-    return [System(f"hf-zaya:{spec.name}", "layer", spec.name, spec, builder(None)),
-            System(f"hf-zaya-compiled:{spec.name}", "layer", spec.name, spec, builder(compiled))]
+    return [System(f"hf-zaya:{spec.name}", "layer", spec.name, spec, builder(None), train),
+            System(f"hf-zaya-compiled:{spec.name}", "layer", spec.name, spec, builder(compiled), train)]
 
 
 def allocate_library_workspaces():
@@ -285,7 +318,8 @@ def write_markdown(path, env, config, results):
         f"{env['gpu']}; torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}); "
         f"transformers {env['transformers']}; cupy {env['cupy']}; {env['date_utc']}.",
         "",
-        f"Mode: {config['mode']}; causal; bf16 unless the spec says otherwise. Median of "
+        f"Mode: {config['mode']} (train: layers forward + backward, cores backward alone, "
+        "FLOPs 3× and 2.5× the forward's); causal; bf16 unless the spec says otherwise. Median of "
         "CUDA-event timings with the L2 flushed before each call. TFLOP/s by FlashAttention's "
         "convention (cores: 4·B·S²·H·D, halved for causal; layers: projections + convolution taps "
         "+ core). Peak: MiB allocated by the call above the resident weights. A ratio is the "
@@ -378,16 +412,16 @@ def build_systems(args):
         dtype = TORCH_DTYPES[spec.dtype]
         weights = random_state_dict(spec, args.seed)
         if layer is not None:
-            systems += ours(layer, weights)
+            systems += ours(layer, weights, args.train)
         if spec.mask.kind == "causal":
-            systems += core_peers(spec, dtype)
+            systems += core_peers(spec, dtype, args.train)
         if spec.mask.kind == "sliding_window":
-            systems.append(window_peer(spec, dtype))
+            systems.append(window_peer(spec, dtype, args.train))
         if (spec.model_dim, spec.head_dim, spec.dtype) not in mha_widths:
             mha_widths.add((spec.model_dim, spec.head_dim, spec.dtype))
-            systems.append(mha_peer(spec, dtype))
+            systems.append(mha_peer(spec, dtype, args.train))
         if spec.has_cca_parts() and zaya_incompatibility(spec) is None:
-            systems += hf_peers(spec, weights)
+            systems += hf_peers(spec, weights, args.train)
     if args.systems:
         patterns = [p.strip() for p in args.systems.split(",") if p.strip()]
         systems = [s for s in systems if any(fnmatch.fnmatch(s.name, p) for p in patterns)]
@@ -409,6 +443,8 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float,
                         help="stop measuring new points after this many seconds (quick: 240)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", action="store_true",
+                        help="layers: forward + backward; cores: backward alone")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU", file=sys.stderr)
@@ -446,7 +482,8 @@ def main(argv=None):
                          f"{result['peak_mib']:8.0f} MiB" if "ms" in result else result["error"])
                 print(f"{system.name:28s} B={batch:<2d} S={seq_len:<6d} {shown}", flush=True)
     env = environment()
-    config = {"mode": "quick" if args.quick else "full", "seq_lens": seq_lens,
+    config = {"mode": ("quick" if args.quick else "full") + (", train" if args.train else ""),
+              "seq_lens": seq_lens,
               "batches": batches, "libraries": args.libraries, "timing": settings,
               "seconds": round(time.monotonic() - started, 1)}
     with open(os.path.join(args.out, "bench.json"), "w") as file:

@@ -4,6 +4,7 @@
 #   gpu-carry/ccc-run                      the runtime CLI, checked not to link LLVM
 #   gpu-carry/runtime-gpu-tests            the runtime's GPU test binary (tests/gpu.rs)
 #   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
+#   gpu-carry/train/<example>/<block>/     every example compiled with emit = [forward, backward]
 #   gpu-carry/libs/short_windows/<block>/  sliding windows of 7 and 100 keys (d 128 and 64),
 #                                          written below: the examples' only window (4096) is
 #                                          not shorter than the suite's S but at 4097
@@ -95,6 +96,23 @@ for file in "${examples[@]}"; do
   name=$(basename "$file" .attn)
   if ! ./target/release/ccc compile "$file" -o "$carry/libs/$name" --ptxas; then
     failed+=("$file")
+  fi
+done
+# Every example again with `emit = [forward, backward]`, for tests/python/gpu_autograd.py.
+rm -rf "$carry/train" "$extra/train"
+mkdir -p "$extra/train"
+for file in examples/*.attn; do
+  name=$(basename "$file" .attn)
+  python3 - "$file" "$extra/train/$name.attn" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+text, found = re.subn(r"emit\s*=\s*\[[^\]]*\]", "emit = [forward, backward]", text)
+if not found:
+    text = re.sub(r"\}\s*$", "    emit = [forward, backward]\n}\n", text.rstrip())
+open(sys.argv[2], "w").write(text)
+PY
+  if ! ./target/release/ccc compile "$extra/train/$name.attn" -o "$carry/train/$name" --ptxas; then
+    failed+=("$extra/train/$name.attn")
   fi
 done
 

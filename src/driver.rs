@@ -3,9 +3,12 @@
 //! kernel library (PTX + manifest).
 
 use crate::ir::graph;
-use crate::ir::kernel::{self, Access, ElemType, ForwardKernel, KernelFn, KernelParam};
+use crate::ir::kernel::{Access, KernelFn, KernelParam};
+#[cfg(feature = "llvm")]
+use crate::ir::kernel::{self, ElemType, ForwardKernel};
+use crate::ir::size::SizeExpr;
 use crate::ir::passes::{PipelineOptions, run_pipeline};
-use crate::ir::plan::{self, KernelPlan};
+use crate::ir::plan::{self, KernelBuilder, KernelPlan};
 use crate::manifest::{
     BufferManifest, BufferRole, EntryPointManifest, KernelManifest, KernelParamManifest, Manifest,
     PtxasStats, TensorDType, WeightManifest,
@@ -33,15 +36,15 @@ fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) 
     CompileError { layer: spec.name.clone(), stage, message: message.to_string() }
 }
 
-/// The entry points the compiler can lower today. `emit = [backward]` or `[decode]` is accepted
-/// by the language but reported here until those kernels exist.
+/// The entry points the compiler can lower today. `emit = [decode]` is accepted by the language
+/// but reported here until its kernels exist.
 fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, CompileError> {
     for entry in &spec.entry_points {
-        if *entry != EntryPoint::Forward {
+        if *entry == EntryPoint::Decode {
             return Err(error(
                 spec,
                 "plan",
-                format!("the {} entry point is not implemented yet (only forward)", entry.name()),
+                format!("the {} entry point is not implemented yet (forward and backward are)", entry.name()),
             ));
         }
     }
@@ -52,6 +55,13 @@ fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, Compile
 pub fn graph_text(spec: &AttentionSpec, print_after_all: bool) -> Result<String, CompileError> {
     let mut out = String::new();
     for entry in lowered_entry_points(spec)? {
+        if entry == EntryPoint::Backward {
+            out += &format!(
+                "// {} backward: no graph IR; its kernels are planned from their builders (--emit plan)\n",
+                spec.name
+            );
+            continue;
+        }
         let built = graph::build(spec, entry).map_err(|e| error(spec, "graph", e))?;
         if !print_after_all {
             out += &built.to_string();
@@ -167,8 +177,8 @@ pub fn kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, CompileError> {
     Ok(identified_kernels(spec)?.into_iter().map(|(_, kernel)| kernel).collect())
 }
 
-/// [`kernels`] with the identity of each: which forward kernel its plan entry asked for.
-fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
+/// [`kernels`] with the identity of each: which builder its plan entry asked for.
+fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(KernelBuilder, KernelFn)>, CompileError> {
     tileable_head_dim(spec)?;
     build_planned(spec, &plans(spec)?)
 }
@@ -191,13 +201,12 @@ fn tileable_head_dim(spec: &AttentionSpec) -> Result<(), CompileError> {
 }
 
 /// The kernel IR of every kernel of `plans` with its identity, in launch order.
-fn build_planned(spec: &AttentionSpec, plans: &[KernelPlan]) -> Result<Vec<(ForwardKernel, KernelFn)>, CompileError> {
+fn build_planned(spec: &AttentionSpec, plans: &[KernelPlan]) -> Result<Vec<(KernelBuilder, KernelFn)>, CompileError> {
     let mut out = Vec::new();
     for plan in plans {
         for planned in &plan.kernels {
-            let which = planned.forward_kernel();
-            let built = kernel::build_forward(spec, which, &planned.schedule)
-                .map_err(|e| error(spec, "kernel", e))?;
+            let which = planned.builder();
+            let built = which.build(spec, &planned.schedule).map_err(|e| error(spec, "kernel", e))?;
             out.push((which, built));
         }
     }
@@ -240,11 +249,82 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
     Ok(stage_texts(spec, &[Stage::Kernel], false)?.expect("kernel IR needs no LLVM").remove(0))
 }
 
-/// The manifest's description of one entry point: its kernels in launch order (parameters in ABI
-/// order, grids as size expressions) and every buffer they touch, with its role.
-pub fn entry_point_manifest(
+/// The manifest's description of every entry point of `plans`: each one's kernels (`kernels`,
+/// `launches` and `ptxas` hold every entry point's, in plan order) and every buffer they touch,
+/// with its role. What the backward reads besides `x` and `dout` is `saved` in the forward, and
+/// must be declared alike in both.
+pub fn entry_point_manifests(
     spec: &AttentionSpec,
-    entry: EntryPoint,
+    plans: &[KernelPlan],
+    kernels: &[KernelFn],
+    launches: &[LaunchInfo],
+    ptxas: &[Option<PtxasStats>],
+) -> Result<Vec<EntryPointManifest>, CompileError> {
+    let saved: Vec<&str> = plans
+        .iter()
+        .filter(|plan| plan.entry == EntryPoint::Backward)
+        .flat_map(|plan| &plan.inputs)
+        .map(|buffer| buffer.name.as_str())
+        .filter(|name| !matches!(*name, "x" | "dout"))
+        .collect();
+    let (mut manifests, mut start) = (Vec::new(), 0);
+    for plan in plans {
+        let end = start + plan.kernels.len();
+        if end > kernels.len() || end > launches.len() || end > ptxas.len() {
+            return Err(error(spec, "manifest", "fewer kernels built than planned"));
+        }
+        manifests.push(entry_point_manifest(spec, plan, &saved, &kernels[start..end], &launches[start..end], &ptxas[start..end])?);
+        start = end;
+    }
+    let entry = |which| manifests.iter().find(|m: &&EntryPointManifest| m.entry == which);
+    if let (Some(forward), Some(backward)) = (entry(EntryPoint::Forward), entry(EntryPoint::Backward)) {
+        for name in &saved {
+            let (Some(kept), Some(read)) = (forward.buffer(name), backward.buffer(name)) else {
+                return Err(error(spec, "manifest", format!("the backward reads `{name}`, which the forward does not write")));
+            };
+            if kept.dtype != read.dtype || kept.shape != read.shape {
+                return Err(error(
+                    spec,
+                    "manifest",
+                    format!(
+                        "the backward reads `{name}` as {} {}, the forward saves it as {} {}",
+                        read.dtype.name(),
+                        crate::manifest::format_shape(&read.shape),
+                        kept.dtype.name(),
+                        crate::manifest::format_shape(&kept.shape)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(manifests)
+}
+
+/// Layout name of an activation buffer from its name and shape: [B, S, E] tensors, heads split
+/// out, channels, per-head rows, or a weight-shaped gradient.
+fn buffer_layout(name: &str, shape: &[SizeExpr]) -> Option<&'static str> {
+    let constant = |dim: &SizeExpr| matches!(dim, SizeExpr::Const(_));
+    if matches!(name, "x" | "out" | "dout" | "dx") {
+        return Some("BSE");
+    }
+    if shape.iter().all(constant) {
+        return Some("row_major");
+    }
+    match shape.len() {
+        4 => Some("BSHD"),
+        3 if constant(&shape[1]) => Some("BHS"),
+        3 => Some("BSC"),
+        _ => None,
+    }
+}
+
+/// One entry point's manifest ([`entry_point_manifests`]): roles from its plan (the caller's
+/// inputs and outputs, what a later entry point reads as `saved`, kernels' scratch, the rest
+/// intermediates).
+fn entry_point_manifest(
+    spec: &AttentionSpec,
+    plan: &KernelPlan,
+    saved: &[&str],
     kernels: &[KernelFn],
     launches: &[LaunchInfo],
     ptxas: &[Option<PtxasStats>],
@@ -252,6 +332,8 @@ pub fn entry_point_manifest(
     let weight_names: Vec<String> = spec.params().into_iter().map(|p| p.name).collect();
     let mut buffers: Vec<BufferManifest> =
         Manifest::weights_for(spec).iter().map(WeightManifest::as_buffer).collect();
+    let listed = |list: &[plan::Buffer], name: &str| list.iter().any(|b| b.name == name);
+    let scratch = |name: &str| plan.kernels.iter().any(|k| listed(&k.scratch, name));
     let mut kernel_manifests = Vec::new();
     for (index, kernel) in kernels.iter().enumerate() {
         let mut params = Vec::new();
@@ -266,43 +348,39 @@ pub fn entry_point_manifest(
                     if weight_names.contains(name) || buffers.iter().any(|b| &b.name == name) {
                         continue;
                     }
-                    let (role, layout) = match (name.as_str(), access) {
-                        ("x", _) => (BufferRole::Input, "BSE"),
-                        ("out", _) => (BufferRole::Output, "BSE"),
-                        ("lse", _) => (BufferRole::Scratch, "BHS"),
-                        // Named by rank: heads split out (q, k, v, o) or channels (p0).
-                        (_, Access::Write) => match shape.len() {
-                            4 => (BufferRole::Intermediate, "BSHD"),
-                            3 => (BufferRole::Intermediate, "BSC"),
-                            rank => {
-                                return Err(error(
-                                    spec,
-                                    "manifest",
-                                    format!(
-                                        "kernel {} writes `{name}` with {rank} dimensions; \
-                                         intermediates are [B, S, heads, d] or [B, S, channels]",
-                                        kernel.name
-                                    ),
-                                ));
-                            }
-                        },
-                        (_, Access::Read) => {
-                            return Err(error(
-                                spec,
-                                "manifest",
-                                format!("kernel {} reads `{name}`, which nothing writes", kernel.name),
-                            ));
-                        }
+                    let role = if listed(&plan.inputs, name) {
+                        BufferRole::Input
+                    } else if listed(&plan.outputs, name) {
+                        BufferRole::Output
+                    } else if *access == Access::Read {
+                        return Err(error(
+                            spec,
+                            "manifest",
+                            format!("kernel {} reads `{name}`, which nothing writes", kernel.name),
+                        ));
+                    } else if plan.entry == EntryPoint::Forward && saved.contains(&name.as_str()) {
+                        BufferRole::Saved
+                    } else if scratch(name) {
+                        BufferRole::Scratch
+                    } else {
+                        BufferRole::Intermediate
                     };
-                    let dtype = match elem {
-                        ElemType::F32 => TensorDType::F32,
-                        ElemType::Bf16 => TensorDType::Bf16,
-                        ElemType::F16 => TensorDType::F16,
+                    let Some(layout) = buffer_layout(name, shape) else {
+                        return Err(error(
+                            spec,
+                            "manifest",
+                            format!(
+                                "kernel {} binds `{name}` with {} dimensions; activations are [B, S, heads, d], \
+                                 [B, S, channels] or [B, heads, S]",
+                                kernel.name,
+                                shape.len()
+                            ),
+                        ));
                     };
                     buffers.push(BufferManifest {
                         name: name.clone(),
                         role,
-                        dtype,
+                        dtype: TensorDType::from(*elem),
                         shape: shape.clone(),
                         layout: layout.to_string(),
                     });
@@ -321,7 +399,7 @@ pub fn entry_point_manifest(
             ptxas: ptxas.get(index).copied().flatten(),
         });
     }
-    Ok(EntryPointManifest { entry, kernels: kernel_manifests, buffers })
+    Ok(EntryPointManifest { entry: plan.entry, kernels: kernel_manifests, buffers })
 }
 
 /// A compiled kernel library: what `ccc compile` writes into DIR/NAME/.
@@ -510,8 +588,8 @@ pub fn write_tuning_candidates(
 struct PlannedTiles {
     /// The plan of every entry point, which the kernels below were built from.
     plans: Vec<KernelPlan>,
-    /// Which forward kernel each is (the plan's identity, in launch order).
-    which: Vec<ForwardKernel>,
+    /// Which builder built each (the plan's identity, in launch order).
+    which: Vec<KernelBuilder>,
     kernels: Vec<KernelFn>,
     /// The tiles of each kernel a Hopper builder builds (attention, projections).
     tiles: Vec<Option<crate::codegen::hopper::TileConfig>>,
@@ -523,23 +601,25 @@ impl PlannedTiles {
         use crate::codegen::hopper::TileConfig;
         tileable_head_dim(spec)?;
         let plans = plans(spec)?;
-        let (which, kernels): (Vec<ForwardKernel>, Vec<KernelFn>) = build_planned(spec, &plans)?.into_iter().unzip();
+        let (which, kernels): (Vec<KernelBuilder>, Vec<KernelFn>) = build_planned(spec, &plans)?.into_iter().unzip();
         let tiles = which
             .iter()
             .zip(&kernels)
-            .map(|(which, k)| match which {
+            .map(|(which, k)| match which.forward() {
+                // The backward's kernels are the mma.sync forms of their builders.
+                None => None,
                 // The best configuration that has run on the GPU; without one (a head width none
                 // fits), the tiled kernel IR's attention.
-                ForwardKernel::Attention => uses_wgmma_attention(spec)
+                Some(ForwardKernel::Attention) => uses_wgmma_attention(spec)
                     .then(|| {
                         let base = wgmma_attention(spec, k);
                         let shape = crate::codegen::hopper::ProblemShape::of(spec);
                         crate::codegen::hopper::best_attention(&base, shape).map(TileConfig::Attention)
                     })
                     .flatten(),
-                ForwardKernel::QkPrologue => None,
-                ForwardKernel::QkvProjection | ForwardKernel::OutputProjection => {
-                    wgmma_projection(spec, *which, k).map(TileConfig::Gemm)
+                Some(ForwardKernel::QkPrologue) => None,
+                Some(projection @ (ForwardKernel::QkvProjection | ForwardKernel::OutputProjection)) => {
+                    wgmma_projection(spec, projection, k).map(TileConfig::Gemm)
                 }
             })
             .collect();
@@ -590,17 +670,17 @@ impl PlannedTiles {
         use crate::codegen::hopper::{GemmSchedule, TileConfig};
         let PlannedTiles { plans, which, mut kernels, tiles } = self;
         for ((which, kernel), chosen) in which.iter().zip(kernels.iter_mut()).zip(tiles) {
-            let built = match chosen {
-                Some(TileConfig::Gemm(config)) => {
+            let built = match (chosen, which.forward()) {
+                (Some(TileConfig::Gemm(config)), Some(which)) => {
                     let schedule = kernel::WgmmaGemmSchedule {
                         block_n: config.block_n,
                         stages: config.stages,
                         ping_pong: config.schedule == GemmSchedule::PingPong,
                     };
-                    kernel::build_wgmma_projection(spec, *which, kernel, &schedule)
+                    kernel::build_wgmma_projection(spec, which, kernel, &schedule)
                 }
-                Some(TileConfig::Attention(config)) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
-                None => continue,
+                (Some(TileConfig::Attention(config)), _) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
+                _ => continue,
             };
             *kernel = built.map_err(|e| error(spec, "kernel", e))?;
         }
@@ -720,8 +800,8 @@ impl<'s> Compilation<'s> {
             .collect();
         let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, kernels)? } else { vec![None; kernels.len()] };
         let ptx_file = format!("{}.ptx", spec.name);
-        let entry = entry_point_manifest(spec, EntryPoint::Forward, kernels, &launches, &ptxas)?;
-        let manifest = Manifest::new(spec.clone(), ptx_file, vec![entry]);
+        let entries = entry_point_manifests(spec, &self.plans, kernels, &launches, &ptxas)?;
+        let manifest = Manifest::new(spec.clone(), ptx_file, entries);
         manifest.validate().map_err(|e| error(spec, "manifest", e))?;
         Ok(Library { manifest, ptx })
     }

@@ -133,8 +133,11 @@ pub enum BufferRole {
     /// Written by one kernel and read by a later one (q̃, k̃, v, o); loaders may return it for
     /// checking against the reference.
     Intermediate,
-    /// Kernel-private or saved-for-later data (e.g. the log-sum-exp `lse`).
+    /// Kernel-private data, or data kept for checking (the log-sum-exp `lse` without backward).
     Scratch,
+    /// Written by the forward for the backward (p0, q̃, k̃, v, o, lse): returned to the caller,
+    /// who passes it to the backward entry point, where it is an input.
+    Saved,
 }
 
 impl BufferRole {
@@ -145,6 +148,7 @@ impl BufferRole {
             BufferRole::Weight => "weight",
             BufferRole::Intermediate => "intermediate",
             BufferRole::Scratch => "scratch",
+            BufferRole::Saved => "saved",
         }
     }
     /// Whether the caller provides the buffer (the runtime allocates all others).
@@ -174,6 +178,17 @@ impl TensorDType {
             TensorDType::Bf16 => "bf16",
             TensorDType::F16 => "f16",
             TensorDType::F32 => "f32",
+        }
+    }
+}
+
+impl From<crate::ir::kernel::ElemType> for TensorDType {
+    fn from(elem: crate::ir::kernel::ElemType) -> TensorDType {
+        use crate::ir::kernel::ElemType;
+        match elem {
+            ElemType::F32 => TensorDType::F32,
+            ElemType::Bf16 => TensorDType::Bf16,
+            ElemType::F16 => TensorDType::F16,
         }
     }
 }
@@ -353,14 +368,29 @@ impl EntryPointManifest {
                 .validate(manifest)
                 .map_err(|e| format!("buffer `{}`: {e}", buffer.name))?;
         }
-        if self.entry == EntryPoint::Forward {
+        let token_buffers: &[(&str, BufferRole)] = match self.entry {
+            EntryPoint::Forward => &[("x", BufferRole::Input), ("out", BufferRole::Output)],
+            EntryPoint::Backward => &[("x", BufferRole::Input), ("dout", BufferRole::Input), ("dx", BufferRole::Output)],
+            EntryPoint::Decode => &[],
+        };
+        if self.entry == EntryPoint::Backward {
+            for weight in &manifest.weights {
+                let name = format!("grad.{}", weight.name);
+                let expected: Vec<SizeExpr> = weight.shape.iter().map(|&d| SizeExpr::from(d)).collect();
+                match names.get(name.as_str()) {
+                    Some(found) if found.role == BufferRole::Output && found.dtype == TensorDType::F32 && found.shape == expected => {}
+                    _ => return Err(format!("the backward pass needs an f32 output `{name}` of shape {:?}", weight.shape)),
+                }
+            }
+        }
+        {
             let spec = &manifest.spec;
             let token_shape = vec![
                 SizeExpr::batch(),
                 SizeExpr::seq_len(),
                 SizeExpr::from(spec.model_dim),
             ];
-            for (name, role) in [("x", BufferRole::Input), ("out", BufferRole::Output)] {
+            for &(name, role) in token_buffers {
                 let expected = BufferManifest {
                     name: name.to_string(),
                     role,
@@ -382,7 +412,7 @@ impl EntryPointManifest {
                             found.layout
                         ));
                     }
-                    None => return Err(format!("the forward pass needs a buffer `{name}`")),
+                    None => return Err(format!("the {} pass needs a buffer `{name}`", self.entry.name())),
                 }
             }
         }

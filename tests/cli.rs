@@ -286,7 +286,7 @@ fn an_entry_point_not_lowered_yet_is_a_compile_error_with_status_1() {
     assert_eq!(status, Status::SpecErrors);
     assert_eq!(
         stderr,
-        "error: cannot compile `d` (plan): the decode entry point is not implemented yet (only forward)\n"
+        "error: cannot compile `d` (plan): the decode entry point is not implemented yet (forward and backward are)\n"
     );
 }
 

@@ -428,6 +428,11 @@ const BAD_INPUTS: &[(&str, &str, &str)] = &[
         "did you mean `forward`?",
     ),
     (
+        "backward_without_forward",
+        "attention a {\n    model_dim = 2048, head_dim = 128\n    emit = [backward]\n}\n",
+        "`backward` needs `forward` in `emit`",
+    ),
+    (
         "tune_unknown_key",
         "attention a {\n    model_dim = 2048, head_dim = 128\n    tune { seqlen = 4096 }\n}\n",
         "did you mean `seq_len`?",

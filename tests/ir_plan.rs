@@ -163,7 +163,7 @@ fn plain_layers_have_three_kernels_and_project_straight_into_q_k_v() {
         let suffixes: Vec<&str> = plan
             .kernels
             .iter()
-            .map(|k| k.forward_kernel().suffix())
+            .map(|k| k.builder().forward().expect("a forward kernel").suffix())
             .collect();
         assert_eq!(
             suffixes,
@@ -270,4 +270,43 @@ fn lowering_an_unfused_graph_is_an_error() {
         err.to_string(),
         "kernel plan: a linear op belongs to no kernel: run the fusion passes"
     );
+}
+
+/// The backward entry point's plan: its kernels in the builders' launch order, reading x, dout
+/// and what the forward writes (and nothing it has not), writing dx and every weight's gradient;
+/// the printed plan names each kernel's builder.
+#[test]
+fn the_backward_plan_reads_the_forwards_buffers_and_writes_every_gradient() {
+    use ccc::ir::kernel::{BackwardKernel, backward_kernels};
+    use ccc::spec::EntryPoint;
+    for spec in [specs::zaya1(), specs::mha(), specs::gqa()] {
+        let forward = planned(&spec);
+        let backward = ccc::ir::plan::plan_for(&spec, EntryPoint::Backward).unwrap();
+        let symbols: Vec<String> = backward.kernels.iter().map(|k| k.symbol.clone()).collect();
+        let built: Vec<String> = backward_kernels(&spec).unwrap().into_iter().map(|k| k.name).collect();
+        assert_eq!(symbols, built, "{}", spec.name);
+        assert_eq!(backward.kernels.len(), BackwardKernel::launched_by(&spec).len());
+        let forward_writes: Vec<&str> = forward
+            .kernels
+            .iter()
+            .flat_map(|k| k.outputs.iter().chain(&k.scratch))
+            .map(|b| b.name.as_str())
+            .collect();
+        for input in &backward.inputs {
+            assert!(
+                ["x", "dout"].contains(&input.name.as_str()) || forward_writes.contains(&input.name.as_str()),
+                "{}: the backward reads {}, which the forward does not write",
+                spec.name,
+                input.name
+            );
+        }
+        let mut outputs: Vec<String> = backward.outputs.iter().map(|b| b.name.clone()).collect();
+        let mut expected: Vec<String> = spec.params().into_iter().map(|p| format!("grad.{}", p.name)).collect();
+        expected.push("dx".into());
+        outputs.sort();
+        expected.sort();
+        assert_eq!(outputs, expected, "{}", spec.name);
+        let text = backward.to_string();
+        assert!(text.contains("backward attention_bwd_dkdv"), "{text}");
+    }
 }

@@ -313,12 +313,11 @@ fn malformed_json_is_an_error_not_a_panic() {
     );
 }
 
-/// The driver describes every buffer the planned kernels touch: p0, the projection GEMM's
-/// output read by the q/k prologue, is an intermediate laid out [B, S, channels].
-#[test]
-fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
-    let spec = common::specs::zaya1();
-    let kernels = ccc::driver::kernels(&spec).unwrap();
+/// The manifests of every entry point of `spec` as the driver writes them from its plans and the
+/// planned kernels (launches without LLVM: the kernels' own threads and grids).
+fn entry_manifests(spec: &AttentionSpec) -> Vec<ccc::manifest::EntryPointManifest> {
+    let plans = ccc::driver::plans(spec).unwrap();
+    let kernels = ccc::driver::kernels(spec).unwrap();
     let launches: Vec<ccc::driver::LaunchInfo> = kernels
         .iter()
         .map(|k| ccc::driver::LaunchInfo {
@@ -328,9 +327,15 @@ fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
         })
         .collect();
     let ptxas = vec![None; kernels.len()];
-    let entry =
-        ccc::driver::entry_point_manifest(&spec, EntryPoint::Forward, &kernels, &launches, &ptxas)
-            .unwrap();
+    ccc::driver::entry_point_manifests(spec, &plans, &kernels, &launches, &ptxas).unwrap()
+}
+
+/// The driver describes every buffer the planned kernels touch: p0, the projection GEMM's
+/// output read by the q/k prologue, is an intermediate laid out [B, S, channels].
+#[test]
+fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
+    let spec = common::specs::zaya1();
+    let entry = entry_manifests(&spec).remove(0);
     let symbols: Vec<&str> = entry.kernels.iter().map(|k| k.symbol.as_str()).collect();
     assert_eq!(
         symbols,
@@ -364,6 +369,55 @@ fn the_driver_declares_the_packed_projection_as_a_bsc_intermediate() {
     );
     let manifest = Manifest::new(spec, "zaya1.ptx", vec![entry]);
     manifest.validate().unwrap();
+}
+
+/// With `emit = [forward, backward]` the forward keeps what the backward reads (role `saved`,
+/// declared alike in both), and the backward takes x, dout and those as inputs and returns dx and
+/// an f32 gradient of every weight; without backward nothing is saved.
+#[test]
+fn the_forward_saves_what_the_backward_reads() {
+    let mut spec = common::specs::zaya1();
+    let forward_only = entry_manifests(&spec).remove(0);
+    assert!(forward_only.buffers.iter().all(|b| b.role != BufferRole::Saved));
+    assert_eq!(forward_only.buffer("lse").map(|b| b.role), Some(BufferRole::Scratch));
+    spec.entry_points = vec![EntryPoint::Forward, EntryPoint::Backward];
+    let entries = entry_manifests(&spec);
+    let (forward, backward) = (&entries[0], &entries[1]);
+    assert_eq!((forward.entry, backward.entry), (EntryPoint::Forward, EntryPoint::Backward));
+    let saved: Vec<&str> = forward.buffers.iter().filter(|b| b.role == BufferRole::Saved).map(|b| b.name.as_str()).collect();
+    assert_eq!(saved, ["p0", "v", "q", "k", "o", "lse"]);
+    for name in &saved {
+        let (kept, read) = (forward.buffer(name).unwrap(), backward.buffer(name).unwrap());
+        assert_eq!(read.role, BufferRole::Input, "{name}");
+        assert_eq!((&kept.shape, kept.dtype), (&read.shape, read.dtype), "{name}");
+    }
+    let inputs: Vec<&str> = backward.buffers.iter().filter(|b| b.role == BufferRole::Input).map(|b| b.name.as_str()).collect();
+    assert_eq!(inputs.len(), saved.len() + 2, "{inputs:?}");
+    assert!(inputs.contains(&"x") && inputs.contains(&"dout"));
+    let outputs: Vec<&str> = backward.buffers.iter().filter(|b| b.role == BufferRole::Output).map(|b| b.name.as_str()).collect();
+    let mut expected: Vec<String> = spec.params().into_iter().map(|p| format!("grad.{}", p.name)).collect();
+    expected.push("dx".into());
+    let mut got: Vec<String> = outputs.iter().map(|s| s.to_string()).collect();
+    got.sort();
+    expected.sort();
+    assert_eq!(got, expected);
+    for param in spec.params() {
+        let gradient = backward.buffer(&format!("grad.{}", param.name)).unwrap();
+        assert_eq!(gradient.dtype, TensorDType::F32);
+        assert_eq!(gradient.shape, param.shape.iter().map(|&d| SizeExpr::from(d)).collect::<Vec<_>>());
+    }
+    let manifest = Manifest::new(spec, "zaya1.ptx", entries);
+    manifest.validate().unwrap();
+    // A backward without a gradient of every weight is refused.
+    let mut broken = manifest.clone();
+    broken.entry_points[1].buffers.retain(|b| b.name != "grad.o_proj.weight");
+    broken.entry_points[1].kernels.iter_mut().for_each(|k| {
+        k.params.retain(|p| !matches!(p, KernelParamManifest::Buffer { name } if name == "grad.o_proj.weight"))
+    });
+    assert_eq!(
+        broken.validate().unwrap_err(),
+        "entry point `backward`: the backward pass needs an f32 output `grad.o_proj.weight` of shape [2048, 1024]"
+    );
 }
 
 #[test]
@@ -417,4 +471,15 @@ fn the_python_spec_fixtures_are_written_by_the_rust_serializer() {
         let have = std::fs::read_to_string(&path).unwrap();
         assert!(have == want, "{} differs from the Rust serializer's; CCC_UPDATE_FIXTURES=1 rewrites it", path.display());
     }
+    // ZAYA1 with backward, as the driver lays out its entry points (launch sizes aside).
+    let mut spec = common::specs::zaya1();
+    spec.entry_points = vec![EntryPoint::Forward, EntryPoint::Backward];
+    let manifest = Manifest::new(spec.clone(), "zaya1.ptx", entry_manifests(&spec));
+    let want = manifest.to_json() + "\n";
+    let path = root.join("tests/python/fixtures/zaya1_train_manifest.json");
+    if std::env::var_os("CCC_UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, &want).unwrap();
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(have == want, "{} differs from the driver's; CCC_UPDATE_FIXTURES=1 rewrites it", path.display());
 }

@@ -73,8 +73,24 @@ class ZayaLayer:
 
     @torch.no_grad()
     def forward(self, x, module=None, position_embeddings=None):
+        return self.output(x, module, position_embeddings)
+
+    def output(self, x, module=None, position_embeddings=None):
+        """The layer's output, differentiable (autograd records it when x or a weight requires
+        grad)."""
         # `is None`, not `or`: truth-testing a torch.compile wrapper asks the module for len().
         if position_embeddings is None:
             position_embeddings = self.position_embeddings(x)
         module = self.module if module is None else module
         return module(x, attention_mask=None, position_embeddings=position_embeddings)[0]
+
+    def gradients(self, x, dout):
+        """Autograd through the module in its own dtype: {"dx": ..., name: dL/dweight} for
+        L = sum(out * dout), under the state dict's (Hugging Face's) names."""
+        params = dict(self.module.named_parameters())
+        for weight in params.values():
+            weight.requires_grad_(True)
+        x_leaf = x.detach().to(next(iter(params.values())).dtype).requires_grad_()
+        out = self.output(x_leaf)
+        grads = torch.autograd.grad(out, [x_leaf] + list(params.values()), dout.to(out.dtype))
+        return {"dx": grads[0], **dict(zip(params, grads[1:]))}

@@ -13,7 +13,7 @@ import numpy
 import torch
 
 from . import tensor_map
-from .errors import KernelFault, TensorMismatch
+from .errors import KernelFault, ManifestError, TensorMismatch
 from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, off_gpu_problem,
                        plan_for_input, read_library)
 
@@ -154,22 +154,37 @@ class Layer:
         return module, functions
 
     def bind(self, x, state_dict, poison=None):
-        """Checks x [B, S, E] and the weights, allocates every runtime-owned buffer (NaN-filled in
-        validate mode or with poison=True, else uninitialised) and returns a BoundCall."""
-        info = tensor_info(x)
-        # Before planning: persistent grids have one CTA per SM of x's GPU.
-        problem = off_gpu_problem("x", x.device)
+        """Checks x [B, S, E] and the weights, allocates every runtime-owned buffer of the forward
+        (NaN-filled in validate mode or with poison=True, else uninitialised) and returns a
+        BoundCall."""
+        return self._bind("forward", "x", {"x": x, **state_dict}, poison)
+
+    @property
+    def has_backward(self):
+        """Whether the library was compiled with `backward` in `emit`."""
+        return self.manifest.entry_point("backward") is not None
+
+    def bind_backward(self, x, state_dict, saved, dout, poison=None):
+        """The backward call's BoundCall: x and the weights of the forward call, what it saved
+        (`saved`, the forward's buffers of role `saved` by name: p0, q, k, v, o, lse) and
+        dout [B, S, E]."""
+        return self._bind("backward", "dout", {"x": x, "dout": dout, **state_dict, **saved}, poison)
+
+    def _bind(self, entry, anchor, supplied_tensors, poison):
+        """Plans `entry` for the sizes of the caller's `anchor` tensor, checks every caller-supplied
+        tensor and allocates the others."""
+        anchor_tensor = supplied_tensors[anchor]
+        info = tensor_info(anchor_tensor)
+        # Before planning: persistent grids have one CTA per SM of the anchor's GPU.
+        problem = off_gpu_problem(anchor, anchor_tensor.device)
         if problem:
             raise TensorMismatch([problem])
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        plan = plan_for_input(self.manifest, "forward", "x", info.dtype, info.shape, sms)
-        supplied = {"x": info}
-        supplied.update((name, tensor_info(t)) for name, t in state_dict.items())
-        check_supplied(self.manifest, plan, supplied)
-        device = x.device
+        sms = torch.cuda.get_device_properties(anchor_tensor.device).multi_processor_count
+        plan = plan_for_input(self.manifest, entry, anchor, info.dtype, info.shape, sms)
+        check_supplied(self.manifest, plan, {name: tensor_info(t) for name, t in supplied_tensors.items()})
+        device = anchor_tensor.device
         poison = self.validate if poison is None else poison
-        tensors = {"x": x}
-        tensors.update(state_dict)
+        tensors = dict(supplied_tensors)
         for buffer in plan.buffers:
             if buffer.role in ("input", "weight"):
                 continue
@@ -183,12 +198,38 @@ class Layer:
 
     def forward(self, x, state_dict):
         """out [B, S, E] = the layer applied to x [B, S, E] with the given weights (a dict of
-        Hugging Face state-dict names to CUDA tensors in the spec's dtype)."""
+        Hugging Face state-dict names to CUDA tensors in the spec's dtype). When autograd records
+        and x or a weight requires grad, the call is differentiable (ccc.autograd), which needs a
+        library compiled with `emit = [forward, backward]`."""
+        if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in state_dict.values())):
+            from .autograd import differentiable_forward
+
+            return differentiable_forward(self, x, state_dict)
         call = self.bind(x, state_dict)
         call.run()
         return call.tensors["out"]
 
     __call__ = forward
+
+    def forward_saving(self, x, state_dict):
+        """out [B, S, E] and what the backward needs (the buffers of role `saved`, by name): the
+        forward of a library compiled with `emit = [forward, backward]`."""
+        if not self.has_backward:
+            raise ManifestError(f"`{self.name}` was compiled without the backward entry point: "
+                                "add `backward` to `emit` (`emit = [forward, backward]`) to train with it")
+        call = self.bind(x, state_dict)
+        call.run()
+        saved = {b.name: call.tensors[b.name] for b in call.plan.buffers if b.role == "saved"}
+        return call.tensors["out"], saved
+
+    def backward(self, x, state_dict, saved, dout):
+        """dx [B, S, E] and every weight's gradient (f32, by the weight's name) of the forward call
+        on (x, state_dict) that returned `saved` ([`forward_saving`]), for the output gradient
+        dout [B, S, E]."""
+        call = self.bind_backward(x, state_dict, saved, dout.contiguous())
+        call.run()
+        grads = {name[len("grad."):]: t for name, t in call.tensors.items() if name.startswith("grad.")}
+        return call.tensors["dx"], grads
 
     def forward_with_intermediates(self, x, state_dict, poison=True):
         """Like forward, returning every runtime-owned buffer by name: out, q, k, v, o (as

@@ -26,7 +26,7 @@ MAX_GRID = (2**31 - 1, 65_535, 65_535)
 U32_MAX = 2**32 - 1
 MAX_TENSOR_MAP_BOX_ROWS = 256  # cuTensorMapEncodeTiled: every box dimension <= 256
 
-ROLES = ("input", "output", "weight", "intermediate", "scratch")
+ROLES = ("input", "output", "weight", "intermediate", "scratch", "saved")
 CALLER_SUPPLIED_ROLES = ("input", "weight")
 TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}
 PTX_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
@@ -270,25 +270,42 @@ def _validate_entry(entry, manifest):
         problem = _buffer_problem(buffer, manifest)
         if problem:
             raise ManifestError(f"buffer `{buffer.name}`: {problem}")
-    if entry.entry == "forward":
+    token_buffers = {"forward": (("x", "input"), ("out", "output")),
+                     "backward": (("x", "input"), ("dout", "input"), ("dx", "output"))}
+    if entry.entry in token_buffers:
         token_shape = (parse_size_expr({"var": "B"}, ""), parse_size_expr({"var": "S"}, ""),
                        parse_size_expr({"const": spec.model_dim}, ""))
-        for name, role in (("x", "input"), ("out", "output")):
+        for name, role in token_buffers[entry.entry]:
             found = names.get(name)
             if found is None:
-                raise ManifestError(f"the forward pass needs a buffer `{name}`")
+                raise ManifestError(f"the {entry.entry} pass needs a buffer `{name}`")
             if (found.role, found.dtype, found.shape, found.layout) != (
                     role, spec.dtype, token_shape, "BSE"):
                 raise ManifestError(
                     f"buffer `{name}` must be {role} {spec.dtype} [B, S, {spec.model_dim}] in "
                     f"layout BSE, got {found.role} {found.dtype} {format_shape(found.shape)} in "
                     f"layout {found.layout}")
+    if entry.entry == "backward":
+        for weight in manifest.weights:
+            found = names.get("grad." + weight.name)
+            if found is None or (found.role, found.dtype, _constant_shape(found.shape)) != (
+                    "output", "f32", tuple(weight.shape)):
+                raise ManifestError(f"the backward pass needs an f32 output `grad.{weight.name}` "
+                                    f"of shape {list(weight.shape)}")
     if not entry.kernels:
         raise ManifestError("no kernels")
     for kernel in entry.kernels:
         problem = _kernel_problem(kernel, names)
         if problem:
             raise ManifestError(f"kernel `{kernel.symbol}`: {problem}")
+
+
+def _constant_shape(shape):
+    """The shape's extents when none depends on B or S, else None."""
+    try:
+        return tuple(dim.eval({}) for dim in shape)
+    except Unbound:
+        return None
 
 
 def _buffer_problem(buffer, manifest):
@@ -408,7 +425,8 @@ class CallPlan:
 def _entry_of(manifest, entry):
     found = manifest.entry_point(entry)
     if found is None:
-        raise ManifestError(f"the library has no `{entry}` entry point")
+        raise ManifestError(f"the library has no `{entry}` entry point: compile its spec with "
+                            f"`{entry}` in `emit`")
     return found
 
 
@@ -528,12 +546,12 @@ def check_supplied(manifest, plan, supplied):
     if off_gpu:
         problems.append(off_gpu)
         device = None
-    expected = [(b.name, b.dtype, b.shape) for b in inputs]
-    expected += [(w.name, w.dtype, w.shape) for w in manifest.weights]
-    for name, dtype, shape in expected:
+    expected = [(b.name, b.dtype, b.shape, "tensor") for b in inputs]
+    expected += [(w.name, w.dtype, w.shape, "weight") for w in manifest.weights]
+    for name, dtype, shape, kind in expected:
         info = supplied.get(name)
         if info is None:
-            problems.append(f"missing weight `{name}` ({describe(dtype, shape)})")
+            problems.append(f"missing {kind} `{name}` ({describe(dtype, shape)})")
             continue
         if info.dtype != dtype or tuple(info.shape) != tuple(shape):
             problems.append(f"tensor `{name}`: expected {describe(dtype, shape)}, got "
@@ -544,7 +562,7 @@ def check_supplied(manifest, plan, supplied):
         if not info.contiguous:
             problems.append(f"tensor `{name}` is not contiguous: the kernels read dense "
                             f"row-major memory (pass `.contiguous()`)")
-    known = {name for name, _, _ in expected}
+    known = {name for name, _, _, _ in expected}
     extra = sorted(name for name in supplied if name not in known)
     if extra:
         problems.append("unexpected weight" + ("s " if len(extra) > 1 else " ")

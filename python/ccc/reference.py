@@ -19,12 +19,12 @@ from .mask_rule import block_key_range, key_range
 LOGITS_BUDGET_BYTES = 2 << 30
 
 
-def _params_by_role(spec, state_dict):
+def _params_by_role(spec, state_dict, dtype):
     roles = {}
     for param in spec.params():
         if param.name not in state_dict:
             raise KeyError(f"the state dict lacks `{param.name}`")
-        roles[param.role] = state_dict[param.name].to(torch.float64)
+        roles[param.role] = state_dict[param.name].to(dtype)
     return roles
 
 
@@ -69,7 +69,7 @@ def _rotate(heads, spec, positions):
     exponents = torch.arange(r // 2, dtype=torch.float64, device=heads.device) * (-2.0 / r)
     angles = positions.to(torch.float64)[:, None] * torch.pow(
         torch.tensor(rope.theta, dtype=torch.float64, device=heads.device), exponents)
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    cos, sin = (f(angles).to(heads.dtype)[None, :, None, :] for f in (torch.cos, torch.sin))
     rotary = heads[..., :r]
     if rope.style == "neox":
         first, second = rotary[..., :r // 2], rotary[..., r // 2:]
@@ -121,6 +121,25 @@ def _attend(spec, q, k, v, mask_kind, window):
     return o, lse.reshape(batch, hq, seq_len)
 
 
+def _attend_sdpa(spec, q, k, v, mask_kind, window):
+    """Step 7 as a PyTorch user writes it in 16 bits: SDPA over the kv heads repeated per group,
+    the mask from ccc.mask_rule as a boolean matrix (is_causal where it is the causal one).
+    o [B, S, Hq, d]; no lse."""
+    seq_len = q.shape[1]
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k, v = (t.repeat_interleave(spec.groups, dim=1) for t in (k, v))
+    allowed = None
+    if mask_kind not in ("none", "causal"):
+        runs = [key_range(mask_kind, window, t, seq_len) or (seq_len, -1) for t in range(seq_len)]
+        first = torch.tensor([run[0] for run in runs], device=q.device)[:, None]
+        last = torch.tensor([run[1] for run in runs], device=q.device)[:, None]
+        j = torch.arange(seq_len, device=q.device)[None]
+        allowed = (j >= first) & (j <= last)
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, is_causal=mask_kind == "causal", scale=spec.softmax_scale)
+    return o.transpose(1, 2), None
+
+
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -145,7 +164,8 @@ def reference_attention(spec, q, k, v, mask=None):
     return _attend(spec, q, k, v, *mask)
 
 
-def reference_forward(spec, state_dict, x, storage_dtype=None, mask=None, round_before_rope=True):
+def reference_forward(spec, state_dict, x, storage_dtype=None, mask=None, round_before_rope=True,
+                      compute_dtype=torch.float64):
     """The layer on x [B, S, E] in float64 on x's device. Returns a dict with out [B, S, E],
     q [B, S, Hq, d], k [B, S, Hk, d], v [B, S, Hk, d], o [B, S, Hq, d] and lse [B, Hq, S], all
     float64 (the names of docs/manifest.md).
@@ -168,12 +188,16 @@ def reference_forward(spec, state_dict, x, storage_dtype=None, mask=None, round_
     kernels keep it in f32).
 
     mask: (kind, window) from ccc.mask_rule instead of the spec's mask, for the deliberately
-    wrong masks of validate.py's self-check."""
+    wrong masks of validate.py's self-check.
+
+    compute_dtype torch.bfloat16 or torch.float16 (with storage_dtype None) runs the same steps in
+    that type, step 7 through SDPA, lse None: PyTorch's own 16-bit autograd of the layer, the
+    peer whose gradient error bench/layer_backward.py holds ours to."""
     rounded = storage_rounding(storage_dtype)
     if mask is None:
         mask = (spec.mask.kind, spec.mask.window)
-    weights = _params_by_role(spec, {n: t.to(x.device) for n, t in state_dict.items()})
-    x = x.to(torch.float64)
+    weights = _params_by_role(spec, {n: t.to(x.device) for n, t in state_dict.items()}, compute_dtype)
+    x = x.to(compute_dtype)
     batch, seq_len, _ = x.shape
     hq, hk, d = spec.query_heads, spec.kv_heads, spec.head_dim
 
@@ -208,7 +232,7 @@ def reference_forward(spec, state_dict, x, storage_dtype=None, mask=None, round_
         elif spec.key_temperature == "learned_exp":
             tau = weights["key_temperature"].clamp(1e-7, 2.0).exp()
         else:
-            tau = torch.ones(hk, dtype=torch.float64, device=x.device)
+            tau = torch.ones(hk, dtype=compute_dtype, device=x.device)
 
         def normalise(heads, scale):
             return heads * (scale / torch.sqrt((heads * heads).sum(-1, keepdim=True)
@@ -226,7 +250,8 @@ def reference_forward(spec, state_dict, x, storage_dtype=None, mask=None, round_
     q, k = rounded(q), rounded(k)
 
     # Steps 7 and 8.
-    o, lse = _attend(spec, q, k, v, *mask)
+    attend = _attend if compute_dtype == torch.float64 else _attend_sdpa
+    o, lse = attend(spec, q, k, v, *mask)
     o = rounded(o)
     out = rounded(_linear(o.reshape(batch, seq_len, spec.q_width), weights, "output_proj",
                           "output_bias"))

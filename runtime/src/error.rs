@@ -106,7 +106,7 @@ impl fmt::Display for RuntimeError {
             }
             RuntimeError::Size { message } => f.write_str(message),
             RuntimeError::EntryPointMissing { entry } => {
-                write!(f, "the library has no `{entry}` entry point")
+                write!(f, "the library has no `{entry}` entry point: compile its spec with `{entry}` in `emit`")
             }
             RuntimeError::Reference { message } => write!(f, "CPU reference: {message}"),
         }

@@ -259,6 +259,47 @@ impl Library {
         Ok((plan, supplied))
     }
 
+    /// Runs the backward pass of a library compiled with `emit = [forward, backward]`: from
+    /// `dout` [B, S, E] and what the forward call on `x` saved (the outputs of role `saved` in
+    /// `forward`, i.e. [`Library::forward`]'s result), returns `dx` and every weight's gradient
+    /// `grad.<name>` (f32) among the buffers it allocated. Checks every tensor against the
+    /// manifest, allocates the rest filled with NaN and launches the kernels in order, each
+    /// checked before the next.
+    pub fn backward(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+        forward: &Outputs,
+        dout: &DeviceTensor,
+    ) -> Result<Outputs, RuntimeError> {
+        let plan = CallPlan::for_input(&self.manifest, EntryPoint::Backward, "dout", dout.dtype, &dout.shape, Some(self.sms))?;
+        let mut supplied = BTreeMap::from([("x", x), ("dout", dout)]);
+        supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        let mut missing = Vec::new();
+        for buffer in plan.buffers.iter().filter(|b| b.role == BufferRole::Input) {
+            if supplied.contains_key(buffer.name.as_str()) {
+                continue;
+            }
+            match forward.tensors.get(&buffer.name) {
+                Some((BufferRole::Saved, tensor)) => {
+                    supplied.insert(buffer.name.as_str(), tensor);
+                }
+                _ => missing.push(format!("`{}` (saved by the forward call)", buffer.name)),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(RuntimeError::Size {
+                message: format!("the backward call lacks {}: pass the outputs of this library's forward", missing.join(", ")),
+            });
+        }
+        let owned = self.allocate(&plan)?;
+        {
+            let call = self.bind(&plan, &supplied, &owned)?;
+            self.launch_all(&plan, &call, true, None)?;
+        }
+        Ok(Outputs { tensors: owned })
+    }
+
     /// [`Library::forward`] from and to host memory.
     pub fn forward_host(
         &self,

@@ -133,7 +133,7 @@ fn sizes_that_do_not_fit_are_errors() {
         },
     )
     .unwrap_err();
-    assert_eq!(err.to_string(), "the library has no `decode` entry point");
+    assert_eq!(err.to_string(), "the library has no `decode` entry point: compile its spec with `decode` in `emit`");
 }
 
 /// The persistent fixture whose second kernel also takes the SM count, as its last argument.

@@ -756,6 +756,17 @@ impl Checker {
                 None => ok = false,
             }
         }
+        let has_forward = seen.iter().any(|(point, _)| *point == EntryPoint::Forward);
+        if let Some((_, span)) = seen.iter().find(|(point, _)| *point == EntryPoint::Backward)
+            && !has_forward
+        {
+            self.error(
+                Error::new(*span, "`backward` needs `forward` in `emit`")
+                    .label("the backward reads what the forward saves")
+                    .help("emit both: `emit = [forward, backward]`"),
+            );
+            ok = false;
+        }
         let mut points: Vec<EntryPoint> = seen.into_iter().map(|(point, _)| point).collect();
         points.sort();
         ok.then_some(points)

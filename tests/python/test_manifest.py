@@ -222,6 +222,36 @@ class ManifestValidation(unittest.TestCase):
         self.assertEqual(len(manifest.weights), 10)
         self.assertEqual(manifest.weights[8].name, "qk_norm.temp")
 
+    def test_a_training_library_saves_what_its_backward_reads(self):
+        with open(os.path.join(FIXTURES, "zaya1_train_manifest.json")) as file:
+            value = json.load(file)
+        manifest = parse(value)
+        forward, backward = manifest.entry_point("forward"), manifest.entry_point("backward")
+        saved = [b.name for b in forward.buffers if b.role == "saved"]
+        self.assertEqual(saved, ["p0", "v", "q", "k", "o", "lse"])
+        self.assertTrue(all(backward.buffer(name).role == "input" for name in saved))
+        plan = plan_for_input(manifest, "backward", "dout", "bf16", (3, 17, 2048), 132)
+        self.assertEqual(plan.buffer("dx").shape, (3, 17, 2048))
+        self.assertEqual(plan.buffer("grad.o_proj.weight").shape, (2048, 1024))
+        self.assertEqual(plan.buffer("grad.o_proj.weight").dtype, "f32")
+        supplied = {b.name: TensorInfo(b.dtype, b.shape, "cuda:0", True)
+                    for b in plan.buffers if b.role == "input"}
+        supplied.update((w.name, TensorInfo(w.dtype, w.shape, "cuda:0", True)) for w in manifest.weights)
+        check_supplied(manifest, plan, supplied)
+        del supplied["q"]
+        with self.assertRaises(TensorMismatch) as raised:
+            check_supplied(manifest, plan, supplied)
+        self.assertIn("missing tensor `q` (bf16 [3, 17, 8, 128])", str(raised.exception))
+        broken = copy.deepcopy(value)
+        backward_json = broken["entry_points"][1]
+        backward_json["buffers"] = [b for b in backward_json["buffers"] if b["name"] != "grad.qk_norm.temp"]
+        for kernel in backward_json["kernels"]:
+            kernel["params"] = [p for p in kernel["params"] if p.get("name") != "grad.qk_norm.temp"]
+        with self.assertRaises(ManifestError) as raised:
+            parse(broken)
+        self.assertIn("the backward pass needs an f32 output `grad.qk_norm.temp` of shape [2]",
+                      str(raised.exception))
+
     def test_schema_version_is_checked_first(self):
         self.assertRaisesRegex(ManifestError, "^unknown manifest schema version 7: this build "
                                "reads version 3$", parse_manifest, '{"schema_version": 7}')

@@ -3,8 +3,8 @@
 //! launch grid. It is lowered from a fully fused graph, one kernel per fusion group; the kernel
 //! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
 
-use crate::ir::graph::{Graph, KernelRole, OpKind, OutputKind, TensorType, ValueId};
-use crate::ir::kernel::{self, ForwardKernel, KernelParam, ProjectionSegment, Schedule};
+use crate::ir::graph::{ElemType, Graph, KernelRole, Layout, OpKind, OutputKind, TensorType, ValueId};
+use crate::ir::kernel::{self, Access, BackwardKernel, ForwardKernel, KernelParam, ProjectionSegment, Schedule};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::size::{SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
@@ -77,16 +77,44 @@ pub enum KernelKind {
     OutputProjection {
         bias: bool,
     },
+    /// A kernel of the backward entry point, built with its default schedule from the spec.
+    Backward(BackwardKernel),
+}
+
+/// Which kernel-IR builder builds a planned kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelBuilder {
+    Forward(ForwardKernel),
+    Backward(BackwardKernel),
+}
+
+impl KernelBuilder {
+    /// The kernel IR of this kernel of `spec`: a forward kernel with `schedule`, a backward one
+    /// with its default schedule (the one its plan entry recorded).
+    pub fn build(self, spec: &AttentionSpec, schedule: &Schedule) -> Result<kernel::KernelFn, String> {
+        match self {
+            KernelBuilder::Forward(which) => kernel::build_forward(spec, which, schedule),
+            KernelBuilder::Backward(which) => which.build(spec),
+        }
+    }
+
+    pub fn forward(self) -> Option<ForwardKernel> {
+        match self {
+            KernelBuilder::Forward(which) => Some(which),
+            KernelBuilder::Backward(_) => None,
+        }
+    }
 }
 
 impl PlannedKernel {
     /// Which kernel-IR builder builds this kernel.
-    pub fn forward_kernel(&self) -> ForwardKernel {
+    pub fn builder(&self) -> KernelBuilder {
         match self.kind {
-            KernelKind::QkvProjection { .. } => ForwardKernel::QkvProjection,
-            KernelKind::QkPrologue { .. } => ForwardKernel::QkPrologue,
-            KernelKind::Attention { .. } => ForwardKernel::Attention,
-            KernelKind::OutputProjection { .. } => ForwardKernel::OutputProjection,
+            KernelKind::QkvProjection { .. } => KernelBuilder::Forward(ForwardKernel::QkvProjection),
+            KernelKind::QkPrologue { .. } => KernelBuilder::Forward(ForwardKernel::QkPrologue),
+            KernelKind::Attention { .. } => KernelBuilder::Forward(ForwardKernel::Attention),
+            KernelKind::OutputProjection { .. } => KernelBuilder::Forward(ForwardKernel::OutputProjection),
+            KernelKind::Backward(which) => KernelBuilder::Backward(which),
         }
     }
 }
@@ -149,8 +177,12 @@ fn fail<T>(message: impl Into<String>) -> Result<T, PlanError> {
     })
 }
 
-/// Builds, optimises and plans one entry point of `spec` with the default pipeline options.
+/// Builds, optimises and plans one entry point of `spec` with the default pipeline options (the
+/// backward from its kernel builders: [`plan_backward`]).
 pub fn plan_for(spec: &AttentionSpec, entry: EntryPoint) -> Result<KernelPlan, PlanError> {
+    if entry == EntryPoint::Backward {
+        return plan_backward(spec);
+    }
     let graph = crate::ir::graph::build(spec, entry).or_else(|e| fail(e.to_string()))?;
     let run = run_pipeline(graph, &PipelineOptions::default()).or_else(|e| fail(e.to_string()))?;
     let plan = lower(&run.graph)?;
@@ -362,6 +394,97 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
     })
 }
 
+/// The backward entry point of `spec`: [`BackwardKernel::launched_by`] in order, each kernel's
+/// buffers read from the tensors its builder binds. It has no graph IR: what it reads besides
+/// `x`, `dout` and the weights is what the forward saved (`q`, `k`, `v`, `o`, `lse`, and `p0`
+/// with a prologue), and its outputs are `dx` and every weight's gradient.
+pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
+    let param_names: Vec<String> = spec.params().into_iter().map(|p| p.name).collect();
+    let (mut inputs, mut written, mut kernels) = (Vec::<Buffer>::new(), Vec::<Buffer>::new(), Vec::new());
+    for which in BackwardKernel::launched_by(spec) {
+        let built = which.build(spec).or_else(fail)?;
+        let (mut kernel_inputs, mut outputs, mut params) = (Vec::new(), Vec::new(), Vec::new());
+        for param in &built.params {
+            let KernelParam::Tensor { name, elem, shape, access } = param else { continue };
+            if param_names.contains(name) {
+                params.push(name.clone());
+                continue;
+            }
+            let elem = match elem {
+                kernel::ElemType::F32 => ElemType::F32,
+                kernel::ElemType::Bf16 | kernel::ElemType::F16 => ElemType::Storage(spec.dtype),
+            };
+            let mut buffer = Buffer { name: name.clone(), ty: TensorType::new(shape.clone(), elem, Layout::RowMajor) };
+            // A kernel may view a buffer under another shape of as many elements (o as
+            // [B, S, Hq, d] or [B, S, Hq·d]): the plan keeps the first.
+            if let Some(known) = written.iter().chain(&inputs).find(|b| b.name == buffer.name) {
+                if !same_elements(&known.ty, &buffer.ty) {
+                    return fail(format!(
+                        "{}: binds {} as {}, which an earlier kernel bound as {}",
+                        built.name, buffer.name, buffer.ty, known.ty
+                    ));
+                }
+                buffer = known.clone();
+            }
+            match access {
+                Access::Write => {
+                    if !written.iter().any(|b: &Buffer| b.name == buffer.name) {
+                        written.push(buffer.clone());
+                    }
+                    outputs.push(buffer);
+                }
+                Access::Read => {
+                    // Read before any kernel of this call writes it: the caller's (x, dout, or
+                    // what the forward saved), under the first shape a kernel reads it as.
+                    if !written.iter().chain(&inputs).any(|b| b.name == buffer.name) {
+                        inputs.push(buffer.clone());
+                    }
+                    kernel_inputs.push(buffer);
+                }
+            }
+        }
+        let [x, y, z] = built.grid.clone();
+        kernels.push(PlannedKernel {
+            symbol: built.name.clone(),
+            kind: KernelKind::Backward(which),
+            inputs: kernel_inputs,
+            params,
+            outputs,
+            scratch: Vec::new(),
+            schedule: built.schedule,
+            grid: Grid { x, y, z },
+        });
+    }
+    let outputs: Vec<Buffer> = written.into_iter().filter(|b| b.name == "dx" || b.name.starts_with("grad.")).collect();
+    let plan = KernelPlan {
+        name: spec.name.clone(),
+        entry: EntryPoint::Backward,
+        inputs,
+        params: spec
+            .params()
+            .into_iter()
+            .map(|p| Buffer { name: p.name, ty: TensorType::new(p.shape.iter().map(|&d| SizeExpr::from(d)).collect(), ElemType::Storage(spec.dtype), Layout::RowMajor) })
+            .collect(),
+        outputs,
+        kernels,
+    };
+    plan.verify()?;
+    Ok(plan)
+}
+
+/// Whether two tensor types are views of one buffer: the same element type and as many elements
+/// at every size (checked at a few (B, S), which sizes linear in each decide).
+fn same_elements(a: &TensorType, b: &TensorType) -> bool {
+    let elements = |ty: &TensorType, env: &crate::ir::size::SizeEnv| {
+        ty.shape.iter().try_fold(1u64, |acc, dim| Some(acc * dim.eval(env).ok()?))
+    };
+    a.elem == b.elem
+        && [(1, 1), (3, 17), (2, 1000)].into_iter().all(|(batch, seq_len)| {
+            let env = crate::ir::size::SizeEnv { batch, seq_len, sms: None };
+            elements(a, &env).is_some() && elements(a, &env) == elements(b, &env)
+        })
+}
+
 /// The steps of the q/k prologue: one per CCA op, q and k halves of the same step (their
 /// norms, their RoPE) merged into one.
 fn prologue_steps<'a>(ops: impl Iterator<Item = &'a OpKind>) -> Vec<PrologueStep> {
@@ -429,9 +552,11 @@ impl KernelPlan {
         let mut symbols = BTreeSet::new();
         for kernel in &self.kernels {
             let here = &kernel.symbol;
-            let want = format!("{}_{}", self.name, kernel.forward_kernel().suffix());
-            if *here != want {
-                return fail(format!("kernel {here} should be named {want}"));
+            if let Some(which) = kernel.builder().forward() {
+                let want = format!("{}_{}", self.name, which.suffix());
+                if *here != want {
+                    return fail(format!("kernel {here} should be named {want}"));
+                }
             }
             if !symbols.insert(here.clone()) {
                 return fail(format!("kernel {here} appears twice"));
@@ -459,11 +584,18 @@ impl KernelPlan {
                 }
             }
             for buffer in kernel.outputs.iter().chain(&kernel.scratch) {
-                if available.iter().any(|b| b.name == buffer.name) {
-                    return fail(format!(
-                        "kernel {here} writes {}, which already exists",
-                        buffer.name
-                    ));
+                // Several kernels may write parts of one buffer (a convolution's weight
+                // gradient, one tap each), never a layer input or under another type.
+                let is_input = self.inputs.iter().any(|b| b.name == buffer.name);
+                match available.iter().find(|b| b.name == buffer.name) {
+                    Some(b) if !is_input && b == buffer => continue,
+                    Some(_) => {
+                        return fail(format!(
+                            "kernel {here} writes {}, which already exists",
+                            buffer.name
+                        ));
+                    }
+                    None => {}
                 }
                 let degree: u32 = buffer.ty.shape.iter().map(seq_degree).sum();
                 if degree > 1 {

@@ -99,6 +99,7 @@ fn kind_text(kind: &KernelKind) -> String {
             query_heads / kv_heads
         ),
         KernelKind::OutputProjection { bias } => format!("output_projection {{bias = {bias}}}"),
+        KernelKind::Backward(which) => format!("backward {}", which.describe()),
     }
 }
 

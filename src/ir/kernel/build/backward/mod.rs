@@ -103,103 +103,196 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
     verified(tiled_kernel(sum.name.clone(), params, grid, &schedule, t, body), &schedule)
 }
 
-/// The kernels of one backward call of `spec` in launch order, each with its default schedule:
-/// o_proj's input gradient (`do`), the attention backward, the prologue's RoPE and norm backward
-/// with dL/dtemp summed over tokens, the convolutions' and q-k mean's backward into dp0 with the
-/// convolutions' weight and bias gradients, dx, then every projection's weight gradient. Reads
-/// the forward's saved `q`, `k`, `v`, `o`, `lse` and (with a prologue) `p0`, with `x` and `dout`.
-pub fn backward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
-    let (inputs, weights) = projection_gradients(spec);
-    let mut kernels = vec![with_default_gradient_schedule(|s| build_input_gradient(&inputs[0], s))?];
-    for which in AttentionBackwardKernel::LAUNCH_ORDER {
-        kernels.push(build_attention_backward(spec, which, &default_attention_backward_schedule(spec, which)?)?);
-    }
-    if has_qk_prologue(spec) {
-        kernels.push(build_prologue_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?);
-        if let Some(temperature) = param_name(spec, ParamRole::KeyTemperature) {
-            let name = format!("{}_temperature_grad", spec.name);
-            kernels.push(build_token_sum(&temperature_sum(spec, name, &temperature))?);
-        }
-        if !spec.qk_conv.is_empty() || spec.qk_mean {
-            kernels.push(build_prologue_conv_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?);
-            kernels.extend(conv_gradient_kernels(spec)?);
-        }
-    }
-    kernels.push(with_default_gradient_schedule(|s| build_input_gradient(&inputs[1], s))?);
-    for gradient in &weights {
-        kernels.push(with_default_gradient_schedule(|s| build_weight_gradient(gradient, s))?);
-    }
-    Ok(kernels)
+/// Which backward kernel: the identity the backward plan records and [`BackwardKernel::build`]
+/// builds from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BackwardKernel {
+    /// o_proj's input gradient `do` (what the attention backward reads).
+    OutputInputGradient,
+    Attention(AttentionBackwardKernel),
+    /// The prologue's RoPE and norm backward ([`build_prologue_backward`]).
+    PrologueNorm,
+    /// dL/dtemp summed over tokens from the prologue backward's rows.
+    TemperatureGradient,
+    /// The convolutions' and q-k mean's backward into dp0 ([`build_prologue_conv_backward`]).
+    PrologueConvolutions,
+    /// One tap of convolution stage `stage`'s weight gradient.
+    ConvWeightTap { stage: usize, tap: usize },
+    /// Convolution stage `stage`'s bias gradient.
+    ConvBias { stage: usize },
+    /// dx through every projection segment.
+    InputGradient,
+    /// Weight (and bias) gradient `index` of [`projection_gradients`]' list: 0 is o_proj's, then
+    /// one per projection segment.
+    WeightGradient(usize),
 }
 
-/// The convolution stages' weight and bias gradients, from each stage's output gradient
-/// ([`stage_gradient_name`]) and input (p0, or [`stage_input_name`]), both read over every row
-/// from T before token 0 on: a per-head tap is a GEMM per head (dW[:, :, tap] = Σ dOᵀ·I shifted
-/// by K − 1 − tap), a depthwise tap a token sum of products, a bias a token sum.
-fn conv_gradient_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
-    let storage: ElemType = spec.dtype.into();
-    let (p, d, history) = (spec.packed_width(), spec.head_dim, spec.conv_history());
-    let Some(last) = spec.qk_conv.len().checked_sub(1) else { return Ok(Vec::new()) };
-    let mut kernels = Vec::new();
-    for (stage, conv) in spec.qk_conv.iter().enumerate() {
-        let dy = stage_gradient_name(spec, stage);
-        let dy_rows_before = if stage == last { 0 } else { history };
-        let (x, x_rows_before) = if stage == 0 { (PROJECTION_BUFFER.to_string(), 0) } else { (stage_input_name(stage), history) };
-        let weight = param_name(spec, ParamRole::ConvWeight { stage }).expect("every stage has a weight");
-        let bias = param_name(spec, ParamRole::ConvBias { stage }).expect("every stage has a bias");
-        for tap in 0..conv.width {
-            let name = format!("{}_conv{stage}_dweight_tap{tap}", spec.name);
-            let row_shift = conv.width - 1 - tap;
-            kernels.push(match conv.kind {
-                ConvKind::PerHead => {
-                    let gradient = WeightGradient {
-                        name,
-                        dy: dy.clone(),
-                        dy_columns: p,
-                        dy_rows_before,
-                        column0: 0,
-                        width: d,
-                        x: x.clone(),
-                        x_columns: p,
-                        x_rows_before,
-                        x_column0: 0,
-                        inputs: d,
-                        row_shift,
-                        heads: Some((spec.query_heads + spec.kv_heads, d)),
-                        output: gradient_name(&weight),
-                        output_shape: vec![p, d, conv.width],
-                        output_tap: Some(tap),
-                        bias_output: None,
-                        storage,
-                    };
-                    with_default_gradient_schedule(|s| build_weight_gradient(&gradient, s))?
+impl BackwardKernel {
+    /// The kernels of one backward call of `spec` in launch order: o_proj's input gradient
+    /// (`do`), the attention backward, the prologue's RoPE and norm backward with dL/dtemp summed
+    /// over tokens, the convolutions' and q-k mean's backward into dp0 with the convolutions'
+    /// weight and bias gradients, dx, then every projection's weight gradient. They read the
+    /// forward's saved `q`, `k`, `v`, `o`, `lse` and (with a prologue) `p0`, with `x` and `dout`.
+    pub fn launched_by(spec: &AttentionSpec) -> Vec<BackwardKernel> {
+        let mut kernels = vec![BackwardKernel::OutputInputGradient];
+        kernels.extend(AttentionBackwardKernel::LAUNCH_ORDER.map(BackwardKernel::Attention));
+        if has_qk_prologue(spec) {
+            kernels.push(BackwardKernel::PrologueNorm);
+            if param_name(spec, ParamRole::KeyTemperature).is_some() {
+                kernels.push(BackwardKernel::TemperatureGradient);
+            }
+            if !spec.qk_conv.is_empty() || spec.qk_mean {
+                kernels.push(BackwardKernel::PrologueConvolutions);
+                for (stage, conv) in spec.qk_conv.iter().enumerate() {
+                    kernels.extend((0..conv.width).map(|tap| BackwardKernel::ConvWeightTap { stage, tap }));
+                    kernels.push(BackwardKernel::ConvBias { stage });
                 }
-                ConvKind::Depthwise => build_token_sum(&TokenSum {
-                    name,
-                    input: dy.clone(),
-                    elem: storage,
-                    columns: p,
-                    rows_before: dy_rows_before,
-                    factor: Some((x.clone(), x_rows_before, row_shift)),
-                    output: gradient_name(&weight),
-                    output_shape: vec![p, 1, conv.width],
-                    output_tap: Some(tap),
-                })?,
-            });
+            }
         }
-        kernels.push(build_token_sum(&TokenSum {
-            name: format!("{}_conv{stage}_dbias", spec.name),
+        kernels.push(BackwardKernel::InputGradient);
+        kernels.extend((0..projection_gradients(spec).1.len()).map(BackwardKernel::WeightGradient));
+        kernels
+    }
+
+    /// What the plan prints for this kernel: `attention_bwd_dq`, `conv_weight_tap {stage = 0, tap = 1}`.
+    pub fn describe(self) -> String {
+        match self {
+            BackwardKernel::OutputInputGradient => "output_input_gradient".into(),
+            BackwardKernel::Attention(which) => which.suffix().into(),
+            BackwardKernel::PrologueNorm => "prologue_norm".into(),
+            BackwardKernel::TemperatureGradient => "temperature_gradient".into(),
+            BackwardKernel::PrologueConvolutions => "prologue_convolutions".into(),
+            BackwardKernel::ConvWeightTap { stage, tap } => format!("conv_weight_tap {{stage = {stage}, tap = {tap}}}"),
+            BackwardKernel::ConvBias { stage } => format!("conv_bias {{stage = {stage}}}"),
+            BackwardKernel::InputGradient => "input_gradient".into(),
+            BackwardKernel::WeightGradient(index) => format!("weight_gradient {{index = {index}}}"),
+        }
+    }
+
+    /// The kernel IR of this kernel of `spec`'s backward with its default schedule, verified.
+    pub fn build(self, spec: &AttentionSpec) -> Result<KernelFn, String> {
+        let gradients = || projection_gradients(spec);
+        match self {
+            BackwardKernel::OutputInputGradient => {
+                with_default_gradient_schedule(|s| build_input_gradient(&gradients().0[0], s))
+            }
+            BackwardKernel::Attention(which) => {
+                build_attention_backward(spec, which, &default_attention_backward_schedule(spec, which)?)
+            }
+            BackwardKernel::PrologueNorm => {
+                build_prologue_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)
+            }
+            BackwardKernel::TemperatureGradient => {
+                let temperature = param_name(spec, ParamRole::KeyTemperature)
+                    .ok_or_else(|| format!("{} has no key temperature", spec.name))?;
+                build_token_sum(&temperature_sum(spec, format!("{}_temperature_grad", spec.name), &temperature))
+            }
+            BackwardKernel::PrologueConvolutions => {
+                build_prologue_conv_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)
+            }
+            BackwardKernel::ConvWeightTap { stage, tap } => conv_weight_tap(spec, stage, tap),
+            BackwardKernel::ConvBias { stage } => conv_bias(spec, stage),
+            BackwardKernel::InputGradient => with_default_gradient_schedule(|s| build_input_gradient(&gradients().0[1], s)),
+            BackwardKernel::WeightGradient(index) => {
+                let weights = gradients().1;
+                let gradient = weights
+                    .get(index)
+                    .ok_or_else(|| format!("{} has {} weight gradients, not {}", spec.name, weights.len(), index + 1))?;
+                with_default_gradient_schedule(|s| build_weight_gradient(gradient, s))
+            }
+        }
+    }
+}
+
+/// The kernels of one backward call of `spec` in launch order ([`BackwardKernel::launched_by`]),
+/// each with its default schedule.
+pub fn backward_kernels(spec: &AttentionSpec) -> Result<Vec<KernelFn>, String> {
+    BackwardKernel::launched_by(spec).into_iter().map(|which| which.build(spec)).collect()
+}
+
+/// A buffer's name with the rows it holds before token 0.
+type PaddedBuffer = (String, usize);
+
+/// Convolution stage `stage`'s gradient (`dy`) and input (p0, or [`stage_input_name`]), both read
+/// over every row from T before token 0 on.
+fn conv_stage_operands(spec: &AttentionSpec, stage: usize) -> Result<(PaddedBuffer, PaddedBuffer), String> {
+    let last = spec.qk_conv.len().checked_sub(1).ok_or_else(|| format!("{} has no convolution", spec.name))?;
+    if stage > last {
+        return Err(format!("{} has {} convolution stages, not {}", spec.name, last + 1, stage + 1));
+    }
+    let history = spec.conv_history();
+    let dy = (stage_gradient_name(spec, stage), if stage == last { 0 } else { history });
+    let x = if stage == 0 { (PROJECTION_BUFFER.to_string(), 0) } else { (stage_input_name(stage), history) };
+    Ok((dy, x))
+}
+
+/// One tap of a convolution stage's weight gradient: for a per-head stage a GEMM per head
+/// (dW[:, :, tap] = Σ dOᵀ·I shifted by K − 1 − tap), for a depthwise stage a token sum of
+/// products.
+fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<KernelFn, String> {
+    let storage: ElemType = spec.dtype.into();
+    let (p, d) = (spec.packed_width(), spec.head_dim);
+    let ((dy, dy_rows_before), (x, x_rows_before)) = conv_stage_operands(spec, stage)?;
+    let conv = spec.qk_conv[stage];
+    if tap >= conv.width {
+        return Err(format!("convolution stage {stage} of {} has {} taps, not {}", spec.name, conv.width, tap + 1));
+    }
+    let weight = param_name(spec, ParamRole::ConvWeight { stage }).expect("every stage has a weight");
+    let name = format!("{}_conv{stage}_dweight_tap{tap}", spec.name);
+    let row_shift = conv.width - 1 - tap;
+    match conv.kind {
+        ConvKind::PerHead => {
+            let gradient = WeightGradient {
+                name,
+                dy,
+                dy_columns: p,
+                dy_rows_before,
+                column0: 0,
+                width: d,
+                x,
+                x_columns: p,
+                x_rows_before,
+                x_column0: 0,
+                inputs: d,
+                row_shift,
+                heads: Some((spec.query_heads + spec.kv_heads, d)),
+                output: gradient_name(&weight),
+                output_shape: vec![p, d, conv.width],
+                output_tap: Some(tap),
+                bias_output: None,
+                storage,
+            };
+            with_default_gradient_schedule(|s| build_weight_gradient(&gradient, s))
+        }
+        ConvKind::Depthwise => build_token_sum(&TokenSum {
+            name,
             input: dy,
             elem: storage,
             columns: p,
             rows_before: dy_rows_before,
-            factor: None,
-            output: gradient_name(&bias),
-            output_shape: vec![p],
-            output_tap: None,
-        })?);
+            factor: Some((x, x_rows_before, row_shift)),
+            output: gradient_name(&weight),
+            output_shape: vec![p, 1, conv.width],
+            output_tap: Some(tap),
+        }),
     }
-    Ok(kernels)
+}
+
+/// A convolution stage's bias gradient: the token sum of its output gradient.
+fn conv_bias(spec: &AttentionSpec, stage: usize) -> Result<KernelFn, String> {
+    let ((dy, dy_rows_before), _) = conv_stage_operands(spec, stage)?;
+    let bias = param_name(spec, ParamRole::ConvBias { stage }).expect("every stage has a bias");
+    build_token_sum(&TokenSum {
+        name: format!("{}_conv{stage}_dbias", spec.name),
+        input: dy,
+        elem: spec.dtype.into(),
+        columns: spec.packed_width(),
+        rows_before: dy_rows_before,
+        factor: None,
+        output: gradient_name(&bias),
+        output_shape: vec![spec.packed_width()],
+        output_tap: None,
+    })
 }
 
 /// dL/dtemp [Hk] from the prologue backward's rows.
