@@ -300,6 +300,23 @@ impl Library {
         Ok(Outputs { tensors: owned })
     }
 
+    /// The forward and then the backward call from and to host memory: every buffer the
+    /// backward allocated (`dx` and `grad.<name>` among them), for a library compiled with
+    /// `emit = [forward, backward]`.
+    pub fn backward_host(
+        &self,
+        x: &HostTensor,
+        weights: &WeightSet,
+        dout: &HostTensor,
+    ) -> Result<BTreeMap<String, (BufferRole, HostTensor)>, RuntimeError> {
+        // Checked before uploading so that a wrong dout or a forward-only library costs no GPU work.
+        CallPlan::for_input(&self.manifest, EntryPoint::Backward, "dout", dout.dtype(), &dout.shape, Some(self.sms))?;
+        let (x, dout) = (self.upload(x)?, self.upload(dout)?);
+        let weights = self.upload_weights(weights)?;
+        let forward = self.forward(&x, &weights)?;
+        self.backward(&x, &weights, &forward, &dout)?.to_host()
+    }
+
     /// [`Library::forward`] from and to host memory.
     pub fn forward_host(
         &self,

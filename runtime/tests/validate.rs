@@ -6,7 +6,7 @@ use ccc::manifest::{BufferRole, TensorDType};
 use ccc::reference::{self, ForwardOutputs, Tensor};
 use ccc::spec::DType;
 use ccc_runtime::HostTensor;
-use ccc_runtime::validate::{compare_forward, input_for, tolerance, weights_for};
+use ccc_runtime::validate::{compare_backward, compare_forward, input_for, tolerance, weights_for};
 use common::fixture_manifest;
 use std::collections::BTreeMap;
 
@@ -171,4 +171,34 @@ fn merged_dimensions_match_but_transposes_do_not() {
     assert!(same_memory_order(&[2, 4, 33], &[2, 4, 33]));
     assert!(!same_memory_order(&[2, 2, 33, 4], &[2, 33, 2, 4]));
     assert!(!same_memory_order(&[2, 33, 9], &[2, 33, 2, 4]));
+}
+
+/// The backward's judgement: dx against the tolerance, each weight gradient present and NaN-free
+/// with its error reported (a key bias's gradient, zero in exact arithmetic, too).
+#[test]
+fn backward_results_pass_on_dx_and_nan_free_gradients() {
+    let manifest = fixture_manifest();
+    let (weights, _) = weights_for(&manifest, 7, None).unwrap();
+    let (x, _) = input_for(&manifest, 2, 9, 8).unwrap();
+    let (dout, _) = input_for(&manifest, 2, 9, 9).unwrap();
+    let gradients = reference::backward(&manifest.spec, &weights, &x, &dout).unwrap();
+    let store = |t: &Tensor, dtype| HostTensor::from_f64(dtype, t.shape.clone(), &t.data).unwrap();
+    let mut gpu = BTreeMap::from([("dx".to_string(), (BufferRole::Output, store(&gradients.dx, TensorDType::Bf16)))]);
+    for (name, gradient) in &gradients.weights.tensors {
+        gpu.insert(format!("grad.{name}"), (BufferRole::Output, store(gradient, TensorDType::F32)));
+    }
+    let checks = compare_backward(&gpu, &gradients, tolerance(DType::Bf16));
+    assert_eq!(checks.len(), 1 + gradients.weights.tensors.len());
+    assert!(checks.iter().all(|c| c.passed), "{checks:?}");
+    let first_weight = format!("grad.{}", gradients.weights.tensors.keys().next().unwrap());
+    let mut poisoned = gpu.clone();
+    let (_, tensor) = poisoned.get_mut(&first_weight).unwrap();
+    let mut values = tensor.to_f64();
+    values[0] = f64::NAN;
+    *tensor = store(&Tensor { shape: tensor.shape.clone(), data: values }, TensorDType::F32);
+    let checks = compare_backward(&poisoned, &gradients, tolerance(DType::Bf16));
+    assert!(!checks.iter().find(|c| c.tensor == first_weight).unwrap().passed);
+    gpu.remove("dx");
+    let checks = compare_backward(&gpu, &gradients, tolerance(DType::Bf16));
+    assert_eq!(checks[0].verdict, "FAIL: the library returned no such gradient");
 }

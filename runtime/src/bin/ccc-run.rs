@@ -2,7 +2,9 @@
 //!
 //! - `ccc-run validate DIR [--batch B,..] [--seq-len S,..] [--seed N] [--weights FILE]` runs the
 //!   forward pass on seeded random inputs (and weights, unless a safetensors file is given) and
-//!   compares every output the reference also computes.
+//!   compares every output the reference also computes; with a backward entry point also the
+//!   backward on a seeded dout: dx against the tolerance, every weight gradient NaN-free (its
+//!   error printed).
 //! - `ccc-run bench DIR --batch B --seq-len S [--warmup N] [--iterations N]` times it.
 //! - `ccc-run tune DIR --batch B --seq-len S [--out FILE]` takes the candidate libraries `ccc tune
 //!   -o` wrote for one layer (DIR holds `tune-index.json`), checks each against the reference,
@@ -36,7 +38,7 @@ use ccc::tuning::{
     INDEX_FILE, RESULT_FORMAT, TimedCandidate, TuneIndex, TunedKernel, TuningResult, spec_fingerprint,
 };
 use ccc_runtime::plan::PlannedArg;
-use ccc_runtime::validate::{compare_forward, input_for, tolerance, weights_for};
+use ccc_runtime::validate::{compare_backward, compare_forward, input_for, tolerance, weights_for};
 use ccc_runtime::{CallPlan, HostTensor, Library, RuntimeError, WeightSet, read_library};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -211,7 +213,15 @@ fn validate(
             let gpu = library.forward_host(&x_host, &weight_set)?;
             let expected = reference::forward(spec, &reference_weights, &x)
                 .map_err(|message| RuntimeError::Reference { message })?;
-            let comparisons = compare_forward(&gpu, &expected, tol);
+            let mut comparisons = compare_forward(&gpu, &expected, tol);
+            if manifest.entry_point(EntryPoint::Backward).is_some() {
+                // dL/dout: seeded like x, its own seed.
+                let (dout, dout_host) = input_for(manifest, b, s, seed.wrapping_add(2))?;
+                let gpu = library.backward_host(&x_host, &weight_set, &dout_host)?;
+                let gradients = reference::backward(spec, &reference_weights, &x, &dout)
+                    .map_err(|message| RuntimeError::Reference { message })?;
+                comparisons.extend(compare_backward(&gpu, &gradients, tol));
+            }
             for check in &comparisons {
                 say!(
                     "{batch:>4} {seq_len:>6}  {:<6} {:>12} {:>12} {tol:>9.0e}  {}",
