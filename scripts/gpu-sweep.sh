@@ -29,6 +29,11 @@
 #      every weight gradient against float64 autograd of python/ccc/reference.py (beside PyTorch's
 #      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
 #      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
+#   train (not default): with gpu-carry/train (every example compiled with backward):
+#      tests/python/gpu_autograd.py (gradients through Layer.forward's autograd against float64,
+#      opcheck, torch.compile), `ccc-run validate` of zaya1's and mha's training libraries,
+#      bench/train_loop.py (200 AdamW steps against HF's layer) and bench/bench.py --train
+#      (forward + backward of the layer, backward of the core, beside the peers) at 4k and 16k;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
@@ -36,8 +41,8 @@
 #      1×1000, the table in $OUT/sanitize.md.
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
-#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward profile
-#    sanitize)
+#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward train
+#    profile sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -118,6 +123,17 @@ for s in $steps; do
         step backward-stages 90 python3 -u -W ignore bench/backward_stages.py --ptx-dir gpu-carry/hopper-ptx
       fi
       ;;
+    train)
+      if [ -d gpu-carry/train ]; then
+        step autograd 300 python3 -u -W ignore tests/python/gpu_autograd.py gpu-carry/train
+        for name in zaya1 mha; do
+          step "validate-train-$name" 60 gpu-carry/ccc-run validate "gpu-carry/train/$name/$name" --batch 1,3 --seq-len 17,1000
+        done
+        step train-loop 120 python3 -u -W ignore bench/train_loop.py gpu-carry/train/zaya1/zaya1 --out "$out/train"
+        step bench-train 300 python3 -u -W ignore bench/bench.py gpu-carry/train/zaya1/zaya1 gpu-carry/train/mha/mha \
+          --train --out "$out/bench-train" --seq-lens 4096,8192,16384 --batches 1
+      fi
+      ;;
     profile)
       profiled=("$libs/zaya1/zaya1" "$libs/mha/mha")
       for name in zaya1 mha; do
@@ -128,7 +144,7 @@ for s in $steps; do
       ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward profile sanitize)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward train profile sanitize)" >&2
       exit 2
       ;;
   esac
