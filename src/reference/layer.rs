@@ -15,9 +15,20 @@ pub(super) struct Linear<'a> {
 
 impl Linear<'_> {
     fn apply(&self, x: &[f64], y: &mut [f64]) {
+        self.apply_weight(x, y);
+        self.add_bias(y);
+    }
+
+    /// y = x·Wᵀ, without the bias.
+    fn apply_weight(&self, x: &[f64], y: &mut [f64]) {
         for (o, y_o) in y.iter_mut().enumerate() {
-            let row = &self.weight[o * self.inputs..(o + 1) * self.inputs];
-            *y_o = dot(row, x) + self.bias.map_or(0.0, |b| b[o]);
+            *y_o = dot(&self.weight[o * self.inputs..(o + 1) * self.inputs], x);
+        }
+    }
+
+    fn add_bias(&self, y: &mut [f64]) {
+        if let Some(bias) = self.bias {
+            y.iter_mut().zip(bias).for_each(|(y, b)| *y += b);
         }
     }
 }
@@ -138,13 +149,30 @@ impl<'a> Layer<'a> {
     /// Step 2: v = [x·W_v1ᵀ | x_prev·W_v2ᵀ] (Hk·d channels); `x_prev` is zeros for the first token,
     /// so the delayed heads still get their bias there.
     pub fn project_value(&self, x: &[f64], x_prev: &[f64], v: &mut [f64]) {
+        let mut shift = vec![0.0; self.spec.value_shift * self.spec.head_dim];
+        self.shift_state(x_prev, &mut shift);
+        self.project_value_shifted(x, &shift, v);
+    }
+
+    /// Step 2 with the delayed heads' input given as the shift state `shift` = x_prev·W_v2ᵀ
+    /// (without the bias, so that zeros stand for the zero row before a sequence).
+    pub fn project_value_shifted(&self, x: &[f64], shift: &[f64], v: &mut [f64]) {
         let (current, delayed) =
             v.split_at_mut(self.spec.current_value_heads() * self.spec.head_dim);
         if let Some(proj) = &self.v_current {
             proj.apply(x, current);
         }
         if let Some(proj) = &self.v_delayed {
-            proj.apply(x_prev, delayed);
+            delayed.copy_from_slice(shift);
+            proj.add_bias(delayed);
+        }
+    }
+
+    /// The shift state a token leaves for the next one: x·W_v2ᵀ [value_shift·d] (empty without
+    /// shifted heads).
+    pub fn shift_state(&self, x: &[f64], shift: &mut [f64]) {
+        if let Some(proj) = &self.v_delayed {
+            proj.apply_weight(x, shift);
         }
     }
 

@@ -29,9 +29,11 @@
 //! [`backward`] gives dL/dx and every parameter's gradient for a given dL/dout, derived by hand
 //! step by step in reverse (see its module) and checked against finite differences.
 //!
-//! [`forward`] runs a batch; [`prefill`] and [`decode_step`] run one sequence with a
-//! [`DecodeState`] (KV cache, the raw P0 rows of the last T tokens, the previous x), and give the
-//! same numbers as one forward pass over the whole sequence. Large inputs are spread over the
+//! [`forward`] runs a batch; [`prefill`], [`prefill_chunk`] and [`decode_step`] run one sequence
+//! with a [`DecodeState`] (KV cache, the raw P0 rows of the last T tokens, the previous token's
+//! x·W_v2ᵀ), [`prefill_packed`] a packed batch of sequences of different lengths, and
+//! [`PagedCache`] keeps the KV cache in pages through block tables; in any split they give the
+//! same numbers as one forward pass over each whole sequence. Large inputs are spread over the
 //! CPU's cores row by row; results do not depend on the thread count.
 
 mod backward;
@@ -44,7 +46,7 @@ mod tensor;
 mod weights;
 
 pub use backward::{Gradients, attention_backward, backward};
-pub use decode::{DecodeState, decode_step, prefill};
+pub use decode::{DecodeState, PagedCache, decode_step, prefill, prefill_chunk, prefill_packed};
 pub use forward::{ForwardOutputs, forward};
 pub use numeric::{Rng, round_to_dtype};
 pub use tensor::{Tensor, max_abs_diff, rel_l2_error};
