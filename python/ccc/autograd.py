@@ -38,16 +38,6 @@ def layer_operators(layer):
     return _REGISTERED[key]
 
 
-def _shapes(layer, entry, batch, seq_len):
-    """name -> (shape, torch dtype) of every buffer of `entry` for these sizes (which may be
-    symbolic under torch.compile)."""
-    from .library import TORCH_DTYPES
-
-    env = {"B": batch, "S": seq_len}
-    return {b.name: (tuple(d.eval(env) for d in b.shape), TORCH_DTYPES[b.dtype])
-            for b in layer.manifest.entry_point(entry).buffers}
-
-
 def _register(layer, qualified):
     names = [w.name for w in layer.manifest.weights]
     saved_names = [b.name for b in layer.manifest.entry_point("forward").buffers if b.role == "saved"]
@@ -59,7 +49,7 @@ def _register(layer, qualified):
 
     @forward.register_fake
     def _(x, weights):
-        shapes = _shapes(layer, "forward", x.shape[0], x.shape[1])
+        shapes = layer.buffer_shapes("forward", x.shape[0], x.shape[1])
         made = lambda name: x.new_empty(shapes[name][0], dtype=shapes[name][1])  # noqa: E731
         return made("out"), [made(name) for name in saved_names]
 

@@ -159,6 +159,13 @@ class Layer:
         BoundCall."""
         return self._bind("forward", "x", {"x": x, **state_dict}, poison)
 
+    def buffer_shapes(self, entry, batch, seq_len):
+        """name -> (shape, torch dtype) of every buffer of `entry` for these sizes (which may be
+        symbolic under torch.compile): what a fake implementation allocates."""
+        env = {"B": batch, "S": seq_len}
+        return {b.name: (tuple(d.eval(env) for d in b.shape), TORCH_DTYPES[b.dtype])
+                for b in self.manifest.entry_point(entry).buffers}
+
     @property
     def has_backward(self):
         """Whether the library was compiled with `backward` in `emit`."""
