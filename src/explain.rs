@@ -15,10 +15,11 @@ pub struct LayerCosts {
     pub kv_cache_bytes_per_token: usize,
     /// The raw packed rows of the last T tokens: P · T · dtype bytes.
     pub conv_state_bytes: usize,
-    /// The previous token's input x: E · dtype bytes (0 without value_shift).
+    /// The previous token's x·W_v2ᵀ: value_shift · d · dtype bytes.
     pub shift_state_bytes: usize,
-    /// The previous token's W_v2 projection instead: value_shift · d · dtype bytes.
-    pub shift_state_projected_bytes: usize,
+    /// What the forward keeps for the backward per token (the backward plan's inputs but x and
+    /// dout: p0, q, k, v, o, lse), whether or not the spec emits backward.
+    pub saved_for_backward_bytes_per_token: usize,
     /// Keys an average query sees at this sequence length under the mask.
     pub average_keys: f64,
     /// Forward FLOPs per token: projections, convolutions, attention, output projection
@@ -49,12 +50,30 @@ impl LayerCosts {
             parameters: spec.param_count(),
             kv_cache_bytes_per_token: 2 * spec.kv_width() * bytes,
             conv_state_bytes: spec.packed_width() * spec.conv_history() * bytes,
-            shift_state_bytes: if spec.value_shift > 0 { spec.model_dim * bytes } else { 0 },
-            shift_state_projected_bytes: spec.value_shift * spec.head_dim * bytes,
+            shift_state_bytes: spec.value_shift * spec.head_dim * bytes,
+            saved_for_backward_bytes_per_token: saved_bytes_per_token(spec),
             average_keys,
             forward_flops_per_token: projections + convolutions + 4.0 * average_keys * lq,
         }
     }
+}
+
+/// Bytes per token of the buffers the backward reads from the forward (its plan's inputs but x
+/// and dout); 0 for a spec the backward cannot be planned for.
+fn saved_bytes_per_token(spec: &AttentionSpec) -> usize {
+    let Ok(plan) = crate::ir::plan::plan_backward(spec) else { return 0 };
+    let bytes = |seq_len: u64| -> u64 {
+        let env = crate::ir::size::SizeEnv { batch: 1, seq_len, sms: None };
+        plan.inputs
+            .iter()
+            .filter(|b| !matches!(b.name.as_str(), "x" | "dout"))
+            .map(|b| {
+                let elements: u64 = b.ty.shape.iter().map(|d| d.eval(&env).unwrap_or(0)).product();
+                elements * b.ty.elem.size_bytes() as u64
+            })
+            .sum()
+    };
+    (bytes(2) - bytes(1)) as usize
 }
 
 /// The number of keys an average query of a sequence of `seq_len` tokens sees under `mask`.
@@ -224,14 +243,17 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     );
     compare(
         "shift state bytes / sequence".to_string(),
-        if this.shift_state_bytes == 0 {
-            "0".to_string()
-        } else {
-            format!("{} or {}", this.shift_state_bytes, this.shift_state_projected_bytes)
-        },
+        this.shift_state_bytes.to_string(),
         base.shift_state_bytes.to_string(),
         this.shift_state_bytes as f64,
         base.shift_state_bytes as f64,
+    );
+    compare(
+        "saved for backward bytes / token".to_string(),
+        this.saved_for_backward_bytes_per_token.to_string(),
+        base.saved_for_backward_bytes_per_token.to_string(),
+        this.saved_for_backward_bytes_per_token as f64,
+        base.saved_for_backward_bytes_per_token as f64,
     );
     compare(
         format!("forward FLOPs / token (S = {seq_len})"),
@@ -243,7 +265,7 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     let _ = writeln!(text);
     let _ = writeln!(
         text,
-        "  parameters exactly: {} (MHA {}); shift state: previous x, or its W_v2 projection",
+        "  parameters exactly: {} (MHA {}); shift state: the previous token's x·W_v2ᵀ; saved for backward: p0, q, k, v, o, lse",
         this.parameters, base.parameters
     );
     let _ = writeln!(
@@ -306,7 +328,9 @@ mod tests {
         let costs = LayerCosts::of(&spec, 16384);
         assert_eq!(costs.kv_cache_bytes_per_token, 2 * 2 * 128 * 2);
         assert_eq!(costs.conv_state_bytes, 1280 * 2 * 2);
-        assert_eq!((costs.shift_state_bytes, costs.shift_state_projected_bytes), (4096, 256));
+        assert_eq!(costs.shift_state_bytes, 256);
+        // p0 [P], q and o [Lq], k and v [Lk] in bf16, lse [Hq] in f32.
+        assert_eq!(costs.saved_for_backward_bytes_per_token, (1280 + 2 * 1024 + 2 * 256) * 2 + 8 * 4);
         // Projections 2·E·(Lq + 2·Lk) + output 2·Lq·E + depthwise 2·P·K + per-head 2·P·d·K
         // + attention 4·Lq·(S + 1)/2.
         let flops = 2.0 * 2048.0 * (1024.0 + 512.0)

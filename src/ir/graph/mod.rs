@@ -53,6 +53,13 @@ impl ElemType {
             ElemType::F32 => "f32",
         }
     }
+
+    pub fn size_bytes(self) -> usize {
+        match self {
+            ElemType::Storage(dtype) => dtype.size_bytes(),
+            ElemType::F32 => 4,
+        }
+    }
 }
 
 /// How a tensor's elements sit in memory.
