@@ -265,7 +265,7 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     let _ = writeln!(text);
     let _ = writeln!(
         text,
-        "  parameters exactly: {} (MHA {}); shift state: the previous token's x·W_v2ᵀ; saved for backward: p0, q, k, v, o, lse",
+        "  parameters exactly: {} (MHA {}); shift state: the previous token's x·W_v2ᵀ; saved for backward: q, k, v, o, lse (and p0 for a norm, convolution or q-k mean)",
         this.parameters, base.parameters
     );
     let _ = writeln!(

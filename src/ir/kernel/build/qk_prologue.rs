@@ -102,6 +102,9 @@ pub(super) struct PrologueBuilder<'a> {
     stage_out: Vec<TileId>,
     /// The backward keeps each stage's input (after the first) for the weight gradients.
     keep_stage_inputs: bool,
+    /// Whether each tile reads its head's p0 rows and runs the convolutions: always in the
+    /// forward; in the backward only where something (the norm's x̂, a stage input) needs them.
+    reads_p0: bool,
     /// The accumulator's warps along rows and columns.
     warp_grid: (u32, u32),
 }
@@ -200,6 +203,7 @@ impl<'a> PrologueBuilder<'a> {
             p0_s,
             stage_out,
             keep_stage_inputs: false,
+            reads_p0: true,
             warp_grid: (wm, wn),
         })
     }
@@ -276,8 +280,12 @@ impl<'a> PrologueBuilder<'a> {
         if self.halo > 0 {
             tile_body.push(let_("top", var("t0") - int(self.halo)));
         }
-        tile_body.extend(self.read_head());
-        let y = self.conv_stages(&mut tile_body);
+        let y = if self.reads_p0 {
+            tile_body.extend(self.read_head());
+            self.conv_stages(&mut tile_body)
+        } else {
+            self.p0_s
+        };
         tile_body.push(Stmt::If {
             cond: var("head").lt(int(spec.query_heads)),
             then_body: epilogue(&self, HeadKind::Query, y),
@@ -309,6 +317,8 @@ impl<'a> PrologueBuilder<'a> {
     pub(super) fn build_backward(mut self) -> KernelFn {
         self.keep_stage_inputs = true;
         let spec = self.spec;
+        // RoPE alone needs only the gradients: no p0, so the forward need not keep it.
+        self.reads_p0 = !spec.qk_conv.is_empty() || spec.qk_mean || self.row_sum.is_some();
         let d = spec.head_dim;
         let storage: ElemType = spec.dtype.into();
         let (wm, wn) = self.warp_grid;
@@ -320,7 +330,10 @@ impl<'a> PrologueBuilder<'a> {
         let output = prologue_backward_output(spec);
         let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
         let packed = vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.q_width() + spec.kv_width())];
-        let mut params = vec![tensor(PROJECTION_BUFFER, storage, packed.clone(), Access::Read)];
+        let mut params = Vec::new();
+        if self.reads_p0 {
+            params.push(tensor(PROJECTION_BUFFER, storage, packed.clone(), Access::Read));
+        }
         params.extend(weight_params(spec, is_prologue_param));
         params.push(tensor("dq", storage, bsd(spec.query_heads), Access::Read));
         params.push(tensor("dk", storage, bsd(spec.kv_heads), Access::Read));
@@ -351,7 +364,7 @@ impl<'a> PrologueBuilder<'a> {
     /// the raw rows), then through the norm, stored like the forward's q and k.
     fn backward_epilogue(&self, kind: HeadKind, y: TileId, grads: &BackwardTiles) -> Vec<Stmt> {
         let spec = self.spec;
-        let mut out = self.mixed(kind, y);
+        let mut out = if self.reads_p0 { self.mixed(kind, y) } else { vec![self.kv_head(kind)] };
         let acc = self.tiles.whole(self.acc);
         let dy = self.tiles.whole(grads.dy);
         let (param, head) = match kind {
@@ -611,16 +624,21 @@ impl<'a> PrologueBuilder<'a> {
         out
     }
 
-    /// `kv` (the head's kv head, or its index among the key heads) and acc = the head before
-    /// the norm: the convolution output `y` plus the q-k mean's terms.
+    /// `kv`: the head's kv head, or its index among the key heads.
+    fn kv_head(&self, kind: HeadKind) -> Stmt {
+        match kind {
+            HeadKind::Query => let_("kv", var("head").floor_div(int(self.spec.groups() as i64))),
+            HeadKind::Key => let_("kv", var("head") - int(self.spec.query_heads as i64)),
+        }
+    }
+
+    /// `kv` ([`Self::kv_head`]) and acc = the head before the norm: the convolution output `y`
+    /// plus the q-k mean's terms.
     fn mixed(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
         let spec = self.spec;
         let g = spec.groups() as i64;
         let hq = spec.query_heads as i64;
-        let mut out = vec![match kind {
-            HeadKind::Query => let_("kv", var("head").floor_div(int(g))),
-            HeadKind::Key => let_("kv", var("head") - int(hq)),
-        }];
+        let mut out = vec![self.kv_head(kind)];
         // acc = convolution output (+ the q-k mean terms). A key head adds its G query heads one
         // per iteration: all G reads of an element in one map would be in flight together, and
         // their registers beside the accumulator's spill.
