@@ -232,9 +232,11 @@ fn validate(
                 );
             }
             let case_passed = comparisons.iter().all(|c| c.passed);
-            // NaN must survive into the summary (f64::max would drop it).
+            // NaN must survive into the summary (f64::max would drop it); weight gradients,
+            // reported but not held to a tolerance, stay out of it.
             let worst = comparisons
                 .iter()
+                .filter(|c| c.tolerance.is_finite())
                 .map(|c| c.rel_l2.unwrap_or(f64::INFINITY))
                 .fold(0.0, |worst: f64, e| {
                     if worst.is_nan() || e.is_nan() {
