@@ -98,7 +98,7 @@ def ours(layer, weights, train):
 
     def bound_backward(call):
         """The backward call on what `call` saved, for a random dout, checked once."""
-        saved = {b.name: call.tensors[b.name] for b in call.plan.buffers if b.role == "saved"}
+        saved = call.saved()
         x = call.tensors["x"]
         backward = layer.bind_backward(x, weights, saved, torch.randn_like(x))
         backward.run(check_each=True)
@@ -109,11 +109,17 @@ def ours(layer, weights, train):
     def setup_core_backward(batch, seq_len):
         backward = bound_backward(bound_call(batch, seq_len))
         kernels = ("attention_bwd_delta", "attention_bwd_dq", "attention_bwd_dkdv")
+        symbols = {f"{layer.name}_{kernel}" for kernel in kernels}
+        # Like the core's forward: the attention backward's own buffers (q, k, v, o, lse, do,
+        # delta, dq, dk, dv) are all it touches.
+        touched = {backward.plan.buffers[index].name for launch in backward.plan.launches
+                   if launch.symbol in symbols for kind, index in launch.args if kind == "buffer"}
+        core_bytes = sum(b.bytes for b in backward.plan.buffers if b.name in touched)
 
         def run():
             for kernel in kernels:
                 backward.run_kernel(kernel, check_each=False)
-        return run, None
+        return run, core_bytes
 
     def setup_core(batch, seq_len):
         call = bound_call(batch, seq_len)

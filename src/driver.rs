@@ -39,6 +39,9 @@ fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) 
 /// The entry points the compiler can lower today. `emit = [decode]` is accepted by the language
 /// but reported here until its kernels exist.
 fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, CompileError> {
+    if spec.emits(EntryPoint::Backward) && !spec.emits(EntryPoint::Forward) {
+        return Err(error(spec, "plan", "the backward entry point needs the forward's (emit = [forward, backward])"));
+    }
     for entry in &spec.entry_points {
         if *entry == EntryPoint::Decode {
             return Err(error(

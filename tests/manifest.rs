@@ -406,6 +406,12 @@ fn the_forward_saves_what_the_backward_reads() {
         assert_eq!(gradient.dtype, TensorDType::F32);
         assert_eq!(gradient.shape, param.shape.iter().map(|&d| SizeExpr::from(d)).collect::<Vec<_>>());
     }
+    let mut backward_only = spec.clone();
+    backward_only.entry_points = vec![EntryPoint::Backward];
+    assert_eq!(
+        ccc::driver::plans(&backward_only).unwrap_err().message,
+        "the backward entry point needs the forward's (emit = [forward, backward])"
+    );
     let manifest = Manifest::new(spec, "zaya1.ptx", entries);
     manifest.validate().unwrap();
     // A backward without a gradient of every weight is refused.

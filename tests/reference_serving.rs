@@ -187,6 +187,10 @@ mod reference {
             PagedCache::new(&spec, 4, 3, vec![vec![0, 1], vec![2, 3]]).unwrap_err(),
             "block_tables[1][1] = 3 names a page outside the pool of 3"
         );
+        assert_eq!(
+            PagedCache::new(&spec, 4, 3, vec![vec![0, 1], vec![2, 1]]).unwrap_err(),
+            "block_tables[1][1] = 1 is already block_tables[0][1]"
+        );
         let mut cache = PagedCache::new(&spec, 4, 3, vec![vec![0], vec![1, 2]]).unwrap();
         let before = cache.clone();
         assert_eq!(

@@ -10,18 +10,16 @@ requires grad; `differentiable_forward` is the same call spelled out."""
 
 import torch
 
-from .errors import ManifestError, TensorMismatch
+from .errors import TensorMismatch
 
-# Library directory -> its forward operator, one registration per library per process.
-_REGISTERED = {}
+# Operators registered so far in this process: each loaded Layer gets its own pair.
+_registered_count = 0
 
 
 def differentiable_forward(layer, x, state_dict):
     """out = layer(x) with the weights `state_dict` (Hugging Face names), recorded by autograd:
     `out.backward(dout)` fills x.grad and each weight's .grad (in the weight's dtype)."""
-    if not layer.has_backward:
-        raise ManifestError(f"`{layer.name}` was compiled without the backward entry point: add "
-                            "`backward` to `emit` (`emit = [forward, backward]`) to train with it")
+    layer.require_backward()
     names = [w.name for w in layer.manifest.weights]
     missing = [name for name in names if name not in state_dict]
     if missing:
@@ -31,11 +29,13 @@ def differentiable_forward(layer, x, state_dict):
 
 
 def layer_operators(layer):
-    """The forward operator of `layer` (registering both on first use)."""
-    key = layer.directory
-    if key not in _REGISTERED:
-        _REGISTERED[key] = _register(layer, f"ccc::{layer.name}_{len(_REGISTERED)}")
-    return _REGISTERED[key]
+    """The forward operator of `layer` (registering both on first use, for this Layer object:
+    another `ccc.load` of the same directory gets its own)."""
+    global _registered_count
+    if layer._operators is None:
+        layer._operators = _register(layer, f"ccc::{layer.name}_{_registered_count}")
+        _registered_count += 1
+    return layer._operators
 
 
 def _register(layer, qualified):

@@ -91,6 +91,10 @@ class BoundCall:
                             f"running kernel `{launch.symbol}` (launch {index + 1} of "
                             f"{len(self.plan.launches)}): {error}") from error
 
+    def saved(self):
+        """The forward's buffers of role `saved` (what its backward reads), by name."""
+        return {b.name: self.tensors[b.name] for b in self.plan.buffers if b.role == "saved"}
+
     def outputs(self):
         """Runtime-owned buffers by manifest name; q, k, v, o viewed as [B, S, heads, head_dim]."""
         spec = self.layer.spec
@@ -107,7 +111,8 @@ class BoundCall:
 
 
 class Layer:
-    """The forward entry point of one library. Build with `ccc.load(directory)`."""
+    """One loaded library: its forward (differentiable when it has a backward) and backward entry
+    points. Build with `ccc.load(directory)`."""
 
     def __init__(self, directory, validate=False):
         self.directory = str(directory)
@@ -116,6 +121,7 @@ class Layer:
         self.name = self.spec.name
         self.validate = validate
         self._modules = {}  # device index -> (cupy RawModule, {symbol: RawKernel})
+        self._operators = None  # its torch.library operators (ccc.autograd), registered on first use
 
     @property
     def weights(self):
@@ -171,6 +177,14 @@ class Layer:
         """Whether the library was compiled with `backward` in `emit`."""
         return self.manifest.entry_point("backward") is not None
 
+    def require_backward(self):
+        """Raises ManifestError, saying what to change, unless the library has a backward."""
+        if not self.has_backward:
+            raise ManifestError(
+                f"`{self.name}` was compiled without the backward entry point: add `backward` to "
+                "`emit` (`emit = [forward, backward]`) to train with it; for inference, call it "
+                "under torch.no_grad() or with tensors that do not require grad")
+
     def bind_backward(self, x, state_dict, saved, dout, poison=None):
         """The backward call's BoundCall: x and the weights of the forward call, what it saved
         (`saved`, the forward's buffers of role `saved` by name: p0, q, k, v, o, lse) and
@@ -221,13 +235,10 @@ class Layer:
     def forward_saving(self, x, state_dict):
         """out [B, S, E] and what the backward needs (the buffers of role `saved`, by name): the
         forward of a library compiled with `emit = [forward, backward]`."""
-        if not self.has_backward:
-            raise ManifestError(f"`{self.name}` was compiled without the backward entry point: "
-                                "add `backward` to `emit` (`emit = [forward, backward]`) to train with it")
+        self.require_backward()
         call = self.bind(x, state_dict)
         call.run()
-        saved = {b.name: call.tensors[b.name] for b in call.plan.buffers if b.role == "saved"}
-        return call.tensors["out"], saved
+        return call.tensors["out"], call.saved()
 
     def backward(self, x, state_dict, saved, dout):
         """dx [B, S, E] and every weight's gradient (f32, by the weight's name) of the forward call

@@ -198,6 +198,13 @@ fn backward_results_pass_on_dx_and_nan_free_gradients() {
     *tensor = store(&Tensor { shape: tensor.shape.clone(), data: values }, TensorDType::F32);
     let checks = compare_backward(&poisoned, &gradients, tolerance(DType::Bf16));
     assert!(!checks.iter().find(|c| c.tensor == first_weight).unwrap().passed);
+    let mut infinite = gpu.clone();
+    let (_, tensor) = infinite.get_mut(&first_weight).unwrap();
+    let mut values = tensor.to_f64();
+    values[0] = f64::INFINITY;
+    *tensor = store(&Tensor { shape: tensor.shape.clone(), data: values }, TensorDType::F32);
+    let check = compare_backward(&infinite, &gradients, tolerance(DType::Bf16)).into_iter().find(|c| c.tensor == first_weight).unwrap();
+    assert!(!check.passed && check.verdict == "FAIL: NaN or infinite values", "{check:?}");
     gpu.remove("dx");
     let checks = compare_backward(&gpu, &gradients, tolerance(DType::Bf16));
     assert_eq!(checks[0].verdict, "FAIL: the library returned no such gradient");

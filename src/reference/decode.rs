@@ -119,8 +119,8 @@ pub fn prefill_chunk(
     let mut shifts = state.shift.clone();
     shifts.resize((n + 1) * shift_width, 0.0);
     fill_rows(&mut shifts[shift_width..], shift_width, || (), |t, shift, _| layer.shift_state(row(t), shift));
-    let mut keys = state.keys.clone();
-    let mut values = state.values.clone();
+    // Nothing fails from here on: the cache grows in place.
+    let (keys, values) = (&mut state.keys, &mut state.values);
     keys.resize((start + n) * lk, 0.0);
     values.resize((start + n) * lk, 0.0);
     fill_rows(&mut values[start * lk..], lk, || (), |t, v_t, _| {
@@ -144,13 +144,11 @@ pub fn prefill_chunk(
     let mut out = vec![0.0; n * e];
     fill_rows(&mut out, e, || (vec![0.0; lq], vec![0.0; hq], vec![0.0; kv_len]), |t, out_t, scratch| {
         let (o, lse, logits) = scratch;
-        layer.attend(&queries[t * lq..(t + 1) * lq], start + t, &keys, &values, kv_len, o, lse, logits);
+        layer.attend(&queries[t * lq..(t + 1) * lq], start + t, keys, values, kv_len, o, lse, logits);
         layer.project_output(o, out_t);
     });
 
     state.position = kv_len;
-    state.keys = keys;
-    state.values = values;
     state.conv_rows = padded[n * p..].to_vec();
     state.shift = shifts[n * shift_width..].to_vec();
     Ok(Tensor { shape: vec![n, e], data: out })
@@ -240,9 +238,16 @@ impl PagedCache {
             conv_rows: vec![empty.conv_rows.clone(); sequences],
             shift: vec![empty.shift; sequences],
         };
+        let mut owner = vec![None; pages];
         for (i, table) in cache.block_tables.iter().enumerate() {
-            if let Some((slot, page)) = table.iter().enumerate().find(|&(_, &page)| page >= pages) {
-                return Err(format!("block_tables[{i}][{slot}] = {page} names a page outside the pool of {pages}"));
+            for (slot, &page) in table.iter().enumerate() {
+                if page >= pages {
+                    return Err(format!("block_tables[{i}][{slot}] = {page} names a page outside the pool of {pages}"));
+                }
+                if let Some((other, other_slot)) = owner[page] {
+                    return Err(format!("block_tables[{i}][{slot}] = {page} is already block_tables[{other}][{other_slot}]"));
+                }
+                owner[page] = Some((i, slot));
             }
         }
         Ok(cache)

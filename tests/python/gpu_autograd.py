@@ -8,8 +8,8 @@ NaN-filled before each call, each launch checked), at B 1 and 3 × S 1, 17, 1000
 dx and each weight's .grad against float64 autograd, as relative L2 errors, passing at 1.5× the
 error of PyTorch's own 16-bit autograd of the same layer (+1e-3), or of Hugging Face's
 ZayaAttention where it computes the layer (the issue's peer); a gradient that is zero in exact
-arithmetic by its RMS against the peer's. Then, on the first library: torch.library.opcheck of both
-operators, torch.compile(fullgraph=True) of a function that calls the layer (output and gradients
+arithmetic by its RMS against the peer's. Then, on the first library: torch.library.opcheck of the
+forward operator (its backward included through the autograd registration), torch.compile(fullgraph=True) of a function that calls the layer (output and gradients
 equal to eager), and the errors for a library compiled without backward.
 
     python3 tests/python/gpu_autograd.py [DIR] [--shapes 1x1,3x17,...]   (needs a CUDA GPU, torch,

@@ -223,8 +223,9 @@ fn validate(
                 comparisons.extend(compare_backward(&gpu, &gradients, tol));
             }
             for check in &comparisons {
+                let tolerance = if check.tolerance.is_finite() { format!("{:.0e}", check.tolerance) } else { "-".into() };
                 say!(
-                    "{batch:>4} {seq_len:>6}  {:<6} {:>12} {:>12} {tol:>9.0e}  {}",
+                    "{batch:>4} {seq_len:>6}  {:<6} {:>12} {:>12} {tolerance:>9}  {}",
                     check.tensor,
                     check.max_abs.map_or("-".into(), |v| format!("{v:.3e}")),
                     check.rel_l2.map_or("-".into(), |v| format!("{v:.3e}")),

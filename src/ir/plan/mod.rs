@@ -412,7 +412,10 @@ pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
             }
             let elem = match elem {
                 kernel::ElemType::F32 => ElemType::F32,
-                kernel::ElemType::Bf16 | kernel::ElemType::F16 => ElemType::Storage(spec.dtype),
+                storage if *storage == kernel::ElemType::from(spec.dtype) => ElemType::Storage(spec.dtype),
+                other => {
+                    return fail(format!("{}: binds {name} as {}, neither f32 nor the spec's {}", built.name, other.name(), spec.dtype.name()));
+                }
             };
             let mut buffer = Buffer { name: name.clone(), ty: TensorType::new(shape.clone(), elem, Layout::RowMajor) };
             // A kernel may view a buffer under another shape of as many elements (o as
@@ -584,11 +587,11 @@ impl KernelPlan {
                 }
             }
             for buffer in kernel.outputs.iter().chain(&kernel.scratch) {
-                // Several kernels may write parts of one buffer (a convolution's weight
-                // gradient, one tap each), never a layer input or under another type.
+                // In the backward several kernels may write parts of one buffer (a convolution's
+                // weight gradient, one tap each), never a layer input or under another type.
                 let is_input = self.inputs.iter().any(|b| b.name == buffer.name);
                 match available.iter().find(|b| b.name == buffer.name) {
-                    Some(b) if !is_input && b == buffer => continue,
+                    Some(b) if self.entry == EntryPoint::Backward && !is_input && b == buffer => continue,
                     Some(_) => {
                         return fail(format!(
                             "kernel {here} writes {}, which already exists",
