@@ -320,6 +320,7 @@ impl Manifest {
                 }
             }
         }
+        self.validate_saved()?;
         for entry in &self.spec.entry_points {
             if !seen_entries.contains(entry) {
                 return Err(format!(
@@ -327,6 +328,42 @@ impl Manifest {
                     entry.name()
                 ));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Role `saved` only in the forward; with a backward, its inputs other than x and dout are
+    /// exactly the forward's saved buffers, declared alike.
+    fn validate_saved(&self) -> Result<(), String> {
+        for entry in self.entry_points.iter().filter(|e| e.entry != EntryPoint::Forward) {
+            if let Some(buffer) = entry.buffers.iter().find(|b| b.role == BufferRole::Saved) {
+                return Err(format!("entry point `{}`: buffer `{}` has role saved, which only the forward's buffers take", entry.entry.name(), buffer.name));
+            }
+        }
+        let Some(forward) = self.entry_point(EntryPoint::Forward) else { return Ok(()) };
+        let Some(backward) = self.entry_point(EntryPoint::Backward) else {
+            return match forward.buffers.iter().find(|b| b.role == BufferRole::Saved) {
+                Some(kept) => Err(format!("the forward saves `{}` but the library has no backward", kept.name)),
+                None => Ok(()),
+            };
+        };
+        for read in backward.buffers.iter().filter(|b| b.role == BufferRole::Input && !matches!(b.name.as_str(), "x" | "dout")) {
+            match forward.buffer(&read.name) {
+                Some(kept) if kept.role == BufferRole::Saved && kept.dtype == read.dtype && kept.shape == read.shape => {}
+                _ => {
+                    return Err(format!(
+                        "the backward reads `{}` ({} {}), which the forward does not save as such",
+                        read.name,
+                        read.dtype.name(),
+                        format_shape(&read.shape)
+                    ));
+                }
+            }
+        }
+        if let Some(kept) = forward.buffers.iter().find(|b| b.role == BufferRole::Saved && backward.buffer(&b.name).is_none()) {
+            return Err(format!("the forward saves `{}`, which the backward does not read", kept.name));
         }
         Ok(())
     }

@@ -414,6 +414,13 @@ fn the_forward_saves_what_the_backward_reads() {
     );
     let manifest = Manifest::new(spec, "zaya1.ptx", entries);
     manifest.validate().unwrap();
+    // The backward must read each saved buffer as the forward keeps it.
+    let mut retyped = manifest.clone();
+    retyped.entry_points[1].buffers.iter_mut().filter(|b| b.name == "lse").for_each(|b| b.dtype = TensorDType::Bf16);
+    assert_eq!(
+        retyped.validate().unwrap_err(),
+        "the backward reads `lse` (bf16 [B, 8, S]), which the forward does not save as such"
+    );
     // A backward without a gradient of every weight is refused.
     let mut broken = manifest.clone();
     broken.entry_points[1].buffers.retain(|b| b.name != "grad.o_proj.weight");

@@ -255,9 +255,39 @@ def validate_manifest(manifest):
             if kernel.symbol in seen_symbols:
                 raise ManifestError(f"kernel symbol `{kernel.symbol}` is used twice")
             seen_symbols.add(kernel.symbol)
+    _validate_saved(manifest)
     for entry in spec.entry_points:
         if entry not in seen_entries:
             raise ManifestError(f"the spec emits `{entry}` but the manifest lacks it")
+
+
+def _validate_saved(manifest):
+    """Role `saved` only in the forward; with a backward, its inputs other than x and dout are
+    exactly the forward's saved buffers, declared alike (the Rust rule, src/manifest.rs)."""
+    for entry in manifest.entry_points:
+        if entry.entry != "forward":
+            for buffer in entry.buffers:
+                if buffer.role == "saved":
+                    raise ManifestError(f"entry point `{entry.entry}`: buffer `{buffer.name}` has role "
+                                        "saved, which only the forward's buffers take")
+    forward, backward = manifest.entry_point("forward"), manifest.entry_point("backward")
+    if forward is None:
+        return
+    kept = [b for b in forward.buffers if b.role == "saved"]
+    if backward is None:
+        if kept:
+            raise ManifestError(f"the forward saves `{kept[0].name}` but the library has no backward")
+        return
+    for read in backward.buffers:
+        if read.role != "input" or read.name in ("x", "dout"):
+            continue
+        found = forward.buffer(read.name)
+        if found is None or (found.role, found.dtype, found.shape) != ("saved", read.dtype, read.shape):
+            raise ManifestError(f"the backward reads `{read.name}` ({read.dtype} "
+                                f"{format_shape(read.shape)}), which the forward does not save as such")
+    for buffer in kept:
+        if backward.buffer(buffer.name) is None:
+            raise ManifestError(f"the forward saves `{buffer.name}`, which the backward does not read")
 
 
 def _validate_entry(entry, manifest):

@@ -251,6 +251,14 @@ class ManifestValidation(unittest.TestCase):
             parse(broken)
         self.assertIn("the backward pass needs an f32 output `grad.qk_norm.temp` of shape [2]",
                       str(raised.exception))
+        retyped = copy.deepcopy(value)
+        for buffer in retyped["entry_points"][1]["buffers"]:
+            if buffer["name"] == "lse":
+                buffer["dtype"] = "bf16"
+        with self.assertRaises(ManifestError) as raised:
+            parse(retyped)
+        self.assertIn("the backward reads `lse` (bf16 [B, 8, S]), which the forward does not save "
+                      "as such", str(raised.exception))
 
     def test_schema_version_is_checked_first(self):
         self.assertRaisesRegex(ManifestError, "^unknown manifest schema version 7: this build "
