@@ -254,8 +254,8 @@ pub fn kernel_text(spec: &AttentionSpec) -> Result<String, CompileError> {
 
 /// The manifest's description of every entry point of `plans`: each one's kernels (`kernels`,
 /// `launches` and `ptxas` hold every entry point's, in plan order) and every buffer they touch,
-/// with its role. What the backward reads besides `x` and `dout` is `saved` in the forward, and
-/// must be declared alike in both.
+/// with its role. What the backward reads besides `x` and `dout` is `saved` in the forward
+/// (`Manifest::validate` checks that both declare it alike).
 pub fn entry_point_manifests(
     spec: &AttentionSpec,
     plans: &[KernelPlan],
@@ -278,27 +278,6 @@ pub fn entry_point_manifests(
         }
         manifests.push(entry_point_manifest(spec, plan, &saved, &kernels[start..end], &launches[start..end], &ptxas[start..end])?);
         start = end;
-    }
-    let entry = |which| manifests.iter().find(|m: &&EntryPointManifest| m.entry == which);
-    if let (Some(forward), Some(backward)) = (entry(EntryPoint::Forward), entry(EntryPoint::Backward)) {
-        for name in &saved {
-            let (Some(kept), Some(read)) = (forward.buffer(name), backward.buffer(name)) else {
-                return Err(error(spec, "manifest", format!("the backward reads `{name}`, which the forward does not write")));
-            };
-            if kept.dtype != read.dtype || kept.shape != read.shape {
-                return Err(error(
-                    spec,
-                    "manifest",
-                    format!(
-                        "the backward reads `{name}` as {} {}, the forward saves it as {} {}",
-                        read.dtype.name(),
-                        crate::manifest::format_shape(&read.shape),
-                        kept.dtype.name(),
-                        crate::manifest::format_shape(&kept.shape)
-                    ),
-                ));
-            }
-        }
     }
     Ok(manifests)
 }

@@ -227,34 +227,20 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
         this.parameters as f64,
         base.parameters as f64,
     );
-    compare(
-        "KV cache bytes / token".to_string(),
-        this.kv_cache_bytes_per_token.to_string(),
-        base.kv_cache_bytes_per_token.to_string(),
-        this.kv_cache_bytes_per_token as f64,
-        base.kv_cache_bytes_per_token as f64,
-    );
-    compare(
-        "conv state bytes / sequence".to_string(),
-        this.conv_state_bytes.to_string(),
-        base.conv_state_bytes.to_string(),
-        this.conv_state_bytes as f64,
-        base.conv_state_bytes as f64,
-    );
-    compare(
-        "shift state bytes / sequence".to_string(),
-        this.shift_state_bytes.to_string(),
-        base.shift_state_bytes.to_string(),
-        this.shift_state_bytes as f64,
-        base.shift_state_bytes as f64,
-    );
-    compare(
-        "saved for backward bytes / token".to_string(),
-        this.saved_for_backward_bytes_per_token.to_string(),
-        base.saved_for_backward_bytes_per_token.to_string(),
-        this.saved_for_backward_bytes_per_token as f64,
-        base.saved_for_backward_bytes_per_token as f64,
-    );
+    // Byte counts, printed as they are.
+    let counts = [
+        ("KV cache bytes / token", this.kv_cache_bytes_per_token, base.kv_cache_bytes_per_token),
+        ("conv state bytes / sequence", this.conv_state_bytes, base.conv_state_bytes),
+        ("shift state bytes / sequence", this.shift_state_bytes, base.shift_state_bytes),
+        (
+            "saved for backward bytes / token",
+            this.saved_for_backward_bytes_per_token,
+            base.saved_for_backward_bytes_per_token,
+        ),
+    ];
+    for (name, this_count, base_count) in counts {
+        compare(name.to_string(), this_count.to_string(), base_count.to_string(), this_count as f64, base_count as f64);
+    }
     compare(
         format!("forward FLOPs / token (S = {seq_len})"),
         si(this.forward_flops_per_token),

@@ -46,6 +46,15 @@ mod reference {
         Tensor::new(vec![end - first, e], x.data[first * e..end * e].to_vec()).unwrap()
     }
 
+    /// The sequences' rows packed into one x [N, E], with their cu_seqlens.
+    fn packed(e: usize, sequences: &[&[f64]]) -> (Tensor, Vec<usize>) {
+        let mut cu_seqlens = vec![0];
+        for sequence in sequences {
+            cu_seqlens.push(cu_seqlens.last().unwrap() + sequence.len() / e);
+        }
+        (Tensor::new(vec![*cu_seqlens.last().unwrap(), e], sequences.concat()).unwrap(), cu_seqlens)
+    }
+
     /// Random chunk lengths (0 included) summing to `total`.
     fn random_split(rng: &mut Rng, total: usize, longest: usize) -> Vec<usize> {
         let mut lengths = Vec::new();
@@ -95,14 +104,9 @@ mod reference {
             let mut states = vec![DecodeState::new(&spec); lengths.len()];
             states[1] = prefill(&spec, &weights, &rows(&inputs[1], e, 0, 5)).unwrap().1;
             let start = |i: usize| if i == 1 { 5 } else { 0 };
-            let mut packed = Vec::new();
-            let mut cu_seqlens = vec![0];
-            for (i, &n) in lengths.iter().enumerate() {
-                packed.extend_from_slice(&inputs[i].data[start(i) * e..(start(i) + n) * e]);
-                cu_seqlens.push(cu_seqlens[i] + n);
-            }
-            let tokens = cu_seqlens[lengths.len()];
-            let x = Tensor::new(vec![tokens, e], packed).unwrap();
+            let sequences: Vec<&[f64]> =
+                lengths.iter().enumerate().map(|(i, &n)| &inputs[i].data[start(i) * e..(start(i) + n) * e]).collect();
+            let (x, cu_seqlens) = packed(e, &sequences);
             let out = prefill_packed(&spec, &weights, &mut states, &x, &cu_seqlens).unwrap();
             for (i, &n) in lengths.iter().enumerate() {
                 let whole = forward(&spec, &weights, &inputs[i]).unwrap();
@@ -135,14 +139,10 @@ mod reference {
             }
             let tables = order.chunks(4).map(<[usize]>::to_vec).collect();
             let mut cache = PagedCache::new(&spec, page_size, 12, tables).unwrap();
-            let mut cu_seqlens = vec![0];
-            let mut packed = Vec::new();
-            for (i, &n) in prompts.iter().enumerate() {
-                packed.extend_from_slice(&inputs[i].data[..n * e]);
-                cu_seqlens.push(cu_seqlens[i] + n);
-            }
+            let sequences: Vec<&[f64]> = prompts.iter().enumerate().map(|(i, &n)| &inputs[i].data[..n * e]).collect();
+            let (x, cu_seqlens) = packed(e, &sequences);
             let mut outputs = vec![Vec::new(); 3];
-            let out = cache.step(&spec, &weights, &Tensor::new(vec![cu_seqlens[3], e], packed).unwrap(), &cu_seqlens).unwrap();
+            let out = cache.step(&spec, &weights, &x, &cu_seqlens).unwrap();
             for i in 0..3 {
                 outputs[i].extend_from_slice(&out.data[cu_seqlens[i] * e..cu_seqlens[i + 1] * e]);
             }

@@ -266,3 +266,27 @@ def relative_l2(actual, expected):
         return float("inf")
     return (torch.linalg.vector_norm(actual - expected)
             / torch.linalg.vector_norm(expected).clamp_min(1e-300)).item()
+
+
+def reference_gradients(spec, state_dict, x, dout, compute_dtype=torch.float64):
+    """dx and every weight's gradient (by the state dict's names) of autograd through
+    `reference_forward` computed in `compute_dtype`, for L = sum(out · dout): the exact gradients
+    in float64; in bfloat16 or float16, PyTorch's own 16-bit autograd of the same layer."""
+    leaves = {name: w.detach().to(compute_dtype).requires_grad_() for name, w in state_dict.items()}
+    x_leaf = x.detach().to(compute_dtype).requires_grad_()
+    out = reference_forward(spec, leaves, x_leaf, compute_dtype=compute_dtype)["out"]
+    grads = torch.autograd.grad(out, [x_leaf, *leaves.values()], dout.to(compute_dtype))
+    return {"dx": grads[0], **dict(zip(leaves, grads[1:]))}
+
+
+def gradient_error(actual, exact, peer):
+    """(error, bound) of one 16-bit gradient against the exact one, a peer's 16-bit gradient of the
+    same setting the bound: the relative L2 error, within 1.5× the peer's + 1e-3; for a gradient
+    that is zero in exact arithmetic (a key bias's: no relative error exists) the RMS, within 1.5×
+    the peer's RMS + 1e-4 (both are rounding noise)."""
+    actual, peer = (t.to(torch.float64).reshape(exact.shape) for t in (actual, peer))
+    rms = lambda t: (torch.linalg.vector_norm(t) / t.numel() ** 0.5).item()  # noqa: E731
+    if rms(exact.to(torch.float64)) < 1e-12:
+        error = rms(actual) if torch.isfinite(actual).all() else float("inf")
+        return error, 1.5 * rms(peer) + 1e-4
+    return relative_l2(actual, exact), 1.5 * relative_l2(peer, exact) + 1e-3

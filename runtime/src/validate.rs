@@ -94,18 +94,17 @@ pub struct Comparison {
     pub verdict: String,
 }
 
+impl Comparison {
+    /// A check that failed before any error could be measured (a missing tensor, a wrong shape).
+    fn failed(tensor: &str, tolerance: f64, nans: usize, verdict: String) -> Comparison {
+        Comparison { tensor: tensor.to_string(), max_abs: None, rel_l2: None, tolerance, nans, passed: false, verdict }
+    }
+}
+
 /// Compares one GPU tensor with the reference: passes when the shapes agree, nothing is NaN and
 /// the relative L2 error is below `tolerance`.
 pub fn compare(name: &str, gpu: &HostTensor, expected: &Tensor, tolerance: f64) -> Comparison {
-    let failed = |verdict: String, nans| Comparison {
-        tensor: name.to_string(),
-        max_abs: None,
-        rel_l2: None,
-        tolerance,
-        nans,
-        passed: false,
-        verdict,
-    };
+    let failed = |verdict: String, nans| Comparison::failed(name, tolerance, nans, verdict);
     if !same_memory_order(&gpu.shape, &expected.shape) {
         return failed(
             format!(
@@ -179,15 +178,7 @@ pub fn compare_backward(
     expected: &reference::Gradients,
     tolerance: f64,
 ) -> Vec<Comparison> {
-    let missing = |name: &str| Comparison {
-        tensor: name.to_string(),
-        max_abs: None,
-        rel_l2: None,
-        tolerance,
-        nans: 0,
-        passed: false,
-        verdict: "FAIL: the library returned no such gradient".into(),
-    };
+    let missing = |name: &str| Comparison::failed(name, tolerance, 0, "FAIL: the library returned no such gradient".into());
     let mut comparisons = vec![match gpu.get("dx") {
         Some((_, tensor)) => compare("dx", tensor, &expected.dx, tolerance),
         None => missing("dx"),
@@ -227,15 +218,9 @@ pub fn compare_forward(
             Some((role, tensor)) if !role.is_caller_supplied() => {
                 comparisons.push(compare(name, tensor, reference_tensor, tolerance))
             }
-            _ if name == "out" => comparisons.push(Comparison {
-                tensor: name.to_string(),
-                max_abs: None,
-                rel_l2: None,
-                tolerance,
-                nans: 0,
-                passed: false,
-                verdict: "FAIL: the library returned no `out`".into(),
-            }),
+            _ if name == "out" => {
+                comparisons.push(Comparison::failed(name, tolerance, 0, "FAIL: the library returned no `out`".into()))
+            }
             _ => {}
         }
     }

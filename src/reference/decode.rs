@@ -174,15 +174,17 @@ pub fn prefill_packed(
         return Err(format!("x has shape {:?}, expected [tokens, {e}]", x.shape));
     }
     check_cu_seqlens(cu_seqlens, states.len(), tokens)?;
-    let mut updated = states.to_vec();
+    // Every check of prefill_chunk up front, so that the sequences then advance in place.
+    Layer::new(spec, weights)?;
+    for (i, state) in states.iter().enumerate() {
+        state.check(spec).map_err(|message| format!("sequence {i}: {message}"))?;
+    }
     let mut out = Vec::with_capacity(tokens * e);
-    for (i, state) in updated.iter_mut().enumerate() {
+    for (i, state) in states.iter_mut().enumerate() {
         let (first, end) = (cu_seqlens[i], cu_seqlens[i + 1]);
         let chunk = Tensor { shape: vec![end - first, e], data: x.data[first * e..end * e].to_vec() };
-        let result = prefill_chunk(spec, weights, state, &chunk).map_err(|message| format!("sequence {i}: {message}"))?;
-        out.extend(result.data);
+        out.extend(prefill_chunk(spec, weights, state, &chunk)?.data);
     }
-    states.clone_from_slice(&updated);
     Ok(Tensor { shape: vec![tokens, e], data: out })
 }
 

@@ -17,7 +17,6 @@ equal to eager), and the errors for a library compiled without backward.
 
 import argparse
 import glob
-import math
 import os
 import sys
 
@@ -29,7 +28,7 @@ import torch  # noqa: E402
 import ccc  # noqa: E402
 from ccc.autograd import layer_operators  # noqa: E402
 from ccc.hf import ZayaLayer, zaya_incompatibility  # noqa: E402
-from ccc.reference import reference_forward, relative_l2  # noqa: E402
+from ccc.reference import gradient_error, reference_gradients  # noqa: E402
 
 
 def check(condition, message):
@@ -37,28 +36,12 @@ def check(condition, message):
     return bool(condition)
 
 
-def rms(tensor):
-    return (tensor.double().norm() / math.sqrt(tensor.numel())).item()
-
-
-def exact_gradients(layer, x, weights, dout):
-    leaves = {n: w.detach().double().requires_grad_() for n, w in weights.items()}
-    x_leaf = x.detach().double().requires_grad_()
-    out = reference_forward(layer.spec, leaves, x_leaf)["out"]
-    grads = torch.autograd.grad(out, [x_leaf, *leaves.values()], dout.double())
-    return {"dx": grads[0], **dict(zip(leaves, grads[1:]))}
-
-
 def peer_gradients(layer, x, weights, dout):
     """(peer name, gradients): HF's own 16-bit autograd where ZayaAttention computes the layer,
     else PyTorch's 16-bit autograd of the reference's steps (SDPA for the attention)."""
     if layer.spec.has_cca_parts() and zaya_incompatibility(layer.spec) is None:
         return "hf", ZayaLayer(layer.spec, weights, x.dtype).gradients(x, dout)
-    leaves = {n: w.detach().requires_grad_() for n, w in weights.items()}
-    x_leaf = x.detach().requires_grad_()
-    out = reference_forward(layer.spec, leaves, x_leaf, compute_dtype=x.dtype)["out"]
-    grads = torch.autograd.grad(out, [x_leaf, *leaves.values()], dout)
-    return "torch", {"dx": grads[0], **dict(zip(leaves, grads[1:]))}
+    return "torch", reference_gradients(layer.spec, weights, x, dout, compute_dtype=x.dtype)
 
 
 def gradients_match(layer, batch, seq_len):
@@ -71,7 +54,7 @@ def gradients_match(layer, batch, seq_len):
     out.backward(dout)
     ours = {"dx": x.grad, **{n: w.grad for n, w in weights.items()}}
     plain = {n: w.detach() for n, w in weights.items()}
-    exact = exact_gradients(layer, x, plain, dout)
+    exact = reference_gradients(spec, plain, x, dout)
     peer, theirs = peer_gradients(layer, x.detach(), plain, dout)
     failures, worst = [], (None, 0.0, 1.0)
     for name, expected in exact.items():
@@ -79,11 +62,7 @@ def gradients_match(layer, batch, seq_len):
         if got is None or got.shape != expected.shape or not torch.isfinite(got).all():
             failures.append(f"{name}: {'missing' if got is None else 'not finite or misshapen'}")
             continue
-        if rms(expected) < 1e-12:
-            error, bound = rms(got), 1.5 * rms(theirs[name]) + 1e-4
-        else:
-            error = relative_l2(got, expected)
-            bound = 1.5 * relative_l2(theirs[name].view(expected.shape), expected) + 1e-3
+        error, bound = gradient_error(got, expected, theirs[name])
         if error > bound:
             failures.append(f"{name}: {error:.2e} > {bound:.2e}")
         if error / bound > worst[1] / worst[2]:

@@ -36,6 +36,21 @@ pub(super) fn widest_tap_reach(spec: &AttentionSpec) -> u32 {
     spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0)
 }
 
+/// The tiles both prologue directions run on: one head per CTA (block_n = head_dim), `block_m`
+/// rows of which the first T are the convolution halo. The halo T and the accumulator's warp grid
+/// for `schedule`, or why kernel `kernel` cannot use it.
+pub(super) fn head_row_tiles(spec: &AttentionSpec, s: &Schedule, kernel: &str) -> Result<(u32, (u32, u32)), String> {
+    let d = spec.head_dim as u32;
+    if s.block_n != d {
+        return Err(format!("{kernel} works on one head at a time: block_n must be head_dim {d}"));
+    }
+    let halo = spec.conv_history() as u32;
+    if s.block_m <= halo {
+        return Err(format!("block_m {} leaves no output rows after the {halo}-row halo", s.block_m));
+    }
+    Ok((halo, warp_grid(s.block_m, d, s.warps)?))
+}
+
 /// The buffer holding convolution stage `stage`'s input for the backward (stage ≥ 1: the output
 /// of the stage before), [B, T + S, P] with row T at token 0.
 pub fn stage_input_name(stage: usize) -> String {
@@ -112,18 +127,11 @@ pub(super) struct PrologueBuilder<'a> {
 impl<'a> PrologueBuilder<'a> {
     pub(super) fn new(spec: &'a AttentionSpec, s: &Schedule) -> Result<PrologueBuilder<'a>, String> {
         let d = spec.head_dim as u32;
-        if s.block_n != d {
-            return Err(format!("qk_prologue works on one head at a time: block_n must be head_dim {d}"));
-        }
         if !s.block_k.is_multiple_of(16) {
             return Err(format!("block_k {} is not a multiple of 16", s.block_k));
         }
-        let halo = spec.conv_history() as u32;
+        let (halo, (wm, wn)) = head_row_tiles(spec, s, "qk_prologue")?;
         let m = s.block_m;
-        if m <= halo {
-            return Err(format!("block_m {m} leaves no output rows after the {halo}-row halo"));
-        }
-        let (wm, wn) = warp_grid(m, d, s.warps)?;
         let storage: ElemType = spec.dtype.into();
         let lead = widest_tap_reach(spec);
         let mut tiles = Tiles { decls: Vec::new() };

@@ -20,7 +20,7 @@
 //! gradients, so each stage's gradient is kept in [`stage_gradient_name`] ([B, T + S, P], row T
 //! at token 0).
 
-use super::super::qk_prologue::widest_tap_reach;
+use super::super::qk_prologue::{head_row_tiles, widest_tap_reach};
 use super::super::*;
 
 /// The buffer holding the gradient of convolution stage `stage`'s output: `dmixed` for the last
@@ -38,15 +38,8 @@ pub fn build_prologue_conv_backward(spec: &AttentionSpec, schedule: &Schedule) -
     if spec.qk_conv.is_empty() && !spec.qk_mean {
         return Err(format!("{}: no convolution or q-k mean between p0 and the norm", spec.name));
     }
-    if s.block_n != d {
-        return Err(format!("qk_prologue_bwd_conv works on one head at a time: block_n must be head_dim {d}"));
-    }
-    let halo = spec.conv_history() as u32;
+    let (halo, (wm, wn)) = head_row_tiles(spec, s, "qk_prologue_bwd_conv")?;
     let m = s.block_m;
-    if m <= halo {
-        return Err(format!("block_m {m} leaves no output rows after the {halo}-row halo"));
-    }
-    let (wm, wn) = warp_grid(m, d, s.warps)?;
     let storage: ElemType = spec.dtype.into();
     let trail = widest_tap_reach(spec);
     let out_rows = m - halo;
