@@ -32,6 +32,7 @@
 #   train (not default): with gpu-carry/train (every example compiled with backward):
 #      tests/python/gpu_autograd.py (gradients through Layer.forward's autograd against float64,
 #      opcheck, torch.compile), `ccc-run validate` of zaya1's and mha's training libraries,
+#      bench/kernel_times.py --backward (each backward kernel alone at 1×16384),
 #      bench/train_loop.py (200 AdamW steps against HF's layer) and bench/bench.py --train
 #      (forward + backward of the layer, backward of the core, beside the peers) at 4k and 16k;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
@@ -125,10 +126,12 @@ for s in $steps; do
       ;;
     train)
       if [ -d gpu-carry/train ]; then
-        step autograd 300 python3 -u -W ignore tests/python/gpu_autograd.py gpu-carry/train
+        step autograd 540 python3 -u -W ignore tests/python/gpu_autograd.py gpu-carry/train
         for name in zaya1 mha; do
           step "validate-train-$name" 60 gpu-carry/ccc-run validate "gpu-carry/train/$name/$name" --batch 1,3 --seq-len 17,1000
         done
+        step times-backward 120 python3 -u -W ignore bench/kernel_times.py gpu-carry/train/zaya1/zaya1 \
+          gpu-carry/train/mha/mha --shapes 1x16384 --backward
         step train-loop 120 python3 -u -W ignore bench/train_loop.py gpu-carry/train/zaya1/zaya1 --out "$out/train"
         step bench-train 300 python3 -u -W ignore bench/bench.py gpu-carry/train/zaya1/zaya1 gpu-carry/train/mha/mha \
           --train --out "$out/bench-train" --seq-lens 4096,8192,16384 --batches 1
