@@ -116,7 +116,7 @@ fn attention_backward_rejects_bad_schedules() {
 
 mod gemm {
     use super::*;
-    use ccc::ir::kernel::{ElemType, GradientTerm, InputGradient, WeightGradient, build_input_gradient, build_weight_gradient};
+    use ccc::ir::kernel::{ElemType, GradientTerm, InputGradient, SummedRows, TokenSum, WeightGradient, build_input_gradient, build_token_sum, build_weight_gradient};
 
     fn random(rng: &mut XorShift64Star, len: usize) -> Vec<f64> {
         (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
@@ -170,15 +170,19 @@ mod gemm {
     }
 
     /// dW and db of a segment of dy against x one token earlier, summed over every token of the
-    /// batch, against the sums written out.
+    /// batch (in one CTA per tile, or in parts whose rows add up to the sum), against the sums
+    /// written out.
     #[test]
     fn weight_gradient_matches_the_sum_over_tokens() {
         let (inputs, columns) = (40, 96);
         let mut rng = XorShift64Star::new(9);
-        for (batch, seq_len, row_shift, sched) in [
-            (1, 1, 0, schedule(16, 16, 16, 1, 1)),
-            (3, 17, 1, schedule(32, 16, 16, 2, 2)),
-            (2, 65, 0, schedule(32, 32, 32, 2, 3)),
+        for (batch, seq_len, row_shift, sched, parts) in [
+            (1, 1, 0, schedule(16, 16, 16, 1, 1), 1),
+            (3, 17, 1, schedule(32, 16, 16, 2, 2), 1),
+            (2, 65, 0, schedule(32, 32, 32, 2, 3), 1),
+            (1, 1, 0, schedule(16, 16, 16, 1, 2), 3),
+            (3, 17, 1, schedule(32, 16, 16, 2, 2), 5),
+            (2, 65, 0, schedule(32, 32, 32, 2, 3), 4),
         ] {
             let gradient = WeightGradient {
                 name: "dw".into(),
@@ -198,13 +202,14 @@ mod gemm {
                 output: "dw".into(),
                 output_shape: vec![64, inputs],
                 bias_output: Some("db".into()),
+                parts,
                 storage: ElemType::Bf16,
             };
             let mut buffers: Buffers = Buffers::new();
             buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
             buffers.insert("x".into(), random(&mut rng, batch * seq_len * inputs));
-            buffers.insert("dw".into(), vec![f64::NAN; 64 * inputs]);
-            buffers.insert("db".into(), vec![f64::NAN; 64]);
+            buffers.insert("dw".into(), vec![f64::NAN; parts * 64 * inputs]);
+            buffers.insert("db".into(), vec![f64::NAN; parts * 64]);
             let kernel = build_weight_gradient(&gradient, &sched).unwrap();
             run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
             let (mut dw, mut db) = (vec![0.0; 64 * inputs], vec![0.0; 64]);
@@ -222,8 +227,61 @@ mod gemm {
                 }
             }
             for (name, want) in [("dw", &dw), ("db", &db)] {
-                assert_close(&buffers[name], want, &format!("{name} B={batch} S={seq_len} shift {row_shift} {sched:?}"));
+                let written = &buffers[name];
+                let summed: Vec<f64> = (0..want.len()).map(|i| (0..parts).map(|p| written[p * want.len() + i]).sum()).collect();
+                assert_close(&summed, want, &format!("{name} B={batch} S={seq_len} shift {row_shift} {sched:?} in {parts} parts"));
             }
+        }
+    }
+
+    /// A token sum in parts, then the sum of its parts, against the plain sum (with a factor
+    /// one token earlier, as a depthwise tap's weight gradient).
+    #[test]
+    fn token_sum_in_parts_adds_up_to_the_sum() {
+        let columns = 70;
+        let mut rng = XorShift64Star::new(11);
+        for (batch, seq_len, parts) in [(1, 1, 7), (3, 17, 2), (2, 65, 64), (1, 33, 1)] {
+            let sum = TokenSum {
+                name: "sum".into(),
+                input: "dy".into(),
+                elem: ElemType::Bf16,
+                columns,
+                rows: SummedRows::Tokens { rows_before: 0 },
+                factor: Some(("x".into(), 0, 1)),
+                parts,
+                output: "parts".into(),
+                output_shape: vec![columns],
+                output_tap: None,
+            };
+            let finish = TokenSum {
+                name: "finish".into(),
+                input: "parts".into(),
+                elem: ElemType::F32,
+                columns,
+                rows: SummedRows::Parts(parts),
+                factor: None,
+                parts: 1,
+                output: "total".into(),
+                output_shape: vec![columns],
+                output_tap: None,
+            };
+            let mut buffers: Buffers = Buffers::new();
+            buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
+            buffers.insert("x".into(), random(&mut rng, batch * seq_len * columns));
+            buffers.insert("parts".into(), vec![f64::NAN; parts * columns]);
+            buffers.insert("total".into(), vec![f64::NAN; columns]);
+            for kernel in [build_token_sum(&sum).unwrap(), build_token_sum(&finish).unwrap()] {
+                run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
+            }
+            let mut want = vec![0.0; columns];
+            for b in 0..batch {
+                for t in 1..seq_len {
+                    for (c, w) in want.iter_mut().enumerate() {
+                        *w += buffers["dy"][(b * seq_len + t) * columns + c] * buffers["x"][(b * seq_len + t - 1) * columns + c];
+                    }
+                }
+            }
+            assert_close(&buffers["total"], &want, &format!("B={batch} S={seq_len} in {parts} parts"));
         }
     }
 
@@ -247,6 +305,7 @@ mod gemm {
             output: "dw".into(),
             output_shape: vec![48, 32],
             bias_output: None,
+            parts: 1,
             storage: ElemType::Bf16,
         };
         let error = build_weight_gradient(&gradient, &schedule(32, 16, 16, 2, 1)).unwrap_err();

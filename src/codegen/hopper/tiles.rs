@@ -93,10 +93,9 @@ pub const DEFAULT_BATCH: u64 = 1;
 /// measurements (BENCHMARKS.md) and of issue 7's targets.
 pub const DEFAULT_SEQ_LEN: u64 = 16384;
 
-/// SMs of the H100 / H200 SXM that the model is fitted to and tunes for: a property of that
-/// target. Launches do not use it; a persistent grid has as many CTAs as the device has SMs
-/// (`SizeVar::SmCount`, read by the loader).
-const SMS: u64 = 132;
+/// SMs of the H100 / H200 SXM that the model is fitted to and tunes for. Launches do not use it;
+/// a persistent grid has as many CTAs as the device has SMs (`SizeVar::SmCount`).
+const SMS: u64 = crate::ir::kernel::TARGET_SMS as u64;
 
 /// Registers per consumer thread besides the accumulators (addresses, loop state, the softmax's
 /// row statistics): the most that still admits the 128 × 128, d = 128 ping-pong attention kernel

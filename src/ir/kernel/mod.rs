@@ -39,7 +39,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, BackwardKernel, GradientTerm, InputGradient, TokenSum, WeightGradient, backward_kernels,
+    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, BackwardKernel, GradientTerm, InputGradient, SplitGradient, SummedRows, TokenSum, WeightGradient, backward_kernels,
     build_attention_backward,
     build_input_gradient, build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule,
     gradient_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
@@ -73,6 +73,10 @@ pub const SM_THREADS: u32 = 2048;
 pub const WARPGROUP_THREADS: u32 = 128;
 /// Registers one SM holds per CTA (65536 32-bit registers).
 pub const REGISTERS_PER_CTA: u32 = 65536;
+/// SMs of the H100 / H200 SXM: what sizes fixed at compile time aim to fill (the cost model's
+/// tile times, the number of parts a reduction over tokens is split into). Launches that can
+/// follow the device use `SizeVar::SmCount`, which the loader reads.
+pub const TARGET_SMS: u32 = 132;
 
 /// Element type of a tile or a global tensor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -4,7 +4,7 @@
 //! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
 
 use crate::ir::graph::{ElemType, Graph, KernelRole, Layout, OpKind, OutputKind, TensorType, ValueId};
-use crate::ir::kernel::{self, Access, BackwardKernel, ForwardKernel, KernelParam, ProjectionSegment, Schedule};
+use crate::ir::kernel::{self, Access, BackwardKernel, ForwardKernel, KernelParam, ProjectionSegment, Schedule, gradient_name};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::size::{SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
@@ -399,14 +399,18 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
 /// `x`, `dout` and the weights is what the forward saved (`q`, `k`, `v`, `o`, `lse`, and `p0`
 /// with a prologue), and its outputs are `dx` and every weight's gradient.
 pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
-    let param_names: Vec<String> = spec.params().into_iter().map(|p| p.name).collect();
+    let weights: Vec<Buffer> = spec
+        .params()
+        .into_iter()
+        .map(|p| Buffer { name: p.name, ty: TensorType::new(p.shape.iter().map(|&d| SizeExpr::from(d)).collect(), ElemType::Storage(spec.dtype), Layout::RowMajor) })
+        .collect();
     let (mut inputs, mut written, mut kernels) = (Vec::<Buffer>::new(), Vec::<Buffer>::new(), Vec::new());
     for which in BackwardKernel::launched_by(spec) {
         let built = which.build(spec).or_else(fail)?;
         let (mut kernel_inputs, mut outputs, mut params) = (Vec::new(), Vec::new(), Vec::new());
         for param in &built.params {
             let KernelParam::Tensor { name, elem, shape, access } = param else { continue };
-            if param_names.contains(name) {
+            if weights.iter().any(|w| &w.name == name) {
                 params.push(name.clone());
                 continue;
             }
@@ -419,8 +423,13 @@ pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
             };
             let mut buffer = Buffer { name: name.clone(), ty: TensorType::new(shape.clone(), elem, Layout::RowMajor) };
             // A kernel may view a buffer under another shape of as many elements (o as
-            // [B, S, Hq, d] or [B, S, Hq·d]): the plan keeps the first.
-            if let Some(known) = written.iter().chain(&inputs).find(|b| b.name == buffer.name) {
+            // [B, S, Hq, d] or [B, S, Hq·d]): the plan keeps the first, but for a weight's
+            // gradient, which has the weight's shape (a sum of parts writes it flat).
+            let weight_shaped = weights
+                .iter()
+                .find(|w| gradient_name(&w.name) == *name)
+                .map(|w| Buffer { name: name.clone(), ty: TensorType::new(w.ty.shape.clone(), elem, Layout::RowMajor) });
+            if let Some(known) = weight_shaped.or_else(|| written.iter().chain(&inputs).find(|b| b.name == *name).cloned()) {
                 if !same_elements(&known.ty, &buffer.ty) {
                     return fail(format!(
                         "{}: binds {} as {}, which an earlier kernel bound as {}",
@@ -459,18 +468,7 @@ pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
         });
     }
     let outputs: Vec<Buffer> = written.into_iter().filter(|b| b.name == "dx" || b.name.starts_with("grad.")).collect();
-    let plan = KernelPlan {
-        name: spec.name.clone(),
-        entry: EntryPoint::Backward,
-        inputs,
-        params: spec
-            .params()
-            .into_iter()
-            .map(|p| Buffer { name: p.name, ty: TensorType::new(p.shape.iter().map(|&d| SizeExpr::from(d)).collect(), ElemType::Storage(spec.dtype), Layout::RowMajor) })
-            .collect(),
-        outputs,
-        kernels,
-    };
+    let plan = KernelPlan { name: spec.name.clone(), entry: EntryPoint::Backward, inputs, params: weights, outputs, kernels };
     plan.verify()?;
     Ok(plan)
 }

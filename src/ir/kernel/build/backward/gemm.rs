@@ -39,7 +39,9 @@ pub struct InputGradient {
 /// `output = Σ_{b, t} dy[b, t, column0 .. column0 + width]ᵀ·x[b, t − row_shift, x_column0 ..
 /// x_column0 + inputs]` [width, inputs], and `bias_output = Σ_{b, t} dy[b, t, column0 ..]`
 /// [width] when given; both f32. t runs over every row of dy, those before token 0 included
-/// (the padded stage gradients of the convolutions).
+/// (the padded stage gradients of the convolutions). With `parts` > 1 the tokens are split over
+/// that many CTAs per output tile, each writing its own row of `output` and `bias_output`
+/// ([parts, ..shape], added up in order by a later kernel).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightGradient {
     pub name: String,
@@ -65,6 +67,7 @@ pub struct WeightGradient {
     pub output_shape: Vec<usize>,
     pub output_tap: Option<usize>,
     pub bias_output: Option<String>,
+    pub parts: usize,
     pub storage: ElemType,
 }
 
@@ -177,6 +180,10 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     if !gradient.width.is_multiple_of(bm as usize) {
         return Err(format!("{}: {} weight rows are not a whole number of {bm}-row tiles", gradient.name, gradient.width));
     }
+    if gradient.parts == 0 {
+        return Err(format!("{}: a sum in 0 parts", gradient.name));
+    }
+    let row_tiles = gradient.width / bm as usize;
     let mut t = Tiles { decls: Vec::new() };
     let dy_s = t.shared("dy_s", gradient.storage, s.stages * bk, bm);
     let x_s = t.shared("x_s", gradient.storage, s.stages * bk, bn);
@@ -196,7 +203,9 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     // dy row r is token r − dy_rows_before; x holds token t − row_shift at row
     // t − row_shift + x_rows_before.
     let x_row_offset = gradient.x_rows_before as i64 - gradient.dy_rows_before as i64 - gradient.row_shift as i64;
-    let load = |step: Expr, slot: Expr| {
+    let load = |i: Expr, slot: Expr| {
+        // Part p adds steps p, p + parts, …: each a chunk of one batch element.
+        let step = i * int(gradient.parts) + var("part");
         let row0 = times(step.clone().modulo(var("chunks")), bk);
         let b = step.floor_div(var("chunks"));
         vec![
@@ -251,7 +260,8 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
             gradient.output
         )),
         let_("col_tile", Expr::BlockIdx(Axis::X)),
-        let_("row_tile", Expr::BlockIdx(Axis::Y)),
+        let_("row_tile", Expr::BlockIdx(Axis::Y).modulo(int(row_tiles))),
+        let_("part", Expr::BlockIdx(Axis::Y).floor_div(int(row_tiles))),
         let_("row0", head_offset.clone() + var("row_tile") * int(bm)),
         let_("col0", var("col_tile") * int(bn)),
         let_("dy_col0", plus(var("row0"), gradient.column0 as i64)),
@@ -265,8 +275,13 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
             Stmt::Map { dst: t.whole(*ones), expr: Expr::select(Expr::Col.eq(int(0)), Expr::Float(1.0), Expr::Float(0.0)) },
         ]);
     }
-    body.extend(pipelined_loop("step", Expr::Size(SizeVar::Batch) * var("chunks"), s.stages, &load, &compute));
-    let mut output_dims = vec![span(var("row0"), bm), span(var("col0"), bn)];
+    // ceil((steps − part) / parts) steps, none when part is past the last.
+    let parts = int(gradient.parts);
+    let steps = (Expr::Size(SizeVar::Batch) * var("chunks") + parts.clone() - int(1) - var("part")).floor_div(parts);
+    body.extend(pipelined_loop("i", steps, s.stages, &load, &compute));
+    let part_dim = (gradient.parts > 1).then(|| GlobalDim::At(var("part")));
+    let mut output_dims: Vec<GlobalDim> = part_dim.clone().into_iter().collect();
+    output_dims.extend([span(var("row0"), bm), span(var("col0"), bn)]);
     output_dims.extend(gradient.output_tap.map(|tap| GlobalDim::At(int(tap))));
     body.push(Stmt::Store { src: t.whole(acc), dst: GlobalTile { param: gradient.output.clone(), dims: output_dims } });
     if let Some((output, _, bias_acc, sums)) = &bias {
@@ -274,7 +289,10 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
             cond: var("col_tile").eq(int(0)),
             then_body: vec![
                 Stmt::RowReduce { dst: *sums, src: t.whole(*bias_acc), op: ReduceOp::Sum, value: Expr::Elem },
-                Stmt::Store { src: t.whole(*sums), dst: GlobalTile { param: output.to_string(), dims: vec![span(var("row0"), bm)] } },
+                Stmt::Store {
+                    src: t.whole(*sums),
+                    dst: GlobalTile { param: output.to_string(), dims: part_dim.into_iter().chain([span(var("row0"), bm)]).collect() },
+                },
             ],
             else_body: Vec::new(),
         });
@@ -292,17 +310,16 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     } else {
         tensor(&gradient.x, gradient.storage, padded(gradient.x_columns, gradient.x_rows_before), Access::Read)
     };
-    let mut params = vec![
-        dy_shape,
-        x_shape,
-        tensor(&gradient.output, ElemType::F32, gradient.output_shape.iter().map(|n| size(*n)).collect(), Access::Write),
-    ];
+    let with_parts = |shape: &[usize]| {
+        (gradient.parts > 1).then_some(gradient.parts).into_iter().chain(shape.iter().copied()).map(size).collect()
+    };
+    let mut params = vec![dy_shape, x_shape, tensor(&gradient.output, ElemType::F32, with_parts(&gradient.output_shape), Access::Write)];
     if let Some(output) = &gradient.bias_output {
-        params.push(tensor(output, ElemType::F32, vec![size(gradient.width)], Access::Write));
+        params.push(tensor(output, ElemType::F32, with_parts(&[gradient.width]), Access::Write));
     }
     let grid = [
         size(gradient.inputs.div_ceil(bn as usize)),
-        size(gradient.width / bm as usize),
+        size(row_tiles * gradient.parts),
         size(gradient.heads.map_or(1, |(heads, _)| heads)),
     ];
     verified(tiled_kernel(gradient.name.clone(), params, grid, s, t, body), s)

@@ -29,79 +29,147 @@ pub fn build_prologue_backward(spec: &AttentionSpec, schedule: &Schedule) -> Res
 /// `output[c] = Σ_{b, r} input[b, r, c]·factor[b, r − shift, c]` over every row of the input
 /// (without a factor: the plain sum): dL/dtemp from its rows, a convolution's bias gradient from
 /// its stage gradient, a depthwise tap's weight gradient from the stage gradient and the stage
-/// input. Inputs may have rows before token 0 (`rows_before`, as in the convolutions' padded
-/// stage tensors; the factor's row is its own token's).
+/// input; or the sum of a split reduction's parts ([`SummedRows::Parts`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenSum {
     pub name: String,
     pub input: String,
     pub elem: ElemType,
     pub columns: usize,
-    pub rows_before: usize,
+    pub rows: SummedRows,
     /// (tensor, its rows before token 0, token shift): the input's token t meets its token t − shift.
     pub factor: Option<(String, usize, usize)>,
+    /// CTAs along the grid's y, each adding every `parts`-th chunk of rows into its own row
+    /// `part` of the output ([parts, ..output_shape], added up by a later kernel); 1 writes the
+    /// sum itself.
+    pub parts: usize,
     pub output: String,
-    /// [columns], or [columns, 1, taps] with `output_tap` the tap written.
+    /// [columns], or [columns, 1, taps] with `output_tap` the tap written (after the parts).
     pub output_shape: Vec<usize>,
     pub output_tap: Option<usize>,
 }
 
-/// Builds a [`TokenSum`]: one CTA per 64 columns, 16-row chunks of every batch element in order,
-/// staged in shared memory and added, transposed, to a [64, 16] accumulator whose rows are summed
-/// at the end.
+/// The rows a [`TokenSum`] adds up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SummedRows {
+    /// Every token of every batch element: the input is [B, rows_before + S, columns], token 0
+    /// at row `rows_before` (the convolutions' padded stage tensors have rows before it; a
+    /// factor's row is its own token's).
+    Tokens { rows_before: usize },
+    /// The parts of a split reduction: the input is [1, parts, columns].
+    Parts(usize),
+}
+
+/// Columns of a [`TokenSum`]'s CTA.
+const TOKEN_SUM_COLUMNS: usize = 64;
+
+/// Builds a [`TokenSum`]: one CTA per 64 columns (and part), 16-row chunks of every batch
+/// element in order, staged in shared memory and added, transposed, to a [64, 16] accumulator
+/// whose rows are summed at the end.
 pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
     const CHUNK: u32 = 16;
-    const COLUMNS: u32 = 64;
+    const COLUMNS: u32 = TOKEN_SUM_COLUMNS as u32;
     const WARPS: u32 = 4;
+    if sum.parts == 0 {
+        return Err(format!("{}: a sum in 0 parts", sum.name));
+    }
+    let (input_shape, chunks) = match sum.rows {
+        SummedRows::Tokens { rows_before } => (
+            vec![SizeExpr::batch(), SizeExpr::seq_len() + size(rows_before), size(sum.columns)],
+            (plus(seq(), rows_before as i64).ceil_div(int(CHUNK)), Expr::Size(SizeVar::Batch)),
+        ),
+        SummedRows::Parts(parts) if sum.factor.is_none() => {
+            (vec![size(1), size(parts), size(sum.columns)], (int(parts.div_ceil(CHUNK as usize)), int(1)))
+        }
+        SummedRows::Parts(_) => return Err(format!("{}: the parts of a sum have no factor", sum.name)),
+    };
+    let rows_before = match sum.rows {
+        SummedRows::Tokens { rows_before } => rows_before,
+        SummedRows::Parts(_) => 0,
+    };
     let mut t = Tiles { decls: Vec::new() };
     let input_s = t.shared("input_s", sum.elem, CHUNK, COLUMNS);
     let factor_s = sum.factor.as_ref().map(|_| t.shared("factor_s", sum.elem, CHUNK, COLUMNS));
     let acc = t.regs("acc", ElemType::F32, COLUMNS, CHUNK, Layout::MmaAccumulator { warps_m: WARPS, warps_n: 1 });
     let sums = t.regs("sums", ElemType::F32, COLUMNS, 1, Layout::RowVector { warps_m: WARPS, warps_n: 1 });
-    let chunks = plus(seq(), sum.rows_before as i64).ceil_div(int(CHUNK));
-    let (b, row0) = (var("step").floor_div(var("chunks")), times(var("step").modulo(var("chunks")), CHUNK));
+    // Part p adds steps p, p + parts, …: each a chunk of one batch element.
+    let step = var("i") * int(sum.parts) + var("part");
+    let (b, row0) = (step.clone().floor_div(var("chunks")), times(step.modulo(var("chunks")), CHUNK));
     let rows_of = |param: &str, start: Expr| GlobalTile {
         param: param.into(),
         dims: vec![GlobalDim::At(b.clone()), span(start, CHUNK), span(var("col0"), COLUMNS)],
     };
-    let mut step = vec![Stmt::Copy { dst: t.whole(input_s), src: rows_of(&sum.input, row0.clone()), is_async: false }];
+    let mut body_of_step = vec![Stmt::Copy { dst: t.whole(input_s), src: rows_of(&sum.input, row0.clone()), is_async: false }];
     let mut value = Expr::tile(input_s, Expr::Col, Expr::Row);
     if let (Some((factor, factor_before, shift)), Some(factor_s)) = (&sum.factor, factor_s) {
-        let offset = *factor_before as i64 - sum.rows_before as i64 - *shift as i64;
-        step.push(Stmt::Copy { dst: t.whole(factor_s), src: rows_of(factor, plus(row0, offset)), is_async: false });
+        let offset = *factor_before as i64 - rows_before as i64 - *shift as i64;
+        body_of_step.push(Stmt::Copy { dst: t.whole(factor_s), src: rows_of(factor, plus(row0, offset)), is_async: false });
         value = value * Expr::tile(factor_s, Expr::Col, Expr::Row);
     }
-    step.extend([
+    body_of_step.extend([
         Stmt::Barrier,
         Stmt::Map { dst: t.whole(acc), expr: Expr::Elem + value },
         // The next copy overwrites what every thread read.
         Stmt::Barrier,
     ]);
-    let mut output_dims = vec![span(var("col0"), COLUMNS)];
+    let mut output_dims = Vec::new();
+    if sum.parts > 1 {
+        output_dims.push(GlobalDim::At(var("part")));
+    }
+    output_dims.push(span(var("col0"), COLUMNS));
     if let Some(tap) = sum.output_tap {
         output_dims.extend([GlobalDim::At(int(0)), GlobalDim::At(int(tap))]);
     }
+    let (chunks, batches) = chunks;
+    let parts = int(sum.parts);
     let body = vec![
-        Stmt::Note(format!("{}[c] = Σ over every row of {}[b, r, c]{}", sum.output, sum.input, if sum.factor.is_some() { " · factor" } else { "" })),
+        Stmt::Note(format!(
+            "{}[c] = Σ over every row of {}[b, r, c]{}{}",
+            sum.output,
+            sum.input,
+            if sum.factor.is_some() { " · factor" } else { "" },
+            if sum.parts > 1 { format!(", part blockIdx.y of {}", sum.parts) } else { String::new() }
+        )),
         let_("col0", Expr::BlockIdx(Axis::X) * int(COLUMNS)),
+        let_("part", Expr::BlockIdx(Axis::Y)),
         let_("chunks", chunks),
         Stmt::Fill { dst: t.whole(acc), value: 0.0 },
-        for_("step", int(0), Expr::Size(SizeVar::Batch) * var("chunks"), step),
+        // ceil((steps − part) / parts) steps, none when part is past the last.
+        for_("i", int(0), (batches * var("chunks") + parts.clone() - int(1) - var("part")).floor_div(parts), body_of_step),
         Stmt::RowReduce { dst: sums, src: t.whole(acc), op: ReduceOp::Sum, value: Expr::Elem },
         Stmt::Store { src: t.whole(sums), dst: GlobalTile { param: sum.output.clone(), dims: output_dims } },
     ];
-    let shape = |rows_before: usize| {
-        vec![SizeExpr::batch(), SizeExpr::seq_len() + size(rows_before), size(sum.columns)]
-    };
-    let mut params = vec![tensor(&sum.input, sum.elem, shape(sum.rows_before), Access::Read)];
+    let mut params = vec![tensor(&sum.input, sum.elem, input_shape, Access::Read)];
     if let Some((factor, factor_before, _)) = &sum.factor {
-        params.push(tensor(factor, sum.elem, shape(*factor_before), Access::Read));
+        let shape = vec![SizeExpr::batch(), SizeExpr::seq_len() + size(*factor_before), size(sum.columns)];
+        params.push(tensor(factor, sum.elem, shape, Access::Read));
     }
-    params.push(tensor(&sum.output, ElemType::F32, sum.output_shape.iter().map(|n| size(*n)).collect(), Access::Write));
+    let parts_dim = (sum.parts > 1).then_some(sum.parts);
+    let output_shape = parts_dim.into_iter().chain(sum.output_shape.iter().copied()).map(size).collect();
+    params.push(tensor(&sum.output, ElemType::F32, output_shape, Access::Write));
     let schedule = Schedule { block_m: COLUMNS, block_n: CHUNK, block_k: CHUNK, warps: WARPS, stages: 1 };
-    let grid = [size(sum.columns.div_ceil(COLUMNS as usize)), size(1), size(1)];
+    let grid = [size(sum.columns.div_ceil(COLUMNS as usize)), size(sum.parts), size(1)];
     verified(tiled_kernel(sum.name.clone(), params, grid, &schedule, t, body), &schedule)
 }
+
+/// CTAs a reduction over every token aims for: four per SM of the target, so that the loads of
+/// one hide behind the others'.
+const REDUCTION_CTAS: usize = 4 * TARGET_SMS as usize;
+/// The most parts a reduction is split into (each part is a row of an f32 buffer of the whole
+/// output).
+const MAX_REDUCTION_PARTS: usize = 64;
+
+/// Parts for a reduction over tokens whose output alone gives `ctas` CTAs.
+fn reduction_parts(ctas: usize) -> usize {
+    REDUCTION_CTAS.div_ceil(ctas.max(1)).clamp(1, MAX_REDUCTION_PARTS)
+}
+
+/// The buffer of a split reduction's parts of gradient `output`: [parts, ..output's shape].
+pub fn parts_name(output: &str) -> String {
+    format!("{PARTS_PREFIX}{output}")
+}
+
+const PARTS_PREFIX: &str = "parts.";
 
 /// Which backward kernel: the identity the backward plan records and [`BackwardKernel::build`]
 /// builds from.
@@ -116,10 +184,12 @@ pub enum BackwardKernel {
     TemperatureGradient,
     /// The convolutions' and q-k mean's backward into dp0 ([`build_prologue_conv_backward`]).
     PrologueConvolutions,
-    /// One tap of convolution stage `stage`'s weight gradient.
+    /// One tap of convolution stage `stage`'s weight gradient, in parts.
     ConvWeightTap { stage: usize, tap: usize },
-    /// Convolution stage `stage`'s bias gradient.
+    /// Convolution stage `stage`'s bias gradient, in parts.
     ConvBias { stage: usize },
+    /// The parts of a gradient reduced over tokens, added up in order.
+    SumOfParts(SplitGradient),
     /// dx through every projection segment.
     InputGradient,
     /// Weight (and bias) gradient `index` of [`projection_gradients`]' list: 0 is o_proj's, then
@@ -139,18 +209,30 @@ impl BackwardKernel {
         if has_qk_prologue(spec) {
             kernels.push(BackwardKernel::PrologueNorm);
             if param_name(spec, ParamRole::KeyTemperature).is_some() {
-                kernels.push(BackwardKernel::TemperatureGradient);
+                kernels.extend([BackwardKernel::TemperatureGradient, BackwardKernel::SumOfParts(SplitGradient::Temperature)]);
             }
             if !spec.qk_conv.is_empty() || spec.qk_mean {
                 kernels.push(BackwardKernel::PrologueConvolutions);
                 for (stage, conv) in spec.qk_conv.iter().enumerate() {
                     kernels.extend((0..conv.width).map(|tap| BackwardKernel::ConvWeightTap { stage, tap }));
-                    kernels.push(BackwardKernel::ConvBias { stage });
+                    kernels.extend([
+                        BackwardKernel::SumOfParts(SplitGradient::ConvWeight { stage }),
+                        BackwardKernel::ConvBias { stage },
+                        BackwardKernel::SumOfParts(SplitGradient::ConvBias { stage }),
+                    ]);
                 }
             }
         }
         kernels.push(BackwardKernel::InputGradient);
-        kernels.extend((0..projection_gradients(spec).1.len()).map(BackwardKernel::WeightGradient));
+        for (index, gradient) in projection_gradients(spec).1.iter().enumerate() {
+            kernels.push(BackwardKernel::WeightGradient(index));
+            if gradient.parts > 1 {
+                kernels.push(BackwardKernel::SumOfParts(SplitGradient::Weight(index)));
+                if gradient.bias_output.is_some() {
+                    kernels.push(BackwardKernel::SumOfParts(SplitGradient::WeightBias(index)));
+                }
+            }
+        }
         kernels
     }
 
@@ -164,6 +246,7 @@ impl BackwardKernel {
             BackwardKernel::PrologueConvolutions => "prologue_convolutions".into(),
             BackwardKernel::ConvWeightTap { stage, tap } => format!("conv_weight_tap {{stage = {stage}, tap = {tap}}}"),
             BackwardKernel::ConvBias { stage } => format!("conv_bias {{stage = {stage}}}"),
+            BackwardKernel::SumOfParts(which) => format!("sum_of_parts {{{}}}", which.describe()),
             BackwardKernel::InputGradient => "input_gradient".into(),
             BackwardKernel::WeightGradient(index) => format!("weight_gradient {{index = {index}}}"),
         }
@@ -182,16 +265,13 @@ impl BackwardKernel {
             BackwardKernel::PrologueNorm => {
                 build_prologue_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)
             }
-            BackwardKernel::TemperatureGradient => {
-                let temperature = param_name(spec, ParamRole::KeyTemperature)
-                    .ok_or_else(|| format!("{} has no key temperature", spec.name))?;
-                build_token_sum(&temperature_sum(spec, format!("{}_temperature_grad", spec.name), &temperature))
-            }
+            BackwardKernel::TemperatureGradient => build_token_sum(&temperature_sum(spec)?),
             BackwardKernel::PrologueConvolutions => {
                 build_prologue_conv_backward(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)
             }
             BackwardKernel::ConvWeightTap { stage, tap } => conv_weight_tap(spec, stage, tap),
             BackwardKernel::ConvBias { stage } => conv_bias(spec, stage),
+            BackwardKernel::SumOfParts(which) => which.build_sum(spec),
             BackwardKernel::InputGradient => with_default_gradient_schedule(|s| build_input_gradient(&gradients().0[1], s)),
             BackwardKernel::WeightGradient(index) => {
                 let weights = gradients().1;
@@ -201,6 +281,111 @@ impl BackwardKernel {
                 with_default_gradient_schedule(|s| build_weight_gradient(gradient, s))
             }
         }
+    }
+}
+
+/// A gradient reduced over every token in parts: its kernels write the [`parts_name`] buffer,
+/// which [`BackwardKernel::SumOfParts`] adds up in order (the same bits every run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SplitGradient {
+    /// dL/dtemp.
+    Temperature,
+    /// Convolution stage `stage`'s weight gradient (every tap).
+    ConvWeight { stage: usize },
+    /// Convolution stage `stage`'s bias gradient.
+    ConvBias { stage: usize },
+    /// Weight gradient `index` of [`projection_gradients`]' list, when its tiles alone are too
+    /// few CTAs.
+    Weight(usize),
+    /// Its bias gradient.
+    WeightBias(usize),
+}
+
+impl SplitGradient {
+    fn describe(self) -> String {
+        match self {
+            SplitGradient::Temperature => "temperature".into(),
+            SplitGradient::ConvWeight { stage } => format!("conv_weight, stage = {stage}"),
+            SplitGradient::ConvBias { stage } => format!("conv_bias, stage = {stage}"),
+            SplitGradient::Weight(index) => format!("weight, index = {index}"),
+            SplitGradient::WeightBias(index) => format!("weight_bias, index = {index}"),
+        }
+    }
+
+    /// The gradient's buffer, its number of elements and the parts it is summed in: enough that
+    /// the output's CTAs times the parts reach [`REDUCTION_CTAS`].
+    fn layout(self, spec: &AttentionSpec) -> Result<(String, usize, usize), String> {
+        let packed = spec.packed_width();
+        let parameter = |role: ParamRole| {
+            param_name(spec, role).ok_or_else(|| format!("{} has no {role:?} parameter", spec.name))
+        };
+        let conv = |stage: usize| {
+            spec.qk_conv.get(stage).copied().ok_or_else(|| format!("{} has no convolution stage {stage}", spec.name))
+        };
+        let token_sum_ctas = |columns: usize| columns.div_ceil(TOKEN_SUM_COLUMNS);
+        let (name, elements, ctas) = match self {
+            SplitGradient::Temperature => (parameter(ParamRole::KeyTemperature)?, spec.kv_heads, token_sum_ctas(spec.kv_heads)),
+            SplitGradient::ConvBias { stage } => {
+                conv(stage)?;
+                (parameter(ParamRole::ConvBias { stage })?, packed, token_sum_ctas(packed))
+            }
+            SplitGradient::ConvWeight { stage } => {
+                let conv = conv(stage)?;
+                let weight = parameter(ParamRole::ConvWeight { stage })?;
+                match conv.kind {
+                    // One GEMM per head, about 64 × 64 output tiles.
+                    ConvKind::PerHead => {
+                        let tiles = spec.head_dim.div_ceil(64);
+                        (weight, packed * spec.head_dim * conv.width, (spec.query_heads + spec.kv_heads) * tiles * tiles)
+                    }
+                    ConvKind::Depthwise => (weight, packed * conv.width, token_sum_ctas(packed)),
+                }
+            }
+            SplitGradient::Weight(index) | SplitGradient::WeightBias(index) => {
+                let weights = projection_gradients(spec).1;
+                let gradient = weights
+                    .get(index)
+                    .ok_or_else(|| format!("{} has {} weight gradients, not {}", spec.name, weights.len(), index + 1))?;
+                let output = if matches!(self, SplitGradient::Weight(_)) {
+                    Some(gradient.output.clone())
+                } else {
+                    gradient.bias_output.clone()
+                };
+                let output = output.ok_or_else(|| format!("{}: {} has no bias", spec.name, gradient.name))?;
+                let elements = if matches!(self, SplitGradient::Weight(_)) { gradient.width * gradient.inputs } else { gradient.width };
+                // Already split: the gradient names its parts buffer.
+                let output = output.strip_prefix(PARTS_PREFIX).unwrap_or(&output).to_string();
+                return Ok((output, elements, gradient.parts));
+            }
+        };
+        Ok((gradient_name(&name), elements, reduction_parts(ctas)))
+    }
+
+    /// The kernel adding up the parts, in order, into the gradient (viewed flat).
+    fn build_sum(self, spec: &AttentionSpec) -> Result<KernelFn, String> {
+        let (output, elements, parts) = self.layout(spec)?;
+        let name = match self {
+            SplitGradient::Temperature => "temperature_grad_sum".to_string(),
+            SplitGradient::ConvWeight { stage } => format!("conv{stage}_dweight_sum"),
+            SplitGradient::ConvBias { stage } => format!("conv{stage}_dbias_sum"),
+            SplitGradient::Weight(index) | SplitGradient::WeightBias(index) => {
+                let gemm = &projection_gradients(spec).1[index].name;
+                let kernel = gemm.strip_prefix(&format!("{}_", spec.name)).unwrap_or(gemm);
+                if matches!(self, SplitGradient::Weight(_)) { format!("{kernel}_sum") } else { format!("{kernel}_bias_sum") }
+            }
+        };
+        build_token_sum(&TokenSum {
+            name: format!("{}_{name}", spec.name),
+            input: parts_name(&output),
+            elem: ElemType::F32,
+            columns: elements,
+            rows: SummedRows::Parts(parts),
+            factor: None,
+            parts: 1,
+            output,
+            output_shape: vec![elements],
+            output_tap: None,
+        })
     }
 }
 
@@ -237,7 +422,7 @@ fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<Ker
     if tap >= conv.width {
         return Err(format!("convolution stage {stage} of {} has {} taps, not {}", spec.name, conv.width, tap + 1));
     }
-    let weight = param_name(spec, ParamRole::ConvWeight { stage }).expect("every stage has a weight");
+    let (output, _, parts) = SplitGradient::ConvWeight { stage }.layout(spec)?;
     let name = format!("{}_conv{stage}_dweight_tap{tap}", spec.name);
     let row_shift = conv.width - 1 - tap;
     match conv.kind {
@@ -256,10 +441,11 @@ fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<Ker
                 inputs: d,
                 row_shift,
                 heads: Some((spec.query_heads + spec.kv_heads, d)),
-                output: gradient_name(&weight),
+                output: parts_name(&output),
                 output_shape: vec![p, d, conv.width],
                 output_tap: Some(tap),
                 bias_output: None,
+                parts,
                 storage,
             };
             with_default_gradient_schedule(|s| build_weight_gradient(&gradient, s))
@@ -269,9 +455,10 @@ fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<Ker
             input: dy,
             elem: storage,
             columns: p,
-            rows_before: dy_rows_before,
+            rows: SummedRows::Tokens { rows_before: dy_rows_before },
             factor: Some((x, x_rows_before, row_shift)),
-            output: gradient_name(&weight),
+            parts,
+            output: parts_name(&output),
             output_shape: vec![p, 1, conv.width],
             output_tap: Some(tap),
         }),
@@ -281,33 +468,36 @@ fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<Ker
 /// A convolution stage's bias gradient: the token sum of its output gradient.
 fn conv_bias(spec: &AttentionSpec, stage: usize) -> Result<KernelFn, String> {
     let ((dy, dy_rows_before), _) = conv_stage_operands(spec, stage)?;
-    let bias = param_name(spec, ParamRole::ConvBias { stage }).expect("every stage has a bias");
+    let (output, _, parts) = SplitGradient::ConvBias { stage }.layout(spec)?;
     build_token_sum(&TokenSum {
         name: format!("{}_conv{stage}_dbias", spec.name),
         input: dy,
         elem: spec.dtype.into(),
         columns: spec.packed_width(),
-        rows_before: dy_rows_before,
+        rows: SummedRows::Tokens { rows_before: dy_rows_before },
         factor: None,
-        output: gradient_name(&bias),
+        parts,
+        output: parts_name(&output),
         output_shape: vec![spec.packed_width()],
         output_tap: None,
     })
 }
 
-/// dL/dtemp [Hk] from the prologue backward's rows.
-fn temperature_sum(spec: &AttentionSpec, name: String, temperature: &str) -> TokenSum {
-    TokenSum {
-        name,
+/// dL/dtemp [Hk] from the prologue backward's rows, in parts.
+fn temperature_sum(spec: &AttentionSpec) -> Result<TokenSum, String> {
+    let (output, _, parts) = SplitGradient::Temperature.layout(spec)?;
+    Ok(TokenSum {
+        name: format!("{}_temperature_grad", spec.name),
         input: "dtemp_rows".into(),
         elem: ElemType::F32,
         columns: spec.kv_heads,
-        rows_before: 0,
+        rows: SummedRows::Tokens { rows_before: 0 },
         factor: None,
-        output: gradient_name(temperature),
+        parts,
+        output: parts_name(&output),
         output_shape: vec![spec.kv_heads],
         output_tap: None,
-    }
+    })
 }
 
 /// The buffer holding dL/d`name`: `d` before an activation (`dq`, `dp0`, `do`), `grad.` before
@@ -360,7 +550,17 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
         output: "dx".into(),
         storage,
     };
-    let mut weights = vec![WeightGradient {
+    // A weight gradient whose 64 × 64 tiles are fewer CTAs than SMs sums its tokens in parts.
+    let split = |mut gradient: WeightGradient| {
+        let ctas = gradient.width.div_ceil(64) * gradient.inputs.div_ceil(64);
+        gradient.parts = if ctas < TARGET_SMS as usize { reduction_parts(ctas) } else { 1 };
+        if gradient.parts > 1 {
+            gradient.output = parts_name(&gradient.output);
+            gradient.bias_output = gradient.bias_output.map(|bias| parts_name(&bias));
+        }
+        gradient
+    };
+    let mut weights = vec![split(WeightGradient {
         name: format!("{}_out_proj_dweight", spec.name),
         dy: "dout".into(),
         dy_columns: e,
@@ -378,10 +578,11 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
         output_shape: vec![e, lq],
         output_tap: None,
         bias_output: param_name(spec, ParamRole::OutputBias).map(|bias| gradient_name(&bias)),
+        parts: 1,
         storage,
-    }];
+    })];
     for (index, segment) in segments.iter().enumerate() {
-        weights.push(WeightGradient {
+        weights.push(split(WeightGradient {
             name: format!("{}_qkv_proj_dweight{index}", spec.name),
             dy: gradient_name(&segment.output),
             dy_columns: columns_of(&segment.output),
@@ -399,8 +600,9 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
             output_shape: vec![segment.width, e],
             output_tap: None,
             bias_output: segment.bias.as_deref().map(gradient_name),
+            parts: 1,
             storage,
-        });
+        }));
     }
     (vec![out_proj, qkv], weights)
 }
