@@ -86,6 +86,29 @@ fn attention_backward_kernels_match_the_reference_on_cca_layers() {
     }
 }
 
+/// Head widths in whole 128-byte panels with 64-row tiles on 4 warps: every GEMM is a wgmma
+/// with swizzled operands (the GPU's path; mma.sync where the tiles do not allow it).
+#[test]
+fn wgmma_attention_backward_kernels_match_the_reference() {
+    let specs = [
+        zaya1_like("zaya_d64", 256, 64, 4, 2),
+        AttentionSpec { mask: Mask::SlidingWindow { window: 70 }, ..zaya1_like("zaya_d128_window", 256, 128, 2, 1) },
+        AttentionSpec { mask: Mask::None, ..zaya1_like("zaya_d128_full", 256, 128, 2, 2) },
+    ];
+    let mut rng = XorShift64Star::new(12);
+    for spec in &specs {
+        for which in [AttentionBackwardKernel::Dq, AttentionBackwardKernel::DkDv] {
+            let kernel = build_attention_backward(spec, which, &default_attention_backward_schedule(spec, which).unwrap()).unwrap();
+            let swizzled = kernel.tiles.iter().filter(|tile| tile.ty.layout == ccc::ir::kernel::Layout::Swizzled128B).count();
+            assert_eq!(swizzled, 4, "{} {}: every shared operand swizzled for wgmma", spec.name, which.suffix());
+        }
+        for (batch, seq_len) in [(1, 1), (2, 17), (1, 129)] {
+            let what = format!("{} B={batch} S={seq_len}", spec.name);
+            check(spec, batch, seq_len, &|which| default_attention_backward_schedule(spec, which).unwrap(), &mut rng, &what);
+        }
+    }
+}
+
 #[test]
 fn attention_backward_kernels_match_the_reference_on_random_specs() {
     let mut rng = XorShift64Star::new(0xB4C2);

@@ -356,6 +356,30 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         })
     }
 
+    /// `prmt.b32`: byte `i` of the result is byte `selector >> 4i & 7` of `b:a` (bytes 0-3 of
+    /// `a`, 4-7 of `b`).
+    pub fn byte_perm(&self, a: IntValue<'ctx>, b: IntValue<'ctx>, selector: u32) -> Result<IntValue<'ctx>> {
+        let call = self.call_intrinsic("llvm.nvvm.prmt", &[], &[a.into(), b.into(), self.i32(selector as i64).into()])?;
+        int_result(call)
+    }
+
+    /// `ld.global.v4.b32` from `pointer + byte_offset` (16-byte aligned) as inline PTX. A plain
+    /// vector load whose lanes are only extracted is split by LLVM's O3 into four 4-byte loads
+    /// (and narrower ones where bits go unused), which ptxas does not merge again.
+    pub fn load_global_v4_at(&self, pointer: PointerValue<'ctx>, byte_offset: i32) -> Result<[IntValue<'ctx>; 4]> {
+        let i32_type = self.context().i32_type();
+        let result = self.context().struct_type(&[i32_type.into(); 4], false);
+        let displacement = match byte_offset {
+            0 => String::new(),
+            offset => format!("+{offset}"),
+        };
+        let assembly = format!("ld.global.v4.b32 {{$0, $1, $2, $3}}, [$4{displacement}];");
+        let address = self.builder().build_ptr_to_int(pointer, self.context().i64_type(), "")?;
+        let call = self.inline_ptx(Some(result.into()), &assembly, "=r,=r,=r,=r,l,~{memory}", &[address.into()], true)?;
+        let fields = self.struct_fields(call, 4)?;
+        Ok([0, 1, 2, 3].map(|index| fields[index].into_int_value()))
+    }
+
     /// A 16-byte load (`ld.{global,shared}.v4.b32`); the address must be 16-byte aligned.
     pub fn load_v4(&self, pointer: PointerValue<'ctx>) -> Result<[IntValue<'ctx>; 4]> {
         let vector_type = self.context().i32_type().vec_type(4);

@@ -1,6 +1,7 @@
 //! Global tensors and boxes (addresses, bounds, `valid` ranges), copies into shared tiles,
 //! per-thread loops over shared windows, and stores of register tiles.
 
+use inkwell::IntPredicate;
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 
 use super::super::tile::{ElementPair, for_each_accumulator_pair};
@@ -12,11 +13,18 @@ use crate::ir::size::SizeExpr;
 
 /// Elements of a shared window one thread loads per loop iteration before storing them (the
 /// loads in flight at once), see `for_each_window_element`. Copies are small per element and
-/// wait on L2 (the per-head conv weights): many at once. A map evaluates its expression per
+/// wait on L2: many at once. A map evaluates its expression per
 /// element, mostly on shared memory and L1: a few at once, to keep code size (and compile
 /// time) down.
 const COPY_BATCH: u32 = 16;
 const MAP_BATCH: u32 = 4;
+/// 32-bit words one thread loads per loop iteration of a copy of interleaved taps (see
+/// `copy_tap_chunks`) before storing them: 16 loads of 16 bytes in flight, as the hand-written
+/// prologue had; ZAYA1's per-head weight copies (8 chunks of 2 taps per thread) run unlooped.
+const TAP_COPY_WORDS: u32 = 64;
+/// Widest innermost dimension whose entries `copy_tap_chunks` picks from whole chunks: a wider
+/// one loads more than 4 times the bytes it stores.
+const MAX_INTERLEAVED_TAPS: u64 = 4;
 
 /// A shared window as `Copy` fills it: its shape and element type, and where element (row, col)
 /// of it lives (row-major with padding, or swizzled).
@@ -86,6 +94,10 @@ struct BoxAxis<'ctx> {
     innermost: bool,
     /// The start when it is a compile-time constant.
     constant_start: Option<i64>,
+    /// The start as written, for alignment proofs.
+    start_expr: Expr,
+    /// The tensor dimension the span runs along.
+    dim: usize,
     /// Every index of the span is known at compile time to be inside the tensor (a constant
     /// start, a constant extent, no valid range): no checks are emitted.
     always_inside: bool,
@@ -119,6 +131,23 @@ pub(super) struct GlobalBox<'ctx> {
     rows: BoxAxis<'ctx>,
     cols: Option<BoxAxis<'ctx>>,
     pub(super) shape: (u32, u32),
+    /// A fixed index into the innermost dimension (see [`InterleavedTaps`]).
+    taps: Option<InterleavedTaps<'ctx>>,
+}
+
+/// A box whose innermost tensor dimension is a fixed index (`At`) of a dimension with a
+/// compile-time extent (`[out, in, tap]` conv weights copied one tap at a time): along the
+/// dimension before it the box reads every `count`-th element of contiguous memory.
+struct InterleavedTaps<'ctx> {
+    /// The fixed innermost index (i32) and its value when it is a constant.
+    index: IntValue<'ctx>,
+    constant: Option<i64>,
+    /// Extent of the innermost dimension.
+    count: u64,
+    /// Offset (i64 elements) of the fixed indices other than the innermost one.
+    outer_fixed: IntValue<'ctx>,
+    /// Extent of the dimension before the innermost one, when a compile-time constant.
+    inner_extent: Option<u64>,
 }
 
 impl<'ctx> GlobalBox<'ctx> {
@@ -137,6 +166,15 @@ impl<'ctx> GlobalBox<'ctx> {
         if let Some(cols) = &self.cols {
             offset = builder.build_int_add(offset, cols.offset(kb, col)?, "")?;
         }
+        kb.element_pointer(self.tensor.base, self.tensor.elem, offset)
+    }
+
+    /// Address of box element (row, col) at innermost index 0 instead of the box's fixed one:
+    /// the start of the run of interleaved taps that holds it.
+    fn tap_run_pointer(&self, kb: &KernelBuilder<'_, 'ctx>, taps: &InterleavedTaps<'ctx>, cols: &BoxAxis<'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>) -> Result<PointerValue<'ctx>> {
+        let builder = kb.builder();
+        let offset = builder.build_int_add(taps.outer_fixed, self.rows.offset(kb, row)?, "")?;
+        let offset = builder.build_int_add(offset, cols.offset(kb, col)?, "")?;
         kb.element_pointer(self.tensor.base, self.tensor.elem, offset)
     }
 
@@ -209,11 +247,27 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         let builder = kb.builder();
         let mut fixed = kb.context().i64_type().const_zero();
         let mut axes = Vec::with_capacity(2);
+        let mut taps = None;
         let last = tile.dims.len() - 1;
         for (dim, global_dim) in tile.dims.iter().enumerate() {
             match global_dim {
-                GlobalDim::At(index) => {
-                    let index = self.eval(kb, index, &ElementSite::None)?.int()?;
+                GlobalDim::At(index_expr) => {
+                    let index = self.eval(kb, index_expr, &ElementSite::None)?.int()?;
+                    if dim == last
+                        && last > 0
+                        && let Some(count) = constant_extent(&tile.param, dim)
+                    {
+                        taps = Some(InterleavedTaps {
+                            index,
+                            constant: match index_expr {
+                                Expr::Int(value) => Some(*value),
+                                _ => None,
+                            },
+                            count,
+                            outer_fixed: fixed,
+                            inner_extent: constant_extent(&tile.param, dim - 1),
+                        });
+                    }
                     let wide = builder.build_int_s_extend(index, kb.context().i64_type(), "")?;
                     fixed = builder.build_int_add(fixed, builder.build_int_mul(wide, tensor.strides[dim], "")?, "")?;
                 }
@@ -240,6 +294,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                         valid,
                         innermost: dim == last,
                         constant_start,
+                        start_expr: start.clone(),
+                        dim,
                         always_inside,
                     });
                 }
@@ -247,15 +303,15 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         }
         let mut axes = axes.into_iter();
         let rows = axes.next().ok_or_else(|| CodegenError::Unsupported(format!("box of `{}` without a span", tile.param)))?;
-        Ok(GlobalBox { tensor, fixed, rows, cols: axes.next(), shape })
+        Ok(GlobalBox { tensor, fixed, rows, cols: axes.next(), shape, taps })
     }
 
     /// Runs `load(kb, row, col)` then `store(kb, loaded)` for every element of a `rows × cols`
     /// window, spread over the block's threads (element `i · threads + thread` in round `i`),
     /// `batch` rounds per loop iteration: all loads of an iteration are issued before
     /// its first store, so their latencies overlap. (One load and store per iteration waited a
-    /// full L2 round trip per element: the per-head conv weights, copied element by element
-    /// because their tap dimension is innermost, were most of the CCA prologue's time.) The loop
+    /// full L2 round trip per element: the per-head conv weights, then copied element by
+    /// element, were most of the CCA prologue's time; they now take `copy_tap_chunks`.) The loop
     /// stays rolled: fully unrolled, all rounds' values would be live at once next to the
     /// accumulators (the strided conv-weight copies spilled that way).
     fn for_each_window_element<T>(
@@ -393,9 +449,76 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             && global.columns_contiguous_in(chunk_elems as u64);
         if chunkable {
             self.copy_chunks_async(kb, &window, &global)
+        } else if tap_chunkable(&window, dst, &global) {
+            self.copy_tap_chunks(kb, &window, &global)
         } else {
             self.copy_elements(kb, &window, &global)
         }
+    }
+
+    /// Copy of a box along interleaved taps (see [`tap_chunkable`]): each thread fills one
+    /// 16-byte chunk of a window row (`E` = 16 / element bytes columns) from the `count`
+    /// consecutive 16-byte chunks of the tensor that hold those columns' every tap, picking the
+    /// box's tap in registers. Chunks are spread over the block's threads and batched like
+    /// [`Lowering::for_each_window_element`]. A chunk whose row lies outside the box (tensor
+    /// bounds, `valid`) or whose columns lie outside the tensor is zero-filled; the columns of
+    /// a chunk are all inside or all outside (extent and start are multiples of `E`).
+    fn copy_tap_chunks(&self, kb: &KernelBuilder<'_, 'ctx>, window: &CopyWindow<'_, 'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
+        let (Some(taps), Some(cols)) = (global.taps.as_ref(), global.cols.as_ref()) else {
+            return Err(CodegenError::Llvm("tap copy without taps or columns".into()));
+        };
+        let elem_bytes = window.elem.bytes();
+        let chunk_elems = 16 / elem_bytes;
+        let count = taps.count as u32;
+        let batch = (TAP_COPY_WORDS / (4 * count)).max(1);
+        // Word `lane` of the window chunk from tap `tap` of the run: 32-bit elements are words
+        // of the run; 16-bit ones are gathered in pairs with `prmt`.
+        let lane_of_tap = |kb: &KernelBuilder<'_, 'ctx>, words: &[IntValue<'ctx>], lane: u32, tap: u32| -> Result<IntValue<'ctx>> {
+            if elem_bytes == 4 {
+                return Ok(words[(lane * count + tap) as usize]);
+            }
+            let low = (2 * lane) * count + tap;
+            let high = (2 * lane + 1) * count + tap;
+            let (low_half, high_half) = (2 * (low % 2), 2 * (high % 2));
+            let selector = low_half | (low_half + 1) << 4 | (4 + high_half) << 8 | (5 + high_half) << 12;
+            kb.byte_perm(words[(low / 2) as usize], words[(high / 2) as usize], selector)
+        };
+        let lane = |kb: &KernelBuilder<'_, 'ctx>, words: &[IntValue<'ctx>], lane: u32| -> Result<IntValue<'ctx>> {
+            if let Some(tap) = taps.constant {
+                return lane_of_tap(kb, words, lane, tap as u32);
+            }
+            // A runtime tap: selects over the candidates (an index past the dimension reads
+            // the last tap; the interpreter rejects it).
+            let mut value = lane_of_tap(kb, words, lane, count - 1)?;
+            for tap in (0..count - 1).rev() {
+                let is_tap = kb.builder().build_int_compare(IntPredicate::EQ, taps.index, kb.i32(tap as i64), "")?;
+                value = kb.select_int(is_tap, lane_of_tap(kb, words, lane, tap)?, value)?;
+            }
+            Ok(value)
+        };
+        self.for_each_window_element(
+            kb,
+            window.rows,
+            window.cols / chunk_elems,
+            batch,
+            |kb, row, chunk| {
+                let col = kb.mul(chunk, kb.i32(chunk_elems as i64))?;
+                let inside = kb.and(global.rows.inside(kb, row)?, cols.inside(kb, col)?)?;
+                let run = global.tap_run_pointer(kb, taps, cols, row, col)?;
+                // The loads always happen, from the tensor's start when outside.
+                let run = kb.builder().build_select(inside, run, global.tensor.base, "")?.into_pointer_value();
+                let mut words = Vec::with_capacity(4 * count as usize);
+                for part in 0..count {
+                    words.extend(kb.load_global_v4_at(run, 16 * part as i32)?);
+                }
+                let mut lanes = [kb.i32(0); 4];
+                for (index, value) in lanes.iter_mut().enumerate() {
+                    *value = kb.select_int(inside, lane(kb, &words, index as u32)?, kb.i32(0))?;
+                }
+                Ok(((window.address)(kb, row, col)?, lanes))
+            },
+            |kb, (target, lanes)| kb.store_v4(target, lanes),
+        )
     }
 
     fn copy_chunks_async(&self, kb: &KernelBuilder<'_, 'ctx>, window: &CopyWindow<'_, 'ctx>, global: &GlobalBox<'ctx>) -> Result<()> {
@@ -532,6 +655,31 @@ impl<'ctx> Lowering<'_, 'ctx> {
             )
         })
     }
+}
+
+/// Whether a copy's box reads interleaved taps that [`Lowering::copy_tap_chunks`] can load in
+/// whole 16-byte chunks: a column span along the dimension right before a fixed innermost
+/// index into 2..=4 entries, the same element type (16 or 32 bits) on both sides, window rows of
+/// whole 16-byte chunks, and a tensor run per row that starts on a 16-byte boundary: the
+/// column dimension's extent (so every outer stride) and the column start multiples of `E` =
+/// 16 / element bytes, no `valid` range on the columns (so `E` columns are all inside the
+/// tensor or all outside it). The tensor's base is 16-byte aligned, as for cp.async.
+fn tap_chunkable(window: &CopyWindow<'_, '_>, dst: &TileView, global: &GlobalBox<'_>) -> bool {
+    let (Some(taps), Some(cols)) = (global.taps.as_ref(), global.cols.as_ref()) else {
+        return false;
+    };
+    let chunk_elems = 16 / window.elem.bytes();
+    global.tensor.elem == window.elem
+        && matches!(window.elem.bytes(), 2 | 4)
+        && (2..=MAX_INTERLEAVED_TAPS).contains(&taps.count)
+        && taps.constant.is_none_or(|tap| (0..taps.count as i64).contains(&tap))
+        && cols.dim + 1 == global.tensor.extents.len() - 1
+        && cols.valid.is_none()
+        && cols.start_expr.is_always_multiple_of(chunk_elems)
+        && taps.inner_extent.is_some_and(|extent| extent.is_multiple_of(chunk_elems as u64))
+        && window.cols.is_multiple_of(chunk_elems)
+        && window.rows_16_byte_aligned
+        && matches!(dst.col0, Expr::Int(c) if (c as u64).is_multiple_of(chunk_elems as u64))
 }
 
 fn store_pair<'ctx>(kb: &KernelBuilder<'_, 'ctx>, global: &GlobalBox<'ctx>, pair: &ElementPair<'ctx>, paired: bool) -> Result<()> {

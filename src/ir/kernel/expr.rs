@@ -181,6 +181,17 @@ impl Expr {
         Expr::unary(UnOp::Sin, self)
     }
 
+    /// Whether the expression is a multiple of `k` whatever its variables are (a constant
+    /// multiple, a product with one, a sum or difference of such).
+    pub fn is_always_multiple_of(&self, k: u32) -> bool {
+        match self {
+            Expr::Int(value) => value % k as i64 == 0,
+            Expr::Binary(BinOp::Mul, a, b) => a.is_always_multiple_of(k) || b.is_always_multiple_of(k),
+            Expr::Binary(BinOp::Add | BinOp::Sub, a, b) => a.is_always_multiple_of(k) && b.is_always_multiple_of(k),
+            _ => false,
+        }
+    }
+
     /// Calls `f` on every sub-expression, this one included (pre-order).
     pub fn visit(&self, f: &mut dyn FnMut(&Expr)) {
         f(self);

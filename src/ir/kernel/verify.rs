@@ -263,7 +263,7 @@ impl<'a> Verifier<'a> {
         }
         if let Some(Ok(swizzled)) = ty.swizzled() {
             let panel = swizzled.panel_cols();
-            let whole_atoms = view.rows.is_multiple_of(layout::ATOM_ROWS) && is_multiple_of(&view.row0, layout::ATOM_ROWS);
+            let whole_atoms = view.rows.is_multiple_of(layout::ATOM_ROWS) && view.row0.is_always_multiple_of(layout::ATOM_ROWS);
             let whole_panels = view.cols.is_multiple_of(panel) && matches!(view.col0, Expr::Int(c) if c % panel as i64 == 0);
             if !whole_atoms || !whole_panels {
                 self.err(
@@ -1094,16 +1094,6 @@ impl Verifier<'_> {
         if !matches!(ta.layout, Layout::Swizzled128B | Layout::MmaOperandA { .. }) {
             self.err(stmt, "wgmma reads operand a from a swizzled128b tile or mma_a registers");
         }
-    }
-}
-
-/// Whether `expr` is a multiple of `k` whatever its variables are.
-fn is_multiple_of(expr: &Expr, k: u32) -> bool {
-    match expr {
-        Expr::Int(value) => value % k as i64 == 0,
-        Expr::Binary(BinOp::Mul, a, b) => is_multiple_of(a, k) || is_multiple_of(b, k),
-        Expr::Binary(BinOp::Add | BinOp::Sub, a, b) => is_multiple_of(a, k) && is_multiple_of(b, k),
-        _ => false,
     }
 }
 

@@ -466,6 +466,8 @@ impl<'a> PrologueBuilder<'a> {
     }
 
     /// Every tap of every per-head stage, `[channel0 + out, in, tap]` → rows `tap · d + out`.
+    /// The tap is the innermost (strided) index: the lowering reads each row's interleaved taps
+    /// in whole 16-byte chunks and keeps this copy's tap (`copy_tap_chunks`).
     fn stage_resident_weights(&self) -> Vec<Stmt> {
         let mut out = Vec::new();
         for (index, stage) in self.spec.qk_conv.iter().enumerate() {

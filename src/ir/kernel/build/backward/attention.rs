@@ -9,7 +9,9 @@
 //!
 //! Every sum runs in a fixed order, so results do not depend on scheduling. dS and P enter the
 //! matrix multiplies in the storage type, as in the forward's P·V; dQ, dK and dV are accumulated
-//! in f32 and stored in the storage type, the operand type of the GEMMs after them.
+//! in f32 and stored in the storage type, the operand type of the GEMMs after them. Where the
+//! tiles allow (whole warpgroups along M), the shared operands are swizzled and every GEMM is a
+//! wgmma, issued and waited for in place; otherwise mma.sync.
 
 use super::super::*;
 
@@ -139,6 +141,25 @@ impl AttentionBackward<'_> {
         tiled_kernel(format!("{}_{}", self.spec.name, which.suffix()), params, grid, self.s, tiles, body)
     }
 
+    /// Whether the GEMMs of a kernel whose accumulators have `rows` rows and whose streamed
+    /// operand tiles have `step_rows` rows run on wgmma: whole warpgroups of one 16-row band per
+    /// warp, head_dim in whole 128-byte panels, every N up to 256, slots on whole swizzle atoms.
+    /// Its shared operands are then swizzled (`operand`), else row-major for mma.sync.
+    fn wgmma(&self, rows: u32, step_rows: u32) -> bool {
+        let panel = layout::SWIZZLE_BYTES / self.storage.size_bytes() as u32;
+        self.s.warps.is_multiple_of(4)
+            && rows == 16 * self.s.warps
+            && self.d.is_multiple_of(panel)
+            && self.d <= 256
+            && step_rows.is_multiple_of(layout::ATOM_ROWS)
+            && step_rows <= 256
+    }
+
+    /// A shared operand tile of `rows` × head_dim: swizzled for wgmma, else row-major.
+    fn operand(t: &mut Tiles, wgmma: bool, name: &str, elem: ElemType, rows: u32, d: u32) -> TileId {
+        if wgmma { t.swizzled(name, elem, rows, d) } else { t.shared(name, elem, rows, d) }
+    }
+
     /// One warp row-band per warp along `rows`: row statistics stay inside a warp.
     fn row_bands(&self, rows: u32, cols: u32) -> Result<(Layout, Layout, Layout), String> {
         let warps = self.s.warps;
@@ -197,10 +218,11 @@ impl AttentionBackward<'_> {
         let (bm, bn) = (s.block_m, s.block_n);
         let (acc, operand, row_vec) = self.row_bands(bm, bn)?;
         let mut t = Tiles { decls: Vec::new() };
-        let q_s = t.shared("q_s", self.storage, bm, d);
-        let do_s = t.shared("do_s", self.storage, bm, d);
-        let k_s = t.shared("k_s", self.storage, s.stages * bn, d);
-        let v_s = t.shared("v_s", self.storage, s.stages * bn, d);
+        let wgmma = self.wgmma(bm, bn);
+        let q_s = Self::operand(&mut t, wgmma, "q_s", self.storage, bm, d);
+        let do_s = Self::operand(&mut t, wgmma, "do_s", self.storage, bm, d);
+        let k_s = Self::operand(&mut t, wgmma, "k_s", self.storage, s.stages * bn, d);
+        let v_s = Self::operand(&mut t, wgmma, "v_s", self.storage, s.stages * bn, d);
         let probs = t.regs("probs", ElemType::F32, bm, bn, acc);
         let dscores = t.regs("dscores", ElemType::F32, bm, bn, acc);
         let dscores_a = t.regs("dscores_a", self.storage, bm, bn, operand);
@@ -291,10 +313,11 @@ impl AttentionBackward<'_> {
         let (bm, bn) = (s.block_m, s.block_n);
         let (acc, operand, _) = self.row_bands(bn, bm)?;
         let mut t = Tiles { decls: Vec::new() };
-        let k_s = t.shared("k_s", self.storage, bn, d);
-        let v_s = t.shared("v_s", self.storage, bn, d);
-        let q_s = t.shared("q_s", self.storage, s.stages * bm, d);
-        let do_s = t.shared("do_s", self.storage, s.stages * bm, d);
+        let wgmma = self.wgmma(bn, bm);
+        let k_s = Self::operand(&mut t, wgmma, "k_s", self.storage, bn, d);
+        let v_s = Self::operand(&mut t, wgmma, "v_s", self.storage, bn, d);
+        let q_s = Self::operand(&mut t, wgmma, "q_s", self.storage, s.stages * bm, d);
+        let do_s = Self::operand(&mut t, wgmma, "do_s", self.storage, s.stages * bm, d);
         let probs_t = t.regs("probs_t", ElemType::F32, bn, bm, acc);
         let probs_a = t.regs("probs_a", self.storage, bn, bm, operand);
         let dscores_t = t.regs("dscores_t", ElemType::F32, bn, bm, acc);
