@@ -434,7 +434,7 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         schedule: hopper::Schedule::PingPong,
         // A third of the H200's 50 MB L2, so that two groups in flight at a boundary still fit:
         // at 8k it ordered CTAs better than one head at a time, at 16k it cost ZAYA1 9%
-        // (BENCHMARKS.md, 16:20 UTC run); 8 and 4 MB are among the variants that
+        // (BENCHMARKS.md); 8 and 4 MB are among the variants that
         // bench/hopper_attention.py times (tests/codegen_hopper.rs, `bench_configs`).
         l2_group_bytes: 16 << 20,
     }

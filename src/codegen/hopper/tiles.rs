@@ -68,8 +68,7 @@
 //! measured; ZAYA1's out projection at 0.149 ms ping-pong (0.145 measured) and 0.183 cooperative
 //! (0.181), its qkv projection at 0.220 ms ping-pong (0.213) and 0.244 cooperative (0.215: that
 //! one hid most of its epilogue, which the model exposes in full). The 256-wide cooperative out
-//! projection comes out at 0.181 ms against 0.162 measured (15:39 UTC), still behind ping-pong as
-//! measured. The ranking puts the configurations the measurements chose first for every example:
+//! projection comes out at 0.181 ms against 0.162 measured, still behind ping-pong as measured. The ranking puts the configurations the measurements chose first for every example:
 //! attention 128 × 128, 3 stages, ping-pong (measured ahead of warp-specialized by 5% and of the
 //! overlapped schedule by 9%); GEMMs 128 wide, 4 stages, ping-pong (ahead of cooperative by 20%
 //! on the out projection; 4, 5 and 6 stages alike, the tie going to 4). With TMA (what the
@@ -107,7 +106,7 @@ const ATTENTION_REGISTER_RESERVE: u32 = 32;
 const GEMM_REGISTER_RESERVE: u32 = 48;
 
 /// Dense bf16/f16 tensor work one SM does per second in the attention kernel's key loop, fitted to
-/// the MHA kernel at 16k (1.752 ms standalone, 17:33 UTC run).
+/// the MHA kernel at 16k (1.752 ms standalone, BENCHMARKS.md).
 const ATTENTION_FLOPS_PER_SM: f64 = 5.1e12;
 /// Per key tile and CTA, independent of the tile's size (an estimate of ~200 cycles of barrier
 /// hand-offs and the O rescale; not measured on its own).
@@ -134,10 +133,9 @@ const GEMM_TILE_NS: f64 = 200.0;
 const GEMM_EPILOGUE_NS_PER_COLUMN: f64 = 2250.0 / 128.0;
 
 /// What TMA loads take off the cp.async-fitted rates above: the kernels measured side by side in
-/// the same process (BENCHMARKS.md). Attention: 0.821 against 0.871 ms standalone (ZAYA1, 16k,
-/// 17:33 UTC). GEMM mainloop: ZAYA1's qkv and out projections inside the layer, 0.165 against
-/// 0.212 and 0.133 against 0.174 ms at 16k (18:19 UTC), about 0.8 of the whole kernel with the
-/// epilogue left as it was.
+/// the same process (BENCHMARKS.md). Attention: 0.821 against 0.871 ms standalone (ZAYA1, 16k).
+/// GEMM mainloop: ZAYA1's qkv and out projections inside the layer, 0.165 against 0.212 and 0.133
+/// against 0.174 ms at 16k, about 0.8 of the whole kernel with the epilogue left as it was.
 pub const ATTENTION_TMA_FACTOR: f64 = 0.94;
 const GEMM_TMA_MAINLOOP_FACTOR: f64 = 0.78;
 
@@ -236,8 +234,8 @@ pub const ATTENTION_BLOCK_N: [u32; 3] = [64, 128, 256];
 pub const ATTENTION_STAGES: std::ops::RangeInclusive<u32> = 3..=5;
 pub const ATTENTION_SCHEDULES: [Schedule; 2] = [Schedule::PingPong, Schedule::WarpSpecialized];
 
-/// Measured tensor efficiency of each schedule relative to ping-pong (BENCHMARKS.md, 12:33 UTC,
-/// d = 128 causal, 16 heads, S = 16384: ping-pong 2.236 ms, warp-specialized 2.364).
+/// Measured tensor efficiency of each schedule relative to ping-pong (BENCHMARKS.md, d = 128
+/// causal, 16 heads, S = 16384: ping-pong 2.236 ms, warp-specialized 2.364).
 pub fn schedule_efficiency(schedule: Schedule) -> f64 {
     match schedule {
         Schedule::PingPong => 1.0,
@@ -495,7 +493,7 @@ pub fn gemm_candidates(base: &HopperGemmConfig, shape: ProblemShape) -> Vec<Cand
 /// GPU: the configurations `bench/hopper_gemm.py` checks against float32 at S = 1, 17, 1000 and
 /// 4097 (`tests/codegen_hopper.rs`, `gemm_bench_configs`; BENCHMARKS.md): 128 wide with 4 stages
 /// either schedule or 6 ping-pong, 256 wide cooperative with 4; with TMA loads, 128 wide
-/// ping-pong with 3 or 4 stages (the `*_pingpong_tma` kernels, 2026-11-28 18:09 UTC).
+/// ping-pong with 3 or 4 stages (the `*_pingpong_tma` kernels).
 pub fn gpu_checked_gemm(config: &HopperGemmConfig) -> bool {
     let shape = (config.block_n, config.stages, config.schedule);
     match config.loads {
