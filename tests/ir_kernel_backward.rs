@@ -139,7 +139,10 @@ fn attention_backward_rejects_bad_schedules() {
 
 mod gemm {
     use super::*;
-    use ccc::ir::kernel::{ElemType, GradientTerm, InputGradient, SummedRows, TokenSum, WeightGradient, build_input_gradient, build_token_sum, build_weight_gradient};
+    use ccc::ir::kernel::{
+        ElemType, GradientTerm, InputGradient, SummedRows, TokenSum, WeightGradient, build_input_gradient, build_token_sum, build_weight_gradient,
+        parts_name,
+    };
 
     fn random(rng: &mut XorShift64Star, len: usize) -> Vec<f64> {
         (0..len).map(|_| rng.uniform(-1.0, 1.0)).collect()
@@ -231,8 +234,10 @@ mod gemm {
             let mut buffers: Buffers = Buffers::new();
             buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
             buffers.insert("x".into(), random(&mut rng, batch * seq_len * inputs));
-            buffers.insert("dw".into(), vec![f64::NAN; parts * 64 * inputs]);
-            buffers.insert("db".into(), vec![f64::NAN; parts * 64]);
+            // In parts, the kernel writes each part's row of the parts buffers instead.
+            let written = |name: &str| if parts > 1 { parts_name(name) } else { name.to_string() };
+            buffers.insert(written("dw"), vec![f64::NAN; parts * 64 * inputs]);
+            buffers.insert(written("db"), vec![f64::NAN; parts * 64]);
             let kernel = build_weight_gradient(&gradient, &sched).unwrap();
             run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
             let (mut dw, mut db) = (vec![0.0; 64 * inputs], vec![0.0; 64]);
@@ -250,7 +255,7 @@ mod gemm {
                 }
             }
             for (name, want) in [("dw", &dw), ("db", &db)] {
-                let written = &buffers[name];
+                let written = &buffers[&written(name)];
                 let summed: Vec<f64> = (0..want.len()).map(|i| (0..parts).map(|p| written[p * want.len() + i]).sum()).collect();
                 assert_close(&summed, want, &format!("{name} B={batch} S={seq_len} shift {row_shift} {sched:?} in {parts} parts"));
             }
@@ -272,13 +277,13 @@ mod gemm {
                 rows: SummedRows::Tokens { rows_before: 0 },
                 factor: Some(("x".into(), 0, 1)),
                 parts,
-                output: "parts".into(),
+                output: "total".into(),
                 output_shape: vec![columns],
                 output_tap: None,
             };
             let finish = TokenSum {
                 name: "finish".into(),
-                input: "parts".into(),
+                input: parts_name("total"),
                 elem: ElemType::F32,
                 columns,
                 rows: SummedRows::Parts(parts),
@@ -291,9 +296,11 @@ mod gemm {
             let mut buffers: Buffers = Buffers::new();
             buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
             buffers.insert("x".into(), random(&mut rng, batch * seq_len * columns));
-            buffers.insert("parts".into(), vec![f64::NAN; parts * columns]);
+            buffers.insert(parts_name("total"), vec![f64::NAN; parts * columns]);
             buffers.insert("total".into(), vec![f64::NAN; columns]);
-            for kernel in [build_token_sum(&sum).unwrap(), build_token_sum(&finish).unwrap()] {
+            // In one part the sum is written whole.
+            let kernels = if parts > 1 { vec![build_token_sum(&sum).unwrap(), build_token_sum(&finish).unwrap()] } else { vec![build_token_sum(&sum).unwrap()] };
+            for kernel in kernels {
                 run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
             }
             let mut want = vec![0.0; columns];

@@ -12,7 +12,7 @@ mod wgmma_gemm;
 pub use backward::{
     AttentionBackwardKernel, BackwardKernel, GradientTerm, InputGradient, SplitGradient, SummedRows, TokenSum, WeightGradient, backward_kernels, build_attention_backward, build_input_gradient,
     build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule, gradient_name,
-    projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule,
+    parts_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule,
 };
 pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,

@@ -11,6 +11,7 @@
 //! weight gradients leave in f32.
 
 use super::super::*;
+use super::parts_name;
 
 /// One product of an input gradient: `dy[b, t + row_shift, column0 .. column0 + width]·weight`,
 /// weight [width, inputs].
@@ -40,8 +41,8 @@ pub struct InputGradient {
 /// x_column0 + inputs]` [width, inputs], and `bias_output = Σ_{b, t} dy[b, t, column0 ..]`
 /// [width] when given; both f32. t runs over every row of dy, those before token 0 included
 /// (the padded stage gradients of the convolutions). With `parts` > 1 the tokens are split over
-/// that many CTAs per output tile, each writing its own row of `output` and `bias_output`
-/// ([parts, ..shape], added up in order by a later kernel).
+/// that many CTAs per output tile, each writing its own row of [`parts_name`] of `output` and
+/// `bias_output` ([parts, ..shape], added up in order by a later kernel).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WeightGradient {
     pub name: String,
@@ -183,6 +184,9 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     if gradient.parts == 0 {
         return Err(format!("{}: a sum in 0 parts", gradient.name));
     }
+    // In parts, the kernel writes the parts buffers instead.
+    let written = |buffer: &str| if gradient.parts > 1 { parts_name(buffer) } else { buffer.to_string() };
+    let (output, bias_output) = (written(&gradient.output), gradient.bias_output.as_deref().map(written));
     let row_tiles = gradient.width / bm as usize;
     let mut t = Tiles { decls: Vec::new() };
     let dy_s = t.shared("dy_s", gradient.storage, s.stages * bk, bm);
@@ -190,7 +194,7 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     let acc = t.regs("acc", ElemType::F32, bm, bn, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
     // The bias gradient as one more product: dyᵀ·e0 with e0 a [bk, 16] tile whose first column
     // is ones, then the row sums of the 16 columns (one of them nonzero).
-    let bias = gradient.bias_output.as_ref().map(|output| {
+    let bias = bias_output.as_ref().map(|output| {
         let ones = t.shared("e0_s", gradient.storage, bk, 16);
         let acc = t.regs("bias_acc", ElemType::F32, bm, 16, Layout::MmaAccumulator { warps_m: s.warps, warps_n: 1 });
         let sums = t.regs("bias_sums", ElemType::F32, bm, 1, Layout::RowVector { warps_m: s.warps, warps_n: 1 });
@@ -256,8 +260,7 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     };
     let mut body = vec![
         Stmt::Note(format!(
-            "CTA = weight rows {bm} x input columns {bn} of {}, summed over every token of the batch in order",
-            gradient.output
+            "CTA = weight rows {bm} x input columns {bn} of {output}, summed over every token of the batch in order"
         )),
         let_("col_tile", Expr::BlockIdx(Axis::X)),
         let_("row_tile", Expr::BlockIdx(Axis::Y).modulo(int(row_tiles))),
@@ -283,7 +286,7 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     let mut output_dims: Vec<GlobalDim> = part_dim.clone().into_iter().collect();
     output_dims.extend([span(var("row0"), bm), span(var("col0"), bn)]);
     output_dims.extend(gradient.output_tap.map(|tap| GlobalDim::At(int(tap))));
-    body.push(Stmt::Store { src: t.whole(acc), dst: GlobalTile { param: gradient.output.clone(), dims: output_dims } });
+    body.push(Stmt::Store { src: t.whole(acc), dst: GlobalTile { param: output.clone(), dims: output_dims } });
     if let Some((output, _, bias_acc, sums)) = &bias {
         body.push(Stmt::If {
             cond: var("col_tile").eq(int(0)),
@@ -313,9 +316,9 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     let with_parts = |shape: &[usize]| {
         (gradient.parts > 1).then_some(gradient.parts).into_iter().chain(shape.iter().copied()).map(size).collect()
     };
-    let mut params = vec![dy_shape, x_shape, tensor(&gradient.output, ElemType::F32, with_parts(&gradient.output_shape), Access::Write)];
-    if let Some(output) = &gradient.bias_output {
-        params.push(tensor(output, ElemType::F32, with_parts(&[gradient.width]), Access::Write));
+    let mut params = vec![dy_shape, x_shape, tensor(&output, ElemType::F32, with_parts(&gradient.output_shape), Access::Write)];
+    if let Some(bias_output) = &bias_output {
+        params.push(tensor(bias_output, ElemType::F32, with_parts(&[gradient.width]), Access::Write));
     }
     let grid = [
         size(gradient.inputs.div_ceil(bn as usize)),

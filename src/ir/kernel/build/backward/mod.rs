@@ -40,11 +40,11 @@ pub struct TokenSum {
     /// (tensor, its rows before token 0, token shift): the input's token t meets its token t − shift.
     pub factor: Option<(String, usize, usize)>,
     /// CTAs along the grid's y, each adding every `parts`-th chunk of rows into its own row
-    /// `part` of the output ([parts, ..output_shape], added up by a later kernel); 1 writes the
-    /// sum itself.
+    /// `part` of [`parts_name`]`(output)` ([parts, ..output_shape], added up by a later kernel);
+    /// 1 writes `output` itself.
     pub parts: usize,
     pub output: String,
-    /// [columns], or [columns, 1, taps] with `output_tap` the tap written (after the parts).
+    /// [columns], or [columns, 1, taps] with `output_tap` the tap written.
     pub output_shape: Vec<usize>,
     pub output_tap: Option<usize>,
 }
@@ -73,20 +73,20 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
     if sum.parts == 0 {
         return Err(format!("{}: a sum in 0 parts", sum.name));
     }
-    let (input_shape, chunks) = match sum.rows {
+    // The input's shape, its rows before token 0, chunks per batch element and batch elements.
+    let (input_shape, rows_before, chunks, batches) = match sum.rows {
         SummedRows::Tokens { rows_before } => (
             vec![SizeExpr::batch(), SizeExpr::seq_len() + size(rows_before), size(sum.columns)],
-            (plus(seq(), rows_before as i64).ceil_div(int(CHUNK)), Expr::Size(SizeVar::Batch)),
+            rows_before,
+            plus(seq(), rows_before as i64).ceil_div(int(CHUNK)),
+            Expr::Size(SizeVar::Batch),
         ),
         SummedRows::Parts(parts) if sum.factor.is_none() => {
-            (vec![size(1), size(parts), size(sum.columns)], (int(parts.div_ceil(CHUNK as usize)), int(1)))
+            (vec![size(1), size(parts), size(sum.columns)], 0, int(parts.div_ceil(CHUNK as usize)), int(1))
         }
         SummedRows::Parts(_) => return Err(format!("{}: the parts of a sum have no factor", sum.name)),
     };
-    let rows_before = match sum.rows {
-        SummedRows::Tokens { rows_before } => rows_before,
-        SummedRows::Parts(_) => 0,
-    };
+    let output = if sum.parts > 1 { parts_name(&sum.output) } else { sum.output.clone() };
     let mut t = Tiles { decls: Vec::new() };
     let input_s = t.shared("input_s", sum.elem, CHUNK, COLUMNS);
     let factor_s = sum.factor.as_ref().map(|_| t.shared("factor_s", sum.elem, CHUNK, COLUMNS));
@@ -120,12 +120,11 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
     if let Some(tap) = sum.output_tap {
         output_dims.extend([GlobalDim::At(int(0)), GlobalDim::At(int(tap))]);
     }
-    let (chunks, batches) = chunks;
     let parts = int(sum.parts);
     let body = vec![
         Stmt::Note(format!(
             "{}[c] = Σ over every row of {}[b, r, c]{}{}",
-            sum.output,
+            output,
             sum.input,
             if sum.factor.is_some() { " · factor" } else { "" },
             if sum.parts > 1 { format!(", part blockIdx.y of {}", sum.parts) } else { String::new() }
@@ -137,7 +136,7 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
         // ceil((steps − part) / parts) steps, none when part is past the last.
         for_("i", int(0), (batches * var("chunks") + parts.clone() - int(1) - var("part")).floor_div(parts), body_of_step),
         Stmt::RowReduce { dst: sums, src: t.whole(acc), op: ReduceOp::Sum, value: Expr::Elem },
-        Stmt::Store { src: t.whole(sums), dst: GlobalTile { param: sum.output.clone(), dims: output_dims } },
+        Stmt::Store { src: t.whole(sums), dst: GlobalTile { param: output.clone(), dims: output_dims } },
     ];
     let mut params = vec![tensor(&sum.input, sum.elem, input_shape, Access::Read)];
     if let Some((factor, factor_before, _)) = &sum.factor {
@@ -146,7 +145,7 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
     }
     let parts_dim = (sum.parts > 1).then_some(sum.parts);
     let output_shape = parts_dim.into_iter().chain(sum.output_shape.iter().copied()).map(size).collect();
-    params.push(tensor(&sum.output, ElemType::F32, output_shape, Access::Write));
+    params.push(tensor(&output, ElemType::F32, output_shape, Access::Write));
     let schedule = Schedule { block_m: COLUMNS, block_n: CHUNK, block_k: CHUNK, warps: WARPS, stages: 1 };
     let grid = [size(sum.columns.div_ceil(COLUMNS as usize)), size(sum.parts), size(1)];
     verified(tiled_kernel(sum.name.clone(), params, grid, &schedule, t, body), &schedule)
@@ -164,12 +163,10 @@ fn reduction_parts(ctas: usize) -> usize {
     REDUCTION_CTAS.div_ceil(ctas.max(1)).clamp(1, MAX_REDUCTION_PARTS)
 }
 
-/// The buffer of a split reduction's parts of gradient `output`: [parts, ..output's shape].
+/// The buffer a kernel in parts writes instead of `output`: [parts, ..output's shape].
 pub fn parts_name(output: &str) -> String {
-    format!("{PARTS_PREFIX}{output}")
+    format!("parts.{output}")
 }
-
-const PARTS_PREFIX: &str = "parts.";
 
 /// Which backward kernel: the identity the backward plan records and [`BackwardKernel::build`]
 /// builds from.
@@ -346,15 +343,11 @@ impl SplitGradient {
                 let gradient = weights
                     .get(index)
                     .ok_or_else(|| format!("{} has {} weight gradients, not {}", spec.name, weights.len(), index + 1))?;
-                let output = if matches!(self, SplitGradient::Weight(_)) {
-                    Some(gradient.output.clone())
-                } else {
-                    gradient.bias_output.clone()
+                let (output, elements) = match self {
+                    SplitGradient::Weight(_) => (Some(gradient.output.clone()), gradient.width * gradient.inputs),
+                    _ => (gradient.bias_output.clone(), gradient.width),
                 };
                 let output = output.ok_or_else(|| format!("{}: {} has no bias", spec.name, gradient.name))?;
-                let elements = if matches!(self, SplitGradient::Weight(_)) { gradient.width * gradient.inputs } else { gradient.width };
-                // Already split: the gradient names its parts buffer.
-                let output = output.strip_prefix(PARTS_PREFIX).unwrap_or(&output).to_string();
                 return Ok((output, elements, gradient.parts));
             }
         };
@@ -441,7 +434,7 @@ fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<Ker
                 inputs: d,
                 row_shift,
                 heads: Some((spec.query_heads + spec.kv_heads, d)),
-                output: parts_name(&output),
+                output,
                 output_shape: vec![p, d, conv.width],
                 output_tap: Some(tap),
                 bias_output: None,
@@ -458,7 +451,7 @@ fn conv_weight_tap(spec: &AttentionSpec, stage: usize, tap: usize) -> Result<Ker
             rows: SummedRows::Tokens { rows_before: dy_rows_before },
             factor: Some((x, x_rows_before, row_shift)),
             parts,
-            output: parts_name(&output),
+            output,
             output_shape: vec![p, 1, conv.width],
             output_tap: Some(tap),
         }),
@@ -477,7 +470,7 @@ fn conv_bias(spec: &AttentionSpec, stage: usize) -> Result<KernelFn, String> {
         rows: SummedRows::Tokens { rows_before: dy_rows_before },
         factor: None,
         parts,
-        output: parts_name(&output),
+        output,
         output_shape: vec![spec.packed_width()],
         output_tap: None,
     })
@@ -494,7 +487,7 @@ fn temperature_sum(spec: &AttentionSpec) -> Result<TokenSum, String> {
         rows: SummedRows::Tokens { rows_before: 0 },
         factor: None,
         parts,
-        output: parts_name(&output),
+        output,
         output_shape: vec![spec.kv_heads],
         output_tap: None,
     })
@@ -554,10 +547,6 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
     let split = |mut gradient: WeightGradient| {
         let ctas = gradient.width.div_ceil(64) * gradient.inputs.div_ceil(64);
         gradient.parts = if ctas < TARGET_SMS as usize { reduction_parts(ctas) } else { 1 };
-        if gradient.parts > 1 {
-            gradient.output = parts_name(&gradient.output);
-            gradient.bias_output = gradient.bias_output.map(|bias| parts_name(&bias));
-        }
         gradient
     };
     let mut weights = vec![split(WeightGradient {
