@@ -127,12 +127,16 @@ for s in $steps; do
     train)
       if [ -d gpu-carry/train ]; then
         step autograd 540 python3 -u -W ignore tests/python/gpu_autograd.py gpu-carry/train
-        for name in zaya1 mha; do
-          step "validate-train-$name" 60 gpu-carry/ccc-run validate "gpu-carry/train/$name/$name" --batch 1,3 --seq-len 17,1000
-        done
+        # One log for both libraries and the loop's plot at the top of $out: the device returns a
+        # limited number of files, top-level ones first.
+        step validate-train 120 bash -c 'status=0
+          for name in zaya1 mha; do
+            gpu-carry/ccc-run validate "gpu-carry/train/$name/$name" --batch 1,3 --seq-len 17,1000 || status=1
+          done
+          exit $status'
         step times-backward 120 python3 -u -W ignore bench/kernel_times.py gpu-carry/train/zaya1/zaya1 \
           gpu-carry/train/mha/mha --shapes 1x16384 --backward
-        step train-loop 120 python3 -u -W ignore bench/train_loop.py gpu-carry/train/zaya1/zaya1 --out "$out/train"
+        step train-loop 120 python3 -u -W ignore bench/train_loop.py gpu-carry/train/zaya1/zaya1 --out "$out"
         step bench-train 300 python3 -u -W ignore bench/bench.py gpu-carry/train/zaya1/zaya1 gpu-carry/train/mha/mha \
           --train --out "$out/bench-train" --seq-lens 4096,8192,16384 --batches 1
       fi
