@@ -279,7 +279,10 @@ fn lowering_an_unfused_graph_is_an_error() {
 fn the_backward_plan_reads_the_forwards_buffers_and_writes_every_gradient() {
     use ccc::ir::kernel::{BackwardKernel, backward_kernels};
     use ccc::spec::EntryPoint;
-    for spec in [specs::zaya1(), specs::mha(), specs::gqa()] {
+    // A layer whose convolution gradients have CTAs enough on their own: written whole, no
+    // sum of parts.
+    let wide = specs::zaya1_like("wide", 16384, 128, 128, 4);
+    for spec in [specs::zaya1(), specs::mha(), specs::gqa(), wide] {
         let forward = planned(&spec);
         let backward = ccc::ir::plan::plan_for(&spec, EntryPoint::Backward).unwrap();
         let symbols: Vec<String> = backward.kernels.iter().map(|k| k.symbol.clone()).collect();
@@ -306,6 +309,11 @@ fn the_backward_plan_reads_the_forwards_buffers_and_writes_every_gradient() {
         outputs.sort();
         expected.sort();
         assert_eq!(outputs, expected, "{}", spec.name);
+        for param in spec.params() {
+            let gradient = backward.outputs.iter().find(|b| b.name == format!("grad.{}", param.name)).unwrap();
+            let shape: Vec<SizeExpr> = param.shape.iter().map(|&d| SizeExpr::from(d)).collect();
+            assert_eq!(gradient.ty.shape, shape, "{}: grad.{} has the weight's shape", spec.name, param.name);
+        }
         let text = backward.to_string();
         assert!(text.contains("backward attention_bwd_dkdv"), "{text}");
     }

@@ -82,7 +82,7 @@ def gradients_match(layer, batch, seq_len, draws):
             failures.append(f"{name}: {error:.2e} > {bound:.2e}")
         if error / bound > worst[1] / worst[2]:
             worst = (name, error, bound)
-    return check(not failures, f"{layer.spec.name} {batch}x{seq_len}: dx and {len(pooled) - 1} weight gradients "
+    return check(not failures, f"{layer.spec.name} {batch}x{seq_len}: dx and {len(exact) - 1} weight gradients "
                  f"against f64 autograd over {draws} draws (bound from {peer}'s 16-bit autograd); nearest "
                  f"its bound {worst[0]} {worst[1]:.2e} <= {worst[2]:.2e}" + (f"; {failures}" if failures else ""))
 
@@ -134,9 +134,11 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("directory", nargs="?", default="gpu-carry/train")
     parser.add_argument("--shapes", default="1x1,3x1,1x17,3x17,1x1000,3x1000,1x4097")
-    parser.add_argument("--draws", type=int, default=3, help="random draws pooled per shape")
+    parser.add_argument("--draws", type=int, default=3, help="random draws pooled per shape (at least 1)")
     parser.add_argument("--forward-only", default="gpu-carry/libs/mha/mha")
     args = parser.parse_args()
+    if args.draws < 1:
+        parser.error("--draws must be at least 1")
     libraries = sorted(os.path.dirname(m) for m in glob.glob(os.path.join(args.directory, "*", "*", "manifest.json")))
     results = [check(bool(libraries), f"libraries under {args.directory}: {len(libraries)}")]
     torch.manual_seed(0)

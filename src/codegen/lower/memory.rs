@@ -19,8 +19,8 @@ use crate::ir::size::SizeExpr;
 const COPY_BATCH: u32 = 16;
 const MAP_BATCH: u32 = 4;
 /// 32-bit words one thread loads per loop iteration of a copy of interleaved taps (see
-/// `copy_tap_chunks`) before storing them: 16 loads of 16 bytes in flight, as the hand-written
-/// prologue had; ZAYA1's per-head weight copies (8 chunks of 2 taps per thread) run unlooped.
+/// `copy_tap_chunks`) before storing them: 16 loads of 16 bytes in flight; ZAYA1's per-head
+/// weight copies (8 chunks of 2 taps per thread) run unlooped.
 const TAP_COPY_WORDS: u32 = 64;
 /// Widest innermost dimension whose entries `copy_tap_chunks` picks from whole chunks: a wider
 /// one loads more than 4 times the bytes it stores.

@@ -260,7 +260,8 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     };
     let mut body = vec![
         Stmt::Note(format!(
-            "CTA = weight rows {bm} x input columns {bn} of {output}, summed over every token of the batch in order"
+            "CTA = weight rows {bm} x input columns {bn} of {output}, summed over every token of the batch in order{}",
+            if gradient.parts > 1 { format!(", part blockIdx.y / {row_tiles} of {}", gradient.parts) } else { String::new() }
         )),
         let_("col_tile", Expr::BlockIdx(Axis::X)),
         let_("row_tile", Expr::BlockIdx(Axis::Y).modulo(int(row_tiles))),

@@ -181,11 +181,13 @@ pub enum BackwardKernel {
     TemperatureGradient,
     /// The convolutions' and q-k mean's backward into dp0 ([`build_prologue_conv_backward`]).
     PrologueConvolutions,
-    /// One tap of convolution stage `stage`'s weight gradient, in parts.
+    /// One tap of convolution stage `stage`'s weight gradient (in parts where
+    /// [`SplitGradient::ConvWeight`] has more than one).
     ConvWeightTap { stage: usize, tap: usize },
-    /// Convolution stage `stage`'s bias gradient, in parts.
+    /// Convolution stage `stage`'s bias gradient (likewise).
     ConvBias { stage: usize },
-    /// The parts of a gradient reduced over tokens, added up in order.
+    /// The parts of a gradient reduced over tokens, added up in order (launched only where the
+    /// gradient is split into more than one).
     SumOfParts(SplitGradient),
     /// dx through every projection segment.
     InputGradient,
@@ -203,31 +205,33 @@ impl BackwardKernel {
     pub fn launched_by(spec: &AttentionSpec) -> Vec<BackwardKernel> {
         let mut kernels = vec![BackwardKernel::OutputInputGradient];
         kernels.extend(AttentionBackwardKernel::LAUNCH_ORDER.map(BackwardKernel::Attention));
+        // The sum of a split gradient's parts, where it is split (in one part its kernels write
+        // the gradient itself).
+        let sum_of = |gradient: SplitGradient| {
+            matches!(gradient.layout(spec), Ok((_, _, parts)) if parts > 1).then_some(BackwardKernel::SumOfParts(gradient))
+        };
         if has_qk_prologue(spec) {
             kernels.push(BackwardKernel::PrologueNorm);
             if param_name(spec, ParamRole::KeyTemperature).is_some() {
-                kernels.extend([BackwardKernel::TemperatureGradient, BackwardKernel::SumOfParts(SplitGradient::Temperature)]);
+                kernels.push(BackwardKernel::TemperatureGradient);
+                kernels.extend(sum_of(SplitGradient::Temperature));
             }
             if !spec.qk_conv.is_empty() || spec.qk_mean {
                 kernels.push(BackwardKernel::PrologueConvolutions);
                 for (stage, conv) in spec.qk_conv.iter().enumerate() {
                     kernels.extend((0..conv.width).map(|tap| BackwardKernel::ConvWeightTap { stage, tap }));
-                    kernels.extend([
-                        BackwardKernel::SumOfParts(SplitGradient::ConvWeight { stage }),
-                        BackwardKernel::ConvBias { stage },
-                        BackwardKernel::SumOfParts(SplitGradient::ConvBias { stage }),
-                    ]);
+                    kernels.extend(sum_of(SplitGradient::ConvWeight { stage }));
+                    kernels.push(BackwardKernel::ConvBias { stage });
+                    kernels.extend(sum_of(SplitGradient::ConvBias { stage }));
                 }
             }
         }
         kernels.push(BackwardKernel::InputGradient);
         for (index, gradient) in projection_gradients(spec).1.iter().enumerate() {
             kernels.push(BackwardKernel::WeightGradient(index));
-            if gradient.parts > 1 {
-                kernels.push(BackwardKernel::SumOfParts(SplitGradient::Weight(index)));
-                if gradient.bias_output.is_some() {
-                    kernels.push(BackwardKernel::SumOfParts(SplitGradient::WeightBias(index)));
-                }
+            kernels.extend(sum_of(SplitGradient::Weight(index)));
+            if gradient.bias_output.is_some() {
+                kernels.extend(sum_of(SplitGradient::WeightBias(index)));
             }
         }
         kernels
@@ -310,7 +314,9 @@ impl SplitGradient {
     }
 
     /// The gradient's buffer, its number of elements and the parts it is summed in: enough that
-    /// the output's CTAs times the parts reach [`REDUCTION_CTAS`].
+    /// the output's CTAs times the parts reach [`REDUCTION_CTAS`] (a projection's weight gradient
+    /// is split only when its tiles are fewer than the SMs: [`projection_gradients`]); 1 where
+    /// the output alone has enough CTAs.
     fn layout(self, spec: &AttentionSpec) -> Result<(String, usize, usize), String> {
         let packed = spec.packed_width();
         let parameter = |role: ParamRole| {
@@ -358,17 +364,16 @@ impl SplitGradient {
     fn build_sum(self, spec: &AttentionSpec) -> Result<KernelFn, String> {
         let (output, elements, parts) = self.layout(spec)?;
         let name = match self {
-            SplitGradient::Temperature => "temperature_grad_sum".to_string(),
-            SplitGradient::ConvWeight { stage } => format!("conv{stage}_dweight_sum"),
-            SplitGradient::ConvBias { stage } => format!("conv{stage}_dbias_sum"),
+            SplitGradient::Temperature => format!("{}_temperature_grad_sum", spec.name),
+            SplitGradient::ConvWeight { stage } => format!("{}_conv{stage}_dweight_sum", spec.name),
+            SplitGradient::ConvBias { stage } => format!("{}_conv{stage}_dbias_sum", spec.name),
             SplitGradient::Weight(index) | SplitGradient::WeightBias(index) => {
                 let gemm = &projection_gradients(spec).1[index].name;
-                let kernel = gemm.strip_prefix(&format!("{}_", spec.name)).unwrap_or(gemm);
-                if matches!(self, SplitGradient::Weight(_)) { format!("{kernel}_sum") } else { format!("{kernel}_bias_sum") }
+                if matches!(self, SplitGradient::Weight(_)) { format!("{gemm}_sum") } else { format!("{gemm}_bias_sum") }
             }
         };
         build_token_sum(&TokenSum {
-            name: format!("{}_{name}", spec.name),
+            name,
             input: parts_name(&output),
             elem: ElemType::F32,
             columns: elements,
