@@ -431,10 +431,8 @@ pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
                 .map(|w| Buffer { name: name.clone(), ty: TensorType::new(w.ty.shape.clone(), elem, Layout::RowMajor) });
             if let Some(known) = weight_shaped.or_else(|| written.iter().chain(&inputs).find(|b| b.name == *name).cloned()) {
                 if !same_elements(&known.ty, &buffer.ty) {
-                    return fail(format!(
-                        "{}: binds {} as {}, which an earlier kernel bound as {}",
-                        built.name, buffer.name, buffer.ty, known.ty
-                    ));
+                    let earlier = if name.starts_with("grad.") { "its weight's shape" } else { "an earlier kernel's binding" };
+                    return fail(format!("{}: binds {} as {}, not as many elements as {earlier}, {}", built.name, buffer.name, buffer.ty, known.ty));
                 }
                 buffer = known.clone();
             }

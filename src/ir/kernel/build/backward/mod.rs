@@ -81,6 +81,7 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
             plus(seq(), rows_before as i64).ceil_div(int(CHUNK)),
             Expr::Size(SizeVar::Batch),
         ),
+        SummedRows::Parts(0) => return Err(format!("{}: a sum of 0 parts", sum.name)),
         SummedRows::Parts(parts) if sum.factor.is_none() => {
             (vec![size(1), size(parts), size(sum.columns)], 0, int(parts.div_ceil(CHUNK as usize)), int(1))
         }
