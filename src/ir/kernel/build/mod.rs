@@ -757,6 +757,20 @@ fn is_prologue_param(role: ParamRole) -> bool {
     )
 }
 
+/// Whether a tiled kernel's GEMMs over head_dim-wide shared operands run on wgmma: accumulators
+/// of `rows` rows in whole warpgroups of one 16-row band per warp (`warps` along M), head_dim in
+/// whole 128-byte panels up to 256, and the streamed tiles (`step_rows`: ring slots, the other
+/// GEMM's N) whole 8-row swizzle atoms up to 256 rows. Its operands are then swizzled.
+fn wgmma_fits(elem: ElemType, warps: u32, rows: u32, head_dim: u32, step_rows: u32) -> bool {
+    let panel = layout::SWIZZLE_BYTES / elem.size_bytes() as u32;
+    warps.is_multiple_of(4)
+        && rows == 16 * warps
+        && head_dim.is_multiple_of(panel)
+        && head_dim <= 256
+        && step_rows.is_multiple_of(layout::ATOM_ROWS)
+        && step_rows <= 256
+}
+
 fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
     let d = spec.head_dim as u32;
     let (bm, bn) = (s.block_m, s.block_n);
@@ -774,15 +788,8 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     }
     let storage: ElemType = spec.dtype.into();
     let mut t = Tiles { decls: Vec::new() };
-    // Q, K and V in the swizzled layout make both GEMMs wgmma where its shapes allow: whole
-    // warpgroups of one 16-row band per warp, head_dim in whole 128-byte panels, N up to 256.
-    let panel = layout::SWIZZLE_BYTES / storage.size_bytes() as u32;
-    let wgmma = wm.is_multiple_of(4)
-        && bm == 16 * wm
-        && d.is_multiple_of(panel)
-        && d <= 256
-        && bn.is_multiple_of(layout::ATOM_ROWS)
-        && bn <= 256;
+    // Q, K and V in the swizzled layout make both GEMMs wgmma where its shapes allow.
+    let wgmma = wgmma_fits(storage, wm, bm, d, bn);
     let mut operand = |name: &str, rows: u32| {
         if wgmma {
             t.swizzled(name, storage, rows, d)

@@ -142,17 +142,10 @@ impl AttentionBackward<'_> {
     }
 
     /// Whether the GEMMs of a kernel whose accumulators have `rows` rows and whose streamed
-    /// operand tiles have `step_rows` rows run on wgmma: whole warpgroups of one 16-row band per
-    /// warp, head_dim in whole 128-byte panels, every N up to 256, slots on whole swizzle atoms.
-    /// Its shared operands are then swizzled (`operand`), else row-major for mma.sync.
+    /// operand tiles have `step_rows` rows run on wgmma ([`wgmma_fits`]); its shared operands
+    /// are then swizzled (`operand`), else row-major for mma.sync.
     fn wgmma(&self, rows: u32, step_rows: u32) -> bool {
-        let panel = layout::SWIZZLE_BYTES / self.storage.size_bytes() as u32;
-        self.s.warps.is_multiple_of(4)
-            && rows == 16 * self.s.warps
-            && self.d.is_multiple_of(panel)
-            && self.d <= 256
-            && step_rows.is_multiple_of(layout::ATOM_ROWS)
-            && step_rows <= 256
+        wgmma_fits(self.storage, self.s.warps, rows, self.d, step_rows)
     }
 
     /// A shared operand tile of `rows` × head_dim: swizzled for wgmma, else row-major.
