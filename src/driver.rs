@@ -347,14 +347,9 @@ fn entry_point_manifest(
                     } else {
                         BufferRole::Intermediate
                     };
-                    // A weight's gradient has the weight's shape (as in the plan), whichever view
-                    // the kernel binds (a sum of parts writes it flat).
-                    let weight_shape: Option<Vec<SizeExpr>> = spec
-                        .params()
-                        .into_iter()
-                        .find(|p| crate::ir::kernel::gradient_name(&p.name) == *name)
-                        .map(|p| p.shape.iter().map(|&d| SizeExpr::from(d)).collect());
-                    let shape = weight_shape.as_ref().unwrap_or(shape);
+                    // An output in the plan's shape: a kernel may bind a view of it (a sum of
+                    // parts writes a weight's gradient flat).
+                    let shape = plan.outputs.iter().find(|b| &b.name == name).map_or(shape, |b| &b.ty.shape);
                     let Some(layout) = buffer_layout(name, shape) else {
                         return Err(error(
                             spec,

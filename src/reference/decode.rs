@@ -167,11 +167,10 @@ pub fn prefill_packed(
 ) -> Result<Tensor, String> {
     x.check_consistent()?;
     let e = spec.model_dim;
-    let [tokens, width] = x.shape[..] else {
-        return Err(format!("x has shape {:?}, expected [tokens, {e}]", x.shape));
-    };
+    let wrong_shape = || format!("x has shape {:?}, expected [tokens, {e}]", x.shape);
+    let [tokens, width] = x.shape[..] else { return Err(wrong_shape()) };
     if width != e {
-        return Err(format!("x has shape {:?}, expected [tokens, {e}]", x.shape));
+        return Err(wrong_shape());
     }
     check_cu_seqlens(cu_seqlens, states.len(), tokens)?;
     // Every check of prefill_chunk up front, so that the sequences then advance in place.

@@ -149,9 +149,14 @@ impl<'a> Layer<'a> {
     /// Step 2: v = [x·W_v1ᵀ | x_prev·W_v2ᵀ] (Hk·d channels); `x_prev` is zeros for the first token,
     /// so the delayed heads still get their bias there.
     pub fn project_value(&self, x: &[f64], x_prev: &[f64], v: &mut [f64]) {
-        let mut shift = vec![0.0; self.spec.value_shift * self.spec.head_dim];
-        self.shift_state(x_prev, &mut shift);
-        self.project_value_shifted(x, &shift, v);
+        let (current, delayed) =
+            v.split_at_mut(self.spec.current_value_heads() * self.spec.head_dim);
+        if let Some(proj) = &self.v_current {
+            proj.apply(x, current);
+        }
+        if let Some(proj) = &self.v_delayed {
+            proj.apply(x_prev, delayed);
+        }
     }
 
     /// Step 2 with the delayed heads' input given as the shift state `shift` = x_prev·W_v2ᵀ

@@ -68,7 +68,8 @@
 //! measured; ZAYA1's out projection at 0.149 ms ping-pong (0.145 measured) and 0.183 cooperative
 //! (0.181), its qkv projection at 0.220 ms ping-pong (0.213) and 0.244 cooperative (0.215: that
 //! one hid most of its epilogue, which the model exposes in full). The 256-wide cooperative out
-//! projection comes out at 0.181 ms against 0.162 measured, still behind ping-pong as measured. The ranking puts the configurations the measurements chose first for every example:
+//! projection comes out at 0.181 ms against 0.162 measured, still behind ping-pong as measured.
+//! The ranking puts the configurations the measurements chose first for every example:
 //! attention 128 × 128, 3 stages, ping-pong (measured ahead of warp-specialized by 5% and of the
 //! overlapped schedule by 9%); GEMMs 128 wide, 4 stages, ping-pong (ahead of cooperative by 20%
 //! on the out projection; 4, 5 and 6 stages alike, the tie going to 4). With TMA (what the

@@ -337,9 +337,9 @@ impl SplitGradient {
                 let conv = conv(stage)?;
                 let weight = parameter(ParamRole::ConvWeight { stage })?;
                 match conv.kind {
-                    // One GEMM per head, about 64 × 64 output tiles.
+                    // One GEMM per head in the default gradient tiles.
                     ConvKind::PerHead => {
-                        let tiles = spec.head_dim.div_ceil(64);
+                        let tiles = spec.head_dim.div_ceil(GRADIENT_TILE as usize);
                         (weight, packed * spec.head_dim * conv.width, (spec.query_heads + spec.kv_heads) * tiles * tiles)
                     }
                     ConvKind::Depthwise => (weight, packed * conv.width, token_sum_ctas(packed)),
@@ -549,9 +549,10 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
         output: "dx".into(),
         storage,
     };
-    // A weight gradient whose 64 × 64 tiles are fewer CTAs than SMs sums its tokens in parts.
+    // A weight gradient whose default tiles are fewer CTAs than SMs sums its tokens in parts.
     let split = |mut gradient: WeightGradient| {
-        let ctas = gradient.width.div_ceil(64) * gradient.inputs.div_ceil(64);
+        let tile = GRADIENT_TILE as usize;
+        let ctas = gradient.width.div_ceil(tile) * gradient.inputs.div_ceil(tile);
         gradient.parts = if ctas < TARGET_SMS as usize { reduction_parts(ctas) } else { 1 };
         gradient
     };
@@ -602,11 +603,15 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
     (vec![out_proj, qkv], weights)
 }
 
+/// Rows and columns of a gradient GEMM's output tile in its default schedule (what the split
+/// into parts counts CTAs by).
+const GRADIENT_TILE: u32 = 64;
+
 /// A gradient GEMM with the schedule it gets unless told otherwise: the first of 64 × 64,
 /// 32 × 32 and 16 × 16 tiles (4, 2, 1 warps; 32-wide chunks, else 16) with a two-stage copy ring
 /// that `build` accepts (segments must be whole tiles and chunks).
 pub fn with_default_gradient_schedule(build: impl Fn(&Schedule) -> Result<KernelFn, String>) -> Result<KernelFn, String> {
-    let candidates = [(64, 4), (32, 2), (16, 1)].into_iter().flat_map(|(block, warps)| {
+    let candidates = [(GRADIENT_TILE, 4), (32, 2), (16, 1)].into_iter().flat_map(|(block, warps)| {
         [32, 16].map(move |block_k| Schedule { block_m: block, block_n: block, block_k, warps, stages: 2 })
     });
     first_that_builds(candidates, build).map(|(_, kernel)| kernel)
