@@ -145,7 +145,7 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
         kb.wgmma_fence(&[])?;
         let acc = kb.wgmma(
             shape,
-            WgmmaA::Shared(descriptor(OperandMajor::K, 0, 0)?),
+            WgmmaA::Shared(descriptor(OperandMajor::K, 0, 0)?, OperandMajor::K),
             descriptor(OperandMajor::K, 0, 16)?,
             OperandMajor::K,
             Accumulate::Overwrite,
@@ -157,6 +157,14 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
             WgmmaA::Registers(a),
             descriptor(OperandMajor::MN, 16, 0)?,
             OperandMajor::MN,
+            Accumulate::Add,
+            &acc,
+        )?;
+        let acc = kb.wgmma(
+            shape,
+            WgmmaA::Shared(descriptor(OperandMajor::MN, 16, 0)?, OperandMajor::MN),
+            descriptor(OperandMajor::K, 0, 16)?,
+            OperandMajor::K,
             Accumulate::Add,
             &acc,
         )?;
@@ -187,9 +195,10 @@ fn codegen_hopper_primitives_lower_to_the_intended_ptx_and_assemble() {
     ] {
         assert_eq!(count(&ptx, instruction), 1, "{instruction} in\n{ptx}");
     }
-    assert_eq!(count(&ptx, "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"), 2);
+    assert_eq!(count(&ptx, "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16"), 3);
     assert!(ptx.contains("p, 1, 1, 0, 0;"), "shared A, K-major B");
     assert!(ptx.contains("p, 1, 1, 1;"), "register A, MN-major (transposed) B");
+    assert!(ptx.contains("p, 1, 1, 1, 0;"), "shared MN-major (transposed) A, K-major B");
     let log = ptxas_log(&ptx, "primitives");
     assert!(log.contains("Compiling entry function 'hopper_primitives'"), "{log}");
 }
@@ -715,8 +724,8 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
     }
 }
 
-/// The projection-gradient GEMMs of every example (dYᵀ read transposed with ldmatrix.trans)
-/// lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
+/// The projection-gradient GEMMs of every example (dYᵀ read transposed: MN-major by wgmma, with
+/// ldmatrix.trans where a bias keeps mma.sync) lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
 /// of each layer's backward. With `CCC_HOPPER_PTX_OUT=DIR`, the whole backward
 /// (`backward_kernels`) of every example and of two plain layers (MHA at ZAYA1's width; GQA with
 /// biases, a shifted value head and a window) is written there in launch order with
@@ -746,7 +755,9 @@ fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
         for kernel in &gemms {
             let ptx = lowered_ptx(kernel);
             if kernel.name.contains("dweight") {
-                assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"), "{}", kernel.name);
+                // wgmma's operands: a and b both MN-major (the transpose bits 1, 1).
+                let transposed_a = ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16") || ptx.contains("p, 1, 1, 1, 1;");
+                assert!(transposed_a, "{}: dYᵀ not read transposed", kernel.name);
             }
             let log = ptxas_log(&ptx, &kernel.name);
             let report = ptxas::parse_report(&log).expect("report").remove(0);

@@ -152,32 +152,61 @@ mod gemm {
         Schedule { block_m, block_n, block_k, warps, stages }
     }
 
+    /// The terms of dx through a q/k/v-like projection: q and k segments of dp0 [.., q + k], and
+    /// the delayed value heads' segment of dv [.., 2v], read one token later.
+    fn qkv_terms(q: usize, k: usize, v: usize) -> (Vec<GradientTerm>, [(&'static str, usize); 2]) {
+        let term = |dy: &str, dy_columns, column0, width, weight: &str, row_shift| GradientTerm {
+            dy: dy.into(),
+            dy_columns,
+            column0,
+            width,
+            weight: weight.into(),
+            row_shift,
+        };
+        let terms = vec![term("dp0", q + k, 0, q, "w_q", 0), term("dp0", q + k, q, k, "w_k", 0), term("dv", 2 * v, v, v, "w_v2", 1)];
+        (terms, [("dp0", q + k), ("dv", 2 * v)])
+    }
+
     /// dx of a q/k/v-like projection: three segments of two gradient tensors, the last read one
     /// token later, against the sum written out.
     #[test]
     fn input_gradient_matches_the_sum_of_products() {
-        let (inputs, p, lv) = (48, 96, 64);
-        let terms = vec![
-            GradientTerm { dy: "dp0".into(), dy_columns: p, column0: 0, width: 64, weight: "w_q".into(), row_shift: 0 },
-            GradientTerm { dy: "dp0".into(), dy_columns: p, column0: 64, width: 32, weight: "w_k".into(), row_shift: 0 },
-            GradientTerm { dy: "dv".into(), dy_columns: lv, column0: 32, width: 32, weight: "w_v2".into(), row_shift: 1 },
-        ];
-        let gradient = InputGradient { name: "dx".into(), terms: terms.clone(), inputs, output: "dx".into(), storage: ElemType::Bf16 };
+        let (terms, gradients) = qkv_terms(64, 32, 32);
+        let schedules = [(1, 1, schedule(16, 16, 16, 1, 1)), (3, 17, schedule(16, 32, 32, 2, 2)), (2, 65, schedule(64, 16, 16, 4, 3))];
+        check_input_gradient(&terms, 48, &gradients, &schedules, false);
+    }
+
+    /// The same on wgmma: 64-column chunks, whole warpgroups, 128 input columns per tile over
+    /// 160 inputs (the last tile half outside).
+    #[test]
+    fn wgmma_input_gradient_matches_the_sum_of_products() {
+        let (terms, gradients) = qkv_terms(128, 64, 64);
+        let schedules = [(1, 1, schedule(64, 128, 64, 4, 3)), (2, 65, schedule(128, 128, 64, 8, 3)), (1, 200, schedule(64, 64, 64, 4, 2))];
+        check_input_gradient(&terms, 160, &gradients, &schedules, true);
+    }
+
+    /// Runs the input gradient of `terms` on random operands for each (B, S, schedule) and
+    /// compares it with the sum written out; `swizzled`: its shared tiles must be wgmma's.
+    fn check_input_gradient(terms: &[GradientTerm], inputs: usize, gradients: &[(&str, usize)], schedules: &[(usize, usize, Schedule)], swizzled: bool) {
+        let gradient = InputGradient { name: "dx".into(), terms: terms.to_vec(), inputs, output: "dx".into(), storage: ElemType::Bf16 };
         let mut rng = XorShift64Star::new(5);
-        for (batch, seq_len, sched) in [(1, 1, schedule(16, 16, 16, 1, 1)), (3, 17, schedule(16, 32, 32, 2, 2)), (2, 65, schedule(64, 16, 16, 4, 3))] {
+        for (batch, seq_len, sched) in schedules.iter().cloned() {
             let mut buffers: Buffers = Buffers::new();
-            buffers.insert("dp0".into(), random(&mut rng, batch * seq_len * p));
-            buffers.insert("dv".into(), random(&mut rng, batch * seq_len * lv));
-            for term in &terms {
+            for (name, columns) in gradients {
+                buffers.insert(name.to_string(), random(&mut rng, batch * seq_len * columns));
+            }
+            for term in terms {
                 buffers.insert(term.weight.clone(), random(&mut rng, term.width * inputs));
             }
             buffers.insert("dx".into(), vec![f64::NAN; batch * seq_len * inputs]);
             let kernel = build_input_gradient(&gradient, &sched).unwrap();
+            let swizzled_tiles = kernel.tiles.iter().filter(|tile| tile.ty.layout == ccc::ir::kernel::Layout::Swizzled128B).count();
+            assert_eq!(swizzled_tiles, if swizzled { 2 } else { 0 }, "{sched:?}");
             run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
             let mut want = vec![0.0; batch * seq_len * inputs];
             for b in 0..batch {
                 for t in 0..seq_len {
-                    for term in &terms {
+                    for term in terms {
                         let source = t + term.row_shift;
                         if source >= seq_len {
                             continue;
@@ -259,6 +288,64 @@ mod gemm {
                 let summed: Vec<f64> = (0..want.len()).map(|i| (0..parts).map(|p| written[p * want.len() + i]).sum()).collect();
                 assert_close(&summed, want, &format!("{name} B={batch} S={seq_len} shift {row_shift} {sched:?} in {parts} parts"));
             }
+        }
+    }
+
+    /// dW on wgmma (dy read transposed from a swizzled tile, no bias), whole and in parts,
+    /// against the sum written out; the tiles must be wgmma's.
+    #[test]
+    fn wgmma_weight_gradient_matches_the_sum_over_tokens() {
+        let (inputs, columns, width) = (192, 320, 256);
+        let mut rng = XorShift64Star::new(10);
+        for (batch, seq_len, row_shift, sched, parts) in [
+            (1, 1, 0, schedule(128, 128, 64, 8, 3), 1),
+            (3, 17, 1, schedule(64, 128, 64, 4, 3), 1),
+            (2, 129, 0, schedule(128, 64, 64, 8, 2), 3),
+        ] {
+            let gradient = WeightGradient {
+                name: "dw".into(),
+                dy: "dy".into(),
+                dy_columns: columns,
+                column0: 64,
+                width,
+                x: "x".into(),
+                x_columns: inputs,
+                x_rows_before: 0,
+                x_column0: 0,
+                inputs,
+                row_shift,
+                heads: None,
+                dy_rows_before: 0,
+                output_tap: None,
+                output: "dw".into(),
+                output_shape: vec![width, inputs],
+                bias_output: None,
+                parts,
+                storage: ElemType::Bf16,
+            };
+            let mut buffers: Buffers = Buffers::new();
+            buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
+            buffers.insert("x".into(), random(&mut rng, batch * seq_len * inputs));
+            let written = if parts > 1 { parts_name("dw") } else { "dw".to_string() };
+            buffers.insert(written.clone(), vec![f64::NAN; parts * width * inputs]);
+            let kernel = build_weight_gradient(&gradient, &sched).unwrap();
+            let swizzled = kernel.tiles.iter().filter(|tile| tile.ty.layout == ccc::ir::kernel::Layout::Swizzled128B).count();
+            assert_eq!(swizzled, 2, "{sched:?}");
+            run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
+            let mut dw = vec![0.0; width * inputs];
+            for b in 0..batch {
+                for t in row_shift..seq_len {
+                    for o in 0..width {
+                        let g = buffers["dy"][(b * seq_len + t) * columns + 64 + o];
+                        for i in 0..inputs {
+                            dw[o * inputs + i] += g * buffers["x"][(b * seq_len + t - row_shift) * inputs + i];
+                        }
+                    }
+                }
+            }
+            let written = &buffers[&written];
+            let summed: Vec<f64> = (0..dw.len()).map(|i| (0..parts).map(|p| written[p * dw.len() + i]).sum()).collect();
+            assert_close(&summed, &dw, &format!("B={batch} S={seq_len} shift {row_shift} {sched:?} in {parts} parts"));
         }
     }
 

@@ -42,8 +42,9 @@ impl WgmmaShape {
 /// The A operand of one wgmma.
 #[derive(Debug, Clone, Copy)]
 pub enum WgmmaA<'ctx> {
-    /// A K-major descriptor (i64) of a 64×16 slice in shared memory.
-    Shared(IntValue<'ctx>),
+    /// A descriptor (i64) of a 64×16 slice in shared memory, its lines along K (`K`) or along
+    /// M (`MN`: A stored transposed, read with the transpose bit).
+    Shared(IntValue<'ctx>, OperandMajor),
     /// Four b16x2 registers per thread in the m64k16 A-fragment layout: warp `w` holds rows
     /// `16w .. 16w + 15`, like an `mma.m16n8k16` A fragment.
     Registers([IntValue<'ctx>; 4]),
@@ -158,10 +159,10 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         let mut args: Vec<BasicValueEnum<'ctx>> = Vec::new();
         let mut constraints: Vec<String> = vec!["=f".to_string(); count];
         let (a_operand, trans_a) = match a {
-            WgmmaA::Shared(descriptor) => {
+            WgmmaA::Shared(descriptor, major) => {
                 args.push(descriptor.into());
                 constraints.push("l".into());
-                (format!("${count}"), ", 0")
+                (format!("${count}"), if major == OperandMajor::MN { ", 1" } else { ", 0" })
             }
             WgmmaA::Registers(registers) => {
                 for register in registers {

@@ -467,7 +467,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Stmt::Fill { dst, value } => self.fill(kb, dst, *value)?,
             Stmt::Mma { acc, a, b, a_transposed, b_transposed } => {
                 if self.kernel.tile(b.tile).ty.layout == Layout::Swizzled128B {
-                    self.wgmma(kb, acc, a, b, *b_transposed)?
+                    self.wgmma(kb, acc, a, b, *a_transposed, *b_transposed)?
                 } else {
                     self.mma(kb, acc, a, b, *a_transposed, *b_transposed)?
                 }

@@ -82,8 +82,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// `Mma { acc, a, b }` with a swizzled B: `acc += a · op(b)` on the tensor cores, each
     /// warpgroup its 64 rows of `acc` (the verifier checked the warp grid and the shapes), issued
     /// and waited for.
-    pub(super) fn wgmma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, b_transposed: bool) -> Result<()> {
-        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, b_transposed, true, false)?;
+    pub(super) fn wgmma(&self, kb: &KernelBuilder<'_, 'ctx>, acc: &TileView, a: &TileView, b: &TileView, a_transposed: bool, b_transposed: bool) -> Result<()> {
+        let (values, a_registers) = self.wgmma_issue(kb, acc, a, b, a_transposed, b_transposed, true, false)?;
         kb.wgmma_commit_group()?;
         // The A fragments pass through the wait with the accumulators: wgmma reads them until
         // it completes, so nothing may reuse their registers before.
@@ -127,7 +127,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             };
             let overwrite = zeroed.contains(&acc.tile) && !started.contains(&acc.tile);
             started.push(acc.tile);
-            let (values, _) = self.wgmma_issue(kb, acc, a, b, *b_transposed, false, overwrite)?;
+            let (values, _) = self.wgmma_issue(kb, acc, a, b, false, *b_transposed, false, overwrite)?;
             self.accumulator(acc.tile)?.store_all(kb, &values)?;
             let operand = matches!(self.tiles[a.tile.0], TileStorage::AsyncOperandA { .. }).then_some(a.tile);
             self.note_in_flight([acc.tile].into_iter().chain(operand));
@@ -213,15 +213,18 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         Ok(OperandAFragments::from_registers(Elem::from(ty.elem), ty.rows, ty.cols, MmaAccumulator { warps_m, warps_n }, registers))
     }
 
-    /// Issues `acc += a · op(b)` (fence, one wgmma per k16 step), or `acc = a · op(b)` when
-    /// `overwrite` (the first step ignores the accumulator); returns the accumulator values and
-    /// the A registers the instructions read.
+    /// Issues `acc += op(a) · op(b)` (fence, one wgmma per k16 step), or `acc = op(a) · op(b)`
+    /// when `overwrite` (the first step ignores the accumulator); returns the accumulator values
+    /// and the A registers the instructions read. A transposed a is a shared [K, M] tile read
+    /// MN-major.
+    #[allow(clippy::too_many_arguments)]
     fn wgmma_issue(
         &self,
         kb: &KernelBuilder<'_, 'ctx>,
         acc: &TileView,
         a: &TileView,
         b: &TileView,
+        a_transposed: bool,
         b_transposed: bool,
         fence: bool,
         overwrite: bool,
@@ -233,7 +236,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         let b_address = kb.shared_address(b_window.base)?;
         // B [N, K] (Kᵀ of Q·Kᵀ) has its lines along K; B [K, N] (V of P·V) along N.
         let b_major = if b_transposed { OperandMajor::K } else { OperandMajor::MN };
-        let steps = a.cols / WGMMA_K;
+        let steps = if a_transposed { a.rows } else { a.cols } / WGMMA_K;
         let b_descriptor = |step: u32| -> Result<IntValue<'ctx>> {
             let slice = match b_major {
                 OperandMajor::K => b_window.tile.k_major_descriptor(0, step * WGMMA_K)?,
@@ -248,9 +251,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         let a_operand = match &self.tiles[a.tile.0] {
             TileStorage::Shared { .. } => {
                 let window = self.swizzled_window(kb, a)?;
-                // Warpgroup g multiplies rows 64g .. 64g + 63 of A (a warp-uniform value).
+                // Warpgroup g multiplies rows 64g .. 64g + 63 of op(A) (a warp-uniform value):
+                // 64 lines of A, or, transposed, its 64 columns: one panel of 16-bit elements.
                 let warpgroup = kb.warp_uniform(kb.div(kb.warp_index()?, kb.i32(WARPS_PER_WARPGROUP as i64))?)?;
-                let band = kb.mul(warpgroup, kb.i32((WARPGROUP_ROWS * SWIZZLE_BYTES) as i64))?;
+                let band_bytes = if a_transposed { window.tile.panel_bytes() } else { WARPGROUP_ROWS * SWIZZLE_BYTES };
+                if a_transposed && window.tile.panel_cols() != WARPGROUP_ROWS {
+                    return unsupported("a transposed wgmma operand a needs 16-bit elements (a warpgroup's 64 rows in one panel)");
+                }
+                let band = kb.mul(warpgroup, kb.i32(band_bytes as i64))?;
                 AOperand::Shared { address: kb.add(kb.shared_address(window.base)?, band)?, tile: window.tile }
             }
             TileStorage::OperandA(Some(fragments)) => {
@@ -282,8 +290,12 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         for step in 0..steps {
             let a_step = match &a_operand {
                 AOperand::Shared { address, tile } => {
-                    let slice = tile.k_major_descriptor(0, step * WGMMA_K)?;
-                    WgmmaA::Shared(descriptor(kb, *address, slice.constant_bits(), slice.start_offset)?)
+                    let (slice, major) = if a_transposed {
+                        (tile.mn_major_descriptor(step * WGMMA_K, 0)?, OperandMajor::MN)
+                    } else {
+                        (tile.k_major_descriptor(0, step * WGMMA_K)?, OperandMajor::K)
+                    };
+                    WgmmaA::Shared(descriptor(kb, *address, slice.constant_bits(), slice.start_offset)?, major)
                 }
                 AOperand::Registers(_) => {
                     let at = (step * 4) as usize;

@@ -1011,11 +1011,18 @@ impl<'a> Verifier<'a> {
         if !(self.check_view(stmt, acc) && self.check_view(stmt, a) && self.check_view(stmt, b)) {
             return;
         }
-        // ldmatrix.trans reads a transposed A from a row-major shared tile (mma.sync only).
-        if a_transposed
-            && (!matches!(self.ty(a).layout, Layout::RowMajor { .. }) || self.ty(b).layout == Layout::Swizzled128B)
-        {
-            self.err(stmt, "a transposed operand a must be a row-major shared tile, with a row-major b (mma.sync)");
+        // A transposed A is read from shared memory: by ldmatrix.trans from a row-major tile
+        // (mma.sync, b row-major too), or MN-major by wgmma from a swizzled one (b swizzled).
+        if a_transposed {
+            let (la, lb) = (self.ty(a).layout, self.ty(b).layout);
+            let mma_sync = matches!(la, Layout::RowMajor { .. }) && lb != Layout::Swizzled128B;
+            let wgmma = la == Layout::Swizzled128B && lb == Layout::Swizzled128B;
+            if !(mma_sync || wgmma) {
+                self.err(
+                    stmt,
+                    "a transposed operand a must be a row-major shared tile with a row-major b (mma.sync) or a swizzled128b tile with a swizzled128b b (wgmma)",
+                );
+            }
         }
         let (a_m, a_k) = if a_transposed { (a.cols, a.rows) } else { (a.rows, a.cols) };
         let (tc, ta, tb) = (self.ty(acc), self.ty(a), self.ty(b));

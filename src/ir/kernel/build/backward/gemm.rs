@@ -87,8 +87,9 @@ fn check_schedule(s: &Schedule) -> Result<(u32, u32), String> {
 }
 
 /// Builds an input-gradient GEMM with `schedule` (block_m rows × block_n input columns per CTA,
-/// block_k-wide chunks of each term's segment), verified. Every segment is a whole number of
-/// chunks, so a chunk never reads the next segment's columns.
+/// block_k-wide chunks of each term's segment), verified: a wgmma per chunk where the tiles are
+/// whole warpgroups and panels, else mma.sync. Every segment is a whole number of chunks, so a
+/// chunk never reads the next segment's columns.
 pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Result<KernelFn, String> {
     let s = schedule;
     let (wm, wn) = check_schedule(s)?;
@@ -97,8 +98,15 @@ pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Re
         return Err(format!("{}: segment of {} columns of {} is not a whole number of {bk}-column chunks", gradient.name, term.width, term.dy));
     }
     let mut t = Tiles { decls: Vec::new() };
-    let dy_s = t.shared("dy_s", gradient.storage, s.stages * bm, bk);
-    let w_s = t.shared("w_s", gradient.storage, s.stages * bk, bn);
+    // Whole warpgroups along M and whole 128-byte panels of dy's chunk (K-major) and of W's
+    // columns (MN-major): swizzled operands, and the product is a wgmma; else mma.sync.
+    let panel = layout::SWIZZLE_BYTES / gradient.storage.size_bytes() as u32;
+    let wgmma = wn == 1 && wm.is_multiple_of(4) && bm == 16 * wm && bk.is_multiple_of(panel) && bn.is_multiple_of(panel) && bn <= 256;
+    let (dy_s, w_s) = if wgmma {
+        (t.swizzled("dy_s", gradient.storage, s.stages * bm, bk), t.swizzled("w_s", gradient.storage, s.stages * bk, bn))
+    } else {
+        (t.shared("dy_s", gradient.storage, s.stages * bm, bk), t.shared("w_s", gradient.storage, s.stages * bk, bn))
+    };
     let acc = t.regs("acc", ElemType::F32, bm, bn, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
     let mut body = vec![
         Stmt::Note(format!("CTA = rows {bm} x input columns {bn} of {} for batch b", gradient.output)),
@@ -189,8 +197,22 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     let (output, bias_output) = (written(&gradient.output), gradient.bias_output.as_deref().map(written));
     let row_tiles = gradient.width / bm as usize;
     let mut t = Tiles { decls: Vec::new() };
-    let dy_s = t.shared("dy_s", gradient.storage, s.stages * bk, bm);
-    let x_s = t.shared("x_s", gradient.storage, s.stages * bk, bn);
+    // Whole warpgroups along M, dy's chunk (read transposed: its lines along M) and x's in whole
+    // 128-byte panels: swizzled operands and a wgmma per chunk; else mma.sync (always with a
+    // bias, whose ones-column product reads dy from a row-major tile).
+    let panel = layout::SWIZZLE_BYTES / gradient.storage.size_bytes() as u32;
+    let wgmma = gradient.bias_output.is_none()
+        && wn == 1
+        && wm.is_multiple_of(4)
+        && bm == 16 * wm
+        && bm.is_multiple_of(panel)
+        && bn.is_multiple_of(panel)
+        && bn <= 256;
+    let (dy_s, x_s) = if wgmma {
+        (t.swizzled("dy_s", gradient.storage, s.stages * bk, bm), t.swizzled("x_s", gradient.storage, s.stages * bk, bn))
+    } else {
+        (t.shared("dy_s", gradient.storage, s.stages * bk, bm), t.shared("x_s", gradient.storage, s.stages * bk, bn))
+    };
     let acc = t.regs("acc", ElemType::F32, bm, bn, Layout::MmaAccumulator { warps_m: wm, warps_n: wn });
     // The bias gradient as one more product: dyᵀ·e0 with e0 a [bk, 16] tile whose first column
     // is ones, then the row sums of the 16 columns (one of them nonzero).

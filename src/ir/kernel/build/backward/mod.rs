@@ -155,13 +155,15 @@ pub fn build_token_sum(sum: &TokenSum) -> Result<KernelFn, String> {
 /// CTAs a reduction over every token aims for: four per SM of the target, so that the loads of
 /// one hide behind the others'.
 const REDUCTION_CTAS: usize = 4 * TARGET_SMS as usize;
-/// The most parts a reduction is split into (each part is a row of an f32 buffer of the whole
-/// output).
+/// The most parts a reduction is split into, and the most bytes its parts may take (each part
+/// is an f32 copy of the whole output, alive until the sum of parts).
 const MAX_REDUCTION_PARTS: usize = 64;
+const MAX_PARTS_BYTES: usize = 8 << 20;
 
-/// Parts for a reduction over tokens whose output alone gives `ctas` CTAs.
-fn reduction_parts(ctas: usize) -> usize {
-    REDUCTION_CTAS.div_ceil(ctas.max(1)).clamp(1, MAX_REDUCTION_PARTS)
+/// Parts for a reduction over tokens whose output of `elements` alone gives `ctas` CTAs.
+fn reduction_parts(ctas: usize, elements: usize) -> usize {
+    let affordable = MAX_PARTS_BYTES / (elements.max(1) * ElemType::F32.size_bytes());
+    REDUCTION_CTAS.div_ceil(ctas.max(1)).min(affordable).clamp(1, MAX_REDUCTION_PARTS)
 }
 
 /// The buffer a kernel in parts writes instead of `output`: [parts, ..output's shape].
@@ -358,7 +360,7 @@ impl SplitGradient {
                 return Ok((output, elements, gradient.parts));
             }
         };
-        Ok((gradient_name(&name), elements, reduction_parts(ctas)))
+        Ok((gradient_name(&name), elements, reduction_parts(ctas, elements)))
     }
 
     /// The kernel adding up the parts, in order, into the gradient (viewed flat).
@@ -553,7 +555,8 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
     let split = |mut gradient: WeightGradient| {
         let tile = GRADIENT_TILE as usize;
         let ctas = gradient.width.div_ceil(tile) * gradient.inputs.div_ceil(tile);
-        gradient.parts = if ctas < TARGET_SMS as usize { reduction_parts(ctas) } else { 1 };
+        let elements = gradient.width * gradient.inputs;
+        gradient.parts = if ctas < TARGET_SMS as usize { reduction_parts(ctas, elements) } else { 1 };
         gradient
     };
     let mut weights = vec![split(WeightGradient {
@@ -605,14 +608,18 @@ pub fn projection_gradients(spec: &AttentionSpec) -> (Vec<InputGradient>, Vec<We
 
 /// Rows and columns of a gradient GEMM's output tile in its default schedule (what the split
 /// into parts counts CTAs by).
-const GRADIENT_TILE: u32 = 64;
+const GRADIENT_TILE: u32 = 128;
 
-/// A gradient GEMM with the schedule it gets unless told otherwise: the first of 64 × 64,
+/// A gradient GEMM with the schedule it gets unless told otherwise: 128 × 128 output tiles on
+/// two warpgroups (wgmma where the builder can: 64-wide chunks, a three-stage ring of 96 KiB, 64
+/// accumulator registers a thread), else 64 rows on one, else the first of 64 × 64,
 /// 32 × 32 and 16 × 16 tiles (4, 2, 1 warps; 32-wide chunks, else 16) with a two-stage copy ring
 /// that `build` accepts (segments must be whole tiles and chunks).
 pub fn with_default_gradient_schedule(build: impl Fn(&Schedule) -> Result<KernelFn, String>) -> Result<KernelFn, String> {
-    let candidates = [(GRADIENT_TILE, 4), (32, 2), (16, 1)].into_iter().flat_map(|(block, warps)| {
+    let wgmma = [(GRADIENT_TILE, 8), (64, 4)]
+        .map(|(block_m, warps)| Schedule { block_m, block_n: GRADIENT_TILE, block_k: 64, warps, stages: 3 });
+    let mma_sync = [(64, 4), (32, 2), (16, 1)].into_iter().flat_map(|(block, warps)| {
         [32, 16].map(move |block_k| Schedule { block_m: block, block_n: block, block_k, warps, stages: 2 })
     });
-    first_that_builds(candidates, build).map(|(_, kernel)| kernel)
+    first_that_builds(wgmma.into_iter().chain(mma_sync), build).map(|(_, kernel)| kernel)
 }
