@@ -724,8 +724,25 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
     }
 }
 
+<<<<<<< HEAD
 /// The projection-gradient GEMMs of every example (dYᵀ read transposed: MN-major by wgmma, with
 /// ldmatrix.trans where a bias keeps mma.sync) lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
+=======
+/// `atomic_add` lowers to one `red.global.add.f32` per accumulator element (bounds-checked) and
+/// assembles.
+#[test]
+fn codegen_atomic_add_lowers_to_red() {
+    let kernel = common::kernel::atomic_weight_gradient();
+    let ptx = lowered_ptx(&kernel);
+    assert!(ptx.contains("red.global.add.f32"), "{ptx}");
+    let log = ptxas_log(&ptx, &kernel.name);
+    let report = ptxas::parse_report(&log).expect("report").remove(0);
+    assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
+}
+
+/// The projection-gradient GEMMs of every example (dYᵀ read transposed with ldmatrix.trans)
+/// lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
+>>>>>>> atomic-add
 /// of each layer's backward. With `CCC_HOPPER_PTX_OUT=DIR`, the whole backward
 /// (`backward_kernels`) of every example and of two plain layers (MHA at ZAYA1's width; GQA with
 /// biases, a shifted value head and a window) is written there in launch order with

@@ -349,6 +349,41 @@ mod gemm {
         }
     }
 
+    /// `atomic_add` adds the tile to what the buffer holds (the interpreter's semantics), and the
+    /// verifier holds it to an f32 accumulator added into an f32 tensor.
+    #[test]
+    fn atomic_add_adds_the_tile_to_the_buffer() {
+        let kernel = common::kernel::atomic_weight_gradient();
+        let mut rng = XorShift64Star::new(13);
+        let (batch, seq_len) = (2, 37);
+        let held = random(&mut rng, 64 * 48);
+        let mut buffers: Buffers = Buffers::new();
+        buffers.insert("dy".into(), random(&mut rng, batch * seq_len * 64));
+        buffers.insert("x".into(), random(&mut rng, batch * seq_len * 48));
+        buffers.insert("dw".into(), held.clone());
+        run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
+        let mut want = held;
+        for row in 0..batch * seq_len {
+            for o in 0..64 {
+                for i in 0..48 {
+                    want[o * 48 + i] += buffers["dy"][row * 64 + o] * buffers["x"][row * 48 + i];
+                }
+            }
+        }
+        assert_close(&buffers["dw"], &want, "dw += dyᵀ·x");
+
+        let mut into_bf16 = kernel.clone();
+        for param in &mut into_bf16.params {
+            if let ccc::ir::kernel::KernelParam::Tensor { name, elem, .. } = param
+                && name == "dw"
+            {
+                *elem = ElemType::Bf16;
+            }
+        }
+        let errors = into_bf16.verify().unwrap_err().join("\n");
+        assert!(errors.contains("atomic_add adds into f32 tensors, not bf16 `dw`"), "{errors}");
+    }
+
     /// A token sum in parts, then the sum of its parts, against the plain sum (with a factor
     /// one token earlier, as a depthwise tap's weight gradient).
     #[test]

@@ -380,6 +380,13 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok([0, 1, 2, 3].map(|index| fields[index].into_int_value()))
     }
 
+    /// `red.global.add.f32`: `*pointer += value` as one relaxed atomic whose result is not read.
+    pub fn red_global_add_f32(&self, pointer: PointerValue<'ctx>, value: FloatValue<'ctx>) -> Result<()> {
+        let address = self.builder().build_ptr_to_int(pointer, self.context().i64_type(), "")?;
+        self.inline_ptx(None, "red.global.add.f32 [$0], $1;", "l,f,~{memory}", &[address.into(), value.into()], true)?;
+        Ok(())
+    }
+
     /// A 16-byte load (`ld.{global,shared}.v4.b32`); the address must be 16-byte aligned.
     pub fn load_v4(&self, pointer: PointerValue<'ctx>) -> Result<[IntValue<'ctx>; 4]> {
         let vector_type = self.context().i32_type().vec_type(4);

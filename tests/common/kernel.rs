@@ -140,3 +140,38 @@ pub fn relative_error(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
         / scale
 }
+
+/// A weight-gradient GEMM (dW [64, 48] of dy [B, S, 64] and x [B, S, 48]) whose final store of
+/// `dw` is an `atomic_add`: dW added to what the buffer holds, as a gradient accumulated across
+/// calls. Verified.
+pub fn atomic_weight_gradient() -> ccc::ir::kernel::KernelFn {
+    use ccc::ir::kernel::{ElemType, Schedule, Stmt, WeightGradient, build_weight_gradient};
+    let gradient = WeightGradient {
+        name: "dw_add".into(),
+        dy: "dy".into(),
+        dy_columns: 64,
+        dy_rows_before: 0,
+        column0: 0,
+        width: 64,
+        x: "x".into(),
+        x_columns: 48,
+        x_rows_before: 0,
+        x_column0: 0,
+        inputs: 48,
+        row_shift: 0,
+        heads: None,
+        output: "dw".into(),
+        output_shape: vec![64, 48],
+        output_tap: None,
+        bias_output: None,
+        parts: 1,
+        storage: ElemType::Bf16,
+    };
+    let schedule = Schedule { block_m: 32, block_n: 16, block_k: 16, warps: 2, stages: 2 };
+    let mut kernel = build_weight_gradient(&gradient, &schedule).expect("weight gradient");
+    let store = kernel.body.iter_mut().find(|stmt| matches!(stmt, Stmt::Store { dst, .. } if dst.param == "dw")).expect("the store of dw");
+    let Stmt::Store { src, dst } = store.clone() else { unreachable!() };
+    *store = Stmt::AtomicAdd { src, dst };
+    kernel.verify().expect("verifies");
+    kernel
+}

@@ -601,6 +601,27 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
 }
 
 impl<'ctx> Lowering<'_, 'ctx> {
+    /// `AtomicAdd`: each element of the accumulator inside the box added to global memory by a
+    /// relaxed atomic.
+    pub(super) fn atomic_add(&self, kb: &KernelBuilder<'_, 'ctx>, src: &TileView, dst: &GlobalTile) -> Result<()> {
+        self.whole_register_tile(src)?;
+        let global = self.global_box(kb, dst)?;
+        let ty = &self.kernel.tile(src.tile).ty;
+        if global.shape != (ty.rows, ty.cols) {
+            return unsupported(format!("atomic add of a {}×{} tile into a {:?} box of `{}`", ty.rows, ty.cols, global.shape, dst.param));
+        }
+        let TileStorage::Accumulator(acc) = &self.tiles[src.tile.0] else {
+            return unsupported(format!("atomic add from %{}: only accumulators are added", self.tile_name(src.tile)));
+        };
+        for_each_accumulator_pair(kb, acc, |kb, pair| {
+            for (col, value) in [(pair.col, pair.low), (kb.add(pair.col, kb.i32(1))?, pair.high)] {
+                let inside = global.inside(kb, pair.row, col)?;
+                kb.if_then(inside, |kb| kb.red_global_add_f32(global.pointer(kb, pair.row, col)?, value))?;
+            }
+            Ok(())
+        })
+    }
+
     /// `Store` of a shared window: 16-byte chunks spread over the CTA (each warp writes whole
     /// rows, where an accumulator's fragments write 4 bytes per row and thread) when the types
     /// match and rows and box columns allow it; a chunk not wholly inside the box is written

@@ -476,6 +476,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Stmt::Map { dst, expr } => self.map(kb, dst, expr)?,
             Stmt::RowReduce { dst, src, op, value } => self.row_reduce(kb, *dst, src, *op, value)?,
             Stmt::Store { src, dst } => self.store(kb, src, dst)?,
+            Stmt::AtomicAdd { src, dst } => self.atomic_add(kb, src, dst)?,
             Stmt::Note(_) => {}
             Stmt::Roles(roles) => self.roles(kb, roles)?,
             Stmt::Elect { body } => self.elect(kb, body)?,

@@ -323,7 +323,7 @@ impl<'k> Hazards<'k> {
                 reads.extend(self.region(src));
                 shared_reads(value, &mut reads);
             }
-            Stmt::Store { src, .. } => reads.extend(self.region(src)),
+            Stmt::Store { src, .. } | Stmt::AtomicAdd { src, .. } => reads.extend(self.region(src)),
             Stmt::Let { .. } | Stmt::For { .. } | Stmt::If { .. } | Stmt::Note(_) => return,
             // Warpgroups of different roles order their accesses through mbarriers and named
             // barriers, which this analysis does not follow: the interpreter checks role bodies

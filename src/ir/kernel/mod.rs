@@ -397,6 +397,14 @@ pub enum Stmt {
         src: TileView,
         dst: GlobalTile,
     },
+    /// Accumulator tile → f32 global box, each element added to what is there
+    /// (`red.global.add.f32`; elements outside the box's valid range are skipped). CTAs adding
+    /// to one element land in no fixed order, so a sum may differ in its last bits from run to
+    /// run: for a reduction across CTAs where determinism is not asked for (FlashAttention's dQ).
+    AtomicAdd {
+        src: TileView,
+        dst: GlobalTile,
+    },
     /// A line of explanation kept in the printed IR.
     Note(String),
     /// Warp specialization: the CTA's warpgroups split into roles, each running its own body

@@ -194,6 +194,9 @@ impl KernelFn {
             Stmt::Store { src, dst } => {
                 writeln!(out, "{pad}store {} -> {}", self.view(src), self.global(dst))
             }
+            Stmt::AtomicAdd { src, dst } => {
+                writeln!(out, "{pad}atomic_add {} -> {}", self.view(src), self.global(dst))
+            }
             Stmt::Note(text) => writeln!(out, "{pad}// {text}"),
             Stmt::Roles(roles) => {
                 let _ = writeln!(out, "{pad}roles {{");

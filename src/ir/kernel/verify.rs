@@ -776,6 +776,25 @@ impl<'a> Verifier<'a> {
                     );
                 }
             }
+            Stmt::AtomicAdd { src, dst } => {
+                if !self.check_view(stmt, src) {
+                    return;
+                }
+                let ty = self.ty(src);
+                if ty.elem != ElemType::F32 || !matches!(ty.layout, Layout::MmaAccumulator { .. }) {
+                    self.err(stmt, format!("atomic_add adds an f32 accumulator tile, not %{}", self.kernel.tile(src.tile).name));
+                }
+                if let Some(elem) = self.check_global(stmt, dst, Access::Write)
+                    && elem != ElemType::F32
+                {
+                    self.err(stmt, format!("atomic_add adds into f32 tensors, not {} `{}`", elem.name(), dst.param));
+                }
+                if let Some(shape) = dst.box_shape()
+                    && shape != (src.rows, src.cols)
+                {
+                    self.err(stmt, format!("view {}x{} into box {}x{}", src.rows, src.cols, shape.0, shape.1));
+                }
+            }
             Stmt::Store { src, dst } => {
                 self.not_swizzled(stmt, src);
                 if !self.check_view(stmt, src) {

@@ -345,6 +345,18 @@ impl<'k> Block<'k> {
             | Stmt::NamedBarrier { .. } => {
                 return Err(format!("`{}` outside a role", self.kernel.stmt_head(stmt)));
             }
+            Stmt::AtomicAdd { src, dst } => {
+                let w = self.window(src)?;
+                for r in 0..w.rows {
+                    for c in 0..w.cols {
+                        if let Some(i) = self.global_index(dst, r, c)? {
+                            let v = self.tiles[w.tile][w.index(r, c)];
+                            let element = &mut buffers.get_mut(&dst.param).expect("checked at start")[i];
+                            *element = round_to(ElemType::F32, *element + v, self.rounding);
+                        }
+                    }
+                }
+            }
             Stmt::Store { src, dst } => {
                 let w = self.window(src)?;
                 let elem = self.shapes[&dst.param].1;

@@ -566,7 +566,7 @@ impl<'k> Block<'k> {
                 expr_tiles(value, &mut tiles);
             }
             Stmt::Mma { acc, a, b, .. } => tiles.extend([acc.tile.0, a.tile.0, b.tile.0]),
-            Stmt::Store { src, .. } => tiles.push(src.tile.0),
+            Stmt::Store { src, .. } | Stmt::AtomicAdd { src, .. } => tiles.push(src.tile.0),
             _ => {}
         }
         let own = &self.sync.groups[self.sync.current];
