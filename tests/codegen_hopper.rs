@@ -724,10 +724,6 @@ fn codegen_kernel_ir_attention_on_swizzled_tiles_uses_hgmma() {
     }
 }
 
-<<<<<<< HEAD
-/// The projection-gradient GEMMs of every example (dYᵀ read transposed: MN-major by wgmma, with
-/// ldmatrix.trans where a bias keeps mma.sync) lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
-=======
 /// `atomic_add` lowers to one `red.global.add.f32` per accumulator element (bounds-checked) and
 /// assembles.
 #[test]
@@ -740,9 +736,8 @@ fn codegen_atomic_add_lowers_to_red() {
     assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{report:?}");
 }
 
-/// The projection-gradient GEMMs of every example (dYᵀ read transposed with ldmatrix.trans)
-/// lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
->>>>>>> atomic-add
+/// The projection-gradient GEMMs of every example (dYᵀ read transposed: MN-major by wgmma, with
+/// ldmatrix.trans where a bias keeps mma.sync) lower and assemble without spills, and so do the prologue, convolution and token-sum kernels
 /// of each layer's backward. With `CCC_HOPPER_PTX_OUT=DIR`, the whole backward
 /// (`backward_kernels`) of every example and of two plain layers (MHA at ZAYA1's width; GQA with
 /// biases, a shifted value head and a window) is written there in launch order with
@@ -844,7 +839,7 @@ fn codegen_attention_backward_of_every_example_assembles_without_spills() {
     let out = std::env::var_os("CCC_HOPPER_PTX_OUT").map(std::path::PathBuf::from);
     let mut descriptions = Vec::new();
     for spec in common::specs::example_files() {
-        for which in AttentionBackwardKernel::LAUNCH_ORDER {
+        for which in AttentionBackwardKernel::launched_by(&spec) {
             let schedule = default_attention_backward_schedule(&spec, which).expect("schedule");
             let kernel = build_attention_backward(&spec, which, &schedule).expect("kernel");
             let ptx = lowered_ptx(&kernel);
@@ -856,7 +851,7 @@ fn codegen_attention_backward_of_every_example_assembles_without_spills() {
                 std::fs::create_dir_all(dir).expect("output dir");
                 std::fs::write(dir.join(format!("{}.ptx", kernel.name)), &ptx).expect("write ptx");
                 let rows = match which {
-                    AttentionBackwardKernel::DkDv => schedule.block_n,
+                    AttentionBackwardKernel::DkDv | AttentionBackwardKernel::OnePass => schedule.block_n,
                     _ => schedule.block_m,
                 };
                 descriptions.push(serde_json::json!({
