@@ -829,7 +829,7 @@ fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
     }
 }
 
-/// The attention backward kernels of every example (the mma.sync form) lower and assemble
+/// The attention backward kernels of every example (the form each launches) lower and assemble
 /// without spills. With `CCC_HOPPER_PTX_OUT=DIR` each is written there with
 /// `attention_backward.json` (for bench/attention_backward.py: per kernel its example, stage,
 /// parameters in ABI order, tile rows, threads and shared memory).

@@ -28,9 +28,17 @@ fn assert_close(got: &[f64], want: &[f64], what: &str) {
     assert!(error <= TOLERANCE, "{what}: relative error {error:e} > {TOLERANCE:e}");
 }
 
-/// Runs the three kernels on the forward's q, k, v, o and lse with a random dO and compares dq,
-/// dk and dv with the reference.
-fn check(spec: &AttentionSpec, batch: usize, seq_len: usize, schedule_of: &dyn Fn(AttentionBackwardKernel) -> Schedule, rng: &mut XorShift64Star, what: &str) {
+/// Runs the three kernels of one form (`AttentionBackwardKernel::ONE_PASS` or `TWO_PASS`) on the
+/// forward's q, k, v, o and lse with a random dO and compares dq, dk and dv with the reference.
+fn check(
+    spec: &AttentionSpec,
+    batch: usize,
+    seq_len: usize,
+    form: [AttentionBackwardKernel; 3],
+    schedule_of: &dyn Fn(AttentionBackwardKernel) -> Schedule,
+    rng: &mut XorShift64Star,
+    what: &str,
+) {
     let weights = random_weights(spec, rng);
     let x = random_input(spec, batch, seq_len, rng);
     let forward = reference(spec, &weights, &x, batch, seq_len);
@@ -48,13 +56,14 @@ fn check(spec: &AttentionSpec, batch: usize, seq_len: usize, schedule_of: &dyn F
         // Poisoned: every value the kernels should write is overwritten.
         ("delta", vec![f64::NAN; forward.lse.data.len()]),
         ("dq", vec![f64::NAN; dq.data.len()]),
+        ("dq_accum", vec![f64::NAN; dq.data.len()]),
         ("dk", vec![f64::NAN; dk.data.len()]),
         ("dv", vec![f64::NAN; dv.data.len()]),
     ]
     .into_iter()
     .map(|(name, data)| (name.to_string(), data))
     .collect();
-    for which in AttentionBackwardKernel::LAUNCH_ORDER {
+    for which in form {
         let kernel = build_attention_backward(spec, which, &schedule_of(which)).unwrap_or_else(|e| panic!("{what}: {e}"));
         run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap_or_else(|e| panic!("{what}: {e}"));
     }
@@ -62,6 +71,9 @@ fn check(spec: &AttentionSpec, batch: usize, seq_len: usize, schedule_of: &dyn F
         assert_close(&buffers[name], &want.data, &format!("{what}: {name} of {spec:#?}"));
     }
 }
+
+const ONE_PASS: [AttentionBackwardKernel; 3] = AttentionBackwardKernel::ONE_PASS;
+const TWO_PASS: [AttentionBackwardKernel; 3] = AttentionBackwardKernel::TWO_PASS;
 
 /// 16-row tiles: many tiles per sequence, so causal and window tile ranges, partial last tiles
 /// and every phase of the copy ring are exercised.
@@ -80,8 +92,8 @@ fn attention_backward_kernels_match_the_reference_on_cca_layers() {
     for spec in &specs {
         for (batch, seq_len) in [(1, 1), (2, 17), (1, 65), (2, 129)] {
             let what = format!("{} B={batch} S={seq_len}", spec.name);
-            check(spec, batch, seq_len, &|which| default_attention_backward_schedule(spec, which).unwrap(), &mut rng, &what);
-            check(spec, batch, seq_len, &|_| small(spec, 2), &mut rng, &format!("{what} small tiles"));
+            check(spec, batch, seq_len, TWO_PASS, &|which| default_attention_backward_schedule(spec, which).unwrap(), &mut rng, &what);
+            check(spec, batch, seq_len, TWO_PASS, &|_| small(spec, 2), &mut rng, &format!("{what} small tiles"));
         }
     }
 }
@@ -104,7 +116,34 @@ fn wgmma_attention_backward_kernels_match_the_reference() {
         }
         for (batch, seq_len) in [(1, 1), (2, 17), (1, 129)] {
             let what = format!("{} B={batch} S={seq_len}", spec.name);
-            check(spec, batch, seq_len, &|which| default_attention_backward_schedule(spec, which).unwrap(), &mut rng, &what);
+            check(spec, batch, seq_len, TWO_PASS, &|which| default_attention_backward_schedule(spec, which).unwrap(), &mut rng, &what);
+        }
+    }
+}
+
+/// The one-pass form (warp-specialized, dQ by atomics) on the widths it takes, with one and two
+/// consumer warpgroups, groups of 1 to 4 query heads and every mask: key tiles that end past S,
+/// causal tiles that start mid-way through a query step, windows shorter than a tile.
+#[test]
+fn one_pass_attention_backward_matches_the_reference() {
+    let specs = [
+        zaya1_like("zaya_d128", 256, 128, 4, 2),
+        AttentionSpec { mask: Mask::SlidingWindow { window: 50 }, ..zaya1_like("zaya_d64_window", 128, 64, 2, 2) },
+        AttentionSpec { mask: Mask::None, ..zaya1_like("zaya_d64_full", 128, 64, 4, 1) },
+    ];
+    let mut rng = XorShift64Star::new(14);
+    for spec in &specs {
+        assert_eq!(AttentionBackwardKernel::launched_by(spec), ONE_PASS, "{}", spec.name);
+        for block_n in [128, 64] {
+            let one_pass = Schedule { block_m: 64, block_n, block_k: spec.head_dim as u32, warps: 4 + block_n / 16, stages: 2 };
+            let schedule_of = |which| match which {
+                AttentionBackwardKernel::OnePass => one_pass,
+                other => default_attention_backward_schedule(spec, other).unwrap(),
+            };
+            for (batch, seq_len) in [(1, 1), (2, 17), (1, 200)] {
+                let what = format!("{} B={batch} S={seq_len} block_n {block_n}", spec.name);
+                check(spec, batch, seq_len, ONE_PASS, &schedule_of, &mut rng, &what);
+            }
         }
     }
 }
@@ -119,9 +158,9 @@ fn attention_backward_kernels_match_the_reference_on_random_specs() {
         let stages = 1 + index as u32 % 3;
         let what = format!("spec {index} B={batch} S={seq_len}");
         if index % 2 == 0 {
-            check(&spec, batch, seq_len, &|which| default_attention_backward_schedule(&spec, which).unwrap(), &mut rng, &what);
+            check(&spec, batch, seq_len, TWO_PASS, &|which| default_attention_backward_schedule(&spec, which).unwrap(), &mut rng, &what);
         } else {
-            check(&spec, batch, seq_len, &|_| small(&spec, stages), &mut rng, &format!("{what} small tiles, {stages} stages"));
+            check(&spec, batch, seq_len, TWO_PASS, &|_| small(&spec, stages), &mut rng, &format!("{what} small tiles, {stages} stages"));
         }
     }
 }

@@ -420,11 +420,11 @@ fn register_operand_kernel(overwrite_p_early: bool) -> KernelFn {
         Stmt::WaitParity { barrier: full.clone(), parity: Expr::Int(0) },
         Stmt::Fill { dst: whole(3), value: 0.0 },
         Stmt::Fill { dst: whole(5), value: 0.0 },
-        Stmt::MmaAsync { acc: whole(3), a: whole(0), b: whole(1), b_transposed: true },
+        Stmt::MmaAsync { acc: whole(3), a: whole(0), b: whole(1), a_transposed: false, b_transposed: true },
         Stmt::MmaCommit,
         Stmt::MmaWait { pending: 0, after: None },
         Stmt::Convert { dst: whole(4), src: whole(3) },
-        Stmt::MmaAsync { acc: whole(5), a: whole(4), b: whole(2), b_transposed: false },
+        Stmt::MmaAsync { acc: whole(5), a: whole(4), b: whole(2), a_transposed: false, b_transposed: false },
         Stmt::MmaCommit,
     ];
     if overwrite_p_early {

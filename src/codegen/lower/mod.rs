@@ -631,6 +631,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 }
                 Ok(())
             }
+            TileStorage::Shared { .. } if dst_decl.ty.layout == Layout::Swizzled128B => self.convert_to_swizzled(kb, dst, src.tile),
             TileStorage::Shared { .. } => {
                 let window = self.shared_window(kb, dst)?;
                 // Packed 32-bit stores need every pair on a 4-byte boundary.

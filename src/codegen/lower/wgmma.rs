@@ -18,7 +18,7 @@ use crate::codegen::hopper::copy::descriptor;
 use crate::codegen::hopper::{Accumulate, WgmmaA, WgmmaShape};
 use crate::codegen::{Elem, KernelBuilder, Result, unsupported};
 use crate::ir::kernel::layout::{ATOM_ROWS, OperandMajor, SWIZZLE_BYTES, Swizzle128BTile, WGMMA_K};
-use crate::codegen::tile::{MmaAccumulator, OperandAFragments};
+use crate::codegen::tile::{MmaAccumulator, OperandAFragments, for_each_accumulator_pair};
 use crate::ir::kernel::{ANCHOR_BYTES, Expr, Layout, Stmt, TileId, TileView};
 
 /// Rows of one wgmma (a warpgroup's band of the accumulator).
@@ -63,6 +63,29 @@ impl<'ctx> SwizzledWindow<'ctx> {
 }
 
 impl<'k, 'ctx> Lowering<'k, 'ctx> {
+    /// `Convert` of accumulator `src` into the swizzled window `dst` (16-bit elements): each
+    /// thread's pairs of adjacent columns rounded and packed into one 32-bit store at their
+    /// swizzled address (a pair never straddles a 16-byte chunk), then
+    /// `fence.proxy.async.shared::cta`: the stores go through the generic proxy and a wgmma
+    /// reads through the async one, so the barrier that hands the tile over must come after the
+    /// fence (inside roles that barrier is a named one, which does not fence).
+    pub(super) fn convert_to_swizzled(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, src: TileId) -> Result<()> {
+        let window = self.swizzled_window(kb, dst)?;
+        let accumulator = self.accumulator(src)?;
+        if (accumulator.shape.rows, accumulator.shape.cols) != (dst.rows, dst.cols) {
+            return unsupported(format!(
+                "convert of a {}×{} accumulator into a {}×{} swizzled window",
+                accumulator.shape.rows, accumulator.shape.cols, dst.rows, dst.cols
+            ));
+        }
+        let elem = window.elem();
+        for_each_accumulator_pair(kb, accumulator, |kb, pair| {
+            let address = window.element_address(kb, pair.row, pair.col)?;
+            kb.store_int(address, kb.pack_half2(elem, pair.low, pair.high)?)
+        })?;
+        kb.fence_proxy_async_shared()
+    }
+
     pub(super) fn swizzled_window(&self, kb: &KernelBuilder<'_, 'ctx>, view: &TileView) -> Result<SwizzledWindow<'ctx>> {
         let decl = self.kernel.tile(view.tile);
         let (TileStorage::Shared { offset }, Some(tile)) = (&self.tiles[view.tile.0], decl.ty.swizzled()) else {
@@ -122,12 +145,12 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         self.pass_registers(kb, &tiles, |kb, values| kb.wgmma_fence(values))?;
         let mut started: Vec<TileId> = Vec::new();
         for stmt in run {
-            let Stmt::MmaAsync { acc, a, b, b_transposed } = stmt else {
+            let Stmt::MmaAsync { acc, a, b, a_transposed, b_transposed } = stmt else {
                 return unsupported("a run of asynchronous MMAs holds another statement");
             };
             let overwrite = zeroed.contains(&acc.tile) && !started.contains(&acc.tile);
             started.push(acc.tile);
-            let (values, _) = self.wgmma_issue(kb, acc, a, b, false, *b_transposed, false, overwrite)?;
+            let (values, _) = self.wgmma_issue(kb, acc, a, b, *a_transposed, *b_transposed, false, overwrite)?;
             self.accumulator(acc.tile)?.store_all(kb, &values)?;
             let operand = matches!(self.tiles[a.tile.0], TileStorage::AsyncOperandA { .. }).then_some(a.tile);
             self.note_in_flight([acc.tile].into_iter().chain(operand));

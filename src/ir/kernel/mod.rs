@@ -17,7 +17,8 @@
 //!   A/B of one 16-bit type, M/N per warp in 16×8 fragments and K a multiple of 16; with a
 //!   `swizzled128b` B (wgmma): A `swizzled128b` or `mma_a`, warps in whole warpgroups along M
 //!   (warps_m a multiple of 4, warps_n 1), one 16-row band per warp, N 8 to 256;
-//! - a `swizzled128b` tile is only written by `Copy` and read by `Mma`, through windows of whole
+//! - a `swizzled128b` tile is only written by `Copy`, TMA and `Convert` from an accumulator
+//!   (16-bit elements), and read by `Mma`, through windows of whole
 //!   8-row atoms (row offset a multiple of 8) and whole 128-byte panels (column offset a
 //!   multiple of the panel);
 //! - every `AsyncWait` is followed by a `Barrier`; no shared tile is read before its cp.async was
@@ -427,10 +428,10 @@ pub enum Stmt {
     Arrive { barrier: BarrierRef },
     /// Waits until the barrier's phase of parity `parity` (0 or 1) has completed.
     WaitParity { barrier: BarrierRef, parity: Expr },
-    /// `acc += a · b` (or `a · bᵀ`) issued on the tensor cores without waiting (wgmma, b
-    /// swizzled): part of the open group until `MmaCommit`; `acc` may be read, and the shared
+    /// `acc += op(a) · op(b)` issued on the tensor cores without waiting (wgmma, b swizzled; a
+    /// transposed a is a swizzled [K, M] tile read MN-major, as in `Mma`): part of the open group until `MmaCommit`; `acc` may be read, and the shared
     /// operands overwritten, only once an `MmaWait` has retired the group.
-    MmaAsync { acc: TileView, a: TileView, b: TileView, b_transposed: bool },
+    MmaAsync { acc: TileView, a: TileView, b: TileView, a_transposed: bool, b_transposed: bool },
     /// Closes the open group of asynchronous MMAs.
     MmaCommit,
     /// Waits until at most `pending` committed groups of this warpgroup are in flight; with

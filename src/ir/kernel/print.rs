@@ -227,11 +227,12 @@ impl KernelFn {
             Stmt::WaitParity { barrier, parity } => {
                 writeln!(out, "{pad}wait {} parity {}", self.barrier_ref(barrier), self.expr(parity))
             }
-            Stmt::MmaAsync { acc, a, b, b_transposed } => writeln!(
+            Stmt::MmaAsync { acc, a, b, a_transposed, b_transposed } => writeln!(
                 out,
-                "{pad}mma.async {} += {} * {}{}",
+                "{pad}mma.async {} += {}{} * {}{}",
                 self.view(acc),
                 self.view(a),
+                if *a_transposed { "^T" } else { "" },
                 self.view(b),
                 if *b_transposed { "^T" } else { "" }
             ),

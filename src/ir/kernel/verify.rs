@@ -279,11 +279,12 @@ impl<'a> Verifier<'a> {
         true
     }
 
-    /// Swizzled tiles are written by `Copy` and read by `Mma` only.
+    /// Swizzled tiles are written by `Copy`, TMA and `Convert` from an accumulator, and read by
+    /// `Mma` only.
     fn not_swizzled(&mut self, stmt: &Stmt, view: &TileView) {
         if view.tile.0 < self.kernel.tiles.len() && self.ty(view).layout == Layout::Swizzled128B {
             let name = &self.kernel.tile(view.tile).name;
-            self.err(stmt, format!("swizzled128b tile %{name} is only written by copy and read by mma"));
+            self.err(stmt, format!("swizzled128b tile %{name} is only written by copy, TMA and convert from an accumulator, and read by mma"));
         }
     }
 
@@ -656,7 +657,6 @@ impl<'a> Verifier<'a> {
                 self.check_mma(stmt, acc, a, b, *a_transposed, *b_transposed)
             }
             Stmt::Convert { dst, src } => {
-                self.not_swizzled(stmt, dst);
                 if !(self.check_view(stmt, dst) && self.check_view(stmt, src)) {
                     return;
                 }
@@ -672,12 +672,14 @@ impl<'a> Verifier<'a> {
                 }
                 match (ts.layout, td.layout) {
                     (Layout::MmaAccumulator { .. }, Layout::RowMajor { .. }) => {}
+                    // The operand of a later wgmma (dS of the attention backward, read transposed).
+                    (Layout::MmaAccumulator { .. }, Layout::Swizzled128B) if td.elem.is_mma_operand() => {}
                     (Layout::MmaAccumulator { .. }, Layout::MmaOperandA { .. })
                     | (Layout::RowShares { .. }, Layout::RowVector { .. })
                         if warp_grid(ts.layout) == warp_grid(td.layout) => {}
                     (from, to) => self.err(
                         stmt,
-                        format!("no conversion from {from:?} to {to:?} (accumulator → shared or → operand A)"),
+                        format!("no conversion from {from:?} to {to:?} (accumulator → shared, 16-bit swizzled included, or → operand A)"),
                     ),
                 }
             }
@@ -745,8 +747,8 @@ impl<'a> Verifier<'a> {
                 self.expect_type(stmt, parity, ScalarType::I32, ExprCtx::Scalar, "parity");
                 self.check_parity(stmt, barrier, parity);
             }
-            Stmt::MmaAsync { acc, a, b, b_transposed } => {
-                self.check_mma(stmt, acc, a, b, false, *b_transposed);
+            Stmt::MmaAsync { acc, a, b, a_transposed, b_transposed } => {
+                self.check_mma(stmt, acc, a, b, *a_transposed, *b_transposed);
                 if b.tile.0 < self.kernel.tiles.len() && self.ty(b).layout != Layout::Swizzled128B {
                     self.err(stmt, "an asynchronous mma is a wgmma: operand b must be a swizzled128b tile");
                 }

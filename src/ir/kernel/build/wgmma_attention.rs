@@ -298,7 +298,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     let issue_scores = |tile: Expr| -> Vec<Stmt> {
         vec![
             Stmt::Fill { dst: w(scores), value: 0.0 },
-            Stmt::MmaAsync { acc: w(scores), a: q_band.clone(), b: kv_view(k_s, tile), b_transposed: true },
+            Stmt::MmaAsync { acc: w(scores), a: q_band.clone(), b: kv_view(k_s, tile), a_transposed: false, b_transposed: true },
             Stmt::MmaCommit,
         ]
     };
@@ -306,7 +306,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     let issue_output = |tile: Expr| -> Vec<Stmt> {
         vec![
             Stmt::Map { dst: w(o), expr: Expr::Elem * at_row(alpha) },
-            Stmt::MmaAsync { acc: w(o), a: w(probs), b: kv_view(v_s, tile), b_transposed: false },
+            Stmt::MmaAsync { acc: w(o), a: w(probs), b: kv_view(v_s, tile), a_transposed: false, b_transposed: false },
             Stmt::MmaCommit,
         ]
     };

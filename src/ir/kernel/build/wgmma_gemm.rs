@@ -341,6 +341,7 @@ pub fn build_wgmma_projection(
                 acc: TileView::whole(*acc, &tiles[acc.0].ty),
                 a: stage_view(a_ring, WARPGROUP_ROWS, a_row0),
                 b: stage_view(w_ring, chunk, w_row0),
+                a_transposed: false,
                 b_transposed: true,
             }
         })

@@ -364,7 +364,7 @@ impl<'k> Block<'k> {
                     self.issue_tma(dst, map, coords, barrier, buffers)?;
                     frame.next += 1;
                 }
-                Stmt::MmaAsync { acc, a, b, b_transposed } => {
+                Stmt::MmaAsync { acc, a, b, a_transposed, b_transposed } => {
                     let reads = [self.window(a)?, self.window(b)?]
                         .into_iter()
                         .filter(|window| self.kernel.tiles[window.tile].ty.space() == Space::Shared)
@@ -376,7 +376,7 @@ impl<'k> Block<'k> {
                     if self.sync.groups[self.sync.current].in_flight().any(|group| group.writes.contains(&a_tile)) {
                         return Err(format!("mma.async reads %{} while a wgmma group writes it", self.kernel.tiles[a_tile].name));
                     }
-                    self.multiply(acc, a, b, false, *b_transposed)?;
+                    self.multiply(acc, a, b, *a_transposed, *b_transposed)?;
                     let a_in_registers = self.kernel.tiles[a_tile].ty.space() == Space::Registers;
                     let group = &mut self.sync.groups[self.sync.current].open;
                     if !group.writes.contains(&acc.tile.0) {

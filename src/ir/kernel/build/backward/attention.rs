@@ -1,36 +1,64 @@
-//! Builders of the attention backward (FlashAttention-2's, in its deterministic two-pass form):
+//! Builders of the attention backward, in two forms.
 //!
-//! - `attention_bwd_delta`: D = rowsum(dO ∘ O) per query row and head, the pre-pass;
+//! One pass (FlashAttention-3's structure, where the head width allows: [`ONE_PASS_MAX_HEAD_DIM`]):
+//! - `attention_bwd_delta_clear`: D = rowsum(dO ∘ O) per query row and head, and the f32 dQ
+//!   accumulator `dq_accum` cleared;
+//! - `attention_bwd_one_pass`: per key tile, warp-specialized (TMA producer, wgmma consumers), over
+//!   the query tiles of every query head of its group: dV = Pᵀ·dO, dK = scale·dSᵀ·Q summed in
+//!   registers, and dS·K added into `dq_accum` with atomics (in no fixed order: the last bits of
+//!   dQ may differ from run to run);
+//! - `attention_bwd_dq_convert`: dQ = scale·dq_accum in the storage type.
+//!
+//! Two passes (FlashAttention-2's deterministic form, for the other shapes):
+//! - `attention_bwd_delta`: D alone;
 //! - `attention_bwd_dq`: per query tile, P and dS rebuilt from the saved lse and D over the key
 //!   tiles it sees, dQ = scale·dS·K accumulated in registers;
 //! - `attention_bwd_dkdv`: per key tile with K and V resident in shared memory, over the query
 //!   tiles of every query head of its group in a fixed order, dV = Pᵀ·dO and dK = scale·dSᵀ·Q
 //!   (summed over the group without atomics).
 //!
-//! Every sum runs in a fixed order, so results do not depend on scheduling. dS and P enter the
-//! matrix multiplies in the storage type, as in the forward's P·V; dQ, dK and dV are accumulated
-//! in f32 and stored in the storage type, the operand type of the GEMMs after them. Where the
-//! tiles allow (whole warpgroups along M), the shared operands are swizzled and every GEMM is a
-//! wgmma, issued and waited for in place; otherwise mma.sync.
+//! dS and P enter the matrix multiplies in the storage type, as in the forward's P·V; dQ, dK and
+//! dV are accumulated in f32 and stored in the storage type, the operand type of the GEMMs after
+//! them. In the two-pass kernels, where the tiles allow (whole warpgroups along M), the shared
+//! operands are swizzled and every GEMM is a wgmma, issued and waited for in place; otherwise
+//! mma.sync.
 
 use super::super::*;
 
 /// Which attention backward kernel to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum AttentionBackwardKernel {
+    /// D, and the one-pass kernel's dQ accumulator cleared.
+    DeltaClear,
+    /// dK, dV, and dQ added into its f32 accumulator.
+    OnePass,
+    /// dQ from its accumulator.
+    DqConvert,
+    /// D alone (two passes).
     Delta,
     Dq,
     DkDv,
 }
 
 impl AttentionBackwardKernel {
-    /// The kernels one attention backward launches, in order (D first: both others read it).
-    pub const LAUNCH_ORDER: [AttentionBackwardKernel; 3] =
+    pub const ONE_PASS: [AttentionBackwardKernel; 3] =
+        [AttentionBackwardKernel::DeltaClear, AttentionBackwardKernel::OnePass, AttentionBackwardKernel::DqConvert];
+    pub const TWO_PASS: [AttentionBackwardKernel; 3] =
         [AttentionBackwardKernel::Delta, AttentionBackwardKernel::Dq, AttentionBackwardKernel::DkDv];
+
+    /// The kernels the attention backward of `spec` launches, in order (D first: the others
+    /// read it): one pass where its kernel takes the shape, else two.
+    pub fn launched_by(spec: &AttentionSpec) -> [AttentionBackwardKernel; 3] {
+        let one_pass = default_attention_backward_schedule(spec, AttentionBackwardKernel::OnePass).is_ok();
+        if one_pass { Self::ONE_PASS } else { Self::TWO_PASS }
+    }
 
     /// Suffix of the kernel symbol `{spec.name}_{suffix}`.
     pub fn suffix(self) -> &'static str {
         match self {
+            AttentionBackwardKernel::DeltaClear => "attention_bwd_delta_clear",
+            AttentionBackwardKernel::OnePass => "attention_bwd_one_pass",
+            AttentionBackwardKernel::DqConvert => "attention_bwd_dq_convert",
             AttentionBackwardKernel::Delta => "attention_bwd_delta",
             AttentionBackwardKernel::Dq => "attention_bwd_dq",
             AttentionBackwardKernel::DkDv => "attention_bwd_dkdv",
@@ -51,21 +79,24 @@ pub fn default_attention_backward_schedule(
         AttentionBackwardKernel::DkDv => block.min(32),
         _ => block,
     };
-    let candidates = [(64, 4, 2), (64, 4, 1), (32, 2, 1), (16, 1, 1)].map(|(block, warps, stages)| Schedule {
-        block_m: query_step(block),
-        block_n: block,
-        block_k: d,
-        warps,
-        stages,
-    });
+    let candidates: Vec<Schedule> = match which {
+        // 128 keys on two consumer warpgroups, else 64 on one; two Q/dO stages.
+        AttentionBackwardKernel::OnePass => [(128, 12), (64, 8)]
+            .map(|(block_n, warps)| Schedule { block_m: ONE_PASS_ROWS, block_n, block_k: d, warps, stages: 2 })
+            .to_vec(),
+        _ => [(64, 4, 2), (64, 4, 1), (32, 2, 1), (16, 1, 1)]
+            .map(|(block, warps, stages)| Schedule { block_m: query_step(block), block_n: block, block_k: d, warps, stages })
+            .to_vec(),
+    };
     first_that_builds(candidates, |schedule| build_attention_backward(spec, which, schedule))
         .map(|(schedule, _)| schedule)
         .map_err(|last_error| format!("no default {} schedule fits: {last_error}", which.suffix()))
 }
 
-/// Builds one attention backward kernel of `spec` with `schedule`, verified. For `Delta` and
-/// `Dq`, block_m query rows per CTA (block_n key rows per step of `Dq`); for `DkDv`, block_n
-/// key rows per CTA and block_m query rows per step. block_k must be head_dim.
+/// Builds one attention backward kernel of `spec` with `schedule`, verified. For `Delta`,
+/// `DeltaClear`, `DqConvert` and `Dq`, block_m query rows per CTA (block_n key rows per step of
+/// `Dq`); for `DkDv` and `OnePass`, block_n key rows per CTA and block_m query rows per step.
+/// block_k must be head_dim.
 pub fn build_attention_backward(
     spec: &AttentionSpec,
     which: AttentionBackwardKernel,
@@ -81,7 +112,10 @@ pub fn build_attention_backward(
     }
     let builder = AttentionBackward { spec, s, storage: spec.dtype.into(), d: spec.head_dim as u32 };
     let kernel = match which {
-        AttentionBackwardKernel::Delta => builder.delta()?,
+        AttentionBackwardKernel::DeltaClear => builder.delta(true)?,
+        AttentionBackwardKernel::OnePass => builder.one_pass()?,
+        AttentionBackwardKernel::DqConvert => builder.dq_convert()?,
+        AttentionBackwardKernel::Delta => builder.delta(false)?,
         AttentionBackwardKernel::Dq => builder.dq()?,
         AttentionBackwardKernel::DkDv => builder.dkdv()?,
     };
@@ -169,8 +203,9 @@ impl AttentionBackward<'_> {
         ))
     }
 
-    /// D[b, h, t] = Σ_c dO[b, t, h, c]·O[b, t, h, c]; CTA = block_m query rows of head h.
-    fn delta(&self) -> Result<KernelFn, String> {
+    /// D[b, h, t] = Σ_c dO[b, t, h, c]·O[b, t, h, c]; CTA = block_m query rows of head h. With
+    /// `clear`, also zeros those rows of the one-pass kernel's dQ accumulator.
+    fn delta(&self, clear: bool) -> Result<KernelFn, String> {
         let (bm, d) = (self.s.block_m, self.d);
         let (acc, _, row_vec) = self.row_bands(bm, d)?;
         let mut t = Tiles { decls: Vec::new() };
@@ -179,7 +214,7 @@ impl AttentionBackward<'_> {
         let product = t.regs("product", ElemType::F32, bm, d, acc);
         let delta = t.regs("delta", ElemType::F32, bm, 1, row_vec);
         let at = |tile: TileId| Expr::tile(tile, Expr::Row, Expr::Col);
-        let body = vec![
+        let mut body = vec![
             Stmt::Note(format!("CTA = {bm} query rows of head h, batch b: D = rowsum(dO ∘ O)")),
             let_("q_tile", Expr::BlockIdx(Axis::X)),
             let_("h", Expr::BlockIdx(Axis::Y)),
@@ -195,13 +230,50 @@ impl AttentionBackward<'_> {
             Stmt::Store { src: t.whole(delta), dst: self.statistic_rows("delta", var("q_row0"), bm) },
         ];
         let hq = self.spec.query_heads;
-        let params = vec![
+        let mut params = vec![
             tensor("o", self.storage, self.bsd(hq), Access::Read),
             tensor("do", self.storage, self.bsd(hq), Access::Read),
             self.row_statistic("delta", Access::Write),
         ];
         let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
-        Ok(self.kernel(AttentionBackwardKernel::Delta, params, grid, t, body))
+        if !clear {
+            return Ok(self.kernel(AttentionBackwardKernel::Delta, params, grid, t, body));
+        }
+        body.extend([
+            Stmt::Fill { dst: t.whole(product), value: 0.0 },
+            Stmt::Store { src: t.whole(product), dst: self.head_rows("dq_accum", var("q_row0"), bm, var("h")) },
+        ]);
+        params.push(tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Write));
+        Ok(self.kernel(AttentionBackwardKernel::DeltaClear, params, grid, t, body))
+    }
+
+    /// dQ[b, t, h, :] = scale·dq_accum[b, t, h, :] in the storage type; CTA = block_m query
+    /// rows of head h.
+    fn dq_convert(&self) -> Result<KernelFn, String> {
+        let (bm, d) = (self.s.block_m, self.d);
+        let (acc, _, _) = self.row_bands(bm, d)?;
+        let mut t = Tiles { decls: Vec::new() };
+        let accumulated = t.shared("accumulated", ElemType::F32, bm, d);
+        let dq = t.regs("dq", ElemType::F32, bm, d, acc);
+        let body = vec![
+            Stmt::Note(format!("CTA = {bm} query rows of head h, batch b: dQ = scale · dq_accum")),
+            let_("q_row0", Expr::BlockIdx(Axis::X) * int(bm)),
+            let_("h", Expr::BlockIdx(Axis::Y)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+            Stmt::Copy { dst: t.whole(accumulated), src: self.head_rows("dq_accum", var("q_row0"), bm, var("h")), is_async: true },
+            Stmt::AsyncCommit,
+            Stmt::AsyncWait { pending: 0 },
+            Stmt::Barrier,
+            Stmt::Map { dst: t.whole(dq), expr: Expr::tile(accumulated, Expr::Row, Expr::Col) * Expr::Float(self.spec.softmax_scale) },
+            Stmt::Store { src: t.whole(dq), dst: self.head_rows("dq", var("q_row0"), bm, var("h")) },
+        ];
+        let hq = self.spec.query_heads;
+        let params = vec![
+            tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Read),
+            tensor("dq", self.storage, self.bsd(hq), Access::Write),
+        ];
+        let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
+        Ok(self.kernel(AttentionBackwardKernel::DqConvert, params, grid, t, body))
     }
 
     /// dQ = scale·dS·K for block_m query rows of head h over the key tiles they see, with
@@ -427,5 +499,267 @@ fn query_tiles_seeing(mask: Mask, bm: u32, bn: u32) -> (Expr, Expr) {
             var("k_row0").floor_div(int(bm)),
             all.min((var("k_row0") + int(bn as usize + window - 1)).ceil_div(int(bm))),
         ),
+    }
+}
+
+/// Rows one consumer warpgroup owns in the one-pass kernel: its keys (the M of Sᵀ, dPᵀ, dV,
+/// dK), and the query step (the M of dQ).
+const ONE_PASS_ROWS: u32 = 64;
+/// Registers per thread of the one-pass kernel's producer (coordinates only) and consumers
+/// (dK and dV of 64 keys at head_dim 128 take 128 alone): 24 + 2 · 240 = 3 · 168.
+const ONE_PASS_PRODUCER_REGISTERS: u32 = 24;
+const ONE_PASS_CONSUMER_REGISTERS: u32 = 240;
+/// The widest head the one-pass kernel takes: its dK and dV accumulators grow with head_dim.
+const ONE_PASS_MAX_HEAD_DIM: u32 = 128;
+
+impl AttentionBackward<'_> {
+    /// The one-pass kernel (FlashAttention-3's structure): CTA = block_n keys of kv head
+    /// `kv_head`, one consumer warpgroup per 64 of them, K and V resident in shared memory;
+    /// a producer warpgroup's elected thread brings Q and dO of each query step (block_m rows,
+    /// every query head of the group in turn) into a ring of `stages` swizzled slots by TMA.
+    /// Per step each consumer computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for its keys, Pᵀ and
+    /// dSᵀ = Pᵀ ∘ (dPᵀ − D), adds Pᵀ·dO to dV and dSᵀ·Q to dK, and writes dSᵀ (rounded to the
+    /// storage type) into its band of a swizzled tile; once both bands are there (named
+    /// barrier 1), consumer c computes the 64-column panels c, c + consumers, … of
+    /// dQ = dS·K over all block_n keys (dSᵀ read transposed) and adds them into the f32
+    /// `dq_accum` with atomics. dS alternates between two tiles: a consumer writes one while
+    /// the other may still read the other's.
+    fn one_pass(&self) -> Result<KernelFn, String> {
+        let (spec, s, d) = (self.spec, self.s, self.d);
+        let (bm, bn, stages) = (s.block_m, s.block_n, s.stages);
+        let panel = layout::SWIZZLE_BYTES / self.storage.size_bytes() as u32;
+        if !self.storage.is_mma_operand() {
+            return Err("the one-pass attention backward takes bf16 or f16".into());
+        }
+        if !d.is_multiple_of(panel) || d > ONE_PASS_MAX_HEAD_DIM {
+            return Err(format!(
+                "the one-pass attention backward takes head_dim in whole {panel}-column panels up to {ONE_PASS_MAX_HEAD_DIM}, not {d}"
+            ));
+        }
+        if bm != ONE_PASS_ROWS {
+            return Err(format!("the one-pass attention backward steps over {ONE_PASS_ROWS} queries (block_m), not {bm}"));
+        }
+        if bn == 0 || !bn.is_multiple_of(ONE_PASS_ROWS) || bn > 2 * ONE_PASS_ROWS {
+            return Err(format!("block_n must be 64 or 128 keys (64 per consumer warpgroup), not {bn}"));
+        }
+        if stages < 2 {
+            return Err(format!("{stages} Q/dO stages: the producer loads one step ahead, so at least 2"));
+        }
+        let consumers = bn / ONE_PASS_ROWS;
+        let warps = (consumers + 1) * WARPGROUP_THREADS / 32;
+        if s.warps != warps {
+            return Err(format!("block_n {bn} takes {consumers} consumer warpgroups and a producer: {warps} warps, not {}", s.warps));
+        }
+        let elem_bytes = self.storage.size_bytes() as u32;
+        let mut t = Tiles { decls: Vec::new() };
+        let k_s = t.swizzled("k_s", self.storage, bn, d);
+        let v_s = t.swizzled("v_s", self.storage, bn, d);
+        let q_s = t.swizzled("q_s", self.storage, stages * bm, d);
+        let do_s = t.swizzled("do_s", self.storage, stages * bm, d);
+        let ds_s = t.swizzled("ds_s", self.storage, 2 * bn, bm);
+        let acc = Layout::MmaAccumulator { warps_m: 4, warps_n: 1 };
+        let operand = Layout::MmaOperandA { warps_m: 4, warps_n: 1 };
+        let rows = ONE_PASS_ROWS;
+        let probs_t = t.regs("probs_t", ElemType::F32, rows, bm, acc);
+        let dscores_t = t.regs("dscores_t", ElemType::F32, rows, bm, acc);
+        let probs_a = t.regs("probs_a", self.storage, rows, bm, operand);
+        let dscores_a = t.regs("dscores_a", self.storage, rows, bm, operand);
+        let dk = t.regs("dk", ElemType::F32, rows, d, acc);
+        let dv = t.regs("dv", ElemType::F32, rows, d, acc);
+        let dq = t.regs("dq", ElemType::F32, bm, panel, acc);
+        // Each consumer's copy of the step's lse and D (two steps' worth: it writes one while
+        // its threads may still read the other), read by column in the maps: loads from global
+        // memory per element would each need a 64-bit address.
+        let mut row_statistics = |name: &str| -> Vec<TileId> {
+            (0..bn / ONE_PASS_ROWS)
+                .map(|c| t.add(&format!("{name}_s{c}"), TileType { elem: ElemType::F32, rows: 2 * bm, cols: 1, layout: Layout::RowMajor { pad: 0 } }))
+                .collect()
+        };
+        let (lse_s, delta_s) = (row_statistics("lse"), row_statistics("delta"));
+        let barriers = vec![
+            BarrierDecl { name: "kv_full".into(), slots: 1, arrivals: 1 },
+            BarrierDecl { name: "full".into(), slots: stages, arrivals: 1 },
+            BarrierDecl { name: "empty".into(), slots: stages, arrivals: consumers * WARPGROUP_THREADS },
+        ];
+        let (kv_full, full, empty) = (BarrierId(0), BarrierId(1), BarrierId(2));
+        let slot = |ring: BarrierId, step: Expr| BarrierRef { ring, slot: step.modulo(int(stages)) };
+        // Step n is use n / stages of its slot: its phase has that parity.
+        let parity = |step: Expr| step.floor_div(int(stages)).modulo(int(2));
+        let stage_view = |ring: TileId, step: Expr| t.view(ring, times(step.modulo(int(stages)), bm), int(0), bm, d);
+        let w = |id: TileId| t.whole(id);
+        let (hq, hk, group) = (spec.query_heads, spec.kv_heads, spec.groups());
+        let scale = Expr::Float(spec.softmax_scale);
+
+        let (q_first, q_end) = query_tiles_seeing(spec.mask, bm, bn);
+        let mut body = vec![
+            Stmt::Note(format!(
+                "CTA = {bn} keys of kv head kv_head, batch b: {consumers} consumer warpgroup(s) of 64 keys, one TMA producer; query steps of {bm} of each query head of the group through {stages} stages"
+            )),
+            let_("k_tiles", seq().ceil_div(int(bn))),
+            Stmt::Note("key tiles in order across kv heads: the causal mask gives the first the most query steps".into()),
+            let_("ordinal", Expr::BlockIdx(Axis::X) + var("k_tiles") * Expr::BlockIdx(Axis::Y)),
+            let_("kv_head", var("ordinal").modulo(int(hk))),
+            let_("k_row0", var("ordinal").floor_div(int(hk)) * int(bn)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+            let_("q_first", q_first),
+            let_("q_count", q_end - var("q_first")),
+            let_("steps", var("q_count") * int(group)),
+        ];
+        // Step n: query head kv_head·G + n / q_count, query tile q_first + n mod q_count.
+        let step_lets = |prefix: &str| {
+            vec![
+                let_(&format!("{prefix}h"), var("kv_head") * int(group) + var("n").floor_div(var("q_count"))),
+                let_(&format!("{prefix}q_row0"), (var("q_first") + var("n").modulo(var("q_count"))) * int(bm)),
+            ]
+        };
+
+        let mut producer_step = vec![Stmt::If {
+            cond: int(stages).le(var("n")),
+            then_body: vec![Stmt::WaitParity { barrier: slot(empty, var("n") - int(stages)), parity: parity(var("n") - int(stages)) }],
+            else_body: Vec::new(),
+        }];
+        producer_step.extend(step_lets("p_"));
+        producer_step.push(Stmt::ArriveExpectTx { barrier: slot(full, var("n")), bytes: int(2 * bm * d * elem_bytes) });
+        for (tensor, ring) in [("q", q_s), ("do", do_s)] {
+            producer_step.push(Stmt::TmaLoad {
+                dst: stage_view(ring, var("n")),
+                map: tensor_map_param(tensor),
+                coords: vec![int(0), var("p_h"), var("p_q_row0"), var("b")],
+                barrier: slot(full, var("n")),
+            });
+        }
+        let kv_barrier = BarrierRef { ring: kv_full, slot: int(0) };
+        let mut producer = vec![Stmt::ArriveExpectTx { barrier: kv_barrier.clone(), bytes: int(2 * bn * d * elem_bytes) }];
+        for (tensor, tile) in [("k", k_s), ("v", v_s)] {
+            producer.push(Stmt::TmaLoad {
+                dst: w(tile),
+                map: tensor_map_param(tensor),
+                coords: vec![int(0), var("kv_head"), var("k_row0"), var("b")],
+                barrier: kv_barrier.clone(),
+            });
+        }
+        producer.push(for_("n", int(0), var("steps"), producer_step));
+
+        let consumer = |c: u32| -> Vec<Stmt> {
+            let band = |tile: TileId| t.view(tile, int(c * rows), int(0), rows, d);
+            let key = var("key0") + Expr::Row;
+            let query = var("q_row0") + Expr::Col;
+            let ds_buffer = var("n").modulo(int(2)) * int(bn);
+            let statistic_buffer = var("n").modulo(int(2)) * int(bm);
+            let statistic = |tile: TileId| Expr::tile(tile, statistic_buffer.clone() + Expr::Col, int(0));
+            let mut step = step_lets("");
+            for (param, tile) in [("lse", lse_s[c as usize]), ("delta", delta_s[c as usize])] {
+                step.push(Stmt::Copy {
+                    dst: t.view(tile, statistic_buffer.clone(), int(0), bm, 1),
+                    src: self.statistic_rows(param, var("q_row0"), bm),
+                    is_async: false,
+                });
+            }
+            step.extend([
+                Stmt::NamedBarrier { id: int(2 + c), threads: WARPGROUP_THREADS, sync: true },
+                Stmt::WaitParity { barrier: slot(full, var("n")), parity: parity(var("n")) },
+                Stmt::Fill { dst: w(probs_t), value: 0.0 },
+                Stmt::Fill { dst: w(dscores_t), value: 0.0 },
+                Stmt::MmaAsync { acc: w(probs_t), a: band(k_s), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: true },
+                Stmt::MmaAsync { acc: w(dscores_t), a: band(v_s), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: true },
+                Stmt::MmaCommit,
+                Stmt::MmaWait { pending: 0, after: None },
+                Stmt::Map {
+                    dst: w(probs_t),
+                    expr: Expr::select(
+                        self.visible(query.clone(), key.clone()),
+                        (Expr::Elem * scale.clone() - statistic(lse_s[c as usize])).exp(),
+                        Expr::Float(0.0),
+                    ),
+                },
+                Stmt::Map { dst: w(dscores_t), expr: Expr::tile(probs_t, Expr::Row, Expr::Col) * (Expr::Elem - statistic(delta_s[c as usize])) },
+                Stmt::Convert { dst: w(probs_a), src: w(probs_t) },
+                Stmt::Convert { dst: w(dscores_a), src: w(dscores_t) },
+                Stmt::Convert { dst: t.view(ds_s, ds_buffer.clone() + int(c * rows), int(0), rows, bm), src: w(dscores_t) },
+                Stmt::MmaAsync { acc: w(dv), a: w(probs_a), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: false },
+                Stmt::MmaAsync { acc: w(dk), a: w(dscores_a), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: false },
+                Stmt::MmaCommit,
+            ]);
+            if consumers > 1 {
+                step.push(Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true });
+            }
+            for p in (c..d / panel).step_by(consumers as usize) {
+                step.extend([
+                    Stmt::Fill { dst: w(dq), value: 0.0 },
+                    Stmt::MmaAsync {
+                        acc: w(dq),
+                        a: t.view(ds_s, ds_buffer.clone(), int(0), bn, bm),
+                        b: t.view(k_s, int(0), int(p * panel), bn, panel),
+                        a_transposed: true,
+                        b_transposed: false,
+                    },
+                    Stmt::MmaCommit,
+                    Stmt::MmaWait { pending: 0, after: None },
+                    Stmt::AtomicAdd {
+                        src: w(dq),
+                        dst: GlobalTile {
+                            param: "dq_accum".into(),
+                            dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
+                        },
+                    },
+                ]);
+            }
+            step.extend([Stmt::MmaWait { pending: 0, after: None }, Stmt::Arrive { barrier: slot(empty, var("n")) }]);
+            let out_rows = |param: &str| self.head_rows(param, var("key0"), rows, var("kv_head"));
+            vec![
+                let_("key0", var("k_row0") + int(c * rows)),
+                Stmt::Fill { dst: w(dk), value: 0.0 },
+                Stmt::Fill { dst: w(dv), value: 0.0 },
+                Stmt::WaitParity { barrier: kv_barrier.clone(), parity: int(0) },
+                for_("n", int(0), var("steps"), step),
+                Stmt::Map { dst: w(dk), expr: Expr::Elem * scale.clone() },
+                Stmt::Store { src: w(dk), dst: out_rows("dk") },
+                Stmt::Store { src: w(dv), dst: out_rows("dv") },
+            ]
+        };
+        let mut roles: Vec<Role> = (0..consumers)
+            .map(|c| Role {
+                name: format!("consumer{c}"),
+                warpgroups: 1,
+                index: "wg".into(),
+                registers: ONE_PASS_CONSUMER_REGISTERS,
+                body: consumer(c),
+            })
+            .collect();
+        roles.push(Role {
+            name: "producer".into(),
+            warpgroups: 1,
+            index: "wg".into(),
+            registers: ONE_PASS_PRODUCER_REGISTERS,
+            body: vec![Stmt::Elect { body: producer }],
+        });
+        body.push(Stmt::Roles(roles));
+
+        let mut params = vec![
+            tensor("q", self.storage, self.bsd(hq), Access::Read),
+            tensor("k", self.storage, self.bsd(hk), Access::Read),
+            tensor("v", self.storage, self.bsd(hk), Access::Read),
+            tensor("do", self.storage, self.bsd(hq), Access::Read),
+            self.row_statistic("lse", Access::Read),
+            self.row_statistic("delta", Access::Read),
+            tensor("dk", self.storage, self.bsd(hk), Access::Write),
+            tensor("dv", self.storage, self.bsd(hk), Access::Write),
+            tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Write),
+        ];
+        params.extend(size_params());
+        for (tensor, box_rows) in [("q", bm), ("k", bn), ("v", bn), ("do", bm)] {
+            params.push(KernelParam::TensorMap { name: tensor_map_param(tensor), tensor: tensor.to_string(), box_rows });
+        }
+        Ok(KernelFn {
+            name: format!("{}_{}", spec.name, AttentionBackwardKernel::OnePass.suffix()),
+            params,
+            grid: [SizeExpr::seq_len().ceil_div(bn as u64), size(hk), SizeExpr::batch()],
+            warps,
+            tiles: t.decls,
+            barriers,
+            schedule: *s,
+            ctas_per_sm: 1,
+            body,
+        })
     }
 }

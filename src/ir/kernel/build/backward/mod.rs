@@ -207,7 +207,7 @@ impl BackwardKernel {
     /// forward's saved `q`, `k`, `v`, `o`, `lse` and (with a prologue) `p0`, with `x` and `dout`.
     pub fn launched_by(spec: &AttentionSpec) -> Vec<BackwardKernel> {
         let mut kernels = vec![BackwardKernel::OutputInputGradient];
-        kernels.extend(AttentionBackwardKernel::LAUNCH_ORDER.map(BackwardKernel::Attention));
+        kernels.extend(AttentionBackwardKernel::launched_by(spec).map(BackwardKernel::Attention));
         // The sum of a split gradient's parts, where it is split (in one part its kernels write
         // the gradient itself).
         let sum_of = |gradient: SplitGradient| {
