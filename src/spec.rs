@@ -37,6 +37,10 @@ pub struct AttentionSpec {
     pub dtype: DType,
     /// Biases on the four projections (q, k, v, o).
     pub bias: bool,
+    /// The backward sums in a fixed order, so that it gives the same bits every run (the
+    /// attention backward in two passes instead of dQ by atomics).
+    #[serde(default)]
+    pub deterministic: bool,
     /// Entry points the library provides, in a fixed order without duplicates.
     pub entry_points: Vec<EntryPoint>,
     /// Shapes that tile selection should favour.
@@ -449,6 +453,7 @@ impl AttentionSpec {
             norm_eps: 1e-12,
             dtype: DType::Bf16,
             bias: false,
+            deterministic: false,
             entry_points: vec![EntryPoint::Forward],
             tune: None,
         }

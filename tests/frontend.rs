@@ -65,6 +65,9 @@ fn zaya1_resolves_as_language_md_says() {
 fn defaults_are_the_table_of_language_md() {
     let spec = one("attention plain { model_dim = 2048; head_dim = 128 }");
     assert_eq!(spec, AttentionSpec::plain("plain", 2048, 128, 16, 16));
+    assert!(!spec.deterministic);
+    let spec = one("attention d { model_dim = 2048; head_dim = 128; emit = [forward, backward]; deterministic = true }");
+    assert!(spec.deterministic);
     let rope = one("attention r { model_dim = 256, head_dim = 64, rope {} }").rope.unwrap();
     assert_eq!(
         (rope.fraction, rope.rotary_dim, rope.theta, rope.style),

@@ -134,6 +134,8 @@ fn one_pass_attention_backward_matches_the_reference() {
     let mut rng = XorShift64Star::new(14);
     for spec in &specs {
         assert_eq!(AttentionBackwardKernel::launched_by(spec), ONE_PASS, "{}", spec.name);
+        let deterministic = AttentionSpec { deterministic: true, ..spec.clone() };
+        assert_eq!(AttentionBackwardKernel::launched_by(&deterministic), TWO_PASS, "{}: deterministic = true", spec.name);
         for block_n in [128, 64] {
             let one_pass = Schedule { block_m: 64, block_n, block_k: spec.head_dim as u32, warps: 4 + block_n / 16, stages: 2 };
             let schedule_of = |which| match which {

@@ -271,7 +271,24 @@ fn swizzled_tiles_follow_the_wgmma_rules() {
     assert_eq!(kernel.tile(q_s).ty.layout, Layout::Swizzled128B, "the attention operands are swizzled for wgmma");
     let whole = TileView::whole(q_s, &kernel.tile(q_s).ty);
     kernel.body.push(Stmt::Map { dst: whole, expr: Expr::Elem });
-    assert_reports(&kernel, "map %q_s = elem: swizzled128b tile %q_s is only written by copy and read by mma");
+    assert_reports(
+        &kernel,
+        "map %q_s = elem: swizzled128b tile %q_s is only written by copy, TMA and convert from an accumulator, and read by mma",
+    );
+    // Convert writes one from an accumulator (a later wgmma's operand), not from operand fragments.
+    let scores = tile_id(&kernel, "scores");
+    let probs = tile_id(&kernel, "probs");
+    let (rows, cols) = (kernel.tile(scores).ty.rows, kernel.tile(scores).ty.cols);
+    let window = TileView { tile: q_s, row0: Expr::Int(0), col0: Expr::Int(0), rows, cols };
+    let mut kernel = attention();
+    kernel.body.push(Stmt::Convert { dst: window.clone(), src: TileView::whole(scores, &kernel.tile(scores).ty) });
+    let errors = kernel.verify().err().unwrap_or_default().join("\n");
+    assert!(!errors.contains("conversion") && !errors.contains("only written by"), "{errors}");
+    kernel.body.push(Stmt::Convert { dst: window, src: TileView::whole(probs, &kernel.tile(probs).ty) });
+    assert_reports(
+        &kernel,
+        "convert %q_s <- %probs: no conversion from MmaOperandA { warps_m: 4, warps_n: 1 } to Swizzled128B (accumulator → shared, 16-bit swizzled included, or → operand A)",
+    );
     // Windows of whole 8-row atoms.
     let mut kernel = attention();
     let k_s = tile_id(&kernel, "k_s");

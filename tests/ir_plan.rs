@@ -315,6 +315,10 @@ fn the_backward_plan_reads_the_forwards_buffers_and_writes_every_gradient() {
             assert_eq!(gradient.ty.shape, shape, "{}: grad.{} has the weight's shape", spec.name, param.name);
         }
         let text = backward.to_string();
-        assert!(text.contains("backward attention_bwd_dkdv"), "{text}");
+        assert!(text.contains("backward attention_bwd_one_pass"), "{text}");
+        assert!(text.contains("dq_accum : [B,S,") && text.contains("xf32"), "{text}");
+        let deterministic = ccc::ir::plan::plan_for(&AttentionSpec { deterministic: true, ..spec.clone() }, EntryPoint::Backward).unwrap();
+        let text = deterministic.to_string();
+        assert!(text.contains("backward attention_bwd_dkdv") && !text.contains("dq_accum"), "{text}");
     }
 }

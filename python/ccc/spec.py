@@ -69,6 +69,7 @@ class Spec:
     norm_eps: float
     dtype: str
     bias: bool
+    deterministic: bool  # absent from manifests written before the key existed: False
     entry_points: tuple
     tune: object  # dict or None
 
@@ -270,6 +271,7 @@ def parse_spec(obj, where="spec"):
         norm_eps=float(_field(obj, "norm_eps", "float", where)),
         dtype=_choice(_field(obj, "dtype", "str", where), DTYPES, f"{where}.dtype"),
         bias=_field(obj, "bias", "bool", where),
+        deterministic=_field(obj, "deterministic", "bool", where) if "deterministic" in obj else False,
         entry_points=tuple(entries),
         tune=tune,
     )

@@ -1,5 +1,5 @@
 //! PTX emission: tile operations lowered to per-thread LLVM IR for `nvptx64-nvidia-cuda`
-//! (`sm_90a`, `+ptx80`), then LLVM's NVPTX back end writes PTX text.
+//! (`sm_90a`, `+ptx81`: vector `red` needs PTX 8.1), then LLVM's NVPTX back end writes PTX text.
 //!
 //! Layers, bottom up:
 //! - [`PtxModule`] / [`KernelBuilder`]: target set-up, kernel declaration (calling convention 71),
@@ -36,7 +36,7 @@ use inkwell::{AddressSpace, FloatPredicate, IntPredicate, OptimizationLevel};
 /// The only target this compiler emits for.
 pub const TARGET_TRIPLE: &str = "nvptx64-nvidia-cuda";
 pub const TARGET_CPU: &str = "sm_90a";
-pub const TARGET_FEATURES: &str = "+ptx80";
+pub const TARGET_FEATURES: &str = "+ptx81";
 
 /// LLVM's number for the `ptx_kernel` calling convention: without it LLVM 22 emits a `.func`.
 const PTX_KERNEL_CALLING_CONVENTION: u32 = 71;

@@ -387,6 +387,14 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
+    /// `red.global.add.v2.f32`: `pointer[0] += low`, `pointer[1] += high` in one instruction
+    /// (sm_90); the address must be 8-byte aligned.
+    pub fn red_global_add_v2_f32(&self, pointer: PointerValue<'ctx>, low: FloatValue<'ctx>, high: FloatValue<'ctx>) -> Result<()> {
+        let address = self.builder().build_ptr_to_int(pointer, self.context().i64_type(), "")?;
+        self.inline_ptx(None, "red.global.add.v2.f32 [$0], {$1, $2};", "l,f,f,~{memory}", &[address.into(), low.into(), high.into()], true)?;
+        Ok(())
+    }
+
     /// A 16-byte load (`ld.{global,shared}.v4.b32`); the address must be 16-byte aligned.
     pub fn load_v4(&self, pointer: PointerValue<'ctx>) -> Result<[IntValue<'ctx>; 4]> {
         let vector_type = self.context().i32_type().vec_type(4);

@@ -41,6 +41,7 @@ const BLOCK_KEYS: &[&str] = &[
     "norm_eps",
     "dtype",
     "bias",
+    "deterministic",
     "emit",
     "tune",
 ];
@@ -161,6 +162,7 @@ impl Checker {
             c.choice(v, "dtype", &[("bf16", DType::Bf16), ("f16", DType::F16)])
         });
         let bias = self.optional(&items, "bias", false, |c, v| c.boolean(v, "bias"));
+        let deterministic = self.optional(&items, "deterministic", false, |c, v| c.boolean(v, "deterministic"));
         let entry_points =
             self.optional(&items, "emit", vec![EntryPoint::Forward], |c, v| c.entry_points(v));
         let tune = match items.get("tune") {
@@ -216,6 +218,7 @@ impl Checker {
             norm_eps: norm_eps?,
             dtype: dtype?,
             bias: bias?,
+            deterministic: deterministic?,
             entry_points: entry_points?,
             tune: tune?,
         };

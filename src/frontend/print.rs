@@ -65,6 +65,7 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
     line(format!("{}{:?}", key("norm_eps"), spec.norm_eps), String::new());
     line(format!("{}{}", key("dtype"), spec.dtype.name()), String::new());
     line(format!("{}{}", key("bias"), spec.bias), String::new());
+    line(format!("{}{}", key("deterministic"), spec.deterministic), String::new());
     let entries: Vec<&str> = spec.entry_points.iter().map(|entry| entry.name()).collect();
     line(format!("{}[{}]", key("emit"), entries.join(", ")), String::new());
     if let Some(tune) = &spec.tune {

@@ -602,7 +602,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
 
 impl<'ctx> Lowering<'_, 'ctx> {
     /// `AtomicAdd`: each element of the accumulator inside the box added to global memory by a
-    /// relaxed atomic.
+    /// relaxed atomic; a thread's two adjacent columns by one two-wide atomic where both are
+    /// inside and the columns are contiguous from an even start (8-byte aligned).
     pub(super) fn atomic_add(&self, kb: &KernelBuilder<'_, 'ctx>, src: &TileView, dst: &GlobalTile) -> Result<()> {
         self.whole_register_tile(src)?;
         let global = self.global_box(kb, dst)?;
@@ -613,12 +614,23 @@ impl<'ctx> Lowering<'_, 'ctx> {
         let TileStorage::Accumulator(acc) = &self.tiles[src.tile.0] else {
             return unsupported(format!("atomic add from %{}: only accumulators are added", self.tile_name(src.tile)));
         };
+        let paired = global.columns_contiguous_in(2);
         for_each_accumulator_pair(kb, acc, |kb, pair| {
-            for (col, value) in [(pair.col, pair.low), (kb.add(pair.col, kb.i32(1))?, pair.high)] {
-                let inside = global.inside(kb, pair.row, col)?;
-                kb.if_then(inside, |kb| kb.red_global_add_f32(global.pointer(kb, pair.row, col)?, value))?;
+            let high_col = kb.add(pair.col, kb.i32(1))?;
+            let low_inside = global.inside(kb, pair.row, pair.col)?;
+            let high_inside = global.inside(kb, pair.row, high_col)?;
+            let one_by_one = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
+                kb.if_then(low_inside, |kb| kb.red_global_add_f32(global.pointer(kb, pair.row, pair.col)?, pair.low))?;
+                kb.if_then(high_inside, |kb| kb.red_global_add_f32(global.pointer(kb, pair.row, high_col)?, pair.high))
+            };
+            if !paired {
+                return one_by_one(kb);
             }
-            Ok(())
+            kb.if_else(
+                kb.and(low_inside, high_inside)?,
+                |kb| kb.red_global_add_v2_f32(global.pointer(kb, pair.row, pair.col)?, pair.low, pair.high),
+                one_by_one,
+            )
         })
     }
 

@@ -47,9 +47,10 @@ impl AttentionBackwardKernel {
         [AttentionBackwardKernel::Delta, AttentionBackwardKernel::Dq, AttentionBackwardKernel::DkDv];
 
     /// The kernels the attention backward of `spec` launches, in order (D first: the others
-    /// read it): one pass where its kernel takes the shape, else two.
+    /// read it): one pass where its kernel takes the shape and the spec does not ask for a
+    /// deterministic backward, else two.
     pub fn launched_by(spec: &AttentionSpec) -> [AttentionBackwardKernel; 3] {
-        let one_pass = default_attention_backward_schedule(spec, AttentionBackwardKernel::OnePass).is_ok();
+        let one_pass = !spec.deterministic && default_attention_backward_schedule(spec, AttentionBackwardKernel::OnePass).is_ok();
         if one_pass { Self::ONE_PASS } else { Self::TWO_PASS }
     }
 
