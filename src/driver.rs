@@ -323,6 +323,25 @@ fn entry_point_manifest(
             match param {
                 KernelParam::Size(var) => params.push(KernelParamManifest::Size { var: *var }),
                 KernelParam::TensorMap { tensor, box_rows, .. } => {
+                    // Loaders encode the map from the buffer's shape: it must be the kernel's view
+                    // (a rank-3 map read with the kernel's four coordinates faults on the GPU).
+                    let viewed = kernel.params.iter().find_map(|p| match p {
+                        KernelParam::Tensor { name, shape, .. } if name == tensor => Some(shape),
+                        _ => None,
+                    });
+                    let buffer = buffers.iter().find(|b| &b.name == tensor).map(|b| &b.shape);
+                    if viewed.is_none() || viewed != buffer {
+                        return Err(error(
+                            spec,
+                            "manifest",
+                            format!(
+                                "kernel {} maps `{tensor}` as {}, but the buffer is {}",
+                                kernel.name,
+                                viewed.map_or("no tensor parameter".to_string(), |s| format!("{s:?}")),
+                                buffer.map_or("not declared".to_string(), |s| format!("{s:?}"))
+                            ),
+                        ));
+                    }
                     params.push(KernelParamManifest::TensorMap { buffer: tensor.clone(), box_rows: *box_rows })
                 }
                 KernelParam::Tensor { name, elem, shape, access } => {

@@ -506,8 +506,9 @@ fn query_tiles_seeing(mask: Mask, bm: u32, bn: u32) -> (Expr, Expr) {
 /// Rows one consumer warpgroup owns in the one-pass kernel: its keys (the M of Sᵀ, dPᵀ, dV,
 /// dK), and the query step (the M of dQ).
 const ONE_PASS_ROWS: u32 = 64;
-/// Registers per thread of the one-pass kernel's producer (coordinates only) and consumers
-/// (dK and dV of 64 keys at head_dim 128 take 128 alone): 24 + 2 · 240 = 3 · 168.
+/// Registers per thread of the one-pass kernel's producer (coordinates only, in uniform
+/// registers) and consumers (dK and dV of 64 keys at head_dim 128 take 128 alone; with less
+/// than 240 ptxas spills): 24 + 2 · 240 = 3 · 168.
 const ONE_PASS_PRODUCER_REGISTERS: u32 = 24;
 const ONE_PASS_CONSUMER_REGISTERS: u32 = 240;
 /// The widest head the one-pass kernel takes: its dK and dV accumulators grow with head_dim.
@@ -621,13 +622,13 @@ impl AttentionBackward<'_> {
         }];
         producer_step.extend(step_lets("p_"));
         producer_step.push(Stmt::ArriveExpectTx { barrier: slot(full, var("n")), bytes: int(2 * bm * d * elem_bytes) });
-        for (tensor, ring) in [("q", q_s), ("do", do_s)] {
-            producer_step.push(Stmt::TmaLoad {
-                dst: stage_view(ring, var("n")),
-                map: tensor_map_param(tensor),
-                coords: vec![int(0), var("p_h"), var("p_q_row0"), var("b")],
-                barrier: slot(full, var("n")),
-            });
+        // Coordinates innermost first: q as [B, S, Hq, d] (column, head, row, batch); dO as the
+        // [B, S, Hq·d] that o_proj's input gradient writes (column, row, batch).
+        for (tensor, ring, coords) in [
+            ("q", q_s, vec![int(0), var("p_h"), var("p_q_row0"), var("b")]),
+            ("do", do_s, vec![var("p_h") * int(d), var("p_q_row0"), var("b")]),
+        ] {
+            producer_step.push(Stmt::TmaLoad { dst: stage_view(ring, var("n")), map: tensor_map_param(tensor), coords, barrier: slot(full, var("n")) });
         }
         let kv_barrier = BarrierRef { ring: kv_full, slot: int(0) };
         let mut producer = vec![Stmt::ArriveExpectTx { barrier: kv_barrier.clone(), bytes: int(2 * bn * d * elem_bytes) }];
@@ -740,7 +741,7 @@ impl AttentionBackward<'_> {
             tensor("q", self.storage, self.bsd(hq), Access::Read),
             tensor("k", self.storage, self.bsd(hk), Access::Read),
             tensor("v", self.storage, self.bsd(hk), Access::Read),
-            tensor("do", self.storage, self.bsd(hq), Access::Read),
+            tensor("do", self.storage, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(hq * spec.head_dim)], Access::Read),
             self.row_statistic("lse", Access::Read),
             self.row_statistic("delta", Access::Read),
             tensor("dk", self.storage, self.bsd(hk), Access::Write),
