@@ -108,10 +108,14 @@ def ours(layer, weights, train):
 
     def setup_core_backward(batch, seq_len):
         backward = bound_backward(bound_call(batch, seq_len))
-        kernels = ("attention_bwd_delta", "attention_bwd_dq", "attention_bwd_dkdv")
-        symbols = {f"{layer.name}_{kernel}" for kernel in kernels}
+        # The attention backward's kernels in launch order: one pass (delta_clear, one_pass,
+        # dq_convert) or, deterministic, two (delta, dq, dkdv).
+        prefix = f"{layer.name}_"
+        kernels = [launch.symbol.removeprefix(prefix) for launch in backward.plan.launches
+                   if launch.symbol.startswith(f"{prefix}attention_bwd_")]
+        symbols = {f"{prefix}{kernel}" for kernel in kernels}
         # Like the core's forward: the attention backward's own buffers (q, k, v, o, lse, do,
-        # delta, dq, dk, dv) are all it touches.
+        # delta, dq or dq_accum, dk, dv) are all it touches.
         touched = {backward.plan.buffers[index].name for launch in backward.plan.launches
                    if launch.symbol in symbols for kind, index in launch.args if kind == "buffer"}
         core_bytes = sum(b.bytes for b in backward.plan.buffers if b.name in touched)
