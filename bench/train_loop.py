@@ -10,7 +10,7 @@ batches: the attention through the ccc library (bf16 weights, AdamW), through HF
 in bf16 (the same), and through HF's in float32 (the reference curve). bf16 noise is the gap
 between HF's bf16 and float32 curves; ours passes when its gap to HF's float32 curve stays within
 twice that (per step, over a 10-step running mean) and its final loss within 2% of HF's bf16.
-Writes DIR/train_loop.json and DIR/train_loop.png."""
+Writes DIR/train_loop.json and DIR/train_loop.svg (bench/loss_plot.py)."""
 
 import argparse
 import json
@@ -21,6 +21,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 import torch  # noqa: E402
+
+import loss_plot  # noqa: E402
 
 import ccc  # noqa: E402
 from ccc.hf import ZayaLayer  # noqa: E402
@@ -132,22 +134,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "train_loop.json"), "w") as file:
         json.dump(report, file, indent=1)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        figure, axis = plt.subplots(figsize=(8, 5))
-        for label, values in curves.items():
-            axis.plot(values, label=label, alpha=0.8)
-        axis.set_xlabel("step")
-        axis.set_ylabel("cross-entropy")
-        axis.set_title(f"{spec.name}: {LAYERS} layers, B {args.batch} x S {args.seq_len}, AdamW lr {args.lr}")
-        axis.legend()
-        figure.savefig(os.path.join(args.out, "train_loop.png"), dpi=110, bbox_inches="tight")
-    except ImportError:
-        pass
+    with open(os.path.join(args.out, "train_loop.svg"), "w") as file:
+        file.write(loss_plot.svg(curves, loss_plot.title_of(report, spec.name)))
     for label, values in smooth.items():
         print(f"{label:9s} loss (10-step mean) step 1 {values[0]:.4f}, step {args.steps // 2} "
               f"{values[args.steps // 2 - 1]:.4f}, step {args.steps} {values[-1]:.4f}")
