@@ -181,7 +181,7 @@ fn attention_backward_rejects_bad_schedules() {
 mod gemm {
     use super::*;
     use ccc::ir::kernel::{
-        ElemType, GradientTerm, InputGradient, SummedRows, TokenSum, WeightGradient, build_input_gradient, build_token_sum, build_weight_gradient,
+        ElemType, GradientTerm, KernelFn, InputGradient, SummedRows, TokenSum, WeightGradient, build_input_gradient, build_token_sum, build_weight_gradient,
         parts_name,
     };
 
@@ -265,12 +265,80 @@ mod gemm {
         }
     }
 
+    /// Builds `gradient` with `sched`, runs it on random dy and x, and compares dW (and db) summed
+    /// over every token of the batch, from the gradient itself or from its parts' rows, with the
+    /// sums written out. Returns the kernel.
+    fn check_weight_gradient(gradient: &WeightGradient, sched: &Schedule, batch: usize, seq_len: usize, rng: &mut XorShift64Star) -> KernelFn {
+        let (inputs, columns, width, parts) = (gradient.inputs, gradient.dy_columns, gradient.width, gradient.parts);
+        let mut buffers: Buffers = Buffers::new();
+        buffers.insert("dy".into(), random(rng, batch * seq_len * columns));
+        buffers.insert("x".into(), random(rng, batch * seq_len * inputs));
+        // In parts, the kernel writes each part's row of the parts buffers instead.
+        let written = |name: &str| if parts > 1 { parts_name(name) } else { name.to_string() };
+        buffers.insert(written("dw"), vec![f64::NAN; parts * width * inputs]);
+        if gradient.bias_output.is_some() {
+            buffers.insert(written("db"), vec![f64::NAN; parts * width]);
+        }
+        let kernel = build_weight_gradient(gradient, sched).unwrap();
+        run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
+        let (mut dw, mut db) = (vec![0.0; width * inputs], vec![0.0; width]);
+        for b in 0..batch {
+            for t in 0..seq_len {
+                for o in 0..width {
+                    let g = buffers["dy"][(b * seq_len + t) * columns + gradient.column0 + o];
+                    db[o] += g;
+                    if t >= gradient.row_shift {
+                        for i in 0..inputs {
+                            dw[o * inputs + i] += g * buffers["x"][(b * seq_len + t - gradient.row_shift) * inputs + i];
+                        }
+                    }
+                }
+            }
+        }
+        let mut checked = vec![("dw", &dw)];
+        if gradient.bias_output.is_some() {
+            checked.push(("db", &db));
+        }
+        for (name, want) in checked {
+            let written = &buffers[&written(name)];
+            let summed: Vec<f64> = (0..want.len()).map(|i| (0..parts).map(|p| written[p * want.len() + i]).sum()).collect();
+            let what = format!("{name} B={batch} S={seq_len} shift {} {sched:?} in {parts} parts", gradient.row_shift);
+            assert_close(&summed, want, &what);
+        }
+        kernel
+    }
+
+    /// A weight gradient of columns `column0 .. column0 + width` of a [B, S, columns] dy against
+    /// x [B, S, inputs] `row_shift` tokens earlier, with or without a bias, in `parts`.
+    fn plain_gradient(columns: usize, column0: usize, width: usize, inputs: usize, row_shift: usize, bias: bool, parts: usize) -> WeightGradient {
+        WeightGradient {
+            name: "dw".into(),
+            dy: "dy".into(),
+            dy_columns: columns,
+            column0,
+            width,
+            x: "x".into(),
+            x_columns: inputs,
+            x_rows_before: 0,
+            x_column0: 0,
+            inputs,
+            row_shift,
+            heads: None,
+            dy_rows_before: 0,
+            output_tap: None,
+            output: "dw".into(),
+            output_shape: vec![width, inputs],
+            bias_output: bias.then(|| "db".into()),
+            parts,
+            storage: ElemType::Bf16,
+        }
+    }
+
     /// dW and db of a segment of dy against x one token earlier, summed over every token of the
     /// batch (in one CTA per tile, or in parts whose rows add up to the sum), against the sums
     /// written out.
     #[test]
     fn weight_gradient_matches_the_sum_over_tokens() {
-        let (inputs, columns) = (40, 96);
         let mut rng = XorShift64Star::new(9);
         for (batch, seq_len, row_shift, sched, parts) in [
             (1, 1, 0, schedule(16, 16, 16, 1, 1), 1),
@@ -280,55 +348,7 @@ mod gemm {
             (3, 17, 1, schedule(32, 16, 16, 2, 2), 5),
             (2, 65, 0, schedule(32, 32, 32, 2, 3), 4),
         ] {
-            let gradient = WeightGradient {
-                name: "dw".into(),
-                dy: "dy".into(),
-                dy_columns: columns,
-                column0: 32,
-                width: 64,
-                x: "x".into(),
-                x_columns: inputs,
-                x_rows_before: 0,
-                x_column0: 0,
-                inputs,
-                row_shift,
-                heads: None,
-                dy_rows_before: 0,
-                output_tap: None,
-                output: "dw".into(),
-                output_shape: vec![64, inputs],
-                bias_output: Some("db".into()),
-                parts,
-                storage: ElemType::Bf16,
-            };
-            let mut buffers: Buffers = Buffers::new();
-            buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
-            buffers.insert("x".into(), random(&mut rng, batch * seq_len * inputs));
-            // In parts, the kernel writes each part's row of the parts buffers instead.
-            let written = |name: &str| if parts > 1 { parts_name(name) } else { name.to_string() };
-            buffers.insert(written("dw"), vec![f64::NAN; parts * 64 * inputs]);
-            buffers.insert(written("db"), vec![f64::NAN; parts * 64]);
-            let kernel = build_weight_gradient(&gradient, &sched).unwrap();
-            run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
-            let (mut dw, mut db) = (vec![0.0; 64 * inputs], vec![0.0; 64]);
-            for b in 0..batch {
-                for t in 0..seq_len {
-                    for o in 0..64 {
-                        let g = buffers["dy"][(b * seq_len + t) * columns + 32 + o];
-                        db[o] += g;
-                        if t >= row_shift {
-                            for i in 0..inputs {
-                                dw[o * inputs + i] += g * buffers["x"][(b * seq_len + t - row_shift) * inputs + i];
-                            }
-                        }
-                    }
-                }
-            }
-            for (name, want) in [("dw", &dw), ("db", &db)] {
-                let written = &buffers[&written(name)];
-                let summed: Vec<f64> = (0..want.len()).map(|i| (0..parts).map(|p| written[p * want.len() + i]).sum()).collect();
-                assert_close(&summed, want, &format!("{name} B={batch} S={seq_len} shift {row_shift} {sched:?} in {parts} parts"));
-            }
+            check_weight_gradient(&plain_gradient(96, 32, 64, 40, row_shift, true, parts), &sched, batch, seq_len, &mut rng);
         }
     }
 
@@ -336,57 +356,15 @@ mod gemm {
     /// against the sum written out; the tiles must be wgmma's.
     #[test]
     fn wgmma_weight_gradient_matches_the_sum_over_tokens() {
-        let (inputs, columns, width) = (192, 320, 256);
         let mut rng = XorShift64Star::new(10);
         for (batch, seq_len, row_shift, sched, parts) in [
             (1, 1, 0, schedule(128, 128, 64, 8, 3), 1),
             (3, 17, 1, schedule(64, 128, 64, 4, 3), 1),
             (2, 129, 0, schedule(128, 64, 64, 8, 2), 3),
         ] {
-            let gradient = WeightGradient {
-                name: "dw".into(),
-                dy: "dy".into(),
-                dy_columns: columns,
-                column0: 64,
-                width,
-                x: "x".into(),
-                x_columns: inputs,
-                x_rows_before: 0,
-                x_column0: 0,
-                inputs,
-                row_shift,
-                heads: None,
-                dy_rows_before: 0,
-                output_tap: None,
-                output: "dw".into(),
-                output_shape: vec![width, inputs],
-                bias_output: None,
-                parts,
-                storage: ElemType::Bf16,
-            };
-            let mut buffers: Buffers = Buffers::new();
-            buffers.insert("dy".into(), random(&mut rng, batch * seq_len * columns));
-            buffers.insert("x".into(), random(&mut rng, batch * seq_len * inputs));
-            let written = if parts > 1 { parts_name("dw") } else { "dw".to_string() };
-            buffers.insert(written.clone(), vec![f64::NAN; parts * width * inputs]);
-            let kernel = build_weight_gradient(&gradient, &sched).unwrap();
+            let kernel = check_weight_gradient(&plain_gradient(320, 64, 256, 192, row_shift, false, parts), &sched, batch, seq_len, &mut rng);
             let swizzled = kernel.tiles.iter().filter(|tile| tile.ty.layout == ccc::ir::kernel::Layout::Swizzled128B).count();
             assert_eq!(swizzled, 2, "{sched:?}");
-            run_kernel(&kernel, &mut buffers, launch_sizes(batch, seq_len), Rounding::Exact).unwrap();
-            let mut dw = vec![0.0; width * inputs];
-            for b in 0..batch {
-                for t in row_shift..seq_len {
-                    for o in 0..width {
-                        let g = buffers["dy"][(b * seq_len + t) * columns + 64 + o];
-                        for i in 0..inputs {
-                            dw[o * inputs + i] += g * buffers["x"][(b * seq_len + t - row_shift) * inputs + i];
-                        }
-                    }
-                }
-            }
-            let written = &buffers[&written];
-            let summed: Vec<f64> = (0..dw.len()).map(|i| (0..parts).map(|p| written[p * dw.len() + i]).sum()).collect();
-            assert_close(&summed, &dw, &format!("B={batch} S={seq_len} shift {row_shift} {sched:?} in {parts} parts"));
         }
     }
 
