@@ -697,6 +697,11 @@ fn codegen_prologue_of_every_example_and_variant_assembles_without_spills() {
         println!("{} {report:?} smem {} ctas/SM {}", spec.name, kernel.shared_bytes(), kernel.ctas_per_sm);
         assert!(count(&ptx, "st.global.v4.b32") >= 2, "{}", spec.name);
         assert_eq!(count(&ptx, "st.global.b16") + count(&ptx, "st.global.u16"), 0, "{}", spec.name);
+        // Per-head convolution weights of 2 to 4 taps ([P, d, K], taps innermost) are staged 16
+        // bytes of every tap at a time (copy_tap_chunks): 16-byte global loads, the tap picked by
+        // byte permutes (one tap is contiguous already).
+        let per_head = spec.qk_conv.iter().any(|stage| stage.kind == ConvKind::PerHead && (2..=4).contains(&stage.width));
+        assert_eq!(ptx.contains("prmt.b32") && ptx.contains("ld.global.v4.b32"), per_head, "{}: tap chunks", spec.name);
         assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", spec.name);
     }
 }
