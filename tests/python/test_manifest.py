@@ -189,6 +189,18 @@ class SpecParameters(unittest.TestCase):
         self.assertEqual((mask.kind, mask.window, str(mask)),
                          ("sliding_window", 4096, "sliding_window(4096)"))
 
+    def test_deterministic_is_read_and_absent_means_false(self):
+        spec_json = load_spec_json("zaya1")
+        self.assertFalse(parse_spec(spec_json).deterministic)
+        spec_json["deterministic"] = True
+        self.assertTrue(parse_spec(spec_json).deterministic)
+        # Manifests written before the key existed.
+        del spec_json["deterministic"]
+        self.assertFalse(parse_spec(spec_json).deterministic)
+        spec_json["deterministic"] = "yes"
+        with self.assertRaisesRegex(ManifestError, "deterministic"):
+            parse_spec(spec_json)
+
     def test_invalid_spec_names_the_rule(self):
         spec_json = load_spec_json("zaya1")
         spec_json["value_shift"] = 3
