@@ -521,7 +521,7 @@ impl AttentionBackward<'_> {
     /// every query head of the group in turn) into a ring of `stages` swizzled slots by TMA.
     /// Per step each consumer computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for its keys, Pᵀ and
     /// dSᵀ = Pᵀ ∘ (dPᵀ − D), adds Pᵀ·dO to dV and dSᵀ·Q to dK, and writes dSᵀ (rounded to the
-    /// storage type) into its band of a swizzled tile; once both bands are there (named
+    /// storage type) into its band of a swizzled tile; once every band is there (named
     /// barrier 1), consumer c computes the 64-column panels c, c + consumers, … of
     /// dQ = dS·K over all block_n keys (dSᵀ read transposed) and adds them into the f32
     /// `dq_accum` with atomics. dS alternates between two tiles: a consumer writes one while
@@ -682,9 +682,9 @@ impl AttentionBackward<'_> {
                 Stmt::MmaAsync { acc: w(dk), a: w(dscores_a), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: false },
                 Stmt::MmaCommit,
             ]);
-            if consumers > 1 {
-                step.push(Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true });
-            }
+            // Every consumer's dS rows are in place (each warp wrote its own 16; wgmma reads all),
+            // with one consumer too.
+            step.push(Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true });
             for p in (c..d / panel).step_by(consumers as usize) {
                 step.extend([
                     Stmt::Fill { dst: w(dq), value: 0.0 },
