@@ -834,17 +834,21 @@ fn codegen_each_gradient_gemm_of_every_example_assembles_without_spills() {
     }
 }
 
-/// The attention backward kernels of every example (the form each launches) lower and assemble
-/// without spills. With `CCC_HOPPER_PTX_OUT=DIR` each is written there with
-/// `attention_backward.json` (for bench/attention_backward.py: per kernel its example, stage,
-/// parameters in ABI order, tile rows, threads and shared memory).
+/// The attention backward kernels of every example, the form each launches and the two-pass
+/// (deterministic) form, lower and assemble without spills. With `CCC_HOPPER_PTX_OUT=DIR` the
+/// two-pass kernels are written there with `attention_backward.json` (for
+/// bench/attention_backward.py, which launches raw PTX and passes no tensor maps: per kernel its
+/// example, stage, parameters in ABI order, tile rows, threads and shared memory).
 #[test]
 fn codegen_attention_backward_of_every_example_assembles_without_spills() {
     use ccc::ir::kernel::{AttentionBackwardKernel, KernelParam, build_attention_backward, default_attention_backward_schedule};
     let out = std::env::var_os("CCC_HOPPER_PTX_OUT").map(std::path::PathBuf::from);
     let mut descriptions = Vec::new();
     for spec in common::specs::example_files() {
-        for which in AttentionBackwardKernel::launched_by(&spec) {
+        let launched = AttentionBackwardKernel::launched_by(&spec);
+        let two_pass = AttentionBackwardKernel::TWO_PASS.into_iter().filter(|which| !launched.contains(which));
+        let kernels: Vec<_> = launched.into_iter().chain(two_pass).collect();
+        for which in kernels {
             let schedule = default_attention_backward_schedule(&spec, which).expect("schedule");
             let kernel = build_attention_backward(&spec, which, &schedule).expect("kernel");
             let ptx = lowered_ptx(&kernel);
@@ -852,11 +856,11 @@ fn codegen_attention_backward_of_every_example_assembles_without_spills() {
             let report = ptxas::parse_report(&log).expect("report").remove(0);
             println!("{} {schedule:?} smem {} {report:?}", kernel.name, kernel.shared_bytes());
             assert_eq!((report.spill_stores, report.spill_loads, report.stack_frame), (0, 0, 0), "{}: {report:?}", kernel.name);
-            if let Some(dir) = &out {
+            if let Some(dir) = out.as_ref().filter(|_| AttentionBackwardKernel::TWO_PASS.contains(&which)) {
                 std::fs::create_dir_all(dir).expect("output dir");
                 std::fs::write(dir.join(format!("{}.ptx", kernel.name)), &ptx).expect("write ptx");
                 let rows = match which {
-                    AttentionBackwardKernel::DkDv | AttentionBackwardKernel::OnePass => schedule.block_n,
+                    AttentionBackwardKernel::DkDv => schedule.block_n,
                     _ => schedule.block_m,
                 };
                 descriptions.push(serde_json::json!({
