@@ -19,7 +19,9 @@
 #   gpu-carry/old/<example>/               with GPU_PREPARE_OLD=REV: zaya1, mha and
 #                                          sliding_window compiled by the compiler of git
 #                                          revision REV (built in a worktree under target/), for
-#                                          the sweep's `ab` step (bench/ab_kernels.py)
+#                                          the sweep's `ab` step (bench/ab_kernels.py), and
+#                                          gpu-carry/old-train/<example>/: zaya1 and mha
+#                                          with the backward, for the `train` step's times
 # Then on the GPU machine: bash scripts/gpu-suite.sh (docs/gpu-tests.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -126,7 +128,7 @@ if [ "${GPU_PREPARE_TUNE:-0}" = 1 ]; then
   ./target/release/ccc tune examples/zaya1.attn -o "$carry/tune" --top 6 >/dev/null
 fi
 
-rm -rf "$carry/old"
+rm -rf "$carry/old" "$carry/old-train"
 if [ -n "${GPU_PREPARE_OLD:-}" ]; then
   old_tree=target/old-compiler
   rm -rf "$old_tree"
@@ -135,6 +137,11 @@ if [ -n "${GPU_PREPARE_OLD:-}" ]; then
   CARGO_TARGET_DIR="$PWD/target/old-compiler-target" cargo build --release --bin ccc --manifest-path "$old_tree/Cargo.toml"
   for name in zaya1 mha sliding_window; do
     target/old-compiler-target/release/ccc compile "examples/$name.attn" -o "$carry/old" --no-cache || failed+=("old $name")
+  done
+  # The training libraries too, for the sweep's `train` step (backward kernel times side by side).
+  for name in zaya1 mha; do
+    target/old-compiler-target/release/ccc compile "$extra/train/$name.attn" -o "$carry/old-train/$name" --no-cache ||
+      failed+=("old train $name")
   done
   git worktree remove --force "$old_tree"
 fi

@@ -32,9 +32,10 @@
 #   train (not default): with gpu-carry/train (every example compiled with backward):
 #      tests/python/gpu_autograd.py (gradients through Layer.forward's autograd against float64,
 #      opcheck, torch.compile), `ccc-run validate` of zaya1's and mha's training libraries,
-#      bench/kernel_times.py --backward (each backward kernel alone at 1×16384),
+#      bench/kernel_times.py --backward (each backward kernel alone at 1×16384; with
+#      gpu-carry/old-train, GPU_PREPARE_OLD's builds beside them),
 #      bench/train_loop.py (200 AdamW steps against HF's layer) and bench/bench.py --train
-#      (forward + backward of the layer, backward of the core, beside the peers) at 4k and 16k;
+#      (forward + backward of the layer, backward of the core, beside the peers) at 4k, 8k and 16k;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
@@ -134,8 +135,13 @@ for s in $steps; do
             gpu-carry/ccc-run validate "gpu-carry/train/$name/$name" --batch 1,3 --seq-len 17,1000 || status=1
           done
           exit $status'
-        step times-backward 120 python3 -u -W ignore bench/kernel_times.py gpu-carry/train/zaya1/zaya1 \
-          gpu-carry/train/mha/mha --shapes 1x16384 --backward
+        # With gpu-carry/old-train (GPU_PREPARE_OLD), each library's old build right after it.
+        timed=()
+        for name in zaya1 mha; do
+          timed+=("gpu-carry/train/$name/$name")
+          [ -d "gpu-carry/old-train/$name" ] && timed+=("gpu-carry/old-train/$name/$name")
+        done
+        step times-backward 150 python3 -u -W ignore bench/kernel_times.py "${timed[@]}" --shapes 1x16384 --backward
         step train-loop 120 python3 -u -W ignore bench/train_loop.py gpu-carry/train/zaya1/zaya1 --out "$out"
         step bench-train 300 python3 -u -W ignore bench/bench.py gpu-carry/train/zaya1/zaya1 gpu-carry/train/mha/mha \
           --train --out "$out/bench-train" --seq-lens 4096,8192,16384 --batches 1
