@@ -616,20 +616,13 @@ impl<'ctx> Lowering<'_, 'ctx> {
         };
         let paired = global.columns_contiguous_in(2);
         for_each_accumulator_pair(kb, acc, |kb, pair| {
-            let high_col = kb.add(pair.col, kb.i32(1))?;
-            let low_inside = global.inside(kb, pair.row, pair.col)?;
-            let high_inside = global.inside(kb, pair.row, high_col)?;
-            let one_by_one = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
-                kb.if_then(low_inside, |kb| kb.red_global_add_f32(global.pointer(kb, pair.row, pair.col)?, pair.low))?;
-                kb.if_then(high_inside, |kb| kb.red_global_add_f32(global.pointer(kb, pair.row, high_col)?, pair.high))
-            };
-            if !paired {
-                return one_by_one(kb);
-            }
-            kb.if_else(
-                kb.and(low_inside, high_inside)?,
-                |kb| kb.red_global_add_v2_f32(global.pointer(kb, pair.row, pair.col)?, pair.low, pair.high),
-                one_by_one,
+            write_pair(
+                kb,
+                &global,
+                pair,
+                paired,
+                |kb, pointer, value| kb.red_global_add_f32(pointer, value),
+                |kb, pointer, low, high| kb.red_global_add_v2_f32(pointer, low, high),
             )
         })
     }
@@ -717,21 +710,36 @@ fn tap_chunkable(window: &CopyWindow<'_, '_>, dst: &TileView, global: &GlobalBox
 
 fn store_pair<'ctx>(kb: &KernelBuilder<'_, 'ctx>, global: &GlobalBox<'ctx>, pair: &ElementPair<'ctx>, paired: bool) -> Result<()> {
     let elem = global.tensor.elem;
+    write_pair(
+        kb,
+        global,
+        pair,
+        paired,
+        |kb, pointer, value| store_from_f32(kb, pointer, elem, value),
+        |kb, pointer, low, high| kb.store_int(pointer, kb.pack_half2(elem, low, high)?),
+    )
+}
+
+/// Writes an accumulator pair (columns c, c + 1 of one row) into `global`, skipping what lies
+/// outside the box: with `both` in one access where `paired` (the columns are contiguous from
+/// an aligned start) and both are inside, else each element inside with `one`.
+fn write_pair<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    global: &GlobalBox<'ctx>,
+    pair: &ElementPair<'ctx>,
+    paired: bool,
+    one: impl Fn(&KernelBuilder<'_, 'ctx>, PointerValue<'ctx>, FloatValue<'ctx>) -> Result<()>,
+    both: impl FnOnce(&KernelBuilder<'_, 'ctx>, PointerValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) -> Result<()>,
+) -> Result<()> {
     let high_col = kb.add(pair.col, kb.i32(1))?;
     let low_inside = global.inside(kb, pair.row, pair.col)?;
     let high_inside = global.inside(kb, pair.row, high_col)?;
     let one_by_one = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
-        kb.if_then(low_inside, |kb| store_from_f32(kb, global.pointer(kb, pair.row, pair.col)?, elem, pair.low))?;
-        kb.if_then(high_inside, |kb| store_from_f32(kb, global.pointer(kb, pair.row, high_col)?, elem, pair.high))
+        kb.if_then(low_inside, |kb| one(kb, global.pointer(kb, pair.row, pair.col)?, pair.low))?;
+        kb.if_then(high_inside, |kb| one(kb, global.pointer(kb, pair.row, high_col)?, pair.high))
     };
-    if paired {
-        let both = kb.and(low_inside, high_inside)?;
-        kb.if_else(
-            both,
-            |kb| kb.store_int(global.pointer(kb, pair.row, pair.col)?, kb.pack_half2(elem, pair.low, pair.high)?),
-            one_by_one,
-        )
-    } else {
-        one_by_one(kb)
+    if !paired {
+        return one_by_one(kb);
     }
+    kb.if_else(kb.and(low_inside, high_inside)?, |kb| both(kb, global.pointer(kb, pair.row, pair.col)?, pair.low, pair.high), one_by_one)
 }

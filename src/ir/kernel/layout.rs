@@ -35,6 +35,11 @@ fn unsupported<T>(message: impl Into<String>) -> Result<T> {
 
 /// Bytes of one swizzled line (a row of one panel).
 pub const SWIZZLE_BYTES: u32 = 128;
+
+/// Elements of `elem` in one 128-byte swizzle panel (line).
+pub fn panel_cols(elem: ElemType) -> u32 {
+    SWIZZLE_BYTES / elem.size_bytes() as u32
+}
 /// Rows of one swizzle atom (its byte size is the pattern's repeat: 1024 bytes).
 pub const ATOM_ROWS: u32 = 8;
 /// The alignment the tile base needs so that address bits 7..9 are the row within the atom.
@@ -121,7 +126,7 @@ impl Swizzle128BTile {
 
     /// Elements per 128-byte line.
     pub fn panel_cols(&self) -> u32 {
-        SWIZZLE_BYTES / self.elem.size_bytes() as u32
+        panel_cols(self.elem)
     }
 
     pub fn panels(&self) -> u32 {

@@ -76,7 +76,7 @@ impl Storage {
     /// Checks the schedule against what the kernel takes and declares its storage.
     fn new(elem: ElemType, d: u32, schedule: &WgmmaAttentionSchedule) -> Result<Storage, String> {
         let WgmmaAttentionSchedule { block_m: bm, block_n: bn, stages, ping_pong, .. } = *schedule;
-        let panel = layout::SWIZZLE_BYTES / elem.size_bytes() as u32;
+        let panel = layout::panel_cols(elem);
         if !elem.is_mma_operand() {
             return Err("attention operands are bf16 or f16".to_string());
         }

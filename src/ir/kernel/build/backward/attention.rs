@@ -529,7 +529,7 @@ impl AttentionBackward<'_> {
     fn one_pass(&self) -> Result<KernelFn, String> {
         let (spec, s, d) = (self.spec, self.s, self.d);
         let (bm, bn, stages) = (s.block_m, s.block_n, s.stages);
-        let panel = layout::SWIZZLE_BYTES / self.storage.size_bytes() as u32;
+        let panel = layout::panel_cols(self.storage);
         if !self.storage.is_mma_operand() {
             return Err("the one-pass attention backward takes bf16 or f16".into());
         }

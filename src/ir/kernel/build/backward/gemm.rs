@@ -100,8 +100,8 @@ pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Re
     let mut t = Tiles { decls: Vec::new() };
     // Whole warpgroups along M and whole 128-byte panels of dy's chunk (K-major) and of W's
     // columns (MN-major): swizzled operands, and the product is a wgmma; else mma.sync.
-    let panel = layout::SWIZZLE_BYTES / gradient.storage.size_bytes() as u32;
-    let wgmma = wn == 1 && wm.is_multiple_of(4) && bm == 16 * wm && bk.is_multiple_of(panel) && bn.is_multiple_of(panel) && bn <= 256;
+    let panel = layout::panel_cols(gradient.storage);
+    let wgmma = wgmma_accumulator(wm, wn, bm, bn) && bk.is_multiple_of(panel) && bn.is_multiple_of(panel);
     let (dy_s, w_s) = if wgmma {
         (t.swizzled("dy_s", gradient.storage, s.stages * bm, bk), t.swizzled("w_s", gradient.storage, s.stages * bk, bn))
     } else {
@@ -200,14 +200,11 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     // Whole warpgroups along M, dy's chunk (read transposed: its lines along M) and x's in whole
     // 128-byte panels: swizzled operands and a wgmma per chunk; else mma.sync (always with a
     // bias, whose ones-column product reads dy from a row-major tile).
-    let panel = layout::SWIZZLE_BYTES / gradient.storage.size_bytes() as u32;
+    let panel = layout::panel_cols(gradient.storage);
     let wgmma = gradient.bias_output.is_none()
-        && wn == 1
-        && wm.is_multiple_of(4)
-        && bm == 16 * wm
+        && wgmma_accumulator(wm, wn, bm, bn)
         && bm.is_multiple_of(panel)
-        && bn.is_multiple_of(panel)
-        && bn <= 256;
+        && bn.is_multiple_of(panel);
     let (dy_s, x_s) = if wgmma {
         (t.swizzled("dy_s", gradient.storage, s.stages * bk, bm), t.swizzled("x_s", gradient.storage, s.stages * bk, bn))
     } else {
