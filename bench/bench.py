@@ -109,7 +109,7 @@ def ours(layer, weights, train):
     def setup_core_backward(batch, seq_len):
         backward = bound_backward(bound_call(batch, seq_len))
         # The attention backward's kernels in launch order: one pass (delta_clear, one_pass,
-        # dq_convert) or, deterministic, two (delta, dq, dkdv).
+        # convert) or, deterministic, two (delta, dq, dkdv).
         prefix = f"{layer.name}_"
         kernels = [launch.symbol.removeprefix(prefix) for launch in backward.plan.launches
                    if launch.symbol.startswith(f"{prefix}attention_bwd_")]

@@ -57,6 +57,8 @@ fn check(
         ("delta", vec![f64::NAN; forward.lse.data.len()]),
         ("dq", vec![f64::NAN; dq.data.len()]),
         ("dq_accum", vec![f64::NAN; dq.data.len()]),
+        ("dk_accum", vec![f64::NAN; dk.data.len()]),
+        ("dv_accum", vec![f64::NAN; dv.data.len()]),
         ("dk", vec![f64::NAN; dk.data.len()]),
         ("dv", vec![f64::NAN; dv.data.len()]),
     ]
@@ -122,8 +124,9 @@ fn wgmma_attention_backward_kernels_match_the_reference() {
 }
 
 /// The one-pass form (warp-specialized, dQ by atomics) on the widths it takes, with one and two
-/// consumer warpgroups, groups of 1 to 4 query heads and every mask: key tiles that end past S,
-/// causal tiles that start mid-way through a query step, windows shorter than a tile.
+/// consumer warpgroups, groups of 1 to 4 query heads (several: dK and dV by atomics too) and
+/// every mask: key tiles that end past S, causal tiles that start mid-way through a query step,
+/// windows shorter than a tile.
 #[test]
 fn one_pass_attention_backward_matches_the_reference() {
     let specs = [

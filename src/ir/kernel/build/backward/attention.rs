@@ -1,13 +1,16 @@
 //! Builders of the attention backward, in two forms.
 //!
 //! One pass (FlashAttention-3's structure, where the head width allows: [`ONE_PASS_MAX_HEAD_DIM`]):
-//! - `attention_bwd_delta_clear`: D = rowsum(dO ∘ O) per query row and head, and the f32 dQ
-//!   accumulator `dq_accum` cleared;
-//! - `attention_bwd_one_pass`: per key tile, warp-specialized (TMA producer, wgmma consumers), over
-//!   the query tiles of every query head of its group: dV = Pᵀ·dO, dK = scale·dSᵀ·Q summed in
-//!   registers, and dS·K added into `dq_accum` with atomics (in no fixed order: the last bits of
-//!   dQ may differ from run to run);
-//! - `attention_bwd_dq_convert`: dQ = scale·dq_accum in the storage type.
+//! - `attention_bwd_delta_clear`: D = rowsum(dO ∘ O) per query row and head, and the f32
+//!   accumulators cleared (`dq_accum`; `dk_accum` and `dv_accum` where a group has several
+//!   query heads);
+//! - `attention_bwd_one_pass`: per key tile and query head, warp-specialized (TMA producer, wgmma
+//!   consumers), over the query tiles that see the keys: dV = Pᵀ·dO, dK = scale·dSᵀ·Q summed in
+//!   registers (stored, or with several query heads per group added into `dk_accum`/`dv_accum`
+//!   by atomics), and dS·K added into `dq_accum` with atomics (in no fixed order: the last bits
+//!   may differ from run to run);
+//! - `attention_bwd_convert`: dQ = scale·dq_accum (and dK, dV from their accumulators) in the
+//!   storage type.
 //!
 //! Two passes (FlashAttention-2's deterministic form, for the other shapes):
 //! - `attention_bwd_delta`: D alone;
@@ -32,8 +35,8 @@ pub enum AttentionBackwardKernel {
     DeltaClear,
     /// dK, dV, and dQ added into its f32 accumulator.
     OnePass,
-    /// dQ from its accumulator.
-    DqConvert,
+    /// dQ from its accumulator (and dK, dV from theirs where the group is split).
+    Convert,
     /// D alone (two passes).
     Delta,
     Dq,
@@ -42,7 +45,7 @@ pub enum AttentionBackwardKernel {
 
 impl AttentionBackwardKernel {
     pub const ONE_PASS: [AttentionBackwardKernel; 3] =
-        [AttentionBackwardKernel::DeltaClear, AttentionBackwardKernel::OnePass, AttentionBackwardKernel::DqConvert];
+        [AttentionBackwardKernel::DeltaClear, AttentionBackwardKernel::OnePass, AttentionBackwardKernel::Convert];
     pub const TWO_PASS: [AttentionBackwardKernel; 3] =
         [AttentionBackwardKernel::Delta, AttentionBackwardKernel::Dq, AttentionBackwardKernel::DkDv];
 
@@ -59,7 +62,7 @@ impl AttentionBackwardKernel {
         match self {
             AttentionBackwardKernel::DeltaClear => "attention_bwd_delta_clear",
             AttentionBackwardKernel::OnePass => "attention_bwd_one_pass",
-            AttentionBackwardKernel::DqConvert => "attention_bwd_dq_convert",
+            AttentionBackwardKernel::Convert => "attention_bwd_convert",
             AttentionBackwardKernel::Delta => "attention_bwd_delta",
             AttentionBackwardKernel::Dq => "attention_bwd_dq",
             AttentionBackwardKernel::DkDv => "attention_bwd_dkdv",
@@ -95,7 +98,7 @@ pub fn default_attention_backward_schedule(
 }
 
 /// Builds one attention backward kernel of `spec` with `schedule`, verified. For `Delta`,
-/// `DeltaClear`, `DqConvert` and `Dq`, block_m query rows per CTA (block_n key rows per step of
+/// `DeltaClear`, `Convert` and `Dq`, block_m query rows per CTA (block_n key rows per step of
 /// `Dq`); for `DkDv` and `OnePass`, block_n key rows per CTA and block_m query rows per step.
 /// block_k must be head_dim.
 pub fn build_attention_backward(
@@ -115,7 +118,7 @@ pub fn build_attention_backward(
     let kernel = match which {
         AttentionBackwardKernel::DeltaClear => builder.delta(true)?,
         AttentionBackwardKernel::OnePass => builder.one_pass()?,
-        AttentionBackwardKernel::DqConvert => builder.dq_convert()?,
+        AttentionBackwardKernel::Convert => builder.convert()?,
         AttentionBackwardKernel::Delta => builder.delta(false)?,
         AttentionBackwardKernel::Dq => builder.dq()?,
         AttentionBackwardKernel::DkDv => builder.dkdv()?,
@@ -245,36 +248,60 @@ impl AttentionBackward<'_> {
             Stmt::Store { src: t.whole(product), dst: self.head_rows("dq_accum", var("q_row0"), bm, var("h")) },
         ]);
         params.push(tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Write));
+        if self.splits_group() {
+            // The CTAs of the first Hk query heads clear the kv heads' rows.
+            let clear = ["dk_accum", "dv_accum"]
+                .map(|param| Stmt::Store { src: t.whole(product), dst: self.head_rows(param, var("q_row0"), bm, var("h")) })
+                .to_vec();
+            body.push(Stmt::If { cond: var("h").lt(int(self.spec.kv_heads)), then_body: clear, else_body: Vec::new() });
+            params.extend(self.key_gradient_params(Access::Write));
+        }
         Ok(self.kernel(AttentionBackwardKernel::DeltaClear, params, grid, t, body))
     }
 
-    /// dQ[b, t, h, :] = scale·dq_accum[b, t, h, :] in the storage type; CTA = block_m query
-    /// rows of head h.
-    fn dq_convert(&self) -> Result<KernelFn, String> {
+    /// dQ[b, t, h, :] = scale·dq_accum[b, t, h, :] in the storage type, and where the group is
+    /// split dK = dk_accum (scaled as it was added) and dV = dv_accum too (by the CTAs of the first Hk heads);
+    /// CTA = block_m query rows of head h.
+    fn convert(&self) -> Result<KernelFn, String> {
         let (bm, d) = (self.s.block_m, self.d);
         let (acc, _, _) = self.row_bands(bm, d)?;
         let mut t = Tiles { decls: Vec::new() };
         let accumulated = t.shared("accumulated", ElemType::F32, bm, d);
-        let dq = t.regs("dq", ElemType::F32, bm, d, acc);
-        let body = vec![
+        let values = t.regs("values", ElemType::F32, bm, d, acc);
+        let scale = self.spec.softmax_scale;
+        let convert = |from: &str, to: &str, factor: f64| {
+            vec![
+                Stmt::Copy { dst: t.whole(accumulated), src: self.head_rows(from, var("q_row0"), bm, var("h")), is_async: true },
+                Stmt::AsyncCommit,
+                Stmt::AsyncWait { pending: 0 },
+                Stmt::Barrier,
+                Stmt::Map { dst: t.whole(values), expr: Expr::tile(accumulated, Expr::Row, Expr::Col) * Expr::Float(factor) },
+                Stmt::Store { src: t.whole(values), dst: self.head_rows(to, var("q_row0"), bm, var("h")) },
+            ]
+        };
+        let mut body = vec![
             Stmt::Note(format!("CTA = {bm} query rows of head h, batch b: dQ = scale · dq_accum")),
             let_("q_row0", Expr::BlockIdx(Axis::X) * int(bm)),
             let_("h", Expr::BlockIdx(Axis::Y)),
             let_("b", Expr::BlockIdx(Axis::Z)),
-            Stmt::Copy { dst: t.whole(accumulated), src: self.head_rows("dq_accum", var("q_row0"), bm, var("h")), is_async: true },
-            Stmt::AsyncCommit,
-            Stmt::AsyncWait { pending: 0 },
-            Stmt::Barrier,
-            Stmt::Map { dst: t.whole(dq), expr: Expr::tile(accumulated, Expr::Row, Expr::Col) * Expr::Float(self.spec.softmax_scale) },
-            Stmt::Store { src: t.whole(dq), dst: self.head_rows("dq", var("q_row0"), bm, var("h")) },
         ];
-        let hq = self.spec.query_heads;
-        let params = vec![
-            tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Read),
-            tensor("dq", self.storage, self.bsd(hq), Access::Write),
-        ];
+        body.extend(convert("dq_accum", "dq", scale));
+        let (hq, hk) = (self.spec.query_heads, self.spec.kv_heads);
+        let mut params = vec![tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Read)];
+        params.extend(self.key_gradient_params(Access::Read));
+        params.push(tensor("dq", self.storage, self.bsd(hq), Access::Write));
+        if self.splits_group() {
+            // Every thread read the staged rows before the next copy overwrites them.
+            let mut key_side = vec![Stmt::Barrier];
+            key_side.extend(convert("dk_accum", "dk", 1.0));
+            key_side.push(Stmt::Barrier);
+            key_side.extend(convert("dv_accum", "dv", 1.0));
+            body.push(Stmt::Note("the first Hk heads' CTAs: dK = dk_accum, dV = dv_accum (dK was scaled before it was added)".into()));
+            body.push(Stmt::If { cond: var("h").lt(int(hk)), then_body: key_side, else_body: Vec::new() });
+            params.extend([tensor("dk", self.storage, self.bsd(hk), Access::Write), tensor("dv", self.storage, self.bsd(hk), Access::Write)]);
+        }
         let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
-        Ok(self.kernel(AttentionBackwardKernel::DqConvert, params, grid, t, body))
+        Ok(self.kernel(AttentionBackwardKernel::Convert, params, grid, t, body))
     }
 
     /// dQ = scale·dS·K for block_m query rows of head h over the key tiles they see, with
@@ -515,17 +542,39 @@ const ONE_PASS_CONSUMER_REGISTERS: u32 = 240;
 const ONE_PASS_MAX_HEAD_DIM: u32 = 128;
 
 impl AttentionBackward<'_> {
+    /// Whether the one-pass kernels give each query head of a group its own CTAs (groups of
+    /// more than one): their dK and dV then meet in f32 accumulators by atomics, which the
+    /// pre-pass clears and the convert kernel turns into dK and dV.
+    fn splits_group(&self) -> bool {
+        self.spec.groups() > 1
+    }
+
+    /// The one-pass form's key-side gradient parameters, accessed as `access`: dK and dV, or
+    /// their f32 accumulators where the group is split.
+    fn key_gradient_params(&self, access: Access) -> Vec<KernelParam> {
+        let hk = self.spec.kv_heads;
+        if self.splits_group() {
+            vec![tensor("dk_accum", ElemType::F32, self.bsd(hk), access), tensor("dv_accum", ElemType::F32, self.bsd(hk), access)]
+        } else if access == Access::Write {
+            vec![tensor("dk", self.storage, self.bsd(hk), access), tensor("dv", self.storage, self.bsd(hk), access)]
+        } else {
+            Vec::new()
+        }
+    }
+
     /// The one-pass kernel (FlashAttention-3's structure): CTA = block_n keys of kv head
-    /// `kv_head`, one consumer warpgroup per 64 of them, K and V resident in shared memory;
-    /// a producer warpgroup's elected thread brings Q and dO of each query step (block_m rows,
-    /// every query head of the group in turn) into a ring of `stages` swizzled slots by TMA.
+    /// `kv_head` for query head h (so that a group's heads fill the GPU at short lengths), one
+    /// consumer warpgroup per 64 keys, K and V resident in shared memory; a producer
+    /// warpgroup's elected thread brings Q and dO of each query step (block_m rows) into a ring
+    /// of `stages` swizzled slots by TMA.
     /// Per step each consumer computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for its keys, Pᵀ and
     /// dSᵀ = Pᵀ ∘ (dPᵀ − D), adds Pᵀ·dO to dV and dSᵀ·Q to dK, and writes dSᵀ (rounded to the
     /// storage type) into its band of a swizzled tile; once every band is there (named
     /// barrier 1), consumer c computes the 64-column panels c, c + consumers, … of
     /// dQ = dS·K over all block_n keys (dSᵀ read transposed) and adds them into the f32
     /// `dq_accum` with atomics. dS alternates between two tiles: a consumer writes one while
-    /// the other may still read the other's.
+    /// the other may still read the other's. At the end dK and dV are stored, or, where the
+    /// group has several query heads, added into their f32 accumulators.
     fn one_pass(&self) -> Result<KernelFn, String> {
         let (spec, s, d) = (self.spec, self.s, self.d);
         let (bm, bn, stages) = (s.block_m, s.block_n, s.stages);
@@ -553,6 +602,7 @@ impl AttentionBackward<'_> {
             return Err(format!("block_n {bn} takes {consumers} consumer warpgroups and a producer: {warps} warps, not {}", s.warps));
         }
         let elem_bytes = self.storage.size_bytes() as u32;
+        let split_group = self.splits_group();
         let mut t = Tiles { decls: Vec::new() };
         let k_s = t.swizzled("k_s", self.storage, bn, d);
         let v_s = t.swizzled("v_s", self.storage, bn, d);
@@ -598,22 +648,19 @@ impl AttentionBackward<'_> {
                 "CTA = {bn} keys of kv head kv_head, batch b: {consumers} consumer warpgroup(s) of 64 keys, one TMA producer; query steps of {bm} of each query head of the group through {stages} stages"
             )),
             let_("k_tiles", seq().ceil_div(int(bn))),
-            Stmt::Note("key tiles in order across kv heads: the causal mask gives the first the most query steps".into()),
+            Stmt::Note(
+                "key tiles in order across query heads: the causal mask gives the first the most query steps, and the heads of one key tile share its K and V in L2".into(),
+            ),
             let_("ordinal", Expr::BlockIdx(Axis::X) + var("k_tiles") * Expr::BlockIdx(Axis::Y)),
-            let_("kv_head", var("ordinal").modulo(int(hk))),
-            let_("k_row0", var("ordinal").floor_div(int(hk)) * int(bn)),
+            let_("h", var("ordinal").modulo(int(hq))),
+            let_("kv_head", var("h").floor_div(int(group))),
+            let_("k_row0", var("ordinal").floor_div(int(hq)) * int(bn)),
             let_("b", Expr::BlockIdx(Axis::Z)),
             let_("q_first", q_first),
-            let_("q_count", q_end - var("q_first")),
-            let_("steps", var("q_count") * int(group)),
+            let_("steps", q_end - var("q_first")),
         ];
-        // Step n: query head kv_head·G + n / q_count, query tile q_first + n mod q_count.
-        let step_lets = |prefix: &str| {
-            vec![
-                let_(&format!("{prefix}h"), var("kv_head") * int(group) + var("n").floor_div(var("q_count"))),
-                let_(&format!("{prefix}q_row0"), (var("q_first") + var("n").modulo(var("q_count"))) * int(bm)),
-            ]
-        };
+        // Step n: query tile q_first + n.
+        let step_lets = |prefix: &str| vec![let_(&format!("{prefix}q_row0"), (var("q_first") + var("n")) * int(bm))];
 
         let mut producer_step = vec![Stmt::If {
             cond: int(stages).le(var("n")),
@@ -625,8 +672,8 @@ impl AttentionBackward<'_> {
         // Coordinates innermost first: q as [B, S, Hq, d] (column, head, row, batch); dO as the
         // [B, S, Hq·d] that o_proj's input gradient writes (column, row, batch).
         for (tensor, ring, coords) in [
-            ("q", q_s, vec![int(0), var("p_h"), var("p_q_row0"), var("b")]),
-            ("do", do_s, vec![var("p_h") * int(d), var("p_q_row0"), var("b")]),
+            ("q", q_s, vec![int(0), var("h"), var("p_q_row0"), var("b")]),
+            ("do", do_s, vec![var("h") * int(d), var("p_q_row0"), var("b")]),
         ] {
             producer_step.push(Stmt::TmaLoad { dst: stage_view(ring, var("n")), map: tensor_map_param(tensor), coords, barrier: slot(full, var("n")) });
         }
@@ -715,8 +762,16 @@ impl AttentionBackward<'_> {
                 Stmt::WaitParity { barrier: kv_barrier.clone(), parity: int(0) },
                 for_("n", int(0), var("steps"), step),
                 Stmt::Map { dst: w(dk), expr: Expr::Elem * scale.clone() },
-                Stmt::Store { src: w(dk), dst: out_rows("dk") },
-                Stmt::Store { src: w(dv), dst: out_rows("dv") },
+                if split_group {
+                    Stmt::AtomicAdd { src: w(dk), dst: out_rows("dk_accum") }
+                } else {
+                    Stmt::Store { src: w(dk), dst: out_rows("dk") }
+                },
+                if split_group {
+                    Stmt::AtomicAdd { src: w(dv), dst: out_rows("dv_accum") }
+                } else {
+                    Stmt::Store { src: w(dv), dst: out_rows("dv") }
+                },
             ]
         };
         let mut roles: Vec<Role> = (0..consumers)
@@ -744,10 +799,9 @@ impl AttentionBackward<'_> {
             tensor("do", self.storage, vec![SizeExpr::batch(), SizeExpr::seq_len(), size(hq * spec.head_dim)], Access::Read),
             self.row_statistic("lse", Access::Read),
             self.row_statistic("delta", Access::Read),
-            tensor("dk", self.storage, self.bsd(hk), Access::Write),
-            tensor("dv", self.storage, self.bsd(hk), Access::Write),
-            tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Write),
         ];
+        params.extend(self.key_gradient_params(Access::Write));
+        params.push(tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Write));
         params.extend(size_params());
         for (tensor, box_rows) in [("q", bm), ("k", bn), ("v", bn), ("do", bm)] {
             params.push(KernelParam::TensorMap { name: tensor_map_param(tensor), tensor: tensor.to_string(), box_rows });
@@ -755,7 +809,7 @@ impl AttentionBackward<'_> {
         Ok(KernelFn {
             name: format!("{}_{}", spec.name, AttentionBackwardKernel::OnePass.suffix()),
             params,
-            grid: [SizeExpr::seq_len().ceil_div(bn as u64), size(hk), SizeExpr::batch()],
+            grid: [SizeExpr::seq_len().ceil_div(bn as u64), size(hq), SizeExpr::batch()],
             warps,
             tiles: t.decls,
             barriers,
