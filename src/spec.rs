@@ -38,7 +38,7 @@ pub struct AttentionSpec {
     /// Biases on the four projections (q, k, v, o).
     pub bias: bool,
     /// The backward sums in a fixed order, so that it gives the same bits every run (the
-    /// attention backward in two passes instead of dQ by atomics).
+    /// attention backward in two passes instead of dQ, and a group's dK and dV, by atomics).
     #[serde(default)]
     pub deterministic: bool,
     /// Entry points the library provides, in a fixed order without duplicates.

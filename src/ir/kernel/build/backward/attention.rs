@@ -208,7 +208,8 @@ impl AttentionBackward<'_> {
     }
 
     /// D[b, h, t] = Σ_c dO[b, t, h, c]·O[b, t, h, c]; CTA = block_m query rows of head h. With
-    /// `clear`, also zeros those rows of the one-pass kernel's dQ accumulator.
+    /// `clear`, also zeros those rows of the one-pass kernels' f32 accumulators (dQ's, and dK's
+    /// and dV's where the group is split).
     fn delta(&self, clear: bool) -> Result<KernelFn, String> {
         let (bm, d) = (self.s.block_m, self.d);
         let (acc, _, row_vec) = self.row_bands(bm, d)?;
@@ -645,7 +646,7 @@ impl AttentionBackward<'_> {
         let (q_first, q_end) = query_tiles_seeing(spec.mask, bm, bn);
         let mut body = vec![
             Stmt::Note(format!(
-                "CTA = {bn} keys of kv head kv_head, batch b: {consumers} consumer warpgroup(s) of 64 keys, one TMA producer; query steps of {bm} of each query head of the group through {stages} stages"
+                "CTA = {bn} keys of kv head kv_head for query head h, batch b: {consumers} consumer warpgroup(s) of 64 keys, one TMA producer; query head h; query steps of {bm} through {stages} stages"
             )),
             let_("k_tiles", seq().ceil_div(int(bn))),
             Stmt::Note(
