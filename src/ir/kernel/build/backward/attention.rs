@@ -261,7 +261,8 @@ impl AttentionBackward<'_> {
     }
 
     /// dQ[b, t, h, :] = scale·dq_accum[b, t, h, :] in the storage type, and where the group is
-    /// split dK = dk_accum (scaled as it was added) and dV = dv_accum too (by the CTAs of the first Hk heads);
+    /// split dK = dk_accum (scaled as it was added) and dV = dv_accum too (by a group's first and
+    /// second query head);
     /// CTA = block_m query rows of head h.
     fn convert(&self) -> Result<KernelFn, String> {
         let (bm, d) = (self.s.block_m, self.d);
@@ -270,14 +271,14 @@ impl AttentionBackward<'_> {
         let accumulated = t.shared("accumulated", ElemType::F32, bm, d);
         let values = t.regs("values", ElemType::F32, bm, d, acc);
         let scale = self.spec.softmax_scale;
-        let convert = |from: &str, to: &str, factor: f64| {
+        let convert = |from: &str, to: &str, head: Expr, factor: f64| {
             vec![
-                Stmt::Copy { dst: t.whole(accumulated), src: self.head_rows(from, var("q_row0"), bm, var("h")), is_async: true },
+                Stmt::Copy { dst: t.whole(accumulated), src: self.head_rows(from, var("q_row0"), bm, head.clone()), is_async: true },
                 Stmt::AsyncCommit,
                 Stmt::AsyncWait { pending: 0 },
                 Stmt::Barrier,
                 Stmt::Map { dst: t.whole(values), expr: Expr::tile(accumulated, Expr::Row, Expr::Col) * Expr::Float(factor) },
-                Stmt::Store { src: t.whole(values), dst: self.head_rows(to, var("q_row0"), bm, var("h")) },
+                Stmt::Store { src: t.whole(values), dst: self.head_rows(to, var("q_row0"), bm, head) },
             ]
         };
         let mut body = vec![
@@ -286,19 +287,22 @@ impl AttentionBackward<'_> {
             let_("h", Expr::BlockIdx(Axis::Y)),
             let_("b", Expr::BlockIdx(Axis::Z)),
         ];
-        body.extend(convert("dq_accum", "dq", scale));
+        body.extend(convert("dq_accum", "dq", var("h"), scale));
         let (hq, hk) = (self.spec.query_heads, self.spec.kv_heads);
         let mut params = vec![tensor("dq_accum", ElemType::F32, self.bsd(hq), Access::Read)];
         params.extend(self.key_gradient_params(Access::Read));
         params.push(tensor("dq", self.storage, self.bsd(hq), Access::Write));
         if self.splits_group() {
-            // Every thread read the staged rows before the next copy overwrites them.
-            let mut key_side = vec![Stmt::Barrier];
-            key_side.extend(convert("dk_accum", "dk", 1.0));
-            key_side.push(Stmt::Barrier);
-            key_side.extend(convert("dv_accum", "dv", 1.0));
-            body.push(Stmt::Note("the first Hk heads' CTAs: dK = dk_accum, dV = dv_accum (dK was scaled before it was added)".into()));
-            body.push(Stmt::If { cond: var("h").lt(int(hk)), then_body: key_side, else_body: Vec::new() });
+            // A group's first query head converts dK of its kv head, the second dV: no CTA does
+            // more than two conversions. The barrier: every thread has read the staged dQ rows
+            // before the next copy overwrites them.
+            let group = self.spec.groups();
+            body.push(Stmt::Note("dK = dk_accum (scaled as it was added) by a group's first head, dV = dv_accum by its second".into()));
+            for (index, from, to) in [(0, "dk_accum", "dk"), (1, "dv_accum", "dv")] {
+                let mut then_body = vec![Stmt::Barrier];
+                then_body.extend(convert(from, to, var("h").floor_div(int(group)), 1.0));
+                body.push(Stmt::If { cond: var("h").modulo(int(group)).eq(int(index)), then_body, else_body: Vec::new() });
+            }
             params.extend([tensor("dk", self.storage, self.bsd(hk), Access::Write), tensor("dv", self.storage, self.bsd(hk), Access::Write)]);
         }
         let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()];
