@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ON the GPU machine (scripts/gpu-sweep.sh's opt-in `sanitize` step): every library under
-# gpu-carry/libs (but the random_* ones unless GPU_SANITIZE_LIBS names them) through
+# gpu-carry/libs (or GPU_SANITIZE_ROOT's; but the random_* ones unless GPU_SANITIZE_LIBS names them) through
 # `ccc-run validate` under compute-sanitizer's memcheck (out-of-bounds and misaligned accesses,
 # device faults), racecheck (shared-memory hazards), synccheck (barriers that not every thread
 # reaches, bad mbarrier use) and initcheck (reads of global memory never written), at
@@ -13,6 +13,8 @@
 # out or printed no ERROR SUMMARY), 2 when the artifacts or compute-sanitizer are missing.
 #
 # Environment:
+#   GPU_SANITIZE_ROOT     the libraries' directory (default gpu-carry/libs; gpu-carry/train for the
+#                         training libraries, whose validate runs the backward too)
 #   GPU_SANITIZE_LIBS     only libraries whose path contains this text (default: all but random_*)
 #   GPU_SANITIZE_TOOLS    default "memcheck racecheck synccheck initcheck"
 #   GPU_SANITIZE_SHAPES   default "2x300 1x1000" (BxS)
@@ -31,6 +33,7 @@ shapes=${GPU_SANITIZE_SHAPES:-2x300 1x1000}
 limit=${GPU_SANITIZE_TIMEOUT:-150}
 jobs=${GPU_SANITIZE_JOBS:-4}
 filter=${GPU_SANITIZE_LIBS:-}
+root=${GPU_SANITIZE_ROOT:-$carry/libs}
 
 [ -x "$run" ] || { echo "gpu-sanitize: $run not found (scripts/gpu-prepare.sh)" >&2; exit 2; }
 [ -x "$sanitizer" ] || { echo "gpu-sanitize: $sanitizer not found" >&2; exit 2; }
@@ -40,10 +43,10 @@ logs=$(mktemp -d)
 mkdir -p "$out"
 "$sanitizer" --version | tail -1
 
-mapfile -t libraries < <(find "$carry/libs" -name manifest.json 2>/dev/null | sed 's|/manifest.json$||' | sort)
+mapfile -t libraries < <(find "$root" -name manifest.json 2>/dev/null | sed 's|/manifest.json$||' | sort)
 selected=()
 for lib in "${libraries[@]}"; do
-  name=${lib#"$carry/libs/"}
+  name=${lib#"$root/"}
   if [ -n "$filter" ]; then
     [[ "$name" == *"$filter"* ]] || continue
   elif [[ "$name" == random_* ]]; then
@@ -51,7 +54,7 @@ for lib in "${libraries[@]}"; do
   fi
   selected+=("$lib")
 done
-[ ${#selected[@]} -gt 0 ] || { echo "gpu-sanitize: no library selected under $carry/libs" >&2; exit 2; }
+[ ${#selected[@]} -gt 0 ] || { echo "gpu-sanitize: no library selected under $root" >&2; exit 2; }
 
 # Tool-specific options. racecheck keeps its default report mode, `analysis`: one report per
 # pair of racing instructions ("Race reported between Write access at K+0x.. and Write access at
@@ -81,7 +84,7 @@ sanitize_one() {
 
 cases=()
 for lib in "${selected[@]}"; do
-  name=${lib#"$carry/libs/"}
+  name=${lib#"$root/"}
   for shape in $shapes; do
     for tool in $tools; do
       log="$logs/${name//\//_}.$shape.$tool.log"
