@@ -230,9 +230,14 @@ impl<'ctx> ThreadPlace<'ctx> {
         kb.add(kb.add(self.warp_row, self.group)?, kb.i32(offset as i64))
     }
 
+    /// Tile-local column of the thread's first pair.
+    fn first_col(&self, kb: &KernelBuilder<'_, 'ctx>) -> Result<IntValue<'ctx>> {
+        kb.add(self.warp_col, self.pair_col)
+    }
+
     /// Tile-local column of the first element of a pair in fragment column `fragment_n`.
     fn col(&self, kb: &KernelBuilder<'_, 'ctx>, fragment_n: u32) -> Result<IntValue<'ctx>> {
-        kb.add(kb.add(self.warp_col, self.pair_col)?, kb.i32((fragment_n * 8) as i64))
+        kb.add(self.first_col(kb)?, kb.i32((fragment_n * 8) as i64))
     }
 }
 
@@ -286,6 +291,10 @@ pub struct ElementPair<'ctx> {
     /// Tile-local (i32).
     pub row: IntValue<'ctx>,
     pub col: IntValue<'ctx>,
+    /// `col` as the thread's first column (the same for all its pairs) plus a constant, so
+    /// that writers can address every pair of a row from one base.
+    pub thread_col: IntValue<'ctx>,
+    pub col_offset: u32,
     pub row_slot: u32,
     pub low: FloatValue<'ctx>,
     pub high: FloatValue<'ctx>,
@@ -307,6 +316,8 @@ pub fn for_each_accumulator_pair<'ctx>(
                 let pair = ElementPair {
                     row,
                     col: place.col(kb, fragment_n)?,
+                    thread_col: place.first_col(kb)?,
+                    col_offset: fragment_n * 8,
                     row_slot,
                     low: kb.load_f32(tile.slots[shape.slot(fragment_m, fragment_n, 2 * half)])?,
                     high: kb.load_f32(tile.slots[shape.slot(fragment_m, fragment_n, 2 * half + 1)])?,

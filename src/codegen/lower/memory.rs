@@ -169,6 +169,19 @@ impl<'ctx> GlobalBox<'ctx> {
         kb.element_pointer(self.tensor.base, self.tensor.elem, offset)
     }
 
+    /// Address of box element (row, col + extra): from (row, col)'s by a constant where the
+    /// column stride is one (LLVM would otherwise keep each column's offset in registers).
+    fn pointer_right_of(&self, kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>, extra: u32) -> Result<PointerValue<'ctx>> {
+        let stride = self.cols.as_ref().and_then(|cols| cols.stride.get_sign_extended_constant());
+        match stride {
+            Some(stride) => {
+                let bytes = i64::from(extra) * stride * self.tensor.elem.bytes() as i64;
+                kb.byte_pointer(self.pointer(kb, row, col)?, kb.context().i64_type().const_int(bytes as u64, true))
+            }
+            None => self.pointer(kb, row, kb.add(col, kb.i32(i64::from(extra)))?),
+        }
+    }
+
     /// Address of box element (row, col) at innermost index 0 instead of the box's fixed one:
     /// the start of the run of interleaved taps that holds it.
     fn tap_run_pointer(&self, kb: &KernelBuilder<'_, 'ctx>, taps: &InterleavedTaps<'ctx>, cols: &BoxAxis<'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>) -> Result<PointerValue<'ctx>> {
@@ -621,6 +634,7 @@ impl<'ctx> Lowering<'_, 'ctx> {
                 &global,
                 pair,
                 paired,
+                PairAddressing::FromRowStart,
                 |kb, pointer, value| kb.red_global_add_f32(pointer, value),
                 |kb, pointer, low, high| kb.red_global_add_v2_f32(pointer, low, high),
             )
@@ -715,9 +729,22 @@ fn store_pair<'ctx>(kb: &KernelBuilder<'_, 'ctx>, global: &GlobalBox<'ctx>, pair
         global,
         pair,
         paired,
+        PairAddressing::PerElement,
         |kb, pointer, value| store_from_f32(kb, pointer, elem, value),
         |kb, pointer, low, high| kb.store_int(pointer, kb.pack_half2(elem, low, high)?),
     )
+}
+
+/// How [`write_pair`] forms a pair's address.
+#[derive(Clone, Copy)]
+enum PairAddressing {
+    /// From the thread's first pair of the row plus a constant: one base register per row and
+    /// the rest in the instructions' offsets. Atomics, issued while wgmma accumulators are in
+    /// flight, need the registers (the one-pass attention backward spilled without it).
+    FromRowStart,
+    /// Each element's own address (LLVM keeps the columns' offsets in registers): the
+    /// persistent GEMMs' epilogue stores measured faster so (BENCHMARKS.md).
+    PerElement,
 }
 
 /// Writes an accumulator pair (columns c, c + 1 of one row) into `global`, skipping what lies
@@ -728,18 +755,23 @@ fn write_pair<'ctx>(
     global: &GlobalBox<'ctx>,
     pair: &ElementPair<'ctx>,
     paired: bool,
+    addressing: PairAddressing,
     one: impl Fn(&KernelBuilder<'_, 'ctx>, PointerValue<'ctx>, FloatValue<'ctx>) -> Result<()>,
     both: impl FnOnce(&KernelBuilder<'_, 'ctx>, PointerValue<'ctx>, FloatValue<'ctx>, FloatValue<'ctx>) -> Result<()>,
 ) -> Result<()> {
     let high_col = kb.add(pair.col, kb.i32(1))?;
     let low_inside = global.inside(kb, pair.row, pair.col)?;
     let high_inside = global.inside(kb, pair.row, high_col)?;
+    let pointer = |kb: &KernelBuilder<'_, 'ctx>, extra: u32| match addressing {
+        PairAddressing::FromRowStart => global.pointer_right_of(kb, pair.row, pair.thread_col, pair.col_offset + extra),
+        PairAddressing::PerElement => global.pointer(kb, pair.row, kb.add(pair.col, kb.i32(i64::from(extra)))?),
+    };
     let one_by_one = |kb: &KernelBuilder<'_, 'ctx>| -> Result<()> {
-        kb.if_then(low_inside, |kb| one(kb, global.pointer(kb, pair.row, pair.col)?, pair.low))?;
-        kb.if_then(high_inside, |kb| one(kb, global.pointer(kb, pair.row, high_col)?, pair.high))
+        kb.if_then(low_inside, |kb| one(kb, pointer(kb, 0)?, pair.low))?;
+        kb.if_then(high_inside, |kb| one(kb, pointer(kb, 1)?, pair.high))
     };
     if !paired {
         return one_by_one(kb);
     }
-    kb.if_else(kb.and(low_inside, high_inside)?, |kb| both(kb, global.pointer(kb, pair.row, pair.col)?, pair.low, pair.high), one_by_one)
+    kb.if_else(kb.and(low_inside, high_inside)?, |kb| both(kb, pointer(kb, 0)?, pair.low, pair.high), one_by_one)
 }

@@ -166,12 +166,18 @@ impl AttentionBackward<'_> {
     /// end are excluded too: their rows of Q and dO are zeros, but their lse and D are not).
     fn visible(&self, query: Expr, key: Expr) -> Expr {
         let in_sequence = key.clone().lt(seq()).and(query.clone().lt(seq()));
+        match self.mask_allows(query, key) {
+            Some(allowed) => allowed.and(in_sequence),
+            None => in_sequence,
+        }
+    }
+
+    /// The mask alone: whether it lets query `query` see key `key` (None: every key).
+    fn mask_allows(&self, query: Expr, key: Expr) -> Option<Expr> {
         match self.spec.mask {
-            Mask::None => in_sequence,
-            Mask::Causal => key.le(query).and(in_sequence),
-            Mask::SlidingWindow { window } => {
-                key.clone().le(query.clone()).and((query - key).lt(int(window))).and(in_sequence)
-            }
+            Mask::None => None,
+            Mask::Causal => Some(key.le(query)),
+            Mask::SlidingWindow { window } => Some(key.clone().le(query.clone()).and((query - key).lt(int(window)))),
         }
     }
 
@@ -572,13 +578,14 @@ impl AttentionBackward<'_> {
     /// consumer warpgroup per 64 keys, K and V resident in shared memory; a producer
     /// warpgroup's elected thread brings Q and dO of each query step (block_m rows) into a ring
     /// of `stages` swizzled slots by TMA.
-    /// Per step each consumer computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for its keys, Pᵀ and
-    /// dSᵀ = Pᵀ ∘ (dPᵀ − D), adds Pᵀ·dO to dV and dSᵀ·Q to dK, and writes dSᵀ (rounded to the
-    /// storage type) into its band of a swizzled tile; once every band is there (named
-    /// barrier 1), consumer c computes the 64-column panels c, c + consumers, … of
-    /// dQ = dS·K over all block_n keys (dSᵀ read transposed) and adds them into the f32
-    /// `dq_accum` with atomics. dS alternates between two tiles: a consumer writes one while
-    /// the other may still read the other's. At the end dK and dV are stored, or, where the
+    /// Per step each consumer computes Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ for its keys (staging the
+    /// next step's lse and D meanwhile), Pᵀ and dSᵀ = Pᵀ ∘ (dPᵀ − D), and writes dSᵀ (rounded
+    /// to the storage type) into its band of a swizzled tile; once every band is there (named
+    /// barrier 1), consumer c issues the first of its 64-column panels c, c + consumers, … of
+    /// dQ = dS·K over all block_n keys (dSᵀ read transposed), then dV += Pᵀ·dO and
+    /// dK += dSᵀ·Q (its band as A), and adds each dQ panel into the f32 `dq_accum` with
+    /// atomics as soon as it is done. dS alternates between two tiles: a consumer writes one
+    /// while the other may still read the other's. At the end dK and dV are stored, or, where the
     /// group has several query heads, added into their f32 accumulators.
     fn one_pass(&self) -> Result<KernelFn, String> {
         let (spec, s, d) = (self.spec, self.s, self.d);
@@ -620,7 +627,6 @@ impl AttentionBackward<'_> {
         let probs_t = t.regs("probs_t", ElemType::F32, rows, bm, acc);
         let dscores_t = t.regs("dscores_t", ElemType::F32, rows, bm, acc);
         let probs_a = t.regs("probs_a", self.storage, rows, bm, operand);
-        let dscores_a = t.regs("dscores_a", self.storage, rows, bm, operand);
         let dk = t.regs("dk", ElemType::F32, rows, d, acc);
         let dv = t.regs("dv", ElemType::F32, rows, d, acc);
         let dq = t.regs("dq", ElemType::F32, bm, panel, acc);
@@ -701,14 +707,31 @@ impl AttentionBackward<'_> {
             let ds_buffer = var("n").modulo(int(2)) * int(bn);
             let statistic_buffer = var("n").modulo(int(2)) * int(bm);
             let statistic = |tile: TileId| Expr::tile(tile, statistic_buffer.clone() + Expr::Col, int(0));
+            // Step n's lse and D went into buffer n % 2 during step n − 1 (the first step's before
+            // the loop), loaded while that step's GEMMs ran; barrier 2 + c makes them visible and
+            // keeps this step's loads into the other buffer after the last step's reads of it.
+            let stage_statistics = |buffer: Expr, q_row0: Expr| -> Vec<Stmt> {
+                [("lse", lse_s[c as usize]), ("delta", delta_s[c as usize])]
+                    .into_iter()
+                    .map(|(param, tile)| Stmt::Copy {
+                        dst: t.view(tile, buffer.clone(), int(0), bm, 1),
+                        src: self.statistic_rows(param, q_row0.clone(), bm),
+                        is_async: false,
+                    })
+                    .collect()
+            };
+            // This consumer's dSᵀ rows: dK's A operand, and its band of dQ's.
+            let ds_band = t.view(ds_s, ds_buffer.clone() + int(c * rows), int(0), rows, bm);
+            // Only the mask: rows past the sequence's end come out zero without it (Q, dO, K
+            // and V read zeros there, and so do the staged lse and D: P = 1, dP = 0, dS = 0;
+            // a key past the end adds nothing to dQ, a zero row of K, and its dK and dV rows
+            // are never written).
+            let probability = (Expr::Elem * scale.clone() - statistic(lse_s[c as usize])).exp();
+            let masked = |p: Expr| match self.mask_allows(query.clone(), key.clone()) {
+                Some(allowed) => Expr::select(allowed, p, Expr::Float(0.0)),
+                None => p,
+            };
             let mut step = step_lets("");
-            for (param, tile) in [("lse", lse_s[c as usize]), ("delta", delta_s[c as usize])] {
-                step.push(Stmt::Copy {
-                    dst: t.view(tile, statistic_buffer.clone(), int(0), bm, 1),
-                    src: self.statistic_rows(param, var("q_row0"), bm),
-                    is_async: false,
-                });
-            }
             step.extend([
                 Stmt::NamedBarrier { id: int(2 + c), threads: WARPGROUP_THREADS, sync: true },
                 Stmt::WaitParity { barrier: slot(full, var("n")), parity: parity(var("n")) },
@@ -717,28 +740,24 @@ impl AttentionBackward<'_> {
                 Stmt::MmaAsync { acc: w(probs_t), a: band(k_s), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: true },
                 Stmt::MmaAsync { acc: w(dscores_t), a: band(v_s), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: true },
                 Stmt::MmaCommit,
-                Stmt::MmaWait { pending: 0, after: None },
-                Stmt::Map {
-                    dst: w(probs_t),
-                    expr: Expr::select(
-                        self.visible(query.clone(), key.clone()),
-                        (Expr::Elem * scale.clone() - statistic(lse_s[c as usize])).exp(),
-                        Expr::Float(0.0),
-                    ),
+                Stmt::If {
+                    cond: (var("n") + int(1)).lt(var("steps")),
+                    then_body: stage_statistics((var("n") + int(1)).modulo(int(2)) * int(bm), var("q_row0") + int(bm)),
+                    else_body: Vec::new(),
                 },
+                Stmt::MmaWait { pending: 0, after: None },
+                Stmt::Map { dst: w(probs_t), expr: masked(probability) },
                 Stmt::Map { dst: w(dscores_t), expr: Expr::tile(probs_t, Expr::Row, Expr::Col) * (Expr::Elem - statistic(delta_s[c as usize])) },
                 Stmt::Convert { dst: w(probs_a), src: w(probs_t) },
-                Stmt::Convert { dst: w(dscores_a), src: w(dscores_t) },
-                Stmt::Convert { dst: t.view(ds_s, ds_buffer.clone() + int(c * rows), int(0), rows, bm), src: w(dscores_t) },
-                Stmt::MmaAsync { acc: w(dv), a: w(probs_a), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: false },
-                Stmt::MmaAsync { acc: w(dk), a: w(dscores_a), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: false },
-                Stmt::MmaCommit,
+                Stmt::Convert { dst: ds_band.clone(), src: w(dscores_t) },
+                // Every consumer's dS rows are in place (each warp wrote its own 16; wgmma reads
+                // all), with one consumer too.
+                Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true },
             ]);
-            // Every consumer's dS rows are in place (each warp wrote its own 16; wgmma reads all),
-            // with one consumer too.
-            step.push(Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true });
-            for p in (c..d / panel).step_by(consumers as usize) {
-                step.extend([
+            // dQ's first panel goes to the tensor cores before dV and dK, so that its atomics
+            // issue while they run.
+            let dq_panel = |p: u32| -> Vec<Stmt> {
+                vec![
                     Stmt::Fill { dst: w(dq), value: 0.0 },
                     Stmt::MmaAsync {
                         acc: w(dq),
@@ -748,15 +767,32 @@ impl AttentionBackward<'_> {
                         b_transposed: false,
                     },
                     Stmt::MmaCommit,
-                    Stmt::MmaWait { pending: 0, after: None },
-                    Stmt::AtomicAdd {
-                        src: w(dq),
-                        dst: GlobalTile {
-                            param: "dq_accum".into(),
-                            dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
-                        },
-                    },
-                ]);
+                ]
+            };
+            let dq_add = |p: u32| Stmt::AtomicAdd {
+                src: w(dq),
+                dst: GlobalTile {
+                    param: "dq_accum".into(),
+                    dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
+                },
+            };
+            // Consumer c's panels of dQ: c, c + consumers, … (none for the second consumer at
+            // head_dim 64).
+            let panels: Vec<u32> = (c..d / panel).step_by(consumers as usize).collect();
+            if let Some(&first) = panels.first() {
+                step.extend(dq_panel(first));
+            }
+            step.extend([
+                Stmt::MmaAsync { acc: w(dv), a: w(probs_a), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: false },
+                Stmt::MmaAsync { acc: w(dk), a: ds_band.clone(), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: false },
+                Stmt::MmaCommit,
+            ]);
+            if let Some(&first) = panels.first() {
+                step.extend([Stmt::MmaWait { pending: 1, after: None }, dq_add(first)]);
+            }
+            for &p in panels.iter().skip(1) {
+                step.extend(dq_panel(p));
+                step.extend([Stmt::MmaWait { pending: 0, after: None }, dq_add(p)]);
             }
             step.extend([Stmt::MmaWait { pending: 0, after: None }, Stmt::Arrive { barrier: slot(empty, var("n")) }]);
             let out_rows = |param: &str| self.head_rows(param, var("key0"), rows, var("kv_head"));
@@ -764,6 +800,10 @@ impl AttentionBackward<'_> {
                 let_("key0", var("k_row0") + int(c * rows)),
                 Stmt::Fill { dst: w(dk), value: 0.0 },
                 Stmt::Fill { dst: w(dv), value: 0.0 },
+            ]
+            .into_iter()
+            .chain(stage_statistics(int(0), var("q_first") * int(bm)))
+            .chain([
                 Stmt::WaitParity { barrier: kv_barrier.clone(), parity: int(0) },
                 for_("n", int(0), var("steps"), step),
                 Stmt::Map { dst: w(dk), expr: Expr::Elem * scale.clone() },
@@ -777,7 +817,8 @@ impl AttentionBackward<'_> {
                 } else {
                     Stmt::Store { src: w(dv), dst: out_rows("dv") }
                 },
-            ]
+            ])
+            .collect()
         };
         let mut roles: Vec<Role> = (0..consumers)
             .map(|c| Role {
