@@ -164,13 +164,15 @@ pub enum TensorDType {
     Bf16,
     F16,
     F32,
+    /// Index tensors: block tables, sequence lengths.
+    I32,
 }
 
 impl TensorDType {
     pub fn size_bytes(self) -> usize {
         match self {
             TensorDType::Bf16 | TensorDType::F16 => 2,
-            TensorDType::F32 => 4,
+            TensorDType::F32 | TensorDType::I32 => 4,
         }
     }
     pub fn name(self) -> &'static str {
@@ -178,6 +180,7 @@ impl TensorDType {
             TensorDType::Bf16 => "bf16",
             TensorDType::F16 => "f16",
             TensorDType::F32 => "f32",
+            TensorDType::I32 => "i32",
         }
     }
 }
@@ -189,6 +192,7 @@ impl From<crate::ir::kernel::ElemType> for TensorDType {
             ElemType::F32 => TensorDType::F32,
             ElemType::Bf16 => TensorDType::Bf16,
             ElemType::F16 => TensorDType::F16,
+            ElemType::I32 => TensorDType::I32,
         }
     }
 }

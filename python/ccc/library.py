@@ -17,7 +17,7 @@ from .errors import KernelFault, ManifestError, TensorMismatch
 from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, off_gpu_problem,
                        plan_for_input, read_library)
 
-TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "i32": torch.int32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
 
 # Names the validator knows (docs/manifest.md) with their logical [.., heads, head_dim] split.

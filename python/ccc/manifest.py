@@ -28,7 +28,7 @@ MAX_TENSOR_MAP_BOX_ROWS = 256  # cuTensorMapEncodeTiled: every box dimension <= 
 
 ROLES = ("input", "output", "weight", "intermediate", "scratch", "saved")
 CALLER_SUPPLIED_ROLES = ("input", "weight")
-TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4}
+TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4}
 PTX_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
 
 

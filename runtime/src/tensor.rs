@@ -10,6 +10,8 @@ pub enum HostData {
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
     F32(Vec<f32>),
+    /// Index tensors (block tables, sequence lengths).
+    I32(Vec<i32>),
 }
 
 /// A dense row-major tensor in host memory.
@@ -33,6 +35,7 @@ impl HostTensor {
             }
             TensorDType::F16 => HostData::F16(values.iter().map(|&v| f16::from_f64(v)).collect()),
             TensorDType::F32 => HostData::F32(values.iter().map(|&v| v as f32).collect()),
+            TensorDType::I32 => HostData::I32(integers(values.iter().copied())?),
         };
         Ok(HostTensor { shape, data })
     }
@@ -49,6 +52,7 @@ impl HostTensor {
             }
             TensorDType::F16 => HostData::F16(values.iter().map(|&v| f16::from_f32(v)).collect()),
             TensorDType::F32 => HostData::F32(values.to_vec()),
+            TensorDType::I32 => HostData::I32(integers(values.iter().map(|&v| f64::from(v)))?),
         };
         Ok(HostTensor { shape, data })
     }
@@ -84,6 +88,12 @@ impl HostTensor {
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
             ),
+            TensorDType::I32 => HostData::I32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+            ),
         };
         Ok(HostTensor { shape, data })
     }
@@ -93,6 +103,7 @@ impl HostTensor {
             HostData::Bf16(_) => TensorDType::Bf16,
             HostData::F16(_) => TensorDType::F16,
             HostData::F32(_) => TensorDType::F32,
+            HostData::I32(_) => TensorDType::I32,
         }
     }
 
@@ -101,6 +112,7 @@ impl HostTensor {
             HostData::Bf16(v) => v.len(),
             HostData::F16(v) => v.len(),
             HostData::F32(v) => v.len(),
+            HostData::I32(v) => v.len(),
         }
     }
 
@@ -114,6 +126,7 @@ impl HostTensor {
             HostData::Bf16(v) => v.iter().map(|x| x.to_f64()).collect(),
             HostData::F16(v) => v.iter().map(|x| x.to_f64()).collect(),
             HostData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            HostData::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
         }
     }
 
@@ -147,6 +160,7 @@ impl HostTensor {
             HostData::Bf16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
             HostData::F16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
             HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            HostData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
 }
@@ -158,6 +172,8 @@ pub fn nan_bytes(dtype: TensorDType, elements: usize) -> Vec<u8> {
         TensorDType::Bf16 => bf16::NAN.to_bits().to_le_bytes().to_vec(),
         TensorDType::F16 => f16::NAN.to_bits().to_le_bytes().to_vec(),
         TensorDType::F32 => f32::NAN.to_le_bytes().to_vec(),
+        // No NaN: the most negative index, which no page or length check lets through.
+        TensorDType::I32 => i32::MIN.to_le_bytes().to_vec(),
     };
     one.repeat(elements)
 }
@@ -170,8 +186,22 @@ pub fn round_through(dtype: TensorDType, values: &mut [f64]) {
             TensorDType::Bf16 => bf16::from_f64(*v).to_f64(),
             TensorDType::F16 => f16::from_f64(*v).to_f64(),
             TensorDType::F32 => f64::from(*v as f32),
+            TensorDType::I32 => v.round(),
         };
     }
+}
+
+/// `values` as i32, each an integer in range (an index tensor holds nothing else).
+fn integers(values: impl Iterator<Item = f64>) -> Result<Vec<i32>, RuntimeError> {
+    values
+        .map(|v| {
+            if v.fract() == 0.0 && v >= f64::from(i32::MIN) && v <= f64::from(i32::MAX) {
+                Ok(v as i32)
+            } else {
+                Err(RuntimeError::Size { message: format!("{v} is not an i32 index") })
+            }
+        })
+        .collect()
 }
 
 fn check_len(shape: &[usize], len: usize) -> Result<(), RuntimeError> {

@@ -78,8 +78,8 @@ pub fn encode(geometry: &TensorMapGeometry, address: u64, name: &str) -> Result<
     let data_type = match geometry.dtype {
         TensorDType::Bf16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
         TensorDType::F16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-        TensorDType::F32 => {
-            return Err(RuntimeError::Size { message: format!("tensor map of `{name}`: f32 is not mapped") });
+        TensorDType::F32 | TensorDType::I32 => {
+            return Err(RuntimeError::Size { message: format!("tensor map of `{name}`: {} is not mapped", geometry.dtype.name()) });
         }
     };
     let element_strides = vec![1u32; geometry.dims.len()];

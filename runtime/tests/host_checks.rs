@@ -225,6 +225,7 @@ fn safetensors_files_load_in_any_float_dtype() {
             TensorDType::Bf16 => Dtype::BF16,
             TensorDType::F16 => Dtype::F16,
             TensorDType::F32 => Dtype::F32,
+            TensorDType::I32 => Dtype::I32,
         };
         (
             name.clone(),
@@ -319,4 +320,19 @@ fn the_python_fixture_library_is_written_by_the_rust_manifest_writer() {
             path.display()
         );
     }
+}
+
+/// Index tensors (block tables, sequence lengths): integers only, little-endian i32 on the
+/// device, poisoned with the most negative index (i32 has no NaN).
+#[test]
+fn i32_host_tensors_hold_integers_only() {
+    let table = HostTensor::from_f64(TensorDType::I32, vec![2, 2], &[3.0, 0.0, -1.0, 7.0]).unwrap();
+    assert_eq!(table.to_le_bytes(), [3i32, 0, -1, 7].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+    let back = HostTensor::from_le_bytes(TensorDType::I32, vec![2, 2], &table.to_le_bytes()).unwrap();
+    assert_eq!((back.dtype(), back.to_f64()), (TensorDType::I32, vec![3.0, 0.0, -1.0, 7.0]));
+    for bad in [0.5, 3e9, f64::NAN] {
+        let error = HostTensor::from_f64(TensorDType::I32, vec![1], &[bad]).unwrap_err();
+        assert!(error.to_string().contains("is not an i32 index"), "{error}");
+    }
+    assert_eq!(nan_bytes(TensorDType::I32, 2), [i32::MIN.to_le_bytes(), i32::MIN.to_le_bytes()].concat());
 }

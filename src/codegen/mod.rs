@@ -82,6 +82,8 @@ pub enum Elem {
     Bf16,
     F16,
     F32,
+    /// Index tensors only (see `ElemType::I32`).
+    I32,
 }
 
 impl From<crate::ir::kernel::ElemType> for Elem {
@@ -91,6 +93,7 @@ impl From<crate::ir::kernel::ElemType> for Elem {
             ElemType::F32 => Elem::F32,
             ElemType::Bf16 => Elem::Bf16,
             ElemType::F16 => Elem::F16,
+            ElemType::I32 => Elem::I32,
         }
     }
 }
@@ -102,6 +105,7 @@ impl From<Elem> for crate::ir::kernel::ElemType {
             Elem::F32 => ElemType::F32,
             Elem::Bf16 => ElemType::Bf16,
             Elem::F16 => ElemType::F16,
+            Elem::I32 => ElemType::I32,
         }
     }
 }
@@ -116,7 +120,7 @@ impl Elem {
     pub fn bytes(self) -> u32 {
         match self {
             Elem::Bf16 | Elem::F16 => 2,
-            Elem::F32 => 4,
+            Elem::F32 | Elem::I32 => 4,
         }
     }
 
@@ -125,6 +129,7 @@ impl Elem {
             Elem::Bf16 => "bf16",
             Elem::F16 => "f16",
             Elem::F32 => "f32",
+            Elem::I32 => "i32",
         }
     }
 }

@@ -258,7 +258,7 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         let kind = match elem {
             Elem::Bf16 => "bf16",
             Elem::F16 => "f16",
-            Elem::F32 => return unsupported("mma.sync m16n8k16 takes bf16 or f16 operands, not f32"),
+            Elem::F32 | Elem::I32 => return unsupported(format!("mma.sync m16n8k16 takes bf16 or f16 operands, not {}", elem.name())),
         };
         let f32_type = self.context().f32_type();
         let result = self.context().struct_type(&[f32_type.into(); 4], false);
@@ -307,7 +307,7 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         let kind = match elem {
             Elem::Bf16 => "bf16x2",
             Elem::F16 => "f16x2",
-            Elem::F32 => return unsupported("pack_half2 packs bf16 or f16"),
+            Elem::F32 | Elem::I32 => return unsupported("pack_half2 packs bf16 or f16"),
         };
         let assembly = format!("cvt.rn.{kind}.f32 $0, $1, $2;");
         let i32_type = self.context().i32_type().into();
@@ -319,7 +319,7 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         let kind = match elem {
             Elem::Bf16 => "bf16",
             Elem::F16 => "f16",
-            Elem::F32 => return unsupported("round_half rounds to bf16 or f16"),
+            Elem::F32 | Elem::I32 => return unsupported("round_half rounds to bf16 or f16"),
         };
         let assembly = format!("cvt.rn.{kind}.f32 $0, $1;");
         let i16_type = self.context().i16_type().into();
@@ -330,6 +330,7 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     pub fn load_as_f32(&self, pointer: PointerValue<'ctx>, elem: Elem) -> Result<FloatValue<'ctx>> {
         match elem {
             Elem::F32 => self.load_f32(pointer),
+            Elem::I32 => unsupported("an i32 index tensor is read as an integer, not widened to f32"),
             half => {
                 let bits = self.builder().build_load(self.context().i16_type(), pointer, "")?.into_int_value();
                 self.widen_half(half, bits)
@@ -352,7 +353,7 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
                 let half = builder.build_bit_cast(bits, context.f16_type(), "")?.into_float_value();
                 builder.build_float_ext(half, context.f32_type(), "")?
             }
-            Elem::F32 => return unsupported("widen_half widens bf16 or f16"),
+            Elem::F32 | Elem::I32 => return unsupported("widen_half widens bf16 or f16"),
         })
     }
 

@@ -137,7 +137,10 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                     indices.push(if in_select_arm { clamp(kb, i, *extent)? } else { i });
                 }
                 let pointer = tensor.element(kb, &indices)?;
-                Value::Float(kb.load_as_f32(pointer, tensor.elem)?)
+                match tensor.elem {
+                    Elem::I32 => Value::Int(kb.builder().build_load(kb.context().i32_type(), pointer, "")?.into_int_value()),
+                    elem => Value::Float(kb.load_as_f32(pointer, elem)?),
+                }
             }
             Expr::Unary(op, a) => self.unary(kb, *op, eval(a)?)?,
             Expr::Binary(BinOp::Pow, base, exponent) => {

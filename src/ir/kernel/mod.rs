@@ -79,18 +79,20 @@ pub const REGISTERS_PER_CTA: u32 = 65536;
 /// follow the device use `SizeVar::SmCount`, which the loader reads.
 pub const TARGET_SMS: u32 = 132;
 
-/// Element type of a tile or a global tensor.
+/// Element type of a tile or a global tensor. `I32` is only for index tensors (block tables,
+/// sequence lengths), read element by element as integers: no tile holds it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ElemType {
     F32,
     Bf16,
     F16,
+    I32,
 }
 
 impl ElemType {
     pub fn size_bytes(self) -> usize {
         match self {
-            ElemType::F32 => 4,
+            ElemType::F32 | ElemType::I32 => 4,
             ElemType::Bf16 | ElemType::F16 => 2,
         }
     }
@@ -99,6 +101,7 @@ impl ElemType {
             ElemType::F32 => "f32",
             ElemType::Bf16 => "bf16",
             ElemType::F16 => "f16",
+            ElemType::I32 => "i32",
         }
     }
     /// Whether mma.sync m16n8k16 takes this type as an A/B operand.

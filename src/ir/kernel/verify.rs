@@ -174,6 +174,9 @@ impl<'a> Verifier<'a> {
             if ty.rows == 0 || ty.cols == 0 {
                 bad("empty shape".into());
             }
+            if ty.elem == ElemType::I32 {
+                bad("i32 is for index tensors, read element by element in expressions: no tile holds it".into());
+            }
             match ty.layout {
                 Layout::RowMajor { .. } => {}
                 Layout::Swizzled128B => {
@@ -303,6 +306,10 @@ impl<'a> Verifier<'a> {
             self.err(stmt, format!("{} is a size, not a tensor", tile.param));
             return None;
         };
+        if elem == ElemType::I32 {
+            self.err(stmt, format!("{} is an i32 index tensor: read it element by element in expressions, not as a box", tile.param));
+            return None;
+        }
         if declared != access {
             let verb = if access == Access::Read {
                 "read"
@@ -415,7 +422,7 @@ impl<'a> Verifier<'a> {
                 F32
             }
             Expr::Global { param, index } => {
-                let Some(KernelParam::Tensor { shape, access, .. }) = self.kernel.param(param)
+                let Some(KernelParam::Tensor { shape, access, elem, .. }) = self.kernel.param(param)
                 else {
                     return Err(format!("no tensor parameter named {param}"));
                 };
@@ -437,7 +444,7 @@ impl<'a> Verifier<'a> {
                         ));
                     }
                 }
-                F32
+                if *elem == ElemType::I32 { I32 } else { F32 }
             }
             Expr::Unary(op, a) => {
                 let ta = self.expr_type(a, ctx)?;

@@ -59,6 +59,7 @@ fn round_to(elem: ElemType, v: f64, rounding: Rounding) -> f64 {
         (Rounding::Storage, ElemType::F32) => v as f32 as f64,
         (Rounding::Storage, ElemType::Bf16) => half::bf16::from_f64(v).to_f64(),
         (Rounding::Storage, ElemType::F16) => half::f16::from_f64(v).to_f64(),
+        (Rounding::Storage, ElemType::I32) => v,
     }
 }
 
@@ -225,7 +226,7 @@ impl<'k> Block<'k> {
         self.check_in_flight(stmt)?;
         match stmt {
             Stmt::Let { var, value } => {
-                let v = self.eval(value, None, None)?;
+                let v = self.eval(value, None, Some(buffers))?;
                 self.scope.push((var, v));
             }
             Stmt::For {
@@ -234,8 +235,8 @@ impl<'k> Block<'k> {
                 end,
                 body,
             } => {
-                let start = self.eval(start, None, None)?.int()?;
-                let end = self.eval(end, None, None)?.int()?;
+                let start = self.eval(start, None, Some(buffers))?.int()?;
+                let end = self.eval(end, None, Some(buffers))?.int()?;
                 for i in start..end {
                     self.scope.push((var, Value::Int(i)));
                     self.exec_block(body, buffers)?;
@@ -247,7 +248,7 @@ impl<'k> Block<'k> {
                 then_body,
                 else_body,
             } => {
-                if self.eval(cond, None, None)?.bool()? {
+                if self.eval(cond, None, Some(buffers))?.bool()? {
                     self.exec_block(then_body, buffers)?;
                 } else {
                     self.exec_block(else_body, buffers)?;
@@ -259,7 +260,7 @@ impl<'k> Block<'k> {
                 let data = &buffers[&src.param];
                 for r in 0..w.rows {
                     for c in 0..w.cols {
-                        let v = match self.global_index(src, r, c)? {
+                        let v = match self.global_index(src, r, c, buffers)? {
                             Some(i) => data[i],
                             None => 0.0,
                         };
@@ -349,7 +350,7 @@ impl<'k> Block<'k> {
                 let w = self.window(src)?;
                 for r in 0..w.rows {
                     for c in 0..w.cols {
-                        if let Some(i) = self.global_index(dst, r, c)? {
+                        if let Some(i) = self.global_index(dst, r, c, buffers)? {
                             let v = self.tiles[w.tile][w.index(r, c)];
                             let element = &mut buffers.get_mut(&dst.param).expect("checked at start")[i];
                             *element = round_to(ElemType::F32, *element + v, self.rounding);
@@ -362,7 +363,7 @@ impl<'k> Block<'k> {
                 let elem = self.shapes[&dst.param].1;
                 for r in 0..w.rows {
                     for c in 0..w.cols {
-                        if let Some(i) = self.global_index(dst, r, c)? {
+                        if let Some(i) = self.global_index(dst, r, c, buffers)? {
                             let v = self.tiles[w.tile][w.index(r, c)];
                             buffers.get_mut(&dst.param).expect("checked at start")[i] =
                                 round_to(elem, v, self.rounding);
@@ -394,20 +395,20 @@ impl<'k> Block<'k> {
 
     /// Flat index of element (r, c) of a global box, or None when it lies outside the tensor or
     /// the span's valid range.
-    fn global_index(&self, tile: &GlobalTile, r: usize, c: usize) -> Result<Option<usize>, String> {
+    fn global_index(&self, tile: &GlobalTile, r: usize, c: usize, buffers: &Buffers) -> Result<Option<usize>, String> {
         let (dims, _) = &self.shapes[&tile.param];
         let mut flat = 0usize;
         let mut spans_seen = 0;
         for (dim, extent) in tile.dims.iter().zip(dims) {
             let index = match dim {
-                GlobalDim::At(e) => self.eval(e, None, None)?.int()?,
+                GlobalDim::At(e) => self.eval(e, None, Some(buffers))?.int()?,
                 GlobalDim::Span { start, valid, .. } => {
                     let offset = if spans_seen == 0 { r } else { c };
                     spans_seen += 1;
-                    let index = self.eval(start, None, None)?.int()? + offset as i64;
+                    let index = self.eval(start, None, Some(buffers))?.int()? + offset as i64;
                     if let Some((lo, hi)) = valid {
-                        let lo = self.eval(lo, None, None)?.int()?;
-                        let hi = self.eval(hi, None, None)?.int()?;
+                        let lo = self.eval(lo, None, Some(buffers))?.int()?;
+                        let hi = self.eval(hi, None, Some(buffers))?.int()?;
                         if index < lo || index >= hi {
                             return Ok(None);
                         }
@@ -466,8 +467,8 @@ impl<'k> Block<'k> {
                 Value::Float(self.tiles[tile.0][r as usize * ty.cols as usize + c as usize])
             }
             Expr::Global { param, index } => {
-                let (dims, _) = &self.shapes[param];
-                let data = buffers.ok_or("global read outside an elementwise op")?;
+                let (dims, elem) = &self.shapes[param];
+                let data = buffers.ok_or("global read outside the statements that may read them")?;
                 let mut flat = 0usize;
                 for (i, extent) in index.iter().zip(dims) {
                     let i = f(i)?.int()?;
@@ -476,7 +477,8 @@ impl<'k> Block<'k> {
                     }
                     flat = flat * extent + i as usize;
                 }
-                Value::Float(data[param][flat])
+                let value = data[param][flat];
+                if *elem == ElemType::I32 { Value::Int(value as i64) } else { Value::Float(value) }
             }
             Expr::Unary(op, a) => {
                 let a = f(a)?;
