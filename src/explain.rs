@@ -63,7 +63,7 @@ impl LayerCosts {
 fn saved_bytes_per_token(spec: &AttentionSpec) -> usize {
     let Ok(plan) = crate::ir::plan::plan_backward(spec) else { return 0 };
     let bytes = |seq_len: u64| -> u64 {
-        let env = crate::ir::size::SizeEnv { batch: 1, seq_len, sms: None };
+        let env = crate::ir::size::SizeEnv { batch: 1, seq_len, sms: None, pages: None, blocks: None };
         plan.inputs
             .iter()
             .filter(|b| !matches!(b.name.as_str(), "x" | "dout"))

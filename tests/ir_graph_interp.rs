@@ -76,6 +76,8 @@ fn run_graph(graph: &Graph, case: &Case) -> BTreeMap<String, Array> {
         batch: case.batch as u64,
         seq_len: case.seq_len as u64,
         sms: None,
+        pages: None,
+        blocks: None,
     };
     let inputs = BTreeMap::from([("x".to_string(), case.x.clone())]);
     interp::run(graph, env, &inputs, &case.weights)
@@ -484,6 +486,8 @@ fn interpreter_reports_bad_inputs_instead_of_panicking() {
         batch: 1,
         seq_len: 3,
         sms: None,
+        pages: None,
+        blocks: None,
     };
     let x = random_array(&mut rng, vec![1, 3, 8], -1.0, 1.0);
     let inputs = BTreeMap::from([("x".to_string(), x)]);
@@ -493,6 +497,8 @@ fn interpreter_reports_bad_inputs_instead_of_panicking() {
         batch: 1,
         seq_len: 2,
         sms: None,
+        pages: None,
+        blocks: None,
     };
     let err = interp::run(&graph, short, &inputs, &weights).unwrap_err();
     assert_eq!(

@@ -89,6 +89,8 @@ fn worst_error(case: &Case) -> (f64, String) {
         batch: case.batch as u64,
         seq_len: case.seq_len as u64,
         sms: None,
+        pages: None,
+        blocks: None,
     };
 
     let compare = |graph: &Graph, stage: &str| -> (f64, String) {

@@ -106,6 +106,8 @@ fn zaya1_has_a_projection_gemm_and_a_prologue_before_attention() {
         batch: 2,
         seq_len: 16384,
         sms: None,
+        pages: None,
+        blocks: None,
     };
     // The GEMM: (1024 + 256 + 256) / 64 column tiles, ceil(S/64) row tiles, B.
     assert_eq!(plan.kernels[0].grid.x, SizeExpr::c(24));
@@ -142,6 +144,8 @@ fn attention_saves_a_linear_size_log_sum_exp() {
         batch: 1,
         seq_len: 16384,
         sms: None,
+        pages: None,
+        blocks: None,
     };
     let elements: u64 = attention.scratch[0]
         .ty

@@ -184,6 +184,8 @@ fn buffer_sizes_evaluate_per_call() {
         batch: 3,
         seq_len: 17,
         sms: None,
+        pages: None,
+        blocks: None,
     };
     assert_eq!(
         forward.buffer("q").unwrap().elements(&env),

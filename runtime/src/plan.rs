@@ -237,5 +237,7 @@ fn infer_sizes(declared: &[SizeExpr], shape: &[usize], sms: Option<u64>) -> Opti
         batch: batch?,
         seq_len: seq_len?,
         sms,
+        pages: None,
+        blocks: None,
     })
 }

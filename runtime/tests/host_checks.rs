@@ -30,8 +30,7 @@ fn plan_evaluates_shapes_grids_and_arguments() {
         SizeEnv {
             batch: 3,
             seq_len: 17,
-            sms: Some(132)
-        }
+            sms: Some(132), pages: None, blocks: None }
     );
     let o = plan.buffer("o").unwrap();
     assert_eq!(
@@ -68,7 +67,7 @@ fn plan_passes_tensor_maps_with_their_buffer_and_box() {
     o.shape[3] = ccc::ir::size::SizeExpr::c(64);
     forward.kernels[1].params.push(KernelParamManifest::TensorMap { buffer: "o".into(), box_rows: 64 });
     manifest.validate().unwrap();
-    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 2, seq_len: 5, sms: None }).unwrap();
+    let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 2, seq_len: 5, sms: None, pages: None, blocks: None }).unwrap();
     let Some(&PlannedArg::TensorMap { buffer, box_rows }) = plan.launches[1].args.last() else {
         panic!("the last argument is the tensor map: {:?}", plan.launches[1].args);
     };
@@ -107,7 +106,7 @@ fn wrong_input_shape_or_dtype_names_the_tensor() {
 fn sizes_that_do_not_fit_are_errors() {
     let manifest = fixture_manifest();
     let plan = |batch, seq_len| {
-        CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len, sms: None })
+        CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch, seq_len, sms: None, pages: None, blocks: None })
             .unwrap_err()
             .to_string()
     };
@@ -130,6 +129,8 @@ fn sizes_that_do_not_fit_are_errors() {
             batch: 1,
             seq_len: 1,
             sms: None,
+            pages: None,
+            blocks: None,
         },
     )
     .unwrap_err();
@@ -149,7 +150,7 @@ fn a_persistent_grid_takes_the_sm_count_of_the_device() {
     let plan = CallPlan::for_input(&manifest, EntryPoint::Forward, "x", TensorDType::Bf16, &[3, 17, 8], Some(5)).unwrap();
     assert_eq!((plan.launches[0].grid, plan.launches[1].grid), ((7, 1, 1), (5, 1, 1)));
     assert_eq!(plan.launches[1].args.last(), Some(&PlannedArg::Size(5)));
-    let on_132 = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 1000, sms: Some(132) }).unwrap();
+    let on_132 = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 1000, sms: Some(132), pages: None, blocks: None }).unwrap();
     assert_eq!((on_132.launches[0].grid, on_132.launches[1].grid), ((375, 1, 1), (132, 1, 1)));
 }
 
@@ -163,13 +164,13 @@ fn a_persistent_grid_without_an_sm_count_names_the_kernel_and_the_size() {
     );
     let mut as_argument_only = manifest.clone();
     as_argument_only.entry_points[0].kernels[1].grid = fixture_manifest().entry_points[0].kernels[1].grid.clone();
-    let err = CallPlan::for_sizes(&as_argument_only, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 17, sms: None })
+    let err = CallPlan::for_sizes(&as_argument_only, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 17, sms: None, pages: None, blocks: None })
         .unwrap_err();
     assert_eq!(
         err.to_string(),
         "kernel `fixture_add_diagonal`: parameter 5 needs SMs, the device's SM count, which is not given"
     );
-    let err = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 17, sms: Some(0) })
+    let err = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 3, seq_len: 17, sms: Some(0), pages: None, blocks: None })
         .unwrap_err();
     assert_eq!(
         err.to_string(),

@@ -20,16 +20,24 @@ pub enum SizeVar {
     /// it loads (a persistent grid has one CTA per SM).
     #[serde(rename = "SMs")]
     SmCount,
+    /// Pages of a paged KV cache (the pool every sequence's pages come from).
+    #[serde(rename = "pages")]
+    Pages,
+    /// Pages per sequence in a block table (its width).
+    #[serde(rename = "blocks")]
+    Blocks,
 }
 
 impl SizeVar {
-    pub const ALL: [SizeVar; 3] = [SizeVar::Batch, SizeVar::SeqLen, SizeVar::SmCount];
+    pub const ALL: [SizeVar; 5] = [SizeVar::Batch, SizeVar::SeqLen, SizeVar::SmCount, SizeVar::Pages, SizeVar::Blocks];
 
     pub fn symbol(self) -> &'static str {
         match self {
             SizeVar::Batch => "B",
             SizeVar::SeqLen => "S",
             SizeVar::SmCount => "SMs",
+            SizeVar::Pages => "pages",
+            SizeVar::Blocks => "blocks",
         }
     }
 
@@ -39,6 +47,8 @@ impl SizeVar {
             SizeVar::Batch => "the batch size",
             SizeVar::SeqLen => "the sequence length",
             SizeVar::SmCount => "the device's SM count",
+            SizeVar::Pages => "the KV cache's pages",
+            SizeVar::Blocks => "the block table's pages per sequence",
         }
     }
 }
@@ -62,6 +72,9 @@ pub struct SizeEnv {
     /// SMs of the device the call runs on; `None` where there is none (graph shapes, planning
     /// without a GPU), which makes any size that uses it an error.
     pub sms: Option<u64>,
+    /// A paged KV cache's pool and block-table width (serving calls only).
+    pub pages: Option<u64>,
+    pub blocks: Option<u64>,
 }
 
 impl SizeEnv {
@@ -71,6 +84,8 @@ impl SizeEnv {
             SizeVar::Batch => Some(self.batch),
             SizeVar::SeqLen => Some(self.seq_len),
             SizeVar::SmCount => self.sms,
+            SizeVar::Pages => self.pages,
+            SizeVar::Blocks => self.blocks,
         }
     }
 }
@@ -105,6 +120,12 @@ impl SizeExpr {
     }
     pub fn sms() -> SizeExpr {
         SizeExpr::Var(SizeVar::SmCount)
+    }
+    pub fn pages() -> SizeExpr {
+        SizeExpr::Var(SizeVar::Pages)
+    }
+    pub fn blocks() -> SizeExpr {
+        SizeExpr::Var(SizeVar::Blocks)
     }
     pub fn ceil_div(self, divisor: u64) -> SizeExpr {
         assert!(divisor > 0, "ceil_div by zero is a compiler bug");
@@ -215,7 +236,7 @@ mod tests {
     fn grid_expression_prints_and_evaluates() {
         let tiles = SizeExpr::seq_len().ceil_div(64) * SizeExpr::batch() * SizeExpr::c(8);
         assert_eq!(tiles.to_string(), "ceil(S/64)*B*8");
-        let env = SizeEnv { batch: 3, seq_len: 4097, sms: None };
+        let env = SizeEnv { batch: 3, seq_len: 4097, sms: None, pages: None, blocks: None };
         assert_eq!(tiles.eval(&env), Ok(65 * 3 * 8));
         let json = serde_json::to_string(&tiles).unwrap();
         assert_eq!(serde_json::from_str::<SizeExpr>(&json).unwrap(), tiles);
@@ -225,7 +246,7 @@ mod tests {
     fn constants_fold_and_overflow_is_reported() {
         assert_eq!(SizeExpr::c(6) * SizeExpr::c(7) + SizeExpr::c(0), SizeExpr::c(42));
         let big = SizeExpr::batch() * SizeExpr::seq_len();
-        assert_eq!(big.eval(&SizeEnv { batch: u64::MAX, seq_len: 2, sms: None }), Err(EvalError::Overflow));
+        assert_eq!(big.eval(&SizeEnv { batch: u64::MAX, seq_len: 2, sms: None, pages: None, blocks: None }), Err(EvalError::Overflow));
         assert_eq!((SizeExpr::batch() + SizeExpr::c(1) * SizeExpr::seq_len()).to_string(), "B + S");
     }
 
@@ -234,8 +255,8 @@ mod tests {
         let grid = SizeExpr::sms() * SizeExpr::c(2);
         assert_eq!(grid.to_string(), "SMs*2");
         assert_eq!(serde_json::to_string(&SizeExpr::sms()).unwrap(), r#"{"var":"SMs"}"#);
-        assert_eq!(grid.eval(&SizeEnv { batch: 1, seq_len: 1, sms: Some(7) }), Ok(14));
-        let without = SizeEnv { batch: 1, seq_len: 1, sms: None };
+        assert_eq!(grid.eval(&SizeEnv { batch: 1, seq_len: 1, sms: Some(7), pages: None, blocks: None }), Ok(14));
+        let without = SizeEnv { batch: 1, seq_len: 1, sms: None, pages: None, blocks: None };
         assert_eq!(grid.eval(&without), Err(EvalError::Unbound(SizeVar::SmCount)));
         assert_eq!(
             EvalError::Unbound(SizeVar::SmCount).to_string(),

@@ -145,7 +145,7 @@ fn main() -> ExitCode {
             batch,
             seq_len,
             sms,
-        } => plan(&dir, SizeEnv { batch, seq_len, sms }),
+        } => plan(&dir, SizeEnv { batch, seq_len, sms, pages: None, blocks: None }),
         Command::Tune {
             dir,
             batch,

@@ -40,7 +40,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, BackwardKernel, GradientTerm, InputGradient, SplitGradient, SummedRows, TokenSum, WeightGradient, backward_kernels,
+    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, BackwardKernel, DecodeKernel, PagedKv, build_decode, GradientTerm, InputGradient, SplitGradient, SummedRows, TokenSum, WeightGradient, backward_kernels,
     build_attention_backward,
     build_input_gradient, build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule,
     gradient_name, parts_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,

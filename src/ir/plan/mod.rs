@@ -479,7 +479,7 @@ fn same_elements(a: &TensorType, b: &TensorType) -> bool {
     };
     a.elem == b.elem
         && [(1, 1), (3, 17), (2, 1000)].into_iter().all(|(batch, seq_len)| {
-            let env = crate::ir::size::SizeEnv { batch, seq_len, sms: None };
+            let env = crate::ir::size::SizeEnv { batch, seq_len, sms: None, pages: None, blocks: None };
             elements(a, &env).is_some() && elements(a, &env) == elements(b, &env)
         })
 }

@@ -4,6 +4,7 @@
 //! `out_proj` (tiled GEMM).
 
 mod backward;
+mod decode;
 mod qk_prologue;
 use qk_prologue::PrologueBuilder;
 mod wgmma_attention;
@@ -14,6 +15,7 @@ pub use backward::{
     build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule, gradient_name,
     parts_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule,
 };
+pub use decode::{DecodeKernel, PagedKv, build_decode};
 pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,
 };
@@ -775,6 +777,85 @@ fn wgmma_accumulator(warps_m: u32, warps_n: u32, rows: u32, cols: u32) -> bool {
     warps_n == 1 && warps_m.is_multiple_of(4) && rows == 16 * warps_m && cols.is_multiple_of(8) && cols <= 256
 }
 
+/// FlashAttention-2's online softmax over key tiles, in registers: scores and probabilities of
+/// one key tile, the output accumulator and the per-row running max and sum. The forward
+/// attention and the decode attention over a paged cache run the same steps.
+struct OnlineSoftmax {
+    scores: TileId,
+    probs: TileId,
+    o: TileId,
+    m: TileId,
+    l: TileId,
+    m_new: TileId,
+    alpha: TileId,
+    tile_max: TileId,
+    tile_sum: TileId,
+}
+
+impl OnlineSoftmax {
+    /// The state of `rows` query rows against key tiles of `keys` on a wm × wn warp grid.
+    fn declare(t: &mut Tiles, storage: ElemType, rows: u32, keys: u32, d: u32, wm: u32, wn: u32) -> OnlineSoftmax {
+        let acc = Layout::MmaAccumulator { warps_m: wm, warps_n: wn };
+        let row_vec = Layout::RowVector { warps_m: wm, warps_n: wn };
+        let scores = t.regs("scores", ElemType::F32, rows, keys, acc);
+        let probs = t.regs("probs", storage, rows, keys, Layout::MmaOperandA { warps_m: wm, warps_n: wn });
+        let o = t.regs("o", ElemType::F32, rows, d, acc);
+        let [m, l, m_new, alpha, tile_max, tile_sum] =
+            ["m", "l", "m_new", "alpha", "tile_max", "tile_sum"].map(|n| t.regs(n, ElemType::F32, rows, 1, row_vec));
+        OnlineSoftmax { scores, probs, o, m, l, m_new, alpha, tile_max, tile_sum }
+    }
+
+    /// o = 0, m = −∞, l = 0.
+    fn start(&self, t: &Tiles) -> Vec<Stmt> {
+        vec![
+            Stmt::Fill { dst: t.whole(self.o), value: 0.0 },
+            Stmt::Fill { dst: t.whole(self.m), value: f64::NEG_INFINITY },
+            Stmt::Fill { dst: t.whole(self.l), value: 0.0 },
+        ]
+    }
+
+    /// One key tile: S = scale·q·kᵀ (−∞ where `visible` is false, unless `unmasked` says no key
+    /// of the tile needs the mask), the running max and sum rescaled, o += P·v.
+    #[allow(clippy::too_many_arguments)]
+    fn step(&self, t: &Tiles, q: TileView, k: TileView, v: TileView, scale: &Expr, unmasked: Expr, visible: Expr) -> Vec<Stmt> {
+        let w = |id: TileId| t.whole(id);
+        let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
+        // exp(x - m) with m = -inf (a row with nothing visible yet) taken as exp(x - 0) = 0.
+        let finite_max = Expr::select(at_row(self.m_new).eq(Expr::Float(f64::NEG_INFINITY)), Expr::Float(0.0), at_row(self.m_new));
+        vec![
+            Stmt::Fill { dst: w(self.scores), value: 0.0 },
+            Stmt::Mma { acc: w(self.scores), a: q, b: k, a_transposed: false, b_transposed: true },
+            Stmt::If {
+                cond: unmasked,
+                then_body: vec![Stmt::Map { dst: w(self.scores), expr: Expr::Elem * scale.clone() }],
+                else_body: vec![Stmt::Map {
+                    dst: w(self.scores),
+                    expr: Expr::select(visible, Expr::Elem * scale.clone(), Expr::Float(f64::NEG_INFINITY)),
+                }],
+            },
+            Stmt::RowReduce { dst: self.tile_max, src: w(self.scores), op: ReduceOp::Max, value: Expr::Elem },
+            Stmt::Map { dst: w(self.m_new), expr: at_row(self.m).max(at_row(self.tile_max)) },
+            Stmt::Map { dst: w(self.alpha), expr: (at_row(self.m) - finite_max.clone()).exp() },
+            Stmt::Map { dst: w(self.scores), expr: (Expr::Elem - finite_max).exp() },
+            Stmt::RowReduce { dst: self.tile_sum, src: w(self.scores), op: ReduceOp::Sum, value: Expr::Elem },
+            Stmt::Map { dst: w(self.l), expr: Expr::Elem * at_row(self.alpha) + at_row(self.tile_sum) },
+            Stmt::Map { dst: w(self.o), expr: Expr::Elem * at_row(self.alpha) },
+            Stmt::Convert { dst: w(self.probs), src: w(self.scores) },
+            Stmt::Mma { acc: w(self.o), a: w(self.probs), b: v, a_transposed: false, b_transposed: false },
+            Stmt::Map { dst: w(self.m), expr: at_row(self.m_new) },
+        ]
+    }
+
+    /// o = o / l, and m becomes the log-sum-exp m + ln(l).
+    fn finish(&self, t: &Tiles) -> Vec<Stmt> {
+        let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
+        vec![
+            Stmt::Map { dst: t.whole(self.o), expr: Expr::Elem / at_row(self.l) },
+            Stmt::Map { dst: t.whole(self.m), expr: Expr::Elem + at_row(self.l).log() },
+        ]
+    }
+}
+
 fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
     let d = spec.head_dim as u32;
     let (bm, bn) = (s.block_m, s.block_n);
@@ -804,37 +885,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let q_s = operand("q_s", bm);
     let k_s = operand("k_s", s.stages * bn);
     let v_s = operand("v_s", s.stages * bn);
-    let acc = Layout::MmaAccumulator {
-        warps_m: wm,
-        warps_n: wn,
-    };
-    let row_vec = Layout::RowVector {
-        warps_m: wm,
-        warps_n: wn,
-    };
-    let scores = t.regs("scores", ElemType::F32, bm, bn, acc);
-    let probs = t.regs(
-        "probs",
-        storage,
-        bm,
-        bn,
-        Layout::MmaOperandA {
-            warps_m: wm,
-            warps_n: wn,
-        },
-    );
-    let o = t.regs("o", ElemType::F32, bm, d, acc);
-    let [m, l, m_new, alpha, tile_max, tile_sum] =
-        ["m", "l", "m_new", "alpha", "tile_max", "tile_sum"]
-            .map(|n| t.regs(n, ElemType::F32, bm, 1, row_vec));
-    let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
-    // exp(x - m) with m = -inf (a row with nothing visible yet) taken as exp(x - 0) = 0.
-    let finite_max = Expr::select(
-        at_row(m_new).eq(Expr::Float(f64::NEG_INFINITY)),
-        Expr::Float(0.0),
-        at_row(m_new),
-    );
-
+    let softmax = OnlineSoftmax::declare(&mut t, storage, bm, bn, d, wm, wn);
     let q_row = var("q_row0") + Expr::Row;
     let k_col = var("k_col0") + Expr::Col;
     let allowed = match spec.mask {
@@ -903,82 +954,9 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             .collect()
     };
     let compute = |step: Expr, slot: Expr| {
-        vec![
-            let_("k_col0", (var("kv_first") + step) * int(bn)),
-            Stmt::Fill {
-                dst: w(scores),
-                value: 0.0,
-            },
-            Stmt::Mma {
-                acc: w(scores),
-                a: w(q_s),
-                b: slot_view(k_s, slot.clone()),
-                a_transposed: false,
-                b_transposed: true,
-            },
-            Stmt::If {
-                cond: unmasked.clone(),
-                then_body: vec![Stmt::Map {
-                    dst: w(scores),
-                    expr: Expr::Elem * scale.clone(),
-                }],
-                else_body: vec![Stmt::Map {
-                    dst: w(scores),
-                    expr: Expr::select(
-                        visible.clone(),
-                        Expr::Elem * scale.clone(),
-                        Expr::Float(f64::NEG_INFINITY),
-                    ),
-                }],
-            },
-            Stmt::RowReduce {
-                dst: tile_max,
-                src: w(scores),
-                op: ReduceOp::Max,
-                value: Expr::Elem,
-            },
-            Stmt::Map {
-                dst: w(m_new),
-                expr: at_row(m).max(at_row(tile_max)),
-            },
-            Stmt::Map {
-                dst: w(alpha),
-                expr: (at_row(m) - finite_max.clone()).exp(),
-            },
-            Stmt::Map {
-                dst: w(scores),
-                expr: (Expr::Elem - finite_max.clone()).exp(),
-            },
-            Stmt::RowReduce {
-                dst: tile_sum,
-                src: w(scores),
-                op: ReduceOp::Sum,
-                value: Expr::Elem,
-            },
-            Stmt::Map {
-                dst: w(l),
-                expr: Expr::Elem * at_row(alpha) + at_row(tile_sum),
-            },
-            Stmt::Map {
-                dst: w(o),
-                expr: Expr::Elem * at_row(alpha),
-            },
-            Stmt::Convert {
-                dst: w(probs),
-                src: w(scores),
-            },
-            Stmt::Mma {
-                acc: w(o),
-                a: w(probs),
-                b: slot_view(v_s, slot),
-                a_transposed: false,
-                b_transposed: false,
-            },
-            Stmt::Map {
-                dst: w(m),
-                expr: at_row(m_new),
-            },
-        ]
+        let mut stmts = vec![let_("k_col0", (var("kv_first") + step) * int(bn))];
+        stmts.extend(softmax.step(&t, w(q_s), slot_view(k_s, slot.clone()), slot_view(v_s, slot), &scale, unmasked.clone(), visible.clone()));
+        stmts
     };
     let kv_loop = pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute);
     let g = spec.groups();
@@ -1007,30 +985,20 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         Stmt::AsyncCommit,
         Stmt::AsyncWait { pending: 0 },
         Stmt::Barrier,
-        Stmt::Fill {
-            dst: w(o),
-            value: 0.0,
-        },
-        Stmt::Fill {
-            dst: w(m),
-            value: f64::NEG_INFINITY,
-        },
-        Stmt::Fill {
-            dst: w(l),
-            value: 0.0,
-        },
+    ];
+    body.extend(softmax.start(&t));
+    body.extend([
         Stmt::Note("only key tiles some row of this tile can see".into()),
         let_("kv_first", kv_start),
         let_("kv_count", kv_end - var("kv_first")),
-    ];
+    ]);
     body.extend(kv_loop);
     body.extend([
-        Stmt::Map {
-            dst: w(o),
-            expr: Expr::Elem / at_row(l),
-        },
+    ]);
+    body.extend(softmax.finish(&t));
+    body.extend([
         Stmt::Store {
-            src: w(o),
+            src: w(softmax.o),
             dst: GlobalTile {
                 param: "o".into(),
                 dims: vec![
@@ -1042,12 +1010,8 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             },
         },
         Stmt::Note("lse = m + ln(l), kept for the backward pass".into()),
-        Stmt::Map {
-            dst: w(m),
-            expr: Expr::Elem + at_row(l).log(),
-        },
         Stmt::Store {
-            src: w(m),
+            src: w(softmax.m),
             dst: GlobalTile {
                 param: "lse".into(),
                 dims: vec![

@@ -94,7 +94,7 @@ pub const INTERPRETER_SMS: u64 = 3;
 /// The sizes of an interpreted call of `batch` sequences of `seq_len` tokens, on
 /// [`INTERPRETER_SMS`] SMs.
 pub fn launch_sizes(batch: usize, seq_len: usize) -> SizeEnv {
-    SizeEnv { batch: batch as u64, seq_len: seq_len as u64, sms: Some(INTERPRETER_SMS) }
+    SizeEnv { batch: batch as u64, seq_len: seq_len as u64, sms: Some(INTERPRETER_SMS), pages: None, blocks: None }
 }
 
 /// Runs `kernel` over its whole grid for `sizes`. Every tensor parameter must be in `buffers`
