@@ -1,7 +1,8 @@
 //! Serving kernels over a paged KV cache: the attention of one new token per sequence
 //! (`decode_attention`: one CTA per key partition, kv head and sequence, the query heads of the
 //! group as the MMA rows, keys gathered page by page through the block table) and the merge of
-//! its partitions by log-sum-exp (`decode_merge`). Not launched by an entry point yet.
+//! its partitions by log-sum-exp (`decode_merge`), and the append of new tokens' k and v into
+//! their pages (`kv_append`). Not launched by an entry point yet.
 
 use super::*;
 
@@ -18,6 +19,7 @@ pub struct PagedKv {
 pub enum DecodeKernel {
     Attention,
     Merge,
+    Append,
 }
 
 impl DecodeKernel {
@@ -25,6 +27,7 @@ impl DecodeKernel {
         match self {
             DecodeKernel::Attention => "decode_attention",
             DecodeKernel::Merge => "decode_merge",
+            DecodeKernel::Append => "kv_append",
         }
     }
 }
@@ -55,6 +58,7 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
     let kernel = match which {
         DecodeKernel::Attention => decode_attention(spec, paged, key_tile)?,
         DecodeKernel::Merge => decode_merge(spec, paged)?,
+        DecodeKernel::Append => kv_append(spec, paged)?,
     };
     let schedule = kernel.schedule;
     verified(kernel, &schedule)
@@ -243,4 +247,57 @@ fn decode_merge(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String
     let schedule = Schedule { block_m: d, block_n: 1, block_k: 1, warps: 1, stages: 1 };
     let name = format!("{}_{}", spec.name, DecodeKernel::Merge.suffix());
     Ok(tiled_kernel(name, params, [size(spec.query_heads), SizeExpr::batch(), size(1)], &schedule, t, body))
+}
+
+/// CTA = token s of sequence b: its k and v rows (all kv heads) written at position
+/// start[b] + s, into row (start + s) % page_size of the page the block table names for it.
+/// Decode appends one token (S = 1, start = the length before it); a chunk of a prefill
+/// appends S tokens after the cached ones.
+fn kv_append(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
+    let storage: ElemType = spec.dtype.into();
+    let (hk, d) = (spec.kv_heads as u32, spec.head_dim as u32);
+    let page_size = paged.page_size;
+    let mut t = Tiles { decls: Vec::new() };
+    let rows_s = t.add("rows_s", TileType { elem: storage, rows: hk, cols: d, layout: Layout::RowMajor { pad: 0 } });
+    let w = |id: TileId| t.whole(id);
+    let heads = || [span(int(0), hk), span(int(0), d)];
+    let mut body = vec![
+        Stmt::Note(format!("CTA = token s of sequence b: k and v of its {hk} kv head(s) into their page")),
+        let_("s", Expr::BlockIdx(Axis::X)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("position", Expr::global("start", vec![var("b")]) + var("s")),
+        let_("page", Expr::global("block_table", vec![var("b"), var("position").floor_div(int(page_size))])),
+    ];
+    for (tensor, cache) in [("k", "k_cache"), ("v", "v_cache")] {
+        body.extend([
+            Stmt::Copy {
+                dst: w(rows_s),
+                src: GlobalTile { param: tensor.into(), dims: [GlobalDim::At(var("b")), GlobalDim::At(var("s"))].into_iter().chain(heads()).collect() },
+                is_async: false,
+            },
+            Stmt::Barrier,
+            Stmt::Store {
+                src: w(rows_s),
+                dst: GlobalTile {
+                    param: cache.into(),
+                    dims: [GlobalDim::At(var("page")), GlobalDim::At(var("position").modulo(int(page_size)))].into_iter().chain(heads()).collect(),
+                },
+            },
+            Stmt::Barrier,
+        ]);
+    }
+    let cache_shape = || vec![SizeExpr::pages(), size(page_size as usize), size(spec.kv_heads), size(spec.head_dim)];
+    let token_shape = || vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.kv_heads), size(spec.head_dim)];
+    let mut params = vec![
+        tensor("k", storage, token_shape(), Access::Read),
+        tensor("v", storage, token_shape(), Access::Read),
+        tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
+        tensor("start", ElemType::I32, vec![SizeExpr::batch()], Access::Read),
+        tensor("k_cache", storage, cache_shape(), Access::Write),
+        tensor("v_cache", storage, cache_shape(), Access::Write),
+    ];
+    params.extend(paged_size_params());
+    let schedule = Schedule { block_m: hk, block_n: d, block_k: d, warps: 1, stages: 1 };
+    let name = format!("{}_{}", spec.name, DecodeKernel::Append.suffix());
+    Ok(tiled_kernel(name, params, [SizeExpr::seq_len(), size(1), SizeExpr::batch()], &schedule, t, body))
 }
