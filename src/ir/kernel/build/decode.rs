@@ -161,7 +161,7 @@ fn decode_attention(spec: &AttentionSpec, paged: PagedKv, key_tile: u32) -> Resu
     ];
     work.extend(softmax.start(&t));
     work.extend(pipelined_loop("kv_step", var("kv_count"), stages, &load, &compute));
-    work.extend(softmax.finish(&t));
+    work.extend([softmax.normalize(&t), softmax.log_sum_exp(&t)]);
     let partial = |param: &str, last: Option<u32>| GlobalTile {
         param: param.into(),
         dims: [GlobalDim::At(var("b")), GlobalDim::At(var("part")), group_heads(rows)].into_iter().chain(last.map(|d| span(int(0), d))).collect(),

@@ -846,13 +846,14 @@ impl OnlineSoftmax {
         ]
     }
 
-    /// o = o / l, and m becomes the log-sum-exp m + ln(l).
-    fn finish(&self, t: &Tiles) -> Vec<Stmt> {
-        let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
-        vec![
-            Stmt::Map { dst: t.whole(self.o), expr: Expr::Elem / at_row(self.l) },
-            Stmt::Map { dst: t.whole(self.m), expr: Expr::Elem + at_row(self.l).log() },
-        ]
+    /// o = o / l.
+    fn normalize(&self, t: &Tiles) -> Stmt {
+        Stmt::Map { dst: t.whole(self.o), expr: Expr::Elem / Expr::tile(self.l, Expr::Row, int(0)) }
+    }
+
+    /// m becomes the log-sum-exp m + ln(l).
+    fn log_sum_exp(&self, t: &Tiles) -> Stmt {
+        Stmt::Map { dst: t.whole(self.m), expr: Expr::Elem + Expr::tile(self.l, Expr::Row, int(0)).log() }
     }
 }
 
@@ -995,8 +996,8 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     body.extend(kv_loop);
     body.extend([
     ]);
-    body.extend(softmax.finish(&t));
     body.extend([
+        softmax.normalize(&t),
         Stmt::Store {
             src: w(softmax.o),
             dst: GlobalTile {
@@ -1010,6 +1011,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             },
         },
         Stmt::Note("lse = m + ln(l), kept for the backward pass".into()),
+        softmax.log_sum_exp(&t),
         Stmt::Store {
             src: w(softmax.m),
             dst: GlobalTile {
