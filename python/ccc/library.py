@@ -211,8 +211,9 @@ class Layer:
                 continue
             dtype = TORCH_DTYPES[buffer.dtype]
             if poison:
-                tensors[buffer.name] = torch.full(buffer.shape, float("nan"), dtype=dtype,
-                                                  device=device)
+                # i32 has no NaN: the most negative index, as the Rust runtime poisons.
+                value = torch.iinfo(dtype).min if not dtype.is_floating_point else float("nan")
+                tensors[buffer.name] = torch.full(buffer.shape, value, dtype=dtype, device=device)
             else:
                 tensors[buffer.name] = torch.empty(buffer.shape, dtype=dtype, device=device)
         return BoundCall(self, plan, tensors, device)

@@ -186,7 +186,8 @@ pub fn round_through(dtype: TensorDType, values: &mut [f64]) {
             TensorDType::Bf16 => bf16::from_f64(*v).to_f64(),
             TensorDType::F16 => f16::from_f64(*v).to_f64(),
             TensorDType::F32 => f64::from(*v as f32),
-            TensorDType::I32 => v.round(),
+            // Index tensors hold integers already (`HostTensor::from_f64` refuses others).
+            TensorDType::I32 => *v,
         };
     }
 }

@@ -170,7 +170,8 @@ impl<'ctx> GlobalBox<'ctx> {
     }
 
     /// Address of box element (row, col + extra): from (row, col)'s by a constant where the
-    /// column stride is one (LLVM would otherwise keep each column's offset in registers).
+    /// column stride is a constant (LLVM would otherwise keep each column's offset in
+    /// registers), else computed whole.
     fn pointer_right_of(&self, kb: &KernelBuilder<'_, 'ctx>, row: IntValue<'ctx>, col: IntValue<'ctx>, extra: u32) -> Result<PointerValue<'ctx>> {
         let stride = self.cols.as_ref().and_then(|cols| cols.stride.get_sign_extended_constant());
         match stride {

@@ -77,7 +77,7 @@ fn partial_params(spec: &AttentionSpec, paged: PagedKv, access: Access) -> [Kern
     ]
 }
 
-/// The cache's sizes, after the B and S every tiled kernel takes.
+/// The cache's sizes (`tiled_kernel` appends the B and S every tiled kernel takes).
 fn paged_size_params() -> [KernelParam; 2] {
     [KernelParam::Size(SizeVar::Pages), KernelParam::Size(SizeVar::Blocks)]
 }
@@ -108,14 +108,17 @@ fn decode_attention(spec: &AttentionSpec, paged: PagedKv, key_tile: u32) -> Resu
     let slot_view = |tile: TileId, slot: Expr| t.view(tile, times(slot, bn), int(0), bn, d);
     // Key tile kv_first + tile: its pages, each from the page the block table names. A page
     // past the sequence's last (the second page of its last tile) reads the last page's entry
-    // instead, and its rows are past the length, so zeros: entries past a sequence's pages are
-    // never read and may hold anything.
+    // instead, and its rows are past the length, so zeros; a page wholly before a sliding
+    // window (the first page of its first tile) reads the window's first page, and its keys
+    // are masked: entries outside the pages a token sees are never read and may hold anything
+    // (a server may free them).
     let load = |tile: Expr, slot: Expr| -> Vec<Stmt> {
         let mut stmts = vec![let_("load_tile", var("kv_first") + tile)];
         for p in 0..pages_per_tile {
             let block = var("load_tile") * int(pages_per_tile) + int(p);
             let last_block = (var("len") - int(1)).floor_div(int(page_size));
-            let page = Expr::global("block_table", vec![var("b"), block.clone().min(last_block)]);
+            let first_block = var("first_key").floor_div(int(page_size));
+            let page = Expr::global("block_table", vec![var("b"), block.clone().max(first_block).min(last_block)]);
             let rows_valid = var("len") - block * int(page_size);
             for (param, ring) in [("k_cache", k_s), ("v_cache", v_s)] {
                 stmts.push(Stmt::Copy {
@@ -237,7 +240,11 @@ fn decode_merge(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String
             Stmt::Map { dst: w(sum_s), expr: Expr::Elem + weight() },
             Stmt::Map { dst: w(o_s), expr: Expr::Elem + weight() * Expr::global("o_part", vec![var("b"), var("p"), var("h"), Expr::Row]) },
         ]),
-        Stmt::Map { dst: w(o_s), expr: Expr::Elem / Expr::tile(sum_s, int(0), int(0)) },
+        // A sequence of length 0 (a padded slot) has no partition: its o is 0, not 0/0.
+        Stmt::Map {
+            dst: w(o_s),
+            expr: Expr::select(Expr::Float(0.0).lt(Expr::tile(sum_s, int(0), int(0))), Expr::Elem / Expr::tile(sum_s, int(0), int(0)), Expr::Float(0.0)),
+        },
         Stmt::Barrier,
         Stmt::Store { src: w(o_s), dst: GlobalTile { param: "o".into(), dims: vec![GlobalDim::At(var("b")), GlobalDim::At(var("h")), span(int(0), d)] } },
     ];

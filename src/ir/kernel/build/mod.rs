@@ -995,8 +995,6 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     ]);
     body.extend(kv_loop);
     body.extend([
-    ]);
-    body.extend([
         softmax.normalize(&t),
         Stmt::Store {
             src: w(softmax.o),

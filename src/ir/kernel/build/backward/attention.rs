@@ -724,12 +724,14 @@ impl AttentionBackward<'_> {
             let ds_band = t.view(ds_s, ds_buffer.clone() + int(c * rows), int(0), rows, bm);
             // Only the mask: rows past the sequence's end come out zero without it (Q, dO, K
             // and V read zeros there, and so do the staged lse and D: P = 1, dP = 0, dS = 0;
-            // a key past the end adds nothing to dQ, a zero row of K, and its dK and dV rows
-            // are never written).
+            // a key past the end that the mask hides from every query in the sequence adds
+            // nothing, and its dK and dV rows are never written).
             let probability = (Expr::Elem * scale.clone() - statistic(lse_s[c as usize])).exp();
-            let masked = |p: Expr| match self.mask_allows(query.clone(), key.clone()) {
-                Some(allowed) => Expr::select(allowed, p, Expr::Float(0.0)),
-                None => p,
+            // Without a mask, keys past the end are masked too: dS there is −P·D, finite in
+            // exact arithmetic, but it must not overflow into inf · 0 against K's zero rows.
+            let masked = |p: Expr| {
+                let allowed = self.mask_allows(query.clone(), key.clone()).unwrap_or_else(|| key.clone().lt(seq()));
+                Expr::select(allowed, p, Expr::Float(0.0))
             };
             let mut step = step_lets("");
             step.extend([
