@@ -10,7 +10,14 @@ from .errors import ManifestError
 
 U64_MAX = 2**64 - 1
 # Each variable with what it stands for in messages (`SizeVar::meaning`).
-SIZE_VARS = {"B": "the batch size", "S": "the sequence length", "SMs": "the device's SM count"}
+SIZE_VARS = {
+    "B": "the batch size",
+    "S": "the sequence length",
+    "SMs": "the device's SM count",
+    # A paged KV cache's pool and block-table width (serving; no entry point uses them yet).
+    "pages": "the KV cache's pages",
+    "blocks": "the block table's pages per sequence",
+}
 
 
 class Unbound(Exception):
