@@ -224,3 +224,12 @@ fn kv_append_writes_each_token_into_its_page_row_and_nothing_else() {
     assert_eq!(buffers["k_cache"], want_k);
     assert_eq!(buffers["v_cache"], want_v);
 }
+
+/// The partitions of the grid come from `blocks`: the kernel must take it as a parameter.
+#[test]
+fn a_grid_over_the_block_table_needs_its_width_as_a_parameter() {
+    let mut kernel = build_decode(&spec(Mask::Causal), DecodeKernel::Attention, PagedKv { page_size: 16, partition_keys: 32 }).expect("builds");
+    kernel.params.retain(|param| *param != KernelParam::Size(ccc::ir::size::SizeVar::Blocks));
+    let errors = kernel.verify().expect_err("blocks is not a parameter");
+    assert!(errors.iter().any(|e| e.ends_with("grid uses blocks but it is not a parameter")), "{errors:?}");
+}
