@@ -29,6 +29,11 @@
 #      every weight gradient against float64 autograd of python/ccc/reference.py (beside PyTorch's
 #      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
 #      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
+#   decode (not default): with gpu-carry/hopper-ptx/decode.json (GPU_PREPARE_HOPPER_PTX=1):
+#      bench/decode_attention.py, the decode attention over a paged KV cache (no entry point
+#      launches it yet) of every causal or windowed example against float32 attention, then
+#      timed at B 1, 8, 64, 256 × context 1k to 32k beside SDPA's decode on a dense cache, with
+#      the achieved HBM bandwidth;
 #   train (not default): with gpu-carry/train (every example compiled with backward):
 #      tests/python/gpu_autograd.py (gradients through Layer.forward's autograd against float64,
 #      opcheck, torch.compile), `ccc-run validate` of zaya1's and mha's training libraries,
@@ -43,8 +48,8 @@
 #      1×1000, the table in $OUT/sanitize.md.
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
-#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward train
-#    profile sanitize)
+#   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward decode
+#    train profile sanitize)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -125,6 +130,12 @@ for s in $steps; do
         step backward-stages 90 python3 -u -W ignore bench/backward_stages.py --ptx-dir gpu-carry/hopper-ptx
       fi
       ;;
+    decode)
+      if [ -f gpu-carry/hopper-ptx/decode.json ]; then
+        step decode-attention 400 python3 -u -W ignore bench/decode_attention.py --ptx-dir gpu-carry/hopper-ptx \
+          --out "$out/decode-attention.json"
+      fi
+      ;;
     train)
       if [ -d gpu-carry/train ]; then
         step autograd 540 python3 -u -W ignore tests/python/gpu_autograd.py gpu-carry/train
@@ -157,7 +168,7 @@ for s in $steps; do
       ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward train profile sanitize)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward decode train profile sanitize)" >&2
       exit 2
       ;;
   esac

@@ -172,18 +172,23 @@ fn decode_kernels_lower_and_assemble_without_spills() {
         for which in [DecodeKernel::Attention, DecodeKernel::Merge, DecodeKernel::Append] {
             let kernel = build_decode(&case.spec, which, case.paged).expect("builds");
             let lowered = ccc::codegen::lower::lower_kernels(&kernel.name, std::slice::from_ref(&kernel)).expect("lowers");
-            let Ok(ptxas) = ccc::codegen::ptxas::find_ptxas() else { continue };
-            let dir = std::env::temp_dir().join(format!("ccc-decode-{}-{}", std::process::id(), kernel.name));
-            std::fs::create_dir_all(&dir).expect("temp dir");
-            let input = dir.join("kernel.ptx");
-            std::fs::write(&input, &lowered.ptx).expect("write ptx");
-            let run = std::process::Command::new(ptxas).args(["-arch=sm_90a", "-v"]).arg(&input).arg("-o").arg(dir.join("kernel.cubin")).output().expect("ptxas");
-            let _ = std::fs::remove_dir_all(&dir);
-            let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-            assert!(run.status.success(), "{}: {log}", kernel.name);
-            assert!(log.contains("0 bytes spill stores, 0 bytes spill loads"), "{}: {log}", kernel.name);
+            assemble_without_spills(&kernel.name, &lowered.ptx);
         }
     }
+}
+
+/// ptxas -v on `ptx` (where ptxas is found): it assembles, without spills.
+fn assemble_without_spills(name: &str, ptx: &str) {
+    let Ok(ptxas) = ccc::codegen::ptxas::find_ptxas() else { return };
+    let dir = std::env::temp_dir().join(format!("ccc-decode-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let input = dir.join("kernel.ptx");
+    std::fs::write(&input, ptx).expect("write ptx");
+    let run = std::process::Command::new(ptxas).args(["-arch=sm_90a", "-v"]).arg(&input).arg("-o").arg(dir.join("kernel.cubin")).output().expect("ptxas");
+    let _ = std::fs::remove_dir_all(&dir);
+    let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(run.status.success(), "{name}: {log}");
+    assert!(log.contains("0 bytes spill stores, 0 bytes spill loads"), "{name}: {log}");
 }
 
 /// Tokens written at start[b] + s land in row (start + s) % page_size of the page the block
@@ -232,4 +237,38 @@ fn a_grid_over_the_block_table_needs_its_width_as_a_parameter() {
     kernel.params.retain(|param| *param != KernelParam::Size(ccc::ir::size::SizeVar::Blocks));
     let errors = kernel.verify().expect_err("blocks is not a parameter");
     assert!(errors.iter().any(|e| e.ends_with("grid uses blocks but it is not a parameter")), "{errors:?}");
+}
+
+/// Every example with a causal or sliding-window mask, at the geometry the serving benchmarks
+/// use (pages of 16 keys, 512 keys per partition): the decode kernels lower and assemble
+/// without spills. With `CCC_HOPPER_PTX_OUT=DIR` their PTX goes there with `decode.json` (for
+/// bench/decode_attention.py, which launches them raw: per kernel its example, stage,
+/// parameters in ABI order, threads, shared memory and the geometry).
+#[test]
+fn decode_kernels_of_every_example_assemble_without_spills() {
+    let out = std::env::var_os("CCC_HOPPER_PTX_OUT").map(std::path::PathBuf::from);
+    let paged = PagedKv { page_size: 16, partition_keys: 512 };
+    let mut descriptions = Vec::new();
+    for spec in common::specs::example_files().into_iter().filter(|spec| spec.mask != Mask::None) {
+        for which in [DecodeKernel::Attention, DecodeKernel::Merge, DecodeKernel::Append] {
+            let kernel = build_decode(&spec, which, paged).expect("builds");
+            let ptx = ccc::codegen::lower::lower_kernels(&kernel.name, std::slice::from_ref(&kernel)).expect("lowers").ptx;
+            assemble_without_spills(&kernel.name, &ptx);
+            if let Some(dir) = &out {
+                std::fs::create_dir_all(dir).expect("output dir");
+                std::fs::write(dir.join(format!("{}.ptx", kernel.name)), &ptx).expect("write ptx");
+                descriptions.push(serde_json::json!({
+                    "name": kernel.name, "layer": spec.name, "stage": which.suffix(), "elem": spec.dtype.name(),
+                    "head_dim": spec.head_dim, "q_heads": spec.query_heads, "kv_heads": spec.kv_heads,
+                    "window": match spec.mask { Mask::SlidingWindow { window } => Some(window), _ => None },
+                    "softmax_scale": spec.softmax_scale, "page_size": paged.page_size, "partition_keys": paged.partition_keys,
+                    "params": kernel.params.iter().map(KernelParam::name).collect::<Vec<_>>(),
+                    "threads": kernel.threads(), "dynamic_shared_bytes": kernel.shared_bytes(),
+                }));
+            }
+        }
+    }
+    if let Some(dir) = &out {
+        std::fs::write(dir.join("decode.json"), serde_json::to_string_pretty(&descriptions).expect("json")).expect("write json");
+    }
 }
