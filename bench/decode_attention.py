@@ -1,7 +1,7 @@
 """Checks and times the decode attention over a paged KV cache (ccc::ir::kernel::build_decode:
 `decode_attention` then `decode_merge`) on the GPU, against PyTorch.
 
-Usage: python3 bench/decode_attention.py --ptx-dir DIR [--layers REGEX] [--check-lens 1,17,1000,4097]
+Usage: python3 bench/decode_attention.py --ptx-dir DIR [--layers REGEX] [--check-lens 1,17,0,1000,4097]
        [--batches 1,8,64,256] [--contexts 1024,4096,16384,32768] [--max-gib 20] [--out FILE]
 
 DIR holds `<kernel>.ptx` and `decode.json` (written by `CCC_HOPPER_PTX_OUT=DIR cargo test
@@ -9,18 +9,21 @@ DIR holds `<kernel>.ptx` and `decode.json` (written by `CCC_HOPPER_PTX_OUT=DIR c
 scripts/gpu-prepare.sh` does it): per kernel its layer, stage, parameters in ABI order, threads,
 dynamic shared memory, page size and keys per partition.
 
-Correctness, per layer: one batch of sequences of the `--check-lens` lengths, their pages spread
-over one pool in random order (block-table entries past a sequence's pages are −1: never read);
+Correctness, per layer: one batch of sequences of the `--check-lens` lengths (0: a padded slot,
+whose o must be 0), their pages spread over one pool in random order (block-table entries past a
+sequence's pages are −1: never read);
 o (bf16) against float32 attention of the same bf16 q, k and v over each sequence's keys (the new
 token at position len − 1 sees every key, or the last `window`), relative L2 ≤ 1e-2 per
 sequence; the partial buffers and o are NaN-poisoned first.
 Timing, per layer, batch and context (every sequence at that context): the two kernels
-together, CUDA events, median of 20, beside SDPA's decode on a dense cache of the same
+together, CUDA events around 10 calls in a row, median of 20, beside SDPA's decode on a dense cache of the same
 contents (one query token, `enable_gqa`; each backend that takes it: FlashAttention, cuDNN,
 memory-efficient). Reported with the KV bytes read (B · ctx · Hk · d · 2 tensors · 2 bytes, or
 the window's keys) over the time, and that as a share of the GPU's HBM bandwidth (H100 SXM
-3.35 TB/s, H200 4.8 TB/s, from the device name). Points whose caches (ours and the peer's
-dense copy) would pass `--max-gib` are skipped.
+3.35 TB/s, H200 4.8 TB/s, from the device name; none for PCIe cards). Points whose KV fits in
+the L2 are marked (repeated calls read it from there); points whose caches (ours and the
+peer's dense copy) would pass `--max-gib` are skipped with a message. A backend that does not
+take the shape (the memory-efficient one has no `enable_gqa`) is reported with its error.
 """
 
 import argparse
@@ -46,6 +49,7 @@ class Layer:
         s = self.spec
         self.page, self.partition = s["page_size"], s["partition_keys"]
         self.hq, self.hk, self.d = s["q_heads"], s["kv_heads"], s["head_dim"]
+        self.dtype = {"bf16": torch.bfloat16, "f16": torch.float16}[s["elem"]]
 
     def buffers(self, lens, blocks, pages, device, poison):
         """The partial outputs and o for a batch of `lens` over a table `blocks` wide."""
@@ -54,36 +58,46 @@ class Layer:
         return {
             "o_part": torch.full((batch, parts, self.hq, self.d), fill, device=device),
             "lse_part": torch.full((batch, parts, self.hq), fill, device=device),
-            "o": torch.full((batch, self.hq, self.d), fill, device=device, dtype=torch.bfloat16),
+            "o": torch.full((batch, self.hq, self.d), fill, device=device, dtype=self.dtype),
         }
 
-    def run(self, tensors, sizes):
+    def launcher(self, tensors, sizes):
+        """A call of both kernels on `tensors`, its arguments built once (so that a timing holds
+        the launches, not the building)."""
         batch = sizes["B"]
         parts = math.ceil(sizes["blocks"] * self.page / self.partition)
         grids = {"decode_attention": (parts, self.hk, batch), "decode_merge": (self.hq, batch, 1)}
+        launches = []
         for stage in ("decode_attention", "decode_merge"):
             spec, function = self.kernels[stage]
             args = tuple(numpy.uint32(sizes[p]) if p in sizes else numpy.uint64(tensors[p].data_ptr())
                          for p in spec["params"])
-            function(grids[stage], (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
+            launches.append((function, grids[stage], (spec["threads"],), args, spec["dynamic_shared_bytes"]))
+
+        def run():
+            for function, grid, block, args, shared in launches:
+                function(grid, block, args, shared_mem=shared)
+        return run
 
 
-def paged_cache(layer, lens, device, generator):
+def paged_cache(layer, lens, device, seed):
     """k and v pools with every sequence's pages in random order, the block table (−1 past a
     sequence's pages), its width and the pool's pages."""
     page = layer.page
     counts = [math.ceil(n / page) for n in lens]
-    blocks, pages = max(counts), sum(counts) + 2
-    order = torch.randperm(pages, generator=generator, device=device).cpu()
+    blocks, pages = max(max(counts), 1), sum(counts) + 2
+    order = torch.randperm(pages, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator(device=device).manual_seed(seed)
     table = torch.full((len(lens), blocks), -1, dtype=torch.int32)
     start = 0
     for b, count in enumerate(counts):
         table[b, :count] = order[start:start + count]
         start += count
     shape = (pages, page, layer.hk, layer.d)
-    k_cache = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
-    v_cache = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
-    return k_cache, v_cache, table.to(device), blocks, pages
+    k_cache = torch.randn(shape, generator=generator, device=device, dtype=layer.dtype)
+    v_cache = torch.randn(shape, generator=generator, device=device, dtype=layer.dtype)
+    q = torch.randn(len(lens), layer.hq, layer.d, generator=generator, device=device, dtype=layer.dtype)
+    return q, k_cache, v_cache, table.to(device), blocks, pages
 
 
 def gathered(cache, table_row, n, page):
@@ -103,54 +117,59 @@ def reference(layer, q, k, v, window):
 
 
 def check(layer, lens, device):
-    generator = torch.Generator(device=device).manual_seed(0)
-    k_cache, v_cache, table, blocks, pages = paged_cache(layer, lens, device, generator)
-    q = torch.randn(len(lens), layer.hq, layer.d, generator=generator, device=device, dtype=torch.bfloat16)
+    q, k_cache, v_cache, table, blocks, pages = paged_cache(layer, lens, device, 0)
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": table,
                "seq_lens": torch.tensor(lens, dtype=torch.int32, device=device)}
     tensors.update(layer.buffers(lens, blocks, pages, device, poison=True))
-    layer.run(tensors, {"B": len(lens), "S": 1, "pages": pages, "blocks": blocks})
+    layer.launcher(tensors, {"B": len(lens), "S": 1, "pages": pages, "blocks": blocks})()
     torch.cuda.synchronize()
     errors = []
     for b, n in enumerate(lens):
+        got = tensors["o"][b].float()
+        if n == 0:  # a padded slot: o = 0
+            errors.append(got.abs().max().item() if torch.isfinite(got).all() else float("inf"))
+            continue
         want = reference(layer, q[b], gathered(k_cache, table[b], n, layer.page),
                          gathered(v_cache, table[b], n, layer.page), layer.spec["window"])
-        got = tensors["o"][b].float()
         error = ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
         errors.append(error if torch.isfinite(got).all() else float("inf"))
     return errors
 
 
+def timed_ms(fn, inner=10):
+    """Milliseconds per call of `fn`, from the median of CUDA-event timings of `inner` calls in a
+    row (a single short launch would be timed with its host overhead)."""
+    return median_ms(lambda: [fn() for _ in range(inner)]) / inner
+
+
 def time_point(layer, batch, context, device):
-    generator = torch.Generator(device=device).manual_seed(1)
     lens = [context] * batch
-    k_cache, v_cache, table, blocks, pages = paged_cache(layer, lens, device, generator)
-    q = torch.randn(batch, layer.hq, layer.d, generator=generator, device=device, dtype=torch.bfloat16)
+    q, k_cache, v_cache, table, blocks, pages = paged_cache(layer, lens, device, 1)
     tensors = {"q": q, "k_cache": k_cache, "v_cache": v_cache, "block_table": table,
                "seq_lens": torch.tensor(lens, dtype=torch.int32, device=device)}
     tensors.update(layer.buffers(lens, blocks, pages, device, poison=False))
     sizes = {"B": batch, "S": 1, "pages": pages, "blocks": blocks}
-    row = {"batch": batch, "context": context, "ccc_ms": median_ms(lambda: layer.run(tensors, sizes))}
-    # The peer's dense cache [B, Hk, ctx, d] with the same contents.
-    dense = [torch.stack([gathered(c, table[b], context, layer.page) for b in range(batch)]).transpose(1, 2).contiguous()
-             for c in (k_cache, v_cache)]
+    row = {"batch": batch, "context": context, "ccc_ms": timed_ms(layer.launcher(tensors, sizes))}
+    # The peer's dense cache [B, Hk, keys, d] of the same contents: the keys the token sees.
     window = layer.spec["window"]
-    if window is not None:
-        dense = [t[:, :, -window:] for t in dense]
+    keys = min(context, window) if window is not None else context
+    dense = [torch.empty(batch, layer.hk, keys, layer.d, device=device, dtype=layer.dtype) for _ in range(2)]
+    for cache, out in zip((k_cache, v_cache), dense):
+        for b in range(batch):
+            out[b] = gathered(cache, table[b], context, layer.page)[context - keys:].transpose(0, 1)
     query = q[:, :, None, :]
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
                           ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
         try:
             with sdpa_kernel([backend]):
-                call = lambda: F.scaled_dot_product_attention(query, *dense, scale=layer.spec["softmax_scale"],
-                                                              enable_gqa=True)
+                def call():
+                    return F.scaled_dot_product_attention(query, *dense, scale=layer.spec["softmax_scale"], enable_gqa=True)
                 call()
-                row[name + "_ms"] = median_ms(call)
+                row[name + "_ms"] = timed_ms(call)
         except RuntimeError as error:
             row[name + "_ms"] = None
             row[name + "_error"] = str(error).splitlines()[0]
-    keys = min(context, window) if window is not None else context
-    row["kv_bytes"] = batch * keys * layer.hk * layer.d * 2 * 2
+    row["kv_bytes"] = batch * keys * layer.hk * layer.d * 2 * layer.dtype.itemsize
     return row
 
 
@@ -158,7 +177,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--ptx-dir", required=True)
     parser.add_argument("--layers", default=".")
-    parser.add_argument("--check-lens", default="1,17,1000,4097,16,33")
+    parser.add_argument("--check-lens", default="1,17,0,1000,4097,16,33")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
     parser.add_argument("--max-gib", type=float, default=20.0)
@@ -171,7 +190,8 @@ def main():
             by_layer.setdefault(spec["layer"], []).append((spec, module, function))
     device = "cuda"
     name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
+    # SXM parts only: a PCIe card's HBM is slower, and its peak is not assumed.
+    peak = None if "PCIe" in name else next((v for k, v in PEAK_BYTES_PER_S.items() if k in name), None)
     print(f"{name}: HBM peak {peak / 1e12 if peak else float('nan'):.2f} TB/s", flush=True)
     report, all_ok = [], True
     for layer_name, kernels in sorted(by_layer.items()):
@@ -185,8 +205,11 @@ def main():
               + ("" if ok else "  FAIL"), flush=True)
         for batch in (int(b) for b in args.batches.split(",")):
             for context in (int(c) for c in args.contexts.split(",")):
-                cache_bytes = batch * context * layer.hk * layer.d * 2 * 2
+                # Ours (paged k and v) and the peer's dense copy.
+                cache_bytes = batch * context * layer.hk * layer.d * 2 * layer.dtype.itemsize
                 if 2 * cache_bytes > args.max_gib * 2**30:
+                    print(f"{layer_name} B={batch} ctx={context}: skipped, {2 * cache_bytes / 2**30:.1f} GiB of caches "
+                          f"> --max-gib {args.max_gib}", flush=True)
                     continue
                 row = time_point(layer, batch, context, device)
                 row["layer"] = layer_name
@@ -194,10 +217,13 @@ def main():
                 row["ccc_tb_s"] = row["kv_bytes"] / seconds / 1e12
                 row["ccc_of_peak"] = row["kv_bytes"] / seconds / peak if peak else None
                 report.append(row)
-                peers = ", ".join(f"{n} {row[n + '_ms']:.3f} ms" for n in ("flash", "cudnn", "efficient") if row.get(n + "_ms"))
+                peers = ", ".join(f"{n} {row[n + '_ms']:.3f} ms" if row.get(n + "_ms") else f"{n} n/a ({row.get(n + '_error', '')})"
+                                  for n in ("flash", "cudnn", "efficient"))
                 share = f" ({100 * row['ccc_of_peak']:.0f} % of peak)" if peak else ""
-                print(f"{layer_name} B={batch} ctx={context}: ccc {row['ccc_ms']:.3f} ms, "
-                      f"{row['ccc_tb_s']:.2f} TB/s{share}; {peers}", flush=True)
+                # KV that fits in the 50 MB L2 twice over is read from it on repeated calls.
+                cached = " [KV fits in L2]" if row["kv_bytes"] < 100e6 else ""
+                print(f"{layer_name} B={batch} ctx={context}: ccc {row['ccc_ms']:.4f} ms, "
+                      f"{row['ccc_tb_s']:.2f} TB/s{share}{cached}; {peers}", flush=True)
                 torch.cuda.empty_cache()
     finish(report, args.out, all_ok)
 
