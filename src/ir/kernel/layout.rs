@@ -47,6 +47,25 @@ pub const TILE_ALIGNMENT: u32 = SWIZZLE_BYTES * ATOM_ROWS;
 /// Rows of the K extent of one wgmma (k16 for 16-bit types).
 pub const WGMMA_K: u32 = 16;
 
+/// Why a warps_m × warps_n warp grid cannot hold an accumulator of `rows` rows for one wgmma
+/// m64nNk16 per warpgroup (whole warpgroups along M, one 16-row band per warp: the wgmma D and
+/// A fragments are then the mma.sync ones of that band), if it cannot. The verifier's rule,
+/// which the builders ask before they choose wgmma.
+pub fn wgmma_band_error(warps_m: u32, warps_n: u32, rows: u32) -> Option<String> {
+    (warps_n != 1 || !warps_m.is_multiple_of(4) || rows != 16 * warps_m)
+        .then(|| format!("wgmma needs whole warpgroups along M with one 16-row band per warp, not {warps_m}x{warps_n} warps over {rows} rows"))
+}
+
+/// Why N = `cols` is not a wgmma width (a multiple of 8 in 8..=256), if it is not.
+pub fn wgmma_width_error(cols: u32) -> Option<String> {
+    (!(8..=256).contains(&cols) || !cols.is_multiple_of(8)).then(|| format!("wgmma N = {cols} is not a multiple of 8 in 8..=256"))
+}
+
+/// Whether the warp grid holds a rows × cols wgmma accumulator (both rules above).
+pub fn wgmma_accumulator_fits(warps_m: u32, warps_n: u32, rows: u32, cols: u32) -> bool {
+    wgmma_band_error(warps_m, warps_n, rows).is_none() && wgmma_width_error(cols).is_none()
+}
+
 /// Which dimension of a wgmma operand is contiguous in the tile's lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum OperandMajor {

@@ -1112,20 +1112,16 @@ impl<'a> Verifier<'a> {
 }
 
 impl Verifier<'_> {
-    /// An `Mma` with a swizzled B is one wgmma m64nNk16 per warpgroup and k16 step: whole
-    /// warpgroups along M, each warp one 16-row band (the wgmma D and A fragments are then the
-    /// mma.sync ones of that band), N a wgmma width.
+    /// An `Mma` with a swizzled B is one wgmma m64nNk16 per warpgroup and k16 step
+    /// (`layout::wgmma_band_error`, `layout::wgmma_width_error`).
     fn check_wgmma(&mut self, stmt: &Stmt, acc: &TileView, tc: &TileType, ta: &TileType) {
         if let Layout::MmaAccumulator { warps_m, warps_n } = tc.layout
-            && (warps_n != 1 || !warps_m.is_multiple_of(4) || tc.rows != 16 * warps_m)
+            && let Some(error) = layout::wgmma_band_error(warps_m, warps_n, tc.rows)
         {
-            self.err(
-                stmt,
-                format!("wgmma needs whole warpgroups along M with one 16-row band per warp, not {}x{} warps over {} rows", warps_m, warps_n, tc.rows),
-            );
+            self.err(stmt, error);
         }
-        if !(8..=256).contains(&acc.cols) || !acc.cols.is_multiple_of(8) {
-            self.err(stmt, format!("wgmma N = {} is not a multiple of 8 in 8..=256", acc.cols));
+        if let Some(error) = layout::wgmma_width_error(acc.cols) {
+            self.err(stmt, error);
         }
         if !matches!(ta.layout, Layout::Swizzled128B | Layout::MmaOperandA { .. }) {
             self.err(stmt, "wgmma reads operand a from a swizzled128b tile or mma_a registers");

@@ -764,8 +764,8 @@ fn is_prologue_param(role: ParamRole) -> bool {
 /// whole 128-byte panels up to 256, and the streamed tiles (`step_rows`: ring slots, the other
 /// GEMM's N) whole 8-row swizzle atoms up to 256 rows. Its operands are then swizzled.
 fn wgmma_fits(elem: ElemType, warps: u32, rows: u32, head_dim: u32, step_rows: u32) -> bool {
-    wgmma_accumulator(warps, 1, rows, step_rows)
-        && wgmma_accumulator(warps, 1, rows, head_dim)
+    layout::wgmma_accumulator_fits(warps, 1, rows, step_rows)
+        && layout::wgmma_accumulator_fits(warps, 1, rows, head_dim)
         && head_dim.is_multiple_of(layout::panel_cols(elem))
         && step_rows.is_multiple_of(layout::ATOM_ROWS)
 }
@@ -773,9 +773,6 @@ fn wgmma_fits(elem: ElemType, warps: u32, rows: u32, head_dim: u32, step_rows: u
 /// Whether an accumulator of `rows` × `cols` on `warps_m` × `warps_n` warps is a wgmma's (the
 /// verifier's rule): whole warpgroups along M with one 16-row band per warp, N in whole 8-column
 /// steps up to 256.
-fn wgmma_accumulator(warps_m: u32, warps_n: u32, rows: u32, cols: u32) -> bool {
-    warps_n == 1 && warps_m.is_multiple_of(4) && rows == 16 * warps_m && cols.is_multiple_of(8) && cols <= 256
-}
 
 /// FlashAttention-2's online softmax over key tiles, in registers: scores and probabilities of
 /// one key tile, the output accumulator and the per-row running max and sum. The forward

@@ -101,7 +101,7 @@ pub fn build_input_gradient(gradient: &InputGradient, schedule: &Schedule) -> Re
     // Whole warpgroups along M and whole 128-byte panels of dy's chunk (K-major) and of W's
     // columns (MN-major): swizzled operands, and the product is a wgmma; else mma.sync.
     let panel = layout::panel_cols(gradient.storage);
-    let wgmma = wgmma_accumulator(wm, wn, bm, bn) && bk.is_multiple_of(panel) && bn.is_multiple_of(panel);
+    let wgmma = layout::wgmma_accumulator_fits(wm, wn, bm, bn) && bk.is_multiple_of(panel) && bn.is_multiple_of(panel);
     let (dy_s, w_s) = if wgmma {
         (t.swizzled("dy_s", gradient.storage, s.stages * bm, bk), t.swizzled("w_s", gradient.storage, s.stages * bk, bn))
     } else {
@@ -202,7 +202,7 @@ pub fn build_weight_gradient(gradient: &WeightGradient, schedule: &Schedule) -> 
     // bias, whose ones-column product reads dy from a row-major tile).
     let panel = layout::panel_cols(gradient.storage);
     let wgmma = gradient.bias_output.is_none()
-        && wgmma_accumulator(wm, wn, bm, bn)
+        && layout::wgmma_accumulator_fits(wm, wn, bm, bn)
         && bm.is_multiple_of(panel)
         && bn.is_multiple_of(panel);
     let (dy_s, x_s) = if wgmma {
