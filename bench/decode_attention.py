@@ -5,8 +5,8 @@ Usage: python3 bench/decode_attention.py --ptx-dir DIR [--layers REGEX] [--check
        [--batches 1,8,64,256] [--contexts 1024,4096,16384,32768] [--max-gib 20] [--out FILE]
 
 DIR holds `<kernel>.ptx` and `decode.json` (written by `CCC_HOPPER_PTX_OUT=DIR cargo test
---release --test ir_kernel_decode assemble`; `GPU_PREPARE_HOPPER_PTX=1 bash
-scripts/gpu-prepare.sh` does it): per kernel its layer, stage, parameters in ABI order, threads,
+--release --test ir_kernel_decode every_example`; `bash scripts/gpu-prepare.sh` writes
+gpu-carry/decode-ptx so): per kernel its layer, stage, parameters in ABI order, threads,
 dynamic shared memory, page size and keys per partition.
 
 Correctness, per layer: one batch of sequences of the `--check-lens` lengths (0: a padded slot,

@@ -12,8 +12,8 @@
 #                                          (scripts/random-specs.py, seed GPU_PREPARE_RANDOM_SEED)
 #   gpu-carry/hopper-ptx/                  with GPU_PREPARE_HOPPER_PTX=1: the Hopper kernel
 #                                          variants of tests/codegen_hopper.rs, for
-#                                          bench/hopper_attention.py and bench/hopper_gemm.py,
-#                                          and the decode kernels of tests/ir_kernel_decode.rs
+#                                          bench/hopper_attention.py and bench/hopper_gemm.py
+#   gpu-carry/decode-ptx/                  the decode kernels of tests/ir_kernel_decode.rs
 #                                          (decode.json), for bench/decode_attention.py
 #   gpu-carry/tune/zaya1/                  with GPU_PREPARE_TUNE=1: the candidate libraries of
 #                                          `ccc tune examples/zaya1.attn --top 6`, for the
@@ -123,8 +123,9 @@ done
 rm -rf "$carry/hopper-ptx"
 if [ "${GPU_PREPARE_HOPPER_PTX:-0}" = 1 ]; then
   CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test codegen_hopper assembles >/dev/null
-  CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test ir_kernel_decode assemble >/dev/null
 fi
+rm -rf "$carry/decode-ptx"
+CCC_HOPPER_PTX_OUT="$PWD/$carry/decode-ptx" cargo test --release --test ir_kernel_decode every_example >/dev/null
 
 rm -rf "$carry/tune"
 if [ "${GPU_PREPARE_TUNE:-0}" = 1 ]; then

@@ -29,7 +29,7 @@
 #      every weight gradient against float64 autograd of python/ccc/reference.py (beside PyTorch's
 #      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
 #      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
-#   decode (not default): with gpu-carry/hopper-ptx/decode.json (GPU_PREPARE_HOPPER_PTX=1):
+#   decode (not default): with gpu-carry/decode-ptx (gpu-prepare.sh writes it):
 #      bench/decode_attention.py, the decode attention over a paged KV cache (no entry point
 #      launches it yet) of every causal or windowed example against float32 attention, then
 #      timed at B 1, 8, 64, 256 × context 1k to 32k beside SDPA's decode on a dense cache, with
@@ -131,8 +131,8 @@ for s in $steps; do
       fi
       ;;
     decode)
-      if [ -f gpu-carry/hopper-ptx/decode.json ]; then
-        step decode-attention 400 python3 -u -W ignore bench/decode_attention.py --ptx-dir gpu-carry/hopper-ptx \
+      if [ -f gpu-carry/decode-ptx/decode.json ]; then
+        step decode-attention 400 python3 -u -W ignore bench/decode_attention.py --ptx-dir gpu-carry/decode-ptx \
           --out "$out/decode-attention.json"
       fi
       ;;
