@@ -140,13 +140,5 @@ fn a_paged_gather_lowers_to_an_i32_load_and_assembles() {
         "no 32-bit global load of the block table:\n{}",
         lowered.ptx
     );
-    if let Ok(ptxas) = ccc::codegen::ptxas::find_ptxas() {
-        let dir = std::env::temp_dir().join(format!("ccc-index-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let input = dir.join("kernel.ptx");
-        std::fs::write(&input, &lowered.ptx).expect("write ptx");
-        let run = std::process::Command::new(ptxas).args(["-arch=sm_90a"]).arg(&input).arg("-o").arg(dir.join("kernel.cubin")).output().expect("run ptxas");
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(run.status.success(), "ptxas: {}", String::from_utf8_lossy(&run.stderr));
-    }
+    ccc::codegen::ptxas::assemble(&lowered.ptx).unwrap_or_else(|error| panic!("{error}"));
 }

@@ -230,7 +230,7 @@ impl<'ctx> ThreadPlace<'ctx> {
         kb.add(kb.add(self.warp_row, self.group)?, kb.i32(offset as i64))
     }
 
-    /// Tile-local column of the thread's first pair.
+    /// Tile-local column of the thread's first pair (fragment column n adds 8n).
     fn first_col(&self, kb: &KernelBuilder<'_, 'ctx>) -> Result<IntValue<'ctx>> {
         kb.add(self.warp_col, self.pair_col)
     }
@@ -308,6 +308,7 @@ pub fn for_each_accumulator_pair<'ctx>(
 ) -> Result<()> {
     let shape = tile.shape;
     let place = ThreadPlace::new(kb, &shape)?;
+    let thread_col = place.first_col(kb)?;
     for fragment_m in 0..shape.fragments_m() {
         for half in 0..2 {
             let row_slot = fragment_m * 2 + half;
@@ -316,7 +317,7 @@ pub fn for_each_accumulator_pair<'ctx>(
                 let pair = ElementPair {
                     row,
                     col: place.col(kb, fragment_n)?,
-                    thread_col: place.first_col(kb)?,
+                    thread_col,
                     col_offset: fragment_n * 8,
                     row_slot,
                     low: kb.load_f32(tile.slots[shape.slot(fragment_m, fragment_n, 2 * half)])?,

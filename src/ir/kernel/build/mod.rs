@@ -774,6 +774,15 @@ fn wgmma_fits(elem: ElemType, warps: u32, rows: u32, head_dim: u32, step_rows: u
 /// verifier's rule): whole warpgroups along M with one 16-row band per warp, N in whole 8-column
 /// steps up to 256.
 
+/// The mask alone: whether it lets query `query` see key `key` (None: every key).
+fn mask_allows(mask: Mask, query: Expr, key: Expr) -> Option<Expr> {
+    match mask {
+        Mask::None => None,
+        Mask::Causal => Some(key.le(query)),
+        Mask::SlidingWindow { window } => Some(key.clone().le(query.clone()).and((query - key).lt(int(window)))),
+    }
+}
+
 /// FlashAttention-2's online softmax over key tiles, in registers: scores and probabilities of
 /// one key tile, the output accumulator and the per-row running max and sum. The forward
 /// attention and the decode attention over a paged cache run the same steps.
@@ -886,18 +895,8 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let softmax = OnlineSoftmax::declare(&mut t, storage, bm, bn, d, wm, wn);
     let q_row = var("q_row0") + Expr::Row;
     let k_col = var("k_col0") + Expr::Col;
-    let allowed = match spec.mask {
-        Mask::None => None,
-        Mask::Causal => Some(k_col.clone().le(q_row.clone())),
-        Mask::SlidingWindow { window } => Some(
-            k_col
-                .clone()
-                .le(q_row.clone())
-                .and((q_row.clone() - k_col.clone()).lt(int(window))),
-        ),
-    };
-    let in_sequence = k_col.lt(seq());
-    let visible = match allowed {
+    let in_sequence = k_col.clone().lt(seq());
+    let visible = match mask_allows(spec.mask, q_row, k_col) {
         Some(a) => a.and(in_sequence),
         None => in_sequence,
     };

@@ -166,18 +166,9 @@ impl AttentionBackward<'_> {
     /// end are excluded too: their rows of Q and dO are zeros, but their lse and D are not).
     fn visible(&self, query: Expr, key: Expr) -> Expr {
         let in_sequence = key.clone().lt(seq()).and(query.clone().lt(seq()));
-        match self.mask_allows(query, key) {
+        match mask_allows(self.spec.mask, query, key) {
             Some(allowed) => allowed.and(in_sequence),
             None => in_sequence,
-        }
-    }
-
-    /// The mask alone: whether it lets query `query` see key `key` (None: every key).
-    fn mask_allows(&self, query: Expr, key: Expr) -> Option<Expr> {
-        match self.spec.mask {
-            Mask::None => None,
-            Mask::Causal => Some(key.le(query)),
-            Mask::SlidingWindow { window } => Some(key.clone().le(query.clone()).and((query - key).lt(int(window)))),
         }
     }
 
@@ -730,7 +721,7 @@ impl AttentionBackward<'_> {
             // Without a mask, keys past the end are masked too: dS there is −P·D, finite in
             // exact arithmetic, but it must not overflow into inf · 0 against K's zero rows.
             let masked = |p: Expr| {
-                let allowed = self.mask_allows(query.clone(), key.clone()).unwrap_or_else(|| key.clone().lt(seq()));
+                let allowed = mask_allows(self.spec.mask, query.clone(), key.clone()).unwrap_or_else(|| key.clone().lt(seq()));
                 Expr::select(allowed, p, Expr::Float(0.0))
             };
             let mut step = step_lets("");
