@@ -36,20 +36,10 @@ fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) 
     CompileError { layer: spec.name.clone(), stage, message: message.to_string() }
 }
 
-/// The entry points the compiler can lower today. `emit = [decode]` is accepted by the language
-/// but reported here until its kernels exist.
+/// The entry points of `spec`, in its emit order.
 fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, CompileError> {
     if spec.emits(EntryPoint::Backward) && !spec.emits(EntryPoint::Forward) {
         return Err(error(spec, "plan", "the backward entry point needs the forward's (emit = [forward, backward])"));
-    }
-    for entry in &spec.entry_points {
-        if *entry == EntryPoint::Decode {
-            return Err(error(
-                spec,
-                "plan",
-                format!("the {} entry point is not implemented yet (forward and backward are)", entry.name()),
-            ));
-        }
     }
     Ok(spec.entry_points.clone())
 }
@@ -58,10 +48,11 @@ fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, Compile
 pub fn graph_text(spec: &AttentionSpec, print_after_all: bool) -> Result<String, CompileError> {
     let mut out = String::new();
     for entry in lowered_entry_points(spec)? {
-        if entry == EntryPoint::Backward {
+        if entry != EntryPoint::Forward {
             out += &format!(
-                "// {} backward: no graph IR; its kernels are planned from their builders (--emit plan)\n",
-                spec.name
+                "// {} {}: no graph IR; its kernels are planned from their builders (--emit plan)\n",
+                spec.name,
+                entry.name()
             );
             continue;
         }
@@ -289,6 +280,14 @@ fn buffer_layout(name: &str, shape: &[SizeExpr]) -> Option<&'static str> {
     if matches!(name, "x" | "out" | "dout" | "dx") {
         return Some("BSE");
     }
+    // A decode step's pages [pages, page_size, Hk, d], and its state, indices and partial
+    // results, each row-major in the order of its shape.
+    if matches!(name, "k_cache" | "v_cache") {
+        return Some("paged");
+    }
+    if matches!(name, crate::ir::kernel::CONV_STATE | crate::ir::kernel::SHIFT_STATE | "block_table" | "seq_lens" | "o_part" | "lse_part") {
+        return Some("row_major");
+    }
     if shape.iter().all(constant) {
         return Some("row_major");
     }
@@ -349,7 +348,9 @@ fn entry_point_manifest(
                     if weight_names.contains(name) || buffers.iter().any(|b| &b.name == name) {
                         continue;
                     }
-                    let role = if listed(&plan.inputs, name) {
+                    let role = if listed(&plan.state, name) {
+                        BufferRole::State
+                    } else if listed(&plan.inputs, name) {
                         BufferRole::Input
                     } else if listed(&plan.outputs, name) {
                         BufferRole::Output
@@ -366,9 +367,10 @@ fn entry_point_manifest(
                     } else {
                         BufferRole::Intermediate
                     };
-                    // An output in the plan's shape: a kernel may bind a view of it (a sum of
-                    // parts writes a weight's gradient flat).
-                    let shape = plan.outputs.iter().find(|b| &b.name == name).map_or(shape, |b| &b.ty.shape);
+                    // An input or output in the plan's shape: a kernel may bind a view of it (a
+                    // sum of parts writes a weight's gradient flat; a decode step's projection
+                    // sees its [B, 1, E] tokens as [1, B, E] rows).
+                    let shape = plan.outputs.iter().chain(&plan.inputs).chain(&plan.state).find(|b| &b.name == name).map_or(shape, |b| &b.ty.shape);
                     let Some(layout) = buffer_layout(name, shape) else {
                         return Err(error(
                             spec,

@@ -6,7 +6,9 @@
 //! [`SizeExpr`] over the runtime sizes. docs/manifest.md describes the JSON field by field; keep
 //! the two in step and bump [`SCHEMA_VERSION`] on any change an older reader would misread (version 2: tensor
 //! maps passed by value instead of through a device pointer; version 3: sizes may use `SMs`, the
-//! SM count of the device the library runs on, which persistent grids are made of).
+//! SM count of the device the library runs on, which persistent grids are made of; version 4: the
+//! decode entry point, with buffers of role `state`, i32 index buffers and the sizes `pages` and
+//! `blocks`).
 
 use crate::ir::size::{EvalError, SizeEnv, SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, DType, EntryPoint};
@@ -15,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Hopper's dynamic shared memory limit per block (227 KB).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 232_448;
@@ -138,6 +140,9 @@ pub enum BufferRole {
     /// Written by the forward for the backward (p0, q̃, k̃, v, o, lse): returned to the caller,
     /// who passes it to the backward entry point, where it is an input.
     Saved,
+    /// Supplied by the caller, read and updated in place, kept from call to call: a decode
+    /// step's KV pages, convolution state and shift state.
+    State,
 }
 
 impl BufferRole {
@@ -149,11 +154,12 @@ impl BufferRole {
             BufferRole::Intermediate => "intermediate",
             BufferRole::Scratch => "scratch",
             BufferRole::Saved => "saved",
+            BufferRole::State => "state",
         }
     }
     /// Whether the caller provides the buffer (the runtime allocates all others).
     pub fn is_caller_supplied(self) -> bool {
-        matches!(self, BufferRole::Input | BufferRole::Weight)
+        matches!(self, BufferRole::Input | BufferRole::Weight | BufferRole::State)
     }
 }
 
@@ -410,10 +416,14 @@ impl EntryPointManifest {
                 .map_err(|e| format!("buffer `{}`: {e}", buffer.name))?;
         }
         let token_buffers: &[(&str, BufferRole)] = match self.entry {
-            EntryPoint::Forward => &[("x", BufferRole::Input), ("out", BufferRole::Output)],
+            EntryPoint::Forward | EntryPoint::Decode => &[("x", BufferRole::Input), ("out", BufferRole::Output)],
             EntryPoint::Backward => &[("x", BufferRole::Input), ("dout", BufferRole::Input), ("dx", BufferRole::Output)],
-            EntryPoint::Decode => &[],
         };
+        if self.entry != EntryPoint::Decode
+            && let Some(state) = self.buffers.iter().find(|b| b.role == BufferRole::State)
+        {
+            return Err(format!("buffer `{}` has role state, which only the decode entry point's buffers take", state.name));
+        }
         if self.entry == EntryPoint::Backward {
             for weight in &manifest.weights {
                 let name = format!("grad.{}", weight.name);
@@ -426,11 +436,9 @@ impl EntryPointManifest {
         }
         {
             let spec = &manifest.spec;
-            let token_shape = vec![
-                SizeExpr::batch(),
-                SizeExpr::seq_len(),
-                SizeExpr::from(spec.model_dim),
-            ];
+            // A decode step takes one token of each sequence.
+            let tokens = if self.entry == EntryPoint::Decode { SizeExpr::c(1) } else { SizeExpr::seq_len() };
+            let token_shape = vec![SizeExpr::batch(), tokens.clone(), SizeExpr::from(spec.model_dim)];
             for &(name, role) in token_buffers {
                 let expected = BufferManifest {
                     name: name.to_string(),
@@ -443,7 +451,7 @@ impl EntryPointManifest {
                     Some(&found) if *found == expected => {}
                     Some(found) => {
                         return Err(format!(
-                            "buffer `{name}` must be {} {} [B, S, {}] in layout BSE, got {} {} {} in layout {}",
+                            "buffer `{name}` must be {} {} [B, {tokens}, {}] in layout BSE, got {} {} {} in layout {}",
                             role.name(),
                             spec.dtype.name(),
                             spec.model_dim,

@@ -275,19 +275,25 @@ fn print_after_all_shows_every_stage_up_to_the_one_emitted() {
 }
 
 #[test]
-fn an_entry_point_not_lowered_yet_is_a_compile_error_with_status_1() {
+fn a_decode_entry_point_plans_the_step_with_the_callers_state() {
     let directory = scratch("decode-entry");
     let spec = write_file(
         &directory,
         "decode.attn",
         "attention d {\n    model_dim = 256\n    head_dim = 64\n    emit = [forward, decode]\n}\n",
     );
-    let (status, _, stderr) = ccc(&["compile", &spec, "--emit", "plan"]);
-    assert_eq!(status, Status::SpecErrors);
-    assert_eq!(
-        stderr,
-        "error: cannot compile `d` (plan): the decode entry point is not implemented yet (forward and backward are)\n"
-    );
+    let (status, stdout, stderr) = ccc(&["compile", &spec, "--emit", "plan"]);
+    assert_eq!(status, Status::Success, "{stderr}");
+    for line in [
+        "plan @d.decode: 5 kernels",
+        "  input x : [B,1,256]xbf16",
+        "  input block_table : [B,blocks]xi32",
+        "  output out : [B,1,256]xbf16",
+        "  state k_cache : [pages,16,4,64]xbf16",
+        "  updates v_cache : [pages,16,4,64]xbf16",
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "no `{line}` in:\n{stdout}");
+    }
 }
 
 #[test]

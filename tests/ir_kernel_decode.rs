@@ -2,7 +2,8 @@
 //! `decode_merge`) in the interpreter against attention computed directly in f64 over the keys
 //! each sequence's block table names: mixed lengths, pages out of order, page sizes of 16 and 8
 //! (two pages per key tile), causal and sliding-window masks, grouped heads; and the append of
-//! new tokens' k and v into their pages. The kernels lower and assemble without spills.
+//! new tokens' k and v into their pages. The kernels lower and assemble without spills. (The
+//! whole decode step against the reference: tests/ir_kernel_decode_step.rs.)
 
 mod common;
 
@@ -47,7 +48,7 @@ fn cache(case: &Case, rng: &mut XorShift64Star) -> Cache {
     let pages = used + 3;
     let mut order: Vec<usize> = (0..pages).collect();
     for i in (1..pages).rev() {
-        order.swap(i, rng.range(0, i + 1));
+        order.swap(i, rng.range(0, i));
     }
     let mut next = order.into_iter();
     let table = case
@@ -185,40 +186,39 @@ fn assemble_without_spills(name: &str, ptx: &str) {
     }
 }
 
-/// Tokens written at start[b] + s land in row (start + s) % page_size of the page the block
-/// table names; every other row of the pool keeps its value.
+/// A sequence's new token (position seq_lens[b] − 1) lands in row position % page_size of the
+/// page the block table names; an empty slot (seq_lens 0) writes nothing, and every other row of
+/// the pool keeps its value.
 #[test]
-fn kv_append_writes_each_token_into_its_page_row_and_nothing_else() {
+fn kv_append_writes_each_new_token_into_its_page_row_and_nothing_else() {
     let spec = spec(Mask::Causal);
     let paged = PagedKv { page_size: 8, partition_keys: 16 };
     let kernel = build_decode(&spec, DecodeKernel::Append, paged).expect("kv append");
-    let (batch, tokens, pages, blocks) = (2usize, 3usize, 6usize, 3usize);
-    // Sequence 0 starts empty; sequence 1 continues after 13 cached tokens (rows 5..7 of its
-    // second page). Entries it never reaches are −1.
-    let (table, start) = ([[5i64, 2, -1], [0, 3, -1]], [0usize, 13]);
+    let (pages, blocks) = (6usize, 3usize);
+    // Sequence 0's first token, sequence 1's 14th (row 5 of its second page), an empty slot.
+    // Entries a token never reaches are −1.
+    let (table, seq_lens) = ([[5i64, 2, -1], [0, 3, -1], [-1, -1, -1]], [1usize, 14, 0]);
+    let batch = seq_lens.len();
     let row_len = KV_HEADS * D;
     let mut rng = XorShift64Star::new(5);
-    let k: Vec<f64> = (0..batch * tokens * row_len).map(|_| rng.uniform(-1.0, 1.0)).collect();
-    let v: Vec<f64> = (0..batch * tokens * row_len).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let k: Vec<f64> = (0..batch * row_len).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let v: Vec<f64> = (0..batch * row_len).map(|_| rng.uniform(-1.0, 1.0)).collect();
     let pool = |offset: f64| (0..pages * 8 * row_len).map(|i| offset + i as f64).collect::<Vec<f64>>();
     let mut buffers = Buffers::new();
     buffers.insert("k".into(), k.clone());
     buffers.insert("v".into(), v.clone());
     buffers.insert("block_table".into(), table.iter().flatten().map(|&p| p as f64).collect());
-    buffers.insert("start".into(), start.iter().map(|&s| s as f64).collect());
+    buffers.insert("seq_lens".into(), seq_lens.iter().map(|&s| s as f64).collect());
     buffers.insert("k_cache".into(), pool(1e4));
     buffers.insert("v_cache".into(), pool(2e4));
-    let sizes = SizeEnv { batch: batch as u64, seq_len: tokens as u64, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
+    let sizes = SizeEnv { batch: batch as u64, seq_len: 1, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
     run_kernel(&kernel, &mut buffers, sizes, Rounding::Exact).expect("runs");
     let (mut want_k, mut want_v) = (pool(1e4), pool(2e4));
-    for b in 0..batch {
-        for s in 0..tokens {
-            let position = start[b] + s;
-            let row = (table[b][position / 8] as usize * 8 + position % 8) * row_len;
-            let token = (b * tokens + s) * row_len;
-            want_k[row..row + row_len].copy_from_slice(&k[token..token + row_len]);
-            want_v[row..row + row_len].copy_from_slice(&v[token..token + row_len]);
-        }
+    for b in (0..batch).filter(|&b| seq_lens[b] > 0) {
+        let position = seq_lens[b] - 1;
+        let row = (table[b][position / 8] as usize * 8 + position % 8) * row_len;
+        want_k[row..row + row_len].copy_from_slice(&k[b * row_len..(b + 1) * row_len]);
+        want_v[row..row + row_len].copy_from_slice(&v[b * row_len..(b + 1) * row_len]);
     }
     assert_eq!(buffers["k_cache"], want_k);
     assert_eq!(buffers["v_cache"], want_v);
@@ -244,7 +244,7 @@ fn decode_kernels_of_every_example_assemble_without_spills() {
     let paged = PagedKv { page_size: 16, partition_keys: 512 };
     let mut descriptions = Vec::new();
     for spec in common::specs::example_files().into_iter().filter(|spec| spec.mask != Mask::None) {
-        for which in [DecodeKernel::Attention, DecodeKernel::Merge, DecodeKernel::Append] {
+        for which in DecodeKernel::launched_by(&spec) {
             let kernel = build_decode(&spec, which, paged).expect("builds");
             let ptx = ccc::codegen::lower::lower_kernels(&kernel.name, std::slice::from_ref(&kernel)).expect("lowers").ptx;
             assemble_without_spills(&kernel.name, &ptx);

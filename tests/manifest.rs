@@ -151,7 +151,7 @@ fn json_round_trip_is_lossless() {
 fn json_form_stays_simple_for_other_loaders() {
     let value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
     let attention = &value["entry_points"][0]["kernels"][1];
-    assert_eq!(value["schema_version"], 3);
+    assert_eq!(value["schema_version"], 4);
     assert_eq!(value["entry_points"][0]["entry"], "forward");
     assert_eq!(
         attention["params"][0],
@@ -204,12 +204,12 @@ fn buffer_sizes_evaluate_per_call() {
 #[test]
 fn unknown_schema_version_is_named_before_anything_else() {
     let err = error_after(|v| {
-        v["schema_version"] = 4.into();
-        v["some_field_of_version_4"] = true.into();
+        v["schema_version"] = 5.into();
+        v["some_field_of_version_5"] = true.into();
     });
     assert_eq!(
         err,
-        "unknown manifest schema version 4: this build reads version 3"
+        "unknown manifest schema version 5: this build reads version 4"
     );
     let err = error_after(|v| {
         v.as_object_mut().unwrap().remove("schema_version");
@@ -497,4 +497,51 @@ fn the_python_spec_fixtures_are_written_by_the_rust_serializer() {
     }
     let have = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(have == want, "{} differs from the driver's; CCC_UPDATE_FIXTURES=1 rewrites it", path.display());
+    // ZAYA1 for serving: the decode entry point beside the forward (read by the Python tests
+    // and the runtime's host checks).
+    spec.entry_points = vec![EntryPoint::Forward, EntryPoint::Decode];
+    let manifest = Manifest::new(spec.clone(), "zaya1.ptx", entry_manifests(&spec));
+    let want = manifest.to_json() + "\n";
+    let path = root.join("tests/python/fixtures/zaya1_serve_manifest.json");
+    if std::env::var_os("CCC_UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, &want).unwrap();
+    }
+    let have = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(have == want, "{} differs from the driver's; CCC_UPDATE_FIXTURES=1 rewrites it", path.display());
+}
+
+/// The decode entry point's buffers: the caller's token rows, index tensors and state by role;
+/// the rest allocated per call.
+#[test]
+fn the_decode_entry_point_declares_the_callers_state() {
+    let mut spec = common::specs::zaya1();
+    spec.entry_points = vec![EntryPoint::Forward, EntryPoint::Decode];
+    let decode = entry_manifests(&spec).remove(1);
+    let described: Vec<String> = decode
+        .buffers
+        .iter()
+        .filter(|b| b.role != BufferRole::Weight)
+        .map(|b| format!("{} {} {} {} {}", b.name, b.role.name(), b.dtype.name(), ccc::manifest::format_shape(&b.shape), b.layout))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            "x input bf16 [B, 1, 2048] BSE",
+            "p0 intermediate bf16 [1, B, 1280] BSC",
+            "v intermediate bf16 [1, B, 2, 128] BSHD",
+            "shift_next intermediate bf16 [1, B, 1, 128] BSHD",
+            "conv_state state bf16 [B, 1280, 2] row_major",
+            "seq_lens input i32 [B] row_major",
+            "q intermediate bf16 [B, 1, 8, 128] BSHD",
+            "k intermediate bf16 [B, 1, 2, 128] BSHD",
+            "shift_state state bf16 [B, 128] row_major",
+            "block_table input i32 [B, blocks] row_major",
+            "k_cache state bf16 [pages, 16, 2, 128] paged",
+            "v_cache state bf16 [pages, 16, 2, 128] paged",
+            "o_part intermediate f32 [B, ceil(blocks*16/512), 8, 128] row_major",
+            "lse_part intermediate f32 [B, ceil(blocks*16/512), 8] row_major",
+            "o intermediate bf16 [B, 1, 8, 128] BSHD",
+            "out output bf16 [B, 1, 2048] BSE",
+        ]
+    );
 }

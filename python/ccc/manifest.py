@@ -1,4 +1,4 @@
-"""Reading, validating and planning calls of a kernel library manifest (schema version 3,
+"""Reading, validating and planning calls of a kernel library manifest (schema version 4,
 docs/manifest.md), in plain Python so that it runs and is tested without a GPU or torch.
 
 `read_library(dir)` parses and validates `dir/manifest.json` with the rules of
@@ -17,7 +17,7 @@ from .errors import ManifestError, SizeError, TensorMismatch, UnsupportedDevice
 from .sizes import SIZE_VARS, U64_MAX, Unbound, format_shape, parse_size_expr
 from .spec import parse_spec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST_FILE = "manifest.json"
 MAX_DYNAMIC_SHARED_BYTES = 232_448
 DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024
@@ -26,8 +26,8 @@ MAX_GRID = (2**31 - 1, 65_535, 65_535)
 U32_MAX = 2**32 - 1
 MAX_TENSOR_MAP_BOX_ROWS = 256  # cuTensorMapEncodeTiled: every box dimension <= 256
 
-ROLES = ("input", "output", "weight", "intermediate", "scratch", "saved")
-CALLER_SUPPLIED_ROLES = ("input", "weight")
+ROLES = ("input", "output", "weight", "intermediate", "scratch", "saved", "state")
+CALLER_SUPPLIED_ROLES = ("input", "weight", "state")
 TENSOR_DTYPES = {"bf16": 2, "f16": 2, "f32": 4, "i32": 4}
 PTX_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*\Z")
 
@@ -301,9 +301,17 @@ def _validate_entry(entry, manifest):
         if problem:
             raise ManifestError(f"buffer `{buffer.name}`: {problem}")
     token_buffers = {"forward": (("x", "input"), ("out", "output")),
-                     "backward": (("x", "input"), ("dout", "input"), ("dx", "output"))}
+                     "backward": (("x", "input"), ("dout", "input"), ("dx", "output")),
+                     "decode": (("x", "input"), ("out", "output"))}
+    if entry.entry != "decode":
+        for buffer in entry.buffers:
+            if buffer.role == "state":
+                raise ManifestError(f"buffer `{buffer.name}` has role state, which only the decode "
+                                    "entry point's buffers take")
     if entry.entry in token_buffers:
-        token_shape = (parse_size_expr({"var": "B"}, ""), parse_size_expr({"var": "S"}, ""),
+        # A decode step takes one token of each sequence.
+        tokens = {"const": 1} if entry.entry == "decode" else {"var": "S"}
+        token_shape = (parse_size_expr({"var": "B"}, ""), parse_size_expr(tokens, ""),
                        parse_size_expr({"const": spec.model_dim}, ""))
         for name, role in token_buffers[entry.entry]:
             found = names.get(name)
@@ -312,7 +320,7 @@ def _validate_entry(entry, manifest):
             if (found.role, found.dtype, found.shape, found.layout) != (
                     role, spec.dtype, token_shape, "BSE"):
                 raise ManifestError(
-                    f"buffer `{name}` must be {role} {spec.dtype} [B, S, {spec.model_dim}] in "
+                    f"buffer `{name}` must be {role} {spec.dtype} {format_shape(token_shape)} in "
                     f"layout BSE, got {found.role} {found.dtype} {format_shape(found.shape)} in "
                     f"layout {found.layout}")
     if entry.entry == "backward":

@@ -6,6 +6,7 @@ use crate::tensor::{HostTensor, nan_bytes};
 use crate::tensor_map::{self, EncodedTensorMap};
 use crate::weights::{WeightSet, check_tensor};
 use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
+use ccc::ir::size::SizeEnv;
 use ccc::spec::EntryPoint;
 use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags, CUfunction_attribute};
 use cudarc::driver::{
@@ -50,6 +51,13 @@ struct BoundCall<'a> {
     /// The encoded TMA descriptors of the plan's tensor-map arguments, in launch and argument
     /// order; each launch copies its own into the kernel's parameters.
     tensor_maps: Vec<EncodedTensorMap>,
+}
+
+/// A decode step's state on the GPU, kept by the caller from step to step and updated in place:
+/// the KV pages (`k_cache`, `v_cache` [pages, page_size, Hk, d]) and, where the layer has them,
+/// the convolution state (`conv_state` [B, P, T]) and shift state (`shift_state` [B, s·d]).
+pub struct DecodeCache {
+    pub tensors: BTreeMap<String, DeviceTensor>,
 }
 
 /// What one call produced: every buffer the runtime allocated (outputs, intermediates and
@@ -292,6 +300,61 @@ impl Library {
                 message: format!("the backward call lacks {}: pass the outputs of this library's forward", missing.join(", ")),
             });
         }
+        let owned = self.allocate(&plan)?;
+        {
+            let call = self.bind(&plan, &supplied, &owned)?;
+            self.launch_all(&plan, &call, true, None)?;
+        }
+        Ok(Outputs { tensors: owned })
+    }
+
+    /// A decode step's state for `sequences` sequence slots and a pool of `pages` KV pages, all
+    /// zero (every slot a sequence with no tokens yet): each buffer of role `state` of the
+    /// library's decode entry point, by name.
+    pub fn decode_cache(&self, sequences: usize, pages: usize) -> Result<DecodeCache, RuntimeError> {
+        let entry = self
+            .manifest
+            .entry_point(EntryPoint::Decode)
+            .ok_or(RuntimeError::EntryPointMissing { entry: EntryPoint::Decode.name() })?;
+        let env = SizeEnv { batch: sequences as u64, seq_len: 1, sms: Some(self.sms), pages: Some(pages as u64), blocks: None };
+        let mut tensors = BTreeMap::new();
+        for buffer in entry.buffers.iter().filter(|b| b.role == BufferRole::State) {
+            let shape = buffer
+                .shape
+                .iter()
+                .map(|dim| dim.eval(&env).map(|v| v as usize))
+                .collect::<Result<Vec<usize>, _>>()
+                .map_err(|e| RuntimeError::Size { message: format!("the shape of `{}` {e}", buffer.name) })?;
+            let bytes = shape.iter().product::<usize>() * buffer.dtype.size_bytes();
+            let zeros = self
+                .stream
+                .alloc_zeros::<u8>(bytes)
+                .map_err(|e| RuntimeError::driver(format!("allocating `{}` ({bytes} bytes)", buffer.name), e))?;
+            tensors.insert(buffer.name.clone(), DeviceTensor { dtype: buffer.dtype, shape, buffer: zeros });
+        }
+        Ok(DecodeCache { tensors })
+    }
+
+    /// One decode step of a library compiled with `decode` in its emit list: `x` [B, 1, E] holds
+    /// the new token of each of B sequences, `block_table` [B, blocks] (i32) the pages of each in
+    /// `cache`'s pool, `seq_lens` [B] (i32) its length with the new token (0: an empty slot).
+    /// Appends each token's k and v to its page, moves the convolution and shift state on, and
+    /// returns `out` [B, 1, E] among the buffers it allocated. Sizes are read off the tensors
+    /// and every one is checked against the manifest before anything runs; no kernel reads a
+    /// page the block table does not name for a position below the length.
+    pub fn decode(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+        cache: &mut DecodeCache,
+        block_table: &DeviceTensor,
+        seq_lens: &DeviceTensor,
+    ) -> Result<Outputs, RuntimeError> {
+        let mut supplied: BTreeMap<&str, &DeviceTensor> = BTreeMap::from([("x", x), ("block_table", block_table), ("seq_lens", seq_lens)]);
+        supplied.extend(cache.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        let shapes: Vec<(&str, TensorDType, &[usize])> = supplied.iter().map(|(name, t)| (*name, t.dtype, t.shape.as_slice())).collect();
+        let plan = CallPlan::for_supplied(&self.manifest, EntryPoint::Decode, &shapes, Some(self.sms))?;
+        supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let owned = self.allocate(&plan)?;
         {
             let call = self.bind(&plan, &supplied, &owned)?;

@@ -9,6 +9,7 @@ use ccc::manifest::{
     BufferRole, EntryPointManifest, KernelParamManifest, Manifest, TensorDType, format_shape,
 };
 use ccc::spec::EntryPoint;
+use std::collections::BTreeMap;
 
 /// Largest grid extents CUDA accepts in x and in y/z.
 const MAX_GRID_X: u64 = (1 << 31) - 1;
@@ -197,10 +198,57 @@ impl CallPlan {
         if dtype != declared.dtype || shape.len() != declared.shape.len() {
             return Err(mismatch());
         }
-        let env = infer_sizes(&declared.shape, shape, sms).ok_or_else(mismatch)?;
+        let env = infer_sizes([(declared.shape.as_slice(), shape)], sms).ok_or_else(mismatch)?;
         let plan = CallPlan::for_sizes(manifest, entry, env)?;
         if plan.buffer(input).map(|b| b.shape.as_slice()) != Some(shape) {
             return Err(mismatch());
+        }
+        Ok(plan)
+    }
+
+    /// Plans a call whose sizes come from the caller's tensors, each `(name, dtype, shape)`: every
+    /// one must be a buffer the caller supplies to `entry` (an input or state), of its dtype and
+    /// rank, and of the shape the sizes read off all of them give (a decode step's B from x,
+    /// `pages` from its KV pages, `blocks` from its block table).
+    pub fn for_supplied(
+        manifest: &Manifest,
+        entry: EntryPoint,
+        supplied: &[(&str, TensorDType, &[usize])],
+        sms: Option<u64>,
+    ) -> Result<CallPlan, RuntimeError> {
+        let entry_manifest = entry_of(manifest, entry)?;
+        let mut declared = Vec::with_capacity(supplied.len());
+        for &(name, dtype, shape) in supplied {
+            let buffer = entry_manifest
+                .buffer(name)
+                .filter(|b| matches!(b.role, BufferRole::Input | BufferRole::State))
+                .ok_or_else(|| RuntimeError::Size { message: format!("the `{}` entry point takes no tensor `{name}`", entry.name()) })?;
+            if dtype != buffer.dtype || shape.len() != buffer.shape.len() {
+                return Err(RuntimeError::TensorMismatch {
+                    tensor: name.to_string(),
+                    expected: format!("{} {}", buffer.dtype.name(), format_shape(&buffer.shape)),
+                    got: describe(dtype, shape),
+                });
+            }
+            declared.push((buffer.shape.as_slice(), shape));
+        }
+        let env = infer_sizes(declared.iter().copied(), sms).ok_or_else(|| RuntimeError::Size {
+            message: format!(
+                "the shapes of {} do not agree on the sizes: {}",
+                supplied.iter().map(|(name, ..)| format!("`{name}`")).collect::<Vec<_>>().join(", "),
+                supplied.iter().zip(&declared).map(|((name, _, shape), (expr, _))| format!("{name} {shape:?} as {}", format_shape(expr))).collect::<Vec<_>>().join(", ")
+            ),
+        })?;
+        let plan = CallPlan::for_sizes(manifest, entry, env)?;
+        for &(name, dtype, shape) in supplied {
+            let planned = plan.buffer(name).expect("checked above");
+            if planned.shape != shape {
+                return Err(RuntimeError::TensorMismatch {
+                    tensor: name.to_string(),
+                    expected: describe(planned.dtype, &planned.shape),
+                    got: describe(dtype, shape),
+                });
+            }
         }
         Ok(plan)
     }
@@ -218,26 +266,32 @@ fn entry_of(manifest: &Manifest, entry: EntryPoint) -> Result<&EntryPointManifes
         })
 }
 
-/// Reads B and S off the dimensions declared as plain `B` and `S`. `None` when a size is not
-/// determined or a dimension contradicts another.
-fn infer_sizes(declared: &[SizeExpr], shape: &[usize], sms: Option<u64>) -> Option<SizeEnv> {
-    let (mut batch, mut seq_len) = (None, None);
-    for (expr, &dim) in declared.iter().zip(shape) {
-        let slot = match expr {
-            SizeExpr::Var(SizeVar::Batch) => &mut batch,
-            SizeExpr::Var(SizeVar::SeqLen) => &mut seq_len,
-            _ => continue,
-        };
-        match slot {
-            Some(bound) if *bound != dim as u64 => return None,
-            _ => *slot = Some(dim as u64),
+/// Reads the sizes off the dimensions of caller tensors (declared shape, actual shape) that are
+/// declared as a plain size variable (`B`, `S`, `pages`, `blocks`); S is 1 when no declared
+/// dimension is S (a decode step's tokens). `None` when B or S is not determined or a dimension
+/// contradicts another.
+fn infer_sizes<'a>(tensors: impl IntoIterator<Item = (&'a [SizeExpr], &'a [usize])>, sms: Option<u64>) -> Option<SizeEnv> {
+    let mut found: BTreeMap<SizeVar, u64> = BTreeMap::new();
+    let mut mentions_seq_len = false;
+    for (declared, shape) in tensors {
+        mentions_seq_len |= declared.iter().any(|d| d.uses(SizeVar::SeqLen));
+        for (expr, &dim) in declared.iter().zip(shape) {
+            let SizeExpr::Var(var) = expr else { continue };
+            if *found.entry(*var).or_insert(dim as u64) != dim as u64 {
+                return None;
+            }
         }
     }
+    let seq_len = match found.get(&SizeVar::SeqLen) {
+        Some(&s) => s,
+        None if !mentions_seq_len => 1,
+        None => return None,
+    };
     Some(SizeEnv {
-        batch: batch?,
-        seq_len: seq_len?,
+        batch: *found.get(&SizeVar::Batch)?,
+        seq_len,
         sms,
-        pages: None,
-        blocks: None,
+        pages: found.get(&SizeVar::Pages).copied(),
+        blocks: found.get(&SizeVar::Blocks).copied(),
     })
 }

@@ -337,3 +337,43 @@ fn i32_host_tensors_hold_integers_only() {
     }
     assert_eq!(nan_bytes(TensorDType::I32, 2), [i32::MIN.to_le_bytes(), i32::MIN.to_le_bytes()].concat());
 }
+
+/// ZAYA1's decode entry point (tests/python/fixtures/zaya1_serve_manifest.json, which
+/// tests/manifest.rs keeps equal to the driver's): B from x, the pool's pages from the KV pages,
+/// the block table's width from it; every tensor checked by name before anything runs.
+#[test]
+fn a_decode_step_reads_its_sizes_off_the_callers_tensors() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/fixtures/zaya1_serve_manifest.json");
+    let manifest = ccc::manifest::Manifest::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let (bf16, i32) = (TensorDType::Bf16, TensorDType::I32);
+    let tensors = |batch: usize, page_rows: usize, table_rows: usize| -> Vec<(&'static str, TensorDType, Vec<usize>)> {
+        vec![
+            ("x", bf16, vec![batch, 1, 2048]),
+            ("block_table", i32, vec![table_rows, 10]),
+            ("seq_lens", i32, vec![batch]),
+            ("k_cache", bf16, vec![50, page_rows, 2, 128]),
+            ("v_cache", bf16, vec![50, page_rows, 2, 128]),
+            ("conv_state", bf16, vec![batch, 1280, 2]),
+            ("shift_state", bf16, vec![batch, 128]),
+        ]
+    };
+    let plan_of = |list: &[(&'static str, TensorDType, Vec<usize>)]| {
+        let supplied: Vec<(&str, TensorDType, &[usize])> = list.iter().map(|(n, d, s)| (*n, *d, s.as_slice())).collect();
+        CallPlan::for_supplied(&manifest, EntryPoint::Decode, &supplied, Some(132))
+    };
+    let plan = plan_of(&tensors(4, 16, 4)).unwrap();
+    assert_eq!(plan.env, SizeEnv { batch: 4, seq_len: 1, sms: Some(132), pages: Some(50), blocks: Some(10) });
+    assert_eq!(plan.buffer("o_part").unwrap().shape, [4, 1, 8, 128]);
+    assert_eq!(plan.buffer("out").unwrap().shape, [4, 1, 2048]);
+    let attention = plan.launches.iter().find(|l| l.symbol == "zaya1_decode_attention").unwrap();
+    assert_eq!(attention.grid, (1, 2, 4));
+    // Pages of 8 rows in a library built for 16.
+    let err = plan_of(&tensors(4, 8, 4)).unwrap_err();
+    assert!(matches!(&err, RuntimeError::TensorMismatch { tensor, .. } if tensor == "k_cache"), "{err}");
+    // A block table for 3 sequences beside 4 tokens.
+    let err = plan_of(&tensors(4, 16, 3)).unwrap_err().to_string();
+    assert!(err.contains("do not agree on the sizes") && err.contains("block_table [3, 10] as [B, blocks]"), "{err}");
+    // The forward's tensor names are not a decode step's.
+    let err = CallPlan::for_supplied(&manifest, EntryPoint::Decode, &[("dout", bf16, &[4, 1, 2048])], Some(132)).unwrap_err();
+    assert!(err.to_string().contains("the `decode` entry point takes no tensor `dout`"), "{err}");
+}

@@ -151,6 +151,17 @@ impl SizeExpr {
         }
     }
 
+    /// The expression with each variable replaced by `value(var)` (constants folded).
+    pub fn substitute(&self, value: &dyn Fn(SizeVar) -> SizeExpr) -> SizeExpr {
+        match self {
+            SizeExpr::Const(v) => SizeExpr::Const(*v),
+            SizeExpr::Var(var) => value(*var),
+            SizeExpr::Add(a, b) => a.substitute(value) + b.substitute(value),
+            SizeExpr::Mul(a, b) => a.substitute(value) * b.substitute(value),
+            SizeExpr::CeilDiv(a, d) => a.substitute(value).ceil_div(*d),
+        }
+    }
+
     /// Whether the expression mentions `var`.
     pub fn uses(&self, var: SizeVar) -> bool {
         match self {

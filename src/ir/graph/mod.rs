@@ -44,6 +44,8 @@ pub struct GroupId(pub usize);
 pub enum ElemType {
     Storage(DType),
     F32,
+    /// Index tensors a serving call passes (block tables, sequence lengths).
+    I32,
 }
 
 impl ElemType {
@@ -51,13 +53,14 @@ impl ElemType {
         match self {
             ElemType::Storage(dtype) => dtype.name(),
             ElemType::F32 => "f32",
+            ElemType::I32 => "i32",
         }
     }
 
     pub fn size_bytes(self) -> usize {
         match self {
             ElemType::Storage(dtype) => dtype.size_bytes(),
-            ElemType::F32 => 4,
+            ElemType::F32 | ElemType::I32 => 4,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Scalar expressions: indices and bounds (i32) and elementwise math (f32) in one small tree.
 
 use super::TileId;
-use crate::ir::size::SizeVar;
+use crate::ir::size::{SizeExpr, SizeVar};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Axis {
@@ -189,6 +189,34 @@ impl Expr {
             Expr::Binary(BinOp::Mul, a, b) => a.is_always_multiple_of(k) || b.is_always_multiple_of(k),
             Expr::Binary(BinOp::Add | BinOp::Sub, a, b) => a.is_always_multiple_of(k) && b.is_always_multiple_of(k),
             _ => false,
+        }
+    }
+
+    /// The expression with every sub-expression for which `f` answers replaced by that answer
+    /// (outermost first: an answer is not searched further).
+    pub fn rewritten(&self, f: &dyn Fn(&Expr) -> Option<Expr>) -> Expr {
+        if let Some(replacement) = f(self) {
+            return replacement;
+        }
+        let boxed = |e: &Expr| Box::new(e.rewritten(f));
+        match self {
+            Expr::Tile { tile, row, col } => Expr::Tile { tile: *tile, row: boxed(row), col: boxed(col) },
+            Expr::Global { param, index } => Expr::Global { param: param.clone(), index: index.iter().map(|e| e.rewritten(f)).collect() },
+            Expr::Unary(op, a) => Expr::Unary(*op, boxed(a)),
+            Expr::Binary(op, a, b) => Expr::Binary(*op, boxed(a), boxed(b)),
+            Expr::Select(c, a, b) => Expr::Select(boxed(c), boxed(a), boxed(b)),
+            leaf => leaf.clone(),
+        }
+    }
+
+    /// A runtime size as an index expression.
+    pub fn of_size(size: &SizeExpr) -> Expr {
+        match size {
+            SizeExpr::Const(v) => Expr::Int(*v as i64),
+            SizeExpr::Var(var) => Expr::Size(*var),
+            SizeExpr::Add(a, b) => Expr::of_size(a) + Expr::of_size(b),
+            SizeExpr::Mul(a, b) => Expr::of_size(a) * Expr::of_size(b),
+            SizeExpr::CeilDiv(a, d) => Expr::of_size(a).ceil_div(Expr::Int(*d as i64)),
         }
     }
 

@@ -40,7 +40,7 @@ mod print;
 mod verify;
 
 pub use build::{
-    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, BackwardKernel, DecodeKernel, PagedKv, build_decode, GradientTerm, InputGradient, SplitGradient, SummedRows, TokenSum, WeightGradient, backward_kernels,
+    ATTENTION_CONSUMER_REGISTERS, AttentionBackwardKernel, BackwardKernel, CONV_STATE, DecodeKernel, PagedKv, SHIFT_NEXT, SHIFT_STATE, build_decode, decode_projection_segments, GradientTerm, InputGradient, SplitGradient, SummedRows, TokenSum, WeightGradient, backward_kernels,
     build_attention_backward,
     build_input_gradient, build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule,
     gradient_name, parts_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
@@ -226,6 +226,19 @@ pub struct TileView {
 pub enum Access {
     Read,
     Write,
+    /// Read and written by the same kernel: state the caller keeps from call to call (a decode
+    /// step's convolution and shift state, its KV pages), each element read before it is
+    /// written by the thread block that owns it.
+    ReadWrite,
+}
+
+impl Access {
+    pub fn reads(self) -> bool {
+        matches!(self, Access::Read | Access::ReadWrite)
+    }
+    pub fn writes(self) -> bool {
+        matches!(self, Access::Write | Access::ReadWrite)
+    }
 }
 
 /// One kernel argument, in ABI order.
@@ -465,6 +478,89 @@ pub fn for_each_stmt(body: &[Stmt], f: &mut dyn FnMut(&Stmt)) {
     }
 }
 
+/// Replaces every expression of `body` and of the blocks nested in it by `f` of it: the
+/// statements' scalars, view offsets, global boxes' indices and barrier slots.
+pub fn rewrite_exprs(body: &mut [Stmt], f: &dyn Fn(&Expr) -> Expr) {
+    let view = |v: &mut TileView| {
+        v.row0 = f(&v.row0);
+        v.col0 = f(&v.col0);
+    };
+    let global = |g: &mut GlobalTile| {
+        for dim in &mut g.dims {
+            match dim {
+                GlobalDim::At(e) => *e = f(e),
+                GlobalDim::Span { start, valid, .. } => {
+                    *start = f(start);
+                    if let Some((lo, hi)) = valid {
+                        *lo = f(lo);
+                        *hi = f(hi);
+                    }
+                }
+            }
+        }
+    };
+    let slot = |b: &mut BarrierRef| b.slot = f(&b.slot);
+    for stmt in body {
+        match stmt {
+            Stmt::Let { value, .. } => *value = f(value),
+            Stmt::For { start, end, body, .. } => {
+                *start = f(start);
+                *end = f(end);
+                rewrite_exprs(body, f);
+            }
+            Stmt::If { cond, then_body, else_body } => {
+                *cond = f(cond);
+                rewrite_exprs(then_body, f);
+                rewrite_exprs(else_body, f);
+            }
+            Stmt::Copy { dst, src, .. } => {
+                view(dst);
+                global(src);
+            }
+            Stmt::Fill { dst, .. } => view(dst),
+            Stmt::Mma { acc, a, b, .. } | Stmt::MmaAsync { acc, a, b, .. } => {
+                view(acc);
+                view(a);
+                view(b);
+            }
+            Stmt::Convert { dst, src } => {
+                view(dst);
+                view(src);
+            }
+            Stmt::Map { dst, expr } => {
+                view(dst);
+                *expr = f(expr);
+            }
+            Stmt::RowReduce { src, value, .. } => {
+                view(src);
+                *value = f(value);
+            }
+            Stmt::Store { src, dst } | Stmt::AtomicAdd { src, dst } => {
+                view(src);
+                global(dst);
+            }
+            Stmt::Roles(roles) => roles.iter_mut().for_each(|role| rewrite_exprs(&mut role.body, f)),
+            Stmt::Elect { body } => rewrite_exprs(body, f),
+            Stmt::TmaLoad { dst, coords, barrier, .. } => {
+                view(dst);
+                coords.iter_mut().for_each(|c| *c = f(c));
+                slot(barrier);
+            }
+            Stmt::ArriveExpectTx { barrier, bytes } => {
+                slot(barrier);
+                *bytes = f(bytes);
+            }
+            Stmt::Arrive { barrier } => slot(barrier),
+            Stmt::WaitParity { barrier, parity } => {
+                slot(barrier);
+                *parity = f(parity);
+            }
+            Stmt::NamedBarrier { id, .. } => *id = f(id),
+            Stmt::AsyncCommit | Stmt::AsyncWait { .. } | Stmt::Barrier | Stmt::Note(_) | Stmt::MmaCommit | Stmt::MmaWait { .. } => {}
+        }
+    }
+}
+
 /// One role of a warp-specialized kernel.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Role {
@@ -534,6 +630,41 @@ pub struct KernelFn {
 }
 
 impl KernelFn {
+    /// The same kernel with its runtime sizes replaced by `value` of them, in its tensors'
+    /// shapes, its grid and its body, and without the size parameters it no longer reads: a
+    /// kernel written over [B, S] rows run over another shape of the same rows (a decode step's
+    /// projection over [1, B] rows, one per sequence).
+    pub fn with_sizes(mut self, value: &dyn Fn(SizeVar) -> SizeExpr) -> KernelFn {
+        for param in &mut self.params {
+            if let KernelParam::Tensor { shape, .. } = param {
+                *shape = shape.iter().map(|dim| dim.substitute(value)).collect();
+            }
+        }
+        self.grid = self.grid.map(|axis| axis.substitute(value));
+        let size = |e: &Expr| match e {
+            Expr::Size(var) => Some(Expr::of_size(&value(*var))),
+            _ => None,
+        };
+        let read = std::cell::RefCell::new(Vec::new());
+        rewrite_exprs(&mut self.body, &|e| {
+            let rewritten = e.rewritten(&size);
+            rewritten.visit(&mut |leaf| {
+                if let Expr::Size(var) = leaf {
+                    read.borrow_mut().push(*var);
+                }
+            });
+            rewritten
+        });
+        let mut read = read.into_inner();
+        for param in &self.params {
+            if let KernelParam::Tensor { shape, .. } = param {
+                read.extend(SizeVar::ALL.into_iter().filter(|var| shape.iter().any(|dim| dim.uses(*var))));
+            }
+        }
+        self.params.retain(|p| !matches!(p, KernelParam::Size(var) if !read.contains(var)));
+        self
+    }
+
     pub fn threads(&self) -> u32 {
         self.warps * 32
     }

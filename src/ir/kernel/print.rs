@@ -44,6 +44,7 @@ impl KernelFn {
                     let access = match access {
                         Access::Read => "in",
                         Access::Write => "out",
+                        Access::ReadWrite => "inout",
                     };
                     writeln!(
                         out,

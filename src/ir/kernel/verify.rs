@@ -311,7 +311,8 @@ impl<'a> Verifier<'a> {
             self.err(stmt, format!("{} is an i32 index tensor: read it element by element in expressions, not as a box", tile.param));
             return None;
         }
-        if declared != access {
+        let allowed = if access == Access::Read { declared.reads() } else { declared.writes() };
+        if !allowed {
             let verb = if access == Access::Read {
                 "read"
             } else {
@@ -427,7 +428,7 @@ impl<'a> Verifier<'a> {
                 else {
                     return Err(format!("no tensor parameter named {param}"));
                 };
-                if *access != Access::Read {
+                if !access.reads() {
                     return Err(format!("{param} is an output and cannot be read"));
                 }
                 if shape.len() != index.len() {

@@ -4,7 +4,7 @@
 //! IR builder (src/ir/kernel) takes a `PlannedKernel`'s kind together with the spec.
 
 use crate::ir::graph::{ElemType, Graph, KernelRole, Layout, OpKind, OutputKind, TensorType, ValueId};
-use crate::ir::kernel::{self, Access, BackwardKernel, ForwardKernel, KernelParam, ProjectionSegment, Schedule, gradient_name};
+use crate::ir::kernel::{self, Access, BackwardKernel, DecodeKernel, ForwardKernel, KernelParam, PagedKv, ProjectionSegment, SHIFT_STATE, Schedule, build_decode, gradient_name};
 use crate::ir::passes::{PipelineOptions, run_pipeline};
 use crate::ir::size::{SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, ConvKind, EntryPoint, KeyTemperature, Mask, RopeStyle};
@@ -24,6 +24,9 @@ pub struct KernelPlan {
     pub params: Vec<Buffer>,
     /// Activations the caller gets back (out).
     pub outputs: Vec<Buffer>,
+    /// What the caller keeps from call to call and the kernels update in place (a decode step's
+    /// KV pages, convolution and shift state).
+    pub state: Vec<Buffer>,
     pub kernels: Vec<PlannedKernel>,
 }
 
@@ -44,6 +47,8 @@ pub struct PlannedKernel {
     pub params: Vec<String>,
     /// Activation buffers written for later kernels or the caller.
     pub outputs: Vec<Buffer>,
+    /// The caller's state read and written in place.
+    pub updates: Vec<Buffer>,
     /// Buffers written for a later entry point (the log-sum-exp for backward): O(B·S·heads).
     pub scratch: Vec<Buffer>,
     /// Tile sizes, warps and pipeline depth: chosen by the kernel-IR builder's resource check
@@ -79,6 +84,8 @@ pub enum KernelKind {
     },
     /// A kernel of the backward entry point, built with its default schedule from the spec.
     Backward(BackwardKernel),
+    /// A kernel of the decode entry point over a paged KV cache of this geometry.
+    Decode { kernel: DecodeKernel, paged: PagedKv },
 }
 
 /// Which kernel-IR builder builds a planned kernel.
@@ -86,6 +93,7 @@ pub enum KernelKind {
 pub enum KernelBuilder {
     Forward(ForwardKernel),
     Backward(BackwardKernel),
+    Decode(DecodeKernel, PagedKv),
 }
 
 impl KernelBuilder {
@@ -95,13 +103,14 @@ impl KernelBuilder {
         match self {
             KernelBuilder::Forward(which) => kernel::build_forward(spec, which, schedule),
             KernelBuilder::Backward(which) => which.build(spec),
+            KernelBuilder::Decode(which, paged) => build_decode(spec, which, paged),
         }
     }
 
     pub fn forward(self) -> Option<ForwardKernel> {
         match self {
             KernelBuilder::Forward(which) => Some(which),
-            KernelBuilder::Backward(_) => None,
+            KernelBuilder::Backward(_) | KernelBuilder::Decode(..) => None,
         }
     }
 }
@@ -115,6 +124,7 @@ impl PlannedKernel {
             KernelKind::Attention { .. } => KernelBuilder::Forward(ForwardKernel::Attention),
             KernelKind::OutputProjection { .. } => KernelBuilder::Forward(ForwardKernel::OutputProjection),
             KernelKind::Backward(which) => KernelBuilder::Backward(which),
+            KernelKind::Decode { kernel, paged } => KernelBuilder::Decode(kernel, paged),
         }
     }
 }
@@ -180,8 +190,10 @@ fn fail<T>(message: impl Into<String>) -> Result<T, PlanError> {
 /// Builds, optimises and plans one entry point of `spec` with the default pipeline options (the
 /// backward from its kernel builders: [`plan_backward`]).
 pub fn plan_for(spec: &AttentionSpec, entry: EntryPoint) -> Result<KernelPlan, PlanError> {
-    if entry == EntryPoint::Backward {
-        return plan_backward(spec);
+    match entry {
+        EntryPoint::Backward => return plan_backward(spec),
+        EntryPoint::Decode => return plan_decode(spec, PagedKv::DEFAULT),
+        EntryPoint::Forward => {}
     }
     let graph = crate::ir::graph::build(spec, entry).or_else(|e| fail(e.to_string()))?;
     let run = run_pipeline(graph, &PipelineOptions::default()).or_else(|e| fail(e.to_string()))?;
@@ -364,6 +376,7 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
             inputs: kernel_inputs,
             params,
             outputs,
+            updates: Vec::new(),
             scratch,
             schedule,
             grid,
@@ -390,6 +403,7 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
         inputs,
         params,
         outputs,
+        state: Vec::new(),
         kernels,
     })
 }
@@ -399,15 +413,57 @@ pub fn lower(graph: &Graph) -> Result<KernelPlan, PlanError> {
 /// `x`, `dout` and the weights is what the forward saved (`q`, `k`, `v`, `o`, `lse`, and `p0`
 /// with a prologue), and its outputs are `dx` and every weight's gradient.
 pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
+    let built = BackwardKernel::launched_by(spec)
+        .into_iter()
+        .map(|which| Ok((KernelKind::Backward(which), which.build(spec).or_else(fail)?)))
+        .collect::<Result<Vec<_>, PlanError>>()?;
+    plan_from_kernels(spec, EntryPoint::Backward, built, &[], |name| name == "dx" || name.starts_with("grad."))
+}
+
+/// The decode entry point of `spec`: [`DecodeKernel::launched_by`] in order, planned from the
+/// tensors the builders bind like the backward's. The caller passes `x` [B, 1, E] (one token of
+/// each of B sequences), the block tables and lengths, and its state (KV pages, convolution and
+/// shift state: the buffers a kernel reads and writes); it gets `out` [B, 1, E].
+pub fn plan_decode(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelPlan, PlanError> {
+    let built = DecodeKernel::launched_by(spec)
+        .into_iter()
+        .map(|which| Ok((KernelKind::Decode { kernel: which, paged }, build_decode(spec, which, paged).or_else(fail)?)))
+        .collect::<Result<Vec<_>, PlanError>>()?;
+    let token_rows = |name: &str, width: usize| Buffer {
+        name: name.into(),
+        ty: TensorType::new(vec![SizeExpr::batch(), SizeExpr::c(1), SizeExpr::from(width)], ElemType::Storage(spec.dtype), Layout::RowMajor),
+    };
+    let mut declared = vec![token_rows("x", spec.model_dim), token_rows("out", spec.model_dim)];
+    if spec.value_shift > 0 {
+        let width = spec.value_shift * spec.head_dim;
+        declared.push(Buffer {
+            name: SHIFT_STATE.into(),
+            ty: TensorType::new(vec![SizeExpr::batch(), SizeExpr::from(width)], ElemType::Storage(spec.dtype), Layout::RowMajor),
+        });
+    }
+    plan_from_kernels(spec, EntryPoint::Decode, built, &declared, |name| name == "out")
+}
+
+/// A plan from the kernels an entry point launches, in order (entry points without graph IR):
+/// each buffer under the first shape a kernel binds it with (another kernel may view it under
+/// another shape of as many elements), or under its `declared` shape (what the caller sees).
+/// A buffer read before any kernel writes it is the caller's input (a buffer a kernel reads and
+/// writes, the caller's state, is one too); `is_output` says which written ones the caller gets.
+fn plan_from_kernels(
+    spec: &AttentionSpec,
+    entry: EntryPoint,
+    built: Vec<(KernelKind, kernel::KernelFn)>,
+    declared: &[Buffer],
+    is_output: impl Fn(&str) -> bool,
+) -> Result<KernelPlan, PlanError> {
     let weights: Vec<Buffer> = spec
         .params()
         .into_iter()
         .map(|p| Buffer { name: p.name, ty: TensorType::new(p.shape.iter().map(|&d| SizeExpr::from(d)).collect(), ElemType::Storage(spec.dtype), Layout::RowMajor) })
         .collect();
-    let (mut inputs, mut written, mut kernels) = (Vec::<Buffer>::new(), Vec::<Buffer>::new(), Vec::new());
-    for which in BackwardKernel::launched_by(spec) {
-        let built = which.build(spec).or_else(fail)?;
-        let (mut kernel_inputs, mut outputs, mut params) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut inputs, mut written, mut state, mut kernels) = (Vec::<Buffer>::new(), Vec::<Buffer>::new(), Vec::<Buffer>::new(), Vec::new());
+    for (kind, built) in built {
+        let (mut kernel_inputs, mut outputs, mut updates, mut params) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for param in &built.params {
             let KernelParam::Tensor { name, elem, shape, access } = param else { continue };
             if weights.iter().any(|w| &w.name == name) {
@@ -416,70 +472,69 @@ pub fn plan_backward(spec: &AttentionSpec) -> Result<KernelPlan, PlanError> {
             }
             let elem = match elem {
                 kernel::ElemType::F32 => ElemType::F32,
+                kernel::ElemType::I32 => ElemType::I32,
                 storage if *storage == kernel::ElemType::from(spec.dtype) => ElemType::Storage(spec.dtype),
                 other => {
-                    return fail(format!("{}: binds {name} as {}, neither f32 nor the spec's {}", built.name, other.name(), spec.dtype.name()));
+                    return fail(format!("{}: binds {name} as {}, neither f32, i32 nor the spec's {}", built.name, other.name(), spec.dtype.name()));
                 }
             };
             let mut buffer = Buffer { name: name.clone(), ty: TensorType::new(shape.clone(), elem, Layout::RowMajor) };
             // A kernel may view a buffer under another shape of as many elements (o as
-            // [B, S, Hq, d] or [B, S, Hq·d]): the plan keeps the first, but for a weight's
-            // gradient, which has the weight's shape (a sum of parts writes it flat).
+            // [B, S, Hq, d] or [B, S, Hq·d]): the plan keeps the declared or first one, but for
+            // a weight's gradient, which has the weight's shape (a sum of parts writes it flat).
             let weight_shaped = weights
                 .iter()
                 .find(|w| gradient_name(&w.name) == *name)
                 .map(|w| Buffer { name: name.clone(), ty: TensorType::new(w.ty.shape.clone(), elem, Layout::RowMajor) });
-            if let Some(known) = weight_shaped.or_else(|| written.iter().chain(&inputs).find(|b| b.name == *name).cloned()) {
+            let known = weight_shaped.or_else(|| declared.iter().chain(&written).chain(&inputs).chain(&state).find(|b| b.name == *name).cloned());
+            if let Some(known) = known {
                 if !same_elements(&known.ty, &buffer.ty) {
-                    let earlier = if name.starts_with("grad.") { "its weight's shape" } else { "an earlier kernel's binding" };
+                    let earlier = if name.starts_with("grad.") { "its weight's shape" } else { "an earlier binding" };
                     return fail(format!("{}: binds {} as {}, not as many elements as {earlier}, {}", built.name, buffer.name, buffer.ty, known.ty));
                 }
-                buffer = known.clone();
+                buffer = known;
             }
-            match access {
-                Access::Write => {
-                    if !written.iter().any(|b: &Buffer| b.name == buffer.name) {
-                        written.push(buffer.clone());
-                    }
-                    outputs.push(buffer);
-                }
-                Access::Read => {
-                    // Read before any kernel of this call writes it: the caller's (x, dout, or
-                    // what the forward saved), under the first shape a kernel reads it as.
-                    if !written.iter().chain(&inputs).any(|b| b.name == buffer.name) {
-                        inputs.push(buffer.clone());
-                    }
-                    kernel_inputs.push(buffer);
-                }
+            let is_new = !written.iter().chain(&inputs).chain(&state).any(|known| known.name == buffer.name);
+            let (list, per_kernel) = match access {
+                Access::Write => (&mut written, &mut outputs),
+                // Read before any kernel of this call writes it: the caller's (x, dout, what the
+                // forward saved).
+                Access::Read => (&mut inputs, &mut kernel_inputs),
+                Access::ReadWrite => (&mut state, &mut updates),
+            };
+            if is_new {
+                list.push(buffer.clone());
             }
+            per_kernel.push(buffer);
         }
         let [x, y, z] = built.grid.clone();
         kernels.push(PlannedKernel {
             symbol: built.name.clone(),
-            kind: KernelKind::Backward(which),
+            kind,
             inputs: kernel_inputs,
             params,
             outputs,
+            updates,
             scratch: Vec::new(),
             schedule: built.schedule,
             grid: Grid { x, y, z },
         });
     }
-    let outputs: Vec<Buffer> = written.into_iter().filter(|b| b.name == "dx" || b.name.starts_with("grad.")).collect();
-    let plan = KernelPlan { name: spec.name.clone(), entry: EntryPoint::Backward, inputs, params: weights, outputs, kernels };
+    let outputs: Vec<Buffer> = written.into_iter().filter(|b| is_output(&b.name)).collect();
+    let plan = KernelPlan { name: spec.name.clone(), entry, inputs, params: weights, outputs, state, kernels };
     plan.verify()?;
     Ok(plan)
 }
 
 /// Whether two tensor types are views of one buffer: the same element type and as many elements
-/// at every size (checked at a few (B, S), which sizes linear in each decide).
+/// at every size (checked at a few sizes, which sizes linear in each decide).
 fn same_elements(a: &TensorType, b: &TensorType) -> bool {
     let elements = |ty: &TensorType, env: &crate::ir::size::SizeEnv| {
         ty.shape.iter().try_fold(1u64, |acc, dim| Some(acc * dim.eval(env).ok()?))
     };
     a.elem == b.elem
         && [(1, 1), (3, 17), (2, 1000)].into_iter().all(|(batch, seq_len)| {
-            let env = crate::ir::size::SizeEnv { batch, seq_len, sms: None, pages: None, blocks: None };
+            let env = crate::ir::size::SizeEnv { batch, seq_len, sms: Some(132), pages: Some(batch * 7), blocks: Some(seq_len + 2) };
             elements(a, &env).is_some() && elements(a, &env) == elements(b, &env)
         })
 }
@@ -547,7 +602,7 @@ impl KernelPlan {
         if self.kernels.is_empty() {
             return fail("the plan has no kernels");
         }
-        let mut available: Vec<Buffer> = self.inputs.clone();
+        let mut available: Vec<Buffer> = self.inputs.iter().chain(&self.state).cloned().collect();
         let mut symbols = BTreeSet::new();
         for kernel in &self.kernels {
             let here = &kernel.symbol;

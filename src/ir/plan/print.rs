@@ -22,6 +22,9 @@ impl fmt::Display for KernelPlan {
         for output in &self.outputs {
             writeln!(f, "  output {}", buffer_text(output))?;
         }
+        for state in &self.state {
+            writeln!(f, "  state {}", buffer_text(state))?;
+        }
         for param in &self.params {
             writeln!(f, "  param @{} : {}", param.name, param.ty)?;
         }
@@ -48,6 +51,9 @@ fn write_kernel(f: &mut fmt::Formatter<'_>, kernel: &PlannedKernel) -> fmt::Resu
     }
     for output in &kernel.outputs {
         writeln!(f, "  writes {}", buffer_text(output))?;
+    }
+    for state in &kernel.updates {
+        writeln!(f, "  updates {}", buffer_text(state))?;
     }
     for scratch in &kernel.scratch {
         writeln!(f, "  scratch {}", buffer_text(scratch))?;
@@ -100,6 +106,12 @@ fn kind_text(kind: &KernelKind) -> String {
         ),
         KernelKind::OutputProjection { bias } => format!("output_projection {{bias = {bias}}}"),
         KernelKind::Backward(which) => format!("backward {}", which.describe()),
+        KernelKind::Decode { kernel, paged } => format!(
+            "{} {{page_size = {}, partition_keys = {}}}",
+            kernel.suffix(),
+            paged.page_size,
+            paged.partition_keys
+        ),
     }
 }
 

@@ -1,8 +1,15 @@
-//! Serving kernels over a paged KV cache: the attention of one new token per sequence
-//! (`decode_attention`: one CTA per key partition, kv head and sequence, the query heads of the
-//! group as the MMA rows, keys gathered page by page through the block table) and the merge of
-//! its partitions by log-sum-exp (`decode_merge`), and the append of new tokens' k and v into
-//! their pages (`kv_append`). Not launched by an entry point yet.
+//! The decode entry point's kernels: one new token for each of B sequences over a paged KV
+//! cache. The projections are the forward's GEMMs over the B tokens as rows
+//! (`decode_qkv_proj`, `decode_out_proj`), the delayed value heads' product kept for the next
+//! step instead of read from the previous token; the q/k prologue runs after each sequence's
+//! convolution state (`decode_qk_prologue`); `kv_append` writes the token's k and v into its
+//! page (the delayed value heads from the shift state, which it moves on); `decode_attention`
+//! (one CTA per key partition, kv head and sequence, the query heads of the group as the MMA
+//! rows, keys gathered page by page through the block table) and `decode_merge` (its
+//! partitions merged by log-sum-exp) attend over the pages.
+//!
+//! The caller's `seq_lens[b]` counts sequence b's tokens with the new one (0: an empty slot,
+//! which writes nothing into the cache or its state and gets 0).
 
 use super::*;
 
@@ -14,22 +21,77 @@ pub struct PagedKv {
     pub partition_keys: u32,
 }
 
+impl PagedKv {
+    /// Pages of 16 tokens (vLLM's default), 512 keys per attention CTA.
+    pub const DEFAULT: PagedKv = PagedKv { page_size: 16, partition_keys: 512 };
+}
+
+/// The caller's convolution state [B, P, T]: raw P0 of each sequence's last T tokens.
+pub const CONV_STATE: &str = "conv_state";
+/// The caller's shift state [B, s·d]: the previous token's x·W_v2ᵀ (no bias).
+pub const SHIFT_STATE: &str = "shift_state";
+/// This step's x·W_v2ᵀ, the next shift state.
+pub const SHIFT_NEXT: &str = "shift_next";
+
 /// Which decode kernel to build.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DecodeKernel {
+    Projection,
+    Prologue,
+    Append,
     Attention,
     Merge,
-    Append,
+    OutputProjection,
 }
 
 impl DecodeKernel {
     pub fn suffix(self) -> &'static str {
         match self {
+            DecodeKernel::Projection => "decode_qkv_proj",
+            DecodeKernel::Prologue => "decode_qk_prologue",
+            DecodeKernel::Append => "kv_append",
             DecodeKernel::Attention => "decode_attention",
             DecodeKernel::Merge => "decode_merge",
-            DecodeKernel::Append => "kv_append",
+            DecodeKernel::OutputProjection => "decode_out_proj",
         }
     }
+
+    /// The kernels of a decode step of `spec`, in launch order.
+    pub fn launched_by(spec: &AttentionSpec) -> Vec<DecodeKernel> {
+        use DecodeKernel::*;
+        let prologue = has_qk_prologue(spec).then_some(Prologue);
+        [Some(Projection), prologue, Some(Append), Some(Attention), Some(Merge), Some(OutputProjection)].into_iter().flatten().collect()
+    }
+}
+
+/// The projection's column segments in a decode step: the forward's, but the delayed value
+/// heads' product is of this token's x, without the bias, into [`SHIFT_NEXT`] (the next step's
+/// shift state); this step's delayed heads come from the shift state.
+pub fn decode_projection_segments(spec: &AttentionSpec) -> Vec<ProjectionSegment> {
+    projection_segments(spec)
+        .into_iter()
+        .map(|segment| match segment.row_shift {
+            0 => segment,
+            _ => ProjectionSegment { bias: None, output: SHIFT_NEXT.into(), column0: 0, row_shift: 0, ..segment },
+        })
+        .collect()
+}
+
+/// A forward kernel over [B, S] token rows run over the B tokens of a decode step as the rows
+/// of one sequence ([1, B]).
+fn over_token_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) -> KernelFn {
+    let mut kernel = kernel.with_sizes(&|var| match var {
+        SizeVar::Batch => SizeExpr::c(1),
+        SizeVar::SeqLen => SizeExpr::batch(),
+        other => SizeExpr::Var(other),
+    });
+    kernel.name = format!("{}_{}", spec.name, which.suffix());
+    kernel
+}
+
+/// A per-sequence kernel built over S tokens run for the one token of a decode step.
+fn one_token(kernel: KernelFn) -> KernelFn {
+    kernel.with_sizes(&|var| if var == SizeVar::SeqLen { SizeExpr::c(1) } else { SizeExpr::Var(var) })
 }
 
 /// Key partitions of a sequence of at most blocks · page_size tokens.
@@ -56,9 +118,23 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
         return Err(format!("{partition_keys} keys per partition: a multiple of the {key_tile}-key tile"));
     }
     let kernel = match which {
+        DecodeKernel::Projection => {
+            let schedule = default_schedule(spec, ForwardKernel::QkvProjection)?;
+            over_token_rows(build_qkv_proj(spec, &schedule, &decode_projection_segments(spec))?, which, spec)
+        }
+        DecodeKernel::Prologue => {
+            if !has_qk_prologue(spec) {
+                return Err(format!("{} has no q/k step after the projection: its decode step launches no prologue", spec.name));
+            }
+            PrologueBuilder::new(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?.build_decode()
+        }
         DecodeKernel::Attention => decode_attention(spec, paged, key_tile)?,
         DecodeKernel::Merge => decode_merge(spec, paged)?,
         DecodeKernel::Append => kv_append(spec, paged)?,
+        DecodeKernel::OutputProjection => {
+            let schedule = default_schedule(spec, ForwardKernel::OutputProjection)?;
+            over_token_rows(build_out_proj(spec, &schedule)?, which, spec)
+        }
     };
     let schedule = kernel.schedule;
     verified(kernel, &schedule)
@@ -246,65 +322,92 @@ fn decode_merge(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String
             expr: Expr::select(Expr::Float(0.0).lt(Expr::tile(sum_s, int(0), int(0))), Expr::Elem / Expr::tile(sum_s, int(0), int(0)), Expr::Float(0.0)),
         },
         Stmt::Barrier,
-        Stmt::Store { src: w(o_s), dst: GlobalTile { param: "o".into(), dims: vec![GlobalDim::At(var("b")), GlobalDim::At(var("h")), span(int(0), d)] } },
+        Stmt::Store { src: w(o_s), dst: GlobalTile { param: "o".into(), dims: vec![GlobalDim::At(var("b")), GlobalDim::At(int(0)), GlobalDim::At(var("h")), span(int(0), d)] } },
     ];
     let mut params = partial_params(spec, paged, Access::Read).to_vec();
-    params.extend([seq_lens_param(), tensor("o", storage, vec![SizeExpr::batch(), size(spec.query_heads), size(spec.head_dim)], Access::Write)]);
+    params.extend([seq_lens_param(), tensor("o", storage, vec![SizeExpr::batch(), size(1), size(spec.query_heads), size(spec.head_dim)], Access::Write)]);
     params.extend(paged_size_params());
     let schedule = Schedule { block_m: d, block_n: 1, block_k: 1, warps: 1, stages: 1 };
     let name = format!("{}_{}", spec.name, DecodeKernel::Merge.suffix());
     Ok(tiled_kernel(name, params, [size(spec.query_heads), SizeExpr::batch(), size(1)], &schedule, t, body))
 }
 
-/// CTA = token s of sequence b: its k and v rows (all kv heads) written at position
-/// start[b] + s, into row (start + s) % page_size of the page the block table names for it.
-/// Decode appends one token (S = 1, start = the length before it); a chunk of a prefill
-/// appends S tokens after the cached ones.
+/// CTA = sequence b: the new token's k and v rows (all kv heads) written at position
+/// seq_lens[b] − 1, into row position % page_size of the page the block table names for it (an
+/// empty slot, seq_lens[b] = 0, writes nothing). The delayed value heads are the shift state
+/// plus their bias, and the shift state becomes this token's product ([`SHIFT_NEXT`]).
 fn kv_append(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
     let storage: ElemType = spec.dtype.into();
     let (hk, d) = (spec.kv_heads as u32, spec.head_dim as u32);
+    let shifted = spec.value_shift as u32;
+    let current = hk - shifted;
     let page_size = paged.page_size;
     let mut t = Tiles { decls: Vec::new() };
     let rows_s = t.add("rows_s", TileType { elem: storage, rows: hk, cols: d, layout: Layout::RowMajor { pad: 0 } });
     let w = |id: TileId| t.whole(id);
-    let heads = || [span(int(0), hk), span(int(0), d)];
-    let mut body = vec![
-        Stmt::Note(format!("CTA = token s of sequence b: k and v of its {hk} kv head(s) into their page")),
-        let_("s", Expr::BlockIdx(Axis::X)),
-        let_("b", Expr::BlockIdx(Axis::Z)),
-        let_("position", Expr::global("start", vec![var("b")]) + var("s")),
+    let token = |tensor: &str, heads: u32| GlobalTile {
+        param: tensor.into(),
+        dims: vec![GlobalDim::At(var("b")), GlobalDim::At(int(0)), span(int(0), heads), span(int(0), d)],
+    };
+    let into_page = |cache: &str| Stmt::Store {
+        src: w(rows_s),
+        dst: GlobalTile {
+            param: cache.into(),
+            dims: vec![GlobalDim::At(var("page")), GlobalDim::At(var("position").modulo(int(page_size))), span(int(0), hk), span(int(0), d)],
+        },
+    };
+    let mut append = vec![
         let_("page", Expr::global("block_table", vec![var("b"), var("position").floor_div(int(page_size))])),
+        Stmt::Copy { dst: w(rows_s), src: token("k", hk), is_async: false },
+        Stmt::Barrier,
+        into_page("k_cache"),
+        Stmt::Barrier,
+        Stmt::Copy { dst: w(rows_s), src: token("v", hk), is_async: false },
+        Stmt::Barrier,
     ];
-    for (tensor, cache) in [("k", "k_cache"), ("v", "v_cache")] {
-        body.extend([
-            Stmt::Copy {
-                dst: w(rows_s),
-                src: GlobalTile { param: tensor.into(), dims: [GlobalDim::At(var("b")), GlobalDim::At(var("s"))].into_iter().chain(heads()).collect() },
-                is_async: false,
-            },
+    let state_box = || GlobalTile { param: SHIFT_STATE.into(), dims: vec![GlobalDim::At(var("b")), span(int(0), shifted), span(int(0), d)] };
+    if shifted > 0 {
+        let delayed = t.view(rows_s, int(current), int(0), shifted, d);
+        let mut value = Expr::global(SHIFT_STATE, vec![var("b"), Expr::Row, Expr::Col]);
+        if let Some(bias) = param_name(spec, ParamRole::ValueBiasDelayed) {
+            value = value + Expr::global(&bias, vec![Expr::Row * int(d) + Expr::Col]);
+        }
+        append.extend([
+            Stmt::Note(format!("the {shifted} delayed value head(s): the previous token's x·W_v2ᵀ (the shift state) + bias")),
+            Stmt::Map { dst: delayed.clone(), expr: value },
             Stmt::Barrier,
-            Stmt::Store {
-                src: w(rows_s),
-                dst: GlobalTile {
-                    param: cache.into(),
-                    dims: [GlobalDim::At(var("page")), GlobalDim::At(var("position").modulo(int(page_size)))].into_iter().chain(heads()).collect(),
-                },
-            },
+            into_page("v_cache"),
             Stmt::Barrier,
+            Stmt::Note("the shift state moves on to this token".into()),
+            Stmt::Copy { dst: delayed.clone(), src: token(SHIFT_NEXT, shifted), is_async: false },
+            Stmt::Barrier,
+            Stmt::Store { src: delayed, dst: state_box() },
         ]);
+    } else {
+        append.push(into_page("v_cache"));
     }
-    let cache_shape = || vec![SizeExpr::pages(), size(page_size as usize), size(spec.kv_heads), size(spec.head_dim)];
-    let token_shape = || vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.kv_heads), size(spec.head_dim)];
-    let mut params = vec![
-        tensor("k", storage, token_shape(), Access::Read),
-        tensor("v", storage, token_shape(), Access::Read),
-        tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
-        tensor("start", ElemType::I32, vec![SizeExpr::batch()], Access::Read),
-        tensor("k_cache", storage, cache_shape(), Access::Write),
-        tensor("v_cache", storage, cache_shape(), Access::Write),
+    let body = vec![
+        Stmt::Note(format!("CTA = sequence b: k and v of its new token's {hk} kv head(s) into their page")),
+        let_("b", Expr::BlockIdx(Axis::X)),
+        let_("position", Expr::global("seq_lens", vec![var("b")]) - int(1)),
+        Stmt::If { cond: int(0).le(var("position")), then_body: append, else_body: Vec::new() },
     ];
+    let cache_shape = || vec![SizeExpr::pages(), size(page_size as usize), size(spec.kv_heads), size(spec.head_dim)];
+    let token_shape = |heads: usize| vec![SizeExpr::batch(), size(1), size(heads), size(spec.head_dim)];
+    let mut params = vec![tensor("k", storage, token_shape(spec.kv_heads), Access::Read), tensor("v", storage, token_shape(spec.kv_heads), Access::Read)];
+    if shifted > 0 {
+        params.push(tensor(SHIFT_NEXT, storage, token_shape(spec.value_shift), Access::Read));
+        params.push(tensor(SHIFT_STATE, storage, vec![SizeExpr::batch(), size(spec.value_shift), size(spec.head_dim)], Access::ReadWrite));
+        params.extend(weight_params(spec, |role| role == ParamRole::ValueBiasDelayed));
+    }
+    params.extend([
+        tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
+        seq_lens_param(),
+        tensor("k_cache", storage, cache_shape(), Access::ReadWrite),
+        tensor("v_cache", storage, cache_shape(), Access::ReadWrite),
+    ]);
     params.extend(paged_size_params());
     let schedule = Schedule { block_m: hk, block_n: d, block_k: d, warps: 1, stages: 1 };
     let name = format!("{}_{}", spec.name, DecodeKernel::Append.suffix());
-    Ok(tiled_kernel(name, params, [SizeExpr::seq_len(), size(1), SizeExpr::batch()], &schedule, t, body))
+    Ok(one_token(tiled_kernel(name, params, [SizeExpr::batch(), size(1), size(1)], &schedule, t, body)))
 }

@@ -15,7 +15,7 @@ pub use backward::{
     build_prologue_backward, build_prologue_conv_backward, build_token_sum, build_weight_gradient, default_attention_backward_schedule, gradient_name,
     parts_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule,
 };
-pub use decode::{DecodeKernel, PagedKv, build_decode};
+pub use decode::{CONV_STATE, DecodeKernel, PagedKv, SHIFT_NEXT, SHIFT_STATE, build_decode, decode_projection_segments};
 pub use wgmma_attention::{
     ATTENTION_CONSUMER_REGISTERS, WgmmaAttentionSchedule, build_wgmma_attention, causal_window, wgmma_attention_footprint,
 };
@@ -254,7 +254,7 @@ pub fn build_forward(
         return Err(format!("schedule {s:?} has a zero size"));
     }
     let kernel = match which {
-        ForwardKernel::QkvProjection => build_qkv_proj(spec, s)?,
+        ForwardKernel::QkvProjection => build_qkv_proj(spec, s, &projection_segments(spec))?,
         ForwardKernel::QkPrologue => {
             if !has_qk_prologue(spec) {
                 return Err(format!(
@@ -614,9 +614,10 @@ impl GemmTiles {
     }
 }
 
-/// `qkv_proj`: x·Wᵀ + bias over the column segments of `projection_segments`; CTA (column
-/// tile, row tile, batch), column tiles fastest so that the CTAs running together share x rows.
-fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
+/// `qkv_proj`: x·Wᵀ + bias over column `segments` (`projection_segments`, or a decode step's);
+/// CTA (column tile, row tile, batch), column tiles fastest so that the CTAs running together
+/// share x rows.
+fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule, segments: &[ProjectionSegment]) -> Result<KernelFn, String> {
     let (bm, bn) = (s.block_m, s.block_n);
     let d = spec.head_dim;
     // Every column tile then lies inside one head, so a per-head store covers it.
@@ -629,11 +630,10 @@ fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
     let storage: ElemType = spec.dtype.into();
     let tile = gemm.tile(s, "x", spec.model_dim);
     let t = &gemm.tiles;
-    let segments = projection_segments(spec);
     // Segment i owns column tiles first_tiles[i] .. first_tiles[i + 1].
     let mut first_tiles = Vec::new();
     let mut column_tiles = 0;
-    for segment in &segments {
+    for segment in segments {
         first_tiles.push(column_tiles);
         column_tiles += segment.width / bn as usize;
     }
@@ -731,6 +731,9 @@ fn build_qkv_proj(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
     }
     params.push(tensor("v", storage, bsd(spec.kv_heads), Access::Write));
+    if segments.iter().any(|segment| segment.output == SHIFT_NEXT) {
+        params.push(tensor(SHIFT_NEXT, storage, bsd(spec.value_shift), Access::Write));
+    }
     let grid = [size(column_tiles), SizeExpr::seq_len().ceil_div(bm as u64), SizeExpr::batch()];
     let name = format!("{}_{}", spec.name, ForwardKernel::QkvProjection.suffix());
     Ok(tiled_kernel(name, params, grid, s, gemm.tiles, body))

@@ -122,6 +122,16 @@ pub(super) struct PrologueBuilder<'a> {
     reads_p0: bool,
     /// The accumulator's warps along rows and columns.
     warp_grid: (u32, u32),
+    /// A decode step: one token per sequence at position seq_lens[b] − 1, its halo rows the
+    /// sequence's convolution state (staged through this [d, T] tile, the state being
+    /// channel-major), which the step moves on by the token.
+    decode: Option<DecodeHistory>,
+}
+
+#[derive(Clone, Copy)]
+struct DecodeHistory {
+    /// The head's channels of the convolution state, [d, T] (none without a convolution).
+    state_s: Option<TileId>,
 }
 
 impl<'a> PrologueBuilder<'a> {
@@ -213,6 +223,7 @@ impl<'a> PrologueBuilder<'a> {
             keep_stage_inputs: false,
             reads_p0: true,
             warp_grid: (wm, wn),
+            decode: None,
         })
     }
 
@@ -240,6 +251,61 @@ impl<'a> PrologueBuilder<'a> {
             "the CCA steps of each row",
             &|builder, kind, y| builder.epilogue(kind, y),
         )
+    }
+
+    /// The prologue of a decode step ([`DecodeKernel::Prologue`]): [`Self::build`]'s steps for
+    /// the one new token of each sequence (S = 1), after the T raw rows of its convolution
+    /// state [B, P, T] instead of zeros, with RoPE at the token's position seq_lens[b] − 1; the
+    /// state moves on by the token (not for an empty slot, seq_lens[b] = 0).
+    pub(super) fn build_decode(mut self) -> KernelFn {
+        let spec = self.spec;
+        let d = spec.head_dim;
+        let storage: ElemType = spec.dtype.into();
+        let state_s = (self.halo > 0).then(|| self.tiles.add("state_s", TileType { elem: storage, rows: self.d, cols: self.halo, layout: Layout::RowMajor { pad: 0 } }));
+        self.decode = Some(DecodeHistory { state_s });
+        let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
+        let mut params = vec![tensor(
+            PROJECTION_BUFFER,
+            storage,
+            vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.packed_width())],
+            Access::Read,
+        )];
+        if state_s.is_some() {
+            params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(spec.packed_width()), size(self.halo as usize)], Access::ReadWrite));
+        }
+        params.extend(weight_params(spec, is_prologue_param));
+        params.push(tensor("seq_lens", ElemType::I32, vec![SizeExpr::batch()], Access::Read));
+        params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
+        params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
+        let name = format!("{}_{}", spec.name, DecodeKernel::Prologue.suffix());
+        self.kernel_over_rows(name, params, "the CCA steps of each sequence's new token", &|builder, kind, y| builder.epilogue(kind, y))
+            .with_sizes(&|var| if var == SizeVar::SeqLen { SizeExpr::c(1) } else { SizeExpr::Var(var) })
+    }
+
+    /// A decode step's halo rows (rows 0..T of the one tile: tokens −T..−1) from the head's
+    /// channels of the convolution state, and the state moved on by the token: its last T − 1
+    /// rows and the token's raw row (staged row T).
+    fn decode_history(&self, state_s: TileId) -> Vec<Stmt> {
+        let (d, halo) = (self.d, self.halo);
+        let state_box = || GlobalTile {
+            param: CONV_STATE.into(),
+            dims: vec![GlobalDim::At(var("b")), span(var("channel0"), d), span(int(0), halo)],
+        };
+        let state = self.tiles.whole(state_s);
+        vec![
+            Stmt::Note(format!("the sequence's convolution state: its last {halo} raw rows, channel-major")),
+            Stmt::Copy { dst: state.clone(), src: state_box(), is_async: false },
+            Stmt::Barrier,
+            Stmt::Map { dst: self.tiles.view(self.p0_s, int(self.lead), int(0), halo, d), expr: Expr::tile(state_s, Expr::Col, Expr::Row) },
+            Stmt::Barrier,
+            Stmt::Map { dst: state.clone(), expr: Expr::tile(self.p0_s, plus(Expr::Col, self.lead as i64 + 1), Expr::Row) },
+            Stmt::Barrier,
+            Stmt::If {
+                cond: int(0).lt(Expr::global("seq_lens", vec![var("b")])),
+                then_body: vec![Stmt::Store { src: state, dst: state_box() }],
+                else_body: Vec::new(),
+            },
+        ]
     }
 
     /// The kernel both directions share: per head and row tile, the head's rows staged and
@@ -290,6 +356,9 @@ impl<'a> PrologueBuilder<'a> {
         }
         let y = if self.reads_p0 {
             tile_body.extend(self.read_head());
+            if let Some(DecodeHistory { state_s: Some(state_s) }) = self.decode {
+                tile_body.extend(self.decode_history(state_s));
+            }
             self.conv_stages(&mut tile_body)
         } else {
             self.p0_s
@@ -463,6 +532,15 @@ impl<'a> PrologueBuilder<'a> {
     /// Position (token index) of tile row 0.
     fn top(&self) -> Expr {
         if self.halo == 0 { var("t0") } else { var("top") }
+    }
+
+    /// The position in its sequence of tile row 0: its token index, after the seq_lens[b] − S
+    /// tokens a decode step's sequence already has.
+    fn first_position(&self) -> Expr {
+        match self.decode {
+            Some(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),
+            None => self.top(),
+        }
     }
 
     /// Every tap of every per-head stage, `[channel0 + out, in, tap]` → rows `tap · d + out`.
@@ -748,7 +826,7 @@ impl<'a> PrologueBuilder<'a> {
             ),
         };
         let inv_freq = Expr::Float(rope.theta).pow(freq_index.to_float() * Expr::Float(-2.0 / r as f64));
-        let angle = (self.top() + Expr::Row).to_float() * inv_freq;
+        let angle = (self.first_position() + Expr::Row).to_float() * inv_freq;
         let staged_row = || plus(Expr::Row, first_row as i64);
         let own = Expr::tile(rope_s, staged_row(), Expr::Col);
         // The transpose turns the other way: sin(−a) = −sin(a).
