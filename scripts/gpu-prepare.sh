@@ -5,6 +5,7 @@
 #   gpu-carry/runtime-gpu-tests            the runtime's GPU test binary (tests/gpu.rs)
 #   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
 #   gpu-carry/train/<example>/<block>/     every example compiled with emit = [forward, backward]
+#   gpu-carry/serve/<example>/<block>/     every example compiled with emit = [forward, decode]
 #   gpu-carry/libs/short_windows/<block>/  sliding windows of 7 and 100 keys (d 128 and 64),
 #                                          written below: the examples' only window (4096) is
 #                                          not shorter than the suite's S but at 4097
@@ -102,22 +103,30 @@ for file in "${examples[@]}"; do
     failed+=("$file")
   fi
 done
-# Every example again with `emit = [forward, backward]`, for tests/python/gpu_autograd.py.
-rm -rf "$carry/train" "$extra/train"
-mkdir -p "$extra/train"
-for file in examples/*.attn; do
-  name=$(basename "$file" .attn)
-  python3 - "$file" "$extra/train/$name.attn" <<'PY'
+# Every example again with `emit = [forward, backward]` (train/, for tests/python/gpu_autograd.py)
+# and with `emit = [forward, decode]` (serve/, for bench/decode_step.py).
+for kind in train serve; do
+  case $kind in
+    train) emit="forward, backward" ;;
+    serve) emit="forward, decode" ;;
+  esac
+  rm -rf "$carry/$kind" "$extra/$kind"
+  mkdir -p "$extra/$kind"
+  for file in examples/*.attn; do
+    name=$(basename "$file" .attn)
+    python3 - "$file" "$extra/$kind/$name.attn" "$emit" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
-text, found = re.subn(r"emit\s*=\s*\[[^\]]*\]", "emit = [forward, backward]", text)
+emit = f"emit = [{sys.argv[3]}]"
+text, found = re.subn(r"emit\s*=\s*\[[^\]]*\]", emit, text)
 if not found:
-    text = re.sub(r"\}\s*$", "    emit = [forward, backward]\n}\n", text.rstrip())
+    text = re.sub(r"\}\s*$", f"    {emit}\n}}\n", text.rstrip())
 open(sys.argv[2], "w").write(text)
 PY
-  if ! ./target/release/ccc compile "$extra/train/$name.attn" -o "$carry/train/$name" --ptxas; then
-    failed+=("$extra/train/$name.attn")
-  fi
+    if ! ./target/release/ccc compile "$extra/$kind/$name.attn" -o "$carry/$kind/$name" --ptxas; then
+      failed+=("$extra/$kind/$name.attn")
+    fi
+  done
 done
 
 rm -rf "$carry/hopper-ptx"

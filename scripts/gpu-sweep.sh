@@ -29,11 +29,13 @@
 #      every weight gradient against float64 autograd of python/ccc/reference.py (beside PyTorch's
 #      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
 #      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
-#   decode (not default): with gpu-carry/decode-ptx (gpu-prepare.sh writes it):
-#      bench/decode_attention.py, the decode attention over a paged KV cache (no entry point
-#      launches it yet) of every causal or windowed example against float32 attention, then
-#      timed at B 1, 8, 64, 256 × context 1k to 32k beside SDPA's decode on a dense cache, with
-#      the achieved HBM bandwidth;
+#   decode (not default): with gpu-carry/serve (every example compiled with decode):
+#      bench/decode_step.py, decode steps of every example against its forward over the whole
+#      sequences (caches filled as a prefill would leave them), then zaya1's step timed at
+#      B 1, 8, 64, 256 × context 1k to 32k beside an MHA layer's decode step in PyTorch; and
+#      with gpu-carry/decode-ptx: bench/decode_attention.py, the raw decode attention kernels
+#      against float32 attention, timed beside SDPA's decode on a dense cache, with the achieved
+#      HBM bandwidth;
 #   train (not default): with gpu-carry/train (every example compiled with backward):
 #      tests/python/gpu_autograd.py (gradients through Layer.forward's autograd against float64,
 #      opcheck, torch.compile), `ccc-run validate` of zaya1's and mha's training libraries,
@@ -131,6 +133,13 @@ for s in $steps; do
       fi
       ;;
     decode)
+      if [ -d gpu-carry/serve ]; then
+        served=("gpu-carry/serve/zaya1/zaya1")
+        for dir in gpu-carry/serve/*/*/; do
+          [ "${dir%/}" != gpu-carry/serve/zaya1/zaya1 ] && served+=("${dir%/}")
+        done
+        step decode-step 400 python3 -u -W ignore bench/decode_step.py "${served[@]}" --time --out "$out/decode-step.json"
+      fi
       if [ -f gpu-carry/decode-ptx/decode.json ]; then
         step decode-attention 400 python3 -u -W ignore bench/decode_attention.py --ptx-dir gpu-carry/decode-ptx \
           --out "$out/decode-attention.json"

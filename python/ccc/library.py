@@ -15,7 +15,7 @@ import torch
 from . import tensor_map
 from .errors import KernelFault, ManifestError, TensorMismatch
 from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, off_gpu_problem,
-                       plan_for_input, read_library)
+                       plan_call, plan_for_input, plan_for_supplied, read_library)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "i32": torch.int32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
@@ -100,7 +100,7 @@ class BoundCall:
         spec = self.layer.spec
         result = {}
         for buffer in self.plan.buffers:
-            if buffer.role in ("input", "weight"):
+            if buffer.role in ("input", "weight", "state"):
                 continue
             tensor = self.tensors[buffer.name]
             if buffer.name in HEAD_SPLIT_BUFFERS and tensor.dim() == 3:
@@ -191,23 +191,66 @@ class Layer:
         dout [B, S, E]."""
         return self._bind("backward", "dout", {"x": x, "dout": dout, **state_dict, **saved}, poison)
 
+    @property
+    def has_decode(self):
+        """Whether the library was compiled with `decode` in `emit`."""
+        return self.manifest.entry_point("decode") is not None
+
+    def decode_cache(self, sequences, pages, device="cuda"):
+        """A decode step's state for `sequences` sequence slots and a pool of `pages` KV pages,
+        zero (every slot a sequence with no tokens yet): name -> tensor for every buffer of role
+        `state` (`k_cache`, `v_cache` [pages, page_size, Hk, d]; `conv_state` [B, P, T] and
+        `shift_state` [B, s*d] where the layer has them). The caller keeps it from step to step;
+        the step updates it in place."""
+        if not self.has_decode:
+            raise ManifestError(f"`{self.name}` was compiled without the decode entry point: add "
+                                "`decode` to `emit` (`emit = [forward, decode]`) to serve with it")
+        plan = plan_call(self.manifest, "decode", sequences, 1, None, pages, 1)
+        return {b.name: torch.zeros(b.shape, dtype=TORCH_DTYPES[b.dtype], device=device)
+                for b in plan.buffers if b.role == "state"}
+
+    def bind_decode(self, x, state_dict, cache, block_table, seq_lens, poison=None):
+        """The decode step's BoundCall for x [B, 1, E] (or [B, E]): the new token of each of B
+        sequences, their pages in `cache` (`decode_cache`) named by `block_table` [B, blocks]
+        (int32) and their lengths with the new token `seq_lens` [B] (int32; 0: an empty slot)."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        supplied = {"x": x, "block_table": block_table, "seq_lens": seq_lens, **cache, **state_dict}
+        return self._bind("decode", None, supplied, poison)
+
+    def decode(self, x, state_dict, cache, block_table, seq_lens):
+        """One decode step (`bind_decode`): appends each token's k and v to its page, moves the
+        convolution and shift state on, and returns out [B, 1, E]. Launches only: no allocation
+        but the step's own buffers and no host synchronisation."""
+        call = self.bind_decode(x, state_dict, cache, block_table, seq_lens)
+        call.run()
+        return call.tensors["out"]
+
     def _bind(self, entry, anchor, supplied_tensors, poison):
-        """Plans `entry` for the sizes of the caller's `anchor` tensor, checks every caller-supplied
-        tensor and allocates the others."""
-        anchor_tensor = supplied_tensors[anchor]
+        """Plans `entry` for the sizes of the caller's `anchor` tensor (None: of every input and
+        state tensor, a decode step's), checks every caller-supplied tensor and allocates the
+        others."""
+        anchor_name = anchor or "x"
+        anchor_tensor = supplied_tensors[anchor_name]
         info = tensor_info(anchor_tensor)
         # Before planning: persistent grids have one CTA per SM of the anchor's GPU.
-        problem = off_gpu_problem(anchor, anchor_tensor.device)
+        problem = off_gpu_problem(anchor_name, anchor_tensor.device)
         if problem:
             raise TensorMismatch([problem])
         sms = torch.cuda.get_device_properties(anchor_tensor.device).multi_processor_count
-        plan = plan_for_input(self.manifest, entry, anchor, info.dtype, info.shape, sms)
+        if anchor is None:
+            weights = {w.name for w in self.manifest.weights}
+            shapes = {name: (tensor_info(t).dtype, tuple(t.shape)) for name, t in supplied_tensors.items()
+                      if name not in weights}
+            plan = plan_for_supplied(self.manifest, entry, shapes, sms)
+        else:
+            plan = plan_for_input(self.manifest, entry, anchor, info.dtype, info.shape, sms)
         check_supplied(self.manifest, plan, {name: tensor_info(t) for name, t in supplied_tensors.items()})
         device = anchor_tensor.device
         poison = self.validate if poison is None else poison
         tensors = dict(supplied_tensors)
         for buffer in plan.buffers:
-            if buffer.role in ("input", "weight"):
+            if buffer.role in ("input", "weight", "state"):
                 continue
             dtype = TORCH_DTYPES[buffer.dtype]
             if poison:

@@ -468,13 +468,14 @@ def _entry_of(manifest, entry):
     return found
 
 
-def plan_call(manifest, entry, batch, seq_len, sms):
+def plan_call(manifest, entry, batch, seq_len, sms, pages=None, blocks=None):
     """Concrete shapes, byte counts, grids and kernel arguments of one call of `entry` on a GPU of
-    `sms` SMs (None: no GPU, which libraries with a persistent grid refuse)."""
+    `sms` SMs (None: no GPU, which libraries with a persistent grid refuse); a decode step's
+    `pages` (its KV pool) and `blocks` (its block table's width)."""
     entry_manifest = _entry_of(manifest, entry)
     if batch <= 0 or seq_len <= 0:
         raise SizeError(f"batch ({batch}) and sequence length ({seq_len}) must be positive")
-    env = {"B": batch, "S": seq_len, "SMs": sms}
+    env = {"B": batch, "S": seq_len, "SMs": sms, "pages": pages, "blocks": blocks}
 
     def too_big(what):
         return SizeError(f"{what} overflows for B = {batch}, S = {seq_len}")
@@ -558,6 +559,39 @@ def plan_for_input(manifest, entry, input_name, dtype, shape, sms):
     return plan
 
 
+def plan_for_supplied(manifest, entry, supplied, sms):
+    """Plans a call whose sizes come from the caller's tensors, `supplied` a dict name ->
+    (dtype, shape): each must be a buffer the caller supplies to `entry` (an input or state) of its
+    dtype and rank, and of the shape the sizes read off all of them give (a decode step's B from
+    x, `pages` from its KV pages, `blocks` from its block table); S is 1 when no buffer has it.
+    The rules of the Rust runtime's `CallPlan::for_supplied`."""
+    entry_manifest = _entry_of(manifest, entry)
+    sizes, mentions_s, declared = {}, False, {}
+    for name, (dtype, shape) in supplied.items():
+        buffer = entry_manifest.buffer(name)
+        if buffer is None or buffer.role not in ("input", "state"):
+            raise ManifestError(f"the `{entry}` entry point takes no tensor `{name}`")
+        shape = tuple(shape)
+        if dtype != buffer.dtype or len(shape) != len(buffer.shape):
+            raise TensorMismatch([f"tensor `{name}`: expected {describe(buffer.dtype, buffer.shape)}, "
+                                  f"got {describe(dtype, shape)}"])
+        declared[name] = (buffer, shape)
+        mentions_s |= any(dim.uses("S") for dim in buffer.shape)
+        for expr, dim in zip(buffer.shape, shape):
+            if expr.op == "var" and sizes.setdefault(expr.args[0], dim) != dim:
+                raise SizeError("the shapes of " + ", ".join(f"`{n}`" for n in supplied)
+                                + " do not agree on the sizes: " + ", ".join(
+                                    f"{n} {list(s)} as {format_shape(b.shape)}" for n, (b, s) in declared.items()))
+    if ("S" not in sizes and mentions_s) or "B" not in sizes:
+        raise SizeError(f"the tensors given ({', '.join(supplied)}) do not determine B and S")
+    plan = plan_call(manifest, entry, sizes["B"], sizes.get("S", 1), sms, sizes.get("pages"), sizes.get("blocks"))
+    for name, (buffer, shape) in declared.items():
+        if plan.buffer(name).shape != shape:
+            raise TensorMismatch([f"tensor `{name}`: expected {describe(buffer.dtype, plan.buffer(name).shape)}, "
+                                  f"got {describe(supplied[name][0], shape)}"])
+    return plan
+
+
 # --- Checking the caller's tensors -------------------------------------------------------------
 
 TensorInfo = namedtuple("TensorInfo", "dtype shape device contiguous")
@@ -578,7 +612,7 @@ def check_supplied(manifest, plan, supplied):
     name -> TensorInfo, and that `supplied` holds nothing else. All tensors must be dense and on
     x's CUDA device. Raises TensorMismatch listing every problem."""
     problems = []
-    inputs = [b for b in plan.buffers if b.role == "input"]
+    inputs = [b for b in plan.buffers if b.role in ("input", "state")]
     device = supplied[inputs[0].name].device if inputs and inputs[0].name in supplied else None
     off_gpu = off_gpu_problem(inputs[0].name, device) if device is not None else None
     if off_gpu:

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
 
 from ccc.errors import ManifestError, SizeError, TensorMismatch  # noqa: E402
 from ccc.flops import core_flops, layer_flops  # noqa: E402
-from ccc.manifest import (TensorInfo, check_supplied, parse_manifest, plan_call,  # noqa: E402
+from ccc.manifest import (plan_for_supplied, TensorInfo, check_supplied, parse_manifest, plan_call,  # noqa: E402
                           plan_for_input, read_library)
 from ccc.sizes import Unbound, parse_size_expr  # noqa: E402
 from ccc.spec import parse_spec  # noqa: E402
@@ -233,6 +233,32 @@ class ManifestValidation(unittest.TestCase):
         manifest = parse(zaya1_manifest_json())
         self.assertEqual(len(manifest.weights), 10)
         self.assertEqual(manifest.weights[8].name, "qk_norm.temp")
+
+    def test_a_decode_step_reads_its_sizes_off_the_callers_tensors(self):
+        with open(os.path.join(FIXTURES, "zaya1_serve_manifest.json")) as file:
+            manifest = parse(json.load(file))
+        decode = manifest.entry_point("decode")
+        self.assertEqual(sorted(b.name for b in decode.buffers if b.role == "state"),
+                         ["conv_state", "k_cache", "shift_state", "v_cache"])
+
+        def supplied(batch=4, page_rows=16, table_rows=4):
+            return {"x": ("bf16", (batch, 1, 2048)), "block_table": ("i32", (table_rows, 10)),
+                    "seq_lens": ("i32", (batch,)), "k_cache": ("bf16", (50, page_rows, 2, 128)),
+                    "v_cache": ("bf16", (50, page_rows, 2, 128)), "conv_state": ("bf16", (batch, 1280, 2)),
+                    "shift_state": ("bf16", (batch, 128))}
+
+        plan = plan_for_supplied(manifest, "decode", supplied(), 132)
+        self.assertEqual(plan.buffer("o_part").shape, (4, 1, 8, 128))
+        self.assertEqual(plan.buffer("out").shape, (4, 1, 2048))
+        with self.assertRaises(TensorMismatch) as raised:
+            plan_for_supplied(manifest, "decode", supplied(page_rows=8), 132)
+        self.assertIn("tensor `k_cache`: expected bf16 [50, 16, 2, 128], got bf16 [50, 8, 2, 128]",
+                      str(raised.exception))
+        with self.assertRaises(SizeError) as raised:
+            plan_for_supplied(manifest, "decode", supplied(table_rows=3), 132)
+        self.assertIn("block_table [3, 10] as [B, blocks]", str(raised.exception))
+        with self.assertRaises(ManifestError):
+            plan_for_supplied(manifest, "decode", {"dout": ("bf16", (4, 1, 2048))}, 132)
 
     def test_a_training_library_saves_what_its_backward_reads(self):
         with open(os.path.join(FIXTURES, "zaya1_train_manifest.json")) as file:

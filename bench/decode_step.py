@@ -1,0 +1,233 @@
+"""The decode entry point of libraries compiled with `emit = [forward, decode]`, on the GPU.
+
+Check (every library given): sequences of different lengths (an empty slot among them) are run
+through the forward once, whole; the cache of each is then filled as a prefill of its first L
+tokens leaves it (the forward's k and v of those tokens in pages of a shuffled pool, the raw
+projections of its last T tokens as the convolution state, x[L-1]·W_v2ᵀ as the shift state),
+and N decode steps (`Layer.decode`) must give the forward's out for tokens L .. L+N-1 (relative
+L2 error under 2e-2, bf16/f16 tolerance) and append the forward's k and v rows.
+
+Timing (`--time`, the first library): the whole decode step (CUDA events around `BoundCall.run`,
+arguments bound once) at B x context, with the decode attention's time alone and the bandwidth
+its KV reads reach (bytes of the pages it reads / time), beside the decode step of an MHA layer
+of the same width in PyTorch (q, k, v projections, the new k and v written into a dense cache,
+SDPA over it, the output projection), where its cache fits in half the GPU's memory.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import ccc  # noqa: E402
+
+TOLERANCE = 2e-2
+
+
+def rel_l2(got, want):
+    got, want = got.float(), want.float()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def shuffled_pages(lens, page, generator):
+    """A block table [B, blocks] over a pool with each sequence's pages in random order and spare
+    pages between them; entries past a sequence's pages are -1 (never read)."""
+    needed = [max(1, math.ceil(length / page)) for length in lens]
+    blocks = max(needed)
+    pages = sum(needed) + 8
+    order = torch.randperm(pages, generator=generator).tolist()
+    table = torch.full((len(lens), blocks), -1, dtype=torch.int32)
+    for b, count in enumerate(needed):
+        table[b, :count] = torch.tensor(order[:count], dtype=torch.int32)
+        order = order[count:]
+    return table, pages
+
+
+def check(directory, lens, steps, seed):
+    layer = ccc.load(directory)
+    spec = layer.spec
+    device = torch.device("cuda")
+    weights = layer.random_state_dict(seed)
+    dtype = ccc.library.TORCH_DTYPES[spec.dtype]
+    generator = torch.Generator().manual_seed(seed)
+    page = next(b for b in layer.manifest.entry_point("decode").buffers if b.name == "k_cache").shape[1].eval({})
+    batch, e, d, hk = len(lens), spec.model_dim, spec.head_dim, spec.kv_heads
+    total = [length + steps for length in lens]
+    table, pages = shuffled_pages(total, page, generator)
+    cache = layer.decode_cache(batch, pages)
+    xs, forwards = [], []
+    for length in total:
+        x = torch.randn(1, length, e, generator=generator).to(device=device, dtype=dtype)
+        xs.append(x)
+        forwards.append(layer.forward_with_intermediates(x, weights, poison=False))
+    t = spec.conv_history
+    delayed = spec.param_name("value_proj_delayed")
+    for b, length in enumerate(lens):
+        positions = torch.arange(length)
+        where = (table[b, positions // page].long().to(device), (positions % page).to(device))
+        cache["k_cache"][where] = forwards[b]["k"][0, :length]
+        cache["v_cache"][where] = forwards[b]["v"][0, :length]
+        if t > 0:
+            raw = forwards[b]["p0"][0]  # [S, P]
+            for j in range(t):
+                position = length - t + j
+                if position >= 0:
+                    cache["conv_state"][b, :, j] = raw[position]
+        if spec.value_shift > 0 and length > 0:
+            product = xs[b][0, length - 1].float() @ weights[delayed].float().t()
+            cache["shift_state"][b] = product.to(dtype)
+    table_d = table.to(device)
+    worst = 0.0
+    for step in range(steps):
+        x = torch.stack([xs[b][0, lens[b] + step] for b in range(batch)]).unsqueeze(1)
+        seq_lens = torch.tensor([length + step + 1 for length in lens], dtype=torch.int32, device=device)
+        out = layer.decode(x, weights, cache, table_d, seq_lens)
+        for b in range(batch):
+            position = lens[b] + step
+            error = rel_l2(out[b, 0], forwards[b]["out"][0, position])
+            p, row = table[b, position // page].item(), position % page
+            error_k = rel_l2(cache["k_cache"][p, row], forwards[b]["k"][0, position])
+            error_v = rel_l2(cache["v_cache"][p, row], forwards[b]["v"][0, position])
+            worst = max(worst, error, error_k, error_v)
+    graph_equal = captured_step_is_bitwise_equal(layer, weights, cache, table_d, x, seq_lens)
+    return {"library": directory, "lens": lens, "steps": steps, "page_size": page, "worst_rel_l2": worst,
+            "graph_bitwise_equal": graph_equal, "ok": worst <= TOLERANCE and graph_equal}
+
+
+def captured_step_is_bitwise_equal(layer, weights, cache, table, x, seq_lens):
+    """A decode step captured in a CUDA graph and replayed gives bitwise the output of the same
+    step launched directly, from the same state."""
+    saved = {name: tensor.clone() for name, tensor in cache.items()}
+
+    def restore():
+        for name, tensor in cache.items():
+            tensor.copy_(saved[name])
+
+    call = layer.bind_decode(x, weights, cache, table, seq_lens, poison=False)
+    call.run(check_each=False)
+    restore()
+    call.run(check_each=False)
+    direct = call.tensors["out"].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call.run(check_each=False)
+    restore()
+    call.tensors["out"].fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    restore()
+    return bool(torch.equal(call.tensors["out"], direct))
+
+
+def cuda_time(run, repeats=20):
+    run()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        run()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def time_ccc(layer, weights, batch, context):
+    spec = layer.spec
+    device = torch.device("cuda")
+    dtype = ccc.library.TORCH_DTYPES[spec.dtype]
+    page = next(b for b in layer.manifest.entry_point("decode").buffers if b.name == "k_cache").shape[1].eval({})
+    generator = torch.Generator().manual_seed(0)
+    table, pages = shuffled_pages([context] * batch, page, generator)
+    cache = layer.decode_cache(batch, pages)
+    for tensor in cache.values():
+        tensor.normal_()
+    x = torch.randn(batch, 1, spec.model_dim, device=device, dtype=dtype)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    call = layer.bind_decode(x, weights, cache, table.to(device), seq_lens, poison=False)
+    step_ms = cuda_time(lambda: call.run(check_each=False))
+    attention_ms = cuda_time(lambda: call.run_kernel("decode_attention", check_each=False))
+    kv_bytes = 2 * batch * context * spec.kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
+    return step_ms, attention_ms, kv_bytes / (attention_ms * 1e-3) / 1e9
+
+
+def time_mha(spec, batch, context):
+    """The decode step of an MHA layer of the same width (E / d heads of d) in PyTorch: None when
+    its dense cache would take more than half the GPU's memory."""
+    device = torch.device("cuda")
+    dtype = ccc.library.TORCH_DTYPES[spec.dtype]
+    e, d = spec.model_dim, spec.head_dim
+    heads = e // d
+    cache_bytes = 2 * batch * heads * (context + 1) * d * 2
+    if cache_bytes > torch.cuda.get_device_properties(0).total_memory / 2:
+        return None
+    k_cache = torch.randn(batch, heads, context + 1, d, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    w_qkv = torch.randn(3 * e, e, device=device, dtype=dtype) / e**0.5
+    w_o = torch.randn(e, e, device=device, dtype=dtype) / e**0.5
+    x = torch.randn(batch, 1, e, device=device, dtype=dtype)
+
+    def step():
+        q, k, v = (x @ w_qkv.t()).view(batch, 1, 3, heads, d).unbind(2)
+        k_cache[:, :, context] = k[:, 0]
+        v_cache[:, :, context] = v[:, 0]
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache, v_cache)
+        return o.transpose(1, 2).reshape(batch, 1, e) @ w_o.t()
+
+    with torch.no_grad():
+        ms = cuda_time(step)
+    del k_cache, v_cache
+    torch.cuda.empty_cache()
+    return ms
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("libraries", nargs="+")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--lens", default="0,1,17,1000,4097")
+    parser.add_argument("--time", action="store_true")
+    parser.add_argument("--batches", default="1,8,64,256")
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    print(f"device: {torch.cuda.get_device_name(0)}")
+    report = {"device": torch.cuda.get_device_name(0), "checks": [], "times": []}
+    lens = [int(v) for v in args.lens.split(",")]
+    failed = False
+    for directory in args.libraries:
+        try:
+            result = check(directory, lens, args.steps, seed=7)
+        except Exception as error:  # report every library, then fail
+            result = {"library": directory, "ok": False, "error": f"{type(error).__name__}: {error}"}
+        failed |= not result["ok"]
+        report["checks"].append(result)
+        print(json.dumps(result))
+    if args.time:
+        layer = ccc.load(args.libraries[0])
+        weights = layer.random_state_dict(3)
+        print(f"{'B':>4} {'context':>8} {'ccc step ms':>12} {'attention ms':>13} {'KV GB/s':>9} {'MHA step ms':>12} {'MHA/ccc':>8}")
+        for batch in [int(v) for v in args.batches.split(",")]:
+            for context in [int(v) for v in args.contexts.split(",")]:
+                step_ms, attention_ms, bandwidth = time_ccc(layer, weights, batch, context)
+                mha_ms = time_mha(layer.spec, batch, context)
+                ratio = f"{mha_ms / step_ms:8.2f}" if mha_ms else "       -"
+                mha = f"{mha_ms:12.3f}" if mha_ms else "           -"
+                print(f"{batch:4d} {context:8d} {step_ms:12.3f} {attention_ms:13.3f} {bandwidth:9.0f} {mha} {ratio}")
+                report["times"].append({"batch": batch, "context": context, "step_ms": step_ms,
+                                        "attention_ms": attention_ms, "kv_gb_per_s": bandwidth, "mha_step_ms": mha_ms})
+                torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as file:
+            json.dump(report, file, indent=1)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
