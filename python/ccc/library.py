@@ -15,7 +15,7 @@ import torch
 from . import tensor_map
 from .errors import KernelFault, ManifestError, TensorMismatch
 from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, off_gpu_problem,
-                       plan_call, plan_for_input, plan_for_supplied, read_library)
+                       check_decode_indices, plan_call, plan_for_input, plan_for_supplied, read_library)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "i32": torch.int32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
@@ -209,19 +209,26 @@ class Layer:
         return {b.name: torch.zeros(b.shape, dtype=TORCH_DTYPES[b.dtype], device=device)
                 for b in plan.buffers if b.role == "state"}
 
-    def bind_decode(self, x, state_dict, cache, block_table, seq_lens, poison=None):
+    def bind_decode(self, x, state_dict, cache, block_table, seq_lens, poison=None, check_indices=None):
         """The decode step's BoundCall for x [B, 1, E] (or [B, E]): the new token of each of B
         sequences, their pages in `cache` (`decode_cache`) named by `block_table` [B, blocks]
-        (int32) and their lengths with the new token `seq_lens` [B] (int32; 0: an empty slot)."""
+        (int32) and their lengths with the new token `seq_lens` [B] (int32; 0: an empty slot).
+        With `check_indices` (default: in validate mode) the indices are copied to the host and
+        checked against the pool first (`check_decode_indices`), which waits for the GPU: leave it
+        off where the step is captured in a CUDA graph."""
         if x.dim() == 2:
             x = x.unsqueeze(1)
         supplied = {"x": x, "block_table": block_table, "seq_lens": seq_lens, **cache, **state_dict}
-        return self._bind("decode", None, supplied, poison)
+        call = self._bind("decode", None, supplied, poison)
+        if self.validate if check_indices is None else check_indices:
+            check_decode_indices(self.manifest, block_table.tolist(), seq_lens.tolist(), cache["k_cache"].shape[0])
+        return call
 
     def decode(self, x, state_dict, cache, block_table, seq_lens):
         """One decode step (`bind_decode`): appends each token's k and v to its page, moves the
-        convolution and shift state on, and returns out [B, 1, E]. Launches only: no allocation
-        but the step's own buffers and no host synchronisation."""
+        convolution and shift state on, and returns out [B, 1, E]. Its own small buffers come from
+        torch's caching allocator and nothing waits for the GPU (outside validate mode), so a
+        BoundCall's `run()` can be captured in a CUDA graph."""
         call = self.bind_decode(x, state_dict, cache, block_table, seq_lens)
         call.run()
         return call.tensors["out"]

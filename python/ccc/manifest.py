@@ -592,6 +592,25 @@ def plan_for_supplied(manifest, entry, supplied, sms):
     return plan
 
 
+def check_decode_indices(manifest, block_table, seq_lens, pages):
+    """A decode step's indices on the host (lists: block_table [B][blocks], seq_lens [B]): every
+    length fits its row of the block table and every entry the step reads (the pages holding a key
+    the new token sees: under a sliding window, not those wholly before it) names a page of the
+    pool; raises SizeError naming the tensor and the index. The Rust runtime's rule."""
+    cache = _entry_of(manifest, "decode").buffer("k_cache")
+    page_size = cache.shape[1].eval({})
+    for b, (length, row) in enumerate(zip(seq_lens, block_table)):
+        if not 0 <= length <= len(row) * page_size:
+            raise SizeError(f"seq_lens[{b}] = {length}: a length from 0 to the block table's {len(row)} "
+                            f"pages of {page_size} tokens")
+        mask = manifest.spec.mask
+        first_key = max(0, length - mask.window) if mask.kind == "sliding_window" else 0
+        for j in range(first_key // page_size, -(-length // page_size)):
+            if not 0 <= row[j] < pages:
+                raise SizeError(f"block_table[{b}, {j}] = {row[j]}: sequence {b} (length {length}) reads "
+                                f"it, and the pool has pages 0..{pages}")
+
+
 # --- Checking the caller's tensors -------------------------------------------------------------
 
 TensorInfo = namedtuple("TensorInfo", "dtype shape device contiguous")

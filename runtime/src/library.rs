@@ -1,8 +1,8 @@
 //! A loaded kernel library on one GPU: the manifest, the PTX module and its resolved kernels.
 
 use crate::error::{RuntimeError, runs_target};
-use crate::plan::{CallPlan, PlannedArg};
-use crate::tensor::{HostTensor, nan_bytes};
+use crate::plan::{CallPlan, PlannedArg, check_decode_indices};
+use crate::tensor::{HostData, HostTensor, nan_bytes};
 use crate::tensor_map::{self, EncodedTensorMap};
 use crate::weights::{WeightSet, check_tensor};
 use ccc::manifest::{BufferRole, DEFAULT_SHARED_LIMIT_BYTES, Manifest, TensorDType};
@@ -340,8 +340,8 @@ impl Library {
     /// `cache`'s pool, `seq_lens` [B] (i32) its length with the new token (0: an empty slot).
     /// Appends each token's k and v to its page, moves the convolution and shift state on, and
     /// returns `out` [B, 1, E] among the buffers it allocated. Sizes are read off the tensors
-    /// and every one is checked against the manifest before anything runs; no kernel reads a
-    /// page the block table does not name for a position below the length.
+    /// and every one is checked against the manifest, and the indices against the pool
+    /// (`check_decode_indices`, which copies them to the host), before anything runs.
     pub fn decode(
         &self,
         x: &DeviceTensor,
@@ -354,6 +354,11 @@ impl Library {
         supplied.extend(cache.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let shapes: Vec<(&str, TensorDType, &[usize])> = supplied.iter().map(|(name, t)| (*name, t.dtype, t.shape.as_slice())).collect();
         let plan = CallPlan::for_supplied(&self.manifest, EntryPoint::Decode, &shapes, Some(self.sms))?;
+        let indices = |tensor: &DeviceTensor| match tensor.to_host()?.data {
+            HostData::I32(values) => Ok(values),
+            _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
+        };
+        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, plan.env.pages.unwrap_or(0) as usize)?;
         supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let owned = self.allocate(&plan)?;
         {

@@ -258,6 +258,48 @@ impl CallPlan {
     }
 }
 
+/// Checks a decode step's indices on the host: every length fits its row of the block table, and
+/// every entry the step reads (the pages holding a key the new token sees: under a sliding
+/// window, not those wholly before it) names a page of the pool. The error names the tensor and
+/// the index.
+pub fn check_decode_indices(
+    manifest: &Manifest,
+    block_table: &[i32],
+    seq_lens: &[i32],
+    pages: usize,
+) -> Result<(), RuntimeError> {
+    let page_size = entry_of(manifest, EntryPoint::Decode)?
+        .buffer("k_cache")
+        .and_then(|b| match b.shape.get(1) {
+            Some(SizeExpr::Const(rows)) => Some(*rows as usize),
+            _ => None,
+        })
+        .ok_or_else(|| RuntimeError::Size { message: "the decode entry point has no k_cache of constant page size".into() })?;
+    let batch = seq_lens.len();
+    let blocks = if batch == 0 { 0 } else { block_table.len() / batch };
+    let problem = |message: String| Err(RuntimeError::Size { message });
+    for (b, &len) in seq_lens.iter().enumerate() {
+        if len < 0 || len as usize > blocks * page_size {
+            return problem(format!(
+                "seq_lens[{b}] = {len}: a length from 0 to the block table's {blocks} pages of {page_size} tokens"
+            ));
+        }
+        let first_key = match manifest.spec.mask {
+            ccc::spec::Mask::SlidingWindow { window } => (len as usize).saturating_sub(window),
+            _ => 0,
+        };
+        for j in first_key / page_size..(len as usize).div_ceil(page_size) {
+            let page = block_table[b * blocks + j];
+            if page < 0 || page as usize >= pages {
+                return problem(format!(
+                    "block_table[{b}, {j}] = {page}: sequence {b} (length {len}) reads it, and the pool has pages 0..{pages}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn entry_of(manifest: &Manifest, entry: EntryPoint) -> Result<&EntryPointManifest, RuntimeError> {
     manifest
         .entry_point(entry)

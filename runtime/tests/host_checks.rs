@@ -377,3 +377,21 @@ fn a_decode_step_reads_its_sizes_off_the_callers_tensors() {
     let err = CallPlan::for_supplied(&manifest, EntryPoint::Decode, &[("dout", bf16, &[4, 1, 2048])], Some(132)).unwrap_err();
     assert!(err.to_string().contains("the `decode` entry point takes no tensor `dout`"), "{err}");
 }
+
+/// A decode step's indices against its pool: a length past the block table, or a page the step
+/// would read outside the pool, is named with its index; entries past a sequence's pages are
+/// never read and may hold anything.
+#[test]
+fn a_decode_steps_indices_are_checked_against_the_pool() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/fixtures/zaya1_serve_manifest.json");
+    let manifest = ccc::manifest::Manifest::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
+    // Two sequences, three pages of 16 each in the table, a pool of 8 pages.
+    let table = [4, 7, -1, 0, 1, 2];
+    ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 48], 8).unwrap();
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[33, 48], 8).unwrap_err().to_string();
+    assert!(err.contains("block_table[0, 2] = -1: sequence 0 (length 33) reads it, and the pool has pages 0..8"), "{err}");
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &[4, 9, -1, 0, 1, 2], &[20, 48], 8).unwrap_err().to_string();
+    assert!(err.contains("block_table[0, 1] = 9"), "{err}");
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 49], 8).unwrap_err().to_string();
+    assert!(err.contains("seq_lens[1] = 49: a length from 0 to the block table's 3 pages of 16 tokens"), "{err}");
+}

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "python"))
 
 from ccc.errors import ManifestError, SizeError, TensorMismatch  # noqa: E402
 from ccc.flops import core_flops, layer_flops  # noqa: E402
-from ccc.manifest import (plan_for_supplied, TensorInfo, check_supplied, parse_manifest, plan_call,  # noqa: E402
+from ccc.manifest import (check_decode_indices, plan_for_supplied, TensorInfo, check_supplied, parse_manifest, plan_call,  # noqa: E402
                           plan_for_input, read_library)
 from ccc.sizes import Unbound, parse_size_expr  # noqa: E402
 from ccc.spec import parse_spec  # noqa: E402
@@ -259,6 +259,15 @@ class ManifestValidation(unittest.TestCase):
         self.assertIn("block_table [3, 10] as [B, blocks]", str(raised.exception))
         with self.assertRaises(ManifestError):
             plan_for_supplied(manifest, "decode", {"dout": ("bf16", (4, 1, 2048))}, 132)
+        # Indices: as the Rust runtime's host check (runtime/tests/host_checks.rs).
+        table = [[4, 7, -1], [0, 1, 2]]
+        check_decode_indices(manifest, table, [20, 48], 8)
+        for lens, rows, message in [([33, 48], table, "block_table[0, 2] = -1: sequence 0 (length 33) reads it"),
+                                    ([20, 48], [[4, 9, -1], [0, 1, 2]], "block_table[0, 1] = 9"),
+                                    ([20, 49], table, "seq_lens[1] = 49: a length from 0 to the block table's 3")]:
+            with self.assertRaises(SizeError) as raised:
+                check_decode_indices(manifest, rows, lens, 8)
+            self.assertIn(message, str(raised.exception))
 
     def test_a_training_library_saves_what_its_backward_reads(self):
         with open(os.path.join(FIXTURES, "zaya1_train_manifest.json")) as file:
