@@ -1,11 +1,12 @@
 """The decode entry point of libraries compiled with `emit = [forward, decode]`, on the GPU.
 
-Check (every library given): sequences of different lengths (an empty slot among them) are run
-through the forward once, whole; the cache of each is then filled as a prefill of its first L
-tokens leaves it (the forward's k and v of those tokens in pages of a shuffled pool, the raw
-projections of its last T tokens as the convolution state, x[L-1]·W_v2ᵀ as the shift state),
-and N decode steps (`Layer.decode`) must give the forward's out for tokens L .. L+N-1 (relative
-L2 error under 2e-2, bf16/f16 tolerance) and append the forward's k and v rows.
+Check (every library given): sequences of different lengths are run through the forward once,
+whole; their first L tokens (L = 0 included) are then prefilled together, right-padded
+(`Layer.prefill`: the forward over the padded batch, then the prefill entry point filling pages of
+a shuffled pool and each sequence's state), and N decode steps (`Layer.decode`) must give the
+whole-sequence forward's out for tokens L .. L+N-1 (relative L2 error under 2e-2, bf16/f16
+tolerance) and append its k and v rows; a decode step captured in a CUDA graph must give bitwise
+the output of the same step launched directly.
 
 Timing (`--time`, the first library): the whole decode step (CUDA events around `BoundCall.run`,
 arguments bound once) at B x context, with the decode attention's time alone and the bandwidth
@@ -58,7 +59,7 @@ def check(directory, lens, steps, seed):
     dtype = ccc.library.TORCH_DTYPES[spec.dtype]
     generator = torch.Generator().manual_seed(seed)
     page = next(b for b in layer.manifest.entry_point("decode").buffers if b.name == "k_cache").shape[1].eval({})
-    batch, e, d, hk = len(lens), spec.model_dim, spec.head_dim, spec.kv_heads
+    batch, e = len(lens), spec.model_dim
     total = [length + steps for length in lens]
     table, pages = shuffled_pages(total, page, generator)
     cache = layer.decode_cache(batch, pages)
@@ -67,22 +68,18 @@ def check(directory, lens, steps, seed):
         x = torch.randn(1, length, e, generator=generator).to(device=device, dtype=dtype)
         xs.append(x)
         forwards.append(layer.forward_with_intermediates(x, weights, poison=False))
-    t = spec.conv_history
-    delayed = spec.param_name("value_proj_delayed")
+    # The prompts, right-padded to the longest, through `Layer.prefill` (forward + pages + state).
+    longest = max(max(lens), 1)
+    padded = torch.zeros(batch, longest, e, device=device, dtype=dtype)
     for b, length in enumerate(lens):
-        positions = torch.arange(length)
-        where = (table[b, positions // page].long().to(device), (positions % page).to(device))
-        cache["k_cache"][where] = forwards[b]["k"][0, :length]
-        cache["v_cache"][where] = forwards[b]["v"][0, :length]
-        if t > 0:
-            raw = forwards[b]["p0"][0]  # [S, P]
-            for j in range(t):
-                position = length - t + j
-                if position >= 0:
-                    cache["conv_state"][b, :, j] = raw[position]
-        if spec.value_shift > 0 and length > 0:
-            product = xs[b][0, length - 1].float() @ weights[delayed].float().t()
-            cache["shift_state"][b] = product.to(dtype)
+        padded[b, :length] = xs[b][0, :length]
+    prompt_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    prompt_out = layer.prefill(padded, weights, cache, table.to(device), prompt_lens, check_indices=True)
+    for b, length in enumerate(lens):
+        if length:
+            worst_prompt = rel_l2(prompt_out[b, :length], forwards[b]["out"][0, :length])
+            if worst_prompt > TOLERANCE:
+                raise AssertionError(f"prefill out of sequence {b}: relative L2 {worst_prompt:.2e}")
     table_d = table.to(device)
     worst = 0.0
     for step in range(steps):

@@ -139,6 +139,10 @@ for s in $steps; do
           [ "${dir%/}" != gpu-carry/serve/zaya1/zaya1 ] && served+=("${dir%/}")
         done
         step decode-step 400 python3 -u -W ignore bench/decode_step.py "${served[@]}" --time --out "$out/decode-step.json"
+        # Every decode kernel under memcheck (out-of-bounds page reads and writes), small shapes.
+        step decode-memcheck 300 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 1 \
+          python3 -u -W ignore bench/decode_step.py gpu-carry/serve/zaya1/zaya1 gpu-carry/serve/sliding_window/sliding_window \
+          gpu-carry/serve/mha/mha --lens 0,1,17,40 --steps 2
       fi
       if [ -f gpu-carry/decode-ptx/decode.json ]; then
         step decode-attention 400 python3 -u -W ignore bench/decode_attention.py --ptx-dir gpu-carry/decode-ptx \

@@ -36,12 +36,12 @@ fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) 
     CompileError { layer: spec.name.clone(), stage, message: message.to_string() }
 }
 
-/// The entry points of `spec`, in its emit order.
+/// The entry points of `spec`'s library ([`AttentionSpec::library_entry_points`]).
 fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, CompileError> {
     if spec.emits(EntryPoint::Backward) && !spec.emits(EntryPoint::Forward) {
         return Err(error(spec, "plan", "the backward entry point needs the forward's (emit = [forward, backward])"));
     }
-    Ok(spec.entry_points.clone())
+    Ok(spec.library_entry_points())
 }
 
 /// Graph IR text of every entry point: as built, or after each pass with `print_after_all`.

@@ -316,7 +316,7 @@ impl Manifest {
             if !seen_entries.insert(entry.entry) {
                 return Err(format!("entry point `{name}` is listed twice"));
             }
-            if !self.spec.emits(entry.entry) {
+            if !self.spec.library_entry_points().contains(&entry.entry) {
                 return Err(format!(
                     "entry point `{name}` is not in the spec's emit list"
                 ));
@@ -331,7 +331,7 @@ impl Manifest {
             }
         }
         self.validate_saved()?;
-        for entry in &self.spec.entry_points {
+        for entry in &self.spec.library_entry_points() {
             if !seen_entries.contains(entry) {
                 return Err(format!(
                     "the spec emits `{}` but the manifest lacks it",
@@ -418,11 +418,12 @@ impl EntryPointManifest {
         let token_buffers: &[(&str, BufferRole)] = match self.entry {
             EntryPoint::Forward | EntryPoint::Decode => &[("x", BufferRole::Input), ("out", BufferRole::Output)],
             EntryPoint::Backward => &[("x", BufferRole::Input), ("dout", BufferRole::Input), ("dx", BufferRole::Output)],
+            EntryPoint::Prefill => &[],
         };
-        if self.entry != EntryPoint::Decode
+        if !matches!(self.entry, EntryPoint::Decode | EntryPoint::Prefill)
             && let Some(state) = self.buffers.iter().find(|b| b.role == BufferRole::State)
         {
-            return Err(format!("buffer `{}` has role state, which only the decode entry point's buffers take", state.name));
+            return Err(format!("buffer `{}` has role state, which only the decode and prefill entry points' buffers take", state.name));
         }
         if self.entry == EntryPoint::Backward {
             for weight in &manifest.weights {

@@ -157,6 +157,9 @@ pub enum EntryPoint {
     Forward,
     Backward,
     Decode,
+    /// A batch's prompts into the decode step's pages and state, after the forward over them:
+    /// generated with `decode` (not written in `emit`).
+    Prefill,
 }
 
 impl EntryPoint {
@@ -165,6 +168,7 @@ impl EntryPoint {
             EntryPoint::Forward => "forward",
             EntryPoint::Backward => "backward",
             EntryPoint::Decode => "decode",
+            EntryPoint::Prefill => "prefill",
         }
     }
 }
@@ -249,6 +253,16 @@ impl AttentionSpec {
     }
     pub fn emits(&self, entry: EntryPoint) -> bool {
         self.entry_points.contains(&entry)
+    }
+
+    /// The entry points a library of this spec has: the emit list, with `prefill` after `decode`
+    /// (a decode step needs its pages filled).
+    pub fn library_entry_points(&self) -> Vec<EntryPoint> {
+        let mut entries = self.entry_points.clone();
+        if self.emits(EntryPoint::Decode) {
+            entries.push(EntryPoint::Prefill);
+        }
+        entries
     }
 
     /// Hugging Face state-dict names of the convolution stages: the first depthwise stage is

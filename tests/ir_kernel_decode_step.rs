@@ -4,12 +4,14 @@
 //! state the reference's prefill left (pages in random order, an empty slot), against the
 //! reference's `decode_step` of each sequence: the outputs, and the state the step leaves (the
 //! new token's k and v in its page row, nothing else in the pool touched, the convolution and
-//! shift state moved on).
+//! shift state moved on). And the prefill entry point's kernel after the forward over a batch of
+//! right-padded prompts: the pages and state it leaves equal the reference's prefill, and a
+//! decode step from them the reference's.
 
 mod common;
 
 use ccc::ir::kernel::interp::{Buffers, INTERPRETER_SMS, Rounding, run_kernel};
-use ccc::ir::kernel::{Access, KernelParam, PagedKv};
+use ccc::ir::kernel::{Access, DecodeKernel, KernelFn, KernelParam, PagedKv, build_decode, forward_kernels};
 use ccc::ir::plan::{KernelPlan, plan_decode};
 use ccc::ir::size::SizeEnv;
 use ccc::reference::{DecodeState, Tensor, Weights, decode_step, prefill};
@@ -105,21 +107,25 @@ fn step_inputs(spec: &AttentionSpec, paged: PagedKv, weights: &Weights, rng: &mu
     Step { buffers, sizes, states, table }
 }
 
-/// Runs the plan's kernels in order; what a kernel writes first is poisoned (NaN), so that
-/// reading an element no kernel wrote fails the comparison.
-fn run(spec: &AttentionSpec, plan: &KernelPlan, paged: PagedKv, step: &mut Step) {
-    for planned in &plan.kernels {
-        let kernel = planned.builder().build(spec, &planned.schedule).expect("builds");
+/// Runs the plan's kernels in order ([`run_kernels`]).
+fn run(spec: &AttentionSpec, plan: &KernelPlan, step: &mut Step) {
+    let kernels: Vec<KernelFn> = plan.kernels.iter().map(|planned| planned.builder().build(spec, &planned.schedule).expect("builds")).collect();
+    run_kernels(&kernels, &mut step.buffers, step.sizes);
+}
+
+/// Runs `kernels` in order; what a kernel writes first is poisoned (NaN), so that reading an
+/// element no kernel wrote fails the comparison.
+fn run_kernels(kernels: &[KernelFn], buffers: &mut Buffers, sizes: SizeEnv) {
+    for kernel in kernels {
         for param in &kernel.params {
             if let KernelParam::Tensor { name, shape, access: Access::Write, .. } = param
-                && !step.buffers.contains_key(name)
+                && !buffers.contains_key(name)
             {
-                let len: u64 = shape.iter().map(|dim| dim.eval(&step.sizes).expect("sized")).product();
-                step.buffers.insert(name.clone(), vec![f64::NAN; len as usize]);
+                let len: u64 = shape.iter().map(|dim| dim.eval(&sizes).expect("sized")).product();
+                buffers.insert(name.clone(), vec![f64::NAN; len as usize]);
             }
         }
-        run_kernel(&kernel, &mut step.buffers, step.sizes, Rounding::Exact)
-            .unwrap_or_else(|error| panic!("{} ({paged:?}): {error}", kernel.name));
+        run_kernel(kernel, buffers, sizes, Rounding::Exact).unwrap_or_else(|error| panic!("{}: {error}", kernel.name));
     }
 }
 
@@ -136,7 +142,7 @@ fn check(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
     let plan = plan_decode(spec, paged).unwrap_or_else(|error| panic!("{}: {error}", spec.name));
     let mut step = step_inputs(spec, paged, &weights, &mut rng);
     let before = step.buffers.clone();
-    run(spec, &plan, paged, &mut step);
+    run(spec, &plan, &mut step);
     let (e, p, t, page) = (spec.model_dim, spec.packed_width(), spec.conv_history(), paged.page_size as usize);
     let row_len = spec.kv_width();
     let what = format!("{} {paged:?}", spec.name);
@@ -196,5 +202,80 @@ fn decode_steps_of_random_specs_equal_the_references() {
     for index in 0..12 {
         let spec = random_spec(&mut rng, index);
         check(&spec, PagedKv { page_size: 8, partition_keys: 16 }, 100 + index as u64);
+    }
+}
+
+/// The forward over prompts right-padded to S, then the prefill kernel: every sequence's pages
+/// and state equal the reference's prefill of its prompt (an empty slot's state is that of no
+/// tokens), and what the pool held elsewhere is left alone.
+fn check_prefill(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
+    let mut rng = XorShift64Star::new(seed);
+    let weights = weights_of(spec, &random_weights(spec, &mut rng));
+    let lens = [5usize, 0, 16, 23];
+    let (batch, seq_len, e, page) = (lens.len(), 24usize, spec.model_dim, paged.page_size as usize);
+    let row_len = spec.kv_width();
+    let (blocks, pages) = (seq_len.div_ceil(page), batch * seq_len.div_ceil(page) + 3);
+    let mut order: Vec<usize> = (0..pages).collect();
+    for i in (1..pages).rev() {
+        order.swap(i, rng.range(0, i));
+    }
+    let table: Vec<i64> = order[..batch * blocks].iter().map(|&p| p as i64).collect();
+    // Padding tokens are finite: the forward runs over them, causally after the prompt.
+    let x: Vec<f64> = (0..batch * seq_len * e).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let mut buffers: Buffers = weights.tensors.iter().map(|(name, tensor)| (name.clone(), tensor.data.clone())).collect();
+    buffers.insert("x".into(), x.clone());
+    buffers.insert("seq_lens".into(), lens.iter().map(|&l| l as f64).collect());
+    buffers.insert("block_table".into(), table.iter().map(|&p| p as f64).collect());
+    let pool: Vec<f64> = (0..pages * page * row_len).map(|i| 0.5 + i as f64).collect();
+    buffers.insert("k_cache".into(), pool.clone());
+    buffers.insert("v_cache".into(), pool.clone());
+    let (p, t, shift) = (spec.packed_width(), spec.conv_history(), spec.value_shift * spec.head_dim);
+    buffers.insert("conv_state".into(), vec![7.0; batch * p * t]);
+    buffers.insert("shift_state".into(), vec![7.0; batch * shift]);
+    let sizes = SizeEnv { batch: batch as u64, seq_len: seq_len as u64, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
+    let mut kernels = forward_kernels(spec).expect("forward kernels");
+    kernels.push(build_decode(spec, DecodeKernel::CacheFill, paged).expect("prefill kernel"));
+    run_kernels(&kernels, &mut buffers, sizes);
+    let what = format!("{} {paged:?}", spec.name);
+    let (mut want_k, mut want_v) = (pool.clone(), pool);
+    for (b, &len) in lens.iter().enumerate() {
+        let prompt = Tensor { shape: vec![len, e], data: x[b * seq_len * e..][..len * e].to_vec() };
+        let state = if len == 0 { DecodeState::new(spec) } else { prefill(spec, &weights, &prompt).expect("reference prefill").1 };
+        // Under a sliding window, the pages wholly before the last token's window stay as they were.
+        let first_page = match spec.mask {
+            Mask::SlidingWindow { window } => len.saturating_sub(window) / page,
+            _ => 0,
+        };
+        for position in first_page * page..len {
+            let at = (table[b * blocks + position / page] as usize * page + position % page) * row_len;
+            want_k[at..at + row_len].copy_from_slice(&state.keys[position * row_len..][..row_len]);
+            want_v[at..at + row_len].copy_from_slice(&state.values[position * row_len..][..row_len]);
+        }
+        for row in 0..t {
+            for channel in 0..p {
+                let (got, want) = (buffers["conv_state"][(b * p + channel) * t + row], state.conv_rows[row * p + channel]);
+                assert!((got - want).abs() <= TOLERANCE * want.abs().max(1.0), "{what}: conv_state[{b}, {channel}, {row}] = {got}, expected {want}");
+            }
+        }
+        if shift > 0 {
+            let error = relative_error(&buffers["shift_state"][b * shift..(b + 1) * shift], &state.shift);
+            assert!(error <= TOLERANCE, "{what}: shift_state of sequence {b}: relative error {error:e}");
+        }
+    }
+    for (name, want) in [("k_cache", &want_k), ("v_cache", &want_v)] {
+        let error = relative_error(&buffers[name], want);
+        assert!(error <= TOLERANCE, "{what}: {name}: relative error {error:e}");
+    }
+}
+
+#[test]
+fn prefill_of_a_padded_batch_leaves_the_references_pages_and_state() {
+    let spec = small_zaya_like("zaya_like");
+    check_prefill(&spec, PagedKv { page_size: 8, partition_keys: 16 }, 9);
+    check_prefill(&AttentionSpec { mask: Mask::SlidingWindow { window: 7 }, ..spec.clone() }, PagedKv { page_size: 8, partition_keys: 16 }, 11);
+    check_prefill(&AttentionSpec { value_shift: 2, bias: false, ..spec }, PagedKv { page_size: 16, partition_keys: 16 }, 10);
+    let mut rng = XorShift64Star::new(43);
+    for index in 0..8 {
+        check_prefill(&random_spec(&mut rng, index), PagedKv { page_size: 8, partition_keys: 16 }, 200 + index as u64);
     }
 }

@@ -209,6 +209,26 @@ class Layer:
         return {b.name: torch.zeros(b.shape, dtype=TORCH_DTYPES[b.dtype], device=device)
                 for b in plan.buffers if b.role == "state"}
 
+    def prefill(self, x, state_dict, cache, block_table, seq_lens, check_indices=None):
+        """The forward over x [B, S, E] (B prompts right-padded to S, `seq_lens` [B] (int32) real
+        tokens each, 0 for an empty slot), then the prefill entry point: each prompt's k and v into
+        the pages `block_table` [B, blocks] (int32) names in `cache` (`decode_cache`), and each
+        slot's convolution and shift state as its prompt ends. Returns out [B, S, E] (rows past a
+        prompt's length are the padding's). With `check_indices` (default: in validate mode) the
+        indices are checked against the pool first, which waits for the GPU."""
+        forward = self.bind(x, state_dict)
+        forward.run()
+        entry = self.manifest.entry_point("prefill")
+        supplied = {"block_table": block_table, "seq_lens": seq_lens, **cache}
+        supplied.update((b.name, forward.tensors[b.name]) for b in entry.buffers
+                        if b.role == "input" and b.name in forward.tensors)
+        supplied.update(state_dict)
+        call = self._bind("prefill", None, supplied, None)
+        if self.validate if check_indices is None else check_indices:
+            check_decode_indices(self.manifest, block_table.tolist(), seq_lens.tolist(), cache["k_cache"].shape[0])
+        call.run()
+        return forward.tensors["out"]
+
     def bind_decode(self, x, state_dict, cache, block_table, seq_lens, poison=None, check_indices=None):
         """The decode step's BoundCall for x [B, 1, E] (or [B, E]): the new token of each of B
         sequences, their pages in `cache` (`decode_cache`) named by `block_table` [B, blocks]
@@ -237,7 +257,7 @@ class Layer:
         """Plans `entry` for the sizes of the caller's `anchor` tensor (None: of every input and
         state tensor, a decode step's), checks every caller-supplied tensor and allocates the
         others."""
-        anchor_name = anchor or "x"
+        anchor_name = anchor or "block_table"
         anchor_tensor = supplied_tensors[anchor_name]
         info = tensor_info(anchor_tensor)
         # Before planning: persistent grids have one CTA per SM of the anchor's GPU.

@@ -198,7 +198,7 @@ def parse_manifest(text):
         where = f"entry_points[{i}]"
         _object(e, where, ("entry", "kernels", "buffers"))
         entries.append(EntryPointManifest(
-            entry=_variant(e["entry"], ("forward", "backward", "decode"), f"{where}.entry"),
+            entry=_variant(e["entry"], ("forward", "backward", "decode", "prefill"), f"{where}.entry"),
             kernels=tuple(_parse_kernel(k, f"{where}.kernels[{j}]") for j, k in
                           enumerate(_typed(e["kernels"], "list", f"{where}.kernels"))),
             buffers=tuple(_parse_buffer(b, f"{where}.buffers[{j}]") for j, b in
@@ -245,7 +245,7 @@ def validate_manifest(manifest):
         if entry.entry in seen_entries:
             raise ManifestError(f"entry point `{entry.entry}` is listed twice")
         seen_entries.add(entry.entry)
-        if entry.entry not in spec.entry_points:
+        if entry.entry not in spec.library_entry_points():
             raise ManifestError(f"entry point `{entry.entry}` is not in the spec's emit list")
         try:
             _validate_entry(entry, manifest)
@@ -256,7 +256,7 @@ def validate_manifest(manifest):
                 raise ManifestError(f"kernel symbol `{kernel.symbol}` is used twice")
             seen_symbols.add(kernel.symbol)
     _validate_saved(manifest)
-    for entry in spec.entry_points:
+    for entry in spec.library_entry_points():
         if entry not in seen_entries:
             raise ManifestError(f"the spec emits `{entry}` but the manifest lacks it")
 
@@ -303,11 +303,11 @@ def _validate_entry(entry, manifest):
     token_buffers = {"forward": (("x", "input"), ("out", "output")),
                      "backward": (("x", "input"), ("dout", "input"), ("dx", "output")),
                      "decode": (("x", "input"), ("out", "output"))}
-    if entry.entry != "decode":
+    if entry.entry not in ("decode", "prefill"):
         for buffer in entry.buffers:
             if buffer.role == "state":
                 raise ManifestError(f"buffer `{buffer.name}` has role state, which only the decode "
-                                    "entry point's buffers take")
+                                    "and prefill entry points' buffers take")
     if entry.entry in token_buffers:
         # A decode step takes one token of each sequence.
         tokens = {"const": 1} if entry.entry == "decode" else {"var": "S"}

@@ -93,6 +93,11 @@ class Spec:
     def conv_history(self):
         return sum(stage.width - 1 for stage in self.qk_conv)
 
+    def library_entry_points(self):
+        """The entry points a library of this spec has: the emit list, with `prefill` after
+        `decode` (AttentionSpec::library_entry_points)."""
+        return tuple(self.entry_points) + (("prefill",) if "decode" in self.entry_points else ())
+
     @property
     def current_value_heads(self):
         return self.kv_heads - self.value_shift

@@ -335,6 +335,50 @@ impl Library {
         Ok(DecodeCache { tensors })
     }
 
+    /// Prefill of a library compiled with `decode` in its emit list: the forward over `x`
+    /// [B, S, E] (B prompts right-padded to S, `seq_lens` [B] (i32) real tokens each, 0 for an
+    /// empty slot), then the prefill entry point, which writes each prompt's k̃ and v into the
+    /// pages `block_table` [B, blocks] names in `cache` and leaves each slot's convolution and
+    /// shift state as its prompt ends. Returns the forward's buffers (`out` among them: the
+    /// prompts' outputs; rows past a prompt's length are the padding's).
+    pub fn prefill(
+        &self,
+        x: &DeviceTensor,
+        weights: &DeviceWeights,
+        cache: &mut DecodeCache,
+        block_table: &DeviceTensor,
+        seq_lens: &DeviceTensor,
+    ) -> Result<Outputs, RuntimeError> {
+        let forward = self.forward(x, weights)?;
+        let mut supplied: BTreeMap<&str, &DeviceTensor> = BTreeMap::from([("x", x), ("block_table", block_table), ("seq_lens", seq_lens)]);
+        supplied.extend(cache.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        let entry = self
+            .manifest
+            .entry_point(EntryPoint::Prefill)
+            .ok_or(RuntimeError::EntryPointMissing { entry: EntryPoint::Prefill.name() })?;
+        // What the prefill reads of the forward's buffers (k, v, and p0 with a convolution).
+        for buffer in entry.buffers.iter().filter(|b| b.role == BufferRole::Input) {
+            if let Some((_, tensor)) = forward.tensors.get(&buffer.name) {
+                supplied.insert(buffer.name.as_str(), tensor);
+            }
+        }
+        supplied.retain(|name, _| entry.buffer(name).is_some_and(|b| b.role != BufferRole::Weight));
+        let shapes: Vec<(&str, TensorDType, &[usize])> = supplied.iter().map(|(name, t)| (*name, t.dtype, t.shape.as_slice())).collect();
+        let plan = CallPlan::for_supplied(&self.manifest, EntryPoint::Prefill, &shapes, Some(self.sms))?;
+        let indices = |tensor: &DeviceTensor| match tensor.to_host()?.data {
+            HostData::I32(values) => Ok(values),
+            _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
+        };
+        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, plan.env.pages.unwrap_or(0) as usize)?;
+        supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        let owned = self.allocate(&plan)?;
+        {
+            let call = self.bind(&plan, &supplied, &owned)?;
+            self.launch_all(&plan, &call, true, None)?;
+        }
+        Ok(forward)
+    }
+
     /// One decode step of a library compiled with `decode` in its emit list: `x` [B, 1, E] holds
     /// the new token of each of B sequences, `block_table` [B, blocks] (i32) the pages of each in
     /// `cache`'s pool, `seq_lens` [B] (i32) its length with the new token (0: an empty slot).

@@ -44,7 +44,7 @@ pub fn build(spec: &AttentionSpec, entry: EntryPoint) -> Result<Graph, BuildErro
     spec.validate().map_err(BuildError::InvalidSpec)?;
     match entry {
         EntryPoint::Forward => build_forward(spec).map_err(BuildError::Internal),
-        EntryPoint::Backward | EntryPoint::Decode => Err(BuildError::EntryNotLowered(entry)),
+        EntryPoint::Backward | EntryPoint::Decode | EntryPoint::Prefill => Err(BuildError::EntryNotLowered(entry)),
     }
 }
 

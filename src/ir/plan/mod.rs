@@ -193,6 +193,7 @@ pub fn plan_for(spec: &AttentionSpec, entry: EntryPoint) -> Result<KernelPlan, P
     match entry {
         EntryPoint::Backward => return plan_backward(spec),
         EntryPoint::Decode => return plan_decode(spec, PagedKv::DEFAULT),
+        EntryPoint::Prefill => return plan_prefill(spec, PagedKv::DEFAULT),
         EntryPoint::Forward => {}
     }
     let graph = crate::ir::graph::build(spec, entry).or_else(|e| fail(e.to_string()))?;
@@ -442,6 +443,28 @@ pub fn plan_decode(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelPlan, P
         });
     }
     plan_from_kernels(spec, EntryPoint::Decode, built, &declared, |name| name == "out")
+}
+
+/// The prefill entry point of `spec`: after the forward over a batch of prompts right-padded to
+/// S, its one kernel writes each prompt's k̃ and v (the forward's, which the caller passes with
+/// x and, with a convolution, p0) into the pages its block table names and leaves each
+/// sequence's convolution and shift state as the prompt ends (`seq_lens[b]` tokens).
+pub fn plan_prefill(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelPlan, PlanError> {
+    let which = DecodeKernel::CacheFill;
+    let built = vec![(KernelKind::Decode { kernel: which, paged }, build_decode(spec, which, paged).or_else(fail)?)];
+    let storage = |name: &str, shape: Vec<SizeExpr>| Buffer { name: name.into(), ty: TensorType::new(shape, ElemType::Storage(spec.dtype), Layout::RowMajor) };
+    let heads = || [SizeExpr::from(spec.kv_heads), SizeExpr::from(spec.head_dim)];
+    let mut declared = vec![
+        storage("k", [SizeExpr::batch(), SizeExpr::seq_len()].into_iter().chain(heads()).collect()),
+        storage("v", [SizeExpr::batch(), SizeExpr::seq_len()].into_iter().chain(heads()).collect()),
+    ];
+    for cache in ["k_cache", "v_cache"] {
+        declared.push(storage(cache, [SizeExpr::pages(), SizeExpr::from(paged.page_size as usize)].into_iter().chain(heads()).collect()));
+    }
+    if spec.value_shift > 0 {
+        declared.push(storage(SHIFT_STATE, vec![SizeExpr::batch(), SizeExpr::from(spec.value_shift * spec.head_dim)]));
+    }
+    plan_from_kernels(spec, EntryPoint::Prefill, built, &declared, |_| false)
 }
 
 /// A plan from the kernels an entry point launches, in order (entry points without graph IR):

@@ -42,6 +42,9 @@ pub enum DecodeKernel {
     Attention,
     Merge,
     OutputProjection,
+    /// The prefill entry point's one kernel: a batch's prompts, after the forward over them,
+    /// into the pages and the state.
+    CacheFill,
 }
 
 impl DecodeKernel {
@@ -53,6 +56,7 @@ impl DecodeKernel {
             DecodeKernel::Attention => "decode_attention",
             DecodeKernel::Merge => "decode_merge",
             DecodeKernel::OutputProjection => "decode_out_proj",
+            DecodeKernel::CacheFill => "prefill_cache",
         }
     }
 
@@ -135,6 +139,7 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
             let schedule = default_schedule(spec, ForwardKernel::OutputProjection)?;
             over_token_rows(build_out_proj(spec, &schedule)?, which, spec)
         }
+        DecodeKernel::CacheFill => prefill_cache(spec, paged)?,
     };
     let schedule = kernel.schedule;
     verified(kernel, &schedule)
@@ -410,4 +415,142 @@ fn kv_append(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
     let schedule = Schedule { block_m: hk, block_n: d, block_k: d, warps: 1, stages: 1 };
     let name = format!("{}_{}", spec.name, DecodeKernel::Append.suffix());
     Ok(one_token(tiled_kernel(name, params, [SizeExpr::batch(), size(1), size(1)], &schedule, t, body)))
+}
+
+/// CTA = page j of sequence b of a batch of prompts right-padded to S, after the forward over
+/// it (`seq_lens[b]` real tokens; 0: an empty slot): the forward's k̃ and v of the page's tokens
+/// into the pool page the block table names (rows past the length keep what the pool holds;
+/// under a sliding window, pages wholly before the last token's window are not written).
+/// CTA 0 of each sequence also writes the state the prompt leaves: the raw projections of its
+/// last T tokens (zeros before the start) and its last token's x·W_v2ᵀ, one delayed head at a
+/// time (a 16-row mma tile whose first row is that token).
+fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
+    let storage: ElemType = spec.dtype.into();
+    let (d, kv, page) = (spec.head_dim as u32, spec.kv_width() as u32, paged.page_size);
+    let (history, packed, shifted) = (spec.conv_history() as u32, spec.packed_width() as u32, spec.value_shift as u32);
+    // The delayed heads' product: x rows [16, E] by one head's W_v2 rows [d, E]ᵀ, enough warps
+    // that each holds at most 64 accumulator columns.
+    let gemm_schedule = Schedule { block_m: 16, block_n: d, block_k: 32, warps: (d / 64).max(1), stages: 2 };
+    let gemm = GemmTiles::new(spec, &gemm_schedule, "x_s")?;
+    let mut t = Tiles { decls: gemm.tiles.decls.clone() };
+    let page_s = t.add("page_s", TileType { elem: storage, rows: page, cols: kv, layout: Layout::RowMajor { pad: 0 } });
+    let rows_s = (history > 0).then(|| t.add("rows_s", TileType { elem: storage, rows: history, cols: packed, layout: Layout::RowMajor { pad: 0 } }));
+    let state_s = (history > 0).then(|| t.add("state_s", TileType { elem: storage, rows: packed, cols: history, layout: Layout::RowMajor { pad: 0 } }));
+    let w = |id: TileId| t.whole(id);
+    let first_row = var("j") * int(page);
+    let mut pages = Vec::new();
+    for (tensor, cache) in [("k", "k_cache"), ("v", "v_cache")] {
+        pages.extend([
+            Stmt::Copy {
+                dst: w(page_s),
+                src: GlobalTile {
+                    param: tensor.into(),
+                    dims: vec![GlobalDim::At(var("b")), GlobalDim::Span { start: first_row.clone(), len: page, valid: Some((first_row.clone(), var("len"))) }, span(int(0), kv)],
+                },
+                is_async: false,
+            },
+            Stmt::Barrier,
+            Stmt::Store {
+                src: w(page_s),
+                dst: GlobalTile {
+                    param: cache.into(),
+                    dims: vec![
+                        GlobalDim::At(Expr::global("block_table", vec![var("b"), var("j")])),
+                        GlobalDim::Span { start: int(0), len: page, valid: Some((int(0), var("len") - first_row.clone())) },
+                        span(int(0), kv),
+                    ],
+                },
+            },
+            Stmt::Barrier,
+        ]);
+    }
+    let mut state = Vec::new();
+    if let (Some(rows_s), Some(state_s)) = (rows_s, state_s) {
+        let state_box = GlobalTile { param: CONV_STATE.into(), dims: vec![GlobalDim::At(var("b")), span(int(0), packed), span(int(0), history)] };
+        state.extend([
+            Stmt::Note(format!("the convolution state: raw p0 of the last {history} tokens, channel-major")),
+            Stmt::Copy {
+                dst: w(rows_s),
+                src: GlobalTile {
+                    param: PROJECTION_BUFFER.into(),
+                    dims: vec![
+                        GlobalDim::At(var("b")),
+                        GlobalDim::Span { start: var("len") - int(history), len: history, valid: Some((int(0), var("len"))) },
+                        span(int(0), packed),
+                    ],
+                },
+                is_async: false,
+            },
+            Stmt::Barrier,
+            Stmt::Map { dst: w(state_s), expr: Expr::tile(rows_s, Expr::Col, Expr::Row) },
+            Stmt::Barrier,
+            Stmt::Store { src: w(state_s), dst: state_box },
+        ]);
+    }
+    let delayed = param_name(spec, ParamRole::ValueProjDelayed);
+    if let Some(weight) = &delayed {
+        let tile = GemmTile {
+            a_s: gemm.a_s,
+            w_s: gemm.w_s,
+            acc: gemm.acc,
+            tiles: &t,
+            a_param: "x",
+            depth: spec.model_dim,
+            rows: 16,
+            cols: d,
+            block_k: gemm_schedule.block_k,
+            stages: gemm_schedule.stages,
+        };
+        let mut head = vec![Stmt::Note("the shift state: the last token's x·W_v2ᵀ (no bias) of delayed head h".into())];
+        head.extend(tile.stmts(weight, var("h") * int(d), var("len") - int(1)));
+        head.push(Stmt::Store {
+            src: t.whole(gemm.acc),
+            dst: GlobalTile {
+                param: SHIFT_STATE.into(),
+                dims: vec![GlobalDim::Span { start: var("b"), len: 16, valid: Some((var("b"), var("b") + int(1))) }, GlobalDim::At(var("h")), span(int(0), d)],
+            },
+        });
+        head.push(Stmt::Barrier);
+        state.push(for_("h", int(0), int(shifted), head));
+    }
+    // Pages holding a prompt token, but for those wholly before a sliding window's (no decode
+    // step reads them: a server need not keep them).
+    let mut written_page = first_row.clone().lt(var("len"));
+    if let Mask::SlidingWindow { window } = spec.mask {
+        written_page = written_page.and((var("len") - int(window)).lt(first_row.clone() + int(page)));
+    }
+    let body = vec![
+        Stmt::Note(format!("CTA = page j ({page} tokens) of sequence b; CTA 0 of each sequence also writes its state")),
+        let_("j", Expr::BlockIdx(Axis::X)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("len", Expr::global("seq_lens", vec![var("b")])),
+        Stmt::If { cond: written_page, then_body: pages, else_body: Vec::new() },
+        Stmt::If { cond: var("j").eq(int(0)), then_body: state, else_body: Vec::new() },
+    ];
+    let rows = |width: u32| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(width as usize)];
+    let pool = || vec![SizeExpr::pages(), size(page as usize), size(kv as usize)];
+    let mut params = vec![tensor("k", storage, rows(kv), Access::Read), tensor("v", storage, rows(kv), Access::Read)];
+    if history > 0 {
+        params.push(tensor(PROJECTION_BUFFER, storage, rows(packed), Access::Read));
+    }
+    if delayed.is_some() {
+        params.push(tensor("x", storage, rows(spec.model_dim as u32), Access::Read));
+        params.extend(weight_params(spec, |role| role == ParamRole::ValueProjDelayed));
+    }
+    params.extend([
+        tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
+        seq_lens_param(),
+        tensor("k_cache", storage, pool(), Access::ReadWrite),
+        tensor("v_cache", storage, pool(), Access::ReadWrite),
+    ]);
+    if history > 0 {
+        params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(packed as usize), size(history as usize)], Access::ReadWrite));
+    }
+    if delayed.is_some() {
+        params.push(tensor(SHIFT_STATE, storage, vec![SizeExpr::batch(), size(shifted as usize), size(d as usize)], Access::ReadWrite));
+    }
+    params.extend(paged_size_params());
+    let schedule = Schedule { block_m: page, block_n: kv, block_k: gemm_schedule.block_k, warps: gemm_schedule.warps, stages: gemm_schedule.stages };
+    let name = format!("{}_{}", spec.name, DecodeKernel::CacheFill.suffix());
+    Ok(tiled_kernel(name, params, [SizeExpr::seq_len().ceil_div(page as u64), size(1), SizeExpr::batch()], &schedule, t, body))
 }
