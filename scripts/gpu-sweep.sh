@@ -139,6 +139,8 @@ for s in $steps; do
           [ "${dir%/}" != gpu-carry/serve/zaya1/zaya1 ] && served+=("${dir%/}")
         done
         step decode-step 400 python3 -u -W ignore bench/decode_step.py "${served[@]}" --time --out "$out/decode-step.json"
+        step decode-rust 120 env CCC_GPU_SERVE_LIB=gpu-carry/serve/zaya1/zaya1 gpu-carry/runtime-gpu-tests --ignored \
+          prefill_and_decode_from_rust
         # Every decode kernel under memcheck (out-of-bounds page reads and writes), small shapes.
         step decode-memcheck 300 /usr/local/cuda/bin/compute-sanitizer --tool memcheck --error-exitcode 1 \
           python3 -u -W ignore bench/decode_step.py gpu-carry/serve/zaya1/zaya1 gpu-carry/serve/sliding_window/sliding_window \

@@ -173,3 +173,74 @@ fn fixture_ptx_assembles_for_sm_90a() {
         "{stderr}"
     );
 }
+
+/// Prefill and decode from Rust (`Library::prefill`, `Library::decode`) of a library compiled
+/// with `emit = [forward, decode]`, named by CCC_GPU_SERVE_LIB (the sweep's `decode` step passes
+/// gpu-carry/serve/zaya1/zaya1; unset: skipped): prompts of 0, 5 and 37 tokens right-padded in
+/// one batch over a shuffled pool, then three decode steps, against the f64 reference's
+/// `prefill` and `decode_step` on the same (bf16-rounded) weights and inputs: relative L2
+/// error under 2e-2 per token (bf16 storage against f64).
+#[test]
+#[ignore = "needs an NVIDIA GPU"]
+fn prefill_and_decode_from_rust_match_the_reference() {
+    use ccc::reference::{DecodeState, Tensor, Weights, decode_step, prefill};
+    let Some(dir) = std::env::var_os("CCC_GPU_SERVE_LIB") else {
+        eprintln!("CCC_GPU_SERVE_LIB is not set: skipped");
+        return;
+    };
+    let library = Library::load(&dir).unwrap();
+    let spec = library.manifest().spec.clone();
+    let round = |values: &[f64]| -> Vec<f64> { HostTensor::from_f64(TensorDType::from(spec.dtype), vec![values.len()], values).unwrap().to_f64() };
+    let mut weights = Weights::random(&spec, 5);
+    for tensor in weights.tensors.values_mut() {
+        tensor.data = round(&tensor.data);
+    }
+    let entries: Vec<(&str, &[usize], &[f64])> = weights.tensors.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice(), t.data.as_slice())).collect();
+    let device_weights = library.upload_weights(&WeightSet::from_f64(library.manifest(), entries).unwrap()).unwrap();
+    let (lens, steps, e) = ([0usize, 5, 37], 3usize, spec.model_dim);
+    let tokens: Vec<Vec<f64>> = lens.iter().map(|&len| round(&ccc::reference::random_input(&spec, 1, len + steps, 11 + len as u64).data)).collect();
+    // The pool: four 16-token pages per sequence (64 tokens), scattered (5 is prime to 14).
+    let blocks = 4usize;
+    let pages = lens.len() * blocks + 2;
+    let table: Vec<f64> = (0..lens.len() * blocks).map(|i| ((i * 5 + 3) % pages) as f64).collect();
+    let upload_i32 = |shape: Vec<usize>, values: &[f64]| library.upload(&HostTensor::from_f64(TensorDType::I32, shape, values).unwrap()).unwrap();
+    let block_table = upload_i32(vec![lens.len(), blocks], &table);
+    let mut cache = library.decode_cache(lens.len(), pages).unwrap();
+    let longest = *lens.iter().max().unwrap();
+    let mut padded = vec![0.0; lens.len() * longest * e];
+    for (b, &len) in lens.iter().enumerate() {
+        padded[b * longest * e..][..len * e].copy_from_slice(&tokens[b][..len * e]);
+    }
+    let x = library.upload(&HostTensor::from_f64(TensorDType::from(spec.dtype), vec![lens.len(), longest, e], &padded).unwrap()).unwrap();
+    let prompt_lens: Vec<f64> = lens.iter().map(|&l| l as f64).collect();
+    library.prefill(&x, &device_weights, &mut cache, &block_table, &upload_i32(vec![lens.len()], &prompt_lens)).unwrap();
+    let mut states: Vec<DecodeState> = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            if len == 0 {
+                return DecodeState::new(&spec);
+            }
+            prefill(&spec, &weights, &Tensor { shape: vec![len, e], data: tokens[b][..len * e].to_vec() }).unwrap().1
+        })
+        .collect();
+    let rel_l2 = |got: &[f64], want: &[f64]| {
+        let err: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum::<f64>().sqrt();
+        err / want.iter().map(|w| w * w).sum::<f64>().sqrt().max(1e-30)
+    };
+    for step in 0..steps {
+        let mut x_step = Vec::new();
+        for (b, &len) in lens.iter().enumerate() {
+            x_step.extend_from_slice(&tokens[b][(len + step) * e..][..e]);
+        }
+        let x_step = library.upload(&HostTensor::from_f64(TensorDType::from(spec.dtype), vec![lens.len(), 1, e], &x_step).unwrap()).unwrap();
+        let seq_lens: Vec<f64> = lens.iter().map(|&l| (l + step + 1) as f64).collect();
+        let outputs = library.decode(&x_step, &device_weights, &mut cache, &block_table, &upload_i32(vec![lens.len()], &seq_lens)).unwrap();
+        let out = outputs.get("out").unwrap().to_host().unwrap().to_f64();
+        for (b, state) in states.iter_mut().enumerate() {
+            let want = decode_step(&spec, &weights, state, &tokens[b][(lens[b] + step) * e..][..e]).unwrap();
+            let error = rel_l2(&out[b * e..(b + 1) * e], &want);
+            assert!(error < 2e-2, "step {step}, sequence {b} (prompt {}): relative L2 {error:e}", lens[b]);
+        }
+    }
+}
