@@ -129,8 +129,13 @@ def graphed(run):
     run()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
+    try:
+        with torch.cuda.graph(graph):
+            run()
+    except Exception as error:  # timed directly instead, and said so
+        print(f"not graphed ({type(error).__name__}: {error}): timing direct launches")
+        torch.cuda.synchronize()
+        return run
     return graph.replay
 
 
