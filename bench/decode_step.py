@@ -54,6 +54,11 @@ def shuffled_pages(lens, page, generator):
 def check(directory, lens, steps, seed):
     layer = ccc.load(directory)
     spec = layer.spec
+    if spec.mask.kind == "none":
+        # The forward is bidirectional (and over a padded batch sees the padding), while a decode
+        # step sees the tokens so far: no forward to compare with here
+        # (tests/ir_kernel_decode_step.rs checks such specs against the reference).
+        return {"library": directory, "ok": True, "skipped": "mask none: no forward gives a decode step's output"}
     device = torch.device("cuda")
     weights = layer.random_state_dict(seed)
     dtype = ccc.library.TORCH_DTYPES[spec.dtype]

@@ -98,6 +98,9 @@ fn one_token(kernel: KernelFn) -> KernelFn {
     kernel.with_sizes(&|var| if var == SizeVar::SeqLen { SizeExpr::c(1) } else { SizeExpr::Var(var) })
 }
 
+/// The decode attention's widest key tile.
+const MAX_DECODE_KEY_TILE: u32 = 64;
+
 /// Key partitions of a sequence of at most blocks · page_size tokens.
 fn partitions(paged: PagedKv) -> SizeExpr {
     (SizeExpr::blocks() * size(paged.page_size as usize)).ceil_div(paged.partition_keys as u64)
@@ -116,11 +119,18 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
     if page_size == 0 || !page_size.is_multiple_of(8) || page_size > 256 {
         return Err(format!("page size {page_size}: a multiple of 8 up to 256"));
     }
-    // A key tile is whole pages and a multiple of 16 keys (the k of P·V on mma.sync).
-    let key_tile = if page_size.is_multiple_of(16) { page_size } else { 2 * page_size };
-    if partition_keys == 0 || !partition_keys.is_multiple_of(key_tile) {
-        return Err(format!("{partition_keys} keys per partition: a multiple of the {key_tile}-key tile"));
+    // A key tile is whole pages and a multiple of 16 keys (the k of P·V on mma.sync); within
+    // a partition, up to 64 keys, so that each step of a CTA's one warp moves more bytes
+    // against its fixed cost (softmax, barriers) and a partition takes fewer steps.
+    let smallest_tile = if page_size.is_multiple_of(16) { page_size } else { 2 * page_size };
+    if partition_keys == 0 || !partition_keys.is_multiple_of(smallest_tile) {
+        return Err(format!("{partition_keys} keys per partition: a multiple of the {smallest_tile}-key tile"));
     }
+    let key_tile = (1..=MAX_DECODE_KEY_TILE / smallest_tile)
+        .rev()
+        .map(|pages| pages * smallest_tile)
+        .find(|tile| partition_keys.is_multiple_of(*tile))
+        .unwrap_or(smallest_tile);
     let kernel = match which {
         DecodeKernel::Projection => {
             let schedule = default_schedule(spec, ForwardKernel::QkvProjection)?;
