@@ -22,6 +22,9 @@ pub struct CompileError {
     pub layer: String,
     pub stage: &'static str,
     pub message: String,
+    /// The spec item responsible (`head_dim`), where one is: what a located error points at
+    /// (else the layer's name).
+    pub item: Option<&'static str>,
 }
 
 impl fmt::Display for CompileError {
@@ -33,7 +36,7 @@ impl fmt::Display for CompileError {
 impl std::error::Error for CompileError {}
 
 fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) -> CompileError {
-    CompileError { layer: spec.name.clone(), stage, message: message.to_string() }
+    CompileError { layer: spec.name.clone(), stage, message: message.to_string(), item: None }
 }
 
 /// The entry points of `spec`'s library ([`AttentionSpec::library_entry_points`]).
@@ -181,17 +184,28 @@ fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(KernelBuilder, Kernel
 /// otherwise report it as a schedule that does not fit.
 fn tileable_head_dim(spec: &AttentionSpec) -> Result<(), CompileError> {
     if !spec.head_dim.is_multiple_of(16) {
-        return Err(error(
-            spec,
-            "kernel",
-            format!(
-                "head_dim {} is not supported by the sm_90a kernels yet: it must be a multiple of 16 \
-                 (the k-step of the tensor-core instructions)",
-                spec.head_dim
-            ),
-        ));
+        let message = format!(
+            "head_dim {} is not supported by the sm_90a kernels yet: it must be a multiple of 16 \
+             (the k-step of the tensor-core instructions)",
+            spec.head_dim
+        );
+        return Err(CompileError { item: Some("head_dim"), ..error(spec, "kernel", message) });
     }
     Ok(())
+}
+
+/// Every stage that can reject `spec` short of writing files: planning, building and verifying
+/// the kernel IR of every entry point, and (with LLVM) lowering it to PTX. What `ccc check`
+/// runs, so that it rejects everything `compile` would.
+pub fn check_compiles(spec: &AttentionSpec) -> Result<(), CompileError> {
+    #[cfg(feature = "llvm")]
+    {
+        Compilation::new(spec, &[])?.lowered().map(|_| ())
+    }
+    #[cfg(not(feature = "llvm"))]
+    {
+        kernels(spec).map(|_| ())
+    }
 }
 
 /// The kernel IR of every kernel of `plans` with its identity, in launch order.

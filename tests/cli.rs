@@ -297,16 +297,19 @@ fn a_decode_entry_point_plans_the_step_with_the_callers_state() {
 }
 
 #[test]
-fn a_head_dim_the_kernels_cannot_tile_is_a_compile_error_in_the_users_terms() {
+fn a_head_dim_the_kernels_cannot_tile_is_a_located_error_of_check_and_compile() {
     let directory = scratch("head-dim");
-    let spec = write_file(&directory, "d24.attn", "attention narrow {\n    model_dim = 96\n    head_dim = 24\n}\n");
-    let (status, _, stderr) = ccc(&["compile", &spec, "--emit", "kernel"]);
-    assert_eq!(status, Status::SpecErrors);
-    assert_eq!(
-        stderr,
-        "error: cannot compile `narrow` (kernel): head_dim 24 is not supported by the sm_90a kernels yet: \
-         it must be a multiple of 16 (the k-step of the tensor-core instructions)\n"
-    );
+    let spec = write_file(&directory, "d40.attn", "attention narrow {\n    model_dim = 160\n    head_dim = 40\n}\n");
+    let message = "error: cannot compile `narrow` (kernel): head_dim 40 is not supported by the sm_90a kernels yet: \
+                   it must be a multiple of 16 (the k-step of the tensor-core instructions)\n";
+    // `check` runs every stage `compile` would, so it rejects the spec the same way.
+    for args in [vec!["check", spec.as_str()], vec!["compile", spec.as_str(), "--emit", "kernel"]] {
+        let (status, stdout, stderr) = ccc(&args);
+        assert_eq!((status, stdout.as_str()), (Status::SpecErrors, ""), "{args:?}: {stderr}");
+        assert!(stderr.starts_with(message), "{args:?}: {stderr}");
+        assert!(stderr.contains("d40.attn:3:5\n"), "{args:?}: not located at head_dim: {stderr}");
+        assert!(stderr.contains("3 │     head_dim = 40\n  │     ^^^^^^^^^^^^^ the kernels cannot compile this"), "{args:?}: {stderr}");
+    }
 }
 
 #[test]

@@ -177,7 +177,7 @@ where
         ColorWhen::Never => false,
         ColorWhen::Auto => io.stderr_is_terminal && std::env::var_os("NO_COLOR").is_none(),
     };
-    let mut session = Session { io, colour };
+    let mut session = Session { io, colour, loaded: None };
     match cli.command {
         Command::Check { files } => {
             files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
@@ -196,13 +196,34 @@ where
 struct Session<'a, 'io> {
     io: &'a mut Io<'io>,
     colour: bool,
+    /// The file last loaded (its name and text), where a compile error is located.
+    loaded: Option<(String, String)>,
 }
 
 impl Session<'_, '_> {
     /// A spec the checker accepted that a later stage cannot compile: an error in the spec as
-    /// far as this compiler goes (status 1), named by layer and stage.
+    /// far as this compiler goes (status 1), named by layer and stage, and shown at the item
+    /// responsible in the file it came from (else at the layer's name).
     fn compile_error(&mut self, error: &driver::CompileError) -> Status {
-        let _ = writeln!(self.io.stderr, "error: {error}");
+        // A tuning file's errors are about that file, not the spec.
+        let spec_error = error.stage != "tuning";
+        let located = self.loaded.as_ref().filter(|_| spec_error).and_then(|(file_name, source)| {
+            let file = frontend::parse(file_name, source).ok()?;
+            let block = file.blocks.iter().find(|block| block.name.text == error.layer)?;
+            let item = error.item.and_then(|key| block.items.iter().find(|item| item.key.text == key));
+            let (span, label) = match item {
+                Some(item) => (item.span, "the kernels cannot compile this"),
+                None => (block.name.span, "this layer"),
+            };
+            let diagnostic = frontend::Error::new(span, error.to_string()).label(label);
+            Some(Diagnostics::new(file_name, source, vec![diagnostic]))
+        });
+        match located {
+            Some(diagnostics) => self.print_diagnostics(&diagnostics),
+            None => {
+                let _ = writeln!(self.io.stderr, "error: {error}");
+            }
+        }
         Status::SpecErrors
     }
 
@@ -227,22 +248,32 @@ impl Session<'_, '_> {
                 return Err(self.usage_error(&format!("cannot read {}: {error}", path.display())));
             }
         };
-        frontend::parse_and_check(&path.display().to_string(), &source).map_err(|diagnostics| {
+        let file_name = path.display().to_string();
+        let checked = frontend::parse_and_check(&file_name, &source).map_err(|diagnostics| {
             self.print_diagnostics(&diagnostics);
             Status::SpecErrors
-        })
+        });
+        self.loaded = Some((file_name, source));
+        checked
     }
 
+    /// Every layer of the file through every stage `compile` runs short of writing files
+    /// (`driver::check_compiles`): `ok: NAME`, or the located error of each that would fail.
     fn check(&mut self, path: &Path) -> Status {
-        match self.load(path) {
-            Ok(specs) => {
-                for spec in specs {
+        let specs = match self.load(path) {
+            Ok(specs) => specs,
+            Err(status) => return status,
+        };
+        let mut status = Status::Success;
+        for spec in specs {
+            match driver::check_compiles(&spec) {
+                Ok(()) => {
                     let _ = writeln!(self.io.stdout, "ok: {}", spec.name);
                 }
-                Status::Success
+                Err(error) => status = status.max(self.compile_error(&error)),
             }
-            Err(status) => status,
         }
+        status
     }
 
     fn explain(&mut self, path: &Path, seq_len: Option<u64>) -> Status {
