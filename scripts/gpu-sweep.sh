@@ -30,8 +30,8 @@
 #      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
 #      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
 #   decode (not default): with gpu-carry/serve (every example compiled with decode):
-#      bench/decode_step.py, decode steps of every example against its forward over the whole
-#      sequences (caches filled as a prefill would leave them), then zaya1's step timed at
+#      bench/decode_step.py, decode steps of every example (and of the random specs, with
+#      GPU_PREPARE_RANDOM) against its forward over the whole sequences (caches filled as a prefill would leave them), then zaya1's step timed at
 #      B 1, 8, 64, 256 × context 1k to 32k beside an MHA layer's decode step in PyTorch; and
 #      with gpu-carry/decode-ptx: bench/decode_attention.py, the raw decode attention kernels
 #      against float32 attention, timed beside SDPA's decode on a dense cache, with the achieved
@@ -135,8 +135,8 @@ for s in $steps; do
     decode)
       if [ -d gpu-carry/serve ]; then
         served=("gpu-carry/serve/zaya1/zaya1")
-        for dir in gpu-carry/serve/*/*/; do
-          [ "${dir%/}" != gpu-carry/serve/zaya1/zaya1 ] && served+=("${dir%/}")
+        for dir in gpu-carry/serve/*/*/ "$libs"/random_*/*/; do
+          [ -d "$dir" ] && [ "${dir%/}" != gpu-carry/serve/zaya1/zaya1 ] && served+=("${dir%/}")
         done
         step decode-step 400 python3 -u -W ignore bench/decode_step.py "${served[@]}" --time --out "$out/decode-step.json"
         step decode-rust 120 env CCC_GPU_SERVE_LIB=gpu-carry/serve/zaya1/zaya1 gpu-carry/runtime-gpu-tests --ignored \

@@ -48,6 +48,8 @@ def random_spec(rng, index):
     lines.append(f"    dtype = {rng.choice(['bf16', 'f16'])}")
     if rng.random() < 0.3:
         lines.append("    bias = true")
+    # The decode and prefill entry points too, for bench/decode_step.py (the sweep's `decode` step).
+    lines.append("    emit = [forward, decode]")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
