@@ -585,3 +585,29 @@ fn bad_tuning_files_are_reported_not_applied() {
         )
     );
 }
+
+/// `--message-format json`: one JSON object per diagnostic on stderr, located (1-based line and
+/// column of the span's start and end), for the language's errors and a compile stage's alike.
+#[test]
+fn diagnostics_print_as_json_lines() {
+    let directory = scratch("json-diagnostics");
+    let bad = write_file(&directory, "bad.attn", "attention bad {\n    model_dim = 2048\n    head_dim = 128\n    qk_norm = l3\n}\n");
+    let narrow = write_file(&directory, "d40.attn", "attention narrow {\n    model_dim = 160\n    head_dim = 40\n}\n");
+    for (file, line, column, end_column, message) in [
+        (&bad, 4, 15, 17, "unknown value `l3` for `qk_norm`"),
+        (&narrow, 3, 5, 18, "cannot compile `narrow` (kernel): head_dim 40 is not supported by the sm_90a kernels yet"),
+    ] {
+        let (status, stdout, stderr) = ccc(&["check", "--message-format", "json", file]);
+        assert_eq!((status, stdout.as_str()), (Status::SpecErrors, ""), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "one diagnostic, one line: {stderr}");
+        let value: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON object");
+        assert_eq!(value["level"], "error");
+        assert_eq!(value["file"], file.as_str());
+        assert_eq!((value["line"].as_u64(), value["column"].as_u64()), (Some(line), Some(column)), "{value}");
+        assert_eq!((value["end_line"].as_u64(), value["end_column"].as_u64()), (Some(line), Some(end_column)), "{value}");
+        assert!(value["message"].as_str().unwrap().starts_with(message), "{value}");
+    }
+    let (status, stdout, stderr) = ccc(&["check", "--message-format", "json", &narrow.replace("d40", "missing")]);
+    assert_eq!((status, stdout.as_str()), (Status::Usage, ""), "{stderr}");
+}

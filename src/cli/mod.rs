@@ -39,6 +39,10 @@ pub struct Cli {
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value_t = ColorWhen::Auto, global = true)]
     pub color: ColorWhen,
+    /// How to print diagnostics: `human` (rustc-style, with the source line and a caret) or
+    /// `json` (one JSON object per diagnostic on stderr, as cargo prints them).
+    #[arg(long, value_enum, default_value_t = MessageFormat::Human, global = true)]
+    pub message_format: MessageFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -118,6 +122,12 @@ pub enum Command {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MessageFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ColorWhen {
     /// Colour when stderr is a terminal and NO_COLOR is not set.
     Auto,
@@ -177,7 +187,7 @@ where
         ColorWhen::Never => false,
         ColorWhen::Auto => io.stderr_is_terminal && std::env::var_os("NO_COLOR").is_none(),
     };
-    let mut session = Session { io, colour, loaded: None };
+    let mut session = Session { io, colour, json: cli.message_format == MessageFormat::Json, loaded: None };
     match cli.command {
         Command::Check { files } => {
             files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
@@ -196,6 +206,8 @@ where
 struct Session<'a, 'io> {
     io: &'a mut Io<'io>,
     colour: bool,
+    /// Diagnostics as JSON lines.
+    json: bool,
     /// The file last loaded (its name and text), where a compile error is located.
     loaded: Option<(String, String)>,
 }
@@ -220,6 +232,10 @@ impl Session<'_, '_> {
         });
         match located {
             Some(diagnostics) => self.print_diagnostics(&diagnostics),
+            None if self.json => {
+                let line = serde_json::json!({"level": "error", "message": error.to_string()});
+                let _ = writeln!(self.io.stderr, "{line}");
+            }
             None => {
                 let _ = writeln!(self.io.stderr, "error: {error}");
             }
@@ -233,7 +249,11 @@ impl Session<'_, '_> {
     }
 
     fn print_diagnostics(&mut self, diagnostics: &Diagnostics) {
-        if self.colour {
+        if self.json {
+            for line in diagnostics.json_lines() {
+                let _ = writeln!(self.io.stderr, "{line}");
+            }
+        } else if self.colour {
             diagnostics.emit(&mut termcolor::Ansi::new(&mut *self.io.stderr));
         } else {
             diagnostics.emit(&mut termcolor::NoColor::new(&mut *self.io.stderr));

@@ -110,6 +110,42 @@ impl Diagnostics {
     }
 }
 
+impl Diagnostics {
+    /// Every error as one line of JSON (`--message-format json`, in the manner of cargo's):
+    /// `{"level": "error", "message", "file", "line", "column", "end_line", "end_column",
+    /// "label", "notes": [..], "related": [{"line", "column", "label"}]}`, lines and columns
+    /// 1-based, columns counted in characters.
+    pub fn json_lines(&self) -> Vec<String> {
+        let position = |offset: usize| {
+            let before = &self.source[..offset.min(self.source.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |tail| tail.chars().count()) + 1;
+            (line, column)
+        };
+        self.errors
+            .iter()
+            .map(|error| {
+                let (line, column) = position(error.span.start);
+                let (end_line, end_column) = position(error.span.end);
+                let related: Vec<serde_json::Value> = error
+                    .related
+                    .iter()
+                    .map(|(span, label)| {
+                        let (line, column) = position(span.start);
+                        serde_json::json!({"line": line, "column": column, "label": label})
+                    })
+                    .collect();
+                serde_json::json!({
+                    "level": "error", "message": error.message, "file": self.file_name,
+                    "line": line, "column": column, "end_line": end_line, "end_column": end_column,
+                    "label": error.label, "notes": error.notes, "related": related,
+                })
+                .to_string()
+            })
+            .collect()
+    }
+}
+
 impl fmt::Display for Diagnostics {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(&self.render())
