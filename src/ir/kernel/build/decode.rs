@@ -81,6 +81,21 @@ pub fn decode_projection_segments(spec: &AttentionSpec) -> Vec<ProjectionSegment
         .collect()
 }
 
+/// The projections' schedules over a decode step's few token rows, best first: a GEMM of
+/// B ≤ 256 rows reads each weight once per 64-row tile, so its time is the weights' bytes over
+/// the CTAs streaming them. Narrow column tiles give more CTAs, and deep 128-wide K chunks keep
+/// more bytes in flight per CTA, in fewer steps, than the forward's 32-wide ones.
+fn token_rows_schedules(spec: &AttentionSpec) -> Vec<Schedule> {
+    let d = spec.head_dim as u32;
+    [32, 16]
+        .into_iter()
+        .filter(|block_n| d.is_multiple_of(*block_n))
+        .flat_map(|block_n| {
+            [(128, 4), (64, 4), (32, 2)].map(|(block_k, stages)| Schedule { block_m: 64, block_n, block_k, warps: 4, stages })
+        })
+        .collect()
+}
+
 /// A forward kernel over [B, S] token rows run over the B tokens of a decode step as the rows
 /// of one sequence ([1, B]).
 fn over_token_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) -> KernelFn {
@@ -97,9 +112,6 @@ fn over_token_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) 
 fn one_token(kernel: KernelFn) -> KernelFn {
     kernel.with_sizes(&|var| if var == SizeVar::SeqLen { SizeExpr::c(1) } else { SizeExpr::Var(var) })
 }
-
-/// The decode attention's widest key tile.
-const MAX_DECODE_KEY_TILE: u32 = 64;
 
 /// Key partitions of a sequence of at most blocks · page_size tokens.
 fn partitions(paged: PagedKv) -> SizeExpr {
@@ -119,22 +131,17 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
     if page_size == 0 || !page_size.is_multiple_of(8) || page_size > 256 {
         return Err(format!("page size {page_size}: a multiple of 8 up to 256"));
     }
-    // A key tile is whole pages and a multiple of 16 keys (the k of P·V on mma.sync); within
-    // a partition, up to 64 keys, so that each step of a CTA's one warp moves more bytes
-    // against its fixed cost (softmax, barriers) and a partition takes fewer steps.
-    let smallest_tile = if page_size.is_multiple_of(16) { page_size } else { 2 * page_size };
-    if partition_keys == 0 || !partition_keys.is_multiple_of(smallest_tile) {
-        return Err(format!("{partition_keys} keys per partition: a multiple of the {smallest_tile}-key tile"));
+    // A key tile is whole pages and a multiple of 16 keys (the k of P·V on mma.sync).
+    let key_tile = if page_size.is_multiple_of(16) { page_size } else { 2 * page_size };
+    if partition_keys == 0 || !partition_keys.is_multiple_of(key_tile) {
+        return Err(format!("{partition_keys} keys per partition: a multiple of the {key_tile}-key tile"));
     }
-    let key_tile = (1..=MAX_DECODE_KEY_TILE / smallest_tile)
-        .rev()
-        .map(|pages| pages * smallest_tile)
-        .find(|tile| partition_keys.is_multiple_of(*tile))
-        .unwrap_or(smallest_tile);
     let kernel = match which {
         DecodeKernel::Projection => {
-            let schedule = default_schedule(spec, ForwardKernel::QkvProjection)?;
-            over_token_rows(build_qkv_proj(spec, &schedule, &decode_projection_segments(spec))?, which, spec)
+            let segments = decode_projection_segments(spec);
+            let (_, kernel) = first_that_builds(token_rows_schedules(spec), |s| build_qkv_proj(spec, s, &segments))
+                .map_err(|error| format!("no decode_qkv_proj schedule fits: {error}"))?;
+            over_token_rows(kernel, which, spec)
         }
         DecodeKernel::Prologue => {
             if !has_qk_prologue(spec) {
@@ -146,8 +153,9 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
         DecodeKernel::Merge => decode_merge(spec, paged)?,
         DecodeKernel::Append => kv_append(spec, paged)?,
         DecodeKernel::OutputProjection => {
-            let schedule = default_schedule(spec, ForwardKernel::OutputProjection)?;
-            over_token_rows(build_out_proj(spec, &schedule)?, which, spec)
+            let (_, kernel) = first_that_builds(token_rows_schedules(spec), |s| build_out_proj(spec, s))
+                .map_err(|error| format!("no decode_out_proj schedule fits: {error}"))?;
+            over_token_rows(kernel, which, spec)
         }
         DecodeKernel::CacheFill => prefill_cache(spec, paged)?,
     };
