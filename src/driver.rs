@@ -195,12 +195,13 @@ fn tileable_head_dim(spec: &AttentionSpec) -> Result<(), CompileError> {
 }
 
 /// Every stage that can reject `spec` short of writing files: planning, building and verifying
-/// the kernel IR of every entry point, and (with LLVM) lowering it to PTX. What `ccc check`
-/// runs, so that it rejects everything `compile` would.
+/// the kernel IR of every entry point, and (with LLVM) lowering it to PTX and writing and
+/// validating the manifest. What `ccc check` runs, so that it rejects what a plain `compile`
+/// would (not what `--ptxas` or `--tuning` add).
 pub fn check_compiles(spec: &AttentionSpec) -> Result<(), CompileError> {
     #[cfg(feature = "llvm")]
     {
-        Compilation::new(spec, &[])?.lowered().map(|_| ())
+        Compilation::new(spec, &[])?.library(&CompileOptions::default()).map(|_| ())
     }
     #[cfg(not(feature = "llvm"))]
     {

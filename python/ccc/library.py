@@ -211,9 +211,10 @@ class Layer:
 
     def prefill(self, x, state_dict, cache, block_table, seq_lens, check_indices=None):
         """The forward over x [B, S, E] (B prompts right-padded to S, `seq_lens` [B] (int32) real
-        tokens each, 0 for an empty slot), then the prefill entry point: each prompt's k and v into
-        the pages `block_table` [B, blocks] (int32) names in `cache` (`decode_cache`), and each
-        slot's convolution and shift state as its prompt ends. Returns out [B, S, E] (rows past a
+        tokens each, 0 for an empty slot, which writes nothing), then the prefill entry point: each
+        prompt's k and v into the pages `block_table` [B, blocks] (int32) names in `cache`
+        (`decode_cache`), and each slot's convolution and shift state as its prompt ends (a new
+        sequence's slot must hold zero state: `decode_cache` starts so). Returns out [B, S, E] (rows past a
         prompt's length are the padding's). With `check_indices` (default: in validate mode) the
         indices are checked against the pool first, which waits for the GPU."""
         forward = self.bind(x, state_dict)
@@ -225,7 +226,8 @@ class Layer:
         supplied.update(state_dict)
         call = self._bind("prefill", None, supplied, None)
         if self.validate if check_indices is None else check_indices:
-            check_decode_indices(self.manifest, block_table.tolist(), seq_lens.tolist(), cache["k_cache"].shape[0])
+            check_decode_indices(self.manifest, block_table.tolist(), seq_lens.tolist(), cache["k_cache"].shape[0],
+                                 longest=x.shape[1])
         call.run()
         return forward.tensors["out"]
 

@@ -582,8 +582,10 @@ def plan_for_supplied(manifest, entry, supplied, sms):
                 raise SizeError("the shapes of " + ", ".join(f"`{n}`" for n in supplied)
                                 + " do not agree on the sizes: " + ", ".join(
                                     f"{n} {list(s)} as {format_shape(b.shape)}" for n, (b, s) in declared.items()))
-    if ("S" not in sizes and mentions_s) or "B" not in sizes:
-        raise SizeError(f"the tensors given ({', '.join(supplied)}) do not determine B and S")
+    if "B" not in sizes:
+        raise SizeError("the tensors given (" + ", ".join(f"`{n}`" for n in supplied) + ") do not determine B")
+    if "S" not in sizes and mentions_s:
+        raise SizeError("the tensors given (" + ", ".join(f"`{n}`" for n in supplied) + ") do not determine S")
     plan = plan_call(manifest, entry, sizes["B"], sizes.get("S", 1), sms, sizes.get("pages"), sizes.get("blocks"))
     for name, (buffer, shape) in declared.items():
         if plan.buffer(name).shape != shape:
@@ -592,17 +594,22 @@ def plan_for_supplied(manifest, entry, supplied, sms):
     return plan
 
 
-def check_decode_indices(manifest, block_table, seq_lens, pages):
-    """A decode step's indices on the host (lists: block_table [B][blocks], seq_lens [B]): every
-    length fits its row of the block table and every entry the step reads (the pages holding a key
-    the new token sees: under a sliding window, not those wholly before it) names a page of the
-    pool; raises SizeError naming the tensor and the index. The Rust runtime's rule."""
+def check_decode_indices(manifest, block_table, seq_lens, pages, longest=None):
+    """A decode step's or a prefill's indices on the host (lists: block_table [B][blocks],
+    seq_lens [B]): every length fits its row of the block table (and, for a prefill, the `longest`
+    tokens of its padded prompts) and every entry the call touches (the pages holding a key the
+    new token sees: under a sliding window, not those wholly before it) names a page of the pool;
+    raises SizeError naming the tensor and the index. The Rust runtime's rule."""
     cache = _entry_of(manifest, "decode").buffer("k_cache")
+    if cache is None:
+        raise ManifestError("the decode entry point has no k_cache of constant page size")
     page_size = cache.shape[1].eval({})
     for b, (length, row) in enumerate(zip(seq_lens, block_table)):
         if not 0 <= length <= len(row) * page_size:
             raise SizeError(f"seq_lens[{b}] = {length}: a length from 0 to the block table's {len(row)} "
                             f"pages of {page_size} tokens")
+        if longest is not None and length > longest:
+            raise SizeError(f"seq_lens[{b}] = {length}: longer than the {longest} tokens of the prompts given")
         mask = manifest.spec.mask
         first_key = max(0, length - mask.window) if mask.kind == "sliding_window" else 0
         for j in range(first_key // page_size, -(-length // page_size)):

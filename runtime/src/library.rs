@@ -337,9 +337,10 @@ impl Library {
 
     /// Prefill of a library compiled with `decode` in its emit list: the forward over `x`
     /// [B, S, E] (B prompts right-padded to S, `seq_lens` [B] (i32) real tokens each, 0 for an
-    /// empty slot), then the prefill entry point, which writes each prompt's k̃ and v into the
-    /// pages `block_table` [B, blocks] names in `cache` and leaves each slot's convolution and
-    /// shift state as its prompt ends. Returns the forward's buffers (`out` among them: the
+    /// empty slot, which writes nothing), then the prefill entry point, which writes each
+    /// prompt's k̃ and v into the pages `block_table` [B, blocks] names in `cache` and leaves
+    /// each slot's convolution and shift state as its prompt ends (a new sequence's slot must
+    /// hold zero state, as `decode_cache` starts). Returns the forward's buffers (`out` among them: the
     /// prompts' outputs; rows past a prompt's length are the padding's).
     pub fn prefill(
         &self,
@@ -369,7 +370,8 @@ impl Library {
             HostData::I32(values) => Ok(values),
             _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
         };
-        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, plan.env.pages.unwrap_or(0) as usize)?;
+        let pages = plan.env.pages.unwrap_or(0) as usize;
+        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, pages, x.shape.get(1).copied())?;
         supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let owned = self.allocate(&plan)?;
         {
@@ -402,7 +404,7 @@ impl Library {
             HostData::I32(values) => Ok(values),
             _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
         };
-        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, plan.env.pages.unwrap_or(0) as usize)?;
+        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, plan.env.pages.unwrap_or(0) as usize, None)?;
         supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let owned = self.allocate(&plan)?;
         {
@@ -574,7 +576,7 @@ impl Library {
                     supplied
                         .get(buffer.name.as_str())
                         .ok_or_else(|| RuntimeError::Weights {
-                            problems: vec![format!("missing `{}`", buffer.name)],
+                            problems: vec![format!("missing {} `{}`", buffer.role.name(), buffer.name)],
                         })?;
                 check_tensor(
                     &buffer.name,

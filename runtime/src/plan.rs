@@ -232,6 +232,14 @@ impl CallPlan {
             }
             declared.push((buffer.shape.as_slice(), shape));
         }
+        if !declared.iter().any(|(shape, _)| shape.contains(&SizeExpr::batch())) {
+            return Err(RuntimeError::Size {
+                message: format!(
+                    "the tensors given ({}) do not determine B",
+                    supplied.iter().map(|(name, ..)| format!("`{name}`")).collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
         let env = infer_sizes(declared.iter().copied(), sms).ok_or_else(|| RuntimeError::Size {
             message: format!(
                 "the shapes of {} do not agree on the sizes: {}",
@@ -258,15 +266,16 @@ impl CallPlan {
     }
 }
 
-/// Checks a decode step's indices on the host: every length fits its row of the block table, and
-/// every entry the step reads (the pages holding a key the new token sees: under a sliding
-/// window, not those wholly before it) names a page of the pool. The error names the tensor and
-/// the index.
+/// Checks a decode step's or a prefill's indices on the host: every length fits its row of the
+/// block table (and, for a prefill, the `longest` tokens of its padded batch), and every entry
+/// the call touches (the pages holding a key the new token sees: under a sliding window, not
+/// those wholly before it) names a page of the pool. The error names the tensor and the index.
 pub fn check_decode_indices(
     manifest: &Manifest,
     block_table: &[i32],
     seq_lens: &[i32],
     pages: usize,
+    longest: Option<usize>,
 ) -> Result<(), RuntimeError> {
     let page_size = entry_of(manifest, EntryPoint::Decode)?
         .buffer("k_cache")
@@ -283,6 +292,11 @@ pub fn check_decode_indices(
             return problem(format!(
                 "seq_lens[{b}] = {len}: a length from 0 to the block table's {blocks} pages of {page_size} tokens"
             ));
+        }
+        if let Some(longest) = longest
+            && len as usize > longest
+        {
+            return problem(format!("seq_lens[{b}] = {len}: longer than the {longest} tokens of the prompts given"));
         }
         let first_key = match manifest.spec.mask {
             ccc::spec::Mask::SlidingWindow { window } => (len as usize).saturating_sub(window),

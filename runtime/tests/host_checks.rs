@@ -376,6 +376,9 @@ fn a_decode_step_reads_its_sizes_off_the_callers_tensors() {
     // The forward's tensor names are not a decode step's.
     let err = CallPlan::for_supplied(&manifest, EntryPoint::Decode, &[("dout", bf16, &[4, 1, 2048])], Some(132)).unwrap_err();
     assert!(err.to_string().contains("the `decode` entry point takes no tensor `dout`"), "{err}");
+    // Nothing that says B.
+    let err = CallPlan::for_supplied(&manifest, EntryPoint::Decode, &[("k_cache", bf16, &[50, 16, 2, 128])], Some(132)).unwrap_err();
+    assert!(err.to_string().contains("the tensors given (`k_cache`) do not determine B"), "{err}");
 }
 
 /// A decode step's indices against its pool: a length past the block table, or a page the step
@@ -387,11 +390,14 @@ fn a_decode_steps_indices_are_checked_against_the_pool() {
     let manifest = ccc::manifest::Manifest::from_json(&std::fs::read_to_string(path).unwrap()).unwrap();
     // Two sequences, three pages of 16 each in the table, a pool of 8 pages.
     let table = [4, 7, -1, 0, 1, 2];
-    ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 48], 8).unwrap();
-    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[33, 48], 8).unwrap_err().to_string();
+    ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 48], 8, None).unwrap();
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[33, 48], 8, None).unwrap_err().to_string();
     assert!(err.contains("block_table[0, 2] = -1: sequence 0 (length 33) reads it, and the pool has pages 0..8"), "{err}");
-    let err = ccc_runtime::plan::check_decode_indices(&manifest, &[4, 9, -1, 0, 1, 2], &[20, 48], 8).unwrap_err().to_string();
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &[4, 9, -1, 0, 1, 2], &[20, 48], 8, None).unwrap_err().to_string();
     assert!(err.contains("block_table[0, 1] = 9"), "{err}");
-    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 49], 8).unwrap_err().to_string();
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 49], 8, None).unwrap_err().to_string();
     assert!(err.contains("seq_lens[1] = 49: a length from 0 to the block table's 3 pages of 16 tokens"), "{err}");
+    // A prefill's lengths fit its padded prompts too.
+    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 48], 8, Some(40)).unwrap_err().to_string();
+    assert!(err.contains("seq_lens[1] = 48: longer than the 40 tokens of the prompts given"), "{err}");
 }

@@ -268,6 +268,12 @@ class ManifestValidation(unittest.TestCase):
             with self.assertRaises(SizeError) as raised:
                 check_decode_indices(manifest, rows, lens, 8)
             self.assertIn(message, str(raised.exception))
+        with self.assertRaises(SizeError) as raised:
+            check_decode_indices(manifest, table, [20, 48], 8, longest=40)
+        self.assertIn("seq_lens[1] = 48: longer than the 40 tokens of the prompts given", str(raised.exception))
+        with self.assertRaises(SizeError) as raised:
+            plan_for_supplied(manifest, "decode", {"k_cache": ("bf16", (50, 16, 2, 128))}, 132)
+        self.assertIn("the tensors given (`k_cache`) do not determine B", str(raised.exception))
 
     def test_a_training_library_saves_what_its_backward_reads(self):
         with open(os.path.join(FIXTURES, "zaya1_train_manifest.json")) as file:

@@ -655,6 +655,11 @@ impl KernelPlan {
                     }
                 }
             }
+            for updated in &kernel.updates {
+                if !self.state.iter().any(|b| b == updated) {
+                    return fail(format!("kernel {here} updates {} as {}, which is not the caller's state of that type", updated.name, updated.ty));
+                }
+            }
             for param in &kernel.params {
                 if !self.params.iter().any(|p| p.name == *param) {
                     return fail(format!("kernel {here} reads undeclared parameter @{param}"));

@@ -300,7 +300,7 @@ fn decode_attention(spec: &AttentionSpec, paged: PagedKv, key_tile: u32) -> Resu
     params.extend(paged_size_params());
     let schedule = Schedule { block_m: rows, block_n: bn, block_k: d, warps, stages };
     let name = format!("{}_{}", spec.name, DecodeKernel::Attention.suffix());
-    Ok(tiled_kernel(name, params, [partitions(paged), size(hk), SizeExpr::batch()], &schedule, t, body))
+    Ok(one_token(tiled_kernel(name, params, [partitions(paged), size(hk), SizeExpr::batch()], &schedule, t, body)))
 }
 
 /// CTA = query head h of sequence b: o = Σ_p exp(lse_p − max) · o_p / Σ_p exp(lse_p − max) over
@@ -352,7 +352,7 @@ fn decode_merge(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String
     params.extend(paged_size_params());
     let schedule = Schedule { block_m: d, block_n: 1, block_k: 1, warps: 1, stages: 1 };
     let name = format!("{}_{}", spec.name, DecodeKernel::Merge.suffix());
-    Ok(tiled_kernel(name, params, [size(spec.query_heads), SizeExpr::batch(), size(1)], &schedule, t, body))
+    Ok(one_token(tiled_kernel(name, params, [size(spec.query_heads), SizeExpr::batch(), size(1)], &schedule, t, body)))
 }
 
 /// CTA = sequence b: the new token's k and v rows (all kv heads) written at position
@@ -436,7 +436,8 @@ fn kv_append(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
 }
 
 /// CTA = page j of sequence b of a batch of prompts right-padded to S, after the forward over
-/// it (`seq_lens[b]` real tokens; 0: an empty slot): the forward's k̃ and v of the page's tokens
+/// it (`seq_lens[b]` real tokens; 0: an empty slot, which writes nothing, as in a decode step,
+/// so that other slots may be mid-decode): the forward's k̃ and v of the page's tokens
 /// into the pool page the block table names (rows past the length keep what the pool holds;
 /// under a sliding window, pages wholly before the last token's window are not written).
 /// CTA 0 of each sequence also writes the state the prompt leaves: the raw projections of its
@@ -543,7 +544,7 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
         let_("b", Expr::BlockIdx(Axis::Z)),
         let_("len", Expr::global("seq_lens", vec![var("b")])),
         Stmt::If { cond: written_page, then_body: pages, else_body: Vec::new() },
-        Stmt::If { cond: var("j").eq(int(0)), then_body: state, else_body: Vec::new() },
+        Stmt::If { cond: var("j").eq(int(0)).and(int(0).lt(var("len"))), then_body: state, else_body: Vec::new() },
     ];
     let rows = |width: u32| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(width as usize)];
     let pool = || vec![SizeExpr::pages(), size(page as usize), size(kv as usize)];
