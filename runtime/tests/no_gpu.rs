@@ -205,3 +205,10 @@ fn ccc_run_tune_checks_the_candidates_before_looking_for_a_gpu() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("is not a tuning index"), "{stderr}");
 }
+
+#[test]
+fn ccc_run_says_its_version() {
+    let output = common::ccc_run().arg("--version").output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim_end(), format!("ccc-run {}", env!("CARGO_PKG_VERSION")));
+}

@@ -51,6 +51,7 @@ const EXIT_NO_GPU: u8 = 3;
 #[derive(Parser)]
 #[command(
     name = "ccc-run",
+    version,
     about = "Run and check kernel libraries compiled by ccc on an NVIDIA GPU"
 )]
 struct Cli {
