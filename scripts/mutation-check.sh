@@ -3,7 +3,9 @@
 # catch each (the interpreter against the f64 reference): in the forward (tests/ir_kernel_roles.rs)
 # a causal mask that leaks key t + 1, the q-k mean's ½ turned into 1, the RoPE styles swapped; in
 # the backward (tests/ir_kernel_backward.rs) the dK/dV kernel's causal mask leaking key t + 1 and
-# RoPE's backward turning the same way as the forward. Each file is restored from git afterwards,
+# RoPE's backward turning the same way as the forward; in the decode step
+# (tests/ir_kernel_decode_step.rs) RoPE one position late and the convolution state not moved on.
+# Each file is restored from git afterwards,
 # also when interrupted. Exit status 0 when every mutation failed the tests, 1 when one slipped
 # through. About two minutes per mutation (a release build of the tests, then the run).
 set -uo pipefail
@@ -22,6 +24,7 @@ trap 'git checkout -q -- "$attention" "$builders" "$attention_backward"' EXIT
 
 forward_tests=$'--test\tir_kernel_roles\t--\tthe_planned_kernel_ir\twgmma_attention_matches'
 backward_tests=$'--test\tir_kernel_backward'
+decode_tests=$'--test\tir_kernel_decode_step'
 # name, file, text, replacement, test arguments (tab-separated: the texts hold `|`; the test
 # arguments are the last fields)
 mutations=(
@@ -30,6 +33,8 @@ mutations=(
   $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => (\t'"$forward_tests"
   $'backward: dK/dV causal mask leaks key t+1\t'"$attention_backward"$'\tMask::Causal => key.le(query).and(in_sequence),\tMask::Causal => key.le(query + int(1)).and(in_sequence),\t'"$backward_tests"
   $'backward: RoPE turned forward\t'"$builders"$'\tlet sign = if inverse { Expr::Float(-1.0) * sign } else { sign };\tlet sign = sign;\t'"$backward_tests"
+  $'decode: RoPE one position late\t'"$builders"$'\tSome(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),\tSome(_) => Expr::global("seq_lens", vec![var("b")]) + self.top(),\t'"$decode_tests"
+  $'decode: convolution state not moved on\t'"$builders"$'\tplus(Expr::Col, self.lead as i64 + 1)\tplus(Expr::Col, self.lead as i64)\t'"$decode_tests"
 )
 failed=0
 for mutation in "${mutations[@]}"; do
