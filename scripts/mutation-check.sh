@@ -2,7 +2,7 @@
 # Plants known kernel bugs in the kernel-IR builders, one at a time, and checks that the CPU tests
 # catch each (the interpreter against the f64 reference): in the forward (tests/ir_kernel_roles.rs)
 # a causal mask that leaks key t + 1, the q-k mean's ½ turned into 1, the RoPE styles swapped; in
-# the backward (tests/ir_kernel_backward.rs) the dK/dV kernel's causal mask leaking key t + 1 and
+# the backward (tests/ir_kernel_backward.rs) the two-pass kernels' mask leaking key t + 1 and
 # RoPE's backward turning the same way as the forward; in the decode step
 # (tests/ir_kernel_decode_step.rs) RoPE one position late and the convolution state not moved on.
 # Each file is restored from git afterwards,
@@ -31,7 +31,7 @@ mutations=(
   $'causal mask leaks key t+1\t'"$attention"$'\tvisible = visible.and(key.clone().le(query.clone()));\tvisible = visible.and(key.clone().le(query.clone() + int(1)));\t'"$forward_tests"
   $'q-k mean ½ becomes 1\t'"$builders"$'\tlet half = |e: Expr| Expr::Float(0.5) * e;\tlet half = |e: Expr| Expr::Float(1.0) * e;\t'"$forward_tests"
   $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => (\t'"$forward_tests"
-  $'backward: dK/dV causal mask leaks key t+1\t'"$attention_backward"$'\tMask::Causal => key.le(query).and(in_sequence),\tMask::Causal => key.le(query + int(1)).and(in_sequence),\t'"$backward_tests"
+  $'backward: the two-pass kernels\' mask leaks key t+1\t'"$attention_backward"$'\tmatch mask_allows(self.spec.mask, query, key) {\tmatch mask_allows(self.spec.mask, query + int(1), key) {\t'"$backward_tests"
   $'backward: RoPE turned forward\t'"$builders"$'\tlet sign = if inverse { Expr::Float(-1.0) * sign } else { sign };\tlet sign = sign;\t'"$backward_tests"
   $'decode: RoPE one position late\t'"$builders"$'\tSome(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),\tSome(_) => Expr::global("seq_lens", vec![var("b")]) + self.top(),\t'"$decode_tests"
   $'decode: convolution state not moved on\t'"$builders"$'\tplus(Expr::Col, self.lead as i64 + 1)\tplus(Expr::Col, self.lead as i64)\t'"$decode_tests"
