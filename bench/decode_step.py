@@ -37,6 +37,11 @@ def rel_l2(got, want):
     return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
 
 
+def page_size(layer):
+    """Tokens per KV page of the library's decode entry point."""
+    return next(b for b in layer.manifest.entry_point("decode").buffers if b.name == "k_cache").shape[1].eval({})
+
+
 def shuffled_pages(lens, page, generator):
     """A block table [B, blocks] over a pool with each sequence's pages in random order and spare
     pages between them; entries past a sequence's pages are -1 (never read)."""
@@ -63,7 +68,7 @@ def check(directory, lens, steps, seed):
     weights = layer.random_state_dict(seed)
     dtype = ccc.library.TORCH_DTYPES[spec.dtype]
     generator = torch.Generator().manual_seed(seed)
-    page = next(b for b in layer.manifest.entry_point("decode").buffers if b.name == "k_cache").shape[1].eval({})
+    page = page_size(layer)
     batch, e = len(lens), spec.model_dim
     total = [length + steps for length in lens]
     table, pages = shuffled_pages(total, page, generator)
@@ -160,7 +165,7 @@ def time_ccc(layer, weights, batch, context):
     spec = layer.spec
     device = torch.device("cuda")
     dtype = ccc.library.TORCH_DTYPES[spec.dtype]
-    page = next(b for b in layer.manifest.entry_point("decode").buffers if b.name == "k_cache").shape[1].eval({})
+    page = page_size(layer)
     generator = torch.Generator().manual_seed(0)
     table, pages = shuffled_pages([context] * batch, page, generator)
     cache = layer.decode_cache(batch, pages)

@@ -364,20 +364,7 @@ impl Library {
             }
         }
         supplied.retain(|name, _| entry.buffer(name).is_some_and(|b| b.role != BufferRole::Weight));
-        let shapes: Vec<(&str, TensorDType, &[usize])> = supplied.iter().map(|(name, t)| (*name, t.dtype, t.shape.as_slice())).collect();
-        let plan = CallPlan::for_supplied(&self.manifest, EntryPoint::Prefill, &shapes, Some(self.sms))?;
-        let indices = |tensor: &DeviceTensor| match tensor.to_host()?.data {
-            HostData::I32(values) => Ok(values),
-            _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
-        };
-        let pages = plan.env.pages.unwrap_or(0) as usize;
-        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, pages, x.shape.get(1).copied())?;
-        supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
-        let owned = self.allocate(&plan)?;
-        {
-            let call = self.bind(&plan, &supplied, &owned)?;
-            self.launch_all(&plan, &call, true, None)?;
-        }
+        self.run_over_pages(EntryPoint::Prefill, supplied, weights, (block_table, seq_lens), x.shape.get(1).copied())?;
         Ok(forward)
     }
 
@@ -398,13 +385,28 @@ impl Library {
     ) -> Result<Outputs, RuntimeError> {
         let mut supplied: BTreeMap<&str, &DeviceTensor> = BTreeMap::from([("x", x), ("block_table", block_table), ("seq_lens", seq_lens)]);
         supplied.extend(cache.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
+        self.run_over_pages(EntryPoint::Decode, supplied, weights, (block_table, seq_lens), None)
+    }
+
+    /// A call of the decode or prefill entry point on `supplied` (every caller tensor but the
+    /// weights): planned from their shapes, the block table and lengths checked against the pool
+    /// (and a prefill's lengths against its `longest` prompt), then launched, each kernel checked.
+    fn run_over_pages<'a>(
+        &self,
+        entry: EntryPoint,
+        mut supplied: BTreeMap<&'a str, &'a DeviceTensor>,
+        weights: &'a DeviceWeights,
+        (block_table, seq_lens): (&DeviceTensor, &DeviceTensor),
+        longest: Option<usize>,
+    ) -> Result<Outputs, RuntimeError> {
         let shapes: Vec<(&str, TensorDType, &[usize])> = supplied.iter().map(|(name, t)| (*name, t.dtype, t.shape.as_slice())).collect();
-        let plan = CallPlan::for_supplied(&self.manifest, EntryPoint::Decode, &shapes, Some(self.sms))?;
+        let plan = CallPlan::for_supplied(&self.manifest, entry, &shapes, Some(self.sms))?;
         let indices = |tensor: &DeviceTensor| match tensor.to_host()?.data {
             HostData::I32(values) => Ok(values),
             _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
         };
-        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, plan.env.pages.unwrap_or(0) as usize, None)?;
+        let pages = plan.env.pages.unwrap_or(0) as usize;
+        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, pages, longest)?;
         supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let owned = self.allocate(&plan)?;
         {
