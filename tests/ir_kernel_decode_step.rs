@@ -12,7 +12,7 @@ mod common;
 
 use ccc::ir::kernel::interp::{Buffers, INTERPRETER_SMS, Rounding, run_kernel};
 use ccc::ir::kernel::{Access, DecodeKernel, KernelFn, KernelParam, PagedKv, build_decode, forward_kernels};
-use ccc::ir::plan::{KernelPlan, plan_decode};
+use ccc::ir::plan::{KernelPlan, plan_decode, plan_prefill};
 use ccc::ir::size::SizeEnv;
 use ccc::reference::{DecodeState, Tensor, Weights, decode_step, prefill};
 use ccc::spec::{AttentionSpec, Mask};
@@ -205,81 +205,107 @@ fn decode_steps_of_random_specs_equal_the_references() {
     }
 }
 
-/// The forward over prompts right-padded to S, then the prefill kernel: every sequence's pages
-/// and state equal the reference's prefill of its prompt, an empty slot's state is left as it
-/// was, and what the pool held elsewhere is left alone.
+/// Cached tokens before the packed prefill, and the chunk each sequence then takes: new and
+/// continued sequences, one shorter than the convolution history, an empty slot (0, 0), a
+/// sequence without new tokens, and chunks crossing pages.
+const CHUNKS: [(usize, usize); 6] = [(0, 5), (9, 4), (0, 0), (17, 1), (3, 23), (6, 0)];
+
+/// The prefill plan's kernels over a packed batch of chunks continuing what the reference's
+/// paged cache holds (pages in random order, a pool whose other rows hold values nothing may
+/// touch): `out`, the whole pool, and every sequence's convolution and shift state equal the
+/// reference's `PagedCache::step`; an empty slot's state stays the caller's.
 fn check_prefill(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
     let mut rng = XorShift64Star::new(seed);
     let weights = weights_of(spec, &random_weights(spec, &mut rng));
-    let lens = [5usize, 0, 16, 23];
-    let (batch, seq_len, e, page) = (lens.len(), 24usize, spec.model_dim, paged.page_size as usize);
-    let row_len = spec.kv_width();
-    let (blocks, pages) = (seq_len.div_ceil(page), batch * seq_len.div_ceil(page) + 3);
+    let (e, page, row_len) = (spec.model_dim, paged.page_size as usize, spec.kv_width());
+    let (p, t, shift) = (spec.packed_width(), spec.conv_history(), spec.value_shift * spec.head_dim);
+    let batch = CHUNKS.len();
+    let pages_of = |(cached, new): (usize, usize)| (cached + new).div_ceil(page);
+    let blocks = CHUNKS.iter().map(|&c| pages_of(c)).max().unwrap();
+    let pages = CHUNKS.iter().map(|&c| pages_of(c)).sum::<usize>() + 3;
     let mut order: Vec<usize> = (0..pages).collect();
     for i in (1..pages).rev() {
         order.swap(i, rng.range(0, i));
     }
-    let table: Vec<i64> = order[..batch * blocks].iter().map(|&p| p as i64).collect();
-    // Padding tokens are finite: the forward runs over them, causally after the prompt.
-    let x: Vec<f64> = (0..batch * seq_len * e).map(|_| rng.uniform(-1.0, 1.0)).collect();
+    let mut free = order.into_iter();
+    let tables: Vec<Vec<usize>> = CHUNKS.iter().map(|&c| (0..pages_of(c)).map(|_| free.next().unwrap()).collect()).collect();
+    let mut cache = ccc::reference::PagedCache::new(spec, page, pages, tables.clone()).expect("reference cache");
+    cache.k_pages = (0..pages * page * row_len).map(|i| 0.5 + i as f64).collect();
+    cache.v_pages = (0..pages * page * row_len).map(|i| -0.5 - i as f64).collect();
+    let packed = |lens: &[usize], rng: &mut XorShift64Star| {
+        let cu: Vec<usize> = std::iter::once(0).chain(lens.iter().scan(0, |end, &n| { *end += n; Some(*end) })).collect();
+        let x = Tensor { shape: vec![cu[batch], e], data: (0..cu[batch] * e).map(|_| rng.uniform(-1.0, 1.0)).collect() };
+        (x, cu)
+    };
+    let (prefix, prefix_cu) = packed(&CHUNKS.map(|(cached, _)| cached), &mut rng);
+    cache.step(spec, &weights, &prefix, &prefix_cu).expect("reference prefill of the cached tokens");
+    let (x, cu) = packed(&CHUNKS.map(|(_, new)| new), &mut rng);
+
     let mut buffers: Buffers = weights.tensors.iter().map(|(name, tensor)| (name.clone(), tensor.data.clone())).collect();
-    buffers.insert("x".into(), x.clone());
-    buffers.insert("seq_lens".into(), lens.iter().map(|&l| l as f64).collect());
-    buffers.insert("block_table".into(), table.iter().map(|&p| p as f64).collect());
-    let pool: Vec<f64> = (0..pages * page * row_len).map(|i| 0.5 + i as f64).collect();
-    let (p, t, shift) = (spec.packed_width(), spec.conv_history(), spec.value_shift * spec.head_dim);
-    buffers.insert("k_cache".into(), pool.clone());
-    buffers.insert("v_cache".into(), pool.clone());
-    buffers.insert("conv_state".into(), vec![7.0; batch * p * t]);
-    buffers.insert("shift_state".into(), vec![7.0; batch * shift]);
-    let sizes = SizeEnv { batch: batch as u64, seq_len: seq_len as u64, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
-    let mut kernels = forward_kernels(spec).expect("forward kernels");
-    kernels.push(build_decode(spec, DecodeKernel::CacheFill, paged).expect("prefill kernel"));
-    run_kernels(&kernels, &mut buffers, sizes);
-    let what = format!("{} {paged:?}", spec.name);
-    let (mut want_k, mut want_v) = (pool.clone(), pool);
-    for (b, &len) in lens.iter().enumerate() {
-        if len == 0 {
-            // An empty slot writes nothing: its state is the caller's.
-            assert!(buffers["conv_state"][b * p * t..(b + 1) * p * t].iter().all(|v| *v == 7.0), "{what}: the empty slot's conv_state");
-            assert!(buffers["shift_state"][b * shift..(b + 1) * shift].iter().all(|v| *v == 7.0), "{what}: the empty slot's shift_state");
+    buffers.insert("x".into(), x.data.clone());
+    buffers.insert("cu_seqlens".into(), cu.iter().map(|&v| v as f64).collect());
+    buffers.insert("seq_lens".into(), CHUNKS.iter().map(|&(cached, new)| (cached + new) as f64).collect());
+    buffers.insert("block_table".into(), tables.iter().flat_map(|table| (0..blocks).map(|j| table.get(j).map_or(-1.0, |&page| page as f64))).collect());
+    buffers.insert("k_cache".into(), cache.k_pages.clone());
+    buffers.insert("v_cache".into(), cache.v_pages.clone());
+    // The caller's state: the reference's, transposed to [B, P, T]; the empty slot's arbitrary.
+    let mut conv_state = vec![7.0; batch * p * t];
+    let mut shift_state = vec![7.0; batch * shift];
+    for (b, &(cached, _)) in CHUNKS.iter().enumerate() {
+        if cached == 0 {
             continue;
-        }
-        let prompt = Tensor { shape: vec![len, e], data: x[b * seq_len * e..][..len * e].to_vec() };
-        let state = prefill(spec, &weights, &prompt).expect("reference prefill").1;
-        // Under a sliding window, the pages wholly before the last token's window stay as they were.
-        let first_page = match spec.mask {
-            Mask::SlidingWindow { window } => len.saturating_sub(window) / page,
-            _ => 0,
-        };
-        for position in first_page * page..len {
-            let at = (table[b * blocks + position / page] as usize * page + position % page) * row_len;
-            want_k[at..at + row_len].copy_from_slice(&state.keys[position * row_len..][..row_len]);
-            want_v[at..at + row_len].copy_from_slice(&state.values[position * row_len..][..row_len]);
         }
         for row in 0..t {
             for channel in 0..p {
-                let (got, want) = (buffers["conv_state"][(b * p + channel) * t + row], state.conv_rows[row * p + channel]);
-                assert!((got - want).abs() <= TOLERANCE * want.abs().max(1.0), "{what}: conv_state[{b}, {channel}, {row}] = {got}, expected {want}");
+                conv_state[(b * p + channel) * t + row] = cache.conv_rows[b][row * p + channel];
             }
         }
-        if shift > 0 {
-            let error = relative_error(&buffers["shift_state"][b * shift..(b + 1) * shift], &state.shift);
-            assert!(error <= TOLERANCE, "{what}: shift_state of sequence {b}: relative error {error:e}");
-        }
+        shift_state[b * shift..(b + 1) * shift].copy_from_slice(&cache.shift[b]);
     }
-    for (name, want) in [("k_cache", &want_k), ("v_cache", &want_v)] {
+    if t > 0 {
+        buffers.insert("conv_state".into(), conv_state.clone());
+    }
+    if shift > 0 {
+        buffers.insert("shift_state".into(), shift_state.clone());
+    }
+    let sizes = SizeEnv { batch: batch as u64, seq_len: cu[batch] as u64, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
+    let plan = plan_prefill(spec, paged).expect("prefill plan");
+    let kernels: Vec<KernelFn> = plan.kernels.iter().map(|planned| planned.builder().build(spec, &planned.schedule).expect("builds")).collect();
+    run_kernels(&kernels, &mut buffers, sizes);
+
+    let out = cache.step(spec, &weights, &x, &cu).expect("reference prefill");
+    let what = format!("{} {paged:?}", spec.name);
+    let error = relative_error(&buffers["out"], &out.data);
+    assert!(error <= TOLERANCE, "{what}: out: relative error {error:e}");
+    for (name, want) in [("k_cache", &cache.k_pages), ("v_cache", &cache.v_pages)] {
         let error = relative_error(&buffers[name], want);
         assert!(error <= TOLERANCE, "{what}: {name}: relative error {error:e}");
+    }
+    for (b, &(cached, new)) in CHUNKS.iter().enumerate() {
+        // A slot that takes no token keeps the caller's state (the empty slot's arbitrary one).
+        let (want_conv, want_shift): (Vec<f64>, Vec<f64>) = if cached + new == 0 || new == 0 {
+            (conv_state[b * p * t..(b + 1) * p * t].to_vec(), shift_state[b * shift..(b + 1) * shift].to_vec())
+        } else {
+            ((0..p * t).map(|i| cache.conv_rows[b][(i % t) * p + i / t]).collect(), cache.shift[b].clone())
+        };
+        if t > 0 {
+            let error = relative_error(&buffers["conv_state"][b * p * t..(b + 1) * p * t], &want_conv);
+            assert!(error <= TOLERANCE, "{what}: conv_state of sequence {b}: relative error {error:e}");
+        }
+        if shift > 0 {
+            let error = relative_error(&buffers["shift_state"][b * shift..(b + 1) * shift], &want_shift);
+            assert!(error <= TOLERANCE, "{what}: shift_state of sequence {b}: relative error {error:e}");
+        }
     }
 }
 
 #[test]
-fn prefill_of_a_padded_batch_leaves_the_references_pages_and_state() {
+fn packed_prefill_continuing_cached_sequences_equals_the_references() {
     let spec = small_zaya_like("zaya_like");
     check_prefill(&spec, PagedKv { page_size: 8, partition_keys: 16 }, 9);
     check_prefill(&AttentionSpec { mask: Mask::SlidingWindow { window: 7 }, ..spec.clone() }, PagedKv { page_size: 8, partition_keys: 16 }, 11);
-    check_prefill(&AttentionSpec { value_shift: 2, bias: false, ..spec }, PagedKv { page_size: 16, partition_keys: 16 }, 10);
+    check_prefill(&AttentionSpec { value_shift: 2, bias: false, ..spec.clone() }, PagedKv { page_size: 16, partition_keys: 16 }, 10);
+    check_prefill(&spec, PagedKv { page_size: 128, partition_keys: 128 }, 12);
     let mut rng = XorShift64Star::new(43);
     for index in 0..8 {
         check_prefill(&random_spec(&mut rng, index), PagedKv { page_size: 8, partition_keys: 16 }, 200 + index as u64);

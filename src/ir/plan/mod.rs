@@ -445,33 +445,35 @@ pub fn plan_decode(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelPlan, P
     plan_from_kernels(spec, EntryPoint::Decode, built, &declared, |name| name == "out")
 }
 
-/// The prefill entry point of `spec`: after the forward over a batch of prompts right-padded to
-/// S, its one kernel writes each prompt's k̃ and v (the forward's, which the caller passes with
-/// x and, with a convolution, p0) into the pages its block table names and leaves each
-/// sequence's convolution and shift state as the prompt ends (`seq_lens[b]` tokens).
+/// The prefill entry point of `spec`: [`DecodeKernel::prefill_launched_by`] in order over a
+/// packed batch, as FlashAttention's varlen functions take one: `x` [S, E] holds the new tokens
+/// of B sequences (sequence b rows cu_seqlens[b] .. cu_seqlens[b + 1]), each continuing the
+/// seq_lens[b] − n tokens its pages and state hold (seq_lens counts them with the new ones);
+/// their k̃ and v go into the pages, the state moves on, and the caller gets `out` [S, E].
 pub fn plan_prefill(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelPlan, PlanError> {
-    let which = DecodeKernel::CacheFill;
-    let built = vec![(KernelKind::Decode { kernel: which, paged }, build_decode(spec, which, paged).or_else(fail)?)];
+    let built = DecodeKernel::prefill_launched_by(spec)
+        .into_iter()
+        .map(|which| Ok((KernelKind::Decode { kernel: which, paged }, build_decode(spec, which, paged).or_else(fail)?)))
+        .collect::<Result<Vec<_>, PlanError>>()?;
     let storage = |name: &str, shape: Vec<SizeExpr>| Buffer { name: name.into(), ty: TensorType::new(shape, ElemType::Storage(spec.dtype), Layout::RowMajor) };
+    let token_rows = |name: &str| storage(name, vec![SizeExpr::seq_len(), SizeExpr::from(spec.model_dim)]);
     let heads = || [SizeExpr::from(spec.kv_heads), SizeExpr::from(spec.head_dim)];
-    let mut declared = vec![
-        storage("k", [SizeExpr::batch(), SizeExpr::seq_len()].into_iter().chain(heads()).collect()),
-        storage("v", [SizeExpr::batch(), SizeExpr::seq_len()].into_iter().chain(heads()).collect()),
-    ];
+    let mut declared = vec![token_rows("x"), token_rows("out")];
     for cache in ["k_cache", "v_cache"] {
         declared.push(storage(cache, [SizeExpr::pages(), SizeExpr::from(paged.page_size as usize)].into_iter().chain(heads()).collect()));
     }
     if spec.value_shift > 0 {
         declared.push(storage(SHIFT_STATE, vec![SizeExpr::batch(), SizeExpr::from(spec.value_shift * spec.head_dim)]));
     }
-    plan_from_kernels(spec, EntryPoint::Prefill, built, &declared, |_| false)
+    plan_from_kernels(spec, EntryPoint::Prefill, built, &declared, |name| name == "out")
 }
 
 /// A plan from the kernels an entry point launches, in order (entry points without graph IR):
 /// each buffer under the first shape a kernel binds it with (another kernel may view it under
 /// another shape of as many elements), or under its `declared` shape (what the caller sees).
 /// A buffer read before any kernel writes it is the caller's input (a buffer a kernel reads and
-/// writes, the caller's state, is one too); `is_output` says which written ones the caller gets.
+/// writes, even after others only read it, is the caller's state); `is_output` says which
+/// written ones the caller gets.
 fn plan_from_kernels(
     spec: &AttentionSpec,
     entry: EntryPoint,
@@ -527,6 +529,11 @@ fn plan_from_kernels(
             };
             if is_new {
                 list.push(buffer.clone());
+            } else if *access == Access::ReadWrite
+                && let Some(at) = inputs.iter().position(|known| known.name == buffer.name)
+            {
+                // An input an earlier kernel only read and this one updates: the caller's state.
+                state.push(inputs.remove(at));
             }
             per_kernel.push(buffer);
         }

@@ -42,9 +42,15 @@ pub enum DecodeKernel {
     Attention,
     Merge,
     OutputProjection,
-    /// The prefill entry point's one kernel: a batch's prompts, after the forward over them,
-    /// into the pages and the state.
+    /// The prefill entry point's kernels over a packed batch ([1, S] token rows, sequence b
+    /// rows cu_seqlens[b] .. cu_seqlens[b + 1]): the forward's projection GEMMs over the rows,
+    /// the prologue after each sequence's state, the new tokens' k and v into the pages with
+    /// the state moved on, and attention of the new tokens over their sequences' pages.
+    PrefillProjection,
+    PrefillPrologue,
     CacheFill,
+    PrefillAttention,
+    PrefillOutputProjection,
 }
 
 impl DecodeKernel {
@@ -56,8 +62,19 @@ impl DecodeKernel {
             DecodeKernel::Attention => "decode_attention",
             DecodeKernel::Merge => "decode_merge",
             DecodeKernel::OutputProjection => "decode_out_proj",
+            DecodeKernel::PrefillProjection => "prefill_qkv_proj",
+            DecodeKernel::PrefillPrologue => "prefill_qk_prologue",
             DecodeKernel::CacheFill => "prefill_cache",
+            DecodeKernel::PrefillAttention => "prefill_attention",
+            DecodeKernel::PrefillOutputProjection => "prefill_out_proj",
         }
+    }
+
+    /// The kernels of a prefill of `spec`, in launch order.
+    pub fn prefill_launched_by(spec: &AttentionSpec) -> Vec<DecodeKernel> {
+        use DecodeKernel::*;
+        let prologue = has_qk_prologue(spec).then_some(PrefillPrologue);
+        [Some(PrefillProjection), prologue, Some(CacheFill), Some(PrefillAttention), Some(PrefillOutputProjection)].into_iter().flatten().collect()
     }
 
     /// The kernels of a decode step of `spec`, in launch order.
@@ -104,6 +121,13 @@ fn over_token_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) 
         SizeVar::SeqLen => SizeExpr::batch(),
         other => SizeExpr::Var(other),
     });
+    kernel.name = format!("{}_{}", spec.name, which.suffix());
+    kernel
+}
+
+/// A forward kernel over [B, S] token rows run over a packed prefill's S rows ([1, S]).
+fn over_packed_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) -> KernelFn {
+    let mut kernel = kernel.with_sizes(&|var| if var == SizeVar::Batch { SizeExpr::c(1) } else { SizeExpr::Var(var) });
     kernel.name = format!("{}_{}", spec.name, which.suffix());
     kernel
 }
@@ -157,7 +181,29 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
                 .map_err(|error| format!("no decode_out_proj schedule fits: {error}"))?;
             over_token_rows(kernel, which, spec)
         }
+        DecodeKernel::PrefillProjection => {
+            let schedule = default_schedule(spec, ForwardKernel::QkvProjection)?;
+            over_packed_rows(build_qkv_proj(spec, &schedule, &projection_segments(spec))?, which, spec)
+        }
+        DecodeKernel::PrefillPrologue => {
+            if !has_qk_prologue(spec) {
+                return Err(format!("{} has no q/k step after the projection: its prefill launches no prologue", spec.name));
+            }
+            PrologueBuilder::new(spec, &default_schedule(spec, ForwardKernel::QkPrologue)?)?.build_packed()
+        }
         DecodeKernel::CacheFill => prefill_cache(spec, paged)?,
+        DecodeKernel::PrefillAttention => {
+            // Key tiles of 64 where pages tile them (or they tile pages), else the decode's.
+            let tile = if 64 % page_size == 0 || page_size % 64 == 0 { 64 } else { key_tile };
+            let candidates = [2, 1].map(|stages| Schedule { block_m: 64, block_n: tile, block_k: spec.head_dim as u32, warps: 4, stages });
+            first_that_builds(candidates, |s| prefill_attention(spec, paged, s).and_then(|kernel| verified(kernel, s)))
+                .map_err(|error| format!("no prefill_attention schedule fits: {error}"))?
+                .1
+        }
+        DecodeKernel::PrefillOutputProjection => {
+            let schedule = default_schedule(spec, ForwardKernel::OutputProjection)?;
+            over_packed_rows(build_out_proj(spec, &schedule)?, which, spec)
+        }
     };
     let schedule = kernel.schedule;
     verified(kernel, &schedule)
@@ -435,20 +481,163 @@ fn kv_append(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
     Ok(one_token(tiled_kernel(name, params, [SizeExpr::batch(), size(1), size(1)], &schedule, t, body)))
 }
 
-/// CTA = page j of sequence b of a batch of prompts right-padded to S, after the forward over
-/// it (`seq_lens[b]` real tokens; 0: an empty slot, which writes nothing, as in a decode step,
-/// so that other slots may be mid-decode): the forward's k̃ and v of the page's tokens
-/// into the pool page the block table names (rows past the length keep what the pool holds;
-/// under a sliding window, pages wholly before the last token's window are not written).
-/// CTA 0 of each sequence also writes the state the prompt leaves: the raw projections of its
-/// last T tokens (zeros before the start) and its last token's x·W_v2ᵀ, one delayed head at a
-/// time (a 16-row mma tile whose first row is that token).
+/// The lets every packed-prefill CTA of sequence b starts with: its rows seq_start .. seq_end
+/// of the packed batch, its length after them (`len`, the caller's seq_lens[b]) and before
+/// them (`cached`).
+fn packed_sequence() -> Vec<Stmt> {
+    vec![
+        let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
+        let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
+        let_("len", Expr::global("seq_lens", vec![var("b")])),
+        let_("cached", var("len") - (var("seq_end") - var("seq_start"))),
+    ]
+}
+
+fn cu_seqlens_param() -> KernelParam {
+    tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read)
+}
+
+/// CTA = query rows [q_tile · M, +M) of sequence b's new tokens, query head h: flash attention
+/// over the keys of positions 0 .. len its pages hold (the cached ones and the chunk's own,
+/// which the cache kernel wrote), key tiles gathered page by page through the block table as
+/// in the decode attention, the mask at the rows' positions cached + row.
+fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Result<KernelFn, String> {
+    let storage: ElemType = spec.dtype.into();
+    let (d, g, page_size) = (spec.head_dim as u32, spec.groups(), paged.page_size);
+    let (bm, bn) = (s.block_m, s.block_n);
+    let mut t = Tiles { decls: Vec::new() };
+    let q_s = t.shared("q_s", storage, bm, d);
+    let k_s = t.shared("k_s", storage, s.stages * bn, d);
+    let v_s = t.shared("v_s", storage, s.stages * bn, d);
+    let softmax = OnlineSoftmax::declare(&mut t, storage, bm, bn, d, s.warps, 1);
+    let w = |id: TileId| t.whole(id);
+    let slot_view = |tile: TileId, slot: Expr| t.view(tile, times(slot, bn), int(0), bn, d);
+    let page_copy = |ring: TileId, param: &str, slot: &Expr, row: u32, rows: u32, page: Expr, first: Expr, rows_valid: Expr| Stmt::Copy {
+        dst: t.view(ring, times(slot.clone(), bn) + int(row), int(0), rows, d),
+        src: GlobalTile {
+            param: param.into(),
+            dims: vec![
+                GlobalDim::At(page),
+                GlobalDim::Span { start: first, len: rows, valid: Some((int(0), rows_valid)) },
+                GlobalDim::At(var("kv_head")),
+                span(int(0), d),
+            ],
+        },
+        is_async: true,
+    };
+    // Key tile kv_first + tile: whole pages (a page past the last one the sequence holds reads
+    // the last one's entry, its rows past the length zeros), or a part of one page.
+    let load = |tile: Expr, slot: Expr| -> Vec<Stmt> {
+        let mut stmts = vec![let_("load_tile", var("kv_first") + tile)];
+        let last_block = (var("len") - int(1)).floor_div(int(page_size));
+        let page = |block: Expr| Expr::global("block_table", vec![var("b"), block.min(last_block.clone())]);
+        if bn >= page_size {
+            for p in 0..bn / page_size {
+                let block = var("load_tile") * int(bn / page_size) + int(p);
+                let rows_valid = var("len") - block.clone() * int(page_size);
+                for (param, ring) in [("k_cache", k_s), ("v_cache", v_s)] {
+                    stmts.push(page_copy(ring, param, &slot, p * page_size, page_size, page(block.clone()), int(0), rows_valid.clone()));
+                }
+            }
+        } else {
+            let block = var("load_tile").floor_div(int(page_size / bn));
+            let first = var("load_tile").modulo(int(page_size / bn)) * int(bn);
+            let rows_valid = var("len") - block.clone() * int(page_size);
+            for (param, ring) in [("k_cache", k_s), ("v_cache", v_s)] {
+                stmts.push(page_copy(ring, param, &slot, 0, bn, page(block.clone()), first.clone(), rows_valid.clone()));
+            }
+        }
+        stmts
+    };
+    let key = var("k_col0") + Expr::Col;
+    let query = var("q_pos0") + Expr::Row;
+    let in_sequence = key.clone().lt(var("len"));
+    let visible = match mask_allows(spec.mask, query, key) {
+        Some(allowed) => allowed.and(in_sequence),
+        None => in_sequence,
+    };
+    let mut unmasked = (var("k_col0") + int(bn)).le(var("len"));
+    if spec.mask != Mask::None {
+        unmasked = unmasked.and((var("k_col0") + int(bn - 1)).le(var("q_pos0")));
+    }
+    if let Mask::SlidingWindow { window } = spec.mask {
+        unmasked = unmasked.and((var("q_pos0") + int(bm - 1) - var("k_col0")).lt(int(window)));
+    }
+    let key_tiles = var("len").ceil_div(int(bn));
+    let (kv_start, kv_end) = match spec.mask {
+        Mask::None => (int(0), key_tiles),
+        Mask::Causal => (int(0), key_tiles.min((var("q_pos0") + int(bm)).ceil_div(int(bn)))),
+        Mask::SlidingWindow { window } => (
+            (var("q_pos0") - int(window - 1)).max(int(0)).floor_div(int(bn)),
+            key_tiles.min((var("q_pos0") + int(bm)).ceil_div(int(bn))),
+        ),
+    };
+    let scale = Expr::Float(spec.softmax_scale);
+    let compute = |step: Expr, slot: Expr| -> Vec<Stmt> {
+        let mut stmts = vec![let_("k_col0", (var("kv_first") + step) * int(bn))];
+        stmts.extend(softmax.step(&t, w(q_s), slot_view(k_s, slot.clone()), slot_view(v_s, slot), &scale, unmasked.clone(), visible.clone()));
+        stmts
+    };
+    let rows = || GlobalDim::Span { start: var("seq_start") + var("q_local0"), len: bm, valid: Some((var("seq_start"), var("seq_end"))) };
+    let token_rows = |param: &str| GlobalTile { param: param.into(), dims: vec![GlobalDim::At(int(0)), rows(), GlobalDim::At(var("h")), span(int(0), d)] };
+    let mut work = vec![
+        let_("q_pos0", var("cached") + var("q_local0")),
+        Stmt::Copy { dst: w(q_s), src: token_rows("q"), is_async: true },
+        Stmt::AsyncCommit,
+        Stmt::AsyncWait { pending: 0 },
+        Stmt::Barrier,
+    ];
+    work.extend(softmax.start(&t));
+    work.extend([
+        Stmt::Note("only key tiles some row of this tile can see".into()),
+        let_("kv_first", kv_start),
+        let_("kv_count", kv_end - var("kv_first")),
+    ]);
+    work.extend(pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute));
+    work.extend([softmax.normalize(&t), Stmt::Store { src: w(softmax.o), dst: token_rows("o") }]);
+    let mut body = vec![
+        Stmt::Note(format!("CTA = {bm} new tokens of sequence b, query head h; key tiles of {bn} from pages of {page_size}")),
+        let_("q_tile", Expr::BlockIdx(Axis::X)),
+        let_("h", Expr::BlockIdx(Axis::Y)),
+        let_("b", Expr::BlockIdx(Axis::Z)),
+        let_("kv_head", var("h").floor_div(int(g as i64))),
+    ];
+    body.extend(packed_sequence());
+    body.extend([
+        let_("q_local0", var("q_tile") * int(bm)),
+        Stmt::If { cond: var("q_local0").lt(var("seq_end") - var("seq_start")), then_body: work, else_body: Vec::new() },
+    ]);
+    let (hq, hk) = (spec.query_heads, spec.kv_heads);
+    let cache_shape = || vec![SizeExpr::pages(), size(page_size as usize), size(hk), size(spec.head_dim)];
+    let token_shape = |heads: usize| vec![size(1), SizeExpr::seq_len(), size(heads), size(spec.head_dim)];
+    let mut params = vec![
+        tensor("q", storage, token_shape(hq), Access::Read),
+        tensor("k_cache", storage, cache_shape(), Access::Read),
+        tensor("v_cache", storage, cache_shape(), Access::Read),
+        tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
+        cu_seqlens_param(),
+        seq_lens_param(),
+        tensor("o", storage, token_shape(hq), Access::Write),
+    ];
+    params.extend(paged_size_params());
+    let name = format!("{}_{}", spec.name, DecodeKernel::PrefillAttention.suffix());
+    Ok(tiled_kernel(name, params, [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()], s, t, body))
+}
+
+/// CTA = the j-th page sequence b's new tokens (rows seq_start .. seq_end of the packed batch,
+/// positions cached .. len) reach into: their k and v (the prologue's or projection's) into
+/// the rows of that page they occupy, through the block table (the page's other rows keep what
+/// the pool holds). The delayed value heads of the first new token are the shift state plus
+/// their bias (the projection read the previous packed row there, another sequence's). CTA 0 of
+/// each sequence also moves the state on: the convolution state to the raw p0 of the last T
+/// tokens (the old state's where the chunk is shorter), the shift state to the last token's
+/// x·W_v2ᵀ, one delayed head at a time (a 16-row mma tile whose first row is that token). A
+/// sequence without new tokens writes nothing.
 fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
     let storage: ElemType = spec.dtype.into();
     let (d, kv, page) = (spec.head_dim as u32, spec.kv_width() as u32, paged.page_size);
     let (history, packed, shifted) = (spec.conv_history() as u32, spec.packed_width() as u32, spec.value_shift as u32);
-    // The delayed heads' product: x rows [16, E] by one head's W_v2 rows [d, E]ᵀ, enough warps
-    // that each holds at most 64 accumulator columns.
+    let current_columns = kv - shifted * d;
     let gemm_schedule = Schedule { block_m: 16, block_n: d, block_k: 32, warps: (d / 64).max(1), stages: 2 };
     let gemm = GemmTiles::new(spec, &gemm_schedule, "x_s")?;
     let mut t = Tiles { decls: gemm.tiles.decls.clone() };
@@ -456,50 +645,67 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
     let rows_s = (history > 0).then(|| t.add("rows_s", TileType { elem: storage, rows: history, cols: packed, layout: Layout::RowMajor { pad: 0 } }));
     let state_s = (history > 0).then(|| t.add("state_s", TileType { elem: storage, rows: packed, cols: history, layout: Layout::RowMajor { pad: 0 } }));
     let w = |id: TileId| t.whole(id);
-    let first_row = var("j") * int(page);
-    let mut pages = Vec::new();
-    for (tensor, cache) in [("k", "k_cache"), ("v", "v_cache")] {
+    // Page position0 / page of the sequence; its rows from position0 hold packed rows from `row0`.
+    let position0 = var("page_index") * int(page);
+    let row0 = var("seq_start") + position0.clone() - var("cached");
+    let new_rows = GlobalDim::Span { start: row0.clone(), len: page, valid: Some((var("seq_start"), var("seq_end"))) };
+    let into_page = |cache: &str| Stmt::Store {
+        src: w(page_s),
+        dst: GlobalTile {
+            param: cache.into(),
+            dims: vec![
+                GlobalDim::At(Expr::global("block_table", vec![var("b"), var("page_index")])),
+                GlobalDim::Span { start: int(0), len: page, valid: Some((var("cached") - position0.clone(), var("len") - position0.clone())) },
+                span(int(0), kv),
+            ],
+        },
+    };
+    let read_rows = |tensor: &str| Stmt::Copy {
+        dst: w(page_s),
+        src: GlobalTile { param: tensor.into(), dims: vec![GlobalDim::At(int(0)), new_rows.clone(), span(int(0), kv)] },
+        is_async: false,
+    };
+    let mut pages = vec![read_rows("k"), Stmt::Barrier, into_page("k_cache"), Stmt::Barrier, read_rows("v"), Stmt::Barrier];
+    if shifted > 0 {
+        // Columns of the delayed heads' view: head Col / d, channel Col % d.
+        let state = Expr::global(SHIFT_STATE, vec![var("b"), Expr::Col.floor_div(int(d)), Expr::Col.modulo(int(d))]);
+        let mut value = Expr::select(int(0).lt(var("cached")), state, Expr::Float(0.0));
+        if let Some(bias) = param_name(spec, ParamRole::ValueBiasDelayed) {
+            value = value + Expr::global(&bias, vec![Expr::Col]);
+        }
         pages.extend([
-            Stmt::Copy {
-                dst: w(page_s),
-                src: GlobalTile {
-                    param: tensor.into(),
-                    dims: vec![GlobalDim::At(var("b")), GlobalDim::Span { start: first_row.clone(), len: page, valid: Some((first_row.clone(), var("len"))) }, span(int(0), kv)],
-                },
-                is_async: false,
-            },
-            Stmt::Barrier,
-            Stmt::Store {
-                src: w(page_s),
-                dst: GlobalTile {
-                    param: cache.into(),
-                    dims: vec![
-                        GlobalDim::At(Expr::global("block_table", vec![var("b"), var("j")])),
-                        GlobalDim::Span { start: int(0), len: page, valid: Some((int(0), var("len") - first_row.clone())) },
-                        span(int(0), kv),
-                    ],
-                },
+            Stmt::Note("the first new token's delayed value heads: the shift state (zero for a new sequence) + bias".into()),
+            Stmt::Map {
+                dst: t.view(page_s, int(0), int(current_columns), page, shifted * d),
+                expr: Expr::select((position0.clone() + Expr::Row).eq(var("cached")), value, Expr::Elem),
             },
             Stmt::Barrier,
         ]);
     }
+    pages.push(into_page("v_cache"));
     let mut state = Vec::new();
     if let (Some(rows_s), Some(state_s)) = (rows_s, state_s) {
         let state_box = GlobalTile { param: CONV_STATE.into(), dims: vec![GlobalDim::At(var("b")), span(int(0), packed), span(int(0), history)] };
+        // Row i of the new state is the token n − T + i of the chunk, or the old state's row n + i.
+        let from_old_state = (var("seq_end") - var("seq_start") - int(history) + Expr::Row).lt(int(0)).and(int(0).lt(var("cached")));
+        let old_row = (var("seq_end") - var("seq_start") + Expr::Row).min(int(history - 1));
         state.extend([
             Stmt::Note(format!("the convolution state: raw p0 of the last {history} tokens, channel-major")),
+            Stmt::Copy { dst: w(state_s), src: state_box.clone(), is_async: false },
             Stmt::Copy {
                 dst: w(rows_s),
                 src: GlobalTile {
                     param: PROJECTION_BUFFER.into(),
                     dims: vec![
-                        GlobalDim::At(var("b")),
-                        GlobalDim::Span { start: var("len") - int(history), len: history, valid: Some((int(0), var("len"))) },
+                        GlobalDim::At(int(0)),
+                        GlobalDim::Span { start: var("seq_end") - int(history), len: history, valid: Some((var("seq_start"), var("seq_end"))) },
                         span(int(0), packed),
                     ],
                 },
                 is_async: false,
             },
+            Stmt::Barrier,
+            Stmt::Map { dst: w(rows_s), expr: Expr::select(from_old_state, Expr::tile(state_s, Expr::Col, old_row), Expr::Elem) },
             Stmt::Barrier,
             Stmt::Map { dst: w(state_s), expr: Expr::tile(rows_s, Expr::Col, Expr::Row) },
             Stmt::Barrier,
@@ -514,14 +720,16 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
             acc: gemm.acc,
             tiles: &t,
             a_param: "x",
+            a_batch: int(0),
             depth: spec.model_dim,
             rows: 16,
             cols: d,
             block_k: gemm_schedule.block_k,
             stages: gemm_schedule.stages,
         };
+        // Its reads of the shift state (the first token's row, above) are behind a barrier.
         let mut head = vec![Stmt::Note("the shift state: the last token's x·W_v2ᵀ (no bias) of delayed head h".into())];
-        head.extend(tile.stmts(weight, var("h") * int(d), var("len") - int(1)));
+        head.extend(tile.stmts(weight, var("h") * int(d), var("seq_end") - int(1)));
         head.push(Stmt::Store {
             src: t.whole(gemm.acc),
             dst: GlobalTile {
@@ -530,23 +738,21 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
             },
         });
         head.push(Stmt::Barrier);
+        state.push(Stmt::Barrier);
         state.push(for_("h", int(0), int(shifted), head));
     }
-    // Pages holding a prompt token, but for those wholly before a sliding window's (no decode
-    // step reads them: a server need not keep them).
-    let mut written_page = first_row.clone().lt(var("len"));
-    if let Mask::SlidingWindow { window } = spec.mask {
-        written_page = written_page.and((var("len") - int(window)).lt(first_row.clone() + int(page)));
-    }
-    let body = vec![
-        Stmt::Note(format!("CTA = page j ({page} tokens) of sequence b; CTA 0 of each sequence also writes its state")),
+    let mut body = vec![
+        Stmt::Note(format!("CTA = the j-th page ({page} tokens) sequence b's new tokens reach into; CTA 0 of each sequence also moves its state on")),
         let_("j", Expr::BlockIdx(Axis::X)),
         let_("b", Expr::BlockIdx(Axis::Z)),
-        let_("len", Expr::global("seq_lens", vec![var("b")])),
-        Stmt::If { cond: written_page, then_body: pages, else_body: Vec::new() },
-        Stmt::If { cond: var("j").eq(int(0)).and(int(0).lt(var("len"))), then_body: state, else_body: Vec::new() },
     ];
-    let rows = |width: u32| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(width as usize)];
+    body.extend(packed_sequence());
+    body.extend([
+        let_("page_index", var("cached").floor_div(int(page)) + var("j")),
+        Stmt::If { cond: (var("page_index") * int(page)).lt(var("len")).and(var("cached").lt(var("len"))), then_body: pages, else_body: Vec::new() },
+        Stmt::If { cond: var("j").eq(int(0)).and(var("cached").lt(var("len"))), then_body: state, else_body: Vec::new() },
+    ]);
+    let rows = |width: u32| vec![size(1), SizeExpr::seq_len(), size(width as usize)];
     let pool = || vec![SizeExpr::pages(), size(page as usize), size(kv as usize)];
     let mut params = vec![tensor("k", storage, rows(kv), Access::Read), tensor("v", storage, rows(kv), Access::Read)];
     if history > 0 {
@@ -554,10 +760,11 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
     }
     if delayed.is_some() {
         params.push(tensor("x", storage, rows(spec.model_dim as u32), Access::Read));
-        params.extend(weight_params(spec, |role| role == ParamRole::ValueProjDelayed));
+        params.extend(weight_params(spec, |role| role == ParamRole::ValueProjDelayed || role == ParamRole::ValueBiasDelayed));
     }
     params.extend([
         tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
+        cu_seqlens_param(),
         seq_lens_param(),
         tensor("k_cache", storage, pool(), Access::ReadWrite),
         tensor("v_cache", storage, pool(), Access::ReadWrite),
@@ -571,5 +778,6 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
     params.extend(paged_size_params());
     let schedule = Schedule { block_m: page, block_n: kv, block_k: gemm_schedule.block_k, warps: gemm_schedule.warps, stages: gemm_schedule.stages };
     let name = format!("{}_{}", spec.name, DecodeKernel::CacheFill.suffix());
-    Ok(tiled_kernel(name, params, [SizeExpr::seq_len().ceil_div(page as u64), size(1), SizeExpr::batch()], &schedule, t, body))
+    // A chunk of n ≤ S tokens reaches into at most ⌈S / page⌉ + 1 pages.
+    Ok(tiled_kernel(name, params, [SizeExpr::seq_len().ceil_div(page as u64) + SizeExpr::c(1), size(1), SizeExpr::batch()], &schedule, t, body))
 }

@@ -504,8 +504,9 @@ struct GemmTile<'a> {
     w_s: TileId,
     acc: TileId,
     tiles: &'a Tiles,
-    /// The [B, S, depth] activation read.
+    /// The [B, S, depth] activation read, at batch `a_batch`.
     a_param: &'a str,
+    a_batch: Expr,
     depth: usize,
     rows: u32,
     cols: u32,
@@ -525,7 +526,7 @@ impl GemmTile<'_> {
                     src: GlobalTile {
                         param: self.a_param.into(),
                         dims: vec![
-                            GlobalDim::At(var("b")),
+                            GlobalDim::At(self.a_batch.clone()),
                             span(a_row0.clone(), m),
                             span(col.clone(), bk),
                         ],
@@ -605,6 +606,7 @@ impl GemmTiles {
             acc: self.acc,
             tiles: &self.tiles,
             a_param,
+            a_batch: var("b"),
             depth,
             rows: s.block_m,
             cols: s.block_n,

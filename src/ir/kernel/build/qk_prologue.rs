@@ -122,15 +122,29 @@ pub(super) struct PrologueBuilder<'a> {
     reads_p0: bool,
     /// The accumulator's warps along rows and columns.
     warp_grid: (u32, u32),
-    /// A decode step: one token per sequence at position seq_lens[b] − 1, its halo rows the
-    /// sequence's convolution state (staged through this [d, T] tile, the state being
-    /// channel-major), which the step moves on by the token.
-    decode: Option<DecodeHistory>,
+    /// Which tokens the rows are, and what comes before a sequence's first.
+    rows: Rows,
 }
 
+/// The tokens a prologue's rows are.
 #[derive(Clone, Copy)]
-struct DecodeHistory {
-    /// The head's channels of the convolution state, [d, T] (none without a convolution).
+enum Rows {
+    /// The forward's B sequences of S tokens; rows before token 0 are the zero padding.
+    Dense,
+    /// A decode step: one token per sequence at position seq_lens[b] − 1, its halo rows the
+    /// sequence's convolution state, which the step moves on by the token.
+    DecodeStep(History),
+    /// A packed prefill: sequence b is rows cu_seqlens[b] .. cu_seqlens[b + 1] of one [1, S]
+    /// batch, after the seq_lens[b] − n tokens it already holds; rows before its first come
+    /// from its convolution state (zeros for a new sequence). The cache kernel after it moves
+    /// the state on.
+    Packed(History),
+}
+
+/// The head's channels of the convolution state, staged through a [d, T] tile (the state is
+/// channel-major); none without a convolution.
+#[derive(Clone, Copy)]
+struct History {
     state_s: Option<TileId>,
 }
 
@@ -223,7 +237,7 @@ impl<'a> PrologueBuilder<'a> {
             keep_stage_inputs: false,
             reads_p0: true,
             warp_grid: (wm, wn),
-            decode: None,
+            rows: Rows::Dense,
         })
     }
 
@@ -262,7 +276,7 @@ impl<'a> PrologueBuilder<'a> {
         let d = spec.head_dim;
         let storage: ElemType = spec.dtype.into();
         let state_s = (self.halo > 0).then(|| self.tiles.add("state_s", TileType { elem: storage, rows: self.d, cols: self.halo, layout: Layout::RowMajor { pad: 0 } }));
-        self.decode = Some(DecodeHistory { state_s });
+        self.rows = Rows::DecodeStep(History { state_s });
         let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
         let mut params = vec![tensor(
             PROJECTION_BUFFER,
@@ -280,6 +294,55 @@ impl<'a> PrologueBuilder<'a> {
         let name = format!("{}_{}", spec.name, DecodeKernel::Prologue.suffix());
         self.kernel_over_rows(name, params, "the CCA steps of each sequence's new token", &|builder, kind, y| builder.epilogue(kind, y))
             .with_sizes(&|var| if var == SizeVar::SeqLen { SizeExpr::c(1) } else { SizeExpr::Var(var) })
+    }
+
+    /// The prologue of a packed prefill ([`DecodeKernel::PrefillPrologue`]): [`Self::build`]'s
+    /// steps over the sequences of p0 [1, S, P] that `cu_seqlens` [B + 1] delimits, each after the
+    /// seq_lens[b] − n tokens it holds (its convolution state before its first row, RoPE from
+    /// that position on). The grid covers S rows per sequence; tiles past a sequence's end exit.
+    pub(super) fn build_packed(mut self) -> KernelFn {
+        let spec = self.spec;
+        let d = spec.head_dim;
+        let storage: ElemType = spec.dtype.into();
+        let state_s = (self.halo > 0).then(|| self.tiles.add("state_s", TileType { elem: storage, rows: self.d, cols: self.halo, layout: Layout::RowMajor { pad: 0 } }));
+        self.rows = Rows::Packed(History { state_s });
+        let rows = |heads: usize| vec![size(1), SizeExpr::seq_len(), size(heads), size(d)];
+        let mut params = vec![tensor(PROJECTION_BUFFER, storage, vec![size(1), SizeExpr::seq_len(), size(spec.packed_width())], Access::Read)];
+        if state_s.is_some() {
+            params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(spec.packed_width()), size(self.halo as usize)], Access::Read));
+        }
+        params.extend(weight_params(spec, is_prologue_param));
+        params.push(tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read));
+        params.push(tensor("seq_lens", ElemType::I32, vec![SizeExpr::batch()], Access::Read));
+        params.push(tensor("q", storage, rows(spec.query_heads), Access::Write));
+        params.push(tensor("k", storage, rows(spec.kv_heads), Access::Write));
+        let name = format!("{}_{}", spec.name, DecodeKernel::PrefillPrologue.suffix());
+        self.kernel_over_rows(name, params, "the CCA steps of each packed sequence's new tokens", &|builder, kind, y| builder.epilogue(kind, y))
+    }
+
+    /// A packed sequence's first tile: its halo rows before the sequence's first token from the
+    /// head's channels of the convolution state (state column T + the token's offset from the
+    /// first), where the sequence continues from cached tokens; a new one keeps the zeros the
+    /// read left there.
+    fn packed_history(&self, state_s: TileId) -> Vec<Stmt> {
+        let (d, halo) = (self.d, self.halo);
+        let state_box = GlobalTile {
+            param: CONV_STATE.into(),
+            dims: vec![GlobalDim::At(var("b")), span(var("channel0"), d), span(int(0), halo)],
+        };
+        let before_first = (var("top") + Expr::Row).lt(var("seq_start"));
+        let column = (int(halo) + var("top") + Expr::Row - var("seq_start")).max(int(0));
+        let continued = vec![
+            Stmt::Note(format!("rows before the sequence's first token: its convolution state (last {halo} raw rows, channel-major)")),
+            Stmt::Copy { dst: self.tiles.whole(state_s), src: state_box, is_async: false },
+            Stmt::Barrier,
+            Stmt::Map {
+                dst: self.tiles.view(self.p0_s, int(self.lead), int(0), halo, d),
+                expr: Expr::select(before_first, Expr::tile(state_s, Expr::Col, column), Expr::Elem),
+            },
+            Stmt::Barrier,
+        ];
+        vec![Stmt::If { cond: var("top").lt(var("seq_start")).and(int(0).lt(var("cached"))), then_body: continued, else_body: Vec::new() }]
     }
 
     /// A decode step's halo rows (rows 0..T of the one tile: tokens −T..−1) from the head's
@@ -330,8 +393,24 @@ impl<'a> PrologueBuilder<'a> {
             let_("head", Expr::BlockIdx(Axis::X)),
             let_("b", Expr::BlockIdx(Axis::Z)),
             let_("channel0", var("head") * int(self.d)),
-            let_("first_row", Expr::BlockIdx(Axis::Y) * int(rows_per_cta)),
         ];
+        // The rows this CTA's tiles may cover: a packed sequence's own, else the batch's S.
+        let rows = match self.rows {
+            Rows::Packed(_) => {
+                body.extend([
+                    let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
+                    let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
+                    Stmt::Note("the tokens sequence b held before this chunk".into()),
+                    let_("cached", Expr::global("seq_lens", vec![var("b")]) - (var("seq_end") - var("seq_start"))),
+                    let_("first_row", var("seq_start") + Expr::BlockIdx(Axis::Y) * int(rows_per_cta)),
+                ]);
+                var("seq_end") - var("seq_start")
+            }
+            _ => {
+                body.push(let_("first_row", Expr::BlockIdx(Axis::Y) * int(rows_per_cta)));
+                seq()
+            }
+        };
         // The lead rows above each staged tile are the convolution taps before its first row.
         if self.lead > 0 {
             let mut zeroed = vec![self.p0_s];
@@ -356,8 +435,10 @@ impl<'a> PrologueBuilder<'a> {
         }
         let y = if self.reads_p0 {
             tile_body.extend(self.read_head());
-            if let Some(DecodeHistory { state_s: Some(state_s) }) = self.decode {
-                tile_body.extend(self.decode_history(state_s));
+            match self.rows {
+                Rows::DecodeStep(History { state_s: Some(state_s) }) => tile_body.extend(self.decode_history(state_s)),
+                Rows::Packed(History { state_s: Some(state_s) }) => tile_body.extend(self.packed_history(state_s)),
+                _ => {}
             }
             self.conv_stages(&mut tile_body)
         } else {
@@ -370,7 +451,7 @@ impl<'a> PrologueBuilder<'a> {
         });
         // The next tile's copy overwrites the staged tiles this one read.
         tile_body.push(Stmt::Barrier);
-        let own_tiles = int(self.row_tiles).min(seq().ceil_div(int(self.out_rows)) - Expr::BlockIdx(Axis::Y) * int(self.row_tiles));
+        let own_tiles = int(self.row_tiles).min(rows.ceil_div(int(self.out_rows)) - Expr::BlockIdx(Axis::Y) * int(self.row_tiles));
         body.push(for_("tile", int(0), own_tiles, tile_body));
 
         let grid = [
@@ -522,10 +603,20 @@ impl<'a> PrologueBuilder<'a> {
 
     /// The tile's rows in a global tensor, the halo rows excluded.
     fn stored_rows(&self) -> GlobalDim {
-        if self.halo == 0 {
-            span(self.top(), self.m)
-        } else {
-            GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), var("t0") + int(self.out_rows))) }
+        let end = var("t0") + int(self.out_rows);
+        match self.rows {
+            Rows::Packed(_) => GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), end.min(var("seq_end")))) },
+            _ if self.halo == 0 => span(self.top(), self.m),
+            _ => GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), end)) },
+        }
+    }
+
+    /// The batch index of the rows' tensors (p0, q, k): a packed prefill's sequences are all
+    /// rows of batch 0.
+    fn row_batch(&self) -> Expr {
+        match self.rows {
+            Rows::Packed(_) => int(0),
+            _ => var("b"),
         }
     }
 
@@ -537,9 +628,10 @@ impl<'a> PrologueBuilder<'a> {
     /// The position in its sequence of tile row 0: its token index, after the seq_lens[b] − S
     /// tokens a decode step's sequence already has.
     fn first_position(&self) -> Expr {
-        match self.decode {
-            Some(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),
-            None => self.top(),
+        match self.rows {
+            Rows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),
+            Rows::Packed(_) => var("cached") + self.top() - var("seq_start"),
+            Rows::Dense => self.top(),
         }
     }
 
@@ -574,7 +666,7 @@ impl<'a> PrologueBuilder<'a> {
                 dst: self.lead_rows(self.p0_s),
                 src: GlobalTile {
                     param: PROJECTION_BUFFER.into(),
-                    dims: vec![GlobalDim::At(var("b")), span(self.top(), self.m), span(var("channel0"), self.d)],
+                    dims: vec![GlobalDim::At(self.row_batch()), self.read_rows(), span(var("channel0"), self.d)],
                 },
                 is_async: true,
             },
@@ -582,6 +674,14 @@ impl<'a> PrologueBuilder<'a> {
             Stmt::AsyncWait { pending: 0 },
             Stmt::Barrier,
         ]
+    }
+
+    /// The tile's rows of p0: rows outside the tensor, or outside a packed sequence, read zero.
+    fn read_rows(&self) -> GlobalDim {
+        match self.rows {
+            Rows::Packed(_) => GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("seq_start"), var("seq_end"))) },
+            _ => span(self.top(), self.m),
+        }
     }
 
     fn lead_rows(&self, tile: TileId) -> TileView {
@@ -696,7 +796,7 @@ impl<'a> PrologueBuilder<'a> {
     /// halo rows before token 0 and rows past S are computed but never stored).
     fn raw(&self, head: Expr) -> Expr {
         let token = (self.top() + Expr::Row).max(int(0)).min(seq() - int(1));
-        Expr::global(PROJECTION_BUFFER, vec![var("b"), token, head * int(self.d) + Expr::Col])
+        Expr::global(PROJECTION_BUFFER, vec![self.row_batch(), token, head * int(self.d) + Expr::Col])
     }
 
     /// q-k mean, norm, RoPE and store of a query or key head.
@@ -847,7 +947,7 @@ impl<'a> PrologueBuilder<'a> {
                 src: self.lead_rows(self.p0_s),
                 dst: GlobalTile {
                     param: param.into(),
-                    dims: vec![GlobalDim::At(var("b")), rows, GlobalDim::At(head), span(int(0), self.d)],
+                    dims: vec![GlobalDim::At(self.row_batch()), rows, GlobalDim::At(head), span(int(0), self.d)],
                 },
             },
         ]
