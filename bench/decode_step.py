@@ -1,9 +1,10 @@
 """The decode entry point of libraries compiled with `emit = [forward, decode]`, on the GPU.
 
 Check (every library given): sequences of different lengths are run through the forward once,
-whole; their first L tokens (L = 0 included) are then prefilled together, right-padded
-(`Layer.prefill`: the forward over the padded batch, then the prefill entry point filling pages of
-a shuffled pool and each sequence's state), and N decode steps (`Layer.decode`) must give the
+whole; their first L tokens (L = 0 included) are then prefilled in two packed, chunked prefills
+(`Layer.prefill`: the first part of every prompt, then the rest continuing from the pages of a
+shuffled pool and each sequence's state; each chunk's out must give the forward's rows), and N
+decode steps (`Layer.decode`) must give the
 whole-sequence forward's out for tokens L .. L+N-1 (relative L2 error under 2e-2, bf16/f16
 tolerance) and append its k and v rows; a decode step captured in a CUDA graph must give bitwise
 the output of the same step launched directly.
@@ -16,6 +17,7 @@ SDPA over it, the output projection; graphed too), where its cache fits in half 
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -78,18 +80,21 @@ def check(directory, lens, steps, seed):
         x = torch.randn(1, length, e, generator=generator).to(device=device, dtype=dtype)
         xs.append(x)
         forwards.append(layer.forward_with_intermediates(x, weights, poison=False))
-    # The prompts, right-padded to the longest, through `Layer.prefill` (forward + pages + state).
-    longest = max(max(lens), 1)
-    padded = torch.zeros(batch, longest, e, device=device, dtype=dtype)
-    for b, length in enumerate(lens):
-        padded[b, :length] = xs[b][0, :length]
-    prompt_lens = torch.tensor(lens, dtype=torch.int32, device=device)
-    prompt_out = layer.prefill(padded, weights, cache, table.to(device), prompt_lens, check_indices=True)
-    for b, length in enumerate(lens):
-        if length:
-            worst_prompt = rel_l2(prompt_out[b, :length], forwards[b]["out"][0, :length])
-            if worst_prompt > TOLERANCE:
-                raise AssertionError(f"prefill out of sequence {b}: relative L2 {worst_prompt:.2e}")
+    # The prompts through `Layer.prefill` in two packed, chunked prefills (the first part of
+    # each, then the rest continuing from the cache), each chunk's out against the forward's rows.
+    table_d = table.to(device)
+    done = [0] * batch
+    for chunk in ([length // 2 + length % 3 for length in lens], [length - length // 2 - length % 3 for length in lens]):
+        packed = torch.cat([xs[b][0, done[b]:done[b] + n] for b, n in enumerate(chunk)])
+        cu = torch.tensor([0] + list(itertools.accumulate(chunk)), dtype=torch.int32, device=device)
+        seq_lens = torch.tensor([done[b] + n for b, n in enumerate(chunk)], dtype=torch.int32, device=device)
+        out = layer.prefill(packed, weights, cache, cu, table_d, seq_lens, check_indices=True)
+        for b, n in enumerate(chunk):
+            if n:
+                error = rel_l2(out[cu[b]:cu[b + 1]], forwards[b]["out"][0, done[b]:done[b] + n])
+                if error > TOLERANCE:
+                    raise AssertionError(f"prefill out of sequence {b} (tokens {done[b]}..{done[b] + n}): relative L2 {error:.2e}")
+            done[b] += n
     table_d = table.to(device)
     worst = 0.0
     for step in range(steps):
@@ -180,6 +185,34 @@ def time_ccc(layer, weights, batch, context):
     return step_ms, attention_ms, kv_bytes / (attention_ms * 1e-3) / 1e9
 
 
+def time_prefill(layer, weights, lens):
+    """A packed prefill of new sequences of `lens` tokens (one call, `Layer.prefill`'s kernels
+    bound once) beside the forwards of the same sequences, one call each: milliseconds of both,
+    and of each prefill kernel alone."""
+    spec = layer.spec
+    device = torch.device("cuda")
+    dtype = ccc.library.TORCH_DTYPES[spec.dtype]
+    generator = torch.Generator().manual_seed(1)
+    table, pages = shuffled_pages(lens, page_size(layer), generator)
+    cache = layer.decode_cache(len(lens), pages)
+    x = torch.randn(sum(lens), spec.model_dim, device=device, dtype=dtype)
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)), dtype=torch.int32, device=device)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    supplied = {"x": x, "cu_seqlens": cu, "block_table": table.to(device), "seq_lens": seq_lens, **cache, **weights}
+    call = layer._bind("prefill", None, supplied, False)
+    prefill_ms = cuda_time(lambda: call.run(check_each=False), repeats=10)
+    kernels = {launch.symbol.removeprefix(layer.name + "_"): None for launch in call.plan.launches}
+    for suffix in kernels:
+        kernels[suffix] = cuda_time(lambda: call.run_kernel(suffix, check_each=False), repeats=10)
+    forwards = [layer.bind(x[cu[b]:cu[b + 1]].unsqueeze(0), weights) for b in range(len(lens))]
+
+    def run_forwards():
+        for forward in forwards:
+            forward.run(check_each=False)
+    forward_ms = cuda_time(run_forwards, repeats=10)
+    return prefill_ms, forward_ms, kernels
+
+
 def time_mha(spec, batch, context):
     """The decode step of an MHA layer of the same width (E / d heads of d) in PyTorch: None when
     its dense cache would take more than half the GPU's memory."""
@@ -218,6 +251,8 @@ def main():
     parser.add_argument("--time", action="store_true")
     parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--prefill-lens", default="8192,6144,4096,4096,3072,3072,2048,2048;4096,4096,4096,4096,4096,4096,4096,4096",
+                        help="packed prefills timed with --time: sequence lengths, batches separated by ';'")
     parser.add_argument("--out")
     args = parser.parse_args()
     print(f"device: {torch.cuda.get_device_name(0)}")
@@ -246,6 +281,15 @@ def main():
                 report["times"].append({"batch": batch, "context": context, "step_ms": step_ms,
                                         "attention_ms": attention_ms, "kv_gb_per_s": bandwidth, "mha_step_ms": mha_ms})
                 torch.cuda.empty_cache()
+    if args.time:
+        for lens in [[int(v) for v in group.split(",")] for group in args.prefill_lens.split(";")]:
+            prefill_ms, forward_ms, kernels = time_prefill(layer, weights, lens)
+            print(f"packed prefill of {lens} ({sum(lens)} tokens): {prefill_ms:.3f} ms; the forwards of the same "
+                  f"sequences: {forward_ms:.3f} ms ({prefill_ms / forward_ms:.2f}x); kernels: "
+                  + ", ".join(f"{name} {ms:.3f}" for name, ms in kernels.items()))
+            report["prefill"] = report.get("prefill", []) + [
+                {"lens": lens, "prefill_ms": prefill_ms, "forwards_ms": forward_ms, "kernels_ms": kernels}]
+            torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as file:
             json.dump(report, file, indent=1)

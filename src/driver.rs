@@ -292,6 +292,10 @@ pub fn entry_point_manifests(
 /// out, channels, per-head rows, or a weight-shaped gradient.
 fn buffer_layout(name: &str, shape: &[SizeExpr]) -> Option<&'static str> {
     let constant = |dim: &SizeExpr| matches!(dim, SizeExpr::Const(_));
+    // A packed prefill's tokens [S, E] (S counting every sequence's), else [B, S, E].
+    if matches!(name, "x" | "out") && shape.len() == 2 {
+        return Some("SE");
+    }
     if matches!(name, "x" | "out" | "dout" | "dx") {
         return Some("BSE");
     }
@@ -300,7 +304,7 @@ fn buffer_layout(name: &str, shape: &[SizeExpr]) -> Option<&'static str> {
     if matches!(name, "k_cache" | "v_cache") {
         return Some("paged");
     }
-    if matches!(name, crate::ir::kernel::CONV_STATE | crate::ir::kernel::SHIFT_STATE | "block_table" | "seq_lens" | "o_part" | "lse_part") {
+    if matches!(name, crate::ir::kernel::CONV_STATE | crate::ir::kernel::SHIFT_STATE | "block_table" | "seq_lens" | "cu_seqlens" | "o_part" | "lse_part") {
         return Some("row_major");
     }
     if shape.iter().all(constant) {

@@ -416,9 +416,8 @@ impl EntryPointManifest {
                 .map_err(|e| format!("buffer `{}`: {e}", buffer.name))?;
         }
         let token_buffers: &[(&str, BufferRole)] = match self.entry {
-            EntryPoint::Forward | EntryPoint::Decode => &[("x", BufferRole::Input), ("out", BufferRole::Output)],
+            EntryPoint::Forward | EntryPoint::Decode | EntryPoint::Prefill => &[("x", BufferRole::Input), ("out", BufferRole::Output)],
             EntryPoint::Backward => &[("x", BufferRole::Input), ("dout", BufferRole::Input), ("dx", BufferRole::Output)],
-            EntryPoint::Prefill => &[],
         };
         if !matches!(self.entry, EntryPoint::Decode | EntryPoint::Prefill)
             && let Some(state) = self.buffers.iter().find(|b| b.role == BufferRole::State)
@@ -437,25 +436,29 @@ impl EntryPointManifest {
         }
         {
             let spec = &manifest.spec;
-            // A decode step takes one token of each sequence.
-            let tokens = if self.entry == EntryPoint::Decode { SizeExpr::c(1) } else { SizeExpr::seq_len() };
-            let token_shape = vec![SizeExpr::batch(), tokens.clone(), SizeExpr::from(spec.model_dim)];
+            // A decode step takes one token of each sequence, a prefill the packed tokens of all.
+            let e = SizeExpr::from(spec.model_dim);
+            let (token_shape, layout) = match self.entry {
+                EntryPoint::Decode => (vec![SizeExpr::batch(), SizeExpr::c(1), e], "BSE"),
+                EntryPoint::Prefill => (vec![SizeExpr::seq_len(), e], "SE"),
+                EntryPoint::Forward | EntryPoint::Backward => (vec![SizeExpr::batch(), SizeExpr::seq_len(), e], "BSE"),
+            };
             for &(name, role) in token_buffers {
                 let expected = BufferManifest {
                     name: name.to_string(),
                     role,
                     dtype: spec.dtype.into(),
                     shape: token_shape.clone(),
-                    layout: "BSE".to_string(),
+                    layout: layout.to_string(),
                 };
                 match names.get(name) {
                     Some(&found) if *found == expected => {}
                     Some(found) => {
                         return Err(format!(
-                            "buffer `{name}` must be {} {} [B, {tokens}, {}] in layout BSE, got {} {} {} in layout {}",
+                            "buffer `{name}` must be {} {} {} in layout {layout}, got {} {} {} in layout {}",
                             role.name(),
                             spec.dtype.name(),
-                            spec.model_dim,
+                            format_shape(&token_shape),
                             found.role.name(),
                             found.dtype.name(),
                             format_shape(&found.shape),

@@ -245,7 +245,16 @@ fn check_prefill(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
     buffers.insert("x".into(), x.data.clone());
     buffers.insert("cu_seqlens".into(), cu.iter().map(|&v| v as f64).collect());
     buffers.insert("seq_lens".into(), CHUNKS.iter().map(|&(cached, new)| (cached + new) as f64).collect());
-    buffers.insert("block_table".into(), tables.iter().flat_map(|table| (0..blocks).map(|j| table.get(j).map_or(-1.0, |&page| page as f64))).collect());
+    // Entries no kernel may read are −1 (the interpreter fails on a read outside the pool):
+    // those past a sequence's pages, and those wholly before its first new token's window.
+    let first_read = |cached: usize| match spec.mask {
+        Mask::SlidingWindow { window } => (cached + 1).saturating_sub(window) / page,
+        _ => 0,
+    };
+    let table_entries = tables.iter().zip(CHUNKS).flat_map(|(table, (cached, _))| {
+        (0..blocks).map(move |j| if j < first_read(cached) { -1.0 } else { table.get(j).map_or(-1.0, |&page| page as f64) })
+    });
+    buffers.insert("block_table".into(), table_entries.collect());
     buffers.insert("k_cache".into(), cache.k_pages.clone());
     buffers.insert("v_cache".into(), cache.v_pages.clone());
     // The caller's state: the reference's, transposed to [B, P, T]; the empty slot's arbitrary.

@@ -209,27 +209,23 @@ class Layer:
         return {b.name: torch.zeros(b.shape, dtype=TORCH_DTYPES[b.dtype], device=device)
                 for b in plan.buffers if b.role == "state"}
 
-    def prefill(self, x, state_dict, cache, block_table, seq_lens, check_indices=None):
-        """The forward over x [B, S, E] (B prompts right-padded to S, `seq_lens` [B] (int32) real
-        tokens each, 0 for an empty slot, which writes nothing), then the prefill entry point: each
-        prompt's k and v into the pages `block_table` [B, blocks] (int32) names in `cache`
-        (`decode_cache`), and each slot's convolution and shift state as its prompt ends (a new
-        sequence's slot must hold zero state: `decode_cache` starts so). Returns out [B, S, E] (rows past a
-        prompt's length are the padding's). With `check_indices` (default: in validate mode) the
-        indices are checked against the pool first, which waits for the GPU."""
-        forward = self.bind(x, state_dict)
-        forward.run()
-        entry = self.manifest.entry_point("prefill")
-        supplied = {"block_table": block_table, "seq_lens": seq_lens, **cache}
-        supplied.update((b.name, forward.tensors[b.name]) for b in entry.buffers
-                        if b.role == "input" and b.name in forward.tensors)
-        supplied.update(state_dict)
-        call = self._bind("prefill", None, supplied, None)
+    def prefill(self, x, state_dict, cache, cu_seqlens, block_table, seq_lens, poison=None, check_indices=None):
+        """A prefill over a packed batch, as FlashAttention's varlen functions take one: x [S, E]
+        holds the new tokens of B sequences, sequence b's rows cu_seqlens[b] .. cu_seqlens[b + 1]
+        (`cu_seqlens` [B + 1], int32), each continuing the tokens `cache` (`decode_cache`) holds
+        for it (a chunked prefill; a new sequence's slot holds none, and its state is ignored);
+        `seq_lens` [B] (int32) is each length with the new tokens, `block_table` [B, blocks]
+        (int32) its pages. Writes the new tokens' k and v into the pages, moves the convolution
+        and shift state on, and returns out [S, E]. With `check_indices` (default: in validate
+        mode) the indices are checked first (`check_decode_indices`), which waits for the GPU."""
+        supplied = {"x": x, "cu_seqlens": cu_seqlens, "block_table": block_table, "seq_lens": seq_lens,
+                    **cache, **state_dict}
+        call = self._bind("prefill", None, supplied, poison)
         if self.validate if check_indices is None else check_indices:
             check_decode_indices(self.manifest, block_table.tolist(), seq_lens.tolist(), cache["k_cache"].shape[0],
-                                 longest=x.shape[1])
+                                 packed=(cu_seqlens.tolist(), x.shape[0]))
         call.run()
-        return forward.tensors["out"]
+        return call.tensors["out"]
 
     def bind_decode(self, x, state_dict, cache, block_table, seq_lens, poison=None, check_indices=None):
         """The decode step's BoundCall for x [B, 1, E] (or [B, E]): the new token of each of B

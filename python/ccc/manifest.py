@@ -302,26 +302,28 @@ def _validate_entry(entry, manifest):
             raise ManifestError(f"buffer `{buffer.name}`: {problem}")
     token_buffers = {"forward": (("x", "input"), ("out", "output")),
                      "backward": (("x", "input"), ("dout", "input"), ("dx", "output")),
-                     "decode": (("x", "input"), ("out", "output"))}
+                     "decode": (("x", "input"), ("out", "output")),
+                     "prefill": (("x", "input"), ("out", "output"))}
     if entry.entry not in ("decode", "prefill"):
         for buffer in entry.buffers:
             if buffer.role == "state":
                 raise ManifestError(f"buffer `{buffer.name}` has role state, which only the decode "
                                     "and prefill entry points' buffers take")
     if entry.entry in token_buffers:
-        # A decode step takes one token of each sequence.
-        tokens = {"const": 1} if entry.entry == "decode" else {"var": "S"}
-        token_shape = (parse_size_expr({"var": "B"}, ""), parse_size_expr(tokens, ""),
-                       parse_size_expr({"const": spec.model_dim}, ""))
+        # A decode step takes one token of each sequence, a prefill the packed tokens of all.
+        batch, tokens, e = (parse_size_expr({"var": "B"}, ""), parse_size_expr({"var": "S"}, ""),
+                            parse_size_expr({"const": spec.model_dim}, ""))
+        token_shape, layout = {"decode": ((batch, parse_size_expr({"const": 1}, ""), e), "BSE"),
+                               "prefill": ((tokens, e), "SE")}.get(entry.entry, ((batch, tokens, e), "BSE"))
         for name, role in token_buffers[entry.entry]:
             found = names.get(name)
             if found is None:
                 raise ManifestError(f"the {entry.entry} pass needs a buffer `{name}`")
             if (found.role, found.dtype, found.shape, found.layout) != (
-                    role, spec.dtype, token_shape, "BSE"):
+                    role, spec.dtype, token_shape, layout):
                 raise ManifestError(
                     f"buffer `{name}` must be {role} {spec.dtype} {format_shape(token_shape)} in "
-                    f"layout BSE, got {found.role} {found.dtype} {format_shape(found.shape)} in "
+                    f"layout {layout}, got {found.role} {found.dtype} {format_shape(found.shape)} in "
                     f"layout {found.layout}")
     if entry.entry == "backward":
         for weight in manifest.weights:
@@ -594,24 +596,43 @@ def plan_for_supplied(manifest, entry, supplied, sms):
     return plan
 
 
-def check_decode_indices(manifest, block_table, seq_lens, pages, longest=None):
+def check_decode_indices(manifest, block_table, seq_lens, pages, packed=None):
     """A decode step's or a prefill's indices on the host (lists: block_table [B][blocks],
-    seq_lens [B]): every length fits its row of the block table (and, for a prefill, the `longest`
-    tokens of its padded prompts) and every entry the call touches (the pages holding a key the
-    new token sees: under a sliding window, not those wholly before it) names a page of the pool;
-    raises SizeError naming the tensor and the index. The Rust runtime's rule."""
+    seq_lens [B]; for a prefill `packed` = (cu_seqlens [B + 1], tokens of x)): cu_seqlens starts
+    at 0, never decreases and ends at the tokens, no sequence takes more new tokens than its
+    length, every length fits its row of the block table, and every entry the call touches (the
+    pages holding a key a new token sees: under a sliding window, not those wholly before the
+    first new token's) names a page of the pool; a sequence without new tokens touches nothing.
+    Raises SizeError naming the tensor and the index. The Rust runtime's rule."""
     cache = _entry_of(manifest, "decode").buffer("k_cache")
     if cache is None:
         raise ManifestError("the decode entry point has no k_cache of constant page size")
     page_size = cache.shape[1].eval({})
+    batch = len(seq_lens)
+    if packed is not None:
+        cu_seqlens, tokens = packed
+        if len(cu_seqlens) != batch + 1:
+            raise SizeError(f"cu_seqlens has {len(cu_seqlens)} entries, expected {batch + 1} (one more than "
+                            f"the {batch} sequences)")
+        if cu_seqlens[0] != 0:
+            raise SizeError(f"cu_seqlens[0] = {cu_seqlens[0]}, expected 0")
+        for b in range(1, batch + 1):
+            if cu_seqlens[b] < cu_seqlens[b - 1]:
+                raise SizeError(f"cu_seqlens[{b}] = {cu_seqlens[b]} is below cu_seqlens[{b - 1}] = {cu_seqlens[b - 1]}")
+        if cu_seqlens[batch] != tokens:
+            raise SizeError(f"cu_seqlens[{batch}] = {cu_seqlens[batch]}, expected the {tokens} tokens of x")
     for b, (length, row) in enumerate(zip(seq_lens, block_table)):
         if not 0 <= length <= len(row) * page_size:
             raise SizeError(f"seq_lens[{b}] = {length}: a length from 0 to the block table's {len(row)} "
                             f"pages of {page_size} tokens")
-        if longest is not None and length > longest:
-            raise SizeError(f"seq_lens[{b}] = {length}: longer than the {longest} tokens of the prompts given")
+        new = packed[0][b + 1] - packed[0][b] if packed is not None else int(length > 0)
+        if new > length:
+            raise SizeError(f"seq_lens[{b}] = {length}: fewer than the sequence's {new} new tokens "
+                            f"(cu_seqlens[{b + 1}] − cu_seqlens[{b}])")
+        if new == 0:
+            continue
         mask = manifest.spec.mask
-        first_key = max(0, length - mask.window) if mask.kind == "sliding_window" else 0
+        first_key = max(0, length - new + 1 - mask.window) if mask.kind == "sliding_window" else 0
         for j in range(first_key // page_size, -(-length // page_size)):
             if not 0 <= row[j] < pages:
                 raise SizeError(f"block_table[{b}, {j}] = {row[j]}: sequence {b} (length {length}) reads "

@@ -335,37 +335,28 @@ impl Library {
         Ok(DecodeCache { tensors })
     }
 
-    /// Prefill of a library compiled with `decode` in its emit list: the forward over `x`
-    /// [B, S, E] (B prompts right-padded to S, `seq_lens` [B] (i32) real tokens each, 0 for an
-    /// empty slot, which writes nothing), then the prefill entry point, which writes each
-    /// prompt's k̃ and v into the pages `block_table` [B, blocks] names in `cache` and leaves
-    /// each slot's convolution and shift state as its prompt ends (a new sequence's slot must
-    /// hold zero state, as `decode_cache` starts). Returns the forward's buffers (`out` among them: the
-    /// prompts' outputs; rows past a prompt's length are the padding's).
+    /// A prefill of a library compiled with `decode` in its emit list, over a packed batch as
+    /// FlashAttention's varlen functions take one: `x` [S, E] holds the new tokens of B sequences,
+    /// sequence b's rows cu_seqlens[b] .. cu_seqlens[b + 1] (`cu_seqlens` [B + 1], i32), each
+    /// continuing the tokens `cache` holds for it (a chunked prefill; a new sequence holds none);
+    /// `seq_lens` [B] (i32) is each length with the new tokens, `block_table` [B, blocks] (i32)
+    /// its pages. Writes the new tokens' k and v into the pages, moves the convolution and shift
+    /// state on, and returns `out` [S, E] among the buffers it allocated. Every tensor is checked
+    /// against the manifest, and the indices (`check_decode_indices`, which copies them to the
+    /// host), before anything runs.
     pub fn prefill(
         &self,
         x: &DeviceTensor,
         weights: &DeviceWeights,
         cache: &mut DecodeCache,
+        cu_seqlens: &DeviceTensor,
         block_table: &DeviceTensor,
         seq_lens: &DeviceTensor,
     ) -> Result<Outputs, RuntimeError> {
-        let forward = self.forward(x, weights)?;
-        let mut supplied: BTreeMap<&str, &DeviceTensor> = BTreeMap::from([("x", x), ("block_table", block_table), ("seq_lens", seq_lens)]);
+        let mut supplied: BTreeMap<&str, &DeviceTensor> =
+            BTreeMap::from([("x", x), ("cu_seqlens", cu_seqlens), ("block_table", block_table), ("seq_lens", seq_lens)]);
         supplied.extend(cache.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
-        let entry = self
-            .manifest
-            .entry_point(EntryPoint::Prefill)
-            .ok_or(RuntimeError::EntryPointMissing { entry: EntryPoint::Prefill.name() })?;
-        // What the prefill reads of the forward's buffers (k, v, and p0 with a convolution).
-        for buffer in entry.buffers.iter().filter(|b| b.role == BufferRole::Input) {
-            if let Some((_, tensor)) = forward.tensors.get(&buffer.name) {
-                supplied.insert(buffer.name.as_str(), tensor);
-            }
-        }
-        supplied.retain(|name, _| entry.buffer(name).is_some_and(|b| b.role != BufferRole::Weight));
-        self.run_over_pages(EntryPoint::Prefill, supplied, weights, (block_table, seq_lens), x.shape.get(1).copied())?;
-        Ok(forward)
+        self.run_over_pages(EntryPoint::Prefill, supplied, weights, (block_table, seq_lens), Some(cu_seqlens))
     }
 
     /// One decode step of a library compiled with `decode` in its emit list: `x` [B, 1, E] holds
@@ -389,15 +380,15 @@ impl Library {
     }
 
     /// A call of the decode or prefill entry point on `supplied` (every caller tensor but the
-    /// weights): planned from their shapes, the block table and lengths checked against the pool
-    /// (and a prefill's lengths against its `longest` prompt), then launched, each kernel checked.
+    /// weights): planned from their shapes, the block table and lengths (and a prefill's
+    /// `cu_seqlens`) checked against the pool and the tokens, then launched, each kernel checked.
     fn run_over_pages<'a>(
         &self,
         entry: EntryPoint,
         mut supplied: BTreeMap<&'a str, &'a DeviceTensor>,
         weights: &'a DeviceWeights,
         (block_table, seq_lens): (&DeviceTensor, &DeviceTensor),
-        longest: Option<usize>,
+        cu_seqlens: Option<&DeviceTensor>,
     ) -> Result<Outputs, RuntimeError> {
         let shapes: Vec<(&str, TensorDType, &[usize])> = supplied.iter().map(|(name, t)| (*name, t.dtype, t.shape.as_slice())).collect();
         let plan = CallPlan::for_supplied(&self.manifest, entry, &shapes, Some(self.sms))?;
@@ -406,7 +397,9 @@ impl Library {
             _ => Err(RuntimeError::Size { message: "an index tensor that is not i32".into() }),
         };
         let pages = plan.env.pages.unwrap_or(0) as usize;
-        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, pages, longest)?;
+        let cu_seqlens = cu_seqlens.map(indices).transpose()?;
+        let packed = cu_seqlens.as_deref().map(|cu| (cu, plan.env.seq_len as usize));
+        check_decode_indices(&self.manifest, &indices(block_table)?, &indices(seq_lens)?, pages, packed)?;
         supplied.extend(weights.tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)));
         let owned = self.allocate(&plan)?;
         {

@@ -266,16 +266,18 @@ impl CallPlan {
     }
 }
 
-/// Checks a decode step's or a prefill's indices on the host: every length fits its row of the
-/// block table (and, for a prefill, the `longest` tokens of its padded batch), and every entry
-/// the call touches (the pages holding a key the new token sees: under a sliding window, not
-/// those wholly before it) names a page of the pool. The error names the tensor and the index.
+/// Checks a decode step's or a prefill's indices on the host: a prefill's `cu_seqlens` (with its
+/// token count) starts at 0, never decreases and ends at the tokens given, and no sequence takes
+/// more new tokens than its length; every length fits its row of the block table; and every
+/// entry the call touches (the pages holding a key a new token sees: under a sliding window, not
+/// those wholly before the first new token's) names a page of the pool. A sequence without new
+/// tokens touches nothing. The error names the tensor and the index.
 pub fn check_decode_indices(
     manifest: &Manifest,
     block_table: &[i32],
     seq_lens: &[i32],
     pages: usize,
-    longest: Option<usize>,
+    packed: Option<(&[i32], usize)>,
 ) -> Result<(), RuntimeError> {
     let page_size = entry_of(manifest, EntryPoint::Decode)?
         .buffer("k_cache")
@@ -287,19 +289,39 @@ pub fn check_decode_indices(
     let batch = seq_lens.len();
     let blocks = if batch == 0 { 0 } else { block_table.len() / batch };
     let problem = |message: String| Err(RuntimeError::Size { message });
+    if let Some((cu_seqlens, tokens)) = packed {
+        if cu_seqlens.len() != batch + 1 {
+            return problem(format!("cu_seqlens has {} entries, expected {} (one more than the {batch} sequences)", cu_seqlens.len(), batch + 1));
+        }
+        if cu_seqlens[0] != 0 {
+            return problem(format!("cu_seqlens[0] = {}, expected 0", cu_seqlens[0]));
+        }
+        if let Some(b) = (1..=batch).find(|&b| cu_seqlens[b] < cu_seqlens[b - 1]) {
+            return problem(format!("cu_seqlens[{b}] = {} is below cu_seqlens[{}] = {}", cu_seqlens[b], b - 1, cu_seqlens[b - 1]));
+        }
+        if cu_seqlens[batch] as usize != tokens {
+            return problem(format!("cu_seqlens[{batch}] = {}, expected the {tokens} tokens of x", cu_seqlens[batch]));
+        }
+    }
     for (b, &len) in seq_lens.iter().enumerate() {
         if len < 0 || len as usize > blocks * page_size {
             return problem(format!(
                 "seq_lens[{b}] = {len}: a length from 0 to the block table's {blocks} pages of {page_size} tokens"
             ));
         }
-        if let Some(longest) = longest
-            && len as usize > longest
-        {
-            return problem(format!("seq_lens[{b}] = {len}: longer than the {longest} tokens of the prompts given"));
+        // A decode step's new token is the last of every non-empty sequence.
+        let new = match packed {
+            Some((cu_seqlens, _)) => (cu_seqlens[b + 1] - cu_seqlens[b]) as usize,
+            None => usize::from(len > 0),
+        };
+        if new > len as usize {
+            return problem(format!("seq_lens[{b}] = {len}: fewer than the sequence's {new} new tokens (cu_seqlens[{}] − cu_seqlens[{b}])", b + 1));
+        }
+        if new == 0 {
+            continue;
         }
         let first_key = match manifest.spec.mask {
-            ccc::spec::Mask::SlidingWindow { window } => (len as usize).saturating_sub(window),
+            ccc::spec::Mask::SlidingWindow { window } => (len as usize - new + 1).saturating_sub(window),
             _ => 0,
         };
         for j in first_key / page_size..(len as usize).div_ceil(page_size) {

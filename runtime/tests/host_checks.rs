@@ -397,7 +397,19 @@ fn a_decode_steps_indices_are_checked_against_the_pool() {
     assert!(err.contains("block_table[0, 1] = 9"), "{err}");
     let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 49], 8, None).unwrap_err().to_string();
     assert!(err.contains("seq_lens[1] = 49: a length from 0 to the block table's 3 pages of 16 tokens"), "{err}");
-    // A prefill's lengths fit its padded prompts too.
-    let err = ccc_runtime::plan::check_decode_indices(&manifest, &table, &[20, 48], 8, Some(40)).unwrap_err().to_string();
-    assert!(err.contains("seq_lens[1] = 48: longer than the 40 tokens of the prompts given"), "{err}");
+    // A prefill's cu_seqlens: from 0, never decreasing, to the tokens of x; no sequence takes
+    // more new tokens than its length; one without new tokens touches no page.
+    let check = |cu: &[i32], lens: &[i32], tokens| ccc_runtime::plan::check_decode_indices(&manifest, &table, lens, 8, Some((cu, tokens)));
+    check(&[0, 20, 30], &[20, 48], 30).unwrap();
+    check(&[0, 0, 30], &[33, 48], 30).unwrap();
+    for (cu, lens, tokens, message) in [
+        (&[0, 20][..], &[20, 48][..], 20, "cu_seqlens has 2 entries, expected 3"),
+        (&[1, 20, 30], &[20, 48], 30, "cu_seqlens[0] = 1, expected 0"),
+        (&[0, 20, 10], &[20, 48], 10, "cu_seqlens[2] = 10 is below cu_seqlens[1] = 20"),
+        (&[0, 20, 30], &[20, 48], 31, "cu_seqlens[2] = 30, expected the 31 tokens of x"),
+        (&[0, 21, 30], &[20, 48], 30, "seq_lens[0] = 20: fewer than the sequence's 21 new tokens"),
+    ] {
+        let err = check(cu, lens, tokens).unwrap_err().to_string();
+        assert!(err.contains(message), "{err}");
+    }
 }

@@ -268,9 +268,17 @@ class ManifestValidation(unittest.TestCase):
             with self.assertRaises(SizeError) as raised:
                 check_decode_indices(manifest, rows, lens, 8)
             self.assertIn(message, str(raised.exception))
-        with self.assertRaises(SizeError) as raised:
-            check_decode_indices(manifest, table, [20, 48], 8, longest=40)
-        self.assertIn("seq_lens[1] = 48: longer than the 40 tokens of the prompts given", str(raised.exception))
+        # A prefill's cu_seqlens, as the Rust runtime checks them.
+        check_decode_indices(manifest, table, [20, 48], 8, packed=([0, 20, 30], 30))
+        check_decode_indices(manifest, table, [33, 48], 8, packed=([0, 0, 30], 30))
+        for cu, lens, tokens, message in [([0, 20], [20, 48], 20, "cu_seqlens has 2 entries, expected 3"),
+                                          ([1, 20, 30], [20, 48], 30, "cu_seqlens[0] = 1, expected 0"),
+                                          ([0, 20, 10], [20, 48], 10, "cu_seqlens[2] = 10 is below cu_seqlens[1] = 20"),
+                                          ([0, 20, 30], [20, 48], 31, "cu_seqlens[2] = 30, expected the 31 tokens of x"),
+                                          ([0, 21, 30], [20, 48], 30, "seq_lens[0] = 20: fewer than the sequence's 21 new")]:
+            with self.assertRaises(SizeError) as raised:
+                check_decode_indices(manifest, table, lens, 8, packed=(cu, tokens))
+            self.assertIn(message, str(raised.exception))
         with self.assertRaises(SizeError) as raised:
             plan_for_supplied(manifest, "decode", {"k_cache": ("bf16", (50, 16, 2, 128))}, 132)
         self.assertIn("the tensors given (`k_cache`) do not determine B", str(raised.exception))

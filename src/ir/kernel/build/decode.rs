@@ -525,12 +525,18 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
         },
         is_async: true,
     };
-    // Key tile kv_first + tile: whole pages (a page past the last one the sequence holds reads
-    // the last one's entry, its rows past the length zeros), or a part of one page.
+    // Key tile kv_first + tile: whole pages, or a part of one page. A page past the last one
+    // the sequence holds reads the last one's entry (its rows past the length read zeros), and
+    // one wholly before a sliding window the window's first page (its keys are masked): entries
+    // outside the pages the new tokens see are never read.
+    let windowed = matches!(spec.mask, Mask::SlidingWindow { .. });
     let load = |tile: Expr, slot: Expr| -> Vec<Stmt> {
         let mut stmts = vec![let_("load_tile", var("kv_first") + tile)];
         let last_block = (var("len") - int(1)).floor_div(int(page_size));
-        let page = |block: Expr| Expr::global("block_table", vec![var("b"), block.min(last_block.clone())]);
+        let page = |block: Expr| {
+            let block = if windowed { block.max(var("first_key").floor_div(int(page_size))) } else { block };
+            Expr::global("block_table", vec![var("b"), block.min(last_block.clone())])
+        };
         if bn >= page_size {
             for p in 0..bn / page_size {
                 let block = var("load_tile") * int(bn / page_size) + int(p);
@@ -580,13 +586,16 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
     };
     let rows = || GlobalDim::Span { start: var("seq_start") + var("q_local0"), len: bm, valid: Some((var("seq_start"), var("seq_end"))) };
     let token_rows = |param: &str| GlobalTile { param: param.into(), dims: vec![GlobalDim::At(int(0)), rows(), GlobalDim::At(var("h")), span(int(0), d)] };
-    let mut work = vec![
-        let_("q_pos0", var("cached") + var("q_local0")),
+    let mut work = vec![let_("q_pos0", var("cached") + var("q_local0"))];
+    if let Mask::SlidingWindow { window } = spec.mask {
+        work.push(let_("first_key", (var("q_pos0") - int(window - 1)).max(int(0))));
+    }
+    work.extend([
         Stmt::Copy { dst: w(q_s), src: token_rows("q"), is_async: true },
         Stmt::AsyncCommit,
         Stmt::AsyncWait { pending: 0 },
         Stmt::Barrier,
-    ];
+    ]);
     work.extend(softmax.start(&t));
     work.extend([
         Stmt::Note("only key tiles some row of this tile can see".into()),
