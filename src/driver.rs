@@ -630,8 +630,9 @@ impl PlannedTiles {
         let tiles = which
             .iter()
             .zip(&kernels)
-            .map(|(which, k)| match which.forward() {
-                // The backward's kernels are the mma.sync forms of their builders.
+            .map(|(which, k)| match which.hopper_form().map(|(which, _)| which) {
+                // The backward's and serving's kernels (but a prefill's attention over its chunk)
+                // are the mma.sync forms of their builders.
                 None => None,
                 // The best configuration that has run on the GPU; without one (a head width none
                 // fits), the tiled kernel IR's attention.
@@ -695,8 +696,8 @@ impl PlannedTiles {
         use crate::codegen::hopper::{GemmSchedule, TileConfig};
         let PlannedTiles { plans, which, mut kernels, tiles } = self;
         for ((which, kernel), chosen) in which.iter().zip(kernels.iter_mut()).zip(tiles) {
-            let built = match (chosen, which.forward()) {
-                (Some(TileConfig::Gemm(config)), Some(which)) => {
+            let built = match (chosen, which.hopper_form()) {
+                (Some(TileConfig::Gemm(config)), Some((which, _))) => {
                     let schedule = kernel::WgmmaGemmSchedule {
                         block_n: config.block_n,
                         stages: config.stages,
@@ -704,7 +705,7 @@ impl PlannedTiles {
                     };
                     kernel::build_wgmma_projection(spec, which, kernel, &schedule)
                 }
-                (Some(TileConfig::Attention(config)), _) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule()),
+                (Some(TileConfig::Attention(config)), Some((_, rows))) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule(), rows),
                 _ => continue,
             };
             *kernel = built.map_err(|e| error(spec, "kernel", e))?;

@@ -18,7 +18,7 @@ use ccc::codegen::hopper::{
 };
 use ccc::ir::kernel::{
     ForwardKernel, KernelFn, KernelParam, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward, build_wgmma_attention,
-    build_wgmma_projection, default_schedule, gemm_operands, wgmma_attention_footprint,
+    build_wgmma_projection, default_schedule, gemm_operands, wgmma_attention_footprint, TokenRows,
 };
 use ccc::codegen::{Elem, ParamKind, PtxModule, ptxas};
 use ccc::ir::kernel::has_qk_prologue;
@@ -230,7 +230,7 @@ fn attention_kernel(variant: &AttentionVariant) -> KernelFn {
     let spec = &variant.spec;
     let base = build_forward(spec, ForwardKernel::Attention, &default_schedule(spec, ForwardKernel::Attention).expect("schedule"))
         .expect("tiled kernel");
-    let mut kernel = build_wgmma_attention(spec, &base, &variant.schedule).unwrap_or_else(|e| panic!("{}: {e}", variant.name));
+    let mut kernel = build_wgmma_attention(spec, &base, &variant.schedule, TokenRows::Batch).unwrap_or_else(|e| panic!("{}: {e}", variant.name));
     kernel.name = variant.name.clone();
     kernel
 }
@@ -374,7 +374,7 @@ fn codegen_hopper_attention_rejects_bad_schedules() {
     let base = build_forward(&spec, ForwardKernel::Attention, &default_schedule(&spec, ForwardKernel::Attention).expect("schedule"))
         .expect("tiled kernel");
     let good = WgmmaAttentionSchedule { block_m: 128, block_n: 128, stages: 3, ping_pong: true, l2_group_bytes: 16 << 20 };
-    assert!(build_wgmma_attention(&spec, &base, &good).is_ok());
+    assert!(build_wgmma_attention(&spec, &base, &good, TokenRows::Batch).is_ok());
     for (bad, why) in [
         (WgmmaAttentionSchedule { block_m: 192, ..good }, "block_m must be 64 or 128"),
         (WgmmaAttentionSchedule { block_n: 72, ..good }, "block_n must be a multiple of 16"),
@@ -383,13 +383,13 @@ fn codegen_hopper_attention_rejects_bad_schedules() {
         // Q + 4 stages of 256-key K and V tiles: 288 KiB.
         (WgmmaAttentionSchedule { block_n: 256, stages: 4, ..good }, "shared memory"),
     ] {
-        let error = build_wgmma_attention(&spec, &base, &bad).expect_err("rejected");
+        let error = build_wgmma_attention(&spec, &base, &bad, TokenRows::Batch).expect_err("rejected");
         assert!(error.contains(why), "{bad:?}: {error}");
     }
     let wide = attention_spec(96, Mask::Causal, 8, 2, DType::Bf16);
     let base = build_forward(&wide, ForwardKernel::Attention, &default_schedule(&wide, ForwardKernel::Attention).expect("schedule"))
         .expect("tiled kernel");
-    assert!(build_wgmma_attention(&wide, &base, &good).expect_err("d 96").contains("head_dim"));
+    assert!(build_wgmma_attention(&wide, &base, &good, TokenRows::Batch).expect_err("d 96").contains("head_dim"));
 }
 
 /// nvdisasm from `$CCC_NVDISASM` or the project virtualenv (`nvidia-cuda-nvdisasm` wheel).

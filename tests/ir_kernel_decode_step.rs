@@ -11,14 +11,14 @@
 mod common;
 
 use ccc::ir::kernel::interp::{Buffers, INTERPRETER_SMS, Rounding, run_kernel};
-use ccc::ir::kernel::{Access, DecodeKernel, KernelFn, KernelParam, PagedKv, build_decode, forward_kernels};
+use ccc::ir::kernel::{Access, KernelFn, KernelParam, PagedKv, TokenRows, WgmmaAttentionSchedule, build_wgmma_attention};
 use ccc::ir::plan::{KernelPlan, plan_decode, plan_prefill};
 use ccc::ir::size::SizeEnv;
 use ccc::reference::{DecodeState, Tensor, Weights, decode_step, prefill};
 use ccc::spec::{AttentionSpec, Mask};
 use common::kernel::{random_spec, random_weights};
 use common::rng::XorShift64Star;
-use common::specs::small_zaya_like;
+use common::specs::{small_zaya_like, zaya1_like};
 
 /// Relative error allowed against the f64 reference: both compute in f64 (Rounding::Exact),
 /// in different orders.
@@ -215,6 +215,12 @@ const CHUNKS: [(usize, usize); 6] = [(0, 5), (9, 4), (0, 0), (17, 1), (3, 23), (
 /// touch): `out`, the whole pool, and every sequence's convolution and shift state equal the
 /// reference's `PagedCache::step`; an empty slot's state stays the caller's.
 fn check_prefill(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
+    check_prefill_with(spec, paged, seed, None);
+}
+
+/// [`check_prefill`] with the chunk's attention in the warp-specialized wgmma form the driver
+/// ships for head widths it takes, where `wgmma` is given.
+fn check_prefill_with(spec: &AttentionSpec, paged: PagedKv, seed: u64, wgmma: Option<&WgmmaAttentionSchedule>) {
     let mut rng = XorShift64Star::new(seed);
     let weights = weights_of(spec, &random_weights(spec, &mut rng));
     let (e, page, row_len) = (spec.model_dim, paged.page_size as usize, spec.kv_width());
@@ -279,7 +285,11 @@ fn check_prefill(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
     }
     let sizes = SizeEnv { batch: batch as u64, seq_len: cu[batch] as u64, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
     let plan = plan_prefill(spec, paged).expect("prefill plan");
-    let kernels: Vec<KernelFn> = plan.kernels.iter().map(|planned| planned.builder().build(spec, &planned.schedule).expect("builds")).collect();
+    let mut kernels: Vec<KernelFn> = plan.kernels.iter().map(|planned| planned.builder().build(spec, &planned.schedule).expect("builds")).collect();
+    if let Some(schedule) = wgmma {
+        let attention = kernels.iter_mut().find(|k| k.name.ends_with("_prefill_attention")).expect("the chunk's attention");
+        *attention = build_wgmma_attention(spec, attention, schedule, TokenRows::Packed).expect("wgmma attention over a packed batch");
+    }
     run_kernels(&kernels, &mut buffers, sizes);
 
     let out = cache.step(spec, &weights, &x, &cu).expect("reference prefill");
@@ -319,4 +329,19 @@ fn packed_prefill_continuing_cached_sequences_equals_the_references() {
     for index in 0..8 {
         check_prefill(&random_spec(&mut rng, index), PagedKv { page_size: 8, partition_keys: 16 }, 200 + index as u64);
     }
+}
+
+/// The chunk's attention as the driver ships it for head_dim 64 (two consumer warpgroups and
+/// ping-pong, or one, key tiles shorter than some chunks), causal and windowed.
+#[test]
+fn packed_prefill_with_the_wgmma_attention_equals_the_references() {
+    let spec = AttentionSpec { value_shift: 1, ..zaya1_like("zaya_d64", 128, 64, 4, 2) };
+    let l2_group_bytes = 16 << 20;
+    let schedules = [
+        WgmmaAttentionSchedule { block_m: 128, block_n: 64, stages: 3, ping_pong: true, l2_group_bytes },
+        WgmmaAttentionSchedule { block_m: 64, block_n: 16, stages: 3, ping_pong: false, l2_group_bytes },
+    ];
+    let paged = PagedKv { page_size: 16, partition_keys: 64 };
+    check_prefill_with(&spec, paged, 31, Some(&schedules[0]));
+    check_prefill_with(&AttentionSpec { mask: Mask::SlidingWindow { window: 5 }, ..spec }, paged, 32, Some(&schedules[1]));
 }

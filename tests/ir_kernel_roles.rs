@@ -521,7 +521,7 @@ fn attention_schedules() -> [WgmmaAttentionSchedule; 4] {
 
 /// The forward kernels of `spec` with attention replaced by the wgmma kernel of `schedule`.
 fn with_wgmma_attention(spec: &AttentionSpec, schedule: &WgmmaAttentionSchedule) -> Result<Vec<KernelFn>, String> {
-    forward_kernels_with(spec, |which, base| (which == ForwardKernel::Attention).then(|| build_wgmma_attention(spec, base, schedule)))
+    forward_kernels_with(spec, |which, base| (which == ForwardKernel::Attention).then(|| build_wgmma_attention(spec, base, schedule, TokenRows::Batch)))
 }
 
 #[test]

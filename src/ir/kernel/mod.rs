@@ -46,7 +46,7 @@ pub use build::{
     gradient_name, parts_name, projection_gradients, prologue_backward_output, stage_gradient_name, stage_input_name, with_default_gradient_schedule, ForwardKernel, GEMM_BLOCK_K, GEMM_BLOCK_M, GEMM_CONSUMER_REGISTERS, GemmSegment,
     PERSISTENT_GRID, PROJECTION_BUFFER, ProjectionSegment, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward,
     build_wgmma_attention, build_wgmma_projection, causal_window, default_schedule, forward_kernels, gemm_operands,
-    has_qk_prologue, projection_segments, tensor_map_param, wgmma_attention_footprint,
+    has_qk_prologue, projection_segments, tensor_map_param, wgmma_attention_footprint, TokenRows,
 };
 pub use expr::{Axis, BinOp, Expr, ScalarType, UnOp};
 

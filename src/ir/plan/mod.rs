@@ -113,6 +113,16 @@ impl KernelBuilder {
             KernelBuilder::Backward(_) | KernelBuilder::Decode(..) => None,
         }
     }
+
+    /// The forward kernel whose Hopper builder may replace this one, and over which token rows:
+    /// the forward's own, and a packed prefill's attention over its chunk.
+    pub fn hopper_form(self) -> Option<(ForwardKernel, kernel::TokenRows)> {
+        match self {
+            KernelBuilder::Forward(which) => Some((which, kernel::TokenRows::Batch)),
+            KernelBuilder::Decode(DecodeKernel::PrefillAttention, _) => Some((ForwardKernel::Attention, kernel::TokenRows::Packed)),
+            KernelBuilder::Backward(_) | KernelBuilder::Decode(..) => None,
+        }
+    }
 }
 
 impl PlannedKernel {
@@ -663,8 +673,13 @@ impl KernelPlan {
                 }
             }
             for updated in &kernel.updates {
-                if !self.state.iter().any(|b| b == updated) {
-                    return fail(format!("kernel {here} updates {} as {}, which is not the caller's state of that type", updated.name, updated.ty));
+                // The caller's state, or what an earlier kernel of this call wrote.
+                let written_earlier = available.iter().any(|b| b == updated) && !self.inputs.iter().any(|b| b.name == updated.name);
+                if !self.state.iter().any(|b| b == updated) && !written_earlier {
+                    return fail(format!(
+                        "kernel {here} updates {} as {}, which is neither the caller's state of that type nor written by an earlier kernel",
+                        updated.name, updated.ty
+                    ));
                 }
             }
             for param in &kernel.params {

@@ -50,6 +50,7 @@ pub enum DecodeKernel {
     PrefillPrologue,
     CacheFill,
     PrefillAttention,
+    PrefillCachedAttention,
     PrefillOutputProjection,
 }
 
@@ -66,6 +67,7 @@ impl DecodeKernel {
             DecodeKernel::PrefillPrologue => "prefill_qk_prologue",
             DecodeKernel::CacheFill => "prefill_cache",
             DecodeKernel::PrefillAttention => "prefill_attention",
+            DecodeKernel::PrefillCachedAttention => "prefill_cached_attention",
             DecodeKernel::PrefillOutputProjection => "prefill_out_proj",
         }
     }
@@ -74,7 +76,10 @@ impl DecodeKernel {
     pub fn prefill_launched_by(spec: &AttentionSpec) -> Vec<DecodeKernel> {
         use DecodeKernel::*;
         let prologue = has_qk_prologue(spec).then_some(PrefillPrologue);
-        [Some(PrefillProjection), prologue, Some(CacheFill), Some(PrefillAttention), Some(PrefillOutputProjection)].into_iter().flatten().collect()
+        [Some(PrefillProjection), prologue, Some(CacheFill), Some(PrefillAttention), Some(PrefillCachedAttention), Some(PrefillOutputProjection)]
+            .into_iter()
+            .flatten()
+            .collect()
     }
 
     /// The kernels of a decode step of `spec`, in launch order.
@@ -193,11 +198,17 @@ pub fn build_decode(spec: &AttentionSpec, which: DecodeKernel, paged: PagedKv) -
         }
         DecodeKernel::CacheFill => prefill_cache(spec, paged)?,
         DecodeKernel::PrefillAttention => {
+            let schedule = default_schedule(spec, ForwardKernel::Attention)?;
+            let mut kernel = build_token_rows_attention(spec, &schedule, TokenRows::Packed)?;
+            kernel.name = format!("{}_{}", spec.name, which.suffix());
+            kernel
+        }
+        DecodeKernel::PrefillCachedAttention => {
             // Key tiles of 64 where pages tile them (or they tile pages), else the decode's.
             let tile = if 64 % page_size == 0 || page_size % 64 == 0 { 64 } else { key_tile };
             let candidates = [2, 1].map(|stages| Schedule { block_m: 64, block_n: tile, block_k: spec.head_dim as u32, warps: 4, stages });
-            first_that_builds(candidates, |s| prefill_attention(spec, paged, s).and_then(|kernel| verified(kernel, s)))
-                .map_err(|error| format!("no prefill_attention schedule fits: {error}"))?
+            first_that_builds(candidates, |s| prefill_cached_attention(spec, paged, s).and_then(|kernel| verified(kernel, s)))
+                .map_err(|error| format!("no prefill_cached_attention schedule fits: {error}"))?
                 .1
         }
         DecodeKernel::PrefillOutputProjection => {
@@ -497,11 +508,12 @@ fn cu_seqlens_param() -> KernelParam {
     tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read)
 }
 
-/// CTA = query rows [q_tile · M, +M) of sequence b's new tokens, query head h: flash attention
-/// over the keys of positions 0 .. len its pages hold (the cached ones and the chunk's own,
-/// which the cache kernel wrote), key tiles gathered page by page through the block table as
-/// in the decode attention, the mask at the rows' positions cached + row.
-fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Result<KernelFn, String> {
+/// CTA = query rows [q_tile · M, +M) of sequence b's new tokens, query head h, where the
+/// sequence continues cached tokens: flash attention over the cached keys (positions 0 ..
+/// cached, all before every new token; a sliding window masks those before a row's window), key
+/// tiles gathered page by page through the block table as in the decode attention, merged by
+/// log-sum-exp into what `prefill_attention` wrote for the chunk's own keys (o, lse).
+fn prefill_cached_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Result<KernelFn, String> {
     let storage: ElemType = spec.dtype.into();
     let (d, g, page_size) = (spec.head_dim as u32, spec.groups(), paged.page_size);
     let (bm, bn) = (s.block_m, s.block_n);
@@ -532,7 +544,7 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
     let windowed = matches!(spec.mask, Mask::SlidingWindow { .. });
     let load = |tile: Expr, slot: Expr| -> Vec<Stmt> {
         let mut stmts = vec![let_("load_tile", var("kv_first") + tile)];
-        let last_block = (var("len") - int(1)).floor_div(int(page_size));
+        let last_block = (var("cached") - int(1)).floor_div(int(page_size));
         let page = |block: Expr| {
             let block = if windowed { block.max(var("first_key").floor_div(int(page_size))) } else { block };
             Expr::global("block_table", vec![var("b"), block.min(last_block.clone())])
@@ -540,7 +552,7 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
         if bn >= page_size {
             for p in 0..bn / page_size {
                 let block = var("load_tile") * int(bn / page_size) + int(p);
-                let rows_valid = var("len") - block.clone() * int(page_size);
+                let rows_valid = var("cached") - block.clone() * int(page_size);
                 for (param, ring) in [("k_cache", k_s), ("v_cache", v_s)] {
                     stmts.push(page_copy(ring, param, &slot, p * page_size, page_size, page(block.clone()), int(0), rows_valid.clone()));
                 }
@@ -548,36 +560,26 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
         } else {
             let block = var("load_tile").floor_div(int(page_size / bn));
             let first = var("load_tile").modulo(int(page_size / bn)) * int(bn);
-            let rows_valid = var("len") - block.clone() * int(page_size);
+            let rows_valid = var("cached") - block.clone() * int(page_size);
             for (param, ring) in [("k_cache", k_s), ("v_cache", v_s)] {
                 stmts.push(page_copy(ring, param, &slot, 0, bn, page(block.clone()), first.clone(), rows_valid.clone()));
             }
         }
         stmts
     };
+    // Every cached key precedes every new token: only the length and a window mask.
     let key = var("k_col0") + Expr::Col;
-    let query = var("q_pos0") + Expr::Row;
-    let in_sequence = key.clone().lt(var("len"));
-    let visible = match mask_allows(spec.mask, query, key) {
-        Some(allowed) => allowed.and(in_sequence),
-        None => in_sequence,
+    let mut visible = key.clone().lt(var("cached"));
+    let mut unmasked = (var("k_col0") + int(bn)).le(var("cached"));
+    let kv_start = match spec.mask {
+        Mask::SlidingWindow { window } => {
+            visible = visible.and((var("q_pos0") + Expr::Row - key).lt(int(window)));
+            unmasked = unmasked.and((var("q_pos0") + int(bm - 1) - var("k_col0")).lt(int(window)));
+            (var("q_pos0") - int(window - 1)).max(int(0)).floor_div(int(bn))
+        }
+        Mask::None | Mask::Causal => int(0),
     };
-    let mut unmasked = (var("k_col0") + int(bn)).le(var("len"));
-    if spec.mask != Mask::None {
-        unmasked = unmasked.and((var("k_col0") + int(bn - 1)).le(var("q_pos0")));
-    }
-    if let Mask::SlidingWindow { window } = spec.mask {
-        unmasked = unmasked.and((var("q_pos0") + int(bm - 1) - var("k_col0")).lt(int(window)));
-    }
-    let key_tiles = var("len").ceil_div(int(bn));
-    let (kv_start, kv_end) = match spec.mask {
-        Mask::None => (int(0), key_tiles),
-        Mask::Causal => (int(0), key_tiles.min((var("q_pos0") + int(bm)).ceil_div(int(bn)))),
-        Mask::SlidingWindow { window } => (
-            (var("q_pos0") - int(window - 1)).max(int(0)).floor_div(int(bn)),
-            key_tiles.min((var("q_pos0") + int(bm)).ceil_div(int(bn))),
-        ),
-    };
+    let kv_end = var("cached").ceil_div(int(bn));
     let scale = Expr::Float(spec.softmax_scale);
     let compute = |step: Expr, slot: Expr| -> Vec<Stmt> {
         let mut stmts = vec![let_("k_col0", (var("kv_first") + step) * int(bn))];
@@ -586,26 +588,41 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
     };
     let rows = || GlobalDim::Span { start: var("seq_start") + var("q_local0"), len: bm, valid: Some((var("seq_start"), var("seq_end"))) };
     let token_rows = |param: &str| GlobalTile { param: param.into(), dims: vec![GlobalDim::At(int(0)), rows(), GlobalDim::At(var("h")), span(int(0), d)] };
+    // The chunk's own attention at the mapped row (rows past the sequence read its last row:
+    // computed, never stored).
+    let chunk_row = (var("seq_start") + var("q_local0") + Expr::Row).min(var("seq_end") - int(1));
+    let chunk_lse = Expr::global("lse", vec![int(0), var("h"), chunk_row.clone()]);
+    let chunk_o = Expr::global("o", vec![int(0), chunk_row, var("h"), Expr::Col]);
+    let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
     let mut work = vec![let_("q_pos0", var("cached") + var("q_local0"))];
     if let Mask::SlidingWindow { window } = spec.mask {
         work.push(let_("first_key", (var("q_pos0") - int(window - 1)).max(int(0))));
     }
-    work.extend([
+    let mut attend = vec![
         Stmt::Copy { dst: w(q_s), src: token_rows("q"), is_async: true },
         Stmt::AsyncCommit,
         Stmt::AsyncWait { pending: 0 },
         Stmt::Barrier,
+    ];
+    attend.extend(softmax.start(&t));
+    attend.extend(pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute));
+    attend.extend([
+        Stmt::Note("merged with the chunk's own: weights exp(m − M) (0 for a row that saw no cached key) and exp(lse − M)".into()),
+        Stmt::Map { dst: w(softmax.m_new), expr: at_row(softmax.m).max(chunk_lse.clone()) },
+        Stmt::Map { dst: w(softmax.alpha), expr: (at_row(softmax.m) - at_row(softmax.m_new)).exp() },
+        Stmt::Map { dst: w(softmax.tile_max), expr: (chunk_lse - at_row(softmax.m_new)).exp() },
+        Stmt::Map { dst: w(softmax.l), expr: Expr::Elem * at_row(softmax.alpha) + at_row(softmax.tile_max) },
+        Stmt::Map { dst: w(softmax.o), expr: (Expr::Elem * at_row(softmax.alpha) + chunk_o * at_row(softmax.tile_max)) / at_row(softmax.l) },
+        Stmt::Store { src: w(softmax.o), dst: token_rows("o") },
     ]);
-    work.extend(softmax.start(&t));
     work.extend([
-        Stmt::Note("only key tiles some row of this tile can see".into()),
+        Stmt::Note("only key tiles some row of this tile can see; none: the chunk's own attention stands".into()),
         let_("kv_first", kv_start),
         let_("kv_count", kv_end - var("kv_first")),
+        Stmt::If { cond: int(0).lt(var("kv_count")), then_body: attend, else_body: Vec::new() },
     ]);
-    work.extend(pipelined_loop("kv_step", var("kv_count"), s.stages, &load, &compute));
-    work.extend([softmax.normalize(&t), Stmt::Store { src: w(softmax.o), dst: token_rows("o") }]);
     let mut body = vec![
-        Stmt::Note(format!("CTA = {bm} new tokens of sequence b, query head h; key tiles of {bn} from pages of {page_size}")),
+        Stmt::Note(format!("CTA = {bm} new tokens of sequence b, query head h, against its cached keys; key tiles of {bn} from pages of {page_size}")),
         let_("q_tile", Expr::BlockIdx(Axis::X)),
         let_("h", Expr::BlockIdx(Axis::Y)),
         let_("b", Expr::BlockIdx(Axis::Z)),
@@ -626,10 +643,11 @@ fn prefill_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) -> Resu
         tensor("block_table", ElemType::I32, vec![SizeExpr::batch(), SizeExpr::blocks()], Access::Read),
         cu_seqlens_param(),
         seq_lens_param(),
-        tensor("o", storage, token_shape(hq), Access::Write),
+        tensor("lse", ElemType::F32, vec![size(1), size(hq), SizeExpr::seq_len()], Access::Read),
+        tensor("o", storage, token_shape(hq), Access::ReadWrite),
     ];
     params.extend(paged_size_params());
-    let name = format!("{}_{}", spec.name, DecodeKernel::PrefillAttention.suffix());
+    let name = format!("{}_{}", spec.name, DecodeKernel::PrefillCachedAttention.suffix());
     Ok(tiled_kernel(name, params, [SizeExpr::seq_len().ceil_div(bm as u64), size(hq), SizeExpr::batch()], s, t, body))
 }
 
@@ -689,6 +707,18 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
                 expr: Expr::select((position0.clone() + Expr::Row).eq(var("cached")), value, Expr::Elem),
             },
             Stmt::Barrier,
+            Stmt::Note("and into v, which the attention over the chunk reads (CTA 0 holds the first token)".into()),
+            Stmt::If {
+                cond: var("j").eq(int(0)),
+                then_body: vec![Stmt::Store {
+                    src: t.view(page_s, var("cached") - position0.clone(), int(current_columns), 1, shifted * d),
+                    dst: GlobalTile {
+                        param: "v".into(),
+                        dims: vec![GlobalDim::At(int(0)), span(var("seq_start"), 1), span(int(current_columns), shifted * d)],
+                    },
+                }],
+                else_body: Vec::new(),
+            },
         ]);
     }
     pages.push(into_page("v_cache"));
@@ -763,7 +793,8 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
     ]);
     let rows = |width: u32| vec![size(1), SizeExpr::seq_len(), size(width as usize)];
     let pool = || vec![SizeExpr::pages(), size(page as usize), size(kv as usize)];
-    let mut params = vec![tensor("k", storage, rows(kv), Access::Read), tensor("v", storage, rows(kv), Access::Read)];
+    let v_access = if shifted > 0 { Access::ReadWrite } else { Access::Read };
+    let mut params = vec![tensor("k", storage, rows(kv), Access::Read), tensor("v", storage, rows(kv), v_access)];
     if history > 0 {
         params.push(tensor(PROJECTION_BUFFER, storage, rows(packed), Access::Read));
     }

@@ -868,7 +868,91 @@ impl OnlineSoftmax {
     }
 }
 
+/// Which token rows an attention kernel's q, k, v and o are: the forward's B sequences of S
+/// tokens each, or a packed prefill's B sequences, sequence b rows cu_seqlens[b] ..
+/// cu_seqlens[b + 1] of one [1, S] batch (the chunk's own keys, at positions counted from its
+/// first token: the cached ones before it are the paged kernel's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenRows {
+    Batch,
+    Packed,
+}
+
+impl TokenRows {
+    /// The lets a CTA of sequence b (`b` bound) starts with.
+    fn sequence_lets(self) -> Vec<Stmt> {
+        match self {
+            TokenRows::Batch => Vec::new(),
+            TokenRows::Packed => vec![
+                let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
+                let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
+                let_("len", var("seq_end") - var("seq_start")),
+            ],
+        }
+    }
+
+    /// Tokens of sequence b.
+    fn len(self) -> Expr {
+        match self {
+            TokenRows::Batch => seq(),
+            TokenRows::Packed => var("len"),
+        }
+    }
+
+    /// The batch index of sequence b's rows.
+    fn batch(self) -> Expr {
+        match self {
+            TokenRows::Batch => var("b"),
+            TokenRows::Packed => int(0),
+        }
+    }
+
+    /// Row `local` of sequence b.
+    fn row(self, local: Expr) -> Expr {
+        match self {
+            TokenRows::Batch => local,
+            TokenRows::Packed => var("seq_start") + local,
+        }
+    }
+
+    /// `count` rows of sequence b from its row `local`: rows past the sequence are neither read
+    /// (zeros) nor stored.
+    fn rows(self, local: Expr, count: u32) -> GlobalDim {
+        match self {
+            TokenRows::Batch => span(local, count),
+            TokenRows::Packed => GlobalDim::Span { start: self.row(local), len: count, valid: Some((var("seq_start"), var("seq_end"))) },
+        }
+    }
+
+    /// A tensor's leading [B, S] (or [1, S] packed).
+    fn leading(self) -> [SizeExpr; 2] {
+        match self {
+            TokenRows::Batch => [SizeExpr::batch(), SizeExpr::seq_len()],
+            TokenRows::Packed => [SizeExpr::c(1), SizeExpr::seq_len()],
+        }
+    }
+
+    /// The parameters besides the tensors' (a packed batch's offsets).
+    fn offsets_param(self) -> Option<KernelParam> {
+        (self == TokenRows::Packed).then(|| tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read))
+    }
+
+    /// `body` for the CTAs whose query tile starts at `q_row0` inside sequence b (a packed
+    /// batch's grid covers S rows for every sequence).
+    fn inside(self, body: Vec<Stmt>) -> Vec<Stmt> {
+        match self {
+            TokenRows::Batch => body,
+            TokenRows::Packed => vec![Stmt::If { cond: var("q_row0").lt(var("len")), then_body: body, else_body: Vec::new() }],
+        }
+    }
+}
+
 fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, String> {
+    build_token_rows_attention(spec, s, TokenRows::Batch)
+}
+
+/// Flash attention over `rows` (the forward's, or a packed prefill's chunk).
+pub(super) fn build_token_rows_attention(spec: &AttentionSpec, s: &Schedule, rows: TokenRows) -> Result<KernelFn, String> {
     let d = spec.head_dim as u32;
     let (bm, bn) = (s.block_m, s.block_n);
     if s.block_k != d {
@@ -900,7 +984,7 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let softmax = OnlineSoftmax::declare(&mut t, storage, bm, bn, d, wm, wn);
     let q_row = var("q_row0") + Expr::Row;
     let k_col = var("k_col0") + Expr::Col;
-    let in_sequence = k_col.clone().lt(seq());
+    let in_sequence = k_col.clone().lt(rows.len());
     let visible = match mask_allows(spec.mask, q_row, k_col) {
         Some(a) => a.and(in_sequence),
         None => in_sequence,
@@ -908,14 +992,14 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
     let scale = Expr::Float(spec.softmax_scale);
     // The tile needs no mask when every key is in the sequence and visible to every query row.
     let last_key = var("k_col0") + int(bn - 1);
-    let mut unmasked = (var("k_col0") + int(bn)).le(seq());
+    let mut unmasked = (var("k_col0") + int(bn)).le(rows.len());
     if spec.mask != Mask::None {
         unmasked = unmasked.and(last_key.le(var("q_row0")));
     }
     if let Mask::SlidingWindow { window } = spec.mask {
         unmasked = unmasked.and((var("q_row0") + int(bm - 1) - var("k_col0")).lt(int(window)));
     }
-    let kv_tiles = seq().ceil_div(int(bn));
+    let kv_tiles = rows.len().ceil_div(int(bn));
     let (kv_start, kv_end) = match spec.mask {
         Mask::None => (int(0), kv_tiles),
         Mask::Causal => (
@@ -945,8 +1029,8 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
                 src: GlobalTile {
                     param: param.into(),
                     dims: vec![
-                        GlobalDim::At(var("b")),
-                        span(key0.clone(), bn),
+                        GlobalDim::At(rows.batch()),
+                        span(rows.row(key0.clone()), bn),
                         GlobalDim::At(var("kv_head")),
                         span(int(0), d),
                     ],
@@ -969,15 +1053,20 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         let_("q_tile", Expr::BlockIdx(Axis::X)),
         let_("h", Expr::BlockIdx(Axis::Y)),
         let_("b", Expr::BlockIdx(Axis::Z)),
+    ];
+    body.extend(rows.sequence_lets());
+    body.extend([
         let_("kv_head", var("h").floor_div(int(g))),
         let_("q_row0", var("q_tile") * int(bm)),
+    ]);
+    let mut work = vec![
         Stmt::Copy {
             dst: w(q_s),
             src: GlobalTile {
                 param: "q".into(),
                 dims: vec![
-                    GlobalDim::At(var("b")),
-                    span(var("q_row0"), bm),
+                    GlobalDim::At(rows.batch()),
+                    rows.rows(var("q_row0"), bm),
                     GlobalDim::At(var("h")),
                     span(int(0), d),
                 ],
@@ -988,22 +1077,22 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         Stmt::AsyncWait { pending: 0 },
         Stmt::Barrier,
     ];
-    body.extend(softmax.start(&t));
-    body.extend([
+    work.extend(softmax.start(&t));
+    work.extend([
         Stmt::Note("only key tiles some row of this tile can see".into()),
         let_("kv_first", kv_start),
         let_("kv_count", kv_end - var("kv_first")),
     ]);
-    body.extend(kv_loop);
-    body.extend([
+    work.extend(kv_loop);
+    work.extend([
         softmax.normalize(&t),
         Stmt::Store {
             src: w(softmax.o),
             dst: GlobalTile {
                 param: "o".into(),
                 dims: vec![
-                    GlobalDim::At(var("b")),
-                    span(var("q_row0"), bm),
+                    GlobalDim::At(rows.batch()),
+                    rows.rows(var("q_row0"), bm),
                     GlobalDim::At(var("h")),
                     span(int(0), d),
                 ],
@@ -1016,22 +1105,17 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
             dst: GlobalTile {
                 param: "lse".into(),
                 dims: vec![
-                    GlobalDim::At(var("b")),
+                    GlobalDim::At(rows.batch()),
                     GlobalDim::At(var("h")),
-                    span(var("q_row0"), bm),
+                    rows.rows(var("q_row0"), bm),
                 ],
             },
         },
     ]);
-    let bsd = |heads: usize| {
-        vec![
-            SizeExpr::batch(),
-            SizeExpr::seq_len(),
-            size(heads),
-            size(spec.head_dim),
-        ]
-    };
-    let params = vec![
+    body.extend(rows.inside(work));
+    let [lead_batch, lead_seq] = rows.leading();
+    let bsd = |heads: usize| vec![lead_batch.clone(), lead_seq.clone(), size(heads), size(spec.head_dim)];
+    let mut params = vec![
         tensor("q", storage, bsd(spec.query_heads), Access::Read),
         tensor("k", storage, bsd(spec.kv_heads), Access::Read),
         tensor("v", storage, bsd(spec.kv_heads), Access::Read),
@@ -1039,14 +1123,11 @@ fn build_attention(spec: &AttentionSpec, s: &Schedule) -> Result<KernelFn, Strin
         tensor(
             "lse",
             ElemType::F32,
-            vec![
-                SizeExpr::batch(),
-                size(spec.query_heads),
-                SizeExpr::seq_len(),
-            ],
+            vec![lead_batch.clone(), size(spec.query_heads), lead_seq.clone()],
             Access::Write,
         ),
     ];
+    params.extend(rows.offsets_param());
     let grid = [SizeExpr::seq_len().ceil_div(bm as u64), size(spec.query_heads), SizeExpr::batch()];
     let name = format!("{}_{}", spec.name, ForwardKernel::Attention.suffix());
     Ok(tiled_kernel(name, params, grid, s, t, body))

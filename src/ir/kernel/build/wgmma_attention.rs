@@ -159,9 +159,9 @@ pub fn causal_window(mask: Mask) -> (bool, Option<u32>) {
 }
 
 /// Builds the wgmma attention kernel that replaces the tiled attention kernel `base` of `spec`
-/// (same name, same parameters, then the tensor maps of q, k and v). Errors name what the shape
-/// or the schedule does not allow.
-pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &WgmmaAttentionSchedule) -> Result<KernelFn, String> {
+/// over `rows` (same name, same parameters, then the tensor maps of q, k and v). Errors name
+/// what the shape or the schedule does not allow.
+pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &WgmmaAttentionSchedule, rows: TokenRows) -> Result<KernelFn, String> {
     let WgmmaAttentionSchedule { block_m: bm, block_n: bn, stages, ping_pong, l2_group_bytes } = *schedule;
     let d = spec.head_dim as u32;
     let elem = ElemType::from(spec.dtype);
@@ -187,25 +187,37 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     // and its key tiles kv_first + j for j in 0..kv_count (every CTA has at least one).
     let (causal, window) = causal_window(spec.mask);
     let kv_token_bytes = 2 * d * elem.size_bytes() as u32;
-    let mut body = vec![
-        Stmt::Note(format!(
-            "CTA = {bm} query rows of head h, batch b; {consumers} consumer warpgroup(s) of 64 rows, one TMA producer; key tiles of {bn} through {stages} stages"
-        )),
-        let_("q_tiles", seq().ceil_div(int(bm))),
-        Stmt::Note(format!("longest query tiles first within groups of heads whose K/V fits {l2_group_bytes} bytes")),
-        let_("group_kv_heads", int(l2_group_bytes / kv_token_bytes).floor_div(seq()).max(int(1)).min(int(hk))),
-        let_("group_heads", var("group_kv_heads") * int(group)),
-        let_("ordinal", Expr::BlockIdx(Axis::X) + var("q_tiles") * Expr::BlockIdx(Axis::Y)),
-        let_("first_head", var("ordinal").floor_div(var("group_heads") * var("q_tiles")) * var("group_heads")),
-        let_("in_group", var("ordinal") - var("first_head") * var("q_tiles")),
-        let_("heads_here", var("group_heads").min(int(hq) - var("first_head"))),
-        let_("rank", var("in_group").floor_div(var("heads_here"))),
-        let_("h", var("first_head") + var("in_group") - var("rank") * var("heads_here")),
-        let_("q_row0", (var("q_tiles") - int(1) - var("rank")) * int(bm)),
-        let_("b", Expr::BlockIdx(Axis::Z)),
-        let_("kv_head", var("h").floor_div(int(group))),
-    ];
-    let kv_tiles = seq().ceil_div(int(bn));
+    let mut body = vec![Stmt::Note(format!(
+        "CTA = {bm} query rows of head h, batch b; {consumers} consumer warpgroup(s) of 64 rows, one TMA producer; key tiles of {bn} through {stages} stages"
+    ))];
+    match rows {
+        TokenRows::Batch => body.extend([
+            let_("q_tiles", seq().ceil_div(int(bm))),
+            Stmt::Note(format!("longest query tiles first within groups of heads whose K/V fits {l2_group_bytes} bytes")),
+            let_("group_kv_heads", int(l2_group_bytes / kv_token_bytes).floor_div(seq()).max(int(1)).min(int(hk))),
+            let_("group_heads", var("group_kv_heads") * int(group)),
+            let_("ordinal", Expr::BlockIdx(Axis::X) + var("q_tiles") * Expr::BlockIdx(Axis::Y)),
+            let_("first_head", var("ordinal").floor_div(var("group_heads") * var("q_tiles")) * var("group_heads")),
+            let_("in_group", var("ordinal") - var("first_head") * var("q_tiles")),
+            let_("heads_here", var("group_heads").min(int(hq) - var("first_head"))),
+            let_("rank", var("in_group").floor_div(var("heads_here"))),
+            let_("h", var("first_head") + var("in_group") - var("rank") * var("heads_here")),
+            let_("q_row0", (var("q_tiles") - int(1) - var("rank")) * int(bm)),
+            let_("b", Expr::BlockIdx(Axis::Z)),
+        ]),
+        TokenRows::Packed => {
+            body.push(let_("b", Expr::BlockIdx(Axis::Z)));
+            body.extend(rows.sequence_lets());
+            body.extend([
+                Stmt::Note("the sequence's query tiles longest first; CTAs past its tiles (q_row0 < 0) exit".into()),
+                let_("q_tiles", rows.len().ceil_div(int(bm))),
+                let_("h", Expr::BlockIdx(Axis::Y)),
+                let_("q_row0", (var("q_tiles") - int(1) - Expr::BlockIdx(Axis::X)) * int(bm)),
+            ]);
+        }
+    }
+    body.push(let_("kv_head", var("h").floor_div(int(group))));
+    let kv_tiles = rows.len().ceil_div(int(bn));
     body.push(let_(
         "kv_first",
         match window {
@@ -218,7 +230,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     // Key tiles (counted from kv_first) below `unmasked_end` end inside the sequence and, causal,
     // at or before the CTA's first row; from `window_clear` on, every key is inside the window of
     // the CTA's last row.
-    let whole_tiles = seq().floor_div(int(bn));
+    let whole_tiles = rows.len().floor_div(int(bn));
     let unmasked_end = if causal {
         (var("q_row0") + int(1)).floor_div(int(bn)).min(whole_tiles).min(kv_end)
     } else {
@@ -246,7 +258,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
             Stmt::TmaLoad {
                 dst: w(q_s),
                 map: tensor_map_param("q"),
-                coords: vec![int(0), var("h"), var("q_row0"), var("b")],
+                coords: vec![int(0), var("h"), rows.row(var("q_row0")), rows.batch()],
                 barrier: BarrierRef { ring: q_full, slot: int(0) },
             },
             for_(
@@ -266,13 +278,13 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
                     Stmt::TmaLoad {
                         dst: kv_view(k_s, var("j")),
                         map: tensor_map_param("k"),
-                        coords: vec![int(0), var("kv_head"), kv_row(var("j")), var("b")],
+                        coords: vec![int(0), var("kv_head"), rows.row(kv_row(var("j"))), rows.batch()],
                         barrier: slot(full, var("j")),
                     },
                     Stmt::TmaLoad {
                         dst: kv_view(v_s, var("j")),
                         map: tensor_map_param("v"),
-                        coords: vec![int(0), var("kv_head"), kv_row(var("j")), var("b")],
+                        coords: vec![int(0), var("kv_head"), rows.row(kv_row(var("j"))), rows.batch()],
                         barrier: slot(full, var("j")),
                     },
                 ],
@@ -314,7 +326,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
     let mask = |tile: Expr| {
         let query = var("row0") + Expr::Row;
         let key = (var("kv_first") + tile) * int(bn) + Expr::Col;
-        let mut visible = key.clone().lt(seq());
+        let mut visible = key.clone().lt(rows.len());
         if causal {
             visible = visible.and(key.clone().le(query.clone()));
         }
@@ -405,7 +417,7 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
             src: w(o),
             dst: GlobalTile {
                 param: "o".into(),
-                dims: vec![GlobalDim::At(var("b")), span(var("row0"), WARPGROUP_ROWS), GlobalDim::At(var("h")), span(int(0), d)],
+                dims: vec![GlobalDim::At(rows.batch()), rows.rows(var("row0"), WARPGROUP_ROWS), GlobalDim::At(var("h")), span(int(0), d)],
             },
         },
         Stmt::Map {
@@ -416,15 +428,19 @@ pub fn build_wgmma_attention(spec: &AttentionSpec, base: &KernelFn, schedule: &W
             src: w(m),
             dst: GlobalTile {
                 param: "lse".into(),
-                dims: vec![GlobalDim::At(var("b")), GlobalDim::At(var("h")), span(var("row0"), WARPGROUP_ROWS)],
+                dims: vec![GlobalDim::At(rows.batch()), GlobalDim::At(var("h")), rows.rows(var("row0"), WARPGROUP_ROWS)],
             },
         },
     ]);
 
-    body.push(Stmt::Roles(vec![
+    let roles = Stmt::Roles(vec![
         Role { name: "consumer".into(), warpgroups: consumers, index: "wg".into(), registers: ATTENTION_CONSUMER_REGISTERS, body: consumer },
         Role { name: "producer".into(), warpgroups: 1, index: "p".into(), registers: PRODUCER_REGISTERS, body: producer },
-    ]));
+    ]);
+    body.push(match rows {
+        TokenRows::Batch => roles,
+        TokenRows::Packed => Stmt::If { cond: int(0).le(var("q_row0")), then_body: vec![roles], else_body: Vec::new() },
+    });
     let kernel = KernelFn {
         name: base.name.clone(),
         params,
