@@ -341,26 +341,26 @@ fn entry_point_manifest(
             match param {
                 KernelParam::Size(var) => params.push(KernelParamManifest::Size { var: *var }),
                 KernelParam::TensorMap { tensor, box_rows, .. } => {
-                    // Loaders encode the map from the buffer's shape: it must be the kernel's view
-                    // (a rank-3 map read with the kernel's four coordinates faults on the GPU).
+                    // Loaders encode the map from the buffer's shape, or from the kernel's view
+                    // where it differs (a rank-3 map read with four coordinates faults on the GPU).
                     let viewed = kernel.params.iter().find_map(|p| match p {
                         KernelParam::Tensor { name, shape, .. } if name == tensor => Some(shape),
                         _ => None,
                     });
                     let buffer = buffers.iter().find(|b| &b.name == tensor).map(|b| &b.shape);
-                    if viewed.is_none() || viewed != buffer {
+                    let (Some(viewed), Some(buffer)) = (viewed, buffer) else {
                         return Err(error(
                             spec,
                             "manifest",
                             format!(
-                                "kernel {} maps `{tensor}` as {}, but the buffer is {}",
+                                "kernel {} maps `{tensor}`, {}",
                                 kernel.name,
-                                viewed.map_or("no tensor parameter".to_string(), |s| format!("{s:?}")),
-                                buffer.map_or("not declared".to_string(), |s| format!("{s:?}"))
+                                if viewed.is_none() { "which it has no tensor parameter for" } else { "which is not declared" }
                             ),
                         ));
-                    }
-                    params.push(KernelParamManifest::TensorMap { buffer: tensor.clone(), box_rows: *box_rows })
+                    };
+                    let view = (viewed != buffer).then(|| viewed.clone());
+                    params.push(KernelParamManifest::TensorMap { buffer: tensor.clone(), box_rows: *box_rows, view })
                 }
                 KernelParam::Tensor { name, elem, shape, access } => {
                     params.push(KernelParamManifest::Buffer { name: name.clone() });
@@ -473,6 +473,20 @@ fn wgmma_attention(spec: &AttentionSpec, kernel: &KernelFn) -> crate::codegen::h
         // bench/hopper_attention.py times (tests/codegen_hopper.rs, `bench_configs`).
         l2_group_bytes: 16 << 20,
     }
+}
+
+/// The kernel a projection's wgmma GEMM is built from: `kernel` itself, or for a packed
+/// prefill's projection (written over [1, S] rows) the forward's over [B, S] under its name,
+/// whose GEMM is then seen over the packed rows ([`kernel::TokenRows::sized`]).
+#[cfg(feature = "llvm")]
+fn gemm_base(spec: &AttentionSpec, which: ForwardKernel, rows: kernel::TokenRows, kernel: &KernelFn) -> Result<KernelFn, CompileError> {
+    if rows == kernel::TokenRows::Batch {
+        return Ok(kernel.clone());
+    }
+    let schedule = kernel::default_schedule(spec, which).map_err(|e| error(spec, "kernel", e))?;
+    let mut base = kernel::build_forward(spec, which, &schedule).map_err(|e| error(spec, "kernel", e))?;
+    base.name = kernel.name.clone();
+    Ok(base)
 }
 
 /// The tiles of the wgmma projection GEMM for a projection kernel of `spec` (same ABI) as the
@@ -630,22 +644,22 @@ impl PlannedTiles {
         let tiles = which
             .iter()
             .zip(&kernels)
-            .map(|(which, k)| match which.hopper_form().map(|(which, _)| which) {
+            .map(|(which, k)| match which.hopper_form() {
                 // The backward's and serving's kernels (but a prefill's attention over its chunk)
                 // are the mma.sync forms of their builders.
                 None => None,
                 // The best configuration that has run on the GPU; without one (a head width none
                 // fits), the tiled kernel IR's attention.
-                Some(ForwardKernel::Attention) => uses_wgmma_attention(spec)
+                Some((ForwardKernel::Attention, _)) => uses_wgmma_attention(spec)
                     .then(|| {
                         let base = wgmma_attention(spec, k);
                         let shape = crate::codegen::hopper::ProblemShape::of(spec);
                         crate::codegen::hopper::best_attention(&base, shape).map(TileConfig::Attention)
                     })
                     .flatten(),
-                Some(ForwardKernel::QkPrologue) => None,
-                Some(projection @ (ForwardKernel::QkvProjection | ForwardKernel::OutputProjection)) => {
-                    wgmma_projection(spec, projection, k).map(TileConfig::Gemm)
+                Some((ForwardKernel::QkPrologue, _)) => None,
+                Some((projection @ (ForwardKernel::QkvProjection | ForwardKernel::OutputProjection), rows)) => {
+                    wgmma_projection(spec, projection, &gemm_base(spec, projection, rows, k).ok()?).map(TileConfig::Gemm)
                 }
             })
             .collect();
@@ -697,13 +711,13 @@ impl PlannedTiles {
         let PlannedTiles { plans, which, mut kernels, tiles } = self;
         for ((which, kernel), chosen) in which.iter().zip(kernels.iter_mut()).zip(tiles) {
             let built = match (chosen, which.hopper_form()) {
-                (Some(TileConfig::Gemm(config)), Some((which, _))) => {
+                (Some(TileConfig::Gemm(config)), Some((which, rows))) => {
                     let schedule = kernel::WgmmaGemmSchedule {
                         block_n: config.block_n,
                         stages: config.stages,
                         ping_pong: config.schedule == GemmSchedule::PingPong,
                     };
-                    kernel::build_wgmma_projection(spec, which, kernel, &schedule)
+                    kernel::build_wgmma_projection(spec, which, &gemm_base(spec, which, rows, kernel)?, &schedule).map(|built| rows.sized(built))
                 }
                 (Some(TileConfig::Attention(config)), Some((_, rows))) => kernel::build_wgmma_attention(spec, kernel, &config.kernel_schedule(), rows),
                 _ => continue,

@@ -104,7 +104,14 @@ pub enum KernelParamManifest {
     /// innermost dimension × `box_rows` along the row dimension (S, or R of a weight) × 1 along
     /// any other, 128-byte swizzle, 256-byte L2 promotion, and zeros for elements outside the
     /// tensor; passed by value (128 bytes, a `__grid_constant__` parameter aligned to 64).
-    TensorMap { buffer: String, box_rows: u32 },
+    /// `view`, where given, is the shape the map sees the buffer as instead of its own (as many
+    /// elements, row-major: a packed prefill's x [S, E] seen as [1, S, E]).
+    TensorMap {
+        buffer: String,
+        box_rows: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        view: Option<Vec<SizeExpr>>,
+    },
 }
 
 /// Most rows a TMA box may span (`cuTensorMapEncodeTiled`: every box dimension ≤ 256).
@@ -533,11 +540,15 @@ impl KernelManifest {
                 KernelParamManifest::Buffer { name } if !buffers.contains_key(name.as_str()) => {
                     return Err(format!("parameter {index} names a missing buffer `{name}`"));
                 }
-                KernelParamManifest::TensorMap { buffer, box_rows } => {
-                    let Some(target) = buffers.get(buffer.as_str()) else {
+                KernelParamManifest::TensorMap { buffer, box_rows, view } => {
+                    let Some(&target) = buffers.get(buffer.as_str()) else {
                         return Err(format!("parameter {index} maps a missing buffer `{buffer}`"));
                     };
-                    tensor_map_target(target, *box_rows)
+                    let viewed = match view {
+                        None => target.clone(),
+                        Some(view) => viewed_as(target, view).map_err(|why| format!("parameter {index}: tensor map of `{buffer}`: {why}"))?,
+                    };
+                    tensor_map_target(&viewed, *box_rows)
                         .map_err(|why| format!("parameter {index}: tensor map of `{buffer}`: {why}"))?;
                 }
                 _ => {}
@@ -596,6 +607,26 @@ fn tensor_map_target(buffer: &BufferManifest, box_rows: u32) -> Result<(), Strin
         return Err(format!("a box of {box_rows} rows (1 to {MAX_TENSOR_MAP_BOX_ROWS})"));
     }
     Ok(())
+}
+
+/// `buffer` seen as `view` (a tensor map's), laid out as its rank says (`BSHD`, `BSC` or
+/// `row_major`): it must hold as many elements at every size.
+fn viewed_as(buffer: &BufferManifest, view: &[SizeExpr]) -> Result<BufferManifest, String> {
+    let layout = match view.len() {
+        4 => "BSHD",
+        3 => "BSC",
+        2 => "row_major",
+        _ => return Err(format!("a view {} of rank 2 to 4", format_shape(view))),
+    };
+    let elements = |shape: &[SizeExpr], env: &SizeEnv| shape.iter().try_fold(1u64, |acc, dim| Some(acc * dim.eval(env).ok()?));
+    let same = [(1, 1), (3, 17), (2, 1000)].into_iter().all(|(batch, seq_len)| {
+        let env = SizeEnv { batch, seq_len, sms: Some(132), pages: Some(7), blocks: Some(5) };
+        elements(&buffer.shape, &env) == elements(view, &env)
+    });
+    if !same {
+        return Err(format!("a view {} of the buffer's {} does not hold as many elements", format_shape(view), format_shape(&buffer.shape)));
+    }
+    Ok(BufferManifest { shape: view.to_vec(), layout: layout.to_string(), ..buffer.clone() })
 }
 
 /// `[B, S, 2048]`: how shapes appear in messages.

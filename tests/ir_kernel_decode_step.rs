@@ -11,11 +11,11 @@
 mod common;
 
 use ccc::ir::kernel::interp::{Buffers, INTERPRETER_SMS, Rounding, run_kernel};
-use ccc::ir::kernel::{Access, KernelFn, KernelParam, PagedKv, TokenRows, WgmmaAttentionSchedule, build_wgmma_attention};
+use ccc::ir::kernel::{Access, KernelFn, KernelParam, PagedKv};
 use ccc::ir::plan::{KernelPlan, plan_decode, plan_prefill};
 use ccc::ir::size::SizeEnv;
 use ccc::reference::{DecodeState, Tensor, Weights, decode_step, prefill};
-use ccc::spec::{AttentionSpec, Mask};
+use ccc::spec::{AttentionSpec, EntryPoint, Mask};
 use common::kernel::{random_spec, random_weights};
 use common::rng::XorShift64Star;
 use common::specs::{small_zaya_like, zaya1_like};
@@ -215,12 +215,12 @@ const CHUNKS: [(usize, usize); 6] = [(0, 5), (9, 4), (0, 0), (17, 1), (3, 23), (
 /// touch): `out`, the whole pool, and every sequence's convolution and shift state equal the
 /// reference's `PagedCache::step`; an empty slot's state stays the caller's.
 fn check_prefill(spec: &AttentionSpec, paged: PagedKv, seed: u64) {
-    check_prefill_with(spec, paged, seed, None);
+    check_prefill_with(spec, paged, seed, false);
 }
 
-/// [`check_prefill`] with the chunk's attention in the warp-specialized wgmma form the driver
-/// ships for head widths it takes, where `wgmma` is given.
-fn check_prefill_with(spec: &AttentionSpec, paged: PagedKv, seed: u64, wgmma: Option<&WgmmaAttentionSchedule>) {
+/// [`check_prefill`] with the kernels the driver ships where `shipped` (the Hopper forms of the
+/// projections and of the chunk's attention, for the spec's tiles), else the plan's.
+fn check_prefill_with(spec: &AttentionSpec, paged: PagedKv, seed: u64, shipped: bool) {
     let mut rng = XorShift64Star::new(seed);
     let weights = weights_of(spec, &random_weights(spec, &mut rng));
     let (e, page, row_len) = (spec.model_dim, paged.page_size as usize, spec.kv_width());
@@ -285,11 +285,16 @@ fn check_prefill_with(spec: &AttentionSpec, paged: PagedKv, seed: u64, wgmma: Op
     }
     let sizes = SizeEnv { batch: batch as u64, seq_len: cu[batch] as u64, sms: Some(INTERPRETER_SMS), pages: Some(pages as u64), blocks: Some(blocks as u64) };
     let plan = plan_prefill(spec, paged).expect("prefill plan");
-    let mut kernels: Vec<KernelFn> = plan.kernels.iter().map(|planned| planned.builder().build(spec, &planned.schedule).expect("builds")).collect();
-    if let Some(schedule) = wgmma {
-        let attention = kernels.iter_mut().find(|k| k.name.ends_with("_prefill_attention")).expect("the chunk's attention");
-        *attention = build_wgmma_attention(spec, attention, schedule, TokenRows::Packed).expect("wgmma attention over a packed batch");
-    }
+    let kernels: Vec<KernelFn> = if shipped {
+        let shipped = ccc::driver::planned_kernel_ir(spec).expect("compiles");
+        let prefill: Vec<KernelFn> = plan.kernels.iter().map(|planned| shipped.iter().find(|k| k.name == planned.symbol).expect("shipped").clone()).collect();
+        // The Hopper forms: the projections' and the chunk's attention's TMA loads.
+        let tma: Vec<&str> = prefill.iter().filter(|k| format!("{:?}", k.body).contains("TmaLoad")).map(|k| k.name.as_str()).collect();
+        assert_eq!(tma.len(), 3, "{}: the shipped prefill's TMA kernels are {tma:?}", spec.name);
+        prefill
+    } else {
+        plan.kernels.iter().map(|planned| planned.builder().build(spec, &planned.schedule).expect("builds")).collect()
+    };
     run_kernels(&kernels, &mut buffers, sizes);
 
     let out = cache.step(spec, &weights, &x, &cu).expect("reference prefill");
@@ -331,17 +336,12 @@ fn packed_prefill_continuing_cached_sequences_equals_the_references() {
     }
 }
 
-/// The chunk's attention as the driver ships it for head_dim 64 (two consumer warpgroups and
-/// ping-pong, or one, key tiles shorter than some chunks), causal and windowed.
+/// The prefill as the driver ships it for a head_dim-64 layer: the projections' wgmma GEMMs over
+/// the packed rows (x seen through a tensor map as [1, S, E]) and the chunk's warp-specialized
+/// attention, causal and windowed.
 #[test]
-fn packed_prefill_with_the_wgmma_attention_equals_the_references() {
-    let spec = AttentionSpec { value_shift: 1, ..zaya1_like("zaya_d64", 128, 64, 4, 2) };
-    let l2_group_bytes = 16 << 20;
-    let schedules = [
-        WgmmaAttentionSchedule { block_m: 128, block_n: 64, stages: 3, ping_pong: true, l2_group_bytes },
-        WgmmaAttentionSchedule { block_m: 64, block_n: 16, stages: 3, ping_pong: false, l2_group_bytes },
-    ];
-    let paged = PagedKv { page_size: 16, partition_keys: 64 };
-    check_prefill_with(&spec, paged, 31, Some(&schedules[0]));
-    check_prefill_with(&AttentionSpec { mask: Mask::SlidingWindow { window: 5 }, ..spec }, paged, 32, Some(&schedules[1]));
+fn the_shipped_packed_prefill_equals_the_references() {
+    let spec = AttentionSpec { value_shift: 1, entry_points: vec![EntryPoint::Forward, EntryPoint::Decode], ..zaya1_like("zaya_d64", 128, 64, 4, 2) };
+    check_prefill_with(&spec, PagedKv::DEFAULT, 31, true);
+    check_prefill_with(&AttentionSpec { mask: Mask::SlidingWindow { window: 5 }, ..spec }, PagedKv::DEFAULT, 32, true);
 }

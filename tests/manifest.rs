@@ -444,7 +444,7 @@ fn tensor_map_params_round_trip_and_name_what_the_kernel_cannot_map() {
     forward(&mut value)["kernels"][1]["params"].as_array_mut().unwrap().extend(params());
     let manifest = Manifest::from_json(&value.to_string()).unwrap();
     let expected: Vec<KernelParamManifest> = [("q", 128), ("x", 128), ("q_proj.weight", 64)]
-        .map(|(buffer, box_rows)| KernelParamManifest::TensorMap { buffer: buffer.into(), box_rows })
+        .map(|(buffer, box_rows)| KernelParamManifest::TensorMap { buffer: buffer.into(), box_rows, view: None })
         .to_vec();
     assert_eq!(manifest.entry_points[0].kernels[1].params[7..], expected[..]);
     let prefix = "entry point `forward`: kernel `gqa_attention`: parameter 7";
@@ -468,6 +468,16 @@ fn tensor_map_params_round_trip_and_name_what_the_kernel_cannot_map() {
         let err = error_after(|v| forward(v)["kernels"][1]["params"].as_array_mut().unwrap().push(map("q", box_rows)));
         assert_eq!(err, format!("{prefix}: tensor map of `q`: a box of {box_rows} rows (1 to 256)"));
     }
+    // A map may see its buffer under another shape of as many elements (x [B, S, 64] as heads).
+    let viewed = |view: serde_json::Value| serde_json::json!({"kind": "tensor_map", "buffer": "x", "box_rows": 64, "view": view});
+    let heads = serde_json::json!([{"var": "B"}, {"var": "S"}, {"const": 4}, {"const": 16}]);
+    let mut value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
+    forward(&mut value)["kernels"][1]["params"].as_array_mut().unwrap().push(viewed(heads));
+    Manifest::from_json(&value.to_string()).unwrap();
+    let err = error_after(|v| {
+        forward(v)["kernels"][1]["params"].as_array_mut().unwrap().push(viewed(serde_json::json!([{"var": "B"}, {"var": "S"}, {"const": 32}])))
+    });
+    assert_eq!(err, format!("{prefix}: tensor map of `x`: a view [B, S, 32] of the buffer's [B, S, 64] does not hold as many elements"));
 }
 
 /// The spec fixtures of the Python tests (tests/python/fixtures/*_spec.json) are the examples'

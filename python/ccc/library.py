@@ -47,9 +47,9 @@ class BoundCall:
             if kind == "buffer":
                 args.append(numpy.uint64(self.tensors[self.plan.buffers[value].name].data_ptr()))
             elif kind == "tensor_map":
-                index, box_rows = value
-                args.append(tensor_map.kernel_argument(self.tensors[self.plan.buffers[index].name],
-                                                       box_rows))
+                index, box_rows, view = value
+                tensor = self.tensors[self.plan.buffers[index].name]
+                args.append(tensor_map.kernel_argument(tensor if view is None else tensor.view(view), box_rows))
             else:
                 args.append(numpy.uint32(value))
         return tuple(args)

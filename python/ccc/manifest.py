@@ -11,6 +11,7 @@ import json
 import os
 import re
 from collections import namedtuple
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import ManifestError, SizeError, TensorMismatch, UnsupportedDevice
@@ -51,7 +52,9 @@ class BufferManifest:
 @dataclass(frozen=True)
 class KernelManifest:
     symbol: str
-    params: tuple  # ("buffer", name), ("size", "B" | "S" | "SMs") or ("tensor_map", (name, rows))
+    # ("buffer", name), ("size", "B" | "S" | "SMs") or ("tensor_map", (name, rows, view)), view
+    # the shape (size expressions) the map sees the buffer as, or None for its own
+    params: tuple
     grid: tuple  # three SizeExpr
     block: tuple
     dynamic_shared_bytes: int
@@ -137,9 +140,13 @@ def _parse_param(obj, where):
         _object(obj, where, ("kind", "name"))
         return ("buffer", _typed(obj["name"], "str", f"{where}.name"))
     if obj["kind"] == "tensor_map":
-        _object(obj, where, ("kind", "buffer", "box_rows"))
+        _object(obj, where, ("kind", "buffer", "box_rows"), ("view",))
+        view = None
+        if "view" in obj:
+            view = tuple(parse_size_expr(d, f"{where}.view[{i}]")
+                         for i, d in enumerate(_typed(obj["view"], "list", f"{where}.view")))
         return ("tensor_map", (_typed(obj["buffer"], "str", f"{where}.buffer"),
-                               _typed(obj["box_rows"], "uint", f"{where}.box_rows")))
+                               _typed(obj["box_rows"], "uint", f"{where}.box_rows"), view))
     _object(obj, where, ("kind", "var"))
     return ("size", _variant(obj["var"], tuple(SIZE_VARS), f"{where}.var"))
 
@@ -366,6 +373,26 @@ def _buffer_problem(buffer, manifest):
     return None
 
 
+def _viewed_as(buffer, view):
+    """`buffer` seen as `view` (a tensor map's), laid out as its rank says; a message where the
+    view does not hold as many elements at every size. The Rust manifest's rule."""
+    layout = {4: "BSHD", 3: "BSC", 2: "row_major"}.get(len(view))
+    if layout is None:
+        return f"a view {format_shape(view)} of rank 2 to 4"
+
+    def elements(shape, env):
+        count = 1
+        for dim in shape:
+            count *= dim.eval(env)
+        return count
+    for batch, seq_len in ((1, 1), (3, 17), (2, 1000)):
+        env = {"B": batch, "S": seq_len, "SMs": 132, "pages": 7, "blocks": 5}
+        if elements(buffer.shape, env) != elements(view, env):
+            return (f"a view {format_shape(view)} of the buffer's {format_shape(buffer.shape)} does not "
+                    "hold as many elements")
+    return dataclasses.replace(buffer, shape=tuple(view), layout=layout)
+
+
 def _tensor_map_problem(buffer, box_rows):
     """What keeps `buffer` from being read through a tensor map (see ccc.tensor_map), if anything."""
     rank = {"BSHD": 4, "BSE": 3, "BSC": 3, "row_major": 2}.get(buffer.layout)
@@ -390,10 +417,15 @@ def _kernel_problem(kernel, buffers):
         if kind == "buffer" and value not in buffers:
             return f"parameter {index} names a missing buffer `{value}`"
         if kind == "tensor_map":
-            name, box_rows = value
+            name, box_rows, view = value
             if name not in buffers:
                 return f"parameter {index} maps a missing buffer `{name}`"
-            problem = _tensor_map_problem(buffers[name], box_rows)
+            target = buffers[name]
+            if view is not None:
+                target = _viewed_as(target, view)
+                if isinstance(target, str):
+                    return f"parameter {index}: tensor map of `{name}`: {target}"
+            problem = _tensor_map_problem(target, box_rows)
             if problem:
                 return f"parameter {index}: tensor map of `{name}`: {problem}"
     if 0 in kernel.block:
@@ -445,7 +477,7 @@ class PlannedLaunch:
     block: tuple
     dynamic_shared_bytes: int
     # ("buffer", index into CallPlan.buffers), ("size", u32 value) or
-    # ("tensor_map", (index into CallPlan.buffers, box rows))
+    # ("tensor_map", (index into CallPlan.buffers, box rows, view shape or None))
     args: tuple
 
 
@@ -518,7 +550,10 @@ def plan_call(manifest, entry, batch, seq_len, sms, pages=None, blocks=None):
             if kind == "buffer":
                 args.append(("buffer", index_of[value]))
             elif kind == "tensor_map":
-                args.append(("tensor_map", (index_of[value[0]], value[1])))
+                name, box_rows, view = value
+                if view is not None:
+                    view = tuple(evaluate(d, f"kernel `{kernel.symbol}`: the view of `{name}`") for d in view)
+                args.append(("tensor_map", (index_of[name], box_rows, view)))
             elif env[value] is None:
                 raise SizeError(f"kernel `{kernel.symbol}`: parameter {index} {Unbound(value)}")
             elif env[value] > U32_MAX:

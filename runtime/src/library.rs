@@ -1,7 +1,7 @@
 //! A loaded kernel library on one GPU: the manifest, the PTX module and its resolved kernels.
 
 use crate::error::{RuntimeError, runs_target};
-use crate::plan::{CallPlan, PlannedArg, check_decode_indices};
+use crate::plan::{CallPlan, PlannedArg, PlannedBuffer, check_decode_indices};
 use crate::tensor::{HostData, HostTensor, nan_bytes};
 use crate::tensor_map::{self, EncodedTensorMap};
 use crate::weights::{WeightSet, check_tensor};
@@ -664,9 +664,10 @@ impl Library {
         let mut encoded = Vec::new();
         for launch in &plan.launches {
             for arg in &launch.args {
-                if let PlannedArg::TensorMap { buffer, box_rows } = *arg {
+                if let PlannedArg::TensorMap { buffer, box_rows, ref view } = *arg {
                     let planned = &plan.buffers[buffer];
-                    let geometry = tensor_map::geometry(planned, box_rows)?;
+                    let viewed = view.as_ref().map(|shape| PlannedBuffer { shape: shape.clone(), ..planned.clone() });
+                    let geometry = tensor_map::geometry(viewed.as_ref().unwrap_or(planned), box_rows)?;
                     let (address, _read) = tensors[buffer].buffer.device_ptr(&self.stream);
                     encoded.push(tensor_map::encode(&geometry, address, &planned.name)?);
                 }

@@ -43,15 +43,15 @@ pub struct PlannedLaunch {
     pub args: Vec<PlannedArg>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PlannedArg {
     /// Index into [`CallPlan::buffers`].
     Buffer(usize),
     Size(u32),
     /// The TMA descriptor of buffer `buffer` (index into [`CallPlan::buffers`]) with boxes of
     /// `box_rows` rows, passed by value; encoded when the call's buffers are bound
-    /// ([`crate::tensor_map`]).
-    TensorMap { buffer: usize, box_rows: u32 },
+    /// ([`crate::tensor_map`]), seen as `view` where the manifest gives one.
+    TensorMap { buffer: usize, box_rows: u32, view: Option<Vec<usize>> },
 }
 
 impl CallPlan {
@@ -140,8 +140,18 @@ impl CallPlan {
                 .enumerate()
                 .map(|(index, param)| match param {
                     KernelParamManifest::Buffer { name } => buffer_index(name).map(PlannedArg::Buffer),
-                    KernelParamManifest::TensorMap { buffer, box_rows } => buffer_index(buffer)
-                        .map(|buffer| PlannedArg::TensorMap { buffer, box_rows: *box_rows }),
+                    KernelParamManifest::TensorMap { buffer, box_rows, view } => {
+                        let view = view
+                            .as_ref()
+                            .map(|shape| {
+                                shape
+                                    .iter()
+                                    .map(|dim| dim.eval(&env).map(|d| d as usize).map_err(|e| RuntimeError::Size { message: format!("kernel `{}`: view of `{buffer}`: {e}", kernel.symbol) }))
+                                    .collect::<Result<Vec<_>, _>>()
+                            })
+                            .transpose()?;
+                        buffer_index(buffer).map(|buffer| PlannedArg::TensorMap { buffer, box_rows: *box_rows, view })
+                    }
                     KernelParamManifest::Size { var } => {
                         let value = env
                             .get(*var)

@@ -65,10 +65,10 @@ fn plan_passes_tensor_maps_with_their_buffer_and_box() {
     let forward = &mut manifest.entry_points[0];
     let o = forward.buffers.iter_mut().find(|b| b.name == "o").unwrap();
     o.shape[3] = ccc::ir::size::SizeExpr::c(64);
-    forward.kernels[1].params.push(KernelParamManifest::TensorMap { buffer: "o".into(), box_rows: 64 });
+    forward.kernels[1].params.push(KernelParamManifest::TensorMap { buffer: "o".into(), box_rows: 64, view: None });
     manifest.validate().unwrap();
     let plan = CallPlan::for_sizes(&manifest, EntryPoint::Forward, SizeEnv { batch: 2, seq_len: 5, sms: None, pages: None, blocks: None }).unwrap();
-    let Some(&PlannedArg::TensorMap { buffer, box_rows }) = plan.launches[1].args.last() else {
+    let Some(&PlannedArg::TensorMap { buffer, box_rows, .. }) = plan.launches[1].args.last() else {
         panic!("the last argument is the tensor map: {:?}", plan.launches[1].args);
     };
     assert_eq!((plan.buffers[buffer].name.as_str(), plan.buffers[buffer].shape.as_slice(), box_rows), ("o", &[2, 5, 2, 64][..], 64));

@@ -412,9 +412,19 @@ class CallPlanning(unittest.TestCase):
         next(b for b in forward["buffers"] if b["name"] == "q")["shape"] = [B(), S(), c(8), c(128)]
         forward["kernels"][2]["params"].append(tensor_map("q", 128))
         plan = plan_call(parse(value), "forward", 2, 1000, None)
-        kind, (index, box_rows) = plan.launches[2].args[-1]
-        self.assertEqual((kind, plan.buffers[index].name, plan.buffers[index].shape, box_rows),
-                         ("tensor_map", "q", (2, 1000, 8, 128), 128))
+        kind, (index, box_rows, view) = plan.launches[2].args[-1]
+        self.assertEqual((kind, plan.buffers[index].name, plan.buffers[index].shape, box_rows, view),
+                         ("tensor_map", "q", (2, 1000, 8, 128), 128, None))
+        # A map may see its buffer under another shape of as many elements, as the Rust manifest.
+        value = zaya1_manifest_json()
+        forward = value["entry_points"][0]
+        forward["kernels"][2]["params"].append(dict(tensor_map("x", 128), view=[c(1), S(), c(2), c(1024)]))
+        with self.assertRaisesRegex(ManifestError, r"a view \[1, S, 2, 1024\] of the buffer's \[B, S, 2048\] "
+                                    "does not hold as many elements"):
+            parse(value)
+        forward["kernels"][2]["params"][-1]["view"] = [B(), S(), c(2), c(1024)]
+        plan = plan_call(parse(value), "forward", 2, 1000, None)
+        self.assertEqual(plan.launches[2].args[-1][1][2], (2, 1000, 2, 1024))
 
     def test_tensor_map_geometry_matches_the_rust_runtime(self):
         # runtime/src/tensor_map.rs, geometry_sees_dimensions_innermost_first_with_boxes_along_the_rows

@@ -326,7 +326,7 @@ fn plan(dir: &Path, env: SizeEnv) -> Result<bool, RuntimeError> {
             .map(|arg| match arg {
                 PlannedArg::Buffer(index) => plan.buffers[*index].name.clone(),
                 PlannedArg::Size(value) => value.to_string(),
-                PlannedArg::TensorMap { buffer, box_rows } => {
+                PlannedArg::TensorMap { buffer, box_rows, .. } => {
                     format!("tensor_map({}, {box_rows} rows)", plan.buffers[*buffer].name)
                 }
             })

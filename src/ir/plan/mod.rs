@@ -115,11 +115,13 @@ impl KernelBuilder {
     }
 
     /// The forward kernel whose Hopper builder may replace this one, and over which token rows:
-    /// the forward's own, and a packed prefill's attention over its chunk.
+    /// the forward's own, and a packed prefill's projections and attention over its chunk.
     pub fn hopper_form(self) -> Option<(ForwardKernel, kernel::TokenRows)> {
         match self {
             KernelBuilder::Forward(which) => Some((which, kernel::TokenRows::Batch)),
             KernelBuilder::Decode(DecodeKernel::PrefillAttention, _) => Some((ForwardKernel::Attention, kernel::TokenRows::Packed)),
+            KernelBuilder::Decode(DecodeKernel::PrefillProjection, _) => Some((ForwardKernel::QkvProjection, kernel::TokenRows::Packed)),
+            KernelBuilder::Decode(DecodeKernel::PrefillOutputProjection, _) => Some((ForwardKernel::OutputProjection, kernel::TokenRows::Packed)),
             KernelBuilder::Backward(_) | KernelBuilder::Decode(..) => None,
         }
     }

@@ -132,7 +132,7 @@ fn over_token_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) 
 
 /// A forward kernel over [B, S] token rows run over a packed prefill's S rows ([1, S]).
 fn over_packed_rows(kernel: KernelFn, which: DecodeKernel, spec: &AttentionSpec) -> KernelFn {
-    let mut kernel = kernel.with_sizes(&|var| if var == SizeVar::Batch { SizeExpr::c(1) } else { SizeExpr::Var(var) });
+    let mut kernel = TokenRows::Packed.sized(kernel);
     kernel.name = format!("{}_{}", spec.name, which.suffix());
     kernel
 }

@@ -937,6 +937,14 @@ impl TokenRows {
         (self == TokenRows::Packed).then(|| tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read))
     }
 
+    /// A kernel built over [B, S] token rows run over these: a packed batch's S rows are [1, S].
+    pub fn sized(self, kernel: KernelFn) -> KernelFn {
+        match self {
+            TokenRows::Batch => kernel,
+            TokenRows::Packed => kernel.with_sizes(&|var| if var == SizeVar::Batch { SizeExpr::c(1) } else { SizeExpr::Var(var) }),
+        }
+    }
+
     /// `body` for the CTAs whose query tile starts at `q_row0` inside sequence b (a packed
     /// batch's grid covers S rows for every sequence).
     fn inside(self, body: Vec<Stmt>) -> Vec<Stmt> {
