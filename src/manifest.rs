@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 4;
+pub const SCHEMA_VERSION: u32 = 5;
 
 /// Hopper's dynamic shared memory limit per block (227 KB).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 232_448;

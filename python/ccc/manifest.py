@@ -1,4 +1,4 @@
-"""Reading, validating and planning calls of a kernel library manifest (schema version 4,
+"""Reading, validating and planning calls of a kernel library manifest (schema version 5,
 docs/manifest.md), in plain Python so that it runs and is tested without a GPU or torch.
 
 `read_library(dir)` parses and validates `dir/manifest.json` with the rules of
@@ -18,7 +18,7 @@ from .errors import ManifestError, SizeError, TensorMismatch, UnsupportedDevice
 from .sizes import SIZE_VARS, U64_MAX, Unbound, format_shape, parse_size_expr
 from .spec import parse_spec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MANIFEST_FILE = "manifest.json"
 MAX_DYNAMIC_SHARED_BYTES = 232_448
 DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024

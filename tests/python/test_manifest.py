@@ -91,7 +91,7 @@ def zaya1_manifest_json():
         kernel("zaya1_out_proj", ["o", "o_proj.weight", "out"],
                [c(32), {"ceil_div": [S(), 64]}, B()]),
     ]
-    return {"schema_version": 4, "compiler_version": "test", "spec": spec_json,
+    return {"schema_version": 5, "compiler_version": "test", "spec": spec_json,
             "target": "sm_90a", "ptx_file": "zaya1.ptx",
             "entry_points": [{"entry": "forward", "kernels": kernels, "buffers": buffers}],
             "weights": weights}
@@ -323,7 +323,7 @@ class ManifestValidation(unittest.TestCase):
 
     def test_schema_version_is_checked_first(self):
         self.assertRaisesRegex(ManifestError, "^unknown manifest schema version 7: this build "
-                               "reads version 4$", parse_manifest, '{"schema_version": 7}')
+                               "reads version 5$", parse_manifest, '{"schema_version": 7}')
         self.assertRaisesRegex(ManifestError, "no schema_version", parse_manifest, "{}")
         self.assertRaisesRegex(ManifestError, "not valid JSON", parse_manifest, "{")
 
