@@ -13,7 +13,11 @@ Timing (`--time`, the first library): the whole decode step (CUDA events around 
 CUDA graph of `BoundCall.run`, as a server launches it) at B x context, with the decode attention's time alone and the bandwidth
 its KV reads reach (bytes of the pages it reads / time), beside the decode step of an MHA layer
 of the same width in PyTorch (q, k, v projections, the new k and v written into a dense cache,
-SDPA over it, the output projection; graphed too), where its cache fits in half the GPU's memory.
+SDPA over it, the output projection; graphed too), where its cache fits in half the GPU's memory,
+and beside Hugging Face's ZAYA1 decode step (`ZayaAttention` with its `DynamicCache`, launched
+eagerly: its cache grows by concatenation, which no CUDA graph captures; our step launched
+directly is timed too). Then packed prefills of 32k tokens beside the forwards of the same
+sequences.
 """
 
 import argparse
@@ -180,9 +184,42 @@ def time_ccc(layer, weights, batch, context):
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     call = layer.bind_decode(x, weights, cache, table.to(device), seq_lens, poison=False)
     step_ms = cuda_time(graphed(lambda: call.run(check_each=False)))
+    direct_ms = cuda_time(lambda: call.run(check_each=False))
     attention_ms = cuda_time(graphed(lambda: call.run_kernel("decode_attention", check_each=False)))
     kv_bytes = 2 * batch * context * spec.kv_heads * spec.head_dim * torch.finfo(dtype).bits // 8
-    return step_ms, attention_ms, kv_bytes / (attention_ms * 1e-3) / 1e9
+    return step_ms, direct_ms, attention_ms, kv_bytes / (attention_ms * 1e-3) / 1e9
+
+
+def time_hf(spec, weights, batch, context):
+    """Hugging Face's ZAYA1 decode step (`ZayaAttention` with its own `DynamicCache` holding
+    `context` tokens of random k, v and state, the new token at position `context`), launched
+    eagerly as `generate` runs it: its KV cache grows by concatenation every step, which a CUDA
+    graph cannot capture. None for layers not of ZAYA1's form, or where the cache and its copy
+    would take more than half the GPU's memory."""
+    from ccc.hf import ZayaLayer, zaya_incompatibility
+    from transformers.cache_utils import DynamicCache
+
+    if zaya_incompatibility(spec):
+        return None
+    device = torch.device("cuda")
+    dtype = ccc.library.TORCH_DTYPES[spec.dtype]
+    cache_bytes = 2 * batch * spec.kv_heads * (context + 32) * spec.head_dim * 2
+    if 2 * cache_bytes > torch.cuda.get_device_properties(0).total_memory / 2:
+        return None
+    hf = ZayaLayer(spec, weights, dtype)
+    cache = DynamicCache(config=hf.config)
+    keys = torch.randn(batch, spec.kv_heads, context, spec.head_dim, device=device, dtype=dtype)
+    cache.update(keys, torch.randn_like(keys), 0)
+    cache.update_conv_state(torch.randn(batch, spec.packed_width, spec.conv_history, device=device, dtype=dtype), 0)
+    cache.update_recurrent_state(torch.randn(batch, spec.value_shift * spec.head_dim, device=device, dtype=dtype), 0)
+    x = torch.randn(batch, 1, spec.model_dim, device=device, dtype=dtype)
+    positions = torch.full((batch, 1), context, device=device)
+    embeddings = hf.rotary(x, positions, layer_type=hf.layer_type)
+    with torch.no_grad():
+        ms = cuda_time(lambda: hf.module(x, attention_mask=None, past_key_values=cache, position_embeddings=embeddings), repeats=10)
+    del cache, keys, hf
+    torch.cuda.empty_cache()
+    return ms
 
 
 def time_prefill(layer, weights, lens):
@@ -270,16 +307,25 @@ def main():
     if args.time:
         layer = ccc.load(args.libraries[0])
         weights = layer.random_state_dict(3)
-        print(f"{'B':>4} {'context':>8} {'ccc step ms':>12} {'attention ms':>13} {'KV GB/s':>9} {'MHA step ms':>12} {'MHA/ccc':>8}")
+        print(f"{'B':>4} {'context':>8} {'ccc step ms':>12} {'(direct)':>9} {'attention ms':>13} {'KV GB/s':>9} "
+              f"{'MHA step ms':>12} {'MHA/ccc':>8} {'HF step ms':>11} {'HF/ccc':>7}")
         for batch in [int(v) for v in args.batches.split(",")]:
             for context in [int(v) for v in args.contexts.split(",")]:
-                step_ms, attention_ms, bandwidth = time_ccc(layer, weights, batch, context)
+                step_ms, direct_ms, attention_ms, bandwidth = time_ccc(layer, weights, batch, context)
                 mha_ms = time_mha(layer.spec, batch, context)
-                ratio = f"{mha_ms / step_ms:8.2f}" if mha_ms else "       -"
+                try:
+                    hf_ms = time_hf(layer.spec, weights, batch, context)
+                except Exception as error:  # the peer's API moves between transformers releases
+                    print(f"HF decode step not timed: {type(error).__name__}: {error}")
+                    hf_ms = None
+                ratio = lambda peer: f"{peer / step_ms:8.2f}" if peer else "       -"
                 mha = f"{mha_ms:12.3f}" if mha_ms else "           -"
-                print(f"{batch:4d} {context:8d} {step_ms:12.3f} {attention_ms:13.3f} {bandwidth:9.0f} {mha} {ratio}")
-                report["times"].append({"batch": batch, "context": context, "step_ms": step_ms,
-                                        "attention_ms": attention_ms, "kv_gb_per_s": bandwidth, "mha_step_ms": mha_ms})
+                hf = f"{hf_ms:11.3f}" if hf_ms else "          -"
+                print(f"{batch:4d} {context:8d} {step_ms:12.3f} {direct_ms:9.3f} {attention_ms:13.3f} {bandwidth:9.0f} "
+                      f"{mha} {ratio(mha_ms)} {hf} {ratio(hf_ms)}")
+                report["times"].append({"batch": batch, "context": context, "step_ms": step_ms, "direct_step_ms": direct_ms,
+                                        "attention_ms": attention_ms, "kv_gb_per_s": bandwidth, "mha_step_ms": mha_ms,
+                                        "hf_step_ms": hf_ms})
                 torch.cuda.empty_cache()
     if args.time:
         for lens in [[int(v) for v in group.split(",")] for group in args.prefill_lens.split(";")]:
