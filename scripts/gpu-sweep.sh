@@ -30,9 +30,12 @@
 #      16-bit autograd for the layers without CCA steps), timed; then bench/backward_stages.py, the
 #      prologue backward's buffers of zaya1 and cca4x against float64 autograd of steps 3 to 6;
 #   decode (not default): with gpu-carry/serve (every example compiled with decode):
-#      bench/decode_step.py, decode steps of every example (and of the random specs, with
-#      GPU_PREPARE_RANDOM) against its forward over the whole sequences (caches filled as a prefill would leave them), then zaya1's step timed at
-#      B 1, 8, 64, 256 × context 1k to 32k beside an MHA layer's decode step in PyTorch; and
+#      bench/decode_step.py, chunked packed prefills and decode steps of every example (and of the
+#      random specs, with GPU_PREPARE_RANDOM) against its forward over the whole sequences, ZAYA1-form
+#      layers also against Hugging Face's ZayaAttention over 256 decode steps, then zaya1's step
+#      timed at B 1, 8, 64, 256 × context 1k to 32k beside an MHA layer's decode step in PyTorch
+#      and HF's, and packed prefills beside the forwards; a 3000-token prefill + 1000 steps of
+#      every example; and
 #      with gpu-carry/decode-ptx: bench/decode_attention.py, the raw decode attention kernels
 #      against float32 attention, timed beside SDPA's decode on a dense cache, with the achieved
 #      HBM bandwidth;
@@ -138,7 +141,9 @@ for s in $steps; do
         for dir in gpu-carry/serve/*/*/ "$libs"/random_*/*/; do
           [ -d "$dir" ] && [ "${dir%/}" != gpu-carry/serve/zaya1/zaya1 ] && served+=("${dir%/}")
         done
-        step decode-step 400 python3 -u -W ignore bench/decode_step.py "${served[@]}" --time --out "$out/decode-step.json"
+        step decode-step 400 python3 -u -W ignore bench/decode_step.py "${served[@]}" --time --hf-steps 256 --out "$out/decode-step.json"
+        # A 3000-token prefill and 1000 decode steps of every example against the forward.
+        step decode-long 300 python3 -u -W ignore bench/decode_step.py gpu-carry/serve/*/*/ --lens 3000 --steps 1000
         step decode-rust 120 env CCC_GPU_SERVE_LIB=gpu-carry/serve/zaya1/zaya1 gpu-carry/runtime-gpu-tests --ignored \
           prefill_and_decode_from_rust
         # Every decode kernel under memcheck (out-of-bounds page reads and writes), small shapes.
