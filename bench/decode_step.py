@@ -66,8 +66,8 @@ def check(directory, lens, steps, seed):
     layer = ccc.load(directory)
     spec = layer.spec
     if spec.mask.kind == "none":
-        # The forward is bidirectional (and over a padded batch sees the padding), while a decode
-        # step sees the tokens so far: no forward to compare with here
+        # The forward is bidirectional, while a prefill's chunk and a decode step see the tokens
+        # so far: no forward to compare with here
         # (tests/ir_kernel_decode_step.rs checks such specs against the reference).
         return {"library": directory, "ok": True, "skipped": "mask none: no forward gives a decode step's output"}
     device = torch.device("cuda")
@@ -99,7 +99,6 @@ def check(directory, lens, steps, seed):
                 if error > TOLERANCE:
                     raise AssertionError(f"prefill out of sequence {b} (tokens {done[b]}..{done[b] + n}): relative L2 {error:.2e}")
             done[b] += n
-    table_d = table.to(device)
     worst = 0.0
     for step in range(steps):
         x = torch.stack([xs[b][0, lens[b] + step] for b in range(batch)]).unsqueeze(1)

@@ -4,9 +4,9 @@
 //! state the reference's prefill left (pages in random order, an empty slot), against the
 //! reference's `decode_step` of each sequence: the outputs, and the state the step leaves (the
 //! new token's k and v in its page row, nothing else in the pool touched, the convolution and
-//! shift state moved on). And the prefill entry point's kernel after the forward over a batch of
-//! right-padded prompts: the pages and state it leaves equal the reference's prefill, and a
-//! decode step from them the reference's.
+//! shift state moved on). And the prefill entry point's kernels (`plan_prefill`) over a packed
+//! batch of chunks continuing cached sequences, as planned and as the driver ships them, against
+//! the reference's `PagedCache::step`.
 
 mod common;
 
@@ -206,9 +206,10 @@ fn decode_steps_of_random_specs_equal_the_references() {
 }
 
 /// Cached tokens before the packed prefill, and the chunk each sequence then takes: new and
-/// continued sequences, one shorter than the convolution history, an empty slot (0, 0), a
-/// sequence without new tokens, and chunks crossing pages.
-const CHUNKS: [(usize, usize); 6] = [(0, 5), (9, 4), (0, 0), (17, 1), (3, 23), (6, 0)];
+/// continued sequences (one at a page boundary), one shorter than the convolution history, an empty slot (0, 0), a
+/// sequence without new tokens, chunks crossing pages, and one long enough for several query
+/// tiles, prologue CTAs and key tiles.
+const CHUNKS: [(usize, usize); 7] = [(0, 5), (16, 4), (0, 0), (17, 1), (3, 23), (6, 0), (130, 70)];
 
 /// The prefill plan's kernels over a packed batch of chunks continuing what the reference's
 /// paged cache holds (pages in random order, a pool whose other rows hold values nothing may
@@ -330,6 +331,10 @@ fn packed_prefill_continuing_cached_sequences_equals_the_references() {
     check_prefill(&AttentionSpec { mask: Mask::SlidingWindow { window: 7 }, ..spec.clone() }, PagedKv { page_size: 8, partition_keys: 16 }, 11);
     check_prefill(&AttentionSpec { value_shift: 2, bias: false, ..spec.clone() }, PagedKv { page_size: 16, partition_keys: 16 }, 10);
     check_prefill(&spec, PagedKv { page_size: 128, partition_keys: 128 }, 12);
+    // Pages that do not divide the key tile (tiles of two 24-token pages); a one-key window (no
+    // cached key visible: the cached pass must read no page).
+    check_prefill(&spec, PagedKv { page_size: 24, partition_keys: 48 }, 13);
+    check_prefill(&AttentionSpec { mask: Mask::SlidingWindow { window: 1 }, ..spec.clone() }, PagedKv { page_size: 8, partition_keys: 16 }, 14);
     let mut rng = XorShift64Star::new(43);
     for index in 0..8 {
         check_prefill(&random_spec(&mut rng, index), PagedKv { page_size: 8, partition_keys: 16 }, 200 + index as u64);

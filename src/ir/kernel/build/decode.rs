@@ -8,7 +8,15 @@
 //! rows, keys gathered page by page through the block table) and `decode_merge` (its
 //! partitions merged by log-sum-exp) attend over the pages.
 //!
-//! The caller's `seq_lens[b]` counts sequence b's tokens with the new one (0: an empty slot,
+//! The prefill entry point's kernels run over a packed batch (sequence b = rows cu_seqlens[b] ..
+//! cu_seqlens[b + 1] of one [1, S] batch), each sequence continuing the tokens its pages and
+//! state hold: the forward's projection GEMMs over the packed rows (`prefill_qkv_proj`,
+//! `prefill_out_proj`), the prologue after each sequence's convolution state
+//! (`prefill_qk_prologue`), `prefill_cache` (the new k and v into the pages, the state moved on),
+//! `prefill_attention` (the forward's attention over each sequence's own new tokens) and
+//! `prefill_cached_attention` (the new tokens against the cached keys, merged by log-sum-exp).
+//!
+//! The caller's `seq_lens[b]` counts sequence b's tokens with the new ones (0: an empty slot,
 //! which writes nothing into the cache or its state and gets 0).
 
 use super::*;
@@ -496,16 +504,9 @@ fn kv_append(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, String> {
 /// of the packed batch, its length after them (`len`, the caller's seq_lens[b]) and before
 /// them (`cached`).
 fn packed_sequence() -> Vec<Stmt> {
-    vec![
-        let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
-        let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
-        let_("len", Expr::global("seq_lens", vec![var("b")])),
-        let_("cached", var("len") - (var("seq_end") - var("seq_start"))),
-    ]
-}
-
-fn cu_seqlens_param() -> KernelParam {
-    tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read)
+    let mut lets = packed_rows().to_vec();
+    lets.extend([let_("len", Expr::global("seq_lens", vec![var("b")])), let_("cached", var("len") - (var("seq_end") - var("seq_start")))]);
+    lets
 }
 
 /// CTA = query rows [q_tile · M, +M) of sequence b's new tokens, query head h, where the
@@ -615,11 +616,17 @@ fn prefill_cached_attention(spec: &AttentionSpec, paged: PagedKv, s: &Schedule) 
         Stmt::Map { dst: w(softmax.o), expr: (Expr::Elem * at_row(softmax.alpha) + chunk_o * at_row(softmax.tile_max)) / at_row(softmax.l) },
         Stmt::Store { src: w(softmax.o), dst: token_rows("o") },
     ]);
+    // Under a window, no cached key is visible once the tile's first row's window starts past
+    // them (the page clamps below assume one is).
+    let mut any_visible = int(0).lt(var("kv_count"));
+    if windowed {
+        any_visible = any_visible.and(var("first_key").lt(var("cached")));
+    }
     work.extend([
         Stmt::Note("only key tiles some row of this tile can see; none: the chunk's own attention stands".into()),
         let_("kv_first", kv_start),
         let_("kv_count", kv_end - var("kv_first")),
-        Stmt::If { cond: int(0).lt(var("kv_count")), then_body: attend, else_body: Vec::new() },
+        Stmt::If { cond: any_visible, then_body: attend, else_body: Vec::new() },
     ]);
     let mut body = vec![
         Stmt::Note(format!("CTA = {bm} new tokens of sequence b, query head h, against its cached keys; key tiles of {bn} from pages of {page_size}")),
@@ -700,25 +707,22 @@ fn prefill_cache(spec: &AttentionSpec, paged: PagedKv) -> Result<KernelFn, Strin
         if let Some(bias) = param_name(spec, ParamRole::ValueBiasDelayed) {
             value = value + Expr::global(&bias, vec![Expr::Col]);
         }
-        pages.extend([
-            Stmt::Note("the first new token's delayed value heads: the shift state (zero for a new sequence) + bias".into()),
+        // CTA 0 holds the first new token; only it reads the shift state (CTA 0 writes it later).
+        let first_token = vec![
             Stmt::Map {
                 dst: t.view(page_s, int(0), int(current_columns), page, shifted * d),
                 expr: Expr::select((position0.clone() + Expr::Row).eq(var("cached")), value, Expr::Elem),
             },
             Stmt::Barrier,
-            Stmt::Note("and into v, which the attention over the chunk reads (CTA 0 holds the first token)".into()),
-            Stmt::If {
-                cond: var("j").eq(int(0)),
-                then_body: vec![Stmt::Store {
-                    src: t.view(page_s, var("cached") - position0.clone(), int(current_columns), 1, shifted * d),
-                    dst: GlobalTile {
-                        param: "v".into(),
-                        dims: vec![GlobalDim::At(int(0)), span(var("seq_start"), 1), span(int(current_columns), shifted * d)],
-                    },
-                }],
-                else_body: Vec::new(),
+            Stmt::Note("and into v, which the attention over the chunk reads".into()),
+            Stmt::Store {
+                src: t.view(page_s, var("cached") - position0.clone(), int(current_columns), 1, shifted * d),
+                dst: GlobalTile { param: "v".into(), dims: vec![GlobalDim::At(int(0)), span(var("seq_start"), 1), span(int(current_columns), shifted * d)] },
             },
+        ];
+        pages.extend([
+            Stmt::Note("the first new token's delayed value heads: the shift state (zero for a new sequence) + bias".into()),
+            Stmt::If { cond: var("j").eq(int(0)), then_body: first_token, else_body: Vec::new() },
         ]);
     }
     pages.push(into_page("v_cache"));

@@ -878,16 +878,26 @@ pub enum TokenRows {
     Packed,
 }
 
+/// A packed batch's offsets: sequence b is rows cu_seqlens[b] .. cu_seqlens[b + 1].
+fn cu_seqlens_param() -> KernelParam {
+    tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read)
+}
+
+/// The lets every CTA of packed sequence b (`b` bound) starts with: its rows `seq_start` ..
+/// `seq_end` of the packed batch.
+fn packed_rows() -> [Stmt; 2] {
+    [
+        let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
+        let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
+    ]
+}
+
 impl TokenRows {
     /// The lets a CTA of sequence b (`b` bound) starts with.
     fn sequence_lets(self) -> Vec<Stmt> {
         match self {
             TokenRows::Batch => Vec::new(),
-            TokenRows::Packed => vec![
-                let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
-                let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
-                let_("len", var("seq_end") - var("seq_start")),
-            ],
+            TokenRows::Packed => packed_rows().to_vec(),
         }
     }
 
@@ -895,7 +905,7 @@ impl TokenRows {
     fn len(self) -> Expr {
         match self {
             TokenRows::Batch => seq(),
-            TokenRows::Packed => var("len"),
+            TokenRows::Packed => var("seq_end") - var("seq_start"),
         }
     }
 
@@ -934,7 +944,7 @@ impl TokenRows {
 
     /// The parameters besides the tensors' (a packed batch's offsets).
     fn offsets_param(self) -> Option<KernelParam> {
-        (self == TokenRows::Packed).then(|| tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read))
+        (self == TokenRows::Packed).then(cu_seqlens_param)
     }
 
     /// A kernel built over [B, S] token rows run over these: a packed batch's S rows are [1, S].
@@ -950,7 +960,7 @@ impl TokenRows {
     fn inside(self, body: Vec<Stmt>) -> Vec<Stmt> {
         match self {
             TokenRows::Batch => body,
-            TokenRows::Packed => vec![Stmt::If { cond: var("q_row0").lt(var("len")), then_body: body, else_body: Vec::new() }],
+            TokenRows::Packed => vec![Stmt::If { cond: var("q_row0").lt(self.len()), then_body: body, else_body: Vec::new() }],
         }
     }
 }

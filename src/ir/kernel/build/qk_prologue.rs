@@ -312,7 +312,7 @@ impl<'a> PrologueBuilder<'a> {
             params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(spec.packed_width()), size(self.halo as usize)], Access::Read));
         }
         params.extend(weight_params(spec, is_prologue_param));
-        params.push(tensor("cu_seqlens", ElemType::I32, vec![SizeExpr::batch() + SizeExpr::c(1)], Access::Read));
+        params.push(cu_seqlens_param());
         params.push(tensor("seq_lens", ElemType::I32, vec![SizeExpr::batch()], Access::Read));
         params.push(tensor("q", storage, rows(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, rows(spec.kv_heads), Access::Write));
@@ -397,9 +397,8 @@ impl<'a> PrologueBuilder<'a> {
         // The rows this CTA's tiles may cover: a packed sequence's own, else the batch's S.
         let rows = match self.rows {
             Rows::Packed(_) => {
+                body.extend(packed_rows());
                 body.extend([
-                    let_("seq_start", Expr::global("cu_seqlens", vec![var("b")])),
-                    let_("seq_end", Expr::global("cu_seqlens", vec![var("b") + int(1)])),
                     Stmt::Note("the tokens sequence b held before this chunk".into()),
                     let_("cached", Expr::global("seq_lens", vec![var("b")]) - (var("seq_end") - var("seq_start"))),
                     let_("first_row", var("seq_start") + Expr::BlockIdx(Axis::Y) * int(rows_per_cta)),
