@@ -4,7 +4,9 @@
 # a causal mask that leaks key t + 1, the q-k mean's ½ turned into 1, the RoPE styles swapped; in
 # the backward (tests/ir_kernel_backward.rs) the two-pass kernels' mask leaking key t + 1 and
 # RoPE's backward turning the same way as the forward; in the decode step
-# (tests/ir_kernel_decode_step.rs) RoPE one position late and the convolution state not moved on.
+# (tests/ir_kernel_decode_step.rs) RoPE one position late and the convolution state not moved on;
+# in the packed prefill (the same file) RoPE not counting the cached tokens and the merge with
+# the cached keys mis-weighted.
 # Each file is restored from git afterwards,
 # also when interrupted. Exit status 0 when every mutation failed the tests, 1 when one slipped
 # through. About two minutes per mutation (a release build of the tests, then the run).
@@ -14,13 +16,14 @@ cd "$(dirname "$0")/.."
 attention=src/ir/kernel/build/wgmma_attention.rs
 builders=src/ir/kernel/build/qk_prologue.rs
 attention_backward=src/ir/kernel/build/backward/attention.rs
-for file in "$attention" "$builders" "$attention_backward"; do
+serving=src/ir/kernel/build/decode.rs
+for file in "$attention" "$builders" "$attention_backward" "$serving"; do
   if ! git diff --quiet -- "$file"; then
     echo "mutation-check: $file has uncommitted changes; commit or stash them first" >&2
     exit 2
   fi
 done
-trap 'git checkout -q -- "$attention" "$builders" "$attention_backward"' EXIT
+trap 'git checkout -q -- "$attention" "$builders" "$attention_backward" "$serving"' EXIT
 
 forward_tests=$'--test\tir_kernel_roles\t--\tthe_planned_kernel_ir\twgmma_attention_matches'
 backward_tests=$'--test\tir_kernel_backward'
@@ -33,8 +36,10 @@ mutations=(
   $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => (\t'"$forward_tests"
   $'backward: the two-pass kernels\' mask leaks key t+1\t'"$attention_backward"$'\tmatch mask_allows(self.spec.mask, query, key) {\tmatch mask_allows(self.spec.mask, query + int(1), key) {\t'"$backward_tests"
   $'backward: RoPE turned forward\t'"$builders"$'\tlet sign = if inverse { Expr::Float(-1.0) * sign } else { sign };\tlet sign = sign;\t'"$backward_tests"
-  $'decode: RoPE one position late\t'"$builders"$'\tSome(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),\tSome(_) => Expr::global("seq_lens", vec![var("b")]) + self.top(),\t'"$decode_tests"
+  $'decode: RoPE one position late\t'"$builders"$'\tRows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),\tRows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) + self.top(),\t'"$decode_tests"
   $'decode: convolution state not moved on\t'"$builders"$'\tplus(Expr::Col, self.lead as i64 + 1)\tplus(Expr::Col, self.lead as i64)\t'"$decode_tests"
+  $'prefill: RoPE from the chunk\'s first token, not the cached length\t'"$builders"$'\tRows::Packed(_) => var("cached") + self.top() - var("seq_start"),\tRows::Packed(_) => self.top() - var("seq_start"),\t'"$decode_tests"
+  $'prefill: the cached keys\' weight halved in the merge\t'"$serving"$'\texpr: (at_row(softmax.m) - at_row(softmax.m_new)).exp() },\texpr: (at_row(softmax.m) - at_row(softmax.m_new)).exp() * Expr::Float(0.5) },\t'"$decode_tests"
 )
 failed=0
 for mutation in "${mutations[@]}"; do
