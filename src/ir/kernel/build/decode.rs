@@ -53,7 +53,8 @@ pub enum DecodeKernel {
     /// The prefill entry point's kernels over a packed batch ([1, S] token rows, sequence b
     /// rows cu_seqlens[b] .. cu_seqlens[b + 1]): the forward's projection GEMMs over the rows,
     /// the prologue after each sequence's state, the new tokens' k and v into the pages with
-    /// the state moved on, and attention of the new tokens over their sequences' pages.
+    /// the state moved on, attention of the new tokens over their own keys, then over their
+    /// sequences' cached keys in the pages, merged.
     PrefillProjection,
     PrefillPrologue,
     CacheFill,
