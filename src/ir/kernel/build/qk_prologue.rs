@@ -271,28 +271,9 @@ impl<'a> PrologueBuilder<'a> {
     /// the one new token of each sequence (S = 1), after the T raw rows of its convolution
     /// state [B, P, T] instead of zeros, with RoPE at the token's position seq_lens[b] − 1; the
     /// state moves on by the token (not for an empty slot, seq_lens[b] = 0).
-    pub(super) fn build_decode(mut self) -> KernelFn {
-        let spec = self.spec;
-        let d = spec.head_dim;
-        let storage: ElemType = spec.dtype.into();
-        let state_s = (self.halo > 0).then(|| self.tiles.add("state_s", TileType { elem: storage, rows: self.d, cols: self.halo, layout: Layout::RowMajor { pad: 0 } }));
-        self.rows = Rows::DecodeStep(History { state_s });
-        let bsd = |heads: usize| vec![SizeExpr::batch(), SizeExpr::seq_len(), size(heads), size(d)];
-        let mut params = vec![tensor(
-            PROJECTION_BUFFER,
-            storage,
-            vec![SizeExpr::batch(), SizeExpr::seq_len(), size(spec.packed_width())],
-            Access::Read,
-        )];
-        if state_s.is_some() {
-            params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(spec.packed_width()), size(self.halo as usize)], Access::ReadWrite));
-        }
-        params.extend(weight_params(spec, is_prologue_param));
-        params.push(tensor("seq_lens", ElemType::I32, vec![SizeExpr::batch()], Access::Read));
-        params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
-        params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
-        let name = format!("{}_{}", spec.name, DecodeKernel::Prologue.suffix());
-        self.kernel_over_rows(name, params, "the CCA steps of each sequence's new token", &|builder, kind, y| builder.epilogue(kind, y))
+    pub(super) fn build_decode(self) -> KernelFn {
+        let name = format!("{}_{}", self.spec.name, DecodeKernel::Prologue.suffix());
+        self.build_serving(name, Rows::DecodeStep, SizeExpr::batch(), Access::ReadWrite, Vec::new(), "the CCA steps of each sequence's new token")
             .with_sizes(&|var| if var == SizeVar::SeqLen { SizeExpr::c(1) } else { SizeExpr::Var(var) })
     }
 
@@ -300,24 +281,31 @@ impl<'a> PrologueBuilder<'a> {
     /// steps over the sequences of p0 [1, S, P] that `cu_seqlens` [B + 1] delimits, each after the
     /// seq_lens[b] − n tokens it holds (its convolution state before its first row, RoPE from
     /// that position on). The grid covers S rows per sequence; tiles past a sequence's end exit.
-    pub(super) fn build_packed(mut self) -> KernelFn {
+    pub(super) fn build_packed(self) -> KernelFn {
+        let name = format!("{}_{}", self.spec.name, DecodeKernel::PrefillPrologue.suffix());
+        self.build_serving(name, Rows::Packed, SizeExpr::c(1), Access::Read, vec![cu_seqlens_param()], "the CCA steps of each packed sequence's new tokens")
+    }
+
+    /// A serving prologue: the convolution state staged through a [d, T] tile (read, or moved on
+    /// with `state_access` ReadWrite), rows of batch `batch` ([B, S] or a packed [1, S]), and
+    /// `offsets` before the sequences' lengths.
+    fn build_serving(mut self, name: String, rows: fn(History) -> Rows, batch: SizeExpr, state_access: Access, offsets: Vec<KernelParam>, what: &str) -> KernelFn {
         let spec = self.spec;
         let d = spec.head_dim;
         let storage: ElemType = spec.dtype.into();
         let state_s = (self.halo > 0).then(|| self.tiles.add("state_s", TileType { elem: storage, rows: self.d, cols: self.halo, layout: Layout::RowMajor { pad: 0 } }));
-        self.rows = Rows::Packed(History { state_s });
-        let rows = |heads: usize| vec![size(1), SizeExpr::seq_len(), size(heads), size(d)];
-        let mut params = vec![tensor(PROJECTION_BUFFER, storage, vec![size(1), SizeExpr::seq_len(), size(spec.packed_width())], Access::Read)];
+        self.rows = rows(History { state_s });
+        let token_rows = |heads: usize| vec![batch.clone(), SizeExpr::seq_len(), size(heads), size(d)];
+        let mut params = vec![tensor(PROJECTION_BUFFER, storage, vec![batch.clone(), SizeExpr::seq_len(), size(spec.packed_width())], Access::Read)];
         if state_s.is_some() {
-            params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(spec.packed_width()), size(self.halo as usize)], Access::Read));
+            params.push(tensor(CONV_STATE, storage, vec![SizeExpr::batch(), size(spec.packed_width()), size(self.halo as usize)], state_access));
         }
         params.extend(weight_params(spec, is_prologue_param));
-        params.push(cu_seqlens_param());
+        params.extend(offsets);
         params.push(tensor("seq_lens", ElemType::I32, vec![SizeExpr::batch()], Access::Read));
-        params.push(tensor("q", storage, rows(spec.query_heads), Access::Write));
-        params.push(tensor("k", storage, rows(spec.kv_heads), Access::Write));
-        let name = format!("{}_{}", spec.name, DecodeKernel::PrefillPrologue.suffix());
-        self.kernel_over_rows(name, params, "the CCA steps of each packed sequence's new tokens", &|builder, kind, y| builder.epilogue(kind, y))
+        params.push(tensor("q", storage, token_rows(spec.query_heads), Access::Write));
+        params.push(tensor("k", storage, token_rows(spec.kv_heads), Access::Write));
+        self.kernel_over_rows(name, params, what, &|builder, kind, y| builder.epilogue(kind, y))
     }
 
     /// A packed sequence's first tile: its halo rows before the sequence's first token from the
