@@ -23,12 +23,12 @@ pub fn tolerance(dtype: DType) -> f64 {
 pub fn weights_for(
     manifest: &Manifest,
     seed: u64,
-    file: Option<&Path>,
+    file: Option<(&Path, &str)>,
 ) -> Result<(Weights, WeightSet), RuntimeError> {
     let spec = &manifest.spec;
     let reference_weights = match file {
-        Some(path) => {
-            let set = WeightSet::from_safetensors_file(path, manifest)?;
+        Some((path, prefix)) => {
+            let set = WeightSet::from_safetensors_file(path, manifest, prefix)?;
             let tensors = set
                 .iter()
                 .map(|(name, tensor)| {

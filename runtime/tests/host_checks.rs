@@ -235,7 +235,7 @@ fn safetensors_files_load_in_any_float_dtype() {
     });
     let path = common::scratch_dir("safetensors-any-dtype").join("fixture-weights.safetensors");
     safetensors::serialize_to_file(views, None, &path).unwrap();
-    let set = WeightSet::from_safetensors_file(&path, &manifest).unwrap();
+    let set = WeightSet::from_safetensors_file(&path, &manifest, "").unwrap();
     for (name, shape, data) in &list {
         let tensor = set.get(name).unwrap();
         assert_eq!(
@@ -257,25 +257,64 @@ fn safetensors_errors_name_the_tensor_or_the_file() {
         "q_proj.weight".to_string(),
         TensorView::new(Dtype::I32, vec![1], &ints).unwrap(),
     )];
-    let bytes = safetensors::serialize(views, None).unwrap();
-    let err = WeightSet::from_safetensors_bytes(&bytes, &manifest)
+    let path = common::scratch_dir("safetensors-errors").join("ints.safetensors");
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let err = WeightSet::from_safetensors_file(&path, &manifest, "")
         .unwrap_err()
         .to_string();
     assert!(err.starts_with("weights do not match the library: `q_proj.weight` is stored as I32; bf16, f16 or f32 are accepted; missing `k_proj.weight`"), "{err}");
     let path = common::scratch_dir("safetensors-errors").join("not-safetensors.bin");
     std::fs::write(&path, b"hello").unwrap();
-    let err = WeightSet::from_safetensors_file(&path, &manifest).unwrap_err();
+    let err = WeightSet::from_safetensors_file(&path, &manifest, "").unwrap_err();
     assert!(
         matches!(&err, RuntimeError::Io { .. })
             && err.to_string().contains("not a safetensors file"),
         "{err}"
     );
     let err =
-        WeightSet::from_safetensors_file("/nonexistent/w.safetensors", &manifest).unwrap_err();
+        WeightSet::from_safetensors_file("/nonexistent/w.safetensors", &manifest, "").unwrap_err();
     assert!(
         err.to_string().starts_with("/nonexistent/w.safetensors: "),
         "{err}"
     );
+}
+
+/// A whole model's checkpoint: two layers' weights under `model.layers.N.self_attn.`, an
+/// embedding, and a tensor of a dtype the loader refuses, which it must not read.
+#[test]
+fn a_layer_loads_from_a_whole_model_checkpoint_by_its_prefix() {
+    let manifest = fixture_manifest();
+    let layers = [fixture_weights(0.25), fixture_weights(0.5)];
+    let mut stored: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (index, list) in layers.iter().enumerate() {
+        for (name, shape, data) in list {
+            let bytes = HostTensor::from_f64(TensorDType::Bf16, shape.clone(), data).unwrap().to_le_bytes();
+            stored.push((format!("model.layers.{index}.self_attn.{name}"), Dtype::BF16, shape.clone(), bytes));
+        }
+    }
+    stored.push(("model.embed_tokens.weight".into(), Dtype::F32, vec![2], vec![0; 8]));
+    stored.push(("model.layers.0.mlp.steps".into(), Dtype::I64, vec![1], vec![0; 8]));
+    let views = stored
+        .iter()
+        .map(|(name, dtype, shape, bytes)| (name.clone(), TensorView::new(*dtype, shape.clone(), bytes).unwrap()));
+    let path = common::scratch_dir("safetensors-checkpoint").join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+
+    let set = WeightSet::from_safetensors_file(&path, &manifest, "model.layers.1.self_attn.").unwrap();
+    assert_eq!(set, WeightSet::from_f64(&manifest, weight_entries(&layers[1])).unwrap());
+
+    let err = WeightSet::from_safetensors_file(&path, &manifest, "model.layers.7.self_attn.").unwrap_err().to_string();
+    assert!(
+        err.ends_with(
+            "no tensor starts with `model.layers.7.self_attn.`; the layer's `q_proj.weight` is under \
+             `model.layers.0.self_attn.`, `model.layers.1.self_attn.`"
+        ),
+        "{err}"
+    );
+    // A prefix that matches other tensors: the layer's are missing, each named in full.
+    let err = WeightSet::from_safetensors_file(&path, &manifest, "model.layers.0.").unwrap_err().to_string();
+    assert!(err.contains("missing `model.layers.0.q_proj.weight`"), "{err}");
+    assert!(err.contains("`model.layers.0.mlp.steps` is stored as I64"), "{err}");
 }
 
 #[test]

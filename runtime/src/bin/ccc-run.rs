@@ -1,11 +1,13 @@
 //! `ccc-run`: runs a compiled kernel library on the GPU.
 //!
-//! - `ccc-run validate DIR [--batch B,..] [--seq-len S,..] [--seed N] [--weights FILE]` runs the
-//!   forward pass on seeded random inputs (and weights, unless a safetensors file is given) and
+//! - `ccc-run validate DIR [--batch B,..] [--seq-len S,..] [--seed N] [--weights FILE [--prefix P]]`
+//!   runs the forward pass on seeded random inputs (and weights, unless a safetensors file is
+//!   given: the layer's state dict, or a whole model's checkpoint with the layer under P) and
 //!   compares every output the reference also computes; with a backward entry point also the
 //!   backward on a seeded dout: dx against the tolerance, every weight gradient NaN-free (its
 //!   error printed).
-//! - `ccc-run bench DIR --batch B --seq-len S [--warmup N] [--iterations N]` times it.
+//! - `ccc-run bench DIR --batch B --seq-len S [--warmup N] [--iterations N] [--weights FILE
+//!   [--prefix P]]` times it.
 //! - `ccc-run tune DIR --batch B --seq-len S [--out FILE]` takes the candidate libraries `ccc tune
 //!   -o` wrote for one layer (DIR holds `tune-index.json`), checks each against the reference,
 //!   times each candidate's kernel and writes the fastest correct tiles per kernel to
@@ -59,6 +61,25 @@ struct Cli {
     command: Command,
 }
 
+/// Where a command's weights come from.
+#[derive(clap::Args)]
+struct WeightArgs {
+    /// Use these weights (safetensors, Hugging Face names) instead of seeded random ones: the
+    /// layer's state dict, or a whole model's checkpoint with --prefix. Only the layer's
+    /// tensors are read.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// What the layer's names start with in the checkpoint, e.g. `model.layers.3.self_attn.`
+    #[arg(long, default_value = "", requires = "weights")]
+    prefix: String,
+}
+
+impl WeightArgs {
+    fn file(&self) -> Option<(&Path, &str)> {
+        self.weights.as_deref().map(|path| (path, self.prefix.as_str()))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Compare the GPU forward pass with the f64 CPU reference.
@@ -74,9 +95,8 @@ enum Command {
         /// Seed of the random weights and inputs.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Use these weights (safetensors, Hugging Face names) instead of random ones.
-        #[arg(long)]
-        weights: Option<PathBuf>,
+        #[command(flatten)]
+        weights: WeightArgs,
     },
     /// Time the forward pass with CUDA events.
     Bench {
@@ -91,6 +111,8 @@ enum Command {
         iterations: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        weights: WeightArgs,
     },
     /// Time the candidate libraries of `ccc tune -o` and write the fastest correct tiles per kernel.
     Tune {
@@ -132,7 +154,7 @@ fn main() -> ExitCode {
             seq_len,
             seed,
             weights,
-        } => validate(&dir, &batch, &seq_len, seed, weights.as_deref()),
+        } => validate(&dir, &batch, &seq_len, seed, weights.file()),
         Command::Bench {
             dir,
             batch,
@@ -140,7 +162,8 @@ fn main() -> ExitCode {
             warmup,
             iterations,
             seed,
-        } => bench(&dir, batch, seq_len, warmup, iterations.max(1), seed),
+            weights,
+        } => bench(&dir, batch, seq_len, warmup, iterations.max(1), seed, weights.file()),
         Command::Plan {
             dir,
             batch,
@@ -187,7 +210,7 @@ fn validate(
     batches: &[u64],
     seq_lens: &[u64],
     seed: u64,
-    weights: Option<&Path>,
+    weights: Option<(&Path, &str)>,
 ) -> Result<bool, RuntimeError> {
     let library = load(dir)?;
     let manifest = library.manifest();
@@ -266,11 +289,12 @@ fn bench(
     warmup: usize,
     iterations: usize,
     seed: u64,
+    weights: Option<(&Path, &str)>,
 ) -> Result<bool, RuntimeError> {
     let library = load(dir)?;
     let manifest = library.manifest();
     let spec = &manifest.spec;
-    let (_, weight_set) = weights_for(manifest, seed, None)?;
+    let (_, weight_set) = weights_for(manifest, seed, weights)?;
     let (_, x) = input_for(
         manifest,
         to_usize(batch)?,
