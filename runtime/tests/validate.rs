@@ -158,7 +158,7 @@ fn weights_can_come_from_a_safetensors_file() {
     });
     let path = common::scratch_dir("validate-weights").join("validate-weights.safetensors");
     safetensors::serialize_to_file(views, None, &path).unwrap();
-    let (from_file, set_from_file) = weights_for(&manifest, 999, Some(&path)).unwrap();
+    let (from_file, set_from_file) = weights_for(&manifest, 999, Some((path.as_path(), ""))).unwrap();
     assert_eq!(from_file, random);
     assert_eq!(set_from_file, set);
 }
