@@ -5,6 +5,7 @@ and one run.
 
 Systems (filter with --systems, shell-style patterns on the names):
   ccc:<lib>                our whole-layer forward (all kernels of the library)
+  ccc-forward:<lib>        the same forward as `layer.forward(x, state_dict)`, as a user calls it
   ccc-core:<lib>           our attention kernel alone, on q, k, v a full call wrote
   mha-cudnn:E<E>           the MHA layer of the same width: qkv GEMM + cuDNN SDPA + o GEMM
   hf-zaya:<lib>            Hugging Face ZayaAttention (SDPA), for ZAYA1-form CCA libraries
@@ -136,10 +137,23 @@ def ours(layer, weights, train):
         core_bytes = sum(b.bytes for b in call.plan.buffers if b.name in touched)
         return (lambda: call.run_kernel("attention", check_each=False)), core_bytes
 
+    def setup_forward(batch, seq_len):
+        """`layer.forward(x, state_dict)` exactly as a user calls it: each call checks its
+        tensors, plans, and allocates its outputs and intermediates (torch's caching allocator)
+        before the launches that `ccc:<lib>` times alone."""
+        x = torch.randn(batch, seq_len, layer.spec.model_dim, device="cuda",
+                        dtype=TORCH_DTYPES[layer.spec.dtype])
+        if not torch.isfinite(layer.forward(x, weights)).all():
+            raise RuntimeError("non-finite output")
+        return (lambda: layer.forward(x, weights)), None
+
     name = layer.name
-    return [System(f"ccc:{name}", "layer", name, layer.spec, setup_layer, train),
-            System(f"ccc-core:{name}", "core", name, layer.spec,
-                   setup_core_backward if train else setup_core, train)]
+    systems = [System(f"ccc:{name}", "layer", name, layer.spec, setup_layer, train),
+               System(f"ccc-core:{name}", "core", name, layer.spec,
+                      setup_core_backward if train else setup_core, train)]
+    if not train:
+        systems.insert(1, System(f"ccc-forward:{name}", "layer", name, layer.spec, setup_forward))
+    return systems
 
 
 def core_peers(spec, dtype, train):
