@@ -187,8 +187,8 @@ impl StoredTensor {
             "F32" => TensorDType::F32,
             other => return Err(format!("is stored as {other}; bf16, f16 or f32 are accepted")),
         };
-        let elements: usize = self.shape.iter().product();
-        if self.end - self.start != (elements * dtype.size_bytes()) as u64 {
+        let bytes = self.shape.iter().try_fold(dtype.size_bytes(), |bytes, d| bytes.checked_mul(*d));
+        if bytes.is_none_or(|bytes| bytes as u64 != self.end - self.start) {
             return Err(format!(
                 "has {} bytes, not those of {} {:?}",
                 self.end - self.start,
@@ -212,7 +212,7 @@ fn read_header(file: &File) -> Result<(u64, BTreeMap<String, StoredTensor>), Str
     file.read_exact_at(&mut length, 0)
         .map_err(|_| not_safetensors("shorter than its header's length"))?;
     let length = u64::from_le_bytes(length);
-    if length > MAX_HEADER_BYTES || 8 + length > file_bytes {
+    if length > MAX_HEADER_BYTES || length + 8 > file_bytes {
         return Err(not_safetensors(&format!("a header of {length} bytes in a file of {file_bytes}")));
     }
     let mut header = vec![0u8; length as usize];
@@ -240,7 +240,7 @@ fn read_header(file: &File) -> Result<(u64, BTreeMap<String, StoredTensor>), Str
         let [start, end] = numbers("data_offsets")?[..] else {
             return Err(not_safetensors(&format!("`{name}`: data_offsets is not [start, end]")));
         };
-        if start > end || data_start + end > file_bytes {
+        if start > end || data_start.checked_add(end).is_none_or(|last| last > file_bytes) {
             return Err(not_safetensors(&format!("`{name}`: bytes {start}..{end} outside the file")));
         }
         tensors.insert(name, StoredTensor { dtype, shape, start, end });

@@ -271,6 +271,20 @@ fn safetensors_errors_name_the_tensor_or_the_file() {
             && err.to_string().contains("not a safetensors file"),
         "{err}"
     );
+    // A header whose shape overflows, and one whose bytes lie past the end: errors, not panics.
+    let header = br#"{"q_proj.weight":{"dtype":"BF16","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,2]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.extend_from_slice(&[0, 0]);
+    std::fs::write(&path, &file).unwrap();
+    let err = WeightSet::from_safetensors_file(&path, &manifest, "").unwrap_err().to_string();
+    assert!(err.contains("`q_proj.weight` has 2 bytes, not those of bf16"), "{err}");
+    let header = br#"{"q_proj.weight":{"dtype":"BF16","shape":[1],"data_offsets":[0,18446744073709551615]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    std::fs::write(&path, &file).unwrap();
+    let err = WeightSet::from_safetensors_file(&path, &manifest, "").unwrap_err().to_string();
+    assert!(err.contains("outside the file"), "{err}");
     let err =
         WeightSet::from_safetensors_file("/nonexistent/w.safetensors", &manifest, "").unwrap_err();
     assert!(
