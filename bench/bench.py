@@ -77,10 +77,12 @@ class System:
 
 
 def ours(layer, weights, train):
+    def random_x(batch, seq_len):
+        return torch.randn(batch, seq_len, layer.spec.model_dim, device="cuda",
+                           dtype=TORCH_DTYPES[layer.spec.dtype])
+
     def bound_call(batch, seq_len):
-        x = torch.randn(batch, seq_len, layer.spec.model_dim, device="cuda",
-                        dtype=TORCH_DTYPES[layer.spec.dtype])
-        call = layer.bind(x, weights)
+        call = layer.bind(random_x(batch, seq_len), weights)
         call.run(check_each=True)  # the first call checks each kernel, as the Rust runtime does
         if not torch.isfinite(call.tensors["out"]).all():
             raise RuntimeError("non-finite output")
@@ -141,8 +143,7 @@ def ours(layer, weights, train):
         """`layer.forward(x, state_dict)` exactly as a user calls it: each call checks its
         tensors, plans, and allocates its outputs and intermediates (torch's caching allocator)
         before the launches that `ccc:<lib>` times alone."""
-        x = torch.randn(batch, seq_len, layer.spec.model_dim, device="cuda",
-                        dtype=TORCH_DTYPES[layer.spec.dtype])
+        x = random_x(batch, seq_len)
         if not torch.isfinite(layer.forward(x, weights)).all():
             raise RuntimeError("non-finite output")
         return (lambda: layer.forward(x, weights)), None
