@@ -26,7 +26,7 @@ HEAD_SPLIT_BUFFERS = {"q": "query_heads", "k": "kv_heads", "v": "kv_heads", "o":
 
 def tensor_info(tensor):
     return TensorInfo(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype).replace("torch.", "")),
-                      tuple(tensor.shape), str(tensor.device), tensor.is_contiguous())
+                      tuple(tensor.shape), str(tensor.device), tensor.is_contiguous(), tensor.data_ptr())
 
 
 class BoundCall:

@@ -676,10 +676,15 @@ def check_decode_indices(manifest, block_table, seq_lens, pages, packed=None):
 
 # --- Checking the caller's tensors -------------------------------------------------------------
 
-TensorInfo = namedtuple("TensorInfo", "dtype shape device contiguous")
+TensorInfo = namedtuple("TensorInfo", "dtype shape device contiguous address", defaults=(0,))
 TensorInfo.__doc__ = ("What the checks need to know of a caller's tensor: dtype name (bf16, f16, "
-                      "f32, or another name for anything else), shape, device (`cuda:0`, `cpu`) "
-                      "and whether it is dense row-major.")
+                      "f32, or another name for anything else), shape, device (`cuda:0`, `cpu`), "
+                      "whether it is dense row-major, and the address of its first element.")
+
+# Kernels read and write caller tensors in 16-byte vectors (cp.async chunks, vector loads of
+# element-wise maps): each must start on such a boundary. torch's allocations do; a view at an
+# odd offset into another tensor may not.
+TENSOR_ALIGNMENT = 16
 
 
 def off_gpu_problem(name, device):
@@ -716,6 +721,10 @@ def check_supplied(manifest, plan, supplied):
         if not info.contiguous:
             problems.append(f"tensor `{name}` is not contiguous: the kernels read dense "
                             f"row-major memory (pass `.contiguous()`)")
+        elif info.address % TENSOR_ALIGNMENT:
+            problems.append(f"tensor `{name}` starts at {info.address:#x}, not on a "
+                            f"{TENSOR_ALIGNMENT}-byte boundary: the kernels read it in "
+                            f"{TENSOR_ALIGNMENT}-byte vectors (pass `.clone()`)")
     known = {name for name, _, _, _ in expected}
     extra = sorted(name for name in supplied if name not in known)
     if extra:

@@ -505,8 +505,8 @@ class CallPlanning(unittest.TestCase):
                          "the device's SM count, which is not given")
 
 
-def info(dtype, shape, device="cuda:0", contiguous=True):
-    return TensorInfo(dtype, tuple(shape), device, contiguous)
+def info(dtype, shape, device="cuda:0", contiguous=True, address=0x7f0000000000):
+    return TensorInfo(dtype, tuple(shape), device, contiguous, address)
 
 
 class SuppliedTensors(unittest.TestCase):
@@ -545,6 +545,13 @@ class SuppliedTensors(unittest.TestCase):
             "qkv_proj.conv_qk_depthwise.bias, qkv_proj.conv_qk_grouped.weight, "
             "qkv_proj.conv_qk_grouped.bias, qk_norm.temp, o_proj.weight)",
         ])
+
+    def test_a_tensor_off_a_16_byte_boundary_is_refused(self):
+        # A contiguous view two bf16 elements into another tensor.
+        self.supplied["qk_norm.temp"] = info("bf16", (2,), address=0x7f0000000004)
+        self.assertEqual(self.problems(), [
+            "tensor `qk_norm.temp` starts at 0x7f0000000004, not on a 16-byte boundary: the "
+            "kernels read it in 16-byte vectors (pass `.clone()`)"])
 
     def test_x_on_the_cpu_is_refused(self):
         self.supplied["x"] = info("bf16", (1, 64, 2048), device="cpu")
