@@ -424,6 +424,48 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(())
     }
 
+    /// `words` (1, 2 or 4) consecutive 32-bit words from `pointer` in one load
+    /// (`ld.{global,shared}[.v2|.v4].b32`); the address must be aligned to their size.
+    pub fn load_words(&self, pointer: PointerValue<'ctx>, words: u32) -> Result<Vec<IntValue<'ctx>>> {
+        if words == 4 {
+            return Ok(self.load_v4(pointer)?.to_vec());
+        }
+        let i32_type = self.context().i32_type();
+        let load = match words {
+            1 => self.builder().build_load(i32_type, pointer, "")?,
+            2 => self.builder().build_load(i32_type.vec_type(2), pointer, "")?,
+            _ => return unsupported(format!("a load of {words} words")),
+        };
+        load.as_instruction_value()
+            .ok_or_else(|| CodegenError::Llvm("load is not an instruction".to_string()))?
+            .set_alignment(4 * words)
+            .map_err(|error| CodegenError::Llvm(error.to_string()))?;
+        if words == 1 {
+            return Ok(vec![load.into_int_value()]);
+        }
+        let vector = load.into_vector_value();
+        (0..words).map(|index| Ok(self.builder().build_extract_element(vector, self.i32(index as i64), "")?.into_int_value())).collect()
+    }
+
+    /// `words` (1, 2 or 4) 32-bit words stored from `pointer` in one store; the address must be
+    /// aligned to their size.
+    pub fn store_words(&self, pointer: PointerValue<'ctx>, words: &[IntValue<'ctx>]) -> Result<()> {
+        match words {
+            [word] => self.store_int(pointer, *word),
+            [a, b, c, d] => self.store_v4(pointer, [*a, *b, *c, *d]),
+            [a, b] => {
+                let mut vector = self.context().i32_type().vec_type(2).get_undef();
+                for (index, word) in [a, b].into_iter().enumerate() {
+                    vector = self.builder().build_insert_element(vector, *word, self.i32(index as i64), "")?;
+                }
+                let store = self.builder().build_store(pointer, vector)?;
+                store.set_alignment(8).map_err(|error| CodegenError::Llvm(error.to_string()))?;
+                Ok(())
+            }
+            _ => unsupported(format!("a store of {} words", words.len())),
+        }
+    }
+
     /// A naturally aligned scalar store of an integer (i16 or i32) value.
     pub fn store_int(&self, pointer: PointerValue<'ctx>, value: IntValue<'ctx>) -> Result<()> {
         let store = self.builder().build_store(pointer, value)?;

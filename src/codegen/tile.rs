@@ -454,24 +454,38 @@ pub fn map_accumulator<'ctx>(
     tile: &AccumulatorTile<'ctx>,
     mut f: impl FnMut(&KernelBuilder<'_, 'ctx>, &ElementPosition<'ctx>, FloatValue<'ctx>) -> Result<FloatValue<'ctx>>,
 ) -> Result<()> {
+    map_accumulator_pairs(kb, tile, |kb, [left, right], [a, b]| Ok([f(kb, &left, a)?, f(kb, &right, b)?]))
+}
+
+/// [`map_accumulator`] a column pair at a time: `f(kb, positions, values)` maps the two
+/// elements (row, c) and (row, c + 1), c even, that a thread holds side by side.
+pub fn map_accumulator_pairs<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    tile: &AccumulatorTile<'ctx>,
+    mut f: impl FnMut(&KernelBuilder<'_, 'ctx>, [ElementPosition<'ctx>; 2], [FloatValue<'ctx>; 2]) -> Result<[FloatValue<'ctx>; 2]>,
+) -> Result<()> {
     let shape = tile.shape;
     let place = ThreadPlace::new(kb, &shape)?;
     for fragment_m in 0..shape.fragments_m() {
         for fragment_n in 0..shape.fragments_n() {
             let pair_col = place.col(kb, fragment_n)?;
-            for element in 0..4 {
-                let row_slot = fragment_m * 2 + element / 2;
-                let element_slot = shape.slot(fragment_m, fragment_n, element);
-                let position = ElementPosition {
-                    row: place.row(kb, row_slot)?,
-                    col: kb.add(pair_col, kb.i32((element % 2) as i64))?,
-                    row_slot,
-                    element_slot,
+            for half in 0..2 {
+                let row_slot = fragment_m * 2 + half;
+                let row = place.row(kb, row_slot)?;
+                let position = |element: u32| -> Result<ElementPosition<'ctx>> {
+                    Ok(ElementPosition {
+                        row,
+                        col: kb.add(pair_col, kb.i32((element % 2) as i64))?,
+                        row_slot,
+                        element_slot: shape.slot(fragment_m, fragment_n, element),
+                    })
                 };
-                let slot = tile.slots[element_slot];
-                let value = kb.load_f32(slot)?;
-                let mapped = f(kb, &position, value)?;
-                kb.store_f32(slot, mapped)?;
+                let positions = [position(2 * half)?, position(2 * half + 1)?];
+                let slots = positions.map(|position| tile.slots[position.element_slot]);
+                let values = [kb.load_f32(slots[0])?, kb.load_f32(slots[1])?];
+                let mapped = f(kb, positions, values)?;
+                kb.store_f32(slots[0], mapped[0])?;
+                kb.store_f32(slots[1], mapped[1])?;
             }
         }
     }

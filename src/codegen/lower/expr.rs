@@ -42,14 +42,14 @@ impl<'ctx> Value<'ctx> {
             other => unsupported(format!("expected a condition, got {}", other.kind())),
         }
     }
-    fn kind(self) -> &'static str {
+    pub(super) fn kind(self) -> &'static str {
         match self {
             Value::Int(_) => "an integer",
             Value::Float(_) => "a float",
             Value::Bool(_) => "a condition",
         }
     }
-    fn basic(self) -> BasicValueEnum<'ctx> {
+    pub(super) fn basic(self) -> BasicValueEnum<'ctx> {
         match self {
             Value::Int(value) | Value::Bool(value) => value.into(),
             Value::Float(value) => value.into(),
@@ -58,6 +58,7 @@ impl<'ctx> Value<'ctx> {
 }
 
 /// The element an elementwise statement is working on (what `row`, `col` and `elem` mean).
+#[derive(Clone, Copy)]
 pub(super) enum ElementSite<'ctx> {
     /// Not inside an elementwise statement.
     None,
@@ -82,7 +83,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     /// so its loads clamp every index into its dimension. The clamped load is harmless where
     /// the arm is dropped and exact where it is chosen, and unlike an address selected by the
     /// condition it stays the same for all elements that share the index (one load, CSE).
-    fn eval_guarded(
+    pub(super) fn eval_guarded(
         &self,
         kb: &KernelBuilder<'_, 'ctx>,
         expr: &Expr,
@@ -108,8 +109,8 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 Axis::Y => SpecialRegister::GridY,
                 Axis::Z => SpecialRegister::GridZ,
             })?),
-            Expr::Var(name) => match self.scope.iter().rev().find(|(bound, _)| bound == name) {
-                Some((_, value)) => *value,
+            Expr::Var(name) => match self.scope.iter().rev().find(|binding| binding.name == *name) {
+                Some(binding) => binding.value,
                 None => return unsupported(format!("variable `{name}` is not in scope")),
             },
             Expr::Size(var) => Value::Int(kb.size_param(var.symbol())?),
@@ -152,17 +153,13 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 };
                 Value::Float(kb.exp2_approx(kb.fmul(exponent, log2_base)?)?)
             }
-            // a · b + c and a · b − c as one fma (the softmax's scale-and-shift of every score).
-            Expr::Binary(op @ (BinOp::Add | BinOp::Sub), product, c)
-                if matches!(product.as_ref(), Expr::Binary(BinOp::Mul, ..)) =>
-            {
-                let Expr::Binary(_, a, b) = product.as_ref() else { unreachable!("matched a product") };
-                match (eval(a)?, eval(b)?, eval(c)?) {
-                    (Value::Float(a), Value::Float(b), Value::Float(c)) => {
-                        let c = if *op == BinOp::Sub { kb.builder().build_float_neg(c, "")? } else { c };
-                        Value::Float(kb.fma(a, b, c)?)
-                    }
-                    (a, b, c) => binary(kb, *op, binary(kb, BinOp::Mul, a, b)?, c)?,
+            // a · b + c, a · b − c and c + a · b as one fma (the softmax's scale-and-shift of
+            // every score, a convolution's sum of taps).
+            Expr::Binary(op, a, b) if fused_multiply_add(*op, a, b).is_some() => {
+                let (x, y, c, negate_c) = fused_multiply_add(*op, a, b).expect("matched a fused form");
+                match (eval(x)?, eval(y)?, eval(c)?) {
+                    (Value::Float(x), Value::Float(y), Value::Float(c)) => Value::Float(fma(kb, x, y, c, negate_c)?),
+                    (x, y, c) => binary(kb, *op, binary(kb, BinOp::Mul, x, y)?, c)?,
                 }
             }
             Expr::Binary(op, a, b) => binary(kb, *op, eval(a)?, eval(b)?)?,
@@ -224,7 +221,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         }
     }
 
-    fn unary(&self, kb: &KernelBuilder<'_, 'ctx>, op: UnOp, a: Value<'ctx>) -> Result<Value<'ctx>> {
+    pub(super) fn unary(&self, kb: &KernelBuilder<'_, 'ctx>, op: UnOp, a: Value<'ctx>) -> Result<Value<'ctx>> {
         if op == UnOp::ToFloat {
             return Ok(Value::Float(kb.i32_to_f32(a.int()?)?));
         }
@@ -245,8 +242,23 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     }
 }
 
+/// `op(a, b)` as (x, y, c, negate c) when it is x · y + c, x · y − c or c + x · y.
+pub(super) fn fused_multiply_add<'e>(op: BinOp, a: &'e Expr, b: &'e Expr) -> Option<(&'e Expr, &'e Expr, &'e Expr, bool)> {
+    match (op, a, b) {
+        (BinOp::Add | BinOp::Sub, Expr::Binary(BinOp::Mul, x, y), c) => Some((x, y, c, op == BinOp::Sub)),
+        (BinOp::Add, c, Expr::Binary(BinOp::Mul, x, y)) => Some((x, y, c, false)),
+        _ => None,
+    }
+}
+
+/// x · y + c, or x · y − c when `negate_c`, rounded once.
+pub(super) fn fma<'ctx>(kb: &KernelBuilder<'_, 'ctx>, x: FloatValue<'ctx>, y: FloatValue<'ctx>, c: FloatValue<'ctx>, negate_c: bool) -> Result<FloatValue<'ctx>> {
+    let c = if negate_c { kb.builder().build_float_neg(c, "")? } else { c };
+    kb.fma(x, y, c)
+}
+
 /// `index` clamped into `0 .. extent` (signed; extent ≥ 1).
-fn clamp<'ctx>(kb: &KernelBuilder<'_, 'ctx>, index: IntValue<'ctx>, extent: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
+pub(super) fn clamp<'ctx>(kb: &KernelBuilder<'_, 'ctx>, index: IntValue<'ctx>, extent: IntValue<'ctx>) -> Result<IntValue<'ctx>> {
     let last = kb.sub(extent, kb.i32(1))?;
     let at_least_zero = kb.select_int(kb.lt(index, kb.i32(0))?, kb.i32(0), index)?;
     kb.min(at_least_zero, last)
@@ -290,7 +302,7 @@ fn floor_div_mod<'ctx>(
     Ok((floor, modulo))
 }
 
-fn binary<'ctx>(kb: &KernelBuilder<'_, 'ctx>, op: BinOp, a: Value<'ctx>, b: Value<'ctx>) -> Result<Value<'ctx>> {
+pub(super) fn binary<'ctx>(kb: &KernelBuilder<'_, 'ctx>, op: BinOp, a: Value<'ctx>, b: Value<'ctx>) -> Result<Value<'ctx>> {
     let builder = kb.builder();
     Ok(match (a, b) {
         (Value::Int(x), Value::Int(y)) => match op {

@@ -6,7 +6,7 @@
 
 use inkwell::values::PointerValue;
 
-use super::Lowering;
+use super::{Binding, Lowering};
 use super::expr::{ElementSite, Value};
 use crate::codegen::{KernelBuilder, Result, unsupported};
 use crate::ir::kernel::{BarrierRef, Expr, MBARRIER_BYTES, REGISTERS_PER_CTA, Role, Stmt, TileView, WARPGROUP_THREADS};
@@ -72,7 +72,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             kb.set_thread_group(Some(WARPGROUP_THREADS));
             // Each role's warpgroups start with no MMA in flight.
             this.in_flight.borrow_mut().clear();
-            this.scope.push((role.index.clone(), Value::Int(kb.sub(warpgroup, kb.i32(first as i64))?)));
+            this.scope.push(Binding { name: role.index.clone(), value: Value::Int(kb.sub(warpgroup, kb.i32(first as i64))?), multiple_of: 1 });
             let lowered = this.block(kb, &role.body);
             this.scope.pop();
             kb.set_thread_group(None);

@@ -402,9 +402,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         Ok(())
     }
 
-    /// `Map`/`Fill` over a shared window: each thread takes every `threads`-th element.
+    /// `Map`/`Fill` over a shared window: a 16-byte chunk per thread and round where the
+    /// window's chunks are aligned ([`Lowering::map_shared_runs`]), else each thread takes every
+    /// `threads`-th element.
     pub(super) fn map_shared(&self, kb: &KernelBuilder<'_, 'ctx>, dst: &TileView, expr: &Expr) -> Result<()> {
         let window = self.shared_window(kb, dst)?;
+        if self.map_shared_runs(kb, &window, &dst.col0, expr)?.is_some() {
+            return Ok(());
+        }
         let pitch = kb.i32(window.row_pitch() as i64);
         self.for_each_window_element(
             kb,

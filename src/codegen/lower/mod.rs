@@ -12,8 +12,10 @@
 //!   any other copy → a per-element loop over the box (predicated loads, conversion);
 //! - `Mma` → [`tile::mma`] (A shared or registers, B `NByK`/`KByN`, runtime view offsets); with
 //!   a swizzled B → wgmma per warpgroup ([`wgmma`]);
-//! - `Map`/`Fill` over register tiles → [`map_accumulator`] / [`RowVector::map`] with the
-//!   expression compiler of [`expr`]; over shared tiles → a strided per-thread loop;
+//! - `Map`/`Fill` over register tiles → [`map_accumulator_pairs`] / [`RowVector::map`] with the
+//!   expression compiler of [`expr`]; over shared tiles → a per-thread loop over 16-byte chunks
+//!   of rows (or elements where chunks are not aligned); accumulator column pairs and shared
+//!   chunks are [`lanes`] groups, whose reads of runs of columns are vector loads;
 //! - `RowReduce` → [`row_reduce_with`]; `Convert` → [`convert_to_operand_a`] or
 //!   [`store_accumulator_to_shared`]; `Store` → per-element predicated stores (paired 16-bit
 //!   stores where the box allows);
@@ -30,6 +32,7 @@
 
 pub(crate) mod expr;
 mod hopper;
+mod lanes;
 mod memory;
 mod wgmma;
 
@@ -41,7 +44,7 @@ use inkwell::values::PointerValue;
 
 use super::tile::{
     AccumulatorShape, AccumulatorTile, MmaAccumulator, OperandA, OperandAFragments, OperandB, RowReduction, RowVector, across_quad,
-    AcrossWarps, SharedLayout, SharedTile, convert_to_operand_a, map_accumulator, mma, row_reduce_with, store_accumulator_to_shared,
+    AcrossWarps, SharedLayout, SharedTile, convert_to_operand_a, map_accumulator_pairs, mma, row_reduce_with, store_accumulator_to_shared,
 };
 use super::hopper::copy::aligned_tile_address;
 use super::{CodegenError, Elem, KernelBuilder, ParamKind, PtxModule, Result, unsupported};
@@ -50,6 +53,7 @@ use crate::ir::kernel::{
     TileId, TileView, for_each_stmt,
 };
 use expr::{ElementSite, Value};
+use lanes::LaneGroup;
 
 
 /// What the runtime needs to launch one lowered kernel.
@@ -357,7 +361,15 @@ struct Lowering<'k, 'ctx> {
     /// its body issues): each `mma.wait` ties them down, and only them, since ptxas inserts
     /// waits of its own before writes to registers it cannot prove free of a group in flight.
     in_flight: RefCell<Vec<TileId>>,
-    scope: Vec<(String, Value<'ctx>)>,
+    scope: Vec<Binding<'ctx>>,
+}
+
+/// A loop variable, `Let` or role index in scope, with what its value is known to be a multiple
+/// of (0: it is 0), for the alignment proofs of [`lanes`].
+struct Binding<'ctx> {
+    name: String,
+    value: Value<'ctx>,
+    multiple_of: u64,
 }
 
 impl<'k, 'ctx> Lowering<'k, 'ctx> {
@@ -412,8 +424,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     fn stmt(&mut self, kb: &KernelBuilder<'_, 'ctx>, stmt: &Stmt) -> Result<()> {
         match stmt {
             Stmt::Let { var, value } => {
+                let multiple_of = self.multiple_of(value);
                 let value = self.eval(kb, value, &ElementSite::None)?;
-                self.scope.push((var.clone(), value));
+                self.scope.push(Binding { name: var.clone(), value, multiple_of });
             }
             Stmt::For { var, start, end, body } => {
                 let start = self.eval(kb, start, &ElementSite::None)?.int()?;
@@ -424,7 +437,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 self.note_in_flight(issued_accumulators.iter().chain(&issued_operands).copied());
                 let entry = self.in_flight.borrow().clone();
                 let loop_body = |kb: &KernelBuilder<'_, 'ctx>, index| {
-                    self.scope.push((var.clone(), Value::Int(index)));
+                    self.scope.push(Binding { name: var.clone(), value: Value::Int(index), multiple_of: 1 });
                     self.block(kb, body)?;
                     self.scope.pop();
                     Ok(())
@@ -651,9 +664,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         match &self.tiles[dst.tile.0] {
             TileStorage::Accumulator(acc) => {
                 self.whole_register_tile(dst)?;
-                map_accumulator(kb, acc, |kb, position, value| {
-                    let site = ElementSite::Accumulator { tile: dst.tile, position: *position, value };
-                    self.eval(kb, expr, &site)?.float()
+                map_accumulator_pairs(kb, acc, |kb, positions, values| {
+                    let sites = positions
+                        .iter()
+                        .zip(values)
+                        .map(|(position, value)| ElementSite::Accumulator { tile: dst.tile, position: *position, value })
+                        .collect();
+                    let mapped = self.eval_lanes(kb, expr, &LaneGroup { sites }, false)?.floats(2)?;
+                    Ok([mapped[0], mapped[1]])
                 })
             }
             TileStorage::Rows(rows) => {
