@@ -697,6 +697,12 @@ fn codegen_prologue_of_every_example_and_variant_assembles_without_spills() {
         println!("{} {report:?} smem {} ctas/SM {}", spec.name, kernel.shared_bytes(), kernel.ctas_per_sm);
         assert!(count(&ptx, "st.global.v4.b32") >= 2, "{}", spec.name);
         assert_eq!(count(&ptx, "st.global.b16") + count(&ptx, "st.global.u16"), 0, "{}", spec.name);
+        // Element-wise maps read shared rows a column pair or a 16-byte chunk at a time
+        // (codegen::lower::lanes); only RoPE partners that are not a whole pair away (odd halves,
+        // interleaved pairs) are read element by element.
+        let pairs_rotate = spec.rope.is_none_or(|rope| rope.style == RopeStyle::Neox && (rope.rotary_dim / 2).is_multiple_of(2));
+        let narrow_shared_loads = count(&ptx, "ld.shared.b16") + count(&ptx, "ld.shared.u16");
+        assert!(!pairs_rotate || narrow_shared_loads == 0, "{}: {narrow_shared_loads} 2-byte shared loads", spec.name);
         // Per-head convolution weights of 2 to 4 taps ([P, d, K], taps innermost) are staged 16
         // bytes of every tap at a time (copy_tap_chunks): 16-byte global loads, the tap picked by
         // byte permutes (one tap is contiguous already).
