@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 export CCC_PTXAS="${CCC_PTXAS:-$(ls "$PWD"/.venv/lib/python3*/site-packages/nvidia/cu13/bin/ptxas | head -1)}"
-python3 -m unittest discover -s tests/python -t tests/python  # the Python loader's pure parts (stdlib only)
+python3 -m unittest discover -s tests/python -t tests/python  # the Python loader's pure parts and its wheel (stdlib, pip)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --release 2>&1 | tee "$log"
