@@ -3,6 +3,7 @@ package, and the installed copy (not this checkout's) reads a library. Needs pip
 the build backend; skipped when it cannot."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,10 @@ class Package(unittest.TestCase):
     def test_the_installed_wheel_reads_a_library(self):
         with tempfile.TemporaryDirectory() as scratch:
             wheels = os.path.join(scratch, "wheels")
-            build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, PACKAGE],
+            # A copy: setuptools builds in the source tree.
+            source = shutil.copytree(PACKAGE, os.path.join(scratch, "source"),
+                                     ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+            build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheels, source],
                                    capture_output=True, text=True)
             if build.returncode != 0 and "connection" in (build.stdout + build.stderr).lower():
                 self.skipTest(f"pip cannot reach the package index: {build.stderr.strip()[-200:]}")
