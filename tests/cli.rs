@@ -611,3 +611,75 @@ fn diagnostics_print_as_json_lines() {
     let (status, stdout, stderr) = ccc(&["check", "--message-format", "json", &narrow.replace("d40", "missing")]);
     assert_eq!((status, stdout.as_str()), (Status::Usage, ""), "{stderr}");
 }
+
+/// ZAYA1-8B's config as transformers writes it (two layer types; the hub's stray top-level
+/// `rope_type` inside `rope_parameters` included).
+const ZAYA_CONFIG: &str = r#"{"architectures": ["ZayaForCausalLM"], "model_type": "zaya", "hidden_size": 2048,
+ "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 128, "num_hidden_layers": 5,
+ "cca_time0": 2, "cca_time1": 2, "attention_bias": false, "dtype": "bfloat16", "sliding_window": 1024,
+ "rope_parameters": {"rope_type": "default",
+   "hybrid": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5},
+   "hybrid_sliding": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+ "layer_types": ["hybrid", "hybrid_sliding", "hybrid", "hybrid", "hybrid_sliding"]}"#;
+
+#[test]
+fn spec_from_hf_writes_a_block_per_layer_type_that_checks() {
+    let directory = scratch("spec-from-hf");
+    let config = write_file(&directory, "config.json", ZAYA_CONFIG);
+    let (status, stdout, stderr) = ccc(&["spec", "--from-hf", &config, "--name", "zaya1"]);
+    assert_eq!((status, stderr.as_str()), (Status::Success, ""));
+    assert!(stdout.contains("// Layers 0, 2-3 (`hybrid`)") && stdout.contains("// Layers 1, 4 (`hybrid_sliding`)"), "{stdout}");
+    let specs = ccc::frontend::parse_and_check("generated.attn", &stdout).expect("the written spec checks");
+    // The causal block is the bundled ZAYA1 example's layer; the sliding one differs only in its
+    // mask and RoPE base.
+    let example = ccc::frontend::parse_and_check("zaya1.attn", &std::fs::read_to_string(example("zaya1")).unwrap()).unwrap().remove(0);
+    let same_layer = |mut spec: ccc::AttentionSpec| {
+        spec.name = example.name.clone();
+        spec.tune = example.tune;
+        spec
+    };
+    assert_eq!(same_layer(specs[0].clone()), example);
+    let mut sliding = example.clone();
+    sliding.mask = ccc::spec::Mask::SlidingWindow { window: 1024 };
+    sliding.rope.as_mut().unwrap().theta = 10_000.0;
+    assert_eq!((specs.len(), specs[1].name.as_str()), (2, "zaya1_sliding"));
+    assert_eq!(same_layer(specs[1].clone()), sliding);
+    // -o writes the same text; `ccc check` accepts it.
+    let out = directory.join("zaya1.attn");
+    let (status, _, _) = ccc(&["spec", "--from-hf", &config, "--name", "zaya1", "-o", out.to_str().unwrap()]);
+    assert_eq!((status, std::fs::read_to_string(&out).unwrap()), (Status::Success, stdout));
+    assert_eq!(ccc(&["check", out.to_str().unwrap()]).1, "ok: zaya1\nok: zaya1_sliding\n");
+}
+
+#[test]
+fn spec_from_hf_says_what_it_cannot_write() {
+    let directory = scratch("spec-from-hf-errors");
+    let cases = [
+        (ZAYA_CONFIG.replace("\"zaya\"", "\"llama\""), "model_type is `llama`, not `zaya`"),
+        (ZAYA_CONFIG.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 1"), "num_key_value_heads is 1"),
+        (ZAYA_CONFIG.replace("\"sliding_window\": 1024", "\"sliding_window\": null"), "sliding_window is not a positive integer"),
+        (ZAYA_CONFIG.replace("\"rope_type\": \"default\", \"rope_theta\": 10000.0", "\"rope_type\": \"yarn\", \"rope_theta\": 10000.0"),
+         "the `hybrid_sliding` layers' rope_type is `yarn`"),
+        (ZAYA_CONFIG.replace("\"head_dim\": 128", "\"head_dim\": \"128\""), "head_dim is \"128\", not a non-negative integer"),
+        ("{".to_string(), "not valid JSON"),
+    ];
+    for (index, (config, message)) in cases.iter().enumerate() {
+        let path = write_file(&directory, &format!("config{index}.json"), config);
+        let (status, stdout, stderr) = ccc(&["spec", "--from-hf", &path]);
+        assert_eq!((status, stdout.as_str()), (Status::SpecErrors, ""), "{stderr}");
+        assert!(stderr.starts_with(&format!("error: {path}: ")) && stderr.contains(message), "{stderr}");
+    }
+    // What the language rejects is located in the text as written: query heads not a multiple of
+    // the kv heads.
+    let path = write_file(&directory, "uneven.json", &ZAYA_CONFIG.replace("\"num_attention_heads\": 8", "\"num_attention_heads\": 6").replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 4"));
+    let (status, _, stderr) = ccc(&["spec", "--from-hf", &path]);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.contains("(as written from it)") && stderr.contains('^'), "{stderr}");
+    // What only a later stage rejects, as `ccc check` reports it: head_dim 40.
+    let path = write_file(&directory, "narrow.json", &ZAYA_CONFIG.replace("\"head_dim\": 128", "\"head_dim\": 40").replace("\"hidden_size\": 2048", "\"hidden_size\": 2040"));
+    let (status, _, stderr) = ccc(&["spec", "--from-hf", &path]);
+    assert_eq!(status, Status::SpecErrors);
+    assert!(stderr.contains("head_dim 40 is not supported") && stderr.contains("head_dim        = 40"), "{stderr}");
+    let (status, _, stderr) = ccc(&["spec", "--from-hf", &directory.join("missing.json").display().to_string()]);
+    assert_eq!(status, Status::Usage, "{stderr}");
+}

@@ -94,6 +94,20 @@ pub enum Command {
         #[arg(long, value_name = "FILE|DIR")]
         tuning: Option<PathBuf>,
     },
+    /// Write the `.attn` of a Hugging Face model's attention layers from its config.json (ZAYA
+    /// models: one block per layer type, `NAME` for the causal layers and `NAME_sliding` for the
+    /// sliding-window ones), checked like any spec.
+    Spec {
+        /// The model's config.json.
+        #[arg(long = "from-hf", value_name = "CONFIG")]
+        from_hf: PathBuf,
+        /// Name of the causal layers' block (it prefixes every kernel symbol).
+        #[arg(long, default_value = "zaya")]
+        name: String,
+        /// Write the spec to FILE instead of stdout.
+        #[arg(short = 'o', long = "out", value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
     /// Tile choice of the Hopper kernels. With `--list`: every candidate configuration of each
     /// attention and projection-GEMM kernel, ranked by the resource model (shared memory,
     /// registers, estimated time), and the rejected ones with their reason. With `-o DIR`: the
@@ -197,6 +211,7 @@ where
             let options = CompileFlags { print_after_all, ptxas, cache: !no_cache, tuning };
             session.compile(&file, &out_dir, emit, options)
         }
+        Command::Spec { from_hf, name, out } => session.spec_from_hf(&from_hf, &name, out.as_deref()),
         Command::Tune { file, list, out_dir, top, batch, seq_len } => {
             session.tune(&file, TuneRequest { list, out_dir, top: top as usize, batch, seq_len })
         }
@@ -294,6 +309,47 @@ impl Session<'_, '_> {
             }
         }
         status
+    }
+
+    /// `ccc spec --from-hf CONFIG`: the layers' `.attn`, held to everything `ccc check` holds a
+    /// spec to before it is written.
+    fn spec_from_hf(&mut self, config: &Path, name: &str, out: Option<&Path>) -> Status {
+        let json = match std::fs::read_to_string(config) {
+            Ok(json) => json,
+            Err(error) => return self.usage_error(&format!("cannot read {}: {error}", config.display())),
+        };
+        let text = match frontend::attn_from_hf_config(&json, name) {
+            Ok(text) => text,
+            Err(error) => {
+                let _ = writeln!(self.io.stderr, "error: {}: {error}", config.display());
+                return Status::SpecErrors;
+            }
+        };
+        let generated = format!("{} (as written from it)", config.display());
+        let specs = match frontend::parse_and_check(&generated, &text) {
+            Ok(specs) => specs,
+            Err(diagnostics) => {
+                self.print_diagnostics(&diagnostics);
+                return Status::SpecErrors;
+            }
+        };
+        // What `ccc check` holds a spec to: every stage that `compile` runs.
+        self.loaded = Some((generated, text.clone()));
+        for spec in &specs {
+            if let Err(error) = driver::check_compiles(spec) {
+                return self.compile_error(&error);
+            }
+        }
+        match out {
+            Some(path) => match std::fs::write(path, &text) {
+                Ok(()) => Status::Success,
+                Err(error) => self.usage_error(&format!("cannot write {}: {error}", path.display())),
+            },
+            None => {
+                let _ = write!(self.io.stdout, "{text}");
+                Status::Success
+            }
+        }
     }
 
     fn explain(&mut self, path: &Path, seq_len: Option<u64>) -> Status {

@@ -11,6 +11,7 @@
 pub mod ast;
 mod check;
 mod diagnostics;
+mod hf_config;
 mod number;
 mod parse;
 mod print;
@@ -18,6 +19,7 @@ mod suggest;
 
 pub use check::{MAX_DIM, MAX_PARAMS, MAX_SEQUENCE, MAX_WIDTH};
 pub use diagnostics::{Diagnostics, Error};
+pub use hf_config::{HfConfigError, attn_from_hf_config};
 pub use parse::MAX_NESTING;
 pub use print::spec_text;
 
