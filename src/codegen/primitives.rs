@@ -12,7 +12,9 @@ use inkwell::types::{BasicMetadataTypeEnum, BasicType, BasicTypeEnum};
 use inkwell::values::{BasicValue, BasicValueEnum, CallSiteValue, FloatValue, FunctionValue, IntValue, PointerValue};
 use inkwell::intrinsics::Intrinsic;
 
-use super::{CodegenError, Elem, KernelBuilder, Result, unsupported};
+use inkwell::AddressSpace;
+
+use super::{CodegenError, Elem, GLOBAL_ADDRESS_SPACE, KernelBuilder, Result, SHARED_ADDRESS_SPACE, unsupported};
 
 /// Declares an LLVM intrinsic by name (overloaded ones take their types).
 pub(crate) fn intrinsic<'ctx>(module: &Module<'ctx>, name: &str, types: &[BasicTypeEnum<'ctx>]) -> Result<FunctionValue<'ctx>> {
@@ -125,6 +127,12 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     /// [`KernelBuilder::thread_index`] counts within the group.
     pub fn set_thread_group(&self, threads: Option<u32>) {
         self.thread_group.set(threads);
+    }
+
+    /// The threads that share a collective tile operation: the thread group's, else the CTA's
+    /// `cta_threads`.
+    pub fn collective_threads(&self, cta_threads: u32) -> u32 {
+        self.thread_group.get().unwrap_or(cta_threads)
     }
 
     /// `threadIdx.x` whatever the thread group.
@@ -425,26 +433,36 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
     }
 
     /// `words` (1, 2 or 4) consecutive 32-bit words from `pointer` in one load
-    /// (`ld.{global,shared}[.v2|.v4].b32`); the address must be aligned to their size.
+    /// (`ld.{shared,global}[.v2|.v4].b32`); the address must be aligned to their size. Two or
+    /// four words are inline PTX, ordered with every other memory access: as a plain vector load
+    /// whose lanes are only extracted, LLVM's O3 splits them into 4-byte loads (see
+    /// [`KernelBuilder::load_global_v4_at`]).
     pub fn load_words(&self, pointer: PointerValue<'ctx>, words: u32) -> Result<Vec<IntValue<'ctx>>> {
-        if words == 4 {
-            return Ok(self.load_v4(pointer)?.to_vec());
-        }
         let i32_type = self.context().i32_type();
-        let load = match words {
-            1 => self.builder().build_load(i32_type, pointer, "")?,
-            2 => self.builder().build_load(i32_type.vec_type(2), pointer, "")?,
-            _ => return unsupported(format!("a load of {words} words")),
-        };
-        load.as_instruction_value()
-            .ok_or_else(|| CodegenError::Llvm("load is not an instruction".to_string()))?
-            .set_alignment(4 * words)
-            .map_err(|error| CodegenError::Llvm(error.to_string()))?;
         if words == 1 {
+            let load = self.builder().build_load(i32_type, pointer, "")?;
+            load.as_instruction_value()
+                .ok_or_else(|| CodegenError::Llvm("load is not an instruction".to_string()))?
+                .set_alignment(4)
+                .map_err(|error| CodegenError::Llvm(error.to_string()))?;
             return Ok(vec![load.into_int_value()]);
         }
-        let vector = load.into_vector_value();
-        (0..words).map(|index| Ok(self.builder().build_extract_element(vector, self.i32(index as i64), "")?.into_int_value())).collect()
+        if words != 2 && words != 4 {
+            return unsupported(format!("a load of {words} words"));
+        }
+        let space = pointer.get_type().get_address_space();
+        let (space, address, operand) = if space == AddressSpace::from(SHARED_ADDRESS_SPACE) {
+            (".shared", self.shared_address(pointer)?, "r")
+        } else {
+            let address = self.builder().build_ptr_to_int(pointer, self.context().i64_type(), "")?;
+            (if space == AddressSpace::from(GLOBAL_ADDRESS_SPACE) { ".global" } else { "" }, address, "l")
+        };
+        let outputs: Vec<String> = (0..words).map(|index| format!("${index}")).collect();
+        let assembly = format!("ld{space}.v{words}.b32 {{{}}}, [${words}];", outputs.join(", "));
+        let constraints = format!("{}{operand},~{{memory}}", "=r,".repeat(words as usize));
+        let result = self.context().struct_type(&vec![i32_type.into(); words as usize], false);
+        let call = self.inline_ptx(Some(result.into()), &assembly, &constraints, &[address.into()], true)?;
+        Ok(self.struct_fields(call, words)?.into_iter().map(|field| field.into_int_value()).collect())
     }
 
     /// `words` (1, 2 or 4) 32-bit words stored from `pointer` in one store; the address must be

@@ -220,7 +220,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         };
         let elem = Elem::from(decl.ty.elem);
         let pitch = decl.ty.cols + pad;
-        let runs_fit = decl.ty.cols.is_multiple_of(width) && pitch.is_multiple_of(width);
+        let runs_fit = decl.ty.cols >= width && decl.ty.cols.is_multiple_of(width) && pitch.is_multiple_of(width);
         if !runs_fit || !run_bytes_loadable(elem, width) || self.varies(row) || self.lane_index(col, width) != LaneIndex::Run {
             return Ok(None);
         }
@@ -298,9 +298,13 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             return Ok(None);
         }
         let pitch = kb.i32(i64::from(window.row_pitch()));
+        // Vector loads are not removed when unused (see `load_words`): the old chunk is loaded
+        // only where the expression reads it.
+        let mut reads_old = false;
+        expr.visit(&mut |e| reads_old |= *e == Expr::Elem);
         self.for_each_window_run(kb, window.rows, window.cols, width, |kb, row, col| {
             let pointer = kb.element_pointer(window.base, window.elem, kb.add(kb.mul(row, pitch)?, col)?)?;
-            let old = load_run(kb, pointer, window.elem, width)?;
+            let old = if reads_old { load_run(kb, pointer, window.elem, width)? } else { vec![kb.f32(0.0); width as usize] };
             let mut sites = Vec::with_capacity(width as usize);
             for (lane, value) in old.into_iter().enumerate() {
                 sites.push(ElementSite::Shared { row, col: kb.add(col, kb.i32(lane as i64))?, value });
@@ -324,7 +328,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         each: impl Fn(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<()>,
     ) -> Result<()> {
         let per_row = cols / width;
-        let threads = self.kernel.threads();
+        let threads = kb.collective_threads(self.kernel.threads());
         let thread = kb.thread_index()?;
         let per_row_value = kb.i32(i64::from(per_row));
         if threads.is_multiple_of(per_row) {

@@ -337,7 +337,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
         mut load: impl FnMut(&KernelBuilder<'_, 'ctx>, IntValue<'ctx>, IntValue<'ctx>) -> Result<T>,
         mut store: impl FnMut(&KernelBuilder<'_, 'ctx>, T) -> Result<()>,
     ) -> Result<()> {
-        let threads = self.kernel.threads();
+        let threads = kb.collective_threads(self.kernel.threads());
         let count = rows * cols;
         let rounds = count.div_ceil(threads);
         let batch = rounds.min(batch);
@@ -384,7 +384,7 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
     ) -> Result<()> {
         let chunks_per_row = cols / chunk_elems;
         let chunks = rows * chunks_per_row;
-        let threads = self.kernel.threads();
+        let threads = kb.collective_threads(self.kernel.threads());
         let thread = kb.thread_index()?;
         for round in 0..chunks.div_ceil(threads) {
             let chunk = kb.add(thread, kb.i32((round * threads) as i64))?;
@@ -675,7 +675,7 @@ impl<'ctx> Lowering<'_, 'ctx> {
             && matches!(src.col0, Expr::Int(c) if (c as u64).is_multiple_of(chunk_elems as u64))
             && global.columns_contiguous_in(chunk_elems as u64);
         let Some(cols) = global.cols.as_ref().filter(|_| chunkable) else {
-            let threads = self.kernel.threads();
+            let threads = kb.collective_threads(self.kernel.threads());
             let thread = kb.thread_index()?;
             for round in 0..(window.rows * window.cols).div_ceil(threads) {
                 let element = kb.add(thread, kb.i32((round * threads) as i64))?;
