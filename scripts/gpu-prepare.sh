@@ -3,7 +3,7 @@
 # has neither, into gpu-carry/ (git-ignored; pass it to the remote run as a carried path):
 #   gpu-carry/ccc-run                      the runtime CLI, checked not to link LLVM
 #   gpu-carry/runtime-gpu-tests            the runtime's GPU test binary (tests/gpu.rs)
-#   gpu-carry/libs/<example>/<block>/      manifest.json + PTX of every examples/*.attn
+#   gpu-carry/libs/<example>/<block>/      manifest.json + PTX + cubin of every examples/*.attn
 #   gpu-carry/train/<example>/<block>/     every example compiled with emit = [forward, backward]
 #   gpu-carry/serve/<example>/<block>/     every example compiled with emit = [forward, decode]
 #   gpu-carry/libs/short_windows/<block>/  sliding windows of 7 and 100 keys (d 128 and 64),
@@ -99,7 +99,11 @@ fi
 failed=()
 for file in "${examples[@]}"; do
   name=$(basename "$file" .attn)
-  if ! ./target/release/ccc compile "$file" -o "$carry/libs/$name" --ptxas; then
+  # The examples carry cubins (the loaders' cubin path); the random specs only PTX (the carried
+  # tree is size-limited; the driver JIT-compiles them, the loaders' PTX path).
+  flag=--cubin
+  [[ $file == target/random-specs/* ]] && flag=--ptxas
+  if ! ./target/release/ccc compile "$file" -o "$carry/libs/$name" $flag; then
     failed+=("$file")
   fi
 done

@@ -433,6 +433,8 @@ fn entry_point_manifest(
 pub struct Library {
     pub manifest: Manifest,
     pub ptx: String,
+    /// The PTX assembled for the target, when asked for (`manifest.cubin_file` names it).
+    pub cubin: Option<Vec<u8>>,
 }
 
 #[cfg(feature = "llvm")]
@@ -443,6 +445,9 @@ pub struct CompileOptions {
     /// Assemble the PTX with ptxas and record registers, shared memory and spills per kernel in
     /// the manifest; a kernel that spills is an error.
     pub ptxas: bool,
+    /// Also keep what ptxas assembled, as the library's cubin, which loaders take instead of
+    /// compiling the PTX on the GPU (implies `ptxas`).
+    pub cubin: bool,
     /// Tiles per Hopper kernel (by name) instead of the resource model's choice: from a tuning
     /// result (`ccc compile --tuning`) or a candidate of `ccc tune`.
     pub tiles: Vec<(String, crate::tuning::TileChoice)>,
@@ -838,22 +843,27 @@ impl<'s> Compilation<'s> {
                 }
             })
             .collect();
-        let ptxas = if options.ptxas { ptxas_stats(spec, &ptx, kernels)? } else { vec![None; kernels.len()] };
+        let (ptxas, cubin) = if options.ptxas || options.cubin {
+            let assembled = crate::codegen::ptxas::assemble_cubin(&ptx).map_err(|e| error(spec, "ptxas", e))?;
+            (ptxas_stats(spec, &assembled.reports, kernels)?, options.cubin.then_some(assembled.cubin))
+        } else {
+            (vec![None; kernels.len()], None)
+        };
         let ptx_file = format!("{}.ptx", spec.name);
         let entries = entry_point_manifests(spec, &self.plans, kernels, &launches, &ptxas)?;
-        let manifest = Manifest::new(spec.clone(), ptx_file, entries);
+        let mut manifest = Manifest::new(spec.clone(), ptx_file, entries);
+        manifest.cubin_file = cubin.as_ref().map(|_| format!("{}.cubin", spec.name));
         manifest.validate().map_err(|e| error(spec, "manifest", e))?;
-        Ok(Library { manifest, ptx })
+        Ok(Library { manifest, ptx, cubin })
     }
 }
 
 #[cfg(feature = "llvm")]
 fn ptxas_stats(
     spec: &AttentionSpec,
-    ptx: &str,
+    reports: &[crate::codegen::ptxas::PtxasReport],
     kernels: &[KernelFn],
 ) -> Result<Vec<Option<PtxasStats>>, CompileError> {
-    let reports = crate::codegen::ptxas::assemble(ptx).map_err(|e| error(spec, "ptxas", e))?;
     kernels
         .iter()
         .map(|kernel| {
@@ -880,10 +890,13 @@ fn ptxas_stats(
         .collect()
 }
 
-/// Writes `library` into `directory` (manifest.json and the PTX file it names).
+/// Writes `library` into `directory` (manifest.json and the PTX and cubin files it names).
 #[cfg(feature = "llvm")]
 pub fn write_library(library: &Library, directory: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(directory)?;
     std::fs::write(directory.join(&library.manifest.ptx_file), &library.ptx)?;
+    if let (Some(cubin), Some(file)) = (&library.cubin, &library.manifest.cubin_file) {
+        std::fs::write(directory.join(file), cubin)?;
+    }
     std::fs::write(directory.join("manifest.json"), library.manifest.to_json() + "\n")
 }

@@ -8,7 +8,7 @@
 //! maps passed by value instead of through a device pointer; version 3: sizes may use `SMs`, the
 //! SM count of the device the library runs on, which persistent grids are made of; version 4: the
 //! decode entry point, with buffers of role `state`, i32 index buffers and the sizes `pages` and
-//! `blocks`).
+//! `blocks`; version 5: the packed prefill entry point; version 6: `cubin_file`).
 
 use crate::ir::size::{EvalError, SizeEnv, SizeExpr, SizeVar};
 use crate::spec::{AttentionSpec, DType, EntryPoint};
@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path};
 
 /// The schema version this build writes and reads.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Hopper's dynamic shared memory limit per block (227 KB).
 pub const MAX_DYNAMIC_SHARED_BYTES: u32 = 232_448;
@@ -40,6 +40,10 @@ pub struct Manifest {
     pub target: String,
     /// The PTX file, relative to the manifest's directory.
     pub ptx_file: String,
+    /// The same kernels assembled by ptxas for `target` (`ccc compile --cubin`), relative to the
+    /// manifest's directory: loaders take it instead of having the driver compile the PTX.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cubin_file: Option<String>,
     pub entry_points: Vec<EntryPointManifest>,
     /// Every learned tensor the caller supplies, in `spec.params()` order.
     pub weights: Vec<WeightManifest>,
@@ -234,6 +238,7 @@ impl Manifest {
             spec,
             target: "sm_90a".to_string(),
             ptx_file: ptx_file.into(),
+            cubin_file: None,
             entry_points,
         }
     }
@@ -296,16 +301,12 @@ impl Manifest {
                 self.target
             ));
         }
-        let ptx = Path::new(&self.ptx_file);
-        if self.ptx_file.is_empty()
-            || !ptx
-                .components()
-                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
-        {
-            return Err(format!(
-                "ptx_file `{}` must be a relative path inside the library directory",
-                self.ptx_file
-            ));
+        let files = std::iter::once(("ptx_file", &self.ptx_file)).chain(self.cubin_file.iter().map(|file| ("cubin_file", file)));
+        for (field, file) in files {
+            let inside = Path::new(file).components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+            if file.is_empty() || !inside {
+                return Err(format!("{field} `{file}` must be a relative path inside the library directory"));
+            }
         }
         let expected_weights = Manifest::weights_for(&self.spec);
         if self.weights != expected_weights {

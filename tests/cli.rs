@@ -157,6 +157,30 @@ fn compile_writes_one_library_per_layer() {
     }
 }
 
+/// `--cubin` keeps what ptxas assembled: an sm_90 ELF beside the PTX, named in the manifest,
+/// with ptxas's report per kernel; without it no cubin is written or named.
+#[cfg(feature = "llvm")]
+#[test]
+fn compile_with_cubin_writes_the_assembled_library() {
+    let directory = scratch("cubin");
+    let out = directory.join("out");
+    let (status, stdout, stderr) = ccc(&["compile", &example("mha"), "-o", &out.display().to_string(), "--cubin"]);
+    assert_eq!((status, stderr.as_str()), (Status::Success, ""));
+    assert!(stdout.contains("bytes of cubin)"), "{stdout}");
+    let manifest = ccc::manifest::Manifest::from_json(&std::fs::read_to_string(out.join("mha/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest.cubin_file.as_deref(), Some("mha.cubin"));
+    assert!(manifest.entry_points.iter().flat_map(|entry| &entry.kernels).all(|kernel| kernel.ptxas.is_some()));
+    let cubin = std::fs::read(out.join("mha/mha.cubin")).unwrap();
+    assert_eq!(&cubin[..4], b"\x7fELF");
+    // e_machine 190: EM_CUDA.
+    assert_eq!(u16::from_le_bytes([cubin[18], cubin[19]]), 190);
+    let plain = directory.join("plain");
+    assert_eq!(ccc(&["compile", &example("mha"), "-o", &plain.display().to_string()]).0, Status::Success);
+    let manifest = ccc::manifest::Manifest::from_json(&std::fs::read_to_string(plain.join("mha/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest.cubin_file, None);
+    assert!(!plain.join("mha/mha.cubin").exists());
+}
+
 #[cfg(feature = "llvm")]
 #[test]
 fn a_second_compile_reads_the_ptx_cache() {

@@ -151,7 +151,9 @@ fn json_round_trip_is_lossless() {
 fn json_form_stays_simple_for_other_loaders() {
     let value: serde_json::Value = serde_json::from_str(&gqa_manifest().to_json()).unwrap();
     let attention = &value["entry_points"][0]["kernels"][1];
-    assert_eq!(value["schema_version"], 5);
+    assert_eq!(value["schema_version"], 6);
+    // A library without a cubin does not mention one.
+    assert!(value.get("cubin_file").is_none());
     assert_eq!(value["entry_points"][0]["entry"], "forward");
     assert_eq!(
         attention["params"][0],
@@ -204,12 +206,12 @@ fn buffer_sizes_evaluate_per_call() {
 #[test]
 fn unknown_schema_version_is_named_before_anything_else() {
     let err = error_after(|v| {
-        v["schema_version"] = 6.into();
-        v["some_field_of_version_6"] = true.into();
+        v["schema_version"] = 7.into();
+        v["some_field_of_version_7"] = true.into();
     });
     assert_eq!(
         err,
-        "unknown manifest schema version 6: this build reads version 5"
+        "unknown manifest schema version 7: this build reads version 6"
     );
     let err = error_after(|v| {
         v.as_object_mut().unwrap().remove("schema_version");

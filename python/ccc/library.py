@@ -116,7 +116,7 @@ class Layer:
 
     def __init__(self, directory, validate=False):
         self.directory = str(directory)
-        self.manifest, self.ptx_path = read_library(self.directory)
+        self.manifest, self.module_path = read_library(self.directory)
         self.spec = self.manifest.spec
         self.name = self.spec.name
         self.validate = validate
@@ -144,14 +144,14 @@ class Layer:
                      f"GPU {device.index} ({torch.cuda.get_device_name(device)})")
         functions = {}
         with cupy.cuda.Device(device.index):
-            module = cupy.RawModule(path=self.ptx_path)
+            module = cupy.RawModule(path=self.module_path)
             for entry in self.manifest.entry_points:
                 for kernel in entry.kernels:
                     try:
                         function = module.get_function(kernel.symbol)
                     except Exception as error:
                         raise KernelFault(f"resolving kernel `{kernel.symbol}` in "
-                                          f"{self.ptx_path}: {error}") from error
+                                          f"{self.module_path}: {error}") from error
                     if kernel.dynamic_shared_bytes > DEFAULT_SHARED_LIMIT_BYTES:
                         # Above 48 KB a kernel must opt in before launch.
                         function.max_dynamic_shared_size_bytes = kernel.dynamic_shared_bytes

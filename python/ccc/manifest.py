@@ -18,7 +18,7 @@ from .errors import ManifestError, SizeError, TensorMismatch, UnsupportedDevice
 from .sizes import SIZE_VARS, U64_MAX, Unbound, format_shape, parse_size_expr
 from .spec import parse_spec
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MANIFEST_FILE = "manifest.json"
 MAX_DYNAMIC_SHARED_BYTES = 232_448
 DEFAULT_SHARED_LIMIT_BYTES = 48 * 1024
@@ -80,6 +80,7 @@ class Manifest:
     ptx_file: str
     entry_points: tuple
     weights: tuple
+    cubin_file: object = None  # str or None: the PTX assembled for `target` (`ccc compile --cubin`)
 
     def entry_point(self, entry):
         return next((e for e in self.entry_points if e.entry == entry), None)
@@ -190,7 +191,7 @@ def parse_manifest(text):
         raise ManifestError(f"unknown manifest schema version {version}: "
                             f"this build reads version {SCHEMA_VERSION}")
     _object(value, "manifest", ("schema_version", "compiler_version", "spec", "target",
-                                "ptx_file", "entry_points", "weights"))
+                                "ptx_file", "entry_points", "weights"), ("cubin_file",))
     weights = []
     for i, w in enumerate(_typed(value["weights"], "list", "weights")):
         where = f"weights[{i}]"
@@ -218,6 +219,8 @@ def parse_manifest(text):
         ptx_file=_typed(value["ptx_file"], "str", "ptx_file"),
         entry_points=tuple(entries),
         weights=tuple(weights),
+        cubin_file=(None if value.get("cubin_file") is None
+                    else _typed(value["cubin_file"], "str", "cubin_file")),
     )
     validate_manifest(manifest)
     return manifest
@@ -237,11 +240,13 @@ def validate_manifest(manifest):
     spec = manifest.spec
     if not manifest.target.startswith("sm_"):
         raise ManifestError(f"target `{manifest.target}` is not a CUDA architecture like sm_90a")
-    parts = manifest.ptx_file.replace("\\", "/").split("/")
-    if (not manifest.ptx_file or os.path.isabs(manifest.ptx_file)
-            or any(part == ".." for part in parts)):
-        raise ManifestError(f"ptx_file `{manifest.ptx_file}` must be a relative path inside the "
-                            "library directory")
+    files = [("ptx_file", manifest.ptx_file)]
+    if manifest.cubin_file is not None:
+        files.append(("cubin_file", manifest.cubin_file))
+    for field, file in files:
+        parts = file.replace("\\", "/").split("/")
+        if not file or os.path.isabs(file) or any(part == ".." for part in parts):
+            raise ManifestError(f"{field} `{file}` must be a relative path inside the library directory")
     expected = expected_weights(spec)
     if manifest.weights != expected:
         raise ManifestError(
@@ -440,8 +445,9 @@ def _kernel_problem(kernel, buffers):
 
 
 def read_library(directory):
-    """Reads and validates `directory/manifest.json`; returns (manifest, path of the PTX file).
-    Needs no GPU."""
+    """Reads and validates `directory/manifest.json`; returns (manifest, path of the module to
+    load: the cubin where the library carries one, which the driver loads without compiling,
+    else the PTX). Needs no GPU."""
     path = os.path.join(directory, MANIFEST_FILE)
     try:
         with open(path, encoding="utf-8") as file:
@@ -452,10 +458,11 @@ def read_library(directory):
         manifest = parse_manifest(text)
     except ManifestError as error:
         raise ManifestError(f"{path}: {error}") from None
-    ptx_path = os.path.join(directory, manifest.ptx_file)
-    if not os.path.isfile(ptx_path):
-        raise ManifestError(f"{ptx_path}: the PTX file the manifest names does not exist")
-    return manifest, ptx_path
+    for kind, file in (("PTX", manifest.ptx_file), ("cubin", manifest.cubin_file)):
+        if file is not None and not os.path.isfile(os.path.join(directory, file)):
+            raise ManifestError(f"{os.path.join(directory, file)}: the {kind} file the manifest names "
+                                "does not exist")
+    return manifest, os.path.join(directory, manifest.cubin_file or manifest.ptx_file)
 
 
 # --- Planning one call -------------------------------------------------------------------------

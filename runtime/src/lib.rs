@@ -17,7 +17,7 @@ pub mod weights;
 
 pub use error::RuntimeError;
 pub use library::{
-    DecodeCache, DeviceTensor, DeviceWeights, Library, MANIFEST_FILE, Outputs, open_device, read_library,
+    DecodeCache, DeviceTensor, DeviceWeights, KernelCode, Library, MANIFEST_FILE, Outputs, open_device, read_library,
 };
 pub use plan::CallPlan;
 pub use tensor::{HostData, HostTensor};

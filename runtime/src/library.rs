@@ -79,8 +79,17 @@ impl Outputs {
     }
 }
 
-/// Reads and validates `DIR/manifest.json` and the PTX it names. No GPU needed.
-pub fn read_library(dir: &Path) -> Result<(Manifest, String), RuntimeError> {
+/// A library's kernels as the driver loads them: the PTX, and the cubin assembled from it when
+/// the library carries one (`ccc compile --cubin`), which is loaded instead so that the driver
+/// compiles nothing.
+#[derive(Debug)]
+pub struct KernelCode {
+    pub ptx: String,
+    pub cubin: Option<Vec<u8>>,
+}
+
+/// Reads and validates `DIR/manifest.json` and the PTX (and cubin) it names. No GPU needed.
+pub fn read_library(dir: &Path) -> Result<(Manifest, KernelCode), RuntimeError> {
     let manifest_path = dir.join(MANIFEST_FILE);
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| RuntimeError::Io {
         path: manifest_path.clone(),
@@ -102,7 +111,14 @@ pub fn read_library(dir: &Path) -> Result<(Manifest, String), RuntimeError> {
             message: "PTX text contains a NUL byte".into(),
         });
     }
-    Ok((manifest, ptx))
+    let cubin = match &manifest.cubin_file {
+        Some(file) => {
+            let path = dir.join(file);
+            Some(std::fs::read(&path).map_err(|e| RuntimeError::Io { path, message: e.to_string() })?)
+        }
+        None => None,
+    };
+    Ok((manifest, KernelCode { ptx, cubin }))
 }
 
 /// Opens GPU `ordinal`, reporting a missing driver or GPU as such instead of panicking.
@@ -142,7 +158,7 @@ impl Library {
     /// Reads the library in `dir`, loads its PTX on GPU 0 and resolves every kernel.
     pub fn load(dir: impl AsRef<Path>) -> Result<Library, RuntimeError> {
         let dir = dir.as_ref().to_path_buf();
-        let (manifest, ptx) = read_library(&dir)?;
+        let (manifest, code) = read_library(&dir)?;
         let context = open_device(0)?;
         let capability = context
             .compute_capability()
@@ -153,12 +169,13 @@ impl Library {
         }
         let sms = device_sms(&context)?;
         let stream = context.default_stream();
-        let module = context.load_module(Ptx::from_src(ptx)).map_err(|e| {
-            RuntimeError::driver(
-                format!("loading {}", dir.join(&manifest.ptx_file).display()),
-                e,
-            )
-        })?;
+        let (image, file) = match code.cubin {
+            Some(cubin) => (Ptx::from_binary(cubin), manifest.cubin_file.as_deref().unwrap_or_default()),
+            None => (Ptx::from_src(code.ptx), manifest.ptx_file.as_str()),
+        };
+        let module = context
+            .load_module(image)
+            .map_err(|e| RuntimeError::driver(format!("loading {}", dir.join(file).display()), e))?;
         let mut functions = BTreeMap::new();
         for kernel in manifest.entry_points.iter().flat_map(|e| &e.kernels) {
             let function = module.load_function(&kernel.symbol).map_err(|e| {

@@ -14,9 +14,23 @@ const NO_DRIVER: &str = "no CUDA driver: libcuda could not be loaded on this mac
 #[test]
 fn library_files_are_read_and_checked_without_a_gpu() {
     let dir = write_fixture("no-gpu-read");
-    let (manifest, ptx) = read_library(&dir).unwrap();
+    let (manifest, code) = read_library(&dir).unwrap();
     assert_eq!(manifest, common::fixture_manifest());
-    assert!(ptx.contains(".visible .entry fixture_add_diagonal("));
+    assert!(code.ptx.contains(".visible .entry fixture_add_diagonal("));
+    assert!(code.cubin.is_none());
+    // A cubin the manifest names is read with it; a missing one, or one outside the library's
+    // directory, is an error naming it.
+    let mut with_cubin = manifest.clone();
+    with_cubin.cubin_file = Some("fixture.cubin".into());
+    std::fs::write(dir.join("manifest.json"), with_cubin.to_json()).unwrap();
+    let err = read_library(&dir).unwrap_err().to_string();
+    assert!(err.contains("fixture.cubin: "), "{err}");
+    std::fs::write(dir.join("fixture.cubin"), b"\x7fELF").unwrap();
+    assert_eq!(read_library(&dir).unwrap().1.cubin.as_deref(), Some(&b"\x7fELF"[..]));
+    with_cubin.cubin_file = Some("../fixture.cubin".into());
+    std::fs::write(dir.join("manifest.json"), with_cubin.to_json()).unwrap();
+    let err = read_library(&dir).unwrap_err().to_string();
+    assert!(err.ends_with("cubin_file `../fixture.cubin` must be a relative path inside the library directory"), "{err}");
     std::fs::write(dir.join("manifest.json"), "{\"schema_version\": 7}").unwrap();
     let err = read_library(&dir).unwrap_err();
     assert!(matches!(err, RuntimeError::Manifest { .. }));

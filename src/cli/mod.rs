@@ -84,6 +84,10 @@ pub enum Command {
         /// registers and spills per kernel in the manifest; a kernel that spills is an error.
         #[arg(long)]
         ptxas: bool,
+        /// Also write what ptxas assembled, NAME.cubin (named in the manifest), which loaders
+        /// take instead of compiling the PTX on the GPU at load time (implies --ptxas).
+        #[arg(long)]
+        cubin: bool,
         /// Do not read or write the PTX cache.
         #[arg(long)]
         no_cache: bool,
@@ -155,6 +159,7 @@ pub enum ColorWhen {
 struct CompileFlags {
     print_after_all: bool,
     ptxas: bool,
+    cubin: bool,
     cache: bool,
     tuning: Option<PathBuf>,
 }
@@ -207,8 +212,8 @@ where
             files.iter().map(|file| session.check(file)).max().unwrap_or(Status::Success)
         }
         Command::Explain { file, seq_len } => session.explain(&file, seq_len),
-        Command::Compile { file, out_dir, emit, print_after_all, ptxas, no_cache, tuning } => {
-            let options = CompileFlags { print_after_all, ptxas, cache: !no_cache, tuning };
+        Command::Compile { file, out_dir, emit, print_after_all, ptxas, cubin, no_cache, tuning } => {
+            let options = CompileFlags { print_after_all, ptxas, cubin, cache: !no_cache, tuning };
             session.compile(&file, &out_dir, emit, options)
         }
         Command::Spec { from_hf, name, out } => session.spec_from_hf(&from_hf, &name, out.as_deref()),
@@ -541,6 +546,7 @@ impl Session<'_, '_> {
             let options = driver::CompileOptions {
                 cache: if flags.cache { PtxCache::from_env() } else { None },
                 ptxas: flags.ptxas,
+                cubin: flags.cubin,
                 tiles,
             };
             let library = match driver::compile_library(spec, &options) {
@@ -552,9 +558,10 @@ impl Session<'_, '_> {
                 return self.usage_error(&format!("cannot write {}: {error}", directory.display()));
             }
             let kernels = library.manifest.entry_points.iter().map(|e| e.kernels.len()).sum::<usize>();
+            let cubin = library.cubin.as_ref().map(|cubin| format!(", {} bytes of cubin", cubin.len())).unwrap_or_default();
             let _ = writeln!(
                 self.io.stdout,
-                "wrote {} ({kernels} kernels, {} bytes of PTX)",
+                "wrote {} ({kernels} kernels, {} bytes of PTX{cubin})",
                 directory.display(),
                 library.ptx.len()
             );

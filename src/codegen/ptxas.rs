@@ -46,6 +46,17 @@ fn missing_ptxas() -> String {
 /// Assembles `ptx` for sm_90a with `ptxas -v` and returns one report per kernel, in the order
 /// ptxas lists them. Errors carry ptxas's own messages.
 pub fn assemble(ptx: &str) -> Result<Vec<PtxasReport>, String> {
+    assemble_cubin(ptx).map(|assembled| assembled.reports)
+}
+
+/// What ptxas made of a module: its report per kernel and the cubin.
+pub struct Assembled {
+    pub reports: Vec<PtxasReport>,
+    pub cubin: Vec<u8>,
+}
+
+/// [`assemble`], keeping the cubin.
+pub fn assemble_cubin(ptx: &str) -> Result<Assembled, String> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let ptxas = find_ptxas()?;
     let unique = format!("ccc-ptxas-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
@@ -65,13 +76,15 @@ pub fn assemble(ptx: &str) -> Result<Vec<PtxasReport>, String> {
                 .output()
                 .map_err(|error| format!("cannot run {}: {error}", ptxas.display()))
         });
+    let cubin = std::fs::read(&output);
     let _ = std::fs::remove_dir_all(&dir);
     let run = result?;
     let log = format!("{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     if !run.status.success() {
         return Err(format!("ptxas failed ({}):\n{log}", run.status));
     }
-    parse_report(&log)
+    let cubin = cubin.map_err(|error| format!("cannot read the cubin ptxas wrote: {error}"))?;
+    Ok(Assembled { reports: parse_report(&log)?, cubin })
 }
 
 /// Reads ptxas's `-v` log.

@@ -91,7 +91,7 @@ def zaya1_manifest_json():
         kernel("zaya1_out_proj", ["o", "o_proj.weight", "out"],
                [c(32), {"ceil_div": [S(), 64]}, B()]),
     ]
-    return {"schema_version": 5, "compiler_version": "test", "spec": spec_json,
+    return {"schema_version": 6, "compiler_version": "test", "spec": spec_json,
             "target": "sm_90a", "ptx_file": "zaya1.ptx",
             "entry_points": [{"entry": "forward", "kernels": kernels, "buffers": buffers}],
             "weights": weights}
@@ -323,7 +323,7 @@ class ManifestValidation(unittest.TestCase):
 
     def test_schema_version_is_checked_first(self):
         self.assertRaisesRegex(ManifestError, "^unknown manifest schema version 7: this build "
-                               "reads version 5$", parse_manifest, '{"schema_version": 7}')
+                               "reads version 6$", parse_manifest, '{"schema_version": 7}')
         self.assertRaisesRegex(ManifestError, "no schema_version", parse_manifest, "{}")
         self.assertRaisesRegex(ManifestError, "not valid JSON", parse_manifest, "{")
 
@@ -399,6 +399,29 @@ class ManifestValidation(unittest.TestCase):
                 read_library(directory)
             with self.assertRaisesRegex(ManifestError, "absent/manifest.json"):
                 read_library(os.path.join(directory, "absent"))
+
+    def test_a_library_with_a_cubin_loads_the_cubin(self):
+        with tempfile.TemporaryDirectory() as directory:
+            value = fixture_json()
+            value["cubin_file"] = "fixture.cubin"
+            with open(os.path.join(directory, "manifest.json"), "w") as file:
+                json.dump(value, file)
+            with open(os.path.join(directory, "fixture.ptx"), "w") as file:
+                file.write("// ptx\n")
+            with self.assertRaisesRegex(ManifestError, "fixture.cubin: the cubin file the manifest "
+                                        "names does not exist"):
+                read_library(directory)
+            with open(os.path.join(directory, "fixture.cubin"), "wb") as file:
+                file.write(b"\x7fELF")
+            manifest, module_path = read_library(directory)
+            self.assertEqual((manifest.cubin_file, module_path),
+                             ("fixture.cubin", os.path.join(directory, "fixture.cubin")))
+            value["cubin_file"] = "../fixture.cubin"
+            with open(os.path.join(directory, "manifest.json"), "w") as file:
+                json.dump(value, file)
+            with self.assertRaisesRegex(ManifestError, "cubin_file `../fixture.cubin` must be a "
+                                        "relative path inside the library directory"):
+                read_library(directory)
 
 
 class CallPlanning(unittest.TestCase):

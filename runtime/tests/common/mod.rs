@@ -210,6 +210,7 @@ pub fn fixture_manifest() -> Manifest {
         spec,
         target: "sm_90a".into(),
         ptx_file: "fixture.ptx".into(),
+        cubin_file: None,
         entry_points: vec![EntryPointManifest {
             entry: EntryPoint::Forward,
             kernels,
