@@ -385,35 +385,65 @@ def write_markdown(path, env, config, results):
         file.write("\n".join(lines))
 
 
+def system_styles(systems):
+    """{system: (colour, line style)}, a different pair for each of up to 80 systems: tab20's
+    colours crossed with four line styles, in the order given."""
+    import matplotlib.pyplot as plt
+
+    colours = plt.get_cmap("tab20").colors
+    dashes = ("-", "--", "-.", ":")
+    return {system: (colours[i % len(colours)], dashes[(i // len(colours) + i) % len(dashes)])
+            for i, system in enumerate(systems)}
+
+
 def write_plot(path, results, batches):
+    """Per batch size: latency, TFLOP/s and each ccc row's speed-up over the peers it is compared
+    with in bench.md (above 1: ccc is faster). Circles: whole layers; squares: attention cores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(2, len(batches), figsize=(7 * len(batches), 10), squeeze=False)
+    figure, axes = plt.subplots(3, len(batches), figsize=(7 * len(batches), 14), squeeze=False)
     systems = sorted({r["system"] for r in results})
+    styles = system_styles(systems)
+    by_key = {}
+    for result in results:
+        by_key.setdefault((result["batch"], result["seq_len"]), []).append(result)
     for column, batch in enumerate(batches):
         for system in systems:
-            points = sorted((r["seq_len"], r["ms"], r["tflops"]) for r in results
-                            if r["system"] == system and r["batch"] == batch and "ms" in r)
-            if not points:
+            rows = sorted((r for r in results if r["system"] == system and r["batch"] == batch and "ms" in r),
+                          key=lambda r: r["seq_len"])
+            if not rows:
                 continue
-            style = "--" if any(r["kind"] == "core" for r in results
-                                if r["system"] == system) else "-"
-            seq_lens, ms, tflops = zip(*points)
-            axes[0][column].plot(seq_lens, ms, style, marker="o", label=system)
-            axes[1][column].plot(seq_lens, tflops, style, marker="o", label=system)
-        for row, label in enumerate(("latency (ms)", "TFLOP/s")):
+            colour, dash = styles[system]
+            marker = "s" if rows[0]["kind"] == "core" else "o"
+            seq_lens = [r["seq_len"] for r in rows]
+            line = dict(color=colour, linestyle=dash, marker=marker, label=system)
+            axes[0][column].plot(seq_lens, [r["ms"] for r in rows], **line)
+            axes[1][column].plot(seq_lens, [r["tflops"] for r in rows], **line)
+            if not system.startswith("ccc"):
+                continue
+            speedups = {}
+            for r in rows:
+                for peer, ratio in peer_ratios(r, by_key).items():
+                    speedups.setdefault(peer, []).append((r["seq_len"], ratio))
+            for peer, points in sorted(speedups.items()):
+                _, peer_dash = styles[peer]
+                axes[2][column].plot(*zip(*points), color=colour, linestyle=peer_dash, marker=marker,
+                                     label=f"{system} vs {peer}")
+        axes[2][column].axhline(1.0, color="black", linewidth=0.8)
+        for row, label in enumerate(("latency (ms)", "TFLOP/s", "speed-up of ccc (×)")):
             axis = axes[row][column]
             axis.set_xscale("log", base=2)
             if row == 0:
                 axis.set_yscale("log")
             axis.set_xlabel("sequence length")
             axis.set_ylabel(label)
-            axis.set_title(f"B = {batch}: {label} (dashed: attention core)")
+            axis.set_title(f"B = {batch}: {label} (circles: layer, squares: attention core)")
             axis.grid(True, which="both", alpha=0.3)
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    for row in (0, 2):
+        axes[row][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110, bbox_inches="tight")
 
