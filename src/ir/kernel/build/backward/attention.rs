@@ -724,23 +724,6 @@ impl AttentionBackward<'_> {
                 let allowed = mask_allows(self.spec.mask, query.clone(), key.clone()).unwrap_or_else(|| key.clone().lt(seq()));
                 Expr::select(allowed, p, Expr::Float(0.0))
             };
-            // Steps whose every key is inside the sequence and visible to every query of the
-            // step skip the mask (most steps, as in the forward: only those at the diagonal, a
-            // window's edge or the sequence end need it).
-            let unmasked = {
-                let last_key = var("key0") + int(rows - 1);
-                let mut all_visible = last_key.clone().lt(seq());
-                match self.spec.mask {
-                    Mask::None => {}
-                    Mask::Causal => all_visible = all_visible.and(last_key.le(var("q_row0"))),
-                    Mask::SlidingWindow { window } => {
-                        all_visible = all_visible
-                            .and(last_key.le(var("q_row0")))
-                            .and((var("q_row0") + int(bm - 1) - var("key0")).lt(int(window)));
-                    }
-                }
-                all_visible
-            };
             let mut step = step_lets("");
             step.extend([
                 Stmt::NamedBarrier { id: int(2 + c), threads: WARPGROUP_THREADS, sync: true },
@@ -756,11 +739,7 @@ impl AttentionBackward<'_> {
                     else_body: Vec::new(),
                 },
                 Stmt::MmaWait { pending: 0, after: None },
-                Stmt::If {
-                    cond: unmasked,
-                    then_body: vec![Stmt::Map { dst: w(probs_t), expr: probability.clone() }],
-                    else_body: vec![Stmt::Map { dst: w(probs_t), expr: masked(probability) }],
-                },
+                Stmt::Map { dst: w(probs_t), expr: masked(probability) },
                 Stmt::Map { dst: w(dscores_t), expr: Expr::tile(probs_t, Expr::Row, Expr::Col) * (Expr::Elem - statistic(delta_s[c as usize])) },
                 Stmt::Convert { dst: w(probs_a), src: w(probs_t) },
                 Stmt::Convert { dst: ds_band.clone(), src: w(dscores_t) },
