@@ -124,6 +124,9 @@ pub(super) struct PrologueBuilder<'a> {
     warp_grid: (u32, u32),
     /// Which tokens the rows are, and what comes before a sequence's first.
     rows: Rows,
+    /// Where the forward's RoPE writes the rotated channels ([`Self::with_rope_tile`]); none
+    /// without RoPE, or where no tile is free (the rotation then runs on the accumulator).
+    rope_s: Option<TileId>,
 }
 
 /// The tokens a prologue's rows are.
@@ -238,7 +241,35 @@ impl<'a> PrologueBuilder<'a> {
             reads_p0: true,
             warp_grid: (wm, wn),
             rows: Rows::Dense,
+            rope_s: None,
         })
+    }
+
+    /// The rotated channels' columns: the rotary width rounded up to whole 16-byte chunks, so
+    /// that the rotation's map and the stores move whole chunks.
+    fn rotated_columns(&self) -> Option<u32> {
+        let rope = self.spec.rope?;
+        let chunk = 16 / ElemType::from(self.spec.dtype).size_bytes() as u32;
+        Some((rope.rotary_dim as u32).next_multiple_of(chunk).min(self.d))
+    }
+
+    /// A tile for the forward's RoPE to write the rotated channels into: the last convolution
+    /// stage's output where that is not p0_s (free once the q-k mean has read it), else a tile
+    /// of its own where it fits beside the others.
+    fn with_rope_tile(mut self) -> Self {
+        let Some(columns) = self.rotated_columns() else { return self };
+        let last_out = self.stage_out.last().copied().filter(|tile| *tile != self.p0_s);
+        self.rope_s = match last_out {
+            Some(tile) => Some(tile),
+            None => {
+                let storage: ElemType = self.spec.dtype.into();
+                let mut with_rope = Tiles { decls: self.tiles.decls.clone() };
+                with_rope.shared("rope_s", storage, self.lead + self.m, columns);
+                let bytes: usize = with_rope.decls.iter().map(|t| t.ty.shared_bytes().next_multiple_of(SHARED_TILE_ALIGNMENT)).sum();
+                (bytes <= SHARED_MEMORY_LIMIT_BYTES).then(|| self.tiles.shared("rope_s", storage, self.lead + self.m, columns))
+            }
+        };
+        self
     }
 
     fn name(&self, role: ParamRole) -> String {
@@ -259,7 +290,7 @@ impl<'a> PrologueBuilder<'a> {
         params.extend(weight_params(spec, is_prologue_param));
         params.push(tensor("q", storage, bsd(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, bsd(spec.kv_heads), Access::Write));
-        self.kernel_over_rows(
+        self.with_rope_tile().kernel_over_rows(
             format!("{}_{}", spec.name, ForwardKernel::QkPrologue.suffix()),
             params,
             "the CCA steps of each row",
@@ -305,7 +336,7 @@ impl<'a> PrologueBuilder<'a> {
         params.push(tensor("seq_lens", ElemType::I32, vec![SizeExpr::batch()], Access::Read));
         params.push(tensor("q", storage, token_rows(spec.query_heads), Access::Write));
         params.push(tensor("k", storage, token_rows(spec.kv_heads), Access::Write));
-        self.kernel_over_rows(name, params, what, &|builder, kind, y| builder.epilogue(kind, y))
+        self.with_rope_tile().kernel_over_rows(name, params, what, &|builder, kind, y| builder.epilogue(kind, y))
     }
 
     /// A packed sequence's first tile: its halo rows before the sequence's first token from the
@@ -790,12 +821,17 @@ impl<'a> PrologueBuilder<'a> {
     fn epilogue(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
         let mut out = self.mixed(kind, y);
         out.extend(self.normalize(kind));
-        out.extend(self.rope());
         let (param, head) = match kind {
             HeadKind::Query => ("q", var("head")),
             HeadKind::Key => ("k", var("kv")),
         };
-        out.extend(self.store_rows(param, head));
+        match (self.rotated(self.p0_s, false), self.rope_s, self.rotated_columns()) {
+            (Some(rotated), Some(rope_s), Some(columns)) => out.extend(self.rope_and_store(rotated, rope_s, columns, param, head)),
+            (rotated, _, _) => {
+                out.extend(rotated.map(|rotated| self.rope_in_registers(rotated)).into_iter().flatten());
+                out.extend(self.store_rows(param, head));
+            }
+        }
         out
     }
 
@@ -873,21 +909,45 @@ impl<'a> PrologueBuilder<'a> {
         ]
     }
 
-    /// RoPE at the absolute position of each row, through shared memory because each element
-    /// needs its rotation partner.
-    fn rope(&self) -> Vec<Stmt> {
-        // The normalized head, rounded to the storage type, is staged in p0_s: by then the q-k
-        // mean has read the raw rows.
-        let Some(rotated) = self.rotated(self.p0_s, false) else {
-            return Vec::new();
-        };
-        // Other threads may still be reading the staged rows for the q-k mean.
-        let mut out = vec![Stmt::Barrier];
-        out.extend([
+    /// RoPE at the absolute position of each row on the accumulator (where no tile is free for
+    /// [`Self::rope_and_store`]), through shared memory because each element needs its rotation
+    /// partner: the normalized head, rounded to the storage type, is staged in p0_s (by then the
+    /// q-k mean has read the raw rows), and every channel takes the select.
+    fn rope_in_registers(&self, rotated: Expr) -> Vec<Stmt> {
+        vec![
+            // Other threads may still be reading the staged rows for the q-k mean.
+            Stmt::Barrier,
             Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
             Stmt::Barrier,
             Stmt::Map { dst: self.tiles.whole(self.acc), expr: rotated },
-        ]);
+        ]
+    }
+
+    /// RoPE only where it rotates, then the store: the normalized head, rounded, is staged in
+    /// p0_s; the rotated channels (the first `columns`, whole 16-byte chunks; the few past the
+    /// rotary width pass through) are mapped from it into `rope_s`; the head is stored from
+    /// both. The same two roundings as [`Self::rope_in_registers`] and [`Self::store_rows`].
+    fn rope_and_store(&self, rotated: Expr, rope_s: TileId, columns: u32, param: &str, head: Expr) -> Vec<Stmt> {
+        let store = |tile: TileId, col0: u32, cols: u32| Stmt::Store {
+            src: self.tiles.view(tile, int(self.lead), int(col0), self.m, cols),
+            dst: GlobalTile {
+                param: param.into(),
+                dims: vec![GlobalDim::At(self.row_batch()), self.stored_rows(), GlobalDim::At(head.clone()), span(int(col0), cols)],
+            },
+        };
+        let mut out = vec![
+            // Other threads may still be reading the staged rows for the q-k mean, and the
+            // convolution output that rope_s may be.
+            Stmt::Barrier,
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
+            Stmt::Barrier,
+            Stmt::Map { dst: self.tiles.view(rope_s, int(self.lead), int(0), self.m, columns), expr: rotated },
+            Stmt::Barrier,
+            store(rope_s, 0, columns),
+        ];
+        if columns < self.d {
+            out.push(store(self.p0_s, columns, self.d - columns));
+        }
         out
     }
 
