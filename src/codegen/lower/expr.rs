@@ -42,14 +42,14 @@ impl<'ctx> Value<'ctx> {
             other => unsupported(format!("expected a condition, got {}", other.kind())),
         }
     }
-    pub(super) fn kind(self) -> &'static str {
+    fn kind(self) -> &'static str {
         match self {
             Value::Int(_) => "an integer",
             Value::Float(_) => "a float",
             Value::Bool(_) => "a condition",
         }
     }
-    pub(super) fn basic(self) -> BasicValueEnum<'ctx> {
+    fn basic(self) -> BasicValueEnum<'ctx> {
         match self {
             Value::Int(value) | Value::Bool(value) => value.into(),
             Value::Float(value) => value.into(),
@@ -157,23 +157,14 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             // every score, a convolution's sum of taps).
             Expr::Binary(op, a, b) if fused_multiply_add(*op, a, b).is_some() => {
                 let (x, y, c, negate_c) = fused_multiply_add(*op, a, b).expect("matched a fused form");
-                match (eval(x)?, eval(y)?, eval(c)?) {
-                    (Value::Float(x), Value::Float(y), Value::Float(c)) => Value::Float(fma(kb, x, y, c, negate_c)?),
-                    (x, y, c) => binary(kb, *op, binary(kb, BinOp::Mul, x, y)?, c)?,
-                }
+                multiply_add(kb, *op, eval(x)?, eval(y)?, eval(c)?, negate_c)?
             }
             Expr::Binary(op, a, b) => binary(kb, *op, eval(a)?, eval(b)?)?,
             Expr::Select(cond, then, otherwise) => {
                 let cond = eval(cond)?.bool()?;
                 let a = self.eval_guarded(kb, then, site, true)?;
                 let b = self.eval_guarded(kb, otherwise, site, true)?;
-                let chosen = kb.builder().build_select(cond, a.basic(), b.basic(), "")?;
-                match (a, b) {
-                    (Value::Int(_), Value::Int(_)) => Value::Int(chosen.into_int_value()),
-                    (Value::Float(_), Value::Float(_)) => Value::Float(chosen.into_float_value()),
-                    (Value::Bool(_), Value::Bool(_)) => Value::Bool(chosen.into_int_value()),
-                    (a, b) => return unsupported(format!("select between {} and {}", a.kind(), b.kind())),
-                }
+                select(kb, cond, a, b)?
             }
         })
     }
@@ -251,10 +242,34 @@ pub(super) fn fused_multiply_add<'e>(op: BinOp, a: &'e Expr, b: &'e Expr) -> Opt
     }
 }
 
-/// x · y + c, or x · y − c when `negate_c`, rounded once.
-pub(super) fn fma<'ctx>(kb: &KernelBuilder<'_, 'ctx>, x: FloatValue<'ctx>, y: FloatValue<'ctx>, c: FloatValue<'ctx>, negate_c: bool) -> Result<FloatValue<'ctx>> {
-    let c = if negate_c { kb.builder().build_float_neg(c, "")? } else { c };
-    kb.fma(x, y, c)
+/// The value of `op(x · y, c)` matched by [`fused_multiply_add`] (`negate_c` for x · y − c):
+/// one fma, rounded once, for floats; the multiply and `op` for integers.
+pub(super) fn multiply_add<'ctx>(
+    kb: &KernelBuilder<'_, 'ctx>,
+    op: BinOp,
+    x: Value<'ctx>,
+    y: Value<'ctx>,
+    c: Value<'ctx>,
+    negate_c: bool,
+) -> Result<Value<'ctx>> {
+    match (x, y, c) {
+        (Value::Float(x), Value::Float(y), Value::Float(c)) => {
+            let c = if negate_c { kb.builder().build_float_neg(c, "")? } else { c };
+            Ok(Value::Float(kb.fma(x, y, c)?))
+        }
+        (x, y, c) => binary(kb, op, binary(kb, BinOp::Mul, x, y)?, c),
+    }
+}
+
+/// `cond ? a : b` without a branch; both values of one kind.
+pub(super) fn select<'ctx>(kb: &KernelBuilder<'_, 'ctx>, cond: IntValue<'ctx>, a: Value<'ctx>, b: Value<'ctx>) -> Result<Value<'ctx>> {
+    let chosen = kb.builder().build_select(cond, a.basic(), b.basic(), "")?;
+    Ok(match (a, b) {
+        (Value::Int(_), Value::Int(_)) => Value::Int(chosen.into_int_value()),
+        (Value::Float(_), Value::Float(_)) => Value::Float(chosen.into_float_value()),
+        (Value::Bool(_), Value::Bool(_)) => Value::Bool(chosen.into_int_value()),
+        (a, b) => return unsupported(format!("select between {} and {}", a.kind(), b.kind())),
+    })
 }
 
 /// `index` clamped into `0 .. extent` (signed; extent ≥ 1).

@@ -12,7 +12,7 @@
 
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 
-use super::expr::{ElementSite, Value, binary, clamp, fma, fused_multiply_add};
+use super::expr::{ElementSite, Value, binary, clamp, fused_multiply_add, multiply_add, select};
 use super::{Lowering, TileStorage};
 use crate::codegen::tile::SharedTile;
 use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, unsupported};
@@ -165,14 +165,11 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
             Expr::Binary(op, a, b) if *op != BinOp::Pow => match fused_multiply_add(*op, a, b) {
                 Some((x, y, c, negate_c)) => {
                     let (x, y, c) = (lanes(x)?, lanes(y)?, lanes(c)?);
-                    let mut each = Vec::with_capacity(width);
-                    for lane in 0..width {
-                        each.push(match (x.lane(lane), y.lane(lane), c.lane(lane)) {
-                            (Value::Float(x), Value::Float(y), Value::Float(c)) => Value::Float(fma(kb, x, y, c, negate_c)?),
-                            (x, y, c) => binary(kb, *op, binary(kb, BinOp::Mul, x, y)?, c)?,
-                        });
-                    }
-                    Lanes::Each(each)
+                    Lanes::Each(
+                        (0..width)
+                            .map(|lane| multiply_add(kb, *op, x.lane(lane), y.lane(lane), c.lane(lane), negate_c))
+                            .collect::<Result<_>>()?,
+                    )
                 }
                 None => {
                     let (a, b) = (lanes(a)?, lanes(b)?);
@@ -183,18 +180,9 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let cond = lanes(cond)?;
                 let a = self.eval_lanes(kb, then, group, true)?;
                 let b = self.eval_lanes(kb, otherwise, group, true)?;
-                let mut each = Vec::with_capacity(width);
-                for lane in 0..width {
-                    let (a, b) = (a.lane(lane), b.lane(lane));
-                    let chosen = kb.builder().build_select(cond.lane(lane).bool()?, a.basic(), b.basic(), "")?;
-                    each.push(match (a, b) {
-                        (Value::Int(_), Value::Int(_)) => Value::Int(chosen.into_int_value()),
-                        (Value::Float(_), Value::Float(_)) => Value::Float(chosen.into_float_value()),
-                        (Value::Bool(_), Value::Bool(_)) => Value::Bool(chosen.into_int_value()),
-                        (a, b) => return unsupported(format!("select between {} and {}", a.kind(), b.kind())),
-                    });
-                }
-                Lanes::Each(each)
+                Lanes::Each(
+                    (0..width).map(|lane| select(kb, cond.lane(lane).bool()?, a.lane(lane), b.lane(lane))).collect::<Result<_>>()?,
+                )
             }
             _ => Lanes::Each(
                 group.sites.iter().map(|site| self.eval_guarded(kb, expr, site, in_select_arm)).collect::<Result<_>>()?,
