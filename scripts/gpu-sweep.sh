@@ -82,8 +82,8 @@ for s in $steps; do
   case $s in
     hopper)
       if [ -d gpu-carry/hopper-ptx ]; then
-        step hopper-gemm 90 python3 -u -W ignore bench/hopper_gemm.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
-        step hopper-attention 150 python3 -u -W ignore bench/hopper_attention.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
+        step hopper-gemm 240 python3 -u -W ignore bench/hopper_gemm.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
+        step hopper-attention 300 python3 -u -W ignore bench/hopper_attention.py --ptx-dir gpu-carry/hopper-ptx --skip-timing
       fi
       ;;
     runtime-tests)

@@ -232,7 +232,7 @@ pub struct LaunchInfo {
 
 /// Whether the attention kernel of `spec` is the warp-specialized wgmma kernel
 /// (`ir::kernel::build_wgmma_attention`) rather than the tiled kernel-IR attention: head_dim 64,
-/// 128, 192 or 256 (each with tiles checked on the GPU, `hopper::tiles::gpu_checked_attention`),
+/// 128, 192 or 256 (the widths whose tile candidates the sweep's `hopper` step checks on the GPU),
 /// with any mask (no mask, causal, sliding window). Same ABI and grid shape either way.
 pub fn uses_wgmma_attention(spec: &AttentionSpec) -> bool {
     matches!(spec.head_dim, 64 | 128 | 192 | 256)

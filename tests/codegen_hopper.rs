@@ -14,7 +14,8 @@ mod common;
 
 use ccc::codegen::hopper::primitives::Accumulate;
 use ccc::codegen::hopper::{
-    MatrixDescriptor, OperandMajor, Swizzle128BTile, WgmmaA, WgmmaShape,
+    GemmSchedule, MatrixDescriptor, OperandMajor, ProblemShape, Swizzle128BTile, TileConfig, WgmmaA, WgmmaShape,
+    attention_candidates, gemm_candidates,
 };
 use ccc::ir::kernel::{
     ForwardKernel, KernelFn, KernelParam, WgmmaAttentionSchedule, WgmmaGemmSchedule, build_forward, build_wgmma_attention,
@@ -237,8 +238,9 @@ fn attention_kernel(variant: &AttentionVariant) -> KernelFn {
 
 /// The kernels the GPU script checks and times: both schedules on four shapes, the ping-pong
 /// kernel with smaller L2 groups of heads (the CTA work order), head widths 192 and 256 in the
-/// tiles that fit, sliding windows with edges inside a tile and shorter than one, and an f16
-/// kernel of one consumer warpgroup.
+/// tiles that fit, sliding windows with edges inside a tile and shorter than one, an f16
+/// kernel of one consumer warpgroup, and every candidate the tile model finds feasible for
+/// head_dim 64, 128, 192 and 256 (so that whichever it ranks first has run on the GPU).
 fn attention_variants() -> Vec<AttentionVariant> {
     let schedule = |block_m, block_n, ping_pong| WgmmaAttentionSchedule { block_m, block_n, stages: 3, ping_pong, l2_group_bytes: 16 << 20 };
     let mask_name = |mask: Mask| match mask {
@@ -246,10 +248,9 @@ fn attention_variants() -> Vec<AttentionVariant> {
         Mask::None => "full".to_string(),
         Mask::SlidingWindow { window } => format!("window{window}"),
     };
-    let mut variants = Vec::new();
-    let mut push = |head_dim, mask, q_heads, kv_heads, dtype: DType, schedule: WgmmaAttentionSchedule, suffix: &str| {
+    let variant = |head_dim, mask, q_heads, kv_heads, dtype: DType, schedule: WgmmaAttentionSchedule, suffix: &str| {
         let kind = if schedule.ping_pong { "pingpong" } else { "ws" };
-        variants.push(AttentionVariant {
+        AttentionVariant {
             name: format!(
                 "attention_d{head_dim}_{}_h{q_heads}_{kv_heads}_{}_m{}_n{}_{kind}{suffix}",
                 mask_name(mask),
@@ -259,7 +260,11 @@ fn attention_variants() -> Vec<AttentionVariant> {
             ),
             spec: attention_spec(head_dim, mask, q_heads, kv_heads, dtype),
             schedule,
-        });
+        }
+    };
+    let mut variants = Vec::new();
+    let mut push = |head_dim, mask, q_heads, kv_heads, dtype: DType, schedule: WgmmaAttentionSchedule, suffix: &str| {
+        variants.push(variant(head_dim, mask, q_heads, kv_heads, dtype, schedule, suffix))
     };
     for ping_pong in [true, false] {
         for (head_dim, mask, q_heads, kv_heads) in
@@ -280,7 +285,39 @@ fn attention_variants() -> Vec<AttentionVariant> {
         push(head_dim, Mask::SlidingWindow { window }, 8, 2, DType::Bf16, schedule(128, 128, ping_pong), "");
     }
     push(128, Mask::Causal, 8, 2, DType::F16, schedule(64, 128, false), "");
+    for head_dim in [64, 128, 192, 256] {
+        let spec = attention_spec(head_dim, Mask::Causal, 8, 2, DType::Bf16);
+        for config in feasible_tiles(&spec).into_iter().filter_map(|tiles| match tiles {
+            TileConfig::Attention(config) => Some(config),
+            TileConfig::Gemm(_) => None,
+        }) {
+            let candidate = config.kernel_schedule();
+            let covered = variants.iter().any(|v| v.spec == spec && v.schedule == candidate);
+            if !covered {
+                let suffix = format!("_s{}_candidate", candidate.stages);
+                variants.push(variant(head_dim, Mask::Causal, 8, 2, DType::Bf16, candidate, &suffix));
+            }
+        }
+    }
     variants
+}
+
+/// Every configuration of the spec's Hopper attention and GEMM kernels that the tile model finds
+/// feasible (at its tuning shape; feasibility does not depend on the shape).
+fn feasible_tiles(spec: &AttentionSpec) -> Vec<TileConfig> {
+    let shape = ProblemShape::of(spec);
+    let mut feasible = Vec::new();
+    for kernel in ccc::driver::tile_configs(spec).expect("tile configs") {
+        match kernel {
+            TileConfig::Attention(base) => feasible.extend(
+                attention_candidates(&base, shape).into_iter().filter(|c| c.verdict.is_ok()).map(|c| TileConfig::Attention(c.config)),
+            ),
+            TileConfig::Gemm(base) => feasible.extend(
+                gemm_candidates(&base, shape).into_iter().filter(|c| c.verdict.is_ok()).map(|c| TileConfig::Gemm(c.config)),
+            ),
+        }
+    }
+    feasible
 }
 
 #[test]
@@ -470,7 +507,9 @@ fn ir_gemm(spec: &AttentionSpec, out_proj: bool, schedule: WgmmaGemmSchedule, na
 
 /// ZAYA1's projections, an MHA-width output projection (K = 2048), and awkward shapes for the
 /// GPU check (K not a multiple of 64, segments not a multiple of the tile, f16, biases, a
-/// shifted segment, d = 64 heads stored a head at a time).
+/// shifted segment, d = 64 heads stored a head at a time); then every configuration the tile
+/// model finds feasible for ZAYA1's projections and the awkward qkv projections (so that
+/// whichever it ranks first has run on the GPU).
 fn gemm_bench_kernels() -> Vec<(AttentionSpec, bool, KernelFn)> {
     let zaya1 = layer(include_str!("../examples/zaya1.attn"));
     let mha = layer("attention mha { model_dim = 2048, head_dim = 128, query_heads = 16, kv_heads = 16 }");
@@ -496,6 +535,27 @@ fn gemm_bench_kernels() -> Vec<(AttentionSpec, bool, KernelFn)> {
         (&narrow, true, pp(128, 4), "gemm_narrow_out_n128_s4_pingpong_tma"),
     ] {
         out.push((spec.clone(), out_proj, ir_gemm(spec, out_proj, schedule, name)));
+    }
+    for (spec, layer_name) in [(&zaya1, "zaya1"), (&ragged, "ragged"), (&narrow, "narrow")] {
+        for config in feasible_tiles(spec).into_iter().filter_map(|tiles| match tiles {
+            TileConfig::Gemm(config) => Some(config),
+            TileConfig::Attention(_) => None,
+        }) {
+            let out_proj = config.name.ends_with("out_proj");
+            if out_proj && layer_name != "zaya1" {
+                continue;
+            }
+            let ping_pong = config.schedule == GemmSchedule::PingPong;
+            let schedule = WgmmaGemmSchedule { block_n: config.block_n, stages: config.stages, ping_pong };
+            let covered = out.iter().any(|(s, o, k)| s == spec && *o == out_proj && k.schedule.block_n == schedule.block_n
+                && k.schedule.stages == schedule.stages && k.name.contains("pingpong") == ping_pong);
+            if !covered {
+                let kind = if ping_pong { "pingpong" } else { "coop" };
+                let projection = if out_proj { "out" } else { "qkv" };
+                let name = format!("gemm_{layer_name}_{projection}_n{}_s{}_{kind}_tma_candidate", config.block_n, config.stages);
+                out.push((spec.clone(), out_proj, ir_gemm(spec, out_proj, schedule, &name)));
+            }
+        }
     }
     out
 }

@@ -56,10 +56,10 @@
 //! Equal estimates go to the candidate with less shared memory (a deeper pipeline that buys
 //! nothing only takes room), then to enumeration order.
 //!
-//! The driver compiles the top-ranked candidate among those that have been checked correct on the
-//! GPU ([`gpu_checked_attention`], [`gpu_checked_gemm`]). The model ranks every candidate, and for
-//! narrow projections (segments of 64 columns or fewer) it prefers 64-wide tiles that no GPU run
-//! has checked yet; `ccc tune` times (and so runs) the top candidates whatever their status, and a
+//! The driver compiles the top-ranked candidate. Every candidate the model finds feasible for
+//! ZAYA1's projections, the awkward projections and head widths 64 to 256 is written by
+//! `tests/codegen_hopper.rs` and checked on the GPU by `bench/hopper_attention.py` and
+//! `bench/hopper_gemm.py` (the sweep's `hopper` step); `ccc tune` times the top candidates, and a
 //! tuning file it writes can select any of them (`ccc compile --tuning`).
 //!
 //! Calibration (`tests/codegen_tiles.rs` checks these): at B = 1, S = 16384 the model estimates
@@ -198,9 +198,6 @@ pub struct Fit {
     /// CTAs that fit on one SM at once.
     pub ctas_per_sm: u32,
     pub micros: f64,
-    /// Whether this tile shape, stage count and schedule ran correct on the GPU
-    /// ([`gpu_checked_attention`], [`gpu_checked_gemm`]); only those are compiled by default.
-    pub gpu_checked: bool,
 }
 
 /// One configuration of the search and its verdict.
@@ -282,7 +279,6 @@ pub fn check_attention(config: &HopperAttentionConfig) -> Result<Fit, Rejection>
         // `.maxntid` with one CTA per SM: setmaxnreg hands out the whole register file.
         ctas_per_sm: 1,
         micros: 0.0,
-        gpu_checked: gpu_checked_attention(config),
     })
 }
 
@@ -381,26 +377,11 @@ pub fn attention_candidates(base: &HopperAttentionConfig, shape: ProblemShape) -
     ranked(candidates)
 }
 
-/// Whether the attention kernel with this tile, stage count and schedule has been checked
-/// correct on the GPU (BENCHMARKS.md, docs/gpu-tests.md): for head_dim 64 and 128, 128 × 128
-/// ping-pong tiles with 3 stages (the examples' kernels, through the GPU suite); for 192, 128 × 64
-/// ping-pong and for 256, 64 × 64 warp-specialized, with 3 stages (the configurations that fit;
-/// bench/hopper_attention.py checks them).
-pub fn gpu_checked_attention(config: &HopperAttentionConfig) -> bool {
-    let shape = (config.head_dim, config.block_m, config.block_n, config.stages, config.schedule);
-    matches!(
-        shape,
-        (64 | 128, 128, 128, 3, Schedule::PingPong)
-            | (192, 128, 64, 3, Schedule::PingPong)
-            | (256, 64, 64, 3, Schedule::WarpSpecialized)
-    )
-}
-
-/// The configuration the driver compiles: the top-ranked feasible candidate that has been checked
-/// on the GPU (unchecked ones enter a library only through `ccc tune`, which times and so runs
-/// them first), if any.
+/// The configuration the driver compiles: the top-ranked feasible candidate, if any. Every
+/// candidate the model can find feasible runs on the GPU in `bench/hopper_attention.py` and
+/// `bench/hopper_gemm.py` (`tests/codegen_hopper.rs` writes them all).
 fn chosen<C>(candidates: Vec<Candidate<C>>) -> Option<C> {
-    candidates.into_iter().find(|c| c.verdict.as_ref().is_ok_and(|fit| fit.gpu_checked)).map(|c| c.config)
+    candidates.into_iter().find(|c| c.verdict.is_ok()).map(|c| c.config)
 }
 
 /// The attention configuration the driver compiles for `base` at `shape` (see [`chosen`]).
@@ -444,7 +425,6 @@ pub fn check_gemm(config: &HopperGemmConfig) -> Result<Fit, Rejection> {
         register_budget: budget,
         ctas_per_sm: 1,
         micros: 0.0,
-        gpu_checked: gpu_checked_gemm(config),
     })
 }
 
@@ -490,22 +470,6 @@ pub fn gemm_candidates(base: &HopperGemmConfig, shape: ProblemShape) -> Vec<Cand
     ranked(candidates)
 }
 
-/// Whether the GEMM with this tile, stage count and schedule has been checked correct on the
-/// GPU: the configurations `bench/hopper_gemm.py` checks against float32 at S = 1, 17, 1000 and
-/// 4097 (`tests/codegen_hopper.rs`, `gemm_bench_configs`; BENCHMARKS.md): 128 wide with 4 stages
-/// either schedule or 6 ping-pong, 256 wide cooperative with 4; with TMA loads, 128 wide
-/// ping-pong with 3 or 4 stages (the `*_pingpong_tma` kernels).
-pub fn gpu_checked_gemm(config: &HopperGemmConfig) -> bool {
-    let shape = (config.block_n, config.stages, config.schedule);
-    match config.loads {
-        TileLoads::CpAsync => matches!(
-            shape,
-            (128, 4, _) | (128, 6, GemmSchedule::PingPong) | (256, 4, GemmSchedule::Cooperative)
-        ),
-        TileLoads::Tma => matches!(shape, (128, 3 | 4, GemmSchedule::PingPong)),
-    }
-}
-
 /// The GEMM configuration the driver compiles for `base` at `shape` (see [`chosen`]).
 pub fn best_gemm(base: &HopperGemmConfig, shape: ProblemShape) -> Option<HopperGemmConfig> {
     chosen(gemm_candidates(base, shape))
@@ -545,35 +509,26 @@ impl TileColumns for HopperGemmConfig {
 }
 
 /// A table of ranked `candidates` of one kernel: the feasible ones with their rank, shared
-/// memory, registers, CTAs per SM, estimated time and whether they have run on the GPU (the first
-/// that has is the one compiled), then the rejected ones with their reason.
+/// memory, registers, CTAs per SM and estimated time (the first is the one compiled), then the
+/// rejected ones with their reason.
 pub fn listing<C: TileColumns>(kernel: &str, kind: &str, shape: ProblemShape, candidates: &[Candidate<C>]) -> String {
     let mut out = format!("{kernel}: {kind}, estimated at B = {}, S = {}\n", shape.batch, shape.seq_len);
     out += &format!(
-        "  {:>4} {} {:>8} {:>9} {:>7} {:>10} {:>7}\n",
+        "  {:>4} {} {:>8} {:>9} {:>7} {:>10}\n",
         "rank",
         C::headings(),
         "shared",
         "registers",
         "CTAs/SM",
-        "est. µs",
-        "on GPU"
+        "est. µs"
     );
     let mut rank = 0;
-    let mut chose = false;
     for candidate in candidates {
         if let Ok(fit) = &candidate.verdict {
             rank += 1;
-            let mark = if fit.gpu_checked && !chose {
-                chose = true;
-                "checked  <- compiled"
-            } else if fit.gpu_checked {
-                "checked"
-            } else {
-                "-"
-            };
+            let mark = if rank == 1 { "  <- compiled" } else { "" };
             out += &format!(
-                "  {rank:>4} {} {:>8} {:>9} {:>7} {:>10.1}  {mark}\n",
+                "  {rank:>4} {} {:>8} {:>9} {:>7} {:>10.1}{mark}\n",
                 candidate.config.columns(),
                 fit.dynamic_shared_bytes,
                 format!("{}/{}", fit.registers, fit.register_budget),
@@ -587,8 +542,6 @@ pub fn listing<C: TileColumns>(kernel: &str, kind: &str, shape: ProblemShape, ca
         if kind == "attention" { "the kernel IR's attention is compiled instead" } else { "the kernel keeps its default configuration" };
     if rank == 0 {
         out += &format!("  (no feasible candidate: {fallback})\n");
-    } else if !chose {
-        out += &format!("  (no feasible candidate has run on the GPU: {fallback})\n");
     }
     let rejected: Vec<_> = candidates.iter().filter_map(|c| c.verdict.as_ref().err().map(|r| (c, r))).collect();
     if !rejected.is_empty() {
