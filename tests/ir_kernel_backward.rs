@@ -126,12 +126,14 @@ fn wgmma_attention_backward_kernels_match_the_reference() {
 /// The one-pass form (warp-specialized, dQ by atomics) on the widths it takes, with one and two
 /// consumer warpgroups, groups of 1 to 4 query heads (several: dK and dV by atomics too) and
 /// every mask: key tiles that end past S, causal tiles that start mid-way through a query step,
-/// windows shorter than a tile.
+/// windows shorter than a tile, and windows long enough for steps without the mask between
+/// masked ones.
 #[test]
 fn one_pass_attention_backward_matches_the_reference() {
     let specs = [
         zaya1_like("zaya_d128", 256, 128, 4, 2),
         AttentionSpec { mask: Mask::SlidingWindow { window: 50 }, ..zaya1_like("zaya_d64_window", 128, 64, 2, 2) },
+        AttentionSpec { mask: Mask::SlidingWindow { window: 130 }, ..zaya1_like("zaya_d64_long_window", 128, 64, 2, 1) },
         AttentionSpec { mask: Mask::None, ..zaya1_like("zaya_d64_full", 128, 64, 4, 1) },
     ];
     let mut rng = XorShift64Star::new(14);

@@ -532,6 +532,25 @@ fn query_tiles_seeing(mask: Mask, bm: u32, bn: u32) -> (Expr, Expr) {
     }
 }
 
+/// [first, end) of the one-pass kernel's steps (query tiles of `bm` from `q_first`) whose queries
+/// all see every key of the consumer's `rows` from `key0`, as expressions of those and S; `None`
+/// where the mask makes it 0 (first) or `steps` (end) for every consumer.
+fn unmasked_steps(mask: Mask, bm: u32, rows: u32) -> (Option<Expr>, Option<Expr>) {
+    // Causal: the step's first query is at or past the band's last key.
+    let past_diagonal = || Some((var("key0") + int(rows - 1)).ceil_div(int(bm)) - var("q_first"));
+    match mask {
+        // Only keys past the sequence's end are hidden: a band that holds none sees every step.
+        Mask::None => (None, Some(Expr::select((var("key0") + int(rows)).le(seq()), var("steps"), int(0)))),
+        Mask::Causal => (past_diagonal(), None),
+        // ... and its last query within the window of the band's first key: q_row0 + bm − 1 <
+        // key0 + window.
+        Mask::SlidingWindow { window } => (
+            past_diagonal(),
+            Some((var("key0") + int(window) - int(bm)).floor_div(int(bm)) + int(1) - var("q_first")),
+        ),
+    }
+}
+
 /// Rows one consumer warpgroup owns in the one-pass kernel: its keys (the M of Sᵀ, dPᵀ, dV,
 /// dK), and the query step (the M of dQ).
 const ONE_PASS_ROWS: u32 = 64;
@@ -724,6 +743,8 @@ impl AttentionBackward<'_> {
                 let allowed = mask_allows(self.spec.mask, query.clone(), key.clone()).unwrap_or_else(|| key.clone().lt(seq()));
                 Expr::select(allowed, p, Expr::Float(0.0))
             };
+            // A step whose queries see all of this consumer's keys skips the mask.
+            let step = |mask: bool| -> Vec<Stmt> {
             let mut step = step_lets("");
             step.extend([
                 Stmt::NamedBarrier { id: int(2 + c), threads: WARPGROUP_THREADS, sync: true },
@@ -739,7 +760,7 @@ impl AttentionBackward<'_> {
                     else_body: Vec::new(),
                 },
                 Stmt::MmaWait { pending: 0, after: None },
-                Stmt::Map { dst: w(probs_t), expr: masked(probability) },
+                Stmt::Map { dst: w(probs_t), expr: if mask { masked(probability.clone()) } else { probability.clone() } },
                 Stmt::Map { dst: w(dscores_t), expr: Expr::tile(probs_t, Expr::Row, Expr::Col) * (Expr::Elem - statistic(delta_s[c as usize])) },
                 Stmt::Convert { dst: w(probs_a), src: w(probs_t) },
                 Stmt::Convert { dst: ds_band.clone(), src: w(dscores_t) },
@@ -788,6 +809,21 @@ impl AttentionBackward<'_> {
                 step.extend([Stmt::MmaWait { pending: 0, after: None }, dq_add(p)]);
             }
             step.extend([Stmt::MmaWait { pending: 0, after: None }, Stmt::Arrive { barrier: slot(empty, var("n")) }]);
+            step
+            };
+            let (unmasked_first, unmasked_end) = unmasked_steps(spec.mask, bm, rows);
+            let mut steps = vec![
+                Stmt::Note("steps whose queries all see this consumer's keys run without the mask".into()),
+                let_("unmasked_first", unmasked_first.clone().unwrap_or_else(|| int(0)).max(int(0)).min(var("steps"))),
+                let_("unmasked_end", unmasked_end.clone().unwrap_or_else(|| var("steps")).min(var("steps")).max(var("unmasked_first"))),
+            ];
+            if unmasked_first.is_some() {
+                steps.push(for_("n", int(0), var("unmasked_first"), step(true)));
+            }
+            steps.push(for_("n", var("unmasked_first"), var("unmasked_end"), step(false)));
+            if unmasked_end.is_some() {
+                steps.push(for_("n", var("unmasked_end"), var("steps"), step(true)));
+            }
             let out_rows = |param: &str| self.head_rows(param, var("key0"), rows, var("kv_head"));
             vec![
                 let_("key0", var("k_row0") + int(c * rows)),
@@ -798,7 +834,9 @@ impl AttentionBackward<'_> {
             .chain(stage_statistics(int(0), var("q_first") * int(bm)))
             .chain([
                 Stmt::WaitParity { barrier: kv_barrier.clone(), parity: int(0) },
-                for_("n", int(0), var("steps"), step),
+            ])
+            .chain(steps)
+            .chain([
                 Stmt::Map { dst: w(dk), expr: Expr::Elem * scale.clone() },
                 if split_group {
                     Stmt::AtomicAdd { src: w(dk), dst: out_rows("dk_accum") }
