@@ -653,8 +653,8 @@ impl PlannedTiles {
                 // The backward's and serving's kernels (but a prefill's attention over its chunk)
                 // are the mma.sync forms of their builders.
                 None => None,
-                // The best configuration that has run on the GPU; without one (a head width none
-                // fits), the tiled kernel IR's attention.
+                // The tile model's best configuration; without one (a head width none fits), the
+                // tiled kernel IR's attention.
                 Some((ForwardKernel::Attention, _)) => uses_wgmma_attention(spec)
                     .then(|| {
                         let base = wgmma_attention(spec, k);

@@ -240,7 +240,8 @@ fn attention_kernel(variant: &AttentionVariant) -> KernelFn {
 /// kernel with smaller L2 groups of heads (the CTA work order), head widths 192 and 256 in the
 /// tiles that fit, sliding windows with edges inside a tile and shorter than one, an f16
 /// kernel of one consumer warpgroup, and every candidate the tile model finds feasible for
-/// head_dim 64, 128, 192 and 256 (so that whichever it ranks first has run on the GPU).
+/// head_dim 64, 128, 192 and 256 under each kind of mask (so that whichever it ranks first has
+/// run on the GPU).
 fn attention_variants() -> Vec<AttentionVariant> {
     let schedule = |block_m, block_n, ping_pong| WgmmaAttentionSchedule { block_m, block_n, stages: 3, ping_pong, l2_group_bytes: 16 << 20 };
     let mask_name = |mask: Mask| match mask {
@@ -285,17 +286,22 @@ fn attention_variants() -> Vec<AttentionVariant> {
         push(head_dim, Mask::SlidingWindow { window }, 8, 2, DType::Bf16, schedule(128, 128, ping_pong), "");
     }
     push(128, Mask::Causal, 8, 2, DType::F16, schedule(64, 128, false), "");
+    // The ranking depends on the mask (a window's length against the key tile), so each mask
+    // kind gets every feasible candidate: causal, none, a window shorter than any tile and one
+    // across several.
     for head_dim in [64, 128, 192, 256] {
-        let spec = attention_spec(head_dim, Mask::Causal, 8, 2, DType::Bf16);
-        for config in feasible_tiles(&spec).into_iter().filter_map(|tiles| match tiles {
-            TileConfig::Attention(config) => Some(config),
-            TileConfig::Gemm(_) => None,
-        }) {
-            let candidate = config.kernel_schedule();
-            let covered = variants.iter().any(|v| v.spec == spec && v.schedule == candidate);
-            if !covered {
-                let suffix = format!("_s{}_candidate", candidate.stages);
-                variants.push(variant(head_dim, Mask::Causal, 8, 2, DType::Bf16, candidate, &suffix));
+        for mask in [Mask::Causal, Mask::None, Mask::SlidingWindow { window: 7 }, Mask::SlidingWindow { window: 300 }] {
+            let spec = attention_spec(head_dim, mask, 8, 2, DType::Bf16);
+            for config in feasible_tiles(&spec).into_iter().filter_map(|tiles| match tiles {
+                TileConfig::Attention(config) => Some(config),
+                TileConfig::Gemm(_) => None,
+            }) {
+                let candidate = config.kernel_schedule();
+                let covered = variants.iter().any(|v| v.spec == spec && v.schedule == candidate);
+                if !covered {
+                    let suffix = format!("_s{}_candidate", candidate.stages);
+                    variants.push(variant(head_dim, mask, 8, 2, DType::Bf16, candidate, &suffix));
+                }
             }
         }
     }
@@ -508,8 +514,8 @@ fn ir_gemm(spec: &AttentionSpec, out_proj: bool, schedule: WgmmaGemmSchedule, na
 /// ZAYA1's projections, an MHA-width output projection (K = 2048), and awkward shapes for the
 /// GPU check (K not a multiple of 64, segments not a multiple of the tile, f16, biases, a
 /// shifted segment, d = 64 heads stored a head at a time); then every configuration the tile
-/// model finds feasible for ZAYA1's projections and the awkward qkv projections (so that
-/// whichever it ranks first has run on the GPU).
+/// model finds feasible for ZAYA1's and the awkward layers' projections (so that whichever it
+/// ranks first has run on the GPU).
 fn gemm_bench_kernels() -> Vec<(AttentionSpec, bool, KernelFn)> {
     let zaya1 = layer(include_str!("../examples/zaya1.attn"));
     let mha = layer("attention mha { model_dim = 2048, head_dim = 128, query_heads = 16, kv_heads = 16 }");
@@ -542,9 +548,6 @@ fn gemm_bench_kernels() -> Vec<(AttentionSpec, bool, KernelFn)> {
             TileConfig::Attention(_) => None,
         }) {
             let out_proj = config.name.ends_with("out_proj");
-            if out_proj && layer_name != "zaya1" {
-                continue;
-            }
             let ping_pong = config.schedule == GemmSchedule::PingPong;
             let schedule = WgmmaGemmSchedule { block_n: config.block_n, stages: config.stages, ping_pong };
             let covered = out.iter().any(|(s, o, k)| s == spec && *o == out_proj && k.schedule.block_n == schedule.block_n

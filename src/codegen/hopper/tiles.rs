@@ -2,7 +2,7 @@
 //! spec, every candidate configuration (tile shape, K/V or operand stages, schedule) is checked
 //! against the rules of the hardware and of the emitters, and the feasible ones are ranked by an
 //! estimate of their time on an H200 at the spec's tuning shape (`tune { batch, seq_len }`, else
-//! [`DEFAULT_BATCH`] × [`DEFAULT_SEQ_LEN`]). The driver takes the first that has run on the GPU;
+//! [`DEFAULT_BATCH`] × [`DEFAULT_SEQ_LEN`]). The driver takes the first;
 //! `ccc tune --list` prints the whole table and `ccc tune -o` compiles the top few for
 //! `ccc-run tune` to check and time on the GPU.
 //!
