@@ -36,9 +36,9 @@ mutations=(
   $'RoPE styles swapped\t'"$builders"$'\tRopeStyle::Neox => (\tRopeStyle::Swapped => (\t'"$forward_tests"
   $'backward: the two-pass kernels\' mask leaks key t+1\t'"$attention_backward"$'\tmatch mask_allows(self.spec.mask, query, key) {\tmatch mask_allows(self.spec.mask, query + int(1), key) {\t'"$backward_tests"
   $'backward: RoPE turned forward\t'"$builders"$'\tlet sign = if inverse { Expr::Float(-1.0) * sign } else { sign };\tlet sign = sign;\t'"$backward_tests"
-  $'decode: RoPE one position late\t'"$builders"$'\tRows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + var("t0"),\tRows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) + var("t0"),\t'"$decode_tests"
-  $'decode: convolution state not moved on\t'"$builders"$'\tExpr::tile(self.p0_s, plus(Expr::Col, 1), Expr::Row)\tExpr::tile(self.p0_s, Expr::Col, Expr::Row)\t'"$decode_tests"
-  $'prefill: RoPE from the chunk\'s first token, not the cached length\t'"$builders"$'\tRows::Packed(_) => var("cached") + var("t0") - var("seq_start"),\tRows::Packed(_) => var("t0") - var("seq_start"),\t'"$decode_tests"
+  $'decode: RoPE one position late\t'"$builders"$'\tRows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),\tRows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) + self.top(),\t'"$decode_tests"
+  $'decode: convolution state not moved on\t'"$builders"$'\tplus(Expr::Col, self.lead as i64 + 1)\tplus(Expr::Col, self.lead as i64)\t'"$decode_tests"
+  $'prefill: RoPE from the chunk\'s first token, not the cached length\t'"$builders"$'\tRows::Packed(_) => var("cached") + self.top() - var("seq_start"),\tRows::Packed(_) => self.top() - var("seq_start"),\t'"$decode_tests"
   $'prefill: the cached keys\' weight halved in the merge\t'"$serving"$'\texpr: (at_row(softmax.m) - at_row(softmax.m_new)).exp() },\texpr: (at_row(softmax.m) - at_row(softmax.m_new)).exp() * Expr::Float(0.5) },\t'"$decode_tests"
 )
 failed=0
