@@ -4,7 +4,7 @@
 mod common;
 
 use ccc::ir::kernel::*;
-use ccc::spec::{AttentionSpec, DType};
+use ccc::spec::AttentionSpec;
 use common::specs::zaya1_like;
 
 fn attention() -> KernelFn {
@@ -261,17 +261,6 @@ fn elementwise_reads_respect_thread_ownership_and_types() {
         "map %k_s = %scores[row, col]: register tile %scores read by a map into shared memory",
     );
     assert_reports(&kernel, "map %k_s = elem + 1: `elem + 1` mixes F32 and I32");
-}
-
-#[test]
-fn rounding_to_the_storage_type_takes_a_float() {
-    let mut kernel = attention();
-    let k_s = tile_id(&kernel, "k_s");
-    kernel.body.push(Stmt::Map {
-        dst: TileView::whole(k_s, &kernel.tiles[k_s.0].ty),
-        expr: Expr::Row.round_to(DType::Bf16) + Expr::Elem.round_to(DType::F16),
-    });
-    assert_reports(&kernel, "map %k_s = round_bf16(row) + round_f16(elem): `round_bf16(row)` applied to I32");
 }
 
 #[test]

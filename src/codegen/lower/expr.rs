@@ -13,7 +13,7 @@ use super::super::primitives::{float_result, intrinsic};
 use super::super::tile::ElementPosition;
 use super::{Lowering, TileStorage};
 use crate::codegen::{CodegenError, Elem, KernelBuilder, Result, SpecialRegister, unsupported};
-use crate::ir::kernel::{Axis, BinOp, ElemType, Expr, Layout, TileId, UnOp};
+use crate::ir::kernel::{Axis, BinOp, Expr, Layout, TileId, UnOp};
 
 /// A scalar of one thread.
 #[derive(Clone, Copy, Debug)]
@@ -227,10 +227,6 @@ impl<'k, 'ctx> Lowering<'k, 'ctx> {
                 let reduced = reduce_angle(kb, x)?;
                 let name = if op == UnOp::Cos { "llvm.nvvm.cos.approx.ftz.f" } else { "llvm.nvvm.sin.approx.ftz.f" };
                 call_float(kb, name, &[], &[reduced])?
-            }
-            UnOp::Round(storage) => {
-                let elem = Elem::from(ElemType::from(storage));
-                kb.widen_half(elem, kb.round_half(elem, x)?)?
             }
             UnOp::ToFloat => unreachable!("handled above"),
         }))

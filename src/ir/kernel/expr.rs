@@ -2,7 +2,6 @@
 
 use super::TileId;
 use crate::ir::size::{SizeExpr, SizeVar};
-use crate::spec::DType;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Axis {
@@ -43,9 +42,6 @@ pub enum UnOp {
     Sin,
     /// i32 → f32.
     ToFloat,
-    /// An f32 rounded to a storage type (nearest even) and widened back: the value a `Convert`
-    /// into a tile of that type and a read of it give, without the trip through the tile.
-    Round(DType),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,9 +180,6 @@ impl Expr {
     pub fn sin(self) -> Expr {
         Expr::unary(UnOp::Sin, self)
     }
-    pub fn round_to(self, storage: DType) -> Expr {
-        Expr::unary(UnOp::Round(storage), self)
-    }
 
     /// Whether the expression is a multiple of `k` whatever its variables are (a constant
     /// multiple, a product with one, a sum or difference of such).
@@ -302,7 +295,5 @@ pub(super) fn unop_name(op: UnOp) -> &'static str {
         UnOp::Cos => "cos",
         UnOp::Sin => "sin",
         UnOp::ToFloat => "f32",
-        UnOp::Round(DType::Bf16) => "round_bf16",
-        UnOp::Round(DType::F16) => "round_f16",
     }
 }

@@ -452,7 +452,7 @@ impl<'a> Verifier<'a> {
                 let ta = self.expr_type(a, ctx)?;
                 match op {
                     UnOp::ToFloat if ta == I32 => F32,
-                    UnOp::Exp | UnOp::Log | UnOp::Exp2 | UnOp::Log2 | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin | UnOp::Round(_) if ta == F32 => F32,
+                    UnOp::Exp | UnOp::Log | UnOp::Exp2 | UnOp::Log2 | UnOp::Rsqrt | UnOp::Cos | UnOp::Sin if ta == F32 => F32,
                     _ => return Err(format!("`{}` applied to {ta:?}", self.kernel.expr(expr))),
                 }
             }

@@ -4,12 +4,10 @@
 //! One CTA produces one head (query or key) of one batch element over `row_tiles` consecutive
 //! row tiles; heads are the fastest grid dimension, `(Hq + Hk, row groups, B)`, so that the CTAs
 //! running together read the same rows of `p0` and the q-k mean's reads of the other heads hit
-//! L2. Per row tile, staged as the convolutions' T halo rows (recomputed, not stored) and the
-//! `block_m` rows of the accumulator (output rows: all of them, less the history a stage after
-//! the last per-head one needs):
-//! - the head's rows of `p0` are copied (cp.async, zero before token 0 and past S), the T halo
-//!   rows first; each stage computes its output from the first row where all its taps are
-//!   inside the tile (stage i from row Σ_{j≤i} (K_j − 1)), so a shifted tap never leaves it;
+//! L2. Per row tile of `block_m` rows (the convolutions' T halo rows first, recomputed and not
+//! stored):
+//! - the head's rows of `p0` are copied (cp.async, zero before token 0 and past S) below `lead`
+//!   zero rows, so that a shifted convolution tap stays inside the staged tile;
 //! - a depthwise stage is an element-wise map between two staged tiles; a per-head stage is one
 //!   mma per tap with A the staged rows shifted by the tap (any row offset: ldmatrix takes row
 //!   addresses) and B the tap's `[out, in]` weights. The weights are staged once per CTA where
@@ -32,16 +30,15 @@ pub fn prologue_backward_output(spec: &AttentionSpec) -> &'static str {
     if spec.qk_conv.is_empty() && !spec.qk_mean { "dp0" } else { "dmixed" }
 }
 
-/// The widest convolution's K − 1: the zero rows the backward's staged tiles keep after their
-/// rows so that a shifted tap stays inside them.
+/// The widest convolution's K − 1: the zero rows a staged tile keeps beside its rows so that a
+/// shifted tap stays inside it (before them in the forward, after them in the backward).
 pub(super) fn widest_tap_reach(spec: &AttentionSpec) -> u32 {
     spec.qk_conv.iter().map(|c| c.width as u32 - 1).max().unwrap_or(0)
 }
 
-/// The tiles both prologue directions run on: one head per CTA (block_n = head_dim), an
-/// accumulator of `block_m` rows, and T convolution halo rows (beside them in the forward, among
-/// them in the backward of the convolutions). The halo T and the accumulator's warp grid for
-/// `schedule`, or why kernel `kernel` cannot use it.
+/// The tiles both prologue directions run on: one head per CTA (block_n = head_dim), `block_m`
+/// rows of which the first T are the convolution halo. The halo T and the accumulator's warp grid
+/// for `schedule`, or why kernel `kernel` cannot use it.
 pub(super) fn head_row_tiles(spec: &AttentionSpec, s: &Schedule, kernel: &str) -> Result<(u32, (u32, u32)), String> {
     let d = spec.head_dim as u32;
     if s.block_n != d {
@@ -99,14 +96,12 @@ pub(super) struct PrologueBuilder<'a> {
     spec: &'a AttentionSpec,
     schedule: Schedule,
     tiles: Tiles,
-    /// Accumulator rows M (those of the per-head mmas and of the epilogue), halo T (the staged
-    /// tiles hold T + M rows, token t0 − T first), output rows per tile (M, less the history a
-    /// later stage still needs after the last per-head stage).
+    /// Tile rows M (incl. the halo), halo T, output rows M − T, zero rows in front of staged
+    /// tiles (the widest convolution's K − 1, so shifted taps stay inside the tile).
     m: u32,
     halo: u32,
     out_rows: u32,
-    /// Per convolution stage: the first staged row of its output (Σ_{j≤i} (K_j − 1)).
-    first_valid: Vec<u32>,
+    lead: u32,
     d: u32,
     row_tiles: u32,
     staging: WeightStaging,
@@ -165,26 +160,9 @@ impl<'a> PrologueBuilder<'a> {
         let (halo, (wm, wn)) = head_row_tiles(spec, s, "qk_prologue")?;
         let m = s.block_m;
         let storage: ElemType = spec.dtype.into();
-        let first_valid: Vec<u32> = spec
-            .qk_conv
-            .iter()
-            .scan(0, |first, stage| {
-                *first += stage.width as u32 - 1;
-                Some(*first)
-            })
-            .collect();
-        // A per-head stage's mmas compute M rows from its first valid one; the history a later
-        // stage reads after them leaves fewer output rows.
-        let out_rows = spec
-            .qk_conv
-            .iter()
-            .zip(&first_valid)
-            .filter(|(stage, _)| stage.kind == ConvKind::PerHead)
-            .map(|(_, first)| first + m - halo)
-            .min()
-            .unwrap_or(m);
+        let lead = widest_tap_reach(spec);
         let mut tiles = Tiles { decls: Vec::new() };
-        let rows = halo + m;
+        let rows = lead + m;
         let p0_s = tiles.shared("p0_s", storage, rows, d);
         // A per-head stage writes over its input once its mmas have read it, except over the
         // raw rows the q-k mean still needs; a depthwise stage needs another buffer.
@@ -248,8 +226,8 @@ impl<'a> PrologueBuilder<'a> {
             tiles,
             m,
             halo,
-            out_rows,
-            first_valid,
+            out_rows: m - halo,
+            lead,
             d,
             row_tiles,
             staging,
@@ -286,9 +264,9 @@ impl<'a> PrologueBuilder<'a> {
             None => {
                 let storage: ElemType = self.spec.dtype.into();
                 let mut with_rope = Tiles { decls: self.tiles.decls.clone() };
-                with_rope.shared("rope_s", storage, self.halo + self.m, columns);
+                with_rope.shared("rope_s", storage, self.lead + self.m, columns);
                 let bytes: usize = with_rope.decls.iter().map(|t| t.ty.shared_bytes().next_multiple_of(SHARED_TILE_ALIGNMENT)).sum();
-                (bytes <= SHARED_MEMORY_LIMIT_BYTES).then(|| self.tiles.shared("rope_s", storage, self.halo + self.m, columns))
+                (bytes <= SHARED_MEMORY_LIMIT_BYTES).then(|| self.tiles.shared("rope_s", storage, self.lead + self.m, columns))
             }
         };
         self
@@ -378,7 +356,7 @@ impl<'a> PrologueBuilder<'a> {
             Stmt::Copy { dst: self.tiles.whole(state_s), src: state_box, is_async: false },
             Stmt::Barrier,
             Stmt::Map {
-                dst: self.tiles.view(self.p0_s, int(0), int(0), halo, d),
+                dst: self.tiles.view(self.p0_s, int(self.lead), int(0), halo, d),
                 expr: Expr::select(before_first, Expr::tile(state_s, Expr::Col, column), Expr::Elem),
             },
             Stmt::Barrier,
@@ -400,9 +378,9 @@ impl<'a> PrologueBuilder<'a> {
             Stmt::Note(format!("the sequence's convolution state: its last {halo} raw rows, channel-major")),
             Stmt::Copy { dst: state.clone(), src: state_box(), is_async: false },
             Stmt::Barrier,
-            Stmt::Map { dst: self.tiles.view(self.p0_s, int(0), int(0), halo, d), expr: Expr::tile(state_s, Expr::Col, Expr::Row) },
+            Stmt::Map { dst: self.tiles.view(self.p0_s, int(self.lead), int(0), halo, d), expr: Expr::tile(state_s, Expr::Col, Expr::Row) },
             Stmt::Barrier,
-            Stmt::Map { dst: state.clone(), expr: Expr::tile(self.p0_s, plus(Expr::Col, 1), Expr::Row) },
+            Stmt::Map { dst: state.clone(), expr: Expr::tile(self.p0_s, plus(Expr::Col, self.lead as i64 + 1), Expr::Row) },
             Stmt::Barrier,
             Stmt::If {
                 cond: int(0).lt(Expr::global("seq_lens", vec![var("b")])),
@@ -420,7 +398,7 @@ impl<'a> PrologueBuilder<'a> {
         name: String,
         params: Vec<KernelParam>,
         what: &str,
-        epilogue: &dyn Fn(&Self, HeadKind, &Expr) -> Vec<Stmt>,
+        epilogue: &dyn Fn(&Self, HeadKind, TileId) -> Vec<Stmt>,
     ) -> KernelFn {
         let spec = self.spec;
         let rows_per_cta = self.out_rows * self.row_tiles;
@@ -451,18 +429,16 @@ impl<'a> PrologueBuilder<'a> {
                 seq()
             }
         };
-        // No stage writes a tile's rows before its first valid one; the backward stores them
-        // with the stage inputs of the first tile (where only zero gradients meet them), so they
-        // must hold finite values.
-        if self.keep_stage_inputs && self.halo > 0 {
-            let mut zeroed = Vec::new();
+        // The lead rows above each staged tile are the convolution taps before its first row.
+        if self.lead > 0 {
+            let mut zeroed = vec![self.p0_s];
             for out in &self.stage_out {
-                if *out != self.p0_s && !zeroed.contains(out) {
+                if !zeroed.contains(out) {
                     zeroed.push(*out);
                 }
             }
             body.extend(zeroed.into_iter().map(|t| Stmt::Fill {
-                dst: self.tiles.view(t, int(0), int(0), self.halo, self.d),
+                dst: self.tiles.view(t, int(0), int(0), self.lead, self.d),
                 value: 0.0,
             }));
         }
@@ -484,12 +460,12 @@ impl<'a> PrologueBuilder<'a> {
             }
             self.conv_stages(&mut tile_body)
         } else {
-            self.head_read(self.p0_s)
+            self.p0_s
         };
         tile_body.push(Stmt::If {
             cond: var("head").lt(int(spec.query_heads)),
-            then_body: epilogue(&self, HeadKind::Query, &y),
-            else_body: epilogue(&self, HeadKind::Key, &y),
+            then_body: epilogue(&self, HeadKind::Query, y),
+            else_body: epilogue(&self, HeadKind::Key, y),
         });
         // The next tile's copy overwrites the staged tiles this one read.
         tile_body.push(Stmt::Barrier);
@@ -562,7 +538,7 @@ impl<'a> PrologueBuilder<'a> {
     /// The backward's steps for one query or key head: x̂ recomputed into acc, dy = the
     /// transposed rotation of the head's gradient rows (staged in p0_s once the q-k mean has read
     /// the raw rows), then through the norm, stored like the forward's q and k.
-    fn backward_epilogue(&self, kind: HeadKind, y: &Expr, grads: &BackwardTiles) -> Vec<Stmt> {
+    fn backward_epilogue(&self, kind: HeadKind, y: TileId, grads: &BackwardTiles) -> Vec<Stmt> {
         let spec = self.spec;
         let mut out = if self.reads_p0 { self.mixed(kind, y) } else { vec![self.kv_head(kind)] };
         let acc = self.tiles.whole(self.acc);
@@ -575,17 +551,17 @@ impl<'a> PrologueBuilder<'a> {
             // Other threads may still be reading the staged raw rows for the q-k mean.
             Stmt::Barrier,
             Stmt::Copy {
-                dst: self.head_rows(self.p0_s),
+                dst: self.lead_rows(self.p0_s),
                 src: GlobalTile {
                     param: param.into(),
-                    dims: vec![GlobalDim::At(var("b")), span(var("t0"), self.m), GlobalDim::At(head), span(int(0), self.d)],
+                    dims: vec![GlobalDim::At(var("b")), span(self.top(), self.m), GlobalDim::At(head), span(int(0), self.d)],
                 },
                 is_async: true,
             },
             Stmt::AsyncCommit,
             Stmt::AsyncWait { pending: 0 },
             Stmt::Barrier,
-            Stmt::Map { dst: dy.clone(), expr: self.rotated(self.p0_s, true).unwrap_or_else(|| self.head_read(self.p0_s)) },
+            Stmt::Map { dst: dy.clone(), expr: self.rotated(self.p0_s, true).unwrap_or_else(|| self.lead_read(self.p0_s)) },
         ]);
         if let (Some(sum_sq), Some(dot)) = (self.row_sum, grads.dot) {
             let at_row = |tile: TileId| Expr::tile(tile, Expr::Row, int(0));
@@ -630,10 +606,10 @@ impl<'a> PrologueBuilder<'a> {
         }
         out.extend([
             Stmt::Barrier,
-            Stmt::Convert { dst: self.head_rows(self.p0_s), src: dy },
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: dy },
             Stmt::Barrier,
             Stmt::Store {
-                src: self.head_rows(self.p0_s),
+                src: self.lead_rows(self.p0_s),
                 dst: GlobalTile {
                     param: grads.output.into(),
                     dims: vec![GlobalDim::At(var("b")), self.stored_rows(), span(var("channel0"), self.d)],
@@ -643,13 +619,13 @@ impl<'a> PrologueBuilder<'a> {
         out
     }
 
-    /// The accumulator's rows in a global tensor: the tile's output rows.
+    /// The tile's rows in a global tensor, the halo rows excluded.
     fn stored_rows(&self) -> GlobalDim {
         let end = var("t0") + int(self.out_rows);
         match self.rows {
-            Rows::Packed(_) => GlobalDim::Span { start: var("t0"), len: self.m, valid: Some((var("t0"), end.min(var("seq_end")))) },
-            _ if self.out_rows == self.m => span(var("t0"), self.m),
-            _ => GlobalDim::Span { start: var("t0"), len: self.m, valid: Some((var("t0"), end)) },
+            Rows::Packed(_) => GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), end.min(var("seq_end")))) },
+            _ if self.halo == 0 => span(self.top(), self.m),
+            _ => GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("t0"), end)) },
         }
     }
 
@@ -662,18 +638,18 @@ impl<'a> PrologueBuilder<'a> {
         }
     }
 
-    /// Position (token index) of staged row 0.
+    /// Position (token index) of tile row 0.
     fn top(&self) -> Expr {
         if self.halo == 0 { var("t0") } else { var("top") }
     }
 
-    /// The position in its sequence of accumulator row 0 (token t0): its token index, after the
-    /// seq_lens[b] − S tokens a decode step's sequence already has.
+    /// The position in its sequence of tile row 0: its token index, after the seq_lens[b] − S
+    /// tokens a decode step's sequence already has.
     fn first_position(&self) -> Expr {
         match self.rows {
-            Rows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + var("t0"),
-            Rows::Packed(_) => var("cached") + var("t0") - var("seq_start"),
-            Rows::Dense => var("t0"),
+            Rows::DecodeStep(_) => Expr::global("seq_lens", vec![var("b")]) - seq() + self.top(),
+            Rows::Packed(_) => var("cached") + self.top() - var("seq_start"),
+            Rows::Dense => self.top(),
         }
     }
 
@@ -700,12 +676,12 @@ impl<'a> PrologueBuilder<'a> {
         out
     }
 
-    /// The head's rows top .. top + T + M of p0 into p0_s; rows before token 0 (the
+    /// The head's rows top .. top + M of p0 into rows lead.. of p0_s; rows before token 0 (the
     /// convolution's padding) and from S on read as zero.
     fn read_head(&self) -> Vec<Stmt> {
         vec![
             Stmt::Copy {
-                dst: self.tiles.view(self.p0_s, int(0), int(0), self.halo + self.m, self.d),
+                dst: self.lead_rows(self.p0_s),
                 src: GlobalTile {
                     param: PROJECTION_BUFFER.into(),
                     dims: vec![GlobalDim::At(self.row_batch()), self.read_rows(), span(var("channel0"), self.d)],
@@ -721,28 +697,23 @@ impl<'a> PrologueBuilder<'a> {
     /// The tile's rows of p0: rows outside the tensor, or outside a packed sequence, read zero.
     fn read_rows(&self) -> GlobalDim {
         match self.rows {
-            Rows::Packed(_) => GlobalDim::Span { start: self.top(), len: self.halo + self.m, valid: Some((var("seq_start"), var("seq_end"))) },
-            _ => span(self.top(), self.halo + self.m),
+            Rows::Packed(_) => GlobalDim::Span { start: self.top(), len: self.m, valid: Some((var("seq_start"), var("seq_end"))) },
+            _ => span(self.top(), self.m),
         }
     }
 
-    /// The staged rows the accumulator's rows are (tokens t0 .. t0 + M, after the halo).
-    fn head_rows(&self, tile: TileId) -> TileView {
-        self.tiles.view(tile, int(self.halo), int(0), self.m, self.d)
+    fn lead_rows(&self, tile: TileId) -> TileView {
+        self.tiles.view(tile, int(self.lead), int(0), self.m, self.d)
     }
 
-    /// Reads the staged tile at the mapped accumulator row's token.
-    fn head_read(&self, tile: TileId) -> Expr {
-        Expr::tile(tile, plus(Expr::Row, self.halo as i64), Expr::Col)
+    /// Reads the staged tile at the mapped element's row (shifted by the lead rows).
+    fn lead_read(&self, tile: TileId) -> Expr {
+        Expr::tile(tile, plus(Expr::Row, self.lead as i64), Expr::Col)
     }
 
-    /// The convolution stages over the staged head; returns their output at the mapped
-    /// accumulator element: read from the tile holding it, or, after a last per-head stage, the
-    /// accumulator itself (its bias and rounding then fold into the epilogue's first map, and
-    /// the output skips the trip through shared memory).
-    fn conv_stages(&self, out: &mut Vec<Stmt>) -> Expr {
+    /// The convolution stages over the staged head; returns the tile holding the result.
+    fn conv_stages(&self, out: &mut Vec<Stmt>) -> TileId {
         let mut src = self.p0_s;
-        let last = self.spec.qk_conv.len().saturating_sub(1);
         for (index, stage) in self.spec.qk_conv.iter().enumerate() {
             let dst = self.stage_out[index];
             let k = stage.width as i64;
@@ -754,10 +725,8 @@ impl<'a> PrologueBuilder<'a> {
                 ConvKind::PerHead => "per_head",
             };
             out.push(Stmt::Note(format!("conv stage {index}: {kind}, width {k}, tap 0 = oldest row")));
-            // Row r of the output reads input rows r - (K-1) .. r; its rows start at the first
-            // whose taps all lie in the tile.
-            let first = self.first_valid[index];
-            let first_tap_row = first as i64 - (k - 1);
+            // Row r of the output reads input rows r - (K-1) .. r.
+            let first_tap_row = self.lead as i64 - (k - 1);
             match stage.kind {
                 ConvKind::Depthwise => {
                     let mut expr = bias;
@@ -765,8 +734,7 @@ impl<'a> PrologueBuilder<'a> {
                         let w = Expr::global(&weight, vec![var("channel0") + Expr::Col, int(0), int(tap)]);
                         expr = expr + w * Expr::tile(src, plus(Expr::Row, first_tap_row + tap), Expr::Col);
                     }
-                    let rows = self.halo + self.m - first;
-                    out.push(Stmt::Map { dst: self.tiles.view(dst, int(first), int(0), rows, self.d), expr });
+                    out.push(Stmt::Map { dst: self.lead_rows(dst), expr });
                 }
                 ConvKind::PerHead => {
                     let w = self.weights[index].expect("a per-head stage has a weight tile");
@@ -800,15 +768,12 @@ impl<'a> PrologueBuilder<'a> {
                     let tap_body = vec![for_("kc", int(0), int(self.d / chunk), chunk_body)];
                     out.push(Stmt::Fill { dst: acc.clone(), value: 0.0 });
                     out.push(for_("tap", int(0), int(k), tap_body));
-                    if index == last {
-                        return (Expr::Elem + bias).round_to(self.spec.dtype);
-                    }
                     out.push(Stmt::Map { dst: acc.clone(), expr: Expr::Elem + bias });
                     if dst == src {
                         // Every warp's mmas have read the rows written over next.
                         out.push(Stmt::Barrier);
                     }
-                    out.push(Stmt::Convert { dst: self.tiles.view(dst, int(first), int(0), self.m, self.d), src: acc });
+                    out.push(Stmt::Convert { dst: self.lead_rows(dst), src: acc });
                 }
             }
             out.push(Stmt::Barrier);
@@ -817,7 +782,7 @@ impl<'a> PrologueBuilder<'a> {
             }
             src = dst;
         }
-        self.head_read(src)
+        src
     }
 
     /// The backward's copy of stage `stage`'s input (the previous stage's output, in `tile`) into
@@ -829,14 +794,14 @@ impl<'a> PrologueBuilder<'a> {
         let history = self.halo as i64;
         let first = Expr::select(var("t0").eq(int(0)), int(0), var("t0") + int(history));
         Stmt::Store {
-            src: self.tiles.view(tile, int(0), int(0), self.halo + self.m, self.d),
+            src: self.lead_rows(tile),
             dst: GlobalTile {
                 param: stage_input_name(stage),
                 dims: vec![
                     GlobalDim::At(var("b")),
                     GlobalDim::Span {
                         start: self.top() + int(history),
-                        len: self.halo + self.m,
+                        len: self.m,
                         valid: Some((first, var("t0") + int(history + self.out_rows as i64))),
                     },
                     span(var("channel0"), self.d),
@@ -845,15 +810,15 @@ impl<'a> PrologueBuilder<'a> {
         }
     }
 
-    /// Element `col` of head `head` at the mapped accumulator row's token in p0 (clamped into
-    /// the sequence: rows past S are computed but never stored).
+    /// Element `col` of head `head` at the mapped row's token in p0 (clamped into the sequence:
+    /// halo rows before token 0 and rows past S are computed but never stored).
     fn raw(&self, head: Expr) -> Expr {
-        let token = (var("t0") + Expr::Row).min(seq() - int(1));
+        let token = (self.top() + Expr::Row).max(int(0)).min(seq() - int(1));
         Expr::global(PROJECTION_BUFFER, vec![self.row_batch(), token, head * int(self.d) + Expr::Col])
     }
 
     /// q-k mean, norm, RoPE and store of a query or key head.
-    fn epilogue(&self, kind: HeadKind, y: &Expr) -> Vec<Stmt> {
+    fn epilogue(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
         let mut out = self.mixed(kind, y);
         out.extend(self.normalize(kind));
         let (param, head) = match kind {
@@ -880,7 +845,7 @@ impl<'a> PrologueBuilder<'a> {
 
     /// `kv` ([`Self::kv_head`]) and acc = the head before the norm: the convolution output `y`
     /// plus the q-k mean's terms.
-    fn mixed(&self, kind: HeadKind, y: &Expr) -> Vec<Stmt> {
+    fn mixed(&self, kind: HeadKind, y: TileId) -> Vec<Stmt> {
         let spec = self.spec;
         let g = spec.groups() as i64;
         let hq = spec.query_heads as i64;
@@ -888,11 +853,11 @@ impl<'a> PrologueBuilder<'a> {
         // acc = convolution output (+ the q-k mean terms). A key head adds its G query heads one
         // per iteration: all G reads of an element in one map would be in flight together, and
         // their registers beside the accumulator's spill.
-        let mut expr = y.clone();
+        let mut expr = self.lead_read(y);
         let mut group_sum = None;
         if spec.qk_mean {
             let half = |e: Expr| Expr::Float(0.5) * e;
-            expr = expr + half(self.head_read(self.p0_s));
+            expr = expr + half(self.lead_read(self.p0_s));
             match kind {
                 HeadKind::Query => expr = expr + half(self.raw(int(hq) + var("kv"))),
                 HeadKind::Key => {
@@ -952,7 +917,7 @@ impl<'a> PrologueBuilder<'a> {
         vec![
             // Other threads may still be reading the staged rows for the q-k mean.
             Stmt::Barrier,
-            Stmt::Convert { dst: self.head_rows(self.p0_s), src: self.tiles.whole(self.acc) },
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
             Stmt::Barrier,
             Stmt::Map { dst: self.tiles.whole(self.acc), expr: rotated },
         ]
@@ -964,7 +929,7 @@ impl<'a> PrologueBuilder<'a> {
     /// both. The same two roundings as [`Self::rope_in_registers`] and [`Self::store_rows`].
     fn rope_and_store(&self, rotated: Expr, rope_s: TileId, columns: u32, param: &str, head: Expr) -> Vec<Stmt> {
         let store = |tile: TileId, col0: u32, cols: u32| Stmt::Store {
-            src: self.tiles.view(tile, int(self.halo), int(col0), self.m, cols),
+            src: self.tiles.view(tile, int(self.lead), int(col0), self.m, cols),
             dst: GlobalTile {
                 param: param.into(),
                 dims: vec![GlobalDim::At(self.row_batch()), self.stored_rows(), GlobalDim::At(head.clone()), span(int(col0), cols)],
@@ -974,9 +939,9 @@ impl<'a> PrologueBuilder<'a> {
             // Other threads may still be reading the staged rows for the q-k mean, and the
             // convolution output that rope_s may be.
             Stmt::Barrier,
-            Stmt::Convert { dst: self.head_rows(self.p0_s), src: self.tiles.whole(self.acc) },
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
             Stmt::Barrier,
-            Stmt::Map { dst: self.tiles.view(rope_s, int(self.halo), int(0), self.m, columns), expr: rotated },
+            Stmt::Map { dst: self.tiles.view(rope_s, int(self.lead), int(0), self.m, columns), expr: rotated },
             Stmt::Barrier,
             store(rope_s, 0, columns),
         ];
@@ -986,12 +951,12 @@ impl<'a> PrologueBuilder<'a> {
         out
     }
 
-    /// Each element of the head staged in `staged` (from row T) after RoPE at its row's
+    /// Each element of the head staged in `staged` (from row `lead`) after RoPE at its row's
     /// position: turned by p·θ^(−2i/r), or by its negative when `inverse` (the rotation's
     /// transpose); channels from r on pass through. None without RoPE.
     fn rotated(&self, staged: TileId, inverse: bool) -> Option<Expr> {
         let rope = self.spec.rope?;
-        let (rope_s, first_row) = (staged, self.halo);
+        let (rope_s, first_row) = (staged, self.lead);
         let r = rope.rotary_dim as i64;
         let half = r / 2;
         let col = || Expr::Col;
@@ -1023,10 +988,10 @@ impl<'a> PrologueBuilder<'a> {
         let rows = self.stored_rows();
         vec![
             Stmt::Barrier,
-            Stmt::Convert { dst: self.head_rows(self.p0_s), src: self.tiles.whole(self.acc) },
+            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
             Stmt::Barrier,
             Stmt::Store {
-                src: self.head_rows(self.p0_s),
+                src: self.lead_rows(self.p0_s),
                 dst: GlobalTile {
                     param: param.into(),
                     dims: vec![GlobalDim::At(self.row_batch()), rows, GlobalDim::At(head), span(int(0), self.d)],

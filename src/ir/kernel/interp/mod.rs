@@ -491,7 +491,6 @@ impl<'k> Block<'k> {
                     UnOp::Rsqrt => Value::Float(1.0 / a.float()?.sqrt()),
                     UnOp::Cos => Value::Float(a.float()?.cos()),
                     UnOp::Sin => Value::Float(a.float()?.sin()),
-                    UnOp::Round(storage) => Value::Float(round_to((*storage).into(), a.float()?, self.rounding)),
                 }
             }
             Expr::Binary(op, a, b) => {
