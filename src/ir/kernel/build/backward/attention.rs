@@ -745,71 +745,71 @@ impl AttentionBackward<'_> {
             };
             // A step whose queries see all of this consumer's keys skips the mask.
             let step = |mask: bool| -> Vec<Stmt> {
-            let mut step = step_lets("");
-            step.extend([
-                Stmt::NamedBarrier { id: int(2 + c), threads: WARPGROUP_THREADS, sync: true },
-                Stmt::WaitParity { barrier: slot(full, var("n")), parity: parity(var("n")) },
-                Stmt::Fill { dst: w(probs_t), value: 0.0 },
-                Stmt::Fill { dst: w(dscores_t), value: 0.0 },
-                Stmt::MmaAsync { acc: w(probs_t), a: band(k_s), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: true },
-                Stmt::MmaAsync { acc: w(dscores_t), a: band(v_s), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: true },
-                Stmt::MmaCommit,
-                Stmt::If {
-                    cond: (var("n") + int(1)).lt(var("steps")),
-                    then_body: stage_statistics((var("n") + int(1)).modulo(int(2)) * int(bm), var("q_row0") + int(bm)),
-                    else_body: Vec::new(),
-                },
-                Stmt::MmaWait { pending: 0, after: None },
-                Stmt::Map { dst: w(probs_t), expr: if mask { masked(probability.clone()) } else { probability.clone() } },
-                Stmt::Map { dst: w(dscores_t), expr: Expr::tile(probs_t, Expr::Row, Expr::Col) * (Expr::Elem - statistic(delta_s[c as usize])) },
-                Stmt::Convert { dst: w(probs_a), src: w(probs_t) },
-                Stmt::Convert { dst: ds_band.clone(), src: w(dscores_t) },
-                // Every consumer's dS rows are in place (each warp wrote its own 16; wgmma reads
-                // all), with one consumer too.
-                Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true },
-            ]);
-            // dQ's first panel goes to the tensor cores before dV and dK, so that its atomics
-            // issue while they run.
-            let dq_panel = |p: u32| -> Vec<Stmt> {
-                vec![
-                    Stmt::Fill { dst: w(dq), value: 0.0 },
-                    Stmt::MmaAsync {
-                        acc: w(dq),
-                        a: t.view(ds_s, ds_buffer.clone(), int(0), bn, bm),
-                        b: t.view(k_s, int(0), int(p * panel), bn, panel),
-                        a_transposed: true,
-                        b_transposed: false,
-                    },
+                let mut step = step_lets("");
+                step.extend([
+                    Stmt::NamedBarrier { id: int(2 + c), threads: WARPGROUP_THREADS, sync: true },
+                    Stmt::WaitParity { barrier: slot(full, var("n")), parity: parity(var("n")) },
+                    Stmt::Fill { dst: w(probs_t), value: 0.0 },
+                    Stmt::Fill { dst: w(dscores_t), value: 0.0 },
+                    Stmt::MmaAsync { acc: w(probs_t), a: band(k_s), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: true },
+                    Stmt::MmaAsync { acc: w(dscores_t), a: band(v_s), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: true },
                     Stmt::MmaCommit,
-                ]
-            };
-            let dq_add = |p: u32| Stmt::AtomicAdd {
-                src: w(dq),
-                dst: GlobalTile {
-                    param: "dq_accum".into(),
-                    dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
-                },
-            };
-            // Consumer c's panels of dQ: c, c + consumers, … (none for the second consumer at
-            // head_dim 64).
-            let panels: Vec<u32> = (c..d / panel).step_by(consumers as usize).collect();
-            if let Some(&first) = panels.first() {
-                step.extend(dq_panel(first));
-            }
-            step.extend([
-                Stmt::MmaAsync { acc: w(dv), a: w(probs_a), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: false },
-                Stmt::MmaAsync { acc: w(dk), a: ds_band.clone(), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: false },
-                Stmt::MmaCommit,
-            ]);
-            if let Some(&first) = panels.first() {
-                step.extend([Stmt::MmaWait { pending: 1, after: None }, dq_add(first)]);
-            }
-            for &p in panels.iter().skip(1) {
-                step.extend(dq_panel(p));
-                step.extend([Stmt::MmaWait { pending: 0, after: None }, dq_add(p)]);
-            }
-            step.extend([Stmt::MmaWait { pending: 0, after: None }, Stmt::Arrive { barrier: slot(empty, var("n")) }]);
-            step
+                    Stmt::If {
+                        cond: (var("n") + int(1)).lt(var("steps")),
+                        then_body: stage_statistics((var("n") + int(1)).modulo(int(2)) * int(bm), var("q_row0") + int(bm)),
+                        else_body: Vec::new(),
+                    },
+                    Stmt::MmaWait { pending: 0, after: None },
+                    Stmt::Map { dst: w(probs_t), expr: if mask { masked(probability.clone()) } else { probability.clone() } },
+                    Stmt::Map { dst: w(dscores_t), expr: Expr::tile(probs_t, Expr::Row, Expr::Col) * (Expr::Elem - statistic(delta_s[c as usize])) },
+                    Stmt::Convert { dst: w(probs_a), src: w(probs_t) },
+                    Stmt::Convert { dst: ds_band.clone(), src: w(dscores_t) },
+                    // Every consumer's dS rows are in place (each warp wrote its own 16; wgmma reads
+                    // all), with one consumer too.
+                    Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true },
+                ]);
+                // dQ's first panel goes to the tensor cores before dV and dK, so that its atomics
+                // issue while they run.
+                let dq_panel = |p: u32| -> Vec<Stmt> {
+                    vec![
+                        Stmt::Fill { dst: w(dq), value: 0.0 },
+                        Stmt::MmaAsync {
+                            acc: w(dq),
+                            a: t.view(ds_s, ds_buffer.clone(), int(0), bn, bm),
+                            b: t.view(k_s, int(0), int(p * panel), bn, panel),
+                            a_transposed: true,
+                            b_transposed: false,
+                        },
+                        Stmt::MmaCommit,
+                    ]
+                };
+                let dq_add = |p: u32| Stmt::AtomicAdd {
+                    src: w(dq),
+                    dst: GlobalTile {
+                        param: "dq_accum".into(),
+                        dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
+                    },
+                };
+                // Consumer c's panels of dQ: c, c + consumers, … (none for the second consumer at
+                // head_dim 64).
+                let panels: Vec<u32> = (c..d / panel).step_by(consumers as usize).collect();
+                if let Some(&first) = panels.first() {
+                    step.extend(dq_panel(first));
+                }
+                step.extend([
+                    Stmt::MmaAsync { acc: w(dv), a: w(probs_a), b: stage_view(do_s, var("n")), a_transposed: false, b_transposed: false },
+                    Stmt::MmaAsync { acc: w(dk), a: ds_band.clone(), b: stage_view(q_s, var("n")), a_transposed: false, b_transposed: false },
+                    Stmt::MmaCommit,
+                ]);
+                if let Some(&first) = panels.first() {
+                    step.extend([Stmt::MmaWait { pending: 1, after: None }, dq_add(first)]);
+                }
+                for &p in panels.iter().skip(1) {
+                    step.extend(dq_panel(p));
+                    step.extend([Stmt::MmaWait { pending: 0, after: None }, dq_add(p)]);
+                }
+                step.extend([Stmt::MmaWait { pending: 0, after: None }, Stmt::Arrive { barrier: slot(empty, var("n")) }]);
+                step
             };
             let (unmasked_first, unmasked_end) = unmasked_steps(spec.mask, bm, rows);
             let mut steps = vec![
