@@ -11,9 +11,10 @@
 #                                          not shorter than the suite's S but at 4097
 #   gpu-carry/libs/random_<i>/random_<i>/  with GPU_PREPARE_RANDOM=N: N seeded random specs
 #                                          (scripts/random-specs.py, seed GPU_PREPARE_RANDOM_SEED)
-#   gpu-carry/hopper-ptx/                  with GPU_PREPARE_HOPPER_PTX=1: the Hopper kernel
-#                                          variants of tests/codegen_hopper.rs, for
-#                                          bench/hopper_attention.py and bench/hopper_gemm.py
+#   gpu-carry/hopper-ptx.tar.xz            with GPU_PREPARE_HOPPER_PTX=1: the Hopper kernel
+#                                          variants of tests/codegen_hopper.rs (every tile
+#                                          candidate), for bench/hopper_attention.py and
+#                                          bench/hopper_gemm.py; gpu-sweep.sh unpacks it
 #   gpu-carry/decode-ptx/                  the decode kernels of tests/ir_kernel_decode.rs
 #                                          (decode.json), for bench/decode_attention.py
 #   gpu-carry/tune/zaya1/                  with GPU_PREPARE_TUNE=1: the candidate libraries of
@@ -133,9 +134,13 @@ PY
   done
 done
 
-rm -rf "$carry/hopper-ptx"
+rm -rf "$carry/hopper-ptx" "$carry/hopper-ptx.tar.xz"
 if [ "${GPU_PREPARE_HOPPER_PTX:-0}" = 1 ]; then
   CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test codegen_hopper assembles >/dev/null
+  # Every tile candidate's PTX is about 37 MB, a 2 MB archive: the carried tree is size-limited.
+  # gpu-sweep.sh unpacks it on the GPU machine.
+  tar -C "$carry" -cJf "$carry/hopper-ptx.tar.xz" hopper-ptx
+  rm -rf "$carry/hopper-ptx"
 fi
 rm -rf "$carry/decode-ptx"
 CCC_HOPPER_PTX_OUT="$PWD/$carry/decode-ptx" cargo test --release --test ir_kernel_decode every_example >/dev/null

@@ -60,6 +60,10 @@ cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
 mkdir -p "$out"
 libs=gpu-carry/libs
+# gpu-prepare.sh packs the standalone Hopper PTX (GPU_PREPARE_HOPPER_PTX=1).
+if [ -f gpu-carry/hopper-ptx.tar.xz ] && [ ! -d gpu-carry/hopper-ptx ]; then
+  tar -C gpu-carry -xJf gpu-carry/hopper-ptx.tar.xz
+fi
 steps=${*:-hopper runtime-tests suite python-gpu validate times bench}
 # gpu-suite.sh runs the runtime's GPU tests first unless told not to: not twice in one sweep.
 suite_skip_tests=0
