@@ -302,6 +302,14 @@ impl Tiles {
             },
         )
     }
+    /// Whether a padded shared tile of `rows × cols` ([`Tiles::shared`]) would fit in shared
+    /// memory beside the tiles declared so far.
+    fn shared_fits(&self, elem: ElemType, rows: u32, cols: u32) -> bool {
+        let mut with = Tiles { decls: self.decls.clone() };
+        with.shared("", elem, rows, cols);
+        let bytes: usize = with.decls.iter().map(|t| t.ty.shared_bytes().next_multiple_of(SHARED_TILE_ALIGNMENT)).sum();
+        bytes <= SHARED_MEMORY_LIMIT_BYTES
+    }
     /// A shared tile in the 128-byte-swizzled layout that wgmma reads.
     fn swizzled(&mut self, name: &str, elem: ElemType, rows: u32, cols: u32) -> TileId {
         self.add(

@@ -193,12 +193,7 @@ impl<'a> PrologueBuilder<'a> {
         // The per-head weights: resident where they fit beside the row buffers, else streamed.
         let per_head_taps: u32 =
             spec.qk_conv.iter().filter(|c| c.kind == ConvKind::PerHead).map(|c| c.width as u32).sum();
-        let resident_bytes = {
-            let mut with_weights = Tiles { decls: tiles.decls.clone() };
-            with_weights.shared("w", storage, per_head_taps * d, d);
-            with_weights.decls.iter().map(|t| t.ty.shared_bytes().next_multiple_of(SHARED_TILE_ALIGNMENT)).sum::<usize>()
-        };
-        let staging = if resident_bytes <= SHARED_MEMORY_LIMIT_BYTES {
+        let staging = if tiles.shared_fits(storage, per_head_taps * d, d) {
             WeightStaging::Resident
         } else {
             WeightStaging::Streamed
@@ -263,10 +258,8 @@ impl<'a> PrologueBuilder<'a> {
             Some(tile) => Some(tile),
             None => {
                 let storage: ElemType = self.spec.dtype.into();
-                let mut with_rope = Tiles { decls: self.tiles.decls.clone() };
-                with_rope.shared("rope_s", storage, self.lead + self.m, columns);
-                let bytes: usize = with_rope.decls.iter().map(|t| t.ty.shared_bytes().next_multiple_of(SHARED_TILE_ALIGNMENT)).sum();
-                (bytes <= SHARED_MEMORY_LIMIT_BYTES).then(|| self.tiles.shared("rope_s", storage, self.lead + self.m, columns))
+                let rows = self.lead + self.m;
+                self.tiles.shared_fits(storage, rows, columns).then(|| self.tiles.shared("rope_s", storage, rows, columns))
             }
         };
         self
@@ -914,13 +907,9 @@ impl<'a> PrologueBuilder<'a> {
     /// partner: the normalized head, rounded to the storage type, is staged in p0_s (by then the
     /// q-k mean has read the raw rows), and every channel takes the select.
     fn rope_in_registers(&self, rotated: Expr) -> Vec<Stmt> {
-        vec![
-            // Other threads may still be reading the staged rows for the q-k mean.
-            Stmt::Barrier,
-            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
-            Stmt::Barrier,
-            Stmt::Map { dst: self.tiles.whole(self.acc), expr: rotated },
-        ]
+        let mut out = self.stage_head().to_vec();
+        out.push(Stmt::Map { dst: self.tiles.whole(self.acc), expr: rotated });
+        out
     }
 
     /// RoPE only where it rotates, then the store: the normalized head, rounded, is staged in
@@ -928,25 +917,16 @@ impl<'a> PrologueBuilder<'a> {
     /// rotary width pass through) are mapped from it into `rope_s`; the head is stored from
     /// both. The same two roundings as [`Self::rope_in_registers`] and [`Self::store_rows`].
     fn rope_and_store(&self, rotated: Expr, rope_s: TileId, columns: u32, param: &str, head: Expr) -> Vec<Stmt> {
-        let store = |tile: TileId, col0: u32, cols: u32| Stmt::Store {
-            src: self.tiles.view(tile, int(self.lead), int(col0), self.m, cols),
-            dst: GlobalTile {
-                param: param.into(),
-                dims: vec![GlobalDim::At(self.row_batch()), self.stored_rows(), GlobalDim::At(head.clone()), span(int(col0), cols)],
-            },
-        };
-        let mut out = vec![
-            // Other threads may still be reading the staged rows for the q-k mean, and the
-            // convolution output that rope_s may be.
-            Stmt::Barrier,
-            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
-            Stmt::Barrier,
+        // The staging's first barrier also keeps the map off rope_s while it may still be the
+        // convolution output other threads read.
+        let mut out = self.stage_head().to_vec();
+        out.extend([
             Stmt::Map { dst: self.tiles.view(rope_s, int(self.lead), int(0), self.m, columns), expr: rotated },
             Stmt::Barrier,
-            store(rope_s, 0, columns),
-        ];
+            self.store_columns(rope_s, 0, columns, param, head.clone()),
+        ]);
         if columns < self.d {
-            out.push(store(self.p0_s, columns, self.d - columns));
+            out.push(self.store_columns(self.p0_s, columns, self.d - columns, param, head));
         }
         out
     }
@@ -985,18 +965,26 @@ impl<'a> PrologueBuilder<'a> {
     /// The rounded head through p0_s (free again once every thread is past its last read), so
     /// that the store writes whole rows in 16-byte chunks.
     fn store_rows(&self, param: &str, head: Expr) -> Vec<Stmt> {
-        let rows = self.stored_rows();
-        vec![
-            Stmt::Barrier,
-            Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) },
-            Stmt::Barrier,
-            Stmt::Store {
-                src: self.lead_rows(self.p0_s),
-                dst: GlobalTile {
-                    param: param.into(),
-                    dims: vec![GlobalDim::At(self.row_batch()), rows, GlobalDim::At(head), span(int(0), self.d)],
-                },
+        let mut out = self.stage_head().to_vec();
+        out.push(self.store_columns(self.p0_s, 0, self.d, param, head));
+        out
+    }
+
+    /// The accumulator rounded into p0_s's rows once every thread is past its reads there (the
+    /// q-k mean's raw rows), and visible to all of them after.
+    fn stage_head(&self) -> [Stmt; 3] {
+        [Stmt::Barrier, Stmt::Convert { dst: self.lead_rows(self.p0_s), src: self.tiles.whole(self.acc) }, Stmt::Barrier]
+    }
+
+    /// Columns `col0 .. col0 + cols` of the head staged in `tile` stored to head `head` of `param`
+    /// (q or k), the tile's output rows only.
+    fn store_columns(&self, tile: TileId, col0: u32, cols: u32, param: &str, head: Expr) -> Stmt {
+        Stmt::Store {
+            src: self.tiles.view(tile, int(self.lead), int(col0), self.m, cols),
+            dst: GlobalTile {
+                param: param.into(),
+                dims: vec![GlobalDim::At(self.row_batch()), self.stored_rows(), GlobalDim::At(head), span(int(col0), cols)],
             },
-        ]
+        }
     }
 }

@@ -743,6 +743,31 @@ impl AttentionBackward<'_> {
                 let allowed = mask_allows(self.spec.mask, query.clone(), key.clone()).unwrap_or_else(|| key.clone().lt(seq()));
                 Expr::select(allowed, p, Expr::Float(0.0))
             };
+            // dQ in 64-column panels; each step sends the first to the tensor cores before dV
+            // and dK, so that its atomics issue while they run.
+            let dq_panel = |p: u32| -> Vec<Stmt> {
+                vec![
+                    Stmt::Fill { dst: w(dq), value: 0.0 },
+                    Stmt::MmaAsync {
+                        acc: w(dq),
+                        a: t.view(ds_s, ds_buffer.clone(), int(0), bn, bm),
+                        b: t.view(k_s, int(0), int(p * panel), bn, panel),
+                        a_transposed: true,
+                        b_transposed: false,
+                    },
+                    Stmt::MmaCommit,
+                ]
+            };
+            let dq_add = |p: u32| Stmt::AtomicAdd {
+                src: w(dq),
+                dst: GlobalTile {
+                    param: "dq_accum".into(),
+                    dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
+                },
+            };
+            // Consumer c's panels of dQ: c, c + consumers, … (none for the second consumer at
+            // head_dim 64).
+            let panels: Vec<u32> = (c..d / panel).step_by(consumers as usize).collect();
             // A step whose queries see all of this consumer's keys skips the mask.
             let step = |mask: bool| -> Vec<Stmt> {
                 let mut step = step_lets("");
@@ -768,31 +793,6 @@ impl AttentionBackward<'_> {
                     // all), with one consumer too.
                     Stmt::NamedBarrier { id: int(1), threads: consumers * WARPGROUP_THREADS, sync: true },
                 ]);
-                // dQ's first panel goes to the tensor cores before dV and dK, so that its atomics
-                // issue while they run.
-                let dq_panel = |p: u32| -> Vec<Stmt> {
-                    vec![
-                        Stmt::Fill { dst: w(dq), value: 0.0 },
-                        Stmt::MmaAsync {
-                            acc: w(dq),
-                            a: t.view(ds_s, ds_buffer.clone(), int(0), bn, bm),
-                            b: t.view(k_s, int(0), int(p * panel), bn, panel),
-                            a_transposed: true,
-                            b_transposed: false,
-                        },
-                        Stmt::MmaCommit,
-                    ]
-                };
-                let dq_add = |p: u32| Stmt::AtomicAdd {
-                    src: w(dq),
-                    dst: GlobalTile {
-                        param: "dq_accum".into(),
-                        dims: vec![GlobalDim::At(var("b")), span(var("q_row0"), bm), GlobalDim::At(var("h")), span(int(p * panel), panel)],
-                    },
-                };
-                // Consumer c's panels of dQ: c, c + consumers, … (none for the second consumer at
-                // head_dim 64).
-                let panels: Vec<u32> = (c..d / panel).step_by(consumers as usize).collect();
                 if let Some(&first) = panels.first() {
                     step.extend(dq_panel(first));
                 }
