@@ -25,12 +25,11 @@ import os
 import re
 import sys
 
-import numpy
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import finish, load_kernels, median_ms
+from kernel_bench import driver, finish, launch, load_kernels, median_ms
 
 
 def mask_of(spec, seq, device):
@@ -91,9 +90,9 @@ class Layer:
             spec, function = self.kernels[stage]
             heads = spec["kv_heads"] if stage == "dkdv" else spec["q_heads"]
             grid = (math.ceil(seq / spec["block_rows"]), heads, batch)
-            args = tuple(numpy.uint32(batch) if p == "B" else numpy.uint32(seq) if p == "S"
-                         else numpy.uint64(tensors[p].data_ptr()) for p in spec["params"])
-            function(grid, (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
+            args = [driver.u32(batch) if p == "B" else driver.u32(seq) if p == "S"
+                    else driver.u64(tensors[p].data_ptr()) for p in spec["params"]]
+            launch(function, grid, spec["threads"], spec["dynamic_shared_bytes"], args)
 
 
 def main():

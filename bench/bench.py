@@ -296,17 +296,17 @@ def environment():
     import transformers
 
     try:
-        import cupy
-        cupy_version = cupy.__version__
+        from cuda import bindings
+        bindings_version = bindings.__version__
     except ImportError:
-        cupy_version = "not installed"
+        bindings_version = "not installed"
     return {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(),
         "transformers": transformers.__version__,
-        "cupy": cupy_version,
+        "cuda_bindings": bindings_version,
         "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -341,7 +341,7 @@ def write_markdown(path, env, config, results):
         "# ccc benchmark",
         "",
         f"{env['gpu']}; torch {env['torch']} (CUDA {env['cuda']}, cuDNN {env['cudnn']}); "
-        f"transformers {env['transformers']}; cupy {env['cupy']}; {env['date_utc']}.",
+        f"transformers {env['transformers']}; cuda-bindings {env['cuda_bindings']}; {env['date_utc']}.",
         "",
         f"Mode: {config['mode']} (train: layers forward + backward, cores backward alone, "
         "FLOPs 3× and 2.5× the forward's); causal; bf16 unless the spec says otherwise. Median of "

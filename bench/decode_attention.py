@@ -30,12 +30,11 @@ import argparse
 import math
 import re
 
-import numpy
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import finish, load_kernels, median_ms
+from kernel_bench import driver, finish, launch, load_kernels, median_ms
 
 PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
 
@@ -70,13 +69,13 @@ class Layer:
         launches = []
         for stage in ("decode_attention", "decode_merge"):
             spec, function = self.kernels[stage]
-            args = tuple(numpy.uint32(sizes[p]) if p in sizes else numpy.uint64(tensors[p].data_ptr())
-                         for p in spec["params"])
-            launches.append((function, grids[stage], (spec["threads"],), args, spec["dynamic_shared_bytes"]))
+            args = driver.Arguments(driver.u32(sizes[p]) if p in sizes else driver.u64(tensors[p].data_ptr())
+                                    for p in spec["params"])
+            launches.append((function, grids[stage], spec["threads"], spec["dynamic_shared_bytes"], args))
 
         def run():
-            for function, grid, block, args, shared in launches:
-                function(grid, block, args, shared_mem=shared)
+            for function, grid, threads, shared, args in launches:
+                launch(function, grid, threads, shared, args)
         return run
 
 

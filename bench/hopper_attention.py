@@ -23,15 +23,14 @@ import shutil
 import subprocess
 import sys
 
-import numpy
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernel_bench import finish, load_kernels, median_ms
+from kernel_bench import finish, launch as launch_kernel, load_kernels, median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from ccc import tensor_map  # noqa: E402
+from ccc import driver, tensor_map  # noqa: E402
 
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
@@ -41,11 +40,11 @@ def launch(kernel, q, k, v, o, lse):
     spec, _, function = kernel
     batch, seq, _, _ = q.shape
     grid = (math.ceil(seq / spec["block_m"]), spec["q_heads"], batch)
-    args = tuple(numpy.uint64(t.data_ptr()) for t in (q, k, v, o, lse)) + (numpy.uint32(batch), numpy.uint32(seq))
+    args = [driver.u64(t.data_ptr()) for t in (q, k, v, o, lse)] + [driver.u32(batch), driver.u32(seq)]
     if spec.get("tma"):
-        args += (tensor_map.kernel_argument(q, spec["block_m"]), tensor_map.kernel_argument(k, spec["block_n"]),
-                 tensor_map.kernel_argument(v, spec["block_n"]))
-    function(grid, (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
+        args += [tensor_map.kernel_argument(q, spec["block_m"]), tensor_map.kernel_argument(k, spec["block_n"]),
+                 tensor_map.kernel_argument(v, spec["block_n"])]
+    launch_kernel(function, grid, spec["threads"], spec["dynamic_shared_bytes"], args)
 
 
 def run_kernel(kernel, q, k, v):

@@ -22,14 +22,13 @@ import math
 import os
 import sys
 
-import numpy
 import torch
 import torch.nn.functional as F
 
-from kernel_bench import finish, load_kernels, median_ms
+from kernel_bench import finish, launch as launch_kernel, load_kernels, median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from ccc import tensor_map  # noqa: E402
+from ccc import driver, tensor_map  # noqa: E402
 from ccc.sizes import parse_size_expr  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
@@ -63,17 +62,17 @@ def launch(kernel, tensors, batch, seq):
     args = []
     for name in spec["params"]:
         if name == "B":
-            args.append(numpy.uint32(batch))
+            args.append(driver.u32(batch))
         elif name == "S":
-            args.append(numpy.uint32(seq))
+            args.append(driver.u32(seq))
         else:
-            args.append(numpy.uint64(tensors[name].data_ptr()))
+            args.append(driver.u64(tensors[name].data_ptr()))
     for buffer, box_rows in spec.get("tensor_maps", []):
         args.append(descriptor(spec, tensors, buffer, box_rows))
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     env = {"B": batch, "S": seq, "SMs": sms}
     grid = tuple(parse_size_expr(g, "grid").eval(env) for g in spec["grid"])
-    function(grid, (spec["threads"],), tuple(args), shared_mem=spec["dynamic_shared_bytes"])
+    launch_kernel(function, grid, spec["threads"], spec["dynamic_shared_bytes"], args)
 
 
 def check(kernel, batch, seq, generator):

@@ -1,5 +1,6 @@
 """What the standalone kernel scripts share (bench/hopper_attention.py, bench/hopper_gemm.py,
-bench/kernel_times.py): loading PTX kernels described by a JSON index, the median of
+bench/kernel_times.py): loading PTX kernels described by a JSON index and launching them on
+torch's current stream (through ccc.driver, the loader's launch path), the median of
 CUDA-event timings, and the closing report of the checking scripts. (bench/bench.py has its own timer: it flushes the L2 and adapts the count.)"""
 
 import json
@@ -10,24 +11,30 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from ccc import driver  # noqa: E402
+
 
 def load_kernels(ptx_dir, index_file, pattern):
     """{name: (spec, module, function)} for the kernels of `ptx_dir/index_file` whose name matches
-    `pattern`; each `<name>.ptx` loaded with cupy, its dynamic shared-memory limit raised to the
-    spec's `dynamic_shared_bytes`."""
-    import cupy
-
+    `pattern`; each `<name>.ptx` loaded on torch's current GPU with ccc.driver, allowed the spec's
+    `dynamic_shared_bytes`."""
     with open(os.path.join(ptx_dir, index_file)) as handle:
         specs = json.load(handle)
+    device = torch.cuda.current_device()
     kernels = {}
     for spec in specs:
         if not re.search(pattern, spec["name"]):
             continue
-        module = cupy.RawModule(path=os.path.join(ptx_dir, spec["name"] + ".ptx"))
-        function = module.get_function(spec["name"])
-        function.max_dynamic_shared_size_bytes = spec["dynamic_shared_bytes"]
-        kernels[spec["name"]] = (spec, module, function)
+        module = driver.load_module(os.path.join(ptx_dir, spec["name"] + ".ptx"), device)
+        kernels[spec["name"]] = (spec, module, driver.function(module, spec["name"], spec["dynamic_shared_bytes"]))
     return kernels
+
+
+def launch(function, grid, threads, shared, args):
+    """Launches `function` (of `load_kernels`) on torch's current stream with 1-D blocks of
+    `threads`; `args` as ccc.driver.launch takes them."""
+    driver.launch(function, grid, (threads,), shared, torch.cuda.current_stream().cuda_stream, args)
 
 
 def median_ms(fn, reps=20, warmup=3):

@@ -28,11 +28,10 @@ import math
 import os
 import sys
 
-import numpy
 import torch
 
 from attention_backward import rel_l2
-from kernel_bench import finish, median_ms
+from kernel_bench import driver, finish, launch, median_ms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 from ccc.hf import ZayaLayer, zaya_incompatibility  # noqa: E402
@@ -52,13 +51,11 @@ HF_F64_AGREEMENT = 1e-5
 
 class Chain:
     def __init__(self, ptx_dir, layer):
-        import cupy
-
         self.layer, self.kernels = layer, []
+        device = torch.cuda.current_device()
         for spec in layer["kernels"]:
-            module = cupy.RawModule(path=os.path.join(ptx_dir, spec["name"] + ".ptx"))
-            function = module.get_function(spec["name"])
-            function.max_dynamic_shared_size_bytes = spec["dynamic_shared_bytes"]
+            module = driver.load_module(os.path.join(ptx_dir, spec["name"] + ".ptx"), device)
+            function = driver.function(module, spec["name"], spec["dynamic_shared_bytes"])
             grid = [parse_size_expr(g, f"{spec['name']}.grid") for g in spec["grid"]]
             self.kernels.append((spec, module, function, grid))
 
@@ -76,9 +73,9 @@ class Chain:
     def run(self, buffers, batch, seq):
         env = {"B": batch, "S": seq}
         for spec, _, function, grid in self.kernels:
-            args = tuple(numpy.uint32(batch) if p == "B" else numpy.uint32(seq) if p == "S"
-                         else numpy.uint64(buffers[p].data_ptr()) for p in spec["params"])
-            function(tuple(g.eval(env) for g in grid), (spec["threads"],), args, shared_mem=spec["dynamic_shared_bytes"])
+            args = [driver.u32(batch) if p == "B" else driver.u32(seq) if p == "S"
+                    else driver.u64(buffers[p].data_ptr()) for p in spec["params"]]
+            launch(function, tuple(g.eval(env) for g in grid), spec["threads"], spec["dynamic_shared_bytes"], args)
 
 
 def dtype_of(layer):

@@ -6,7 +6,7 @@
     out = layer.forward(x, weights)               # x: [B, S, E] CUDA tensor in the spec's dtype
 
 The manifest parsing, validation and call planning (ccc.manifest, ccc.sizes, ccc.spec) are plain
-Python; launching needs torch and cupy and is imported on first use."""
+Python; launching needs torch and NVIDIA's cuda-bindings (ccc.driver) and is imported on first use."""
 
 from .errors import CccError, KernelFault, ManifestError, SizeError, TensorMismatch, UnsupportedDevice
 from .manifest import CallPlan, Manifest, plan_call, plan_for_input, read_library

@@ -6,16 +6,16 @@ are allocated with torch (so they show in torch's memory counters), kernels that
 48 KB of dynamic shared memory get the function attribute raised at load time, and in validate
 mode every runtime-owned buffer is filled with NaN first and every launch is checked before the
 next, so that an unwritten element or a faulting kernel is reported as such. Nothing is copied:
-kernels receive the `data_ptr()` of the caller's tensors (and, for `tensor_map` parameters, a
-device copy of the TMA descriptor of one, encoded when the call is bound)."""
+kernels receive the `data_ptr()` of the caller's tensors (and, for `tensor_map` parameters, the
+TMA descriptor of one by value, encoded when the call is bound). Loading and launching go through
+the CUDA driver API (ccc.driver, NVIDIA's cuda-bindings)."""
 
-import numpy
 import torch
 
-from . import tensor_map
-from .errors import KernelFault, ManifestError, TensorMismatch
-from .manifest import (DEFAULT_SHARED_LIMIT_BYTES, TensorInfo, check_device, check_supplied, off_gpu_problem,
-                       check_decode_indices, plan_call, plan_for_input, plan_for_supplied, read_library)
+from . import driver, tensor_map
+from .errors import ManifestError, TensorMismatch
+from .manifest import (TensorInfo, check_device, check_supplied, off_gpu_problem, check_decode_indices, plan_call,
+                       plan_for_input, plan_for_supplied, read_library)
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "i32": torch.int32}
 DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
@@ -39,20 +39,21 @@ class BoundCall:
         self.plan = plan
         self.tensors = tensors  # manifest name -> torch tensor, caller's and runtime's
         self.device = device
-        self._arguments = [self._kernel_arguments(launch) for launch in plan.launches]
+        # Packed once: every run() launches on the same buffers.
+        self._arguments = [driver.Arguments(self._kernel_arguments(launch)) for launch in plan.launches]
 
     def _kernel_arguments(self, launch):
         args = []
         for kind, value in launch.args:
             if kind == "buffer":
-                args.append(numpy.uint64(self.tensors[self.plan.buffers[value].name].data_ptr()))
+                args.append(driver.u64(self.tensors[self.plan.buffers[value].name].data_ptr()))
             elif kind == "tensor_map":
                 index, box_rows, view = value
                 tensor = self.tensors[self.plan.buffers[index].name]
                 args.append(tensor_map.kernel_argument(tensor if view is None else tensor.view(view), box_rows))
             else:
-                args.append(numpy.uint32(value))
-        return tuple(args)
+                args.append(driver.u32(value))
+        return args
 
     def run(self, check_each=None):
         """Launches every kernel in order on torch's current stream."""
@@ -68,28 +69,16 @@ class BoundCall:
                        + ", ".join(l.symbol for l in self.plan.launches))
 
     def _launch(self, indices, check_each):
-        import cupy
-
         check = self.layer.validate if check_each is None else check_each
-        stream = torch.cuda.current_stream(self.device)
-        with cupy.cuda.Device(self.device.index), cupy.cuda.ExternalStream(
-                stream.cuda_stream, self.device.index):
-            for index in indices:
-                launch = self.plan.launches[index]
-                function = self.layer._function(launch.symbol, self.device)
-                try:
-                    function(launch.grid, launch.block, self._arguments[index],
-                             shared_mem=launch.dynamic_shared_bytes)
-                except Exception as error:
-                    raise KernelFault(f"launching kernel `{launch.symbol}` (grid {launch.grid}, "
-                                      f"block {launch.block}): {error}") from error
-                if check:
-                    try:
-                        stream.synchronize()
-                    except Exception as error:
-                        raise KernelFault(
-                            f"running kernel `{launch.symbol}` (launch {index + 1} of "
-                            f"{len(self.plan.launches)}): {error}") from error
+        stream = torch.cuda.current_stream(self.device).cuda_stream
+        for index in indices:
+            launch = self.plan.launches[index]
+            function = self.layer._function(launch.symbol, self.device)
+            driver.launch(function, launch.grid, launch.block, launch.dynamic_shared_bytes, stream,
+                          self._arguments[index])
+            if check:
+                driver.synchronize(stream, self.device.index, f"running kernel `{launch.symbol}` (launch "
+                                   f"{index + 1} of {len(self.plan.launches)})")
 
     def saved(self):
         """The forward's buffers of role `saved` (what its backward reads), by name."""
@@ -120,7 +109,7 @@ class Layer:
         self.spec = self.manifest.spec
         self.name = self.spec.name
         self.validate = validate
-        self._modules = {}  # device index -> (cupy RawModule, {symbol: RawKernel})
+        self._functions = {}  # device index -> {symbol: driver.Function}, each keeping its module loaded
         self._operators = None  # its torch.library operators (ccc.autograd), registered on first use
 
     @property
@@ -133,31 +122,16 @@ class Layer:
                 f"{len(self.manifest.entry_point('forward').kernels)} kernels>")
 
     def _function(self, symbol, device):
-        if device.index not in self._modules:
-            self._modules[device.index] = self._load_module(device)
-        return self._modules[device.index][1][symbol]
+        if device.index not in self._functions:
+            self._functions[device.index] = self._load_module(device)
+        return self._functions[device.index][symbol]
 
     def _load_module(self, device):
-        import cupy
-
         check_device(self.manifest.target, torch.cuda.get_device_capability(device),
                      f"GPU {device.index} ({torch.cuda.get_device_name(device)})")
-        functions = {}
-        with cupy.cuda.Device(device.index):
-            module = cupy.RawModule(path=self.module_path)
-            for entry in self.manifest.entry_points:
-                for kernel in entry.kernels:
-                    try:
-                        function = module.get_function(kernel.symbol)
-                    except Exception as error:
-                        raise KernelFault(f"resolving kernel `{kernel.symbol}` in "
-                                          f"{self.module_path}: {error}") from error
-                    if kernel.dynamic_shared_bytes > DEFAULT_SHARED_LIMIT_BYTES:
-                        # Above 48 KB a kernel must opt in before launch.
-                        function.max_dynamic_shared_size_bytes = kernel.dynamic_shared_bytes
-                    functions[kernel.symbol] = function
-        # The module is kept with its functions: they are only valid while it is loaded.
-        return module, functions
+        module = driver.load_module(self.module_path, device.index)
+        return {kernel.symbol: driver.function(module, kernel.symbol, kernel.dynamic_shared_bytes)
+                for entry in self.manifest.entry_points for kernel in entry.kernels}
 
     def bind(self, x, state_dict, poison=None):
         """Checks x [B, S, E] and the weights, allocates every runtime-owned buffer of the forward

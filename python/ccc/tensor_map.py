@@ -3,37 +3,17 @@ them (runtime/src/tensor_map.rs): a dense tensor of a 16-bit dtype ([B, S, H, D]
 row-major weight [R, C]) seen with its dimensions innermost first, boxes of one 128-byte panel of
 the innermost dimension x `box_rows` along the row dimension (S, or R of a weight) x 1 along any
 other, 128-byte swizzle, 256-byte L2 promotion, zeros outside the tensor. Encoded by the CUDA
-driver (`cuTensorMapEncodeTiled`, through ctypes) and handed to the kernel by value: its 128 bytes
-fill a `.param .align 64 .b8 [128]` kernel parameter (a `__grid_constant__` map), so nothing is
-copied to device memory."""
+driver (`cuTensorMapEncodeTiled`, through cuda-bindings) and handed to the kernel by value: its 128
+bytes fill a `.param .align 64 .b8 [128]` kernel parameter (a `__grid_constant__` map), so nothing
+is copied to device memory."""
 
 import ctypes
 import functools
 
-TENSOR_MAP_BYTES = 128
+from . import driver
+
 PANEL_BYTES = 128
 STRIDE_ALIGNMENT = 16  # TMA's rule for the byte strides of the outer dimensions
-# cuTensorMapEncodeTiled's enums (CUDA driver API).
-_DATA_TYPES = {"bf16": 9, "f16": 6}
-_INTERLEAVE_NONE = 0
-_SWIZZLE_128B = 3
-_L2_PROMOTION_256B = 3
-_OOB_FILL_ZEROS = 0
-
-_encode = None
-
-
-def _encoder():
-    global _encode
-    if _encode is None:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-        encode = libcuda.cuTensorMapEncodeTiled
-        u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
-        encode.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p,
-                           u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        encode.restype = ctypes.c_int
-        _encode = encode
-    return _encode
 
 
 def geometry(dtype, shape, box_rows):
@@ -65,27 +45,27 @@ def geometry(dtype, shape, box_rows):
 def encode(address, dtype, shape, box_rows):
     """The 128-byte descriptor of the tensor at device address `address`, as bytes."""
     dims, strides, box = geometry(dtype, shape, box_rows)
-    descriptor = (ctypes.c_uint64 * (TENSOR_MAP_BYTES // 8))()
-    rank = len(dims)
-    status = _encoder()(
-        ctypes.addressof(descriptor), _DATA_TYPES[dtype], rank, ctypes.c_void_p(address),
-        (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides),
-        (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)), _INTERLEAVE_NONE,
-        _SWIZZLE_128B, _L2_PROMOTION_256B, _OOB_FILL_ZEROS)
-    if status != 0:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed with CUresult {status} for a {dtype} "
-                           f"{list(shape)} tensor at {address:#x} (boxes of {box_rows} rows)")
-    return bytes(descriptor)
+    cu = driver.bindings()
+    data_type = {"bf16": cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                 "f16": cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16}[dtype]
+    result, descriptor = cu.cuTensorMapEncodeTiled(
+        data_type, len(dims), address, [cu.cuuint64_t(d) for d in dims], [cu.cuuint64_t(s) for s in strides],
+        [cu.cuuint32_t(b) for b in box], [cu.cuuint32_t(1)] * len(dims),
+        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE, cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        # NONE: elements outside the tensor read as zeros.
+        cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    driver.check(cu, result, f"encoding the tensor map of a {dtype} {list(shape)} tensor at {address:#x} "
+                             f"(boxes of {box_rows} rows)")
+    return ctypes.string_at(descriptor.getPtr(), driver.TENSOR_MAP_BYTES)
 
 
 def kernel_argument(tensor, box_rows):
-    """The descriptor of torch tensor `tensor` (see `geometry`, contiguous) as a by-value cupy
-    kernel argument: a numpy array of one 128-byte element, which cupy passes by value."""
-    import numpy
+    """The descriptor of torch tensor `tensor` (see `geometry`, contiguous) as a by-value kernel
+    argument (a driver.TensorMap)."""
     import torch
 
     dtype = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(tensor.dtype, str(tensor.dtype))
     if not tensor.is_contiguous():
         raise ValueError("a tensor map needs a contiguous tensor")
-    descriptor = encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows)
-    return numpy.frombuffer(descriptor, dtype=numpy.dtype([("descriptor", numpy.uint8, (TENSOR_MAP_BYTES,))]))
+    return driver.TensorMap(encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows))

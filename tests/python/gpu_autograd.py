@@ -14,7 +14,7 @@ the autograd registration), torch.compile(fullgraph=True) of a function that cal
 (output and gradients equal to eager), and the errors for a library compiled without backward.
 
     python3 tests/python/gpu_autograd.py [DIR] [--shapes 1x1,3x17,...]   (needs a CUDA GPU, torch,
-                                                                          cupy, transformers)"""
+                                                                          cuda-bindings, transformers)"""
 
 import argparse
 import glob

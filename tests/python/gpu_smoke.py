@@ -4,7 +4,7 @@ checks its output bit for bit, checks the error messages on a wrong call, checks
 grid launches one CTA per SM of the GPU, and checks the torch float64 reference against Hugging
 Face's ZayaAttention in float64 on ZAYA1's shape.
 
-    python3 tests/python/gpu_smoke.py      (needs a CUDA GPU, torch, cupy, transformers)"""
+    python3 tests/python/gpu_smoke.py      (needs a CUDA GPU, torch, cuda-bindings, transformers)"""
 
 import json
 import os

@@ -32,10 +32,10 @@ class Package(unittest.TestCase):
             env_dir = os.path.join(scratch, "env")
             venv.create(env_dir, with_pip=True)
             python = os.path.join(env_dir, "bin", "python")
-            # --no-deps: torch and cupy are not needed to read a manifest.
+            # --no-deps: torch and cuda-bindings are not needed to read a manifest.
             subprocess.run([python, "-m", "pip", "install", "--no-deps", "-q", os.path.join(wheels, wheel)],
                            check=True, capture_output=True)
-            probe = ("import ccc, os, sys; manifest, ptx = ccc.read_library(sys.argv[1]); "
+            probe = ("import ccc, ccc.driver, os, sys; manifest, ptx = ccc.read_library(sys.argv[1]); "
                      "print(os.path.dirname(ccc.__file__)); print(manifest.spec.name)")
             run = subprocess.run([python, "-c", probe, LIBRARY], capture_output=True, text=True, cwd=scratch)
             self.assertEqual(run.returncode, 0, run.stderr)
