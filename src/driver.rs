@@ -41,6 +41,14 @@ fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) 
 
 /// The entry points of `spec`'s library ([`AttentionSpec::library_entry_points`]).
 fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, CompileError> {
+    if spec.mla.is_some() {
+        let message = "MLA layers have no kernels yet: `ccc explain` and the f64 reference (`reference::mla`) \
+                       describe them, `compile` does not";
+        return Err(CompileError {
+            item: Some("mla"),
+            ..error(spec, "graph", message)
+        });
+    }
     if spec.emits(EntryPoint::Backward) && !spec.emits(EntryPoint::Forward) {
         return Err(error(spec, "plan", "the backward entry point needs the forward's (emit = [forward, backward])"));
     }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, QkNorm, RopeStyle};
+use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, Mask, Mla, QkNorm, RopeStyle};
 
 /// Sequence length for per-token FLOPs when neither the command line nor `tune.seq_len` gives one.
 pub const DEFAULT_SEQ_LEN: usize = 4096;
@@ -29,6 +29,9 @@ pub struct LayerCosts {
 
 impl LayerCosts {
     pub fn of(spec: &AttentionSpec, seq_len: usize) -> LayerCosts {
+        if let Some(mla) = &spec.mla {
+            return LayerCosts::of_mla(spec, mla, seq_len);
+        }
         let bytes = spec.dtype.size_bytes();
         let (e, d) = (spec.model_dim as f64, spec.head_dim as f64);
         let (lq, lk, p) =
@@ -54,6 +57,30 @@ impl LayerCosts {
             saved_for_backward_bytes_per_token: saved_bytes_per_token(spec),
             average_keys,
             forward_flops_per_token: projections + convolutions + 4.0 * average_keys * lq,
+        }
+    }
+
+    /// MLA in DeepSeek-V2's accounting: the cache keeps the latent c_kv and the shared rotated
+    /// key k_pe per token (the absorbed decode's cache); the forward runs attention with
+    /// `nope_dim + rope_dim`-wide queries and keys and `v_dim`-wide values per head.
+    fn of_mla(spec: &AttentionSpec, mla: &Mla, seq_len: usize) -> LayerCosts {
+        let (e, h) = (spec.model_dim as f64, spec.query_heads as f64);
+        let (qk, v) = (spec.head_dim as f64, mla.v_dim as f64);
+        let queries = match mla.q_rank {
+            Some(rank) => 2.0 * e * rank as f64 + 2.0 * rank as f64 * h * qk,
+            None => 2.0 * e * h * qk,
+        };
+        let latent = 2.0 * e * mla.cached_width() as f64 + 2.0 * mla.kv_rank as f64 * h * (mla.nope_dim as f64 + v);
+        let output = 2.0 * h * v * e;
+        let average_keys = average_keys(spec.mask, seq_len);
+        LayerCosts {
+            parameters: spec.param_count(),
+            kv_cache_bytes_per_token: mla.cached_width() * spec.dtype.size_bytes(),
+            conv_state_bytes: 0,
+            shift_state_bytes: 0,
+            saved_for_backward_bytes_per_token: saved_bytes_per_token(spec),
+            average_keys,
+            forward_flops_per_token: queries + latent + output + 2.0 * average_keys * h * (qk + v),
         }
     }
 }
@@ -93,6 +120,9 @@ pub fn average_keys(mask: Mask, seq_len: usize) -> f64 {
 
 /// What kind of attention this is, in the usual names.
 pub fn kind_name(spec: &AttentionSpec) -> &'static str {
+    if spec.mla.is_some() {
+        return "MLA";
+    }
     let compressed = spec.query_heads * spec.head_dim != spec.model_dim;
     match (spec.has_cca_parts() || compressed, spec.groups() == 1) {
         (true, true) => "CCA",
@@ -120,6 +150,73 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
     let mut row = |name: &str, value: String| {
         let _ = writeln!(text, "  {name:<15}{value}");
     };
+    if let Some(mla) = &spec.mla {
+        mla_rows(spec, mla, &mut row);
+    } else {
+        cca_rows(spec, &mut row);
+    }
+    row(
+        "rotary",
+        match &spec.rope {
+            None => "none".to_string(),
+            Some(rope) => format!(
+                "{} of {} channels ({}), theta {}, {}",
+                rope.rotary_dim,
+                spec.head_dim,
+                if spec.mla.is_some() { "the last ones".to_string() } else { format!("fraction {}", rope.fraction) },
+                rope.theta,
+                match rope.style {
+                    RopeStyle::Neox => "neox",
+                    RopeStyle::Interleaved => "interleaved",
+                }
+            ),
+        },
+    );
+    row(
+        "softmax scale",
+        format!(
+            "{:.6} (1/sqrt(d) = {:.6})",
+            spec.softmax_scale,
+            1.0 / (spec.head_dim as f64).sqrt()
+        ),
+    );
+    let mask = match spec.mask {
+        Mask::None => "none".to_string(),
+        Mask::Causal => "causal".to_string(),
+        Mask::SlidingWindow { window } => format!("sliding_window({window})"),
+    };
+    row("mask, dtype", format!("{mask}, {}", spec.dtype.name()));
+    comparison(spec, &mha, &this, &base, seq_len, &mut text);
+    text
+}
+
+/// MLA's heads, latents and cache.
+fn mla_rows(spec: &AttentionSpec, mla: &Mla, row: &mut impl FnMut(&str, String)) {
+    row(
+        "heads",
+        format!(
+            "H = {} (one key/value head each), q/k width d = nope {} + rope {} = {}, v width {}",
+            spec.query_heads, mla.nope_dim, mla.rope_dim, spec.head_dim, mla.v_dim
+        ),
+    );
+    let queries = match mla.q_rank {
+        Some(rank) => format!("q_rank {rank}"),
+        None => "queries straight from x".to_string(),
+    };
+    row("latents", format!("{queries}, kv_rank {} (RMSNorm, eps {:e})", mla.kv_rank, mla.rms_eps));
+    row(
+        "cache",
+        format!(
+            "c_kv + k_pe = {} + {} = {} values per token (absorbed decode)",
+            mla.kv_rank,
+            mla.rope_dim,
+            mla.cached_width()
+        ),
+    );
+}
+
+/// The heads, latent widths and CCA parts of a CCA/GQA/MHA layer.
+fn cca_rows(spec: &AttentionSpec, row: &mut impl FnMut(&str, String)) {
     row(
         "heads",
         format!(
@@ -175,38 +272,17 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
         extras.push(format!("key temperature {temperature}"));
     }
     row("CCA parts", if extras.is_empty() { "none".to_string() } else { extras.join(", ") });
-    row(
-        "rotary",
-        match &spec.rope {
-            None => "none".to_string(),
-            Some(rope) => format!(
-                "{} of {} channels (fraction {}), theta {}, {}",
-                rope.rotary_dim,
-                spec.head_dim,
-                rope.fraction,
-                rope.theta,
-                match rope.style {
-                    RopeStyle::Neox => "neox",
-                    RopeStyle::Interleaved => "interleaved",
-                }
-            ),
-        },
-    );
-    row(
-        "softmax scale",
-        format!(
-            "{:.6} (1/sqrt(d) = {:.6})",
-            spec.softmax_scale,
-            1.0 / (spec.head_dim as f64).sqrt()
-        ),
-    );
-    let mask = match spec.mask {
-        Mask::None => "none".to_string(),
-        Mask::Causal => "causal".to_string(),
-        Mask::SlidingWindow { window } => format!("sliding_window({window})"),
-    };
-    row("mask, dtype", format!("{mask}, {}", spec.dtype.name()));
+}
 
+/// The costs next to the equivalent MHA's.
+fn comparison(
+    spec: &AttentionSpec,
+    mha: &AttentionSpec,
+    this: &LayerCosts,
+    base: &LayerCosts,
+    seq_len: usize,
+    text: &mut String,
+) {
     let _ = writeln!(text);
     let mha_heading = format!("MHA ({} heads)", mha.query_heads);
     let _ =
@@ -254,12 +330,15 @@ pub fn explain_text(spec: &AttentionSpec, seq_len: usize) -> String {
         "  parameters exactly: {} (MHA {}); shift state: the previous token's x·W_v2ᵀ; saved for backward: q, k, v, o, lse (and p0 for a norm, convolution or q-k mean)",
         this.parameters, base.parameters
     );
+    let attention = match &spec.mla {
+        Some(mla) => format!("2·H·(d + v_dim) = {} per key", 2 * spec.query_heads * (spec.head_dim + mla.v_dim)),
+        None => "4·Lq per key".to_string(),
+    };
     let _ = writeln!(
         text,
-        "  FLOPs: projections + convolutions + attention (4·Lq per key, {:.1} keys per query on average)",
+        "  FLOPs: projections + convolutions + attention ({attention}, {:.1} keys per query on average)",
         this.average_keys
     );
-    text
 }
 
 /// 5.58M, 16.8M, 1.23G: three significant figures with an SI suffix.

@@ -45,6 +45,38 @@ pub struct AttentionSpec {
     pub entry_points: Vec<EntryPoint>,
     /// Shapes that tile selection should favour.
     pub tune: Option<TuneShape>,
+    /// Multi-head latent attention (DeepSeek-V2/V3): queries and keys/values through low-rank
+    /// latents; then `head_dim` is the query/key width `nope_dim + rope_dim`, `kv_heads` equals
+    /// `query_heads`, and `rope` rotates each head's last `rope_dim` channels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<Mla>,
+}
+
+/// The latent parts of an MLA layer (docs/language.md, "MLA"), with Hugging Face
+/// `DeepseekV3Attention`'s meaning: `c_kv = RMSNorm(x·W_dkv)[..kv_rank]` (the cached latent),
+/// `k_pe` = the projection's last `rope_dim` channels (shared by all heads, rotated), per head
+/// `[k_nope | v] = c_kv·W_ukv`, queries `x·W_q` or `RMSNorm(x·W_dq)·W_uq` (`q_rank`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Mla {
+    /// The query latent's width (`q_lora_rank`); none: queries straight from x.
+    pub q_rank: Option<usize>,
+    /// The key/value latent's width (`kv_lora_rank`): what the cache keeps per token.
+    pub kv_rank: usize,
+    /// Rotated channels at the end of each query and key head (`qk_rope_head_dim`).
+    pub rope_dim: usize,
+    /// Channels of each query and key head without position (`qk_nope_head_dim`).
+    pub nope_dim: usize,
+    /// Width of each value head (`v_head_dim`).
+    pub v_dim: usize,
+    /// ε of both latents' RMSNorm (`DeepseekV3RMSNorm`'s 1e-6 by default).
+    pub rms_eps: f64,
+}
+
+impl Mla {
+    /// Values the cache keeps per token: the latent and the shared rotated key.
+    pub fn cached_width(&self) -> usize {
+        self.kv_rank + self.rope_dim
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +225,19 @@ pub struct ParamInfo {
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum ParamRole {
     QueryProj,
+    /// MLA: x into the query latent (`q_a_proj`), its bias, the latent's RMSNorm weight
+    /// (`q_a_layernorm`) and the latent up to the heads (`q_b_proj`).
+    QueryDown,
+    QueryDownBias,
+    QueryNorm,
+    QueryUp,
+    /// MLA: x into the key/value latent and the shared rotated key (`kv_a_proj_with_mqa`), its
+    /// bias, the latent's RMSNorm weight (`kv_a_layernorm`), the latent up to every head's
+    /// `[k_nope | v]` (`kv_b_proj`).
+    LatentDown,
+    LatentDownBias,
+    LatentNorm,
+    LatentUp,
     KeyProj,
     /// Projection of the current token's input into the first Hk - value_shift kv heads
     /// (all Hk heads when value_shift = 0).
@@ -290,6 +335,9 @@ impl AttentionSpec {
     /// `qkv_proj.`, `qk_norm.temp`, `o_proj`); plain specs follow `LlamaAttention`
     /// (`q_proj`, `k_proj`, `v_proj`, `o_proj`).
     pub fn params(&self) -> Vec<ParamInfo> {
+        if let Some(mla) = &self.mla {
+            return self.mla_params(mla);
+        }
         let (e, d) = (self.model_dim, self.head_dim);
         let p = self.packed_width();
         let prefix = if self.has_cca_parts() { "qkv_proj." } else { "" };
@@ -351,6 +399,38 @@ impl AttentionSpec {
         out
     }
 
+    /// MLA's tensors under `DeepseekV3Attention`'s names (`bias` is its `attention_bias`: on
+    /// both down-projections and the output).
+    fn mla_params(&self, mla: &Mla) -> Vec<ParamInfo> {
+        let (e, h) = (self.model_dim, self.query_heads);
+        let mut out = Vec::new();
+        let mut push = |name: &str, shape: Vec<usize>, role: ParamRole| {
+            out.push(ParamInfo { name: name.to_string(), shape, role })
+        };
+        match mla.q_rank {
+            None => push("q_proj.weight", vec![self.q_width(), e], ParamRole::QueryProj),
+            Some(rank) => {
+                push("q_a_proj.weight", vec![rank, e], ParamRole::QueryDown);
+                if self.bias {
+                    push("q_a_proj.bias", vec![rank], ParamRole::QueryDownBias);
+                }
+                push("q_a_layernorm.weight", vec![rank], ParamRole::QueryNorm);
+                push("q_b_proj.weight", vec![self.q_width(), rank], ParamRole::QueryUp);
+            }
+        }
+        push("kv_a_proj_with_mqa.weight", vec![mla.cached_width(), e], ParamRole::LatentDown);
+        if self.bias {
+            push("kv_a_proj_with_mqa.bias", vec![mla.cached_width()], ParamRole::LatentDownBias);
+        }
+        push("kv_a_layernorm.weight", vec![mla.kv_rank], ParamRole::LatentNorm);
+        push("kv_b_proj.weight", vec![h * (mla.nope_dim + mla.v_dim), mla.kv_rank], ParamRole::LatentUp);
+        push("o_proj.weight", vec![e, h * mla.v_dim], ParamRole::OutputProj);
+        if self.bias {
+            push("o_proj.bias", vec![e], ParamRole::OutputBias);
+        }
+        out
+    }
+
     /// The state-dict name of the parameter with `role`, if the spec has one.
     pub fn param_name(&self, role: ParamRole) -> Option<String> {
         self.params().into_iter().find(|p| p.role == role).map(|p| p.name)
@@ -364,7 +444,15 @@ impl AttentionSpec {
     /// The plain multi-head layer of the same width that `explain` compares against:
     /// same model_dim and head_dim, Hq = Hk = model_dim / head_dim, no CCA parts, same mask,
     /// dtype and bias.
+    /// For MLA, DeepSeek-V2's comparison instead: MHA with the layer's heads, each of `v_dim`
+    /// channels for queries, keys and values alike.
     pub fn equivalent_mha(&self) -> AttentionSpec {
+        if let Some(mla) = &self.mla {
+            let name = format!("{}_mha", self.name);
+            let mut mha = AttentionSpec::plain(&name, self.model_dim, mla.v_dim, self.query_heads, self.query_heads);
+            mha.rope = self.rope.map(|rope| Rope { fraction: 1.0, rotary_dim: mla.v_dim, ..rope });
+            return AttentionSpec { mask: self.mask, dtype: self.dtype, bias: self.bias, ..mha };
+        }
         let heads = self.model_dim / self.head_dim;
         AttentionSpec {
             name: format!("{}_mha", self.name),
@@ -387,6 +475,9 @@ impl AttentionSpec {
         let fail = |msg: String| Err(msg);
         if self.model_dim == 0 || self.head_dim == 0 || self.query_heads == 0 || self.kv_heads == 0 {
             return fail("model_dim, head_dim, query_heads and kv_heads must be positive".into());
+        }
+        if let Some(mla) = &self.mla {
+            return self.validate_mla(mla);
         }
         if !self.model_dim.is_multiple_of(self.head_dim) {
             return fail(format!(
@@ -440,6 +531,55 @@ impl AttentionSpec {
 }
 
 impl AttentionSpec {
+    /// The invariants of an MLA spec, after the common ones.
+    fn validate_mla(&self, mla: &Mla) -> Result<(), String> {
+        if [mla.kv_rank, mla.rope_dim, mla.nope_dim, mla.v_dim].contains(&0)
+            || mla.q_rank == Some(0)
+        {
+            return Err("MLA's ranks and widths must be positive".into());
+        }
+        if mla.rope_dim % 2 != 0 {
+            return Err(format!("MLA's rope_dim {} must be even", mla.rope_dim));
+        }
+        if self.head_dim != mla.nope_dim + mla.rope_dim {
+            return Err(format!(
+                "an MLA head_dim must be nope_dim + rope_dim = {}",
+                mla.nope_dim + mla.rope_dim
+            ));
+        }
+        if self.kv_heads != self.query_heads {
+            return Err("MLA has one key/value head per query head".into());
+        }
+        if self.has_cca_parts() {
+            return Err("MLA does not take CCA's parts (qk_conv, qk_mean, value_shift, qk_norm, key_temperature)".into());
+        }
+        match &self.rope {
+            Some(rope)
+                if rope.rotary_dim == mla.rope_dim
+                    && rope.theta > 0.0
+                    && rope.theta.is_finite() => {}
+            _ => {
+                return Err(format!(
+                    "MLA rotates exactly rope_dim = {} channels with a positive theta",
+                    mla.rope_dim
+                ));
+            }
+        }
+        if !(mla.rms_eps.is_finite() && mla.rms_eps >= 0.0) {
+            return Err("MLA's rms_eps must be finite and not negative".into());
+        }
+        if !(self.softmax_scale.is_finite() && self.softmax_scale > 0.0) {
+            return Err("softmax_scale must be positive and finite".into());
+        }
+        if let Mask::SlidingWindow { window: 0 } = self.mask {
+            return Err("sliding window must be positive".into());
+        }
+        if self.entry_points.is_empty() {
+            return Err("at least one entry point must be emitted".into());
+        }
+        Ok(())
+    }
+
     /// A plain attention layer with every optional item at its language.md default
     /// (causal mask, bf16, no CCA parts, scale 1/sqrt(d), forward only). The checker starts
     /// from the same defaults; tests and property generators build variants from it.
@@ -470,6 +610,7 @@ impl AttentionSpec {
             deterministic: false,
             entry_points: vec![EntryPoint::Forward],
             tune: None,
+            mla: None,
         }
     }
 }

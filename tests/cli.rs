@@ -337,6 +337,26 @@ fn a_head_dim_the_kernels_cannot_tile_is_a_located_error_of_check_and_compile() 
 }
 
 #[test]
+fn an_mla_layer_is_explained_and_a_located_error_of_check_and_compile() {
+    let directory = scratch("mla");
+    let spec = write_file(
+        &directory,
+        "mla.attn",
+        "attention latent {\n    model_dim = 1024\n    query_heads = 8\n    mla { kv_rank = 128, rope_dim = 32, nope_dim = 64, v_dim = 64 }\n    rope { theta = 10000 }\n}\n",
+    );
+    let (status, stdout, stderr) = ccc(&["explain", spec.as_str()]);
+    assert_eq!(status, Status::Success, "{stderr}");
+    assert!(stdout.starts_with("latent (MLA)"), "{stdout}");
+    assert!(stdout.contains("c_kv + k_pe = 128 + 32 = 160 values per token"), "{stdout}");
+    for args in [vec!["check", spec.as_str()], vec!["compile", spec.as_str(), "--emit", "plan"]] {
+        let (status, stdout, stderr) = ccc(&args);
+        assert_eq!((status, stdout.as_str()), (Status::SpecErrors, ""), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("error: cannot compile `latent` (graph): MLA layers have no kernels yet"), "{args:?}: {stderr}");
+        assert!(stderr.contains("mla.attn:4:5\n"), "{args:?}: not located at `mla`: {stderr}");
+    }
+}
+
+#[test]
 #[cfg(feature = "llvm")]
 fn tune_list_ranks_the_tile_candidates_of_every_hopper_kernel() {
     let (status, stdout, stderr) = ccc(&["tune", "--list", &example("zaya1")]);

@@ -135,9 +135,74 @@ fn printed_specs_parse_back_to_the_same_spec() {
     insta::assert_snapshot!("spec_text_zaya1", spec_text(&example("zaya1")));
 }
 
+/// DeepSeek-V3's attention layer as `DeepseekV3Attention`'s config gives it.
+const DEEPSEEK_V3: &str = "attention dsv3 {
+    model_dim   = 7168
+    query_heads = 128
+    mla { kv_rank = 512, q_rank = 1536, rope_dim = 64, nope_dim = 128, v_dim = 128 }
+    rope { theta = 10000, style = interleaved }
+}
+";
+
+#[test]
+fn mla_resolves_with_deepseek_v3s_widths_and_names() {
+    let spec = one(DEEPSEEK_V3);
+    let mla = spec.mla.expect("an MLA layer");
+    assert_eq!((spec.head_dim, spec.query_heads, spec.kv_heads), (192, 128, 128));
+    assert_eq!((mla.q_rank, mla.kv_rank, mla.rms_eps), (Some(1536), 512, 1e-6));
+    let rope = spec.rope.unwrap();
+    assert_eq!((rope.rotary_dim, rope.style), (64, RopeStyle::Interleaved));
+    assert_eq!(spec.softmax_scale, 1.0 / 192f64.sqrt());
+    let params: Vec<(String, Vec<usize>)> = spec.params().into_iter().map(|p| (p.name, p.shape)).collect();
+    let expected: Vec<(String, Vec<usize>)> = [
+        ("q_a_proj.weight", vec![1536, 7168]),
+        ("q_a_layernorm.weight", vec![1536]),
+        ("q_b_proj.weight", vec![128 * 192, 1536]),
+        ("kv_a_proj_with_mqa.weight", vec![576, 7168]),
+        ("kv_a_layernorm.weight", vec![512]),
+        ("kv_b_proj.weight", vec![128 * 256, 512]),
+        ("o_proj.weight", vec![7168, 128 * 128]),
+    ]
+    .into_iter()
+    .map(|(name, shape)| (name.to_string(), shape))
+    .collect();
+    assert_eq!(params, expected);
+    let text = spec_text(&spec);
+    assert_eq!(one(&text), spec, "{text}");
+    let without_q_latent = one(&DEEPSEEK_V3.replace("q_rank = 1536", "q_rank = none"));
+    assert_eq!(without_q_latent.params()[0].name, "q_proj.weight");
+    assert_eq!(one(&spec_text(&without_q_latent)), without_q_latent);
+}
+
 /// (snapshot name, source, a fragment the rendered diagnostics must contain).
 const BAD_INPUTS: &[(&str, &str, &str)] = &[
     // Syntax.
+    // MLA.
+    (
+        "mla_with_cca_parts",
+        "attention a {\n    model_dim = 1024\n    query_heads = 8\n    head_dim = 64\n    qk_mean = true\n    mla { kv_rank = 128, rope_dim = 32, nope_dim = 64, v_dim = 64 }\n    rope { theta = 10000 }\n}\n",
+        "`qk_mean` does not apply to an MLA layer",
+    ),
+    (
+        "mla_without_rope",
+        "attention a {\n    model_dim = 1024\n    query_heads = 8\n    mla { kv_rank = 128, rope_dim = 32, nope_dim = 64, v_dim = 64 }\n}\n",
+        "an MLA layer needs a `rope` block",
+    ),
+    (
+        "mla_odd_rope_dim",
+        "attention a {\n    model_dim = 1024\n    query_heads = 8\n    mla { kv_rank = 128, rope_dim = 31, nope_dim = 64, v_dim = 64 }\n    rope { theta = 10000 }\n}\n",
+        "rope_dim 31 is odd",
+    ),
+    (
+        "mla_rope_fraction",
+        "attention a {\n    model_dim = 1024\n    query_heads = 8\n    mla { kv_rank = 128, rope_dim = 32, nope_dim = 64, v_dim = 64 }\n    rope { fraction = 0.5 }\n}\n",
+        "`fraction` does not apply to an MLA layer's RoPE",
+    ),
+    (
+        "mla_missing_width",
+        "attention a {\n    model_dim = 1024\n    query_heads = 8\n    mla { kv_rank = 128, rope_dim = 32, nope_dim = 64 }\n    rope { theta = 10000 }\n}\n",
+        "`mla` has no `v_dim`",
+    ),
     ("parse_missing_equals", "attention a {\n    model_dim 2048\n}\n", "expected `(`, `=` or `{`"),
     (
         "parse_missing_close_brace",

@@ -9,7 +9,7 @@ use super::diagnostics::Error;
 use super::number::{self, Number};
 use super::suggest::did_you_mean;
 use crate::spec::{
-    AttentionSpec, ConvKind, ConvStage, DType, EntryPoint, KeyTemperature, Mask, QkNorm, Rope,
+    AttentionSpec, ConvKind, ConvStage, DType, EntryPoint, KeyTemperature, Mask, Mla, QkNorm, Rope,
     RopeStyle, TuneShape,
 };
 
@@ -44,6 +44,23 @@ const BLOCK_KEYS: &[&str] = &[
     "deterministic",
     "emit",
     "tune",
+    "mla",
+];
+const MLA_KEYS: &[&str] = &["kv_rank", "q_rank", "rope_dim", "nope_dim", "v_dim", "rms_eps"];
+/// Items of an attention block that an MLA layer does not take: its head widths come from the
+/// `mla` block, it has one key/value head per query head, and CCA's parts act on latent heads
+/// of one width, which MLA's queries, keys and values do not share.
+const NOT_WITH_MLA: &[(&str, &str)] = &[
+    ("head_dim", "MLA's query/key width is nope_dim + rope_dim and its value width v_dim"),
+    ("kv_heads", "MLA has one key/value head per query head"),
+    ("groups", "MLA has one key/value head per query head"),
+    ("compression", "give MLA's `query_heads`"),
+    ("qk_conv", "CCA's convolutions do not apply to MLA"),
+    ("qk_mean", "CCA's q-k mean does not apply to MLA"),
+    ("value_shift", "CCA's value shift does not apply to MLA"),
+    ("qk_norm", "MLA normalises its latents (RMSNorm, `rms_eps` in `mla`), not q and k"),
+    ("key_temperature", "MLA has no key temperature"),
+    ("norm_eps", "MLA's RMSNorm takes `rms_eps` in the `mla` block"),
 ];
 const ROPE_KEYS: &[&str] = &["fraction", "theta", "style"];
 const TUNE_KEYS: &[&str] = &["batch", "seq_len", "kv_len"];
@@ -115,6 +132,9 @@ impl Checker {
     fn block(&mut self, block: &Block) -> Option<AttentionSpec> {
         let errors_before = self.errors.len();
         let items = self.index_items(&block.items, BLOCK_KEYS, "an attention block");
+        if let Some(mla) = items.get("mla") {
+            return self.mla_layer(block, &items, mla, errors_before);
+        }
 
         let model_dim = self.required_size(
             &items,
@@ -221,9 +241,208 @@ impl Checker {
             deterministic: deterministic?,
             entry_points: entry_points?,
             tune: tune?,
+            mla: None,
         };
         self.check_totals(&spec, block)?;
         Some(spec)
+    }
+
+    /// A block with an `mla { ... }` item: multi-head latent attention (docs/language.md, "MLA").
+    fn mla_layer(
+        &mut self,
+        block: &Block,
+        items: &HashMap<&str, &Item>,
+        mla_item: &Item,
+        errors_before: usize,
+    ) -> Option<AttentionSpec> {
+        for (key, why) in NOT_WITH_MLA {
+            if let Some(item) = items.get(key) {
+                self.error(
+                    Error::new(
+                        item.key.span,
+                        format!("`{key}` does not apply to an MLA layer"),
+                    )
+                    .label("not with `mla`")
+                    .related(mla_item.key.span, "MLA layer because of this block")
+                    .note(*why),
+                );
+            }
+        }
+        let model_dim = self.required_size(
+            items,
+            block,
+            "model_dim",
+            "7168",
+            "the width of the layer's input and output",
+        );
+        let query_heads =
+            self.required_size(items, block, "query_heads", "128", "the number of heads");
+        let mla = self.mla(mla_item);
+        let rope = match items.get("rope") {
+            Some(item) => self.mla_rope(item, mla),
+            None => {
+                self.error(
+                    Error::new(mla_item.key.span, "an MLA layer needs a `rope` block")
+                        .label("its queries and keys carry rope_dim rotated channels")
+                        .help("add `rope { theta = 10000, style = interleaved }` (DeepSeek-V3's)"),
+                );
+                None
+            }
+        };
+        let mask = self.optional(items, "mask", Mask::Causal, |c, v| c.mask(v));
+        let softmax_scale = self.optional_given(items, "softmax_scale", |c, v| {
+            c.positive_float(v, "softmax_scale")
+                .map(|given| given.value)
+        });
+        let dtype = self.optional(items, "dtype", DType::Bf16, |c, v| {
+            c.choice(v, "dtype", &[("bf16", DType::Bf16), ("f16", DType::F16)])
+        });
+        let bias = self.optional(items, "bias", false, |c, v| c.boolean(v, "bias"));
+        let deterministic = self.optional(items, "deterministic", false, |c, v| {
+            c.boolean(v, "deterministic")
+        });
+        let entry_points = self.optional(items, "emit", vec![EntryPoint::Forward], |c, v| {
+            c.entry_points(v)
+        });
+        let tune = match items.get("tune") {
+            Some(item) => self.tune(item).map(Some),
+            None => Some(None),
+        };
+        if self.errors.len() > errors_before {
+            return None;
+        }
+        let (mla, heads) = (mla?, query_heads?.value);
+        let head_dim = mla.nope_dim + mla.rope_dim;
+        let spec = AttentionSpec {
+            name: block.name.text.clone(),
+            model_dim: model_dim?.value,
+            head_dim,
+            query_heads: heads,
+            kv_heads: heads,
+            qk_conv: Vec::new(),
+            qk_mean: false,
+            value_shift: 0,
+            qk_norm: QkNorm::None,
+            key_temperature: KeyTemperature::None,
+            rope,
+            mask: mask?,
+            softmax_scale: softmax_scale?.map_or(1.0 / (head_dim as f64).sqrt(), |g| g.value),
+            norm_eps: 1e-12,
+            dtype: dtype?,
+            bias: bias?,
+            deterministic: deterministic?,
+            entry_points: entry_points?,
+            tune: tune?,
+            mla: Some(mla),
+        };
+        self.check_totals(&spec, block)?;
+        Some(spec)
+    }
+
+    /// The `mla { ... }` block's ranks and widths.
+    fn mla(&mut self, item: &Item) -> Option<Mla> {
+        let example = "kv_rank = 512, q_rank = 1536, rope_dim = 64, nope_dim = 128, v_dim = 128";
+        let items = self.block_items(item, example)?;
+        let items = self.index_items(items, MLA_KEYS, "`mla`");
+        let required = |checker: &mut Self, key: &str, meaning: &str| match items.get(key) {
+            Some(item) => {
+                let value = checker.assigned(item)?;
+                checker.size(value, key, MAX_DIM)
+            }
+            None => {
+                checker.error(
+                    Error::new(item.key.span, format!("`mla` has no `{key}`"))
+                        .label(format!("`{key}` is required"))
+                        .help(format!("add `{key}` ({meaning}); e.g. {example}")),
+                );
+                None
+            }
+        };
+        let kv_rank = required(
+            self,
+            "kv_rank",
+            "the key/value latent's width, what the cache keeps",
+        );
+        let rope_dim = required(
+            self,
+            "rope_dim",
+            "the rotated channels at the end of each query and key head",
+        );
+        let nope_dim = required(
+            self,
+            "nope_dim",
+            "each query and key head's channels without position",
+        );
+        let v_dim = required(self, "v_dim", "each value head's width");
+        let q_rank = match items.get("q_rank") {
+            None => Some(None),
+            Some(item) => {
+                let value = self.assigned(item)?;
+                match &value.kind {
+                    ValueKind::Name(name) if name == "none" => Some(None),
+                    _ => self.size(value, "q_rank", MAX_DIM).map(Some),
+                }
+            }
+        };
+        let rms_eps = self.optional(&items, "rms_eps", 1e-6, |c, v| {
+            c.non_negative_float(v, "rms_eps")
+        });
+        if let (Some(rope_dim), Some(item)) = (rope_dim, items.get("rope_dim"))
+            && rope_dim % 2 != 0
+        {
+            self.error(
+                Error::new(item.span, format!("rope_dim {rope_dim} is odd"))
+                    .label("RoPE rotates pairs of channels")
+                    .help(format!("rope_dim = {}", rope_dim + 1)),
+            );
+            return None;
+        }
+        Some(Mla {
+            q_rank: q_rank?,
+            kv_rank: kv_rank?,
+            rope_dim: rope_dim?,
+            nope_dim: nope_dim?,
+            v_dim: v_dim?,
+            rms_eps: rms_eps?,
+        })
+    }
+
+    /// MLA's `rope { theta, style }`: it rotates the heads' last rope_dim channels, so no
+    /// `fraction`.
+    fn mla_rope(&mut self, item: &Item, mla: Option<Mla>) -> Option<Rope> {
+        let items = self.block_items(item, "theta = 10000, style = interleaved")?;
+        let items = self.index_items(items, ROPE_KEYS, "`rope`");
+        if let Some(fraction) = items.get("fraction") {
+            self.error(
+                Error::new(
+                    fraction.key.span,
+                    "`fraction` does not apply to an MLA layer's RoPE",
+                )
+                .label("MLA rotates rope_dim channels")
+                .help("set `rope_dim` in the `mla` block instead"),
+            );
+        }
+        let theta = self.optional(&items, "theta", 10_000.0, |c, v| {
+            c.positive_float(v, "theta").map(|g| g.value)
+        });
+        let style = self.optional(&items, "style", RopeStyle::Neox, |c, v| {
+            c.choice(
+                v,
+                "style",
+                &[
+                    ("neox", RopeStyle::Neox),
+                    ("interleaved", RopeStyle::Interleaved),
+                ],
+            )
+        });
+        let mla = mla?;
+        let head_dim = mla.nope_dim + mla.rope_dim;
+        Some(Rope {
+            fraction: mla.rope_dim as f64 / head_dim as f64,
+            rotary_dim: mla.rope_dim,
+            theta: theta?,
+            style: style?,
+        })
     }
 
     /// Bounds on products of the sizes, checked once everything else is valid.
@@ -242,6 +461,28 @@ impl Checker {
                 );
                 return None;
             }
+        }
+        if spec.mla.is_some() {
+            // Every dimension is at most 2^20, so each tensor's product fits; the sum in u128.
+            let total: u128 = spec
+                .params()
+                .iter()
+                .map(|p| p.shape.iter().map(|&n| n as u128).product::<u128>())
+                .sum();
+            if total > u128::from(MAX_PARAMS) {
+                self.error(
+                    Error::new(
+                        block.name.span,
+                        format!("this layer would have {total} parameters"),
+                    )
+                    .label("too large")
+                    .note(format!(
+                        "at most {MAX_PARAMS} (2^40) learned scalars per layer"
+                    )),
+                );
+                return None;
+            }
+            return Some(());
         }
         // Same tensors as `AttentionSpec::params`, in u128 so that the sum itself cannot overflow.
         let (e, lq, lk) = (spec.model_dim as u128, spec.q_width() as u128, spec.kv_width() as u128);

@@ -12,46 +12,61 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
     let key = |name: &str| format!("{name:<15} = ");
 
     line(format!("{}{}", key("model_dim"), spec.model_dim), String::new());
-    line(format!("{}{}", key("head_dim"), spec.head_dim), String::new());
-    line(
-        format!("{}{}", key("query_heads"), spec.query_heads),
-        format!("compression {}", short(spec.compression())),
-    );
-    line(format!("{}{}", key("kv_heads"), spec.kv_heads), format!("groups {}", spec.groups()));
-    if !spec.qk_conv.is_empty() {
-        line("qk_conv {".to_string(), format!("history T = {} tokens", spec.conv_history()));
-        for (stage, name) in spec.qk_conv.iter().zip(spec.conv_stage_names()) {
-            let kind = match stage.kind {
-                ConvKind::Depthwise => "depthwise",
-                ConvKind::PerHead => "per_head",
-            };
-            line(format!("    {kind}(width = {})", stage.width), name);
+    match &spec.mla {
+        Some(mla) => {
+            line(format!("{}{}", key("query_heads"), spec.query_heads), "one key/value head each".to_string());
+            let q_rank = mla.q_rank.map_or("none".to_string(), |rank| rank.to_string());
+            line(
+                format!(
+                    "mla {{ kv_rank = {}, q_rank = {q_rank}, rope_dim = {}, nope_dim = {}, v_dim = {}, rms_eps = {:?} }}",
+                    mla.kv_rank, mla.rope_dim, mla.nope_dim, mla.v_dim, mla.rms_eps
+                ),
+                format!("query/key width {}", spec.head_dim),
+            );
         }
-        line("}".to_string(), String::new());
+        None => {
+        line(format!("{}{}", key("head_dim"), spec.head_dim), String::new());
+        line(
+            format!("{}{}", key("query_heads"), spec.query_heads),
+            format!("compression {}", short(spec.compression())),
+        );
+        line(format!("{}{}", key("kv_heads"), spec.kv_heads), format!("groups {}", spec.groups()));
+        if !spec.qk_conv.is_empty() {
+            line("qk_conv {".to_string(), format!("history T = {} tokens", spec.conv_history()));
+            for (stage, name) in spec.qk_conv.iter().zip(spec.conv_stage_names()) {
+                let kind = match stage.kind {
+                    ConvKind::Depthwise => "depthwise",
+                    ConvKind::PerHead => "per_head",
+                };
+                line(format!("    {kind}(width = {})", stage.width), name);
+            }
+            line("}".to_string(), String::new());
+        }
+        line(format!("{}{}", key("qk_mean"), spec.qk_mean), String::new());
+        line(format!("{}{}", key("value_shift"), spec.value_shift), String::new());
+        let norm = match spec.qk_norm {
+            QkNorm::None => "none",
+            QkNorm::L2 => "l2",
+        };
+        line(format!("{}{norm}", key("qk_norm")), String::new());
+        let temperature = match spec.key_temperature {
+            KeyTemperature::None => "none",
+            KeyTemperature::Learned => "learned",
+            KeyTemperature::LearnedExp => "learned_exp",
+        };
+        line(format!("{}{temperature}", key("key_temperature")), String::new());
+        }
     }
-    line(format!("{}{}", key("qk_mean"), spec.qk_mean), String::new());
-    line(format!("{}{}", key("value_shift"), spec.value_shift), String::new());
-    let norm = match spec.qk_norm {
-        QkNorm::None => "none",
-        QkNorm::L2 => "l2",
-    };
-    line(format!("{}{norm}", key("qk_norm")), String::new());
-    let temperature = match spec.key_temperature {
-        KeyTemperature::None => "none",
-        KeyTemperature::Learned => "learned",
-        KeyTemperature::LearnedExp => "learned_exp",
-    };
-    line(format!("{}{temperature}", key("key_temperature")), String::new());
     if let Some(rope) = &spec.rope {
         let style = match rope.style {
             RopeStyle::Neox => "neox",
             RopeStyle::Interleaved => "interleaved",
         };
         line(
-            format!(
-                "rope {{ fraction = {:?}, theta = {:?}, style = {style} }}",
-                rope.fraction, rope.theta
-            ),
+            match spec.mla {
+                Some(_) => format!("rope {{ theta = {:?}, style = {style} }}", rope.theta),
+                None => format!("rope {{ fraction = {:?}, theta = {:?}, style = {style} }}", rope.fraction, rope.theta),
+            },
             format!("rotary width {}", rope.rotary_dim),
         );
     }
@@ -62,7 +77,9 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
     };
     line(format!("{}{mask}", key("mask")), String::new());
     line(format!("{}{:?}", key("softmax_scale"), spec.softmax_scale), String::new());
-    line(format!("{}{:?}", key("norm_eps"), spec.norm_eps), String::new());
+    if spec.mla.is_none() {
+        line(format!("{}{:?}", key("norm_eps"), spec.norm_eps), String::new());
+    }
     line(format!("{}{}", key("dtype"), spec.dtype.name()), String::new());
     line(format!("{}{}", key("bias"), spec.bias), String::new());
     line(format!("{}{}", key("deterministic"), spec.deterministic), String::new());

@@ -149,6 +149,16 @@ impl ParameterGradients {
                     ParamRole::ConvWeight { stage } => &self.conv[stage].0,
                     ParamRole::ConvBias { stage } => &self.conv[stage].1,
                     ParamRole::KeyTemperature => &self.temperature,
+                    role @ (ParamRole::QueryDown
+                    | ParamRole::QueryDownBias
+                    | ParamRole::QueryNorm
+                    | ParamRole::QueryUp
+                    | ParamRole::LatentDown
+                    | ParamRole::LatentDownBias
+                    | ParamRole::LatentNorm
+                    | ParamRole::LatentUp) => {
+                        unreachable!("{role:?}: Layer::new rejects MLA specs")
+                    }
                 };
                 let numel: usize = param.shape.iter().product();
                 let data = if data.is_empty() { vec![0.0; numel] } else { data.clone() };

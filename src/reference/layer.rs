@@ -1,7 +1,7 @@
 //! The layer's steps on single rows (one token), shared by the whole-sequence forward pass and by
 //! decode. Step numbers are those of language.md, Semantics.
 
-use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, ParamRole, QkNorm, RopeStyle};
+use crate::spec::{AttentionSpec, ConvKind, KeyTemperature, ParamRole, QkNorm, Rope, RopeStyle};
 
 use super::parallel::fill_rows;
 use super::weights::Weights;
@@ -79,6 +79,12 @@ pub(super) struct Layer<'a> {
 impl<'a> Layer<'a> {
     pub fn new(spec: &'a AttentionSpec, weights: &'a Weights) -> Result<Layer<'a>, String> {
         spec.validate()?;
+        if spec.mla.is_some() {
+            return Err(format!(
+                "`{}` is an MLA layer: its reference is `reference::mla`",
+                spec.name
+            ));
+        }
         weights.check(spec)?;
         let params = spec.params();
         let find =
@@ -115,13 +121,7 @@ impl<'a> Layer<'a> {
                 .collect(),
         };
         let temperature = find(ParamRole::KeyTemperature).unwrap_or(&[]);
-        let rope_inverse_frequencies = match spec.rope {
-            None => Vec::new(),
-            Some(rope) => {
-                let r = rope.rotary_dim as f64;
-                (0..rope.rotary_dim / 2).map(|i| rope.theta.powf(-2.0 * i as f64 / r)).collect()
-            }
-        };
+        let rope_inverse_frequencies = spec.rope.map_or_else(Vec::new, |rope| inverse_frequencies(&rope));
         Ok(Layer {
             spec,
             q_proj: linear(ParamRole::QueryProj, ParamRole::QueryBias, e)
@@ -313,19 +313,7 @@ impl<'a> Layer<'a> {
     }
 
     fn rotate(&self, slice: &mut [f64], style: RopeStyle, position: usize, inverse: bool) {
-        let half = slice.len() / 2;
-        let direction = if inverse { -1.0 } else { 1.0 };
-        for (i, inverse_frequency) in self.rope_inverse_frequencies.iter().enumerate() {
-            let (sin, cos) = (direction * position as f64 * inverse_frequency).sin_cos();
-            // The two channels that rotate together with frequency i.
-            let (a, b) = match style {
-                RopeStyle::Neox => (i, i + half),
-                RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-            };
-            let (x1, x2) = (slice[a], slice[b]);
-            slice[a] = x1 * cos - x2 * sin;
-            slice[b] = x2 * cos + x1 * sin;
-        }
+        rotate(slice, &self.rope_inverse_frequencies, style, position, inverse);
     }
 
     /// Step 7 for the query row of one token at absolute `position`: for each query head,
@@ -379,5 +367,29 @@ impl<'a> Layer<'a> {
     /// Step 8: out = o·W_oᵀ (+ b) for one token.
     pub fn project_output(&self, o: &[f64], out: &mut [f64]) {
         self.o_proj.apply(o, out);
+    }
+}
+
+/// θ^(−2i/r) for i < r/2: RoPE's frequencies (step 6).
+pub(super) fn inverse_frequencies(rope: &Rope) -> Vec<f64> {
+    let r = rope.rotary_dim as f64;
+    (0..rope.rotary_dim / 2).map(|i| rope.theta.powf(-2.0 * i as f64 / r)).collect()
+}
+
+/// Rotates `slice` (the r rotated channels) at `position` by angles p·θ^(−2i/r), or by their
+/// negatives when `inverse`.
+pub(super) fn rotate(slice: &mut [f64], inverse_frequencies: &[f64], style: RopeStyle, position: usize, inverse: bool) {
+    let half = slice.len() / 2;
+    let direction = if inverse { -1.0 } else { 1.0 };
+    for (i, inverse_frequency) in inverse_frequencies.iter().enumerate() {
+        let (sin, cos) = (direction * position as f64 * inverse_frequency).sin_cos();
+        // The two channels that rotate together with frequency i.
+        let (a, b) = match style {
+            RopeStyle::Neox => (i, i + half),
+            RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+        };
+        let (x1, x2) = (slice[a], slice[b]);
+        slice[a] = x1 * cos - x2 * sin;
+        slice[b] = x2 * cos + x1 * sin;
     }
 }

@@ -26,6 +26,9 @@
 //!    each row's scaled, masked logits is kept for checking the kernels' saved statistics.
 //! 8. `out = o·W_oᵀ` (+ bias).
 //!
+//! MLA layers (`spec.mla`) have their own forward, [`mla_forward`], and absorbed decode,
+//! [`mla_decode`] (module `mla`); the functions below take the other layers.
+//!
 //! [`backward`] gives dL/dx and every parameter's gradient for a given dL/dout, derived by hand
 //! step by step in reverse (see its module) and checked against finite differences.
 //!
@@ -40,6 +43,7 @@ mod backward;
 mod decode;
 mod forward;
 mod layer;
+mod mla;
 mod numeric;
 mod parallel;
 mod tensor;
@@ -48,6 +52,7 @@ mod weights;
 pub use backward::{Gradients, attention_backward, backward};
 pub use decode::{DecodeState, PagedCache, decode_step, prefill, prefill_chunk, prefill_packed};
 pub use forward::{ForwardOutputs, forward};
+pub use mla::{MlaOutputs, mla_decode, mla_forward};
 pub use numeric::{Rng, round_to_dtype};
 pub use tensor::{Tensor, max_abs_diff, rel_l2_error};
 pub use weights::{Weights, random_input};

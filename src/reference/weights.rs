@@ -24,14 +24,22 @@ impl Weights {
     pub fn random(spec: &AttentionSpec, seed: u64) -> Weights {
         let mut rng = Rng::new(seed);
         let mut tensors = BTreeMap::new();
-        for param in spec.params() {
+        let params = spec.params();
+        // o_proj's bias is drawn like its weight: from the output projection's fan-in.
+        let output_fan_in = params.iter().find(|p| p.role == ParamRole::OutputProj).map_or(spec.q_width(), |p| p.shape[1]);
+        for param in params {
             let len: usize = param.shape.iter().product();
+            // The second dimension of a linear weight is its fan-in, as PyTorch initialises it.
+            let linear_fan_in = param.shape.get(1).copied().unwrap_or(spec.model_dim);
             let (low, high) = match param.role {
-                ParamRole::KeyTemperature => (0.5, 1.5),
+                // RMSNorm weights start at 1 in PyTorch; spread around it so that a swapped or
+                // ignored weight shows.
+                ParamRole::KeyTemperature | ParamRole::QueryNorm | ParamRole::LatentNorm => (0.5, 1.5),
                 ParamRole::ConvWeight { stage } | ParamRole::ConvBias { stage } => {
                     fan_in_bound(conv_fan_in(spec, stage))
                 }
-                ParamRole::OutputProj | ParamRole::OutputBias => fan_in_bound(spec.q_width()),
+                ParamRole::OutputProj | ParamRole::OutputBias => fan_in_bound(output_fan_in),
+                ParamRole::QueryUp | ParamRole::LatentUp => fan_in_bound(linear_fan_in),
                 _ => fan_in_bound(spec.model_dim),
             };
             let data = (0..len).map(|_| rng.uniform(low, high)).collect();
