@@ -256,8 +256,10 @@ def time_calls(run, flush, warmup, target_s, min_iters, max_iters):
     return statistics.median(times), times
 
 
-def measure(system, batch, seq_len, flush, settings):
-    """One (system, B, S) point: a result dict (with `error` set when it could not run)."""
+def measure(system, batch, seq_len, flush, settings, crosscheck=False):
+    """One (system, B, S) point: a result dict (with `error` set when it could not run). With
+    `crosscheck`, the same call is also timed by triton.testing.do_bench (its own L2 flush and
+    median), so that the harness's number can be checked against the one other projects quote."""
     result = {"flops": system.flops(batch, seq_len)}
     gc.collect()
     torch.cuda.empty_cache()
@@ -273,6 +275,10 @@ def measure(system, batch, seq_len, flush, settings):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - resident
         median_ms, times = time_calls(run, flush, **settings)
+        if crosscheck:
+            from triton.testing import do_bench
+
+            result["ms_do_bench"] = do_bench(run, return_mode="median")
     except torch.cuda.OutOfMemoryError:
         result["error"] = "out of memory"
         return result
@@ -378,7 +384,8 @@ def write_markdown(path, env, config, results):
                 continue
             ratios = peer_ratios(r, by_key)
             text = "; ".join(f"{ratio:.2f}× vs {peer}" for peer, ratio in sorted(ratios.items()))
-            lines.append(f"| {r['system']} | {r['batch']} | {r['seq_len']} | {r['ms']:.3f} | "
+            ms = f"{r['ms']:.3f}" + (f" (do_bench {r['ms_do_bench']:.3f})" if "ms_do_bench" in r else "")
+            lines.append(f"| {r['system']} | {r['batch']} | {r['seq_len']} | {ms} | "
                          f"{r['tflops']:.1f} | {r['peak_mib']:.0f} | {text} |")
         lines.append("")
     with open(path, "w") as file:
@@ -500,6 +507,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", action="store_true",
                         help="layers: forward + backward; cores: backward alone")
+    parser.add_argument("--crosscheck", action="store_true",
+                        help="also time every point with triton.testing.do_bench and report both")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench.py needs a CUDA GPU", file=sys.stderr)
@@ -527,7 +536,7 @@ def main(argv=None):
                 elif failed_at.get((system.name, batch), math.inf) < seq_len:
                     result = {"error": "skipped: out of memory at a shorter length"}
                 else:
-                    result = measure(system, batch, seq_len, flush, settings)
+                    result = measure(system, batch, seq_len, flush, settings, args.crosscheck)
                     if result.get("error") == "out of memory":
                         failed_at[(system.name, batch)] = seq_len
                 result.update(system=system.name, kind=system.kind, library=system.library,
@@ -535,6 +544,8 @@ def main(argv=None):
                 results.append(result)
                 shown = (f"{result['ms']:9.3f} ms {result['tflops']:7.1f} TFLOP/s "
                          f"{result['peak_mib']:8.0f} MiB" if "ms" in result else result["error"])
+                if "ms_do_bench" in result:
+                    shown += f" (do_bench {result['ms_do_bench']:.3f} ms)"
                 print(f"{system.name:28s} B={batch:<2d} S={seq_len:<6d} {shown}", flush=True)
     env = environment()
     config = {"mode": ("quick" if args.quick else "full") + (", train" if args.train else ""),
