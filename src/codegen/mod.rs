@@ -511,10 +511,17 @@ impl<'m, 'ctx> KernelBuilder<'m, 'ctx> {
         Ok(self.builder().build_int_z_extend(value, self.context().i64_type(), "")?)
     }
 
-    /// `base + offset` elements of `elem` (offset is i32 or i64), keeping the address space.
+    /// `base + offset` elements of `elem` (offset is i32 or i64), keeping the address space. A GEP
+    /// over the element type rather than over bytes, so that LLVM's address folding sees the
+    /// index sum itself (its constant parts become load and store offsets) instead of a product.
     pub fn element_pointer(&self, base: PointerValue<'ctx>, elem: Elem, offset: IntValue<'ctx>) -> Result<PointerValue<'ctx>> {
-        let byte_offset = self.builder().build_int_mul(offset, offset.get_type().const_int(elem.bytes() as u64, false), "")?;
-        self.byte_pointer(base, byte_offset)
+        let element = match elem.bytes() {
+            2 => self.context().i16_type(),
+            _ => self.context().i32_type(),
+        };
+        // SAFETY: as in `byte_pointer`.
+        let pointer = unsafe { self.builder().build_gep(element, base, &[offset], "")? };
+        Ok(pointer)
     }
 
     pub fn byte_pointer(&self, base: PointerValue<'ctx>, byte_offset: IntValue<'ctx>) -> Result<PointerValue<'ctx>> {
