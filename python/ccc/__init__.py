@@ -9,6 +9,7 @@ The manifest parsing, validation and call planning (ccc.manifest, ccc.sizes, ccc
 Python; launching needs torch and NVIDIA's cuda-bindings (ccc.driver) and is imported on first use."""
 
 from .errors import CccError, KernelFault, ManifestError, SizeError, TensorMismatch, UnsupportedDevice
+from .hf_match import LibraryMismatch, NotSupported
 from .manifest import CallPlan, Manifest, plan_call, plan_for_input, read_library
 from .spec import Spec, parse_spec
 
@@ -23,5 +24,5 @@ def load(directory, validate=False):
 
 
 __all__ = ["load", "CccError", "KernelFault", "ManifestError", "SizeError", "TensorMismatch", "UnsupportedDevice",
-           "CallPlan", "Manifest", "Spec", "parse_spec", "plan_call", "plan_for_input",
-           "read_library"]
+           "LibraryMismatch", "NotSupported", "CallPlan", "Manifest", "Spec", "parse_spec", "plan_call",
+           "plan_for_input", "read_library"]

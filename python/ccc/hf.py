@@ -1,11 +1,15 @@
-"""Hugging Face transformers' ZAYA1 attention (`ZayaAttention`) built for a spec and fed a state
-dict, for validation and as a benchmark peer. Only CCA specs of ZAYA1's form map onto it: a
-depthwise then a per-head convolution stage, the q-k mean, half the kv heads shifted, L2 norm with
-learned temperature, NeoX RoPE, causal mask, scale 1/sqrt(d)."""
+"""Hugging Face transformers' ZAYA attention (`ZayaAttention`). `patch(model, libraries)` runs a
+loaded ZAYA model's attention layers on ccc's compiled libraries, `unpatch(model)` undoes it (see
+ccc.hf_patch). `ZayaLayer` builds the module for a spec and feeds it a state dict, for validation
+and as a benchmark peer; only CCA specs of ZAYA1's form map onto it: a depthwise then a per-head
+convolution stage, the q-k mean, half the kv heads shifted, L2 norm with learned temperature, NeoX
+RoPE, causal mask, scale 1/sqrt(d)."""
 
 import math
 
 import torch
+
+from .hf_patch import CccZayaAttention, patch, unpatch
 
 
 def zaya_incompatibility(spec):
@@ -94,3 +98,6 @@ class ZayaLayer:
         out = self.output(x_leaf)
         grads = torch.autograd.grad(out, [x_leaf] + list(params.values()), dout.to(out.dtype))
         return {"dx": grads[0], **dict(zip(params, grads[1:]))}
+
+
+__all__ = ["CccZayaAttention", "ZayaLayer", "patch", "unpatch", "zaya_config", "zaya_incompatibility"]
