@@ -695,6 +695,27 @@ fn spec_from_hf_writes_a_block_per_layer_type_that_checks() {
     assert_eq!(ccc(&["check", out.to_str().unwrap()]).1, "ok: zaya1\nok: zaya1_sliding\n");
 }
 
+/// RoPE as transformers' ZAYA reads it: a layer type's entry without `partial_rotary_factor`
+/// rotates the whole head; a config without `rope_parameters` takes ZayaConfig's per-type
+/// defaults, whatever top-level RoPE keys it has.
+#[test]
+fn spec_from_hf_reads_rope_as_transformers_does() {
+    let directory = scratch("spec-from-hf-rope");
+    let rope_of = |config: &str, name: &str| {
+        let path = write_file(&directory, name, config);
+        let (status, stdout, stderr) = ccc(&["spec", "--from-hf", &path]);
+        assert_eq!(status, Status::Success, "{stderr}");
+        let specs = ccc::frontend::parse_and_check("generated.attn", &stdout).expect("checks");
+        specs.iter().map(|spec| spec.rope.map(|rope| (rope.rotary_dim, rope.theta))).collect::<Vec<_>>()
+    };
+    let whole_head = ZAYA_CONFIG.replace("\"rope_theta\": 5000000.0, \"partial_rotary_factor\": 0.5", "\"rope_theta\": 5000000.0");
+    assert_eq!(rope_of(&whole_head, "whole.json"), [Some((128, 5e6)), Some((64, 1e4))]);
+    let start = ZAYA_CONFIG.find("\"rope_parameters\"").unwrap();
+    let end = ZAYA_CONFIG.find("\"layer_types\"").unwrap();
+    let defaults = format!("{}\"rope_theta\": 1.0, \"partial_rotary_factor\": 1.0, {}", &ZAYA_CONFIG[..start], &ZAYA_CONFIG[end..]);
+    assert_eq!(rope_of(&defaults, "defaults.json"), [Some((64, 5e6)), Some((64, 1e4))]);
+}
+
 #[test]
 fn spec_from_hf_says_what_it_cannot_write() {
     let directory = scratch("spec-from-hf-errors");
@@ -706,6 +727,8 @@ fn spec_from_hf_says_what_it_cannot_write() {
          "the `hybrid_sliding` layers' rope_type is `yarn`"),
         (ZAYA_CONFIG.replace("\"head_dim\": 128", "\"head_dim\": \"128\""), "head_dim is \"128\", not a non-negative integer"),
         ("{".to_string(), "not valid JSON"),
+        (ZAYA_CONFIG.replace("\"hybrid\": {\"rope_type\": \"default\", \"rope_theta\": 5000000.0, \"partial_rotary_factor\": 0.5},", ""),
+         "rope_parameters has no `hybrid` entry"),
     ];
     for (index, (config, message)) in cases.iter().enumerate() {
         let path = write_file(&directory, &format!("config{index}.json"), config);

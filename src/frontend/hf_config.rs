@@ -127,26 +127,38 @@ fn layer_types(config: &Map<String, Value>) -> Result<Vec<String>, HfConfigError
     }
 }
 
-/// (θ, fraction) of a layer type: `rope_parameters[layer_type]`, else `rope_parameters` itself,
-/// else the top-level `rope_theta` / `partial_rotary_factor`, else transformers' defaults.
+/// (θ, fraction) of a layer type as transformers' `ZayaRotaryEmbedding` reads them: from
+/// `rope_parameters[layer_type]` (no `partial_rotary_factor` there: the whole head rotates), or
+/// `ZayaConfig`'s per-type defaults when the config has no `rope_parameters` at all. Top-level
+/// `rope_theta` / `partial_rotary_factor` keys are not read, as transformers does not read them.
 fn rope(config: &Map<String, Value>, layer_type: &str) -> Result<(f64, f64), HfConfigError> {
-    let parameters = config.get("rope_parameters").and_then(Value::as_object);
-    let own = parameters.and_then(|parameters| parameters.get(layer_type)).and_then(Value::as_object).or(parameters);
-    let (default_theta, default_fraction) = default_rope(layer_type);
-    let number = |key: &str, default: f64| -> Result<f64, HfConfigError> {
-        match own.and_then(|own| own.get(key)).or_else(|| config.get(key)) {
-            None | Some(Value::Null) => Ok(default),
-            Some(value) => value.as_f64().ok_or_else(|| HfConfigError(format!("{key} is {value}, not a number"))),
+    let Some(parameters) = config.get("rope_parameters").filter(|value| !value.is_null()) else {
+        return Ok(default_rope(layer_type));
+    };
+    let Some(own) = parameters.get(layer_type).and_then(Value::as_object) else {
+        return Err(HfConfigError(format!(
+            "rope_parameters has no `{layer_type}` entry: transformers' ZAYA reads one per layer type"
+        )));
+    };
+    let number = |key: &str| -> Result<Option<f64>, HfConfigError> {
+        match own.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => value
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| HfConfigError(format!("rope_parameters.{layer_type}.{key} is {value}, not a number"))),
         }
     };
-    if let Some(kind) = own.and_then(|own| own.get("rope_type")).and_then(Value::as_str)
+    if let Some(kind) = own.get("rope_type").and_then(Value::as_str)
         && kind != "default"
     {
         return Err(HfConfigError(format!(
             "the `{layer_type}` layers' rope_type is `{kind}`: ccc's RoPE has no frequency scaling (only `default`)"
         )));
     }
-    Ok((number("rope_theta", default_theta)?, number("partial_rotary_factor", default_fraction)?))
+    let theta = number("rope_theta")?
+        .ok_or_else(|| HfConfigError(format!("rope_parameters.{layer_type} has no rope_theta")))?;
+    Ok((theta, number("partial_rotary_factor")?.unwrap_or(1.0)))
 }
 
 /// "0-3, 7, 9-10".
