@@ -134,6 +134,19 @@ PY
   done
 done
 
+# A two-layer ZAYA model's libraries (one causal, one sliding-window layer, with decode), from the
+# config tests/python/gpu_hf_patch.py builds its model from, for the sweep's `hf` step.
+rm -rf "$carry/hf"
+mkdir -p "$carry/hf"
+python3 tests/python/gpu_hf_patch.py --write-config "$carry/hf/config.json"
+./target/release/ccc spec --from-hf "$carry/hf/config.json" -o "$extra/hf.attn"
+python3 - "$extra/hf.attn" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+open(sys.argv[1], "w").write(re.sub(r"\n\}", "\n    emit = [forward, decode]\n}", text))
+PY
+./target/release/ccc compile "$extra/hf.attn" -o "$carry/hf/libs" --ptxas || failed+=("$extra/hf.attn")
+
 rm -rf "$carry/hopper-ptx" "$carry/hopper-ptx.tar.xz"
 if [ "${GPU_PREPARE_HOPPER_PTX:-0}" = 1 ]; then
   CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test codegen_hopper assembles >/dev/null

@@ -48,13 +48,16 @@
 #      (forward + backward of the layer, backward of the core, beside the peers) at 4k, 8k and 16k;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
+#   hf (not default): with gpu-carry/hf (gpu-prepare.sh), tests/python/gpu_hf_patch.py: a
+#      two-layer ZAYA model patched with ccc.hf.patch against itself unpatched (logits, 64 greedy
+#      tokens, torch.compile);
 #   9. sanitize (not default, slow: run it alone): scripts/gpu-sanitize.sh, compute-sanitizer's
 #      memcheck, racecheck, synccheck and initcheck over every non-random library at 2×300 and
 #      1×1000, the table in $OUT/sanitize.md.
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
 #   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward decode
-#    train profile sanitize)
+#    train profile sanitize hf)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -191,8 +194,11 @@ for s in $steps; do
         --out "$out/profile"
       ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
+    hf)
+      [ -d gpu-carry/hf/libs ] && step hf-patch 300 python3 -u -W ignore tests/python/gpu_hf_patch.py gpu-carry/hf/libs
+      ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward decode train profile sanitize)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward decode train profile sanitize hf)" >&2
       exit 2
       ;;
   esac
