@@ -44,10 +44,11 @@ fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, Compile
     if spec.mla.is_some() {
         let message = "MLA layers have no kernels yet: `ccc explain` and the f64 reference (`reference::mla`) \
                        describe them, `compile` does not";
-        return Err(CompileError {
-            item: Some("mla"),
-            ..error(spec, "graph", message)
-        });
+        return Err(CompileError { item: Some("mla"), ..error(spec, "graph", message) });
+    }
+    if spec.rope.is_some_and(|rope| rope.yarn.is_some()) {
+        let message = "YaRN-scaled RoPE is in the f64 reference only: the kernels compute plain RoPE frequencies";
+        return Err(CompileError { item: Some("rope"), ..error(spec, "graph", message) });
     }
     if spec.emits(EntryPoint::Backward) && !spec.emits(EntryPoint::Forward) {
         return Err(error(spec, "plan", "the backward entry point needs the forward's (emit = [forward, backward])"));

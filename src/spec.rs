@@ -130,6 +130,68 @@ pub struct Rope {
     pub rotary_dim: usize,
     pub theta: f64,
     pub style: RopeStyle,
+    /// YaRN's context extension (docs/language.md, "RoPE scaling"); none: plain RoPE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN (arXiv 2309.00071) as Hugging Face's `_compute_yarn_parameters` reads `rope_type = "yarn"`:
+/// frequencies between θ's and θ's divided by `factor`, ramped over the channels whose wavelengths
+/// lie between `beta_fast` and `beta_slow` rotations in `original_positions`; cos and sin scaled
+/// by [`Yarn::attention_factor`]; an MLA layer's logits also by [`Yarn::softmax_factor`].
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_positions: usize,
+    pub beta_fast: f64,
+    pub beta_slow: f64,
+    /// 0: not given.
+    pub mscale: f64,
+    /// 0: not given.
+    pub mscale_all_dim: f64,
+}
+
+impl Yarn {
+    /// YaRN's `0.1·m·ln(factor) + 1` (1 for factor ≤ 1).
+    fn magnitude(&self, m: f64) -> f64 {
+        if self.factor <= 1.0 { 1.0 } else { 0.1 * m * self.factor.ln() + 1.0 }
+    }
+
+    /// What cos and sin are multiplied by.
+    pub fn attention_factor(&self) -> f64 {
+        if self.mscale != 0.0 && self.mscale_all_dim != 0.0 {
+            self.magnitude(self.mscale) / self.magnitude(self.mscale_all_dim)
+        } else {
+            self.magnitude(1.0)
+        }
+    }
+
+    /// What DeepSeek's MLA multiplies its softmax scale by: the square of the `mscale_all_dim`
+    /// magnitude (1 when it is not given).
+    pub fn softmax_factor(&self) -> f64 {
+        if self.mscale_all_dim != 0.0 { self.magnitude(self.mscale_all_dim).powi(2) } else { 1.0 }
+    }
+
+    /// The inverse frequency of each of the r/2 rotated pairs.
+    pub fn inverse_frequencies(&self, theta: f64, rotary_dim: usize) -> Vec<f64> {
+        let r = rotary_dim as f64;
+        let correction = |rotations: f64| {
+            r * (self.original_positions as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+        };
+        let low = correction(self.beta_fast).floor().max(0.0);
+        let mut high = correction(self.beta_slow).ceil().min(r - 1.0);
+        if low == high {
+            high += 0.001;
+        }
+        (0..rotary_dim / 2)
+            .map(|i| {
+                let extrapolation = theta.powf(-2.0 * i as f64 / r);
+                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                // Channels below the ramp keep θ's frequency, those above it are divided by factor.
+                extrapolation / self.factor * ramp + extrapolation * (1.0 - ramp)
+            })
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -354,6 +354,16 @@ fn an_mla_layer_is_explained_and_a_located_error_of_check_and_compile() {
         assert!(stderr.starts_with("error: cannot compile `latent` (graph): MLA layers have no kernels yet"), "{args:?}: {stderr}");
         assert!(stderr.contains("mla.attn:4:5\n"), "{args:?}: not located at `mla`: {stderr}");
     }
+    // YaRN is in the reference, not the kernels: a located error on `rope` for other layers.
+    let yarn = write_file(
+        &directory,
+        "yarn.attn",
+        "attention long {\n    model_dim = 1024\n    head_dim = 64\n    rope { theta = 10000, yarn(factor = 4, original_positions = 4096) }\n}\n",
+    );
+    let (status, _, stderr) = ccc(&["check", yarn.as_str()]);
+    assert_eq!(status, Status::SpecErrors, "{stderr}");
+    assert!(stderr.starts_with("error: cannot compile `long` (graph): YaRN-scaled RoPE is in the f64 reference only"), "{stderr}");
+    assert!(stderr.contains("yarn.attn:4:5\n"), "not located at `rope`: {stderr}");
 }
 
 #[test]

@@ -169,6 +169,14 @@ fn mla_resolves_with_deepseek_v3s_widths_and_names() {
     assert_eq!(params, expected);
     let text = spec_text(&spec);
     assert_eq!(one(&text), spec, "{text}");
+    // DeepSeek-V3's YaRN: its mscale_all_dim folds into the softmax scale.
+    let yarn = one(&DEEPSEEK_V3.replace(
+        "style = interleaved",
+        "style = interleaved, yarn(factor = 40, original_positions = 4096, mscale = 1, mscale_all_dim = 1)",
+    ));
+    let magnitude = 0.1 * 40f64.ln() + 1.0;
+    assert!((yarn.softmax_scale - magnitude * magnitude / 192f64.sqrt()).abs() < 1e-15);
+    assert_eq!(one(&spec_text(&yarn)), yarn);
     let without_q_latent = one(&DEEPSEEK_V3.replace("q_rank = 1536", "q_rank = none"));
     assert_eq!(without_q_latent.params()[0].name, "q_proj.weight");
     assert_eq!(one(&spec_text(&without_q_latent)), without_q_latent);
@@ -202,6 +210,16 @@ const BAD_INPUTS: &[(&str, &str, &str)] = &[
         "mla_missing_width",
         "attention a {\n    model_dim = 1024\n    query_heads = 8\n    mla { kv_rank = 128, rope_dim = 32, nope_dim = 64 }\n    rope { theta = 10000 }\n}\n",
         "`mla` has no `v_dim`",
+    ),
+    (
+        "yarn_without_factor",
+        "attention a {\n    model_dim = 1024\n    head_dim = 64\n    rope { theta = 10000, yarn(original_positions = 4096) }\n}\n",
+        "`yarn` has no `factor`",
+    ),
+    (
+        "yarn_unknown_argument",
+        "attention a {\n    model_dim = 1024\n    head_dim = 64\n    rope { theta = 10000, yarn(factor = 4, original_positions = 4096, mscale_all = 1) }\n}\n",
+        "unknown argument `mscale_all` of `yarn`",
     ),
     ("parse_missing_equals", "attention a {\n    model_dim 2048\n}\n", "expected `(`, `=` or `{`"),
     (

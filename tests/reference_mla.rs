@@ -46,7 +46,7 @@ fn the_forward_matches_hugging_faces_deepseek_v3_attention() {
     let directory = format!("{}/tests/fixtures/mla_hf", env!("CARGO_MANIFEST_DIR"));
     let mut files: Vec<_> = std::fs::read_dir(&directory).unwrap().map(|entry| entry.unwrap().path()).collect();
     files.sort();
-    assert_eq!(files.len(), 2, "{directory}");
+    assert_eq!(files.len(), 3, "{directory}");
     for path in files {
         let fixture: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let spec = spec(fixture["source"].as_str().unwrap());

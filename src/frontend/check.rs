@@ -10,7 +10,7 @@ use super::number::{self, Number};
 use super::suggest::did_you_mean;
 use crate::spec::{
     AttentionSpec, ConvKind, ConvStage, DType, EntryPoint, KeyTemperature, Mask, Mla, QkNorm, Rope,
-    RopeStyle, TuneShape,
+    RopeStyle, TuneShape, Yarn,
 };
 
 /// Bound on every dimension and head count (E, d, Hq, Hk, convolution widths, batch).
@@ -62,7 +62,8 @@ const NOT_WITH_MLA: &[(&str, &str)] = &[
     ("key_temperature", "MLA has no key temperature"),
     ("norm_eps", "MLA's RMSNorm takes `rms_eps` in the `mla` block"),
 ];
-const ROPE_KEYS: &[&str] = &["fraction", "theta", "style"];
+const ROPE_KEYS: &[&str] = &["fraction", "theta", "style", "yarn"];
+const YARN_ARGUMENTS: &[&str] = &["factor", "original_positions", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"];
 const TUNE_KEYS: &[&str] = &["batch", "seq_len", "kv_len"];
 const STAGES: &[&str] = &["depthwise", "per_head"];
 
@@ -326,7 +327,11 @@ impl Checker {
             key_temperature: KeyTemperature::None,
             rope,
             mask: mask?,
-            softmax_scale: softmax_scale?.map_or(1.0 / (head_dim as f64).sqrt(), |g| g.value),
+            // DeepSeek's MLA folds YaRN's mscale_all_dim into the logits' scale.
+            softmax_scale: softmax_scale?.map_or(
+                rope.and_then(|rope| rope.yarn).map_or(1.0, |yarn| yarn.softmax_factor()) / (head_dim as f64).sqrt(),
+                |g| g.value,
+            ),
             norm_eps: 1e-12,
             dtype: dtype?,
             bias: bias?,
@@ -435,6 +440,10 @@ impl Checker {
                 ],
             )
         });
+        let yarn = match items.get("yarn") {
+            Some(item) => self.yarn(item).map(Some),
+            None => Some(None),
+        };
         let mla = mla?;
         let head_dim = mla.nope_dim + mla.rope_dim;
         Some(Rope {
@@ -442,6 +451,7 @@ impl Checker {
             rotary_dim: mla.rope_dim,
             theta: theta?,
             style: style?,
+            yarn: yarn?,
         })
     }
 
@@ -889,8 +899,83 @@ impl Checker {
             Some(given) => (given.value, given.span),
             None => (1.0, item.key.span),
         };
+        let yarn = match items.get("yarn") {
+            Some(item) => self.yarn(item).map(Some),
+            None => Some(None),
+        };
         let rotary_dim = self.rotary_dim(d, fraction_value, fraction_span)?;
-        Some(Rope { fraction: fraction_value, rotary_dim, theta: theta?, style: style? })
+        Some(Rope { fraction: fraction_value, rotary_dim, theta: theta?, style: style?, yarn: yarn? })
+    }
+
+    /// `yarn(factor = 40, original_positions = 4096, ...)`: named arguments only, `factor` and
+    /// `original_positions` required, the rest at Hugging Face's defaults.
+    fn yarn(&mut self, item: &Item) -> Option<Yarn> {
+        let example = "yarn(factor = 40, original_positions = 4096)";
+        let ItemKind::Call(arguments) = &item.kind else {
+            self.error(
+                Error::new(item.span, format!("`yarn` is a call, not {}", item.kind.form()))
+                    .label("expected `yarn(...)`")
+                    .help(format!("write `{example}`")),
+            );
+            return None;
+        };
+        let mut given: HashMap<&str, &Value> = HashMap::new();
+        let mut ok = true;
+        for argument in arguments {
+            let Some(name) = &argument.name else {
+                self.error(
+                    Error::new(argument.value.span, "`yarn` takes named arguments only")
+                        .label("no name")
+                        .help(format!("write `{example}`")),
+                );
+                ok = false;
+                continue;
+            };
+            if !YARN_ARGUMENTS.contains(&name.text.as_str()) {
+                let mut error = Error::new(name.span, format!("unknown argument `{}` of `yarn`", name.text)).label("not a YaRN parameter");
+                error = match did_you_mean(&name.text, YARN_ARGUMENTS) {
+                    Some(suggestion) => error.help(format!("did you mean `{suggestion}`?")),
+                    None => error.note(format!("the arguments are {}", YARN_ARGUMENTS.join(", "))),
+                };
+                self.error(error);
+                ok = false;
+            } else if given.insert(name.text.as_str(), &argument.value).is_some() {
+                self.error(Error::new(name.span, format!("`{}` is given twice", name.text)).label("given again here"));
+                ok = false;
+            }
+        }
+        let required = |checker: &mut Self, key: &str| match given.get(key) {
+            Some(value) => Some(*value),
+            None => {
+                checker.error(
+                    Error::new(item.span, format!("`yarn` has no `{key}`"))
+                        .label(format!("`{key}` is required"))
+                        .help(format!("e.g. `{example}`")),
+                );
+                None
+            }
+        };
+        let factor = required(self, "factor").and_then(|v| self.positive_float(v, "factor"));
+        let original_positions = required(self, "original_positions").and_then(|v| self.size(v, "original_positions", MAX_SEQUENCE));
+        let float = |checker: &mut Self, key: &str, default: f64| match given.get(key) {
+            Some(value) => checker.non_negative_float(value, key),
+            None => Some(default),
+        };
+        let beta_fast = float(self, "beta_fast", 32.0);
+        let beta_slow = float(self, "beta_slow", 1.0);
+        let mscale = float(self, "mscale", 0.0);
+        let mscale_all_dim = float(self, "mscale_all_dim", 0.0);
+        if !ok {
+            return None;
+        }
+        Some(Yarn {
+            factor: factor?.value,
+            original_positions: original_positions?,
+            beta_fast: beta_fast?,
+            beta_slow: beta_slow?,
+            mscale: mscale?,
+            mscale_all_dim: mscale_all_dim?,
+        })
     }
 
     /// r = d · fraction: a whole, even number of channels in 2..=d.

@@ -63,9 +63,17 @@ pub fn spec_text(spec: &AttentionSpec) -> String {
             RopeStyle::Interleaved => "interleaved",
         };
         line(
-            match spec.mla {
-                Some(_) => format!("rope {{ theta = {:?}, style = {style} }}", rope.theta),
-                None => format!("rope {{ fraction = {:?}, theta = {:?}, style = {style} }}", rope.fraction, rope.theta),
+            {
+                let yarn = rope.yarn.map_or(String::new(), |yarn| {
+                    format!(
+                        ", yarn(factor = {:?}, original_positions = {}, beta_fast = {:?}, beta_slow = {:?}, mscale = {:?}, mscale_all_dim = {:?})",
+                        yarn.factor, yarn.original_positions, yarn.beta_fast, yarn.beta_slow, yarn.mscale, yarn.mscale_all_dim
+                    )
+                });
+                match spec.mla {
+                    Some(_) => format!("rope {{ theta = {:?}, style = {style}{yarn} }}", rope.theta),
+                    None => format!("rope {{ fraction = {:?}, theta = {:?}, style = {style}{yarn} }}", rope.fraction, rope.theta),
+                }
             },
             format!("rotary width {}", rope.rotary_dim),
         );

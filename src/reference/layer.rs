@@ -72,8 +72,8 @@ pub(super) struct Layer<'a> {
     pub(super) key_scale: Vec<f64>,
     /// The temperature parameter as stored (empty without one).
     pub(super) temperature: &'a [f64],
-    /// θ^(−2i/r) for i < r/2 (step 6).
-    rope_inverse_frequencies: Vec<f64>,
+    /// Step 6's frequencies and amplitude.
+    rope_frequencies: RopeFrequencies,
 }
 
 impl<'a> Layer<'a> {
@@ -121,7 +121,7 @@ impl<'a> Layer<'a> {
                 .collect(),
         };
         let temperature = find(ParamRole::KeyTemperature).unwrap_or(&[]);
-        let rope_inverse_frequencies = spec.rope.map_or_else(Vec::new, |rope| inverse_frequencies(&rope));
+        let rope_frequencies = spec.rope.map_or_else(RopeFrequencies::default, |rope| rope_frequencies(&rope));
         Ok(Layer {
             spec,
             q_proj: linear(ParamRole::QueryProj, ParamRole::QueryBias, e)
@@ -135,7 +135,7 @@ impl<'a> Layer<'a> {
             conv,
             key_scale,
             temperature,
-            rope_inverse_frequencies,
+            rope_frequencies,
         })
     }
 
@@ -313,7 +313,7 @@ impl<'a> Layer<'a> {
     }
 
     fn rotate(&self, slice: &mut [f64], style: RopeStyle, position: usize, inverse: bool) {
-        rotate(slice, &self.rope_inverse_frequencies, style, position, inverse);
+        rotate(slice, &self.rope_frequencies, style, position, inverse);
     }
 
     /// Step 7 for the query row of one token at absolute `position`: for each query head,
@@ -370,19 +370,37 @@ impl<'a> Layer<'a> {
     }
 }
 
-/// θ^(−2i/r) for i < r/2: RoPE's frequencies (step 6).
-pub(super) fn inverse_frequencies(rope: &Rope) -> Vec<f64> {
-    let r = rope.rotary_dim as f64;
-    (0..rope.rotary_dim / 2).map(|i| rope.theta.powf(-2.0 * i as f64 / r)).collect()
+/// RoPE's frequency of each rotated pair, and the factor cos and sin carry: θ^(−2i/r) for i < r/2
+/// and 1 (step 6), or YaRN's ([`crate::spec::Yarn`]).
+pub(super) fn rope_frequencies(rope: &Rope) -> RopeFrequencies {
+    match rope.yarn {
+        Some(yarn) => RopeFrequencies {
+            inverse: yarn.inverse_frequencies(rope.theta, rope.rotary_dim),
+            amplitude: yarn.attention_factor(),
+        },
+        None => {
+            let r = rope.rotary_dim as f64;
+            let inverse = (0..rope.rotary_dim / 2).map(|i| rope.theta.powf(-2.0 * i as f64 / r)).collect();
+            RopeFrequencies { inverse, amplitude: 1.0 }
+        }
+    }
 }
 
-/// Rotates `slice` (the r rotated channels) at `position` by angles p·θ^(−2i/r), or by their
-/// negatives when `inverse`.
-pub(super) fn rotate(slice: &mut [f64], inverse_frequencies: &[f64], style: RopeStyle, position: usize, inverse: bool) {
+/// What [`rotate`] turns by.
+#[derive(Clone, Debug, Default)]
+pub(super) struct RopeFrequencies {
+    pub inverse: Vec<f64>,
+    pub amplitude: f64,
+}
+
+/// Rotates `slice` (the r rotated channels) at `position` by angles p·f_i, or by their negatives
+/// when `inverse` (the transpose), scaling by the amplitude either way.
+pub(super) fn rotate(slice: &mut [f64], frequencies: &RopeFrequencies, style: RopeStyle, position: usize, inverse: bool) {
     let half = slice.len() / 2;
     let direction = if inverse { -1.0 } else { 1.0 };
-    for (i, inverse_frequency) in inverse_frequencies.iter().enumerate() {
+    for (i, inverse_frequency) in frequencies.inverse.iter().enumerate() {
         let (sin, cos) = (direction * position as f64 * inverse_frequency).sin_cos();
+        let (sin, cos) = (frequencies.amplitude * sin, frequencies.amplitude * cos);
         // The two channels that rotate together with frequency i.
         let (a, b) = match style {
             RopeStyle::Neox => (i, i + half),

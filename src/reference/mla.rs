@@ -15,7 +15,7 @@
 
 use crate::spec::{AttentionSpec, Mla, ParamRole};
 
-use super::layer::{inverse_frequencies, rotate};
+use super::layer::{RopeFrequencies, rope_frequencies, rotate};
 use super::tensor::Tensor;
 use super::weights::Weights;
 
@@ -35,7 +35,7 @@ struct MlaLayer<'a> {
     spec: &'a AttentionSpec,
     mla: Mla,
     weights: &'a Weights,
-    inverse_frequencies: Vec<f64>,
+    frequencies: RopeFrequencies,
 }
 
 /// One token's queries and latent row.
@@ -51,7 +51,7 @@ impl<'a> MlaLayer<'a> {
         weights.check(spec)?;
         let mla = spec.mla.ok_or_else(|| format!("`{}` is not an MLA layer", spec.name))?;
         let rope = spec.rope.ok_or_else(|| format!("MLA layer `{}` has no RoPE", spec.name))?;
-        Ok(MlaLayer { spec, mla, weights, inverse_frequencies: inverse_frequencies(&rope) })
+        Ok(MlaLayer { spec, mla, weights, frequencies: rope_frequencies(&rope) })
     }
 
     fn tensor(&self, role: ParamRole) -> Option<&'a [f64]> {
@@ -89,12 +89,12 @@ impl<'a> MlaLayer<'a> {
             }
         };
         for head in q.chunks_mut(self.spec.head_dim) {
-            rotate(&mut head[mla.nope_dim..], &self.inverse_frequencies, style, position, false);
+            rotate(&mut head[mla.nope_dim..], &self.frequencies, style, position, false);
         }
         let down = self.linear(ParamRole::LatentDown, ParamRole::LatentDownBias, x);
         let mut latent = self.rms_norm(&down[..mla.kv_rank], ParamRole::LatentNorm);
         let mut k_pe = down[mla.kv_rank..].to_vec();
-        rotate(&mut k_pe, &self.inverse_frequencies, style, position, false);
+        rotate(&mut k_pe, &self.frequencies, style, position, false);
         latent.extend(k_pe);
         TokenProjections { q, latent }
     }
