@@ -727,6 +727,7 @@ fn prologue_variants() -> Vec<AttentionSpec> {
                 rotary_dim,
                 theta: 10_000.0,
                 style,
+                yarn: None,
             });
             if head_dim == 64 {
                 spec.dtype = DType::F16;

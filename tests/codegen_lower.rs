@@ -131,6 +131,7 @@ fn random_spec(rng: &mut XorShift64Star, index: usize) -> AttentionSpec {
             rotary_dim,
             theta: rng.pick(&[100.0, 10_000.0, 5e6]),
             style: if rng.coin() { RopeStyle::Neox } else { RopeStyle::Interleaved },
+            yarn: None,
         });
     }
     spec.mask = match rng.range(0, 3) {
@@ -188,7 +189,7 @@ fn codegen_random_spec_libraries_assemble_without_spills() {
 
 fn tiny_spec() -> AttentionSpec {
     let mut spec = AttentionSpec::plain("tiny", 32, 16, 2, 1);
-    spec.rope = Some(Rope { fraction: 1.0, rotary_dim: 16, theta: 10_000.0, style: RopeStyle::Neox });
+    spec.rope = Some(Rope { fraction: 1.0, rotary_dim: 16, theta: 10_000.0, style: RopeStyle::Neox, yarn: None });
     spec.qk_norm = QkNorm::L2;
     spec.mask = Mask::SlidingWindow { window: 8 };
     spec.validate().unwrap();

@@ -176,6 +176,7 @@ fn tiny_sliding_window_gqa_with_bias_matches_the_per_token_evaluation() {
             rotary_dim: 4,
             theta: 1e4,
             style: RopeStyle::Interleaved,
+            yarn: None,
         }),
         ..AttentionSpec::plain("tiny_swa", 12, 4, 3, 1)
     };

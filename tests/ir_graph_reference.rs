@@ -310,6 +310,7 @@ fn a_wrong_spec_on_one_side_is_caught() {
                     rotary_dim: 4,
                     theta: 10.0,
                     style: RopeStyle::Neox,
+                    yarn: None,
                 }),
                 ..spec.clone()
             },

@@ -275,6 +275,7 @@ fn only_specs_with_a_qk_step_launch_a_prologue() {
             rotary_dim: 64,
             theta: 10000.0,
             style: RopeStyle::Neox,
+            yarn: None,
         }),
         ..plain
     };

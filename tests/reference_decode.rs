@@ -40,6 +40,7 @@ mod reference {
                         rotary_dim: 16,
                         theta: 500.0,
                         style: RopeStyle::Interleaved,
+                        yarn: None,
                     }),
                     ..base.clone()
                 },

@@ -243,7 +243,7 @@ mod reference {
     /// frequencies are θ^0 = 1 and θ^(−2/4) = 0.1.
     fn rope_outputs(style: RopeStyle) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
         let spec = AttentionSpec {
-            rope: Some(Rope { fraction: 4.0 / 6.0, rotary_dim: 4, theta: 100.0, style }),
+            rope: Some(Rope { fraction: 4.0 / 6.0, rotary_dim: 4, theta: 100.0, style, yarn: None }),
             ..AttentionSpec::plain("rope", 6, 6, 1, 1)
         };
         let identity: Vec<f64> = (0..36).map(|i| if i % 7 == 0 { 1.0 } else { 0.0 }).collect();

@@ -119,6 +119,7 @@ mod reference {
                 rotary_dim: 2,
                 theta: 10_000.0,
                 style: RopeStyle::Neox,
+                yarn: None,
             }),
             ..small_zaya_like("zaya_like")
         };

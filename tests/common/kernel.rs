@@ -55,6 +55,7 @@ pub fn random_spec(rng: &mut XorShift64Star, index: usize) -> AttentionSpec {
             } else {
                 RopeStyle::Interleaved
             },
+            yarn: None,
         });
     }
     spec.mask = match rng.range(0, 3) {

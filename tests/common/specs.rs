@@ -41,6 +41,7 @@ pub fn zaya1_like(
             rotary_dim: head_dim / 2,
             theta: 5e6,
             style: RopeStyle::Neox,
+            yarn: None,
         }),
         ..AttentionSpec::plain(name, model_dim, head_dim, query_heads, kv_heads)
     }
@@ -56,6 +57,7 @@ pub fn small_zaya_like(name: &str) -> AttentionSpec {
             rotary_dim: 8,
             theta: 10_000.0,
             style: RopeStyle::Neox,
+            yarn: None,
         }),
         bias: true,
         ..zaya1_like(name, 64, 16, 4, 2)
@@ -91,6 +93,7 @@ pub fn cca() -> AttentionSpec {
             rotary_dim: 128,
             theta: 1e4,
             style: RopeStyle::Neox,
+            yarn: None,
         }),
         ..AttentionSpec::plain("cca", 2048, 128, 4, 4)
     }
@@ -105,6 +108,7 @@ pub fn sliding_window_gqa() -> AttentionSpec {
             rotary_dim: 128,
             theta: 1e4,
             style: RopeStyle::Interleaved,
+            yarn: None,
         }),
         ..AttentionSpec::plain("swa", 2048, 128, 16, 4)
     }
@@ -184,6 +188,7 @@ pub fn random_small_spec(
             } else {
                 RopeStyle::Interleaved
             },
+            yarn: None,
         }
     });
     let mask = match rng.below(3) {
