@@ -41,15 +41,7 @@ fn error(spec: &AttentionSpec, stage: &'static str, message: impl fmt::Display) 
 
 /// The entry points of `spec`'s library ([`AttentionSpec::library_entry_points`]).
 fn lowered_entry_points(spec: &AttentionSpec) -> Result<Vec<EntryPoint>, CompileError> {
-    if spec.mla.is_some() {
-        let message = "MLA layers have no kernels yet: `ccc explain` and the f64 reference (`reference::mla`) \
-                       describe them, `compile` does not";
-        return Err(CompileError { item: Some("mla"), ..error(spec, "graph", message) });
-    }
-    if spec.rope.is_some_and(|rope| rope.yarn.is_some()) {
-        let message = "YaRN-scaled RoPE is in the f64 reference only: the kernels compute plain RoPE frequencies";
-        return Err(CompileError { item: Some("rope"), ..error(spec, "graph", message) });
-    }
+    kernels_exist(spec)?;
     if spec.emits(EntryPoint::Backward) && !spec.emits(EntryPoint::Forward) {
         return Err(error(spec, "plan", "the backward entry point needs the forward's (emit = [forward, backward])"));
     }
@@ -189,9 +181,25 @@ fn identified_kernels(spec: &AttentionSpec) -> Result<Vec<(KernelBuilder, Kernel
     build_planned(spec, &plans(spec)?)
 }
 
+/// What the language describes but no kernel computes yet, located on its item: checked before
+/// any rule of the kernels themselves.
+fn kernels_exist(spec: &AttentionSpec) -> Result<(), CompileError> {
+    if spec.mla.is_some() {
+        let message = "MLA layers have no kernels yet: `ccc explain` and the f64 reference (`reference::mla`) \
+                       describe them, `compile` does not";
+        return Err(CompileError { item: Some("mla"), ..error(spec, "graph", message) });
+    }
+    if spec.rope.is_some_and(|rope| rope.yarn.is_some()) {
+        let message = "YaRN-scaled RoPE is in the f64 reference only: the kernels compute plain RoPE frequencies";
+        return Err(CompileError { item: Some("rope"), ..error(spec, "graph", message) });
+    }
+    Ok(())
+}
+
 /// The kernels' first rule, said up front in the user's terms: the planner and the builders would
 /// otherwise report it as a schedule that does not fit.
 fn tileable_head_dim(spec: &AttentionSpec) -> Result<(), CompileError> {
+    kernels_exist(spec)?;
     if !spec.head_dim.is_multiple_of(16) {
         let message = format!(
             "head_dim {} is not supported by the sm_90a kernels yet: it must be a multiple of 16 \

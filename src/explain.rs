@@ -78,7 +78,8 @@ impl LayerCosts {
             kv_cache_bytes_per_token: mla.cached_width() * spec.dtype.size_bytes(),
             conv_state_bytes: 0,
             shift_state_bytes: 0,
-            saved_for_backward_bytes_per_token: saved_bytes_per_token(spec),
+            // No MLA backward is planned yet.
+            saved_for_backward_bytes_per_token: 0,
             average_keys,
             forward_flops_per_token: queries + latent + output + 2.0 * average_keys * h * (qk + v),
         }
@@ -325,11 +326,18 @@ fn comparison(
         base.forward_flops_per_token,
     );
     let _ = writeln!(text);
-    let _ = writeln!(
-        text,
-        "  parameters exactly: {} (MHA {}); shift state: the previous token's x·W_v2ᵀ; saved for backward: q, k, v, o, lse (and p0 for a norm, convolution or q-k mean)",
-        this.parameters, base.parameters
-    );
+    let _ = match spec.mla {
+        Some(_) => writeln!(
+            text,
+            "  parameters exactly: {} (MHA {}); the cache keeps c_kv and k_pe (the absorbed decode's); no backward is planned for MLA yet",
+            this.parameters, base.parameters
+        ),
+        None => writeln!(
+            text,
+            "  parameters exactly: {} (MHA {}); shift state: the previous token's x·W_v2ᵀ; saved for backward: q, k, v, o, lse (and p0 for a norm, convolution or q-k mean)",
+            this.parameters, base.parameters
+        ),
+    };
     let attention = match &spec.mla {
         Some(mla) => format!("2·H·(d + v_dim) = {} per key", 2 * spec.query_heads * (spec.head_dim + mla.v_dim)),
         None => "4·Lq per key".to_string(),

@@ -354,6 +354,15 @@ fn an_mla_layer_is_explained_and_a_located_error_of_check_and_compile() {
         assert!(stderr.starts_with("error: cannot compile `latent` (graph): MLA layers have no kernels yet"), "{args:?}: {stderr}");
         assert!(stderr.contains("mla.attn:4:5\n"), "{args:?}: not located at `mla`: {stderr}");
     }
+    // Said before any rule of the kernels, such as head widths in multiples of 16.
+    let narrow = write_file(
+        &directory,
+        "narrow.attn",
+        "attention narrow {\n    model_dim = 64\n    query_heads = 2\n    mla { kv_rank = 7, rope_dim = 2, nope_dim = 1, v_dim = 33 }\n    rope { theta = 100 }\n}\n",
+    );
+    let (status, _, stderr) = ccc(&["check", narrow.as_str()]);
+    assert_eq!(status, Status::SpecErrors, "{stderr}");
+    assert!(stderr.contains("MLA layers have no kernels yet") && stderr.contains("narrow.attn:4:5\n"), "{stderr}");
     // YaRN is in the reference, not the kernels: a located error on `rope` for other layers.
     let yarn = write_file(
         &directory,

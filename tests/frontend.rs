@@ -221,6 +221,11 @@ const BAD_INPUTS: &[(&str, &str, &str)] = &[
         "attention a {\n    model_dim = 1024\n    head_dim = 64\n    rope { theta = 10000, yarn(factor = 4, original_positions = 4096, mscale_all = 1) }\n}\n",
         "unknown argument `mscale_all` of `yarn`",
     ),
+    (
+        "yarn_zero_beta",
+        "attention a {\n    model_dim = 1024\n    head_dim = 64\n    rope { theta = 10000, yarn(factor = 4, original_positions = 4096, beta_fast = 0) }\n}\n",
+        "`beta_fast` must be positive",
+    ),
     ("parse_missing_equals", "attention a {\n    model_dim 2048\n}\n", "expected `(`, `=` or `{`"),
     (
         "parse_missing_close_brace",

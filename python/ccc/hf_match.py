@@ -57,6 +57,8 @@ def layer_fields(config, layer_index, dtype):
     if rope.get("rope_type", "default") != "default":
         raise NotSupported(f"{where}: rope_type `{rope['rope_type']}`: ccc's RoPE has no frequency scaling "
                            "(only `default`)")
+    if "rope_theta" not in rope:
+        raise NotSupported(f"{where}: the config's rope_parameters.{layer_type} has no rope_theta")
     # ZayaRotaryEmbedding.compute_default_rope_parameters: int(head_dim * factor), factor 1 when absent.
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     if layer_type == "hybrid":

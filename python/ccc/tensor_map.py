@@ -68,4 +68,6 @@ def kernel_argument(tensor, box_rows):
     dtype = {torch.bfloat16: "bf16", torch.float16: "f16"}.get(tensor.dtype, str(tensor.dtype))
     if not tensor.is_contiguous():
         raise ValueError("a tensor map needs a contiguous tensor")
-    return driver.TensorMap(encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows))
+    # In the tensor's GPU's context, as every driver call here (the encoder may check for one).
+    with driver.current(tensor.device.index):
+        return driver.TensorMap(encode(tensor.data_ptr(), dtype, tuple(tensor.shape), box_rows))

@@ -961,8 +961,13 @@ impl Checker {
             Some(value) => checker.non_negative_float(value, key),
             None => Some(default),
         };
-        let beta_fast = float(self, "beta_fast", 32.0);
-        let beta_slow = float(self, "beta_slow", 1.0);
+        // The betas count rotations: 0 would put a ramp bound at infinity.
+        let positive = |checker: &mut Self, key: &str, default: f64| match given.get(key) {
+            Some(value) => checker.positive_float(value, key).map(|g| g.value),
+            None => Some(default),
+        };
+        let beta_fast = positive(self, "beta_fast", 32.0);
+        let beta_slow = positive(self, "beta_slow", 1.0);
         let mscale = float(self, "mscale", 0.0);
         let mscale_all_dim = float(self, "mscale_all_dim", 0.0);
         if !ok {
