@@ -147,6 +147,32 @@ open(sys.argv[1], "w").write(re.sub(r"\n\}", "\n    emit = [forward, decode]\n}"
 PY
 ./target/release/ccc compile "$extra/hf.attn" -o "$carry/hf/libs" --ptxas || failed+=("$extra/hf.attn")
 
+# ZAYA1 without each of its prologue's steps (GPU_PREPARE_ABLATE=1), for the sweep's `ablate`
+# step: each variant's qk_prologue timed beside the whole one says what each step costs.
+rm -rf "$carry/ablate"
+if [ "${GPU_PREPARE_ABLATE:-0}" = 1 ]; then
+  for variant in no_mean no_norm no_rope no_depthwise no_per_head no_conv; do
+    python3 - examples/zaya1.attn "$extra/ablate_$variant.attn" "$variant" <<'PY'
+import re, sys
+text, variant = open(sys.argv[1]).read(), sys.argv[3]
+text = text.replace("attention zaya1", f"attention zaya1_{variant}")
+edits = {
+    "no_mean": [(r"qk_mean\s*=\s*true", "qk_mean = false")],
+    "no_norm": [(r"qk_norm\s*=\s*l2", "qk_norm = none"), (r"key_temperature\s*=\s*learned", "key_temperature = none")],
+    "no_rope": [(r"\n\s*rope \{[^}]*\}[^\n]*", "")],
+    "no_depthwise": [(r"\n\s*depthwise\([^)]*\)[^\n]*", "")],
+    "no_per_head": [(r"\n\s*per_head\([^)]*\)[^\n]*", "")],
+    "no_conv": [(r"\n\s*qk_conv \{.*?\n\s*\}[^\n]*", "")],
+}[variant]
+for pattern, replacement in edits:
+    text, found = re.subn(pattern, replacement, text, flags=re.S)
+    assert found, (variant, pattern)
+open(sys.argv[2], "w").write(text)
+PY
+    ./target/release/ccc compile "$extra/ablate_$variant.attn" -o "$carry/ablate" || failed+=("ablate $variant")
+  done
+fi
+
 rm -rf "$carry/hopper-ptx" "$carry/hopper-ptx.tar.xz"
 if [ "${GPU_PREPARE_HOPPER_PTX:-0}" = 1 ]; then
   CCC_HOPPER_PTX_OUT="$PWD/$carry/hopper-ptx" cargo test --release --test codegen_hopper assembles >/dev/null

@@ -48,6 +48,9 @@
 #      (forward + backward of the layer, backward of the core, beside the peers) at 4k, 8k and 16k;
 #   profile (not default): bench/profile_kernels.py, Nsight Compute on the prologue and attention
 #      of zaya1 and mha (and of gpu-carry/old's when there), reports in $OUT/profile;
+#   ablate (not default): with gpu-carry/ablate (GPU_PREPARE_ABLATE=1), bench/kernel_times.py on
+#      zaya1 and on zaya1 without each prologue step (mean, norm, RoPE, either convolution): what
+#      each step of the prologue costs;
 #   hf (not default): with gpu-carry/hf (gpu-prepare.sh), tests/python/gpu_hf_patch.py: a
 #      two-layer ZAYA model patched with ccc.hf.patch against itself unpatched (logits, 64 greedy
 #      tokens, torch.compile);
@@ -57,7 +60,7 @@
 # Everything is written under $OUT (default sweep-out). About 6 to 7 minutes on an H200 (default steps).
 # Usage: OUT=$OUT bash scripts/gpu-sweep.sh [STEP...]
 #   (steps: hopper runtime-tests suite python-gpu validate times bench ab tune backward decode
-#    train profile sanitize hf)
+#    train profile sanitize hf ablate)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-sweep-out}
@@ -194,11 +197,16 @@ for s in $steps; do
         --out "$out/profile"
       ;;
     sanitize) step sanitize 570 env OUT="$out" bash scripts/gpu-sanitize.sh ;;
+    ablate)
+      if [ -d gpu-carry/ablate ]; then
+        step ablate 150 python3 -u -W ignore bench/kernel_times.py "$libs/zaya1/zaya1" gpu-carry/ablate/*/ --shapes 1x16384
+      fi
+      ;;
     hf)
       [ -d gpu-carry/hf/libs ] && step hf-patch 300 python3 -u -W ignore tests/python/gpu_hf_patch.py gpu-carry/hf/libs
       ;;
     *)
-      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward decode train profile sanitize hf)" >&2
+      echo "gpu-sweep: unknown step $s (hopper runtime-tests suite python-gpu validate times bench ab tune backward decode train profile sanitize hf ablate)" >&2
       exit 2
       ;;
   esac
