@@ -124,6 +124,33 @@ struct Given<T> {
     span: Span,
 }
 
+/// The items of [`Checker::shared_items`]; `softmax_scale` none when not given.
+struct SharedItems {
+    mask: Mask,
+    softmax_scale: Option<f64>,
+    dtype: DType,
+    bias: bool,
+    deterministic: bool,
+    entry_points: Vec<EntryPoint>,
+    tune: Option<TuneShape>,
+}
+
+impl SharedItems {
+    /// `spec` with these items; a given softmax_scale replaces its default.
+    fn onto(self, spec: AttentionSpec) -> AttentionSpec {
+        AttentionSpec {
+            mask: self.mask,
+            softmax_scale: self.softmax_scale.unwrap_or(spec.softmax_scale),
+            dtype: self.dtype,
+            bias: self.bias,
+            deterministic: self.deterministic,
+            entry_points: self.entry_points,
+            tune: self.tune,
+            ..spec
+        }
+    }
+}
+
 impl Checker {
     fn error(&mut self, error: Error) {
         self.errors.push(error);
@@ -173,23 +200,9 @@ impl Checker {
             Some(item) => self.rope(item, head_dim).map(Some),
             None => Some(None),
         };
-        let mask = self.optional(&items, "mask", Mask::Causal, |c, v| c.mask(v));
-        let softmax_scale = self.optional_given(&items, "softmax_scale", |c, v| {
-            c.positive_float(v, "softmax_scale").map(|given| given.value)
-        });
         let norm_eps =
             self.optional(&items, "norm_eps", 1e-12, |c, v| c.non_negative_float(v, "norm_eps"));
-        let dtype = self.optional(&items, "dtype", DType::Bf16, |c, v| {
-            c.choice(v, "dtype", &[("bf16", DType::Bf16), ("f16", DType::F16)])
-        });
-        let bias = self.optional(&items, "bias", false, |c, v| c.boolean(v, "bias"));
-        let deterministic = self.optional(&items, "deterministic", false, |c, v| c.boolean(v, "deterministic"));
-        let entry_points =
-            self.optional(&items, "emit", vec![EntryPoint::Forward], |c, v| c.entry_points(v));
-        let tune = match items.get("tune") {
-            Some(item) => self.tune(item).map(Some),
-            None => Some(None),
-        };
+        let shared = self.shared_items(&items);
 
         // Rules between items.
         let qk_norm_value = qk_norm.as_ref().map(|given| given.map_or(QkNorm::None, |g| g.value));
@@ -222,30 +235,46 @@ impl Checker {
         }
         let (model_dim, head_dim) = (model_dim?.value, head_dim?.value);
         let (query_heads, kv_heads) = heads?;
+        let plain = AttentionSpec::plain(&block.name.text, model_dim, head_dim, query_heads, kv_heads);
         let spec = AttentionSpec {
-            name: block.name.text.clone(),
-            model_dim,
-            head_dim,
-            query_heads,
-            kv_heads,
             qk_conv: qk_conv?,
             qk_mean: qk_mean?,
             value_shift: value_shift?.map_or(0, |g| g.value),
             qk_norm: qk_norm_value?,
             key_temperature: key_temperature?.map_or(KeyTemperature::None, |g| g.value),
             rope: rope?,
-            mask: mask?,
-            softmax_scale: softmax_scale?.map_or(1.0 / (head_dim as f64).sqrt(), |g| g.value),
             norm_eps: norm_eps?,
+            ..shared?.onto(plain)
+        };
+        self.check_totals(&spec, block)?;
+        Some(spec)
+    }
+
+    /// The items every kind of layer takes besides its heads, RoPE and CCA parts.
+    fn shared_items(&mut self, items: &HashMap<&str, &Item>) -> Option<SharedItems> {
+        let mask = self.optional(items, "mask", Mask::Causal, |c, v| c.mask(v));
+        let softmax_scale = self.optional_given(items, "softmax_scale", |c, v| {
+            c.positive_float(v, "softmax_scale").map(|given| given.value)
+        });
+        let dtype = self.optional(items, "dtype", DType::Bf16, |c, v| {
+            c.choice(v, "dtype", &[("bf16", DType::Bf16), ("f16", DType::F16)])
+        });
+        let bias = self.optional(items, "bias", false, |c, v| c.boolean(v, "bias"));
+        let deterministic = self.optional(items, "deterministic", false, |c, v| c.boolean(v, "deterministic"));
+        let entry_points = self.optional(items, "emit", vec![EntryPoint::Forward], |c, v| c.entry_points(v));
+        let tune = match items.get("tune") {
+            Some(item) => self.tune(item).map(Some),
+            None => Some(None),
+        };
+        Some(SharedItems {
+            mask: mask?,
+            softmax_scale: softmax_scale?.map(|given| given.value),
             dtype: dtype?,
             bias: bias?,
             deterministic: deterministic?,
             entry_points: entry_points?,
             tune: tune?,
-            mla: None,
-        };
-        self.check_totals(&spec, block)?;
-        Some(spec)
+        })
     }
 
     /// A block with an `mla { ... }` item: multi-head latent attention (docs/language.md, "MLA").
@@ -290,56 +319,15 @@ impl Checker {
                 None
             }
         };
-        let mask = self.optional(items, "mask", Mask::Causal, |c, v| c.mask(v));
-        let softmax_scale = self.optional_given(items, "softmax_scale", |c, v| {
-            c.positive_float(v, "softmax_scale")
-                .map(|given| given.value)
-        });
-        let dtype = self.optional(items, "dtype", DType::Bf16, |c, v| {
-            c.choice(v, "dtype", &[("bf16", DType::Bf16), ("f16", DType::F16)])
-        });
-        let bias = self.optional(items, "bias", false, |c, v| c.boolean(v, "bias"));
-        let deterministic = self.optional(items, "deterministic", false, |c, v| {
-            c.boolean(v, "deterministic")
-        });
-        let entry_points = self.optional(items, "emit", vec![EntryPoint::Forward], |c, v| {
-            c.entry_points(v)
-        });
-        let tune = match items.get("tune") {
-            Some(item) => self.tune(item).map(Some),
-            None => Some(None),
-        };
+        let shared = self.shared_items(items);
         if self.errors.len() > errors_before {
             return None;
         }
         let (mla, heads) = (mla?, query_heads?.value);
-        let head_dim = mla.nope_dim + mla.rope_dim;
-        let spec = AttentionSpec {
-            name: block.name.text.clone(),
-            model_dim: model_dim?.value,
-            head_dim,
-            query_heads: heads,
-            kv_heads: heads,
-            qk_conv: Vec::new(),
-            qk_mean: false,
-            value_shift: 0,
-            qk_norm: QkNorm::None,
-            key_temperature: KeyTemperature::None,
-            rope,
-            mask: mask?,
-            // DeepSeek's MLA folds YaRN's mscale_all_dim into the logits' scale.
-            softmax_scale: softmax_scale?.map_or(
-                rope.and_then(|rope| rope.yarn).map_or(1.0, |yarn| yarn.softmax_factor()) / (head_dim as f64).sqrt(),
-                |g| g.value,
-            ),
-            norm_eps: 1e-12,
-            dtype: dtype?,
-            bias: bias?,
-            deterministic: deterministic?,
-            entry_points: entry_points?,
-            tune: tune?,
-            mla: Some(mla),
-        };
+        let plain = AttentionSpec::plain(&block.name.text, model_dim?.value, mla.nope_dim + mla.rope_dim, heads, heads);
+        // DeepSeek's MLA folds YaRN's mscale_all_dim into the logits' scale.
+        let scale = plain.softmax_scale * rope.and_then(|rope| rope.yarn).map_or(1.0, |yarn| yarn.softmax_factor());
+        let spec = AttentionSpec { rope, mla: Some(mla), ..shared?.onto(AttentionSpec { softmax_scale: scale, ..plain }) };
         self.check_totals(&spec, block)?;
         Some(spec)
     }
@@ -427,32 +415,23 @@ impl Checker {
                 .help("set `rope_dim` in the `mla` block instead"),
             );
         }
-        let theta = self.optional(&items, "theta", 10_000.0, |c, v| {
-            c.positive_float(v, "theta").map(|g| g.value)
-        });
-        let style = self.optional(&items, "style", RopeStyle::Neox, |c, v| {
-            c.choice(
-                v,
-                "style",
-                &[
-                    ("neox", RopeStyle::Neox),
-                    ("interleaved", RopeStyle::Interleaved),
-                ],
-            )
+        let rotation = self.rotation(&items);
+        let (mla, (theta, style, yarn)) = (mla?, rotation?);
+        let head_dim = mla.nope_dim + mla.rope_dim;
+        Some(Rope { fraction: mla.rope_dim as f64 / head_dim as f64, rotary_dim: mla.rope_dim, theta, style, yarn })
+    }
+
+    /// A `rope` block's θ, style and YaRN scaling, which every layer's RoPE takes.
+    fn rotation(&mut self, items: &HashMap<&str, &Item>) -> Option<(f64, RopeStyle, Option<Yarn>)> {
+        let theta = self.optional(items, "theta", 10_000.0, |c, v| c.positive_float(v, "theta").map(|g| g.value));
+        let style = self.optional(items, "style", RopeStyle::Neox, |c, v| {
+            c.choice(v, "style", &[("neox", RopeStyle::Neox), ("interleaved", RopeStyle::Interleaved)])
         });
         let yarn = match items.get("yarn") {
             Some(item) => self.yarn(item).map(Some),
             None => Some(None),
         };
-        let mla = mla?;
-        let head_dim = mla.nope_dim + mla.rope_dim;
-        Some(Rope {
-            fraction: mla.rope_dim as f64 / head_dim as f64,
-            rotary_dim: mla.rope_dim,
-            theta: theta?,
-            style: style?,
-            yarn: yarn?,
-        })
+        Some((theta?, style?, yarn?))
     }
 
     /// Bounds on products of the sizes, checked once everything else is valid.
@@ -883,28 +862,16 @@ impl Checker {
         let items = self.block_items(item, "fraction = 0.5, theta = 10000")?;
         let items = self.index_items(items, ROPE_KEYS, "`rope`");
         let fraction = self.optional_given(&items, "fraction", |c, v| c.float(v, "fraction"));
-        let theta = self.optional(&items, "theta", 10_000.0, |c, v| {
-            c.positive_float(v, "theta").map(|g| g.value)
-        });
-        let style = self.optional(&items, "style", RopeStyle::Neox, |c, v| {
-            c.choice(
-                v,
-                "style",
-                &[("neox", RopeStyle::Neox), ("interleaved", RopeStyle::Interleaved)],
-            )
-        });
+        let rotation = self.rotation(&items);
         let fraction = fraction?;
         let d = head_dim?.value;
         let (fraction_value, fraction_span) = match fraction {
             Some(given) => (given.value, given.span),
             None => (1.0, item.key.span),
         };
-        let yarn = match items.get("yarn") {
-            Some(item) => self.yarn(item).map(Some),
-            None => Some(None),
-        };
         let rotary_dim = self.rotary_dim(d, fraction_value, fraction_span)?;
-        Some(Rope { fraction: fraction_value, rotary_dim, theta: theta?, style: style?, yarn: yarn? })
+        let (theta, style, yarn) = rotation?;
+        Some(Rope { fraction: fraction_value, rotary_dim, theta, style, yarn })
     }
 
     /// `yarn(factor = 40, original_positions = 4096, ...)`: named arguments only, `factor` and

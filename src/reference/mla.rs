@@ -13,7 +13,7 @@
 //! latent (`q_nope·W_uk`), attention runs there, and the result leaves it through `W_uv`. The
 //! two are the same arithmetic reassociated, so they agree to rounding; the tests hold them to it.
 
-use crate::spec::{AttentionSpec, Mla, ParamRole};
+use crate::spec::{AttentionSpec, Mla, ParamRole, RopeStyle};
 
 use super::layer::{RopeFrequencies, rope_frequencies, rotate};
 use super::tensor::Tensor;
@@ -36,6 +36,7 @@ struct MlaLayer<'a> {
     mla: Mla,
     weights: &'a Weights,
     frequencies: RopeFrequencies,
+    style: RopeStyle,
 }
 
 /// One token's queries and latent row.
@@ -51,7 +52,7 @@ impl<'a> MlaLayer<'a> {
         weights.check(spec)?;
         let mla = spec.mla.ok_or_else(|| format!("`{}` is not an MLA layer", spec.name))?;
         let rope = spec.rope.ok_or_else(|| format!("MLA layer `{}` has no RoPE", spec.name))?;
-        Ok(MlaLayer { spec, mla, weights, frequencies: rope_frequencies(&rope) })
+        Ok(MlaLayer { spec, mla, weights, frequencies: rope_frequencies(&rope), style: rope.style })
     }
 
     fn tensor(&self, role: ParamRole) -> Option<&'a [f64]> {
@@ -78,8 +79,7 @@ impl<'a> MlaLayer<'a> {
 
     /// Steps 1, 2 and 4 for the token `x` at `position`.
     fn project(&self, x: &[f64], position: usize) -> TokenProjections {
-        let mla = self.mla;
-        let style = self.spec.rope.expect("MLA has RoPE").style;
+        let (mla, style) = (self.mla, self.style);
         let mut q = match mla.q_rank {
             None => self.linear(ParamRole::QueryProj, ParamRole::QueryBias, x),
             Some(_) => {
